@@ -1,0 +1,324 @@
+//! Messages on a guest's control socket.
+//!
+//! The control socket is a Unix `SOCK_SEQPACKET` socket served by `vsocketd`,
+//! one per guest: the kernel keeps message boundaries and carries file
+//! descriptors (`SCM_RIGHTS`) beside them, so a message is exactly one
+//! datagram and needs no framing. Every message starts with a one-byte kind;
+//! fields are little-endian and fixed-size, so each kind has one exact length
+//! and [`Message::decode`] rejects anything else.
+//!
+//! Conversations:
+//! - a process's *request channel*: `Connect` → `Connected` (with the segment
+//!   memfd and the doorbell), `Fallback`, `Refused` or `Dropped`;
+//! - a *listener channel*, one per listening socket: the first message is
+//!   `Listen` → `ListenOk` or `Refused`; afterwards the daemon pushes one
+//!   `Incoming` (with memfd and doorbell) per connection brokered to it.
+//!   Closing the channel unregisters the listener.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// Largest encoded message; receivers use a buffer of this size.
+pub const MAX_MESSAGE: usize = 64;
+
+/// File descriptors that travel with `Connected` and `Incoming`, in order.
+pub const CONNECTION_FDS: usize = 2;
+/// Index of the segment memfd among a connection's descriptors.
+pub const FD_SEGMENT: usize = 0;
+/// Index of the doorbell (this end of a Unix stream pair) among them.
+pub const FD_DOORBELL: usize = 1;
+
+/// One control message, in either direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    /// Library → daemon: open a connection from `local` to `remote`.
+    /// `local` is what the program's socket is bound to; the daemon replaces
+    /// an address the guest does not own with the guest's own address.
+    Connect { local: SocketAddrV4, remote: SocketAddrV4 },
+    /// Daemon → library: the connection is established; the segment and the
+    /// doorbell are attached.
+    Connected(ConnectionInfo),
+    /// Daemon → library: no vSocket listener there; use the kernel path.
+    Fallback,
+    /// Daemon → library: refused at once; the call fails with `errno`.
+    Refused { errno: i32 },
+    /// Daemon → library: denied by a policy that drops silently; the call
+    /// behaves as a connect to a firewalled port (it never completes).
+    Dropped,
+    /// Library → daemon, first message of a listener channel.
+    Listen { local: SocketAddrV4, backlog: u32 },
+    /// Daemon → library: the listener is registered.
+    ListenOk,
+    /// Daemon → library on a listener channel: a new connection to accept.
+    Incoming(ConnectionInfo),
+}
+
+/// What each end learns about a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// Daemon-wide connection id (for `vsocketctl` and logs).
+    pub id: u64,
+    /// This end's address, as getsockname reports it.
+    pub local: SocketAddrV4,
+    /// The other end's address, as getpeername reports it.
+    pub peer: SocketAddrV4,
+    /// Bytes per ring; the segment must be exactly `layout::segment_size`.
+    pub ring_size: u32,
+}
+
+/// Why a datagram is not a valid message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Empty datagram.
+    Empty,
+    /// Unknown message kind {0}.
+    UnknownKind(u8),
+    /// A message of this kind has a different length.
+    BadLength { kind: u8, expected: usize, actual: usize },
+    /// A field holds an impossible value.
+    BadField(&'static str),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Empty => write!(f, "empty control message"),
+            DecodeError::UnknownKind(k) => write!(f, "unknown control message kind {k}"),
+            DecodeError::BadLength { kind, expected, actual } => write!(
+                f,
+                "control message kind {kind} must be {expected} bytes, got {actual}"
+            ),
+            DecodeError::BadField(name) => write!(f, "control message field {name} is invalid"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+mod kind {
+    pub const CONNECT: u8 = 1;
+    pub const CONNECTED: u8 = 2;
+    pub const FALLBACK: u8 = 3;
+    pub const REFUSED: u8 = 4;
+    pub const DROPPED: u8 = 5;
+    pub const LISTEN: u8 = 6;
+    pub const LISTEN_OK: u8 = 7;
+    pub const INCOMING: u8 = 8;
+}
+
+const ADDR_LEN: usize = 6;
+const INFO_LEN: usize = 8 + 2 * ADDR_LEN + 4;
+
+impl Message {
+    /// Encodes into `buf` and returns the used prefix.
+    pub fn encode<'a>(&self, buf: &'a mut [u8; MAX_MESSAGE]) -> &'a [u8] {
+        let mut w = Writer { buf, len: 0 };
+        match *self {
+            Message::Connect { local, remote } => {
+                w.u8(kind::CONNECT);
+                w.addr(local);
+                w.addr(remote);
+            }
+            Message::Connected(info) => {
+                w.u8(kind::CONNECTED);
+                w.info(info);
+            }
+            Message::Fallback => w.u8(kind::FALLBACK),
+            Message::Refused { errno } => {
+                w.u8(kind::REFUSED);
+                w.bytes(&errno.to_le_bytes());
+            }
+            Message::Dropped => w.u8(kind::DROPPED),
+            Message::Listen { local, backlog } => {
+                w.u8(kind::LISTEN);
+                w.addr(local);
+                w.bytes(&backlog.to_le_bytes());
+            }
+            Message::ListenOk => w.u8(kind::LISTEN_OK),
+            Message::Incoming(info) => {
+                w.u8(kind::INCOMING);
+                w.info(info);
+            }
+        }
+        let len = w.len;
+        &w.buf[..len]
+    }
+
+    /// Parses one datagram received from the other side.
+    pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+        let (&k, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
+        let expected = match k {
+            kind::CONNECT => 2 * ADDR_LEN,
+            kind::CONNECTED | kind::INCOMING => INFO_LEN,
+            kind::FALLBACK | kind::DROPPED | kind::LISTEN_OK => 0,
+            kind::REFUSED => 4,
+            kind::LISTEN => ADDR_LEN + 4,
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        if body.len() != expected {
+            return Err(DecodeError::BadLength { kind: k, expected: expected + 1, actual: bytes.len() });
+        }
+        let mut r = Reader { buf: body };
+        Ok(match k {
+            kind::CONNECT => Message::Connect { local: r.addr(), remote: r.addr() },
+            kind::CONNECTED => Message::Connected(r.info()?),
+            kind::INCOMING => Message::Incoming(r.info()?),
+            kind::FALLBACK => Message::Fallback,
+            kind::DROPPED => Message::Dropped,
+            kind::LISTEN_OK => Message::ListenOk,
+            kind::REFUSED => {
+                let errno = r.i32();
+                if errno <= 0 || errno > 4095 {
+                    return Err(DecodeError::BadField("errno"));
+                }
+                Message::Refused { errno }
+            }
+            kind::LISTEN => Message::Listen { local: r.addr(), backlog: r.u32() },
+            _ => unreachable!("kinds were matched above"),
+        })
+    }
+
+    /// How many descriptors travel with this message.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            Message::Connected(_) | Message::Incoming(_) => CONNECTION_FDS,
+            _ => 0,
+        }
+    }
+}
+
+struct Writer<'a> {
+    buf: &'a mut [u8; MAX_MESSAGE],
+    len: usize,
+}
+
+impl Writer<'_> {
+    fn bytes(&mut self, b: &[u8]) {
+        self.buf[self.len..self.len + b.len()].copy_from_slice(b);
+        self.len += b.len();
+    }
+    fn u8(&mut self, v: u8) {
+        self.bytes(&[v]);
+    }
+    fn addr(&mut self, a: SocketAddrV4) {
+        self.bytes(&a.ip().octets());
+        self.bytes(&a.port().to_le_bytes());
+    }
+    fn info(&mut self, i: ConnectionInfo) {
+        self.bytes(&i.id.to_le_bytes());
+        self.addr(i.local);
+        self.addr(i.peer);
+        self.bytes(&i.ring_size.to_le_bytes());
+    }
+}
+
+/// Reads fixed-size fields; callers checked the total length first.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let (head, rest) = self.buf.split_at(N);
+        self.buf = rest;
+        head.try_into().expect("split_at returned N bytes")
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    fn i32(&mut self) -> i32 {
+        i32::from_le_bytes(self.take())
+    }
+    fn addr(&mut self) -> SocketAddrV4 {
+        let ip = Ipv4Addr::from(self.take::<4>());
+        SocketAddrV4::new(ip, u16::from_le_bytes(self.take()))
+    }
+    fn info(&mut self) -> Result<ConnectionInfo, DecodeError> {
+        let id = u64::from_le_bytes(self.take());
+        let local = self.addr();
+        let peer = self.addr();
+        let ring_size = self.u32();
+        if !crate::layout::ring_size_valid(ring_size) {
+            return Err(DecodeError::BadField("ring_size"));
+        }
+        Ok(ConnectionInfo { id, local, peer, ring_size })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    fn all_kinds() -> Vec<Message> {
+        let info = ConnectionInfo { id: 7, local: a("10.0.0.2:6379"), peer: a("10.0.0.3:40000"), ring_size: 1 << 16 };
+        vec![
+            Message::Connect { local: a("10.0.0.3:40000"), remote: a("10.0.0.2:6379") },
+            Message::Connected(info),
+            Message::Fallback,
+            Message::Refused { errno: 111 },
+            Message::Dropped,
+            Message::Listen { local: a("0.0.0.0:80"), backlog: 511 },
+            Message::ListenOk,
+            Message::Incoming(info),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in all_kinds() {
+            let mut buf = [0; MAX_MESSAGE];
+            let bytes = m.encode(&mut buf).to_vec();
+            assert_eq!(Message::decode(&bytes), Ok(m), "{m:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_lengths_are_rejected() {
+        for m in all_kinds() {
+            let mut buf = [0; MAX_MESSAGE];
+            let bytes = m.encode(&mut buf).to_vec();
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(matches!(Message::decode(&longer), Err(DecodeError::BadLength { .. })));
+            if bytes.len() > 1 {
+                assert!(matches!(
+                    Message::decode(&bytes[..bytes.len() - 1]),
+                    Err(DecodeError::BadLength { .. })
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_fields_are_rejected() {
+        assert_eq!(Message::decode(&[]), Err(DecodeError::Empty));
+        assert_eq!(Message::decode(&[0]), Err(DecodeError::UnknownKind(0)));
+        assert_eq!(Message::decode(&[200]), Err(DecodeError::UnknownKind(200)));
+        let mut refused = vec![kind::REFUSED];
+        refused.extend_from_slice(&(-5i32).to_le_bytes());
+        assert_eq!(Message::decode(&refused), Err(DecodeError::BadField("errno")));
+        let info = ConnectionInfo { id: 1, local: a("1.2.3.4:5"), peer: a("1.2.3.4:6"), ring_size: 1 << 16 };
+        let mut buf = [0; MAX_MESSAGE];
+        let mut bytes = Message::Connected(info).encode(&mut buf).to_vec();
+        let n = bytes.len();
+        bytes[n - 4..].copy_from_slice(&1000u32.to_le_bytes());
+        assert_eq!(Message::decode(&bytes), Err(DecodeError::BadField("ring_size")));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A deterministic sweep over short datagrams of every kind byte.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % (MAX_MESSAGE as u64 + 1)) as usize;
+            let bytes: Vec<u8> = (0..len).map(|i| (state >> (i % 8 * 8)) as u8 ^ i as u8).collect();
+            let _ = Message::decode(&bytes);
+        }
+    }
+}

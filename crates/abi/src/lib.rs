@@ -1,0 +1,15 @@
+//! The contract between `libvsocket.so` (untrusted, inside a guest) and
+//! `vsocketd` (trusted, on the host).
+//!
+//! Two things cross that boundary:
+//! - [`layout`]: the shape of a connection's shared-memory segment, which
+//!   both ends of a connection and the daemon map;
+//! - [`control`]: the messages on a guest's control socket.
+//!
+//! Everything here is plain data with explicit validation: whoever receives a
+//! value from the other side parses it with a `*_checked`/`decode` function and
+//! acts only on the result, so an illegal value cannot reach the code that acts.
+#![forbid(unsafe_code)]
+
+pub mod control;
+pub mod layout;

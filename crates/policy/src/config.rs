@@ -1,0 +1,771 @@
+//! The host daemon's TOML config file, parsed into a validated [`Config`].
+//!
+//! Parsing happens in two steps. Serde reads the text into private raw
+//! structs that mirror the file (and reject unknown fields); validation then
+//! resolves names to ids and checks every rule below, producing a [`Config`]
+//! that cannot hold a dangling reference or an out-of-range value. The first
+//! problem found is reported as a [`ConfigError`] naming the file, the field
+//! and the problem:
+//!
+//! ```text
+//! /etc/vsocket/lab.toml: guest[1].vpc: unknown VPC "red"
+//! ```
+//!
+//! Fields are named by their place in the file: `guest[1]` is the second
+//! `[[guest]]` table, and a security group is named by its name once that is
+//! known to be valid and unique, as in `security_group "web".ingress[0].ports`.
+//!
+//! # The file
+//!
+//! ```toml
+//! [host]
+//! name = "host1"                 # required; a host name (letters, digits, '.', '-')
+//! run_dir = "/run/vsocket"       # absolute; default "/run/vsocket"
+//! deny_action = "drop"           # "drop" (default) or "reject"
+//! ring_size = 262144             # bytes per direction, a power of two,
+//!                                # 4096..=67108864 (64 MiB); default 262144
+//!
+//! [[vpc]]
+//! name = "blue"
+//! cidr = "10.10.0.0/24"          # the VPC's address range; VPCs may overlap
+//!
+//! [[security_group]]
+//! name = "redis"
+//! [[security_group.ingress]]     # who may connect to members
+//! protocol = "tcp"               # "tcp" | "udp" | "icmp" | "all"
+//! ports = "6379"                 # 6379, "6379", "1000-2000" or "all"; default "all"
+//!                                # (icmp and "all" rules allow only "all")
+//! cidr = "10.10.0.0/24"          # exactly one of cidr / group
+//! [[security_group.ingress]]
+//! protocol = "tcp"
+//! ports = "6379"
+//! group = "clients"              # peer: members of this security group
+//! [[security_group.egress]]      # whom members may connect to
+//! protocol = "tcp"
+//! ports = "all"
+//! cidr = "0.0.0.0/0"
+//!
+//! [[security_group]]
+//! name = "clients"               # a group without rules just labels its members
+//!
+//! [[guest]]
+//! name = "a"                     # at most 15 characters: it names an interface
+//! vpc = "blue"
+//! addresses = ["10.10.0.2"]      # one or more, inside the VPC cidr, unique in the VPC
+//! security_groups = ["redis"]    # default []
+//! netns = "vs-a"                 # network namespace; default "vs-<name>", unique
+//!
+//! [[guest]]
+//! name = "b"
+//! vpc = "blue"
+//! addresses = ["10.10.0.3"]
+//! security_groups = ["clients"]
+//! ```
+//!
+//! # Rules checked
+//!
+//! - Names of VPCs, security groups and guests are non-empty, use only
+//!   `a-z`, `0-9` and `-`, do not start with `-`, and are unique per kind;
+//!   guest names are at most 15 characters.
+//! - A CIDR is `a.b.c.d/len` or a bare address (meaning `/32`) with no host
+//!   bits set: `10.0.0.5/24` is rejected as a likely typo.
+//! - Every guest's VPC and security groups exist; its addresses parse, lie
+//!   inside its VPC's CIDR and belong to no other guest of that VPC (another
+//!   VPC may reuse them); its network namespace is unique.
+//! - Every rule has exactly one of `cidr` and `group`, and the group exists;
+//!   port ranges satisfy `1 <= lo <= hi <= 65535`.
+//! - `ring_size` is a power of two within 4096..=64 MiB, and `run_dir` is an
+//!   absolute path.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use crate::cidr::{CidrError, Ipv4Cidr};
+use crate::model::{
+    Config, DenyAction, GroupId, Guest, HostConfig, Peer, PortRange, Protocol, ProtocolFilter,
+    Rule, SecurityGroup, Vpc, VpcId,
+};
+
+/// The longest guest name: it becomes a Linux interface name (IFNAMSIZ - 1).
+pub const MAX_GUEST_NAME_LEN: usize = 15;
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates config text; `origin` names its file in errors.
+pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Toml {
+        file: origin.to_owned(),
+        message: err.to_string().trim_end().to_owned(),
+    })?;
+    Validator { file: origin }.config(raw)
+}
+
+/// Why a config file could not be loaded.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// `cannot read {file}`; the I/O error is the [source](std::error::Error::source).
+    Read {
+        /// The file that could not be read.
+        file: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// `{file}: {message}`: TOML syntax, a value of the wrong type, a missing
+    /// or unknown field. The message is toml's and includes line and column.
+    Toml {
+        /// The file the text came from.
+        file: PathBuf,
+        /// toml's description of the problem and where it is.
+        message: String,
+    },
+    /// `{file}: {field}: {problem}`: well-formed TOML whose content breaks a
+    /// rule of the model.
+    Invalid {
+        /// The file the text came from.
+        file: PathBuf,
+        /// Where in the file, like `guest[1].security_groups[0]`.
+        field: String,
+        /// What is wrong there.
+        problem: Problem,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Read { file, .. } => write!(f, "cannot read {}", file.display()),
+            Self::Toml { file, message } => write!(f, "{}: {message}", file.display()),
+            Self::Invalid {
+                file,
+                field,
+                problem,
+            } => write!(f, "{}: {field}: {problem}", file.display()),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Read { source, .. } => Some(source),
+            Self::Toml { .. } | Self::Invalid { .. } => None,
+        }
+    }
+}
+
+/// What is wrong with one field of an otherwise well-formed file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// `must not be empty`
+    Empty,
+    /// `"{0}" may use only a-z, 0-9 and '-', and may not start with '-'`
+    BadName(String),
+    /// `"{name}" is longer than {max} characters`
+    NameTooLong {
+        /// The name as written.
+        name: String,
+        /// The limit for this kind of name.
+        max: usize,
+    },
+    /// `"{0}" is not a host name (letters, digits, '.' and '-')`
+    BadHostName(String),
+    /// `"{0}" is not a usable network namespace name (letters, digits, '.',
+    /// '_' and '-'; not "." or "..")`
+    BadNetns(String),
+    /// `"{value}" duplicates {first}`
+    Duplicate {
+        /// The repeated value.
+        value: String,
+        /// The field that has it first.
+        first: String,
+    },
+    /// `"{0}" is not an absolute path`
+    RelativePath(PathBuf),
+    /// `{0} is not a power of two from 4096 to 67108864`
+    BadRingSize(u64),
+    /// The CIDR's own message.
+    BadCidr(CidrError),
+    /// `"{0}" is not an IPv4 address`
+    BadAddress(String),
+    /// `{addr} is outside VPC "{vpc}" ({cidr})`
+    AddressOutsideVpc {
+        /// The guest's address.
+        addr: Ipv4Addr,
+        /// The guest's VPC.
+        vpc: String,
+        /// The VPC's range.
+        cidr: Ipv4Cidr,
+    },
+    /// `{addr} in VPC "{vpc}" duplicates {first}`
+    DuplicateAddress {
+        /// The address used twice.
+        addr: Ipv4Addr,
+        /// The VPC in which it must be unique.
+        vpc: String,
+        /// The field that has it first.
+        first: String,
+    },
+    /// `a guest needs at least one address`
+    NoAddresses,
+    /// `unknown VPC "{0}"`
+    UnknownVpc(String),
+    /// `unknown security group "{0}"`
+    UnknownSecurityGroup(String),
+    /// `"{0}" is not a port, a range like "1000-2000", or "all"`
+    BadPorts(String),
+    /// `port {0} is outside 1-65535`
+    PortOutOfRange(String),
+    /// `port range {lo}-{hi} ends before it starts`
+    BackwardPortRange {
+        /// The first port as written.
+        lo: u16,
+        /// The last port as written.
+        hi: u16,
+    },
+    /// `ports apply only to tcp and udp; a {0} rule takes ports = "all"`
+    PortsNotApplicable(ProtocolFilter),
+    /// `a rule needs one of cidr or group`
+    MissingPeer,
+    /// `a rule takes only one of cidr or group, not both`
+    BothPeers,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Empty => f.write_str("must not be empty"),
+            Self::BadName(name) => write!(
+                f,
+                "\"{name}\" may use only a-z, 0-9 and '-', and may not start with '-'"
+            ),
+            Self::NameTooLong { name, max } => {
+                write!(f, "\"{name}\" is longer than {max} characters")
+            }
+            Self::BadHostName(name) => {
+                write!(
+                    f,
+                    "\"{name}\" is not a host name (letters, digits, '.' and '-')"
+                )
+            }
+            Self::BadNetns(name) => write!(
+                f,
+                "\"{name}\" is not a usable network namespace name \
+                 (letters, digits, '.', '_' and '-'; not \".\" or \"..\")"
+            ),
+            Self::Duplicate { value, first } => write!(f, "\"{value}\" duplicates {first}"),
+            Self::RelativePath(path) => write!(f, "\"{}\" is not an absolute path", path.display()),
+            Self::BadRingSize(size) => write!(
+                f,
+                "{size} is not a power of two from {} to {}",
+                HostConfig::MIN_RING_SIZE,
+                HostConfig::MAX_RING_SIZE
+            ),
+            Self::BadCidr(err) => err.fmt(f),
+            Self::BadAddress(text) => write!(f, "\"{text}\" is not an IPv4 address"),
+            Self::AddressOutsideVpc { addr, vpc, cidr } => {
+                write!(f, "{addr} is outside VPC \"{vpc}\" ({cidr})")
+            }
+            Self::DuplicateAddress { addr, vpc, first } => {
+                write!(f, "{addr} in VPC \"{vpc}\" duplicates {first}")
+            }
+            Self::NoAddresses => f.write_str("a guest needs at least one address"),
+            Self::UnknownVpc(name) => write!(f, "unknown VPC \"{name}\""),
+            Self::UnknownSecurityGroup(name) => write!(f, "unknown security group \"{name}\""),
+            Self::BadPorts(text) => write!(
+                f,
+                "\"{text}\" is not a port, a range like \"1000-2000\", or \"all\""
+            ),
+            Self::PortOutOfRange(port) => write!(f, "port {port} is outside 1-65535"),
+            Self::BackwardPortRange { lo, hi } => {
+                write!(f, "port range {lo}-{hi} ends before it starts")
+            }
+            Self::PortsNotApplicable(protocol) => write!(
+                f,
+                "ports apply only to tcp and udp; a {protocol} rule takes ports = \"all\""
+            ),
+            Self::MissingPeer => f.write_str("a rule needs one of cidr or group"),
+            Self::BothPeers => f.write_str("a rule takes only one of cidr or group, not both"),
+        }
+    }
+}
+
+// The raw structs mirror the file exactly; nothing outside this module sees them.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    host: RawHost,
+    #[serde(default)]
+    vpc: Vec<RawVpc>,
+    #[serde(default)]
+    security_group: Vec<RawSecurityGroup>,
+    #[serde(default)]
+    guest: Vec<RawGuest>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    name: String,
+    run_dir: Option<PathBuf>,
+    #[serde(default)]
+    deny_action: RawDenyAction,
+    ring_size: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum RawDenyAction {
+    #[default]
+    Drop,
+    Reject,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVpc {
+    name: String,
+    cidr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecurityGroup {
+    name: String,
+    #[serde(default)]
+    ingress: Vec<RawRule>,
+    #[serde(default)]
+    egress: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    protocol: RawProtocol,
+    ports: Option<RawPorts>,
+    cidr: Option<String>,
+    group: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawProtocol {
+    Tcp,
+    Udp,
+    Icmp,
+    All,
+}
+
+/// `ports` as written: a string (`"6379"`, `"1000-2000"`, `"all"`) or, since
+/// that is what people type, a bare integer.
+enum RawPorts {
+    Text(String),
+    Number(i64),
+}
+
+impl<'de> Deserialize<'de> for RawPorts {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PortsVisitor;
+
+        impl Visitor<'_> for PortsVisitor {
+            type Value = RawPorts;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port number, a range like \"1000-2000\", or \"all\"")
+            }
+
+            fn visit_i64<E: de::Error>(self, port: i64) -> Result<RawPorts, E> {
+                Ok(RawPorts::Number(port))
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<RawPorts, E> {
+                Ok(RawPorts::Text(text.to_owned()))
+            }
+        }
+
+        deserializer.deserialize_any(PortsVisitor)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuest {
+    name: String,
+    vpc: String,
+    addresses: Vec<String>,
+    #[serde(default)]
+    security_groups: Vec<String>,
+    netns: Option<String>,
+}
+
+/// Turns raw structs into the model, failing on the first problem.
+struct Validator<'a> {
+    file: &'a Path,
+}
+
+impl Validator<'_> {
+    fn invalid(&self, field: impl Into<String>, problem: Problem) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            field: field.into(),
+            problem,
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let host = self.host(raw.host)?;
+        let vpcs = self.vpcs(raw.vpc)?;
+        let security_groups = self.security_groups(raw.security_group)?;
+        let guests = self.guests(raw.guest, &vpcs, &security_groups)?;
+        Ok(Config::from_validated(host, vpcs, guests, security_groups))
+    }
+
+    fn host(&self, raw: RawHost) -> Result<HostConfig, ConfigError> {
+        check_host_name(&raw.name).map_err(|p| self.invalid("host.name", p))?;
+
+        let run_dir = raw
+            .run_dir
+            .unwrap_or_else(|| PathBuf::from(HostConfig::DEFAULT_RUN_DIR));
+        if !run_dir.is_absolute() {
+            return Err(self.invalid("host.run_dir", Problem::RelativePath(run_dir)));
+        }
+
+        let ring_size = match raw.ring_size {
+            None => HostConfig::DEFAULT_RING_SIZE,
+            Some(size) => u32::try_from(size)
+                .ok()
+                .filter(|size| {
+                    size.is_power_of_two()
+                        && (HostConfig::MIN_RING_SIZE..=HostConfig::MAX_RING_SIZE).contains(size)
+                })
+                .ok_or_else(|| self.invalid("host.ring_size", Problem::BadRingSize(size)))?,
+        };
+
+        let deny_action = match raw.deny_action {
+            RawDenyAction::Drop => DenyAction::Drop,
+            RawDenyAction::Reject => DenyAction::Reject,
+        };
+
+        Ok(HostConfig {
+            name: raw.name,
+            run_dir,
+            deny_action,
+            ring_size,
+        })
+    }
+
+    fn vpcs(&self, raw: Vec<RawVpc>) -> Result<Vec<Vpc>, ConfigError> {
+        let mut first_by_name = HashMap::new();
+        let mut vpcs = Vec::with_capacity(raw.len());
+        for (i, vpc) in raw.into_iter().enumerate() {
+            let name_field = format!("vpc[{i}].name");
+            check_name(&vpc.name, None).map_err(|p| self.invalid(&name_field, p))?;
+            self.check_unique(&mut first_by_name, &vpc.name, name_field)?;
+            let cidr = vpc
+                .cidr
+                .parse()
+                .map_err(|err| self.invalid(format!("vpc[{i}].cidr"), Problem::BadCidr(err)))?;
+            vpcs.push(Vpc {
+                name: vpc.name,
+                cidr,
+            });
+        }
+        Ok(vpcs)
+    }
+
+    fn security_groups(
+        &self,
+        raw: Vec<RawSecurityGroup>,
+    ) -> Result<Vec<SecurityGroup>, ConfigError> {
+        // Names first: rules may name any group, including later ones.
+        let mut ids_by_name = HashMap::new();
+        let mut first_by_name = HashMap::new();
+        for (i, group) in raw.iter().enumerate() {
+            let name_field = format!("security_group[{i}].name");
+            check_name(&group.name, None).map_err(|p| self.invalid(&name_field, p))?;
+            self.check_unique(&mut first_by_name, &group.name, name_field)?;
+            ids_by_name.insert(group.name.clone(), GroupId(i));
+        }
+
+        raw.into_iter()
+            .map(|group| {
+                let field = format!("security_group \"{}\"", group.name);
+                let rules = |direction: &str, raw_rules: Vec<RawRule>| {
+                    raw_rules
+                        .into_iter()
+                        .enumerate()
+                        .map(|(j, rule)| {
+                            self.rule(&format!("{field}.{direction}[{j}]"), rule, &ids_by_name)
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                };
+                Ok(SecurityGroup {
+                    ingress: rules("ingress", group.ingress)?,
+                    egress: rules("egress", group.egress)?,
+                    name: group.name,
+                })
+            })
+            .collect()
+    }
+
+    fn rule(
+        &self,
+        field: &str,
+        raw: RawRule,
+        groups_by_name: &HashMap<String, GroupId>,
+    ) -> Result<Rule, ConfigError> {
+        let protocol = match raw.protocol {
+            RawProtocol::Tcp => ProtocolFilter::Only(Protocol::Tcp),
+            RawProtocol::Udp => ProtocolFilter::Only(Protocol::Udp),
+            RawProtocol::Icmp => ProtocolFilter::Only(Protocol::Icmp),
+            RawProtocol::All => ProtocolFilter::All,
+        };
+
+        let ports_field = || format!("{field}.ports");
+        let ports = match raw.ports {
+            None => PortRange::ALL,
+            Some(ports) => parse_ports(&ports).map_err(|p| self.invalid(ports_field(), p))?,
+        };
+        let has_ports = matches!(
+            protocol,
+            ProtocolFilter::Only(Protocol::Tcp | Protocol::Udp)
+        );
+        if !has_ports && ports != PortRange::ALL {
+            return Err(self.invalid(ports_field(), Problem::PortsNotApplicable(protocol)));
+        }
+
+        let peer = match (raw.cidr, raw.group) {
+            (Some(cidr), None) => Peer::Cidr(
+                cidr.parse()
+                    .map_err(|err| self.invalid(format!("{field}.cidr"), Problem::BadCidr(err)))?,
+            ),
+            (None, Some(group)) => match groups_by_name.get(&group) {
+                Some(id) => Peer::Group(*id),
+                None => {
+                    return Err(self.invalid(
+                        format!("{field}.group"),
+                        Problem::UnknownSecurityGroup(group),
+                    ))
+                }
+            },
+            (None, None) => return Err(self.invalid(field, Problem::MissingPeer)),
+            (Some(_), Some(_)) => return Err(self.invalid(field, Problem::BothPeers)),
+        };
+
+        Ok(Rule {
+            protocol,
+            ports,
+            peer,
+        })
+    }
+
+    fn guests(
+        &self,
+        raw: Vec<RawGuest>,
+        vpcs: &[Vpc],
+        security_groups: &[SecurityGroup],
+    ) -> Result<Vec<Guest>, ConfigError> {
+        let mut first_by_name = HashMap::new();
+        let mut first_by_netns = HashMap::new();
+        let mut first_by_address: HashMap<(VpcId, Ipv4Addr), String> = HashMap::new();
+        let mut guests = Vec::with_capacity(raw.len());
+
+        for (i, guest) in raw.into_iter().enumerate() {
+            let at = |rest: &str| format!("guest[{i}].{rest}");
+
+            check_name(&guest.name, Some(MAX_GUEST_NAME_LEN))
+                .map_err(|p| self.invalid(at("name"), p))?;
+            self.check_unique(&mut first_by_name, &guest.name, at("name"))?;
+
+            let (vpc_index, vpc) = vpcs
+                .iter()
+                .enumerate()
+                .find(|(_, vpc)| vpc.name == guest.vpc)
+                .ok_or_else(|| self.invalid(at("vpc"), Problem::UnknownVpc(guest.vpc.clone())))?;
+            let vpc_id = VpcId(vpc_index);
+
+            if guest.addresses.is_empty() {
+                return Err(self.invalid(at("addresses"), Problem::NoAddresses));
+            }
+            let mut addresses = Vec::with_capacity(guest.addresses.len());
+            for (k, text) in guest.addresses.iter().enumerate() {
+                let field = at(&format!("addresses[{k}]"));
+                let addr: Ipv4Addr = text
+                    .parse()
+                    .map_err(|_| self.invalid(&field, Problem::BadAddress(text.clone())))?;
+                if !vpc.cidr.contains(addr) {
+                    return Err(self.invalid(
+                        field,
+                        Problem::AddressOutsideVpc {
+                            addr,
+                            vpc: vpc.name.clone(),
+                            cidr: vpc.cidr,
+                        },
+                    ));
+                }
+                if let Some(first) = first_by_address.get(&(vpc_id, addr)) {
+                    return Err(self.invalid(
+                        field,
+                        Problem::DuplicateAddress {
+                            addr,
+                            vpc: vpc.name.clone(),
+                            first: first.clone(),
+                        },
+                    ));
+                }
+                first_by_address.insert((vpc_id, addr), field);
+                addresses.push(addr);
+            }
+
+            let mut groups = Vec::with_capacity(guest.security_groups.len());
+            let mut first_by_group = HashMap::new();
+            for (k, name) in guest.security_groups.iter().enumerate() {
+                let field = at(&format!("security_groups[{k}]"));
+                let id = security_groups
+                    .iter()
+                    .position(|group| group.name == *name)
+                    .map(GroupId)
+                    .ok_or_else(|| {
+                        self.invalid(&field, Problem::UnknownSecurityGroup(name.clone()))
+                    })?;
+                self.check_unique(&mut first_by_group, name, field)?;
+                groups.push(id);
+            }
+
+            let netns = guest.netns.unwrap_or_else(|| format!("vs-{}", guest.name));
+            check_netns(&netns).map_err(|p| self.invalid(at("netns"), p))?;
+            self.check_unique(&mut first_by_netns, &netns, at("netns"))?;
+
+            guests.push(Guest {
+                name: guest.name,
+                vpc: vpc_id,
+                addresses,
+                groups,
+                netns,
+            });
+        }
+        Ok(guests)
+    }
+
+    /// Records that `field` holds `value`, or fails if an earlier field did.
+    fn check_unique(
+        &self,
+        first_by_value: &mut HashMap<String, String>,
+        value: &str,
+        field: String,
+    ) -> Result<(), ConfigError> {
+        if let Some(first) = first_by_value.get(value) {
+            return Err(self.invalid(
+                field,
+                Problem::Duplicate {
+                    value: value.to_owned(),
+                    first: first.clone(),
+                },
+            ));
+        }
+        first_by_value.insert(value.to_owned(), field);
+        Ok(())
+    }
+}
+
+/// Checks a VPC, security group or guest name.
+fn check_name(name: &str, max_len: Option<usize>) -> Result<(), Problem> {
+    if name.is_empty() {
+        return Err(Problem::Empty);
+    }
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    if !name.chars().all(allowed) || name.starts_with('-') {
+        return Err(Problem::BadName(name.to_owned()));
+    }
+    match max_len {
+        Some(max) if name.len() > max => Err(Problem::NameTooLong {
+            name: name.to_owned(),
+            max,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Checks the host's name: an RFC 1123 host name, possibly qualified.
+fn check_host_name(name: &str) -> Result<(), Problem> {
+    const MAX_LEN: usize = 253;
+    if name.is_empty() {
+        return Err(Problem::Empty);
+    }
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if name.len() > MAX_LEN || !name.split('.').all(label_ok) {
+        return Err(Problem::BadHostName(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Checks a network namespace name: `ip netns` keeps namespaces as files
+/// under /run/netns, so it must be a plain, reasonable file name.
+fn check_netns(name: &str) -> Result<(), Problem> {
+    // NAME_MAX on Linux.
+    const MAX_LEN: usize = 255;
+    if name.is_empty() {
+        return Err(Problem::Empty);
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name == "." || name == ".." || name.len() > MAX_LEN || !name.chars().all(allowed) {
+        return Err(Problem::BadNetns(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Parses `ports`: `all`, a port, or `lo-hi`, each port within 1..=65535.
+fn parse_ports(raw: &RawPorts) -> Result<PortRange, Problem> {
+    let text = match raw {
+        RawPorts::Number(port) => {
+            let port =
+                u16::try_from(*port).map_err(|_| Problem::PortOutOfRange(port.to_string()))?;
+            return port_range(port, port);
+        }
+        RawPorts::Text(text) => text.as_str(),
+    };
+    if text == "all" {
+        return Ok(PortRange::ALL);
+    }
+    let parse_port = |part: &str| -> Result<u16, Problem> {
+        // Digits only: u16::from_str would also take a '+'.
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Problem::BadPorts(text.to_owned()));
+        }
+        part.parse()
+            .map_err(|_| Problem::PortOutOfRange(part.to_owned()))
+    };
+    match text.split_once('-') {
+        Some((lo, hi)) => port_range(parse_port(lo)?, parse_port(hi)?),
+        None => {
+            let port = parse_port(text)?;
+            port_range(port, port)
+        }
+    }
+}
+
+/// The range `lo..=hi`, explaining why it is not one.
+fn port_range(lo: u16, hi: u16) -> Result<PortRange, Problem> {
+    if lo == 0 {
+        return Err(Problem::PortOutOfRange("0".to_owned()));
+    }
+    PortRange::new(lo, hi).ok_or(Problem::BackwardPortRange { lo, hi })
+}

@@ -1,0 +1,399 @@
+//! The validated tenant network model: VPCs, guests and security groups.
+//!
+//! A [`Config`] can only be built by [`crate::config::parse`], which checks
+//! every cross-reference, so holders of a `Config` never re-validate: every
+//! [`VpcId`], [`GuestId`] and [`GroupId`] it hands out indexes its own tables,
+//! every guest address lies inside its VPC and is unique there, and every
+//! rule's peer group exists.
+//!
+//! Ids are plain indexes and are only meaningful for the `Config` that issued
+//! them. Looking one up in another `Config` (say, after a reload) is a logic
+//! error: it may panic or return an unrelated item. Re-resolve by name after a
+//! reload.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use crate::cidr::Ipv4Cidr;
+
+/// Identifies a [`Vpc`] within one [`Config`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VpcId(pub(crate) usize);
+
+/// Identifies a [`Guest`] within one [`Config`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GuestId(pub(crate) usize);
+
+/// Identifies a [`SecurityGroup`] within one [`Config`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(pub(crate) usize);
+
+macro_rules! impl_id {
+    ($($id:ident),*) => {$(
+        impl $id {
+            /// The position of the item in its table, in config file order.
+            pub const fn index(self) -> usize {
+                self.0
+            }
+        }
+    )*};
+}
+impl_id!(VpcId, GuestId, GroupId);
+
+/// The whole validated host configuration. See the [module docs](self).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    host: HostConfig,
+    vpcs: Vec<Vpc>,
+    guests: Vec<Guest>,
+    security_groups: Vec<SecurityGroup>,
+    guests_by_name: HashMap<String, GuestId>,
+    guests_by_address: HashMap<(VpcId, Ipv4Addr), GuestId>,
+}
+
+impl Config {
+    /// Assembles a config from tables that `config::parse` has already
+    /// validated, and builds the lookup indexes.
+    pub(crate) fn from_validated(
+        host: HostConfig,
+        vpcs: Vec<Vpc>,
+        guests: Vec<Guest>,
+        security_groups: Vec<SecurityGroup>,
+    ) -> Self {
+        let guests_by_name = guests
+            .iter()
+            .enumerate()
+            .map(|(i, guest)| (guest.name.clone(), GuestId(i)))
+            .collect();
+        let guests_by_address = guests
+            .iter()
+            .enumerate()
+            .flat_map(|(i, guest)| {
+                guest
+                    .addresses
+                    .iter()
+                    .map(move |addr| ((guest.vpc, *addr), GuestId(i)))
+            })
+            .collect();
+        Self {
+            host,
+            vpcs,
+            guests,
+            security_groups,
+            guests_by_name,
+            guests_by_address,
+        }
+    }
+
+    /// Settings of the daemon on this host.
+    pub fn host(&self) -> &HostConfig {
+        &self.host
+    }
+
+    /// All VPCs, in file order.
+    pub fn vpcs(&self) -> impl ExactSizeIterator<Item = (VpcId, &Vpc)> {
+        self.vpcs.iter().enumerate().map(|(i, vpc)| (VpcId(i), vpc))
+    }
+
+    /// All guests, in file order.
+    pub fn guests(&self) -> impl ExactSizeIterator<Item = (GuestId, &Guest)> {
+        self.guests
+            .iter()
+            .enumerate()
+            .map(|(i, guest)| (GuestId(i), guest))
+    }
+
+    /// All security groups, in file order.
+    pub fn security_groups(&self) -> impl ExactSizeIterator<Item = (GroupId, &SecurityGroup)> {
+        self.security_groups
+            .iter()
+            .enumerate()
+            .map(|(i, group)| (GroupId(i), group))
+    }
+
+    /// The VPC `id` names. Panics if `id` came from another `Config`.
+    pub fn vpc(&self, id: VpcId) -> &Vpc {
+        &self.vpcs[id.0]
+    }
+
+    /// The guest `id` names. Panics if `id` came from another `Config`.
+    pub fn guest(&self, id: GuestId) -> &Guest {
+        &self.guests[id.0]
+    }
+
+    /// The security group `id` names. Panics if `id` came from another `Config`.
+    pub fn security_group(&self, id: GroupId) -> &SecurityGroup {
+        &self.security_groups[id.0]
+    }
+
+    /// The VPC called `name`.
+    pub fn vpc_by_name(&self, name: &str) -> Option<VpcId> {
+        self.vpcs()
+            .find(|(_, vpc)| vpc.name == name)
+            .map(|(id, _)| id)
+    }
+
+    /// The guest called `name`.
+    pub fn guest_by_name(&self, name: &str) -> Option<GuestId> {
+        self.guests_by_name.get(name).copied()
+    }
+
+    /// The security group called `name`.
+    pub fn security_group_by_name(&self, name: &str) -> Option<GroupId> {
+        self.security_groups()
+            .find(|(_, group)| group.name == name)
+            .map(|(id, _)| id)
+    }
+
+    /// The guest that has address `addr` in VPC `vpc`, if any. An address
+    /// alone is ambiguous: VPCs may reuse each other's addresses.
+    pub fn guest_owning(&self, vpc: VpcId, addr: Ipv4Addr) -> Option<GuestId> {
+        self.guests_by_address.get(&(vpc, addr)).copied()
+    }
+}
+
+/// Settings of the daemon itself, the `[host]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConfig {
+    /// This host's name, as other hosts and the flow log know it.
+    pub name: String,
+    /// Where the daemon keeps its control socket and shared-memory files.
+    pub run_dir: PathBuf,
+    /// What a guest sees when policy denies its connect.
+    pub deny_action: DenyAction,
+    /// Bytes of each direction's data ring: a power of two within
+    /// [`MIN_RING_SIZE`](Self::MIN_RING_SIZE)..=[`MAX_RING_SIZE`](Self::MAX_RING_SIZE).
+    pub ring_size: u32,
+}
+
+impl HostConfig {
+    /// `run_dir` when the file does not set it.
+    pub const DEFAULT_RUN_DIR: &'static str = "/run/vsocket";
+    /// `ring_size` when the file does not set it: 256 KiB.
+    pub const DEFAULT_RING_SIZE: u32 = 256 * 1024;
+    /// The smallest allowed `ring_size`: one page.
+    pub const MIN_RING_SIZE: u32 = 4096;
+    /// The largest allowed `ring_size`: 64 MiB.
+    pub const MAX_RING_SIZE: u32 = 64 * 1024 * 1024;
+}
+
+/// How a connect denied by policy fails, as seen by the guest's program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DenyAction {
+    /// Silently drop, like a cloud firewall: the connect never completes and
+    /// the program eventually sees `ETIMEDOUT` (or gives up first).
+    #[default]
+    Drop,
+    /// Refuse at once: the program sees `ECONNREFUSED`.
+    Reject,
+}
+
+impl fmt::Display for DenyAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Drop => "drop",
+            Self::Reject => "reject",
+        })
+    }
+}
+
+/// A tenant's private address space. VPCs may overlap each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vpc {
+    /// Unique among VPCs.
+    pub name: String,
+    /// Every guest address in this VPC lies inside it.
+    pub cidr: Ipv4Cidr,
+}
+
+/// A network namespace (or VM) attached to vSocket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guest {
+    /// Unique among guests; at most 15 bytes so it can name an interface.
+    pub name: String,
+    /// The VPC all of its addresses belong to.
+    pub vpc: VpcId,
+    /// At least one; each inside the VPC's CIDR and owned by no other guest
+    /// of the same VPC.
+    pub addresses: Vec<Ipv4Addr>,
+    /// Its security groups, in the order the file lists them (which is the
+    /// order the evaluator reports the first matching rule in).
+    pub groups: Vec<GroupId>,
+    /// The network namespace it runs in; unique among guests.
+    pub netns: String,
+}
+
+impl Guest {
+    /// Whether this guest belongs to security group `group`.
+    pub fn is_member(&self, group: GroupId) -> bool {
+        self.groups.contains(&group)
+    }
+}
+
+/// A named set of stateful allow rules. Rules only ever allow; what no rule
+/// allows falls to the defaults (see [`crate::evaluate`](mod@crate::evaluate)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecurityGroup {
+    /// Unique among security groups.
+    pub name: String,
+    /// Rules for connections accepted by members, in file order.
+    pub ingress: Vec<Rule>,
+    /// Rules for connections made by members, in file order.
+    pub egress: Vec<Rule>,
+}
+
+impl SecurityGroup {
+    /// The rules for `direction`.
+    pub fn rules(&self, direction: Direction) -> &[Rule] {
+        match direction {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+}
+
+/// Which end of a connection a rule (or a denial) applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// The client's side: its groups' egress rules.
+    Egress,
+    /// The server's side: its groups' ingress rules.
+    Ingress,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Egress => "egress",
+            Self::Ingress => "ingress",
+        })
+    }
+}
+
+/// One allow rule of a security group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Which protocols it allows.
+    pub protocol: ProtocolFilter,
+    /// Which destination ports it allows. Always [`PortRange::ALL`] unless
+    /// `protocol` is TCP or UDP, the only protocols with ports.
+    pub ports: PortRange,
+    /// Who the other end may be.
+    pub peer: Peer,
+}
+
+/// The other end a rule allows: the server for egress, the client for ingress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// Any guest whose address (in the flow's VPC) lies in the block.
+    Cidr(Ipv4Cidr),
+    /// Any guest that is a member of the group.
+    Group(GroupId),
+}
+
+/// A transport protocol a flow uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP; a flow's port is meaningless for it (use 0).
+    Icmp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Icmp => "icmp",
+        })
+    }
+}
+
+/// The protocols a rule allows: one, or all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProtocolFilter {
+    /// Every protocol (`protocol = "all"`).
+    All,
+    /// Just this one.
+    Only(Protocol),
+}
+
+impl ProtocolFilter {
+    /// Whether a flow using `protocol` passes this filter.
+    pub fn matches(self, protocol: Protocol) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(only) => only == protocol,
+        }
+    }
+}
+
+impl fmt::Display for ProtocolFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::All => f.write_str("all"),
+            Self::Only(protocol) => protocol.fmt(f),
+        }
+    }
+}
+
+/// An inclusive range of destination ports.
+///
+/// A range from the config file lies within 1..=65535. [`PortRange::ALL`]
+/// (`ports = "all"`) also includes 0, so that it matches flows of port-less
+/// protocols such as ICMP, which carry port 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    lo: u16,
+    hi: u16,
+}
+
+impl PortRange {
+    /// Every port, 0..=65535.
+    pub const ALL: Self = Self {
+        lo: 0,
+        hi: u16::MAX,
+    };
+
+    /// The ports `lo..=hi`; `None` unless `1 <= lo <= hi`.
+    pub const fn new(lo: u16, hi: u16) -> Option<Self> {
+        if lo == 0 || lo > hi {
+            None
+        } else {
+            Some(Self { lo, hi })
+        }
+    }
+
+    /// The lowest port in the range.
+    pub const fn lo(self) -> u16 {
+        self.lo
+    }
+
+    /// The highest port in the range.
+    pub const fn hi(self) -> u16 {
+        self.hi
+    }
+
+    /// Whether `port` is in the range.
+    pub const fn contains(self, port: u16) -> bool {
+        self.lo <= port && port <= self.hi
+    }
+}
+
+impl fmt::Display for PortRange {
+    /// Formats as the config file spells it: `all`, `6379` or `1000-2000`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == Self::ALL {
+            f.write_str("all")
+        } else if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}

@@ -1,0 +1,589 @@
+//! The config file: what it accepts, its defaults, and how it reports errors.
+
+use std::error::Error as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use vsocket_policy::config::{parse, Problem};
+use vsocket_policy::{
+    load, ConfigError, DenyAction, HostConfig, Peer, PortRange, Protocol, ProtocolFilter,
+};
+
+const ORIGIN: &str = "/etc/vsocket/lab.toml";
+
+/// A valid file: `host_extra` goes into `[host]`, `rest` after everything.
+fn config_text(host_extra: &str, rest: &str) -> String {
+    format!(
+        r#"
+[host]
+name = "host1"
+{host_extra}
+
+[[vpc]]
+name = "blue"
+cidr = "10.10.0.0/24"
+
+[[vpc]]
+name = "green"
+cidr = "10.10.0.0/16"
+
+[[security_group]]
+name = "web"
+[[security_group.ingress]]
+protocol = "tcp"
+ports = "80"
+cidr = "10.10.0.0/24"
+
+[[guest]]
+name = "a"
+vpc = "blue"
+addresses = ["10.10.0.2"]
+security_groups = ["web"]
+
+{rest}
+"#
+    )
+}
+
+fn parse_text(text: &str) -> Result<vsocket_policy::Config, ConfigError> {
+    parse(text, Path::new(ORIGIN))
+}
+
+/// A `[[security_group]]` named "extra" with one ingress rule made of `body`.
+fn group_with_rule(body: &str) -> String {
+    format!("[[security_group]]\nname = \"extra\"\n[[security_group.ingress]]\n{body}\n")
+}
+
+/// A second guest, "b", with the given extra lines.
+fn guest_b(body: &str) -> String {
+    format!("[[guest]]\nname = \"b\"\n{body}\n")
+}
+
+#[test]
+fn invalid_content_names_file_field_and_problem() {
+    // (what, host_extra, rest, field, problem)
+    let cases: Vec<(&str, &str, String, &str, Problem)> = vec![
+        (
+            "unknown vpc",
+            "",
+            guest_b("vpc = \"red\"\naddresses = [\"10.10.0.3\"]"),
+            "guest[1].vpc",
+            Problem::UnknownVpc("red".into()),
+        ),
+        (
+            "address outside the vpc",
+            "",
+            guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\", \"10.10.1.3\"]"),
+            "guest[1].addresses[1]",
+            Problem::AddressOutsideVpc {
+                addr: Ipv4Addr::new(10, 10, 1, 3),
+                vpc: "blue".into(),
+                cidr: "10.10.0.0/24".parse().unwrap(),
+            },
+        ),
+        (
+            "address used twice in one vpc",
+            "",
+            guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.2\"]"),
+            "guest[1].addresses[0]",
+            Problem::DuplicateAddress {
+                addr: Ipv4Addr::new(10, 10, 0, 2),
+                vpc: "blue".into(),
+                first: "guest[0].addresses[0]".into(),
+            },
+        ),
+        (
+            "address used twice by one guest",
+            "",
+            guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\", \"10.10.0.3\"]"),
+            "guest[1].addresses[1]",
+            Problem::DuplicateAddress {
+                addr: Ipv4Addr::new(10, 10, 0, 3),
+                vpc: "blue".into(),
+                first: "guest[1].addresses[0]".into(),
+            },
+        ),
+        (
+            "malformed address",
+            "",
+            guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.300\"]"),
+            "guest[1].addresses[0]",
+            Problem::BadAddress("10.10.0.300".into()),
+        ),
+        (
+            "guest without addresses",
+            "",
+            guest_b("vpc = \"blue\"\naddresses = []"),
+            "guest[1].addresses",
+            Problem::NoAddresses,
+        ),
+        (
+            "guest in an unknown security group",
+            "",
+            guest_b(
+                "vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nsecurity_groups = [\"web\", \"db\"]",
+            ),
+            "guest[1].security_groups[1]",
+            Problem::UnknownSecurityGroup("db".into()),
+        ),
+        (
+            "guest lists a security group twice",
+            "",
+            guest_b(
+                "vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nsecurity_groups = [\"web\", \"web\"]",
+            ),
+            "guest[1].security_groups[1]",
+            Problem::Duplicate {
+                value: "web".into(),
+                first: "guest[1].security_groups[0]".into(),
+            },
+        ),
+        (
+            "duplicate guest name",
+            "",
+            "[[guest]]\nname = \"a\"\nvpc = \"green\"\naddresses = [\"10.10.9.9\"]".into(),
+            "guest[1].name",
+            Problem::Duplicate {
+                value: "a".into(),
+                first: "guest[0].name".into(),
+            },
+        ),
+        (
+            "duplicate netns",
+            "",
+            guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nnetns = \"vs-a\""),
+            "guest[1].netns",
+            Problem::Duplicate {
+                value: "vs-a".into(),
+                first: "guest[0].netns".into(),
+            },
+        ),
+        (
+            "netns that is a path",
+            "",
+            guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nnetns = \"../etc\""),
+            "guest[1].netns",
+            Problem::BadNetns("../etc".into()),
+        ),
+        (
+            "guest name too long for an interface",
+            "",
+            "[[guest]]\nname = \"abcdefghijklmnop\"\nvpc = \"blue\"\naddresses = [\"10.10.0.3\"]"
+                .into(),
+            "guest[1].name",
+            Problem::NameTooLong {
+                name: "abcdefghijklmnop".into(),
+                max: 15,
+            },
+        ),
+        (
+            "upper-case name",
+            "",
+            "[[vpc]]\nname = \"Red\"\ncidr = \"10.0.0.0/8\"".into(),
+            "vpc[2].name",
+            Problem::BadName("Red".into()),
+        ),
+        (
+            "empty name",
+            "",
+            "[[security_group]]\nname = \"\"".into(),
+            "security_group[1].name",
+            Problem::Empty,
+        ),
+        (
+            "duplicate vpc name",
+            "",
+            "[[vpc]]\nname = \"blue\"\ncidr = \"10.0.0.0/8\"".into(),
+            "vpc[2].name",
+            Problem::Duplicate {
+                value: "blue".into(),
+                first: "vpc[0].name".into(),
+            },
+        ),
+        (
+            "vpc cidr with host bits",
+            "",
+            "[[vpc]]\nname = \"red\"\ncidr = \"10.0.0.1/8\"".into(),
+            "vpc[2].cidr",
+            Problem::BadCidr(vsocket_policy::cidr::CidrError::HostBitsSet {
+                given: "10.0.0.1/8".into(),
+                suggested: "10.0.0.0/8".parse().unwrap(),
+            }),
+        ),
+        (
+            "backwards port range",
+            "",
+            group_with_rule("protocol = \"tcp\"\nports = \"2000-1000\"\ncidr = \"0.0.0.0/0\""),
+            "security_group \"extra\".ingress[0].ports",
+            Problem::BackwardPortRange { lo: 2000, hi: 1000 },
+        ),
+        (
+            "port zero",
+            "",
+            group_with_rule("protocol = \"tcp\"\nports = \"0-10\"\ncidr = \"0.0.0.0/0\""),
+            "security_group \"extra\".ingress[0].ports",
+            Problem::PortOutOfRange("0".into()),
+        ),
+        (
+            "port above 65535",
+            "",
+            group_with_rule("protocol = \"udp\"\nports = 70000\ncidr = \"0.0.0.0/0\""),
+            "security_group \"extra\".ingress[0].ports",
+            Problem::PortOutOfRange("70000".into()),
+        ),
+        (
+            "port by service name",
+            "",
+            group_with_rule("protocol = \"tcp\"\nports = \"http\"\ncidr = \"0.0.0.0/0\""),
+            "security_group \"extra\".ingress[0].ports",
+            Problem::BadPorts("http".into()),
+        ),
+        (
+            "ports on icmp",
+            "",
+            group_with_rule("protocol = \"icmp\"\nports = \"8\"\ncidr = \"0.0.0.0/0\""),
+            "security_group \"extra\".ingress[0].ports",
+            Problem::PortsNotApplicable(ProtocolFilter::Only(Protocol::Icmp)),
+        ),
+        (
+            "both cidr and group",
+            "",
+            group_with_rule("protocol = \"tcp\"\ncidr = \"0.0.0.0/0\"\ngroup = \"web\""),
+            "security_group \"extra\".ingress[0]",
+            Problem::BothPeers,
+        ),
+        (
+            "neither cidr nor group",
+            "",
+            group_with_rule("protocol = \"tcp\""),
+            "security_group \"extra\".ingress[0]",
+            Problem::MissingPeer,
+        ),
+        (
+            "unknown peer group",
+            "",
+            group_with_rule("protocol = \"tcp\"\ngroup = \"clients\""),
+            "security_group \"extra\".ingress[0].group",
+            Problem::UnknownSecurityGroup("clients".into()),
+        ),
+        (
+            "rule cidr malformed",
+            "",
+            group_with_rule("protocol = \"tcp\"\ncidr = \"10.0.0.0/40\""),
+            "security_group \"extra\".ingress[0].cidr",
+            Problem::BadCidr(vsocket_policy::cidr::CidrError::BadPrefixLength(
+                "40".into(),
+            )),
+        ),
+        (
+            "ring size not a power of two",
+            "ring_size = 100000",
+            String::new(),
+            "host.ring_size",
+            Problem::BadRingSize(100_000),
+        ),
+        (
+            "ring size below a page",
+            "ring_size = 2048",
+            String::new(),
+            "host.ring_size",
+            Problem::BadRingSize(2048),
+        ),
+        (
+            "ring size above 64 MiB",
+            "ring_size = 134217728",
+            String::new(),
+            "host.ring_size",
+            Problem::BadRingSize(134_217_728),
+        ),
+        (
+            "ring size beyond u32",
+            "ring_size = 8589934592",
+            String::new(),
+            "host.ring_size",
+            Problem::BadRingSize(8_589_934_592),
+        ),
+        (
+            "relative run_dir",
+            "run_dir = \"run/vsocket\"",
+            String::new(),
+            "host.run_dir",
+            Problem::RelativePath("run/vsocket".into()),
+        ),
+    ];
+
+    for (what, host_extra, rest, field, problem) in cases {
+        let err = parse_text(&config_text(host_extra, &rest)).expect_err(what);
+        let expected_message = format!("{ORIGIN}: {field}: {problem}");
+        assert_eq!(err.to_string(), expected_message, "{what}");
+        match err {
+            ConfigError::Invalid {
+                file,
+                field: got_field,
+                problem: got_problem,
+            } => {
+                assert_eq!(file, PathBuf::from(ORIGIN), "{what}");
+                assert_eq!(got_field, field, "{what}");
+                assert_eq!(got_problem, problem, "{what}");
+            }
+            other => panic!("{what}: expected Invalid, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn messages_read_as_documented() {
+    let err = parse_text(&config_text(
+        "",
+        &guest_b("vpc = \"red\"\naddresses = [\"10.10.0.3\"]"),
+    ))
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "/etc/vsocket/lab.toml: guest[1].vpc: unknown VPC \"red\""
+    );
+
+    let err = parse_text(&config_text(
+        "",
+        &group_with_rule("protocol = \"tcp\"\nports = \"2000-1000\"\ncidr = \"0.0.0.0/0\""),
+    ))
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "/etc/vsocket/lab.toml: security_group \"extra\".ingress[0].ports: \
+         port range 2000-1000 ends before it starts"
+    );
+
+    let err = parse_text(&config_text(
+        "",
+        &guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.2\"]"),
+    ))
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "/etc/vsocket/lab.toml: guest[1].addresses[0]: \
+         10.10.0.2 in VPC \"blue\" duplicates guest[0].addresses[0]"
+    );
+}
+
+#[test]
+fn toml_errors_name_the_file_and_the_line() {
+    // (what, text, text on the line toml should point at, fragment of its message)
+    let cases = [
+        (
+            "syntax",
+            "[host\nname = \"h\"\n".to_owned(),
+            "[host",
+            "invalid table header",
+        ),
+        (
+            "missing [host]",
+            "[[vpc]]\nname = \"blue\"\ncidr = \"10.0.0.0/8\"\n".to_owned(),
+            "[[vpc]]",
+            "missing field `host`",
+        ),
+        (
+            "unknown field in a guest",
+            config_text("", &guest_b("vpc = \"blue\"\nadresses = [\"10.10.0.3\"]")),
+            "adresses",
+            "unknown field `adresses`",
+        ),
+        (
+            "unknown top-level table",
+            config_text("", "[[guests]]\nname = \"b\""),
+            "[[guests]]",
+            "unknown field `guests`",
+        ),
+        (
+            "unknown deny_action",
+            config_text("deny_action = \"bounce\"", ""),
+            "bounce",
+            "unknown variant `bounce`",
+        ),
+        (
+            "unknown protocol",
+            config_text(
+                "",
+                &group_with_rule("protocol = \"sctp\"\ncidr = \"0.0.0.0/0\""),
+            ),
+            "sctp",
+            "unknown variant `sctp`",
+        ),
+        (
+            "ports of the wrong type",
+            config_text(
+                "",
+                &group_with_rule("protocol = \"tcp\"\nports = [80]\ncidr = \"0.0.0.0/0\""),
+            ),
+            "[80]",
+            "a port number, a range like \"1000-2000\", or \"all\"",
+        ),
+        (
+            "negative ring size",
+            config_text("ring_size = -1", ""),
+            "-1",
+            "ring_size",
+        ),
+    ];
+    for (what, text, needle, fragment) in cases {
+        let line = 1 + text.lines().position(|l| l.contains(needle)).expect(needle);
+        let err = parse_text(&text).expect_err(what);
+        let message = err.to_string();
+        assert!(matches!(err, ConfigError::Toml { .. }), "{what}: {err:?}");
+        assert!(
+            message.starts_with(&format!(
+                "{ORIGIN}: TOML parse error at line {line}, column "
+            )),
+            "{what}: {message}"
+        );
+        assert!(message.contains(fragment), "{what}: {message}");
+    }
+}
+
+#[test]
+fn same_address_in_two_vpcs_is_fine() {
+    let config = parse_text(&config_text(
+        "",
+        &guest_b("vpc = \"green\"\naddresses = [\"10.10.0.2\"]"),
+    ))
+    .expect("overlapping tenants are allowed");
+    let addr = Ipv4Addr::new(10, 10, 0, 2);
+    let blue = config.vpc_by_name("blue").unwrap();
+    let green = config.vpc_by_name("green").unwrap();
+    assert_eq!(config.guest_owning(blue, addr), config.guest_by_name("a"));
+    assert_eq!(config.guest_owning(green, addr), config.guest_by_name("b"));
+    assert_eq!(
+        config.guest_owning(green, Ipv4Addr::new(10, 10, 0, 3)),
+        None
+    );
+}
+
+#[test]
+fn defaults_fill_in_optional_fields() {
+    let config = parse_text(&config_text(
+        "",
+        &guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]"),
+    ))
+    .unwrap();
+    assert_eq!(
+        *config.host(),
+        HostConfig {
+            name: "host1".into(),
+            run_dir: HostConfig::DEFAULT_RUN_DIR.into(),
+            deny_action: DenyAction::Drop,
+            ring_size: 262_144,
+        }
+    );
+    let b = config.guest(config.guest_by_name("b").unwrap());
+    assert_eq!(b.netns, "vs-b");
+    assert!(b.groups.is_empty());
+
+    let extra = group_with_rule("protocol = \"udp\"\ncidr = \"10.0.0.7\"");
+    let config = parse_text(&config_text("", &extra)).unwrap();
+    let group = config.security_group(config.security_group_by_name("extra").unwrap());
+    assert_eq!(group.ingress[0].ports, PortRange::ALL);
+    assert_eq!(
+        group.ingress[0].peer,
+        Peer::Cidr("10.0.0.7/32".parse().unwrap()),
+        "a bare address is a /32"
+    );
+    assert!(group.egress.is_empty());
+}
+
+#[test]
+fn explicit_host_settings_are_kept() {
+    let config = parse_text(&config_text(
+        "run_dir = \"/tmp/vs\"\ndeny_action = \"reject\"\nring_size = 4096",
+        "",
+    ))
+    .unwrap();
+    assert_eq!(config.host().run_dir, Path::new("/tmp/vs"));
+    assert_eq!(config.host().deny_action, DenyAction::Reject);
+    assert_eq!(config.host().ring_size, HostConfig::MIN_RING_SIZE);
+
+    let config = parse_text(&config_text("ring_size = 67108864", "")).unwrap();
+    assert_eq!(config.host().ring_size, HostConfig::MAX_RING_SIZE);
+}
+
+#[test]
+fn ports_accept_numbers_ranges_and_all() {
+    let cases = [
+        ("6379", PortRange::new(6379, 6379)),
+        ("6379", PortRange::new(6379, 6379)),
+        ("\"6379\"", PortRange::new(6379, 6379)),
+        ("\"1-65535\"", PortRange::new(1, 65535)),
+        ("\"1000-1000\"", PortRange::new(1000, 1000)),
+        ("\"all\"", Some(PortRange::ALL)),
+    ];
+    for (ports, expected) in cases {
+        let extra = group_with_rule(&format!(
+            "protocol = \"tcp\"\nports = {ports}\ngroup = \"web\""
+        ));
+        let config = parse_text(&config_text("", &extra)).expect(ports);
+        let group = config.security_group(config.security_group_by_name("extra").unwrap());
+        assert_eq!(Some(group.ingress[0].ports), expected, "{ports}");
+    }
+}
+
+#[test]
+fn rules_may_name_groups_defined_later_and_themselves() {
+    let text = config_text(
+        "",
+        r#"
+[[security_group]]
+name = "early"
+[[security_group.egress]]
+protocol = "all"
+group = "late"
+[[security_group.ingress]]
+protocol = "all"
+group = "early"
+
+[[security_group]]
+name = "late"
+"#,
+    );
+    let config = parse_text(&text).unwrap();
+    let early_id = config.security_group_by_name("early").unwrap();
+    let late_id = config.security_group_by_name("late").unwrap();
+    let early = config.security_group(early_id);
+    assert_eq!(early.egress[0].peer, Peer::Group(late_id));
+    assert_eq!(early.ingress[0].peer, Peer::Group(early_id));
+}
+
+#[test]
+fn load_reports_unreadable_files_with_their_cause() {
+    let path = Path::new("/nonexistent/vsocket/lab.toml");
+    let err = load(path).unwrap_err();
+    assert_eq!(err.to_string(), "cannot read /nonexistent/vsocket/lab.toml");
+    let source = err.source().expect("the I/O error is the source");
+    assert!(source.to_string().contains("No such file"), "{source}");
+}
+
+/// The example in the `config` module docs must stay a valid file.
+#[test]
+fn module_doc_example_parses() {
+    let source = include_str!("../src/config.rs");
+    let example: String = source
+        .lines()
+        .skip_while(|line| *line != "//! ```toml")
+        .skip(1)
+        .take_while(|line| *line != "//! ```")
+        .map(|line| {
+            format!(
+                "{}\n",
+                line.trim_start_matches("//!").trim_start_matches(' ')
+            )
+        })
+        .collect();
+    assert!(example.contains("[[guest]]"), "example not found");
+    let config = parse(&example, Path::new("config.rs")).expect("doc example parses");
+    assert_eq!(config.guests().len(), 2);
+    assert_eq!(config.security_groups().len(), 2);
+    let redis = config.security_group(config.security_group_by_name("redis").unwrap());
+    assert_eq!(redis.ingress.len(), 2);
+    assert_eq!(
+        redis.ingress[0].protocol,
+        ProtocolFilter::Only(Protocol::Tcp)
+    );
+}

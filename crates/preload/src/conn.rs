@@ -1,0 +1,426 @@
+//! One end of a connection over vSocket: the ring pair, the doorbell, and
+//! the TCP semantics programs expect (blocking and non-blocking I/O, FIN,
+//! RST, EPIPE, half-close).
+//!
+//! Bytes never pass through the kernel. The doorbell (one end of a Unix
+//! stream pair whose other end the peer holds) carries only wake-ups, and
+//! only when the peer armed its `waiting` flag before sleeping; its end of
+//! stream also tells us that every process holding the peer's end is gone.
+
+use crate::sys::{self, Errno, SysResult};
+use crate::wait;
+use std::net::SocketAddrV4;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use vsocket_abi::control::ConnectionInfo;
+use vsocket_abi::layout::Endpoint;
+use vsocket_ring::{Consumer, Producer, RingError, RxState, Segment};
+
+pub struct Connection {
+    segment: Segment,
+    endpoint: Endpoint,
+    /// Our end of the doorbell pair (a library-internal descriptor).
+    pub doorbell: RawFd,
+    pub info: ConnectionInfo,
+    /// The process that opened the connection: only its close ends it (a
+    /// child closing an inherited copy after fork must not).
+    owner_pid: i32,
+    nonblocking: AtomicBool,
+    read_shut: AtomicBool,
+    write_shut: AtomicBool,
+    /// ECONNRESET was reported once; later reads see end of stream.
+    reset_reported: AtomicBool,
+    /// The peer broke the ring protocol: the connection is reset.
+    broken: AtomicBool,
+    /// Pending SO_ERROR.
+    so_error: AtomicI32,
+    /// Descriptors in this process that name the connection (dup).
+    handles: AtomicUsize,
+    /// Serialise this process's readers and writers of the stream.
+    rx_lock: Mutex<()>,
+    tx_lock: Mutex<()>,
+}
+
+/// Readiness bits, in epoll's encoding (poll's share the low bits).
+pub mod ready {
+    pub const IN: u32 = libc::EPOLLIN as u32;
+    pub const OUT: u32 = libc::EPOLLOUT as u32;
+    pub const ERR: u32 = libc::EPOLLERR as u32;
+    pub const HUP: u32 = libc::EPOLLHUP as u32;
+    pub const RDHUP: u32 = libc::EPOLLRDHUP as u32;
+}
+
+impl Connection {
+    /// Maps the segment the daemon sent. Takes ownership of both descriptors.
+    pub fn new(info: ConnectionInfo, endpoint: Endpoint, segment_fd: RawFd, doorbell: RawFd, nonblocking: bool) -> SysResult<Connection> {
+        let segment = sys::with_borrowed(segment_fd, |fd| Segment::map(fd, info.ring_size));
+        // The mapping keeps the memory; the descriptor is no longer needed.
+        let _ = sys::close(segment_fd);
+        let segment = match segment {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = sys::close(doorbell);
+                return Err(Errno(libc::EPROTO));
+            }
+        };
+        Ok(Connection {
+            segment,
+            endpoint,
+            doorbell,
+            info,
+            owner_pid: sys::getpid(),
+            nonblocking: AtomicBool::new(nonblocking),
+            read_shut: AtomicBool::new(false),
+            write_shut: AtomicBool::new(false),
+            reset_reported: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+            so_error: AtomicI32::new(0),
+            handles: AtomicUsize::new(1),
+            rx_lock: Mutex::new(()),
+            tx_lock: Mutex::new(()),
+        })
+    }
+
+    fn tx(&self) -> Producer<'_> {
+        self.segment.producer(self.endpoint.tx_ring())
+    }
+
+    fn rx(&self) -> Consumer<'_> {
+        self.segment.consumer(self.endpoint.rx_ring())
+    }
+
+    pub fn local(&self) -> SocketAddrV4 {
+        self.info.local
+    }
+
+    pub fn peer(&self) -> SocketAddrV4 {
+        self.info.peer
+    }
+
+    pub fn set_nonblocking(&self, on: bool) {
+        self.nonblocking.store(on, Ordering::Relaxed);
+    }
+
+    pub fn is_nonblocking(&self) -> bool {
+        self.nonblocking.load(Ordering::Relaxed)
+    }
+
+    /// Reads and clears SO_ERROR.
+    pub fn take_error(&self) -> i32 {
+        self.so_error.swap(0, Ordering::Relaxed)
+    }
+
+    fn kick(&self, wake: bool) {
+        if wake {
+            // A full doorbell already guarantees a wake-up; anything else
+            // (the peer is gone) is seen at the next drain.
+            let _ = sys::send(self.doorbell, &[1], libc::MSG_DONTWAIT);
+        }
+    }
+
+    /// The peer broke the protocol: reset both directions.
+    fn break_connection(&self) -> Errno {
+        if !self.broken.swap(true, Ordering::SeqCst) {
+            self.kick(self.tx().reset());
+            self.kick(self.rx().close());
+        }
+        Errno(libc::ECONNRESET)
+    }
+
+    /// Drains the doorbell; if every holder of the peer's end is gone (the
+    /// peer process died without closing), finish the stream on its behalf,
+    /// as the kernel does for a process that exits.
+    pub fn drain_doorbell(&self) {
+        if sys::drain(self.doorbell) {
+            // The peer's producer line is shared memory we may write: this
+            // affects only this connection.
+            self.segment.producer(self.endpoint.rx_ring()).finish();
+            self.segment.consumer(self.endpoint.tx_ring()).close();
+        }
+    }
+
+    /// Current readiness, in epoll bits.
+    pub fn readiness(&self) -> u32 {
+        if self.broken.load(Ordering::Relaxed) {
+            return ready::IN | ready::OUT | ready::ERR | ready::HUP | ready::RDHUP;
+        }
+        let mut mask = 0;
+        let mut fin = false;
+        match self.rx().state() {
+            Ok(RxState::Data(_)) => mask |= ready::IN,
+            Ok(RxState::Empty) => {}
+            Ok(RxState::Fin) => {
+                mask |= ready::IN | ready::RDHUP;
+                fin = true;
+            }
+            Ok(RxState::Reset) => {
+                mask |= ready::IN | ready::RDHUP | ready::HUP;
+                if !self.reset_reported.load(Ordering::Relaxed) {
+                    mask |= ready::ERR;
+                }
+                fin = true;
+            }
+            Err(_) => return ready::IN | ready::OUT | ready::ERR | ready::HUP | ready::RDHUP,
+        }
+        if self.read_shut.load(Ordering::Relaxed) {
+            mask |= ready::IN | ready::RDHUP;
+        }
+        let wshut = self.write_shut.load(Ordering::Relaxed);
+        match self.tx().space() {
+            Ok(0) if !wshut => {}
+            Ok(_) => mask |= ready::OUT,
+            Err(RingError::PeerClosed) => mask |= ready::OUT | ready::ERR | ready::HUP,
+            Err(RingError::Corrupt) => mask |= ready::OUT | ready::ERR,
+        }
+        if fin && wshut {
+            mask |= ready::HUP;
+        }
+        mask
+    }
+
+    /// Arms the wake-up flags for the given interest (epoll bits).
+    pub fn arm(&self, interest: u32) {
+        if interest & (ready::IN | ready::RDHUP) != 0 {
+            self.rx().arm();
+        }
+        if interest & ready::OUT != 0 {
+            self.tx().arm();
+        }
+    }
+
+    /// A snapshot that changes whenever readiness might (for edge-triggered
+    /// epoll): bytes produced to us, bytes consumed from us, and flags.
+    pub fn edge_snapshot(&self) -> (u64, u64, u32) {
+        (self.segment.producer(self.endpoint.rx_ring()).total(), self.segment.consumer(self.endpoint.tx_ring()).total(), self.readiness())
+    }
+
+    /// Bytes waiting to be read (FIONREAD).
+    pub fn readable_bytes(&self) -> usize {
+        match self.rx().state() {
+            Ok(RxState::Data(n)) => n as usize,
+            _ => 0,
+        }
+    }
+
+    /// recv/read/readv/recvmsg.
+    pub fn recv(&self, bufs: &mut [&mut [u8]], flags: i32) -> SysResult<usize> {
+        if self.read_shut.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
+        let wanted: usize = bufs.iter().map(|b| b.len()).sum();
+        if wanted == 0 {
+            return Ok(0);
+        }
+        let peek = flags & libc::MSG_PEEK != 0;
+        let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
+        let dontwait = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();
+        let _guard = self.rx_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut total = 0usize;
+        loop {
+            if self.broken.load(Ordering::Relaxed) {
+                return self.finish_read(total, Err(Errno(libc::ECONNRESET)));
+            }
+            let rx = self.rx();
+            match rx.state() {
+                Err(_) => return self.finish_read(total, Err(self.break_connection())),
+                Ok(RxState::Data(_)) => {
+                    let (n, wake) = match advance(bufs, total, |rest| rx.read(rest, peek)) {
+                        Ok(r) => r,
+                        Err(_) => return self.finish_read(total, Err(self.break_connection())),
+                    };
+                    self.kick(wake);
+                    total += n;
+                    if !waitall || total == wanted {
+                        return Ok(total);
+                    }
+                }
+                Ok(RxState::Fin) => return Ok(total),
+                Ok(RxState::Reset) => {
+                    if total > 0 {
+                        return Ok(total);
+                    }
+                    if self.reset_reported.swap(true, Ordering::Relaxed) {
+                        return Ok(0);
+                    }
+                    return Err(Errno(libc::ECONNRESET));
+                }
+                Ok(RxState::Empty) => {
+                    if total > 0 && !waitall {
+                        return Ok(total);
+                    }
+                    if dontwait {
+                        return self.finish_read(total, Err(Errno(libc::EAGAIN)));
+                    }
+                    if let Err(e) = wait::block(self, ready::IN) {
+                        return self.finish_read(total, Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_read(&self, total: usize, err: SysResult<usize>) -> SysResult<usize> {
+        if total > 0 {
+            Ok(total)
+        } else {
+            err
+        }
+    }
+
+    /// send/write/writev/sendmsg. Raises SIGPIPE on EPIPE unless
+    /// MSG_NOSIGNAL, as the kernel does.
+    pub fn send(&self, bufs: &[&[u8]], flags: i32) -> SysResult<usize> {
+        let result = self.send_inner(bufs, flags);
+        if result == Err(Errno(libc::EPIPE)) && flags & libc::MSG_NOSIGNAL == 0 {
+            sys::raise_sigpipe();
+        }
+        result
+    }
+
+    fn send_inner(&self, bufs: &[&[u8]], flags: i32) -> SysResult<usize> {
+        if self.write_shut.load(Ordering::Relaxed) {
+            return Err(Errno(libc::EPIPE));
+        }
+        let wanted: usize = bufs.iter().map(|b| b.len()).sum();
+        if wanted == 0 {
+            return Ok(0);
+        }
+        let dontwait = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();
+        let _guard = self.tx_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut total = 0usize;
+        loop {
+            if self.broken.load(Ordering::Relaxed) {
+                return self.finish_write(total, Errno(libc::ECONNRESET));
+            }
+            let tx = self.tx();
+            match advance_const(bufs, total, |rest| tx.write(rest)) {
+                Ok((n, wake)) => {
+                    self.kick(wake);
+                    total += n;
+                    if total == wanted {
+                        return Ok(total);
+                    }
+                    if n > 0 {
+                        continue;
+                    }
+                }
+                Err(RingError::PeerClosed) => return self.finish_write(total, Errno(libc::EPIPE)),
+                Err(RingError::Corrupt) => {
+                    let e = self.break_connection();
+                    return self.finish_write(total, e);
+                }
+            }
+            // The ring is full.
+            if dontwait {
+                return self.finish_write(total, Errno(libc::EAGAIN));
+            }
+            if let Err(e) = wait::block(self, ready::OUT) {
+                return self.finish_write(total, e);
+            }
+        }
+    }
+
+    fn finish_write(&self, total: usize, err: Errno) -> SysResult<usize> {
+        if total > 0 {
+            Ok(total)
+        } else {
+            Err(err)
+        }
+    }
+
+    /// Is the condition a blocked call waits for (`interest`) met, or will
+    /// it never be (error, end of stream)?
+    pub fn satisfies(&self, interest: u32) -> bool {
+        self.readiness() & (interest | ready::ERR | ready::HUP) != 0
+    }
+
+    /// shutdown(2).
+    pub fn shutdown(&self, how: i32) -> SysResult<()> {
+        match how {
+            libc::SHUT_RD | libc::SHUT_WR | libc::SHUT_RDWR => {}
+            _ => return Err(Errno(libc::EINVAL)),
+        }
+        if how != libc::SHUT_WR {
+            self.read_shut.store(true, Ordering::Relaxed);
+        }
+        if how != libc::SHUT_RD && !self.write_shut.swap(true, Ordering::Relaxed) {
+            let _guard = self.tx_lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.kick(self.tx().finish());
+        }
+        Ok(())
+    }
+
+    /// The last descriptor for this connection in its owner process was
+    /// closed: FIN (or RST when unread data would be lost, as Linux does),
+    /// and stop accepting the peer's bytes.
+    pub fn close(&self) {
+        if sys::getpid() != self.owner_pid {
+            return;
+        }
+        let rx = self.rx();
+        let unread = matches!(rx.state(), Ok(RxState::Data(_)));
+        let tx = self.tx();
+        let wake_tx = if unread { tx.reset() } else { tx.finish() };
+        let wake_rx = rx.close();
+        self.kick(wake_tx || wake_rx);
+    }
+
+    /// Another descriptor now names this connection (dup).
+    pub fn add_handle(&self) {
+        self.handles.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A descriptor naming this connection was closed; returns whether it
+    /// was the last one.
+    pub fn drop_handle(&self) -> bool {
+        self.handles.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // The mapping goes with `segment`.
+        let _ = sys::close(self.doorbell);
+    }
+}
+
+/// Runs `op` on the part of `bufs` after the first `skip` bytes.
+fn advance<R>(bufs: &mut [&mut [u8]], skip: usize, op: impl FnOnce(&mut [&mut [u8]]) -> R) -> R {
+    let mut skip = skip;
+    let mut first = 0;
+    while first < bufs.len() && skip >= bufs[first].len() {
+        skip -= bufs[first].len();
+        first += 1;
+    }
+    let rest = &mut bufs[first..];
+    if skip == 0 || rest.is_empty() {
+        return op(rest);
+    }
+    let (head, tail) = rest.split_at_mut(1);
+    let head: &mut [u8] = &mut head[0][skip..];
+    let mut chunk: Vec<&mut [u8]> = Vec::with_capacity(tail.len() + 1);
+    chunk.push(head);
+    for b in tail.iter_mut() {
+        chunk.push(&mut b[..]);
+    }
+    op(&mut chunk)
+}
+
+/// Runs `op` on the part of `bufs` after the first `skip` bytes.
+fn advance_const<R>(bufs: &[&[u8]], skip: usize, op: impl FnOnce(&[&[u8]]) -> R) -> R {
+    let mut skip = skip;
+    let mut first = 0;
+    while first < bufs.len() && skip >= bufs[first].len() {
+        skip -= bufs[first].len();
+        first += 1;
+    }
+    let rest = &bufs[first..];
+    if skip == 0 || rest.is_empty() {
+        return op(rest);
+    }
+    let mut chunk: Vec<&[u8]> = Vec::with_capacity(rest.len());
+    chunk.push(&rest[0][skip..]);
+    chunk.extend_from_slice(&rest[1..]);
+    op(&chunk)
+}

@@ -1,0 +1,135 @@
+//! The library's side of the guest control socket.
+//!
+//! `VSOCKET_CONTROL` names the socket (set by `vsocket run`). Without it the
+//! library stays out of the way: every call goes to the kernel. The process
+//! keeps one request channel (re-opened in a child after fork, since a
+//! shared one would interleave two processes' replies); each listening
+//! socket opens its own listener channel.
+
+use crate::sys::{self, Errno, SysResult};
+use std::os::fd::RawFd;
+use std::sync::{Mutex, OnceLock};
+use vsocket_abi::control::{Message, CONNECTION_FDS, MAX_MESSAGE};
+
+/// Where the guest's control socket is, if the program runs in a guest.
+fn control_path() -> Option<&'static [u8]> {
+    static PATH: OnceLock<Option<Vec<u8>>> = OnceLock::new();
+    PATH.get_or_init(|| {
+        use std::os::unix::ffi::OsStringExt;
+        std::env::var_os("VSOCKET_CONTROL").map(|p| p.into_vec()).filter(|p| !p.is_empty())
+    })
+    .as_deref()
+}
+
+/// Is the library attached to a guest at all?
+pub fn enabled() -> bool {
+    control_path().is_some()
+}
+
+/// Lowest descriptor number for the library's own descriptors.
+pub fn internal_fd_floor() -> RawFd {
+    static FLOOR: OnceLock<RawFd> = OnceLock::new();
+    *FLOOR.get_or_init(|| (sys::getrlimit_nofile() / 2).clamp(64, 1 << 19) as RawFd)
+}
+
+/// A reply with the descriptors that came with it.
+pub struct Reply {
+    pub message: Message,
+    pub fds: [RawFd; CONNECTION_FDS],
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        for fd in self.fds {
+            if fd >= 0 {
+                let _ = sys::close(fd);
+            }
+        }
+    }
+}
+
+impl Reply {
+    /// Takes ownership of descriptor `i` out of the reply.
+    pub fn take_fd(&mut self, i: usize) -> RawFd {
+        std::mem::replace(&mut self.fds[i], -1)
+    }
+}
+
+/// Opens a new channel to the guest's control socket.
+pub fn open_channel() -> SysResult<RawFd> {
+    let path = control_path().ok_or(Errno(libc::ENOENT))?;
+    let fd = sys::connect_unix_seqpacket(path)?;
+    sys::relocate(fd, internal_fd_floor())
+}
+
+/// Sends `msg` on `channel` and waits for the one reply.
+pub fn exchange(channel: RawFd, msg: &Message) -> SysResult<Reply> {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let bytes = msg.encode(&mut buf);
+    loop {
+        match sys::send(channel, bytes, 0) {
+            Err(Errno(libc::EINTR)) => continue,
+            r => {
+                r?;
+                break;
+            }
+        }
+    }
+    receive(channel, 0)
+}
+
+/// Receives one message (with its descriptors) from `channel`.
+pub fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let mut fds = [-1; CONNECTION_FDS];
+    let (n, count) = loop {
+        match sys::recv_with_fds(channel, &mut buf, &mut fds, flags) {
+            Err(Errno(libc::EINTR)) => continue,
+            r => break r?,
+        }
+    };
+    let mut reply = Reply { message: Message::Fallback, fds };
+    if n == 0 {
+        // The daemon went away.
+        return Err(Errno(libc::ECONNABORTED));
+    }
+    reply.message = Message::decode(&buf[..n]).map_err(|_| Errno(libc::EPROTO))?;
+    if count != reply.message.fd_count() {
+        return Err(Errno(libc::EPROTO));
+    }
+    for i in 0..count {
+        reply.fds[i] = sys::relocate(reply.fds[i], internal_fd_floor())?;
+    }
+    Ok(reply)
+}
+
+struct RequestChannel {
+    fd: RawFd,
+    pid: i32,
+}
+
+static REQUESTS: Mutex<Option<RequestChannel>> = Mutex::new(None);
+
+/// Sends a request on the process's request channel and returns the reply.
+/// The channel is opened on first use and re-opened after fork.
+pub fn request(msg: &Message) -> SysResult<Reply> {
+    let mut guard = REQUESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let pid = sys::getpid();
+    if guard.as_ref().is_some_and(|c| c.pid != pid) {
+        // Inherited from our parent: its replies are not ours to read. Our
+        // copy of the descriptor is closed; the parent keeps its own.
+        if let Some(c) = guard.take() {
+            let _ = sys::close(c.fd);
+        }
+    }
+    if guard.is_none() {
+        *guard = Some(RequestChannel { fd: open_channel()?, pid });
+    }
+    let fd = guard.as_ref().map(|c| c.fd).unwrap_or(-1);
+    let result = exchange(fd, msg);
+    if result.is_err() {
+        let _ = sys::close(fd);
+        *guard = None;
+    }
+    result
+}

@@ -1,0 +1,402 @@
+//! epoll over a mix of kernel and vSocket descriptors.
+//!
+//! The program's epoll instance stays a real kernel epoll fd: kernel
+//! descriptors are registered in it as the program asked (with the
+//! program's own data), so they cost nothing extra. A vSocket connection is
+//! represented in the kernel set by its doorbell, tagged with a token the
+//! library recognises; its readiness is computed from shared memory, where
+//! level- and edge-triggered modes, EPOLLONESHOT and EPOLLRDHUP are
+//! implemented. A listener is represented by its kernel socket and its
+//! listener channel, both tagged.
+//!
+//! Every set the program creates is tracked, with what it holds, so that a
+//! socket registered before it connects (or listens) is moved to the right
+//! representation when it becomes a vSocket.
+
+use crate::conn::{ready, Connection};
+use crate::sys::{self, Errno, SysResult};
+use crate::table::{self, Entry};
+use crate::wait;
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+/// The high bits of tokens: never a user-space pointer (non-canonical on
+/// x86-64 and arm64), and salted per process.
+fn token_tag() -> u64 {
+    static TAG: OnceLock<u64> = OnceLock::new();
+    *TAG.get_or_init(|| {
+        let salt = (sys::now_ms() as u64 ^ (sys::getpid() as u64).rotate_left(7)) & 0xffff;
+        (0xa5a5u64 << 48) | (salt << 32)
+    })
+}
+
+fn token(fd: RawFd) -> u64 {
+    token_tag() | fd as u32 as u64
+}
+
+fn token_fd(data: u64) -> Option<RawFd> {
+    (data & 0xffff_ffff_0000_0000 == token_tag()).then_some(data as u32 as RawFd)
+}
+
+enum Kind {
+    /// A kernel descriptor, registered in the kernel with the program's data.
+    Kernel,
+    /// A vSocket connection or a dropped connect, judged from shared memory.
+    Managed { entry: Arc<Entry>, last: Option<(u64, u64, u32)> },
+    /// A listener: its socket and its channel are in the kernel set.
+    Listener { entry: Arc<Entry> },
+}
+
+struct Registration {
+    events: u32,
+    data: u64,
+    kind: Kind,
+    /// EPOLLONESHOT fired; silent until EPOLL_CTL_MOD.
+    disabled: bool,
+}
+
+pub struct EpollSet {
+    epfd: RawFd,
+    regs: Mutex<HashMap<RawFd, Registration>>,
+    /// Registrations that are not plain kernel ones (fast path when 0).
+    special: AtomicUsize,
+}
+
+static SETS: Mutex<Vec<Weak<Entry>>> = Mutex::new(Vec::new());
+
+/// Starts tracking a new epoll instance.
+pub fn track(epfd: RawFd) {
+    let entry = Arc::new(Entry::Epoll(EpollSet { epfd, regs: Mutex::new(HashMap::new()), special: AtomicUsize::new(0) }));
+    let weak = Arc::downgrade(&entry);
+    table::set(epfd, entry);
+    let mut sets = SETS.lock().unwrap_or_else(|e| e.into_inner());
+    sets.retain(|w| w.strong_count() > 0);
+    sets.push(weak);
+}
+
+fn each_set(mut f: impl FnMut(&EpollSet)) {
+    let sets: Vec<Arc<Entry>> = SETS.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    for s in sets {
+        if let Entry::Epoll(set) = &*s {
+            f(set);
+        }
+    }
+}
+
+/// `fd` became a vSocket (connect, listen): move its registrations.
+pub fn adopt(fd: RawFd, entry: &Arc<Entry>) {
+    each_set(|set| {
+        let mut regs = set.regs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(reg) = regs.get_mut(&fd) {
+            if matches!(reg.kind, Kind::Kernel) {
+                let _ = sys::epoll_ctl(set.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
+                if let Ok(kind) = set.register_special(fd, entry, reg.events) {
+                    reg.kind = kind;
+                    set.special.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+}
+
+/// `fd` was closed: forget it everywhere.
+pub fn forget(fd: RawFd) {
+    each_set(|set| {
+        let mut regs = set.regs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(reg) = regs.remove(&fd) {
+            set.unregister_special(fd, &reg);
+        }
+    });
+}
+
+fn kernel_events(events: u32) -> u32 {
+    events & !(libc::EPOLLONESHOT as u32)
+}
+
+impl EpollSet {
+    fn register_special(&self, fd: RawFd, entry: &Arc<Entry>, events: u32) -> SysResult<Kind> {
+        match &**entry {
+            Entry::Conn(conn) => {
+                sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, conn.doorbell, libc::EPOLLIN as u32, token(fd))?;
+                Ok(Kind::Managed { entry: entry.clone(), last: None })
+            }
+            Entry::Dropped(_) => Ok(Kind::Managed { entry: entry.clone(), last: None }),
+            Entry::Listener(l) => {
+                let ev = kernel_events(events) & !(libc::EPOLLEXCLUSIVE as u32);
+                sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, ev, token(fd))?;
+                if let Err(e) = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, l.channel, libc::EPOLLIN as u32 | (ev & libc::EPOLLET as u32), token(fd)) {
+                    let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
+                    return Err(e);
+                }
+                Ok(Kind::Listener { entry: entry.clone() })
+            }
+            Entry::Epoll(_) => Err(Errno(libc::EINVAL)),
+        }
+    }
+
+    fn unregister_special(&self, fd: RawFd, reg: &Registration) {
+        match &reg.kind {
+            Kind::Kernel => return,
+            Kind::Managed { entry, .. } => {
+                if let Entry::Conn(conn) = &**entry {
+                    let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, conn.doorbell, 0, 0);
+                }
+            }
+            Kind::Listener { entry } => {
+                let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
+                if let Entry::Listener(l) = &**entry {
+                    let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, l.channel, 0, 0);
+                }
+            }
+        }
+        self.special.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// epoll_ctl on this set.
+    pub fn ctl(&self, op: i32, fd: RawFd, event: Option<libc::epoll_event>) -> SysResult<()> {
+        let target = table::get(fd).filter(|e| !matches!(**e, Entry::Epoll(_)));
+        let (events, data) = event.map(|e| (e.events, e.u64)).unwrap_or((0, 0));
+        let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        match op {
+            libc::EPOLL_CTL_ADD => {
+                if regs.contains_key(&fd) {
+                    return Err(Errno(libc::EEXIST));
+                }
+                let kind = match &target {
+                    None => {
+                        sys::epoll_ctl(self.epfd, op, fd, events, data)?;
+                        Kind::Kernel
+                    }
+                    Some(entry) => {
+                        let kind = self.register_special(fd, entry, events)?;
+                        self.special.fetch_add(1, Ordering::Relaxed);
+                        kind
+                    }
+                };
+                regs.insert(fd, Registration { events, data, kind, disabled: false });
+                Ok(())
+            }
+            libc::EPOLL_CTL_MOD => {
+                let Some(reg) = regs.get_mut(&fd) else {
+                    // Not one we know (registered before tracking): let the kernel judge.
+                    return sys::epoll_ctl(self.epfd, op, fd, events, data);
+                };
+                match &mut reg.kind {
+                    Kind::Kernel => sys::epoll_ctl(self.epfd, op, fd, events, data)?,
+                    Kind::Managed { last, .. } => *last = None,
+                    Kind::Listener { entry } => {
+                        let ev = kernel_events(events) & !(libc::EPOLLEXCLUSIVE as u32);
+                        sys::epoll_ctl(self.epfd, op, fd, ev, token(fd))?;
+                        if let Entry::Listener(l) = &**entry {
+                            sys::epoll_ctl(self.epfd, op, l.channel, libc::EPOLLIN as u32 | (ev & libc::EPOLLET as u32), token(fd))?;
+                        }
+                    }
+                }
+                reg.events = events;
+                reg.data = data;
+                reg.disabled = false;
+                Ok(())
+            }
+            libc::EPOLL_CTL_DEL => match regs.remove(&fd) {
+                Some(reg) => {
+                    if matches!(reg.kind, Kind::Kernel) {
+                        sys::epoll_ctl(self.epfd, op, fd, 0, 0)?;
+                    } else {
+                        self.unregister_special(fd, &reg);
+                    }
+                    Ok(())
+                }
+                None => sys::epoll_ctl(self.epfd, op, fd, 0, 0),
+            },
+            _ => Err(Errno(libc::EINVAL)),
+        }
+    }
+
+    /// Adds ready managed registrations to `out` (from index `n`), skipping
+    /// descriptors already there. Returns the new count.
+    fn collect(&self, regs: &mut HashMap<RawFd, Registration>, out: &mut [libc::epoll_event], mut n: usize) -> usize {
+        let now = sys::now_ms();
+        for reg in regs.values_mut() {
+            if n == out.len() {
+                break;
+            }
+            if reg.disabled {
+                continue;
+            }
+            let Kind::Managed { entry, last } = &mut reg.kind else { continue };
+            let interest = reg.events | ready::ERR | ready::HUP;
+            let (mask, snapshot) = match &**entry {
+                Entry::Conn(conn) => {
+                    let snap = conn.edge_snapshot();
+                    (snap.2 & interest, snap)
+                }
+                Entry::Dropped(d) if now >= d.deadline_ms => ((ready::OUT | ready::ERR | ready::HUP) & interest, (0, 0, 1)),
+                _ => (0, (0, 0, 0)),
+            };
+            if mask == 0 {
+                *last = Some(snapshot);
+                continue;
+            }
+            if reg.events & libc::EPOLLET as u32 != 0 {
+                if *last == Some(snapshot) {
+                    continue;
+                }
+                *last = Some(snapshot);
+            }
+            out[n] = libc::epoll_event { events: mask, u64: reg.data };
+            n += 1;
+            if reg.events & libc::EPOLLONESHOT as u32 != 0 {
+                reg.disabled = true;
+            }
+        }
+        n
+    }
+
+    fn arm(&self, regs: &HashMap<RawFd, Registration>) {
+        for reg in regs.values() {
+            if let (false, Kind::Managed { entry, .. }) = (reg.disabled, &reg.kind) {
+                if let Entry::Conn(conn) = &**entry {
+                    conn.arm(reg.events);
+                }
+            }
+        }
+    }
+
+    fn any_ready(&self) -> bool {
+        let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        regs.values().any(|reg| match (&reg.kind, reg.disabled) {
+            (Kind::Managed { entry, last }, false) => match &**entry {
+                Entry::Conn(conn) => {
+                    let snap = conn.edge_snapshot();
+                    snap.2 & (reg.events | ready::ERR | ready::HUP) != 0
+                        && (reg.events & libc::EPOLLET as u32 == 0 || *last != Some(snap))
+                }
+                _ => false,
+            },
+            _ => false,
+        })
+    }
+
+    /// Turns kernel events into the program's events: kernel descriptors
+    /// pass through, tokens are resolved. Returns the count written to `out`.
+    fn translate(&self, regs: &mut HashMap<RawFd, Registration>, got: &[libc::epoll_event], out: &mut [libc::epoll_event], mut n: usize) -> usize {
+        for ev in got {
+            let Some(fd) = token_fd(ev.u64) else {
+                if n < out.len() {
+                    out[n] = *ev;
+                    n += 1;
+                }
+                continue;
+            };
+            let Some(reg) = regs.get_mut(&fd) else { continue };
+            match &reg.kind {
+                Kind::Managed { entry, .. } => {
+                    if let Entry::Conn(conn) = &**entry {
+                        conn.drain_doorbell();
+                    }
+                }
+                Kind::Listener { .. } => {
+                    if reg.disabled || n == out.len() {
+                        continue;
+                    }
+                    let mask = (ev.events | ready::IN) & (reg.events | ready::ERR | ready::HUP) & !ready::OUT;
+                    let mask = mask & !(libc::EPOLLET as u32);
+                    if let Some(existing) = out[..n].iter_mut().find(|e| e.u64 == reg.data) {
+                        existing.events |= mask;
+                        continue;
+                    }
+                    out[n] = libc::epoll_event { events: mask, u64: reg.data };
+                    n += 1;
+                    if reg.events & libc::EPOLLONESHOT as u32 != 0 {
+                        reg.disabled = true;
+                    }
+                }
+                Kind::Kernel => {}
+            }
+        }
+        n
+    }
+
+    /// epoll_wait/epoll_pwait on this set.
+    pub fn wait(&self, out: &mut [libc::epoll_event], timeout_ms: i32, sigmask: *const libc::sigset_t) -> SysResult<usize> {
+        if self.special.load(Ordering::Relaxed) == 0 {
+            return sys::epoll_pwait(self.epfd, out, timeout_ms, sigmask);
+        }
+        let deadline = (timeout_ms >= 0).then(|| sys::now_ms() + timeout_ms as i64);
+        let mut got = vec![libc::epoll_event { events: 0, u64: 0 }; out.len()];
+        let mut spun = false;
+        loop {
+            {
+                let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+                let n = self.collect(&mut regs, out, 0);
+                if n > 0 {
+                    drop(regs);
+                    return self.add_kernel_ready(out, n, &mut got);
+                }
+            }
+            if !spun && timeout_ms != 0 {
+                spun = true;
+                if wait::spin(|| self.any_ready()) {
+                    continue;
+                }
+            }
+            {
+                let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+                self.arm(&regs);
+                let n = self.collect(&mut regs, out, 0);
+                if n > 0 {
+                    drop(regs);
+                    return self.add_kernel_ready(out, n, &mut got);
+                }
+            }
+            let sleep = match deadline {
+                None => wait::MAX_SLEEP_MS,
+                Some(d) => (d - sys::now_ms()).clamp(0, wait::MAX_SLEEP_MS as i64) as i32,
+            };
+            let k = sys::epoll_pwait(self.epfd, &mut got, sleep, sigmask)?;
+            let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+            let n = self.translate(&mut regs, &got[..k], out, 0);
+            let n = self.collect(&mut regs, out, n);
+            if n > 0 || deadline.is_some_and(|d| sys::now_ms() >= d) {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// Fills the rest of `out` with whatever the kernel has ready now.
+    fn add_kernel_ready(&self, out: &mut [libc::epoll_event], n: usize, got: &mut [libc::epoll_event]) -> SysResult<usize> {
+        if n == out.len() {
+            return Ok(n);
+        }
+        let room = out.len() - n;
+        let k = sys::epoll_pwait(self.epfd, &mut got[..room], 0, std::ptr::null()).unwrap_or(0);
+        let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(self.translate(&mut regs, &got[..k], out, n))
+    }
+}
+
+/// The readiness poll(2) reports for a managed descriptor.
+pub fn poll_bits(entry: &Entry) -> Option<u32> {
+    match entry {
+        Entry::Conn(conn) => Some(conn.readiness()),
+        Entry::Dropped(d) => Some(if sys::now_ms() >= d.deadline_ms { ready::OUT | ready::ERR | ready::HUP } else { 0 }),
+        _ => None,
+    }
+}
+
+/// Arms a connection for the poll(2) interest `events`.
+pub fn arm_for(entry: &Entry, events: u32) {
+    if let Entry::Conn(conn) = entry {
+        conn.arm(events);
+    }
+}
+
+/// The connection behind a managed entry, if it is one.
+pub fn connection(entry: &Entry) -> Option<&Connection> {
+    match entry {
+        Entry::Conn(c) => Some(c),
+        _ => None,
+    }
+}

@@ -1,0 +1,802 @@
+//! The C ABI: the functions `libvsocket.so` exports in place of libc's.
+//!
+//! Each hook looks the descriptor up in the side table; a descriptor the
+//! library does not manage goes to the real libc function (resolved once
+//! with `dlsym(RTLD_NEXT)`), untouched. Managed ones are served by the
+//! safe modules. This is the only place that turns C pointers into Rust
+//! slices; no panic unwinds out of it (the crate aborts on panic).
+
+use crate::conn::Connection;
+use crate::listener::Listener;
+use crate::sys::{self, Errno, SysResult};
+use crate::table::{self, Dropped, Entry};
+use crate::{control, epoll, poll};
+use libc::{c_int, c_ulong, c_void, size_t, sockaddr, socklen_t, ssize_t};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use vsocket_abi::control::{Message, FD_DOORBELL, FD_SEGMENT};
+use vsocket_abi::layout::Endpoint;
+
+/// Resolves (once) and returns the next definition of a libc function.
+macro_rules! real {
+    ($name:ident: $ty:ty) => {{
+        static ADDR: AtomicUsize = AtomicUsize::new(0);
+        let addr = resolve(concat!(stringify!($name), "\0").as_bytes(), &ADDR);
+        #[allow(unused_unsafe)]
+        // SAFETY: `addr` is the next definition of this libc symbol, whose C
+        // type is `$ty`.
+        let f = unsafe { std::mem::transmute::<usize, $ty>(addr) };
+        f
+    }};
+}
+
+/// The address of the definition of `name` (NUL-terminated) after ours.
+fn resolve(name: &[u8], cache: &AtomicUsize) -> usize {
+    let cached = cache.load(Ordering::Relaxed);
+    if cached != 0 {
+        return cached;
+    }
+    // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT skips this library.
+    let addr = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr() as *const libc::c_char) } as usize;
+    if addr == 0 {
+        // Without libc's definition there is nothing sane to do.
+        std::process::abort();
+    }
+    cache.store(addr, Ordering::Relaxed);
+    addr
+}
+
+/// Sets errno from `r` and returns the C result.
+fn ret(r: SysResult<usize>) -> ssize_t {
+    match r {
+        Ok(n) => n as ssize_t,
+        Err(e) => {
+            sys::set_errno(e);
+            -1
+        }
+    }
+}
+
+fn ret_int(r: SysResult<()>) -> c_int {
+    ret(r.map(|()| 0)) as c_int
+}
+
+fn conn_of(fd: RawFd) -> Option<Arc<Entry>> {
+    table::get(fd).filter(|e| matches!(**e, Entry::Conn(_) | Entry::Dropped(_)))
+}
+
+/// A byte slice from a C buffer (NULL allowed when `len` is 0).
+///
+/// # Safety
+/// `ptr` must be valid for `len` bytes for the duration of the call.
+unsafe fn slice<'a>(ptr: *const c_void, len: usize) -> &'a [u8] {
+    if len == 0 || ptr.is_null() {
+        &[]
+    } else {
+        // SAFETY: per this function's contract.
+        unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }
+    }
+}
+
+/// A mutable byte slice from a C buffer.
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes for the duration of the call.
+unsafe fn slice_mut<'a>(ptr: *mut c_void, len: usize) -> &'a mut [u8] {
+    if len == 0 || ptr.is_null() {
+        &mut []
+    } else {
+        // SAFETY: per this function's contract.
+        unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) }
+    }
+}
+
+/// # Safety
+/// `iov` must point to `cnt` valid iovecs whose buffers are valid.
+unsafe fn iovecs<'a>(iov: *const libc::iovec, cnt: c_int) -> SysResult<Vec<&'a mut [u8]>> {
+    if cnt < 0 || cnt > libc::UIO_MAXIOV {
+        return Err(Errno(libc::EINVAL));
+    }
+    if cnt == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: per this function's contract.
+    let iovs = unsafe { std::slice::from_raw_parts(iov, cnt as usize) };
+    // SAFETY: each iovec describes a buffer valid for the call.
+    Ok(iovs.iter().map(|v| unsafe { slice_mut(v.iov_base, v.iov_len) }).collect())
+}
+
+fn with_conn<R>(entry: &Entry, f: impl FnOnce(&Connection) -> SysResult<R>) -> SysResult<R> {
+    match entry {
+        Entry::Conn(c) => f(c),
+        _ => Err(Errno(libc::ENOTCONN)),
+    }
+}
+
+fn sockaddr_v4(addr: *const sockaddr, len: socklen_t) -> Option<SocketAddrV4> {
+    if addr.is_null() || (len as usize) < std::mem::size_of::<libc::sockaddr_in>() {
+        return None;
+    }
+    // SAFETY: the caller's address is at least a sockaddr_in (checked above).
+    let sa = unsafe { std::ptr::read_unaligned(addr as *const libc::sockaddr_in) };
+    (sa.sin_family == libc::AF_INET as libc::sa_family_t)
+        .then(|| SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port)))
+}
+
+fn to_sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Writes `a` into a caller's (addr, len) pair, truncating as the kernel does.
+fn write_sockaddr(a: SocketAddrV4, addr: *mut sockaddr, len: *mut socklen_t) -> SysResult<()> {
+    if addr.is_null() || len.is_null() {
+        return if addr.is_null() && len.is_null() { Ok(()) } else { Err(Errno(libc::EFAULT)) };
+    }
+    let sa = to_sockaddr_in(a);
+    let full = std::mem::size_of::<libc::sockaddr_in>();
+    // SAFETY: `len` points to the caller's buffer length, and `addr` to at
+    // least that many bytes; we copy no more than it says.
+    unsafe {
+        let room = (*len as usize).min(full);
+        std::ptr::copy_nonoverlapping(&sa as *const libc::sockaddr_in as *const u8, addr as *mut u8, room);
+        *len = full as socklen_t;
+    }
+    Ok(())
+}
+
+// ---- reading and writing ------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, count: size_t) -> ssize_t {
+    if let Some(e) = conn_of(fd) {
+        // SAFETY: the caller passes a buffer valid for `count` bytes.
+        let b = unsafe { slice_mut(buf, count) };
+        return ret(with_conn(&e, |c| c.recv(&mut [b], 0)));
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(read: unsafe extern "C" fn(c_int, *mut c_void, size_t) -> ssize_t)(fd, buf, count) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, count: size_t, buflen: size_t) -> ssize_t {
+    if count > buflen {
+        // SAFETY: as glibc does on a detected overflow.
+        unsafe { libc::abort() };
+    }
+    // SAFETY: forwarded contract.
+    unsafe { read(fd, buf, count) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, count: size_t) -> ssize_t {
+    if let Some(e) = conn_of(fd) {
+        // SAFETY: the caller passes a buffer valid for `count` bytes.
+        let b = unsafe { slice(buf, count) };
+        return ret(with_conn(&e, |c| c.send(&[b], 0)));
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(write: unsafe extern "C" fn(c_int, *const c_void, size_t) -> ssize_t)(fd, buf, count) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, cnt: c_int) -> ssize_t {
+    if let Some(e) = conn_of(fd) {
+        // SAFETY: the caller passes `cnt` valid iovecs.
+        let r = unsafe { iovecs(iov, cnt) }.and_then(|mut v| with_conn(&e, |c| c.recv(&mut v, 0)));
+        return ret(r);
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(readv: unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t)(fd, iov, cnt) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn writev(fd: c_int, iov: *const libc::iovec, cnt: c_int) -> ssize_t {
+    if let Some(e) = conn_of(fd) {
+        // SAFETY: the caller passes `cnt` valid iovecs.
+        let r = unsafe { iovecs(iov, cnt) }.and_then(|v| {
+            let v: Vec<&[u8]> = v.into_iter().map(|b| &*b).collect();
+            with_conn(&e, |c| c.send(&v, 0))
+        });
+        return ret(r);
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(writev: unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t)(fd, iov, cnt) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int) -> ssize_t {
+    if let Some(e) = conn_of(fd) {
+        // SAFETY: the caller passes a buffer valid for `len` bytes.
+        let b = unsafe { slice_mut(buf, len) };
+        return ret(with_conn(&e, |c| c.recv(&mut [b], flags)));
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(recv: unsafe extern "C" fn(c_int, *mut c_void, size_t, c_int) -> ssize_t)(fd, buf, len, flags) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn __recv_chk(fd: c_int, buf: *mut c_void, len: size_t, buflen: size_t, flags: c_int) -> ssize_t {
+    if len > buflen {
+        // SAFETY: as glibc does on a detected overflow.
+        unsafe { libc::abort() };
+    }
+    // SAFETY: forwarded contract.
+    unsafe { recv(fd, buf, len, flags) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, len: size_t, flags: c_int) -> ssize_t {
+    if let Some(e) = conn_of(fd) {
+        // SAFETY: the caller passes a buffer valid for `len` bytes.
+        let b = unsafe { slice(buf, len) };
+        return ret(with_conn(&e, |c| c.send(&[b], flags)));
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(send: unsafe extern "C" fn(c_int, *const c_void, size_t, c_int) -> ssize_t)(fd, buf, len, flags) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn recvfrom(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int, addr: *mut sockaddr, alen: *mut socklen_t) -> ssize_t {
+    if let Some(e) = conn_of(fd) {
+        // SAFETY: the caller passes a buffer valid for `len` bytes.
+        let b = unsafe { slice_mut(buf, len) };
+        let r = with_conn(&e, |c| c.recv(&mut [b], flags));
+        if r.is_ok() && !addr.is_null() && !alen.is_null() {
+            // A connected stream socket reports no source address.
+            // SAFETY: `alen` is the caller's valid length pointer.
+            unsafe { *alen = 0 };
+        }
+        return ret(r);
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe {
+        real!(recvfrom: unsafe extern "C" fn(c_int, *mut c_void, size_t, c_int, *mut sockaddr, *mut socklen_t) -> ssize_t)(fd, buf, len, flags, addr, alen)
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn __recvfrom_chk(fd: c_int, buf: *mut c_void, len: size_t, buflen: size_t, flags: c_int, addr: *mut sockaddr, alen: *mut socklen_t) -> ssize_t {
+    if len > buflen {
+        // SAFETY: as glibc does on a detected overflow.
+        unsafe { libc::abort() };
+    }
+    // SAFETY: forwarded contract.
+    unsafe { recvfrom(fd, buf, len, flags, addr, alen) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn sendto(fd: c_int, buf: *const c_void, len: size_t, flags: c_int, addr: *const sockaddr, alen: socklen_t) -> ssize_t {
+    if let Some(e) = conn_of(fd) {
+        // SAFETY: the caller passes a buffer valid for `len` bytes.
+        let b = unsafe { slice(buf, len) };
+        // A connected stream socket ignores the destination, as TCP does.
+        return ret(with_conn(&e, |c| c.send(&[b], flags)));
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe {
+        real!(sendto: unsafe extern "C" fn(c_int, *const c_void, size_t, c_int, *const sockaddr, socklen_t) -> ssize_t)(fd, buf, len, flags, addr, alen)
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> ssize_t {
+    if let Some(e) = conn_of(fd) {
+        if msg.is_null() {
+            return ret(Err(Errno(libc::EFAULT)));
+        }
+        // SAFETY: the caller passes a valid msghdr with valid iovecs.
+        let r = unsafe {
+            let m = &mut *msg;
+            m.msg_namelen = 0;
+            m.msg_controllen = 0;
+            m.msg_flags = 0;
+            iovecs(m.msg_iov, m.msg_iovlen as c_int)
+        };
+        return ret(r.and_then(|mut v| with_conn(&e, |c| c.recv(&mut v, flags))));
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(recvmsg: unsafe extern "C" fn(c_int, *mut libc::msghdr, c_int) -> ssize_t)(fd, msg, flags) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_int) -> ssize_t {
+    if let Some(e) = conn_of(fd) {
+        if msg.is_null() {
+            return ret(Err(Errno(libc::EFAULT)));
+        }
+        // SAFETY: the caller passes a valid msghdr with valid iovecs.
+        let r = unsafe { iovecs((*msg).msg_iov, (*msg).msg_iovlen as c_int) };
+        return ret(r.and_then(|v| {
+            let v: Vec<&[u8]> = v.into_iter().map(|b| &*b).collect();
+            with_conn(&e, |c| c.send(&v, flags))
+        }));
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(sendmsg: unsafe extern "C" fn(c_int, *const libc::msghdr, c_int) -> ssize_t)(fd, msg, flags) }
+}
+
+// ---- connection set-up --------------------------------------------------
+
+/// Ports the kernel would retry a dropped SYN for before ETIMEDOUT
+/// (tcp_syn_retries = 6: about 127 s).
+const SYN_TIMEOUT_MS: i64 = 127_000;
+
+/// Tries to connect over vSocket. `None`: use the kernel.
+fn vsocket_connect(fd: RawFd, remote: SocketAddrV4) -> Option<SysResult<()>> {
+    if !control::enabled() || remote.ip().is_loopback() || remote.ip().is_unspecified() {
+        return None;
+    }
+    let domain = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).ok()?;
+    let ty = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).ok()?;
+    if domain != libc::AF_INET || ty != libc::SOCK_STREAM {
+        return None;
+    }
+    // A real local port, from the kernel, so getsockname tells the truth and
+    // two connections never share one.
+    let mut local = sys::getsockname_v4(fd).ok()?;
+    if local.sin_port == 0 {
+        let any = to_sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        if let Err(e) = sys::bind_v4(fd, &any) {
+            return Some(Err(e));
+        }
+        local = sys::getsockname_v4(fd).ok()?;
+    }
+    let local = SocketAddrV4::new(Ipv4Addr::from(u32::from_be(local.sin_addr.s_addr)), u16::from_be(local.sin_port));
+    let nonblocking = sys::fcntl(fd, libc::F_GETFL, 0).ok()? as c_int & libc::O_NONBLOCK != 0;
+    // The daemon unreachable: the kernel path still works.
+    let mut reply = control::request(&Message::Connect { local, remote }).ok()?;
+    match reply.message {
+        Message::Connected(info) => {
+            let segment = reply.take_fd(FD_SEGMENT);
+            let doorbell = reply.take_fd(FD_DOORBELL);
+            let conn = match Connection::new(info, Endpoint::Client, segment, doorbell, nonblocking) {
+                Ok(c) => c,
+                Err(e) => return Some(Err(e)),
+            };
+            let entry = Arc::new(Entry::Conn(conn));
+            table::set(fd, entry.clone());
+            epoll::adopt(fd, &entry);
+            Some(if nonblocking { Err(Errno(libc::EINPROGRESS)) } else { Ok(()) })
+        }
+        Message::Fallback => None,
+        Message::Refused { errno } => Some(Err(Errno(errno))),
+        Message::Dropped => {
+            let deadline_ms = sys::now_ms() + SYN_TIMEOUT_MS;
+            let entry = Arc::new(Entry::Dropped(Dropped { deadline_ms }));
+            table::set(fd, entry.clone());
+            epoll::adopt(fd, &entry);
+            if nonblocking {
+                return Some(Err(Errno(libc::EINPROGRESS)));
+            }
+            // Wait as a blocked connect would, interruptible by signals.
+            loop {
+                let left = deadline_ms - sys::now_ms();
+                if left <= 0 {
+                    return Some(Err(Errno(libc::ETIMEDOUT)));
+                }
+                if let Err(Errno(libc::EINTR)) = sys::poll(&mut [], left.min(i32::MAX as i64) as i32) {
+                    return Some(Err(Errno(libc::EINTR)));
+                }
+            }
+        }
+        _ => Some(Err(Errno(libc::EPROTO))),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    match table::get(fd).as_deref() {
+        Some(Entry::Conn(_)) => return ret_int(Err(Errno(libc::EISCONN))),
+        Some(Entry::Dropped(_)) => return ret_int(Err(Errno(libc::EALREADY))),
+        _ => {}
+    }
+    if let Some(remote) = sockaddr_v4(addr, len) {
+        if let Some(r) = vsocket_connect(fd, remote) {
+            return ret_int(r);
+        }
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(connect: unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int)(fd, addr, len) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let r = unsafe { real!(listen: unsafe extern "C" fn(c_int, c_int) -> c_int)(fd, backlog) };
+    if r != 0 || !control::enabled() || table::get(fd).is_some() {
+        return r;
+    }
+    let is_tcp4 = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Ok(libc::AF_INET)
+        && sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Ok(libc::SOCK_STREAM);
+    if !is_tcp4 {
+        return r;
+    }
+    let Ok(sa) = sys::getsockname_v4(fd) else { return r };
+    let local = SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port));
+    if local.ip().is_loopback() {
+        return r;
+    }
+    // If the daemon will not take the listener, it stays a kernel listener.
+    if let Ok(listener) = Listener::register(local, backlog) {
+        let entry = Arc::new(Entry::Listener(listener));
+        table::set(fd, entry.clone());
+        epoll::adopt(fd, &entry);
+    }
+    r
+}
+
+fn accept_listener(fd: RawFd, l: &Listener, addr: *mut sockaddr, alen: *mut socklen_t, flags: c_int) -> SysResult<RawFd> {
+    let real_accept4 = real!(accept4: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int);
+    let blocking = sys::fcntl(fd, libc::F_GETFL, 0)? as c_int & libc::O_NONBLOCK == 0;
+    loop {
+        if let Some((newfd, peer)) = l.take_pending(flags)? {
+            write_sockaddr(peer, addr, alen)?;
+            return Ok(newfd);
+        }
+        if !blocking {
+            // SAFETY: the caller's address buffer is forwarded unchanged.
+            let r = unsafe { real_accept4(fd, addr, alen, flags) };
+            return if r < 0 { Err(Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))) } else { Ok(r) };
+        }
+        let mut pfds = [
+            libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: l.channel, events: libc::POLLIN, revents: 0 },
+        ];
+        sys::poll(&mut pfds, -1)?;
+        if pfds[1].revents != 0 {
+            continue;
+        }
+        if pfds[0].revents != 0 {
+            // SAFETY: the caller's address buffer is forwarded unchanged.
+            let r = unsafe { real_accept4(fd, addr, alen, flags) };
+            return if r < 0 { Err(Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))) } else { Ok(r) };
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, alen: *mut socklen_t, flags: c_int) -> c_int {
+    if let Some(e) = table::get(fd) {
+        if let Entry::Listener(l) = &*e {
+            return ret(accept_listener(fd, l, addr, alen, flags).map(|fd| fd as usize)) as c_int;
+        }
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(accept4: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int)(fd, addr, alen, flags) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, alen: *mut socklen_t) -> c_int {
+    // SAFETY: forwarded contract.
+    unsafe { accept4(fd, addr, alen, 0) }
+}
+
+// ---- descriptors ----------------------------------------------------------
+
+/// Forgets a managed descriptor that is being closed or replaced.
+fn release(fd: RawFd) {
+    let had = table::remove(fd);
+    if let Some(entry) = &had {
+        if let Entry::Conn(c) = &**entry {
+            if c.drop_handle() {
+                c.close();
+            }
+        }
+    }
+    epoll::forget(fd);
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    release(fd);
+    // SAFETY: forwarding the caller's argument unchanged.
+    unsafe { real!(close: unsafe extern "C" fn(c_int) -> c_int)(fd) }
+}
+
+/// `newfd` now names what `oldfd` names.
+fn share(oldfd: RawFd, newfd: RawFd) {
+    if let Some(entry) = table::get(oldfd) {
+        if let Entry::Conn(c) = &*entry {
+            c.add_handle();
+        }
+        if !matches!(*entry, Entry::Epoll(_)) {
+            table::set(newfd, entry);
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dup(oldfd: c_int) -> c_int {
+    // SAFETY: forwarding the caller's argument unchanged.
+    let r = unsafe { real!(dup: unsafe extern "C" fn(c_int) -> c_int)(oldfd) };
+    if r >= 0 {
+        share(oldfd, r);
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dup2(oldfd: c_int, newfd: c_int) -> c_int {
+    if oldfd != newfd {
+        release(newfd);
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let r = unsafe { real!(dup2: unsafe extern "C" fn(c_int, c_int) -> c_int)(oldfd, newfd) };
+    if r >= 0 && oldfd != newfd {
+        share(oldfd, r);
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dup3(oldfd: c_int, newfd: c_int, flags: c_int) -> c_int {
+    if oldfd != newfd {
+        release(newfd);
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let r = unsafe { real!(dup3: unsafe extern "C" fn(c_int, c_int, c_int) -> c_int)(oldfd, newfd, flags) };
+    if r >= 0 {
+        share(oldfd, r);
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
+    if let Some(e) = conn_of(fd) {
+        return ret_int(with_conn(&e, |c| c.shutdown(how)));
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(shutdown: unsafe extern "C" fn(c_int, c_int) -> c_int)(fd, how) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, alen: *mut socklen_t) -> c_int {
+    if let Some(e) = table::get(fd) {
+        if let Entry::Conn(c) = &*e {
+            return ret_int(write_sockaddr(c.local(), addr, alen));
+        }
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(getsockname: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int)(fd, addr, alen) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, alen: *mut socklen_t) -> c_int {
+    if let Some(e) = conn_of(fd) {
+        return ret_int(with_conn(&e, |c| write_sockaddr(c.peer(), addr, alen)));
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(getpeername: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int)(fd, addr, alen) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int {
+    if level == libc::SOL_SOCKET && name == libc::SO_ERROR {
+        if let Some(e) = conn_of(fd) {
+            let err = match &*e {
+                Entry::Conn(c) => c.take_error(),
+                Entry::Dropped(d) if sys::now_ms() >= d.deadline_ms => libc::ETIMEDOUT,
+                _ => 0,
+            };
+            if val.is_null() || len.is_null() {
+                return ret_int(Err(Errno(libc::EFAULT)));
+            }
+            // SAFETY: the caller passes a buffer of *len bytes; we write at most 4.
+            unsafe {
+                let bytes = err.to_ne_bytes();
+                let n = (*len as usize).min(bytes.len());
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), val as *mut u8, n);
+                *len = n as socklen_t;
+            }
+            return 0;
+        }
+    }
+    // Everything else is what the program set on the kernel socket.
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe {
+        real!(getsockopt: unsafe extern "C" fn(c_int, c_int, c_int, *mut c_void, *mut socklen_t) -> c_int)(fd, level, name, val, len)
+    }
+}
+
+fn note_flags(fd: RawFd, cmd: c_int, arg: c_ulong) {
+    if cmd == libc::F_SETFL {
+        if let Some(e) = table::get(fd) {
+            if let Entry::Conn(c) = &*e {
+                c.set_nonblocking(arg as c_int & libc::O_NONBLOCK != 0);
+            }
+        }
+    }
+}
+
+/// fcntl is variadic in C; its one optional argument arrives in the same
+/// register whether or not the caller passed it, so it is taken as a word
+/// and passed on unchanged.
+#[no_mangle]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    note_flags(fd, cmd, arg);
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(fcntl: unsafe extern "C" fn(c_int, c_int, ...) -> c_int)(fd, cmd, arg) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    note_flags(fd, cmd, arg);
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(fcntl64: unsafe extern "C" fn(c_int, c_int, ...) -> c_int)(fd, cmd, arg) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) -> c_int {
+    if let Some(e) = table::get(fd) {
+        if let Entry::Conn(c) = &*e {
+            if request == libc::FIONREAD {
+                if arg.is_null() {
+                    return ret_int(Err(Errno(libc::EFAULT)));
+                }
+                // SAFETY: FIONREAD's argument is a pointer to an int.
+                unsafe { *(arg as *mut c_int) = c.readable_bytes().min(c_int::MAX as usize) as c_int };
+                return 0;
+            }
+            if request == libc::FIONBIO && !arg.is_null() {
+                // SAFETY: FIONBIO's argument is a pointer to an int.
+                c.set_nonblocking(unsafe { *(arg as *const c_int) } != 0);
+            }
+        }
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(ioctl: unsafe extern "C" fn(c_int, c_ulong, ...) -> c_int)(fd, request, arg) }
+}
+
+// ---- readiness ------------------------------------------------------------
+
+fn timespec_ms(ts: *const libc::timespec) -> i32 {
+    if ts.is_null() {
+        return -1;
+    }
+    // SAFETY: the caller passes a valid timespec.
+    let ts = unsafe { *ts };
+    let ms = ts.tv_sec as i64 * 1000 + (ts.tv_nsec as i64 + 999_999) / 1_000_000;
+    ms.clamp(0, i32::MAX as i64) as i32
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, nfds: libc::nfds_t, timeout: c_int) -> c_int {
+    if fds.is_null() || nfds == 0 {
+        // SAFETY: forwarding the caller's arguments unchanged.
+        return unsafe { real!(poll: unsafe extern "C" fn(*mut libc::pollfd, libc::nfds_t, c_int) -> c_int)(fds, nfds, timeout) };
+    }
+    // SAFETY: the caller passes `nfds` valid pollfds.
+    let slice = unsafe { std::slice::from_raw_parts_mut(fds, nfds as usize) };
+    ret(poll::poll(slice, timeout, std::ptr::null())) as c_int
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn __poll_chk(fds: *mut libc::pollfd, nfds: libc::nfds_t, timeout: c_int, fdslen: size_t) -> c_int {
+    if (fdslen / std::mem::size_of::<libc::pollfd>()) < nfds as usize {
+        // SAFETY: as glibc does on a detected overflow.
+        unsafe { libc::abort() };
+    }
+    // SAFETY: forwarded contract.
+    unsafe { poll(fds, nfds, timeout) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn ppoll(fds: *mut libc::pollfd, nfds: libc::nfds_t, ts: *const libc::timespec, sigmask: *const libc::sigset_t) -> c_int {
+    if fds.is_null() || nfds == 0 {
+        // SAFETY: forwarding the caller's arguments unchanged.
+        return unsafe {
+            real!(ppoll: unsafe extern "C" fn(*mut libc::pollfd, libc::nfds_t, *const libc::timespec, *const libc::sigset_t) -> c_int)(fds, nfds, ts, sigmask)
+        };
+    }
+    // SAFETY: the caller passes `nfds` valid pollfds.
+    let slice = unsafe { std::slice::from_raw_parts_mut(fds, nfds as usize) };
+    ret(poll::poll(slice, timespec_ms(ts), sigmask)) as c_int
+}
+
+/// # Safety
+/// The set pointers are NULL or valid fd_sets.
+unsafe fn sets<'a>(r: *mut libc::fd_set, w: *mut libc::fd_set, e: *mut libc::fd_set) -> [Option<&'a mut libc::fd_set>; 3] {
+    // SAFETY: per this function's contract.
+    unsafe { [r.as_mut(), w.as_mut(), e.as_mut()] }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn select(nfds: c_int, r: *mut libc::fd_set, w: *mut libc::fd_set, e: *mut libc::fd_set, tv: *mut libc::timeval) -> c_int {
+    // SAFETY: the caller passes NULL or valid fd_sets.
+    let s = unsafe { sets(r, w, e) };
+    if !poll::select_touches_managed(nfds, &s) {
+        // SAFETY: forwarding the caller's arguments unchanged.
+        return unsafe {
+            real!(select: unsafe extern "C" fn(c_int, *mut libc::fd_set, *mut libc::fd_set, *mut libc::fd_set, *mut libc::timeval) -> c_int)(nfds, r, w, e, tv)
+        };
+    }
+    let timeout = if tv.is_null() {
+        -1
+    } else {
+        // SAFETY: the caller passes a valid timeval.
+        let t = unsafe { *tv };
+        (t.tv_sec as i64 * 1000 + (t.tv_usec as i64 + 999) / 1000).clamp(0, i32::MAX as i64) as i32
+    };
+    ret(poll::select(nfds, s, timeout, std::ptr::null())) as c_int
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn pselect(nfds: c_int, r: *mut libc::fd_set, w: *mut libc::fd_set, e: *mut libc::fd_set, ts: *const libc::timespec, sigmask: *const libc::sigset_t) -> c_int {
+    // SAFETY: the caller passes NULL or valid fd_sets.
+    let s = unsafe { sets(r, w, e) };
+    if !poll::select_touches_managed(nfds, &s) {
+        // SAFETY: forwarding the caller's arguments unchanged.
+        return unsafe {
+            real!(pselect: unsafe extern "C" fn(c_int, *mut libc::fd_set, *mut libc::fd_set, *mut libc::fd_set, *const libc::timespec, *const libc::sigset_t) -> c_int)(nfds, r, w, e, ts, sigmask)
+        };
+    }
+    ret(poll::select(nfds, s, timespec_ms(ts), sigmask)) as c_int
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn epoll_create(size: c_int) -> c_int {
+    // SAFETY: forwarding the caller's argument unchanged.
+    let fd = unsafe { real!(epoll_create: unsafe extern "C" fn(c_int) -> c_int)(size) };
+    if fd >= 0 && control::enabled() {
+        epoll::track(fd);
+    }
+    fd
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn epoll_create1(flags: c_int) -> c_int {
+    // SAFETY: forwarding the caller's argument unchanged.
+    let fd = unsafe { real!(epoll_create1: unsafe extern "C" fn(c_int) -> c_int)(flags) };
+    if fd >= 0 && control::enabled() {
+        epoll::track(fd);
+    }
+    fd
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, event: *mut libc::epoll_event) -> c_int {
+    if let Some(e) = table::get(epfd) {
+        if let Entry::Epoll(set) = &*e {
+            if op != libc::EPOLL_CTL_DEL && event.is_null() {
+                return ret_int(Err(Errno(libc::EFAULT)));
+            }
+            // SAFETY: non-NULL events point to a valid epoll_event.
+            let ev = unsafe { event.as_ref().copied() };
+            return ret_int(set.ctl(op, fd, ev));
+        }
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(epoll_ctl: unsafe extern "C" fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int)(epfd, op, fd, event) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn epoll_pwait(epfd: c_int, events: *mut libc::epoll_event, max: c_int, timeout: c_int, sigmask: *const libc::sigset_t) -> c_int {
+    if let Some(e) = table::get(epfd) {
+        if let Entry::Epoll(set) = &*e {
+            if events.is_null() || max <= 0 {
+                return ret_int(Err(Errno(libc::EINVAL)));
+            }
+            // SAFETY: the caller passes room for `max` events.
+            let out = unsafe { std::slice::from_raw_parts_mut(events, max as usize) };
+            return ret(set.wait(out, timeout, sigmask)) as c_int;
+        }
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe {
+        real!(epoll_pwait: unsafe extern "C" fn(c_int, *mut libc::epoll_event, c_int, c_int, *const libc::sigset_t) -> c_int)(epfd, events, max, timeout, sigmask)
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn epoll_wait(epfd: c_int, events: *mut libc::epoll_event, max: c_int, timeout: c_int) -> c_int {
+    // SAFETY: forwarded contract.
+    unsafe { epoll_pwait(epfd, events, max, timeout, std::ptr::null()) }
+}

@@ -1,0 +1,30 @@
+//! `libvsocket.so`: loaded with `LD_PRELOAD` into an unmodified, dynamically
+//! linked program in a guest, it carries the program's TCP/IPv4 connections
+//! over shared memory instead of the kernel network stack.
+//!
+//! - [`hooks`]: the exported C functions (the only place that handles C
+//!   pointers);
+//! - [`table`]: which descriptors are managed, looked up without locks;
+//! - [`control`]: requests to `vsocketd` over the guest's control socket;
+//! - [`conn`]: one end of a connection, with TCP's semantics;
+//! - [`listener`]: listening sockets that accept kernel and vSocket clients;
+//! - [`wait`], [`poll`], [`epoll`]: blocking, and readiness over any mix of
+//!   kernel and vSocket descriptors;
+//! - [`sys`]: raw system calls, so the library never re-enters its own hooks.
+//!
+//! The library is inside the tenant's trust domain: it enforces nothing for
+//! the cloud. Everything it receives from the peer through shared memory is
+//! validated, because the peer may be hostile to it.
+#![deny(unsafe_code)]
+
+mod conn;
+mod control;
+mod epoll;
+#[allow(unsafe_code)]
+mod hooks;
+mod listener;
+mod poll;
+#[allow(unsafe_code)]
+mod sys;
+mod table;
+mod wait;

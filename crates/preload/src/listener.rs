@@ -1,0 +1,77 @@
+//! A listening socket that accepts both kinds of client.
+//!
+//! The kernel socket keeps listening (kernel clients and programs without
+//! the library still connect to it); beside it, a listener channel to the
+//! daemon delivers vSocket connections, each a message carrying the
+//! segment and the doorbell. `accept` takes from whichever is ready.
+
+use crate::conn::Connection;
+use crate::control;
+use crate::sys::{self, Errno, SysResult};
+use crate::table::{self, Entry};
+use std::net::SocketAddrV4;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use vsocket_abi::control::{Message, FD_DOORBELL, FD_SEGMENT};
+use vsocket_abi::layout::Endpoint;
+
+pub struct Listener {
+    /// The listener channel (library-internal descriptor).
+    pub channel: RawFd,
+}
+
+impl Listener {
+    /// Registers the kernel listening socket's address with the daemon.
+    pub fn register(local: SocketAddrV4, backlog: i32) -> SysResult<Listener> {
+        let channel = control::open_channel()?;
+        match control::exchange(channel, &Message::Listen { local, backlog: backlog.max(0) as u32 }) {
+            Ok(reply) if reply.message == Message::ListenOk => Ok(Listener { channel }),
+            Ok(reply) => {
+                let _ = sys::close(channel);
+                Err(match reply.message {
+                    Message::Refused { errno } => Errno(errno),
+                    _ => Errno(libc::EPROTO),
+                })
+            }
+            Err(e) => {
+                let _ = sys::close(channel);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes one pending vSocket connection, if any, as a new descriptor
+    /// (a fresh kernel TCP socket, so the program sees a real socket).
+    /// `flags` are accept4's (SOCK_NONBLOCK, SOCK_CLOEXEC).
+    pub fn take_pending(&self, flags: i32) -> SysResult<Option<(RawFd, SocketAddrV4)>> {
+        let mut reply = match control::receive(self.channel, libc::MSG_DONTWAIT) {
+            Ok(r) => r,
+            Err(Errno(libc::EAGAIN)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Message::Incoming(info) = reply.message else {
+            return Err(Errno(libc::EPROTO));
+        };
+        let fd = sys::socket(libc::AF_INET, libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)), 0)?;
+        let segment = reply.take_fd(FD_SEGMENT);
+        let doorbell = reply.take_fd(FD_DOORBELL);
+        match Connection::new(info, Endpoint::Server, segment, doorbell, flags & libc::SOCK_NONBLOCK != 0) {
+            Ok(conn) => {
+                table::set(fd, Arc::new(Entry::Conn(conn)));
+                Ok(Some((fd, info.peer)))
+            }
+            Err(e) => {
+                let _ = sys::close(fd);
+                Err(e)
+            }
+        }
+    }
+
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // Closing the channel unregisters the listener at the daemon.
+        let _ = sys::close(self.channel);
+    }
+}

@@ -1,0 +1,249 @@
+//! Raw system calls for the library's own use.
+//!
+//! The library interposes libc's socket functions, so it must never call
+//! them for its own work (that would re-enter the hooks): everything here
+//! goes straight to the kernel with `syscall(2)`. Each wrapper returns
+//! `Result<_, Errno>`; none allocates.
+
+use std::os::fd::RawFd;
+
+/// A positive errno value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+pub type SysResult<T> = Result<T, Errno>;
+
+/// The calling thread's errno location.
+pub fn set_errno(e: Errno) {
+    // SAFETY: __errno_location returns the calling thread's errno slot.
+    unsafe { *libc::__errno_location() = e.0 };
+}
+
+fn check(ret: libc::c_long) -> SysResult<usize> {
+    if ret < 0 {
+        // SAFETY: reading the calling thread's errno after a failed call.
+        Err(Errno(unsafe { *libc::__errno_location() }))
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+macro_rules! raw {
+    ($nr:expr $(, $arg:expr)*) => {
+        // SAFETY: every caller passes arguments valid for this syscall
+        // (live buffers of the stated lengths, descriptors it holds).
+        check(unsafe { libc::syscall($nr $(, $arg)*) })
+    };
+}
+
+pub fn close(fd: RawFd) -> SysResult<()> {
+    raw!(libc::SYS_close, fd).map(drop)
+}
+
+pub fn socket(domain: i32, ty: i32, proto: i32) -> SysResult<RawFd> {
+    raw!(libc::SYS_socket, domain, ty, proto).map(|fd| fd as RawFd)
+}
+
+pub fn fcntl(fd: RawFd, cmd: i32, arg: libc::c_long) -> SysResult<usize> {
+    raw!(libc::SYS_fcntl, fd, cmd, arg)
+}
+
+/// Moves `fd` to the lowest free number at or above `min`, close-on-exec,
+/// and closes the original: the library's own descriptors stay out of the
+/// range programs use and expect to be dense.
+pub fn relocate(fd: RawFd, min: RawFd) -> SysResult<RawFd> {
+    match fcntl(fd, libc::F_DUPFD_CLOEXEC, min as libc::c_long) {
+        Ok(high) => {
+            let _ = close(fd);
+            Ok(high as RawFd)
+        }
+        // No room up there (a low RLIMIT_NOFILE): keep it where it is.
+        Err(_) => Ok(fd),
+    }
+}
+
+pub fn getsockopt_int(fd: RawFd, level: i32, name: i32) -> SysResult<i32> {
+    let mut v: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    raw!(libc::SYS_getsockopt, fd, level, name, &mut v as *mut i32, &mut len as *mut libc::socklen_t)?;
+    Ok(v)
+}
+
+pub fn getsockname_v4(fd: RawFd) -> SysResult<libc::sockaddr_in> {
+    // SAFETY: sockaddr_in is plain data.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    raw!(libc::SYS_getsockname, fd, &mut sa as *mut libc::sockaddr_in, &mut len as *mut libc::socklen_t)?;
+    Ok(sa)
+}
+
+pub fn bind_v4(fd: RawFd, sa: &libc::sockaddr_in) -> SysResult<()> {
+    raw!(libc::SYS_bind, fd, sa as *const libc::sockaddr_in, std::mem::size_of::<libc::sockaddr_in>()).map(drop)
+}
+
+pub fn connect_unix_seqpacket(path: &[u8]) -> SysResult<RawFd> {
+    // SAFETY: sockaddr_un is plain data.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if path.len() >= sa.sun_path.len() {
+        return Err(Errno(libc::ENAMETOOLONG));
+    }
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in sa.sun_path.iter_mut().zip(path) {
+        *d = *s as libc::c_char;
+    }
+    let fd = socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0)?;
+    let len = std::mem::size_of::<libc::sa_family_t>() + path.len() + 1;
+    if let Err(e) = raw!(libc::SYS_connect, fd, &sa as *const libc::sockaddr_un, len) {
+        let _ = close(fd);
+        return Err(e);
+    }
+    Ok(fd)
+}
+
+/// Sends one datagram (no descriptors).
+pub fn send(fd: RawFd, bytes: &[u8], flags: i32) -> SysResult<usize> {
+    raw!(libc::SYS_sendto, fd, bytes.as_ptr(), bytes.len(), flags | libc::MSG_NOSIGNAL, 0usize, 0usize)
+}
+
+/// Receives one datagram with up to `fds.len()` descriptors; returns the
+/// length and how many descriptors arrived (close-on-exec).
+pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd], flags: i32) -> SysResult<(usize, usize)> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    let n = raw!(libc::SYS_recvmsg, fd, &mut msg as *mut libc::msghdr, flags | libc::MSG_CMSG_CLOEXEC)?;
+    let mut count = 0;
+    // SAFETY: the kernel filled msg_control with well-formed cmsgs within
+    // msg_controllen; CMSG_* only walk those.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg) as *const RawFd;
+                let k = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                for i in 0..k {
+                    let got = data.add(i).read_unaligned();
+                    if count < fds.len() {
+                        fds[count] = got;
+                        count += 1;
+                    } else {
+                        let _ = close(got);
+                    }
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n, count))
+}
+
+/// Reads and discards what is queued on a doorbell. Returns `true` if the
+/// other end is gone (end of stream).
+pub fn drain(fd: RawFd) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match raw!(libc::SYS_recvfrom, fd, buf.as_mut_ptr(), buf.len(), libc::MSG_DONTWAIT, 0usize, 0usize) {
+            Ok(0) => return true,
+            Ok(n) if n < buf.len() => return false,
+            Ok(_) => continue,
+            Err(Errno(libc::EINTR)) => continue,
+            Err(Errno(libc::ECONNRESET)) => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> SysResult<usize> {
+    let ts;
+    let tsp = if timeout_ms < 0 {
+        std::ptr::null()
+    } else {
+        ts = libc::timespec { tv_sec: (timeout_ms / 1000) as libc::time_t, tv_nsec: (timeout_ms % 1000) as libc::c_long * 1_000_000 };
+        &ts as *const libc::timespec
+    };
+    raw!(libc::SYS_ppoll, fds.as_mut_ptr(), fds.len(), tsp, 0usize, 8usize)
+}
+
+pub fn ppoll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sigset_t) -> SysResult<usize> {
+    if sigmask.is_null() {
+        return poll(fds, timeout_ms);
+    }
+    let ts;
+    let tsp = if timeout_ms < 0 {
+        std::ptr::null()
+    } else {
+        ts = libc::timespec { tv_sec: (timeout_ms / 1000) as libc::time_t, tv_nsec: (timeout_ms % 1000) as libc::c_long * 1_000_000 };
+        &ts as *const libc::timespec
+    };
+    raw!(libc::SYS_ppoll, fds.as_mut_ptr(), fds.len(), tsp, sigmask, 8usize)
+}
+
+pub fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, data: u64) -> SysResult<()> {
+    let mut ev = libc::epoll_event { events, u64: data };
+    raw!(libc::SYS_epoll_ctl, epfd, op, fd, &mut ev as *mut libc::epoll_event).map(drop)
+}
+
+pub fn epoll_pwait(epfd: RawFd, out: &mut [libc::epoll_event], timeout_ms: i32, sigmask: *const libc::sigset_t) -> SysResult<usize> {
+    raw!(libc::SYS_epoll_pwait, epfd, out.as_mut_ptr(), out.len() as i32, timeout_ms, sigmask, 8usize)
+}
+
+pub fn getpid() -> i32 {
+    raw!(libc::SYS_getpid).unwrap_or(0) as i32
+}
+
+/// Sends SIGPIPE to the calling thread, as a write on a broken kernel
+/// socket does.
+pub fn raise_sigpipe() {
+    let tid = raw!(libc::SYS_gettid).unwrap_or(0);
+    let _ = raw!(libc::SYS_tgkill, getpid(), tid, libc::SIGPIPE);
+}
+
+pub fn getrlimit_nofile() -> u64 {
+    // SAFETY: rlimit is plain data.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    match raw!(libc::SYS_getrlimit, libc::RLIMIT_NOFILE, &mut rl as *mut libc::rlimit) {
+        Ok(_) => rl.rlim_cur,
+        Err(_) => 1024,
+    }
+}
+
+/// Monotonic nanoseconds.
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime (vDSO) writes into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Monotonic milliseconds, for timeouts.
+pub fn now_ms() -> i64 {
+    (now_ns() / 1_000_000) as i64
+}
+
+/// Bits per word of an `fd_set`.
+pub const FD_WORD_BITS: usize = 8 * std::mem::size_of::<libc::c_ulong>();
+
+/// The words of an `fd_set`.
+pub fn fd_set_words(set: &libc::fd_set) -> &[libc::c_ulong] {
+    // SAFETY: fd_set is exactly FD_SETSIZE bits stored as c_ulong words.
+    unsafe { std::slice::from_raw_parts(set as *const libc::fd_set as *const libc::c_ulong, libc::FD_SETSIZE / FD_WORD_BITS) }
+}
+
+/// The words of an `fd_set`, mutably.
+pub fn fd_set_words_mut(set: &mut libc::fd_set) -> &mut [libc::c_ulong] {
+    // SAFETY: as in `fd_set_words`, through the only reference.
+    unsafe { std::slice::from_raw_parts_mut(set as *mut libc::fd_set as *mut libc::c_ulong, libc::FD_SETSIZE / FD_WORD_BITS) }
+}
+
+/// Runs `f` with a borrowed view of `fd`, which the caller keeps open for
+/// the duration.
+pub fn with_borrowed<R>(fd: RawFd, f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> R) -> R {
+    // SAFETY: the caller holds `fd` open across this call, and the borrow
+    // cannot escape `f`.
+    f(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+}

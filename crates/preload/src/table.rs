@@ -1,0 +1,71 @@
+//! The side table: which file descriptors the library manages, and how.
+//!
+//! Indexed by descriptor number in two levels (chunks of 1024 slots,
+//! allocated on first use), each slot an `ArcSwapOption`: a lookup, which
+//! every intercepted call makes, takes no lock and allocates nothing, and a
+//! descriptor the library does not manage costs one atomic load.
+
+use crate::conn::Connection;
+use crate::epoll::EpollSet;
+use crate::listener::Listener;
+use arc_swap::ArcSwapOption;
+use std::os::fd::RawFd;
+use std::sync::{Arc, OnceLock};
+
+/// What the library knows about a managed descriptor.
+pub enum Entry {
+    /// A connection over vSocket.
+    Conn(Connection),
+    /// A listening socket that also accepts vSocket connections.
+    Listener(Listener),
+    /// A connect that policy drops: it never completes, as behind a
+    /// firewall that silently drops SYNs.
+    Dropped(Dropped),
+    /// An epoll instance that may hold managed descriptors.
+    Epoll(EpollSet),
+}
+
+/// A socket whose connect was silently dropped by policy.
+pub struct Dropped {
+    /// When the kernel would give up (ETIMEDOUT), monotonic milliseconds.
+    pub deadline_ms: i64,
+}
+
+const CHUNK: usize = 1024;
+const CHUNKS: usize = 1024;
+
+struct Table {
+    chunks: [OnceLock<Box<[ArcSwapOption<Entry>]>>; CHUNKS],
+}
+
+static TABLE: Table = Table { chunks: [const { OnceLock::new() }; CHUNKS] };
+
+fn slot(fd: RawFd, create: bool) -> Option<&'static ArcSwapOption<Entry>> {
+    let fd = usize::try_from(fd).ok()?;
+    let chunk = TABLE.chunks.get(fd / CHUNK)?;
+    let slots = if create {
+        chunk.get_or_init(|| (0..CHUNK).map(|_| ArcSwapOption::empty()).collect())
+    } else {
+        chunk.get()?
+    };
+    Some(&slots[fd % CHUNK])
+}
+
+/// The entry for `fd`, if the library manages it.
+pub fn get(fd: RawFd) -> Option<Arc<Entry>> {
+    slot(fd, false)?.load_full()
+}
+
+/// Records `entry` for `fd`; returns what was there.
+pub fn set(fd: RawFd, entry: Arc<Entry>) -> Option<Arc<Entry>> {
+    match slot(fd, true) {
+        Some(s) => s.swap(Some(entry)),
+        // Beyond the table (fd >= 1M): leave it to the kernel.
+        None => None,
+    }
+}
+
+/// Forgets `fd`; returns what was there.
+pub fn remove(fd: RawFd) -> Option<Arc<Entry>> {
+    slot(fd, false)?.swap(None)
+}

@@ -1,0 +1,32 @@
+//! A one-way byte ring shared by two processes that do not trust each other.
+//!
+//! - [`index`]: the pure arithmetic of free-running 64-bit indices and the
+//!   validation of every index the other side publishes;
+//! - [`ring`]: the producer and consumer views of one ring, including the
+//!   wake-up protocol (a waiter arms a flag; the other side wakes it only if
+//!   the flag is armed, so a busy connection makes no wake-up syscalls);
+//! - [`segment`]: a connection's sealed memfd segment holding two rings.
+//!
+//! The other process may write anything, at any time, anywhere in the shared
+//! segment. The consumer and producer therefore keep the ring size to
+//! themselves (never re-read from shared memory), validate each index they
+//! read, and reduce every offset modulo the ring size before touching
+//! memory: a hostile peer can make its own connection fail
+//! ([`RingError::Corrupt`]) but can never make the reader touch memory
+//! outside the segment.
+//!
+//! Unsafe code lives only in `ring` (copying bytes in and out of the shared
+//! data area) and `segment` (mmap, munmap and placing the control lines).
+#![deny(unsafe_code)]
+
+pub mod index;
+#[allow(unsafe_code)]
+pub mod ring;
+#[cfg(not(loom))]
+#[allow(unsafe_code)]
+pub mod segment;
+mod sync;
+
+pub use ring::{Consumer, Producer, RingControl, RingError, RxState};
+#[cfg(not(loom))]
+pub use segment::Segment;

@@ -1,0 +1,410 @@
+//! Producer and consumer views of one ring.
+//!
+//! Wake-up protocol (model-checked in `tests/loom.rs`): a side that is about
+//! to sleep stores 1 in its `waiting` word, then re-reads the other side's
+//! index; the other side stores its index, then reads `waiting` and, only if
+//! it was armed, swaps it to 0 and reports that a wake-up is due. Both pairs
+//! are sequentially consistent, so at least one side sees the other: either
+//! the sleeper finds the new bytes (or space) and does not sleep, or the
+//! writer sees the flag and wakes it. Nobody is woken who is not asleep.
+//!
+//! Every load of the peer's words is validated (see [`crate::index`]);
+//! the ring size is held privately and never read from shared memory.
+
+use crate::index::{self, Corrupt};
+use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
+use vsocket_abi::layout::{CONSUMER_CLOSED, PRODUCER_FIN, PRODUCER_RST};
+
+/// Words written by the producer (one 128-byte line).
+#[repr(C, align(128))]
+#[derive(Debug, Default)]
+pub struct ProducerLine {
+    /// Bytes written since the connection began.
+    pub tail: AtomicU64,
+    /// `PRODUCER_FIN` / `PRODUCER_RST`.
+    pub flags: AtomicU32,
+    /// 1 while the producer waits for space.
+    pub waiting: AtomicU32,
+}
+
+/// Words written by the consumer (one 128-byte line).
+#[repr(C, align(128))]
+#[derive(Debug, Default)]
+pub struct ConsumerLine {
+    /// Bytes consumed since the connection began.
+    pub head: AtomicU64,
+    /// `CONSUMER_CLOSED`.
+    pub flags: AtomicU32,
+    /// 1 while the consumer waits for bytes.
+    pub waiting: AtomicU32,
+}
+
+/// The control block of one ring, as laid out in the header page.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct RingControl {
+    pub producer: ProducerLine,
+    pub consumer: ConsumerLine,
+}
+
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<RingControl>() == 2 * vsocket_abi::layout::LINE);
+
+/// A ring operation found the connection unusable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingError {
+    /// The peer published an impossible index: the connection is broken.
+    Corrupt,
+    /// The consumer closed its end: writes fail with EPIPE.
+    PeerClosed,
+}
+
+impl From<Corrupt> for RingError {
+    fn from(_: Corrupt) -> Self {
+        RingError::Corrupt
+    }
+}
+
+/// What the consumer may expect from the ring right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxState {
+    /// This many bytes can be read.
+    Data(u32),
+    /// Nothing to read yet.
+    Empty,
+    /// The producer finished: end of stream.
+    Fin,
+    /// The producer aborted: ECONNRESET.
+    Reset,
+}
+
+/// The shared part of both views: control block, data area and size.
+#[derive(Debug, Clone, Copy)]
+struct Shared<'a> {
+    ctl: &'a RingControl,
+    data: *mut u8,
+    size: u32,
+}
+
+impl<'a> Shared<'a> {
+    /// # Safety
+    /// `data` must point to `size` bytes that stay mapped for `'a` and that
+    /// no Rust reference aliases; `size` must be a power of two.
+    unsafe fn new(ctl: &'a RingControl, data: *mut u8, size: u32) -> Self {
+        assert!(size.is_power_of_two());
+        Shared { ctl, data, size }
+    }
+
+    /// Wakes the waiter behind `waiting` if (and only if) it is armed.
+    fn take_waiter(waiting: &AtomicU32) -> bool {
+        waiting.load(Ordering::SeqCst) != 0 && waiting.swap(0, Ordering::SeqCst) != 0
+    }
+}
+
+/// The writing side of a ring.
+#[derive(Debug, Clone, Copy)]
+pub struct Producer<'a>(Shared<'a>);
+
+/// The reading side of a ring.
+#[derive(Debug, Clone, Copy)]
+pub struct Consumer<'a>(Shared<'a>);
+
+impl<'a> Producer<'a> {
+    /// # Safety
+    /// `data` must point to `size` writable bytes that stay mapped for `'a`
+    /// and that no Rust reference aliases; `size` must be a power of two.
+    pub unsafe fn new(ctl: &'a RingControl, data: *mut u8, size: u32) -> Self {
+        // SAFETY: forwarded from this function's contract.
+        Producer(unsafe { Shared::new(ctl, data, size) })
+    }
+
+    /// Free space, or why writing is impossible.
+    pub fn space(&self) -> Result<u32, RingError> {
+        let s = &self.0;
+        if s.ctl.consumer.flags.load(Ordering::Acquire) & CONSUMER_CLOSED != 0 {
+            return Err(RingError::PeerClosed);
+        }
+        let tail = s.ctl.producer.tail.load(Ordering::Relaxed);
+        let head = s.ctl.consumer.head.load(Ordering::SeqCst);
+        Ok(index::writable(tail, head, s.size)?)
+    }
+
+    /// Copies as much of `bufs` as fits and publishes it. Returns the bytes
+    /// written (0 when full) and whether the consumer must be woken.
+    pub fn write(&self, bufs: &[&[u8]]) -> Result<(usize, bool), RingError> {
+        let s = &self.0;
+        let space = self.space()?;
+        let tail = s.ctl.producer.tail.load(Ordering::Relaxed);
+        let mut pos = tail;
+        let mut left = space;
+        for buf in bufs {
+            if left == 0 {
+                break;
+            }
+            let n = (buf.len() as u64).min(u64::from(left)) as u32;
+            let (offset, first, second) = index::split(pos, n, s.size);
+            // SAFETY: `split` keeps [offset, offset+first) and [0, second)
+            // inside the `size`-byte data area (constructor contract), and
+            // `buf` is a live slice of at least `n` bytes. The area is shared
+            // with the consumer, which reads only bytes before `tail`; these
+            // bytes are after it, so the ring protocol gives us exclusive use.
+            unsafe {
+                std::ptr::copy_nonoverlapping(buf.as_ptr(), s.data.add(offset), first);
+                std::ptr::copy_nonoverlapping(buf.as_ptr().add(first), s.data, second);
+            }
+            pos = pos.wrapping_add(u64::from(n));
+            left -= n;
+        }
+        let written = (space - left) as usize;
+        if written == 0 {
+            return Ok((0, false));
+        }
+        s.ctl.producer.tail.store(pos, Ordering::SeqCst);
+        Ok((written, Shared::take_waiter(&s.ctl.consumer.waiting)))
+    }
+
+    /// Ends the stream (FIN). Returns whether the consumer must be woken.
+    pub fn finish(&self) -> bool {
+        self.0.ctl.producer.flags.fetch_or(PRODUCER_FIN, Ordering::SeqCst);
+        Shared::take_waiter(&self.0.ctl.consumer.waiting)
+    }
+
+    /// Aborts the stream (RST). Returns whether the consumer must be woken.
+    pub fn reset(&self) -> bool {
+        self.0.ctl.producer.flags.fetch_or(PRODUCER_RST | PRODUCER_FIN, Ordering::SeqCst);
+        Shared::take_waiter(&self.0.ctl.consumer.waiting)
+    }
+
+    /// Has this side already ended the stream?
+    pub fn finished(&self) -> bool {
+        self.0.ctl.producer.flags.load(Ordering::Relaxed) & PRODUCER_FIN != 0
+    }
+
+    /// Announces that this side is about to sleep until space frees up.
+    /// The caller must re-check [`Producer::space`] before sleeping.
+    pub fn arm(&self) {
+        self.0.ctl.producer.waiting.store(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Bytes written so far (for metering; the peer may forge it).
+    pub fn total(&self) -> u64 {
+        self.0.ctl.producer.tail.load(Ordering::Relaxed)
+    }
+}
+
+impl<'a> Consumer<'a> {
+    /// # Safety
+    /// `data` must point to `size` readable bytes that stay mapped for `'a`
+    /// and that no Rust reference aliases; `size` must be a power of two.
+    pub unsafe fn new(ctl: &'a RingControl, data: *mut u8, size: u32) -> Self {
+        // SAFETY: forwarded from this function's contract.
+        Consumer(unsafe { Shared::new(ctl, data, size) })
+    }
+
+    /// What a read would find now.
+    pub fn state(&self) -> Result<RxState, RingError> {
+        let s = &self.0;
+        // Flags first: bytes published before FIN/RST are then visible below.
+        let flags = s.ctl.producer.flags.load(Ordering::SeqCst);
+        let tail = s.ctl.producer.tail.load(Ordering::SeqCst);
+        let head = s.ctl.consumer.head.load(Ordering::Relaxed);
+        let n = index::readable(tail, head, s.size)?;
+        Ok(if n > 0 {
+            RxState::Data(n)
+        } else if flags & PRODUCER_RST != 0 {
+            RxState::Reset
+        } else if flags & PRODUCER_FIN != 0 {
+            RxState::Fin
+        } else {
+            RxState::Empty
+        })
+    }
+
+    /// Copies up to the readable bytes into `bufs`; unless `peek`, consumes
+    /// them. Returns the bytes copied and whether the producer must be woken.
+    pub fn read(&self, bufs: &mut [&mut [u8]], peek: bool) -> Result<(usize, bool), RingError> {
+        let s = &self.0;
+        let head = s.ctl.consumer.head.load(Ordering::Relaxed);
+        let tail = s.ctl.producer.tail.load(Ordering::SeqCst);
+        let avail = index::readable(tail, head, s.size)?;
+        let mut pos = head;
+        let mut left = avail;
+        for buf in bufs.iter_mut() {
+            if left == 0 {
+                break;
+            }
+            let n = (buf.len() as u64).min(u64::from(left)) as u32;
+            let (offset, first, second) = index::split(pos, n, s.size);
+            // SAFETY: `split` keeps both parts inside the data area
+            // (constructor contract) and `buf` has room for `n` bytes. The
+            // producer may be scribbling on these bytes (it is untrusted):
+            // they are opaque payload, so a torn copy only corrupts the
+            // peer's own stream, never our memory.
+            unsafe {
+                std::ptr::copy_nonoverlapping(s.data.add(offset), buf.as_mut_ptr(), first);
+                std::ptr::copy_nonoverlapping(s.data, buf.as_mut_ptr().add(first), second);
+            }
+            pos = pos.wrapping_add(u64::from(n));
+            left -= n;
+        }
+        let read = (avail - left) as usize;
+        if read == 0 || peek {
+            return Ok((read, false));
+        }
+        s.ctl.consumer.head.store(pos, Ordering::SeqCst);
+        Ok((read, Shared::take_waiter(&s.ctl.producer.waiting)))
+    }
+
+    /// Discards up to `n` readable bytes (used by shutdown(SHUT_RD) and
+    /// close). Returns the bytes dropped and whether to wake the producer.
+    pub fn discard(&self, n: usize) -> Result<(usize, bool), RingError> {
+        let s = &self.0;
+        let head = s.ctl.consumer.head.load(Ordering::Relaxed);
+        let tail = s.ctl.producer.tail.load(Ordering::SeqCst);
+        let avail = index::readable(tail, head, s.size)? as usize;
+        let k = avail.min(n);
+        if k == 0 {
+            return Ok((0, false));
+        }
+        s.ctl.consumer.head.store(head.wrapping_add(k as u64), Ordering::SeqCst);
+        Ok((k, Shared::take_waiter(&s.ctl.producer.waiting)))
+    }
+
+    /// Closes the reading side: the producer's writes fail from now on.
+    /// Returns whether the producer must be woken.
+    pub fn close(&self) -> bool {
+        self.0.ctl.consumer.flags.fetch_or(CONSUMER_CLOSED, Ordering::SeqCst);
+        Shared::take_waiter(&self.0.ctl.producer.waiting)
+    }
+
+    /// Announces that this side is about to sleep until bytes arrive.
+    /// The caller must re-check [`Consumer::state`] before sleeping.
+    pub fn arm(&self) {
+        self.0.ctl.consumer.waiting.store(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Bytes consumed so far (for metering; the peer may forge it).
+    pub fn total(&self) -> u64 {
+        self.0.ctl.consumer.head.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// A ring in ordinary memory: the control block and a data area that
+    /// only the views touch.
+    struct TestRing {
+        ctl: Box<RingControl>,
+        data: *mut [u8],
+    }
+
+    impl TestRing {
+        fn new(size: usize) -> Self {
+            TestRing { ctl: Box::default(), data: Box::into_raw(vec![0u8; size].into_boxed_slice()) }
+        }
+        fn views(&self) -> (Producer<'_>, Consumer<'_>) {
+            let size = self.data.len() as u32;
+            let ptr = self.data as *mut u8;
+            // SAFETY: `data` lives until drop and is only reached through views.
+            unsafe { (Producer::new(&self.ctl, ptr, size), Consumer::new(&self.ctl, ptr, size)) }
+        }
+    }
+
+    impl Drop for TestRing {
+        fn drop(&mut self) {
+            // SAFETY: `data` came from Box::into_raw in `new` and is freed once.
+            drop(unsafe { Box::from_raw(self.data) });
+        }
+    }
+
+    #[test]
+    fn bytes_come_out_in_order_across_the_wrap() {
+        let ring = TestRing::new(16);
+        let (p, c) = ring.views();
+        let mut expected = Vec::new();
+        let mut got = Vec::new();
+        let mut next = 0u8;
+        for round in 0..200 {
+            let chunk: Vec<u8> = (0..(round % 11 + 1)).map(|_| { next = next.wrapping_add(1); next }).collect();
+            let (n, _) = p.write(&[&chunk]).unwrap();
+            expected.extend_from_slice(&chunk[..n]);
+            next = next.wrapping_sub((chunk.len() - n) as u8);
+            let mut buf = [0u8; 7];
+            let (m, _) = c.read(&mut [&mut buf[..]], false).unwrap();
+            got.extend_from_slice(&buf[..m]);
+        }
+        let mut rest = [0u8; 16];
+        let (m, _) = c.read(&mut [&mut rest[..]], false).unwrap();
+        got.extend_from_slice(&rest[..m]);
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn full_ring_accepts_nothing_and_peek_consumes_nothing() {
+        let ring = TestRing::new(8);
+        let (p, c) = ring.views();
+        assert_eq!(p.write(&[b"0123456789"]).unwrap().0, 8);
+        assert_eq!(p.write(&[b"x"]).unwrap().0, 0);
+        let mut buf = [0u8; 4];
+        assert_eq!(c.read(&mut [&mut buf[..]], true).unwrap().0, 4);
+        assert_eq!(c.state().unwrap(), RxState::Data(8));
+        let mut a = [0u8; 3];
+        let mut b = [0u8; 10];
+        assert_eq!(c.read(&mut [&mut a[..], &mut b[..]], false).unwrap().0, 8);
+        assert_eq!(&a, b"012");
+        assert_eq!(&b[..5], b"34567");
+    }
+
+    #[test]
+    fn fin_and_reset_follow_the_data() {
+        let ring = TestRing::new(8);
+        let (p, c) = ring.views();
+        p.write(&[b"ab"]).unwrap();
+        p.finish();
+        assert_eq!(c.state().unwrap(), RxState::Data(2));
+        c.discard(2).unwrap();
+        assert_eq!(c.state().unwrap(), RxState::Fin);
+        p.reset();
+        assert_eq!(c.state().unwrap(), RxState::Reset);
+    }
+
+    #[test]
+    fn closed_consumer_makes_writes_fail() {
+        let ring = TestRing::new(8);
+        let (p, c) = ring.views();
+        c.close();
+        assert_eq!(p.write(&[b"a"]), Err(RingError::PeerClosed));
+    }
+
+    #[test]
+    fn wakeups_only_when_armed() {
+        let ring = TestRing::new(8);
+        let (p, c) = ring.views();
+        assert_eq!(p.write(&[b"a"]).unwrap(), (1, false));
+        c.arm();
+        assert_eq!(p.write(&[b"b"]).unwrap(), (1, true));
+        assert_eq!(p.write(&[b"c"]).unwrap(), (1, false), "one wake-up per arming");
+        p.arm();
+        let mut buf = [0u8; 1];
+        assert_eq!(c.read(&mut [&mut buf[..]], false).unwrap(), (1, true));
+        c.arm();
+        assert!(p.finish());
+    }
+
+    #[test]
+    fn forged_indices_fail_the_connection_not_the_reader() {
+        let ring = TestRing::new(8);
+        let (p2, c2) = ring.views();
+        ring.ctl.producer.tail.store(9, Ordering::Relaxed);
+        let mut buf = [0u8; 16];
+        assert_eq!(c2.read(&mut [&mut buf[..]], false), Err(RingError::Corrupt));
+        assert_eq!(c2.state(), Err(RingError::Corrupt));
+        ring.ctl.producer.tail.store(0, Ordering::Relaxed);
+        ring.ctl.consumer.head.store(3, Ordering::Relaxed);
+        assert_eq!(p2.write(&[b"x"]), Err(RingError::Corrupt));
+    }
+}

@@ -1,0 +1,185 @@
+//! A connection's shared-memory segment: a sealed memfd holding the header
+//! page and two rings (layout in `vsocket_abi::layout`).
+//!
+//! `vsocketd` creates the segment, seals its size (so no holder can shrink
+//! it under another's mapping and turn reads into SIGBUS), and passes the
+//! memfd to both ends, which map it with [`Segment::map`] after checking the
+//! size and the seals.
+
+use crate::ring::{Consumer, Producer, RingControl};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use vsocket_abi::layout::{self, SEGMENT_MAGIC, SEGMENT_VERSION};
+
+const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// One mapping of a connection segment.
+#[derive(Debug)]
+pub struct Segment {
+    base: NonNull<u8>,
+    len: usize,
+    ring_size: u32,
+}
+
+// SAFETY: the mapping is plain shared memory; all concurrent access goes
+// through atomics (control lines) or the ring protocol (data areas).
+unsafe impl Send for Segment {}
+// SAFETY: as above; `&Segment` only hands out views that are safe to share.
+unsafe impl Sync for Segment {}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+impl Segment {
+    /// Creates a zeroed, sealed segment with rings of `ring_size` bytes and
+    /// maps it. Returns the mapping and the memfd to hand to both ends.
+    pub fn create(ring_size: u32) -> io::Result<(Segment, OwnedFd)> {
+        if !layout::ring_size_valid(ring_size) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "invalid ring size"));
+        }
+        // SAFETY: the name is a NUL-terminated literal; flags are valid.
+        let fd = check(unsafe {
+            libc::memfd_create(c"vsocket-conn".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        })?;
+        // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let len = layout::segment_size(ring_size);
+        // SAFETY: plain syscalls on a descriptor we own.
+        unsafe {
+            check(libc::ftruncate(fd.as_raw_fd(), len as libc::off_t))?;
+            check(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS))?;
+        }
+        let segment = Self::map_unchecked(fd.as_raw_fd(), len, ring_size)?;
+        let header = segment.base.as_ptr() as *mut u64;
+        // SAFETY: the header page is at least 16 bytes, freshly zeroed, and
+        // no other process has the memfd yet.
+        unsafe {
+            header.write(SEGMENT_MAGIC);
+            (header.add(1) as *mut u32).write(SEGMENT_VERSION);
+            (header.add(1) as *mut u32).add(1).write(ring_size);
+        }
+        Ok((segment, fd))
+    }
+
+    /// Maps a segment received from the daemon, after checking that it is a
+    /// sealed memfd of exactly the size `ring_size` implies.
+    pub fn map(fd: BorrowedFd<'_>, ring_size: u32) -> io::Result<Segment> {
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("connection segment: {what}"));
+        if !layout::ring_size_valid(ring_size) {
+            return Err(bad("invalid ring size"));
+        }
+        let len = layout::segment_size(ring_size);
+        // SAFETY: fstat writes into the zeroed struct we pass.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and a pointer to a stat buffer.
+        check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+        if st.st_size as usize != len {
+            return Err(bad("wrong size"));
+        }
+        // SAFETY: F_GET_SEALS takes no argument.
+        let seals = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
+        if seals & REQUIRED_SEALS != REQUIRED_SEALS {
+            return Err(bad("not sealed"));
+        }
+        let segment = Self::map_unchecked(fd.as_raw_fd(), len, ring_size)?;
+        let header = segment.base.as_ptr() as *const u64;
+        // SAFETY: the mapping is `len` > 16 bytes; plain loads of the header.
+        let (magic, version) = unsafe { (header.read_volatile(), (header.add(1) as *const u32).read_volatile()) };
+        if magic != SEGMENT_MAGIC || version != SEGMENT_VERSION {
+            return Err(bad("bad magic or version"));
+        }
+        Ok(segment)
+    }
+
+    fn map_unchecked(fd: libc::c_int, len: usize, ring_size: u32) -> io::Result<Segment> {
+        // SAFETY: a fresh shared mapping of a descriptor whose size is at
+        // least `len` (checked or set by the callers, and sealed).
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(ptr as *mut u8).expect("mmap does not return NULL on success");
+        Ok(Segment { base, len, ring_size })
+    }
+
+    /// Bytes per ring.
+    pub fn ring_size(&self) -> u32 {
+        self.ring_size
+    }
+
+    fn control(&self, ring: usize) -> &RingControl {
+        assert!(ring < 2);
+        // SAFETY: the producer line offset is inside the header page and
+        // 128-byte aligned (the mapping is page aligned); RingControl is
+        // plain atomics, valid for any bit pattern, and lives as long as the
+        // mapping, which `&self` keeps alive.
+        unsafe { &*(self.base.as_ptr().add(layout::producer_line(ring)) as *const RingControl) }
+    }
+
+    fn data(&self, ring: usize) -> *mut u8 {
+        // SAFETY: ring_data(ring) + ring_size <= len for ring < 2.
+        unsafe { self.base.as_ptr().add(layout::ring_data(ring, self.ring_size)) }
+    }
+
+    /// The producer view of ring `ring` (0 or 1).
+    pub fn producer(&self, ring: usize) -> Producer<'_> {
+        // SAFETY: the data area is `ring_size` bytes of this mapping, alive
+        // while `&self` is, and only reached through ring views.
+        unsafe { Producer::new(self.control(ring), self.data(ring), self.ring_size) }
+    }
+
+    /// The consumer view of ring `ring` (0 or 1).
+    pub fn consumer(&self, ring: usize) -> Consumer<'_> {
+        // SAFETY: as in `producer`.
+        unsafe { Consumer::new(self.control(ring), self.data(ring), self.ring_size) }
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the region mapped in `map_unchecked`; no
+        // view can outlive `&self`.
+        unsafe { libc::munmap(self.base.as_ptr() as *mut libc::c_void, self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RxState;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn two_mappings_of_one_segment_see_each_other() {
+        let (daemon, fd) = Segment::create(4096).unwrap();
+        let client = Segment::map(fd.as_fd(), 4096).unwrap();
+        let server = Segment::map(fd.as_fd(), 4096).unwrap();
+        client.producer(0).write(&[b"ping"]).unwrap();
+        assert_eq!(server.consumer(0).state().unwrap(), RxState::Data(4));
+        assert_eq!(daemon.producer(0).total(), 4);
+        let mut buf = [0u8; 8];
+        assert_eq!(server.consumer(0).read(&mut [&mut buf[..]], false).unwrap().0, 4);
+        assert_eq!(&buf[..4], b"ping");
+    }
+
+    #[test]
+    fn a_segment_of_the_wrong_size_or_unsealed_is_refused() {
+        let (_daemon, fd) = Segment::create(4096).unwrap();
+        assert!(Segment::map(fd.as_fd(), 8192).is_err());
+        // SAFETY: a plain memfd without seals.
+        let raw = unsafe { libc::memfd_create(c"plain".as_ptr(), libc::MFD_CLOEXEC) };
+        // SAFETY: just created, owned here.
+        let plain = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: plain syscall on our descriptor.
+        unsafe { libc::ftruncate(plain.as_raw_fd(), layout::segment_size(4096) as libc::off_t) };
+        assert!(Segment::map(plain.as_fd(), 4096).is_err());
+    }
+}
