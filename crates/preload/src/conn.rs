@@ -31,6 +31,8 @@ pub struct Connection {
     write_shut: AtomicBool,
     /// ECONNRESET was reported once; later reads see end of stream.
     reset_reported: AtomicBool,
+    /// A write was discarded because the peer had closed (its "reset").
+    reset_by_peer: AtomicBool,
     /// The peer broke the ring protocol: the connection is reset.
     broken: AtomicBool,
     /// Pending SO_ERROR.
@@ -75,6 +77,7 @@ impl Connection {
             write_shut: AtomicBool::new(false),
             reset_reported: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            reset_by_peer: AtomicBool::new(false),
             so_error: AtomicI32::new(0),
             handles: AtomicUsize::new(1),
             rx_lock: Mutex::new(()),
@@ -305,7 +308,15 @@ impl Connection {
                         continue;
                     }
                 }
-                Err(RingError::PeerClosed) => return self.finish_write(total, Errno(libc::EPIPE)),
+                Err(RingError::PeerClosed) => {
+                    // As with TCP: the first write after the peer closed is
+                    // accepted (the peer answers it with a reset); later
+                    // ones fail with EPIPE.
+                    if total == 0 && !self.reset_by_peer.swap(true, Ordering::Relaxed) {
+                        return Ok(wanted);
+                    }
+                    return self.finish_write(total, Errno(libc::EPIPE));
+                }
                 Err(RingError::Corrupt) => {
                     let e = self.break_connection();
                     return self.finish_write(total, e);

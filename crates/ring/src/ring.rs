@@ -3,8 +3,9 @@
 //! Wake-up protocol (model-checked in `tests/loom.rs`): a side that is about
 //! to sleep stores 1 in its `waiting` word, then re-reads the other side's
 //! index; the other side stores its index, then reads `waiting` and, only if
-//! it was armed, swaps it to 0 and reports that a wake-up is due. Both pairs
-//! are sequentially consistent, so at least one side sees the other: either
+//! it was armed, swaps it to 0 and reports that a wake-up is due. A SeqCst
+//! fence sits between the store and the load on both sides, so at least one
+//! side sees the other: either
 //! the sleeper finds the new bytes (or space) and does not sleep, or the
 //! writer sees the flag and wakes it. Nobody is woken who is not asleep.
 //!
@@ -95,9 +96,19 @@ impl<'a> Shared<'a> {
         Shared { ctl, data, size }
     }
 
-    /// Wakes the waiter behind `waiting` if (and only if) it is armed.
+    /// Called after publishing progress: wakes the waiter behind `waiting`
+    /// if (and only if) it is armed. The fence pairs with the one in `arm`
+    /// (store-fence-load on both sides, the fence form of Dekker's
+    /// protocol), so one side always sees the other's store.
     fn take_waiter(waiting: &AtomicU32) -> bool {
-        waiting.load(Ordering::SeqCst) != 0 && waiting.swap(0, Ordering::SeqCst) != 0
+        fence(Ordering::SeqCst);
+        waiting.load(Ordering::Relaxed) != 0 && waiting.swap(0, Ordering::AcqRel) != 0
+    }
+
+    /// Called before sleeping: announce it, then fence (see `take_waiter`).
+    fn arm(waiting: &AtomicU32) {
+        waiting.store(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
     }
 }
 
@@ -125,7 +136,7 @@ impl<'a> Producer<'a> {
             return Err(RingError::PeerClosed);
         }
         let tail = s.ctl.producer.tail.load(Ordering::Relaxed);
-        let head = s.ctl.consumer.head.load(Ordering::SeqCst);
+        let head = s.ctl.consumer.head.load(Ordering::Acquire);
         Ok(index::writable(tail, head, s.size)?)
     }
 
@@ -159,19 +170,19 @@ impl<'a> Producer<'a> {
         if written == 0 {
             return Ok((0, false));
         }
-        s.ctl.producer.tail.store(pos, Ordering::SeqCst);
+        s.ctl.producer.tail.store(pos, Ordering::Release);
         Ok((written, Shared::take_waiter(&s.ctl.consumer.waiting)))
     }
 
     /// Ends the stream (FIN). Returns whether the consumer must be woken.
     pub fn finish(&self) -> bool {
-        self.0.ctl.producer.flags.fetch_or(PRODUCER_FIN, Ordering::SeqCst);
+        self.0.ctl.producer.flags.fetch_or(PRODUCER_FIN, Ordering::Release);
         Shared::take_waiter(&self.0.ctl.consumer.waiting)
     }
 
     /// Aborts the stream (RST). Returns whether the consumer must be woken.
     pub fn reset(&self) -> bool {
-        self.0.ctl.producer.flags.fetch_or(PRODUCER_RST | PRODUCER_FIN, Ordering::SeqCst);
+        self.0.ctl.producer.flags.fetch_or(PRODUCER_RST | PRODUCER_FIN, Ordering::Release);
         Shared::take_waiter(&self.0.ctl.consumer.waiting)
     }
 
@@ -183,8 +194,7 @@ impl<'a> Producer<'a> {
     /// Announces that this side is about to sleep until space frees up.
     /// The caller must re-check [`Producer::space`] before sleeping.
     pub fn arm(&self) {
-        self.0.ctl.producer.waiting.store(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
+        Shared::arm(&self.0.ctl.producer.waiting);
     }
 
     /// Bytes written so far (for metering; the peer may forge it).
@@ -206,8 +216,8 @@ impl<'a> Consumer<'a> {
     pub fn state(&self) -> Result<RxState, RingError> {
         let s = &self.0;
         // Flags first: bytes published before FIN/RST are then visible below.
-        let flags = s.ctl.producer.flags.load(Ordering::SeqCst);
-        let tail = s.ctl.producer.tail.load(Ordering::SeqCst);
+        let flags = s.ctl.producer.flags.load(Ordering::Acquire);
+        let tail = s.ctl.producer.tail.load(Ordering::Acquire);
         let head = s.ctl.consumer.head.load(Ordering::Relaxed);
         let n = index::readable(tail, head, s.size)?;
         Ok(if n > 0 {
@@ -226,7 +236,7 @@ impl<'a> Consumer<'a> {
     pub fn read(&self, bufs: &mut [&mut [u8]], peek: bool) -> Result<(usize, bool), RingError> {
         let s = &self.0;
         let head = s.ctl.consumer.head.load(Ordering::Relaxed);
-        let tail = s.ctl.producer.tail.load(Ordering::SeqCst);
+        let tail = s.ctl.producer.tail.load(Ordering::Acquire);
         let avail = index::readable(tail, head, s.size)?;
         let mut pos = head;
         let mut left = avail;
@@ -252,7 +262,7 @@ impl<'a> Consumer<'a> {
         if read == 0 || peek {
             return Ok((read, false));
         }
-        s.ctl.consumer.head.store(pos, Ordering::SeqCst);
+        s.ctl.consumer.head.store(pos, Ordering::Release);
         Ok((read, Shared::take_waiter(&s.ctl.producer.waiting)))
     }
 
@@ -261,28 +271,32 @@ impl<'a> Consumer<'a> {
     pub fn discard(&self, n: usize) -> Result<(usize, bool), RingError> {
         let s = &self.0;
         let head = s.ctl.consumer.head.load(Ordering::Relaxed);
-        let tail = s.ctl.producer.tail.load(Ordering::SeqCst);
+        let tail = s.ctl.producer.tail.load(Ordering::Acquire);
         let avail = index::readable(tail, head, s.size)? as usize;
         let k = avail.min(n);
         if k == 0 {
             return Ok((0, false));
         }
-        s.ctl.consumer.head.store(head.wrapping_add(k as u64), Ordering::SeqCst);
+        s.ctl.consumer.head.store(head.wrapping_add(k as u64), Ordering::Release);
         Ok((k, Shared::take_waiter(&s.ctl.producer.waiting)))
     }
 
     /// Closes the reading side: the producer's writes fail from now on.
     /// Returns whether the producer must be woken.
     pub fn close(&self) -> bool {
-        self.0.ctl.consumer.flags.fetch_or(CONSUMER_CLOSED, Ordering::SeqCst);
+        self.0.ctl.consumer.flags.fetch_or(CONSUMER_CLOSED, Ordering::Release);
         Shared::take_waiter(&self.0.ctl.producer.waiting)
     }
 
     /// Announces that this side is about to sleep until bytes arrive.
     /// The caller must re-check [`Consumer::state`] before sleeping.
     pub fn arm(&self) {
-        self.0.ctl.consumer.waiting.store(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
+        Shared::arm(&self.0.ctl.consumer.waiting);
+    }
+
+    /// Has the consumer closed its end?
+    pub fn closed(&self) -> bool {
+        self.0.ctl.consumer.flags.load(Ordering::Relaxed) & CONSUMER_CLOSED != 0
     }
 
     /// Bytes consumed so far (for metering; the peer may forge it).

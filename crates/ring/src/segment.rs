@@ -143,6 +143,14 @@ impl Segment {
     }
 }
 
+impl Segment {
+    /// Have both ends closed both directions (each producer finished and
+    /// each consumer closed)? Read by the daemon to retire a connection.
+    pub fn fully_closed(&self) -> bool {
+        (0..2).all(|r| self.producer(r).finished() && self.consumer(r).closed())
+    }
+}
+
 impl Drop for Segment {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the region mapped in `map_unchecked`; no

@@ -6,8 +6,7 @@
 //! may leave it asleep with work pending.
 #![cfg(loom)]
 
-use loom::sync::atomic::{AtomicUsize, Ordering};
-use loom::sync::Arc;
+use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
 use vsocket_ring::{Consumer, Producer, RingControl, RxState};
 
@@ -15,7 +14,9 @@ use vsocket_ring::{Consumer, Producer, RingControl, RxState};
 struct Model {
     ctl: RingControl,
     data: std::cell::UnsafeCell<[u8; 8]>,
-    doorbell: AtomicUsize,
+    /// The doorbell: a wake-up count and a condition to sleep on.
+    rings: Mutex<usize>,
+    rung: Condvar,
 }
 
 // SAFETY: the data area is only touched through the ring protocol, which
@@ -26,7 +27,7 @@ unsafe impl Send for Model {}
 
 impl Model {
     fn new() -> Arc<Model> {
-        Arc::new(Model { ctl: RingControl::default(), data: std::cell::UnsafeCell::new([0; 8]), doorbell: AtomicUsize::new(0) })
+        Arc::new(Model { ctl: RingControl::default(), data: std::cell::UnsafeCell::new([0; 8]), rings: Mutex::new(0), rung: Condvar::new() })
     }
     fn producer(&self) -> Producer<'_> {
         // SAFETY: 8 bytes, alive as long as `self`.
@@ -37,15 +38,17 @@ impl Model {
         unsafe { Consumer::new(&self.ctl, self.data.get() as *mut u8, 8) }
     }
     fn ring_doorbell(&self) {
-        self.doorbell.fetch_add(1, Ordering::SeqCst);
+        *self.rings.lock().unwrap() += 1;
+        self.rung.notify_all();
     }
-    /// Sleeps until the doorbell rings (loom explores every interleaving, and
-    /// reports a deadlock if it never does).
+    /// Sleeps until the doorbell rings again; loom reports a deadlock if no
+    /// interleaving would ring it.
     fn sleep(&self, seen: &mut usize) {
-        while self.doorbell.load(Ordering::SeqCst) == *seen {
-            thread::yield_now();
+        let mut rings = self.rings.lock().unwrap();
+        while *rings == *seen {
+            rings = self.rung.wait(rings).unwrap();
         }
-        *seen = self.doorbell.load(Ordering::SeqCst);
+        *seen = *rings;
     }
 }
 

@@ -1,1 +1,123 @@
-fn main() {}
+//! `vsocketctl`: the operator's view of vsocketd.
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+/// Shows what vsocketd knows: guests, listeners and connections with their
+/// byte counts.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The daemon's configuration (its run_dir locates the daemon).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// The daemon's run directory, instead of --config.
+    #[arg(long, global = true)]
+    run_dir: Option<PathBuf>,
+    /// Print the daemon's JSON reply instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The host, and how many guests, listeners and connections it has.
+    Status,
+    /// Every guest: VPC, addresses, attachments, connections, bytes.
+    Guests,
+    /// Every vSocket listener.
+    Listeners,
+    /// Every open vSocket connection with its byte counts.
+    Connections,
+}
+
+fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
+    eprintln!("vsocketctl: {msg}");
+    std::process::exit(code)
+}
+
+fn main() {
+    let args = Args::parse();
+    let run_dir = match (&args.run_dir, &args.config) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(file)) => match vsocket_policy::load(file) {
+            Ok(c) => c.host().run_dir.clone(),
+            Err(e) => fail(2, e),
+        },
+        (None, None) => PathBuf::from(vsocket_policy::model::HostConfig::DEFAULT_RUN_DIR),
+    };
+    let command = match args.command {
+        Command::Status => "status",
+        Command::Guests => "guests",
+        Command::Listeners => "listeners",
+        Command::Connections => "connections",
+    };
+    let path = vsocketd::admin_socket_path(&run_dir);
+    let reply = query(&path, command).unwrap_or_else(|e| fail(1, format!("{}: {e} (is vsocketd running?)", path.display())));
+    if let Some(err) = reply.get("error") {
+        fail(1, err);
+    }
+    if args.json {
+        println!("{reply}");
+        return;
+    }
+    match command {
+        "status" => {
+            for (k, v) in reply.as_object().into_iter().flatten() {
+                println!("{k}: {}", plain(v));
+            }
+        }
+        "guests" => table(
+            &reply,
+            &["name", "vpc", "addresses", "netns", "channels", "connections_open", "connections_out", "connections_in", "denied", "fallbacks", "refused_attachments", "bytes_sent", "bytes_received"],
+        ),
+        "listeners" => table(&reply, &["id", "guest", "vpc", "address", "accepted"]),
+        _ => table(
+            &reply,
+            &["id", "vpc", "client_guest", "client", "server_guest", "server", "bytes_client_to_server", "bytes_server_to_client", "age_seconds"],
+        ),
+    }
+}
+
+fn query(path: &std::path::Path, command: &str) -> std::io::Result<Value> {
+    let mut stream = UnixStream::connect(path)?;
+    writeln!(stream, "{}", serde_json::json!({ "command": command }))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+fn plain(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(plain).collect::<Vec<_>>().join(","),
+        Value::Number(n) if n.is_f64() => format!("{:.1}", n.as_f64().unwrap_or(0.0)),
+        other => other.to_string(),
+    }
+}
+
+fn table(rows: &Value, columns: &[&str]) {
+    let rows: Vec<Vec<String>> = rows
+        .as_array()
+        .map(|a| a.iter().map(|r| columns.iter().map(|c| plain(&r[*c])).collect()).collect())
+        .unwrap_or_default();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(c.len()))
+        .collect();
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(columns.iter().map(|c| c.to_uppercase()).collect());
+    for r in rows {
+        line(r);
+    }
+}

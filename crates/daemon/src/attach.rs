@@ -1,0 +1,157 @@
+//! Guest attachments: one control socket per guest.
+//!
+//! A guest's identity comes from the attachment, never from what its
+//! processes say: every process that connects to guest G's socket must
+//! live in G's network namespace (the pid from SO_PEERCRED, then the
+//! namespace of /proc/PID/ns/net), or it is refused and the refusal logged
+//! and counted. Each accepted channel gets a thread; a malformed message
+//! closes that channel only.
+
+use crate::broker;
+use crate::state::Daemon;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use vsocket_abi::control::{Message, MAX_MESSAGE};
+use vsocket_policy::GuestId;
+
+/// Creates every guest's control socket and serves each on its own thread.
+pub fn serve_guests(daemon: &Arc<Daemon>) -> io::Result<()> {
+    let run_dir = daemon.config.host().run_dir.clone();
+    std::fs::create_dir_all(run_dir.join("guests"))?;
+    for (id, guest) in daemon.config.guests() {
+        let path = crate::guest_socket_path(&run_dir, &guest.name);
+        let listener = vsocket_sys::seqpacket_listen(&path, 1024)
+            .map_err(|e| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display())))?;
+        // Processes inside guests may run as any user; the namespace check
+        // is what keeps one guest out of another's socket.
+        vsocket_sys::chmod(&path, 0o666)?;
+        let daemon = daemon.clone();
+        std::thread::Builder::new()
+            .name(format!("attach-{}", guest.name))
+            .spawn(move || accept_loop(&daemon, id, listener))?;
+    }
+    Ok(())
+}
+
+fn accept_loop(daemon: &Arc<Daemon>, guest: GuestId, listener: OwnedFd) {
+    loop {
+        let channel = match vsocket_sys::accept(listener.as_fd()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "accept on control socket failed");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        if let Err(reason) = verify(daemon, guest, &channel) {
+            daemon.counters(guest).refused_attachments.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(guest = %daemon.config.guest(guest).name, %reason, "refused attachment");
+            continue;
+        }
+        let daemon = daemon.clone();
+        let spawned = std::thread::Builder::new().name("channel".into()).spawn(move || {
+            let counters = daemon.counters(guest);
+            counters.channels.fetch_add(1, Ordering::Relaxed);
+            serve_channel(&daemon, guest, channel);
+            counters.channels.fetch_sub(1, Ordering::Relaxed);
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a channel thread");
+        }
+    }
+}
+
+/// Is the process behind `channel` inside the guest's network namespace?
+fn verify(daemon: &Daemon, guest: GuestId, channel: &OwnedFd) -> Result<(), String> {
+    let g = daemon.config.guest(guest);
+    let pid = vsocket_sys::peer_pid(channel.as_fd()).map_err(|e| format!("no peer credentials: {e}"))?;
+    let expected = vsocket_sys::netns_id(&crate::netns_path(&g.netns))
+        .map_err(|e| format!("guest namespace {} unavailable: {e}", g.netns))?;
+    let actual = vsocket_sys::process_netns(pid).map_err(|e| format!("pid {pid}: cannot read its namespace: {e}"))?;
+    if actual != expected {
+        return Err(format!("pid {pid} is not in network namespace {}", g.netns));
+    }
+    Ok(())
+}
+
+fn serve_channel(daemon: &Daemon, guest: GuestId, channel: OwnedFd) {
+    let name = &daemon.config.guest(guest).name;
+    let mut buf = [0u8; MAX_MESSAGE];
+    loop {
+        let (n, fds) = match vsocket_sys::recv_with_fds(channel.as_fd(), &mut buf) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(guest = %name, error = %e, "channel closed");
+                return;
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        if !fds.is_empty() {
+            tracing::warn!(guest = %name, "descriptors on a request; closing the channel");
+            return;
+        }
+        let message = match Message::decode(&buf[..n]) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(guest = %name, error = %e, "malformed control message; closing the channel");
+                return;
+            }
+        };
+        match message {
+            Message::Connect { local, remote } => {
+                let reply = broker::connect(daemon, guest, local, remote);
+                if send(&channel, &reply.message, &reply.fds).is_err() {
+                    return;
+                }
+            }
+            Message::Listen { local, backlog: _ } => {
+                serve_listener(daemon, guest, channel, local);
+                return;
+            }
+            other => {
+                tracing::warn!(guest = %name, message = ?other, "unexpected control message; closing the channel");
+                return;
+            }
+        }
+    }
+}
+
+/// The channel becomes a listener channel: register, then wait for the
+/// program to close it (or exit) and unregister.
+fn serve_listener(daemon: &Daemon, guest: GuestId, channel: OwnedFd, local: std::net::SocketAddrV4) {
+    let name = &daemon.config.guest(guest).name;
+    let watcher = match channel.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let record = match broker::listen(daemon, guest, local, channel) {
+        Ok(r) => r,
+        Err(errno) => {
+            let _ = send(&watcher, &Message::Refused { errno }, &[]);
+            return;
+        }
+    };
+    daemon.add_listener(record.clone());
+    if send(&watcher, &Message::ListenOk, &[]).is_err() {
+        daemon.remove_listener(&record);
+        return;
+    }
+    tracing::info!(guest = %name, address = %local, "listener registered");
+    let mut buf = [0u8; MAX_MESSAGE];
+    // Nothing more is expected from the program on this channel: its end of
+    // stream (or anything else) ends the listener.
+    let _ = vsocket_sys::recv_with_fds(watcher.as_fd(), &mut buf);
+    daemon.remove_listener(&record);
+    tracing::info!(guest = %name, address = %local, "listener closed");
+}
+
+fn send(channel: &OwnedFd, message: &Message, fds: &[OwnedFd]) -> io::Result<()> {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let bytes = message.encode(&mut buf);
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    vsocket_sys::send_with_fds(channel.as_fd(), bytes, &borrowed)
+}

@@ -1,0 +1,123 @@
+//! The connection broker: what a guest may listen on and connect to.
+//!
+//! A connect to (VPC, address, port) is carried over vSocket only if a
+//! vSocket listener serves that address in the client's VPC and the
+//! security groups of both ends allow it (egress of the client's, ingress
+//! of the server's). No listener: the library falls back to the kernel.
+//! Denied: the connect fails as behind the cloud's firewall (a silent drop,
+//! or ECONNREFUSED where the operator configured `reject`).
+
+use crate::state::{ConnectionRecord, Daemon, ListenerRecord};
+use std::net::SocketAddrV4;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+use vsocket_abi::control::{ConnectionInfo, Message, MAX_MESSAGE};
+use vsocket_policy::{evaluate, DenyAction, Flow, GuestId, Protocol, Verdict};
+use vsocket_ring::Segment;
+
+/// A reply and the descriptors to attach to it.
+pub struct Reply {
+    pub message: Message,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Reply {
+    fn plain(message: Message) -> Reply {
+        Reply { message, fds: Vec::new() }
+    }
+}
+
+/// Checks a `Listen` request. On success returns the record to register.
+pub fn listen(daemon: &Daemon, guest: GuestId, local: SocketAddrV4, channel: OwnedFd) -> Result<Arc<ListenerRecord>, i32> {
+    let g = daemon.config.guest(guest);
+    if local.port() == 0 {
+        return Err(libc::EINVAL);
+    }
+    if !local.ip().is_unspecified() && !g.addresses.contains(local.ip()) {
+        // A guest may only listen on its own addresses.
+        return Err(libc::EADDRNOTAVAIL);
+    }
+    Ok(Arc::new(ListenerRecord { id: daemon.next_id(), guest, local, channel, accepted: Default::default() }))
+}
+
+/// Decides a `Connect` request from `guest`.
+pub fn connect(daemon: &Daemon, guest: GuestId, local: SocketAddrV4, remote: SocketAddrV4) -> Reply {
+    let config = &daemon.config;
+    let g = config.guest(guest);
+    let counters = daemon.counters(guest);
+    // The guest's word about its own address is not trusted.
+    let client_ip = if g.addresses.contains(local.ip()) { *local.ip() } else { g.addresses[0] };
+    let client_addr = SocketAddrV4::new(client_ip, local.port());
+    let Some(listener) = daemon.find_listener(g.vpc, remote) else {
+        counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+        return Reply::plain(Message::Fallback);
+    };
+    let flow = Flow {
+        protocol: Protocol::Tcp,
+        vpc: g.vpc,
+        client: guest,
+        client_addr: client_ip,
+        server: listener.guest,
+        server_addr: *remote.ip(),
+        port: remote.port(),
+    };
+    let verdict = evaluate(config, &flow);
+    let server_name = &config.guest(listener.guest).name;
+    if let Verdict::Deny { .. } = verdict {
+        counters.denied.fetch_add(1, Ordering::Relaxed);
+        let action = config.host().deny_action;
+        tracing::info!(client = %g.name, from = %client_addr, server = %server_name, to = %remote,
+            decided_by = %verdict.describe(config), ?action, "connect denied");
+        return Reply::plain(match action {
+            DenyAction::Reject => Message::Refused { errno: libc::ECONNREFUSED },
+            DenyAction::Drop => Message::Dropped,
+        });
+    }
+    match open(daemon, guest, client_addr, &listener, remote) {
+        Ok(reply) => {
+            tracing::debug!(client = %g.name, from = %client_addr, server = %server_name, to = %remote,
+                decided_by = %verdict.describe(config), "connect allowed");
+            reply
+        }
+        Err(e) => {
+            tracing::warn!(client = %g.name, to = %remote, error = %e, "could not deliver connection to listener; kernel path");
+            counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+            Reply::plain(Message::Fallback)
+        }
+    }
+}
+
+/// Creates the shared segment and doorbell, hands the server end to the
+/// listener and returns the client end.
+fn open(daemon: &Daemon, client: GuestId, client_addr: SocketAddrV4, listener: &Arc<ListenerRecord>, remote: SocketAddrV4) -> std::io::Result<Reply> {
+    let ring_size = daemon.config.host().ring_size;
+    let (segment, memfd) = Segment::create(ring_size)?;
+    let (client_bell, server_bell) = vsocket_sys::stream_pair()?;
+    let id = daemon.next_id();
+    let incoming = Message::Incoming(ConnectionInfo { id, local: remote, peer: client_addr, ring_size });
+    let mut buf = [0u8; MAX_MESSAGE];
+    let bytes = incoming.encode(&mut buf);
+    if let Err(e) = vsocket_sys::send_with_fds(listener.channel.as_fd(), bytes, &[memfd.as_fd(), server_bell.as_fd()]) {
+        // The listener is gone (its process exited): forget it.
+        daemon.remove_listener(listener);
+        return Err(e);
+    }
+    drop(server_bell);
+    listener.accepted.fetch_add(1, Ordering::Relaxed);
+    daemon.counters(client).connections_out.fetch_add(1, Ordering::Relaxed);
+    daemon.counters(listener.guest).connections_in.fetch_add(1, Ordering::Relaxed);
+    daemon.add_connection(ConnectionRecord {
+        id,
+        vpc: daemon.config.guest(client).vpc,
+        client,
+        client_addr,
+        server: listener.guest,
+        server_addr: remote,
+        opened: SystemTime::now(),
+        segment,
+    });
+    let connected = Message::Connected(ConnectionInfo { id, local: client_addr, peer: remote, ring_size });
+    Ok(Reply { message: connected, fds: vec![memfd, client_bell] })
+}

@@ -1,0 +1,45 @@
+//! `vsocketd --config FILE`: the host daemon.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use vsocketd::{admin, attach, Daemon};
+
+/// vSocket's trusted host daemon: attaches guests, enforces VPC isolation
+/// and security groups, and brokers shared-memory connections.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The host's configuration (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VSOCKET_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match vsocket_policy::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vsocketd: {e}");
+            std::process::exit(2);
+        }
+    };
+    let daemon = Arc::new(Daemon::new(config));
+    if let Err(e) = attach::serve_guests(&daemon).and_then(|()| admin::serve(&daemon)) {
+        eprintln!("vsocketd: {e}");
+        std::process::exit(1);
+    }
+    tracing::info!(host = %daemon.config.host().name, guests = daemon.config.guests().len(), "vsocketd ready");
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        daemon.reap();
+    }
+}

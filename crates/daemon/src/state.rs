@@ -1,0 +1,291 @@
+//! The daemon's state: the tenant model, listeners, connections, counters.
+
+use serde::Serialize;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+use vsocket_policy::{Config, GuestId, VpcId};
+use vsocket_ring::Segment;
+
+/// Counters of one guest. Bytes of live connections are added when read.
+#[derive(Debug, Default)]
+pub struct GuestCounters {
+    /// Control channels open now (request and listener channels).
+    pub channels: AtomicU64,
+    /// Processes refused at this guest's control socket.
+    pub refused_attachments: AtomicU64,
+    /// Connections this guest opened over vSocket.
+    pub connections_out: AtomicU64,
+    /// Connections this guest accepted over vSocket.
+    pub connections_in: AtomicU64,
+    /// Connects denied by policy.
+    pub denied: AtomicU64,
+    /// Connects sent to the kernel path (no vSocket listener there).
+    pub fallbacks: AtomicU64,
+    /// Bytes sent and received over connections that have closed.
+    pub closed_bytes_sent: AtomicU64,
+    pub closed_bytes_received: AtomicU64,
+}
+
+/// A listening socket registered by a guest.
+#[derive(Debug)]
+pub struct ListenerRecord {
+    pub id: u64,
+    pub guest: GuestId,
+    /// The address the program bound (may be 0.0.0.0).
+    pub local: SocketAddrV4,
+    /// The listener channel: `Incoming` messages go here.
+    pub channel: OwnedFd,
+    pub accepted: AtomicU64,
+}
+
+/// A live connection brokered by this daemon.
+#[derive(Debug)]
+pub struct ConnectionRecord {
+    pub id: u64,
+    pub vpc: VpcId,
+    pub client: GuestId,
+    pub client_addr: SocketAddrV4,
+    pub server: GuestId,
+    pub server_addr: SocketAddrV4,
+    pub opened: SystemTime,
+    /// The daemon's mapping of the segment, for metering.
+    pub segment: Segment,
+}
+
+impl ConnectionRecord {
+    /// Bytes the client has sent (the client's ring tail).
+    pub fn bytes_client_to_server(&self) -> u64 {
+        self.segment.producer(vsocket_abi::layout::Endpoint::Client.tx_ring()).total()
+    }
+    /// Bytes the server has sent.
+    pub fn bytes_server_to_client(&self) -> u64 {
+        self.segment.producer(vsocket_abi::layout::Endpoint::Server.tx_ring()).total()
+    }
+}
+
+type ListenerKey = (VpcId, Ipv4Addr, u16);
+
+/// Everything the daemon knows; shared by all its threads.
+#[derive(Debug)]
+pub struct Daemon {
+    pub config: Config,
+    guests: Vec<GuestCounters>,
+    listeners: Mutex<HashMap<ListenerKey, Vec<Arc<ListenerRecord>>>>,
+    connections: Mutex<HashMap<u64, ConnectionRecord>>,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Daemon {
+    pub fn new(config: Config) -> Daemon {
+        let guests = config.guests().map(|_| GuestCounters::default()).collect();
+        Daemon { config, guests, listeners: Mutex::default(), connections: Mutex::default(), next_id: AtomicU64::new(1) }
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn counters(&self, guest: GuestId) -> &GuestCounters {
+        &self.guests[guest.index()]
+    }
+
+    /// The addresses a listener bound to `local` in `guest` serves.
+    fn served_addresses(&self, guest: GuestId, local: SocketAddrV4) -> Vec<Ipv4Addr> {
+        let g = self.config.guest(guest);
+        if local.ip().is_unspecified() {
+            g.addresses.clone()
+        } else {
+            vec![*local.ip()]
+        }
+    }
+
+    /// Registers a listener; the caller checked that `guest` owns the address.
+    pub fn add_listener(&self, listener: Arc<ListenerRecord>) {
+        let vpc = self.config.guest(listener.guest).vpc;
+        let mut map = lock(&self.listeners);
+        for ip in self.served_addresses(listener.guest, listener.local) {
+            map.entry((vpc, ip, listener.local.port())).or_default().push(listener.clone());
+        }
+    }
+
+    pub fn remove_listener(&self, listener: &Arc<ListenerRecord>) {
+        let vpc = self.config.guest(listener.guest).vpc;
+        let mut map = lock(&self.listeners);
+        for ip in self.served_addresses(listener.guest, listener.local) {
+            let key = (vpc, ip, listener.local.port());
+            if let Some(list) = map.get_mut(&key) {
+                list.retain(|l| l.id != listener.id);
+                if list.is_empty() {
+                    map.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// The listener serving (vpc, address), if any; several listeners on
+    /// one address (SO_REUSEPORT, forked workers) take turns.
+    pub fn find_listener(&self, vpc: VpcId, addr: SocketAddrV4) -> Option<Arc<ListenerRecord>> {
+        let map = lock(&self.listeners);
+        let list = map.get(&(vpc, *addr.ip(), addr.port()))?;
+        let turn = self.next_id.load(Ordering::Relaxed) as usize % list.len();
+        Some(list[turn].clone())
+    }
+
+    pub fn add_connection(&self, record: ConnectionRecord) {
+        lock(&self.connections).insert(record.id, record);
+    }
+
+    /// Retires connections whose both ends have closed, folding their bytes
+    /// into the guests' counters. Returns how many were retired.
+    pub fn reap(&self) -> usize {
+        let mut conns = lock(&self.connections);
+        let done: Vec<u64> = conns.values().filter(|c| c.segment.fully_closed()).map(|c| c.id).collect();
+        for id in &done {
+            if let Some(c) = conns.remove(id) {
+                self.fold_bytes(&c);
+                tracing::info!(id = c.id, client = %c.client_addr, server = %c.server_addr,
+                    sent = c.bytes_client_to_server(), received = c.bytes_server_to_client(), "connection closed");
+            }
+        }
+        done.len()
+    }
+
+    fn fold_bytes(&self, c: &ConnectionRecord) {
+        let up = c.bytes_client_to_server();
+        let down = c.bytes_server_to_client();
+        let client = self.counters(c.client);
+        let server = self.counters(c.server);
+        client.closed_bytes_sent.fetch_add(up, Ordering::Relaxed);
+        client.closed_bytes_received.fetch_add(down, Ordering::Relaxed);
+        server.closed_bytes_sent.fetch_add(down, Ordering::Relaxed);
+        server.closed_bytes_received.fetch_add(up, Ordering::Relaxed);
+    }
+
+    /// A snapshot of every guest, for `vsocketctl guests`.
+    pub fn guest_reports(&self) -> Vec<GuestReport> {
+        let conns = lock(&self.connections);
+        self.config
+            .guests()
+            .map(|(id, g)| {
+                let c = self.counters(id);
+                let mut sent = c.closed_bytes_sent.load(Ordering::Relaxed);
+                let mut received = c.closed_bytes_received.load(Ordering::Relaxed);
+                let mut open = 0;
+                for conn in conns.values() {
+                    if conn.client == id {
+                        sent += conn.bytes_client_to_server();
+                        received += conn.bytes_server_to_client();
+                        open += 1;
+                    }
+                    if conn.server == id {
+                        sent += conn.bytes_server_to_client();
+                        received += conn.bytes_client_to_server();
+                        open += 1;
+                    }
+                }
+                GuestReport {
+                    name: g.name.clone(),
+                    vpc: self.config.vpc(g.vpc).name.clone(),
+                    addresses: g.addresses.clone(),
+                    netns: g.netns.clone(),
+                    channels: c.channels.load(Ordering::Relaxed),
+                    refused_attachments: c.refused_attachments.load(Ordering::Relaxed),
+                    connections_open: open,
+                    connections_out: c.connections_out.load(Ordering::Relaxed),
+                    connections_in: c.connections_in.load(Ordering::Relaxed),
+                    denied: c.denied.load(Ordering::Relaxed),
+                    fallbacks: c.fallbacks.load(Ordering::Relaxed),
+                    bytes_sent: sent,
+                    bytes_received: received,
+                }
+            })
+            .collect()
+    }
+
+    pub fn listener_reports(&self) -> Vec<ListenerReport> {
+        let map = lock(&self.listeners);
+        let mut seen = std::collections::BTreeMap::new();
+        for list in map.values() {
+            for l in list {
+                seen.entry(l.id).or_insert_with(|| {
+                    let g = self.config.guest(l.guest);
+                    ListenerReport {
+                        id: l.id,
+                        guest: g.name.clone(),
+                        vpc: self.config.vpc(g.vpc).name.clone(),
+                        address: l.local,
+                        accepted: l.accepted.load(Ordering::Relaxed),
+                    }
+                });
+            }
+        }
+        seen.into_values().collect()
+    }
+
+    pub fn connection_reports(&self) -> Vec<ConnectionReport> {
+        let conns = lock(&self.connections);
+        let mut out: Vec<ConnectionReport> = conns
+            .values()
+            .map(|c| ConnectionReport {
+                id: c.id,
+                vpc: self.config.vpc(c.vpc).name.clone(),
+                client_guest: self.config.guest(c.client).name.clone(),
+                client: c.client_addr,
+                server_guest: self.config.guest(c.server).name.clone(),
+                server: c.server_addr,
+                bytes_client_to_server: c.bytes_client_to_server(),
+                bytes_server_to_client: c.bytes_server_to_client(),
+                age_seconds: c.opened.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
+            })
+            .collect();
+        out.sort_by_key(|c| c.id);
+        out
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct GuestReport {
+    pub name: String,
+    pub vpc: String,
+    pub addresses: Vec<Ipv4Addr>,
+    pub netns: String,
+    pub channels: u64,
+    pub refused_attachments: u64,
+    pub connections_open: u64,
+    pub connections_out: u64,
+    pub connections_in: u64,
+    pub denied: u64,
+    pub fallbacks: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListenerReport {
+    pub id: u64,
+    pub guest: String,
+    pub vpc: String,
+    pub address: SocketAddrV4,
+    pub accepted: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConnectionReport {
+    pub id: u64,
+    pub vpc: String,
+    pub client_guest: String,
+    pub client: SocketAddrV4,
+    pub server_guest: String,
+    pub server: SocketAddrV4,
+    pub bytes_client_to_server: u64,
+    pub bytes_server_to_client: u64,
+    pub age_seconds: f64,
+}
