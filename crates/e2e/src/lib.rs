@@ -1,1 +1,334 @@
-//! placeholder
+//! The end-to-end harness: a lab of guests (network namespaces on a Linux
+//! bridge), a running vsocketd, and helpers to run unmodified programs in
+//! guests over vSocket or over the kernel path.
+//!
+//! Used by the end-to-end tests and by `cargo xtask demo` and `bench`.
+//! Everything a lab creates (namespaces, daemon, servers) is removed when
+//! the [`Lab`] is dropped, also when a test fails.
+
+use serde_json::Value;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Which data path a program in a guest uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Loaded with libvsocket.so and attached to its guest.
+    Vsocket,
+    /// The plain kernel network (veth and bridge): the baseline.
+    Kernel,
+}
+
+/// Where the built binaries are: `$VSOCKET_BIN_DIR`, or the cargo profile
+/// directory this executable was built into.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VSOCKET_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("current executable");
+    let mut dir = exe.parent().expect("executable directory").to_path_buf();
+    // Test executables live in <profile>/deps.
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// A built binary of the project.
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A running lab: config, namespaces, daemon, and background programs.
+pub struct Lab {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub run_dir: PathBuf,
+    daemon: Option<Child>,
+    background: Vec<Child>,
+}
+
+/// Two guests `a` (10.10.0.2) and `b` (10.10.0.3) in VPC `blue`, each
+/// accepting TCP on every port from the VPC.
+pub const TWO_GUESTS: &str = r#"
+[[vpc]]
+name = "blue"
+cidr = "10.10.0.0/24"
+
+[[security_group]]
+name = "open"
+[[security_group.ingress]]
+protocol = "tcp"
+ports = "all"
+cidr = "10.10.0.0/24"
+
+[[guest]]
+name = "a"
+vpc = "blue"
+addresses = ["10.10.0.2"]
+security_groups = ["open"]
+
+[[guest]]
+name = "b"
+vpc = "blue"
+addresses = ["10.10.0.3"]
+security_groups = ["open"]
+"#;
+
+impl Lab {
+    /// Starts a lab named `name` (unique among concurrent labs) from the
+    /// VPC/guest/group part of a config; the `[host]` table is added here,
+    /// and every guest's `netns` is set to `<name>-<guest>` unless given.
+    pub fn start(name: &str, body: &str) -> io::Result<Lab> {
+        Self::start_with(name, body, "drop")
+    }
+
+    /// As [`Lab::start`], with the host's `deny_action`.
+    pub fn start_with(name: &str, body: &str, deny_action: &str) -> io::Result<Lab> {
+        let dir = std::env::temp_dir().join(format!("vsocket-lab-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let run_dir = dir.join("run");
+        let mut config = format!(
+            "[host]\nname = \"{name}\"\nrun_dir = \"{}\"\ndeny_action = \"{deny_action}\"\n",
+            run_dir.display()
+        );
+        for line in body.lines() {
+            config.push_str(line);
+            config.push('\n');
+            if let Some(guest) = line.trim().strip_prefix("name = \"").and_then(|r| r.strip_suffix('"')) {
+                // Guest tables get their namespace right after their name.
+                if last_table(&config) == Some("[[guest]]") && !body.contains("netns") {
+                    config.push_str(&format!("netns = \"{name}-{guest}\"\n"));
+                }
+            }
+        }
+        let path = dir.join("vsocket.toml");
+        std::fs::write(&path, config)?;
+        let mut lab = Lab { name: name.to_string(), dir, config: path, run_dir, daemon: None, background: Vec::new() };
+        lab.vsocket(&["lab", "up", "--config"])?;
+        let log = std::fs::File::create(lab.dir.join("vsocketd.log"))?;
+        let daemon = Command::new(bin("vsocketd"))
+            .arg("--config")
+            .arg(&lab.config)
+            .env("VSOCKET_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        lab.daemon = Some(daemon);
+        let admin = lab.run_dir.join("vsocketd.sock");
+        wait_until(Duration::from_secs(10), || admin.exists())
+            .map_err(|_| io::Error::other(format!("vsocketd did not start; log: {}", lab.daemon_log())))?;
+        Ok(lab)
+    }
+
+    fn vsocket(&self, args: &[&str]) -> io::Result<()> {
+        let out = Command::new(bin("vsocket")).args(args).arg(&self.config).output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "vsocket {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The daemon's log so far.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("vsocketd.log")).unwrap_or_default()
+    }
+
+    /// A command that runs `program` in `guest` over the given path.
+    pub fn command(&self, guest: &str, via: Via, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("vsocket"));
+        cmd.arg("run").arg("--guest").arg(guest).arg("--config").arg(&self.config);
+        if via == Via::Kernel {
+            cmd.arg("--no-preload");
+        }
+        cmd.arg("--").arg(program).args(args);
+        cmd.env("VSOCKET_LIB", bin("libvsocket.so"));
+        cmd
+    }
+
+    /// Runs a program to completion and returns its output.
+    pub fn run(&self, guest: &str, via: Via, program: &str, args: &[&str]) -> io::Result<Output> {
+        self.command(guest, via, program, args).stdin(Stdio::null()).output()
+    }
+
+    /// Runs a program to completion; fails unless it exits 0. Returns stdout.
+    pub fn run_ok(&self, guest: &str, via: Via, program: &str, args: &[&str]) -> io::Result<String> {
+        let out = self.run(guest, via, program, args)?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "{program} {args:?} in {guest} ({via:?}) failed with {}:\n{}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts a program in the background; it is stopped when the lab is.
+    /// Its output goes to `<lab dir>/<log>`.
+    pub fn spawn(&mut self, guest: &str, via: Via, program: &str, args: &[&str], log: &str) -> io::Result<()> {
+        let out = std::fs::File::create(self.dir.join(log))?;
+        let child = self
+            .command(guest, via, program, args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()?;
+        self.background.push(child);
+        Ok(())
+    }
+
+    /// Waits until something in `guest` listens on TCP `port`.
+    pub fn wait_listening(&self, guest: &str, port: u16) -> io::Result<()> {
+        let netns = format!("{}-{guest}", self.name);
+        wait_until(Duration::from_secs(15), || {
+            Command::new("ip")
+                .args(["netns", "exec", &netns, "ss", "-Hltn", &format!("sport = :{port}")])
+                .output()
+                .map(|o| !o.stdout.is_empty())
+                .unwrap_or(false)
+        })
+        .map_err(|_| io::Error::other(format!("nothing listens on port {port} in {guest}")))
+    }
+
+    /// `vsocketctl --json <what>`.
+    pub fn ctl(&self, what: &str) -> io::Result<Value> {
+        let out = Command::new(bin("vsocketctl")).args(["--json", "--config"]).arg(&self.config).arg(what).output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()));
+        }
+        serde_json::from_slice(&out.stdout).map_err(io::Error::other)
+    }
+
+    /// One guest's counters from the daemon.
+    pub fn guest(&self, name: &str) -> io::Result<Value> {
+        let all = self.ctl("guests")?;
+        all.as_array()
+            .and_then(|a| a.iter().find(|g| g["name"] == name).cloned())
+            .ok_or_else(|| io::Error::other(format!("no guest {name}")))
+    }
+
+    /// A numeric counter of one guest.
+    pub fn counter(&self, guest: &str, field: &str) -> u64 {
+        self.guest(guest).ok().and_then(|g| g[field].as_u64()).unwrap_or(0)
+    }
+
+    /// Stops the background programs (servers), leaving the daemon.
+    pub fn stop_background(&mut self) {
+        for mut child in self.background.drain(..) {
+            stop(&mut child);
+        }
+    }
+}
+
+fn last_table(text: &str) -> Option<&str> {
+    text.lines().rev().map(str::trim).find(|l| l.starts_with('['))
+}
+
+fn stop(child: &mut Child) {
+    // SIGTERM first so servers exit cleanly, then SIGKILL.
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop_background();
+        if let Some(mut d) = self.daemon.take() {
+            stop(&mut d);
+        }
+        let _ = Command::new(bin("vsocket")).args(["lab", "down", "--config"]).arg(&self.config).output();
+        if std::env::var_os("VSOCKET_KEEP_LAB").is_none() && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Polls `ready` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<(), ()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(())
+}
+
+/// Path of a file shipped with the e2e crate (scripts).
+pub fn asset(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets").join(name)
+}
+
+/// Parses `sockperf ping-pong` output: (percentile, one-way usec) pairs
+/// for 50, 99 and 99.9, plus the average.
+pub fn sockperf_latency(output: &str) -> Option<SockperfLatency> {
+    let pct = |p: &str| {
+        output.lines().find(|l| l.contains(&format!("percentile {p} ="))).and_then(|l| l.rsplit('=').next()?.trim().parse().ok())
+    };
+    let avg = output
+        .lines()
+        .find(|l| l.contains("Summary: Latency is"))
+        .and_then(|l| l.split("Latency is").nth(1)?.split_whitespace().next()?.parse().ok());
+    Some(SockperfLatency { p50: pct("50.000")?, p99: pct("99.000")?, p999: pct("99.900")?, avg: avg? })
+}
+
+/// One-way latency figures from sockperf, in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct SockperfLatency {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub avg: f64,
+}
+
+/// Parses `redis-benchmark -q` (or `--csv`) output into (test, requests/s).
+pub fn redis_benchmark_rates(output: &str) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for line in output.split(['\n', '\r']) {
+        if let Some((name, rest)) = line.split_once(": ") {
+            if let Some(num) = rest.strip_suffix(" requests per second").or_else(|| rest.split(" requests per second").next().filter(|_| rest.contains("requests per second"))) {
+                if let Ok(v) = num.trim().parse::<f64>() {
+                    out.push((name.trim().to_string(), v));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sockperf() {
+        let text = "sockperf: Summary: Latency is 1.040 usec\nsockperf: ---> percentile 99.900 =    3.5\nsockperf: ---> percentile 99.000 =    1.852\nsockperf: ---> percentile 50.000 =    0.922\n";
+        let l = sockperf_latency(text).unwrap();
+        assert_eq!((l.p50, l.p99, l.p999, l.avg), (0.922, 1.852, 3.5, 1.04));
+    }
+
+    #[test]
+    fn parses_redis_benchmark() {
+        let text = "SET: rps=0.0 (overall: -nan)\r SET: 89206.06 requests per second, p50=0.263 msec\nGET: 80580.17 requests per second, p50=0.271 msec\n";
+        assert_eq!(redis_benchmark_rates(text), vec![("SET".to_string(), 89206.06), ("GET".to_string(), 80580.17)]);
+    }
+}

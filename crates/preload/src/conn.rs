@@ -149,8 +149,12 @@ impl Connection {
             return ready::IN | ready::OUT | ready::ERR | ready::HUP | ready::RDHUP;
         }
         let mut mask = 0;
+        let rx = self.rx();
         let mut fin = false;
-        match self.rx().state() {
+        if rx.fin_received() {
+            mask |= ready::RDHUP;
+        }
+        match rx.state() {
             Ok(RxState::Data(_)) => mask |= ready::IN,
             Ok(RxState::Empty) => {}
             Ok(RxState::Fin) => {
@@ -434,4 +438,134 @@ fn advance_const<R>(bufs: &[&[u8]], skip: usize, op: impl FnOnce(&[&[u8]]) -> R)
     chunk.push(&rest[0][skip..]);
     chunk.extend_from_slice(&rest[1..]);
     op(&chunk)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The connection state machine, both ends in one process.
+    use super::*;
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    use std::sync::Arc;
+
+    fn pair(ring_size: u32) -> (Arc<Connection>, Arc<Connection>) {
+        let (daemon_view, memfd) = Segment::create(ring_size).unwrap();
+        drop(daemon_view);
+        let memfd2 = sys::fcntl(memfd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0).unwrap() as RawFd;
+        let (a, b) = sys::stream_pair().unwrap();
+        let info = ConnectionInfo { id: 1, local: "10.0.0.2:1000".parse().unwrap(), peer: "10.0.0.3:80".parse().unwrap(), ring_size };
+        let client = Connection::new(info, Endpoint::Client, memfd.into_raw_fd(), a, false).unwrap();
+        let server = Connection::new(info, Endpoint::Server, memfd2, b, false).unwrap();
+        (Arc::new(client), Arc::new(server))
+    }
+
+    fn recv_all(c: &Connection, n: usize) -> Vec<u8> {
+        let mut out = vec![0u8; n];
+        let got = c.recv(&mut [&mut out[..]], libc::MSG_WAITALL).unwrap();
+        out.truncate(got);
+        out
+    }
+
+    #[test]
+    fn bytes_flow_both_ways_in_order() {
+        let (c, s) = pair(4096);
+        assert_eq!(c.send(&[b"hello ", b"world"], 0), Ok(11));
+        assert_eq!(recv_all(&s, 11), b"hello world");
+        assert_eq!(s.send(&[b"pong"], 0), Ok(4));
+        let mut buf = [0u8; 2];
+        assert_eq!(c.recv(&mut [&mut buf[..]], libc::MSG_PEEK), Ok(2));
+        assert_eq!(c.readable_bytes(), 4);
+        assert_eq!(recv_all(&c, 4), b"pong");
+    }
+
+    #[test]
+    fn empty_nonblocking_read_is_eagain() {
+        let (c, _s) = pair(4096);
+        c.set_nonblocking(true);
+        let mut buf = [0u8; 8];
+        assert_eq!(c.recv(&mut [&mut buf[..]], 0), Err(Errno(libc::EAGAIN)));
+        let (c2, _s2) = pair(4096);
+        assert_eq!(c2.recv(&mut [&mut buf[..]], libc::MSG_DONTWAIT), Err(Errno(libc::EAGAIN)));
+    }
+
+    #[test]
+    fn half_close_delivers_eof_after_the_data() {
+        let (c, s) = pair(4096);
+        c.send(&[b"last words"], 0).unwrap();
+        c.shutdown(libc::SHUT_WR).unwrap();
+        assert_eq!(c.send(&[b"x"], libc::MSG_NOSIGNAL), Err(Errno(libc::EPIPE)));
+        assert_eq!(s.readiness() & (ready::IN | ready::RDHUP), ready::IN | ready::RDHUP);
+        assert_eq!(recv_all(&s, 64), b"last words");
+        let mut buf = [0u8; 8];
+        assert_eq!(s.recv(&mut [&mut buf[..]], 0), Ok(0));
+        // The other direction still works.
+        s.send(&[b"reply"], 0).unwrap();
+        assert_eq!(recv_all(&c, 5), b"reply");
+        s.shutdown(libc::SHUT_WR).unwrap();
+        assert_ne!(c.readiness() & ready::HUP, 0, "both directions closed");
+    }
+
+    #[test]
+    fn close_with_unread_data_resets_the_peer() {
+        let (c, s) = pair(4096);
+        c.send(&[b"unread"], 0).unwrap();
+        s.close();
+        let mut buf = [0u8; 8];
+        assert_eq!(c.recv(&mut [&mut buf[..]], 0), Err(Errno(libc::ECONNRESET)));
+        assert_eq!(c.recv(&mut [&mut buf[..]], 0), Ok(0));
+    }
+
+    #[test]
+    fn writing_to_a_closed_peer_fails_after_one_write() {
+        let (c, s) = pair(4096);
+        s.close();
+        let mut buf = [0u8; 8];
+        assert_eq!(c.recv(&mut [&mut buf[..]], 0), Ok(0));
+        assert_eq!(c.send(&[b"first"], libc::MSG_NOSIGNAL), Ok(5));
+        assert_eq!(c.send(&[b"second"], libc::MSG_NOSIGNAL), Err(Errno(libc::EPIPE)));
+    }
+
+    #[test]
+    fn blocking_reader_wakes_when_bytes_arrive() {
+        let (c, s) = pair(4096);
+        let reader = std::thread::spawn(move || recv_all(&s, 5));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        c.send(&[b"wake!"], 0).unwrap();
+        assert_eq!(reader.join().unwrap(), b"wake!");
+    }
+
+    #[test]
+    fn blocking_writer_streams_more_than_the_ring_holds() {
+        let (c, s) = pair(4096);
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let expected = data.clone();
+        let writer = std::thread::spawn(move || c.send(&[&data], 0));
+        let got = recv_all(&s, expected.len());
+        assert_eq!(writer.join().unwrap(), Ok(expected.len()));
+        assert!(got == expected, "stream corrupted");
+    }
+
+    #[test]
+    fn a_vanished_peer_reads_as_end_of_stream() {
+        let (c, s) = pair(4096);
+        let doorbell = s.doorbell;
+        // The peer's process died: its descriptors close, nothing else.
+        std::mem::forget(s);
+        sys::close(doorbell).unwrap();
+        c.drain_doorbell();
+        let mut buf = [0u8; 8];
+        assert_eq!(c.recv(&mut [&mut buf[..]], 0), Ok(0));
+        assert_eq!(c.send(&[b"a"], libc::MSG_NOSIGNAL), Ok(1));
+        assert_eq!(c.send(&[b"b"], libc::MSG_NOSIGNAL), Err(Errno(libc::EPIPE)));
+    }
+
+    #[test]
+    fn readiness_follows_the_rings() {
+        let (c, s) = pair(4096);
+        assert_eq!(c.readiness(), ready::OUT);
+        c.send(&[&[0u8; 4096]], 0).unwrap();
+        assert_eq!(c.readiness() & ready::OUT, 0, "ring full");
+        assert_eq!(s.readiness() & ready::IN, ready::IN);
+        recv_all(&s, 100);
+        assert_eq!(c.readiness() & ready::OUT, ready::OUT);
+    }
 }

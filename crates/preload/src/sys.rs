@@ -247,3 +247,10 @@ pub fn with_borrowed<R>(fd: RawFd, f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -
     // cannot escape `f`.
     f(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
 }
+
+/// A connected pair of Unix stream sockets, close-on-exec.
+pub fn stream_pair() -> SysResult<(RawFd, RawFd)> {
+    let mut fds = [0 as RawFd; 2];
+    raw!(libc::SYS_socketpair, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())?;
+    Ok((fds[0], fds[1]))
+}

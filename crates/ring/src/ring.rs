@@ -294,6 +294,12 @@ impl<'a> Consumer<'a> {
         Shared::arm(&self.0.ctl.consumer.waiting);
     }
 
+    /// Has the producer ended the stream (FIN or RST), whether or not
+    /// bytes remain to be read?
+    pub fn fin_received(&self) -> bool {
+        self.0.ctl.producer.flags.load(Ordering::Acquire) & (PRODUCER_FIN | PRODUCER_RST) != 0
+    }
+
     /// Has the consumer closed its end?
     pub fn closed(&self) -> bool {
         self.0.ctl.consumer.flags.load(Ordering::Relaxed) & CONSUMER_CLOSED != 0
