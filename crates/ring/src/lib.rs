@@ -19,6 +19,9 @@
 //! data area) and `segment` (mmap, munmap and placing the control lines).
 #![deny(unsafe_code)]
 
+#[doc(hidden)]
+#[allow(unsafe_code)]
+pub mod hostile;
 pub mod index;
 #[allow(unsafe_code)]
 pub mod ring;

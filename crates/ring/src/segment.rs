@@ -144,6 +144,13 @@ impl Segment {
 }
 
 impl Segment {
+    /// Overwrites ring `ring`'s published tail, as a hostile producer can
+    /// (tests and fuzzing only).
+    #[doc(hidden)]
+    pub fn forge_for_tests(&self, ring: usize, tail: u64) {
+        self.control(ring).producer.tail.store(tail, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Have both ends closed both directions (each producer finished and
     /// each consumer closed)? Read by the daemon to retire a connection.
     pub fn fully_closed(&self) -> bool {
