@@ -25,12 +25,20 @@ pub struct Reply {
 
 impl Reply {
     fn plain(message: Message) -> Reply {
-        Reply { message, fds: Vec::new() }
+        Reply {
+            message,
+            fds: Vec::new(),
+        }
     }
 }
 
 /// Checks a `Listen` request. On success returns the record to register.
-pub fn listen(daemon: &Daemon, guest: GuestId, local: SocketAddrV4, channel: OwnedFd) -> Result<Arc<ListenerRecord>, i32> {
+pub fn listen(
+    daemon: &Daemon,
+    guest: GuestId,
+    local: SocketAddrV4,
+    channel: OwnedFd,
+) -> Result<Arc<ListenerRecord>, i32> {
     let g = daemon.config.guest(guest);
     if local.port() == 0 {
         return Err(libc::EINVAL);
@@ -39,16 +47,31 @@ pub fn listen(daemon: &Daemon, guest: GuestId, local: SocketAddrV4, channel: Own
         // A guest may only listen on its own addresses.
         return Err(libc::EADDRNOTAVAIL);
     }
-    Ok(Arc::new(ListenerRecord { id: daemon.next_id(), guest, local, channel, accepted: Default::default() }))
+    Ok(Arc::new(ListenerRecord {
+        id: daemon.next_id(),
+        guest,
+        local,
+        channel,
+        accepted: Default::default(),
+    }))
 }
 
 /// Decides a `Connect` request from `guest`.
-pub fn connect(daemon: &Daemon, guest: GuestId, local: SocketAddrV4, remote: SocketAddrV4) -> Reply {
+pub fn connect(
+    daemon: &Daemon,
+    guest: GuestId,
+    local: SocketAddrV4,
+    remote: SocketAddrV4,
+) -> Reply {
     let config = &daemon.config;
     let g = config.guest(guest);
     let counters = daemon.counters(guest);
     // The guest's word about its own address is not trusted.
-    let client_ip = if g.addresses.contains(local.ip()) { *local.ip() } else { g.addresses[0] };
+    let client_ip = if g.addresses.contains(local.ip()) {
+        *local.ip()
+    } else {
+        g.addresses[0]
+    };
     let client_addr = SocketAddrV4::new(client_ip, local.port());
     let Some(listener) = daemon.find_listener(g.vpc, remote) else {
         counters.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -71,7 +94,9 @@ pub fn connect(daemon: &Daemon, guest: GuestId, local: SocketAddrV4, remote: Soc
         tracing::info!(client = %g.name, from = %client_addr, server = %server_name, to = %remote,
             decided_by = %verdict.describe(config), ?action, "connect denied");
         return Reply::plain(match action {
-            DenyAction::Reject => Message::Refused { errno: libc::ECONNREFUSED },
+            DenyAction::Reject => Message::Refused {
+                errno: libc::ECONNREFUSED,
+            },
             DenyAction::Drop => Message::Dropped,
         });
     }
@@ -91,23 +116,44 @@ pub fn connect(daemon: &Daemon, guest: GuestId, local: SocketAddrV4, remote: Soc
 
 /// Creates the shared segment and doorbell, hands the server end to the
 /// listener and returns the client end.
-fn open(daemon: &Daemon, client: GuestId, client_addr: SocketAddrV4, listener: &Arc<ListenerRecord>, remote: SocketAddrV4) -> std::io::Result<Reply> {
+fn open(
+    daemon: &Daemon,
+    client: GuestId,
+    client_addr: SocketAddrV4,
+    listener: &Arc<ListenerRecord>,
+    remote: SocketAddrV4,
+) -> std::io::Result<Reply> {
     let ring_size = daemon.config.host().ring_size;
     let (segment, memfd) = Segment::create(ring_size)?;
     let (client_bell, server_bell) = vsocket_sys::stream_pair()?;
     let id = daemon.next_id();
-    let incoming = Message::Incoming(ConnectionInfo { id, local: remote, peer: client_addr, ring_size });
+    let incoming = Message::Incoming(ConnectionInfo {
+        id,
+        local: remote,
+        peer: client_addr,
+        ring_size,
+    });
     let mut buf = [0u8; MAX_MESSAGE];
     let bytes = incoming.encode(&mut buf);
-    if let Err(e) = vsocket_sys::send_with_fds(listener.channel.as_fd(), bytes, &[memfd.as_fd(), server_bell.as_fd()]) {
+    if let Err(e) = vsocket_sys::send_with_fds(
+        listener.channel.as_fd(),
+        bytes,
+        &[memfd.as_fd(), server_bell.as_fd()],
+    ) {
         // The listener is gone (its process exited): forget it.
         daemon.remove_listener(listener);
         return Err(e);
     }
     drop(server_bell);
     listener.accepted.fetch_add(1, Ordering::Relaxed);
-    daemon.counters(client).connections_out.fetch_add(1, Ordering::Relaxed);
-    daemon.counters(listener.guest).connections_in.fetch_add(1, Ordering::Relaxed);
+    daemon
+        .counters(client)
+        .connections_out
+        .fetch_add(1, Ordering::Relaxed);
+    daemon
+        .counters(listener.guest)
+        .connections_in
+        .fetch_add(1, Ordering::Relaxed);
     daemon.add_connection(ConnectionRecord {
         id,
         vpc: daemon.config.guest(client).vpc,
@@ -118,6 +164,14 @@ fn open(daemon: &Daemon, client: GuestId, client_addr: SocketAddrV4, listener: &
         opened: SystemTime::now(),
         segment,
     });
-    let connected = Message::Connected(ConnectionInfo { id, local: client_addr, peer: remote, ring_size });
-    Ok(Reply { message: connected, fds: vec![memfd, client_bell] })
+    let connected = Message::Connected(ConnectionInfo {
+        id,
+        local: client_addr,
+        peer: remote,
+        ring_size,
+    });
+    Ok(Reply {
+        message: connected,
+        fds: vec![memfd, client_bell],
+    })
 }

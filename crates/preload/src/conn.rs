@@ -55,7 +55,13 @@ pub mod ready {
 
 impl Connection {
     /// Maps the segment the daemon sent. Takes ownership of both descriptors.
-    pub fn new(info: ConnectionInfo, endpoint: Endpoint, segment_fd: RawFd, doorbell: RawFd, nonblocking: bool) -> SysResult<Connection> {
+    pub fn new(
+        info: ConnectionInfo,
+        endpoint: Endpoint,
+        segment_fd: RawFd,
+        doorbell: RawFd,
+        nonblocking: bool,
+    ) -> SysResult<Connection> {
         let segment = sys::with_borrowed(segment_fd, |fd| Segment::map(fd, info.ring_size));
         // The mapping keeps the memory; the descriptor is no longer needed.
         let _ = sys::close(segment_fd);
@@ -199,7 +205,11 @@ impl Connection {
     /// A snapshot that changes whenever readiness might (for edge-triggered
     /// epoll): bytes produced to us, bytes consumed from us, and flags.
     pub fn edge_snapshot(&self) -> (u64, u64, u32) {
-        (self.segment.producer(self.endpoint.rx_ring()).total(), self.segment.consumer(self.endpoint.tx_ring()).total(), self.readiness())
+        (
+            self.segment.producer(self.endpoint.rx_ring()).total(),
+            self.segment.consumer(self.endpoint.tx_ring()).total(),
+            self.readiness(),
+        )
     }
 
     /// Bytes waiting to be read (FIONREAD).
@@ -452,8 +462,14 @@ mod tests {
         drop(daemon_view);
         let memfd2 = sys::fcntl(memfd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0).unwrap() as RawFd;
         let (a, b) = sys::stream_pair().unwrap();
-        let info = ConnectionInfo { id: 1, local: "10.0.0.2:1000".parse().unwrap(), peer: "10.0.0.3:80".parse().unwrap(), ring_size };
-        let client = Connection::new(info, Endpoint::Client, memfd.into_raw_fd(), a, false).unwrap();
+        let info = ConnectionInfo {
+            id: 1,
+            local: "10.0.0.2:1000".parse().unwrap(),
+            peer: "10.0.0.3:80".parse().unwrap(),
+            ring_size,
+        };
+        let client =
+            Connection::new(info, Endpoint::Client, memfd.into_raw_fd(), a, false).unwrap();
         let server = Connection::new(info, Endpoint::Server, memfd2, b, false).unwrap();
         (Arc::new(client), Arc::new(server))
     }
@@ -484,7 +500,10 @@ mod tests {
         let mut buf = [0u8; 8];
         assert_eq!(c.recv(&mut [&mut buf[..]], 0), Err(Errno(libc::EAGAIN)));
         let (c2, _s2) = pair(4096);
-        assert_eq!(c2.recv(&mut [&mut buf[..]], libc::MSG_DONTWAIT), Err(Errno(libc::EAGAIN)));
+        assert_eq!(
+            c2.recv(&mut [&mut buf[..]], libc::MSG_DONTWAIT),
+            Err(Errno(libc::EAGAIN))
+        );
     }
 
     #[test]
@@ -493,7 +512,10 @@ mod tests {
         c.send(&[b"last words"], 0).unwrap();
         c.shutdown(libc::SHUT_WR).unwrap();
         assert_eq!(c.send(&[b"x"], libc::MSG_NOSIGNAL), Err(Errno(libc::EPIPE)));
-        assert_eq!(s.readiness() & (ready::IN | ready::RDHUP), ready::IN | ready::RDHUP);
+        assert_eq!(
+            s.readiness() & (ready::IN | ready::RDHUP),
+            ready::IN | ready::RDHUP
+        );
         assert_eq!(recv_all(&s, 64), b"last words");
         let mut buf = [0u8; 8];
         assert_eq!(s.recv(&mut [&mut buf[..]], 0), Ok(0));
@@ -521,7 +543,10 @@ mod tests {
         let mut buf = [0u8; 8];
         assert_eq!(c.recv(&mut [&mut buf[..]], 0), Ok(0));
         assert_eq!(c.send(&[b"first"], libc::MSG_NOSIGNAL), Ok(5));
-        assert_eq!(c.send(&[b"second"], libc::MSG_NOSIGNAL), Err(Errno(libc::EPIPE)));
+        assert_eq!(
+            c.send(&[b"second"], libc::MSG_NOSIGNAL),
+            Err(Errno(libc::EPIPE))
+        );
     }
 
     #[test]

@@ -16,7 +16,9 @@ fn control_path() -> Option<&'static [u8]> {
     static PATH: OnceLock<Option<Vec<u8>>> = OnceLock::new();
     PATH.get_or_init(|| {
         use std::os::unix::ffi::OsStringExt;
-        std::env::var_os("VSOCKET_CONTROL").map(|p| p.into_vec()).filter(|p| !p.is_empty())
+        std::env::var_os("VSOCKET_CONTROL")
+            .map(|p| p.into_vec())
+            .filter(|p| !p.is_empty())
     })
     .as_deref()
 }
@@ -88,7 +90,10 @@ pub fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
             r => break r?,
         }
     };
-    let mut reply = Reply { message: Message::Fallback, fds };
+    let mut reply = Reply {
+        message: Message::Fallback,
+        fds,
+    };
     if n == 0 {
         // The daemon went away.
         return Err(Errno(libc::ECONNABORTED));
@@ -123,7 +128,10 @@ pub fn request(msg: &Message) -> SysResult<Reply> {
         }
     }
     if guard.is_none() {
-        *guard = Some(RequestChannel { fd: open_channel()?, pid });
+        *guard = Some(RequestChannel {
+            fd: open_channel()?,
+            pid,
+        });
     }
     let fd = guard.as_ref().map(|c| c.fd).unwrap_or(-1);
     let result = exchange(fd, msg);

@@ -44,7 +44,10 @@ enum Kind {
     /// A kernel descriptor, registered in the kernel with the program's data.
     Kernel,
     /// A vSocket connection or a dropped connect, judged from shared memory.
-    Managed { entry: Arc<Entry>, last: Option<(u64, u64, u32)> },
+    Managed {
+        entry: Arc<Entry>,
+        last: Option<(u64, u64, u32)>,
+    },
     /// A listener: its socket and its channel are in the kernel set.
     Listener { entry: Arc<Entry> },
 }
@@ -68,7 +71,11 @@ static SETS: Mutex<Vec<Weak<Entry>>> = Mutex::new(Vec::new());
 
 /// Starts tracking a new epoll instance.
 pub fn track(epfd: RawFd) {
-    let entry = Arc::new(Entry::Epoll(EpollSet { epfd, regs: Mutex::new(HashMap::new()), special: AtomicUsize::new(0) }));
+    let entry = Arc::new(Entry::Epoll(EpollSet {
+        epfd,
+        regs: Mutex::new(HashMap::new()),
+        special: AtomicUsize::new(0),
+    }));
     let weak = Arc::downgrade(&entry);
     table::set(epfd, entry);
     let mut sets = SETS.lock().unwrap_or_else(|e| e.into_inner());
@@ -77,7 +84,12 @@ pub fn track(epfd: RawFd) {
 }
 
 fn each_set(mut f: impl FnMut(&EpollSet)) {
-    let sets: Vec<Arc<Entry>> = SETS.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    let sets: Vec<Arc<Entry>> = SETS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
     for s in sets {
         if let Entry::Epoll(set) = &*s {
             f(set);
@@ -119,18 +131,38 @@ impl EpollSet {
     fn register_special(&self, fd: RawFd, entry: &Arc<Entry>, events: u32) -> SysResult<Kind> {
         match &**entry {
             Entry::Conn(conn) => {
-                sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, conn.doorbell, libc::EPOLLIN as u32, token(fd))?;
-                Ok(Kind::Managed { entry: entry.clone(), last: None })
+                sys::epoll_ctl(
+                    self.epfd,
+                    libc::EPOLL_CTL_ADD,
+                    conn.doorbell,
+                    libc::EPOLLIN as u32,
+                    token(fd),
+                )?;
+                Ok(Kind::Managed {
+                    entry: entry.clone(),
+                    last: None,
+                })
             }
-            Entry::Dropped(_) => Ok(Kind::Managed { entry: entry.clone(), last: None }),
+            Entry::Dropped(_) => Ok(Kind::Managed {
+                entry: entry.clone(),
+                last: None,
+            }),
             Entry::Listener(l) => {
                 let ev = kernel_events(events) & !(libc::EPOLLEXCLUSIVE as u32);
                 sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, ev, token(fd))?;
-                if let Err(e) = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, l.channel, libc::EPOLLIN as u32 | (ev & libc::EPOLLET as u32), token(fd)) {
+                if let Err(e) = sys::epoll_ctl(
+                    self.epfd,
+                    libc::EPOLL_CTL_ADD,
+                    l.channel,
+                    libc::EPOLLIN as u32 | (ev & libc::EPOLLET as u32),
+                    token(fd),
+                ) {
                     let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
                     return Err(e);
                 }
-                Ok(Kind::Listener { entry: entry.clone() })
+                Ok(Kind::Listener {
+                    entry: entry.clone(),
+                })
             }
             Entry::Epoll(_) => Err(Errno(libc::EINVAL)),
         }
@@ -175,7 +207,15 @@ impl EpollSet {
                         kind
                     }
                 };
-                regs.insert(fd, Registration { events, data, kind, disabled: false });
+                regs.insert(
+                    fd,
+                    Registration {
+                        events,
+                        data,
+                        kind,
+                        disabled: false,
+                    },
+                );
                 Ok(())
             }
             libc::EPOLL_CTL_MOD => {
@@ -190,7 +230,13 @@ impl EpollSet {
                         let ev = kernel_events(events) & !(libc::EPOLLEXCLUSIVE as u32);
                         sys::epoll_ctl(self.epfd, op, fd, ev, token(fd))?;
                         if let Entry::Listener(l) = &**entry {
-                            sys::epoll_ctl(self.epfd, op, l.channel, libc::EPOLLIN as u32 | (ev & libc::EPOLLET as u32), token(fd))?;
+                            sys::epoll_ctl(
+                                self.epfd,
+                                op,
+                                l.channel,
+                                libc::EPOLLIN as u32 | (ev & libc::EPOLLET as u32),
+                                token(fd),
+                            )?;
                         }
                     }
                 }
@@ -216,7 +262,12 @@ impl EpollSet {
 
     /// Adds ready managed registrations to `out` (from index `n`), skipping
     /// descriptors already there. Returns the new count.
-    fn collect(&self, regs: &mut HashMap<RawFd, Registration>, out: &mut [libc::epoll_event], mut n: usize) -> usize {
+    fn collect(
+        &self,
+        regs: &mut HashMap<RawFd, Registration>,
+        out: &mut [libc::epoll_event],
+        mut n: usize,
+    ) -> usize {
         let now = sys::now_ms();
         for reg in regs.values_mut() {
             if n == out.len() {
@@ -225,14 +276,18 @@ impl EpollSet {
             if reg.disabled {
                 continue;
             }
-            let Kind::Managed { entry, last } = &mut reg.kind else { continue };
+            let Kind::Managed { entry, last } = &mut reg.kind else {
+                continue;
+            };
             let interest = reg.events | ready::ERR | ready::HUP;
             let (mask, snapshot) = match &**entry {
                 Entry::Conn(conn) => {
                     let snap = conn.edge_snapshot();
                     (snap.2 & interest, snap)
                 }
-                Entry::Dropped(d) if now >= d.deadline_ms => ((ready::OUT | ready::ERR | ready::HUP) & interest, (0, 0, 1)),
+                Entry::Dropped(d) if now >= d.deadline_ms => {
+                    ((ready::OUT | ready::ERR | ready::HUP) & interest, (0, 0, 1))
+                }
                 _ => (0, (0, 0, 0)),
             };
             if mask == 0 {
@@ -245,7 +300,10 @@ impl EpollSet {
                 }
                 *last = Some(snapshot);
             }
-            out[n] = libc::epoll_event { events: mask, u64: reg.data };
+            out[n] = libc::epoll_event {
+                events: mask,
+                u64: reg.data,
+            };
             n += 1;
             if reg.events & libc::EPOLLONESHOT as u32 != 0 {
                 reg.disabled = true;
@@ -281,7 +339,13 @@ impl EpollSet {
 
     /// Turns kernel events into the program's events: kernel descriptors
     /// pass through, tokens are resolved. Returns the count written to `out`.
-    fn translate(&self, regs: &mut HashMap<RawFd, Registration>, got: &[libc::epoll_event], out: &mut [libc::epoll_event], mut n: usize) -> usize {
+    fn translate(
+        &self,
+        regs: &mut HashMap<RawFd, Registration>,
+        got: &[libc::epoll_event],
+        out: &mut [libc::epoll_event],
+        mut n: usize,
+    ) -> usize {
         for ev in got {
             let Some(fd) = token_fd(ev.u64) else {
                 if n < out.len() {
@@ -290,7 +354,9 @@ impl EpollSet {
                 }
                 continue;
             };
-            let Some(reg) = regs.get_mut(&fd) else { continue };
+            let Some(reg) = regs.get_mut(&fd) else {
+                continue;
+            };
             match &reg.kind {
                 Kind::Managed { entry, .. } => {
                     if let Entry::Conn(conn) = &**entry {
@@ -301,13 +367,18 @@ impl EpollSet {
                     if reg.disabled || n == out.len() {
                         continue;
                     }
-                    let mask = (ev.events | ready::IN) & (reg.events | ready::ERR | ready::HUP) & !ready::OUT;
+                    let mask = (ev.events | ready::IN)
+                        & (reg.events | ready::ERR | ready::HUP)
+                        & !ready::OUT;
                     let mask = mask & !(libc::EPOLLET as u32);
                     if let Some(existing) = out[..n].iter_mut().find(|e| e.u64 == reg.data) {
                         existing.events |= mask;
                         continue;
                     }
-                    out[n] = libc::epoll_event { events: mask, u64: reg.data };
+                    out[n] = libc::epoll_event {
+                        events: mask,
+                        u64: reg.data,
+                    };
                     n += 1;
                     if reg.events & libc::EPOLLONESHOT as u32 != 0 {
                         reg.disabled = true;
@@ -320,7 +391,12 @@ impl EpollSet {
     }
 
     /// epoll_wait/epoll_pwait on this set.
-    pub fn wait(&self, out: &mut [libc::epoll_event], timeout_ms: i32, sigmask: *const libc::sigset_t) -> SysResult<usize> {
+    pub fn wait(
+        &self,
+        out: &mut [libc::epoll_event],
+        timeout_ms: i32,
+        sigmask: *const libc::sigset_t,
+    ) -> SysResult<usize> {
         if self.special.load(Ordering::Relaxed) == 0 {
             return sys::epoll_pwait(self.epfd, out, timeout_ms, sigmask);
         }
@@ -366,7 +442,12 @@ impl EpollSet {
     }
 
     /// Fills the rest of `out` with whatever the kernel has ready now.
-    fn add_kernel_ready(&self, out: &mut [libc::epoll_event], n: usize, got: &mut [libc::epoll_event]) -> SysResult<usize> {
+    fn add_kernel_ready(
+        &self,
+        out: &mut [libc::epoll_event],
+        n: usize,
+        got: &mut [libc::epoll_event],
+    ) -> SysResult<usize> {
         if n == out.len() {
             return Ok(n);
         }
@@ -381,7 +462,11 @@ impl EpollSet {
 pub fn poll_bits(entry: &Entry) -> Option<u32> {
     match entry {
         Entry::Conn(conn) => Some(conn.readiness()),
-        Entry::Dropped(d) => Some(if sys::now_ms() >= d.deadline_ms { ready::OUT | ready::ERR | ready::HUP } else { 0 }),
+        Entry::Dropped(d) => Some(if sys::now_ms() >= d.deadline_ms {
+            ready::OUT | ready::ERR | ready::HUP
+        } else {
+            0
+        }),
         _ => None,
     }
 }

@@ -24,7 +24,13 @@ impl Listener {
     /// Registers the kernel listening socket's address with the daemon.
     pub fn register(local: SocketAddrV4, backlog: i32) -> SysResult<Listener> {
         let channel = control::open_channel()?;
-        match control::exchange(channel, &Message::Listen { local, backlog: backlog.max(0) as u32 }) {
+        match control::exchange(
+            channel,
+            &Message::Listen {
+                local,
+                backlog: backlog.max(0) as u32,
+            },
+        ) {
             Ok(reply) if reply.message == Message::ListenOk => Ok(Listener { channel }),
             Ok(reply) => {
                 let _ = sys::close(channel);
@@ -52,10 +58,20 @@ impl Listener {
         let Message::Incoming(info) = reply.message else {
             return Err(Errno(libc::EPROTO));
         };
-        let fd = sys::socket(libc::AF_INET, libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)), 0)?;
+        let fd = sys::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)),
+            0,
+        )?;
         let segment = reply.take_fd(FD_SEGMENT);
         let doorbell = reply.take_fd(FD_DOORBELL);
-        match Connection::new(info, Endpoint::Server, segment, doorbell, flags & libc::SOCK_NONBLOCK != 0) {
+        match Connection::new(
+            info,
+            Endpoint::Server,
+            segment,
+            doorbell,
+            flags & libc::SOCK_NONBLOCK != 0,
+        ) {
             Ok(conn) => {
                 table::set(fd, Arc::new(Entry::Conn(conn)));
                 Ok(Some((fd, info.peer)))
@@ -66,7 +82,6 @@ impl Listener {
             }
         }
     }
-
 }
 
 impl Drop for Listener {

@@ -65,7 +65,14 @@ pub fn relocate(fd: RawFd, min: RawFd) -> SysResult<RawFd> {
 pub fn getsockopt_int(fd: RawFd, level: i32, name: i32) -> SysResult<i32> {
     let mut v: i32 = 0;
     let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-    raw!(libc::SYS_getsockopt, fd, level, name, &mut v as *mut i32, &mut len as *mut libc::socklen_t)?;
+    raw!(
+        libc::SYS_getsockopt,
+        fd,
+        level,
+        name,
+        &mut v as *mut i32,
+        &mut len as *mut libc::socklen_t
+    )?;
     Ok(v)
 }
 
@@ -73,12 +80,23 @@ pub fn getsockname_v4(fd: RawFd) -> SysResult<libc::sockaddr_in> {
     // SAFETY: sockaddr_in is plain data.
     let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    raw!(libc::SYS_getsockname, fd, &mut sa as *mut libc::sockaddr_in, &mut len as *mut libc::socklen_t)?;
+    raw!(
+        libc::SYS_getsockname,
+        fd,
+        &mut sa as *mut libc::sockaddr_in,
+        &mut len as *mut libc::socklen_t
+    )?;
     Ok(sa)
 }
 
 pub fn bind_v4(fd: RawFd, sa: &libc::sockaddr_in) -> SysResult<()> {
-    raw!(libc::SYS_bind, fd, sa as *const libc::sockaddr_in, std::mem::size_of::<libc::sockaddr_in>()).map(drop)
+    raw!(
+        libc::SYS_bind,
+        fd,
+        sa as *const libc::sockaddr_in,
+        std::mem::size_of::<libc::sockaddr_in>()
+    )
+    .map(drop)
 }
 
 pub fn connect_unix_seqpacket(path: &[u8]) -> SysResult<RawFd> {
@@ -102,13 +120,29 @@ pub fn connect_unix_seqpacket(path: &[u8]) -> SysResult<RawFd> {
 
 /// Sends one datagram (no descriptors).
 pub fn send(fd: RawFd, bytes: &[u8], flags: i32) -> SysResult<usize> {
-    raw!(libc::SYS_sendto, fd, bytes.as_ptr(), bytes.len(), flags | libc::MSG_NOSIGNAL, 0usize, 0usize)
+    raw!(
+        libc::SYS_sendto,
+        fd,
+        bytes.as_ptr(),
+        bytes.len(),
+        flags | libc::MSG_NOSIGNAL,
+        0usize,
+        0usize
+    )
 }
 
 /// Receives one datagram with up to `fds.len()` descriptors; returns the
 /// length and how many descriptors arrived (close-on-exec).
-pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd], flags: i32) -> SysResult<(usize, usize)> {
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+pub fn recv_with_fds(
+    fd: RawFd,
+    buf: &mut [u8],
+    fds: &mut [RawFd],
+    flags: i32,
+) -> SysResult<(usize, usize)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
     let mut control = [0u64; 8];
     // SAFETY: msghdr is plain data.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -116,7 +150,12 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd], flags: i32) -
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
     msg.msg_controllen = std::mem::size_of_val(&control);
-    let n = raw!(libc::SYS_recvmsg, fd, &mut msg as *mut libc::msghdr, flags | libc::MSG_CMSG_CLOEXEC)?;
+    let n = raw!(
+        libc::SYS_recvmsg,
+        fd,
+        &mut msg as *mut libc::msghdr,
+        flags | libc::MSG_CMSG_CLOEXEC
+    )?;
     let mut count = 0;
     // SAFETY: the kernel filled msg_control with well-formed cmsgs within
     // msg_controllen; CMSG_* only walk those.
@@ -125,7 +164,8 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd], flags: i32) -
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(cmsg) as *const RawFd;
-                let k = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                let k =
+                    ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
                 for i in 0..k {
                     let got = data.add(i).read_unaligned();
                     if count < fds.len() {
@@ -147,7 +187,15 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd], flags: i32) -
 pub fn drain(fd: RawFd) -> bool {
     let mut buf = [0u8; 256];
     loop {
-        match raw!(libc::SYS_recvfrom, fd, buf.as_mut_ptr(), buf.len(), libc::MSG_DONTWAIT, 0usize, 0usize) {
+        match raw!(
+            libc::SYS_recvfrom,
+            fd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+            0usize,
+            0usize
+        ) {
             Ok(0) => return true,
             Ok(n) if n < buf.len() => return false,
             Ok(_) => continue,
@@ -163,13 +211,27 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> SysResult<usize> {
     let tsp = if timeout_ms < 0 {
         std::ptr::null()
     } else {
-        ts = libc::timespec { tv_sec: (timeout_ms / 1000) as libc::time_t, tv_nsec: (timeout_ms % 1000) as libc::c_long * 1_000_000 };
+        ts = libc::timespec {
+            tv_sec: (timeout_ms / 1000) as libc::time_t,
+            tv_nsec: (timeout_ms % 1000) as libc::c_long * 1_000_000,
+        };
         &ts as *const libc::timespec
     };
-    raw!(libc::SYS_ppoll, fds.as_mut_ptr(), fds.len(), tsp, 0usize, 8usize)
+    raw!(
+        libc::SYS_ppoll,
+        fds.as_mut_ptr(),
+        fds.len(),
+        tsp,
+        0usize,
+        8usize
+    )
 }
 
-pub fn ppoll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sigset_t) -> SysResult<usize> {
+pub fn ppoll(
+    fds: &mut [libc::pollfd],
+    timeout_ms: i32,
+    sigmask: *const libc::sigset_t,
+) -> SysResult<usize> {
     if sigmask.is_null() {
         return poll(fds, timeout_ms);
     }
@@ -177,19 +239,49 @@ pub fn ppoll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::si
     let tsp = if timeout_ms < 0 {
         std::ptr::null()
     } else {
-        ts = libc::timespec { tv_sec: (timeout_ms / 1000) as libc::time_t, tv_nsec: (timeout_ms % 1000) as libc::c_long * 1_000_000 };
+        ts = libc::timespec {
+            tv_sec: (timeout_ms / 1000) as libc::time_t,
+            tv_nsec: (timeout_ms % 1000) as libc::c_long * 1_000_000,
+        };
         &ts as *const libc::timespec
     };
-    raw!(libc::SYS_ppoll, fds.as_mut_ptr(), fds.len(), tsp, sigmask, 8usize)
+    raw!(
+        libc::SYS_ppoll,
+        fds.as_mut_ptr(),
+        fds.len(),
+        tsp,
+        sigmask,
+        8usize
+    )
 }
 
 pub fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, data: u64) -> SysResult<()> {
     let mut ev = libc::epoll_event { events, u64: data };
-    raw!(libc::SYS_epoll_ctl, epfd, op, fd, &mut ev as *mut libc::epoll_event).map(drop)
+    raw!(
+        libc::SYS_epoll_ctl,
+        epfd,
+        op,
+        fd,
+        &mut ev as *mut libc::epoll_event
+    )
+    .map(drop)
 }
 
-pub fn epoll_pwait(epfd: RawFd, out: &mut [libc::epoll_event], timeout_ms: i32, sigmask: *const libc::sigset_t) -> SysResult<usize> {
-    raw!(libc::SYS_epoll_pwait, epfd, out.as_mut_ptr(), out.len() as i32, timeout_ms, sigmask, 8usize)
+pub fn epoll_pwait(
+    epfd: RawFd,
+    out: &mut [libc::epoll_event],
+    timeout_ms: i32,
+    sigmask: *const libc::sigset_t,
+) -> SysResult<usize> {
+    raw!(
+        libc::SYS_epoll_pwait,
+        epfd,
+        out.as_mut_ptr(),
+        out.len() as i32,
+        timeout_ms,
+        sigmask,
+        8usize
+    )
 }
 
 pub fn getpid() -> i32 {
@@ -206,7 +298,11 @@ pub fn raise_sigpipe() {
 pub fn getrlimit_nofile() -> u64 {
     // SAFETY: rlimit is plain data.
     let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
-    match raw!(libc::SYS_getrlimit, libc::RLIMIT_NOFILE, &mut rl as *mut libc::rlimit) {
+    match raw!(
+        libc::SYS_getrlimit,
+        libc::RLIMIT_NOFILE,
+        &mut rl as *mut libc::rlimit
+    ) {
         Ok(_) => rl.rlim_cur,
         Err(_) => 1024,
     }
@@ -214,7 +310,10 @@ pub fn getrlimit_nofile() -> u64 {
 
 /// Monotonic nanoseconds.
 pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime (vDSO) writes into `ts`.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -231,13 +330,23 @@ pub const FD_WORD_BITS: usize = 8 * std::mem::size_of::<libc::c_ulong>();
 /// The words of an `fd_set`.
 pub fn fd_set_words(set: &libc::fd_set) -> &[libc::c_ulong] {
     // SAFETY: fd_set is exactly FD_SETSIZE bits stored as c_ulong words.
-    unsafe { std::slice::from_raw_parts(set as *const libc::fd_set as *const libc::c_ulong, libc::FD_SETSIZE / FD_WORD_BITS) }
+    unsafe {
+        std::slice::from_raw_parts(
+            set as *const libc::fd_set as *const libc::c_ulong,
+            libc::FD_SETSIZE / FD_WORD_BITS,
+        )
+    }
 }
 
 /// The words of an `fd_set`, mutably.
 pub fn fd_set_words_mut(set: &mut libc::fd_set) -> &mut [libc::c_ulong] {
     // SAFETY: as in `fd_set_words`, through the only reference.
-    unsafe { std::slice::from_raw_parts_mut(set as *mut libc::fd_set as *mut libc::c_ulong, libc::FD_SETSIZE / FD_WORD_BITS) }
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            set as *mut libc::fd_set as *mut libc::c_ulong,
+            libc::FD_SETSIZE / FD_WORD_BITS,
+        )
+    }
 }
 
 /// Runs `f` with a borrowed view of `fd`, which the caller keeps open for
@@ -248,9 +357,16 @@ pub fn with_borrowed<R>(fd: RawFd, f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -
     f(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
 }
 
-/// A connected pair of Unix stream sockets, close-on-exec.
+/// A connected pair of Unix stream sockets, close-on-exec (tests).
+#[cfg(test)]
 pub fn stream_pair() -> SysResult<(RawFd, RawFd)> {
     let mut fds = [0 as RawFd; 2];
-    raw!(libc::SYS_socketpair, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())?;
+    raw!(
+        libc::SYS_socketpair,
+        libc::AF_UNIX,
+        libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+        0,
+        fds.as_mut_ptr()
+    )?;
     Ok((fds[0], fds[1]))
 }

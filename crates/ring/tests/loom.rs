@@ -27,7 +27,12 @@ unsafe impl Send for Model {}
 
 impl Model {
     fn new() -> Arc<Model> {
-        Arc::new(Model { ctl: RingControl::default(), data: std::cell::UnsafeCell::new([0; 8]), rings: Mutex::new(0), rung: Condvar::new() })
+        Arc::new(Model {
+            ctl: RingControl::default(),
+            data: std::cell::UnsafeCell::new([0; 8]),
+            rings: Mutex::new(0),
+            rung: Condvar::new(),
+        })
     }
     fn producer(&self) -> Producer<'_> {
         // SAFETY: 8 bytes, alive as long as `self`.

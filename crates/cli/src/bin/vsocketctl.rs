@@ -59,7 +59,8 @@ fn main() {
         Command::Connections => "connections",
     };
     let path = vsocketd::admin_socket_path(&run_dir);
-    let reply = query(&path, command).unwrap_or_else(|e| fail(1, format!("{}: {e} (is vsocketd running?)", path.display())));
+    let reply = query(&path, command)
+        .unwrap_or_else(|e| fail(1, format!("{}: {e} (is vsocketd running?)", path.display())));
     if let Some(err) = reply.get("error") {
         fail(1, err);
     }
@@ -75,12 +76,36 @@ fn main() {
         }
         "guests" => table(
             &reply,
-            &["name", "vpc", "addresses", "netns", "channels", "connections_open", "connections_out", "connections_in", "denied", "fallbacks", "refused_attachments", "bytes_sent", "bytes_received"],
+            &[
+                "name",
+                "vpc",
+                "addresses",
+                "netns",
+                "channels",
+                "connections_open",
+                "connections_out",
+                "connections_in",
+                "denied",
+                "fallbacks",
+                "refused_attachments",
+                "bytes_sent",
+                "bytes_received",
+            ],
         ),
         "listeners" => table(&reply, &["id", "guest", "vpc", "address", "accepted"]),
         _ => table(
             &reply,
-            &["id", "vpc", "client_guest", "client", "server_guest", "server", "bytes_client_to_server", "bytes_server_to_client", "age_seconds"],
+            &[
+                "id",
+                "vpc",
+                "client_guest",
+                "client",
+                "server_guest",
+                "server",
+                "bytes_client_to_server",
+                "bytes_server_to_client",
+                "age_seconds",
+            ],
         ),
     }
 }
@@ -105,15 +130,29 @@ fn plain(v: &Value) -> String {
 fn table(rows: &Value, columns: &[&str]) {
     let rows: Vec<Vec<String>> = rows
         .as_array()
-        .map(|a| a.iter().map(|r| columns.iter().map(|c| plain(&r[*c])).collect()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|r| columns.iter().map(|c| plain(&r[*c])).collect())
+                .collect()
+        })
         .unwrap_or_default();
     let widths: Vec<usize> = columns
         .iter()
         .enumerate()
-        .map(|(i, c)| rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(c.len()))
+        .map(|(i, c)| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .max()
+                .unwrap_or(0)
+                .max(c.len())
+        })
         .collect();
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(columns.iter().map(|c| c.to_uppercase()).collect());
