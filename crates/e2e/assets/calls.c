@@ -1,0 +1,301 @@
+/*
+ * calls: exercises the socket calls libvsocket.so intercepts, one focused
+ * check each, between two guests.
+ *
+ *   calls server ADDR PORT
+ *   calls client ADDR PORT
+ *
+ * The client opens one connection per scenario; its first byte tells the
+ * server what to do. The client prints "ok NAME" or "FAIL NAME: why" per
+ * check and exits non-zero if any check failed.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+static int failures;
+static volatile sig_atomic_t sigpipes;
+
+#define CHECK(name, cond, ...)                                       \
+    do {                                                             \
+        if (cond) {                                                  \
+            printf("ok %s\n", name);                                 \
+        } else {                                                     \
+            printf("FAIL %s: ", name);                               \
+            printf(__VA_ARGS__);                                     \
+            printf(" (errno %d %s)\n", errno, strerror(errno));      \
+            failures++;                                              \
+        }                                                            \
+        fflush(stdout);                                              \
+    } while (0)
+
+static struct sockaddr_in addr_of(const char *ip, int port) {
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(port);
+    inet_pton(AF_INET, ip, &sa.sin_addr);
+    return sa;
+}
+
+static ssize_t read_full(int fd, char *buf, size_t n) {
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = read(fd, buf + got, n - got);
+        if (r <= 0) return r < 0 ? r : (ssize_t)got;
+        got += r;
+    }
+    return got;
+}
+
+/* ---- server ------------------------------------------------------------ */
+
+static void serve_one(int c) {
+    char cmd;
+    int fl = fcntl(c, F_GETFL), fdfl = fcntl(c, F_GETFD);
+    char status = ((fl & O_NONBLOCK) ? 1 : 0) | ((fdfl & FD_CLOEXEC) ? 2 : 0);
+    fcntl(c, F_SETFL, fl & ~O_NONBLOCK);
+    if (read_full(c, &cmd, 1) != 1) { close(c); return; }
+    char buf[65536];
+    ssize_t n;
+    switch (cmd) {
+    case 'E': /* report accept4 flags, then echo until EOF */
+        write(c, &status, 1);
+        while ((n = read(c, buf, sizeof buf)) > 0) write(c, buf, n);
+        break;
+    case 'C': /* close at once */
+        break;
+    case 'R': /* close with unread data: a reset */
+        usleep(200000);
+        break;
+    case 'H': /* half-close: "bye", FIN, then drain and report the count */
+        write(c, "bye", 3);
+        shutdown(c, SHUT_WR);
+        while ((n = read(c, buf, sizeof buf)) > 0) {}
+        break;
+    case 'W': /* ten paced writes, for MSG_WAITALL */
+        memset(buf, 'w', 1000);
+        for (int i = 0; i < 10; i++) { write(c, buf, 1000); usleep(20000); }
+        read(c, buf, 1);
+        break;
+    }
+    close(c);
+}
+
+static int server(const char *ip, int port) {
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in sa = addr_of(ip, port);
+    if (bind(l, (struct sockaddr *)&sa, sizeof sa) || listen(l, 16)) { perror("listen"); return 1; }
+    for (;;) {
+        fd_set r;
+        FD_ZERO(&r);
+        FD_SET(l, &r);
+        if (pselect(l + 1, &r, NULL, NULL, NULL, NULL) < 0) continue;
+        struct sockaddr_in peer;
+        socklen_t len = sizeof peer;
+        int c = accept4(l, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (c >= 0) serve_one(c);
+    }
+}
+
+/* ---- client ------------------------------------------------------------ */
+
+static int connect_to(struct sockaddr_in *sa, char cmd) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (connect(s, (struct sockaddr *)sa, sizeof *sa)) { perror("connect"); exit(2); }
+    write(s, &cmd, 1);
+    return s;
+}
+
+static void on_sigpipe(int sig) { (void)sig; sigpipes++; }
+
+static int client(const char *ip, int port) {
+    struct sockaddr_in sa = addr_of(ip, port);
+    signal(SIGPIPE, on_sigpipe);
+
+    /* Non-blocking connect, ppoll, SO_ERROR, names. */
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    int r = connect(s, (struct sockaddr *)&sa, sizeof sa);
+    CHECK("connect_nonblocking", r == 0 || errno == EINPROGRESS, "connect returned %d", r);
+    struct pollfd p = {s, POLLOUT, 0};
+    struct timespec ts = {5, 0};
+    r = ppoll(&p, 1, &ts, NULL);
+    CHECK("ppoll_writable_after_connect", r == 1 && (p.revents & POLLOUT), "ppoll %d revents %x", r, p.revents);
+    int err = -1;
+    socklen_t len = sizeof err;
+    CHECK("so_error", getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0, "SO_ERROR %d", err);
+    struct sockaddr_in peer, me;
+    len = sizeof peer;
+    CHECK("getpeername", getpeername(s, (struct sockaddr *)&peer, &len) == 0 && peer.sin_addr.s_addr == sa.sin_addr.s_addr && peer.sin_port == sa.sin_port, "peer mismatch");
+    len = sizeof me;
+    CHECK("getsockname", getsockname(s, (struct sockaddr *)&me, &len) == 0 && me.sin_port != 0 && me.sin_addr.s_addr != 0, "local %x:%d", me.sin_addr.s_addr, ntohs(me.sin_port));
+    int type = 0;
+    len = sizeof type;
+    CHECK("so_type", getsockopt(s, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_STREAM, "type %d", type);
+    int one = 1, v = 0;
+    setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(s, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    len = sizeof v;
+    getsockopt(s, IPPROTO_TCP, TCP_NODELAY, &v, &len);
+    CHECK("tcp_nodelay", v == 1, "TCP_NODELAY %d", v);
+    v = 0;
+    getsockopt(s, SOL_SOCKET, SO_KEEPALIVE, &v, &len);
+    CHECK("so_keepalive", v == 1, "SO_KEEPALIVE %d", v);
+    int rcvbuf = 1 << 16;
+    setsockopt(s, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    v = 0;
+    getsockopt(s, SOL_SOCKET, SO_RCVBUF, &v, &len);
+    CHECK("so_rcvbuf", v >= (1 << 16), "SO_RCVBUF %d", v);
+
+    /* Echo through every read/write family. */
+    char c = 'E';
+    fcntl(s, F_SETFL, fcntl(s, F_GETFL) & ~O_NONBLOCK);
+    write(s, &c, 1);
+    char status = 0;
+    CHECK("accept4_flags", read(s, &status, 1) == 1 && status == 3, "accepted fd flags %d", status);
+    char out[100], in[100];
+    for (int i = 0; i < 100; i++) out[i] = (char)i;
+    struct iovec wv[2] = {{out, 30}, {out + 30, 70}};
+    CHECK("writev", writev(s, wv, 2) == 100, "writev");
+    char a[40], b[60];
+    struct iovec rv[2] = {{a, 40}, {b, 60}};
+    usleep(50000);
+    ssize_t n = readv(s, rv, 2);
+    CHECK("readv", n == 100 && memcmp(a, out, 40) == 0 && memcmp(b, out + 40, 60) == 0, "readv %zd", n);
+    CHECK("send", send(s, out, 100, MSG_NOSIGNAL) == 100, "send");
+    usleep(50000);
+    int avail = 0;
+    CHECK("fionread", ioctl(s, FIONREAD, &avail) == 0 && avail == 100, "FIONREAD %d", avail);
+    CHECK("recv_peek", recv(s, in, 10, MSG_PEEK) == 10 && memcmp(in, out, 10) == 0, "peek");
+    CHECK("recv_waitall", recv(s, in, 100, MSG_WAITALL) == 100 && memcmp(in, out, 100) == 0, "recv");
+    CHECK("sendto", sendto(s, out, 100, 0, NULL, 0) == 100, "sendto");
+    socklen_t flen = sizeof peer;
+    CHECK("recvfrom", recvfrom(s, in, 100, MSG_WAITALL, (struct sockaddr *)&peer, &flen) == 100 && memcmp(in, out, 100) == 0, "recvfrom");
+    struct msghdr m = {0};
+    struct iovec mv = {out, 100};
+    m.msg_iov = &mv;
+    m.msg_iovlen = 1;
+    CHECK("sendmsg", sendmsg(s, &m, 0) == 100, "sendmsg");
+    struct iovec iv = {in, 100};
+    struct msghdr rm = {0};
+    rm.msg_iov = &iv;
+    rm.msg_iovlen = 1;
+    CHECK("recvmsg", recvmsg(s, &rm, MSG_WAITALL) == 100 && memcmp(in, out, 100) == 0, "recvmsg");
+    CHECK("recv_dontwait_empty", recv(s, in, 1, MSG_DONTWAIT) == -1 && errno == EAGAIN, "expected EAGAIN");
+    fcntl(s, F_SETFL, O_NONBLOCK);
+    CHECK("fcntl_nonblock", read(s, in, 1) == -1 && errno == EAGAIN, "expected EAGAIN");
+    int off = 0;
+    ioctl(s, FIONBIO, &off);
+
+    /* Readiness: select, pselect, poll, epoll (level, edge, oneshot). */
+    fd_set rs;
+    FD_ZERO(&rs);
+    FD_SET(s, &rs);
+    struct timeval tv = {0, 100000};
+    CHECK("select_timeout", select(s + 1, &rs, NULL, NULL, &tv) == 0, "select saw data");
+    write(s, "x", 1);
+    FD_ZERO(&rs);
+    FD_SET(s, &rs);
+    struct timespec pts = {5, 0};
+    CHECK("pselect_readable", pselect(s + 1, &rs, NULL, NULL, &pts, NULL) == 1 && FD_ISSET(s, &rs), "pselect");
+    struct pollfd pf = {s, POLLIN | POLLOUT, 0};
+    CHECK("poll_readable_writable", poll(&pf, 1, 1000) == 1 && (pf.revents & (POLLIN | POLLOUT)) == (POLLIN | POLLOUT), "revents %x", pf.revents);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 0x1234};
+    epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev);
+    struct epoll_event got[4];
+    CHECK("epoll_level", epoll_wait(ep, got, 4, 1000) == 1 && got[0].data.u64 == 0x1234 && epoll_wait(ep, got, 4, 100) == 1, "level-triggered twice");
+    read(s, in, 1);
+    CHECK("epoll_level_drained", epoll_wait(ep, got, 4, 100) == 0, "nothing left");
+    ev.events = EPOLLIN | EPOLLET;
+    epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev);
+    write(s, "y", 1);
+    int first = epoll_wait(ep, got, 4, 1000);
+    int second = epoll_wait(ep, got, 4, 100);
+    CHECK("epoll_edge", first == 1 && second == 0, "edge: %d then %d", first, second);
+    write(s, "z", 1);
+    CHECK("epoll_edge_new_data", epoll_wait(ep, got, 4, 1000) == 1, "new edge");
+    read_full(s, in, 2);
+    ev.events = EPOLLIN | EPOLLONESHOT;
+    epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev);
+    write(s, "1", 1);
+    first = epoll_wait(ep, got, 4, 1000);
+    write(s, "2", 1);
+    second = epoll_wait(ep, got, 4, 100);
+    epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev);
+    int third = epoll_wait(ep, got, 4, 1000);
+    CHECK("epoll_oneshot", first == 1 && second == 0 && third == 1, "oneshot: %d %d %d", first, second, third);
+    read_full(s, in, 2);
+    sigset_t mask;
+    sigemptyset(&mask);
+    ev.events = EPOLLOUT;
+    epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev);
+    CHECK("epoll_pwait_writable", epoll_pwait(ep, got, 4, 1000, &mask) == 1 && (got[0].events & EPOLLOUT), "epoll_pwait");
+    epoll_ctl(ep, EPOLL_CTL_DEL, s, NULL);
+    CHECK("epoll_del", epoll_wait(ep, got, 4, 50) == 0, "deleted fd reported");
+    shutdown(s, SHUT_WR);
+    CHECK("eof_after_shutdown_wr", read(s, in, 1) == 0, "server should close after our FIN");
+    close(s);
+
+    /* Half-close from the server: EOF while we may still write; RDHUP. */
+    s = connect_to(&sa, 'H');
+    ev.events = EPOLLRDHUP;
+    epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev);
+    CHECK("epoll_rdhup", epoll_wait(ep, got, 4, 2000) == 1 && (got[0].events & EPOLLRDHUP), "no RDHUP");
+    CHECK("half_close_data_then_eof", read_full(s, in, 3) == 3 && memcmp(in, "bye", 3) == 0 && read(s, in, 1) == 0, "bye, EOF");
+    CHECK("write_after_peer_half_close", write(s, out, 100) == 100, "peer still reads");
+    shutdown(s, SHUT_WR);
+    close(s);
+    close(ep);
+
+    /* The server closes: EOF, then one write accepted, then EPIPE and SIGPIPE. */
+    s = connect_to(&sa, 'C');
+    CHECK("eof_on_peer_close", read(s, in, 1) == 0, "expected EOF");
+    send(s, out, 10, MSG_NOSIGNAL);
+    usleep(10000);
+    CHECK("epipe_nosignal", send(s, out, 10, MSG_NOSIGNAL) == -1 && errno == EPIPE && sigpipes == 0, "expected EPIPE without SIGPIPE");
+    CHECK("sigpipe", write(s, out, 10) == -1 && errno == EPIPE && sigpipes == 1, "sigpipes %d", (int)sigpipes);
+    close(s);
+
+    /* The server closes with our bytes unread: a reset. */
+    s = connect_to(&sa, 'R');
+    write(s, out, 100);
+    CHECK("econnreset", read(s, in, 1) == -1 && errno == ECONNRESET, "expected ECONNRESET");
+    close(s);
+
+    /* MSG_WAITALL across paced writes; shutdown(SHUT_RD). */
+    s = connect_to(&sa, 'W');
+    char big[10000];
+    CHECK("waitall_paced", recv(s, big, sizeof big, MSG_WAITALL) == (ssize_t)sizeof big, "short read");
+    shutdown(s, SHUT_RD);
+    CHECK("shutdown_rd", read(s, in, 1) == 0, "read after SHUT_RD");
+    write(s, "k", 1);
+    close(s);
+
+    printf("%d failed\n", failures);
+    return failures ? 1 : 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 4) {
+        fprintf(stderr, "usage: calls server|client ADDR PORT\n");
+        return 2;
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    return strcmp(argv[1], "server") == 0 ? server(argv[2], atoi(argv[3])) : client(argv[2], atoi(argv[3]));
+}
