@@ -17,6 +17,9 @@ use vsocket_abi::control::{ConnectionInfo, Message, MAX_MESSAGE};
 use vsocket_policy::{evaluate, DenyAction, Flow, GuestId, Protocol, Verdict};
 use vsocket_ring::Segment;
 
+/// How long a connection may wait for room in a listener's channel.
+const LISTENER_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A reply and the descriptors to attach to it.
 pub struct Reply {
     pub message: Message,
@@ -105,6 +108,12 @@ pub fn connect(
             tracing::debug!(client = %g.name, from = %client_addr, server = %server_name, to = %remote,
                 decided_by = %verdict.describe(config), "connect allowed");
             reply
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            tracing::warn!(client = %g.name, to = %remote, "listener backlog full; connect refused");
+            Reply::plain(Message::Refused {
+                errno: libc::ECONNREFUSED,
+            })
         }
         Err(e) => {
             tracing::warn!(client = %g.name, to = %remote, error = %e, "could not deliver connection to listener; kernel path");

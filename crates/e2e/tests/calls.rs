@@ -7,32 +7,86 @@ use vsocket_e2e::{asset, Lab, Via, TWO_GUESTS};
 
 /// Every check calls.c makes; each must print "ok NAME" on both paths.
 pub const CHECKS: &[&str] = &[
-    "connect_nonblocking", "ppoll_writable_after_connect", "so_error", "getpeername", "getsockname", "so_type",
-    "tcp_nodelay", "so_keepalive", "so_rcvbuf", "accept4_flags", "writev", "readv", "send", "fionread",
-    "recv_peek", "recv_waitall", "sendto", "recvfrom", "sendmsg", "recvmsg", "recv_dontwait_empty",
-    "fcntl_nonblock", "select_timeout", "pselect_readable", "poll_readable_writable", "epoll_level",
-    "epoll_level_drained", "epoll_edge", "epoll_edge_new_data", "epoll_oneshot", "epoll_pwait_writable",
-    "epoll_del", "eof_after_shutdown_wr", "epoll_rdhup", "half_close_data_then_eof",
-    "write_after_peer_half_close", "eof_on_peer_close", "epipe_nosignal", "sigpipe", "econnreset",
-    "waitall_paced", "shutdown_rd",
+    "connect_nonblocking",
+    "ppoll_writable_after_connect",
+    "so_error",
+    "getpeername",
+    "getsockname",
+    "so_type",
+    "tcp_nodelay",
+    "so_keepalive",
+    "so_rcvbuf",
+    "accept4_flags",
+    "writev",
+    "readv",
+    "send",
+    "fionread",
+    "recv_peek",
+    "recv_waitall",
+    "sendto",
+    "recvfrom",
+    "sendmsg",
+    "recvmsg",
+    "recv_dontwait_empty",
+    "fcntl_nonblock",
+    "select_timeout",
+    "pselect_readable",
+    "poll_readable_writable",
+    "epoll_level",
+    "epoll_level_drained",
+    "epoll_edge",
+    "epoll_edge_new_data",
+    "epoll_oneshot",
+    "epoll_pwait_writable",
+    "epoll_del",
+    "eof_after_shutdown_wr",
+    "epoll_rdhup",
+    "half_close_data_then_eof",
+    "write_after_peer_half_close",
+    "eof_on_peer_close",
+    "epipe_nosignal",
+    "sigpipe",
+    "econnreset",
+    "waitall_paced",
+    "shutdown_rd",
 ];
 
 #[test]
 fn every_intercepted_call_behaves_as_linux_tcp() {
     let mut lab = Lab::start("tcalls", TWO_GUESTS).unwrap();
     let program = lab.dir.join("calls");
-    let status = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&program).arg(asset("calls.c")).status().unwrap();
+    let status = Command::new("cc")
+        .args(["-O1", "-Wall", "-o"])
+        .arg(&program)
+        .arg(asset("calls.c"))
+        .status()
+        .unwrap();
     assert!(status.success(), "cannot compile calls.c");
     let program = program.to_str().unwrap().to_string();
     for (via, port) in [(Via::Kernel, "7001"), (Via::Vsocket, "7002")] {
-        lab.spawn("b", via, &program, &["server", "10.10.0.3", port], &format!("server-{port}.log")).unwrap();
+        lab.spawn(
+            "b",
+            via,
+            &program,
+            &["server", "10.10.0.3", port],
+            &format!("server-{port}.log"),
+        )
+        .unwrap();
         lab.wait_listening("b", port.parse().unwrap()).unwrap();
-        let out = lab.run("a", via, &program, &["client", "10.10.0.3", port]).unwrap();
+        let out = lab
+            .run("a", via, &program, &["client", "10.10.0.3", port])
+            .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         for check in CHECKS {
-            assert!(stdout.lines().any(|l| l == format!("ok {check}")), "{via:?}: check {check} did not pass:\n{stdout}");
+            assert!(
+                stdout.lines().any(|l| l == format!("ok {check}")),
+                "{via:?}: check {check} did not pass:\n{stdout}"
+            );
         }
-        assert!(out.status.success() && stdout.contains("0 failed"), "{via:?}:\n{stdout}");
+        assert!(
+            out.status.success() && stdout.contains("0 failed"),
+            "{via:?}:\n{stdout}"
+        );
     }
     // The vSocket run used vSocket for all five connections.
     assert_eq!(lab.counter("a", "connections_out"), 5);

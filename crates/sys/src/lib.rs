@@ -243,6 +243,25 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize,
     Ok((n, fds))
 }
 
+/// Bounds how long a blocking send on `sock` may wait (SO_SNDTIMEO).
+pub fn set_send_timeout(sock: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt reads exactly size_of::<timeval>() bytes from `tv`.
+    syscall!(unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
 /// Identity of a network namespace: the (device, inode) of its nsfs file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NetnsId {
