@@ -50,6 +50,12 @@ pub fn listen(
         // A guest may only listen on its own addresses.
         return Err(libc::EADDRNOTAVAIL);
     }
+    // A listener that stops accepting must not hold a connecting client
+    // (and its channel thread) forever: its backlog is full, the connect
+    // is refused.
+    if vsocket_sys::set_send_timeout(channel.as_fd(), LISTENER_SEND_TIMEOUT).is_err() {
+        return Err(libc::ENOBUFS);
+    }
     Ok(Arc::new(ListenerRecord {
         id: daemon.next_id(),
         guest,
