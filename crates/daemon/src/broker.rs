@@ -155,8 +155,10 @@ fn open(
         bytes,
         &[memfd.as_fd(), server_bell.as_fd()],
     ) {
-        // The listener is gone (its process exited): forget it.
-        daemon.remove_listener(listener);
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            // The listener is gone (its process exited): forget it.
+            daemon.remove_listener(listener);
+        }
         return Err(e);
     }
     drop(server_bell);
