@@ -4,8 +4,12 @@
 //!   sockperf between two guests over the kernel path and over vSocket,
 //!   side by side;
 //! - `test`: installs what it needs, builds, and runs every test (unit,
-//!   model-checking, fuzzing bounds, end to end).
+//!   model-checking, fuzzing bounds, end to end);
+//! - `bench`: the benchmark, kernel path against vSocket (see
+//!   docs/BENCHMARKS.md).
 #![forbid(unsafe_code)]
+
+mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -30,8 +34,9 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo(),
         Some("test") => test(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask demo | test [-- TEST FILTER...]");
+            eprintln!("usage: cargo xtask demo | test [TEST FILTER...] | bench [--json FILE] [--repeats N]");
             return ExitCode::from(2);
         }
     };
@@ -44,9 +49,9 @@ fn main() -> ExitCode {
     }
 }
 
-type Result<T = ()> = std::result::Result<T, String>;
+pub(crate) type Result<T = ()> = std::result::Result<T, String>;
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
@@ -68,7 +73,7 @@ fn run(cmd: &mut Command) -> Result {
 }
 
 /// Installs the Debian packages that are missing.
-fn ensure_packages() -> Result {
+pub(crate) fn ensure_packages() -> Result {
     let missing: Vec<&str> = PACKAGES
         .iter()
         .copied()
@@ -91,7 +96,7 @@ fn ensure_packages() -> Result {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-fn build() -> Result {
+pub(crate) fn build() -> Result {
     run(cargo().args(["build", "--workspace", "--release"]))?;
     std::env::set_var("VSOCKET_BIN_DIR", root().join("target/release"));
     Ok(())
@@ -211,6 +216,18 @@ fn measure(lab: &mut Lab, via: Via) -> Result<Figures> {
     f.p99 = lat.p99;
     lab.stop_background();
     Ok(f)
+}
+
+/// On Ctrl-C: stop the programs we started; the lab is then removed as
+/// the task unwinds.
+pub(crate) fn on_interrupt() -> Result {
+    ctrlc::set_handler(|| {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        let _ = Command::new("pkill")
+            .args(["-TERM", "-P", &std::process::id().to_string()])
+            .status();
+    })
+    .map_err(|e| e.to_string())
 }
 
 fn demo() -> Result {

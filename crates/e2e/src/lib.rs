@@ -373,6 +373,20 @@ pub fn asset(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Compiles a C program shipped in `assets/` into `dir`; returns its path.
+pub fn compile(asset_name: &str, dir: &Path) -> io::Result<PathBuf> {
+    let out = dir.join(asset_name.trim_end_matches(".c"));
+    let status = Command::new("cc")
+        .args(["-O2", "-Wall", "-o"])
+        .arg(&out)
+        .arg(asset(asset_name))
+        .status()?;
+    if !status.success() {
+        return Err(io::Error::other(format!("cc {asset_name} failed")));
+    }
+    Ok(out)
+}
+
 /// Parses `sockperf ping-pong` output: (percentile, one-way usec) pairs
 /// for 50, 99 and 99.9, plus the average.
 pub fn sockperf_latency(output: &str) -> Option<SockperfLatency> {

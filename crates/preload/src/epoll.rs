@@ -19,7 +19,7 @@ use crate::table::{self, Entry};
 use crate::wait;
 use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// The high bits of tokens: never a user-space pointer (non-canonical on
@@ -65,6 +65,15 @@ pub struct EpollSet {
     regs: Mutex<HashMap<RawFd, Registration>>,
     /// Registrations that are not plain kernel ones (fast path when 0).
     special: AtomicUsize,
+    /// When the kernel set was last polled while vSocket events were ready.
+    kernel_checked: AtomicU64,
+}
+
+/// See `EpollSet::add_kernel_ready`.
+const KERNEL_CHECK_NS: u64 = 50_000;
+
+thread_local! {
+    static KERNEL_EVENTS: std::cell::RefCell<Vec<libc::epoll_event>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 static SETS: Mutex<Vec<Weak<Entry>>> = Mutex::new(Vec::new());
@@ -75,6 +84,7 @@ pub fn track(epfd: RawFd) {
         epfd,
         regs: Mutex::new(HashMap::new()),
         special: AtomicUsize::new(0),
+        kernel_checked: AtomicU64::new(0),
     }));
     let weak = Arc::downgrade(&entry);
     table::set(epfd, entry);
@@ -123,8 +133,16 @@ pub fn forget(fd: RawFd) {
     });
 }
 
+/// What a listener's kernel registrations ask for: the program's flags
+/// (EPOLLONESHOT included, so a disabled listener does not keep waking the
+/// set), without EPOLLEXCLUSIVE, which the kernel refuses on MOD.
 fn kernel_events(events: u32) -> u32 {
-    events & !(libc::EPOLLONESHOT as u32)
+    events & !(libc::EPOLLEXCLUSIVE as u32)
+}
+
+/// What a listener's channel registration asks for, given the socket's.
+fn channel_events(ev: u32) -> u32 {
+    libc::EPOLLIN as u32 | (ev & (libc::EPOLLET | libc::EPOLLONESHOT) as u32)
 }
 
 impl EpollSet {
@@ -148,13 +166,13 @@ impl EpollSet {
                 last: None,
             }),
             Entry::Listener(l) => {
-                let ev = kernel_events(events) & !(libc::EPOLLEXCLUSIVE as u32);
+                let ev = kernel_events(events);
                 sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, ev, token(fd))?;
                 if let Err(e) = sys::epoll_ctl(
                     self.epfd,
                     libc::EPOLL_CTL_ADD,
                     l.channel,
-                    libc::EPOLLIN as u32 | (ev & libc::EPOLLET as u32),
+                    channel_events(ev),
                     token(fd),
                 ) {
                     let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
@@ -227,14 +245,14 @@ impl EpollSet {
                     Kind::Kernel => sys::epoll_ctl(self.epfd, op, fd, events, data)?,
                     Kind::Managed { last, .. } => *last = None,
                     Kind::Listener { entry } => {
-                        let ev = kernel_events(events) & !(libc::EPOLLEXCLUSIVE as u32);
+                        let ev = kernel_events(events);
                         sys::epoll_ctl(self.epfd, op, fd, ev, token(fd))?;
                         if let Entry::Listener(l) = &**entry {
                             sys::epoll_ctl(
                                 self.epfd,
                                 op,
                                 l.channel,
-                                libc::EPOLLIN as u32 | (ev & libc::EPOLLET as u32),
+                                channel_events(ev),
                                 token(fd),
                             )?;
                         }
@@ -363,7 +381,13 @@ impl EpollSet {
                         conn.drain_doorbell();
                     }
                 }
-                Kind::Listener { .. } => {
+                Kind::Listener { entry } => {
+                    if let Entry::Listener(l) = &**entry {
+                        if !l.attached() {
+                            // Its channel only reports end of stream now.
+                            let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, l.channel, 0, 0);
+                        }
+                    }
                     if reg.disabled || n == out.len() {
                         continue;
                     }
@@ -401,7 +425,25 @@ impl EpollSet {
             return sys::epoll_pwait(self.epfd, out, timeout_ms, sigmask);
         }
         let deadline = (timeout_ms >= 0).then(|| sys::now_ms() + timeout_ms as i64);
-        let mut got = vec![libc::epoll_event { events: 0, u64: 0 }; out.len()];
+        // The kernel's events land in a per-thread buffer, grown once: a
+        // program's maxevents can be thousands, too many to allocate per call.
+        let mut got = KERNEL_EVENTS.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        if got.len() < out.len() {
+            got.resize(out.len(), libc::epoll_event { events: 0, u64: 0 });
+        }
+        let result = self.wait_with(out, timeout_ms, sigmask, deadline, &mut got[..out.len()]);
+        KERNEL_EVENTS.with(|b| *b.borrow_mut() = got);
+        result
+    }
+
+    fn wait_with(
+        &self,
+        out: &mut [libc::epoll_event],
+        timeout_ms: i32,
+        sigmask: *const libc::sigset_t,
+        deadline: Option<i64>,
+        got: &mut [libc::epoll_event],
+    ) -> SysResult<usize> {
         let mut spun = false;
         loop {
             {
@@ -409,7 +451,7 @@ impl EpollSet {
                 let n = self.collect(&mut regs, out, 0);
                 if n > 0 {
                     drop(regs);
-                    return self.add_kernel_ready(out, n, &mut got);
+                    return self.add_kernel_ready(out, n, got);
                 }
             }
             if !spun && timeout_ms != 0 {
@@ -424,14 +466,14 @@ impl EpollSet {
                 let n = self.collect(&mut regs, out, 0);
                 if n > 0 {
                     drop(regs);
-                    return self.add_kernel_ready(out, n, &mut got);
+                    return self.add_kernel_ready(out, n, got);
                 }
             }
             let sleep = match deadline {
                 None => wait::MAX_SLEEP_MS,
                 Some(d) => (d - sys::now_ms()).clamp(0, wait::MAX_SLEEP_MS as i64) as i32,
             };
-            let k = sys::epoll_pwait(self.epfd, &mut got, sleep, sigmask)?;
+            let k = sys::epoll_pwait(self.epfd, got, sleep, sigmask)?;
             let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
             let n = self.translate(&mut regs, &got[..k], out, 0);
             let n = self.collect(&mut regs, out, n);
@@ -448,9 +490,16 @@ impl EpollSet {
         n: usize,
         got: &mut [libc::epoll_event],
     ) -> SysResult<usize> {
-        if n == out.len() {
+        // Kernel descriptors are looked at no more often than every
+        // KERNEL_CHECK_NS while vSocket descriptors keep the set busy: a
+        // system call per wait would cost more than the wait itself.
+        let now = sys::now_ns();
+        if n == out.len()
+            || now.saturating_sub(self.kernel_checked.load(Ordering::Relaxed)) < KERNEL_CHECK_NS
+        {
             return Ok(n);
         }
+        self.kernel_checked.store(now, Ordering::Relaxed);
         let room = out.len() - n;
         let k = sys::epoll_pwait(self.epfd, &mut got[..room], 0, std::ptr::null()).unwrap_or(0);
         let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());

@@ -11,6 +11,7 @@ use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vsocket_abi::control::{Message, FD_DOORBELL, FD_SEGMENT};
 use vsocket_abi::layout::Endpoint;
@@ -18,6 +19,9 @@ use vsocket_abi::layout::Endpoint;
 pub struct Listener {
     /// The listener channel (library-internal descriptor).
     pub channel: RawFd,
+    /// The channel broke (vsocketd restarted or went away): from then on
+    /// this is a plain kernel listener.
+    detached: AtomicBool,
 }
 
 impl Listener {
@@ -31,7 +35,10 @@ impl Listener {
                 backlog: backlog.max(0) as u32,
             },
         ) {
-            Ok(reply) if reply.message == Message::ListenOk => Ok(Listener { channel }),
+            Ok(reply) if reply.message == Message::ListenOk => Ok(Listener {
+                channel,
+                detached: AtomicBool::new(false),
+            }),
             Ok(reply) => {
                 let _ = sys::close(channel);
                 Err(match reply.message {
@@ -50,10 +57,17 @@ impl Listener {
     /// (a fresh kernel TCP socket, so the program sees a real socket).
     /// `flags` are accept4's (SOCK_NONBLOCK, SOCK_CLOEXEC).
     pub fn take_pending(&self, flags: i32) -> SysResult<Option<(RawFd, SocketAddrV4)>> {
+        if !self.attached() {
+            return Ok(None);
+        }
         let mut reply = match control::receive(self.channel, libc::MSG_DONTWAIT) {
             Ok(r) => r,
             Err(Errno(libc::EAGAIN)) => return Ok(None),
-            Err(e) => return Err(e),
+            Err(_) => {
+                // Kernel clients must still be accepted.
+                self.detached.store(true, Ordering::Relaxed);
+                return Ok(None);
+            }
         };
         let Message::Incoming(info) = reply.message else {
             return Err(Errno(libc::EPROTO));
@@ -81,6 +95,13 @@ impl Listener {
                 Err(e)
             }
         }
+    }
+}
+
+impl Listener {
+    /// Does the daemon still deliver connections on the channel?
+    pub fn attached(&self) -> bool {
+        !self.detached.load(Ordering::Relaxed)
     }
 }
 

@@ -1,0 +1,698 @@
+//! `cargo xtask bench`: every workload over the kernel path and over
+//! vSocket, on the same two guests, interleaved, repeated; medians and
+//! ratios (vSocket / kernel) as a table, JSON and an SVG plot.
+
+use crate::Result;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use vsocket_e2e::{compile, redis_benchmark_rates, sockperf_latency, Lab, Via, TWO_GUESTS};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Better {
+    Lower,
+    Higher,
+}
+
+/// One measured figure of one run.
+struct Sample {
+    scenario: String,
+    metric: String,
+    unit: &'static str,
+    better: Better,
+    value: f64,
+}
+
+fn sample(scenario: &str, metric: &str, unit: &'static str, better: Better, value: f64) -> Sample {
+    Sample {
+        scenario: scenario.into(),
+        metric: metric.into(),
+        unit,
+        better,
+        value,
+    }
+}
+
+/// A row of the result: medians of both paths.
+pub struct Row {
+    pub scenario: String,
+    pub metric: String,
+    pub unit: &'static str,
+    pub better: Better,
+    pub kernel: f64,
+    pub vsocket: f64,
+}
+
+impl Row {
+    pub fn ratio(&self) -> f64 {
+        self.vsocket / self.kernel
+    }
+    /// How many times better vSocket is (> 1 is better), whatever the direction.
+    pub fn gain(&self) -> f64 {
+        match self.better {
+            Better::Higher => self.ratio(),
+            Better::Lower => 1.0 / self.ratio(),
+        }
+    }
+}
+
+/// The targets (issue "Performance"): (scenario, metric, bound on the ratio).
+const TARGETS: &[(&str, &str, Better, f64)] = &[
+    (
+        "sockperf ping-pong 64 B",
+        "latency p50",
+        Better::Lower,
+        0.10,
+    ),
+    (
+        "sockperf ping-pong 64 B",
+        "latency p99",
+        Better::Lower,
+        0.20,
+    ),
+    (
+        "redis-benchmark GET -c 50",
+        "throughput",
+        Better::Higher,
+        4.0,
+    ),
+    (
+        "redis-benchmark SET -c 50",
+        "throughput",
+        Better::Higher,
+        4.0,
+    ),
+    (
+        "redis-benchmark GET -c 1000",
+        "throughput",
+        Better::Higher,
+        3.0,
+    ),
+    (
+        "redis-benchmark SET -c 1000",
+        "throughput",
+        Better::Higher,
+        3.0,
+    ),
+    (
+        "redis-benchmark GET -c 50 -P 16",
+        "throughput",
+        Better::Higher,
+        2.0,
+    ),
+    (
+        "redis-benchmark SET -c 50 -P 16",
+        "throughput",
+        Better::Higher,
+        2.0,
+    ),
+    ("iperf3 single stream", "bandwidth", Better::Higher, 2.6),
+    (
+        "sockperf throughput 64 KiB",
+        "bandwidth",
+        Better::Higher,
+        2.6,
+    ),
+    ("connection setup", "rate", Better::Higher, 1.0),
+];
+
+fn target(row: &Row) -> Option<(Better, f64)> {
+    TARGETS
+        .iter()
+        .find(|t| t.0 == row.scenario && t.1 == row.metric)
+        .map(|t| (t.2, t.3))
+}
+
+fn meets(row: &Row) -> Option<bool> {
+    target(row).map(|(b, bound)| match b {
+        Better::Lower => row.ratio() <= bound,
+        Better::Higher => row.ratio() >= bound,
+    })
+}
+
+struct Bench {
+    lab: Lab,
+    repeats: usize,
+    samples: Vec<(Via, Sample)>,
+    started: Instant,
+}
+
+fn err(e: std::io::Error) -> String {
+    e.to_string()
+}
+
+impl Bench {
+    fn progress(&self, what: &str) {
+        eprintln!("[{:>5.0}s] {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    /// Runs `one` for both paths, `repeats` times, alternating which goes
+    /// first so that drift hits both alike.
+    fn interleaved(
+        &mut self,
+        name: &str,
+        mut one: impl FnMut(&Lab, Via) -> Result<Vec<Sample>>,
+    ) -> Result {
+        for rep in 0..self.repeats {
+            let order = if rep % 2 == 0 {
+                [Via::Kernel, Via::Vsocket]
+            } else {
+                [Via::Vsocket, Via::Kernel]
+            };
+            for via in order {
+                self.progress(&format!(
+                    "{name}: run {}/{} over {via:?}",
+                    rep + 1,
+                    self.repeats
+                ));
+                for s in one(&self.lab, via)? {
+                    self.samples.push((via, s));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn port(via: Via, base: u16) -> u16 {
+        match via {
+            Via::Kernel => base,
+            Via::Vsocket => base + 1,
+        }
+    }
+
+    /// Starts the same server on both paths (ports `base` and `base + 1`).
+    fn servers(&mut self, program: &str, args: impl Fn(u16) -> Vec<String>, base: u16) -> Result {
+        for via in [Via::Kernel, Via::Vsocket] {
+            let port = Self::port(via, base);
+            let a = args(port);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            self.lab
+                .spawn("b", via, program, &a, &format!("{program}-{port}.log"))
+                .map_err(err)?;
+            self.lab.wait_listening("b", port).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    fn rows(&self) -> Vec<Row> {
+        let mut rows: Vec<Row> = Vec::new();
+        for (_, s) in &self.samples {
+            if rows
+                .iter()
+                .any(|r| r.scenario == s.scenario && r.metric == s.metric)
+            {
+                continue;
+            }
+            let med = |via: Via| {
+                let mut v: Vec<f64> = self
+                    .samples
+                    .iter()
+                    .filter(|(w, x)| *w == via && x.scenario == s.scenario && x.metric == s.metric)
+                    .map(|(_, x)| x.value)
+                    .collect();
+                v.sort_by(|a, b| a.total_cmp(b));
+                if v.is_empty() {
+                    f64::NAN
+                } else {
+                    v[v.len() / 2]
+                }
+            };
+            rows.push(Row {
+                scenario: s.scenario.clone(),
+                metric: s.metric.clone(),
+                unit: s.unit,
+                better: s.better,
+                kernel: med(Via::Kernel),
+                vsocket: med(Via::Vsocket),
+            });
+        }
+        rows
+    }
+}
+
+fn sockperf_pp(lab: &Lab, via: Via, size: u32) -> Result<Vec<Sample>> {
+    let port = Bench::port(via, 11111).to_string();
+    let size_s = size.to_string();
+    let out = lab
+        .run_ok(
+            "a",
+            via,
+            "sockperf",
+            &[
+                "ping-pong",
+                "--tcp",
+                "-i",
+                "10.10.0.3",
+                "-p",
+                &port,
+                "-t",
+                "3",
+                "-m",
+                &size_s,
+                "--mps",
+                "1000000",
+            ],
+        )
+        .map_err(err)?;
+    let lat = sockperf_latency(&out).ok_or_else(|| format!("sockperf output:\n{out}"))?;
+    let name = if size >= 1024 {
+        format!("sockperf ping-pong {} KiB", size / 1024)
+    } else {
+        format!("sockperf ping-pong {size} B")
+    };
+    Ok(vec![
+        sample(&name, "latency p50", "us", Better::Lower, lat.p50),
+        sample(&name, "latency p99", "us", Better::Lower, lat.p99),
+        sample(&name, "latency p99.9", "us", Better::Lower, lat.p999),
+    ])
+}
+
+fn sockperf_tp(lab: &Lab, via: Via) -> Result<Vec<Sample>> {
+    let port = Bench::port(via, 11111).to_string();
+    let out = lab
+        .run_ok(
+            "a",
+            via,
+            "sockperf",
+            &[
+                "throughput",
+                "--tcp",
+                "-i",
+                "10.10.0.3",
+                "-p",
+                &port,
+                "-t",
+                "3",
+                "-m",
+                "65536",
+            ],
+        )
+        .map_err(err)?;
+    let line = out
+        .lines()
+        .find(|l| l.contains("Summary: BandWidth is"))
+        .ok_or_else(|| format!("sockperf output:\n{out}"))?;
+    let mbps: f64 = line
+        .split('(')
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("cannot read: {line}"))?;
+    Ok(vec![sample(
+        "sockperf throughput 64 KiB",
+        "bandwidth",
+        "Gbit/s",
+        Better::Higher,
+        mbps / 1000.0,
+    )])
+}
+
+fn iperf3(lab: &Lab, via: Via) -> Result<Vec<Sample>> {
+    let port = Bench::port(via, 5201).to_string();
+    let out = lab
+        .run_ok(
+            "a",
+            via,
+            "iperf3",
+            &["-c", "10.10.0.3", "-p", &port, "-t", "3", "-l", "64K", "-J"],
+        )
+        .map_err(err)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| format!("iperf3 JSON: {e}"))?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or("iperf3: no sum_received")?;
+    Ok(vec![sample(
+        "iperf3 single stream",
+        "bandwidth",
+        "Gbit/s",
+        Better::Higher,
+        bps / 1e9,
+    )])
+}
+
+fn redis(lab: &Lab, via: Via, clients: u32, pipeline: u32, requests: u32) -> Result<Vec<Sample>> {
+    let port = Bench::port(via, 6379).to_string();
+    let (c, p, n) = (
+        clients.to_string(),
+        pipeline.to_string(),
+        requests.to_string(),
+    );
+    let out = lab
+        .run_ok(
+            "a",
+            via,
+            "redis-benchmark",
+            &[
+                "-h",
+                "10.10.0.3",
+                "-p",
+                &port,
+                "-t",
+                "get,set",
+                "-c",
+                &c,
+                "-P",
+                &p,
+                "-n",
+                &n,
+                "-q",
+            ],
+        )
+        .map_err(err)?;
+    let rates = redis_benchmark_rates(&out);
+    if rates.len() != 2 {
+        return Err(format!("redis-benchmark output:\n{out}"));
+    }
+    let suffix = if pipeline > 1 {
+        format!(" -c {clients} -P {pipeline}")
+    } else {
+        format!(" -c {clients}")
+    };
+    Ok(rates
+        .into_iter()
+        .map(|(test, rate)| {
+            sample(
+                &format!("redis-benchmark {test}{suffix}"),
+                "throughput",
+                "ops/s",
+                Better::Higher,
+                rate,
+            )
+        })
+        .collect())
+}
+
+fn value_of(out: &str, key: &str) -> Result<f64> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no {key} in: {out}"))
+}
+
+pub fn run(args: &[String]) -> Result {
+    let mut json_out: Option<PathBuf> = None;
+    let mut repeats = 3;
+    let mut only: Option<String> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--json" => json_out = Some(it.next().ok_or("--json needs a file")?.into()),
+            "--repeats" => {
+                repeats = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--repeats needs a number")?
+            }
+            "--only" => only = Some(it.next().ok_or("--only needs a word")?.clone()),
+            other => return Err(format!("unknown bench option {other}")),
+        }
+    }
+    crate::ensure_packages()?;
+    crate::build()?;
+    crate::on_interrupt()?;
+    let lab = Lab::start("bench", TWO_GUESTS).map_err(err)?;
+    let tools = lab.dir.clone();
+    let connrate = compile("connrate.c", &tools).map_err(err)?;
+    let idle = compile("idle.c", &tools).map_err(err)?;
+    let mut b = Bench {
+        lab,
+        repeats,
+        samples: Vec::new(),
+        started: Instant::now(),
+    };
+    let wanted = |group: &str| only.as_deref().is_none_or(|o| group.contains(o));
+
+    if wanted("sockperf") {
+        b.servers(
+            "sockperf",
+            |p| {
+                vec![
+                    "server".into(),
+                    "--tcp".into(),
+                    "-i".into(),
+                    "10.10.0.3".into(),
+                    "-p".into(),
+                    p.to_string(),
+                    "-m".into(),
+                    "65536".into(),
+                ]
+            },
+            11111,
+        )?;
+        b.interleaved("sockperf ping-pong 64 B", |lab, via| {
+            sockperf_pp(lab, via, 64)
+        })?;
+        b.interleaved("sockperf ping-pong 4 KiB", |lab, via| {
+            sockperf_pp(lab, via, 4096)
+        })?;
+        b.interleaved("sockperf throughput", sockperf_tp)?;
+        b.lab.stop_background();
+    }
+
+    if wanted("iperf3") {
+        b.servers(
+            "iperf3",
+            |p| {
+                vec![
+                    "-s".into(),
+                    "-B".into(),
+                    "10.10.0.3".into(),
+                    "-p".into(),
+                    p.to_string(),
+                ]
+            },
+            5201,
+        )?;
+        b.interleaved("iperf3", iperf3)?;
+        b.lab.stop_background();
+    }
+
+    if wanted("redis") {
+        b.servers(
+            "redis-server",
+            |p| {
+                [
+                    "--port",
+                    &p.to_string(),
+                    "--bind",
+                    "10.10.0.3",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "no",
+                    "--maxclients",
+                    "4096",
+                ]
+                .map(String::from)
+                .to_vec()
+            },
+            6379,
+        )?;
+        for (clients, pipeline, requests) in [
+            (1, 1, 20_000),
+            (10, 1, 100_000),
+            (50, 1, 200_000),
+            (1000, 1, 200_000),
+            (50, 16, 1_000_000),
+        ] {
+            let name = format!("redis-benchmark -c {clients} -P {pipeline}");
+            b.interleaved(&name, |lab, via| {
+                redis(lab, via, clients, pipeline, requests)
+            })?;
+        }
+        b.lab.stop_background();
+    }
+
+    if wanted("connect") {
+        let connrate_s = connrate.to_string_lossy().into_owned();
+        b.servers(
+            &connrate_s,
+            |p| vec!["server".into(), "10.10.0.3".into(), p.to_string()],
+            7100,
+        )?;
+        b.interleaved("connection setup", |lab, via| {
+            let port = Bench::port(via, 7100).to_string();
+            let out = lab
+                .run_ok("a", via, &connrate_s, &["client", "10.10.0.3", &port, "3"])
+                .map_err(err)?;
+            Ok(vec![sample(
+                "connection setup",
+                "rate",
+                "conn/s",
+                Better::Higher,
+                value_of(&out, "connections_per_second")?,
+            )])
+        })?;
+        b.lab.stop_background();
+    }
+
+    // Idle cost is a property of one run, not noisy: once per path.
+    if wanted("idle") {
+        let idle_s = idle.to_string_lossy().into_owned();
+        let saved = b.repeats;
+        b.repeats = 1;
+        let mut port = 7300u16;
+        b.interleaved("idle pair, 10 s", |lab, via| {
+            port += 1;
+            let p = port.to_string();
+            let mut lab_servers = std::process::Command::from(lab.command(
+                "b",
+                via,
+                &idle_s,
+                &["server", "10.10.0.3", &p, "10"],
+            ));
+            let mut server = lab_servers.spawn().map_err(err)?;
+            lab.wait_listening("b", port).map_err(err)?;
+            let out = lab
+                .run_ok("a", via, &idle_s, &["client", "10.10.0.3", &p, "10"])
+                .map_err(err)?;
+            let _ = server.wait();
+            let cpu = value_of(&out, "cpu_seconds")?;
+            Ok(vec![sample(
+                "idle connected pair",
+                "CPU over 10 s",
+                "% of a core",
+                Better::Lower,
+                cpu / 10.0 * 100.0,
+            )])
+        })?;
+        b.repeats = saved;
+    }
+
+    let rows = b.rows();
+    print_table(&rows);
+    if let Some(path) = json_out {
+        write_json(&rows, &path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    let svg = crate::root().join("docs/benchmarks.svg");
+    std::fs::write(&svg, plot(&rows)).map_err(|e| format!("{}: {e}", svg.display()))?;
+    eprintln!("wrote {}", svg.display());
+    Ok(())
+}
+
+/// The idle target is absolute: under 1% of one core.
+const IDLE_LIMIT_PERCENT: f64 = 1.0;
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<34} {:<14} {:>12} {:>12} {:>8}  {}",
+        "scenario", "metric", "kernel", "vSocket", "ratio", "target"
+    );
+    for r in rows {
+        let t = match (target(r), meets(r)) {
+            (Some((Better::Lower, b)), Some(ok)) => {
+                format!("<= {b:.2}x {}", if ok { "met" } else { "MISSED" })
+            }
+            (Some((Better::Higher, b)), Some(ok)) => {
+                format!(">= {b:.1}x {}", if ok { "met" } else { "MISSED" })
+            }
+            _ if r.scenario == "idle connected pair" => {
+                format!(
+                    "< {IDLE_LIMIT_PERCENT}% of a core {}",
+                    if r.vsocket < IDLE_LIMIT_PERCENT {
+                        "met"
+                    } else {
+                        "MISSED"
+                    }
+                )
+            }
+            _ => String::new(),
+        };
+        println!(
+            "{:<34} {:<14} {:>12} {:>12} {:>7.3}x  {t}",
+            r.scenario,
+            r.metric,
+            format!("{:.2} {}", r.kernel, r.unit).trim(),
+            format!("{:.2}", r.vsocket),
+            r.ratio()
+        );
+    }
+}
+
+fn write_json(rows: &[Row], path: &Path) -> Result {
+    let arr: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "scenario": r.scenario, "metric": r.metric, "unit": r.unit,
+                "kernel": r.kernel, "vsocket": r.vsocket, "ratio": r.ratio(),
+                "better": match r.better { Better::Lower => "lower", Better::Higher => "higher" },
+            })
+        })
+        .collect();
+    let text = serde_json::to_string_pretty(&arr).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A horizontal bar per row: how many times better vSocket is, log scale.
+fn plot(rows: &[Row]) -> String {
+    let (left, width, bar_h, gap, top) = (330.0, 520.0, 16.0, 6.0, 40.0);
+    let height = top + rows.len() as f64 * (bar_h + gap) + 40.0;
+    let max_log = rows
+        .iter()
+        .map(|r| r.gain().log10().abs())
+        .fold(1.0f64, f64::max)
+        .ceil();
+    let x = |g: f64| left + width / 2.0 + (g.log10() / max_log) * (width / 2.0);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">vSocket against the kernel path, same run (times better; log scale; right of 1x is better)</text>\n",
+        w = left + width + 60.0
+    );
+    for k in -(max_log as i32)..=(max_log as i32) {
+        let g = 10f64.powi(k);
+        let gx = x(g);
+        s += &format!(
+            "<line x1=\"{gx}\" y1=\"{top}\" x2=\"{gx}\" y2=\"{}\" stroke=\"#ccc\"/>\n",
+            height - 30.0
+        );
+        s += &format!(
+            "<text x=\"{gx}\" y=\"{}\" text-anchor=\"middle\">{g}x</text>\n",
+            height - 15.0
+        );
+    }
+    for (i, r) in rows.iter().enumerate() {
+        let y = top + i as f64 * (bar_h + gap);
+        let g = r.gain();
+        let (x0, x1) = (x(1.0), x(g));
+        let (bx, bw) = if x1 >= x0 {
+            (x0, x1 - x0)
+        } else {
+            (x1, x0 - x1)
+        };
+        let color = match meets(r) {
+            Some(false) => "#d9534f",
+            _ if g >= 1.0 => "#2b7bb9",
+            _ => "#f0ad4e",
+        };
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{} · {}</text>\n",
+            left - 8.0,
+            y + bar_h - 4.0,
+            xml(&r.scenario),
+            xml(&r.metric)
+        );
+        s += &format!(
+            "<rect x=\"{bx}\" y=\"{y}\" width=\"{}\" height=\"{bar_h}\" fill=\"{color}\"/>\n",
+            bw.max(1.0)
+        );
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\">{:.2}x</text>\n",
+            bx + bw + 4.0,
+            y + bar_h - 4.0,
+            g
+        );
+    }
+    s + "</svg>\n"
+}
+
+fn xml(t: &str) -> String {
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
