@@ -151,43 +151,56 @@ impl Connection {
 
     /// Current readiness, in epoll bits.
     pub fn readiness(&self) -> u32 {
+        self.readiness_for(ready::IN | ready::OUT | ready::RDHUP)
+    }
+
+    /// Readiness as far as `interest` needs it: only the rings' lines that
+    /// the interest depends on are read (epoll scans many connections, and
+    /// every line the peer writes is a cache miss). Errors and hang-ups that
+    /// either direction can report are always included.
+    pub fn readiness_for(&self, interest: u32) -> u32 {
+        const ALL: u32 = ready::IN | ready::OUT | ready::ERR | ready::HUP | ready::RDHUP;
         if self.broken.load(Ordering::Relaxed) {
-            return ready::IN | ready::OUT | ready::ERR | ready::HUP | ready::RDHUP;
+            return ALL;
         }
         let mut mask = 0;
-        let rx = self.rx();
-        let mut fin = false;
-        if rx.fin_received() {
-            mask |= ready::RDHUP;
-        }
-        match rx.state() {
-            Ok(RxState::Data(_)) => mask |= ready::IN,
-            Ok(RxState::Empty) => {}
-            Ok(RxState::Fin) => {
-                mask |= ready::IN | ready::RDHUP;
-                fin = true;
+        if interest & (ready::IN | ready::RDHUP) != 0 || interest & ready::OUT == 0 {
+            let rx = self.rx();
+            let mut fin = false;
+            if rx.fin_received() {
+                mask |= ready::RDHUP;
             }
-            Ok(RxState::Reset) => {
-                mask |= ready::IN | ready::RDHUP | ready::HUP;
-                if !self.reset_reported.load(Ordering::Relaxed) {
-                    mask |= ready::ERR;
+            match rx.state() {
+                Ok(RxState::Data(_)) => mask |= ready::IN,
+                Ok(RxState::Empty) => {}
+                Ok(RxState::Fin) => {
+                    mask |= ready::IN | ready::RDHUP;
+                    fin = true;
                 }
-                fin = true;
+                Ok(RxState::Reset) => {
+                    mask |= ready::IN | ready::RDHUP | ready::HUP;
+                    if !self.reset_reported.load(Ordering::Relaxed) {
+                        mask |= ready::ERR;
+                    }
+                    fin = true;
+                }
+                Err(_) => return ALL,
             }
-            Err(_) => return ready::IN | ready::OUT | ready::ERR | ready::HUP | ready::RDHUP,
+            if self.read_shut.load(Ordering::Relaxed) {
+                mask |= ready::IN | ready::RDHUP;
+            }
+            if fin && self.write_shut.load(Ordering::Relaxed) {
+                mask |= ready::HUP;
+            }
         }
-        if self.read_shut.load(Ordering::Relaxed) {
-            mask |= ready::IN | ready::RDHUP;
-        }
-        let wshut = self.write_shut.load(Ordering::Relaxed);
-        match self.tx().space() {
-            Ok(0) if !wshut => {}
-            Ok(_) => mask |= ready::OUT,
-            Err(RingError::PeerClosed) => mask |= ready::OUT | ready::ERR | ready::HUP,
-            Err(RingError::Corrupt) => mask |= ready::OUT | ready::ERR,
-        }
-        if fin && wshut {
-            mask |= ready::HUP;
+        if interest & ready::OUT != 0 {
+            let wshut = self.write_shut.load(Ordering::Relaxed);
+            match self.tx().space() {
+                Ok(0) if !wshut => {}
+                Ok(_) => mask |= ready::OUT,
+                Err(RingError::PeerClosed) => mask |= ready::OUT | ready::ERR | ready::HUP,
+                Err(RingError::Corrupt) => mask |= ready::OUT | ready::ERR,
+            }
         }
         mask
     }
@@ -204,11 +217,11 @@ impl Connection {
 
     /// A snapshot that changes whenever readiness might (for edge-triggered
     /// epoll): bytes produced to us, bytes consumed from us, and flags.
-    pub fn edge_snapshot(&self) -> (u64, u64, u32) {
+    pub fn edge_snapshot(&self, interest: u32) -> (u64, u64, u32) {
         (
             self.segment.producer(self.endpoint.rx_ring()).total(),
             self.segment.consumer(self.endpoint.tx_ring()).total(),
-            self.readiness(),
+            self.readiness_for(interest),
         )
     }
 
@@ -357,7 +370,7 @@ impl Connection {
     /// Is the condition a blocked call waits for (`interest`) met, or will
     /// it never be (error, end of stream)?
     pub fn satisfies(&self, interest: u32) -> bool {
-        self.readiness() & (interest | ready::ERR | ready::HUP) != 0
+        self.readiness_for(interest) & (interest | ready::ERR | ready::HUP) != 0
     }
 
     /// shutdown(2).

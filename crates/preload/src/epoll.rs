@@ -40,13 +40,17 @@ fn token_fd(data: u64) -> Option<RawFd> {
     (data & 0xffff_ffff_0000_0000 == token_tag()).then_some(data as u32 as RawFd)
 }
 
+/// Bytes produced to us, bytes consumed from us, readiness: changes
+/// whenever an edge-triggered registration may owe an event.
+type Snapshot = (u64, u64, u32);
+
 enum Kind {
     /// A kernel descriptor, registered in the kernel with the program's data.
     Kernel,
     /// A vSocket connection or a dropped connect, judged from shared memory.
     Managed {
         entry: Arc<Entry>,
-        last: Option<(u64, u64, u32)>,
+        last: Option<Snapshot>,
     },
     /// A listener: its socket and its channel are in the kernel set.
     Listener { entry: Arc<Entry> },
@@ -130,6 +134,9 @@ pub fn forget(fd: RawFd) {
         if let Some(reg) = regs.remove(&fd) {
             set.unregister_special(fd, &reg);
         }
+        // A parked doorbell could not be found by its number once the
+        // descriptor is gone: remove it now.
+        set.remove_parked_doorbell(fd);
     });
 }
 
@@ -149,13 +156,18 @@ impl EpollSet {
     fn register_special(&self, fd: RawFd, entry: &Arc<Entry>, events: u32) -> SysResult<Kind> {
         match &**entry {
             Entry::Conn(conn) => {
-                sys::epoll_ctl(
+                // The doorbell may still be registered from an earlier
+                // registration of this descriptor (see unregister_special).
+                match sys::epoll_ctl(
                     self.epfd,
                     libc::EPOLL_CTL_ADD,
                     conn.doorbell,
                     libc::EPOLLIN as u32,
                     token(fd),
-                )?;
+                ) {
+                    Ok(()) | Err(Errno(libc::EEXIST)) => {}
+                    Err(e) => return Err(e),
+                }
                 Ok(Kind::Managed {
                     entry: entry.clone(),
                     last: None,
@@ -189,11 +201,11 @@ impl EpollSet {
     fn unregister_special(&self, fd: RawFd, reg: &Registration) {
         match &reg.kind {
             Kind::Kernel => return,
-            Kind::Managed { entry, .. } => {
-                if let Entry::Conn(conn) = &**entry {
-                    let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, conn.doorbell, 0, 0);
-                }
-            }
+            // The doorbell stays in the kernel set: programs (ae, libuv)
+            // delete and re-add a descriptor around every request, and two
+            // epoll_ctl calls per request would cost more than the request.
+            // An event for a doorbell nobody registered removes it then.
+            Kind::Managed { .. } => {}
             Kind::Listener { entry } => {
                 let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
                 if let Entry::Listener(l) = &**entry {
@@ -278,45 +290,55 @@ impl EpollSet {
         }
     }
 
-    /// Adds ready managed registrations to `out` (from index `n`), skipping
-    /// descriptors already there. Returns the new count.
+    /// What a managed registration would report now, and (edge-triggered
+    /// only) the snapshot its next edge is measured against.
+    fn judge(reg: &Registration) -> (u32, Option<Snapshot>) {
+        let Kind::Managed { entry, .. } = &reg.kind else {
+            return (0, None);
+        };
+        let interest = reg.events | ready::ERR | ready::HUP;
+        match &**entry {
+            Entry::Conn(conn) if reg.events & libc::EPOLLET as u32 != 0 => {
+                let snap = conn.edge_snapshot(reg.events);
+                (snap.2 & interest, Some(snap))
+            }
+            Entry::Conn(conn) => (conn.readiness_for(reg.events) & interest, None),
+            Entry::Dropped(d) if sys::now_ms() >= d.deadline_ms => (
+                (ready::OUT | ready::ERR | ready::HUP) & interest,
+                Some((0, 0, 1)),
+            ),
+            _ => (0, None),
+        }
+    }
+
+    /// Adds ready managed registrations to `out` (from index `n`). Returns
+    /// the new count.
     fn collect(
         &self,
         regs: &mut HashMap<RawFd, Registration>,
         out: &mut [libc::epoll_event],
         mut n: usize,
     ) -> usize {
-        let now = sys::now_ms();
         for reg in regs.values_mut() {
             if n == out.len() {
                 break;
             }
-            if reg.disabled {
+            if reg.disabled || matches!(reg.kind, Kind::Kernel | Kind::Listener { .. }) {
                 continue;
             }
-            let Kind::Managed { entry, last } = &mut reg.kind else {
+            let (mask, snapshot) = Self::judge(reg);
+            let Kind::Managed { last, .. } = &mut reg.kind else {
                 continue;
-            };
-            let interest = reg.events | ready::ERR | ready::HUP;
-            let (mask, snapshot) = match &**entry {
-                Entry::Conn(conn) => {
-                    let snap = conn.edge_snapshot();
-                    (snap.2 & interest, snap)
-                }
-                Entry::Dropped(d) if now >= d.deadline_ms => {
-                    ((ready::OUT | ready::ERR | ready::HUP) & interest, (0, 0, 1))
-                }
-                _ => (0, (0, 0, 0)),
             };
             if mask == 0 {
-                *last = Some(snapshot);
+                *last = snapshot;
                 continue;
             }
-            if reg.events & libc::EPOLLET as u32 != 0 {
-                if *last == Some(snapshot) {
+            if snapshot.is_some() {
+                if *last == snapshot {
                     continue;
                 }
-                *last = Some(snapshot);
+                *last = snapshot;
             }
             out[n] = libc::epoll_event {
                 events: mask,
@@ -342,16 +364,15 @@ impl EpollSet {
 
     fn any_ready(&self) -> bool {
         let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
-        regs.values().any(|reg| match (&reg.kind, reg.disabled) {
-            (Kind::Managed { entry, last }, false) => match &**entry {
-                Entry::Conn(conn) => {
-                    let snap = conn.edge_snapshot();
-                    snap.2 & (reg.events | ready::ERR | ready::HUP) != 0
-                        && (reg.events & libc::EPOLLET as u32 == 0 || *last != Some(snap))
-                }
-                _ => false,
-            },
-            _ => false,
+        regs.values().any(|reg| {
+            if reg.disabled || !matches!(reg.kind, Kind::Managed { .. }) {
+                return false;
+            }
+            let (mask, snapshot) = Self::judge(reg);
+            let Kind::Managed { last, .. } = &reg.kind else {
+                return false;
+            };
+            mask != 0 && (snapshot.is_none() || *last != snapshot)
         })
     }
 
@@ -372,7 +393,11 @@ impl EpollSet {
                 }
                 continue;
             };
-            let Some(reg) = regs.get_mut(&fd) else {
+            let Some(reg) = regs
+                .get_mut(&fd)
+                .filter(|r| !matches!(r.kind, Kind::Kernel))
+            else {
+                self.remove_parked_doorbell(fd);
                 continue;
             };
             match &reg.kind {
@@ -412,6 +437,16 @@ impl EpollSet {
             }
         }
         n
+    }
+
+    /// A doorbell left registered after its descriptor was deleted from
+    /// the set (or closed) fired: remove it from the kernel set now.
+    fn remove_parked_doorbell(&self, fd: RawFd) {
+        if let Some(entry) = table::get(fd) {
+            if let Entry::Conn(conn) = &*entry {
+                let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, conn.doorbell, 0, 0);
+            }
+        }
     }
 
     /// epoll_wait/epoll_pwait on this set.

@@ -624,6 +624,9 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, alen: *mut sockl
 
 /// Forgets a managed descriptor that is being closed or replaced.
 fn release(fd: RawFd) {
+    // Forget the epoll registrations first, while the entry still tells
+    // which doorbell belongs to the descriptor.
+    epoll::forget(fd);
     let had = table::remove(fd);
     if let Some(entry) = &had {
         if let Entry::Conn(c) = &**entry {
@@ -632,7 +635,6 @@ fn release(fd: RawFd) {
             }
         }
     }
-    epoll::forget(fd);
 }
 
 #[no_mangle]
