@@ -24,13 +24,7 @@ struct Sample {
 }
 
 fn sample(scenario: &str, metric: &str, unit: &'static str, better: Better, value: f64) -> Sample {
-    Sample {
-        scenario: scenario.into(),
-        metric: metric.into(),
-        unit,
-        better,
-        value,
-    }
+    Sample { scenario: scenario.into(), metric: metric.into(), unit, better, value }
 }
 
 /// A row of the result: medians of both paths.
@@ -58,69 +52,21 @@ impl Row {
 
 /// The targets (issue "Performance"): (scenario, metric, bound on the ratio).
 const TARGETS: &[(&str, &str, Better, f64)] = &[
-    (
-        "sockperf ping-pong 64 B",
-        "latency p50",
-        Better::Lower,
-        0.10,
-    ),
-    (
-        "sockperf ping-pong 64 B",
-        "latency p99",
-        Better::Lower,
-        0.20,
-    ),
-    (
-        "redis-benchmark GET -c 50",
-        "throughput",
-        Better::Higher,
-        4.0,
-    ),
-    (
-        "redis-benchmark SET -c 50",
-        "throughput",
-        Better::Higher,
-        4.0,
-    ),
-    (
-        "redis-benchmark GET -c 1000",
-        "throughput",
-        Better::Higher,
-        3.0,
-    ),
-    (
-        "redis-benchmark SET -c 1000",
-        "throughput",
-        Better::Higher,
-        3.0,
-    ),
-    (
-        "redis-benchmark GET -c 50 -P 16",
-        "throughput",
-        Better::Higher,
-        2.0,
-    ),
-    (
-        "redis-benchmark SET -c 50 -P 16",
-        "throughput",
-        Better::Higher,
-        2.0,
-    ),
+    ("sockperf ping-pong 64 B", "latency p50", Better::Lower, 0.10),
+    ("sockperf ping-pong 64 B", "latency p99", Better::Lower, 0.20),
+    ("redis-benchmark GET -c 50", "throughput", Better::Higher, 4.0),
+    ("redis-benchmark SET -c 50", "throughput", Better::Higher, 4.0),
+    ("redis-benchmark GET -c 1000", "throughput", Better::Higher, 3.0),
+    ("redis-benchmark SET -c 1000", "throughput", Better::Higher, 3.0),
+    ("redis-benchmark GET -c 50 -P 16", "throughput", Better::Higher, 2.0),
+    ("redis-benchmark SET -c 50 -P 16", "throughput", Better::Higher, 2.0),
     ("iperf3 single stream", "bandwidth", Better::Higher, 2.6),
-    (
-        "sockperf throughput 64 KiB",
-        "bandwidth",
-        Better::Higher,
-        2.6,
-    ),
+    ("sockperf throughput 64 KiB", "bandwidth", Better::Higher, 2.6),
     ("connection setup", "rate", Better::Higher, 1.0),
 ];
 
 fn target(row: &Row) -> Option<(Better, f64)> {
-    TARGETS
-        .iter()
-        .find(|t| t.0 == row.scenario && t.1 == row.metric)
-        .map(|t| (t.2, t.3))
+    TARGETS.iter().find(|t| t.0 == row.scenario && t.1 == row.metric).map(|t| (t.2, t.3))
 }
 
 fn meets(row: &Row) -> Option<bool> {
@@ -148,23 +94,11 @@ impl Bench {
 
     /// Runs `one` for both paths, `repeats` times, alternating which goes
     /// first so that drift hits both alike.
-    fn interleaved(
-        &mut self,
-        name: &str,
-        mut one: impl FnMut(&Lab, Via) -> Result<Vec<Sample>>,
-    ) -> Result {
+    fn interleaved(&mut self, name: &str, mut one: impl FnMut(&Lab, Via) -> Result<Vec<Sample>>) -> Result {
         for rep in 0..self.repeats {
-            let order = if rep % 2 == 0 {
-                [Via::Kernel, Via::Vsocket]
-            } else {
-                [Via::Vsocket, Via::Kernel]
-            };
+            let order = if rep % 2 == 0 { [Via::Kernel, Via::Vsocket] } else { [Via::Vsocket, Via::Kernel] };
             for via in order {
-                self.progress(&format!(
-                    "{name}: run {}/{} over {via:?}",
-                    rep + 1,
-                    self.repeats
-                ));
+                self.progress(&format!("{name}: run {}/{} over {via:?}", rep + 1, self.repeats));
                 for s in one(&self.lab, via)? {
                     self.samples.push((via, s));
                 }
@@ -186,9 +120,7 @@ impl Bench {
             let port = Self::port(via, base);
             let a = args(port);
             let a: Vec<&str> = a.iter().map(String::as_str).collect();
-            self.lab
-                .spawn("b", via, program, &a, &format!("{program}-{port}.log"))
-                .map_err(err)?;
+            self.lab.spawn("b", via, program, &a, &format!("{program}-{port}.log")).map_err(err)?;
             self.lab.wait_listening("b", port).map_err(err)?;
         }
         Ok(())
@@ -197,10 +129,7 @@ impl Bench {
     fn rows(&self) -> Vec<Row> {
         let mut rows: Vec<Row> = Vec::new();
         for (_, s) in &self.samples {
-            if rows
-                .iter()
-                .any(|r| r.scenario == s.scenario && r.metric == s.metric)
-            {
+            if rows.iter().any(|r| r.scenario == s.scenario && r.metric == s.metric) {
                 continue;
             }
             let med = |via: Via| {
@@ -238,20 +167,7 @@ fn sockperf_pp(lab: &Lab, via: Via, size: u32) -> Result<Vec<Sample>> {
             "a",
             via,
             "sockperf",
-            &[
-                "ping-pong",
-                "--tcp",
-                "-i",
-                "10.10.0.3",
-                "-p",
-                &port,
-                "-t",
-                "3",
-                "-m",
-                &size_s,
-                "--mps",
-                "1000000",
-            ],
+            &["ping-pong", "--tcp", "-i", "10.10.0.3", "-p", &port, "-t", "3", "-m", &size_s, "--mps", "1000000"],
         )
         .map_err(err)?;
     let lat = sockperf_latency(&out).ok_or_else(|| format!("sockperf output:\n{out}"))?;
@@ -274,111 +190,49 @@ fn sockperf_tp(lab: &Lab, via: Via) -> Result<Vec<Sample>> {
             "a",
             via,
             "sockperf",
-            &[
-                "throughput",
-                "--tcp",
-                "-i",
-                "10.10.0.3",
-                "-p",
-                &port,
-                "-t",
-                "3",
-                "-m",
-                "65536",
-            ],
+            &["throughput", "--tcp", "-i", "10.10.0.3", "-p", &port, "-t", "3", "-m", "65536"],
         )
         .map_err(err)?;
-    let line = out
-        .lines()
-        .find(|l| l.contains("Summary: BandWidth is"))
-        .ok_or_else(|| format!("sockperf output:\n{out}"))?;
+    let line =
+        out.lines().find(|l| l.contains("Summary: BandWidth is")).ok_or_else(|| format!("sockperf output:\n{out}"))?;
     let mbps: f64 = line
         .split('(')
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| format!("cannot read: {line}"))?;
-    Ok(vec![sample(
-        "sockperf throughput 64 KiB",
-        "bandwidth",
-        "Gbit/s",
-        Better::Higher,
-        mbps / 1000.0,
-    )])
+    Ok(vec![sample("sockperf throughput 64 KiB", "bandwidth", "Gbit/s", Better::Higher, mbps / 1000.0)])
 }
 
 fn iperf3(lab: &Lab, via: Via) -> Result<Vec<Sample>> {
     let port = Bench::port(via, 5201).to_string();
-    let out = lab
-        .run_ok(
-            "a",
-            via,
-            "iperf3",
-            &["-c", "10.10.0.3", "-p", &port, "-t", "3", "-l", "64K", "-J"],
-        )
-        .map_err(err)?;
-    let v: serde_json::Value =
-        serde_json::from_str(&out).map_err(|e| format!("iperf3 JSON: {e}"))?;
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .ok_or("iperf3: no sum_received")?;
-    Ok(vec![sample(
-        "iperf3 single stream",
-        "bandwidth",
-        "Gbit/s",
-        Better::Higher,
-        bps / 1e9,
-    )])
+    let out =
+        lab.run_ok("a", via, "iperf3", &["-c", "10.10.0.3", "-p", &port, "-t", "3", "-l", "64K", "-J"]).map_err(err)?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("iperf3 JSON: {e}"))?;
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().ok_or("iperf3: no sum_received")?;
+    Ok(vec![sample("iperf3 single stream", "bandwidth", "Gbit/s", Better::Higher, bps / 1e9)])
 }
 
 fn redis(lab: &Lab, via: Via, clients: u32, pipeline: u32, requests: u32) -> Result<Vec<Sample>> {
     let port = Bench::port(via, 6379).to_string();
-    let (c, p, n) = (
-        clients.to_string(),
-        pipeline.to_string(),
-        requests.to_string(),
-    );
+    let (c, p, n) = (clients.to_string(), pipeline.to_string(), requests.to_string());
     let out = lab
         .run_ok(
             "a",
             via,
             "redis-benchmark",
-            &[
-                "-h",
-                "10.10.0.3",
-                "-p",
-                &port,
-                "-t",
-                "get,set",
-                "-c",
-                &c,
-                "-P",
-                &p,
-                "-n",
-                &n,
-                "-q",
-            ],
+            &["-h", "10.10.0.3", "-p", &port, "-t", "get,set", "-c", &c, "-P", &p, "-n", &n, "-q"],
         )
         .map_err(err)?;
     let rates = redis_benchmark_rates(&out);
     if rates.len() != 2 {
         return Err(format!("redis-benchmark output:\n{out}"));
     }
-    let suffix = if pipeline > 1 {
-        format!(" -c {clients} -P {pipeline}")
-    } else {
-        format!(" -c {clients}")
-    };
+    let suffix = if pipeline > 1 { format!(" -c {clients} -P {pipeline}") } else { format!(" -c {clients}") };
     Ok(rates
         .into_iter()
         .map(|(test, rate)| {
-            sample(
-                &format!("redis-benchmark {test}{suffix}"),
-                "throughput",
-                "ops/s",
-                Better::Higher,
-                rate,
-            )
+            sample(&format!("redis-benchmark {test}{suffix}"), "throughput", "ops/s", Better::Higher, rate)
         })
         .collect())
 }
@@ -398,12 +252,7 @@ pub fn run(args: &[String]) -> Result {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--json" => json_out = Some(it.next().ok_or("--json needs a file")?.into()),
-            "--repeats" => {
-                repeats = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or("--repeats needs a number")?
-            }
+            "--repeats" => repeats = it.next().and_then(|v| v.parse().ok()).ok_or("--repeats needs a number")?,
             "--only" => only = Some(it.next().ok_or("--only needs a word")?.clone()),
             other => return Err(format!("unknown bench option {other}")),
         }
@@ -415,12 +264,7 @@ pub fn run(args: &[String]) -> Result {
     let tools = lab.dir.clone();
     let connrate = compile("connrate.c", &tools).map_err(err)?;
     let idle = compile("idle.c", &tools).map_err(err)?;
-    let mut b = Bench {
-        lab,
-        repeats,
-        samples: Vec::new(),
-        started: Instant::now(),
-    };
+    let mut b = Bench { lab, repeats, samples: Vec::new(), started: Instant::now() };
     let wanted = |group: &str| only.as_deref().is_none_or(|o| group.contains(o));
 
     if wanted("sockperf") {
@@ -440,30 +284,14 @@ pub fn run(args: &[String]) -> Result {
             },
             11111,
         )?;
-        b.interleaved("sockperf ping-pong 64 B", |lab, via| {
-            sockperf_pp(lab, via, 64)
-        })?;
-        b.interleaved("sockperf ping-pong 4 KiB", |lab, via| {
-            sockperf_pp(lab, via, 4096)
-        })?;
+        b.interleaved("sockperf ping-pong 64 B", |lab, via| sockperf_pp(lab, via, 64))?;
+        b.interleaved("sockperf ping-pong 4 KiB", |lab, via| sockperf_pp(lab, via, 4096))?;
         b.interleaved("sockperf throughput", sockperf_tp)?;
         b.lab.stop_background();
     }
 
     if wanted("iperf3") {
-        b.servers(
-            "iperf3",
-            |p| {
-                vec![
-                    "-s".into(),
-                    "-B".into(),
-                    "10.10.0.3".into(),
-                    "-p".into(),
-                    p.to_string(),
-                ]
-            },
-            5201,
-        )?;
+        b.servers("iperf3", |p| vec!["-s".into(), "-B".into(), "10.10.0.3".into(), "-p".into(), p.to_string()], 5201)?;
         b.interleaved("iperf3", iperf3)?;
         b.lab.stop_background();
     }
@@ -491,33 +319,21 @@ pub fn run(args: &[String]) -> Result {
             },
             6379,
         )?;
-        for (clients, pipeline, requests) in [
-            (1, 1, 20_000),
-            (10, 1, 100_000),
-            (50, 1, 200_000),
-            (1000, 1, 200_000),
-            (50, 16, 1_000_000),
-        ] {
+        for (clients, pipeline, requests) in
+            [(1, 1, 20_000), (10, 1, 100_000), (50, 1, 200_000), (1000, 1, 200_000), (50, 16, 1_000_000)]
+        {
             let name = format!("redis-benchmark -c {clients} -P {pipeline}");
-            b.interleaved(&name, |lab, via| {
-                redis(lab, via, clients, pipeline, requests)
-            })?;
+            b.interleaved(&name, |lab, via| redis(lab, via, clients, pipeline, requests))?;
         }
         b.lab.stop_background();
     }
 
     if wanted("connect") {
         let connrate_s = connrate.to_string_lossy().into_owned();
-        b.servers(
-            &connrate_s,
-            |p| vec!["server".into(), "10.10.0.3".into(), p.to_string()],
-            7100,
-        )?;
+        b.servers(&connrate_s, |p| vec!["server".into(), "10.10.0.3".into(), p.to_string()], 7100)?;
         b.interleaved("connection setup", |lab, via| {
             let port = Bench::port(via, 7100).to_string();
-            let out = lab
-                .run_ok("a", via, &connrate_s, &["client", "10.10.0.3", &port, "3"])
-                .map_err(err)?;
+            let out = lab.run_ok("a", via, &connrate_s, &["client", "10.10.0.3", &port, "3"]).map_err(err)?;
             Ok(vec![sample(
                 "connection setup",
                 "rate",
@@ -538,26 +354,14 @@ pub fn run(args: &[String]) -> Result {
         b.interleaved("idle pair, 10 s", |lab, via| {
             port += 1;
             let p = port.to_string();
-            let mut lab_servers = std::process::Command::from(lab.command(
-                "b",
-                via,
-                &idle_s,
-                &["server", "10.10.0.3", &p, "10"],
-            ));
+            let mut lab_servers =
+                std::process::Command::from(lab.command("b", via, &idle_s, &["server", "10.10.0.3", &p, "10"]));
             let mut server = lab_servers.spawn().map_err(err)?;
             lab.wait_listening("b", port).map_err(err)?;
-            let out = lab
-                .run_ok("a", via, &idle_s, &["client", "10.10.0.3", &p, "10"])
-                .map_err(err)?;
+            let out = lab.run_ok("a", via, &idle_s, &["client", "10.10.0.3", &p, "10"]).map_err(err)?;
             let _ = server.wait();
             let cpu = value_of(&out, "cpu_seconds")?;
-            Ok(vec![sample(
-                "idle connected pair",
-                "CPU over 10 s",
-                "% of a core",
-                Better::Lower,
-                cpu / 10.0 * 100.0,
-            )])
+            Ok(vec![sample("idle connected pair", "CPU over 10 s", "% of a core", Better::Lower, cpu / 10.0 * 100.0)])
         })?;
         b.repeats = saved;
     }
@@ -578,10 +382,7 @@ pub fn run(args: &[String]) -> Result {
 const IDLE_LIMIT_PERCENT: f64 = 1.0;
 
 fn print_table(rows: &[Row]) {
-    println!(
-        "{:<34} {:<14} {:>12} {:>12} {:>8}  {}",
-        "scenario", "metric", "kernel", "vSocket", "ratio", "target"
-    );
+    println!("{:<34} {:<14} {:>12} {:>12} {:>8}  {}", "scenario", "metric", "kernel", "vSocket", "ratio", "target");
     for r in rows {
         let t = match (target(r), meets(r)) {
             (Some((Better::Lower, b)), Some(ok)) => {
@@ -593,11 +394,7 @@ fn print_table(rows: &[Row]) {
             _ if r.scenario == "idle connected pair" => {
                 format!(
                     "< {IDLE_LIMIT_PERCENT}% of a core {}",
-                    if r.vsocket < IDLE_LIMIT_PERCENT {
-                        "met"
-                    } else {
-                        "MISSED"
-                    }
+                    if r.vsocket < IDLE_LIMIT_PERCENT { "met" } else { "MISSED" }
                 )
             }
             _ => String::new(),
@@ -632,11 +429,7 @@ fn write_json(rows: &[Row], path: &Path) -> Result {
 fn plot(rows: &[Row]) -> String {
     let (left, width, bar_h, gap, top) = (330.0, 520.0, 16.0, 6.0, 40.0);
     let height = top + rows.len() as f64 * (bar_h + gap) + 40.0;
-    let max_log = rows
-        .iter()
-        .map(|r| r.gain().log10().abs())
-        .fold(1.0f64, f64::max)
-        .ceil();
+    let max_log = rows.iter().map(|r| r.gain().log10().abs()).fold(1.0f64, f64::max).ceil();
     let x = |g: f64| left + width / 2.0 + (g.log10() / max_log) * (width / 2.0);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n\
@@ -647,24 +440,14 @@ fn plot(rows: &[Row]) -> String {
     for k in -(max_log as i32)..=(max_log as i32) {
         let g = 10f64.powi(k);
         let gx = x(g);
-        s += &format!(
-            "<line x1=\"{gx}\" y1=\"{top}\" x2=\"{gx}\" y2=\"{}\" stroke=\"#ccc\"/>\n",
-            height - 30.0
-        );
-        s += &format!(
-            "<text x=\"{gx}\" y=\"{}\" text-anchor=\"middle\">{g}x</text>\n",
-            height - 15.0
-        );
+        s += &format!("<line x1=\"{gx}\" y1=\"{top}\" x2=\"{gx}\" y2=\"{}\" stroke=\"#ccc\"/>\n", height - 30.0);
+        s += &format!("<text x=\"{gx}\" y=\"{}\" text-anchor=\"middle\">{g}x</text>\n", height - 15.0);
     }
     for (i, r) in rows.iter().enumerate() {
         let y = top + i as f64 * (bar_h + gap);
         let g = r.gain();
         let (x0, x1) = (x(1.0), x(g));
-        let (bx, bw) = if x1 >= x0 {
-            (x0, x1 - x0)
-        } else {
-            (x1, x0 - x1)
-        };
+        let (bx, bw) = if x1 >= x0 { (x0, x1 - x0) } else { (x1, x0 - x1) };
         let color = match meets(r) {
             Some(false) => "#d9534f",
             _ if g >= 1.0 => "#2b7bb9",
@@ -677,22 +460,12 @@ fn plot(rows: &[Row]) -> String {
             xml(&r.scenario),
             xml(&r.metric)
         );
-        s += &format!(
-            "<rect x=\"{bx}\" y=\"{y}\" width=\"{}\" height=\"{bar_h}\" fill=\"{color}\"/>\n",
-            bw.max(1.0)
-        );
-        s += &format!(
-            "<text x=\"{}\" y=\"{}\">{:.2}x</text>\n",
-            bx + bw + 4.0,
-            y + bar_h - 4.0,
-            g
-        );
+        s += &format!("<rect x=\"{bx}\" y=\"{y}\" width=\"{}\" height=\"{bar_h}\" fill=\"{color}\"/>\n", bw.max(1.0));
+        s += &format!("<text x=\"{}\" y=\"{}\">{:.2}x</text>\n", bx + bw + 4.0, y + bar_h - 4.0, g);
     }
     s + "</svg>\n"
 }
 
 fn xml(t: &str) -> String {
-    t.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }

@@ -17,15 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use vsocket_e2e::{redis_benchmark_rates, sockperf_latency, Lab, Via, TWO_GUESTS};
 
 /// Debian packages the demo and the tests run.
-const PACKAGES: &[&str] = &[
-    "redis-server",
-    "redis-tools",
-    "sockperf",
-    "iperf3",
-    "iproute2",
-    "python3",
-    "procps",
-];
+const PACKAGES: &[&str] = &["redis-server", "redis-tools", "sockperf", "iperf3", "iproute2", "python3", "procps"];
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -52,10 +44,7 @@ fn main() -> ExitCode {
 pub(crate) type Result<T = ()> = std::result::Result<T, String>;
 
 pub(crate) fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -77,13 +66,7 @@ pub(crate) fn ensure_packages() -> Result {
     let missing: Vec<&str> = PACKAGES
         .iter()
         .copied()
-        .filter(|p| {
-            !Command::new("dpkg")
-                .args(["-s", p])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        })
+        .filter(|p| !Command::new("dpkg").args(["-s", p]).output().map(|o| o.status.success()).unwrap_or(false))
         .collect();
     if missing.is_empty() {
         return Ok(());
@@ -106,10 +89,7 @@ fn test(filter: &[String]) -> Result {
     ensure_packages()?;
     build()?;
     // End-to-end tests share two cores with the programs they run: one at a time.
-    run(cargo()
-        .args(["test", "--workspace", "--release", "--"])
-        .args(filter)
-        .arg("--test-threads=1"))?;
+    run(cargo().args(["test", "--workspace", "--release", "--"]).args(filter).arg("--test-threads=1"))?;
     if filter.is_empty() {
         // The ring's wake-up protocol, model-checked.
         run(cargo()
@@ -136,18 +116,7 @@ fn measure(lab: &mut Lab, via: Via) -> Result<Figures> {
         "b",
         via,
         "redis-server",
-        &[
-            "--port",
-            "6379",
-            "--bind",
-            "10.10.0.3",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ],
+        &["--port", "6379", "--bind", "10.10.0.3", "--save", "", "--appendonly", "no", "--protected-mode", "no"],
         "redis.log",
     )
     .map_err(err)?;
@@ -157,19 +126,7 @@ fn measure(lab: &mut Lab, via: Via) -> Result<Figures> {
             "a",
             via,
             "redis-benchmark",
-            &[
-                "-h",
-                "10.10.0.3",
-                "-p",
-                "6379",
-                "-t",
-                "set,get",
-                "-n",
-                "200000",
-                "-c",
-                "50",
-                "-q",
-            ],
+            &["-h", "10.10.0.3", "-p", "6379", "-t", "set,get", "-n", "200000", "-c", "50", "-q"],
         )
         .map_err(err)?;
     for (name, rate) in redis_benchmark_rates(&out) {
@@ -180,38 +137,18 @@ fn measure(lab: &mut Lab, via: Via) -> Result<Figures> {
         }
     }
     lab.stop_background();
-    lab.spawn(
-        "b",
-        via,
-        "sockperf",
-        &["server", "--tcp", "-i", "10.10.0.3", "-p", "11111"],
-        "sockperf.log",
-    )
-    .map_err(err)?;
+    lab.spawn("b", via, "sockperf", &["server", "--tcp", "-i", "10.10.0.3", "-p", "11111"], "sockperf.log")
+        .map_err(err)?;
     lab.wait_listening("b", 11111).map_err(err)?;
     let out = lab
         .run_ok(
             "a",
             via,
             "sockperf",
-            &[
-                "ping-pong",
-                "--tcp",
-                "-i",
-                "10.10.0.3",
-                "-p",
-                "11111",
-                "-t",
-                "5",
-                "-m",
-                "64",
-                "--mps",
-                "1000000",
-            ],
+            &["ping-pong", "--tcp", "-i", "10.10.0.3", "-p", "11111", "-t", "5", "-m", "64", "--mps", "1000000"],
         )
         .map_err(err)?;
-    let lat =
-        sockperf_latency(&out).ok_or_else(|| format!("cannot read sockperf's output:\n{out}"))?;
+    let lat = sockperf_latency(&out).ok_or_else(|| format!("cannot read sockperf's output:\n{out}"))?;
     f.p50 = lat.p50;
     f.p99 = lat.p99;
     lab.stop_background();
@@ -223,9 +160,7 @@ fn measure(lab: &mut Lab, via: Via) -> Result<Figures> {
 pub(crate) fn on_interrupt() -> Result {
     ctrlc::set_handler(|| {
         INTERRUPTED.store(true, Ordering::SeqCst);
-        let _ = Command::new("pkill")
-            .args(["-TERM", "-P", &std::process::id().to_string()])
-            .status();
+        let _ = Command::new("pkill").args(["-TERM", "-P", &std::process::id().to_string()]).status();
     })
     .map_err(|e| e.to_string())
 }
@@ -236,9 +171,7 @@ fn demo() -> Result {
     ctrlc::set_handler(|| {
         INTERRUPTED.store(true, Ordering::SeqCst);
         // Stop what we started; the lab is removed as the demo unwinds.
-        let _ = Command::new("pkill")
-            .args(["-TERM", "-P", &std::process::id().to_string()])
-            .status();
+        let _ = Command::new("pkill").args(["-TERM", "-P", &std::process::id().to_string()]).status();
     })
     .map_err(|e| e.to_string())?;
     println!("Bringing up guests a (10.10.0.2) and b (10.10.0.3) in VPC blue, and vsocketd...");
@@ -256,23 +189,15 @@ fn demo() -> Result {
     }
     let (kernel, vsocket) = (kernel?, vsocket?);
     println!();
-    println!(
-        "{:<38} {:>12} {:>12} {:>8}",
-        "metric", "kernel", "vSocket", "ratio"
-    );
-    let row =
-        |name: &str, k: f64, v: f64| println!("{name:<38} {k:>12.2} {v:>12.2} {:>7.2}x", v / k);
+    println!("{:<38} {:>12} {:>12} {:>8}", "metric", "kernel", "vSocket", "ratio");
+    let row = |name: &str, k: f64, v: f64| println!("{name:<38} {k:>12.2} {v:>12.2} {:>7.2}x", v / k);
     row("redis-benchmark SET -c 50 (ops/s)", kernel.set, vsocket.set);
     row("redis-benchmark GET -c 50 (ops/s)", kernel.get, vsocket.get);
     row("sockperf 64 B one-way p50 (usec)", kernel.p50, vsocket.p50);
     row("sockperf 64 B one-way p99 (usec)", kernel.p99, vsocket.p99);
     println!();
     println!("vsocketd's counters (vsocketctl guests):");
-    let out = Command::new(vsocket_e2e::bin("vsocketctl"))
-        .arg("--config")
-        .arg(&lab.config)
-        .arg("guests")
-        .output();
+    let out = Command::new(vsocket_e2e::bin("vsocketctl")).arg("--config").arg(&lab.config).arg("guests").output();
     if let Ok(out) = out {
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }

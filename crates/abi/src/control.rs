@@ -33,10 +33,7 @@ pub enum Message {
     /// Library → daemon: open a connection from `local` to `remote`.
     /// `local` is what the program's socket is bound to; the daemon replaces
     /// an address the guest does not own with the guest's own address.
-    Connect {
-        local: SocketAddrV4,
-        remote: SocketAddrV4,
-    },
+    Connect { local: SocketAddrV4, remote: SocketAddrV4 },
     /// Daemon → library: the connection is established; the segment and the
     /// doorbell are attached.
     Connected(ConnectionInfo),
@@ -76,11 +73,7 @@ pub enum DecodeError {
     /// Unknown message kind {0}.
     UnknownKind(u8),
     /// A message of this kind has a different length.
-    BadLength {
-        kind: u8,
-        expected: usize,
-        actual: usize,
-    },
+    BadLength { kind: u8, expected: usize, actual: usize },
     /// A field holds an impossible value.
     BadField(&'static str),
 }
@@ -90,14 +83,9 @@ impl std::fmt::Display for DecodeError {
         match self {
             DecodeError::Empty => write!(f, "empty control message"),
             DecodeError::UnknownKind(k) => write!(f, "unknown control message kind {k}"),
-            DecodeError::BadLength {
-                kind,
-                expected,
-                actual,
-            } => write!(
-                f,
-                "control message kind {kind} must be {expected} bytes, got {actual}"
-            ),
+            DecodeError::BadLength { kind, expected, actual } => {
+                write!(f, "control message kind {kind} must be {expected} bytes, got {actual}")
+            }
             DecodeError::BadField(name) => write!(f, "control message field {name} is invalid"),
         }
     }
@@ -166,18 +154,11 @@ impl Message {
             other => return Err(DecodeError::UnknownKind(other)),
         };
         if body.len() != expected {
-            return Err(DecodeError::BadLength {
-                kind: k,
-                expected: expected + 1,
-                actual: bytes.len(),
-            });
+            return Err(DecodeError::BadLength { kind: k, expected: expected + 1, actual: bytes.len() });
         }
         let mut r = Reader { buf: body };
         Ok(match k {
-            kind::CONNECT => Message::Connect {
-                local: r.addr(),
-                remote: r.addr(),
-            },
+            kind::CONNECT => Message::Connect { local: r.addr(), remote: r.addr() },
             kind::CONNECTED => Message::Connected(r.info()?),
             kind::INCOMING => Message::Incoming(r.info()?),
             kind::FALLBACK => Message::Fallback,
@@ -190,10 +171,7 @@ impl Message {
                 }
                 Message::Refused { errno }
             }
-            kind::LISTEN => Message::Listen {
-                local: r.addr(),
-                backlog: r.u32(),
-            },
+            kind::LISTEN => Message::Listen { local: r.addr(), backlog: r.u32() },
             _ => unreachable!("kinds were matched above"),
         })
     }
@@ -261,12 +239,7 @@ impl Reader<'_> {
         if !crate::layout::ring_size_valid(ring_size) {
             return Err(DecodeError::BadField("ring_size"));
         }
-        Ok(ConnectionInfo {
-            id,
-            local,
-            peer,
-            ring_size,
-        })
+        Ok(ConnectionInfo { id, local, peer, ring_size })
     }
 }
 
@@ -279,25 +252,14 @@ mod tests {
     }
 
     fn all_kinds() -> Vec<Message> {
-        let info = ConnectionInfo {
-            id: 7,
-            local: a("10.0.0.2:6379"),
-            peer: a("10.0.0.3:40000"),
-            ring_size: 1 << 16,
-        };
+        let info = ConnectionInfo { id: 7, local: a("10.0.0.2:6379"), peer: a("10.0.0.3:40000"), ring_size: 1 << 16 };
         vec![
-            Message::Connect {
-                local: a("10.0.0.3:40000"),
-                remote: a("10.0.0.2:6379"),
-            },
+            Message::Connect { local: a("10.0.0.3:40000"), remote: a("10.0.0.2:6379") },
             Message::Connected(info),
             Message::Fallback,
             Message::Refused { errno: 111 },
             Message::Dropped,
-            Message::Listen {
-                local: a("0.0.0.0:80"),
-                backlog: 511,
-            },
+            Message::Listen { local: a("0.0.0.0:80"), backlog: 511 },
             Message::ListenOk,
             Message::Incoming(info),
         ]
@@ -319,15 +281,9 @@ mod tests {
             let bytes = m.encode(&mut buf).to_vec();
             let mut longer = bytes.clone();
             longer.push(0);
-            assert!(matches!(
-                Message::decode(&longer),
-                Err(DecodeError::BadLength { .. })
-            ));
+            assert!(matches!(Message::decode(&longer), Err(DecodeError::BadLength { .. })));
             if bytes.len() > 1 {
-                assert!(matches!(
-                    Message::decode(&bytes[..bytes.len() - 1]),
-                    Err(DecodeError::BadLength { .. })
-                ));
+                assert!(matches!(Message::decode(&bytes[..bytes.len() - 1]), Err(DecodeError::BadLength { .. })));
             }
         }
     }
@@ -339,24 +295,13 @@ mod tests {
         assert_eq!(Message::decode(&[200]), Err(DecodeError::UnknownKind(200)));
         let mut refused = vec![kind::REFUSED];
         refused.extend_from_slice(&(-5i32).to_le_bytes());
-        assert_eq!(
-            Message::decode(&refused),
-            Err(DecodeError::BadField("errno"))
-        );
-        let info = ConnectionInfo {
-            id: 1,
-            local: a("1.2.3.4:5"),
-            peer: a("1.2.3.4:6"),
-            ring_size: 1 << 16,
-        };
+        assert_eq!(Message::decode(&refused), Err(DecodeError::BadField("errno")));
+        let info = ConnectionInfo { id: 1, local: a("1.2.3.4:5"), peer: a("1.2.3.4:6"), ring_size: 1 << 16 };
         let mut buf = [0; MAX_MESSAGE];
         let mut bytes = Message::Connected(info).encode(&mut buf).to_vec();
         let n = bytes.len();
         bytes[n - 4..].copy_from_slice(&1000u32.to_le_bytes());
-        assert_eq!(
-            Message::decode(&bytes),
-            Err(DecodeError::BadField("ring_size"))
-        );
+        assert_eq!(Message::decode(&bytes), Err(DecodeError::BadField("ring_size")));
     }
 
     #[test]
@@ -368,9 +313,7 @@ mod tests {
             state ^= state >> 7;
             state ^= state << 17;
             let len = (state % (MAX_MESSAGE as u64 + 1)) as usize;
-            let bytes: Vec<u8> = (0..len)
-                .map(|i| (state >> (i % 8 * 8)) as u8 ^ i as u8)
-                .collect();
+            let bytes: Vec<u8> = (0..len).map(|i| (state >> (i % 8 * 8)) as u8 ^ i as u8).collect();
             let _ = Message::decode(&bytes);
         }
     }

@@ -115,11 +115,7 @@ impl fmt::Display for LabError {
                  would read as an option"
             ),
             Self::Spawn { command, .. } => write!(f, "cannot run `{command}`"),
-            Self::Failed {
-                command,
-                status,
-                stderr,
-            } => {
+            Self::Failed { command, status, stderr } => {
                 write!(f, "`{command}` failed ({status})")?;
                 if stderr.is_empty() {
                     Ok(())
@@ -130,14 +126,9 @@ impl fmt::Display for LabError {
             Self::Output { command, problem } => {
                 write!(f, "unexpected output from `{command}`: {problem}")
             }
-            Self::NotReady {
-                guest,
-                timeout,
-                reason,
-            } => write!(
-                f,
-                "{GUEST_INTERFACE} of guest \"{guest}\" is not usable after {timeout:?}: {reason}"
-            ),
+            Self::NotReady { guest, timeout, reason } => {
+                write!(f, "{GUEST_INTERFACE} of guest \"{guest}\" is not usable after {timeout:?}: {reason}")
+            }
         }
     }
 }
@@ -195,16 +186,10 @@ fn checked_switch_netns(config: &Config) -> Result<String, LabError> {
     let switch = switch_netns(config);
     for (_, guest) in config.guests() {
         if guest.netns == switch {
-            return Err(LabError::NameClash {
-                guest: guest.name.clone(),
-                netns: switch,
-            });
+            return Err(LabError::NameClash { guest: guest.name.clone(), netns: switch });
         }
         if guest.netns.starts_with('-') {
-            return Err(LabError::OptionLikeName {
-                guest: guest.name.clone(),
-                netns: guest.netns.clone(),
-            });
+            return Err(LabError::OptionLikeName { guest: guest.name.clone(), netns: guest.netns.clone() });
         }
     }
     Ok(switch)
@@ -223,15 +208,11 @@ fn build(config: &Config, switch: &str) -> Result<(), LabError> {
         let bridge = bridge_name(guest.vpc);
         let prefix_len = config.vpc(guest.vpc).cidr.prefix_len();
         ip(&format!("netns add {netns}"))?;
-        ip(&format!(
-            "-n {switch} link add {port} type veth peer name {GUEST_INTERFACE} netns {netns}"
-        ))?;
+        ip(&format!("-n {switch} link add {port} type veth peer name {GUEST_INTERFACE} netns {netns}"))?;
         ip(&format!("-n {switch} link set {port} master {bridge} up"))?;
         ip(&format!("-n {netns} link set lo up"))?;
         for addr in &guest.addresses {
-            ip(&format!(
-                "-n {netns} addr add {addr}/{prefix_len} dev {GUEST_INTERFACE}"
-            ))?;
+            ip(&format!("-n {netns} addr add {addr}/{prefix_len} dev {GUEST_INTERFACE}"))?;
         }
         ip(&format!("-n {netns} link set {GUEST_INTERFACE} up"))?;
     }
@@ -247,11 +228,7 @@ fn wait_until_ready(config: &Config, switch: &str) -> Result<(), LabError> {
     for (guest_id, guest) in config.guests() {
         while let Some(reason) = unready_reason(config, switch, guest_id, guest)? {
             if Instant::now() >= deadline {
-                return Err(LabError::NotReady {
-                    guest: guest.name.clone(),
-                    timeout: READY_TIMEOUT,
-                    reason,
-                });
+                return Err(LabError::NotReady { guest: guest.name.clone(), timeout: READY_TIMEOUT, reason });
             }
             thread::sleep(READY_POLL);
         }
@@ -260,20 +237,12 @@ fn wait_until_ready(config: &Config, switch: &str) -> Result<(), LabError> {
 }
 
 /// What still keeps `guest` from using its network, if anything.
-fn unready_reason(
-    config: &Config,
-    switch: &str,
-    guest_id: GuestId,
-    guest: &Guest,
-) -> Result<Option<String>, LabError> {
+fn unready_reason(config: &Config, switch: &str, guest_id: GuestId, guest: &Guest) -> Result<Option<String>, LabError> {
     let port = port_name(guest_id);
     let ports = json("bridge", &format!("-j -n {switch} link show"))?;
     let port_state = find_interface(&ports, &port).and_then(|link| link["state"].as_str());
     if port_state != Some("forwarding") {
-        return Ok(Some(format!(
-            "bridge port {port} is {}",
-            port_state.unwrap_or("missing")
-        )));
+        return Ok(Some(format!("bridge port {port} is {}", port_state.unwrap_or("missing"))));
     }
     let Some(eth0) = interface_status(&guest.netns)? else {
         return Ok(Some(format!("there is no {GUEST_INTERFACE}")));
@@ -282,11 +251,7 @@ fn unready_reason(
         return Ok(Some(format!("{GUEST_INTERFACE} is {}", eth0.state)));
     }
     let prefix_len = config.vpc(guest.vpc).cidr.prefix_len();
-    if let Some(addr) = guest
-        .addresses
-        .iter()
-        .find(|addr| !eth0.ipv4.contains(&(**addr, prefix_len)))
-    {
+    if let Some(addr) = guest.addresses.iter().find(|addr| !eth0.ipv4.contains(&(**addr, prefix_len))) {
         return Ok(Some(format!("{addr}/{prefix_len} is not assigned yet")));
     }
     Ok(None)
@@ -302,10 +267,7 @@ fn unready_reason(
 /// since removing the switch destroys the other end of each veth.
 pub fn down(config: &Config) -> Result<(), LabError> {
     let switch = checked_switch_netns(config)?;
-    let namespaces = config
-        .guests()
-        .map(|(_, guest)| guest.netns.as_str())
-        .chain([switch.as_str()]);
+    let namespaces = config.guests().map(|(_, guest)| guest.netns.as_str()).chain([switch.as_str()]);
     let mut first_error = None;
     for netns in namespaces {
         if !netns_exists(netns) {
@@ -369,23 +331,15 @@ impl fmt::Display for NamespaceStatus {
 /// Reports the switch namespace, then each guest's, in config order.
 pub fn status(config: &Config) -> Result<Vec<NamespaceStatus>, LabError> {
     let switch = checked_switch_netns(config)?;
-    let mut report = vec![NamespaceStatus {
-        exists: netns_exists(&switch),
-        netns: switch,
-        guest: None,
-        interface: None,
-    }];
+    let mut report =
+        vec![NamespaceStatus { exists: netns_exists(&switch), netns: switch, guest: None, interface: None }];
     for (_, guest) in config.guests() {
         let exists = netns_exists(&guest.netns);
         report.push(NamespaceStatus {
             netns: guest.netns.clone(),
             guest: Some(guest.name.clone()),
             exists,
-            interface: if exists {
-                interface_status(&guest.netns)?
-            } else {
-                None
-            },
+            interface: if exists { interface_status(&guest.netns)? } else { None },
         });
     }
     Ok(report)
@@ -413,10 +367,7 @@ fn interface_status(netns: &str) -> Result<Option<InterfaceStatus>, LabError> {
             Some((addr, prefix_len))
         })
         .collect();
-    Ok(Some(InterfaceStatus {
-        state: eth0["operstate"].as_str().unwrap_or("UNKNOWN").to_owned(),
-        ipv4,
-    }))
+    Ok(Some(InterfaceStatus { state: eth0["operstate"].as_str().unwrap_or("UNKNOWN").to_owned(), ipv4 }))
 }
 
 /// The entry named `name` in the JSON list of interfaces `ip -j` or
@@ -437,10 +388,8 @@ fn json(program: &str, args: &str) -> Result<Value, LabError> {
     if text.trim().is_empty() {
         return Ok(Value::Array(Vec::new()));
     }
-    serde_json::from_str(&text).map_err(|err| LabError::Output {
-        command: format!("{program} {args}"),
-        problem: err.to_string(),
-    })
+    serde_json::from_str(&text)
+        .map_err(|err| LabError::Output { command: format!("{program} {args}"), problem: err.to_string() })
 }
 
 /// Runs `program` to completion and returns its stdout, or an error naming
@@ -455,10 +404,7 @@ fn run(program: &str, args: &str) -> Result<String, LabError> {
         .args(args.split_whitespace())
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| LabError::Spawn {
-            command: command(),
-            source,
-        })?;
+        .map_err(|source| LabError::Spawn { command: command(), source })?;
     if !output.status.success() {
         return Err(LabError::Failed {
             command: command(),
@@ -466,8 +412,6 @@ fn run(program: &str, args: &str) -> Result<String, LabError> {
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         });
     }
-    String::from_utf8(output.stdout).map_err(|_| LabError::Output {
-        command: command(),
-        problem: "it is not UTF-8".to_owned(),
-    })
+    String::from_utf8(output.stdout)
+        .map_err(|_| LabError::Output { command: command(), problem: "it is not UTF-8".to_owned() })
 }

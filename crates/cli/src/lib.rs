@@ -29,10 +29,6 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/vsocket/vsocket.toml";
 /// set and non-empty, else [`DEFAULT_CONFIG_PATH`].
 pub fn config_path(explicit: Option<PathBuf>) -> PathBuf {
     explicit
-        .or_else(|| {
-            std::env::var_os(CONFIG_ENV)
-                .filter(|path| !path.is_empty())
-                .map(PathBuf::from)
-        })
+        .or_else(|| std::env::var_os(CONFIG_ENV).filter(|path| !path.is_empty()).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
 }

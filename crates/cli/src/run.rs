@@ -110,11 +110,7 @@ impl fmt::Display for RunError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Config(err) => err.fmt(f),
-            Self::UnknownGuest {
-                name,
-                config,
-                known,
-            } => {
+            Self::UnknownGuest { name, config, known } => {
                 write!(f, "no guest \"{name}\" in {}", config.display())?;
                 if known.is_empty() {
                     f.write_str(" (it defines no guests)")
@@ -147,9 +143,7 @@ impl std::error::Error for RunError {
             // The config error's own message is this error's message, so its
             // source comes next in the chain, not the error itself.
             Self::Config(err) => err.source(),
-            Self::Library(source)
-            | Self::EnterNamespace { source, .. }
-            | Self::Exec { source, .. } => Some(source),
+            Self::Library(source) | Self::EnterNamespace { source, .. } | Self::Exec { source, .. } => Some(source),
             Self::UnknownGuest { .. } | Self::NoNamespace { .. } => None,
         }
     }
@@ -169,10 +163,7 @@ pub fn exec(launch: &Launch) -> RunError {
         return RunError::UnknownGuest {
             name: launch.guest.clone(),
             config: launch.config.clone(),
-            known: config
-                .guests()
-                .map(|(_, guest)| guest.name.clone())
-                .collect(),
+            known: config.guests().map(|(_, guest)| guest.name.clone()).collect(),
         };
     };
     let guest = config.guest(guest_id);
@@ -202,22 +193,13 @@ pub fn exec(launch: &Launch) -> RunError {
     let netns = vsocketd::netns_path(&guest.netns);
     if let Err(source) = vsocket_sys::enter_netns(&netns) {
         return if source.kind() == io::ErrorKind::NotFound {
-            RunError::NoNamespace {
-                guest: guest.name.clone(),
-                netns: guest.netns.clone(),
-            }
+            RunError::NoNamespace { guest: guest.name.clone(), netns: guest.netns.clone() }
         } else {
-            RunError::EnterNamespace {
-                path: netns,
-                source,
-            }
+            RunError::EnterNamespace { path: netns, source }
         };
     }
 
-    RunError::Exec {
-        program: launch.program.clone(),
-        source: command.exec(),
-    }
+    RunError::Exec { program: launch.program.clone(), source: command.exec() }
 }
 
 /// Where the preload library is: `$VSOCKET_LIB` if set, else
@@ -239,41 +221,24 @@ pub fn library_path() -> io::Result<PathBuf> {
         }
         explicit
     } else {
-        let beside_executable = std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().map(|dir| dir.join(LIBRARY_FILE_NAME)));
-        let candidates: Vec<PathBuf> = beside_executable
-            .into_iter()
-            .chain([PathBuf::from(INSTALLED_LIBRARY)])
-            .collect();
+        let beside_executable =
+            std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join(LIBRARY_FILE_NAME)));
+        let candidates: Vec<PathBuf> =
+            beside_executable.into_iter().chain([PathBuf::from(INSTALLED_LIBRARY)]).collect();
         match candidates.iter().find(|path| path.is_file()) {
             Some(found) => found.clone(),
             None => {
-                let tried: Vec<String> = candidates
-                    .iter()
-                    .map(|path| path.display().to_string())
-                    .collect();
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("not at {}", tried.join(" nor ")),
-                ));
+                let tried: Vec<String> = candidates.iter().map(|path| path.display().to_string()).collect();
+                return Err(io::Error::new(io::ErrorKind::NotFound, format!("not at {}", tried.join(" nor "))));
             }
         }
     };
     let library = std::path::absolute(&library)?;
     // ld.so splits LD_PRELOAD at both separators, with no way to escape them.
-    if library
-        .as_os_str()
-        .as_bytes()
-        .iter()
-        .any(|b| matches!(b, b':' | b' '))
-    {
+    if library.as_os_str().as_bytes().iter().any(|b| matches!(b, b':' | b' ')) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!(
-                "{} contains ':' or ' ', which LD_PRELOAD cannot carry",
-                library.display()
-            ),
+            format!("{} contains ':' or ' ', which LD_PRELOAD cannot carry", library.display()),
         ));
     }
     Ok(library)
@@ -287,10 +252,7 @@ pub fn guest_env(config: &Config, guest: GuestId) -> Vec<(String, String)> {
     let control = vsocketd::guest_socket_path(&config.host().run_dir, &guest.name);
     vec![
         // run_dir came from a TOML string, so the path is valid UTF-8.
-        (
-            CONTROL_ENV.to_owned(),
-            control.to_string_lossy().into_owned(),
-        ),
+        (CONTROL_ENV.to_owned(), control.to_string_lossy().into_owned()),
         (GUEST_ENV.to_owned(), guest.name.clone()),
     ]
 }
@@ -314,9 +276,7 @@ fn without_library(list: &OsStr) -> Option<OsString> {
         .as_bytes()
         .split(|b| matches!(b, b':' | b' '))
         .filter(|entry| !entry.is_empty())
-        .filter(|entry| {
-            Path::new(OsStr::from_bytes(entry)).file_name() != Some(OsStr::new(LIBRARY_FILE_NAME))
-        })
+        .filter(|entry| Path::new(OsStr::from_bytes(entry)).file_name() != Some(OsStr::new(LIBRARY_FILE_NAME)))
         .collect();
     if kept.is_empty() {
         None
@@ -333,10 +293,7 @@ mod tests {
     fn library_goes_first_and_existing_entries_stay() {
         let library = Path::new("/opt/vs/libvsocket.so");
         assert_eq!(ld_preload(library, None), "/opt/vs/libvsocket.so");
-        assert_eq!(
-            ld_preload(library, Some(OsStr::new(""))),
-            "/opt/vs/libvsocket.so"
-        );
+        assert_eq!(ld_preload(library, Some(OsStr::new(""))), "/opt/vs/libvsocket.so");
         assert_eq!(
             ld_preload(library, Some(OsStr::new("libfoo.so /x/libbar.so"))),
             "/opt/vs/libvsocket.so:libfoo.so /x/libbar.so"
@@ -350,10 +307,7 @@ mod tests {
             without_library(OsStr::new("libfoo.so:/a/libvsocket.so /b/libbar.so")),
             Some(OsString::from("libfoo.so:/b/libbar.so"))
         );
-        assert_eq!(
-            without_library(OsStr::new("/a/libvsocket.so.1")),
-            Some(OsString::from("/a/libvsocket.so.1"))
-        );
+        assert_eq!(without_library(OsStr::new("/a/libvsocket.so.1")), Some(OsString::from("/a/libvsocket.so.1")));
     }
 
     #[test]
@@ -375,10 +329,7 @@ mod tests {
         assert_eq!(
             guest_env(&config, web),
             [
-                (
-                    CONTROL_ENV.to_owned(),
-                    "/run/vs-test/guests/web.sock".to_owned()
-                ),
+                (CONTROL_ENV.to_owned(), "/run/vs-test/guests/web.sock".to_owned()),
                 (GUEST_ENV.to_owned(), "web".to_owned()),
             ]
         );

@@ -40,12 +40,7 @@ impl TestLab {
         let config_path = dir.join("vsocket.toml");
         std::fs::write(&config_path, config_text(&host, &dir)).expect("write the config");
         let config = vsocket_policy::load(&config_path).expect("the test config is valid");
-        TestLab {
-            dir,
-            config_path,
-            config,
-            servers: Vec::new(),
-        }
+        TestLab { dir, config_path, config, servers: Vec::new() }
     }
 
     /// Writes the config and builds its lab.
@@ -58,20 +53,13 @@ impl TestLab {
     }
 
     fn netns(&self, guest: &str) -> String {
-        let id = self
-            .config
-            .guest_by_name(guest)
-            .expect("a guest of the test config");
+        let id = self.config.guest_by_name(guest).expect("a guest of the test config");
         self.config.guest(id).netns.clone()
     }
 
     /// Every namespace the lab may create.
     fn namespaces(&self) -> Vec<String> {
-        self.config
-            .guests()
-            .map(|(_, guest)| guest.netns.clone())
-            .chain([lab::switch_netns(&self.config)])
-            .collect()
+        self.config.guests().map(|(_, guest)| guest.netns.clone()).chain([lab::switch_netns(&self.config)]).collect()
     }
 
     /// Starts an HTTP server in `guest` on `addr:port` whose file `who` holds
@@ -114,10 +102,7 @@ while True:
         if output.status.success() {
             Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         } else {
-            Err(format!(
-                "{url}: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
+            Err(format!("{url}: {}", String::from_utf8_lossy(&output.stderr).trim()))
         }
     }
 
@@ -134,10 +119,7 @@ except ConnectionRefusedError:
 except OSError:
     print("timeout")
 "#;
-        let output = in_netns(
-            &self.netns(guest),
-            &[python(), "-c", CONNECT, addr, &port.to_string()],
-        );
+        let output = in_netns(&self.netns(guest), &[python(), "-c", CONNECT, addr, &port.to_string()]);
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
@@ -208,10 +190,7 @@ fn in_netns(netns: &str, command: &[&str]) -> Output {
 
 /// The names `ip netns list` shows.
 fn listed_namespaces() -> Vec<String> {
-    let output = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("run ip netns list");
+    let output = Command::new("ip").args(["netns", "list"]).output().expect("run ip netns list");
     assert!(output.status.success(), "ip netns list failed");
     String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -234,10 +213,7 @@ fn vpcs_sharing_a_subnet_are_isolated() {
     let mut lab = TestLab::up("i");
     let listed = listed_namespaces();
     for netns in lab.namespaces() {
-        assert!(
-            listed.contains(&netns),
-            "{netns} missing after up: {listed:?}"
-        );
+        assert!(listed.contains(&netns), "{netns} missing after up: {listed:?}");
     }
 
     lab.serve("a2", "10.77.0.3", HTTP_PORT, "A");
@@ -249,22 +225,13 @@ fn vpcs_sharing_a_subnet_are_isolated() {
     assert_eq!(lab.fetch("b1", "10.77.0.3", HTTP_PORT), Ok("B".to_owned()));
     // A listener only red has is up, yet blue reaches a2 there, which
     // refuses: nothing of red is on blue's segment.
-    assert_eq!(
-        lab.fetch("b1", "10.77.0.3", HTTP_PORT + 1),
-        Ok("red only".to_owned())
-    );
-    assert_eq!(
-        lab.connect_once("a1", "10.77.0.3", HTTP_PORT + 1),
-        "refused"
-    );
+    assert_eq!(lab.fetch("b1", "10.77.0.3", HTTP_PORT + 1), Ok("red only".to_owned()));
+    assert_eq!(lab.connect_once("a1", "10.77.0.3", HTTP_PORT + 1), "refused");
 
     lab.down().expect("lab down");
     let listed = listed_namespaces();
     for netns in lab.namespaces() {
-        assert!(
-            !listed.contains(&netns),
-            "{netns} still there after down: {listed:?}"
-        );
+        assert!(!listed.contains(&netns), "{netns} still there after down: {listed:?}");
     }
     lab.down().expect("a second lab down is a no-op");
 }
@@ -277,10 +244,7 @@ fn up_replaces_leftovers_and_status_reports_addresses() {
 
     let report = lab::status(&lab.config).expect("lab status");
     assert_eq!(report.len(), 5, "{report:?}");
-    assert!(
-        report.iter().all(|namespace| namespace.exists),
-        "{report:?}"
-    );
+    assert!(report.iter().all(|namespace| namespace.exists), "{report:?}");
     let b1 = report
         .iter()
         .find(|namespace| namespace.guest.as_deref() == Some("b1"))
@@ -295,9 +259,7 @@ fn down_and_status_without_a_lab() {
     let lab = TestLab::configure("n");
     lab::down(&lab.config).expect("down with nothing to remove");
     let report = lab::status(&lab.config).expect("lab status");
-    assert!(report
-        .iter()
-        .all(|namespace| !namespace.exists && namespace.interface.is_none()));
+    assert!(report.iter().all(|namespace| !namespace.exists && namespace.interface.is_none()));
 }
 
 #[test]
@@ -320,15 +282,8 @@ fn run_without_preload_executes_in_the_guest_namespace() {
         "eth0",
     ]);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "vsocket run failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        stdout.contains("10.77.0.2/24"),
-        "unexpected output: {stdout}"
-    );
+    assert!(output.status.success(), "vsocket run failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("10.77.0.2/24"), "unexpected output: {stdout}");
 }
 
 #[test]
@@ -347,16 +302,7 @@ fn run_reports_an_unknown_guest_as_a_usage_error() {
 fn run_reports_a_missing_namespace() {
     let lab = TestLab::configure("m");
     let config = lab.config_path.to_str().expect("a UTF-8 temp path");
-    let output = vsocket(&[
-        "run",
-        "--guest",
-        "a1",
-        "--config",
-        config,
-        "--no-preload",
-        "--",
-        "true",
-    ]);
+    let output = vsocket(&["run", "--guest", "a1", "--config", config, "--no-preload", "--", "true"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
     assert!(stderr.contains("vsocket lab up"), "{stderr}");

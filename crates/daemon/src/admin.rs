@@ -24,16 +24,12 @@ pub fn serve(daemon: &Arc<Daemon>) -> std::io::Result<()> {
     let listener = UnixListener::bind(&path)?;
     vsocket_sys::chmod(&path, 0o600)?;
     let daemon = daemon.clone();
-    std::thread::Builder::new()
-        .name("admin".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let daemon = daemon.clone();
-                let _ = std::thread::Builder::new()
-                    .name("admin-conn".into())
-                    .spawn(move || handle(&daemon, stream));
-            }
-        })?;
+    std::thread::Builder::new().name("admin".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let daemon = daemon.clone();
+            let _ = std::thread::Builder::new().name("admin-conn".into()).spawn(move || handle(&daemon, stream));
+        }
+    })?;
     Ok(())
 }
 
@@ -63,8 +59,6 @@ fn answer(daemon: &Daemon, request: &Request) -> serde_json::Value {
         }),
         Request::Guests => serde_json::to_value(daemon.guest_reports()).unwrap_or_default(),
         Request::Listeners => serde_json::to_value(daemon.listener_reports()).unwrap_or_default(),
-        Request::Connections => {
-            serde_json::to_value(daemon.connection_reports()).unwrap_or_default()
-        }
+        Request::Connections => serde_json::to_value(daemon.connection_reports()).unwrap_or_default(),
     }
 }

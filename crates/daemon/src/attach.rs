@@ -22,9 +22,8 @@ pub fn serve_guests(daemon: &Arc<Daemon>) -> io::Result<()> {
     std::fs::create_dir_all(run_dir.join("guests"))?;
     for (id, guest) in daemon.config.guests() {
         let path = crate::guest_socket_path(&run_dir, &guest.name);
-        let listener = vsocket_sys::seqpacket_listen(&path, 1024).map_err(|e| {
-            io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()))
-        })?;
+        let listener = vsocket_sys::seqpacket_listen(&path, 1024)
+            .map_err(|e| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display())))?;
         // Processes inside guests may run as any user; the namespace check
         // is what keeps one guest out of another's socket.
         vsocket_sys::chmod(&path, 0o666)?;
@@ -47,22 +46,17 @@ fn accept_loop(daemon: &Arc<Daemon>, guest: GuestId, listener: OwnedFd) {
             }
         };
         if let Err(reason) = verify(daemon, guest, &channel) {
-            daemon
-                .counters(guest)
-                .refused_attachments
-                .fetch_add(1, Ordering::Relaxed);
+            daemon.counters(guest).refused_attachments.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(guest = %daemon.config.guest(guest).name, %reason, "refused attachment");
             continue;
         }
         let daemon = daemon.clone();
-        let spawned = std::thread::Builder::new()
-            .name("channel".into())
-            .spawn(move || {
-                let counters = daemon.counters(guest);
-                counters.channels.fetch_add(1, Ordering::Relaxed);
-                serve_channel(&daemon, guest, channel);
-                counters.channels.fetch_sub(1, Ordering::Relaxed);
-            });
+        let spawned = std::thread::Builder::new().name("channel".into()).spawn(move || {
+            let counters = daemon.counters(guest);
+            counters.channels.fetch_add(1, Ordering::Relaxed);
+            serve_channel(&daemon, guest, channel);
+            counters.channels.fetch_sub(1, Ordering::Relaxed);
+        });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a channel thread");
         }
@@ -72,12 +66,10 @@ fn accept_loop(daemon: &Arc<Daemon>, guest: GuestId, listener: OwnedFd) {
 /// Is the process behind `channel` inside the guest's network namespace?
 fn verify(daemon: &Daemon, guest: GuestId, channel: &OwnedFd) -> Result<(), String> {
     let g = daemon.config.guest(guest);
-    let pid =
-        vsocket_sys::peer_pid(channel.as_fd()).map_err(|e| format!("no peer credentials: {e}"))?;
+    let pid = vsocket_sys::peer_pid(channel.as_fd()).map_err(|e| format!("no peer credentials: {e}"))?;
     let expected = vsocket_sys::netns_id(&crate::netns_path(&g.netns))
         .map_err(|e| format!("guest namespace {} unavailable: {e}", g.netns))?;
-    let actual = vsocket_sys::process_netns(pid)
-        .map_err(|e| format!("pid {pid}: cannot read its namespace: {e}"))?;
+    let actual = vsocket_sys::process_netns(pid).map_err(|e| format!("pid {pid}: cannot read its namespace: {e}"))?;
     if actual != expected {
         return Err(format!("pid {pid} is not in network namespace {}", g.netns));
     }
@@ -130,12 +122,7 @@ fn serve_channel(daemon: &Daemon, guest: GuestId, channel: OwnedFd) {
 
 /// The channel becomes a listener channel: register, then wait for the
 /// program to close it (or exit) and unregister.
-fn serve_listener(
-    daemon: &Daemon,
-    guest: GuestId,
-    channel: OwnedFd,
-    local: std::net::SocketAddrV4,
-) {
+fn serve_listener(daemon: &Daemon, guest: GuestId, channel: OwnedFd, local: std::net::SocketAddrV4) {
     let name = &daemon.config.guest(guest).name;
     let watcher = match channel.try_clone() {
         Ok(w) => w,

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use vsocket_abi::control::{ConnectionInfo, Message, MAX_MESSAGE};
 use vsocket_policy::{evaluate, DenyAction, Flow, GuestId, Protocol, Verdict};
-use vsocket_ring::Segment;
 
 /// How long a connection may wait for room in a listener's channel.
 const LISTENER_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -28,10 +27,7 @@ pub struct Reply {
 
 impl Reply {
     fn plain(message: Message) -> Reply {
-        Reply {
-            message,
-            fds: Vec::new(),
-        }
+        Reply { message, fds: Vec::new() }
     }
 }
 
@@ -56,31 +52,16 @@ pub fn listen(
     if vsocket_sys::set_send_timeout(channel.as_fd(), LISTENER_SEND_TIMEOUT).is_err() {
         return Err(libc::ENOBUFS);
     }
-    Ok(Arc::new(ListenerRecord {
-        id: daemon.next_id(),
-        guest,
-        local,
-        channel,
-        accepted: Default::default(),
-    }))
+    Ok(Arc::new(ListenerRecord { id: daemon.next_id(), guest, local, channel, accepted: Default::default() }))
 }
 
 /// Decides a `Connect` request from `guest`.
-pub fn connect(
-    daemon: &Daemon,
-    guest: GuestId,
-    local: SocketAddrV4,
-    remote: SocketAddrV4,
-) -> Reply {
+pub fn connect(daemon: &Daemon, guest: GuestId, local: SocketAddrV4, remote: SocketAddrV4) -> Reply {
     let config = &daemon.config;
     let g = config.guest(guest);
     let counters = daemon.counters(guest);
     // The guest's word about its own address is not trusted.
-    let client_ip = if g.addresses.contains(local.ip()) {
-        *local.ip()
-    } else {
-        g.addresses[0]
-    };
+    let client_ip = if g.addresses.contains(local.ip()) { *local.ip() } else { g.addresses[0] };
     let client_addr = SocketAddrV4::new(client_ip, local.port());
     let Some(listener) = daemon.find_listener(g.vpc, remote) else {
         counters.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -103,9 +84,7 @@ pub fn connect(
         tracing::info!(client = %g.name, from = %client_addr, server = %server_name, to = %remote,
             decided_by = %verdict.describe(config), ?action, "connect denied");
         return Reply::plain(match action {
-            DenyAction::Reject => Message::Refused {
-                errno: libc::ECONNREFUSED,
-            },
+            DenyAction::Reject => Message::Refused { errno: libc::ECONNREFUSED },
             DenyAction::Drop => Message::Dropped,
         });
     }
@@ -117,9 +96,7 @@ pub fn connect(
         }
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
             tracing::warn!(client = %g.name, to = %remote, "listener backlog full; connect refused");
-            Reply::plain(Message::Refused {
-                errno: libc::ECONNREFUSED,
-            })
+            Reply::plain(Message::Refused { errno: libc::ECONNREFUSED })
         }
         Err(e) => {
             tracing::warn!(client = %g.name, to = %remote, error = %e, "could not deliver connection to listener; kernel path");
@@ -139,22 +116,13 @@ fn open(
     remote: SocketAddrV4,
 ) -> std::io::Result<Reply> {
     let ring_size = daemon.config.host().ring_size;
-    let (segment, memfd) = Segment::create(ring_size)?;
+    let (segment, memfd) = daemon.segments.take()?;
     let (client_bell, server_bell) = vsocket_sys::stream_pair()?;
     let id = daemon.next_id();
-    let incoming = Message::Incoming(ConnectionInfo {
-        id,
-        local: remote,
-        peer: client_addr,
-        ring_size,
-    });
+    let incoming = Message::Incoming(ConnectionInfo { id, local: remote, peer: client_addr, ring_size });
     let mut buf = [0u8; MAX_MESSAGE];
     let bytes = incoming.encode(&mut buf);
-    if let Err(e) = vsocket_sys::send_with_fds(
-        listener.channel.as_fd(),
-        bytes,
-        &[memfd.as_fd(), server_bell.as_fd()],
-    ) {
+    if let Err(e) = vsocket_sys::send_with_fds(listener.channel.as_fd(), bytes, &[memfd.as_fd(), server_bell.as_fd()]) {
         if e.kind() != std::io::ErrorKind::WouldBlock {
             // The listener is gone (its process exited): forget it.
             daemon.remove_listener(listener);
@@ -163,14 +131,8 @@ fn open(
     }
     drop(server_bell);
     listener.accepted.fetch_add(1, Ordering::Relaxed);
-    daemon
-        .counters(client)
-        .connections_out
-        .fetch_add(1, Ordering::Relaxed);
-    daemon
-        .counters(listener.guest)
-        .connections_in
-        .fetch_add(1, Ordering::Relaxed);
+    daemon.counters(client).connections_out.fetch_add(1, Ordering::Relaxed);
+    daemon.counters(listener.guest).connections_in.fetch_add(1, Ordering::Relaxed);
     daemon.add_connection(ConnectionRecord {
         id,
         vpc: daemon.config.guest(client).vpc,
@@ -181,14 +143,6 @@ fn open(
         opened: SystemTime::now(),
         segment,
     });
-    let connected = Message::Connected(ConnectionInfo {
-        id,
-        local: client_addr,
-        peer: remote,
-        ring_size,
-    });
-    Ok(Reply {
-        message: connected,
-        fds: vec![memfd, client_bell],
-    })
+    let connected = Message::Connected(ConnectionInfo { id, local: client_addr, peer: remote, ring_size });
+    Ok(Reply { message: connected, fds: vec![memfd, client_bell] })
 }

@@ -5,6 +5,7 @@
 //! - [`attach`]: one control socket per guest, and the check that every
 //!   process attaching to it lives in that guest's network namespace;
 //! - [`broker`]: listen and connect requests: policy, then shared memory;
+//! - [`pool`]: connection segments made ahead of time;
 //! - [`admin`]: the operator's socket, read by `vsocketctl`.
 //!
 //! The daemon is on the control path only: once it has brokered a
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod attach;
 pub mod broker;
+pub mod pool;
 pub mod state;
 
 pub use state::Daemon;

@@ -20,10 +20,7 @@ struct Args {
 fn main() {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VSOCKET_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VSOCKET_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let config = match vsocket_policy::load(&args.config) {
@@ -35,6 +32,11 @@ fn main() {
     };
     let daemon = Arc::new(Daemon::new(config));
     if let Err(e) = attach::serve_guests(&daemon).and_then(|()| admin::serve(&daemon)) {
+        eprintln!("vsocketd: {e}");
+        std::process::exit(1);
+    }
+    let refiller = daemon.clone();
+    if let Err(e) = std::thread::Builder::new().name("segments".into()).spawn(move || refiller.segments.refill()) {
         eprintln!("vsocketd: {e}");
         std::process::exit(1);
     }

@@ -59,15 +59,11 @@ pub struct ConnectionRecord {
 impl ConnectionRecord {
     /// Bytes the client has sent (the client's ring tail).
     pub fn bytes_client_to_server(&self) -> u64 {
-        self.segment
-            .producer(vsocket_abi::layout::Endpoint::Client.tx_ring())
-            .total()
+        self.segment.producer(vsocket_abi::layout::Endpoint::Client.tx_ring()).total()
     }
     /// Bytes the server has sent.
     pub fn bytes_server_to_client(&self) -> u64 {
-        self.segment
-            .producer(vsocket_abi::layout::Endpoint::Server.tx_ring())
-            .total()
+        self.segment.producer(vsocket_abi::layout::Endpoint::Server.tx_ring()).total()
     }
 }
 
@@ -81,6 +77,8 @@ pub struct Daemon {
     listeners: Mutex<HashMap<ListenerKey, Vec<Arc<ListenerRecord>>>>,
     connections: Mutex<HashMap<u64, ConnectionRecord>>,
     next_id: AtomicU64,
+    /// Segments made ahead of the connects that need them.
+    pub segments: crate::pool::SegmentPool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,12 +88,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Daemon {
     pub fn new(config: Config) -> Daemon {
         let guests = config.guests().map(|_| GuestCounters::default()).collect();
+        let ring_size = config.host().ring_size;
         Daemon {
             config,
             guests,
             listeners: Mutex::default(),
             connections: Mutex::default(),
             next_id: AtomicU64::new(1),
+            segments: crate::pool::SegmentPool::new(ring_size),
         }
     }
 
@@ -122,9 +122,7 @@ impl Daemon {
         let vpc = self.config.guest(listener.guest).vpc;
         let mut map = lock(&self.listeners);
         for ip in self.served_addresses(listener.guest, listener.local) {
-            map.entry((vpc, ip, listener.local.port()))
-                .or_default()
-                .push(listener.clone());
+            map.entry((vpc, ip, listener.local.port())).or_default().push(listener.clone());
         }
     }
 
@@ -159,15 +157,11 @@ impl Daemon {
     /// into the guests' counters. Returns how many were retired.
     pub fn reap(&self) -> usize {
         let mut conns = lock(&self.connections);
-        let done: Vec<u64> = conns
-            .values()
-            .filter(|c| c.segment.fully_closed())
-            .map(|c| c.id)
-            .collect();
+        let done: Vec<u64> = conns.values().filter(|c| c.segment.fully_closed()).map(|c| c.id).collect();
         for id in &done {
             if let Some(c) = conns.remove(id) {
                 self.fold_bytes(&c);
-                tracing::info!(id = c.id, client = %c.client_addr, server = %c.server_addr,
+                tracing::debug!(id = c.id, client = %c.client_addr, server = %c.server_addr,
                     sent = c.bytes_client_to_server(), received = c.bytes_server_to_client(), "connection closed");
             }
         }
@@ -180,13 +174,9 @@ impl Daemon {
         let client = self.counters(c.client);
         let server = self.counters(c.server);
         client.closed_bytes_sent.fetch_add(up, Ordering::Relaxed);
-        client
-            .closed_bytes_received
-            .fetch_add(down, Ordering::Relaxed);
+        client.closed_bytes_received.fetch_add(down, Ordering::Relaxed);
         server.closed_bytes_sent.fetch_add(down, Ordering::Relaxed);
-        server
-            .closed_bytes_received
-            .fetch_add(up, Ordering::Relaxed);
+        server.closed_bytes_received.fetch_add(up, Ordering::Relaxed);
     }
 
     /// A snapshot of every guest, for `vsocketctl guests`.

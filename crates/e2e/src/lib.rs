@@ -99,11 +99,7 @@ impl Lab {
         for line in body.lines() {
             config.push_str(line);
             config.push('\n');
-            if let Some(guest) = line
-                .trim()
-                .strip_prefix("name = \"")
-                .and_then(|r| r.strip_suffix('"'))
-            {
+            if let Some(guest) = line.trim().strip_prefix("name = \"").and_then(|r| r.strip_suffix('"')) {
                 // Guest tables get their namespace right after their name.
                 if last_table(&config) == Some("[[guest]]") && !body.contains("netns") {
                     config.push_str(&format!("netns = \"{name}-{guest}\"\n"));
@@ -112,14 +108,7 @@ impl Lab {
         }
         let path = dir.join("vsocket.toml");
         std::fs::write(&path, config)?;
-        let mut lab = Lab {
-            name: name.to_string(),
-            dir,
-            config: path,
-            run_dir,
-            daemon: None,
-            background: Vec::new(),
-        };
+        let mut lab = Lab { name: name.to_string(), dir, config: path, run_dir, daemon: None, background: Vec::new() };
         lab.vsocket(&["lab", "up", "--config"])?;
         let log = std::fs::File::create(lab.dir.join("vsocketd.log"))?;
         let daemon = Command::new(bin("vsocketd"))
@@ -131,17 +120,13 @@ impl Lab {
             .spawn()?;
         lab.daemon = Some(daemon);
         let admin = lab.run_dir.join("vsocketd.sock");
-        wait_until(Duration::from_secs(10), || admin.exists()).map_err(|_| {
-            io::Error::other(format!("vsocketd did not start; log: {}", lab.daemon_log()))
-        })?;
+        wait_until(Duration::from_secs(10), || admin.exists())
+            .map_err(|_| io::Error::other(format!("vsocketd did not start; log: {}", lab.daemon_log())))?;
         Ok(lab)
     }
 
     fn vsocket(&self, args: &[&str]) -> io::Result<()> {
-        let out = Command::new(bin("vsocket"))
-            .args(args)
-            .arg(&self.config)
-            .output()?;
+        let out = Command::new(bin("vsocket")).args(args).arg(&self.config).output()?;
         if !out.status.success() {
             return Err(io::Error::other(format!(
                 "vsocket {}: {}",
@@ -160,11 +145,7 @@ impl Lab {
     /// A command that runs `program` in `guest` over the given path.
     pub fn command(&self, guest: &str, via: Via, program: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("vsocket"));
-        cmd.arg("run")
-            .arg("--guest")
-            .arg(guest)
-            .arg("--config")
-            .arg(&self.config);
+        cmd.arg("run").arg("--guest").arg(guest).arg("--config").arg(&self.config);
         if via == Via::Kernel {
             cmd.arg("--no-preload");
         }
@@ -175,19 +156,11 @@ impl Lab {
 
     /// Runs a program to completion and returns its output.
     pub fn run(&self, guest: &str, via: Via, program: &str, args: &[&str]) -> io::Result<Output> {
-        self.command(guest, via, program, args)
-            .stdin(Stdio::null())
-            .output()
+        self.command(guest, via, program, args).stdin(Stdio::null()).output()
     }
 
     /// Runs a program to completion; fails unless it exits 0. Returns stdout.
-    pub fn run_ok(
-        &self,
-        guest: &str,
-        via: Via,
-        program: &str,
-        args: &[&str],
-    ) -> io::Result<String> {
+    pub fn run_ok(&self, guest: &str, via: Via, program: &str, args: &[&str]) -> io::Result<String> {
         let out = self.run(guest, via, program, args)?;
         if !out.status.success() {
             return Err(io::Error::other(format!(
@@ -202,14 +175,7 @@ impl Lab {
 
     /// Runs a program with `input` on its standard input; fails unless it
     /// exits 0. Returns stdout.
-    pub fn run_input(
-        &self,
-        guest: &str,
-        via: Via,
-        program: &str,
-        args: &[&str],
-        input: &[u8],
-    ) -> io::Result<String> {
+    pub fn run_input(&self, guest: &str, via: Via, program: &str, args: &[&str], input: &[u8]) -> io::Result<String> {
         use std::io::Write;
         let mut child = self
             .command(guest, via, program, args)
@@ -221,9 +187,7 @@ impl Lab {
         let input = input.to_vec();
         let feeder = std::thread::spawn(move || stdin.write_all(&input));
         let out = child.wait_with_output()?;
-        feeder
-            .join()
-            .map_err(|_| io::Error::other("stdin writer panicked"))??;
+        feeder.join().map_err(|_| io::Error::other("stdin writer panicked"))??;
         if !out.status.success() {
             return Err(io::Error::other(format!(
                 "{program} {args:?} in {guest} ({via:?}) failed with {}: {}",
@@ -236,14 +200,7 @@ impl Lab {
 
     /// Starts a program in the background; it is stopped when the lab is.
     /// Its output goes to `<lab dir>/<log>`.
-    pub fn spawn(
-        &mut self,
-        guest: &str,
-        via: Via,
-        program: &str,
-        args: &[&str],
-        log: &str,
-    ) -> io::Result<()> {
+    pub fn spawn(&mut self, guest: &str, via: Via, program: &str, args: &[&str], log: &str) -> io::Result<()> {
         let out = std::fs::File::create(self.dir.join(log))?;
         let child = self
             .command(guest, via, program, args)
@@ -260,14 +217,7 @@ impl Lab {
         let netns = format!("{}-{guest}", self.name);
         wait_until(Duration::from_secs(15), || {
             Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &netns,
-                    "ss",
-                    "-Hltn",
-                    &format!("sport = :{port}"),
-                ])
+                .args(["netns", "exec", &netns, "ss", "-Hltn", &format!("sport = :{port}")])
                 .output()
                 .map(|o| !o.stdout.is_empty())
                 .unwrap_or(false)
@@ -277,15 +227,9 @@ impl Lab {
 
     /// `vsocketctl --json <what>`.
     pub fn ctl(&self, what: &str) -> io::Result<Value> {
-        let out = Command::new(bin("vsocketctl"))
-            .args(["--json", "--config"])
-            .arg(&self.config)
-            .arg(what)
-            .output()?;
+        let out = Command::new(bin("vsocketctl")).args(["--json", "--config"]).arg(&self.config).arg(what).output()?;
         if !out.status.success() {
-            return Err(io::Error::other(
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            ));
+            return Err(io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()));
         }
         serde_json::from_slice(&out.stdout).map_err(io::Error::other)
     }
@@ -300,10 +244,7 @@ impl Lab {
 
     /// A numeric counter of one guest.
     pub fn counter(&self, guest: &str, field: &str) -> u64 {
-        self.guest(guest)
-            .ok()
-            .and_then(|g| g[field].as_u64())
-            .unwrap_or(0)
+        self.guest(guest).ok().and_then(|g| g[field].as_u64()).unwrap_or(0)
     }
 
     /// Stops the background programs (servers), leaving the daemon.
@@ -315,18 +256,12 @@ impl Lab {
 }
 
 fn last_table(text: &str) -> Option<&str> {
-    text.lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
+    text.lines().rev().map(str::trim).find(|l| l.starts_with('['))
 }
 
 fn stop(child: &mut Child) {
     // SIGTERM first so servers exit cleanly, then SIGKILL.
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
@@ -344,10 +279,7 @@ impl Drop for Lab {
         if let Some(mut d) = self.daemon.take() {
             stop(&mut d);
         }
-        let _ = Command::new(bin("vsocket"))
-            .args(["lab", "down", "--config"])
-            .arg(&self.config)
-            .output();
+        let _ = Command::new(bin("vsocket")).args(["lab", "down", "--config"]).arg(&self.config).output();
         if std::env::var_os("VSOCKET_KEEP_LAB").is_none() && !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -368,19 +300,13 @@ pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<
 
 /// Path of a file shipped with the e2e crate (scripts).
 pub fn asset(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("assets")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets").join(name)
 }
 
 /// Compiles a C program shipped in `assets/` into `dir`; returns its path.
 pub fn compile(asset_name: &str, dir: &Path) -> io::Result<PathBuf> {
     let out = dir.join(asset_name.trim_end_matches(".c"));
-    let status = Command::new("cc")
-        .args(["-O2", "-Wall", "-o"])
-        .arg(&out)
-        .arg(asset(asset_name))
-        .status()?;
+    let status = Command::new("cc").args(["-O2", "-Wall", "-o"]).arg(&out).arg(asset(asset_name)).status()?;
     if !status.success() {
         return Err(io::Error::other(format!("cc {asset_name} failed")));
     }
@@ -399,20 +325,8 @@ pub fn sockperf_latency(output: &str) -> Option<SockperfLatency> {
     let avg = output
         .lines()
         .find(|l| l.contains("Summary: Latency is"))
-        .and_then(|l| {
-            l.split("Latency is")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        });
-    Some(SockperfLatency {
-        p50: pct("50.000")?,
-        p99: pct("99.000")?,
-        p999: pct("99.900")?,
-        avg: avg?,
-    })
+        .and_then(|l| l.split("Latency is").nth(1)?.split_whitespace().next()?.parse().ok());
+    Some(SockperfLatency { p50: pct("50.000")?, p99: pct("99.000")?, p999: pct("99.900")?, avg: avg? })
 }
 
 /// One-way latency figures from sockperf, in microseconds.
@@ -429,11 +343,10 @@ pub fn redis_benchmark_rates(output: &str) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     for line in output.split(['\n', '\r']) {
         if let Some((name, rest)) = line.split_once(": ") {
-            if let Some(num) = rest.strip_suffix(" requests per second").or_else(|| {
-                rest.split(" requests per second")
-                    .next()
-                    .filter(|_| rest.contains("requests per second"))
-            }) {
+            if let Some(num) = rest
+                .strip_suffix(" requests per second")
+                .or_else(|| rest.split(" requests per second").next().filter(|_| rest.contains("requests per second")))
+            {
                 if let Ok(v) = num.trim().parse::<f64>() {
                     out.push((name.trim().to_string(), v));
                 }
@@ -457,9 +370,6 @@ mod tests {
     #[test]
     fn parses_redis_benchmark() {
         let text = "SET: rps=0.0 (overall: -nan)\r SET: 89206.06 requests per second, p50=0.263 msec\nGET: 80580.17 requests per second, p50=0.271 msec\n";
-        assert_eq!(
-            redis_benchmark_rates(text),
-            vec![("SET".to_string(), 89206.06), ("GET".to_string(), 80580.17)]
-        );
+        assert_eq!(redis_benchmark_rates(text), vec![("SET".to_string(), 89206.06), ("GET".to_string(), 80580.17)]);
     }
 }

@@ -55,27 +55,13 @@ pub const CHECKS: &[&str] = &[
 fn every_intercepted_call_behaves_as_linux_tcp() {
     let mut lab = Lab::start("tcalls", TWO_GUESTS).unwrap();
     let program = lab.dir.join("calls");
-    let status = Command::new("cc")
-        .args(["-O1", "-Wall", "-o"])
-        .arg(&program)
-        .arg(asset("calls.c"))
-        .status()
-        .unwrap();
+    let status = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&program).arg(asset("calls.c")).status().unwrap();
     assert!(status.success(), "cannot compile calls.c");
     let program = program.to_str().unwrap().to_string();
     for (via, port) in [(Via::Kernel, "7001"), (Via::Vsocket, "7002")] {
-        lab.spawn(
-            "b",
-            via,
-            &program,
-            &["server", "10.10.0.3", port],
-            &format!("server-{port}.log"),
-        )
-        .unwrap();
+        lab.spawn("b", via, &program, &["server", "10.10.0.3", port], &format!("server-{port}.log")).unwrap();
         lab.wait_listening("b", port.parse().unwrap()).unwrap();
-        let out = lab
-            .run("a", via, &program, &["client", "10.10.0.3", port])
-            .unwrap();
+        let out = lab.run("a", via, &program, &["client", "10.10.0.3", port]).unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         for check in CHECKS {
             assert!(
@@ -83,10 +69,7 @@ fn every_intercepted_call_behaves_as_linux_tcp() {
                 "{via:?}: check {check} did not pass:\n{stdout}"
             );
         }
-        assert!(
-            out.status.success() && stdout.contains("0 failed"),
-            "{via:?}:\n{stdout}"
-        );
+        assert!(out.status.success() && stdout.contains("0 failed"), "{via:?}:\n{stdout}");
     }
     // The vSocket run used vSocket for all five connections.
     assert_eq!(lab.counter("a", "connections_out"), 5);

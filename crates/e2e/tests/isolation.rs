@@ -30,73 +30,27 @@ addresses = ["10.10.0.3"]
 security_groups = ["redis"]
 "#;
 
-const SERVER_6379: &[&str] = &[
-    "--port",
-    "6379",
-    "--bind",
-    "10.10.0.3",
-    "--save",
-    "",
-    "--protected-mode",
-    "no",
-];
-const SERVER_6380: &[&str] = &[
-    "--port",
-    "6380",
-    "--bind",
-    "10.10.0.3",
-    "--save",
-    "",
-    "--protected-mode",
-    "no",
-];
+const SERVER_6379: &[&str] = &["--port", "6379", "--bind", "10.10.0.3", "--save", "", "--protected-mode", "no"];
+const SERVER_6380: &[&str] = &["--port", "6380", "--bind", "10.10.0.3", "--save", "", "--protected-mode", "no"];
 
 /// Connects from `a` with Python (timeout `secs`) and prints the outcome.
 const PROBE: &str = "import socket,sys\ns=socket.socket()\ns.settimeout(float(sys.argv[3]))\ntry:\n    s.connect((sys.argv[1], int(sys.argv[2])))\n    print('connected')\nexcept socket.timeout:\n    print('timeout')\nexcept OSError as e:\n    print('error', e.errno)\n";
 
 #[test]
 fn security_groups_reject_and_drop() {
-    for (action, expected) in [
-        ("reject", format!("error {}", libc_econnrefused())),
-        ("drop", "timeout".to_string()),
-    ] {
+    for (action, expected) in [("reject", format!("error {}", libc_econnrefused())), ("drop", "timeout".to_string())] {
         let mut lab = Lab::start_with(&format!("tsg{}", &action[..1]), GUARDED, action).unwrap();
-        lab.spawn(
-            "b",
-            Via::Vsocket,
-            "redis-server",
-            SERVER_6379,
-            "allowed.log",
-        )
-        .unwrap();
-        lab.spawn("b", Via::Vsocket, "redis-server", SERVER_6380, "denied.log")
-            .unwrap();
+        lab.spawn("b", Via::Vsocket, "redis-server", SERVER_6379, "allowed.log").unwrap();
+        lab.spawn("b", Via::Vsocket, "redis-server", SERVER_6380, "denied.log").unwrap();
         lab.wait_listening("b", 6379).unwrap();
         lab.wait_listening("b", 6380).unwrap();
-        let ok = lab
-            .run_ok(
-                "a",
-                Via::Vsocket,
-                "python3",
-                &["-c", PROBE, "10.10.0.3", "6379", "5"],
-            )
-            .unwrap();
+        let ok = lab.run_ok("a", Via::Vsocket, "python3", &["-c", PROBE, "10.10.0.3", "6379", "5"]).unwrap();
         assert_eq!(ok.trim(), "connected");
         let start = Instant::now();
-        let denied = lab
-            .run_ok(
-                "a",
-                Via::Vsocket,
-                "python3",
-                &["-c", PROBE, "10.10.0.3", "6380", "2"],
-            )
-            .unwrap();
+        let denied = lab.run_ok("a", Via::Vsocket, "python3", &["-c", PROBE, "10.10.0.3", "6380", "2"]).unwrap();
         assert_eq!(denied.trim(), expected, "deny_action = {action}");
         if action == "reject" {
-            assert!(
-                start.elapsed() < Duration::from_secs(2),
-                "a reject is immediate"
-            );
+            assert!(start.elapsed() < Duration::from_secs(2), "a reject is immediate");
         }
         // Denied by policy, not sent to the kernel path.
         assert_eq!(lab.counter("a", "denied"), 1);
@@ -153,24 +107,14 @@ security_groups = ["blue-open"]
 fn tenants_with_the_same_addresses_never_meet() {
     let mut lab = Lab::start("tvpc", TWO_TENANTS).unwrap();
     for g in ["b", "y"] {
-        lab.spawn(
-            g,
-            Via::Vsocket,
-            "redis-server",
-            SERVER_6379,
-            &format!("{g}.log"),
-        )
-        .unwrap();
+        lab.spawn(g, Via::Vsocket, "redis-server", SERVER_6379, &format!("{g}.log")).unwrap();
     }
     lab.wait_listening("b", 6379).unwrap();
     lab.wait_listening("y", 6379).unwrap();
     let cli = |guest: &str, args: &[&str]| {
         let mut full = vec!["-h", "10.10.0.3"];
         full.extend_from_slice(args);
-        lab.run_ok(guest, Via::Vsocket, "redis-cli", &full)
-            .unwrap()
-            .trim()
-            .to_string()
+        lab.run_ok(guest, Via::Vsocket, "redis-cli", &full).unwrap().trim().to_string()
     };
     assert_eq!(cli("a", &["set", "tenant", "blue"]), "OK");
     assert_eq!(cli("x", &["set", "tenant", "red"]), "OK");
@@ -180,17 +124,13 @@ fn tenants_with_the_same_addresses_never_meet() {
     }
     assert_eq!(lab.counter("b", "connections_in"), 4);
     assert_eq!(lab.counter("y", "connections_in"), 4);
-    assert_eq!(
-        lab.counter("a", "fallbacks") + lab.counter("x", "fallbacks"),
-        0
-    );
+    assert_eq!(lab.counter("a", "fallbacks") + lab.counter("x", "fallbacks"), 0);
 }
 
 #[test]
 fn attachment_from_another_namespace_is_refused() {
     let mut lab = Lab::start("tattach", vsocket_e2e::TWO_GUESTS).unwrap();
-    lab.spawn("b", Via::Vsocket, "redis-server", SERVER_6379, "redis.log")
-        .unwrap();
+    lab.spawn("b", Via::Vsocket, "redis-server", SERVER_6379, "redis.log").unwrap();
     lab.wait_listening("b", 6379).unwrap();
     // A process in guest a's namespace that presents itself at guest b's
     // control socket (as a hostile library would).
@@ -198,10 +138,7 @@ fn attachment_from_another_namespace_is_refused() {
     let out = Command::new("ip")
         .args(["netns", "exec", "tattach-a", "env"])
         .arg(format!("LD_PRELOAD={}", lib.display()))
-        .arg(format!(
-            "VSOCKET_CONTROL={}",
-            lab.run_dir.join("guests/b.sock").display()
-        ))
+        .arg(format!("VSOCKET_CONTROL={}", lab.run_dir.join("guests/b.sock").display()))
         .args(["python3", "-c", PROBE, "10.10.0.3", "6379", "5"])
         .output()
         .unwrap();
@@ -209,9 +146,5 @@ fn attachment_from_another_namespace_is_refused() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "connected");
     assert_eq!(lab.counter("b", "refused_attachments"), 1);
     assert_eq!(lab.counter("b", "connections_in"), 0);
-    assert!(
-        lab.daemon_log().contains("refused attachment"),
-        "{}",
-        lab.daemon_log()
-    );
+    assert!(lab.daemon_log().contains("refused attachment"), "{}", lab.daemon_log());
 }

@@ -2,61 +2,29 @@
 
 use vsocket_e2e::{redis_benchmark_rates, Lab, Via, TWO_GUESTS};
 
-const SERVER: &[&str] = &[
-    "--port",
-    "6379",
-    "--bind",
-    "10.10.0.3",
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-    "--protected-mode",
-    "no",
-];
+const SERVER: &[&str] =
+    &["--port", "6379", "--bind", "10.10.0.3", "--save", "", "--appendonly", "no", "--protected-mode", "no"];
 
 fn cli(lab: &Lab, via: Via, args: &[&str]) -> String {
     let mut full = vec!["-h", "10.10.0.3", "-p", "6379"];
     full.extend_from_slice(args);
-    lab.run_ok("a", via, "redis-cli", &full)
-        .unwrap()
-        .trim()
-        .to_string()
+    lab.run_ok("a", via, "redis-cli", &full).unwrap().trim().to_string()
 }
 
 #[test]
 fn redis_cli_and_benchmark_over_vsocket() {
     let mut lab = Lab::start("tredis", TWO_GUESTS).unwrap();
-    lab.spawn("b", Via::Vsocket, "redis-server", SERVER, "redis.log")
-        .unwrap();
+    lab.spawn("b", Via::Vsocket, "redis-server", SERVER, "redis.log").unwrap();
     lab.wait_listening("b", 6379).unwrap();
 
-    assert_eq!(
-        cli(
-            &lab,
-            Via::Vsocket,
-            &["set", "greeting", "hello over shared memory"]
-        ),
-        "OK"
-    );
-    assert_eq!(
-        cli(&lab, Via::Vsocket, &["get", "greeting"]),
-        "hello over shared memory"
-    );
+    assert_eq!(cli(&lab, Via::Vsocket, &["set", "greeting", "hello over shared memory"]), "OK");
+    assert_eq!(cli(&lab, Via::Vsocket, &["get", "greeting"]), "hello over shared memory");
     assert_eq!(cli(&lab, Via::Vsocket, &["incrby", "counter", "41"]), "41");
     assert_eq!(cli(&lab, Via::Vsocket, &["incr", "counter"]), "42");
     // A value larger than one ring (256 KiB) must arrive intact.
-    let big: String = (0..400_000)
-        .map(|i| char::from(b'a' + (i % 26) as u8))
-        .collect();
+    let big: String = (0..400_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
     let set = lab
-        .run_input(
-            "a",
-            Via::Vsocket,
-            "redis-cli",
-            &["-h", "10.10.0.3", "-x", "set", "big"],
-            big.as_bytes(),
-        )
+        .run_input("a", Via::Vsocket, "redis-cli", &["-h", "10.10.0.3", "-x", "set", "big"], big.as_bytes())
         .unwrap();
     assert_eq!(set.trim(), "OK");
     assert_eq!(cli(&lab, Via::Vsocket, &["strlen", "big"]), "400000");
@@ -67,21 +35,7 @@ fn redis_cli_and_benchmark_over_vsocket() {
             "a",
             Via::Vsocket,
             "redis-benchmark",
-            &[
-                "-h",
-                "10.10.0.3",
-                "-p",
-                "6379",
-                "-t",
-                "set,get",
-                "-n",
-                "20000",
-                "-c",
-                "20",
-                "-r",
-                "1000",
-                "-q",
-            ],
+            &["-h", "10.10.0.3", "-p", "6379", "-t", "set,get", "-n", "20000", "-c", "20", "-r", "1000", "-q"],
         )
         .unwrap();
     let rates = redis_benchmark_rates(&out);
@@ -106,13 +60,9 @@ fn redis_cli_and_benchmark_over_vsocket() {
 #[test]
 fn kernel_client_reaches_vsocket_server() {
     let mut lab = Lab::start("tkcli", TWO_GUESTS).unwrap();
-    lab.spawn("b", Via::Vsocket, "redis-server", SERVER, "redis.log")
-        .unwrap();
+    lab.spawn("b", Via::Vsocket, "redis-server", SERVER, "redis.log").unwrap();
     lab.wait_listening("b", 6379).unwrap();
-    assert_eq!(
-        cli(&lab, Via::Kernel, &["set", "k", "from the kernel"]),
-        "OK"
-    );
+    assert_eq!(cli(&lab, Via::Kernel, &["set", "k", "from the kernel"]), "OK");
     assert_eq!(cli(&lab, Via::Vsocket, &["get", "k"]), "from the kernel");
     assert_eq!(cli(&lab, Via::Kernel, &["get", "k"]), "from the kernel");
     // Only the one vSocket client was brokered.
@@ -122,13 +72,9 @@ fn kernel_client_reaches_vsocket_server() {
 #[test]
 fn vsocket_client_falls_back_to_kernel_server() {
     let mut lab = Lab::start("tfall", TWO_GUESTS).unwrap();
-    lab.spawn("b", Via::Kernel, "redis-server", SERVER, "redis.log")
-        .unwrap();
+    lab.spawn("b", Via::Kernel, "redis-server", SERVER, "redis.log").unwrap();
     lab.wait_listening("b", 6379).unwrap();
-    assert_eq!(
-        cli(&lab, Via::Vsocket, &["set", "k", "over the kernel"]),
-        "OK"
-    );
+    assert_eq!(cli(&lab, Via::Vsocket, &["set", "k", "over the kernel"]), "OK");
     assert_eq!(cli(&lab, Via::Vsocket, &["get", "k"]), "over the kernel");
     // (redis-cli may connect more than once per run.)
     assert!(lab.counter("a", "fallbacks") >= 2);

@@ -41,10 +41,7 @@ impl fmt::Display for CidrError {
                 write!(f, "prefix length \"{text}\" is not a number from 0 to 32")
             }
             Self::HostBitsSet { given, suggested } => {
-                write!(
-                    f,
-                    "host bits are set in {given} (the network is {suggested})"
-                )
+                write!(f, "host bits are set in {given} (the network is {suggested})")
             }
         }
     }
@@ -54,10 +51,7 @@ impl std::error::Error for CidrError {}
 
 impl Ipv4Cidr {
     /// Every IPv4 address, `0.0.0.0/0`.
-    pub const ANY: Self = Self {
-        network: Ipv4Addr::UNSPECIFIED,
-        prefix_len: 0,
-    };
+    pub const ANY: Self = Self { network: Ipv4Addr::UNSPECIFIED, prefix_len: 0 };
 
     /// The block `network/prefix_len`; rejects a prefix over 32 and host bits
     /// set in `network`.
@@ -65,25 +59,16 @@ impl Ipv4Cidr {
         if prefix_len > 32 {
             return Err(CidrError::BadPrefixLength(prefix_len.to_string()));
         }
-        let canonical = Self {
-            network: Ipv4Addr::from(u32::from(network) & mask(prefix_len)),
-            prefix_len,
-        };
+        let canonical = Self { network: Ipv4Addr::from(u32::from(network) & mask(prefix_len)), prefix_len };
         if canonical.network != network {
-            return Err(CidrError::HostBitsSet {
-                given: format!("{network}/{prefix_len}"),
-                suggested: canonical,
-            });
+            return Err(CidrError::HostBitsSet { given: format!("{network}/{prefix_len}"), suggested: canonical });
         }
         Ok(canonical)
     }
 
     /// The single-address block `addr/32`.
     pub const fn host(addr: Ipv4Addr) -> Self {
-        Self {
-            network: addr,
-            prefix_len: 32,
-        }
+        Self { network: addr, prefix_len: 32 }
     }
 
     /// The network address (host bits zero).
@@ -105,9 +90,7 @@ impl Ipv4Cidr {
 /// The netmask with the top `prefix_len` bits set; `prefix_len` is at most 32.
 fn mask(prefix_len: u8) -> u32 {
     // `checked_shl` because shifting a u32 by 32 overflows: /0 has no bits set.
-    u32::MAX
-        .checked_shl(32 - u32::from(prefix_len))
-        .unwrap_or(0)
+    u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0)
 }
 
 impl FromStr for Ipv4Cidr {
@@ -119,18 +102,14 @@ impl FromStr for Ipv4Cidr {
             Some((addr, prefix)) => (addr, Some(prefix)),
             None => (text, None),
         };
-        let network: Ipv4Addr = addr_text
-            .parse()
-            .map_err(|_| CidrError::BadAddress(addr_text.to_owned()))?;
+        let network: Ipv4Addr = addr_text.parse().map_err(|_| CidrError::BadAddress(addr_text.to_owned()))?;
         let prefix_len = match prefix_text {
             None => 32,
             // u8::from_str accepts a leading '+'; a prefix length never has one.
             Some(p) if p.starts_with('+') => return Err(CidrError::BadPrefixLength(p.to_owned())),
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|len| *len <= 32)
-                .ok_or_else(|| CidrError::BadPrefixLength(p.to_owned()))?,
+            Some(p) => {
+                p.parse::<u8>().ok().filter(|len| *len <= 32).ok_or_else(|| CidrError::BadPrefixLength(p.to_owned()))?
+            }
         };
         Self::new(network, prefix_len)
     }
@@ -152,18 +131,10 @@ mod tests {
 
     #[test]
     fn parses_and_displays_canonical_blocks() {
-        for text in [
-            "10.0.0.0/16",
-            "0.0.0.0/0",
-            "10.10.0.2/32",
-            "192.168.1.128/25",
-        ] {
+        for text in ["10.0.0.0/16", "0.0.0.0/0", "10.10.0.2/32", "192.168.1.128/25"] {
             assert_eq!(cidr(text).to_string(), text);
         }
-        assert_eq!(
-            cidr("10.10.0.2"),
-            Ipv4Cidr::host(Ipv4Addr::new(10, 10, 0, 2))
-        );
+        assert_eq!(cidr("10.10.0.2"), Ipv4Cidr::host(Ipv4Addr::new(10, 10, 0, 2)));
         assert_eq!(cidr("0.0.0.0/0"), Ipv4Cidr::ANY);
     }
 
@@ -192,13 +163,7 @@ mod tests {
             ("10.0.0.0/", CidrError::BadPrefixLength(String::new())),
             ("10.0.0.0/+8", CidrError::BadPrefixLength("+8".into())),
             ("10.0.0.0/8/8", CidrError::BadPrefixLength("8/8".into())),
-            (
-                "10.0.0.5/24",
-                CidrError::HostBitsSet {
-                    given: "10.0.0.5/24".into(),
-                    suggested: cidr("10.0.0.0/24"),
-                },
-            ),
+            ("10.0.0.5/24", CidrError::HostBitsSet { given: "10.0.0.5/24".into(), suggested: cidr("10.0.0.0/24") }),
         ];
         for (text, expected) in cases {
             assert_eq!(text.parse::<Ipv4Cidr>(), Err(expected), "{text:?}");
@@ -208,9 +173,6 @@ mod tests {
     #[test]
     fn host_bits_error_suggests_the_network() {
         let err = "10.0.0.5/24".parse::<Ipv4Cidr>().unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "host bits are set in 10.0.0.5/24 (the network is 10.0.0.0/24)"
-        );
+        assert_eq!(err.to_string(), "host bits are set in 10.0.0.5/24 (the network is 10.0.0.0/24)");
     }
 }

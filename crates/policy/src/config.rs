@@ -88,8 +88,8 @@ use serde::Deserialize;
 
 use crate::cidr::{CidrError, Ipv4Cidr};
 use crate::model::{
-    Config, DenyAction, GroupId, Guest, HostConfig, Peer, PortRange, Protocol, ProtocolFilter,
-    Rule, SecurityGroup, Vpc, VpcId,
+    Config, DenyAction, GroupId, Guest, HostConfig, Peer, PortRange, Protocol, ProtocolFilter, Rule, SecurityGroup,
+    Vpc, VpcId,
 };
 
 /// The longest guest name: it becomes a Linux interface name (IFNAMSIZ - 1).
@@ -97,19 +97,14 @@ pub const MAX_GUEST_NAME_LEN: usize = 15;
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
     parse(&text, path)
 }
 
 /// Parses and validates config text; `origin` names its file in errors.
 pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Toml {
-        file: origin.to_owned(),
-        message: err.to_string().trim_end().to_owned(),
-    })?;
+    let raw: RawConfig = toml::from_str(text)
+        .map_err(|err| ConfigError::Toml { file: origin.to_owned(), message: err.to_string().trim_end().to_owned() })?;
     Validator { file: origin }.config(raw)
 }
 
@@ -148,11 +143,7 @@ impl fmt::Display for ConfigError {
         match self {
             Self::Read { file, .. } => write!(f, "cannot read {}", file.display()),
             Self::Toml { file, message } => write!(f, "{}: {message}", file.display()),
-            Self::Invalid {
-                file,
-                field,
-                problem,
-            } => write!(f, "{}: {field}: {problem}", file.display()),
+            Self::Invalid { file, field, problem } => write!(f, "{}: {field}: {problem}", file.display()),
         }
     }
 }
@@ -247,18 +238,12 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Empty => f.write_str("must not be empty"),
-            Self::BadName(name) => write!(
-                f,
-                "\"{name}\" may use only a-z, 0-9 and '-', and may not start with '-'"
-            ),
+            Self::BadName(name) => write!(f, "\"{name}\" may use only a-z, 0-9 and '-', and may not start with '-'"),
             Self::NameTooLong { name, max } => {
                 write!(f, "\"{name}\" is longer than {max} characters")
             }
             Self::BadHostName(name) => {
-                write!(
-                    f,
-                    "\"{name}\" is not a host name (letters, digits, '.' and '-')"
-                )
+                write!(f, "\"{name}\" is not a host name (letters, digits, '.' and '-')")
             }
             Self::BadNetns(name) => write!(
                 f,
@@ -284,18 +269,14 @@ impl fmt::Display for Problem {
             Self::NoAddresses => f.write_str("a guest needs at least one address"),
             Self::UnknownVpc(name) => write!(f, "unknown VPC \"{name}\""),
             Self::UnknownSecurityGroup(name) => write!(f, "unknown security group \"{name}\""),
-            Self::BadPorts(text) => write!(
-                f,
-                "\"{text}\" is not a port, a range like \"1000-2000\", or \"all\""
-            ),
+            Self::BadPorts(text) => write!(f, "\"{text}\" is not a port, a range like \"1000-2000\", or \"all\""),
             Self::PortOutOfRange(port) => write!(f, "port {port} is outside 1-65535"),
             Self::BackwardPortRange { lo, hi } => {
                 write!(f, "port range {lo}-{hi} ends before it starts")
             }
-            Self::PortsNotApplicable(protocol) => write!(
-                f,
-                "ports apply only to tcp and udp; a {protocol} rule takes ports = \"all\""
-            ),
+            Self::PortsNotApplicable(protocol) => {
+                write!(f, "ports apply only to tcp and udp; a {protocol} rule takes ports = \"all\"")
+            }
             Self::MissingPeer => f.write_str("a rule needs one of cidr or group"),
             Self::BothPeers => f.write_str("a rule takes only one of cidr or group, not both"),
         }
@@ -418,11 +399,7 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn invalid(&self, field: impl Into<String>, problem: Problem) -> ConfigError {
-        ConfigError::Invalid {
-            file: self.file.to_owned(),
-            field: field.into(),
-            problem,
-        }
+        ConfigError::Invalid { file: self.file.to_owned(), field: field.into(), problem }
     }
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -436,9 +413,7 @@ impl Validator<'_> {
     fn host(&self, raw: RawHost) -> Result<HostConfig, ConfigError> {
         check_host_name(&raw.name).map_err(|p| self.invalid("host.name", p))?;
 
-        let run_dir = raw
-            .run_dir
-            .unwrap_or_else(|| PathBuf::from(HostConfig::DEFAULT_RUN_DIR));
+        let run_dir = raw.run_dir.unwrap_or_else(|| PathBuf::from(HostConfig::DEFAULT_RUN_DIR));
         if !run_dir.is_absolute() {
             return Err(self.invalid("host.run_dir", Problem::RelativePath(run_dir)));
         }
@@ -448,8 +423,7 @@ impl Validator<'_> {
             Some(size) => u32::try_from(size)
                 .ok()
                 .filter(|size| {
-                    size.is_power_of_two()
-                        && (HostConfig::MIN_RING_SIZE..=HostConfig::MAX_RING_SIZE).contains(size)
+                    size.is_power_of_two() && (HostConfig::MIN_RING_SIZE..=HostConfig::MAX_RING_SIZE).contains(size)
                 })
                 .ok_or_else(|| self.invalid("host.ring_size", Problem::BadRingSize(size)))?,
         };
@@ -459,12 +433,7 @@ impl Validator<'_> {
             RawDenyAction::Reject => DenyAction::Reject,
         };
 
-        Ok(HostConfig {
-            name: raw.name,
-            run_dir,
-            deny_action,
-            ring_size,
-        })
+        Ok(HostConfig { name: raw.name, run_dir, deny_action, ring_size })
     }
 
     fn vpcs(&self, raw: Vec<RawVpc>) -> Result<Vec<Vpc>, ConfigError> {
@@ -474,22 +443,13 @@ impl Validator<'_> {
             let name_field = format!("vpc[{i}].name");
             check_name(&vpc.name, None).map_err(|p| self.invalid(&name_field, p))?;
             self.check_unique(&mut first_by_name, &vpc.name, name_field)?;
-            let cidr = vpc
-                .cidr
-                .parse()
-                .map_err(|err| self.invalid(format!("vpc[{i}].cidr"), Problem::BadCidr(err)))?;
-            vpcs.push(Vpc {
-                name: vpc.name,
-                cidr,
-            });
+            let cidr = vpc.cidr.parse().map_err(|err| self.invalid(format!("vpc[{i}].cidr"), Problem::BadCidr(err)))?;
+            vpcs.push(Vpc { name: vpc.name, cidr });
         }
         Ok(vpcs)
     }
 
-    fn security_groups(
-        &self,
-        raw: Vec<RawSecurityGroup>,
-    ) -> Result<Vec<SecurityGroup>, ConfigError> {
+    fn security_groups(&self, raw: Vec<RawSecurityGroup>) -> Result<Vec<SecurityGroup>, ConfigError> {
         // Names first: rules may name any group, including later ones.
         let mut ids_by_name = HashMap::new();
         let mut first_by_name = HashMap::new();
@@ -507,9 +467,7 @@ impl Validator<'_> {
                     raw_rules
                         .into_iter()
                         .enumerate()
-                        .map(|(j, rule)| {
-                            self.rule(&format!("{field}.{direction}[{j}]"), rule, &ids_by_name)
-                        })
+                        .map(|(j, rule)| self.rule(&format!("{field}.{direction}[{j}]"), rule, &ids_by_name))
                         .collect::<Result<Vec<_>, _>>()
                 };
                 Ok(SecurityGroup {
@@ -521,12 +479,7 @@ impl Validator<'_> {
             .collect()
     }
 
-    fn rule(
-        &self,
-        field: &str,
-        raw: RawRule,
-        groups_by_name: &HashMap<String, GroupId>,
-    ) -> Result<Rule, ConfigError> {
+    fn rule(&self, field: &str, raw: RawRule, groups_by_name: &HashMap<String, GroupId>) -> Result<Rule, ConfigError> {
         let protocol = match raw.protocol {
             RawProtocol::Tcp => ProtocolFilter::Only(Protocol::Tcp),
             RawProtocol::Udp => ProtocolFilter::Only(Protocol::Udp),
@@ -539,37 +492,24 @@ impl Validator<'_> {
             None => PortRange::ALL,
             Some(ports) => parse_ports(&ports).map_err(|p| self.invalid(ports_field(), p))?,
         };
-        let has_ports = matches!(
-            protocol,
-            ProtocolFilter::Only(Protocol::Tcp | Protocol::Udp)
-        );
+        let has_ports = matches!(protocol, ProtocolFilter::Only(Protocol::Tcp | Protocol::Udp));
         if !has_ports && ports != PortRange::ALL {
             return Err(self.invalid(ports_field(), Problem::PortsNotApplicable(protocol)));
         }
 
         let peer = match (raw.cidr, raw.group) {
-            (Some(cidr), None) => Peer::Cidr(
-                cidr.parse()
-                    .map_err(|err| self.invalid(format!("{field}.cidr"), Problem::BadCidr(err)))?,
-            ),
+            (Some(cidr), None) => {
+                Peer::Cidr(cidr.parse().map_err(|err| self.invalid(format!("{field}.cidr"), Problem::BadCidr(err)))?)
+            }
             (None, Some(group)) => match groups_by_name.get(&group) {
                 Some(id) => Peer::Group(*id),
-                None => {
-                    return Err(self.invalid(
-                        format!("{field}.group"),
-                        Problem::UnknownSecurityGroup(group),
-                    ))
-                }
+                None => return Err(self.invalid(format!("{field}.group"), Problem::UnknownSecurityGroup(group))),
             },
             (None, None) => return Err(self.invalid(field, Problem::MissingPeer)),
             (Some(_), Some(_)) => return Err(self.invalid(field, Problem::BothPeers)),
         };
 
-        Ok(Rule {
-            protocol,
-            ports,
-            peer,
-        })
+        Ok(Rule { protocol, ports, peer })
     }
 
     fn guests(
@@ -586,8 +526,7 @@ impl Validator<'_> {
         for (i, guest) in raw.into_iter().enumerate() {
             let at = |rest: &str| format!("guest[{i}].{rest}");
 
-            check_name(&guest.name, Some(MAX_GUEST_NAME_LEN))
-                .map_err(|p| self.invalid(at("name"), p))?;
+            check_name(&guest.name, Some(MAX_GUEST_NAME_LEN)).map_err(|p| self.invalid(at("name"), p))?;
             self.check_unique(&mut first_by_name, &guest.name, at("name"))?;
 
             let (vpc_index, vpc) = vpcs
@@ -603,27 +542,17 @@ impl Validator<'_> {
             let mut addresses = Vec::with_capacity(guest.addresses.len());
             for (k, text) in guest.addresses.iter().enumerate() {
                 let field = at(&format!("addresses[{k}]"));
-                let addr: Ipv4Addr = text
-                    .parse()
-                    .map_err(|_| self.invalid(&field, Problem::BadAddress(text.clone())))?;
+                let addr: Ipv4Addr =
+                    text.parse().map_err(|_| self.invalid(&field, Problem::BadAddress(text.clone())))?;
                 if !vpc.cidr.contains(addr) {
-                    return Err(self.invalid(
-                        field,
-                        Problem::AddressOutsideVpc {
-                            addr,
-                            vpc: vpc.name.clone(),
-                            cidr: vpc.cidr,
-                        },
-                    ));
+                    return Err(
+                        self.invalid(field, Problem::AddressOutsideVpc { addr, vpc: vpc.name.clone(), cidr: vpc.cidr })
+                    );
                 }
                 if let Some(first) = first_by_address.get(&(vpc_id, addr)) {
                     return Err(self.invalid(
                         field,
-                        Problem::DuplicateAddress {
-                            addr,
-                            vpc: vpc.name.clone(),
-                            first: first.clone(),
-                        },
+                        Problem::DuplicateAddress { addr, vpc: vpc.name.clone(), first: first.clone() },
                     ));
                 }
                 first_by_address.insert((vpc_id, addr), field);
@@ -638,9 +567,7 @@ impl Validator<'_> {
                     .iter()
                     .position(|group| group.name == *name)
                     .map(GroupId)
-                    .ok_or_else(|| {
-                        self.invalid(&field, Problem::UnknownSecurityGroup(name.clone()))
-                    })?;
+                    .ok_or_else(|| self.invalid(&field, Problem::UnknownSecurityGroup(name.clone())))?;
                 self.check_unique(&mut first_by_group, name, field)?;
                 groups.push(id);
             }
@@ -649,13 +576,7 @@ impl Validator<'_> {
             check_netns(&netns).map_err(|p| self.invalid(at("netns"), p))?;
             self.check_unique(&mut first_by_netns, &netns, at("netns"))?;
 
-            guests.push(Guest {
-                name: guest.name,
-                vpc: vpc_id,
-                addresses,
-                groups,
-                netns,
-            });
+            guests.push(Guest { name: guest.name, vpc: vpc_id, addresses, groups, netns });
         }
         Ok(guests)
     }
@@ -668,13 +589,7 @@ impl Validator<'_> {
         field: String,
     ) -> Result<(), ConfigError> {
         if let Some(first) = first_by_value.get(value) {
-            return Err(self.invalid(
-                field,
-                Problem::Duplicate {
-                    value: value.to_owned(),
-                    first: first.clone(),
-                },
-            ));
+            return Err(self.invalid(field, Problem::Duplicate { value: value.to_owned(), first: first.clone() }));
         }
         first_by_value.insert(value.to_owned(), field);
         Ok(())
@@ -691,10 +606,7 @@ fn check_name(name: &str, max_len: Option<usize>) -> Result<(), Problem> {
         return Err(Problem::BadName(name.to_owned()));
     }
     match max_len {
-        Some(max) if name.len() > max => Err(Problem::NameTooLong {
-            name: name.to_owned(),
-            max,
-        }),
+        Some(max) if name.len() > max => Err(Problem::NameTooLong { name: name.to_owned(), max }),
         _ => Ok(()),
     }
 }
@@ -736,8 +648,7 @@ fn check_netns(name: &str) -> Result<(), Problem> {
 fn parse_ports(raw: &RawPorts) -> Result<PortRange, Problem> {
     let text = match raw {
         RawPorts::Number(port) => {
-            let port =
-                u16::try_from(*port).map_err(|_| Problem::PortOutOfRange(port.to_string()))?;
+            let port = u16::try_from(*port).map_err(|_| Problem::PortOutOfRange(port.to_string()))?;
             return port_range(port, port);
         }
         RawPorts::Text(text) => text.as_str(),
@@ -750,8 +661,7 @@ fn parse_ports(raw: &RawPorts) -> Result<PortRange, Problem> {
         if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
             return Err(Problem::BadPorts(text.to_owned()));
         }
-        part.parse()
-            .map_err(|_| Problem::PortOutOfRange(part.to_owned()))
+        part.parse().map_err(|_| Problem::PortOutOfRange(part.to_owned()))
     };
     match text.split_once('-') {
         Some((lo, hi)) => port_range(parse_port(lo)?, parse_port(hi)?),

@@ -84,11 +84,9 @@ impl Verdict {
     /// `allowed by default: egress allowed, security_group "redis" ingress[0]`.
     pub fn describe(&self, config: &Config) -> String {
         match self {
-            Self::Allow { egress, ingress } => format!(
-                "allowed by {}, {}",
-                egress.describe(config),
-                ingress.describe(config)
-            ),
+            Self::Allow { egress, ingress } => {
+                format!("allowed by {}, {}", egress.describe(config), ingress.describe(config))
+            }
             Self::Deny { side, reason } => {
                 format!("denied on {side} by {}", reason.describe(config))
             }
@@ -124,14 +122,9 @@ impl Decider {
     /// Panics if a group id came from another `Config`.
     pub fn describe(&self, config: &Config) -> String {
         match self {
-            Self::Rule {
-                group,
-                direction,
-                index,
-            } => format!(
-                "security_group \"{}\" {direction}[{index}]",
-                config.security_group(*group).name
-            ),
+            Self::Rule { group, direction, index } => {
+                format!("security_group \"{}\" {direction}[{index}]", config.security_group(*group).name)
+            }
             _ => self.to_string(),
         }
     }
@@ -142,16 +135,12 @@ impl fmt::Display for Decider {
     /// `security_group #2 ingress[0]`, since it has no config to look it up in.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Rule {
-                group,
-                direction,
-                index,
-            } => write!(f, "security_group #{} {direction}[{index}]", group.index()),
+            Self::Rule { group, direction, index } => {
+                write!(f, "security_group #{} {direction}[{index}]", group.index())
+            }
             Self::DefaultEgressAllow => f.write_str("default: egress allowed"),
             Self::DefaultIngressDeny => f.write_str("default: ingress denied"),
-            Self::DefaultEgressDeny => {
-                f.write_str("default: egress denied (no egress rule matched)")
-            }
+            Self::DefaultEgressDeny => f.write_str("default: egress denied (no egress rule matched)"),
             Self::DifferentVpc => f.write_str("client and server not both in the flow's VPC"),
         }
     }
@@ -164,25 +153,14 @@ pub fn evaluate(config: &Config, flow: &Flow) -> Verdict {
     let client = config.guest(flow.client);
     let server = config.guest(flow.server);
     if client.vpc != flow.vpc || server.vpc != flow.vpc {
-        return Verdict::Deny {
-            side: Direction::Egress,
-            reason: Decider::DifferentVpc,
-        };
+        return Verdict::Deny { side: Direction::Egress, reason: Decider::DifferentVpc };
     }
 
-    let restricts_egress = client
-        .groups
-        .iter()
-        .any(|group| !config.security_group(*group).egress.is_empty());
+    let restricts_egress = client.groups.iter().any(|group| !config.security_group(*group).egress.is_empty());
     let egress = if restricts_egress {
         match first_match(config, flow, client, server, Direction::Egress) {
             Some(rule) => rule,
-            None => {
-                return Verdict::Deny {
-                    side: Direction::Egress,
-                    reason: Decider::DefaultEgressDeny,
-                }
-            }
+            None => return Verdict::Deny { side: Direction::Egress, reason: Decider::DefaultEgressDeny },
         }
     } else {
         Decider::DefaultEgressAllow
@@ -190,22 +168,13 @@ pub fn evaluate(config: &Config, flow: &Flow) -> Verdict {
 
     match first_match(config, flow, server, client, Direction::Ingress) {
         Some(ingress) => Verdict::Allow { egress, ingress },
-        None => Verdict::Deny {
-            side: Direction::Ingress,
-            reason: Decider::DefaultIngressDeny,
-        },
+        None => Verdict::Deny { side: Direction::Ingress, reason: Decider::DefaultIngressDeny },
     }
 }
 
 /// The first rule of `owner`'s groups in `direction` that lets `flow` through
 /// to or from `peer`, the guest at the other end.
-fn first_match(
-    config: &Config,
-    flow: &Flow,
-    owner: &Guest,
-    peer: &Guest,
-    direction: Direction,
-) -> Option<Decider> {
+fn first_match(config: &Config, flow: &Flow, owner: &Guest, peer: &Guest, direction: Direction) -> Option<Decider> {
     let peer_addr = match direction {
         Direction::Egress => flow.server_addr,
         Direction::Ingress => flow.client_addr,
@@ -223,11 +192,7 @@ fn first_match(
                         Peer::Group(peer_group) => peer.is_member(peer_group),
                     }
             })
-            .map(|index| Decider::Rule {
-                group,
-                direction,
-                index,
-            })
+            .map(|index| Decider::Rule { group, direction, index })
     })
 }
 
@@ -324,9 +289,7 @@ mod tests {
 
     impl Fixture {
         fn new() -> Self {
-            Self {
-                config: parse(CONFIG, Path::new("test.toml")).expect("fixture parses"),
-            }
+            Self { config: parse(CONFIG, Path::new("test.toml")).expect("fixture parses") }
         }
 
         fn guest(&self, name: &str) -> GuestId {
@@ -348,14 +311,7 @@ mod tests {
         }
 
         fn rule(&self, group: &str, direction: Direction, index: usize) -> Decider {
-            Decider::Rule {
-                group: self
-                    .config
-                    .security_group_by_name(group)
-                    .expect("fixture group"),
-                direction,
-                index,
-            }
+            Decider::Rule { group: self.config.security_group_by_name(group).expect("fixture group"), direction, index }
         }
 
         fn evaluate(&self, flow: &Flow) -> Verdict {
@@ -372,14 +328,8 @@ mod tests {
         let fx = Fixture::new();
         // "web" has no egress rules: egress is allowed by default, then "bare" has no groups.
         let verdict = fx.evaluate(&fx.flow(Protocol::Tcp, "web", "bare", 80));
-        assert_eq!(
-            verdict,
-            deny(Direction::Ingress, Decider::DefaultIngressDeny)
-        );
-        assert_eq!(
-            verdict.describe(&fx.config),
-            "denied on ingress by default: ingress denied"
-        );
+        assert_eq!(verdict, deny(Direction::Ingress, Decider::DefaultIngressDeny));
+        assert_eq!(verdict.describe(&fx.config), "denied on ingress by default: ingress denied");
     }
 
     #[test]
@@ -389,10 +339,7 @@ mod tests {
         let verdict = fx.evaluate(&fx.flow(Protocol::Tcp, "bare", "web", 80));
         assert_eq!(
             verdict,
-            Verdict::Allow {
-                egress: Decider::DefaultEgressAllow,
-                ingress: fx.rule("web", Direction::Ingress, 0),
-            }
+            Verdict::Allow { egress: Decider::DefaultEgressAllow, ingress: fx.rule("web", Direction::Ingress, 0) }
         );
         assert_eq!(
             verdict.describe(&fx.config),
@@ -401,13 +348,7 @@ mod tests {
 
         // A group with no rules at all restricts nothing either.
         let sink_to_web = fx.evaluate(&fx.flow(Protocol::Tcp, "sink", "web", 443));
-        assert!(matches!(
-            sink_to_web,
-            Verdict::Allow {
-                egress: Decider::DefaultEgressAllow,
-                ..
-            }
-        ));
+        assert!(matches!(sink_to_web, Verdict::Allow { egress: Decider::DefaultEgressAllow, .. }));
     }
 
     #[test]
@@ -424,10 +365,7 @@ mod tests {
         // tcp 80 is allowed in by "web" but not out by "clients".
         let verdict = fx.evaluate(&fx.flow(Protocol::Tcp, "client", "web", 80));
         assert_eq!(verdict, deny(Direction::Egress, Decider::DefaultEgressDeny));
-        assert_eq!(
-            verdict.describe(&fx.config),
-            "denied on egress by default: egress denied (no egress rule matched)"
-        );
+        assert_eq!(verdict.describe(&fx.config), "denied on egress by default: egress denied (no egress rule matched)");
     }
 
     #[test]
@@ -455,10 +393,7 @@ mod tests {
         // "ssh" admits everything from its own members.
         assert_eq!(
             fx.evaluate(&fx.flow(Protocol::Icmp, "web", "client", 0)),
-            Verdict::Allow {
-                egress: Decider::DefaultEgressAllow,
-                ingress: fx.rule("ssh", Direction::Ingress, 0),
-            }
+            Verdict::Allow { egress: Decider::DefaultEgressAllow, ingress: fx.rule("ssh", Direction::Ingress, 0) }
         );
     }
 
@@ -466,20 +401,14 @@ mod tests {
     fn cidr_peers_use_the_flow_address() {
         let fx = Fixture::new();
         // web allows tcp 80-443 from 10.10.0.0/25: "bare" is inside, "far" is not.
-        assert!(fx
-            .evaluate(&fx.flow(Protocol::Tcp, "bare", "web", 443))
-            .is_allowed());
+        assert!(fx.evaluate(&fx.flow(Protocol::Tcp, "bare", "web", 443)).is_allowed());
         assert_eq!(
             fx.evaluate(&fx.flow(Protocol::Tcp, "far", "web", 443)),
             deny(Direction::Ingress, Decider::DefaultIngressDeny)
         );
         // An egress CIDR peer is matched against the server's address. Egress
         // is decided first, so an ingress denial shows egress passed.
-        for (protocol, port) in [
-            (Protocol::Tcp, 1),
-            (Protocol::Udp, 65535),
-            (Protocol::Icmp, 0),
-        ] {
+        for (protocol, port) in [(Protocol::Tcp, 1), (Protocol::Udp, 65535), (Protocol::Icmp, 0)] {
             assert_eq!(
                 fx.evaluate(&fx.flow(protocol, "client", "sink", port)),
                 deny(Direction::Ingress, Decider::DefaultIngressDeny),
@@ -491,13 +420,7 @@ mod tests {
     #[test]
     fn port_range_edges() {
         let fx = Fixture::new();
-        for (port, allowed) in [
-            (79, false),
-            (80, true),
-            (81, true),
-            (443, true),
-            (444, false),
-        ] {
+        for (port, allowed) in [(79, false), (80, true), (81, true), (443, true), (444, false)] {
             let verdict = fx.evaluate(&fx.flow(Protocol::Tcp, "bare", "web", port));
             assert_eq!(verdict.is_allowed(), allowed, "port {port}: {verdict:?}");
         }
@@ -518,10 +441,7 @@ mod tests {
         for (protocol, port) in [(Protocol::Tcp, 22), (Protocol::Udp, 1), (Protocol::Icmp, 0)] {
             assert_eq!(
                 fx.evaluate(&fx.flow(protocol, "web", "client", port)),
-                Verdict::Allow {
-                    egress: Decider::DefaultEgressAllow,
-                    ingress: fx.rule("ssh", Direction::Ingress, 0),
-                },
+                Verdict::Allow { egress: Decider::DefaultEgressAllow, ingress: fx.rule("ssh", Direction::Ingress, 0) },
                 "{protocol}"
             );
         }
@@ -532,19 +452,10 @@ mod tests {
         let fx = Fixture::new();
         // Same address, same group, other VPC: never reachable.
         let mut flow = fx.flow(Protocol::Tcp, "bare", "green-web", 80);
-        assert_eq!(
-            fx.evaluate(&flow),
-            deny(Direction::Egress, Decider::DifferentVpc)
-        );
+        assert_eq!(fx.evaluate(&flow), deny(Direction::Egress, Decider::DifferentVpc));
         flow.vpc = fx.config.guest(flow.server).vpc;
-        assert_eq!(
-            fx.evaluate(&flow),
-            deny(Direction::Egress, Decider::DifferentVpc)
-        );
-        assert_eq!(
-            Decider::DifferentVpc.describe(&fx.config),
-            "client and server not both in the flow's VPC"
-        );
+        assert_eq!(fx.evaluate(&flow), deny(Direction::Egress, Decider::DifferentVpc));
+        assert_eq!(Decider::DifferentVpc.describe(&fx.config), "client and server not both in the flow's VPC");
     }
 
     #[test]
@@ -552,13 +463,7 @@ mod tests {
         let fx = Fixture::new();
         let rule = fx.rule("clients", Direction::Egress, 1);
         assert_eq!(rule.to_string(), "security_group #1 egress[1]");
-        assert_eq!(
-            rule.describe(&fx.config),
-            "security_group \"clients\" egress[1]"
-        );
-        assert_eq!(
-            Decider::DefaultIngressDeny.to_string(),
-            "default: ingress denied"
-        );
+        assert_eq!(rule.describe(&fx.config), "security_group \"clients\" egress[1]");
+        assert_eq!(Decider::DefaultIngressDeny.to_string(), "default: ingress denied");
     }
 }

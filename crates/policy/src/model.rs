@@ -62,29 +62,13 @@ impl Config {
         guests: Vec<Guest>,
         security_groups: Vec<SecurityGroup>,
     ) -> Self {
-        let guests_by_name = guests
-            .iter()
-            .enumerate()
-            .map(|(i, guest)| (guest.name.clone(), GuestId(i)))
-            .collect();
+        let guests_by_name = guests.iter().enumerate().map(|(i, guest)| (guest.name.clone(), GuestId(i))).collect();
         let guests_by_address = guests
             .iter()
             .enumerate()
-            .flat_map(|(i, guest)| {
-                guest
-                    .addresses
-                    .iter()
-                    .map(move |addr| ((guest.vpc, *addr), GuestId(i)))
-            })
+            .flat_map(|(i, guest)| guest.addresses.iter().map(move |addr| ((guest.vpc, *addr), GuestId(i))))
             .collect();
-        Self {
-            host,
-            vpcs,
-            guests,
-            security_groups,
-            guests_by_name,
-            guests_by_address,
-        }
+        Self { host, vpcs, guests, security_groups, guests_by_name, guests_by_address }
     }
 
     /// Settings of the daemon on this host.
@@ -99,18 +83,12 @@ impl Config {
 
     /// All guests, in file order.
     pub fn guests(&self) -> impl ExactSizeIterator<Item = (GuestId, &Guest)> {
-        self.guests
-            .iter()
-            .enumerate()
-            .map(|(i, guest)| (GuestId(i), guest))
+        self.guests.iter().enumerate().map(|(i, guest)| (GuestId(i), guest))
     }
 
     /// All security groups, in file order.
     pub fn security_groups(&self) -> impl ExactSizeIterator<Item = (GroupId, &SecurityGroup)> {
-        self.security_groups
-            .iter()
-            .enumerate()
-            .map(|(i, group)| (GroupId(i), group))
+        self.security_groups.iter().enumerate().map(|(i, group)| (GroupId(i), group))
     }
 
     /// The VPC `id` names. Panics if `id` came from another `Config`.
@@ -130,9 +108,7 @@ impl Config {
 
     /// The VPC called `name`.
     pub fn vpc_by_name(&self, name: &str) -> Option<VpcId> {
-        self.vpcs()
-            .find(|(_, vpc)| vpc.name == name)
-            .map(|(id, _)| id)
+        self.vpcs().find(|(_, vpc)| vpc.name == name).map(|(id, _)| id)
     }
 
     /// The guest called `name`.
@@ -142,9 +118,7 @@ impl Config {
 
     /// The security group called `name`.
     pub fn security_group_by_name(&self, name: &str) -> Option<GroupId> {
-        self.security_groups()
-            .find(|(_, group)| group.name == name)
-            .map(|(id, _)| id)
+        self.security_groups().find(|(_, group)| group.name == name).map(|(id, _)| id)
     }
 
     /// The guest that has address `addr` in VPC `vpc`, if any. An address
@@ -355,10 +329,7 @@ pub struct PortRange {
 
 impl PortRange {
     /// Every port, 0..=65535.
-    pub const ALL: Self = Self {
-        lo: 0,
-        hi: u16::MAX,
-    };
+    pub const ALL: Self = Self { lo: 0, hi: u16::MAX };
 
     /// The ports `lo..=hi`; `None` unless `1 <= lo <= hi`.
     pub const fn new(lo: u16, hi: u16) -> Option<Self> {

@@ -5,9 +5,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use vsocket_policy::config::{parse, Problem};
-use vsocket_policy::{
-    load, ConfigError, DenyAction, HostConfig, Peer, PortRange, Protocol, ProtocolFilter,
-};
+use vsocket_policy::{load, ConfigError, DenyAction, HostConfig, Peer, PortRange, Protocol, ProtocolFilter};
 
 const ORIGIN: &str = "/etc/vsocket/lab.toml";
 
@@ -120,43 +118,30 @@ fn invalid_content_names_file_field_and_problem() {
         (
             "guest in an unknown security group",
             "",
-            guest_b(
-                "vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nsecurity_groups = [\"web\", \"db\"]",
-            ),
+            guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nsecurity_groups = [\"web\", \"db\"]"),
             "guest[1].security_groups[1]",
             Problem::UnknownSecurityGroup("db".into()),
         ),
         (
             "guest lists a security group twice",
             "",
-            guest_b(
-                "vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nsecurity_groups = [\"web\", \"web\"]",
-            ),
+            guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nsecurity_groups = [\"web\", \"web\"]"),
             "guest[1].security_groups[1]",
-            Problem::Duplicate {
-                value: "web".into(),
-                first: "guest[1].security_groups[0]".into(),
-            },
+            Problem::Duplicate { value: "web".into(), first: "guest[1].security_groups[0]".into() },
         ),
         (
             "duplicate guest name",
             "",
             "[[guest]]\nname = \"a\"\nvpc = \"green\"\naddresses = [\"10.10.9.9\"]".into(),
             "guest[1].name",
-            Problem::Duplicate {
-                value: "a".into(),
-                first: "guest[0].name".into(),
-            },
+            Problem::Duplicate { value: "a".into(), first: "guest[0].name".into() },
         ),
         (
             "duplicate netns",
             "",
             guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nnetns = \"vs-a\""),
             "guest[1].netns",
-            Problem::Duplicate {
-                value: "vs-a".into(),
-                first: "guest[0].netns".into(),
-            },
+            Problem::Duplicate { value: "vs-a".into(), first: "guest[0].netns".into() },
         ),
         (
             "netns that is a path",
@@ -168,13 +153,9 @@ fn invalid_content_names_file_field_and_problem() {
         (
             "guest name too long for an interface",
             "",
-            "[[guest]]\nname = \"abcdefghijklmnop\"\nvpc = \"blue\"\naddresses = [\"10.10.0.3\"]"
-                .into(),
+            "[[guest]]\nname = \"abcdefghijklmnop\"\nvpc = \"blue\"\naddresses = [\"10.10.0.3\"]".into(),
             "guest[1].name",
-            Problem::NameTooLong {
-                name: "abcdefghijklmnop".into(),
-                max: 15,
-            },
+            Problem::NameTooLong { name: "abcdefghijklmnop".into(), max: 15 },
         ),
         (
             "upper-case name",
@@ -183,22 +164,13 @@ fn invalid_content_names_file_field_and_problem() {
             "vpc[2].name",
             Problem::BadName("Red".into()),
         ),
-        (
-            "empty name",
-            "",
-            "[[security_group]]\nname = \"\"".into(),
-            "security_group[1].name",
-            Problem::Empty,
-        ),
+        ("empty name", "", "[[security_group]]\nname = \"\"".into(), "security_group[1].name", Problem::Empty),
         (
             "duplicate vpc name",
             "",
             "[[vpc]]\nname = \"blue\"\ncidr = \"10.0.0.0/8\"".into(),
             "vpc[2].name",
-            Problem::Duplicate {
-                value: "blue".into(),
-                first: "vpc[0].name".into(),
-            },
+            Problem::Duplicate { value: "blue".into(), first: "vpc[0].name".into() },
         ),
         (
             "vpc cidr with host bits",
@@ -271,9 +243,7 @@ fn invalid_content_names_file_field_and_problem() {
             "",
             group_with_rule("protocol = \"tcp\"\ncidr = \"10.0.0.0/40\""),
             "security_group \"extra\".ingress[0].cidr",
-            Problem::BadCidr(vsocket_policy::cidr::CidrError::BadPrefixLength(
-                "40".into(),
-            )),
+            Problem::BadCidr(vsocket_policy::cidr::CidrError::BadPrefixLength("40".into())),
         ),
         (
             "ring size not a power of two",
@@ -282,13 +252,7 @@ fn invalid_content_names_file_field_and_problem() {
             "host.ring_size",
             Problem::BadRingSize(100_000),
         ),
-        (
-            "ring size below a page",
-            "ring_size = 2048",
-            String::new(),
-            "host.ring_size",
-            Problem::BadRingSize(2048),
-        ),
+        ("ring size below a page", "ring_size = 2048", String::new(), "host.ring_size", Problem::BadRingSize(2048)),
         (
             "ring size above 64 MiB",
             "ring_size = 134217728",
@@ -317,11 +281,7 @@ fn invalid_content_names_file_field_and_problem() {
         let expected_message = format!("{ORIGIN}: {field}: {problem}");
         assert_eq!(err.to_string(), expected_message, "{what}");
         match err {
-            ConfigError::Invalid {
-                file,
-                field: got_field,
-                problem: got_problem,
-            } => {
+            ConfigError::Invalid { file, field: got_field, problem: got_problem } => {
                 assert_eq!(file, PathBuf::from(ORIGIN), "{what}");
                 assert_eq!(got_field, field, "{what}");
                 assert_eq!(got_problem, problem, "{what}");
@@ -333,15 +293,8 @@ fn invalid_content_names_file_field_and_problem() {
 
 #[test]
 fn messages_read_as_documented() {
-    let err = parse_text(&config_text(
-        "",
-        &guest_b("vpc = \"red\"\naddresses = [\"10.10.0.3\"]"),
-    ))
-    .unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "/etc/vsocket/lab.toml: guest[1].vpc: unknown VPC \"red\""
-    );
+    let err = parse_text(&config_text("", &guest_b("vpc = \"red\"\naddresses = [\"10.10.0.3\"]"))).unwrap_err();
+    assert_eq!(err.to_string(), "/etc/vsocket/lab.toml: guest[1].vpc: unknown VPC \"red\"");
 
     let err = parse_text(&config_text(
         "",
@@ -354,11 +307,7 @@ fn messages_read_as_documented() {
          port range 2000-1000 ends before it starts"
     );
 
-    let err = parse_text(&config_text(
-        "",
-        &guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.2\"]"),
-    ))
-    .unwrap_err();
+    let err = parse_text(&config_text("", &guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.2\"]"))).unwrap_err();
     assert_eq!(
         err.to_string(),
         "/etc/vsocket/lab.toml: guest[1].addresses[0]: \
@@ -370,12 +319,7 @@ fn messages_read_as_documented() {
 fn toml_errors_name_the_file_and_the_line() {
     // (what, text, text on the line toml should point at, fragment of its message)
     let cases = [
-        (
-            "syntax",
-            "[host\nname = \"h\"\n".to_owned(),
-            "[host",
-            "invalid table header",
-        ),
+        ("syntax", "[host\nname = \"h\"\n".to_owned(), "[host", "invalid table header"),
         (
             "missing [host]",
             "[[vpc]]\nname = \"blue\"\ncidr = \"10.0.0.0/8\"\n".to_owned(),
@@ -394,36 +338,20 @@ fn toml_errors_name_the_file_and_the_line() {
             "[[guests]]",
             "unknown field `guests`",
         ),
-        (
-            "unknown deny_action",
-            config_text("deny_action = \"bounce\"", ""),
-            "bounce",
-            "unknown variant `bounce`",
-        ),
+        ("unknown deny_action", config_text("deny_action = \"bounce\"", ""), "bounce", "unknown variant `bounce`"),
         (
             "unknown protocol",
-            config_text(
-                "",
-                &group_with_rule("protocol = \"sctp\"\ncidr = \"0.0.0.0/0\""),
-            ),
+            config_text("", &group_with_rule("protocol = \"sctp\"\ncidr = \"0.0.0.0/0\"")),
             "sctp",
             "unknown variant `sctp`",
         ),
         (
             "ports of the wrong type",
-            config_text(
-                "",
-                &group_with_rule("protocol = \"tcp\"\nports = [80]\ncidr = \"0.0.0.0/0\""),
-            ),
+            config_text("", &group_with_rule("protocol = \"tcp\"\nports = [80]\ncidr = \"0.0.0.0/0\"")),
             "[80]",
             "a port number, a range like \"1000-2000\", or \"all\"",
         ),
-        (
-            "negative ring size",
-            config_text("ring_size = -1", ""),
-            "-1",
-            "ring_size",
-        ),
+        ("negative ring size", config_text("ring_size = -1", ""), "-1", "ring_size"),
     ];
     for (what, text, needle, fragment) in cases {
         let line = 1 + text.lines().position(|l| l.contains(needle)).expect(needle);
@@ -431,9 +359,7 @@ fn toml_errors_name_the_file_and_the_line() {
         let message = err.to_string();
         assert!(matches!(err, ConfigError::Toml { .. }), "{what}: {err:?}");
         assert!(
-            message.starts_with(&format!(
-                "{ORIGIN}: TOML parse error at line {line}, column "
-            )),
+            message.starts_with(&format!("{ORIGIN}: TOML parse error at line {line}, column ")),
             "{what}: {message}"
         );
         assert!(message.contains(fragment), "{what}: {message}");
@@ -442,29 +368,19 @@ fn toml_errors_name_the_file_and_the_line() {
 
 #[test]
 fn same_address_in_two_vpcs_is_fine() {
-    let config = parse_text(&config_text(
-        "",
-        &guest_b("vpc = \"green\"\naddresses = [\"10.10.0.2\"]"),
-    ))
-    .expect("overlapping tenants are allowed");
+    let config = parse_text(&config_text("", &guest_b("vpc = \"green\"\naddresses = [\"10.10.0.2\"]")))
+        .expect("overlapping tenants are allowed");
     let addr = Ipv4Addr::new(10, 10, 0, 2);
     let blue = config.vpc_by_name("blue").unwrap();
     let green = config.vpc_by_name("green").unwrap();
     assert_eq!(config.guest_owning(blue, addr), config.guest_by_name("a"));
     assert_eq!(config.guest_owning(green, addr), config.guest_by_name("b"));
-    assert_eq!(
-        config.guest_owning(green, Ipv4Addr::new(10, 10, 0, 3)),
-        None
-    );
+    assert_eq!(config.guest_owning(green, Ipv4Addr::new(10, 10, 0, 3)), None);
 }
 
 #[test]
 fn defaults_fill_in_optional_fields() {
-    let config = parse_text(&config_text(
-        "",
-        &guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]"),
-    ))
-    .unwrap();
+    let config = parse_text(&config_text("", &guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]"))).unwrap();
     assert_eq!(
         *config.host(),
         HostConfig {
@@ -482,21 +398,14 @@ fn defaults_fill_in_optional_fields() {
     let config = parse_text(&config_text("", &extra)).unwrap();
     let group = config.security_group(config.security_group_by_name("extra").unwrap());
     assert_eq!(group.ingress[0].ports, PortRange::ALL);
-    assert_eq!(
-        group.ingress[0].peer,
-        Peer::Cidr("10.0.0.7/32".parse().unwrap()),
-        "a bare address is a /32"
-    );
+    assert_eq!(group.ingress[0].peer, Peer::Cidr("10.0.0.7/32".parse().unwrap()), "a bare address is a /32");
     assert!(group.egress.is_empty());
 }
 
 #[test]
 fn explicit_host_settings_are_kept() {
-    let config = parse_text(&config_text(
-        "run_dir = \"/tmp/vs\"\ndeny_action = \"reject\"\nring_size = 4096",
-        "",
-    ))
-    .unwrap();
+    let config =
+        parse_text(&config_text("run_dir = \"/tmp/vs\"\ndeny_action = \"reject\"\nring_size = 4096", "")).unwrap();
     assert_eq!(config.host().run_dir, Path::new("/tmp/vs"));
     assert_eq!(config.host().deny_action, DenyAction::Reject);
     assert_eq!(config.host().ring_size, HostConfig::MIN_RING_SIZE);
@@ -516,9 +425,7 @@ fn ports_accept_numbers_ranges_and_all() {
         ("\"all\"", Some(PortRange::ALL)),
     ];
     for (ports, expected) in cases {
-        let extra = group_with_rule(&format!(
-            "protocol = \"tcp\"\nports = {ports}\ngroup = \"web\""
-        ));
+        let extra = group_with_rule(&format!("protocol = \"tcp\"\nports = {ports}\ngroup = \"web\""));
         let config = parse_text(&config_text("", &extra)).expect(ports);
         let group = config.security_group(config.security_group_by_name("extra").unwrap());
         assert_eq!(Some(group.ingress[0].ports), expected, "{ports}");
@@ -569,12 +476,7 @@ fn module_doc_example_parses() {
         .skip_while(|line| *line != "//! ```toml")
         .skip(1)
         .take_while(|line| *line != "//! ```")
-        .map(|line| {
-            format!(
-                "{}\n",
-                line.trim_start_matches("//!").trim_start_matches(' ')
-            )
-        })
+        .map(|line| format!("{}\n", line.trim_start_matches("//!").trim_start_matches(' ')))
         .collect();
     assert!(example.contains("[[guest]]"), "example not found");
     let config = parse(&example, Path::new("config.rs")).expect("doc example parses");
@@ -582,8 +484,5 @@ fn module_doc_example_parses() {
     assert_eq!(config.security_groups().len(), 2);
     let redis = config.security_group(config.security_group_by_name("redis").unwrap());
     assert_eq!(redis.ingress.len(), 2);
-    assert_eq!(
-        redis.ingress[0].protocol,
-        ProtocolFilter::Only(Protocol::Tcp)
-    );
+    assert_eq!(redis.ingress[0].protocol, ProtocolFilter::Only(Protocol::Tcp));
 }

@@ -31,9 +31,7 @@ const PEER_CIDRS: [(Ipv4Addr, u8); 8] = [
 ];
 
 /// Ports for rule bounds and flows: range edges and their neighbours.
-const PORTS: [u16; 14] = [
-    1, 2, 21, 22, 23, 79, 80, 81, 443, 1000, 6379, 65534, 65535, 0,
-];
+const PORTS: [u16; 14] = [1, 2, 21, 22, 23, 79, 80, 81, 443, 1000, 6379, 65534, 65535, 0];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum ProtocolSpec {
@@ -92,11 +90,7 @@ struct FlowSpec {
 /// What the reference model says, in terms of spec indexes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RefDecider {
-    Rule {
-        group: usize,
-        ingress: bool,
-        index: usize,
-    },
+    Rule { group: usize, ingress: bool, index: usize },
     EgressAllow,
     EgressDeny,
     IngressDeny,
@@ -130,15 +124,15 @@ fn rule_strategy(group_count: usize) -> impl Strategy<Value = RuleSpec> {
         (0..PEER_CIDRS.len()).prop_map(|i| PeerSpec::Cidr(PEER_CIDRS[i].0, PEER_CIDRS[i].1)),
         (0..group_count).prop_map(PeerSpec::Group),
     ];
-    (protocol, proptest::option::of(bounds), any::<bool>(), peer).prop_map(
-        |(protocol, ports, write_all, peer)| RuleSpec {
+    (protocol, proptest::option::of(bounds), any::<bool>(), peer).prop_map(|(protocol, ports, write_all, peer)| {
+        RuleSpec {
             // Only tcp and udp have ports.
             ports: ports.filter(|_| matches!(protocol, ProtocolSpec::Tcp | ProtocolSpec::Udp)),
             protocol,
             write_all,
             peer,
-        },
-    )
+        }
+    })
 }
 
 fn network_strategy() -> impl Strategy<Value = NetworkSpec> {
@@ -148,16 +142,9 @@ fn network_strategy() -> impl Strategy<Value = NetworkSpec> {
             proptest::collection::vec(rule_strategy(group_count), 0..=3),
         )
             .prop_map(|(ingress, egress)| GroupSpec { ingress, egress });
-        let guest = (
-            0..VPC_NAMES.len(),
-            1..=2usize,
-            proptest::collection::vec(0..group_count, 0..=3),
-        );
-        (
-            proptest::collection::vec(group, group_count),
-            proptest::collection::vec(guest, guest_count),
-        )
-            .prop_map(|(groups, raw_guests)| {
+        let guest = (0..VPC_NAMES.len(), 1..=2usize, proptest::collection::vec(0..group_count, 0..=3));
+        (proptest::collection::vec(group, group_count), proptest::collection::vec(guest, guest_count)).prop_map(
+            |(groups, raw_guests)| {
                 let mut per_vpc = [0usize; VPC_NAMES.len()];
                 let guests = raw_guests
                     .into_iter()
@@ -180,16 +167,13 @@ fn network_strategy() -> impl Strategy<Value = NetworkSpec> {
                     })
                     .collect();
                 NetworkSpec { groups, guests }
-            })
+            },
+        )
     })
 }
 
 fn flow_strategy() -> impl Strategy<Value = FlowSpec> {
-    let protocol = prop_oneof![
-        Just(Protocol::Tcp),
-        Just(Protocol::Udp),
-        Just(Protocol::Icmp)
-    ];
+    let protocol = prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp), Just(Protocol::Icmp)];
     (
         protocol,
         proptest::bool::weighted(0.2),
@@ -200,17 +184,15 @@ fn flow_strategy() -> impl Strategy<Value = FlowSpec> {
         prop::sample::select(&PORTS[..]),
     )
         // Indexes are reduced against the network in `resolve`.
-        .prop_map(
-            |(protocol, server_vpc, client, client_addr, server, server_addr, port)| FlowSpec {
-                protocol,
-                server_vpc,
-                client,
-                client_addr,
-                server,
-                server_addr,
-                port,
-            },
-        )
+        .prop_map(|(protocol, server_vpc, client, client_addr, server, server_addr, port)| FlowSpec {
+            protocol,
+            server_vpc,
+            client,
+            client_addr,
+            server,
+            server_addr,
+            port,
+        })
 }
 
 fn render(network: &NetworkSpec) -> String {
@@ -277,11 +259,7 @@ fn resolve(network: &NetworkSpec, flow: &FlowSpec) -> ResolvedFlow {
     let server_guest = &network.guests[server];
     ResolvedFlow {
         protocol: flow.protocol,
-        vpc: if flow.server_vpc {
-            server_guest.vpc
-        } else {
-            client_guest.vpc
-        },
+        vpc: if flow.server_vpc { server_guest.vpc } else { client_guest.vpc },
         client,
         client_addr: client_guest.addresses[flow.client_addr % client_guest.addresses.len()],
         server,
@@ -341,19 +319,8 @@ fn reference(network: &NetworkSpec, flow: &ResolvedFlow) -> RefVerdict {
     } else {
         'groups: for &group in &client.groups {
             for (index, rule) in network.groups[group].egress.iter().enumerate() {
-                if naive_rule_matches(
-                    network,
-                    rule,
-                    flow.protocol,
-                    flow.port,
-                    flow.server,
-                    flow.server_addr,
-                ) {
-                    egress = Some(RefDecider::Rule {
-                        group,
-                        ingress: false,
-                        index,
-                    });
+                if naive_rule_matches(network, rule, flow.protocol, flow.port, flow.server, flow.server_addr) {
+                    egress = Some(RefDecider::Rule { group, ingress: false, index });
                     break 'groups;
                 }
             }
@@ -365,22 +332,8 @@ fn reference(network: &NetworkSpec, flow: &ResolvedFlow) -> RefVerdict {
 
     for &group in &server.groups {
         for (index, rule) in network.groups[group].ingress.iter().enumerate() {
-            if naive_rule_matches(
-                network,
-                rule,
-                flow.protocol,
-                flow.port,
-                flow.client,
-                flow.client_addr,
-            ) {
-                return RefVerdict::Allow(
-                    egress,
-                    RefDecider::Rule {
-                        group,
-                        ingress: true,
-                        index,
-                    },
-                );
+            if naive_rule_matches(network, rule, flow.protocol, flow.port, flow.client, flow.client_addr) {
+                return RefVerdict::Allow(egress, RefDecider::Rule { group, ingress: true, index });
             }
         }
     }
@@ -390,17 +343,10 @@ fn reference(network: &NetworkSpec, flow: &ResolvedFlow) -> RefVerdict {
 /// Translates the crate's verdict into spec indexes, through names only.
 fn to_reference_terms(config: &Config, verdict: Verdict) -> RefVerdict {
     let decider = |decider: Decider| match decider {
-        Decider::Rule {
-            group,
-            direction,
-            index,
-        } => {
+        Decider::Rule { group, direction, index } => {
             let name = &config.security_group(group).name;
             RefDecider::Rule {
-                group: name
-                    .trim_start_matches('g')
-                    .parse()
-                    .expect("group named gN"),
+                group: name.trim_start_matches('g').parse().expect("group named gN"),
                 ingress: direction == Direction::Ingress,
                 index,
             }

@@ -4,8 +4,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use vsocket_policy::{
-    evaluate, load, Decider, DenyAction, Direction, Flow, Peer, PortRange, Protocol,
-    ProtocolFilter, Verdict,
+    evaluate, load, Decider, DenyAction, Direction, Flow, Peer, PortRange, Protocol, ProtocolFilter, Verdict,
 };
 
 fn lab() -> vsocket_policy::Config {
@@ -33,10 +32,7 @@ fn lab_example_loads() {
     assert_eq!(rule.ports, PortRange::ALL);
     assert_eq!(rule.peer, Peer::Cidr(vpc.cidr));
 
-    for (name, addr) in [
-        ("a", Ipv4Addr::new(10, 10, 0, 2)),
-        ("b", Ipv4Addr::new(10, 10, 0, 3)),
-    ] {
+    for (name, addr) in [("a", Ipv4Addr::new(10, 10, 0, 2)), ("b", Ipv4Addr::new(10, 10, 0, 3))] {
         let id = config.guest_by_name(name).expect(name);
         let guest = config.guest(id);
         assert_eq!(guest.vpc, blue);
@@ -69,19 +65,12 @@ fn lab_guests_reach_each_other_over_tcp_only() {
             evaluate(&config, &flow(Protocol::Tcp, client, server, 6379)),
             Verdict::Allow {
                 egress: Decider::DefaultEgressAllow,
-                ingress: Decider::Rule {
-                    group: open,
-                    direction: Direction::Ingress,
-                    index: 0
-                },
+                ingress: Decider::Rule { group: open, direction: Direction::Ingress, index: 0 },
             }
         );
         assert_eq!(
             evaluate(&config, &flow(Protocol::Udp, client, server, 53)),
-            Verdict::Deny {
-                side: Direction::Ingress,
-                reason: Decider::DefaultIngressDeny
-            }
+            Verdict::Deny { side: Direction::Ingress, reason: Decider::DefaultIngressDeny }
         );
     }
 }

@@ -481,8 +481,7 @@ mod tests {
             peer: "10.0.0.3:80".parse().unwrap(),
             ring_size,
         };
-        let client =
-            Connection::new(info, Endpoint::Client, memfd.into_raw_fd(), a, false).unwrap();
+        let client = Connection::new(info, Endpoint::Client, memfd.into_raw_fd(), a, false).unwrap();
         let server = Connection::new(info, Endpoint::Server, memfd2, b, false).unwrap();
         (Arc::new(client), Arc::new(server))
     }
@@ -513,10 +512,7 @@ mod tests {
         let mut buf = [0u8; 8];
         assert_eq!(c.recv(&mut [&mut buf[..]], 0), Err(Errno(libc::EAGAIN)));
         let (c2, _s2) = pair(4096);
-        assert_eq!(
-            c2.recv(&mut [&mut buf[..]], libc::MSG_DONTWAIT),
-            Err(Errno(libc::EAGAIN))
-        );
+        assert_eq!(c2.recv(&mut [&mut buf[..]], libc::MSG_DONTWAIT), Err(Errno(libc::EAGAIN)));
     }
 
     #[test]
@@ -525,10 +521,7 @@ mod tests {
         c.send(&[b"last words"], 0).unwrap();
         c.shutdown(libc::SHUT_WR).unwrap();
         assert_eq!(c.send(&[b"x"], libc::MSG_NOSIGNAL), Err(Errno(libc::EPIPE)));
-        assert_eq!(
-            s.readiness() & (ready::IN | ready::RDHUP),
-            ready::IN | ready::RDHUP
-        );
+        assert_eq!(s.readiness() & (ready::IN | ready::RDHUP), ready::IN | ready::RDHUP);
         assert_eq!(recv_all(&s, 64), b"last words");
         let mut buf = [0u8; 8];
         assert_eq!(s.recv(&mut [&mut buf[..]], 0), Ok(0));
@@ -556,10 +549,7 @@ mod tests {
         let mut buf = [0u8; 8];
         assert_eq!(c.recv(&mut [&mut buf[..]], 0), Ok(0));
         assert_eq!(c.send(&[b"first"], libc::MSG_NOSIGNAL), Ok(5));
-        assert_eq!(
-            c.send(&[b"second"], libc::MSG_NOSIGNAL),
-            Err(Errno(libc::EPIPE))
-        );
+        assert_eq!(c.send(&[b"second"], libc::MSG_NOSIGNAL), Err(Errno(libc::EPIPE)));
     }
 
     #[test]

@@ -9,16 +9,14 @@
 use crate::sys::{self, Errno, SysResult};
 use std::os::fd::RawFd;
 use std::sync::{Mutex, OnceLock};
-use vsocket_abi::control::{Message, CONNECTION_FDS, MAX_MESSAGE};
+use vsocket_abi::control::{Message, CONNECTION_FDS, FD_DOORBELL, MAX_MESSAGE};
 
 /// Where the guest's control socket is, if the program runs in a guest.
 fn control_path() -> Option<&'static [u8]> {
     static PATH: OnceLock<Option<Vec<u8>>> = OnceLock::new();
     PATH.get_or_init(|| {
         use std::os::unix::ffi::OsStringExt;
-        std::env::var_os("VSOCKET_CONTROL")
-            .map(|p| p.into_vec())
-            .filter(|p| !p.is_empty())
+        std::env::var_os("VSOCKET_CONTROL").map(|p| p.into_vec()).filter(|p| !p.is_empty())
     })
     .as_deref()
 }
@@ -77,7 +75,17 @@ pub fn exchange(channel: RawFd, msg: &Message) -> SysResult<Reply> {
             }
         }
     }
-    receive(channel, 0)
+    // The daemon answers within tens of microseconds; sleeping in recvmsg
+    // would add two context switches to every connect.
+    let mut reply = Err(Errno(libc::EAGAIN));
+    crate::wait::spin(|| {
+        reply = receive(channel, libc::MSG_DONTWAIT);
+        !matches!(reply, Err(Errno(libc::EAGAIN)))
+    });
+    match reply {
+        Err(Errno(libc::EAGAIN)) => receive(channel, 0),
+        other => other,
+    }
 }
 
 /// Receives one message (with its descriptors) from `channel`.
@@ -90,10 +98,7 @@ pub fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
             r => break r?,
         }
     };
-    let mut reply = Reply {
-        message: Message::Fallback,
-        fds,
-    };
+    let mut reply = Reply { message: Message::Fallback, fds };
     if n == 0 {
         // The daemon went away.
         return Err(Errno(libc::ECONNABORTED));
@@ -102,8 +107,10 @@ pub fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
     if count != reply.message.fd_count() {
         return Err(Errno(libc::EPROTO));
     }
-    for i in 0..count {
-        reply.fds[i] = sys::relocate(reply.fds[i], internal_fd_floor())?;
+    // The segment's memfd is closed as soon as it is mapped; only the
+    // doorbell lives on, out of the program's range of descriptors.
+    if count == CONNECTION_FDS {
+        reply.fds[FD_DOORBELL] = sys::relocate(reply.fds[FD_DOORBELL], internal_fd_floor())?;
     }
     Ok(reply)
 }
@@ -128,10 +135,7 @@ pub fn request(msg: &Message) -> SysResult<Reply> {
         }
     }
     if guard.is_none() {
-        *guard = Some(RequestChannel {
-            fd: open_channel()?,
-            pid,
-        });
+        *guard = Some(RequestChannel { fd: open_channel()?, pid });
     }
     let fd = guard.as_ref().map(|c| c.fd).unwrap_or(-1);
     let result = exchange(fd, msg);

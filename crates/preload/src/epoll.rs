@@ -48,10 +48,7 @@ enum Kind {
     /// A kernel descriptor, registered in the kernel with the program's data.
     Kernel,
     /// A vSocket connection or a dropped connect, judged from shared memory.
-    Managed {
-        entry: Arc<Entry>,
-        last: Option<Snapshot>,
-    },
+    Managed { entry: Arc<Entry>, last: Option<Snapshot> },
     /// A listener: its socket and its channel are in the kernel set.
     Listener { entry: Arc<Entry> },
 }
@@ -98,12 +95,8 @@ pub fn track(epfd: RawFd) {
 }
 
 fn each_set(mut f: impl FnMut(&EpollSet)) {
-    let sets: Vec<Arc<Entry>> = SETS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .filter_map(Weak::upgrade)
-        .collect();
+    let sets: Vec<Arc<Entry>> =
+        SETS.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
     for s in sets {
         if let Entry::Epoll(set) = &*s {
             f(set);
@@ -158,41 +151,22 @@ impl EpollSet {
             Entry::Conn(conn) => {
                 // The doorbell may still be registered from an earlier
                 // registration of this descriptor (see unregister_special).
-                match sys::epoll_ctl(
-                    self.epfd,
-                    libc::EPOLL_CTL_ADD,
-                    conn.doorbell,
-                    libc::EPOLLIN as u32,
-                    token(fd),
-                ) {
+                match sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, conn.doorbell, libc::EPOLLIN as u32, token(fd)) {
                     Ok(()) | Err(Errno(libc::EEXIST)) => {}
                     Err(e) => return Err(e),
                 }
-                Ok(Kind::Managed {
-                    entry: entry.clone(),
-                    last: None,
-                })
+                Ok(Kind::Managed { entry: entry.clone(), last: None })
             }
-            Entry::Dropped(_) => Ok(Kind::Managed {
-                entry: entry.clone(),
-                last: None,
-            }),
+            Entry::Dropped(_) => Ok(Kind::Managed { entry: entry.clone(), last: None }),
             Entry::Listener(l) => {
                 let ev = kernel_events(events);
                 sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, ev, token(fd))?;
-                if let Err(e) = sys::epoll_ctl(
-                    self.epfd,
-                    libc::EPOLL_CTL_ADD,
-                    l.channel,
-                    channel_events(ev),
-                    token(fd),
-                ) {
+                if let Err(e) = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, l.channel, channel_events(ev), token(fd))
+                {
                     let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
                     return Err(e);
                 }
-                Ok(Kind::Listener {
-                    entry: entry.clone(),
-                })
+                Ok(Kind::Listener { entry: entry.clone() })
             }
             Entry::Epoll(_) => Err(Errno(libc::EINVAL)),
         }
@@ -237,15 +211,7 @@ impl EpollSet {
                         kind
                     }
                 };
-                regs.insert(
-                    fd,
-                    Registration {
-                        events,
-                        data,
-                        kind,
-                        disabled: false,
-                    },
-                );
+                regs.insert(fd, Registration { events, data, kind, disabled: false });
                 Ok(())
             }
             libc::EPOLL_CTL_MOD => {
@@ -260,13 +226,7 @@ impl EpollSet {
                         let ev = kernel_events(events);
                         sys::epoll_ctl(self.epfd, op, fd, ev, token(fd))?;
                         if let Entry::Listener(l) = &**entry {
-                            sys::epoll_ctl(
-                                self.epfd,
-                                op,
-                                l.channel,
-                                channel_events(ev),
-                                token(fd),
-                            )?;
+                            sys::epoll_ctl(self.epfd, op, l.channel, channel_events(ev), token(fd))?;
                         }
                     }
                 }
@@ -303,22 +263,16 @@ impl EpollSet {
                 (snap.2 & interest, Some(snap))
             }
             Entry::Conn(conn) => (conn.readiness_for(reg.events) & interest, None),
-            Entry::Dropped(d) if sys::now_ms() >= d.deadline_ms => (
-                (ready::OUT | ready::ERR | ready::HUP) & interest,
-                Some((0, 0, 1)),
-            ),
+            Entry::Dropped(d) if sys::now_ms() >= d.deadline_ms => {
+                ((ready::OUT | ready::ERR | ready::HUP) & interest, Some((0, 0, 1)))
+            }
             _ => (0, None),
         }
     }
 
     /// Adds ready managed registrations to `out` (from index `n`). Returns
     /// the new count.
-    fn collect(
-        &self,
-        regs: &mut HashMap<RawFd, Registration>,
-        out: &mut [libc::epoll_event],
-        mut n: usize,
-    ) -> usize {
+    fn collect(&self, regs: &mut HashMap<RawFd, Registration>, out: &mut [libc::epoll_event], mut n: usize) -> usize {
         for reg in regs.values_mut() {
             if n == out.len() {
                 break;
@@ -340,10 +294,7 @@ impl EpollSet {
                 }
                 *last = snapshot;
             }
-            out[n] = libc::epoll_event {
-                events: mask,
-                u64: reg.data,
-            };
+            out[n] = libc::epoll_event { events: mask, u64: reg.data };
             n += 1;
             if reg.events & libc::EPOLLONESHOT as u32 != 0 {
                 reg.disabled = true;
@@ -393,10 +344,7 @@ impl EpollSet {
                 }
                 continue;
             };
-            let Some(reg) = regs
-                .get_mut(&fd)
-                .filter(|r| !matches!(r.kind, Kind::Kernel))
-            else {
+            let Some(reg) = regs.get_mut(&fd).filter(|r| !matches!(r.kind, Kind::Kernel)) else {
                 self.remove_parked_doorbell(fd);
                 continue;
             };
@@ -416,18 +364,13 @@ impl EpollSet {
                     if reg.disabled || n == out.len() {
                         continue;
                     }
-                    let mask = (ev.events | ready::IN)
-                        & (reg.events | ready::ERR | ready::HUP)
-                        & !ready::OUT;
+                    let mask = (ev.events | ready::IN) & (reg.events | ready::ERR | ready::HUP) & !ready::OUT;
                     let mask = mask & !(libc::EPOLLET as u32);
                     if let Some(existing) = out[..n].iter_mut().find(|e| e.u64 == reg.data) {
                         existing.events |= mask;
                         continue;
                     }
-                    out[n] = libc::epoll_event {
-                        events: mask,
-                        u64: reg.data,
-                    };
+                    out[n] = libc::epoll_event { events: mask, u64: reg.data };
                     n += 1;
                     if reg.events & libc::EPOLLONESHOT as u32 != 0 {
                         reg.disabled = true;
@@ -529,9 +472,7 @@ impl EpollSet {
         // KERNEL_CHECK_NS while vSocket descriptors keep the set busy: a
         // system call per wait would cost more than the wait itself.
         let now = sys::now_ns();
-        if n == out.len()
-            || now.saturating_sub(self.kernel_checked.load(Ordering::Relaxed)) < KERNEL_CHECK_NS
-        {
+        if n == out.len() || now.saturating_sub(self.kernel_checked.load(Ordering::Relaxed)) < KERNEL_CHECK_NS {
             return Ok(n);
         }
         self.kernel_checked.store(now, Ordering::Relaxed);
@@ -546,11 +487,9 @@ impl EpollSet {
 pub fn poll_bits(entry: &Entry) -> Option<u32> {
     match entry {
         Entry::Conn(conn) => Some(conn.readiness()),
-        Entry::Dropped(d) => Some(if sys::now_ms() >= d.deadline_ms {
-            ready::OUT | ready::ERR | ready::HUP
-        } else {
-            0
-        }),
+        Entry::Dropped(d) => {
+            Some(if sys::now_ms() >= d.deadline_ms { ready::OUT | ready::ERR | ready::HUP } else { 0 })
+        }
         _ => None,
     }
 }

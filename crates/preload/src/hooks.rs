@@ -39,8 +39,7 @@ fn resolve(name: &[u8], cache: &AtomicUsize) -> usize {
         return cached;
     }
     // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT skips this library.
-    let addr =
-        unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr() as *const libc::c_char) } as usize;
+    let addr = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr() as *const libc::c_char) } as usize;
     if addr == 0 {
         // Without libc's definition there is nothing sane to do.
         std::process::abort();
@@ -106,10 +105,7 @@ unsafe fn iovecs<'a>(iov: *const libc::iovec, cnt: c_int) -> SysResult<Vec<&'a m
     // SAFETY: per this function's contract.
     let iovs = unsafe { std::slice::from_raw_parts(iov, cnt as usize) };
     // SAFETY: each iovec describes a buffer valid for the call.
-    Ok(iovs
-        .iter()
-        .map(|v| unsafe { slice_mut(v.iov_base, v.iov_len) })
-        .collect())
+    Ok(iovs.iter().map(|v| unsafe { slice_mut(v.iov_base, v.iov_len) }).collect())
 }
 
 fn with_conn<R>(entry: &Entry, f: impl FnOnce(&Connection) -> SysResult<R>) -> SysResult<R> {
@@ -125,21 +121,15 @@ fn sockaddr_v4(addr: *const sockaddr, len: socklen_t) -> Option<SocketAddrV4> {
     }
     // SAFETY: the caller's address is at least a sockaddr_in (checked above).
     let sa = unsafe { std::ptr::read_unaligned(addr as *const libc::sockaddr_in) };
-    (sa.sin_family == libc::AF_INET as libc::sa_family_t).then(|| {
-        SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
-            u16::from_be(sa.sin_port),
-        )
-    })
+    (sa.sin_family == libc::AF_INET as libc::sa_family_t)
+        .then(|| SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port)))
 }
 
 fn to_sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
+        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
         sin_zero: [0; 8],
     }
 }
@@ -147,11 +137,7 @@ fn to_sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
 /// Writes `a` into a caller's (addr, len) pair, truncating as the kernel does.
 fn write_sockaddr(a: SocketAddrV4, addr: *mut sockaddr, len: *mut socklen_t) -> SysResult<()> {
     if addr.is_null() || len.is_null() {
-        return if addr.is_null() && len.is_null() {
-            Ok(())
-        } else {
-            Err(Errno(libc::EFAULT))
-        };
+        return if addr.is_null() && len.is_null() { Ok(()) } else { Err(Errno(libc::EFAULT)) };
     }
     let sa = to_sockaddr_in(a);
     let full = std::mem::size_of::<libc::sockaddr_in>();
@@ -159,11 +145,7 @@ fn write_sockaddr(a: SocketAddrV4, addr: *mut sockaddr, len: *mut socklen_t) -> 
     // least that many bytes; we copy no more than it says.
     unsafe {
         let room = (*len as usize).min(full);
-        std::ptr::copy_nonoverlapping(
-            &sa as *const libc::sockaddr_in as *const u8,
-            addr as *mut u8,
-            room,
-        );
+        std::ptr::copy_nonoverlapping(&sa as *const libc::sockaddr_in as *const u8, addr as *mut u8, room);
         *len = full as socklen_t;
     }
     Ok(())
@@ -179,18 +161,11 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, count: size_t) -> ssi
         return ret(with_conn(&e, |c| c.recv(&mut [b], 0)));
     }
     // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe {
-        real!(read: unsafe extern "C" fn(c_int, *mut c_void, size_t) -> ssize_t)(fd, buf, count)
-    }
+    unsafe { real!(read: unsafe extern "C" fn(c_int, *mut c_void, size_t) -> ssize_t)(fd, buf, count) }
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn __read_chk(
-    fd: c_int,
-    buf: *mut c_void,
-    count: size_t,
-    buflen: size_t,
-) -> ssize_t {
+pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, count: size_t, buflen: size_t) -> ssize_t {
     if count > buflen {
         // SAFETY: as glibc does on a detected overflow.
         unsafe { libc::abort() };
@@ -207,9 +182,7 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, count: size_t) -> 
         return ret(with_conn(&e, |c| c.send(&[b], 0)));
     }
     // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe {
-        real!(write: unsafe extern "C" fn(c_int, *const c_void, size_t) -> ssize_t)(fd, buf, count)
-    }
+    unsafe { real!(write: unsafe extern "C" fn(c_int, *const c_void, size_t) -> ssize_t)(fd, buf, count) }
 }
 
 #[no_mangle]
@@ -220,11 +193,7 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, cnt: c_int) -
         return ret(r);
     }
     // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe {
-        real!(readv: unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t)(
-            fd, iov, cnt,
-        )
-    }
+    unsafe { real!(readv: unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t)(fd, iov, cnt) }
 }
 
 #[no_mangle]
@@ -238,11 +207,7 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const libc::iovec, cnt: c_int) 
         return ret(r);
     }
     // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe {
-        real!(writev: unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t)(
-            fd, iov, cnt,
-        )
-    }
+    unsafe { real!(writev: unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t)(fd, iov, cnt) }
 }
 
 #[no_mangle]
@@ -253,21 +218,11 @@ pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c
         return ret(with_conn(&e, |c| c.recv(&mut [b], flags)));
     }
     // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe {
-        real!(recv: unsafe extern "C" fn(c_int, *mut c_void, size_t, c_int) -> ssize_t)(
-            fd, buf, len, flags,
-        )
-    }
+    unsafe { real!(recv: unsafe extern "C" fn(c_int, *mut c_void, size_t, c_int) -> ssize_t)(fd, buf, len, flags) }
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn __recv_chk(
-    fd: c_int,
-    buf: *mut c_void,
-    len: size_t,
-    buflen: size_t,
-    flags: c_int,
-) -> ssize_t {
+pub unsafe extern "C" fn __recv_chk(fd: c_int, buf: *mut c_void, len: size_t, buflen: size_t, flags: c_int) -> ssize_t {
     if len > buflen {
         // SAFETY: as glibc does on a detected overflow.
         unsafe { libc::abort() };
@@ -284,11 +239,7 @@ pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, len: size_t, flags:
         return ret(with_conn(&e, |c| c.send(&[b], flags)));
     }
     // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe {
-        real!(send: unsafe extern "C" fn(c_int, *const c_void, size_t, c_int) -> ssize_t)(
-            fd, buf, len, flags,
-        )
-    }
+    unsafe { real!(send: unsafe extern "C" fn(c_int, *const c_void, size_t, c_int) -> ssize_t)(fd, buf, len, flags) }
 }
 
 #[no_mangle]
@@ -377,11 +328,7 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int
         return ret(r.and_then(|mut v| with_conn(&e, |c| c.recv(&mut v, flags))));
     }
     // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe {
-        real!(recvmsg: unsafe extern "C" fn(c_int, *mut libc::msghdr, c_int) -> ssize_t)(
-            fd, msg, flags,
-        )
-    }
+    unsafe { real!(recvmsg: unsafe extern "C" fn(c_int, *mut libc::msghdr, c_int) -> ssize_t)(fd, msg, flags) }
 }
 
 #[no_mangle]
@@ -398,11 +345,7 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_i
         }));
     }
     // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe {
-        real!(sendmsg: unsafe extern "C" fn(c_int, *const libc::msghdr, c_int) -> ssize_t)(
-            fd, msg, flags,
-        )
-    }
+    unsafe { real!(sendmsg: unsafe extern "C" fn(c_int, *const libc::msghdr, c_int) -> ssize_t)(fd, msg, flags) }
 }
 
 // ---- connection set-up --------------------------------------------------
@@ -431,10 +374,7 @@ fn vsocket_connect(fd: RawFd, remote: SocketAddrV4) -> Option<SysResult<()>> {
         }
         local = sys::getsockname_v4(fd).ok()?;
     }
-    let local = SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(local.sin_addr.s_addr)),
-        u16::from_be(local.sin_port),
-    );
+    let local = SocketAddrV4::new(Ipv4Addr::from(u32::from_be(local.sin_addr.s_addr)), u16::from_be(local.sin_port));
     let nonblocking = sys::fcntl(fd, libc::F_GETFL, 0).ok()? as c_int & libc::O_NONBLOCK != 0;
     // The daemon unreachable: the kernel path still works.
     let mut reply = control::request(&Message::Connect { local, remote }).ok()?;
@@ -442,19 +382,14 @@ fn vsocket_connect(fd: RawFd, remote: SocketAddrV4) -> Option<SysResult<()>> {
         Message::Connected(info) => {
             let segment = reply.take_fd(FD_SEGMENT);
             let doorbell = reply.take_fd(FD_DOORBELL);
-            let conn = match Connection::new(info, Endpoint::Client, segment, doorbell, nonblocking)
-            {
+            let conn = match Connection::new(info, Endpoint::Client, segment, doorbell, nonblocking) {
                 Ok(c) => c,
                 Err(e) => return Some(Err(e)),
             };
             let entry = Arc::new(Entry::Conn(conn));
             table::set(fd, entry.clone());
             epoll::adopt(fd, &entry);
-            Some(if nonblocking {
-                Err(Errno(libc::EINPROGRESS))
-            } else {
-                Ok(())
-            })
+            Some(if nonblocking { Err(Errno(libc::EINPROGRESS)) } else { Ok(()) })
         }
         Message::Fallback => None,
         Message::Refused { errno } => Some(Err(Errno(errno))),
@@ -472,9 +407,7 @@ fn vsocket_connect(fd: RawFd, remote: SocketAddrV4) -> Option<SysResult<()>> {
                 if left <= 0 {
                     return Some(Err(Errno(libc::ETIMEDOUT)));
                 }
-                if let Err(Errno(libc::EINTR)) =
-                    sys::poll(&mut [], left.min(i32::MAX as i64) as i32)
-                {
+                if let Err(Errno(libc::EINTR)) = sys::poll(&mut [], left.min(i32::MAX as i64) as i32) {
                     return Some(Err(Errno(libc::EINTR)));
                 }
             }
@@ -496,11 +429,7 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
         }
     }
     // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe {
-        real!(connect: unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int)(
-            fd, addr, len,
-        )
-    }
+    unsafe { real!(connect: unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int)(fd, addr, len) }
 }
 
 #[no_mangle]
@@ -518,10 +447,7 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     let Ok(sa) = sys::getsockname_v4(fd) else {
         return r;
     };
-    let local = SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
-        u16::from_be(sa.sin_port),
-    );
+    let local = SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port));
     if local.ip().is_loopback() {
         return r;
     }
@@ -541,8 +467,7 @@ fn accept_listener(
     alen: *mut socklen_t,
     flags: c_int,
 ) -> SysResult<RawFd> {
-    let real_accept4 =
-        real!(accept4: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int);
+    let real_accept4 = real!(accept4: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int);
     let blocking = sys::fcntl(fd, libc::F_GETFL, 0)? as c_int & libc::O_NONBLOCK == 0;
     loop {
         if let Some((newfd, peer)) = l.take_pending(flags)? {
@@ -552,55 +477,31 @@ fn accept_listener(
         if !blocking {
             // SAFETY: the caller's address buffer is forwarded unchanged.
             let r = unsafe { real_accept4(fd, addr, alen, flags) };
-            return if r < 0 {
-                Err(Errno(
-                    std::io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(libc::EIO),
-                ))
-            } else {
-                Ok(r)
-            };
+            return if r < 0 { Err(sys::last_errno()) } else { Ok(r) };
         }
         let mut pfds = [
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: l.channel,
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: l.channel, events: libc::POLLIN, revents: 0 },
         ];
-        sys::poll(&mut pfds, -1)?;
+        let watched = if l.attached() { 2 } else { 1 };
+        // Connections tend to come in bursts: look again for a while
+        // before sleeping.
+        if !crate::wait::spin(|| sys::poll(&mut pfds[..watched], 0).is_ok_and(|n| n > 0)) {
+            sys::poll(&mut pfds[..watched], -1)?;
+        }
         if pfds[1].revents != 0 {
             continue;
         }
         if pfds[0].revents != 0 {
             // SAFETY: the caller's address buffer is forwarded unchanged.
             let r = unsafe { real_accept4(fd, addr, alen, flags) };
-            return if r < 0 {
-                Err(Errno(
-                    std::io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(libc::EIO),
-                ))
-            } else {
-                Ok(r)
-            };
+            return if r < 0 { Err(sys::last_errno()) } else { Ok(r) };
         }
     }
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn accept4(
-    fd: c_int,
-    addr: *mut sockaddr,
-    alen: *mut socklen_t,
-    flags: c_int,
-) -> c_int {
+pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, alen: *mut socklen_t, flags: c_int) -> c_int {
     if let Some(e) = table::get(fd) {
         if let Entry::Listener(l) = &*e {
             return ret(accept_listener(fd, l, addr, alen, flags).map(|fd| fd as usize)) as c_int;
@@ -685,9 +586,7 @@ pub unsafe extern "C" fn dup3(oldfd: c_int, newfd: c_int, flags: c_int) -> c_int
         release(newfd);
     }
     // SAFETY: forwarding the caller's arguments unchanged.
-    let r = unsafe {
-        real!(dup3: unsafe extern "C" fn(c_int, c_int, c_int) -> c_int)(oldfd, newfd, flags)
-    };
+    let r = unsafe { real!(dup3: unsafe extern "C" fn(c_int, c_int, c_int) -> c_int)(oldfd, newfd, flags) };
     if r >= 0 {
         share(oldfd, r);
     }
@@ -704,39 +603,23 @@ pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn getsockname(
-    fd: c_int,
-    addr: *mut sockaddr,
-    alen: *mut socklen_t,
-) -> c_int {
+pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, alen: *mut socklen_t) -> c_int {
     if let Some(e) = table::get(fd) {
         if let Entry::Conn(c) = &*e {
             return ret_int(write_sockaddr(c.local(), addr, alen));
         }
     }
     // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe {
-        real!(getsockname: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int)(
-            fd, addr, alen,
-        )
-    }
+    unsafe { real!(getsockname: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int)(fd, addr, alen) }
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn getpeername(
-    fd: c_int,
-    addr: *mut sockaddr,
-    alen: *mut socklen_t,
-) -> c_int {
+pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, alen: *mut socklen_t) -> c_int {
     if let Some(e) = conn_of(fd) {
         return ret_int(with_conn(&e, |c| write_sockaddr(c.peer(), addr, alen)));
     }
     // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe {
-        real!(getpeername: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int)(
-            fd, addr, alen,
-        )
-    }
+    unsafe { real!(getpeername: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int)(fd, addr, alen) }
 }
 
 #[no_mangle]
@@ -812,9 +695,7 @@ pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) ->
                     return ret_int(Err(Errno(libc::EFAULT)));
                 }
                 // SAFETY: FIONREAD's argument is a pointer to an int.
-                unsafe {
-                    *(arg as *mut c_int) = c.readable_bytes().min(c_int::MAX as usize) as c_int
-                };
+                unsafe { *(arg as *mut c_int) = c.readable_bytes().min(c_int::MAX as usize) as c_int };
                 return 0;
             }
             if request == libc::FIONBIO && !arg.is_null() {
@@ -844,9 +725,7 @@ pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, nfds: libc::nfds_t, timeou
     if fds.is_null() || nfds == 0 {
         // SAFETY: forwarding the caller's arguments unchanged.
         return unsafe {
-            real!(poll: unsafe extern "C" fn(*mut libc::pollfd, libc::nfds_t, c_int) -> c_int)(
-                fds, nfds, timeout,
-            )
+            real!(poll: unsafe extern "C" fn(*mut libc::pollfd, libc::nfds_t, c_int) -> c_int)(fds, nfds, timeout)
         };
     }
     // SAFETY: the caller passes `nfds` valid pollfds.
@@ -971,12 +850,7 @@ pub unsafe extern "C" fn epoll_create1(flags: c_int) -> c_int {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn epoll_ctl(
-    epfd: c_int,
-    op: c_int,
-    fd: c_int,
-    event: *mut libc::epoll_event,
-) -> c_int {
+pub unsafe extern "C" fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, event: *mut libc::epoll_event) -> c_int {
     if let Some(e) = table::get(epfd) {
         if let Entry::Epoll(set) = &*e {
             if op != libc::EPOLL_CTL_DEL && event.is_null() {
@@ -1022,12 +896,7 @@ pub unsafe extern "C" fn epoll_pwait(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn epoll_wait(
-    epfd: c_int,
-    events: *mut libc::epoll_event,
-    max: c_int,
-    timeout: c_int,
-) -> c_int {
+pub unsafe extern "C" fn epoll_wait(epfd: c_int, events: *mut libc::epoll_event, max: c_int, timeout: c_int) -> c_int {
     // SAFETY: forwarded contract.
     unsafe { epoll_pwait(epfd, events, max, timeout, std::ptr::null()) }
 }

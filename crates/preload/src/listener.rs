@@ -28,17 +28,10 @@ impl Listener {
     /// Registers the kernel listening socket's address with the daemon.
     pub fn register(local: SocketAddrV4, backlog: i32) -> SysResult<Listener> {
         let channel = control::open_channel()?;
-        match control::exchange(
-            channel,
-            &Message::Listen {
-                local,
-                backlog: backlog.max(0) as u32,
-            },
-        ) {
-            Ok(reply) if reply.message == Message::ListenOk => Ok(Listener {
-                channel,
-                detached: AtomicBool::new(false),
-            }),
+        match control::exchange(channel, &Message::Listen { local, backlog: backlog.max(0) as u32 }) {
+            Ok(reply) if reply.message == Message::ListenOk => {
+                Ok(Listener { channel, detached: AtomicBool::new(false) })
+            }
             Ok(reply) => {
                 let _ = sys::close(channel);
                 Err(match reply.message {
@@ -72,20 +65,11 @@ impl Listener {
         let Message::Incoming(info) = reply.message else {
             return Err(Errno(libc::EPROTO));
         };
-        let fd = sys::socket(
-            libc::AF_INET,
-            libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)),
-            0,
-        )?;
+        let fd =
+            sys::socket(libc::AF_INET, libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)), 0)?;
         let segment = reply.take_fd(FD_SEGMENT);
         let doorbell = reply.take_fd(FD_DOORBELL);
-        match Connection::new(
-            info,
-            Endpoint::Server,
-            segment,
-            doorbell,
-            flags & libc::SOCK_NONBLOCK != 0,
-        ) {
+        match Connection::new(info, Endpoint::Server, segment, doorbell, flags & libc::SOCK_NONBLOCK != 0) {
             Ok(conn) => {
                 table::set(fd, Arc::new(Entry::Conn(conn)));
                 Ok(Some((fd, info.peer)))

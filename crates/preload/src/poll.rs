@@ -63,15 +63,9 @@ enum Slot {
 }
 
 /// poll/ppoll. `fds` is the program's array.
-pub fn poll(
-    fds: &mut [libc::pollfd],
-    timeout_ms: i32,
-    sigmask: *const libc::sigset_t,
-) -> SysResult<usize> {
-    let entries: Vec<Option<Arc<Entry>>> = fds
-        .iter()
-        .map(|p| table::get(p.fd).filter(|e| !matches!(**e, Entry::Epoll(_))))
-        .collect();
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sigset_t) -> SysResult<usize> {
+    let entries: Vec<Option<Arc<Entry>>> =
+        fds.iter().map(|p| table::get(p.fd).filter(|e| !matches!(**e, Entry::Epoll(_)))).collect();
     if entries.iter().all(Option::is_none) {
         return sys::ppoll(fds, timeout_ms, sigmask);
     }
@@ -95,26 +89,16 @@ pub fn poll(
                 slots.push(Slot::Plain(i));
             }
             Some(Entry::Conn(c)) => {
-                kernel.push(libc::pollfd {
-                    fd: c.doorbell,
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+                kernel.push(libc::pollfd { fd: c.doorbell, events: libc::POLLIN, revents: 0 });
                 slots.push(Slot::Doorbell(i));
             }
             Some(Entry::Listener(l)) => {
-                kernel.push(libc::pollfd {
-                    fd: p.fd,
-                    events: p.events,
-                    revents: 0,
-                });
+                kernel.push(libc::pollfd { fd: p.fd, events: p.events, revents: 0 });
                 slots.push(Slot::Listener(i));
-                kernel.push(libc::pollfd {
-                    fd: l.channel,
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-                slots.push(Slot::Listener(i));
+                if l.attached() {
+                    kernel.push(libc::pollfd { fd: l.channel, events: libc::POLLIN, revents: 0 });
+                    slots.push(Slot::Listener(i));
+                }
             }
             Some(_) => {}
         }
@@ -128,9 +112,7 @@ pub fn poll(
                 spun = true;
                 if wait::spin(|| {
                     entries.iter().zip(fds.iter()).any(|(e, p)| {
-                        e.as_deref()
-                            .and_then(epoll::poll_bits)
-                            .is_some_and(|b| to_revents(b, p.events) != 0)
+                        e.as_deref().and_then(epoll::poll_bits).is_some_and(|b| to_revents(b, p.events) != 0)
                     })
                 }) {
                     continue;
@@ -151,11 +133,7 @@ pub fn poll(
         for k in kernel.iter_mut() {
             k.revents = 0;
         }
-        let r = if sleep == 0 {
-            sys::poll(&mut kernel, 0)
-        } else {
-            sys::ppoll(&mut kernel, sleep, sigmask)
-        };
+        let r = if sleep == 0 { sys::poll(&mut kernel, 0) } else { sys::ppoll(&mut kernel, sleep, sigmask) };
         match r {
             Ok(_) => {}
             Err(Errno(libc::EINTR)) if sleep == 0 => {}
@@ -176,11 +154,7 @@ pub fn poll(
                 }
                 Slot::Listener(i) => {
                     if k.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0 {
-                        let r = if k.fd == fds[i].fd {
-                            k.revents
-                        } else {
-                            libc::POLLIN
-                        };
+                        let r = if k.fd == fds[i].fd { k.revents } else { libc::POLLIN };
                         fds[i].revents |= r & (fds[i].events | libc::POLLERR | libc::POLLHUP);
                     }
                 }
@@ -214,11 +188,7 @@ pub fn select(
             }
         }
         if events != 0 {
-            pfds.push(libc::pollfd {
-                fd,
-                events,
-                revents: 0,
-            });
+            pfds.push(libc::pollfd { fd, events, revents: 0 });
         }
     }
     poll(&mut pfds, timeout_ms, sigmask)?;
@@ -250,8 +220,7 @@ pub fn select(
 /// Does any of the first `nfds` bits of the sets name a managed descriptor?
 pub fn select_touches_managed(nfds: i32, sets: &[Option<&mut libc::fd_set>; 3]) -> bool {
     (0..nfds.clamp(0, libc::FD_SETSIZE as i32)).any(|fd| {
-        sets.iter().flatten().any(|s| fd_isset(fd, s))
-            && table::get(fd).is_some_and(|e| !matches!(*e, Entry::Epoll(_)))
+        sets.iter().flatten().any(|s| fd_isset(fd, s)) && table::get(fd).is_some_and(|e| !matches!(*e, Entry::Epoll(_)))
     })
 }
 

@@ -13,7 +13,13 @@ pub struct Errno(pub i32);
 
 pub type SysResult<T> = Result<T, Errno>;
 
-/// The calling thread's errno location.
+/// The calling thread's errno, as left by the last failed call.
+pub fn last_errno() -> Errno {
+    // SAFETY: reading the calling thread's errno slot.
+    Errno(unsafe { *libc::__errno_location() })
+}
+
+/// Sets the calling thread's errno.
 pub fn set_errno(e: Errno) {
     // SAFETY: __errno_location returns the calling thread's errno slot.
     unsafe { *libc::__errno_location() = e.0 };
@@ -65,14 +71,7 @@ pub fn relocate(fd: RawFd, min: RawFd) -> SysResult<RawFd> {
 pub fn getsockopt_int(fd: RawFd, level: i32, name: i32) -> SysResult<i32> {
     let mut v: i32 = 0;
     let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-    raw!(
-        libc::SYS_getsockopt,
-        fd,
-        level,
-        name,
-        &mut v as *mut i32,
-        &mut len as *mut libc::socklen_t
-    )?;
+    raw!(libc::SYS_getsockopt, fd, level, name, &mut v as *mut i32, &mut len as *mut libc::socklen_t)?;
     Ok(v)
 }
 
@@ -80,23 +79,12 @@ pub fn getsockname_v4(fd: RawFd) -> SysResult<libc::sockaddr_in> {
     // SAFETY: sockaddr_in is plain data.
     let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    raw!(
-        libc::SYS_getsockname,
-        fd,
-        &mut sa as *mut libc::sockaddr_in,
-        &mut len as *mut libc::socklen_t
-    )?;
+    raw!(libc::SYS_getsockname, fd, &mut sa as *mut libc::sockaddr_in, &mut len as *mut libc::socklen_t)?;
     Ok(sa)
 }
 
 pub fn bind_v4(fd: RawFd, sa: &libc::sockaddr_in) -> SysResult<()> {
-    raw!(
-        libc::SYS_bind,
-        fd,
-        sa as *const libc::sockaddr_in,
-        std::mem::size_of::<libc::sockaddr_in>()
-    )
-    .map(drop)
+    raw!(libc::SYS_bind, fd, sa as *const libc::sockaddr_in, std::mem::size_of::<libc::sockaddr_in>()).map(drop)
 }
 
 pub fn connect_unix_seqpacket(path: &[u8]) -> SysResult<RawFd> {
@@ -120,29 +108,13 @@ pub fn connect_unix_seqpacket(path: &[u8]) -> SysResult<RawFd> {
 
 /// Sends one datagram (no descriptors).
 pub fn send(fd: RawFd, bytes: &[u8], flags: i32) -> SysResult<usize> {
-    raw!(
-        libc::SYS_sendto,
-        fd,
-        bytes.as_ptr(),
-        bytes.len(),
-        flags | libc::MSG_NOSIGNAL,
-        0usize,
-        0usize
-    )
+    raw!(libc::SYS_sendto, fd, bytes.as_ptr(), bytes.len(), flags | libc::MSG_NOSIGNAL, 0usize, 0usize)
 }
 
 /// Receives one datagram with up to `fds.len()` descriptors; returns the
 /// length and how many descriptors arrived (close-on-exec).
-pub fn recv_with_fds(
-    fd: RawFd,
-    buf: &mut [u8],
-    fds: &mut [RawFd],
-    flags: i32,
-) -> SysResult<(usize, usize)> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
+pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd], flags: i32) -> SysResult<(usize, usize)> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
     let mut control = [0u64; 8];
     // SAFETY: msghdr is plain data.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -150,12 +122,7 @@ pub fn recv_with_fds(
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
     msg.msg_controllen = std::mem::size_of_val(&control);
-    let n = raw!(
-        libc::SYS_recvmsg,
-        fd,
-        &mut msg as *mut libc::msghdr,
-        flags | libc::MSG_CMSG_CLOEXEC
-    )?;
+    let n = raw!(libc::SYS_recvmsg, fd, &mut msg as *mut libc::msghdr, flags | libc::MSG_CMSG_CLOEXEC)?;
     let mut count = 0;
     // SAFETY: the kernel filled msg_control with well-formed cmsgs within
     // msg_controllen; CMSG_* only walk those.
@@ -164,8 +131,7 @@ pub fn recv_with_fds(
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(cmsg) as *const RawFd;
-                let k =
-                    ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                let k = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
                 for i in 0..k {
                     let got = data.add(i).read_unaligned();
                     if count < fds.len() {
@@ -187,15 +153,7 @@ pub fn recv_with_fds(
 pub fn drain(fd: RawFd) -> bool {
     let mut buf = [0u8; 256];
     loop {
-        match raw!(
-            libc::SYS_recvfrom,
-            fd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-            0usize,
-            0usize
-        ) {
+        match raw!(libc::SYS_recvfrom, fd, buf.as_mut_ptr(), buf.len(), libc::MSG_DONTWAIT, 0usize, 0usize) {
             Ok(0) => return true,
             Ok(n) if n < buf.len() => return false,
             Ok(_) => continue,
@@ -217,21 +175,10 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> SysResult<usize> {
         };
         &ts as *const libc::timespec
     };
-    raw!(
-        libc::SYS_ppoll,
-        fds.as_mut_ptr(),
-        fds.len(),
-        tsp,
-        0usize,
-        8usize
-    )
+    raw!(libc::SYS_ppoll, fds.as_mut_ptr(), fds.len(), tsp, 0usize, 8usize)
 }
 
-pub fn ppoll(
-    fds: &mut [libc::pollfd],
-    timeout_ms: i32,
-    sigmask: *const libc::sigset_t,
-) -> SysResult<usize> {
+pub fn ppoll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sigset_t) -> SysResult<usize> {
     if sigmask.is_null() {
         return poll(fds, timeout_ms);
     }
@@ -245,26 +192,12 @@ pub fn ppoll(
         };
         &ts as *const libc::timespec
     };
-    raw!(
-        libc::SYS_ppoll,
-        fds.as_mut_ptr(),
-        fds.len(),
-        tsp,
-        sigmask,
-        8usize
-    )
+    raw!(libc::SYS_ppoll, fds.as_mut_ptr(), fds.len(), tsp, sigmask, 8usize)
 }
 
 pub fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, data: u64) -> SysResult<()> {
     let mut ev = libc::epoll_event { events, u64: data };
-    raw!(
-        libc::SYS_epoll_ctl,
-        epfd,
-        op,
-        fd,
-        &mut ev as *mut libc::epoll_event
-    )
-    .map(drop)
+    raw!(libc::SYS_epoll_ctl, epfd, op, fd, &mut ev as *mut libc::epoll_event).map(drop)
 }
 
 pub fn epoll_pwait(
@@ -273,15 +206,7 @@ pub fn epoll_pwait(
     timeout_ms: i32,
     sigmask: *const libc::sigset_t,
 ) -> SysResult<usize> {
-    raw!(
-        libc::SYS_epoll_pwait,
-        epfd,
-        out.as_mut_ptr(),
-        out.len() as i32,
-        timeout_ms,
-        sigmask,
-        8usize
-    )
+    raw!(libc::SYS_epoll_pwait, epfd, out.as_mut_ptr(), out.len() as i32, timeout_ms, sigmask, 8usize)
 }
 
 pub fn getpid() -> i32 {
@@ -298,11 +223,7 @@ pub fn raise_sigpipe() {
 pub fn getrlimit_nofile() -> u64 {
     // SAFETY: rlimit is plain data.
     let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
-    match raw!(
-        libc::SYS_getrlimit,
-        libc::RLIMIT_NOFILE,
-        &mut rl as *mut libc::rlimit
-    ) {
+    match raw!(libc::SYS_getrlimit, libc::RLIMIT_NOFILE, &mut rl as *mut libc::rlimit) {
         Ok(_) => rl.rlim_cur,
         Err(_) => 1024,
     }
@@ -310,10 +231,7 @@ pub fn getrlimit_nofile() -> u64 {
 
 /// Monotonic nanoseconds.
 pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime (vDSO) writes into `ts`.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -331,10 +249,7 @@ pub const FD_WORD_BITS: usize = 8 * std::mem::size_of::<libc::c_ulong>();
 pub fn fd_set_words(set: &libc::fd_set) -> &[libc::c_ulong] {
     // SAFETY: fd_set is exactly FD_SETSIZE bits stored as c_ulong words.
     unsafe {
-        std::slice::from_raw_parts(
-            set as *const libc::fd_set as *const libc::c_ulong,
-            libc::FD_SETSIZE / FD_WORD_BITS,
-        )
+        std::slice::from_raw_parts(set as *const libc::fd_set as *const libc::c_ulong, libc::FD_SETSIZE / FD_WORD_BITS)
     }
 }
 
@@ -342,10 +257,7 @@ pub fn fd_set_words(set: &libc::fd_set) -> &[libc::c_ulong] {
 pub fn fd_set_words_mut(set: &mut libc::fd_set) -> &mut [libc::c_ulong] {
     // SAFETY: as in `fd_set_words`, through the only reference.
     unsafe {
-        std::slice::from_raw_parts_mut(
-            set as *mut libc::fd_set as *mut libc::c_ulong,
-            libc::FD_SETSIZE / FD_WORD_BITS,
-        )
+        std::slice::from_raw_parts_mut(set as *mut libc::fd_set as *mut libc::c_ulong, libc::FD_SETSIZE / FD_WORD_BITS)
     }
 }
 
@@ -361,12 +273,6 @@ pub fn with_borrowed<R>(fd: RawFd, f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -
 #[cfg(test)]
 pub fn stream_pair() -> SysResult<(RawFd, RawFd)> {
     let mut fds = [0 as RawFd; 2];
-    raw!(
-        libc::SYS_socketpair,
-        libc::AF_UNIX,
-        libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-        0,
-        fds.as_mut_ptr()
-    )?;
+    raw!(libc::SYS_socketpair, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())?;
     Ok((fds[0], fds[1]))
 }

@@ -38,9 +38,7 @@ struct Table {
     chunks: [OnceLock<Box<[ArcSwapOption<Entry>]>>; CHUNKS],
 }
 
-static TABLE: Table = Table {
-    chunks: [const { OnceLock::new() }; CHUNKS],
-};
+static TABLE: Table = Table { chunks: [const { OnceLock::new() }; CHUNKS] };
 
 fn slot(fd: RawFd, create: bool) -> Option<&'static ArcSwapOption<Entry>> {
     let fd = usize::try_from(fd).ok()?;

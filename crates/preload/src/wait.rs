@@ -44,11 +44,7 @@ pub fn block(conn: &Connection, interest: u32) -> SysResult<()> {
         if conn.satisfies(interest) {
             return Ok(());
         }
-        let mut pfd = [libc::pollfd {
-            fd: conn.doorbell,
-            events: libc::POLLIN,
-            revents: 0,
-        }];
+        let mut pfd = [libc::pollfd { fd: conn.doorbell, events: libc::POLLIN, revents: 0 }];
         match sys::poll(&mut pfd, MAX_SLEEP_MS) {
             Ok(_) => {}
             Err(Errno(libc::EINTR)) => return Err(Errno(libc::EINTR)),

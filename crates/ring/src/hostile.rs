@@ -18,12 +18,7 @@ pub fn exercise(input: &[u8]) {
     let area = data.as_mut_ptr();
     // SAFETY: `data` has SIZE bytes of data area (plus guards) and outlives
     // the views; nothing else touches it while they live.
-    let (p, c) = unsafe {
-        (
-            Producer::new(&ctl, area, SIZE),
-            Consumer::new(&ctl, area, SIZE),
-        )
-    };
+    let (p, c) = unsafe { (Producer::new(&ctl, area, SIZE), Consumer::new(&ctl, area, SIZE)) };
     let mut chunks = input.chunks(18);
     while let Some(op) = chunks.next() {
         if op.len() < 18 {
@@ -69,10 +64,7 @@ pub fn exercise(input: &[u8]) {
                 let _ = p.finish();
             }
         }
-        assert!(
-            data[SIZE as usize..].iter().all(|&b| b == 0xEE),
-            "wrote past the data area"
-        );
+        assert!(data[SIZE as usize..].iter().all(|&b| b == 0xEE), "wrote past the data area");
     }
     let _ = chunks;
 }

@@ -176,21 +176,13 @@ impl<'a> Producer<'a> {
 
     /// Ends the stream (FIN). Returns whether the consumer must be woken.
     pub fn finish(&self) -> bool {
-        self.0
-            .ctl
-            .producer
-            .flags
-            .fetch_or(PRODUCER_FIN, Ordering::Release);
+        self.0.ctl.producer.flags.fetch_or(PRODUCER_FIN, Ordering::Release);
         Shared::take_waiter(&self.0.ctl.consumer.waiting)
     }
 
     /// Aborts the stream (RST). Returns whether the consumer must be woken.
     pub fn reset(&self) -> bool {
-        self.0
-            .ctl
-            .producer
-            .flags
-            .fetch_or(PRODUCER_RST | PRODUCER_FIN, Ordering::Release);
+        self.0.ctl.producer.flags.fetch_or(PRODUCER_RST | PRODUCER_FIN, Ordering::Release);
         Shared::take_waiter(&self.0.ctl.consumer.waiting)
     }
 
@@ -285,21 +277,14 @@ impl<'a> Consumer<'a> {
         if k == 0 {
             return Ok((0, false));
         }
-        s.ctl
-            .consumer
-            .head
-            .store(head.wrapping_add(k as u64), Ordering::Release);
+        s.ctl.consumer.head.store(head.wrapping_add(k as u64), Ordering::Release);
         Ok((k, Shared::take_waiter(&s.ctl.producer.waiting)))
     }
 
     /// Closes the reading side: the producer's writes fail from now on.
     /// Returns whether the producer must be woken.
     pub fn close(&self) -> bool {
-        self.0
-            .ctl
-            .consumer
-            .flags
-            .fetch_or(CONSUMER_CLOSED, Ordering::Release);
+        self.0.ctl.consumer.flags.fetch_or(CONSUMER_CLOSED, Ordering::Release);
         Shared::take_waiter(&self.0.ctl.producer.waiting)
     }
 
@@ -339,21 +324,13 @@ mod tests {
 
     impl TestRing {
         fn new(size: usize) -> Self {
-            TestRing {
-                ctl: Box::default(),
-                data: Box::into_raw(vec![0u8; size].into_boxed_slice()),
-            }
+            TestRing { ctl: Box::default(), data: Box::into_raw(vec![0u8; size].into_boxed_slice()) }
         }
         fn views(&self) -> (Producer<'_>, Consumer<'_>) {
             let size = self.data.len() as u32;
             let ptr = self.data as *mut u8;
             // SAFETY: `data` lives until drop and is only reached through views.
-            unsafe {
-                (
-                    Producer::new(&self.ctl, ptr, size),
-                    Consumer::new(&self.ctl, ptr, size),
-                )
-            }
+            unsafe { (Producer::new(&self.ctl, ptr, size), Consumer::new(&self.ctl, ptr, size)) }
         }
     }
 
@@ -435,11 +412,7 @@ mod tests {
         assert_eq!(p.write(&[b"a"]).unwrap(), (1, false));
         c.arm();
         assert_eq!(p.write(&[b"b"]).unwrap(), (1, true));
-        assert_eq!(
-            p.write(&[b"c"]).unwrap(),
-            (1, false),
-            "one wake-up per arming"
-        );
+        assert_eq!(p.write(&[b"c"]).unwrap(), (1, false), "one wake-up per arming");
         p.arm();
         let mut buf = [0u8; 1];
         assert_eq!(c.read(&mut [&mut buf[..]], false).unwrap(), (1, true));

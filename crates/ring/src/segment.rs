@@ -41,17 +41,11 @@ impl Segment {
     /// maps it. Returns the mapping and the memfd to hand to both ends.
     pub fn create(ring_size: u32) -> io::Result<(Segment, OwnedFd)> {
         if !layout::ring_size_valid(ring_size) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "invalid ring size",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "invalid ring size"));
         }
         // SAFETY: the name is a NUL-terminated literal; flags are valid.
         let fd = check(unsafe {
-            libc::memfd_create(
-                c"vsocket-conn".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
+            libc::memfd_create(c"vsocket-conn".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
         })?;
         // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -59,11 +53,7 @@ impl Segment {
         // SAFETY: plain syscalls on a descriptor we own.
         unsafe {
             check(libc::ftruncate(fd.as_raw_fd(), len as libc::off_t))?;
-            check(libc::fcntl(
-                fd.as_raw_fd(),
-                libc::F_ADD_SEALS,
-                REQUIRED_SEALS,
-            ))?;
+            check(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS))?;
         }
         let segment = Self::map_unchecked(fd.as_raw_fd(), len, ring_size)?;
         let header = segment.base.as_ptr() as *mut u64;
@@ -80,12 +70,7 @@ impl Segment {
     /// Maps a segment received from the daemon, after checking that it is a
     /// sealed memfd of exactly the size `ring_size` implies.
     pub fn map(fd: BorrowedFd<'_>, ring_size: u32) -> io::Result<Segment> {
-        let bad = |what: &str| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("connection segment: {what}"),
-            )
-        };
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("connection segment: {what}"));
         if !layout::ring_size_valid(ring_size) {
             return Err(bad("invalid ring size"));
         }
@@ -105,12 +90,7 @@ impl Segment {
         let segment = Self::map_unchecked(fd.as_raw_fd(), len, ring_size)?;
         let header = segment.base.as_ptr() as *const u64;
         // SAFETY: the mapping is `len` > 16 bytes; plain loads of the header.
-        let (magic, version) = unsafe {
-            (
-                header.read_volatile(),
-                (header.add(1) as *const u32).read_volatile(),
-            )
-        };
+        let (magic, version) = unsafe { (header.read_volatile(), (header.add(1) as *const u32).read_volatile()) };
         if magic != SEGMENT_MAGIC || version != SEGMENT_VERSION {
             return Err(bad("bad magic or version"));
         }
@@ -121,24 +101,13 @@ impl Segment {
         // SAFETY: a fresh shared mapping of a descriptor whose size is at
         // least `len` (checked or set by the callers, and sealed).
         let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
         };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(ptr as *mut u8).expect("mmap does not return NULL on success");
-        Ok(Segment {
-            base,
-            len,
-            ring_size,
-        })
+        Ok(Segment { base, len, ring_size })
     }
 
     /// Bytes per ring.
@@ -157,11 +126,7 @@ impl Segment {
 
     fn data(&self, ring: usize) -> *mut u8 {
         // SAFETY: ring_data(ring) + ring_size <= len for ring < 2.
-        unsafe {
-            self.base
-                .as_ptr()
-                .add(layout::ring_data(ring, self.ring_size))
-        }
+        unsafe { self.base.as_ptr().add(layout::ring_data(ring, self.ring_size)) }
     }
 
     /// The producer view of ring `ring` (0 or 1).
@@ -183,10 +148,7 @@ impl Segment {
     /// (tests and fuzzing only).
     #[doc(hidden)]
     pub fn forge_for_tests(&self, ring: usize, tail: u64) {
-        self.control(ring)
-            .producer
-            .tail
-            .store(tail, std::sync::atomic::Ordering::Relaxed);
+        self.control(ring).producer.tail.store(tail, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Have both ends closed both directions (each producer finished and
@@ -219,14 +181,7 @@ mod tests {
         assert_eq!(server.consumer(0).state().unwrap(), RxState::Data(4));
         assert_eq!(daemon.producer(0).total(), 4);
         let mut buf = [0u8; 8];
-        assert_eq!(
-            server
-                .consumer(0)
-                .read(&mut [&mut buf[..]], false)
-                .unwrap()
-                .0,
-            4
-        );
+        assert_eq!(server.consumer(0).read(&mut [&mut buf[..]], false).unwrap().0, 4);
         assert_eq!(&buf[..4], b"ping");
     }
 

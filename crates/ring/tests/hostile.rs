@@ -41,9 +41,7 @@ fn a_peer_scribbling_concurrently_only_breaks_its_connection() {
             let p = segment.producer(0);
             let mut x = 1u64;
             while !stop.load(Ordering::Relaxed) {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let _ = p.write(&[&x.to_le_bytes()]);
                 if x % 7 == 0 {
                     // Forge the published index directly.
@@ -72,10 +70,7 @@ fn a_peer_scribbling_concurrently_only_breaks_its_connection() {
     }
     stop.store(true, Ordering::Relaxed);
     hostile.join().unwrap();
-    assert!(
-        ok > 0 && corrupt > 0,
-        "both outcomes exercised: ok {ok}, corrupt {corrupt}"
-    );
+    assert!(ok > 0 && corrupt > 0, "both outcomes exercised: ok {ok}, corrupt {corrupt}");
 }
 
 fn forge_tail(segment: &Segment, value: u64) {

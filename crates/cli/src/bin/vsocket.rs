@@ -15,11 +15,7 @@ use vsocket_cli::run::{self, Launch, RunError};
 use vsocket_policy::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "vsocket",
-    version,
-    about = "Run programs inside vSocket guests"
-)]
+#[command(name = "vsocket", version, about = "Run programs inside vSocket guests")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,12 +43,7 @@ struct RunArgs {
     #[arg(long)]
     no_preload: bool,
     /// The program and its arguments, usually after `--`.
-    #[arg(
-        value_name = "PROGRAM",
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true
-    )]
+    #[arg(value_name = "PROGRAM", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<OsString>,
 }
 
@@ -109,10 +100,7 @@ fn run(args: RunArgs) -> Failure {
     let mut command = args.command.into_iter();
     let Some(program) = command.next() else {
         // clap enforces `required`; this only keeps the code total.
-        return Failure {
-            error: "no program given".into(),
-            code: USAGE,
-        };
+        return Failure { error: "no program given".into(), code: USAGE };
     };
     let launch = Launch {
         config: args.config.path(),
@@ -124,15 +112,10 @@ fn run(args: RunArgs) -> Failure {
     let error = run::exec(&launch);
     let code = match error {
         RunError::Config(_) | RunError::UnknownGuest { .. } => USAGE,
-        RunError::Library(_) | RunError::NoNamespace { .. } | RunError::EnterNamespace { .. } => {
-            RUNTIME
-        }
+        RunError::Library(_) | RunError::NoNamespace { .. } | RunError::EnterNamespace { .. } => RUNTIME,
         RunError::Exec { .. } => CANNOT_EXECUTE,
     };
-    Failure {
-        error: Box::new(error),
-        code,
-    }
+    Failure { error: Box::new(error), code }
 }
 
 fn lab(action: LabAction) -> Result<(), Failure> {
@@ -149,24 +132,17 @@ fn lab(action: LabAction) -> Result<(), Failure> {
 }
 
 fn load(config: &ConfigArg) -> Result<Config, Failure> {
-    vsocket_policy::load(&config.path()).map_err(|error| Failure {
-        error: Box::new(error),
-        code: USAGE,
-    })
+    vsocket_policy::load(&config.path()).map_err(|error| Failure { error: Box::new(error), code: USAGE })
 }
 
 fn lab_failure(error: LabError) -> Failure {
     let code = match error {
         LabError::NameClash { .. } | LabError::OptionLikeName { .. } => USAGE,
-        LabError::Spawn { .. }
-        | LabError::Failed { .. }
-        | LabError::Output { .. }
-        | LabError::NotReady { .. } => RUNTIME,
+        LabError::Spawn { .. } | LabError::Failed { .. } | LabError::Output { .. } | LabError::NotReady { .. } => {
+            RUNTIME
+        }
     };
-    Failure {
-        error: Box::new(error),
-        code,
-    }
+    Failure { error: Box::new(error), code }
 }
 
 /// The error's message followed by each of its sources', once each.

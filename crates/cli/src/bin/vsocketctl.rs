@@ -59,8 +59,8 @@ fn main() {
         Command::Connections => "connections",
     };
     let path = vsocketd::admin_socket_path(&run_dir);
-    let reply = query(&path, command)
-        .unwrap_or_else(|e| fail(1, format!("{}: {e} (is vsocketd running?)", path.display())));
+    let reply =
+        query(&path, command).unwrap_or_else(|e| fail(1, format!("{}: {e} (is vsocketd running?)", path.display())));
     if let Some(err) = reply.get("error") {
         fail(1, err);
     }
@@ -130,29 +130,15 @@ fn plain(v: &Value) -> String {
 fn table(rows: &Value, columns: &[&str]) {
     let rows: Vec<Vec<String>> = rows
         .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|r| columns.iter().map(|c| plain(&r[*c])).collect())
-                .collect()
-        })
+        .map(|a| a.iter().map(|r| columns.iter().map(|c| plain(&r[*c])).collect()).collect())
         .unwrap_or_default();
     let widths: Vec<usize> = columns
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .max()
-                .unwrap_or(0)
-                .max(c.len())
-        })
+        .map(|(i, c)| rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(c.len()))
         .collect();
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(columns.iter().map(|c| c.to_uppercase()).collect());
