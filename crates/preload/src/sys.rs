@@ -209,6 +209,11 @@ pub fn epoll_pwait(
     raw!(libc::SYS_epoll_pwait, epfd, out.as_mut_ptr(), out.len() as i32, timeout_ms, sigmask, 8usize)
 }
 
+/// sched_yield(2): gives the core to another runnable thread, if any.
+pub fn yield_now() {
+    let _ = raw!(libc::SYS_sched_yield);
+}
+
 pub fn getpid() -> i32 {
     raw!(libc::SYS_getpid).unwrap_or(0) as i32
 }

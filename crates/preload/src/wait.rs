@@ -26,8 +26,13 @@ pub fn spin(mut ready: impl FnMut() -> bool) -> bool {
             return true;
         }
         i = i.wrapping_add(1);
-        if i % 32 == 0 && sys::now_ns().saturating_sub(start) > SPIN_NS {
-            return false;
+        if i % 32 == 0 {
+            if sys::now_ns().saturating_sub(start) > SPIN_NS {
+                return false;
+            }
+            // Two busy programs and the daemon may share fewer cores than
+            // they are: let whoever else is runnable here make progress.
+            sys::yield_now();
         }
         std::hint::spin_loop();
     }
