@@ -214,8 +214,27 @@ pub fn yield_now() {
     let _ = raw!(libc::SYS_sched_yield);
 }
 
+/// The calling process's id, cached (it is read on every connect and
+/// close); a fork handler clears the cache in the child.
 pub fn getpid() -> i32 {
-    raw!(libc::SYS_getpid).unwrap_or(0) as i32
+    use std::sync::atomic::{AtomicI32, Ordering};
+    static PID: AtomicI32 = AtomicI32::new(0);
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    extern "C" fn forget_pid_in_child() {
+        PID.store(0, Ordering::Relaxed);
+    }
+    HANDLER.call_once(|| {
+        // SAFETY: registers a handler that only stores to an atomic, which
+        // is async-signal-safe and allowed in a fork child.
+        unsafe { libc::pthread_atfork(None, None, Some(forget_pid_in_child)) };
+    });
+    let cached = PID.load(Ordering::Relaxed);
+    if cached != 0 {
+        return cached;
+    }
+    let pid = raw!(libc::SYS_getpid).unwrap_or(0) as i32;
+    PID.store(pid, Ordering::Relaxed);
+    pid
 }
 
 /// Sends SIGPIPE to the calling thread, as a write on a broken kernel
