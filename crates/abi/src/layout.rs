@@ -13,6 +13,7 @@
 //!  │  0x100 ring 0 consumer line (head,...) │              │                   │
 //!  │  0x180 ring 1 producer line            │              │                   │
 //!  │  0x200 ring 1 consumer line            │              │                   │
+//!  │  0x280 endpoint line (holders per end) │              │                   │
 //!  └────────────────────────────────────────┴──────────────┴───────────────────┘
 //! ```
 //!
@@ -38,6 +39,10 @@ pub const fn producer_line(r: usize) -> usize {
 pub const fn consumer_line(r: usize) -> usize {
     producer_line(r) + LINE
 }
+/// Offset of the endpoint line: one `u32` per endpoint (client, server)
+/// counting the processes that hold it (fork adds holders).
+pub const ENDPOINT_LINE: usize = consumer_line(1) + LINE;
+
 /// Offset of ring `r`'s data area.
 pub const fn ring_data(r: usize, ring_size: u32) -> usize {
     PAGE + r * ring_size as usize
@@ -86,6 +91,11 @@ impl Endpoint {
             Endpoint::Server => 1,
         }
     }
+    /// This end's index in the endpoint line.
+    pub const fn index(self) -> usize {
+        self.tx_ring()
+    }
+
     /// The ring this end reads from.
     pub const fn rx_ring(self) -> usize {
         1 - self.tx_ring()
@@ -106,7 +116,8 @@ mod tests {
         for w in offsets.windows(2) {
             assert_eq!(w[1] - w[0], LINE);
         }
-        assert!(consumer_line(1) + LINE <= PAGE);
+        assert_eq!(ENDPOINT_LINE, consumer_line(1) + LINE);
+        assert!(ENDPOINT_LINE + LINE <= PAGE);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::sys::{self, Errno, SysResult};
 use crate::wait;
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use vsocket_abi::control::ConnectionInfo;
 use vsocket_abi::layout::Endpoint;
@@ -23,9 +23,9 @@ pub struct Connection {
     /// Our end of the doorbell pair (a library-internal descriptor).
     pub doorbell: RawFd,
     pub info: ConnectionInfo,
-    /// The process that opened the connection: only its close ends it (a
-    /// child closing an inherited copy after fork must not).
-    owner_pid: i32,
+    /// The last fork generation this connection was counted in (see
+    /// `note_fork`).
+    fork_generation: AtomicU64,
     nonblocking: AtomicBool,
     read_shut: AtomicBool,
     write_shut: AtomicBool,
@@ -72,12 +72,14 @@ impl Connection {
                 return Err(Errno(libc::EPROTO));
             }
         };
+        crate::fork::watch();
+        segment.holders(endpoint.index()).fetch_add(1, Ordering::AcqRel);
         Ok(Connection {
             segment,
             endpoint,
             doorbell,
             info,
-            owner_pid: sys::getpid(),
+            fork_generation: AtomicU64::new(0),
             nonblocking: AtomicBool::new(nonblocking),
             read_shut: AtomicBool::new(false),
             write_shut: AtomicBool::new(false),
@@ -393,7 +395,8 @@ impl Connection {
     /// closed: FIN (or RST when unread data would be lost, as Linux does),
     /// and stop accepting the peer's bytes.
     pub fn close(&self) {
-        if sys::getpid() != self.owner_pid {
+        // Other processes (fork) still hold this end: they go on using it.
+        if self.segment.holders(self.endpoint.index()).fetch_sub(1, Ordering::AcqRel) > 1 {
             return;
         }
         let rx = self.rx();
@@ -402,6 +405,14 @@ impl Connection {
         let wake_tx = if unread { tx.reset() } else { tx.finish() };
         let wake_rx = rx.close();
         self.kick(wake_tx || wake_rx);
+    }
+
+    /// Called before fork, once per generation: the child will hold this
+    /// end too.
+    pub fn note_fork(&self, generation: u64) {
+        if self.fork_generation.swap(generation, Ordering::Relaxed) != generation {
+            self.segment.holders(self.endpoint.index()).fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Another descriptor now names this connection (dup).

@@ -10,6 +10,7 @@
 //! - [`listener`]: listening sockets that accept kernel and vSocket clients;
 //! - [`wait`], [`poll`], [`epoll`]: blocking, and readiness over any mix of
 //!   kernel and vSocket descriptors;
+//! - [`fork`]: connections shared with children;
 //! - [`sys`]: raw system calls, so the library never re-enters its own hooks.
 //!
 //! The library is inside the tenant's trust domain: it enforces nothing for
@@ -20,6 +21,7 @@
 mod conn;
 mod control;
 mod epoll;
+mod fork;
 #[allow(unsafe_code)]
 mod hooks;
 mod listener;

@@ -214,20 +214,13 @@ pub fn yield_now() {
     let _ = raw!(libc::SYS_sched_yield);
 }
 
-/// The calling process's id, cached (it is read on every connect and
-/// close); a fork handler clears the cache in the child.
+static PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The calling process's id, cached (it is read on every control request);
+/// the fork handler clears the cache in the child.
 pub fn getpid() -> i32 {
-    use std::sync::atomic::{AtomicI32, Ordering};
-    static PID: AtomicI32 = AtomicI32::new(0);
-    static HANDLER: std::sync::Once = std::sync::Once::new();
-    extern "C" fn forget_pid_in_child() {
-        PID.store(0, Ordering::Relaxed);
-    }
-    HANDLER.call_once(|| {
-        // SAFETY: registers a handler that only stores to an atomic, which
-        // is async-signal-safe and allowed in a fork child.
-        unsafe { libc::pthread_atfork(None, None, Some(forget_pid_in_child)) };
-    });
+    use std::sync::atomic::Ordering;
+    crate::fork::watch();
     let cached = PID.load(Ordering::Relaxed);
     if cached != 0 {
         return cached;
@@ -235,6 +228,18 @@ pub fn getpid() -> i32 {
     let pid = raw!(libc::SYS_getpid).unwrap_or(0) as i32;
     PID.store(pid, Ordering::Relaxed);
     pid
+}
+
+/// Forgets the cached process id (in a fork child).
+pub fn forget_pid() {
+    PID.store(0, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Runs `prepare` in the parent before every fork(3), and `child` in the
+/// child after it.
+pub fn on_fork(prepare: extern "C" fn(), child: extern "C" fn()) {
+    // SAFETY: registers plain functions; no parent handler.
+    unsafe { libc::pthread_atfork(Some(prepare), None, Some(child)) };
 }
 
 /// Sends SIGPIPE to the calling thread, as a write on a broken kernel

@@ -69,3 +69,16 @@ pub fn set(fd: RawFd, entry: Arc<Entry>) -> Option<Arc<Entry>> {
 pub fn remove(fd: RawFd) -> Option<Arc<Entry>> {
     slot(fd, false)?.swap(None)
 }
+
+/// Calls `f` for every managed entry (in a fork child: no other thread runs).
+pub fn for_each(mut f: impl FnMut(&Entry)) {
+    for chunk in TABLE.chunks.iter() {
+        if let Some(slots) = chunk.get() {
+            for slot in slots.iter() {
+                if let Some(entry) = slot.load_full() {
+                    f(&entry);
+                }
+            }
+        }
+    }
+}

@@ -144,6 +144,17 @@ impl Segment {
 }
 
 impl Segment {
+    /// The count of processes holding endpoint `end` (0 client, 1 server).
+    /// Maintained by the holders themselves: a hostile peer can only
+    /// confuse the close of its own connection.
+    pub fn holders(&self, end: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(end < 2);
+        // SAFETY: the endpoint line is inside the header page, 4-byte
+        // aligned, and AtomicU32 is valid for any bit pattern; it lives as
+        // long as the mapping `&self` keeps alive.
+        unsafe { &*(self.base.as_ptr().add(layout::ENDPOINT_LINE + 4 * end) as *const std::sync::atomic::AtomicU32) }
+    }
+
     /// Overwrites ring `ring`'s published tail, as a hostile producer can
     /// (tests and fuzzing only).
     #[doc(hidden)]

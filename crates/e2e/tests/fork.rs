@@ -1,0 +1,18 @@
+//! fork: a connection accepted by a parent and served by its child.
+
+use vsocket_e2e::{asset, Lab, Via, TWO_GUESTS};
+
+#[test]
+fn a_child_serves_the_connection_its_parent_closed() {
+    let mut lab = Lab::start("tfork", TWO_GUESTS).unwrap();
+    let script = asset("forkserve.py");
+    let script = script.to_str().unwrap();
+    lab.spawn("b", Via::Vsocket, "python3", &[script, "serve", "10.10.0.3", "7400", "3"], "server.log").unwrap();
+    lab.wait_listening("b", 7400).unwrap();
+    for _ in 0..3 {
+        // The parent's close must not end the stream the child still serves.
+        let reply = lab.run_ok("a", Via::Vsocket, "python3", &[script, "client", "10.10.0.3", "7400"]).unwrap();
+        assert_eq!(reply.trim(), "child:hello");
+    }
+    assert_eq!(lab.counter("b", "connections_in"), 3);
+}

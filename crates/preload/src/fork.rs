@@ -1,0 +1,35 @@
+//! fork: a child inherits every vSocket connection and may use it, as with
+//! kernel sockets. Each end of a connection counts the processes that hold
+//! it (in the segment's endpoint line); the parent adds the child for every
+//! connection just before fork (the child may not run before the parent
+//! closes its copies), and only the close that takes the count to zero
+//! ends the connection (FIN, or RST over unread data). A holder that exits
+//! without closing is covered by the doorbell: when the last process
+//! holding an end is gone, the peer sees end of stream.
+
+use crate::sys;
+use crate::table::{self, Entry};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Once;
+
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+static WATCH: Once = Once::new();
+
+/// Installs the fork handlers (once; called before anything that a fork
+/// would need to account for exists).
+pub fn watch() {
+    WATCH.call_once(|| sys::on_fork(prepare, child));
+}
+
+extern "C" fn prepare() {
+    let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
+    table::for_each(|entry| {
+        if let Entry::Conn(conn) = entry {
+            conn.note_fork(generation);
+        }
+    });
+}
+
+extern "C" fn child() {
+    sys::forget_pid();
+}
