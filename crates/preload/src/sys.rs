@@ -164,34 +164,19 @@ pub fn drain(fd: RawFd) -> bool {
     }
 }
 
+/// poll(2), as ppoll without a signal mask.
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> SysResult<usize> {
-    let ts;
-    let tsp = if timeout_ms < 0 {
-        std::ptr::null()
-    } else {
-        ts = libc::timespec {
-            tv_sec: (timeout_ms / 1000) as libc::time_t,
-            tv_nsec: (timeout_ms % 1000) as libc::c_long * 1_000_000,
-        };
-        &ts as *const libc::timespec
-    };
-    raw!(libc::SYS_ppoll, fds.as_mut_ptr(), fds.len(), tsp, 0usize, 8usize)
+    ppoll(fds, timeout_ms, std::ptr::null())
 }
 
+/// ppoll(2) with a timeout in milliseconds (negative: none) and an optional
+/// signal mask (NULL: keep the thread's).
 pub fn ppoll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sigset_t) -> SysResult<usize> {
-    if sigmask.is_null() {
-        return poll(fds, timeout_ms);
-    }
-    let ts;
-    let tsp = if timeout_ms < 0 {
-        std::ptr::null()
-    } else {
-        ts = libc::timespec {
-            tv_sec: (timeout_ms / 1000) as libc::time_t,
-            tv_nsec: (timeout_ms % 1000) as libc::c_long * 1_000_000,
-        };
-        &ts as *const libc::timespec
+    let ts = libc::timespec {
+        tv_sec: (timeout_ms.max(0) / 1000) as libc::time_t,
+        tv_nsec: (timeout_ms.max(0) % 1000) as libc::c_long * 1_000_000,
     };
+    let tsp: *const libc::timespec = if timeout_ms < 0 { std::ptr::null() } else { &ts };
     raw!(libc::SYS_ppoll, fds.as_mut_ptr(), fds.len(), tsp, sigmask, 8usize)
 }
 
