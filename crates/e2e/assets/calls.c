@@ -248,6 +248,29 @@ static int client(const char *ip, int port) {
     CHECK("epoll_pwait_writable", epoll_pwait(ep, got, 4, 1000, &mask) == 1 && (got[0].events & EPOLLOUT), "epoll_pwait");
     epoll_ctl(ep, EPOLL_CTL_DEL, s, NULL);
     CHECK("epoll_del", epoll_wait(ep, got, 4, 50) == 0, "deleted fd reported");
+
+    /* The fortified variants (a length the compiler cannot check). */
+    volatile size_t one_byte = 1;
+    volatile nfds_t one_fd = 1;
+    write(s, "abc", 3);
+    struct pollfd fp = {s, POLLIN, 0};
+    CHECK("poll_chk", poll(&fp, one_fd, 1000) == 1, "__poll_chk");
+    CHECK("read_chk", read(s, in, one_byte) == 1 && in[0] == 'a', "__read_chk");
+    CHECK("recv_chk", recv(s, in, one_byte, 0) == 1 && in[0] == 'b', "__recv_chk");
+    CHECK("recvfrom_chk", recvfrom(s, in, one_byte, 0, NULL, NULL) == 1 && in[0] == 'c', "__recvfrom_chk");
+
+    /* dup, dup2, dup3: new descriptors name the same connection. */
+    int d = dup(s);
+    CHECK("dup", d >= 0 && write(d, "d", 1) == 1 && read(s, in, 1) == 1 && in[0] == 'd', "dup");
+    close(d);
+    CHECK("close_dup_keeps_connection", write(s, "e", 1) == 1 && read(s, in, 1) == 1 && in[0] == 'e', "closing a dup ended it");
+    int spare[2];
+    pipe(spare);
+    CHECK("dup2_over_other_fd", dup2(s, spare[0]) == spare[0] && write(spare[0], "f", 1) == 1 && read(s, in, 1) == 1 && in[0] == 'f', "dup2");
+    CHECK("dup3", dup3(s, spare[1], O_CLOEXEC) == spare[1] && (fcntl(spare[1], F_GETFD) & FD_CLOEXEC) && write(spare[1], "g", 1) == 1 && read(spare[0], in, 1) == 1 && in[0] == 'g', "dup3");
+    close(spare[0]);
+    close(spare[1]);
+    CHECK("connection_survives_dups", write(s, "h", 1) == 1 && read(s, in, 1) == 1 && in[0] == 'h', "after closing dups");
     shutdown(s, SHUT_WR);
     CHECK("eof_after_shutdown_wr", read(s, in, 1) == 0, "server should close after our FIN");
     close(s);

@@ -55,8 +55,21 @@ pub const CHECKS: &[&str] = &[
 fn every_intercepted_call_behaves_as_linux_tcp() {
     let mut lab = Lab::start("tcalls", TWO_GUESTS).unwrap();
     let program = lab.dir.join("calls");
-    let status = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&program).arg(asset("calls.c")).status().unwrap();
+    // Fortified, with 64-bit file offsets: the program calls __read_chk,
+    // __recv_chk, __recvfrom_chk, __poll_chk and fcntl64, as distribution
+    // builds of real programs do.
+    let status = Command::new("cc")
+        .args(["-O2", "-D_FORTIFY_SOURCE=2", "-D_FILE_OFFSET_BITS=64", "-Wall", "-Wno-unused-result", "-o"])
+        .arg(&program)
+        .arg(asset("calls.c"))
+        .status()
+        .unwrap();
     assert!(status.success(), "cannot compile calls.c");
+    let symbols = Command::new("nm").arg("-D").arg(&program).output().unwrap();
+    let symbols = String::from_utf8_lossy(&symbols.stdout);
+    for symbol in ["__read_chk", "__recv_chk", "__recvfrom_chk", "__poll_chk", "fcntl64"] {
+        assert!(symbols.contains(symbol), "calls does not use {symbol}");
+    }
     let program = program.to_str().unwrap().to_string();
     for (via, port) in [(Via::Kernel, "7001"), (Via::Vsocket, "7002")] {
         lab.spawn("b", via, &program, &["server", "10.10.0.3", port], &format!("server-{port}.log")).unwrap();
