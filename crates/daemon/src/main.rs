@@ -30,6 +30,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Err(e) = vsocket_sys::raise_nofile_limit() {
+        tracing::warn!(error = %e, "cannot raise the descriptor limit");
+    }
     let daemon = Arc::new(Daemon::new(config));
     if let Err(e) = attach::serve_guests(&daemon).and_then(|()| admin::serve(&daemon)) {
         eprintln!("vsocketd: {e}");

@@ -288,6 +288,10 @@ static int client(const char *ip, int port) {
 
     /* The server closes: EOF, then one write accepted, then EPIPE and SIGPIPE. */
     s = connect_to(&sa, 'C');
+    usleep(100000);
+    struct pollfd cp = {s, POLLIN | POLLOUT, 0};
+    r = poll(&cp, 1, 1000);
+    CHECK("poll_after_peer_close", r == 1 && (cp.revents & (POLLIN | POLLOUT)) == (POLLIN | POLLOUT) && !(cp.revents & (POLLERR | POLLHUP)), "revents %x", cp.revents);
     CHECK("eof_on_peer_close", read(s, in, 1) == 0, "expected EOF");
     send(s, out, 10, MSG_NOSIGNAL);
     usleep(10000);

@@ -200,7 +200,12 @@ impl Connection {
             match self.tx().space() {
                 Ok(0) if !wshut => {}
                 Ok(_) => mask |= ready::OUT,
-                Err(RingError::PeerClosed) => mask |= ready::OUT | ready::ERR | ready::HUP,
+                // The peer closed: writable (the next write is accepted,
+                // then fails), and an error only once a write was refused.
+                Err(RingError::PeerClosed) if self.reset_by_peer.load(Ordering::Relaxed) => {
+                    mask |= ready::OUT | ready::ERR | ready::HUP
+                }
+                Err(RingError::PeerClosed) => mask |= ready::OUT,
                 Err(RingError::Corrupt) => mask |= ready::OUT | ready::ERR,
             }
         }
@@ -252,6 +257,10 @@ impl Connection {
         loop {
             if self.broken.load(Ordering::Relaxed) {
                 return self.finish_read(total, Err(Errno(libc::ECONNRESET)));
+            }
+            // Another thread's shutdown(SHUT_RD) ends a blocked read.
+            if self.read_shut.load(Ordering::Relaxed) {
+                return Ok(total);
             }
             let rx = self.rx();
             match rx.state() {
@@ -325,6 +334,12 @@ impl Connection {
             if self.broken.load(Ordering::Relaxed) {
                 return self.finish_write(total, Errno(libc::ECONNRESET));
             }
+            // Another thread shut the writing side while we waited: its
+            // FIN goes after the bytes already written, and we stop.
+            if self.write_shut.load(Ordering::Relaxed) {
+                self.kick(self.tx().finish());
+                return self.finish_write(total, Errno(libc::EPIPE));
+            }
             let tx = self.tx();
             match advance_const(bufs, total, |rest| tx.write(rest)) {
                 Ok((n, wake)) => {
@@ -385,8 +400,11 @@ impl Connection {
             self.read_shut.store(true, Ordering::Relaxed);
         }
         if how != libc::SHUT_RD && !self.write_shut.swap(true, Ordering::Relaxed) {
-            let _guard = self.tx_lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.kick(self.tx().finish());
+            // A writer blocked on a full ring holds the lock; it sees
+            // `write_shut` when it wakes and publishes the FIN itself.
+            if let Ok(_guard) = self.tx_lock.try_lock() {
+                self.kick(self.tx().finish());
+            }
         }
         Ok(())
     }
@@ -570,6 +588,27 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(100));
         c.send(&[b"wake!"], 0).unwrap();
         assert_eq!(reader.join().unwrap(), b"wake!");
+    }
+
+    #[test]
+    fn shutdown_from_another_thread_ends_a_blocked_read_and_write() {
+        let (c, s) = pair(4096);
+        let reader = {
+            let c = c.clone();
+            std::thread::spawn(move || recv_all(&c, 10))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        c.shutdown(libc::SHUT_RD).unwrap();
+        assert_eq!(reader.join().unwrap(), b"", "a blocked read returns end of stream");
+        // A writer blocked on a full ring: SHUT_WR ends it with what it wrote.
+        let writer = {
+            let c = c.clone();
+            std::thread::spawn(move || c.send(&[&[7u8; 10_000]], libc::MSG_NOSIGNAL))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        c.shutdown(libc::SHUT_WR).unwrap();
+        assert_eq!(writer.join().unwrap(), Ok(4096));
+        assert_eq!(recv_all(&s, 10_000).len(), 4096, "the FIN follows the bytes written");
     }
 
     #[test]

@@ -68,6 +68,12 @@ pub struct EpollSet {
     special: AtomicUsize,
     /// When the kernel set was last polled while vSocket events were ready.
     kernel_checked: AtomicU64,
+    /// Doorbells left in the kernel set after their registration went (see
+    /// `unregister_special`): while there are any, kernel events must be
+    /// translated, so the pass-through fast path is off.
+    parked: AtomicUsize,
+    /// Where the next scan of managed registrations starts.
+    rotor: AtomicUsize,
 }
 
 /// See `EpollSet::add_kernel_ready`.
@@ -86,6 +92,8 @@ pub fn track(epfd: RawFd) {
         regs: Mutex::new(HashMap::new()),
         special: AtomicUsize::new(0),
         kernel_checked: AtomicU64::new(0),
+        parked: AtomicUsize::new(0),
+        rotor: AtomicUsize::new(0),
     }));
     let weak = Arc::downgrade(&entry);
     table::set(epfd, entry);
@@ -152,7 +160,10 @@ impl EpollSet {
                 // The doorbell may still be registered from an earlier
                 // registration of this descriptor (see unregister_special).
                 match sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, conn.doorbell, libc::EPOLLIN as u32, token(fd)) {
-                    Ok(()) | Err(Errno(libc::EEXIST)) => {}
+                    Ok(()) => {}
+                    Err(Errno(libc::EEXIST)) => {
+                        self.parked.fetch_sub(1, Ordering::Relaxed);
+                    }
                     Err(e) => return Err(e),
                 }
                 Ok(Kind::Managed { entry: entry.clone(), last: None })
@@ -179,7 +190,11 @@ impl EpollSet {
             // delete and re-add a descriptor around every request, and two
             // epoll_ctl calls per request would cost more than the request.
             // An event for a doorbell nobody registered removes it then.
-            Kind::Managed { .. } => {}
+            Kind::Managed { entry, .. } => {
+                if matches!(**entry, Entry::Conn(_)) {
+                    self.parked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             Kind::Listener { entry } => {
                 let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
                 if let Entry::Listener(l) = &**entry {
@@ -270,37 +285,61 @@ impl EpollSet {
         }
     }
 
-    /// Adds ready managed registrations to `out` (from index `n`). Returns
-    /// the new count.
-    fn collect(&self, regs: &mut HashMap<RawFd, Registration>, out: &mut [libc::epoll_event], mut n: usize) -> usize {
-        for reg in regs.values_mut() {
-            if n == out.len() {
-                break;
-            }
-            if reg.disabled || matches!(reg.kind, Kind::Kernel | Kind::Listener { .. }) {
-                continue;
-            }
-            let (mask, snapshot) = Self::judge(reg);
-            let Kind::Managed { last, .. } = &mut reg.kind else {
-                continue;
-            };
-            if mask == 0 {
-                *last = snapshot;
-                continue;
-            }
-            if snapshot.is_some() {
-                if *last == snapshot {
+    /// Adds ready managed registrations to `out` (from index `n`, up to
+    /// `limit`). Returns the new count. Each scan starts one registration
+    /// further on, so that when more are ready than fit, none starves.
+    fn collect(
+        &self,
+        regs: &mut HashMap<RawFd, Registration>,
+        out: &mut [libc::epoll_event],
+        mut n: usize,
+        limit: usize,
+    ) -> usize {
+        let limit = limit.min(out.len());
+        let len = regs.len().max(1);
+        let start = self.rotor.fetch_add(1, Ordering::Relaxed) % len;
+        for pass in 0..2 {
+            for (i, reg) in regs.values_mut().enumerate() {
+                if n == limit {
+                    return n;
+                }
+                if (pass == 0) != (i >= start) {
                     continue;
                 }
-                *last = snapshot;
-            }
-            out[n] = libc::epoll_event { events: mask, u64: reg.data };
-            n += 1;
-            if reg.events & libc::EPOLLONESHOT as u32 != 0 {
-                reg.disabled = true;
+                if reg.disabled || matches!(reg.kind, Kind::Kernel | Kind::Listener { .. }) {
+                    continue;
+                }
+                let (mask, snapshot) = Self::judge(reg);
+                let Kind::Managed { last, .. } = &mut reg.kind else { continue };
+                if mask == 0 {
+                    *last = snapshot;
+                    continue;
+                }
+                if snapshot.is_some() {
+                    if *last == snapshot {
+                        continue;
+                    }
+                    *last = snapshot;
+                }
+                out[n] = libc::epoll_event { events: mask, u64: reg.data };
+                n += 1;
+                if reg.events & libc::EPOLLONESHOT as u32 != 0 {
+                    reg.disabled = true;
+                }
             }
         }
         n
+    }
+
+    /// How many of `out` vSocket events may take: one slot stays free when
+    /// the kernel set is due for a look, so kernel descriptors never starve.
+    fn vsocket_room(&self, out: &[libc::epoll_event]) -> usize {
+        let due = sys::now_ns().saturating_sub(self.kernel_checked.load(Ordering::Relaxed)) >= KERNEL_CHECK_NS;
+        if due && out.len() > 1 {
+            out.len() - 1
+        } else {
+            out.len()
+        }
     }
 
     fn arm(&self, regs: &HashMap<RawFd, Registration>) {
@@ -387,7 +426,9 @@ impl EpollSet {
     fn remove_parked_doorbell(&self, fd: RawFd) {
         if let Some(entry) = table::get(fd) {
             if let Entry::Conn(conn) = &*entry {
-                let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, conn.doorbell, 0, 0);
+                if sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, conn.doorbell, 0, 0).is_ok() {
+                    self.parked.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -399,7 +440,7 @@ impl EpollSet {
         timeout_ms: i32,
         sigmask: *const libc::sigset_t,
     ) -> SysResult<usize> {
-        if self.special.load(Ordering::Relaxed) == 0 {
+        if self.special.load(Ordering::Relaxed) == 0 && self.parked.load(Ordering::Relaxed) == 0 {
             return sys::epoll_pwait(self.epfd, out, timeout_ms, sigmask);
         }
         let deadline = (timeout_ms >= 0).then(|| sys::now_ms() + timeout_ms as i64);
@@ -426,7 +467,7 @@ impl EpollSet {
         loop {
             {
                 let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
-                let n = self.collect(&mut regs, out, 0);
+                let n = self.collect(&mut regs, out, 0, self.vsocket_room(out));
                 if n > 0 {
                     drop(regs);
                     return self.add_kernel_ready(out, n, got);
@@ -441,7 +482,7 @@ impl EpollSet {
             {
                 let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
                 self.arm(&regs);
-                let n = self.collect(&mut regs, out, 0);
+                let n = self.collect(&mut regs, out, 0, self.vsocket_room(out));
                 if n > 0 {
                     drop(regs);
                     return self.add_kernel_ready(out, n, got);
@@ -454,7 +495,7 @@ impl EpollSet {
             let k = sys::epoll_pwait(self.epfd, got, sleep, sigmask)?;
             let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
             let n = self.translate(&mut regs, &got[..k], out, 0);
-            let n = self.collect(&mut regs, out, n);
+            let n = self.collect(&mut regs, out, n, out.len());
             if n > 0 || deadline.is_some_and(|d| sys::now_ms() >= d) {
                 return Ok(n);
             }

@@ -53,20 +53,29 @@ impl Listener {
         if !self.attached() {
             return Ok(None);
         }
+        // The program's socket comes first: if it cannot be had (EMFILE),
+        // the connection stays queued for a later accept, as in a backlog.
+        let mut pending = [libc::pollfd { fd: self.channel, events: libc::POLLIN, revents: 0 }];
+        if sys::poll(&mut pending, 0).unwrap_or(0) == 0 {
+            return Ok(None);
+        }
+        let fd =
+            sys::socket(libc::AF_INET, libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)), 0)?;
         let mut reply = match control::receive(self.channel, libc::MSG_DONTWAIT) {
             Ok(r) => r,
-            Err(Errno(libc::EAGAIN)) => return Ok(None),
-            Err(_) => {
-                // Kernel clients must still be accepted.
-                self.detached.store(true, Ordering::Relaxed);
+            Err(e) => {
+                let _ = sys::close(fd);
+                if e != Errno(libc::EAGAIN) {
+                    // The daemon is gone; kernel clients must still be accepted.
+                    self.detached.store(true, Ordering::Relaxed);
+                }
                 return Ok(None);
             }
         };
         let Message::Incoming(info) = reply.message else {
+            let _ = sys::close(fd);
             return Err(Errno(libc::EPROTO));
         };
-        let fd =
-            sys::socket(libc::AF_INET, libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)), 0)?;
         let segment = reply.take_fd(FD_SEGMENT);
         let doorbell = reply.take_fd(FD_DOORBELL);
         match Connection::new(info, Endpoint::Server, segment, doorbell, flags & libc::SOCK_NONBLOCK != 0) {

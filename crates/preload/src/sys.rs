@@ -148,11 +148,12 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd], flags: i32) -
     Ok((n, count))
 }
 
-/// Reads and discards what is queued on a doorbell. Returns `true` if the
-/// other end is gone (end of stream).
+/// Reads and discards what is queued on a doorbell (a bounded amount: a
+/// peer that floods its doorbell must not keep the caller here). Returns
+/// `true` if the other end is gone (end of stream).
 pub fn drain(fd: RawFd) -> bool {
-    let mut buf = [0u8; 256];
-    loop {
+    let mut buf = [0u8; 1024];
+    for _ in 0..4 {
         match raw!(libc::SYS_recvfrom, fd, buf.as_mut_ptr(), buf.len(), libc::MSG_DONTWAIT, 0usize, 0usize) {
             Ok(0) => return true,
             Ok(n) if n < buf.len() => return false,
@@ -162,6 +163,7 @@ pub fn drain(fd: RawFd) -> bool {
             Err(_) => return false,
         }
     }
+    false
 }
 
 /// poll(2), as ppoll without a signal mask.

@@ -222,6 +222,19 @@ pub fn set_send_timeout(sock: BorrowedFd<'_>, timeout: std::time::Duration) -> i
     Ok(())
 }
 
+/// Raises the soft limit on open descriptors to the hard limit (the daemon
+/// holds a few per guest process and per connection). Returns the new limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    // SAFETY: rlimit is plain data.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit writes into `rl`.
+    syscall!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) })?;
+    rl.rlim_cur = rl.rlim_max;
+    // SAFETY: setrlimit reads `rl`.
+    syscall!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) })?;
+    Ok(rl.rlim_cur)
+}
+
 /// Identity of a network namespace: the (device, inode) of its nsfs file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NetnsId {
