@@ -25,6 +25,7 @@
 #include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 static int failures;
@@ -201,6 +202,16 @@ static int client(const char *ip, int port) {
     CHECK("fcntl_nonblock", read(s, in, 1) == -1 && errno == EAGAIN, "expected EAGAIN");
     int off = 0;
     ioctl(s, FIONBIO, &off);
+    struct timeval rto = {0, 200000};
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &rto, sizeof rto);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    r = read(s, in, 1);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double waited = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
+    CHECK("so_rcvtimeo", r == -1 && errno == EAGAIN && waited > 0.15 && waited < 2.0, "read %d after %.3f s", r, waited);
+    struct timeval none = {0, 0};
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
 
     /* Readiness: select, pselect, poll, epoll (level, edge, oneshot). */
     fd_set rs;

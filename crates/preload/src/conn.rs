@@ -11,7 +11,7 @@ use crate::sys::{self, Errno, SysResult};
 use crate::wait;
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use vsocket_abi::control::ConnectionInfo;
 use vsocket_abi::layout::Endpoint;
@@ -39,6 +39,10 @@ pub struct Connection {
     so_error: AtomicI32,
     /// Descriptors in this process that name the connection (dup).
     handles: AtomicUsize,
+    /// SO_RCVTIMEO and SO_SNDTIMEO in milliseconds (0: none), kept in step
+    /// with the kernel socket by the setsockopt hook.
+    recv_timeout_ms: AtomicI64,
+    send_timeout_ms: AtomicI64,
     /// Serialise this process's readers and writers of the stream.
     rx_lock: Mutex<()>,
     tx_lock: Mutex<()>,
@@ -88,6 +92,8 @@ impl Connection {
             reset_by_peer: AtomicBool::new(false),
             so_error: AtomicI32::new(0),
             handles: AtomicUsize::new(1),
+            recv_timeout_ms: AtomicI64::new(0),
+            send_timeout_ms: AtomicI64::new(0),
             rx_lock: Mutex::new(()),
             tx_lock: Mutex::new(()),
         })
@@ -115,6 +121,18 @@ impl Connection {
 
     pub fn is_nonblocking(&self) -> bool {
         self.nonblocking.load(Ordering::Relaxed)
+    }
+
+    /// Notes SO_RCVTIMEO (`receive`) or SO_SNDTIMEO, in milliseconds.
+    pub fn set_timeout(&self, receive: bool, ms: i64) {
+        let slot = if receive { &self.recv_timeout_ms } else { &self.send_timeout_ms };
+        slot.store(ms.max(0), Ordering::Relaxed);
+    }
+
+    /// The timeout that applies to a wait for `interest` (0: none).
+    pub fn timeout_ms(&self, interest: u32) -> i64 {
+        let slot = if interest & ready::OUT != 0 { &self.send_timeout_ms } else { &self.recv_timeout_ms };
+        slot.load(Ordering::Relaxed)
     }
 
     /// Reads and clears SO_ERROR.

@@ -386,6 +386,12 @@ fn vsocket_connect(fd: RawFd, remote: SocketAddrV4) -> Option<SysResult<()>> {
                 Ok(c) => c,
                 Err(e) => return Some(Err(e)),
             };
+            // Timeouts set before connect apply to the connection.
+            for (receive, name) in [(true, libc::SO_RCVTIMEO), (false, libc::SO_SNDTIMEO)] {
+                if let Ok(ms) = sys::getsockopt_timeout_ms(fd, name) {
+                    conn.set_timeout(receive, ms);
+                }
+            }
             let entry = Arc::new(Entry::Conn(conn));
             table::set(fd, entry.clone());
             epoll::adopt(fd, &entry);
@@ -657,6 +663,29 @@ pub unsafe extern "C" fn getsockopt(
             fd, level, name, val, len,
         )
     }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int {
+    // SAFETY: forwarding the caller's arguments unchanged; the kernel socket
+    // keeps every option, so getsockopt reports them truthfully.
+    let r = unsafe {
+        real!(setsockopt: unsafe extern "C" fn(c_int, c_int, c_int, *const c_void, socklen_t) -> c_int)(
+            fd, level, name, val, len,
+        )
+    };
+    if r == 0 && level == libc::SOL_SOCKET && (name == libc::SO_RCVTIMEO || name == libc::SO_SNDTIMEO) {
+        if let Some(e) = table::get(fd) {
+            if let Entry::Conn(c) = &*e {
+                // The kernel accepted it, so it is a valid timeval; read the
+                // normalised value back.
+                if let Ok(ms) = sys::getsockopt_timeout_ms(fd, name) {
+                    c.set_timeout(name == libc::SO_RCVTIMEO, ms);
+                }
+            }
+        }
+    }
+    r
 }
 
 fn note_flags(fd: RawFd, cmd: c_int, arg: c_ulong) {

@@ -75,6 +75,21 @@ pub fn getsockopt_int(fd: RawFd, level: i32, name: i32) -> SysResult<i32> {
     Ok(v)
 }
 
+/// A socket timeout option (SO_RCVTIMEO / SO_SNDTIMEO) in milliseconds.
+pub fn getsockopt_timeout_ms(fd: RawFd, name: i32) -> SysResult<i64> {
+    let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+    let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+    raw!(
+        libc::SYS_getsockopt,
+        fd,
+        libc::SOL_SOCKET,
+        name,
+        &mut tv as *mut libc::timeval,
+        &mut len as *mut libc::socklen_t
+    )?;
+    Ok(tv.tv_sec as i64 * 1000 + (tv.tv_usec as i64 + 999) / 1000)
+}
+
 pub fn getsockname_v4(fd: RawFd) -> SysResult<libc::sockaddr_in> {
     // SAFETY: sockaddr_in is plain data.
     let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };

@@ -44,13 +44,26 @@ pub fn block(conn: &Connection, interest: u32) -> SysResult<()> {
     if spin(|| conn.satisfies(interest)) {
         return Ok(());
     }
+    // SO_RCVTIMEO / SO_SNDTIMEO: EAGAIN when they run out, as the kernel does.
+    let timeout_ms = conn.timeout_ms(interest);
+    let deadline = (timeout_ms > 0).then(|| sys::now_ms() + timeout_ms);
     loop {
         conn.arm(interest);
         if conn.satisfies(interest) {
             return Ok(());
         }
+        let sleep = match deadline {
+            None => MAX_SLEEP_MS,
+            Some(d) => {
+                let left = d - sys::now_ms();
+                if left <= 0 {
+                    return Err(Errno(libc::EAGAIN));
+                }
+                left.min(MAX_SLEEP_MS as i64) as i32
+            }
+        };
         let mut pfd = [libc::pollfd { fd: conn.doorbell, events: libc::POLLIN, revents: 0 }];
-        match sys::poll(&mut pfd, MAX_SLEEP_MS) {
+        match sys::poll(&mut pfd, sleep) {
             Ok(_) => {}
             Err(Errno(libc::EINTR)) => return Err(Errno(libc::EINTR)),
             Err(e) => return Err(e),
