@@ -23,6 +23,7 @@
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/select.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -269,6 +270,22 @@ static int client(const char *ip, int port) {
     CHECK("read_chk", read(s, in, one_byte) == 1 && in[0] == 'a', "__read_chk");
     CHECK("recv_chk", recv(s, in, one_byte, 0) == 1 && in[0] == 'b', "__recv_chk");
     CHECK("recvfrom_chk", recvfrom(s, in, one_byte, 0, NULL, NULL) == 1 && in[0] == 'c', "__recvfrom_chk");
+
+    /* sendfile from a file, with and without an offset. */
+    char path[] = "/tmp/calls-sendfile-XXXXXX";
+    int file = mkstemp(path);
+    unlink(path);
+    char content[5000];
+    for (int i = 0; i < 5000; i++) content[i] = (char)('A' + i % 26);
+    write(file, content, sizeof content);
+    off_t at = 100;
+    ssize_t sf = sendfile(s, file, &at, 3000);
+    char echo[5000];
+    CHECK("sendfile_offset", sf == 3000 && at == 3100 && recv(s, echo, 3000, MSG_WAITALL) == 3000 && memcmp(echo, content + 100, 3000) == 0, "sendfile %zd at %ld", sf, (long)at);
+    lseek(file, 4000, SEEK_SET);
+    sf = sendfile(s, file, NULL, 2000);
+    CHECK("sendfile_file_position", sf == 1000 && lseek(file, 0, SEEK_CUR) == 5000 && recv(s, echo, 1000, MSG_WAITALL) == 1000 && memcmp(echo, content + 4000, 1000) == 0, "sendfile %zd", sf);
+    close(file);
 
     /* dup, dup2, dup3: new descriptors name the same connection. */
     int d = dup(s);

@@ -348,6 +348,80 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_i
     unsafe { real!(sendmsg: unsafe extern "C" fn(c_int, *const libc::msghdr, c_int) -> ssize_t)(fd, msg, flags) }
 }
 
+/// sendfile(2) into a vSocket connection: the file's bytes are read here and
+/// written to the ring (the kernel cannot splice into shared memory).
+fn sendfile_to(conn: &Connection, in_fd: RawFd, offset: *mut libc::off_t, count: usize) -> SysResult<usize> {
+    let mut buf = vec![0u8; count.min(1 << 16)];
+    let mut total = 0usize;
+    // SAFETY: a non-NULL offset points to the caller's off_t.
+    let mut pos = unsafe { offset.as_ref().copied() };
+    while total < count {
+        let want = (count - total).min(buf.len());
+        let got = match pos {
+            // SAFETY: pread into our own buffer of `want` bytes.
+            Some(p) => unsafe { libc::pread(in_fd, buf.as_mut_ptr() as *mut c_void, want, p) },
+            // SAFETY: the real read (the input is not a vSocket) into our buffer.
+            None => unsafe {
+                real!(read: unsafe extern "C" fn(c_int, *mut c_void, size_t) -> ssize_t)(
+                    in_fd,
+                    buf.as_mut_ptr() as *mut c_void,
+                    want,
+                )
+            },
+        };
+        if got < 0 {
+            if total > 0 {
+                break;
+            }
+            return Err(sys::last_errno());
+        }
+        if got == 0 {
+            break;
+        }
+        let got = got as usize;
+        let sent = match conn.send(&[&buf[..got]], 0) {
+            Ok(n) => n,
+            Err(e) if total == 0 => return Err(e),
+            Err(_) => 0,
+        };
+        total += sent;
+        if let Some(p) = pos.as_mut() {
+            *p += sent as libc::off_t;
+        } else if sent < got {
+            // Give back what the connection did not take.
+            // SAFETY: lseek on the caller's file descriptor.
+            unsafe { libc::lseek(in_fd, sent as libc::off_t - got as libc::off_t, libc::SEEK_CUR) };
+        }
+        if sent < got {
+            break;
+        }
+    }
+    if let (Some(p), false) = (pos, offset.is_null()) {
+        // SAFETY: non-NULL offset, as above.
+        unsafe { *offset = p };
+    }
+    Ok(total)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn sendfile(out_fd: c_int, in_fd: c_int, offset: *mut libc::off_t, count: size_t) -> ssize_t {
+    if let Some(e) = conn_of(out_fd) {
+        return ret(with_conn(&e, |c| sendfile_to(c, in_fd, offset, count)));
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe {
+        real!(sendfile: unsafe extern "C" fn(c_int, c_int, *mut libc::off_t, size_t) -> ssize_t)(
+            out_fd, in_fd, offset, count,
+        )
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn sendfile64(out_fd: c_int, in_fd: c_int, offset: *mut libc::off_t, count: size_t) -> ssize_t {
+    // SAFETY: on 64-bit Linux sendfile64 and sendfile are the same call.
+    unsafe { sendfile(out_fd, in_fd, offset, count) }
+}
+
 // ---- connection set-up --------------------------------------------------
 
 /// Ports the kernel would retry a dropped SYN for before ETIMEDOUT
