@@ -81,6 +81,8 @@ struct Bench {
     repeats: usize,
     samples: Vec<(Via, Sample)>,
     started: Instant,
+    /// Runs that failed once (and passed when run again), for the report.
+    failures: Vec<String>,
 }
 
 fn err(e: std::io::Error) -> String {
@@ -99,7 +101,16 @@ impl Bench {
             let order = if rep % 2 == 0 { [Via::Kernel, Via::Vsocket] } else { [Via::Vsocket, Via::Kernel] };
             for via in order {
                 self.progress(&format!("{name}: run {}/{} over {via:?}", rep + 1, self.repeats));
-                for s in one(&self.lab, via)? {
+                // One failed run is reported and run again; a second failure ends the benchmark.
+                let samples = match one(&self.lab, via) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.failures.push(format!("{name} over {via:?}: {e}"));
+                        self.progress(&format!("{name}: run failed over {via:?}, running it again:\n{e}"));
+                        one(&self.lab, via)?
+                    }
+                };
+                for s in samples {
                     self.samples.push((via, s));
                 }
             }
@@ -264,7 +275,7 @@ pub fn run(args: &[String]) -> Result {
     let tools = lab.dir.clone();
     let connrate = compile("connrate.c", &tools).map_err(err)?;
     let idle = compile("idle.c", &tools).map_err(err)?;
-    let mut b = Bench { lab, repeats, samples: Vec::new(), started: Instant::now() };
+    let mut b = Bench { lab, repeats, samples: Vec::new(), started: Instant::now(), failures: Vec::new() };
     let wanted = |group: &str| only.as_deref().is_none_or(|o| group.contains(o));
 
     if wanted("sockperf") {
@@ -368,6 +379,9 @@ pub fn run(args: &[String]) -> Result {
 
     let rows = b.rows();
     print_table(&rows);
+    for f in &b.failures {
+        println!("note: a run failed once and passed when run again: {}", f.lines().next().unwrap_or(""));
+    }
     if let Some(path) = json_out {
         write_json(&rows, &path)?;
         eprintln!("wrote {}", path.display());
