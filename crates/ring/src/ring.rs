@@ -154,11 +154,9 @@ impl<'a> Producer<'a> {
             }
             let n = (buf.len() as u64).min(u64::from(left)) as u32;
             let (offset, first, second) = index::split(pos, n, s.size);
-            // SAFETY: `split` keeps [offset, offset+first) and [0, second)
-            // inside the `size`-byte data area (constructor contract), and
-            // `buf` is a live slice of at least `n` bytes. The area is shared
-            // with the consumer, which reads only bytes before `tail`; these
-            // bytes are after it, so the ring protocol gives us exclusive use.
+            // The consumer reads only bytes before `tail`; these are after it.
+            // SAFETY: `split` keeps both parts inside the `size`-byte data area
+            // (constructor contract); `buf` holds at least `n` bytes.
             unsafe {
                 std::ptr::copy_nonoverlapping(buf.as_ptr(), s.data.add(offset), first);
                 std::ptr::copy_nonoverlapping(buf.as_ptr().add(first), s.data, second);
@@ -246,11 +244,10 @@ impl<'a> Consumer<'a> {
             }
             let n = (buf.len() as u64).min(u64::from(left)) as u32;
             let (offset, first, second) = index::split(pos, n, s.size);
+            // The untrusted producer may scribble on these bytes meanwhile: a
+            // torn copy corrupts only its own stream, never our memory.
             // SAFETY: `split` keeps both parts inside the data area
-            // (constructor contract) and `buf` has room for `n` bytes. The
-            // producer may be scribbling on these bytes (it is untrusted):
-            // they are opaque payload, so a torn copy only corrupts the
-            // peer's own stream, never our memory.
+            // (constructor contract); `buf` has room for `n` bytes.
             unsafe {
                 std::ptr::copy_nonoverlapping(s.data.add(offset), buf.as_mut_ptr(), first);
                 std::ptr::copy_nonoverlapping(s.data, buf.as_mut_ptr().add(first), second);

@@ -117,10 +117,9 @@ impl Segment {
 
     fn control(&self, ring: usize) -> &RingControl {
         assert!(ring < 2);
-        // SAFETY: the producer line offset is inside the header page and
-        // 128-byte aligned (the mapping is page aligned); RingControl is
-        // plain atomics, valid for any bit pattern, and lives as long as the
-        // mapping, which `&self` keeps alive.
+        // The producer line is inside the header page, 128-byte aligned (the
+        // mapping is page aligned), and outlives `&self`.
+        // SAFETY: RingControl is plain atomics, valid for any bit pattern.
         unsafe { &*(self.base.as_ptr().add(layout::producer_line(ring)) as *const RingControl) }
     }
 
