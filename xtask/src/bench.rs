@@ -365,8 +365,7 @@ pub fn run(args: &[String]) -> Result {
         b.interleaved("idle pair, 10 s", |lab, via| {
             port += 1;
             let p = port.to_string();
-            let mut lab_servers =
-                std::process::Command::from(lab.command("b", via, &idle_s, &["server", "10.10.0.3", &p, "10"]));
+            let mut lab_servers = lab.command("b", via, &idle_s, &["server", "10.10.0.3", &p, "10"]);
             let mut server = lab_servers.spawn().map_err(err)?;
             lab.wait_listening("b", port).map_err(err)?;
             let out = lab.run_ok("a", via, &idle_s, &["client", "10.10.0.3", &p, "10"]).map_err(err)?;
@@ -396,7 +395,7 @@ pub fn run(args: &[String]) -> Result {
 const IDLE_LIMIT_PERCENT: f64 = 1.0;
 
 fn print_table(rows: &[Row]) {
-    println!("{:<34} {:<14} {:>12} {:>12} {:>8}  {}", "scenario", "metric", "kernel", "vSocket", "ratio", "target");
+    println!("{:<34} {:<14} {:>12} {:>12} {:>8}  target", "scenario", "metric", "kernel", "vSocket", "ratio");
     for r in rows {
         let t = match (target(r), meets(r)) {
             (Some((Better::Lower, b)), Some(ok)) => {

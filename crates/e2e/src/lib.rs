@@ -120,8 +120,9 @@ impl Lab {
             .spawn()?;
         lab.daemon = Some(daemon);
         let admin = lab.run_dir.join("vsocketd.sock");
-        wait_until(Duration::from_secs(10), || admin.exists())
-            .map_err(|_| io::Error::other(format!("vsocketd did not start; log: {}", lab.daemon_log())))?;
+        if !wait_until(Duration::from_secs(10), || admin.exists()) {
+            return Err(io::Error::other(format!("vsocketd did not start; log: {}", lab.daemon_log())));
+        }
         Ok(lab)
     }
 
@@ -215,14 +216,17 @@ impl Lab {
     /// Waits until something in `guest` listens on TCP `port`.
     pub fn wait_listening(&self, guest: &str, port: u16) -> io::Result<()> {
         let netns = format!("{}-{guest}", self.name);
-        wait_until(Duration::from_secs(15), || {
+        let listening = wait_until(Duration::from_secs(15), || {
             Command::new("ip")
                 .args(["netns", "exec", &netns, "ss", "-Hltn", &format!("sport = :{port}")])
                 .output()
                 .map(|o| !o.stdout.is_empty())
                 .unwrap_or(false)
-        })
-        .map_err(|_| io::Error::other(format!("nothing listens on port {port} in {guest}")))
+        });
+        if !listening {
+            return Err(io::Error::other(format!("nothing listens on port {port} in {guest}")));
+        }
+        Ok(())
     }
 
     /// `vsocketctl --json <what>`.
@@ -286,16 +290,16 @@ impl Drop for Lab {
     }
 }
 
-/// Polls `ready` every 20 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<(), ()> {
+/// Polls `ready` every 20 ms until it holds (true) or `timeout` passes (false).
+pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if ready() {
-            return Ok(());
+            return true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Err(())
+    false
 }
 
 /// Path of a file shipped with the e2e crate (scripts).

@@ -96,7 +96,7 @@ unsafe fn slice_mut<'a>(ptr: *mut c_void, len: usize) -> &'a mut [u8] {
 /// # Safety
 /// `iov` must point to `cnt` valid iovecs whose buffers are valid.
 unsafe fn iovecs<'a>(iov: *const libc::iovec, cnt: c_int) -> SysResult<Vec<&'a mut [u8]>> {
-    if cnt < 0 || cnt > libc::UIO_MAXIOV {
+    if !(0..=libc::UIO_MAXIOV).contains(&cnt) {
         return Err(Errno(libc::EINVAL));
     }
     if cnt == 0 {
@@ -819,7 +819,7 @@ fn timespec_ms(ts: *const libc::timespec) -> i32 {
     }
     // SAFETY: the caller passes a valid timespec.
     let ts = unsafe { *ts };
-    let ms = ts.tv_sec as i64 * 1000 + (ts.tv_nsec as i64 + 999_999) / 1_000_000;
+    let ms = ts.tv_sec * 1000 + (ts.tv_nsec + 999_999) / 1_000_000;
     ms.clamp(0, i32::MAX as i64) as i32
 }
 
@@ -905,7 +905,7 @@ pub unsafe extern "C" fn select(
     } else {
         // SAFETY: the caller passes a valid timeval.
         let t = unsafe { *tv };
-        (t.tv_sec as i64 * 1000 + (t.tv_usec as i64 + 999) / 1000).clamp(0, i32::MAX as i64) as i32
+        (t.tv_sec * 1000 + (t.tv_usec + 999) / 1000).clamp(0, i32::MAX as i64) as i32
     };
     ret(poll::select(nfds, s, timeout, std::ptr::null())) as c_int
 }

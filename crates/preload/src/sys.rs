@@ -87,7 +87,7 @@ pub fn getsockopt_timeout_ms(fd: RawFd, name: i32) -> SysResult<i64> {
         &mut tv as *mut libc::timeval,
         &mut len as *mut libc::socklen_t
     )?;
-    Ok(tv.tv_sec as i64 * 1000 + (tv.tv_usec as i64 + 999) / 1000)
+    Ok(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000)
 }
 
 pub fn getsockname_v4(fd: RawFd) -> SysResult<libc::sockaddr_in> {

@@ -26,7 +26,7 @@ pub fn spin(mut ready: impl FnMut() -> bool) -> bool {
             return true;
         }
         i = i.wrapping_add(1);
-        if i % 32 == 0 {
+        if i.is_multiple_of(32) {
             if sys::now_ns().saturating_sub(start) > SPIN_NS {
                 return false;
             }

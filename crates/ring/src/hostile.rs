@@ -20,7 +20,7 @@ pub fn exercise(input: &[u8]) {
     // the views; nothing else touches it while they live.
     let (p, c) = unsafe { (Producer::new(&ctl, area, SIZE), Consumer::new(&ctl, area, SIZE)) };
     let mut chunks = input.chunks(18);
-    while let Some(op) = chunks.next() {
+    for op in chunks.by_ref() {
         if op.len() < 18 {
             break;
         }
@@ -55,10 +55,11 @@ pub fn exercise(input: &[u8]) {
                 Ok(_) | Err(RingError::Corrupt) => {}
                 Err(e) => panic!("consumer state cannot be {e:?}"),
             },
-            8 => match p.space() {
-                Ok(n) => assert!(n <= SIZE),
-                Err(_) => {}
-            },
+            8 => {
+                if let Ok(n) = p.space() {
+                    assert!(n <= SIZE)
+                }
+            }
             _ => {
                 let _ = c.discard(len);
                 let _ = p.finish();
