@@ -258,6 +258,8 @@ static int client(const char *ip, int port) {
     ev.events = EPOLLOUT;
     epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev);
     CHECK("epoll_pwait_writable", epoll_pwait(ep, got, 4, 1000, &mask) == 1 && (got[0].events & EPOLLOUT), "epoll_pwait");
+    struct timespec two = {1, 0};
+    CHECK("epoll_pwait2", epoll_pwait2(ep, got, 4, &two, NULL) == 1 && (got[0].events & EPOLLOUT), "epoll_pwait2");
     epoll_ctl(ep, EPOLL_CTL_DEL, s, NULL);
     CHECK("epoll_del", epoll_wait(ep, got, 4, 50) == 0, "deleted fd reported");
 
@@ -298,6 +300,8 @@ static int client(const char *ip, int port) {
     CHECK("dup3", dup3(s, spare[1], O_CLOEXEC) == spare[1] && (fcntl(spare[1], F_GETFD) & FD_CLOEXEC) && write(spare[1], "g", 1) == 1 && read(spare[0], in, 1) == 1 && in[0] == 'g', "dup3");
     close(spare[0]);
     close(spare[1]);
+    int high = fcntl(s, F_DUPFD, 600);
+    CHECK("close_range", high >= 600 && close_range(high, high + 10, 0) == 0 && fcntl(high, F_GETFD) == -1, "close_range");
     CHECK("connection_survives_dups", write(s, "h", 1) == 1 && read(s, in, 1) == 1 && in[0] == 'h', "after closing dups");
     shutdown(s, SHUT_WR);
     CHECK("eof_after_shutdown_wr", read(s, in, 1) == 0, "server should close after our FIN");

@@ -38,6 +38,7 @@ pub const CHECKS: &[&str] = &[
     "epoll_edge_new_data",
     "epoll_oneshot",
     "epoll_pwait_writable",
+    "epoll_pwait2",
     "epoll_del",
     "eof_after_shutdown_wr",
     "epoll_rdhup",

@@ -625,6 +625,22 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     unsafe { real!(close: unsafe extern "C" fn(c_int) -> c_int)(fd) }
 }
 
+#[no_mangle]
+pub unsafe extern "C" fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_int {
+    // CLOSE_RANGE_CLOEXEC only marks descriptors; otherwise the managed ones
+    // in the range are closed as close() would.
+    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
+        let mut managed = Vec::new();
+        let last = last.min(RawFd::MAX as libc::c_uint) as RawFd;
+        table::managed_in(first.min(RawFd::MAX as libc::c_uint) as RawFd, last, |fd, _| managed.push(fd));
+        for fd in managed {
+            release(fd);
+        }
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real!(close_range: unsafe extern "C" fn(libc::c_uint, libc::c_uint, c_int) -> c_int)(first, last, flags) }
+}
+
 /// `newfd` now names what `oldfd` names.
 fn share(oldfd: RawFd, newfd: RawFd) {
     if let Some(entry) = table::get(oldfd) {
@@ -996,6 +1012,19 @@ pub unsafe extern "C" fn epoll_pwait(
             epfd, events, max, timeout, sigmask,
         )
     }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn epoll_pwait2(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    max: c_int,
+    timeout: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    // SAFETY: forwarded contract; the timeout is converted to milliseconds,
+    // rounded up, as epoll_pwait takes it.
+    unsafe { epoll_pwait(epfd, events, max, timespec_ms(timeout), sigmask) }
 }
 
 #[no_mangle]

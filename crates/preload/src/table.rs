@@ -70,13 +70,25 @@ pub fn remove(fd: RawFd) -> Option<Arc<Entry>> {
     slot(fd, false)?.swap(None)
 }
 
-/// Calls `f` for every managed entry (in a fork child: no other thread runs).
+/// Calls `f` for every managed entry.
 pub fn for_each(mut f: impl FnMut(&Entry)) {
-    for chunk in TABLE.chunks.iter() {
+    managed_in(0, RawFd::MAX, |_, entry| f(entry));
+}
+
+/// Calls `f` with every managed descriptor in `first..=last` and its entry.
+pub fn managed_in(first: RawFd, last: RawFd, mut f: impl FnMut(RawFd, &Entry)) {
+    for (c, chunk) in TABLE.chunks.iter().enumerate() {
+        let base = (c * CHUNK) as RawFd;
+        if base > last || base.saturating_add(CHUNK as RawFd) <= first {
+            continue;
+        }
         if let Some(slots) = chunk.get() {
-            for slot in slots.iter() {
-                if let Some(entry) = slot.load_full() {
-                    f(&entry);
+            for (i, slot) in slots.iter().enumerate() {
+                let fd = base + i as RawFd;
+                if (first..=last).contains(&fd) {
+                    if let Some(entry) = slot.load_full() {
+                        f(fd, &entry);
+                    }
                 }
             }
         }
