@@ -301,6 +301,7 @@ static int client(const char *ip, int port) {
     close(spare[0]);
     close(spare[1]);
     int high = fcntl(s, F_DUPFD, 600);
+    CHECK("fcntl_dupfd", high >= 600 && write(high, "i", 1) == 1 && read(s, in, 1) == 1 && in[0] == 'i', "F_DUPFD");
     CHECK("close_range", high >= 600 && close_range(high, high + 10, 0) == 0 && fcntl(high, F_GETFD) == -1, "close_range");
     CHECK("connection_survives_dups", write(s, "h", 1) == 1 && read(s, in, 1) == 1 && in[0] == 'h', "after closing dups");
     shutdown(s, SHUT_WR);

@@ -795,14 +795,24 @@ fn note_flags(fd: RawFd, cmd: c_int, arg: c_ulong) {
 pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
     note_flags(fd, cmd, arg);
     // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe { real!(fcntl: unsafe extern "C" fn(c_int, c_int, ...) -> c_int)(fd, cmd, arg) }
+    let r = unsafe { real!(fcntl: unsafe extern "C" fn(c_int, c_int, ...) -> c_int)(fd, cmd, arg) };
+    note_dup(fd, cmd, r)
+}
+
+/// F_DUPFD and F_DUPFD_CLOEXEC make a new descriptor for the same socket.
+fn note_dup(fd: RawFd, cmd: c_int, result: c_int) -> c_int {
+    if result >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
+        share(fd, result);
+    }
+    result
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
     note_flags(fd, cmd, arg);
     // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe { real!(fcntl64: unsafe extern "C" fn(c_int, c_int, ...) -> c_int)(fd, cmd, arg) }
+    let r = unsafe { real!(fcntl64: unsafe extern "C" fn(c_int, c_int, ...) -> c_int)(fd, cmd, arg) };
+    note_dup(fd, cmd, r)
 }
 
 #[no_mangle]
