@@ -385,7 +385,11 @@ pub fn run(args: &[String]) -> Result {
         write_json(&rows, &path)?;
         eprintln!("wrote {}", path.display());
     }
-    let svg = crate::root().join("docs/benchmarks.svg");
+    // A partial run (--only) must not replace the plot of the full one.
+    let svg = match only {
+        None => crate::root().join("docs/benchmarks.svg"),
+        Some(_) => crate::root().join("target/benchmarks-partial.svg"),
+    };
     std::fs::write(&svg, plot(&rows)).map_err(|e| format!("{}: {e}", svg.display()))?;
     eprintln!("wrote {}", svg.display());
     Ok(())
