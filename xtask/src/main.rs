@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use vsocket_e2e::{redis_benchmark_rates, sockperf_latency, Lab, Via, TWO_GUESTS};
 
 /// Debian packages the demo and the tests run.
-const PACKAGES: &[&str] = &["redis-server", "redis-tools", "sockperf", "iperf3", "iproute2", "python3", "procps"];
+const PACKAGES: &[&str] =
+    &["redis-server", "redis-tools", "sockperf", "iperf3", "iproute2", "python3", "procps", "socat"];
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -68,6 +69,12 @@ pub(crate) fn ensure_packages() -> Result {
         .copied()
         .filter(|p| !Command::new("dpkg").args(["-s", p]).output().map(|o| o.status.success()).unwrap_or(false))
         .collect();
+    let mut missing = missing;
+    // Node.js may come from outside Debian's packages; install it only if
+    // there is none at all.
+    if !Command::new("node").arg("--version").output().map(|o| o.status.success()).unwrap_or(false) {
+        missing.push("nodejs");
+    }
     if missing.is_empty() {
         return Ok(());
     }
