@@ -17,8 +17,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use vsocket_e2e::{redis_benchmark_rates, sockperf_latency, Lab, Via, TWO_GUESTS};
 
 /// Debian packages the demo and the tests run.
-const PACKAGES: &[&str] =
-    &["redis-server", "redis-tools", "sockperf", "iperf3", "iproute2", "python3", "procps", "socat"];
+const PACKAGES: &[&str] = &[
+    "redis-server",
+    "redis-tools",
+    "sockperf",
+    "iperf3",
+    "iproute2",
+    "python3",
+    "procps",
+    "socat",
+    "nginx-light",
+    "curl",
+];
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
