@@ -41,6 +41,9 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// The longest a program run by [`Lab::run`] may take.
+pub const RUN_LIMIT: Duration = Duration::from_secs(180);
+
 /// A running lab: config, namespaces, daemon, and background programs.
 pub struct Lab {
     pub name: String,
@@ -156,8 +159,39 @@ impl Lab {
     }
 
     /// Runs a program to completion and returns its output.
+    /// A program that runs longer than [`RUN_LIMIT`] is killed and reported
+    /// as an error, so a hang fails its test instead of the whole run.
     pub fn run(&self, guest: &str, via: Via, program: &str, args: &[&str]) -> io::Result<Output> {
-        self.command(guest, via, program, args).stdin(Stdio::null()).output()
+        let mut child = self
+            .command(guest, via, program, args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let id = child.id();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watchdog = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + RUN_LIMIT;
+                while Instant::now() < deadline {
+                    if done.load(std::sync::atomic::Ordering::Relaxed) {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = Command::new("kill").arg("-KILL").arg(id.to_string()).status();
+                true
+            })
+        };
+        let out = child.wait_with_output();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if watchdog.join().unwrap_or(false) {
+            return Err(io::Error::other(format!(
+                "{program} {args:?} in {guest} ({via:?}) ran over {RUN_LIMIT:?}; killed"
+            )));
+        }
+        out
     }
 
     /// Runs a program to completion; fails unless it exits 0. Returns stdout.
