@@ -162,7 +162,7 @@ impl Lab {
     /// A program that runs longer than [`RUN_LIMIT`] is killed and reported
     /// as an error, so a hang fails its test instead of the whole run.
     pub fn run(&self, guest: &str, via: Via, program: &str, args: &[&str]) -> io::Result<Output> {
-        let mut child = self
+        let child = self
             .command(guest, via, program, args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
