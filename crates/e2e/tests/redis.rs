@@ -80,3 +80,60 @@ fn vsocket_client_falls_back_to_kernel_server() {
     assert!(lab.counter("a", "fallbacks") >= 2);
     assert_eq!(lab.counter("a", "connections_out"), 0);
 }
+
+#[test]
+fn bgsave_forks_while_clients_keep_working() {
+    let mut lab = Lab::start("tbgsave", TWO_GUESTS).unwrap();
+    let dir = lab.dir.to_str().unwrap().to_string();
+    lab.spawn(
+        "b",
+        Via::Vsocket,
+        "redis-server",
+        &[
+            "--port",
+            "6379",
+            "--bind",
+            "10.10.0.3",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--dir",
+            &dir,
+        ],
+        "redis.log",
+    )
+    .unwrap();
+    lab.wait_listening("b", 6379).unwrap();
+    // Clients connected before the fork stay usable in the parent while the
+    // child saves, and after it exits.
+    let bench = std::thread::scope(|scope| {
+        let bench = scope.spawn(|| {
+            lab.run_ok(
+                "a",
+                Via::Vsocket,
+                "redis-benchmark",
+                &["-h", "10.10.0.3", "-t", "set", "-n", "200000", "-c", "20", "-r", "5000", "-q"],
+            )
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        for _ in 0..3 {
+            assert_eq!(cli(&lab, Via::Vsocket, &["bgsave"]), "Background saving started");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while cli(&lab, Via::Vsocket, &["info", "persistence"]).contains("rdb_bgsave_in_progress:1") {
+                assert!(std::time::Instant::now() < deadline, "BGSAVE never finished");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            assert!(cli(&lab, Via::Vsocket, &["info", "persistence"]).contains("rdb_last_bgsave_status:ok"));
+        }
+        bench.join().unwrap()
+    })
+    .unwrap();
+    assert_eq!(redis_benchmark_rates(&bench).len(), 1, "{bench}");
+    assert!(std::path::Path::new(&dir).join("dump.rdb").exists());
+    let keys: u64 = cli(&lab, Via::Vsocket, &["dbsize"]).parse().unwrap();
+    assert!(keys > 1000, "dbsize {keys}");
+    assert_eq!(lab.counter("a", "fallbacks"), 0);
+}

@@ -74,6 +74,8 @@ pub struct EpollSet {
     parked: AtomicUsize,
     /// Where the next scan of managed registrations starts.
     rotor: AtomicUsize,
+    /// The process that created the set (see `forget`).
+    owner: i32,
 }
 
 /// See `EpollSet::add_kernel_ready`.
@@ -94,6 +96,7 @@ pub fn track(epfd: RawFd) {
         kernel_checked: AtomicU64::new(0),
         parked: AtomicUsize::new(0),
         rotor: AtomicUsize::new(0),
+        owner: sys::getpid(),
     }));
     let weak = Arc::downgrade(&entry);
     table::set(epfd, entry);
@@ -129,10 +132,19 @@ pub fn adopt(fd: RawFd, entry: &Arc<Entry>) {
 }
 
 /// `fd` was closed: forget it everywhere.
+///
+/// A set inherited over fork is the same kernel object as its creator's:
+/// closing a descriptor here must not delete the creator's registrations
+/// (the kernel keeps them while the creator holds the descriptor), so only
+/// the creating process edits the kernel set on close.
 pub fn forget(fd: RawFd) {
     each_set(|set| {
         let mut regs = set.regs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(reg) = regs.remove(&fd) {
+        let removed = regs.remove(&fd);
+        if set.owner != sys::getpid() {
+            return;
+        }
+        if let Some(reg) = removed {
             set.unregister_special(fd, &reg);
         }
         // A parked doorbell could not be found by its number once the
