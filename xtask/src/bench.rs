@@ -308,28 +308,7 @@ pub fn run(args: &[String]) -> Result {
     }
 
     if wanted("redis") {
-        b.servers(
-            "redis-server",
-            |p| {
-                [
-                    "--port",
-                    &p.to_string(),
-                    "--bind",
-                    "10.10.0.3",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--protected-mode",
-                    "no",
-                    "--maxclients",
-                    "4096",
-                ]
-                .map(String::from)
-                .to_vec()
-            },
-            6379,
-        )?;
+        b.servers("redis-server", |p| vsocket_e2e::redis_server_args(p, &["--maxclients", "4096"]), 6379)?;
         for (clients, pipeline, requests) in
             [(1, 1, 20_000), (10, 1, 100_000), (50, 1, 200_000), (1000, 1, 200_000), (50, 16, 1_000_000)]
         {

@@ -129,14 +129,9 @@ struct Figures {
 fn measure(lab: &mut Lab, via: Via) -> Result<Figures> {
     let err = |e: std::io::Error| e.to_string();
     let mut f = Figures::default();
-    lab.spawn(
-        "b",
-        via,
-        "redis-server",
-        &["--port", "6379", "--bind", "10.10.0.3", "--save", "", "--appendonly", "no", "--protected-mode", "no"],
-        "redis.log",
-    )
-    .map_err(err)?;
+    let args = vsocket_e2e::redis_server_args(6379, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.spawn("b", via, "redis-server", &args, "redis.log").map_err(err)?;
     lab.wait_listening("b", 6379).map_err(err)?;
     let out = lab
         .run_ok(

@@ -341,6 +341,14 @@ pub fn asset(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets").join(name)
 }
 
+/// Arguments for a redis-server on guest `b`'s address that keeps nothing
+/// on disk, followed by `extra` (for example `--dir` or `--maxclients`).
+pub fn redis_server_args(port: u16, extra: &[&str]) -> Vec<String> {
+    let port = port.to_string();
+    let base = ["--port", &port, "--bind", "10.10.0.3", "--save", "", "--appendonly", "no", "--protected-mode", "no"];
+    base.iter().chain(extra).map(|a| a.to_string()).collect()
+}
+
 /// Compiles a C program shipped in `assets/` into `dir`; returns its path.
 pub fn compile(asset_name: &str, dir: &Path) -> io::Result<PathBuf> {
     let out = dir.join(asset_name.trim_end_matches(".c"));

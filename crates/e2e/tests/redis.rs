@@ -1,6 +1,6 @@
 //! redis-server and its own clients, unmodified, between two guests.
 
-use vsocket_e2e::{redis_benchmark_rates, Lab, Via, TWO_GUESTS};
+use vsocket_e2e::{redis_benchmark_rates, redis_server_args, Lab, Via, TWO_GUESTS};
 
 const SERVER: &[&str] =
     &["--port", "6379", "--bind", "10.10.0.3", "--save", "", "--appendonly", "no", "--protected-mode", "no"];
@@ -85,27 +85,9 @@ fn vsocket_client_falls_back_to_kernel_server() {
 fn bgsave_forks_while_clients_keep_working() {
     let mut lab = Lab::start("tbgsave", TWO_GUESTS).unwrap();
     let dir = lab.dir.to_str().unwrap().to_string();
-    lab.spawn(
-        "b",
-        Via::Vsocket,
-        "redis-server",
-        &[
-            "--port",
-            "6379",
-            "--bind",
-            "10.10.0.3",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-            "--dir",
-            &dir,
-        ],
-        "redis.log",
-    )
-    .unwrap();
+    let args = redis_server_args(6379, &["--dir", &dir]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.spawn("b", Via::Vsocket, "redis-server", &args, "redis.log").unwrap();
     lab.wait_listening("b", 6379).unwrap();
     // Clients connected before the fork stay usable in the parent while the
     // child saves, and after it exits.
