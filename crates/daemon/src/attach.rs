@@ -76,19 +76,11 @@ fn verify(daemon: &Daemon, guest: GuestId, channel: &OwnedFd) -> Result<(), Stri
     Ok(())
 }
 
-/// How long a channel thread keeps looking for the next request before it
-/// sleeps: programs open connections in bursts, and waking a sleeping
-/// thread costs more than the whole request.
-const BURST_WINDOW: std::time::Duration = std::time::Duration::from_micros(50);
-
+/// The next request on a channel. The thread sleeps in the kernel: a
+/// program waiting for the reply sleeps too, so the scheduler hands this
+/// core to the channel thread directly (spinning here would only take a
+/// core from the programs).
 fn next_request(channel: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let start = std::time::Instant::now();
-    while start.elapsed() < BURST_WINDOW {
-        match vsocket_sys::recv_with_fds_flags(channel.as_fd(), buf, libc::MSG_DONTWAIT) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
-            other => return other,
-        }
-    }
     vsocket_sys::recv_with_fds(channel.as_fd(), buf)
 }
 

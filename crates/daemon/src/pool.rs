@@ -12,6 +12,9 @@ use vsocket_ring::Segment;
 
 /// Segments kept ready.
 const TARGET: usize = 32;
+/// The refill thread is woken only when the pool falls to this level, so
+/// that it makes segments in batches rather than one wake-up per connect.
+const LOW_WATER: usize = TARGET / 2;
 
 pub struct SegmentPool {
     ring_size: u32,
@@ -32,8 +35,14 @@ impl SegmentPool {
 
     /// A fresh segment and its memfd.
     pub fn take(&self) -> std::io::Result<(Segment, OwnedFd)> {
-        let pooled = self.ready.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        self.taken.notify_one();
+        let (pooled, left) = {
+            let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+            let pooled = ready.pop();
+            (pooled, ready.len())
+        };
+        if left <= LOW_WATER {
+            self.taken.notify_one();
+        }
         match pooled {
             Some(s) => Ok(s),
             None => Segment::create(self.ring_size),

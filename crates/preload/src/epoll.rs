@@ -76,6 +76,8 @@ pub struct EpollSet {
     rotor: AtomicUsize,
     /// The process that created the set (see `forget`).
     owner: i32,
+    /// How long waits on the set spin before sleeping.
+    spinner: wait::Spinner,
 }
 
 /// See `EpollSet::add_kernel_ready`.
@@ -97,6 +99,7 @@ pub fn track(epfd: RawFd) {
         parked: AtomicUsize::new(0),
         rotor: AtomicUsize::new(0),
         owner: sys::getpid(),
+        spinner: wait::Spinner::new(),
     }));
     let weak = Arc::downgrade(&entry);
     table::set(epfd, entry);
@@ -476,6 +479,7 @@ impl EpollSet {
         got: &mut [libc::epoll_event],
     ) -> SysResult<usize> {
         let mut spun = false;
+        let mut _sleeping = None;
         loop {
             {
                 let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
@@ -487,7 +491,8 @@ impl EpollSet {
             }
             if !spun && timeout_ms != 0 {
                 spun = true;
-                if wait::spin(|| self.any_ready()) {
+                _sleeping = self.spinner.spin(|| self.any_ready());
+                if _sleeping.is_none() {
                     continue;
                 }
             }

@@ -566,7 +566,7 @@ fn accept_listener(
         let watched = if l.attached() { 2 } else { 1 };
         // Connections tend to come in bursts: look again for a while
         // before sleeping.
-        if !crate::wait::spin(|| sys::poll(&mut pfds[..watched], 0).is_ok_and(|n| n > 0)) {
+        if let Some(_sleeping) = l.spinner.spin(|| sys::poll(&mut pfds[..watched], 0).is_ok_and(|n| n > 0)) {
             sys::poll(&mut pfds[..watched], -1)?;
         }
         if pfds[1].revents != 0 {

@@ -22,6 +22,8 @@ pub struct Listener {
     /// The channel broke (vsocketd restarted or went away): from then on
     /// this is a plain kernel listener.
     detached: AtomicBool,
+    /// How long a blocking accept spins before sleeping.
+    pub spinner: crate::wait::Spinner,
 }
 
 impl Listener {
@@ -30,7 +32,7 @@ impl Listener {
         let channel = control::open_channel()?;
         match control::exchange(channel, &Message::Listen { local, backlog: backlog.max(0) as u32 }) {
             Ok(reply) if reply.message == Message::ListenOk => {
-                Ok(Listener { channel, detached: AtomicBool::new(false) })
+                Ok(Listener { channel, detached: AtomicBool::new(false), spinner: crate::wait::Spinner::new() })
             }
             Ok(reply) => {
                 let _ = sys::close(channel);

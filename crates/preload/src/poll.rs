@@ -62,6 +62,10 @@ enum Slot {
     Listener(usize),
 }
 
+/// How long poll and select spin before sleeping (one for the process:
+/// programs that use them for their hot path are rare).
+static POLL_SPINNER: wait::Spinner = wait::Spinner::new();
+
 /// poll/ppoll. `fds` is the program's array.
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sigset_t) -> SysResult<usize> {
     let entries: Vec<Option<Arc<Entry>>> =
@@ -104,17 +108,19 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
         }
     }
     let mut spun = false;
+    let mut _sleeping = None;
     loop {
         let ready_now = managed_ready(fds) > 0;
         let mut sleep = 0;
         if !ready_now {
             if !spun && timeout_ms != 0 {
                 spun = true;
-                if wait::spin(|| {
+                _sleeping = POLL_SPINNER.spin(|| {
                     entries.iter().zip(fds.iter()).any(|(e, p)| {
                         e.as_deref().and_then(epoll::poll_bits).is_some_and(|b| to_revents(b, p.events) != 0)
                     })
-                }) {
+                });
+                if _sleeping.is_none() {
                     continue;
                 }
             }
