@@ -42,8 +42,9 @@ pub fn listen(
     if local.port() == 0 {
         return Err(libc::EINVAL);
     }
-    if !local.ip().is_unspecified() && !g.addresses.contains(local.ip()) {
-        // A guest may only listen on its own addresses.
+    if !local.ip().is_unspecified() && !local.ip().is_loopback() && !g.addresses.contains(local.ip()) {
+        // A guest may only listen on its own addresses (loopback ones are
+        // reachable from inside the guest only).
         return Err(libc::EADDRNOTAVAIL);
     }
     // A listener that stops accepting must not hold a connecting client
@@ -60,13 +61,32 @@ pub fn connect(daemon: &Daemon, guest: GuestId, local: SocketAddrV4, remote: Soc
     let config = &daemon.config;
     let g = config.guest(guest);
     let counters = daemon.counters(guest);
-    // The guest's word about its own address is not trusted.
-    let client_ip = if g.addresses.contains(local.ip()) { *local.ip() } else { g.addresses[0] };
-    let client_addr = SocketAddrV4::new(client_ip, local.port());
-    let Some(listener) = daemon.find_listener(g.vpc, remote) else {
+    let Some(listener) = daemon.find_listener(guest, remote) else {
         counters.fallbacks.fetch_add(1, Ordering::Relaxed);
         return Reply::plain(Message::Fallback);
     };
+    // The source address the guest's kernel would pick: the loopback
+    // address for loopback, the destination itself when a guest connects to
+    // one of its own addresses, else the address the socket is bound to
+    // (the guest's word about it is not trusted) or the guest's first.
+    let client_ip = if remote.ip().is_loopback() {
+        std::net::Ipv4Addr::LOCALHOST
+    } else if listener.guest == guest && g.addresses.contains(remote.ip()) {
+        *remote.ip()
+    } else if g.addresses.contains(local.ip()) {
+        *local.ip()
+    } else {
+        g.addresses[0]
+    };
+    let client_addr = SocketAddrV4::new(client_ip, local.port());
+    if listener.guest == guest {
+        // Inside one guest: the traffic never reaches the cloud's network,
+        // so security groups do not apply (as on a VM's own loopback).
+        return match open(daemon, guest, client_addr, &listener, remote) {
+            Ok(reply) => reply,
+            Err(e) => undelivered(daemon, guest, remote, e),
+        };
+    }
     let flow = Flow {
         protocol: Protocol::Tcp,
         vpc: g.vpc,
@@ -94,16 +114,20 @@ pub fn connect(daemon: &Daemon, guest: GuestId, local: SocketAddrV4, remote: Soc
                 decided_by = %verdict.describe(config), "connect allowed");
             reply
         }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            tracing::warn!(client = %g.name, to = %remote, "listener backlog full; connect refused");
-            Reply::plain(Message::Refused { errno: libc::ECONNREFUSED })
-        }
-        Err(e) => {
-            tracing::warn!(client = %g.name, to = %remote, error = %e, "could not deliver connection to listener; kernel path");
-            counters.fallbacks.fetch_add(1, Ordering::Relaxed);
-            Reply::plain(Message::Fallback)
-        }
+        Err(e) => undelivered(daemon, guest, remote, e),
     }
+}
+
+/// The reply when a connection could not be handed to its listener.
+fn undelivered(daemon: &Daemon, guest: GuestId, remote: SocketAddrV4, e: std::io::Error) -> Reply {
+    let name = &daemon.config.guest(guest).name;
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        tracing::warn!(client = %name, to = %remote, "listener backlog full; connect refused");
+        return Reply::plain(Message::Refused { errno: libc::ECONNREFUSED });
+    }
+    tracing::warn!(client = %name, to = %remote, error = %e, "could not deliver connection to listener; kernel path");
+    daemon.counters(guest).fallbacks.fetch_add(1, Ordering::Relaxed);
+    Reply::plain(Message::Fallback)
 }
 
 /// Creates the shared segment and doorbell, hands the server end to the

@@ -67,7 +67,17 @@ impl ConnectionRecord {
     }
 }
 
-type ListenerKey = (VpcId, Ipv4Addr, u16);
+/// Where a listener's address is reachable from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Scope {
+    /// From the VPC: the guest's own (VPC) addresses.
+    Vpc(VpcId),
+    /// From inside the guest only: loopback addresses (127.0.0.0/8), and
+    /// the wildcard, stored as 0.0.0.0 and matching any of them.
+    Guest(GuestId),
+}
+
+type ListenerKey = (Scope, Ipv4Addr, u16);
 
 /// Everything the daemon knows; shared by all its threads.
 #[derive(Debug)]
@@ -107,30 +117,32 @@ impl Daemon {
         &self.guests[guest.index()]
     }
 
-    /// The addresses a listener bound to `local` in `guest` serves.
-    fn served_addresses(&self, guest: GuestId, local: SocketAddrV4) -> Vec<Ipv4Addr> {
+    /// The keys under which a listener bound to `local` in `guest` is found.
+    fn listener_keys(&self, guest: GuestId, local: SocketAddrV4) -> Vec<ListenerKey> {
         let g = self.config.guest(guest);
-        if local.ip().is_unspecified() {
-            g.addresses.clone()
+        let port = local.port();
+        if local.ip().is_loopback() {
+            vec![(Scope::Guest(guest), *local.ip(), port)]
+        } else if local.ip().is_unspecified() {
+            let mut keys: Vec<ListenerKey> = g.addresses.iter().map(|ip| (Scope::Vpc(g.vpc), *ip, port)).collect();
+            keys.push((Scope::Guest(guest), Ipv4Addr::UNSPECIFIED, port));
+            keys
         } else {
-            vec![*local.ip()]
+            vec![(Scope::Vpc(g.vpc), *local.ip(), port)]
         }
     }
 
     /// Registers a listener; the caller checked that `guest` owns the address.
     pub fn add_listener(&self, listener: Arc<ListenerRecord>) {
-        let vpc = self.config.guest(listener.guest).vpc;
         let mut map = lock(&self.listeners);
-        for ip in self.served_addresses(listener.guest, listener.local) {
-            map.entry((vpc, ip, listener.local.port())).or_default().push(listener.clone());
+        for key in self.listener_keys(listener.guest, listener.local) {
+            map.entry(key).or_default().push(listener.clone());
         }
     }
 
     pub fn remove_listener(&self, listener: &Arc<ListenerRecord>) {
-        let vpc = self.config.guest(listener.guest).vpc;
         let mut map = lock(&self.listeners);
-        for ip in self.served_addresses(listener.guest, listener.local) {
-            let key = (vpc, ip, listener.local.port());
+        for key in self.listener_keys(listener.guest, listener.local) {
             if let Some(list) = map.get_mut(&key) {
                 list.retain(|l| l.id != listener.id);
                 if list.is_empty() {
@@ -140,11 +152,19 @@ impl Daemon {
         }
     }
 
-    /// The listener serving (vpc, address), if any; several listeners on
-    /// one address (SO_REUSEPORT, forked workers) take turns.
-    pub fn find_listener(&self, vpc: VpcId, addr: SocketAddrV4) -> Option<Arc<ListenerRecord>> {
+    /// The listener a connect from `client` to `addr` reaches, if any:
+    /// loopback addresses reach the client's own guest only; other
+    /// addresses are looked up in its VPC. Several listeners on one address
+    /// (SO_REUSEPORT, forked workers) take turns.
+    pub fn find_listener(&self, client: GuestId, addr: SocketAddrV4) -> Option<Arc<ListenerRecord>> {
         let map = lock(&self.listeners);
-        let list = map.get(&(vpc, *addr.ip(), addr.port()))?;
+        let list = if addr.ip().is_loopback() {
+            let scope = Scope::Guest(client);
+            map.get(&(scope, *addr.ip(), addr.port()))
+                .or_else(|| map.get(&(scope, Ipv4Addr::UNSPECIFIED, addr.port())))?
+        } else {
+            map.get(&(Scope::Vpc(self.config.guest(client).vpc), *addr.ip(), addr.port()))?
+        };
         let turn = self.next_id.load(Ordering::Relaxed) as usize % list.len();
         Some(list[turn].clone())
     }

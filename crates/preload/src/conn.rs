@@ -23,6 +23,8 @@ pub struct Connection {
     /// Our end of the doorbell pair (a library-internal descriptor).
     pub doorbell: RawFd,
     pub info: ConnectionInfo,
+    /// The family of the program's socket (addresses are shown in it).
+    pub family: crate::addr::Family,
     /// The last fork generation this connection was counted in (see
     /// `note_fork`).
     fork_generation: AtomicU64,
@@ -62,6 +64,7 @@ impl Connection {
     pub fn new(
         info: ConnectionInfo,
         endpoint: Endpoint,
+        family: crate::addr::Family,
         segment_fd: RawFd,
         doorbell: RawFd,
         nonblocking: bool,
@@ -83,6 +86,7 @@ impl Connection {
             endpoint,
             doorbell,
             info,
+            family,
             fork_generation: AtomicU64::new(0),
             nonblocking: AtomicBool::new(nonblocking),
             read_shut: AtomicBool::new(false),
@@ -528,8 +532,9 @@ mod tests {
             peer: "10.0.0.3:80".parse().unwrap(),
             ring_size,
         };
-        let client = Connection::new(info, Endpoint::Client, memfd.into_raw_fd(), a, false).unwrap();
-        let server = Connection::new(info, Endpoint::Server, memfd2, b, false).unwrap();
+        let client =
+            Connection::new(info, Endpoint::Client, crate::addr::Family::V4, memfd.into_raw_fd(), a, false).unwrap();
+        let server = Connection::new(info, Endpoint::Server, crate::addr::Family::V4, memfd2, b, false).unwrap();
         (Arc::new(client), Arc::new(server))
     }
 

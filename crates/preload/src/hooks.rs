@@ -6,6 +6,7 @@
 //! safe modules. This is the only place that turns C pointers into Rust
 //! slices; no panic unwinds out of it (the crate aborts on panic).
 
+use crate::addr::{self, Family};
 use crate::conn::Connection;
 use crate::listener::Listener;
 use crate::sys::{self, Errno, SysResult};
@@ -115,40 +116,53 @@ fn with_conn<R>(entry: &Entry, f: impl FnOnce(&Connection) -> SysResult<R>) -> S
     }
 }
 
-fn sockaddr_v4(addr: *const sockaddr, len: socklen_t) -> Option<SocketAddrV4> {
-    if addr.is_null() || (len as usize) < std::mem::size_of::<libc::sockaddr_in>() {
+/// The IPv4 endpoint a program's socket address names, if any (see `addr`).
+fn read_sockaddr(addr: *const sockaddr, len: socklen_t) -> Option<(SocketAddrV4, Family)> {
+    if addr.is_null() {
         return None;
     }
-    // SAFETY: the caller's address is at least a sockaddr_in (checked above).
-    let sa = unsafe { std::ptr::read_unaligned(addr as *const libc::sockaddr_in) };
-    (sa.sin_family == libc::AF_INET as libc::sa_family_t)
-        .then(|| SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port)))
+    let mut bytes = [0u8; addr::STORAGE];
+    let n = (len as usize).min(bytes.len());
+    // SAFETY: the caller's address holds `len` bytes; we copy at most that.
+    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, bytes.as_mut_ptr(), n) };
+    addr::parse(&bytes[..n])
 }
 
-fn to_sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
-        sin_zero: [0; 8],
-    }
-}
-
-/// Writes `a` into a caller's (addr, len) pair, truncating as the kernel does.
-fn write_sockaddr(a: SocketAddrV4, addr: *mut sockaddr, len: *mut socklen_t) -> SysResult<()> {
+/// Writes `a`, as an address of `family`, into a caller's (addr, len)
+/// pair, truncating as the kernel does.
+fn write_sockaddr(a: SocketAddrV4, family: Family, addr: *mut sockaddr, len: *mut socklen_t) -> SysResult<()> {
     if addr.is_null() || len.is_null() {
         return if addr.is_null() && len.is_null() { Ok(()) } else { Err(Errno(libc::EFAULT)) };
     }
-    let sa = to_sockaddr_in(a);
-    let full = std::mem::size_of::<libc::sockaddr_in>();
+    let (bytes, full) = addr::render(a, family);
     // SAFETY: `len` points to the caller's buffer length, and `addr` to at
     // least that many bytes; we copy no more than it says.
     unsafe {
         let room = (*len as usize).min(full);
-        std::ptr::copy_nonoverlapping(&sa as *const libc::sockaddr_in as *const u8, addr as *mut u8, room);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, room);
         *len = full as socklen_t;
     }
     Ok(())
+}
+
+/// The family of a TCP socket that vSocket may carry: AF_INET, or AF_INET6
+/// that also speaks IPv4 (IPV6_V6ONLY off).
+fn tcp_family(fd: RawFd) -> Option<Family> {
+    let family = Family::from_domain(sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).ok()?)?;
+    if sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).ok()? != libc::SOCK_STREAM {
+        return None;
+    }
+    if family == Family::V6 && sys::getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) != Ok(0) {
+        return None;
+    }
+    Some(family)
+}
+
+/// The socket's local address, if it is an IPv4 one (or `::`).
+fn local_v4(fd: RawFd) -> Option<SocketAddrV4> {
+    let mut bytes = [0u8; addr::STORAGE];
+    let n = sys::getsockname(fd, &mut bytes).ok()?;
+    addr::parse(&bytes[..n]).map(|(a, _)| a)
 }
 
 // ---- reading and writing ------------------------------------------------
@@ -429,26 +443,23 @@ pub unsafe extern "C" fn sendfile64(out_fd: c_int, in_fd: c_int, offset: *mut li
 const SYN_TIMEOUT_MS: i64 = 127_000;
 
 /// Tries to connect over vSocket. `None`: use the kernel.
-fn vsocket_connect(fd: RawFd, remote: SocketAddrV4) -> Option<SysResult<()>> {
-    if !control::enabled() || remote.ip().is_loopback() || remote.ip().is_unspecified() {
+fn vsocket_connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysResult<()>> {
+    if !control::enabled() || remote.ip().is_unspecified() {
         return None;
     }
-    let domain = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).ok()?;
-    let ty = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).ok()?;
-    if domain != libc::AF_INET || ty != libc::SOCK_STREAM {
+    if tcp_family(fd)? != family {
         return None;
     }
     // A real local port, from the kernel, so getsockname tells the truth and
     // two connections never share one.
     // Binding first costs one call less than asking first; EINVAL means the
     // program bound the socket itself.
-    let any = to_sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-    match sys::bind_v4(fd, &any) {
+    let (any, len) = addr::render(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), family);
+    match sys::bind(fd, &any[..len]) {
         Ok(()) | Err(Errno(libc::EINVAL)) => {}
         Err(e) => return Some(Err(e)),
     }
-    let local = sys::getsockname_v4(fd).ok()?;
-    let local = SocketAddrV4::new(Ipv4Addr::from(u32::from_be(local.sin_addr.s_addr)), u16::from_be(local.sin_port));
+    let local = local_v4(fd)?;
     let nonblocking = sys::fcntl(fd, libc::F_GETFL, 0).ok()? as c_int & libc::O_NONBLOCK != 0;
     // The daemon unreachable: the kernel path still works.
     let mut reply = control::request(&Message::Connect { local, remote }).ok()?;
@@ -456,7 +467,7 @@ fn vsocket_connect(fd: RawFd, remote: SocketAddrV4) -> Option<SysResult<()>> {
         Message::Connected(info) => {
             let segment = reply.take_fd(FD_SEGMENT);
             let doorbell = reply.take_fd(FD_DOORBELL);
-            let conn = match Connection::new(info, Endpoint::Client, segment, doorbell, nonblocking) {
+            let conn = match Connection::new(info, Endpoint::Client, family, segment, doorbell, nonblocking) {
                 Ok(c) => c,
                 Err(e) => return Some(Err(e)),
             };
@@ -503,8 +514,8 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
         Some(Entry::Dropped(_)) => return ret_int(Err(Errno(libc::EALREADY))),
         _ => {}
     }
-    if let Some(remote) = sockaddr_v4(addr, len) {
-        if let Some(r) = vsocket_connect(fd, remote) {
+    if let Some((remote, family)) = read_sockaddr(addr, len) {
+        if let Some(r) = vsocket_connect(fd, remote, family) {
             return ret_int(r);
         }
     }
@@ -519,20 +530,16 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     if r != 0 || !control::enabled() || table::get(fd).is_some() {
         return r;
     }
-    let is_tcp4 = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Ok(libc::AF_INET)
-        && sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Ok(libc::SOCK_STREAM);
-    if !is_tcp4 {
-        return r;
-    }
-    let Ok(sa) = sys::getsockname_v4(fd) else {
+    // IPv4 listeners, and IPv6 ones that take IPv4 clients (bound to `::`
+    // or to a mapped address), also take vSocket connections.
+    let Some(family) = tcp_family(fd) else {
         return r;
     };
-    let local = SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port));
-    if local.ip().is_loopback() {
+    let Some(local) = local_v4(fd) else {
         return r;
-    }
+    };
     // If the daemon will not take the listener, it stays a kernel listener.
-    if let Ok(listener) = Listener::register(local, backlog) {
+    if let Ok(listener) = Listener::register(local, family, backlog) {
         let entry = Arc::new(Entry::Listener(listener));
         table::set(fd, entry.clone());
         epoll::adopt(fd, &entry);
@@ -551,7 +558,7 @@ fn accept_listener(
     let blocking = sys::fcntl(fd, libc::F_GETFL, 0)? as c_int & libc::O_NONBLOCK == 0;
     loop {
         if let Some((newfd, peer)) = l.take_pending(flags)? {
-            write_sockaddr(peer, addr, alen)?;
+            write_sockaddr(peer, l.family, addr, alen)?;
             return Ok(newfd);
         }
         if !blocking {
@@ -702,7 +709,7 @@ pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
 pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, alen: *mut socklen_t) -> c_int {
     if let Some(e) = table::get(fd) {
         if let Entry::Conn(c) = &*e {
-            return ret_int(write_sockaddr(c.local(), addr, alen));
+            return ret_int(write_sockaddr(c.local(), c.family, addr, alen));
         }
     }
     // SAFETY: forwarding the caller's arguments unchanged.
@@ -712,7 +719,7 @@ pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, alen: *mut 
 #[no_mangle]
 pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, alen: *mut socklen_t) -> c_int {
     if let Some(e) = conn_of(fd) {
-        return ret_int(with_conn(&e, |c| write_sockaddr(c.peer(), addr, alen)));
+        return ret_int(with_conn(&e, |c| write_sockaddr(c.peer(), c.family, addr, alen)));
     }
     // SAFETY: forwarding the caller's arguments unchanged.
     unsafe { real!(getpeername: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int)(fd, addr, alen) }

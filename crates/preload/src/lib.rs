@@ -2,6 +2,7 @@
 //! linked program in a guest, it carries the program's TCP/IPv4 connections
 //! over shared memory instead of the kernel network stack.
 //!
+//! - [`addr`]: socket addresses of both families, as vSocket carries them;
 //! - [`hooks`]: the exported C functions (the only place that handles C
 //!   pointers);
 //! - [`table`]: which descriptors are managed, looked up without locks;
@@ -18,6 +19,7 @@
 //! validated, because the peer may be hostile to it.
 #![deny(unsafe_code)]
 
+mod addr;
 mod conn;
 mod control;
 mod epoll;

@@ -5,6 +5,7 @@
 //! daemon delivers vSocket connections, each a message carrying the
 //! segment and the doorbell. `accept` takes from whichever is ready.
 
+use crate::addr::Family;
 use crate::conn::Connection;
 use crate::control;
 use crate::sys::{self, Errno, SysResult};
@@ -22,17 +23,19 @@ pub struct Listener {
     /// The channel broke (vsocketd restarted or went away): from then on
     /// this is a plain kernel listener.
     detached: AtomicBool,
+    /// The listening socket's family: accepted sockets have it too.
+    pub family: Family,
     /// How long a blocking accept spins before sleeping.
     pub spinner: crate::wait::Spinner,
 }
 
 impl Listener {
     /// Registers the kernel listening socket's address with the daemon.
-    pub fn register(local: SocketAddrV4, backlog: i32) -> SysResult<Listener> {
+    pub fn register(local: SocketAddrV4, family: Family, backlog: i32) -> SysResult<Listener> {
         let channel = control::open_channel()?;
         match control::exchange(channel, &Message::Listen { local, backlog: backlog.max(0) as u32 }) {
             Ok(reply) if reply.message == Message::ListenOk => {
-                Ok(Listener { channel, detached: AtomicBool::new(false), spinner: crate::wait::Spinner::new() })
+                Ok(Listener { channel, detached: AtomicBool::new(false), family, spinner: crate::wait::Spinner::new() })
             }
             Ok(reply) => {
                 let _ = sys::close(channel);
@@ -61,8 +64,11 @@ impl Listener {
         if sys::poll(&mut pending, 0).unwrap_or(0) == 0 {
             return Ok(None);
         }
-        let fd =
-            sys::socket(libc::AF_INET, libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)), 0)?;
+        let fd = sys::socket(
+            self.family.domain(),
+            libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)),
+            0,
+        )?;
         let mut reply = match control::receive(self.channel, libc::MSG_DONTWAIT) {
             Ok(r) => r,
             Err(e) => {
@@ -80,7 +86,8 @@ impl Listener {
         };
         let segment = reply.take_fd(FD_SEGMENT);
         let doorbell = reply.take_fd(FD_DOORBELL);
-        match Connection::new(info, Endpoint::Server, segment, doorbell, flags & libc::SOCK_NONBLOCK != 0) {
+        match Connection::new(info, Endpoint::Server, self.family, segment, doorbell, flags & libc::SOCK_NONBLOCK != 0)
+        {
             Ok(conn) => {
                 table::set(fd, Arc::new(Entry::Conn(conn)));
                 Ok(Some((fd, info.peer)))

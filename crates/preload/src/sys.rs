@@ -90,16 +90,16 @@ pub fn getsockopt_timeout_ms(fd: RawFd, name: i32) -> SysResult<i64> {
     Ok(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000)
 }
 
-pub fn getsockname_v4(fd: RawFd) -> SysResult<libc::sockaddr_in> {
-    // SAFETY: sockaddr_in is plain data.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    raw!(libc::SYS_getsockname, fd, &mut sa as *mut libc::sockaddr_in, &mut len as *mut libc::socklen_t)?;
-    Ok(sa)
+/// The socket's local address, as bytes of a sockaddr (see `addr`).
+pub fn getsockname(fd: RawFd, out: &mut [u8; crate::addr::STORAGE]) -> SysResult<usize> {
+    let mut len = out.len() as libc::socklen_t;
+    raw!(libc::SYS_getsockname, fd, out.as_mut_ptr(), &mut len as *mut libc::socklen_t)?;
+    Ok((len as usize).min(out.len()))
 }
 
-pub fn bind_v4(fd: RawFd, sa: &libc::sockaddr_in) -> SysResult<()> {
-    raw!(libc::SYS_bind, fd, sa as *const libc::sockaddr_in, std::mem::size_of::<libc::sockaddr_in>()).map(drop)
+/// Binds to the address in `sa` (bytes of a sockaddr, see `addr`).
+pub fn bind(fd: RawFd, sa: &[u8]) -> SysResult<()> {
+    raw!(libc::SYS_bind, fd, sa.as_ptr(), sa.len()).map(drop)
 }
 
 pub fn connect_unix_seqpacket(path: &[u8]) -> SysResult<RawFd> {
