@@ -39,6 +39,15 @@ fn memaslap_stat(out: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in memaslap output:\n{out}"))
 }
 
+/// Debian 12's libmemcached-tools installs memaslap as `memcaslap`; older
+/// releases as `memaslap`.
+fn memaslap() -> &'static str {
+    let on_path = |name: &str| {
+        std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).exists()))
+    };
+    ["memcaslap", "memaslap"].into_iter().find(|name| on_path(name)).expect("memaslap (libmemcached-tools) installed")
+}
+
 fn start_memcached(lab: &mut Lab, port: u16) {
     let port_s = port.to_string();
     lab.spawn(
@@ -56,13 +65,13 @@ fn start_memcached(lab: &mut Lab, port: u16) {
 fn memcached_with_memaslap() {
     let mut lab = Lab::start("tmslap", TWO_GUESTS).unwrap();
     start_memcached(&mut lab, 11211);
-    // Debian installs memaslap as memcaslap. A fixed number of operations
-    // (never filling the 256 MiB, so nothing is evicted), 10% of gets verified.
+    // A fixed number of operations (never filling the 256 MiB, so nothing
+    // is evicted), 10% of gets verified.
     let out = lab
         .run_ok(
             "a",
             Via::Vsocket,
-            "memcaslap",
+            memaslap(),
             &["-s", "10.10.0.3:11211", "-T", "2", "-c", "16", "-x", "200000", "-v", "0.1"],
         )
         .unwrap();
