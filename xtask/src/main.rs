@@ -28,6 +28,9 @@ const PACKAGES: &[&str] = &[
     "socat",
     "nginx-light",
     "curl",
+    "memcached",
+    "libmemcached-tools",
+    "wrk",
 ];
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);

@@ -344,9 +344,34 @@ pub fn asset(name: &str) -> PathBuf {
 /// Arguments for a redis-server on guest `b`'s address that keeps nothing
 /// on disk, followed by `extra` (for example `--dir` or `--maxclients`).
 pub fn redis_server_args(port: u16, extra: &[&str]) -> Vec<String> {
+    redis_server_args_at("10.10.0.3", port, extra)
+}
+
+/// As [`redis_server_args`], bound to `ip` (another guest's address).
+pub fn redis_server_args_at(ip: &str, port: u16, extra: &[&str]) -> Vec<String> {
     let port = port.to_string();
-    let base = ["--port", &port, "--bind", "10.10.0.3", "--save", "", "--appendonly", "no", "--protected-mode", "no"];
+    let base = ["--port", &port, "--bind", ip, "--save", "", "--appendonly", "no", "--protected-mode", "no"];
     base.iter().chain(extra).map(|a| a.to_string()).collect()
+}
+
+/// Writes `<dir>/nginx.conf` for nginx in the foreground, a master and two
+/// workers (forked after listen), sendfile on, serving `<dir>/www` on
+/// `listen` (`ip:port`), with the given `accept_mutex` (`on` or `off`), and
+/// every file it writes kept in `dir`. Creates `www`; returns the config's path.
+pub fn nginx_config(dir: &Path, listen: &str, accept_mutex: &str) -> io::Result<PathBuf> {
+    std::fs::create_dir_all(dir.join("www"))?;
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    let d = dir.display();
+    let conf = format!(
+        "daemon off; worker_processes 2; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+         events {{ worker_connections 256; accept_mutex {accept_mutex}; }}\n\
+         http {{ access_log off; sendfile on; client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp;\n\
+         fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n\
+         server {{ listen {listen}; root {d}/www; }} }}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    Ok(path)
 }
 
 /// Compiles a C program shipped in `assets/` into `dir`; returns its path.

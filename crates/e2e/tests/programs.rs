@@ -1,6 +1,6 @@
 //! Programs people run, unmodified, between two guests over vSocket.
 
-use vsocket_e2e::{asset, Lab, Via, TWO_GUESTS};
+use vsocket_e2e::{asset, nginx_config, Lab, Via, TWO_GUESTS};
 
 fn script(name: &str) -> String {
     asset(name).to_str().unwrap().to_string()
@@ -119,9 +119,9 @@ fn socat_relays_vsocket_to_a_kernel_connection() {
 fn nginx_master_and_workers_serve_files_byte_for_byte() {
     for accept_mutex in ["on", "off"] {
         let mut lab = Lab::start(&format!("tngx{}", &accept_mutex[1..2]), TWO_GUESTS).unwrap();
+        // Two workers forked after listen, sendfile on; the accept mutex both ways.
+        let conf_path = nginx_config(&lab.dir, "10.10.0.3:8080", accept_mutex).unwrap();
         let root = lab.dir.join("www");
-        std::fs::create_dir_all(&root).unwrap();
-        std::fs::create_dir_all(lab.dir.join("tmp")).unwrap();
         let files: Vec<(&str, Vec<u8>)> = [("small.txt", 6usize), ("mid", 70_000), ("big", 3_000_000)]
             .into_iter()
             .map(|(name, len)| (name, (0..len).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect()))
@@ -129,17 +129,6 @@ fn nginx_master_and_workers_serve_files_byte_for_byte() {
         for (name, data) in &files {
             std::fs::write(root.join(name), data).unwrap();
         }
-        let d = lab.dir.display().to_string();
-        // Two workers forked after listen, sendfile on; the accept mutex both ways.
-        let conf = format!(
-            "daemon off; worker_processes 2; pid {d}/nginx.pid; error_log {d}/error.log;\n\
-             events {{ worker_connections 256; accept_mutex {accept_mutex}; }}\n\
-             http {{ access_log off; sendfile on; client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp;\n\
-             fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n\
-             server {{ listen 10.10.0.3:8080; root {d}/www; }} }}\n"
-        );
-        let conf_path = lab.dir.join("nginx.conf");
-        std::fs::write(&conf_path, conf).unwrap();
         lab.spawn("b", Via::Vsocket, "nginx", &["-c", conf_path.to_str().unwrap()], "nginx.log").unwrap();
         lab.wait_listening("b", 8080).unwrap();
         let mut expected_connections = 0;
