@@ -11,7 +11,7 @@ use crate::conn::Connection;
 use crate::listener::Listener;
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Dropped, Entry};
-use crate::{control, epoll, poll};
+use crate::{control, epoll, poll, signals};
 use libc::{c_int, c_ulong, c_void, size_t, sockaddr, socklen_t, ssize_t};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
@@ -574,7 +574,17 @@ fn accept_listener(
         // Connections tend to come in bursts: look again for a while
         // before sleeping.
         if let Some(_sleeping) = l.spinner.spin(|| sys::poll(&mut pfds[..watched], 0).is_ok_and(|n| n > 0)) {
-            sys::poll(&mut pfds[..watched], -1)?;
+            loop {
+                signals::before_sleep();
+                match sys::poll(&mut pfds[..watched], -1) {
+                    // A handler with SA_RESTART ran: accept goes on waiting.
+                    Err(Errno(libc::EINTR)) if signals::restart_after_interrupt(false) => continue,
+                    r => {
+                        r?;
+                        break;
+                    }
+                };
+            }
         }
         if pfds[1].revents != 0 {
             continue;
@@ -1048,4 +1058,123 @@ pub unsafe extern "C" fn epoll_pwait2(
 pub unsafe extern "C" fn epoll_wait(epfd: c_int, events: *mut libc::epoll_event, max: c_int, timeout: c_int) -> c_int {
     // SAFETY: forwarded contract.
     unsafe { epoll_pwait(epfd, events, max, timeout, std::ptr::null()) }
+}
+
+// ---- signals ----------------------------------------------------------------
+
+/// Stands in for the program's signal handlers (see `signals`): notes the
+/// delivery for the interrupted thread, then runs the program's handler.
+extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    let Some((handler, flags)) = signals::program_action(sig) else {
+        return;
+    };
+    signals::delivered(sig, flags);
+    if flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: the program installed `handler` as an `sa_sigaction`
+        // (SA_SIGINFO), and the kernel passed us that handler's arguments.
+        let f =
+            unsafe { std::mem::transmute::<usize, extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void)>(handler) };
+        f(sig, info, ctx);
+    } else {
+        // SAFETY: the program installed `handler` as an `sa_handler`.
+        let f = unsafe { std::mem::transmute::<usize, extern "C" fn(c_int)>(handler) };
+        f(sig);
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
+    let real = real!(sigaction: unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int);
+    if !control::enabled() || sig <= 0 || sig as usize >= signals::NSIG {
+        // SAFETY: forwarding the caller's arguments unchanged.
+        return unsafe { real(sig, act, old) };
+    }
+    let before = signals::program_action(sig);
+    // SAFETY: struct sigaction is plain data.
+    let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+    let r = if act.is_null() {
+        // SAFETY: a query; `previous` is a valid out-pointer.
+        unsafe { real(sig, std::ptr::null(), &mut previous) }
+    } else {
+        // SAFETY: the caller passes a valid struct sigaction.
+        let mut ours = unsafe { std::ptr::read(act) };
+        if ours.sa_sigaction == libc::SIG_DFL || ours.sa_sigaction == libc::SIG_IGN {
+            signals::uninstall(sig);
+        } else {
+            signals::install(sig, ours.sa_sigaction, ours.sa_flags);
+            ours.sa_sigaction = trampoline as *const () as usize;
+            ours.sa_flags |= libc::SA_SIGINFO;
+        }
+        // SAFETY: a valid action and out-pointer.
+        let r = unsafe { real(sig, &ours, &mut previous) };
+        if r != 0 {
+            match before {
+                Some((handler, flags)) => signals::install(sig, handler, flags),
+                None => signals::uninstall(sig),
+            }
+        }
+        r
+    };
+    if r == 0 && !old.is_null() {
+        // The program sees its own handler, never the trampoline.
+        if previous.sa_sigaction == trampoline as *const () as usize {
+            if let Some((handler, flags)) = before {
+                previous.sa_sigaction = handler;
+                previous.sa_flags = flags;
+            }
+        }
+        // SAFETY: the caller's out-pointer is valid for a struct sigaction.
+        unsafe { std::ptr::write(old, previous) };
+    }
+    r
+}
+
+/// `signal`-style installation through `sigaction`, with `flags`.
+fn install_handler(sig: c_int, handler: libc::sighandler_t, flags: c_int) -> libc::sighandler_t {
+    // SAFETY: struct sigaction and sigset_t are plain data; sigemptyset and
+    // sigaddset write only into `act.sa_mask`.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = handler;
+        act.sa_flags = flags;
+        libc::sigemptyset(&mut act.sa_mask);
+        if flags & libc::SA_NODEFER == 0 {
+            libc::sigaddset(&mut act.sa_mask, sig);
+        }
+        let mut old: libc::sigaction = std::mem::zeroed();
+        if sigaction(sig, &act, &mut old) < 0 {
+            return libc::SIG_ERR;
+        }
+        old.sa_sigaction
+    }
+}
+
+/// BSD semantics, as glibc's `signal`: the handler stays, calls restart.
+#[no_mangle]
+pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    if !control::enabled() {
+        // SAFETY: forwarding the caller's arguments unchanged.
+        return unsafe {
+            real!(signal: unsafe extern "C" fn(c_int, libc::sighandler_t) -> libc::sighandler_t)(sig, handler)
+        };
+    }
+    install_handler(sig, handler, libc::SA_RESTART)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bsd_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    // SAFETY: same contract as `signal`.
+    unsafe { signal(sig, handler) }
+}
+
+/// System V semantics: one-shot, not blocked while it runs, no restart.
+#[no_mangle]
+pub unsafe extern "C" fn sysv_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    if !control::enabled() {
+        // SAFETY: forwarding the caller's arguments unchanged.
+        return unsafe {
+            real!(sysv_signal: unsafe extern "C" fn(c_int, libc::sighandler_t) -> libc::sighandler_t)(sig, handler)
+        };
+    }
+    install_handler(sig, handler, libc::SA_RESETHAND | libc::SA_NODEFER)
 }

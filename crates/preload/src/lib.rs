@@ -12,6 +12,8 @@
 //! - [`wait`], [`poll`], [`epoll`]: blocking, and readiness over any mix of
 //!   kernel and vSocket descriptors;
 //! - [`fork`]: connections shared with children;
+//! - [`signals`]: `SA_RESTART` for blocking calls, through the program's
+//!   handlers;
 //! - [`sys`]: raw system calls, so the library never re-enters its own hooks.
 //!
 //! The library is inside the tenant's trust domain: it enforces nothing for
@@ -28,6 +30,7 @@ mod fork;
 mod hooks;
 mod listener;
 mod poll;
+mod signals;
 #[allow(unsafe_code)]
 mod sys;
 mod table;

@@ -178,9 +178,12 @@ fn sleep(conn: &Connection, interest: u32) -> SysResult<()> {
             }
         };
         let mut pfd = [libc::pollfd { fd: conn.doorbell, events: libc::POLLIN, revents: 0 }];
+        crate::signals::before_sleep();
         match sys::poll(&mut pfd, sleep) {
             Ok(_) => {}
-            Err(Errno(libc::EINTR)) => return Err(Errno(libc::EINTR)),
+            // The kernel restarts a socket call whose signal handler asked
+            // for it (SA_RESTART), unless the socket has a timeout.
+            Err(Errno(libc::EINTR)) if crate::signals::restart_after_interrupt(deadline.is_some()) => {}
             Err(e) => return Err(e),
         }
         if pfd[0].revents != 0 {

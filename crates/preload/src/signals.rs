@@ -1,0 +1,136 @@
+//! Signals during blocking calls: `SA_RESTART`, as the kernel honours it.
+//!
+//! When a signal handler runs while a thread sleeps in a blocking socket
+//! call, Linux restarts the call if the handler was installed with
+//! `SA_RESTART` (and the socket has no `SO_RCVTIMEO`/`SO_SNDTIMEO`), and
+//! fails it with EINTR otherwise. A vSocket call sleeps in `poll` on its
+//! doorbell, which the kernel never restarts, and the library cannot ask
+//! the kernel which signal interrupted it. So the library installs the
+//! program's handlers itself (`hooks::sigaction`, `signal`): the kernel
+//! sees a trampoline that notes the signal's number for the interrupted
+//! thread and then calls the program's handler with the program's flags;
+//! the program, asking `sigaction` what is installed, sees its own handler.
+//! A sleeping call that returns EINTR then looks up whether that signal's
+//! handler asked for `SA_RESTART`.
+//!
+//! Handlers installed behind the library's back (the raw `rt_sigaction`
+//! system call) are not seen: calls they interrupt fail with EINTR.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+
+/// Signal numbers run from 1 to 64 on Linux.
+pub const NSIG: usize = 65;
+
+/// The program's own disposition of one signal, while the library's
+/// trampoline stands in for it.
+struct Disposition {
+    /// The program's handler (`sa_handler` or `sa_sigaction`); 0 when the
+    /// trampoline is not installed for this signal.
+    handler: AtomicUsize,
+    /// The program's `sa_flags`.
+    flags: AtomicI32,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const NONE: Disposition = Disposition { handler: AtomicUsize::new(0), flags: AtomicI32::new(0) };
+static DISPOSITIONS: [Disposition; NSIG] = [NONE; NSIG];
+
+/// What ran on this thread since `before_sleep`.
+const QUIET: u8 = 0;
+/// Handlers that asked for `SA_RESTART`, only.
+const RESTART: u8 = 1;
+/// At least one handler without `SA_RESTART`.
+const INTERRUPT: u8 = 2;
+
+thread_local! {
+    static SEEN: Cell<u8> = const { Cell::new(QUIET) };
+}
+
+fn slot(sig: i32) -> Option<&'static Disposition> {
+    usize::try_from(sig).ok().filter(|&s| s > 0).and_then(|s| DISPOSITIONS.get(s))
+}
+
+/// The program's handler and flags for `sig`, if the trampoline stands in.
+pub fn program_action(sig: i32) -> Option<(usize, i32)> {
+    let d = slot(sig)?;
+    let handler = d.handler.load(Ordering::Acquire);
+    (handler != 0).then(|| (handler, d.flags.load(Ordering::Relaxed)))
+}
+
+/// The trampoline now stands in for the program's `handler` on `sig`.
+pub fn install(sig: i32, handler: usize, flags: i32) {
+    if let Some(d) = slot(sig) {
+        d.flags.store(flags, Ordering::Relaxed);
+        d.handler.store(handler, Ordering::Release);
+    }
+}
+
+/// The program set `SIG_DFL` or `SIG_IGN` on `sig`: no trampoline.
+pub fn uninstall(sig: i32) {
+    if let Some(d) = slot(sig) {
+        d.handler.store(0, Ordering::Release);
+    }
+}
+
+/// Called by the trampoline, in signal context (no allocation, no
+/// locks), before it runs the program's handler of `sig` with `flags`.
+pub fn delivered(sig: i32, flags: i32) {
+    let seen = if flags & libc::SA_RESTART != 0 { RESTART } else { INTERRUPT };
+    SEEN.set(SEEN.get().max(seen));
+    if flags & libc::SA_RESETHAND != 0 {
+        // The kernel has put back SIG_DFL.
+        uninstall(sig);
+    }
+}
+
+/// Called before a blocking call sleeps.
+pub fn before_sleep() {
+    SEEN.set(QUIET);
+}
+
+/// After a sleep ended with EINTR: would the kernel have restarted the
+/// call? Only if every handler that ran asked for it, and the socket has no
+/// timeout for this direction (`timed`), which makes the kernel fail with
+/// EINTR whatever the flags.
+pub fn restart_after_interrupt(timed: bool) -> bool {
+    !timed && SEEN.get() == RESTART
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_program_s_action_is_kept_and_forgotten() {
+        install(libc::SIGUSR1, 0x1234, libc::SA_RESTART);
+        assert_eq!(program_action(libc::SIGUSR1), Some((0x1234, libc::SA_RESTART)));
+        uninstall(libc::SIGUSR1);
+        assert_eq!(program_action(libc::SIGUSR1), None);
+        assert_eq!(program_action(0), None);
+        assert_eq!(program_action(-3), None);
+        assert_eq!(program_action(200), None);
+    }
+
+    #[test]
+    fn restart_follows_the_interrupting_handlers_flags() {
+        before_sleep();
+        assert!(!restart_after_interrupt(false), "no handler ran: EINTR");
+        delivered(libc::SIGUSR2, libc::SA_RESTART);
+        assert!(restart_after_interrupt(false));
+        assert!(!restart_after_interrupt(true), "a socket timeout means EINTR");
+        delivered(libc::SIGALRM, 0);
+        assert!(!restart_after_interrupt(false), "one handler without SA_RESTART: EINTR");
+        before_sleep();
+        delivered(libc::SIGALRM, 0);
+        delivered(libc::SIGUSR2, libc::SA_RESTART);
+        assert!(!restart_after_interrupt(false));
+    }
+
+    #[test]
+    fn a_one_shot_handler_is_forgotten_once_delivered() {
+        install(libc::SIGWINCH, 0x99, libc::SA_RESETHAND | libc::SA_RESTART);
+        delivered(libc::SIGWINCH, libc::SA_RESETHAND | libc::SA_RESTART);
+        assert_eq!(program_action(libc::SIGWINCH), None);
+    }
+}
