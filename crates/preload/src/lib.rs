@@ -11,6 +11,7 @@
 //! - [`wait`], [`poll`], [`epoll`]: blocking, and readiness over any mix of
 //!   kernel and vSocket descriptors;
 //! - [`fork`]: connections shared with children;
+//! - [`splice`]: splice(2) between a pipe and a connection;
 //! - [`sys`]: raw system calls, so the library never re-enters its own hooks.
 //!
 //! The library is inside the tenant's trust domain: it enforces nothing for
@@ -26,6 +27,7 @@ mod fork;
 mod hooks;
 mod listener;
 mod poll;
+mod splice;
 #[allow(unsafe_code)]
 mod sys;
 mod table;
