@@ -267,7 +267,7 @@ static void check_epoll_sets(int s) {
     int inner_ready = epoll_wait(inner, got, 4, 0);
     int inner_which = inner_ready == 1 && got[0].data.u64 == 8;
     int drained = read(s, &c, 1) == 1 && c == 'y';
-    int after = epoll_wait(inner, got, 4, 0);
+    int after = epoll_wait(inner, got, 4, 0) + epoll_wait(outer, got, 4, 0);
     CHECK("epoll_nested", added == 0 && loop && idle == 0 && which && inner_which && drained && after == 0, "added %d loop %d idle %d outer %d inner %d after %d", added, loop, idle, outer_ready, inner_ready, after);
     close(outer);
     close(inner);
