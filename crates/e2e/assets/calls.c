@@ -16,12 +16,14 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/select.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
@@ -42,6 +44,14 @@ static volatile sig_atomic_t sigpipes;
             printf(" (errno %d %s)\n", errno, strerror(errno));      \
             failures++;                                              \
         }                                                            \
+        fflush(stdout);                                              \
+    } while (0)
+
+#define SKIP(name, ...)                                              \
+    do {                                                             \
+        printf("skip %s: ", name);                                   \
+        printf(__VA_ARGS__);                                         \
+        printf("\n");                                               \
         fflush(stdout);                                              \
     } while (0)
 
@@ -88,6 +98,12 @@ static void serve_one(int c) {
         shutdown(c, SHUT_WR);
         while ((n = read(c, buf, sizeof buf)) > 0) {}
         break;
+    case 'L': /* SO_LINGER {1, 0}: close sends a reset */
+        {
+            struct linger lg = {1, 0};
+            setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+        }
+        break;
     case 'W': /* ten paced writes, for MSG_WAITALL */
         memset(buf, 'w', 1000);
         for (int i = 0; i < 10; i++) { write(c, buf, 1000); usleep(20000); }
@@ -122,6 +138,296 @@ static int connect_to(struct sockaddr_in *sa, char cmd) {
     if (connect(s, (struct sockaddr *)sa, sizeof *sa)) { perror("connect"); exit(2); }
     write(s, &cmd, 1);
     return s;
+}
+
+/* Reads exactly n bytes with recv(MSG_WAITALL) and compares them. */
+static int arrives(int s, const char *want, size_t n) {
+    char got[8192];
+    if (n > sizeof got) return 0;
+    return recv(s, got, n, MSG_WAITALL) == (ssize_t)n && memcmp(got, want, n) == 0;
+}
+
+/* MSG_MORE and TCP_CORK: the bytes arrive, whole and in order. */
+static void check_cork(int s) {
+    CHECK("msg_more", send(s, "more", 4, MSG_MORE) == 4 && send(s, "-done", 5, 0) == 5 && arrives(s, "more-done", 9), "MSG_MORE");
+    int on = 1, off = 0, v = 0;
+    socklen_t len = sizeof v;
+    int set = setsockopt(s, IPPROTO_TCP, TCP_CORK, &on, sizeof on);
+    getsockopt(s, IPPROTO_TCP, TCP_CORK, &v, &len);
+    int sent = write(s, "cor", 3) == 3 && write(s, "ked", 3) == 3;
+    int unset = setsockopt(s, IPPROTO_TCP, TCP_CORK, &off, sizeof off);
+    CHECK("tcp_cork", set == 0 && v == 1 && sent && unset == 0 && arrives(s, "corked", 6), "TCP_CORK set %d v %d", set, v);
+}
+
+/* sendmmsg and recvmmsg on a stream socket. */
+static void check_mmsg(int s) {
+    char *parts[3] = {"one", "two!", "three"};
+    struct iovec sv[3];
+    struct mmsghdr sm[3];
+    memset(sm, 0, sizeof sm);
+    for (int i = 0; i < 3; i++) {
+        sv[i].iov_base = parts[i];
+        sv[i].iov_len = strlen(parts[i]);
+        sm[i].msg_hdr.msg_iov = &sv[i];
+        sm[i].msg_hdr.msg_iovlen = 1;
+    }
+    int r = sendmmsg(s, sm, 3, 0);
+    CHECK("sendmmsg", r == 3 && sm[0].msg_len == 3 && sm[1].msg_len == 4 && sm[2].msg_len == 5, "sendmmsg %d", r);
+    /* MSG_WAITALL fills each message in turn. */
+    char b[4][8];
+    struct iovec rv[4];
+    struct mmsghdr rm[4];
+    size_t sizes[4] = {5, 4, 3, 8};
+    memset(rm, 0, sizeof rm);
+    for (int i = 0; i < 4; i++) {
+        rv[i].iov_base = b[i];
+        rv[i].iov_len = sizes[i];
+        rm[i].msg_hdr.msg_iov = &rv[i];
+        rm[i].msg_hdr.msg_iovlen = 1;
+    }
+    r = recvmmsg(s, rm, 3, MSG_WAITALL, NULL);
+    CHECK("recvmmsg", r == 3 && rm[0].msg_len == 5 && rm[1].msg_len == 4 && rm[2].msg_len == 3 && memcmp(b[0], "onetw", 5) == 0 && memcmp(b[1], "o!th", 4) == 0 && memcmp(b[2], "ree", 3) == 0, "recvmmsg %d", r);
+    /* MSG_WAITFORONE: after the first message, only what is there. */
+    r = sendmmsg(s, sm, 3, 0);
+    char all[12];
+    int there = r == 3 && recv(s, all, 12, MSG_PEEK | MSG_WAITALL) == 12;
+    r = recvmmsg(s, rm, 4, MSG_WAITFORONE, NULL);
+    CHECK("recvmmsg_waitforone", there && r == 3 && rm[0].msg_len == 5 && rm[1].msg_len == 4 && rm[2].msg_len == 3 && memcmp(b[2], "ree", 3) == 0, "recvmmsg %d", r);
+    r = recvmmsg(s, rm, 2, MSG_DONTWAIT, NULL);
+    CHECK("recvmmsg_empty", r == -1 && errno == EAGAIN, "recvmmsg %d", r);
+}
+
+/* splice: file -> pipe (kernel) -> socket, and socket -> pipe. */
+static void check_splice(int s) {
+    char path[] = "/tmp/calls-splice-XXXXXX";
+    int file = mkstemp(path);
+    unlink(path);
+    char content[6000];
+    for (int i = 0; i < 6000; i++) content[i] = (char)('a' + i % 23);
+    write(file, content, sizeof content);
+    lseek(file, 0, SEEK_SET);
+    int p[2];
+    pipe(p);
+    ssize_t in = splice(file, NULL, p[1], NULL, 6000, 0);
+    ssize_t out = 0, r;
+    while (out < in && (r = splice(p[0], NULL, s, NULL, in - out, 0)) > 0) out += r;
+    CHECK("splice_pipe_to_socket", in == 6000 && out == 6000 && arrives(s, content, 6000), "splice in %zd out %zd", in, out);
+    r = splice(p[0], NULL, s, NULL, 100, SPLICE_F_NONBLOCK);
+    CHECK("splice_empty_pipe_nonblock", r == -1 && errno == EAGAIN, "splice %zd", r);
+    write(s, content, 3000);
+    ssize_t moved = 0;
+    while (moved < 3000 && (r = splice(s, NULL, p[1], NULL, 3000 - moved, 0)) > 0) moved += r;
+    char back[3000];
+    CHECK("splice_socket_to_pipe", moved == 3000 && read_full(p[0], back, 3000) == 3000 && memcmp(back, content, 3000) == 0, "moved %zd", moved);
+    loff_t off = 0;
+    r = splice(p[0], NULL, s, &off, 1, 0);
+    CHECK("splice_offset_on_socket", r == -1 && errno == EINVAL, "splice %zd", r);
+    close(p[0]);
+    close(p[1]);
+    close(file);
+}
+
+struct waiter {
+    int ep;
+    int woken;
+};
+
+static void *epoll_waiter(void *arg) {
+    struct waiter *w = arg;
+    struct epoll_event ev;
+    w->woken = epoll_wait(w->ep, &ev, 1, 2000);
+    return NULL;
+}
+
+/* One socket in two sets; a set inside a set; EPOLLEXCLUSIVE. */
+static void check_epoll_sets(int s) {
+    int e1 = epoll_create1(0), e2 = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 7}, got[4];
+    epoll_ctl(e1, EPOLL_CTL_ADD, s, &ev);
+    epoll_ctl(e2, EPOLL_CTL_ADD, s, &ev);
+    int idle = epoll_wait(e1, got, 4, 0) + epoll_wait(e2, got, 4, 0);
+    write(s, "x", 1);
+    int r1 = epoll_wait(e1, got, 4, 2000);
+    int r2 = epoll_wait(e2, got, 4, 2000);
+    char c;
+    CHECK("epoll_two_sets", idle == 0 && r1 == 1 && r2 == 1 && got[0].data.u64 == 7 && read(s, &c, 1) == 1, "idle %d, %d and %d", idle, r1, r2);
+    close(e1);
+    close(e2);
+
+    int inner = epoll_create1(0), outer = epoll_create1(0);
+    ev.data.u64 = 8;
+    epoll_ctl(inner, EPOLL_CTL_ADD, s, &ev);
+    struct epoll_event oev = {.events = EPOLLIN, .data.u64 = 9};
+    int added = epoll_ctl(outer, EPOLL_CTL_ADD, inner, &oev);
+    int loop = epoll_ctl(inner, EPOLL_CTL_ADD, outer, &oev) == -1 && errno == ELOOP;
+    idle = epoll_wait(outer, got, 4, 100);
+    write(s, "y", 1);
+    int outer_ready = epoll_wait(outer, got, 4, 2000);
+    int which = outer_ready == 1 && got[0].data.u64 == 9 && (got[0].events & EPOLLIN);
+    int inner_ready = epoll_wait(inner, got, 4, 0);
+    int inner_which = inner_ready == 1 && got[0].data.u64 == 8;
+    int drained = read(s, &c, 1) == 1 && c == 'y';
+    int after = epoll_wait(inner, got, 4, 0) + epoll_wait(outer, got, 4, 0);
+    CHECK("epoll_nested", added == 0 && loop && idle == 0 && which && inner_which && drained && after == 0, "added %d loop %d idle %d outer %d inner %d after %d", added, loop, idle, outer_ready, inner_ready, after);
+    close(outer);
+    close(inner);
+
+    /* EPOLLEXCLUSIVE: accepted on ADD (not on MOD); a waiter wakes. */
+    struct waiter w[3];
+    pthread_t t[3];
+    int ok = 1;
+    ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+    for (int i = 0; i < 3; i++) {
+        w[i].ep = epoll_create1(0);
+        w[i].woken = -1;
+        ok &= epoll_ctl(w[i].ep, EPOLL_CTL_ADD, s, &ev) == 0;
+    }
+    int mod = epoll_ctl(w[0].ep, EPOLL_CTL_MOD, s, &ev) == -1 && errno == EINVAL;
+    for (int i = 0; i < 3; i++) pthread_create(&t[i], NULL, epoll_waiter, &w[i]);
+    usleep(100000);
+    write(s, "z", 1);
+    int woken = 0;
+    for (int i = 0; i < 3; i++) {
+        pthread_join(t[i], NULL);
+        woken += w[i].woken == 1;
+        close(w[i].ep);
+    }
+    CHECK("epoll_exclusive", ok && mod && woken >= 1 && read(s, &c, 1) == 1 && c == 'z', "added %d mod-EINVAL %d woken %d", ok, mod, woken);
+}
+
+/* Descriptors above 65535. */
+static void check_high_fds(int s) {
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    struct rlimit want = {200000, rl.rlim_max < 200000 ? 200000 : rl.rlim_max};
+    if (setrlimit(RLIMIT_NOFILE, &want) != 0) {
+        want.rlim_max = rl.rlim_max;
+        want.rlim_cur = rl.rlim_max;
+        if (rl.rlim_max <= 150000 || setrlimit(RLIMIT_NOFILE, &want) != 0) {
+            SKIP("high_fd", "RLIMIT_NOFILE cannot be raised above 150000 (hard limit %lu)", (unsigned long)rl.rlim_max);
+            return;
+        }
+    }
+    int targets[2] = {70000, 150000};
+    for (int i = 0; i < 2; i++) {
+        int h = targets[i];
+        char c = 0;
+        int ok = dup2(s, h) == h && write(h, "H", 1) == 1;
+        struct pollfd pf = {h, POLLIN, 0};
+        ok = ok && poll(&pf, 1, 2000) == 1 && (pf.revents & POLLIN) && read(h, &c, 1) == 1 && c == 'H';
+        int ep = epoll_create1(0);
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = h}, got;
+        ok = ok && epoll_ctl(ep, EPOLL_CTL_ADD, h, &ev) == 0 && write(h, "I", 1) == 1;
+        ok = ok && epoll_wait(ep, &got, 1, 2000) == 1 && got.data.fd == h && read(h, &c, 1) == 1 && c == 'I';
+        close(ep);
+        ok = ok && close(h) == 0 && fcntl(h, F_GETFD) == -1;
+        ok = ok && write(s, "J", 1) == 1 && read(s, &c, 1) == 1 && c == 'J';
+        CHECK(i == 0 ? "high_fd_70000" : "high_fd_150000", ok, "fd %d", h);
+    }
+}
+
+/* Many threads on one socket. */
+#define WRITERS 8
+#define RECORDS 1000
+#define READERS 4
+#define RECORD 64
+
+static int threads_sock;
+static pthread_mutex_t write_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t read_lock = PTHREAD_MUTEX_INITIALIZER;
+static int records_read, bad_records, per_writer[WRITERS], next_seq[WRITERS];
+static long bytes_read;
+
+static void make_record(char *r, int writer, int seq) {
+    memcpy(r, &writer, 4);
+    memcpy(r + 4, &seq, 4);
+    for (int i = 8; i < RECORD; i++) r[i] = (char)(writer * 31 + seq * 7 + i);
+}
+
+static void *record_writer(void *arg) {
+    int writer = (int)(long)arg;
+    char r[RECORD];
+    for (int seq = 0; seq < RECORDS; seq++) {
+        make_record(r, writer, seq);
+        /* One whole record per write; the lock keeps records whole on
+         * the kernel path too, where a write may wait for buffer space
+         * part way through. */
+        pthread_mutex_lock(&write_lock);
+        ssize_t n = write(threads_sock, r, RECORD);
+        pthread_mutex_unlock(&write_lock);
+        if (n != RECORD) {
+            __atomic_add_fetch(&bad_records, 1, __ATOMIC_RELAXED);
+            break;
+        }
+    }
+    return NULL;
+}
+
+static void *record_reader(void *arg) {
+    (void)arg;
+    char r[RECORD], want[RECORD];
+    for (;;) {
+        pthread_mutex_lock(&read_lock);
+        if (records_read == WRITERS * RECORDS || bad_records) {
+            pthread_mutex_unlock(&read_lock);
+            return NULL;
+        }
+        ssize_t n = read_full(threads_sock, r, RECORD);
+        int writer = -1, seq = -1;
+        if (n == RECORD) {
+            memcpy(&writer, r, 4);
+            memcpy(&seq, r + 4, 4);
+        }
+        if (n != RECORD || writer < 0 || writer >= WRITERS || seq != next_seq[writer]) {
+            bad_records++;
+        } else {
+            make_record(want, writer, seq);
+            if (memcmp(r, want, RECORD) != 0) bad_records++;
+            next_seq[writer]++;
+            per_writer[writer]++;
+            records_read++;
+            bytes_read += n;
+        }
+        pthread_mutex_unlock(&read_lock);
+    }
+}
+
+static void *one_byte_reader(void *arg) {
+    char *c = arg;
+    if (read(threads_sock, c, 1) != 1) *c = 0;
+    return NULL;
+}
+
+static int join_within(pthread_t t, int seconds) {
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += seconds;
+    return pthread_timedjoin_np(t, NULL, &deadline) == 0;
+}
+
+static void check_threads(int s) {
+    threads_sock = s;
+    pthread_t w[WRITERS], r[READERS];
+    for (int i = 0; i < READERS; i++) pthread_create(&r[i], NULL, record_reader, NULL);
+    for (int i = 0; i < WRITERS; i++) pthread_create(&w[i], NULL, record_writer, (void *)(long)i);
+    int joined = 1;
+    for (int i = 0; i < WRITERS; i++) joined &= join_within(w[i], 60);
+    for (int i = 0; i < READERS; i++) joined &= join_within(r[i], 60);
+    int counts = 1;
+    for (int i = 0; i < WRITERS; i++) counts &= per_writer[i] == RECORDS;
+    CHECK("threads_write_records", joined && !bad_records && counts && bytes_read == (long)WRITERS * RECORDS * RECORD, "joined %d bad %d read %ld bytes", joined, bad_records, bytes_read);
+
+    /* Several threads blocked in read on one socket: each is woken. */
+    char got[READERS + 1] = {0};
+    for (int i = 0; i < READERS; i++) pthread_create(&r[i], NULL, one_byte_reader, &got[i]);
+    usleep(100000);
+    for (int i = 0; i < READERS; i++) write(s, "abcd" + i, 1);
+    joined = 1;
+    for (int i = 0; i < READERS; i++) joined &= join_within(r[i], 10);
+    int seen[4] = {0};
+    for (int i = 0; i < READERS; i++)
+        if (got[i] >= 'a' && got[i] <= 'd') seen[got[i] - 'a']++;
+    CHECK("threads_blocked_readers", joined && seen[0] == 1 && seen[1] == 1 && seen[2] == 1 && seen[3] == 1, "joined %d got %.4s", joined, got);
 }
 
 static void on_sigpipe(int sig) { (void)sig; sigpipes++; }
@@ -345,6 +651,26 @@ static int client(const char *ip, int port) {
     shutdown(s, SHUT_RD);
     CHECK("shutdown_rd", read(s, in, 1) == 0, "read after SHUT_RD");
     write(s, "k", 1);
+    close(s);
+
+    /* SO_LINGER {1, 0}: the server's close resets the connection. */
+    s = connect_to(&sa, 'L');
+    CHECK("so_linger_zero_resets", read(s, in, 1) == -1 && errno == ECONNRESET, "expected ECONNRESET");
+    close(s);
+
+    /* MSG_MORE, TCP_CORK, mmsg, splice, epoll sets, high descriptors. */
+    s = connect_to(&sa, 'E');
+    read(s, &status, 1);
+    check_cork(s);
+    check_mmsg(s);
+    check_splice(s);
+    check_epoll_sets(s);
+    check_high_fds(s);
+    close(s);
+
+    s = connect_to(&sa, 'E');
+    read(s, &status, 1);
+    check_threads(s);
     close(s);
 
     printf("%d failed\n", failures);

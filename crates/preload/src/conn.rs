@@ -39,6 +39,9 @@ pub struct Connection {
     broken: AtomicBool,
     /// Pending SO_ERROR.
     so_error: AtomicI32,
+    /// SO_LINGER with a zero timeout: the last close aborts (RST) instead
+    /// of finishing the stream, as Linux does.
+    abort_on_close: AtomicBool,
     /// Descriptors in this process that name the connection (dup).
     handles: AtomicUsize,
     /// SO_RCVTIMEO and SO_SNDTIMEO in milliseconds (0: none), kept in step
@@ -95,6 +98,7 @@ impl Connection {
             broken: AtomicBool::new(false),
             reset_by_peer: AtomicBool::new(false),
             so_error: AtomicI32::new(0),
+            abort_on_close: AtomicBool::new(false),
             handles: AtomicUsize::new(1),
             recv_timeout_ms: AtomicI64::new(0),
             send_timeout_ms: AtomicI64::new(0),
@@ -137,6 +141,11 @@ impl Connection {
     pub fn timeout_ms(&self, interest: u32) -> i64 {
         let slot = if interest & ready::OUT != 0 { &self.send_timeout_ms } else { &self.recv_timeout_ms };
         slot.load(Ordering::Relaxed)
+    }
+
+    /// Notes SO_LINGER: `on` with a zero timeout makes close send a reset.
+    pub fn set_linger(&self, on: bool, seconds: i32) {
+        self.abort_on_close.store(on && seconds == 0, Ordering::Relaxed);
     }
 
     /// Reads and clears SO_ERROR.
@@ -271,10 +280,42 @@ impl Connection {
         if wanted == 0 {
             return Ok(0);
         }
+        let _guard = self.rx_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.recv_locked(bufs, flags)
+    }
+
+    /// Offers up to `max` received bytes to `sink` (waiting for them as a
+    /// read would) and consumes only as many as it reports taking, so a
+    /// sink that takes part of them (a full pipe, for splice) loses none.
+    /// Returns what was taken; 0 at end of stream.
+    pub fn recv_into(&self, max: usize, sink: impl FnOnce(&[u8]) -> SysResult<usize>) -> SysResult<usize> {
+        if self.read_shut.load(Ordering::Relaxed) || max == 0 {
+            return Ok(0);
+        }
+        let mut buf = vec![0u8; max];
+        let _guard = self.rx_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let n = self.recv_locked(&mut [&mut buf[..]], libc::MSG_PEEK)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let taken = sink(&buf[..n])?.min(n);
+        // With the lock held, nobody else consumed the peeked bytes.
+        let mut left = taken;
+        while left > 0 {
+            match self.recv_locked(&mut [&mut buf[..left]], libc::MSG_DONTWAIT) {
+                Ok(0) => break,
+                Ok(k) => left -= k,
+                Err(_) => break,
+            }
+        }
+        Ok(taken - left)
+    }
+
+    fn recv_locked(&self, bufs: &mut [&mut [u8]], flags: i32) -> SysResult<usize> {
+        let wanted: usize = bufs.iter().map(|b| b.len()).sum();
         let peek = flags & libc::MSG_PEEK != 0;
         let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
         let dontwait = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();
-        let _guard = self.rx_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut total = 0usize;
         loop {
             if self.broken.load(Ordering::Relaxed) {
@@ -432,8 +473,9 @@ impl Connection {
     }
 
     /// The last descriptor for this connection in its owner process was
-    /// closed: FIN (or RST when unread data would be lost, as Linux does),
-    /// and stop accepting the peer's bytes.
+    /// closed: FIN (or RST when unread data would be lost, or SO_LINGER
+    /// asks for an abort, as Linux does), and stop accepting the peer's
+    /// bytes.
     pub fn close(&self) {
         // Other processes (fork) still hold this end: they go on using it.
         if self.segment.holders(self.endpoint.index()).fetch_sub(1, Ordering::AcqRel) > 1 {
@@ -441,8 +483,9 @@ impl Connection {
         }
         let rx = self.rx();
         let unread = matches!(rx.state(), Ok(RxState::Data(_)));
+        let abort = unread || self.abort_on_close.load(Ordering::Relaxed);
         let tx = self.tx();
-        let wake_tx = if unread { tx.reset() } else { tx.finish() };
+        let wake_tx = if abort { tx.reset() } else { tx.finish() };
         let wake_rx = rx.close();
         self.kick(wake_tx || wake_rx);
     }
@@ -591,6 +634,20 @@ mod tests {
         s.close();
         let mut buf = [0u8; 8];
         assert_eq!(c.recv(&mut [&mut buf[..]], 0), Err(Errno(libc::ECONNRESET)));
+        assert_eq!(c.recv(&mut [&mut buf[..]], 0), Ok(0));
+    }
+
+    #[test]
+    fn linger_zero_close_resets_the_peer() {
+        let (c, s) = pair(4096);
+        s.set_linger(true, 0);
+        s.close();
+        let mut buf = [0u8; 8];
+        assert_eq!(c.recv(&mut [&mut buf[..]], 0), Err(Errno(libc::ECONNRESET)));
+        // A nonzero linger time closes gracefully.
+        let (c, s) = pair(4096);
+        s.set_linger(true, 5);
+        s.close();
         assert_eq!(c.recv(&mut [&mut buf[..]], 0), Ok(0));
     }
 

@@ -51,6 +51,10 @@ enum Kind {
     Managed { entry: Arc<Entry>, last: Option<Snapshot> },
     /// A listener: its socket and its channel are in the kernel set.
     Listener { entry: Arc<Entry> },
+    /// Another tracked epoll set: its kernel fd is in the kernel set (so its
+    /// kernel descriptors and doorbells wake this one), and whether it has
+    /// events is judged by asking it (see `EpollSet::has_events`).
+    Nested { entry: Arc<Entry> },
 }
 
 struct Registration {
@@ -194,7 +198,12 @@ impl EpollSet {
                 }
                 Ok(Kind::Listener { entry: entry.clone() })
             }
-            Entry::Epoll(_) => Err(Errno(libc::EINVAL)),
+            Entry::Epoll(_) => {
+                // The kernel refuses loops (ELOOP), too deep nesting and a set
+                // added to itself, exactly as it would without the library.
+                sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, events, token(fd))?;
+                Ok(Kind::Nested { entry: entry.clone() })
+            }
         }
     }
 
@@ -216,14 +225,32 @@ impl EpollSet {
                     let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, l.channel, 0, 0);
                 }
             }
+            Kind::Nested { .. } => {
+                let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
+            }
         }
         self.special.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// epoll_ctl on this set.
     pub fn ctl(&self, op: i32, fd: RawFd, event: Option<libc::epoll_event>) -> SysResult<()> {
-        let target = table::get(fd).filter(|e| !matches!(**e, Entry::Epoll(_)));
+        let target = table::get(fd).filter(|e| !matches!(**e, Entry::Epoll(_)) || fd != self.epfd);
         let (events, data) = event.map(|e| (e.events, e.u64)).unwrap_or((0, 0));
+        // EPOLLEXCLUSIVE: only on ADD, with only the flags that make sense
+        // for it, and a registration made with it cannot be modified.
+        const EXCLUSIVE: u32 = libc::EPOLLEXCLUSIVE as u32;
+        const EXCLUSIVE_OK: u32 = (libc::EPOLLIN
+            | libc::EPOLLOUT
+            | libc::EPOLLERR
+            | libc::EPOLLHUP
+            | libc::EPOLLWAKEUP
+            | libc::EPOLLET
+            | libc::EPOLLEXCLUSIVE) as u32;
+        if events & EXCLUSIVE != 0
+            && (op == libc::EPOLL_CTL_MOD || (op == libc::EPOLL_CTL_ADD && events & !EXCLUSIVE_OK != 0))
+        {
+            return Err(Errno(libc::EINVAL));
+        }
         let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
         match op {
             libc::EPOLL_CTL_ADD => {
@@ -249,9 +276,13 @@ impl EpollSet {
                     // Not one we know (registered before tracking): let the kernel judge.
                     return sys::epoll_ctl(self.epfd, op, fd, events, data);
                 };
+                if reg.events & EXCLUSIVE != 0 && !matches!(reg.kind, Kind::Kernel) {
+                    return Err(Errno(libc::EINVAL));
+                }
                 match &mut reg.kind {
                     Kind::Kernel => sys::epoll_ctl(self.epfd, op, fd, events, data)?,
                     Kind::Managed { last, .. } => *last = None,
+                    Kind::Nested { .. } => sys::epoll_ctl(self.epfd, op, fd, events, token(fd))?,
                     Kind::Listener { entry } => {
                         let ev = kernel_events(events);
                         sys::epoll_ctl(self.epfd, op, fd, ev, token(fd))?;
@@ -283,6 +314,14 @@ impl EpollSet {
     /// What a managed registration would report now, and (edge-triggered
     /// only) the snapshot its next edge is measured against.
     fn judge(reg: &Registration) -> (u32, Option<Snapshot>) {
+        if let Kind::Nested { entry } = &reg.kind {
+            let readable = match &**entry {
+                Entry::Epoll(inner) => inner.has_events(),
+                _ => false,
+            };
+            let mask = if readable { (libc::EPOLLIN | libc::EPOLLRDNORM) as u32 & reg.events } else { 0 };
+            return (mask, None);
+        }
         let Kind::Managed { entry, .. } = &reg.kind else {
             return (0, None);
         };
@@ -325,16 +364,19 @@ impl EpollSet {
                     continue;
                 }
                 let (mask, snapshot) = Self::judge(reg);
-                let Kind::Managed { last, .. } = &mut reg.kind else { continue };
-                if mask == 0 {
-                    *last = snapshot;
-                    continue;
-                }
-                if snapshot.is_some() {
-                    if *last == snapshot {
+                if let Kind::Managed { last, .. } = &mut reg.kind {
+                    if mask == 0 {
+                        *last = snapshot;
                         continue;
                     }
-                    *last = snapshot;
+                    if snapshot.is_some() {
+                        if *last == snapshot {
+                            continue;
+                        }
+                        *last = snapshot;
+                    }
+                } else if mask == 0 {
+                    continue;
                 }
                 out[n] = libc::epoll_event { events: mask, u64: reg.data };
                 n += 1;
@@ -359,23 +401,54 @@ impl EpollSet {
 
     fn arm(&self, regs: &HashMap<RawFd, Registration>) {
         for reg in regs.values() {
-            if let (false, Kind::Managed { entry, .. }) = (reg.disabled, &reg.kind) {
-                if let Entry::Conn(conn) = &**entry {
-                    conn.arm(reg.events);
+            match (reg.disabled, &reg.kind) {
+                (false, Kind::Managed { entry, .. }) => {
+                    if let Entry::Conn(conn) = &**entry {
+                        conn.arm(reg.events);
+                    }
+                }
+                (false, Kind::Nested { entry }) => {
+                    if let Entry::Epoll(inner) = &**entry {
+                        inner.arm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Would a wait on this set report something now? This is what the
+    /// kernel answers when the set's own descriptor is polled (or nested in
+    /// another set): vSocket readiness from shared memory, kernel readiness
+    /// from the kernel set once the doorbells, which are not events of
+    /// their own, are drained.
+    fn has_events(&self) -> bool {
+        if self.any_ready() {
+            return true;
+        }
+        {
+            let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+            for reg in regs.values() {
+                if let Kind::Managed { entry, .. } = &reg.kind {
+                    if let Entry::Conn(conn) = &**entry {
+                        conn.drain_doorbell();
+                    }
                 }
             }
         }
+        let mut pfd = [libc::pollfd { fd: self.epfd, events: libc::POLLIN, revents: 0 }];
+        sys::poll(&mut pfd, 0).is_ok_and(|n| n > 0) || self.any_ready()
     }
 
     fn any_ready(&self) -> bool {
         let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
         regs.values().any(|reg| {
-            if reg.disabled || !matches!(reg.kind, Kind::Managed { .. }) {
+            if reg.disabled || !matches!(reg.kind, Kind::Managed { .. } | Kind::Nested { .. }) {
                 return false;
             }
             let (mask, snapshot) = Self::judge(reg);
             let Kind::Managed { last, .. } = &reg.kind else {
-                return false;
+                return mask != 0;
             };
             mask != 0 && (snapshot.is_none() || *last != snapshot)
         })
@@ -430,7 +503,8 @@ impl EpollSet {
                         reg.disabled = true;
                     }
                 }
-                Kind::Kernel => {}
+                // Judged by `collect`, which runs next.
+                Kind::Nested { .. } | Kind::Kernel => {}
             }
         }
         n

@@ -362,6 +362,158 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_i
     unsafe { real!(sendmsg: unsafe extern "C" fn(c_int, *const libc::msghdr, c_int) -> ssize_t)(fd, msg, flags) }
 }
 
+/// The bytes a message's iovecs describe.
+///
+/// # Safety
+/// `msg` must point to a valid msghdr.
+unsafe fn msg_bytes(msg: *const libc::msghdr) -> usize {
+    // SAFETY: per this function's contract; the iovec array is the caller's.
+    unsafe {
+        let m = &*msg;
+        if m.msg_iov.is_null() {
+            return 0;
+        }
+        std::slice::from_raw_parts(m.msg_iov, m.msg_iovlen).iter().map(|v| v.iov_len).sum()
+    }
+}
+
+/// sendmmsg on a stream socket, as Linux does it: sendmsg per message
+/// until one fails or is sent only in part; the count of messages sent, or
+/// the first message's error.
+#[no_mangle]
+pub unsafe extern "C" fn sendmmsg(fd: c_int, msgs: *mut libc::mmsghdr, vlen: libc::c_uint, flags: c_int) -> c_int {
+    if conn_of(fd).is_some() {
+        let vlen = vlen.min(libc::UIO_MAXIOV as libc::c_uint) as usize;
+        if vlen > 0 && msgs.is_null() {
+            return ret_int(Err(Errno(libc::EFAULT)));
+        }
+        let mut sent = 0;
+        while sent < vlen {
+            // SAFETY: the caller passes `vlen` valid mmsghdrs.
+            let m = unsafe { &mut *msgs.add(sent) };
+            // SAFETY: forwarded contract (a valid msghdr); sendmsg sets errno.
+            let r = unsafe { sendmsg(fd, &m.msg_hdr, flags) };
+            if r < 0 {
+                break;
+            }
+            m.msg_len = r as libc::c_uint;
+            sent += 1;
+            // SAFETY: as above.
+            if (r as usize) < unsafe { msg_bytes(&m.msg_hdr) } {
+                break;
+            }
+        }
+        return if sent > 0 || vlen == 0 { sent as c_int } else { -1 };
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe {
+        real!(sendmmsg: unsafe extern "C" fn(c_int, *mut libc::mmsghdr, libc::c_uint, c_int) -> c_int)(
+            fd, msgs, vlen, flags,
+        )
+    }
+}
+
+/// recvmmsg on a stream socket, as Linux does it: recvmsg per message;
+/// MSG_WAITFORONE makes every message after the first non-blocking; the
+/// timeout is checked only after each message (the documented Linux
+/// behaviour) and updated with the time left. An error after the first
+/// message ends the batch.
+#[no_mangle]
+pub unsafe extern "C" fn recvmmsg(
+    fd: c_int,
+    msgs: *mut libc::mmsghdr,
+    vlen: libc::c_uint,
+    flags: c_int,
+    timeout: *mut libc::timespec,
+) -> c_int {
+    if conn_of(fd).is_some() {
+        // SAFETY: a non-NULL timeout points to the caller's timespec.
+        let limit = unsafe { timeout.as_ref().copied() };
+        if let Some(t) = limit {
+            if t.tv_sec < 0 || !(0..1_000_000_000).contains(&t.tv_nsec) {
+                return ret_int(Err(Errno(libc::EINVAL)));
+            }
+        }
+        let deadline = limit.map(|t| sys::now_ns().saturating_add(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64));
+        let vlen = vlen.min(libc::UIO_MAXIOV as libc::c_uint) as usize;
+        if vlen > 0 && msgs.is_null() {
+            return ret_int(Err(Errno(libc::EFAULT)));
+        }
+        let mut flags = flags;
+        let mut got = 0;
+        let mut err = None;
+        while got < vlen {
+            // SAFETY: the caller passes `vlen` valid mmsghdrs.
+            let m = unsafe { &mut *msgs.add(got) };
+            // SAFETY: forwarded contract (a valid msghdr); recvmsg sets errno.
+            let r = unsafe { recvmsg(fd, &mut m.msg_hdr, flags & !libc::MSG_WAITFORONE) };
+            if r < 0 {
+                err = Some(sys::last_errno());
+                break;
+            }
+            m.msg_len = r as libc::c_uint;
+            got += 1;
+            if flags & libc::MSG_WAITFORONE != 0 {
+                flags |= libc::MSG_DONTWAIT;
+            }
+            if let Some(d) = deadline {
+                let left = d.saturating_sub(sys::now_ns());
+                // SAFETY: `deadline` is Some only for a non-NULL timeout.
+                unsafe {
+                    (*timeout).tv_sec = (left / 1_000_000_000) as libc::time_t;
+                    (*timeout).tv_nsec = (left % 1_000_000_000) as libc::c_long;
+                }
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        return match err {
+            Some(e) if got == 0 => ret_int(Err(e)),
+            _ => got as c_int,
+        };
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe {
+        real!(recvmmsg: unsafe extern "C" fn(c_int, *mut libc::mmsghdr, libc::c_uint, c_int, *mut libc::timespec) -> c_int)(
+            fd, msgs, vlen, flags, timeout,
+        )
+    }
+}
+
+/// splice(2) with a vSocket connection on one side: the bytes go through
+/// a buffer here (see `splice.rs`).
+#[no_mangle]
+pub unsafe extern "C" fn splice(
+    fd_in: c_int,
+    off_in: *mut libc::loff_t,
+    fd_out: c_int,
+    off_out: *mut libc::loff_t,
+    len: size_t,
+    flags: libc::c_uint,
+) -> ssize_t {
+    let (from, to) = (conn_of(fd_in), conn_of(fd_out));
+    if from.is_none() && to.is_none() {
+        // SAFETY: forwarding the caller's arguments unchanged.
+        return unsafe {
+            real!(splice: unsafe extern "C" fn(c_int, *mut libc::loff_t, c_int, *mut libc::loff_t, size_t, libc::c_uint) -> ssize_t)(
+                fd_in, off_in, fd_out, off_out, len, flags,
+            )
+        };
+    }
+    if len == 0 {
+        return 0;
+    }
+    let r = match (&from, &to) {
+        (Some(conn), _) => crate::splice::check(fd_out, to.is_some(), !off_in.is_null(), !off_out.is_null(), flags)
+            .and_then(|()| with_conn(conn, |c| crate::splice::conn_to_pipe(c, fd_out, len, flags))),
+        (None, Some(conn)) => crate::splice::check(fd_in, false, !off_out.is_null(), !off_in.is_null(), flags)
+            .and_then(|()| with_conn(conn, |c| crate::splice::pipe_to_conn(fd_in, c, len, flags))),
+        (None, None) => Err(Errno(libc::EBADF)),
+    };
+    ret(r)
+}
+
 /// sendfile(2) into a vSocket connection: the file's bytes are read here and
 /// written to the ring (the kernel cannot splice into shared memory).
 fn sendfile_to(conn: &Connection, in_fd: RawFd, offset: *mut libc::off_t, count: usize) -> SysResult<usize> {
@@ -477,6 +629,7 @@ fn vsocket_connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<Sy
                     conn.set_timeout(receive, ms);
                 }
             }
+            note_linger(fd, &conn);
             let entry = Arc::new(Entry::Conn(conn));
             table::set(fd, entry.clone());
             epoll::adopt(fd, &entry);
@@ -792,7 +945,22 @@ pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *
             }
         }
     }
+    if r == 0 && level == libc::SOL_SOCKET && name == libc::SO_LINGER {
+        if let Some(e) = table::get(fd) {
+            if let Entry::Conn(c) = &*e {
+                note_linger(fd, c);
+            }
+        }
+    }
     r
+}
+
+/// Keeps the connection's close behaviour in step with SO_LINGER on the
+/// kernel socket (read back, as the kernel normalised it).
+fn note_linger(fd: RawFd, conn: &Connection) {
+    if let Ok((on, seconds)) = sys::getsockopt_linger(fd) {
+        conn.set_linger(on, seconds);
+    }
 }
 
 fn note_flags(fd: RawFd, cmd: c_int, arg: c_ulong) {

@@ -14,6 +14,7 @@
 //! - [`fork`]: connections shared with children;
 //! - [`signals`]: `SA_RESTART` for blocking calls, through the program's
 //!   handlers;
+//! - [`splice`]: splice(2) between a pipe and a connection;
 //! - [`sys`]: raw system calls, so the library never re-enters its own hooks.
 //!
 //! The library is inside the tenant's trust domain: it enforces nothing for
@@ -31,6 +32,7 @@ mod hooks;
 mod listener;
 mod poll;
 mod signals;
+mod splice;
 #[allow(unsafe_code)]
 mod sys;
 mod table;

@@ -75,6 +75,21 @@ pub fn getsockopt_int(fd: RawFd, level: i32, name: i32) -> SysResult<i32> {
     Ok(v)
 }
 
+/// SO_LINGER: (on, seconds).
+pub fn getsockopt_linger(fd: RawFd) -> SysResult<(bool, i32)> {
+    let mut l = libc::linger { l_onoff: 0, l_linger: 0 };
+    let mut len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+    raw!(
+        libc::SYS_getsockopt,
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        &mut l as *mut libc::linger,
+        &mut len as *mut libc::socklen_t
+    )?;
+    Ok((l.l_onoff != 0, l.l_linger))
+}
+
 /// A socket timeout option (SO_RCVTIMEO / SO_SNDTIMEO) in milliseconds.
 pub fn getsockopt_timeout_ms(fd: RawFd, name: i32) -> SysResult<i64> {
     let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
@@ -298,6 +313,42 @@ pub fn with_borrowed<R>(fd: RawFd, f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -
     // SAFETY: the caller holds `fd` open across this call, and the borrow
     // cannot escape `f`.
     f(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+}
+
+/// read(2) into `buf`.
+pub fn read(fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
+    raw!(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len())
+}
+
+/// write(2) from `buf`.
+pub fn write(fd: RawFd, buf: &[u8]) -> SysResult<usize> {
+    raw!(libc::SYS_write, fd, buf.as_ptr(), buf.len())
+}
+
+/// A private, close-on-exec pipe: (read end, write end).
+pub fn pipe() -> SysResult<(RawFd, RawFd)> {
+    let mut fds = [0 as RawFd; 2];
+    raw!(libc::SYS_pipe2, fds.as_mut_ptr(), libc::O_CLOEXEC)?;
+    Ok((fds[0], fds[1]))
+}
+
+/// Is `fd` a pipe (or FIFO)?
+pub fn is_pipe(fd: RawFd) -> SysResult<bool> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    raw!(libc::SYS_fstat, fd, &mut st as *mut libc::stat)?;
+    Ok(st.st_mode & libc::S_IFMT == libc::S_IFIFO)
+}
+
+/// tee(2): copies up to `len` bytes from pipe `from` to pipe `to` without
+/// consuming them.
+pub fn tee(from: RawFd, to: RawFd, len: usize, flags: u32) -> SysResult<usize> {
+    raw!(libc::SYS_tee, from, to, len, flags)
+}
+
+/// splice(2) between two descriptors at their file positions.
+pub fn splice(from: RawFd, to: RawFd, len: usize, flags: u32) -> SysResult<usize> {
+    raw!(libc::SYS_splice, from, 0usize, to, 0usize, len, flags)
 }
 
 /// A connected pair of Unix stream sockets, close-on-exec (tests).

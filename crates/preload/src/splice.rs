@@ -1,0 +1,115 @@
+//! splice(2) between a pipe and a vSocket connection.
+//!
+//! The kernel cannot move pages into or out of a ring in shared memory, so
+//! the bytes pass through a buffer here. Neither side may lose any: bytes
+//! are copied out of the source without consuming them (`tee` for a pipe,
+//! a peek for a connection), offered to the destination, and only as many
+//! as it took are then consumed from the source. A private pipe lets the
+//! kernel apply the caller's pipe semantics (SPLICE_F_NONBLOCK, a full or
+//! widowed pipe) to the caller's pipe exactly.
+
+use crate::conn::Connection;
+use crate::sys::{self, Errno, SysResult};
+use std::os::fd::RawFd;
+
+/// The most one call moves.
+const CHUNK: usize = 1 << 16;
+
+/// A private pipe, closed when dropped. It is blocking, so that the kernel
+/// judges blocking by the caller's pipe and flags alone (it treats a
+/// splice or tee as non-blocking if either pipe is).
+struct PrivatePipe {
+    read: RawFd,
+    write: RawFd,
+    /// What it holds: no call stages more, so no write to it waits.
+    capacity: usize,
+}
+
+impl PrivatePipe {
+    fn new() -> SysResult<PrivatePipe> {
+        let (read, write) = sys::pipe()?;
+        let mut pipe = PrivatePipe { read, write, capacity: 0 };
+        pipe.capacity = sys::fcntl(write, libc::F_GETPIPE_SZ, 0)?.min(CHUNK);
+        Ok(pipe)
+    }
+
+    /// Reads the staged bytes back into `buf`, whole.
+    fn take(&self, buf: &mut [u8]) -> SysResult<()> {
+        let mut at = 0;
+        while at < buf.len() {
+            match sys::read(self.read, &mut buf[at..]) {
+                Ok(0) => return Err(Errno(libc::EIO)),
+                Ok(k) => at += k,
+                Err(Errno(libc::EINTR)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PrivatePipe {
+    fn drop(&mut self) {
+        let _ = sys::close(self.read);
+        let _ = sys::close(self.write);
+    }
+}
+
+/// Checks what splice(2) checks before moving anything, for a call with a
+/// vSocket connection on one side and `other` on the other. `conn_offset`
+/// and `other_offset`: whether the caller passed an offset for that side.
+pub fn check(other: RawFd, other_is_conn: bool, conn_offset: bool, other_offset: bool, flags: u32) -> SysResult<()> {
+    if flags & !(libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MORE | libc::SPLICE_F_GIFT) != 0 {
+        return Err(Errno(libc::EINVAL));
+    }
+    // One side must be a pipe; a pipe takes no offset, a socket none either.
+    if other_is_conn || !sys::is_pipe(other)? {
+        return Err(Errno(libc::EINVAL));
+    }
+    if other_offset {
+        return Err(Errno(libc::ESPIPE));
+    }
+    if conn_offset {
+        return Err(Errno(libc::EINVAL));
+    }
+    Ok(())
+}
+
+/// splice(pipe → connection).
+pub fn pipe_to_conn(pipe: RawFd, conn: &Connection, len: usize, flags: u32) -> SysResult<usize> {
+    let private = PrivatePipe::new()?;
+    // Copy without consuming; waits for data unless SPLICE_F_NONBLOCK, and
+    // returns 0 when the pipe is empty and has no writers.
+    let copied = sys::tee(pipe, private.write, len.min(private.capacity), flags & libc::SPLICE_F_NONBLOCK)?;
+    if copied == 0 {
+        return Ok(0);
+    }
+    let mut buf = vec![0u8; copied];
+    private.take(&mut buf)?;
+    let more = if flags & libc::SPLICE_F_MORE != 0 { libc::MSG_MORE } else { 0 };
+    let sent = conn.send(&[&buf], more)?;
+    // Consume exactly what the connection took.
+    let mut left = sent;
+    while left > 0 {
+        let n = left.min(buf.len());
+        match sys::read(pipe, &mut buf[..n]) {
+            Ok(0) => break,
+            Ok(k) => left -= k,
+            Err(Errno(libc::EINTR)) => continue,
+            Err(_) => break,
+        }
+    }
+    Ok(sent)
+}
+
+/// splice(connection → pipe).
+pub fn conn_to_pipe(conn: &Connection, pipe: RawFd, len: usize, flags: u32) -> SysResult<usize> {
+    let private = PrivatePipe::new()?;
+    conn.recv_into(len.min(private.capacity), |bytes| {
+        let staged = sys::write(private.write, bytes)?;
+        // The kernel moves what the caller's pipe takes (waiting for room
+        // unless SPLICE_F_NONBLOCK); the rest stays in the connection.
+        // What it did not take is discarded with the private pipe.
+        sys::splice(private.read, pipe, staged, flags & (libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MORE))
+    })
+}
