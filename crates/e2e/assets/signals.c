@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -100,6 +101,24 @@ static void on_alarm(int sig) { (void)sig; alarms++; }
 static void on_alarm_info(int sig, siginfo_t *info, void *ctx) {
     (void)ctx;
     if (sig == SIGALRM && info && info->si_signo == SIGALRM) alarms++;
+}
+
+static void on_usr1(int sig) { (void)sig; }
+
+/* A thread blocked in read on a socket, and what its reads returned. */
+struct blocked {
+    int fd;
+    ssize_t first, second;
+    int first_errno;
+};
+
+static void *blocked_reader(void *arg) {
+    struct blocked *b = arg;
+    char c;
+    b->first = read(b->fd, &c, 1);
+    b->first_errno = errno;
+    b->second = read(b->fd, &c, 1);
+    return NULL;
 }
 
 /* One SIGALRM in 100 ms. */
@@ -196,6 +215,35 @@ static int client(const char *ip, int port, const char *self) {
     waitpid(child, NULL, 0);
     close(a);
     close(l);
+
+    /* The JDK's way to close a socket another thread is blocked on: dup2 a
+     * dead socket over it, then signal the thread. The reader gets EINTR,
+     * then reads the dead socket (end of stream); the peer sees the end of
+     * the stream because the connection's last descriptor is gone. */
+    struct sigaction usr1 = {0};
+    usr1.sa_handler = on_usr1;
+    sigemptyset(&usr1.sa_mask);
+    sigaction(SIGUSR1, &usr1, NULL);
+    s = connect_to(&sa, 'X');
+    if (read(s, buf, 1) != 1) { perror("read"); return 2; }
+    struct blocked b = {s, 0, 0, 0};
+    pthread_t reader;
+    pthread_create(&reader, NULL, blocked_reader, &b);
+    usleep(200000);
+    int dead[2];
+    socketpair(AF_UNIX, SOCK_STREAM, 0, dead);
+    shutdown(dead[0], SHUT_RDWR);
+    dup2(dead[0], s);
+    close(dead[0]);
+    close(dead[1]);
+    pthread_kill(reader, SIGUSR1);
+    pthread_join(reader, NULL);
+    int q = connect_to(&sa, 'Q');
+    n = read(q, buf, sizeof buf - 1);
+    buf[n > 0 ? n : 0] = 0;
+    close(q);
+    CHECK("jdk_dup2_wakes_a_blocked_reader", b.first == -1 && b.first_errno == EINTR && b.second == 0 && strcmp(buf, "eof") == 0, "reads %zd (%s) then %zd; the peer saw %s", b.first, strerror(b.first_errno), b.second, buf);
+    close(s);
 
     /* exec: the connection does not survive, and nothing is corrupted: the
      * new program's descriptor is an unconnected socket, and the peer sees

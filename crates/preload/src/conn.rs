@@ -11,7 +11,7 @@ use crate::sys::{self, Errno, SysResult};
 use crate::wait;
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use vsocket_abi::control::ConnectionInfo;
 use vsocket_abi::layout::Endpoint;
@@ -42,8 +42,8 @@ pub struct Connection {
     /// SO_LINGER with a zero timeout: the last close aborts (RST) instead
     /// of finishing the stream, as Linux does.
     abort_on_close: AtomicBool,
-    /// Descriptors in this process that name the connection (dup).
-    handles: AtomicUsize,
+    /// This process's end was closed (see `close`).
+    closed: AtomicBool,
     /// SO_RCVTIMEO and SO_SNDTIMEO in milliseconds (0: none), kept in step
     /// with the kernel socket by the setsockopt hook.
     recv_timeout_ms: AtomicI64,
@@ -99,7 +99,7 @@ impl Connection {
             reset_by_peer: AtomicBool::new(false),
             so_error: AtomicI32::new(0),
             abort_on_close: AtomicBool::new(false),
-            handles: AtomicUsize::new(1),
+            closed: AtomicBool::new(false),
             recv_timeout_ms: AtomicI64::new(0),
             send_timeout_ms: AtomicI64::new(0),
             rx_lock: Mutex::new(()),
@@ -472,11 +472,16 @@ impl Connection {
         Ok(())
     }
 
-    /// The last descriptor for this connection in its owner process was
-    /// closed: FIN (or RST when unread data would be lost, or SO_LINGER
-    /// asks for an abort, as Linux does), and stop accepting the peer's
-    /// bytes.
+    /// This process is done with the connection: FIN (or RST when unread
+    /// data would be lost, or SO_LINGER asks for an abort, as Linux does),
+    /// and stop accepting the peer's bytes. Runs once, when the last
+    /// reference goes: the last descriptor naming it is closed and no call
+    /// on it is still in progress in another thread (as the kernel keeps a
+    /// socket open while a call holds its file).
     pub fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
         // Other processes (fork) still hold this end: they go on using it.
         if self.segment.holders(self.endpoint.index()).fetch_sub(1, Ordering::AcqRel) > 1 {
             return;
@@ -497,21 +502,11 @@ impl Connection {
             self.segment.holders(self.endpoint.index()).fetch_add(1, Ordering::AcqRel);
         }
     }
-
-    /// Another descriptor now names this connection (dup).
-    pub fn add_handle(&self) {
-        self.handles.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A descriptor naming this connection was closed; returns whether it
-    /// was the last one.
-    pub fn drop_handle(&self) -> bool {
-        self.handles.fetch_sub(1, Ordering::AcqRel) == 1
-    }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        self.close();
         // The mapping goes with `segment`.
         let _ = sys::close(self.doorbell);
     }

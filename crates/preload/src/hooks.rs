@@ -778,14 +778,10 @@ fn release(fd: RawFd) {
     // Forget the epoll registrations first, while the entry still tells
     // which doorbell belongs to the descriptor.
     epoll::forget(fd);
-    let had = table::remove(fd);
-    if let Some(entry) = &had {
-        if let Entry::Conn(c) = &**entry {
-            if c.drop_handle() {
-                c.close();
-            }
-        }
-    }
+    // A connection closes when its last reference goes (Connection's Drop):
+    // other descriptors (dup) and calls in progress in other threads hold
+    // it open, as their files hold a kernel socket open.
+    drop(table::remove(fd));
 }
 
 #[no_mangle]
@@ -814,9 +810,6 @@ pub unsafe extern "C" fn close_range(first: libc::c_uint, last: libc::c_uint, fl
 /// `newfd` now names what `oldfd` names.
 fn share(oldfd: RawFd, newfd: RawFd) {
     if let Some(entry) = table::get(oldfd) {
-        if let Entry::Conn(c) = &*entry {
-            c.add_handle();
-        }
         if !matches!(*entry, Entry::Epoll(_)) {
             table::set(newfd, entry);
         }
