@@ -1,4 +1,4 @@
-//! fork: a connection accepted by a parent and served by its child.
+//! fork: connections shared by a parent and its child.
 
 use vsocket_e2e::{asset, Lab, Via, TWO_GUESTS};
 
@@ -15,4 +15,17 @@ fn a_child_serves_the_connection_its_parent_closed() {
         assert_eq!(reply.trim(), "child:hello");
     }
     assert_eq!(lab.counter("b", "connections_in"), 3);
+}
+
+#[test]
+fn parent_and_child_use_one_connection_in_turn() {
+    let mut lab = Lab::start("tforkturns", TWO_GUESTS).unwrap();
+    let echo = asset("kernel_echo.py");
+    lab.spawn("b", Via::Vsocket, "python3", &[echo.to_str().unwrap(), "10.10.0.3", "7410"], "echo.log").unwrap();
+    lab.wait_listening("b", 7410).unwrap();
+    let turns = asset("forkturns.py");
+    let out = lab.run_ok("a", Via::Vsocket, "python3", &[turns.to_str().unwrap(), "10.10.0.3", "7410"]).unwrap();
+    assert_eq!(out.trim(), "turns ok");
+    assert_eq!(lab.counter("a", "connections_out"), 3);
+    assert_eq!(lab.counter("a", "fallbacks"), 0);
 }
