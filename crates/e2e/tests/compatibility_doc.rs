@@ -9,9 +9,12 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().parent().unwrap()
 }
 
+/// (file or asset, test or check name) pairs.
+type Names = BTreeSet<(String, String)>;
+
 /// Backquoted words of the document that look like `file::test` or
 /// `asset:check` references.
-fn references(doc: &str) -> (BTreeSet<(String, String)>, BTreeSet<(String, String)>) {
+fn references(doc: &str) -> (Names, Names) {
     let mut tests = BTreeSet::new();
     let mut checks = BTreeSet::new();
     let quoted = doc.lines().flat_map(|line| line.split('`').skip(1).step_by(2));
