@@ -8,7 +8,8 @@
 //!  ┌────────────────────────────────────────┬──────────────┬───────────────────┐
 //!  │ header page                            │ ring 0 data  │ ring 1 data       │
 //!  │  0x000 SegmentHeader (magic, version,  │ client→server│ server→client     │
-//!  │        ring_size) written by daemon    │              │                   │
+//!  │        ring_size, connection id)       │              │                   │
+//!  │        written by the daemon           │              │                   │
 //!  │  0x080 ring 0 producer line (tail,...) │              │                   │
 //!  │  0x100 ring 0 consumer line (head,...) │              │                   │
 //!  │  0x180 ring 1 producer line            │              │                   │
@@ -40,8 +41,15 @@ pub const fn consumer_line(r: usize) -> usize {
     producer_line(r) + LINE
 }
 /// Offset of the endpoint line: one `u32` per endpoint (client, server)
-/// counting the processes that hold it (fork adds holders).
+/// counting the processes that hold it (fork adds holders), then one `u32`
+/// per endpoint set to 1 by its last holder as its very last write to the
+/// segment (see [`RELEASED`]).
 pub const ENDPOINT_LINE: usize = consumer_line(1) + LINE;
+/// Offset, within the endpoint line, of the two "released" words: once both
+/// are set (and both directions are closed), no process touches the segment
+/// any more and the daemon may reset it for another connection between the
+/// same two processes.
+pub const RELEASED: usize = 8;
 
 /// Offset of ring `r`'s data area.
 pub const fn ring_data(r: usize, ring_size: u32) -> usize {
@@ -54,6 +62,10 @@ pub const fn segment_size(ring_size: u32) -> usize {
 
 /// `b"vSockSeg"` as a little-endian u64.
 pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"vSockSeg");
+/// Offset of the header's connection id (`u64`): the daemon writes the id
+/// of the connection it hands the segment to, so that a process holding an
+/// old mapping of the same file knows whether it is this connection's.
+pub const HEADER_CONNECTION_ID: usize = 16;
 /// Layout version; bumped on any incompatible change.
 pub const SEGMENT_VERSION: u32 = 1;
 /// Smallest ring the daemon will create.

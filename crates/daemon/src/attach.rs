@@ -85,6 +85,14 @@ fn next_request(channel: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<Own
 }
 
 fn serve_channel(daemon: &Daemon, guest: GuestId, channel: OwnedFd) {
+    let id = daemon.next_id();
+    serve_requests(daemon, guest, id, channel);
+    // The process is gone (or its channel became a listener's): segments
+    // kept for its connections will not be asked for again.
+    daemon.forget_pairs(|(client, _)| client == id);
+}
+
+fn serve_requests(daemon: &Daemon, guest: GuestId, id: u64, channel: OwnedFd) {
     let name = &daemon.config.guest(guest).name;
     let mut buf = [0u8; MAX_MESSAGE];
     loop {
@@ -111,7 +119,7 @@ fn serve_channel(daemon: &Daemon, guest: GuestId, channel: OwnedFd) {
         };
         match message {
             Message::Connect { local, remote } => {
-                let reply = broker::connect(daemon, guest, local, remote);
+                let reply = broker::connect(daemon, guest, id, local, remote);
                 if send(&channel, &reply.message, &reply.fds).is_err() {
                     return;
                 }
@@ -154,6 +162,7 @@ fn serve_listener(daemon: &Daemon, guest: GuestId, channel: OwnedFd, local: std:
     // stream (or anything else) ends the listener.
     let _ = vsocket_sys::recv_with_fds(watcher.as_fd(), &mut buf);
     daemon.remove_listener(&record);
+    daemon.forget_pairs(|(_, listener)| listener == record.id);
     tracing::info!(guest = %name, address = %local, "listener closed");
 }
 

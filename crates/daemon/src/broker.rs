@@ -57,7 +57,8 @@ pub fn listen(
 }
 
 /// Decides a `Connect` request from `guest`.
-pub fn connect(daemon: &Daemon, guest: GuestId, local: SocketAddrV4, remote: SocketAddrV4) -> Reply {
+/// `channel` identifies the client's request channel (its process).
+pub fn connect(daemon: &Daemon, guest: GuestId, channel: u64, local: SocketAddrV4, remote: SocketAddrV4) -> Reply {
     let config = &daemon.config;
     let g = config.guest(guest);
     let counters = daemon.counters(guest);
@@ -82,7 +83,7 @@ pub fn connect(daemon: &Daemon, guest: GuestId, local: SocketAddrV4, remote: Soc
     if listener.guest == guest {
         // Inside one guest: the traffic never reaches the cloud's network,
         // so security groups do not apply (as on a VM's own loopback).
-        return match open(daemon, guest, client_addr, &listener, remote) {
+        return match open(daemon, guest, channel, client_addr, &listener, remote) {
             Ok(reply) => reply,
             Err(e) => undelivered(daemon, guest, remote, e),
         };
@@ -108,7 +109,7 @@ pub fn connect(daemon: &Daemon, guest: GuestId, local: SocketAddrV4, remote: Soc
             DenyAction::Drop => Message::Dropped,
         });
     }
-    match open(daemon, guest, client_addr, &listener, remote) {
+    match open(daemon, guest, channel, client_addr, &listener, remote) {
         Ok(reply) => {
             tracing::debug!(client = %g.name, from = %client_addr, server = %server_name, to = %remote,
                 decided_by = %verdict.describe(config), "connect allowed");
@@ -135,14 +136,26 @@ fn undelivered(daemon: &Daemon, guest: GuestId, remote: SocketAddrV4, e: std::io
 fn open(
     daemon: &Daemon,
     client: GuestId,
+    channel: u64,
     client_addr: SocketAddrV4,
     listener: &Arc<ListenerRecord>,
     remote: SocketAddrV4,
 ) -> std::io::Result<Reply> {
     let ring_size = daemon.config.host().ring_size;
-    let (segment, memfd) = daemon.segments.take()?;
+    let pair = (channel, listener.id);
+    // A segment this pair has used and released, or a fresh one.
+    let (segment, memfd) = match daemon.reclaim(pair) {
+        Some((segment, memfd)) => {
+            segment.reset();
+            (segment, memfd)
+        }
+        None => daemon.segments.take_for(pair)?,
+    };
     let (client_bell, server_bell) = vsocket_sys::stream_pair()?;
     let id = daemon.next_id();
+    // Names the connection in the segment, so that a process holding an
+    // old mapping of it knows it is this connection's (see `segcache`).
+    segment.connection_id().store(id, Ordering::Release);
     let incoming = Message::Incoming(ConnectionInfo { id, local: remote, peer: client_addr, ring_size });
     let mut buf = [0u8; MAX_MESSAGE];
     let bytes = incoming.encode(&mut buf);
@@ -166,6 +179,8 @@ fn open(
         server_addr: remote,
         opened: SystemTime::now(),
         segment,
+        memfd: memfd.try_clone()?,
+        pair,
     });
     let connected = Message::Connected(ConnectionInfo { id, local: client_addr, peer: remote, ring_size });
     Ok(Reply { message: connected, fds: vec![memfd, client_bell] })

@@ -5,10 +5,25 @@
 //! not wait for them. A background thread keeps a few segments ready, and
 //! the broker takes one per connection (creating one inline only when the
 //! pool has run dry under a burst).
+//!
+//! Better still is a segment that has served before: when both ends of a
+//! connection have closed and released its segment, the segment is reset
+//! and kept for the next connection between the same two processes (the
+//! client's request channel and the listener: a `Pair`). Its pages are
+//! already there, and both processes may still have it mapped
+//! (`segcache` in the library), so the new connection costs no mapping and
+//! no page faults. It is never handed to any other pair: the processes that
+//! may still map it are exactly the new connection's two ends.
 
+use crate::state::Pair;
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Condvar, Mutex};
 use vsocket_ring::Segment;
+
+/// Released segments kept per pair, and in all.
+const KEEP_PER_PAIR: usize = 8;
+const KEEP: usize = 1024;
 
 /// Segments kept ready.
 const TARGET: usize = 32;
@@ -20,6 +35,8 @@ pub struct SegmentPool {
     ring_size: u32,
     ready: Mutex<Vec<(Segment, OwnedFd)>>,
     taken: Condvar,
+    /// Released segments, reset, per pair.
+    released: Mutex<HashMap<Pair, Vec<(Segment, OwnedFd)>>>,
 }
 
 impl std::fmt::Debug for SegmentPool {
@@ -30,7 +47,51 @@ impl std::fmt::Debug for SegmentPool {
 
 impl SegmentPool {
     pub fn new(ring_size: u32) -> SegmentPool {
-        SegmentPool { ring_size, ready: Mutex::new(Vec::with_capacity(TARGET)), taken: Condvar::new() }
+        SegmentPool {
+            ring_size,
+            ready: Mutex::new(Vec::with_capacity(TARGET)),
+            taken: Condvar::new(),
+            released: Mutex::default(),
+        }
+    }
+
+    /// A segment for a new connection between `pair`: one it used before
+    /// if there is one, else a fresh one.
+    pub fn take_for(&self, pair: Pair) -> std::io::Result<(Segment, OwnedFd)> {
+        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = released.get_mut(&pair) {
+            let reused = list.pop();
+            if list.is_empty() {
+                released.remove(&pair);
+            }
+            if let Some(reused) = reused {
+                return Ok(reused);
+            }
+        }
+        drop(released);
+        self.take()
+    }
+
+    /// Keeps a released segment (see `Segment::reusable`) for `pair`.
+    pub fn recycle(&self, pair: Pair, segment: Segment, memfd: OwnedFd) {
+        segment.reset();
+        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = released.values().map(Vec::len).sum();
+        let list = released.entry(pair).or_default();
+        if list.len() < KEEP_PER_PAIR && total < KEEP {
+            list.push((segment, memfd));
+        }
+    }
+
+    /// Drops the segments of pairs that will not connect again.
+    pub fn forget(&self, gone: &dyn Fn(Pair) -> bool) {
+        let dropped: Vec<_> = {
+            let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<Pair> = released.keys().copied().filter(|k| gone(*k)).collect();
+            keys.into_iter().filter_map(|k| released.remove(&k)).collect()
+        };
+        // Unmapped outside the lock.
+        drop(dropped);
     }
 
     /// A fresh segment and its memfd.

@@ -1,7 +1,7 @@
 //! The daemon's state: the tenant model, listeners, connections, counters.
 
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +42,11 @@ pub struct ListenerRecord {
     pub accepted: AtomicU64,
 }
 
+/// The two processes a connection joins, as the daemon knows them: the
+/// client's request channel and the listener. A released segment is reset
+/// and reused only between the same two (see `pool`).
+pub type Pair = (u64, u64);
+
 /// A live connection brokered by this daemon.
 #[derive(Debug)]
 pub struct ConnectionRecord {
@@ -54,6 +59,9 @@ pub struct ConnectionRecord {
     pub opened: SystemTime,
     /// The daemon's mapping of the segment, for metering.
     pub segment: Segment,
+    /// The segment's memfd, kept to hand the segment over again.
+    pub memfd: OwnedFd,
+    pub pair: Pair,
 }
 
 impl ConnectionRecord {
@@ -86,6 +94,8 @@ pub struct Daemon {
     guests: Vec<GuestCounters>,
     listeners: Mutex<HashMap<ListenerKey, Vec<Arc<ListenerRecord>>>>,
     connections: Mutex<HashMap<u64, ConnectionRecord>>,
+    /// Live connection ids per pair, oldest first (see `reclaim`).
+    by_pair: Mutex<HashMap<Pair, VecDeque<u64>>>,
     next_id: AtomicU64,
     /// Segments made ahead of the connects that need them.
     pub segments: crate::pool::SegmentPool,
@@ -104,6 +114,7 @@ impl Daemon {
             guests,
             listeners: Mutex::default(),
             connections: Mutex::default(),
+            by_pair: Mutex::default(),
             next_id: AtomicU64::new(1),
             segments: crate::pool::SegmentPool::new(ring_size),
         }
@@ -170,22 +181,79 @@ impl Daemon {
     }
 
     pub fn add_connection(&self, record: ConnectionRecord) {
-        lock(&self.connections).insert(record.id, record);
+        let mut conns = lock(&self.connections);
+        lock(&self.by_pair).entry(record.pair).or_default().push_back(record.id);
+        conns.insert(record.id, record);
+    }
+
+    /// Takes back, for a new connection, the segment of a connection
+    /// between the same `pair` that both ends have closed and released,
+    /// retiring that connection. Only the oldest few are looked at: a
+    /// client that opens connection after connection finds its previous
+    /// ones there.
+    pub fn reclaim(&self, pair: Pair) -> Option<(Segment, OwnedFd)> {
+        const LOOK: usize = 8;
+        let mut conns = lock(&self.connections);
+        let mut pairs = lock(&self.by_pair);
+        let queue = pairs.get_mut(&pair)?;
+        let mut found = None;
+        let mut i = 0;
+        while i < queue.len().min(LOOK) {
+            match conns.get(&queue[i]) {
+                None => {
+                    queue.remove(i);
+                }
+                Some(c) if c.segment.reusable() => {
+                    let id = queue.remove(i).expect("index checked");
+                    let c = conns.remove(&id).expect("present");
+                    self.retire(&c);
+                    found = Some((c.segment, c.memfd));
+                    break;
+                }
+                Some(_) => i += 1,
+            }
+        }
+        if queue.is_empty() {
+            pairs.remove(&pair);
+        }
+        found
     }
 
     /// Retires connections whose both ends have closed, folding their bytes
-    /// into the guests' counters. Returns how many were retired.
+    /// into the guests' counters; released segments go back to the pool
+    /// for their pair. Returns how many were retired.
     pub fn reap(&self) -> usize {
         let mut conns = lock(&self.connections);
         let done: Vec<u64> = conns.values().filter(|c| c.segment.fully_closed()).map(|c| c.id).collect();
         for id in &done {
             if let Some(c) = conns.remove(id) {
-                self.fold_bytes(&c);
-                tracing::debug!(id = c.id, client = %c.client_addr, server = %c.server_addr,
-                    sent = c.bytes_client_to_server(), received = c.bytes_server_to_client(), "connection closed");
+                self.retire(&c);
+                if c.segment.reusable() {
+                    self.segments.recycle(c.pair, c.segment, c.memfd);
+                }
             }
         }
+        if !done.is_empty() {
+            let mut pairs = lock(&self.by_pair);
+            pairs.retain(|_, queue| {
+                queue.retain(|id| conns.contains_key(id));
+                !queue.is_empty()
+            });
+        }
         done.len()
+    }
+
+    /// One of a pair's processes is gone (its request channel or its
+    /// listener closed): nothing of that pair can be reused.
+    pub fn forget_pairs(&self, gone: impl Fn(Pair) -> bool) {
+        self.segments.forget(&gone);
+    }
+
+    /// Folds a closed connection's bytes into the counters and logs it.
+    fn retire(&self, c: &ConnectionRecord) {
+        self.fold_bytes(c);
+        tracing::debug!(id = c.id, client = %c.client_addr, server = %c.server_addr,
+            sent = c.bytes_client_to_server(), received = c.bytes_server_to_client(), "connection closed");
     }
 
     fn fold_bytes(&self, c: &ConnectionRecord) {

@@ -17,8 +17,42 @@ use vsocket_abi::control::ConnectionInfo;
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::{Consumer, Producer, RingError, RxState, Segment};
 
+/// A connection's mapping of its segment, kept for reuse when the
+/// connection goes (see `segcache`).
+struct Mapped {
+    segment: Option<Segment>,
+    /// The segment's file (device, inode).
+    file: (u64, u64),
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = Segment;
+    fn deref(&self) -> &Segment {
+        self.segment.as_ref().expect("mapped until dropped")
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        if let Some(segment) = self.segment.take() {
+            crate::segcache::put(self.file, segment);
+        }
+    }
+}
+
+/// Maps the segment the daemon sent for connection `info`, or takes back a
+/// mapping of the same segment this process kept.
+fn map_segment(fd: std::os::fd::BorrowedFd<'_>, info: &ConnectionInfo) -> std::io::Result<Mapped> {
+    let file = Segment::identity(fd)?;
+    let segment = match crate::segcache::take(file, info.ring_size, info.id) {
+        Some(kept) => kept,
+        None => Segment::map(fd, info.ring_size)?,
+    };
+    Ok(Mapped { segment: Some(segment), file })
+}
+
 pub struct Connection {
-    segment: Segment,
+    segment: Mapped,
     endpoint: Endpoint,
     /// Our end of the doorbell pair (a library-internal descriptor).
     pub doorbell: RawFd,
@@ -72,7 +106,7 @@ impl Connection {
         doorbell: RawFd,
         nonblocking: bool,
     ) -> SysResult<Connection> {
-        let segment = sys::with_borrowed(segment_fd, |fd| Segment::map(fd, info.ring_size));
+        let segment = sys::with_borrowed(segment_fd, |fd| map_segment(fd, &info));
         // The mapping keeps the memory; the descriptor is no longer needed.
         let _ = sys::close(segment_fd);
         let segment = match segment {
@@ -492,6 +526,9 @@ impl Connection {
         let tx = self.tx();
         let wake_tx = if abort { tx.reset() } else { tx.finish() };
         let wake_rx = rx.close();
+        // The last write to the segment: from now on the daemon may reset
+        // it for another connection (layout::RELEASED).
+        self.segment.released(self.endpoint.index()).store(1, Ordering::Release);
         self.kick(wake_tx || wake_rx);
     }
 

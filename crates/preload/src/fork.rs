@@ -18,10 +18,11 @@ static WATCH: Once = Once::new();
 /// Installs the fork handlers (once; called before anything that a fork
 /// would need to account for exists).
 pub fn watch() {
-    WATCH.call_once(|| sys::on_fork(prepare, child));
+    WATCH.call_once(|| sys::on_fork(prepare, parent, child));
 }
 
 extern "C" fn prepare() {
+    crate::segcache::before_fork();
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
     table::for_each(|entry| {
         if let Entry::Conn(conn) = entry {
@@ -30,6 +31,11 @@ extern "C" fn prepare() {
     });
 }
 
+extern "C" fn parent() {
+    crate::segcache::after_fork_parent();
+}
+
 extern "C" fn child() {
     sys::forget_pid();
+    crate::segcache::after_fork_child();
 }

@@ -12,6 +12,7 @@
 //! - [`wait`], [`poll`], [`epoll`]: blocking, and readiness over any mix of
 //!   kernel and vSocket descriptors;
 //! - [`fork`]: connections shared with children;
+//! - [`segcache`]: mappings of closed connections' segments, kept for reuse;
 //! - [`signals`]: `SA_RESTART` for blocking calls, through the program's
 //!   handlers;
 //! - [`splice`]: splice(2) between a pipe and a connection;
@@ -31,6 +32,7 @@ mod fork;
 mod hooks;
 mod listener;
 mod poll;
+mod segcache;
 mod signals;
 mod splice;
 #[allow(unsafe_code)]

@@ -254,9 +254,9 @@ pub fn forget_pid() {
 
 /// Runs `prepare` in the parent before every fork(3), and `child` in the
 /// child after it.
-pub fn on_fork(prepare: extern "C" fn(), child: extern "C" fn()) {
-    // SAFETY: registers plain functions; no parent handler.
-    unsafe { libc::pthread_atfork(Some(prepare), None, Some(child)) };
+pub fn on_fork(prepare: extern "C" fn(), parent: extern "C" fn(), child: extern "C" fn()) {
+    // SAFETY: registers plain functions.
+    unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
 }
 
 /// Sends SIGPIPE to the calling thread, as a write on a broken kernel

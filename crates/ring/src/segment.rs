@@ -154,6 +154,66 @@ impl Segment {
         unsafe { &*(self.base.as_ptr().add(layout::ENDPOINT_LINE + 4 * end) as *const std::sync::atomic::AtomicU32) }
     }
 
+    /// The connection the daemon last handed this segment to (header).
+    pub fn connection_id(&self) -> &std::sync::atomic::AtomicU64 {
+        // SAFETY: 8-byte aligned word inside the header page (offset 16);
+        // AtomicU64 is valid for any bit pattern and lives as long as the
+        // mapping.
+        unsafe { &*(self.base.as_ptr().add(layout::HEADER_CONNECTION_ID) as *const std::sync::atomic::AtomicU64) }
+    }
+
+    /// Endpoint `end`'s "released" word (see `layout::RELEASED`).
+    pub fn released(&self, end: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(end < 2);
+        // SAFETY: as in `holders`: inside the header page, 4-byte aligned,
+        // any bit pattern valid, alive as long as the mapping.
+        unsafe {
+            &*(self.base.as_ptr().add(layout::ENDPOINT_LINE + layout::RELEASED + 4 * end)
+                as *const std::sync::atomic::AtomicU32)
+        }
+    }
+
+    /// May the segment be reset for another connection? Both directions
+    /// are closed and both ends have released it. (A guest can forge this
+    /// for its own connections; the daemon hands a reset segment only to
+    /// the same two processes, so that confuses only their connections.)
+    pub fn reusable(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.fully_closed() && (0..2).all(|end| self.released(end).load(Ordering::Acquire) == 1)
+    }
+
+    /// Puts every control word back to zero, as in a fresh segment, for a
+    /// new connection. Only for a segment nobody else uses (`reusable`);
+    /// the data areas keep old bytes, which the new connection's indices
+    /// never expose.
+    pub fn reset(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for r in 0..2 {
+            let c = self.control(r);
+            c.producer.tail.store(0, Relaxed);
+            c.producer.flags.store(0, Relaxed);
+            c.producer.waiting.store(0, Relaxed);
+            c.consumer.head.store(0, Relaxed);
+            c.consumer.flags.store(0, Relaxed);
+            c.consumer.waiting.store(0, Relaxed);
+        }
+        for end in 0..2 {
+            self.holders(end).store(0, Relaxed);
+            self.released(end).store(0, Relaxed);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+    }
+
+    /// The file behind a segment descriptor (device, inode): a mapping of
+    /// the same file can be used again instead of mapping it anew.
+    pub fn identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+        // SAFETY: fstat writes into the zeroed struct we pass.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and a pointer to a stat buffer.
+        check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+        Ok((st.st_dev, st.st_ino))
+    }
+
     /// Overwrites ring `ring`'s published tail, as a hostile producer can
     /// (tests and fuzzing only).
     #[doc(hidden)]
@@ -193,6 +253,37 @@ mod tests {
         let mut buf = [0u8; 8];
         assert_eq!(server.consumer(0).read(&mut [&mut buf[..]], false).unwrap().0, 4);
         assert_eq!(&buf[..4], b"ping");
+    }
+
+    #[test]
+    fn a_reset_segment_is_a_fresh_one() {
+        use std::sync::atomic::Ordering;
+        let (daemon, fd) = Segment::create(4096).unwrap();
+        let client = Segment::map(fd.as_fd(), 4096).unwrap();
+        let server = Segment::map(fd.as_fd(), 4096).unwrap();
+        client.producer(0).write(&[b"old bytes"]).unwrap();
+        assert!(!daemon.reusable());
+        for (seg, end) in [(&client, 0), (&server, 1)] {
+            seg.holders(end).store(1, Ordering::Relaxed);
+            seg.producer(end).finish();
+            seg.consumer(1 - end).close();
+        }
+        assert!(daemon.fully_closed() && !daemon.reusable(), "closed but not released");
+        client.released(0).store(1, Ordering::Release);
+        server.released(1).store(1, Ordering::Release);
+        assert!(daemon.reusable());
+        daemon.reset();
+        assert!(!daemon.fully_closed());
+        for r in 0..2 {
+            assert_eq!(server.consumer(r).state().unwrap(), RxState::Empty, "no old bytes show");
+            assert_eq!(daemon.producer(r).total(), 0);
+        }
+        assert_eq!(client.holders(0).load(Ordering::Relaxed), 0);
+        client.producer(0).write(&[b"new"]).unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(server.consumer(0).read(&mut [&mut buf[..]], false).unwrap().0, 3);
+        assert_eq!(&buf[..3], b"new");
+        assert_eq!(Segment::identity(fd.as_fd()).unwrap(), Segment::identity(fd.as_fd()).unwrap());
     }
 
     #[test]
