@@ -99,8 +99,8 @@ use serde::Deserialize;
 
 use crate::cidr::{CidrError, Ipv4Cidr};
 use crate::model::{
-    Config, DenyAction, FlowLogConfig, GroupId, Guest, HostConfig, Peer, PortRange, Protocol, ProtocolFilter, Rule, SecurityGroup,
-    Vpc, VpcId,
+    Config, DenyAction, FlowLogConfig, GroupId, Guest, HostConfig, Peer, PortRange, Protocol, ProtocolFilter, Rule,
+    SecurityGroup, Vpc, VpcId,
 };
 
 /// The longest guest name: it becomes a Linux interface name (IFNAMSIZ - 1).

@@ -5,7 +5,9 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use vsocket_policy::config::{parse, Problem};
-use vsocket_policy::{load, ConfigError, DenyAction, FlowLogConfig, HostConfig, Peer, PortRange, Protocol, ProtocolFilter};
+use vsocket_policy::{
+    load, ConfigError, DenyAction, FlowLogConfig, HostConfig, Peer, PortRange, Protocol, ProtocolFilter,
+};
 
 const ORIGIN: &str = "/etc/vsocket/lab.toml";
 
