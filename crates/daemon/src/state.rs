@@ -10,6 +10,8 @@ use std::time::SystemTime;
 use vsocket_policy::{Config, GuestId, VpcId};
 use vsocket_ring::Segment;
 
+use crate::flowlog::{FlowEvent, FlowLog, FlowRecord, FlowVerdict};
+
 /// Counters of one guest. Bytes of live connections are added when read.
 #[derive(Debug, Default)]
 pub struct GuestCounters {
@@ -89,6 +91,7 @@ pub struct Daemon {
     next_id: AtomicU64,
     /// Segments made ahead of the connects that need them.
     pub segments: crate::pool::SegmentPool,
+    flow_log: Option<FlowLog>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -106,7 +109,25 @@ impl Daemon {
             connections: Mutex::default(),
             next_id: AtomicU64::new(1),
             segments: crate::pool::SegmentPool::new(ring_size),
+            flow_log: None,
         }
+    }
+
+    /// The daemon, recording connection attempts and closes in `log`.
+    pub fn with_flow_log(self, log: FlowLog) -> Daemon {
+        Daemon { flow_log: Some(log), ..self }
+    }
+
+    /// Queues a flow record, made only if there is a flow log. Never waits.
+    pub fn log_flow(&self, make: impl FnOnce() -> FlowRecord) {
+        if let Some(log) = &self.flow_log {
+            log.record(make());
+        }
+    }
+
+    /// Flow records not written (0 without a flow log).
+    pub fn flow_log_dropped(&self) -> u64 {
+        self.flow_log.as_ref().map_or(0, FlowLog::dropped)
     }
 
     pub fn next_id(&self) -> u64 {
@@ -174,23 +195,58 @@ impl Daemon {
     }
 
     /// Retires connections whose both ends have closed, folding their bytes
-    /// into the guests' counters. Returns how many were retired.
+    /// into the guests' counters and writing their close records. Returns
+    /// how many were retired.
     pub fn reap(&self) -> usize {
-        let mut conns = lock(&self.connections);
-        let done: Vec<u64> = conns.values().filter(|c| c.segment.fully_closed()).map(|c| c.id).collect();
-        for id in &done {
-            if let Some(c) = conns.remove(id) {
-                self.fold_bytes(&c);
-                tracing::debug!(id = c.id, client = %c.client_addr, server = %c.server_addr,
-                    sent = c.bytes_client_to_server(), received = c.bytes_server_to_client(), "connection closed");
+        let mut closes = Vec::new();
+        let retired = {
+            let mut conns = lock(&self.connections);
+            let done: Vec<u64> = conns.values().filter(|c| c.segment.fully_closed()).map(|c| c.id).collect();
+            for id in &done {
+                if let Some(c) = conns.remove(id) {
+                    // Read the totals once: the counters and the flow log
+                    // must agree to the byte.
+                    let (up, down) = (c.bytes_client_to_server(), c.bytes_server_to_client());
+                    self.fold_bytes(&c, up, down);
+                    tracing::debug!(id = c.id, client = %c.client_addr, server = %c.server_addr,
+                        sent = up, received = down, "connection closed");
+                    if self.flow_log.is_some() {
+                        closes.push(self.close_record(&c, up, down));
+                    }
+                }
+            }
+            done.len()
+        };
+        // Outside the lock: waiting for room must not hold up connects.
+        if let Some(log) = &self.flow_log {
+            for record in closes {
+                log.record_waiting(record, crate::flowlog::CLOSE_PATIENCE);
             }
         }
-        done.len()
+        retired
     }
 
-    fn fold_bytes(&self, c: &ConnectionRecord) {
-        let up = c.bytes_client_to_server();
-        let down = c.bytes_server_to_client();
+    fn close_record(&self, c: &ConnectionRecord, up: u64, down: u64) -> FlowRecord {
+        let now = SystemTime::now();
+        FlowRecord {
+            time: now,
+            event: FlowEvent::Close,
+            id: Some(c.id),
+            vpc: self.config.vpc(c.vpc).name.clone(),
+            client_guest: self.config.guest(c.client).name.clone(),
+            server_guest: Some(self.config.guest(c.server).name.clone()),
+            protocol: "tcp",
+            client: c.client_addr,
+            server: c.server_addr,
+            verdict: FlowVerdict::Accepted,
+            decided_by: None,
+            bytes_client_to_server: Some(up),
+            bytes_server_to_client: Some(down),
+            duration_ms: Some(now.duration_since(c.opened).map_or(0, |d| d.as_millis() as u64)),
+        }
+    }
+
+    fn fold_bytes(&self, c: &ConnectionRecord, up: u64, down: u64) {
         let client = self.counters(c.client);
         let server = self.counters(c.server);
         client.closed_bytes_sent.fetch_add(up, Ordering::Relaxed);
