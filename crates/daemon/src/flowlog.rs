@@ -7,7 +7,7 @@
 //! the channel is full, the attempt's record is dropped and counted
 //! ([`FlowLog::dropped`], shown by `vsocketctl status` and in the metrics).
 //! Close records come from the reaper, which is off the data path; it waits
-//! up to [`CLOSE_PATIENCE`] for room, so a burst does not cost billing
+//! up to [`CLOSE_PATIENCE`] per pass for room, so a burst does not cost billing
 //! records, and only then drops and counts.
 //!
 //! A line, with keys always in this order (fields that do not apply are
@@ -36,7 +36,8 @@ use vsocket_policy::FlowLogConfig;
 /// Records the channel holds before attempts are dropped.
 pub const CHANNEL_CAPACITY: usize = 16 * 1024;
 
-/// How long the reaper waits for room in the channel for a close record.
+/// How long one pass of the reaper waits, in all, for room for its close
+/// records.
 pub const CLOSE_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Which moment of a connection a record describes.
@@ -173,19 +174,22 @@ impl FlowLog {
         }
     }
 
-    /// Queues a close record, waiting up to `patience` for room.
-    pub fn record_waiting(&self, mut record: FlowRecord, patience: Duration) {
+    /// Queues close records, waiting for room up to `patience` in all;
+    /// after that, records that do not fit at once are dropped and counted.
+    pub fn record_waiting(&self, records: Vec<FlowRecord>, patience: Duration) {
         let deadline = Instant::now() + patience;
-        loop {
-            match self.sender.try_send(record) {
-                Ok(()) => return,
-                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(_) => {
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                    return;
+        for mut record in records {
+            loop {
+                match self.sender.try_send(record) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                        record = back;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(_) => {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
                 }
             }
         }
@@ -386,14 +390,16 @@ mod tests {
             log.record(attempt());
         }
         assert_eq!(log.dropped(), 3);
+        // Close records wait, but only so long for all of them together.
         let start = Instant::now();
-        log.record_waiting(attempt(), Duration::from_millis(50));
-        assert!(start.elapsed() >= Duration::from_millis(50));
-        assert_eq!(log.dropped(), 4);
+        log.record_waiting(vec![attempt(), attempt(), attempt()], Duration::from_millis(50));
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(50) && waited < Duration::from_millis(100), "{waited:?}");
+        assert_eq!(log.dropped(), 6);
         // Room again: a waiting record gets in.
         receiver.recv().unwrap();
-        log.record_waiting(attempt(), Duration::from_millis(50));
-        assert_eq!(log.dropped(), 4);
+        log.record_waiting(vec![attempt()], Duration::from_millis(50));
+        assert_eq!(log.dropped(), 6);
         assert_eq!(receiver.try_iter().count(), 2);
     }
 

@@ -201,7 +201,8 @@ impl Daemon {
         let mut closes = Vec::new();
         let retired = {
             let mut conns = lock(&self.connections);
-            let done: Vec<u64> = conns.values().filter(|c| c.segment.fully_closed()).map(|c| c.id).collect();
+            let mut done: Vec<u64> = conns.values().filter(|c| c.segment.fully_closed()).map(|c| c.id).collect();
+            done.sort_unstable();
             for id in &done {
                 if let Some(c) = conns.remove(id) {
                     // Read the totals once: the counters and the flow log
@@ -219,9 +220,7 @@ impl Daemon {
         };
         // Outside the lock: waiting for room must not hold up connects.
         if let Some(log) = &self.flow_log {
-            for record in closes {
-                log.record_waiting(record, crate::flowlog::CLOSE_PATIENCE);
-            }
+            log.record_waiting(closes, crate::flowlog::CLOSE_PATIENCE);
         }
         retired
     }
