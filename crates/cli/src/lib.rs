@@ -10,10 +10,13 @@
 //!   describes (one namespace per guest, one bridge per VPC), so guests exist
 //!   before the daemon attaches them and traffic vSocket does not carry still
 //!   flows.
+//! - [`rates`]: `vsocketctl rates`, bytes per second from two samples of
+//!   the daemon's counters.
 
 #![forbid(unsafe_code)]
 
 pub mod lab;
+pub mod rates;
 pub mod run;
 
 use std::path::PathBuf;

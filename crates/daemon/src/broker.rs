@@ -7,6 +7,7 @@
 //! Denied: the connect fails as behind the cloud's firewall (a silent drop,
 //! or ECONNREFUSED where the operator configured `reject`).
 
+use crate::flowlog::{FlowEvent, FlowRecord, FlowVerdict};
 use crate::state::{ConnectionRecord, Daemon, ListenerRecord};
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, OwnedFd};
@@ -56,23 +57,20 @@ pub fn listen(
     Ok(Arc::new(ListenerRecord { id: daemon.next_id(), guest, local, channel, accepted: Default::default() }))
 }
 
-/// Decides a `Connect` request from `guest`.
-/// `channel` identifies the client's request channel (its process).
+/// Decides a `Connect` request from `guest`, and records the decision in
+/// the flow log. `channel` identifies the client's request channel (its
+/// process).
 pub fn connect(daemon: &Daemon, guest: GuestId, channel: u64, local: SocketAddrV4, remote: SocketAddrV4) -> Reply {
     let config = &daemon.config;
     let g = config.guest(guest);
     let counters = daemon.counters(guest);
-    let Some(listener) = daemon.find_listener(guest, remote) else {
-        counters.fallbacks.fetch_add(1, Ordering::Relaxed);
-        return Reply::plain(Message::Fallback);
-    };
     // The source address the guest's kernel would pick: the loopback
     // address for loopback, the destination itself when a guest connects to
     // one of its own addresses, else the address the socket is bound to
     // (the guest's word about it is not trusted) or the guest's first.
     let client_ip = if remote.ip().is_loopback() {
         std::net::Ipv4Addr::LOCALHOST
-    } else if listener.guest == guest && g.addresses.contains(remote.ip()) {
+    } else if g.addresses.contains(remote.ip()) {
         *remote.ip()
     } else if g.addresses.contains(local.ip()) {
         *local.ip()
@@ -80,13 +78,21 @@ pub fn connect(daemon: &Daemon, guest: GuestId, channel: u64, local: SocketAddrV
         g.addresses[0]
     };
     let client_addr = SocketAddrV4::new(client_ip, local.port());
+    let attempt = Attempt { daemon, guest, client_addr, remote };
+    let Some(listener) = daemon.find_listener(guest, remote) else {
+        counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+        attempt.log(None, &Reply::plain(Message::Fallback), || "no vSocket listener: kernel path".into());
+        return Reply::plain(Message::Fallback);
+    };
     if listener.guest == guest {
         // Inside one guest: the traffic never reaches the cloud's network,
         // so security groups do not apply (as on a VM's own loopback).
-        return match open(daemon, guest, channel, client_addr, &listener, remote) {
+        let reply = match open(daemon, guest, channel, client_addr, &listener, remote) {
             Ok(reply) => reply,
             Err(e) => undelivered(daemon, guest, remote, e),
         };
+        attempt.log(Some(guest), &reply, || "within one guest: security groups do not apply".into());
+        return reply;
     }
     let flow = Flow {
         protocol: Protocol::Tcp,
@@ -104,18 +110,69 @@ pub fn connect(daemon: &Daemon, guest: GuestId, channel: u64, local: SocketAddrV
         let action = config.host().deny_action;
         tracing::info!(client = %g.name, from = %client_addr, server = %server_name, to = %remote,
             decided_by = %verdict.describe(config), ?action, "connect denied");
-        return Reply::plain(match action {
+        let reply = Reply::plain(match action {
             DenyAction::Reject => Message::Refused { errno: libc::ECONNREFUSED },
             DenyAction::Drop => Message::Dropped,
         });
+        attempt.log(Some(listener.guest), &reply, || verdict.describe(config));
+        return reply;
     }
     match open(daemon, guest, channel, client_addr, &listener, remote) {
         Ok(reply) => {
             tracing::debug!(client = %g.name, from = %client_addr, server = %server_name, to = %remote,
                 decided_by = %verdict.describe(config), "connect allowed");
+            attempt.log(Some(listener.guest), &reply, || verdict.describe(config));
             reply
         }
-        Err(e) => undelivered(daemon, guest, remote, e),
+        Err(e) => {
+            let reply = undelivered(daemon, guest, remote, e);
+            attempt.log(Some(listener.guest), &reply, || match reply.message {
+                Message::Refused { .. } => "listener backlog full".into(),
+                _ => "listener gone: kernel path".into(),
+            });
+            reply
+        }
+    }
+}
+
+/// A connect being decided, for its flow record.
+struct Attempt<'a> {
+    daemon: &'a Daemon,
+    guest: GuestId,
+    client_addr: SocketAddrV4,
+    remote: SocketAddrV4,
+}
+
+impl Attempt<'_> {
+    /// Records the attempt as `reply` ends it; `server` is the guest whose
+    /// listener was found, `decided_by` says why (made only if logged).
+    fn log(&self, server: Option<GuestId>, reply: &Reply, decided_by: impl FnOnce() -> String) {
+        self.daemon.log_flow(|| {
+            let config = &self.daemon.config;
+            let (verdict, id) = match reply.message {
+                Message::Connected(info) => (FlowVerdict::Accepted, Some(info.id)),
+                Message::Dropped => (FlowVerdict::Dropped, None),
+                Message::Refused { .. } => (FlowVerdict::Rejected, None),
+                _ => (FlowVerdict::Fallback, None),
+            };
+            let g = config.guest(self.guest);
+            FlowRecord {
+                time: SystemTime::now(),
+                event: FlowEvent::Attempt,
+                id,
+                vpc: config.vpc(g.vpc).name.clone(),
+                client_guest: g.name.clone(),
+                server_guest: server.map(|s| config.guest(s).name.clone()),
+                protocol: "tcp",
+                client: self.client_addr,
+                server: self.remote,
+                verdict,
+                decided_by: Some(decided_by()),
+                bytes_client_to_server: None,
+                bytes_server_to_client: None,
+                duration_ms: None,
+            }
+        });
     }
 }
 

@@ -6,7 +6,10 @@
 //!   process attaching to it lives in that guest's network namespace;
 //! - [`broker`]: listen and connect requests: policy, then shared memory;
 //! - [`pool`]: connection segments made ahead of time;
-//! - [`admin`]: the operator's socket, read by `vsocketctl`.
+//! - [`admin`]: the operator's socket, read by `vsocketctl`;
+//! - [`flowlog`]: one JSON line per connection attempt and close, written
+//!   and rotated by its own thread;
+//! - [`metrics`]: the Prometheus endpoint, a small HTTP/1.1 responder.
 //!
 //! The daemon is on the control path only: once it has brokered a
 //! connection between two guests on this host, their bytes move through a
@@ -17,6 +20,8 @@
 pub mod admin;
 pub mod attach;
 pub mod broker;
+pub mod flowlog;
+pub mod metrics;
 pub mod pool;
 pub mod state;
 

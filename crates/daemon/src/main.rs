@@ -5,7 +5,8 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use vsocketd::{admin, attach, Daemon};
+use vsocketd::flowlog::FlowLog;
+use vsocketd::{admin, attach, metrics, Daemon};
 
 /// vSocket's trusted host daemon: attaches guests, enforces VPC isolation
 /// and security groups, and brokers shared-memory connections.
@@ -33,7 +34,23 @@ fn main() {
     if let Err(e) = vsocket_sys::raise_nofile_limit() {
         tracing::warn!(error = %e, "cannot raise the descriptor limit");
     }
-    let daemon = Arc::new(Daemon::new(config));
+    let mut daemon = Daemon::new(config);
+    if let Some(flow_log) = daemon.config.host().flow_log.clone() {
+        match FlowLog::open(&flow_log) {
+            Ok(log) => daemon = daemon.with_flow_log(log),
+            Err(e) => {
+                eprintln!("vsocketd: flow log {}: {e}", flow_log.path.display());
+                std::process::exit(1);
+            }
+        }
+    }
+    let daemon = Arc::new(daemon);
+    if let Some(addr) = daemon.config.host().metrics {
+        if let Err(e) = metrics::serve(&daemon, addr) {
+            eprintln!("vsocketd: metrics on {addr}: {e}");
+            std::process::exit(1);
+        }
+    }
     if let Err(e) = attach::serve_guests(&daemon).and_then(|()| admin::serve(&daemon)) {
         eprintln!("vsocketd: {e}");
         std::process::exit(1);

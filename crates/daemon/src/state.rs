@@ -10,6 +10,8 @@ use std::time::SystemTime;
 use vsocket_policy::{Config, GuestId, VpcId};
 use vsocket_ring::Segment;
 
+use crate::flowlog::{FlowEvent, FlowLog, FlowRecord, FlowVerdict};
+
 /// Counters of one guest. Bytes of live connections are added when read.
 #[derive(Debug, Default)]
 pub struct GuestCounters {
@@ -99,6 +101,7 @@ pub struct Daemon {
     next_id: AtomicU64,
     /// Segments made ahead of the connects that need them.
     pub segments: crate::pool::SegmentPool,
+    flow_log: Option<FlowLog>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -117,7 +120,25 @@ impl Daemon {
             by_pair: Mutex::default(),
             next_id: AtomicU64::new(1),
             segments: crate::pool::SegmentPool::new(ring_size),
+            flow_log: None,
         }
+    }
+
+    /// The daemon, recording connection attempts and closes in `log`.
+    pub fn with_flow_log(self, log: FlowLog) -> Daemon {
+        Daemon { flow_log: Some(log), ..self }
+    }
+
+    /// Queues a flow record, made only if there is a flow log. Never waits.
+    pub fn log_flow(&self, make: impl FnOnce() -> FlowRecord) {
+        if let Some(log) = &self.flow_log {
+            log.record(make());
+        }
+    }
+
+    /// Flow records not written (0 without a flow log).
+    pub fn flow_log_dropped(&self) -> u64 {
+        self.flow_log.as_ref().map_or(0, FlowLog::dropped)
     }
 
     pub fn next_id(&self) -> u64 {
@@ -206,7 +227,10 @@ impl Daemon {
                 Some(c) if c.segment.reusable() => {
                     let id = queue.remove(i).expect("index checked");
                     let c = conns.remove(&id).expect("present");
-                    self.retire(&c);
+                    if let (Some(close), Some(log)) = (self.retire(&c), &self.flow_log) {
+                        // On the connect path: never wait for the log.
+                        log.record(close);
+                    }
                     found = Some((c.segment, c.memfd));
                     break;
                 }
@@ -220,27 +244,37 @@ impl Daemon {
     }
 
     /// Retires connections whose both ends have closed, folding their bytes
-    /// into the guests' counters; released segments go back to the pool
-    /// for their pair. Returns how many were retired.
+    /// into the guests' counters and writing their close records; released
+    /// segments go back to the pool for their pair. Returns how many were
+    /// retired.
     pub fn reap(&self) -> usize {
-        let mut conns = lock(&self.connections);
-        let done: Vec<u64> = conns.values().filter(|c| c.segment.fully_closed()).map(|c| c.id).collect();
-        for id in &done {
-            if let Some(c) = conns.remove(id) {
-                self.retire(&c);
-                if c.segment.reusable() {
-                    self.segments.recycle(c.pair, c.segment, c.memfd);
+        let mut closes = Vec::new();
+        let retired = {
+            let mut conns = lock(&self.connections);
+            let mut done: Vec<u64> = conns.values().filter(|c| c.segment.fully_closed()).map(|c| c.id).collect();
+            done.sort_unstable();
+            for id in &done {
+                if let Some(c) = conns.remove(id) {
+                    closes.extend(self.retire(&c));
+                    if c.segment.reusable() {
+                        self.segments.recycle(c.pair, c.segment, c.memfd);
+                    }
                 }
             }
+            if !done.is_empty() {
+                let mut pairs = lock(&self.by_pair);
+                pairs.retain(|_, queue| {
+                    queue.retain(|id| conns.contains_key(id));
+                    !queue.is_empty()
+                });
+            }
+            done.len()
+        };
+        // Outside the lock: waiting for room must not hold up connects.
+        if let Some(log) = &self.flow_log {
+            log.record_waiting(closes, crate::flowlog::CLOSE_PATIENCE);
         }
-        if !done.is_empty() {
-            let mut pairs = lock(&self.by_pair);
-            pairs.retain(|_, queue| {
-                queue.retain(|id| conns.contains_key(id));
-                !queue.is_empty()
-            });
-        }
-        done.len()
+        retired
     }
 
     /// One of a pair's processes is gone (its request channel or its
@@ -249,16 +283,37 @@ impl Daemon {
         self.segments.forget(&gone);
     }
 
-    /// Folds a closed connection's bytes into the counters and logs it.
-    fn retire(&self, c: &ConnectionRecord) {
-        self.fold_bytes(c);
+    /// Folds a closed connection's bytes into the counters, logs it, and
+    /// returns its close record if there is a flow log. The totals are read
+    /// once: the counters and the flow log must agree to the byte.
+    fn retire(&self, c: &ConnectionRecord) -> Option<FlowRecord> {
+        let (up, down) = (c.bytes_client_to_server(), c.bytes_server_to_client());
+        self.fold_bytes(c, up, down);
         tracing::debug!(id = c.id, client = %c.client_addr, server = %c.server_addr,
-            sent = c.bytes_client_to_server(), received = c.bytes_server_to_client(), "connection closed");
+            sent = up, received = down, "connection closed");
+        self.flow_log.is_some().then(|| self.close_record(c, up, down))
+    }
+    fn close_record(&self, c: &ConnectionRecord, up: u64, down: u64) -> FlowRecord {
+        let now = SystemTime::now();
+        FlowRecord {
+            time: now,
+            event: FlowEvent::Close,
+            id: Some(c.id),
+            vpc: self.config.vpc(c.vpc).name.clone(),
+            client_guest: self.config.guest(c.client).name.clone(),
+            server_guest: Some(self.config.guest(c.server).name.clone()),
+            protocol: "tcp",
+            client: c.client_addr,
+            server: c.server_addr,
+            verdict: FlowVerdict::Accepted,
+            decided_by: None,
+            bytes_client_to_server: Some(up),
+            bytes_server_to_client: Some(down),
+            duration_ms: Some(now.duration_since(c.opened).map_or(0, |d| d.as_millis() as u64)),
+        }
     }
 
-    fn fold_bytes(&self, c: &ConnectionRecord) {
-        let up = c.bytes_client_to_server();
-        let down = c.bytes_server_to_client();
+    fn fold_bytes(&self, c: &ConnectionRecord, up: u64, down: u64) {
         let client = self.counters(c.client);
         let server = self.counters(c.server);
         client.closed_bytes_sent.fetch_add(up, Ordering::Relaxed);

@@ -91,14 +91,19 @@ impl Lab {
 
     /// As [`Lab::start`], with the host's `deny_action`.
     pub fn start_with(name: &str, body: &str, deny_action: &str) -> io::Result<Lab> {
-        let dir = std::env::temp_dir().join(format!("vsocket-lab-{name}"));
+        Self::start_host(name, body, &format!("deny_action = \"{deny_action}\""))
+    }
+
+    /// As [`Lab::start`], with more lines for the `[host]` table (after
+    /// `name` and `run_dir`); `{dir}` in them stands for the lab's directory
+    /// ([`Lab::dir_of`]).
+    pub fn start_host(name: &str, body: &str, host_lines: &str) -> io::Result<Lab> {
+        let dir = Self::dir_of(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let run_dir = dir.join("run");
-        let mut config = format!(
-            "[host]\nname = \"{name}\"\nrun_dir = \"{}\"\ndeny_action = \"{deny_action}\"\n",
-            run_dir.display()
-        );
+        let host_lines = host_lines.replace("{dir}", &dir.display().to_string());
+        let mut config = format!("[host]\nname = \"{name}\"\nrun_dir = \"{}\"\n{host_lines}\n", run_dir.display());
         for line in body.lines() {
             config.push_str(line);
             config.push('\n');
@@ -127,6 +132,11 @@ impl Lab {
             return Err(io::Error::other(format!("vsocketd did not start; log: {}", lab.daemon_log())));
         }
         Ok(lab)
+    }
+
+    /// The directory of the lab named `name`: its config, logs and run_dir.
+    pub fn dir_of(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("vsocket-lab-{name}"))
     }
 
     fn vsocket(&self, args: &[&str]) -> io::Result<()> {

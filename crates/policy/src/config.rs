@@ -24,6 +24,14 @@
 //! deny_action = "drop"           # "drop" (default) or "reject"
 //! ring_size = 262144             # bytes per direction, a power of two,
 //!                                # 4096..=67108864 (64 MiB); default 262144
+//! flow_log = "/var/log/vsocket/flow.log"  # absolute; one JSON line per connection
+//!                                # attempt and per close; default: no flow log
+//! flow_log_max_bytes = 67108864  # rotate before the file passes this size;
+//!                                # at least 4096; default 67108864 (64 MiB)
+//! flow_log_keep = 5              # rotated files kept (flow.log.1 ..= .5);
+//!                                # 1..=1000; default 5
+//! metrics = "127.0.0.1:9464"     # Prometheus endpoint (GET /metrics), an
+//!                                # IP address and a port; default: none
 //!
 //! [[vpc]]
 //! name = "blue"
@@ -76,11 +84,14 @@
 //!   port ranges satisfy `1 <= lo <= hi <= 65535`.
 //! - `ring_size` is a power of two within 4096..=64 MiB, and `run_dir` is an
 //!   absolute path.
+//! - `flow_log` is an absolute path; `flow_log_max_bytes` is at least 4096
+//!   and `flow_log_keep` within 1..=1000, and both are set only with
+//!   `flow_log`. `metrics` is an IP address and a nonzero port.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::de::{self, Deserializer, Visitor};
@@ -88,8 +99,8 @@ use serde::Deserialize;
 
 use crate::cidr::{CidrError, Ipv4Cidr};
 use crate::model::{
-    Config, DenyAction, GroupId, Guest, HostConfig, Peer, PortRange, Protocol, ProtocolFilter, Rule, SecurityGroup,
-    Vpc, VpcId,
+    Config, DenyAction, FlowLogConfig, GroupId, Guest, HostConfig, Peer, PortRange, Protocol, ProtocolFilter, Rule,
+    SecurityGroup, Vpc, VpcId,
 };
 
 /// The longest guest name: it becomes a Linux interface name (IFNAMSIZ - 1).
@@ -187,6 +198,14 @@ pub enum Problem {
     RelativePath(PathBuf),
     /// `{0} is not a power of two from 4096 to 67108864`
     BadRingSize(u64),
+    /// `{0} is below the minimum of 4096 bytes`
+    FlowLogTooSmall(u64),
+    /// `{0} is not within 1-1000`
+    BadFlowLogKeep(i64),
+    /// `only takes effect with host.flow_log, which is not set`
+    NeedsFlowLog,
+    /// `"{0}" is not an IP address and port like "127.0.0.1:9464"`
+    BadListenAddress(String),
     /// The CIDR's own message.
     BadCidr(CidrError),
     /// `"{0}" is not an IPv4 address`
@@ -258,6 +277,14 @@ impl fmt::Display for Problem {
                 HostConfig::MIN_RING_SIZE,
                 HostConfig::MAX_RING_SIZE
             ),
+            Self::FlowLogTooSmall(size) => {
+                write!(f, "{size} is below the minimum of {} bytes", FlowLogConfig::MIN_MAX_BYTES)
+            }
+            Self::BadFlowLogKeep(keep) => write!(f, "{keep} is not within 1-{}", FlowLogConfig::MAX_KEEP),
+            Self::NeedsFlowLog => f.write_str("only takes effect with host.flow_log, which is not set"),
+            Self::BadListenAddress(text) => {
+                write!(f, "\"{text}\" is not an IP address and port like \"127.0.0.1:9464\"")
+            }
             Self::BadCidr(err) => err.fmt(f),
             Self::BadAddress(text) => write!(f, "\"{text}\" is not an IPv4 address"),
             Self::AddressOutsideVpc { addr, vpc, cidr } => {
@@ -305,6 +332,10 @@ struct RawHost {
     #[serde(default)]
     deny_action: RawDenyAction,
     ring_size: Option<u64>,
+    flow_log: Option<PathBuf>,
+    flow_log_max_bytes: Option<u64>,
+    flow_log_keep: Option<i64>,
+    metrics: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -433,7 +464,50 @@ impl Validator<'_> {
             RawDenyAction::Reject => DenyAction::Reject,
         };
 
-        Ok(HostConfig { name: raw.name, run_dir, deny_action, ring_size })
+        let flow_log = self.flow_log(raw.flow_log, raw.flow_log_max_bytes, raw.flow_log_keep)?;
+
+        let metrics = match raw.metrics {
+            None => None,
+            Some(text) => match text.parse::<SocketAddr>() {
+                Ok(addr) if addr.port() != 0 => Some(addr),
+                _ => return Err(self.invalid("host.metrics", Problem::BadListenAddress(text))),
+            },
+        };
+
+        Ok(HostConfig { name: raw.name, run_dir, deny_action, ring_size, flow_log, metrics })
+    }
+
+    fn flow_log(
+        &self,
+        path: Option<PathBuf>,
+        max_bytes: Option<u64>,
+        keep: Option<i64>,
+    ) -> Result<Option<FlowLogConfig>, ConfigError> {
+        let Some(path) = path else {
+            // Rotation settings without a log are a mistake worth pointing at.
+            if max_bytes.is_some() {
+                return Err(self.invalid("host.flow_log_max_bytes", Problem::NeedsFlowLog));
+            }
+            if keep.is_some() {
+                return Err(self.invalid("host.flow_log_keep", Problem::NeedsFlowLog));
+            }
+            return Ok(None);
+        };
+        if !path.is_absolute() {
+            return Err(self.invalid("host.flow_log", Problem::RelativePath(path)));
+        }
+        let max_bytes = max_bytes.unwrap_or(FlowLogConfig::DEFAULT_MAX_BYTES);
+        if max_bytes < FlowLogConfig::MIN_MAX_BYTES {
+            return Err(self.invalid("host.flow_log_max_bytes", Problem::FlowLogTooSmall(max_bytes)));
+        }
+        let keep = match keep {
+            None => FlowLogConfig::DEFAULT_KEEP,
+            Some(keep) => u32::try_from(keep)
+                .ok()
+                .filter(|keep| (1..=FlowLogConfig::MAX_KEEP).contains(keep))
+                .ok_or_else(|| self.invalid("host.flow_log_keep", Problem::BadFlowLogKeep(keep)))?,
+        };
+        Ok(Some(FlowLogConfig { path, max_bytes, keep }))
     }
 
     fn vpcs(&self, raw: Vec<RawVpc>) -> Result<Vec<Vpc>, ConfigError> {

@@ -28,6 +28,6 @@ pub use cidr::Ipv4Cidr;
 pub use config::{load, parse, ConfigError};
 pub use evaluate::{evaluate, Decider, Flow, Verdict};
 pub use model::{
-    Config, DenyAction, Direction, GroupId, Guest, GuestId, HostConfig, Peer, PortRange, Protocol, ProtocolFilter,
-    Rule, SecurityGroup, Vpc, VpcId,
+    Config, DenyAction, Direction, FlowLogConfig, GroupId, Guest, GuestId, HostConfig, Peer, PortRange, Protocol,
+    ProtocolFilter, Rule, SecurityGroup, Vpc, VpcId,
 };

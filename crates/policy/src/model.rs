@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use crate::cidr::Ipv4Cidr;
@@ -140,6 +140,37 @@ pub struct HostConfig {
     /// Bytes of each direction's data ring: a power of two within
     /// [`MIN_RING_SIZE`](Self::MIN_RING_SIZE)..=[`MAX_RING_SIZE`](Self::MAX_RING_SIZE).
     pub ring_size: u32,
+    /// Where connection attempts are logged, one JSON line each; `None`
+    /// (the default) keeps no flow log.
+    pub flow_log: Option<FlowLogConfig>,
+    /// Where the daemon serves Prometheus metrics over HTTP; `None` (the
+    /// default) serves none.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// The flow log's file and rotation, from `[host]` `flow_log`,
+/// `flow_log_max_bytes` and `flow_log_keep`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowLogConfig {
+    /// The live file (absolute). Rotated files are `<path>.1` (the newest)
+    /// to `<path>.<keep>`.
+    pub path: PathBuf,
+    /// The live file is rotated before a record would take it past this
+    /// size, so no file exceeds it (unless one record alone does).
+    pub max_bytes: u64,
+    /// How many rotated files are kept besides the live one.
+    pub keep: u32,
+}
+
+impl FlowLogConfig {
+    /// `flow_log_max_bytes` when the file does not set it: 64 MiB.
+    pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
+    /// The smallest allowed `flow_log_max_bytes`: a page, some ten records.
+    pub const MIN_MAX_BYTES: u64 = 4096;
+    /// `flow_log_keep` when the file does not set it.
+    pub const DEFAULT_KEEP: u32 = 5;
+    /// The largest allowed `flow_log_keep`.
+    pub const MAX_KEEP: u32 = 1000;
 }
 
 impl HostConfig {

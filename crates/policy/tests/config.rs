@@ -5,7 +5,9 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use vsocket_policy::config::{parse, Problem};
-use vsocket_policy::{load, ConfigError, DenyAction, HostConfig, Peer, PortRange, Protocol, ProtocolFilter};
+use vsocket_policy::{
+    load, ConfigError, DenyAction, FlowLogConfig, HostConfig, Peer, PortRange, Protocol, ProtocolFilter,
+};
 
 const ORIGIN: &str = "/etc/vsocket/lab.toml";
 
@@ -268,6 +270,70 @@ fn invalid_content_names_file_field_and_problem() {
             Problem::BadRingSize(8_589_934_592),
         ),
         (
+            "relative flow_log",
+            "flow_log = \"flow.log\"",
+            String::new(),
+            "host.flow_log",
+            Problem::RelativePath("flow.log".into()),
+        ),
+        (
+            "flow log rotated too small",
+            "flow_log = \"/var/log/flow.log\"\nflow_log_max_bytes = 100",
+            String::new(),
+            "host.flow_log_max_bytes",
+            Problem::FlowLogTooSmall(100),
+        ),
+        (
+            "flow log keeping nothing",
+            "flow_log = \"/var/log/flow.log\"\nflow_log_keep = 0",
+            String::new(),
+            "host.flow_log_keep",
+            Problem::BadFlowLogKeep(0),
+        ),
+        (
+            "flow log keeping too much",
+            "flow_log = \"/var/log/flow.log\"\nflow_log_keep = 1001",
+            String::new(),
+            "host.flow_log_keep",
+            Problem::BadFlowLogKeep(1001),
+        ),
+        (
+            "negative flow_log_keep",
+            "flow_log = \"/var/log/flow.log\"\nflow_log_keep = -3",
+            String::new(),
+            "host.flow_log_keep",
+            Problem::BadFlowLogKeep(-3),
+        ),
+        (
+            "rotation size without a flow log",
+            "flow_log_max_bytes = 1048576",
+            String::new(),
+            "host.flow_log_max_bytes",
+            Problem::NeedsFlowLog,
+        ),
+        ("keep without a flow log", "flow_log_keep = 3", String::new(), "host.flow_log_keep", Problem::NeedsFlowLog),
+        (
+            "metrics without a port",
+            "metrics = \"127.0.0.1\"",
+            String::new(),
+            "host.metrics",
+            Problem::BadListenAddress("127.0.0.1".into()),
+        ),
+        (
+            "metrics on port 0",
+            "metrics = \"127.0.0.1:0\"",
+            String::new(),
+            "host.metrics",
+            Problem::BadListenAddress("127.0.0.1:0".into()),
+        ),
+        (
+            "metrics by host name",
+            "metrics = \"localhost:9464\"",
+            String::new(),
+            "host.metrics",
+            Problem::BadListenAddress("localhost:9464".into()),
+        ),
+        (
             "relative run_dir",
             "run_dir = \"run/vsocket\"",
             String::new(),
@@ -388,6 +454,8 @@ fn defaults_fill_in_optional_fields() {
             run_dir: HostConfig::DEFAULT_RUN_DIR.into(),
             deny_action: DenyAction::Drop,
             ring_size: 262_144,
+            flow_log: None,
+            metrics: None,
         }
     );
     let b = config.guest(config.guest_by_name("b").unwrap());
@@ -412,6 +480,37 @@ fn explicit_host_settings_are_kept() {
 
     let config = parse_text(&config_text("ring_size = 67108864", "")).unwrap();
     assert_eq!(config.host().ring_size, HostConfig::MAX_RING_SIZE);
+}
+
+#[test]
+fn flow_log_and_metrics_settings() {
+    let config = parse_text(&config_text("flow_log = \"/var/log/vsocket/flow.log\"", "")).unwrap();
+    assert_eq!(
+        config.host().flow_log,
+        Some(FlowLogConfig {
+            path: "/var/log/vsocket/flow.log".into(),
+            max_bytes: FlowLogConfig::DEFAULT_MAX_BYTES,
+            keep: FlowLogConfig::DEFAULT_KEEP,
+        })
+    );
+    assert_eq!(config.host().metrics, None);
+
+    let config = parse_text(&config_text(
+        "flow_log = \"/tmp/f.log\"\nflow_log_max_bytes = 4096\nflow_log_keep = 1000\nmetrics = \"[::1]:9464\"",
+        "",
+    ))
+    .unwrap();
+    let flow_log = config.host().flow_log.clone().unwrap();
+    assert_eq!((flow_log.max_bytes, flow_log.keep), (FlowLogConfig::MIN_MAX_BYTES, FlowLogConfig::MAX_KEEP));
+    assert_eq!(config.host().metrics, Some("[::1]:9464".parse().unwrap()));
+
+    let err = parse_text(&config_text("flow_log = \"/tmp/f.log\"\nflow_log_keep = 0", "")).unwrap_err();
+    assert_eq!(err.to_string(), "/etc/vsocket/lab.toml: host.flow_log_keep: 0 is not within 1-1000");
+    let err = parse_text(&config_text("metrics = \"9464\"", "")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "/etc/vsocket/lab.toml: host.metrics: \"9464\" is not an IP address and port like \"127.0.0.1:9464\""
+    );
 }
 
 #[test]

@@ -5,7 +5,9 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vsocket_cli::rates;
 
 /// Shows what vsocketd knows: guests, listeners and connections with their
 /// byte counts.
@@ -35,6 +37,13 @@ enum Command {
     Listeners,
     /// Every open vSocket connection with its byte counts.
     Connections,
+    /// Bytes per second of every open connection and every guest, from two
+    /// samples `--interval` seconds apart.
+    Rates {
+        /// Seconds between the two samples.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
 }
 
 fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
@@ -52,18 +61,15 @@ fn main() {
         },
         (None, None) => PathBuf::from(vsocket_policy::model::HostConfig::DEFAULT_RUN_DIR),
     };
+    let path = vsocketd::admin_socket_path(&run_dir);
     let command = match args.command {
         Command::Status => "status",
         Command::Guests => "guests",
         Command::Listeners => "listeners",
         Command::Connections => "connections",
+        Command::Rates { interval } => return rates(&path, interval, args.json),
     };
-    let path = vsocketd::admin_socket_path(&run_dir);
-    let reply =
-        query(&path, command).unwrap_or_else(|e| fail(1, format!("{}: {e} (is vsocketd running?)", path.display())));
-    if let Some(err) = reply.get("error") {
-        fail(1, err);
-    }
+    let reply = checked_query(&path, command);
     if args.json {
         println!("{reply}");
         return;
@@ -110,7 +116,59 @@ fn main() {
     }
 }
 
-fn query(path: &std::path::Path, command: &str) -> std::io::Result<Value> {
+/// `vsocketctl rates`: samples connections and guests twice.
+fn rates(path: &Path, interval: f64, json: bool) {
+    if !(interval.is_finite() && interval > 0.0 && interval <= 3600.0) {
+        fail(2, format!("--interval {interval}: expected seconds, more than 0 and at most 3600"));
+    }
+    let sample = || {
+        let start = Instant::now();
+        let connections = checked_query(path, "connections");
+        let guests = checked_query(path, "guests");
+        (start, connections, guests)
+    };
+    let (first, connections_before, guests_before) = sample();
+    std::thread::sleep(Duration::from_secs_f64(interval));
+    let (second, connections_after, guests_after) = sample();
+    let seconds = second.duration_since(first).as_secs_f64();
+    let connections = Value::from(rates::connection_rates(&connections_before, &connections_after, seconds));
+    let guests = Value::from(rates::guest_rates(&guests_before, &guests_after, seconds));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "interval_seconds": seconds, "connections": connections, "guests": guests })
+        );
+        return;
+    }
+    println!("over {seconds:.2} s, bytes per second:");
+    table(&guests, &["name", "vpc", "connections_open", "sent_bytes_per_second", "received_bytes_per_second"]);
+    println!();
+    table(
+        &connections,
+        &[
+            "id",
+            "vpc",
+            "client_guest",
+            "client",
+            "server_guest",
+            "server",
+            "client_to_server_bytes_per_second",
+            "server_to_client_bytes_per_second",
+        ],
+    );
+}
+
+/// A query whose failure ends the program.
+fn checked_query(path: &Path, command: &str) -> Value {
+    let reply =
+        query(path, command).unwrap_or_else(|e| fail(1, format!("{}: {e} (is vsocketd running?)", path.display())));
+    if let Some(err) = reply.get("error") {
+        fail(1, err);
+    }
+    reply
+}
+
+fn query(path: &Path, command: &str) -> std::io::Result<Value> {
     let mut stream = UnixStream::connect(path)?;
     writeln!(stream, "{}", serde_json::json!({ "command": command }))?;
     let mut line = String::new();
@@ -121,6 +179,7 @@ fn query(path: &std::path::Path, command: &str) -> std::io::Result<Value> {
 fn plain(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
         Value::Array(a) => a.iter().map(plain).collect::<Vec<_>>().join(","),
         Value::Number(n) if n.is_f64() => format!("{:.1}", n.as_f64().unwrap_or(0.0)),
         other => other.to_string(),
