@@ -129,7 +129,7 @@ mod tests {
             assert_eq!(w[1] - w[0], LINE);
         }
         assert_eq!(ENDPOINT_LINE, consumer_line(1) + LINE);
-        assert!(ENDPOINT_LINE + LINE <= PAGE);
+        const { assert!(ENDPOINT_LINE + LINE <= PAGE) };
     }
 
     #[test]

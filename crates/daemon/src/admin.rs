@@ -59,6 +59,8 @@ fn answer(daemon: &Daemon, request: &Request) -> serde_json::Value {
             "flow_log": daemon.config.host().flow_log.as_ref().map(|f| f.path.display().to_string()),
             "flow_log_dropped": daemon.flow_log_dropped(),
             "metrics": daemon.config.host().metrics.map(|a| a.to_string()),
+            "segments_created": daemon.segments.created.load(std::sync::atomic::Ordering::Relaxed),
+            "segments_reused": daemon.segments.reused.load(std::sync::atomic::Ordering::Relaxed),
         }),
         Request::Guests => serde_json::to_value(daemon.guest_reports()).unwrap_or_default(),
         Request::Listeners => serde_json::to_value(daemon.listener_reports()).unwrap_or_default(),

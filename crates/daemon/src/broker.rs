@@ -204,6 +204,7 @@ fn open(
     let (segment, memfd) = match daemon.reclaim(pair) {
         Some((segment, memfd)) => {
             segment.reset();
+            daemon.segments.reused.fetch_add(1, Ordering::Relaxed);
             (segment, memfd)
         }
         None => daemon.segments.take_for(pair)?,

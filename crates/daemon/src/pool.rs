@@ -18,6 +18,7 @@
 use crate::state::Pair;
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use vsocket_ring::Segment;
 
@@ -37,6 +38,9 @@ pub struct SegmentPool {
     taken: Condvar,
     /// Released segments, reset, per pair.
     released: Mutex<HashMap<Pair, Vec<(Segment, OwnedFd)>>>,
+    /// Segments made, and connections that got a segment used before.
+    pub created: AtomicU64,
+    pub reused: AtomicU64,
 }
 
 impl std::fmt::Debug for SegmentPool {
@@ -52,6 +56,8 @@ impl SegmentPool {
             ready: Mutex::new(Vec::with_capacity(TARGET)),
             taken: Condvar::new(),
             released: Mutex::default(),
+            created: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
         }
     }
 
@@ -65,6 +71,7 @@ impl SegmentPool {
                 released.remove(&pair);
             }
             if let Some(reused) = reused {
+                self.reused.fetch_add(1, Ordering::Relaxed);
                 return Ok(reused);
             }
         }
@@ -106,8 +113,14 @@ impl SegmentPool {
         }
         match pooled {
             Some(s) => Ok(s),
-            None => Segment::create(self.ring_size),
+            None => self.create(),
         }
+    }
+
+    fn create(&self) -> std::io::Result<(Segment, OwnedFd)> {
+        let made = Segment::create(self.ring_size)?;
+        self.created.fetch_add(1, Ordering::Relaxed);
+        Ok(made)
     }
 
     /// Refills the pool forever (run on its own thread).
@@ -116,7 +129,7 @@ impl SegmentPool {
         loop {
             while ready.len() < TARGET {
                 drop(ready);
-                let made = Segment::create(self.ring_size);
+                let made = self.create();
                 ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
                 match made {
                     Ok(s) => ready.push(s),

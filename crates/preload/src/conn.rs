@@ -21,8 +21,8 @@ use vsocket_ring::{Consumer, Producer, RingError, RxState, Segment};
 /// connection goes (see `segcache`).
 struct Mapped {
     segment: Option<Segment>,
-    /// The segment's file (device, inode).
-    file: (u64, u64),
+    /// The segment's file.
+    file: vsocket_ring::FileIdentity,
 }
 
 impl std::ops::Deref for Mapped {

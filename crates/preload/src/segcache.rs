@@ -16,13 +16,13 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use vsocket_ring::Segment;
+use vsocket_ring::{FileIdentity, Segment};
 
 /// Mappings kept at most.
 const KEEP: usize = 16;
 
-/// (device, inode) of a segment's file, and the mapping.
-type Kept = ((u64, u64), Segment);
+/// A segment's file, and the mapping.
+type Kept = (FileIdentity, Segment);
 
 static CACHE: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
 /// Held by whoever uses the cache, and by fork (from prepare to the child
@@ -49,7 +49,7 @@ fn with_cache<R>(f: impl FnOnce(&mut Vec<Kept>) -> R) -> R {
 
 /// The kept mapping of file `id`, if the daemon handed it to connection
 /// `connection` (anything else stays kept).
-pub fn take(id: (u64, u64), ring_size: u32, connection: u64) -> Option<Segment> {
+pub fn take(id: FileIdentity, ring_size: u32, connection: u64) -> Option<Segment> {
     with_cache(|kept| {
         let at = kept.iter().position(|(k, s)| {
             *k == id && s.ring_size() == ring_size && s.connection_id().load(Ordering::Acquire) == connection
@@ -59,7 +59,7 @@ pub fn take(id: (u64, u64), ring_size: u32, connection: u64) -> Option<Segment> 
 }
 
 /// Keeps the mapping of a closed connection's segment.
-pub fn put(id: (u64, u64), segment: Segment) {
+pub fn put(id: FileIdentity, segment: Segment) {
     let evicted = with_cache(|kept| {
         let evicted = (kept.len() >= KEEP).then(|| kept.remove(0));
         kept.push((id, segment));
@@ -84,4 +84,35 @@ pub fn after_fork_child() {
     let all = std::mem::take(&mut *CACHE.lock().unwrap_or_else(|e| e.into_inner()));
     leave();
     drop(all);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_kept_mapping_is_given_back_only_for_its_file_and_connection() {
+        let (daemon, fd) = Segment::create(4096).unwrap();
+        let id = Segment::identity(fd.as_fd()).unwrap();
+        let (_other, other_fd) = Segment::create(4096).unwrap();
+        let other_id = Segment::identity(other_fd.as_fd()).unwrap();
+        assert_ne!(id, other_id);
+        daemon.connection_id().store(41, Ordering::Release);
+        put(id, Segment::map(fd.as_fd(), 4096).unwrap());
+        assert!(take(other_id, 4096, 41).is_none(), "another file");
+        assert!(take(id, 8192, 41).is_none(), "another size");
+        // The daemon handed the segment to connection 42: the header says so.
+        assert!(take(id, 4096, 42).is_none(), "still named for connection 41");
+        daemon.connection_id().store(42, Ordering::Release);
+        let kept = take(id, 4096, 42).expect("kept");
+        kept.producer(0).write(&[b"same memory"]).unwrap();
+        assert_eq!(daemon.producer(0).total(), 11);
+        assert!(take(id, 4096, 42).is_none(), "given back once");
+        // A forked child keeps nothing of its parent's.
+        put(id, kept);
+        before_fork();
+        after_fork_child();
+        assert!(take(id, 4096, 42).is_none());
+    }
 }

@@ -32,4 +32,4 @@ mod sync;
 
 pub use ring::{Consumer, Producer, RingControl, RingError, RxState};
 #[cfg(not(loom))]
-pub use segment::Segment;
+pub use segment::{FileIdentity, Segment};

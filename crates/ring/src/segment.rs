@@ -14,6 +14,14 @@ use vsocket_abi::layout::{self, SEGMENT_MAGIC, SEGMENT_VERSION};
 
 const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
 
+/// Which file a segment descriptor names (see [`Segment::identity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub ctime_ns: i128,
+}
+
 /// One mapping of a connection segment.
 #[derive(Debug)]
 pub struct Segment {
@@ -204,14 +212,23 @@ impl Segment {
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
     }
 
-    /// The file behind a segment descriptor (device, inode): a mapping of
-    /// the same file can be used again instead of mapping it anew.
-    pub fn identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    /// The file behind a segment descriptor: device, inode and change time
+    /// (nanoseconds). A mapping made from a descriptor with the same
+    /// identity maps the same file, and can be used again instead of
+    /// mapping it anew. The change time guards against inode numbers being
+    /// reused for a later file while an old mapping is kept (it is set by
+    /// the kernel when the file is sized and sealed, and no guest can set
+    /// it to a chosen value).
+    pub fn identity(fd: BorrowedFd<'_>) -> io::Result<FileIdentity> {
         // SAFETY: fstat writes into the zeroed struct we pass.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: valid descriptor and a pointer to a stat buffer.
         check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-        Ok((st.st_dev, st.st_ino))
+        Ok(FileIdentity {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            ctime_ns: (st.st_ctime as i128) * 1_000_000_000 + st.st_ctime_nsec as i128,
+        })
     }
 
     /// Overwrites ring `ring`'s published tail, as a hostile producer can

@@ -43,7 +43,7 @@ fn a_peer_scribbling_concurrently_only_breaks_its_connection() {
             while !stop.load(Ordering::Relaxed) {
                 x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let _ = p.write(&[&x.to_le_bytes()]);
-                if x % 7 == 0 {
+                if x.is_multiple_of(7) {
                     // Forge the published index directly.
                     forge_tail(&segment, x % 10_000);
                 }
