@@ -8,7 +8,7 @@
 //!  ┌────────────────────────────────────────┬──────────────┬───────────────────┐
 //!  │ header page                            │ ring 0 data  │ ring 1 data       │
 //!  │  0x000 SegmentHeader (magic, version,  │ client→server│ server→client     │
-//!  │        ring_size, connection id)       │              │                   │
+//!  │        ring_size, connection id, nonce)│              │                   │
 //!  │        written by the daemon           │              │                   │
 //!  │  0x080 ring 0 producer line (tail,...) │              │                   │
 //!  │  0x100 ring 0 consumer line (head,...) │              │                   │
@@ -66,6 +66,11 @@ pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"vSockSeg");
 /// of the connection it hands the segment to, so that a process holding an
 /// old mapping of the same file knows whether it is this connection's.
 pub const HEADER_CONNECTION_ID: usize = 16;
+/// Offset of the header's nonce (16 random bytes written by the daemon when
+/// it creates the segment, never changed): with the file's device and inode
+/// it tells a kept mapping's file from a later file that got the same inode
+/// number.
+pub const HEADER_NONCE: usize = 24;
 /// Layout version; bumped on any incompatible change.
 pub const SEGMENT_VERSION: u32 = 1;
 /// Smallest ring the daemon will create.

@@ -44,7 +44,7 @@ impl Drop for Mapped {
 /// mapping of the same segment this process kept.
 fn map_segment(fd: std::os::fd::BorrowedFd<'_>, info: &ConnectionInfo) -> std::io::Result<Mapped> {
     let file = Segment::identity(fd)?;
-    let segment = match crate::segcache::take(file, info.ring_size, info.id) {
+    let segment = match crate::segcache::take(fd, file, info.ring_size, info.id) {
         Some(kept) => kept,
         None => Segment::map(fd, info.ring_size)?,
     };

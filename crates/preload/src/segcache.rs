@@ -14,6 +14,7 @@
 //! next connections may get those segments, and a child may not be trusted
 //! as much as its parent (it may drop privileges).
 
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use vsocket_ring::{FileIdentity, Segment};
@@ -47,15 +48,23 @@ fn with_cache<R>(f: impl FnOnce(&mut Vec<Kept>) -> R) -> R {
     r
 }
 
-/// The kept mapping of file `id`, if the daemon handed it to connection
-/// `connection` (anything else stays kept).
-pub fn take(id: FileIdentity, ring_size: u32, connection: u64) -> Option<Segment> {
-    with_cache(|kept| {
+/// The kept mapping of the segment behind `fd` (file `id`), if the daemon
+/// handed it to connection `connection` (anything else stays kept). The
+/// nonce in the file's header must match the mapping's: an inode number
+/// may have come back for another file.
+pub fn take(fd: BorrowedFd<'_>, id: FileIdentity, ring_size: u32, connection: u64) -> Option<Segment> {
+    let found = with_cache(|kept| {
         let at = kept.iter().position(|(k, s)| {
             *k == id && s.ring_size() == ring_size && s.connection_id().load(Ordering::Acquire) == connection
         })?;
         Some(kept.swap_remove(at).1)
-    })
+    })?;
+    if Segment::read_nonce(fd).ok() == Some(found.nonce()) {
+        Some(found)
+    } else {
+        // Another file under a reused inode number: forget the old one.
+        None
+    }
 }
 
 /// Keeps the mapping of a closed connection's segment.
@@ -100,19 +109,22 @@ mod tests {
         assert_ne!(id, other_id);
         daemon.connection_id().store(41, Ordering::Release);
         put(id, Segment::map(fd.as_fd(), 4096).unwrap());
-        assert!(take(other_id, 4096, 41).is_none(), "another file");
-        assert!(take(id, 8192, 41).is_none(), "another size");
+        assert!(take(other_fd.as_fd(), other_id, 4096, 41).is_none(), "another file");
+        assert!(take(fd.as_fd(), id, 8192, 41).is_none(), "another size");
         // The daemon handed the segment to connection 42: the header says so.
-        assert!(take(id, 4096, 42).is_none(), "still named for connection 41");
+        assert!(take(fd.as_fd(), id, 4096, 42).is_none(), "still named for connection 41");
         daemon.connection_id().store(42, Ordering::Release);
-        let kept = take(id, 4096, 42).expect("kept");
+        let kept = take(fd.as_fd(), id, 4096, 42).expect("kept");
         kept.producer(0).write(&[b"same memory"]).unwrap();
         assert_eq!(daemon.producer(0).total(), 11);
-        assert!(take(id, 4096, 42).is_none(), "given back once");
-        // A forked child keeps nothing of its parent's.
+        assert!(take(fd.as_fd(), id, 4096, 42).is_none(), "given back once");
+        // Another file that got the same inode number: its nonce differs.
         put(id, kept);
+        assert!(take(other_fd.as_fd(), id, 4096, 42).is_none(), "the nonce tells them apart");
+        // A forked child keeps nothing of its parent's.
+        put(id, Segment::map(fd.as_fd(), 4096).unwrap());
         before_fork();
         after_fork_child();
-        assert!(take(id, 4096, 42).is_none());
+        assert!(take(fd.as_fd(), id, 4096, 42).is_none());
     }
 }

@@ -19,7 +19,6 @@ const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | li
 pub struct FileIdentity {
     pub dev: u64,
     pub ino: u64,
-    pub ctime_ns: i128,
 }
 
 /// One mapping of a connection segment.
@@ -65,12 +64,18 @@ impl Segment {
         }
         let segment = Self::map_unchecked(fd.as_raw_fd(), len, ring_size)?;
         let header = segment.base.as_ptr() as *mut u64;
-        // SAFETY: the header page is at least 16 bytes, freshly zeroed, and
-        // no other process has the memfd yet.
+        let mut nonce = [0u8; 16];
+        // SAFETY: getrandom fills at most 16 bytes of `nonce`.
+        if unsafe { libc::getrandom(nonce.as_mut_ptr() as *mut libc::c_void, 16, 0) } != 16 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the header page is 4096 bytes, freshly zeroed, and no
+        // other process has the memfd yet; every write is inside it.
         unsafe {
             header.write(SEGMENT_MAGIC);
             (header.add(1) as *mut u32).write(SEGMENT_VERSION);
             (header.add(1) as *mut u32).add(1).write(ring_size);
+            std::ptr::copy_nonoverlapping(nonce.as_ptr(), segment.base.as_ptr().add(layout::HEADER_NONCE), 16);
         }
         Ok((segment, fd))
     }
@@ -212,23 +217,44 @@ impl Segment {
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
     }
 
-    /// The file behind a segment descriptor: device, inode and change time
-    /// (nanoseconds). A mapping made from a descriptor with the same
-    /// identity maps the same file, and can be used again instead of
-    /// mapping it anew. The change time guards against inode numbers being
-    /// reused for a later file while an old mapping is kept (it is set by
-    /// the kernel when the file is sized and sealed, and no guest can set
-    /// it to a chosen value).
+    /// The file behind a segment descriptor (device, inode). Inode numbers
+    /// can come back for a later file, so a kept mapping is only taken for
+    /// the same file when its nonce matches too (see [`Segment::nonce`]).
     pub fn identity(fd: BorrowedFd<'_>) -> io::Result<FileIdentity> {
         // SAFETY: fstat writes into the zeroed struct we pass.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: valid descriptor and a pointer to a stat buffer.
         check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-        Ok(FileIdentity {
-            dev: st.st_dev,
-            ino: st.st_ino,
-            ctime_ns: (st.st_ctime as i128) * 1_000_000_000 + st.st_ctime_nsec as i128,
-        })
+        Ok(FileIdentity { dev: st.st_dev, ino: st.st_ino })
+    }
+
+    /// The nonce the daemon wrote into this segment's header.
+    pub fn nonce(&self) -> u128 {
+        let mut bytes = [0u8; 16];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            // SAFETY: the nonce lies inside the header page of this mapping.
+            *b = unsafe { self.base.as_ptr().add(layout::HEADER_NONCE + i).read_volatile() };
+        }
+        u128::from_le_bytes(bytes)
+    }
+
+    /// The nonce in the header of the segment behind `fd`, read without
+    /// mapping it.
+    pub fn read_nonce(fd: BorrowedFd<'_>) -> io::Result<u128> {
+        let mut bytes = [0u8; 16];
+        // SAFETY: reads at most 16 bytes into `bytes`.
+        let n = unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                bytes.as_mut_ptr() as *mut libc::c_void,
+                16,
+                layout::HEADER_NONCE as libc::off_t,
+            )
+        };
+        if n != 16 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "connection segment: short header"));
+        }
+        Ok(u128::from_le_bytes(bytes))
     }
 
     /// Overwrites ring `ring`'s published tail, as a hostile producer can
@@ -301,6 +327,10 @@ mod tests {
         assert_eq!(server.consumer(0).read(&mut [&mut buf[..]], false).unwrap().0, 3);
         assert_eq!(&buf[..3], b"new");
         assert_eq!(Segment::identity(fd.as_fd()).unwrap(), Segment::identity(fd.as_fd()).unwrap());
+        assert_eq!(Segment::read_nonce(fd.as_fd()).unwrap(), client.nonce());
+        assert_ne!(client.nonce(), 0);
+        let (_other, other_fd) = Segment::create(4096).unwrap();
+        assert_ne!(Segment::read_nonce(other_fd.as_fd()).unwrap(), client.nonce());
     }
 
     #[test]
