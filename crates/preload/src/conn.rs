@@ -287,6 +287,17 @@ impl Connection {
         }
     }
 
+    /// Withdraws `arm`: the caller has woken and will look at the rings
+    /// (arming again before it sleeps), so the peer need not ring.
+    pub fn disarm(&self, interest: u32) {
+        if interest & (ready::IN | ready::RDHUP) != 0 {
+            self.rx().disarm();
+        }
+        if interest & ready::OUT != 0 {
+            self.tx().disarm();
+        }
+    }
+
     /// A snapshot that changes whenever readiness might (for edge-triggered
     /// epoll): bytes produced to us, bytes consumed from us, and flags.
     pub fn edge_snapshot(&self, interest: u32) -> (u64, u64, u32) {

@@ -417,6 +417,27 @@ impl EpollSet {
         }
     }
 
+    /// Withdraws `arm` after a wake-up: one doorbell woke the waiter, and the
+    /// other armed connections need not ring theirs (a server answering a
+    /// batch of clients would otherwise ring once per client).
+    fn disarm(&self, regs: &HashMap<RawFd, Registration>) {
+        for reg in regs.values() {
+            match (reg.disabled, &reg.kind) {
+                (false, Kind::Managed { entry, .. }) => {
+                    if let Entry::Conn(conn) = &**entry {
+                        conn.disarm(reg.events);
+                    }
+                }
+                (false, Kind::Nested { entry }) => {
+                    if let Entry::Epoll(inner) = &**entry {
+                        inner.disarm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Would a wait on this set report something now? This is what the
     /// kernel answers when the set's own descriptor is polled (or nested in
     /// another set): vSocket readiness from shared memory, kernel readiness
@@ -585,6 +606,7 @@ impl EpollSet {
             };
             let k = sys::epoll_pwait(self.epfd, got, sleep, sigmask)?;
             let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+            self.disarm(&regs);
             let n = self.translate(&mut regs, &got[..k], out, 0);
             let n = self.collect(&mut regs, out, n, out.len());
             if n > 0 || deadline.is_some_and(|d| sys::now_ms() >= d) {

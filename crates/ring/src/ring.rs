@@ -110,6 +110,15 @@ impl<'a> Shared<'a> {
         waiting.store(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
     }
+
+    /// Called by a waiter that woke for another reason and will check this
+    /// ring before it sleeps again (re-arming first): the producer need not
+    /// ring the doorbell any more.
+    fn disarm(waiting: &AtomicU32) {
+        if waiting.load(Ordering::Relaxed) != 0 {
+            waiting.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The writing side of a ring.
@@ -193,6 +202,12 @@ impl<'a> Producer<'a> {
     /// The caller must re-check [`Producer::space`] before sleeping.
     pub fn arm(&self) {
         Shared::arm(&self.0.ctl.producer.waiting);
+    }
+
+    /// Withdraws an `arm`; the caller checks [`Producer::space`] (and arms
+    /// again) before it next sleeps.
+    pub fn disarm(&self) {
+        Shared::disarm(&self.0.ctl.producer.waiting);
     }
 
     /// Bytes written so far (for metering; the peer may forge it).
@@ -289,6 +304,12 @@ impl<'a> Consumer<'a> {
     /// The caller must re-check [`Consumer::state`] before sleeping.
     pub fn arm(&self) {
         Shared::arm(&self.0.ctl.consumer.waiting);
+    }
+
+    /// Withdraws an `arm`; the caller checks [`Consumer::state`] (and arms
+    /// again) before it next sleeps.
+    pub fn disarm(&self) {
+        Shared::disarm(&self.0.ctl.consumer.waiting);
     }
 
     /// Has the producer ended the stream (FIN or RST), whether or not
