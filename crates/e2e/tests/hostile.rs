@@ -198,3 +198,137 @@ fn redis_drops_a_client_that_scribbles_and_serves_the_rest() {
     );
     lab.stop_background();
 }
+
+/// One case of `hostile_control.py malformed`: what the daemon did.
+fn control_case(out: &str, case: &str) -> Vec<String> {
+    let line = out.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|v| v["case"] == case);
+    let line = line.unwrap_or_else(|| panic!("no result for {case} in {out}"));
+    line["result"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect()
+}
+
+/// The daemon's open descriptors: (segment memfds, everything else).
+/// Memfds belong to the segment pool, which keeps up to 32 segments ready
+/// and refills only when it falls to 16, so their number after a burst
+/// differs from the baseline by design (connections keep mappings, never
+/// memfds). Everything else (sockets, lifelines, the log) must come back.
+fn daemon_fds(lab: &Lab) -> (usize, usize) {
+    let pid = lab.daemon_pid().unwrap();
+    let (mut memfds, mut other) = (0, 0);
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        match std::fs::read_link(entry.path()) {
+            Ok(target) if target.to_string_lossy().starts_with("/memfd:vsocket-conn") => memfds += 1,
+            _ => other += 1,
+        }
+    }
+    (memfds, other)
+}
+
+/// The segment pool's size (`crates/daemon/src/pool.rs`, `TARGET`).
+const POOL_TARGET: usize = 32;
+
+/// Descriptors other than memfds the daemon may hold above its baseline:
+/// the two of a `vsocketctl` admin connection (the stream and its clone)
+/// whose thread has not yet seen the end of it.
+const FD_SLACK: usize = 2;
+
+#[test]
+fn hostile_control_messages_close_only_their_channel() {
+    let mut lab = Lab::start("thctl", FOUR_GUESTS).unwrap();
+    let peer = asset("hostile_peer.py");
+    let peer = peer.to_str().unwrap();
+    let hostile = asset("hostile_control.py");
+    let hostile = hostile.to_str().unwrap();
+    let sock = |guest: &str| lab.run_dir.join("guests").join(format!("{guest}.sock")).to_str().unwrap().to_string();
+    let (sock_a, sock_b) = (sock("a"), sock("b"));
+    lab.spawn("b", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.3", "7000"], "peer-b.log").unwrap();
+    lab.spawn("d", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.5", "7000"], "peer-d.log").unwrap();
+    lab.wait_listening("b", 7000).unwrap();
+    lab.wait_listening("d", 7000).unwrap();
+    let stop = lab.dir.join("stop");
+    let mut same_guest = steady(&lab, "a", "10.10.0.3", "7000", &stop);
+    let mut other_guests = steady(&lab, "c", "10.10.0.5", "7000", &stop);
+    assert!(wait_until(Duration::from_secs(10), || live_client_ports(&lab).len() == 2), "bystanders connected");
+    let bystanders = live_client_ports(&lab);
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, baseline) = daemon_fds(&lab);
+
+    // Malformed messages, each on its own channel.
+    let out =
+        lab.run_ok("a", Via::Kernel, "python3", &[hostile, "malformed", &sock_a, "10.10.0.2", "10.10.0.3"]).unwrap();
+    for case in [
+        "empty",
+        "truncated",
+        "oversized",
+        "unknown_kind",
+        "daemon_kind_connected",
+        "daemon_kind_listen_ok",
+        "listen_wrong_length",
+        "descriptor_attached",
+        "many_descriptors",
+    ] {
+        assert_eq!(control_case(&out, case), ["closed"], "{case}");
+    }
+    // Refused{EADDRNOTAVAIL} and Refused{EINVAL}, then the channel closes.
+    assert_eq!(control_case(&out, "listen_foreign_address"), ["reply 0463000000", "closed"]);
+    assert_eq!(control_case(&out, "listen_outside_vpc"), ["reply 0463000000", "closed"]);
+    assert_eq!(control_case(&out, "listen_port_zero"), ["reply 0416000000", "closed"]);
+    // Fallback to a good request, then closed for the garbage.
+    assert_eq!(control_case(&out, "garbage_after_a_good_request"), ["reply 03", "closed"]);
+
+    // A flood of connects whose replies are never read.
+    let out =
+        lab.run_ok("a", Via::Kernel, "python3", &[hostile, "flood", &sock_a, "10.10.0.3", "7000", "2000"]).unwrap();
+    let sent: u32 = out.trim().strip_prefix("sent=").unwrap().parse().unwrap();
+    assert!(sent > 50, "{out}");
+
+    // A listener that never reads its Incoming: connects to it are queued
+    // until its channel is full, then refused after the 5 s send timeout.
+    let deaf_stop = lab.dir.join("deaf-stop");
+    lab.spawn(
+        "a",
+        Via::Kernel,
+        "python3",
+        &[hostile, "deaf-listener", &sock_a, "10.10.0.2", "7200", deaf_stop.to_str().unwrap()],
+        "deaf.log",
+    )
+    .unwrap();
+    let deaf_registered = || {
+        let listeners = lab.ctl("listeners").unwrap();
+        listeners.as_array().unwrap().iter().any(|l| l["address"] == "10.10.0.2:7200")
+    };
+    assert!(wait_until(Duration::from_secs(10), deaf_registered), "{}", lab.daemon_log());
+    let out = lab
+        .run_ok("b", Via::Kernel, "python3", &[hostile, "connect-until-refused", &sock_b, "10.10.0.2", "7200", "5000"])
+        .unwrap();
+    let result: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(result["last"], "046f000000", "ECONNREFUSED once the deaf listener's queue is full: {result}");
+    assert!(result["connected"].as_u64().unwrap() > 10, "{result}");
+    assert!(result["seconds"].as_f64().unwrap() >= 4.5, "{result}");
+    std::fs::write(&deaf_stop, b"").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || !deaf_registered()), "the deaf listener is unregistered");
+
+    // Meanwhile the bystanders kept going; nothing hostile stays on record.
+    for (child, what) in [(&mut same_guest, "a to b"), (&mut other_guests, "c to d")] {
+        assert!(child.try_wait().unwrap().is_none(), "the bystander {what} stopped");
+    }
+    let drained = wait_until(Duration::from_secs(10), || live_client_ports(&lab) == bystanders);
+    assert!(drained, "connections still on record: {:?}", lab.ctl("connections").unwrap());
+    let (mut memfds, mut fds) = (0, 0);
+    let settled = wait_until(Duration::from_secs(10), || {
+        (memfds, fds) = daemon_fds(&lab);
+        fds <= baseline + FD_SLACK && memfds <= POOL_TARGET
+    });
+    assert!(settled, "the daemon holds {fds} descriptors and {memfds} memfds; {baseline} before the hostile channels");
+    eprintln!("daemon descriptors besides the pool's memfds: {baseline} before, {fds} after ({memfds} memfds); flood sent {sent}; deaf listener: {result}");
+
+    std::fs::write(&stop, b"").unwrap();
+    finish_steady(same_guest, "a to b, beside the hostile channels");
+    finish_steady(other_guests, "c to d");
+    let _ = std::fs::remove_file(&stop);
+    let again = steady(&lab, "a", "10.10.0.3", "7000", &stop);
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&stop, b"").unwrap();
+    finish_steady(again, "a to b, afterwards");
+    assert!(!lab.daemon_log().contains("panicked"), "{}", lab.daemon_log());
+    lab.stop_background();
+}
