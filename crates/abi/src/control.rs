@@ -21,11 +21,16 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 pub const MAX_MESSAGE: usize = 64;
 
 /// File descriptors that travel with `Connected` and `Incoming`, in order.
-pub const CONNECTION_FDS: usize = 2;
+pub const CONNECTION_FDS: usize = 3;
 /// Index of the segment memfd among a connection's descriptors.
 pub const FD_SEGMENT: usize = 0;
 /// Index of the doorbell (this end of a Unix stream pair) among them.
 pub const FD_DOORBELL: usize = 1;
+/// Index of the lifeline: the write end of a pipe whose read end the daemon
+/// keeps. Each process holding this end of the connection keeps it open and
+/// writes nothing; when the last one closes it (or exits), the daemon sees
+/// the pipe hang up and knows this end is gone, whatever the segment says.
+pub const FD_LIFELINE: usize = 2;
 
 /// One control message, in either direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

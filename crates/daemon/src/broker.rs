@@ -210,6 +210,8 @@ fn open(
         None => daemon.segments.take_for(pair)?,
     };
     let (client_bell, server_bell) = vsocket_sys::stream_pair()?;
+    let (client_lifeline, client_holds) = vsocket_sys::pipe()?;
+    let (server_lifeline, server_holds) = vsocket_sys::pipe()?;
     let id = daemon.next_id();
     // Names the connection in the segment, so that a process holding an
     // old mapping of it knows it is this connection's (see `segcache`).
@@ -217,7 +219,8 @@ fn open(
     let incoming = Message::Incoming(ConnectionInfo { id, local: remote, peer: client_addr, ring_size });
     let mut buf = [0u8; MAX_MESSAGE];
     let bytes = incoming.encode(&mut buf);
-    if let Err(e) = vsocket_sys::send_with_fds(listener.channel.as_fd(), bytes, &[memfd.as_fd(), server_bell.as_fd()]) {
+    let server_fds = [memfd.as_fd(), server_bell.as_fd(), server_holds.as_fd()];
+    if let Err(e) = vsocket_sys::send_with_fds(listener.channel.as_fd(), bytes, &server_fds) {
         if e.kind() != std::io::ErrorKind::WouldBlock {
             // The listener is gone (its process exited): forget it.
             daemon.remove_listener(listener);
@@ -225,6 +228,7 @@ fn open(
         return Err(e);
     }
     drop(server_bell);
+    drop(server_holds);
     listener.accepted.fetch_add(1, Ordering::Relaxed);
     daemon.counters(client).connections_out.fetch_add(1, Ordering::Relaxed);
     daemon.counters(listener.guest).connections_in.fetch_add(1, Ordering::Relaxed);
@@ -239,7 +243,8 @@ fn open(
         segment,
         memfd: memfd.try_clone()?,
         pair,
+        lifelines: [client_lifeline, server_lifeline],
     });
     let connected = Message::Connected(ConnectionInfo { id, local: client_addr, peer: remote, ring_size });
-    Ok(Reply { message: connected, fds: vec![memfd, client_bell] })
+    Ok(Reply { message: connected, fds: vec![memfd, client_bell, client_holds] })
 }

@@ -3,7 +3,7 @@
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -64,6 +64,9 @@ pub struct ConnectionRecord {
     /// The segment's memfd, kept to hand the segment over again.
     pub memfd: OwnedFd,
     pub pair: Pair,
+    /// Read ends of the client's and the server's lifelines: each hangs up
+    /// when no process holds that end of the connection any more.
+    pub lifelines: [OwnedFd; 2],
 }
 
 impl ConnectionRecord {
@@ -74,6 +77,15 @@ impl ConnectionRecord {
     /// Bytes the server has sent.
     pub fn bytes_server_to_client(&self) -> u64 {
         self.segment.producer(vsocket_abi::layout::Endpoint::Server.tx_ring()).total()
+    }
+
+    /// Is the connection over? Either both ends closed it as the protocol
+    /// says (the segment's flags, which the guests write), or no process
+    /// holds either end any more (the lifelines, which no guest can forge:
+    /// this retires connections whose flags a guest scribbled over, whose
+    /// processes died without closing, or that were never accepted).
+    pub fn finished(&self) -> bool {
+        self.segment.fully_closed() || self.lifelines.iter().all(|l| vsocket_sys::hung_up(l.as_fd()))
     }
 }
 
@@ -251,7 +263,7 @@ impl Daemon {
         let mut closes = Vec::new();
         let retired = {
             let mut conns = lock(&self.connections);
-            let mut done: Vec<u64> = conns.values().filter(|c| c.segment.fully_closed()).map(|c| c.id).collect();
+            let mut done: Vec<u64> = conns.values().filter(|c| c.finished()).map(|c| c.id).collect();
             done.sort_unstable();
             for id in &done {
                 if let Some(c) = conns.remove(id) {

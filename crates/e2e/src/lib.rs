@@ -151,6 +151,17 @@ impl Lab {
         Ok(())
     }
 
+    /// The daemon's process id.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
+    /// How many descriptors the daemon has open (`/proc/PID/fd`).
+    pub fn daemon_fds(&self) -> io::Result<usize> {
+        let pid = self.daemon_pid().ok_or_else(|| io::Error::other("no daemon"))?;
+        Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+    }
+
     /// The daemon's log so far.
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("vsocketd.log")).unwrap_or_default()

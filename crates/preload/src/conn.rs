@@ -40,6 +40,25 @@ impl Drop for Mapped {
     }
 }
 
+/// The descriptors that come with `Connected` or `Incoming`.
+pub struct ConnectionFds {
+    pub segment: RawFd,
+    pub doorbell: RawFd,
+    pub lifeline: RawFd,
+}
+
+impl ConnectionFds {
+    /// Takes the descriptors out of a daemon reply.
+    pub fn take(reply: &mut crate::control::Reply) -> ConnectionFds {
+        use vsocket_abi::control::{FD_DOORBELL, FD_LIFELINE, FD_SEGMENT};
+        ConnectionFds {
+            segment: reply.take_fd(FD_SEGMENT),
+            doorbell: reply.take_fd(FD_DOORBELL),
+            lifeline: reply.take_fd(FD_LIFELINE),
+        }
+    }
+}
+
 /// Maps the segment the daemon sent for connection `info`, or takes back a
 /// mapping of the same segment this process kept.
 fn map_segment(fd: std::os::fd::BorrowedFd<'_>, info: &ConnectionInfo) -> std::io::Result<Mapped> {
@@ -56,6 +75,9 @@ pub struct Connection {
     endpoint: Endpoint,
     /// Our end of the doorbell pair (a library-internal descriptor).
     pub doorbell: RawFd,
+    /// Our lifeline to the daemon (write end of its pipe; never written):
+    /// held while this process holds the connection.
+    lifeline: RawFd,
     pub info: ConnectionInfo,
     /// The family of the program's socket (addresses are shown in it).
     pub family: crate::addr::Family,
@@ -97,15 +119,16 @@ pub mod ready {
 }
 
 impl Connection {
-    /// Maps the segment the daemon sent. Takes ownership of both descriptors.
+    /// Maps the segment the daemon sent. Takes ownership of the descriptors
+    /// (`lifeline` may be -1 where no daemon watches, in tests).
     pub fn new(
         info: ConnectionInfo,
         endpoint: Endpoint,
         family: crate::addr::Family,
-        segment_fd: RawFd,
-        doorbell: RawFd,
+        fds: ConnectionFds,
         nonblocking: bool,
     ) -> SysResult<Connection> {
+        let ConnectionFds { segment: segment_fd, doorbell, lifeline } = fds;
         let segment = sys::with_borrowed(segment_fd, |fd| map_segment(fd, &info));
         // The mapping keeps the memory; the descriptor is no longer needed.
         let _ = sys::close(segment_fd);
@@ -113,6 +136,9 @@ impl Connection {
             Ok(s) => s,
             Err(_) => {
                 let _ = sys::close(doorbell);
+                if lifeline >= 0 {
+                    let _ = sys::close(lifeline);
+                }
                 return Err(Errno(libc::EPROTO));
             }
         };
@@ -122,6 +148,7 @@ impl Connection {
             segment,
             endpoint,
             doorbell,
+            lifeline,
             info,
             family,
             fork_generation: AtomicU64::new(0),
@@ -555,8 +582,12 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.close();
-        // The mapping goes with `segment`.
+        // The mapping goes with `segment`. Closing our lifeline tells the
+        // daemon this process no longer holds the connection.
         let _ = sys::close(self.doorbell);
+        if self.lifeline >= 0 {
+            let _ = sys::close(self.lifeline);
+        }
     }
 }
 
@@ -618,9 +649,10 @@ mod tests {
             peer: "10.0.0.3:80".parse().unwrap(),
             ring_size,
         };
-        let client =
-            Connection::new(info, Endpoint::Client, crate::addr::Family::V4, memfd.into_raw_fd(), a, false).unwrap();
-        let server = Connection::new(info, Endpoint::Server, crate::addr::Family::V4, memfd2, b, false).unwrap();
+        let fds = ConnectionFds { segment: memfd.into_raw_fd(), doorbell: a, lifeline: -1 };
+        let client = Connection::new(info, Endpoint::Client, crate::addr::Family::V4, fds, false).unwrap();
+        let fds = ConnectionFds { segment: memfd2, doorbell: b, lifeline: -1 };
+        let server = Connection::new(info, Endpoint::Server, crate::addr::Family::V4, fds, false).unwrap();
         (Arc::new(client), Arc::new(server))
     }
 

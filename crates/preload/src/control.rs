@@ -9,7 +9,7 @@
 use crate::sys::{self, Errno, SysResult};
 use std::os::fd::RawFd;
 use std::sync::{Mutex, OnceLock};
-use vsocket_abi::control::{Message, CONNECTION_FDS, FD_DOORBELL, MAX_MESSAGE};
+use vsocket_abi::control::{Message, CONNECTION_FDS, FD_DOORBELL, FD_LIFELINE, MAX_MESSAGE};
 
 /// Where the guest's control socket is, if the program runs in a guest.
 fn control_path() -> Option<&'static [u8]> {
@@ -104,9 +104,11 @@ pub fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
         return Err(Errno(libc::EPROTO));
     }
     // The segment's memfd is closed as soon as it is mapped; only the
-    // doorbell lives on, out of the program's range of descriptors.
+    // doorbell and the lifeline live on, out of the program's range of
+    // descriptors.
     if count == CONNECTION_FDS {
         reply.fds[FD_DOORBELL] = sys::relocate(reply.fds[FD_DOORBELL], internal_fd_floor())?;
+        reply.fds[FD_LIFELINE] = sys::relocate(reply.fds[FD_LIFELINE], internal_fd_floor())?;
     }
     Ok(reply)
 }

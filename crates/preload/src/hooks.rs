@@ -17,7 +17,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use vsocket_abi::control::{Message, FD_DOORBELL, FD_SEGMENT};
+use vsocket_abi::control::Message;
 use vsocket_abi::layout::Endpoint;
 
 /// Resolves (once) and returns the next definition of a libc function.
@@ -617,9 +617,8 @@ fn vsocket_connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<Sy
     let mut reply = control::request(&Message::Connect { local, remote }).ok()?;
     match reply.message {
         Message::Connected(info) => {
-            let segment = reply.take_fd(FD_SEGMENT);
-            let doorbell = reply.take_fd(FD_DOORBELL);
-            let conn = match Connection::new(info, Endpoint::Client, family, segment, doorbell, nonblocking) {
+            let fds = crate::conn::ConnectionFds::take(&mut reply);
+            let conn = match Connection::new(info, Endpoint::Client, family, fds, nonblocking) {
                 Ok(c) => c,
                 Err(e) => return Some(Err(e)),
             };

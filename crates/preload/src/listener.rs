@@ -7,6 +7,7 @@
 
 use crate::addr::Family;
 use crate::conn::Connection;
+use crate::conn::ConnectionFds;
 use crate::control;
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
@@ -14,7 +15,7 @@ use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use vsocket_abi::control::{Message, FD_DOORBELL, FD_SEGMENT};
+use vsocket_abi::control::Message;
 use vsocket_abi::layout::Endpoint;
 
 pub struct Listener {
@@ -84,10 +85,8 @@ impl Listener {
             let _ = sys::close(fd);
             return Err(Errno(libc::EPROTO));
         };
-        let segment = reply.take_fd(FD_SEGMENT);
-        let doorbell = reply.take_fd(FD_DOORBELL);
-        match Connection::new(info, Endpoint::Server, self.family, segment, doorbell, flags & libc::SOCK_NONBLOCK != 0)
-        {
+        let fds = ConnectionFds::take(&mut reply);
+        match Connection::new(info, Endpoint::Server, self.family, fds, flags & libc::SOCK_NONBLOCK != 0) {
             Ok(conn) => {
                 table::set(fd, Arc::new(Entry::Conn(conn)));
                 Ok(Some((fd, info.peer)))

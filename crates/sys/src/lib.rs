@@ -95,6 +95,27 @@ pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// A pipe, both ends close-on-exec: (read end, write end). A connection's
+/// lifeline: the daemon keeps the read end, a guest the write end.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    syscall!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both descriptors are new and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Has every holder of the other end of this pipe or socket closed it
+/// (POLLHUP, or POLLERR/POLLNVAL)? Does not wait.
+pub fn hung_up(fd: BorrowedFd<'_>) -> bool {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: 0, revents: 0 };
+    // SAFETY: one valid pollfd, timeout 0.
+    match syscall!(unsafe { libc::poll(&mut pfd, 1, 0) }) {
+        Ok(_) => pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0,
+        Err(_) => false,
+    }
+}
+
 /// The process id behind a Unix socket (SO_PEERCRED), as the kernel recorded
 /// it at connect time.
 pub fn peer_pid(sock: BorrowedFd<'_>) -> io::Result<libc::pid_t> {

@@ -1,0 +1,334 @@
+//! Hostile guests: a program that scribbles over its own connection's shared
+//! segment, and one that sends garbage on its guest's control socket, break
+//! only what is theirs. Their peers see a reset or end of stream (never
+//! bytes that were not sent), other connections carry on, vsocketd stays up
+//! and keeps brokering, and the daemon holds nothing for them afterwards.
+
+use serde_json::Value;
+use std::collections::HashSet;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+use vsocket_e2e::{asset, compile, wait_until, Lab, Via};
+
+/// Four guests in one VPC, all open to each other: `a` is the hostile one,
+/// `b` its peer, `c` and `d` a bystander pair.
+const FOUR_GUESTS: &str = r#"
+[[vpc]]
+name = "blue"
+cidr = "10.10.0.0/24"
+
+[[security_group]]
+name = "open"
+[[security_group.ingress]]
+protocol = "tcp"
+ports = "all"
+cidr = "10.10.0.0/24"
+
+[[guest]]
+name = "a"
+vpc = "blue"
+addresses = ["10.10.0.2"]
+security_groups = ["open"]
+
+[[guest]]
+name = "b"
+vpc = "blue"
+addresses = ["10.10.0.3"]
+security_groups = ["open"]
+
+[[guest]]
+name = "c"
+vpc = "blue"
+addresses = ["10.10.0.4"]
+security_groups = ["open"]
+
+[[guest]]
+name = "d"
+vpc = "blue"
+addresses = ["10.10.0.5"]
+security_groups = ["open"]
+"#;
+
+/// Every way the scribbler damages its segment (see assets/scribbler.c).
+const SCENARIOS: &[&str] = &["tail_ahead", "head_ahead", "huge", "flags", "random", "holders", "header"];
+
+/// Scenarios that leave indices or flags the peer must refuse: its next
+/// read is ECONNRESET while the scribbler still holds the connection open.
+const RESETS: &[&str] = &["tail_ahead", "head_ahead", "huge", "flags", "random"];
+
+/// A checking client that runs until `stop` exists (hostile_peer.py steady).
+fn steady(lab: &Lab, guest: &str, server: &str, port: &str, stop: &std::path::Path) -> Child {
+    let peer = asset("hostile_peer.py");
+    lab.command(
+        guest,
+        Via::Vsocket,
+        "python3",
+        &[peer.to_str().unwrap(), "steady", server, port, stop.to_str().unwrap()],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+/// The peer server's report on the connection from client port `port`.
+fn report(lab: &Lab, log: &str, port: u16) -> Option<Value> {
+    let text = std::fs::read_to_string(lab.dir.join(log)).ok()?;
+    text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|v| v["port"] == port)
+}
+
+/// Client ports of the connections the daemon still has on record.
+fn live_client_ports(lab: &Lab) -> HashSet<u16> {
+    let conns = lab.ctl("connections").unwrap();
+    conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["client"].as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+fn finish_steady(child: Child, what: &str) {
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("ok bytes="),
+        "{what}: {} {stdout} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn scribbling_on_a_segment_breaks_only_that_connection() {
+    let mut lab = Lab::start("thost", FOUR_GUESTS).unwrap();
+    let peer = asset("hostile_peer.py");
+    let peer = peer.to_str().unwrap();
+    lab.spawn("b", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.3", "7000"], "peer-b.log").unwrap();
+    lab.spawn("d", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.5", "7000"], "peer-d.log").unwrap();
+    lab.wait_listening("b", 7000).unwrap();
+    lab.wait_listening("d", 7000).unwrap();
+    let scribbler = compile("scribbler.c", &lab.dir).unwrap();
+    let scribbler = scribbler.to_str().unwrap();
+
+    // Bystanders: another connection between the same two guests, and one
+    // between two other guests, checking every byte throughout.
+    let stop = lab.dir.join("stop");
+    let mut same_guests = steady(&lab, "a", "10.10.0.3", "7000", &stop);
+    let mut other_guests = steady(&lab, "c", "10.10.0.5", "7000", &stop);
+    assert!(wait_until(Duration::from_secs(10), || live_client_ports(&lab).len() == 2), "bystanders connected");
+    let bystanders = live_client_ports(&lab);
+
+    let mut hostile_ports = Vec::new();
+    for scenario in SCENARIOS {
+        let out = lab.run_ok("a", Via::Vsocket, scribbler, &["10.10.0.3", "7000", "echo", scenario, "1500"]).unwrap();
+        let port: u16 = out.lines().find_map(|l| l.strip_prefix("port=")).unwrap().parse().unwrap();
+        hostile_ports.push(port);
+        assert!(
+            wait_until(Duration::from_secs(10), || report(&lab, "peer-b.log", port).is_some()),
+            "{scenario}: the peer never saw the connection end (a hang); scribbler said {out}"
+        );
+        let seen = report(&lab, "peer-b.log", port).unwrap();
+        assert_eq!(seen["prefix"], true, "{scenario}: the peer received bytes that were not sent: {seen}");
+        assert!(seen["received"].as_u64().unwrap() >= 16_000, "{scenario}: the exchange before the scribble: {seen}");
+        let end = seen["end"].as_str().unwrap();
+        if RESETS.contains(scenario) {
+            assert_eq!(end, "reset", "{scenario}: {seen}");
+        } else {
+            assert!(["reset", "eof"].contains(&end), "{scenario}: {seen}");
+        }
+        for (child, what) in [(&mut same_guests, "a to b"), (&mut other_guests, "c to d")] {
+            assert!(child.try_wait().unwrap().is_none(), "{scenario}: the bystander {what} stopped");
+        }
+        eprintln!("{scenario}: peer saw {end} after {} bytes; scribbler: {}", seen["received"], out.replace('\n', " "));
+    }
+
+    // The broken connections are retired; the bystanders are not.
+    let hostile: HashSet<u16> = hostile_ports.iter().copied().collect();
+    let drained = wait_until(Duration::from_secs(5), || live_client_ports(&lab).is_disjoint(&hostile));
+    assert!(drained, "broken connections still on record: {:?}", lab.ctl("connections").unwrap());
+    assert_eq!(live_client_ports(&lab), bystanders, "the bystanders' connections are untouched");
+
+    // The bystanders carried checked traffic throughout.
+    std::fs::write(&stop, b"").unwrap();
+    finish_steady(same_guests, "a to b, beside the scribbler");
+    finish_steady(other_guests, "c to d");
+
+    // The daemon is up and brokers new connections.
+    let _ = std::fs::remove_file(&stop);
+    let again = steady(&lab, "a", "10.10.0.3", "7000", &stop);
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&stop, b"").unwrap();
+    finish_steady(again, "a to b, after the scribbles");
+    assert!(!lab.daemon_log().contains("panicked"), "{}", lab.daemon_log());
+    assert!(lab.ctl("status").is_ok());
+    lab.stop_background();
+}
+
+#[test]
+fn redis_drops_a_client_that_scribbles_and_serves_the_rest() {
+    let mut lab = Lab::start("thred", FOUR_GUESTS).unwrap();
+    let args = vsocket_e2e::redis_server_args(6390, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.spawn("b", Via::Vsocket, "redis-server", &args, "redis.log").unwrap();
+    lab.wait_listening("b", 6390).unwrap();
+    let scribbler = compile("scribbler.c", &lab.dir).unwrap();
+    let out = lab
+        .run_ok("a", Via::Vsocket, scribbler.to_str().unwrap(), &["10.10.0.3", "6390", "redis", "tail_ahead", "1500"])
+        .unwrap();
+    let port: u16 = out.lines().find_map(|l| l.strip_prefix("port=")).unwrap().parse().unwrap();
+    // Its own library noticed too: the send after the scribble failed.
+    assert!(out.contains("after_send=Connection reset by peer"), "{out}");
+    let cli = |cmd: &[&str]| {
+        let mut args = vec!["-h", "10.10.0.3", "-p", "6390"];
+        args.extend_from_slice(cmd);
+        lab.run_ok("a", Via::Vsocket, "redis-cli", &args).unwrap()
+    };
+    // Exactly the ten SETs made before the scribble were executed; redis
+    // serves a new client, which is its only one.
+    assert_eq!(cli(&["DBSIZE"]).trim(), "10");
+    assert_eq!(cli(&["EXISTS", "hostile:9"]).trim(), "1");
+    let clients = cli(&["INFO", "clients"]);
+    assert!(clients.contains("connected_clients:1"), "{clients}");
+    assert!(
+        wait_until(Duration::from_secs(5), || !live_client_ports(&lab).contains(&port)),
+        "{:?}",
+        lab.ctl("connections")
+    );
+    lab.stop_background();
+}
+
+/// One case of `hostile_control.py malformed`: what the daemon did.
+fn control_case(out: &str, case: &str) -> Vec<String> {
+    let line = out.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|v| v["case"] == case);
+    let line = line.unwrap_or_else(|| panic!("no result for {case} in {out}"));
+    line["result"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect()
+}
+
+/// The daemon's open descriptors: (segment memfds, everything else).
+/// Memfds belong to the segment pool, which keeps up to 32 segments ready
+/// and refills only when it falls to 16, so their number after a burst
+/// differs from the baseline by design (connections keep mappings, never
+/// memfds). Everything else (sockets, lifelines, the log) must come back.
+fn daemon_fds(lab: &Lab) -> (usize, usize) {
+    let pid = lab.daemon_pid().unwrap();
+    let (mut memfds, mut other) = (0, 0);
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        match std::fs::read_link(entry.path()) {
+            Ok(target) if target.to_string_lossy().starts_with("/memfd:vsocket-conn") => memfds += 1,
+            _ => other += 1,
+        }
+    }
+    (memfds, other)
+}
+
+/// The segment pool's size (`crates/daemon/src/pool.rs`, `TARGET`).
+const POOL_TARGET: usize = 32;
+
+/// Descriptors other than memfds the daemon may hold above its baseline:
+/// the two of a `vsocketctl` admin connection (the stream and its clone)
+/// whose thread has not yet seen the end of it.
+const FD_SLACK: usize = 2;
+
+#[test]
+fn hostile_control_messages_close_only_their_channel() {
+    let mut lab = Lab::start("thctl", FOUR_GUESTS).unwrap();
+    let peer = asset("hostile_peer.py");
+    let peer = peer.to_str().unwrap();
+    let hostile = asset("hostile_control.py");
+    let hostile = hostile.to_str().unwrap();
+    let sock = |guest: &str| lab.run_dir.join("guests").join(format!("{guest}.sock")).to_str().unwrap().to_string();
+    let (sock_a, sock_b) = (sock("a"), sock("b"));
+    lab.spawn("b", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.3", "7000"], "peer-b.log").unwrap();
+    lab.spawn("d", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.5", "7000"], "peer-d.log").unwrap();
+    lab.wait_listening("b", 7000).unwrap();
+    lab.wait_listening("d", 7000).unwrap();
+    let stop = lab.dir.join("stop");
+    let mut same_guest = steady(&lab, "a", "10.10.0.3", "7000", &stop);
+    let mut other_guests = steady(&lab, "c", "10.10.0.5", "7000", &stop);
+    assert!(wait_until(Duration::from_secs(10), || live_client_ports(&lab).len() == 2), "bystanders connected");
+    let bystanders = live_client_ports(&lab);
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, baseline) = daemon_fds(&lab);
+
+    // Malformed messages, each on its own channel.
+    let out =
+        lab.run_ok("a", Via::Kernel, "python3", &[hostile, "malformed", &sock_a, "10.10.0.2", "10.10.0.3"]).unwrap();
+    for case in [
+        "empty",
+        "truncated",
+        "oversized",
+        "unknown_kind",
+        "daemon_kind_connected",
+        "daemon_kind_listen_ok",
+        "listen_wrong_length",
+        "descriptor_attached",
+        "many_descriptors",
+    ] {
+        assert_eq!(control_case(&out, case), ["closed"], "{case}");
+    }
+    // Refused{EADDRNOTAVAIL} and Refused{EINVAL}, then the channel closes.
+    assert_eq!(control_case(&out, "listen_foreign_address"), ["reply 0463000000", "closed"]);
+    assert_eq!(control_case(&out, "listen_outside_vpc"), ["reply 0463000000", "closed"]);
+    assert_eq!(control_case(&out, "listen_port_zero"), ["reply 0416000000", "closed"]);
+    // Fallback to a good request, then closed for the garbage.
+    assert_eq!(control_case(&out, "garbage_after_a_good_request"), ["reply 03", "closed"]);
+
+    // A flood of connects whose replies are never read.
+    let out =
+        lab.run_ok("a", Via::Kernel, "python3", &[hostile, "flood", &sock_a, "10.10.0.3", "7000", "2000"]).unwrap();
+    let sent: u32 = out.trim().strip_prefix("sent=").unwrap().parse().unwrap();
+    assert!(sent > 50, "{out}");
+
+    // A listener that never reads its Incoming: connects to it are queued
+    // until its channel is full, then refused after the 5 s send timeout.
+    let deaf_stop = lab.dir.join("deaf-stop");
+    lab.spawn(
+        "a",
+        Via::Kernel,
+        "python3",
+        &[hostile, "deaf-listener", &sock_a, "10.10.0.2", "7200", deaf_stop.to_str().unwrap()],
+        "deaf.log",
+    )
+    .unwrap();
+    let deaf_registered = || {
+        let listeners = lab.ctl("listeners").unwrap();
+        listeners.as_array().unwrap().iter().any(|l| l["address"] == "10.10.0.2:7200")
+    };
+    assert!(wait_until(Duration::from_secs(10), deaf_registered), "{}", lab.daemon_log());
+    let out = lab
+        .run_ok("b", Via::Kernel, "python3", &[hostile, "connect-until-refused", &sock_b, "10.10.0.2", "7200", "5000"])
+        .unwrap();
+    let result: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(result["last"], "046f000000", "ECONNREFUSED once the deaf listener's queue is full: {result}");
+    assert!(result["connected"].as_u64().unwrap() > 10, "{result}");
+    assert!(result["seconds"].as_f64().unwrap() >= 4.5, "{result}");
+    std::fs::write(&deaf_stop, b"").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || !deaf_registered()), "the deaf listener is unregistered");
+
+    // Meanwhile the bystanders kept going; nothing hostile stays on record.
+    for (child, what) in [(&mut same_guest, "a to b"), (&mut other_guests, "c to d")] {
+        assert!(child.try_wait().unwrap().is_none(), "the bystander {what} stopped");
+    }
+    let drained = wait_until(Duration::from_secs(10), || live_client_ports(&lab) == bystanders);
+    assert!(drained, "connections still on record: {:?}", lab.ctl("connections").unwrap());
+    let (mut memfds, mut fds) = (0, 0);
+    let settled = wait_until(Duration::from_secs(10), || {
+        (memfds, fds) = daemon_fds(&lab);
+        fds <= baseline + FD_SLACK && memfds <= POOL_TARGET
+    });
+    assert!(settled, "the daemon holds {fds} descriptors and {memfds} memfds; {baseline} before the hostile channels");
+    eprintln!("daemon descriptors besides the pool's memfds: {baseline} before, {fds} after ({memfds} memfds); flood sent {sent}; deaf listener: {result}");
+
+    std::fs::write(&stop, b"").unwrap();
+    finish_steady(same_guest, "a to b, beside the hostile channels");
+    finish_steady(other_guests, "c to d");
+    let _ = std::fs::remove_file(&stop);
+    let again = steady(&lab, "a", "10.10.0.3", "7000", &stop);
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&stop, b"").unwrap();
+    finish_steady(again, "a to b, afterwards");
+    assert!(!lab.daemon_log().contains("panicked"), "{}", lab.daemon_log());
+    lab.stop_background();
+}
