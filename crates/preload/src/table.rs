@@ -94,3 +94,38 @@ pub fn managed_in(first: RawFd, last: RawFd, mut f: impl FnMut(RawFd, &Entry)) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::Dropped;
+
+    fn entry(tag: i64) -> Arc<Entry> {
+        Arc::new(Entry::Dropped(Dropped { deadline_ms: tag }))
+    }
+
+    fn tag(e: Option<Arc<Entry>>) -> Option<i64> {
+        e.map(|e| match &*e {
+            Entry::Dropped(d) => d.deadline_ms,
+            _ => -1,
+        })
+    }
+
+    #[test]
+    fn descriptors_far_above_65535_are_managed() {
+        // What `calls:high_fd_*` checks end to end where RLIMIT_NOFILE can
+        // be raised: every descriptor number the kernel can hand out
+        // (fs.nr_open is at most 2^20 by default) has a slot.
+        for fd in [65_535, 65_536, 70_000, 150_000, (CHUNK * CHUNKS - 1) as RawFd] {
+            assert!(tag(set(fd, entry(fd as i64))).is_none());
+            assert_eq!(tag(get(fd)), Some(fd as i64));
+            let mut seen = Vec::new();
+            managed_in(fd - 1, fd + 1, |f, _| seen.push(f));
+            assert_eq!(seen, vec![fd]);
+            assert_eq!(tag(remove(fd)), Some(fd as i64));
+            assert!(get(fd).is_none());
+        }
+        assert!(get((CHUNK * CHUNKS) as RawFd).is_none());
+        assert!(get(-1).is_none());
+    }
+}
