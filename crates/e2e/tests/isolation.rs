@@ -128,6 +128,58 @@ fn tenants_with_the_same_addresses_never_meet() {
 }
 
 #[test]
+fn tenants_with_the_same_addresses_carry_traffic_at_once_and_never_meet() {
+    let mut lab = Lab::start("tvpc2", TWO_TENANTS).unwrap();
+    for g in ["b", "y"] {
+        lab.spawn(g, Via::Vsocket, "redis-server", SERVER_6379, &format!("{g}.log")).unwrap();
+    }
+    lab.wait_listening("b", 6379).unwrap();
+    lab.wait_listening("y", 6379).unwrap();
+    let cli = |guest: &str, args: &[&str]| {
+        let mut full = vec!["-h", "10.10.0.3"];
+        full.extend_from_slice(args);
+        lab.run_ok(guest, Via::Vsocket, "redis-cli", &full).unwrap().trim().to_string()
+    };
+    assert_eq!(cli("a", &["set", "tenant", "blue"]), "OK");
+    assert_eq!(cli("x", &["set", "tenant", "red"]), "OK");
+    // Both tenants load their own server at once, over different key
+    // spaces (1000 keys for blue, 50 for red), so a request that crossed
+    // would show in the other server's key count.
+    let bench = |guest: &str, keys: &str| {
+        lab.command(
+            guest,
+            Via::Vsocket,
+            "redis-benchmark",
+            &["-h", "10.10.0.3", "-c", "20", "-n", "150000", "-r", keys, "-t", "set,get", "-q"],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let blue = bench("a", "1000");
+    let red = bench("x", "50");
+    // While both run, each tenant keeps seeing its own data.
+    for _ in 0..5 {
+        assert_eq!(cli("a", &["get", "tenant"]), "blue");
+        assert_eq!(cli("x", &["get", "tenant"]), "red");
+    }
+    for (name, child) in [("blue", blue), ("red", red)] {
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("SET") && text.contains("GET"), "{name}: {text}");
+    }
+    let blue_keys: u64 = cli("a", &["dbsize"]).parse().unwrap();
+    let red_keys: u64 = cli("x", &["dbsize"]).parse().unwrap();
+    assert!(blue_keys > 51 && blue_keys <= 1001, "blue has {blue_keys} keys");
+    assert!(red_keys <= 51, "red has {red_keys} keys: blue's requests reached it");
+    assert_eq!(cli("a", &["get", "tenant"]), "blue");
+    assert_eq!(cli("x", &["get", "tenant"]), "red");
+    assert!(lab.counter("b", "connections_in") >= 20 && lab.counter("y", "connections_in") >= 20);
+    assert_eq!(lab.counter("a", "fallbacks") + lab.counter("x", "fallbacks"), 0);
+    assert!(lab.counter("b", "bytes_received") > 1_000_000 && lab.counter("y", "bytes_received") > 1_000_000);
+}
+
+#[test]
 fn attachment_from_another_namespace_is_refused() {
     let mut lab = Lab::start("tattach", vsocket_e2e::TWO_GUESTS).unwrap();
     lab.spawn("b", Via::Vsocket, "redis-server", SERVER_6379, "redis.log").unwrap();
