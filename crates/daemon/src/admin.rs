@@ -61,6 +61,7 @@ fn answer(daemon: &Daemon, request: &Request) -> serde_json::Value {
             "metrics": daemon.config.host().metrics.map(|a| a.to_string()),
             "segments_created": daemon.segments.created.load(std::sync::atomic::Ordering::Relaxed),
             "segments_reused": daemon.segments.reused.load(std::sync::atomic::Ordering::Relaxed),
+            "segments_kept": daemon.segments.kept(),
         }),
         Request::Guests => serde_json::to_value(daemon.guest_reports()).unwrap_or_default(),
         Request::Listeners => serde_json::to_value(daemon.listener_reports()).unwrap_or_default(),

@@ -92,8 +92,17 @@ fn serve_channel(daemon: &Daemon, guest: GuestId, channel: OwnedFd) {
     daemon.forget_pairs(|(client, _)| client == id);
 }
 
+/// How long a reply may wait for room in a request channel before the
+/// channel is closed.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn serve_requests(daemon: &Daemon, guest: GuestId, id: u64, channel: OwnedFd) {
     let name = &daemon.config.guest(guest).name;
+    // The library reads every reply at once; a channel whose replies stay
+    // unread would hold this thread in `send` for ever.
+    if vsocket_sys::set_send_timeout(channel.as_fd(), REPLY_TIMEOUT).is_err() {
+        return;
+    }
     let mut buf = [0u8; MAX_MESSAGE];
     loop {
         let (n, fds) = match next_request(&channel, &mut buf) {
@@ -120,7 +129,8 @@ fn serve_requests(daemon: &Daemon, guest: GuestId, id: u64, channel: OwnedFd) {
         match message {
             Message::Connect { local, remote } => {
                 let reply = broker::connect(daemon, guest, id, local, remote);
-                if send(&channel, &reply.message, &reply.fds).is_err() {
+                if let Err(e) = send(&channel, &reply.message, &reply.fds) {
+                    tracing::warn!(guest = %name, error = %e, "reply not taken; closing the channel");
                     return;
                 }
             }

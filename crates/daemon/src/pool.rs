@@ -90,6 +90,11 @@ impl SegmentPool {
         }
     }
 
+    /// Released segments kept for their pairs.
+    pub fn kept(&self) -> usize {
+        self.released.lock().unwrap_or_else(|e| e.into_inner()).values().map(Vec::len).sum()
+    }
+
     /// Drops the segments of pairs that will not connect again.
     pub fn forget(&self, gone: &dyn Fn(Pair) -> bool) {
         let dropped: Vec<_> = {
