@@ -23,6 +23,10 @@ struct Mapped {
     segment: Option<Segment>,
     /// The segment's file.
     file: vsocket_ring::FileIdentity,
+    /// The process that mapped it: a forked child, which inherits the
+    /// mapping of a connection its parent goes on using, must not keep it
+    /// (the parent's later connections may get the segment).
+    owner: i32,
 }
 
 impl std::ops::Deref for Mapped {
@@ -35,7 +39,9 @@ impl std::ops::Deref for Mapped {
 impl Drop for Mapped {
     fn drop(&mut self) {
         if let Some(segment) = self.segment.take() {
-            crate::segcache::put(self.file, segment);
+            if sys::getpid() == self.owner {
+                crate::segcache::put(self.file, segment);
+            }
         }
     }
 }
@@ -67,7 +73,7 @@ fn map_segment(fd: std::os::fd::BorrowedFd<'_>, info: &ConnectionInfo) -> std::i
         Some(kept) => kept,
         None => Segment::map(fd, info.ring_size)?,
     };
-    Ok(Mapped { segment: Some(segment), file })
+    Ok(Mapped { segment: Some(segment), file, owner: sys::getpid() })
 }
 
 pub struct Connection {

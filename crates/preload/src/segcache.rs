@@ -10,9 +10,11 @@
 //! daemon writes it before handing the segment over) takes it back instead
 //! of mapping anew.
 //!
-//! A forked child drops every kept mapping (see `fork.rs`): its parent's
-//! next connections may get those segments, and a child may not be trusted
-//! as much as its parent (it may drop privileges).
+//! A forked child drops every kept mapping (see `fork.rs`), and does not
+//! keep the mappings of connections it inherited when it closes them
+//! (`conn::Mapped`): its parent's next connections may get those segments,
+//! and a child may not be trusted as much as its parent (it may drop
+//! privileges).
 
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
