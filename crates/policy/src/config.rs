@@ -115,6 +115,19 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     load_document(path).map(|(_, config)| config)
 }
 
+/// The run directory a config file names (`host.run_dir`, or the default),
+/// read without validating anything else: tools that only need to find
+/// the daemon (`vsocketctl reload` of a file that is now invalid) use it.
+/// `None` if the file cannot be read or is not TOML.
+pub fn run_dir_of(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let table: toml::Table = toml::from_str(&text).ok()?;
+    match table.get("host").and_then(|host| host.get("run_dir")) {
+        None => Some(PathBuf::from(HostConfig::DEFAULT_RUN_DIR)),
+        Some(dir) => dir.as_str().map(PathBuf::from),
+    }
+}
+
 /// Parses and validates config text; `origin` names its file in errors.
 pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
     parse_document(text, origin).map(|(_, config)| config)
