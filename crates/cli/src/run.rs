@@ -159,14 +159,21 @@ pub fn exec(launch: &Launch) -> RunError {
         Ok(config) => config,
         Err(err) => return RunError::Config(err),
     };
-    let Some(guest_id) = config.guest_by_name(&launch.guest) else {
+    // A guest added live (`vsocketctl guest add`) is not in the file: the
+    // daemon knows it.
+    let Some(guest) = config
+        .guest_by_name(&launch.guest)
+        .map(|id| config.guest(id))
+        .map(|g| (g.name.clone(), g.netns.clone()))
+        .or_else(|| live_guest(&config, &launch.guest))
+    else {
         return RunError::UnknownGuest {
             name: launch.guest.clone(),
             config: launch.config.clone(),
             known: config.guests().map(|(_, guest)| guest.name.clone()).collect(),
         };
     };
-    let guest = config.guest(guest_id);
+    let (name, netns_name) = guest;
 
     let mut command = Command::new(&launch.program);
     command.args(&launch.args);
@@ -179,7 +186,7 @@ pub fn exec(launch: &Launch) -> RunError {
         };
         let existing = std::env::var_os("LD_PRELOAD");
         command.env("LD_PRELOAD", ld_preload(&library, existing.as_deref()));
-        command.envs(guest_env(&config, guest_id));
+        command.envs(guest_env_named(&config.host().run_dir, &name));
     } else {
         command.env_remove(CONTROL_ENV).env_remove(GUEST_ENV);
         if let Some(list) = std::env::var_os("LD_PRELOAD") {
@@ -190,10 +197,10 @@ pub fn exec(launch: &Launch) -> RunError {
         }
     }
 
-    let netns = vsocketd::netns_path(&guest.netns);
+    let netns = vsocketd::netns_path(&netns_name);
     if let Err(source) = vsocket_sys::enter_netns(&netns) {
         return if source.kind() == io::ErrorKind::NotFound {
-            RunError::NoNamespace { guest: guest.name.clone(), netns: guest.netns.clone() }
+            RunError::NoNamespace { guest: name, netns: netns_name }
         } else {
             RunError::EnterNamespace { path: netns, source }
         };
@@ -248,13 +255,32 @@ pub fn library_path() -> io::Result<PathBuf> {
 /// [`CONTROL_ENV`] (its control socket under the config's `run_dir`) and
 /// [`GUEST_ENV`]. `LD_PRELOAD` is not included; see [`ld_preload`].
 pub fn guest_env(config: &Config, guest: GuestId) -> Vec<(String, String)> {
-    let guest = config.guest(guest);
-    let control = vsocketd::guest_socket_path(&config.host().run_dir, &guest.name);
+    guest_env_named(&config.host().run_dir, &config.guest(guest).name)
+}
+
+fn guest_env_named(run_dir: &Path, name: &str) -> Vec<(String, String)> {
+    let control = vsocketd::guest_socket_path(run_dir, name);
     vec![
         // run_dir came from a TOML string, so the path is valid UTF-8.
         (CONTROL_ENV.to_owned(), control.to_string_lossy().into_owned()),
-        (GUEST_ENV.to_owned(), guest.name.clone()),
+        (GUEST_ENV.to_owned(), name.to_owned()),
     ]
+}
+
+/// The name and namespace of guest `name` as the running daemon knows it
+/// (its admin socket, readable by root only, as `vsocket run` runs), if it
+/// does.
+fn live_guest(config: &Config, name: &str) -> Option<(String, String)> {
+    use std::io::{BufRead, BufReader, Write};
+    let path = vsocketd::admin_socket_path(&config.host().run_dir);
+    let mut stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+    writeln!(stream, "{}", serde_json::json!({ "command": "guests" })).ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    let guests: serde_json::Value = serde_json::from_str(&line).ok()?;
+    let guest = guests.as_array()?.iter().find(|g| g["name"] == name)?;
+    Some((name.to_owned(), guest["netns"].as_str()?.to_owned()))
 }
 
 /// The `LD_PRELOAD` value that loads `library` first, before the entries of

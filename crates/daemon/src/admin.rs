@@ -1,25 +1,34 @@
 //! The operator's socket: one JSON request per line, one JSON reply per
 //! line. Only root can reach it (the socket file is mode 0600).
+//!
+//! `change` and `reload` change the policy live ([`crate::live`]); their
+//! reply is what changed, or `{"error": "..."}` with the policy untouched.
 
 use crate::state::Daemon;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 
 /// A request from `vsocketctl`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
     Status,
     Guests,
     Listeners,
     Connections,
+    /// A live edit: `{"command":"change","change":{"op":"add_rule",...}}`.
+    Change {
+        change: vsocket_policy::Change,
+    },
+    /// Read the config file again and apply what differs.
+    Reload,
 }
 
 /// Serves the admin socket on a thread.
 pub fn serve(daemon: &Arc<Daemon>) -> std::io::Result<()> {
-    let path = crate::admin_socket_path(&daemon.config.host().run_dir);
+    let path = crate::admin_socket_path(&daemon.policy().config.host().run_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     vsocket_sys::chmod(&path, 0o600)?;
@@ -33,7 +42,7 @@ pub fn serve(daemon: &Arc<Daemon>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn handle(daemon: &Daemon, stream: UnixStream) {
+fn handle(daemon: &Arc<Daemon>, stream: UnixStream) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -49,22 +58,44 @@ fn handle(daemon: &Daemon, stream: UnixStream) {
     }
 }
 
-fn answer(daemon: &Daemon, request: &Request) -> serde_json::Value {
+fn answer(daemon: &Arc<Daemon>, request: &Request) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let policy = daemon.policy();
+    let host = policy.config.host();
     match request {
         Request::Status => serde_json::json!({
-            "host": daemon.config.host().name,
-            "guests": daemon.config.guests().len(),
+            "host": host.name,
+            "guests": policy.config.guests().len(),
             "listeners": daemon.listener_reports().len(),
             "connections": daemon.connection_reports().len(),
-            "flow_log": daemon.config.host().flow_log.as_ref().map(|f| f.path.display().to_string()),
+            "flow_log": host.flow_log.as_ref().map(|f| f.path.display().to_string()),
             "flow_log_dropped": daemon.flow_log_dropped(),
-            "metrics": daemon.config.host().metrics.map(|a| a.to_string()),
-            "segments_created": daemon.segments.created.load(std::sync::atomic::Ordering::Relaxed),
-            "segments_reused": daemon.segments.reused.load(std::sync::atomic::Ordering::Relaxed),
+            "metrics": host.metrics.map(|a| a.to_string()),
+            "segments_created": daemon.segments.created.load(Relaxed),
+            "segments_reused": daemon.segments.reused.load(Relaxed),
             "segments_kept": daemon.segments.kept(),
+            "deny_action": host.deny_action.to_string(),
+            "on_policy_change": host.on_policy_change.to_string(),
+            "policy_changes": daemon.policy_changes.load(Relaxed),
+            "policy_resets": daemon.policy_resets.load(Relaxed),
         }),
+        Request::Change { change } => {
+            drop(policy);
+            changed(crate::live::change(daemon, change))
+        }
+        Request::Reload => {
+            drop(policy);
+            changed(crate::live::reload(daemon))
+        }
         Request::Guests => serde_json::to_value(daemon.guest_reports()).unwrap_or_default(),
         Request::Listeners => serde_json::to_value(daemon.listener_reports()).unwrap_or_default(),
         Request::Connections => serde_json::to_value(daemon.connection_reports()).unwrap_or_default(),
+    }
+}
+
+fn changed(result: Result<crate::live::Applied, String>) -> serde_json::Value {
+    match result {
+        Ok(applied) => serde_json::to_value(applied).unwrap_or_default(),
+        Err(error) => serde_json::json!({ "error": error }),
     }
 }

@@ -6,38 +6,65 @@
 //! namespace of /proc/PID/ns/net), or it is refused and the refusal logged
 //! and counted. Each accepted channel gets a thread; a malformed message
 //! closes that channel only.
+//!
+//! Guests come and go with live policy changes (`crate::live`): a new
+//! guest's socket is made by [`open_control`] and served by [`serve_guest`];
+//! a removed guest's slot shuts its socket and channels down
+//! ([`GuestSlot::remove`]), which ends their threads.
 
 use crate::broker;
-use crate::state::Daemon;
+use crate::state::{Daemon, GuestSlot};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use vsocket_abi::control::{Message, MAX_MESSAGE};
-use vsocket_policy::GuestId;
 
 /// Creates every guest's control socket and serves each on its own thread.
 pub fn serve_guests(daemon: &Arc<Daemon>) -> io::Result<()> {
-    let run_dir = daemon.config.host().run_dir.clone();
-    std::fs::create_dir_all(run_dir.join("guests"))?;
-    for (id, guest) in daemon.config.guests() {
-        let path = crate::guest_socket_path(&run_dir, &guest.name);
-        let listener = vsocket_sys::seqpacket_listen(&path, 1024)
-            .map_err(|e| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display())))?;
-        // Processes inside guests may run as any user; the namespace check
-        // is what keeps one guest out of another's socket.
-        vsocket_sys::chmod(&path, 0o666)?;
-        let daemon = daemon.clone();
-        std::thread::Builder::new()
-            .name(format!("attach-{}", guest.name))
-            .spawn(move || accept_loop(&daemon, id, listener))?;
+    let policy = daemon.policy();
+    let run_dir = &policy.config.host().run_dir;
+    for slot in policy.slots() {
+        let listener = open_control(run_dir, slot)?;
+        serve_guest(daemon, slot, listener)?;
     }
     Ok(())
 }
 
-fn accept_loop(daemon: &Arc<Daemon>, guest: GuestId, listener: OwnedFd) {
+/// Creates guest `slot`'s control socket under `run_dir`.
+pub fn open_control(run_dir: &Path, slot: &GuestSlot) -> io::Result<OwnedFd> {
+    std::fs::create_dir_all(run_dir.join("guests"))?;
+    let path = crate::guest_socket_path(run_dir, &slot.name);
+    let listener = vsocket_sys::seqpacket_listen(&path, 1024)
+        .map_err(|e| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display())))?;
+    // Processes inside guests may run as any user; the namespace check
+    // is what keeps one guest out of another's socket.
+    vsocket_sys::chmod(&path, 0o666)?;
+    Ok(listener)
+}
+
+/// Serves guest `slot`'s control socket `listener` on its own thread, until
+/// the guest is removed.
+pub fn serve_guest(daemon: &Arc<Daemon>, slot: &Arc<GuestSlot>, listener: OwnedFd) -> io::Result<()> {
+    if !slot.hold(GuestSlot::CONTROL, &listener) {
+        return Ok(());
+    }
+    let (daemon, slot) = (daemon.clone(), slot.clone());
+    std::thread::Builder::new().name(format!("attach-{}", slot.name)).spawn(move || {
+        accept_loop(&daemon, &slot, listener);
+        tracing::info!(guest = %slot.name, "control socket closed: guest removed");
+    })?;
+    Ok(())
+}
+
+fn accept_loop(daemon: &Arc<Daemon>, guest: &Arc<GuestSlot>, listener: OwnedFd) {
     loop {
-        let channel = match vsocket_sys::accept(listener.as_fd()) {
+        let accepted = vsocket_sys::accept(listener.as_fd());
+        if guest.removed() {
+            return;
+        }
+        let channel = match accepted {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "accept on control socket failed");
@@ -45,17 +72,21 @@ fn accept_loop(daemon: &Arc<Daemon>, guest: GuestId, listener: OwnedFd) {
                 continue;
             }
         };
-        if let Err(reason) = verify(daemon, guest, &channel) {
-            daemon.counters(guest).refused_attachments.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(guest = %daemon.config.guest(guest).name, %reason, "refused attachment");
+        if let Err(reason) = verify(guest, &channel) {
+            guest.counters.refused_attachments.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(guest = %guest.name, %reason, "refused attachment");
             continue;
         }
-        let daemon = daemon.clone();
+        let (daemon, guest) = (daemon.clone(), guest.clone());
         let spawned = std::thread::Builder::new().name("channel".into()).spawn(move || {
-            let counters = daemon.counters(guest);
-            counters.channels.fetch_add(1, Ordering::Relaxed);
-            serve_channel(&daemon, guest, channel);
-            counters.channels.fetch_sub(1, Ordering::Relaxed);
+            let id = daemon.next_id();
+            if !guest.hold(id, &channel) {
+                return;
+            }
+            guest.counters.channels.fetch_add(1, Ordering::Relaxed);
+            serve_channel(&daemon, &guest, id, channel);
+            guest.counters.channels.fetch_sub(1, Ordering::Relaxed);
+            guest.release(id);
         });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a channel thread");
@@ -64,8 +95,7 @@ fn accept_loop(daemon: &Arc<Daemon>, guest: GuestId, listener: OwnedFd) {
 }
 
 /// Is the process behind `channel` inside the guest's network namespace?
-fn verify(daemon: &Daemon, guest: GuestId, channel: &OwnedFd) -> Result<(), String> {
-    let g = daemon.config.guest(guest);
+fn verify(g: &GuestSlot, channel: &OwnedFd) -> Result<(), String> {
     let pid = vsocket_sys::peer_pid(channel.as_fd()).map_err(|e| format!("no peer credentials: {e}"))?;
     let expected = vsocket_sys::netns_id(&crate::netns_path(&g.netns))
         .map_err(|e| format!("guest namespace {} unavailable: {e}", g.netns))?;
@@ -84,8 +114,7 @@ fn next_request(channel: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<Own
     vsocket_sys::recv_with_fds(channel.as_fd(), buf)
 }
 
-fn serve_channel(daemon: &Daemon, guest: GuestId, channel: OwnedFd) {
-    let id = daemon.next_id();
+fn serve_channel(daemon: &Daemon, guest: &Arc<GuestSlot>, id: u64, channel: OwnedFd) {
     serve_requests(daemon, guest, id, channel);
     // The process is gone (or its channel became a listener's): segments
     // kept for its connections will not be asked for again.
@@ -96,8 +125,8 @@ fn serve_channel(daemon: &Daemon, guest: GuestId, channel: OwnedFd) {
 /// channel is closed.
 const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn serve_requests(daemon: &Daemon, guest: GuestId, id: u64, channel: OwnedFd) {
-    let name = &daemon.config.guest(guest).name;
+fn serve_requests(daemon: &Daemon, guest: &Arc<GuestSlot>, id: u64, channel: OwnedFd) {
+    let name = &guest.name;
     // The library reads every reply at once; a channel whose replies stay
     // unread would hold this thread in `send` for ever.
     if vsocket_sys::set_send_timeout(channel.as_fd(), REPLY_TIMEOUT).is_err() {
@@ -148,8 +177,8 @@ fn serve_requests(daemon: &Daemon, guest: GuestId, id: u64, channel: OwnedFd) {
 
 /// The channel becomes a listener channel: register, then wait for the
 /// program to close it (or exit) and unregister.
-fn serve_listener(daemon: &Daemon, guest: GuestId, channel: OwnedFd, local: std::net::SocketAddrV4) {
-    let name = &daemon.config.guest(guest).name;
+fn serve_listener(daemon: &Daemon, guest: &Arc<GuestSlot>, channel: OwnedFd, local: std::net::SocketAddrV4) {
+    let name = &guest.name;
     let watcher = match channel.try_clone() {
         Ok(w) => w,
         Err(_) => return,

@@ -6,16 +6,22 @@
 //! of the server's). No listener: the library falls back to the kernel.
 //! Denied: the connect fails as behind the cloud's firewall (a silent drop,
 //! or ECONNREFUSED where the operator configured `reject`).
+//!
+//! Each connect is decided with the policy snapshot in force when it
+//! arrives (`Daemon::policy`), so a live change applies from the next
+//! connect on. A guest removed by a change is no longer served: its
+//! connects (until its channels close) fall back to the kernel, and a
+//! listener of a removed guest is not found.
 
 use crate::flowlog::{FlowEvent, FlowRecord, FlowVerdict};
-use crate::state::{ConnectionRecord, Daemon, ListenerRecord};
+use crate::state::{ConnectionRecord, Daemon, GuestSlot, ListenerRecord};
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 use vsocket_abi::control::{ConnectionInfo, Message, MAX_MESSAGE};
-use vsocket_policy::{evaluate, DenyAction, Flow, GuestId, Protocol, Verdict};
+use vsocket_policy::{evaluate, DenyAction, Flow, Protocol, Verdict};
 
 /// How long a connection may wait for room in a listener's channel.
 const LISTENER_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -35,15 +41,14 @@ impl Reply {
 /// Checks a `Listen` request. On success returns the record to register.
 pub fn listen(
     daemon: &Daemon,
-    guest: GuestId,
+    guest: &Arc<GuestSlot>,
     local: SocketAddrV4,
     channel: OwnedFd,
 ) -> Result<Arc<ListenerRecord>, i32> {
-    let g = daemon.config.guest(guest);
     if local.port() == 0 {
         return Err(libc::EINVAL);
     }
-    if !local.ip().is_unspecified() && !local.ip().is_loopback() && !g.addresses.contains(local.ip()) {
+    if !local.ip().is_unspecified() && !local.ip().is_loopback() && !guest.addresses.contains(local.ip()) {
         // A guest may only listen on its own addresses (loopback ones are
         // reachable from inside the guest only).
         return Err(libc::EADDRNOTAVAIL);
@@ -54,16 +59,29 @@ pub fn listen(
     if vsocket_sys::set_send_timeout(channel.as_fd(), LISTENER_SEND_TIMEOUT).is_err() {
         return Err(libc::ENOBUFS);
     }
-    Ok(Arc::new(ListenerRecord { id: daemon.next_id(), guest, local, channel, accepted: Default::default() }))
+    Ok(Arc::new(ListenerRecord {
+        id: daemon.next_id(),
+        guest: guest.clone(),
+        local,
+        channel,
+        accepted: Default::default(),
+    }))
 }
 
 /// Decides a `Connect` request from `guest`, and records the decision in
 /// the flow log. `channel` identifies the client's request channel (its
 /// process).
-pub fn connect(daemon: &Daemon, guest: GuestId, channel: u64, local: SocketAddrV4, remote: SocketAddrV4) -> Reply {
-    let config = &daemon.config;
-    let g = config.guest(guest);
-    let counters = daemon.counters(guest);
+pub fn connect(
+    daemon: &Daemon,
+    guest: &Arc<GuestSlot>,
+    channel: u64,
+    local: SocketAddrV4,
+    remote: SocketAddrV4,
+) -> Reply {
+    let policy = daemon.policy();
+    let config = &policy.config;
+    let g = guest;
+    let counters = &guest.counters;
     // The source address the guest's kernel would pick: the loopback
     // address for loopback, the destination itself when a guest connects to
     // one of its own addresses, else the address the socket is bound to
@@ -79,32 +97,42 @@ pub fn connect(daemon: &Daemon, guest: GuestId, channel: u64, local: SocketAddrV
     };
     let client_addr = SocketAddrV4::new(client_ip, local.port());
     let attempt = Attempt { daemon, guest, client_addr, remote };
-    let Some(listener) = daemon.find_listener(guest, remote) else {
+    let fallback = |why: &str| {
         counters.fallbacks.fetch_add(1, Ordering::Relaxed);
-        attempt.log(None, &Reply::plain(Message::Fallback), || "no vSocket listener: kernel path".into());
-        return Reply::plain(Message::Fallback);
+        attempt.log(None, &Reply::plain(Message::Fallback), || why.into());
+        Reply::plain(Message::Fallback)
     };
-    if listener.guest == guest {
+    let Some(client) = policy.guest_id(guest) else {
+        // Removed by a live change; its channels are being closed.
+        return fallback("guest removed: kernel path");
+    };
+    let Some(listener) = daemon.find_listener(guest, remote) else {
+        return fallback("no vSocket listener: kernel path");
+    };
+    if Arc::ptr_eq(&listener.guest, guest) {
         // Inside one guest: the traffic never reaches the cloud's network,
         // so security groups do not apply (as on a VM's own loopback).
-        let reply = match open(daemon, guest, channel, client_addr, &listener, remote) {
+        let reply = match open(daemon, guest, channel, client_addr, &listener, remote, config.host().ring_size) {
             Ok(reply) => reply,
-            Err(e) => undelivered(daemon, guest, remote, e),
+            Err(e) => undelivered(guest, remote, e),
         };
         attempt.log(Some(guest), &reply, || "within one guest: security groups do not apply".into());
         return reply;
     }
+    let Some(server) = policy.guest_id(&listener.guest) else {
+        return fallback("listener's guest removed: kernel path");
+    };
     let flow = Flow {
         protocol: Protocol::Tcp,
-        vpc: g.vpc,
-        client: guest,
+        vpc: config.guest(client).vpc,
+        client,
         client_addr: client_ip,
-        server: listener.guest,
+        server,
         server_addr: *remote.ip(),
         port: remote.port(),
     };
     let verdict = evaluate(config, &flow);
-    let server_name = &config.guest(listener.guest).name;
+    let server_name = &listener.guest.name;
     if let Verdict::Deny { .. } = verdict {
         counters.denied.fetch_add(1, Ordering::Relaxed);
         let action = config.host().deny_action;
@@ -114,19 +142,19 @@ pub fn connect(daemon: &Daemon, guest: GuestId, channel: u64, local: SocketAddrV
             DenyAction::Reject => Message::Refused { errno: libc::ECONNREFUSED },
             DenyAction::Drop => Message::Dropped,
         });
-        attempt.log(Some(listener.guest), &reply, || verdict.describe(config));
+        attempt.log(Some(&listener.guest), &reply, || verdict.describe(config));
         return reply;
     }
-    match open(daemon, guest, channel, client_addr, &listener, remote) {
+    match open(daemon, guest, channel, client_addr, &listener, remote, config.host().ring_size) {
         Ok(reply) => {
             tracing::debug!(client = %g.name, from = %client_addr, server = %server_name, to = %remote,
                 decided_by = %verdict.describe(config), "connect allowed");
-            attempt.log(Some(listener.guest), &reply, || verdict.describe(config));
+            attempt.log(Some(&listener.guest), &reply, || verdict.describe(config));
             reply
         }
         Err(e) => {
-            let reply = undelivered(daemon, guest, remote, e);
-            attempt.log(Some(listener.guest), &reply, || match reply.message {
+            let reply = undelivered(guest, remote, e);
+            attempt.log(Some(&listener.guest), &reply, || match reply.message {
                 Message::Refused { .. } => "listener backlog full".into(),
                 _ => "listener gone: kernel path".into(),
             });
@@ -138,7 +166,7 @@ pub fn connect(daemon: &Daemon, guest: GuestId, channel: u64, local: SocketAddrV
 /// A connect being decided, for its flow record.
 struct Attempt<'a> {
     daemon: &'a Daemon,
-    guest: GuestId,
+    guest: &'a GuestSlot,
     client_addr: SocketAddrV4,
     remote: SocketAddrV4,
 }
@@ -146,23 +174,21 @@ struct Attempt<'a> {
 impl Attempt<'_> {
     /// Records the attempt as `reply` ends it; `server` is the guest whose
     /// listener was found, `decided_by` says why (made only if logged).
-    fn log(&self, server: Option<GuestId>, reply: &Reply, decided_by: impl FnOnce() -> String) {
+    fn log(&self, server: Option<&GuestSlot>, reply: &Reply, decided_by: impl FnOnce() -> String) {
         self.daemon.log_flow(|| {
-            let config = &self.daemon.config;
             let (verdict, id) = match reply.message {
                 Message::Connected(info) => (FlowVerdict::Accepted, Some(info.id)),
                 Message::Dropped => (FlowVerdict::Dropped, None),
                 Message::Refused { .. } => (FlowVerdict::Rejected, None),
                 _ => (FlowVerdict::Fallback, None),
             };
-            let g = config.guest(self.guest);
             FlowRecord {
                 time: SystemTime::now(),
                 event: FlowEvent::Attempt,
                 id,
-                vpc: config.vpc(g.vpc).name.clone(),
-                client_guest: g.name.clone(),
-                server_guest: server.map(|s| config.guest(s).name.clone()),
+                vpc: self.guest.vpc.to_string(),
+                client_guest: self.guest.name.clone(),
+                server_guest: server.map(|s| s.name.clone()),
                 protocol: "tcp",
                 client: self.client_addr,
                 server: self.remote,
@@ -177,14 +203,14 @@ impl Attempt<'_> {
 }
 
 /// The reply when a connection could not be handed to its listener.
-fn undelivered(daemon: &Daemon, guest: GuestId, remote: SocketAddrV4, e: std::io::Error) -> Reply {
-    let name = &daemon.config.guest(guest).name;
+fn undelivered(guest: &GuestSlot, remote: SocketAddrV4, e: std::io::Error) -> Reply {
+    let name = &guest.name;
     if e.kind() == std::io::ErrorKind::WouldBlock {
         tracing::warn!(client = %name, to = %remote, "listener backlog full; connect refused");
         return Reply::plain(Message::Refused { errno: libc::ECONNREFUSED });
     }
     tracing::warn!(client = %name, to = %remote, error = %e, "could not deliver connection to listener; kernel path");
-    daemon.counters(guest).fallbacks.fetch_add(1, Ordering::Relaxed);
+    guest.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
     Reply::plain(Message::Fallback)
 }
 
@@ -192,13 +218,13 @@ fn undelivered(daemon: &Daemon, guest: GuestId, remote: SocketAddrV4, e: std::io
 /// listener and returns the client end.
 fn open(
     daemon: &Daemon,
-    client: GuestId,
+    client: &Arc<GuestSlot>,
     channel: u64,
     client_addr: SocketAddrV4,
     listener: &Arc<ListenerRecord>,
     remote: SocketAddrV4,
+    ring_size: u32,
 ) -> std::io::Result<Reply> {
-    let ring_size = daemon.config.host().ring_size;
     let pair = (channel, listener.id);
     // A segment this pair has used and released, or a fresh one.
     let (segment, memfd) = match daemon.reclaim(pair) {
@@ -230,20 +256,20 @@ fn open(
     drop(server_bell);
     drop(server_holds);
     listener.accepted.fetch_add(1, Ordering::Relaxed);
-    daemon.counters(client).connections_out.fetch_add(1, Ordering::Relaxed);
-    daemon.counters(listener.guest).connections_in.fetch_add(1, Ordering::Relaxed);
+    client.counters.connections_out.fetch_add(1, Ordering::Relaxed);
+    listener.guest.counters.connections_in.fetch_add(1, Ordering::Relaxed);
     daemon.add_connection(ConnectionRecord {
         id,
-        vpc: daemon.config.guest(client).vpc,
-        client,
+        client: client.clone(),
         client_addr,
-        server: listener.guest,
+        server: listener.guest.clone(),
         server_addr: remote,
         opened: SystemTime::now(),
         segment,
         memfd: memfd.try_clone()?,
         pair,
         lifelines: [client_lifeline, server_lifeline],
+        reset: Default::default(),
     });
     let connected = Message::Connected(ConnectionInfo { id, local: client_addr, peer: remote, ring_size });
     Ok(Reply { message: connected, fds: vec![memfd, client_bell, client_holds] })

@@ -48,6 +48,9 @@ pub enum FlowEvent {
     Attempt,
     /// An accepted connection was retired: both ends closed.
     Close,
+    /// An open connection was reset because a live policy change denies it
+    /// (`on_policy_change = "reset"`); its close record follows.
+    Reset,
 }
 
 /// How a connect ended.
@@ -63,6 +66,8 @@ pub enum FlowVerdict {
     Dropped,
     /// Sent to the kernel path: no vSocket listener there.
     Fallback,
+    /// Reset records only: the connection was reset.
+    Reset,
 }
 
 /// One line of the flow log.
@@ -84,7 +89,8 @@ pub struct FlowRecord {
     pub client: SocketAddrV4,
     pub server: SocketAddrV4,
     pub verdict: FlowVerdict,
-    /// The rule or default that decided (attempts only).
+    /// The rule or default that decided (attempts), or why a policy change
+    /// reset the connection (resets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decided_by: Option<String>,
     /// Closes only: the ring totals when the connection was retired.

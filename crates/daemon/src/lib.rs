@@ -7,20 +7,25 @@
 //! - [`broker`]: listen and connect requests: policy, then shared memory;
 //! - [`pool`]: connection segments made ahead of time;
 //! - [`admin`]: the operator's socket, read by `vsocketctl`;
+//! - [`live`]: policy changes while the daemon runs (rules, memberships,
+//!   guests, reload) and what they do to established connections;
 //! - [`flowlog`]: one JSON line per connection attempt and close, written
 //!   and rotated by its own thread;
 //! - [`metrics`]: the Prometheus endpoint, a small HTTP/1.1 responder.
 //!
 //! The daemon is on the control path only: once it has brokered a
 //! connection between two guests on this host, their bytes move through a
-//! segment shared directly between them. It maps each segment too, read
-//! only in practice, to meter bytes and to retire closed connections.
+//! segment shared directly between them. It maps each segment too, to
+//! meter bytes and to retire closed connections; it writes to a segment
+//! only to reset a connection a policy change denies (`on_policy_change =
+//! "reset"`).
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod attach;
 pub mod broker;
 pub mod flowlog;
+pub mod live;
 pub mod metrics;
 pub mod pool;
 pub mod state;

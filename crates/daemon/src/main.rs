@@ -24,7 +24,7 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VSOCKET_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let config = match vsocket_policy::load(&args.config) {
+    let (document, config) = match vsocket_policy::load_document(&args.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vsocketd: {e}");
@@ -34,8 +34,9 @@ fn main() {
     if let Err(e) = vsocket_sys::raise_nofile_limit() {
         tracing::warn!(error = %e, "cannot raise the descriptor limit");
     }
-    let mut daemon = Daemon::new(config);
-    if let Some(flow_log) = daemon.config.host().flow_log.clone() {
+    let host = config.host().clone();
+    let mut daemon = Daemon::new(config, document, args.config.clone());
+    if let Some(flow_log) = host.flow_log.clone() {
         match FlowLog::open(&flow_log) {
             Ok(log) => daemon = daemon.with_flow_log(log),
             Err(e) => {
@@ -45,7 +46,7 @@ fn main() {
         }
     }
     let daemon = Arc::new(daemon);
-    if let Some(addr) = daemon.config.host().metrics {
+    if let Some(addr) = host.metrics {
         if let Err(e) = metrics::serve(&daemon, addr) {
             eprintln!("vsocketd: metrics on {addr}: {e}");
             std::process::exit(1);
@@ -60,7 +61,7 @@ fn main() {
         eprintln!("vsocketd: {e}");
         std::process::exit(1);
     }
-    tracing::info!(host = %daemon.config.host().name, guests = daemon.config.guests().len(), "vsocketd ready");
+    tracing::info!(host = %host.name, guests = daemon.policy().config.guests().len(), "vsocketd ready");
     loop {
         std::thread::sleep(Duration::from_millis(250));
         daemon.reap();

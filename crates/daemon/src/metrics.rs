@@ -231,6 +231,7 @@ mod tests {
             name: name.into(),
             vpc: vpc.into(),
             addresses: vec!["10.10.0.2".parse().unwrap()],
+            security_groups: vec![],
             netns: format!("vs-{name}"),
             channels: 2,
             refused_attachments: 1,

@@ -1,13 +1,25 @@
 //! The daemon's state: the tenant model, listeners, connections, counters.
+//!
+//! The policy in force is a [`Policy`] snapshot behind an [`ArcSwap`]: a
+//! connect loads the current one (no lock, never waits for a change) and
+//! decides with it; a live change builds a whole new snapshot and swaps it
+//! in (see [`crate::live`]). What outlives snapshots is the [`GuestSlot`]:
+//! one per attached guest, made when the guest appears and kept by every
+//! listener, connection and channel of that guest, with the guest's
+//! counters. `GuestId`s are indexes into one snapshot's `Config` only;
+//! records hold slots, and a snapshot maps a slot to its `GuestId` there (or
+//! to none once the guest is removed).
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
-use vsocket_policy::{Config, GuestId, VpcId};
+use vsocket_policy::{evaluate, Config, Document, Flow, GuestId, Protocol, Verdict};
 use vsocket_ring::Segment;
 
 use crate::flowlog::{FlowEvent, FlowLog, FlowRecord, FlowVerdict};
@@ -32,11 +44,162 @@ pub struct GuestCounters {
     pub closed_bytes_received: AtomicU64,
 }
 
+/// A guest as the daemon tracks it across policy changes.
+///
+/// A slot is made when a guest appears (at start, or added live) and never
+/// reused: a guest removed and added again gets a new slot, with counters
+/// from zero. Its identity (VPC, addresses, network namespace) is fixed; a
+/// change to any of them replaces the guest (a new slot). Its security
+/// groups are read from the current [`Policy`].
+#[derive(Debug)]
+pub struct GuestSlot {
+    /// Unique for the daemon's lifetime (from `Daemon::next_id`).
+    pub id: u64,
+    pub name: String,
+    pub vpc: Arc<str>,
+    pub addresses: Vec<Ipv4Addr>,
+    pub netns: String,
+    pub counters: GuestCounters,
+    removed: AtomicBool,
+    /// Duplicates of the guest's control socket (key 0) and open channels,
+    /// shut down when the guest is removed.
+    handles: Mutex<HashMap<u64, OwnedFd>>,
+}
+
+impl GuestSlot {
+    /// The key of the control socket among [`GuestSlot::hold`]'s handles.
+    pub const CONTROL: u64 = 0;
+
+    /// A slot for guest `guest` of `config`.
+    pub fn new(id: u64, config: &Config, guest: GuestId) -> GuestSlot {
+        let g = config.guest(guest);
+        GuestSlot {
+            id,
+            name: g.name.clone(),
+            vpc: config.vpc(g.vpc).name.as_str().into(),
+            addresses: g.addresses.clone(),
+            netns: g.netns.clone(),
+            counters: GuestCounters::default(),
+            removed: AtomicBool::new(false),
+            handles: Mutex::default(),
+        }
+    }
+
+    /// Whether guest `guest` of `config` is this guest: same name, VPC,
+    /// addresses and namespace (security groups may differ).
+    pub fn is(&self, config: &Config, guest: GuestId) -> bool {
+        let g = config.guest(guest);
+        g.name == self.name
+            && *config.vpc(g.vpc).name == *self.vpc
+            && g.addresses == self.addresses
+            && g.netns == self.netns
+    }
+
+    /// Has the guest been removed from the policy?
+    pub fn removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    /// Keeps a duplicate of `socket` under `key`, to shut it down if the
+    /// guest is removed. Returns false (keeping nothing) if it already was.
+    pub fn hold(&self, key: u64, socket: &OwnedFd) -> bool {
+        let mut handles = lock(&self.handles);
+        if self.removed() {
+            return false;
+        }
+        if let Ok(dup) = socket.try_clone() {
+            handles.insert(key, dup);
+        }
+        true
+    }
+
+    /// Forgets the socket kept under `key` (its channel ended).
+    pub fn release(&self, key: u64) {
+        lock(&self.handles).remove(&key);
+    }
+
+    /// Marks the guest removed and shuts down its control socket and every
+    /// channel: their threads see end of stream (or `EINVAL` in `accept`)
+    /// and end; the guest's processes see their channels close.
+    pub fn remove(&self) {
+        let handles = {
+            let mut handles = lock(&self.handles);
+            self.removed.store(true, Ordering::Release);
+            std::mem::take(&mut *handles)
+        };
+        for socket in handles.values() {
+            let _ = vsocket_sys::shutdown(socket.as_fd());
+        }
+    }
+}
+
+/// The policy in force: a validated config and the guests' slots in it.
+#[derive(Debug)]
+pub struct Policy {
+    pub config: Config,
+    /// By `GuestId` index of `config`.
+    slots: Vec<Arc<GuestSlot>>,
+    ids: HashMap<u64, GuestId>,
+}
+
+impl Policy {
+    /// A snapshot of `config`, whose guests have `slots` (in its order).
+    pub fn new(config: Config, slots: Vec<Arc<GuestSlot>>) -> Policy {
+        assert_eq!(slots.len(), config.guests().len(), "one slot per guest");
+        let ids = config.guests().map(|(id, _)| (slots[id.index()].id, id)).collect();
+        Policy { config, slots, ids }
+    }
+
+    /// The guest's id in this snapshot; none if it is not in it (removed).
+    pub fn guest_id(&self, slot: &GuestSlot) -> Option<GuestId> {
+        self.ids.get(&slot.id).copied()
+    }
+
+    /// The slot of guest `id` of this snapshot's config.
+    pub fn slot(&self, id: GuestId) -> &Arc<GuestSlot> {
+        &self.slots[id.index()]
+    }
+
+    /// The slot of the guest named `name`, if it is in this snapshot.
+    pub fn slot_by_name(&self, name: &str) -> Option<&Arc<GuestSlot>> {
+        self.config.guest_by_name(name).map(|id| self.slot(id))
+    }
+
+    /// Every guest's slot, in config order.
+    pub fn slots(&self) -> &[Arc<GuestSlot>] {
+        &self.slots
+    }
+
+    /// Whether this policy allows connection `c`, which is still open; if
+    /// not, why (as the flow log says it).
+    pub fn allows(&self, c: &ConnectionRecord) -> Result<(), String> {
+        let (Some(client), Some(server)) = (self.guest_id(&c.client), self.guest_id(&c.server)) else {
+            return Err("guest removed".into());
+        };
+        if client == server {
+            return Ok(());
+        }
+        let flow = Flow {
+            protocol: Protocol::Tcp,
+            vpc: self.config.guest(client).vpc,
+            client,
+            client_addr: *c.client_addr.ip(),
+            server,
+            server_addr: *c.server_addr.ip(),
+            port: c.server_addr.port(),
+        };
+        match evaluate(&self.config, &flow) {
+            verdict @ Verdict::Deny { .. } => Err(verdict.describe(&self.config)),
+            Verdict::Allow { .. } => Ok(()),
+        }
+    }
+}
+
 /// A listening socket registered by a guest.
 #[derive(Debug)]
 pub struct ListenerRecord {
     pub id: u64,
-    pub guest: GuestId,
+    pub guest: Arc<GuestSlot>,
     /// The address the program bound (may be 0.0.0.0).
     pub local: SocketAddrV4,
     /// The listener channel: `Incoming` messages go here.
@@ -53,10 +216,9 @@ pub type Pair = (u64, u64);
 #[derive(Debug)]
 pub struct ConnectionRecord {
     pub id: u64,
-    pub vpc: VpcId,
-    pub client: GuestId,
+    pub client: Arc<GuestSlot>,
     pub client_addr: SocketAddrV4,
-    pub server: GuestId,
+    pub server: Arc<GuestSlot>,
     pub server_addr: SocketAddrV4,
     pub opened: SystemTime,
     /// The daemon's mapping of the segment, for metering.
@@ -67,6 +229,8 @@ pub struct ConnectionRecord {
     /// Read ends of the client's and the server's lifelines: each hangs up
     /// when no process holds that end of the connection any more.
     pub lifelines: [OwnedFd; 2],
+    /// Reset by a policy change (`on_policy_change = "reset"`).
+    pub reset: AtomicBool,
 }
 
 impl ConnectionRecord {
@@ -90,13 +254,14 @@ impl ConnectionRecord {
 }
 
 /// Where a listener's address is reachable from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Scope {
-    /// From the VPC: the guest's own (VPC) addresses.
-    Vpc(VpcId),
-    /// From inside the guest only: loopback addresses (127.0.0.0/8), and
-    /// the wildcard, stored as 0.0.0.0 and matching any of them.
-    Guest(GuestId),
+    /// From the VPC (by name): the guest's own (VPC) addresses.
+    Vpc(Arc<str>),
+    /// From inside the guest (by slot id) only: loopback addresses
+    /// (127.0.0.0/8), and the wildcard, stored as 0.0.0.0 and matching any
+    /// of them.
+    Guest(u64),
 }
 
 type ListenerKey = (Scope, Ipv4Addr, u16);
@@ -104,8 +269,14 @@ type ListenerKey = (Scope, Ipv4Addr, u16);
 /// Everything the daemon knows; shared by all its threads.
 #[derive(Debug)]
 pub struct Daemon {
-    pub config: Config,
-    guests: Vec<GuestCounters>,
+    policy: ArcSwap<Policy>,
+    /// What live changes edit, and where `reload` reads; its lock puts
+    /// changes in order.
+    pub(crate) source: Mutex<Source>,
+    /// Connections reset because a policy change denied them.
+    pub policy_resets: AtomicU64,
+    /// Policy changes applied (vsocketctl edits and reloads).
+    pub policy_changes: AtomicU64,
     listeners: Mutex<HashMap<ListenerKey, Vec<Arc<ListenerRecord>>>>,
     connections: Mutex<HashMap<u64, ConnectionRecord>>,
     /// Live connection ids per pair, oldest first (see `reclaim`).
@@ -116,21 +287,37 @@ pub struct Daemon {
     flow_log: Option<FlowLog>,
 }
 
+/// The source of the policy in force.
+#[derive(Debug)]
+pub struct Source {
+    /// The config file (`vsocketctl reload` reads it again).
+    pub path: PathBuf,
+    /// The policy in force as a document, with every live change made.
+    pub document: Document,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Daemon {
-    pub fn new(config: Config) -> Daemon {
-        let guests = config.guests().map(|_| GuestCounters::default()).collect();
+    /// The daemon for `config`, which is `document`, read from `path`.
+    pub fn new(config: Config, document: Document, path: PathBuf) -> Daemon {
         let ring_size = config.host().ring_size;
+        let next_id = AtomicU64::new(1);
+        let slots = config
+            .guests()
+            .map(|(id, _)| Arc::new(GuestSlot::new(next_id.fetch_add(1, Ordering::Relaxed), &config, id)))
+            .collect();
         Daemon {
-            config,
-            guests,
+            policy: ArcSwap::from_pointee(Policy::new(config, slots)),
+            source: Mutex::new(Source { path, document }),
+            policy_resets: AtomicU64::new(0),
+            policy_changes: AtomicU64::new(0),
             listeners: Mutex::default(),
             connections: Mutex::default(),
             by_pair: Mutex::default(),
-            next_id: AtomicU64::new(1),
+            next_id,
             segments: crate::pool::SegmentPool::new(ring_size),
             flow_log: None,
         }
@@ -157,36 +344,84 @@ impl Daemon {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn counters(&self, guest: GuestId) -> &GuestCounters {
-        &self.guests[guest.index()]
+    /// The policy in force now. Connects hold it for one decision; a change
+    /// made meanwhile applies from the next.
+    pub fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.policy.load()
+    }
+
+    /// Puts `policy` in force. Only `live` calls this, holding `source`.
+    pub(crate) fn publish(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// Resets every open connection `policy` does not allow (both rings
+    /// get RST and are closed, so each program sees `ECONNRESET`), logging,
+    /// counting and flow-logging each. Returns how many were reset.
+    pub fn enforce(&self, policy: &Policy) -> usize {
+        let mut records = Vec::new();
+        let mut count = 0;
+        {
+            let conns = lock(&self.connections);
+            let mut ids: Vec<u64> = conns.keys().copied().collect();
+            ids.sort_unstable();
+            for c in ids.iter().filter_map(|id| conns.get(id)) {
+                if c.reset.load(Ordering::Relaxed) || c.finished() {
+                    continue;
+                }
+                let Err(why) = policy.allows(c) else { continue };
+                for ring in 0..2 {
+                    c.segment.producer(ring).reset();
+                    c.segment.consumer(ring).close();
+                }
+                c.reset.store(true, Ordering::Relaxed);
+                count += 1;
+                tracing::info!(id = c.id, client = %c.client_addr, server = %c.server_addr, decided_by = %why,
+                    "connection reset by a policy change");
+                if self.flow_log.is_some() {
+                    let mut record = self.close_record(c, 0, 0);
+                    record.event = FlowEvent::Reset;
+                    record.verdict = FlowVerdict::Reset;
+                    record.decided_by = Some(format!("policy change: {why}"));
+                    (record.bytes_client_to_server, record.bytes_server_to_client, record.duration_ms) =
+                        (None, None, None);
+                    records.push(record);
+                }
+            }
+        }
+        self.policy_resets.fetch_add(count as u64, Ordering::Relaxed);
+        if let Some(log) = &self.flow_log {
+            log.record_waiting(records, crate::flowlog::CLOSE_PATIENCE);
+        }
+        count
     }
 
     /// The keys under which a listener bound to `local` in `guest` is found.
-    fn listener_keys(&self, guest: GuestId, local: SocketAddrV4) -> Vec<ListenerKey> {
-        let g = self.config.guest(guest);
+    fn listener_keys(guest: &GuestSlot, local: SocketAddrV4) -> Vec<ListenerKey> {
         let port = local.port();
         if local.ip().is_loopback() {
-            vec![(Scope::Guest(guest), *local.ip(), port)]
+            vec![(Scope::Guest(guest.id), *local.ip(), port)]
         } else if local.ip().is_unspecified() {
-            let mut keys: Vec<ListenerKey> = g.addresses.iter().map(|ip| (Scope::Vpc(g.vpc), *ip, port)).collect();
-            keys.push((Scope::Guest(guest), Ipv4Addr::UNSPECIFIED, port));
+            let mut keys: Vec<ListenerKey> =
+                guest.addresses.iter().map(|ip| (Scope::Vpc(guest.vpc.clone()), *ip, port)).collect();
+            keys.push((Scope::Guest(guest.id), Ipv4Addr::UNSPECIFIED, port));
             keys
         } else {
-            vec![(Scope::Vpc(g.vpc), *local.ip(), port)]
+            vec![(Scope::Vpc(guest.vpc.clone()), *local.ip(), port)]
         }
     }
 
     /// Registers a listener; the caller checked that `guest` owns the address.
     pub fn add_listener(&self, listener: Arc<ListenerRecord>) {
         let mut map = lock(&self.listeners);
-        for key in self.listener_keys(listener.guest, listener.local) {
+        for key in Self::listener_keys(&listener.guest, listener.local) {
             map.entry(key).or_default().push(listener.clone());
         }
     }
 
     pub fn remove_listener(&self, listener: &Arc<ListenerRecord>) {
         let mut map = lock(&self.listeners);
-        for key in self.listener_keys(listener.guest, listener.local) {
+        for key in Self::listener_keys(&listener.guest, listener.local) {
             if let Some(list) = map.get_mut(&key) {
                 list.retain(|l| l.id != listener.id);
                 if list.is_empty() {
@@ -200,14 +435,14 @@ impl Daemon {
     /// loopback addresses reach the client's own guest only; other
     /// addresses are looked up in its VPC. Several listeners on one address
     /// (SO_REUSEPORT, forked workers) take turns.
-    pub fn find_listener(&self, client: GuestId, addr: SocketAddrV4) -> Option<Arc<ListenerRecord>> {
+    pub fn find_listener(&self, client: &GuestSlot, addr: SocketAddrV4) -> Option<Arc<ListenerRecord>> {
         let map = lock(&self.listeners);
         let list = if addr.ip().is_loopback() {
-            let scope = Scope::Guest(client);
-            map.get(&(scope, *addr.ip(), addr.port()))
+            let scope = Scope::Guest(client.id);
+            map.get(&(scope.clone(), *addr.ip(), addr.port()))
                 .or_else(|| map.get(&(scope, Ipv4Addr::UNSPECIFIED, addr.port())))?
         } else {
-            map.get(&(Scope::Vpc(self.config.guest(client).vpc), *addr.ip(), addr.port()))?
+            map.get(&(Scope::Vpc(client.vpc.clone()), *addr.ip(), addr.port()))?
         };
         let turn = self.next_id.load(Ordering::Relaxed) as usize % list.len();
         Some(list[turn].clone())
@@ -311,9 +546,9 @@ impl Daemon {
             time: now,
             event: FlowEvent::Close,
             id: Some(c.id),
-            vpc: self.config.vpc(c.vpc).name.clone(),
-            client_guest: self.config.guest(c.client).name.clone(),
-            server_guest: Some(self.config.guest(c.server).name.clone()),
+            vpc: c.client.vpc.to_string(),
+            client_guest: c.client.name.clone(),
+            server_guest: Some(c.server.name.clone()),
             protocol: "tcp",
             client: c.client_addr,
             server: c.server_addr,
@@ -326,8 +561,8 @@ impl Daemon {
     }
 
     fn fold_bytes(&self, c: &ConnectionRecord, up: u64, down: u64) {
-        let client = self.counters(c.client);
-        let server = self.counters(c.server);
+        let client = &c.client.counters;
+        let server = &c.server.counters;
         client.closed_bytes_sent.fetch_add(up, Ordering::Relaxed);
         client.closed_bytes_received.fetch_add(down, Ordering::Relaxed);
         server.closed_bytes_sent.fetch_add(down, Ordering::Relaxed);
@@ -336,21 +571,24 @@ impl Daemon {
 
     /// A snapshot of every guest, for `vsocketctl guests`.
     pub fn guest_reports(&self) -> Vec<GuestReport> {
+        let policy = self.policy();
+        let config = &policy.config;
         let conns = lock(&self.connections);
-        self.config
+        config
             .guests()
             .map(|(id, g)| {
-                let c = self.counters(id);
+                let slot = policy.slot(id);
+                let c = &slot.counters;
                 let mut sent = c.closed_bytes_sent.load(Ordering::Relaxed);
                 let mut received = c.closed_bytes_received.load(Ordering::Relaxed);
                 let mut open = 0;
                 for conn in conns.values() {
-                    if conn.client == id {
+                    if Arc::ptr_eq(&conn.client, slot) {
                         sent += conn.bytes_client_to_server();
                         received += conn.bytes_server_to_client();
                         open += 1;
                     }
-                    if conn.server == id {
+                    if Arc::ptr_eq(&conn.server, slot) {
                         sent += conn.bytes_server_to_client();
                         received += conn.bytes_client_to_server();
                         open += 1;
@@ -358,8 +596,9 @@ impl Daemon {
                 }
                 GuestReport {
                     name: g.name.clone(),
-                    vpc: self.config.vpc(g.vpc).name.clone(),
+                    vpc: config.vpc(g.vpc).name.clone(),
                     addresses: g.addresses.clone(),
+                    security_groups: g.groups.iter().map(|&group| config.security_group(group).name.clone()).collect(),
                     netns: g.netns.clone(),
                     channels: c.channels.load(Ordering::Relaxed),
                     refused_attachments: c.refused_attachments.load(Ordering::Relaxed),
@@ -380,15 +619,12 @@ impl Daemon {
         let mut seen = std::collections::BTreeMap::new();
         for list in map.values() {
             for l in list {
-                seen.entry(l.id).or_insert_with(|| {
-                    let g = self.config.guest(l.guest);
-                    ListenerReport {
-                        id: l.id,
-                        guest: g.name.clone(),
-                        vpc: self.config.vpc(g.vpc).name.clone(),
-                        address: l.local,
-                        accepted: l.accepted.load(Ordering::Relaxed),
-                    }
+                seen.entry(l.id).or_insert_with(|| ListenerReport {
+                    id: l.id,
+                    guest: l.guest.name.clone(),
+                    vpc: l.guest.vpc.to_string(),
+                    address: l.local,
+                    accepted: l.accepted.load(Ordering::Relaxed),
                 });
             }
         }
@@ -401,10 +637,10 @@ impl Daemon {
             .values()
             .map(|c| ConnectionReport {
                 id: c.id,
-                vpc: self.config.vpc(c.vpc).name.clone(),
-                client_guest: self.config.guest(c.client).name.clone(),
+                vpc: c.client.vpc.to_string(),
+                client_guest: c.client.name.clone(),
                 client: c.client_addr,
-                server_guest: self.config.guest(c.server).name.clone(),
+                server_guest: c.server.name.clone(),
                 server: c.server_addr,
                 bytes_client_to_server: c.bytes_client_to_server(),
                 bytes_server_to_client: c.bytes_server_to_client(),
@@ -421,6 +657,7 @@ pub struct GuestReport {
     pub name: String,
     pub vpc: String,
     pub addresses: Vec<Ipv4Addr>,
+    pub security_groups: Vec<String>,
     pub netns: String,
     pub channels: u64,
     pub refused_attachments: u64,

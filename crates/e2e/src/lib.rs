@@ -293,6 +293,11 @@ impl Lab {
         serde_json::from_slice(&out.stdout).map_err(io::Error::other)
     }
 
+    /// `vsocketctl --config <lab config> ARGS...`, whatever its outcome.
+    pub fn ctl_output(&self, args: &[&str]) -> io::Result<Output> {
+        Command::new(bin("vsocketctl")).arg("--config").arg(&self.config).args(args).output()
+    }
+
     /// One guest's counters from the daemon.
     pub fn guest(&self, name: &str) -> io::Result<Value> {
         let all = self.ctl("guests")?;

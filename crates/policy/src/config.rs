@@ -22,6 +22,9 @@
 //! name = "host1"                 # required; a host name (letters, digits, '.', '-')
 //! run_dir = "/run/vsocket"       # absolute; default "/run/vsocket"
 //! deny_action = "drop"           # "drop" (default) or "reject"
+//! on_policy_change = "keep"      # what a live policy change does to established
+//!                                # connections it no longer allows: "keep" them
+//!                                # (default, as cloud security groups do) or "reset"
 //! ring_size = 262144             # bytes per direction, a power of two,
 //!                                # 4096..=67108864 (64 MiB); default 262144
 //! flow_log = "/var/log/vsocket/flow.log"  # absolute; one JSON line per connection
@@ -98,9 +101,10 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use crate::cidr::{CidrError, Ipv4Cidr};
+use crate::edit::Document;
 use crate::model::{
-    Config, DenyAction, FlowLogConfig, GroupId, Guest, HostConfig, Peer, PortRange, Protocol, ProtocolFilter, Rule,
-    SecurityGroup, Vpc, VpcId,
+    Config, DenyAction, FlowLogConfig, GroupId, Guest, HostConfig, Peer, PolicyChangeAction, PortRange, Protocol,
+    ProtocolFilter, Rule, SecurityGroup, Vpc, VpcId,
 };
 
 /// The longest guest name: it becomes a Linux interface name (IFNAMSIZ - 1).
@@ -108,15 +112,41 @@ pub const MAX_GUEST_NAME_LEN: usize = 15;
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
-    parse(&text, path)
+    load_document(path).map(|(_, config)| config)
+}
+
+/// The run directory a config file names (`host.run_dir`, or the default),
+/// read without validating anything else: tools that only need to find
+/// the daemon (`vsocketctl reload` of a file that is now invalid) use it.
+/// `None` if the file cannot be read or is not TOML.
+pub fn run_dir_of(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let table: toml::Table = toml::from_str(&text).ok()?;
+    match table.get("host").and_then(|host| host.get("run_dir")) {
+        None => Some(PathBuf::from(HostConfig::DEFAULT_RUN_DIR)),
+        Some(dir) => dir.as_str().map(PathBuf::from),
+    }
 }
 
 /// Parses and validates config text; `origin` names its file in errors.
 pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+    parse_document(text, origin).map(|(_, config)| config)
+}
+
+/// Reads and validates the config file at `path`, keeping the file's
+/// content as a [`Document`] that live changes edit.
+pub fn load_document(path: &Path) -> Result<(Document, Config), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
+    parse_document(&text, path)
+}
+
+/// As [`parse`], also returning the text's content as a [`Document`].
+pub fn parse_document(text: &str, origin: &Path) -> Result<(Document, Config), ConfigError> {
     let raw: RawConfig = toml::from_str(text)
         .map_err(|err| ConfigError::Toml { file: origin.to_owned(), message: err.to_string().trim_end().to_owned() })?;
-    Validator { file: origin }.config(raw)
+    let document = Document::from_raw(raw);
+    let config = document.validate(origin)?;
+    Ok((document, config))
 }
 
 /// Why a config file could not be loaded.
@@ -312,25 +342,27 @@ impl fmt::Display for Problem {
 
 // The raw structs mirror the file exactly; nothing outside this module sees them.
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
+pub(crate) struct RawConfig {
     host: RawHost,
     #[serde(default)]
     vpc: Vec<RawVpc>,
     #[serde(default)]
-    security_group: Vec<RawSecurityGroup>,
+    pub(crate) security_group: Vec<RawSecurityGroup>,
     #[serde(default)]
-    guest: Vec<RawGuest>,
+    pub(crate) guest: Vec<RawGuest>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
-struct RawHost {
+pub(crate) struct RawHost {
     name: String,
     run_dir: Option<PathBuf>,
     #[serde(default)]
     deny_action: RawDenyAction,
+    #[serde(default)]
+    on_policy_change: RawPolicyChangeAction,
     ring_size: Option<u64>,
     flow_log: Option<PathBuf>,
     flow_log_max_bytes: Option<u64>,
@@ -338,7 +370,7 @@ struct RawHost {
     metrics: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Clone)]
 #[serde(rename_all = "lowercase")]
 enum RawDenyAction {
     #[default]
@@ -346,33 +378,41 @@ enum RawDenyAction {
     Reject,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default, Clone)]
+#[serde(rename_all = "lowercase")]
+enum RawPolicyChangeAction {
+    #[default]
+    Keep,
+    Reset,
+}
+
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
-struct RawVpc {
+pub(crate) struct RawVpc {
     name: String,
     cidr: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
-struct RawSecurityGroup {
-    name: String,
+pub(crate) struct RawSecurityGroup {
+    pub(crate) name: String,
     #[serde(default)]
-    ingress: Vec<RawRule>,
+    pub(crate) ingress: Vec<RawRule>,
     #[serde(default)]
-    egress: Vec<RawRule>,
+    pub(crate) egress: Vec<RawRule>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
-struct RawRule {
+pub(crate) struct RawRule {
     protocol: RawProtocol,
     ports: Option<RawPorts>,
     cidr: Option<String>,
     group: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(rename_all = "lowercase")]
 enum RawProtocol {
     Tcp,
@@ -383,6 +423,7 @@ enum RawProtocol {
 
 /// `ports` as written: a string (`"6379"`, `"1000-2000"`, `"all"`) or, since
 /// that is what people type, a bare integer.
+#[derive(Clone)]
 enum RawPorts {
     Text(String),
     Number(i64),
@@ -403,6 +444,11 @@ impl<'de> Deserialize<'de> for RawPorts {
                 Ok(RawPorts::Number(port))
             }
 
+            // JSON (the admin socket) hands non-negative integers over as u64.
+            fn visit_u64<E: de::Error>(self, port: u64) -> Result<RawPorts, E> {
+                Ok(RawPorts::Number(i64::try_from(port).unwrap_or(i64::MAX)))
+            }
+
             fn visit_str<E: de::Error>(self, text: &str) -> Result<RawPorts, E> {
                 Ok(RawPorts::Text(text.to_owned()))
             }
@@ -412,20 +458,20 @@ impl<'de> Deserialize<'de> for RawPorts {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
-struct RawGuest {
-    name: String,
+pub(crate) struct RawGuest {
+    pub(crate) name: String,
     vpc: String,
     addresses: Vec<String>,
     #[serde(default)]
-    security_groups: Vec<String>,
+    pub(crate) security_groups: Vec<String>,
     netns: Option<String>,
 }
 
 /// Turns raw structs into the model, failing on the first problem.
-struct Validator<'a> {
-    file: &'a Path,
+pub(crate) struct Validator<'a> {
+    pub(crate) file: &'a Path,
 }
 
 impl Validator<'_> {
@@ -433,7 +479,7 @@ impl Validator<'_> {
         ConfigError::Invalid { file: self.file.to_owned(), field: field.into(), problem }
     }
 
-    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+    pub(crate) fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let host = self.host(raw.host)?;
         let vpcs = self.vpcs(raw.vpc)?;
         let security_groups = self.security_groups(raw.security_group)?;
@@ -463,6 +509,10 @@ impl Validator<'_> {
             RawDenyAction::Drop => DenyAction::Drop,
             RawDenyAction::Reject => DenyAction::Reject,
         };
+        let on_policy_change = match raw.on_policy_change {
+            RawPolicyChangeAction::Keep => PolicyChangeAction::Keep,
+            RawPolicyChangeAction::Reset => PolicyChangeAction::Reset,
+        };
 
         let flow_log = self.flow_log(raw.flow_log, raw.flow_log_max_bytes, raw.flow_log_keep)?;
 
@@ -474,7 +524,7 @@ impl Validator<'_> {
             },
         };
 
-        Ok(HostConfig { name: raw.name, run_dir, deny_action, ring_size, flow_log, metrics })
+        Ok(HostConfig { name: raw.name, run_dir, deny_action, on_policy_change, ring_size, flow_log, metrics })
     }
 
     fn flow_log(
@@ -553,7 +603,12 @@ impl Validator<'_> {
             .collect()
     }
 
-    fn rule(&self, field: &str, raw: RawRule, groups_by_name: &HashMap<String, GroupId>) -> Result<Rule, ConfigError> {
+    pub(crate) fn rule(
+        &self,
+        field: &str,
+        raw: RawRule,
+        groups_by_name: &HashMap<String, GroupId>,
+    ) -> Result<Rule, ConfigError> {
         let protocol = match raw.protocol {
             RawProtocol::Tcp => ProtocolFilter::Only(Protocol::Tcp),
             RawProtocol::Udp => ProtocolFilter::Only(Protocol::Udp),

@@ -12,6 +12,9 @@
 //!   small ids.
 //! - [`config`]: the TOML file format, and parsing it into a [`Config`] with
 //!   errors that name the file, the field and the problem.
+//! - [`edit`]: a [`Document`], the config's content as written, and the
+//!   live [`Change`]s `vsocketctl` makes to it; each edited document is
+//!   validated as a whole, exactly as a file would be.
 //! - [`evaluate`](mod@evaluate): the evaluator, [`evaluate()`], which
 //!   applies the cloud defaults (ingress denied unless allowed, egress allowed
 //!   unless restricted) to a [`Flow`] and says which rule decided.
@@ -21,13 +24,15 @@
 
 pub mod cidr;
 pub mod config;
+pub mod edit;
 pub mod evaluate;
 pub mod model;
 
 pub use cidr::Ipv4Cidr;
-pub use config::{load, parse, ConfigError};
+pub use config::{load, load_document, parse, parse_document, ConfigError};
+pub use edit::{Change, ChangeError, Document, GuestSpec, RuleSpec};
 pub use evaluate::{evaluate, Decider, Flow, Verdict};
 pub use model::{
-    Config, DenyAction, Direction, FlowLogConfig, GroupId, Guest, GuestId, HostConfig, Peer, PortRange, Protocol,
-    ProtocolFilter, Rule, SecurityGroup, Vpc, VpcId,
+    Config, DenyAction, Direction, FlowLogConfig, GroupId, Guest, GuestId, HostConfig, Peer, PolicyChangeAction,
+    PortRange, Protocol, ProtocolFilter, Rule, SecurityGroup, Vpc, VpcId,
 };

@@ -137,6 +137,9 @@ pub struct HostConfig {
     pub run_dir: PathBuf,
     /// What a guest sees when policy denies its connect.
     pub deny_action: DenyAction,
+    /// What a live policy change does to established connections it no
+    /// longer allows.
+    pub on_policy_change: PolicyChangeAction,
     /// Bytes of each direction's data ring: a power of two within
     /// [`MIN_RING_SIZE`](Self::MIN_RING_SIZE)..=[`MAX_RING_SIZE`](Self::MAX_RING_SIZE).
     pub ring_size: u32,
@@ -204,6 +207,27 @@ impl fmt::Display for DenyAction {
     }
 }
 
+/// What a live policy change (`vsocketctl`, `vsocketctl reload`) does to
+/// established connections that the new policy would not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PolicyChangeAction {
+    /// Leave them be, as cloud security groups leave tracked connections:
+    /// only new connections follow the new rules.
+    #[default]
+    Keep,
+    /// Reset them: both programs see `ECONNRESET`.
+    Reset,
+}
+
+impl fmt::Display for PolicyChangeAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Keep => "keep",
+            Self::Reset => "reset",
+        })
+    }
+}
+
 /// A tenant's private address space. VPCs may overlap each other.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vpc {
@@ -260,7 +284,8 @@ impl SecurityGroup {
 }
 
 /// Which end of a connection a rule (or a denial) applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// The client's side: its groups' egress rules.
     Egress,

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use vsocket_policy::config::{parse, Problem};
 use vsocket_policy::{
-    load, ConfigError, DenyAction, FlowLogConfig, HostConfig, Peer, PortRange, Protocol, ProtocolFilter,
+    load, ConfigError, DenyAction, FlowLogConfig, HostConfig, Peer, PolicyChangeAction, PortRange, Protocol,
+    ProtocolFilter,
 };
 
 const ORIGIN: &str = "/etc/vsocket/lab.toml";
@@ -453,6 +454,7 @@ fn defaults_fill_in_optional_fields() {
             name: "host1".into(),
             run_dir: HostConfig::DEFAULT_RUN_DIR.into(),
             deny_action: DenyAction::Drop,
+            on_policy_change: PolicyChangeAction::Keep,
             ring_size: 262_144,
             flow_log: None,
             metrics: None,

@@ -224,6 +224,16 @@ pub fn recv_with_fds_flags(sock: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> 
     Ok((n, fds))
 }
 
+/// Shuts a socket down both ways (`shutdown(SHUT_RDWR)`): a thread blocked
+/// reading it sees end of stream, one blocked in `accept` on a listening
+/// Unix socket gets `EINVAL`, and the peer sees end of stream. Acts on the
+/// socket, so every descriptor for it is affected.
+pub fn shutdown(sock: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain shutdown(2) on a descriptor the caller holds.
+    syscall!(unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) })?;
+    Ok(())
+}
+
 /// Bounds how long a blocking send on `sock` may wait (SO_SNDTIMEO).
 pub fn set_send_timeout(sock: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<()> {
     let tv = libc::timeval {

@@ -1,7 +1,7 @@
 //! `vsocketctl`: the operator's view of vsocketd.
 #![forbid(unsafe_code)]
 
-use clap::{Parser, Subcommand};
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vsocket_cli::rates;
 
-/// Shows what vsocketd knows: guests, listeners and connections with their
-/// byte counts.
+/// Shows what vsocketd knows (guests, listeners and connections with their
+/// byte counts) and changes its policy live: security-group rules, guests'
+/// memberships, guests, and reloading the config file.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -44,6 +45,133 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         interval: f64,
     },
+    /// Add or remove a security-group rule, live.
+    Rule {
+        #[command(subcommand)]
+        action: RuleAction,
+    },
+    /// Add a guest to a security group, or take it out, live.
+    Member {
+        #[command(subcommand)]
+        action: MemberAction,
+    },
+    /// Add or remove a guest, live.
+    Guest {
+        #[command(subcommand)]
+        action: GuestAction,
+    },
+    /// Read the config file again and apply what changed (live edits made
+    /// since are replaced by the file's content).
+    Reload,
+}
+
+#[derive(Debug, Subcommand)]
+enum RuleAction {
+    /// Append a rule to the group's ingress or egress rules.
+    Add(RuleArgs),
+    /// Remove the group's first rule equal to this one.
+    Remove(RuleArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DirectionArg {
+    Ingress,
+    Egress,
+}
+
+#[derive(Debug, ClapArgs)]
+struct RuleArgs {
+    /// The security group.
+    group: String,
+    /// ingress (who may connect to members) or egress (whom members may
+    /// connect to).
+    direction: DirectionArg,
+    /// tcp, udp, icmp or all.
+    protocol: String,
+    /// A port, a range like 1000-2000, or all (the default).
+    ports: Option<String>,
+    /// The peer: addresses in this block (like 10.10.0.0/24).
+    #[arg(long, conflicts_with = "peer_group", required_unless_present = "peer_group")]
+    cidr: Option<String>,
+    /// The peer: members of this security group.
+    #[arg(long)]
+    peer_group: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum MemberAction {
+    /// Make GUEST a member of GROUP.
+    Add { guest: String, group: String },
+    /// Take GUEST out of GROUP.
+    Remove { guest: String, group: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum GuestAction {
+    /// Add a guest: it gets its control socket at once.
+    Add {
+        /// Its name.
+        name: String,
+        /// Its VPC.
+        #[arg(long)]
+        vpc: String,
+        /// Its addresses in the VPC (repeat for several).
+        #[arg(long = "address", required = true)]
+        addresses: Vec<String>,
+        /// Its security groups (repeat for several).
+        #[arg(long = "security-group")]
+        security_groups: Vec<String>,
+        /// Its network namespace (default vs-NAME).
+        #[arg(long)]
+        netns: Option<String>,
+    },
+    /// Remove a guest: its control socket goes and its processes' channels
+    /// close.
+    Remove { name: String },
+}
+
+/// The admin request for a live change, as JSON.
+fn change_request(command: &Command) -> Option<Value> {
+    use serde_json::json;
+    let rule = |op: &str, r: &RuleArgs| {
+        let mut rule = json!({ "protocol": r.protocol });
+        if let Some(ports) = &r.ports {
+            rule["ports"] = json!(ports);
+        }
+        if let Some(cidr) = &r.cidr {
+            rule["cidr"] = json!(cidr);
+        }
+        if let Some(group) = &r.peer_group {
+            rule["group"] = json!(group);
+        }
+        let direction = match r.direction {
+            DirectionArg::Ingress => "ingress",
+            DirectionArg::Egress => "egress",
+        };
+        json!({ "op": op, "group": r.group, "direction": direction, "rule": rule })
+    };
+    let change = match command {
+        Command::Rule { action: RuleAction::Add(r) } => rule("add_rule", r),
+        Command::Rule { action: RuleAction::Remove(r) } => rule("remove_rule", r),
+        Command::Member { action: MemberAction::Add { guest, group } } => {
+            json!({ "op": "add_membership", "guest": guest, "group": group })
+        }
+        Command::Member { action: MemberAction::Remove { guest, group } } => {
+            json!({ "op": "remove_membership", "guest": guest, "group": group })
+        }
+        Command::Guest { action: GuestAction::Add { name, vpc, addresses, security_groups, netns } } => {
+            let mut guest =
+                json!({ "name": name, "vpc": vpc, "addresses": addresses, "security_groups": security_groups });
+            if let Some(netns) = netns {
+                guest["netns"] = json!(netns);
+            }
+            json!({ "op": "add_guest", "guest": guest })
+        }
+        Command::Guest { action: GuestAction::Remove { name } } => json!({ "op": "remove_guest", "name": name }),
+        Command::Reload => return Some(json!({ "command": "reload" })),
+        _ => return None,
+    };
+    Some(json!({ "command": "change", "change": change }))
 }
 
 fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
@@ -57,17 +185,27 @@ fn main() {
         (Some(dir), _) => dir.clone(),
         (None, Some(file)) => match vsocket_policy::load(file) {
             Ok(c) => c.host().run_dir.clone(),
+            // `reload` must reach the daemon to hear what is wrong with the
+            // file (and leave the policy in force as it is).
+            Err(_) if matches!(args.command, Command::Reload) => vsocket_policy::config::run_dir_of(file)
+                .unwrap_or_else(|| {
+                    fail(2, vsocket_policy::load(file).err().map(|e| e.to_string()).unwrap_or_default())
+                }),
             Err(e) => fail(2, e),
         },
         (None, None) => PathBuf::from(vsocket_policy::model::HostConfig::DEFAULT_RUN_DIR),
     };
     let path = vsocketd::admin_socket_path(&run_dir);
+    if let Some(request) = change_request(&args.command) {
+        return live_change(&path, &request, args.json);
+    }
     let command = match args.command {
         Command::Status => "status",
         Command::Guests => "guests",
         Command::Listeners => "listeners",
         Command::Connections => "connections",
         Command::Rates { interval } => return rates(&path, interval, args.json),
+        _ => unreachable!("live changes are handled above"),
     };
     let reply = checked_query(&path, command);
     if args.json {
@@ -158,6 +296,39 @@ fn rates(path: &Path, interval: f64, json: bool) {
     );
 }
 
+/// Sends a live change; prints what changed, or fails with the daemon's
+/// reason (the policy in force is then unchanged).
+fn live_change(path: &Path, request: &Value, json: bool) {
+    let reply = request_reply(path, request)
+        .unwrap_or_else(|e| fail(1, format!("{}: {e} (is vsocketd running?)", path.display())));
+    if let Some(err) = reply.get("error") {
+        fail(1, plain(err));
+    }
+    if json {
+        println!("{reply}");
+        return;
+    }
+    let list = |key: &str| plain(&reply[key]);
+    println!(
+        "policy changed: guests added: {}; guests removed: {}; on_policy_change = {}: {} connection(s) reset",
+        if reply["guests_added"].as_array().is_some_and(|a| !a.is_empty()) {
+            list("guests_added")
+        } else {
+            "none".into()
+        },
+        if reply["guests_removed"].as_array().is_some_and(|a| !a.is_empty()) {
+            list("guests_removed")
+        } else {
+            "none".into()
+        },
+        list("on_policy_change"),
+        list("connections_reset"),
+    );
+    for error in reply["errors"].as_array().into_iter().flatten() {
+        eprintln!("vsocketctl: {}", plain(error));
+    }
+}
+
 /// A query whose failure ends the program.
 fn checked_query(path: &Path, command: &str) -> Value {
     let reply =
@@ -169,8 +340,12 @@ fn checked_query(path: &Path, command: &str) -> Value {
 }
 
 fn query(path: &Path, command: &str) -> std::io::Result<Value> {
+    request_reply(path, &serde_json::json!({ "command": command }))
+}
+
+fn request_reply(path: &Path, request: &Value) -> std::io::Result<Value> {
     let mut stream = UnixStream::connect(path)?;
-    writeln!(stream, "{}", serde_json::json!({ "command": command }))?;
+    writeln!(stream, "{request}")?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))

@@ -1,0 +1,279 @@
+//! Live policy changes: `vsocketctl` edits (rules, memberships, guests) and
+//! `vsocketctl reload`, applied without restarting the daemon.
+//!
+//! A change never edits the policy in force. It edits a copy of the policy's
+//! [`Document`] (or reads the file again), validates the result as a whole
+//! with the config file's rules, and only then:
+//!
+//! 1. makes the control sockets of guests that appear (a failure here still
+//!    leaves the old policy in force);
+//! 2. swaps in the new [`Policy`] snapshot: every connect from then on is
+//!    decided by it;
+//! 3. removes the guests that went: their control sockets and channels are
+//!    shut down (a guest whose VPC, addresses or namespace changed is
+//!    removed and added again, with a new slot);
+//! 4. with `[host] on_policy_change = "reset"`, resets every established
+//!    connection the new policy does not allow ([`Daemon::enforce`]); with
+//!    `"keep"` (the default) established connections are left alone.
+//!
+//! The `source` lock puts changes in order; connects never take it.
+
+use crate::attach;
+use crate::state::{Daemon, GuestSlot, Policy};
+use serde::Serialize;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use vsocket_policy::{Change, Config, Document, HostConfig, PolicyChangeAction};
+
+/// How errors of live edits name the document they were found in.
+pub const LIVE_ORIGIN: &str = "the running config";
+
+/// What a change did.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Applied {
+    /// Guests that appeared (control socket made).
+    pub guests_added: Vec<String>,
+    /// Guests that went (control socket and channels closed).
+    pub guests_removed: Vec<String>,
+    /// `keep` or `reset`.
+    pub on_policy_change: String,
+    /// Established connections reset because the new policy denies them.
+    pub connections_reset: usize,
+    /// What failed after the new policy was in force (a replaced guest's
+    /// control socket could not be made).
+    pub errors: Vec<String>,
+}
+
+/// Which guests a change keeps, adds and removes, by name. A guest whose
+/// VPC, addresses or namespace changed is in both `added` and `removed`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct GuestDiff {
+    pub kept: Vec<String>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// Compares the guests of the policy in force with those of `new`.
+pub fn diff(old: &Policy, new: &Config) -> GuestDiff {
+    let mut out = GuestDiff::default();
+    for slot in old.slots() {
+        match new.guest_by_name(&slot.name) {
+            Some(id) if slot.is(new, id) => out.kept.push(slot.name.clone()),
+            _ => out.removed.push(slot.name.clone()),
+        }
+    }
+    for (id, guest) in new.guests() {
+        if !old.slot_by_name(&guest.name).is_some_and(|slot| slot.is(new, id)) {
+            out.added.push(guest.name.clone());
+        }
+    }
+    out
+}
+
+/// `[host]` settings that differ between `old` and `new` and that only a
+/// restart can change. `deny_action` and `on_policy_change` change live.
+pub fn restart_only_changes(old: &HostConfig, new: &HostConfig) -> Vec<&'static str> {
+    let mut fields = Vec::new();
+    let mut push_if = |differs: bool, field| {
+        if differs {
+            fields.push(field);
+        }
+    };
+    push_if(old.name != new.name, "host.name");
+    push_if(old.run_dir != new.run_dir, "host.run_dir");
+    push_if(old.ring_size != new.ring_size, "host.ring_size");
+    push_if(old.flow_log != new.flow_log, "host.flow_log");
+    push_if(old.metrics != new.metrics, "host.metrics");
+    // Settings added later are restart-only unless listed above as live.
+    let live_only = HostConfig { deny_action: old.deny_action, on_policy_change: old.on_policy_change, ..new.clone() };
+    if fields.is_empty() && live_only != *old {
+        fields.push("host");
+    }
+    fields
+}
+
+/// Makes `change` to the policy in force.
+pub fn change(daemon: &Arc<Daemon>, change: &Change) -> Result<Applied, String> {
+    let mut source = daemon.source.lock().unwrap_or_else(|e| e.into_inner());
+    let (document, config) =
+        source.document.with_change(change, Path::new(LIVE_ORIGIN)).map_err(|e| format!("{e}; nothing changed"))?;
+    let applied = apply(daemon, config)?;
+    source.document = document;
+    Ok(applied)
+}
+
+/// Reads the config file again and applies what differs.
+pub fn reload(daemon: &Arc<Daemon>) -> Result<Applied, String> {
+    let mut source = daemon.source.lock().unwrap_or_else(|e| e.into_inner());
+    let (document, config): (Document, Config) =
+        vsocket_policy::load_document(&source.path).map_err(|e| format!("{e}; nothing changed"))?;
+    let applied = apply(daemon, config)?;
+    source.document = document;
+    Ok(applied)
+}
+
+/// Puts `config` in force (see the module docs). The caller holds `source`.
+fn apply(daemon: &Arc<Daemon>, config: Config) -> Result<Applied, String> {
+    let old = daemon.policy();
+    let restart = restart_only_changes(old.config.host(), config.host());
+    if !restart.is_empty() {
+        return Err(format!("{} cannot change while vsocketd runs (restart it); nothing changed", restart.join(", ")));
+    }
+    let diff = diff(&old, &config);
+    let run_dir = config.host().run_dir.clone();
+
+    // Sockets of guests with new names are made before anything changes; a
+    // replaced guest's (same name, so same path) once the old one is gone.
+    let mut sockets: Vec<(Arc<GuestSlot>, Option<OwnedFd>)> = Vec::new();
+    let mut slots = Vec::with_capacity(config.guests().len());
+    for (id, guest) in config.guests() {
+        let kept = old.slot_by_name(&guest.name);
+        if let Some(slot) = kept.filter(|slot| slot.is(&config, id)) {
+            slots.push(slot.clone());
+            continue;
+        }
+        let slot = Arc::new(GuestSlot::new(daemon.next_id(), &config, id));
+        let socket = match kept {
+            Some(_) => None,
+            None => match attach::open_control(&run_dir, &slot) {
+                Ok(socket) => Some(socket),
+                Err(e) => {
+                    for (made, _) in &sockets {
+                        let _ = std::fs::remove_file(crate::guest_socket_path(&run_dir, &made.name));
+                    }
+                    return Err(format!("guest \"{}\": {e}; nothing changed", guest.name));
+                }
+            },
+        };
+        sockets.push((slot.clone(), socket));
+        slots.push(slot);
+    }
+    let policy = Policy::new(config, slots);
+    let action = policy.config.host().on_policy_change;
+    let removed: Vec<Arc<GuestSlot>> =
+        old.slots().iter().filter(|slot| policy.guest_id(slot).is_none()).cloned().collect();
+    drop(old);
+    daemon.publish(policy);
+    daemon.policy_changes.fetch_add(1, Ordering::Relaxed);
+
+    for slot in &removed {
+        slot.remove();
+        let _ = std::fs::remove_file(crate::guest_socket_path(&run_dir, &slot.name));
+        tracing::info!(guest = %slot.name, "guest removed");
+    }
+    let mut errors = Vec::new();
+    for (slot, socket) in sockets {
+        let served = match socket {
+            Some(socket) => attach::serve_guest(daemon, &slot, socket),
+            None => attach::open_control(&run_dir, &slot).and_then(|socket| attach::serve_guest(daemon, &slot, socket)),
+        };
+        match served {
+            Ok(()) => tracing::info!(guest = %slot.name, "guest added"),
+            Err(e) => {
+                tracing::error!(guest = %slot.name, error = %e, "cannot serve the guest's control socket");
+                errors.push(format!("guest \"{}\": {e}", slot.name));
+            }
+        }
+    }
+    let connections_reset = match action {
+        PolicyChangeAction::Keep => 0,
+        PolicyChangeAction::Reset => daemon.enforce(&daemon.policy()),
+    };
+    tracing::info!(added = ?diff.added, removed = ?diff.removed, %action, connections_reset, "policy changed");
+    Ok(Applied {
+        guests_added: diff.added,
+        guests_removed: diff.removed,
+        on_policy_change: action.to_string(),
+        connections_reset,
+        errors,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[host]
+name = "h"
+[[vpc]]
+name = "blue"
+cidr = "10.10.0.0/24"
+[[security_group]]
+name = "web"
+[[guest]]
+name = "a"
+vpc = "blue"
+addresses = ["10.10.0.2"]
+[[guest]]
+name = "b"
+vpc = "blue"
+addresses = ["10.10.0.3"]
+security_groups = ["web"]
+"#;
+
+    fn config(text: &str) -> Config {
+        vsocket_policy::parse(text, Path::new("t.toml")).unwrap()
+    }
+
+    fn policy(text: &str) -> Policy {
+        let config = config(text);
+        let slots =
+            config.guests().map(|(id, _)| Arc::new(GuestSlot::new(id.index() as u64 + 1, &config, id))).collect();
+        Policy::new(config, slots)
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn membership_changes_keep_the_guest() {
+        let old = policy(BASE);
+        let new = config(&BASE.replace("security_groups = [\"web\"]", ""));
+        assert_eq!(diff(&old, &new), GuestDiff { kept: names(&["a", "b"]), ..Default::default() });
+    }
+
+    #[test]
+    fn guests_added_removed_and_replaced() {
+        let old = policy(BASE);
+        let text = BASE.replace("addresses = [\"10.10.0.2\"]", "addresses = [\"10.10.0.9\"]").replace(
+            "name = \"b\"\nvpc = \"blue\"\naddresses = [\"10.10.0.3\"]",
+            "name = \"c\"\nvpc = \"blue\"\naddresses = [\"10.10.0.4\"]",
+        );
+        let new = config(&text);
+        // a's address changed: it is replaced (a new slot), b went, c came.
+        assert_eq!(
+            diff(&old, &new),
+            GuestDiff { kept: vec![], added: names(&["a", "c"]), removed: names(&["a", "b"]) }
+        );
+        let netns = config(&BASE.replace("name = \"a\"", "name = \"a\"\nnetns = \"other\""));
+        assert_eq!(diff(&old, &netns).removed, names(&["a"]));
+    }
+
+    #[test]
+    fn slots_map_to_the_ids_of_their_own_snapshot() {
+        let old = policy(BASE);
+        let b = old.slot_by_name("b").unwrap().clone();
+        // Remove a: b's index moves from 1 to 0, its slot stays.
+        let without_a =
+            config(&BASE.replacen("[[guest]]\nname = \"a\"\nvpc = \"blue\"\naddresses = [\"10.10.0.2\"]\n", "", 1));
+        let new = Policy::new(without_a, vec![b.clone()]);
+        assert_eq!(new.guest_id(&b).map(|id| id.index()), Some(0));
+        assert_eq!(new.guest_id(old.slot_by_name("a").unwrap()), None);
+        assert_eq!(old.guest_id(&b).map(|id| id.index()), Some(1));
+    }
+
+    #[test]
+    fn only_deny_action_and_on_policy_change_change_live() {
+        let old = config(BASE);
+        let live = config(
+            &BASE.replace("name = \"h\"", "name = \"h\"\ndeny_action = \"reject\"\non_policy_change = \"reset\""),
+        );
+        assert!(restart_only_changes(old.host(), live.host()).is_empty());
+        let restart = config(&BASE.replace("name = \"h\"", "name = \"h\"\nring_size = 4096\nrun_dir = \"/tmp/x\""));
+        assert_eq!(restart_only_changes(old.host(), restart.host()), ["host.run_dir", "host.ring_size"]);
+    }
+}

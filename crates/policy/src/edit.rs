@@ -1,0 +1,263 @@
+//! Live changes: the config's content as written, edited by `vsocketctl`.
+//!
+//! A [`Document`] holds what a config file says, before validation. A
+//! [`Change`] edits it (adds or removes a security-group rule, a guest's
+//! membership of a group, or a guest); the edited document is then
+//! validated as a whole by [`Document::validate`], with the very rules and
+//! messages a file gets, so a change can never produce a `Config` a file
+//! could not. Fields are named by their place in the edited document: a
+//! rule added to group "web" that already has two ingress rules is
+//! `security_group "web".ingress[2]`, a new guest is the last `guest[N]`.
+//!
+//! Applying a change never touches the running policy: the caller swaps in
+//! the new `Config` only if validation succeeds.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::config::{ConfigError, RawConfig, RawGuest, RawRule, RawSecurityGroup, Validator};
+use crate::model::{Config, Direction};
+
+/// The content of a config file as written, which live changes edit.
+#[derive(Clone)]
+pub struct Document {
+    raw: RawConfig,
+}
+
+impl fmt::Debug for Document {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Document")
+            .field("security_groups", &self.raw.security_group.len())
+            .field("guests", &self.raw.guest.len())
+            .finish()
+    }
+}
+
+/// A security-group rule as the file writes it (`protocol`, `ports`, and one
+/// of `cidr` or `group`), deserialized from the same field names.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct RuleSpec(RawRule);
+
+/// A `[[guest]]` table as the file writes it (`name`, `vpc`, `addresses`,
+/// `security_groups`, `netns`), deserialized from the same field names.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct GuestSpec(RawGuest);
+
+impl fmt::Debug for RuleSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RuleSpec")
+    }
+}
+
+impl fmt::Debug for GuestSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("GuestSpec").field(&self.0.name).finish()
+    }
+}
+
+/// One live edit of the policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Change {
+    /// Appends a rule to a security group's ingress or egress rules.
+    AddRule {
+        /// The security group's name.
+        group: String,
+        /// Ingress or egress.
+        direction: Direction,
+        /// The rule.
+        rule: RuleSpec,
+    },
+    /// Removes the first of a group's rules that equals `rule` once
+    /// validated (so `ports = 80` and `ports = "80"` are the same rule).
+    RemoveRule {
+        /// The security group's name.
+        group: String,
+        /// Ingress or egress.
+        direction: Direction,
+        /// The rule.
+        rule: RuleSpec,
+    },
+    /// Makes a guest a member of a security group (listed last).
+    AddMembership {
+        /// The guest's name.
+        guest: String,
+        /// The security group's name.
+        group: String,
+    },
+    /// Ends a guest's membership of a security group.
+    RemoveMembership {
+        /// The guest's name.
+        guest: String,
+        /// The security group's name.
+        group: String,
+    },
+    /// Adds a guest (listed last).
+    AddGuest {
+        /// The guest's table.
+        guest: GuestSpec,
+    },
+    /// Removes a guest.
+    RemoveGuest {
+        /// The guest's name.
+        name: String,
+    },
+}
+
+/// Why a change was not made.
+#[derive(Debug)]
+pub enum ChangeError {
+    /// The edited config breaks a rule of the model: the same error a file
+    /// with that content gets.
+    Invalid(ConfigError),
+    /// `no security group "{0}"`
+    UnknownGroup(String),
+    /// `no guest "{0}"`
+    UnknownGuest(String),
+    /// `security group "{group}" has no such {direction} rule`
+    NoSuchRule {
+        /// The group searched.
+        group: String,
+        /// Its rules searched.
+        direction: Direction,
+    },
+    /// `guest "{guest}" is not a member of security group "{group}"`
+    NotMember {
+        /// The guest.
+        guest: String,
+        /// The group.
+        group: String,
+    },
+}
+
+impl fmt::Display for ChangeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Invalid(err) => err.fmt(f),
+            Self::UnknownGroup(name) => write!(f, "no security group \"{name}\""),
+            Self::UnknownGuest(name) => write!(f, "no guest \"{name}\""),
+            Self::NoSuchRule { group, direction } => {
+                write!(f, "security group \"{group}\" has no such {direction} rule")
+            }
+            Self::NotMember { guest, group } => {
+                write!(f, "guest \"{guest}\" is not a member of security group \"{group}\"")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ChangeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // Its message is this error's message.
+            Self::Invalid(err) => err.source(),
+            _ => None,
+        }
+    }
+}
+
+impl From<ConfigError> for ChangeError {
+    fn from(err: ConfigError) -> Self {
+        Self::Invalid(err)
+    }
+}
+
+impl Document {
+    pub(crate) fn from_raw(raw: RawConfig) -> Self {
+        Self { raw }
+    }
+
+    /// Validates the whole document as [`crate::parse`] validates a file;
+    /// `origin` names it in errors.
+    pub fn validate(&self, origin: &Path) -> Result<Config, ConfigError> {
+        Validator { file: origin }.config(self.raw.clone())
+    }
+
+    /// The document with `change` made, and its validated config. `self`
+    /// is left as it was, whatever the outcome; `origin` names the edited
+    /// document in errors.
+    pub fn with_change(&self, change: &Change, origin: &Path) -> Result<(Document, Config), ChangeError> {
+        let mut edited = self.clone();
+        edited.apply(change, origin)?;
+        let config = edited.validate(origin)?;
+        Ok((edited, config))
+    }
+
+    fn apply(&mut self, change: &Change, origin: &Path) -> Result<(), ChangeError> {
+        match change {
+            Change::AddRule { group, direction, rule } => {
+                rules_mut(self.group_mut(group)?, *direction).push(rule.0.clone());
+            }
+            Change::RemoveRule { group, direction, rule } => {
+                let index = self.find_rule(group, *direction, rule, origin)?;
+                rules_mut(self.group_mut(group)?, *direction).remove(index);
+            }
+            Change::AddMembership { guest, group } => {
+                self.guest_mut(guest)?.security_groups.push(group.clone());
+            }
+            Change::RemoveMembership { guest, group } => {
+                let g = self.guest_mut(guest)?;
+                let before = g.security_groups.len();
+                g.security_groups.retain(|name| name != group);
+                if g.security_groups.len() == before {
+                    return Err(ChangeError::NotMember { guest: guest.clone(), group: group.clone() });
+                }
+            }
+            Change::AddGuest { guest } => self.raw.guest.push(guest.0.clone()),
+            Change::RemoveGuest { name } => {
+                let before = self.raw.guest.len();
+                self.raw.guest.retain(|g| g.name != *name);
+                if self.raw.guest.len() == before {
+                    return Err(ChangeError::UnknownGuest(name.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn group_mut(&mut self, name: &str) -> Result<&mut RawSecurityGroup, ChangeError> {
+        self.raw
+            .security_group
+            .iter_mut()
+            .find(|g| g.name == name)
+            .ok_or_else(|| ChangeError::UnknownGroup(name.to_owned()))
+    }
+
+    fn guest_mut(&mut self, name: &str) -> Result<&mut RawGuest, ChangeError> {
+        self.raw.guest.iter_mut().find(|g| g.name == name).ok_or_else(|| ChangeError::UnknownGuest(name.to_owned()))
+    }
+
+    /// Where `rule`, validated as the file would validate it, is among the
+    /// group's rules. Rules compare by meaning, not spelling.
+    fn find_rule(
+        &self,
+        group: &str,
+        direction: Direction,
+        rule: &RuleSpec,
+        origin: &Path,
+    ) -> Result<usize, ChangeError> {
+        let config = self.validate(origin)?;
+        let group_id =
+            config.security_group_by_name(group).ok_or_else(|| ChangeError::UnknownGroup(group.to_owned()))?;
+        let ids_by_name = config.security_groups().map(|(id, g)| (g.name.clone(), id)).collect();
+        let field = format!("security_group \"{group}\".{direction}[-]");
+        let wanted = Validator { file: origin }.rule(&field, rule.0.clone(), &ids_by_name)?;
+        config
+            .security_group(group_id)
+            .rules(direction)
+            .iter()
+            .position(|r| *r == wanted)
+            .ok_or(ChangeError::NoSuchRule { group: group.to_owned(), direction })
+    }
+}
+
+fn rules_mut(group: &mut RawSecurityGroup, direction: Direction) -> &mut Vec<RawRule> {
+    match direction {
+        Direction::Ingress => &mut group.ingress,
+        Direction::Egress => &mut group.egress,
+    }
+}
