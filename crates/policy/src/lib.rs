@@ -29,5 +29,5 @@ pub use config::{load, parse, ConfigError};
 pub use evaluate::{evaluate, Decider, Flow, Verdict};
 pub use model::{
     Config, DenyAction, Direction, FlowLogConfig, GroupId, Guest, GuestId, HostConfig, Peer, PortRange, Protocol,
-    ProtocolFilter, Rule, SecurityGroup, Vpc, VpcId,
+    ProtocolFilter, Quotas, Rule, SecurityGroup, Vpc, VpcId,
 };
