@@ -6,8 +6,15 @@
 //! namespace of /proc/PID/ns/net), or it is refused and the refusal logged
 //! and counted. Each accepted channel gets a thread; a malformed message
 //! closes that channel only.
+//!
+//! A guest may have `max_channels` channels (threads) at once. Past that
+//! the daemon closes a new channel at once, counted and logged: the
+//! library treats a closed channel as an unreachable daemon, so that
+//! process's connects take the kernel path and that socket listens on the
+//! kernel only, as it would without vSocket. Other guests are not touched.
 
 use crate::broker;
+use crate::quota::Quota;
 use crate::state::Daemon;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -50,16 +57,39 @@ fn accept_loop(daemon: &Arc<Daemon>, guest: GuestId, listener: OwnedFd) {
             tracing::warn!(guest = %daemon.config.guest(guest).name, %reason, "refused attachment");
             continue;
         }
+        let Ok(slot) = ChannelSlot::take(daemon, guest) else {
+            drop(channel);
+            daemon.note_exceeded(guest, Quota::Channels, "control channel closed");
+            continue;
+        };
         let daemon = daemon.clone();
         let spawned = std::thread::Builder::new().name("channel".into()).spawn(move || {
-            let counters = daemon.counters(guest);
-            counters.channels.fetch_add(1, Ordering::Relaxed);
             serve_channel(&daemon, guest, channel);
-            counters.channels.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
         });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a channel thread");
         }
+    }
+}
+
+/// One of a guest's `max_channels`, held by a channel's thread and given
+/// back when it is dropped: when the thread ends, or if it cannot start.
+struct ChannelSlot {
+    daemon: Arc<Daemon>,
+    guest: GuestId,
+}
+
+impl ChannelSlot {
+    fn take(daemon: &Arc<Daemon>, guest: GuestId) -> Result<ChannelSlot, Quota> {
+        daemon.counters(guest).quota.take_channel(&daemon.config.guest(guest).quotas)?;
+        Ok(ChannelSlot { daemon: daemon.clone(), guest })
+    }
+}
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.daemon.counters(self.guest).quota.give_back_channel();
     }
 }
 

@@ -5,9 +5,12 @@
 //! security groups of both ends allow it (egress of the client's, ingress
 //! of the server's). No listener: the library falls back to the kernel.
 //! Denied: the connect fails as behind the cloud's firewall (a silent drop,
-//! or ECONNREFUSED where the operator configured `reject`).
+//! or ECONNREFUSED where the operator configured `reject`). Allowed, but a
+//! guest at one of its quotas: the connect fails with the errno
+//! [`Exceeded::errno`] chooses.
 
 use crate::flowlog::{FlowEvent, FlowRecord, FlowVerdict};
+use crate::quota::{Charged, Exceeded};
 use crate::state::{ConnectionRecord, Daemon, ListenerRecord};
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, OwnedFd};
@@ -87,7 +90,11 @@ pub fn connect(daemon: &Daemon, guest: GuestId, channel: u64, local: SocketAddrV
     if listener.guest == guest {
         // Inside one guest: the traffic never reaches the cloud's network,
         // so security groups do not apply (as on a VM's own loopback).
-        let reply = match open(daemon, guest, channel, client_addr, &listener, remote) {
+        let charged = match daemon.charge(guest, guest) {
+            Ok(charged) => charged,
+            Err(exceeded) => return over_quota(&attempt, guest, exceeded),
+        };
+        let reply = match open(daemon, guest, channel, client_addr, &listener, remote, charged) {
             Ok(reply) => reply,
             Err(e) => undelivered(daemon, guest, remote, e),
         };
@@ -117,7 +124,11 @@ pub fn connect(daemon: &Daemon, guest: GuestId, channel: u64, local: SocketAddrV
         attempt.log(Some(listener.guest), &reply, || verdict.describe(config));
         return reply;
     }
-    match open(daemon, guest, channel, client_addr, &listener, remote) {
+    let charged = match daemon.charge(guest, listener.guest) {
+        Ok(charged) => charged,
+        Err(exceeded) => return over_quota(&attempt, listener.guest, exceeded),
+    };
+    match open(daemon, guest, channel, client_addr, &listener, remote, charged) {
         Ok(reply) => {
             tracing::debug!(client = %g.name, from = %client_addr, server = %server_name, to = %remote,
                 decided_by = %verdict.describe(config), "connect allowed");
@@ -176,6 +187,28 @@ impl Attempt<'_> {
     }
 }
 
+/// The reply when an allowed connect would take a guest past a quota:
+/// counted against that guest (the server's, if it is the one over) and
+/// logged, rate-limited.
+fn over_quota(attempt: &Attempt<'_>, server: GuestId, exceeded: Exceeded) -> Reply {
+    let daemon = attempt.daemon;
+    let config = &daemon.config;
+    let quota = exceeded.quota;
+    let over = config.guest(exceeded.guest);
+    let detail = if exceeded.server {
+        format!("connect from {} to {} refused", config.guest(attempt.guest).name, attempt.remote)
+    } else {
+        format!("connect to {} refused", attempt.remote)
+    };
+    daemon.note_exceeded(exceeded.guest, quota, &detail);
+    let reply = Reply::plain(Message::Refused { errno: exceeded.errno() });
+    attempt.log(Some(server), &reply, || {
+        let side = if exceeded.server { "server" } else { "client" };
+        format!("quota: {side} guest {} max_{} ({})", over.name, quota.name(), quota.limit(&over.quotas))
+    });
+    reply
+}
+
 /// The reply when a connection could not be handed to its listener.
 fn undelivered(daemon: &Daemon, guest: GuestId, remote: SocketAddrV4, e: std::io::Error) -> Reply {
     let name = &daemon.config.guest(guest).name;
@@ -197,6 +230,7 @@ fn open(
     client_addr: SocketAddrV4,
     listener: &Arc<ListenerRecord>,
     remote: SocketAddrV4,
+    charged: Charged<'_>,
 ) -> std::io::Result<Reply> {
     let ring_size = daemon.config.host().ring_size;
     let pair = (channel, listener.id);
@@ -244,6 +278,7 @@ fn open(
         memfd: memfd.try_clone()?,
         pair,
         lifelines: [client_lifeline, server_lifeline],
+        charge: charged.keep(),
     });
     let connected = Message::Connected(ConnectionInfo { id, local: client_addr, peer: remote, ring_size });
     Ok(Reply { message: connected, fds: vec![memfd, client_bell, client_holds] })

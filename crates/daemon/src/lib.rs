@@ -6,6 +6,8 @@
 //!   process attaching to it lives in that guest's network namespace;
 //! - [`broker`]: listen and connect requests: policy, then shared memory;
 //! - [`pool`]: connection segments made ahead of time;
+//! - [`quota`]: per-guest limits on connections, shared memory and
+//!   control channels;
 //! - [`admin`]: the operator's socket, read by `vsocketctl`;
 //! - [`flowlog`]: one JSON line per connection attempt and close, written
 //!   and rotated by its own thread;
@@ -23,6 +25,7 @@ pub mod broker;
 pub mod flowlog;
 pub mod metrics;
 pub mod pool;
+pub mod quota;
 pub mod state;
 
 pub use state::Daemon;

@@ -11,12 +11,14 @@ use vsocket_policy::{Config, GuestId, VpcId};
 use vsocket_ring::Segment;
 
 use crate::flowlog::{FlowEvent, FlowLog, FlowRecord, FlowVerdict};
+use crate::quota::{Charge, Charged, Exceeded, Quota, QuotaUsage};
 
 /// Counters of one guest. Bytes of live connections are added when read.
 #[derive(Debug, Default)]
 pub struct GuestCounters {
-    /// Control channels open now (request and listener channels).
-    pub channels: AtomicU64,
+    /// What the guest holds of its quotas (control channels open now among
+    /// them), and how often it was refused.
+    pub quota: QuotaUsage,
     /// Processes refused at this guest's control socket.
     pub refused_attachments: AtomicU64,
     /// Connections this guest opened over vSocket.
@@ -67,6 +69,9 @@ pub struct ConnectionRecord {
     /// Read ends of the client's and the server's lifelines: each hangs up
     /// when no process holds that end of the connection any more.
     pub lifelines: [OwnedFd; 2],
+    /// What the connection holds of its guests' quotas, given back when it
+    /// is retired.
+    pub charge: Charge,
 }
 
 impl ConnectionRecord {
@@ -213,6 +218,34 @@ impl Daemon {
         Some(list[turn].clone())
     }
 
+    /// Takes a new connection between `client` and `server` (guests) from
+    /// their quotas. A guest at a limit may still hold connections that
+    /// have closed but are not yet retired (the reaper runs four times a
+    /// second): those are retired first, so a program that closes a
+    /// connection can open another at once.
+    pub fn charge(&self, client: GuestId, server: GuestId) -> Result<Charged<'_>, Exceeded> {
+        let bytes = self.config.host().segment_size();
+        let attempt = || {
+            crate::quota::charge(|g| &self.counters(g).quota, |g| self.config.guest(g).quotas, client, server, bytes)
+        };
+        match attempt() {
+            Ok(charged) => Ok(charged),
+            Err(_) if self.reap_now() > 0 => attempt(),
+            Err(exceeded) => Err(exceeded),
+        }
+    }
+
+    /// Counts and (at most once a second per guest and quota) logs a
+    /// refusal for quota.
+    pub fn note_exceeded(&self, guest: GuestId, quota: Quota, detail: &str) {
+        let usage = &self.counters(guest).quota;
+        if let Some(unlogged) = usage.note_exceeded(quota, crate::quota::now_ms()) {
+            let g = self.config.guest(guest);
+            tracing::warn!(guest = %g.name, vpc = %self.config.vpc(g.vpc).name, quota = quota.name(),
+                limit = quota.limit(&g.quotas), unlogged, "{detail}: quota exceeded");
+        }
+    }
+
     pub fn add_connection(&self, record: ConnectionRecord) {
         let mut conns = lock(&self.connections);
         lock(&self.by_pair).entry(record.pair).or_default().push_back(record.id);
@@ -260,6 +293,16 @@ impl Daemon {
     /// segments go back to the pool for their pair. Returns how many were
     /// retired.
     pub fn reap(&self) -> usize {
+        self.reap_within(crate::flowlog::CLOSE_PATIENCE)
+    }
+
+    /// As [`reap`](Self::reap), for the connect path: never waits for room
+    /// in the flow log.
+    fn reap_now(&self) -> usize {
+        self.reap_within(std::time::Duration::ZERO)
+    }
+
+    fn reap_within(&self, patience: std::time::Duration) -> usize {
         let mut closes = Vec::new();
         let retired = {
             let mut conns = lock(&self.connections);
@@ -284,7 +327,7 @@ impl Daemon {
         };
         // Outside the lock: waiting for room must not hold up connects.
         if let Some(log) = &self.flow_log {
-            log.record_waiting(closes, crate::flowlog::CLOSE_PATIENCE);
+            log.record_waiting(closes, patience);
         }
         retired
     }
@@ -295,12 +338,15 @@ impl Daemon {
         self.segments.forget(&gone);
     }
 
-    /// Folds a closed connection's bytes into the counters, logs it, and
-    /// returns its close record if there is a flow log. The totals are read
-    /// once: the counters and the flow log must agree to the byte.
+    /// Folds a closed connection's bytes into the counters, gives back its
+    /// quota, logs it, and returns its close record if there is a flow log.
+    /// Called exactly once per connection: by whoever removed its record
+    /// from `connections`. The totals are read once: the counters and the
+    /// flow log must agree to the byte.
     fn retire(&self, c: &ConnectionRecord) -> Option<FlowRecord> {
         let (up, down) = (c.bytes_client_to_server(), c.bytes_server_to_client());
         self.fold_bytes(c, up, down);
+        crate::quota::release(|g| &self.counters(g).quota, &c.charge);
         tracing::debug!(id = c.id, client = %c.client_addr, server = %c.server_addr,
             sent = up, received = down, "connection closed");
         self.flow_log.is_some().then(|| self.close_record(c, up, down))
@@ -361,7 +407,15 @@ impl Daemon {
                     vpc: self.config.vpc(g.vpc).name.clone(),
                     addresses: g.addresses.clone(),
                     netns: g.netns.clone(),
-                    channels: c.channels.load(Ordering::Relaxed),
+                    channels: c.quota.channels(),
+                    connections_live: c.quota.connections(),
+                    shared_memory: c.quota.shared_memory(),
+                    max_connections: g.quotas.max_connections,
+                    max_shared_memory: g.quotas.max_shared_memory,
+                    max_channels: g.quotas.max_channels,
+                    exceeded_connections: c.quota.exceeded(Quota::Connections),
+                    exceeded_shared_memory: c.quota.exceeded(Quota::SharedMemory),
+                    exceeded_channels: c.quota.exceeded(Quota::Channels),
                     refused_attachments: c.refused_attachments.load(Ordering::Relaxed),
                     connections_open: open,
                     connections_out: c.connections_out.load(Ordering::Relaxed),
@@ -423,6 +477,17 @@ pub struct GuestReport {
     pub addresses: Vec<Ipv4Addr>,
     pub netns: String,
     pub channels: u64,
+    /// Live connections as the quota counts them (one inside the guest
+    /// counts once, unlike `connections_open`), and their segment bytes.
+    pub connections_live: u64,
+    pub shared_memory: u64,
+    pub max_connections: u64,
+    pub max_shared_memory: u64,
+    pub max_channels: u64,
+    /// Refusals for each quota: connects (as client or server) and channels.
+    pub exceeded_connections: u64,
+    pub exceeded_shared_memory: u64,
+    pub exceeded_channels: u64,
     pub refused_attachments: u64,
     pub connections_open: u64,
     pub connections_out: u64,

@@ -1,0 +1,424 @@
+//! Per-guest quotas: live connections, their shared memory, and control
+//! channels.
+//!
+//! Every guest has its own [`QuotaUsage`] (in its `GuestCounters`) and its
+//! own limits (`Guest::quotas` in the config), so a guest that reaches a
+//! limit is refused on its own account and never takes from another's
+//! share. What is held is taken before the thing exists and given back
+//! exactly once:
+//!
+//! - a connection takes one connection and one segment's bytes from each
+//!   guest it joins (once when both ends are in one guest), as a [`Charge`]
+//!   stored in its `ConnectionRecord`; the charge is given back when the
+//!   record is retired (`Daemon::reap` or `Daemon::reclaim`), or when the
+//!   [`Charged`] that took it is dropped unkept (the connection never came
+//!   to be);
+//! - a control channel takes one channel for as long as its thread runs
+//!   (`attach::ChannelSlot`).
+//!
+//! Segments the pool keeps for reuse between two processes are not live
+//! connections and are not counted (see docs/ARCHITECTURE.md §8).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use vsocket_policy::{GuestId, Quotas};
+
+/// The quotas a guest can exceed, as named in metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    Connections,
+    SharedMemory,
+    Channels,
+}
+
+impl Quota {
+    pub const ALL: [Quota; 3] = [Quota::Connections, Quota::SharedMemory, Quota::Channels];
+
+    /// The name in metrics labels, reports and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Quota::Connections => "connections",
+            Quota::SharedMemory => "shared_memory",
+            Quota::Channels => "channels",
+        }
+    }
+
+    /// The limit of this kind in `quotas`.
+    pub fn limit(self, quotas: &Quotas) -> u64 {
+        match self {
+            Quota::Connections => quotas.max_connections,
+            Quota::SharedMemory => quotas.max_shared_memory,
+            Quota::Channels => quotas.max_channels,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How often at most a guest's refusals of one kind are logged: a program
+/// retrying a refused connect in a loop must not flood the log.
+pub const WARN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What one guest holds now, and how often it was refused.
+#[derive(Debug, Default)]
+pub struct QuotaUsage {
+    /// Connections and their segment bytes, changed together.
+    held: Mutex<Held>,
+    channels: AtomicU64,
+    exceeded: [AtomicU64; 3],
+    /// When a refusal of each kind was last logged (ms since the daemon's
+    /// start, 0 = never), and refusals since then not logged.
+    last_warned_ms: [AtomicU64; 3],
+    unlogged: [AtomicU64; 3],
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    connections: u64,
+    shared_memory: u64,
+}
+
+impl QuotaUsage {
+    /// Takes one connection with a segment of `bytes`, if both fit.
+    pub fn take_connection(&self, limits: &Quotas, bytes: u64) -> Result<(), Quota> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.connections >= limits.max_connections {
+            return Err(Quota::Connections);
+        }
+        if held.shared_memory.saturating_add(bytes) > limits.max_shared_memory {
+            return Err(Quota::SharedMemory);
+        }
+        held.connections += 1;
+        held.shared_memory += bytes;
+        Ok(())
+    }
+
+    /// Gives back what [`take_connection`](Self::take_connection) took.
+    pub fn give_back_connection(&self, bytes: u64) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        debug_assert!(held.connections >= 1 && held.shared_memory >= bytes, "quota given back twice");
+        held.connections = held.connections.saturating_sub(1);
+        held.shared_memory = held.shared_memory.saturating_sub(bytes);
+    }
+
+    /// Takes one control channel, if it fits.
+    pub fn take_channel(&self, limits: &Quotas) -> Result<(), Quota> {
+        self.channels
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limits.max_channels).then_some(n + 1))
+            .map(|_| ())
+            .map_err(|_| Quota::Channels)
+    }
+
+    pub fn give_back_channel(&self) {
+        let _ = self.channels.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Live connections held now.
+    pub fn connections(&self) -> u64 {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).connections
+    }
+
+    /// Segment bytes of live connections held now.
+    pub fn shared_memory(&self) -> u64 {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).shared_memory
+    }
+
+    /// Control channels open now.
+    pub fn channels(&self) -> u64 {
+        self.channels.load(Ordering::Relaxed)
+    }
+
+    /// Refusals of this kind so far.
+    pub fn exceeded(&self, quota: Quota) -> u64 {
+        self.exceeded[quota.index()].load(Ordering::Relaxed)
+    }
+
+    /// Counts a refusal at `now_ms` (ms since the daemon started). Returns
+    /// `Some(unlogged)` when this refusal should be logged, `unlogged` being
+    /// how many before it were not (at most one log line per
+    /// [`WARN_INTERVAL`] per guest and kind).
+    pub fn note_exceeded(&self, quota: Quota, now_ms: u64) -> Option<u64> {
+        let i = quota.index();
+        self.exceeded[i].fetch_add(1, Ordering::Relaxed);
+        // 0 means never: a refusal in the daemon's first millisecond still logs.
+        let now = now_ms.max(1);
+        let last = self.last_warned_ms[i].load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= WARN_INTERVAL.as_millis() as u64;
+        if due && self.last_warned_ms[i].compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            Some(self.unlogged[i].swap(0, Ordering::Relaxed))
+        } else {
+            self.unlogged[i].fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Milliseconds since the daemon first asked (its start, in practice).
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// What one live connection holds of its guests' quotas: one connection
+/// and `bytes` of shared memory from the client's guest, and from the
+/// server's if that is another guest.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Charge {
+    pub client: GuestId,
+    pub server: Option<GuestId>,
+    pub bytes: u64,
+}
+
+impl Charge {
+    /// The guests charged: one or two.
+    pub fn guests(&self) -> impl Iterator<Item = GuestId> + '_ {
+        std::iter::once(self.client).chain(self.server)
+    }
+}
+
+/// Which end's guest a connect exceeded, and its quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exceeded {
+    pub guest: GuestId,
+    pub quota: Quota,
+    /// The server's guest (not the client's) is over its quota.
+    pub server: bool,
+}
+
+impl Exceeded {
+    /// The errno the connecting program gets (see docs/ARCHITECTURE.md §8).
+    ///
+    /// - the client's guest has as many connections as it may: `EAGAIN`,
+    ///   "Resource temporarily unavailable", what connect(2) documents for
+    ///   running out of local resources; it clears when a connection closes;
+    /// - the client's guest has no room for another segment: `ENOBUFS`,
+    ///   "No buffer space available", what Linux gives when socket buffer
+    ///   memory runs out;
+    /// - the server's guest is over either quota: `ECONNREFUSED`, as when a
+    ///   listener's backlog is full (vSocket refuses those too); the
+    ///   client cannot tell it from the server being busy, and nothing of
+    ///   the server's quota is told to another tenant.
+    pub fn errno(&self) -> i32 {
+        match (self.server, self.quota) {
+            (true, _) => libc::ECONNREFUSED,
+            (false, Quota::Connections | Quota::Channels) => libc::EAGAIN,
+            (false, Quota::SharedMemory) => libc::ENOBUFS,
+        }
+    }
+}
+
+/// Takes a connection from `client` and, if it is another guest, from
+/// `server`; `usage` and `limits` look up a guest's. All or nothing: if the
+/// server's guest is over, the client's is given back.
+pub fn charge<'a>(
+    usage: impl Fn(GuestId) -> &'a QuotaUsage,
+    limits: impl Fn(GuestId) -> Quotas,
+    client: GuestId,
+    server: GuestId,
+    bytes: u64,
+) -> Result<Charged<'a>, Exceeded> {
+    let client_usage = usage(client);
+    client_usage.take_connection(&limits(client), bytes).map_err(|quota| Exceeded {
+        guest: client,
+        quota,
+        server: false,
+    })?;
+    if server == client {
+        return Ok(Charged { held: [Some(client_usage), None], charge: Some(Charge { client, server: None, bytes }) });
+    }
+    let server_usage = usage(server);
+    if let Err(quota) = server_usage.take_connection(&limits(server), bytes) {
+        client_usage.give_back_connection(bytes);
+        return Err(Exceeded { guest: server, quota, server: true });
+    }
+    Ok(Charged {
+        held: [Some(client_usage), Some(server_usage)],
+        charge: Some(Charge { client, server: Some(server), bytes }),
+    })
+}
+
+/// Gives back everything a kept [`Charge`] holds.
+pub fn release<'a>(usage: impl Fn(GuestId) -> &'a QuotaUsage, charge: &Charge) {
+    for guest in charge.guests() {
+        usage(guest).give_back_connection(charge.bytes);
+    }
+}
+
+/// A charge not yet owned by a connection record: dropped, it is given
+/// back (the connection never came to be).
+#[must_use]
+pub struct Charged<'a> {
+    held: [Option<&'a QuotaUsage>; 2],
+    charge: Option<Charge>,
+}
+
+impl Charged<'_> {
+    /// The charge, now the caller's to give back (with the record).
+    pub fn keep(mut self) -> Charge {
+        self.charge.take().expect("kept once")
+    }
+}
+
+impl Drop for Charged<'_> {
+    fn drop(&mut self) {
+        if let Some(charge) = self.charge.take() {
+            for usage in self.held.iter().flatten() {
+                usage.give_back_connection(charge.bytes);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(connections: u64, shared_memory: u64) -> Quotas {
+        Quotas { max_connections: connections, max_shared_memory: shared_memory, max_channels: 2 }
+    }
+
+    /// Three guests' usage, and their ids (from a real config: ids are
+    /// only made by parsing one).
+    fn guests() -> (Vec<QuotaUsage>, [GuestId; 3]) {
+        let text = r#"
+            [host]
+            name = "h"
+            [[vpc]]
+            name = "v"
+            cidr = "10.0.0.0/24"
+            [[guest]]
+            name = "a"
+            vpc = "v"
+            addresses = ["10.0.0.2"]
+            [[guest]]
+            name = "b"
+            vpc = "v"
+            addresses = ["10.0.0.3"]
+            [[guest]]
+            name = "c"
+            vpc = "v"
+            addresses = ["10.0.0.4"]
+        "#;
+        let config = vsocket_policy::parse(text, std::path::Path::new("t.toml")).unwrap();
+        let ids: Vec<GuestId> = config.guests().map(|(id, _)| id).collect();
+        ((0..3).map(|_| QuotaUsage::default()).collect(), [ids[0], ids[1], ids[2]])
+    }
+
+    #[test]
+    fn connections_are_limited_per_guest_and_given_back() {
+        let (usage, [a, b, c]) = guests();
+        let u = |g: GuestId| &usage[g.index()];
+        // a may hold 2, b 3, c plenty.
+        let lim = |g: GuestId| [limits(2, 1000), limits(3, 1000), limits(100, 1000)][g.index()];
+        let first = charge(u, lim, a, b, 10).unwrap().keep();
+        let second = charge(u, lim, a, b, 10).unwrap().keep();
+        assert_eq!(second, Charge { client: a, server: Some(b), bytes: 10 });
+        assert_eq!(
+            charge(u, lim, a, b, 10).err(),
+            Some(Exceeded { guest: a, quota: Quota::Connections, server: false })
+        );
+        assert_eq!((u(a).connections(), u(a).shared_memory()), (2, 20));
+        assert_eq!(u(b).connections(), 2, "a's refusal took nothing from b");
+        // c is not affected by a being full, but b fills up with c's.
+        charge(u, lim, c, b, 10).unwrap().keep();
+        assert_eq!(
+            charge(u, lim, c, b, 10).err(),
+            Some(Exceeded { guest: b, quota: Quota::Connections, server: true })
+        );
+        assert_eq!(u(c).connections(), 1, "c's side was given back when b's was over");
+        release(u, &first);
+        assert_eq!((u(a).connections(), u(b).connections()), (1, 2));
+        charge(u, lim, a, c, 10).unwrap().keep();
+        release(u, &second);
+        assert_eq!((u(a).connections(), u(a).shared_memory(), u(b).shared_memory()), (1, 10, 10));
+    }
+
+    #[test]
+    fn a_connection_inside_one_guest_counts_once() {
+        let (usage, [a, ..]) = guests();
+        let u = |g: GuestId| &usage[g.index()];
+        let lim = |_| limits(1, 1000);
+        let inside = charge(u, lim, a, a, 100).unwrap().keep();
+        assert_eq!(inside.guests().count(), 1);
+        assert_eq!((u(a).connections(), u(a).shared_memory()), (1, 100));
+        release(u, &inside);
+        assert_eq!((u(a).connections(), u(a).shared_memory()), (0, 0));
+    }
+
+    #[test]
+    fn shared_memory_is_limited_in_bytes() {
+        let (usage, [a, b, _]) = guests();
+        let u = |g: GuestId| &usage[g.index()];
+        let lim = |g: GuestId| [limits(100, 250), limits(100, 1000), limits(100, 1000)][g.index()];
+        charge(u, lim, a, b, 100).unwrap().keep();
+        charge(u, lim, a, b, 100).unwrap().keep();
+        let third = charge(u, lim, a, b, 100).err().unwrap();
+        assert_eq!(third, Exceeded { guest: a, quota: Quota::SharedMemory, server: false });
+        assert_eq!(third.errno(), libc::ENOBUFS);
+        let lim = |g: GuestId| [limits(100, 1000), limits(100, 150), limits(100, 1000)][g.index()];
+        let full_server = charge(u, lim, a, b, 100).err().unwrap();
+        assert_eq!(full_server.errno(), libc::ECONNREFUSED);
+        assert_eq!(u(a).shared_memory(), 200, "the client's bytes were given back");
+    }
+
+    #[test]
+    fn errnos_are_those_documented() {
+        let (_, [a, ..]) = guests();
+        let client = |quota| Exceeded { guest: a, quota, server: false }.errno();
+        let server = |quota| Exceeded { guest: a, quota, server: true }.errno();
+        assert_eq!(client(Quota::Connections), libc::EAGAIN);
+        assert_eq!(client(Quota::SharedMemory), libc::ENOBUFS);
+        assert_eq!(server(Quota::Connections), libc::ECONNREFUSED);
+        assert_eq!(server(Quota::SharedMemory), libc::ECONNREFUSED);
+    }
+
+    #[test]
+    fn an_unkept_charge_is_given_back_once() {
+        let (usage, [a, b, _]) = guests();
+        let u = |g: GuestId| &usage[g.index()];
+        let lim = |_| limits(5, 1000);
+        let dropped = charge(u, lim, a, b, 7).unwrap();
+        assert_eq!(u(b).connections(), 1);
+        drop(dropped);
+        assert_eq!((u(a).connections(), u(b).connections(), u(b).shared_memory()), (0, 0, 0));
+        let kept = charge(u, lim, a, b, 7).unwrap().keep();
+        assert_eq!((u(a).connections(), u(b).connections()), (1, 1), "kept: still held");
+        release(u, &kept);
+        assert_eq!((u(a).connections(), u(b).connections()), (0, 0));
+    }
+
+    #[test]
+    fn channels_are_limited_and_given_back() {
+        let usage = QuotaUsage::default();
+        let lim = limits(1, 1);
+        usage.take_channel(&lim).unwrap();
+        usage.take_channel(&lim).unwrap();
+        assert_eq!(usage.take_channel(&lim), Err(Quota::Channels));
+        assert_eq!(usage.channels(), 2);
+        usage.give_back_channel();
+        assert_eq!(usage.channels(), 1);
+        usage.take_channel(&lim).unwrap();
+        usage.give_back_channel();
+        usage.give_back_channel();
+        assert_eq!(usage.channels(), 0);
+        usage.give_back_channel();
+        assert_eq!(usage.channels(), 0, "never below zero");
+    }
+
+    #[test]
+    fn refusals_are_all_counted_but_logged_once_a_second() {
+        let usage = QuotaUsage::default();
+        assert_eq!(usage.note_exceeded(Quota::Connections, 0), Some(0), "the first is logged");
+        assert_eq!(usage.note_exceeded(Quota::Connections, 10), None);
+        assert_eq!(usage.note_exceeded(Quota::Connections, 999), None);
+        assert_eq!(usage.note_exceeded(Quota::Channels, 999), Some(0), "each kind on its own");
+        assert_eq!(usage.note_exceeded(Quota::Connections, 1001), Some(2), "two went unlogged");
+        assert_eq!(usage.note_exceeded(Quota::Connections, 1500), None);
+        assert_eq!(usage.exceeded(Quota::Connections), 5);
+        assert_eq!(usage.exceeded(Quota::Channels), 1);
+        assert_eq!(usage.exceeded(Quota::SharedMemory), 0);
+    }
+}
