@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Holds N connections to ADDR PORT open (each checked with an echoed byte),
+tries one more, and prints what became of each step:
+
+    held N
+    extra connected | extra errno E
+    again connected | again errno E
+
+It waits for the file GO to exist before closing the N and connecting once
+more ("again"), retrying for up to 10 s while that fails with EAGAIN (the
+server closes its ends a moment after the client does)."""
+import errno
+import os
+import socket
+import sys
+import time
+
+addr, port, n, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+
+def connect():
+    s = socket.socket()
+    try:
+        s.connect((addr, port))
+        return s, 0
+    except OSError as e:
+        s.close()
+        return None, e.errno
+
+
+def outcome(s, err):
+    return "connected" if s else f"errno {err}"
+
+
+held = []
+for i in range(n):
+    s, err = connect()
+    if s is None:
+        print(f"held {i} errno {err}", flush=True)
+        sys.exit(1)
+    s.sendall(b"x")
+    assert s.recv(1) == b"x"
+    held.append(s)
+print(f"held {len(held)}", flush=True)
+s, err = connect()
+print(f"extra {outcome(s, err)}", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.05)
+for s in held:
+    s.close()
+deadline = time.time() + 10
+while True:
+    s, err = connect()
+    if s or err != errno.EAGAIN or time.time() > deadline:
+        break
+    time.sleep(0.05)
+if s:
+    s.sendall(b"y")
+    assert s.recv(1) == b"y"
+print(f"again {outcome(s, err)}", flush=True)
