@@ -17,7 +17,7 @@
 //!   (`attach::ChannelSlot`).
 //!
 //! Segments the pool keeps for reuse between two processes are not live
-//! connections and are not counted (see docs/ARCHITECTURE.md §8).
+//! connections and are not counted (see docs/ARCHITECTURE.md §3, *Quotas*).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -62,6 +62,12 @@ impl Quota {
 /// retrying a refused connect in a loop must not flood the log.
 pub const WARN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often at most a guest at a connection quota makes the daemon look
+/// for closed connections to retire before refusing it (each look scans
+/// every connection on the host, under the lock other guests' connects
+/// take).
+pub const REAP_INTERVAL: Duration = Duration::from_millis(10);
+
 /// What one guest holds now, and how often it was refused.
 #[derive(Debug, Default)]
 pub struct QuotaUsage {
@@ -73,6 +79,8 @@ pub struct QuotaUsage {
     /// start, 0 = never), and refusals since then not logged.
     last_warned_ms: [AtomicU64; 3],
     unlogged: [AtomicU64; 3],
+    /// When this guest last had the daemon reap on its behalf (as above).
+    last_reap_ms: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +144,15 @@ impl QuotaUsage {
         self.exceeded[quota.index()].load(Ordering::Relaxed)
     }
 
+    /// May this guest, at a limit at `now_ms`, have the daemon reap now?
+    /// At most once per [`REAP_INTERVAL`].
+    pub fn reap_due(&self, now_ms: u64) -> bool {
+        let now = now_ms.max(1);
+        let last = self.last_reap_ms.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= REAP_INTERVAL.as_millis() as u64)
+            && self.last_reap_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+    }
+
     /// Counts a refusal at `now_ms` (ms since the daemon started). Returns
     /// `Some(unlogged)` when this refusal should be logged, `unlogged` being
     /// how many before it were not (at most one log line per
@@ -189,7 +206,7 @@ pub struct Exceeded {
 }
 
 impl Exceeded {
-    /// The errno the connecting program gets (see docs/ARCHITECTURE.md §8).
+    /// The errno the connecting program gets (see docs/ARCHITECTURE.md §3, *Quotas*).
     ///
     /// - the client's guest has as many connections as it may: `EAGAIN`,
     ///   "Resource temporarily unavailable", what connect(2) documents for
@@ -420,5 +437,15 @@ mod tests {
         assert_eq!(usage.exceeded(Quota::Connections), 5);
         assert_eq!(usage.exceeded(Quota::Channels), 1);
         assert_eq!(usage.exceeded(Quota::SharedMemory), 0);
+    }
+
+    #[test]
+    fn reaping_on_a_guests_behalf_is_throttled() {
+        let usage = QuotaUsage::default();
+        assert!(usage.reap_due(0));
+        assert!(!usage.reap_due(5));
+        assert!(usage.reap_due(11));
+        assert!(!usage.reap_due(20));
+        assert!(usage.reap_due(21));
     }
 }

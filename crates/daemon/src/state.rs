@@ -221,8 +221,9 @@ impl Daemon {
     /// Takes a new connection between `client` and `server` (guests) from
     /// their quotas. A guest at a limit may still hold connections that
     /// have closed but are not yet retired (the reaper runs four times a
-    /// second): those are retired first, so a program that closes a
-    /// connection can open another at once.
+    /// second): those are retired first (at most every
+    /// [`REAP_INTERVAL`](crate::quota::REAP_INTERVAL) per guest), so a
+    /// program that closes a connection can open another at once.
     pub fn charge(&self, client: GuestId, server: GuestId) -> Result<Charged<'_>, Exceeded> {
         let bytes = self.config.host().segment_size();
         let attempt = || {
@@ -230,7 +231,9 @@ impl Daemon {
         };
         match attempt() {
             Ok(charged) => Ok(charged),
-            Err(_) if self.reap_now() > 0 => attempt(),
+            Err(over) if self.counters(over.guest).quota.reap_due(crate::quota::now_ms()) && self.reap_now() > 0 => {
+                attempt()
+            }
             Err(exceeded) => Err(exceeded),
         }
     }

@@ -1,6 +1,6 @@
 //! Per-guest quotas: a guest at its limit of connections, shared memory or
 //! control channels is refused on its own account, with the errno the docs
-//! give (docs/ARCHITECTURE.md §8), counted and logged, while other guests
+//! give (docs/ARCHITECTURE.md §3, *Quotas*), counted and logged, while other guests
 //! carry on; what it held is given back when its connections close.
 
 use std::collections::HashMap;
