@@ -208,9 +208,12 @@ pub struct Exceeded {
 impl Exceeded {
     /// The errno the connecting program gets (see docs/ARCHITECTURE.md §3, *Quotas*).
     ///
-    /// - the client's guest has as many connections as it may: `EAGAIN`,
-    ///   "Resource temporarily unavailable", what connect(2) documents for
-    ///   running out of local resources; it clears when a connection closes;
+    /// - the client's guest has as many connections as it may:
+    ///   `EADDRNOTAVAIL`, what Linux's connect gives when the host cannot
+    ///   have another outgoing connection (its ephemeral ports are used
+    ///   up); it clears when a connection closes. Not `EAGAIN`: asyncio
+    ///   and others take `EAGAIN` from a non-blocking connect for "in
+    ///   progress", wait for writability and then believe it connected;
     /// - the client's guest has no room for another segment: `ENOBUFS`,
     ///   "No buffer space available", what Linux gives when socket buffer
     ///   memory runs out;
@@ -221,7 +224,7 @@ impl Exceeded {
     pub fn errno(&self) -> i32 {
         match (self.server, self.quota) {
             (true, _) => libc::ECONNREFUSED,
-            (false, Quota::Connections | Quota::Channels) => libc::EAGAIN,
+            (false, Quota::Connections | Quota::Channels) => libc::EADDRNOTAVAIL,
             (false, Quota::SharedMemory) => libc::ENOBUFS,
         }
     }
@@ -386,7 +389,7 @@ mod tests {
         let (_, [a, ..]) = guests();
         let client = |quota| Exceeded { guest: a, quota, server: false }.errno();
         let server = |quota| Exceeded { guest: a, quota, server: true }.errno();
-        assert_eq!(client(Quota::Connections), libc::EAGAIN);
+        assert_eq!(client(Quota::Connections), libc::EADDRNOTAVAIL);
         assert_eq!(client(Quota::SharedMemory), libc::ENOBUFS);
         assert_eq!(server(Quota::Connections), libc::ECONNREFUSED);
         assert_eq!(server(Quota::SharedMemory), libc::ECONNREFUSED);

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 use vsocket_e2e::{asset, wait_until, Lab, Via};
 
-const EAGAIN: i32 = 11;
+const EADDRNOTAVAIL: i32 = 99;
 const ENOBUFS: i32 = 105;
 const ECONNREFUSED: i32 = 111;
 
@@ -120,7 +120,7 @@ fn release(lab: &Lab) {
 }
 
 #[test]
-fn connection_quota_fails_the_client_with_eagain_and_spares_other_guests() {
+fn connection_quota_fails_the_client_with_eaddrnotavail_and_spares_other_guests() {
     let mut lab = Lab::start_host("tqcon", &body("max_connections = 3", ""), "metrics = \"127.0.0.1:19471\"").unwrap();
     echo(&mut lab, "b", "10.10.0.3");
     let go = go(&lab);
@@ -128,7 +128,9 @@ fn connection_quota_fails_the_client_with_eagain_and_spares_other_guests() {
         .unwrap();
     let log = wait_log(&lab, "hold.log", "extra");
     assert!(log.contains("held 3\n"), "{log}");
-    assert!(log.contains(&format!("extra errno {EAGAIN}\n")), "the 4th connect fails with EAGAIN: {log}");
+    assert!(log.contains(&format!("extra errno {EADDRNOTAVAIL}\n")), "the 4th connect fails: {log}");
+    let refused_async = format!("extra_async errno {EADDRNOTAVAIL}\n");
+    assert!(log.contains(&refused_async), "a non-blocking (asyncio) connect fails the same: {log}");
 
     // a is full; c's connects to b go on over vSocket, c's quota untouched.
     assert_eq!(probe(&lab, "c", "10.10.0.3"), "connected");
@@ -137,17 +139,17 @@ fn connection_quota_fails_the_client_with_eagain_and_spares_other_guests() {
     assert_eq!(lab.counter("c", "exceeded_connections"), 0);
     assert_eq!(lab.counter("b", "exceeded_connections"), 0, "refused on a's account, not b's");
     let a = lab.guest("a").unwrap();
-    assert_eq!(a["exceeded_connections"], 1);
+    assert_eq!(a["exceeded_connections"], 2);
     assert_eq!(a["connections_live"], 3);
     assert_eq!(a["max_connections"], 3);
     assert_eq!(a["shared_memory"], 3 * (4096 + 2 * 262_144));
     assert_eq!(a["fallbacks"], 0, "refused, not sent to the kernel path");
     let metrics = scrape(19471);
-    assert_eq!(exceeded(&metrics, "a", "connections"), 1);
+    assert_eq!(exceeded(&metrics, "a", "connections"), 2);
     assert_eq!(exceeded(&metrics, "c", "connections"), 0);
     assert_eq!(metrics["vsocket_quota_used{guest=\"a\",vpc=\"blue\",quota=\"connections\"}"], 3);
     assert_eq!(metrics["vsocket_quota_limit{guest=\"a\",vpc=\"blue\",quota=\"connections\"}"], 3);
-    assert_eq!(lab.ctl("status").unwrap()["quota_exceeded_connections"], 1);
+    assert_eq!(lab.ctl("status").unwrap()["quota_exceeded_connections"], 2);
     assert!(lab.daemon_log().contains("quota exceeded"), "{}", lab.daemon_log());
 
     // a closes its 3: the count goes down and a connects again.
@@ -169,13 +171,14 @@ fn server_quota_refuses_connects_with_econnrefused_counted_against_the_server() 
     let log = wait_log(&lab, "hold.log", "extra");
     assert!(log.contains("held 2\n"), "{log}");
     assert!(log.contains(&format!("extra errno {ECONNREFUSED}\n")), "d's backlog looks full: {log}");
-    assert_eq!(lab.counter("d", "exceeded_connections"), 1, "counted against the server's guest");
+    assert!(log.contains(&format!("extra_async errno {ECONNREFUSED}\n")), "{log}");
+    assert_eq!(lab.counter("d", "exceeded_connections"), 2, "counted against the server's guest");
     assert_eq!(lab.counter("a", "exceeded_connections"), 0);
     assert_eq!(lab.counter("a", "connections_live"), 2);
     // c is refused by d too (d is full), but reaches b.
     assert_eq!(probe(&lab, "c", "10.10.0.5"), format!("errno {ECONNREFUSED}"));
     assert_eq!(probe(&lab, "c", "10.10.0.3"), "connected");
-    assert_eq!(lab.counter("d", "exceeded_connections"), 2);
+    assert_eq!(lab.counter("d", "exceeded_connections"), 3);
     assert_eq!(lab.counter("c", "exceeded_connections"), 0);
 
     release(&lab);
@@ -196,9 +199,10 @@ fn shared_memory_quota_fails_the_client_with_enobufs() {
     let log = wait_log(&lab, "hold.log", "extra");
     assert!(log.contains("held 3\n"), "{log}");
     assert!(log.contains(&format!("extra errno {ENOBUFS}\n")), "the 4th segment does not fit: {log}");
+    assert!(log.contains(&format!("extra_async errno {ENOBUFS}\n")), "{log}");
     let a = lab.guest("a").unwrap();
     assert_eq!((a["shared_memory"].as_u64(), a["max_shared_memory"].as_u64()), (Some(36_864), Some(36_864)));
-    assert_eq!((a["exceeded_shared_memory"].as_u64(), a["exceeded_connections"].as_u64()), (Some(1), Some(0)));
+    assert_eq!((a["exceeded_shared_memory"].as_u64(), a["exceeded_connections"].as_u64()), (Some(2), Some(0)));
     assert_eq!(probe(&lab, "c", "10.10.0.3"), "connected");
     assert_eq!(lab.counter("c", "exceeded_shared_memory"), 0);
 
