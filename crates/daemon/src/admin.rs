@@ -55,19 +55,19 @@ fn answer(daemon: &Daemon, request: &Request) -> serde_json::Value {
             let guests = daemon.guest_reports();
             let exceeded = |f: fn(&crate::state::GuestReport) -> u64| guests.iter().map(f).sum::<u64>();
             serde_json::json!({
-            "host": daemon.config.host().name,
-            "guests": guests.len(),
-            "listeners": daemon.listener_reports().len(),
-            "connections": daemon.connection_reports().len(),
-            "flow_log": daemon.config.host().flow_log.as_ref().map(|f| f.path.display().to_string()),
-            "flow_log_dropped": daemon.flow_log_dropped(),
-            "metrics": daemon.config.host().metrics.map(|a| a.to_string()),
-            "segments_created": daemon.segments.created.load(std::sync::atomic::Ordering::Relaxed),
-            "segments_reused": daemon.segments.reused.load(std::sync::atomic::Ordering::Relaxed),
-            "segments_kept": daemon.segments.kept(),
-            "quota_exceeded_connections": exceeded(|g| g.exceeded_connections),
-            "quota_exceeded_shared_memory": exceeded(|g| g.exceeded_shared_memory),
-            "quota_exceeded_channels": exceeded(|g| g.exceeded_channels),
+                "host": daemon.config.host().name,
+                "guests": guests.len(),
+                "listeners": daemon.listener_reports().len(),
+                "connections": daemon.connection_reports().len(),
+                "flow_log": daemon.config.host().flow_log.as_ref().map(|f| f.path.display().to_string()),
+                "flow_log_dropped": daemon.flow_log_dropped(),
+                "metrics": daemon.config.host().metrics.map(|a| a.to_string()),
+                "segments_created": daemon.segments.created.load(std::sync::atomic::Ordering::Relaxed),
+                "segments_reused": daemon.segments.reused.load(std::sync::atomic::Ordering::Relaxed),
+                "segments_kept": daemon.segments.kept(),
+                "quota_exceeded_connections": exceeded(|g| g.exceeded_connections),
+                "quota_exceeded_shared_memory": exceeded(|g| g.exceeded_shared_memory),
+                "quota_exceeded_channels": exceeded(|g| g.exceeded_channels),
             })
         }
         Request::Guests => serde_json::to_value(daemon.guest_reports()).unwrap_or_default(),
