@@ -63,22 +63,29 @@ fn answer(daemon: &Arc<Daemon>, request: &Request) -> serde_json::Value {
     let policy = daemon.policy();
     let host = policy.config.host();
     match request {
-        Request::Status => serde_json::json!({
-            "host": host.name,
-            "guests": policy.config.guests().len(),
-            "listeners": daemon.listener_reports().len(),
-            "connections": daemon.connection_reports().len(),
-            "flow_log": host.flow_log.as_ref().map(|f| f.path.display().to_string()),
-            "flow_log_dropped": daemon.flow_log_dropped(),
-            "metrics": host.metrics.map(|a| a.to_string()),
-            "segments_created": daemon.segments.created.load(Relaxed),
-            "segments_reused": daemon.segments.reused.load(Relaxed),
-            "segments_kept": daemon.segments.kept(),
-            "deny_action": host.deny_action.to_string(),
-            "on_policy_change": host.on_policy_change.to_string(),
-            "policy_changes": daemon.policy_changes.load(Relaxed),
-            "policy_resets": daemon.policy_resets.load(Relaxed),
-        }),
+        Request::Status => {
+            let guests = daemon.guest_reports();
+            let exceeded = |f: fn(&crate::state::GuestReport) -> u64| guests.iter().map(f).sum::<u64>();
+            serde_json::json!({
+                "host": host.name,
+                "guests": guests.len(),
+                "listeners": daemon.listener_reports().len(),
+                "connections": daemon.connection_reports().len(),
+                "flow_log": host.flow_log.as_ref().map(|f| f.path.display().to_string()),
+                "flow_log_dropped": daemon.flow_log_dropped(),
+                "metrics": host.metrics.map(|a| a.to_string()),
+                "segments_created": daemon.segments.created.load(Relaxed),
+                "segments_reused": daemon.segments.reused.load(Relaxed),
+                "segments_kept": daemon.segments.kept(),
+                "deny_action": host.deny_action.to_string(),
+                "on_policy_change": host.on_policy_change.to_string(),
+                "policy_changes": daemon.policy_changes.load(Relaxed),
+                "policy_resets": daemon.policy_resets.load(Relaxed),
+                "quota_exceeded_connections": exceeded(|g| g.exceeded_connections),
+                "quota_exceeded_shared_memory": exceeded(|g| g.exceeded_shared_memory),
+                "quota_exceeded_channels": exceeded(|g| g.exceeded_channels),
+            })
+        }
         Request::Change { change } => {
             drop(policy);
             changed(crate::live::change(daemon, change))

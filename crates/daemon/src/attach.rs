@@ -11,8 +11,17 @@
 //! guest's socket is made by [`open_control`] and served by [`serve_guest`];
 //! a removed guest's slot shuts its socket and channels down
 //! ([`GuestSlot::remove`]), which ends their threads.
+//!
+//! A guest may have `max_channels` channels (threads) at once (the limit
+//! of the policy in force when a channel is accepted; what is held is
+//! counted in the guest's slot). Past that the daemon closes a new channel
+//! at once, counted and logged: the library treats a closed channel as an
+//! unreachable daemon, so that process's connects take the kernel path and
+//! that socket listens on the kernel only, as it would without vSocket.
+//! Other guests are not touched.
 
 use crate::broker;
+use crate::quota::Quota;
 use crate::state::{Daemon, GuestSlot};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -77,20 +86,45 @@ fn accept_loop(daemon: &Arc<Daemon>, guest: &Arc<GuestSlot>, listener: OwnedFd) 
             tracing::warn!(guest = %guest.name, %reason, "refused attachment");
             continue;
         }
+        let Ok(held) = ChannelSlot::take(daemon, guest) else {
+            drop(channel);
+            let limit = Quota::Channels.limit(&daemon.policy().quotas(guest));
+            daemon.note_exceeded(guest, Quota::Channels, limit, "control channel closed");
+            continue;
+        };
         let (daemon, guest) = (daemon.clone(), guest.clone());
         let spawned = std::thread::Builder::new().name("channel".into()).spawn(move || {
             let id = daemon.next_id();
             if !guest.hold(id, &channel) {
                 return;
             }
-            guest.counters.channels.fetch_add(1, Ordering::Relaxed);
             serve_channel(&daemon, &guest, id, channel);
-            guest.counters.channels.fetch_sub(1, Ordering::Relaxed);
             guest.release(id);
+            drop(held);
         });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a channel thread");
         }
+    }
+}
+
+/// One of a guest's `max_channels`, held by a channel's thread and given
+/// back (to the slot it was taken from) when it is dropped: when the thread
+/// ends, or if it cannot start.
+struct ChannelSlot {
+    guest: Arc<GuestSlot>,
+}
+
+impl ChannelSlot {
+    fn take(daemon: &Daemon, guest: &Arc<GuestSlot>) -> Result<ChannelSlot, Quota> {
+        guest.counters.quota.take_channel(&daemon.policy().quotas(guest))?;
+        Ok(ChannelSlot { guest: guest.clone() })
+    }
+}
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.guest.counters.quota.give_back_channel();
     }
 }
 

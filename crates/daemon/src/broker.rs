@@ -5,15 +5,18 @@
 //! security groups of both ends allow it (egress of the client's, ingress
 //! of the server's). No listener: the library falls back to the kernel.
 //! Denied: the connect fails as behind the cloud's firewall (a silent drop,
-//! or ECONNREFUSED where the operator configured `reject`).
+//! or ECONNREFUSED where the operator configured `reject`). Allowed, but a
+//! guest at one of its quotas: the connect fails with the errno
+//! [`Exceeded::errno`] chooses.
 //!
 //! Each connect is decided with the policy snapshot in force when it
 //! arrives (`Daemon::policy`), so a live change applies from the next
-//! connect on. A guest removed by a change is no longer served: its
-//! connects (until its channels close) fall back to the kernel, and a
-//! listener of a removed guest is not found.
+//! connect on (quota limits included). A guest removed by a change is no
+//! longer served: its connects (until its channels close) fall back to the
+//! kernel, and a listener of a removed guest is not found.
 
 use crate::flowlog::{FlowEvent, FlowRecord, FlowVerdict};
+use crate::quota::{Charge, Exceeded};
 use crate::state::{ConnectionRecord, Daemon, GuestSlot, ListenerRecord};
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, OwnedFd};
@@ -112,7 +115,12 @@ pub fn connect(
     if Arc::ptr_eq(&listener.guest, guest) {
         // Inside one guest: the traffic never reaches the cloud's network,
         // so security groups do not apply (as on a VM's own loopback).
-        let reply = match open(daemon, guest, channel, client_addr, &listener, remote, config.host().ring_size) {
+        let charge = match daemon.charge(&policy, guest, guest) {
+            Ok(charge) => charge,
+            Err(exceeded) => return over_quota(&attempt, guest, exceeded),
+        };
+        let ring_size = config.host().ring_size;
+        let reply = match open(daemon, guest, channel, client_addr, &listener, remote, ring_size, charge) {
             Ok(reply) => reply,
             Err(e) => undelivered(guest, remote, e),
         };
@@ -145,7 +153,11 @@ pub fn connect(
         attempt.log(Some(&listener.guest), &reply, || verdict.describe(config));
         return reply;
     }
-    match open(daemon, guest, channel, client_addr, &listener, remote, config.host().ring_size) {
+    let charge = match daemon.charge(&policy, guest, &listener.guest) {
+        Ok(charge) => charge,
+        Err(exceeded) => return over_quota(&attempt, &listener.guest, exceeded),
+    };
+    match open(daemon, guest, channel, client_addr, &listener, remote, config.host().ring_size, charge) {
         Ok(reply) => {
             tracing::debug!(client = %g.name, from = %client_addr, server = %server_name, to = %remote,
                 decided_by = %verdict.describe(config), "connect allowed");
@@ -202,6 +214,26 @@ impl Attempt<'_> {
     }
 }
 
+/// The reply when an allowed connect would take a guest past a quota:
+/// counted against that guest (the server's, if it is the one over) and
+/// logged, rate-limited.
+fn over_quota(attempt: &Attempt<'_>, server: &GuestSlot, exceeded: Exceeded) -> Reply {
+    let quota = exceeded.quota;
+    let over = &exceeded.guest;
+    let detail = if exceeded.server {
+        format!("connect from {} to {} refused", attempt.guest.name, attempt.remote)
+    } else {
+        format!("connect to {} refused", attempt.remote)
+    };
+    attempt.daemon.note_exceeded(over, quota, exceeded.limit, &detail);
+    let reply = Reply::plain(Message::Refused { errno: exceeded.errno() });
+    attempt.log(Some(server), &reply, || {
+        let side = if exceeded.server { "server" } else { "client" };
+        format!("quota: {side} guest {} max_{} ({})", over.name, quota.name(), exceeded.limit)
+    });
+    reply
+}
+
 /// The reply when a connection could not be handed to its listener.
 fn undelivered(guest: &GuestSlot, remote: SocketAddrV4, e: std::io::Error) -> Reply {
     let name = &guest.name;
@@ -215,7 +247,10 @@ fn undelivered(guest: &GuestSlot, remote: SocketAddrV4, e: std::io::Error) -> Re
 }
 
 /// Creates the shared segment and doorbell, hands the server end to the
-/// listener and returns the client end.
+/// listener and returns the client end. `charge` (what the connection
+/// holds of its guests' quotas) goes into its record, or is given back if
+/// the connection is not made.
+#[allow(clippy::too_many_arguments)]
 fn open(
     daemon: &Daemon,
     client: &Arc<GuestSlot>,
@@ -224,6 +259,7 @@ fn open(
     listener: &Arc<ListenerRecord>,
     remote: SocketAddrV4,
     ring_size: u32,
+    charge: Charge,
 ) -> std::io::Result<Reply> {
     let pair = (channel, listener.id);
     // A segment this pair has used and released, or a fresh one.
@@ -270,6 +306,7 @@ fn open(
         pair,
         lifelines: [client_lifeline, server_lifeline],
         reset: Default::default(),
+        charge,
     });
     let connected = Message::Connected(ConnectionInfo { id, local: client_addr, peer: remote, ring_size });
     Ok(Reply { message: connected, fds: vec![memfd, client_bell, client_holds] })

@@ -6,6 +6,8 @@
 //!   process attaching to it lives in that guest's network namespace;
 //! - [`broker`]: listen and connect requests: policy, then shared memory;
 //! - [`pool`]: connection segments made ahead of time;
+//! - [`quota`]: per-guest limits on connections, shared memory and
+//!   control channels;
 //! - [`admin`]: the operator's socket, read by `vsocketctl`;
 //! - [`live`]: policy changes while the daemon runs (rules, memberships,
 //!   guests, reload) and what they do to established connections;
@@ -28,6 +30,7 @@ pub mod flowlog;
 pub mod live;
 pub mod metrics;
 pub mod pool;
+pub mod quota;
 pub mod state;
 
 pub use state::Daemon;

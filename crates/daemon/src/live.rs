@@ -73,7 +73,9 @@ pub fn diff(old: &Policy, new: &Config) -> GuestDiff {
 }
 
 /// `[host]` settings that differ between `old` and `new` and that only a
-/// restart can change. `deny_action` and `on_policy_change` change live.
+/// restart can change. `deny_action`, `on_policy_change` and the default
+/// quotas (`default_max_*`: limits are read from the policy in force at
+/// each connect and channel) change live.
 pub fn restart_only_changes(old: &HostConfig, new: &HostConfig) -> Vec<&'static str> {
     let mut fields = Vec::new();
     let mut push_if = |differs: bool, field| {
@@ -87,7 +89,12 @@ pub fn restart_only_changes(old: &HostConfig, new: &HostConfig) -> Vec<&'static 
     push_if(old.flow_log != new.flow_log, "host.flow_log");
     push_if(old.metrics != new.metrics, "host.metrics");
     // Settings added later are restart-only unless listed above as live.
-    let live_only = HostConfig { deny_action: old.deny_action, on_policy_change: old.on_policy_change, ..new.clone() };
+    let live_only = HostConfig {
+        deny_action: old.deny_action,
+        on_policy_change: old.on_policy_change,
+        default_quotas: old.default_quotas,
+        ..new.clone()
+    };
     if fields.is_empty() && live_only != *old {
         fields.push("host");
     }
@@ -267,13 +274,30 @@ security_groups = ["web"]
     }
 
     #[test]
-    fn only_deny_action_and_on_policy_change_change_live() {
+    fn only_deny_action_on_policy_change_and_default_quotas_change_live() {
         let old = config(BASE);
-        let live = config(
-            &BASE.replace("name = \"h\"", "name = \"h\"\ndeny_action = \"reject\"\non_policy_change = \"reset\""),
-        );
+        let live = config(&BASE.replace(
+            "name = \"h\"",
+            "name = \"h\"\ndeny_action = \"reject\"\non_policy_change = \"reset\"\ndefault_max_connections = 3\n\
+             default_max_shared_memory = \"64MiB\"\ndefault_max_channels = 5",
+        ));
+        assert_eq!(live.host().default_quotas.max_connections, 3);
         assert!(restart_only_changes(old.host(), live.host()).is_empty());
         let restart = config(&BASE.replace("name = \"h\"", "name = \"h\"\nring_size = 4096\nrun_dir = \"/tmp/x\""));
         assert_eq!(restart_only_changes(old.host(), restart.host()), ["host.run_dir", "host.ring_size"]);
+    }
+
+    #[test]
+    fn a_guest_added_as_json_takes_its_quotas() {
+        // The admin socket's JSON gives numbers as u64; sizes may be either.
+        let change: vsocket_policy::Change = serde_json::from_str(
+            r#"{"op":"add_guest","guest":{"name":"c","vpc":"blue","addresses":["10.10.0.4"],
+                "max_connections":5,"max_shared_memory":1048576,"max_channels":2}}"#,
+        )
+        .unwrap();
+        let (document, _) = vsocket_policy::parse_document(BASE, Path::new("t.toml")).unwrap();
+        let (_, config) = document.with_change(&change, Path::new(LIVE_ORIGIN)).unwrap();
+        let c = config.guest(config.guest_by_name("c").unwrap());
+        assert_eq!((c.quotas.max_connections, c.quotas.max_shared_memory, c.quotas.max_channels), (5, 1 << 20, 2));
     }
 }

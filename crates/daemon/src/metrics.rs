@@ -11,6 +11,7 @@
 //! grow, and once a connection is closed they equal the sums in the flow
 //! log's close records.
 
+use crate::quota::Quota;
 use crate::state::{Daemon, GuestReport, ListenerReport};
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -165,6 +166,37 @@ const GUEST_METRICS: &[GuestMetric] = &[
     },
 ];
 
+/// A per-guest family with one sample per quota (labelled `quota`, in the
+/// order of [`Quota::ALL`]).
+struct QuotaMetric {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    values: fn(&GuestReport) -> [u64; 3],
+}
+
+const QUOTA_METRICS: &[QuotaMetric] = &[
+    QuotaMetric {
+        name: "vsocket_quota_exceeded_total",
+        kind: "counter",
+        help: "Refusals because the guest was at a quota: connects it made or that reached it, and control channels.",
+        values: |g| [g.exceeded_connections, g.exceeded_shared_memory, g.exceeded_channels],
+    },
+    QuotaMetric {
+        name: "vsocket_quota_used",
+        kind: "gauge",
+        help: "What the guest holds of each quota now: live connections (one inside the guest counts once), \
+               their shared memory in bytes, control channels.",
+        values: |g| [g.connections_live, g.shared_memory, g.channels],
+    },
+    QuotaMetric {
+        name: "vsocket_quota_limit",
+        kind: "gauge",
+        help: "The guest's quotas: max_connections, max_shared_memory (bytes) and max_channels.",
+        values: |g| [g.max_connections, g.max_shared_memory, g.max_channels],
+    },
+];
+
 /// The metrics in the text exposition format 0.0.4.
 pub fn render(guests: &[GuestReport], listeners: &[ListenerReport], flow_log_dropped: u64) -> String {
     let mut out = String::new();
@@ -190,6 +222,14 @@ pub fn render(guests: &[GuestReport], listeners: &[ListenerReport], flow_log_dro
         header(&mut out, metric.name, metric.kind, metric.help);
         for g in guests {
             let _ = writeln!(out, "{}{{{}}} {}", metric.name, labels(g), (metric.value)(g));
+        }
+    }
+    for metric in QUOTA_METRICS {
+        header(&mut out, metric.name, metric.kind, metric.help);
+        for g in guests {
+            for (quota, value) in Quota::ALL.iter().zip((metric.values)(g)) {
+                let _ = writeln!(out, "{}{{{},quota=\"{}\"}} {value}", metric.name, labels(g), quota.name());
+            }
         }
     }
     header(&mut out, "vsocket_listeners", "gauge", "vSocket listeners the guest has registered.");
@@ -234,6 +274,14 @@ mod tests {
             security_groups: vec![],
             netns: format!("vs-{name}"),
             channels: 2,
+            connections_live: 1,
+            shared_memory: 528_384,
+            max_connections: 4096,
+            max_shared_memory: 1 << 32,
+            max_channels: 1024,
+            exceeded_connections: 8,
+            exceeded_shared_memory: 0,
+            exceeded_channels: 9,
             refused_attachments: 1,
             connections_open: 1,
             connections_out: 5,
@@ -273,6 +321,12 @@ mod tests {
             "vsocket_channels{guest=\"a\",vpc=\"blue\"} 2",
             "vsocket_attachments_refused_total{guest=\"a\",vpc=\"blue\"} 1",
             "vsocket_listeners{guest=\"a\",vpc=\"blue\"} 2",
+            "vsocket_quota_exceeded_total{guest=\"a\",vpc=\"blue\",quota=\"connections\"} 8",
+            "vsocket_quota_exceeded_total{guest=\"b\",vpc=\"red\",quota=\"shared_memory\"} 0",
+            "vsocket_quota_exceeded_total{guest=\"b\",vpc=\"red\",quota=\"channels\"} 9",
+            "vsocket_quota_used{guest=\"a\",vpc=\"blue\",quota=\"shared_memory\"} 528384",
+            "vsocket_quota_limit{guest=\"a\",vpc=\"blue\",quota=\"shared_memory\"} 4294967296",
+            "vsocket_quota_limit{guest=\"a\",vpc=\"blue\",quota=\"channels\"} 1024",
             "vsocket_listeners{guest=\"b\",vpc=\"red\"} 1",
             "vsocket_flow_log_records_dropped_total 7",
         ];
@@ -295,7 +349,7 @@ mod tests {
                 value.parse::<u64>().unwrap_or_else(|_| panic!("{line}"));
             }
         }
-        assert_eq!(lines.iter().filter(|l| l.starts_with("# HELP")).count(), 10);
+        assert_eq!(lines.iter().filter(|l| l.starts_with("# HELP")).count(), 13);
         assert!(text.ends_with('\n'));
     }
 

@@ -19,16 +19,18 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
-use vsocket_policy::{evaluate, Config, Document, Flow, GuestId, Protocol, Verdict};
+use vsocket_policy::{evaluate, Config, Document, Flow, GuestId, Protocol, Quotas, Verdict};
 use vsocket_ring::Segment;
 
 use crate::flowlog::{FlowEvent, FlowLog, FlowRecord, FlowVerdict};
+use crate::quota::{Charge, Exceeded, Quota, QuotaUsage};
 
 /// Counters of one guest. Bytes of live connections are added when read.
 #[derive(Debug, Default)]
 pub struct GuestCounters {
-    /// Control channels open now (request and listener channels).
-    pub channels: AtomicU64,
+    /// What the guest holds of its quotas (control channels open now among
+    /// them), and how often it was refused.
+    pub quota: QuotaUsage,
     /// Processes refused at this guest's control socket.
     pub refused_attachments: AtomicU64,
     /// Connections this guest opened over vSocket.
@@ -165,6 +167,15 @@ impl Policy {
         self.config.guest_by_name(name).map(|id| self.slot(id))
     }
 
+    /// The quotas of `slot`'s guest in this snapshot; for a guest no longer
+    /// in it (removed), the `[host]` defaults.
+    pub fn quotas(&self, slot: &GuestSlot) -> Quotas {
+        match self.guest_id(slot) {
+            Some(id) => self.config.guest(id).quotas,
+            None => self.config.host().default_quotas,
+        }
+    }
+
     /// Every guest's slot, in config order.
     pub fn slots(&self) -> &[Arc<GuestSlot>] {
         &self.slots
@@ -231,6 +242,9 @@ pub struct ConnectionRecord {
     pub lifelines: [OwnedFd; 2],
     /// Reset by a policy change (`on_policy_change = "reset"`).
     pub reset: AtomicBool,
+    /// What the connection holds of its guests' quotas (their slots), given
+    /// back once when it is retired, whatever changed meanwhile.
+    pub charge: Charge,
 }
 
 impl ConnectionRecord {
@@ -448,6 +462,40 @@ impl Daemon {
         Some(list[turn].clone())
     }
 
+    /// Takes a new connection between `client` and `server` (guests) from
+    /// their quotas. A guest at a limit may still hold connections that
+    /// have closed but are not yet retired (the reaper runs four times a
+    /// second): those are retired first (at most every
+    /// [`REAP_INTERVAL`](crate::quota::REAP_INTERVAL) per guest), so a
+    /// program that closes a connection can open another at once.
+    ///
+    /// The limits are those of `policy` (the snapshot the connect is decided
+    /// with); the charge holds the slots, so it is given back to them even
+    /// if later snapshots move or drop the guests.
+    pub fn charge(
+        &self,
+        policy: &Policy,
+        client: &Arc<GuestSlot>,
+        server: &Arc<GuestSlot>,
+    ) -> Result<Charge, Exceeded> {
+        let bytes = policy.config.host().segment_size();
+        let attempt = || crate::quota::charge(|slot| policy.quotas(slot), client, server, bytes);
+        match attempt() {
+            Ok(charge) => Ok(charge),
+            Err(over) if over.guest.counters.quota.reap_due(crate::quota::now_ms()) && self.reap_now() > 0 => attempt(),
+            Err(exceeded) => Err(exceeded),
+        }
+    }
+
+    /// Counts against `guest` and (at most once a second per guest and
+    /// quota) logs a refusal for `quota`, whose limit was `limit`.
+    pub fn note_exceeded(&self, guest: &GuestSlot, quota: Quota, limit: u64, detail: &str) {
+        if let Some(unlogged) = guest.counters.quota.note_exceeded(quota, crate::quota::now_ms()) {
+            tracing::warn!(guest = %guest.name, vpc = %guest.vpc, quota = quota.name(), limit, unlogged,
+                "{detail}: quota exceeded");
+        }
+    }
+
     pub fn add_connection(&self, record: ConnectionRecord) {
         let mut conns = lock(&self.connections);
         lock(&self.by_pair).entry(record.pair).or_default().push_back(record.id);
@@ -473,8 +521,8 @@ impl Daemon {
                 }
                 Some(c) if c.segment.reusable() => {
                     let id = queue.remove(i).expect("index checked");
-                    let c = conns.remove(&id).expect("present");
-                    if let (Some(close), Some(log)) = (self.retire(&c), &self.flow_log) {
+                    let mut c = conns.remove(&id).expect("present");
+                    if let (Some(close), Some(log)) = (self.retire(&mut c), &self.flow_log) {
                         // On the connect path: never wait for the log.
                         log.record(close);
                     }
@@ -495,14 +543,24 @@ impl Daemon {
     /// segments go back to the pool for their pair. Returns how many were
     /// retired.
     pub fn reap(&self) -> usize {
+        self.reap_within(crate::flowlog::CLOSE_PATIENCE)
+    }
+
+    /// As [`reap`](Self::reap), for the connect path: never waits for room
+    /// in the flow log.
+    fn reap_now(&self) -> usize {
+        self.reap_within(std::time::Duration::ZERO)
+    }
+
+    fn reap_within(&self, patience: std::time::Duration) -> usize {
         let mut closes = Vec::new();
         let retired = {
             let mut conns = lock(&self.connections);
             let mut done: Vec<u64> = conns.values().filter(|c| c.finished()).map(|c| c.id).collect();
             done.sort_unstable();
             for id in &done {
-                if let Some(c) = conns.remove(id) {
-                    closes.extend(self.retire(&c));
+                if let Some(mut c) = conns.remove(id) {
+                    closes.extend(self.retire(&mut c));
                     if c.segment.reusable() {
                         self.segments.recycle(c.pair, c.segment, c.memfd);
                     }
@@ -519,7 +577,7 @@ impl Daemon {
         };
         // Outside the lock: waiting for room must not hold up connects.
         if let Some(log) = &self.flow_log {
-            log.record_waiting(closes, crate::flowlog::CLOSE_PATIENCE);
+            log.record_waiting(closes, patience);
         }
         retired
     }
@@ -530,12 +588,15 @@ impl Daemon {
         self.segments.forget(&gone);
     }
 
-    /// Folds a closed connection's bytes into the counters, logs it, and
-    /// returns its close record if there is a flow log. The totals are read
-    /// once: the counters and the flow log must agree to the byte.
-    fn retire(&self, c: &ConnectionRecord) -> Option<FlowRecord> {
+    /// Folds a closed connection's bytes into the counters, gives back its
+    /// quota, logs it, and returns its close record if there is a flow log.
+    /// Called exactly once per connection: by whoever removed its record
+    /// from `connections`. The totals are read once: the counters and the
+    /// flow log must agree to the byte.
+    fn retire(&self, c: &mut ConnectionRecord) -> Option<FlowRecord> {
         let (up, down) = (c.bytes_client_to_server(), c.bytes_server_to_client());
         self.fold_bytes(c, up, down);
+        c.charge.give_back();
         tracing::debug!(id = c.id, client = %c.client_addr, server = %c.server_addr,
             sent = up, received = down, "connection closed");
         self.flow_log.is_some().then(|| self.close_record(c, up, down))
@@ -600,7 +661,15 @@ impl Daemon {
                     addresses: g.addresses.clone(),
                     security_groups: g.groups.iter().map(|&group| config.security_group(group).name.clone()).collect(),
                     netns: g.netns.clone(),
-                    channels: c.channels.load(Ordering::Relaxed),
+                    channels: c.quota.channels(),
+                    connections_live: c.quota.connections(),
+                    shared_memory: c.quota.shared_memory(),
+                    max_connections: g.quotas.max_connections,
+                    max_shared_memory: g.quotas.max_shared_memory,
+                    max_channels: g.quotas.max_channels,
+                    exceeded_connections: c.quota.exceeded(Quota::Connections),
+                    exceeded_shared_memory: c.quota.exceeded(Quota::SharedMemory),
+                    exceeded_channels: c.quota.exceeded(Quota::Channels),
                     refused_attachments: c.refused_attachments.load(Ordering::Relaxed),
                     connections_open: open,
                     connections_out: c.connections_out.load(Ordering::Relaxed),
@@ -660,6 +729,17 @@ pub struct GuestReport {
     pub security_groups: Vec<String>,
     pub netns: String,
     pub channels: u64,
+    /// Live connections as the quota counts them (one inside the guest
+    /// counts once, unlike `connections_open`), and their segment bytes.
+    pub connections_live: u64,
+    pub shared_memory: u64,
+    pub max_connections: u64,
+    pub max_shared_memory: u64,
+    pub max_channels: u64,
+    /// Refusals for each quota: connects (as client or server) and channels.
+    pub exceeded_connections: u64,
+    pub exceeded_shared_memory: u64,
+    pub exceeded_channels: u64,
     pub refused_attachments: u64,
     pub connections_open: u64,
     pub connections_out: u64,

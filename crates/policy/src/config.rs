@@ -35,6 +35,11 @@
 //!                                # 1..=1000; default 5
 //! metrics = "127.0.0.1:9464"     # Prometheus endpoint (GET /metrics), an
 //!                                # IP address and a port; default: none
+//! default_max_connections = 4096 # per-guest quotas for guests that set none
+//! default_max_shared_memory = "4GiB"  # (see [[guest]] below); these are the
+//! default_max_channels = 1024    # defaults; with deny_action and
+//!                                # on_policy_change, the only [host] settings a
+//!                                # `vsocketctl reload` may change
 //!
 //! [[vpc]]
 //! name = "blue"
@@ -65,6 +70,15 @@
 //! addresses = ["10.10.0.2"]      # one or more, inside the VPC cidr, unique in the VPC
 //! security_groups = ["redis"]    # default []
 //! netns = "vs-a"                 # network namespace; default "vs-<name>", unique
+//! max_connections = 100          # live vSocket connections, as client or server;
+//!                                # at least 1; default host.default_max_connections
+//! max_shared_memory = "64MiB"    # bytes of those connections' segments (each
+//!                                # 4096 + 2 * ring_size): bytes, or a number with
+//!                                # KiB, MiB, GiB or TiB; at least one segment;
+//!                                # default host.default_max_shared_memory
+//! max_channels = 64              # control channels open at once (one per process,
+//!                                # one per listening socket); at least 1;
+//!                                # default host.default_max_channels
 //!
 //! [[guest]]
 //! name = "b"
@@ -90,6 +104,11 @@
 //! - `flow_log` is an absolute path; `flow_log_max_bytes` is at least 4096
 //!   and `flow_log_keep` within 1..=1000, and both are set only with
 //!   `flow_log`. `metrics` is an IP address and a nonzero port.
+//! - Quotas (`max_connections`, `max_channels` and their `default_`
+//!   versions in `[host]`) are at least 1; a `max_shared_memory` holds at
+//!   least one connection's segment at the host's `ring_size`, and is bytes
+//!   (an integer) or a string like `"64MiB"` (units KiB, MiB, GiB, TiB, or
+//!   B; powers of 1024; `"64MB"` is rejected as ambiguous).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -104,7 +123,7 @@ use crate::cidr::{CidrError, Ipv4Cidr};
 use crate::edit::Document;
 use crate::model::{
     Config, DenyAction, FlowLogConfig, GroupId, Guest, HostConfig, Peer, PolicyChangeAction, PortRange, Protocol,
-    ProtocolFilter, Rule, SecurityGroup, Vpc, VpcId,
+    ProtocolFilter, Quotas, Rule, SecurityGroup, Vpc, VpcId,
 };
 
 /// The longest guest name: it becomes a Linux interface name (IFNAMSIZ - 1).
@@ -234,6 +253,21 @@ pub enum Problem {
     BadFlowLogKeep(i64),
     /// `only takes effect with host.flow_log, which is not set`
     NeedsFlowLog,
+    /// `"{0}" is not a size: a number of bytes, or a number with KiB, MiB,
+    /// GiB or TiB like "64MiB"`
+    BadSize(String),
+    /// `{0} is below the minimum of 1`
+    QuotaBelowOne(i64),
+    /// `{size} bytes do not hold one connection's segment ({segment} bytes
+    /// with host.ring_size = {ring_size})`
+    SharedMemoryBelowSegment {
+        /// The quota as given, in bytes.
+        size: u64,
+        /// One segment's size.
+        segment: u64,
+        /// The host's ring size, which decides the segment's.
+        ring_size: u32,
+    },
     /// `"{0}" is not an IP address and port like "127.0.0.1:9464"`
     BadListenAddress(String),
     /// The CIDR's own message.
@@ -312,6 +346,15 @@ impl fmt::Display for Problem {
             }
             Self::BadFlowLogKeep(keep) => write!(f, "{keep} is not within 1-{}", FlowLogConfig::MAX_KEEP),
             Self::NeedsFlowLog => f.write_str("only takes effect with host.flow_log, which is not set"),
+            Self::BadSize(text) => write!(
+                f,
+                "\"{text}\" is not a size: a number of bytes, or a number with KiB, MiB, GiB or TiB like \"64MiB\""
+            ),
+            Self::QuotaBelowOne(value) => write!(f, "{value} is below the minimum of 1"),
+            Self::SharedMemoryBelowSegment { size, segment, ring_size } => write!(
+                f,
+                "{size} bytes do not hold one connection's segment ({segment} bytes with host.ring_size = {ring_size})"
+            ),
             Self::BadListenAddress(text) => {
                 write!(f, "\"{text}\" is not an IP address and port like \"127.0.0.1:9464\"")
             }
@@ -368,6 +411,9 @@ pub(crate) struct RawHost {
     flow_log_max_bytes: Option<u64>,
     flow_log_keep: Option<i64>,
     metrics: Option<String>,
+    default_max_connections: Option<i64>,
+    default_max_shared_memory: Option<RawSize>,
+    default_max_channels: Option<i64>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -467,6 +513,45 @@ pub(crate) struct RawGuest {
     #[serde(default)]
     pub(crate) security_groups: Vec<String>,
     netns: Option<String>,
+    max_connections: Option<i64>,
+    max_shared_memory: Option<RawSize>,
+    max_channels: Option<i64>,
+}
+
+/// A size as written: bytes as an integer, or a string like `"64MiB"`.
+#[derive(Clone)]
+enum RawSize {
+    Text(String),
+    Number(i64),
+}
+
+impl<'de> Deserialize<'de> for RawSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+
+        impl Visitor<'_> for SizeVisitor {
+            type Value = RawSize;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of bytes or a size like \"64MiB\"")
+            }
+
+            fn visit_i64<E: de::Error>(self, bytes: i64) -> Result<RawSize, E> {
+                Ok(RawSize::Number(bytes))
+            }
+
+            // JSON (a live `add_guest`) gives positive numbers as u64.
+            fn visit_u64<E: de::Error>(self, bytes: u64) -> Result<RawSize, E> {
+                Ok(i64::try_from(bytes).map_or_else(|_| RawSize::Text(bytes.to_string()), RawSize::Number))
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<RawSize, E> {
+                Ok(RawSize::Text(text.to_owned()))
+            }
+        }
+
+        deserializer.deserialize_any(SizeVisitor)
+    }
 }
 
 /// Turns raw structs into the model, failing on the first problem.
@@ -483,7 +568,7 @@ impl Validator<'_> {
         let host = self.host(raw.host)?;
         let vpcs = self.vpcs(raw.vpc)?;
         let security_groups = self.security_groups(raw.security_group)?;
-        let guests = self.guests(raw.guest, &vpcs, &security_groups)?;
+        let guests = self.guests(raw.guest, &vpcs, &security_groups, &host)?;
         Ok(Config::from_validated(host, vpcs, guests, security_groups))
     }
 
@@ -524,7 +609,56 @@ impl Validator<'_> {
             },
         };
 
-        Ok(HostConfig { name: raw.name, run_dir, deny_action, on_policy_change, ring_size, flow_log, metrics })
+        let mut host = HostConfig {
+            name: raw.name,
+            run_dir,
+            deny_action,
+            on_policy_change,
+            ring_size,
+            flow_log,
+            metrics,
+            default_quotas: Quotas::DEFAULT,
+        };
+        host.default_quotas = self.quotas(
+            "host.default_max_",
+            (raw.default_max_connections, raw.default_max_shared_memory, raw.default_max_channels),
+            Quotas::DEFAULT,
+            (host.segment_size(), ring_size),
+        )?;
+        Ok(host)
+    }
+
+    /// Quotas from the fields `{prefix}connections`, `{prefix}shared_memory`
+    /// and `{prefix}channels`, each falling back to `defaults`. `segment` is
+    /// one connection's segment size at the host's ring size.
+    fn quotas(
+        &self,
+        prefix: &str,
+        (connections, shared_memory, channels): (Option<i64>, Option<RawSize>, Option<i64>),
+        defaults: Quotas,
+        (segment, ring_size): (u64, u32),
+    ) -> Result<Quotas, ConfigError> {
+        let count = |value: Option<i64>, name: &str, default: u64| match value {
+            None => Ok(default),
+            Some(n) => u64::try_from(n)
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| self.invalid(format!("{prefix}{name}"), Problem::QuotaBelowOne(n))),
+        };
+        let max_connections = count(connections, "connections", defaults.max_connections)?;
+        let max_channels = count(channels, "channels", defaults.max_channels)?;
+        let max_shared_memory = match shared_memory {
+            None => defaults.max_shared_memory,
+            Some(raw) => {
+                let field = format!("{prefix}shared_memory");
+                let size = parse_size(&raw).map_err(|p| self.invalid(&field, p))?;
+                if size < segment {
+                    return Err(self.invalid(field, Problem::SharedMemoryBelowSegment { size, segment, ring_size }));
+                }
+                size
+            }
+        };
+        Ok(Quotas { max_connections, max_shared_memory, max_channels })
     }
 
     fn flow_log(
@@ -646,6 +780,7 @@ impl Validator<'_> {
         raw: Vec<RawGuest>,
         vpcs: &[Vpc],
         security_groups: &[SecurityGroup],
+        host: &HostConfig,
     ) -> Result<Vec<Guest>, ConfigError> {
         let mut first_by_name = HashMap::new();
         let mut first_by_netns = HashMap::new();
@@ -705,7 +840,14 @@ impl Validator<'_> {
             check_netns(&netns).map_err(|p| self.invalid(at("netns"), p))?;
             self.check_unique(&mut first_by_netns, &netns, at("netns"))?;
 
-            guests.push(Guest { name: guest.name, vpc: vpc_id, addresses, groups, netns });
+            let quotas = self.quotas(
+                &at("max_"),
+                (guest.max_connections, guest.max_shared_memory, guest.max_channels),
+                host.default_quotas,
+                (host.segment_size(), host.ring_size),
+            )?;
+
+            guests.push(Guest { name: guest.name, vpc: vpc_id, addresses, groups, netns, quotas });
         }
         Ok(guests)
     }
@@ -771,6 +913,29 @@ fn check_netns(name: &str) -> Result<(), Problem> {
         return Err(Problem::BadNetns(name.to_owned()));
     }
     Ok(())
+}
+
+/// Parses a size: an integer number of bytes, or a string of digits, an
+/// optional space and a unit (B, KiB, MiB, GiB, TiB: powers of 1024). SI
+/// units (`MB`) are refused rather than guessed at.
+fn parse_size(raw: &RawSize) -> Result<u64, Problem> {
+    let text = match raw {
+        RawSize::Number(n) => return u64::try_from(*n).map_err(|_| Problem::BadSize(n.to_string())),
+        RawSize::Text(text) => text.as_str(),
+    };
+    let bad = || Problem::BadSize(text.to_owned());
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let shift = match unit.strip_prefix(' ').unwrap_or(unit) {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => return Err(bad()),
+    };
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    number.checked_mul(1 << shift).ok_or_else(bad)
 }
 
 /// Parses `ports`: `all`, a port, or `lo-hi`, each port within 1..=65535.

@@ -34,5 +34,5 @@ pub use edit::{Change, ChangeError, Document, GuestSpec, RuleSpec};
 pub use evaluate::{evaluate, Decider, Flow, Verdict};
 pub use model::{
     Config, DenyAction, Direction, FlowLogConfig, GroupId, Guest, GuestId, HostConfig, Peer, PolicyChangeAction,
-    PortRange, Protocol, ProtocolFilter, Rule, SecurityGroup, Vpc, VpcId,
+    PortRange, Protocol, ProtocolFilter, Quotas, Rule, SecurityGroup, Vpc, VpcId,
 };

@@ -149,6 +149,37 @@ pub struct HostConfig {
     /// Where the daemon serves Prometheus metrics over HTTP; `None` (the
     /// default) serves none.
     pub metrics: Option<SocketAddr>,
+    /// The limits of a guest that sets none of its own, from `[host]`
+    /// `default_max_connections`, `default_max_shared_memory` and
+    /// `default_max_channels`.
+    pub default_quotas: Quotas,
+}
+
+/// What one guest may hold at once on this host, so that a guest that runs
+/// out of its share never takes from another's. Every guest has all three:
+/// each is the guest's own `max_*` or else the host's `default_max_*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Live vSocket connections the guest is an end of (as client or server;
+    /// a connection inside the guest counts once). At least 1.
+    pub max_connections: u64,
+    /// Bytes of the shared-memory segments of those connections (each
+    /// `4096 + 2 * ring_size`). At least one segment.
+    pub max_shared_memory: u64,
+    /// Control channels open at once (each process's request channel and
+    /// each listening socket's channel; the daemon runs a thread for each).
+    /// At least 1.
+    pub max_channels: u64,
+}
+
+impl Quotas {
+    /// The limits when neither the guest nor `[host]` sets them: room for
+    /// thousands of connections (with the default ring size, 4096
+    /// connections take 2 GiB of segments) and a thousand processes and
+    /// listeners, while a runaway guest still stops well short of the host's
+    /// memory and thread limits.
+    pub const DEFAULT: Quotas =
+        Quotas { max_connections: 4096, max_shared_memory: 4 * 1024 * 1024 * 1024, max_channels: 1024 };
 }
 
 /// The flow log's file and rotation, from `[host]` `flow_log`,
@@ -185,6 +216,12 @@ impl HostConfig {
     pub const MIN_RING_SIZE: u32 = 4096;
     /// The largest allowed `ring_size`: 64 MiB.
     pub const MAX_RING_SIZE: u32 = 64 * 1024 * 1024;
+
+    /// Bytes of one connection's segment: a 4096-byte header and a ring
+    /// each way.
+    pub fn segment_size(&self) -> u64 {
+        4096 + 2 * u64::from(self.ring_size)
+    }
 }
 
 /// How a connect denied by policy fails, as seen by the guest's program.
@@ -252,6 +289,8 @@ pub struct Guest {
     pub groups: Vec<GroupId>,
     /// The network namespace it runs in; unique among guests.
     pub netns: String,
+    /// Its limits: its own `max_*` fields, or the host's defaults.
+    pub quotas: Quotas,
 }
 
 impl Guest {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use vsocket_policy::config::{parse, Problem};
 use vsocket_policy::{
     load, ConfigError, DenyAction, FlowLogConfig, HostConfig, Peer, PolicyChangeAction, PortRange, Protocol,
-    ProtocolFilter,
+    ProtocolFilter, Quotas,
 };
 
 const ORIGIN: &str = "/etc/vsocket/lab.toml";
@@ -458,11 +458,16 @@ fn defaults_fill_in_optional_fields() {
             ring_size: 262_144,
             flow_log: None,
             metrics: None,
+            default_quotas: Quotas::DEFAULT,
         }
     );
+    assert_eq!(Quotas::DEFAULT.max_connections, 4096);
+    assert_eq!(Quotas::DEFAULT.max_shared_memory, 4 << 30);
+    assert_eq!(Quotas::DEFAULT.max_channels, 1024);
     let b = config.guest(config.guest_by_name("b").unwrap());
     assert_eq!(b.netns, "vs-b");
     assert!(b.groups.is_empty());
+    assert_eq!(b.quotas, Quotas::DEFAULT);
 
     let extra = group_with_rule("protocol = \"udp\"\ncidr = \"10.0.0.7\"");
     let config = parse_text(&config_text("", &extra)).unwrap();
@@ -586,4 +591,115 @@ fn module_doc_example_parses() {
     let redis = config.security_group(config.security_group_by_name("redis").unwrap());
     assert_eq!(redis.ingress.len(), 2);
     assert_eq!(redis.ingress[0].protocol, ProtocolFilter::Only(Protocol::Tcp));
+}
+
+#[test]
+fn quotas_fall_back_from_guest_to_host_to_built_in() {
+    let text = config_text(
+        "ring_size = 4096\ndefault_max_connections = 10\ndefault_max_shared_memory = \"1MiB\"",
+        &guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nmax_connections = 3\nmax_shared_memory = 12288\nmax_channels = 2"),
+    );
+    let config = parse_text(&text).unwrap();
+    assert_eq!(
+        config.host().default_quotas,
+        Quotas { max_connections: 10, max_shared_memory: 1 << 20, max_channels: Quotas::DEFAULT.max_channels }
+    );
+    let a = config.guest(config.guest_by_name("a").unwrap());
+    assert_eq!(a.quotas, config.host().default_quotas, "a sets nothing: the host's defaults");
+    let b = config.guest(config.guest_by_name("b").unwrap());
+    assert_eq!(b.quotas, Quotas { max_connections: 3, max_shared_memory: 12288, max_channels: 2 });
+    assert_eq!(config.host().segment_size(), 12288);
+}
+
+#[test]
+fn sizes_take_binary_units() {
+    let size = |text: &str| -> Result<u64, ConfigError> {
+        let config = parse_text(&config_text(&format!("default_max_shared_memory = {text}"), ""))?;
+        Ok(config.host().default_quotas.max_shared_memory)
+    };
+    for (text, bytes) in [
+        ("1048576", 1 << 20),
+        ("\"1048576\"", 1 << 20),
+        ("\"1048576B\"", 1 << 20),
+        ("\"1024KiB\"", 1 << 20),
+        ("\"64MiB\"", 64 << 20),
+        ("\"64 MiB\"", 64 << 20),
+        ("\"2GiB\"", 2 << 30),
+        ("\"1TiB\"", 1 << 40),
+    ] {
+        assert_eq!(size(text).unwrap(), bytes, "{text}");
+    }
+    for text in ["\"64MB\"", "\"64mib\"", "\"MiB\"", "\"1.5GiB\"", "\"-1\"", "\"99999999999TiB\"", "\"\""] {
+        let err = size(text).unwrap_err();
+        let text = text.trim_matches('"');
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "/etc/vsocket/lab.toml: host.default_max_shared_memory: \"{text}\" is not a size: \
+                 a number of bytes, or a number with KiB, MiB, GiB or TiB like \"64MiB\""
+            )
+        );
+    }
+    let err = size("-5").unwrap_err();
+    assert!(
+        err.to_string().ends_with(
+            "host.default_max_shared_memory: \"-5\" is not a size: \
+         a number of bytes, or a number with KiB, MiB, GiB or TiB like \"64MiB\""
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_quotas_name_file_field_and_problem() {
+    let guest = |line: &str| guest_b(&format!("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\n{line}"));
+    let cases: Vec<(String, String, &str, Problem)> = vec![
+        (
+            "default_max_connections = 0".into(),
+            String::new(),
+            "host.default_max_connections",
+            Problem::QuotaBelowOne(0),
+        ),
+        ("default_max_channels = -3".into(), String::new(), "host.default_max_channels", Problem::QuotaBelowOne(-3)),
+        (
+            "default_max_shared_memory = 4096".into(),
+            String::new(),
+            "host.default_max_shared_memory",
+            Problem::SharedMemoryBelowSegment { size: 4096, segment: 528_384, ring_size: 262_144 },
+        ),
+        (String::new(), guest("max_connections = 0"), "guest[1].max_connections", Problem::QuotaBelowOne(0)),
+        (String::new(), guest("max_channels = 0"), "guest[1].max_channels", Problem::QuotaBelowOne(0)),
+        (
+            "ring_size = 65536".into(),
+            guest("max_shared_memory = \"128KiB\""),
+            "guest[1].max_shared_memory",
+            Problem::SharedMemoryBelowSegment { size: 131_072, segment: 135_168, ring_size: 65_536 },
+        ),
+        (
+            String::new(),
+            guest("max_shared_memory = \"1 GB\""),
+            "guest[1].max_shared_memory",
+            Problem::BadSize("1 GB".into()),
+        ),
+    ];
+    for (host, rest, field, problem) in cases {
+        match parse_text(&config_text(&host, &rest)) {
+            Err(ConfigError::Invalid { file, field: got_field, problem: got_problem }) => {
+                assert_eq!(file, PathBuf::from(ORIGIN));
+                assert_eq!((got_field.as_str(), &got_problem), (field, &problem));
+            }
+            other => panic!("{field}: expected Invalid, got {other:?}"),
+        }
+    }
+    let err = parse_text(&config_text("ring_size = 65536", &guest("max_shared_memory = 4096"))).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "/etc/vsocket/lab.toml: guest[1].max_shared_memory: 4096 bytes do not hold one connection's segment \
+         (135168 bytes with host.ring_size = 65536)"
+    );
+    let err = parse_text(&config_text("", &guest("max_connections = 0"))).unwrap_err();
+    assert_eq!(err.to_string(), "/etc/vsocket/lab.toml: guest[1].max_connections: 0 is below the minimum of 1");
+    // A wrong type is toml's to report, with the line.
+    let err = parse_text(&config_text("", &guest("max_connections = \"ten\""))).unwrap_err();
+    assert!(matches!(err, ConfigError::Toml { .. }), "{err}");
 }

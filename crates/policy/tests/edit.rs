@@ -166,3 +166,19 @@ fn on_policy_change_is_read_from_the_host_table() {
     let err = parse_document(&text, Path::new("x.toml")).unwrap_err().to_string();
     assert!(err.starts_with("x.toml: ") && err.contains("unknown variant `drop`"), "{err}");
 }
+
+#[test]
+fn guests_added_live_get_their_quotas_or_the_host_defaults() {
+    use vsocket_policy::Quotas;
+    let text = BASE.replacen("name = \"h\"", "name = \"h\"\ndefault_max_connections = 7", 1);
+    let (doc, _) = parse_document(&text, Path::new("q.toml")).unwrap();
+    let add = "op = \"add_guest\"\n[guest]\nname = \"c\"\nvpc = \"blue\"\naddresses = [\"10.10.0.4\"]";
+    let config = apply(&doc, add).unwrap();
+    let c = config.guest(config.guest_by_name("c").unwrap());
+    assert_eq!(c.quotas, Quotas { max_connections: 7, ..Quotas::DEFAULT });
+    let config = apply(&doc, &format!("{add}\nmax_shared_memory = \"64MiB\"\nmax_channels = 3")).unwrap();
+    let c = config.guest(config.guest_by_name("c").unwrap());
+    assert_eq!(c.quotas, Quotas { max_connections: 7, max_shared_memory: 64 << 20, max_channels: 3 });
+    let err = apply(&doc, &format!("{add}\nmax_connections = 0")).unwrap_err().to_string();
+    assert!(err.contains("guest[2].max_connections: 0 is below the minimum of 1"), "{err}");
+}

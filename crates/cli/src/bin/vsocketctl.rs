@@ -124,6 +124,18 @@ enum GuestAction {
         /// Its network namespace (default vs-NAME).
         #[arg(long)]
         netns: Option<String>,
+        /// Its quota of live connections (default: `[host]
+        /// default_max_connections`).
+        #[arg(long)]
+        max_connections: Option<i64>,
+        /// Its quota of shared memory: bytes, or a size like 64MiB (default:
+        /// `[host] default_max_shared_memory`).
+        #[arg(long)]
+        max_shared_memory: Option<String>,
+        /// Its quota of control channels (default: `[host]
+        /// default_max_channels`).
+        #[arg(long)]
+        max_channels: Option<i64>,
     },
     /// Remove a guest: its control socket goes and its processes' channels
     /// close.
@@ -159,11 +171,37 @@ fn change_request(command: &Command) -> Option<Value> {
         Command::Member { action: MemberAction::Remove { guest, group } } => {
             json!({ "op": "remove_membership", "guest": guest, "group": group })
         }
-        Command::Guest { action: GuestAction::Add { name, vpc, addresses, security_groups, netns } } => {
+        Command::Guest {
+            action:
+                GuestAction::Add {
+                    name,
+                    vpc,
+                    addresses,
+                    security_groups,
+                    netns,
+                    max_connections,
+                    max_shared_memory,
+                    max_channels,
+                },
+        } => {
             let mut guest =
                 json!({ "name": name, "vpc": vpc, "addresses": addresses, "security_groups": security_groups });
             if let Some(netns) = netns {
                 guest["netns"] = json!(netns);
+            }
+            if let Some(n) = max_connections {
+                guest["max_connections"] = json!(n);
+            }
+            if let Some(size) = max_shared_memory {
+                // A plain number is bytes, as in the file; anything else is
+                // a size string ("64MiB") the daemon validates.
+                guest["max_shared_memory"] = match size.parse::<i64>() {
+                    Ok(bytes) => json!(bytes),
+                    Err(_) => json!(size),
+                };
+            }
+            if let Some(n) = max_channels {
+                guest["max_channels"] = json!(n);
             }
             json!({ "op": "add_guest", "guest": guest })
         }
@@ -232,6 +270,14 @@ fn main() {
                 "denied",
                 "fallbacks",
                 "refused_attachments",
+                "connections_live",
+                "max_connections",
+                "shared_memory",
+                "max_shared_memory",
+                "max_channels",
+                "exceeded_connections",
+                "exceeded_shared_memory",
+                "exceeded_channels",
                 "bytes_sent",
                 "bytes_received",
             ],
