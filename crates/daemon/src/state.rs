@@ -267,6 +267,29 @@ impl ConnectionRecord {
     }
 }
 
+/// The connections that are over (see [`ConnectionRecord::finished`]),
+/// asking the kernel about every live connection's lifelines in one `poll`
+/// rather than one per connection.
+fn finished_connections(conns: &HashMap<u64, ConnectionRecord>) -> Vec<u64> {
+    let mut done = Vec::new();
+    let mut live = Vec::new();
+    for c in conns.values() {
+        if c.segment.fully_closed() {
+            done.push(c.id);
+        } else {
+            live.push(c);
+        }
+    }
+    let fds: Vec<_> = live.iter().flat_map(|c| c.lifelines.iter().map(|l| l.as_fd())).collect();
+    let hung = vsocket_sys::hung_up_all(&fds);
+    for (c, ends) in live.iter().zip(hung.chunks(2)) {
+        if ends.iter().all(|&h| h) {
+            done.push(c.id);
+        }
+    }
+    done
+}
+
 /// Where a listener's address is reachable from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Scope {
@@ -556,7 +579,7 @@ impl Daemon {
         let mut closes = Vec::new();
         let retired = {
             let mut conns = lock(&self.connections);
-            let mut done: Vec<u64> = conns.values().filter(|c| c.finished()).map(|c| c.id).collect();
+            let mut done = finished_connections(&conns);
             done.sort_unstable();
             for id in &done {
                 if let Some(mut c) = conns.remove(id) {

@@ -116,6 +116,21 @@ pub fn hung_up(fd: BorrowedFd<'_>) -> bool {
     }
 }
 
+/// For each descriptor, has its other end hung up? One `poll` for all of
+/// them (the reaper asks this of every live connection's lifelines).
+pub fn hung_up_all(fds: &[BorrowedFd<'_>]) -> Vec<bool> {
+    let mut pfds: Vec<libc::pollfd> =
+        fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: 0, revents: 0 }).collect();
+    if pfds.is_empty() {
+        return Vec::new();
+    }
+    // SAFETY: `pfds` is a live array of `pfds.len()` pollfds; timeout 0.
+    match syscall!(unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 0) }) {
+        Ok(_) => pfds.iter().map(|p| p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0).collect(),
+        Err(_) => vec![false; pfds.len()],
+    }
+}
+
 /// The process id behind a Unix socket (SO_PEERCRED), as the kernel recorded
 /// it at connect time.
 pub fn peer_pid(sock: BorrowedFd<'_>) -> io::Result<libc::pid_t> {
