@@ -54,8 +54,35 @@ pub struct Lab {
     background: Vec<Child>,
 }
 
+/// A config body: VPC `blue` (10.10.0.0/24), security group `open`
+/// (TCP on every port from the VPC), and one member of it per
+/// `(name, address, extra lines)` (extra lines such as quotas go into that
+/// guest's table).
+pub fn open_vpc(guests: &[(&str, &str, &str)]) -> String {
+    let mut body = String::from(
+        "[[vpc]]\nname = \"blue\"\ncidr = \"10.10.0.0/24\"\n\n[[security_group]]\nname = \"open\"\n\
+         [[security_group.ingress]]\nprotocol = \"tcp\"\nports = \"all\"\ncidr = \"10.10.0.0/24\"\n",
+    );
+    for (name, address, extra) in guests {
+        body.push_str(&format!(
+            "\n[[guest]]\nname = \"{name}\"\nvpc = \"blue\"\naddresses = [\"{address}\"]\nsecurity_groups = [\"open\"]\n"
+        ));
+        if !extra.is_empty() {
+            body.push_str(extra);
+            body.push('\n');
+        }
+    }
+    body
+}
+
+/// Four guests `a` to `d` (10.10.0.2 to .5) in [`open_vpc`].
+pub fn four_guests() -> String {
+    open_vpc(&[("a", "10.10.0.2", ""), ("b", "10.10.0.3", ""), ("c", "10.10.0.4", ""), ("d", "10.10.0.5", "")])
+}
+
 /// Two guests `a` (10.10.0.2) and `b` (10.10.0.3) in VPC `blue`, each
-/// accepting TCP on every port from the VPC.
+/// accepting TCP on every port from the VPC (the body [`open_vpc`] makes
+/// for them).
 pub const TWO_GUESTS: &str = r#"
 [[vpc]]
 name = "blue"
@@ -468,5 +495,15 @@ mod tests {
     fn parses_redis_benchmark() {
         let text = "SET: rps=0.0 (overall: -nan)\r SET: 89206.06 requests per second, p50=0.263 msec\nGET: 80580.17 requests per second, p50=0.271 msec\n";
         assert_eq!(redis_benchmark_rates(text), vec![("SET".to_string(), 89206.06), ("GET".to_string(), 80580.17)]);
+    }
+}
+
+#[cfg(test)]
+mod config_body_tests {
+    #[test]
+    fn open_vpc_makes_the_two_guest_body() {
+        let made = super::open_vpc(&[("a", "10.10.0.2", ""), ("b", "10.10.0.3", "")]);
+        let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert_eq!(norm(&made), norm(super::TWO_GUESTS));
     }
 }

@@ -12,42 +12,9 @@ use vsocket_e2e::{asset, compile, wait_until, Lab, Via};
 
 /// Four guests in one VPC, all open to each other: `a` is the hostile one,
 /// `b` its peer, `c` and `d` a bystander pair.
-const FOUR_GUESTS: &str = r#"
-[[vpc]]
-name = "blue"
-cidr = "10.10.0.0/24"
-
-[[security_group]]
-name = "open"
-[[security_group.ingress]]
-protocol = "tcp"
-ports = "all"
-cidr = "10.10.0.0/24"
-
-[[guest]]
-name = "a"
-vpc = "blue"
-addresses = ["10.10.0.2"]
-security_groups = ["open"]
-
-[[guest]]
-name = "b"
-vpc = "blue"
-addresses = ["10.10.0.3"]
-security_groups = ["open"]
-
-[[guest]]
-name = "c"
-vpc = "blue"
-addresses = ["10.10.0.4"]
-security_groups = ["open"]
-
-[[guest]]
-name = "d"
-vpc = "blue"
-addresses = ["10.10.0.5"]
-security_groups = ["open"]
-"#;
+fn four() -> String {
+    vsocket_e2e::four_guests()
+}
 
 /// Every way the scribbler damages its segment (see assets/scribbler.c).
 const SCENARIOS: &[&str] = &["tail_ahead", "head_ahead", "huge", "flags", "random", "holders", "header"];
@@ -102,7 +69,7 @@ fn finish_steady(child: Child, what: &str) {
 
 #[test]
 fn scribbling_on_a_segment_breaks_only_that_connection() {
-    let mut lab = Lab::start("thost", FOUR_GUESTS).unwrap();
+    let mut lab = Lab::start("thost", &four()).unwrap();
     let peer = asset("hostile_peer.py");
     let peer = peer.to_str().unwrap();
     lab.spawn("b", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.3", "7000"], "peer-b.log").unwrap();
@@ -168,7 +135,7 @@ fn scribbling_on_a_segment_breaks_only_that_connection() {
 
 #[test]
 fn redis_drops_a_client_that_scribbles_and_serves_the_rest() {
-    let mut lab = Lab::start("thred", FOUR_GUESTS).unwrap();
+    let mut lab = Lab::start("thred", &four()).unwrap();
     let args = vsocket_e2e::redis_server_args(6390, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     lab.spawn("b", Via::Vsocket, "redis-server", &args, "redis.log").unwrap();
@@ -240,7 +207,7 @@ const FD_SLACK: usize = 2;
 
 #[test]
 fn hostile_control_messages_close_only_their_channel() {
-    let mut lab = Lab::start("thctl", FOUR_GUESTS).unwrap();
+    let mut lab = Lab::start("thctl", &four()).unwrap();
     let peer = asset("hostile_peer.py");
     let peer = peer.to_str().unwrap();
     let hostile = asset("hostile_control.py");

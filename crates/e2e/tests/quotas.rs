@@ -13,49 +13,15 @@ const EADDRNOTAVAIL: i32 = 99;
 const ENOBUFS: i32 = 105;
 const ECONNREFUSED: i32 = 111;
 
-/// Four guests open to each other; `extra` lines go into guests `a` and
-/// `d` (their quotas).
+/// Four guests open to each other; `a_quota` and `d_quota` are lines for
+/// guests `a` and `d` (their quotas).
 fn body(a_quota: &str, d_quota: &str) -> String {
-    format!(
-        r#"
-[[vpc]]
-name = "blue"
-cidr = "10.10.0.0/24"
-
-[[security_group]]
-name = "open"
-[[security_group.ingress]]
-protocol = "tcp"
-ports = "all"
-cidr = "10.10.0.0/24"
-
-[[guest]]
-name = "a"
-vpc = "blue"
-addresses = ["10.10.0.2"]
-security_groups = ["open"]
-{a_quota}
-
-[[guest]]
-name = "b"
-vpc = "blue"
-addresses = ["10.10.0.3"]
-security_groups = ["open"]
-
-[[guest]]
-name = "c"
-vpc = "blue"
-addresses = ["10.10.0.4"]
-security_groups = ["open"]
-
-[[guest]]
-name = "d"
-vpc = "blue"
-addresses = ["10.10.0.5"]
-security_groups = ["open"]
-{d_quota}
-"#
-    )
+    vsocket_e2e::open_vpc(&[
+        ("a", "10.10.0.2", a_quota),
+        ("b", "10.10.0.3", ""),
+        ("c", "10.10.0.4", ""),
+        ("d", "10.10.0.5", d_quota),
+    ])
 }
 
 /// Connects once and exchanges a byte; prints "connected" or "errno E".
