@@ -98,6 +98,23 @@ static void serve_one(int c) {
         shutdown(c, SHUT_WR);
         while ((n = read(c, buf, sizeof buf)) > 0) {}
         break;
+    case 'I': { /* report the options inherited from the listener */
+        int ka = 0, nd = 0;
+        socklen_t len = sizeof ka;
+        getsockopt(c, SOL_SOCKET, SO_KEEPALIVE, &ka, &len);
+        len = sizeof nd;
+        getsockopt(c, IPPROTO_TCP, TCP_NODELAY, &nd, &len);
+        struct timeval tv = {0, 0};
+        len = sizeof tv;
+        getsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, &len);
+        struct linger lg = {0, 0};
+        len = sizeof lg;
+        getsockopt(c, SOL_SOCKET, SO_LINGER, &lg, &len);
+        char report[64];
+        int n = snprintf(report, sizeof report, "k=%d n=%d t=%ld l=%d/%d", ka != 0, nd != 0, (long)tv.tv_sec, lg.l_onoff != 0, lg.l_linger);
+        write(c, report, n);
+        break;
+    }
     case 'L': /* SO_LINGER {1, 0}: close sends a reset */
         {
             struct linger lg = {1, 0};
@@ -117,6 +134,13 @@ static int server(const char *ip, int port) {
     int l = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
     setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    /* Options accepted sockets inherit (accept_inherits_listener_options). */
+    setsockopt(l, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    setsockopt(l, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct timeval inherited_timeout = {30, 0};
+    setsockopt(l, SOL_SOCKET, SO_RCVTIMEO, &inherited_timeout, sizeof inherited_timeout);
+    struct linger inherited_linger = {1, 3};
+    setsockopt(l, SOL_SOCKET, SO_LINGER, &inherited_linger, sizeof inherited_linger);
     struct sockaddr_in sa = addr_of(ip, port);
     if (bind(l, (struct sockaddr *)&sa, sizeof sa) || listen(l, 16)) { perror("listen"); return 1; }
     for (;;) {
@@ -672,6 +696,16 @@ static int client(const char *ip, int port) {
     read(s, &status, 1);
     check_threads(s);
     close(s);
+
+    {
+        /* An accepted socket has its listener's options, as Linux copies them. */
+        int q = connect_to(&sa, 'I');
+        char report[64] = {0};
+        ssize_t got = read_full(q, report, sizeof report - 1);
+        report[got > 0 ? got : 0] = 0;
+        CHECK("accept_inherits_listener_options", strcmp(report, "k=1 n=1 t=30 l=1/3") == 0, "accepted socket: %s", report);
+        close(q);
+    }
 
     printf("%d failed\n", failures);
     return failures ? 1 : 0;

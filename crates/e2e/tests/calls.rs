@@ -17,6 +17,7 @@ pub const CHECKS: &[&str] = &[
     "so_keepalive",
     "so_rcvbuf",
     "accept4_flags",
+    "accept_inherits_listener_options",
     "writev",
     "readv",
     "send",
@@ -111,6 +112,6 @@ fn every_intercepted_call_behaves_as_linux_tcp() {
         assert!(out.status.success() && stdout.contains("0 failed"), "{via:?}:\n{stdout}");
     }
     // The vSocket run used vSocket for all eight connections.
-    assert_eq!(lab.counter("a", "connections_out"), 8);
+    assert_eq!(lab.counter("a", "connections_out"), 9);
     assert_eq!(lab.counter("a", "fallbacks"), 0);
 }

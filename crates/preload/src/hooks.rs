@@ -709,7 +709,7 @@ fn accept_listener(
     let real_accept4 = real!(accept4: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int);
     let blocking = sys::fcntl(fd, libc::F_GETFL, 0)? as c_int & libc::O_NONBLOCK == 0;
     loop {
-        if let Some((newfd, peer)) = l.take_pending(flags)? {
+        if let Some((newfd, peer)) = l.take_pending(fd, flags)? {
             write_sockaddr(peer, l.family, addr, alen)?;
             return Ok(newfd);
         }

@@ -55,7 +55,9 @@ impl Listener {
     /// Takes one pending vSocket connection, if any, as a new descriptor
     /// (a fresh kernel TCP socket, so the program sees a real socket).
     /// `flags` are accept4's (SOCK_NONBLOCK, SOCK_CLOEXEC).
-    pub fn take_pending(&self, flags: i32) -> SysResult<Option<(RawFd, SocketAddrV4)>> {
+    /// `listening` is the program's listening socket, whose options the
+    /// accepted socket inherits (as Linux copies them).
+    pub fn take_pending(&self, listening: RawFd, flags: i32) -> SysResult<Option<(RawFd, SocketAddrV4)>> {
         if !self.attached() {
             return Ok(None);
         }
@@ -88,6 +90,7 @@ impl Listener {
         let fds = ConnectionFds::take(&mut reply);
         match Connection::new(info, Endpoint::Server, self.family, fds, flags & libc::SOCK_NONBLOCK != 0) {
             Ok(conn) => {
+                inherit_options(listening, fd, &conn);
                 table::set(fd, Arc::new(Entry::Conn(conn)));
                 Ok(Some((fd, info.peer)))
             }
@@ -96,6 +99,32 @@ impl Listener {
                 Err(e)
             }
         }
+    }
+}
+
+/// An accepted socket inherits its listener's options, as Linux copies
+/// them: on the kernel socket behind the descriptor (which `getsockopt`
+/// reports) and, for those vSocket acts on, in the connection. Only options
+/// set away from their defaults are copied.
+fn inherit_options(listening: RawFd, fd: RawFd, conn: &Connection) {
+    for (level, name) in [(libc::SOL_SOCKET, libc::SO_KEEPALIVE), (libc::IPPROTO_TCP, libc::TCP_NODELAY)] {
+        if let Ok(v) = sys::getsockopt_int(listening, level, name) {
+            if v != 0 {
+                let _ = sys::setsockopt_int(fd, level, name, v);
+            }
+        }
+    }
+    for (receive, name) in [(true, libc::SO_RCVTIMEO), (false, libc::SO_SNDTIMEO)] {
+        if let Ok(ms) = sys::getsockopt_timeout_ms(listening, name) {
+            if ms > 0 {
+                let _ = sys::setsockopt_timeout_ms(fd, name, ms);
+                conn.set_timeout(receive, ms);
+            }
+        }
+    }
+    if let Ok((true, seconds)) = sys::getsockopt_linger(listening) {
+        let _ = sys::setsockopt_linger(fd, true, seconds);
+        conn.set_linger(true, seconds);
     }
 }
 

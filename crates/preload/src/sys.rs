@@ -75,6 +75,38 @@ pub fn getsockopt_int(fd: RawFd, level: i32, name: i32) -> SysResult<i32> {
     Ok(v)
 }
 
+pub fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) -> SysResult<()> {
+    raw!(libc::SYS_setsockopt, fd, level, name, &v as *const i32, std::mem::size_of::<i32>()).map(drop)
+}
+
+/// Sets SO_LINGER.
+pub fn setsockopt_linger(fd: RawFd, on: bool, seconds: i32) -> SysResult<()> {
+    let l = libc::linger { l_onoff: on as i32, l_linger: seconds };
+    raw!(
+        libc::SYS_setsockopt,
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        &l as *const libc::linger,
+        std::mem::size_of::<libc::linger>()
+    )
+    .map(drop)
+}
+
+/// Sets a socket timeout option (SO_RCVTIMEO / SO_SNDTIMEO) in milliseconds.
+pub fn setsockopt_timeout_ms(fd: RawFd, name: i32, ms: i64) -> SysResult<()> {
+    let tv = libc::timeval { tv_sec: ms / 1000, tv_usec: (ms % 1000) * 1000 };
+    raw!(
+        libc::SYS_setsockopt,
+        fd,
+        libc::SOL_SOCKET,
+        name,
+        &tv as *const libc::timeval,
+        std::mem::size_of::<libc::timeval>()
+    )
+    .map(drop)
+}
+
 /// SO_LINGER: (on, seconds).
 pub fn getsockopt_linger(fd: RawFd) -> SysResult<(bool, i32)> {
     let mut l = libc::linger { l_onoff: 0, l_linger: 0 };
