@@ -926,6 +926,14 @@ pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *
             fd, level, name, val, len,
         )
     };
+    if r == 0 {
+        if let Some(e) = table::get(fd) {
+            if let Entry::Listener(l) = &*e {
+                // Accepted sockets inherit the listener's options.
+                l.options_changed();
+            }
+        }
+    }
     if r == 0 && level == libc::SOL_SOCKET && (name == libc::SO_RCVTIMEO || name == libc::SO_SNDTIMEO) {
         if let Some(e) = table::get(fd) {
             if let Entry::Conn(c) = &*e {

@@ -14,7 +14,7 @@ use crate::table::{self, Entry};
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use vsocket_abi::control::Message;
 use vsocket_abi::layout::Endpoint;
 
@@ -28,6 +28,64 @@ pub struct Listener {
     pub family: Family,
     /// How long a blocking accept spins before sleeping.
     pub spinner: crate::wait::Spinner,
+    /// The listening socket's options that accepted sockets inherit, read
+    /// from the kernel at the first accept after they may have changed
+    /// (`None`: not read yet, or a `setsockopt` on the listener since).
+    inherited: Mutex<Option<Inherited>>,
+}
+
+/// Options an accepted socket inherits from its listener, as Linux copies
+/// them: the ones set away from their defaults.
+#[derive(Clone, Copy, Default)]
+struct Inherited {
+    keepalive: i32,
+    nodelay: i32,
+    recv_timeout_ms: i64,
+    send_timeout_ms: i64,
+    linger: Option<i32>,
+}
+
+impl Inherited {
+    fn read(listening: RawFd) -> Inherited {
+        let int = |level, name| sys::getsockopt_int(listening, level, name).unwrap_or(0);
+        let timeout = |name| sys::getsockopt_timeout_ms(listening, name).unwrap_or(0);
+        Inherited {
+            keepalive: int(libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+            nodelay: int(libc::IPPROTO_TCP, libc::TCP_NODELAY),
+            recv_timeout_ms: timeout(libc::SO_RCVTIMEO),
+            send_timeout_ms: timeout(libc::SO_SNDTIMEO),
+            linger: match sys::getsockopt_linger(listening) {
+                Ok((true, seconds)) => Some(seconds),
+                _ => None,
+            },
+        }
+    }
+
+    /// Sets them on the accepted kernel socket `fd` (which `getsockopt`
+    /// reports) and, for those vSocket acts on, in the connection. Options
+    /// left at their defaults cost nothing.
+    fn apply(&self, fd: RawFd, conn: &Connection) {
+        for (level, name, v) in [
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE, self.keepalive),
+            (libc::IPPROTO_TCP, libc::TCP_NODELAY, self.nodelay),
+        ] {
+            if v != 0 {
+                let _ = sys::setsockopt_int(fd, level, name, v);
+            }
+        }
+        for (receive, name, ms) in
+            [(true, libc::SO_RCVTIMEO, self.recv_timeout_ms), (false, libc::SO_SNDTIMEO, self.send_timeout_ms)]
+        {
+            if ms > 0 {
+                let _ = sys::setsockopt_timeout_ms(fd, name, ms);
+                conn.set_timeout(receive, ms);
+            }
+        }
+        if let Some(seconds) = self.linger {
+            let _ = sys::setsockopt_linger(fd, true, seconds);
+            conn.set_linger(true, seconds);
+        }
+    }
 }
 
 impl Listener {
@@ -35,9 +93,13 @@ impl Listener {
     pub fn register(local: SocketAddrV4, family: Family, backlog: i32) -> SysResult<Listener> {
         let channel = control::open_channel()?;
         match control::exchange(channel, &Message::Listen { local, backlog: backlog.max(0) as u32 }) {
-            Ok(reply) if reply.message == Message::ListenOk => {
-                Ok(Listener { channel, detached: AtomicBool::new(false), family, spinner: crate::wait::Spinner::new() })
-            }
+            Ok(reply) if reply.message == Message::ListenOk => Ok(Listener {
+                channel,
+                detached: AtomicBool::new(false),
+                family,
+                spinner: crate::wait::Spinner::new(),
+                inherited: Mutex::new(None),
+            }),
             Ok(reply) => {
                 let _ = sys::close(channel);
                 Err(match reply.message {
@@ -90,7 +152,12 @@ impl Listener {
         let fds = ConnectionFds::take(&mut reply);
         match Connection::new(info, Endpoint::Server, self.family, fds, flags & libc::SOCK_NONBLOCK != 0) {
             Ok(conn) => {
-                inherit_options(listening, fd, &conn);
+                let inherited = *self
+                    .inherited
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert_with(|| Inherited::read(listening));
+                inherited.apply(fd, &conn);
                 table::set(fd, Arc::new(Entry::Conn(conn)));
                 Ok(Some((fd, info.peer)))
             }
@@ -102,33 +169,13 @@ impl Listener {
     }
 }
 
-/// An accepted socket inherits its listener's options, as Linux copies
-/// them: on the kernel socket behind the descriptor (which `getsockopt`
-/// reports) and, for those vSocket acts on, in the connection. Only options
-/// set away from their defaults are copied.
-fn inherit_options(listening: RawFd, fd: RawFd, conn: &Connection) {
-    for (level, name) in [(libc::SOL_SOCKET, libc::SO_KEEPALIVE), (libc::IPPROTO_TCP, libc::TCP_NODELAY)] {
-        if let Ok(v) = sys::getsockopt_int(listening, level, name) {
-            if v != 0 {
-                let _ = sys::setsockopt_int(fd, level, name, v);
-            }
-        }
-    }
-    for (receive, name) in [(true, libc::SO_RCVTIMEO), (false, libc::SO_SNDTIMEO)] {
-        if let Ok(ms) = sys::getsockopt_timeout_ms(listening, name) {
-            if ms > 0 {
-                let _ = sys::setsockopt_timeout_ms(fd, name, ms);
-                conn.set_timeout(receive, ms);
-            }
-        }
-    }
-    if let Ok((true, seconds)) = sys::getsockopt_linger(listening) {
-        let _ = sys::setsockopt_linger(fd, true, seconds);
-        conn.set_linger(true, seconds);
-    }
-}
-
 impl Listener {
+    /// The program set an option on the listening socket: read them again
+    /// at the next accept.
+    pub fn options_changed(&self) {
+        *self.inherited.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Does the daemon still deliver connections on the channel?
     pub fn attached(&self) -> bool {
         !self.detached.load(Ordering::Relaxed)
