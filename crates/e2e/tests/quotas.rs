@@ -81,6 +81,14 @@ fn go(lab: &Lab) -> String {
     lab.dir.join("go").display().to_string()
 }
 
+/// Runs quota_hold.py in `guest`: it holds `count` connections to
+/// `addr`:7000, tries one more (blocking and asyncio), then waits for the
+/// `go_file`. Returns its log once both extra connects were tried.
+fn hold(lab: &mut Lab, guest: &str, addr: &str, count: &str, go_file: &str, log: &str) -> String {
+    lab.spawn(guest, Via::Vsocket, "python3", &[&script("quota_hold.py"), addr, "7000", count, go_file], log).unwrap();
+    wait_log(lab, log, "extra_async")
+}
+
 fn release(lab: &Lab) {
     std::fs::write(Path::new(&go(lab)), b"").unwrap();
 }
@@ -90,9 +98,7 @@ fn connection_quota_fails_the_client_with_eaddrnotavail_and_spares_other_guests(
     let mut lab = Lab::start_host("tqcon", &body("max_connections = 3", ""), "metrics = \"127.0.0.1:19471\"").unwrap();
     echo(&mut lab, "b", "10.10.0.3");
     let go = go(&lab);
-    lab.spawn("a", Via::Vsocket, "python3", &[&script("quota_hold.py"), "10.10.0.3", "7000", "3", &go], "hold.log")
-        .unwrap();
-    let log = wait_log(&lab, "hold.log", "extra");
+    let log = hold(&mut lab, "a", "10.10.0.3", "3", &go, "hold.log");
     assert!(log.contains("held 3\n"), "{log}");
     assert!(log.contains(&format!("extra errno {EADDRNOTAVAIL}\n")), "the 4th connect fails: {log}");
     let refused_async = format!("extra_async errno {EADDRNOTAVAIL}\n");
@@ -132,9 +138,7 @@ fn server_quota_refuses_connects_with_econnrefused_counted_against_the_server() 
     echo(&mut lab, "d", "10.10.0.5");
     echo(&mut lab, "b", "10.10.0.3");
     let go = go(&lab);
-    lab.spawn("a", Via::Vsocket, "python3", &[&script("quota_hold.py"), "10.10.0.5", "7000", "2", &go], "hold.log")
-        .unwrap();
-    let log = wait_log(&lab, "hold.log", "extra");
+    let log = hold(&mut lab, "a", "10.10.0.5", "2", &go, "hold.log");
     assert!(log.contains("held 2\n"), "{log}");
     assert!(log.contains(&format!("extra errno {ECONNREFUSED}\n")), "d's backlog looks full: {log}");
     assert!(log.contains(&format!("extra_async errno {ECONNREFUSED}\n")), "{log}");
@@ -160,9 +164,7 @@ fn shared_memory_quota_fails_the_client_with_enobufs() {
     let mut lab = Lab::start_host("tqshm", &body("max_shared_memory = \"36KiB\"", ""), "ring_size = 4096").unwrap();
     echo(&mut lab, "b", "10.10.0.3");
     let go = go(&lab);
-    lab.spawn("a", Via::Vsocket, "python3", &[&script("quota_hold.py"), "10.10.0.3", "7000", "3", &go], "hold.log")
-        .unwrap();
-    let log = wait_log(&lab, "hold.log", "extra");
+    let log = hold(&mut lab, "a", "10.10.0.3", "3", &go, "hold.log");
     assert!(log.contains("held 3\n"), "{log}");
     assert!(log.contains(&format!("extra errno {ENOBUFS}\n")), "the 4th segment does not fit: {log}");
     assert!(log.contains(&format!("extra_async errno {ENOBUFS}\n")), "{log}");
@@ -229,9 +231,7 @@ fn quotas_follow_live_policy_changes_and_reset_connections_give_back_once() {
     let mut lab = Lab::start_host("tqlive", &body("max_connections = 2", ""), "on_policy_change = \"reset\"").unwrap();
     echo(&mut lab, "b", "10.10.0.3");
     let go_a = lab.dir.join("go-a").display().to_string();
-    lab.spawn("a", Via::Vsocket, "python3", &[&script("quota_hold.py"), "10.10.0.3", "7000", "2", &go_a], "hold-a.log")
-        .unwrap();
-    let log = wait_log(&lab, "hold-a.log", "extra_async");
+    let log = hold(&mut lab, "a", "10.10.0.3", "2", &go_a, "hold-a.log");
     assert!(log.contains(&format!("extra errno {EADDRNOTAVAIL}\n")), "{log}");
 
     // A reload raises a's limit and lowers the [host] default (both live;
@@ -281,9 +281,7 @@ fn quotas_follow_live_policy_changes_and_reset_connections_give_back_once() {
     let bad = lab.ctl_output(&["guest", "add", "f", "--vpc", "blue", "--address", "10.10.0.7", "--max-channels", "0"]);
     assert!(!bad.unwrap().status.success(), "quotas of a live guest are validated");
     let go_e = lab.dir.join("go-e").display().to_string();
-    lab.spawn("e", Via::Vsocket, "python3", &[&script("quota_hold.py"), "10.10.0.3", "7000", "1", &go_e], "hold-e.log")
-        .unwrap();
-    let log = wait_log(&lab, "hold-e.log", "extra_async");
+    let log = hold(&mut lab, "e", "10.10.0.3", "1", &go_e, "hold-e.log");
     assert!(log.contains("held 1\n") && log.contains(&format!("extra errno {EADDRNOTAVAIL}\n")), "{log}");
     let three = wait_until(Duration::from_secs(10), || lab.counter("b", "connections_live") == 3);
     assert!(three, "b holds a's 2 and e's 1: {:?}", lab.guest("b"));
