@@ -671,6 +671,9 @@ static int client(const char *ip, int port) {
     /* MSG_WAITALL across paced writes; shutdown(SHUT_RD). */
     s = connect_to(&sa, 'W');
     char big[10000];
+    /* MSG_PEEK with MSG_WAITALL waits for all of it too, and takes none. */
+    ssize_t peeked = recv(s, big, 3000, MSG_PEEK | MSG_WAITALL);
+    CHECK("peek_waitall_paced", peeked == 3000, "peeked %zd", peeked);
     CHECK("waitall_paced", recv(s, big, sizeof big, MSG_WAITALL) == (ssize_t)sizeof big, "short read");
     shutdown(s, SHUT_RD);
     CHECK("shutdown_rd", read(s, in, 1) == 0, "read after SHUT_RD");

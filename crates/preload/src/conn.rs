@@ -394,6 +394,9 @@ impl Connection {
         let peek = flags & libc::MSG_PEEK != 0;
         let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
         let dontwait = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();
+        if peek && flags & libc::MSG_WAITALL != 0 && !dontwait {
+            self.wait_to_peek(wanted)?;
+        }
         let mut total = 0usize;
         loop {
             if self.broken.load(Ordering::Relaxed) {
@@ -440,6 +443,24 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// MSG_PEEK with MSG_WAITALL waits, as Linux does, until `wanted` bytes
+    /// (or as many as the ring holds) are there, or the stream ends.
+    fn wait_to_peek(&self, wanted: usize) -> SysResult<()> {
+        let target = wanted.min(self.rx().capacity() as usize);
+        wait::block_until(self, ready::IN, || {
+            if self.broken.load(Ordering::Relaxed) || self.read_shut.load(Ordering::Relaxed) {
+                return true;
+            }
+            let rx = self.rx();
+            match rx.state() {
+                Ok(RxState::Data(n)) => n as usize >= target || rx.fin_received(),
+                Ok(RxState::Empty) => false,
+                // End of stream, reset or a corrupt ring: the read reports it.
+                _ => true,
+            }
+        })
     }
 
     fn finish_read(&self, total: usize, err: SysResult<usize>) -> SysResult<usize> {
@@ -740,6 +761,29 @@ mod tests {
         assert_eq!(c.recv(&mut [&mut buf[..]], 0), Ok(0));
         assert_eq!(c.send(&[b"first"], libc::MSG_NOSIGNAL), Ok(5));
         assert_eq!(c.send(&[b"second"], libc::MSG_NOSIGNAL), Err(Errno(libc::EPIPE)));
+    }
+
+    #[test]
+    fn peek_with_waitall_waits_for_every_byte_and_consumes_none() {
+        let (c, s) = pair(4096);
+        c.send(&[b"abc"], 0).unwrap();
+        let peeker = std::thread::spawn(move || {
+            let mut buf = [0u8; 6];
+            let n = s.recv(&mut [&mut buf[..]], libc::MSG_PEEK | libc::MSG_WAITALL);
+            (n, buf, recv_all(&s, 6))
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        c.send(&[b"def"], 0).unwrap();
+        let (n, buf, read) = peeker.join().unwrap();
+        assert_eq!(n, Ok(6));
+        assert_eq!(&buf, b"abcdef");
+        assert_eq!(read, b"abcdef");
+        // The end of the stream ends the wait with what is there.
+        let (c, s) = pair(4096);
+        c.send(&[b"xy"], 0).unwrap();
+        c.shutdown(libc::SHUT_WR).unwrap();
+        let mut buf = [0u8; 6];
+        assert_eq!(s.recv(&mut [&mut buf[..]], libc::MSG_PEEK | libc::MSG_WAITALL), Ok(2));
     }
 
     #[test]

@@ -152,19 +152,25 @@ fn spin_for(budget_ns: u64, start: u64, mut ready: impl FnMut() -> bool) -> Spin
 /// Blocks until `conn` satisfies `interest` (epoll bits), or a signal
 /// interrupts (EINTR).
 pub fn block(conn: &Connection, interest: u32) -> SysResult<()> {
-    let Some(_sleeping) = spin_thread(|| conn.satisfies(interest)) else {
-        return Ok(());
-    };
-    sleep(conn, interest)
+    block_until(conn, interest, || conn.satisfies(interest))
 }
 
-fn sleep(conn: &Connection, interest: u32) -> SysResult<()> {
+/// Blocks until `ready` holds, sleeping on `conn`'s doorbell armed for
+/// `interest` (the events that can change `ready`), or a signal interrupts.
+pub fn block_until(conn: &Connection, interest: u32, mut ready: impl FnMut() -> bool) -> SysResult<()> {
+    let Some(_sleeping) = spin_thread(&mut ready) else {
+        return Ok(());
+    };
+    sleep(conn, interest, ready)
+}
+
+fn sleep(conn: &Connection, interest: u32, mut ready: impl FnMut() -> bool) -> SysResult<()> {
     // SO_RCVTIMEO / SO_SNDTIMEO: EAGAIN when they run out, as the kernel does.
     let timeout_ms = conn.timeout_ms(interest);
     let deadline = (timeout_ms > 0).then(|| sys::now_ms() + timeout_ms);
     loop {
         conn.arm(interest);
-        if conn.satisfies(interest) {
+        if ready() {
             return Ok(());
         }
         let sleep = match deadline {
@@ -189,7 +195,7 @@ fn sleep(conn: &Connection, interest: u32) -> SysResult<()> {
         if pfd[0].revents != 0 {
             conn.drain_doorbell();
         }
-        if conn.satisfies(interest) {
+        if ready() {
             return Ok(());
         }
     }

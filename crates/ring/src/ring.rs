@@ -225,6 +225,11 @@ impl<'a> Consumer<'a> {
         Consumer(unsafe { Shared::new(ctl, data, size) })
     }
 
+    /// The most bytes the ring can hold.
+    pub fn capacity(&self) -> u32 {
+        self.0.size
+    }
+
     /// What a read would find now.
     pub fn state(&self) -> Result<RxState, RingError> {
         let s = &self.0;
