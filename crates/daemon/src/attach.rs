@@ -34,7 +34,8 @@ use vsocket_abi::control::{Message, MAX_MESSAGE};
 pub fn serve_guests(daemon: &Arc<Daemon>) -> io::Result<()> {
     let policy = daemon.policy();
     let run_dir = &policy.config.host().run_dir;
-    for slot in policy.slots() {
+    // Guests placed on other hosts attach to their own hosts' daemons.
+    for slot in policy.slots().iter().filter(|slot| slot.local) {
         let listener = open_control(run_dir, slot)?;
         serve_guest(daemon, slot, listener)?;
     }

@@ -124,7 +124,10 @@ pub fn reload(daemon: &Arc<Daemon>) -> Result<Applied, String> {
 /// Puts `config` in force (see the module docs). The caller holds `source`.
 fn apply(daemon: &Arc<Daemon>, config: Config) -> Result<Applied, String> {
     let old = daemon.policy();
-    let restart = restart_only_changes(old.config.host(), config.host());
+    let mut restart = restart_only_changes(old.config.host(), config.host());
+    if old.config.fabric() != config.fabric() {
+        restart.push("fabric");
+    }
     if !restart.is_empty() {
         return Err(format!("{} cannot change while vsocketd runs (restart it); nothing changed", restart.join(", ")));
     }
@@ -144,6 +147,7 @@ fn apply(daemon: &Arc<Daemon>, config: Config) -> Result<Applied, String> {
         let slot = Arc::new(GuestSlot::new(daemon.next_id(), &config, id));
         let socket = match kept {
             Some(_) => None,
+            None if !slot.local => None,
             None => match attach::open_control(&run_dir, &slot) {
                 Ok(socket) => Some(socket),
                 Err(e) => {
@@ -172,6 +176,10 @@ fn apply(daemon: &Arc<Daemon>, config: Config) -> Result<Applied, String> {
     }
     let mut errors = Vec::new();
     for (slot, socket) in sockets {
+        if !slot.local {
+            tracing::info!(guest = %slot.name, host = %slot.host, "guest added on another host");
+            continue;
+        }
         let served = match socket {
             Some(socket) => attach::serve_guest(daemon, &slot, socket),
             None => attach::open_control(&run_dir, &slot).and_then(|socket| attach::serve_guest(daemon, &slot, socket)),

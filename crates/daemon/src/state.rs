@@ -61,6 +61,10 @@ pub struct GuestSlot {
     pub vpc: Arc<str>,
     pub addresses: Vec<Ipv4Addr>,
     pub netns: String,
+    /// The host it runs on (placement); this host's name for local guests.
+    pub host: String,
+    /// Whether it runs on this host (has a control socket here).
+    pub local: bool,
     pub counters: GuestCounters,
     removed: AtomicBool,
     /// Duplicates of the guest's control socket (key 0) and open channels,
@@ -81,6 +85,8 @@ impl GuestSlot {
             vpc: config.vpc(g.vpc).name.as_str().into(),
             addresses: g.addresses.clone(),
             netns: g.netns.clone(),
+            host: g.host.clone(),
+            local: config.is_local(guest),
             counters: GuestCounters::default(),
             removed: AtomicBool::new(false),
             handles: Mutex::default(),
@@ -88,13 +94,14 @@ impl GuestSlot {
     }
 
     /// Whether guest `guest` of `config` is this guest: same name, VPC,
-    /// addresses and namespace (security groups may differ).
+    /// addresses, namespace and host (security groups may differ).
     pub fn is(&self, config: &Config, guest: GuestId) -> bool {
         let g = config.guest(guest);
         g.name == self.name
             && *config.vpc(g.vpc).name == *self.vpc
             && g.addresses == self.addresses
             && g.netns == self.netns
+            && g.host == self.host
     }
 
     /// Has the guest been removed from the policy?

@@ -41,6 +41,16 @@
 //!                                # on_policy_change, the only [host] settings a
 //!                                # `vsocketctl reload` may change
 //!
+//! [fabric]                       # only with guests on other hosts
+//! kind = "tcp"                   # "tcp" (default) or "ucx": how this host's
+//!                                # vsocketd carries connections to other hosts
+//! [[fabric.host]]                # every host of the fabric, this one included
+//! name = "host1"                 # a host name; one entry must be host.name
+//! address = "10.99.0.1:7470"     # where that host's vsocketd takes fabric links
+//! [[fabric.host]]
+//! name = "host2"
+//! address = "10.99.0.2:7470"
+//!
 //! [[vpc]]
 //! name = "blue"
 //! cidr = "10.10.0.0/24"          # the VPC's address range; VPCs may overlap
@@ -70,6 +80,9 @@
 //! addresses = ["10.10.0.2"]      # one or more, inside the VPC cidr, unique in the VPC
 //! security_groups = ["redis"]    # default []
 //! netns = "vs-a"                 # network namespace; default "vs-<name>", unique
+//! host = "host2"                 # the host it runs on (placement of its
+//!                                # addresses): host.name or a fabric.host;
+//!                                # default host.name
 //! max_connections = 100          # live vSocket connections, as client or server;
 //!                                # at least 1; default host.default_max_connections
 //! max_shared_memory = "64MiB"    # bytes of those connections' segments (each
@@ -99,6 +112,9 @@
 //!   VPC may reuse them); its network namespace is unique.
 //! - Every rule has exactly one of `cidr` and `group`, and the group exists;
 //!   port ranges satisfy `1 <= lo <= hi <= 65535`.
+//! - `fabric.host` names are unique host names, one of them `host.name`,
+//!   each with an IP address and a nonzero port; a guest's `host` is
+//!   `host.name` or one of them.
 //! - `ring_size` is a power of two within 4096..=64 MiB, and `run_dir` is an
 //!   absolute path.
 //! - `flow_log` is an absolute path; `flow_log_max_bytes` is at least 4096
@@ -122,7 +138,7 @@ use serde::Deserialize;
 use crate::cidr::{CidrError, Ipv4Cidr};
 use crate::edit::Document;
 use crate::model::{
-    Config, DenyAction, FlowLogConfig, GroupId, Guest, HostConfig, Peer, PolicyChangeAction, PortRange, Protocol,
+    Config, DenyAction, FabricConfig, FabricHost, FabricKind, FlowLogConfig, GroupId, Guest, HostConfig, Peer, PolicyChangeAction, PortRange, Protocol,
     ProtocolFilter, Quotas, Rule, SecurityGroup, Vpc, VpcId,
 };
 
@@ -315,6 +331,10 @@ pub enum Problem {
     MissingPeer,
     /// `a rule takes only one of cidr or group, not both`
     BothPeers,
+    /// `unknown host "{0}" (not host.name or a fabric.host)`
+    UnknownHost(String),
+    /// `no entry for this host "{0}" (host.name)`
+    FabricWithoutThisHost(String),
 }
 
 impl fmt::Display for Problem {
@@ -379,6 +399,8 @@ impl fmt::Display for Problem {
             }
             Self::MissingPeer => f.write_str("a rule needs one of cidr or group"),
             Self::BothPeers => f.write_str("a rule takes only one of cidr or group, not both"),
+            Self::UnknownHost(name) => write!(f, "unknown host \"{name}\" (not host.name or a fabric.host)"),
+            Self::FabricWithoutThisHost(name) => write!(f, "no entry for this host \"{name}\" (host.name)"),
         }
     }
 }
@@ -389,6 +411,7 @@ impl fmt::Display for Problem {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
     host: RawHost,
+    fabric: Option<RawFabric>,
     #[serde(default)]
     vpc: Vec<RawVpc>,
     #[serde(default)]
@@ -430,6 +453,30 @@ enum RawPolicyChangeAction {
     #[default]
     Keep,
     Reset,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFabric {
+    #[serde(default)]
+    kind: RawFabricKind,
+    #[serde(default)]
+    host: Vec<RawFabricHost>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(rename_all = "lowercase")]
+enum RawFabricKind {
+    #[default]
+    Tcp,
+    Ucx,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFabricHost {
+    name: String,
+    address: String,
 }
 
 #[derive(Deserialize, Clone)]
@@ -513,6 +560,7 @@ pub(crate) struct RawGuest {
     #[serde(default)]
     pub(crate) security_groups: Vec<String>,
     netns: Option<String>,
+    host: Option<String>,
     max_connections: Option<i64>,
     max_shared_memory: Option<RawSize>,
     max_channels: Option<i64>,
@@ -566,10 +614,38 @@ impl Validator<'_> {
 
     pub(crate) fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let host = self.host(raw.host)?;
+        let fabric = raw.fabric.map(|fabric| self.fabric(fabric, &host)).transpose()?;
         let vpcs = self.vpcs(raw.vpc)?;
         let security_groups = self.security_groups(raw.security_group)?;
-        let guests = self.guests(raw.guest, &vpcs, &security_groups, &host)?;
-        Ok(Config::from_validated(host, vpcs, guests, security_groups))
+        let guests = self.guests(raw.guest, &vpcs, &security_groups, &host, fabric.as_ref())?;
+        Ok(Config::from_validated(host, fabric, vpcs, guests, security_groups))
+    }
+
+    fn fabric(&self, raw: RawFabric, host: &HostConfig) -> Result<FabricConfig, ConfigError> {
+        let kind = match raw.kind {
+            RawFabricKind::Tcp => FabricKind::Tcp,
+            RawFabricKind::Ucx => FabricKind::Ucx,
+        };
+        let mut first_by_name = HashMap::new();
+        let mut hosts = Vec::with_capacity(raw.host.len());
+        for (i, entry) in raw.host.into_iter().enumerate() {
+            let name_field = format!("fabric.host[{i}].name");
+            check_host_name(&entry.name).map_err(|p| self.invalid(&name_field, p))?;
+            self.check_unique(&mut first_by_name, &entry.name, name_field)?;
+            let address = match entry.address.parse::<SocketAddr>() {
+                Ok(addr) if addr.port() != 0 => addr,
+                _ => {
+                    return Err(
+                        self.invalid(format!("fabric.host[{i}].address"), Problem::BadListenAddress(entry.address))
+                    )
+                }
+            };
+            hosts.push(FabricHost { name: entry.name, address });
+        }
+        if !hosts.iter().any(|h| h.name == host.name) {
+            return Err(self.invalid("fabric.host", Problem::FabricWithoutThisHost(host.name.clone())));
+        }
+        Ok(FabricConfig { kind, hosts })
     }
 
     fn host(&self, raw: RawHost) -> Result<HostConfig, ConfigError> {
@@ -781,6 +857,7 @@ impl Validator<'_> {
         vpcs: &[Vpc],
         security_groups: &[SecurityGroup],
         host: &HostConfig,
+        fabric: Option<&FabricConfig>,
     ) -> Result<Vec<Guest>, ConfigError> {
         let mut first_by_name = HashMap::new();
         let mut first_by_netns = HashMap::new();
@@ -847,7 +924,18 @@ impl Validator<'_> {
                 (host.segment_size(), host.ring_size),
             )?;
 
-            guests.push(Guest { name: guest.name, vpc: vpc_id, addresses, groups, netns, quotas });
+            let placed_on = match guest.host {
+                None => host.name.clone(),
+                Some(name) => {
+                    let known = name == host.name || fabric.is_some_and(|f| f.hosts.iter().any(|h| h.name == name));
+                    if !known {
+                        return Err(self.invalid(at("host"), Problem::UnknownHost(name)));
+                    }
+                    name
+                }
+            };
+
+            guests.push(Guest { name: guest.name, vpc: vpc_id, addresses, groups, netns, host: placed_on, quotas });
         }
         Ok(guests)
     }

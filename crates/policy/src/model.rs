@@ -46,6 +46,7 @@ impl_id!(VpcId, GuestId, GroupId);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     host: HostConfig,
+    fabric: Option<FabricConfig>,
     vpcs: Vec<Vpc>,
     guests: Vec<Guest>,
     security_groups: Vec<SecurityGroup>,
@@ -58,6 +59,7 @@ impl Config {
     /// validated, and builds the lookup indexes.
     pub(crate) fn from_validated(
         host: HostConfig,
+        fabric: Option<FabricConfig>,
         vpcs: Vec<Vpc>,
         guests: Vec<Guest>,
         security_groups: Vec<SecurityGroup>,
@@ -68,12 +70,22 @@ impl Config {
             .enumerate()
             .flat_map(|(i, guest)| guest.addresses.iter().map(move |addr| ((guest.vpc, *addr), GuestId(i))))
             .collect();
-        Self { host, vpcs, guests, security_groups, guests_by_name, guests_by_address }
+        Self { host, fabric, vpcs, guests, security_groups, guests_by_name, guests_by_address }
     }
 
     /// Settings of the daemon on this host.
     pub fn host(&self) -> &HostConfig {
         &self.host
+    }
+
+    /// The hosts this one carries connections to, if any.
+    pub fn fabric(&self) -> Option<&FabricConfig> {
+        self.fabric.as_ref()
+    }
+
+    /// Whether `guest` runs on this host.
+    pub fn is_local(&self, guest: GuestId) -> bool {
+        self.guest(guest).host == self.host.name
     }
 
     /// All VPCs, in file order.
@@ -153,6 +165,49 @@ pub struct HostConfig {
     /// `default_max_connections`, `default_max_shared_memory` and
     /// `default_max_channels`.
     pub default_quotas: Quotas,
+}
+
+/// The hosts of a fabric and how this one reaches them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FabricConfig {
+    /// How connections are carried between hosts.
+    pub kind: FabricKind,
+    /// Every host of the fabric, this one included, with unique names.
+    pub hosts: Vec<FabricHost>,
+}
+
+impl FabricConfig {
+    /// The entry named `name`.
+    pub fn host(&self, name: &str) -> Option<&FabricHost> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+}
+
+/// How two hosts' daemons carry connections to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FabricKind {
+    /// Kernel TCP between the daemons.
+    Tcp,
+    /// UCX active messages (RDMA where the hosts have it).
+    Ucx,
+}
+
+impl fmt::Display for FabricKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Ucx => "ucx",
+        })
+    }
+}
+
+/// One host of a fabric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FabricHost {
+    /// Its `host.name`.
+    pub name: String,
+    /// Where its daemon takes fabric links.
+    pub address: SocketAddr,
 }
 
 /// What one guest may hold at once on this host, so that a guest that runs
@@ -289,6 +344,8 @@ pub struct Guest {
     pub groups: Vec<GroupId>,
     /// The network namespace it runs in; unique among guests.
     pub netns: String,
+    /// The host it runs on: this host's name or a fabric host's.
+    pub host: String,
     /// Its limits: its own `max_*` fields, or the host's defaults.
     pub quotas: Quotas,
 }

@@ -703,3 +703,68 @@ fn bad_quotas_name_file_field_and_problem() {
     let err = parse_text(&config_text("", &guest("max_connections = \"ten\""))).unwrap_err();
     assert!(matches!(err, ConfigError::Toml { .. }), "{err}");
 }
+
+/// A `[fabric]` of this host and "host2", of `kind`.
+fn fabric_table(kind: &str) -> String {
+    format!(
+        "[fabric]\nkind = \"{kind}\"\n[[fabric.host]]\nname = \"host1\"\naddress = \"10.99.0.1:7470\"\n\
+         [[fabric.host]]\nname = \"host2\"\naddress = \"10.99.0.2:7470\"\n"
+    )
+}
+
+#[test]
+fn guests_are_placed_on_this_host_or_a_fabric_host() {
+    let remote = guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nhost = \"host2\"");
+    let config = parse_text(&config_text("", &format!("{}\n{remote}", fabric_table("ucx")))).unwrap();
+    let fabric = config.fabric().unwrap();
+    assert_eq!(fabric.kind, vsocket_policy::FabricKind::Ucx);
+    assert_eq!(fabric.host("host2").unwrap().address, "10.99.0.2:7470".parse().unwrap());
+    let a = config.guest_by_name("a").unwrap();
+    let b = config.guest_by_name("b").unwrap();
+    assert_eq!((config.guest(a).host.as_str(), config.is_local(a)), ("host1", true));
+    assert_eq!((config.guest(b).host.as_str(), config.is_local(b)), ("host2", false));
+    // Without a fabric, every guest is local; kind defaults to tcp.
+    let config = parse_text(&config_text("", "")).unwrap();
+    assert!(config.fabric().is_none());
+    let text = fabric_table("tcp").replace("kind = \"tcp\"\n", "");
+    assert_eq!(parse_text(&config_text("", &text)).unwrap().fabric().unwrap().kind, vsocket_policy::FabricKind::Tcp);
+}
+
+#[test]
+fn bad_placement_and_fabric_name_file_field_and_problem() {
+    let placed = |host: &str| guest_b(&format!("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nhost = \"{host}\""));
+    let cases: Vec<(String, &str, Problem)> = vec![
+        (placed("host2"), "guest[1].host", Problem::UnknownHost("host2".into())),
+        (format!("{}{}", fabric_table("tcp"), placed("host3")), "guest[1].host", Problem::UnknownHost("host3".into())),
+        (
+            fabric_table("tcp").replace("name = \"host1\"", "name = \"hostx\""),
+            "fabric.host",
+            Problem::FabricWithoutThisHost("host1".into()),
+        ),
+        (
+            fabric_table("tcp").replace("10.99.0.2:7470", "10.99.0.2"),
+            "fabric.host[1].address",
+            Problem::BadListenAddress("10.99.0.2".into()),
+        ),
+        (
+            fabric_table("tcp").replace("name = \"host2\"", "name = \"host1\""),
+            "fabric.host[1].name",
+            Problem::Duplicate { value: "host1".into(), first: "fabric.host[0].name".into() },
+        ),
+    ];
+    for (rest, field, problem) in cases {
+        match parse_text(&config_text("", &rest)) {
+            Err(ConfigError::Invalid { field: got_field, problem: got_problem, .. }) => {
+                assert_eq!((got_field.as_str(), &got_problem), (field, &problem));
+            }
+            other => panic!("{field}: expected Invalid, got {other:?}"),
+        }
+    }
+    let err = parse_text(&config_text("", &placed("elsewhere"))).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "/etc/vsocket/lab.toml: guest[1].host: unknown host \"elsewhere\" (not host.name or a fabric.host)"
+    );
+    let err = parse_text(&config_text("", &fabric_table("rdma"))).unwrap_err();
+    assert!(err.to_string().contains("unknown variant `rdma`"), "{err}");
+}
