@@ -6,10 +6,13 @@
 //!   both ends of a connection and the daemon map;
 //! - [`control`]: the messages on a guest's control socket.
 //!
+//! [`fabric`] holds the frames between two hosts' daemons.
+//!
 //! Everything here is plain data with explicit validation: whoever receives a
 //! value from the other side parses it with a `*_checked`/`decode` function and
 //! acts only on the result, so an illegal value cannot reach the code that acts.
 #![forbid(unsafe_code)]
 
 pub mod control;
+pub mod fabric;
 pub mod layout;

@@ -138,8 +138,8 @@ use serde::Deserialize;
 use crate::cidr::{CidrError, Ipv4Cidr};
 use crate::edit::Document;
 use crate::model::{
-    Config, DenyAction, FabricConfig, FabricHost, FabricKind, FlowLogConfig, GroupId, Guest, HostConfig, Peer, PolicyChangeAction, PortRange, Protocol,
-    ProtocolFilter, Quotas, Rule, SecurityGroup, Vpc, VpcId,
+    Config, DenyAction, FabricConfig, FabricHost, FabricKind, FlowLogConfig, GroupId, Guest, HostConfig, Peer,
+    PolicyChangeAction, PortRange, Protocol, ProtocolFilter, Quotas, Rule, SecurityGroup, Vpc, VpcId,
 };
 
 /// The longest guest name: it becomes a Linux interface name (IFNAMSIZ - 1).

@@ -33,7 +33,6 @@ pub use config::{load, load_document, parse, parse_document, ConfigError};
 pub use edit::{Change, ChangeError, Document, GuestSpec, RuleSpec};
 pub use evaluate::{evaluate, Decider, Flow, Verdict};
 pub use model::{
-    FabricConfig, FabricHost, FabricKind,
-    Config, DenyAction, Direction, FlowLogConfig, GroupId, Guest, GuestId, HostConfig, Peer, PolicyChangeAction,
-    PortRange, Protocol, ProtocolFilter, Quotas, Rule, SecurityGroup, Vpc, VpcId,
+    Config, DenyAction, Direction, FabricConfig, FabricHost, FabricKind, FlowLogConfig, GroupId, Guest, GuestId,
+    HostConfig, Peer, PolicyChangeAction, PortRange, Protocol, ProtocolFilter, Quotas, Rule, SecurityGroup, Vpc, VpcId,
 };

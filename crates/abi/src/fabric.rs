@@ -1,0 +1,372 @@
+//! Frames between two hosts' daemons on a fabric link.
+//!
+//! A link carries many guest connections (streams) between two hosts. Each
+//! frame is a 16-byte header and a payload:
+//!
+//! ```text
+//! 0       4      5        6      8              16
+//! | len   | kind | origin | zero | stream id    | payload (len bytes) ...
+//! ```
+//!
+//! All integers are little-endian. `len` is the payload's length, at most
+//! [`MAX_PAYLOAD`]. A stream is named by the id its opener chose and by
+//! `origin`: whether the frame's sender ([`Origin::Sender`]) or its receiver
+//! ([`Origin::Receiver`]) opened it, so both hosts may open streams without
+//! coordinating ids.
+//!
+//! The other host is trusted only as far as its own guests go: a frame that
+//! does not decode ends the link (every stream on it is reset), and the
+//! receiver checks an `Open` against its own policy and placement.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// Bytes of a frame header.
+pub const HEADER: usize = 16;
+/// The largest payload a frame may carry.
+pub const MAX_PAYLOAD: usize = 256 * 1024;
+/// The protocol version a `Hello` announces.
+pub const VERSION: u32 = 1;
+/// The longest name (host, VPC or guest) a frame carries.
+pub const MAX_NAME: usize = 255;
+
+/// Which host opened a stream, as seen by the frame's sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// The host sending this frame opened the stream.
+    Sender,
+    /// The host receiving this frame opened it.
+    Receiver,
+}
+
+/// Why the server's host did not accept an `Open`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Fail the connect with this errno (ECONNREFUSED: denied with
+    /// `reject`, a full backlog, or a quota).
+    Errno(i32),
+    /// Policy denied it with `drop`: the connect never completes.
+    Dropped,
+    /// No vSocket listener there: use the kernel path.
+    Fallback,
+}
+
+/// One frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// The first frame each way: who is speaking.
+    Hello { version: u32, host: &'a str },
+    /// A guest of the sender's host connects from `client` to `server` in
+    /// `vpc`; the sender may receive `window` bytes before crediting more.
+    Open {
+        origin: Origin,
+        id: u64,
+        vpc: &'a str,
+        guest: &'a str,
+        client: SocketAddrV4,
+        server: SocketAddrV4,
+        window: u32,
+    },
+    /// The server's host accepted the stream; it may receive `window` bytes.
+    Accept { origin: Origin, id: u64, window: u32 },
+    /// The server's host did not accept the stream.
+    Refuse { origin: Origin, id: u64, refusal: Refusal },
+    /// Stream bytes, within the receiver's credit.
+    Data { origin: Origin, id: u64, bytes: &'a [u8] },
+    /// The receiver's guest consumed this many more bytes: more may be sent.
+    Credit { origin: Origin, id: u64, bytes: u32 },
+    /// The sender's guest finished writing (after all its data).
+    Fin { origin: Origin, id: u64 },
+    /// The stream is aborted (ECONNRESET).
+    Reset { origin: Origin, id: u64 },
+    /// Keeps an idle link known to be alive.
+    Ping,
+}
+
+/// Why bytes are not a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// The payload length is over [`MAX_PAYLOAD`].
+    TooLong(u32),
+    /// An unknown frame kind.
+    UnknownKind(u8),
+    /// An origin byte other than 0 or 1, or nonzero reserved bytes.
+    BadHeader,
+    /// The payload does not fit its kind.
+    BadPayload(u8),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLong(n) => write!(f, "frame payload of {n} bytes is over {MAX_PAYLOAD}"),
+            Self::UnknownKind(k) => write!(f, "unknown frame kind {k}"),
+            Self::BadHeader => f.write_str("malformed frame header"),
+            Self::BadPayload(k) => write!(f, "malformed payload for frame kind {k}"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+const HELLO: u8 = 1;
+const OPEN: u8 = 2;
+const ACCEPT: u8 = 3;
+const REFUSE: u8 = 4;
+const DATA: u8 = 5;
+const CREDIT: u8 = 6;
+const FIN: u8 = 7;
+const RESET: u8 = 8;
+const PING: u8 = 9;
+
+const REFUSE_ERRNO: u8 = 0;
+const REFUSE_DROPPED: u8 = 1;
+const REFUSE_FALLBACK: u8 = 2;
+
+impl Frame<'_> {
+    /// Appends the frame to `out`. Names longer than [`MAX_NAME`] and data
+    /// longer than [`MAX_PAYLOAD`] are the caller's bug (panics).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        let (kind, origin, id) = match *self {
+            Frame::Hello { .. } => (HELLO, Origin::Sender, 0),
+            Frame::Open { origin, id, .. } => (OPEN, origin, id),
+            Frame::Accept { origin, id, .. } => (ACCEPT, origin, id),
+            Frame::Refuse { origin, id, .. } => (REFUSE, origin, id),
+            Frame::Data { origin, id, .. } => (DATA, origin, id),
+            Frame::Credit { origin, id, .. } => (CREDIT, origin, id),
+            Frame::Fin { origin, id } => (FIN, origin, id),
+            Frame::Reset { origin, id } => (RESET, origin, id),
+            Frame::Ping => (PING, Origin::Sender, 0),
+        };
+        out.extend_from_slice(&[0; 4]);
+        out.push(kind);
+        out.push(match origin {
+            Origin::Sender => 0,
+            Origin::Receiver => 1,
+        });
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&id.to_le_bytes());
+        match *self {
+            Frame::Hello { version, host } => {
+                out.extend_from_slice(&version.to_le_bytes());
+                put_name(out, host);
+            }
+            Frame::Open { vpc, guest, client, server, window, .. } => {
+                put_addr(out, client);
+                put_addr(out, server);
+                out.extend_from_slice(&window.to_le_bytes());
+                put_name(out, vpc);
+                put_name(out, guest);
+            }
+            Frame::Accept { window, .. } => out.extend_from_slice(&window.to_le_bytes()),
+            Frame::Refuse { refusal, .. } => {
+                let (how, errno) = match refusal {
+                    Refusal::Errno(e) => (REFUSE_ERRNO, e),
+                    Refusal::Dropped => (REFUSE_DROPPED, 0),
+                    Refusal::Fallback => (REFUSE_FALLBACK, 0),
+                };
+                out.push(how);
+                out.extend_from_slice(&errno.to_le_bytes());
+            }
+            Frame::Data { bytes, .. } => {
+                assert!(bytes.len() <= MAX_PAYLOAD, "data frame over MAX_PAYLOAD");
+                out.extend_from_slice(bytes);
+            }
+            Frame::Credit { bytes, .. } => out.extend_from_slice(&bytes.to_le_bytes()),
+            Frame::Fin { .. } | Frame::Reset { .. } | Frame::Ping => {}
+        }
+        let len = (out.len() - start - HEADER) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// Decodes the frame at the start of `buf`: `Ok(None)` if `buf` does not
+    /// hold all of it yet, else the frame and the bytes it took.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
+        if buf.len() < HEADER {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(buf[0..4].try_into().unwrap_or_default());
+        if len as usize > MAX_PAYLOAD + 64 {
+            return Err(FrameError::TooLong(len));
+        }
+        let kind = buf[4];
+        let origin = match buf[5] {
+            0 => Origin::Sender,
+            1 => Origin::Receiver,
+            _ => return Err(FrameError::BadHeader),
+        };
+        if buf[6] != 0 || buf[7] != 0 {
+            return Err(FrameError::BadHeader);
+        }
+        let id = u64::from_le_bytes(buf[8..16].try_into().unwrap_or_default());
+        let total = HEADER + len as usize;
+        if buf.len() < total {
+            return Ok(None);
+        }
+        let mut p = Payload { bytes: &buf[HEADER..total], kind };
+        let frame = match kind {
+            HELLO => Frame::Hello { version: p.u32()?, host: p.name()? },
+            OPEN => {
+                let client = p.addr()?;
+                let server = p.addr()?;
+                let window = p.u32()?;
+                Frame::Open { origin, id, vpc: p.name()?, guest: p.name()?, client, server, window }
+            }
+            ACCEPT => Frame::Accept { origin, id, window: p.u32()? },
+            REFUSE => {
+                let how = p.u8()?;
+                let errno = p.u32()? as i32;
+                let refusal = match how {
+                    REFUSE_ERRNO if errno > 0 => Refusal::Errno(errno),
+                    REFUSE_DROPPED => Refusal::Dropped,
+                    REFUSE_FALLBACK => Refusal::Fallback,
+                    _ => return Err(FrameError::BadPayload(kind)),
+                };
+                Frame::Refuse { origin, id, refusal }
+            }
+            DATA => {
+                if len as usize > MAX_PAYLOAD {
+                    return Err(FrameError::TooLong(len));
+                }
+                Frame::Data { origin, id, bytes: std::mem::take(&mut p.bytes) }
+            }
+            CREDIT => Frame::Credit { origin, id, bytes: p.u32()? },
+            FIN => Frame::Fin { origin, id },
+            RESET => Frame::Reset { origin, id },
+            PING => Frame::Ping,
+            other => return Err(FrameError::UnknownKind(other)),
+        };
+        if !p.bytes.is_empty() {
+            return Err(FrameError::BadPayload(kind));
+        }
+        Ok(Some((frame, total)))
+    }
+}
+
+fn put_name(out: &mut Vec<u8>, name: &str) {
+    assert!(name.len() <= MAX_NAME, "name over MAX_NAME");
+    out.push(name.len() as u8);
+    out.extend_from_slice(name.as_bytes());
+}
+
+fn put_addr(out: &mut Vec<u8>, addr: SocketAddrV4) {
+    out.extend_from_slice(&addr.ip().octets());
+    out.extend_from_slice(&addr.port().to_le_bytes());
+}
+
+/// The unread rest of a payload.
+struct Payload<'a> {
+    bytes: &'a [u8],
+    kind: u8,
+}
+
+impl<'a> Payload<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.bytes.len() < n {
+            return Err(FrameError::BadPayload(self.kind));
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap_or_default()))
+    }
+
+    fn addr(&mut self) -> Result<SocketAddrV4, FrameError> {
+        let b = self.take(6)?;
+        Ok(SocketAddrV4::new(Ipv4Addr::new(b[0], b[1], b[2], b[3]), u16::from_le_bytes([b[4], b[5]])))
+    }
+
+    fn name(&mut self) -> Result<&'a str, FrameError> {
+        let n = self.u8()? as usize;
+        std::str::from_utf8(self.take(n)?).map_err(|_| FrameError::BadPayload(self.kind))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Frame<'static>> {
+        let client: SocketAddrV4 = "10.10.0.2:40000".parse().unwrap();
+        let server: SocketAddrV4 = "10.10.0.3:6379".parse().unwrap();
+        static DATA: [u8; 300] = [7; 300];
+        vec![
+            Frame::Hello { version: VERSION, host: "host-2.lab" },
+            Frame::Open { origin: Origin::Sender, id: 1, vpc: "blue", guest: "a", client, server, window: 262_144 },
+            Frame::Accept { origin: Origin::Receiver, id: u64::MAX, window: 4096 },
+            Frame::Refuse { origin: Origin::Receiver, id: 3, refusal: Refusal::Errno(111) },
+            Frame::Refuse { origin: Origin::Receiver, id: 3, refusal: Refusal::Dropped },
+            Frame::Refuse { origin: Origin::Receiver, id: 3, refusal: Refusal::Fallback },
+            Frame::Data { origin: Origin::Sender, id: 9, bytes: &DATA },
+            Frame::Data { origin: Origin::Sender, id: 9, bytes: &[] },
+            Frame::Credit { origin: Origin::Receiver, id: 9, bytes: 65_536 },
+            Frame::Fin { origin: Origin::Sender, id: 9 },
+            Frame::Reset { origin: Origin::Receiver, id: 9 },
+            Frame::Ping,
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip_back_to_back() {
+        let mut wire = Vec::new();
+        for f in samples() {
+            f.encode(&mut wire);
+        }
+        let mut at = 0;
+        let mut got = Vec::new();
+        while let Some((frame, used)) = Frame::decode(&wire[at..]).unwrap() {
+            got.push(frame);
+            at += used;
+        }
+        assert_eq!(at, wire.len());
+        assert_eq!(got, samples());
+    }
+
+    #[test]
+    fn a_partial_frame_waits_for_the_rest() {
+        let mut wire = Vec::new();
+        Frame::Data { origin: Origin::Sender, id: 1, bytes: b"hello" }.encode(&mut wire);
+        for cut in 0..wire.len() {
+            assert_eq!(Frame::decode(&wire[..cut]), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn malformed_frames_are_errors_not_panics() {
+        let mut wire = Vec::new();
+        Frame::Credit { origin: Origin::Sender, id: 1, bytes: 5 }.encode(&mut wire);
+        let mut bad = wire.clone();
+        bad[4] = 99;
+        assert_eq!(Frame::decode(&bad), Err(FrameError::UnknownKind(99)));
+        let mut bad = wire.clone();
+        bad[5] = 2;
+        assert_eq!(Frame::decode(&bad), Err(FrameError::BadHeader));
+        let mut bad = wire.clone();
+        bad[0] = 3; // a credit with a 3-byte payload
+        bad.truncate(HEADER + 3);
+        assert_eq!(Frame::decode(&bad), Err(FrameError::BadPayload(CREDIT)));
+        let mut bad = wire.clone();
+        bad[0..4].copy_from_slice(&(MAX_PAYLOAD as u32 + 1000).to_le_bytes());
+        assert!(matches!(Frame::decode(&bad), Err(FrameError::TooLong(_))));
+        // Every truncation and every single-byte change of every sample
+        // decodes or fails cleanly.
+        for f in samples() {
+            let mut wire = Vec::new();
+            f.encode(&mut wire);
+            for i in 0..wire.len() {
+                for v in [0u8, 1, 0x7f, 0xff] {
+                    let mut w = wire.clone();
+                    w[i] = v;
+                    let _ = Frame::decode(&w);
+                }
+            }
+        }
+    }
+}
