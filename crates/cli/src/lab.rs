@@ -202,7 +202,7 @@ fn build(config: &Config, switch: &str) -> Result<(), LabError> {
         ip(&format!("-n {switch} link add {bridge} type bridge"))?;
         ip(&format!("-n {switch} link set {bridge} up"))?;
     }
-    for (guest_id, guest) in config.guests() {
+    for (guest_id, guest) in config.guests().filter(|(id, _)| config.is_local(*id)) {
         let netns = &guest.netns;
         let port = port_name(guest_id);
         let bridge = bridge_name(guest.vpc);
@@ -216,7 +216,55 @@ fn build(config: &Config, switch: &str) -> Result<(), LabError> {
         }
         ip(&format!("-n {netns} link set {GUEST_INTERFACE} up"))?;
     }
+    if let Some(fabric) = fabric_netns(config) {
+        wire_fabric(config, switch, &fabric)?;
+    }
     wait_until_ready(config, switch)
+}
+
+/// The namespace that stands for the network between a fabric's hosts:
+/// `vsf-<smallest host name>`, shared by every host of the fabric. `None`
+/// without a fabric of two or more hosts.
+pub fn fabric_netns(config: &Config) -> Option<String> {
+    let fabric = config.fabric().filter(|f| f.hosts.len() > 1)?;
+    fabric.hosts.iter().map(|h| h.name.as_str()).min().map(|first| format!("vsf-{first}"))
+}
+
+/// Joins this host's switch to the network between hosts (made by the
+/// first host to come up): `fab0` in the switch carries this host's fabric
+/// address on bridge `fbr` there, and each VPC's bridge is joined to that
+/// VPC's bridge `fv<i>` there, so the kernel path between guests on two
+/// hosts is one layer-2 segment per VPC, as within a host.
+fn wire_fabric(config: &Config, switch: &str, fabric_ns: &str) -> Result<(), LabError> {
+    let fabric = config.fabric().expect("a fabric namespace implies a fabric");
+    let this = &config.host().name;
+    let k = fabric.hosts.iter().position(|h| &h.name == this).expect("the config lists this host");
+    if !netns_exists(fabric_ns) {
+        ip(&format!("netns add {fabric_ns}"))?;
+        ip(&format!("-n {fabric_ns} link set lo up"))?;
+    }
+    let bridges = json("ip", &format!("-j -n {fabric_ns} link show"))?;
+    let mut bridge_names: Vec<String> = config.vpcs().map(|(vpc, _)| format!("fv{}", vpc.index())).collect();
+    bridge_names.push("fbr".into());
+    for bridge in bridge_names {
+        if find_interface(&bridges, &bridge).is_none() {
+            ip(&format!("-n {fabric_ns} link add {bridge} type bridge"))?;
+            ip(&format!("-n {fabric_ns} link set {bridge} up"))?;
+        }
+    }
+    let me = &fabric.hosts[k];
+    ip(&format!("-n {switch} link set lo up"))?;
+    ip(&format!("-n {switch} link add fab0 type veth peer name h{k} netns {fabric_ns}"))?;
+    ip(&format!("-n {fabric_ns} link set h{k} master fbr up"))?;
+    ip(&format!("-n {switch} addr add {}/24 dev fab0", me.address.ip()))?;
+    ip(&format!("-n {switch} link set fab0 up"))?;
+    for (vpc, _) in config.vpcs() {
+        let i = vpc.index();
+        ip(&format!("-n {switch} link add up{i} type veth peer name h{k}v{i} netns {fabric_ns}"))?;
+        ip(&format!("-n {switch} link set up{i} master {} up", bridge_name(vpc)))?;
+        ip(&format!("-n {fabric_ns} link set h{k}v{i} master fv{i} up"))?;
+    }
+    Ok(())
 }
 
 /// Waits until each guest's bridge port forwards and its `eth0` is up with
@@ -225,7 +273,7 @@ fn build(config: &Config, switch: &str) -> Result<(), LabError> {
 /// the veth's carrier up.
 fn wait_until_ready(config: &Config, switch: &str) -> Result<(), LabError> {
     let deadline = Instant::now() + READY_TIMEOUT;
-    for (guest_id, guest) in config.guests() {
+    for (guest_id, guest) in config.guests().filter(|(id, _)| config.is_local(*id)) {
         while let Some(reason) = unready_reason(config, switch, guest_id, guest)? {
             if Instant::now() >= deadline {
                 return Err(LabError::NotReady { guest: guest.name.clone(), timeout: READY_TIMEOUT, reason });
@@ -267,7 +315,11 @@ fn unready_reason(config: &Config, switch: &str, guest_id: GuestId, guest: &Gues
 /// since removing the switch destroys the other end of each veth.
 pub fn down(config: &Config) -> Result<(), LabError> {
     let switch = checked_switch_netns(config)?;
-    let namespaces = config.guests().map(|(_, guest)| guest.netns.as_str()).chain([switch.as_str()]);
+    let namespaces = config
+        .guests()
+        .filter(|(id, _)| config.is_local(*id))
+        .map(|(_, guest)| guest.netns.as_str())
+        .chain([switch.as_str()]);
     let mut first_error = None;
     for netns in namespaces {
         if !netns_exists(netns) {
@@ -277,6 +329,15 @@ pub fn down(config: &Config) -> Result<(), LabError> {
         if let Err(err) = ip(&format!("netns delete {netns}")) {
             if netns_exists(netns) && first_error.is_none() {
                 first_error = Some(err);
+            }
+        }
+    }
+    // The network between hosts goes with the last host's switch.
+    if let (Some(fabric_ns), Some(fabric)) = (fabric_netns(config), config.fabric()) {
+        let others_up = fabric.hosts.iter().any(|h| netns_exists(&format!("vsw-{}", h.name)));
+        if !others_up && netns_exists(&fabric_ns) {
+            if let Err(err) = ip(&format!("netns delete {fabric_ns}")) {
+                first_error.get_or_insert(err);
             }
         }
     }
@@ -328,12 +389,13 @@ impl fmt::Display for NamespaceStatus {
     }
 }
 
-/// Reports the switch namespace, then each guest's, in config order.
+/// Reports the switch namespace, then each of this host's guests', in
+/// config order.
 pub fn status(config: &Config) -> Result<Vec<NamespaceStatus>, LabError> {
     let switch = checked_switch_netns(config)?;
     let mut report =
         vec![NamespaceStatus { exists: netns_exists(&switch), netns: switch, guest: None, interface: None }];
-    for (_, guest) in config.guests() {
+    for (_, guest) in config.guests().filter(|(id, _)| config.is_local(*id)) {
         let exists = netns_exists(&guest.netns);
         report.push(NamespaceStatus {
             netns: guest.netns.clone(),

@@ -82,6 +82,13 @@ pub enum RunError {
     /// use the kernel's network stack)`; the I/O error says where it looked
     /// or what is wrong with the one found.
     Library(io::Error),
+    /// `guest "{guest}" runs on host "{host}": use that host's config`
+    OtherHost {
+        /// The guest.
+        guest: String,
+        /// The host its config places it on.
+        host: String,
+    },
     /// `network namespace "{netns}" of guest "{guest}" does not exist (create
     /// it with `vsocket lab up`)`
     NoNamespace {
@@ -122,6 +129,9 @@ impl fmt::Display for RunError {
                 "no usable vSocket library (set VSOCKET_LIB, or pass --no-preload to use the \
                  kernel's network stack)",
             ),
+            Self::OtherHost { guest, host } => {
+                write!(f, "guest \"{guest}\" runs on host \"{host}\": use that host's config")
+            }
             Self::NoNamespace { guest, netns } => write!(
                 f,
                 "network namespace \"{netns}\" of guest \"{guest}\" does not exist (create it \
@@ -144,7 +154,7 @@ impl std::error::Error for RunError {
             // source comes next in the chain, not the error itself.
             Self::Config(err) => err.source(),
             Self::Library(source) | Self::EnterNamespace { source, .. } | Self::Exec { source, .. } => Some(source),
-            Self::UnknownGuest { .. } | Self::NoNamespace { .. } => None,
+            Self::UnknownGuest { .. } | Self::OtherHost { .. } | Self::NoNamespace { .. } => None,
         }
     }
 }
@@ -174,6 +184,9 @@ pub fn exec(launch: &Launch) -> RunError {
         };
     };
     let (name, netns_name) = guest;
+    if let Some(id) = config.guest_by_name(&name).filter(|id| !config.is_local(*id)) {
+        return RunError::OtherHost { guest: name, host: config.guest(id).host.clone() };
+    }
 
     let mut command = Command::new(&launch.program);
     command.args(&launch.args);

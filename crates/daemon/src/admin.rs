@@ -18,6 +18,8 @@ pub enum Request {
     Guests,
     Listeners,
     Connections,
+    /// The fabric's peer hosts: state and traffic.
+    Peers,
     /// A live edit: `{"command":"change","change":{"op":"add_rule",...}}`.
     Change {
         change: vsocket_policy::Change,
@@ -84,6 +86,8 @@ fn answer(daemon: &Arc<Daemon>, request: &Request) -> serde_json::Value {
                 "quota_exceeded_connections": exceeded(|g| g.exceeded_connections),
                 "quota_exceeded_shared_memory": exceeded(|g| g.exceeded_shared_memory),
                 "quota_exceeded_channels": exceeded(|g| g.exceeded_channels),
+                "fabric": daemon.fabric.get().map(|f| f.kind.to_string()),
+                "fabric_peers_up": daemon.fabric.get().map(|f| f.status().iter().filter(|p| p.state == "up").count()),
             })
         }
         Request::Change { change } => {
@@ -97,6 +101,10 @@ fn answer(daemon: &Arc<Daemon>, request: &Request) -> serde_json::Value {
         Request::Guests => serde_json::to_value(daemon.guest_reports()).unwrap_or_default(),
         Request::Listeners => serde_json::to_value(daemon.listener_reports()).unwrap_or_default(),
         Request::Connections => serde_json::to_value(daemon.connection_reports()).unwrap_or_default(),
+        Request::Peers => {
+            let peers = daemon.fabric.get().map(|f| f.status()).unwrap_or_default();
+            serde_json::to_value(peers).unwrap_or_default()
+        }
     }
 }
 

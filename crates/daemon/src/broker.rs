@@ -99,7 +99,7 @@ pub fn connect(
         g.addresses[0]
     };
     let client_addr = SocketAddrV4::new(client_ip, local.port());
-    let attempt = Attempt { daemon, guest, client_addr, remote };
+    let attempt = Attempt { daemon, guest, guest_slot: Some(guest.clone()), client_addr, remote };
     let fallback = |why: &str| {
         counters.fallbacks.fetch_add(1, Ordering::Relaxed);
         attempt.log(None, &Reply::plain(Message::Fallback), || why.into());
@@ -110,6 +110,9 @@ pub fn connect(
         return fallback("guest removed: kernel path");
     };
     let Some(listener) = daemon.find_listener(guest, remote) else {
+        if let Some(reply) = connect_remote(daemon, &policy, client, channel, &attempt) {
+            return reply;
+        }
         return fallback("no vSocket listener: kernel path");
     };
     if Arc::ptr_eq(&listener.guest, guest) {
@@ -175,10 +178,268 @@ pub fn connect(
     }
 }
 
+/// A connect to an address placed on another host: egress is decided
+/// here, the rest by the server's host (see [`crate::fabric`]). `None` if
+/// the address is not on another host or there is no fabric (the caller
+/// falls back to the kernel path).
+fn connect_remote(
+    daemon: &Daemon,
+    policy: &crate::state::Policy,
+    client: vsocket_policy::GuestId,
+    _channel: u64,
+    attempt: &Attempt<'_>,
+) -> Option<Reply> {
+    let config = &policy.config;
+    let guest = attempt.guest_slot.as_ref()?;
+    let remote = attempt.remote;
+    let vpc = config.guest(client).vpc;
+    let server = config.guest_owning(vpc, *remote.ip()).filter(|s| !config.is_local(*s))?;
+    let fabric = daemon.fabric.get()?;
+    let host = config.guest(server).host.clone();
+    let server_slot = policy.slot(server).clone();
+    let flow = Flow {
+        protocol: Protocol::Tcp,
+        vpc,
+        client,
+        client_addr: *attempt.client_addr.ip(),
+        server,
+        server_addr: *remote.ip(),
+        port: remote.port(),
+    };
+    let verdict = evaluate(config, &flow);
+    if let Verdict::Deny { side: vsocket_policy::Direction::Egress, .. } = verdict {
+        return Some(deny(attempt, &server_slot, config, &verdict));
+    }
+    let charge = match daemon.charge(policy, guest, guest) {
+        Ok(charge) => charge,
+        Err(exceeded) => return Some(over_quota(attempt, &server_slot, exceeded)),
+    };
+    let made = (|| -> std::io::Result<_> {
+        let (segment, memfd) = daemon.segments.take()?;
+        let relay_view = vsocket_ring::Segment::map(memfd.as_fd(), segment.ring_size())?;
+        let (guest_bell, my_bell) = vsocket_sys::stream_pair()?;
+        let (guest_lifeline, guest_holds) = vsocket_sys::pipe()?;
+        let (my_lifeline, my_holds) = vsocket_sys::pipe()?;
+        Ok((segment, memfd, relay_view, guest_bell, my_bell, guest_lifeline, guest_holds, my_lifeline, my_holds))
+    })();
+    let (segment, memfd, relay_view, guest_bell, my_bell, guest_lifeline, guest_holds, my_lifeline, my_holds) =
+        match made {
+            Ok(made) => made,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot make a segment for a cross-host connection");
+                return Some(Reply::plain(Message::Refused { errno: libc::ENOBUFS }));
+            }
+        };
+    let id = daemon.next_id();
+    segment.connection_id().store(id, Ordering::Release);
+    let ring_size = segment.ring_size();
+    let request = crate::fabric::OpenRequest {
+        vpc: guest.vpc.to_string(),
+        guest: guest.name.clone(),
+        client: attempt.client_addr,
+        server: remote,
+        window: ring_size,
+    };
+    let conn = crate::fabric::NewConn {
+        segment: relay_view,
+        mine: vsocket_abi::layout::Endpoint::Server,
+        bell: my_bell,
+        holds: my_holds,
+    };
+    let here = verdict.describe(config);
+    let outcome = fabric.open(&host, id, request, conn);
+    use crate::fabric::OpenOutcome;
+    use vsocket_abi::fabric::Refusal;
+    let (reply, why) = match outcome {
+        OpenOutcome::Accepted => {
+            guest.counters.connections_out.fetch_add(1, Ordering::Relaxed);
+            daemon.add_connection(ConnectionRecord {
+                id,
+                client: guest.clone(),
+                client_addr: attempt.client_addr,
+                server: server_slot.clone(),
+                server_addr: remote,
+                opened: SystemTime::now(),
+                segment,
+                memfd: match memfd.try_clone() {
+                    Ok(fd) => fd,
+                    Err(_) => return Some(Reply::plain(Message::Refused { errno: libc::ENOBUFS })),
+                },
+                pair: (0, id),
+                lifelines: [guest_lifeline, my_lifeline],
+                reset: Default::default(),
+                charge,
+            });
+            let connected =
+                Message::Connected(ConnectionInfo { id, local: attempt.client_addr, peer: remote, ring_size });
+            let reply = Reply { message: connected, fds: vec![memfd, guest_bell, guest_holds] };
+            (reply, format!("{here}; accepted by host {host}"))
+        }
+        OpenOutcome::Refused(Refusal::Errno(errno)) => {
+            (Reply::plain(Message::Refused { errno }), format!("refused by host {host} (errno {errno})"))
+        }
+        OpenOutcome::Refused(Refusal::Dropped) => {
+            guest.counters.denied.fetch_add(1, Ordering::Relaxed);
+            (Reply::plain(Message::Dropped), format!("denied by host {host}"))
+        }
+        OpenOutcome::Refused(Refusal::Fallback) => {
+            guest.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+            (Reply::plain(Message::Fallback), format!("no vSocket listener on host {host}: kernel path"))
+        }
+        OpenOutcome::Unreachable(why) => {
+            tracing::warn!(client = %guest.name, to = %remote, %host, %why, "fabric peer unreachable; kernel path");
+            guest.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+            (Reply::plain(Message::Fallback), format!("host {host} unreachable ({why}): kernel path"))
+        }
+    };
+    attempt.log(Some(&server_slot), &reply, || why);
+    Some(reply)
+}
+
+/// The server's host's side of a cross-host connect from a guest of host
+/// `peer`: the claim is checked against this host's own config (the peer
+/// speaks only for guests placed on it), policy is decided again here, and
+/// the connection is handed to the listener with the daemon as its client.
+pub fn accept_remote(
+    daemon: &Daemon,
+    peer: &str,
+    request: &crate::fabric::OpenRequest,
+) -> Result<crate::fabric::NewConn, vsocket_abi::fabric::Refusal> {
+    use vsocket_abi::fabric::Refusal;
+    let policy = daemon.policy();
+    let config = &policy.config;
+    let refused = Refusal::Errno(libc::ECONNREFUSED);
+    let claimed = config.guest_by_name(&request.guest).filter(|&g| {
+        let guest = config.guest(g);
+        guest.host == peer && config.vpc(guest.vpc).name == request.vpc && guest.addresses.contains(request.client.ip())
+    });
+    let Some(client) = claimed else {
+        tracing::warn!(%peer, guest = %request.guest, vpc = %request.vpc, from = %request.client,
+            "fabric peer asked for a connection from a guest it does not host; refused");
+        return Err(refused);
+    };
+    let client_slot = policy.slot(client).clone();
+    let vpc = config.guest(client).vpc;
+    let attempt =
+        Attempt { daemon, guest: &client_slot, guest_slot: None, client_addr: request.client, remote: request.server };
+    let server = config.guest_owning(vpc, *request.server.ip()).filter(|s| config.is_local(*s));
+    let listener = server.and_then(|_| daemon.find_listener(&client_slot, request.server));
+    let (Some(server), Some(listener)) = (server, listener) else {
+        attempt.log(None, &Reply::plain(Message::Fallback), || "no vSocket listener: kernel path".into());
+        return Err(Refusal::Fallback);
+    };
+    let flow = Flow {
+        protocol: Protocol::Tcp,
+        vpc,
+        client,
+        client_addr: *request.client.ip(),
+        server,
+        server_addr: *request.server.ip(),
+        port: request.server.port(),
+    };
+    let verdict = evaluate(config, &flow);
+    if let Verdict::Deny { .. } = verdict {
+        let reply = deny(&attempt, &listener.guest, config, &verdict);
+        return Err(match reply.message {
+            Message::Dropped => Refusal::Dropped,
+            _ => refused,
+        });
+    }
+    let server_slot = listener.guest.clone();
+    let charge = match daemon.charge(&policy, &server_slot, &server_slot) {
+        Ok(charge) => charge,
+        Err(exceeded) => {
+            let exceeded = crate::quota::Exceeded { server: true, ..exceeded };
+            over_quota(&attempt, &server_slot, exceeded);
+            return Err(refused);
+        }
+    };
+    let made = (|| -> std::io::Result<_> {
+        let (segment, memfd) = daemon.segments.take()?;
+        let relay_view = vsocket_ring::Segment::map(memfd.as_fd(), segment.ring_size())?;
+        let (my_bell, server_bell) = vsocket_sys::stream_pair()?;
+        let (server_lifeline, server_holds) = vsocket_sys::pipe()?;
+        let (my_lifeline, my_holds) = vsocket_sys::pipe()?;
+        Ok((segment, memfd, relay_view, my_bell, server_bell, server_lifeline, server_holds, my_lifeline, my_holds))
+    })();
+    let Ok((segment, memfd, relay_view, my_bell, server_bell, server_lifeline, server_holds, my_lifeline, my_holds)) =
+        made
+    else {
+        return Err(Refusal::Errno(libc::ENOBUFS));
+    };
+    let id = daemon.next_id();
+    segment.connection_id().store(id, Ordering::Release);
+    let ring_size = segment.ring_size();
+    let incoming = Message::Incoming(ConnectionInfo { id, local: request.server, peer: request.client, ring_size });
+    let mut buf = [0u8; MAX_MESSAGE];
+    let bytes = incoming.encode(&mut buf);
+    let server_fds = [memfd.as_fd(), server_bell.as_fd(), server_holds.as_fd()];
+    if let Err(e) = vsocket_sys::send_with_fds(listener.channel.as_fd(), bytes, &server_fds) {
+        let reply = undelivered(&client_slot, request.server, e);
+        let refusal = match reply.message {
+            Message::Refused { errno } => Refusal::Errno(errno),
+            _ => {
+                daemon.remove_listener(&listener);
+                Refusal::Fallback
+            }
+        };
+        attempt.log(Some(&server_slot), &reply, || "listener unavailable".into());
+        return Err(refusal);
+    }
+    drop(server_bell);
+    drop(server_holds);
+    listener.accepted.fetch_add(1, Ordering::Relaxed);
+    server_slot.counters.connections_in.fetch_add(1, Ordering::Relaxed);
+    let Ok(memfd_kept) = memfd.try_clone() else {
+        return Err(Refusal::Errno(libc::ENOBUFS));
+    };
+    drop(memfd);
+    daemon.add_connection(ConnectionRecord {
+        id,
+        client: client_slot.clone(),
+        client_addr: request.client,
+        server: server_slot.clone(),
+        server_addr: request.server,
+        opened: SystemTime::now(),
+        segment,
+        memfd: memfd_kept,
+        pair: (0, id),
+        lifelines: [my_lifeline, server_lifeline],
+        reset: Default::default(),
+        charge,
+    });
+    let connected = Message::Connected(ConnectionInfo { id, local: request.client, peer: request.server, ring_size });
+    attempt.log(Some(&server_slot), &Reply::plain(connected), || {
+        format!("{} (from host {peer})", verdict.describe(config))
+    });
+    Ok(crate::fabric::NewConn {
+        segment: relay_view,
+        mine: vsocket_abi::layout::Endpoint::Client,
+        bell: my_bell,
+        holds: my_holds,
+    })
+}
+
+/// The reply to a connect that `verdict` denies, counted and logged.
+fn deny(attempt: &Attempt<'_>, server: &GuestSlot, config: &vsocket_policy::Config, verdict: &Verdict) -> Reply {
+    attempt.guest.counters.denied.fetch_add(1, Ordering::Relaxed);
+    let action = config.host().deny_action;
+    tracing::info!(client = %attempt.guest.name, from = %attempt.client_addr, server = %server.name,
+        to = %attempt.remote, decided_by = %verdict.describe(config), ?action, "connect denied");
+    let reply = Reply::plain(match action {
+        DenyAction::Reject => Message::Refused { errno: libc::ECONNREFUSED },
+        DenyAction::Drop => Message::Dropped,
+    });
+    attempt.log(Some(server), &reply, || verdict.describe(config));
+    reply
+}
+
 /// A connect being decided, for its flow record.
 struct Attempt<'a> {
     daemon: &'a Daemon,
     guest: &'a GuestSlot,
+    /// The client's slot, when the client is a guest of this host.
+    guest_slot: Option<Arc<GuestSlot>>,
     client_addr: SocketAddrV4,
     remote: SocketAddrV4,
 }

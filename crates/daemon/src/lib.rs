@@ -13,7 +13,9 @@
 //!   guests, reload) and what they do to established connections;
 //! - [`flowlog`]: one JSON line per connection attempt and close, written
 //!   and rotated by its own thread;
-//! - [`metrics`]: the Prometheus endpoint, a small HTTP/1.1 responder.
+//! - [`metrics`]: the Prometheus endpoint, a small HTTP/1.1 responder;
+//! - [`fabric`]: connections to guests on other hosts, relayed over a
+//!   link between the two hosts' daemons (TCP or UCX).
 //!
 //! The daemon is on the control path only: once it has brokered a
 //! connection between two guests on this host, their bytes move through a
@@ -26,6 +28,7 @@
 pub mod admin;
 pub mod attach;
 pub mod broker;
+pub mod fabric;
 pub mod flowlog;
 pub mod live;
 pub mod metrics;

@@ -56,6 +56,16 @@ fn main() {
         eprintln!("vsocketd: {e}");
         std::process::exit(1);
     }
+    match vsocketd::fabric::Fabric::start(&daemon) {
+        Ok(Some(fabric)) => {
+            let _ = daemon.fabric.set(fabric);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("vsocketd: {e}");
+            std::process::exit(1);
+        }
+    }
     let refiller = daemon.clone();
     if let Err(e) = std::thread::Builder::new().name("segments".into()).spawn(move || refiller.segments.refill()) {
         eprintln!("vsocketd: {e}");

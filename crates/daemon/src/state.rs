@@ -329,6 +329,8 @@ pub struct Daemon {
     /// Segments made ahead of the connects that need them.
     pub segments: crate::pool::SegmentPool,
     flow_log: Option<FlowLog>,
+    /// The relay to other hosts, once started (none without a `[fabric]`).
+    pub fabric: std::sync::OnceLock<crate::fabric::Fabric>,
 }
 
 /// The source of the policy in force.
@@ -364,6 +366,7 @@ impl Daemon {
             next_id,
             segments: crate::pool::SegmentPool::new(ring_size),
             flow_log: None,
+            fabric: std::sync::OnceLock::new(),
         }
     }
 

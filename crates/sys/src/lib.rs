@@ -361,3 +361,105 @@ mod tests {
         assert_eq!(me, netns_id(Path::new("/proc/self/ns/net")).unwrap());
     }
 }
+
+/// An epoll set (the fabric relay waits on its link, doorbells and
+/// lifelines at once). Each registered descriptor carries a `u64` token.
+pub struct Epoll(OwnedFd);
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: plain epoll_create1(2).
+        let fd = syscall!(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: a new descriptor owned by nobody else.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn ctl(&self, op: i32, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
+        syscall!(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) }).map(drop)
+    }
+
+    /// Watches `fd` for `events` (EPOLLIN, EPOLLOUT...), reported with `token`.
+    pub fn add(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, events, token)
+    }
+
+    /// Changes what `fd` is watched for.
+    pub fn modify(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, events, token)
+    }
+
+    /// Stops watching `fd`.
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
+    /// Waits up to `timeout_ms` (-1: forever) and returns (token, events)
+    /// of what is ready. EINTR reads as nothing ready.
+    pub fn wait(&self, timeout_ms: i32, out: &mut Vec<(u64, u32)>) -> io::Result<()> {
+        out.clear();
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        // SAFETY: `evs` has room for 64 events.
+        match syscall!(unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), 64, timeout_ms) }) {
+            Ok(n) => {
+                out.extend(evs[..n as usize].iter().map(|e| (e.u64, e.events)));
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A non-blocking eventfd: one thread `signal`s, the thread that polls it
+/// `drain`s.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain eventfd(2).
+    let fd = syscall!(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+    // SAFETY: a new descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds one to an eventfd (wakes its poller).
+pub fn eventfd_signal(fd: BorrowedFd<'_>) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer; a full counter is still a wake-up.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+}
+
+/// Reads a doorbell, eventfd or pipe until it is empty, without blocking.
+/// Returns true if its other end has hung up (end of file).
+pub fn drain(fd: BorrowedFd<'_>) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        // SAFETY: reads into a live buffer of its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        match n {
+            0 => return true,
+            n if n > 0 => continue,
+            _ => {
+                let err = io::Error::last_os_error().raw_os_error();
+                if err == Some(libc::ENOTSOCK) {
+                    // An eventfd or a pipe.
+                    // SAFETY: reads into a live buffer of its length.
+                    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                    if n == 0 {
+                        return true;
+                    }
+                    if n > 0 {
+                        continue;
+                    }
+                }
+                return false;
+            }
+        }
+    }
+}
+
+/// Rings a doorbell (one byte on a stream socket), never blocking: a full
+/// doorbell already means a wake-up is pending.
+pub fn ring(fd: BorrowedFd<'_>) {
+    // SAFETY: sends one byte from a live buffer.
+    let _ = unsafe { libc::send(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+}

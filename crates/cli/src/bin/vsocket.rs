@@ -111,7 +111,7 @@ fn run(args: RunArgs) -> Failure {
     };
     let error = run::exec(&launch);
     let code = match error {
-        RunError::Config(_) | RunError::UnknownGuest { .. } => USAGE,
+        RunError::Config(_) | RunError::UnknownGuest { .. } | RunError::OtherHost { .. } => USAGE,
         RunError::Library(_) | RunError::NoNamespace { .. } | RunError::EnterNamespace { .. } => RUNTIME,
         RunError::Exec { .. } => CANNOT_EXECUTE,
     };

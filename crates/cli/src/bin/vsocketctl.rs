@@ -38,6 +38,8 @@ enum Command {
     Listeners,
     /// Every open vSocket connection with its byte counts.
     Connections,
+    /// The other hosts of the fabric: link state and traffic.
+    Peers,
     /// Bytes per second of every open connection and every guest, from two
     /// samples `--interval` seconds apart.
     Rates {
@@ -242,6 +244,7 @@ fn main() {
         Command::Guests => "guests",
         Command::Listeners => "listeners",
         Command::Connections => "connections",
+        Command::Peers => "peers",
         Command::Rates { interval } => return rates(&path, interval, args.json),
         _ => unreachable!("live changes are handled above"),
     };
@@ -283,6 +286,22 @@ fn main() {
             ],
         ),
         "listeners" => table(&reply, &["id", "guest", "vpc", "address", "accepted"]),
+        "peers" => table(
+            &reply,
+            &[
+                "name",
+                "address",
+                "transport",
+                "state",
+                "links_up",
+                "connections",
+                "opened",
+                "accepted",
+                "bytes_sent",
+                "bytes_received",
+                "last_error",
+            ],
+        ),
         _ => table(
             &reply,
             &[

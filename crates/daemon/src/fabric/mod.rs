@@ -1,0 +1,252 @@
+//! The fabric: connections between guests on different hosts.
+//!
+//! Each host's daemon keeps one link to every other host of its
+//! `[fabric]` (the host with the smaller name dials; the other accepts and
+//! checks that the caller is a configured host at its configured address).
+//! A connect to a guest placed on another host is decided in two steps:
+//! the client's host checks egress (and everything else it knows), then
+//! sends `Open`; the server's host decides again with its own policy
+//! (ingress is decided there), finds the listener, and answers `Accept` or
+//! `Refuse`. Once accepted, each daemon is the far end of its own guest's
+//! segment and the [`relay`] carries the bytes between segment and link.
+//!
+//! Two transports carry the frames: [`tcp`] (kernel TCP) and, where the
+//! config asks for it, UCX.
+
+pub mod relay;
+pub mod tcp;
+
+use crate::Daemon;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use vsocket_abi::fabric::{Frame, Refusal};
+use vsocket_abi::layout::Endpoint;
+use vsocket_policy::FabricKind;
+use vsocket_ring::Segment;
+use vsocket_sys::Epoll;
+
+/// How long a connect waits for the server's host to answer.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A transport's name for one link.
+pub type LinkId = u64;
+
+/// What a transport reports to the relay.
+pub enum LinkEvent<'a> {
+    /// A new link, dialed by this host (to `peer`) or accepted (from it).
+    Up { link: LinkId, peer: SocketAddr, dialed: bool },
+    /// A dial to `peer` failed.
+    DialFailed { peer: SocketAddr, error: String },
+    /// A frame arrived on `link`, in order.
+    Frame(LinkId, Frame<'a>),
+    /// The link is gone (closed, failed, or sent something malformed).
+    Down { link: LinkId, why: String },
+}
+
+/// Moves frames between daemons. Driven by the relay's thread only.
+pub trait Transport: Send {
+    /// Starts connecting to the daemon at `address`; the outcome comes as
+    /// `Up` or `DialFailed`.
+    fn dial(&mut self, address: SocketAddr, epoll: &Epoll);
+    /// Something the transport registered in `epoll` under `token` is
+    /// ready (`events`); report what happened.
+    fn ready(&mut self, token: u64, events: u32, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>));
+    /// Queues `frame` on `link`, after every frame queued before.
+    fn send(&mut self, link: LinkId, frame: &Frame<'_>);
+    /// Bytes queued on `link` and not yet taken by the network.
+    fn backlog(&self, link: LinkId) -> usize;
+    /// Pushes queued frames out as far as the network takes them.
+    fn flush(&mut self, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>));
+    /// Closes `link` (no event follows).
+    fn close(&mut self, link: LinkId, epoll: &Epoll);
+    /// The network address the link's other end speaks from, if known.
+    fn peer_ip(&self, link: LinkId) -> Option<std::net::IpAddr>;
+    /// Called before the relay sleeps; false if it must poll again first.
+    fn before_sleep(&mut self) -> bool;
+    /// "tcp" or "ucx".
+    fn describe(&self) -> &'static str;
+}
+
+/// What the client's host asks of the server's host.
+#[derive(Debug, Clone)]
+pub struct OpenRequest {
+    pub vpc: String,
+    pub guest: String,
+    pub client: SocketAddrV4,
+    pub server: SocketAddrV4,
+    pub window: u32,
+}
+
+/// How an `Open` ended, for the connect waiting on it.
+#[derive(Debug, Clone)]
+pub enum OpenOutcome {
+    Accepted,
+    Refused(Refusal),
+    /// No link to that host, or it failed meanwhile.
+    Unreachable(String),
+}
+
+/// The daemon's end of a relayed connection's segment.
+pub struct NewConn {
+    pub segment: Segment,
+    /// The daemon's endpoint: the one its guest is not.
+    pub mine: Endpoint,
+    /// The daemon's end of the doorbell.
+    pub bell: OwnedFd,
+    /// Write end of the daemon's lifeline pipe (the record holds the read end).
+    pub holds: OwnedFd,
+}
+
+pub(crate) enum Command {
+    Open { peer: String, id: u64, request: OpenRequest, conn: NewConn, reply: mpsc::Sender<OpenOutcome> },
+    Cancel { peer: String, id: u64 },
+    Accepted { peer: usize, id: u64, conn: NewConn, window: u32 },
+    Refused { peer: usize, id: u64, refusal: Refusal },
+}
+
+/// One fabric peer as `vsocketctl peers` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub address: String,
+    pub transport: &'static str,
+    /// "up" or "down".
+    pub state: &'static str,
+    /// When the state last changed, seconds since the epoch.
+    #[serde(serialize_with = "epoch_seconds")]
+    pub since: Option<SystemTime>,
+    pub links_up: u64,
+    pub connections: u64,
+    /// Connections this host opened to the peer, and accepted from it.
+    pub opened: u64,
+    pub accepted: u64,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    /// Stream bytes (data frames' payloads).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Connections reset because their guest's ring was corrupt.
+    pub corrupt: u64,
+    pub last_error: Option<String>,
+}
+
+fn epoch_seconds<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()) {
+        Some(d) => s.serialize_some(&d.as_secs()),
+        None => s.serialize_none(),
+    }
+}
+
+impl PeerStatus {
+    fn new(name: &str, address: SocketAddr, transport: &'static str) -> PeerStatus {
+        PeerStatus {
+            name: name.into(),
+            address: address.to_string(),
+            transport,
+            state: "down",
+            since: None,
+            links_up: 0,
+            connections: 0,
+            opened: 0,
+            accepted: 0,
+            frames_sent: 0,
+            frames_received: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            corrupt: 0,
+            last_error: None,
+        }
+    }
+}
+
+/// The daemon's handle on its relay.
+pub struct Fabric {
+    commands: Mutex<mpsc::Sender<Command>>,
+    bell: OwnedFd,
+    status: Arc<Mutex<Vec<PeerStatus>>>,
+    pub kind: FabricKind,
+}
+
+impl std::fmt::Debug for Fabric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fabric").field("kind", &self.kind).finish_non_exhaustive()
+    }
+}
+
+impl Fabric {
+    /// Starts the relay for the config's `[fabric]`, if it has one with
+    /// other hosts.
+    pub fn start(daemon: &Arc<Daemon>) -> std::io::Result<Option<Fabric>> {
+        let policy = daemon.policy();
+        let config = &policy.config;
+        let Some(fabric) = config.fabric() else { return Ok(None) };
+        let this = config.host().name.clone();
+        let Some(me) = fabric.host(&this) else { return Ok(None) };
+        let peers: Vec<(String, SocketAddr)> =
+            fabric.hosts.iter().filter(|h| h.name != this).map(|h| (h.name.clone(), h.address)).collect();
+        if peers.is_empty() {
+            return Ok(None);
+        }
+        let epoll = Epoll::new()?;
+        let transport: Box<dyn Transport> = match fabric.kind {
+            FabricKind::Tcp => Box::new(
+                tcp::TcpTransport::new(me.address, &epoll)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("fabric listen on {}: {e}", me.address)))?,
+            ),
+            FabricKind::Ucx => {
+                return Err(std::io::Error::other("the ucx fabric is not available in this build"));
+            }
+        };
+        let (tx, rx) = mpsc::channel();
+        let bell = vsocket_sys::eventfd()?;
+        let status = Arc::new(Mutex::new(Vec::new()));
+        let relay =
+            relay::Relay::new(daemon.clone(), epoll, transport, this, peers, rx, bell.try_clone()?, status.clone())?;
+        std::thread::Builder::new().name("fabric-relay".into()).spawn(move || relay.run())?;
+        tracing::info!(kind = %fabric.kind, listen = %me.address, "fabric started");
+        Ok(Some(Fabric { commands: Mutex::new(tx), bell, status, kind: fabric.kind }))
+    }
+
+    fn command(&self, command: Command) {
+        let _ = self.commands.lock().unwrap_or_else(|e| e.into_inner()).send(command);
+        vsocket_sys::eventfd_signal(self.bell.as_fd());
+    }
+
+    /// Asks host `peer` to accept connection `id` and waits for the answer
+    /// (at most [`OPEN_TIMEOUT`]). On `Accepted` the relay carries `conn`.
+    pub fn open(&self, peer: &str, id: u64, request: OpenRequest, conn: NewConn) -> OpenOutcome {
+        let (reply, answer) = mpsc::channel();
+        self.command(Command::Open { peer: peer.into(), id, request, conn, reply });
+        match answer.recv_timeout(OPEN_TIMEOUT) {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                self.command(Command::Cancel { peer: peer.into(), id });
+                OpenOutcome::Unreachable(format!("no answer from {peer} in {} s", OPEN_TIMEOUT.as_secs()))
+            }
+        }
+    }
+
+    /// Every peer's state and traffic.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The server's side of an `Open` from peer `peer` (index `p`): decided on
+/// a thread of its own, since reaching the listener may wait.
+pub(crate) fn remote_open(daemon: &Arc<Daemon>, peer: String, p: usize, id: u64, request: OpenRequest) {
+    let daemon = daemon.clone();
+    let spawned = std::thread::Builder::new().name("fabric-open".into()).spawn(move || {
+        let Some(fabric) = daemon.fabric.get() else { return };
+        let command = match crate::broker::accept_remote(&daemon, &peer, &request) {
+            Ok(conn) => Command::Accepted { peer: p, id, conn, window: request.window },
+            Err(refusal) => Command::Refused { peer: p, id, refusal },
+        };
+        fabric.command(command);
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start a thread for a fabric open");
+    }
+}

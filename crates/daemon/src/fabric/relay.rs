@@ -1,0 +1,808 @@
+//! The relay: one thread that carries every cross-host connection of this
+//! host between its guests' rings and the fabric links.
+//!
+//! For a connection whose other end is on another host, the daemon is the
+//! other end of the guest's segment: it reads what the guest writes and
+//! sends it as `Data` frames, and writes what arrives into the guest's
+//! receive ring. Flow control is per connection: the sender may have at
+//! most the receiver's window (its ring size) unconsumed, and the receiver
+//! gives `Credit` back as its guest reads. A guest that stops reading
+//! therefore stops only its own connection; a link's frames are never held
+//! up behind it, because the receiver always has room for what it allowed.
+//!
+//! The thread sleeps in one epoll set holding the links, every relayed
+//! connection's doorbell and a command eventfd. Guests ring the doorbell
+//! when they write (the relay arms the consumer side) and, when a credit
+//! may be due, when they read (the relay arms the producer side).
+
+use super::{Command, LinkEvent, LinkId, NewConn, OpenOutcome, OpenRequest, PeerStatus, Transport};
+use crate::Daemon;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vsocket_abi::fabric::{Frame, Origin, Refusal, MAX_PAYLOAD, VERSION};
+use vsocket_ring::{RxState, Segment};
+use vsocket_sys::Epoll;
+
+/// A link with nothing received for this long is declared dead.
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(3);
+/// An idle link sends a ping this often.
+const PING_EVERY: Duration = Duration::from_millis(500);
+/// A link that has not said who it is within this time is closed.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a host dials a peer that is down.
+const DIAL_EVERY: Duration = Duration::from_secs(1);
+/// Past this many bytes waiting on a link, guests' rings are not read.
+const HIGH_WATER: usize = 4 << 20;
+
+const TOKEN_COMMANDS: u64 = 0;
+const TOKEN_CONNS: u64 = 1 << 40;
+
+/// A stream's key: the peer (index into `peers`), who opened it, its id.
+type Key = (usize, Side, u64);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Side {
+    /// This host opened it (its guest is the client).
+    Local,
+    /// The peer opened it (this host's guest is the server).
+    Remote,
+}
+
+fn wire(side: Side) -> Origin {
+    match side {
+        Side::Local => Origin::Sender,
+        Side::Remote => Origin::Receiver,
+    }
+}
+
+fn side_of(origin: Origin) -> Side {
+    match origin {
+        Origin::Sender => Side::Remote,
+        Origin::Receiver => Side::Local,
+    }
+}
+
+/// One relayed connection.
+struct Conn {
+    key: Key,
+    segment: Segment,
+    /// The daemon's end of the segment (the other end from its guest's).
+    mine: vsocket_abi::layout::Endpoint,
+    bell: OwnedFd,
+    /// Write end of the daemon's lifeline: dropping it tells the reaper
+    /// the daemon's end is done.
+    _holds: OwnedFd,
+    /// Bytes we may still send.
+    credit: u64,
+    /// The peer's window: what it allowed us at the start.
+    window: u32,
+    /// Bytes written into the guest's receive ring.
+    delivered: u64,
+    /// Of those, bytes the guest consumed that we have credited back.
+    credited: u64,
+    /// Waiting for the peer's answer to our `Open`.
+    opening: Option<mpsc::Sender<OpenOutcome>>,
+    /// We sent `Fin` or `Reset` (nothing more goes out).
+    sent_end: bool,
+    /// The peer sent `Fin` or `Reset`.
+    got_end: bool,
+    /// Every process holding the guest's end has let go of it.
+    guest_gone: bool,
+}
+
+struct Peer {
+    name: String,
+    address: SocketAddr,
+    /// This host dials it (the host with the smaller name dials).
+    dials: bool,
+    link: Option<LinkId>,
+    last_dial: Option<Instant>,
+    status: PeerStatus,
+}
+
+/// A link that has not said `Hello` yet.
+struct Pending {
+    since: Instant,
+    /// The peer it was dialed to reach, if dialed.
+    dialed: Option<usize>,
+}
+
+/// The relay's state, owned by its thread.
+pub struct Relay {
+    daemon: Arc<Daemon>,
+    epoll: Epoll,
+    transport: Box<dyn Transport>,
+    this: String,
+    peers: Vec<Peer>,
+    pending: HashMap<LinkId, Pending>,
+    /// Which peer each identified link is.
+    links: HashMap<LinkId, usize>,
+    last_rx: HashMap<LinkId, Instant>,
+    last_tx: HashMap<LinkId, Instant>,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    keys: HashMap<Key, usize>,
+    commands: mpsc::Receiver<Command>,
+    command_bell: OwnedFd,
+    dirty: Vec<usize>,
+    blocked: Vec<usize>,
+    scratch: Vec<u8>,
+    status: Arc<Mutex<Vec<PeerStatus>>>,
+}
+
+impl Relay {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        daemon: Arc<Daemon>,
+        epoll: Epoll,
+        transport: Box<dyn Transport>,
+        this: String,
+        peers: Vec<(String, SocketAddr)>,
+        commands: mpsc::Receiver<Command>,
+        command_bell: OwnedFd,
+        status: Arc<Mutex<Vec<PeerStatus>>>,
+    ) -> std::io::Result<Relay> {
+        epoll.add(command_bell.as_fd(), libc::EPOLLIN as u32, TOKEN_COMMANDS)?;
+        let kind = transport.describe();
+        let peers = peers
+            .into_iter()
+            .map(|(name, address)| Peer {
+                dials: this < name,
+                status: PeerStatus::new(&name, address, kind),
+                name,
+                address,
+                link: None,
+                last_dial: None,
+            })
+            .collect();
+        Ok(Relay {
+            daemon,
+            epoll,
+            transport,
+            this,
+            peers,
+            pending: HashMap::new(),
+            links: HashMap::new(),
+            last_rx: HashMap::new(),
+            last_tx: HashMap::new(),
+            conns: Vec::new(),
+            free: Vec::new(),
+            keys: HashMap::new(),
+            commands,
+            command_bell,
+            dirty: Vec::new(),
+            blocked: Vec::new(),
+            scratch: vec![0; MAX_PAYLOAD],
+            status,
+        })
+    }
+
+    /// Runs the relay forever.
+    pub fn run(mut self) {
+        let mut events = Vec::with_capacity(64);
+        let mut last_tick = Instant::now() - DIAL_EVERY;
+        loop {
+            if last_tick.elapsed() >= PING_EVERY / 2 {
+                self.tick();
+                last_tick = Instant::now();
+            }
+            let timeout = if self.transport.before_sleep() { (PING_EVERY / 2).as_millis() as i32 } else { 0 };
+            if let Err(e) = self.epoll.wait(timeout, &mut events) {
+                tracing::error!(error = %e, "fabric relay: epoll_wait");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            for &(token, ev) in &events {
+                if token == TOKEN_COMMANDS {
+                    vsocket_sys::drain(self.command_bell.as_fd());
+                    while let Ok(command) = self.commands.try_recv() {
+                        self.command(command);
+                    }
+                } else if token >= TOKEN_CONNS {
+                    self.doorbell((token - TOKEN_CONNS) as usize);
+                } else {
+                    let mut happened = Vec::new();
+                    self.transport.ready(token, ev, &self.epoll, &mut |e| happened.push(Owned::from(e)));
+                    for e in happened {
+                        self.link_event(e);
+                    }
+                }
+            }
+            self.pump_dirty();
+        }
+    }
+
+    /// Pumps every connection marked dirty, then pushes the links.
+    fn pump_dirty(&mut self) {
+        while !self.dirty.is_empty() || !self.blocked.is_empty() {
+            let mut dirty = std::mem::take(&mut self.dirty);
+            dirty.sort_unstable();
+            dirty.dedup();
+            for index in dirty {
+                self.pump(index);
+            }
+            let mut happened = Vec::new();
+            self.transport.flush(&self.epoll, &mut |e| happened.push(Owned::from(e)));
+            for e in happened {
+                self.link_event(e);
+            }
+            // Connections held back by a full link go again once it drains.
+            let blocked = std::mem::take(&mut self.blocked);
+            for index in blocked {
+                let link = self.conns.get(index).and_then(Option::as_ref).and_then(|c| self.peers[c.key.0].link);
+                match link {
+                    Some(link) if self.transport.backlog(link) < HIGH_WATER / 2 => self.dirty.push(index),
+                    Some(_) => self.blocked.push(index),
+                    None => {}
+                }
+            }
+            if self.dirty.is_empty() {
+                break;
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.peers.len() {
+            match self.peers[i].link {
+                Some(link) => {
+                    if self.last_rx.get(&link).is_some_and(|t| now.duration_since(*t) > LINK_TIMEOUT) {
+                        self.link_down(link, format!("nothing heard for {} s", LINK_TIMEOUT.as_secs()));
+                        continue;
+                    }
+                    if self.last_tx.get(&link).is_none_or(|t| now.duration_since(*t) >= PING_EVERY) {
+                        self.send(link, &Frame::Ping);
+                    }
+                }
+                None => {
+                    let peer = &mut self.peers[i];
+                    let due = peer.last_dial.is_none_or(|t| now.duration_since(t) >= DIAL_EVERY);
+                    let dialing = self.pending.values().any(|p| p.dialed == Some(i));
+                    if peer.dials && due && !dialing {
+                        peer.last_dial = Some(now);
+                        self.transport.dial(peer.address, &self.epoll);
+                    }
+                }
+            }
+        }
+        let stale: Vec<LinkId> =
+            self.pending.iter().filter(|(_, p)| now.duration_since(p.since) > HELLO_TIMEOUT).map(|(l, _)| *l).collect();
+        for link in stale {
+            self.pending.remove(&link);
+            self.transport.close(link, &self.epoll);
+        }
+        let mut happened = Vec::new();
+        self.transport.flush(&self.epoll, &mut |e| happened.push(Owned::from(e)));
+        for e in happened {
+            self.link_event(e);
+        }
+        self.publish_status();
+    }
+
+    fn publish_status(&mut self) {
+        let mut live = vec![0u64; self.peers.len()];
+        for conn in self.conns.iter().flatten() {
+            live[conn.key.0] += 1;
+        }
+        let statuses = self
+            .peers
+            .iter_mut()
+            .zip(live)
+            .map(|(p, live)| {
+                p.status.connections = live;
+                p.status.clone()
+            })
+            .collect();
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = statuses;
+    }
+
+    fn send(&mut self, link: LinkId, frame: &Frame<'_>) {
+        self.transport.send(link, frame);
+        self.last_tx.insert(link, Instant::now());
+        if let Some(&p) = self.links.get(&link) {
+            let s = &mut self.peers[p].status;
+            s.frames_sent += 1;
+            if let Frame::Data { bytes, .. } = frame {
+                s.bytes_sent += bytes.len() as u64;
+            }
+        }
+    }
+
+    /// Sends `frame` on peer `p`'s link, if it is up.
+    fn send_to(&mut self, p: usize, frame: &Frame<'_>) {
+        if let Some(link) = self.peers[p].link {
+            self.send(link, frame);
+        }
+    }
+
+    fn link_event(&mut self, event: Owned) {
+        match event {
+            Owned::Up { link, peer, dialed } => {
+                let dialed_peer = if dialed { self.peers.iter().position(|p| p.address == peer) } else { None };
+                self.pending.insert(link, Pending { since: Instant::now(), dialed: dialed_peer });
+                self.last_rx.insert(link, Instant::now());
+                self.send(link, &Frame::Hello { version: VERSION, host: &self.this.clone() });
+            }
+            Owned::DialFailed { peer, error } => {
+                if let Some(p) = self.peers.iter_mut().find(|p| p.address == peer) {
+                    if p.status.last_error.as_deref() != Some(error.as_str()) {
+                        tracing::debug!(peer = %p.name, %error, "fabric dial failed");
+                    }
+                    p.status.last_error = Some(error);
+                }
+            }
+            Owned::Down { link, why } => self.link_down(link, why),
+            Owned::Frame(link, bytes) => {
+                // Re-decode: the transport's frame borrowed its buffer.
+                if let Ok(Some((frame, _))) = Frame::decode(&bytes) {
+                    self.frame(link, frame);
+                }
+            }
+        }
+    }
+
+    /// A link is gone: every connection on it is reset.
+    fn link_down(&mut self, link: LinkId, why: String) {
+        self.transport.close(link, &self.epoll);
+        self.pending.remove(&link);
+        self.last_rx.remove(&link);
+        self.last_tx.remove(&link);
+        let Some(p) = self.links.remove(&link) else { return };
+        if self.peers[p].link != Some(link) {
+            return;
+        }
+        self.peers[p].link = None;
+        let status = &mut self.peers[p].status;
+        status.state = "down";
+        status.since = Some(std::time::SystemTime::now());
+        status.last_error = Some(why.clone());
+        let indices: Vec<usize> = self.keys.iter().filter(|(k, _)| k.0 == p).map(|(_, i)| *i).collect();
+        tracing::warn!(peer = %self.peers[p].name, %why, connections = indices.len(), "fabric link down");
+        for index in indices {
+            self.abort(index, false, OpenOutcome::Unreachable(why.clone()));
+        }
+    }
+
+    fn frame(&mut self, link: LinkId, frame: Frame<'_>) {
+        self.last_rx.insert(link, Instant::now());
+        let Some(&p) = self.links.get(&link) else {
+            // Only Hello is expected on a link not yet identified.
+            match frame {
+                Frame::Hello { version, host } => self.hello(link, version, host),
+                _ => {
+                    tracing::warn!("fabric link spoke before saying hello; closed");
+                    self.pending.remove(&link);
+                    self.transport.close(link, &self.epoll);
+                }
+            }
+            return;
+        };
+        self.peers[p].status.frames_received += 1;
+        match frame {
+            Frame::Hello { .. } | Frame::Ping => {}
+            Frame::Open { origin, id, vpc, guest, client, server, window } => {
+                if origin != Origin::Sender || self.keys.contains_key(&(p, Side::Remote, id)) {
+                    self.link_down(link, "peer broke the protocol: bad Open".into());
+                    return;
+                }
+                let request = OpenRequest { vpc: vpc.into(), guest: guest.into(), client, server, window };
+                super::remote_open(&self.daemon, self.peers[p].name.clone(), p, id, request);
+            }
+            Frame::Accept { origin, id, window } => {
+                let key = (p, side_of(origin), id);
+                match self.keys.get(&key).copied() {
+                    Some(index) => {
+                        let conn = self.conns[index].as_mut().expect("keyed connection exists");
+                        if let Some(reply) = conn.opening.take() {
+                            conn.credit = u64::from(window);
+                            conn.window = window;
+                            let _ = reply.send(OpenOutcome::Accepted);
+                            self.dirty.push(index);
+                        }
+                    }
+                    None => self.send(link, &Frame::Reset { origin: wire(key.1), id }),
+                }
+            }
+            Frame::Refuse { origin, id, refusal } => {
+                if let Some(index) = self.keys.get(&(p, side_of(origin), id)).copied() {
+                    if self.conns[index].as_ref().is_some_and(|c| c.opening.is_some()) {
+                        self.abort(index, true, OpenOutcome::Refused(refusal));
+                    }
+                }
+            }
+            Frame::Data { origin, id, bytes } => {
+                let key = (p, side_of(origin), id);
+                self.peers[p].status.bytes_received += bytes.len() as u64;
+                match self.keys.get(&key).copied() {
+                    Some(index) => self.deliver(index, bytes),
+                    None => self.send(link, &Frame::Reset { origin: wire(key.1), id }),
+                }
+            }
+            Frame::Credit { origin, id, bytes } => {
+                if let Some(index) = self.keys.get(&(p, side_of(origin), id)).copied() {
+                    if let Some(conn) = self.conns[index].as_mut() {
+                        conn.credit = (conn.credit + u64::from(bytes)).min(u64::from(conn.window));
+                        self.dirty.push(index);
+                    }
+                }
+            }
+            Frame::Fin { origin, id } => {
+                if let Some(index) = self.keys.get(&(p, side_of(origin), id)).copied() {
+                    if let Some(conn) = self.conns[index].as_mut() {
+                        conn.got_end = true;
+                        let wake = conn.segment.producer(conn.mine.tx_ring()).finish();
+                        if wake {
+                            vsocket_sys::ring(conn.bell.as_fd());
+                        }
+                    }
+                }
+            }
+            Frame::Reset { origin, id } => {
+                if let Some(index) = self.keys.get(&(p, side_of(origin), id)).copied() {
+                    self.abort(index, false, OpenOutcome::Refused(Refusal::Errno(libc::ECONNREFUSED)));
+                }
+            }
+        }
+    }
+
+    fn hello(&mut self, link: LinkId, version: u32, host: &str) {
+        let Some(pending) = self.pending.remove(&link) else { return };
+        let found = self.peers.iter().position(|p| p.name == host);
+        let ip = self.transport.peer_ip(link);
+        let refuse = |why: String| {
+            tracing::warn!(claimed = host, ?ip, %why, "fabric link refused");
+            why
+        };
+        let problem = match found {
+            _ if version != VERSION => Some(refuse(format!("protocol version {version}, not {VERSION}"))),
+            None => Some(refuse("not a configured fabric host".into())),
+            Some(p) if ip.is_some_and(|ip| ip != self.peers[p].address.ip()) && pending.dialed.is_none() => {
+                Some(refuse(format!("from {ip:?}, not the host's address {}", self.peers[p].address.ip())))
+            }
+            Some(p) if pending.dialed.is_some_and(|d| d != p) => Some(refuse("dialed another host".into())),
+            Some(_) => None,
+        };
+        let Some(p) = found.filter(|_| problem.is_none()) else {
+            self.transport.close(link, &self.epoll);
+            return;
+        };
+        if let Some(old) = self.peers[p].link {
+            // The peer came back (restarted) before its old link was found
+            // dead: the new link replaces it.
+            self.link_down(old, "replaced by a new link".into());
+        }
+        self.links.insert(link, p);
+        let peer = &mut self.peers[p];
+        peer.link = Some(link);
+        peer.status.state = "up";
+        peer.status.since = Some(std::time::SystemTime::now());
+        peer.status.links_up += 1;
+        peer.status.last_error = None;
+        tracing::info!(peer = %peer.name, transport = self.transport.describe(), "fabric link up");
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Open { peer, id, request, conn, reply } => {
+                let Some(p) = self.peers.iter().position(|x| x.name == peer) else {
+                    let _ = reply.send(OpenOutcome::Unreachable(format!("{peer} is not a fabric host")));
+                    return;
+                };
+                let Some(link) = self.peers[p].link else {
+                    let why = self.peers[p].status.last_error.clone().unwrap_or_else(|| "link down".into());
+                    let _ = reply.send(OpenOutcome::Unreachable(why));
+                    return;
+                };
+                let window = conn.segment.ring_size();
+                self.insert((p, Side::Local, id), conn, 0, 0, Some(reply));
+                self.peers[p].status.opened += 1;
+                let frame = Frame::Open {
+                    origin: Origin::Sender,
+                    id,
+                    vpc: &request.vpc,
+                    guest: &request.guest,
+                    client: request.client,
+                    server: request.server,
+                    window,
+                };
+                self.send(link, &frame);
+            }
+            Command::Cancel { peer, id } => {
+                if let Some(p) = self.peers.iter().position(|x| x.name == peer) {
+                    if let Some(index) = self.keys.get(&(p, Side::Local, id)).copied() {
+                        self.send_to(p, &Frame::Reset { origin: Origin::Sender, id });
+                        self.abort(index, true, OpenOutcome::Unreachable("timed out".into()));
+                    }
+                }
+            }
+            Command::Accepted { peer, id, conn, window } => {
+                if self.peers[peer].link.is_none() {
+                    // The link went while the listener was being reached:
+                    // the guest gets a connection that is reset at once.
+                    let (segment, mine, bell) = (&conn.segment, conn.mine, &conn.bell);
+                    let w = segment.producer(mine.tx_ring()).reset() | segment.consumer(mine.rx_ring()).close();
+                    if w {
+                        vsocket_sys::ring(bell.as_fd());
+                    }
+                    return;
+                }
+                let mine_window = conn.segment.ring_size();
+                let index = self.insert((peer, Side::Remote, id), conn, u64::from(window), window, None);
+                self.peers[peer].status.accepted += 1;
+                self.send_to(peer, &Frame::Accept { origin: Origin::Receiver, id, window: mine_window });
+                self.dirty.push(index);
+            }
+            Command::Refused { peer, id, refusal } => {
+                self.send_to(peer, &Frame::Refuse { origin: Origin::Receiver, id, refusal });
+            }
+        }
+        self.pump_dirty();
+    }
+
+    fn insert(
+        &mut self,
+        key: Key,
+        conn: NewConn,
+        credit: u64,
+        window: u32,
+        opening: Option<mpsc::Sender<OpenOutcome>>,
+    ) -> usize {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        let NewConn { segment, mine, bell, holds } = conn;
+        if let Err(e) = self.epoll.add(bell.as_fd(), libc::EPOLLIN as u32, TOKEN_CONNS + index as u64) {
+            tracing::error!(error = %e, "fabric relay: cannot watch a doorbell");
+        }
+        self.conns[index] = Some(Conn {
+            key,
+            segment,
+            mine,
+            bell,
+            _holds: holds,
+            credit,
+            window,
+            delivered: 0,
+            credited: 0,
+            opening,
+            sent_end: false,
+            got_end: false,
+            guest_gone: false,
+        });
+        self.keys.insert(key, index);
+        index
+    }
+
+    fn remove(&mut self, index: usize) {
+        if let Some(conn) = self.conns[index].take() {
+            let _ = self.epoll.delete(conn.bell.as_fd());
+            self.keys.remove(&conn.key);
+            self.free.push(index);
+        }
+    }
+
+    /// Resets connection `index` on the guest's side (it reads ECONNRESET)
+    /// and stops relaying it; one still opening gets `outcome` (and is
+    /// dropped, its guest never had it). `remove_now` drops it at once.
+    fn abort(&mut self, index: usize, remove_now: bool, outcome: OpenOutcome) {
+        let Some(conn) = self.conns[index].as_mut() else { return };
+        conn.sent_end = true;
+        conn.got_end = true;
+        if let Some(reply) = conn.opening.take() {
+            let _ = reply.send(outcome);
+            self.remove(index);
+            return;
+        }
+        let wake =
+            conn.segment.producer(conn.mine.tx_ring()).reset() | conn.segment.consumer(conn.mine.rx_ring()).close();
+        if wake {
+            vsocket_sys::ring(conn.bell.as_fd());
+        }
+        if remove_now || conn.guest_gone {
+            self.remove(index);
+        }
+    }
+
+    /// The guest rang (or hung up) connection `index`'s doorbell.
+    fn doorbell(&mut self, index: usize) {
+        let Some(conn) = self.conns.get_mut(index).and_then(Option::as_mut) else { return };
+        if vsocket_sys::drain(conn.bell.as_fd()) && !conn.guest_gone {
+            conn.guest_gone = true;
+            let _ = self.epoll.delete(conn.bell.as_fd());
+        }
+        self.dirty.push(index);
+    }
+
+    /// Writes a `Data` frame's bytes into the guest's ring.
+    fn deliver(&mut self, index: usize, bytes: &[u8]) {
+        let Some(conn) = self.conns[index].as_mut() else { return };
+        if conn.got_end || conn.opening.is_some() {
+            return;
+        }
+        let tx = conn.segment.producer(conn.mine.tx_ring());
+        match tx.write(&[bytes]) {
+            Ok((n, wake)) if n == bytes.len() => {
+                conn.delivered += n as u64;
+                if wake {
+                    vsocket_sys::ring(conn.bell.as_fd());
+                }
+                self.dirty.push(index);
+            }
+            // More than the window allowed (or a guest that forged its
+            // ring's indices), or a guest that closed its reading side:
+            // this connection is reset, nothing else.
+            _ => {
+                let (p, side, id) = conn.key;
+                self.send_to(p, &Frame::Reset { origin: wire(side), id });
+                self.abort(index, false, OpenOutcome::Unreachable("reset".into()));
+            }
+        }
+    }
+
+    /// Moves what can move for connection `index`: the guest's bytes out
+    /// (within credit and link room), credit back for what it read, its
+    /// end of stream; and drops it once both the guest and the relay are
+    /// done with it.
+    fn pump(&mut self, index: usize) {
+        let Some(conn) = self.conns.get(index).and_then(Option::as_ref) else { return };
+        if conn.opening.is_some() {
+            return;
+        }
+        let (p, side, id) = conn.key;
+        let Some(link) = self.peers[p].link else { return };
+        let origin = wire(side);
+        // Guest to peer.
+        loop {
+            let conn = self.conns[index].as_mut().expect("pumped connection exists");
+            if conn.sent_end {
+                break;
+            }
+            if self.transport.backlog(link) >= HIGH_WATER {
+                self.blocked.push(index);
+                break;
+            }
+            let rx = conn.segment.consumer(conn.mine.rx_ring());
+            match rx.state() {
+                Ok(RxState::Data(n)) => {
+                    let take = (n as u64).min(conn.credit).min(MAX_PAYLOAD as u64) as usize;
+                    if take == 0 {
+                        break;
+                    }
+                    let Ok((got, wake)) = rx.read(&mut [&mut self.scratch[..take]], false) else {
+                        self.corrupt(index);
+                        return;
+                    };
+                    if wake {
+                        vsocket_sys::ring(conn.bell.as_fd());
+                    }
+                    conn.credit -= got as u64;
+                    let data = std::mem::take(&mut self.scratch);
+                    self.send(link, &Frame::Data { origin, id, bytes: &data[..got] });
+                    self.scratch = data;
+                }
+                Ok(RxState::Empty) => {
+                    if conn.guest_gone {
+                        // The process died without closing: as the kernel
+                        // does at exit, FIN, or RST with unread data.
+                        let unread = conn.delivered - conn.consumed();
+                        conn.sent_end = true;
+                        let frame = if unread > 0 { Frame::Reset { origin, id } } else { Frame::Fin { origin, id } };
+                        self.send(link, &frame);
+                        break;
+                    }
+                    rx.arm();
+                    if matches!(rx.state(), Ok(RxState::Empty)) {
+                        break;
+                    }
+                }
+                Ok(RxState::Fin) => {
+                    conn.sent_end = true;
+                    self.send(link, &Frame::Fin { origin, id });
+                    break;
+                }
+                Ok(RxState::Reset) => {
+                    conn.sent_end = true;
+                    let wake = conn.segment.producer(conn.mine.tx_ring()).reset();
+                    if wake {
+                        vsocket_sys::ring(conn.bell.as_fd());
+                    }
+                    self.send(link, &Frame::Reset { origin, id });
+                    break;
+                }
+                Err(_) => {
+                    self.corrupt(index);
+                    return;
+                }
+            }
+        }
+        // Credit back what the guest read.
+        let conn = self.conns[index].as_mut().expect("pumped connection exists");
+        if !conn.got_end {
+            let quarter = u64::from(conn.window.max(4)) / 4;
+            loop {
+                let consumed = conn.consumed();
+                let owed = consumed.saturating_sub(conn.credited);
+                if owed >= quarter {
+                    conn.credited = consumed;
+                    let bytes = owed.min(u64::from(u32::MAX)) as u32;
+                    let frame = Frame::Credit { origin, id, bytes };
+                    self.transport.send(link, &frame);
+                    self.last_tx.insert(link, Instant::now());
+                    break;
+                }
+                // Be told when the guest reads, if its reading could make a
+                // credit due.
+                let unread = conn.delivered.saturating_sub(consumed);
+                if unread + owed < quarter {
+                    break;
+                }
+                let tx = conn.segment.producer(conn.mine.tx_ring());
+                tx.arm();
+                if conn.consumed() == consumed {
+                    break;
+                }
+            }
+        }
+        let conn = self.conns[index].as_ref().expect("pumped connection exists");
+        if conn.guest_gone && conn.sent_end {
+            self.remove(index);
+        }
+    }
+
+    /// The guest's ring holds values no ring can: reset its connection.
+    fn corrupt(&mut self, index: usize) {
+        let Some(conn) = self.conns[index].as_ref() else { return };
+        let (p, side, id) = conn.key;
+        let already = conn.sent_end;
+        if !already {
+            self.send_to(p, &Frame::Reset { origin: wire(side), id });
+        }
+        self.abort(index, false, OpenOutcome::Unreachable("corrupt ring".into()));
+        self.peers[p].status.corrupt += 1;
+    }
+}
+
+impl Conn {
+    /// Bytes of `delivered` the guest has read (its ring's head, as far as
+    /// the daemon can tell: a guest that forges it fools only itself).
+    fn consumed(&self) -> u64 {
+        let tx = self.segment.producer(self.mine.tx_ring());
+        match tx.space() {
+            Ok(space) => {
+                let unread = u64::from(self.segment.ring_size()).saturating_sub(u64::from(space));
+                self.delivered.saturating_sub(unread)
+            }
+            // Closed by the guest: everything counts as read.
+            Err(_) => self.delivered,
+        }
+    }
+}
+
+/// A [`LinkEvent`] that owns its bytes, kept past the transport's borrow.
+enum Owned {
+    Up { link: LinkId, peer: SocketAddr, dialed: bool },
+    DialFailed { peer: SocketAddr, error: String },
+    Frame(LinkId, Vec<u8>),
+    Down { link: LinkId, why: String },
+}
+
+impl From<LinkEvent<'_>> for Owned {
+    fn from(e: LinkEvent<'_>) -> Owned {
+        match e {
+            LinkEvent::Up { link, peer, dialed } => Owned::Up { link, peer, dialed },
+            LinkEvent::DialFailed { peer, error } => Owned::DialFailed { peer, error },
+            LinkEvent::Frame(link, frame) => {
+                let mut bytes = Vec::new();
+                frame.encode(&mut bytes);
+                Owned::Frame(link, bytes)
+            }
+            LinkEvent::Down { link, why } => Owned::Down { link, why },
+        }
+    }
+}

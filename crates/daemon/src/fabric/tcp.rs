@@ -1,0 +1,261 @@
+//! The `tcp` fabric: kernel TCP between daemons, one connection per host
+//! pair, frames back to back on it.
+//!
+//! Sockets are non-blocking and driven by the relay's epoll set. What a
+//! link cannot take at once waits in its outbound buffer (the relay stops
+//! reading guests' rings while that buffer is past [`Transport::backlog`]'s
+//! limit); inbound bytes are parsed into frames as they arrive. Dialing
+//! blocks, so it happens on a short-lived thread that hands the connected
+//! socket over.
+
+use super::{LinkEvent, LinkId, Transport};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::mpsc;
+use std::time::Duration;
+use vsocket_abi::fabric::Frame;
+use vsocket_sys::Epoll;
+
+/// How long a dial may take before it counts as failed.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Inbound bytes read per system call.
+const READ_CHUNK: usize = 256 * 1024;
+
+const TOKEN_LISTENER: u64 = 1;
+const TOKEN_DIALED: u64 = 2;
+const TOKEN_LINKS: u64 = 16;
+
+struct Link {
+    stream: TcpStream,
+    peer: SocketAddr,
+    inbound: Vec<u8>,
+    /// Bytes of `inbound` already parsed into frames.
+    parsed: usize,
+    outbound: Vec<u8>,
+    /// Bytes of `outbound` already written.
+    written: usize,
+    /// EPOLLOUT is being watched.
+    want_out: bool,
+}
+
+/// Kernel TCP links, listening on this host's fabric address.
+pub struct TcpTransport {
+    listener: TcpListener,
+    links: HashMap<LinkId, Link>,
+    next: LinkId,
+    dialed_tx: mpsc::Sender<(SocketAddr, io::Result<TcpStream>)>,
+    dialed_rx: mpsc::Receiver<(SocketAddr, io::Result<TcpStream>)>,
+    dialed_bell: OwnedFd,
+}
+
+impl TcpTransport {
+    /// Listens on `address` and registers with `epoll`.
+    pub fn new(address: SocketAddr, epoll: &Epoll) -> io::Result<TcpTransport> {
+        let listener = TcpListener::bind(address)?;
+        listener.set_nonblocking(true)?;
+        let dialed_bell = vsocket_sys::eventfd()?;
+        epoll.add(listener.as_fd(), libc::EPOLLIN as u32, TOKEN_LISTENER)?;
+        epoll.add(dialed_bell.as_fd(), libc::EPOLLIN as u32, TOKEN_DIALED)?;
+        let (dialed_tx, dialed_rx) = mpsc::channel();
+        Ok(TcpTransport { listener, links: HashMap::new(), next: TOKEN_LINKS, dialed_tx, dialed_rx, dialed_bell })
+    }
+
+    fn adopt(&mut self, stream: TcpStream, peer: SocketAddr, epoll: &Epoll) -> io::Result<LinkId> {
+        stream.set_nonblocking(true)?;
+        stream.set_nodelay(true)?;
+        let id = self.next;
+        self.next += 1;
+        epoll.add(stream.as_fd(), libc::EPOLLIN as u32, id)?;
+        let link = Link {
+            stream,
+            peer,
+            inbound: Vec::with_capacity(READ_CHUNK),
+            parsed: 0,
+            outbound: Vec::new(),
+            written: 0,
+            want_out: false,
+        };
+        self.links.insert(id, link);
+        Ok(id)
+    }
+
+    /// Reads what the socket has and reports every whole frame. Returns an
+    /// error when the link is finished (end of stream, a socket error or a
+    /// malformed frame).
+    fn read(link: &mut Link, id: LinkId, on: &mut dyn FnMut(LinkEvent<'_>)) -> Result<(), String> {
+        loop {
+            if link.parsed > 0 && link.parsed == link.inbound.len() {
+                link.inbound.clear();
+                link.parsed = 0;
+            } else if link.parsed > READ_CHUNK {
+                link.inbound.drain(..link.parsed);
+                link.parsed = 0;
+            }
+            let start = link.inbound.len();
+            link.inbound.resize(start + READ_CHUNK, 0);
+            let n = match link.stream.read(&mut link.inbound[start..]) {
+                Ok(0) => {
+                    link.inbound.truncate(start);
+                    return Err("the other host closed the link".into());
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    link.inbound.truncate(start);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    link.inbound.truncate(start);
+                    continue;
+                }
+                Err(e) => {
+                    link.inbound.truncate(start);
+                    return Err(format!("link read: {e}"));
+                }
+            };
+            link.inbound.truncate(start + n);
+            loop {
+                match Frame::decode(&link.inbound[link.parsed..]) {
+                    Ok(Some((frame, used))) => {
+                        link.parsed += used;
+                        on(LinkEvent::Frame(id, frame));
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Err(format!("malformed frame from {}: {e}", link.peer)),
+                }
+            }
+        }
+    }
+
+    /// Writes what the socket takes; watches EPOLLOUT while bytes remain.
+    fn write(link: &mut Link, id: LinkId, epoll: &Epoll) -> Result<(), String> {
+        while link.written < link.outbound.len() {
+            match link.stream.write(&link.outbound[link.written..]) {
+                Ok(n) => link.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("link write: {e}")),
+            }
+        }
+        if link.written == link.outbound.len() {
+            link.outbound.clear();
+            link.written = 0;
+        }
+        let want_out = !link.outbound.is_empty();
+        if want_out != link.want_out {
+            let events = libc::EPOLLIN as u32 | if want_out { libc::EPOLLOUT as u32 } else { 0 };
+            epoll.modify(link.stream.as_fd(), events, id).map_err(|e| format!("epoll: {e}"))?;
+            link.want_out = want_out;
+        }
+        Ok(())
+    }
+}
+
+impl Transport for TcpTransport {
+    fn dial(&mut self, address: SocketAddr, _epoll: &Epoll) {
+        let tx = self.dialed_tx.clone();
+        let bell = match self.dialed_bell.try_clone() {
+            Ok(bell) => bell,
+            Err(_) => return,
+        };
+        let _ = std::thread::Builder::new().name("fabric-dial".into()).spawn(move || {
+            let result = TcpStream::connect_timeout(&address, DIAL_TIMEOUT);
+            let _ = tx.send((address, result));
+            vsocket_sys::eventfd_signal(bell.as_fd());
+        });
+    }
+
+    fn ready(&mut self, token: u64, events: u32, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>)) {
+        match token {
+            TOKEN_LISTENER => loop {
+                match self.listener.accept() {
+                    Ok((stream, peer)) => match self.adopt(stream, peer, epoll) {
+                        Ok(id) => on(LinkEvent::Up { link: id, peer, dialed: false }),
+                        Err(e) => tracing::warn!(%peer, error = %e, "cannot take a fabric link"),
+                    },
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "fabric accept");
+                        break;
+                    }
+                }
+            },
+            TOKEN_DIALED => {
+                vsocket_sys::drain(self.dialed_bell.as_fd());
+                while let Ok((address, result)) = self.dialed_rx.try_recv() {
+                    match result.and_then(|stream| self.adopt(stream, address, epoll)) {
+                        Ok(id) => on(LinkEvent::Up { link: id, peer: address, dialed: true }),
+                        Err(e) => on(LinkEvent::DialFailed { peer: address, error: e.to_string() }),
+                    }
+                }
+            }
+            id => {
+                let Some(link) = self.links.get_mut(&id) else { return };
+                let mut result = Ok(());
+                if events & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+                    result = Self::read(link, id, on);
+                }
+                if result.is_ok() && events & libc::EPOLLOUT as u32 != 0 {
+                    result = Self::write(link, id, epoll);
+                }
+                if let Err(why) = result {
+                    self.close(id, epoll);
+                    on(LinkEvent::Down { link: id, why });
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, link: LinkId, frame: &Frame<'_>) {
+        if let Some(l) = self.links.get_mut(&link) {
+            frame.encode(&mut l.outbound);
+        }
+    }
+
+    fn backlog(&self, link: LinkId) -> usize {
+        self.links.get(&link).map_or(0, |l| l.outbound.len() - l.written)
+    }
+
+    fn flush(&mut self, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>)) {
+        let mut failed = Vec::new();
+        for (&id, link) in &mut self.links {
+            if link.outbound.len() > link.written {
+                if let Err(why) = Self::write(link, id, epoll) {
+                    failed.push((id, why));
+                }
+            }
+        }
+        for (id, why) in failed {
+            self.close(id, epoll);
+            on(LinkEvent::Down { link: id, why });
+        }
+    }
+
+    fn close(&mut self, link: LinkId, epoll: &Epoll) {
+        if let Some(l) = self.links.remove(&link) {
+            let _ = epoll.delete(l.stream.as_fd());
+            let _ = l.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn peer_ip(&self, link: LinkId) -> Option<std::net::IpAddr> {
+        self.links.get(&link).map(|l| l.peer.ip())
+    }
+
+    fn before_sleep(&mut self) -> bool {
+        true
+    }
+
+    fn describe(&self) -> &'static str {
+        "tcp"
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        for link in self.links.values() {
+            let _ = link.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
