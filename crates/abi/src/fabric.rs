@@ -179,6 +179,21 @@ impl Frame<'_> {
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     }
 
+    /// The header of a `Data` frame of `len` bytes, for a sender that
+    /// writes the payload from where it already is.
+    pub fn data_header(origin: Origin, id: u64, len: usize) -> [u8; HEADER] {
+        assert!(len <= MAX_PAYLOAD, "data frame over MAX_PAYLOAD");
+        let mut header = [0u8; HEADER];
+        header[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+        header[4] = DATA;
+        header[5] = match origin {
+            Origin::Sender => 0,
+            Origin::Receiver => 1,
+        };
+        header[8..16].copy_from_slice(&id.to_le_bytes());
+        header
+    }
+
     /// Decodes the frame at the start of `buf`: `Ok(None)` if `buf` does not
     /// hold all of it yet, else the frame and the bytes it took.
     pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
@@ -327,6 +342,13 @@ mod tests {
         }
         assert_eq!(at, wire.len());
         assert_eq!(got, samples());
+    }
+
+    #[test]
+    fn a_data_header_is_the_encoded_frames_header() {
+        let mut wire = Vec::new();
+        Frame::Data { origin: Origin::Receiver, id: 77, bytes: b"payload" }.encode(&mut wire);
+        assert_eq!(Frame::data_header(Origin::Receiver, 77, 7), wire[..HEADER]);
     }
 
     #[test]

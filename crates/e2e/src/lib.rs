@@ -51,8 +51,16 @@ pub struct Lab {
     pub config: PathBuf,
     pub run_dir: PathBuf,
     daemon: Option<Child>,
+    /// The namespace the daemon runs in (a fabric host's switch), if not
+    /// the machine's own.
+    daemon_netns: Option<String>,
+    /// Guests' namespaces are `<netns_prefix>-<guest>`.
+    netns_prefix: String,
     background: Vec<Child>,
 }
+
+/// The fabric addresses of [`Lab::start_pair`]'s two hosts.
+pub const FABRIC_ADDRESSES: [&str; 2] = ["10.99.0.1:7470", "10.99.0.2:7470"];
 
 /// A config body: VPC `blue` (10.10.0.0/24), security group `open`
 /// (TCP on every port from the VPC), and one member of it per
@@ -125,40 +133,151 @@ impl Lab {
     /// `name` and `run_dir`); `{dir}` in them stands for the lab's directory
     /// ([`Lab::dir_of`]).
     pub fn start_host(name: &str, body: &str, host_lines: &str) -> io::Result<Lab> {
-        let dir = Self::dir_of(name);
+        Self::launch(name, name, body, host_lines, &|_| None, None)
+    }
+
+    /// Two hosts, `<name>-1` and `<name>-2`, joined by a fabric of `kind`
+    /// ("tcp" or "ucx"), each running its own vsocketd in its switch
+    /// namespace. `bodies` are the two hosts' views of the VPC/guest/group
+    /// part (normally the same text; they may differ to show that each host
+    /// decides with its own policy) and `host_lines` their `[host]` extras,
+    /// as for [`Lab::start_host`]. Guests named in `second` run on the second
+    /// host, the others on the first. Returns once the fabric link is up.
+    pub fn start_pair(
+        name: &str,
+        bodies: [&str; 2],
+        host_lines: [&str; 2],
+        kind: &str,
+        second: &[&str],
+    ) -> io::Result<(Lab, Lab)> {
+        let hosts = [format!("{name}-1"), format!("{name}-2")];
+        let fabric = format!(
+            "[fabric]\nkind = \"{kind}\"\n[[fabric.host]]\nname = \"{}\"\naddress = \"{}\"\n\
+             [[fabric.host]]\nname = \"{}\"\naddress = \"{}\"\n",
+            hosts[0], FABRIC_ADDRESSES[0], hosts[1], FABRIC_ADDRESSES[1]
+        );
+        let place = |guest: &str| Some(if second.contains(&guest) { hosts[1].clone() } else { hosts[0].clone() });
+        let mut labs = Vec::new();
+        for (k, host) in hosts.iter().enumerate() {
+            let switch = format!("vsw-{host}");
+            labs.push(Self::launch(
+                host,
+                name,
+                bodies[k],
+                &format!("{}\n{fabric}", host_lines[k]),
+                &place,
+                Some(&switch),
+            )?);
+        }
+        let second_lab = labs.pop().expect("two labs");
+        let first_lab = labs.pop().expect("two labs");
+        let up = |lab: &Lab| {
+            lab.ctl("peers").is_ok_and(|p| p.as_array().is_some_and(|a| a.iter().all(|p| p["state"] == "up")))
+        };
+        if !wait_until(Duration::from_secs(15), || up(&first_lab) && up(&second_lab)) {
+            return Err(io::Error::other(format!(
+                "the fabric link did not come up; logs:\n{}\n{}",
+                first_lab.daemon_log(),
+                second_lab.daemon_log()
+            )));
+        }
+        Ok((first_lab, second_lab))
+    }
+
+    /// Writes the config of host `host` (guests' namespaces named after
+    /// `netns_prefix`, guests placed by `place`), brings its lab up and
+    /// starts its daemon (in namespace `daemon_netns`, if given).
+    fn launch(
+        host: &str,
+        netns_prefix: &str,
+        body: &str,
+        host_lines: &str,
+        place: &dyn Fn(&str) -> Option<String>,
+        daemon_netns: Option<&str>,
+    ) -> io::Result<Lab> {
+        let dir = Self::dir_of(host);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let run_dir = dir.join("run");
         let host_lines = host_lines.replace("{dir}", &dir.display().to_string());
-        let mut config = format!("[host]\nname = \"{name}\"\nrun_dir = \"{}\"\n{host_lines}\n", run_dir.display());
+        let mut config = String::new();
+        let mut fabric_after = String::new();
+        // A [fabric] table in the extras must follow [host]'s own keys.
+        let (own, fabric) = match host_lines.find("[fabric]") {
+            Some(at) => host_lines.split_at(at),
+            None => (host_lines.as_str(), ""),
+        };
+        fabric_after.push_str(fabric);
+        config.push_str(&format!(
+            "[host]\nname = \"{host}\"\nrun_dir = \"{}\"\n{own}\n{fabric_after}\n",
+            run_dir.display()
+        ));
         for line in body.lines() {
             config.push_str(line);
             config.push('\n');
             if let Some(guest) = line.trim().strip_prefix("name = \"").and_then(|r| r.strip_suffix('"')) {
                 // Guest tables get their namespace right after their name.
-                if last_table(&config) == Some("[[guest]]") && !body.contains("netns") {
-                    config.push_str(&format!("netns = \"{name}-{guest}\"\n"));
+                if last_table(&config) == Some("[[guest]]") {
+                    if !body.contains("netns") {
+                        config.push_str(&format!("netns = \"{netns_prefix}-{guest}\"\n"));
+                    }
+                    if let Some(on) = place(guest) {
+                        config.push_str(&format!("host = \"{on}\"\n"));
+                    }
                 }
             }
         }
         let path = dir.join("vsocket.toml");
         std::fs::write(&path, config)?;
-        let mut lab = Lab { name: name.to_string(), dir, config: path, run_dir, daemon: None, background: Vec::new() };
+        let mut lab = Lab {
+            name: host.to_string(),
+            dir,
+            config: path,
+            run_dir,
+            daemon: None,
+            daemon_netns: daemon_netns.map(str::to_string),
+            netns_prefix: netns_prefix.to_string(),
+            background: Vec::new(),
+        };
         lab.vsocket(&["lab", "up", "--config"])?;
-        let log = std::fs::File::create(lab.dir.join("vsocketd.log"))?;
-        let daemon = Command::new(bin("vsocketd"))
+        lab.start_daemon()?;
+        Ok(lab)
+    }
+
+    /// Starts the daemon (again, after [`Lab::kill_daemon`]) and waits for
+    /// its admin socket.
+    pub fn start_daemon(&mut self) -> io::Result<()> {
+        let admin = self.run_dir.join("vsocketd.sock");
+        let _ = std::fs::remove_file(&admin);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("vsocketd.log"))?;
+        let mut command = match &self.daemon_netns {
+            Some(netns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns]).arg(bin("vsocketd"));
+                c
+            }
+            None => Command::new(bin("vsocketd")),
+        };
+        let daemon = command
             .arg("--config")
-            .arg(&lab.config)
+            .arg(&self.config)
             .env("VSOCKET_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
-        lab.daemon = Some(daemon);
-        let admin = lab.run_dir.join("vsocketd.sock");
+        self.daemon = Some(daemon);
         if !wait_until(Duration::from_secs(10), || admin.exists()) {
-            return Err(io::Error::other(format!("vsocketd did not start; log: {}", lab.daemon_log())));
+            return Err(io::Error::other(format!("vsocketd did not start; log: {}", self.daemon_log())));
         }
-        Ok(lab)
+        Ok(())
+    }
+
+    /// Kills the daemon at once (SIGKILL), as a crash would.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
     }
 
     /// The directory of the lab named `name`: its config, logs and run_dir.
@@ -297,7 +416,7 @@ impl Lab {
 
     /// Waits until something in `guest` listens on TCP `port`.
     pub fn wait_listening(&self, guest: &str, port: u16) -> io::Result<()> {
-        let netns = format!("{}-{guest}", self.name);
+        let netns = format!("{}-{guest}", self.netns_prefix);
         let listening = wait_until(Duration::from_secs(15), || {
             Command::new("ip")
                 .args(["netns", "exec", &netns, "ss", "-Hltn", &format!("sport = :{port}")])

@@ -61,8 +61,6 @@ pub trait Transport: Send {
     fn flush(&mut self, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>));
     /// Closes `link` (no event follows).
     fn close(&mut self, link: LinkId, epoll: &Epoll);
-    /// The network address the link's other end speaks from, if known.
-    fn peer_ip(&self, link: LinkId) -> Option<std::net::IpAddr>;
     /// Called before the relay sleeps; false if it must poll again first.
     fn before_sleep(&mut self) -> bool;
     /// "tcp" or "ucx".

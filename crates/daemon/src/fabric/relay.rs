@@ -101,6 +101,8 @@ struct Peer {
     dials: bool,
     link: Option<LinkId>,
     last_dial: Option<Instant>,
+    /// A dial has started and not yet ended (up or failed).
+    dialing: bool,
     status: PeerStatus,
 }
 
@@ -114,8 +116,15 @@ struct Pending {
 /// The relay's state, owned by its thread.
 pub struct Relay {
     daemon: Arc<Daemon>,
-    epoll: Epoll,
-    transport: Box<dyn Transport>,
+    epoll: Arc<Epoll>,
+    /// Taken out while it reports events (see [`Relay::with_transport`]).
+    transport: Option<Box<dyn Transport>>,
+    /// Frames sent, and links closed, while the transport was out.
+    outbox: Vec<(LinkId, Vec<u8>)>,
+    closing: Vec<LinkId>,
+    kind: &'static str,
+    /// Where each link's other end speaks from.
+    addresses: HashMap<LinkId, SocketAddr>,
     this: String,
     peers: Vec<Peer>,
     pending: HashMap<LinkId, Pending>,
@@ -157,12 +166,17 @@ impl Relay {
                 address,
                 link: None,
                 last_dial: None,
+                dialing: false,
             })
             .collect();
         Ok(Relay {
             daemon,
-            epoll,
-            transport,
+            epoll: Arc::new(epoll),
+            transport: Some(transport),
+            outbox: Vec::new(),
+            closing: Vec::new(),
+            kind,
+            addresses: HashMap::new(),
             this,
             peers,
             pending: HashMap::new(),
@@ -190,7 +204,8 @@ impl Relay {
                 self.tick();
                 last_tick = Instant::now();
             }
-            let timeout = if self.transport.before_sleep() { (PING_EVERY / 2).as_millis() as i32 } else { 0 };
+            let sleep = self.transport.as_mut().is_none_or(|t| t.before_sleep());
+            let timeout = if sleep { (PING_EVERY / 2).as_millis() as i32 } else { 0 };
             if let Err(e) = self.epoll.wait(timeout, &mut events) {
                 tracing::error!(error = %e, "fabric relay: epoll_wait");
                 std::thread::sleep(Duration::from_millis(100));
@@ -205,11 +220,7 @@ impl Relay {
                 } else if token >= TOKEN_CONNS {
                     self.doorbell((token - TOKEN_CONNS) as usize);
                 } else {
-                    let mut happened = Vec::new();
-                    self.transport.ready(token, ev, &self.epoll, &mut |e| happened.push(Owned::from(e)));
-                    for e in happened {
-                        self.link_event(e);
-                    }
+                    self.with_transport(|t, epoll, on| t.ready(token, ev, epoll, on));
                 }
             }
             self.pump_dirty();
@@ -225,17 +236,13 @@ impl Relay {
             for index in dirty {
                 self.pump(index);
             }
-            let mut happened = Vec::new();
-            self.transport.flush(&self.epoll, &mut |e| happened.push(Owned::from(e)));
-            for e in happened {
-                self.link_event(e);
-            }
+            self.with_transport(|t, epoll, on| t.flush(epoll, on));
             // Connections held back by a full link go again once it drains.
             let blocked = std::mem::take(&mut self.blocked);
             for index in blocked {
                 let link = self.conns.get(index).and_then(Option::as_ref).and_then(|c| self.peers[c.key.0].link);
                 match link {
-                    Some(link) if self.transport.backlog(link) < HIGH_WATER / 2 => self.dirty.push(index),
+                    Some(link) if self.backlog(link) < HIGH_WATER / 2 => self.dirty.push(index),
                     Some(_) => self.blocked.push(index),
                     None => {}
                 }
@@ -262,10 +269,12 @@ impl Relay {
                 None => {
                     let peer = &mut self.peers[i];
                     let due = peer.last_dial.is_none_or(|t| now.duration_since(t) >= DIAL_EVERY);
-                    let dialing = self.pending.values().any(|p| p.dialed == Some(i));
+                    let dialing = peer.dialing || self.pending.values().any(|p| p.dialed == Some(i));
                     if peer.dials && due && !dialing {
                         peer.last_dial = Some(now);
-                        self.transport.dial(peer.address, &self.epoll);
+                        peer.dialing = true;
+                        let address = peer.address;
+                        self.with_transport(|t, epoll, _| t.dial(address, epoll));
                     }
                 }
             }
@@ -274,13 +283,9 @@ impl Relay {
             self.pending.iter().filter(|(_, p)| now.duration_since(p.since) > HELLO_TIMEOUT).map(|(l, _)| *l).collect();
         for link in stale {
             self.pending.remove(&link);
-            self.transport.close(link, &self.epoll);
+            self.close_link(link);
         }
-        let mut happened = Vec::new();
-        self.transport.flush(&self.epoll, &mut |e| happened.push(Owned::from(e)));
-        for e in happened {
-            self.link_event(e);
-        }
+        self.with_transport(|t, epoll, on| t.flush(epoll, on));
         self.publish_status();
     }
 
@@ -301,8 +306,45 @@ impl Relay {
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = statuses;
     }
 
+    /// Lends the transport to `f` with a handler for what it reports;
+    /// meanwhile frames and closes wait in `outbox` and `closing`, and go
+    /// to the transport as soon as it is back.
+    fn with_transport(&mut self, f: impl FnOnce(&mut dyn Transport, &Epoll, &mut dyn FnMut(LinkEvent<'_>))) {
+        let Some(mut transport) = self.transport.take() else { return };
+        let epoll = self.epoll.clone();
+        f(transport.as_mut(), &epoll, &mut |e| self.link_event(e));
+        for (link, bytes) in std::mem::take(&mut self.outbox) {
+            if let Ok(Some((frame, _))) = Frame::decode(&bytes) {
+                transport.send(link, &frame);
+            }
+        }
+        for link in std::mem::take(&mut self.closing) {
+            transport.close(link, &epoll);
+        }
+        self.transport = Some(transport);
+    }
+
+    fn backlog(&self, link: LinkId) -> usize {
+        self.transport.as_ref().map_or(0, |t| t.backlog(link))
+    }
+
+    fn close_link(&mut self, link: LinkId) {
+        self.addresses.remove(&link);
+        match self.transport.as_mut() {
+            Some(t) => t.close(link, &self.epoll),
+            None => self.closing.push(link),
+        }
+    }
+
     fn send(&mut self, link: LinkId, frame: &Frame<'_>) {
-        self.transport.send(link, frame);
+        match self.transport.as_mut() {
+            Some(t) => t.send(link, frame),
+            None => {
+                let mut bytes = Vec::new();
+                frame.encode(&mut bytes);
+                self.outbox.push((link, bytes));
+            }
+        }
         self.last_tx.insert(link, Instant::now());
         if let Some(&p) = self.links.get(&link) {
             let s = &mut self.peers[p].status;
@@ -320,35 +362,35 @@ impl Relay {
         }
     }
 
-    fn link_event(&mut self, event: Owned) {
+    fn link_event(&mut self, event: LinkEvent<'_>) {
         match event {
-            Owned::Up { link, peer, dialed } => {
+            LinkEvent::Up { link, peer, dialed } => {
+                self.addresses.insert(link, peer);
                 let dialed_peer = if dialed { self.peers.iter().position(|p| p.address == peer) } else { None };
+                if let Some(p) = dialed_peer {
+                    self.peers[p].dialing = false;
+                }
                 self.pending.insert(link, Pending { since: Instant::now(), dialed: dialed_peer });
                 self.last_rx.insert(link, Instant::now());
                 self.send(link, &Frame::Hello { version: VERSION, host: &self.this.clone() });
             }
-            Owned::DialFailed { peer, error } => {
+            LinkEvent::DialFailed { peer, error } => {
                 if let Some(p) = self.peers.iter_mut().find(|p| p.address == peer) {
+                    p.dialing = false;
                     if p.status.last_error.as_deref() != Some(error.as_str()) {
                         tracing::debug!(peer = %p.name, %error, "fabric dial failed");
                     }
                     p.status.last_error = Some(error);
                 }
             }
-            Owned::Down { link, why } => self.link_down(link, why),
-            Owned::Frame(link, bytes) => {
-                // Re-decode: the transport's frame borrowed its buffer.
-                if let Ok(Some((frame, _))) = Frame::decode(&bytes) {
-                    self.frame(link, frame);
-                }
-            }
+            LinkEvent::Down { link, why } => self.link_down(link, why),
+            LinkEvent::Frame(link, frame) => self.frame(link, frame),
         }
     }
 
     /// A link is gone: every connection on it is reset.
     fn link_down(&mut self, link: LinkId, why: String) {
-        self.transport.close(link, &self.epoll);
+        self.close_link(link);
         self.pending.remove(&link);
         self.last_rx.remove(&link);
         self.last_tx.remove(&link);
@@ -377,7 +419,7 @@ impl Relay {
                 _ => {
                     tracing::warn!("fabric link spoke before saying hello; closed");
                     self.pending.remove(&link);
-                    self.transport.close(link, &self.epoll);
+                    self.close_link(link);
                 }
             }
             return;
@@ -453,7 +495,7 @@ impl Relay {
     fn hello(&mut self, link: LinkId, version: u32, host: &str) {
         let Some(pending) = self.pending.remove(&link) else { return };
         let found = self.peers.iter().position(|p| p.name == host);
-        let ip = self.transport.peer_ip(link);
+        let ip = self.addresses.get(&link).map(SocketAddr::ip);
         let refuse = |why: String| {
             tracing::warn!(claimed = host, ?ip, %why, "fabric link refused");
             why
@@ -468,7 +510,7 @@ impl Relay {
             Some(_) => None,
         };
         let Some(p) = found.filter(|_| problem.is_none()) else {
-            self.transport.close(link, &self.epoll);
+            self.close_link(link);
             return;
         };
         if let Some(old) = self.peers[p].link {
@@ -483,7 +525,7 @@ impl Relay {
         peer.status.since = Some(std::time::SystemTime::now());
         peer.status.links_up += 1;
         peer.status.last_error = None;
-        tracing::info!(peer = %peer.name, transport = self.transport.describe(), "fabric link up");
+        tracing::info!(peer = %peer.name, transport = self.kind, "fabric link up");
     }
 
     fn command(&mut self, command: Command) {
@@ -655,16 +697,22 @@ impl Relay {
             return;
         }
         let (p, side, id) = conn.key;
-        let Some(link) = self.peers[p].link else { return };
+        let Some(link) = self.peers[p].link else {
+            // Reset with its link; gone once its guest lets go.
+            if conn.guest_gone {
+                self.remove(index);
+            }
+            return;
+        };
         let origin = wire(side);
         // Guest to peer.
         loop {
-            let conn = self.conns[index].as_mut().expect("pumped connection exists");
-            if conn.sent_end {
+            if self.backlog(link) >= HIGH_WATER {
+                self.blocked.push(index);
                 break;
             }
-            if self.transport.backlog(link) >= HIGH_WATER {
-                self.blocked.push(index);
+            let conn = self.conns[index].as_mut().expect("pumped connection exists");
+            if conn.sent_end {
                 break;
             }
             let rx = conn.segment.consumer(conn.mine.rx_ring());
@@ -732,7 +780,14 @@ impl Relay {
                     conn.credited = consumed;
                     let bytes = owed.min(u64::from(u32::MAX)) as u32;
                     let frame = Frame::Credit { origin, id, bytes };
-                    self.transport.send(link, &frame);
+                    match self.transport.as_mut() {
+                        Some(t) => t.send(link, &frame),
+                        None => {
+                            let mut encoded = Vec::new();
+                            frame.encode(&mut encoded);
+                            self.outbox.push((link, encoded));
+                        }
+                    }
                     self.last_tx.insert(link, Instant::now());
                     break;
                 }
@@ -780,29 +835,6 @@ impl Conn {
             }
             // Closed by the guest: everything counts as read.
             Err(_) => self.delivered,
-        }
-    }
-}
-
-/// A [`LinkEvent`] that owns its bytes, kept past the transport's borrow.
-enum Owned {
-    Up { link: LinkId, peer: SocketAddr, dialed: bool },
-    DialFailed { peer: SocketAddr, error: String },
-    Frame(LinkId, Vec<u8>),
-    Down { link: LinkId, why: String },
-}
-
-impl From<LinkEvent<'_>> for Owned {
-    fn from(e: LinkEvent<'_>) -> Owned {
-        match e {
-            LinkEvent::Up { link, peer, dialed } => Owned::Up { link, peer, dialed },
-            LinkEvent::DialFailed { peer, error } => Owned::DialFailed { peer, error },
-            LinkEvent::Frame(link, frame) => {
-                let mut bytes = Vec::new();
-                frame.encode(&mut bytes);
-                Owned::Frame(link, bytes)
-            }
-            LinkEvent::Down { link, why } => Owned::Down { link, why },
         }
     }
 }

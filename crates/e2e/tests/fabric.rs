@@ -1,0 +1,262 @@
+//! Between hosts: two hosts, each a network namespace with its own vsocketd
+//! and guests, joined by the fabric (each kind in turn). Guest `a` runs on
+//! the first host and guest `b` on the second.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use vsocket_e2e::{asset, redis_server_args, wait_until, Lab, Via, FABRIC_ADDRESSES, TWO_GUESTS};
+
+fn pair(name: &str, kind: &str) -> (Lab, Lab) {
+    Lab::start_pair(name, [TWO_GUESTS, TWO_GUESTS], ["", ""], kind, &["b"]).unwrap()
+}
+
+/// A peer's counter as `vsocketctl peers` shows it on `lab`'s host.
+fn peer(lab: &Lab, field: &str) -> u64 {
+    let peers = lab.ctl("peers").unwrap();
+    peers[0][field].as_u64().unwrap_or_else(|| panic!("no {field} in {peers}"))
+}
+
+/// Waits (the relay publishes its counters a few times a second) until
+/// `ok` holds of the peer's counter `field` on `lab`'s host.
+fn peer_reaches(lab: &Lab, field: &str, ok: impl Fn(u64) -> bool) {
+    if !wait_until(Duration::from_secs(5), || ok(peer(lab, field))) {
+        panic!("{field} on {}: {}", lab.name, lab.ctl("peers").unwrap());
+    }
+}
+
+fn programs_work_across_hosts(kind: &str, name: &str) {
+    let (a, mut b) = pair(name, kind);
+    // redis: values written from one host are read back from it, and the
+    // benchmark's every request is answered.
+    b.spawn(
+        "b",
+        Via::Vsocket,
+        "redis-server",
+        &redis_server_args(6379, &[]).iter().map(String::as_str).collect::<Vec<_>>(),
+        "redis.log",
+    )
+    .unwrap();
+    b.wait_listening("b", 6379).unwrap();
+    let value = "x".repeat(100_000);
+    a.run_ok("a", Via::Vsocket, "redis-cli", &["-h", "10.10.0.3", "set", "big", &value]).unwrap();
+    let got = a.run_ok("a", Via::Vsocket, "redis-cli", &["-h", "10.10.0.3", "get", "big"]).unwrap();
+    assert_eq!(got.trim(), value);
+    let out = a
+        .run_ok(
+            "a",
+            Via::Vsocket,
+            "redis-benchmark",
+            &["-h", "10.10.0.3", "-t", "set,get", "-n", "20000", "-c", "20", "-q"],
+        )
+        .unwrap();
+    let rates = vsocket_e2e::redis_benchmark_rates(&out);
+    assert_eq!(rates.len(), 2, "{out}");
+    let dbsize = a.run_ok("a", Via::Vsocket, "redis-cli", &["-h", "10.10.0.3", "dbsize"]).unwrap();
+    assert!(dbsize.trim().parse::<u64>().unwrap() >= 2, "{dbsize}");
+    // Every connection crossed the fabric: the first host opened them, the
+    // second accepted them, and neither fell back to the kernel.
+    peer_reaches(&a, "opened", |n| n >= 23);
+    let opened = peer(&a, "opened");
+    peer_reaches(&b, "accepted", |n| n == opened);
+    assert_eq!(a.counter("a", "fallbacks"), 0);
+
+    // sockperf ping-pong.
+    b.spawn("b", Via::Vsocket, "sockperf", &["server", "--tcp", "-i", "10.10.0.3", "-p", "11111"], "sockperf.log")
+        .unwrap();
+    b.wait_listening("b", 11111).unwrap();
+    let out = a
+        .run_ok(
+            "a",
+            Via::Vsocket,
+            "sockperf",
+            &["ping-pong", "--tcp", "-i", "10.10.0.3", "-p", "11111", "-t", "2", "-m", "64", "--mps", "1000000"],
+        )
+        .unwrap();
+    let latency = vsocket_e2e::sockperf_latency(&out).unwrap_or_else(|| panic!("no latency in {out}"));
+    assert!(latency.p50 > 0.0);
+
+    // iperf3, carrying at least what it counted through the fabric.
+    let before = peer(&b, "bytes_received");
+    b.spawn("b", Via::Vsocket, "iperf3", &["-s", "-B", "10.10.0.3", "-p", "5201", "-1"], "iperf3.log").unwrap();
+    b.wait_listening("b", 5201).unwrap();
+    let out = a.run_ok("a", Via::Vsocket, "iperf3", &["-c", "10.10.0.3", "-p", "5201", "-t", "2", "-J"]).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(report["error"].is_null(), "{}", report["error"]);
+    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap();
+    assert!(received > 10 << 20, "only {received} bytes");
+    peer_reaches(&b, "bytes_received", |n| n - before >= received);
+    assert_eq!(a.counter("a", "fallbacks"), 0);
+}
+
+fn a_gibibyte_crosses_intact(kind: &str, name: &str) {
+    const BYTES: u64 = 1 << 30;
+    let (a, mut b) = pair(name, kind);
+    let script = asset("transfer.py");
+    let script = script.to_str().unwrap();
+    b.spawn("b", Via::Vsocket, "python3", &[script, "serve", "10.10.0.3", "7000"], "server.log").unwrap();
+    b.wait_listening("b", 7000).unwrap();
+    let sent = a
+        .run_ok("a", Via::Vsocket, "python3", &[script, "send", "10.10.0.3", "7000", &BYTES.to_string(), "4242"])
+        .unwrap();
+    b.stop_background();
+    let received = std::fs::read_to_string(b.dir.join("server.log")).unwrap();
+    assert!(sent.trim().starts_with(&format!("bytes={BYTES} sha256=")), "{sent}");
+    assert_eq!(received.trim(), sent.trim(), "the server saw something else");
+    peer_reaches(&a, "bytes_sent", |n| n >= BYTES);
+    assert_eq!(a.counter("a", "fallbacks"), 0);
+}
+
+fn a_stalled_reader_stalls_only_its_own_connection(kind: &str, name: &str) {
+    let (a, mut b) = pair(name, kind);
+    let script = asset("stall.py");
+    let script = script.to_str().unwrap();
+    b.spawn("b", Via::Vsocket, "python3", &[script, "serve", "10.10.0.3", "7001"], "server.log").unwrap();
+    b.wait_listening("b", 7001).unwrap();
+    let out = a.run_ok("a", Via::Vsocket, "python3", &[script, "run", "10.10.0.3", "7001", "200000000"]).unwrap();
+    assert!(out.contains("busy_ok"), "{out}");
+    let filled: u64 = out.split("stalled_bytes=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(filled > 0, "{out}");
+    assert!(out.contains(&format!("stalled_end {filled} intact")), "{out}");
+    peer_reaches(&a, "opened", |n| n == 2);
+}
+
+fn the_other_daemon_dying_resets_its_connections(kind: &str, name: &str) {
+    let (a, mut b) = pair(name, kind);
+    let script = asset("transfer.py");
+    let script = script.to_str().unwrap();
+    b.spawn("b", Via::Vsocket, "python3", &[script, "serve", "10.10.0.3", "7002"], "server.log").unwrap();
+    b.wait_listening("b", 7002).unwrap();
+    // A transfer far too long to finish, killed under it.
+    let mut sender = a
+        .command("a", Via::Vsocket, "python3", &[script, "send", "10.10.0.3", "7002", "100000000000", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || peer(&b, "bytes_received") > 50 << 20), "no traffic");
+    b.kill_daemon();
+    let killed = Instant::now();
+    let ended = wait_until(Duration::from_secs(15), || matches!(sender.try_wait(), Ok(Some(_))));
+    if !ended {
+        let _ = sender.kill();
+    }
+    let output = sender.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(ended, "the sender did not notice within 15 s");
+    // Writing into a reset connection: ECONNRESET or EPIPE, as over TCP.
+    assert!(
+        stderr.contains("ConnectionResetError") || stderr.contains("BrokenPipeError"),
+        "after {:?}: {stderr}",
+        killed.elapsed()
+    );
+    peer_reaches(&a, "connections", |n| n == 0);
+    let down = a.ctl("peers").unwrap();
+    assert_eq!(down[0]["state"], "down", "{down}");
+
+    // The host comes back: the link is made again and a new server there
+    // is reached over the fabric.
+    b.stop_background();
+    b.start_daemon().unwrap();
+    assert!(wait_until(Duration::from_secs(15), || a.ctl("peers").unwrap()[0]["state"] == "up"), "link not back");
+    b.spawn("b", Via::Vsocket, "python3", &[script, "serve", "10.10.0.3", "7003"], "server2.log").unwrap();
+    b.wait_listening("b", 7003).unwrap();
+    let opened = peer(&a, "opened");
+    let sent = a.run_ok("a", Via::Vsocket, "python3", &[script, "send", "10.10.0.3", "7003", "10000000", "2"]).unwrap();
+    b.stop_background();
+    let received = std::fs::read_to_string(b.dir.join("server2.log")).unwrap();
+    assert_eq!(received.trim(), sent.trim());
+    peer_reaches(&a, "opened", |n| n == opened + 1);
+    peer_reaches(&a, "links_up", |n| n >= 2);
+}
+
+fn the_servers_host_decides_ingress(kind: &str, name: &str) {
+    // The first host's view lets the VPC in on every port; the second
+    // host's (the server's) only on 6379, and it rejects the rest.
+    let strict = TWO_GUESTS.replace("ports = \"all\"", "ports = \"6379\"");
+    let flow_log = "flow_log = \"{dir}/flow.log\"";
+    let (a, mut b) = Lab::start_pair(
+        name,
+        [TWO_GUESTS, &strict],
+        [flow_log, &format!("{flow_log}\ndeny_action = \"reject\"")],
+        kind,
+        &["b"],
+    )
+    .unwrap();
+    let script = asset("transfer.py");
+    let script = script.to_str().unwrap();
+    b.spawn("b", Via::Vsocket, "python3", &[script, "serve", "10.10.0.3", "7004"], "server.log").unwrap();
+    b.wait_listening("b", 7004).unwrap();
+    let out = a.run("a", Via::Vsocket, "python3", &[script, "send", "10.10.0.3", "7004", "1000", "3"]).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("ConnectionRefusedError"), "{stderr}");
+    // Decided, counted and logged on the server's host.
+    let logged = |lab: &Lab| std::fs::read_to_string(lab.dir.join("flow.log")).unwrap_or_default();
+    assert!(wait_until(Duration::from_secs(5), || logged(&b).contains("\"verdict\":\"rejected\"")), "{}", logged(&b));
+    assert!(logged(&b).contains("default: ingress denied"), "{}", logged(&b));
+    assert!(
+        wait_until(Duration::from_secs(5), || logged(&a).contains(&format!("refused by host {name}-2"))),
+        "{}",
+        logged(&a)
+    );
+    peer_reaches(&b, "accepted", |n| n == 0);
+}
+
+fn a_host_that_is_not_configured_is_refused(kind: &str, name: &str) {
+    let (a, b) = pair(name, kind);
+    // Someone on the fabric's network who is not the first host claims to
+    // be it, and someone else claims a name no config lists.
+    let fabric_ns = format!("vsf-{name}-1");
+    let added = std::process::Command::new("ip")
+        .args(["-n", &fabric_ns, "addr", "add", "10.99.0.9/24", "dev", "fbr"])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    let links = peer(&a, "links_up");
+    let target = FABRIC_ADDRESSES[1];
+    let script = asset("fabric_intruder.py");
+    for claim in [format!("{name}-1"), "intruder".to_string()] {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &fabric_ns, "python3"])
+            .arg(&script)
+            .args(["10.99.0.9", target, &claim])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("closed"), "claiming {claim}: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(b.daemon_log().contains("fabric link refused"), "{}", b.daemon_log());
+    // The real link was not disturbed.
+    peer_reaches(&a, "links_up", |n| n == links);
+    assert_eq!(a.ctl("peers").unwrap()[0]["state"], "up");
+}
+
+#[test]
+fn programs_tcp() {
+    programs_work_across_hosts("tcp", "ftp1");
+}
+
+#[test]
+fn gibibyte_tcp() {
+    a_gibibyte_crosses_intact("tcp", "ftg1");
+}
+
+#[test]
+fn stalled_reader_tcp() {
+    a_stalled_reader_stalls_only_its_own_connection("tcp", "fts1");
+}
+
+#[test]
+fn daemon_killed_tcp() {
+    the_other_daemon_dying_resets_its_connections("tcp", "ftk1");
+}
+
+#[test]
+fn ingress_on_the_servers_host_tcp() {
+    the_servers_host_decides_ingress("tcp", "fti1");
+}
+
+#[test]
+fn unconfigured_host_tcp() {
+    a_host_that_is_not_configured_is_refused("tcp", "ftu1");
+}
