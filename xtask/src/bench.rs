@@ -63,6 +63,11 @@ const TARGETS: &[(&str, &str, Better, f64)] = &[
     ("iperf3 single stream", "bandwidth", Better::Higher, 2.6),
     ("sockperf throughput 64 KiB", "bandwidth", Better::Higher, 2.6),
     ("connection setup", "rate", Better::Higher, 1.0),
+    // Between hosts over UCX's or the kernel's TCP: overhead, not speed-up.
+    ("cross-host tcp: sockperf ping-pong 64 B", "latency p50", Better::Lower, 1.5),
+    ("cross-host tcp: iperf3 single stream", "bandwidth", Better::Higher, 0.8),
+    ("cross-host ucx: sockperf ping-pong 64 B", "latency p50", Better::Lower, 1.5),
+    ("cross-host ucx: iperf3 single stream", "bandwidth", Better::Higher, 0.8),
 ];
 
 fn target(row: &Row) -> Option<(Better, f64)> {
@@ -77,7 +82,6 @@ fn meets(row: &Row) -> Option<bool> {
 }
 
 struct Bench {
-    lab: Lab,
     repeats: usize,
     samples: Vec<(Via, Sample)>,
     started: Instant,
@@ -96,18 +100,18 @@ impl Bench {
 
     /// Runs `one` for both paths, `repeats` times, alternating which goes
     /// first so that drift hits both alike.
-    fn interleaved(&mut self, name: &str, mut one: impl FnMut(&Lab, Via) -> Result<Vec<Sample>>) -> Result {
+    fn interleaved(&mut self, lab: &Lab, name: &str, mut one: impl FnMut(&Lab, Via) -> Result<Vec<Sample>>) -> Result {
         for rep in 0..self.repeats {
             let order = if rep % 2 == 0 { [Via::Kernel, Via::Vsocket] } else { [Via::Vsocket, Via::Kernel] };
             for via in order {
                 self.progress(&format!("{name}: run {}/{} over {via:?}", rep + 1, self.repeats));
                 // One failed run is reported and run again; a second failure ends the benchmark.
-                let samples = match one(&self.lab, via) {
+                let samples = match one(lab, via) {
                     Ok(s) => s,
                     Err(e) => {
                         self.failures.push(format!("{name} over {via:?}: {e}"));
                         self.progress(&format!("{name}: run failed over {via:?}, running it again:\n{e}"));
-                        one(&self.lab, via)?
+                        one(lab, via)?
                     }
                 };
                 for s in samples {
@@ -126,13 +130,13 @@ impl Bench {
     }
 
     /// Starts the same server on both paths (ports `base` and `base + 1`).
-    fn servers(&mut self, program: &str, args: impl Fn(u16) -> Vec<String>, base: u16) -> Result {
+    fn servers(lab: &mut Lab, program: &str, args: impl Fn(u16) -> Vec<String>, base: u16) -> Result {
         for via in [Via::Kernel, Via::Vsocket] {
             let port = Self::port(via, base);
             let a = args(port);
             let a: Vec<&str> = a.iter().map(String::as_str).collect();
-            self.lab.spawn("b", via, program, &a, &format!("{program}-{port}.log")).map_err(err)?;
-            self.lab.wait_listening("b", port).map_err(err)?;
+            lab.spawn("b", via, program, &a, &format!("{program}-{port}.log")).map_err(err)?;
+            lab.wait_listening("b", port).map_err(err)?;
         }
         Ok(())
     }
@@ -170,7 +174,18 @@ impl Bench {
     }
 }
 
-fn sockperf_pp(lab: &Lab, via: Via, size: u32) -> Result<Vec<Sample>> {
+/// The fabrics the cross-host rows measure.
+const FABRICS: &[&str] = &["tcp"];
+
+fn sockperf_server(port: u16) -> Vec<String> {
+    ["server", "--tcp", "-i", "10.10.0.3", "-p", &port.to_string(), "-m", "65536"].map(String::from).to_vec()
+}
+
+fn iperf3_server(port: u16) -> Vec<String> {
+    ["-s", "-B", "10.10.0.3", "-p", &port.to_string()].map(String::from).to_vec()
+}
+
+fn sockperf_pp(lab: &Lab, via: Via, size: u32, prefix: &str) -> Result<Vec<Sample>> {
     let port = Bench::port(via, 11111).to_string();
     let size_s = size.to_string();
     let out = lab
@@ -183,9 +198,9 @@ fn sockperf_pp(lab: &Lab, via: Via, size: u32) -> Result<Vec<Sample>> {
         .map_err(err)?;
     let lat = sockperf_latency(&out).ok_or_else(|| format!("sockperf output:\n{out}"))?;
     let name = if size >= 1024 {
-        format!("sockperf ping-pong {} KiB", size / 1024)
+        format!("{prefix}sockperf ping-pong {} KiB", size / 1024)
     } else {
-        format!("sockperf ping-pong {size} B")
+        format!("{prefix}sockperf ping-pong {size} B")
     };
     Ok(vec![
         sample(&name, "latency p50", "us", Better::Lower, lat.p50),
@@ -215,13 +230,13 @@ fn sockperf_tp(lab: &Lab, via: Via) -> Result<Vec<Sample>> {
     Ok(vec![sample("sockperf throughput 64 KiB", "bandwidth", "Gbit/s", Better::Higher, mbps / 1000.0)])
 }
 
-fn iperf3(lab: &Lab, via: Via) -> Result<Vec<Sample>> {
+fn iperf3(lab: &Lab, via: Via, prefix: &str) -> Result<Vec<Sample>> {
     let port = Bench::port(via, 5201).to_string();
     let out =
         lab.run_ok("a", via, "iperf3", &["-c", "10.10.0.3", "-p", &port, "-t", "3", "-l", "64K", "-J"]).map_err(err)?;
     let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("iperf3 JSON: {e}"))?;
     let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().ok_or("iperf3: no sum_received")?;
-    Ok(vec![sample("iperf3 single stream", "bandwidth", "Gbit/s", Better::Higher, bps / 1e9)])
+    Ok(vec![sample(&format!("{prefix}iperf3 single stream"), "bandwidth", "Gbit/s", Better::Higher, bps / 1e9)])
 }
 
 fn redis(lab: &Lab, via: Via, clients: u32, pipeline: u32, requests: u32) -> Result<Vec<Sample>> {
@@ -271,51 +286,41 @@ pub fn run(args: &[String]) -> Result {
     crate::ensure_packages()?;
     crate::build()?;
     crate::on_interrupt()?;
-    let lab = Lab::start("bench", TWO_GUESTS).map_err(err)?;
+    let mut lab = Lab::start("bench", TWO_GUESTS).map_err(err)?;
     let tools = lab.dir.clone();
     let connrate = compile("connrate.c", &tools).map_err(err)?;
     let idle = compile("idle.c", &tools).map_err(err)?;
-    let mut b = Bench { lab, repeats, samples: Vec::new(), started: Instant::now(), failures: Vec::new() };
+    let mut b = Bench { repeats, samples: Vec::new(), started: Instant::now(), failures: Vec::new() };
     let wanted = |group: &str| only.as_deref().is_none_or(|o| group.contains(o));
 
     if wanted("sockperf") {
-        b.servers(
-            "sockperf",
-            |p| {
-                vec![
-                    "server".into(),
-                    "--tcp".into(),
-                    "-i".into(),
-                    "10.10.0.3".into(),
-                    "-p".into(),
-                    p.to_string(),
-                    "-m".into(),
-                    "65536".into(),
-                ]
-            },
-            11111,
-        )?;
-        b.interleaved("sockperf ping-pong 64 B", |lab, via| sockperf_pp(lab, via, 64))?;
-        b.interleaved("sockperf ping-pong 4 KiB", |lab, via| sockperf_pp(lab, via, 4096))?;
-        b.interleaved("sockperf throughput", sockperf_tp)?;
-        b.lab.stop_background();
+        Bench::servers(&mut lab, "sockperf", sockperf_server, 11111)?;
+        b.interleaved(&lab, "sockperf ping-pong 64 B", |lab, via| sockperf_pp(lab, via, 64, ""))?;
+        b.interleaved(&lab, "sockperf ping-pong 4 KiB", |lab, via| sockperf_pp(lab, via, 4096, ""))?;
+        b.interleaved(&lab, "sockperf throughput", sockperf_tp)?;
+        lab.stop_background();
     }
 
     if wanted("iperf3") {
-        b.servers("iperf3", |p| vec!["-s".into(), "-B".into(), "10.10.0.3".into(), "-p".into(), p.to_string()], 5201)?;
-        b.interleaved("iperf3", iperf3)?;
-        b.lab.stop_background();
+        Bench::servers(&mut lab, "iperf3", iperf3_server, 5201)?;
+        b.interleaved(&lab, "iperf3", |lab, via| iperf3(lab, via, ""))?;
+        lab.stop_background();
     }
 
     if wanted("redis") {
-        b.servers("redis-server", |p| vsocket_e2e::redis_server_args(p, &["--maxclients", "4096"]), 6379)?;
+        Bench::servers(
+            &mut lab,
+            "redis-server",
+            |p| vsocket_e2e::redis_server_args(p, &["--maxclients", "4096"]),
+            6379,
+        )?;
         for (clients, pipeline, requests) in
             [(1, 1, 20_000), (10, 1, 100_000), (50, 1, 200_000), (1000, 1, 200_000), (50, 16, 1_000_000)]
         {
             let name = format!("redis-benchmark -c {clients} -P {pipeline}");
-            b.interleaved(&name, |lab, via| redis(lab, via, clients, pipeline, requests))?;
+            b.interleaved(&lab, &name, |lab, via| redis(lab, via, clients, pipeline, requests))?;
         }
-        b.lab.stop_background();
+        lab.stop_background();
     }
 
     if wanted("connect") {
@@ -323,10 +328,10 @@ pub fn run(args: &[String]) -> Result {
         // for a minute: at ten thousand connections a second the client
         // runs out of ports and the kernel baseline collapses. Let the
         // kernel reuse them, as busy clients are configured to.
-        b.lab.run_ok("a", Via::Kernel, "sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"]).map_err(err)?;
+        lab.run_ok("a", Via::Kernel, "sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"]).map_err(err)?;
         let connrate_s = connrate.to_string_lossy().into_owned();
-        b.servers(&connrate_s, |p| vec!["server".into(), "10.10.0.3".into(), p.to_string()], 7100)?;
-        b.interleaved("connection setup", |lab, via| {
+        Bench::servers(&mut lab, &connrate_s, |p| vec!["server".into(), "10.10.0.3".into(), p.to_string()], 7100)?;
+        b.interleaved(&lab, "connection setup", |lab, via| {
             let port = Bench::port(via, 7100).to_string();
             let out = lab.run_ok("a", via, &connrate_s, &["client", "10.10.0.3", &port, "3"]).map_err(err)?;
             Ok(vec![sample(
@@ -337,7 +342,7 @@ pub fn run(args: &[String]) -> Result {
                 value_of(&out, "connections_per_second")?,
             )])
         })?;
-        b.lab.stop_background();
+        lab.stop_background();
     }
 
     // Idle cost is a property of one run, not noisy: once per path.
@@ -346,7 +351,7 @@ pub fn run(args: &[String]) -> Result {
         let saved = b.repeats;
         b.repeats = 1;
         let mut port = 7300u16;
-        b.interleaved("idle pair, 10 s", |lab, via| {
+        b.interleaved(&lab, "idle pair, 10 s", |lab, via| {
             port += 1;
             let p = port.to_string();
             let mut lab_servers = lab.command("b", via, &idle_s, &["server", "10.10.0.3", &p, "10"]);
@@ -358,6 +363,26 @@ pub fn run(args: &[String]) -> Result {
             Ok(vec![sample("idle connected pair", "CPU over 10 s", "% of a core", Better::Lower, cpu / 10.0 * 100.0)])
         })?;
         b.repeats = saved;
+    }
+    drop(lab);
+
+    // Between hosts: each fabric against the kernel path between the same
+    // two guests, one on each host.
+    for kind in FABRICS {
+        if !wanted(&format!("cross-{kind}")) {
+            continue;
+        }
+        let (first, mut second) =
+            Lab::start_pair(&format!("bx{kind}"), [TWO_GUESTS, TWO_GUESTS], ["", ""], kind, &["b"]).map_err(err)?;
+        let prefix = format!("cross-host {kind}: ");
+        Bench::servers(&mut second, "sockperf", sockperf_server, 11111)?;
+        b.interleaved(&first, &format!("{prefix}sockperf ping-pong 64 B"), |lab, via| {
+            sockperf_pp(lab, via, 64, &prefix)
+        })?;
+        second.stop_background();
+        Bench::servers(&mut second, "iperf3", iperf3_server, 5201)?;
+        b.interleaved(&first, &format!("{prefix}iperf3"), |lab, via| iperf3(lab, via, &prefix))?;
+        second.stop_background();
     }
 
     let rows = b.rows();
