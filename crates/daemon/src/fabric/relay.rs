@@ -139,6 +139,9 @@ pub struct Relay {
     command_bell: OwnedFd,
     dirty: Vec<usize>,
     blocked: Vec<usize>,
+    /// Connections whose guest was just handed bytes: it may answer soon.
+    answered: Vec<usize>,
+    spin: Spin,
     scratch: Vec<u8>,
     status: Arc<Mutex<Vec<PeerStatus>>>,
 }
@@ -190,6 +193,8 @@ impl Relay {
             command_bell,
             dirty: Vec::new(),
             blocked: Vec::new(),
+            answered: Vec::new(),
+            spin: Spin::default(),
             scratch: vec![0; MAX_PAYLOAD],
             status,
         })
@@ -224,7 +229,51 @@ impl Relay {
                 }
             }
             self.pump_dirty();
+            self.await_answers();
         }
+    }
+
+    /// A guest that was just handed bytes often answers within
+    /// microseconds (a request and its reply): watch its ring for a short,
+    /// adaptive while, so the answer needs neither its doorbell nor a
+    /// wake-up of this thread. Watching stops at once when answers are
+    /// slow or never come (a bulk receiver).
+    fn await_answers(&mut self) {
+        let mut watched = std::mem::take(&mut self.answered);
+        watched.sort_unstable();
+        watched.dedup();
+        watched.retain(|&i| self.conns.get(i).and_then(Option::as_ref).is_some_and(|c| !c.sent_end));
+        let budget = self.spin.budget();
+        if watched.is_empty() || budget.is_zero() {
+            return;
+        }
+        let rx_has = |conn: &Conn| !matches!(conn.segment.consumer(conn.mine.rx_ring()).state(), Ok(RxState::Empty));
+        for &i in &watched {
+            if let Some(conn) = self.conns[i].as_ref() {
+                conn.segment.consumer(conn.mine.rx_ring()).disarm();
+            }
+        }
+        let start = Instant::now();
+        let mut spins = 0u32;
+        let answered = loop {
+            let ready: Vec<usize> =
+                watched.iter().copied().filter(|&i| self.conns[i].as_ref().is_some_and(&rx_has)).collect();
+            if !ready.is_empty() {
+                break Some(ready);
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(32) {
+                if start.elapsed() >= budget {
+                    break None;
+                }
+                std::thread::yield_now();
+            }
+            std::hint::spin_loop();
+        };
+        self.spin.ended(answered.is_some(), start.elapsed());
+        // Pumping arms each watched ring again before it sleeps.
+        self.dirty.extend(watched);
+        self.pump_dirty();
     }
 
     /// Pumps every connection marked dirty, then pushes the links.
@@ -675,6 +724,7 @@ impl Relay {
                     vsocket_sys::ring(conn.bell.as_fd());
                 }
                 self.dirty.push(index);
+                self.answered.push(index);
             }
             // More than the window allowed (or a guest that forged its
             // ring's indices), or a guest that closed its reading side:
@@ -820,6 +870,29 @@ impl Relay {
         }
         self.abort(index, false, OpenOutcome::Unreachable("corrupt ring".into()));
         self.peers[p].status.corrupt += 1;
+    }
+}
+
+/// How long the relay watches for answers: the full budget while answers
+/// come within it, a quarter as long after each miss (to nothing within
+/// a few misses), with a full-budget probe every 16th time.
+#[derive(Default)]
+struct Spin {
+    budget_ns: u64,
+    count: u32,
+}
+
+impl Spin {
+    const FULL_NS: u64 = 40_000;
+
+    fn budget(&mut self) -> Duration {
+        self.count = self.count.wrapping_add(1);
+        let ns = if self.count.is_multiple_of(16) { Self::FULL_NS } else { self.budget_ns };
+        Duration::from_nanos(ns)
+    }
+
+    fn ended(&mut self, answered: bool, _waited: Duration) {
+        self.budget_ns = if answered { Self::FULL_NS } else { self.budget_ns / 4 };
     }
 }
 
