@@ -23,8 +23,10 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Data frames at least this long are written to the socket from the
 /// caller's buffer when nothing is queued before them.
 const DIRECT_WRITE: usize = 16 * 1024;
-/// Inbound bytes read per system call.
+/// Inbound bytes read per system call, at least.
 const READ_CHUNK: usize = 256 * 1024;
+/// Each link's receive buffer: a read and the rest of a largest frame.
+const INBOUND: usize = 2 * READ_CHUNK + vsocket_abi::fabric::HEADER + vsocket_abi::fabric::MAX_PAYLOAD;
 
 const TOKEN_LISTENER: u64 = 1;
 const TOKEN_DIALED: u64 = 2;
@@ -33,9 +35,12 @@ const TOKEN_LINKS: u64 = 16;
 struct Link {
     stream: TcpStream,
     peer: SocketAddr,
+    /// Received bytes are `inbound[parsed..filled]`; the buffer's length
+    /// never changes (so it is never cleared or zeroed again).
     inbound: Vec<u8>,
     /// Bytes of `inbound` already parsed into frames.
     parsed: usize,
+    filled: usize,
     outbound: Vec<u8>,
     /// Bytes of `outbound` already written.
     written: usize,
@@ -74,8 +79,9 @@ impl TcpTransport {
         let link = Link {
             stream,
             peer,
-            inbound: Vec::with_capacity(READ_CHUNK),
+            inbound: vec![0; INBOUND],
             parsed: 0,
+            filled: 0,
             outbound: Vec::new(),
             written: 0,
             want_out: false,
@@ -89,38 +95,28 @@ impl TcpTransport {
     /// malformed frame).
     fn read(link: &mut Link, id: LinkId, on: &mut dyn FnMut(LinkEvent<'_>)) -> Result<(), String> {
         loop {
-            if link.parsed > 0 && link.parsed == link.inbound.len() {
-                link.inbound.clear();
+            if link.parsed == link.filled {
                 link.parsed = 0;
-            } else if link.parsed > READ_CHUNK {
-                link.inbound.drain(..link.parsed);
+                link.filled = 0;
+            } else if INBOUND - link.filled < READ_CHUNK {
+                // Room for a whole read again: the unparsed rest (less than
+                // one frame) moves to the front.
+                link.inbound.copy_within(link.parsed..link.filled, 0);
+                link.filled -= link.parsed;
                 link.parsed = 0;
             }
-            let start = link.inbound.len();
-            link.inbound.resize(start + READ_CHUNK, 0);
-            let n = match link.stream.read(&mut link.inbound[start..]) {
-                Ok(0) => {
-                    link.inbound.truncate(start);
-                    return Err("the other host closed the link".into());
-                }
+            let room = INBOUND - link.filled;
+            let n = match link.stream.read(&mut link.inbound[link.filled..]) {
+                Ok(0) => return Err("the other host closed the link".into()),
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    link.inbound.truncate(start);
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    link.inbound.truncate(start);
-                    continue;
-                }
-                Err(e) => {
-                    link.inbound.truncate(start);
-                    return Err(format!("link read: {e}"));
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("link read: {e}")),
             };
-            link.inbound.truncate(start + n);
-            let drained = n < READ_CHUNK;
+            link.filled += n;
+            let drained = n < room;
             loop {
-                match Frame::decode(&link.inbound[link.parsed..]) {
+                match Frame::decode(&link.inbound[link.parsed..link.filled]) {
                     Ok(Some((frame, used))) => {
                         link.parsed += used;
                         on(LinkEvent::Frame(id, frame));
