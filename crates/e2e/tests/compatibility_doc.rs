@@ -85,7 +85,8 @@ fn every_reference_exists_and_every_test_is_referenced() {
     }
     // The other way round: the end-to-end tests of programs and calls, and
     // every check of the call assets.
-    let files = ["addresses", "calls", "fabric", "fork", "iperf3", "isolation", "programs", "redis", "servers", "signals"];
+    let files =
+        ["addresses", "calls", "fabric", "fork", "iperf3", "isolation", "programs", "redis", "servers", "signals"];
     for file in files {
         assert!(!test_names(file).is_empty(), "no tests found in {file}.rs");
         for name in test_names(file) {

@@ -169,6 +169,63 @@ fn the_other_daemon_dying_resets_its_connections(kind: &str, name: &str) {
     peer_reaches(&a, "links_up", |n| n >= 2);
 }
 
+fn a_cut_link_resets_its_connections_within_the_bound(kind: &str, name: &str) {
+    // Guest c runs on the first host beside a: a connection between them
+    // never touches the fabric.
+    let body = vsocket_e2e::open_vpc(&[("a", "10.10.0.2", ""), ("b", "10.10.0.3", ""), ("c", "10.10.0.4", "")]);
+    let (mut a, mut b) = Lab::start_pair(name, [&body, &body], ["", ""], kind, &["b"]).unwrap();
+    let script = asset("transfer.py");
+    let script = script.to_str().unwrap();
+    b.spawn("b", Via::Vsocket, "python3", &[script, "serve", "10.10.0.3", "7005"], "server.log").unwrap();
+    b.wait_listening("b", 7005).unwrap();
+    a.spawn("c", Via::Vsocket, "python3", &[script, "serve", "10.10.0.4", "7006"], "local.log").unwrap();
+    a.wait_listening("c", 7006).unwrap();
+    let mut sender = a
+        .command("a", Via::Vsocket, "python3", &[script, "send", "10.10.0.3", "7005", "100000000000", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || peer(&b, "bytes_received") > 50 << 20), "no traffic");
+    // Cut the link: no FIN, no RST, just silence.
+    let link = |state: &str| {
+        let ok = std::process::Command::new("ip")
+            .args(["-n", &format!("vsw-{name}-2"), "link", "set", "fab0", state])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    link("down");
+    let cut = Instant::now();
+    let ended = wait_until(Duration::from_secs(15), || matches!(sender.try_wait(), Ok(Some(_))));
+    if !ended {
+        let _ = sender.kill();
+    }
+    let output = sender.wait_with_output().unwrap();
+    let noticed = cut.elapsed();
+    assert!(ended, "the sender did not notice the cut within 15 s");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ConnectionResetError") || stderr.contains("BrokenPipeError"), "{stderr}");
+    // The documented bound is 3 s of silence; allow for a loaded machine.
+    assert!(noticed < Duration::from_secs(8), "noticed after {noticed:?}");
+    // Meanwhile a connection within the first host carries on.
+    let local =
+        a.run_ok("a", Via::Vsocket, "python3", &[script, "send", "10.10.0.4", "7006", "20000000", "6"]).unwrap();
+    assert!(local.contains("bytes=20000000"), "{local}");
+    // The link comes back, and so do cross-host connections.
+    link("up");
+    assert!(wait_until(Duration::from_secs(20), || a.ctl("peers").unwrap()[0]["state"] == "up"), "link not back");
+    b.stop_background();
+    b.spawn("b", Via::Vsocket, "python3", &[script, "serve", "10.10.0.3", "7007"], "server2.log").unwrap();
+    b.wait_listening("b", 7007).unwrap();
+    let sent = a.run_ok("a", Via::Vsocket, "python3", &[script, "send", "10.10.0.3", "7007", "10000000", "7"]).unwrap();
+    b.stop_background();
+    a.stop_background();
+    let received = std::fs::read_to_string(b.dir.join("server2.log")).unwrap();
+    assert_eq!(received.trim(), sent.trim());
+    assert_eq!(a.counter("a", "fallbacks"), 0);
+}
+
 fn the_servers_host_decides_ingress(kind: &str, name: &str) {
     // The first host's view lets the VPC in on every port; the second
     // host's (the server's) only on 6379, and it rejects the rest.
@@ -249,6 +306,11 @@ fn stalled_reader_tcp() {
 #[test]
 fn daemon_killed_tcp() {
     the_other_daemon_dying_resets_its_connections("tcp", "ftk1");
+}
+
+#[test]
+fn link_cut_tcp() {
+    a_cut_link_resets_its_connections_within_the_bound("tcp", "ftc1");
 }
 
 #[test]
