@@ -66,6 +66,15 @@ impl From<Corrupt> for RingError {
     }
 }
 
+/// Why [`Consumer::send_to`] failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// The ring's indices are impossible.
+    Ring(RingError),
+    /// The socket failed.
+    Io(std::io::Error),
+}
+
 /// What the consumer may expect from the ring right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RxState {
@@ -283,6 +292,56 @@ impl<'a> Consumer<'a> {
         Ok((read, Shared::take_waiter(&s.ctl.producer.waiting)))
     }
 
+    /// Sends `header` and then up to `len` readable bytes straight from the
+    /// ring to the stream socket `fd` (one `sendmsg`, non-blocking), and
+    /// consumes the ring bytes the socket took. Returns the bytes sent in
+    /// all (header included; possibly fewer than offered, even none) and
+    /// whether the producer must be woken.
+    pub fn send_to(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        header: &[u8],
+        len: usize,
+    ) -> Result<(usize, bool), SendError> {
+        use std::os::fd::AsRawFd;
+        let s = &self.0;
+        let head = s.ctl.consumer.head.load(Ordering::Relaxed);
+        let tail = s.ctl.producer.tail.load(Ordering::Acquire);
+        let avail = index::readable(tail, head, s.size).map_err(|_| SendError::Ring(RingError::Corrupt))?;
+        let n = (len as u64).min(u64::from(avail)) as u32;
+        let (offset, first, second) = index::split(head, n, s.size);
+        // SAFETY: `split` keeps both parts inside the data area (constructor
+        // contract). The kernel reads them; a producer scribbling meanwhile
+        // corrupts only its own stream.
+        let iov = unsafe {
+            [
+                libc::iovec { iov_base: header.as_ptr() as *mut libc::c_void, iov_len: header.len() },
+                libc::iovec { iov_base: s.data.add(offset).cast(), iov_len: first },
+                libc::iovec { iov_base: s.data.cast(), iov_len: second },
+            ]
+        };
+        // SAFETY: msghdr is plain data; all-zero is a valid value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = if second > 0 { 3 } else { 2 };
+        // SAFETY: `msg` points at three live iovecs over readable memory.
+        let sent = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if sent < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok((0, false)),
+                _ => Err(SendError::Io(e)),
+            };
+        }
+        let sent = sent as usize;
+        let taken = sent.saturating_sub(header.len());
+        if taken == 0 {
+            return Ok((sent, false));
+        }
+        s.ctl.consumer.head.store(head.wrapping_add(taken as u64), Ordering::Release);
+        Ok((sent, Shared::take_waiter(&s.ctl.producer.waiting)))
+    }
+
     /// Discards up to `n` readable bytes (used by shutdown(SHUT_RD) and
     /// close). Returns the bytes dropped and whether to wake the producer.
     pub fn discard(&self, n: usize) -> Result<(usize, bool), RingError> {
@@ -389,6 +448,29 @@ mod tests {
         let (m, _) = c.read(&mut [&mut rest[..]], false).unwrap();
         got.extend_from_slice(&rest[..m]);
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn send_to_sends_the_header_and_the_bytes_across_the_wrap_and_consumes_them() {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let ring = TestRing::new(16);
+        let (p, c) = ring.views();
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Move the indices near the end so the bytes wrap.
+        p.write(&[b"0123456789ab"]).unwrap();
+        c.read(&mut [&mut [0u8; 12][..]], false).unwrap();
+        p.write(&[b"wrapping-data"]).unwrap();
+        let (sent, _) = c.send_to(theirs.as_fd(), b"HDR", 8).unwrap();
+        assert_eq!(sent, 11);
+        assert_eq!(c.state().unwrap(), RxState::Data(5));
+        let mut got = [0u8; 11];
+        ours.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"HDRwrapping");
+        // Asking for more than is there sends what is there.
+        let (sent, _) = c.send_to(theirs.as_fd(), b"", 100).unwrap();
+        assert_eq!(sent, 5);
+        assert_eq!(c.state().unwrap(), RxState::Empty);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use vsocket_abi::fabric::{Frame, Refusal};
+use vsocket_abi::fabric::{Frame, Origin, Refusal};
 use vsocket_abi::layout::Endpoint;
 use vsocket_policy::FabricKind;
 use vsocket_ring::Segment;
@@ -55,6 +55,23 @@ pub trait Transport: Send {
     fn ready(&mut self, token: u64, events: u32, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>));
     /// Queues `frame` on `link`, after every frame queued before.
     fn send(&mut self, link: LinkId, frame: &Frame<'_>);
+    /// Sends a `Data` frame of the next `len` bytes of `ring` (which holds
+    /// at least that many) and consumes them. Returns whether the ring's
+    /// producer must be woken. Transports that can send from the ring in
+    /// place do; this default copies the bytes out first.
+    fn send_ring(
+        &mut self,
+        link: LinkId,
+        origin: Origin,
+        id: u64,
+        ring: &vsocket_ring::Consumer<'_>,
+        len: usize,
+    ) -> Result<bool, vsocket_ring::RingError> {
+        let mut bytes = vec![0u8; len];
+        let (got, wake) = ring.read(&mut [&mut bytes[..]], false)?;
+        self.send(link, &Frame::Data { origin, id, bytes: &bytes[..got] });
+        Ok(wake)
+    }
     /// Bytes queued on `link` and not yet taken by the network.
     fn backlog(&self, link: LinkId) -> usize;
     /// Pushes queued frames out as far as the network takes them.

@@ -142,7 +142,6 @@ pub struct Relay {
     /// Connections whose guest was just handed bytes: it may answer soon.
     answered: Vec<usize>,
     spin: Spin,
-    scratch: Vec<u8>,
     status: Arc<Mutex<Vec<PeerStatus>>>,
 }
 
@@ -195,7 +194,6 @@ impl Relay {
             blocked: Vec::new(),
             answered: Vec::new(),
             spin: Spin::default(),
-            scratch: vec![0; MAX_PAYLOAD],
             status,
         })
     }
@@ -772,17 +770,19 @@ impl Relay {
                     if take == 0 {
                         break;
                     }
-                    let Ok((got, wake)) = rx.read(&mut [&mut self.scratch[..take]], false) else {
+                    let Some(transport) = self.transport.as_mut() else { break };
+                    let Ok(wake) = transport.send_ring(link, origin, id, &rx, take) else {
                         self.corrupt(index);
                         return;
                     };
                     if wake {
                         vsocket_sys::ring(conn.bell.as_fd());
                     }
-                    conn.credit -= got as u64;
-                    let data = std::mem::take(&mut self.scratch);
-                    self.send(link, &Frame::Data { origin, id, bytes: &data[..got] });
-                    self.scratch = data;
+                    conn.credit -= take as u64;
+                    self.last_tx.insert(link, Instant::now());
+                    let status = &mut self.peers[p].status;
+                    status.frames_sent += 1;
+                    status.bytes_sent += take as u64;
                 }
                 Ok(RxState::Empty) => {
                     if conn.guest_gone {

@@ -1,8 +1,9 @@
 //! The `tcp` fabric: kernel TCP between daemons, one connection per host
 //! pair, frames back to back on it.
 //!
-//! Sockets are non-blocking and driven by the relay's epoll set. What a
-//! link cannot take at once waits in its outbound buffer (the relay stops
+//! Sockets are non-blocking and driven by the relay's epoll set. Data goes
+//! from a guest's ring straight to the socket; what a link cannot take at
+//! once waits in its outbound buffer (the relay stops
 //! reading guests' rings while that buffer is past [`Transport::backlog`]'s
 //! limit); inbound bytes are parsed into frames as they arrive. Dialing
 //! blocks, so it happens on a short-lived thread that hands the connected
@@ -10,19 +11,16 @@
 
 use super::{LinkEvent, LinkId, Transport};
 use std::collections::HashMap;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::Duration;
-use vsocket_abi::fabric::Frame;
+use vsocket_abi::fabric::{Frame, Origin};
 use vsocket_sys::Epoll;
 
 /// How long a dial may take before it counts as failed.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
-/// Data frames at least this long are written to the socket from the
-/// caller's buffer when nothing is queued before them.
-const DIRECT_WRITE: usize = 16 * 1024;
 /// Inbound bytes read per system call, at least.
 const READ_CHUNK: usize = 256 * 1024;
 /// Each link's receive buffer: a read and the rest of a largest frame.
@@ -212,24 +210,47 @@ impl Transport for TcpTransport {
     }
 
     fn send(&mut self, link: LinkId, frame: &Frame<'_>) {
-        let Some(l) = self.links.get_mut(&link) else { return };
-        if let Frame::Data { origin, id, bytes } = *frame {
-            if l.outbound.is_empty() && bytes.len() >= DIRECT_WRITE {
-                // Straight from the caller's buffer to the socket; only
-                // what it does not take now is copied to wait.
-                let header = Frame::data_header(origin, id, bytes.len());
-                // An error shows at the next read or flush.
-                let done = l.stream.write_vectored(&[IoSlice::new(&header), IoSlice::new(bytes)]).unwrap_or_default();
-                if done < header.len() {
-                    l.outbound.extend_from_slice(&header[done..]);
-                    l.outbound.extend_from_slice(bytes);
-                } else {
-                    l.outbound.extend_from_slice(&bytes[done - header.len()..]);
-                }
-                return;
+        if let Some(l) = self.links.get_mut(&link) {
+            frame.encode(&mut l.outbound);
+        }
+    }
+
+    fn send_ring(
+        &mut self,
+        link: LinkId,
+        origin: Origin,
+        id: u64,
+        ring: &vsocket_ring::Consumer<'_>,
+        len: usize,
+    ) -> Result<bool, vsocket_ring::RingError> {
+        let Some(l) = self.links.get_mut(&link) else { return Ok(false) };
+        let header = Frame::data_header(origin, id, len);
+        let mut wake = false;
+        let mut sent = 0;
+        if l.outbound.is_empty() {
+            // Straight from the ring to the socket; an error shows at the
+            // next read or flush, and the frame goes to the queue.
+            match ring.send_to(l.stream.as_fd(), &header, len) {
+                Ok((n, w)) => (sent, wake) = (n, w),
+                Err(vsocket_ring::SendError::Ring(e)) => return Err(e),
+                Err(vsocket_ring::SendError::Io(_)) => {}
             }
         }
-        frame.encode(&mut l.outbound);
+        if sent == header.len() + len {
+            return Ok(wake);
+        }
+        // The rest of the frame waits in the queue, before anything else.
+        if sent < header.len() {
+            l.outbound.extend_from_slice(&header[sent..]);
+        }
+        let rest = len - sent.saturating_sub(header.len());
+        let start = l.outbound.len();
+        l.outbound.resize(start + rest, 0);
+        let (got, w) = ring.read(&mut [&mut l.outbound[start..]], false)?;
+        if got != rest {
+            return Err(vsocket_ring::RingError::Corrupt);
+        }
+        Ok(wake || w)
     }
 
     fn backlog(&self, link: LinkId) -> usize {
