@@ -33,6 +33,10 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A transport's name for one link.
 pub type LinkId = u64;
 
+/// The token `Transport::ready` gets when the relay polls it because
+/// `before_sleep` said it must not sleep yet.
+pub const TOKEN_POLL: u64 = 15;
+
 /// What a transport reports to the relay.
 pub enum LinkEvent<'a> {
     /// A new link, dialed by this host (to `peer`) or accepted (from it).
@@ -78,7 +82,8 @@ pub trait Transport: Send {
     fn flush(&mut self, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>));
     /// Closes `link` (no event follows).
     fn close(&mut self, link: LinkId, epoll: &Epoll);
-    /// Called before the relay sleeps; false if it must poll again first.
+    /// Called before the relay sleeps; false if it must poll again first
+    /// (the relay then calls `ready` with [`TOKEN_POLL`]).
     fn before_sleep(&mut self) -> bool;
     /// "tcp" or "ucx".
     fn describe(&self) -> &'static str;

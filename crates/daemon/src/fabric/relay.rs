@@ -208,6 +208,10 @@ impl Relay {
                 last_tick = Instant::now();
             }
             let sleep = self.transport.as_mut().is_none_or(|t| t.before_sleep());
+            if !sleep {
+                self.with_transport(|t, epoll, on| t.ready(super::TOKEN_POLL, 0, epoll, on));
+                self.pump_dirty();
+            }
             let timeout = if sleep { (PING_EVERY / 2).as_millis() as i32 } else { 0 };
             if let Err(e) = self.epoll.wait(timeout, &mut events) {
                 tracing::error!(error = %e, "fabric relay: epoll_wait");
