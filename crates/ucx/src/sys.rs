@@ -109,7 +109,9 @@ pub const UCP_FEATURE_WAKEUP: u64 = 1 << 4;
 pub const UCP_FEATURE_AM: u64 = 1 << 6;
 
 pub const UCP_WORKER_PARAM_FIELD_THREAD_MODE: u64 = 1 << 0;
+pub const UCP_WORKER_PARAM_FIELD_FLAGS: u64 = 1 << 5;
 pub const UCP_WORKER_PARAM_FIELD_NAME: u64 = 1 << 6;
+pub const UCP_WORKER_FLAG_IGNORE_REQUEST_LEAK: u64 = 1 << 0;
 
 pub const UCP_LISTENER_PARAM_FIELD_SOCK_ADDR: u64 = 1 << 0;
 pub const UCP_LISTENER_PARAM_FIELD_CONN_HANDLER: u64 = 1 << 2;
@@ -347,6 +349,7 @@ extern "C" {
 
     pub fn ucp_ep_create(worker: ucp_worker_h, params: *const ucp_ep_params_t, ep_p: *mut ucp_ep_h) -> ucs_status_t;
     pub fn ucp_ep_close_nbx(ep: ucp_ep_h, param: *const ucp_request_param_t) -> ucs_status_ptr_t;
+    pub fn ucp_ep_flush_nbx(ep: ucp_ep_h, param: *const ucp_request_param_t) -> ucs_status_ptr_t;
 
     pub fn ucp_am_send_nbx(
         ep: ucp_ep_h,

@@ -18,7 +18,7 @@ use crate::reorder::Reorder;
 use crate::sys::*;
 use libc::{c_uint, c_void, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{CStr, CString};
 use std::fmt;
 use std::io;
@@ -37,8 +37,8 @@ const HEADER_LEN: usize = 8;
 /// The largest frame [`Worker::send`] accepts and a peer may announce; a
 /// larger announcement fails the endpoint instead of allocating it.
 pub const MAX_FRAME_LEN: usize = 16 << 20;
-/// Bytes of copied frames UCX may still be sending before [`Worker::send`]
-/// waits for some to complete.
+/// Bytes of copied frames on one endpoint that UCX may still be sending
+/// before [`Worker::send`] waits for some to complete.
 const SEND_WINDOW: usize = 8 << 20;
 
 /// `ucp_init`, `ucp_worker_create` and their teardown touch UCX's
@@ -190,6 +190,8 @@ struct Endpoint {
     failed: bool,
     /// [`Worker::close`] is under way: report nothing more.
     closing: bool,
+    /// Bytes of frames handed to UCX whose send has not completed.
+    sending: usize,
 }
 
 /// State the callbacks share with the worker (see the module docs).
@@ -200,15 +202,26 @@ struct Shared {
     by_handle: RefCell<HashMap<usize, EpId>>,
     conn_requests: RefCell<VecDeque<ucp_conn_request_h>>,
     next_ep: Cell<u64>,
-    /// Bytes of frames handed to UCX whose send has not completed.
-    sending: Cell<usize>,
+    /// Send and receive contexts owned by UCX requests, by address. UCX
+    /// does not complete every request of an endpoint that failed (it warns
+    /// about them when the worker is destroyed), so whatever is left here
+    /// after `ucp_worker_destroy` is freed then.
+    in_flight_sends: RefCell<HashSet<usize>>,
+    in_flight_receives: RefCell<HashSet<usize>>,
 }
 
 impl Shared {
     fn register(&self, handle: ucp_ep_h) -> EpId {
         let id = EpId(self.next_ep.get());
         self.next_ep.set(id.0 + 1);
-        let endpoint = Endpoint { handle, next_send: 0, reorder: Reorder::default(), failed: false, closing: false };
+        let endpoint = Endpoint {
+            handle,
+            next_send: 0,
+            reorder: Reorder::default(),
+            failed: false,
+            closing: false,
+            sending: 0,
+        };
         self.endpoints.borrow_mut().insert(id, endpoint);
         self.by_handle.borrow_mut().insert(handle as usize, id);
         id
@@ -327,13 +340,16 @@ impl Worker {
         let _setup = GLOBAL_SETUP.lock().unwrap_or_else(|e| e.into_inner());
         let context = create_context(config)?;
         let params = ucp_worker_params_t {
-            field_mask: UCP_WORKER_PARAM_FIELD_THREAD_MODE,
+            field_mask: UCP_WORKER_PARAM_FIELD_THREAD_MODE | UCP_WORKER_PARAM_FIELD_FLAGS,
             thread_mode: UCS_THREAD_MODE_SERIALIZED,
             cpu_mask: ucs_cpu_set_t { ucs_bits: [0; 16] },
             events: 0,
             user_data: ptr::null_mut(),
             event_fd: -1,
-            flags: 0,
+            // UCX leaves some requests of failed endpoints uncompleted and
+            // would list each of them when the worker is destroyed; their
+            // contexts are reclaimed in Drop.
+            flags: UCP_WORKER_FLAG_IGNORE_REQUEST_LEAK,
             name: ptr::null(),
             am_alignment: 0,
             client_id: 0,
@@ -355,7 +371,8 @@ impl Worker {
             by_handle: RefCell::default(),
             conn_requests: RefCell::default(),
             next_ep: Cell::new(1),
-            sending: Cell::new(0),
+            in_flight_sends: RefCell::default(),
+            in_flight_receives: RefCell::default(),
         }));
         // From here on, Drop tears down whatever was set up.
         let mut this = Worker {
@@ -516,8 +533,7 @@ impl Worker {
         if frame.len() > MAX_FRAME_LEN {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame larger than MAX_FRAME_LEN"));
         }
-        while self.shared().sending.get() > SEND_WINDOW {
-            self.endpoint_usable(ep)?;
+        while self.endpoint_usable(ep)? > SEND_WINDOW {
             self.progress_or_sleep(Duration::from_millis(10))?;
         }
         let (handle, seq) = {
@@ -526,6 +542,8 @@ impl Worker {
             let endpoint = endpoints.get_mut(&ep).expect("checked by endpoint_usable");
             let seq = endpoint.next_send;
             endpoint.next_send += 1;
+            // Counted before the call, as its callback subtracts it.
+            endpoint.sending += frame.len();
             (endpoint.handle, seq)
         };
         let len = frame.len();
@@ -552,8 +570,7 @@ impl Worker {
             recv_info: ptr::null_mut(),
             memh: ptr::null_mut(),
         };
-        // Counted before the call, as its callback subtracts it.
-        self.shared().sending.set(self.shared().sending.get() + len);
+        self.shared().in_flight_sends.borrow_mut().insert(ctx as usize);
         let result = {
             let _call = UcxCall::enter();
             // SAFETY: `handle` is a live endpoint of this worker (it stays
@@ -579,7 +596,10 @@ impl Worker {
                 // SAFETY: no request was made, so no callback owns `ctx`; it
                 // came from Box::into_raw above.
                 drop(unsafe { Box::from_raw(ctx) });
-                self.shared().sending.set(self.shared().sending.get() - len);
+                self.shared().in_flight_sends.borrow_mut().remove(&(ctx as usize));
+                if let Some(endpoint) = self.shared().endpoints.borrow_mut().get_mut(&ep) {
+                    endpoint.sending -= len;
+                }
                 match done_or_error {
                     StatusPtr::Error(status) => {
                         let error = ucx_error(status);
@@ -592,14 +612,15 @@ impl Worker {
         }
     }
 
-    fn endpoint_usable(&self, ep: EpId) -> io::Result<()> {
+    /// Checks that `ep` can send; returns the bytes it has in flight.
+    fn endpoint_usable(&self, ep: EpId) -> io::Result<usize> {
         match self.shared().endpoints.borrow().get(&ep) {
             None => Err(io::Error::new(io::ErrorKind::NotFound, format!("no endpoint {ep}"))),
             Some(e) if e.closing => Err(io::Error::new(io::ErrorKind::NotConnected, format!("{ep} is closing"))),
             Some(e) if e.failed => {
                 Err(io::Error::new(io::ErrorKind::ConnectionReset, format!("{ep} has failed")))
             }
-            Some(_) => Ok(()),
+            Some(e) => Ok(e.sending),
         }
     }
 
@@ -641,8 +662,14 @@ impl Worker {
     }
 
     /// Runs the progress/arm/sleep loop until an event arrives or `timeout`
-    /// passes (`None`: wait as long as it takes).
+    /// passes (`None`: wait as long as it takes; zero: progress once).
     pub fn wait_event(&mut self, timeout: Option<Duration>) -> io::Result<Option<Event>> {
+        if timeout == Some(Duration::ZERO) {
+            if self.shared().events.borrow().is_empty() {
+                self.progress();
+            }
+            return Ok(self.poll_event());
+        }
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             if let Some(event) = self.poll_event() {
@@ -671,6 +698,64 @@ impl Worker {
         Ok(())
     }
 
+    /// Waits until every frame sent on `ep` so far has reached the peer
+    /// (`ucp_ep_flush_nbx`), progressing the worker meanwhile. A frame
+    /// [`send`](Self::send) accepted is only guaranteed to leave this host
+    /// while the worker keeps being progressed; flush before a worker stops
+    /// being progressed (or is dropped) if its last frames matter.
+    pub fn flush(&mut self, ep: EpId) -> io::Result<()> {
+        self.endpoint_usable(ep)?;
+        let handle = self.shared().endpoints.borrow()[&ep].handle;
+        // SAFETY: `handle` is a live endpoint (checked usable just above,
+        // and endpoints are only released by `close`).
+        let status = self.wait_for(0, |params| unsafe { ucp_ep_flush_nbx(handle, params) })?;
+        check(status)
+    }
+
+    /// Starts one endpoint operation with a completion callback and waits
+    /// for its status, progressing the worker.
+    fn wait_for(
+        &mut self,
+        flags: u32,
+        start: impl FnOnce(&ucp_request_param_t) -> ucs_status_ptr_t,
+    ) -> io::Result<ucs_status_t> {
+        let done: Rc<Cell<Option<ucs_status_t>>> = Rc::new(Cell::new(None));
+        let done_for_callback = Rc::into_raw(Rc::clone(&done));
+        let params = ucp_request_param_t {
+            op_attr_mask: UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS,
+            flags,
+            request: ptr::null_mut(),
+            cb: ucp_request_param_cb { send: Some(on_request_done) },
+            datatype: 0,
+            user_data: done_for_callback as *mut c_void,
+            reply_buffer: ptr::null_mut(),
+            memory_type: 0,
+            recv_info: ptr::null_mut(),
+            memh: ptr::null_mut(),
+        };
+        let result = {
+            let _call = UcxCall::enter();
+            start(&params)
+        };
+        match status_ptr(result) {
+            StatusPtr::Request => loop {
+                if let Some(status) = done.get() {
+                    return Ok(status);
+                }
+                self.progress_or_sleep(Duration::from_millis(100))?;
+            },
+            other => {
+                // SAFETY: no request was made, so `on_request_done` will not
+                // run; this is the one use of the pointer from Rc::into_raw.
+                drop(unsafe { Rc::from_raw(done_for_callback) });
+                Ok(match other {
+                    StatusPtr::Error(status) => status,
+                    _ => UCS_OK,
+                })
+            }
+        }
+    }
+
     /// Closes `ep` and waits until UCX is done with it. A failed endpoint is
     /// always closed with [`CloseMode::Force`]. No event about `ep` is
     /// queued after this returns (earlier ones stay queued).
@@ -684,46 +769,13 @@ impl Worker {
             endpoint.closing = true;
             (endpoint.handle, mode == CloseMode::Force || endpoint.failed)
         };
-        let done: Rc<Cell<Option<ucs_status_t>>> = Rc::new(Cell::new(None));
-        let done_for_callback = Rc::into_raw(Rc::clone(&done));
-        let params = ucp_request_param_t {
-            op_attr_mask: UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS,
-            flags: if force { UCP_EP_CLOSE_FLAG_FORCE } else { 0 },
-            request: ptr::null_mut(),
-            cb: ucp_request_param_cb { send: Some(on_close_done) },
-            datatype: 0,
-            user_data: done_for_callback as *mut c_void,
-            reply_buffer: ptr::null_mut(),
-            memory_type: 0,
-            recv_info: ptr::null_mut(),
-            memh: ptr::null_mut(),
-        };
-        let result = {
-            let _call = UcxCall::enter();
-            // SAFETY: `handle` is a live endpoint not yet closed (`closing`
-            // was false); the callback gets the Rc it expects and owns it if
-            // a request is returned.
-            unsafe { ucp_ep_close_nbx(handle, &params) }
-        };
-        let status = match status_ptr(result) {
-            StatusPtr::Request => loop {
-                if let Some(status) = done.get() {
-                    break status;
-                }
-                self.progress_or_sleep(Duration::from_millis(100))?;
-            },
-            other => {
-                // SAFETY: no request was made, so the callback will not run
-                // and this is the only use of the pointer from Rc::into_raw.
-                drop(unsafe { Rc::from_raw(done_for_callback) });
-                match other {
-                    StatusPtr::Error(status) => status,
-                    _ => UCS_OK,
-                }
-            }
-        };
+        let flags = if force { UCP_EP_CLOSE_FLAG_FORCE } else { 0 };
+        // SAFETY: `handle` is a live endpoint that has not been closed
+        // (`closing` was false); after this call it is only released.
+        let status = self.wait_for(flags, |params| unsafe { ucp_ep_close_nbx(handle, params) });
         self.shared().endpoints.borrow_mut().remove(&ep);
         self.shared().by_handle.borrow_mut().remove(&(handle as usize));
+        let status = status?;
         // A force close, or closing an endpoint that already failed, ends
         // with the failure it was closed for; that is what was asked for.
         if force || status == UCS_OK {
@@ -779,11 +831,27 @@ impl Drop for Worker {
         for ep in self.endpoints() {
             let _ = self.close(ep, CloseMode::Force);
         }
+        // Let UCX run the cleanup the closes queued before its worker goes.
+        for _ in 0..1000 {
+            if self.progress() == 0 {
+                break;
+            }
+        }
         {
             let _call = UcxCall::enter();
             // SAFETY: the worker is live and destroyed once; callbacks it
             // still runs find `shared` alive, as it is freed only below.
             unsafe { ucp_worker_destroy(self.worker) };
+        }
+        for ctx in self.shared().in_flight_sends.take() {
+            // SAFETY: a SendCtx from Box::into_raw in `send` whose request
+            // never completed; with the worker destroyed, no callback or
+            // UCX access can reach it any more.
+            drop(unsafe { Box::from_raw(ctx as *mut SendCtx) });
+        }
+        for ctx in self.shared().in_flight_receives.take() {
+            // SAFETY: likewise, a RecvCtx from `on_frame`.
+            drop(unsafe { Box::from_raw(ctx as *mut RecvCtx) });
         }
         // SAFETY: from Box::into_raw in `with_config`; UCX holds no pointer
         // to it any more now that the worker is gone.
@@ -999,6 +1067,7 @@ unsafe extern "C" fn on_frame(
         return refuse;
     }
     let ctx = Box::into_raw(Box::new(RecvCtx { shared: arg as *const Shared, ep, seq, buf: vec![0; length] }));
+    shared.in_flight_receives.borrow_mut().insert(ctx as usize);
     let params = ucp_request_param_t {
         op_attr_mask: UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE,
         flags: 0,
@@ -1022,11 +1091,13 @@ unsafe extern "C" fn on_frame(
     match status_ptr(result) {
         StatusPtr::Request => {}
         StatusPtr::Done => {
+            shared.in_flight_receives.borrow_mut().remove(&(ctx as usize));
             // SAFETY: no request, no callback: `ctx` is still ours alone.
             let ctx = unsafe { Box::from_raw(ctx) };
             shared.deliver(ep, seq, ctx.buf);
         }
         StatusPtr::Error(status) => {
+            shared.in_flight_receives.borrow_mut().remove(&(ctx as usize));
             // SAFETY: as above.
             drop(unsafe { Box::from_raw(ctx) });
             shared.fail(ep, ucx_error(status));
@@ -1046,6 +1117,7 @@ unsafe extern "C" fn on_rendezvous_done(request: *mut c_void, status: ucs_status
     unsafe { ucp_request_free(request) };
     // SAFETY: the Shared outlives every request of its worker.
     let shared = unsafe { &*ctx.shared };
+    shared.in_flight_receives.borrow_mut().remove(&(user_data as usize));
     let RecvCtx { ep, seq, mut buf, .. } = *ctx;
     if status == UCS_OK {
         buf.truncate(length);
@@ -1065,16 +1137,19 @@ unsafe extern "C" fn on_send_done(request: *mut c_void, status: ucs_status_t, us
     unsafe { ucp_request_free(request) };
     // SAFETY: the Shared outlives every request of its worker.
     let shared = unsafe { &*ctx.shared };
-    shared.sending.set(shared.sending.get() - ctx.data.len());
+    shared.in_flight_sends.borrow_mut().remove(&(user_data as usize));
+    if let Some(endpoint) = shared.endpoints.borrow_mut().get_mut(&ctx.ep) {
+        endpoint.sending -= ctx.data.len();
+    }
     if status != UCS_OK {
         shared.fail(ctx.ep, ucx_error(status));
     }
 }
 
-/// `ucp_send_nbx_callback_t` for `ucp_ep_close_nbx`.
-unsafe extern "C" fn on_close_done(request: *mut c_void, status: ucs_status_t, user_data: *mut c_void) {
+/// `ucp_send_nbx_callback_t` for `ucp_ep_close_nbx` and `ucp_ep_flush_nbx`.
+unsafe extern "C" fn on_request_done(request: *mut c_void, status: ucs_status_t, user_data: *mut c_void) {
     assert_in_ucx_call();
-    // SAFETY: `user_data` came from Rc::into_raw in `close`, owned by this
+    // SAFETY: `user_data` came from Rc::into_raw in `wait_for`, owned by this
     // callback once a request was returned; it runs once.
     let done = unsafe { Rc::from_raw(user_data as *const Cell<Option<ucs_status_t>>) };
     done.set(Some(status));
