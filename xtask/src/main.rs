@@ -29,6 +29,7 @@ const PACKAGES: &[&str] = &[
     "nginx-light",
     "curl",
     "memcached",
+    "libucx-dev",
     "libmemcached-tools",
     "wrk",
 ];

@@ -20,6 +20,15 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
+    // Before any thread exists: a daemon restarted at once must get its
+    // fabric address back although the links of the one before linger in
+    // TIME_WAIT (std's listener sets SO_REUSEADDR for the tcp fabric; UCX
+    // reads this from the environment).
+    for name in ["UCX_TCP_CM_REUSEADDR", "UCX_RDMA_CM_REUSEADDR"] {
+        if std::env::var_os(name).is_none() {
+            std::env::set_var(name, "y");
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VSOCKET_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

@@ -133,7 +133,9 @@ impl Lab {
     /// `name` and `run_dir`); `{dir}` in them stands for the lab's directory
     /// ([`Lab::dir_of`]).
     pub fn start_host(name: &str, body: &str, host_lines: &str) -> io::Result<Lab> {
-        Self::launch(name, name, body, host_lines, &|_| None, None)
+        let mut lab = Self::launch(name, name, body, host_lines, &|_| None, None)?;
+        lab.start_daemon()?;
+        Ok(lab)
     }
 
     /// Two hosts, `<name>-1` and `<name>-2`, joined by a fabric of `kind`
@@ -169,12 +171,17 @@ impl Lab {
                 Some(&switch),
             )?);
         }
+        // Both hosts' networks exist before either daemon starts, as on
+        // real hosts.
+        for lab in &mut labs {
+            lab.start_daemon()?;
+        }
         let second_lab = labs.pop().expect("two labs");
         let first_lab = labs.pop().expect("two labs");
         let up = |lab: &Lab| {
             lab.ctl("peers").is_ok_and(|p| p.as_array().is_some_and(|a| a.iter().all(|p| p["state"] == "up")))
         };
-        if !wait_until(Duration::from_secs(15), || up(&first_lab) && up(&second_lab)) {
+        if !wait_until(Duration::from_secs(30), || up(&first_lab) && up(&second_lab)) {
             return Err(io::Error::other(format!(
                 "the fabric link did not come up; logs:\n{}\n{}",
                 first_lab.daemon_log(),
@@ -185,8 +192,9 @@ impl Lab {
     }
 
     /// Writes the config of host `host` (guests' namespaces named after
-    /// `netns_prefix`, guests placed by `place`), brings its lab up and
-    /// starts its daemon (in namespace `daemon_netns`, if given).
+    /// `netns_prefix`, guests placed by `place`) and brings its lab up; its
+    /// daemon will run in namespace `daemon_netns`, if given
+    /// ([`Lab::start_daemon`]).
     fn launch(
         host: &str,
         netns_prefix: &str,
@@ -229,7 +237,7 @@ impl Lab {
         }
         let path = dir.join("vsocket.toml");
         std::fs::write(&path, config)?;
-        let mut lab = Lab {
+        let lab = Lab {
             name: host.to_string(),
             dir,
             config: path,
@@ -240,7 +248,6 @@ impl Lab {
             background: Vec::new(),
         };
         lab.vsocket(&["lab", "up", "--config"])?;
-        lab.start_daemon()?;
         Ok(lab)
     }
 
@@ -261,7 +268,7 @@ impl Lab {
         let daemon = command
             .arg("--config")
             .arg(&self.config)
-            .env("VSOCKET_LOG", "info")
+            .env("VSOCKET_LOG", std::env::var("VSOCKET_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;

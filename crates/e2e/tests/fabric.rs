@@ -157,7 +157,12 @@ fn the_other_daemon_dying_resets_its_connections(kind: &str, name: &str) {
     // is reached over the fabric.
     b.stop_background();
     b.start_daemon().unwrap();
-    assert!(wait_until(Duration::from_secs(15), || a.ctl("peers").unwrap()[0]["state"] == "up"), "link not back");
+    assert!(
+        wait_until(Duration::from_secs(15), || a.ctl("peers").unwrap()[0]["state"] == "up"),
+        "link not back:\n{}\n{}",
+        a.daemon_log(),
+        b.daemon_log()
+    );
     b.spawn("b", Via::Vsocket, "python3", &[script, "serve", "10.10.0.3", "7003"], "server2.log").unwrap();
     b.wait_listening("b", 7003).unwrap();
     let opened = peer(&a, "opened");
@@ -321,4 +326,34 @@ fn ingress_on_the_servers_host_tcp() {
 #[test]
 fn unconfigured_host_tcp() {
     a_host_that_is_not_configured_is_refused("tcp", "ftu1");
+}
+
+#[test]
+fn programs_ucx() {
+    programs_work_across_hosts("ucx", "fup1");
+}
+
+#[test]
+fn gibibyte_ucx() {
+    a_gibibyte_crosses_intact("ucx", "fug1");
+}
+
+#[test]
+fn stalled_reader_ucx() {
+    a_stalled_reader_stalls_only_its_own_connection("ucx", "fus1");
+}
+
+#[test]
+fn daemon_killed_ucx() {
+    the_other_daemon_dying_resets_its_connections("ucx", "fuk1");
+}
+
+#[test]
+fn link_cut_ucx() {
+    a_cut_link_resets_its_connections_within_the_bound("ucx", "fuc1");
+}
+
+#[test]
+fn ingress_on_the_servers_host_ucx() {
+    the_servers_host_decides_ingress("ucx", "fui1");
 }

@@ -149,16 +149,14 @@ pub const UCP_DATATYPE_BYTES: ucp_datatype_t = (1 << UCP_DATATYPE_SHIFT) | UCP_D
 
 pub type ucp_request_init_callback_t = Option<unsafe extern "C" fn(request: *mut c_void)>;
 pub type ucp_request_cleanup_callback_t = Option<unsafe extern "C" fn(request: *mut c_void)>;
-pub type ucp_err_handler_cb_t =
-    Option<unsafe extern "C" fn(arg: *mut c_void, ep: ucp_ep_h, status: ucs_status_t)>;
+pub type ucp_err_handler_cb_t = Option<unsafe extern "C" fn(arg: *mut c_void, ep: ucp_ep_h, status: ucs_status_t)>;
 pub type ucp_listener_accept_callback_t = Option<unsafe extern "C" fn(ep: ucp_ep_h, arg: *mut c_void)>;
 pub type ucp_listener_conn_callback_t =
     Option<unsafe extern "C" fn(conn_request: ucp_conn_request_h, arg: *mut c_void)>;
 pub type ucp_send_nbx_callback_t =
     Option<unsafe extern "C" fn(request: *mut c_void, status: ucs_status_t, user_data: *mut c_void)>;
-pub type ucp_am_recv_data_nbx_callback_t = Option<
-    unsafe extern "C" fn(request: *mut c_void, status: ucs_status_t, length: usize, user_data: *mut c_void),
->;
+pub type ucp_am_recv_data_nbx_callback_t =
+    Option<unsafe extern "C" fn(request: *mut c_void, status: ucs_status_t, length: usize, user_data: *mut c_void)>;
 pub type ucp_am_recv_callback_t = Option<
     unsafe extern "C" fn(
         arg: *mut c_void,
@@ -329,10 +327,7 @@ extern "C" {
     pub fn ucp_worker_progress(worker: ucp_worker_h) -> c_uint;
     pub fn ucp_worker_get_efd(worker: ucp_worker_h, fd: *mut c_int) -> ucs_status_t;
     pub fn ucp_worker_arm(worker: ucp_worker_h) -> ucs_status_t;
-    pub fn ucp_worker_set_am_recv_handler(
-        worker: ucp_worker_h,
-        param: *const ucp_am_handler_param_t,
-    ) -> ucs_status_t;
+    pub fn ucp_worker_set_am_recv_handler(worker: ucp_worker_h, param: *const ucp_am_handler_param_t) -> ucs_status_t;
 
     pub fn ucp_listener_create(
         worker: ucp_worker_h,
@@ -342,10 +337,8 @@ extern "C" {
     pub fn ucp_listener_destroy(listener: ucp_listener_h);
     pub fn ucp_listener_query(listener: ucp_listener_h, attr: *mut ucp_listener_attr_t) -> ucs_status_t;
     pub fn ucp_listener_reject(listener: ucp_listener_h, conn_request: ucp_conn_request_h) -> ucs_status_t;
-    pub fn ucp_conn_request_query(
-        conn_request: ucp_conn_request_h,
-        attr: *mut ucp_conn_request_attr_t,
-    ) -> ucs_status_t;
+    pub fn ucp_conn_request_query(conn_request: ucp_conn_request_h, attr: *mut ucp_conn_request_attr_t)
+        -> ucs_status_t;
 
     pub fn ucp_ep_create(worker: ucp_worker_h, params: *const ucp_ep_params_t, ep_p: *mut ucp_ep_h) -> ucs_status_t;
     pub fn ucp_ep_close_nbx(ep: ucp_ep_h, param: *const ucp_request_param_t) -> ucs_status_ptr_t;

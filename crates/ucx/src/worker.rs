@@ -214,14 +214,8 @@ impl Shared {
     fn register(&self, handle: ucp_ep_h) -> EpId {
         let id = EpId(self.next_ep.get());
         self.next_ep.set(id.0 + 1);
-        let endpoint = Endpoint {
-            handle,
-            next_send: 0,
-            reorder: Reorder::default(),
-            failed: false,
-            closing: false,
-            sending: 0,
-        };
+        let endpoint =
+            Endpoint { handle, next_send: 0, reorder: Reorder::default(), failed: false, closing: false, sending: 0 };
         self.endpoints.borrow_mut().insert(id, endpoint);
         self.by_handle.borrow_mut().insert(handle as usize, id);
         id
@@ -282,10 +276,7 @@ impl Shared {
 }
 
 fn out_of_sequence(e: crate::reorder::OutOfSequence) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("peer sent frame {} while frame {} was due", e.seq, e.next),
-    )
+    io::Error::new(io::ErrorKind::InvalidData, format!("peer sent frame {} while frame {} was due", e.seq, e.next))
 }
 
 /// A frame copied for UCX to send: owned by UCX (through the request's
@@ -375,14 +366,7 @@ impl Worker {
             in_flight_receives: RefCell::default(),
         }));
         // From here on, Drop tears down whatever was set up.
-        let mut this = Worker {
-            context,
-            worker,
-            listener: None,
-            shared,
-            event_fd: -1,
-            _not_sync: PhantomData,
-        };
+        let mut this = Worker { context, worker, listener: None, shared, event_fd: -1, _not_sync: PhantomData };
         let handler = ucp_am_handler_param_t {
             field_mask: UCP_AM_HANDLER_PARAM_FIELD_ID
                 | UCP_AM_HANDLER_PARAM_FIELD_FLAGS
@@ -424,10 +408,7 @@ impl Worker {
             field_mask: UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER,
             sockaddr: raw.as_ucs(),
             accept_handler: ucp_listener_accept_handler_t { cb: None, arg: ptr::null_mut() },
-            conn_handler: ucp_listener_conn_handler_t {
-                cb: Some(on_conn_request),
-                arg: self.shared as *mut c_void,
-            },
+            conn_handler: ucp_listener_conn_handler_t { cb: Some(on_conn_request), arg: self.shared as *mut c_void },
         };
         let mut listener = ptr::null_mut();
         let _call = UcxCall::enter();
@@ -442,9 +423,8 @@ impl Worker {
 
     /// The address the listener is bound to.
     pub fn listen_address(&self) -> io::Result<SocketAddr> {
-        let listener = self
-            .listener
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "this worker is not listening"))?;
+        let listener =
+            self.listener.ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "this worker is not listening"))?;
         let mut attr = ucp_listener_attr_t { field_mask: UCP_LISTENER_ATTR_FIELD_SOCKADDR, sockaddr: zeroed_storage() };
         // SAFETY: the listener is live; `attr` is a valid out-struct whose
         // field_mask asks for the one field it has room for.
@@ -617,9 +597,7 @@ impl Worker {
         match self.shared().endpoints.borrow().get(&ep) {
             None => Err(io::Error::new(io::ErrorKind::NotFound, format!("no endpoint {ep}"))),
             Some(e) if e.closing => Err(io::Error::new(io::ErrorKind::NotConnected, format!("{ep} is closing"))),
-            Some(e) if e.failed => {
-                Err(io::Error::new(io::ErrorKind::ConnectionReset, format!("{ep} has failed")))
-            }
+            Some(e) if e.failed => Err(io::Error::new(io::ErrorKind::ConnectionReset, format!("{ep} has failed"))),
             Some(e) => Ok(e.sending),
         }
     }
@@ -875,7 +853,12 @@ fn create_context(config: &Config) -> io::Result<ucp_context_h> {
         if status != UCS_OK {
             result = Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("UCX rejected UCX_{}={}: {}", name.to_string_lossy(), value.to_string_lossy(), UcxError { status }),
+                format!(
+                    "UCX rejected UCX_{}={}: {}",
+                    name.to_string_lossy(),
+                    value.to_string_lossy(),
+                    UcxError { status }
+                ),
             ));
             break;
         }
@@ -1085,9 +1068,7 @@ unsafe extern "C" fn on_frame(
     // `length` writable bytes inside `*ctx`, which stays put until the
     // receive completes: `on_rendezvous_done` frees it if a request is
     // returned, otherwise it is freed below.
-    let result = unsafe {
-        ucp_am_recv_data_nbx(shared.worker, data, (*ctx).buf.as_mut_ptr().cast(), length, &params)
-    };
+    let result = unsafe { ucp_am_recv_data_nbx(shared.worker, data, (*ctx).buf.as_mut_ptr().cast(), length, &params) };
     match status_ptr(result) {
         StatusPtr::Request => {}
         StatusPtr::Done => {
@@ -1107,7 +1088,12 @@ unsafe extern "C" fn on_frame(
 }
 
 /// `ucp_am_recv_data_nbx_callback_t`: a rendezvous frame's data arrived.
-unsafe extern "C" fn on_rendezvous_done(request: *mut c_void, status: ucs_status_t, length: usize, user_data: *mut c_void) {
+unsafe extern "C" fn on_rendezvous_done(
+    request: *mut c_void,
+    status: ucs_status_t,
+    length: usize,
+    user_data: *mut c_void,
+) {
     assert_in_ucx_call();
     // SAFETY: `user_data` is the RecvCtx from `on_frame`, whose ownership
     // passed to this callback when a request was returned; it runs once.

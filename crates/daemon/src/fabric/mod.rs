@@ -15,6 +15,7 @@
 
 pub mod relay;
 pub mod tcp;
+pub mod ucx;
 
 use crate::Daemon;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -210,15 +211,16 @@ impl Fabric {
             return Ok(None);
         }
         let epoll = Epoll::new()?;
-        let transport: Box<dyn Transport> = match fabric.kind {
-            FabricKind::Tcp => Box::new(
-                tcp::TcpTransport::new(me.address, &epoll)
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("fabric listen on {}: {e}", me.address)))?,
-            ),
-            FabricKind::Ucx => {
-                return Err(std::io::Error::other("the ucx fabric is not available in this build"));
-            }
-        };
+        let transport: Box<dyn Transport> =
+            match fabric.kind {
+                FabricKind::Tcp => Box::new(
+                    tcp::TcpTransport::new(me.address, &epoll)
+                        .map_err(|e| std::io::Error::new(e.kind(), format!("fabric listen on {}: {e}", me.address)))?,
+                ),
+                FabricKind::Ucx => Box::new(ucx::UcxTransport::new(me.address, &epoll).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("fabric (ucx) listen on {}: {e}", me.address))
+                })?),
+            };
         let (tx, rx) = mpsc::channel();
         let bell = vsocket_sys::eventfd()?;
         let status = Arc::new(Mutex::new(Vec::new()));

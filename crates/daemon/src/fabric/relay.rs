@@ -32,7 +32,7 @@ pub const LINK_TIMEOUT: Duration = Duration::from_secs(3);
 /// An idle link sends a ping this often.
 const PING_EVERY: Duration = Duration::from_millis(500);
 /// A link that has not said who it is within this time is closed.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a host dials a peer that is down.
 const DIAL_EVERY: Duration = Duration::from_secs(1);
 /// Past this many bytes waiting on a link, guests' rings are not read.
@@ -325,6 +325,7 @@ impl Relay {
                         peer.last_dial = Some(now);
                         peer.dialing = true;
                         let address = peer.address;
+                        tracing::debug!(peer = %peer.name, %address, "fabric dial");
                         self.with_transport(|t, epoll, _| t.dial(address, epoll));
                     }
                 }
@@ -333,6 +334,7 @@ impl Relay {
         let stale: Vec<LinkId> =
             self.pending.iter().filter(|(_, p)| now.duration_since(p.since) > HELLO_TIMEOUT).map(|(l, _)| *l).collect();
         for link in stale {
+            tracing::debug!(link, "fabric link said no hello in time; closed");
             self.pending.remove(&link);
             self.close_link(link);
         }
@@ -445,7 +447,10 @@ impl Relay {
         self.pending.remove(&link);
         self.last_rx.remove(&link);
         self.last_tx.remove(&link);
-        let Some(p) = self.links.remove(&link) else { return };
+        let Some(p) = self.links.remove(&link) else {
+            tracing::debug!(link, %why, "fabric link gone before it said hello");
+            return;
+        };
         if self.peers[p].link != Some(link) {
             return;
         }

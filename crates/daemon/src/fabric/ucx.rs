@@ -1,0 +1,243 @@
+//! The `ucx` fabric: frames as UCX active messages (`vsocket-ucx`), one
+//! UCX endpoint per host pair. With RDMA devices UCX carries them over
+//! RC/DC verbs; without (as here) over its TCP transport. The same frames,
+//! handshake, flow control and failure handling as [`super::tcp`] apply:
+//! only how a frame crosses differs.
+//!
+//! One UCX worker serves the relay thread; its event fd sits in the
+//! relay's epoll set. Before the relay sleeps the worker is armed, and if
+//! UCX still has work (or has events queued) the relay polls again instead
+//! (`before_sleep`).
+
+use super::{LinkEvent, LinkId, Transport, TOKEN_POLL};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use vsocket_abi::fabric::{Frame, Origin, HEADER};
+use vsocket_sys::Epoll;
+use vsocket_ucx::{CloseMode, EpId, Event, Worker};
+
+/// The relay's token for worker `key`'s event fd (key 0 listens; each
+/// dialed link has a worker of its own).
+fn token(key: u64) -> u64 {
+    TOKEN_WORKERS + key
+}
+const TOKEN_WORKERS: u64 = 1 << 20;
+
+/// UCX workers: one listening on this host's fabric address (it holds the
+/// endpoints other hosts dial), and one per link this host dials, so that
+/// whatever a failed connection leaves in UCX goes with its worker and a
+/// later dial starts clean.
+pub struct UcxTransport {
+    workers: HashMap<u64, Worker>,
+    next_worker: u64,
+    links: HashMap<LinkId, (u64, EpId)>,
+    by_ep: HashMap<(u64, EpId), LinkId>,
+    next: LinkId,
+    /// What happened outside `ready` (a dial's endpoint, a failed send),
+    /// reported at the next `ready` or `flush`.
+    later: Vec<Later>,
+    /// Events taken from a worker to see whether it may sleep.
+    stash: std::collections::VecDeque<(u64, Event)>,
+}
+
+enum Later {
+    Up { link: LinkId, peer: SocketAddr },
+    DialFailed { peer: SocketAddr, error: String },
+    Down { link: LinkId, why: String },
+}
+
+impl UcxTransport {
+    pub fn new(address: SocketAddr, epoll: &Epoll) -> std::io::Result<UcxTransport> {
+        // vsocketd's main sets UCX_TCP_CM_REUSEADDR, so that a daemon
+        // restarted at once gets its address back.
+        let mut worker = Worker::new()?;
+        worker.listen(address)?;
+        // The fd is UCX's, open as long as the worker; the transport owns
+        // the worker, and the relay's epoll set goes with the relay.
+        epoll.add_raw(worker.event_fd(), libc::EPOLLIN as u32, token(0))?;
+        Ok(UcxTransport {
+            workers: HashMap::from([(0, worker)]),
+            next_worker: 1,
+            links: HashMap::new(),
+            by_ep: HashMap::new(),
+            next: 16,
+            later: Vec::new(),
+            stash: std::collections::VecDeque::new(),
+        })
+    }
+
+    fn link_of(&mut self, key: u64, ep: EpId) -> LinkId {
+        if let Some(&link) = self.by_ep.get(&(key, ep)) {
+            return link;
+        }
+        let link = self.next;
+        self.next += 1;
+        self.links.insert(link, (key, ep));
+        self.by_ep.insert((key, ep), link);
+        link
+    }
+
+    fn report_later(&mut self, on: &mut dyn FnMut(LinkEvent<'_>)) {
+        for event in std::mem::take(&mut self.later) {
+            match event {
+                Later::Up { link, peer } => on(LinkEvent::Up { link, peer, dialed: true }),
+                Later::DialFailed { peer, error } => on(LinkEvent::DialFailed { peer, error }),
+                Later::Down { link, why } => on(LinkEvent::Down { link, why }),
+            }
+        }
+    }
+
+    fn next_event(&mut self) -> Option<(u64, Event)> {
+        if let Some(e) = self.stash.pop_front() {
+            return Some(e);
+        }
+        self.workers.iter_mut().find_map(|(&key, w)| w.poll_event().map(|e| (key, e)))
+    }
+
+    fn drain_events(&mut self, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>)) {
+        for worker in self.workers.values_mut() {
+            worker.progress();
+        }
+        while let Some((key, event)) = self.next_event() {
+            match event {
+                Event::Accepted { ep, peer } => {
+                    let link = self.link_of(key, ep);
+                    // UCX may not tell the address: the Hello check then
+                    // has only the name to go by.
+                    let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+                    on(LinkEvent::Up { link, peer, dialed: false });
+                }
+                Event::Frame { ep, frame } => {
+                    let Some(&link) = self.by_ep.get(&(key, ep)) else { continue };
+                    match Frame::decode(&frame) {
+                        Ok(Some((f, used))) if used == frame.len() => on(LinkEvent::Frame(link, f)),
+                        _ => {
+                            self.close_link(link, epoll);
+                            on(LinkEvent::Down { link, why: "malformed frame".into() });
+                        }
+                    }
+                }
+                Event::Failed { ep, error } => {
+                    let Some(link) = self.by_ep.get(&(key, ep)).copied() else { continue };
+                    self.close_link(link, epoll);
+                    on(LinkEvent::Down { link, why: format!("UCX endpoint failed: {error}") });
+                }
+            }
+        }
+    }
+
+    fn close_link(&mut self, link: LinkId, epoll: &Epoll) {
+        let Some((key, ep)) = self.links.remove(&link) else { return };
+        self.by_ep.remove(&(key, ep));
+        self.stash.retain(|(k, _)| *k != key || key == 0);
+        if key == 0 {
+            if let Some(w) = self.workers.get_mut(&0) {
+                let _ = w.close(ep, CloseMode::Force);
+            }
+        } else if let Some(mut w) = self.workers.remove(&key) {
+            // A dialed link's worker goes with it.
+            let _ = w.close(ep, CloseMode::Force);
+            let _ = epoll.delete_raw(w.event_fd());
+        }
+    }
+
+    fn send_bytes(&mut self, link: LinkId, bytes: &[u8]) {
+        let Some(&(key, ep)) = self.links.get(&link) else { return };
+        let Some(worker) = self.workers.get_mut(&key) else { return };
+        if let Err(e) = worker.send(ep, bytes) {
+            self.later.push(Later::Down { link, why: format!("UCX send: {e}") });
+        }
+    }
+}
+
+impl Transport for UcxTransport {
+    fn dial(&mut self, address: SocketAddr, epoll: &Epoll) {
+        let key = self.next_worker;
+        self.next_worker += 1;
+        let dialed = Worker::new().and_then(|mut w| {
+            epoll.add_raw(w.event_fd(), libc::EPOLLIN as u32, token(key))?;
+            match w.connect(address) {
+                Ok(ep) => Ok((w, ep)),
+                Err(e) => {
+                    let _ = epoll.delete_raw(w.event_fd());
+                    Err(e)
+                }
+            }
+        });
+        match dialed {
+            Ok((worker, ep)) => {
+                self.workers.insert(key, worker);
+                let link = self.link_of(key, ep);
+                self.later.push(Later::Up { link, peer: address });
+            }
+            Err(e) => self.later.push(Later::DialFailed { peer: address, error: e.to_string() }),
+        }
+    }
+
+    fn ready(&mut self, token: u64, _events: u32, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>)) {
+        if token >= TOKEN_WORKERS || token == TOKEN_POLL {
+            self.report_later(on);
+            self.drain_events(epoll, on);
+            self.report_later(on);
+        }
+    }
+
+    fn send(&mut self, link: LinkId, frame: &Frame<'_>) {
+        let mut bytes = Vec::new();
+        frame.encode(&mut bytes);
+        self.send_bytes(link, &bytes);
+    }
+
+    fn send_ring(
+        &mut self,
+        link: LinkId,
+        origin: Origin,
+        id: u64,
+        ring: &vsocket_ring::Consumer<'_>,
+        len: usize,
+    ) -> Result<bool, vsocket_ring::RingError> {
+        // One copy out of the ring, straight after the header; UCX takes
+        // the frame from there (by rendezvous when it is large).
+        let mut bytes = Vec::with_capacity(HEADER + len);
+        bytes.extend_from_slice(&Frame::data_header(origin, id, len));
+        bytes.resize(HEADER + len, 0);
+        let (got, wake) = ring.read(&mut [&mut bytes[HEADER..]], false)?;
+        if got != len {
+            return Err(vsocket_ring::RingError::Corrupt);
+        }
+        self.send_bytes(link, &bytes);
+        Ok(wake)
+    }
+
+    fn backlog(&self, _link: LinkId) -> usize {
+        // `Worker::send` itself waits while too much is in flight.
+        0
+    }
+
+    fn flush(&mut self, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>)) {
+        self.report_later(on);
+        self.drain_events(epoll, on);
+        self.report_later(on);
+    }
+
+    fn close(&mut self, link: LinkId, epoll: &Epoll) {
+        self.close_link(link, epoll);
+    }
+
+    fn before_sleep(&mut self) -> bool {
+        if !self.later.is_empty() || !self.stash.is_empty() {
+            return false;
+        }
+        // Arm only with nothing queued (sends progress a worker and may
+        // have queued events); busy means progress again first.
+        if let Some(event) = self.next_event() {
+            self.stash.push_back(event);
+            return false;
+        }
+        self.workers.values_mut().all(|w| matches!(w.arm(), Ok(true)))
+    }
+
+    fn describe(&self) -> &'static str {
+        "ucx"
+    }
+}
