@@ -175,7 +175,7 @@ impl Bench {
 }
 
 /// The fabrics the cross-host rows measure.
-const FABRICS: &[&str] = &["tcp"];
+const FABRICS: &[&str] = &["tcp", "ucx"];
 
 fn sockperf_server(port: u16) -> Vec<String> {
     ["server", "--tcp", "-i", "10.10.0.3", "-p", &port.to_string(), "-m", "65536"].map(String::from).to_vec()
