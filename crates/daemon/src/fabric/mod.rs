@@ -10,8 +10,8 @@
 //! `Refuse`. Once accepted, each daemon is the far end of its own guest's
 //! segment and the [`relay`] carries the bytes between segment and link.
 //!
-//! Two transports carry the frames: [`tcp`] (kernel TCP) and, where the
-//! config asks for it, UCX.
+//! Two transports carry the frames: [`tcp`] (kernel TCP) and [`ucx`] (UCX
+//! active messages, RDMA where present), as the config chooses.
 
 pub mod relay;
 pub mod tcp;
