@@ -231,6 +231,48 @@ fn a_cut_link_resets_its_connections_within_the_bound(kind: &str, name: &str) {
     assert_eq!(a.counter("a", "fallbacks"), 0);
 }
 
+fn a_misbehaving_peer_host_is_contained(kind: &str, name: &str) {
+    let (mut a, mut b) = pair(name, kind);
+    // A listener whose program never reads.
+    let never_reads = "import socket, time\n\
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+        s.bind(('10.10.0.3', 7008)); s.listen(); c = s.accept(); time.sleep(60)";
+    b.spawn("b", Via::Vsocket, "python3", &["-c", never_reads], "never_reads.log").unwrap();
+    b.wait_listening("b", 7008).unwrap();
+    // The first host's daemon is replaced by something that speaks the
+    // fabric from that host's address and breaks every rule it can.
+    a.kill_daemon();
+    peer_reaches(&b, "links_up", |n| n >= 1);
+    assert!(wait_until(Duration::from_secs(10), || b.ctl("peers").unwrap()[0]["state"] == "down"), "link kept");
+    let script = asset("fabric_peer.py");
+    let host_ip = FABRIC_ADDRESSES[0].split(':').next().unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &format!("vsw-{name}-1"), "python3"])
+        .arg(&script)
+        .args([host_ip, FABRIC_ADDRESSES[1], &format!("{name}-1"), "blue", "10.10.0.3:7008"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["refused", "accepted 262144", "reset", "alive"],
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(b.daemon_log().contains("does not host"), "{}", b.daemon_log());
+    // The daemon carries on: the real host comes back and is served.
+    a.start_daemon().unwrap();
+    assert!(wait_until(Duration::from_secs(15), || a.ctl("peers").unwrap()[0]["state"] == "up"), "link not back");
+    let transfer = asset("transfer.py");
+    let transfer = transfer.to_str().unwrap();
+    b.spawn("b", Via::Vsocket, "python3", &[transfer, "serve", "10.10.0.3", "7009"], "server.log").unwrap();
+    b.wait_listening("b", 7009).unwrap();
+    let sent =
+        a.run_ok("a", Via::Vsocket, "python3", &[transfer, "send", "10.10.0.3", "7009", "5000000", "8"]).unwrap();
+    b.stop_background();
+    assert_eq!(std::fs::read_to_string(b.dir.join("server.log")).unwrap().trim(), sent.trim());
+}
+
 fn the_servers_host_decides_ingress(kind: &str, name: &str) {
     // The first host's view lets the VPC in on every port; the second
     // host's (the server's) only on 6379, and it rejects the rest.
@@ -316,6 +358,11 @@ fn daemon_killed_tcp() {
 #[test]
 fn link_cut_tcp() {
     a_cut_link_resets_its_connections_within_the_bound("tcp", "ftc1");
+}
+
+#[test]
+fn misbehaving_peer_tcp() {
+    a_misbehaving_peer_host_is_contained("tcp", "ftm1");
 }
 
 #[test]
