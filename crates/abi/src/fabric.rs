@@ -218,6 +218,10 @@ impl Frame<'_> {
         if buf.len() < total {
             return Ok(None);
         }
+        // Link-level frames name no stream.
+        if matches!(kind, HELLO | PING) && (id != 0 || origin != Origin::Sender) {
+            return Err(FrameError::BadHeader);
+        }
         let mut p = Payload { bytes: &buf[HEADER..total], kind };
         let frame = match kind {
             HELLO => Frame::Hello { version: p.u32()?, host: p.name()? },
@@ -233,8 +237,8 @@ impl Frame<'_> {
                 let errno = p.u32()? as i32;
                 let refusal = match how {
                     REFUSE_ERRNO if errno > 0 => Refusal::Errno(errno),
-                    REFUSE_DROPPED => Refusal::Dropped,
-                    REFUSE_FALLBACK => Refusal::Fallback,
+                    REFUSE_DROPPED if errno == 0 => Refusal::Dropped,
+                    REFUSE_FALLBACK if errno == 0 => Refusal::Fallback,
                     _ => return Err(FrameError::BadPayload(kind)),
                 };
                 Frame::Refuse { origin, id, refusal }
