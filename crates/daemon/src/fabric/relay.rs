@@ -831,11 +831,12 @@ impl Relay {
         // Credit back what the guest read.
         let conn = self.conns[index].as_mut().expect("pumped connection exists");
         if !conn.got_end {
-            let quarter = u64::from(conn.window.max(4)) / 4;
+            // Credit in sixteenths of the window: the sender rarely runs dry.
+            let step = u64::from(conn.window.max(16)) / 16;
             loop {
                 let consumed = conn.consumed();
                 let owed = consumed.saturating_sub(conn.credited);
-                if owed >= quarter {
+                if owed >= step {
                     conn.credited = consumed;
                     let bytes = owed.min(u64::from(u32::MAX)) as u32;
                     let frame = Frame::Credit { origin, id, bytes };
@@ -853,7 +854,7 @@ impl Relay {
                 // Be told when the guest reads, if its reading could make a
                 // credit due.
                 let unread = conn.delivered.saturating_sub(consumed);
-                if unread + owed < quarter {
+                if unread + owed < step {
                     break;
                 }
                 let tx = conn.segment.producer(conn.mine.tx_ring());
@@ -892,7 +893,7 @@ struct Spin {
 }
 
 impl Spin {
-    const FULL_NS: u64 = 40_000;
+    const FULL_NS: u64 = 100_000;
 
     fn budget(&mut self) -> Duration {
         self.count = self.count.wrapping_add(1);
