@@ -412,10 +412,10 @@ impl Worker {
         };
         let mut listener = ptr::null_mut();
         let _call = UcxCall::enter();
-        // SAFETY: the worker is live; `params` is valid and its sockaddr
-        // points into `raw`, alive for the call (UCX binds during it);
         // `on_conn_request` matches ucp_listener_conn_callback_t and gets the
         // Shared it expects, which outlives the listener.
+        // SAFETY: the worker is live; `params` is valid and its sockaddr
+        // points into `raw`, alive for the call (UCX binds during it).
         check(unsafe { ucp_listener_create(self.worker, &params, &mut listener) })?;
         self.listener = Some(listener);
         Ok(())
@@ -553,11 +553,11 @@ impl Worker {
         self.shared().in_flight_sends.borrow_mut().insert(ctx as usize);
         let result = {
             let _call = UcxCall::enter();
-            // SAFETY: `handle` is a live endpoint of this worker (it stays
-            // registered until close completes); header and data point into
-            // `*ctx`, a live heap allocation that stays put until the request
-            // completes: if a request is returned, `on_send_done` (matching
-            // ucp_send_nbx_callback_t) frees it, otherwise it is freed below.
+            // If a request is returned, `on_send_done` (matching
+            // ucp_send_nbx_callback_t) frees `*ctx`, otherwise it is freed below.
+            // SAFETY: `handle` is a live endpoint of this worker (registered
+            // until close completes); header and data point into `*ctx`, a
+            // live heap allocation that stays put until the request completes.
             unsafe {
                 ucp_am_send_nbx(
                     handle,
@@ -877,10 +877,9 @@ fn create_context(config: &Config) -> io::Result<ucp_context_h> {
             estimated_num_ppn: 0,
             name: ptr::null(),
         };
-        // SAFETY: `params` is valid with a field_mask naming only
-        // `features`; `ucp_config` is live; the out-pointer is valid. The
-        // API version is the one the declarations in sys.rs were checked
-        // against.
+        // The API version is the one sys.rs's declarations were checked against.
+        // SAFETY: `params` is valid with a field_mask naming only `features`;
+        // `ucp_config` is live; the out-pointer is valid.
         let status = unsafe { ucp_init_version(UCP_API_MAJOR, UCP_API_MINOR, &params, ucp_config, &mut context) };
         result = check(status);
     }
@@ -1063,11 +1062,11 @@ unsafe extern "C" fn on_frame(
         recv_info: ptr::null_mut(),
         memh: ptr::null_mut(),
     };
-    // SAFETY: `data` is the rendezvous descriptor UCX just passed, used once
-    // here (UCX owns it afterwards, even on error); the buffer is
-    // `length` writable bytes inside `*ctx`, which stays put until the
-    // receive completes: `on_rendezvous_done` frees it if a request is
-    // returned, otherwise it is freed below.
+    // `on_rendezvous_done` frees `*ctx` if a request is returned, otherwise
+    // it is freed below; UCX owns `data` afterwards, even on error.
+    // SAFETY: `data` is the rendezvous descriptor UCX just passed, used once;
+    // the buffer is `length` writable bytes inside `*ctx`, which stays put
+    // until the receive completes.
     let result = unsafe { ucp_am_recv_data_nbx(shared.worker, data, (*ctx).buf.as_mut_ptr().cast(), length, &params) };
     match status_ptr(result) {
         StatusPtr::Request => {}
