@@ -99,7 +99,7 @@ pub fn connect(
         g.addresses[0]
     };
     let client_addr = SocketAddrV4::new(client_ip, local.port());
-    let attempt = Attempt { daemon, guest, guest_slot: Some(guest.clone()), client_addr, remote };
+    let attempt = Attempt { daemon, guest, client_addr, remote };
     let fallback = |why: &str| {
         counters.fallbacks.fetch_add(1, Ordering::Relaxed);
         attempt.log(None, &Reply::plain(Message::Fallback), || why.into());
@@ -110,7 +110,7 @@ pub fn connect(
         return fallback("guest removed: kernel path");
     };
     let Some(listener) = daemon.find_listener(guest, remote) else {
-        if let Some(reply) = connect_remote(daemon, &policy, client, channel, &attempt) {
+        if let Some(reply) = connect_remote(daemon, &policy, guest, client, &attempt) {
             return reply;
         }
         return fallback("no vSocket listener: kernel path");
@@ -133,28 +133,10 @@ pub fn connect(
     let Some(server) = policy.guest_id(&listener.guest) else {
         return fallback("listener's guest removed: kernel path");
     };
-    let flow = Flow {
-        protocol: Protocol::Tcp,
-        vpc: config.guest(client).vpc,
-        client,
-        client_addr: client_ip,
-        server,
-        server_addr: *remote.ip(),
-        port: remote.port(),
-    };
-    let verdict = evaluate(config, &flow);
+    let verdict = verdict_of(config, client, client_ip, server, remote);
     let server_name = &listener.guest.name;
     if let Verdict::Deny { .. } = verdict {
-        counters.denied.fetch_add(1, Ordering::Relaxed);
-        let action = config.host().deny_action;
-        tracing::info!(client = %g.name, from = %client_addr, server = %server_name, to = %remote,
-            decided_by = %verdict.describe(config), ?action, "connect denied");
-        let reply = Reply::plain(match action {
-            DenyAction::Reject => Message::Refused { errno: libc::ECONNREFUSED },
-            DenyAction::Drop => Message::Dropped,
-        });
-        attempt.log(Some(&listener.guest), &reply, || verdict.describe(config));
-        return reply;
+        return deny(&attempt, &listener.guest, config, &verdict);
     }
     let charge = match daemon.charge(&policy, guest, &listener.guest) {
         Ok(charge) => charge,
@@ -185,28 +167,18 @@ pub fn connect(
 fn connect_remote(
     daemon: &Daemon,
     policy: &crate::state::Policy,
+    guest: &Arc<GuestSlot>,
     client: vsocket_policy::GuestId,
-    _channel: u64,
     attempt: &Attempt<'_>,
 ) -> Option<Reply> {
     let config = &policy.config;
-    let guest = attempt.guest_slot.as_ref()?;
     let remote = attempt.remote;
     let vpc = config.guest(client).vpc;
     let server = config.guest_owning(vpc, *remote.ip()).filter(|s| !config.is_local(*s))?;
     let fabric = daemon.fabric.get()?;
     let host = config.guest(server).host.clone();
     let server_slot = policy.slot(server).clone();
-    let flow = Flow {
-        protocol: Protocol::Tcp,
-        vpc,
-        client,
-        client_addr: *attempt.client_addr.ip(),
-        server,
-        server_addr: *remote.ip(),
-        port: remote.port(),
-    };
-    let verdict = evaluate(config, &flow);
+    let verdict = verdict_of(config, client, *attempt.client_addr.ip(), server, remote);
     if let Verdict::Deny { side: vsocket_policy::Direction::Egress, .. } = verdict {
         return Some(deny(attempt, &server_slot, config, &verdict));
     }
@@ -214,25 +186,10 @@ fn connect_remote(
         Ok(charge) => charge,
         Err(exceeded) => return Some(over_quota(attempt, &server_slot, exceeded)),
     };
-    let made = (|| -> std::io::Result<_> {
-        let (segment, memfd) = daemon.segments.take()?;
-        let relay_view = vsocket_ring::Segment::map(memfd.as_fd(), segment.ring_size())?;
-        let (guest_bell, my_bell) = vsocket_sys::stream_pair()?;
-        let (guest_lifeline, guest_holds) = vsocket_sys::pipe()?;
-        let (my_lifeline, my_holds) = vsocket_sys::pipe()?;
-        Ok((segment, memfd, relay_view, guest_bell, my_bell, guest_lifeline, guest_holds, my_lifeline, my_holds))
-    })();
-    let (segment, memfd, relay_view, guest_bell, my_bell, guest_lifeline, guest_holds, my_lifeline, my_holds) =
-        match made {
-            Ok(made) => made,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot make a segment for a cross-host connection");
-                return Some(Reply::plain(Message::Refused { errno: libc::ENOBUFS }));
-            }
-        };
-    let id = daemon.next_id();
-    segment.connection_id().store(id, Ordering::Release);
-    let ring_size = segment.ring_size();
+    let Some(ends) = relayed(daemon, vsocket_abi::layout::Endpoint::Server) else {
+        return Some(Reply::plain(Message::Refused { errno: libc::ENOBUFS }));
+    };
+    let (id, ring_size) = (ends.id, ends.ring_size);
     let request = crate::fabric::OpenRequest {
         vpc: guest.vpc.to_string(),
         guest: guest.name.clone(),
@@ -240,14 +197,8 @@ fn connect_remote(
         server: remote,
         window: ring_size,
     };
-    let conn = crate::fabric::NewConn {
-        segment: relay_view,
-        mine: vsocket_abi::layout::Endpoint::Server,
-        bell: my_bell,
-        holds: my_holds,
-    };
     let here = verdict.describe(config);
-    let outcome = fabric.open(&host, id, request, conn);
+    let outcome = fabric.open(&host, id, request, ends.conn);
     use crate::fabric::OpenOutcome;
     use vsocket_abi::fabric::Refusal;
     let (reply, why) = match outcome {
@@ -260,19 +211,16 @@ fn connect_remote(
                 server: server_slot.clone(),
                 server_addr: remote,
                 opened: SystemTime::now(),
-                segment,
-                memfd: match memfd.try_clone() {
-                    Ok(fd) => fd,
-                    Err(_) => return Some(Reply::plain(Message::Refused { errno: libc::ENOBUFS })),
-                },
+                segment: ends.segment,
+                memfd: ends.memfd_kept,
                 pair: (0, id),
-                lifelines: [guest_lifeline, my_lifeline],
+                lifelines: [ends.guest_lifeline, ends.my_lifeline],
                 reset: Default::default(),
                 charge,
             });
             let connected =
                 Message::Connected(ConnectionInfo { id, local: attempt.client_addr, peer: remote, ring_size });
-            let reply = Reply { message: connected, fds: vec![memfd, guest_bell, guest_holds] };
+            let reply = Reply { message: connected, fds: vec![ends.memfd, ends.guest_bell, ends.guest_holds] };
             (reply, format!("{here}; accepted by host {host}"))
         }
         OpenOutcome::Refused(Refusal::Errno(errno)) => {
@@ -320,24 +268,14 @@ pub fn accept_remote(
     };
     let client_slot = policy.slot(client).clone();
     let vpc = config.guest(client).vpc;
-    let attempt =
-        Attempt { daemon, guest: &client_slot, guest_slot: None, client_addr: request.client, remote: request.server };
+    let attempt = Attempt { daemon, guest: &client_slot, client_addr: request.client, remote: request.server };
     let server = config.guest_owning(vpc, *request.server.ip()).filter(|s| config.is_local(*s));
     let listener = server.and_then(|_| daemon.find_listener(&client_slot, request.server));
     let (Some(server), Some(listener)) = (server, listener) else {
         attempt.log(None, &Reply::plain(Message::Fallback), || "no vSocket listener: kernel path".into());
         return Err(Refusal::Fallback);
     };
-    let flow = Flow {
-        protocol: Protocol::Tcp,
-        vpc,
-        client,
-        client_addr: *request.client.ip(),
-        server,
-        server_addr: *request.server.ip(),
-        port: request.server.port(),
-    };
-    let verdict = evaluate(config, &flow);
+    let verdict = verdict_of(config, client, *request.client.ip(), server, request.server);
     if let Verdict::Deny { .. } = verdict {
         let reply = deny(&attempt, &listener.guest, config, &verdict);
         return Err(match reply.message {
@@ -354,26 +292,14 @@ pub fn accept_remote(
             return Err(refused);
         }
     };
-    let made = (|| -> std::io::Result<_> {
-        let (segment, memfd) = daemon.segments.take()?;
-        let relay_view = vsocket_ring::Segment::map(memfd.as_fd(), segment.ring_size())?;
-        let (my_bell, server_bell) = vsocket_sys::stream_pair()?;
-        let (server_lifeline, server_holds) = vsocket_sys::pipe()?;
-        let (my_lifeline, my_holds) = vsocket_sys::pipe()?;
-        Ok((segment, memfd, relay_view, my_bell, server_bell, server_lifeline, server_holds, my_lifeline, my_holds))
-    })();
-    let Ok((segment, memfd, relay_view, my_bell, server_bell, server_lifeline, server_holds, my_lifeline, my_holds)) =
-        made
-    else {
+    let Some(ends) = relayed(daemon, vsocket_abi::layout::Endpoint::Client) else {
         return Err(Refusal::Errno(libc::ENOBUFS));
     };
-    let id = daemon.next_id();
-    segment.connection_id().store(id, Ordering::Release);
-    let ring_size = segment.ring_size();
+    let (id, ring_size) = (ends.id, ends.ring_size);
     let incoming = Message::Incoming(ConnectionInfo { id, local: request.server, peer: request.client, ring_size });
     let mut buf = [0u8; MAX_MESSAGE];
     let bytes = incoming.encode(&mut buf);
-    let server_fds = [memfd.as_fd(), server_bell.as_fd(), server_holds.as_fd()];
+    let server_fds = [ends.memfd.as_fd(), ends.guest_bell.as_fd(), ends.guest_holds.as_fd()];
     if let Err(e) = vsocket_sys::send_with_fds(listener.channel.as_fd(), bytes, &server_fds) {
         let reply = undelivered(&client_slot, request.server, e);
         let refusal = match reply.message {
@@ -386,14 +312,8 @@ pub fn accept_remote(
         attempt.log(Some(&server_slot), &reply, || "listener unavailable".into());
         return Err(refusal);
     }
-    drop(server_bell);
-    drop(server_holds);
     listener.accepted.fetch_add(1, Ordering::Relaxed);
     server_slot.counters.connections_in.fetch_add(1, Ordering::Relaxed);
-    let Ok(memfd_kept) = memfd.try_clone() else {
-        return Err(Refusal::Errno(libc::ENOBUFS));
-    };
-    drop(memfd);
     daemon.add_connection(ConnectionRecord {
         id,
         client: client_slot.clone(),
@@ -401,10 +321,10 @@ pub fn accept_remote(
         server: server_slot.clone(),
         server_addr: request.server,
         opened: SystemTime::now(),
-        segment,
-        memfd: memfd_kept,
+        segment: ends.segment,
+        memfd: ends.memfd_kept,
         pair: (0, id),
-        lifelines: [my_lifeline, server_lifeline],
+        lifelines: [ends.my_lifeline, ends.guest_lifeline],
         reset: Default::default(),
         charge,
     });
@@ -412,12 +332,73 @@ pub fn accept_remote(
     attempt.log(Some(&server_slot), &Reply::plain(connected), || {
         format!("{} (from host {peer})", verdict.describe(config))
     });
-    Ok(crate::fabric::NewConn {
-        segment: relay_view,
-        mine: vsocket_abi::layout::Endpoint::Client,
-        bell: my_bell,
-        holds: my_holds,
-    })
+    Ok(ends.conn)
+}
+
+/// Both ends of a new relayed connection's segment: the guest's
+/// descriptors (to hand over), the record's (metering mapping, memfd,
+/// lifeline read ends) and the relay's (`conn`, the daemon as `mine`).
+struct Relayed {
+    id: u64,
+    ring_size: u32,
+    segment: vsocket_ring::Segment,
+    memfd: OwnedFd,
+    memfd_kept: OwnedFd,
+    guest_bell: OwnedFd,
+    guest_lifeline: OwnedFd,
+    guest_holds: OwnedFd,
+    my_lifeline: OwnedFd,
+    conn: crate::fabric::NewConn,
+}
+
+/// A fresh segment for a connection the relay carries, named with a new
+/// connection id; `None` (logged) if the host is out of descriptors or
+/// memory.
+fn relayed(daemon: &Daemon, mine: vsocket_abi::layout::Endpoint) -> Option<Relayed> {
+    let made = (|| -> std::io::Result<Relayed> {
+        let (segment, memfd) = daemon.segments.take()?;
+        let ring_size = segment.ring_size();
+        let relay_view = vsocket_ring::Segment::map(memfd.as_fd(), ring_size)?;
+        let (guest_bell, bell) = vsocket_sys::stream_pair()?;
+        let (guest_lifeline, guest_holds) = vsocket_sys::pipe()?;
+        let (my_lifeline, holds) = vsocket_sys::pipe()?;
+        let id = daemon.next_id();
+        segment.connection_id().store(id, Ordering::Release);
+        Ok(Relayed {
+            id,
+            ring_size,
+            memfd_kept: memfd.try_clone()?,
+            memfd,
+            segment,
+            guest_bell,
+            guest_lifeline,
+            guest_holds,
+            my_lifeline,
+            conn: crate::fabric::NewConn { segment: relay_view, mine, bell, holds },
+        })
+    })();
+    made.inspect_err(|e| tracing::warn!(error = %e, "cannot make a segment for a cross-host connection")).ok()
+}
+
+/// Policy's verdict on a TCP connect from guest `client` at `client_ip`
+/// to guest `server` at `to`, in the client's VPC.
+fn verdict_of(
+    config: &vsocket_policy::Config,
+    client: vsocket_policy::GuestId,
+    client_ip: std::net::Ipv4Addr,
+    server: vsocket_policy::GuestId,
+    to: SocketAddrV4,
+) -> Verdict {
+    let flow = Flow {
+        protocol: Protocol::Tcp,
+        vpc: config.guest(client).vpc,
+        client,
+        client_addr: client_ip,
+        server,
+        server_addr: *to.ip(),
+        port: to.port(),
+    };
+    evaluate(config, &flow)
 }
 
 /// The reply to a connect that `verdict` denies, counted and logged.
@@ -438,8 +419,6 @@ fn deny(attempt: &Attempt<'_>, server: &GuestSlot, config: &vsocket_policy::Conf
 struct Attempt<'a> {
     daemon: &'a Daemon,
     guest: &'a GuestSlot,
-    /// The client's slot, when the client is a guest of this host.
-    guest_slot: Option<Arc<GuestSlot>>,
     client_addr: SocketAddrV4,
     remote: SocketAddrV4,
 }

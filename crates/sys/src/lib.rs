@@ -341,39 +341,36 @@ impl Epoll {
         Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    fn ctl(&self, op: i32, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
+    fn ctl(&self, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
-        syscall!(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) }).map(drop)
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call;
+        // an fd that is not open only makes epoll_ctl fail.
+        syscall!(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd, &mut ev) }).map(drop)
     }
 
     /// Watches `fd` for `events` (EPOLLIN, EPOLLOUT...), reported with `token`.
     pub fn add(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, fd, events, token)
+        self.add_raw(fd.as_raw_fd(), events, token)
     }
 
     /// As [`Epoll::add`], for a descriptor another library owns (a closed
     /// or reused number only makes epoll report it wrongly or fail).
     pub fn add_raw(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
-        syscall!(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(drop)
-    }
-
-    /// Stops watching a descriptor added with [`Epoll::add_raw`].
-    pub fn delete_raw(&self, fd: RawFd) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events: 0, u64: 0 };
-        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
-        syscall!(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut ev) }).map(drop)
+        self.ctl(libc::EPOLL_CTL_ADD, fd, events, token)
     }
 
     /// Changes what `fd` is watched for.
     pub fn modify(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, fd, events, token)
+        self.ctl(libc::EPOLL_CTL_MOD, fd.as_raw_fd(), events, token)
     }
 
     /// Stops watching `fd`.
     pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.delete_raw(fd.as_raw_fd())
+    }
+
+    /// Stops watching a descriptor added with [`Epoll::add_raw`].
+    pub fn delete_raw(&self, fd: RawFd) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
     }
 
