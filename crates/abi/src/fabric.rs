@@ -138,14 +138,8 @@ impl Frame<'_> {
             Frame::Reset { origin, id } => (RESET, origin, id),
             Frame::Ping => (PING, Origin::Sender, 0),
         };
-        out.extend_from_slice(&[0; 4]);
-        out.push(kind);
-        out.push(match origin {
-            Origin::Sender => 0,
-            Origin::Receiver => 1,
-        });
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&id.to_le_bytes());
+        // The length is filled in once the payload is written.
+        out.extend_from_slice(&header(kind, origin, id, 0));
         match *self {
             Frame::Hello { version, host } => {
                 out.extend_from_slice(&version.to_le_bytes());
@@ -183,15 +177,7 @@ impl Frame<'_> {
     /// writes the payload from where it already is.
     pub fn data_header(origin: Origin, id: u64, len: usize) -> [u8; HEADER] {
         assert!(len <= MAX_PAYLOAD, "data frame over MAX_PAYLOAD");
-        let mut header = [0u8; HEADER];
-        header[0..4].copy_from_slice(&(len as u32).to_le_bytes());
-        header[4] = DATA;
-        header[5] = match origin {
-            Origin::Sender => 0,
-            Origin::Receiver => 1,
-        };
-        header[8..16].copy_from_slice(&id.to_le_bytes());
-        header
+        header(DATA, origin, id, len as u32)
     }
 
     /// Decodes the frame at the start of `buf`: `Ok(None)` if `buf` does not
@@ -260,6 +246,19 @@ impl Frame<'_> {
         }
         Ok(Some((frame, total)))
     }
+}
+
+/// A frame header: payload length, kind, origin, two zero bytes, stream id.
+fn header(kind: u8, origin: Origin, id: u64, len: u32) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[0..4].copy_from_slice(&len.to_le_bytes());
+    h[4] = kind;
+    h[5] = match origin {
+        Origin::Sender => 0,
+        Origin::Receiver => 1,
+    };
+    h[8..16].copy_from_slice(&id.to_le_bytes());
+    h
 }
 
 fn put_name(out: &mut Vec<u8>, name: &str) {

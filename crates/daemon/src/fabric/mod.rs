@@ -60,6 +60,8 @@ pub trait Transport: Send {
     fn ready(&mut self, token: u64, events: u32, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>));
     /// Queues `frame` on `link`, after every frame queued before.
     fn send(&mut self, link: LinkId, frame: &Frame<'_>);
+    /// As `send`, for a frame already encoded.
+    fn send_encoded(&mut self, link: LinkId, bytes: &[u8]);
     /// Sends a `Data` frame of the next `len` bytes of `ring` (which holds
     /// at least that many) and consumes them. Returns whether the ring's
     /// producer must be woken. Transports that can send from the ring in

@@ -245,8 +245,10 @@ impl Relay {
         watched.sort_unstable();
         watched.dedup();
         watched.retain(|&i| self.conns.get(i).and_then(Option::as_ref).is_some_and(|c| !c.sent_end));
-        let budget = self.spin.budget();
-        if watched.is_empty() || budget.is_zero() {
+        let budget = if watched.is_empty() { Duration::ZERO } else { self.spin.budget() };
+        if budget.is_zero() {
+            watched.clear();
+            self.answered = watched;
             return;
         }
         let rx_has = |conn: &Conn| !matches!(conn.segment.consumer(conn.mine.rx_ring()).state(), Ok(RxState::Empty));
@@ -258,23 +260,23 @@ impl Relay {
         let start = Instant::now();
         let mut spins = 0u32;
         let answered = loop {
-            let ready: Vec<usize> =
-                watched.iter().copied().filter(|&i| self.conns[i].as_ref().is_some_and(&rx_has)).collect();
-            if !ready.is_empty() {
-                break Some(ready);
+            if watched.iter().any(|&i| self.conns[i].as_ref().is_some_and(&rx_has)) {
+                break true;
             }
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(32) {
                 if start.elapsed() >= budget {
-                    break None;
+                    break false;
                 }
                 std::thread::yield_now();
             }
             std::hint::spin_loop();
         };
-        self.spin.ended(answered.is_some(), start.elapsed());
+        self.spin.ended(answered);
         // Pumping arms each watched ring again before it sleeps.
-        self.dirty.extend(watched);
+        self.dirty.extend_from_slice(&watched);
+        watched.clear();
+        self.answered = watched;
         self.pump_dirty();
     }
 
@@ -367,9 +369,7 @@ impl Relay {
         let epoll = self.epoll.clone();
         f(transport.as_mut(), &epoll, &mut |e| self.link_event(e));
         for (link, bytes) in std::mem::take(&mut self.outbox) {
-            if let Ok(Some((frame, _))) = Frame::decode(&bytes) {
-                transport.send(link, &frame);
-            }
+            transport.send_encoded(link, &bytes);
         }
         for link in std::mem::take(&mut self.closing) {
             transport.close(link, &epoll);
@@ -398,13 +398,17 @@ impl Relay {
                 self.outbox.push((link, bytes));
             }
         }
+        let data = if let Frame::Data { bytes, .. } = frame { bytes.len() } else { 0 };
+        self.note_sent(link, data);
+    }
+
+    /// Counts a frame sent on `link` carrying `data` stream bytes.
+    fn note_sent(&mut self, link: LinkId, data: usize) {
         self.last_tx.insert(link, Instant::now());
         if let Some(&p) = self.links.get(&link) {
             let s = &mut self.peers[p].status;
             s.frames_sent += 1;
-            if let Frame::Data { bytes, .. } = frame {
-                s.bytes_sent += bytes.len() as u64;
-            }
+            s.bytes_sent += data as u64;
         }
     }
 
@@ -788,10 +792,7 @@ impl Relay {
                         vsocket_sys::ring(conn.bell.as_fd());
                     }
                     conn.credit -= take as u64;
-                    self.last_tx.insert(link, Instant::now());
-                    let status = &mut self.peers[p].status;
-                    status.frames_sent += 1;
-                    status.bytes_sent += take as u64;
+                    self.note_sent(link, take);
                 }
                 Ok(RxState::Empty) => {
                     if conn.guest_gone {
@@ -829,44 +830,39 @@ impl Relay {
             }
         }
         // Credit back what the guest read.
-        let conn = self.conns[index].as_mut().expect("pumped connection exists");
-        if !conn.got_end {
-            // Credit in sixteenths of the window: the sender rarely runs dry.
-            let step = u64::from(conn.window.max(16)) / 16;
-            loop {
-                let consumed = conn.consumed();
-                let owed = consumed.saturating_sub(conn.credited);
-                if owed >= step {
-                    conn.credited = consumed;
-                    let bytes = owed.min(u64::from(u32::MAX)) as u32;
-                    let frame = Frame::Credit { origin, id, bytes };
-                    match self.transport.as_mut() {
-                        Some(t) => t.send(link, &frame),
-                        None => {
-                            let mut encoded = Vec::new();
-                            frame.encode(&mut encoded);
-                            self.outbox.push((link, encoded));
-                        }
-                    }
-                    self.last_tx.insert(link, Instant::now());
-                    break;
-                }
-                // Be told when the guest reads, if its reading could make a
-                // credit due.
-                let unread = conn.delivered.saturating_sub(consumed);
-                if unread + owed < step {
-                    break;
-                }
-                let tx = conn.segment.producer(conn.mine.tx_ring());
-                tx.arm();
-                if conn.consumed() == consumed {
-                    break;
-                }
-            }
+        if let Some(bytes) = self.credit_due(index) {
+            self.send(link, &Frame::Credit { origin, id, bytes });
         }
         let conn = self.conns[index].as_ref().expect("pumped connection exists");
         if conn.guest_gone && conn.sent_end {
             self.remove(index);
+        }
+    }
+
+    /// The credit connection `index` owes its peer now (in sixteenths of
+    /// the window, so the sender rarely runs dry), if any. Otherwise arms
+    /// the guest's ring to hear of reads when they could make one due.
+    fn credit_due(&mut self, index: usize) -> Option<u32> {
+        let conn = self.conns[index].as_mut()?;
+        if conn.got_end {
+            return None;
+        }
+        let step = u64::from(conn.window.max(16)) / 16;
+        loop {
+            let consumed = conn.consumed();
+            let owed = consumed.saturating_sub(conn.credited);
+            if owed >= step {
+                conn.credited = consumed;
+                return Some(owed.min(u64::from(u32::MAX)) as u32);
+            }
+            let unread = conn.delivered.saturating_sub(consumed);
+            if unread + owed < step {
+                return None;
+            }
+            conn.segment.producer(conn.mine.tx_ring()).arm();
+            if conn.consumed() == consumed {
+                return None;
+            }
         }
     }
 
@@ -901,7 +897,7 @@ impl Spin {
         Duration::from_nanos(ns)
     }
 
-    fn ended(&mut self, answered: bool, _waited: Duration) {
+    fn ended(&mut self, answered: bool) {
         self.budget_ns = if answered { Self::FULL_NS } else { self.budget_ns / 4 };
     }
 }

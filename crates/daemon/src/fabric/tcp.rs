@@ -215,6 +215,12 @@ impl Transport for TcpTransport {
         }
     }
 
+    fn send_encoded(&mut self, link: LinkId, bytes: &[u8]) {
+        if let Some(l) = self.links.get_mut(&link) {
+            l.outbound.extend_from_slice(bytes);
+        }
+    }
+
     fn send_ring(
         &mut self,
         link: LinkId,

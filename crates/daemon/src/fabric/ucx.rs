@@ -38,6 +38,8 @@ pub struct UcxTransport {
     later: Vec<Later>,
     /// Events taken from a worker to see whether it may sleep.
     stash: std::collections::VecDeque<(u64, Event)>,
+    /// Where each outgoing frame is put together (UCX copies it).
+    frame: Vec<u8>,
 }
 
 enum Later {
@@ -63,6 +65,7 @@ impl UcxTransport {
             next: 16,
             later: Vec::new(),
             stash: std::collections::VecDeque::new(),
+            frame: Vec::new(),
         })
     }
 
@@ -183,9 +186,15 @@ impl Transport for UcxTransport {
     }
 
     fn send(&mut self, link: LinkId, frame: &Frame<'_>) {
-        let mut bytes = Vec::new();
+        let mut bytes = std::mem::take(&mut self.frame);
+        bytes.clear();
         frame.encode(&mut bytes);
         self.send_bytes(link, &bytes);
+        self.frame = bytes;
+    }
+
+    fn send_encoded(&mut self, link: LinkId, bytes: &[u8]) {
+        self.send_bytes(link, bytes);
     }
 
     fn send_ring(
@@ -196,17 +205,25 @@ impl Transport for UcxTransport {
         ring: &vsocket_ring::Consumer<'_>,
         len: usize,
     ) -> Result<bool, vsocket_ring::RingError> {
-        // One copy out of the ring, straight after the header; UCX takes
-        // the frame from there (by rendezvous when it is large).
-        let mut bytes = Vec::with_capacity(HEADER + len);
+        // One copy out of the ring, straight after the header, into the
+        // reused frame buffer; UCX takes the frame from there (by
+        // rendezvous when it is large).
+        let mut bytes = std::mem::take(&mut self.frame);
+        bytes.clear();
         bytes.extend_from_slice(&Frame::data_header(origin, id, len));
         bytes.resize(HEADER + len, 0);
-        let (got, wake) = ring.read(&mut [&mut bytes[HEADER..]], false)?;
-        if got != len {
-            return Err(vsocket_ring::RingError::Corrupt);
+        let read = ring.read(&mut [&mut bytes[HEADER..]], false);
+        if let Ok((got, _)) = read {
+            if got == len {
+                self.send_bytes(link, &bytes);
+            }
         }
-        self.send_bytes(link, &bytes);
-        Ok(wake)
+        self.frame = bytes;
+        match read {
+            Ok((got, wake)) if got == len => Ok(wake),
+            Ok(_) => Err(vsocket_ring::RingError::Corrupt),
+            Err(e) => Err(e),
+        }
     }
 
     fn backlog(&self, _link: LinkId) -> usize {
