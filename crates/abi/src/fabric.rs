@@ -9,8 +9,9 @@
 //! ```
 //!
 //! All integers are little-endian. `len` is the payload's length, at most
-//! [`MAX_PAYLOAD`]. A stream is named by the id its opener chose and by
-//! `origin`: whether the frame's sender ([`Origin::Sender`]) or its receiver
+//! [`MAX_PAYLOAD`] for `Data` and [`MAX_CONTROL`] for the other kinds. A
+//! stream is named by the id its opener chose and by `origin`: whether the
+//! frame's sender ([`Origin::Sender`]) or its receiver
 //! ([`Origin::Receiver`]) opened it, so both hosts may open streams without
 //! coordinating ids.
 //!
@@ -22,8 +23,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// Bytes of a frame header.
 pub const HEADER: usize = 16;
-/// The largest payload a frame may carry.
+/// The largest payload a `Data` frame may carry.
 pub const MAX_PAYLOAD: usize = 256 * 1024;
+/// The largest payload any other frame may carry (an `Open` with two
+/// longest names is 528 bytes).
+pub const MAX_CONTROL: usize = 1024;
 /// The protocol version a `Hello` announces.
 pub const VERSION: u32 = 1;
 /// The longest name (host, VPC or guest) a frame carries.
@@ -85,7 +89,8 @@ pub enum Frame<'a> {
 /// Why bytes are not a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameError {
-    /// The payload length is over [`MAX_PAYLOAD`].
+    /// The payload length is over [`MAX_PAYLOAD`] (for `Data`) or
+    /// [`MAX_CONTROL`] (for any other kind).
     TooLong(u32),
     /// An unknown frame kind.
     UnknownKind(u8),
@@ -98,7 +103,7 @@ pub enum FrameError {
 impl std::fmt::Display for FrameError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::TooLong(n) => write!(f, "frame payload of {n} bytes is over {MAX_PAYLOAD}"),
+            Self::TooLong(n) => write!(f, "frame payload of {n} bytes is over its kind's limit"),
             Self::UnknownKind(k) => write!(f, "unknown frame kind {k}"),
             Self::BadHeader => f.write_str("malformed frame header"),
             Self::BadPayload(k) => write!(f, "malformed payload for frame kind {k}"),
@@ -183,23 +188,7 @@ impl Frame<'_> {
     /// Decodes the frame at the start of `buf`: `Ok(None)` if `buf` does not
     /// hold all of it yet, else the frame and the bytes it took.
     pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
-        if buf.len() < HEADER {
-            return Ok(None);
-        }
-        let len = u32::from_le_bytes(buf[0..4].try_into().unwrap_or_default());
-        if len as usize > MAX_PAYLOAD + 64 {
-            return Err(FrameError::TooLong(len));
-        }
-        let kind = buf[4];
-        let origin = match buf[5] {
-            0 => Origin::Sender,
-            1 => Origin::Receiver,
-            _ => return Err(FrameError::BadHeader),
-        };
-        if buf[6] != 0 || buf[7] != 0 {
-            return Err(FrameError::BadHeader);
-        }
-        let id = u64::from_le_bytes(buf[8..16].try_into().unwrap_or_default());
+        let Some((len, kind, origin, id)) = parse_header(buf)? else { return Ok(None) };
         let total = HEADER + len as usize;
         if buf.len() < total {
             return Ok(None);
@@ -229,12 +218,7 @@ impl Frame<'_> {
                 };
                 Frame::Refuse { origin, id, refusal }
             }
-            DATA => {
-                if len as usize > MAX_PAYLOAD {
-                    return Err(FrameError::TooLong(len));
-                }
-                Frame::Data { origin, id, bytes: std::mem::take(&mut p.bytes) }
-            }
+            DATA => Frame::Data { origin, id, bytes: std::mem::take(&mut p.bytes) },
             CREDIT => Frame::Credit { origin, id, bytes: p.u32()? },
             FIN => Frame::Fin { origin, id },
             RESET => Frame::Reset { origin, id },
@@ -246,6 +230,52 @@ impl Frame<'_> {
         }
         Ok(Some((frame, total)))
     }
+}
+
+/// The start of a `Data` frame whose payload need not have arrived yet,
+/// for a receiver that places the payload where it belongs as it comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataStart {
+    pub origin: Origin,
+    pub id: u64,
+    /// The payload's length (at most [`MAX_PAYLOAD`]).
+    pub len: usize,
+}
+
+impl DataStart {
+    /// Reads the header at the start of `buf`: `Ok(Some)` for a `Data`
+    /// frame, `Ok(None)` for another kind or fewer than [`HEADER`] bytes,
+    /// and the error [`Frame::decode`] would give for a bad header.
+    pub fn parse(buf: &[u8]) -> Result<Option<DataStart>, FrameError> {
+        Ok(match parse_header(buf)? {
+            Some((len, DATA, origin, id)) => Some(DataStart { origin, id, len: len as usize }),
+            _ => None,
+        })
+    }
+}
+
+/// Checks the header at the start of `buf` (`Ok(None)` if incomplete):
+/// payload length, kind, origin, stream id.
+fn parse_header(buf: &[u8]) -> Result<Option<(u32, u8, Origin, u64)>, FrameError> {
+    if buf.len() < HEADER {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(buf[0..4].try_into().unwrap_or_default());
+    let kind = buf[4];
+    let limit = if kind == DATA { MAX_PAYLOAD } else { MAX_CONTROL };
+    if len as usize > limit {
+        return Err(FrameError::TooLong(len));
+    }
+    let origin = match buf[5] {
+        0 => Origin::Sender,
+        1 => Origin::Receiver,
+        _ => return Err(FrameError::BadHeader),
+    };
+    if buf[6] != 0 || buf[7] != 0 {
+        return Err(FrameError::BadHeader);
+    }
+    let id = u64::from_le_bytes(buf[8..16].try_into().unwrap_or_default());
+    Ok(Some((len, kind, origin, id)))
 }
 
 /// A frame header: payload length, kind, origin, two zero bytes, stream id.

@@ -2,9 +2,10 @@
 //! cargo-fuzz target `fuzz/fuzz_targets/fabric_decode.rs`, fed by a seeded
 //! generator): whatever another host sends, `decode` returns a frame, "need
 //! more" or an error, and any frame it accepts encodes back to exactly the
-//! bytes it took.
+//! bytes it took. `DataStart::parse`, which reads a `Data` header before
+//! its payload arrives, agrees with `decode` on every input.
 
-use vsocket_abi::fabric::{Frame, HEADER};
+use vsocket_abi::fabric::{DataStart, Frame, HEADER, MAX_PAYLOAD};
 
 struct XorShift(u64);
 
@@ -33,6 +34,17 @@ fn decoded_frames_re_encode_to_the_bytes_taken() {
             bytes[6] = 0;
             bytes[7] = if round % 16 == 0 { 1 } else { 0 };
         }
+        let start = DataStart::parse(&bytes);
+        match (&start, Frame::decode(&bytes)) {
+            (Err(a), Err(b)) => assert_eq!(*a, b),
+            (Err(e), decoded) => panic!("parse says {e:?}, decode {decoded:?}"),
+            (Ok(Some(s)), Ok(Some((Frame::Data { origin, id, bytes }, _)))) => {
+                assert_eq!((s.origin, s.id, s.len), (origin, id, bytes.len()));
+            }
+            (Ok(Some(s)), decoded) => assert!(matches!(decoded, Ok(None)), "parse {s:?}, decode {decoded:?}"),
+            (Ok(None), Ok(Some((frame, _)))) => assert!(!matches!(frame, Frame::Data { .. }), "{frame:?}"),
+            (Ok(None), _) => {}
+        }
         match Frame::decode(&bytes) {
             Ok(Some((frame, used))) => {
                 let mut again = Vec::new();
@@ -45,4 +57,19 @@ fn decoded_frames_re_encode_to_the_bytes_taken() {
         }
     }
     assert!(accepted > 5_000 && rejected > 5_000 && partial > 5_000, "{accepted} {rejected} {partial}");
+}
+
+#[test]
+fn a_data_header_is_read_before_its_payload_and_checked_like_a_frame() {
+    let header = Frame::data_header(vsocket_abi::fabric::Origin::Receiver, 42, MAX_PAYLOAD);
+    let start = DataStart::parse(&header).unwrap().unwrap();
+    assert_eq!((start.origin, start.id, start.len), (vsocket_abi::fabric::Origin::Receiver, 42, MAX_PAYLOAD));
+    assert_eq!(DataStart::parse(&header[..HEADER - 1]), Ok(None));
+    let mut long = header;
+    long[0..4].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
+    assert!(DataStart::parse(&long).is_err());
+    assert!(Frame::decode(&long).is_err());
+    let mut ping = Vec::new();
+    Frame::Ping.encode(&mut ping);
+    assert_eq!(DataStart::parse(&ping), Ok(None));
 }

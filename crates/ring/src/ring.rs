@@ -66,13 +66,24 @@ impl From<Corrupt> for RingError {
     }
 }
 
-/// Why [`Consumer::send_to`] failed.
+/// Why [`Consumer::send_to`] or [`Producer::recv_from`] failed.
 #[derive(Debug)]
-pub enum SendError {
+pub enum SocketError {
     /// The ring's indices are impossible.
     Ring(RingError),
     /// The socket failed.
     Io(std::io::Error),
+}
+
+/// What one [`Producer::recv_from`] took from its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes written into the ring (and published).
+    pub ring: usize,
+    /// Bytes written into the spill buffer, after those.
+    pub spill: usize,
+    /// The consumer must be woken.
+    pub wake: bool,
 }
 
 /// What the consumer may expect from the ring right now.
@@ -190,6 +201,52 @@ impl<'a> Producer<'a> {
         Ok((written, Shared::take_waiter(&s.ctl.consumer.waiting)))
     }
 
+    /// Receives up to `len` bytes from the stream socket `fd` straight
+    /// into the ring (as far as it has space) and publishes them; in the
+    /// same call, whatever the socket has after them lands in `spill`.
+    /// Nothing waits: a socket with nothing to read gives an `Io` error of
+    /// kind `WouldBlock`, and end of stream gives a [`Received`] of zeros.
+    pub fn recv_from(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+        spill: &mut [u8],
+    ) -> Result<Received, SocketError> {
+        use std::os::fd::AsRawFd;
+        let s = &self.0;
+        let space = self.space().map_err(SocketError::Ring)?;
+        let tail = s.ctl.producer.tail.load(Ordering::Relaxed);
+        let n = (len as u64).min(u64::from(space)) as u32;
+        let (offset, first, second) = index::split(tail, n, s.size);
+        // The consumer reads only bytes before `tail`; these are after it.
+        // SAFETY: `split` keeps both parts inside the data area (constructor
+        // contract), which the kernel writes; `spill` is borrowed mutably.
+        let iov = unsafe {
+            [
+                libc::iovec { iov_base: s.data.add(offset).cast(), iov_len: first },
+                libc::iovec { iov_base: s.data.cast(), iov_len: second },
+                libc::iovec { iov_base: spill.as_mut_ptr().cast(), iov_len: spill.len() },
+            ]
+        };
+        // SAFETY: msghdr is plain data; all-zero is a valid value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len();
+        // SAFETY: `msg` points at three live iovecs over writable memory.
+        let got = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+        if got < 0 {
+            return Err(SocketError::Io(std::io::Error::last_os_error()));
+        }
+        let got = got as usize;
+        let ring = got.min(n as usize);
+        if ring == 0 {
+            return Ok(Received { ring: 0, spill: got, wake: false });
+        }
+        s.ctl.producer.tail.store(tail.wrapping_add(ring as u64), Ordering::Release);
+        let wake = Shared::take_waiter(&s.ctl.consumer.waiting);
+        Ok(Received { ring, spill: got - ring, wake })
+    }
+
     /// Ends the stream (FIN). Returns whether the consumer must be woken.
     pub fn finish(&self) -> bool {
         self.0.ctl.producer.flags.fetch_or(PRODUCER_FIN, Ordering::Release);
@@ -302,12 +359,12 @@ impl<'a> Consumer<'a> {
         fd: std::os::fd::BorrowedFd<'_>,
         header: &[u8],
         len: usize,
-    ) -> Result<(usize, bool), SendError> {
+    ) -> Result<(usize, bool), SocketError> {
         use std::os::fd::AsRawFd;
         let s = &self.0;
         let head = s.ctl.consumer.head.load(Ordering::Relaxed);
         let tail = s.ctl.producer.tail.load(Ordering::Acquire);
-        let avail = index::readable(tail, head, s.size).map_err(|_| SendError::Ring(RingError::Corrupt))?;
+        let avail = index::readable(tail, head, s.size).map_err(|_| SocketError::Ring(RingError::Corrupt))?;
         let n = (len as u64).min(u64::from(avail)) as u32;
         let (offset, first, second) = index::split(head, n, s.size);
         // SAFETY: `split` keeps both parts inside the data area (constructor
@@ -330,7 +387,7 @@ impl<'a> Consumer<'a> {
             let e = std::io::Error::last_os_error();
             return match e.kind() {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok((0, false)),
-                _ => Err(SendError::Io(e)),
+                _ => Err(SocketError::Io(e)),
             };
         }
         let sent = sent as usize;
@@ -471,6 +528,38 @@ mod tests {
         let (sent, _) = c.send_to(theirs.as_fd(), b"", 100).unwrap();
         assert_eq!(sent, 5);
         assert_eq!(c.state().unwrap(), RxState::Empty);
+    }
+
+    #[test]
+    fn recv_from_fills_the_ring_across_the_wrap_then_the_spill() {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        let ring = TestRing::new(16);
+        let (p, c) = ring.views();
+        let (mut theirs, ours) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Move the indices near the end so the bytes wrap.
+        p.write(&[b"0123456789ab"]).unwrap();
+        c.read(&mut [&mut [0u8; 12][..]], false).unwrap();
+        let mut spill = [0u8; 8];
+        let e = p.recv_from(ours.as_fd(), 10, &mut spill).unwrap_err();
+        assert!(matches!(e, SocketError::Io(ref e) if e.kind() == std::io::ErrorKind::WouldBlock));
+        theirs.write_all(b"wrapping-dataNEXT").unwrap();
+        let got = p.recv_from(ours.as_fd(), 13, &mut spill).unwrap();
+        assert_eq!(got, Received { ring: 13, spill: 4, wake: false });
+        assert_eq!(&spill[..4], b"NEXT");
+        let mut out = [0u8; 16];
+        assert_eq!(c.read(&mut [&mut out[..]], false).unwrap().0, 13);
+        assert_eq!(&out[..13], b"wrapping-data");
+        // A ring with less space than asked takes what fits; the rest spills.
+        p.write(&[b"0123456789"]).unwrap();
+        theirs.write_all(b"abcdefghij").unwrap();
+        c.arm();
+        let got = p.recv_from(ours.as_fd(), 10, &mut spill).unwrap();
+        assert_eq!(got, Received { ring: 6, spill: 4, wake: true });
+        assert_eq!(&spill[..4], b"ghij");
+        // End of stream.
+        drop(theirs);
+        assert_eq!(p.recv_from(ours.as_fd(), 10, &mut spill).unwrap(), Received { ring: 0, spill: 0, wake: false });
     }
 
     #[test]

@@ -44,10 +44,29 @@ pub enum LinkEvent<'a> {
     Up { link: LinkId, peer: SocketAddr, dialed: bool },
     /// A dial to `peer` failed.
     DialFailed { peer: SocketAddr, error: String },
-    /// A frame arrived on `link`, in order.
+    /// A frame arrived on `link`, in order. A transport may report a
+    /// `Data` frame before all of its payload is in: the rest follows as
+    /// `Payload` and `Received` events before anything else from `link`.
     Frame(LinkId, Frame<'a>),
+    /// More of the payload of the `Data` frame last reported on `link`.
+    Payload { link: LinkId, origin: Origin, id: u64, bytes: &'a [u8] },
+    /// The transport wrote `len` more bytes of that payload straight into
+    /// the ring [`Events::data_ring`] gave it; `wake`: the guest must be
+    /// woken.
+    Received { link: LinkId, origin: Origin, id: u64, len: usize, wake: bool },
     /// The link is gone (closed, failed, or sent something malformed).
     Down { link: LinkId, why: String },
+}
+
+/// The relay, as a transport sees it while it reports what happened.
+pub trait Events {
+    /// Something happened on a link.
+    fn event(&mut self, event: LinkEvent<'_>);
+    /// The receive ring for the payload of stream `(origin, id)`'s `Data`
+    /// frame, if that payload may be written into it in place (the stream
+    /// is established and still takes bytes); the transport reports what it
+    /// wrote there with [`LinkEvent::Received`].
+    fn data_ring(&mut self, link: LinkId, origin: Origin, id: u64) -> Option<vsocket_ring::Producer<'_>>;
 }
 
 /// Moves frames between daemons. Driven by the relay's thread only.
@@ -57,7 +76,7 @@ pub trait Transport: Send {
     fn dial(&mut self, address: SocketAddr, epoll: &Epoll);
     /// Something the transport registered in `epoll` under `token` is
     /// ready (`events`); report what happened.
-    fn ready(&mut self, token: u64, events: u32, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>));
+    fn ready(&mut self, token: u64, events: u32, epoll: &Epoll, on: &mut dyn Events);
     /// Queues `frame` on `link`, after every frame queued before.
     fn send(&mut self, link: LinkId, frame: &Frame<'_>);
     /// As `send`, for a frame already encoded.
@@ -82,7 +101,7 @@ pub trait Transport: Send {
     /// Bytes queued on `link` and not yet taken by the network.
     fn backlog(&self, link: LinkId) -> usize;
     /// Pushes queued frames out as far as the network takes them.
-    fn flush(&mut self, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>));
+    fn flush(&mut self, epoll: &Epoll, on: &mut dyn Events);
     /// Closes `link` (no event follows).
     fn close(&mut self, link: LinkId, epoll: &Epoll);
     /// Called before the relay sleeps; false if it must poll again first

@@ -15,7 +15,7 @@
 //! when they write (the relay arms the consumer side) and, when a credit
 //! may be due, when they read (the relay arms the producer side).
 
-use super::{Command, LinkEvent, LinkId, NewConn, OpenOutcome, OpenRequest, PeerStatus, Transport};
+use super::{Command, Events, LinkEvent, LinkId, NewConn, OpenOutcome, OpenRequest, PeerStatus, Transport};
 use crate::Daemon;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -364,10 +364,10 @@ impl Relay {
     /// Lends the transport to `f` with a handler for what it reports;
     /// meanwhile frames and closes wait in `outbox` and `closing`, and go
     /// to the transport as soon as it is back.
-    fn with_transport(&mut self, f: impl FnOnce(&mut dyn Transport, &Epoll, &mut dyn FnMut(LinkEvent<'_>))) {
+    fn with_transport(&mut self, f: impl FnOnce(&mut dyn Transport, &Epoll, &mut dyn Events)) {
         let Some(mut transport) = self.transport.take() else { return };
         let epoll = self.epoll.clone();
-        f(transport.as_mut(), &epoll, &mut |e| self.link_event(e));
+        f(transport.as_mut(), &epoll, self);
         for (link, bytes) in std::mem::take(&mut self.outbox) {
             transport.send_encoded(link, &bytes);
         }
@@ -442,7 +442,28 @@ impl Relay {
             }
             LinkEvent::Down { link, why } => self.link_down(link, why),
             LinkEvent::Frame(link, frame) => self.frame(link, frame),
+            LinkEvent::Payload { link, origin, id, bytes } => {
+                // The rest of a Data frame already reported (and answered
+                // with Reset if its stream is unknown).
+                if let Some((p, index)) = self.stream_of(link, origin, id) {
+                    self.peers[p].status.bytes_received += bytes.len() as u64;
+                    self.deliver(index, bytes);
+                }
+            }
+            LinkEvent::Received { link, origin, id, len, wake } => {
+                if let Some((p, index)) = self.stream_of(link, origin, id) {
+                    self.peers[p].status.bytes_received += len as u64;
+                    self.delivered(index, len, wake);
+                }
+            }
         }
+    }
+
+    /// The peer behind `link`, and the stream `(origin, id)` on it.
+    fn stream_of(&mut self, link: LinkId, origin: Origin, id: u64) -> Option<(usize, usize)> {
+        self.last_rx.insert(link, Instant::now());
+        let p = *self.links.get(&link)?;
+        Some((p, *self.keys.get(&(p, side_of(origin), id))?))
     }
 
     /// A link is gone: every connection on it is reset.
@@ -729,14 +750,7 @@ impl Relay {
         }
         let tx = conn.segment.producer(conn.mine.tx_ring());
         match tx.write(&[bytes]) {
-            Ok((n, wake)) if n == bytes.len() => {
-                conn.delivered += n as u64;
-                if wake {
-                    vsocket_sys::ring(conn.bell.as_fd());
-                }
-                self.dirty.push(index);
-                self.answered.push(index);
-            }
+            Ok((n, wake)) if n == bytes.len() => self.delivered(index, n, wake),
             // More than the window allowed (or a guest that forged its
             // ring's indices), or a guest that closed its reading side:
             // this connection is reset, nothing else.
@@ -746,6 +760,17 @@ impl Relay {
                 self.abort(index, false, OpenOutcome::Unreachable("reset".into()));
             }
         }
+    }
+
+    /// `n` more bytes are in connection `index`'s receive ring.
+    fn delivered(&mut self, index: usize, n: usize, wake: bool) {
+        let Some(conn) = self.conns[index].as_mut() else { return };
+        conn.delivered += n as u64;
+        if wake {
+            vsocket_sys::ring(conn.bell.as_fd());
+        }
+        self.dirty.push(index);
+        self.answered.push(index);
     }
 
     /// Moves what can move for connection `index`: the guest's bytes out
@@ -876,6 +901,22 @@ impl Relay {
         }
         self.abort(index, false, OpenOutcome::Unreachable("corrupt ring".into()));
         self.peers[p].status.corrupt += 1;
+    }
+}
+
+impl Events for Relay {
+    fn event(&mut self, event: LinkEvent<'_>) {
+        self.link_event(event);
+    }
+
+    fn data_ring(&mut self, link: LinkId, origin: Origin, id: u64) -> Option<vsocket_ring::Producer<'_>> {
+        let (_, index) = self.stream_of(link, origin, id)?;
+        let conn = self.conns[index].as_ref()?;
+        // As `deliver` checks: bytes are taken only while the stream is open.
+        if conn.got_end || conn.opening.is_some() {
+            return None;
+        }
+        Some(conn.segment.producer(conn.mine.tx_ring()))
     }
 }
 

@@ -5,26 +5,38 @@
 //! from a guest's ring straight to the socket; what a link cannot take at
 //! once waits in its outbound buffer (the relay stops
 //! reading guests' rings while that buffer is past [`Transport::backlog`]'s
-//! limit); inbound bytes are parsed into frames as they arrive. Dialing
-//! blocks, so it happens on a short-lived thread that hands the connected
-//! socket over.
+//! limit). Inbound, small frames are read through a buffer and parsed as
+//! they arrive; a `Data` frame is reported as soon as its header is in, and
+//! the rest of its payload is read from the socket straight into its
+//! stream's receive ring, with the next frame's start in the same call.
+//! Dialing blocks, so it happens on a short-lived thread that hands the
+//! connected socket over.
 
-use super::{LinkEvent, LinkId, Transport};
+use super::{Events, LinkEvent, LinkId, Transport};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::Duration;
-use vsocket_abi::fabric::{Frame, Origin};
+use vsocket_abi::fabric::{DataStart, Frame, Origin, HEADER, MAX_CONTROL};
 use vsocket_sys::Epoll;
 
 /// How long a dial may take before it counts as failed.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
-/// Inbound bytes read per system call, at least.
-const READ_CHUNK: usize = 256 * 1024;
-/// Each link's receive buffer: a read and the rest of a largest frame.
-const INBOUND: usize = 2 * READ_CHUNK + vsocket_abi::fabric::HEADER + vsocket_abi::fabric::MAX_PAYLOAD;
+/// Inbound bytes read through the buffer per system call.
+const READ_CHUNK: usize = 64 * 1024;
+/// Each link's receive buffer: a read and the rest of a largest frame
+/// other than `Data` (whose payload never waits in the buffer whole).
+const INBOUND: usize = READ_CHUNK + HEADER + MAX_CONTROL;
+/// Read after a payload received in place: the next frame's start.
+const SPILL: usize = 4096;
+/// Payload rests shorter than this are read through the buffer (as cheap
+/// as a read of their own).
+const DIRECT_MIN: usize = 8192;
+/// Bytes taken from one link per readiness report, so that credit and the
+/// other links are served while a busy link still has more.
+const READ_BUDGET: usize = 1 << 20;
 
 const TOKEN_LISTENER: u64 = 1;
 const TOKEN_DIALED: u64 = 2;
@@ -39,6 +51,9 @@ struct Link {
     /// Bytes of `inbound` already parsed into frames.
     parsed: usize,
     filled: usize,
+    /// The `Data` frame whose payload is still arriving: its stream and
+    /// the bytes still to come.
+    payload: Option<DataStart>,
     outbound: Vec<u8>,
     /// Bytes of `outbound` already written.
     written: usize,
@@ -80,6 +95,7 @@ impl TcpTransport {
             inbound: vec![0; INBOUND],
             parsed: 0,
             filled: 0,
+            payload: None,
             outbound: Vec::new(),
             written: 0,
             want_out: false,
@@ -88,46 +104,146 @@ impl TcpTransport {
         Ok(id)
     }
 
-    /// Reads what the socket has and reports every whole frame. Returns an
-    /// error when the link is finished (end of stream, a socket error or a
-    /// malformed frame).
-    fn read(link: &mut Link, id: LinkId, on: &mut dyn FnMut(LinkEvent<'_>)) -> Result<(), String> {
+    /// Reads what the socket has (up to [`READ_BUDGET`]) and reports it.
+    /// Returns an error when the link is finished (end of stream, a socket
+    /// error or a malformed frame).
+    fn read(link: &mut Link, id: LinkId, on: &mut dyn Events) -> Result<(), String> {
+        let mut budget = READ_BUDGET;
         loop {
-            if link.parsed == link.filled {
-                link.parsed = 0;
-                link.filled = 0;
-            } else if INBOUND - link.filled < READ_CHUNK {
-                // Room for a whole read again: the unparsed rest (less than
-                // one frame) moves to the front.
-                link.inbound.copy_within(link.parsed..link.filled, 0);
-                link.filled -= link.parsed;
-                link.parsed = 0;
+            Self::parse(link, id, on)?;
+            if budget == 0 {
+                // Level-triggered: epoll reports the rest at once.
+                return Ok(());
             }
-            let room = INBOUND - link.filled;
-            let n = match link.stream.read(&mut link.inbound[link.filled..]) {
-                Ok(0) => return Err("the other host closed the link".into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("link read: {e}")),
-            };
-            link.filled += n;
-            let drained = n < room;
-            loop {
-                match Frame::decode(&link.inbound[link.parsed..link.filled]) {
-                    Ok(Some((frame, used))) => {
-                        link.parsed += used;
-                        on(LinkEvent::Frame(id, frame));
+            // The buffer holds at most an unfinished header or frame now;
+            // a payload in progress finds it empty.
+            let drained = match link.payload.filter(|p| p.len >= DIRECT_MIN) {
+                Some(p) => match Self::read_in_place(link, id, p, on)? {
+                    Some((n, drained)) => {
+                        budget = budget.saturating_sub(n);
+                        drained
                     }
-                    Ok(None) => break,
-                    Err(e) => return Err(format!("malformed frame from {}: {e}", link.peer)),
-                }
-            }
+                    None => Self::read_buffered(link)?.is_none_or(|(n, drained)| {
+                        budget = budget.saturating_sub(n);
+                        drained
+                    }),
+                },
+                None => Self::read_buffered(link)?.is_none_or(|(n, drained)| {
+                    budget = budget.saturating_sub(n);
+                    drained
+                }),
+            };
             if drained {
                 // A short read took all there was: epoll says when more comes.
+                Self::parse(link, id, on)?;
                 return Ok(());
             }
         }
+    }
+
+    /// Reads into the buffer. `None`: nothing to read; else the bytes read
+    /// and whether that emptied the socket.
+    fn read_buffered(link: &mut Link) -> Result<Option<(usize, bool)>, String> {
+        if link.parsed == link.filled {
+            link.parsed = 0;
+            link.filled = 0;
+        } else if INBOUND - link.filled < READ_CHUNK {
+            // The unparsed rest (less than a frame other than Data) moves
+            // to the front.
+            link.inbound.copy_within(link.parsed..link.filled, 0);
+            link.filled -= link.parsed;
+            link.parsed = 0;
+        }
+        let want = READ_CHUNK.min(INBOUND - link.filled);
+        loop {
+            return match link.stream.read(&mut link.inbound[link.filled..link.filled + want]) {
+                Ok(0) => Err("the other host closed the link".into()),
+                Ok(n) => {
+                    link.filled += n;
+                    Ok(Some((n, n < want)))
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(format!("link read: {e}")),
+            };
+        }
+    }
+
+    /// Reads the rest of payload `p` straight into its stream's ring, and
+    /// what follows into the (empty) buffer. `None` if the stream has no
+    /// ring to take it (the bytes then go through the buffer, and the relay
+    /// deals with them as it would with any), else as `read_buffered`.
+    fn read_in_place(
+        link: &mut Link,
+        id: LinkId,
+        p: DataStart,
+        on: &mut dyn Events,
+    ) -> Result<Option<(usize, bool)>, String> {
+        let Some(ring) = on.data_ring(id, p.origin, p.id) else { return Ok(None) };
+        debug_assert_eq!(link.parsed, link.filled);
+        link.parsed = 0;
+        link.filled = 0;
+        let got = loop {
+            match ring.recv_from(link.stream.as_fd(), p.len, &mut link.inbound[..SPILL]) {
+                Ok(got) => break got,
+                Err(vsocket_ring::SocketError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(vsocket_ring::SocketError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Some((0, true)))
+                }
+                Err(vsocket_ring::SocketError::Io(e)) => return Err(format!("link read: {e}")),
+                // A ring the guest closed or broke: the buffered path hands
+                // the bytes to the relay, which resets the stream.
+                Err(vsocket_ring::SocketError::Ring(_)) => return Ok(None),
+            }
+        };
+        if got.ring + got.spill == 0 {
+            return Err("the other host closed the link".into());
+        }
+        link.filled = got.spill;
+        if got.ring > 0 {
+            let left = p.len - got.ring;
+            link.payload = (left > 0).then_some(DataStart { len: left, ..p });
+            on.event(LinkEvent::Received { link: id, origin: p.origin, id: p.id, len: got.ring, wake: got.wake });
+        }
+        // The spill fills only once the ring part is complete.
+        Ok(Some((got.ring + got.spill, got.spill < SPILL)))
+    }
+
+    /// Reports what the buffer holds: the rest of a payload in progress,
+    /// whole frames, and the start of a `Data` frame (its payload then
+    /// arrives in progress).
+    fn parse(link: &mut Link, id: LinkId, on: &mut dyn Events) -> Result<(), String> {
+        while link.parsed < link.filled {
+            let buf = &link.inbound[link.parsed..link.filled];
+            if let Some(p) = link.payload {
+                let k = p.len.min(buf.len());
+                on.event(LinkEvent::Payload { link: id, origin: p.origin, id: p.id, bytes: &buf[..k] });
+                link.parsed += k;
+                link.payload = (k < p.len).then_some(DataStart { len: p.len - k, ..p });
+                continue;
+            }
+            let malformed = |e| format!("malformed frame from {}: {e}", link.peer);
+            if let Some(d) = DataStart::parse(buf).map_err(malformed)? {
+                let have = d.len.min(buf.len() - HEADER);
+                let frame = Frame::Data { origin: d.origin, id: d.id, bytes: &buf[HEADER..HEADER + have] };
+                on.event(LinkEvent::Frame(id, frame));
+                link.parsed += HEADER + have;
+                link.payload = (have < d.len).then_some(DataStart { len: d.len - have, ..d });
+                continue;
+            }
+            match Frame::decode(buf).map_err(malformed)? {
+                Some((frame, used)) => {
+                    on.event(LinkEvent::Frame(id, frame));
+                    link.parsed += used;
+                }
+                None => break,
+            }
+        }
+        if link.parsed == link.filled {
+            link.parsed = 0;
+            link.filled = 0;
+        }
+        Ok(())
     }
 
     /// Writes what the socket takes; watches EPOLLOUT while bytes remain.
@@ -168,12 +284,12 @@ impl Transport for TcpTransport {
         });
     }
 
-    fn ready(&mut self, token: u64, events: u32, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>)) {
+    fn ready(&mut self, token: u64, events: u32, epoll: &Epoll, on: &mut dyn Events) {
         match token {
             TOKEN_LISTENER => loop {
                 match self.listener.accept() {
                     Ok((stream, peer)) => match self.adopt(stream, peer, epoll) {
-                        Ok(id) => on(LinkEvent::Up { link: id, peer, dialed: false }),
+                        Ok(id) => on.event(LinkEvent::Up { link: id, peer, dialed: false }),
                         Err(e) => tracing::warn!(%peer, error = %e, "cannot take a fabric link"),
                     },
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -187,8 +303,8 @@ impl Transport for TcpTransport {
                 vsocket_sys::drain(self.dialed_bell.as_fd());
                 while let Ok((address, result)) = self.dialed_rx.try_recv() {
                     match result.and_then(|stream| self.adopt(stream, address, epoll)) {
-                        Ok(id) => on(LinkEvent::Up { link: id, peer: address, dialed: true }),
-                        Err(e) => on(LinkEvent::DialFailed { peer: address, error: e.to_string() }),
+                        Ok(id) => on.event(LinkEvent::Up { link: id, peer: address, dialed: true }),
+                        Err(e) => on.event(LinkEvent::DialFailed { peer: address, error: e.to_string() }),
                     }
                 }
             }
@@ -203,7 +319,7 @@ impl Transport for TcpTransport {
                 }
                 if let Err(why) = result {
                     self.close(id, epoll);
-                    on(LinkEvent::Down { link: id, why });
+                    on.event(LinkEvent::Down { link: id, why });
                 }
             }
         }
@@ -238,8 +354,8 @@ impl Transport for TcpTransport {
             // next read or flush, and the frame goes to the queue.
             match ring.send_to(l.stream.as_fd(), &header, len) {
                 Ok((n, w)) => (sent, wake) = (n, w),
-                Err(vsocket_ring::SendError::Ring(e)) => return Err(e),
-                Err(vsocket_ring::SendError::Io(_)) => {}
+                Err(vsocket_ring::SocketError::Ring(e)) => return Err(e),
+                Err(vsocket_ring::SocketError::Io(_)) => {}
             }
         }
         if sent == header.len() + len {
@@ -263,7 +379,7 @@ impl Transport for TcpTransport {
         self.links.get(&link).map_or(0, |l| l.outbound.len() - l.written)
     }
 
-    fn flush(&mut self, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>)) {
+    fn flush(&mut self, epoll: &Epoll, on: &mut dyn Events) {
         let mut failed = Vec::new();
         for (&id, link) in &mut self.links {
             if link.outbound.len() > link.written {
@@ -274,7 +390,7 @@ impl Transport for TcpTransport {
         }
         for (id, why) in failed {
             self.close(id, epoll);
-            on(LinkEvent::Down { link: id, why });
+            on.event(LinkEvent::Down { link: id, why });
         }
     }
 

@@ -9,7 +9,7 @@
 //! UCX still has work (or has events queued) the relay polls again instead
 //! (`before_sleep`).
 
-use super::{LinkEvent, LinkId, Transport, TOKEN_POLL};
+use super::{Events, LinkEvent, LinkId, Transport, TOKEN_POLL};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use vsocket_abi::fabric::{Frame, Origin, HEADER};
@@ -80,12 +80,12 @@ impl UcxTransport {
         link
     }
 
-    fn report_later(&mut self, on: &mut dyn FnMut(LinkEvent<'_>)) {
+    fn report_later(&mut self, on: &mut dyn Events) {
         for event in std::mem::take(&mut self.later) {
             match event {
-                Later::Up { link, peer } => on(LinkEvent::Up { link, peer, dialed: true }),
-                Later::DialFailed { peer, error } => on(LinkEvent::DialFailed { peer, error }),
-                Later::Down { link, why } => on(LinkEvent::Down { link, why }),
+                Later::Up { link, peer } => on.event(LinkEvent::Up { link, peer, dialed: true }),
+                Later::DialFailed { peer, error } => on.event(LinkEvent::DialFailed { peer, error }),
+                Later::Down { link, why } => on.event(LinkEvent::Down { link, why }),
             }
         }
     }
@@ -97,7 +97,7 @@ impl UcxTransport {
         self.workers.iter_mut().find_map(|(&key, w)| w.poll_event().map(|e| (key, e)))
     }
 
-    fn drain_events(&mut self, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>)) {
+    fn drain_events(&mut self, epoll: &Epoll, on: &mut dyn Events) {
         for worker in self.workers.values_mut() {
             worker.progress();
         }
@@ -108,22 +108,22 @@ impl UcxTransport {
                     // UCX may not tell the address: the Hello check then
                     // has only the name to go by.
                     let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-                    on(LinkEvent::Up { link, peer, dialed: false });
+                    on.event(LinkEvent::Up { link, peer, dialed: false });
                 }
                 Event::Frame { ep, frame } => {
                     let Some(&link) = self.by_ep.get(&(key, ep)) else { continue };
                     match Frame::decode(&frame) {
-                        Ok(Some((f, used))) if used == frame.len() => on(LinkEvent::Frame(link, f)),
+                        Ok(Some((f, used))) if used == frame.len() => on.event(LinkEvent::Frame(link, f)),
                         _ => {
                             self.close_link(link, epoll);
-                            on(LinkEvent::Down { link, why: "malformed frame".into() });
+                            on.event(LinkEvent::Down { link, why: "malformed frame".into() });
                         }
                     }
                 }
                 Event::Failed { ep, error } => {
                     let Some(link) = self.by_ep.get(&(key, ep)).copied() else { continue };
                     self.close_link(link, epoll);
-                    on(LinkEvent::Down { link, why: format!("UCX endpoint failed: {error}") });
+                    on.event(LinkEvent::Down { link, why: format!("UCX endpoint failed: {error}") });
                 }
             }
         }
@@ -177,7 +177,7 @@ impl Transport for UcxTransport {
         }
     }
 
-    fn ready(&mut self, token: u64, _events: u32, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>)) {
+    fn ready(&mut self, token: u64, _events: u32, epoll: &Epoll, on: &mut dyn Events) {
         if token >= TOKEN_WORKERS || token == TOKEN_POLL {
             self.report_later(on);
             self.drain_events(epoll, on);
@@ -231,7 +231,7 @@ impl Transport for UcxTransport {
         0
     }
 
-    fn flush(&mut self, epoll: &Epoll, on: &mut dyn FnMut(LinkEvent<'_>)) {
+    fn flush(&mut self, epoll: &Epoll, on: &mut dyn Events) {
         self.report_later(on);
         self.drain_events(epoll, on);
         self.report_later(on);
