@@ -118,7 +118,7 @@ pub fn connect(
     if Arc::ptr_eq(&listener.guest, guest) {
         // Inside one guest: the traffic never reaches the cloud's network,
         // so security groups do not apply (as on a VM's own loopback).
-        let charge = match daemon.charge(&policy, guest, guest) {
+        let charge = match daemon.charge(&policy, guest, guest, config.host().segment_size()) {
             Ok(charge) => charge,
             Err(exceeded) => return over_quota(&attempt, guest, exceeded),
         };
@@ -138,7 +138,7 @@ pub fn connect(
     if let Verdict::Deny { .. } = verdict {
         return deny(&attempt, &listener.guest, config, &verdict);
     }
-    let charge = match daemon.charge(&policy, guest, &listener.guest) {
+    let charge = match daemon.charge(&policy, guest, &listener.guest, config.host().segment_size()) {
         Ok(charge) => charge,
         Err(exceeded) => return over_quota(&attempt, &listener.guest, exceeded),
     };
@@ -182,11 +182,12 @@ fn connect_remote(
     if let Verdict::Deny { side: vsocket_policy::Direction::Egress, .. } = verdict {
         return Some(deny(attempt, &server_slot, config, &verdict));
     }
-    let charge = match daemon.charge(policy, guest, guest) {
+    let rings = config.fabric()?;
+    let charge = match daemon.charge(policy, guest, guest, rings.segment_size()) {
         Ok(charge) => charge,
         Err(exceeded) => return Some(over_quota(attempt, &server_slot, exceeded)),
     };
-    let Some(ends) = relayed(daemon, vsocket_abi::layout::Endpoint::Server) else {
+    let Some(ends) = relayed(daemon, rings.ring_size, vsocket_abi::layout::Endpoint::Server) else {
         return Some(Reply::plain(Message::Refused { errno: libc::ENOBUFS }));
     };
     let (id, ring_size) = (ends.id, ends.ring_size);
@@ -284,7 +285,8 @@ pub fn accept_remote(
         });
     }
     let server_slot = listener.guest.clone();
-    let charge = match daemon.charge(&policy, &server_slot, &server_slot) {
+    let rings = config.fabric().ok_or(refused)?;
+    let charge = match daemon.charge(&policy, &server_slot, &server_slot, rings.segment_size()) {
         Ok(charge) => charge,
         Err(exceeded) => {
             let exceeded = crate::quota::Exceeded { server: true, ..exceeded };
@@ -292,7 +294,7 @@ pub fn accept_remote(
             return Err(refused);
         }
     };
-    let Some(ends) = relayed(daemon, vsocket_abi::layout::Endpoint::Client) else {
+    let Some(ends) = relayed(daemon, rings.ring_size, vsocket_abi::layout::Endpoint::Client) else {
         return Err(Refusal::Errno(libc::ENOBUFS));
     };
     let (id, ring_size) = (ends.id, ends.ring_size);
@@ -351,13 +353,14 @@ struct Relayed {
     conn: crate::fabric::NewConn,
 }
 
-/// A fresh segment for a connection the relay carries, named with a new
-/// connection id; `None` (logged) if the host is out of descriptors or
-/// memory.
-fn relayed(daemon: &Daemon, mine: vsocket_abi::layout::Endpoint) -> Option<Relayed> {
+/// A fresh segment (rings of `ring_size`, the fabric's) for a connection
+/// the relay carries, named with a new connection id; `None` (logged) if
+/// the host is out of descriptors or memory. Not pooled: a cross-host
+/// connect waits for the other host anyway.
+fn relayed(daemon: &Daemon, ring_size: u32, mine: vsocket_abi::layout::Endpoint) -> Option<Relayed> {
     let made = (|| -> std::io::Result<Relayed> {
-        let (segment, memfd) = daemon.segments.take()?;
-        let ring_size = segment.ring_size();
+        let (segment, memfd) = vsocket_ring::Segment::create(ring_size)?;
+        daemon.segments.created.fetch_add(1, Ordering::Relaxed);
         let relay_view = vsocket_ring::Segment::map(memfd.as_fd(), ring_size)?;
         let (guest_bell, bell) = vsocket_sys::stream_pair()?;
         let (guest_lifeline, guest_holds) = vsocket_sys::pipe()?;

@@ -510,8 +510,8 @@ impl Daemon {
         policy: &Policy,
         client: &Arc<GuestSlot>,
         server: &Arc<GuestSlot>,
+        bytes: u64,
     ) -> Result<Charge, Exceeded> {
-        let bytes = policy.config.host().segment_size();
         let attempt = || crate::quota::charge(|slot| policy.quotas(slot), client, server, bytes);
         match attempt() {
             Ok(charge) => Ok(charge),

@@ -44,6 +44,10 @@
 //! [fabric]                       # only with guests on other hosts
 //! kind = "tcp"                   # "tcp" (default) or "ucx": how this host's
 //!                                # vsocketd carries connections to other hosts
+//! ring_size = 1048576            # bytes per direction of such a connection's
+//!                                # segment, a power of two as host.ring_size:
+//!                                # each stream's window between the hosts, so it
+//!                                # should cover bandwidth x round trip
 //! [[fabric.host]]                # every host of the fabric, this one included
 //! name = "host1"                 # a host name; one entry must be host.name
 //! address = "10.99.0.1:7470"     # where that host's vsocketd takes fabric links
@@ -460,6 +464,7 @@ enum RawPolicyChangeAction {
 pub(crate) struct RawFabric {
     #[serde(default)]
     kind: RawFabricKind,
+    ring_size: Option<u64>,
     #[serde(default)]
     host: Vec<RawFabricHost>,
 }
@@ -645,7 +650,21 @@ impl Validator<'_> {
         if !hosts.iter().any(|h| h.name == host.name) {
             return Err(self.invalid("fabric.host", Problem::FabricWithoutThisHost(host.name.clone())));
         }
-        Ok(FabricConfig { kind, hosts })
+        let ring_size = self.ring_size("fabric.ring_size", raw.ring_size, FabricConfig::DEFAULT_RING_SIZE)?;
+        Ok(FabricConfig { kind, ring_size, hosts })
+    }
+
+    /// A ring size setting: a power of two within the ring limits.
+    fn ring_size(&self, field: &str, raw: Option<u64>, default: u32) -> Result<u32, ConfigError> {
+        match raw {
+            None => Ok(default),
+            Some(size) => u32::try_from(size)
+                .ok()
+                .filter(|size| {
+                    size.is_power_of_two() && (HostConfig::MIN_RING_SIZE..=HostConfig::MAX_RING_SIZE).contains(size)
+                })
+                .ok_or_else(|| self.invalid(field, Problem::BadRingSize(size))),
+        }
     }
 
     fn host(&self, raw: RawHost) -> Result<HostConfig, ConfigError> {
@@ -656,15 +675,7 @@ impl Validator<'_> {
             return Err(self.invalid("host.run_dir", Problem::RelativePath(run_dir)));
         }
 
-        let ring_size = match raw.ring_size {
-            None => HostConfig::DEFAULT_RING_SIZE,
-            Some(size) => u32::try_from(size)
-                .ok()
-                .filter(|size| {
-                    size.is_power_of_two() && (HostConfig::MIN_RING_SIZE..=HostConfig::MAX_RING_SIZE).contains(size)
-                })
-                .ok_or_else(|| self.invalid("host.ring_size", Problem::BadRingSize(size)))?,
-        };
+        let ring_size = self.ring_size("host.ring_size", raw.ring_size, HostConfig::DEFAULT_RING_SIZE)?;
 
         let deny_action = match raw.deny_action {
             RawDenyAction::Drop => DenyAction::Drop,

@@ -172,11 +172,24 @@ pub struct HostConfig {
 pub struct FabricConfig {
     /// How connections are carried between hosts.
     pub kind: FabricKind,
+    /// Ring bytes per direction of a connection carried between hosts: its
+    /// window on the fabric.
+    pub ring_size: u32,
     /// Every host of the fabric, this one included, with unique names.
     pub hosts: Vec<FabricHost>,
 }
 
 impl FabricConfig {
+    /// Enough for the bandwidth of one stream over a round trip of a few
+    /// hundred microseconds at 10 to 25 Gbit/s.
+    pub const DEFAULT_RING_SIZE: u32 = 1 << 20;
+
+    /// Bytes of a cross-host connection's segment (its header page and
+    /// both rings), as `HostConfig::segment_size`.
+    pub fn segment_size(&self) -> u64 {
+        4096 + 2 * u64::from(self.ring_size)
+    }
+
     /// The entry named `name`.
     pub fn host(&self, name: &str) -> Option<&FabricHost> {
         self.hosts.iter().find(|h| h.name == name)

@@ -727,7 +727,13 @@ fn guests_are_placed_on_this_host_or_a_fabric_host() {
     let config = parse_text(&config_text("", "")).unwrap();
     assert!(config.fabric().is_none());
     let text = fabric_table("tcp").replace("kind = \"tcp\"\n", "");
-    assert_eq!(parse_text(&config_text("", &text)).unwrap().fabric().unwrap().kind, vsocket_policy::FabricKind::Tcp);
+    let fabric = parse_text(&config_text("", &text)).unwrap().fabric().unwrap().clone();
+    assert_eq!(fabric.kind, vsocket_policy::FabricKind::Tcp);
+    // Cross-host rings default to 1 MiB per direction, apart from host.ring_size.
+    assert_eq!(fabric.ring_size, 1 << 20);
+    assert_eq!(fabric.segment_size(), 4096 + 2 * (1 << 20));
+    let text = fabric_table("tcp").replace("[fabric]\n", "[fabric]\nring_size = 4194304\n");
+    assert_eq!(parse_text(&config_text("", &text)).unwrap().fabric().unwrap().ring_size, 4 << 20);
 }
 
 #[test]
@@ -745,6 +751,11 @@ fn bad_placement_and_fabric_name_file_field_and_problem() {
             fabric_table("tcp").replace("10.99.0.2:7470", "10.99.0.2"),
             "fabric.host[1].address",
             Problem::BadListenAddress("10.99.0.2".into()),
+        ),
+        (
+            fabric_table("tcp").replace("[fabric]\n", "[fabric]\nring_size = 1000000\n"),
+            "fabric.ring_size",
+            Problem::BadRingSize(1_000_000),
         ),
         (
             fabric_table("tcp").replace("name = \"host2\"", "name = \"host1\""),
