@@ -510,7 +510,7 @@ mod tests {
             sent.entry(id).or_default().extend_from_slice(&bytes);
             wire.extend_from_slice(&Frame::data_header(Origin::Sender, id, len));
             wire.extend_from_slice(&bytes);
-            if rng.next() % 3 == 0 {
+            if rng.next().is_multiple_of(3) {
                 Frame::Credit { origin: Origin::Receiver, id, bytes: 4096 }.encode(&mut wire);
                 controls += 1;
             }
