@@ -231,6 +231,42 @@ fn a_cut_link_resets_its_connections_within_the_bound(kind: &str, name: &str) {
     assert_eq!(a.counter("a", "fallbacks"), 0);
 }
 
+/// The second host's daemon starts while its fabric interface is down (a
+/// host whose network comes up after its services): once the interface is
+/// up, the first host's dials get through and connections cross.
+fn a_daemon_started_before_its_network_links_once_it_is_up(kind: &str, name: &str) {
+    let (a, mut b) = pair(name, kind);
+    let link = |state: &str| {
+        let ok = std::process::Command::new("ip")
+            .args(["-n", &format!("vsw-{name}-2"), "link", "set", "fab0", state])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    b.kill_daemon();
+    assert!(wait_until(Duration::from_secs(10), || a.ctl("peers").unwrap()[0]["state"] == "down"), "link kept");
+    link("down");
+    b.start_daemon().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(a.ctl("peers").unwrap()[0]["state"], "down");
+    link("up");
+    assert!(
+        wait_until(Duration::from_secs(15), || a.ctl("peers").unwrap()[0]["state"] == "up"),
+        "no link after the interface came up:\n{}\n{}",
+        a.daemon_log(),
+        b.daemon_log()
+    );
+    let script = asset("transfer.py");
+    let script = script.to_str().unwrap();
+    b.spawn("b", Via::Vsocket, "python3", &[script, "serve", "10.10.0.3", "7009"], "server.log").unwrap();
+    b.wait_listening("b", 7009).unwrap();
+    let sent = a.run_ok("a", Via::Vsocket, "python3", &[script, "send", "10.10.0.3", "7009", "10000000", "3"]).unwrap();
+    b.stop_background();
+    let received = std::fs::read_to_string(b.dir.join("server.log")).unwrap();
+    assert_eq!(received.trim(), sent.trim());
+    assert_eq!(a.counter("a", "fallbacks"), 0);
+}
+
 fn a_misbehaving_peer_host_is_contained(kind: &str, name: &str) {
     let (mut a, mut b) = pair(name, kind);
     // A listener whose program never reads.
@@ -362,6 +398,11 @@ fn link_cut_tcp() {
 }
 
 #[test]
+fn network_up_late_tcp() {
+    a_daemon_started_before_its_network_links_once_it_is_up("tcp", "ftn1");
+}
+
+#[test]
 fn misbehaving_peer_tcp() {
     a_misbehaving_peer_host_is_contained("tcp", "ftm1");
 }
@@ -399,6 +440,11 @@ fn daemon_killed_ucx() {
 #[test]
 fn link_cut_ucx() {
     a_cut_link_resets_its_connections_within_the_bound("ucx", "fuc1");
+}
+
+#[test]
+fn network_up_late_ucx() {
+    a_daemon_started_before_its_network_links_once_it_is_up("ucx", "fun1");
 }
 
 #[test]

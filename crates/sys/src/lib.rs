@@ -407,6 +407,48 @@ pub fn eventfd_signal(fd: BorrowedFd<'_>) {
     let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
 }
 
+/// Whether the network interface that holds `ip` is up and running:
+/// `None` if no interface holds it.
+pub fn interface_running(ip: std::net::IpAddr) -> io::Result<Option<bool>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a list that freeifaddrs frees.
+    syscall!(unsafe { libc::getifaddrs(&mut list) })?;
+    let mut found = None;
+    let mut entry = list;
+    while !entry.is_null() {
+        // SAFETY: `entry` is a node of the list getifaddrs made, freed below.
+        let ifa = unsafe { &*entry };
+        entry = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: a non-null ifa_addr points at a sockaddr whose family
+        // tells its real type; each is read only as that type.
+        let holds = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                    ip == std::net::IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                    ip == std::net::IpAddr::from(sin6.sin6_addr.s6_addr)
+                }
+                _ => false,
+            }
+        };
+        if holds {
+            let flags = ifa.ifa_flags as i32;
+            let running = flags & libc::IFF_UP != 0 && flags & libc::IFF_RUNNING != 0;
+            found = Some(found.unwrap_or(false) || running);
+        }
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once; no reference
+    // into it outlives this call.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(found)
+}
+
 /// Reads a doorbell, eventfd or pipe until it is empty, without blocking.
 /// Returns true if its other end has hung up (end of file); a hang-up
 /// right behind a short read shows at the next call (epoll reports it
@@ -450,6 +492,14 @@ pub fn ring(fd: BorrowedFd<'_>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn loopback_is_running_and_an_address_nobody_holds_is_not_found() {
+        let lo = std::net::IpAddr::from([127, 0, 0, 1]);
+        assert_eq!(super::interface_running(lo).unwrap(), Some(true));
+        let nobody = std::net::IpAddr::from([192, 0, 2, 254]);
+        assert_eq!(super::interface_running(nobody).unwrap(), None);
+    }
+
     use super::*;
     use std::os::fd::AsFd;
 

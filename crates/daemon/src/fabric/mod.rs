@@ -107,6 +107,9 @@ pub trait Transport: Send {
     /// Called before the relay sleeps; false if it must poll again first
     /// (the relay then calls `ready` with [`TOKEN_POLL`]).
     fn before_sleep(&mut self) -> bool;
+    /// Called a few times a second: a chance to start what had to wait
+    /// (the default does nothing).
+    fn maintain(&mut self, _epoll: &Epoll) {}
     /// "tcp" or "ucx".
     fn describe(&self) -> &'static str;
 }

@@ -333,6 +333,7 @@ impl Relay {
                 }
             }
         }
+        self.with_transport(|t, epoll, _| t.maintain(epoll));
         let stale: Vec<LinkId> =
             self.pending.iter().filter(|(_, p)| now.duration_since(p.since) > HELLO_TIMEOUT).map(|(l, _)| *l).collect();
         for link in stale {

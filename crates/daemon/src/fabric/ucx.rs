@@ -28,6 +28,9 @@ const TOKEN_WORKERS: u64 = 1 << 20;
 /// whatever a failed connection leaves in UCX goes with its worker and a
 /// later dial starts clean.
 pub struct UcxTransport {
+    /// This host's fabric address, where worker 0 listens.
+    address: SocketAddr,
+    /// Worker 0 listens (it may wait for the address's interface).
     workers: HashMap<u64, Worker>,
     next_worker: u64,
     links: HashMap<LinkId, (u64, EpId)>,
@@ -50,15 +53,9 @@ enum Later {
 
 impl UcxTransport {
     pub fn new(address: SocketAddr, epoll: &Epoll) -> std::io::Result<UcxTransport> {
-        // vsocketd's main sets UCX_TCP_CM_REUSEADDR, so that a daemon
-        // restarted at once gets its address back.
-        let mut worker = Worker::new()?;
-        worker.listen(address)?;
-        // The fd is UCX's, open as long as the worker; the transport owns
-        // the worker, and the relay's epoll set goes with the relay.
-        epoll.add_raw(worker.event_fd(), libc::EPOLLIN as u32, token(0))?;
-        Ok(UcxTransport {
-            workers: HashMap::from([(0, worker)]),
+        let mut transport = UcxTransport {
+            address,
+            workers: HashMap::new(),
             next_worker: 1,
             links: HashMap::new(),
             by_ep: HashMap::new(),
@@ -66,7 +63,31 @@ impl UcxTransport {
             later: Vec::new(),
             stash: std::collections::VecDeque::new(),
             frame: Vec::new(),
-        })
+        };
+        match vsocket_sys::interface_running(address.ip())? {
+            Some(true) => transport.listen(epoll)?,
+            Some(false) => tracing::info!(%address, "fabric (ucx): waiting for the interface to come up"),
+            None => {
+                return Err(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no interface holds the address"))
+            }
+        }
+        Ok(transport)
+    }
+
+    /// Makes worker 0, listening on this host's fabric address. UCX learns
+    /// the host's network devices when a worker is made and turns away
+    /// connections that arrive on a device that came up later, so this
+    /// waits until the address's interface runs.
+    fn listen(&mut self, epoll: &Epoll) -> std::io::Result<()> {
+        // vsocketd's main sets UCX_TCP_CM_REUSEADDR, so that a daemon
+        // restarted at once gets its address back.
+        let mut worker = Worker::new()?;
+        worker.listen(self.address)?;
+        // The fd is UCX's, open as long as the worker; the transport owns
+        // the worker, and the relay's epoll set goes with the relay.
+        epoll.add_raw(worker.event_fd(), libc::EPOLLIN as u32, token(0))?;
+        self.workers.insert(0, worker);
+        Ok(())
     }
 
     fn link_of(&mut self, key: u64, ep: EpId) -> LinkId {
@@ -252,6 +273,17 @@ impl Transport for UcxTransport {
             return false;
         }
         self.workers.values_mut().all(|w| matches!(w.arm(), Ok(true)))
+    }
+
+    fn maintain(&mut self, epoll: &Epoll) {
+        if self.workers.contains_key(&0) || !matches!(vsocket_sys::interface_running(self.address.ip()), Ok(Some(true)))
+        {
+            return;
+        }
+        match self.listen(epoll) {
+            Ok(()) => tracing::info!(address = %self.address, "fabric (ucx): interface up, listening"),
+            Err(e) => tracing::warn!(address = %self.address, error = %e, "fabric (ucx): cannot listen"),
+        }
     }
 
     fn describe(&self) -> &'static str {
