@@ -207,11 +207,18 @@ impl Relay {
                 self.tick();
                 last_tick = Instant::now();
             }
-            let sleep = self.transport.as_mut().is_none_or(|t| t.before_sleep());
-            if !sleep {
+            // A transport that must be polled first (UCX with work pending)
+            // is polled a few times here, without a trip through epoll.
+            let mut polls = 0;
+            let sleep = loop {
+                let sleep = self.transport.as_mut().is_none_or(|t| t.before_sleep());
+                if sleep || polls == 4 {
+                    break sleep;
+                }
+                polls += 1;
                 self.with_transport(|t, epoll, on| t.ready(super::TOKEN_POLL, 0, epoll, on));
                 self.pump_dirty();
-            }
+            };
             let timeout = if sleep { (PING_EVERY / 2).as_millis() as i32 } else { 0 };
             if let Err(e) = self.epoll.wait(timeout, &mut events) {
                 tracing::error!(error = %e, "fabric relay: epoll_wait");

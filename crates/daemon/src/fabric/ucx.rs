@@ -10,7 +10,7 @@
 //! (`before_sleep`).
 
 use super::{Events, LinkEvent, LinkId, Transport, TOKEN_POLL};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use vsocket_abi::fabric::{Frame, Origin, HEADER};
 use vsocket_sys::Epoll;
@@ -43,6 +43,9 @@ pub struct UcxTransport {
     stash: std::collections::VecDeque<(u64, Event)>,
     /// Where each outgoing frame is put together (UCX copies it).
     frame: Vec<u8>,
+    /// Workers armed and not used since: their event fd tells when they
+    /// have work, so they need neither progress nor arming meanwhile.
+    armed: HashSet<u64>,
 }
 
 enum Later {
@@ -63,6 +66,7 @@ impl UcxTransport {
             later: Vec::new(),
             stash: std::collections::VecDeque::new(),
             frame: Vec::new(),
+            armed: HashSet::new(),
         };
         match vsocket_sys::interface_running(address.ip())? {
             Some(true) => transport.listen(epoll)?,
@@ -118,10 +122,20 @@ impl UcxTransport {
         self.workers.iter_mut().find_map(|(&key, w)| w.poll_event().map(|e| (key, e)))
     }
 
-    fn drain_events(&mut self, epoll: &Epoll, on: &mut dyn Events) {
-        for worker in self.workers.values_mut() {
-            worker.progress();
+    /// Progresses worker `key`, or (`None`) every worker not armed, then
+    /// reports every queued event.
+    fn drain_events(&mut self, key: Option<u64>, epoll: &Epoll, on: &mut dyn Events) {
+        for (k, worker) in &mut self.workers {
+            if key.map_or(!self.armed.contains(k), |key| key == *k) {
+                self.armed.remove(k);
+                worker.progress();
+            }
         }
+        self.report_events(epoll, on);
+    }
+
+    /// Reports the events workers have queued (without progressing them).
+    fn report_events(&mut self, epoll: &Epoll, on: &mut dyn Events) {
         while let Some((key, event)) = self.next_event() {
             match event {
                 Event::Accepted { ep, peer } => {
@@ -168,6 +182,8 @@ impl UcxTransport {
     fn send_bytes(&mut self, link: LinkId, bytes: &[u8]) {
         let Some(&(key, ep)) = self.links.get(&link) else { return };
         let Some(worker) = self.workers.get_mut(&key) else { return };
+        // A send may leave the worker work to progress.
+        self.armed.remove(&key);
         if let Err(e) = worker.send(ep, bytes) {
             self.later.push(Later::Down { link, why: format!("UCX send: {e}") });
         }
@@ -199,11 +215,14 @@ impl Transport for UcxTransport {
     }
 
     fn ready(&mut self, token: u64, _events: u32, epoll: &Epoll, on: &mut dyn Events) {
-        if token >= TOKEN_WORKERS || token == TOKEN_POLL {
-            self.report_later(on);
-            self.drain_events(epoll, on);
-            self.report_later(on);
-        }
+        let key = match token {
+            TOKEN_POLL => None,
+            t if t >= TOKEN_WORKERS => Some(t - TOKEN_WORKERS),
+            _ => return,
+        };
+        self.report_later(on);
+        self.drain_events(key, epoll, on);
+        self.report_later(on);
     }
 
     fn send(&mut self, link: LinkId, frame: &Frame<'_>) {
@@ -253,8 +272,10 @@ impl Transport for UcxTransport {
     }
 
     fn flush(&mut self, epoll: &Epoll, on: &mut dyn Events) {
+        // Frames went to UCX as they were sent; what is left for it to do
+        // makes `before_sleep` ask for a poll.
         self.report_later(on);
-        self.drain_events(epoll, on);
+        self.report_events(epoll, on);
         self.report_later(on);
     }
 
@@ -272,7 +293,15 @@ impl Transport for UcxTransport {
             self.stash.push_back(event);
             return false;
         }
-        self.workers.values_mut().all(|w| matches!(w.arm(), Ok(true)))
+        for (&key, worker) in &mut self.workers {
+            if !self.armed.contains(&key) {
+                if !matches!(worker.arm(), Ok(true)) {
+                    return false;
+                }
+                self.armed.insert(key);
+            }
+        }
+        true
     }
 
     fn maintain(&mut self, epoll: &Epoll) {
