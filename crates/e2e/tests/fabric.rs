@@ -372,6 +372,68 @@ fn a_host_that_is_not_configured_is_refused(kind: &str, name: &str) {
     assert_eq!(a.ctl("peers").unwrap()[0]["state"], "up");
 }
 
+/// As `a_host_that_is_not_configured_is_refused`, with a vsocketd as the
+/// intruder (so it speaks the fabric with the transport itself, UCX
+/// included): one that claims a name no config lists, and one that claims
+/// to be the first host from another address.
+fn an_intruding_daemon_is_refused(kind: &str, name: &str) {
+    let (a, b) = pair(name, kind);
+    let fabric_ns = format!("vsf-{name}-1");
+    let added = std::process::Command::new("ip")
+        .args(["-n", &fabric_ns, "addr", "add", "10.99.0.9/24", "dev", "fbr"])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    let links = peer(&a, "links_up");
+    // Both claimed names sort before the target's, so the intruder dials.
+    for (claim, why) in
+        [("a-intruder".to_string(), "not a configured fabric host"), (format!("{name}-1"), "not the host's address")]
+    {
+        let dir = std::env::temp_dir().join(format!("vsocket-intruder-{name}-{claim}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("run")).unwrap();
+        let config = dir.join("intruder.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[host]\nname = \"{claim}\"\nrun_dir = \"{}\"\n[fabric]\nkind = \"{kind}\"\n\
+                 [[fabric.host]]\nname = \"{claim}\"\naddress = \"10.99.0.9:7470\"\n\
+                 [[fabric.host]]\nname = \"{name}-2\"\naddress = \"{}\"\n",
+                dir.join("run").display(),
+                FABRIC_ADDRESSES[1]
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("vsocketd.log")).unwrap();
+        let mut intruder = std::process::Command::new("ip")
+            .args(["netns", "exec", &fabric_ns])
+            .arg(vsocket_e2e::bin("vsocketd"))
+            .arg("--config")
+            .arg(&config)
+            .env("VSOCKET_LOG", "debug")
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let refusals = b.daemon_log().matches("fabric link refused").count();
+        let ups = b.daemon_log().matches("fabric link up").count();
+        let refused = wait_until(Duration::from_secs(10), || {
+            let log = b.daemon_log();
+            log.matches("fabric link refused").count() > refusals && log.contains(why)
+        });
+        // It keeps dialing; none of its links is ever taken on the target.
+        std::thread::sleep(Duration::from_secs(2));
+        let _ = intruder.kill();
+        let _ = intruder.wait();
+        let intruder_log = std::fs::read_to_string(dir.join("vsocketd.log")).unwrap_or_default();
+        assert!(refused, "{claim} was not refused:\n{}\n{intruder_log}", b.daemon_log());
+        // (The intruder heard the target's Hello, which goes first each way.)
+        assert_eq!(b.daemon_log().matches("fabric link up").count(), ups, "{claim} got a link:\n{}", b.daemon_log());
+    }
+    // The real link was not disturbed.
+    peer_reaches(&a, "links_up", |n| n == links);
+    assert_eq!(a.ctl("peers").unwrap()[0]["state"], "up");
+}
+
 #[test]
 fn programs_tcp() {
     programs_work_across_hosts("tcp", "ftp1");
@@ -440,6 +502,11 @@ fn daemon_killed_ucx() {
 #[test]
 fn link_cut_ucx() {
     a_cut_link_resets_its_connections_within_the_bound("ucx", "fuc1");
+}
+
+#[test]
+fn intruder_ucx() {
+    an_intruding_daemon_is_refused("ucx", "fuu1");
 }
 
 #[test]

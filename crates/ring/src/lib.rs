@@ -30,6 +30,6 @@ pub mod ring;
 pub mod segment;
 mod sync;
 
-pub use ring::{Consumer, Producer, RingControl, Received, RingError, RxState, SocketError};
+pub use ring::{Consumer, Producer, Received, RingControl, RingError, RxState, SocketError};
 #[cfg(not(loom))]
 pub use segment::{FileIdentity, Segment};
