@@ -69,34 +69,68 @@ fn finish_steady(child: Child, what: &str) {
 
 #[test]
 fn scribbling_on_a_segment_breaks_only_that_connection() {
-    let mut lab = Lab::start("thost", &four()).unwrap();
+    let lab = Lab::start("thost", &four()).unwrap();
+    scribbles_break_only_their_connection(&mut [lab]);
+}
+
+/// The same across hosts: the scribbler's segment is shared with its own
+/// host's relay, which must reset that stream alone (the peer on the other
+/// host sees the reset come over the link) and keep the link, and every
+/// other stream on it, going.
+fn scribbling_on_a_relayed_segment_breaks_only_that_connection(kind: &str, name: &str) {
+    let body = four();
+    let (near, far) = Lab::start_pair(name, [&body, &body], ["", ""], kind, &["b", "d"]).unwrap();
+    let mut labs = [near, far];
+    scribbles_break_only_their_connection(&mut labs);
+    let peers = labs[0].ctl("peers").unwrap();
+    assert_eq!(peers[0]["state"], "up", "{peers}");
+    assert!(peers[0]["corrupt"].as_u64().unwrap() >= 1, "the relay saw no corrupt ring: {peers}");
+    assert_eq!(peers[0]["links_up"], 1, "the link was made again: {peers}");
+}
+
+#[test]
+fn scribbling_across_hosts_tcp() {
+    scribbling_on_a_relayed_segment_breaks_only_that_connection("tcp", "fhs1");
+}
+
+#[test]
+fn scribbling_across_hosts_ucx() {
+    scribbling_on_a_relayed_segment_breaks_only_that_connection("ucx", "fhs2");
+}
+
+/// Guest `a` (on the first lab's host) scribbles over a connection to `b`
+/// (on the last lab's, which may be the same) in every way it can, while
+/// `a` to `b` and `c` to `d` carry checked bytes beside it.
+fn scribbles_break_only_their_connection(labs: &mut [Lab]) {
     let peer = asset("hostile_peer.py");
     let peer = peer.to_str().unwrap();
-    lab.spawn("b", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.3", "7000"], "peer-b.log").unwrap();
-    lab.spawn("d", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.5", "7000"], "peer-d.log").unwrap();
-    lab.wait_listening("b", 7000).unwrap();
-    lab.wait_listening("d", 7000).unwrap();
-    let scribbler = compile("scribbler.c", &lab.dir).unwrap();
+    let far = labs.last_mut().unwrap();
+    far.spawn("b", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.3", "7000"], "peer-b.log").unwrap();
+    far.spawn("d", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.5", "7000"], "peer-d.log").unwrap();
+    let (near, far) = (&labs[0], &labs[labs.len() - 1]);
+    far.wait_listening("b", 7000).unwrap();
+    far.wait_listening("d", 7000).unwrap();
+    let scribbler = compile("scribbler.c", &near.dir).unwrap();
     let scribbler = scribbler.to_str().unwrap();
 
     // Bystanders: another connection between the same two guests, and one
     // between two other guests, checking every byte throughout.
-    let stop = lab.dir.join("stop");
-    let mut same_guests = steady(&lab, "a", "10.10.0.3", "7000", &stop);
-    let mut other_guests = steady(&lab, "c", "10.10.0.5", "7000", &stop);
-    assert!(wait_until(Duration::from_secs(10), || live_client_ports(&lab).len() == 2), "bystanders connected");
-    let bystanders = live_client_ports(&lab);
+    let stop = near.dir.join("stop");
+    let mut same_guests = steady(near, "a", "10.10.0.3", "7000", &stop);
+    let mut other_guests = steady(near, "c", "10.10.0.5", "7000", &stop);
+    assert!(wait_until(Duration::from_secs(10), || live_client_ports(near).len() == 2), "bystanders connected");
+    let bystanders = live_client_ports(near);
 
     let mut hostile_ports = Vec::new();
     for scenario in SCENARIOS {
-        let out = lab.run_ok("a", Via::Vsocket, scribbler, &["10.10.0.3", "7000", "echo", scenario, "1500"]).unwrap();
+        let out = near.run_ok("a", Via::Vsocket, scribbler, &["10.10.0.3", "7000", "echo", scenario, "1500"]).unwrap();
         let port: u16 = out.lines().find_map(|l| l.strip_prefix("port=")).unwrap().parse().unwrap();
         hostile_ports.push(port);
         assert!(
-            wait_until(Duration::from_secs(10), || report(&lab, "peer-b.log", port).is_some()),
+            wait_until(Duration::from_secs(10), || report(far, "peer-b.log", port).is_some()),
             "{scenario}: the peer never saw the connection end (a hang); scribbler said {out}"
         );
-        let seen = report(&lab, "peer-b.log", port).unwrap();
+        let seen = report(far, "peer-b.log", port).unwrap();
         assert_eq!(seen["prefix"], true, "{scenario}: the peer received bytes that were not sent: {seen}");
         assert!(seen["received"].as_u64().unwrap() >= 16_000, "{scenario}: the exchange before the scribble: {seen}");
         let end = seen["end"].as_str().unwrap();
@@ -113,9 +147,9 @@ fn scribbling_on_a_segment_breaks_only_that_connection() {
 
     // The broken connections are retired; the bystanders are not.
     let hostile: HashSet<u16> = hostile_ports.iter().copied().collect();
-    let drained = wait_until(Duration::from_secs(5), || live_client_ports(&lab).is_disjoint(&hostile));
-    assert!(drained, "broken connections still on record: {:?}", lab.ctl("connections").unwrap());
-    assert_eq!(live_client_ports(&lab), bystanders, "the bystanders' connections are untouched");
+    let drained = wait_until(Duration::from_secs(5), || live_client_ports(near).is_disjoint(&hostile));
+    assert!(drained, "broken connections still on record: {:?}", near.ctl("connections").unwrap());
+    assert_eq!(live_client_ports(near), bystanders, "the bystanders' connections are untouched");
 
     // The bystanders carried checked traffic throughout.
     std::fs::write(&stop, b"").unwrap();
@@ -124,13 +158,15 @@ fn scribbling_on_a_segment_breaks_only_that_connection() {
 
     // The daemon is up and brokers new connections.
     let _ = std::fs::remove_file(&stop);
-    let again = steady(&lab, "a", "10.10.0.3", "7000", &stop);
+    let again = steady(near, "a", "10.10.0.3", "7000", &stop);
     std::thread::sleep(Duration::from_millis(500));
     std::fs::write(&stop, b"").unwrap();
     finish_steady(again, "a to b, after the scribbles");
-    assert!(!lab.daemon_log().contains("panicked"), "{}", lab.daemon_log());
-    assert!(lab.ctl("status").is_ok());
-    lab.stop_background();
+    for lab in labs.iter_mut() {
+        assert!(!lab.daemon_log().contains("panicked"), "{}", lab.daemon_log());
+        assert!(lab.ctl("status").is_ok());
+        lab.stop_background();
+    }
 }
 
 #[test]
