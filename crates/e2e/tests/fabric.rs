@@ -24,6 +24,15 @@ fn peer_reaches(lab: &Lab, field: &str, ok: impl Fn(u64) -> bool) {
     }
 }
 
+/// Sets the second host's fabric interface `state` ("up" or "down").
+fn second_hosts_fabric_link(name: &str, state: &str) {
+    let ok = std::process::Command::new("ip")
+        .args(["-n", &format!("vsw-{name}-2"), "link", "set", "fab0", state])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
 fn programs_work_across_hosts(kind: &str, name: &str) {
     let (a, mut b) = pair(name, kind);
     // redis: values written from one host are read back from it, and the
@@ -193,13 +202,7 @@ fn a_cut_link_resets_its_connections_within_the_bound(kind: &str, name: &str) {
         .unwrap();
     assert!(wait_until(Duration::from_secs(10), || peer(&b, "bytes_received") > 50 << 20), "no traffic");
     // Cut the link: no FIN, no RST, just silence.
-    let link = |state: &str| {
-        let ok = std::process::Command::new("ip")
-            .args(["-n", &format!("vsw-{name}-2"), "link", "set", "fab0", state])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    };
+    let link = |state: &str| second_hosts_fabric_link(name, state);
     link("down");
     let cut = Instant::now();
     let ended = wait_until(Duration::from_secs(15), || matches!(sender.try_wait(), Ok(Some(_))));
@@ -236,13 +239,7 @@ fn a_cut_link_resets_its_connections_within_the_bound(kind: &str, name: &str) {
 /// up, the first host's dials get through and connections cross.
 fn a_daemon_started_before_its_network_links_once_it_is_up(kind: &str, name: &str) {
     let (a, mut b) = pair(name, kind);
-    let link = |state: &str| {
-        let ok = std::process::Command::new("ip")
-            .args(["-n", &format!("vsw-{name}-2"), "link", "set", "fab0", state])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    };
+    let link = |state: &str| second_hosts_fabric_link(name, state);
     b.kill_daemon();
     assert!(wait_until(Duration::from_secs(10), || a.ctl("peers").unwrap()[0]["state"] == "down"), "link kept");
     link("down");
@@ -343,10 +340,11 @@ fn the_servers_host_decides_ingress(kind: &str, name: &str) {
     peer_reaches(&b, "accepted", |n| n == 0);
 }
 
-fn a_host_that_is_not_configured_is_refused(kind: &str, name: &str) {
+/// A pair of hosts, and 10.99.0.9 on the network between them for a party
+/// that is not a host: the namespace it speaks from, and the first host's
+/// count of links so far.
+fn pair_and_a_stranger(name: &str, kind: &str) -> (Lab, Lab, String, u64) {
     let (a, b) = pair(name, kind);
-    // Someone on the fabric's network who is not the first host claims to
-    // be it, and someone else claims a name no config lists.
     let fabric_ns = format!("vsf-{name}-1");
     let added = std::process::Command::new("ip")
         .args(["-n", &fabric_ns, "addr", "add", "10.99.0.9/24", "dev", "fbr"])
@@ -354,6 +352,13 @@ fn a_host_that_is_not_configured_is_refused(kind: &str, name: &str) {
         .unwrap();
     assert!(added.success());
     let links = peer(&a, "links_up");
+    (a, b, fabric_ns, links)
+}
+
+fn a_host_that_is_not_configured_is_refused(kind: &str, name: &str) {
+    // Someone on the fabric's network who is not the first host claims to
+    // be it, and someone else claims a name no config lists.
+    let (a, b, fabric_ns, links) = pair_and_a_stranger(name, kind);
     let target = FABRIC_ADDRESSES[1];
     let script = asset("fabric_intruder.py");
     for claim in [format!("{name}-1"), "intruder".to_string()] {
@@ -377,14 +382,7 @@ fn a_host_that_is_not_configured_is_refused(kind: &str, name: &str) {
 /// included): one that claims a name no config lists, and one that claims
 /// to be the first host from another address.
 fn an_intruding_daemon_is_refused(kind: &str, name: &str) {
-    let (a, b) = pair(name, kind);
-    let fabric_ns = format!("vsf-{name}-1");
-    let added = std::process::Command::new("ip")
-        .args(["-n", &fabric_ns, "addr", "add", "10.99.0.9/24", "dev", "fbr"])
-        .status()
-        .unwrap();
-    assert!(added.success());
-    let links = peer(&a, "links_up");
+    let (a, b, fabric_ns, links) = pair_and_a_stranger(name, kind);
     // Both claimed names sort before the target's, so the intruder dials.
     for (claim, why) in
         [("a-intruder".to_string(), "not a configured fabric host"), (format!("{name}-1"), "not the host's address")]

@@ -61,6 +61,22 @@ struct Link {
     want_out: bool,
 }
 
+impl Link {
+    fn new(stream: TcpStream, peer: SocketAddr) -> Link {
+        Link {
+            stream,
+            peer,
+            inbound: vec![0; INBOUND],
+            parsed: 0,
+            filled: 0,
+            payload: None,
+            outbound: Vec::new(),
+            written: 0,
+            want_out: false,
+        }
+    }
+}
+
 /// Kernel TCP links, listening on this host's fabric address.
 pub struct TcpTransport {
     listener: TcpListener,
@@ -89,18 +105,7 @@ impl TcpTransport {
         let id = self.next;
         self.next += 1;
         epoll.add(stream.as_fd(), libc::EPOLLIN as u32, id)?;
-        let link = Link {
-            stream,
-            peer,
-            inbound: vec![0; INBOUND],
-            parsed: 0,
-            filled: 0,
-            payload: None,
-            outbound: Vec::new(),
-            written: 0,
-            want_out: false,
-        };
-        self.links.insert(id, link);
+        self.links.insert(id, Link::new(stream, peer));
         Ok(id)
     }
 
@@ -477,17 +482,7 @@ mod tests {
         let mut writer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (stream, peer) = listener.accept().unwrap();
         stream.set_nonblocking(true).unwrap();
-        let mut link = Link {
-            stream,
-            peer,
-            inbound: vec![0; INBOUND],
-            parsed: 0,
-            filled: 0,
-            payload: None,
-            outbound: Vec::new(),
-            written: 0,
-            want_out: false,
-        };
+        let mut link = Link::new(stream, peer);
         // Streams 1 and 2 have rings; stream 3 has none, so its payloads
         // always come through the buffer.
         let mut relay = Relay { rings: BTreeMap::new(), got: BTreeMap::new(), in_place: 0, controls: 0 };
