@@ -465,17 +465,6 @@ mod tests {
         }
     }
 
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
-
     #[test]
     fn frames_split_anywhere_reach_their_streams_whole_and_in_order() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -489,23 +478,28 @@ mod tests {
         for id in [1, 2] {
             relay.rings.insert(id, Segment::create(1 << 20).unwrap().0);
         }
-        let mut rng = XorShift(0x5eed_f00d_cafe_0001);
+        // A seeded linear congruential sequence: the same run every time.
+        let mut state = 0x5eed_f00d_cafe_0001u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            state >> 33
+        };
         let mut wire = Vec::new();
         let mut sent: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut controls = 0;
         for n in 0..400 {
-            let id = 1 + rng.next() % 3;
+            let id = 1 + next() % 3;
             // Mostly small, some up to a whole frame.
-            let len = match rng.next() % 4 {
-                0 => (rng.next() % vsocket_abi::fabric::MAX_PAYLOAD as u64) as usize + 1,
-                1 => (rng.next() % 20_000) as usize,
-                _ => (rng.next() % 300) as usize,
+            let len = match next() % 4 {
+                0 => (next() % vsocket_abi::fabric::MAX_PAYLOAD as u64) as usize + 1,
+                1 => (next() % 20_000) as usize,
+                _ => (next() % 300) as usize,
             };
             let bytes: Vec<u8> = (0..len).map(|i| (n * 7 + i) as u8 ^ id as u8).collect();
             sent.entry(id).or_default().extend_from_slice(&bytes);
             wire.extend_from_slice(&Frame::data_header(Origin::Sender, id, len));
             wire.extend_from_slice(&bytes);
-            if rng.next().is_multiple_of(3) {
+            if next().is_multiple_of(3) {
                 Frame::Credit { origin: Origin::Receiver, id, bytes: 4096 }.encode(&mut wire);
                 controls += 1;
             }
@@ -514,10 +508,10 @@ mod tests {
         // frames at once), read as the relay would: whenever there is some.
         let mut at = 0;
         while at < wire.len() {
-            let piece = match rng.next() % 3 {
-                0 => 1 + (rng.next() % 17) as usize,
-                1 => 1 + (rng.next() % 5000) as usize,
-                _ => 1 + (rng.next() % 300_000) as usize,
+            let piece = match next() % 3 {
+                0 => 1 + (next() % 17) as usize,
+                1 => 1 + (next() % 5000) as usize,
+                _ => 1 + (next() % 300_000) as usize,
             }
             .min(wire.len() - at);
             writer.write_all(&wire[at..at + piece]).unwrap();
