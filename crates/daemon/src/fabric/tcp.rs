@@ -122,22 +122,15 @@ impl TcpTransport {
             }
             // The buffer holds at most an unfinished header or frame now;
             // a payload in progress finds it empty.
-            let drained = match link.payload.filter(|p| p.len >= DIRECT_MIN) {
-                Some(p) => match Self::read_in_place(link, id, p, on)? {
-                    Some((n, drained)) => {
-                        budget = budget.saturating_sub(n);
-                        drained
-                    }
-                    None => Self::read_buffered(link)?.is_none_or(|(n, drained)| {
-                        budget = budget.saturating_sub(n);
-                        drained
-                    }),
-                },
-                None => Self::read_buffered(link)?.is_none_or(|(n, drained)| {
-                    budget = budget.saturating_sub(n);
-                    drained
-                }),
+            let in_place = match link.payload.filter(|p| p.len >= DIRECT_MIN) {
+                Some(p) => Self::read_in_place(link, id, p, on)?,
+                None => None,
             };
+            let (n, drained) = match in_place {
+                Some(read) => read,
+                None => Self::read_buffered(link)?,
+            };
+            budget = budget.saturating_sub(n);
             if drained {
                 // A short read took all there was: epoll says when more comes.
                 Self::parse(link, id, on)?;
@@ -146,9 +139,9 @@ impl TcpTransport {
         }
     }
 
-    /// Reads into the buffer. `None`: nothing to read; else the bytes read
-    /// and whether that emptied the socket.
-    fn read_buffered(link: &mut Link) -> Result<Option<(usize, bool)>, String> {
+    /// Reads into the buffer: the bytes read and whether that emptied the
+    /// socket.
+    fn read_buffered(link: &mut Link) -> Result<(usize, bool), String> {
         if link.parsed == link.filled {
             link.parsed = 0;
             link.filled = 0;
@@ -165,9 +158,9 @@ impl TcpTransport {
                 Ok(0) => Err("the other host closed the link".into()),
                 Ok(n) => {
                     link.filled += n;
-                    Ok(Some((n, n < want)))
+                    Ok((n, n < want))
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((0, true)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => Err(format!("link read: {e}")),
             };
