@@ -218,6 +218,7 @@ fn connect_remote(
                 lifelines: [ends.guest_lifeline, ends.my_lifeline],
                 reset: Default::default(),
                 charge,
+                relayed: Some((ends.meter, vsocket_abi::layout::Endpoint::Server)),
             });
             let connected =
                 Message::Connected(ConnectionInfo { id, local: attempt.client_addr, peer: remote, ring_size });
@@ -329,6 +330,7 @@ pub fn accept_remote(
         lifelines: [ends.my_lifeline, ends.guest_lifeline],
         reset: Default::default(),
         charge,
+        relayed: Some((ends.meter, vsocket_abi::layout::Endpoint::Client)),
     });
     let connected = Message::Connected(ConnectionInfo { id, local: request.client, peer: request.server, ring_size });
     attempt.log(Some(&server_slot), &Reply::plain(connected), || {
@@ -350,6 +352,7 @@ struct Relayed {
     guest_lifeline: OwnedFd,
     guest_holds: OwnedFd,
     my_lifeline: OwnedFd,
+    meter: Arc<crate::fabric::Meter>,
     conn: crate::fabric::NewConn,
 }
 
@@ -367,6 +370,7 @@ fn relayed(daemon: &Daemon, ring_size: u32, mine: vsocket_abi::layout::Endpoint)
         let (my_lifeline, holds) = vsocket_sys::pipe()?;
         let id = daemon.next_id();
         segment.connection_id().store(id, Ordering::Release);
+        let meter = Arc::new(crate::fabric::Meter::default());
         Ok(Relayed {
             id,
             ring_size,
@@ -377,7 +381,8 @@ fn relayed(daemon: &Daemon, ring_size: u32, mine: vsocket_abi::layout::Endpoint)
             guest_lifeline,
             guest_holds,
             my_lifeline,
-            conn: crate::fabric::NewConn { segment: relay_view, mine, bell, holds },
+            conn: crate::fabric::NewConn { segment: relay_view, mine, bell, holds, meter: meter.clone() },
+            meter,
         })
     })();
     made.inspect_err(|e| tracing::warn!(error = %e, "cannot make a segment for a cross-host connection")).ok()
@@ -550,6 +555,7 @@ fn open(
         lifelines: [client_lifeline, server_lifeline],
         reset: Default::default(),
         charge,
+        relayed: None,
     });
     let connected = Message::Connected(ConnectionInfo { id, local: client_addr, peer: remote, ring_size });
     Ok(Reply { message: connected, fds: vec![memfd, client_bell, client_holds] })

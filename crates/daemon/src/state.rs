@@ -252,16 +252,36 @@ pub struct ConnectionRecord {
     /// What the connection holds of its guests' quotas (their slots), given
     /// back once when it is retired, whatever changed meanwhile.
     pub charge: Charge,
+    /// For a connection the fabric relay carries: the relay's count of what
+    /// it moved, and which end of the segment is the daemon's.
+    pub relayed: Option<(Arc<crate::fabric::Meter>, vsocket_abi::layout::Endpoint)>,
 }
 
 impl ConnectionRecord {
-    /// Bytes the client has sent (the client's ring tail).
+    /// Bytes the client has sent: the client's ring tail, or for a relayed
+    /// connection what the relay moved (which the guest cannot rewrite).
     pub fn bytes_client_to_server(&self) -> u64 {
-        self.segment.producer(vsocket_abi::layout::Endpoint::Client.tx_ring()).total()
+        self.bytes_from(vsocket_abi::layout::Endpoint::Client)
     }
     /// Bytes the server has sent.
     pub fn bytes_server_to_client(&self) -> u64 {
-        self.segment.producer(vsocket_abi::layout::Endpoint::Server.tx_ring()).total()
+        self.bytes_from(vsocket_abi::layout::Endpoint::Server)
+    }
+
+    fn bytes_from(&self, end: vsocket_abi::layout::Endpoint) -> u64 {
+        match &self.relayed {
+            // The daemon's own end sent what the relay gave its guest.
+            Some((meter, mine)) if *mine == end => meter.given.load(std::sync::atomic::Ordering::Relaxed),
+            Some((meter, _)) => meter.taken.load(std::sync::atomic::Ordering::Relaxed),
+            None => self.segment.producer(end.tx_ring()).total(),
+        }
+    }
+
+    /// The close flags count only where both ends are guests': a guest
+    /// could set the daemon's end's flag on a relayed connection and stop
+    /// its metering early, so those end with their lifelines alone.
+    fn closed_by_flags(&self) -> bool {
+        self.relayed.is_none() && self.segment.fully_closed()
     }
 
     /// Is the connection over? Either both ends closed it as the protocol
@@ -270,7 +290,7 @@ impl ConnectionRecord {
     /// this retires connections whose flags a guest scribbled over, whose
     /// processes died without closing, or that were never accepted).
     pub fn finished(&self) -> bool {
-        self.segment.fully_closed() || self.lifelines.iter().all(|l| vsocket_sys::hung_up(l.as_fd()))
+        self.closed_by_flags() || self.lifelines.iter().all(|l| vsocket_sys::hung_up(l.as_fd()))
     }
 }
 
@@ -281,7 +301,7 @@ fn finished_connections(conns: &HashMap<u64, ConnectionRecord>) -> Vec<u64> {
     let mut done = Vec::new();
     let mut live = Vec::new();
     for c in conns.values() {
-        if c.segment.fully_closed() {
+        if c.closed_by_flags() {
             done.push(c.id);
         } else {
             live.push(c);

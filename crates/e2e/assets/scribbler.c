@@ -16,6 +16,11 @@
  *   holders     both endpoint holder counts set to 0x7fffffff
  *   header      magic, version and ring_size overwritten
  *   random      random bytes over the whole header page
+ *   rewind      both rings' indices moved back by whole rings while the
+ *               connection is quiet, which keeps it working (every offset
+ *               stays the same) but makes every ring total smaller: an
+ *               attempt to be metered for less than was moved; then a
+ *               second echo exchange, checked as the first
  *
  * It then tries to send more (reporting what its own library answers),
  * keeps the connection open for HOLD_MS (so the peer's reaction comes from
@@ -146,6 +151,16 @@ static void scribble(unsigned char *seg, size_t len, const char *scenario) {
         *u32_at(seg, ENDPOINT_LINE + 4) = 0x7fffffffu;
     } else if (!strcmp(scenario, "header")) {
         memset(seg, 0xff, 64);
+    } else if (!strcmp(scenario, "rewind")) {
+        uint64_t total = 0;
+        for (int r = 0; r < 2; r++) {
+            uint64_t head = *u64_at(seg, CONSUMER_LINE(r));
+            uint64_t back = head - head % ring_size;
+            *u64_at(seg, PRODUCER_LINE(r)) -= back;
+            *u64_at(seg, CONSUMER_LINE(r)) -= back;
+            total += back;
+        }
+        printf("rewound=%llu\n", (unsigned long long)total);
     } else if (!strcmp(scenario, "random")) {
         uint64_t x = 0x9e3779b97f4a7c15ull ^ (uint64_t)getpid();
         for (size_t i = 0; i < PAGE; i += 8) {
@@ -184,7 +199,19 @@ int main(int argc, char **argv) {
 
     size_t len = 0;
     unsigned char *seg = find_segment(&len);
+    /* Rewinding moves indices back by whole rings: first pass more than
+     * two rings' worth each way. */
+    while (!redis && !strcmp(argv[4], "rewind") && sent < 2 * (len - PAGE)) echo_exchange(fd);
     scribble(seg, len, argv[4]);
+
+    if (!strcmp(argv[4], "rewind")) {
+        /* The connection must work as before; the total goes to stdout. */
+        echo_exchange(fd);
+        printf("sent=%llu\n", (unsigned long long)sent);
+        fflush(stdout);
+        close(fd);
+        return 0;
+    }
 
     /* Go on as an honest program would; our own library may notice. */
     unsigned char more[8192];

@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::collections::HashSet;
 use std::process::{Child, Stdio};
 use std::time::Duration;
-use vsocket_e2e::{asset, compile, wait_until, Lab, Via};
+use vsocket_e2e::{asset, compile, wait_until, Lab, Via, TWO_GUESTS};
 
 /// Four guests in one VPC, all open to each other: `a` is the hostile one,
 /// `b` its peer, `c` and `d` a bystander pair.
@@ -96,6 +96,54 @@ fn scribbling_across_hosts_tcp() {
 #[test]
 fn scribbling_across_hosts_ucx() {
     scribbling_on_a_relayed_segment_breaks_only_that_connection("ucx", "fhs2");
+}
+
+/// Across hosts a connection is metered by its relays, in the daemons'
+/// own memory: a guest that moves its segment's indices back by whole
+/// rings (which keeps the connection working but lowers every ring total)
+/// is still metered, on both hosts, for every byte it moved.
+fn rewound_indices_do_not_lower_the_meter_across_hosts(kind: &str, name: &str) {
+    let (a, mut b) = Lab::start_pair(name, [TWO_GUESTS, TWO_GUESTS], ["", ""], kind, &["b"]).unwrap();
+    let peer = asset("hostile_peer.py");
+    b.spawn("b", Via::Vsocket, "python3", &[peer.to_str().unwrap(), "serve", "10.10.0.3", "7000"], "peer-b.log")
+        .unwrap();
+    b.wait_listening("b", 7000).unwrap();
+    let scribbler = compile("scribbler.c", &a.dir).unwrap();
+    let out = a.run_ok("a", Via::Vsocket, scribbler.to_str().unwrap(), &["10.10.0.3", "7000", "echo", "rewind", "0"]);
+    let out = out.unwrap();
+    let field = |key: &str| -> u64 {
+        out.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} in {out}")).parse().unwrap()
+    };
+    let (port, sent, rewound) = (field("port=") as u16, field("sent="), field("rewound="));
+    assert!(rewound >= 2 << 20, "the indices were not moved back: {out}");
+    // The echo server got every byte, in order, and a clean end.
+    assert!(wait_until(Duration::from_secs(10), || report(&b, "peer-b.log", port).is_some()), "no report: {out}");
+    let seen = report(&b, "peer-b.log", port).unwrap();
+    assert_eq!(
+        (seen["prefix"].as_bool(), seen["received"].as_u64(), seen["end"].as_str()),
+        (Some(true), Some(sent), Some("eof"))
+    );
+    // Once the connection is retired on both hosts, each guest's totals are
+    // the bytes moved, not the rewound ring totals.
+    let retired = |lab: &Lab| lab.ctl("connections").unwrap().as_array().unwrap().is_empty();
+    assert!(wait_until(Duration::from_secs(10), || retired(&a) && retired(&b)), "connection not retired");
+    for (lab, guest) in [(&a, "a"), (&b, "b")] {
+        assert_eq!(
+            (lab.counter(guest, "bytes_sent"), lab.counter(guest, "bytes_received")),
+            (sent, sent),
+            "{guest}'s meter after {sent} bytes each way ({rewound} rewound)"
+        );
+    }
+}
+
+#[test]
+fn rewound_indices_across_hosts_tcp() {
+    rewound_indices_do_not_lower_the_meter_across_hosts("tcp", "fhr1");
+}
+
+#[test]
+fn rewound_indices_across_hosts_ucx() {
+    rewound_indices_do_not_lower_the_meter_across_hosts("ucx", "fhr2");
 }
 
 /// Guest `a` (on the first lab's host) scribbles over a connection to `b`

@@ -20,6 +20,7 @@ pub mod ucx;
 use crate::Daemon;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use vsocket_abi::fabric::{Frame, Origin, Refusal};
@@ -133,6 +134,17 @@ pub enum OpenOutcome {
     Unreachable(String),
 }
 
+/// What the relay moved for one connection, counted in the daemon's own
+/// memory: the connection's metering, which no guest can forge (a guest
+/// can rewrite every index in its segment, the daemon's included).
+#[derive(Debug, Default)]
+pub struct Meter {
+    /// Bytes taken from the guest's ring and sent to the other host.
+    pub taken: AtomicU64,
+    /// Bytes from the other host written into the guest's ring.
+    pub given: AtomicU64,
+}
+
 /// The daemon's end of a relayed connection's segment.
 pub struct NewConn {
     pub segment: Segment,
@@ -142,6 +154,8 @@ pub struct NewConn {
     pub bell: OwnedFd,
     /// Write end of the daemon's lifeline pipe (the record holds the read end).
     pub holds: OwnedFd,
+    /// Shared with the connection's record.
+    pub meter: Arc<Meter>,
 }
 
 pub(crate) enum Command {

@@ -20,6 +20,7 @@ use crate::Daemon;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -80,8 +81,9 @@ struct Conn {
     credit: u64,
     /// The peer's window: what it allowed us at the start.
     window: u32,
-    /// Bytes written into the guest's receive ring.
-    delivered: u64,
+    /// Bytes taken from and written into the guest's rings (`given` is
+    /// what flow control calls delivered).
+    meter: Arc<super::Meter>,
     /// Of those, bytes the guest consumed that we have credited back.
     credited: u64,
     /// Waiting for the peer's answer to our `Open`.
@@ -687,7 +689,7 @@ impl Relay {
             self.conns.push(None);
             self.conns.len() - 1
         });
-        let NewConn { segment, mine, bell, holds } = conn;
+        let NewConn { segment, mine, bell, holds, meter } = conn;
         if let Err(e) = self.epoll.add(bell.as_fd(), libc::EPOLLIN as u32, TOKEN_CONNS + index as u64) {
             tracing::error!(error = %e, "fabric relay: cannot watch a doorbell");
         }
@@ -699,7 +701,7 @@ impl Relay {
             _holds: holds,
             credit,
             window,
-            delivered: 0,
+            meter,
             credited: 0,
             opening,
             sent_end: false,
@@ -773,7 +775,7 @@ impl Relay {
     /// `n` more bytes are in connection `index`'s receive ring.
     fn delivered(&mut self, index: usize, n: usize, wake: bool) {
         let Some(conn) = self.conns[index].as_mut() else { return };
-        conn.delivered += n as u64;
+        conn.meter.given.fetch_add(n as u64, Ordering::Relaxed);
         if wake {
             vsocket_sys::ring(conn.bell.as_fd());
         }
@@ -825,13 +827,14 @@ impl Relay {
                         vsocket_sys::ring(conn.bell.as_fd());
                     }
                     conn.credit -= take as u64;
+                    conn.meter.taken.fetch_add(take as u64, Ordering::Relaxed);
                     self.note_sent(link, take);
                 }
                 Ok(RxState::Empty) => {
                     if conn.guest_gone {
                         // The process died without closing: as the kernel
                         // does at exit, FIN, or RST with unread data.
-                        let unread = conn.delivered - conn.consumed();
+                        let unread = conn.delivered() - conn.consumed();
                         conn.sent_end = true;
                         let frame = if unread > 0 { Frame::Reset { origin, id } } else { Frame::Fin { origin, id } };
                         self.send(link, &frame);
@@ -888,7 +891,7 @@ impl Relay {
                 conn.credited = consumed;
                 return Some(owed.min(u64::from(u32::MAX)) as u32);
             }
-            let unread = conn.delivered.saturating_sub(consumed);
+            let unread = conn.delivered().saturating_sub(consumed);
             if unread + owed < step {
                 return None;
             }
@@ -952,6 +955,11 @@ impl Spin {
 }
 
 impl Conn {
+    /// Bytes written into the guest's receive ring.
+    fn delivered(&self) -> u64 {
+        self.meter.given.load(Ordering::Relaxed)
+    }
+
     /// Bytes of `delivered` the guest has read (its ring's head, as far as
     /// the daemon can tell: a guest that forges it fools only itself).
     fn consumed(&self) -> u64 {
@@ -959,10 +967,10 @@ impl Conn {
         match tx.space() {
             Ok(space) => {
                 let unread = u64::from(self.segment.ring_size()).saturating_sub(u64::from(space));
-                self.delivered.saturating_sub(unread)
+                self.delivered().saturating_sub(unread)
             }
             // Closed by the guest: everything counts as read.
-            Err(_) => self.delivered,
+            Err(_) => self.delivered(),
         }
     }
 }
