@@ -285,6 +285,34 @@ pub struct ucp_request_param_t {
     pub memh: ucp_mem_h,
 }
 
+impl ucp_request_param_t {
+    /// Parameters with a completion callback `cb` and its `user_data`,
+    /// `flags` (if any) and, if `bytes`, a contiguous byte buffer as the
+    /// datatype; each field set is named in `op_attr_mask`, the rest are
+    /// null.
+    pub fn with_callback(cb: ucp_request_param_cb, user_data: *mut c_void, flags: u32, bytes: bool) -> Self {
+        let mut mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+        if flags != 0 {
+            mask |= UCP_OP_ATTR_FIELD_FLAGS;
+        }
+        if bytes {
+            mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+        }
+        ucp_request_param_t {
+            op_attr_mask: mask,
+            flags,
+            request: std::ptr::null_mut(),
+            cb,
+            datatype: if bytes { UCP_DATATYPE_BYTES } else { 0 },
+            user_data,
+            reply_buffer: std::ptr::null_mut(),
+            memory_type: 0,
+            recv_info: std::ptr::null_mut(),
+            memh: std::ptr::null_mut(),
+        }
+    }
+}
+
 #[repr(C)]
 pub struct ucp_am_handler_param_t {
     pub field_mask: u64,

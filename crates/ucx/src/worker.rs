@@ -41,6 +41,10 @@ pub const MAX_FRAME_LEN: usize = 16 << 20;
 /// before [`Worker::send`] waits for some to complete.
 const SEND_WINDOW: usize = 8 << 20;
 
+/// Send buffers kept for reuse: enough for the sends UCX usually holds at
+/// once, so that steady sending allocates nothing.
+const SPARE_BUFFERS: usize = 16;
+
 /// `ucp_init`, `ucp_worker_create` and their teardown touch UCX's
 /// process-wide configuration and module tables; they are serialised here
 /// because UCX does not document them as thread-safe.
@@ -208,6 +212,8 @@ struct Shared {
     /// after `ucp_worker_destroy` is freed then.
     in_flight_sends: RefCell<HashSet<usize>>,
     in_flight_receives: RefCell<HashSet<usize>>,
+    /// Buffers of completed sends, kept for the next (see [`Worker::buffer`]).
+    spare: RefCell<Vec<Vec<u8>>>,
 }
 
 impl Shared {
@@ -219,6 +225,15 @@ impl Shared {
         self.endpoints.borrow_mut().insert(id, endpoint);
         self.by_handle.borrow_mut().insert(handle as usize, id);
         id
+    }
+
+    /// Keeps a completed send's buffer for a later one.
+    fn recycle(&self, mut buffer: Vec<u8>) {
+        let mut spare = self.spare.borrow_mut();
+        if spare.len() < SPARE_BUFFERS {
+            buffer.clear();
+            spare.push(buffer);
+        }
     }
 
     fn lookup(&self, handle: ucp_ep_h) -> Option<EpId> {
@@ -364,6 +379,7 @@ impl Worker {
             next_ep: Cell::new(1),
             in_flight_sends: RefCell::default(),
             in_flight_receives: RefCell::default(),
+            spare: RefCell::default(),
         }));
         // From here on, Drop tears down whatever was set up.
         let mut this = Worker { context, worker, listener: None, shared, event_fd: -1, _not_sync: PhantomData };
@@ -503,13 +519,28 @@ impl Worker {
         }
     }
 
-    /// Sends one frame on `ep`, after every frame sent on it before.
-    ///
-    /// The frame is copied; this returns once UCX owns the copy, waiting
-    /// (and progressing the worker) only while more than a few MiB of
-    /// earlier frames are still being sent. Events that arrive meanwhile are
-    /// queued for [`poll_event`](Self::poll_event).
+    /// Sends a copy of one frame on `ep` (see [`send_buffer`](Self::send_buffer)).
     pub fn send(&mut self, ep: EpId, frame: &[u8]) -> io::Result<()> {
+        let mut buffer = self.buffer();
+        buffer.extend_from_slice(frame);
+        self.send_buffer(ep, buffer)
+    }
+
+    /// An empty buffer to build a frame in for [`send_buffer`](Self::send_buffer):
+    /// one a completed send gave back when there is one.
+    pub fn buffer(&mut self) -> Vec<u8> {
+        self.shared().spare.borrow_mut().pop().unwrap_or_default()
+    }
+
+    /// Sends `frame` on `ep`, after every frame sent on it before. UCX
+    /// sends from the buffer itself, which goes back to the worker's spares
+    /// when the send completes.
+    ///
+    /// This returns once UCX owns the frame, waiting (and progressing the
+    /// worker) only while more than a few MiB of earlier frames are still
+    /// being sent. Events that arrive meanwhile are queued for
+    /// [`poll_event`](Self::poll_event).
+    pub fn send_buffer(&mut self, ep: EpId, frame: Vec<u8>) -> io::Result<()> {
         if frame.len() > MAX_FRAME_LEN {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame larger than MAX_FRAME_LEN"));
         }
@@ -527,29 +558,11 @@ impl Worker {
             (endpoint.handle, seq)
         };
         let len = frame.len();
-        let ctx = Box::into_raw(Box::new(SendCtx {
-            shared: self.shared,
-            ep,
-            header: seq.to_le_bytes(),
-            data: frame.to_vec(),
-        }));
-        let params = ucp_request_param_t {
-            op_attr_mask: UCP_OP_ATTR_FIELD_CALLBACK
-                | UCP_OP_ATTR_FIELD_USER_DATA
-                | UCP_OP_ATTR_FIELD_DATATYPE
-                | UCP_OP_ATTR_FIELD_FLAGS,
-            // The receiver learns which endpoint a frame came on only from
-            // the reply endpoint this flag makes UCX pass it.
-            flags: UCP_AM_SEND_FLAG_REPLY,
-            request: ptr::null_mut(),
-            cb: ucp_request_param_cb { send: Some(on_send_done) },
-            datatype: UCP_DATATYPE_BYTES,
-            user_data: ctx.cast(),
-            reply_buffer: ptr::null_mut(),
-            memory_type: 0,
-            recv_info: ptr::null_mut(),
-            memh: ptr::null_mut(),
-        };
+        let ctx = Box::into_raw(Box::new(SendCtx { shared: self.shared, ep, header: seq.to_le_bytes(), data: frame }));
+        // The receiver learns which endpoint a frame came on only from the
+        // reply endpoint UCP_AM_SEND_FLAG_REPLY makes UCX pass it.
+        let callback = ucp_request_param_cb { send: Some(on_send_done) };
+        let params = ucp_request_param_t::with_callback(callback, ctx.cast(), UCP_AM_SEND_FLAG_REPLY, true);
         self.shared().in_flight_sends.borrow_mut().insert(ctx as usize);
         let result = {
             let _call = UcxCall::enter();
@@ -575,7 +588,8 @@ impl Worker {
             done_or_error => {
                 // SAFETY: no request was made, so no callback owns `ctx`; it
                 // came from Box::into_raw above.
-                drop(unsafe { Box::from_raw(ctx) });
+                let done = unsafe { Box::from_raw(ctx) };
+                self.shared().recycle(done.data);
                 self.shared().in_flight_sends.borrow_mut().remove(&(ctx as usize));
                 if let Some(endpoint) = self.shared().endpoints.borrow_mut().get_mut(&ep) {
                     endpoint.sending -= len;
@@ -699,18 +713,8 @@ impl Worker {
     ) -> io::Result<ucs_status_t> {
         let done: Rc<Cell<Option<ucs_status_t>>> = Rc::new(Cell::new(None));
         let done_for_callback = Rc::into_raw(Rc::clone(&done));
-        let params = ucp_request_param_t {
-            op_attr_mask: UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS,
-            flags,
-            request: ptr::null_mut(),
-            cb: ucp_request_param_cb { send: Some(on_request_done) },
-            datatype: 0,
-            user_data: done_for_callback as *mut c_void,
-            reply_buffer: ptr::null_mut(),
-            memory_type: 0,
-            recv_info: ptr::null_mut(),
-            memh: ptr::null_mut(),
-        };
+        let callback = ucp_request_param_cb { send: Some(on_request_done) };
+        let params = ucp_request_param_t::with_callback(callback, done_for_callback as *mut c_void, flags, false);
         let result = {
             let _call = UcxCall::enter();
             start(&params)
@@ -1050,18 +1054,8 @@ unsafe extern "C" fn on_frame(
     }
     let ctx = Box::into_raw(Box::new(RecvCtx { shared: arg as *const Shared, ep, seq, buf: vec![0; length] }));
     shared.in_flight_receives.borrow_mut().insert(ctx as usize);
-    let params = ucp_request_param_t {
-        op_attr_mask: UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE,
-        flags: 0,
-        request: ptr::null_mut(),
-        cb: ucp_request_param_cb { recv_am: Some(on_rendezvous_done) },
-        datatype: UCP_DATATYPE_BYTES,
-        user_data: ctx.cast(),
-        reply_buffer: ptr::null_mut(),
-        memory_type: 0,
-        recv_info: ptr::null_mut(),
-        memh: ptr::null_mut(),
-    };
+    let callback = ucp_request_param_cb { recv_am: Some(on_rendezvous_done) };
+    let params = ucp_request_param_t::with_callback(callback, ctx.cast(), 0, true);
     // `on_rendezvous_done` frees `*ctx` if a request is returned, otherwise
     // it is freed below; UCX owns `data` afterwards, even on error.
     // SAFETY: `data` is the rendezvous descriptor UCX just passed, used once;
@@ -1129,6 +1123,7 @@ unsafe extern "C" fn on_send_done(request: *mut c_void, status: ucs_status_t, us
     if status != UCS_OK {
         shared.fail(ctx.ep, ucx_error(status));
     }
+    shared.recycle(ctx.data);
 }
 
 /// `ucp_send_nbx_callback_t` for `ucp_ep_close_nbx` and `ucp_ep_flush_nbx`.

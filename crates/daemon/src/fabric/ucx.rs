@@ -41,8 +41,6 @@ pub struct UcxTransport {
     later: Vec<Later>,
     /// Events taken from a worker to see whether it may sleep.
     stash: std::collections::VecDeque<(u64, Event)>,
-    /// Where each outgoing frame is put together (UCX copies it).
-    frame: Vec<u8>,
     /// Workers armed and not used since: their event fd tells when they
     /// have work, so they need neither progress nor arming meanwhile.
     armed: HashSet<u64>,
@@ -65,7 +63,6 @@ impl UcxTransport {
             next: 16,
             later: Vec::new(),
             stash: std::collections::VecDeque::new(),
-            frame: Vec::new(),
             armed: HashSet::new(),
         };
         match vsocket_sys::interface_running(address.ip())? {
@@ -179,14 +176,25 @@ impl UcxTransport {
         }
     }
 
-    fn send_bytes(&mut self, link: LinkId, bytes: &[u8]) {
-        let Some(&(key, ep)) = self.links.get(&link) else { return };
-        let Some(worker) = self.workers.get_mut(&key) else { return };
-        // A send may leave the worker work to progress.
-        self.armed.remove(&key);
-        if let Err(e) = worker.send(ep, bytes) {
-            self.later.push(Later::Down { link, why: format!("UCX send: {e}") });
+    /// Builds a frame for `link` in one of its worker's send buffers with
+    /// `build` and sends it, unless `build` says no (`Err`, returned).
+    fn send_built<T, E>(
+        &mut self,
+        link: LinkId,
+        build: impl FnOnce(&mut Vec<u8>) -> Result<T, E>,
+    ) -> Option<Result<T, E>> {
+        let &(key, ep) = self.links.get(&link)?;
+        let worker = self.workers.get_mut(&key)?;
+        let mut frame = worker.buffer();
+        let built = build(&mut frame);
+        if built.is_ok() {
+            // A send may leave the worker work to progress.
+            self.armed.remove(&key);
+            if let Err(e) = worker.send_buffer(ep, frame) {
+                self.later.push(Later::Down { link, why: format!("UCX send: {e}") });
+            }
         }
+        Some(built)
     }
 }
 
@@ -226,15 +234,17 @@ impl Transport for UcxTransport {
     }
 
     fn send(&mut self, link: LinkId, frame: &Frame<'_>) {
-        let mut bytes = std::mem::take(&mut self.frame);
-        bytes.clear();
-        frame.encode(&mut bytes);
-        self.send_bytes(link, &bytes);
-        self.frame = bytes;
+        self.send_built(link, |bytes| {
+            frame.encode(bytes);
+            Ok::<_, std::convert::Infallible>(())
+        });
     }
 
     fn send_encoded(&mut self, link: LinkId, bytes: &[u8]) {
-        self.send_bytes(link, bytes);
+        self.send_built(link, |frame| {
+            frame.extend_from_slice(bytes);
+            Ok::<_, std::convert::Infallible>(())
+        });
     }
 
     fn send_ring(
@@ -245,25 +255,19 @@ impl Transport for UcxTransport {
         ring: &vsocket_ring::Consumer<'_>,
         len: usize,
     ) -> Result<bool, vsocket_ring::RingError> {
-        // One copy out of the ring, straight after the header, into the
-        // reused frame buffer; UCX takes the frame from there (by
-        // rendezvous when it is large).
-        let mut bytes = std::mem::take(&mut self.frame);
-        bytes.clear();
-        bytes.extend_from_slice(&Frame::data_header(origin, id, len));
-        bytes.resize(HEADER + len, 0);
-        let read = ring.read(&mut [&mut bytes[HEADER..]], false);
-        if let Ok((got, _)) = read {
-            if got == len {
-                self.send_bytes(link, &bytes);
+        // One copy out of the ring, straight after the header, into a send
+        // buffer that UCX sends from.
+        let read = |bytes: &mut Vec<u8>| {
+            bytes.extend_from_slice(&Frame::data_header(origin, id, len));
+            bytes.resize(HEADER + len, 0);
+            match ring.read(&mut [&mut bytes[HEADER..]], false)? {
+                (got, wake) if got == len => Ok(wake),
+                _ => Err(vsocket_ring::RingError::Corrupt),
             }
-        }
-        self.frame = bytes;
-        match read {
-            Ok((got, wake)) if got == len => Ok(wake),
-            Ok(_) => Err(vsocket_ring::RingError::Corrupt),
-            Err(e) => Err(e),
-        }
+        };
+        // On a link gone meanwhile (its streams are being reset) the bytes
+        // are dropped, as sent ones would be.
+        self.send_built(link, read).unwrap_or_else(|| ring.discard(len).map(|(_, wake)| wake))
     }
 
     fn backlog(&self, _link: LinkId) -> usize {
