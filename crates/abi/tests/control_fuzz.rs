@@ -6,16 +6,9 @@
 
 use vsocket_abi::control::{Message, MAX_MESSAGE};
 
-struct XorShift(u64);
+mod common;
 
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use common::XorShift;
 
 fn check(bytes: &[u8]) -> bool {
     match Message::decode(bytes) {

@@ -7,16 +7,9 @@
 
 use vsocket_abi::fabric::{DataStart, Frame, HEADER, MAX_PAYLOAD};
 
-struct XorShift(u64);
+mod common;
 
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use common::XorShift;
 
 #[test]
 fn decoded_frames_re_encode_to_the_bytes_taken() {
