@@ -25,6 +25,17 @@ def pattern(n, offset=0):
     return bytes((offset + i) % 251 for i in range(n))
 
 
+def read_line(sock):
+    """Bytes up to and including a newline, or all there were at the end."""
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    return line
+
+
 def serve(addr, port):
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -33,10 +44,7 @@ def serve(addr, port):
     stalled, _ = listener.accept()
     busy, _ = listener.accept()
     digest = hashlib.sha256()
-    header = b""
-    while not header.endswith(b"\n"):
-        header += busy.recv(1)
-    want = int(header)
+    want = int(read_line(busy))
     got = 0
     while got < want:
         chunk = busy.recv(1 << 16)
@@ -85,12 +93,7 @@ def run(addr, port, nbytes):
         busy.sendall(part)
         digest.update(part)
         sent += len(part)
-    answer = b""
-    while not answer.endswith(b"\n"):
-        chunk = busy.recv(256)
-        if not chunk:
-            break
-        answer += chunk
+    answer = read_line(busy)
     elapsed = time.time() - start
     expected = f"{nbytes} {digest.hexdigest()}"
     if answer.decode().strip() != expected:
@@ -99,12 +102,7 @@ def run(addr, port, nbytes):
     print(f"busy_ok stalled_bytes={filled} seconds={elapsed:.2f}", flush=True)
     stalled.setblocking(True)
     stalled.shutdown(socket.SHUT_WR)
-    answer = b""
-    while not answer.endswith(b"\n"):
-        chunk = stalled.recv(256)
-        if not chunk:
-            break
-        answer += chunk
+    answer = read_line(stalled)
     print(f"stalled_end {answer.decode().strip()}", flush=True)
 
 

@@ -563,6 +563,17 @@ pub fn compile(asset_name: &str, dir: &Path) -> io::Result<PathBuf> {
     Ok(out)
 }
 
+/// Runs a 2-second 64-byte `sockperf ping-pong` from `guest` of `lab` to
+/// a sockperf server at 10.10.0.3:11111; returns its output and latency.
+pub fn sockperf_ping_pong(lab: &Lab, guest: &str, via: Via) -> io::Result<(String, SockperfLatency)> {
+    let args = ["ping-pong", "--tcp", "-i", "10.10.0.3", "-p", "11111", "-t", "2", "-m", "64", "--mps", "1000000"];
+    let out = lab.run_ok(guest, via, "sockperf", &args)?;
+    match sockperf_latency(&out) {
+        Some(latency) => Ok((out, latency)),
+        None => Err(io::Error::other(format!("no latency in: {out}"))),
+    }
+}
+
 /// Parses `sockperf ping-pong` output: (percentile, one-way usec) pairs
 /// for 50, 99 and 99.9, plus the average.
 pub fn sockperf_latency(output: &str) -> Option<SockperfLatency> {

@@ -73,15 +73,7 @@ fn programs_work_across_hosts(kind: &str, name: &str) {
     b.spawn("b", Via::Vsocket, "sockperf", &["server", "--tcp", "-i", "10.10.0.3", "-p", "11111"], "sockperf.log")
         .unwrap();
     b.wait_listening("b", 11111).unwrap();
-    let out = a
-        .run_ok(
-            "a",
-            Via::Vsocket,
-            "sockperf",
-            &["ping-pong", "--tcp", "-i", "10.10.0.3", "-p", "11111", "-t", "2", "-m", "64", "--mps", "1000000"],
-        )
-        .unwrap();
-    let latency = vsocket_e2e::sockperf_latency(&out).unwrap_or_else(|| panic!("no latency in {out}"));
+    let (_, latency) = vsocket_e2e::sockperf_ping_pong(&a, "a", Via::Vsocket).unwrap();
     assert!(latency.p50 > 0.0);
 
     // iperf3, carrying at least what it counted through the fabric.

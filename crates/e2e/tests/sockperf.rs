@@ -1,6 +1,6 @@
 //! sockperf server and clients, unmodified, between two guests.
 
-use vsocket_e2e::{sockperf_latency, Lab, Via, TWO_GUESTS};
+use vsocket_e2e::{sockperf_ping_pong, Lab, Via, TWO_GUESTS};
 
 #[test]
 fn sockperf_ping_pong_and_throughput_over_vsocket() {
@@ -15,15 +15,7 @@ fn sockperf_ping_pong_and_throughput_over_vsocket() {
     .unwrap();
     lab.wait_listening("b", 11111).unwrap();
 
-    let out = lab
-        .run_ok(
-            "a",
-            Via::Vsocket,
-            "sockperf",
-            &["ping-pong", "--tcp", "-i", "10.10.0.3", "-p", "11111", "-t", "2", "-m", "64", "--mps", "1000000"],
-        )
-        .unwrap();
-    let lat = sockperf_latency(&out).unwrap_or_else(|| panic!("no latency in: {out}"));
+    let (out, lat) = sockperf_ping_pong(&lab, "a", Via::Vsocket).unwrap();
     assert!(lat.p50 > 0.0 && lat.p50 <= lat.p99, "{lat:?}");
     assert!(out.contains("# dropped messages = 0; # duplicated messages = 0; # out-of-order messages = 0"), "{out}");
     let after_pingpong = lab.counter("a", "bytes_sent");
