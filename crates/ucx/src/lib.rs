@@ -30,9 +30,12 @@
 //!
 //! # Frames and order
 //!
-//! Each [`Worker::send`] is one active message (id 0) whose 8-byte header
-//! is the frame's sequence number on its endpoint. Small frames go eager,
-//! large ones (tens of KiB and up over TCP) by rendezvous, whose data the
+//! Each [`Worker::send`] (or [`Worker::send_buffer`], which sends from a
+//! buffer taken from [`Worker::buffer`] without copying it; completed
+//! sends' buffers are kept for reuse) is one active message (id 0) whose
+//! 8-byte header is the frame's sequence number on its endpoint. Small
+//! frames go eager, large ones by rendezvous (above UCX's threshold for
+//! the transport and its segment size), whose data the
 //! receiver fetches into a `Vec` with `ucp_am_recv_data_nbx`. UCX may hand
 //! over a later frame before an earlier fragmented or rendezvous one is
 //! complete, so the receiver holds frames back until every earlier one has
