@@ -10,7 +10,7 @@
 //! UCX runs a worker's user callbacks only from inside calls made on that
 //! worker (progress, send, close, destroy): failures, connection requests
 //! and completions that its internal thread notices are queued to the next
-//! progress. Every such call is made inside [`UcxCall`], and every callback
+//! progress. Every such call is made inside `UcxCall`, and every callback
 //! checks that it runs inside one on the same thread, aborting otherwise,
 //! because `Shared` is not thread-safe.
 
