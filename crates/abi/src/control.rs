@@ -21,8 +21,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 pub const MAX_MESSAGE: usize = 64;
 
 /// File descriptors that travel with `Connected` and `Incoming`, in order.
-pub const CONNECTION_FDS: usize = 3;
-/// Index of the segment memfd among a connection's descriptors.
+pub const CONNECTION_FDS: usize = 4;
+/// Index of this end's half of the segment (a memfd, read-write) among a
+/// connection's descriptors.
 pub const FD_SEGMENT: usize = 0;
 /// Index of the doorbell (this end of a Unix stream pair) among them.
 pub const FD_DOORBELL: usize = 1;
@@ -31,6 +32,9 @@ pub const FD_DOORBELL: usize = 1;
 /// writes nothing; when the last one closes it (or exits), the daemon sees
 /// the pipe hang up and knows this end is gone, whatever the segment says.
 pub const FD_LIFELINE: usize = 2;
+/// Index of the peer's half of the segment: a read-only descriptor of the
+/// peer's memfd.
+pub const FD_PEER_SEGMENT: usize = 3;
 
 /// One control message, in either direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

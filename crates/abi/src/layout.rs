@@ -1,78 +1,84 @@
 //! Shared-memory layout of one connection.
 //!
-//! A connection is one sealed memfd segment, created by `vsocketd` and mapped
-//! by both ends (and read-only by the daemon, for metering):
+//! A connection's memory is two sealed memfds, one per end, created by
+//! `vsocketd`. Each end's *half* holds everything that end writes: the data
+//! of the ring it produces and the control words it owns. An end maps its
+//! own half read-write and its peer's half read-only (the daemon hands the
+//! peer's half over through a read-only descriptor), so neither end can
+//! change a word the other owns, in particular the indices the daemon meters
+//! each direction by.
 //!
 //! ```text
-//!  offset 0                                   PAGE          PAGE+ring_size      PAGE+2*ring_size
-//!  ┌────────────────────────────────────────┬──────────────┬───────────────────┐
-//!  │ header page                            │ ring 0 data  │ ring 1 data       │
-//!  │  0x000 SegmentHeader (magic, version,  │ client→server│ server→client     │
-//!  │        ring_size, connection id, nonce)│              │                   │
-//!  │        written by the daemon           │              │                   │
-//!  │  0x080 ring 0 producer line (tail,...) │              │                   │
-//!  │  0x100 ring 0 consumer line (head,...) │              │                   │
-//!  │  0x180 ring 1 producer line            │              │                   │
-//!  │  0x200 ring 1 consumer line            │              │                   │
-//!  │  0x280 endpoint line (holders per end) │              │                   │
-//!  └────────────────────────────────────────┴──────────────┴───────────────────┘
+//!  offset 0                                          PAGE               PAGE+ring_size
+//!  ┌───────────────────────────────────────────────┬──────────────────┐
+//!  │ header page                                   │ data of the ring │
+//!  │  0x000 SegmentHeader (magic, version,         │ this end produces│
+//!  │        ring_size, connection id, nonce, end)  │                  │
+//!  │        written by the daemon                  │                  │
+//!  │  0x080 producer line of the ring this end     │                  │
+//!  │        produces (tail, flags, waiting, woken) │                  │
+//!  │  0x100 consumer line of the ring this end     │                  │
+//!  │        consumes (head, flags, waiting, woken) │                  │
+//!  │  0x180 endpoint line (holders, released)      │                  │
+//!  └───────────────────────────────────────────────┴──────────────────┘
 //! ```
 //!
-//! Each control line is 128 bytes (two cache lines, so the adjacent-line
-//! prefetcher cannot make producer and consumer share one). A producer line
-//! is written only by the ring's producer and a consumer line only by its
-//! consumer, but either side may scribble anywhere: every value read from
-//! the segment is validated by the reader (see `vsocket-ring`).
+//! The client (the end that called `connect`) is [`Endpoint::Client`]: its
+//! half is half 0; it produces ring 0 and consumes ring 1. The server (the
+//! end returned by `accept`) owns half 1, produces ring 1 and consumes
+//! ring 0. So ring `r`'s producer line and data live in half `r` and its
+//! consumer line in half `1 - r`.
 //!
-//! The client (the end that called `connect`) is [`Endpoint::Client`]: it
-//! produces ring 0 and consumes ring 1. The server (the end returned by
-//! `accept`) produces ring 1 and consumes ring 0.
+//! Each control line is 128 bytes (two cache lines, so the adjacent-line
+//! prefetcher cannot make producer and consumer share one). An end may
+//! scribble anywhere in its own half: every value read from shared memory
+//! is validated by the reader (see `vsocket-ring`).
 
-/// Size of the header page, and alignment of both data areas.
+/// Size of the header page, and alignment of the data area.
 pub const PAGE: usize = 4096;
 /// Spacing of the control lines within the header page.
 pub const LINE: usize = 128;
-/// Offset of ring `r`'s producer line (`r` is 0 or 1).
-pub const fn producer_line(r: usize) -> usize {
-    LINE + r * 2 * LINE
-}
-/// Offset of ring `r`'s consumer line.
-pub const fn consumer_line(r: usize) -> usize {
-    producer_line(r) + LINE
-}
-/// Offset of the endpoint line: one `u32` per endpoint (client, server)
-/// counting the processes that hold it (fork adds holders), then one `u32`
-/// per endpoint set to 1 by its last holder as its very last write to the
-/// segment (see [`RELEASED`]).
-pub const ENDPOINT_LINE: usize = consumer_line(1) + LINE;
-/// Offset, within the endpoint line, of the two "released" words: once both
-/// are set (and both directions are closed), no process touches the segment
-/// any more and the daemon may reset it for another connection between the
-/// same two processes.
-pub const RELEASED: usize = 8;
+/// Offset, in an end's half, of the producer line of the ring it produces.
+pub const PRODUCER_LINE: usize = LINE;
+/// Offset, in an end's half, of the consumer line of the ring it consumes.
+pub const CONSUMER_LINE: usize = 2 * LINE;
+/// Offset of the endpoint line: a `u32` counting the processes that hold
+/// this end (fork adds holders), then at [`RELEASED`] a `u32` set to 1 by
+/// its last holder as its very last write to the connection.
+pub const ENDPOINT_LINE: usize = 3 * LINE;
+/// Offset, within the endpoint line, of the "released" word: once both
+/// ends' are set (and both directions are closed), no process touches the
+/// connection's memory any more and the daemon may reset it for another
+/// connection between the same two processes.
+pub const RELEASED: usize = 4;
+/// Offset of the data area within a half.
+pub const DATA: usize = PAGE;
 
-/// Offset of ring `r`'s data area.
-pub const fn ring_data(r: usize, ring_size: u32) -> usize {
-    PAGE + r * ring_size as usize
+/// Size of one end's half whose ring holds `ring_size` bytes.
+pub const fn half_size(ring_size: u32) -> usize {
+    PAGE + ring_size as usize
 }
-/// Total size of a segment whose rings hold `ring_size` bytes each.
+/// Shared memory a connection with rings of `ring_size` bytes takes: both
+/// halves.
 pub const fn segment_size(ring_size: u32) -> usize {
-    PAGE + 2 * ring_size as usize
+    2 * half_size(ring_size)
 }
 
 /// `b"vSockSeg"` as a little-endian u64.
 pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"vSockSeg");
 /// Offset of the header's connection id (`u64`): the daemon writes the id
-/// of the connection it hands the segment to, so that a process holding an
+/// of the connection it hands the half to, so that a process holding an
 /// old mapping of the same file knows whether it is this connection's.
 pub const HEADER_CONNECTION_ID: usize = 16;
 /// Offset of the header's nonce (16 random bytes written by the daemon when
-/// it creates the segment, never changed): with the file's device and inode
+/// it creates the half, never changed): with the file's device and inode
 /// it tells a kept mapping's file from a later file that got the same inode
 /// number.
 pub const HEADER_NONCE: usize = 24;
+/// Offset of the header's end (`u32`: 0 client, 1 server): whose half it is.
+pub const HEADER_END: usize = 40;
 /// Layout version; bumped on any incompatible change.
-pub const SEGMENT_VERSION: u32 = 1;
+pub const SEGMENT_VERSION: u32 = 2;
 /// Smallest ring the daemon will create.
 pub const MIN_RING_SIZE: u32 = 4096;
 /// Largest ring the daemon will create.
@@ -108,7 +114,7 @@ impl Endpoint {
             Endpoint::Server => 1,
         }
     }
-    /// This end's index in the endpoint line.
+    /// This end's index: its half is half `index`.
     pub const fn index(self) -> usize {
         self.tx_ring()
     }
@@ -116,6 +122,14 @@ impl Endpoint {
     /// The ring this end reads from.
     pub const fn rx_ring(self) -> usize {
         1 - self.tx_ring()
+    }
+
+    /// The other end.
+    pub const fn peer(self) -> Endpoint {
+        match self {
+            Endpoint::Client => Endpoint::Server,
+            Endpoint::Server => Endpoint::Client,
+        }
     }
 }
 
@@ -125,23 +139,16 @@ mod tests {
 
     #[test]
     fn lines_fit_in_the_header_page_without_overlap() {
-        let mut offsets = vec![0];
-        for r in 0..2 {
-            offsets.push(producer_line(r));
-            offsets.push(consumer_line(r));
-        }
-        for w in offsets.windows(2) {
-            assert_eq!(w[1] - w[0], LINE);
-        }
-        assert_eq!(ENDPOINT_LINE, consumer_line(1) + LINE);
-        const { assert!(ENDPOINT_LINE + LINE <= PAGE) };
+        const { assert!(HEADER_END + 4 <= PRODUCER_LINE) };
+        assert_eq!(CONSUMER_LINE - PRODUCER_LINE, LINE);
+        assert_eq!(ENDPOINT_LINE - CONSUMER_LINE, LINE);
+        const { assert!(ENDPOINT_LINE + LINE <= DATA) };
     }
 
     #[test]
-    fn data_areas_follow_the_header() {
-        assert_eq!(ring_data(0, 8192), PAGE);
-        assert_eq!(ring_data(1, 8192), PAGE + 8192);
-        assert_eq!(segment_size(8192), PAGE + 2 * 8192);
+    fn a_connection_is_two_halves_of_a_page_and_a_ring() {
+        assert_eq!(half_size(8192), PAGE + 8192);
+        assert_eq!(segment_size(8192), 2 * (PAGE + 8192));
     }
 
     #[test]
@@ -157,5 +164,7 @@ mod tests {
     fn endpoints_use_opposite_rings() {
         assert_eq!(Endpoint::Client.tx_ring(), Endpoint::Server.rx_ring());
         assert_eq!(Endpoint::Server.tx_ring(), Endpoint::Client.rx_ring());
+        assert_eq!(Endpoint::Client.index(), 0);
+        assert_eq!(Endpoint::Server.index(), 1);
     }
 }

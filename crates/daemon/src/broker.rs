@@ -24,6 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 use vsocket_abi::control::{ConnectionInfo, Message, MAX_MESSAGE};
+use vsocket_abi::layout::Endpoint;
 use vsocket_policy::{evaluate, DenyAction, Flow, Protocol, Verdict};
 
 /// How long a connection may wait for room in a listener's channel.
@@ -187,7 +188,7 @@ fn connect_remote(
         Ok(charge) => charge,
         Err(exceeded) => return Some(over_quota(attempt, &server_slot, exceeded)),
     };
-    let Some(ends) = relayed(daemon, rings.ring_size, vsocket_abi::layout::Endpoint::Server) else {
+    let Some(ends) = relayed(daemon, rings.ring_size, Endpoint::Server) else {
         return Some(Reply::plain(Message::Refused { errno: libc::ENOBUFS }));
     };
     let (id, ring_size) = (ends.id, ends.ring_size);
@@ -213,16 +214,17 @@ fn connect_remote(
                 server_addr: remote,
                 opened: SystemTime::now(),
                 segment: ends.segment,
-                memfd: ends.memfd_kept,
+                files: ends.files,
                 pair: (0, id),
                 lifelines: [ends.guest_lifeline, ends.my_lifeline],
                 reset: Default::default(),
                 charge,
-                relayed: Some((ends.meter, vsocket_abi::layout::Endpoint::Server)),
+                relayed: Some((ends.meter, Endpoint::Server)),
             });
             let connected =
                 Message::Connected(ConnectionInfo { id, local: attempt.client_addr, peer: remote, ring_size });
-            let reply = Reply { message: connected, fds: vec![ends.memfd, ends.guest_bell, ends.guest_holds] };
+            let [own, peer] = ends.guest_halves;
+            let reply = Reply { message: connected, fds: vec![own, ends.guest_bell, ends.guest_holds, peer] };
             (reply, format!("{here}; accepted by host {host}"))
         }
         OpenOutcome::Refused(Refusal::Errno(errno)) => {
@@ -295,14 +297,15 @@ pub fn accept_remote(
             return Err(refused);
         }
     };
-    let Some(ends) = relayed(daemon, rings.ring_size, vsocket_abi::layout::Endpoint::Client) else {
+    let Some(ends) = relayed(daemon, rings.ring_size, Endpoint::Client) else {
         return Err(Refusal::Errno(libc::ENOBUFS));
     };
     let (id, ring_size) = (ends.id, ends.ring_size);
     let incoming = Message::Incoming(ConnectionInfo { id, local: request.server, peer: request.client, ring_size });
     let mut buf = [0u8; MAX_MESSAGE];
     let bytes = incoming.encode(&mut buf);
-    let server_fds = [ends.memfd.as_fd(), ends.guest_bell.as_fd(), ends.guest_holds.as_fd()];
+    let [guest_half, daemon_half] = &ends.guest_halves;
+    let server_fds = [guest_half.as_fd(), ends.guest_bell.as_fd(), ends.guest_holds.as_fd(), daemon_half.as_fd()];
     if let Err(e) = vsocket_sys::send_with_fds(listener.channel.as_fd(), bytes, &server_fds) {
         let reply = undelivered(&client_slot, request.server, e);
         let refusal = match reply.message {
@@ -325,12 +328,12 @@ pub fn accept_remote(
         server_addr: request.server,
         opened: SystemTime::now(),
         segment: ends.segment,
-        memfd: ends.memfd_kept,
+        files: ends.files,
         pair: (0, id),
         lifelines: [ends.my_lifeline, ends.guest_lifeline],
         reset: Default::default(),
         charge,
-        relayed: Some((ends.meter, vsocket_abi::layout::Endpoint::Client)),
+        relayed: Some((ends.meter, Endpoint::Client)),
     });
     let connected = Message::Connected(ConnectionInfo { id, local: request.client, peer: request.server, ring_size });
     attempt.log(Some(&server_slot), &Reply::plain(connected), || {
@@ -340,14 +343,15 @@ pub fn accept_remote(
 }
 
 /// Both ends of a new relayed connection's segment: the guest's
-/// descriptors (to hand over), the record's (metering mapping, memfd,
+/// descriptors (to hand over), the record's (metering mapping, files,
 /// lifeline read ends) and the relay's (`conn`, the daemon as `mine`).
 struct Relayed {
     id: u64,
     ring_size: u32,
     segment: vsocket_ring::Segment,
-    memfd: OwnedFd,
-    memfd_kept: OwnedFd,
+    files: vsocket_ring::SegmentFiles,
+    /// The guest's half (read-write) and the daemon's (read-only).
+    guest_halves: [OwnedFd; 2],
     guest_bell: OwnedFd,
     guest_lifeline: OwnedFd,
     guest_holds: OwnedFd,
@@ -360,22 +364,23 @@ struct Relayed {
 /// the relay carries, named with a new connection id; `None` (logged) if
 /// the host is out of descriptors or memory. Not pooled: a cross-host
 /// connect waits for the other host anyway.
-fn relayed(daemon: &Daemon, ring_size: u32, mine: vsocket_abi::layout::Endpoint) -> Option<Relayed> {
+fn relayed(daemon: &Daemon, ring_size: u32, mine: Endpoint) -> Option<Relayed> {
     let made = (|| -> std::io::Result<Relayed> {
-        let (segment, memfd) = vsocket_ring::Segment::create(ring_size)?;
+        let (segment, files) = vsocket_ring::Segment::create(ring_size)?;
         daemon.segments.created.fetch_add(1, Ordering::Relaxed);
-        let relay_view = vsocket_ring::Segment::map(memfd.as_fd(), ring_size)?;
+        let [own, peer] = files.for_end(mine);
+        let relay_view = vsocket_ring::Segment::map(own, peer, ring_size, mine)?;
         let (guest_bell, bell) = vsocket_sys::stream_pair()?;
         let (guest_lifeline, guest_holds) = vsocket_sys::pipe()?;
         let (my_lifeline, holds) = vsocket_sys::pipe()?;
         let id = daemon.next_id();
-        segment.connection_id().store(id, Ordering::Release);
+        segment.set_connection_id(id);
         let meter = Arc::new(crate::fabric::Meter::default());
         Ok(Relayed {
             id,
             ring_size,
-            memfd_kept: memfd.try_clone()?,
-            memfd,
+            guest_halves: files.clone_for(mine.peer())?,
+            files,
             segment,
             guest_bell,
             guest_lifeline,
@@ -511,11 +516,11 @@ fn open(
 ) -> std::io::Result<Reply> {
     let pair = (channel, listener.id);
     // A segment this pair has used and released, or a fresh one.
-    let (segment, memfd) = match daemon.reclaim(pair) {
-        Some((segment, memfd)) => {
+    let (segment, files) = match daemon.reclaim(pair) {
+        Some((segment, files)) => {
             segment.reset();
             daemon.segments.reused.fetch_add(1, Ordering::Relaxed);
-            (segment, memfd)
+            (segment, files)
         }
         None => daemon.segments.take_for(pair)?,
     };
@@ -525,11 +530,13 @@ fn open(
     let id = daemon.next_id();
     // Names the connection in the segment, so that a process holding an
     // old mapping of it knows it is this connection's (see `segcache`).
-    segment.connection_id().store(id, Ordering::Release);
+    segment.set_connection_id(id);
     let incoming = Message::Incoming(ConnectionInfo { id, local: remote, peer: client_addr, ring_size });
     let mut buf = [0u8; MAX_MESSAGE];
     let bytes = incoming.encode(&mut buf);
-    let server_fds = [memfd.as_fd(), server_bell.as_fd(), server_holds.as_fd()];
+    let [own, peer] = files.for_end(Endpoint::Server);
+    let server_fds = [own, server_bell.as_fd(), server_holds.as_fd(), peer];
+    let client_halves = files.clone_for(Endpoint::Client)?;
     if let Err(e) = vsocket_sys::send_with_fds(listener.channel.as_fd(), bytes, &server_fds) {
         if e.kind() != std::io::ErrorKind::WouldBlock {
             // The listener is gone (its process exited): forget it.
@@ -550,7 +557,7 @@ fn open(
         server_addr: remote,
         opened: SystemTime::now(),
         segment,
-        memfd: memfd.try_clone()?,
+        files,
         pair,
         lifelines: [client_lifeline, server_lifeline],
         reset: Default::default(),
@@ -558,5 +565,6 @@ fn open(
         relayed: None,
     });
     let connected = Message::Connected(ConnectionInfo { id, local: client_addr, peer: remote, ring_size });
-    Ok(Reply { message: connected, fds: vec![memfd, client_bell, client_holds] })
+    let [own, peer] = client_halves;
+    Ok(Reply { message: connected, fds: vec![own, client_bell, client_holds, peer] })
 }

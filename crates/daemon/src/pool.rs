@@ -17,10 +17,9 @@
 
 use crate::state::Pair;
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
-use vsocket_ring::Segment;
+use vsocket_ring::{Segment, SegmentFiles};
 
 /// Released segments kept per pair, and in all.
 const KEEP_PER_PAIR: usize = 8;
@@ -34,10 +33,10 @@ const LOW_WATER: usize = TARGET / 2;
 
 pub struct SegmentPool {
     ring_size: u32,
-    ready: Mutex<Vec<(Segment, OwnedFd)>>,
+    ready: Mutex<Vec<(Segment, SegmentFiles)>>,
     taken: Condvar,
     /// Released segments, reset, per pair.
-    released: Mutex<HashMap<Pair, Vec<(Segment, OwnedFd)>>>,
+    released: Mutex<HashMap<Pair, Vec<(Segment, SegmentFiles)>>>,
     /// Segments made, and connections that got a segment used before.
     pub created: AtomicU64,
     pub reused: AtomicU64,
@@ -63,7 +62,7 @@ impl SegmentPool {
 
     /// A segment for a new connection between `pair`: one it used before
     /// if there is one, else a fresh one.
-    pub fn take_for(&self, pair: Pair) -> std::io::Result<(Segment, OwnedFd)> {
+    pub fn take_for(&self, pair: Pair) -> std::io::Result<(Segment, SegmentFiles)> {
         let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(list) = released.get_mut(&pair) {
             let reused = list.pop();
@@ -80,13 +79,13 @@ impl SegmentPool {
     }
 
     /// Keeps a released segment (see `Segment::reusable`) for `pair`.
-    pub fn recycle(&self, pair: Pair, segment: Segment, memfd: OwnedFd) {
+    pub fn recycle(&self, pair: Pair, segment: Segment, files: SegmentFiles) {
         segment.reset();
         let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
         let total: usize = released.values().map(Vec::len).sum();
         let list = released.entry(pair).or_default();
         if list.len() < KEEP_PER_PAIR && total < KEEP {
-            list.push((segment, memfd));
+            list.push((segment, files));
         }
     }
 
@@ -106,8 +105,8 @@ impl SegmentPool {
         drop(dropped);
     }
 
-    /// A fresh segment and its memfd.
-    pub fn take(&self) -> std::io::Result<(Segment, OwnedFd)> {
+    /// A fresh segment and its files.
+    pub fn take(&self) -> std::io::Result<(Segment, SegmentFiles)> {
         let (pooled, left) = {
             let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
             let pooled = ready.pop();
@@ -122,7 +121,7 @@ impl SegmentPool {
         }
     }
 
-    fn create(&self) -> std::io::Result<(Segment, OwnedFd)> {
+    fn create(&self) -> std::io::Result<(Segment, SegmentFiles)> {
         let made = Segment::create(self.ring_size)?;
         self.created.fetch_add(1, Ordering::Relaxed);
         Ok(made)

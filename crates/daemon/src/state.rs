@@ -241,8 +241,8 @@ pub struct ConnectionRecord {
     pub opened: SystemTime,
     /// The daemon's mapping of the segment, for metering.
     pub segment: Segment,
-    /// The segment's memfd, kept to hand the segment over again.
-    pub memfd: OwnedFd,
+    /// The segment's files, kept to hand the segment over again.
+    pub files: vsocket_ring::SegmentFiles,
     pub pair: Pair,
     /// Read ends of the client's and the server's lifelines: each hangs up
     /// when no process holds that end of the connection any more.
@@ -258,8 +258,9 @@ pub struct ConnectionRecord {
 }
 
 impl ConnectionRecord {
-    /// Bytes the client has sent: the client's ring tail, or for a relayed
-    /// connection what the relay moved (which the guest cannot rewrite).
+    /// Bytes the client has sent: the larger of its ring's two indices, or
+    /// for a relayed connection what the relay moved (which the guest
+    /// cannot rewrite).
     pub fn bytes_client_to_server(&self) -> u64 {
         self.bytes_from(vsocket_abi::layout::Endpoint::Client)
     }
@@ -273,7 +274,15 @@ impl ConnectionRecord {
             // The daemon's own end sent what the relay gave its guest.
             Some((meter, mine)) if *mine == end => meter.given.load(std::sync::atomic::Ordering::Relaxed),
             Some((meter, _)) => meter.taken.load(std::sync::atomic::Ordering::Relaxed),
-            None => self.segment.producer(end.tx_ring()).total(),
+            // Each end writes only its own half: the sender its ring's
+            // tail, the receiver its head. The larger of the two is what
+            // the sender sent (the receiver's head never passes an honest
+            // tail), and neither end alone can bring it below what its
+            // peer counted; raising it raises the liar's own bill alike.
+            None => {
+                let ring = end.tx_ring();
+                self.segment.producer(ring).total().max(self.segment.consumer(ring).total())
+            }
         }
     }
 
@@ -560,7 +569,7 @@ impl Daemon {
     /// retiring that connection. Only the oldest few are looked at: a
     /// client that opens connection after connection finds its previous
     /// ones there.
-    pub fn reclaim(&self, pair: Pair) -> Option<(Segment, OwnedFd)> {
+    pub fn reclaim(&self, pair: Pair) -> Option<(Segment, vsocket_ring::SegmentFiles)> {
         const LOOK: usize = 8;
         let mut conns = lock(&self.connections);
         let mut pairs = lock(&self.by_pair);
@@ -579,7 +588,7 @@ impl Daemon {
                         // On the connect path: never wait for the log.
                         log.record(close);
                     }
-                    found = Some((c.segment, c.memfd));
+                    found = Some((c.segment, c.files));
                     break;
                 }
                 Some(_) => i += 1,
@@ -615,7 +624,7 @@ impl Daemon {
                 if let Some(mut c) = conns.remove(id) {
                     closes.extend(self.retire(&mut c));
                     if c.segment.reusable() {
-                        self.segments.recycle(c.pair, c.segment, c.memfd);
+                        self.segments.recycle(c.pair, c.segment, c.files);
                     }
                 }
             }

@@ -1,5 +1,5 @@
 /* A hostile guest program: it talks over a vSocket connection, then finds
- * that connection's shared segment in its own address space and scribbles
+ * that connection's shared memory in its own address space and scribbles
  * over it, as any tenant program can.
  *
  *     scribbler ADDR PORT MODE SCENARIO HOLD_MS
@@ -8,19 +8,24 @@
  * round trips to hostile_peer.py and checks the echo. MODE "redis": sends
  * ten SET hostile:<n> commands and reads their +OK.
  *
- * Then SCENARIO, on the segment (layout in crates/abi/src/layout.rs):
- *   tail_ahead  ring 0's tail (ours) far beyond its head
- *   head_ahead  ring 0's head (the peer's) beyond its tail
- *   huge        every index set to 2^64-1
- *   flags       every flags and waiting word set to all ones
- *   holders     both endpoint holder counts set to 0x7fffffff
- *   header      magic, version and ring_size overwritten
- *   random      random bytes over the whole header page
- *   rewind      both rings' indices moved back by whole rings while the
- *               connection is quiet, which keeps it working (every offset
- *               stays the same) but makes every ring total smaller: an
- *               attempt to be metered for less than was moved; then a
- *               second echo exchange, checked as the first
+ * The connection's memory is two halves (layout in crates/abi/src/layout.rs):
+ * ours, mapped read-write, and the peer's, mapped read-only. SCENARIO:
+ *   tail_ahead  our ring's tail far beyond the peer's head of it
+ *   head_ahead  our head of the peer's ring beyond its tail
+ *   huge        both our indices set to 2^64-1
+ *   flags       every flags, waiting and woken word of ours set to all ones
+ *   holders     our endpoint holder count set to 0x7fffffff
+ *   header      magic, version and ring_size of our half overwritten
+ *   random      random bytes over our half's whole header page
+ *   peer        tries to write the peer's half: makes it writable with
+ *               mprotect, and writes it through /proc/self/mem; prints
+ *               "peer_write=refused" when both fail
+ *   rewind      our indices (our ring's tail, our head of the peer's ring)
+ *               moved back by whole rings once more than two rings passed
+ *               each way, which keeps every offset the same but makes our
+ *               totals smaller: an attempt to be metered for less than was
+ *               moved; then one more echo exchange is tried
+ *               ("after_rewind=ok" or the error)
  *
  * It then tries to send more (reporting what its own library answers),
  * keeps the connection open for HOLD_MS (so the peer's reaction comes from
@@ -35,15 +40,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096
 #define LINE 128
-#define PRODUCER_LINE(r) (LINE + (r) * 2 * LINE)
-#define CONSUMER_LINE(r) (PRODUCER_LINE(r) + LINE)
-#define ENDPOINT_LINE (CONSUMER_LINE(1) + LINE)
+/* In either half: the producer line of the ring its end writes, the
+ * consumer line of the ring its end reads, the endpoint line. */
+#define PRODUCER_LINE LINE
+#define CONSUMER_LINE (2 * LINE)
+#define ENDPOINT_LINE (3 * LINE)
 
 static unsigned char pat(uint64_t i) { return (unsigned char)((i % 251 + i / 251) & 0xff); }
 
@@ -94,70 +103,91 @@ static void redis_exchange(int fd) {
     }
 }
 
-/* The mapping of our one vSocket connection: /memfd:vsocket-conn. */
-static unsigned char *find_segment(size_t *len) {
+/* The two mappings of our one vSocket connection (/memfd:vsocket-conn):
+ * our half is the writable one. */
+struct halves {
+    unsigned char *own, *peer;
+    size_t len;
+};
+
+static struct halves find_halves(void) {
     FILE *maps = fopen("/proc/self/maps", "r");
     if (!maps) die("/proc/self/maps");
     char line[512];
-    unsigned char *found = NULL;
+    struct halves h = {0};
+    int found = 0;
     while (fgets(line, sizeof line, maps)) {
         if (!strstr(line, "vsocket-conn")) continue;
         unsigned long start, end;
-        if (sscanf(line, "%lx-%lx", &start, &end) != 2) continue;
-        if (found) {
-            fprintf(stderr, "scribbler: more than one connection segment\n");
+        char perms[8];
+        if (sscanf(line, "%lx-%lx %7s", &start, &end, perms) != 3) continue;
+        unsigned char **slot = perms[1] == 'w' ? &h.own : &h.peer;
+        if (*slot) {
+            fprintf(stderr, "scribbler: more than one connection\n");
             exit(1);
         }
-        found = (unsigned char *)start;
-        *len = end - start;
+        *slot = (unsigned char *)start;
+        h.len = end - start;
+        found++;
     }
     fclose(maps);
-    if (!found) {
-        fprintf(stderr, "scribbler: no vsocket-conn mapping (not over vSocket?)\n");
+    if (!h.own || !h.peer) {
+        fprintf(stderr, "scribbler: %d vsocket-conn mappings, not our half and the peer's (not over vSocket?)\n",
+                found);
         exit(1);
     }
-    return found;
+    return h;
 }
 
 static volatile uint64_t *u64_at(unsigned char *seg, size_t off) { return (volatile uint64_t *)(seg + off); }
 static volatile uint32_t *u32_at(unsigned char *seg, size_t off) { return (volatile uint32_t *)(seg + off); }
 
-static void scribble(unsigned char *seg, size_t len, const char *scenario) {
+/* Tries to change one word of the peer's half in two ways; both must fail. */
+static void write_peer(unsigned char *peer, size_t len) {
+    int protected = mprotect(peer, len, PROT_READ | PROT_WRITE) != 0;
+    int mem = open("/proc/self/mem", O_RDWR);
+    if (mem < 0) die("/proc/self/mem");
+    uint64_t forged = 0;
+    int through_mem = pwrite(mem, &forged, sizeof forged, (off_t)(uintptr_t)(peer + PRODUCER_LINE)) != sizeof forged;
+    close(mem);
+    if (protected && through_mem)
+        printf("peer_write=refused\n");
+    else
+        printf("peer_write=ALLOWED mprotect=%s proc_mem=%s\n", protected ? "refused" : "allowed",
+               through_mem ? "refused" : "allowed");
+}
+
+static void scribble(struct halves h, const char *scenario) {
+    unsigned char *seg = h.own;
     uint32_t ring_size = *u32_at(seg, 12);
-    if ((size_t)PAGE + 2 * (size_t)ring_size != len) {
-        fprintf(stderr, "scribbler: segment of %zu bytes for rings of %u\n", len, ring_size);
+    if ((size_t)PAGE + (size_t)ring_size != h.len) {
+        fprintf(stderr, "scribbler: half of %zu bytes for a ring of %u\n", h.len, ring_size);
         exit(1);
     }
     if (!strcmp(scenario, "tail_ahead")) {
-        *u64_at(seg, PRODUCER_LINE(0)) = *u64_at(seg, CONSUMER_LINE(0)) + ((uint64_t)1 << 40);
+        *u64_at(seg, PRODUCER_LINE) = *u64_at(h.peer, CONSUMER_LINE) + ((uint64_t)1 << 40);
     } else if (!strcmp(scenario, "head_ahead")) {
-        *u64_at(seg, CONSUMER_LINE(0)) = *u64_at(seg, PRODUCER_LINE(0)) + 12345;
+        *u64_at(seg, CONSUMER_LINE) = *u64_at(h.peer, PRODUCER_LINE) + 12345;
     } else if (!strcmp(scenario, "huge")) {
-        for (int r = 0; r < 2; r++) {
-            *u64_at(seg, PRODUCER_LINE(r)) = UINT64_MAX;
-            *u64_at(seg, CONSUMER_LINE(r)) = UINT64_MAX;
-        }
-        /* Equal indices would read as empty: break one pair. */
-        *u64_at(seg, CONSUMER_LINE(0)) = UINT64_MAX - ((uint64_t)1 << 33);
+        *u64_at(seg, PRODUCER_LINE) = UINT64_MAX;
+        *u64_at(seg, CONSUMER_LINE) = UINT64_MAX;
     } else if (!strcmp(scenario, "flags")) {
-        for (int r = 0; r < 2; r++) {
-            *u32_at(seg, PRODUCER_LINE(r) + 8) = 0xffffffffu;
-            *u32_at(seg, PRODUCER_LINE(r) + 12) = 0xffffffffu;
-            *u32_at(seg, CONSUMER_LINE(r) + 8) = 0xffffffffu;
-            *u32_at(seg, CONSUMER_LINE(r) + 12) = 0xffffffffu;
+        for (size_t off = 8; off < 32; off += 4) {
+            *u32_at(seg, PRODUCER_LINE + off) = 0xffffffffu;
+            *u32_at(seg, CONSUMER_LINE + off) = 0xffffffffu;
         }
     } else if (!strcmp(scenario, "holders")) {
         *u32_at(seg, ENDPOINT_LINE) = 0x7fffffffu;
-        *u32_at(seg, ENDPOINT_LINE + 4) = 0x7fffffffu;
     } else if (!strcmp(scenario, "header")) {
         memset(seg, 0xff, 64);
+    } else if (!strcmp(scenario, "peer")) {
+        write_peer(h.peer, h.len);
     } else if (!strcmp(scenario, "rewind")) {
         uint64_t total = 0;
-        for (int r = 0; r < 2; r++) {
-            uint64_t head = *u64_at(seg, CONSUMER_LINE(r));
-            uint64_t back = head - head % ring_size;
-            *u64_at(seg, PRODUCER_LINE(r)) -= back;
-            *u64_at(seg, CONSUMER_LINE(r)) -= back;
+        for (size_t line = PRODUCER_LINE; line <= CONSUMER_LINE; line += LINE) {
+            uint64_t index = *u64_at(seg, line);
+            uint64_t back = index - index % ring_size;
+            *u64_at(seg, line) -= back;
             total += back;
         }
         printf("rewound=%llu\n", (unsigned long long)total);
@@ -173,6 +203,7 @@ static void scribble(unsigned char *seg, size_t len, const char *scenario) {
         fprintf(stderr, "scribbler: unknown scenario %s\n", scenario);
         exit(2);
     }
+    fflush(stdout);
 }
 
 int main(int argc, char **argv) {
@@ -197,17 +228,25 @@ int main(int argc, char **argv) {
     else
         echo_exchange(fd);
 
-    size_t len = 0;
-    unsigned char *seg = find_segment(&len);
+    struct halves h = find_halves();
     /* Rewinding moves indices back by whole rings: first pass more than
      * two rings' worth each way. */
-    while (!redis && !strcmp(argv[4], "rewind") && sent < 2 * (len - PAGE)) echo_exchange(fd);
-    scribble(seg, len, argv[4]);
+    while (!redis && !strcmp(argv[4], "rewind") && sent < 2 * (h.len - PAGE)) echo_exchange(fd);
+    scribble(h, argv[4]);
 
     if (!strcmp(argv[4], "rewind")) {
-        /* The connection must work as before; the total goes to stdout. */
-        echo_exchange(fd);
+        /* What was moved before the rewind, then whether the connection
+         * still works (its peer checks the indices we can write). */
         printf("sent=%llu\n", (unsigned long long)sent);
+        fflush(stdout);
+        unsigned char probe[4096];
+        for (size_t i = 0; i < sizeof probe; i++) probe[i] = pat(sent + i);
+        ssize_t w = send(fd, probe, sizeof probe, MSG_NOSIGNAL);
+        ssize_t r = w == (ssize_t)sizeof probe ? recv(fd, probe, sizeof probe, 0) : -1;
+        if (r > 0)
+            printf("after_rewind=ok\n");
+        else
+            printf("after_rewind=%s\n", r == 0 ? "end of stream" : strerror(errno));
         fflush(stdout);
         close(fd);
         return 0;

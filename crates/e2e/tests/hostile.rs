@@ -17,7 +17,7 @@ fn four() -> String {
 }
 
 /// Every way the scribbler damages its segment (see assets/scribbler.c).
-const SCENARIOS: &[&str] = &["tail_ahead", "head_ahead", "huge", "flags", "random", "holders", "header"];
+const SCENARIOS: &[&str] = &["tail_ahead", "head_ahead", "huge", "flags", "random", "holders", "header", "peer"];
 
 /// Scenarios that leave indices or flags the peer must refuse: its next
 /// read is ECONNRESET while the scribbler still holds the connection open.
@@ -98,36 +98,48 @@ fn scribbling_across_hosts_ucx() {
     scribbling_on_a_relayed_segment_breaks_only_that_connection("ucx", "fhs2");
 }
 
-/// Across hosts a connection is metered by its relays, in the daemons'
-/// own memory: a guest that moves its segment's indices back by whole
-/// rings (which keeps the connection working but lowers every ring total)
-/// is still metered, on both hosts, for every byte it moved.
-fn rewound_indices_do_not_lower_the_meter_across_hosts(kind: &str, name: &str) {
-    let (a, mut b) = Lab::start_pair(name, [TWO_GUESTS, TWO_GUESTS], ["", ""], kind, &["b"]).unwrap();
+/// Each end of a connection writes only its own half of the connection's
+/// memory, and each direction is metered by the larger of its two indices
+/// (across hosts, by the relays' own counts). A guest that moves its own
+/// indices back by whole rings (trying to be metered for less than it
+/// moved) breaks its connection, which its peer sees as a reset after
+/// every byte sent before, and is still metered, on each host, for every
+/// byte it moved.
+/// Guest `a` is on the first lab's host, `b` on the last lab's (which may
+/// be the same).
+fn rewound_indices_do_not_lower_the_meter(labs: &mut [Lab]) {
     let peer = asset("hostile_peer.py");
-    b.spawn("b", Via::Vsocket, "python3", &[peer.to_str().unwrap(), "serve", "10.10.0.3", "7000"], "peer-b.log")
+    let far = labs.last_mut().unwrap();
+    far.spawn("b", Via::Vsocket, "python3", &[peer.to_str().unwrap(), "serve", "10.10.0.3", "7000"], "peer-b.log")
         .unwrap();
+    let (a, b) = (&labs[0], &labs[labs.len() - 1]);
     b.wait_listening("b", 7000).unwrap();
     let scribbler = compile("scribbler.c", &a.dir).unwrap();
     let out = a.run_ok("a", Via::Vsocket, scribbler.to_str().unwrap(), &["10.10.0.3", "7000", "echo", "rewind", "0"]);
     let out = out.unwrap();
-    let field = |key: &str| -> u64 {
-        out.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} in {out}")).parse().unwrap()
+    let field = |key: &str| -> &str {
+        out.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} in {out}"))
     };
-    let (port, sent, rewound) = (field("port=") as u16, field("sent="), field("rewound="));
-    assert!(rewound >= 2 << 20, "the indices were not moved back: {out}");
-    // The echo server got every byte, in order, and a clean end.
-    assert!(wait_until(Duration::from_secs(10), || report(&b, "peer-b.log", port).is_some()), "no report: {out}");
-    let seen = report(&b, "peer-b.log", port).unwrap();
+    let number = |key: &str| -> u64 { field(key).parse().unwrap() };
+    let (port, sent, rewound) = (number("port=") as u16, number("sent="), number("rewound="));
+    // Each index went back by all but less than a ring, after more than
+    // two rings each way.
+    assert!(rewound >= sent, "the indices were not moved back: {out}");
+    assert_ne!(field("after_rewind="), "ok", "the peer took the rewound indices: {out}");
+    // The echo server got every byte sent before the rewind, in order,
+    // then the reset.
+    assert!(wait_until(Duration::from_secs(10), || report(b, "peer-b.log", port).is_some()), "no report: {out}");
+    let seen = report(b, "peer-b.log", port).unwrap();
     assert_eq!(
         (seen["prefix"].as_bool(), seen["received"].as_u64(), seen["end"].as_str()),
-        (Some(true), Some(sent), Some("eof"))
+        (Some(true), Some(sent), Some("reset")),
+        "{out}"
     );
-    // Once the connection is retired on both hosts, each guest's totals are
-    // the bytes moved, not the rewound ring totals.
+    // Once the connection is retired, each guest's totals are the bytes
+    // moved, not the rewound indices.
     let retired = |lab: &Lab| lab.ctl("connections").unwrap().as_array().unwrap().is_empty();
-    assert!(wait_until(Duration::from_secs(10), || retired(&a) && retired(&b)), "connection not retired");
-    for (lab, guest) in [(&a, "a"), (&b, "b")] {
+    assert!(wait_until(Duration::from_secs(10), || retired(a) && retired(b)), "connection not retired");
+    for (lab, guest) in [(a, "a"), (b, "b")] {
         assert_eq!(
             (lab.counter(guest, "bytes_sent"), lab.counter(guest, "bytes_received")),
             (sent, sent),
@@ -137,13 +149,24 @@ fn rewound_indices_do_not_lower_the_meter_across_hosts(kind: &str, name: &str) {
 }
 
 #[test]
+fn rewound_indices_on_one_host() {
+    let lab = Lab::start("thrw", TWO_GUESTS).unwrap();
+    rewound_indices_do_not_lower_the_meter(&mut [lab]);
+}
+
+fn rewound_indices_across_hosts(kind: &str, name: &str) {
+    let (a, b) = Lab::start_pair(name, [TWO_GUESTS, TWO_GUESTS], ["", ""], kind, &["b"]).unwrap();
+    rewound_indices_do_not_lower_the_meter(&mut [a, b]);
+}
+
+#[test]
 fn rewound_indices_across_hosts_tcp() {
-    rewound_indices_do_not_lower_the_meter_across_hosts("tcp", "fhr1");
+    rewound_indices_across_hosts("tcp", "fhr1");
 }
 
 #[test]
 fn rewound_indices_across_hosts_ucx() {
-    rewound_indices_do_not_lower_the_meter_across_hosts("ucx", "fhr2");
+    rewound_indices_across_hosts("ucx", "fhr2");
 }
 
 /// Guest `a` (on the first lab's host) scribbles over a connection to `b`
@@ -174,6 +197,9 @@ fn scribbles_break_only_their_connection(labs: &mut [Lab]) {
         let out = near.run_ok("a", Via::Vsocket, scribbler, &["10.10.0.3", "7000", "echo", scenario, "1500"]).unwrap();
         let port: u16 = out.lines().find_map(|l| l.strip_prefix("port=")).unwrap().parse().unwrap();
         hostile_ports.push(port);
+        if *scenario == "peer" {
+            assert!(out.contains("peer_write=refused"), "the peer's half could be written: {out}");
+        }
         assert!(
             wait_until(Duration::from_secs(10), || report(far, "peer-b.log", port).is_some()),
             "{scenario}: the peer never saw the connection end (a hang); scribbler said {out}"
@@ -277,6 +303,10 @@ fn daemon_fds(lab: &Lab) -> (usize, usize) {
 /// The segment pool's size (`crates/daemon/src/pool.rs`, `TARGET`).
 const POOL_TARGET: usize = 32;
 
+/// Descriptors per segment: each end's half, read-write and read-only
+/// (`vsocket_ring::SegmentFiles`).
+const FDS_PER_SEGMENT: usize = 4;
+
 /// Segments the daemon may rightly hold beyond its pool: one per connection
 /// on record, and the released ones it keeps for reuse by their pairs.
 fn segments_in_use(lab: &Lab) -> usize {
@@ -374,7 +404,7 @@ fn hostile_control_messages_close_only_their_channel() {
     let (mut memfds, mut fds) = (0, 0);
     let settled = wait_until(Duration::from_secs(10), || {
         (memfds, fds) = daemon_fds(&lab);
-        fds <= baseline + FD_SLACK && memfds <= POOL_TARGET + segments_in_use(&lab)
+        fds <= baseline + FD_SLACK && memfds <= FDS_PER_SEGMENT * (POOL_TARGET + segments_in_use(&lab))
     });
     assert!(settled, "the daemon holds {fds} descriptors and {memfds} memfds; {baseline} before the hostile channels");
     eprintln!("daemon descriptors besides the pool's memfds: {baseline} before, {fds} after ({memfds} memfds); flood sent {sent}; deaf listener: {result}");

@@ -48,7 +48,10 @@ impl Drop for Mapped {
 
 /// The descriptors that come with `Connected` or `Incoming`.
 pub struct ConnectionFds {
+    /// This end's half of the segment (read-write).
     pub segment: RawFd,
+    /// The peer's half (read-only).
+    pub peer_segment: RawFd,
     pub doorbell: RawFd,
     pub lifeline: RawFd,
 }
@@ -56,22 +59,29 @@ pub struct ConnectionFds {
 impl ConnectionFds {
     /// Takes the descriptors out of a daemon reply.
     pub fn take(reply: &mut crate::control::Reply) -> ConnectionFds {
-        use vsocket_abi::control::{FD_DOORBELL, FD_LIFELINE, FD_SEGMENT};
+        use vsocket_abi::control::{FD_DOORBELL, FD_LIFELINE, FD_PEER_SEGMENT, FD_SEGMENT};
         ConnectionFds {
             segment: reply.take_fd(FD_SEGMENT),
+            peer_segment: reply.take_fd(FD_PEER_SEGMENT),
             doorbell: reply.take_fd(FD_DOORBELL),
             lifeline: reply.take_fd(FD_LIFELINE),
         }
     }
 }
 
-/// Maps the segment the daemon sent for connection `info`, or takes back a
-/// mapping of the same segment this process kept.
-fn map_segment(fd: std::os::fd::BorrowedFd<'_>, info: &ConnectionInfo) -> std::io::Result<Mapped> {
-    let file = Segment::identity(fd)?;
-    let segment = match crate::segcache::take(fd, file, info.ring_size, info.id) {
+/// Maps the halves the daemon sent to end `end` of connection `info`
+/// (`own` read-write, `peer` read-only), or takes back a mapping of the
+/// same segment this process kept.
+fn map_segment(
+    own: std::os::fd::BorrowedFd<'_>,
+    peer: std::os::fd::BorrowedFd<'_>,
+    info: &ConnectionInfo,
+    end: Endpoint,
+) -> std::io::Result<Mapped> {
+    let file = Segment::identity(own)?;
+    let segment = match crate::segcache::take(own, peer, file, info, end) {
         Some(kept) => kept,
-        None => Segment::map(fd, info.ring_size)?,
+        None => Segment::map(own, peer, info.ring_size, end)?,
     };
     Ok(Mapped { segment: Some(segment), file, owner: sys::getpid() })
 }
@@ -99,6 +109,10 @@ pub struct Connection {
     reset_by_peer: AtomicBool,
     /// The peer broke the ring protocol: the connection is reset.
     broken: AtomicBool,
+    /// Every process holding the peer's end is gone (its doorbell hung
+    /// up): the stream reads as finished and writes fail, as if the peer
+    /// had closed. Kept here, since this end cannot write the peer's half.
+    peer_gone: AtomicBool,
     /// Pending SO_ERROR.
     so_error: AtomicI32,
     /// SO_LINGER with a zero timeout: the last close aborts (RST) instead
@@ -134,10 +148,13 @@ impl Connection {
         fds: ConnectionFds,
         nonblocking: bool,
     ) -> SysResult<Connection> {
-        let ConnectionFds { segment: segment_fd, doorbell, lifeline } = fds;
-        let segment = sys::with_borrowed(segment_fd, |fd| map_segment(fd, &info));
-        // The mapping keeps the memory; the descriptor is no longer needed.
-        let _ = sys::close(segment_fd);
+        let ConnectionFds { segment: own_fd, peer_segment: peer_fd, doorbell, lifeline } = fds;
+        let segment = sys::with_borrowed(own_fd, |own| {
+            sys::with_borrowed(peer_fd, |peer| map_segment(own, peer, &info, endpoint))
+        });
+        // The mappings keep the memory; the descriptors are no longer needed.
+        let _ = sys::close(own_fd);
+        let _ = sys::close(peer_fd);
         let segment = match segment {
             Ok(s) => s,
             Err(_) => {
@@ -163,6 +180,7 @@ impl Connection {
             write_shut: AtomicBool::new(false),
             reset_reported: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            peer_gone: AtomicBool::new(false),
             reset_by_peer: AtomicBool::new(false),
             so_error: AtomicI32::new(0),
             abort_on_close: AtomicBool::new(false),
@@ -175,11 +193,11 @@ impl Connection {
     }
 
     fn tx(&self) -> Producer<'_> {
-        self.segment.producer(self.endpoint.tx_ring())
+        self.segment.producer(self.endpoint.tx_ring()).or_gone(&self.peer_gone)
     }
 
     fn rx(&self) -> Consumer<'_> {
-        self.segment.consumer(self.endpoint.rx_ring())
+        self.segment.consumer(self.endpoint.rx_ring()).or_gone(&self.peer_gone)
     }
 
     pub fn local(&self) -> SocketAddrV4 {
@@ -238,14 +256,11 @@ impl Connection {
     }
 
     /// Drains the doorbell; if every holder of the peer's end is gone (the
-    /// peer process died without closing), finish the stream on its behalf,
-    /// as the kernel does for a process that exits.
+    /// peer process died without closing), the stream ends on its behalf,
+    /// as the kernel ends it for a process that exits.
     pub fn drain_doorbell(&self) {
         if sys::drain(self.doorbell) {
-            // The peer's producer line is shared memory we may write: this
-            // affects only this connection.
-            self.segment.producer(self.endpoint.rx_ring()).finish();
-            self.segment.consumer(self.endpoint.tx_ring()).close();
+            self.peer_gone.store(true, Ordering::Relaxed);
         }
     }
 
@@ -662,13 +677,14 @@ fn advance_const<R>(bufs: &[&[u8]], skip: usize, op: impl FnOnce(&[&[u8]]) -> R)
 mod tests {
     //! The connection state machine, both ends in one process.
     use super::*;
-    use std::os::fd::{AsRawFd, IntoRawFd};
+    use std::os::fd::IntoRawFd;
     use std::sync::Arc;
 
     fn pair(ring_size: u32) -> (Arc<Connection>, Arc<Connection>) {
-        let (daemon_view, memfd) = Segment::create(ring_size).unwrap();
+        let (daemon_view, files) = Segment::create(ring_size).unwrap();
         drop(daemon_view);
-        let memfd2 = sys::fcntl(memfd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0).unwrap() as RawFd;
+        let [client_own, client_peer] = files.clone_for(Endpoint::Client).unwrap();
+        let [server_own, server_peer] = files.clone_for(Endpoint::Server).unwrap();
         let (a, b) = sys::stream_pair().unwrap();
         let info = ConnectionInfo {
             id: 1,
@@ -676,9 +692,19 @@ mod tests {
             peer: "10.0.0.3:80".parse().unwrap(),
             ring_size,
         };
-        let fds = ConnectionFds { segment: memfd.into_raw_fd(), doorbell: a, lifeline: -1 };
+        let fds = ConnectionFds {
+            segment: client_own.into_raw_fd(),
+            peer_segment: client_peer.into_raw_fd(),
+            doorbell: a,
+            lifeline: -1,
+        };
         let client = Connection::new(info, Endpoint::Client, crate::addr::Family::V4, fds, false).unwrap();
-        let fds = ConnectionFds { segment: memfd2, doorbell: b, lifeline: -1 };
+        let fds = ConnectionFds {
+            segment: server_own.into_raw_fd(),
+            peer_segment: server_peer.into_raw_fd(),
+            doorbell: b,
+            lifeline: -1,
+        };
         let server = Connection::new(info, Endpoint::Server, crate::addr::Family::V4, fds, false).unwrap();
         (Arc::new(client), Arc::new(server))
     }

@@ -103,7 +103,7 @@ pub fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
     if count != reply.message.fd_count() {
         return Err(Errno(libc::EPROTO));
     }
-    // The segment's memfd is closed as soon as it is mapped; only the
+    // The segment's memfds are closed as soon as they are mapped; only the
     // doorbell and the lifeline live on, out of the program's range of
     // descriptors.
     if count == CONNECTION_FDS {

@@ -19,6 +19,8 @@
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use vsocket_abi::control::ConnectionInfo;
+use vsocket_abi::layout::Endpoint;
 use vsocket_ring::{FileIdentity, Segment};
 
 /// Mappings kept at most.
@@ -50,18 +52,26 @@ fn with_cache<R>(f: impl FnOnce(&mut Vec<Kept>) -> R) -> R {
     r
 }
 
-/// The kept mapping of the segment behind `fd` (file `id`), if the daemon
-/// handed it to connection `connection` (anything else stays kept). The
-/// nonce in the file's header must match the mapping's: an inode number
-/// may have come back for another file.
-pub fn take(fd: BorrowedFd<'_>, id: FileIdentity, ring_size: u32, connection: u64) -> Option<Segment> {
+/// The kept mapping of the segment whose halves are `own` (file `id`) and
+/// `peer`, if the daemon handed it to end `end` of connection `info`
+/// (anything else stays kept). The nonces in both files' headers must
+/// match the mapping's: an inode number may have come back for another
+/// file.
+pub fn take(
+    own: BorrowedFd<'_>,
+    peer: BorrowedFd<'_>,
+    id: FileIdentity,
+    info: &ConnectionInfo,
+    end: Endpoint,
+) -> Option<Segment> {
     let found = with_cache(|kept| {
         let at = kept.iter().position(|(k, s)| {
-            *k == id && s.ring_size() == ring_size && s.connection_id().load(Ordering::Acquire) == connection
+            *k == id && s.ring_size() == info.ring_size && s.connection_id(end.index()) == info.id
         })?;
         Some(kept.swap_remove(at).1)
     })?;
-    if Segment::read_nonce(fd).ok() == Some(found.nonce()) {
+    let same = |fd, end: Endpoint| Segment::read_nonce(fd).ok() == Some(found.nonce(end.index()));
+    if same(own, end) && same(peer, end.peer()) {
         Some(found)
     } else {
         // Another file under a reused inode number: forget the old one.
@@ -100,33 +110,43 @@ pub fn after_fork_child() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
+
+    fn info(id: u64, ring_size: u32) -> ConnectionInfo {
+        ConnectionInfo { id, local: "10.0.0.2:1".parse().unwrap(), peer: "10.0.0.3:2".parse().unwrap(), ring_size }
+    }
 
     #[test]
-    fn a_kept_mapping_is_given_back_only_for_its_file_and_connection() {
-        let (daemon, fd) = Segment::create(4096).unwrap();
-        let id = Segment::identity(fd.as_fd()).unwrap();
-        let (_other, other_fd) = Segment::create(4096).unwrap();
-        let other_id = Segment::identity(other_fd.as_fd()).unwrap();
+    fn a_kept_mapping_is_given_back_only_for_its_files_and_connection() {
+        let end = Endpoint::Client;
+        let (daemon, files) = Segment::create(4096).unwrap();
+        let [own, peer] = files.for_end(end);
+        let id = Segment::identity(own).unwrap();
+        let (_other, other_files) = Segment::create(4096).unwrap();
+        let [other_own, other_peer] = other_files.for_end(end);
+        let other_id = Segment::identity(other_own).unwrap();
         assert_ne!(id, other_id);
-        daemon.connection_id().store(41, Ordering::Release);
-        put(id, Segment::map(fd.as_fd(), 4096).unwrap());
-        assert!(take(other_fd.as_fd(), other_id, 4096, 41).is_none(), "another file");
-        assert!(take(fd.as_fd(), id, 8192, 41).is_none(), "another size");
+        let map = || Segment::map(own, peer, 4096, end).unwrap();
+        daemon.set_connection_id(41);
+        put(id, map());
+        assert!(take(other_own, other_peer, other_id, &info(41, 4096), end).is_none(), "another file");
+        assert!(take(own, peer, id, &info(41, 8192), end).is_none(), "another size");
         // The daemon handed the segment to connection 42: the header says so.
-        assert!(take(fd.as_fd(), id, 4096, 42).is_none(), "still named for connection 41");
-        daemon.connection_id().store(42, Ordering::Release);
-        let kept = take(fd.as_fd(), id, 4096, 42).expect("kept");
+        assert!(take(own, peer, id, &info(42, 4096), end).is_none(), "still named for connection 41");
+        daemon.set_connection_id(42);
+        let kept = take(own, peer, id, &info(42, 4096), end).expect("kept");
         kept.producer(0).write(&[b"same memory"]).unwrap();
         assert_eq!(daemon.producer(0).total(), 11);
-        assert!(take(fd.as_fd(), id, 4096, 42).is_none(), "given back once");
+        assert!(take(own, peer, id, &info(42, 4096), end).is_none(), "given back once");
         // Another file that got the same inode number: its nonce differs.
         put(id, kept);
-        assert!(take(other_fd.as_fd(), id, 4096, 42).is_none(), "the nonce tells them apart");
+        assert!(take(other_own, peer, id, &info(42, 4096), end).is_none(), "the nonce tells them apart");
+        // The same own half with a peer half of another segment.
+        put(id, map());
+        assert!(take(own, other_peer, id, &info(42, 4096), end).is_none(), "the peer's nonce too");
         // A forked child keeps nothing of its parent's.
-        put(id, Segment::map(fd.as_fd(), 4096).unwrap());
+        put(id, map());
         before_fork();
         after_fork_child();
-        assert!(take(fd.as_fd(), id, 4096, 42).is_none());
+        assert!(take(own, peer, id, &info(42, 4096), end).is_none());
     }
 }

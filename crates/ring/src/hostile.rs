@@ -18,7 +18,12 @@ pub fn exercise(input: &[u8]) {
     let area = data.as_mut_ptr();
     // SAFETY: `data` has SIZE bytes of data area (plus guards) and outlives
     // the views; nothing else touches it while they live.
-    let (p, c) = unsafe { (Producer::new(&ctl, area, SIZE), Consumer::new(&ctl, area, SIZE)) };
+    let (p, c) = unsafe {
+        (
+            Producer::new(&ctl.producer, &ctl.consumer, area, SIZE),
+            Consumer::new(&ctl.producer, &ctl.consumer, area, SIZE),
+        )
+    };
     let mut chunks = input.chunks(18);
     for op in chunks.by_ref() {
         if op.len() < 18 {
@@ -33,7 +38,7 @@ pub fn exercise(input: &[u8]) {
             1 => ctl.consumer.head.store(word, Ordering::Relaxed),
             2 => ctl.producer.flags.store(small, Ordering::Relaxed),
             3 => ctl.consumer.flags.store(small, Ordering::Relaxed),
-            4 => ctl.consumer.waiting.store(small, Ordering::Relaxed),
+            4 => ctl.consumer.waiting.store(u64::from(small), Ordering::Relaxed),
             // The honest side operates.
             5 => {
                 let payload = vec![op[1]; len];

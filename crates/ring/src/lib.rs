@@ -5,7 +5,7 @@
 //! - [`ring`]: the producer and consumer views of one ring, including the
 //!   wake-up protocol (a waiter arms a flag; the other side wakes it only if
 //!   the flag is armed, so a busy connection makes no wake-up syscalls);
-//! - [`segment`]: a connection's sealed memfd segment holding two rings.
+//! - [`segment`]: a connection's two sealed memfd halves, one per end, each holding the ring that end produces.
 //!
 //! The other process may write anything, at any time, anywhere in the shared
 //! segment. The consumer and producer therefore keep the ring size to
@@ -30,6 +30,8 @@ pub mod ring;
 pub mod segment;
 mod sync;
 
-pub use ring::{Consumer, Producer, Received, RingControl, RingError, RxState, SocketError};
+pub use ring::{
+    Consumer, ConsumerLine, Producer, ProducerLine, Received, RingControl, RingError, RxState, SocketError,
+};
 #[cfg(not(loom))]
-pub use segment::{FileIdentity, Segment};
+pub use segment::{FileIdentity, Segment, SegmentFiles};

@@ -1,13 +1,17 @@
 //! Producer and consumer views of one ring.
 //!
-//! Wake-up protocol (model-checked in `tests/loom.rs`): a side that is about
-//! to sleep stores 1 in its `waiting` word, then re-reads the other side's
-//! index; the other side stores its index, then reads `waiting` and, only if
-//! it was armed, swaps it to 0 and reports that a wake-up is due. A SeqCst
-//! fence sits between the store and the load on both sides, so at least one
-//! side sees the other: either
-//! the sleeper finds the new bytes (or space) and does not sleep, or the
-//! writer sees the flag and wakes it. Nobody is woken who is not asleep.
+//! Each side writes only its own control line (which lives in its own
+//! half of the connection's memory), so the wake-up protocol never writes
+//! the other side's words. A side about to sleep stores a fresh odd value
+//! in its `waiting` word (an *arming*), then re-reads the other side's
+//! index; the other side stores its index, then reads `waiting` and, only
+//! if it holds an arming it has not answered yet (odd, and not the value
+//! in its own `woken` word), records it in `woken` and reports that a
+//! wake-up is due. A SeqCst fence sits between the store and the load on
+//! both sides (model-checked in `tests/loom.rs`), so at least one side sees
+//! the other: either the sleeper finds the new bytes (or space) and does
+//! not sleep, or the writer sees the arming and wakes it. Nobody is woken
+//! who is not asleep, and each arming is woken at most once.
 //!
 //! Every load of the peer's words is validated (see [`crate::index`]);
 //! the ring size is held privately and never read from shared memory.
@@ -16,7 +20,7 @@ use crate::index::{self, Corrupt};
 use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
 use vsocket_abi::layout::{CONSUMER_CLOSED, PRODUCER_FIN, PRODUCER_RST};
 
-/// Words written by the producer (one 128-byte line).
+/// Words written by the producer (one 128-byte line in its half).
 #[repr(C, align(128))]
 #[derive(Debug, Default)]
 pub struct ProducerLine {
@@ -24,11 +28,13 @@ pub struct ProducerLine {
     pub tail: AtomicU64,
     /// `PRODUCER_FIN` / `PRODUCER_RST`.
     pub flags: AtomicU32,
-    /// 1 while the producer waits for space.
-    pub waiting: AtomicU32,
+    /// Odd while the producer waits for space (a fresh value per arming).
+    pub waiting: AtomicU64,
+    /// The consumer's arming this producer last answered with a wake-up.
+    pub woken: AtomicU64,
 }
 
-/// Words written by the consumer (one 128-byte line).
+/// Words written by the consumer (one 128-byte line in its half).
 #[repr(C, align(128))]
 #[derive(Debug, Default)]
 pub struct ConsumerLine {
@@ -36,11 +42,34 @@ pub struct ConsumerLine {
     pub head: AtomicU64,
     /// `CONSUMER_CLOSED`.
     pub flags: AtomicU32,
-    /// 1 while the consumer waits for bytes.
-    pub waiting: AtomicU32,
+    /// Odd while the consumer waits for bytes (a fresh value per arming).
+    pub waiting: AtomicU64,
+    /// The producer's arming this consumer last answered with a wake-up.
+    pub woken: AtomicU64,
 }
 
-/// The control block of one ring, as laid out in the header page.
+impl ProducerLine {
+    /// Back to a fresh connection's values.
+    pub fn clear(&self) {
+        self.tail.store(0, Ordering::Relaxed);
+        self.flags.store(0, Ordering::Relaxed);
+        self.waiting.store(0, Ordering::Relaxed);
+        self.woken.store(0, Ordering::Relaxed);
+    }
+}
+
+impl ConsumerLine {
+    /// Back to a fresh connection's values.
+    pub fn clear(&self) {
+        self.head.store(0, Ordering::Relaxed);
+        self.flags.store(0, Ordering::Relaxed);
+        self.waiting.store(0, Ordering::Relaxed);
+        self.woken.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Both control lines of one ring in ordinary memory (tests, fuzzing and
+/// model checking; a connection keeps them in the two ends' halves).
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct RingControl {
@@ -49,7 +78,9 @@ pub struct RingControl {
 }
 
 #[cfg(not(loom))]
-const _: () = assert!(std::mem::size_of::<RingControl>() == 2 * vsocket_abi::layout::LINE);
+const _: () = assert!(std::mem::size_of::<ProducerLine>() == vsocket_abi::layout::LINE);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<ConsumerLine>() == vsocket_abi::layout::LINE);
 
 /// A ring operation found the connection unusable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,44 +130,64 @@ pub enum RxState {
     Reset,
 }
 
-/// The shared part of both views: control block, data area and size.
+/// The shared part of both views: both control lines, data area and size.
 #[derive(Debug, Clone, Copy)]
 struct Shared<'a> {
-    ctl: &'a RingControl,
+    prod: &'a ProducerLine,
+    cons: &'a ConsumerLine,
     data: *mut u8,
     size: u32,
+    /// Set (in this process's own memory) once the other side is known to
+    /// be gone: the stream then reads as finished and writes as refused,
+    /// without writing the other side's words.
+    gone: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 impl<'a> Shared<'a> {
     /// # Safety
     /// `data` must point to `size` bytes that stay mapped for `'a` and that
     /// no Rust reference aliases; `size` must be a power of two.
-    unsafe fn new(ctl: &'a RingControl, data: *mut u8, size: u32) -> Self {
+    unsafe fn new(prod: &'a ProducerLine, cons: &'a ConsumerLine, data: *mut u8, size: u32) -> Self {
         assert!(size.is_power_of_two());
-        Shared { ctl, data, size }
+        Shared { prod, cons, data, size, gone: None }
     }
 
-    /// Called after publishing progress: wakes the waiter behind `waiting`
-    /// if (and only if) it is armed. The fence pairs with the one in `arm`
+    fn other_side_gone(&self) -> bool {
+        self.gone.is_some_and(|g| g.load(Ordering::Relaxed))
+    }
+
+    /// Called after publishing progress: is the other side's `waiting`
+    /// an arming not yet answered? If so, records it in our own `woken`
+    /// and says a wake-up is due. The fence pairs with the one in `arm`
     /// (store-fence-load on both sides, the fence form of Dekker's
     /// protocol), so one side always sees the other's store.
-    fn take_waiter(waiting: &AtomicU32) -> bool {
+    fn take_waiter(waiting: &AtomicU64, woken: &AtomicU64) -> bool {
         fence(Ordering::SeqCst);
-        waiting.load(Ordering::Relaxed) != 0 && waiting.swap(0, Ordering::AcqRel) != 0
+        let armed = waiting.load(Ordering::Relaxed);
+        if armed & 1 == 0 || woken.load(Ordering::Relaxed) == armed {
+            return false;
+        }
+        woken.store(armed, Ordering::Relaxed);
+        true
     }
 
-    /// Called before sleeping: announce it, then fence (see `take_waiter`).
-    fn arm(waiting: &AtomicU32) {
-        waiting.store(1, Ordering::Relaxed);
+    /// Called before sleeping: announce a fresh arming (an odd value the
+    /// other side has not answered), then fence (see `take_waiter`). The
+    /// counter is 64 bits wide so that it never comes round to a value the
+    /// other side last answered.
+    fn arm(waiting: &AtomicU64) {
+        let w = waiting.load(Ordering::Relaxed);
+        waiting.store(if w & 1 == 1 { w.wrapping_add(2) } else { w.wrapping_add(1) }, Ordering::Relaxed);
         fence(Ordering::SeqCst);
     }
 
     /// Called by a waiter that woke for another reason and will check this
-    /// ring before it sleeps again (re-arming first): the producer need not
-    /// ring the doorbell any more.
-    fn disarm(waiting: &AtomicU32) {
-        if waiting.load(Ordering::Relaxed) != 0 {
-            waiting.store(0, Ordering::Relaxed);
+    /// ring before it sleeps again (re-arming first): the other side need
+    /// not ring the doorbell any more.
+    fn disarm(waiting: &AtomicU64) {
+        let w = waiting.load(Ordering::Relaxed);
+        if w & 1 == 1 {
+            waiting.store(w.wrapping_add(1), Ordering::Relaxed);
         }
     }
 }
@@ -153,19 +204,26 @@ impl<'a> Producer<'a> {
     /// # Safety
     /// `data` must point to `size` writable bytes that stay mapped for `'a`
     /// and that no Rust reference aliases; `size` must be a power of two.
-    pub unsafe fn new(ctl: &'a RingControl, data: *mut u8, size: u32) -> Self {
+    pub unsafe fn new(producer: &'a ProducerLine, consumer: &'a ConsumerLine, data: *mut u8, size: u32) -> Self {
         // SAFETY: forwarded from this function's contract.
-        Producer(unsafe { Shared::new(ctl, data, size) })
+        Producer(unsafe { Shared::new(producer, consumer, data, size) })
+    }
+
+    /// This view, with writes refused (as if the consumer had closed) once
+    /// `gone` is set: the caller's own record that the consumer is gone.
+    pub fn or_gone(mut self, gone: &'a std::sync::atomic::AtomicBool) -> Self {
+        self.0.gone = Some(gone);
+        self
     }
 
     /// Free space, or why writing is impossible.
     pub fn space(&self) -> Result<u32, RingError> {
         let s = &self.0;
-        if s.ctl.consumer.flags.load(Ordering::Acquire) & CONSUMER_CLOSED != 0 {
+        if s.cons.flags.load(Ordering::Acquire) & CONSUMER_CLOSED != 0 || s.other_side_gone() {
             return Err(RingError::PeerClosed);
         }
-        let tail = s.ctl.producer.tail.load(Ordering::Relaxed);
-        let head = s.ctl.consumer.head.load(Ordering::Acquire);
+        let tail = s.prod.tail.load(Ordering::Relaxed);
+        let head = s.cons.head.load(Ordering::Acquire);
         Ok(index::writable(tail, head, s.size)?)
     }
 
@@ -174,7 +232,7 @@ impl<'a> Producer<'a> {
     pub fn write(&self, bufs: &[&[u8]]) -> Result<(usize, bool), RingError> {
         let s = &self.0;
         let space = self.space()?;
-        let tail = s.ctl.producer.tail.load(Ordering::Relaxed);
+        let tail = s.prod.tail.load(Ordering::Relaxed);
         let mut pos = tail;
         let mut left = space;
         for buf in bufs {
@@ -197,8 +255,8 @@ impl<'a> Producer<'a> {
         if written == 0 {
             return Ok((0, false));
         }
-        s.ctl.producer.tail.store(pos, Ordering::Release);
-        Ok((written, Shared::take_waiter(&s.ctl.consumer.waiting)))
+        s.prod.tail.store(pos, Ordering::Release);
+        Ok((written, Shared::take_waiter(&s.cons.waiting, &s.prod.woken)))
     }
 
     /// Receives up to `len` bytes from the stream socket `fd` straight
@@ -215,7 +273,7 @@ impl<'a> Producer<'a> {
         use std::os::fd::AsRawFd;
         let s = &self.0;
         let space = self.space().map_err(SocketError::Ring)?;
-        let tail = s.ctl.producer.tail.load(Ordering::Relaxed);
+        let tail = s.prod.tail.load(Ordering::Relaxed);
         let n = (len as u64).min(u64::from(space)) as u32;
         let (offset, first, second) = index::split(tail, n, s.size);
         // The consumer reads only bytes before `tail`; these are after it.
@@ -242,43 +300,43 @@ impl<'a> Producer<'a> {
         if ring == 0 {
             return Ok(Received { ring: 0, spill: got, wake: false });
         }
-        s.ctl.producer.tail.store(tail.wrapping_add(ring as u64), Ordering::Release);
-        let wake = Shared::take_waiter(&s.ctl.consumer.waiting);
+        s.prod.tail.store(tail.wrapping_add(ring as u64), Ordering::Release);
+        let wake = Shared::take_waiter(&s.cons.waiting, &s.prod.woken);
         Ok(Received { ring, spill: got - ring, wake })
     }
 
     /// Ends the stream (FIN). Returns whether the consumer must be woken.
     pub fn finish(&self) -> bool {
-        self.0.ctl.producer.flags.fetch_or(PRODUCER_FIN, Ordering::Release);
-        Shared::take_waiter(&self.0.ctl.consumer.waiting)
+        self.0.prod.flags.fetch_or(PRODUCER_FIN, Ordering::Release);
+        Shared::take_waiter(&self.0.cons.waiting, &self.0.prod.woken)
     }
 
     /// Aborts the stream (RST). Returns whether the consumer must be woken.
     pub fn reset(&self) -> bool {
-        self.0.ctl.producer.flags.fetch_or(PRODUCER_RST | PRODUCER_FIN, Ordering::Release);
-        Shared::take_waiter(&self.0.ctl.consumer.waiting)
+        self.0.prod.flags.fetch_or(PRODUCER_RST | PRODUCER_FIN, Ordering::Release);
+        Shared::take_waiter(&self.0.cons.waiting, &self.0.prod.woken)
     }
 
     /// Has this side already ended the stream?
     pub fn finished(&self) -> bool {
-        self.0.ctl.producer.flags.load(Ordering::Relaxed) & PRODUCER_FIN != 0
+        self.0.prod.flags.load(Ordering::Relaxed) & PRODUCER_FIN != 0
     }
 
     /// Announces that this side is about to sleep until space frees up.
     /// The caller must re-check [`Producer::space`] before sleeping.
     pub fn arm(&self) {
-        Shared::arm(&self.0.ctl.producer.waiting);
+        Shared::arm(&self.0.prod.waiting);
     }
 
     /// Withdraws an `arm`; the caller checks [`Producer::space`] (and arms
     /// again) before it next sleeps.
     pub fn disarm(&self) {
-        Shared::disarm(&self.0.ctl.producer.waiting);
+        Shared::disarm(&self.0.prod.waiting);
     }
 
     /// Bytes written so far (for metering; the peer may forge it).
     pub fn total(&self) -> u64 {
-        self.0.ctl.producer.tail.load(Ordering::Relaxed)
+        self.0.prod.tail.load(Ordering::Relaxed)
     }
 }
 
@@ -286,9 +344,17 @@ impl<'a> Consumer<'a> {
     /// # Safety
     /// `data` must point to `size` readable bytes that stay mapped for `'a`
     /// and that no Rust reference aliases; `size` must be a power of two.
-    pub unsafe fn new(ctl: &'a RingControl, data: *mut u8, size: u32) -> Self {
+    pub unsafe fn new(producer: &'a ProducerLine, consumer: &'a ConsumerLine, data: *mut u8, size: u32) -> Self {
         // SAFETY: forwarded from this function's contract.
-        Consumer(unsafe { Shared::new(ctl, data, size) })
+        Consumer(unsafe { Shared::new(producer, consumer, data, size) })
+    }
+
+    /// This view, with the stream finished (after the bytes already in the
+    /// ring, as if the producer had ended it) once `gone` is set: the
+    /// caller's own record that the producer is gone.
+    pub fn or_gone(mut self, gone: &'a std::sync::atomic::AtomicBool) -> Self {
+        self.0.gone = Some(gone);
+        self
     }
 
     /// The most bytes the ring can hold.
@@ -300,9 +366,9 @@ impl<'a> Consumer<'a> {
     pub fn state(&self) -> Result<RxState, RingError> {
         let s = &self.0;
         // Flags first: bytes published before FIN/RST are then visible below.
-        let flags = s.ctl.producer.flags.load(Ordering::Acquire);
-        let tail = s.ctl.producer.tail.load(Ordering::Acquire);
-        let head = s.ctl.consumer.head.load(Ordering::Relaxed);
+        let flags = s.prod.flags.load(Ordering::Acquire) | if s.other_side_gone() { PRODUCER_FIN } else { 0 };
+        let tail = s.prod.tail.load(Ordering::Acquire);
+        let head = s.cons.head.load(Ordering::Relaxed);
         let n = index::readable(tail, head, s.size)?;
         Ok(if n > 0 {
             RxState::Data(n)
@@ -319,8 +385,8 @@ impl<'a> Consumer<'a> {
     /// them. Returns the bytes copied and whether the producer must be woken.
     pub fn read(&self, bufs: &mut [&mut [u8]], peek: bool) -> Result<(usize, bool), RingError> {
         let s = &self.0;
-        let head = s.ctl.consumer.head.load(Ordering::Relaxed);
-        let tail = s.ctl.producer.tail.load(Ordering::Acquire);
+        let head = s.cons.head.load(Ordering::Relaxed);
+        let tail = s.prod.tail.load(Ordering::Acquire);
         let avail = index::readable(tail, head, s.size)?;
         let mut pos = head;
         let mut left = avail;
@@ -345,8 +411,8 @@ impl<'a> Consumer<'a> {
         if read == 0 || peek {
             return Ok((read, false));
         }
-        s.ctl.consumer.head.store(pos, Ordering::Release);
-        Ok((read, Shared::take_waiter(&s.ctl.producer.waiting)))
+        s.cons.head.store(pos, Ordering::Release);
+        Ok((read, Shared::take_waiter(&s.prod.waiting, &s.cons.woken)))
     }
 
     /// Sends `header` and then up to `len` readable bytes straight from the
@@ -362,8 +428,8 @@ impl<'a> Consumer<'a> {
     ) -> Result<(usize, bool), SocketError> {
         use std::os::fd::AsRawFd;
         let s = &self.0;
-        let head = s.ctl.consumer.head.load(Ordering::Relaxed);
-        let tail = s.ctl.producer.tail.load(Ordering::Acquire);
+        let head = s.cons.head.load(Ordering::Relaxed);
+        let tail = s.prod.tail.load(Ordering::Acquire);
         let avail = index::readable(tail, head, s.size).map_err(|_| SocketError::Ring(RingError::Corrupt))?;
         let n = (len as u64).min(u64::from(avail)) as u32;
         let (offset, first, second) = index::split(head, n, s.size);
@@ -395,58 +461,58 @@ impl<'a> Consumer<'a> {
         if taken == 0 {
             return Ok((sent, false));
         }
-        s.ctl.consumer.head.store(head.wrapping_add(taken as u64), Ordering::Release);
-        Ok((sent, Shared::take_waiter(&s.ctl.producer.waiting)))
+        s.cons.head.store(head.wrapping_add(taken as u64), Ordering::Release);
+        Ok((sent, Shared::take_waiter(&s.prod.waiting, &s.cons.woken)))
     }
 
     /// Discards up to `n` readable bytes (used by shutdown(SHUT_RD) and
     /// close). Returns the bytes dropped and whether to wake the producer.
     pub fn discard(&self, n: usize) -> Result<(usize, bool), RingError> {
         let s = &self.0;
-        let head = s.ctl.consumer.head.load(Ordering::Relaxed);
-        let tail = s.ctl.producer.tail.load(Ordering::Acquire);
+        let head = s.cons.head.load(Ordering::Relaxed);
+        let tail = s.prod.tail.load(Ordering::Acquire);
         let avail = index::readable(tail, head, s.size)? as usize;
         let k = avail.min(n);
         if k == 0 {
             return Ok((0, false));
         }
-        s.ctl.consumer.head.store(head.wrapping_add(k as u64), Ordering::Release);
-        Ok((k, Shared::take_waiter(&s.ctl.producer.waiting)))
+        s.cons.head.store(head.wrapping_add(k as u64), Ordering::Release);
+        Ok((k, Shared::take_waiter(&s.prod.waiting, &s.cons.woken)))
     }
 
     /// Closes the reading side: the producer's writes fail from now on.
     /// Returns whether the producer must be woken.
     pub fn close(&self) -> bool {
-        self.0.ctl.consumer.flags.fetch_or(CONSUMER_CLOSED, Ordering::Release);
-        Shared::take_waiter(&self.0.ctl.producer.waiting)
+        self.0.cons.flags.fetch_or(CONSUMER_CLOSED, Ordering::Release);
+        Shared::take_waiter(&self.0.prod.waiting, &self.0.cons.woken)
     }
 
     /// Announces that this side is about to sleep until bytes arrive.
     /// The caller must re-check [`Consumer::state`] before sleeping.
     pub fn arm(&self) {
-        Shared::arm(&self.0.ctl.consumer.waiting);
+        Shared::arm(&self.0.cons.waiting);
     }
 
     /// Withdraws an `arm`; the caller checks [`Consumer::state`] (and arms
     /// again) before it next sleeps.
     pub fn disarm(&self) {
-        Shared::disarm(&self.0.ctl.consumer.waiting);
+        Shared::disarm(&self.0.cons.waiting);
     }
 
     /// Has the producer ended the stream (FIN or RST), whether or not
     /// bytes remain to be read?
     pub fn fin_received(&self) -> bool {
-        self.0.ctl.producer.flags.load(Ordering::Acquire) & (PRODUCER_FIN | PRODUCER_RST) != 0
+        self.0.prod.flags.load(Ordering::Acquire) & (PRODUCER_FIN | PRODUCER_RST) != 0 || self.0.other_side_gone()
     }
 
     /// Has the consumer closed its end?
     pub fn closed(&self) -> bool {
-        self.0.ctl.consumer.flags.load(Ordering::Relaxed) & CONSUMER_CLOSED != 0
+        self.0.cons.flags.load(Ordering::Relaxed) & CONSUMER_CLOSED != 0
     }
 
     /// Bytes consumed so far (for metering; the peer may forge it).
     pub fn total(&self) -> u64 {
-        self.0.ctl.consumer.head.load(Ordering::Relaxed)
+        self.0.cons.head.load(Ordering::Relaxed)
     }
 }
 
@@ -469,7 +535,12 @@ mod tests {
             let size = self.data.len() as u32;
             let ptr = self.data as *mut u8;
             // SAFETY: `data` lives until drop and is only reached through views.
-            unsafe { (Producer::new(&self.ctl, ptr, size), Consumer::new(&self.ctl, ptr, size)) }
+            unsafe {
+                (
+                    Producer::new(&self.ctl.producer, &self.ctl.consumer, ptr, size),
+                    Consumer::new(&self.ctl.producer, &self.ctl.consumer, ptr, size),
+                )
+            }
         }
     }
 
@@ -612,6 +683,24 @@ mod tests {
         assert_eq!(c.read(&mut [&mut buf[..]], false).unwrap(), (1, true));
         c.arm();
         assert!(p.finish());
+    }
+
+    #[test]
+    fn a_side_known_gone_ends_the_stream_without_writing_shared_words() {
+        let ring = TestRing::new(8);
+        let gone = std::sync::atomic::AtomicBool::new(false);
+        let (p, c) = ring.views();
+        let (p, c) = (p.or_gone(&gone), c.or_gone(&gone));
+        p.write(&[b"ab"]).unwrap();
+        assert!(!c.fin_received());
+        gone.store(true, Ordering::Relaxed);
+        assert_eq!(c.state().unwrap(), RxState::Data(2), "bytes already sent still arrive");
+        c.discard(2).unwrap();
+        assert_eq!(c.state().unwrap(), RxState::Fin);
+        assert!(c.fin_received());
+        assert_eq!(p.write(&[b"x"]), Err(RingError::PeerClosed));
+        assert_eq!(ring.ctl.producer.flags.load(Ordering::Relaxed), 0);
+        assert_eq!(ring.ctl.consumer.flags.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -1,16 +1,20 @@
-//! A connection's shared-memory segment: a sealed memfd holding the header
-//! page and two rings (layout in `vsocket_abi::layout`).
+//! A connection's shared memory: two sealed memfds, one *half* per end,
+//! each holding that end's control words and the data of the ring it
+//! produces (layout in `vsocket_abi::layout`).
 //!
-//! `vsocketd` creates the segment, seals its size (so no holder can shrink
-//! it under another's mapping and turn reads into SIGBUS), and passes the
-//! memfd to both ends, which map it with [`Segment::map`] after checking the
-//! size and the seals.
+//! `vsocketd` creates both halves, seals their size (so no holder can
+//! shrink one under another's mapping and turn reads into SIGBUS), and
+//! passes each end its own half read-write and its peer's half through a
+//! read-only descriptor. An end maps them with [`Segment::map`] after
+//! checking their size, seals and headers; the daemon's own view (from
+//! [`Segment::create`]) can write both.
 
-use crate::ring::{Consumer, Producer, RingControl};
+use crate::ring::{Consumer, ConsumerLine, Producer, ProducerLine};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use vsocket_abi::layout::{self, SEGMENT_MAGIC, SEGMENT_VERSION};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use vsocket_abi::layout::{self, Endpoint, SEGMENT_MAGIC, SEGMENT_VERSION};
 
 const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
 
@@ -21,15 +25,46 @@ pub struct FileIdentity {
     pub ino: u64,
 }
 
-/// One mapping of a connection segment.
+/// The descriptors of a connection's two halves, as the daemon keeps them
+/// (indexed by [`Endpoint::index`]).
 #[derive(Debug)]
-pub struct Segment {
+pub struct SegmentFiles {
+    /// Each end's half, read-write.
+    pub rw: [OwnedFd; 2],
+    /// The same files opened read-only: what each end's peer gets.
+    pub ro: [OwnedFd; 2],
+}
+
+impl SegmentFiles {
+    /// What end `end` is handed: its own half read-write, then its peer's
+    /// half read-only.
+    pub fn for_end(&self, end: Endpoint) -> [BorrowedFd<'_>; 2] {
+        [self.rw[end.index()].as_fd(), self.ro[end.peer().index()].as_fd()]
+    }
+
+    /// Owned copies of [`SegmentFiles::for_end`].
+    pub fn clone_for(&self, end: Endpoint) -> io::Result<[OwnedFd; 2]> {
+        let [own, peer] = self.for_end(end);
+        Ok([own.try_clone_to_owned()?, peer.try_clone_to_owned()?])
+    }
+}
+
+/// One mapped half.
+#[derive(Debug)]
+struct Half {
     base: NonNull<u8>,
     len: usize,
+}
+
+/// One process's mapping of a connection's two halves.
+#[derive(Debug)]
+pub struct Segment {
+    /// Half `i` belongs to the end whose [`Endpoint::index`] is `i`.
+    halves: [Half; 2],
     ring_size: u32,
 }
 
-// SAFETY: the mapping is plain shared memory; all concurrent access goes
+// SAFETY: the mappings are plain shared memory; all concurrent access goes
 // through atomics (control lines) or the ring protocol (data areas).
 unsafe impl Send for Segment {}
 // SAFETY: as above; `&Segment` only hands out views that are safe to share.
@@ -43,84 +78,158 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-impl Segment {
-    /// Creates a zeroed, sealed segment with rings of `ring_size` bytes and
-    /// maps it. Returns the mapping and the memfd to hand to both ends.
-    pub fn create(ring_size: u32) -> io::Result<(Segment, OwnedFd)> {
-        if !layout::ring_size_valid(ring_size) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "invalid ring size"));
-        }
-        // SAFETY: the name is a NUL-terminated literal; flags are valid.
-        let fd = check(unsafe {
-            libc::memfd_create(c"vsocket-conn".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        })?;
-        // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let len = layout::segment_size(ring_size);
-        // SAFETY: plain syscalls on a descriptor we own.
-        unsafe {
-            check(libc::ftruncate(fd.as_raw_fd(), len as libc::off_t))?;
-            check(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS))?;
-        }
-        let segment = Self::map_unchecked(fd.as_raw_fd(), len, ring_size)?;
-        let header = segment.base.as_ptr() as *mut u64;
-        let mut nonce = [0u8; 16];
-        // SAFETY: getrandom fills at most 16 bytes of `nonce`.
-        if unsafe { libc::getrandom(nonce.as_mut_ptr() as *mut libc::c_void, 16, 0) } != 16 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the header page is 4096 bytes, freshly zeroed, and no
-        // other process has the memfd yet; every write is inside it.
-        unsafe {
-            header.write(SEGMENT_MAGIC);
-            (header.add(1) as *mut u32).write(SEGMENT_VERSION);
-            (header.add(1) as *mut u32).add(1).write(ring_size);
-            std::ptr::copy_nonoverlapping(nonce.as_ptr(), segment.base.as_ptr().add(layout::HEADER_NONCE), 16);
-        }
-        Ok((segment, fd))
-    }
+fn bad(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("connection segment: {what}"))
+}
 
-    /// Maps a segment received from the daemon, after checking that it is a
-    /// sealed memfd of exactly the size `ring_size` implies.
-    pub fn map(fd: BorrowedFd<'_>, ring_size: u32) -> io::Result<Segment> {
-        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("connection segment: {what}"));
-        if !layout::ring_size_valid(ring_size) {
-            return Err(bad("invalid ring size"));
-        }
-        let len = layout::segment_size(ring_size);
-        // SAFETY: fstat writes into the zeroed struct we pass.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: valid descriptor and a pointer to a stat buffer.
-        check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-        if st.st_size as usize != len {
-            return Err(bad("wrong size"));
-        }
-        // SAFETY: F_GET_SEALS takes no argument.
-        let seals = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
-        if seals & REQUIRED_SEALS != REQUIRED_SEALS {
-            return Err(bad("not sealed"));
-        }
-        let segment = Self::map_unchecked(fd.as_raw_fd(), len, ring_size)?;
-        let header = segment.base.as_ptr() as *const u64;
-        // SAFETY: the mapping is `len` > 16 bytes; plain loads of the header.
-        let (magic, version) = unsafe { (header.read_volatile(), (header.add(1) as *const u32).read_volatile()) };
-        if magic != SEGMENT_MAGIC || version != SEGMENT_VERSION {
-            return Err(bad("bad magic or version"));
-        }
-        Ok(segment)
-    }
-
-    fn map_unchecked(fd: libc::c_int, len: usize, ring_size: u32) -> io::Result<Segment> {
+impl Half {
+    /// Maps `len` bytes of `fd`, writable or read-only.
+    fn map(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Half> {
+        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
         // SAFETY: a fresh shared mapping of a descriptor whose size is at
         // least `len` (checked or set by the callers, and sealed).
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
-        };
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(ptr as *mut u8).expect("mmap does not return NULL on success");
-        Ok(Segment { base, len, ring_size })
+        Ok(Half { base, len })
+    }
+
+    /// The word of type `T` at `offset` of the header page.
+    fn word<T>(&self, offset: usize) -> &T {
+        assert!(offset.is_multiple_of(std::mem::align_of::<T>()) && offset + std::mem::size_of::<T>() <= layout::PAGE);
+        // SAFETY: inside the header page of this mapping (asserted), aligned
+        // (the mapping is page aligned), and only atomics and the control
+        // lines, which are valid for any bit pattern, are placed here; it
+        // lives as long as the mapping `&self` keeps alive.
+        unsafe { &*(self.base.as_ptr().add(offset) as *const T) }
+    }
+
+    fn data(&self) -> *mut u8 {
+        // SAFETY: the data area starts at DATA, inside the mapping of
+        // PAGE + ring_size bytes.
+        unsafe { self.base.as_ptr().add(layout::DATA) }
+    }
+
+    fn nonce(&self) -> u128 {
+        let mut bytes = [0u8; 16];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            // SAFETY: the nonce lies inside the header page of this mapping.
+            *b = unsafe { self.base.as_ptr().add(layout::HEADER_NONCE + i).read_volatile() };
+        }
+        u128::from_le_bytes(bytes)
+    }
+}
+
+impl Drop for Half {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the region mapped in `Half::map`; no view
+        // can outlive the `&Segment` it came from.
+        unsafe { libc::munmap(self.base.as_ptr() as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Opens `fd`'s file again, read-only: a descriptor that cannot be mapped
+/// writable nor written.
+fn reopen_read_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let path = std::ffi::CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a path");
+    // SAFETY: a NUL-terminated path and valid flags.
+    let raw = check(unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) })?;
+    // SAFETY: open just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Creates end `end`'s half, zeroed, sealed and mapped, with its header.
+fn create_half(ring_size: u32, end: usize) -> io::Result<(Half, OwnedFd)> {
+    // SAFETY: the name is a NUL-terminated literal; flags are valid.
+    let fd =
+        check(unsafe { libc::memfd_create(c"vsocket-conn".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) })?;
+    // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = layout::half_size(ring_size);
+    // SAFETY: plain syscalls on a descriptor we own.
+    unsafe {
+        check(libc::ftruncate(fd.as_raw_fd(), len as libc::off_t))?;
+        check(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS))?;
+    }
+    let half = Half::map(fd.as_fd(), len, true)?;
+    let mut nonce = [0u8; 16];
+    // SAFETY: getrandom fills at most 16 bytes of `nonce`.
+    if unsafe { libc::getrandom(nonce.as_mut_ptr() as *mut libc::c_void, 16, 0) } != 16 {
+        return Err(io::Error::last_os_error());
+    }
+    let header = half.base.as_ptr();
+    // SAFETY: the header page is 4096 bytes, freshly zeroed, writable, and
+    // no other process has the memfd yet; every write is inside it and
+    // aligned for its type.
+    unsafe {
+        (header as *mut u64).write(SEGMENT_MAGIC);
+        (header.add(8) as *mut u32).write(SEGMENT_VERSION);
+        (header.add(12) as *mut u32).write(ring_size);
+        std::ptr::copy_nonoverlapping(nonce.as_ptr(), header.add(layout::HEADER_NONCE), 16);
+        (header.add(layout::HEADER_END) as *mut u32).write(end as u32);
+    }
+    Ok((half, fd))
+}
+
+/// Checks that `fd` is a sealed memfd of a half's size whose header names
+/// end `end`, and maps it (writable or not).
+fn map_half(fd: BorrowedFd<'_>, ring_size: u32, end: usize, writable: bool) -> io::Result<Half> {
+    let len = layout::half_size(ring_size);
+    // SAFETY: fstat writes into the zeroed struct we pass.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and a pointer to a stat buffer.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    if st.st_size as usize != len {
+        return Err(bad("wrong size"));
+    }
+    // SAFETY: F_GET_SEALS takes no argument.
+    let seals = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS {
+        return Err(bad("not sealed"));
+    }
+    let half = Half::map(fd, len, writable)?;
+    let magic = half.word::<AtomicU64>(0).load(Ordering::Relaxed);
+    let version = half.word::<AtomicU32>(8).load(Ordering::Relaxed);
+    if magic != SEGMENT_MAGIC || version != SEGMENT_VERSION {
+        return Err(bad("bad magic or version"));
+    }
+    if half.word::<AtomicU32>(layout::HEADER_END).load(Ordering::Relaxed) != end as u32 {
+        return Err(bad("a half of the wrong end"));
+    }
+    Ok(half)
+}
+
+impl Segment {
+    /// Creates both halves of a connection with rings of `ring_size` bytes,
+    /// zeroed and sealed, and maps both writable (the daemon's view).
+    /// Returns the mapping and the descriptors to hand to the ends.
+    pub fn create(ring_size: u32) -> io::Result<(Segment, SegmentFiles)> {
+        if !layout::ring_size_valid(ring_size) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "invalid ring size"));
+        }
+        let (client, client_fd) = create_half(ring_size, 0)?;
+        let (server, server_fd) = create_half(ring_size, 1)?;
+        let ro = [reopen_read_only(client_fd.as_fd())?, reopen_read_only(server_fd.as_fd())?];
+        Ok((Segment { halves: [client, server], ring_size }, SegmentFiles { rw: [client_fd, server_fd], ro }))
+    }
+
+    /// Maps the halves the daemon sent to end `end`: `own` (its half)
+    /// writable, `peer` (the other end's) read-only, after checking that
+    /// each is a sealed memfd of the size `ring_size` implies whose header
+    /// names the right end.
+    pub fn map(own: BorrowedFd<'_>, peer: BorrowedFd<'_>, ring_size: u32, end: Endpoint) -> io::Result<Segment> {
+        if !layout::ring_size_valid(ring_size) {
+            return Err(bad("invalid ring size"));
+        }
+        let mine = map_half(own, ring_size, end.index(), true)?;
+        let theirs = map_half(peer, ring_size, end.peer().index(), false)?;
+        let halves = match end {
+            Endpoint::Client => [mine, theirs],
+            Endpoint::Server => [theirs, mine],
+        };
+        Ok(Segment { halves, ring_size })
     }
 
     /// Bytes per ring.
@@ -128,61 +237,51 @@ impl Segment {
         self.ring_size
     }
 
-    fn control(&self, ring: usize) -> &RingControl {
+    /// Ring `ring`'s lines: the producer's in half `ring`, the consumer's
+    /// in the other half.
+    fn lines(&self, ring: usize) -> (&ProducerLine, &ConsumerLine) {
         assert!(ring < 2);
-        // The producer line is inside the header page, 128-byte aligned (the
-        // mapping is page aligned), and outlives `&self`.
-        // SAFETY: RingControl is plain atomics, valid for any bit pattern.
-        unsafe { &*(self.base.as_ptr().add(layout::producer_line(ring)) as *const RingControl) }
+        (self.halves[ring].word(layout::PRODUCER_LINE), self.halves[1 - ring].word(layout::CONSUMER_LINE))
     }
 
-    fn data(&self, ring: usize) -> *mut u8 {
-        // SAFETY: ring_data(ring) + ring_size <= len for ring < 2.
-        unsafe { self.base.as_ptr().add(layout::ring_data(ring, self.ring_size)) }
-    }
-
-    /// The producer view of ring `ring` (0 or 1).
+    /// The producer view of ring `ring` (0 or 1). Only the end that
+    /// produces it (or the daemon) may write through it.
     pub fn producer(&self, ring: usize) -> Producer<'_> {
-        // SAFETY: the data area is `ring_size` bytes of this mapping, alive
+        let (p, c) = self.lines(ring);
+        // SAFETY: the data area is `ring_size` bytes of half `ring`, alive
         // while `&self` is, and only reached through ring views.
-        unsafe { Producer::new(self.control(ring), self.data(ring), self.ring_size) }
+        unsafe { Producer::new(p, c, self.halves[ring].data(), self.ring_size) }
     }
 
-    /// The consumer view of ring `ring` (0 or 1).
+    /// The consumer view of ring `ring` (0 or 1). Only the end that
+    /// consumes it (or the daemon) may write through it.
     pub fn consumer(&self, ring: usize) -> Consumer<'_> {
+        let (p, c) = self.lines(ring);
         // SAFETY: as in `producer`.
-        unsafe { Consumer::new(self.control(ring), self.data(ring), self.ring_size) }
+        unsafe { Consumer::new(p, c, self.halves[ring].data(), self.ring_size) }
     }
-}
 
-impl Segment {
     /// The count of processes holding endpoint `end` (0 client, 1 server).
-    /// Maintained by the holders themselves: a hostile peer can only
-    /// confuse the close of its own connection.
-    pub fn holders(&self, end: usize) -> &std::sync::atomic::AtomicU32 {
-        assert!(end < 2);
-        // SAFETY: the endpoint line is inside the header page, 4-byte
-        // aligned, and AtomicU32 is valid for any bit pattern; it lives as
-        // long as the mapping `&self` keeps alive.
-        unsafe { &*(self.base.as_ptr().add(layout::ENDPOINT_LINE + 4 * end) as *const std::sync::atomic::AtomicU32) }
-    }
-
-    /// The connection the daemon last handed this segment to (header).
-    pub fn connection_id(&self) -> &std::sync::atomic::AtomicU64 {
-        // SAFETY: 8-byte aligned word inside the header page (offset 16);
-        // AtomicU64 is valid for any bit pattern and lives as long as the
-        // mapping.
-        unsafe { &*(self.base.as_ptr().add(layout::HEADER_CONNECTION_ID) as *const std::sync::atomic::AtomicU64) }
+    /// Maintained by the holders themselves, in their own half.
+    pub fn holders(&self, end: usize) -> &AtomicU32 {
+        self.halves[end].word(layout::ENDPOINT_LINE)
     }
 
     /// Endpoint `end`'s "released" word (see `layout::RELEASED`).
-    pub fn released(&self, end: usize) -> &std::sync::atomic::AtomicU32 {
-        assert!(end < 2);
-        // SAFETY: as in `holders`: inside the header page, 4-byte aligned,
-        // any bit pattern valid, alive as long as the mapping.
-        unsafe {
-            &*(self.base.as_ptr().add(layout::ENDPOINT_LINE + layout::RELEASED + 4 * end)
-                as *const std::sync::atomic::AtomicU32)
+    pub fn released(&self, end: usize) -> &AtomicU32 {
+        self.halves[end].word(layout::ENDPOINT_LINE + layout::RELEASED)
+    }
+
+    /// The connection the daemon last handed half `end` to (its header).
+    pub fn connection_id(&self, end: usize) -> u64 {
+        self.halves[end].word::<AtomicU64>(layout::HEADER_CONNECTION_ID).load(Ordering::Acquire)
+    }
+
+    /// Names connection `id` in both halves' headers (the daemon, before
+    /// handing the segment over).
+    pub fn set_connection_id(&self, id: u64) {
+        for half in &self.halves {
+            half.word::<AtomicU64>(layout::HEADER_CONNECTION_ID).store(id, Ordering::Release);
         }
     }
 
@@ -191,7 +290,6 @@ impl Segment {
     /// for its own connections; the daemon hands a reset segment only to
     /// the same two processes, so that confuses only their connections.)
     pub fn reusable(&self) -> bool {
-        use std::sync::atomic::Ordering;
         self.fully_closed() && (0..2).all(|end| self.released(end).load(Ordering::Acquire) == 1)
     }
 
@@ -200,24 +298,19 @@ impl Segment {
     /// the data areas keep old bytes, which the new connection's indices
     /// never expose.
     pub fn reset(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
         for r in 0..2 {
-            let c = self.control(r);
-            c.producer.tail.store(0, Relaxed);
-            c.producer.flags.store(0, Relaxed);
-            c.producer.waiting.store(0, Relaxed);
-            c.consumer.head.store(0, Relaxed);
-            c.consumer.flags.store(0, Relaxed);
-            c.consumer.waiting.store(0, Relaxed);
+            let (p, c) = self.lines(r);
+            p.clear();
+            c.clear();
         }
         for end in 0..2 {
-            self.holders(end).store(0, Relaxed);
-            self.released(end).store(0, Relaxed);
+            self.holders(end).store(0, Ordering::Relaxed);
+            self.released(end).store(0, Ordering::Relaxed);
         }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        std::sync::atomic::fence(Ordering::Release);
     }
 
-    /// The file behind a segment descriptor (device, inode). Inode numbers
+    /// The file behind a half's descriptor (device, inode). Inode numbers
     /// can come back for a later file, so a kept mapping is only taken for
     /// the same file when its nonce matches too (see [`Segment::nonce`]).
     pub fn identity(fd: BorrowedFd<'_>) -> io::Result<FileIdentity> {
@@ -228,17 +321,12 @@ impl Segment {
         Ok(FileIdentity { dev: st.st_dev, ino: st.st_ino })
     }
 
-    /// The nonce the daemon wrote into this segment's header.
-    pub fn nonce(&self) -> u128 {
-        let mut bytes = [0u8; 16];
-        for (i, b) in bytes.iter_mut().enumerate() {
-            // SAFETY: the nonce lies inside the header page of this mapping.
-            *b = unsafe { self.base.as_ptr().add(layout::HEADER_NONCE + i).read_volatile() };
-        }
-        u128::from_le_bytes(bytes)
+    /// The nonce the daemon wrote into half `end`'s header.
+    pub fn nonce(&self, end: usize) -> u128 {
+        self.halves[end].nonce()
     }
 
-    /// The nonce in the header of the segment behind `fd`, read without
+    /// The nonce in the header of the half behind `fd`, read without
     /// mapping it.
     pub fn read_nonce(fd: BorrowedFd<'_>) -> io::Result<u128> {
         let mut bytes = [0u8; 16];
@@ -252,7 +340,7 @@ impl Segment {
             )
         };
         if n != 16 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "connection segment: short header"));
+            return Err(bad("short header"));
         }
         Ok(u128::from_le_bytes(bytes))
     }
@@ -261,7 +349,7 @@ impl Segment {
     /// (tests and fuzzing only).
     #[doc(hidden)]
     pub fn forge_for_tests(&self, ring: usize, tail: u64) {
-        self.control(ring).producer.tail.store(tail, std::sync::atomic::Ordering::Relaxed);
+        self.lines(ring).0.tail.store(tail, Ordering::Relaxed);
     }
 
     /// Have both ends closed both directions (each producer finished and
@@ -271,39 +359,76 @@ impl Segment {
     }
 }
 
-impl Drop for Segment {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the region mapped in `map_unchecked`; no
-        // view can outlive `&self`.
-        unsafe { libc::munmap(self.base.as_ptr() as *mut libc::c_void, self.len) };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::RxState;
-    use std::os::fd::AsFd;
+
+    /// The daemon's view and both ends' mappings of a fresh segment.
+    fn three_views(ring_size: u32) -> (Segment, SegmentFiles, Segment, Segment) {
+        let (daemon, files) = Segment::create(ring_size).unwrap();
+        let [own, peer] = files.for_end(Endpoint::Client);
+        let client = Segment::map(own, peer, ring_size, Endpoint::Client).unwrap();
+        let [own, peer] = files.for_end(Endpoint::Server);
+        let server = Segment::map(own, peer, ring_size, Endpoint::Server).unwrap();
+        (daemon, files, client, server)
+    }
 
     #[test]
-    fn two_mappings_of_one_segment_see_each_other() {
-        let (daemon, fd) = Segment::create(4096).unwrap();
-        let client = Segment::map(fd.as_fd(), 4096).unwrap();
-        let server = Segment::map(fd.as_fd(), 4096).unwrap();
+    fn the_ends_and_the_daemon_see_each_other() {
+        let (daemon, _files, client, server) = three_views(4096);
         client.producer(0).write(&[b"ping"]).unwrap();
         assert_eq!(server.consumer(0).state().unwrap(), RxState::Data(4));
         assert_eq!(daemon.producer(0).total(), 4);
         let mut buf = [0u8; 8];
         assert_eq!(server.consumer(0).read(&mut [&mut buf[..]], false).unwrap().0, 4);
         assert_eq!(&buf[..4], b"ping");
+        assert_eq!(daemon.consumer(0).total(), 4);
+        server.producer(1).write(&[b"pong!"]).unwrap();
+        assert_eq!(client.consumer(1).read(&mut [&mut buf[..]], false).unwrap().0, 5);
+        assert_eq!(&buf[..5], b"pong!");
+        // Wake-ups cross without either end writing the other's half.
+        client.consumer(1).arm();
+        assert!(server.producer(1).write(&[b"x"]).unwrap().1);
+        assert!(!server.producer(1).write(&[b"y"]).unwrap().1, "one wake-up per arming");
+    }
+
+    #[test]
+    fn an_end_cannot_write_its_peers_half() {
+        let (_daemon, files, _client, _server) = three_views(4096);
+        // The descriptor of the peer's half refuses a writable mapping, a
+        // write, and a later mprotect of a read-only mapping.
+        let peer = files.for_end(Endpoint::Client)[1];
+        let len = layout::half_size(4096);
+        // SAFETY: a mapping attempt that must fail; nothing is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                peer.as_raw_fd(),
+                0,
+            )
+        };
+        assert_eq!(ptr, libc::MAP_FAILED);
+        assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EACCES));
+        // SAFETY: writes one byte from a local.
+        let n = unsafe { libc::pwrite(peer.as_raw_fd(), b"x".as_ptr() as *const libc::c_void, 1, 0) };
+        assert_eq!(n, -1);
+        // SAFETY: a read-only shared mapping, unmapped below.
+        let ro =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, peer.as_raw_fd(), 0) };
+        assert_ne!(ro, libc::MAP_FAILED);
+        // SAFETY: changes the protection of our own mapping (refused).
+        assert_eq!(unsafe { libc::mprotect(ro, len, libc::PROT_READ | libc::PROT_WRITE) }, -1);
+        // SAFETY: unmaps the mapping made above.
+        unsafe { libc::munmap(ro, len) };
     }
 
     #[test]
     fn a_reset_segment_is_a_fresh_one() {
-        use std::sync::atomic::Ordering;
-        let (daemon, fd) = Segment::create(4096).unwrap();
-        let client = Segment::map(fd.as_fd(), 4096).unwrap();
-        let server = Segment::map(fd.as_fd(), 4096).unwrap();
+        let (daemon, files, client, server) = three_views(4096);
         client.producer(0).write(&[b"old bytes"]).unwrap();
         assert!(!daemon.reusable());
         for (seg, end) in [(&client, 0), (&server, 1)] {
@@ -326,23 +451,31 @@ mod tests {
         let mut buf = [0u8; 8];
         assert_eq!(server.consumer(0).read(&mut [&mut buf[..]], false).unwrap().0, 3);
         assert_eq!(&buf[..3], b"new");
-        assert_eq!(Segment::identity(fd.as_fd()).unwrap(), Segment::identity(fd.as_fd()).unwrap());
-        assert_eq!(Segment::read_nonce(fd.as_fd()).unwrap(), client.nonce());
-        assert_ne!(client.nonce(), 0);
-        let (_other, other_fd) = Segment::create(4096).unwrap();
-        assert_ne!(Segment::read_nonce(other_fd.as_fd()).unwrap(), client.nonce());
+        daemon.set_connection_id(77);
+        assert_eq!((client.connection_id(0), client.connection_id(1)), (77, 77));
+        let fd = files.rw[0].as_fd();
+        assert_eq!(Segment::identity(fd).unwrap(), Segment::identity(files.ro[0].as_fd()).unwrap());
+        assert_eq!(Segment::read_nonce(fd).unwrap(), client.nonce(0));
+        assert_ne!(client.nonce(0), 0);
+        assert_ne!(client.nonce(0), client.nonce(1));
+        let (_other, other) = Segment::create(4096).unwrap();
+        assert_ne!(Segment::read_nonce(other.rw[0].as_fd()).unwrap(), client.nonce(0));
     }
 
     #[test]
-    fn a_segment_of_the_wrong_size_or_unsealed_is_refused() {
-        let (_daemon, fd) = Segment::create(4096).unwrap();
-        assert!(Segment::map(fd.as_fd(), 8192).is_err());
+    fn halves_of_the_wrong_size_end_or_unsealed_are_refused() {
+        let (_daemon, files) = Segment::create(4096).unwrap();
+        let [own, peer] = files.for_end(Endpoint::Client);
+        assert!(Segment::map(own, peer, 8192, Endpoint::Client).is_err());
+        // Halves swapped: each header names the other end.
+        assert!(Segment::map(peer, own, 4096, Endpoint::Client).is_err());
+        assert!(Segment::map(own, peer, 4096, Endpoint::Server).is_err());
         // SAFETY: a plain memfd without seals.
         let raw = unsafe { libc::memfd_create(c"plain".as_ptr(), libc::MFD_CLOEXEC) };
         // SAFETY: just created, owned here.
         let plain = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: plain syscall on our descriptor.
-        unsafe { libc::ftruncate(plain.as_raw_fd(), layout::segment_size(4096) as libc::off_t) };
-        assert!(Segment::map(plain.as_fd(), 4096).is_err());
+        unsafe { libc::ftruncate(plain.as_raw_fd(), layout::half_size(4096) as libc::off_t) };
+        assert!(Segment::map(plain.as_fd(), peer, 4096, Endpoint::Client).is_err());
     }
 }

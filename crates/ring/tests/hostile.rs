@@ -30,7 +30,7 @@ fn arbitrary_shared_state_never_breaks_the_reader() {
 
 #[test]
 fn a_peer_scribbling_concurrently_only_breaks_its_connection() {
-    let (segment, _fd) = Segment::create(4096).unwrap();
+    let (segment, _files) = Segment::create(4096).unwrap();
     let segment = std::sync::Arc::new(segment);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The hostile peer owns ring 0's producer side and writes garbage.

@@ -36,11 +36,11 @@ impl Model {
     }
     fn producer(&self) -> Producer<'_> {
         // SAFETY: 8 bytes, alive as long as `self`.
-        unsafe { Producer::new(&self.ctl, self.data.get() as *mut u8, 8) }
+        unsafe { Producer::new(&self.ctl.producer, &self.ctl.consumer, self.data.get() as *mut u8, 8) }
     }
     fn consumer(&self) -> Consumer<'_> {
         // SAFETY: as in `producer`.
-        unsafe { Consumer::new(&self.ctl, self.data.get() as *mut u8, 8) }
+        unsafe { Consumer::new(&self.ctl.producer, &self.ctl.consumer, self.data.get() as *mut u8, 8) }
     }
     fn ring_doorbell(&self) {
         *self.rings.lock().unwrap() += 1;
