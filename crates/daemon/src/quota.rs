@@ -350,6 +350,19 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_is_charged_the_memory_its_segment_takes() {
+        for ring_size in [4096u32, 1 << 18, 1 << 20] {
+            let text = format!("[host]\nname = \"h\"\nring_size = {ring_size}\n");
+            let config = vsocket_policy::parse(&text, std::path::Path::new("t.toml")).unwrap();
+            let (_view, files) = vsocket_ring::Segment::create(ring_size).unwrap();
+            let bytes: u64 =
+                files.rw.iter().map(|f| std::fs::File::from(f.try_clone().unwrap()).metadata().unwrap().len()).sum();
+            assert_eq!(config.host().segment_size(), bytes, "rings of {ring_size}");
+            assert_eq!(bytes, vsocket_abi::layout::segment_size(ring_size) as u64);
+        }
+    }
+
+    #[test]
     fn connections_are_limited_per_guest_and_given_back() {
         let [a, b, c] = guests();
         // a may hold 2, b 3, c plenty.

@@ -114,7 +114,7 @@ fn connection_quota_fails_the_client_with_eaddrnotavail_and_spares_other_guests(
     assert_eq!(a["exceeded_connections"], 2);
     assert_eq!(a["connections_live"], 3);
     assert_eq!(a["max_connections"], 3);
-    assert_eq!(a["shared_memory"], 3 * (4096 + 2 * 262_144));
+    assert_eq!(a["shared_memory"], 3 * 2 * (4096 + 262_144));
     assert_eq!(a["fallbacks"], 0, "refused, not sent to the kernel path");
     let metrics = scrape(19471);
     assert_eq!(exceeded(&metrics, "a", "connections"), 2);
@@ -160,8 +160,8 @@ fn server_quota_refuses_connects_with_econnrefused_counted_against_the_server() 
 
 #[test]
 fn shared_memory_quota_fails_the_client_with_enobufs() {
-    // Segments of 4096 + 2 * 4096 bytes: 36 KiB holds three.
-    let mut lab = Lab::start_host("tqshm", &body("max_shared_memory = \"36KiB\"", ""), "ring_size = 4096").unwrap();
+    // Segments of 2 * (4096 + 4096) bytes: 48 KiB holds three.
+    let mut lab = Lab::start_host("tqshm", &body("max_shared_memory = \"48KiB\"", ""), "ring_size = 4096").unwrap();
     echo(&mut lab, "b", "10.10.0.3");
     let go = go(&lab);
     let log = hold(&mut lab, "a", "10.10.0.3", "3", &go, "hold.log");
@@ -169,7 +169,7 @@ fn shared_memory_quota_fails_the_client_with_enobufs() {
     assert!(log.contains(&format!("extra errno {ENOBUFS}\n")), "the 4th segment does not fit: {log}");
     assert!(log.contains(&format!("extra_async errno {ENOBUFS}\n")), "{log}");
     let a = lab.guest("a").unwrap();
-    assert_eq!((a["shared_memory"].as_u64(), a["max_shared_memory"].as_u64()), (Some(36_864), Some(36_864)));
+    assert_eq!((a["shared_memory"].as_u64(), a["max_shared_memory"].as_u64()), (Some(49_152), Some(49_152)));
     assert_eq!((a["exceeded_shared_memory"].as_u64(), a["exceeded_connections"].as_u64()), (Some(2), Some(0)));
     assert_eq!(probe(&lab, "c", "10.10.0.3"), "connected");
     assert_eq!(lab.counter("c", "exceeded_shared_memory"), 0);

@@ -90,7 +90,7 @@
 //! max_connections = 100          # live vSocket connections, as client or server;
 //!                                # at least 1; default host.default_max_connections
 //! max_shared_memory = "64MiB"    # bytes of those connections' segments (each
-//!                                # 4096 + 2 * ring_size): bytes, or a number with
+//!                                # 2 * (4096 + ring_size)): bytes, or a number with
 //!                                # KiB, MiB, GiB or TiB; at least one segment;
 //!                                # default host.default_max_shared_memory
 //! max_channels = 64              # control channels open at once (one per process,

@@ -184,10 +184,10 @@ impl FabricConfig {
     /// hundred microseconds at 10 to 25 Gbit/s.
     pub const DEFAULT_RING_SIZE: u32 = 1 << 20;
 
-    /// Bytes of a cross-host connection's segment (its header page and
-    /// both rings), as `HostConfig::segment_size`.
+    /// Bytes of a cross-host connection's segment (both ends' halves, each
+    /// a header page and a ring), as `HostConfig::segment_size`.
     pub fn segment_size(&self) -> u64 {
-        4096 + 2 * u64::from(self.ring_size)
+        2 * (4096 + u64::from(self.ring_size))
     }
 
     /// The entry named `name`.
@@ -232,7 +232,7 @@ pub struct Quotas {
     /// a connection inside the guest counts once). At least 1.
     pub max_connections: u64,
     /// Bytes of the shared-memory segments of those connections (each
-    /// `4096 + 2 * ring_size`). At least one segment.
+    /// `2 * (4096 + ring_size)`). At least one segment.
     pub max_shared_memory: u64,
     /// Control channels open at once (each process's request channel and
     /// each listening socket's channel; the daemon runs a thread for each).
@@ -285,10 +285,10 @@ impl HostConfig {
     /// The largest allowed `ring_size`: 64 MiB.
     pub const MAX_RING_SIZE: u32 = 64 * 1024 * 1024;
 
-    /// Bytes of one connection's segment: a 4096-byte header and a ring
-    /// each way.
+    /// Bytes of one connection's segment: each end's half, a 4096-byte
+    /// header page and the ring it writes (`vsocket_abi::layout::segment_size`).
     pub fn segment_size(&self) -> u64 {
-        4096 + 2 * u64::from(self.ring_size)
+        2 * (4096 + u64::from(self.ring_size))
     }
 }
 

@@ -597,7 +597,7 @@ fn module_doc_example_parses() {
 fn quotas_fall_back_from_guest_to_host_to_built_in() {
     let text = config_text(
         "ring_size = 4096\ndefault_max_connections = 10\ndefault_max_shared_memory = \"1MiB\"",
-        &guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nmax_connections = 3\nmax_shared_memory = 12288\nmax_channels = 2"),
+        &guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nmax_connections = 3\nmax_shared_memory = 16384\nmax_channels = 2"),
     );
     let config = parse_text(&text).unwrap();
     assert_eq!(
@@ -607,8 +607,8 @@ fn quotas_fall_back_from_guest_to_host_to_built_in() {
     let a = config.guest(config.guest_by_name("a").unwrap());
     assert_eq!(a.quotas, config.host().default_quotas, "a sets nothing: the host's defaults");
     let b = config.guest(config.guest_by_name("b").unwrap());
-    assert_eq!(b.quotas, Quotas { max_connections: 3, max_shared_memory: 12288, max_channels: 2 });
-    assert_eq!(config.host().segment_size(), 12288);
+    assert_eq!(b.quotas, Quotas { max_connections: 3, max_shared_memory: 16384, max_channels: 2 });
+    assert_eq!(config.host().segment_size(), 16384);
 }
 
 #[test]
@@ -665,7 +665,7 @@ fn bad_quotas_name_file_field_and_problem() {
             "default_max_shared_memory = 4096".into(),
             String::new(),
             "host.default_max_shared_memory",
-            Problem::SharedMemoryBelowSegment { size: 4096, segment: 528_384, ring_size: 262_144 },
+            Problem::SharedMemoryBelowSegment { size: 4096, segment: 532_480, ring_size: 262_144 },
         ),
         (String::new(), guest("max_connections = 0"), "guest[1].max_connections", Problem::QuotaBelowOne(0)),
         (String::new(), guest("max_channels = 0"), "guest[1].max_channels", Problem::QuotaBelowOne(0)),
@@ -673,7 +673,7 @@ fn bad_quotas_name_file_field_and_problem() {
             "ring_size = 65536".into(),
             guest("max_shared_memory = \"128KiB\""),
             "guest[1].max_shared_memory",
-            Problem::SharedMemoryBelowSegment { size: 131_072, segment: 135_168, ring_size: 65_536 },
+            Problem::SharedMemoryBelowSegment { size: 131_072, segment: 139_264, ring_size: 65_536 },
         ),
         (
             String::new(),
@@ -695,7 +695,7 @@ fn bad_quotas_name_file_field_and_problem() {
     assert_eq!(
         err.to_string(),
         "/etc/vsocket/lab.toml: guest[1].max_shared_memory: 4096 bytes do not hold one connection's segment \
-         (135168 bytes with host.ring_size = 65536)"
+         (139264 bytes with host.ring_size = 65536)"
     );
     let err = parse_text(&config_text("", &guest("max_connections = 0"))).unwrap_err();
     assert_eq!(err.to_string(), "/etc/vsocket/lab.toml: guest[1].max_connections: 0 is below the minimum of 1");
@@ -731,7 +731,7 @@ fn guests_are_placed_on_this_host_or_a_fabric_host() {
     assert_eq!(fabric.kind, vsocket_policy::FabricKind::Tcp);
     // Cross-host rings default to 1 MiB per direction, apart from host.ring_size.
     assert_eq!(fabric.ring_size, 1 << 20);
-    assert_eq!(fabric.segment_size(), 4096 + 2 * (1 << 20));
+    assert_eq!(fabric.segment_size(), 2 * (4096 + (1 << 20)));
     let text = fabric_table("tcp").replace("[fabric]\n", "[fabric]\nring_size = 4194304\n");
     assert_eq!(parse_text(&config_text("", &text)).unwrap().fabric().unwrap().ring_size, 4 << 20);
 }
