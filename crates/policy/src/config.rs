@@ -91,7 +91,8 @@
 //!                                # at least 1; default host.default_max_connections
 //! max_shared_memory = "64MiB"    # bytes of those connections' segments (each
 //!                                # 2 * (4096 + ring_size)): bytes, or a number with
-//!                                # KiB, MiB, GiB or TiB; at least one segment;
+//!                                # KiB, MiB, GiB or TiB; at least one segment
+//!                                # (with a [fabric], one at fabric.ring_size);
 //!                                # default host.default_max_shared_memory
 //! max_channels = 64              # control channels open at once (one per process,
 //!                                # one per listening socket); at least 1;
@@ -288,6 +289,16 @@ pub enum Problem {
         /// The host's ring size, which decides the segment's.
         ring_size: u32,
     },
+    /// A guest's shared-memory quota is smaller than one cross-host
+    /// connection's segment (`fabric.ring_size`).
+    SharedMemoryBelowFabricSegment {
+        /// The guest's quota, in bytes.
+        size: u64,
+        /// One relayed connection's segment size.
+        segment: u64,
+        /// The fabric's ring size, which decides the segment's.
+        ring_size: u32,
+    },
     /// `"{0}" is not an IP address and port like "127.0.0.1:9464"`
     BadListenAddress(String),
     /// The CIDR's own message.
@@ -378,6 +389,11 @@ impl fmt::Display for Problem {
             Self::SharedMemoryBelowSegment { size, segment, ring_size } => write!(
                 f,
                 "{size} bytes do not hold one connection's segment ({segment} bytes with host.ring_size = {ring_size})"
+            ),
+            Self::SharedMemoryBelowFabricSegment { size, segment, ring_size } => write!(
+                f,
+                "{size} bytes do not hold one cross-host connection's segment ({segment} bytes with \
+                 fabric.ring_size = {ring_size}): raise it or lower fabric.ring_size"
             ),
             Self::BadListenAddress(text) => {
                 write!(f, "\"{text}\" is not an IP address and port like \"127.0.0.1:9464\"")
@@ -928,12 +944,25 @@ impl Validator<'_> {
             check_netns(&netns).map_err(|p| self.invalid(at("netns"), p))?;
             self.check_unique(&mut first_by_netns, &netns, at("netns"))?;
 
+            let given_shared_memory = guest.max_shared_memory.is_some();
             let quotas = self.quotas(
                 &at("max_"),
                 (guest.max_connections, guest.max_shared_memory, guest.max_channels),
                 host.default_quotas,
                 (host.segment_size(), host.ring_size),
             )?;
+            // A guest that cannot hold one relayed segment could never
+            // connect across hosts (ENOBUFS on every try).
+            if let Some(f) = fabric.filter(|f| quotas.max_shared_memory < f.segment_size()) {
+                let field =
+                    if given_shared_memory { at("max_shared_memory") } else { "host.default_max_shared_memory".into() };
+                let problem = Problem::SharedMemoryBelowFabricSegment {
+                    size: quotas.max_shared_memory,
+                    segment: f.segment_size(),
+                    ring_size: f.ring_size,
+                };
+                return Err(self.invalid(field, problem));
+            }
 
             let placed_on = match guest.host {
                 None => host.name.clone(),

@@ -762,6 +762,19 @@ fn bad_placement_and_fabric_name_file_field_and_problem() {
             "fabric.host[1].name",
             Problem::Duplicate { value: "host1".into(), first: "fabric.host[0].name".into() },
         ),
+        (
+            format!(
+                "{}{}",
+                fabric_table("tcp"),
+                guest_b("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nmax_shared_memory = 1048576")
+            ),
+            "guest[1].max_shared_memory",
+            Problem::SharedMemoryBelowFabricSegment {
+                size: 1 << 20,
+                segment: 2 * (4096 + (1 << 20)),
+                ring_size: 1 << 20,
+            },
+        ),
     ];
     for (rest, field, problem) in cases {
         match parse_text(&config_text("", &rest)) {
@@ -771,6 +784,17 @@ fn bad_placement_and_fabric_name_file_field_and_problem() {
             other => panic!("{field}: expected Invalid, got {other:?}"),
         }
     }
+    // A host default too small for a relayed segment is named as such; a
+    // smaller fabric ring makes it fit.
+    let small_default = "default_max_shared_memory = \"2MiB\"";
+    let err = parse_text(&config_text(small_default, &fabric_table("tcp"))).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "/etc/vsocket/lab.toml: host.default_max_shared_memory: 2097152 bytes do not hold one cross-host \
+         connection's segment (2105344 bytes with fabric.ring_size = 1048576): raise it or lower fabric.ring_size"
+    );
+    let smaller_ring = fabric_table("tcp").replace("[fabric]\n", "[fabric]\nring_size = 262144\n");
+    assert!(parse_text(&config_text(small_default, &smaller_ring)).is_ok());
     let err = parse_text(&config_text("", &placed("elsewhere"))).unwrap_err();
     assert_eq!(
         err.to_string(),
