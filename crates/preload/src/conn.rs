@@ -21,8 +21,8 @@ use vsocket_ring::{Consumer, Producer, RingError, RxState, Segment};
 /// connection goes (see `segcache`).
 struct Mapped {
     segment: Option<Segment>,
-    /// The segment's file.
-    file: vsocket_ring::FileIdentity,
+    /// The segment's files: this end's half and the peer's.
+    files: crate::segcache::Files,
     /// The process that mapped it: a forked child, which inherits the
     /// mapping of a connection its parent goes on using, must not keep it
     /// (the parent's later connections may get the segment).
@@ -40,7 +40,7 @@ impl Drop for Mapped {
     fn drop(&mut self) {
         if let Some(segment) = self.segment.take() {
             if sys::getpid() == self.owner {
-                crate::segcache::put(self.file, segment);
+                crate::segcache::put(self.files, segment);
             }
         }
     }
@@ -78,12 +78,12 @@ fn map_segment(
     info: &ConnectionInfo,
     end: Endpoint,
 ) -> std::io::Result<Mapped> {
-    let file = Segment::identity(own)?;
-    let segment = match crate::segcache::take(own, peer, file, info, end) {
+    let files = (Segment::identity(own)?, Segment::identity(peer)?);
+    let segment = match crate::segcache::take(own, peer, files, info, end) {
         Some(kept) => kept,
         None => Segment::map(own, peer, info.ring_size, end)?,
     };
-    Ok(Mapped { segment: Some(segment), file, owner: sys::getpid() })
+    Ok(Mapped { segment: Some(segment), files, owner: sys::getpid() })
 }
 
 pub struct Connection {

@@ -26,8 +26,11 @@ use vsocket_ring::{FileIdentity, Segment};
 /// Mappings kept at most.
 const KEEP: usize = 16;
 
-/// A segment's file, and the mapping.
-type Kept = (FileIdentity, Segment);
+/// A segment's files: the process's own half and its peer's.
+pub type Files = (FileIdentity, FileIdentity);
+
+/// A segment's files, and the mapping.
+type Kept = (Files, Segment);
 
 static CACHE: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
 /// Held by whoever uses the cache, and by fork (from prepare to the child
@@ -52,15 +55,15 @@ fn with_cache<R>(f: impl FnOnce(&mut Vec<Kept>) -> R) -> R {
     r
 }
 
-/// The kept mapping of the segment whose halves are `own` (file `id`) and
-/// `peer`, if the daemon handed it to end `end` of connection `info`
+/// The kept mapping of the segment whose halves are `own` and `peer`
+/// (files `id`), if the daemon handed it to end `end` of connection `info`
 /// (anything else stays kept). The nonces in both files' headers must
 /// match the mapping's: an inode number may have come back for another
 /// file.
 pub fn take(
     own: BorrowedFd<'_>,
     peer: BorrowedFd<'_>,
-    id: FileIdentity,
+    id: Files,
     info: &ConnectionInfo,
     end: Endpoint,
 ) -> Option<Segment> {
@@ -80,7 +83,7 @@ pub fn take(
 }
 
 /// Keeps the mapping of a closed connection's segment.
-pub fn put(id: FileIdentity, segment: Segment) {
+pub fn put(id: Files, segment: Segment) {
     let evicted = with_cache(|kept| {
         let evicted = (kept.len() >= KEEP).then(|| kept.remove(0));
         kept.push((id, segment));
@@ -120,10 +123,10 @@ mod tests {
         let end = Endpoint::Client;
         let (daemon, files) = Segment::create(4096).unwrap();
         let [own, peer] = files.for_end(end);
-        let id = Segment::identity(own).unwrap();
+        let id = (Segment::identity(own).unwrap(), Segment::identity(peer).unwrap());
         let (_other, other_files) = Segment::create(4096).unwrap();
         let [other_own, other_peer] = other_files.for_end(end);
-        let other_id = Segment::identity(other_own).unwrap();
+        let other_id = (Segment::identity(other_own).unwrap(), Segment::identity(other_peer).unwrap());
         assert_ne!(id, other_id);
         let map = || Segment::map(own, peer, 4096, end).unwrap();
         daemon.set_connection_id(41);
@@ -142,7 +145,8 @@ mod tests {
         assert!(take(other_own, peer, id, &info(42, 4096), end).is_none(), "the nonce tells them apart");
         // The same own half with a peer half of another segment.
         put(id, map());
-        assert!(take(own, other_peer, id, &info(42, 4096), end).is_none(), "the peer's nonce too");
+        assert!(take(own, other_peer, (id.0, other_id.1), &info(42, 4096), end).is_none(), "the peer's file too");
+        assert!(take(own, other_peer, id, &info(42, 4096), end).is_none(), "and its nonce");
         // A forked child keeps nothing of its parent's.
         put(id, map());
         before_fork();

@@ -173,11 +173,14 @@ impl<'a> Shared<'a> {
 
     /// Called before sleeping: announce a fresh arming (an odd value the
     /// other side has not answered), then fence (see `take_waiter`). The
-    /// counter is 64 bits wide so that it never comes round to a value the
-    /// other side last answered.
+    /// value moves by compare-and-swap, so that threads (or forked
+    /// processes) of one side arming at once each leave a value newer than
+    /// any the other side answered; the counter is 64 bits wide so that it
+    /// never comes round to one.
     fn arm(waiting: &AtomicU64) {
-        let w = waiting.load(Ordering::Relaxed);
-        waiting.store(if w & 1 == 1 { w.wrapping_add(2) } else { w.wrapping_add(1) }, Ordering::Relaxed);
+        let _ = waiting.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+            Some(if w & 1 == 1 { w.wrapping_add(2) } else { w.wrapping_add(1) })
+        });
         fence(Ordering::SeqCst);
     }
 
@@ -185,10 +188,7 @@ impl<'a> Shared<'a> {
     /// ring before it sleeps again (re-arming first): the other side need
     /// not ring the doorbell any more.
     fn disarm(waiting: &AtomicU64) {
-        let w = waiting.load(Ordering::Relaxed);
-        if w & 1 == 1 {
-            waiting.store(w.wrapping_add(1), Ordering::Relaxed);
-        }
+        let _ = waiting.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| (w & 1 == 1).then(|| w.wrapping_add(1)));
     }
 }
 

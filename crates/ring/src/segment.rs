@@ -148,10 +148,15 @@ fn create_half(ring_size: u32, end: usize) -> io::Result<(Half, OwnedFd)> {
     // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let len = layout::half_size(ring_size);
+    // A memfd is made with mode 0777: anyone holding a read-only
+    // descriptor could open it again read-write through /proc/self/fd.
+    // Mode 0400 leaves that to the file's owner (the daemon's user) alone;
+    // descriptors already open keep their access.
     // SAFETY: plain syscalls on a descriptor we own.
     unsafe {
         check(libc::ftruncate(fd.as_raw_fd(), len as libc::off_t))?;
         check(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS))?;
+        check(libc::fchmod(fd.as_raw_fd(), 0o400))?;
     }
     let half = Half::map(fd.as_fd(), len, true)?;
     let mut nonce = [0u8; 16];
@@ -424,6 +429,60 @@ mod tests {
         assert_eq!(unsafe { libc::mprotect(ro, len, libc::PROT_READ | libc::PROT_WRITE) }, -1);
         // SAFETY: unmaps the mapping made above.
         unsafe { libc::munmap(ro, len) };
+        // Nor can a process of another user open the file again writable
+        // through /proc/self/fd (as the daemon's user can).
+        assert_eq!(reopen_as_nobody(peer, libc::O_RDWR), Err(libc::EACCES));
+        // (The same reopen works for a file whose mode allows it.)
+        let open_file = tempfile_0666();
+        assert_eq!(reopen_as_nobody(open_file.as_fd(), libc::O_RDWR), Ok(()));
+    }
+
+    /// A file anyone may write, already unlinked.
+    fn tempfile_0666() -> OwnedFd {
+        let path = std::env::temp_dir().join(format!("vsocket-ring-test-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file.into()
+    }
+
+    /// Opens `/proc/self/fd/N` for `fd` with `flags` in a child process
+    /// running as user and group 65534 (nobody): the errno it failed with.
+    fn reopen_as_nobody(fd: BorrowedFd<'_>, flags: libc::c_int) -> Result<(), libc::c_int> {
+        let path = std::ffi::CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        // SAFETY: the child only makes async-signal-safe calls (setgroups,
+        // setgid, setuid, prctl, open, _exit) on data prepared before fork.
+        unsafe {
+            let child = libc::fork();
+            assert!(child >= 0);
+            if child == 0 {
+                let code = if libc::geteuid() == 0
+                    && (libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(65534) != 0
+                        || libc::setuid(65534) != 0)
+                {
+                    255
+                } else {
+                    // A process that changed its user is not dumpable, which
+                    // would close /proc/self to it for another reason.
+                    libc::prctl(libc::PR_SET_DUMPABLE, 1);
+                    if libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) >= 0 {
+                        0
+                    } else {
+                        *libc::__errno_location()
+                    }
+                };
+                libc::_exit(code);
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(child, &mut status, 0), child);
+            assert!(libc::WIFEXITED(status));
+            match libc::WEXITSTATUS(status) {
+                0 => Ok(()),
+                255 => panic!("cannot become nobody"),
+                errno => Err(errno),
+            }
+        }
     }
 
     #[test]

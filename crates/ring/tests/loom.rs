@@ -139,3 +139,40 @@ fn consumer_never_sleeps_through_fin() {
         writer.join().unwrap();
     });
 }
+
+/// A consumer woken once, which reads, re-arms and sleeps again, is woken
+/// again by the next write: each arming is a value the producer has not
+/// answered yet.
+#[test]
+fn a_consumer_that_arms_again_is_woken_again() {
+    loom::model(|| {
+        let m = Model::new();
+        let p = m.clone();
+        let writer = thread::spawn(move || {
+            for byte in [1u8, 2] {
+                let (_, wake) = p.producer().write(&[&[byte]]).unwrap();
+                if wake {
+                    p.ring_doorbell();
+                }
+            }
+        });
+        let c = m.consumer();
+        let mut seen = 0;
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let mut buf = [0u8; 2];
+            let (n, _) = c.read(&mut [&mut buf[..]], false).unwrap();
+            got.extend_from_slice(&buf[..n]);
+            if n > 0 {
+                continue;
+            }
+            c.arm();
+            if c.state().unwrap() != RxState::Empty {
+                continue;
+            }
+            m.sleep(&mut seen);
+        }
+        assert_eq!(got, [1, 2]);
+        writer.join().unwrap();
+    });
+}
