@@ -29,7 +29,11 @@ pub const MAX_PAYLOAD: usize = 256 * 1024;
 /// longest names is 528 bytes).
 pub const MAX_CONTROL: usize = 1024;
 /// The protocol version a `Hello` announces.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// Bytes of the random nonce each side's `Hello` carries.
+pub const NONCE: usize = 16;
+/// Bytes of a `Proof` (an HMAC-SHA256).
+pub const PROOF: usize = 32;
 /// The longest name (host, VPC or guest) a frame carries.
 pub const MAX_NAME: usize = 255;
 
@@ -57,8 +61,12 @@ pub enum Refusal {
 /// One frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame<'a> {
-    /// The first frame each way: who is speaking.
-    Hello { version: u32, host: &'a str },
+    /// The first frame each way: who is speaking, and a fresh random
+    /// nonce for the other side to prove its key over.
+    Hello { version: u32, host: &'a str, nonce: [u8; NONCE] },
+    /// With a fabric key, the second frame each way: the sender's proof
+    /// that it holds the key, over both names and both nonces.
+    Proof { mac: [u8; PROOF] },
     /// A guest of the sender's host connects from `client` to `server` in
     /// `vpc`; the sender may receive `window` bytes before crediting more.
     Open {
@@ -122,6 +130,7 @@ const CREDIT: u8 = 6;
 const FIN: u8 = 7;
 const RESET: u8 = 8;
 const PING: u8 = 9;
+const PROOF_KIND: u8 = 10;
 
 const REFUSE_ERRNO: u8 = 0;
 const REFUSE_DROPPED: u8 = 1;
@@ -134,6 +143,7 @@ impl Frame<'_> {
         let start = out.len();
         let (kind, origin, id) = match *self {
             Frame::Hello { .. } => (HELLO, Origin::Sender, 0),
+            Frame::Proof { .. } => (PROOF_KIND, Origin::Sender, 0),
             Frame::Open { origin, id, .. } => (OPEN, origin, id),
             Frame::Accept { origin, id, .. } => (ACCEPT, origin, id),
             Frame::Refuse { origin, id, .. } => (REFUSE, origin, id),
@@ -146,10 +156,12 @@ impl Frame<'_> {
         // The length is filled in once the payload is written.
         out.extend_from_slice(&header(kind, origin, id, 0));
         match *self {
-            Frame::Hello { version, host } => {
+            Frame::Hello { version, host, nonce } => {
                 out.extend_from_slice(&version.to_le_bytes());
+                out.extend_from_slice(&nonce);
                 put_name(out, host);
             }
+            Frame::Proof { mac } => out.extend_from_slice(&mac),
             Frame::Open { vpc, guest, client, server, window, .. } => {
                 put_addr(out, client);
                 put_addr(out, server);
@@ -194,12 +206,13 @@ impl Frame<'_> {
             return Ok(None);
         }
         // Link-level frames name no stream.
-        if matches!(kind, HELLO | PING) && (id != 0 || origin != Origin::Sender) {
+        if matches!(kind, HELLO | PROOF_KIND | PING) && (id != 0 || origin != Origin::Sender) {
             return Err(FrameError::BadHeader);
         }
         let mut p = Payload { bytes: &buf[HEADER..total], kind };
         let frame = match kind {
-            HELLO => Frame::Hello { version: p.u32()?, host: p.name()? },
+            HELLO => Frame::Hello { version: p.u32()?, nonce: p.array()?, host: p.name()? },
+            PROOF_KIND => Frame::Proof { mac: p.array()? },
             OPEN => {
                 let client = p.addr()?;
                 let server = p.addr()?;
@@ -326,6 +339,10 @@ impl<'a> Payload<'a> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap_or_default()))
     }
 
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        Ok(self.take(N)?.try_into().unwrap_or([0; N]))
+    }
+
     fn addr(&mut self) -> Result<SocketAddrV4, FrameError> {
         let b = self.take(6)?;
         Ok(SocketAddrV4::new(Ipv4Addr::new(b[0], b[1], b[2], b[3]), u16::from_le_bytes([b[4], b[5]])))
@@ -346,7 +363,8 @@ mod tests {
         let server: SocketAddrV4 = "10.10.0.3:6379".parse().unwrap();
         static DATA: [u8; 300] = [7; 300];
         vec![
-            Frame::Hello { version: VERSION, host: "host-2.lab" },
+            Frame::Hello { version: VERSION, host: "host-2.lab", nonce: [0x5a; NONCE] },
+            Frame::Proof { mac: [0xc3; PROOF] },
             Frame::Open { origin: Origin::Sender, id: 1, vpc: "blue", guest: "a", client, server, window: 262_144 },
             Frame::Accept { origin: Origin::Receiver, id: u64::MAX, window: 4096 },
             Frame::Refuse { origin: Origin::Receiver, id: 3, refusal: Refusal::Errno(111) },

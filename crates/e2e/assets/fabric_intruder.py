@@ -14,7 +14,8 @@ host, port = target.rsplit(":", 1)
 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 sock.bind((source, 0))
 sock.connect((host, int(port)))
-payload = struct.pack("<I", 1) + bytes([len(name)]) + name.encode()
+# Hello: protocol version 2, a 16-byte nonce, the name.
+payload = struct.pack("<I", 2) + bytes(16) + bytes([len(name)]) + name.encode()
 # Header: payload length, kind 1 (Hello), origin 0, two zero bytes, id 0.
 sock.sendall(struct.pack("<IBBHQ", len(payload), 1, 0, 0, 0) + payload)
 sock.settimeout(10)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""A misbehaving peer host: fabric_peer.py SOURCE_IP HOST:PORT NAME VPC LISTENER:PORT
+"""A misbehaving peer host: fabric_peer.py SOURCE_IP HOST:PORT NAME VPC LISTENER:PORT [KEY_FILE]
 
 Speaks the tcp fabric's frames to a vsocketd as host NAME (from that host's
-own address, so the Hello is accepted), then:
+own address, so the Hello is accepted; with KEY_FILE, proving the fabric
+key as a compromised host can), then:
 1. opens a stream claiming a client guest that NAME does not host
    ("b" at 10.10.0.3): expects Refuse;
 2. opens a stream from guest "a" (10.10.0.2), which NAME does host, to
@@ -11,12 +12,15 @@ own address, so the Hello is accepted), then:
    stream, with the link still up (a Ping still comes).
 Prints one line per step: "refused", "accepted WINDOW", "reset", "alive".
 """
+import hashlib
+import hmac
+import os
 import socket
 import struct
 import sys
 import time
 
-HELLO, OPEN, ACCEPT, REFUSE, DATA, CREDIT, FIN, RESET, PING = range(1, 10)
+HELLO, OPEN, ACCEPT, REFUSE, DATA, CREDIT, FIN, RESET, PING, PROOF = range(1, 11)
 
 
 def frame(kind, ident, payload=b"", origin=0):
@@ -68,8 +72,20 @@ sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 sock.bind((source, 0))
 sock.connect((host, int(port)))
 link = Link(sock)
-sock.sendall(frame(HELLO, 0, struct.pack("<I", 1) + name(me)))
-link.expect({HELLO})
+nonce = os.urandom(16)
+sock.sendall(frame(HELLO, 0, struct.pack("<I", 2) + nonce + name(me)))
+_, hello = link.expect({HELLO})
+if len(sys.argv) > 6:
+    # The proof vsocketd expects (crates/daemon/src/fabric/auth.rs).
+    with open(sys.argv[6], "rb") as f:
+        key = f.read().rstrip()
+    theirs, their_nonce = hello[21:].decode(), hello[4:20]
+    msg = b"vsocket fabric link proof v2"
+    for n in (me, theirs):
+        msg += struct.pack("<I", len(n)) + n.encode()
+    msg += nonce + their_nonce
+    sock.sendall(frame(PROOF, 0, hmac.new(key, msg, hashlib.sha256).digest()))
+    link.expect({PROOF})
 
 # 1. A guest this host does not place here.
 sock.sendall(frame(OPEN, 1, addr("10.10.0.3:41000") + addr(listener) + struct.pack("<I", 65536) + name(vpc) + name("b")))

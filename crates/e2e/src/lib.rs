@@ -153,10 +153,17 @@ impl Lab {
         second: &[&str],
     ) -> io::Result<(Lab, Lab)> {
         let hosts = [format!("{name}-1"), format!("{name}-2")];
+        // Both hosts hold one fabric key, as an operator would set them up.
+        let key = Self::fabric_key_file(name);
+        write_key(&key, &format!("{name}-fabric-key-0123456789abcdef"))?;
         let fabric = format!(
-            "[fabric]\nkind = \"{kind}\"\n[[fabric.host]]\nname = \"{}\"\naddress = \"{}\"\n\
+            "[fabric]\nkind = \"{kind}\"\nkey_file = \"{}\"\n[[fabric.host]]\nname = \"{}\"\naddress = \"{}\"\n\
              [[fabric.host]]\nname = \"{}\"\naddress = \"{}\"\n",
-            hosts[0], FABRIC_ADDRESSES[0], hosts[1], FABRIC_ADDRESSES[1]
+            key.display(),
+            hosts[0],
+            FABRIC_ADDRESSES[0],
+            hosts[1],
+            FABRIC_ADDRESSES[1]
         );
         let place = |guest: &str| Some(if second.contains(&guest) { hosts[1].clone() } else { hosts[0].clone() });
         let mut labs = Vec::new();
@@ -290,6 +297,12 @@ impl Lab {
     /// The directory of the lab named `name`: its config, logs and run_dir.
     pub fn dir_of(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("vsocket-lab-{name}"))
+    }
+
+    /// The fabric key file both hosts of pair `name` use
+    /// ([`Lab::start_pair`]).
+    pub fn fabric_key_file(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("vsocket-lab-{name}.key"))
     }
 
     fn vsocket(&self, args: &[&str]) -> io::Result<()> {
@@ -504,6 +517,14 @@ impl Drop for Lab {
 }
 
 /// Polls `ready` every 20 ms until it holds (true) or `timeout` passes (false).
+/// Writes a fabric key file (mode 0600, as `fabric.key_file` requires).
+pub fn write_key(path: &Path, key: &str) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    io::Write::write_all(&mut file, format!("{key}\n").as_bytes())
+}
+
 pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {

@@ -275,6 +275,7 @@ fn a_misbehaving_peer_host_is_contained(kind: &str, name: &str) {
         .args(["netns", "exec", &format!("vsw-{name}-1"), "python3"])
         .arg(&script)
         .args([host_ip, FABRIC_ADDRESSES[1], &format!("{name}-1"), "blue", "10.10.0.3:7008"])
+        .arg(Lab::fabric_key_file(name))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -422,6 +423,68 @@ fn an_intruding_daemon_is_refused(kind: &str, name: &str) {
     // The real link was not disturbed.
     peer_reaches(&a, "links_up", |n| n == links);
     assert_eq!(a.ctl("peers").unwrap()[0]["state"], "up");
+}
+
+/// Both hosts hold the fabric key. With the second host's daemon down,
+/// something at its address (a vsocketd with another key, then one with
+/// none) answers the first host's dials: the first host refuses it for
+/// the key (so a dialer is protected too, not only a listener), never
+/// takes the link, and takes the real host's again when it returns.
+fn a_host_without_the_key_is_refused(kind: &str, name: &str) {
+    let (a, mut b) = pair(name, kind);
+    let links = peer(&a, "links_up");
+    b.kill_daemon();
+    assert!(wait_until(Duration::from_secs(10), || a.ctl("peers").unwrap()[0]["state"] == "down"), "link kept");
+    let config = std::fs::read_to_string(&b.config).unwrap();
+    let real_key = Lab::fabric_key_file(name);
+    let wrong_key = b.dir.join("wrong.key");
+    vsocket_e2e::write_key(&wrong_key, "another-key-entirely-0123456789").unwrap();
+    let keyed = format!("key_file = \"{}\"\n", real_key.display());
+    for (key_line, why) in
+        [(format!("key_file = \"{}\"\n", wrong_key.display()), "wrong fabric key"), (String::new(), "sent no proof")]
+    {
+        assert!(config.contains(&keyed), "{config}");
+        let impostor_config = b.dir.join("impostor.toml");
+        std::fs::write(&impostor_config, config.replace(&keyed, &key_line)).unwrap();
+        let _ = std::fs::remove_file(b.run_dir.join("vsocketd.sock"));
+        let log = std::fs::File::create(b.dir.join("impostor.log")).unwrap();
+        let mut impostor = std::process::Command::new("ip")
+            .args(["netns", "exec", &format!("vsw-{name}-2")])
+            .arg(vsocket_e2e::bin("vsocketd"))
+            .arg("--config")
+            .arg(&impostor_config)
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let refusals = a.daemon_log().matches("fabric link refused").count();
+        let refused = wait_until(Duration::from_secs(10), || {
+            let log = a.daemon_log();
+            log.matches("fabric link refused").count() > refusals && log.contains(why)
+        });
+        // It keeps answering dials; none of its links is ever taken.
+        std::thread::sleep(Duration::from_secs(2));
+        let state = a.ctl("peers").unwrap()[0]["state"].clone();
+        let _ = impostor.kill();
+        let _ = impostor.wait();
+        let impostor_log = std::fs::read_to_string(b.dir.join("impostor.log")).unwrap_or_default();
+        assert!(refused, "no refusal for \"{why}\":\n{}\n{impostor_log}", a.daemon_log());
+        assert_eq!(state, "down", "the impostor got the link:\n{}\n{impostor_log}", a.daemon_log());
+        assert_eq!(peer(&a, "links_up"), links, "{}", a.daemon_log());
+    }
+    // The real host, with the key, gets its link back.
+    b.start_daemon().unwrap();
+    peer_reaches(&a, "links_up", |n| n == links + 1);
+    assert_eq!(a.ctl("peers").unwrap()[0]["state"], "up");
+}
+
+#[test]
+fn keyless_host_refused_tcp() {
+    a_host_without_the_key_is_refused("tcp", "fkt1");
+}
+
+#[test]
+fn keyless_host_refused_ucx() {
+    a_host_without_the_key_is_refused("ucx", "fku1");
 }
 
 #[test]

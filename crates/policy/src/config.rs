@@ -48,6 +48,10 @@
 //!                                # segment, a power of two as host.ring_size:
 //!                                # each stream's window between the hosts, so it
 //!                                # should cover bandwidth x round trip
+//! key_file = "/etc/vsocket/fabric.key"  # absolute; optional. Every host holds
+//!                                # the same secret (16 bytes or more, mode 0600)
+//!                                # and proves it when a link comes up; a peer
+//!                                # without it is refused
 //! [[fabric.host]]                # every host of the fabric, this one included
 //! name = "host1"                 # a host name; one entry must be host.name
 //! address = "10.99.0.1:7470"     # where that host's vsocketd takes fabric links
@@ -481,6 +485,7 @@ pub(crate) struct RawFabric {
     #[serde(default)]
     kind: RawFabricKind,
     ring_size: Option<u64>,
+    key_file: Option<PathBuf>,
     #[serde(default)]
     host: Vec<RawFabricHost>,
 }
@@ -667,7 +672,10 @@ impl Validator<'_> {
             return Err(self.invalid("fabric.host", Problem::FabricWithoutThisHost(host.name.clone())));
         }
         let ring_size = self.ring_size("fabric.ring_size", raw.ring_size, FabricConfig::DEFAULT_RING_SIZE)?;
-        Ok(FabricConfig { kind, ring_size, hosts })
+        if let Some(path) = raw.key_file.as_ref().filter(|p| !p.is_absolute()) {
+            return Err(self.invalid("fabric.key_file", Problem::RelativePath(path.clone())));
+        }
+        Ok(FabricConfig { kind, ring_size, hosts, key_file: raw.key_file })
     }
 
     /// A ring size setting: a power of two within the ring limits.

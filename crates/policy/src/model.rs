@@ -177,6 +177,29 @@ pub struct FabricConfig {
     pub ring_size: u32,
     /// Every host of the fabric, this one included, with unique names.
     pub hosts: Vec<FabricHost>,
+    /// The file holding the key every host proves it holds when a link
+    /// comes up (absolute); `None`: links are not authenticated.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+/// A fabric key, read from `fabric.key_file`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FabricKey(Vec<u8>);
+
+impl std::fmt::Debug for FabricKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FabricKey(..)")
+    }
+}
+
+impl FabricKey {
+    /// Fewest bytes a key may have.
+    pub const MIN_LEN: usize = 16;
+
+    /// The secret bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl FabricConfig {
@@ -193,6 +216,33 @@ impl FabricConfig {
     /// The entry named `name`.
     pub fn host(&self, name: &str) -> Option<&FabricHost> {
         self.hosts.iter().find(|h| h.name == name)
+    }
+
+    /// Reads the key from `key_file`, if one is set: the file's bytes,
+    /// without trailing whitespace, at least [`FabricKey::MIN_LEN`] of
+    /// them, in a file that only its owner may read or write. The error
+    /// says what is wrong with the file, for `fabric.key_file: {error}`.
+    pub fn load_key(&self) -> Result<Option<FabricKey>, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(path) = &self.key_file else { return Ok(None) };
+        let shown = path.display();
+        let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!("{shown} may be read or written by others (mode {mode:03o}); make it 0600 or 0400"));
+        }
+        let mut bytes = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+        while bytes.last().is_some_and(u8::is_ascii_whitespace) {
+            bytes.pop();
+        }
+        if bytes.len() < FabricKey::MIN_LEN {
+            return Err(format!(
+                "{shown} holds {} bytes of key; at least {} are needed (for example: head -c 32 /dev/urandom | base64)",
+                bytes.len(),
+                FabricKey::MIN_LEN
+            ));
+        }
+        Ok(Some(FabricKey(bytes)))
     }
 }
 

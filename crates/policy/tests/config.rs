@@ -803,3 +803,37 @@ fn bad_placement_and_fabric_name_file_field_and_problem() {
     let err = parse_text(&config_text("", &fabric_table("rdma"))).unwrap_err();
     assert!(err.to_string().contains("unknown variant `rdma`"), "{err}");
 }
+
+#[test]
+fn a_fabric_key_file_is_absolute_private_and_long_enough() {
+    let keyed = |path: &str| fabric_table("tcp").replace("[fabric]\n", &format!("[fabric]\nkey_file = \"{path}\"\n"));
+    match parse_text(&config_text("", &keyed("fabric.key"))) {
+        Err(ConfigError::Invalid { field, problem, .. }) => {
+            assert_eq!((field.as_str(), problem), ("fabric.key_file", Problem::RelativePath("fabric.key".into())));
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    let dir = std::env::temp_dir().join(format!("vsocket-policy-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("fabric.key");
+    let load = |contents: &str, mode: u32| {
+        std::fs::write(&file, contents).unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        let config = parse_text(&config_text("", &keyed(file.to_str().unwrap()))).unwrap();
+        config.fabric().unwrap().load_key()
+    };
+    let key = load("0123456789abcdef-secret\n", 0o600).unwrap().unwrap();
+    assert_eq!(key.bytes(), b"0123456789abcdef-secret", "the trailing newline is not part of the key");
+    assert_eq!(format!("{key:?}"), "FabricKey(..)", "the key never shows in logs");
+    let err = load("0123456789abcdef-secret\n", 0o644).unwrap_err();
+    assert!(err.contains("may be read or written by others (mode 644)"), "{err}");
+    let err = load("short\n", 0o600).unwrap_err();
+    assert!(err.contains("holds 5 bytes of key; at least 16 are needed"), "{err}");
+    std::fs::remove_file(&file).unwrap();
+    let config = parse_text(&config_text("", &keyed(file.to_str().unwrap()))).unwrap();
+    let err = config.fabric().unwrap().load_key().unwrap_err();
+    assert!(err.starts_with(&format!("cannot read {}: ", file.display())), "{err}");
+    // Without key_file, links are not authenticated.
+    assert_eq!(parse_text(&config_text("", &fabric_table("tcp"))).unwrap().fabric().unwrap().load_key(), Ok(None));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -407,6 +407,25 @@ pub fn eventfd_signal(fd: BorrowedFd<'_>) {
     let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
 }
 
+/// `N` random bytes from the kernel (getrandom).
+pub fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        // SAFETY: writes at most `N - filled` bytes into the rest of `bytes`.
+        let n = unsafe { libc::getrandom(bytes[filled..].as_mut_ptr().cast(), N - filled, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            continue;
+        }
+        filled += n as usize;
+    }
+    Ok(bytes)
+}
+
 /// Whether the network interface that holds `ip` is up and running:
 /// `None` if no interface holds it.
 pub fn interface_running(ip: std::net::IpAddr) -> io::Result<Option<bool>> {

@@ -13,6 +13,7 @@
 //! Two transports carry the frames: [`tcp`] (kernel TCP) and [`ucx`] (UCX
 //! active messages, RDMA where present), as the config chooses.
 
+pub mod auth;
 pub mod relay;
 pub mod tcp;
 pub mod ucx;
@@ -248,6 +249,11 @@ impl Fabric {
         if peers.is_empty() {
             return Ok(None);
         }
+        let key = fabric.load_key().map_err(|e| {
+            let file = daemon.source.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{}: fabric.key_file: {e}", file.display()))
+        })?;
+        let keyed = key.is_some();
         let epoll = Epoll::new()?;
         let transport: Box<dyn Transport> =
             match fabric.kind {
@@ -262,10 +268,19 @@ impl Fabric {
         let (tx, rx) = mpsc::channel();
         let bell = vsocket_sys::eventfd()?;
         let status = Arc::new(Mutex::new(Vec::new()));
-        let relay =
-            relay::Relay::new(daemon.clone(), epoll, transport, this, peers, rx, bell.try_clone()?, status.clone())?;
+        let relay = relay::Relay::new(
+            daemon.clone(),
+            epoll,
+            transport,
+            this,
+            key,
+            peers,
+            rx,
+            bell.try_clone()?,
+            status.clone(),
+        )?;
         std::thread::Builder::new().name("fabric-relay".into()).spawn(move || relay.run())?;
-        tracing::info!(kind = %fabric.kind, listen = %me.address, "fabric started");
+        tracing::info!(kind = %fabric.kind, listen = %me.address, keyed, "fabric started");
         Ok(Some(Fabric { commands: Mutex::new(tx), bell, status, kind: fabric.kind }))
     }
 

@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vsocket_abi::fabric::{Frame, Origin, Refusal, MAX_PAYLOAD, VERSION};
+use vsocket_abi::fabric::{Frame, Origin, Refusal, MAX_PAYLOAD, NONCE, PROOF, VERSION};
 use vsocket_ring::{RxState, Segment};
 use vsocket_sys::Epoll;
 
@@ -108,11 +108,17 @@ struct Peer {
     status: PeerStatus,
 }
 
-/// A link that has not said `Hello` yet.
+/// A link that has not been identified yet: no `Hello` heard, or (with a
+/// fabric key) no `Proof`.
 struct Pending {
     since: Instant,
     /// The peer it was dialed to reach, if dialed.
     dialed: Option<usize>,
+    /// The nonce this side's `Hello` carried.
+    nonce: [u8; NONCE],
+    /// With a key: the peer whose `Hello` passed, and its nonce, until its
+    /// `Proof` arrives.
+    heard: Option<(usize, [u8; NONCE])>,
 }
 
 /// The relay's state, owned by its thread.
@@ -128,6 +134,8 @@ pub struct Relay {
     /// Where each link's other end speaks from.
     addresses: HashMap<LinkId, SocketAddr>,
     this: String,
+    /// The fabric key links must prove, if `[fabric] key_file` is set.
+    key: Option<vsocket_policy::FabricKey>,
     peers: Vec<Peer>,
     pending: HashMap<LinkId, Pending>,
     /// Which peer each identified link is.
@@ -154,6 +162,7 @@ impl Relay {
         epoll: Epoll,
         transport: Box<dyn Transport>,
         this: String,
+        key: Option<vsocket_policy::FabricKey>,
         peers: Vec<(String, SocketAddr)>,
         commands: mpsc::Receiver<Command>,
         command_bell: OwnedFd,
@@ -182,6 +191,7 @@ impl Relay {
             kind,
             addresses: HashMap::new(),
             this,
+            key,
             peers,
             pending: HashMap::new(),
             links: HashMap::new(),
@@ -437,9 +447,17 @@ impl Relay {
                 if let Some(p) = dialed_peer {
                     self.peers[p].dialing = false;
                 }
-                self.pending.insert(link, Pending { since: Instant::now(), dialed: dialed_peer });
+                let nonce = match vsocket_sys::random_bytes() {
+                    Ok(nonce) => nonce,
+                    Err(e) => {
+                        tracing::error!(error = %e, "fabric: no random nonce for a link; closed");
+                        self.close_link(link);
+                        return;
+                    }
+                };
+                self.pending.insert(link, Pending { since: Instant::now(), dialed: dialed_peer, nonce, heard: None });
                 self.last_rx.insert(link, Instant::now());
-                self.send(link, &Frame::Hello { version: VERSION, host: &self.this.clone() });
+                self.send(link, &Frame::Hello { version: VERSION, host: &self.this.clone(), nonce });
             }
             LinkEvent::DialFailed { peer, error } => {
                 if let Some(p) = self.peers.iter_mut().find(|p| p.address == peer) {
@@ -504,9 +522,14 @@ impl Relay {
     fn frame(&mut self, link: LinkId, frame: Frame<'_>) {
         self.last_rx.insert(link, Instant::now());
         let Some(&p) = self.links.get(&link) else {
-            // Only Hello is expected on a link not yet identified.
+            // Only Hello (and, with a key, Proof) is expected on a link
+            // not yet identified.
             match frame {
-                Frame::Hello { version, host } => self.hello(link, version, host),
+                Frame::Hello { version, host, nonce } => self.hello(link, version, host, nonce),
+                Frame::Proof { mac } => self.proof(link, &mac),
+                _ if self.pending.get(&link).is_some_and(|p| p.heard.is_some()) => {
+                    self.refuse_link(link, "sent no proof of the fabric key".into());
+                }
                 _ => {
                     tracing::warn!("fabric link spoke before saying hello; closed");
                     self.pending.remove(&link);
@@ -517,7 +540,7 @@ impl Relay {
         };
         self.peers[p].status.frames_received += 1;
         match frame {
-            Frame::Hello { .. } | Frame::Ping => {}
+            Frame::Hello { .. } | Frame::Proof { .. } | Frame::Ping => {}
             Frame::Open { origin, id, vpc, guest, client, server, window } => {
                 if origin != Origin::Sender || self.keys.contains_key(&(p, Side::Remote, id)) {
                     self.link_down(link, "peer broke the protocol: bad Open".into());
@@ -583,8 +606,8 @@ impl Relay {
         }
     }
 
-    fn hello(&mut self, link: LinkId, version: u32, host: &str) {
-        let Some(pending) = self.pending.remove(&link) else { return };
+    fn hello(&mut self, link: LinkId, version: u32, host: &str, nonce: [u8; NONCE]) {
+        let Some(mut pending) = self.pending.remove(&link) else { return };
         let found = self.peers.iter().position(|p| p.name == host);
         let ip = self.addresses.get(&link).map(SocketAddr::ip);
         let refuse = |why: String| {
@@ -598,12 +621,55 @@ impl Relay {
                 Some(refuse(format!("from {ip:?}, not the host's address {}", self.peers[p].address.ip())))
             }
             Some(p) if pending.dialed.is_some_and(|d| d != p) => Some(refuse("dialed another host".into())),
+            Some(_) if pending.heard.is_some() => Some(refuse("said hello twice".into())),
             Some(_) => None,
         };
         let Some(p) = found.filter(|_| problem.is_none()) else {
             self.close_link(link);
             return;
         };
+        if let Some(key) = &self.key {
+            // Prove the key, and wait for the peer's proof.
+            let mac = super::auth::prove(key, &self.this, &self.peers[p].name, &pending.nonce, &nonce);
+            pending.heard = Some((p, nonce));
+            self.pending.insert(link, pending);
+            self.send(link, &Frame::Proof { mac });
+            return;
+        }
+        self.identify(link, p);
+    }
+
+    /// The peer behind pending `link` sent its proof of the fabric key.
+    fn proof(&mut self, link: LinkId, mac: &[u8; PROOF]) {
+        let Some(pending) = self.pending.get(&link) else { return };
+        let Some((p, their_nonce)) = pending.heard else {
+            let why = if self.key.is_some() {
+                "sent a proof before its hello"
+            } else {
+                "proves a fabric key; this host has none"
+            };
+            self.refuse_link(link, why.into());
+            return;
+        };
+        let Some(key) = &self.key else { return };
+        if !super::auth::check(key, mac, &self.peers[p].name, &self.this, &their_nonce, &pending.nonce) {
+            self.refuse_link(link, "wrong fabric key".into());
+            return;
+        }
+        self.pending.remove(&link);
+        self.identify(link, p);
+    }
+
+    /// Closes pending `link`, logging why.
+    fn refuse_link(&mut self, link: LinkId, why: String) {
+        let claimed = self.pending.remove(&link).and_then(|p| p.heard).map(|(p, _)| self.peers[p].name.clone());
+        let ip = self.addresses.get(&link).map(SocketAddr::ip);
+        tracing::warn!(?claimed, ?ip, %why, "fabric link refused");
+        self.close_link(link);
+    }
+
+    /// `link` is peer `p`'s link from now on.
+    fn identify(&mut self, link: LinkId, p: usize) {
         if let Some(old) = self.peers[p].link {
             // The peer came back (restarted) before its old link was found
             // dead: the new link replaces it.

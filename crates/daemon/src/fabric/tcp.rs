@@ -395,6 +395,11 @@ impl Transport for TcpTransport {
     fn close(&mut self, link: LinkId, epoll: &Epoll) {
         if let Some(l) = self.links.remove(&link) {
             let _ = epoll.delete(l.stream.as_fd());
+            // Frames queued before the close (a refusal's proof, resets)
+            // still go out, as far as the socket takes them now.
+            if l.outbound.len() > l.written {
+                let _ = (&l.stream).write(&l.outbound[l.written..]);
+            }
             let _ = l.stream.shutdown(std::net::Shutdown::Both);
         }
     }
