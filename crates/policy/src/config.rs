@@ -48,6 +48,9 @@
 //!                                # segment, a power of two as host.ring_size:
 //!                                # each stream's window between the hosts, so it
 //!                                # should cover bandwidth x round trip
+//! busy_poll_us = 50              # after moving anything, the relay keeps polling
+//!                                # this long before it sleeps (0-10000; 0: never):
+//!                                # a core's time after each burst, for latency
 //! key_file = "/etc/vsocket/fabric.key"  # absolute; optional. Every host holds
 //!                                # the same secret (16 bytes or more, mode 0600)
 //!                                # and proves it when a link comes up; a peer
@@ -278,6 +281,8 @@ pub enum Problem {
     BadFlowLogKeep(i64),
     /// `only takes effect with host.flow_log, which is not set`
     NeedsFlowLog,
+    /// `{0} is not within 0-10000 (microseconds)`
+    BadBusyPoll(i64),
     /// `"{0}" is not a size: a number of bytes, or a number with KiB, MiB,
     /// GiB or TiB like "64MiB"`
     BadSize(String),
@@ -385,6 +390,9 @@ impl fmt::Display for Problem {
             }
             Self::BadFlowLogKeep(keep) => write!(f, "{keep} is not within 1-{}", FlowLogConfig::MAX_KEEP),
             Self::NeedsFlowLog => f.write_str("only takes effect with host.flow_log, which is not set"),
+            Self::BadBusyPoll(us) => {
+                write!(f, "{us} is not within 0-{} (microseconds)", FabricConfig::MAX_BUSY_POLL_US)
+            }
             Self::BadSize(text) => write!(
                 f,
                 "\"{text}\" is not a size: a number of bytes, or a number with KiB, MiB, GiB or TiB like \"64MiB\""
@@ -486,6 +494,7 @@ pub(crate) struct RawFabric {
     kind: RawFabricKind,
     ring_size: Option<u64>,
     key_file: Option<PathBuf>,
+    busy_poll_us: Option<i64>,
     #[serde(default)]
     host: Vec<RawFabricHost>,
 }
@@ -675,7 +684,14 @@ impl Validator<'_> {
         if let Some(path) = raw.key_file.as_ref().filter(|p| !p.is_absolute()) {
             return Err(self.invalid("fabric.key_file", Problem::RelativePath(path.clone())));
         }
-        Ok(FabricConfig { kind, ring_size, hosts, key_file: raw.key_file })
+        let busy_poll_us = match raw.busy_poll_us {
+            None => FabricConfig::DEFAULT_BUSY_POLL_US,
+            Some(us) => u32::try_from(us)
+                .ok()
+                .filter(|us| *us <= FabricConfig::MAX_BUSY_POLL_US)
+                .ok_or_else(|| self.invalid("fabric.busy_poll_us", Problem::BadBusyPoll(us)))?,
+        };
+        Ok(FabricConfig { kind, ring_size, hosts, key_file: raw.key_file, busy_poll_us })
     }
 
     /// A ring size setting: a power of two within the ring limits.

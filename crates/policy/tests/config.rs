@@ -837,3 +837,19 @@ fn a_fabric_key_file_is_absolute_private_and_long_enough() {
     assert_eq!(parse_text(&config_text("", &fabric_table("tcp"))).unwrap().fabric().unwrap().load_key(), Ok(None));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_relay_polls_for_a_bounded_while() {
+    let with = |line: &str| fabric_table("tcp").replace("[fabric]\n", &format!("[fabric]\n{line}\n"));
+    let poll = |text: &str| parse_text(&config_text("", text)).map(|c| c.fabric().unwrap().busy_poll_us);
+    assert_eq!(poll(&fabric_table("tcp")).unwrap(), vsocket_policy::FabricConfig::DEFAULT_BUSY_POLL_US);
+    assert_eq!(poll(&with("busy_poll_us = 0")).unwrap(), 0);
+    assert_eq!(poll(&with("busy_poll_us = 10000")).unwrap(), 10_000);
+    for bad in [-1, 10_001] {
+        let err = poll(&with(&format!("busy_poll_us = {bad}"))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("/etc/vsocket/lab.toml: fabric.busy_poll_us: {bad} is not within 0-10000 (microseconds)")
+        );
+    }
+}

@@ -81,6 +81,7 @@ mod tests {
             ring_size: 1 << 20,
             hosts: Vec::new(),
             key_file: Some(dir.clone()),
+            busy_poll_us: 0,
         };
         let key = config.load_key().unwrap().unwrap();
         std::fs::remove_file(&dir).unwrap();

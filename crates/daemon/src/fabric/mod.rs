@@ -274,6 +274,7 @@ impl Fabric {
             transport,
             this,
             key,
+            std::time::Duration::from_micros(fabric.busy_poll_us.into()),
             peers,
             rx,
             bell.try_clone()?,

@@ -153,6 +153,10 @@ pub struct Relay {
     answered: Vec<usize>,
     spin: Spin,
     status: Arc<Mutex<Vec<PeerStatus>>>,
+    /// When the relay last had something to do, and how long after that
+    /// it polls rather than sleeps (`[fabric] busy_poll_us`).
+    active: Instant,
+    poll_for: Duration,
 }
 
 impl Relay {
@@ -163,6 +167,7 @@ impl Relay {
         transport: Box<dyn Transport>,
         this: String,
         key: Option<vsocket_policy::FabricKey>,
+        poll_for: Duration,
         peers: Vec<(String, SocketAddr)>,
         commands: mpsc::Receiver<Command>,
         command_bell: OwnedFd,
@@ -207,6 +212,8 @@ impl Relay {
             answered: Vec::new(),
             spin: Spin::default(),
             status,
+            active: Instant::now(),
+            poll_for,
         })
     }
 
@@ -231,11 +238,24 @@ impl Relay {
                 self.with_transport(|t, epoll, on| t.ready(super::TOKEN_POLL, 0, epoll, on));
                 self.pump_dirty();
             };
-            let timeout = if sleep { (PING_EVERY / 2).as_millis() as i32 } else { 0 };
+            // Shortly after traffic the relay polls instead of sleeping: the
+            // next frame or guest write (a request's answer, the next
+            // request) usually comes within tens of microseconds, and a
+            // relay asleep would first have to be woken, on each host and
+            // each way. Yielding lets a guest woken on this core run.
+            let polling = sleep && self.active.elapsed() < self.poll_for;
+            let timeout = if sleep && !polling { (PING_EVERY / 2).as_millis() as i32 } else { 0 };
             if let Err(e) = self.epoll.wait(timeout, &mut events) {
                 tracing::error!(error = %e, "fabric relay: epoll_wait");
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
+            }
+            if events.is_empty() {
+                if polling {
+                    std::thread::yield_now();
+                }
+            } else {
+                self.active = Instant::now();
             }
             for &(token, ev) in &events {
                 if token == TOKEN_COMMANDS {
