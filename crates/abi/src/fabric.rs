@@ -106,6 +106,8 @@ pub enum FrameError {
     BadHeader,
     /// The payload does not fit its kind.
     BadPayload(u8),
+    /// A `Hello` of another protocol version (whose layout may differ).
+    Version(u32),
 }
 
 impl std::fmt::Display for FrameError {
@@ -115,6 +117,7 @@ impl std::fmt::Display for FrameError {
             Self::UnknownKind(k) => write!(f, "unknown frame kind {k}"),
             Self::BadHeader => f.write_str("malformed frame header"),
             Self::BadPayload(k) => write!(f, "malformed payload for frame kind {k}"),
+            Self::Version(v) => write!(f, "protocol version {v}; this host speaks version {VERSION}"),
         }
     }
 }
@@ -211,7 +214,14 @@ impl Frame<'_> {
         }
         let mut p = Payload { bytes: &buf[HEADER..total], kind };
         let frame = match kind {
-            HELLO => Frame::Hello { version: p.u32()?, nonce: p.array()?, host: p.name()? },
+            HELLO => {
+                // The version comes first in every version's Hello.
+                let version = p.u32()?;
+                if version != VERSION {
+                    return Err(FrameError::Version(version));
+                }
+                Frame::Hello { version, nonce: p.array()?, host: p.name()? }
+            }
             PROOF_KIND => Frame::Proof { mac: p.array()? },
             OPEN => {
                 let client = p.addr()?;
@@ -425,6 +435,10 @@ mod tests {
         bad[0] = 3; // a credit with a 3-byte payload
         bad.truncate(HEADER + 3);
         assert_eq!(Frame::decode(&bad), Err(FrameError::BadPayload(CREDIT)));
+        let mut v1 = Vec::new();
+        Frame::Hello { version: VERSION, host: "h", nonce: [0; NONCE] }.encode(&mut v1);
+        v1[HEADER..HEADER + 4].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(Frame::decode(&v1), Err(FrameError::Version(1)));
         let mut bad = wire.clone();
         bad[0..4].copy_from_slice(&(MAX_PAYLOAD as u32 + 1000).to_le_bytes());
         assert!(matches!(Frame::decode(&bad), Err(FrameError::TooLong(_))));

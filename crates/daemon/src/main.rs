@@ -51,6 +51,12 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // A bad fabric key stops the daemon before it serves anyone (the
+    // relay reads it again when it starts).
+    if let Some(Err(e)) = config.fabric().map(|f| f.load_key()) {
+        eprintln!("vsocketd: {}: fabric.key_file: {e}", args.config.display());
+        std::process::exit(2);
+    }
     if let Err(e) = vsocket_sys::raise_nofile_limit() {
         tracing::warn!(error = %e, "cannot raise the descriptor limit");
     }

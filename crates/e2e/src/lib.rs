@@ -516,7 +516,6 @@ impl Drop for Lab {
     }
 }
 
-/// Polls `ready` every 20 ms until it holds (true) or `timeout` passes (false).
 /// Writes a fabric key file (mode 0600, as `fabric.key_file` requires).
 pub fn write_key(path: &Path, key: &str) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -525,6 +524,7 @@ pub fn write_key(path: &Path, key: &str) -> io::Result<()> {
     io::Write::write_all(&mut file, format!("{key}\n").as_bytes())
 }
 
+/// Polls `ready` every 20 ms until it holds (true) or `timeout` passes (false).
 pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {

@@ -228,21 +228,33 @@ impl FabricConfig {
         self.hosts.iter().find(|h| h.name == name)
     }
 
-    /// Reads the key from `key_file`, if one is set: the file's bytes,
-    /// without trailing whitespace, at least [`FabricKey::MIN_LEN`] of
-    /// them, in a file that only its owner may read or write. The error
-    /// says what is wrong with the file, for `fabric.key_file: {error}`.
+    /// Reads the key from `key_file`, if one is set: the bytes of a
+    /// regular file that only its owner may read or write, without
+    /// trailing whitespace (space, tab, line and form feeds, carriage
+    /// return, vertical tab), at least [`FabricKey::MIN_LEN`] of them.
+    /// The error says what is wrong with the file, for
+    /// `fabric.key_file: {error}`.
     pub fn load_key(&self) -> Result<Option<FabricKey>, String> {
-        use std::os::unix::fs::PermissionsExt;
+        use std::io::Read;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let Some(path) = &self.key_file else { return Ok(None) };
         let shown = path.display();
-        let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+        let cannot = |e: std::io::Error| format!("cannot read {shown}: {e}");
+        // Non-blocking, so that a FIFO there cannot hold the daemon up;
+        // the checks are on the file opened, not on the path again.
+        let mut file =
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(cannot)?;
+        let meta = file.metadata().map_err(cannot)?;
+        if !meta.is_file() {
+            return Err(format!("{shown} is not a regular file"));
+        }
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(format!("{shown} may be read or written by others (mode {mode:03o}); make it 0600 or 0400"));
         }
-        let mut bytes = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
-        while bytes.last().is_some_and(u8::is_ascii_whitespace) {
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(cannot)?;
+        while bytes.last().is_some_and(|b| b" \t\n\r\x0b\x0c".contains(b)) {
             bytes.pop();
         }
         if bytes.len() < FabricKey::MIN_LEN {

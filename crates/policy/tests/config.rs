@@ -833,6 +833,9 @@ fn a_fabric_key_file_is_absolute_private_and_long_enough() {
     let config = parse_text(&config_text("", &keyed(file.to_str().unwrap()))).unwrap();
     let err = config.fabric().unwrap().load_key().unwrap_err();
     assert!(err.starts_with(&format!("cannot read {}: ", file.display())), "{err}");
+    let config = parse_text(&config_text("", &keyed(dir.to_str().unwrap()))).unwrap();
+    let err = config.fabric().unwrap().load_key().unwrap_err();
+    assert_eq!(err, format!("{} is not a regular file", dir.display()));
     // Without key_file, links are not authenticated.
     assert_eq!(parse_text(&config_text("", &fabric_table("tcp"))).unwrap().fabric().unwrap().load_key(), Ok(None));
     std::fs::remove_dir_all(&dir).unwrap();

@@ -153,8 +153,9 @@ pub struct Relay {
     answered: Vec<usize>,
     spin: Spin,
     status: Arc<Mutex<Vec<PeerStatus>>>,
-    /// When the relay last had something to do, and how long after that
-    /// it polls rather than sleeps (`[fabric] busy_poll_us`).
+    /// When the relay last moved stream bytes (either way), and how long
+    /// after that it polls rather than sleeps (`[fabric] busy_poll_us`):
+    /// pings and other link chatter do not count.
     active: Instant,
     poll_for: Duration,
 }
@@ -250,12 +251,8 @@ impl Relay {
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
-            if events.is_empty() {
-                if polling {
-                    std::thread::yield_now();
-                }
-            } else {
-                self.active = Instant::now();
+            if events.is_empty() && polling {
+                std::thread::yield_now();
             }
             for &(token, ev) in &events {
                 if token == TOKEN_COMMANDS {
@@ -423,6 +420,8 @@ impl Relay {
 
     fn close_link(&mut self, link: LinkId) {
         self.addresses.remove(&link);
+        self.last_rx.remove(&link);
+        self.last_tx.remove(&link);
         match self.transport.as_mut() {
             Some(t) => t.close(link, &self.epoll),
             None => self.closing.push(link),
@@ -509,8 +508,8 @@ impl Relay {
 
     /// The peer behind `link`, and the stream `(origin, id)` on it.
     fn stream_of(&mut self, link: LinkId, origin: Origin, id: u64) -> Option<(usize, usize)> {
-        self.last_rx.insert(link, Instant::now());
         let p = *self.links.get(&link)?;
+        self.last_rx.insert(link, Instant::now());
         Some((p, *self.keys.get(&(p, side_of(origin), id))?))
     }
 
@@ -540,6 +539,10 @@ impl Relay {
     }
 
     fn frame(&mut self, link: LinkId, frame: Frame<'_>) {
+        if !self.links.contains_key(&link) && !self.pending.contains_key(&link) {
+            // The rest of what a link sent before this side closed it.
+            return;
+        }
         self.last_rx.insert(link, Instant::now());
         let Some(&p) = self.links.get(&link) else {
             // Only Hello (and, with a key, Proof) is expected on a link
@@ -560,6 +563,11 @@ impl Relay {
         };
         self.peers[p].status.frames_received += 1;
         match frame {
+            Frame::Proof { .. } if self.key.is_none() => {
+                // The peer will refuse this side for lacking the key: say so
+                // here, where the link would otherwise just come and go.
+                tracing::warn!(peer = %self.peers[p].name, "fabric peer proves a fabric key; this host has none (set [fabric] key_file)");
+            }
             Frame::Hello { .. } | Frame::Proof { .. } | Frame::Ping => {}
             Frame::Open { origin, id, vpc, guest, client, server, window } => {
                 if origin != Origin::Sender || self.keys.contains_key(&(p, Side::Remote, id)) {
@@ -862,6 +870,7 @@ impl Relay {
     fn delivered(&mut self, index: usize, n: usize, wake: bool) {
         let Some(conn) = self.conns[index].as_mut() else { return };
         conn.meter.given.fetch_add(n as u64, Ordering::Relaxed);
+        self.active = Instant::now();
         if wake {
             vsocket_sys::ring(conn.bell.as_fd());
         }
@@ -915,6 +924,7 @@ impl Relay {
                     conn.credit -= take as u64;
                     conn.meter.taken.fetch_add(take as u64, Ordering::Relaxed);
                     self.note_sent(link, take);
+                    self.active = Instant::now();
                 }
                 Ok(RxState::Empty) => {
                     if conn.guest_gone {
