@@ -99,10 +99,10 @@ impl Half {
     /// The word of type `T` at `offset` of the header page.
     fn word<T>(&self, offset: usize) -> &T {
         assert!(offset.is_multiple_of(std::mem::align_of::<T>()) && offset + std::mem::size_of::<T>() <= layout::PAGE);
-        // SAFETY: inside the header page of this mapping (asserted), aligned
-        // (the mapping is page aligned), and only atomics and the control
-        // lines, which are valid for any bit pattern, are placed here; it
-        // lives as long as the mapping `&self` keeps alive.
+        // Callers place only atomics and control lines here: any bit pattern
+        // is a valid value of them.
+        // SAFETY: inside this mapping's header page and aligned (asserted; the
+        // mapping is page aligned); it lives as long as `&self`.
         unsafe { &*(self.base.as_ptr().add(offset) as *const T) }
     }
 
