@@ -266,6 +266,12 @@ pub struct DataStart {
 }
 
 impl DataStart {
+    /// What is still to come of this payload once `n` more bytes of it
+    /// are in (`None`: all of it).
+    pub fn after(self, n: usize) -> Option<DataStart> {
+        (n < self.len).then_some(DataStart { len: self.len - n, ..self })
+    }
+
     /// Reads the header at the start of `buf`: `Ok(Some)` for a `Data`
     /// frame, `Ok(None)` for another kind or fewer than [`HEADER`] bytes,
     /// and the error [`Frame::decode`] would give for a bad header.

@@ -39,6 +39,15 @@ fn steady(lab: &Lab, guest: &str, server: &str, port: &str, stop: &std::path::Pa
     .unwrap()
 }
 
+/// Starts `hostile_peer.py serve` in `guest` on `addr`, port 7000 (its
+/// reports go to `peer-<guest>.log`), and waits until it listens.
+fn serve_peer(lab: &mut Lab, guest: &str, addr: &str) {
+    let peer = asset("hostile_peer.py");
+    let log = format!("peer-{guest}.log");
+    lab.spawn(guest, Via::Vsocket, "python3", &[peer.to_str().unwrap(), "serve", addr, "7000"], &log).unwrap();
+    lab.wait_listening(guest, 7000).unwrap();
+}
+
 /// The peer server's report on the connection from client port `port`.
 fn report(lab: &Lab, log: &str, port: u16) -> Option<Value> {
     let text = std::fs::read_to_string(lab.dir.join(log)).ok()?;
@@ -108,12 +117,8 @@ fn scribbling_across_hosts_ucx() {
 /// Guest `a` is on the first lab's host, `b` on the last lab's (which may
 /// be the same).
 fn rewound_indices_do_not_lower_the_meter(labs: &mut [Lab]) {
-    let peer = asset("hostile_peer.py");
-    let far = labs.last_mut().unwrap();
-    far.spawn("b", Via::Vsocket, "python3", &[peer.to_str().unwrap(), "serve", "10.10.0.3", "7000"], "peer-b.log")
-        .unwrap();
+    serve_peer(labs.last_mut().unwrap(), "b", "10.10.0.3");
     let (a, b) = (&labs[0], &labs[labs.len() - 1]);
-    b.wait_listening("b", 7000).unwrap();
     let scribbler = compile("scribbler.c", &a.dir).unwrap();
     let out = a.run_ok("a", Via::Vsocket, scribbler.to_str().unwrap(), &["10.10.0.3", "7000", "echo", "rewind", "0"]);
     let out = out.unwrap();
@@ -173,14 +178,10 @@ fn rewound_indices_across_hosts_ucx() {
 /// (on the last lab's, which may be the same) in every way it can, while
 /// `a` to `b` and `c` to `d` carry checked bytes beside it.
 fn scribbles_break_only_their_connection(labs: &mut [Lab]) {
-    let peer = asset("hostile_peer.py");
-    let peer = peer.to_str().unwrap();
     let far = labs.last_mut().unwrap();
-    far.spawn("b", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.3", "7000"], "peer-b.log").unwrap();
-    far.spawn("d", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.5", "7000"], "peer-d.log").unwrap();
+    serve_peer(far, "b", "10.10.0.3");
+    serve_peer(far, "d", "10.10.0.5");
     let (near, far) = (&labs[0], &labs[labs.len() - 1]);
-    far.wait_listening("b", 7000).unwrap();
-    far.wait_listening("d", 7000).unwrap();
     let scribbler = compile("scribbler.c", &near.dir).unwrap();
     let scribbler = scribbler.to_str().unwrap();
 
@@ -322,16 +323,12 @@ const FD_SLACK: usize = 2;
 #[test]
 fn hostile_control_messages_close_only_their_channel() {
     let mut lab = Lab::start("thctl", &four()).unwrap();
-    let peer = asset("hostile_peer.py");
-    let peer = peer.to_str().unwrap();
     let hostile = asset("hostile_control.py");
     let hostile = hostile.to_str().unwrap();
     let sock = |guest: &str| lab.run_dir.join("guests").join(format!("{guest}.sock")).to_str().unwrap().to_string();
     let (sock_a, sock_b) = (sock("a"), sock("b"));
-    lab.spawn("b", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.3", "7000"], "peer-b.log").unwrap();
-    lab.spawn("d", Via::Vsocket, "python3", &[peer, "serve", "10.10.0.5", "7000"], "peer-d.log").unwrap();
-    lab.wait_listening("b", 7000).unwrap();
-    lab.wait_listening("d", 7000).unwrap();
+    serve_peer(&mut lab, "b", "10.10.0.3");
+    serve_peer(&mut lab, "d", "10.10.0.5");
     let stop = lab.dir.join("stop");
     let mut same_guest = steady(&lab, "a", "10.10.0.3", "7000", &stop);
     let mut other_guests = steady(&lab, "c", "10.10.0.5", "7000", &stop);

@@ -171,6 +171,16 @@ impl<'a> Shared<'a> {
         true
     }
 
+    /// The producer, after publishing: must the consumer be woken?
+    fn wake_consumer(&self) -> bool {
+        Self::take_waiter(&self.cons.waiting, &self.prod.woken)
+    }
+
+    /// The consumer, after publishing: must the producer be woken?
+    fn wake_producer(&self) -> bool {
+        Self::take_waiter(&self.prod.waiting, &self.cons.woken)
+    }
+
     /// Called before sleeping: announce a fresh arming (an odd value the
     /// other side has not answered), then fence (see `take_waiter`). The
     /// value moves by compare-and-swap, so that threads (or forked
@@ -190,6 +200,15 @@ impl<'a> Shared<'a> {
     fn disarm(waiting: &AtomicU64) {
         let _ = waiting.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| (w & 1 == 1).then(|| w.wrapping_add(1)));
     }
+}
+
+/// A message header over `iov` (no address, no control data).
+fn msghdr(iov: &[libc::iovec]) -> libc::msghdr {
+    // SAFETY: msghdr is plain data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len();
+    msg
 }
 
 /// The writing side of a ring.
@@ -256,7 +275,7 @@ impl<'a> Producer<'a> {
             return Ok((0, false));
         }
         s.prod.tail.store(pos, Ordering::Release);
-        Ok((written, Shared::take_waiter(&s.cons.waiting, &s.prod.woken)))
+        Ok((written, s.wake_consumer()))
     }
 
     /// Receives up to `len` bytes from the stream socket `fd` straight
@@ -286,10 +305,7 @@ impl<'a> Producer<'a> {
                 libc::iovec { iov_base: spill.as_mut_ptr().cast(), iov_len: spill.len() },
             ]
         };
-        // SAFETY: msghdr is plain data; all-zero is a valid value.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = iov.len();
+        let mut msg = msghdr(&iov);
         // SAFETY: `msg` points at three live iovecs over writable memory.
         let got = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
         if got < 0 {
@@ -301,20 +317,20 @@ impl<'a> Producer<'a> {
             return Ok(Received { ring: 0, spill: got, wake: false });
         }
         s.prod.tail.store(tail.wrapping_add(ring as u64), Ordering::Release);
-        let wake = Shared::take_waiter(&s.cons.waiting, &s.prod.woken);
+        let wake = s.wake_consumer();
         Ok(Received { ring, spill: got - ring, wake })
     }
 
     /// Ends the stream (FIN). Returns whether the consumer must be woken.
     pub fn finish(&self) -> bool {
         self.0.prod.flags.fetch_or(PRODUCER_FIN, Ordering::Release);
-        Shared::take_waiter(&self.0.cons.waiting, &self.0.prod.woken)
+        self.0.wake_consumer()
     }
 
     /// Aborts the stream (RST). Returns whether the consumer must be woken.
     pub fn reset(&self) -> bool {
         self.0.prod.flags.fetch_or(PRODUCER_RST | PRODUCER_FIN, Ordering::Release);
-        Shared::take_waiter(&self.0.cons.waiting, &self.0.prod.woken)
+        self.0.wake_consumer()
     }
 
     /// Has this side already ended the stream?
@@ -412,7 +428,7 @@ impl<'a> Consumer<'a> {
             return Ok((read, false));
         }
         s.cons.head.store(pos, Ordering::Release);
-        Ok((read, Shared::take_waiter(&s.prod.waiting, &s.cons.woken)))
+        Ok((read, s.wake_producer()))
     }
 
     /// Sends `header` and then up to `len` readable bytes straight from the
@@ -443,11 +459,8 @@ impl<'a> Consumer<'a> {
                 libc::iovec { iov_base: s.data.cast(), iov_len: second },
             ]
         };
-        // SAFETY: msghdr is plain data; all-zero is a valid value.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = if second > 0 { 3 } else { 2 };
-        // SAFETY: `msg` points at three live iovecs over readable memory.
+        let msg = msghdr(&iov[..if second > 0 { 3 } else { 2 }]);
+        // SAFETY: `msg` points at live iovecs over readable memory.
         let sent = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
         if sent < 0 {
             let e = std::io::Error::last_os_error();
@@ -462,7 +475,7 @@ impl<'a> Consumer<'a> {
             return Ok((sent, false));
         }
         s.cons.head.store(head.wrapping_add(taken as u64), Ordering::Release);
-        Ok((sent, Shared::take_waiter(&s.prod.waiting, &s.cons.woken)))
+        Ok((sent, s.wake_producer()))
     }
 
     /// Discards up to `n` readable bytes (used by shutdown(SHUT_RD) and
@@ -477,14 +490,14 @@ impl<'a> Consumer<'a> {
             return Ok((0, false));
         }
         s.cons.head.store(head.wrapping_add(k as u64), Ordering::Release);
-        Ok((k, Shared::take_waiter(&s.prod.waiting, &s.cons.woken)))
+        Ok((k, s.wake_producer()))
     }
 
     /// Closes the reading side: the producer's writes fail from now on.
     /// Returns whether the producer must be woken.
     pub fn close(&self) -> bool {
         self.0.cons.flags.fetch_or(CONSUMER_CLOSED, Ordering::Release);
-        Shared::take_waiter(&self.0.prod.waiting, &self.0.cons.woken)
+        self.0.wake_producer()
     }
 
     /// Announces that this side is about to sleep until bytes arrive.

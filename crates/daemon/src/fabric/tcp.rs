@@ -199,8 +199,7 @@ impl TcpTransport {
         }
         link.filled = got.spill;
         if got.ring > 0 {
-            let left = p.len - got.ring;
-            link.payload = (left > 0).then_some(DataStart { len: left, ..p });
+            link.payload = p.after(got.ring);
             on.event(LinkEvent::Received { link: id, origin: p.origin, id: p.id, len: got.ring, wake: got.wake });
         }
         // The spill fills only once the ring part is complete.
@@ -217,7 +216,7 @@ impl TcpTransport {
                 let k = p.len.min(buf.len());
                 on.event(LinkEvent::Payload { link: id, origin: p.origin, id: p.id, bytes: &buf[..k] });
                 link.parsed += k;
-                link.payload = (k < p.len).then_some(DataStart { len: p.len - k, ..p });
+                link.payload = p.after(k);
                 continue;
             }
             let malformed = |e| format!("malformed frame from {}: {e}", link.peer);
@@ -226,7 +225,7 @@ impl TcpTransport {
                 let frame = Frame::Data { origin: d.origin, id: d.id, bytes: &buf[HEADER..HEADER + have] };
                 on.event(LinkEvent::Frame(id, frame));
                 link.parsed += HEADER + have;
-                link.payload = (have < d.len).then_some(DataStart { len: d.len - have, ..d });
+                link.payload = d.after(have);
                 continue;
             }
             match Frame::decode(buf).map_err(malformed)? {
