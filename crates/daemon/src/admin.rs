@@ -4,7 +4,7 @@
 //! `change` and `reload` change the policy live ([`crate::live`]); their
 //! reply is what changed, or `{"error": "..."}` with the policy untouched.
 
-use crate::state::Daemon;
+use crate::daemon::Daemon;
 use serde::Deserialize;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -67,7 +67,7 @@ fn answer(daemon: &Arc<Daemon>, request: &Request) -> serde_json::Value {
     match request {
         Request::Status => {
             let guests = daemon.guest_reports();
-            let exceeded = |f: fn(&crate::state::GuestReport) -> u64| guests.iter().map(f).sum::<u64>();
+            let exceeded = |f: fn(&crate::reports::GuestReport) -> u64| guests.iter().map(f).sum::<u64>();
             serde_json::json!({
                 "host": host.name,
                 "guests": guests.len(),
@@ -108,9 +108,9 @@ fn answer(daemon: &Arc<Daemon>, request: &Request) -> serde_json::Value {
     }
 }
 
-fn changed(result: Result<crate::live::Applied, String>) -> serde_json::Value {
+fn changed(result: Result<crate::live::Applied, crate::live::ChangeError>) -> serde_json::Value {
     match result {
         Ok(applied) => serde_json::to_value(applied).unwrap_or_default(),
-        Err(error) => serde_json::json!({ "error": error }),
+        Err(error) => serde_json::json!({ "error": error.to_string() }),
     }
 }

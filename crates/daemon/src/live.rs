@@ -18,10 +18,13 @@
 //!
 //! The `source` lock puts changes in order; connects never take it.
 
-use crate::attach;
-use crate::state::{Daemon, GuestSlot, Policy};
+use crate::attach::{self, namespace::NamespaceAttachment};
+use crate::daemon::Daemon;
+use crate::guest::GuestSlot;
+use crate::policy::Policy;
+use crate::sync::lock;
 use serde::Serialize;
-use std::os::fd::OwnedFd;
+use std::fmt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -101,42 +104,70 @@ pub fn restart_only_changes(old: &HostConfig, new: &HostConfig) -> Vec<&'static 
     fields
 }
 
+/// Why a change was refused; the policy in force is untouched.
+#[derive(Debug)]
+pub enum ChangeError {
+    /// The edit leaves an invalid policy.
+    Edit(vsocket_policy::ChangeError),
+    /// The source no longer reads as a valid policy.
+    Source(vsocket_policy::ConfigError),
+    /// These settings change only with a restart.
+    RestartOnly(Vec<&'static str>),
+    /// A new guest's attachment could not be made.
+    Attachment { guest: String, error: std::io::Error },
+}
+
+impl fmt::Display for ChangeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChangeError::Edit(e) => write!(f, "{e}"),
+            ChangeError::Source(e) => write!(f, "{e}"),
+            ChangeError::RestartOnly(fields) => {
+                write!(f, "{} cannot change while vsocketd runs (restart it)", fields.join(", "))
+            }
+            ChangeError::Attachment { guest, error } => write!(f, "guest \"{guest}\": {error}"),
+        }?;
+        f.write_str("; nothing changed")
+    }
+}
+
+impl std::error::Error for ChangeError {}
+
 /// Makes `change` to the policy in force.
-pub fn change(daemon: &Arc<Daemon>, change: &Change) -> Result<Applied, String> {
-    let mut source = daemon.source.lock().unwrap_or_else(|e| e.into_inner());
+pub fn change(daemon: &Arc<Daemon>, change: &Change) -> Result<Applied, ChangeError> {
+    let mut source = lock(&daemon.source);
     let (document, config) =
-        source.document.with_change(change, Path::new(LIVE_ORIGIN)).map_err(|e| format!("{e}; nothing changed"))?;
+        source.document().with_change(change, Path::new(LIVE_ORIGIN)).map_err(ChangeError::Edit)?;
     let applied = apply(daemon, config)?;
-    source.document = document;
+    source.set_document(document);
     Ok(applied)
 }
 
-/// Reads the config file again and applies what differs.
-pub fn reload(daemon: &Arc<Daemon>) -> Result<Applied, String> {
-    let mut source = daemon.source.lock().unwrap_or_else(|e| e.into_inner());
-    let (document, config): (Document, Config) =
-        vsocket_policy::load_document(&source.path).map_err(|e| format!("{e}; nothing changed"))?;
+/// Reads the policy's source again and applies what differs.
+pub fn reload(daemon: &Arc<Daemon>) -> Result<Applied, ChangeError> {
+    let mut source = lock(&daemon.source);
+    let (document, config): (Document, Config) = source.read().map_err(ChangeError::Source)?;
     let applied = apply(daemon, config)?;
-    source.document = document;
+    source.set_document(document);
     Ok(applied)
 }
 
 /// Puts `config` in force (see the module docs). The caller holds `source`.
-fn apply(daemon: &Arc<Daemon>, config: Config) -> Result<Applied, String> {
+fn apply(daemon: &Arc<Daemon>, config: Config) -> Result<Applied, ChangeError> {
     let old = daemon.policy();
     let mut restart = restart_only_changes(old.config.host(), config.host());
     if old.config.fabric() != config.fabric() {
         restart.push("fabric");
     }
     if !restart.is_empty() {
-        return Err(format!("{} cannot change while vsocketd runs (restart it); nothing changed", restart.join(", ")));
+        return Err(ChangeError::RestartOnly(restart));
     }
     let diff = diff(&old, &config);
     let run_dir = config.host().run_dir.clone();
 
     // Sockets of guests with new names are made before anything changes; a
     // replaced guest's (same name, so same path) once the old one is gone.
-    let mut sockets: Vec<(Arc<GuestSlot>, Option<OwnedFd>)> = Vec::new();
+    let mut sockets: Vec<(Arc<GuestSlot>, Option<NamespaceAttachment>)> = Vec::new();
     let mut slots = Vec::with_capacity(config.guests().len());
     for (id, guest) in config.guests() {
         let kept = old.slot_by_name(&guest.name);
@@ -144,17 +175,17 @@ fn apply(daemon: &Arc<Daemon>, config: Config) -> Result<Applied, String> {
             slots.push(slot.clone());
             continue;
         }
-        let slot = Arc::new(GuestSlot::new(daemon.next_id(), &config, id));
+        let slot = Arc::new(GuestSlot::new(daemon.ids.slot(), &config, id));
         let socket = match kept {
             Some(_) => None,
             None if !slot.local => None,
-            None => match attach::open_control(&run_dir, &slot) {
+            None => match NamespaceAttachment::open(&run_dir, &slot) {
                 Ok(socket) => Some(socket),
                 Err(e) => {
                     for (made, _) in &sockets {
                         let _ = std::fs::remove_file(crate::guest_socket_path(&run_dir, &made.name));
                     }
-                    return Err(format!("guest \"{}\": {e}; nothing changed", guest.name));
+                    return Err(ChangeError::Attachment { guest: guest.name.clone(), error: e });
                 }
             },
         };
@@ -181,8 +212,8 @@ fn apply(daemon: &Arc<Daemon>, config: Config) -> Result<Applied, String> {
             continue;
         }
         let served = match socket {
-            Some(socket) => attach::serve_guest(daemon, &slot, socket),
-            None => attach::open_control(&run_dir, &slot).and_then(|socket| attach::serve_guest(daemon, &slot, socket)),
+            Some(socket) => attach::serve(daemon, &slot, socket),
+            None => NamespaceAttachment::open(&run_dir, &slot).and_then(|socket| attach::serve(daemon, &slot, socket)),
         };
         match served {
             Ok(()) => tracing::info!(guest = %slot.name, "guest added"),
@@ -235,8 +266,10 @@ security_groups = ["web"]
 
     fn policy(text: &str) -> Policy {
         let config = config(text);
-        let slots =
-            config.guests().map(|(id, _)| Arc::new(GuestSlot::new(id.index() as u64 + 1, &config, id))).collect();
+        let slots = config
+            .guests()
+            .map(|(id, _)| Arc::new(GuestSlot::new(crate::ids::SlotId(id.index() as u64 + 1), &config, id)))
+            .collect();
         Policy::new(config, slots)
     }
 

@@ -61,7 +61,8 @@ fn main() {
         tracing::warn!(error = %e, "cannot raise the descriptor limit");
     }
     let host = config.host().clone();
-    let mut daemon = Daemon::new(config, document, args.config.clone());
+    let source = vsocketd::policy::FileSource::new(args.config.clone(), document);
+    let mut daemon = Daemon::new(config, Box::new(source));
     if let Some(flow_log) = host.flow_log.clone() {
         match FlowLog::open(&flow_log) {
             Ok(log) => daemon = daemon.with_flow_log(log),

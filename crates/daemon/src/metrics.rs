@@ -11,8 +11,9 @@
 //! grow, and once a connection is closed they equal the sums in the flow
 //! log's close records.
 
+use crate::daemon::Daemon;
 use crate::quota::Quota;
-use crate::state::{Daemon, GuestReport, ListenerReport};
+use crate::reports::{GuestReport, ListenerReport};
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

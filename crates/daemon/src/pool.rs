@@ -15,7 +15,8 @@
 //! no page faults. It is never handed to any other pair: the processes that
 //! may still map it are exactly the new connection's two ends.
 
-use crate::state::Pair;
+use crate::ids::Pair;
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -63,7 +64,7 @@ impl SegmentPool {
     /// A segment for a new connection between `pair`: one it used before
     /// if there is one, else a fresh one.
     pub fn take_for(&self, pair: Pair) -> std::io::Result<(Segment, SegmentFiles)> {
-        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        let mut released = lock(&self.released);
         if let Some(list) = released.get_mut(&pair) {
             let reused = list.pop();
             if list.is_empty() {
@@ -81,7 +82,7 @@ impl SegmentPool {
     /// Keeps a released segment (see `Segment::reusable`) for `pair`.
     pub fn recycle(&self, pair: Pair, segment: Segment, files: SegmentFiles) {
         segment.reset();
-        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        let mut released = lock(&self.released);
         let total: usize = released.values().map(Vec::len).sum();
         let list = released.entry(pair).or_default();
         if list.len() < KEEP_PER_PAIR && total < KEEP {
@@ -91,13 +92,13 @@ impl SegmentPool {
 
     /// Released segments kept for their pairs.
     pub fn kept(&self) -> usize {
-        self.released.lock().unwrap_or_else(|e| e.into_inner()).values().map(Vec::len).sum()
+        lock(&self.released).values().map(Vec::len).sum()
     }
 
     /// Drops the segments of pairs that will not connect again.
     pub fn forget(&self, gone: &dyn Fn(Pair) -> bool) {
         let dropped: Vec<_> = {
-            let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+            let mut released = lock(&self.released);
             let keys: Vec<Pair> = released.keys().copied().filter(|k| gone(*k)).collect();
             keys.into_iter().filter_map(|k| released.remove(&k)).collect()
         };
@@ -108,7 +109,7 @@ impl SegmentPool {
     /// A fresh segment and its files.
     pub fn take(&self) -> std::io::Result<(Segment, SegmentFiles)> {
         let (pooled, left) = {
-            let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ready = lock(&self.ready);
             let pooled = ready.pop();
             (pooled, ready.len())
         };
@@ -129,12 +130,12 @@ impl SegmentPool {
 
     /// Refills the pool forever (run on its own thread).
     pub fn refill(&self) {
-        let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ready = lock(&self.ready);
         loop {
             while ready.len() < TARGET {
                 drop(ready);
                 let made = self.create();
-                ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+                ready = lock(&self.ready);
                 match made {
                     Ok(s) => ready.push(s),
                     Err(e) => {

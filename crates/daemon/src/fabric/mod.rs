@@ -250,7 +250,7 @@ impl Fabric {
             return Ok(None);
         }
         let key = fabric.load_key().map_err(|e| {
-            let file = daemon.source.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
+            let file = crate::sync::lock(&daemon.source).origin().to_path_buf();
             std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{}: fabric.key_file: {e}", file.display()))
         })?;
         let keyed = key.is_some();
@@ -316,7 +316,7 @@ pub(crate) fn remote_open(daemon: &Arc<Daemon>, peer: String, p: usize, id: u64,
     let daemon = daemon.clone();
     let spawned = std::thread::Builder::new().name("fabric-open".into()).spawn(move || {
         let Some(fabric) = daemon.fabric.get() else { return };
-        let command = match crate::broker::accept_remote(&daemon, &peer, &request) {
+        let command = match crate::connect::accept_remote(&daemon, &peer, &request) {
             Ok(conn) => Command::Accepted { peer: p, id, conn, window: request.window },
             Err(refusal) => Command::Refused { peer: p, id, refusal },
         };

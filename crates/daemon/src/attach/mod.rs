@@ -1,0 +1,300 @@
+//! Guest attachments: how a guest's processes reach the daemon and prove
+//! who they are.
+//!
+//! A guest's identity comes from the attachment, never from what its
+//! processes say. An [`Attachment`] is one guest's door: it accepts
+//! processes and proves each is the guest's (today [`namespace`]: a unix
+//! socket per guest, checked by network namespace), or the process is
+//! refused and the refusal logged and counted. Each accepted process gets
+//! a [`ProcessChannel`] and a thread; a malformed message closes that
+//! channel only.
+//!
+//! Guests come and go with live policy changes (`crate::live`): a new
+//! guest's attachment is made and served by [`serve`]; a removed guest's
+//! slot shuts its attachment and channels down
+//! ([`GuestSlot::remove`]), which ends their threads.
+//!
+//! A guest may have `max_channels` channels (threads) at once (the limit
+//! of the policy in force when a channel is accepted; what is held is
+//! counted in the guest's slot). Past that the daemon closes a new channel
+//! at once, counted and logged: the library treats a closed channel as an
+//! unreachable daemon, so that process's connects take the kernel path and
+//! that socket listens on the kernel only, as it would without vSocket.
+//! Other guests are not touched.
+
+pub mod namespace;
+
+use crate::channel::Channel;
+use crate::connect::{self, LISTENER_SEND_TIMEOUT};
+use crate::daemon::Daemon;
+use crate::guest::{GuestSlot, Handle};
+use crate::ids::ChannelId;
+use crate::quota::Quota;
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use vsocket_abi::control::{Message, MAX_MESSAGE};
+
+/// One guest's door to the daemon.
+pub trait Attachment: Send + 'static {
+    type Channel: ProcessChannel;
+    /// Waits for the next process.
+    fn accept(&self) -> io::Result<Self::Channel>;
+    /// Checks that the process behind `channel` is guest `guest`'s.
+    fn verify(&self, guest: &GuestSlot, channel: &Self::Channel) -> Result<(), Refused>;
+    /// A handle whose shutdown ends [`accept`](Self::accept) (see
+    /// [`GuestSlot::remove`]).
+    fn handle(&self) -> io::Result<OwnedFd>;
+}
+
+/// One attached process's channel.
+pub trait ProcessChannel: Channel + Sized + 'static {
+    /// The next request into `buf`; `Ok(0)` at end of stream.
+    fn recv(&self, buf: &mut [u8]) -> Result<usize, RecvError>;
+    /// A handle whose shutdown ends the channel (see [`GuestSlot::remove`]).
+    fn handle(&self) -> io::Result<OwnedFd>;
+    /// Bounds how long a send may wait for the process to make room.
+    fn set_send_timeout(&self, timeout: Duration) -> io::Result<()>;
+    /// Another handle on the same channel.
+    fn try_clone(&self) -> io::Result<Self>;
+}
+
+/// Why a request could not be read.
+#[derive(Debug)]
+pub enum RecvError {
+    /// The channel failed: {0}
+    Io(io::Error),
+    /// Descriptors came with a request (processes send none).
+    Descriptors,
+}
+
+impl fmt::Display for RecvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecvError::Io(e) => write!(f, "the channel failed: {e}"),
+            RecvError::Descriptors => f.write_str("descriptors on a request"),
+        }
+    }
+}
+
+/// Why a process was refused at a guest's attachment.
+#[derive(Debug)]
+pub enum Refused {
+    /// The process's credentials could not be read.
+    NoCredentials(io::Error),
+    /// The guest's network namespace could not be read.
+    NamespaceUnavailable { netns: String, error: io::Error },
+    /// The process's network namespace could not be read.
+    ProcessUnreadable { pid: i32, error: io::Error },
+    /// The process lives in another network namespace.
+    OtherNamespace { pid: i32, netns: String },
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refused::NoCredentials(e) => write!(f, "no peer credentials: {e}"),
+            Refused::NamespaceUnavailable { netns, error } => {
+                write!(f, "guest namespace {netns} unavailable: {error}")
+            }
+            Refused::ProcessUnreadable { pid, error } => write!(f, "pid {pid}: cannot read its namespace: {error}"),
+            Refused::OtherNamespace { pid, netns } => write!(f, "pid {pid} is not in network namespace {netns}"),
+        }
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Serves guest `slot`'s `attachment` on its own thread, until the guest
+/// is removed.
+pub fn serve<A: Attachment>(daemon: &Arc<Daemon>, slot: &Arc<GuestSlot>, attachment: A) -> io::Result<()> {
+    if !slot.hold(Handle::Control, &attachment.handle()?) {
+        return Ok(());
+    }
+    let (daemon, slot) = (daemon.clone(), slot.clone());
+    std::thread::Builder::new().name(format!("attach-{}", slot.name)).spawn(move || {
+        accept_loop(&daemon, &slot, attachment);
+        tracing::info!(guest = %slot.name, "control socket closed: guest removed");
+    })?;
+    Ok(())
+}
+
+fn accept_loop<A: Attachment>(daemon: &Arc<Daemon>, guest: &Arc<GuestSlot>, attachment: A) {
+    loop {
+        let accepted = attachment.accept();
+        if guest.removed() {
+            return;
+        }
+        let channel = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "accept on control socket failed");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if let Err(reason) = attachment.verify(guest, &channel) {
+            guest.counters.refused_attachments.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(guest = %guest.name, %reason, "refused attachment");
+            continue;
+        }
+        let Ok(held) = ChannelSlot::take(daemon, guest) else {
+            drop(channel);
+            let limit = Quota::Channels.limit(&daemon.policy().quotas(guest));
+            daemon.note_exceeded(guest, Quota::Channels, limit, "control channel closed");
+            continue;
+        };
+        let (daemon, guest) = (daemon.clone(), guest.clone());
+        let spawned = std::thread::Builder::new().name("channel".into()).spawn(move || {
+            let id = daemon.ids.channel();
+            let handle = Handle::Channel(id);
+            if !channel.handle().is_ok_and(|h| guest.hold(handle, &h)) {
+                return;
+            }
+            serve_channel(&daemon, &guest, id, channel);
+            guest.release(handle);
+            drop(held);
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a channel thread");
+        }
+    }
+}
+
+/// One of a guest's `max_channels`, held by a channel's thread and given
+/// back (to the slot it was taken from) when it is dropped: when the thread
+/// ends, or if it cannot start.
+struct ChannelSlot {
+    guest: Arc<GuestSlot>,
+}
+
+impl ChannelSlot {
+    fn take(daemon: &Daemon, guest: &Arc<GuestSlot>) -> Result<ChannelSlot, Quota> {
+        guest.counters.quota.take_channel(&daemon.policy().quotas(guest))?;
+        Ok(ChannelSlot { guest: guest.clone() })
+    }
+}
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.guest.counters.quota.give_back_channel();
+    }
+}
+
+fn serve_channel<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id: ChannelId, channel: C) {
+    serve_requests(daemon, guest, id, channel);
+    // The process is gone (or its channel became a listener's): segments
+    // kept for its connections will not be asked for again.
+    daemon.forget_pairs(|pair| pair.channel == id);
+}
+
+/// How long a reply may wait for room in a request channel before the
+/// channel is closed.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id: ChannelId, channel: C) {
+    let name = &guest.name;
+    // The library reads every reply at once; a channel whose replies stay
+    // unread would hold this thread in `send` for ever.
+    if channel.set_send_timeout(REPLY_TIMEOUT).is_err() {
+        return;
+    }
+    let mut buf = [0u8; MAX_MESSAGE];
+    loop {
+        // The thread sleeps in the kernel: a program waiting for the reply
+        // sleeps too, so the scheduler hands this core to the channel
+        // thread directly (spinning here would only take a core from the
+        // programs).
+        let n = match channel.recv(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(RecvError::Io(e)) => {
+                tracing::debug!(guest = %name, error = %e, "channel closed");
+                return;
+            }
+            Err(e @ RecvError::Descriptors) => {
+                tracing::warn!(guest = %name, "{e}; closing the channel");
+                return;
+            }
+        };
+        let message = match Message::decode(&buf[..n]) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(guest = %name, error = %e, "malformed control message; closing the channel");
+                return;
+            }
+        };
+        match message {
+            Message::Connect { local, remote } => {
+                let reply = connect::connect(daemon, guest, id, local, remote);
+                let handover = reply.handover.as_ref().map(|files| files.handover());
+                if let Err(e) = channel.send(&reply.message, handover) {
+                    tracing::warn!(guest = %name, error = %e, "reply not taken; closing the channel");
+                    return;
+                }
+            }
+            Message::Listen { local, backlog: _ } => {
+                serve_listener(daemon, guest, channel, local);
+                return;
+            }
+            other => {
+                tracing::warn!(guest = %name, message = ?other, "unexpected control message; closing the channel");
+                return;
+            }
+        }
+    }
+}
+
+/// The channel becomes a listener channel: register, then wait for the
+/// program to close it (or exit) and unregister.
+fn serve_listener<C: ProcessChannel>(
+    daemon: &Daemon,
+    guest: &Arc<GuestSlot>,
+    channel: C,
+    local: std::net::SocketAddrV4,
+) {
+    let name = &guest.name;
+    let Ok(watcher) = channel.try_clone() else { return };
+    // A listener that stops accepting must not hold a connecting client
+    // (and its channel thread) forever: its backlog is full, the connect
+    // is refused.
+    let timed = channel.set_send_timeout(LISTENER_SEND_TIMEOUT);
+    let registered = match timed {
+        Ok(()) => connect::listen(daemon, guest, local, Box::new(channel)),
+        Err(_) => Err(connect::ListenError::Channel),
+    };
+    let record = match registered {
+        Ok(r) => r,
+        Err(refused) => {
+            let _ = watcher.send(&Message::Refused { errno: refused.errno() }, None);
+            return;
+        }
+    };
+    daemon.listeners.add(record.clone());
+    if watcher.send(&Message::ListenOk, None).is_err() {
+        daemon.listeners.remove(&record);
+        return;
+    }
+    tracing::info!(guest = %name, address = %local, "listener registered");
+    let mut buf = [0u8; MAX_MESSAGE];
+    // Nothing more is expected from the program on this channel: its end of
+    // stream (or anything else) ends the listener.
+    let _ = watcher.recv(&mut buf);
+    daemon.listeners.remove(&record);
+    daemon.forget_pairs(|pair| pair.listener == record.id);
+    tracing::info!(guest = %name, address = %local, "listener closed");
+}
+
+/// Makes every local guest's attachment and serves each on its own thread.
+pub fn serve_guests(daemon: &Arc<Daemon>) -> io::Result<()> {
+    let policy = daemon.policy();
+    let run_dir = &policy.config.host().run_dir;
+    // Guests placed on other hosts attach to their own hosts' daemons.
+    for slot in policy.slots().iter().filter(|slot| slot.local) {
+        serve(daemon, slot, namespace::NamespaceAttachment::open(run_dir, slot)?)?;
+    }
+    Ok(())
+}

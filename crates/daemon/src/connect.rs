@@ -1,0 +1,607 @@
+//! Carrying out connect decisions ([`crate::decide`]): the one path that
+//! charges quotas, makes a connection's memory, hands each end to whoever
+//! holds it, records the connection, counts and logs.
+//!
+//! A connection has two ends. The client's is a process of a guest here
+//! (its request channel gets the reply) or, for a connect from another
+//! host, this daemon's relay. The server's is a listener of a guest here
+//! (its channel gets `Incoming`) or, for a connect to another host, that
+//! host (the fabric carries `Open` and waits for its answer). Where both
+//! ends are processes here, they share the segment directly; where one is
+//! the relay, the relay maps the other half and carries the bytes.
+//!
+//! Each connect is decided with the policy snapshot in force when it
+//! arrives, so a live change applies from the next connect on (quota
+//! limits included). A guest removed by a change is no longer served: its
+//! connects (until its channels close) fall back to the kernel, and a
+//! listener of a removed guest is not found.
+
+use crate::channel::{Channel, EndFiles, Handover};
+use crate::charge::Exceeded;
+use crate::connections::{Carrier, ConnectionRecord};
+use crate::daemon::Daemon;
+use crate::decide::{decide, decide_incoming, Claim, ConnectRequest, Decision, Fabric as Reach};
+use crate::fabric::{Fabric, Meter, NewConn, OpenOutcome, OpenRequest};
+use crate::flowlog::{FlowEvent, FlowRecord, FlowVerdict};
+use crate::guest::GuestSlot;
+use crate::ids::{ChannelId, ConnectionId, Pair};
+use crate::listeners::ListenerRecord;
+use crate::policy::Policy;
+use std::io;
+use std::net::SocketAddrV4;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use vsocket_abi::control::{ConnectionInfo, Message};
+use vsocket_abi::fabric::Refusal;
+use vsocket_abi::layout::Endpoint;
+use vsocket_policy::{DenyAction, Verdict};
+use vsocket_ring::{Segment, SegmentFiles};
+
+/// How long a connection may wait for room in a listener's channel.
+pub const LISTENER_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A reply to a process, and the connection end it hands over.
+#[derive(Debug)]
+pub struct Reply {
+    pub message: Message,
+    pub handover: Option<EndFiles>,
+}
+
+impl Reply {
+    fn plain(message: Message) -> Reply {
+        Reply { message, handover: None }
+    }
+}
+
+/// Why a `Listen` request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenError {
+    /// Port 0: the library binds a port before it registers.
+    NoPort,
+    /// The address is not the guest's.
+    NotOwnAddress,
+    /// The channel cannot be given a send timeout.
+    Channel,
+}
+
+impl ListenError {
+    /// The errno the program's `listen` gets.
+    pub fn errno(self) -> i32 {
+        match self {
+            ListenError::NoPort => libc::EINVAL,
+            ListenError::NotOwnAddress => libc::EADDRNOTAVAIL,
+            ListenError::Channel => libc::ENOBUFS,
+        }
+    }
+}
+
+/// Checks a `Listen` request of `guest` on `local`. On success returns the
+/// record to register, with `channel` (which the caller has given
+/// [`LISTENER_SEND_TIMEOUT`]).
+pub fn listen(
+    daemon: &Daemon,
+    guest: &Arc<GuestSlot>,
+    local: SocketAddrV4,
+    channel: Box<dyn Channel>,
+) -> Result<Arc<ListenerRecord>, ListenError> {
+    if local.port() == 0 {
+        return Err(ListenError::NoPort);
+    }
+    if !local.ip().is_unspecified() && !local.ip().is_loopback() && !guest.addresses.contains(local.ip()) {
+        // A guest may only listen on its own addresses (loopback ones are
+        // reachable from inside the guest only).
+        return Err(ListenError::NotOwnAddress);
+    }
+    Ok(Arc::new(ListenerRecord {
+        id: daemon.ids.listener(),
+        guest: guest.clone(),
+        local,
+        channel,
+        accepted: Default::default(),
+    }))
+}
+
+/// Decides a `Connect` request from a process of `guest` (its request
+/// channel `channel`), carries the decision out, and records it in the
+/// flow log.
+pub fn connect(
+    daemon: &Daemon,
+    guest: &Arc<GuestSlot>,
+    channel: ChannelId,
+    local: SocketAddrV4,
+    remote: SocketAddrV4,
+) -> Reply {
+    let policy = daemon.policy();
+    let reach = if daemon.fabric.get().is_some() { Reach::Running } else { Reach::Absent };
+    let request = ConnectRequest { client: guest.clone(), local, remote };
+    let decided = decide(&policy, reach, &request, |g, a| daemon.find_listener(g, a));
+    let attempt = Attempt { daemon, guest, client_addr: decided.client_addr, remote };
+    let client = ClientEnd::Process(channel);
+    match decided.decision {
+        Decision::Fallback(why) => {
+            guest.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+            let reply = Reply::plain(Message::Fallback);
+            attempt.log(None, &reply.message, || why.describe().into());
+            reply
+        }
+        Decision::Deny { server, verdict, action } => deny(&attempt, &server, &policy, &verdict, action),
+        Decision::WithinGuest { listener } => {
+            let end = ServerEnd::Listener(&listener);
+            let made = establish(&attempt, &policy, client, end);
+            attempt.reply(&listener.guest, made, || "within one guest: security groups do not apply".into()).into()
+        }
+        Decision::Local { listener, verdict } => {
+            let made = establish(&attempt, &policy, client, ServerEnd::Listener(&listener));
+            let why = match &made {
+                Ok(_) => {
+                    let why = verdict.describe(&policy.config);
+                    tracing::debug!(client = %guest.name, from = %attempt.client_addr, server = %listener.guest.name,
+                        to = %remote, decided_by = %why, "connect allowed");
+                    why
+                }
+                Err(Failed::Undelivered(e)) if e.kind() == io::ErrorKind::WouldBlock => "listener backlog full".into(),
+                Err(Failed::Undelivered(_)) => "listener gone: kernel path".into(),
+                Err(_) => String::new(),
+            };
+            attempt.reply(&listener.guest, made, || why).into()
+        }
+        Decision::Remote { host, server, verdict } => {
+            // Present: the decision is Remote only with a running fabric.
+            let Some(fabric) = daemon.fabric.get() else {
+                return attempt.reply(&server, Err(Failed::Unreachable("no fabric".into())), String::new).into();
+            };
+            let end = ServerEnd::Host { name: &host, server: &server, fabric };
+            let made = establish(&attempt, &policy, client, end);
+            let here = verdict.describe(&policy.config);
+            let why = match &made {
+                Ok(_) => format!("{here}; accepted by host {host}"),
+                Err(Failed::Refused(Refusal::Errno(errno))) => format!("refused by host {host} (errno {errno})"),
+                Err(Failed::Refused(Refusal::Dropped)) => format!("denied by host {host}"),
+                Err(Failed::Refused(Refusal::Fallback)) => {
+                    format!("no vSocket listener on host {host}: kernel path")
+                }
+                Err(Failed::Unreachable(why)) => {
+                    tracing::warn!(client = %guest.name, to = %remote, %host, %why,
+                        "fabric peer unreachable; kernel path");
+                    format!("host {host} unreachable ({why}): kernel path")
+                }
+                Err(_) => String::new(),
+            };
+            attempt.reply(&server, made, || why).into()
+        }
+    }
+}
+
+/// The server's host's side of a cross-host connect from a guest of host
+/// `peer`: decided again here ([`decide_incoming`]), then the connection
+/// is handed to the listener with this daemon's relay as its client.
+pub fn accept_remote(daemon: &Daemon, peer: &str, request: &OpenRequest) -> Result<NewConn, Refusal> {
+    let policy = daemon.policy();
+    let claim =
+        Claim { peer, vpc: &request.vpc, guest: &request.guest, client: request.client, server: request.server };
+    let refused = Refusal::Errno(libc::ECONNREFUSED);
+    let Ok((client, decision)) = decide_incoming(&policy, &claim, |g, a| daemon.find_listener(g, a)) else {
+        tracing::warn!(%peer, guest = %request.guest, vpc = %request.vpc, from = %request.client,
+            "fabric peer asked for a connection from a guest it does not host; refused");
+        return Err(refused);
+    };
+    let attempt = Attempt { daemon, guest: &client, client_addr: request.client, remote: request.server };
+    match decision {
+        Decision::Local { listener, verdict } => {
+            let made = establish(&attempt, &policy, ClientEnd::Relay, ServerEnd::Listener(&listener));
+            let refusal = match &made {
+                Ok(_) => None,
+                Err(Failed::Undelivered(e)) if e.kind() == io::ErrorKind::WouldBlock => Some(refused),
+                Err(Failed::Undelivered(_)) => Some(Refusal::Fallback),
+                Err(Failed::Quota(_)) => Some(refused),
+                Err(Failed::NoMemory) => Some(Refusal::Errno(libc::ENOBUFS)),
+                Err(Failed::Refused(r)) => Some(*r),
+                Err(Failed::Unreachable(_)) => Some(refused),
+            };
+            let why = match made {
+                Ok(_) => format!("{} (from host {peer})", verdict.describe(&policy.config)),
+                Err(Failed::Undelivered(_)) => "listener unavailable".into(),
+                Err(_) => String::new(),
+            };
+            let outcome = attempt.reply(&listener.guest, made, || why);
+            match (refusal, outcome.relay) {
+                (None, Some(conn)) => Ok(conn),
+                (Some(refusal), _) => Err(refusal),
+                (None, None) => Err(refused),
+            }
+        }
+        Decision::Deny { server, verdict, action } => {
+            deny(&attempt, &server, &policy, &verdict, action);
+            Err(match action {
+                DenyAction::Drop => Refusal::Dropped,
+                DenyAction::Reject => refused,
+            })
+        }
+        Decision::Fallback(why) => {
+            attempt.log(None, &Message::Fallback, || why.describe().into());
+            Err(Refusal::Fallback)
+        }
+        Decision::WithinGuest { .. } | Decision::Remote { .. } => Err(refused),
+    }
+}
+
+/// Who holds the client's end.
+#[derive(Debug, Clone, Copy)]
+enum ClientEnd {
+    /// A process here, by its request channel.
+    Process(ChannelId),
+    /// This daemon's relay, for a client on another host.
+    Relay,
+}
+
+/// Who holds the server's end.
+#[derive(Clone, Copy)]
+enum ServerEnd<'a> {
+    /// A listener of a guest here.
+    Listener(&'a Arc<ListenerRecord>),
+    /// Host `name`, where guest `server` is placed, over the fabric.
+    Host { name: &'a str, server: &'a Arc<GuestSlot>, fabric: &'a Fabric },
+}
+
+impl ServerEnd<'_> {
+    fn guest(&self) -> &Arc<GuestSlot> {
+        match self {
+            ServerEnd::Listener(l) => &l.guest,
+            ServerEnd::Host { server, .. } => server,
+        }
+    }
+}
+
+/// Why a connection could not be made.
+#[derive(Debug)]
+enum Failed {
+    /// A guest is at one of its quotas.
+    Quota(Exceeded),
+    /// The host is out of descriptors or memory for the connection.
+    NoMemory,
+    /// The listener's channel did not take it: full (`WouldBlock`) or gone.
+    Undelivered(io::Error),
+    /// The server's host refused it.
+    Refused(Refusal),
+    /// The server's host could not be asked.
+    Unreachable(String),
+}
+
+/// A connection made: what goes back to its client.
+struct Made {
+    info: ConnectionInfo,
+    client: ClientKit,
+}
+
+/// What the holder of the client's end gets.
+enum ClientKit {
+    Process(EndFiles),
+    Relay(NewConn),
+}
+
+/// A new connection's memory and wake-ups: the segment (the daemon's
+/// metering view and its files), each end's lifeline read end, and what
+/// each end's holder gets.
+struct Memory {
+    id: ConnectionId,
+    ring_size: u32,
+    segment: Segment,
+    files: SegmentFiles,
+    lifelines: [OwnedFd; 2],
+    client: ClientKit,
+    server: ServerKit,
+    carrier: Carrier,
+}
+
+/// What the holder of the server's end gets.
+enum ServerKit {
+    /// For a listener: its doorbell and lifeline ends, and the segment's
+    /// halves: its own copies, or (`None`) the segment's files themselves,
+    /// which stay in the connection's record.
+    Process {
+        halves: Option<[OwnedFd; 2]>,
+        bell: OwnedFd,
+        holds: OwnedFd,
+    },
+    Relay(NewConn),
+}
+
+/// Carries out a connect between `client` and `server`: charge, memory,
+/// hand the server's end over, record, count. Every kind of connection
+/// takes this path.
+fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: ServerEnd<'_>) -> Result<Made, Failed> {
+    let daemon = attempt.daemon;
+    let (client_guest, server_guest) = (attempt.guest, server.guest());
+    let host = policy.config.host();
+    // Each guest with a process at an end is charged; the relay is no guest.
+    let (pair, ring_size, bytes, charged) = match (client, server) {
+        (ClientEnd::Process(channel), ServerEnd::Listener(l)) => {
+            let pair = Pair { channel, listener: l.id };
+            (Some(pair), host.ring_size, host.segment_size(), (client_guest, server_guest))
+        }
+        (ClientEnd::Process(_), ServerEnd::Host { .. }) | (ClientEnd::Relay, ServerEnd::Listener(_)) => {
+            let Some(rings) = policy.config.fabric() else {
+                return Err(Failed::Refused(Refusal::Errno(libc::ECONNREFUSED)));
+            };
+            let guest = if let ClientEnd::Relay = client { server_guest } else { client_guest };
+            (None, rings.ring_size, rings.segment_size(), (guest, guest))
+        }
+        (ClientEnd::Relay, ServerEnd::Host { .. }) => unreachable!("a relay never connects to another host"),
+    };
+    let charge = daemon.charge(policy, charged.0, charged.1, bytes).map_err(|exceeded| match client {
+        // The server's host: whichever guest is over, it is the server's.
+        ClientEnd::Relay => Failed::Quota(Exceeded { side: Endpoint::Server, ..exceeded }),
+        ClientEnd::Process(_) => Failed::Quota(exceeded),
+    })?;
+    let memory = match pair {
+        Some(pair) => shared_memory(daemon, pair, ring_size).map_err(Failed::Undelivered)?,
+        None => {
+            let mine = if let ClientEnd::Relay = client { Endpoint::Client } else { Endpoint::Server };
+            relayed_memory(daemon, ring_size, mine).map_err(|e| {
+                tracing::warn!(error = %e, "cannot make a segment for a cross-host connection");
+                Failed::NoMemory
+            })?
+        }
+    };
+    let Memory { id, ring_size, segment, files, lifelines, client: client_kit, server: server_kit, carrier } = memory;
+    let server_addr = attempt.remote;
+    match (server, server_kit) {
+        (ServerEnd::Listener(listener), ServerKit::Process { halves, bell, holds }) => {
+            let incoming = Message::Incoming(ConnectionInfo {
+                id: id.0,
+                local: server_addr,
+                peer: attempt.client_addr,
+                ring_size,
+            });
+            let [own_half, peer_half] = match &halves {
+                Some([own, peer]) => [own.as_fd(), peer.as_fd()],
+                None => files.for_end(Endpoint::Server),
+            };
+            let handover = Handover { own_half, bell: bell.as_fd(), holds: holds.as_fd(), peer_half };
+            if let Err(e) = listener.channel.send(&incoming, Some(handover)) {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    // The listener is gone (its process exited): forget it.
+                    daemon.listeners.remove(listener);
+                }
+                return Err(Failed::Undelivered(e));
+            }
+            listener.accepted.fetch_add(1, Ordering::Relaxed);
+            listener.guest.counters.connections_in.fetch_add(1, Ordering::Relaxed);
+        }
+        (ServerEnd::Host { name, fabric, .. }, ServerKit::Relay(conn)) => {
+            let request = OpenRequest {
+                vpc: client_guest.vpc.to_string(),
+                guest: client_guest.name.clone(),
+                client: attempt.client_addr,
+                server: server_addr,
+                window: ring_size,
+            };
+            match fabric.open(name, id.0, request, conn) {
+                OpenOutcome::Accepted => {}
+                OpenOutcome::Refused(refusal) => return Err(Failed::Refused(refusal)),
+                OpenOutcome::Unreachable(why) => return Err(Failed::Unreachable(why)),
+            }
+        }
+        _ => unreachable!("memory is made for the server end it is given to"),
+    }
+    if let ClientEnd::Process(_) = client {
+        client_guest.counters.connections_out.fetch_add(1, Ordering::Relaxed);
+    }
+    daemon.connections.add(ConnectionRecord {
+        id,
+        client: client_guest.clone(),
+        client_addr: attempt.client_addr,
+        server: server_guest.clone(),
+        server_addr,
+        opened: SystemTime::now(),
+        segment,
+        files,
+        carrier,
+        lifelines,
+        reset: Default::default(),
+        charge,
+    });
+    let info = ConnectionInfo { id: id.0, local: attempt.client_addr, peer: server_addr, ring_size };
+    Ok(Made { info, client: client_kit })
+}
+
+/// Memory for a connection between two processes here: a segment this
+/// pair has used and released, or one from the pool; a doorbell; a
+/// lifeline for each end.
+fn shared_memory(daemon: &Daemon, pair: Pair, ring_size: u32) -> io::Result<Memory> {
+    let (segment, files) = match daemon.reclaim(pair) {
+        Some((segment, files)) => {
+            segment.reset();
+            daemon.segments.reused.fetch_add(1, Ordering::Relaxed);
+            (segment, files)
+        }
+        None => daemon.segments.take_for(pair)?,
+    };
+    let (client_bell, server_bell) = vsocket_sys::stream_pair()?;
+    let (client_lifeline, client_holds) = vsocket_sys::pipe()?;
+    let (server_lifeline, server_holds) = vsocket_sys::pipe()?;
+    let id = daemon.ids.connection();
+    // Names the connection in the segment, so that a process holding an
+    // old mapping of it knows it is this connection's (see `segcache`).
+    segment.set_connection_id(id.0);
+    let [client_own, client_peer] = files.clone_for(Endpoint::Client)?;
+    Ok(Memory {
+        id,
+        ring_size,
+        segment,
+        files,
+        lifelines: [client_lifeline, server_lifeline],
+        client: ClientKit::Process(EndFiles {
+            own_half: client_own,
+            bell: client_bell,
+            holds: client_holds,
+            peer_half: client_peer,
+        }),
+        server: ServerKit::Process { halves: None, bell: server_bell, holds: server_holds },
+        carrier: Carrier::Shared(pair),
+    })
+}
+
+/// Memory for a connection the relay carries as end `mine`: a fresh
+/// segment (rings of `ring_size`, the fabric's), not pooled (a cross-host
+/// connect waits for the other host anyway).
+fn relayed_memory(daemon: &Daemon, ring_size: u32, mine: Endpoint) -> io::Result<Memory> {
+    let (segment, files) = Segment::create(ring_size)?;
+    daemon.segments.created.fetch_add(1, Ordering::Relaxed);
+    let [own, peer] = files.for_end(mine);
+    let relay_view = Segment::map(own, peer, ring_size, mine)?;
+    let (guest_bell, bell) = vsocket_sys::stream_pair()?;
+    let (guest_lifeline, guest_holds) = vsocket_sys::pipe()?;
+    let (my_lifeline, holds) = vsocket_sys::pipe()?;
+    let id = daemon.ids.connection();
+    segment.set_connection_id(id.0);
+    let meter = Arc::new(Meter::default());
+    let [guest_own, guest_peer] = files.clone_for(mine.peer())?;
+    let relay = NewConn { segment: relay_view, mine, bell, holds, meter: meter.clone() };
+    let (client, server, lifelines) = match mine {
+        Endpoint::Server => {
+            let guest = EndFiles { own_half: guest_own, bell: guest_bell, holds: guest_holds, peer_half: guest_peer };
+            (ClientKit::Process(guest), ServerKit::Relay(relay), [guest_lifeline, my_lifeline])
+        }
+        Endpoint::Client => {
+            let guest =
+                ServerKit::Process { halves: Some([guest_own, guest_peer]), bell: guest_bell, holds: guest_holds };
+            (ClientKit::Relay(relay), guest, [my_lifeline, guest_lifeline])
+        }
+    };
+    Ok(Memory { id, ring_size, segment, files, lifelines, client, server, carrier: Carrier::Relayed { meter, mine } })
+}
+
+/// The reply to a connect that `verdict` denies, counted and logged.
+fn deny(attempt: &Attempt<'_>, server: &GuestSlot, policy: &Policy, verdict: &Verdict, action: DenyAction) -> Reply {
+    let config = &policy.config;
+    attempt.guest.counters.denied.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(client = %attempt.guest.name, from = %attempt.client_addr, server = %server.name,
+        to = %attempt.remote, decided_by = %verdict.describe(config), ?action, "connect denied");
+    let reply = Reply::plain(match action {
+        DenyAction::Reject => Message::Refused { errno: libc::ECONNREFUSED },
+        DenyAction::Drop => Message::Dropped,
+    });
+    attempt.log(Some(server), &reply.message, || verdict.describe(config));
+    reply
+}
+
+/// What a connect ended as, for its client.
+struct Outcome {
+    message: Message,
+    handover: Option<EndFiles>,
+    relay: Option<NewConn>,
+}
+
+impl From<Outcome> for Reply {
+    fn from(outcome: Outcome) -> Reply {
+        Reply { message: outcome.message, handover: outcome.handover }
+    }
+}
+
+/// A connect being decided, for its counters and flow record.
+struct Attempt<'a> {
+    daemon: &'a Daemon,
+    guest: &'a Arc<GuestSlot>,
+    client_addr: SocketAddrV4,
+    remote: SocketAddrV4,
+}
+
+impl Attempt<'_> {
+    /// Turns what [`establish`] did into the client's reply, counting and
+    /// logging a failure as its kind says; `server` is the guest the
+    /// connect was for, `decided_by` says why (made only if logged).
+    fn reply(&self, server: &GuestSlot, made: Result<Made, Failed>, decided_by: impl FnOnce() -> String) -> Outcome {
+        let counters = &self.guest.counters;
+        let outcome = match made {
+            Ok(Made { info, client }) => {
+                let message = Message::Connected(info);
+                match client {
+                    ClientKit::Process(handover) => Outcome { message, handover: Some(handover), relay: None },
+                    ClientKit::Relay(conn) => Outcome { message, handover: None, relay: Some(conn) },
+                }
+            }
+            Err(Failed::Quota(exceeded)) => return self.over_quota(server, exceeded),
+            Err(Failed::NoMemory) => plain(Message::Refused { errno: libc::ENOBUFS }),
+            Err(Failed::Undelivered(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                tracing::warn!(client = %self.guest.name, to = %self.remote, "listener backlog full; connect refused");
+                plain(Message::Refused { errno: libc::ECONNREFUSED })
+            }
+            Err(Failed::Undelivered(e)) => {
+                tracing::warn!(client = %self.guest.name, to = %self.remote, error = %e,
+                    "could not deliver connection to listener; kernel path");
+                counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+                plain(Message::Fallback)
+            }
+            Err(Failed::Refused(Refusal::Errno(errno))) => plain(Message::Refused { errno }),
+            Err(Failed::Refused(Refusal::Dropped)) => {
+                counters.denied.fetch_add(1, Ordering::Relaxed);
+                plain(Message::Dropped)
+            }
+            Err(Failed::Refused(Refusal::Fallback) | Failed::Unreachable(_)) => {
+                counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+                plain(Message::Fallback)
+            }
+        };
+        self.log(Some(server), &outcome.message, decided_by);
+        outcome
+    }
+
+    /// The reply when an allowed connect would take a guest past a quota:
+    /// counted against that guest (the server's, if it is the one over) and
+    /// logged, rate-limited.
+    fn over_quota(&self, server: &GuestSlot, exceeded: Exceeded) -> Outcome {
+        let quota = exceeded.quota;
+        let over = &exceeded.guest;
+        let detail = match exceeded.side {
+            Endpoint::Server => format!("connect from {} to {} refused", self.guest.name, self.remote),
+            Endpoint::Client => format!("connect to {} refused", self.remote),
+        };
+        self.daemon.note_exceeded(over, quota, exceeded.limit, &detail);
+        let message = Message::Refused { errno: exceeded.errno() };
+        self.log(Some(server), &message, || {
+            let side = match exceeded.side {
+                Endpoint::Server => "server",
+                Endpoint::Client => "client",
+            };
+            format!("quota: {side} guest {} max_{} ({})", over.name, quota.name(), exceeded.limit)
+        });
+        plain(message)
+    }
+
+    /// Records the attempt as `message` (the client's reply) ends it;
+    /// `server` is the guest whose listener was found, `decided_by` says why
+    /// (made only if logged).
+    fn log(&self, server: Option<&GuestSlot>, message: &Message, decided_by: impl FnOnce() -> String) {
+        self.daemon.log_flow(|| {
+            let (verdict, id) = match message {
+                Message::Connected(info) => (FlowVerdict::Accepted, Some(info.id)),
+                Message::Dropped => (FlowVerdict::Dropped, None),
+                Message::Refused { .. } => (FlowVerdict::Rejected, None),
+                _ => (FlowVerdict::Fallback, None),
+            };
+            FlowRecord {
+                time: SystemTime::now(),
+                event: FlowEvent::Attempt,
+                id,
+                vpc: self.guest.vpc.to_string(),
+                client_guest: self.guest.name.clone(),
+                server_guest: server.map(|s| s.name.clone()),
+                protocol: "tcp",
+                client: self.client_addr,
+                server: self.remote,
+                verdict,
+                decided_by: Some(decided_by()),
+                bytes_client_to_server: None,
+                bytes_server_to_client: None,
+                duration_ms: None,
+            }
+        });
+    }
+}
+
+fn plain(message: Message) -> Outcome {
+    Outcome { message, handover: None, relay: None }
+}

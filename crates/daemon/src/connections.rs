@@ -1,0 +1,251 @@
+//! The connection table: every live connection this daemon brokered.
+//!
+//! A connection is in the table from the moment its far end took it until
+//! it is over ([`ConnectionRecord::finished`]); whoever takes a record out
+//! retires it, exactly once (see `Daemon::retire`).
+
+use crate::charge::Charge;
+use crate::guest::GuestSlot;
+use crate::ids::{ConnectionId, Pair};
+use crate::policy::Policy;
+use crate::sync::lock;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddrV4;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use vsocket_abi::layout::Endpoint;
+use vsocket_policy::{evaluate, Flow, Protocol, Verdict};
+use vsocket_ring::{Segment, SegmentFiles};
+
+/// Who carries a connection's bytes.
+#[derive(Debug)]
+pub enum Carrier {
+    /// Both ends are guests on this host, sharing the segment; it may be
+    /// reused between the same two processes.
+    Shared(Pair),
+    /// The fabric relay is the end `mine`: the relay's count of what it
+    /// moved is the connection's metering.
+    Relayed { meter: Arc<crate::fabric::Meter>, mine: Endpoint },
+}
+
+/// A live connection brokered by this daemon.
+#[derive(Debug)]
+pub struct ConnectionRecord {
+    pub id: ConnectionId,
+    pub client: Arc<GuestSlot>,
+    pub client_addr: SocketAddrV4,
+    pub server: Arc<GuestSlot>,
+    pub server_addr: SocketAddrV4,
+    pub opened: SystemTime,
+    /// The daemon's mapping of the segment, for metering.
+    pub segment: Segment,
+    /// The segment's files, kept to hand the segment over again.
+    pub files: SegmentFiles,
+    pub carrier: Carrier,
+    /// Read ends of the client's and the server's lifelines: each hangs up
+    /// when no process holds that end of the connection any more.
+    pub lifelines: [OwnedFd; 2],
+    /// Reset by a policy change (`on_policy_change = "reset"`).
+    pub reset: AtomicBool,
+    /// What the connection holds of its guests' quotas (their slots), given
+    /// back once when it is retired, whatever changed meanwhile.
+    pub charge: Charge,
+}
+
+/// Why a policy no longer allows an open connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disallowed {
+    /// One of its guests is no longer in the policy.
+    GuestRemoved,
+    /// Denied as the verdict says.
+    Denied(String),
+}
+
+impl fmt::Display for Disallowed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Disallowed::GuestRemoved => f.write_str("guest removed"),
+            Disallowed::Denied(verdict) => f.write_str(verdict),
+        }
+    }
+}
+
+impl ConnectionRecord {
+    /// Bytes the client has sent: the larger of its ring's two indices, or
+    /// for a relayed connection what the relay moved (which the guest
+    /// cannot rewrite).
+    pub fn bytes_client_to_server(&self) -> u64 {
+        self.bytes_from(Endpoint::Client)
+    }
+    /// Bytes the server has sent.
+    pub fn bytes_server_to_client(&self) -> u64 {
+        self.bytes_from(Endpoint::Server)
+    }
+
+    fn bytes_from(&self, end: Endpoint) -> u64 {
+        match &self.carrier {
+            // The daemon's own end sent what the relay gave its guest.
+            Carrier::Relayed { meter, mine } if *mine == end => meter.given.load(Ordering::Relaxed),
+            Carrier::Relayed { meter, .. } => meter.taken.load(Ordering::Relaxed),
+            // Each end writes only its own half: the sender its ring's
+            // tail, the receiver its head. The larger of the two is what
+            // the sender sent (the receiver's head never passes an honest
+            // tail), and neither end alone can bring it below what its
+            // peer counted; raising it raises the liar's own bill alike.
+            Carrier::Shared(_) => {
+                let ring = end.tx_ring();
+                self.segment.producer(ring).total().max(self.segment.consumer(ring).total())
+            }
+        }
+    }
+
+    /// The close flags count only where both ends are guests': a guest
+    /// could set the daemon's end's flag on a relayed connection and stop
+    /// its metering early, so those end with their lifelines alone.
+    fn closed_by_flags(&self) -> bool {
+        matches!(self.carrier, Carrier::Shared(_)) && self.segment.fully_closed()
+    }
+
+    /// Is the connection over? Either both ends closed it as the protocol
+    /// says (the segment's flags, which the guests write), or no process
+    /// holds either end any more (the lifelines, which no guest can forge:
+    /// this retires connections whose flags a guest scribbled over, whose
+    /// processes died without closing, or that were never accepted).
+    pub fn finished(&self) -> bool {
+        self.closed_by_flags() || self.lifelines.iter().all(|l| vsocket_sys::hung_up(l.as_fd()))
+    }
+
+    /// Whether `policy` allows this connection, which is still open.
+    pub fn allowed_by(&self, policy: &Policy) -> Result<(), Disallowed> {
+        let (Some(client), Some(server)) = (policy.guest_id(&self.client), policy.guest_id(&self.server)) else {
+            return Err(Disallowed::GuestRemoved);
+        };
+        if client == server {
+            return Ok(());
+        }
+        let config = &policy.config;
+        let flow = Flow {
+            protocol: Protocol::Tcp,
+            vpc: config.guest(client).vpc,
+            client,
+            client_addr: *self.client_addr.ip(),
+            server,
+            server_addr: *self.server_addr.ip(),
+            port: self.server_addr.port(),
+        };
+        match evaluate(config, &flow) {
+            verdict @ Verdict::Deny { .. } => Err(Disallowed::Denied(verdict.describe(config))),
+            Verdict::Allow { .. } => Ok(()),
+        }
+    }
+
+    /// Neither reset by a policy change nor over.
+    pub fn open(&self) -> bool {
+        !self.reset.load(Ordering::Relaxed) && !self.finished()
+    }
+
+    /// Resets both rings and closes them, so each program sees
+    /// `ECONNRESET`.
+    pub fn reset(&self) {
+        for ring in 0..2 {
+            self.segment.producer(ring).reset();
+            self.segment.consumer(ring).close();
+        }
+        self.reset.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The live connections, and which of them each pair of processes holds.
+#[derive(Debug, Default)]
+pub struct Connections {
+    connections: Mutex<HashMap<ConnectionId, ConnectionRecord>>,
+    /// Live connection ids per pair, oldest first (see `reclaim`).
+    by_pair: Mutex<HashMap<Pair, VecDeque<ConnectionId>>>,
+}
+
+impl Connections {
+    pub fn add(&self, record: ConnectionRecord) {
+        let mut conns = lock(&self.connections);
+        if let Carrier::Shared(pair) = record.carrier {
+            lock(&self.by_pair).entry(pair).or_default().push_back(record.id);
+        }
+        conns.insert(record.id, record);
+    }
+
+    /// Takes out, for a new connection, a connection between the same
+    /// `pair` that both ends have closed and whose segment they released
+    /// (the caller retires it and reuses the segment). Only the oldest few
+    /// are looked at: a client that opens connection after connection
+    /// finds its previous ones there.
+    pub fn reclaim(&self, pair: Pair) -> Option<ConnectionRecord> {
+        const LOOK: usize = 8;
+        let mut conns = lock(&self.connections);
+        let mut pairs = lock(&self.by_pair);
+        let queue = pairs.get_mut(&pair)?;
+        let mut found = None;
+        let mut i = 0;
+        while i < queue.len().min(LOOK) {
+            match conns.get(&queue[i]) {
+                None => {
+                    queue.remove(i);
+                }
+                Some(c) if c.segment.reusable() => {
+                    let id = queue.remove(i).expect("index checked");
+                    found = conns.remove(&id);
+                    break;
+                }
+                Some(_) => i += 1,
+            }
+        }
+        if queue.is_empty() {
+            pairs.remove(&pair);
+        }
+        found
+    }
+
+    /// Takes out every connection that is over, in id order, asking the
+    /// kernel about every live connection's lifelines in one `poll`
+    /// rather than one per connection.
+    pub fn take_finished(&self) -> Vec<ConnectionRecord> {
+        let mut conns = lock(&self.connections);
+        let mut done = Vec::new();
+        let mut live = Vec::new();
+        for c in conns.values() {
+            if c.closed_by_flags() {
+                done.push(c.id);
+            } else {
+                live.push(c);
+            }
+        }
+        let fds: Vec<_> = live.iter().flat_map(|c| c.lifelines.iter().map(|l| l.as_fd())).collect();
+        let hung = vsocket_sys::hung_up_all(&fds);
+        for (c, ends) in live.iter().zip(hung.chunks(2)) {
+            if ends.iter().all(|&h| h) {
+                done.push(c.id);
+            }
+        }
+        done.sort_unstable();
+        let taken: Vec<ConnectionRecord> = done.iter().filter_map(|id| conns.remove(id)).collect();
+        if !taken.is_empty() {
+            let mut pairs = lock(&self.by_pair);
+            pairs.retain(|_, queue| {
+                queue.retain(|id| conns.contains_key(id));
+                !queue.is_empty()
+            });
+        }
+        taken
+    }
+
+    /// Calls `f` on every live connection, in id order, holding the table.
+    pub fn each(&self, mut f: impl FnMut(&ConnectionRecord)) {
+        let conns = lock(&self.connections);
+        let mut ids: Vec<ConnectionId> = conns.keys().copied().collect();
+        ids.sort_unstable();
+        for c in ids.iter().filter_map(|id| conns.get(id)) {
+            f(c);
+        }
+    }
+}

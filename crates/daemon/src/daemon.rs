@@ -1,0 +1,251 @@
+//! The daemon's state, shared by all its threads, and what ties its stores
+//! together: retiring connections (metering, quotas, flow log), reaping,
+//! and enforcing a policy change on established connections.
+
+use crate::charge::{Charge, Exceeded};
+use crate::connections::{Carrier, ConnectionRecord, Connections};
+use crate::flowlog::{FlowEvent, FlowLog, FlowRecord, FlowVerdict};
+use crate::guest::GuestSlot;
+use crate::ids::{Ids, Pair};
+use crate::listeners::{ListenerRecord, Listeners};
+use crate::policy::{Policy, PolicySource};
+use crate::pool::SegmentPool;
+use crate::quota::Quota;
+use arc_swap::ArcSwap;
+use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+use vsocket_policy::Config;
+use vsocket_ring::{Segment, SegmentFiles};
+
+/// Everything the daemon knows; shared by all its threads.
+#[derive(Debug)]
+pub struct Daemon {
+    policy: ArcSwap<Policy>,
+    /// What live changes edit, and where `reload` reads; its lock puts
+    /// changes in order.
+    pub(crate) source: Mutex<Box<dyn PolicySource>>,
+    pub ids: Ids,
+    pub listeners: Listeners,
+    pub connections: Connections,
+    /// Segments made ahead of the connects that need them.
+    pub segments: SegmentPool,
+    flow_log: Option<FlowLog>,
+    /// The relay to other hosts, once started (none without a `[fabric]`).
+    pub fabric: OnceLock<crate::fabric::Fabric>,
+    /// Connections reset because a policy change denied them.
+    pub policy_resets: AtomicU64,
+    /// Policy changes applied (vsocketctl edits and reloads).
+    pub policy_changes: AtomicU64,
+}
+
+impl Daemon {
+    /// The daemon for `config`, read from `source`.
+    pub fn new(config: Config, source: Box<dyn PolicySource>) -> Daemon {
+        let ring_size = config.host().ring_size;
+        let ids = Ids::default();
+        let slots = config.guests().map(|(id, _)| Arc::new(GuestSlot::new(ids.slot(), &config, id))).collect();
+        Daemon {
+            policy: ArcSwap::from_pointee(Policy::new(config, slots)),
+            source: Mutex::new(source),
+            ids,
+            listeners: Listeners::default(),
+            connections: Connections::default(),
+            segments: SegmentPool::new(ring_size),
+            flow_log: None,
+            fabric: OnceLock::new(),
+            policy_resets: AtomicU64::new(0),
+            policy_changes: AtomicU64::new(0),
+        }
+    }
+
+    /// The daemon, recording connection attempts and closes in `log`.
+    pub fn with_flow_log(self, log: FlowLog) -> Daemon {
+        Daemon { flow_log: Some(log), ..self }
+    }
+
+    /// Queues a flow record, made only if there is a flow log. Never waits.
+    pub fn log_flow(&self, make: impl FnOnce() -> FlowRecord) {
+        if let Some(log) = &self.flow_log {
+            log.record(make());
+        }
+    }
+
+    /// Flow records not written (0 without a flow log).
+    pub fn flow_log_dropped(&self) -> u64 {
+        self.flow_log.as_ref().map_or(0, FlowLog::dropped)
+    }
+
+    /// The policy in force now. Connects hold it for one decision; a change
+    /// made meanwhile applies from the next.
+    pub fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.policy.load()
+    }
+
+    /// Puts `policy` in force. Only `live` calls this, holding `source`.
+    pub(crate) fn publish(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// The listener a connect from `client` to `addr` reaches, if any
+    /// (see [`Listeners::find`]).
+    pub fn find_listener(&self, client: &GuestSlot, addr: SocketAddrV4) -> Option<Arc<ListenerRecord>> {
+        self.listeners.find(client, addr, self.ids.turn())
+    }
+
+    /// Resets every open connection `policy` does not allow (both rings
+    /// get RST and are closed, so each program sees `ECONNRESET`), logging,
+    /// counting and flow-logging each. Returns how many were reset.
+    pub fn enforce(&self, policy: &Policy) -> usize {
+        let mut records = Vec::new();
+        let mut count = 0;
+        self.connections.each(|c| {
+            if !c.open() {
+                return;
+            }
+            let Err(why) = c.allowed_by(policy) else { return };
+            c.reset();
+            count += 1;
+            tracing::info!(id = %c.id, client = %c.client_addr, server = %c.server_addr, decided_by = %why,
+                "connection reset by a policy change");
+            if self.flow_log.is_some() {
+                let mut record = close_record(c, 0, 0);
+                record.event = FlowEvent::Reset;
+                record.verdict = FlowVerdict::Reset;
+                record.decided_by = Some(format!("policy change: {why}"));
+                (record.bytes_client_to_server, record.bytes_server_to_client, record.duration_ms) = (None, None, None);
+                records.push(record);
+            }
+        });
+        self.policy_resets.fetch_add(count as u64, Ordering::Relaxed);
+        if let Some(log) = &self.flow_log {
+            log.record_waiting(records, crate::flowlog::CLOSE_PATIENCE);
+        }
+        count
+    }
+
+    /// Takes a new connection between `client` and `server` (guests) from
+    /// their quotas. A guest at a limit may still hold connections that
+    /// have closed but are not yet retired (the reaper runs four times a
+    /// second): those are retired first (at most every
+    /// [`REAP_INTERVAL`](crate::quota::REAP_INTERVAL) per guest), so a
+    /// program that closes a connection can open another at once.
+    ///
+    /// The limits are those of `policy` (the snapshot the connect is decided
+    /// with); the charge holds the slots, so it is given back to them even
+    /// if later snapshots move or drop the guests.
+    pub fn charge(
+        &self,
+        policy: &Policy,
+        client: &Arc<GuestSlot>,
+        server: &Arc<GuestSlot>,
+        bytes: u64,
+    ) -> Result<Charge, Exceeded> {
+        let attempt = || crate::charge::charge(|slot| policy.quotas(slot), client, server, bytes);
+        match attempt() {
+            Ok(charge) => Ok(charge),
+            Err(over) if over.guest.counters.quota.reap_due(crate::quota::now_ms()) && self.reap_now() > 0 => attempt(),
+            Err(exceeded) => Err(exceeded),
+        }
+    }
+
+    /// Counts against `guest` and (at most once a second per guest and
+    /// quota) logs a refusal for `quota`, whose limit was `limit`.
+    pub fn note_exceeded(&self, guest: &GuestSlot, quota: Quota, limit: u64, detail: &str) {
+        if let Some(unlogged) = guest.counters.quota.note_exceeded(quota, crate::quota::now_ms()) {
+            tracing::warn!(guest = %guest.name, vpc = %guest.vpc, quota = quota.name(), limit, unlogged,
+                "{detail}: quota exceeded");
+        }
+    }
+
+    /// Takes back, for a new connection, the segment of a connection
+    /// between the same `pair` that both ends have closed and released,
+    /// retiring that connection.
+    pub fn reclaim(&self, pair: Pair) -> Option<(Segment, SegmentFiles)> {
+        let mut c = self.connections.reclaim(pair)?;
+        if let (Some(close), Some(log)) = (self.retire(&mut c), &self.flow_log) {
+            // On the connect path: never wait for the log.
+            log.record(close);
+        }
+        Some((c.segment, c.files))
+    }
+
+    /// Retires connections whose both ends have closed, folding their bytes
+    /// into the guests' counters and writing their close records; released
+    /// segments go back to the pool for their pair. Returns how many were
+    /// retired.
+    pub fn reap(&self) -> usize {
+        self.reap_within(crate::flowlog::CLOSE_PATIENCE)
+    }
+
+    /// As [`reap`](Self::reap), for the connect path: never waits for room
+    /// in the flow log.
+    fn reap_now(&self) -> usize {
+        self.reap_within(Duration::ZERO)
+    }
+
+    fn reap_within(&self, patience: Duration) -> usize {
+        let finished = self.connections.take_finished();
+        let retired = finished.len();
+        let mut closes = Vec::new();
+        for mut c in finished {
+            closes.extend(self.retire(&mut c));
+            if let Carrier::Shared(pair) = c.carrier {
+                if c.segment.reusable() {
+                    self.segments.recycle(pair, c.segment, c.files);
+                }
+            }
+        }
+        // Waiting for room must not hold up connects: the table is not
+        // locked here.
+        if let Some(log) = &self.flow_log {
+            log.record_waiting(closes, patience);
+        }
+        retired
+    }
+
+    /// One of a pair's processes is gone (its request channel or its
+    /// listener closed): nothing of that pair can be reused.
+    pub fn forget_pairs(&self, gone: impl Fn(Pair) -> bool) {
+        self.segments.forget(&gone);
+    }
+
+    /// Folds a closed connection's bytes into the counters, gives back its
+    /// quota, logs it, and returns its close record if there is a flow log.
+    /// Called exactly once per connection: by whoever took its record out
+    /// of the table. The totals are read once: the counters and the flow
+    /// log must agree to the byte.
+    fn retire(&self, c: &mut ConnectionRecord) -> Option<FlowRecord> {
+        let (up, down) = (c.bytes_client_to_server(), c.bytes_server_to_client());
+        let (client, server) = (&c.client.counters, &c.server.counters);
+        client.closed_bytes_sent.fetch_add(up, Ordering::Relaxed);
+        client.closed_bytes_received.fetch_add(down, Ordering::Relaxed);
+        server.closed_bytes_sent.fetch_add(down, Ordering::Relaxed);
+        server.closed_bytes_received.fetch_add(up, Ordering::Relaxed);
+        c.charge.give_back();
+        tracing::debug!(id = %c.id, client = %c.client_addr, server = %c.server_addr,
+            sent = up, received = down, "connection closed");
+        self.flow_log.is_some().then(|| close_record(c, up, down))
+    }
+}
+
+fn close_record(c: &ConnectionRecord, up: u64, down: u64) -> FlowRecord {
+    let now = SystemTime::now();
+    FlowRecord {
+        time: now,
+        event: FlowEvent::Close,
+        id: Some(c.id.0),
+        vpc: c.client.vpc.to_string(),
+        client_guest: c.client.name.clone(),
+        server_guest: Some(c.server.name.clone()),
+        protocol: "tcp",
+        client: c.client_addr,
+        server: c.server_addr,
+        verdict: FlowVerdict::Accepted,
+        decided_by: None,
+        bytes_client_to_server: Some(up),
+        bytes_server_to_client: Some(down),
+        duration_ms: Some(now.duration_since(c.opened).map_or(0, |d| d.as_millis() as u64)),
+    }
+}

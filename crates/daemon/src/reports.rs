@@ -1,0 +1,150 @@
+//! What the operator sees: the daemon's guests, listeners and connections
+//! as `vsocketctl` and the metrics endpoint report them.
+
+use crate::daemon::Daemon;
+use crate::quota::Quota;
+use serde::Serialize;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+impl Daemon {
+    /// A snapshot of every guest, for `vsocketctl guests`.
+    pub fn guest_reports(&self) -> Vec<GuestReport> {
+        let policy = self.policy();
+        let config = &policy.config;
+        // Bytes and counts of live connections, by guest (slot order).
+        let slots = policy.slots();
+        let mut live = vec![(0u64, 0u64, 0u64); slots.len()];
+        self.connections.each(|conn| {
+            let (up, down) = (conn.bytes_client_to_server(), conn.bytes_server_to_client());
+            for (slot, (sent, received, open)) in slots.iter().zip(live.iter_mut()) {
+                if Arc::ptr_eq(&conn.client, slot) {
+                    *sent += up;
+                    *received += down;
+                    *open += 1;
+                }
+                if Arc::ptr_eq(&conn.server, slot) {
+                    *sent += down;
+                    *received += up;
+                    *open += 1;
+                }
+            }
+        });
+        config
+            .guests()
+            .map(|(id, g)| {
+                let slot = policy.slot(id);
+                let c = &slot.counters;
+                let (live_sent, live_received, open) = live[id.index()];
+                GuestReport {
+                    name: g.name.clone(),
+                    vpc: config.vpc(g.vpc).name.clone(),
+                    addresses: g.addresses.clone(),
+                    security_groups: g.groups.iter().map(|&group| config.security_group(group).name.clone()).collect(),
+                    netns: g.netns.clone(),
+                    channels: c.quota.channels(),
+                    connections_live: c.quota.connections(),
+                    shared_memory: c.quota.shared_memory(),
+                    max_connections: g.quotas.max_connections,
+                    max_shared_memory: g.quotas.max_shared_memory,
+                    max_channels: g.quotas.max_channels,
+                    exceeded_connections: c.quota.exceeded(Quota::Connections),
+                    exceeded_shared_memory: c.quota.exceeded(Quota::SharedMemory),
+                    exceeded_channels: c.quota.exceeded(Quota::Channels),
+                    refused_attachments: c.refused_attachments.load(Ordering::Relaxed),
+                    connections_open: open,
+                    connections_out: c.connections_out.load(Ordering::Relaxed),
+                    connections_in: c.connections_in.load(Ordering::Relaxed),
+                    denied: c.denied.load(Ordering::Relaxed),
+                    fallbacks: c.fallbacks.load(Ordering::Relaxed),
+                    bytes_sent: c.closed_bytes_sent.load(Ordering::Relaxed) + live_sent,
+                    bytes_received: c.closed_bytes_received.load(Ordering::Relaxed) + live_received,
+                }
+            })
+            .collect()
+    }
+
+    pub fn listener_reports(&self) -> Vec<ListenerReport> {
+        self.listeners
+            .all()
+            .iter()
+            .map(|l| ListenerReport {
+                id: l.id.0,
+                guest: l.guest.name.clone(),
+                vpc: l.guest.vpc.to_string(),
+                address: l.local,
+                accepted: l.accepted.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    pub fn connection_reports(&self) -> Vec<ConnectionReport> {
+        let mut out = Vec::new();
+        self.connections.each(|c| {
+            out.push(ConnectionReport {
+                id: c.id.0,
+                vpc: c.client.vpc.to_string(),
+                client_guest: c.client.name.clone(),
+                client: c.client_addr,
+                server_guest: c.server.name.clone(),
+                server: c.server_addr,
+                bytes_client_to_server: c.bytes_client_to_server(),
+                bytes_server_to_client: c.bytes_server_to_client(),
+                age_seconds: c.opened.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
+            })
+        });
+        out
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct GuestReport {
+    pub name: String,
+    pub vpc: String,
+    pub addresses: Vec<Ipv4Addr>,
+    pub security_groups: Vec<String>,
+    pub netns: String,
+    pub channels: u64,
+    /// Live connections as the quota counts them (one inside the guest
+    /// counts once, unlike `connections_open`), and their segment bytes.
+    pub connections_live: u64,
+    pub shared_memory: u64,
+    pub max_connections: u64,
+    pub max_shared_memory: u64,
+    pub max_channels: u64,
+    /// Refusals for each quota: connects (as client or server) and channels.
+    pub exceeded_connections: u64,
+    pub exceeded_shared_memory: u64,
+    pub exceeded_channels: u64,
+    pub refused_attachments: u64,
+    pub connections_open: u64,
+    pub connections_out: u64,
+    pub connections_in: u64,
+    pub denied: u64,
+    pub fallbacks: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListenerReport {
+    pub id: u64,
+    pub guest: String,
+    pub vpc: String,
+    pub address: SocketAddrV4,
+    pub accepted: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConnectionReport {
+    pub id: u64,
+    pub vpc: String,
+    pub client_guest: String,
+    pub client: SocketAddrV4,
+    pub server_guest: String,
+    pub server: SocketAddrV4,
+    pub bytes_client_to_server: u64,
+    pub bytes_server_to_client: u64,
+    pub age_seconds: f64,
+}
