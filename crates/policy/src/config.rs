@@ -148,7 +148,6 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use crate::cidr::{CidrError, Ipv4Cidr};
-use crate::edit::Document;
 use crate::model::{
     Config, DenyAction, FabricConfig, FabricHost, FabricKind, FlowLogConfig, GroupId, Guest, HostConfig, Peer,
     PolicyChangeAction, PortRange, Protocol, ProtocolFilter, Quotas, Rule, SecurityGroup, Vpc, VpcId,
@@ -194,6 +193,34 @@ pub fn parse_document(text: &str, origin: &Path) -> Result<(Document, Config), C
     let document = Document::from_raw(raw);
     let config = document.validate(origin)?;
     Ok((document, config))
+}
+
+/// The content of a config file as written, which live changes edit
+/// (see [`crate::edit`]).
+#[derive(Clone)]
+pub struct Document {
+    pub(crate) raw: RawConfig,
+}
+
+impl fmt::Debug for Document {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Document")
+            .field("security_groups", &self.raw.security_group.len())
+            .field("guests", &self.raw.guest.len())
+            .finish()
+    }
+}
+
+impl Document {
+    fn from_raw(raw: RawConfig) -> Self {
+        Self { raw }
+    }
+
+    /// Validates the whole document as [`crate::parse`] validates a file;
+    /// `origin` names it in errors.
+    pub fn validate(&self, origin: &Path) -> Result<Config, ConfigError> {
+        Validator { file: origin }.config(self.raw.clone())
+    }
 }
 
 /// Why a config file could not be loaded.

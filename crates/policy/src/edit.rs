@@ -17,23 +17,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::{ConfigError, RawConfig, RawGuest, RawRule, RawSecurityGroup, Validator};
+use crate::config::{ConfigError, Document, RawGuest, RawRule, RawSecurityGroup, Validator};
 use crate::model::{Config, Direction};
-
-/// The content of a config file as written, which live changes edit.
-#[derive(Clone)]
-pub struct Document {
-    raw: RawConfig,
-}
-
-impl fmt::Debug for Document {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Document")
-            .field("security_groups", &self.raw.security_group.len())
-            .field("guests", &self.raw.guest.len())
-            .finish()
-    }
-}
 
 /// A security-group rule as the file writes it (`protocol`, `ports`, and one
 /// of `cidr` or `group`), deserialized from the same field names.
@@ -167,16 +152,6 @@ impl From<ConfigError> for ChangeError {
 }
 
 impl Document {
-    pub(crate) fn from_raw(raw: RawConfig) -> Self {
-        Self { raw }
-    }
-
-    /// Validates the whole document as [`crate::parse`] validates a file;
-    /// `origin` names it in errors.
-    pub fn validate(&self, origin: &Path) -> Result<Config, ConfigError> {
-        Validator { file: origin }.config(self.raw.clone())
-    }
-
     /// The document with `change` made, and its validated config. `self`
     /// is left as it was, whatever the outcome; `origin` names the edited
     /// document in errors.

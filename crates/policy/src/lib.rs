@@ -29,8 +29,8 @@ pub mod evaluate;
 pub mod model;
 
 pub use cidr::Ipv4Cidr;
-pub use config::{load, load_document, parse, parse_document, ConfigError};
-pub use edit::{Change, ChangeError, Document, GuestSpec, RuleSpec};
+pub use config::{load, load_document, parse, parse_document, ConfigError, Document};
+pub use edit::{Change, ChangeError, GuestSpec, RuleSpec};
 pub use evaluate::{evaluate, Decider, Flow, Verdict};
 pub use model::{
     Config, DenyAction, Direction, FabricConfig, FabricHost, FabricKey, FabricKind, FlowLogConfig, GroupId, Guest,
