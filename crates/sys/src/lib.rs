@@ -309,18 +309,6 @@ pub fn enter_netns(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Is a process with this id alive (and ours to signal)?
-pub fn process_alive(pid: libc::pid_t) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    unsafe { libc::kill(pid, 0) == 0 }
-}
-
-/// Replaces the current process image (`execvp`); returns only on failure.
-pub fn exec(program: &str, args: &[String]) -> io::Error {
-    use std::os::unix::process::CommandExt;
-    std::process::Command::new(program).args(args).exec()
-}
-
 /// Changes the file mode of `path`.
 pub fn chmod(path: &Path, mode: u32) -> io::Result<()> {
     let c = cstring(path)?;
