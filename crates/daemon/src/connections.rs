@@ -249,3 +249,140 @@ impl Connections {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{ChannelId, ListenerId, SlotId};
+    use std::path::Path;
+
+    const RING: u32 = 4096;
+
+    fn guests() -> (Arc<GuestSlot>, Arc<GuestSlot>) {
+        let text = "[host]\nname = \"h\"\n[[vpc]]\nname = \"v\"\ncidr = \"10.0.0.0/24\"\n\
+                    [[guest]]\nname = \"a\"\nvpc = \"v\"\naddresses = [\"10.0.0.2\"]\n\
+                    [[guest]]\nname = \"b\"\nvpc = \"v\"\naddresses = [\"10.0.0.3\"]\n";
+        let config = vsocket_policy::parse(text, Path::new("t.toml")).unwrap();
+        let slot = |i: usize| {
+            let (id, _) = config.guests().nth(i).unwrap();
+            Arc::new(GuestSlot::new(SlotId(i as u64 + 1), &config, id))
+        };
+        (slot(0), slot(1))
+    }
+
+    /// A connection as the broker records it, with the write ends of its
+    /// two lifelines (dropping both is "no process holds it any more").
+    fn record(id: u64, carrier: Carrier) -> (ConnectionRecord, [OwnedFd; 2]) {
+        let (a, b) = guests();
+        let (segment, files) = Segment::create(RING).unwrap();
+        let (client_lifeline, client_holds) = vsocket_sys::pipe().unwrap();
+        let (server_lifeline, server_holds) = vsocket_sys::pipe().unwrap();
+        let quotas = vsocket_policy::Quotas { max_connections: 10, max_shared_memory: 1 << 30, max_channels: 10 };
+        let charge = crate::charge::charge(|_| quotas, &a, &b, 1).unwrap();
+        let record = ConnectionRecord {
+            id: ConnectionId(id),
+            client: a,
+            client_addr: "10.0.0.2:4000".parse().unwrap(),
+            server: b,
+            server_addr: "10.0.0.3:80".parse().unwrap(),
+            opened: SystemTime::now(),
+            segment,
+            files,
+            carrier,
+            lifelines: [client_lifeline, server_lifeline],
+            reset: AtomicBool::new(false),
+            charge,
+        };
+        (record, [client_holds, server_holds])
+    }
+
+    fn pair(n: u64) -> Pair {
+        Pair { channel: ChannelId(n), listener: ListenerId(100 + n) }
+    }
+
+    /// Both ends close both directions, as the protocol says.
+    fn close_by_flags(segment: &Segment) {
+        for ring in 0..2 {
+            segment.producer(ring).finish();
+            segment.consumer(ring).close();
+        }
+    }
+
+    fn ids(records: &[ConnectionRecord]) -> Vec<u64> {
+        records.iter().map(|c| c.id.0).collect()
+    }
+
+    #[test]
+    fn connections_are_over_when_closed_or_when_no_process_holds_them() {
+        let table = Connections::default();
+        let (gone, gone_holds) = record(3, Carrier::Shared(pair(1)));
+        let (half, half_holds) = record(1, Carrier::Shared(pair(1)));
+        let (closed, _closed_holds) = record(2, Carrier::Shared(pair(2)));
+        close_by_flags(&closed.segment);
+        table.add(gone);
+        table.add(half);
+        table.add(closed);
+        assert!(table.take_finished().iter().map(|c| c.id.0).eq([2]), "closed by both ends' flags");
+        drop(gone_holds);
+        let [client_holds, _server_holds] = half_holds;
+        drop(client_holds);
+        assert_eq!(ids(&table.take_finished()), [3], "no process holds either end");
+        let mut open = 0;
+        table.each(|c| {
+            assert_eq!(c.id.0, 1, "one end still held");
+            open += 1;
+        });
+        assert_eq!(open, 1);
+    }
+
+    #[test]
+    fn a_relayed_connection_ends_by_its_lifelines_alone() {
+        let table = Connections::default();
+        let meter = Arc::new(crate::fabric::Meter::default());
+        let (relayed, holds) = record(7, Carrier::Relayed { meter: meter.clone(), mine: Endpoint::Server });
+        // A guest can set every flag of the segment, the daemon's end's
+        // included: that must not end the relay's metering.
+        close_by_flags(&relayed.segment);
+        table.add(relayed);
+        assert!(table.take_finished().is_empty());
+        drop(holds);
+        assert_eq!(ids(&table.take_finished()), [7]);
+    }
+
+    #[test]
+    fn metering_reads_the_larger_index_or_the_relays_count() {
+        let (shared, _holds) = record(1, Carrier::Shared(pair(1)));
+        let client_ring = Endpoint::Client.tx_ring();
+        shared.segment.producer(client_ring).write(&[b"hello"]).unwrap();
+        assert_eq!((shared.bytes_client_to_server(), shared.bytes_server_to_client()), (5, 0));
+        // A client rewinding its own tail cannot go below what the server
+        // has taken.
+        let mut buf = [0u8; 5];
+        shared.segment.consumer(client_ring).read(&mut [&mut buf[..]], false).unwrap();
+        shared.segment.forge_for_tests(client_ring, 0);
+        assert_eq!(shared.bytes_client_to_server(), 5);
+
+        let meter = Arc::new(crate::fabric::Meter::default());
+        let (relayed, _holds) = record(2, Carrier::Relayed { meter: meter.clone(), mine: Endpoint::Server });
+        meter.taken.store(11, Ordering::Relaxed);
+        meter.given.store(22, Ordering::Relaxed);
+        relayed.segment.producer(client_ring).write(&[b"ignored"]).unwrap();
+        assert_eq!((relayed.bytes_client_to_server(), relayed.bytes_server_to_client()), (11, 22));
+    }
+
+    #[test]
+    fn a_released_segment_is_reclaimed_by_its_own_pair_only() {
+        let table = Connections::default();
+        let (done, _holds) = record(1, Carrier::Shared(pair(1)));
+        close_by_flags(&done.segment);
+        for end in 0..2 {
+            done.segment.released(end).store(1, Ordering::Release);
+        }
+        let (busy, _busy_holds) = record(2, Carrier::Shared(pair(1)));
+        table.add(busy);
+        table.add(done);
+        assert!(table.reclaim(pair(2)).is_none(), "another pair");
+        assert_eq!(table.reclaim(pair(1)).map(|c| c.id.0), Some(1));
+        assert!(table.reclaim(pair(1)).is_none(), "taken once; the other is still in use");
+    }
+}

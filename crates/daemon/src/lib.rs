@@ -53,7 +53,91 @@ pub mod sync;
 
 pub use daemon::Daemon;
 
+use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why vsocketd could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// The config file is invalid (the error names file, field and problem).
+    Config(vsocket_policy::ConfigError),
+    /// The fabric's key file in config `file` cannot be used.
+    FabricKey { file: PathBuf, error: String },
+    /// The flow log cannot be opened.
+    FlowLog { path: PathBuf, error: std::io::Error },
+    /// The metrics endpoint cannot listen.
+    Metrics { address: SocketAddr, error: std::io::Error },
+    /// A guest's attachment, the admin socket or the fabric cannot start.
+    Serve(std::io::Error),
+}
+
+impl StartError {
+    /// The exit status: 2 for a config the operator must fix, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Config(_) | StartError::FabricKey { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Config(e) => write!(f, "{e}"),
+            StartError::FabricKey { file, error } => write!(f, "{}: fabric.key_file: {error}", file.display()),
+            StartError::FlowLog { path, error } => write!(f, "flow log {}: {error}", path.display()),
+            StartError::Metrics { address, error } => write!(f, "metrics on {address}: {error}"),
+            StartError::Serve(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Reads the config at `path` and starts serving it: the metrics endpoint,
+/// every local guest's attachment, the admin socket, the fabric and the
+/// segment pool's refill thread. Returns the running daemon; the caller
+/// retires finished connections with [`Daemon::reap`].
+pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
+    let (document, config) = vsocket_policy::load_document(path).map_err(StartError::Config)?;
+    // A bad fabric key stops the daemon before it serves anyone (the relay
+    // reads it again when it starts).
+    if let Some(Err(e)) = config.fabric().map(|f| f.load_key()) {
+        return Err(StartError::FabricKey { file: path.to_owned(), error: e.to_string() });
+    }
+    if let Err(e) = vsocket_sys::raise_nofile_limit() {
+        tracing::warn!(error = %e, "cannot raise the descriptor limit");
+    }
+    let host = config.host().clone();
+    let mut daemon = Daemon::new(config, Box::new(policy::FileSource::new(path.to_owned(), document)));
+    if let Some(flow_log) = &host.flow_log {
+        let log = flowlog::FlowLog::open(flow_log)
+            .map_err(|error| StartError::FlowLog { path: flow_log.path.clone(), error })?;
+        daemon = daemon.with_flow_log(log);
+    }
+    let daemon = Arc::new(daemon);
+    if let Some(address) = host.metrics {
+        metrics::serve(&daemon, address).map_err(|error| StartError::Metrics { address, error })?;
+    }
+    attach::serve_guests(&daemon).and_then(|()| admin::serve(&daemon)).map_err(StartError::Serve)?;
+    if let Some(fabric) = fabric::Fabric::start(&daemon).map_err(StartError::Serve)? {
+        let _ = daemon.fabric.set(fabric);
+    }
+    let refiller = daemon.clone();
+    std::thread::Builder::new()
+        .name("segments".into())
+        .spawn(move || refiller.segments.refill())
+        .map_err(StartError::Serve)?;
+    tracing::info!(host = %host.name, guests = daemon.policy().config.guests().len(), "vsocketd ready");
+    Ok(daemon)
+}
+
+/// How often the daemon retires finished connections.
+pub const REAP_EVERY: Duration = Duration::from_millis(250);
 
 /// Where the control socket of guest `name` lives under `run_dir`.
 pub fn guest_socket_path(run_dir: &Path, name: &str) -> PathBuf {
