@@ -6,10 +6,12 @@
 //! - `test`: installs what it needs, builds, and runs every test (unit,
 //!   model-checking, fuzzing bounds, end to end);
 //! - `bench`: the benchmark, kernel path against vSocket (see
-//!   docs/BENCHMARKS.md).
+//!   docs/BENCHMARKS.md);
+//! - `modules`: each crate's module import graph, failing on a cycle.
 #![forbid(unsafe_code)]
 
 mod bench;
+mod modgraph;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -42,8 +44,9 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("modules") => modgraph::run(),
         _ => {
-            eprintln!("usage: cargo xtask demo | test [TEST FILTER...] | bench [--json FILE] [--repeats N]");
+            eprintln!("usage: cargo xtask demo | test [TEST FILTER...] | bench [--json FILE] [--repeats N] | modules");
             return ExitCode::from(2);
         }
     };
