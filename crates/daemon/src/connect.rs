@@ -21,11 +21,12 @@ use crate::charge::Exceeded;
 use crate::connections::{Carrier, ConnectionRecord};
 use crate::daemon::Daemon;
 use crate::decide::{decide, decide_incoming, Claim, ConnectRequest, Decision, Fabric as Reach};
-use crate::fabric::{Fabric, Meter, NewConn, OpenOutcome, OpenRequest};
+use crate::fabric::{Fabric, NewConn, OpenOutcome, OpenRequest};
 use crate::flowlog::{FlowEvent, FlowRecord, FlowVerdict};
 use crate::guest::GuestSlot;
 use crate::ids::{ChannelId, ConnectionId, Pair};
 use crate::listeners::ListenerRecord;
+use crate::meter::Meter;
 use crate::policy::Policy;
 use std::io;
 use std::net::SocketAddrV4;
@@ -224,6 +225,12 @@ pub fn accept_remote(daemon: &Daemon, peer: &str, request: &OpenRequest) -> Resu
             Err(Refusal::Fallback)
         }
         Decision::WithinGuest { .. } | Decision::Remote { .. } => Err(refused),
+    }
+}
+
+impl crate::fabric::RemoteOpens for Daemon {
+    fn accept_remote(&self, peer: &str, request: &OpenRequest) -> Result<NewConn, Refusal> {
+        accept_remote(self, peer, request)
     }
 }
 

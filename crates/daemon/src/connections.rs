@@ -28,7 +28,7 @@ pub enum Carrier {
     Shared(Pair),
     /// The fabric relay is the end `mine`: the relay's count of what it
     /// moved is the connection's metering.
-    Relayed { meter: Arc<crate::fabric::Meter>, mine: Endpoint },
+    Relayed { meter: Arc<crate::meter::Meter>, mine: Endpoint },
 }
 
 /// A live connection brokered by this daemon.
@@ -338,7 +338,7 @@ mod tests {
     #[test]
     fn a_relayed_connection_ends_by_its_lifelines_alone() {
         let table = Connections::default();
-        let meter = Arc::new(crate::fabric::Meter::default());
+        let meter = Arc::new(crate::meter::Meter::default());
         let (relayed, holds) = record(7, Carrier::Relayed { meter: meter.clone(), mine: Endpoint::Server });
         // A guest can set every flag of the segment, the daemon's end's
         // included: that must not end the relay's metering.
@@ -362,7 +362,7 @@ mod tests {
         shared.segment.forge_for_tests(client_ring, 0);
         assert_eq!(shared.bytes_client_to_server(), 5);
 
-        let meter = Arc::new(crate::fabric::Meter::default());
+        let meter = Arc::new(crate::meter::Meter::default());
         let (relayed, _holds) = record(2, Carrier::Relayed { meter: meter.clone(), mine: Endpoint::Server });
         meter.taken.store(11, Ordering::Relaxed);
         meter.given.store(22, Ordering::Relaxed);

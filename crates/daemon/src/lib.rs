@@ -9,7 +9,8 @@
 //!
 //! Modules, from the leaves up (each imports only those above it):
 //!
-//! - [`ids`], [`sync`]: identifiers, and locking;
+//! - [`ids`], [`sync`], [`meter`]: identifiers, locking, and the relay's
+//!   count of a relayed connection's bytes;
 //! - [`quota`]: per-guest limits and what each guest holds;
 //! - [`guest`]: guests as tracked across policy changes, with counters;
 //! - [`charge`]: what a connection holds of its guests' quotas;
@@ -44,6 +45,7 @@ pub mod guest;
 pub mod ids;
 pub mod listeners;
 pub mod live;
+pub mod meter;
 pub mod metrics;
 pub mod policy;
 pub mod pool;
@@ -124,7 +126,8 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
         metrics::serve(&daemon, address).map_err(|error| StartError::Metrics { address, error })?;
     }
     attach::serve_guests(&daemon).and_then(|()| admin::serve(&daemon)).map_err(StartError::Serve)?;
-    if let Some(fabric) = fabric::Fabric::start(&daemon).map_err(StartError::Serve)? {
+    let opens: Arc<dyn fabric::RemoteOpens> = daemon.clone();
+    if let Some(fabric) = fabric::Fabric::start(&daemon.policy().config, path, opens).map_err(StartError::Serve)? {
         let _ = daemon.fabric.set(fabric);
     }
     let refiller = daemon.clone();

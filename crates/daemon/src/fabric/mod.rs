@@ -18,15 +18,14 @@ pub mod relay;
 pub mod tcp;
 pub mod ucx;
 
-use crate::Daemon;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::AtomicU64;
+use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use vsocket_abi::fabric::{Frame, Origin, Refusal};
 use vsocket_abi::layout::Endpoint;
-use vsocket_policy::FabricKind;
+use vsocket_policy::{Config, FabricKind};
 use vsocket_ring::Segment;
 use vsocket_sys::Epoll;
 
@@ -135,17 +134,6 @@ pub enum OpenOutcome {
     Unreachable(String),
 }
 
-/// What the relay moved for one connection, counted in the daemon's own
-/// memory: the connection's metering, which no guest can forge (a guest
-/// can rewrite every index in its segment, the daemon's included).
-#[derive(Debug, Default)]
-pub struct Meter {
-    /// Bytes taken from the guest's ring and sent to the other host.
-    pub taken: AtomicU64,
-    /// Bytes from the other host written into the guest's ring.
-    pub given: AtomicU64,
-}
-
 /// The daemon's end of a relayed connection's segment.
 pub struct NewConn {
     pub segment: Segment,
@@ -156,7 +144,7 @@ pub struct NewConn {
     /// Write end of the daemon's lifeline pipe (the record holds the read end).
     pub holds: OwnedFd,
     /// Shared with the connection's record.
-    pub meter: Arc<Meter>,
+    pub meter: Arc<crate::meter::Meter>,
 }
 
 pub(crate) enum Command {
@@ -221,10 +209,30 @@ impl PeerStatus {
     }
 }
 
+/// What the fabric asks of the daemon: whether to take a connection that
+/// a peer host opens to one of this host's guests.
+pub trait RemoteOpens: Send + Sync {
+    /// The server's host's side of an `Open` from host `peer`: the
+    /// connection's end for the relay to carry, or the refusal to send back.
+    fn accept_remote(&self, peer: &str, request: &OpenRequest) -> Result<NewConn, Refusal>;
+}
+
+/// The relay's command queue, and the eventfd that wakes it.
+pub(crate) struct Commands {
+    queue: Mutex<mpsc::Sender<Command>>,
+    bell: OwnedFd,
+}
+
+impl Commands {
+    fn send(&self, command: Command) {
+        let _ = crate::sync::lock(&self.queue).send(command);
+        vsocket_sys::eventfd_signal(self.bell.as_fd());
+    }
+}
+
 /// The daemon's handle on its relay.
 pub struct Fabric {
-    commands: Mutex<mpsc::Sender<Command>>,
-    bell: OwnedFd,
+    commands: Arc<Commands>,
     status: Arc<Mutex<Vec<PeerStatus>>>,
     pub kind: FabricKind,
 }
@@ -236,11 +244,9 @@ impl std::fmt::Debug for Fabric {
 }
 
 impl Fabric {
-    /// Starts the relay for the config's `[fabric]`, if it has one with
-    /// other hosts.
-    pub fn start(daemon: &Arc<Daemon>) -> std::io::Result<Option<Fabric>> {
-        let policy = daemon.policy();
-        let config = &policy.config;
+    /// Starts the relay for `config`'s `[fabric]` (read from `origin`), if
+    /// it has one with other hosts; `Open`s from peers are put to `opens`.
+    pub fn start(config: &Config, origin: &Path, opens: Arc<dyn RemoteOpens>) -> std::io::Result<Option<Fabric>> {
         let Some(fabric) = config.fabric() else { return Ok(None) };
         let this = config.host().name.clone();
         let Some(me) = fabric.host(&this) else { return Ok(None) };
@@ -250,8 +256,7 @@ impl Fabric {
             return Ok(None);
         }
         let key = fabric.load_key().map_err(|e| {
-            let file = crate::sync::lock(&daemon.source).origin().to_path_buf();
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{}: fabric.key_file: {e}", file.display()))
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{}: fabric.key_file: {e}", origin.display()))
         })?;
         let keyed = key.is_some();
         let epoll = Epoll::new()?;
@@ -268,8 +273,10 @@ impl Fabric {
         let (tx, rx) = mpsc::channel();
         let bell = vsocket_sys::eventfd()?;
         let status = Arc::new(Mutex::new(Vec::new()));
+        let commands = Arc::new(Commands { queue: Mutex::new(tx), bell: bell.try_clone()? });
         let relay = relay::Relay::new(
-            daemon.clone(),
+            opens,
+            commands.clone(),
             epoll,
             transport,
             this,
@@ -282,12 +289,11 @@ impl Fabric {
         )?;
         std::thread::Builder::new().name("fabric-relay".into()).spawn(move || relay.run())?;
         tracing::info!(kind = %fabric.kind, listen = %me.address, keyed, "fabric started");
-        Ok(Some(Fabric { commands: Mutex::new(tx), bell, status, kind: fabric.kind }))
+        Ok(Some(Fabric { commands, status, kind: fabric.kind }))
     }
 
     fn command(&self, command: Command) {
-        let _ = self.commands.lock().unwrap_or_else(|e| e.into_inner()).send(command);
-        vsocket_sys::eventfd_signal(self.bell.as_fd());
+        self.commands.send(command);
     }
 
     /// Asks host `peer` to accept connection `id` and waits for the answer
@@ -306,21 +312,27 @@ impl Fabric {
 
     /// Every peer's state and traffic.
     pub fn status(&self) -> Vec<PeerStatus> {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        crate::sync::lock(&self.status).clone()
     }
 }
 
 /// The server's side of an `Open` from peer `peer` (index `p`): decided on
 /// a thread of its own, since reaching the listener may wait.
-pub(crate) fn remote_open(daemon: &Arc<Daemon>, peer: String, p: usize, id: u64, request: OpenRequest) {
-    let daemon = daemon.clone();
+pub(crate) fn remote_open(
+    opens: &Arc<dyn RemoteOpens>,
+    commands: &Arc<Commands>,
+    peer: String,
+    p: usize,
+    id: u64,
+    request: OpenRequest,
+) {
+    let (opens, commands) = (opens.clone(), commands.clone());
     let spawned = std::thread::Builder::new().name("fabric-open".into()).spawn(move || {
-        let Some(fabric) = daemon.fabric.get() else { return };
-        let command = match crate::connect::accept_remote(&daemon, &peer, &request) {
+        let command = match opens.accept_remote(&peer, &request) {
             Ok(conn) => Command::Accepted { peer: p, id, conn, window: request.window },
             Err(refusal) => Command::Refused { peer: p, id, refusal },
         };
-        fabric.command(command);
+        commands.send(command);
     });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start a thread for a fabric open");

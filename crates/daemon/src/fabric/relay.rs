@@ -16,7 +16,6 @@
 //! may be due, when they read (the relay arms the producer side).
 
 use super::{Command, Events, LinkEvent, LinkId, NewConn, OpenOutcome, OpenRequest, PeerStatus, Transport};
-use crate::Daemon;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -83,7 +82,7 @@ struct Conn {
     window: u32,
     /// Bytes taken from and written into the guest's rings (`given` is
     /// what flow control calls delivered).
-    meter: Arc<super::Meter>,
+    meter: Arc<crate::meter::Meter>,
     /// Of those, bytes the guest consumed that we have credited back.
     credited: u64,
     /// Waiting for the peer's answer to our `Open`.
@@ -123,7 +122,9 @@ struct Pending {
 
 /// The relay's state, owned by its thread.
 pub struct Relay {
-    daemon: Arc<Daemon>,
+    /// Where `Open`s from peers are decided, and where their answers go.
+    opens: Arc<dyn super::RemoteOpens>,
+    answers: Arc<super::Commands>,
     epoll: Arc<Epoll>,
     /// Taken out while it reports events (see [`Relay::with_transport`]).
     transport: Option<Box<dyn Transport>>,
@@ -163,7 +164,8 @@ pub struct Relay {
 impl Relay {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
-        daemon: Arc<Daemon>,
+        opens: Arc<dyn super::RemoteOpens>,
+        answers: Arc<super::Commands>,
         epoll: Epoll,
         transport: Box<dyn Transport>,
         this: String,
@@ -189,7 +191,8 @@ impl Relay {
             })
             .collect();
         Ok(Relay {
-            daemon,
+            opens,
+            answers,
             epoll: Arc::new(epoll),
             transport: Some(transport),
             outbox: Vec::new(),
@@ -395,7 +398,7 @@ impl Relay {
                 p.status.clone()
             })
             .collect();
-        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = statuses;
+        *crate::sync::lock(&self.status) = statuses;
     }
 
     /// Lends the transport to `f` with a handler for what it reports;
@@ -575,7 +578,7 @@ impl Relay {
                     return;
                 }
                 let request = OpenRequest { vpc: vpc.into(), guest: guest.into(), client, server, window };
-                super::remote_open(&self.daemon, self.peers[p].name.clone(), p, id, request);
+                super::remote_open(&self.opens, &self.answers, self.peers[p].name.clone(), p, id, request);
             }
             Frame::Accept { origin, id, window } => {
                 let key = (p, side_of(origin), id);
