@@ -14,7 +14,9 @@
 //! active messages, RDMA where present), as the config chooses.
 
 pub mod auth;
+pub mod link;
 pub mod relay;
+pub mod stream;
 pub mod tcp;
 pub mod ucx;
 

@@ -15,6 +15,8 @@
 //! when they write (the relay arms the consumer side) and, when a credit
 //! may be due, when they read (the relay arms the producer side).
 
+use super::link::{Due, Handshake, Hosts, Link, Refused};
+use super::stream::{CreditDue, Ends, Flow};
 use super::{Command, Events, LinkEvent, LinkId, NewConn, OpenOutcome, OpenRequest, PeerStatus, Transport};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,16 +25,13 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vsocket_abi::fabric::{Frame, Origin, Refusal, MAX_PAYLOAD, NONCE, PROOF, VERSION};
+use vsocket_abi::fabric::{Frame, Origin, Refusal, MAX_PAYLOAD, VERSION};
+
+pub use super::link::LINK_TIMEOUT;
+use super::link::PING_EVERY;
 use vsocket_ring::{RxState, Segment};
 use vsocket_sys::Epoll;
 
-/// A link with nothing received for this long is declared dead.
-pub const LINK_TIMEOUT: Duration = Duration::from_secs(3);
-/// An idle link sends a ping this often.
-const PING_EVERY: Duration = Duration::from_millis(500);
-/// A link that has not said who it is within this time is closed.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a host dials a peer that is down.
 const DIAL_EVERY: Duration = Duration::from_secs(1);
 /// Past this many bytes waiting on a link, guests' rings are not read.
@@ -76,21 +75,15 @@ struct Conn {
     /// Write end of the daemon's lifeline: dropping it tells the reaper
     /// the daemon's end is done.
     _holds: OwnedFd,
-    /// Bytes we may still send.
-    credit: u64,
-    /// The peer's window: what it allowed us at the start.
-    window: u32,
+    /// Flow control: credit, windows, credit owed back.
+    flow: Flow,
     /// Bytes taken from and written into the guest's rings (`given` is
     /// what flow control calls delivered).
     meter: Arc<crate::meter::Meter>,
-    /// Of those, bytes the guest consumed that we have credited back.
-    credited: u64,
     /// Waiting for the peer's answer to our `Open`.
     opening: Option<mpsc::Sender<OpenOutcome>>,
-    /// We sent `Fin` or `Reset` (nothing more goes out).
-    sent_end: bool,
-    /// The peer sent `Fin` or `Reset`.
-    got_end: bool,
+    /// Which directions have ended (`Fin` or `Reset` sent, or received).
+    ends: Ends,
     /// Every process holding the guest's end has let go of it.
     guest_gone: bool,
 }
@@ -107,19 +100,6 @@ struct Peer {
     status: PeerStatus,
 }
 
-/// A link that has not been identified yet: no `Hello` heard, or (with a
-/// fabric key) no `Proof`.
-struct Pending {
-    since: Instant,
-    /// The peer it was dialed to reach, if dialed.
-    dialed: Option<usize>,
-    /// The nonce this side's `Hello` carried.
-    nonce: [u8; NONCE],
-    /// With a key: the peer whose `Hello` passed, and its nonce, until its
-    /// `Proof` arrives.
-    heard: Option<(usize, [u8; NONCE])>,
-}
-
 /// The relay's state, owned by its thread.
 pub struct Relay {
     /// Where `Open`s from peers are decided, and where their answers go.
@@ -132,17 +112,11 @@ pub struct Relay {
     outbox: Vec<(LinkId, Vec<u8>)>,
     closing: Vec<LinkId>,
     kind: &'static str,
-    /// Where each link's other end speaks from.
-    addresses: HashMap<LinkId, SocketAddr>,
-    this: String,
-    /// The fabric key links must prove, if `[fabric] key_file` is set.
-    key: Option<vsocket_policy::FabricKey>,
+    /// This host, its peers' names and addresses, and the fabric key.
+    hosts: Hosts,
     peers: Vec<Peer>,
-    pending: HashMap<LinkId, Pending>,
-    /// Which peer each identified link is.
-    links: HashMap<LinkId, usize>,
-    last_rx: HashMap<LinkId, Instant>,
-    last_tx: HashMap<LinkId, Instant>,
+    /// Every open link's protocol state: handshake, then its peer.
+    links: HashMap<LinkId, Link>,
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
     keys: HashMap<Key, usize>,
@@ -178,6 +152,7 @@ impl Relay {
     ) -> std::io::Result<Relay> {
         epoll.add(command_bell.as_fd(), libc::EPOLLIN as u32, TOKEN_COMMANDS)?;
         let kind = transport.describe();
+        let hosts = Hosts { this: this.clone(), peers: peers.clone(), key };
         let peers = peers
             .into_iter()
             .map(|(name, address)| Peer {
@@ -198,14 +173,9 @@ impl Relay {
             outbox: Vec::new(),
             closing: Vec::new(),
             kind,
-            addresses: HashMap::new(),
-            this,
-            key,
+            hosts,
             peers,
-            pending: HashMap::new(),
             links: HashMap::new(),
-            last_rx: HashMap::new(),
-            last_tx: HashMap::new(),
             conns: Vec::new(),
             free: Vec::new(),
             keys: HashMap::new(),
@@ -283,7 +253,7 @@ impl Relay {
         let mut watched = std::mem::take(&mut self.answered);
         watched.sort_unstable();
         watched.dedup();
-        watched.retain(|&i| self.conns.get(i).and_then(Option::as_ref).is_some_and(|c| !c.sent_end));
+        watched.retain(|&i| self.conns.get(i).and_then(Option::as_ref).is_some_and(|c| !c.ends.sent()));
         let budget = if watched.is_empty() { Duration::ZERO } else { self.spin.budget() };
         if budget.is_zero() {
             watched.clear();
@@ -349,19 +319,17 @@ impl Relay {
         let now = Instant::now();
         for i in 0..self.peers.len() {
             match self.peers[i].link {
-                Some(link) => {
-                    if self.last_rx.get(&link).is_some_and(|t| now.duration_since(*t) > LINK_TIMEOUT) {
+                Some(link) => match self.links.get(&link).map(|l| l.due(now)) {
+                    Some(Due::Dead) => {
                         self.link_down(link, format!("nothing heard for {} s", LINK_TIMEOUT.as_secs()));
-                        continue;
                     }
-                    if self.last_tx.get(&link).is_none_or(|t| now.duration_since(*t) >= PING_EVERY) {
-                        self.send(link, &Frame::Ping);
-                    }
-                }
+                    Some(Due::Ping) => self.send(link, &Frame::Ping),
+                    _ => {}
+                },
                 None => {
                     let peer = &mut self.peers[i];
                     let due = peer.last_dial.is_none_or(|t| now.duration_since(t) >= DIAL_EVERY);
-                    let dialing = peer.dialing || self.pending.values().any(|p| p.dialed == Some(i));
+                    let dialing = peer.dialing || self.links.values().any(|l| l.dialed() == Some(i));
                     if peer.dials && due && !dialing {
                         peer.last_dial = Some(now);
                         peer.dialing = true;
@@ -374,10 +342,9 @@ impl Relay {
         }
         self.with_transport(|t, epoll, _| t.maintain(epoll));
         let stale: Vec<LinkId> =
-            self.pending.iter().filter(|(_, p)| now.duration_since(p.since) > HELLO_TIMEOUT).map(|(l, _)| *l).collect();
+            self.links.iter().filter(|(_, l)| l.due(now) == Due::Unidentified).map(|(id, _)| *id).collect();
         for link in stale {
             tracing::debug!(link, "fabric link said no hello in time; closed");
-            self.pending.remove(&link);
             self.close_link(link);
         }
         self.with_transport(|t, epoll, on| t.flush(epoll, on));
@@ -422,9 +389,7 @@ impl Relay {
     }
 
     fn close_link(&mut self, link: LinkId) {
-        self.addresses.remove(&link);
-        self.last_rx.remove(&link);
-        self.last_tx.remove(&link);
+        self.links.remove(&link);
         match self.transport.as_mut() {
             Some(t) => t.close(link, &self.epoll),
             None => self.closing.push(link),
@@ -446,8 +411,9 @@ impl Relay {
 
     /// Counts a frame sent on `link` carrying `data` stream bytes.
     fn note_sent(&mut self, link: LinkId, data: usize) {
-        self.last_tx.insert(link, Instant::now());
-        if let Some(&p) = self.links.get(&link) {
+        let Some(state) = self.links.get_mut(&link) else { return };
+        state.sent(Instant::now());
+        if let Some(p) = state.peer() {
             let s = &mut self.peers[p].status;
             s.frames_sent += 1;
             s.bytes_sent += data as u64;
@@ -464,7 +430,6 @@ impl Relay {
     fn link_event(&mut self, event: LinkEvent<'_>) {
         match event {
             LinkEvent::Up { link, peer, dialed } => {
-                self.addresses.insert(link, peer);
                 let dialed_peer = if dialed { self.peers.iter().position(|p| p.address == peer) } else { None };
                 if let Some(p) = dialed_peer {
                     self.peers[p].dialing = false;
@@ -477,9 +442,9 @@ impl Relay {
                         return;
                     }
                 };
-                self.pending.insert(link, Pending { since: Instant::now(), dialed: dialed_peer, nonce, heard: None });
-                self.last_rx.insert(link, Instant::now());
-                self.send(link, &Frame::Hello { version: VERSION, host: &self.this.clone(), nonce });
+                self.links.insert(link, Link::new(Instant::now(), peer, dialed_peer, nonce));
+                let this = self.hosts.this.clone();
+                self.send(link, &Frame::Hello { version: VERSION, host: &this, nonce });
             }
             LinkEvent::DialFailed { peer, error } => {
                 if let Some(p) = self.peers.iter_mut().find(|p| p.address == peer) {
@@ -511,18 +476,17 @@ impl Relay {
 
     /// The peer behind `link`, and the stream `(origin, id)` on it.
     fn stream_of(&mut self, link: LinkId, origin: Origin, id: u64) -> Option<(usize, usize)> {
-        let p = *self.links.get(&link)?;
-        self.last_rx.insert(link, Instant::now());
+        let state = self.links.get_mut(&link)?;
+        let p = state.peer()?;
+        state.received(Instant::now());
         Some((p, *self.keys.get(&(p, side_of(origin), id))?))
     }
 
     /// A link is gone: every connection on it is reset.
     fn link_down(&mut self, link: LinkId, why: String) {
+        let peer = self.links.get(&link).and_then(Link::peer);
         self.close_link(link);
-        self.pending.remove(&link);
-        self.last_rx.remove(&link);
-        self.last_tx.remove(&link);
-        let Some(p) = self.links.remove(&link) else {
+        let Some(p) = peer else {
             tracing::debug!(link, %why, "fabric link gone before it said hello");
             return;
         };
@@ -542,31 +506,25 @@ impl Relay {
     }
 
     fn frame(&mut self, link: LinkId, frame: Frame<'_>) {
-        if !self.links.contains_key(&link) && !self.pending.contains_key(&link) {
+        let Some(state) = self.links.get_mut(&link) else {
             // The rest of what a link sent before this side closed it.
             return;
-        }
-        self.last_rx.insert(link, Instant::now());
-        let Some(&p) = self.links.get(&link) else {
+        };
+        state.received(Instant::now());
+        let Some(p) = state.peer() else {
             // Only Hello (and, with a key, Proof) is expected on a link
             // not yet identified.
-            match frame {
-                Frame::Hello { version, host, nonce } => self.hello(link, version, host, nonce),
-                Frame::Proof { mac } => self.proof(link, &mac),
-                _ if self.pending.get(&link).is_some_and(|p| p.heard.is_some()) => {
-                    self.refuse_link(link, "sent no proof of the fabric key".into());
-                }
-                _ => {
-                    tracing::warn!("fabric link spoke before saying hello; closed");
-                    self.pending.remove(&link);
-                    self.close_link(link);
-                }
-            }
+            let step = match frame {
+                Frame::Hello { version, host, nonce } => state.hello(&self.hosts, version, host, nonce),
+                Frame::Proof { mac } => state.proof(&self.hosts, &mac),
+                _ => state.other().map(|()| Handshake::Nothing),
+            };
+            self.handshake(link, step);
             return;
         };
         self.peers[p].status.frames_received += 1;
         match frame {
-            Frame::Proof { .. } if self.key.is_none() => {
+            Frame::Proof { .. } if self.hosts.key.is_none() => {
                 // The peer will refuse this side for lacking the key: say so
                 // here, where the link would otherwise just come and go.
                 tracing::warn!(peer = %self.peers[p].name, "fabric peer proves a fabric key; this host has none (set [fabric] key_file)");
@@ -586,8 +544,7 @@ impl Relay {
                     Some(index) => {
                         let conn = self.conns[index].as_mut().expect("keyed connection exists");
                         if let Some(reply) = conn.opening.take() {
-                            conn.credit = u64::from(window);
-                            conn.window = window;
+                            conn.flow.accepted(window);
                             let _ = reply.send(OpenOutcome::Accepted);
                             self.dirty.push(index);
                         }
@@ -613,7 +570,7 @@ impl Relay {
             Frame::Credit { origin, id, bytes } => {
                 if let Some(index) = self.keys.get(&(p, side_of(origin), id)).copied() {
                     if let Some(conn) = self.conns[index].as_mut() {
-                        conn.credit = (conn.credit + u64::from(bytes)).min(u64::from(conn.window));
+                        conn.flow.credit(bytes);
                         self.dirty.push(index);
                     }
                 }
@@ -621,7 +578,7 @@ impl Relay {
             Frame::Fin { origin, id } => {
                 if let Some(index) = self.keys.get(&(p, side_of(origin), id)).copied() {
                     if let Some(conn) = self.conns[index].as_mut() {
-                        conn.got_end = true;
+                        conn.ends = conn.ends.got_end();
                         let wake = conn.segment.producer(conn.mine.tx_ring()).finish();
                         if wake {
                             vsocket_sys::ring(conn.bell.as_fd());
@@ -637,66 +594,24 @@ impl Relay {
         }
     }
 
-    fn hello(&mut self, link: LinkId, version: u32, host: &str, nonce: [u8; NONCE]) {
-        let Some(mut pending) = self.pending.remove(&link) else { return };
-        let found = self.peers.iter().position(|p| p.name == host);
-        let ip = self.addresses.get(&link).map(SocketAddr::ip);
-        let refuse = |why: String| {
-            tracing::warn!(claimed = host, ?ip, %why, "fabric link refused");
-            why
-        };
-        let problem = match found {
-            _ if version != VERSION => Some(refuse(format!("protocol version {version}, not {VERSION}"))),
-            None => Some(refuse("not a configured fabric host".into())),
-            Some(p) if ip.is_some_and(|ip| ip != self.peers[p].address.ip()) && pending.dialed.is_none() => {
-                Some(refuse(format!("from {ip:?}, not the host's address {}", self.peers[p].address.ip())))
+    /// Carries out what a handshake frame on `link` led to.
+    fn handshake(&mut self, link: LinkId, step: Result<Handshake, Refused>) {
+        match step {
+            Ok(Handshake::Nothing) => {}
+            Ok(Handshake::Prove(mac)) => self.send(link, &Frame::Proof { mac }),
+            Ok(Handshake::Up(p)) => self.identify(link, p),
+            Err(Refused::SpokeFirst) => {
+                tracing::warn!("fabric link spoke before saying hello; closed");
+                self.close_link(link);
             }
-            Some(p) if pending.dialed.is_some_and(|d| d != p) => Some(refuse("dialed another host".into())),
-            Some(_) if pending.heard.is_some() => Some(refuse("said hello twice".into())),
-            Some(_) => None,
-        };
-        let Some(p) = found.filter(|_| problem.is_none()) else {
-            self.close_link(link);
-            return;
-        };
-        if let Some(key) = &self.key {
-            // Prove the key, and wait for the peer's proof.
-            let mac = super::auth::prove(key, &self.this, &self.peers[p].name, &pending.nonce, &nonce);
-            pending.heard = Some((p, nonce));
-            self.pending.insert(link, pending);
-            self.send(link, &Frame::Proof { mac });
-            return;
+            Err(why) => {
+                let state = self.links.get(&link);
+                let claimed = state.and_then(Link::claimed).map(|p| self.peers[p].name.clone());
+                let ip = state.map(|l| l.address().ip());
+                tracing::warn!(?claimed, ?ip, %why, "fabric link refused");
+                self.close_link(link);
+            }
         }
-        self.identify(link, p);
-    }
-
-    /// The peer behind pending `link` sent its proof of the fabric key.
-    fn proof(&mut self, link: LinkId, mac: &[u8; PROOF]) {
-        let Some(pending) = self.pending.get(&link) else { return };
-        let Some((p, their_nonce)) = pending.heard else {
-            let why = if self.key.is_some() {
-                "sent a proof before its hello"
-            } else {
-                "proves a fabric key; this host has none"
-            };
-            self.refuse_link(link, why.into());
-            return;
-        };
-        let Some(key) = &self.key else { return };
-        if !super::auth::check(key, mac, &self.peers[p].name, &self.this, &their_nonce, &pending.nonce) {
-            self.refuse_link(link, "wrong fabric key".into());
-            return;
-        }
-        self.pending.remove(&link);
-        self.identify(link, p);
-    }
-
-    /// Closes pending `link`, logging why.
-    fn refuse_link(&mut self, link: LinkId, why: String) {
-        let claimed = self.pending.remove(&link).and_then(|p| p.heard).map(|(p, _)| self.peers[p].name.clone());
-        let ip = self.addresses.get(&link).map(SocketAddr::ip);
-        tracing::warn!(?claimed, ?ip, %why, "fabric link refused");
-        self.close_link(link);
     }
 
     /// `link` is peer `p`'s link from now on.
@@ -706,7 +621,6 @@ impl Relay {
             // dead: the new link replaces it.
             self.link_down(old, "replaced by a new link".into());
         }
-        self.links.insert(link, p);
         let peer = &mut self.peers[p];
         peer.link = Some(link);
         peer.status.state = "up";
@@ -729,7 +643,7 @@ impl Relay {
                     return;
                 };
                 let window = conn.segment.ring_size();
-                self.insert((p, Side::Local, id), conn, 0, 0, Some(reply));
+                self.insert((p, Side::Local, id), conn, 0, Some(reply));
                 self.peers[p].status.opened += 1;
                 let frame = Frame::Open {
                     origin: Origin::Sender,
@@ -762,7 +676,7 @@ impl Relay {
                     return;
                 }
                 let mine_window = conn.segment.ring_size();
-                let index = self.insert((peer, Side::Remote, id), conn, u64::from(window), window, None);
+                let index = self.insert((peer, Side::Remote, id), conn, window, None);
                 self.peers[peer].status.accepted += 1;
                 self.send_to(peer, &Frame::Accept { origin: Origin::Receiver, id, window: mine_window });
                 self.dirty.push(index);
@@ -778,8 +692,7 @@ impl Relay {
         &mut self,
         key: Key,
         conn: NewConn,
-        credit: u64,
-        window: u32,
+        peer_window: u32,
         opening: Option<mpsc::Sender<OpenOutcome>>,
     ) -> usize {
         let index = self.free.pop().unwrap_or_else(|| {
@@ -790,19 +703,17 @@ impl Relay {
         if let Err(e) = self.epoll.add(bell.as_fd(), libc::EPOLLIN as u32, TOKEN_CONNS + index as u64) {
             tracing::error!(error = %e, "fabric relay: cannot watch a doorbell");
         }
+        let flow = Flow::new(segment.ring_size(), peer_window);
         self.conns[index] = Some(Conn {
             key,
             segment,
             mine,
             bell,
             _holds: holds,
-            credit,
-            window,
+            flow,
             meter,
-            credited: 0,
             opening,
-            sent_end: false,
-            got_end: false,
+            ends: Ends::Open,
             guest_gone: false,
         });
         self.keys.insert(key, index);
@@ -822,8 +733,7 @@ impl Relay {
     /// dropped, its guest never had it). `remove_now` drops it at once.
     fn abort(&mut self, index: usize, remove_now: bool, outcome: OpenOutcome) {
         let Some(conn) = self.conns[index].as_mut() else { return };
-        conn.sent_end = true;
-        conn.got_end = true;
+        conn.ends = Ends::Closed;
         if let Some(reply) = conn.opening.take() {
             let _ = reply.send(outcome);
             self.remove(index);
@@ -852,12 +762,13 @@ impl Relay {
     /// Writes a `Data` frame's bytes into the guest's ring.
     fn deliver(&mut self, index: usize, bytes: &[u8]) {
         let Some(conn) = self.conns[index].as_mut() else { return };
-        if conn.got_end || conn.opening.is_some() {
+        if conn.ends.got() || conn.opening.is_some() {
             return;
         }
         let tx = conn.segment.producer(conn.mine.tx_ring());
-        match tx.write(&[bytes]) {
-            Ok((n, wake)) if n == bytes.len() => self.delivered(index, n, wake),
+        let written = if conn.flow.admits(conn.delivered(), bytes.len()) { tx.write(&[bytes]).ok() } else { None };
+        match written {
+            Some((n, wake)) if n == bytes.len() => self.delivered(index, n, wake),
             // More than the window allowed (or a guest that forged its
             // ring's indices), or a guest that closed its reading side:
             // this connection is reset, nothing else.
@@ -906,13 +817,13 @@ impl Relay {
                 break;
             }
             let conn = self.conns[index].as_mut().expect("pumped connection exists");
-            if conn.sent_end {
+            if conn.ends.sent() {
                 break;
             }
             let rx = conn.segment.consumer(conn.mine.rx_ring());
             match rx.state() {
                 Ok(RxState::Data(n)) => {
-                    let take = (n as u64).min(conn.credit).min(MAX_PAYLOAD as u64) as usize;
+                    let take = conn.flow.sendable(n as usize, MAX_PAYLOAD);
                     if take == 0 {
                         break;
                     }
@@ -924,7 +835,7 @@ impl Relay {
                     if wake {
                         vsocket_sys::ring(conn.bell.as_fd());
                     }
-                    conn.credit -= take as u64;
+                    conn.flow.sent(take);
                     conn.meter.taken.fetch_add(take as u64, Ordering::Relaxed);
                     self.note_sent(link, take);
                     self.active = Instant::now();
@@ -934,7 +845,7 @@ impl Relay {
                         // The process died without closing: as the kernel
                         // does at exit, FIN, or RST with unread data.
                         let unread = conn.delivered() - conn.consumed();
-                        conn.sent_end = true;
+                        conn.ends = conn.ends.send_end();
                         let frame = if unread > 0 { Frame::Reset { origin, id } } else { Frame::Fin { origin, id } };
                         self.send(link, &frame);
                         break;
@@ -945,12 +856,12 @@ impl Relay {
                     }
                 }
                 Ok(RxState::Fin) => {
-                    conn.sent_end = true;
+                    conn.ends = conn.ends.send_end();
                     self.send(link, &Frame::Fin { origin, id });
                     break;
                 }
                 Ok(RxState::Reset) => {
-                    conn.sent_end = true;
+                    conn.ends = conn.ends.send_end();
                     let wake = conn.segment.producer(conn.mine.tx_ring()).reset();
                     if wake {
                         vsocket_sys::ring(conn.bell.as_fd());
@@ -969,7 +880,7 @@ impl Relay {
             self.send(link, &Frame::Credit { origin, id, bytes });
         }
         let conn = self.conns[index].as_ref().expect("pumped connection exists");
-        if conn.guest_gone && conn.sent_end {
+        if conn.guest_gone && conn.ends.sent() {
             self.remove(index);
         }
     }
@@ -979,24 +890,20 @@ impl Relay {
     /// the guest's ring to hear of reads when they could make one due.
     fn credit_due(&mut self, index: usize) -> Option<u32> {
         let conn = self.conns[index].as_mut()?;
-        if conn.got_end {
+        if conn.ends.got() {
             return None;
         }
-        let step = u64::from(conn.window.max(16)) / 16;
         loop {
             let consumed = conn.consumed();
-            let owed = consumed.saturating_sub(conn.credited);
-            if owed >= step {
-                conn.credited = consumed;
-                return Some(owed.min(u64::from(u32::MAX)) as u32);
-            }
-            let unread = conn.delivered().saturating_sub(consumed);
-            if unread + owed < step {
-                return None;
-            }
-            conn.segment.producer(conn.mine.tx_ring()).arm();
-            if conn.consumed() == consumed {
-                return None;
+            match conn.flow.credit_due(conn.delivered(), consumed) {
+                CreditDue::Send(bytes) => return Some(bytes),
+                CreditDue::Nothing => return None,
+                CreditDue::Watch => {
+                    conn.segment.producer(conn.mine.tx_ring()).arm();
+                    if conn.consumed() == consumed {
+                        return None;
+                    }
+                }
             }
         }
     }
@@ -1005,7 +912,7 @@ impl Relay {
     fn corrupt(&mut self, index: usize) {
         let Some(conn) = self.conns[index].as_ref() else { return };
         let (p, side, id) = conn.key;
-        let already = conn.sent_end;
+        let already = conn.ends.sent();
         if !already {
             self.send_to(p, &Frame::Reset { origin: wire(side), id });
         }
@@ -1023,7 +930,7 @@ impl Events for Relay {
         let (_, index) = self.stream_of(link, origin, id)?;
         let conn = self.conns[index].as_ref()?;
         // As `deliver` checks: bytes are taken only while the stream is open.
-        if conn.got_end || conn.opening.is_some() {
+        if conn.ends.got() || conn.opening.is_some() {
             return None;
         }
         Some(conn.segment.producer(conn.mine.tx_ring()))
