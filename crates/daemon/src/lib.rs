@@ -68,6 +68,8 @@ pub enum StartError {
     Config(vsocket_policy::ConfigError),
     /// The fabric's key file in config `file` cannot be used.
     FabricKey { file: PathBuf, error: String },
+    /// Config `file` asks for a fabric this build does not have.
+    FabricNotBuilt { file: PathBuf, kind: vsocket_policy::FabricKind },
     /// The flow log cannot be opened.
     FlowLog { path: PathBuf, error: std::io::Error },
     /// The metrics endpoint cannot listen.
@@ -80,7 +82,7 @@ impl StartError {
     /// The exit status: 2 for a config the operator must fix, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StartError::Config(_) | StartError::FabricKey { .. } => 2,
+            StartError::Config(_) | StartError::FabricKey { .. } | StartError::FabricNotBuilt { .. } => 2,
             _ => 1,
         }
     }
@@ -91,6 +93,12 @@ impl fmt::Display for StartError {
         match self {
             StartError::Config(e) => write!(f, "{e}"),
             StartError::FabricKey { file, error } => write!(f, "{}: fabric.key_file: {error}", file.display()),
+            StartError::FabricNotBuilt { file, kind } => write!(
+                f,
+                "{}: fabric.kind: \"{kind}\" is not built into this vsocketd (built with: {})",
+                file.display(),
+                FABRICS_BUILT.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ")
+            ),
             StartError::FlowLog { path, error } => write!(f, "flow log {}: {error}", path.display()),
             StartError::Metrics { address, error } => write!(f, "metrics on {address}: {error}"),
             StartError::Serve(e) => write!(f, "{e}"),
@@ -100,12 +108,36 @@ impl fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
+/// The fabric kinds this build carries (`ucx` is a cargo feature, on by
+/// default).
+pub const FABRICS_BUILT: &[vsocket_policy::FabricKind] = &[
+    vsocket_policy::FabricKind::Tcp,
+    #[cfg(feature = "ucx")]
+    vsocket_policy::FabricKind::Ucx,
+];
+
+/// Refuses a config (read from `file`) whose fabric kind is not among
+/// `built`.
+fn check_fabric_built(
+    config: &vsocket_policy::Config,
+    file: &Path,
+    built: &[vsocket_policy::FabricKind],
+) -> Result<(), StartError> {
+    match config.fabric() {
+        Some(fabric) if !built.contains(&fabric.kind) => {
+            Err(StartError::FabricNotBuilt { file: file.to_owned(), kind: fabric.kind })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Reads the config at `path` and starts serving it: the metrics endpoint,
 /// every local guest's attachment, the admin socket, the fabric and the
 /// segment pool's refill thread. Returns the running daemon; the caller
 /// retires finished connections with [`Daemon::reap`].
 pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
     let (document, config) = vsocket_policy::load_document(path).map_err(StartError::Config)?;
+    check_fabric_built(&config, path, FABRICS_BUILT)?;
     // A bad fabric key stops the daemon before it serves anyone (the relay
     // reads it again when it starts).
     if let Some(Err(e)) = config.fabric().map(|f| f.load_key()) {
@@ -155,4 +187,26 @@ pub fn admin_socket_path(run_dir: &Path) -> PathBuf {
 /// Where a network namespace named by the config is bound.
 pub fn netns_path(netns: &str) -> PathBuf {
     Path::new("/run/netns").join(netns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vsocket_policy::FabricKind;
+
+    #[test]
+    fn a_fabric_kind_not_built_in_is_refused_naming_file_and_field() {
+        let text = "[host]\nname = \"h1\"\n[fabric]\nkind = \"ucx\"\n[[fabric.host]]\nname = \"h1\"\n\
+                    address = \"10.99.0.1:7470\"\n[[fabric.host]]\nname = \"h2\"\naddress = \"10.99.0.2:7470\"\n";
+        let file = Path::new("/etc/vsocket/h1.toml");
+        let config = vsocket_policy::parse(text, file).unwrap();
+        assert!(check_fabric_built(&config, file, &[FabricKind::Tcp, FabricKind::Ucx]).is_ok());
+        let refused = check_fabric_built(&config, file, &[FabricKind::Tcp]).unwrap_err();
+        assert_eq!(refused.exit_code(), 2);
+        let message = refused.to_string();
+        assert!(message.starts_with("/etc/vsocket/h1.toml: fabric.kind: \"ucx\" is not built"), "{message}");
+        let tcp = vsocket_policy::parse(&text.replace("ucx", "tcp"), file).unwrap();
+        assert!(check_fabric_built(&tcp, file, &[FabricKind::Tcp]).is_ok());
+        assert_eq!(FABRICS_BUILT.contains(&FabricKind::Ucx), cfg!(feature = "ucx"));
+    }
 }

@@ -18,6 +18,7 @@ pub mod link;
 pub mod relay;
 pub mod stream;
 pub mod tcp;
+#[cfg(feature = "ucx")]
 pub mod ucx;
 
 use std::net::{SocketAddr, SocketAddrV4};
@@ -268,9 +269,18 @@ impl Fabric {
                     tcp::TcpTransport::new(me.address, &epoll)
                         .map_err(|e| std::io::Error::new(e.kind(), format!("fabric listen on {}: {e}", me.address)))?,
                 ),
+                #[cfg(feature = "ucx")]
                 FabricKind::Ucx => Box::new(ucx::UcxTransport::new(me.address, &epoll).map_err(|e| {
                     std::io::Error::new(e.kind(), format!("fabric (ucx) listen on {}: {e}", me.address))
                 })?),
+                #[cfg(not(feature = "ucx"))]
+                FabricKind::Ucx => return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    format!(
+                        "{}: fabric.kind: \"ucx\" needs a vsocketd built with the ucx feature (this one has tcp only)",
+                        origin.display()
+                    ),
+                )),
             };
         let (tx, rx) = mpsc::channel();
         let bell = vsocket_sys::eventfd()?;
