@@ -13,14 +13,14 @@
 //! socket registered before it connects (or listens) is moved to the right
 //! representation when it becomes a vSocket.
 
-use crate::conn::{ready, Connection};
+use crate::conn::{ready, Connection, Dropped, MAX_SLEEP_MS};
+use crate::listener::Listener;
+use crate::spin::Spinner;
 use crate::sys::{self, Errno, SysResult};
-use crate::table::{self, Entry};
-use crate::wait;
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The high bits of tokens: never a user-space pointer (non-canonical on
 /// x86-64 and arm64), and salted per process.
@@ -44,30 +44,73 @@ fn token_fd(data: u64) -> Option<RawFd> {
 /// whenever an edge-triggered registration may owe an event.
 type Snapshot = (u64, u64, u32);
 
-enum Kind {
+/// The seam between a set and the descriptors it holds: how a set finds
+/// a managed descriptor by number, and what it needs to know of one. The
+/// side table implements it; the set knows no table.
+pub trait Member: Sized {
+    /// The managed descriptor `fd`, if the library manages it.
+    fn lookup(fd: RawFd) -> Option<Arc<Self>>;
+    /// What can be waited for on it.
+    fn waitable(&self) -> Waitable<'_, Self>;
+}
+
+/// A managed descriptor as poll, select and epoll see it.
+pub enum Waitable<'a, M: Member> {
+    /// A connection: readiness from shared memory, sleep on its doorbell.
+    Conn(&'a Connection),
+    /// A connect that policy drops: writable (and failed) at its deadline.
+    Dropped(&'a Dropped),
+    /// A listener: its kernel socket and its listener channel.
+    Listener(&'a Listener),
+    /// Another tracked epoll set.
+    Set(&'a EpollSet<M>),
+}
+
+impl<M: Member> Waitable<'_, M> {
+    /// The readiness poll(2) reports for it (`None`: it is judged by the
+    /// kernel).
+    pub fn poll_bits(&self) -> Option<u32> {
+        match self {
+            Waitable::Conn(conn) => Some(conn.readiness()),
+            Waitable::Dropped(d) => {
+                Some(if sys::now_ms() >= d.deadline_ms { ready::OUT | ready::ERR | ready::HUP } else { 0 })
+            }
+            _ => None,
+        }
+    }
+
+    /// Arms a connection for the poll(2) interest `events`.
+    pub fn arm_for(&self, events: u32) {
+        if let Waitable::Conn(conn) = self {
+            conn.arm(events);
+        }
+    }
+}
+
+enum Kind<M> {
     /// A kernel descriptor, registered in the kernel with the program's data.
     Kernel,
     /// A vSocket connection or a dropped connect, judged from shared memory.
-    Managed { entry: Arc<Entry>, last: Option<Snapshot> },
+    Managed { entry: Arc<M>, last: Option<Snapshot> },
     /// A listener: its socket and its channel are in the kernel set.
-    Listener { entry: Arc<Entry> },
+    Listener { entry: Arc<M> },
     /// Another tracked epoll set: its kernel fd is in the kernel set (so its
     /// kernel descriptors and doorbells wake this one), and whether it has
     /// events is judged by asking it (see `EpollSet::has_events`).
-    Nested { entry: Arc<Entry> },
+    Nested { entry: Arc<M> },
 }
 
-struct Registration {
+struct Registration<M> {
     events: u32,
     data: u64,
-    kind: Kind,
+    kind: Kind<M>,
     /// EPOLLONESHOT fired; silent until EPOLL_CTL_MOD.
     disabled: bool,
 }
 
-pub struct EpollSet {
+pub struct EpollSet<M> {
     epfd: RawFd,
-    regs: Mutex<HashMap<RawFd, Registration>>,
+    regs: Mutex<HashMap<RawFd, Registration<M>>>,
     /// Registrations that are not plain kernel ones (fast path when 0).
     special: AtomicUsize,
     /// When the kernel set was last polled while vSocket events were ready.
@@ -81,7 +124,7 @@ pub struct EpollSet {
     /// The process that created the set (see `forget`).
     owner: i32,
     /// How long waits on the set spin before sleeping.
-    spinner: wait::Spinner,
+    spinner: Spinner,
 }
 
 /// See `EpollSet::add_kernel_ready`.
@@ -91,73 +134,54 @@ thread_local! {
     static KERNEL_EVENTS: std::cell::RefCell<Vec<libc::epoll_event>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-static SETS: Mutex<Vec<Weak<Entry>>> = Mutex::new(Vec::new());
-
-/// Starts tracking a new epoll instance.
-pub fn track(epfd: RawFd) {
-    let entry = Arc::new(Entry::Epoll(EpollSet {
-        epfd,
-        regs: Mutex::new(HashMap::new()),
-        special: AtomicUsize::new(0),
-        kernel_checked: AtomicU64::new(0),
-        parked: AtomicUsize::new(0),
-        rotor: AtomicUsize::new(0),
-        owner: sys::getpid(),
-        spinner: wait::Spinner::new(),
-    }));
-    let weak = Arc::downgrade(&entry);
-    table::set(epfd, entry);
-    let mut sets = SETS.lock().unwrap_or_else(|e| e.into_inner());
-    sets.retain(|w| w.strong_count() > 0);
-    sets.push(weak);
-}
-
-fn each_set(mut f: impl FnMut(&EpollSet)) {
-    let sets: Vec<Arc<Entry>> =
-        SETS.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
-    for s in sets {
-        if let Entry::Epoll(set) = &*s {
-            f(set);
+impl<M: Member> EpollSet<M> {
+    /// Tracks the new epoll instance `epfd`.
+    pub fn new(epfd: RawFd) -> EpollSet<M> {
+        EpollSet {
+            epfd,
+            regs: Mutex::new(HashMap::new()),
+            special: AtomicUsize::new(0),
+            kernel_checked: AtomicU64::new(0),
+            parked: AtomicUsize::new(0),
+            rotor: AtomicUsize::new(0),
+            owner: sys::getpid(),
+            spinner: Spinner::new(),
         }
     }
-}
 
-/// `fd` became a vSocket (connect, listen): move its registrations.
-pub fn adopt(fd: RawFd, entry: &Arc<Entry>) {
-    each_set(|set| {
-        let mut regs = set.regs.lock().unwrap_or_else(|e| e.into_inner());
+    /// `fd` became a vSocket (connect, listen): move its registration here.
+    pub fn adopt(&self, fd: RawFd, entry: &Arc<M>) {
+        let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(reg) = regs.get_mut(&fd) {
             if matches!(reg.kind, Kind::Kernel) {
-                let _ = sys::epoll_ctl(set.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
-                if let Ok(kind) = set.register_special(fd, entry, reg.events) {
+                let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
+                if let Ok(kind) = self.register_special(fd, entry, reg.events) {
                     reg.kind = kind;
-                    set.special.fetch_add(1, Ordering::Relaxed);
+                    self.special.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
-    });
-}
+    }
 
-/// `fd` was closed: forget it everywhere.
-///
-/// A set inherited over fork is the same kernel object as its creator's:
-/// closing a descriptor here must not delete the creator's registrations
-/// (the kernel keeps them while the creator holds the descriptor), so only
-/// the creating process edits the kernel set on close.
-pub fn forget(fd: RawFd) {
-    each_set(|set| {
-        let mut regs = set.regs.lock().unwrap_or_else(|e| e.into_inner());
+    /// `fd` was closed: forget it here.
+    ///
+    /// A set inherited over fork is the same kernel object as its creator's:
+    /// closing a descriptor here must not delete the creator's registrations
+    /// (the kernel keeps them while the creator holds the descriptor), so only
+    /// the creating process edits the kernel set on close.
+    pub fn forget(&self, fd: RawFd) {
+        let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
         let removed = regs.remove(&fd);
-        if set.owner != sys::getpid() {
+        if self.owner != sys::getpid() {
             return;
         }
         if let Some(reg) = removed {
-            set.unregister_special(fd, &reg);
+            self.unregister_special(fd, &reg);
         }
         // A parked doorbell could not be found by its number once the
         // descriptor is gone: remove it now.
-        set.remove_parked_doorbell(fd);
-    });
+        self.remove_parked_doorbell(fd);
+    }
 }
 
 /// What a listener's kernel registrations ask for: the program's flags
@@ -172,10 +196,10 @@ fn channel_events(ev: u32) -> u32 {
     libc::EPOLLIN as u32 | (ev & (libc::EPOLLET | libc::EPOLLONESHOT) as u32)
 }
 
-impl EpollSet {
-    fn register_special(&self, fd: RawFd, entry: &Arc<Entry>, events: u32) -> SysResult<Kind> {
-        match &**entry {
-            Entry::Conn(conn) => {
+impl<M: Member> EpollSet<M> {
+    fn register_special(&self, fd: RawFd, entry: &Arc<M>, events: u32) -> SysResult<Kind<M>> {
+        match entry.waitable() {
+            Waitable::Conn(conn) => {
                 // The doorbell may still be registered from an earlier
                 // registration of this descriptor (see unregister_special).
                 match sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, conn.doorbell, libc::EPOLLIN as u32, token(fd)) {
@@ -187,8 +211,8 @@ impl EpollSet {
                 }
                 Ok(Kind::Managed { entry: entry.clone(), last: None })
             }
-            Entry::Dropped(_) => Ok(Kind::Managed { entry: entry.clone(), last: None }),
-            Entry::Listener(l) => {
+            Waitable::Dropped(_) => Ok(Kind::Managed { entry: entry.clone(), last: None }),
+            Waitable::Listener(l) => {
                 let ev = kernel_events(events);
                 sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, ev, token(fd))?;
                 if let Err(e) = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, l.channel, channel_events(ev), token(fd))
@@ -198,7 +222,7 @@ impl EpollSet {
                 }
                 Ok(Kind::Listener { entry: entry.clone() })
             }
-            Entry::Epoll(_) => {
+            Waitable::Set(_) => {
                 // The kernel refuses loops (ELOOP), too deep nesting and a set
                 // added to itself, exactly as it would without the library.
                 sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, events, token(fd))?;
@@ -207,7 +231,7 @@ impl EpollSet {
         }
     }
 
-    fn unregister_special(&self, fd: RawFd, reg: &Registration) {
+    fn unregister_special(&self, fd: RawFd, reg: &Registration<M>) {
         match &reg.kind {
             Kind::Kernel => return,
             // The doorbell stays in the kernel set: programs (ae, libuv)
@@ -215,13 +239,13 @@ impl EpollSet {
             // epoll_ctl calls per request would cost more than the request.
             // An event for a doorbell nobody registered removes it then.
             Kind::Managed { entry, .. } => {
-                if matches!(**entry, Entry::Conn(_)) {
+                if matches!(entry.waitable(), Waitable::Conn(_)) {
                     self.parked.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Kind::Listener { entry } => {
                 let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
-                if let Entry::Listener(l) = &**entry {
+                if let Waitable::Listener(l) = entry.waitable() {
                     let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, l.channel, 0, 0);
                 }
             }
@@ -234,7 +258,7 @@ impl EpollSet {
 
     /// epoll_ctl on this set.
     pub fn ctl(&self, op: i32, fd: RawFd, event: Option<libc::epoll_event>) -> SysResult<()> {
-        let target = table::get(fd).filter(|e| !matches!(**e, Entry::Epoll(_)) || fd != self.epfd);
+        let target = M::lookup(fd).filter(|e| !matches!(e.waitable(), Waitable::Set(_)) || fd != self.epfd);
         let (events, data) = event.map(|e| (e.events, e.u64)).unwrap_or((0, 0));
         // EPOLLEXCLUSIVE: only on ADD, with only the flags that make sense
         // for it, and a registration made with it cannot be modified.
@@ -286,7 +310,7 @@ impl EpollSet {
                     Kind::Listener { entry } => {
                         let ev = kernel_events(events);
                         sys::epoll_ctl(self.epfd, op, fd, ev, token(fd))?;
-                        if let Entry::Listener(l) = &**entry {
+                        if let Waitable::Listener(l) = entry.waitable() {
                             sys::epoll_ctl(self.epfd, op, l.channel, channel_events(ev), token(fd))?;
                         }
                     }
@@ -313,10 +337,10 @@ impl EpollSet {
 
     /// What a managed registration would report now, and (edge-triggered
     /// only) the snapshot its next edge is measured against.
-    fn judge(reg: &Registration) -> (u32, Option<Snapshot>) {
+    fn judge(reg: &Registration<M>) -> (u32, Option<Snapshot>) {
         if let Kind::Nested { entry } = &reg.kind {
-            let readable = match &**entry {
-                Entry::Epoll(inner) => inner.has_events(),
+            let readable = match entry.waitable() {
+                Waitable::Set(inner) => inner.has_events(),
                 _ => false,
             };
             let mask = if readable { (libc::EPOLLIN | libc::EPOLLRDNORM) as u32 & reg.events } else { 0 };
@@ -326,13 +350,13 @@ impl EpollSet {
             return (0, None);
         };
         let interest = reg.events | ready::ERR | ready::HUP;
-        match &**entry {
-            Entry::Conn(conn) if reg.events & libc::EPOLLET as u32 != 0 => {
+        match entry.waitable() {
+            Waitable::Conn(conn) if reg.events & libc::EPOLLET as u32 != 0 => {
                 let snap = conn.edge_snapshot(reg.events);
                 (snap.2 & interest, Some(snap))
             }
-            Entry::Conn(conn) => (conn.readiness_for(reg.events) & interest, None),
-            Entry::Dropped(d) if sys::now_ms() >= d.deadline_ms => {
+            Waitable::Conn(conn) => (conn.readiness_for(reg.events) & interest, None),
+            Waitable::Dropped(d) if sys::now_ms() >= d.deadline_ms => {
                 ((ready::OUT | ready::ERR | ready::HUP) & interest, Some((0, 0, 1)))
             }
             _ => (0, None),
@@ -344,7 +368,7 @@ impl EpollSet {
     /// further on, so that when more are ready than fit, none starves.
     fn collect(
         &self,
-        regs: &mut HashMap<RawFd, Registration>,
+        regs: &mut HashMap<RawFd, Registration<M>>,
         out: &mut [libc::epoll_event],
         mut n: usize,
         limit: usize,
@@ -399,16 +423,16 @@ impl EpollSet {
         }
     }
 
-    fn arm(&self, regs: &HashMap<RawFd, Registration>) {
+    fn arm(&self, regs: &HashMap<RawFd, Registration<M>>) {
         for reg in regs.values() {
             match (reg.disabled, &reg.kind) {
                 (false, Kind::Managed { entry, .. }) => {
-                    if let Entry::Conn(conn) = &**entry {
+                    if let Waitable::Conn(conn) = entry.waitable() {
                         conn.arm(reg.events);
                     }
                 }
                 (false, Kind::Nested { entry }) => {
-                    if let Entry::Epoll(inner) = &**entry {
+                    if let Waitable::Set(inner) = entry.waitable() {
                         inner.arm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
                     }
                 }
@@ -420,16 +444,16 @@ impl EpollSet {
     /// Withdraws `arm` after a wake-up: one doorbell woke the waiter, and the
     /// other armed connections need not ring theirs (a server answering a
     /// batch of clients would otherwise ring once per client).
-    fn disarm(&self, regs: &HashMap<RawFd, Registration>) {
+    fn disarm(&self, regs: &HashMap<RawFd, Registration<M>>) {
         for reg in regs.values() {
             match (reg.disabled, &reg.kind) {
                 (false, Kind::Managed { entry, .. }) => {
-                    if let Entry::Conn(conn) = &**entry {
+                    if let Waitable::Conn(conn) = entry.waitable() {
                         conn.disarm(reg.events);
                     }
                 }
                 (false, Kind::Nested { entry }) => {
-                    if let Entry::Epoll(inner) = &**entry {
+                    if let Waitable::Set(inner) = entry.waitable() {
                         inner.disarm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
                     }
                 }
@@ -451,7 +475,7 @@ impl EpollSet {
             let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
             for reg in regs.values() {
                 if let Kind::Managed { entry, .. } = &reg.kind {
-                    if let Entry::Conn(conn) = &**entry {
+                    if let Waitable::Conn(conn) = entry.waitable() {
                         conn.drain_doorbell();
                     }
                 }
@@ -479,7 +503,7 @@ impl EpollSet {
     /// pass through, tokens are resolved. Returns the count written to `out`.
     fn translate(
         &self,
-        regs: &mut HashMap<RawFd, Registration>,
+        regs: &mut HashMap<RawFd, Registration<M>>,
         got: &[libc::epoll_event],
         out: &mut [libc::epoll_event],
         mut n: usize,
@@ -498,12 +522,12 @@ impl EpollSet {
             };
             match &reg.kind {
                 Kind::Managed { entry, .. } => {
-                    if let Entry::Conn(conn) = &**entry {
+                    if let Waitable::Conn(conn) = entry.waitable() {
                         conn.drain_doorbell();
                     }
                 }
                 Kind::Listener { entry } => {
-                    if let Entry::Listener(l) = &**entry {
+                    if let Waitable::Listener(l) = entry.waitable() {
                         if !l.attached() {
                             // Its channel only reports end of stream now.
                             let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, l.channel, 0, 0);
@@ -534,8 +558,8 @@ impl EpollSet {
     /// A doorbell left registered after its descriptor was deleted from
     /// the set (or closed) fired: remove it from the kernel set now.
     fn remove_parked_doorbell(&self, fd: RawFd) {
-        if let Some(entry) = table::get(fd) {
-            if let Entry::Conn(conn) = &*entry {
+        if let Some(entry) = M::lookup(fd) {
+            if let Waitable::Conn(conn) = entry.waitable() {
                 if sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, conn.doorbell, 0, 0).is_ok() {
                     self.parked.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -601,8 +625,8 @@ impl EpollSet {
                 }
             }
             let sleep = match deadline {
-                None => wait::MAX_SLEEP_MS,
-                Some(d) => (d - sys::now_ms()).clamp(0, wait::MAX_SLEEP_MS as i64) as i32,
+                None => MAX_SLEEP_MS,
+                Some(d) => (d - sys::now_ms()).clamp(0, MAX_SLEEP_MS as i64) as i32,
             };
             let k = sys::epoll_pwait(self.epfd, got, sleep, sigmask)?;
             let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
@@ -634,31 +658,5 @@ impl EpollSet {
         let k = sys::epoll_pwait(self.epfd, &mut got[..room], 0, std::ptr::null()).unwrap_or(0);
         let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
         Ok(self.translate(&mut regs, &got[..k], out, n))
-    }
-}
-
-/// The readiness poll(2) reports for a managed descriptor.
-pub fn poll_bits(entry: &Entry) -> Option<u32> {
-    match entry {
-        Entry::Conn(conn) => Some(conn.readiness()),
-        Entry::Dropped(d) => {
-            Some(if sys::now_ms() >= d.deadline_ms { ready::OUT | ready::ERR | ready::HUP } else { 0 })
-        }
-        _ => None,
-    }
-}
-
-/// Arms a connection for the poll(2) interest `events`.
-pub fn arm_for(entry: &Entry, events: u32) {
-    if let Entry::Conn(conn) = entry {
-        conn.arm(events);
-    }
-}
-
-/// The connection behind a managed entry, if it is one.
-pub fn connection(entry: &Entry) -> Option<&Connection> {
-    match entry {
-        Entry::Conn(c) => Some(c),
-        _ => None,
     }
 }

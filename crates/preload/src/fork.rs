@@ -15,8 +15,8 @@ use std::sync::Once;
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 static WATCH: Once = Once::new();
 
-/// Installs the fork handlers (once; called before anything that a fork
-/// would need to account for exists).
+/// Installs the fork handlers (once; called before a connection is made,
+/// the first thing a fork would need to account for).
 pub fn watch() {
     WATCH.call_once(|| sys::on_fork(prepare, parent, child));
 }

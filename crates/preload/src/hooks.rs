@@ -11,7 +11,7 @@ use crate::conn::Connection;
 use crate::listener::Listener;
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Dropped, Entry};
-use crate::{control, epoll, poll, signals};
+use crate::{control, poll, signals};
 use libc::{c_int, c_ulong, c_void, size_t, sockaddr, socklen_t, ssize_t};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
@@ -65,7 +65,7 @@ fn ret_int(r: SysResult<()>) -> c_int {
 }
 
 fn conn_of(fd: RawFd) -> Option<Arc<Entry>> {
-    table::get(fd).filter(|e| matches!(**e, Entry::Conn(_) | Entry::Dropped(_)))
+    table::get(fd).filter(|e| e.is_connection())
 }
 
 /// A byte slice from a C buffer (NULL allowed when `len` is 0).
@@ -618,6 +618,7 @@ fn vsocket_connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<Sy
     match reply.message {
         Message::Connected(info) => {
             let fds = crate::conn::ConnectionFds::take(&mut reply);
+            crate::fork::watch();
             let conn = match Connection::new(info, Endpoint::Client, family, fds, nonblocking) {
                 Ok(c) => c,
                 Err(e) => return Some(Err(e)),
@@ -629,18 +630,14 @@ fn vsocket_connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<Sy
                 }
             }
             note_linger(fd, &conn);
-            let entry = Arc::new(Entry::Conn(conn));
-            table::set(fd, entry.clone());
-            epoll::adopt(fd, &entry);
+            table::adopt(fd, Entry::Conn(conn));
             Some(if nonblocking { Err(Errno(libc::EINPROGRESS)) } else { Ok(()) })
         }
         Message::Fallback => None,
         Message::Refused { errno } => Some(Err(Errno(errno))),
         Message::Dropped => {
             let deadline_ms = sys::now_ms() + SYN_TIMEOUT_MS;
-            let entry = Arc::new(Entry::Dropped(Dropped { deadline_ms }));
-            table::set(fd, entry.clone());
-            epoll::adopt(fd, &entry);
+            table::adopt(fd, Entry::Dropped(Dropped { deadline_ms }));
             if nonblocking {
                 return Some(Err(Errno(libc::EINPROGRESS)));
             }
@@ -692,9 +689,7 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     };
     // If the daemon will not take the listener, it stays a kernel listener.
     if let Ok(listener) = Listener::register(local, family, backlog) {
-        let entry = Arc::new(Entry::Listener(listener));
-        table::set(fd, entry.clone());
-        epoll::adopt(fd, &entry);
+        table::adopt(fd, Entry::Listener(listener));
     }
     r
 }
@@ -709,9 +704,11 @@ fn accept_listener(
     let real_accept4 = real!(accept4: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int);
     let blocking = sys::fcntl(fd, libc::F_GETFL, 0)? as c_int & libc::O_NONBLOCK == 0;
     loop {
-        if let Some((newfd, peer)) = l.take_pending(fd, flags)? {
-            write_sockaddr(peer, l.family, addr, alen)?;
-            return Ok(newfd);
+        crate::fork::watch();
+        if let Some(accepted) = l.take_pending(fd, flags)? {
+            table::set(accepted.fd, Arc::new(Entry::Conn(accepted.conn)));
+            write_sockaddr(accepted.peer, l.family, addr, alen)?;
+            return Ok(accepted.fd);
         }
         if !blocking {
             // SAFETY: the caller's address buffer is forwarded unchanged.
@@ -772,20 +769,9 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, alen: *mut sockl
 
 // ---- descriptors ----------------------------------------------------------
 
-/// Forgets a managed descriptor that is being closed or replaced.
-fn release(fd: RawFd) {
-    // Forget the epoll registrations first, while the entry still tells
-    // which doorbell belongs to the descriptor.
-    epoll::forget(fd);
-    // A connection closes when its last reference goes (Connection's Drop):
-    // other descriptors (dup) and calls in progress in other threads hold
-    // it open, as their files hold a kernel socket open.
-    drop(table::remove(fd));
-}
-
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
-    release(fd);
+    table::release(fd);
     // SAFETY: forwarding the caller's argument unchanged.
     unsafe { real!(close: unsafe extern "C" fn(c_int) -> c_int)(fd) }
 }
@@ -799,20 +785,11 @@ pub unsafe extern "C" fn close_range(first: libc::c_uint, last: libc::c_uint, fl
         let last = last.min(RawFd::MAX as libc::c_uint) as RawFd;
         table::managed_in(first.min(RawFd::MAX as libc::c_uint) as RawFd, last, |fd, _| managed.push(fd));
         for fd in managed {
-            release(fd);
+            table::release(fd);
         }
     }
     // SAFETY: forwarding the caller's arguments unchanged.
     unsafe { real!(close_range: unsafe extern "C" fn(libc::c_uint, libc::c_uint, c_int) -> c_int)(first, last, flags) }
-}
-
-/// `newfd` now names what `oldfd` names.
-fn share(oldfd: RawFd, newfd: RawFd) {
-    if let Some(entry) = table::get(oldfd) {
-        if !matches!(*entry, Entry::Epoll(_)) {
-            table::set(newfd, entry);
-        }
-    }
 }
 
 #[no_mangle]
@@ -820,7 +797,7 @@ pub unsafe extern "C" fn dup(oldfd: c_int) -> c_int {
     // SAFETY: forwarding the caller's argument unchanged.
     let r = unsafe { real!(dup: unsafe extern "C" fn(c_int) -> c_int)(oldfd) };
     if r >= 0 {
-        share(oldfd, r);
+        table::share(oldfd, r);
     }
     r
 }
@@ -828,12 +805,12 @@ pub unsafe extern "C" fn dup(oldfd: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn dup2(oldfd: c_int, newfd: c_int) -> c_int {
     if oldfd != newfd {
-        release(newfd);
+        table::release(newfd);
     }
     // SAFETY: forwarding the caller's arguments unchanged.
     let r = unsafe { real!(dup2: unsafe extern "C" fn(c_int, c_int) -> c_int)(oldfd, newfd) };
     if r >= 0 && oldfd != newfd {
-        share(oldfd, r);
+        table::share(oldfd, r);
     }
     r
 }
@@ -841,12 +818,12 @@ pub unsafe extern "C" fn dup2(oldfd: c_int, newfd: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn dup3(oldfd: c_int, newfd: c_int, flags: c_int) -> c_int {
     if oldfd != newfd {
-        release(newfd);
+        table::release(newfd);
     }
     // SAFETY: forwarding the caller's arguments unchanged.
     let r = unsafe { real!(dup3: unsafe extern "C" fn(c_int, c_int, c_int) -> c_int)(oldfd, newfd, flags) };
     if r >= 0 {
-        share(oldfd, r);
+        table::share(oldfd, r);
     }
     r
 }
@@ -987,7 +964,7 @@ pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
 /// F_DUPFD and F_DUPFD_CLOEXEC make a new descriptor for the same socket.
 fn note_dup(fd: RawFd, cmd: c_int, result: c_int) -> c_int {
     if result >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
-        share(fd, result);
+        table::share(fd, result);
     }
     result
 }
@@ -1148,7 +1125,7 @@ pub unsafe extern "C" fn epoll_create(size: c_int) -> c_int {
     // SAFETY: forwarding the caller's argument unchanged.
     let fd = unsafe { real!(epoll_create: unsafe extern "C" fn(c_int) -> c_int)(size) };
     if fd >= 0 && control::enabled() {
-        epoll::track(fd);
+        table::track_epoll(fd);
     }
     fd
 }
@@ -1158,7 +1135,7 @@ pub unsafe extern "C" fn epoll_create1(flags: c_int) -> c_int {
     // SAFETY: forwarding the caller's argument unchanged.
     let fd = unsafe { real!(epoll_create1: unsafe extern "C" fn(c_int) -> c_int)(flags) };
     if fd >= 0 && control::enabled() {
-        epoll::track(fd);
+        table::track_epoll(fd);
     }
     fd
 }

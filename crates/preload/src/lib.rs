@@ -9,8 +9,10 @@
 //! - [`control`]: requests to `vsocketd` over the guest's control socket;
 //! - [`conn`]: one end of a connection, with TCP's semantics;
 //! - [`listener`]: listening sockets that accept kernel and vSocket clients;
-//! - [`wait`], [`poll`], [`epoll`]: blocking, and readiness over any mix of
-//!   kernel and vSocket descriptors;
+//! - [`spin`]: adaptive spinning before a sleep, knowing nothing of the
+//!   library;
+//! - [`poll`], [`epoll`]: readiness over any mix of kernel and vSocket
+//!   descriptors, seen through one seam ([`epoll::Waitable`]);
 //! - [`fork`]: connections shared with children;
 //! - [`segcache`]: mappings of closed connections' segments, kept for reuse;
 //! - [`signals`]: `SA_RESTART` for blocking calls, through the program's
@@ -34,8 +36,8 @@ mod listener;
 mod poll;
 mod segcache;
 mod signals;
+mod spin;
 mod splice;
 #[allow(unsafe_code)]
 mod sys;
 mod table;
-mod wait;

@@ -9,12 +9,12 @@ use crate::addr::Family;
 use crate::conn::Connection;
 use crate::conn::ConnectionFds;
 use crate::control;
+use crate::spin::Spinner;
 use crate::sys::{self, Errno, SysResult};
-use crate::table::{self, Entry};
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use vsocket_abi::control::Message;
 use vsocket_abi::layout::Endpoint;
 
@@ -27,11 +27,20 @@ pub struct Listener {
     /// The listening socket's family: accepted sockets have it too.
     pub family: Family,
     /// How long a blocking accept spins before sleeping.
-    pub spinner: crate::wait::Spinner,
+    pub spinner: Spinner,
     /// The listening socket's options that accepted sockets inherit, read
     /// from the kernel at the first accept after they may have changed
     /// (`None`: not read yet, or a `setsockopt` on the listener since).
     inherited: Mutex<Option<Inherited>>,
+}
+
+/// A vSocket connection taken from the listener channel.
+pub struct Accepted {
+    /// The program's new descriptor for it.
+    pub fd: RawFd,
+    /// The client's address.
+    pub peer: SocketAddrV4,
+    pub conn: Connection,
 }
 
 /// Options an accepted socket inherits from its listener, as Linux copies
@@ -97,7 +106,7 @@ impl Listener {
                 channel,
                 detached: AtomicBool::new(false),
                 family,
-                spinner: crate::wait::Spinner::new(),
+                spinner: Spinner::new(),
                 inherited: Mutex::new(None),
             }),
             Ok(reply) => {
@@ -114,12 +123,13 @@ impl Listener {
         }
     }
 
-    /// Takes one pending vSocket connection, if any, as a new descriptor
-    /// (a fresh kernel TCP socket, so the program sees a real socket).
+    /// Takes one pending vSocket connection, if any, with a new descriptor
+    /// for it (a fresh kernel TCP socket, so the program sees a real
+    /// socket) that the caller enters in the side table.
     /// `flags` are accept4's (SOCK_NONBLOCK, SOCK_CLOEXEC).
     /// `listening` is the program's listening socket, whose options the
     /// accepted socket inherits (as Linux copies them).
-    pub fn take_pending(&self, listening: RawFd, flags: i32) -> SysResult<Option<(RawFd, SocketAddrV4)>> {
+    pub fn take_pending(&self, listening: RawFd, flags: i32) -> SysResult<Option<Accepted>> {
         if !self.attached() {
             return Ok(None);
         }
@@ -158,8 +168,7 @@ impl Listener {
                     .unwrap_or_else(|e| e.into_inner())
                     .get_or_insert_with(|| Inherited::read(listening));
                 inherited.apply(fd, &conn);
-                table::set(fd, Arc::new(Entry::Conn(conn)));
-                Ok(Some((fd, info.peer)))
+                Ok(Some(Accepted { fd, peer: info.peer, conn }))
             }
             Err(e) => {
                 let _ = sys::close(fd);

@@ -7,11 +7,11 @@
 //! (connections) or by their socket plus listener channel (listeners), so
 //! the thread sleeps in one real system call that signals interrupt.
 
-use crate::conn::ready;
-use crate::epoll;
+use crate::conn::{ready, MAX_SLEEP_MS};
+use crate::epoll::Waitable;
+use crate::spin::Spinner;
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
-use crate::wait;
 use std::sync::Arc;
 
 const POLL_IN: i16 = libc::POLLIN | libc::POLLRDNORM;
@@ -64,7 +64,7 @@ enum Slot {
 
 /// How long poll and select spin before sleeping (one for the process:
 /// programs that use them for their hot path are rare).
-static POLL_SPINNER: wait::Spinner = wait::Spinner::new();
+static POLL_SPINNER: Spinner = Spinner::new();
 
 /// poll/ppoll. `fds` is the program's array.
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sigset_t) -> SysResult<usize> {
@@ -77,7 +77,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
     let managed_ready = |fds: &mut [libc::pollfd]| -> usize {
         let mut count = 0;
         for (p, e) in fds.iter_mut().zip(&entries) {
-            if let Some(bits) = e.as_deref().and_then(epoll::poll_bits) {
+            if let Some(bits) = e.as_deref().and_then(|e| e.waitable().poll_bits()) {
                 p.revents = to_revents(bits, p.events);
                 count += (p.revents != 0) as usize;
             }
@@ -87,16 +87,16 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
     let mut kernel: Vec<libc::pollfd> = Vec::with_capacity(fds.len() + 2);
     let mut slots: Vec<Slot> = Vec::with_capacity(fds.len() + 2);
     for (i, (p, e)) in fds.iter().zip(&entries).enumerate() {
-        match e.as_deref() {
+        match e.as_deref().map(Entry::waitable) {
             None => {
                 kernel.push(*p);
                 slots.push(Slot::Plain(i));
             }
-            Some(Entry::Conn(c)) => {
+            Some(Waitable::Conn(c)) => {
                 kernel.push(libc::pollfd { fd: c.doorbell, events: libc::POLLIN, revents: 0 });
                 slots.push(Slot::Doorbell(i));
             }
-            Some(Entry::Listener(l)) => {
+            Some(Waitable::Listener(l)) => {
                 kernel.push(libc::pollfd { fd: p.fd, events: p.events, revents: 0 });
                 slots.push(Slot::Listener(i));
                 if l.attached() {
@@ -117,7 +117,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
                 spun = true;
                 _sleeping = POLL_SPINNER.spin(|| {
                     entries.iter().zip(fds.iter()).any(|(e, p)| {
-                        e.as_deref().and_then(epoll::poll_bits).is_some_and(|b| to_revents(b, p.events) != 0)
+                        e.as_deref().and_then(|e| e.waitable().poll_bits()).is_some_and(|b| to_revents(b, p.events) != 0)
                     })
                 });
                 if _sleeping.is_none() {
@@ -126,13 +126,13 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
             }
             for (p, e) in fds.iter().zip(&entries) {
                 if let Some(e) = e {
-                    epoll::arm_for(e, interest(p.events));
+                    e.waitable().arm_for(interest(p.events));
                 }
             }
             if managed_ready(fds) == 0 {
                 sleep = match deadline {
-                    None => wait::MAX_SLEEP_MS,
-                    Some(d) => (d - sys::now_ms()).clamp(0, wait::MAX_SLEEP_MS as i64) as i32,
+                    None => MAX_SLEEP_MS,
+                    Some(d) => (d - sys::now_ms()).clamp(0, MAX_SLEEP_MS as i64) as i32,
                 };
             }
         }
@@ -153,7 +153,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
                 Slot::Plain(i) => fds[i].revents = k.revents,
                 Slot::Doorbell(i) => {
                     if k.revents != 0 {
-                        if let Some(c) = entries[i].as_deref().and_then(epoll::connection) {
+                        if let Some(c) = entries[i].as_deref().and_then(Entry::connection) {
                             c.drain_doorbell();
                         }
                     }

@@ -258,18 +258,20 @@ pub fn epoll_pwait(
     raw!(libc::SYS_epoll_pwait, epfd, out.as_mut_ptr(), out.len() as i32, timeout_ms, sigmask, 8usize)
 }
 
-/// sched_yield(2): gives the core to another runnable thread, if any.
-pub fn yield_now() {
-    let _ = raw!(libc::SYS_sched_yield);
-}
-
 static PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// The calling process's id, cached (it is read on every control request);
-/// the fork handler clears the cache in the child.
+/// a fork handler of its own clears the cache in the child.
 pub fn getpid() -> i32 {
     use std::sync::atomic::Ordering;
-    crate::fork::watch();
+    static FORGET_IN_CHILD: std::sync::Once = std::sync::Once::new();
+    FORGET_IN_CHILD.call_once(|| {
+        extern "C" fn child() {
+            forget_pid();
+        }
+        // SAFETY: registers a plain function that stores to an atomic.
+        unsafe { libc::pthread_atfork(None, None, Some(child)) };
+    });
     let cached = PID.load(Ordering::Relaxed);
     if cached != 0 {
         return cached;

@@ -4,13 +4,18 @@
 //! allocated on first use), each slot an `ArcSwapOption`: a lookup, which
 //! every intercepted call makes, takes no lock and allocates nothing, and a
 //! descriptor the library does not manage costs one atomic load.
+//!
+//! The table also knows every epoll set the program created, so that a
+//! descriptor that becomes a vSocket (or is closed) is moved (or forgotten)
+//! in each; the sets find their members through [`epoll::Member`].
 
+pub use crate::conn::Dropped;
 use crate::conn::Connection;
-use crate::epoll::EpollSet;
+use crate::epoll::{self, Waitable};
 use crate::listener::Listener;
 use arc_swap::ArcSwapOption;
 use std::os::fd::RawFd;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// What the library knows about a managed descriptor.
 pub enum Entry {
@@ -25,10 +30,22 @@ pub enum Entry {
     Epoll(EpollSet),
 }
 
-/// A socket whose connect was silently dropped by policy.
-pub struct Dropped {
-    /// When the kernel would give up (ETIMEDOUT), monotonic milliseconds.
-    pub deadline_ms: i64,
+/// An epoll set whose members are the table's entries.
+pub type EpollSet = epoll::EpollSet<Entry>;
+
+impl epoll::Member for Entry {
+    fn lookup(fd: RawFd) -> Option<Arc<Entry>> {
+        get(fd)
+    }
+
+    fn waitable(&self) -> Waitable<'_, Entry> {
+        match self {
+            Entry::Conn(conn) => Waitable::Conn(conn),
+            Entry::Dropped(dropped) => Waitable::Dropped(dropped),
+            Entry::Listener(listener) => Waitable::Listener(listener),
+            Entry::Epoll(set) => Waitable::Set(set),
+        }
+    }
 }
 
 const CHUNK: usize = 1024;
@@ -92,6 +109,77 @@ pub fn managed_in(first: RawFd, last: RawFd, mut f: impl FnMut(RawFd, &Entry)) {
                 }
             }
         }
+    }
+}
+
+static SETS: Mutex<Vec<Weak<Entry>>> = Mutex::new(Vec::new());
+
+/// Starts tracking a new epoll instance.
+pub fn track_epoll(epfd: RawFd) {
+    let entry = Arc::new(Entry::Epoll(EpollSet::new(epfd)));
+    let weak = Arc::downgrade(&entry);
+    set(epfd, entry);
+    let mut sets = SETS.lock().unwrap_or_else(|e| e.into_inner());
+    sets.retain(|w| w.strong_count() > 0);
+    sets.push(weak);
+}
+
+fn each_set(mut f: impl FnMut(&EpollSet)) {
+    let sets: Vec<Arc<Entry>> =
+        SETS.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    for s in sets {
+        if let Entry::Epoll(set) = &*s {
+            f(set);
+        }
+    }
+}
+
+/// Manages `fd` as `entry` from now on (connect, listen), moving its
+/// registrations in every epoll set.
+pub fn adopt(fd: RawFd, entry: Entry) {
+    let entry = Arc::new(entry);
+    set(fd, entry.clone());
+    each_set(|s| s.adopt(fd, &entry));
+}
+
+/// `fd` is being closed or replaced: forget it everywhere. A connection
+/// closes when its last reference goes (Connection's Drop): other
+/// descriptors (dup) and calls in progress in other threads hold it open,
+/// as their files hold a kernel socket open.
+pub fn release(fd: RawFd) {
+    // Forget the epoll registrations first, while the entry still tells
+    // which doorbell belongs to the descriptor.
+    each_set(|s| s.forget(fd));
+    drop(remove(fd));
+}
+
+/// `newfd` now names what `oldfd` names (dup and its kin).
+pub fn share(oldfd: RawFd, newfd: RawFd) {
+    if let Some(entry) = get(oldfd) {
+        if !matches!(*entry, Entry::Epoll(_)) {
+            set(newfd, entry);
+        }
+    }
+}
+
+impl Entry {
+    /// What poll, select and epoll see of it.
+    pub fn waitable(&self) -> Waitable<'_, Entry> {
+        epoll::Member::waitable(self)
+    }
+
+    /// The connection, if the entry is one.
+    pub fn connection(&self) -> Option<&Connection> {
+        match self {
+            Entry::Conn(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Is it a connection, or a connect that policy dropped (which answers
+    /// the calls of a connecting socket)?
+    pub fn is_connection(&self) -> bool {
+        matches!(self, Entry::Conn(_) | Entry::Dropped(_))
     }
 }
 

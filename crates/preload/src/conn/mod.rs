@@ -7,8 +7,10 @@
 //! only when the peer armed its `waiting` flag before sleeping; its end of
 //! stream also tells us that every process holding the peer's end is gone.
 
+mod blocking;
+
+pub use blocking::MAX_SLEEP_MS;
 use crate::sys::{self, Errno, SysResult};
-use crate::wait;
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
@@ -129,6 +131,13 @@ pub struct Connection {
     tx_lock: Mutex<()>,
 }
 
+/// A socket whose connect policy silently dropped: it never completes, as
+/// behind a firewall that drops SYNs.
+pub struct Dropped {
+    /// When the kernel would give up (ETIMEDOUT), monotonic milliseconds.
+    pub deadline_ms: i64,
+}
+
 /// Readiness bits, in epoll's encoding (poll's share the low bits).
 pub mod ready {
     pub const IN: u32 = libc::EPOLLIN as u32;
@@ -165,7 +174,6 @@ impl Connection {
                 return Err(Errno(libc::EPROTO));
             }
         };
-        crate::fork::watch();
         segment.holders(endpoint.index()).fetch_add(1, Ordering::AcqRel);
         Ok(Connection {
             segment,
@@ -452,7 +460,7 @@ impl Connection {
                     if dontwait {
                         return self.finish_read(total, Err(Errno(libc::EAGAIN)));
                     }
-                    if let Err(e) = wait::block(self, ready::IN) {
+                    if let Err(e) = blocking::block(self, ready::IN) {
                         return self.finish_read(total, Err(e));
                     }
                 }
@@ -464,7 +472,7 @@ impl Connection {
     /// (or as many as the ring holds) are there, or the stream ends.
     fn wait_to_peek(&self, wanted: usize) -> SysResult<()> {
         let target = wanted.min(self.rx().capacity() as usize);
-        wait::block_until(self, ready::IN, || {
+        blocking::block_until(self, ready::IN, || {
             if self.broken.load(Ordering::Relaxed) || self.read_shut.load(Ordering::Relaxed) {
                 return true;
             }
@@ -547,7 +555,7 @@ impl Connection {
             if dontwait {
                 return self.finish_write(total, Errno(libc::EAGAIN));
             }
-            if let Err(e) = wait::block(self, ready::OUT) {
+            if let Err(e) = blocking::block(self, ready::OUT) {
                 return self.finish_write(total, e);
             }
         }

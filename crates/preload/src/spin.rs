@@ -1,13 +1,6 @@
-//! Waiting for a connection: spin briefly, then sleep in the kernel.
-//!
-//! A waiter first polls shared memory for a bounded time (a reply on a
-//! busy connection usually arrives within microseconds, and sleeping would
-//! cost two context switches). Then it arms the ring's `waiting` flag,
-//! checks once more, and sleeps in `poll` on the doorbell, so an idle
-//! program uses no CPU and signals interrupt it as they would a kernel
-//! socket. Sleeps are capped so that a wake-up lost to another waiter of
-//! the same connection in this process (two threads on one socket) costs
-//! latency, never a hang.
+//! Adaptive spinning before a sleep: a waiter first polls shared memory
+//! for a bounded time (a reply on a busy connection usually arrives within
+//! microseconds, and sleeping would cost two context switches).
 //!
 //! Spinning is adaptive ([`Spinner`]): each place that waits (a connection,
 //! a listener, an epoll set, a thread's poll calls) remembers whether its
@@ -16,9 +9,12 @@
 //! through a deep pipeline), it sleeps at once and leaves the core to the
 //! programs doing the work: two programs and the daemon share two cores.
 
-use crate::conn::Connection;
-use crate::sys::{self, Errno, SysResult};
+//!
+//! The module knows nothing of the library (only the clock and the
+//! scheduler), so that it can serve any busy-waiting loop.
+
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
 
 /// Longest spin before sleeping.
 const SPIN_NS: u32 = 30_000;
@@ -27,8 +23,6 @@ const MIN_SPIN_NS: u32 = 1_000;
 /// While a place has stopped spinning, every this many waits spin with the
 /// full budget anyway, to notice when waits have become short again.
 const PROBE_EVERY: u32 = 16;
-/// Longest single sleep before shared memory is checked again.
-pub const MAX_SLEEP_MS: i32 = 200;
 
 /// How long one place spins before it sleeps, learned from its waits.
 pub struct Spinner {
@@ -48,7 +42,7 @@ thread_local! {
 pub struct Sleeping<'a> {
     /// `None`: the thread's spinner.
     spinner: Option<&'a Spinner>,
-    since: u64,
+    since: Instant,
 }
 
 impl Drop for Sleeping<'_> {
@@ -78,12 +72,12 @@ impl Spinner {
     }
 
     /// Spins; on a miss returns when the spin began.
-    fn spin_inner(&self, mut ready: impl FnMut() -> bool) -> Option<u64> {
+    fn spin_inner(&self, mut ready: impl FnMut() -> bool) -> Option<Instant> {
         let mut budget = self.budget_ns.load(Ordering::Relaxed);
         if budget < MIN_SPIN_NS && self.waits.fetch_add(1, Ordering::Relaxed).is_multiple_of(PROBE_EVERY) {
             budget = SPIN_NS;
         }
-        let start = sys::now_ns();
+        let start = Instant::now();
         if budget < MIN_SPIN_NS {
             return (!ready()).then_some(start);
         }
@@ -99,10 +93,10 @@ impl Spinner {
     }
 
     /// A wait that missed its spin has ended, `since` being when it began.
-    fn slept(&self, since: u64) {
-        let waited = sys::now_ns().saturating_sub(since);
+    fn slept(&self, since: Instant) {
+        let waited = since.elapsed().as_nanos();
         let budget = self.budget_ns.load(Ordering::Relaxed);
-        let next = if waited <= SPIN_NS as u64 {
+        let next = if waited <= SPIN_NS as u128 {
             // A longer spin would have caught it (the wait includes the
             // wake-up, so this errs towards sleeping).
             SPIN_NS
@@ -127,7 +121,7 @@ enum Spin {
     Missed,
 }
 
-fn spin_for(budget_ns: u64, start: u64, mut ready: impl FnMut() -> bool) -> Spin {
+fn spin_for(budget_ns: u64, start: Instant, mut ready: impl FnMut() -> bool) -> Spin {
     if ready() {
         return Spin::Immediately;
     }
@@ -135,12 +129,12 @@ fn spin_for(budget_ns: u64, start: u64, mut ready: impl FnMut() -> bool) -> Spin
     loop {
         i = i.wrapping_add(1);
         if i.is_multiple_of(32) {
-            if sys::now_ns().saturating_sub(start) > budget_ns {
+            if start.elapsed().as_nanos() > budget_ns as u128 {
                 return Spin::Missed;
             }
             // Two busy programs and the daemon may share fewer cores than
             // they are: let whoever else is runnable here make progress.
-            sys::yield_now();
+            std::thread::yield_now();
         }
         std::hint::spin_loop();
         if ready() {
@@ -149,54 +143,3 @@ fn spin_for(budget_ns: u64, start: u64, mut ready: impl FnMut() -> bool) -> Spin
     }
 }
 
-/// Blocks until `conn` satisfies `interest` (epoll bits), or a signal
-/// interrupts (EINTR).
-pub fn block(conn: &Connection, interest: u32) -> SysResult<()> {
-    block_until(conn, interest, || conn.satisfies(interest))
-}
-
-/// Blocks until `ready` holds, sleeping on `conn`'s doorbell armed for
-/// `interest` (the events that can change `ready`), or a signal interrupts.
-pub fn block_until(conn: &Connection, interest: u32, mut ready: impl FnMut() -> bool) -> SysResult<()> {
-    let Some(_sleeping) = spin_thread(&mut ready) else {
-        return Ok(());
-    };
-    sleep(conn, interest, ready)
-}
-
-fn sleep(conn: &Connection, interest: u32, mut ready: impl FnMut() -> bool) -> SysResult<()> {
-    // SO_RCVTIMEO / SO_SNDTIMEO: EAGAIN when they run out, as the kernel does.
-    let timeout_ms = conn.timeout_ms(interest);
-    let deadline = (timeout_ms > 0).then(|| sys::now_ms() + timeout_ms);
-    loop {
-        conn.arm(interest);
-        if ready() {
-            return Ok(());
-        }
-        let sleep = match deadline {
-            None => MAX_SLEEP_MS,
-            Some(d) => {
-                let left = d - sys::now_ms();
-                if left <= 0 {
-                    return Err(Errno(libc::EAGAIN));
-                }
-                left.min(MAX_SLEEP_MS as i64) as i32
-            }
-        };
-        let mut pfd = [libc::pollfd { fd: conn.doorbell, events: libc::POLLIN, revents: 0 }];
-        crate::signals::before_sleep();
-        match sys::poll(&mut pfd, sleep) {
-            Ok(_) => {}
-            // The kernel restarts a socket call whose signal handler asked
-            // for it (SA_RESTART), unless the socket has a timeout.
-            Err(Errno(libc::EINTR)) if crate::signals::restart_after_interrupt(deadline.is_some()) => {}
-            Err(e) => return Err(e),
-        }
-        if pfd[0].revents != 0 {
-            conn.drain_doorbell();
-        }
-        if ready() {
-            return Ok(());
-        }
-    }
-}

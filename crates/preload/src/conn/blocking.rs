@@ -1,0 +1,68 @@
+//! Blocking on a connection: spin briefly (see `spin`), then sleep in the
+//! kernel.
+//!
+//! After the spin the waiter arms the ring's `waiting` flag, checks once
+//! more, and sleeps in `poll` on the doorbell, so an idle program uses no
+//! CPU and signals interrupt it as they would a kernel socket. Sleeps are
+//! capped so that a wake-up lost to another waiter of the same connection
+//! in this process (two threads on one socket) costs latency, never a hang.
+
+use super::Connection;
+use crate::signals;
+use crate::spin::spin_thread;
+use crate::sys::{self, Errno, SysResult};
+
+/// Longest single sleep before shared memory is checked again.
+pub const MAX_SLEEP_MS: i32 = 200;
+
+/// Blocks until `conn` satisfies `interest` (epoll bits), or a signal
+/// interrupts (EINTR).
+pub fn block(conn: &Connection, interest: u32) -> SysResult<()> {
+    block_until(conn, interest, || conn.satisfies(interest))
+}
+
+/// Blocks until `ready` holds, sleeping on `conn`'s doorbell armed for
+/// `interest` (the events that can change `ready`), or a signal interrupts.
+pub fn block_until(conn: &Connection, interest: u32, mut ready: impl FnMut() -> bool) -> SysResult<()> {
+    let Some(_sleeping) = spin_thread(&mut ready) else {
+        return Ok(());
+    };
+    sleep(conn, interest, ready)
+}
+
+fn sleep(conn: &Connection, interest: u32, mut ready: impl FnMut() -> bool) -> SysResult<()> {
+    // SO_RCVTIMEO / SO_SNDTIMEO: EAGAIN when they run out, as the kernel does.
+    let timeout_ms = conn.timeout_ms(interest);
+    let deadline = (timeout_ms > 0).then(|| sys::now_ms() + timeout_ms);
+    loop {
+        conn.arm(interest);
+        if ready() {
+            return Ok(());
+        }
+        let sleep = match deadline {
+            None => MAX_SLEEP_MS,
+            Some(d) => {
+                let left = d - sys::now_ms();
+                if left <= 0 {
+                    return Err(Errno(libc::EAGAIN));
+                }
+                left.min(MAX_SLEEP_MS as i64) as i32
+            }
+        };
+        let mut pfd = [libc::pollfd { fd: conn.doorbell, events: libc::POLLIN, revents: 0 }];
+        signals::before_sleep();
+        match sys::poll(&mut pfd, sleep) {
+            Ok(_) => {}
+            // The kernel restarts a socket call whose signal handler asked
+            // for it (SA_RESTART), unless the socket has a timeout.
+            Err(Errno(libc::EINTR)) if signals::restart_after_interrupt(deadline.is_some()) => {}
+            Err(e) => return Err(e),
+        }
+        if pfd[0].revents != 0 {
+            conn.drain_doorbell();
+        }
+        if ready() {
+            return Ok(());
+        }
+    }
+}
