@@ -25,17 +25,22 @@
 //! validated, because the peer may be hostile to it.
 #![deny(unsafe_code)]
 
+mod accept;
 mod addr;
 mod conn;
+mod connect;
 mod control;
 mod epoll;
 mod fork;
 #[allow(unsafe_code)]
 mod hooks;
 mod listener;
+mod mmsg;
 mod poll;
 mod segcache;
+mod sendfile;
 mod signals;
+mod socket;
 mod spin;
 mod splice;
 #[allow(unsafe_code)]

@@ -6,8 +6,7 @@
 //! segment and the doorbell. `accept` takes from whichever is ready.
 
 use crate::addr::Family;
-use crate::conn::Connection;
-use crate::conn::ConnectionFds;
+use crate::conn::{Connection, ConnectionFds, Direction};
 use crate::control;
 use crate::spin::Spinner;
 use crate::sys::{self, Errno, SysResult};
@@ -82,12 +81,10 @@ impl Inherited {
                 let _ = sys::setsockopt_int(fd, level, name, v);
             }
         }
-        for (receive, name, ms) in
-            [(true, libc::SO_RCVTIMEO, self.recv_timeout_ms), (false, libc::SO_SNDTIMEO, self.send_timeout_ms)]
-        {
+        for (direction, ms) in [(Direction::Receive, self.recv_timeout_ms), (Direction::Send, self.send_timeout_ms)] {
             if ms > 0 {
-                let _ = sys::setsockopt_timeout_ms(fd, name, ms);
-                conn.set_timeout(receive, ms);
+                let _ = sys::setsockopt_timeout_ms(fd, direction.timeout_option(), ms);
+                conn.set_timeout(direction, ms);
             }
         }
         if let Some(seconds) = self.linger {

@@ -117,7 +117,9 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
                 spun = true;
                 _sleeping = POLL_SPINNER.spin(|| {
                     entries.iter().zip(fds.iter()).any(|(e, p)| {
-                        e.as_deref().and_then(|e| e.waitable().poll_bits()).is_some_and(|b| to_revents(b, p.events) != 0)
+                        e.as_deref()
+                            .and_then(|e| e.waitable().poll_bits())
+                            .is_some_and(|b| to_revents(b, p.events) != 0)
                     })
                 });
                 if _sleeping.is_none() {

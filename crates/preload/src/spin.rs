@@ -142,4 +142,3 @@ fn spin_for(budget_ns: u64, start: Instant, mut ready: impl FnMut() -> bool) -> 
         }
     }
 }
-

@@ -392,3 +392,13 @@ pub fn stream_pair() -> SysResult<(RawFd, RawFd)> {
     raw!(libc::SYS_socketpair, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())?;
     Ok((fds[0], fds[1]))
 }
+
+/// pread(2) into `buf` from `offset`.
+pub fn pread(fd: RawFd, buf: &mut [u8], offset: i64) -> SysResult<usize> {
+    raw!(libc::SYS_pread64, fd, buf.as_mut_ptr(), buf.len(), offset)
+}
+
+/// lseek(2): moves the file offset; returns the new one.
+pub fn lseek(fd: RawFd, offset: i64, whence: i32) -> SysResult<usize> {
+    raw!(libc::SYS_lseek, fd, offset, whence)
+}

@@ -9,8 +9,8 @@
 //! descriptor that becomes a vSocket (or is closed) is moved (or forgotten)
 //! in each; the sets find their members through [`epoll::Member`].
 
-pub use crate::conn::Dropped;
 use crate::conn::Connection;
+pub use crate::conn::Dropped;
 use crate::epoll::{self, Waitable};
 use crate::listener::Listener;
 use arc_swap::ArcSwapOption;
@@ -173,6 +173,16 @@ impl Entry {
         match self {
             Entry::Conn(c) => Some(c),
             _ => None,
+        }
+    }
+
+    /// Reads and clears SO_ERROR: a dropped connect fails with ETIMEDOUT
+    /// at its deadline.
+    pub fn take_error(&self) -> i32 {
+        match self {
+            Entry::Conn(c) => c.take_error(),
+            Entry::Dropped(d) if crate::sys::now_ms() >= d.deadline_ms => libc::ETIMEDOUT,
+            _ => 0,
         }
     }
 

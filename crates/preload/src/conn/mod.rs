@@ -9,8 +9,8 @@
 
 mod blocking;
 
-pub use blocking::MAX_SLEEP_MS;
 use crate::sys::{self, Errno, SysResult};
+pub use blocking::MAX_SLEEP_MS;
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
@@ -131,6 +131,23 @@ pub struct Connection {
     tx_lock: Mutex<()>,
 }
 
+/// Which way bytes move: what a timeout applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Receive,
+    Send,
+}
+
+impl Direction {
+    /// The socket option that holds its timeout.
+    pub fn timeout_option(self) -> i32 {
+        match self {
+            Direction::Receive => libc::SO_RCVTIMEO,
+            Direction::Send => libc::SO_SNDTIMEO,
+        }
+    }
+}
+
 /// A socket whose connect policy silently dropped: it never completes, as
 /// behind a firewall that drops SYNs.
 pub struct Dropped {
@@ -224,9 +241,12 @@ impl Connection {
         self.nonblocking.load(Ordering::Relaxed)
     }
 
-    /// Notes SO_RCVTIMEO (`receive`) or SO_SNDTIMEO, in milliseconds.
-    pub fn set_timeout(&self, receive: bool, ms: i64) {
-        let slot = if receive { &self.recv_timeout_ms } else { &self.send_timeout_ms };
+    /// Notes SO_RCVTIMEO or SO_SNDTIMEO (see [`Direction`]), in milliseconds.
+    pub fn set_timeout(&self, direction: Direction, ms: i64) {
+        let slot = match direction {
+            Direction::Receive => &self.recv_timeout_ms,
+            Direction::Send => &self.send_timeout_ms,
+        };
         slot.store(ms.max(0), Ordering::Relaxed);
     }
 

@@ -1,0 +1,91 @@
+//! connect(2) over vSocket: vsocketd decides, and the socket becomes a
+//! connection, a connect that policy drops, a refusal, or stays a kernel
+//! socket (fallback: no vSocket listener there, or no daemon to ask).
+
+use crate::addr::{self, Family};
+use crate::conn::{Connection, ConnectionFds, Direction, Dropped};
+use crate::sys::{self, Errno, SysResult};
+use crate::table::{self, Entry};
+use crate::{control, fork, socket};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::RawFd;
+use vsocket_abi::control::Message;
+use vsocket_abi::layout::Endpoint;
+
+/// How long the kernel would retry a dropped SYN before ETIMEDOUT
+/// (tcp_syn_retries = 6: about 127 s).
+const SYN_TIMEOUT_MS: i64 = 127_000;
+
+/// What connect answers on a socket the library already carries: EISCONN
+/// once connected, EALREADY while a dropped connect is pending.
+pub fn already(fd: RawFd) -> Option<Errno> {
+    match table::get(fd).as_deref() {
+        Some(Entry::Conn(_)) => Some(Errno(libc::EISCONN)),
+        Some(Entry::Dropped(_)) => Some(Errno(libc::EALREADY)),
+        _ => None,
+    }
+}
+
+/// Tries to connect `fd` over vSocket. `None`: use the kernel.
+pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysResult<()>> {
+    if !control::enabled() || remote.ip().is_unspecified() {
+        return None;
+    }
+    if socket::tcp_family(fd)? != family {
+        return None;
+    }
+    // A real local port, from the kernel, so getsockname tells the truth and
+    // two connections never share one.
+    // Binding first costs one call less than asking first; EINVAL means the
+    // program bound the socket itself.
+    let (any, len) = addr::render(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), family);
+    match sys::bind(fd, &any[..len]) {
+        Ok(()) | Err(Errno(libc::EINVAL)) => {}
+        Err(e) => return Some(Err(e)),
+    }
+    let local = socket::local_v4(fd)?;
+    let nonblocking = socket::is_nonblocking(fd).ok()?;
+    // The daemon unreachable: the kernel path still works.
+    let mut reply = control::request(&Message::Connect { local, remote }).ok()?;
+    match reply.message {
+        Message::Connected(info) => {
+            let fds = ConnectionFds::take(&mut reply);
+            fork::watch();
+            let conn = match Connection::new(info, Endpoint::Client, family, fds, nonblocking) {
+                Ok(c) => c,
+                Err(e) => return Some(Err(e)),
+            };
+            // Timeouts set before connect apply to the connection.
+            socket::follow_timeout(fd, &conn, Direction::Receive);
+            socket::follow_timeout(fd, &conn, Direction::Send);
+            socket::follow_linger(fd, &conn);
+            table::adopt(fd, Entry::Conn(conn));
+            Some(if nonblocking { Err(Errno(libc::EINPROGRESS)) } else { Ok(()) })
+        }
+        Message::Fallback => None,
+        Message::Refused { errno } => Some(Err(Errno(errno))),
+        Message::Dropped => {
+            let deadline_ms = sys::now_ms() + SYN_TIMEOUT_MS;
+            table::adopt(fd, Entry::Dropped(Dropped { deadline_ms }));
+            if nonblocking {
+                return Some(Err(Errno(libc::EINPROGRESS)));
+            }
+            Some(wait_dropped(deadline_ms))
+        }
+        _ => Some(Err(Errno(libc::EPROTO))),
+    }
+}
+
+/// Waits as a blocked connect whose SYNs are dropped would: ETIMEDOUT at
+/// the deadline, EINTR when a signal interrupts.
+fn wait_dropped(deadline_ms: i64) -> SysResult<()> {
+    loop {
+        let left = deadline_ms - sys::now_ms();
+        if left <= 0 {
+            return Err(Errno(libc::ETIMEDOUT));
+        }
+        if let Err(Errno(libc::EINTR)) = sys::poll(&mut [], left.min(i32::MAX as i64) as i32) {
+            return Err(Errno(libc::EINTR));
+        }
+    }
+}
