@@ -1,6 +1,7 @@
 //! listen(2) and accept(2) on a socket that takes vSocket clients beside
 //! kernel ones.
 
+use crate::conn::Blocking;
 use crate::listener::Listener;
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
@@ -45,7 +46,7 @@ pub fn accept(
     flags: i32,
     mut kernel_accept: impl FnMut() -> SysResult<RawFd>,
 ) -> SysResult<Client> {
-    let blocking = !socket::is_nonblocking(fd)?;
+    let blocking = socket::blocking(fd)? == Blocking::Blocking;
     loop {
         fork::watch();
         if let Some(accepted) = listener.take_pending(fd, flags)? {

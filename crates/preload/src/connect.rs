@@ -3,7 +3,7 @@
 //! socket (fallback: no vSocket listener there, or no daemon to ask).
 
 use crate::addr::{self, Family};
-use crate::conn::{Connection, ConnectionFds, Direction, Dropped};
+use crate::conn::{Blocking, Connection, ConnectionFds, Direction, Dropped};
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
 use crate::{control, fork, socket};
@@ -44,14 +44,14 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
         Err(e) => return Some(Err(e)),
     }
     let local = socket::local_v4(fd)?;
-    let nonblocking = socket::is_nonblocking(fd).ok()?;
+    let blocking = socket::blocking(fd).ok()?;
     // The daemon unreachable: the kernel path still works.
     let mut reply = control::request(&Message::Connect { local, remote }).ok()?;
     match reply.message {
         Message::Connected(info) => {
             let fds = ConnectionFds::take(&mut reply);
             fork::watch();
-            let conn = match Connection::new(info, Endpoint::Client, family, fds, nonblocking) {
+            let conn = match Connection::new(info, Endpoint::Client, family, fds, blocking) {
                 Ok(c) => c,
                 Err(e) => return Some(Err(e)),
             };
@@ -60,14 +60,17 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
             socket::follow_timeout(fd, &conn, Direction::Send);
             socket::follow_linger(fd, &conn);
             table::adopt(fd, Entry::Conn(conn));
-            Some(if nonblocking { Err(Errno(libc::EINPROGRESS)) } else { Ok(()) })
+            Some(match blocking {
+                Blocking::NonBlocking => Err(Errno(libc::EINPROGRESS)),
+                Blocking::Blocking => Ok(()),
+            })
         }
         Message::Fallback => None,
         Message::Refused { errno } => Some(Err(Errno(errno))),
         Message::Dropped => {
             let deadline_ms = sys::now_ms() + SYN_TIMEOUT_MS;
             table::adopt(fd, Entry::Dropped(Dropped { deadline_ms }));
-            if nonblocking {
+            if blocking == Blocking::NonBlocking {
                 return Some(Err(Errno(libc::EINPROGRESS)));
             }
             Some(wait_dropped(deadline_ms))

@@ -11,7 +11,7 @@
 
 use crate::accept::{self, Client};
 use crate::addr::{self, Family};
-use crate::conn::Connection;
+use crate::conn::{Blocking, Connection};
 use crate::mmsg::{self, Deadline, Sent};
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
@@ -802,7 +802,8 @@ hook! {
                 }
                 if request == libc::FIONBIO && !arg.is_null() {
                     // SAFETY: FIONBIO's argument is a pointer to an int.
-                    c.set_nonblocking(unsafe { *(arg as *const c_int) } != 0);
+                    let on = unsafe { *(arg as *const c_int) } != 0;
+                    c.set_blocking(if on { Blocking::NonBlocking } else { Blocking::Blocking });
                 }
             }
         }

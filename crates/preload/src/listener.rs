@@ -6,7 +6,7 @@
 //! segment and the doorbell. `accept` takes from whichever is ready.
 
 use crate::addr::Family;
-use crate::conn::{Connection, ConnectionFds, Direction};
+use crate::conn::{Blocking, Connection, ConnectionFds, Direction};
 use crate::control;
 use crate::spin::Spinner;
 use crate::sys::{self, Errno, SysResult};
@@ -157,7 +157,7 @@ impl Listener {
             return Err(Errno(libc::EPROTO));
         };
         let fds = ConnectionFds::take(&mut reply);
-        match Connection::new(info, Endpoint::Server, self.family, fds, flags & libc::SOCK_NONBLOCK != 0) {
+        match Connection::new(info, Endpoint::Server, self.family, fds, Blocking::from_flags(flags)) {
             Ok(conn) => {
                 let inherited = *self
                     .inherited

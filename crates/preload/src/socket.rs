@@ -5,7 +5,7 @@
 //! reads back the few it acts on after the kernel accepted them.
 
 use crate::addr::{self, Family};
-use crate::conn::{Connection, Direction};
+use crate::conn::{Blocking, Connection, Direction};
 use crate::sys;
 use crate::table::{self, Entry};
 use std::net::SocketAddrV4;
@@ -31,9 +31,9 @@ pub fn local_v4(fd: RawFd) -> Option<SocketAddrV4> {
     addr::parse(&bytes[..n]).map(|(a, _)| a)
 }
 
-/// Is the socket in non-blocking mode (O_NONBLOCK)?
-pub fn is_nonblocking(fd: RawFd) -> sys::SysResult<bool> {
-    Ok(sys::fcntl(fd, libc::F_GETFL, 0)? as i32 & libc::O_NONBLOCK != 0)
+/// The socket's blocking mode (O_NONBLOCK).
+pub fn blocking(fd: RawFd) -> sys::SysResult<Blocking> {
+    Ok(Blocking::from_flags(sys::fcntl(fd, libc::F_GETFL, 0)? as i32))
 }
 
 /// Keeps the connection's close behaviour in step with SO_LINGER on the
@@ -77,7 +77,7 @@ pub fn before_fcntl(fd: RawFd, cmd: i32, arg: u64) {
     if cmd == libc::F_SETFL {
         if let Some(e) = table::get(fd) {
             if let Entry::Conn(c) = &*e {
-                c.set_nonblocking(arg as i32 & libc::O_NONBLOCK != 0);
+                c.set_blocking(Blocking::from_flags(arg as i32));
             }
         }
     }

@@ -8,9 +8,12 @@
 //! stream also tells us that every process holding the peer's end is gone.
 
 mod blocking;
+mod state;
 
 use crate::sys::{self, Errno, SysResult};
 pub use blocking::MAX_SLEEP_MS;
+pub use state::Blocking;
+use state::{Flags, State};
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
@@ -102,26 +105,14 @@ pub struct Connection {
     /// The last fork generation this connection was counted in (see
     /// `note_fork`).
     fork_generation: AtomicU64,
-    nonblocking: AtomicBool,
-    read_shut: AtomicBool,
-    write_shut: AtomicBool,
-    /// ECONNRESET was reported once; later reads see end of stream.
-    reset_reported: AtomicBool,
-    /// A write was discarded because the peer had closed (its "reset").
-    reset_by_peer: AtomicBool,
-    /// The peer broke the ring protocol: the connection is reset.
-    broken: AtomicBool,
+    /// Blocking mode, shutdowns, resets, close (see `state`).
+    state: State,
     /// Every process holding the peer's end is gone (its doorbell hung
     /// up): the stream reads as finished and writes fail, as if the peer
     /// had closed. Kept here, since this end cannot write the peer's half.
     peer_gone: AtomicBool,
     /// Pending SO_ERROR.
     so_error: AtomicI32,
-    /// SO_LINGER with a zero timeout: the last close aborts (RST) instead
-    /// of finishing the stream, as Linux does.
-    abort_on_close: AtomicBool,
-    /// This process's end was closed (see `close`).
-    closed: AtomicBool,
     /// SO_RCVTIMEO and SO_SNDTIMEO in milliseconds (0: none), kept in step
     /// with the kernel socket by the setsockopt hook.
     recv_timeout_ms: AtomicI64,
@@ -172,7 +163,7 @@ impl Connection {
         endpoint: Endpoint,
         family: crate::addr::Family,
         fds: ConnectionFds,
-        nonblocking: bool,
+        blocking: Blocking,
     ) -> SysResult<Connection> {
         let ConnectionFds { segment: own_fd, peer_segment: peer_fd, doorbell, lifeline } = fds;
         let segment = sys::with_borrowed(own_fd, |own| {
@@ -200,16 +191,9 @@ impl Connection {
             info,
             family,
             fork_generation: AtomicU64::new(0),
-            nonblocking: AtomicBool::new(nonblocking),
-            read_shut: AtomicBool::new(false),
-            write_shut: AtomicBool::new(false),
-            reset_reported: AtomicBool::new(false),
-            broken: AtomicBool::new(false),
+            state: State::new(blocking),
             peer_gone: AtomicBool::new(false),
-            reset_by_peer: AtomicBool::new(false),
             so_error: AtomicI32::new(0),
-            abort_on_close: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
             recv_timeout_ms: AtomicI64::new(0),
             send_timeout_ms: AtomicI64::new(0),
             rx_lock: Mutex::new(()),
@@ -233,12 +217,12 @@ impl Connection {
         self.info.peer
     }
 
-    pub fn set_nonblocking(&self, on: bool) {
-        self.nonblocking.store(on, Ordering::Relaxed);
+    pub fn set_blocking(&self, blocking: Blocking) {
+        self.state.set_blocking(blocking);
     }
 
     pub fn is_nonblocking(&self) -> bool {
-        self.nonblocking.load(Ordering::Relaxed)
+        self.state.has(Flags::NONBLOCKING)
     }
 
     /// Notes SO_RCVTIMEO or SO_SNDTIMEO (see [`Direction`]), in milliseconds.
@@ -258,7 +242,7 @@ impl Connection {
 
     /// Notes SO_LINGER: `on` with a zero timeout makes close send a reset.
     pub fn set_linger(&self, on: bool, seconds: i32) {
-        self.abort_on_close.store(on && seconds == 0, Ordering::Relaxed);
+        self.state.set_abort_on_close(on && seconds == 0);
     }
 
     /// Reads and clears SO_ERROR.
@@ -276,7 +260,7 @@ impl Connection {
 
     /// The peer broke the protocol: reset both directions.
     fn break_connection(&self) -> Errno {
-        if !self.broken.swap(true, Ordering::SeqCst) {
+        if self.state.break_down() {
             self.kick(self.tx().reset());
             self.kick(self.rx().close());
         }
@@ -303,7 +287,7 @@ impl Connection {
     /// either direction can report are always included.
     pub fn readiness_for(&self, interest: u32) -> u32 {
         const ALL: u32 = ready::IN | ready::OUT | ready::ERR | ready::HUP | ready::RDHUP;
-        if self.broken.load(Ordering::Relaxed) {
+        if self.state.has(Flags::BROKEN) {
             return ALL;
         }
         let mut mask = 0;
@@ -322,28 +306,28 @@ impl Connection {
                 }
                 Ok(RxState::Reset) => {
                     mask |= ready::IN | ready::RDHUP | ready::HUP;
-                    if !self.reset_reported.load(Ordering::Relaxed) {
+                    if !self.state.has(Flags::RESET_REPORTED) {
                         mask |= ready::ERR;
                     }
                     fin = true;
                 }
                 Err(_) => return ALL,
             }
-            if self.read_shut.load(Ordering::Relaxed) {
+            if self.state.has(Flags::READ_SHUT) {
                 mask |= ready::IN | ready::RDHUP;
             }
-            if fin && self.write_shut.load(Ordering::Relaxed) {
+            if fin && self.state.has(Flags::WRITE_SHUT) {
                 mask |= ready::HUP;
             }
         }
         if interest & ready::OUT != 0 {
-            let wshut = self.write_shut.load(Ordering::Relaxed);
+            let wshut = self.state.has(Flags::WRITE_SHUT);
             match self.tx().space() {
                 Ok(0) if !wshut => {}
                 Ok(_) => mask |= ready::OUT,
                 // The peer closed: writable (the next write is accepted,
                 // then fails), and an error only once a write was refused.
-                Err(RingError::PeerClosed) if self.reset_by_peer.load(Ordering::Relaxed) => {
+                Err(RingError::PeerClosed) if self.state.has(Flags::RESET_BY_PEER) => {
                     mask |= ready::OUT | ready::ERR | ready::HUP
                 }
                 Err(RingError::PeerClosed) => mask |= ready::OUT,
@@ -394,7 +378,7 @@ impl Connection {
 
     /// recv/read/readv/recvmsg.
     pub fn recv(&self, bufs: &mut [&mut [u8]], flags: i32) -> SysResult<usize> {
-        if self.read_shut.load(Ordering::Relaxed) {
+        if self.state.has(Flags::READ_SHUT) {
             return Ok(0);
         }
         let wanted: usize = bufs.iter().map(|b| b.len()).sum();
@@ -410,7 +394,7 @@ impl Connection {
     /// sink that takes part of them (a full pipe, for splice) loses none.
     /// Returns what was taken; 0 at end of stream.
     pub fn recv_into(&self, max: usize, sink: impl FnOnce(&[u8]) -> SysResult<usize>) -> SysResult<usize> {
-        if self.read_shut.load(Ordering::Relaxed) || max == 0 {
+        if self.state.has(Flags::READ_SHUT) || max == 0 {
             return Ok(0);
         }
         let mut buf = vec![0u8; max];
@@ -442,11 +426,11 @@ impl Connection {
         }
         let mut total = 0usize;
         loop {
-            if self.broken.load(Ordering::Relaxed) {
+            if self.state.has(Flags::BROKEN) {
                 return self.finish_read(total, Err(Errno(libc::ECONNRESET)));
             }
             // Another thread's shutdown(SHUT_RD) ends a blocked read.
-            if self.read_shut.load(Ordering::Relaxed) {
+            if self.state.has(Flags::READ_SHUT) {
                 return Ok(total);
             }
             let rx = self.rx();
@@ -468,7 +452,7 @@ impl Connection {
                     if total > 0 {
                         return Ok(total);
                     }
-                    if self.reset_reported.swap(true, Ordering::Relaxed) {
+                    if !self.state.report_reset() {
                         return Ok(0);
                     }
                     return Err(Errno(libc::ECONNRESET));
@@ -493,7 +477,7 @@ impl Connection {
     fn wait_to_peek(&self, wanted: usize) -> SysResult<()> {
         let target = wanted.min(self.rx().capacity() as usize);
         blocking::block_until(self, ready::IN, || {
-            if self.broken.load(Ordering::Relaxed) || self.read_shut.load(Ordering::Relaxed) {
+            if self.state.has(Flags::BROKEN) || self.state.has(Flags::READ_SHUT) {
                 return true;
             }
             let rx = self.rx();
@@ -525,7 +509,7 @@ impl Connection {
     }
 
     fn send_inner(&self, bufs: &[&[u8]], flags: i32) -> SysResult<usize> {
-        if self.write_shut.load(Ordering::Relaxed) {
+        if self.state.has(Flags::WRITE_SHUT) {
             return Err(Errno(libc::EPIPE));
         }
         let wanted: usize = bufs.iter().map(|b| b.len()).sum();
@@ -536,12 +520,12 @@ impl Connection {
         let _guard = self.tx_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut total = 0usize;
         loop {
-            if self.broken.load(Ordering::Relaxed) {
+            if self.state.has(Flags::BROKEN) {
                 return self.finish_write(total, Errno(libc::ECONNRESET));
             }
             // Another thread shut the writing side while we waited: its
             // FIN goes after the bytes already written, and we stop.
-            if self.write_shut.load(Ordering::Relaxed) {
+            if self.state.has(Flags::WRITE_SHUT) {
                 self.kick(self.tx().finish());
                 return self.finish_write(total, Errno(libc::EPIPE));
             }
@@ -561,7 +545,7 @@ impl Connection {
                     // As with TCP: the first write after the peer closed is
                     // accepted (the peer answers it with a reset); later
                     // ones fail with EPIPE.
-                    if total == 0 && !self.reset_by_peer.swap(true, Ordering::Relaxed) {
+                    if total == 0 && self.state.write_after_peer_closed() {
                         return Ok(wanted);
                     }
                     return self.finish_write(total, Errno(libc::EPIPE));
@@ -602,11 +586,11 @@ impl Connection {
             _ => return Err(Errno(libc::EINVAL)),
         }
         if how != libc::SHUT_WR {
-            self.read_shut.store(true, Ordering::Relaxed);
+            self.state.shut_read();
         }
-        if how != libc::SHUT_RD && !self.write_shut.swap(true, Ordering::Relaxed) {
+        if how != libc::SHUT_RD && self.state.shut_write() {
             // A writer blocked on a full ring holds the lock; it sees
-            // `write_shut` when it wakes and publishes the FIN itself.
+            // `WRITE_SHUT` when it wakes and publishes the FIN itself.
             if let Ok(_guard) = self.tx_lock.try_lock() {
                 self.kick(self.tx().finish());
             }
@@ -621,7 +605,7 @@ impl Connection {
     /// on it is still in progress in another thread (as the kernel keeps a
     /// socket open while a call holds its file).
     pub fn close(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if !self.state.close() {
             return;
         }
         // Other processes (fork) still hold this end: they go on using it.
@@ -630,7 +614,7 @@ impl Connection {
         }
         let rx = self.rx();
         let unread = matches!(rx.state(), Ok(RxState::Data(_)));
-        let abort = unread || self.abort_on_close.load(Ordering::Relaxed);
+        let abort = unread || self.state.has(Flags::ABORT_ON_CLOSE);
         let tx = self.tx();
         let wake_tx = if abort { tx.reset() } else { tx.finish() };
         let wake_rx = rx.close();
@@ -726,14 +710,14 @@ mod tests {
             doorbell: a,
             lifeline: -1,
         };
-        let client = Connection::new(info, Endpoint::Client, crate::addr::Family::V4, fds, false).unwrap();
+        let client = Connection::new(info, Endpoint::Client, crate::addr::Family::V4, fds, Blocking::Blocking).unwrap();
         let fds = ConnectionFds {
             segment: server_own.into_raw_fd(),
             peer_segment: server_peer.into_raw_fd(),
             doorbell: b,
             lifeline: -1,
         };
-        let server = Connection::new(info, Endpoint::Server, crate::addr::Family::V4, fds, false).unwrap();
+        let server = Connection::new(info, Endpoint::Server, crate::addr::Family::V4, fds, Blocking::Blocking).unwrap();
         (Arc::new(client), Arc::new(server))
     }
 
@@ -759,7 +743,7 @@ mod tests {
     #[test]
     fn empty_nonblocking_read_is_eagain() {
         let (c, _s) = pair(4096);
-        c.set_nonblocking(true);
+        c.set_blocking(Blocking::NonBlocking);
         let mut buf = [0u8; 8];
         assert_eq!(c.recv(&mut [&mut buf[..]], 0), Err(Errno(libc::EAGAIN)));
         let (c2, _s2) = pair(4096);
