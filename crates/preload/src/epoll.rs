@@ -13,8 +13,9 @@
 //! socket registered before it connects (or listens) is moved to the right
 //! representation when it becomes a vSocket.
 
-use crate::conn::{ready, Connection, Dropped, MAX_SLEEP_MS};
+use crate::conn::{Connection, Dropped, EdgeSnapshot, MAX_SLEEP_MS};
 use crate::listener::Listener;
+use crate::readiness::{Interest, Readiness};
 use crate::spin::Spinner;
 use crate::sys::{self, Errno, SysResult};
 use std::collections::HashMap;
@@ -40,9 +41,17 @@ fn token_fd(data: u64) -> Option<RawFd> {
     (data & 0xffff_ffff_0000_0000 == token_tag()).then_some(data as u32 as RawFd)
 }
 
-/// Bytes produced to us, bytes consumed from us, readiness: changes
-/// whenever an edge-triggered registration may owe an event.
-type Snapshot = (u64, u64, u32);
+/// What an edge-triggered registration last reported from.
+type Snapshot = EdgeSnapshot;
+
+/// A dropped connect has one edge, its failure: a fixed snapshot, so that
+/// an edge-triggered registration reports it once.
+const DROPPED_EDGE: Snapshot = EdgeSnapshot { produced: 0, consumed: 0, readiness: Readiness::IN };
+
+const IN: u32 = Readiness::IN.epoll();
+const OUT: u32 = Readiness::OUT.epoll();
+const ERR: u32 = Readiness::ERR.epoll();
+const HUP: u32 = Readiness::HUP.epoll();
 
 /// The seam between a set and the descriptors it holds: how a set finds
 /// a managed descriptor by number, and what it needs to know of one. The
@@ -69,20 +78,22 @@ pub enum Waitable<'a, M: Member> {
 impl<M: Member> Waitable<'_, M> {
     /// The readiness poll(2) reports for it (`None`: it is judged by the
     /// kernel).
-    pub fn poll_bits(&self) -> Option<u32> {
+    pub fn poll_bits(&self) -> Option<Readiness> {
         match self {
             Waitable::Conn(conn) => Some(conn.readiness()),
-            Waitable::Dropped(d) => {
-                Some(if sys::now_ms() >= d.deadline_ms { ready::OUT | ready::ERR | ready::HUP } else { 0 })
-            }
+            Waitable::Dropped(d) => Some(if sys::now_ms() >= d.deadline_ms {
+                Readiness::OUT | Readiness::ERR | Readiness::HUP
+            } else {
+                Readiness::EMPTY
+            }),
             _ => None,
         }
     }
 
-    /// Arms a connection for the poll(2) interest `events`.
-    pub fn arm_for(&self, events: u32) {
+    /// Arms a connection for `interest`.
+    pub fn arm_for(&self, interest: Interest) {
         if let Waitable::Conn(conn) = self {
-            conn.arm(events);
+            conn.arm(interest);
         }
     }
 }
@@ -349,15 +360,15 @@ impl<M: Member> EpollSet<M> {
         let Kind::Managed { entry, .. } = &reg.kind else {
             return (0, None);
         };
-        let interest = reg.events | ready::ERR | ready::HUP;
+        let interest = reg.events | ERR | HUP;
         match entry.waitable() {
             Waitable::Conn(conn) if reg.events & libc::EPOLLET as u32 != 0 => {
-                let snap = conn.edge_snapshot(reg.events);
-                (snap.2 & interest, Some(snap))
+                let snap = conn.edge_snapshot(Interest::from_epoll(reg.events));
+                (snap.readiness.epoll() & interest, Some(snap))
             }
-            Waitable::Conn(conn) => (conn.readiness_for(reg.events) & interest, None),
+            Waitable::Conn(conn) => (conn.readiness_for(Interest::from_epoll(reg.events)).epoll() & interest, None),
             Waitable::Dropped(d) if sys::now_ms() >= d.deadline_ms => {
-                ((ready::OUT | ready::ERR | ready::HUP) & interest, Some((0, 0, 1)))
+                ((OUT | ERR | HUP) & interest, Some(DROPPED_EDGE))
             }
             _ => (0, None),
         }
@@ -428,7 +439,7 @@ impl<M: Member> EpollSet<M> {
             match (reg.disabled, &reg.kind) {
                 (false, Kind::Managed { entry, .. }) => {
                     if let Waitable::Conn(conn) = entry.waitable() {
-                        conn.arm(reg.events);
+                        conn.arm(Interest::from_epoll(reg.events));
                     }
                 }
                 (false, Kind::Nested { entry }) => {
@@ -449,7 +460,7 @@ impl<M: Member> EpollSet<M> {
             match (reg.disabled, &reg.kind) {
                 (false, Kind::Managed { entry, .. }) => {
                     if let Waitable::Conn(conn) = entry.waitable() {
-                        conn.disarm(reg.events);
+                        conn.disarm(Interest::from_epoll(reg.events));
                     }
                 }
                 (false, Kind::Nested { entry }) => {
@@ -536,7 +547,7 @@ impl<M: Member> EpollSet<M> {
                     if reg.disabled || n == out.len() {
                         continue;
                     }
-                    let mask = (ev.events | ready::IN) & (reg.events | ready::ERR | ready::HUP) & !ready::OUT;
+                    let mask = (ev.events | IN) & (reg.events | ERR | HUP) & !OUT;
                     let mask = mask & !(libc::EPOLLET as u32);
                     if let Some(existing) = out[..n].iter_mut().find(|e| e.u64 == reg.data) {
                         existing.events |= mask;

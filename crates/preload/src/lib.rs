@@ -37,6 +37,7 @@ mod hooks;
 mod listener;
 mod mmsg;
 mod poll;
+mod readiness;
 mod segcache;
 mod sendfile;
 mod signals;

@@ -7,8 +7,9 @@
 //! (connections) or by their socket plus listener channel (listeners), so
 //! the thread sleeps in one real system call that signals interrupt.
 
-use crate::conn::{ready, MAX_SLEEP_MS};
+use crate::conn::MAX_SLEEP_MS;
 use crate::epoll::Waitable;
+use crate::readiness::{Interest, Readiness};
 use crate::spin::Spinner;
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
@@ -19,37 +20,37 @@ const POLL_OUT: i16 = libc::POLLOUT | libc::POLLWRNORM;
 
 /// Epoll-style readiness to poll(2) bits, filtered by what was asked
 /// (errors and hang-ups are always reported).
-fn to_revents(mask: u32, events: i16) -> i16 {
+fn to_revents(mask: Readiness, events: i16) -> i16 {
     let mut r = 0i16;
-    if mask & ready::IN != 0 {
+    if mask.intersects(Readiness::IN) {
         r |= POLL_IN;
     }
-    if mask & ready::OUT != 0 {
+    if mask.intersects(Readiness::OUT) {
         r |= POLL_OUT;
     }
-    if mask & ready::RDHUP != 0 {
+    if mask.intersects(Readiness::RDHUP) {
         r |= libc::POLLRDHUP;
     }
     r &= events;
-    if mask & ready::ERR != 0 {
+    if mask.intersects(Readiness::ERR) {
         r |= libc::POLLERR;
     }
-    if mask & ready::HUP != 0 {
+    if mask.intersects(Readiness::HUP) {
         r |= libc::POLLHUP;
     }
     r
 }
 
-fn interest(events: i16) -> u32 {
-    let mut m = 0;
+fn interest(events: i16) -> Interest {
+    let mut m = Interest::default();
     if events & POLL_IN != 0 {
-        m |= ready::IN;
+        m |= Interest::READABLE;
     }
     if events & POLL_OUT != 0 {
-        m |= ready::OUT;
+        m |= Interest::WRITABLE;
     }
     if events & libc::POLLRDHUP != 0 {
-        m |= ready::RDHUP;
+        m |= Interest::RDHUP;
     }
     m
 }

@@ -7,7 +7,8 @@
 //! capped so that a wake-up lost to another waiter of the same connection
 //! in this process (two threads on one socket) costs latency, never a hang.
 
-use super::Connection;
+use super::{Connection, Direction};
+use crate::readiness::Interest;
 use crate::signals;
 use crate::spin::spin_thread;
 use crate::sys::{self, Errno, SysResult};
@@ -15,24 +16,25 @@ use crate::sys::{self, Errno, SysResult};
 /// Longest single sleep before shared memory is checked again.
 pub const MAX_SLEEP_MS: i32 = 200;
 
-/// Blocks until `conn` satisfies `interest` (epoll bits), or a signal
-/// interrupts (EINTR).
-pub fn block(conn: &Connection, interest: u32) -> SysResult<()> {
+/// Blocks until `conn` satisfies `interest`, or a signal interrupts
+/// (EINTR).
+pub fn block(conn: &Connection, interest: Interest) -> SysResult<()> {
     block_until(conn, interest, || conn.satisfies(interest))
 }
 
 /// Blocks until `ready` holds, sleeping on `conn`'s doorbell armed for
 /// `interest` (the events that can change `ready`), or a signal interrupts.
-pub fn block_until(conn: &Connection, interest: u32, mut ready: impl FnMut() -> bool) -> SysResult<()> {
+pub fn block_until(conn: &Connection, interest: Interest, mut ready: impl FnMut() -> bool) -> SysResult<()> {
     let Some(_sleeping) = spin_thread(&mut ready) else {
         return Ok(());
     };
     sleep(conn, interest, ready)
 }
 
-fn sleep(conn: &Connection, interest: u32, mut ready: impl FnMut() -> bool) -> SysResult<()> {
+fn sleep(conn: &Connection, interest: Interest, mut ready: impl FnMut() -> bool) -> SysResult<()> {
     // SO_RCVTIMEO / SO_SNDTIMEO: EAGAIN when they run out, as the kernel does.
-    let timeout_ms = conn.timeout_ms(interest);
+    let direction = if interest.writes() { Direction::Send } else { Direction::Receive };
+    let timeout_ms = conn.timeout_ms(direction);
     let deadline = (timeout_ms > 0).then(|| sys::now_ms() + timeout_ms);
     loop {
         conn.arm(interest);

@@ -10,6 +10,7 @@
 mod blocking;
 mod state;
 
+use crate::readiness::{Interest, Readiness};
 use crate::sys::{self, Errno, SysResult};
 pub use blocking::MAX_SLEEP_MS;
 pub use state::Blocking;
@@ -146,13 +147,15 @@ pub struct Dropped {
     pub deadline_ms: i64,
 }
 
-/// Readiness bits, in epoll's encoding (poll's share the low bits).
-pub mod ready {
-    pub const IN: u32 = libc::EPOLLIN as u32;
-    pub const OUT: u32 = libc::EPOLLOUT as u32;
-    pub const ERR: u32 = libc::EPOLLERR as u32;
-    pub const HUP: u32 = libc::EPOLLHUP as u32;
-    pub const RDHUP: u32 = libc::EPOLLRDHUP as u32;
+/// What edge-triggered epoll compares to see whether a registration owes
+/// an event: it changes whenever readiness might.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EdgeSnapshot {
+    /// Bytes produced to us.
+    pub produced: u64,
+    /// Bytes consumed from us.
+    pub consumed: u64,
+    pub readiness: Readiness,
 }
 
 impl Connection {
@@ -234,9 +237,12 @@ impl Connection {
         slot.store(ms.max(0), Ordering::Relaxed);
     }
 
-    /// The timeout that applies to a wait for `interest` (0: none).
-    pub fn timeout_ms(&self, interest: u32) -> i64 {
-        let slot = if interest & ready::OUT != 0 { &self.send_timeout_ms } else { &self.recv_timeout_ms };
+    /// The timeout that applies to a wait in `direction` (0: none).
+    pub fn timeout_ms(&self, direction: Direction) -> i64 {
+        let slot = match direction {
+            Direction::Receive => &self.recv_timeout_ms,
+            Direction::Send => &self.send_timeout_ms,
+        };
         slot.load(Ordering::Relaxed)
     }
 
@@ -276,96 +282,94 @@ impl Connection {
         }
     }
 
-    /// Current readiness, in epoll bits.
-    pub fn readiness(&self) -> u32 {
-        self.readiness_for(ready::IN | ready::OUT | ready::RDHUP)
+    /// Current readiness.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness_for(Interest::ANY)
     }
 
     /// Readiness as far as `interest` needs it: only the rings' lines that
     /// the interest depends on are read (epoll scans many connections, and
     /// every line the peer writes is a cache miss). Errors and hang-ups that
     /// either direction can report are always included.
-    pub fn readiness_for(&self, interest: u32) -> u32 {
-        const ALL: u32 = ready::IN | ready::OUT | ready::ERR | ready::HUP | ready::RDHUP;
+    pub fn readiness_for(&self, interest: Interest) -> Readiness {
         if self.state.has(Flags::BROKEN) {
-            return ALL;
+            return Readiness::ALL;
         }
-        let mut mask = 0;
-        if interest & (ready::IN | ready::RDHUP) != 0 || interest & ready::OUT == 0 {
+        let mut mask = Readiness::EMPTY;
+        if interest.reads() || !interest.writes() {
             let rx = self.rx();
             let mut fin = false;
             if rx.fin_received() {
-                mask |= ready::RDHUP;
+                mask |= Readiness::RDHUP;
             }
             match rx.state() {
-                Ok(RxState::Data(_)) => mask |= ready::IN,
+                Ok(RxState::Data(_)) => mask |= Readiness::IN,
                 Ok(RxState::Empty) => {}
                 Ok(RxState::Fin) => {
-                    mask |= ready::IN | ready::RDHUP;
+                    mask |= Readiness::IN | Readiness::RDHUP;
                     fin = true;
                 }
                 Ok(RxState::Reset) => {
-                    mask |= ready::IN | ready::RDHUP | ready::HUP;
+                    mask |= Readiness::IN | Readiness::RDHUP | Readiness::HUP;
                     if !self.state.has(Flags::RESET_REPORTED) {
-                        mask |= ready::ERR;
+                        mask |= Readiness::ERR;
                     }
                     fin = true;
                 }
-                Err(_) => return ALL,
+                Err(_) => return Readiness::ALL,
             }
             if self.state.has(Flags::READ_SHUT) {
-                mask |= ready::IN | ready::RDHUP;
+                mask |= Readiness::IN | Readiness::RDHUP;
             }
             if fin && self.state.has(Flags::WRITE_SHUT) {
-                mask |= ready::HUP;
+                mask |= Readiness::HUP;
             }
         }
-        if interest & ready::OUT != 0 {
+        if interest.writes() {
             let wshut = self.state.has(Flags::WRITE_SHUT);
             match self.tx().space() {
                 Ok(0) if !wshut => {}
-                Ok(_) => mask |= ready::OUT,
+                Ok(_) => mask |= Readiness::OUT,
                 // The peer closed: writable (the next write is accepted,
                 // then fails), and an error only once a write was refused.
                 Err(RingError::PeerClosed) if self.state.has(Flags::RESET_BY_PEER) => {
-                    mask |= ready::OUT | ready::ERR | ready::HUP
+                    mask |= Readiness::OUT | Readiness::ERR | Readiness::HUP
                 }
-                Err(RingError::PeerClosed) => mask |= ready::OUT,
-                Err(RingError::Corrupt) => mask |= ready::OUT | ready::ERR,
+                Err(RingError::PeerClosed) => mask |= Readiness::OUT,
+                Err(RingError::Corrupt) => mask |= Readiness::OUT | Readiness::ERR,
             }
         }
         mask
     }
 
-    /// Arms the wake-up flags for the given interest (epoll bits).
-    pub fn arm(&self, interest: u32) {
-        if interest & (ready::IN | ready::RDHUP) != 0 {
+    /// Arms the wake-up flags for the given interest.
+    pub fn arm(&self, interest: Interest) {
+        if interest.reads() {
             self.rx().arm();
         }
-        if interest & ready::OUT != 0 {
+        if interest.writes() {
             self.tx().arm();
         }
     }
 
     /// Withdraws `arm`: the caller has woken and will look at the rings
     /// (arming again before it sleeps), so the peer need not ring.
-    pub fn disarm(&self, interest: u32) {
-        if interest & (ready::IN | ready::RDHUP) != 0 {
+    pub fn disarm(&self, interest: Interest) {
+        if interest.reads() {
             self.rx().disarm();
         }
-        if interest & ready::OUT != 0 {
+        if interest.writes() {
             self.tx().disarm();
         }
     }
 
-    /// A snapshot that changes whenever readiness might (for edge-triggered
-    /// epoll): bytes produced to us, bytes consumed from us, and flags.
-    pub fn edge_snapshot(&self, interest: u32) -> (u64, u64, u32) {
-        (
-            self.segment.producer(self.endpoint.rx_ring()).total(),
-            self.segment.consumer(self.endpoint.tx_ring()).total(),
-            self.readiness_for(interest),
-        )
+    /// The snapshot edge-triggered epoll compares (see [`EdgeSnapshot`]).
+    pub fn edge_snapshot(&self, interest: Interest) -> EdgeSnapshot {
+        EdgeSnapshot {
+            produced: self.segment.producer(self.endpoint.rx_ring()).total(),
+            consumed: self.segment.consumer(self.endpoint.tx_ring()).total(),
+            readiness: self.readiness_for(interest),
+        }
     }
 
     /// Bytes waiting to be read (FIONREAD).
@@ -464,7 +468,7 @@ impl Connection {
                     if dontwait {
                         return self.finish_read(total, Err(Errno(libc::EAGAIN)));
                     }
-                    if let Err(e) = blocking::block(self, ready::IN) {
+                    if let Err(e) = blocking::block(self, Interest::READABLE) {
                         return self.finish_read(total, Err(e));
                     }
                 }
@@ -476,7 +480,7 @@ impl Connection {
     /// (or as many as the ring holds) are there, or the stream ends.
     fn wait_to_peek(&self, wanted: usize) -> SysResult<()> {
         let target = wanted.min(self.rx().capacity() as usize);
-        blocking::block_until(self, ready::IN, || {
+        blocking::block_until(self, Interest::READABLE, || {
             if self.state.has(Flags::BROKEN) || self.state.has(Flags::READ_SHUT) {
                 return true;
             }
@@ -559,7 +563,7 @@ impl Connection {
             if dontwait {
                 return self.finish_write(total, Errno(libc::EAGAIN));
             }
-            if let Err(e) = blocking::block(self, ready::OUT) {
+            if let Err(e) = blocking::block(self, Interest::WRITABLE) {
                 return self.finish_write(total, e);
             }
         }
@@ -575,8 +579,8 @@ impl Connection {
 
     /// Is the condition a blocked call waits for (`interest`) met, or will
     /// it never be (error, end of stream)?
-    pub fn satisfies(&self, interest: u32) -> bool {
-        self.readiness_for(interest) & (interest | ready::ERR | ready::HUP) != 0
+    pub fn satisfies(&self, interest: Interest) -> bool {
+        self.readiness_for(interest).intersects(interest.met_by())
     }
 
     /// shutdown(2).
@@ -756,7 +760,7 @@ mod tests {
         c.send(&[b"last words"], 0).unwrap();
         c.shutdown(libc::SHUT_WR).unwrap();
         assert_eq!(c.send(&[b"x"], libc::MSG_NOSIGNAL), Err(Errno(libc::EPIPE)));
-        assert_eq!(s.readiness() & (ready::IN | ready::RDHUP), ready::IN | ready::RDHUP);
+        assert_eq!(s.readiness() & (Readiness::IN | Readiness::RDHUP), Readiness::IN | Readiness::RDHUP);
         assert_eq!(recv_all(&s, 64), b"last words");
         let mut buf = [0u8; 8];
         assert_eq!(s.recv(&mut [&mut buf[..]], 0), Ok(0));
@@ -764,7 +768,7 @@ mod tests {
         s.send(&[b"reply"], 0).unwrap();
         assert_eq!(recv_all(&c, 5), b"reply");
         s.shutdown(libc::SHUT_WR).unwrap();
-        assert_ne!(c.readiness() & ready::HUP, 0, "both directions closed");
+        assert!(c.readiness().intersects(Readiness::HUP), "both directions closed");
     }
 
     #[test]
@@ -882,11 +886,11 @@ mod tests {
     #[test]
     fn readiness_follows_the_rings() {
         let (c, s) = pair(4096);
-        assert_eq!(c.readiness(), ready::OUT);
+        assert_eq!(c.readiness(), Readiness::OUT);
         c.send(&[&[0u8; 4096]], 0).unwrap();
-        assert_eq!(c.readiness() & ready::OUT, 0, "ring full");
-        assert_eq!(s.readiness() & ready::IN, ready::IN);
+        assert!(!c.readiness().intersects(Readiness::OUT), "ring full");
+        assert_eq!(s.readiness() & Readiness::IN, Readiness::IN);
         recv_all(&s, 100);
-        assert_eq!(c.readiness() & ready::OUT, ready::OUT);
+        assert_eq!(c.readiness() & Readiness::OUT, Readiness::OUT);
     }
 }
