@@ -1,11 +1,12 @@
 //! listen(2) and accept(2) on a socket that takes vSocket clients beside
 //! kernel ones.
 
+use crate::attach::ControlChannel;
 use crate::conn::Blocking;
 use crate::listener::Listener;
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
-use crate::{control, fork, signals, socket};
+use crate::{attach, fork, signals, socket};
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 /// takes vSocket connections. If the daemon will not take the listener, it
 /// stays a kernel listener.
 pub fn listen(fd: RawFd, backlog: i32) {
-    if !control::enabled() || table::get(fd).is_some() {
+    if !attach::enabled() || table::get(fd).is_some() {
         return;
     }
     let Some(family) = socket::tcp_family(fd) else {
@@ -58,7 +59,7 @@ pub fn accept(
         }
         let mut pfds = [
             libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: listener.channel, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: listener.channel.fd(), events: libc::POLLIN, revents: 0 },
         ];
         let watched = if listener.attached() { 2 } else { 1 };
         // Connections tend to come in bursts: look again for a while

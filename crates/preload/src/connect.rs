@@ -3,10 +3,11 @@
 //! socket (fallback: no vSocket listener there, or no daemon to ask).
 
 use crate::addr::{self, Family};
-use crate::conn::{Blocking, Connection, ConnectionFds, Direction, Dropped};
+use crate::attach;
+use crate::conn::{Blocking, Connection, Direction, Dropped};
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
-use crate::{control, fork, socket};
+use crate::{fork, socket};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
 use vsocket_abi::control::Message;
@@ -28,7 +29,7 @@ pub fn already(fd: RawFd) -> Option<Errno> {
 
 /// Tries to connect `fd` over vSocket. `None`: use the kernel.
 pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysResult<()>> {
-    if !control::enabled() || remote.ip().is_unspecified() {
+    if !attach::enabled() || remote.ip().is_unspecified() {
         return None;
     }
     if socket::tcp_family(fd)? != family {
@@ -46,12 +47,12 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
     let local = socket::local_v4(fd)?;
     let blocking = socket::blocking(fd).ok()?;
     // The daemon unreachable: the kernel path still works.
-    let mut reply = control::request(&Message::Connect { local, remote }).ok()?;
+    let mut reply = attach::request(&Message::Connect { local, remote }).ok()?;
     match reply.message {
         Message::Connected(info) => {
-            let fds = ConnectionFds::take(&mut reply);
+            let delivery = reply.take_delivery();
             fork::watch();
-            let conn = match Connection::new(info, Endpoint::Client, family, fds, blocking) {
+            let conn = match Connection::new(info, Endpoint::Client, family, delivery, blocking) {
                 Ok(c) => c,
                 Err(e) => return Some(Err(e)),
             };

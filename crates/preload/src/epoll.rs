@@ -13,6 +13,7 @@
 //! socket registered before it connects (or listens) is moved to the right
 //! representation when it becomes a vSocket.
 
+use crate::attach::ControlChannel;
 use crate::conn::{Connection, Dropped, EdgeSnapshot, MAX_SLEEP_MS};
 use crate::listener::Listener;
 use crate::readiness::{Interest, Readiness};
@@ -226,7 +227,8 @@ impl<M: Member> EpollSet<M> {
             Waitable::Listener(l) => {
                 let ev = kernel_events(events);
                 sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, ev, token(fd))?;
-                if let Err(e) = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, l.channel, channel_events(ev), token(fd))
+                if let Err(e) =
+                    sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, l.channel.fd(), channel_events(ev), token(fd))
                 {
                     let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
                     return Err(e);
@@ -257,7 +259,7 @@ impl<M: Member> EpollSet<M> {
             Kind::Listener { entry } => {
                 let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
                 if let Waitable::Listener(l) = entry.waitable() {
-                    let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, l.channel, 0, 0);
+                    let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, l.channel.fd(), 0, 0);
                 }
             }
             Kind::Nested { .. } => {
@@ -322,7 +324,7 @@ impl<M: Member> EpollSet<M> {
                         let ev = kernel_events(events);
                         sys::epoll_ctl(self.epfd, op, fd, ev, token(fd))?;
                         if let Waitable::Listener(l) = entry.waitable() {
-                            sys::epoll_ctl(self.epfd, op, l.channel, channel_events(ev), token(fd))?;
+                            sys::epoll_ctl(self.epfd, op, l.channel.fd(), channel_events(ev), token(fd))?;
                         }
                     }
                 }
@@ -541,7 +543,7 @@ impl<M: Member> EpollSet<M> {
                     if let Waitable::Listener(l) = entry.waitable() {
                         if !l.attached() {
                             // Its channel only reports end of stream now.
-                            let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, l.channel, 0, 0);
+                            let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, l.channel.fd(), 0, 0);
                         }
                     }
                     if reg.disabled || n == out.len() {

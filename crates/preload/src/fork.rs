@@ -7,6 +7,7 @@
 //! without closing is covered by the doorbell: when the last process
 //! holding an end is gone, the peer sees end of stream.
 
+use crate::attach::segcache;
 use crate::sys;
 use crate::table::{self, Entry};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +23,7 @@ pub fn watch() {
 }
 
 extern "C" fn prepare() {
-    crate::segcache::before_fork();
+    segcache::before_fork();
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
     table::for_each(|entry| {
         if let Entry::Conn(conn) = entry {
@@ -32,10 +33,10 @@ extern "C" fn prepare() {
 }
 
 extern "C" fn parent() {
-    crate::segcache::after_fork_parent();
+    segcache::after_fork_parent();
 }
 
 extern "C" fn child() {
     sys::forget_pid();
-    crate::segcache::after_fork_child();
+    segcache::after_fork_child();
 }

@@ -15,7 +15,7 @@ use crate::conn::{Blocking, Connection};
 use crate::mmsg::{self, Deadline, Sent};
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
-use crate::{connect, control, poll, sendfile, signals, socket};
+use crate::{attach, connect, poll, sendfile, signals, socket};
 use libc::{c_int, c_ulong, c_void, size_t, sockaddr, socklen_t, ssize_t};
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
@@ -926,7 +926,7 @@ hook! {
     fn epoll_create(size: c_int) -> c_int;
     |forward| {
         let fd = forward();
-        if fd >= 0 && control::enabled() {
+        if fd >= 0 && attach::enabled() {
             table::track_epoll(fd);
         }
         fd
@@ -937,7 +937,7 @@ hook! {
     fn epoll_create1(flags: c_int) -> c_int;
     |forward| {
         let fd = forward();
-        if fd >= 0 && control::enabled() {
+        if fd >= 0 && attach::enabled() {
             table::track_epoll(fd);
         }
         fd
@@ -1028,7 +1028,7 @@ extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_voi
 hook! {
     fn sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int;
     |forward, unsafe real| {
-        if !control::enabled() || sig <= 0 || sig as usize >= signals::NSIG {
+        if !attach::enabled() || sig <= 0 || sig as usize >= signals::NSIG {
             return forward();
         }
         let before = signals::program_action(sig);
@@ -1096,7 +1096,7 @@ hook! {
     /// BSD semantics, as glibc's `signal`: the handler stays, calls restart.
     fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t;
     |forward| {
-        if !control::enabled() {
+        if !attach::enabled() {
             return forward();
         }
         install_handler(sig, handler, libc::SA_RESTART)
@@ -1113,7 +1113,7 @@ hook! {
     /// System V semantics: one-shot, not blocked while it runs, no restart.
     fn sysv_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t;
     |forward| {
-        if !control::enabled() {
+        if !attach::enabled() {
             return forward();
         }
         install_handler(sig, handler, libc::SA_RESETHAND | libc::SA_NODEFER)

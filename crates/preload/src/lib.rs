@@ -27,9 +27,9 @@
 
 mod accept;
 mod addr;
+mod attach;
 mod conn;
 mod connect;
-mod control;
 mod epoll;
 mod fork;
 #[allow(unsafe_code)]
@@ -38,7 +38,6 @@ mod listener;
 mod mmsg;
 mod poll;
 mod readiness;
-mod segcache;
 mod sendfile;
 mod signals;
 mod socket;

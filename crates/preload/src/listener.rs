@@ -6,8 +6,8 @@
 //! segment and the doorbell. `accept` takes from whichever is ready.
 
 use crate::addr::Family;
-use crate::conn::{Blocking, Connection, ConnectionFds, Direction};
-use crate::control;
+use crate::attach::{Channel, ControlChannel, Receive};
+use crate::conn::{Blocking, Connection, Direction};
 use crate::spin::Spinner;
 use crate::sys::{self, Errno, SysResult};
 use std::net::SocketAddrV4;
@@ -18,8 +18,9 @@ use vsocket_abi::control::Message;
 use vsocket_abi::layout::Endpoint;
 
 pub struct Listener {
-    /// The listener channel (library-internal descriptor).
-    pub channel: RawFd,
+    /// The listener channel (library-internal; closing it, when the
+    /// listener goes, unregisters the listener at the daemon).
+    pub channel: Channel,
     /// The channel broke (vsocketd restarted or went away): from then on
     /// this is a plain kernel listener.
     detached: AtomicBool,
@@ -97,8 +98,9 @@ impl Inherited {
 impl Listener {
     /// Registers the kernel listening socket's address with the daemon.
     pub fn register(local: SocketAddrV4, family: Family, backlog: i32) -> SysResult<Listener> {
-        let channel = control::open_channel()?;
-        match control::exchange(channel, &Message::Listen { local, backlog: backlog.max(0) as u32 }) {
+        // Dropping the channel on failure closes it.
+        let channel = Channel::open()?;
+        match channel.exchange(&Message::Listen { local, backlog: backlog.max(0) as u32 }) {
             Ok(reply) if reply.message == Message::ListenOk => Ok(Listener {
                 channel,
                 detached: AtomicBool::new(false),
@@ -106,17 +108,11 @@ impl Listener {
                 spinner: Spinner::new(),
                 inherited: Mutex::new(None),
             }),
-            Ok(reply) => {
-                let _ = sys::close(channel);
-                Err(match reply.message {
-                    Message::Refused { errno } => Errno(errno),
-                    _ => Errno(libc::EPROTO),
-                })
-            }
-            Err(e) => {
-                let _ = sys::close(channel);
-                Err(e)
-            }
+            Ok(reply) => Err(match reply.message {
+                Message::Refused { errno } => Errno(errno),
+                _ => Errno(libc::EPROTO),
+            }),
+            Err(e) => Err(e),
         }
     }
 
@@ -132,7 +128,7 @@ impl Listener {
         }
         // The program's socket comes first: if it cannot be had (EMFILE),
         // the connection stays queued for a later accept, as in a backlog.
-        let mut pending = [libc::pollfd { fd: self.channel, events: libc::POLLIN, revents: 0 }];
+        let mut pending = [libc::pollfd { fd: self.channel.fd(), events: libc::POLLIN, revents: 0 }];
         if sys::poll(&mut pending, 0).unwrap_or(0) == 0 {
             return Ok(None);
         }
@@ -141,7 +137,7 @@ impl Listener {
             libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)),
             0,
         )?;
-        let mut reply = match control::receive(self.channel, libc::MSG_DONTWAIT) {
+        let mut reply = match self.channel.receive(Receive::DontWait) {
             Ok(r) => r,
             Err(e) => {
                 let _ = sys::close(fd);
@@ -156,8 +152,8 @@ impl Listener {
             let _ = sys::close(fd);
             return Err(Errno(libc::EPROTO));
         };
-        let fds = ConnectionFds::take(&mut reply);
-        match Connection::new(info, Endpoint::Server, self.family, fds, Blocking::from_flags(flags)) {
+        let delivery = reply.take_delivery();
+        match Connection::new(info, Endpoint::Server, self.family, delivery, Blocking::from_flags(flags)) {
             Ok(conn) => {
                 let inherited = *self
                     .inherited
@@ -185,12 +181,5 @@ impl Listener {
     /// Does the daemon still deliver connections on the channel?
     pub fn attached(&self) -> bool {
         !self.detached.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        // Closing the channel unregisters the listener at the daemon.
-        let _ = sys::close(self.channel);
     }
 }

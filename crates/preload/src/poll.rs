@@ -7,6 +7,7 @@
 //! (connections) or by their socket plus listener channel (listeners), so
 //! the thread sleeps in one real system call that signals interrupt.
 
+use crate::attach::ControlChannel;
 use crate::conn::MAX_SLEEP_MS;
 use crate::epoll::Waitable;
 use crate::readiness::{Interest, Readiness};
@@ -101,7 +102,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
                 kernel.push(libc::pollfd { fd: p.fd, events: p.events, revents: 0 });
                 slots.push(Slot::Listener(i));
                 if l.attached() {
-                    kernel.push(libc::pollfd { fd: l.channel, events: libc::POLLIN, revents: 0 });
+                    kernel.push(libc::pollfd { fd: l.channel.fd(), events: libc::POLLIN, revents: 0 });
                     slots.push(Slot::Listener(i));
                 }
             }

@@ -10,6 +10,7 @@
 mod blocking;
 mod state;
 
+use crate::attach::{ConnectionMemory, Delivery, Memory, Wakeups};
 use crate::readiness::{Interest, Readiness};
 use crate::sys::{self, Errno, SysResult};
 pub use blocking::MAX_SLEEP_MS;
@@ -21,79 +22,10 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use vsocket_abi::control::ConnectionInfo;
 use vsocket_abi::layout::Endpoint;
-use vsocket_ring::{Consumer, Producer, RingError, RxState, Segment};
-
-/// A connection's mapping of its segment, kept for reuse when the
-/// connection goes (see `segcache`).
-struct Mapped {
-    segment: Option<Segment>,
-    /// The segment's files: this end's half and the peer's.
-    files: crate::segcache::Files,
-    /// The process that mapped it: a forked child, which inherits the
-    /// mapping of a connection its parent goes on using, must not keep it
-    /// (the parent's later connections may get the segment).
-    owner: i32,
-}
-
-impl std::ops::Deref for Mapped {
-    type Target = Segment;
-    fn deref(&self) -> &Segment {
-        self.segment.as_ref().expect("mapped until dropped")
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        if let Some(segment) = self.segment.take() {
-            if sys::getpid() == self.owner {
-                crate::segcache::put(self.files, segment);
-            }
-        }
-    }
-}
-
-/// The descriptors that come with `Connected` or `Incoming`.
-pub struct ConnectionFds {
-    /// This end's half of the segment (read-write).
-    pub segment: RawFd,
-    /// The peer's half (read-only).
-    pub peer_segment: RawFd,
-    pub doorbell: RawFd,
-    pub lifeline: RawFd,
-}
-
-impl ConnectionFds {
-    /// Takes the descriptors out of a daemon reply.
-    pub fn take(reply: &mut crate::control::Reply) -> ConnectionFds {
-        use vsocket_abi::control::{FD_DOORBELL, FD_LIFELINE, FD_PEER_SEGMENT, FD_SEGMENT};
-        ConnectionFds {
-            segment: reply.take_fd(FD_SEGMENT),
-            peer_segment: reply.take_fd(FD_PEER_SEGMENT),
-            doorbell: reply.take_fd(FD_DOORBELL),
-            lifeline: reply.take_fd(FD_LIFELINE),
-        }
-    }
-}
-
-/// Maps the halves the daemon sent to end `end` of connection `info`
-/// (`own` read-write, `peer` read-only), or takes back a mapping of the
-/// same segment this process kept.
-fn map_segment(
-    own: std::os::fd::BorrowedFd<'_>,
-    peer: std::os::fd::BorrowedFd<'_>,
-    info: &ConnectionInfo,
-    end: Endpoint,
-) -> std::io::Result<Mapped> {
-    let files = (Segment::identity(own)?, Segment::identity(peer)?);
-    let segment = match crate::segcache::take(own, peer, files, info, end) {
-        Some(kept) => kept,
-        None => Segment::map(own, peer, info.ring_size, end)?,
-    };
-    Ok(Mapped { segment: Some(segment), files, owner: sys::getpid() })
-}
+use vsocket_ring::{Consumer, Producer, RingError, RxState};
 
 pub struct Connection {
-    segment: Mapped,
+    segment: Memory,
     endpoint: Endpoint,
     /// Our end of the doorbell pair (a library-internal descriptor).
     pub doorbell: RawFd,
@@ -159,32 +91,18 @@ pub struct EdgeSnapshot {
 }
 
 impl Connection {
-    /// Maps the segment the daemon sent. Takes ownership of the descriptors
-    /// (`lifeline` may be -1 where no daemon watches, in tests).
+    /// Maps the segment the daemon sent, and takes its wake-ups (see
+    /// `attach`).
     pub fn new(
         info: ConnectionInfo,
         endpoint: Endpoint,
         family: crate::addr::Family,
-        fds: ConnectionFds,
+        mut delivery: Delivery,
         blocking: Blocking,
     ) -> SysResult<Connection> {
-        let ConnectionFds { segment: own_fd, peer_segment: peer_fd, doorbell, lifeline } = fds;
-        let segment = sys::with_borrowed(own_fd, |own| {
-            sys::with_borrowed(peer_fd, |peer| map_segment(own, peer, &info, endpoint))
-        });
-        // The mappings keep the memory; the descriptors are no longer needed.
-        let _ = sys::close(own_fd);
-        let _ = sys::close(peer_fd);
-        let segment = match segment {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = sys::close(doorbell);
-                if lifeline >= 0 {
-                    let _ = sys::close(lifeline);
-                }
-                return Err(Errno(libc::EPROTO));
-            }
-        };
+        // On failure the wake-ups go with `delivery`.
+        let segment = Memory::map(&mut delivery, &info, endpoint)?;
+        let Wakeups { doorbell, lifeline } = delivery.take_wakeups();
         segment.holders(endpoint.index()).fetch_add(1, Ordering::AcqRel);
         Ok(Connection {
             segment,
@@ -695,6 +613,7 @@ mod tests {
     use super::*;
     use std::os::fd::IntoRawFd;
     use std::sync::Arc;
+    use vsocket_ring::Segment;
 
     fn pair(ring_size: u32) -> (Arc<Connection>, Arc<Connection>) {
         let (daemon_view, files) = Segment::create(ring_size).unwrap();
@@ -708,14 +627,14 @@ mod tests {
             peer: "10.0.0.3:80".parse().unwrap(),
             ring_size,
         };
-        let fds = ConnectionFds {
+        let fds = Delivery {
             segment: client_own.into_raw_fd(),
             peer_segment: client_peer.into_raw_fd(),
             doorbell: a,
             lifeline: -1,
         };
         let client = Connection::new(info, Endpoint::Client, crate::addr::Family::V4, fds, Blocking::Blocking).unwrap();
-        let fds = ConnectionFds {
+        let fds = Delivery {
             segment: server_own.into_raw_fd(),
             peer_segment: server_peer.into_raw_fd(),
             doorbell: b,

@@ -1,15 +1,18 @@
-//! The library's side of the guest control socket.
+//! The namespace guest's control socket: a unix SOCK_SEQPACKET socket per
+//! guest, one message per packet, descriptors by SCM_RIGHTS.
 //!
 //! `VSOCKET_CONTROL` names the socket (set by `vsocket run`). Without it the
 //! library stays out of the way: every call goes to the kernel. The process
-//! keeps one request channel (re-opened in a child after fork, since a
-//! shared one would interleave two processes' replies); each listening
+//! keeps one request channel (see `attach::request`); each listening
 //! socket opens its own listener channel.
 
+use super::{ControlChannel, Delivery, Receive};
 use crate::sys::{self, Errno, SysResult};
 use std::os::fd::RawFd;
-use std::sync::{Mutex, OnceLock};
-use vsocket_abi::control::{Message, CONNECTION_FDS, FD_DOORBELL, FD_LIFELINE, MAX_MESSAGE};
+use std::sync::OnceLock;
+use vsocket_abi::control::{
+    Message, CONNECTION_FDS, FD_DOORBELL, FD_LIFELINE, FD_PEER_SEGMENT, FD_SEGMENT, MAX_MESSAGE,
+};
 
 /// Where the guest's control socket is, if the program runs in a guest.
 fn control_path() -> Option<&'static [u8]> {
@@ -27,7 +30,7 @@ pub fn enabled() -> bool {
 }
 
 /// Lowest descriptor number for the library's own descriptors.
-pub fn internal_fd_floor() -> RawFd {
+fn internal_fd_floor() -> RawFd {
     static FLOOR: OnceLock<RawFd> = OnceLock::new();
     *FLOOR.get_or_init(|| (sys::getrlimit_nofile() / 2).clamp(64, 1 << 19) as RawFd)
 }
@@ -50,42 +53,76 @@ impl Drop for Reply {
 
 impl Reply {
     /// Takes ownership of descriptor `i` out of the reply.
-    pub fn take_fd(&mut self, i: usize) -> RawFd {
+    fn take_fd(&mut self, i: usize) -> RawFd {
         std::mem::replace(&mut self.fds[i], -1)
+    }
+
+    /// Takes what came with a `Connected` or `Incoming`.
+    pub fn take_delivery(&mut self) -> Delivery {
+        Delivery {
+            segment: self.take_fd(FD_SEGMENT),
+            peer_segment: self.take_fd(FD_PEER_SEGMENT),
+            doorbell: self.take_fd(FD_DOORBELL),
+            lifeline: self.take_fd(FD_LIFELINE),
+        }
     }
 }
 
-/// Opens a new channel to the guest's control socket.
-pub fn open_channel() -> SysResult<RawFd> {
-    let path = control_path().ok_or(Errno(libc::ENOENT))?;
-    let fd = sys::connect_unix_seqpacket(path)?;
-    sys::relocate(fd, internal_fd_floor())
+/// A channel to the guest's control socket (closed when dropped).
+pub struct SeqpacketChannel(RawFd);
+
+impl Drop for SeqpacketChannel {
+    fn drop(&mut self) {
+        let _ = sys::close(self.0);
+    }
 }
 
-/// Sends `msg` on `channel` and waits for the one reply.
-pub fn exchange(channel: RawFd, msg: &Message) -> SysResult<Reply> {
+impl ControlChannel for SeqpacketChannel {
+    fn open() -> SysResult<SeqpacketChannel> {
+        let path = control_path().ok_or(Errno(libc::ENOENT))?;
+        let fd = sys::connect_unix_seqpacket(path)?;
+        sys::relocate(fd, internal_fd_floor()).map(SeqpacketChannel)
+    }
+
+    fn exchange(&self, msg: &Message) -> SysResult<Reply> {
+        send(self.0, msg)?;
+        // Sleeping at once, rather than spinning, is what makes this fast:
+        // the wake-up is a synchronous one, so the scheduler runs the
+        // daemon's channel thread on this core, as soon as this thread
+        // sleeps, and its reply wakes this thread the same way. A spinning
+        // caller would instead have the daemon woken on the other core
+        // (often idle, and leaving the idle state costs more than the whole
+        // request).
+        self.receive(Receive::Wait)
+    }
+
+    fn receive(&self, receive: Receive) -> SysResult<Reply> {
+        let flags = match receive {
+            Receive::Wait => 0,
+            Receive::DontWait => libc::MSG_DONTWAIT,
+        };
+        self::receive(self.0, flags)
+    }
+
+    fn fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Sends `msg` on `channel`.
+fn send(channel: RawFd, msg: &Message) -> SysResult<()> {
     let mut buf = [0u8; MAX_MESSAGE];
     let bytes = msg.encode(&mut buf);
     loop {
         match sys::send(channel, bytes, 0) {
             Err(Errno(libc::EINTR)) => continue,
-            r => {
-                r?;
-                break;
-            }
+            r => return r.map(|_| ()),
         }
     }
-    // Sleeping at once, rather than spinning, is what makes this fast: the
-    // wake-up is a synchronous one, so the scheduler runs the daemon's
-    // channel thread on this core, as soon as this thread sleeps, and its
-    // reply wakes this thread the same way. A spinning caller would instead
-    // have the daemon woken on the other core (often idle, and leaving the
-    // idle state costs more than the whole request).
-    receive(channel, 0)
 }
 
 /// Receives one message (with its descriptors) from `channel`.
-pub fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
+fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
     let mut buf = [0u8; MAX_MESSAGE];
     let mut fds = [-1; CONNECTION_FDS];
     let (n, count) = loop {
@@ -111,35 +148,4 @@ pub fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
         reply.fds[FD_LIFELINE] = sys::relocate(reply.fds[FD_LIFELINE], internal_fd_floor())?;
     }
     Ok(reply)
-}
-
-struct RequestChannel {
-    fd: RawFd,
-    pid: i32,
-}
-
-static REQUESTS: Mutex<Option<RequestChannel>> = Mutex::new(None);
-
-/// Sends a request on the process's request channel and returns the reply.
-/// The channel is opened on first use and re-opened after fork.
-pub fn request(msg: &Message) -> SysResult<Reply> {
-    let mut guard = REQUESTS.lock().unwrap_or_else(|e| e.into_inner());
-    let pid = sys::getpid();
-    if guard.as_ref().is_some_and(|c| c.pid != pid) {
-        // Inherited from our parent: its replies are not ours to read. Our
-        // copy of the descriptor is closed; the parent keeps its own.
-        if let Some(c) = guard.take() {
-            let _ = sys::close(c.fd);
-        }
-    }
-    if guard.is_none() {
-        *guard = Some(RequestChannel { fd: open_channel()?, pid });
-    }
-    let fd = guard.as_ref().map(|c| c.fd).unwrap_or(-1);
-    let result = exchange(fd, msg);
-    if result.is_err() {
-        let _ = sys::close(fd);
-        *guard = None;
-    }
-    result
 }

@@ -1,0 +1,101 @@
+//! Connection memory as sealed memfds: the daemon sends each end the
+//! segment's two halves (its own read-write, the peer's read-only), mapped
+//! here and closed at once; the mapping is kept for reuse when the
+//! connection goes (see `segcache`).
+
+use super::{segcache, ConnectionMemory, Wakeups};
+use crate::sys::{self, SysResult};
+use std::os::fd::RawFd;
+use vsocket_abi::control::ConnectionInfo;
+use vsocket_abi::layout::Endpoint;
+use vsocket_ring::Segment;
+
+/// The descriptors that come with `Connected` or `Incoming`; those not
+/// taken are closed when it goes.
+pub struct Delivery {
+    /// This end's half of the segment (read-write).
+    pub segment: RawFd,
+    /// The peer's half (read-only).
+    pub peer_segment: RawFd,
+    pub doorbell: RawFd,
+    pub lifeline: RawFd,
+}
+
+impl Delivery {
+    /// Takes the wake-up descriptors.
+    pub fn take_wakeups(&mut self) -> Wakeups {
+        Wakeups {
+            doorbell: std::mem::replace(&mut self.doorbell, -1),
+            lifeline: std::mem::replace(&mut self.lifeline, -1),
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        for fd in [self.segment, self.peer_segment, self.doorbell, self.lifeline] {
+            if fd >= 0 {
+                let _ = sys::close(fd);
+            }
+        }
+    }
+}
+
+/// A connection's mapping of its segment, kept for reuse when the
+/// connection goes (see `segcache`).
+pub struct MemfdSegment {
+    segment: Option<Segment>,
+    /// The segment's files: this end's half and the peer's.
+    files: segcache::Files,
+    /// The process that mapped it: a forked child, which inherits the
+    /// mapping of a connection its parent goes on using, must not keep it
+    /// (the parent's later connections may get the segment).
+    owner: i32,
+}
+
+impl std::ops::Deref for MemfdSegment {
+    type Target = Segment;
+    fn deref(&self) -> &Segment {
+        self.segment.as_ref().expect("mapped until dropped")
+    }
+}
+
+impl Drop for MemfdSegment {
+    fn drop(&mut self) {
+        if let Some(segment) = self.segment.take() {
+            if sys::getpid() == self.owner {
+                segcache::put(self.files, segment);
+            }
+        }
+    }
+}
+
+impl ConnectionMemory for MemfdSegment {
+    fn map(delivery: &mut Delivery, info: &ConnectionInfo, end: Endpoint) -> SysResult<MemfdSegment> {
+        let own_fd = std::mem::replace(&mut delivery.segment, -1);
+        let peer_fd = std::mem::replace(&mut delivery.peer_segment, -1);
+        let mapped =
+            sys::with_borrowed(own_fd, |own| sys::with_borrowed(peer_fd, |peer| map_halves(own, peer, info, end)));
+        // The mappings keep the memory; the descriptors are no longer needed.
+        let _ = sys::close(own_fd);
+        let _ = sys::close(peer_fd);
+        mapped.map_err(|_| sys::Errno(libc::EPROTO))
+    }
+}
+
+/// Maps the halves the daemon sent to end `end` of connection `info`
+/// (`own` read-write, `peer` read-only), or takes back a mapping of the
+/// same segment this process kept.
+fn map_halves(
+    own: std::os::fd::BorrowedFd<'_>,
+    peer: std::os::fd::BorrowedFd<'_>,
+    info: &ConnectionInfo,
+    end: Endpoint,
+) -> std::io::Result<MemfdSegment> {
+    let files = (Segment::identity(own)?, Segment::identity(peer)?);
+    let segment = match segcache::take(own, peer, files, info, end) {
+        Some(kept) => kept,
+        None => Segment::map(own, peer, info.ring_size, end)?,
+    };
+    Ok(MemfdSegment { segment: Some(segment), files, owner: sys::getpid() })
+}

@@ -1,0 +1,108 @@
+//! Attachments: how this process reaches vsocketd and proves who it is,
+//! and how a connection's memory and wake-ups reach it.
+//!
+//! Two seams, each with today's one implementation, chosen here:
+//! - [`ControlChannel`]: a channel to vsocketd that carries control
+//!   messages and whatever comes with them. Today a unix SOCK_SEQPACKET
+//!   socket per guest ([`seqpacket`]): the daemon knows the guest by the
+//!   socket and the process by SO_PEERCRED, and descriptors travel with the
+//!   messages (SCM_RIGHTS).
+//! - [`ConnectionMemory`]: a connection's segment, mapped from what came
+//!   with `Connected` or `Incoming`. Today two sealed memfds ([`memfd`]),
+//!   whose mappings this process keeps for reuse ([`segcache`]).
+//!
+//! Wake-ups reach a connection as [`Wakeups`]: a doorbell that polls
+//! readable when the peer rings, and a lifeline whose closing tells the
+//! daemon that this process let go.
+//!
+//! A VM guest (a byte stream over vsock, no descriptors passed, memory
+//! carved from one region per guest at offsets the messages carry) is
+//! another implementation of each seam, not a branch in their users.
+
+mod memfd;
+pub mod segcache;
+mod seqpacket;
+
+use crate::sys::{Errno, SysResult};
+use std::os::fd::RawFd;
+use std::sync::Mutex;
+use vsocket_abi::control::{ConnectionInfo, Message};
+use vsocket_abi::layout::Endpoint;
+use vsocket_ring::Segment;
+
+pub use memfd::{Delivery, MemfdSegment};
+pub use seqpacket::{enabled, Reply, SeqpacketChannel};
+
+/// The control channel of this attachment.
+pub type Channel = SeqpacketChannel;
+/// The connection memory of this attachment.
+pub type Memory = MemfdSegment;
+
+/// Whether a receive waits for a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Receive {
+    Wait,
+    DontWait,
+}
+
+/// A channel to vsocketd.
+pub trait ControlChannel: Sized {
+    /// Opens a new channel to the guest's vsocketd.
+    fn open() -> SysResult<Self>;
+    /// Sends `msg` and waits for the one reply.
+    fn exchange(&self, msg: &Message) -> SysResult<Reply>;
+    /// Receives one message (an `Incoming`, on a listener channel).
+    fn receive(&self, receive: Receive) -> SysResult<Reply>;
+    /// A descriptor that polls readable when a message (or the end of the
+    /// channel) waits: a listener sleeps on it beside its kernel socket.
+    fn fd(&self) -> RawFd;
+}
+
+/// A connection's segment, mapped in this process.
+pub trait ConnectionMemory: std::ops::Deref<Target = Segment> + Sized {
+    /// Maps end `end` of connection `info`'s segment from what came with
+    /// it, taking the parts of `delivery` that carry memory.
+    fn map(delivery: &mut Delivery, info: &ConnectionInfo, end: Endpoint) -> SysResult<Self>;
+}
+
+/// A connection's wake-ups (library-internal descriptors).
+pub struct Wakeups {
+    /// Our end of the doorbell pair: readable when the peer rang, end of
+    /// stream when every process holding the peer's end is gone.
+    pub doorbell: RawFd,
+    /// Held while this process holds the connection (-1 where no daemon
+    /// watches, in tests).
+    pub lifeline: RawFd,
+}
+
+/// The process's request channel, and the process that opened it.
+struct RequestChannel {
+    channel: Channel,
+    pid: i32,
+}
+
+static REQUESTS: Mutex<Option<RequestChannel>> = Mutex::new(None);
+
+/// Sends a request on the process's request channel and returns the reply.
+/// The channel is opened on first use and re-opened after fork (a shared
+/// one would interleave two processes' replies).
+pub fn request(msg: &Message) -> SysResult<Reply> {
+    let mut guard = REQUESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let pid = crate::sys::getpid();
+    if guard.as_ref().is_some_and(|c| c.pid != pid) {
+        // Inherited from our parent: its replies are not ours to read. Our
+        // copy of the descriptor is closed; the parent keeps its own.
+        drop(guard.take());
+    }
+    if guard.is_none() {
+        *guard = Some(RequestChannel { channel: Channel::open()?, pid });
+    }
+    let Some(requests) = guard.as_ref() else {
+        return Err(Errno(libc::EBADF));
+    };
+    let result = requests.channel.exchange(msg);
+    if result.is_err() {
+        *guard = None;
+    }
+    result
+}
