@@ -2,23 +2,26 @@
 //! linked program in a guest, it carries the program's TCP/IPv4 connections
 //! over shared memory instead of the kernel network stack.
 //!
-//! - [`addr`]: socket addresses of both families, as vSocket carries them;
-//! - [`hooks`]: the exported C functions (the only place that handles C
-//!   pointers);
-//! - [`table`]: which descriptors are managed, looked up without locks;
-//! - [`control`]: requests to `vsocketd` over the guest's control socket;
-//! - [`conn`]: one end of a connection, with TCP's semantics;
-//! - [`listener`]: listening sockets that accept kernel and vSocket clients;
-//! - [`spin`]: adaptive spinning before a sleep, knowing nothing of the
-//!   library;
-//! - [`poll`], [`epoll`]: readiness over any mix of kernel and vSocket
-//!   descriptors, seen through one seam ([`epoll::Waitable`]);
+//! From the C edge down (each module imports only those after it):
+//! - [`hooks`]: the exported C functions, each declared once with
+//!   `hook!` (the only place that handles C pointers);
+//! - [`connect`], [`accept`], [`sendfile`], [`mmsg`], [`socket`],
+//!   [`splice`]: what the calls do for managed descriptors, in safe code;
+//! - [`poll`]: poll and select over any mix of kernel and vSocket
+//!   descriptors;
 //! - [`fork`]: connections shared with children;
-//! - [`segcache`]: mappings of closed connections' segments, kept for reuse;
-//! - [`signals`]: `SA_RESTART` for blocking calls, through the program's
-//!   handlers;
-//! - [`splice`]: splice(2) between a pipe and a connection;
-//! - [`sys`]: raw system calls, so the library never re-enters its own hooks.
+//! - [`table`]: which descriptors are managed, looked up without locks;
+//! - [`epoll`]: epoll sets, which see their members through one seam
+//!   ([`epoll::Waitable`]);
+//! - [`listener`]: listening sockets that accept kernel and vSocket clients;
+//! - [`conn`]: one end of a connection, with TCP's semantics;
+//! - [`attach`]: how the process reaches `vsocketd` and how a connection's
+//!   memory and wake-ups reach it;
+//! - leaves: [`readiness`] (readiness and interest), [`spin`] (adaptive
+//!   spinning, knowing nothing of the library), [`signals`] (`SA_RESTART`
+//!   for blocking calls, through the program's handlers), [`sys`] (raw
+//!   system calls, so the library never re-enters its own hooks), [`addr`]
+//!   (socket addresses of both families).
 //!
 //! The library is inside the tenant's trust domain: it enforces nothing for
 //! the cloud. Everything it receives from the peer through shared memory is
