@@ -4,6 +4,7 @@
 use crate::attach::ControlChannel;
 use crate::conn::Blocking;
 use crate::listener::Listener;
+use crate::signals::SocketTimeout;
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
 use crate::{attach, fork, signals, socket};
@@ -69,7 +70,7 @@ pub fn accept(
                 signals::before_sleep();
                 match sys::poll(&mut pfds[..watched], -1) {
                     // A handler with SA_RESTART ran: accept goes on waiting.
-                    Err(Errno(libc::EINTR)) if signals::restart_after_interrupt(false) => continue,
+                    Err(Errno(libc::EINTR)) if signals::restart_after_interrupt(SocketTimeout::None) => continue,
                     r => {
                         r?;
                         break;

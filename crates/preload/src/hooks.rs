@@ -13,6 +13,7 @@ use crate::accept::{self, Client};
 use crate::addr::{self, Family};
 use crate::conn::{Blocking, Connection};
 use crate::mmsg::{self, Deadline, Sent};
+use crate::splice::{self, Offsets, OtherSide};
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
 use crate::{attach, connect, poll, sendfile, signals, socket};
@@ -554,10 +555,17 @@ hook! {
             return 0;
         }
         let r = match (&from, &to) {
-            (Some(conn), _) => crate::splice::check(fd_out, to.is_some(), !off_in.is_null(), !off_out.is_null(), flags)
-                .and_then(|()| with_conn(conn, |c| crate::splice::conn_to_pipe(c, fd_out, len, flags))),
-            (None, Some(conn)) => crate::splice::check(fd_in, false, !off_out.is_null(), !off_in.is_null(), flags)
-                .and_then(|()| with_conn(conn, |c| crate::splice::pipe_to_conn(fd_in, c, len, flags))),
+            (Some(conn), _) => {
+                let other = if to.is_some() { OtherSide::Connection } else { OtherSide::Descriptor(fd_out) };
+                let offsets = Offsets { conn: !off_in.is_null(), other: !off_out.is_null() };
+                splice::check(other, offsets, flags)
+                    .and_then(|()| with_conn(conn, |c| splice::conn_to_pipe(c, fd_out, len, flags)))
+            }
+            (None, Some(conn)) => {
+                let offsets = Offsets { conn: !off_out.is_null(), other: !off_in.is_null() };
+                splice::check(OtherSide::Descriptor(fd_in), offsets, flags)
+                    .and_then(|()| with_conn(conn, |c| splice::pipe_to_conn(fd_in, c, len, flags)))
+            }
             (None, None) => Err(Errno(libc::EBADF)),
         };
         ret(r)

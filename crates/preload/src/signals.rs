@@ -91,10 +91,18 @@ pub fn before_sleep() {
 
 /// After a sleep ended with EINTR: would the kernel have restarted the
 /// call? Only if every handler that ran asked for it, and the socket has no
-/// timeout for this direction (`timed`), which makes the kernel fail with
-/// EINTR whatever the flags.
-pub fn restart_after_interrupt(timed: bool) -> bool {
-    !timed && SEEN.get() == RESTART
+/// timeout for this direction, which makes the kernel fail with EINTR
+/// whatever the flags.
+pub fn restart_after_interrupt(timeout: SocketTimeout) -> bool {
+    timeout == SocketTimeout::None && SEEN.get() == RESTART
+}
+
+/// Whether the interrupted call had a socket timeout (SO_RCVTIMEO,
+/// SO_SNDTIMEO) for its direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketTimeout {
+    None,
+    Set,
 }
 
 #[cfg(test)]
@@ -115,16 +123,16 @@ mod tests {
     #[test]
     fn restart_follows_the_interrupting_handlers_flags() {
         before_sleep();
-        assert!(!restart_after_interrupt(false), "no handler ran: EINTR");
+        assert!(!restart_after_interrupt(SocketTimeout::None), "no handler ran: EINTR");
         delivered(libc::SIGUSR2, libc::SA_RESTART);
-        assert!(restart_after_interrupt(false));
-        assert!(!restart_after_interrupt(true), "a socket timeout means EINTR");
+        assert!(restart_after_interrupt(SocketTimeout::None));
+        assert!(!restart_after_interrupt(SocketTimeout::Set), "a socket timeout means EINTR");
         delivered(libc::SIGALRM, 0);
-        assert!(!restart_after_interrupt(false), "one handler without SA_RESTART: EINTR");
+        assert!(!restart_after_interrupt(SocketTimeout::None), "one handler without SA_RESTART: EINTR");
         before_sleep();
         delivered(libc::SIGALRM, 0);
         delivered(libc::SIGUSR2, libc::SA_RESTART);
-        assert!(!restart_after_interrupt(false));
+        assert!(!restart_after_interrupt(SocketTimeout::None));
     }
 
     #[test]

@@ -55,21 +55,40 @@ impl Drop for PrivatePipe {
     }
 }
 
+/// The side of a splice opposite a vSocket connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OtherSide {
+    /// Another vSocket connection.
+    Connection,
+    /// Any other descriptor (a pipe, if the call is to work).
+    Descriptor(RawFd),
+}
+
+/// The sides the caller passed an offset for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    pub conn: bool,
+    pub other: bool,
+}
+
 /// Checks what splice(2) checks before moving anything, for a call with a
-/// vSocket connection on one side and `other` on the other. `conn_offset`
-/// and `other_offset`: whether the caller passed an offset for that side.
-pub fn check(other: RawFd, other_is_conn: bool, conn_offset: bool, other_offset: bool, flags: u32) -> SysResult<()> {
+/// vSocket connection on one side and `other` on the other.
+pub fn check(other: OtherSide, offsets: Offsets, flags: u32) -> SysResult<()> {
     if flags & !(libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MORE | libc::SPLICE_F_GIFT) != 0 {
         return Err(Errno(libc::EINVAL));
     }
     // One side must be a pipe; a pipe takes no offset, a socket none either.
-    if other_is_conn || !sys::is_pipe(other)? {
+    let is_pipe = match other {
+        OtherSide::Connection => false,
+        OtherSide::Descriptor(fd) => sys::is_pipe(fd)?,
+    };
+    if !is_pipe {
         return Err(Errno(libc::EINVAL));
     }
-    if other_offset {
+    if offsets.other {
         return Err(Errno(libc::ESPIPE));
     }
-    if conn_offset {
+    if offsets.conn {
         return Err(Errno(libc::EINVAL));
     }
     Ok(())

@@ -9,7 +9,7 @@
 
 use super::{Connection, Direction};
 use crate::readiness::Interest;
-use crate::signals;
+use crate::signals::{self, SocketTimeout};
 use crate::spin::spin_thread;
 use crate::sys::{self, Errno, SysResult};
 
@@ -36,6 +36,7 @@ fn sleep(conn: &Connection, interest: Interest, mut ready: impl FnMut() -> bool)
     let direction = if interest.writes() { Direction::Send } else { Direction::Receive };
     let timeout_ms = conn.timeout_ms(direction);
     let deadline = (timeout_ms > 0).then(|| sys::now_ms() + timeout_ms);
+    let timeout = if deadline.is_some() { SocketTimeout::Set } else { SocketTimeout::None };
     loop {
         conn.arm(interest);
         if ready() {
@@ -57,7 +58,7 @@ fn sleep(conn: &Connection, interest: Interest, mut ready: impl FnMut() -> bool)
             Ok(_) => {}
             // The kernel restarts a socket call whose signal handler asked
             // for it (SA_RESTART), unless the socket has a timeout.
-            Err(Errno(libc::EINTR)) if signals::restart_after_interrupt(deadline.is_some()) => {}
+            Err(Errno(libc::EINTR)) if signals::restart_after_interrupt(timeout) => {}
             Err(e) => return Err(e),
         }
         if pfd[0].revents != 0 {

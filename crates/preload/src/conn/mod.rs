@@ -567,6 +567,10 @@ impl Drop for Connection {
     }
 }
 
+/// A call that resumes inside its buffers (after a partial transfer) keeps
+/// up to this many on the stack, as the C edge does.
+const INLINE_BUFFERS: usize = 64;
+
 /// Runs `op` on the part of `bufs` after the first `skip` bytes.
 fn advance<R>(bufs: &mut [&mut [u8]], skip: usize, op: impl FnOnce(&mut [&mut [u8]]) -> R) -> R {
     let mut skip = skip;
@@ -581,7 +585,16 @@ fn advance<R>(bufs: &mut [&mut [u8]], skip: usize, op: impl FnOnce(&mut [&mut [u
     }
     let (head, tail) = rest.split_at_mut(1);
     let head: &mut [u8] = &mut head[0][skip..];
-    let mut chunk: Vec<&mut [u8]> = Vec::with_capacity(tail.len() + 1);
+    let count = tail.len() + 1;
+    if count <= INLINE_BUFFERS {
+        let mut inline: [&mut [u8]; INLINE_BUFFERS] = std::array::from_fn(|_| <&mut [u8]>::default());
+        inline[0] = head;
+        for (slot, b) in inline[1..].iter_mut().zip(tail.iter_mut()) {
+            *slot = &mut b[..];
+        }
+        return op(&mut inline[..count]);
+    }
+    let mut chunk: Vec<&mut [u8]> = Vec::with_capacity(count);
     chunk.push(head);
     for b in tail.iter_mut() {
         chunk.push(&mut b[..]);
@@ -600,6 +613,12 @@ fn advance_const<R>(bufs: &[&[u8]], skip: usize, op: impl FnOnce(&[&[u8]]) -> R)
     let rest = &bufs[first..];
     if skip == 0 || rest.is_empty() {
         return op(rest);
+    }
+    if rest.len() <= INLINE_BUFFERS {
+        let mut inline: [&[u8]; INLINE_BUFFERS] = [&[]; INLINE_BUFFERS];
+        inline[..rest.len()].copy_from_slice(rest);
+        inline[0] = &rest[0][skip..];
+        return op(&inline[..rest.len()]);
     }
     let mut chunk: Vec<&[u8]> = Vec::with_capacity(rest.len());
     chunk.push(&rest[0][skip..]);
@@ -642,6 +661,24 @@ mod tests {
         };
         let server = Connection::new(info, Endpoint::Server, crate::addr::Family::V4, fds, Blocking::Blocking).unwrap();
         (Arc::new(client), Arc::new(server))
+    }
+
+    #[test]
+    fn resuming_inside_the_buffers_skips_what_was_moved() {
+        let (mut a, mut b, mut c) = ([0u8; 3], [0u8; 4], [0u8; 5]);
+        let mut bufs: [&mut [u8]; 3] = [&mut a, &mut b, &mut c];
+        let lens = advance(&mut bufs, 5, |rest| rest.iter().map(|r| r.len()).collect::<Vec<_>>());
+        assert_eq!(lens, vec![2, 5]);
+        let lens = advance(&mut bufs, 0, |rest| rest.iter().map(|r| r.len()).collect::<Vec<_>>());
+        assert_eq!(lens, vec![3, 4, 5]);
+        let data: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; 2]).collect();
+        let many: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
+        for skip in [1, 3, 150, 199] {
+            let rest = advance_const(&many, skip, |rest| rest.concat());
+            let whole = many.concat();
+            assert_eq!(rest, whole[skip..].to_vec());
+        }
+        assert!(advance_const(&many, 200, |rest| rest.is_empty()));
     }
 
     fn recv_all(c: &Connection, n: usize) -> Vec<u8> {
