@@ -271,4 +271,13 @@ mod tests {
         assert_eq!(roots.get("C").map(String::as_str), Some("x"));
         assert!(!roots.contains_key("D"));
     }
+
+    #[test]
+    fn the_checked_crates_have_no_import_cycles() {
+        for src in CHECKED {
+            let graph = graph(&crate::root().join(src)).unwrap();
+            assert!(graph.len() > 3, "{src}: modules found");
+            assert_eq!(cycles(&graph), Vec::<Vec<String>>::new(), "{src}: import cycles");
+        }
+    }
 }
