@@ -54,6 +54,7 @@ pub mod reports;
 pub mod sync;
 
 pub use daemon::Daemon;
+pub use vsocket_admin::paths::{admin_socket_path, guest_socket_path, netns_path};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -173,21 +174,6 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
 
 /// How often the daemon retires finished connections.
 pub const REAP_EVERY: Duration = Duration::from_millis(250);
-
-/// Where the control socket of guest `name` lives under `run_dir`.
-pub fn guest_socket_path(run_dir: &Path, name: &str) -> PathBuf {
-    run_dir.join("guests").join(format!("{name}.sock"))
-}
-
-/// Where the operator's socket lives under `run_dir`.
-pub fn admin_socket_path(run_dir: &Path) -> PathBuf {
-    run_dir.join("vsocketd.sock")
-}
-
-/// Where a network namespace named by the config is bound.
-pub fn netns_path(netns: &str) -> PathBuf {
-    Path::new("/run/netns").join(netns)
-}
 
 #[cfg(test)]
 mod tests {

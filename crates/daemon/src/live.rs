@@ -23,31 +23,16 @@ use crate::daemon::Daemon;
 use crate::guest::GuestSlot;
 use crate::policy::Policy;
 use crate::sync::lock;
-use serde::Serialize;
 use std::fmt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use vsocket_policy::{Change, Config, Document, HostConfig, PolicyChangeAction};
 
+pub use vsocket_admin::Applied;
+
 /// How errors of live edits name the document they were found in.
 pub const LIVE_ORIGIN: &str = "the running config";
-
-/// What a change did.
-#[derive(Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Applied {
-    /// Guests that appeared (control socket made).
-    pub guests_added: Vec<String>,
-    /// Guests that went (control socket and channels closed).
-    pub guests_removed: Vec<String>,
-    /// `keep` or `reset`.
-    pub on_policy_change: String,
-    /// Established connections reset because the new policy denies them.
-    pub connections_reset: usize,
-    /// What failed after the new policy was in force (a replaced guest's
-    /// control socket could not be made).
-    pub errors: Vec<String>,
-}
 
 /// Which guests a change keeps, adds and removes, by name. A guest whose
 /// VPC, addresses or namespace changed is in both `added` and `removed`.
@@ -231,7 +216,7 @@ fn apply(daemon: &Arc<Daemon>, config: Config) -> Result<Applied, ChangeError> {
     Ok(Applied {
         guests_added: diff.added,
         guests_removed: diff.removed,
-        on_policy_change: action.to_string(),
+        on_policy_change: action,
         connections_reset,
         errors,
     })

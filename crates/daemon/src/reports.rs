@@ -3,10 +3,10 @@
 
 use crate::daemon::Daemon;
 use crate::quota::Quota;
-use serde::Serialize;
-use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+pub use vsocket_admin::{ConnectionReport, GuestReport, ListenerReport};
 
 impl Daemon {
     /// A snapshot of every guest, for `vsocketctl guests`.
@@ -96,55 +96,4 @@ impl Daemon {
         });
         out
     }
-}
-
-#[derive(Debug, Serialize)]
-pub struct GuestReport {
-    pub name: String,
-    pub vpc: String,
-    pub addresses: Vec<Ipv4Addr>,
-    pub security_groups: Vec<String>,
-    pub netns: String,
-    pub channels: u64,
-    /// Live connections as the quota counts them (one inside the guest
-    /// counts once, unlike `connections_open`), and their segment bytes.
-    pub connections_live: u64,
-    pub shared_memory: u64,
-    pub max_connections: u64,
-    pub max_shared_memory: u64,
-    pub max_channels: u64,
-    /// Refusals for each quota: connects (as client or server) and channels.
-    pub exceeded_connections: u64,
-    pub exceeded_shared_memory: u64,
-    pub exceeded_channels: u64,
-    pub refused_attachments: u64,
-    pub connections_open: u64,
-    pub connections_out: u64,
-    pub connections_in: u64,
-    pub denied: u64,
-    pub fallbacks: u64,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ListenerReport {
-    pub id: u64,
-    pub guest: String,
-    pub vpc: String,
-    pub address: SocketAddrV4,
-    pub accepted: u64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ConnectionReport {
-    pub id: u64,
-    pub vpc: String,
-    pub client_guest: String,
-    pub client: SocketAddrV4,
-    pub server_guest: String,
-    pub server: SocketAddrV4,
-    pub bytes_client_to_server: u64,
-    pub bytes_server_to_client: u64,
-    pub age_seconds: f64,
 }

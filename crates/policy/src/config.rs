@@ -145,7 +145,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::de::{self, Deserializer, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cidr::{CidrError, Ipv4Cidr};
 use crate::model::{
@@ -193,6 +193,15 @@ pub fn parse_document(text: &str, origin: &Path) -> Result<(Document, Config), C
     let document = Document::from_raw(raw);
     let config = document.validate(origin)?;
     Ok((document, config))
+}
+
+/// Whom a rule allows: addresses in a block, or members of a group.
+#[derive(Debug, Clone)]
+pub enum RulePeerSpec {
+    /// `cidr`, as written (like `"10.10.0.0/24"`).
+    Cidr(String),
+    /// `group`: a security group's name.
+    Group(String),
 }
 
 /// The content of a config file as written, which live changes edit
@@ -558,16 +567,36 @@ pub(crate) struct RawSecurityGroup {
     pub(crate) egress: Vec<RawRule>,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRule {
     protocol: RawProtocol,
+    #[serde(skip_serializing_if = "Option::is_none")]
     ports: Option<RawPorts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     cidr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     group: Option<String>,
 }
 
-#[derive(Deserialize, Clone)]
+impl RawRule {
+    /// A rule as a command line spells it: `ports` as text, and its peer.
+    pub(crate) fn new(protocol: ProtocolFilter, ports: Option<String>, peer: RulePeerSpec) -> RawRule {
+        let protocol = match protocol {
+            ProtocolFilter::All => RawProtocol::All,
+            ProtocolFilter::Only(Protocol::Tcp) => RawProtocol::Tcp,
+            ProtocolFilter::Only(Protocol::Udp) => RawProtocol::Udp,
+            ProtocolFilter::Only(Protocol::Icmp) => RawProtocol::Icmp,
+        };
+        let (cidr, group) = match peer {
+            RulePeerSpec::Cidr(cidr) => (Some(cidr), None),
+            RulePeerSpec::Group(group) => (None, Some(group)),
+        };
+        RawRule { protocol, ports: ports.map(RawPorts::Text), cidr, group }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(rename_all = "lowercase")]
 enum RawProtocol {
     Tcp,
@@ -578,7 +607,8 @@ enum RawProtocol {
 
 /// `ports` as written: a string (`"6379"`, `"1000-2000"`, `"all"`) or, since
 /// that is what people type, a bare integer.
-#[derive(Clone)]
+#[derive(Serialize, Clone)]
+#[serde(untagged)]
 enum RawPorts {
     Text(String),
     Number(i64),
@@ -613,7 +643,7 @@ impl<'de> Deserialize<'de> for RawPorts {
     }
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawGuest {
     pub(crate) name: String,
@@ -621,15 +651,47 @@ pub(crate) struct RawGuest {
     addresses: Vec<String>,
     #[serde(default)]
     pub(crate) security_groups: Vec<String>,
-    netns: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) netns: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     host: Option<String>,
-    max_connections: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) max_connections: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_shared_memory: Option<RawSize>,
-    max_channels: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) max_channels: Option<i64>,
+}
+
+impl RawGuest {
+    /// A guest in `vpc` with `addresses` and no settings of its own.
+    pub(crate) fn new(name: String, vpc: String, addresses: Vec<String>, security_groups: Vec<String>) -> RawGuest {
+        RawGuest {
+            name,
+            vpc,
+            addresses,
+            security_groups,
+            netns: None,
+            host: None,
+            max_connections: None,
+            max_shared_memory: None,
+            max_channels: None,
+        }
+    }
+
+    /// Sets `max_shared_memory` from text: digits are bytes, as in the file;
+    /// anything else is a size like `"64MiB"`, validated with the guest.
+    pub(crate) fn set_max_shared_memory(&mut self, size: &str) {
+        self.max_shared_memory = Some(match size.parse::<i64>() {
+            Ok(bytes) => RawSize::Number(bytes),
+            Err(_) => RawSize::Text(size.to_owned()),
+        });
+    }
 }
 
 /// A size as written: bytes as an integer, or a string like `"64MiB"`.
-#[derive(Clone)]
+#[derive(Serialize, Clone)]
+#[serde(untagged)]
 enum RawSize {
     Text(String),
     Number(i64),

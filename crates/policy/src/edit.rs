@@ -15,22 +15,63 @@
 use std::fmt;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, Document, RawGuest, RawRule, RawSecurityGroup, Validator};
-use crate::model::{Config, Direction};
+use crate::config::{ConfigError, Document, RawGuest, RawRule, RawSecurityGroup, RulePeerSpec, Validator};
+use crate::model::{Config, Direction, ProtocolFilter};
 
 /// A security-group rule as the file writes it (`protocol`, `ports`, and one
-/// of `cidr` or `group`), deserialized from the same field names.
-#[derive(Clone, Deserialize)]
+/// of `cidr` or `group`), (de)serialized with the same field names.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(transparent)]
 pub struct RuleSpec(RawRule);
 
+impl RuleSpec {
+    /// A rule as a command line gives it: `ports` as written (`"80"`,
+    /// `"1000-2000"`, `"all"`; `None` for all), validated with the edit.
+    pub fn new(protocol: ProtocolFilter, ports: Option<String>, peer: RulePeerSpec) -> RuleSpec {
+        RuleSpec(RawRule::new(protocol, ports, peer))
+    }
+}
+
 /// A `[[guest]]` table as the file writes it (`name`, `vpc`, `addresses`,
-/// `security_groups`, `netns`), deserialized from the same field names.
-#[derive(Clone, Deserialize)]
+/// `security_groups`, `netns`), (de)serialized with the same field names.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(transparent)]
 pub struct GuestSpec(RawGuest);
+
+impl GuestSpec {
+    /// A guest with its VPC, addresses (as written) and security groups;
+    /// everything else defaults as in a file.
+    pub fn new(name: String, vpc: String, addresses: Vec<String>, security_groups: Vec<String>) -> GuestSpec {
+        GuestSpec(RawGuest::new(name, vpc, addresses, security_groups))
+    }
+
+    /// Its network namespace (default `vs-NAME`).
+    pub fn with_netns(mut self, netns: String) -> GuestSpec {
+        self.0.netns = Some(netns);
+        self
+    }
+
+    /// Its quota of live connections.
+    pub fn with_max_connections(mut self, connections: i64) -> GuestSpec {
+        self.0.max_connections = Some(connections);
+        self
+    }
+
+    /// Its quota of shared memory, as text: digits are bytes, as in the
+    /// file; anything else is a size like `"64MiB"`.
+    pub fn with_max_shared_memory(mut self, size: &str) -> GuestSpec {
+        self.0.set_max_shared_memory(size);
+        self
+    }
+
+    /// Its quota of control channels.
+    pub fn with_max_channels(mut self, channels: i64) -> GuestSpec {
+        self.0.max_channels = Some(channels);
+        self
+    }
+}
 
 impl fmt::Debug for RuleSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -45,7 +86,7 @@ impl fmt::Debug for GuestSpec {
 }
 
 /// One live edit of the policy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Change {
     /// Appends a rule to a security group's ingress or egress rules.

@@ -29,7 +29,7 @@ pub mod evaluate;
 pub mod model;
 
 pub use cidr::Ipv4Cidr;
-pub use config::{load, load_document, parse, parse_document, ConfigError, Document};
+pub use config::{load, load_document, parse, parse_document, ConfigError, Document, RulePeerSpec};
 pub use edit::{Change, ChangeError, GuestSpec, RuleSpec};
 pub use evaluate::{evaluate, Decider, Flow, Verdict};
 pub use model::{

@@ -269,7 +269,8 @@ impl FabricConfig {
 }
 
 /// How two hosts' daemons carry connections to each other.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FabricKind {
     /// Kernel TCP between the daemons.
     Tcp,
@@ -365,7 +366,8 @@ impl HostConfig {
 }
 
 /// How a connect denied by policy fails, as seen by the guest's program.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DenyAction {
     /// Silently drop, like a cloud firewall: the connect never completes and
     /// the program eventually sees `ETIMEDOUT` (or gives up first).
@@ -386,7 +388,8 @@ impl fmt::Display for DenyAction {
 
 /// What a live policy change (`vsocketctl`, `vsocketctl reload`) does to
 /// established connections that the new policy would not allow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PolicyChangeAction {
     /// Leave them be, as cloud security groups leave tracked connections:
     /// only new connections follow the new rules.
@@ -465,7 +468,7 @@ impl SecurityGroup {
 }
 
 /// Which end of a connection a rule (or a denial) applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// The client's side: its groups' egress rules.

@@ -263,7 +263,10 @@ mod tests {
     use super::*;
 
     fn key(text: &str) -> FabricKey {
-        let path = std::env::temp_dir().join(format!("vsocket-link-{}-{text}", std::process::id()));
+        // One file per call: tests run in parallel, some with the same key.
+        static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("vsocket-link-{}-{call}", std::process::id()));
         std::fs::write(&path, text).unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let config = vsocket_policy::FabricConfig {

@@ -25,9 +25,10 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use vsocket_abi::fabric::{Frame, Origin, Refusal};
 use vsocket_abi::layout::Endpoint;
+pub use vsocket_admin::PeerStatus;
 use vsocket_policy::{Config, FabricKind};
 use vsocket_ring::Segment;
 use vsocket_sys::Epoll;
@@ -114,8 +115,8 @@ pub trait Transport: Send {
     /// Called a few times a second: a chance to start what had to wait
     /// (the default does nothing).
     fn maintain(&mut self, _epoll: &Epoll) {}
-    /// "tcp" or "ucx".
-    fn describe(&self) -> &'static str;
+    /// Which kind of fabric this transport carries.
+    fn describe(&self) -> FabricKind;
 }
 
 /// What the client's host asks of the server's host.
@@ -155,61 +156,6 @@ pub(crate) enum Command {
     Cancel { peer: String, id: u64 },
     Accepted { peer: usize, id: u64, conn: NewConn, window: u32 },
     Refused { peer: usize, id: u64, refusal: Refusal },
-}
-
-/// One fabric peer as `vsocketctl peers` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PeerStatus {
-    pub name: String,
-    pub address: String,
-    pub transport: &'static str,
-    /// "up" or "down".
-    pub state: &'static str,
-    /// When the state last changed, seconds since the epoch.
-    #[serde(serialize_with = "epoch_seconds")]
-    pub since: Option<SystemTime>,
-    pub links_up: u64,
-    pub connections: u64,
-    /// Connections this host opened to the peer, and accepted from it.
-    pub opened: u64,
-    pub accepted: u64,
-    pub frames_sent: u64,
-    pub frames_received: u64,
-    /// Stream bytes (data frames' payloads).
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    /// Connections reset because their guest's ring was corrupt.
-    pub corrupt: u64,
-    pub last_error: Option<String>,
-}
-
-fn epoch_seconds<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
-    match t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()) {
-        Some(d) => s.serialize_some(&d.as_secs()),
-        None => s.serialize_none(),
-    }
-}
-
-impl PeerStatus {
-    fn new(name: &str, address: SocketAddr, transport: &'static str) -> PeerStatus {
-        PeerStatus {
-            name: name.into(),
-            address: address.to_string(),
-            transport,
-            state: "down",
-            since: None,
-            links_up: 0,
-            connections: 0,
-            opened: 0,
-            accepted: 0,
-            frames_sent: 0,
-            frames_received: 0,
-            bytes_sent: 0,
-            bytes_received: 0,
-            corrupt: 0,
-            last_error: None,
-        }
-    }
 }
 
 /// What the fabric asks of the daemon: whether to take a connection that
@@ -274,13 +220,15 @@ impl Fabric {
                     std::io::Error::new(e.kind(), format!("fabric (ucx) listen on {}: {e}", me.address))
                 })?),
                 #[cfg(not(feature = "ucx"))]
-                FabricKind::Ucx => return Err(std::io::Error::new(
-                    std::io::ErrorKind::Unsupported,
-                    format!(
+                FabricKind::Ucx => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::Unsupported,
+                        format!(
                         "{}: fabric.kind: \"ucx\" needs a vsocketd built with the ucx feature (this one has tcp only)",
                         origin.display()
                     ),
-                )),
+                    ))
+                }
             };
         let (tx, rx) = mpsc::channel();
         let bell = vsocket_sys::eventfd()?;

@@ -26,6 +26,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vsocket_abi::fabric::{Frame, Origin, Refusal, MAX_PAYLOAD, VERSION};
+use vsocket_admin::LinkState;
+use vsocket_policy::FabricKind;
 
 pub use super::link::LINK_TIMEOUT;
 use super::link::PING_EVERY;
@@ -111,7 +113,7 @@ pub struct Relay {
     /// Frames sent, and links closed, while the transport was out.
     outbox: Vec<(LinkId, Vec<u8>)>,
     closing: Vec<LinkId>,
-    kind: &'static str,
+    kind: FabricKind,
     /// This host, its peers' names and addresses, and the fabric key.
     hosts: Hosts,
     peers: Vec<Peer>,
@@ -495,7 +497,7 @@ impl Relay {
         }
         self.peers[p].link = None;
         let status = &mut self.peers[p].status;
-        status.state = "down";
+        status.state = LinkState::Down;
         status.since = Some(std::time::SystemTime::now());
         status.last_error = Some(why.clone());
         let indices: Vec<usize> = self.keys.iter().filter(|(k, _)| k.0 == p).map(|(_, i)| *i).collect();
@@ -623,11 +625,11 @@ impl Relay {
         }
         let peer = &mut self.peers[p];
         peer.link = Some(link);
-        peer.status.state = "up";
+        peer.status.state = LinkState::Up;
         peer.status.since = Some(std::time::SystemTime::now());
         peer.status.links_up += 1;
         peer.status.last_error = None;
-        tracing::info!(peer = %peer.name, transport = self.kind, "fabric link up");
+        tracing::info!(peer = %peer.name, transport = %self.kind, "fabric link up");
     }
 
     fn command(&mut self, command: Command) {

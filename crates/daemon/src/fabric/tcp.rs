@@ -20,6 +20,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::Duration;
 use vsocket_abi::fabric::{DataStart, Frame, Origin, HEADER, MAX_CONTROL};
+use vsocket_policy::FabricKind;
 use vsocket_sys::Epoll;
 
 /// How long a dial may take before it counts as failed.
@@ -407,8 +408,8 @@ impl Transport for TcpTransport {
         true
     }
 
-    fn describe(&self) -> &'static str {
-        "tcp"
+    fn describe(&self) -> FabricKind {
+        FabricKind::Tcp
     }
 }
 

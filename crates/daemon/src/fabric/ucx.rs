@@ -13,6 +13,7 @@ use super::{Events, LinkEvent, LinkId, Transport, TOKEN_POLL};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use vsocket_abi::fabric::{Frame, Origin, HEADER};
+use vsocket_policy::FabricKind;
 use vsocket_sys::Epoll;
 use vsocket_ucx::{CloseMode, EpId, Event, Worker};
 
@@ -319,7 +320,7 @@ impl Transport for UcxTransport {
         }
     }
 
-    fn describe(&self) -> &'static str {
-        "ucx"
+    fn describe(&self) -> FabricKind {
+        FabricKind::Ucx
     }
 }
