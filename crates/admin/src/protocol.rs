@@ -7,6 +7,7 @@
 //! in sorted order ([`encode`]), as the socket has always carried them.
 
 use crate::report::{Applied, ConnectionReport, GuestReport, ListenerReport, PeerStatus, StatusReport};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// A request to the daemon.
@@ -71,4 +72,14 @@ pub fn encode<T: Serialize>(message: &T) -> serde_json::Result<String> {
     // A `Value`'s objects keep their keys sorted: going through one writes
     // the same bytes whatever order a type declares its fields in.
     Ok(serde_json::to_value(message)?.to_string())
+}
+
+/// A reply line read as `R`, the type of the request's reply, or as the
+/// daemon's refusal (`{"error": ...}`, which no reply type has).
+pub fn decode_reply<R: DeserializeOwned>(line: &str) -> serde_json::Result<Result<R, Refusal>> {
+    let reply: serde_json::Value = serde_json::from_str(line)?;
+    if reply.get("error").is_some() {
+        return Refusal::deserialize(reply).map(Err);
+    }
+    R::deserialize(reply).map(Ok)
 }

@@ -408,7 +408,7 @@ pub fn status(config: &Config) -> Result<Vec<NamespaceStatus>, LabError> {
 }
 
 fn netns_exists(netns: &str) -> bool {
-    vsocketd::netns_path(netns).exists()
+    vsocket_admin::netns_path(netns).exists()
 }
 
 /// The `eth0` of namespace `netns`, or `None` if it has none.

@@ -210,7 +210,7 @@ pub fn exec(launch: &Launch) -> RunError {
         }
     }
 
-    let netns = vsocketd::netns_path(&netns_name);
+    let netns = vsocket_admin::netns_path(&netns_name);
     if let Err(source) = vsocket_sys::enter_netns(&netns) {
         return if source.kind() == io::ErrorKind::NotFound {
             RunError::NoNamespace { guest: name, netns: netns_name }
@@ -272,7 +272,7 @@ pub fn guest_env(config: &Config, guest: GuestId) -> Vec<(String, String)> {
 }
 
 fn guest_env_named(run_dir: &Path, name: &str) -> Vec<(String, String)> {
-    let control = vsocketd::guest_socket_path(run_dir, name);
+    let control = vsocket_admin::guest_socket_path(run_dir, name);
     vec![
         // run_dir came from a TOML string, so the path is valid UTF-8.
         (CONTROL_ENV.to_owned(), control.to_string_lossy().into_owned()),
@@ -284,16 +284,10 @@ fn guest_env_named(run_dir: &Path, name: &str) -> Vec<(String, String)> {
 /// (its admin socket, readable by root only, as `vsocket run` runs), if it
 /// does.
 fn live_guest(config: &Config, name: &str) -> Option<(String, String)> {
-    use std::io::{BufRead, BufReader, Write};
-    let path = vsocketd::admin_socket_path(&config.host().run_dir);
-    let mut stream = std::os::unix::net::UnixStream::connect(path).ok()?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
-    writeln!(stream, "{}", serde_json::json!({ "command": "guests" })).ok()?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).ok()?;
-    let guests: serde_json::Value = serde_json::from_str(&line).ok()?;
-    let guest = guests.as_array()?.iter().find(|g| g["name"] == name)?;
-    Some((name.to_owned(), guest["netns"].as_str()?.to_owned()))
+    let path = vsocket_admin::admin_socket_path(&config.host().run_dir);
+    let client = vsocket_admin::Client::new(path).with_timeout(std::time::Duration::from_secs(5));
+    let guest = client.guests().ok()?.into_iter().find(|g| g.name == name)?;
+    Some((guest.name, guest.netns))
 }
 
 /// The `LD_PRELOAD` value that loads `library` first, before the entries of

@@ -2,12 +2,14 @@
 #![forbid(unsafe_code)]
 
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::fmt;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use vsocket_admin::{Applied, Client, ClientError};
 use vsocket_cli::rates;
+use vsocket_policy::{Change, Direction, GuestSpec, Protocol, ProtocolFilter, RulePeerSpec, RuleSpec};
 
 /// Shows what vsocketd knows (guests, listeners and connections with their
 /// byte counts) and changes its policy live: security-group rules, guests'
@@ -81,6 +83,14 @@ enum DirectionArg {
     Egress,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    Tcp,
+    Udp,
+    Icmp,
+    All,
+}
+
 #[derive(Debug, ClapArgs)]
 struct RuleArgs {
     /// The security group.
@@ -89,7 +99,7 @@ struct RuleArgs {
     /// connect to).
     direction: DirectionArg,
     /// tcp, udp, icmp or all.
-    protocol: String,
+    protocol: ProtocolArg,
     /// A port, a range like 1000-2000, or all (the default).
     ports: Option<String>,
     /// The peer: addresses in this block (like 10.10.0.0/24).
@@ -144,34 +154,40 @@ enum GuestAction {
     Remove { name: String },
 }
 
-/// The admin request for a live change, as JSON.
-fn change_request(command: &Command) -> Option<Value> {
-    use serde_json::json;
-    let rule = |op: &str, r: &RuleArgs| {
-        let mut rule = json!({ "protocol": r.protocol });
-        if let Some(ports) = &r.ports {
-            rule["ports"] = json!(ports);
-        }
-        if let Some(cidr) = &r.cidr {
-            rule["cidr"] = json!(cidr);
-        }
-        if let Some(group) = &r.peer_group {
-            rule["group"] = json!(group);
-        }
+/// The live change a command asks for, if it asks for one.
+fn change_request(command: &Command) -> Option<Change> {
+    let rule = |r: &RuleArgs| {
         let direction = match r.direction {
-            DirectionArg::Ingress => "ingress",
-            DirectionArg::Egress => "egress",
+            DirectionArg::Ingress => Direction::Ingress,
+            DirectionArg::Egress => Direction::Egress,
         };
-        json!({ "op": op, "group": r.group, "direction": direction, "rule": rule })
+        let protocol = match r.protocol {
+            ProtocolArg::Tcp => ProtocolFilter::Only(Protocol::Tcp),
+            ProtocolArg::Udp => ProtocolFilter::Only(Protocol::Udp),
+            ProtocolArg::Icmp => ProtocolFilter::Only(Protocol::Icmp),
+            ProtocolArg::All => ProtocolFilter::All,
+        };
+        // clap requires one of the two.
+        let peer = match (&r.cidr, &r.peer_group) {
+            (Some(cidr), _) => RulePeerSpec::Cidr(cidr.clone()),
+            (None, group) => RulePeerSpec::Group(group.clone().unwrap_or_default()),
+        };
+        (r.group.clone(), direction, RuleSpec::new(protocol, r.ports.clone(), peer))
     };
-    let change = match command {
-        Command::Rule { action: RuleAction::Add(r) } => rule("add_rule", r),
-        Command::Rule { action: RuleAction::Remove(r) } => rule("remove_rule", r),
+    Some(match command {
+        Command::Rule { action: RuleAction::Add(r) } => {
+            let (group, direction, rule) = rule(r);
+            Change::AddRule { group, direction, rule }
+        }
+        Command::Rule { action: RuleAction::Remove(r) } => {
+            let (group, direction, rule) = rule(r);
+            Change::RemoveRule { group, direction, rule }
+        }
         Command::Member { action: MemberAction::Add { guest, group } } => {
-            json!({ "op": "add_membership", "guest": guest, "group": group })
+            Change::AddMembership { guest: guest.clone(), group: group.clone() }
         }
         Command::Member { action: MemberAction::Remove { guest, group } } => {
-            json!({ "op": "remove_membership", "guest": guest, "group": group })
+            Change::RemoveMembership { guest: guest.clone(), group: group.clone() }
         }
         Command::Guest {
             action:
@@ -186,162 +202,214 @@ fn change_request(command: &Command) -> Option<Value> {
                     max_channels,
                 },
         } => {
-            let mut guest =
-                json!({ "name": name, "vpc": vpc, "addresses": addresses, "security_groups": security_groups });
+            let mut guest = GuestSpec::new(name.clone(), vpc.clone(), addresses.clone(), security_groups.clone());
             if let Some(netns) = netns {
-                guest["netns"] = json!(netns);
+                guest = guest.with_netns(netns.clone());
             }
             if let Some(n) = max_connections {
-                guest["max_connections"] = json!(n);
+                guest = guest.with_max_connections(*n);
             }
             if let Some(size) = max_shared_memory {
-                // A plain number is bytes, as in the file; anything else is
-                // a size string ("64MiB") the daemon validates.
-                guest["max_shared_memory"] = match size.parse::<i64>() {
-                    Ok(bytes) => json!(bytes),
-                    Err(_) => json!(size),
-                };
+                guest = guest.with_max_shared_memory(size);
             }
             if let Some(n) = max_channels {
-                guest["max_channels"] = json!(n);
+                guest = guest.with_max_channels(*n);
             }
-            json!({ "op": "add_guest", "guest": guest })
+            Change::AddGuest { guest }
         }
-        Command::Guest { action: GuestAction::Remove { name } } => json!({ "op": "remove_guest", "name": name }),
-        Command::Reload => return Some(json!({ "command": "reload" })),
+        Command::Guest { action: GuestAction::Remove { name } } => Change::RemoveGuest { name: name.clone() },
         _ => return None,
-    };
-    Some(json!({ "command": "change", "change": change }))
+    })
 }
 
-fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
-    eprintln!("vsocketctl: {msg}");
-    std::process::exit(code)
+/// Why vsocketctl stopped.
+#[derive(Debug)]
+enum CtlError {
+    /// `{0}`: the config file that locates the daemon is unreadable.
+    Config(vsocket_policy::ConfigError),
+    /// `--interval {0}: expected seconds, more than 0 and at most 3600`
+    Interval(f64),
+    /// `{0}`: the daemon did not answer, or refused.
+    Daemon(ClientError),
+    /// `cannot print the daemon's reply: {0}`
+    Print(serde_json::Error),
+}
+
+impl fmt::Display for CtlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Config(e) => e.fmt(f),
+            Self::Interval(interval) => {
+                write!(f, "--interval {interval}: expected seconds, more than 0 and at most 3600")
+            }
+            Self::Daemon(e) => e.fmt(f),
+            Self::Print(e) => write!(f, "cannot print the daemon's reply: {e}"),
+        }
+    }
+}
+
+impl From<ClientError> for CtlError {
+    fn from(e: ClientError) -> CtlError {
+        CtlError::Daemon(e)
+    }
+}
+
+impl CtlError {
+    /// 2 for what the command line got wrong, 1 for what the daemon said.
+    fn exit_status(&self) -> i32 {
+        match self {
+            Self::Config(_) | Self::Interval(_) => 2,
+            Self::Daemon(_) | Self::Print(_) => 1,
+        }
+    }
 }
 
 fn main() {
     let args = Args::parse();
-    let run_dir = match (&args.run_dir, &args.config) {
+    if let Err(e) = run(args) {
+        eprintln!("vsocketctl: {e}");
+        std::process::exit(e.exit_status());
+    }
+}
+
+/// The daemon's run directory, from the arguments.
+fn run_dir(args: &Args) -> Result<PathBuf, CtlError> {
+    Ok(match (&args.run_dir, &args.config) {
         (Some(dir), _) => dir.clone(),
         (None, Some(file)) => match vsocket_policy::load(file) {
             Ok(c) => c.host().run_dir.clone(),
             // `reload` must reach the daemon to hear what is wrong with the
             // file (and leave the policy in force as it is).
-            Err(_) if matches!(args.command, Command::Reload) => vsocket_policy::config::run_dir_of(file)
-                .unwrap_or_else(|| {
-                    fail(2, vsocket_policy::load(file).err().map(|e| e.to_string()).unwrap_or_default())
-                }),
-            Err(e) => fail(2, e),
+            Err(e) if matches!(args.command, Command::Reload) => {
+                vsocket_policy::config::run_dir_of(file).ok_or(CtlError::Config(e))?
+            }
+            Err(e) => return Err(CtlError::Config(e)),
         },
         (None, None) => PathBuf::from(vsocket_policy::model::HostConfig::DEFAULT_RUN_DIR),
-    };
-    let path = vsocketd::admin_socket_path(&run_dir);
-    if let Some(request) = change_request(&args.command) {
-        return live_change(&path, &request, args.json);
+    })
+}
+
+const GUEST_COLUMNS: &[&str] = &[
+    "name",
+    "vpc",
+    "addresses",
+    "netns",
+    "channels",
+    "connections_open",
+    "connections_out",
+    "connections_in",
+    "denied",
+    "fallbacks",
+    "refused_attachments",
+    "connections_live",
+    "max_connections",
+    "shared_memory",
+    "max_shared_memory",
+    "max_channels",
+    "exceeded_connections",
+    "exceeded_shared_memory",
+    "exceeded_channels",
+    "bytes_sent",
+    "bytes_received",
+];
+
+const LISTENER_COLUMNS: &[&str] = &["id", "guest", "vpc", "address", "accepted"];
+
+const PEER_COLUMNS: &[&str] = &[
+    "name",
+    "address",
+    "transport",
+    "state",
+    "links_up",
+    "connections",
+    "opened",
+    "accepted",
+    "bytes_sent",
+    "bytes_received",
+    "last_error",
+];
+
+const CONNECTION_COLUMNS: &[&str] = &[
+    "id",
+    "vpc",
+    "client_guest",
+    "client",
+    "server_guest",
+    "server",
+    "bytes_client_to_server",
+    "bytes_server_to_client",
+    "age_seconds",
+];
+
+fn run(args: Args) -> Result<(), CtlError> {
+    let client = Client::new(vsocket_admin::admin_socket_path(&run_dir(&args)?));
+    if let Some(change) = change_request(&args.command) {
+        return show_applied(&client.change(change)?, args.json);
     }
-    let command = match args.command {
-        Command::Status => "status",
-        Command::Guests => "guests",
-        Command::Listeners => "listeners",
-        Command::Connections => "connections",
-        Command::Peers => "peers",
-        Command::Rates { interval } => return rates(&path, interval, args.json),
-        _ => unreachable!("live changes are handled above"),
-    };
-    let reply = checked_query(&path, command);
-    if args.json {
-        println!("{reply}");
-        return;
-    }
-    match command {
-        "status" => {
-            for (k, v) in reply.as_object().into_iter().flatten() {
-                println!("{k}: {}", plain(v));
+    match args.command {
+        Command::Status => {
+            let status = value(&client.status()?)?;
+            if args.json {
+                println!("{status}");
+            } else {
+                for (k, v) in status.as_object().into_iter().flatten() {
+                    println!("{k}: {}", plain(v));
+                }
             }
+            Ok(())
         }
-        "guests" => table(
-            &reply,
-            &[
-                "name",
-                "vpc",
-                "addresses",
-                "netns",
-                "channels",
-                "connections_open",
-                "connections_out",
-                "connections_in",
-                "denied",
-                "fallbacks",
-                "refused_attachments",
-                "connections_live",
-                "max_connections",
-                "shared_memory",
-                "max_shared_memory",
-                "max_channels",
-                "exceeded_connections",
-                "exceeded_shared_memory",
-                "exceeded_channels",
-                "bytes_sent",
-                "bytes_received",
-            ],
-        ),
-        "listeners" => table(&reply, &["id", "guest", "vpc", "address", "accepted"]),
-        "peers" => table(
-            &reply,
-            &[
-                "name",
-                "address",
-                "transport",
-                "state",
-                "links_up",
-                "connections",
-                "opened",
-                "accepted",
-                "bytes_sent",
-                "bytes_received",
-                "last_error",
-            ],
-        ),
-        _ => table(
-            &reply,
-            &[
-                "id",
-                "vpc",
-                "client_guest",
-                "client",
-                "server_guest",
-                "server",
-                "bytes_client_to_server",
-                "bytes_server_to_client",
-                "age_seconds",
-            ],
-        ),
+        Command::Guests => show_rows(&client.guests()?, GUEST_COLUMNS, args.json),
+        Command::Listeners => show_rows(&client.listeners()?, LISTENER_COLUMNS, args.json),
+        Command::Connections => show_rows(&client.connections()?, CONNECTION_COLUMNS, args.json),
+        Command::Peers => show_rows(&client.peers()?, PEER_COLUMNS, args.json),
+        Command::Rates { interval } => show_rates(&client, interval, args.json),
+        Command::Reload => show_applied(&client.reload()?, args.json),
+        Command::Rule { .. } | Command::Member { .. } | Command::Guest { .. } => {
+            unreachable!("live changes are handled above")
+        }
     }
 }
 
-/// `vsocketctl rates`: samples connections and guests twice.
-fn rates(path: &Path, interval: f64, json: bool) {
-    if !(interval.is_finite() && interval > 0.0 && interval <= 3600.0) {
-        fail(2, format!("--interval {interval}: expected seconds, more than 0 and at most 3600"));
+/// A reply as JSON: objects with their keys sorted, as `--json` prints them
+/// and the tables read them.
+fn value<T: Serialize>(reply: &T) -> Result<Value, CtlError> {
+    serde_json::to_value(reply).map_err(CtlError::Print)
+}
+
+/// A list reply: as JSON, or as a table of `columns`.
+fn show_rows<T: Serialize>(rows: &[T], columns: &[&str], json: bool) -> Result<(), CtlError> {
+    let rows = value(&rows)?;
+    if json {
+        println!("{rows}");
+    } else {
+        table(&rows, columns);
     }
-    let sample = || {
+    Ok(())
+}
+
+/// `vsocketctl rates`: samples connections and guests twice.
+fn show_rates(client: &Client, interval: f64, json: bool) -> Result<(), CtlError> {
+    if !(interval.is_finite() && interval > 0.0 && interval <= 3600.0) {
+        return Err(CtlError::Interval(interval));
+    }
+    let sample = || -> Result<_, ClientError> {
         let start = Instant::now();
-        let connections = checked_query(path, "connections");
-        let guests = checked_query(path, "guests");
-        (start, connections, guests)
+        let connections = client.connections()?;
+        let guests = client.guests()?;
+        Ok((start, connections, guests))
     };
-    let (first, connections_before, guests_before) = sample();
+    let (first, connections_before, guests_before) = sample()?;
     std::thread::sleep(Duration::from_secs_f64(interval));
-    let (second, connections_after, guests_after) = sample();
+    let (second, connections_after, guests_after) = sample()?;
     let seconds = second.duration_since(first).as_secs_f64();
-    let connections = Value::from(rates::connection_rates(&connections_before, &connections_after, seconds));
-    let guests = Value::from(rates::guest_rates(&guests_before, &guests_after, seconds));
+    let connections = value(&rates::connection_rates(&connections_before, &connections_after, seconds))?;
+    let guests = value(&rates::guest_rates(&guests_before, &guests_after, seconds))?;
     if json {
         println!(
             "{}",
             serde_json::json!({ "interval_seconds": seconds, "connections": connections, "guests": guests })
         );
-        return;
+        return Ok(());
     }
     println!("over {seconds:.2} s, bytes per second:");
     table(&guests, &["name", "vpc", "connections_open", "sent_bytes_per_second", "received_bytes_per_second"]);
@@ -359,61 +427,28 @@ fn rates(path: &Path, interval: f64, json: bool) {
             "server_to_client_bytes_per_second",
         ],
     );
+    Ok(())
 }
 
-/// Sends a live change; prints what changed, or fails with the daemon's
-/// reason (the policy in force is then unchanged).
-fn live_change(path: &Path, request: &Value, json: bool) {
-    let reply = request_reply(path, request)
-        .unwrap_or_else(|e| fail(1, format!("{}: {e} (is vsocketd running?)", path.display())));
-    if let Some(err) = reply.get("error") {
-        fail(1, plain(err));
-    }
+/// What a live change or a reload did (a refusal, the policy in force
+/// unchanged, is an error before this).
+fn show_applied(applied: &Applied, json: bool) -> Result<(), CtlError> {
     if json {
-        println!("{reply}");
-        return;
+        println!("{}", value(applied)?);
+        return Ok(());
     }
-    let list = |key: &str| plain(&reply[key]);
+    let names = |list: &[String]| if list.is_empty() { "none".into() } else { list.join(",") };
     println!(
         "policy changed: guests added: {}; guests removed: {}; on_policy_change = {}: {} connection(s) reset",
-        if reply["guests_added"].as_array().is_some_and(|a| !a.is_empty()) {
-            list("guests_added")
-        } else {
-            "none".into()
-        },
-        if reply["guests_removed"].as_array().is_some_and(|a| !a.is_empty()) {
-            list("guests_removed")
-        } else {
-            "none".into()
-        },
-        list("on_policy_change"),
-        list("connections_reset"),
+        names(&applied.guests_added),
+        names(&applied.guests_removed),
+        applied.on_policy_change,
+        applied.connections_reset,
     );
-    for error in reply["errors"].as_array().into_iter().flatten() {
-        eprintln!("vsocketctl: {}", plain(error));
+    for error in &applied.errors {
+        eprintln!("vsocketctl: {error}");
     }
-}
-
-/// A query whose failure ends the program.
-fn checked_query(path: &Path, command: &str) -> Value {
-    let reply =
-        query(path, command).unwrap_or_else(|e| fail(1, format!("{}: {e} (is vsocketd running?)", path.display())));
-    if let Some(err) = reply.get("error") {
-        fail(1, err);
-    }
-    reply
-}
-
-fn query(path: &Path, command: &str) -> std::io::Result<Value> {
-    request_reply(path, &serde_json::json!({ "command": command }))
-}
-
-fn request_reply(path: &Path, request: &Value) -> std::io::Result<Value> {
-    let mut stream = UnixStream::connect(path)?;
-    writeln!(stream, "{request}")?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    Ok(())
 }
 
 fn plain(v: &Value) -> String {
