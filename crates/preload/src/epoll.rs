@@ -17,12 +17,12 @@ use crate::attach::ControlChannel;
 use crate::conn::{Connection, Dropped, EdgeSnapshot, MAX_SLEEP_MS};
 use crate::listener::Listener;
 use crate::readiness::{Interest, Readiness};
-use crate::spin::Spinner;
 use crate::sys::{self, Errno, SysResult};
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use vsocket_ring::spin::Spinner;
 
 /// The high bits of tokens: never a user-space pointer (non-canonical on
 /// x86-64 and arm64), and salted per process.

@@ -17,11 +17,11 @@
 //! - [`conn`]: one end of a connection, with TCP's semantics;
 //! - [`attach`]: how the process reaches `vsocketd` and how a connection's
 //!   memory and wake-ups reach it;
-//! - leaves: [`readiness`] (readiness and interest), [`spin`] (adaptive
-//!   spinning, knowing nothing of the library), [`signals`] (`SA_RESTART`
+//! - leaves: [`readiness`] (readiness and interest), [`signals`] (`SA_RESTART`
 //!   for blocking calls, through the program's handlers), [`sys`] (raw
 //!   system calls, so the library never re-enters its own hooks), [`addr`]
-//!   (socket addresses of both families).
+//!   (socket addresses of both families); adaptive spinning before a sleep
+//!   is `vsocket_ring::spin`, shared with the daemon's fabric relay.
 //!
 //! The library is inside the tenant's trust domain: it enforces nothing for
 //! the cloud. Everything it receives from the peer through shared memory is
@@ -44,7 +44,6 @@ mod readiness;
 mod sendfile;
 mod signals;
 mod socket;
-mod spin;
 mod splice;
 #[allow(unsafe_code)]
 mod sys;

@@ -8,7 +8,6 @@
 use crate::addr::Family;
 use crate::attach::{Channel, ControlChannel, Receive};
 use crate::conn::{Blocking, Connection, Direction};
-use crate::spin::Spinner;
 use crate::sys::{self, Errno, SysResult};
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
@@ -16,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use vsocket_abi::control::Message;
 use vsocket_abi::layout::Endpoint;
+use vsocket_ring::spin::Spinner;
 
 pub struct Listener {
     /// The listener channel (library-internal; closing it, when the

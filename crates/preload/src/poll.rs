@@ -11,10 +11,10 @@ use crate::attach::ControlChannel;
 use crate::conn::MAX_SLEEP_MS;
 use crate::epoll::Waitable;
 use crate::readiness::{Interest, Readiness};
-use crate::spin::Spinner;
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
 use std::sync::Arc;
+use vsocket_ring::spin::Spinner;
 
 const POLL_IN: i16 = libc::POLLIN | libc::POLLRDNORM;
 const POLL_OUT: i16 = libc::POLLOUT | libc::POLLWRNORM;

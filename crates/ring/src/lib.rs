@@ -5,7 +5,8 @@
 //! - [`ring`]: the producer and consumer views of one ring, including the
 //!   wake-up protocol (a waiter arms a flag; the other side wakes it only if
 //!   the flag is armed, so a busy connection makes no wake-up syscalls);
-//! - [`segment`]: a connection's two sealed memfd halves, one per end, each holding the ring that end produces.
+//! - [`segment`]: a connection's two sealed memfd halves, one per end, each holding the ring that end produces;
+//! - [`spin`]: adaptive spinning before a sleep, for whoever waits on a ring.
 //!
 //! The other process may write anything, at any time, anywhere in the shared
 //! segment. The consumer and producer therefore keep the ring size to
@@ -28,6 +29,8 @@ pub mod ring;
 #[cfg(not(loom))]
 #[allow(unsafe_code)]
 pub mod segment;
+#[cfg(not(loom))]
+pub mod spin;
 mod sync;
 
 pub use ring::{

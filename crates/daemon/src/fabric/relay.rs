@@ -31,11 +31,14 @@ use vsocket_policy::FabricKind;
 
 pub use super::link::LINK_TIMEOUT;
 use super::link::PING_EVERY;
+use vsocket_ring::spin::Spinner;
 use vsocket_ring::{RxState, Segment};
 use vsocket_sys::Epoll;
 
 /// How often a host dials a peer that is down.
 const DIAL_EVERY: Duration = Duration::from_secs(1);
+/// The longest the relay watches a guest's ring for an answer.
+const ANSWER_SPIN_NS: u32 = 100_000;
 /// Past this many bytes waiting on a link, guests' rings are not read.
 const HIGH_WATER: usize = 4 << 20;
 
@@ -128,7 +131,8 @@ pub struct Relay {
     blocked: Vec<usize>,
     /// Connections whose guest was just handed bytes: it may answer soon.
     answered: Vec<usize>,
-    spin: Spin,
+    /// How long to watch for a guest's answer (see `await_answers`).
+    spin: Spinner,
     status: Arc<Mutex<Vec<PeerStatus>>>,
     /// When the relay last moved stream bytes (either way), and how long
     /// after that it polls rather than sleeps (`[fabric] busy_poll_us`):
@@ -186,7 +190,7 @@ impl Relay {
             dirty: Vec::new(),
             blocked: Vec::new(),
             answered: Vec::new(),
-            spin: Spin::default(),
+            spin: Spinner::with_budget(ANSWER_SPIN_NS),
             status,
             active: Instant::now(),
             poll_for,
@@ -256,9 +260,7 @@ impl Relay {
         watched.sort_unstable();
         watched.dedup();
         watched.retain(|&i| self.conns.get(i).and_then(Option::as_ref).is_some_and(|c| !c.ends.sent()));
-        let budget = if watched.is_empty() { Duration::ZERO } else { self.spin.budget() };
-        if budget.is_zero() {
-            watched.clear();
+        if watched.is_empty() {
             self.answered = watched;
             return;
         }
@@ -268,22 +270,12 @@ impl Relay {
                 conn.segment.consumer(conn.mine.rx_ring()).disarm();
             }
         }
-        let start = Instant::now();
-        let mut spins = 0u32;
-        let answered = loop {
-            if watched.iter().any(|&i| self.conns[i].as_ref().is_some_and(&rx_has)) {
-                break true;
-            }
-            spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(32) {
-                if start.elapsed() >= budget {
-                    break false;
-                }
-                std::thread::yield_now();
-            }
-            std::hint::spin_loop();
-        };
-        self.spin.ended(answered);
+        let conns = &self.conns;
+        if let Some(missed) = self.spin.spin(|| watched.iter().any(|&i| conns[i].as_ref().is_some_and(rx_has))) {
+            // The relay does not wait here for the answer: it goes back to
+            // its epoll set, where the guest's doorbell will find it.
+            missed.give_up();
+        }
         // Pumping arms each watched ring again before it sleeps.
         self.dirty.extend_from_slice(&watched);
         watched.clear();
@@ -936,29 +928,6 @@ impl Events for Relay {
             return None;
         }
         Some(conn.segment.producer(conn.mine.tx_ring()))
-    }
-}
-
-/// How long the relay watches for answers: the full budget while answers
-/// come within it, a quarter as long after each miss (to nothing within
-/// a few misses), with a full-budget probe every 16th time.
-#[derive(Default)]
-struct Spin {
-    budget_ns: u64,
-    count: u32,
-}
-
-impl Spin {
-    const FULL_NS: u64 = 100_000;
-
-    fn budget(&mut self) -> Duration {
-        self.count = self.count.wrapping_add(1);
-        let ns = if self.count.is_multiple_of(16) { Self::FULL_NS } else { self.budget_ns };
-        Duration::from_nanos(ns)
-    }
-
-    fn ended(&mut self, answered: bool) {
-        self.budget_ns = if answered { Self::FULL_NS } else { self.budget_ns / 4 };
     }
 }
 

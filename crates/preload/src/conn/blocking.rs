@@ -10,8 +10,8 @@
 use super::{Connection, Direction};
 use crate::readiness::Interest;
 use crate::signals::{self, SocketTimeout};
-use crate::spin::spin_thread;
 use crate::sys::{self, Errno, SysResult};
+use vsocket_ring::spin::spin_thread;
 
 /// Longest single sleep before shared memory is checked again.
 pub const MAX_SLEEP_MS: i32 = 200;

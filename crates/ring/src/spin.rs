@@ -2,21 +2,23 @@
 //! for a bounded time (a reply on a busy connection usually arrives within
 //! microseconds, and sleeping would cost two context switches).
 //!
-//! Spinning is adaptive ([`Spinner`]): each place that waits (a connection,
-//! a listener, an epoll set, a thread's poll calls) remembers whether its
-//! recent waits ended within the spin budget. Where they do not (a server
-//! waiting for its next client, a client waiting while its server works
-//! through a deep pipeline), it sleeps at once and leaves the core to the
-//! programs doing the work: two programs and the daemon share two cores.
+//! Spinning is adaptive ([`Spinner`]): each place that waits (in the
+//! library a connection, a listener, an epoll set, a thread's poll calls;
+//! in the daemon the fabric relay watching for a guest's answer)
+//! remembers whether its recent waits ended within the spin budget. Where
+//! they do not (a server waiting for its next client, a client waiting
+//! while its server works through a deep pipeline), it sleeps at once and
+//! leaves the core to the programs doing the work: two programs and the
+//! daemon share two cores.
 
 //!
-//! The module knows nothing of the library (only the clock and the
-//! scheduler), so that it can serve any busy-waiting loop.
+//! The module knows nothing of rings (only the clock and the scheduler),
+//! so that it serves any busy-waiting loop, in the library and the daemon.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
-/// Longest spin before sleeping.
+/// Longest spin before sleeping, unless a spinner is given its own.
 const SPIN_NS: u32 = 30_000;
 /// Below this a spin is not worth starting.
 const MIN_SPIN_NS: u32 = 1_000;
@@ -26,6 +28,8 @@ const PROBE_EVERY: u32 = 16;
 
 /// How long one place spins before it sleeps, learned from its waits.
 pub struct Spinner {
+    /// The longest spin: where a spin pays off, the budget goes back to it.
+    full_ns: u32,
     budget_ns: AtomicU32,
     waits: AtomicU32,
 }
@@ -45,6 +49,19 @@ pub struct Sleeping<'a> {
     since: Instant,
 }
 
+impl Sleeping<'_> {
+    /// The caller will not wait for what it spun for: the spin was wasted,
+    /// whenever that comes.
+    pub fn give_up(self) {
+        match self.spinner {
+            Some(s) => s.missed(),
+            None => THREAD.with(Spinner::missed),
+        }
+        // Learned above; dropping would count the wait again.
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for Sleeping<'_> {
     fn drop(&mut self) {
         match self.spinner {
@@ -61,8 +78,14 @@ impl Default for Spinner {
 }
 
 impl Spinner {
+    /// A spinner with the library's budget (30 us).
     pub const fn new() -> Spinner {
-        Spinner { budget_ns: AtomicU32::new(SPIN_NS), waits: AtomicU32::new(0) }
+        Spinner::with_budget(SPIN_NS)
+    }
+
+    /// A spinner whose longest spin is `full_ns`.
+    pub const fn with_budget(full_ns: u32) -> Spinner {
+        Spinner { full_ns, budget_ns: AtomicU32::new(full_ns), waits: AtomicU32::new(0) }
     }
 
     /// Spins until `ready()` (`None`) or this place's budget is spent.
@@ -75,7 +98,7 @@ impl Spinner {
     fn spin_inner(&self, mut ready: impl FnMut() -> bool) -> Option<Instant> {
         let mut budget = self.budget_ns.load(Ordering::Relaxed);
         if budget < MIN_SPIN_NS && self.waits.fetch_add(1, Ordering::Relaxed).is_multiple_of(PROBE_EVERY) {
-            budget = SPIN_NS;
+            budget = self.full_ns;
         }
         let start = Instant::now();
         if budget < MIN_SPIN_NS {
@@ -85,7 +108,7 @@ impl Spinner {
             Spin::Immediately => None,
             Spin::After => {
                 // Spinning paid off: keep spinning here.
-                self.budget_ns.store(SPIN_NS, Ordering::Relaxed);
+                self.budget_ns.store(self.full_ns, Ordering::Relaxed);
                 None
             }
             Spin::Missed => Some(start),
@@ -96,16 +119,23 @@ impl Spinner {
     fn slept(&self, since: Instant) {
         let waited = since.elapsed().as_nanos();
         let budget = self.budget_ns.load(Ordering::Relaxed);
-        let next = if waited <= SPIN_NS as u128 {
+        let next = if waited <= u128::from(self.full_ns) {
             // A longer spin would have caught it (the wait includes the
             // wake-up, so this errs towards sleeping).
-            SPIN_NS
+            self.full_ns
         } else {
             // Spinning here is wasted: quarter the budget (30 us to nothing
             // in three waits).
             budget / 4
         };
         self.budget_ns.store(next, Ordering::Relaxed);
+    }
+
+    /// A miss after which the caller does not wait (it goes on with other
+    /// work): spinning here was wasted.
+    fn missed(&self) {
+        let budget = self.budget_ns.load(Ordering::Relaxed);
+        self.budget_ns.store(budget / 4, Ordering::Relaxed);
     }
 }
 
@@ -140,5 +170,35 @@ fn spin_for(budget_ns: u64, start: Instant, mut ready: impl FnMut() -> bool) -> 
         if ready() {
             return Spin::After;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(s: &Spinner) -> u32 {
+        s.budget_ns.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_spin_that_pays_off_keeps_the_full_budget_and_a_wasted_one_quarters_it() {
+        let s = Spinner::with_budget(8_000);
+        assert!(s.spin(|| true).is_none(), "ready at once");
+        assert_eq!(budget(&s), 8_000);
+        s.spin(|| false).expect("never ready: a miss").give_up();
+        assert_eq!(budget(&s), 2_000);
+        s.spin(|| false).expect("a miss").give_up();
+        assert_eq!(budget(&s), 500, "below the least spin worth starting");
+        // Ready on the second look: spinning paid off.
+        let mut looks = 0;
+        s.waits.store(0, Ordering::Relaxed);
+        assert!(s
+            .spin(|| {
+                looks += 1;
+                looks > 1
+            })
+            .is_none());
+        assert_eq!(budget(&s), 8_000, "the probe caught it: full budget again");
     }
 }
