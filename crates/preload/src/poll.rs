@@ -71,7 +71,7 @@ static POLL_SPINNER: Spinner = Spinner::new();
 /// poll/ppoll. `fds` is the program's array.
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sigset_t) -> SysResult<usize> {
     let entries: Vec<Option<Arc<Entry>>> =
-        fds.iter().map(|p| table::get(p.fd).filter(|e| !matches!(**e, Entry::Epoll(_)))).collect();
+        fds.iter().map(|p| table::get(p.fd).filter(|e| !matches!(e.waitable(), Waitable::Set(_)))).collect();
     if entries.iter().all(Option::is_none) {
         return sys::ppoll(fds, timeout_ms, sigmask);
     }
@@ -157,7 +157,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
                 Slot::Plain(i) => fds[i].revents = k.revents,
                 Slot::Doorbell(i) => {
                     if k.revents != 0 {
-                        if let Some(c) = entries[i].as_deref().and_then(Entry::connection) {
+                        if let Some(Waitable::Conn(c)) = entries[i].as_deref().map(Entry::waitable) {
                             c.drain_doorbell();
                         }
                     }
@@ -230,7 +230,8 @@ pub fn select(
 /// Does any of the first `nfds` bits of the sets name a managed descriptor?
 pub fn select_touches_managed(nfds: i32, sets: &[Option<&mut libc::fd_set>; 3]) -> bool {
     (0..nfds.clamp(0, libc::FD_SETSIZE as i32)).any(|fd| {
-        sets.iter().flatten().any(|s| fd_isset(fd, s)) && table::get(fd).is_some_and(|e| !matches!(*e, Entry::Epoll(_)))
+        sets.iter().flatten().any(|s| fd_isset(fd, s))
+            && table::get(fd).is_some_and(|e| !matches!(e.waitable(), Waitable::Set(_)))
     })
 }
 

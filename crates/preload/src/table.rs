@@ -210,6 +210,18 @@ mod tests {
     }
 
     #[test]
+    fn a_dropped_connect_fails_at_its_deadline_and_not_before() {
+        use crate::readiness::Readiness;
+        let failed = Entry::Dropped(Dropped { deadline_ms: 0 });
+        assert_eq!(failed.waitable().poll_bits(), Some(Readiness::OUT | Readiness::ERR | Readiness::HUP));
+        assert_eq!(failed.take_error(), libc::ETIMEDOUT);
+        assert!(failed.is_connection() && failed.connection().is_none());
+        let pending = Entry::Dropped(Dropped { deadline_ms: i64::MAX });
+        assert_eq!(pending.waitable().poll_bits(), Some(Readiness::EMPTY));
+        assert_eq!(pending.take_error(), 0);
+    }
+
+    #[test]
     fn descriptors_far_above_65535_are_managed() {
         // What `calls:high_fd_*` checks end to end where RLIMIT_NOFILE can
         // be raised: every descriptor number the kernel can hand out
