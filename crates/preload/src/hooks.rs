@@ -657,12 +657,8 @@ hook! {
         // CLOSE_RANGE_CLOEXEC only marks descriptors; otherwise the managed
         // ones in the range are closed as close() would.
         if flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
-            let mut managed = Vec::new();
-            let last = last.min(RawFd::MAX as libc::c_uint) as RawFd;
-            table::managed_in(first.min(RawFd::MAX as libc::c_uint) as RawFd, last, |fd, _| managed.push(fd));
-            for fd in managed {
-                table::release(fd);
-            }
+            let clamp = |fd: libc::c_uint| fd.min(RawFd::MAX as libc::c_uint) as RawFd;
+            table::release_range(clamp(first), clamp(last));
         }
         forward()
     }

@@ -153,6 +153,15 @@ pub fn release(fd: RawFd) {
     drop(remove(fd));
 }
 
+/// Every managed descriptor in `first..=last` is being closed.
+pub fn release_range(first: RawFd, last: RawFd) {
+    let mut managed = Vec::new();
+    managed_in(first, last, |fd, _| managed.push(fd));
+    for fd in managed {
+        release(fd);
+    }
+}
+
 /// `newfd` now names what `oldfd` names (dup and its kin).
 pub fn share(oldfd: RawFd, newfd: RawFd) {
     if let Some(entry) = get(oldfd) {
