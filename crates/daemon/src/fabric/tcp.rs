@@ -23,6 +23,33 @@ use vsocket_abi::fabric::{DataStart, Frame, Origin, HEADER, MAX_CONTROL};
 use vsocket_policy::FabricKind;
 use vsocket_sys::Epoll;
 
+/// Why a tcp link ended.
+#[derive(Debug)]
+enum LinkError {
+    /// The other host closed the link.
+    Closed,
+    /// Reading the link failed.
+    Read(io::Error),
+    /// Writing the link failed.
+    Write(io::Error),
+    /// The other host sent a frame that does not decode.
+    Malformed { peer: SocketAddr, error: vsocket_abi::fabric::FrameError },
+    /// The link could not be watched.
+    Epoll(io::Error),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Closed => f.write_str("the other host closed the link"),
+            LinkError::Read(e) => write!(f, "link read: {e}"),
+            LinkError::Write(e) => write!(f, "link write: {e}"),
+            LinkError::Malformed { peer, error } => write!(f, "malformed frame from {peer}: {error}"),
+            LinkError::Epoll(e) => write!(f, "epoll: {e}"),
+        }
+    }
+}
+
 /// How long a dial may take before it counts as failed.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Inbound bytes read through the buffer per system call.
@@ -113,7 +140,7 @@ impl TcpTransport {
     /// Reads what the socket has (up to [`READ_BUDGET`]) and reports it.
     /// Returns an error when the link is finished (end of stream, a socket
     /// error or a malformed frame).
-    fn read(link: &mut Link, id: LinkId, on: &mut dyn Events) -> Result<(), String> {
+    fn read(link: &mut Link, id: LinkId, on: &mut dyn Events) -> Result<(), LinkError> {
         let mut budget = READ_BUDGET;
         loop {
             Self::parse(link, id, on)?;
@@ -142,7 +169,7 @@ impl TcpTransport {
 
     /// Reads into the buffer: the bytes read and whether that emptied the
     /// socket.
-    fn read_buffered(link: &mut Link) -> Result<(usize, bool), String> {
+    fn read_buffered(link: &mut Link) -> Result<(usize, bool), LinkError> {
         if link.parsed == link.filled {
             link.parsed = 0;
             link.filled = 0;
@@ -156,14 +183,14 @@ impl TcpTransport {
         let want = READ_CHUNK.min(INBOUND - link.filled);
         loop {
             return match link.stream.read(&mut link.inbound[link.filled..link.filled + want]) {
-                Ok(0) => Err("the other host closed the link".into()),
+                Ok(0) => Err(LinkError::Closed),
                 Ok(n) => {
                     link.filled += n;
                     Ok((n, n < want))
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((0, true)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => Err(format!("link read: {e}")),
+                Err(e) => Err(LinkError::Read(e)),
             };
         }
     }
@@ -177,7 +204,7 @@ impl TcpTransport {
         id: LinkId,
         p: DataStart,
         on: &mut dyn Events,
-    ) -> Result<Option<(usize, bool)>, String> {
+    ) -> Result<Option<(usize, bool)>, LinkError> {
         let Some(ring) = on.data_ring(id, p.origin, p.id) else { return Ok(None) };
         debug_assert_eq!(link.parsed, link.filled);
         link.parsed = 0;
@@ -189,14 +216,14 @@ impl TcpTransport {
                 Err(vsocket_ring::SocketError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Ok(Some((0, true)))
                 }
-                Err(vsocket_ring::SocketError::Io(e)) => return Err(format!("link read: {e}")),
+                Err(vsocket_ring::SocketError::Io(e)) => return Err(LinkError::Read(e)),
                 // A ring the guest closed or broke: the buffered path hands
                 // the bytes to the relay, which resets the stream.
                 Err(vsocket_ring::SocketError::Ring(_)) => return Ok(None),
             }
         };
         if got.ring + got.spill == 0 {
-            return Err("the other host closed the link".into());
+            return Err(LinkError::Closed);
         }
         link.filled = got.spill;
         if got.ring > 0 {
@@ -210,7 +237,7 @@ impl TcpTransport {
     /// Reports what the buffer holds: the rest of a payload in progress,
     /// whole frames, and the start of a `Data` frame (its payload then
     /// arrives in progress).
-    fn parse(link: &mut Link, id: LinkId, on: &mut dyn Events) -> Result<(), String> {
+    fn parse(link: &mut Link, id: LinkId, on: &mut dyn Events) -> Result<(), LinkError> {
         while link.parsed < link.filled {
             let buf = &link.inbound[link.parsed..link.filled];
             if let Some(p) = link.payload {
@@ -220,7 +247,7 @@ impl TcpTransport {
                 link.payload = p.after(k);
                 continue;
             }
-            let malformed = |e| format!("malformed frame from {}: {e}", link.peer);
+            let malformed = |error| LinkError::Malformed { peer: link.peer, error };
             if let Some(d) = DataStart::parse(buf).map_err(malformed)? {
                 let have = d.len.min(buf.len() - HEADER);
                 let frame = Frame::Data { origin: d.origin, id: d.id, bytes: &buf[HEADER..HEADER + have] };
@@ -245,13 +272,13 @@ impl TcpTransport {
     }
 
     /// Writes what the socket takes; watches EPOLLOUT while bytes remain.
-    fn write(link: &mut Link, id: LinkId, epoll: &Epoll) -> Result<(), String> {
+    fn write(link: &mut Link, id: LinkId, epoll: &Epoll) -> Result<(), LinkError> {
         while link.written < link.outbound.len() {
             match link.stream.write(&link.outbound[link.written..]) {
                 Ok(n) => link.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("link write: {e}")),
+                Err(e) => return Err(LinkError::Write(e)),
             }
         }
         if link.written == link.outbound.len() {
@@ -261,7 +288,7 @@ impl TcpTransport {
         let want_out = !link.outbound.is_empty();
         if want_out != link.want_out {
             let events = libc::EPOLLIN as u32 | if want_out { libc::EPOLLOUT as u32 } else { 0 };
-            epoll.modify(link.stream.as_fd(), events, id).map_err(|e| format!("epoll: {e}"))?;
+            epoll.modify(link.stream.as_fd(), events, id).map_err(LinkError::Epoll)?;
             link.want_out = want_out;
         }
         Ok(())
@@ -317,7 +344,7 @@ impl Transport for TcpTransport {
                 }
                 if let Err(why) = result {
                     self.close(id, epoll);
-                    on.event(LinkEvent::Down { link: id, why });
+                    on.event(LinkEvent::Down { link: id, why: why.to_string() });
                 }
             }
         }
@@ -388,7 +415,7 @@ impl Transport for TcpTransport {
         }
         for (id, why) in failed {
             self.close(id, epoll);
-            on.event(LinkEvent::Down { link: id, why });
+            on.event(LinkEvent::Down { link: id, why: why.to_string() });
         }
     }
 
@@ -523,7 +550,7 @@ mod tests {
                 Ok(()) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
                 Ok(()) => panic!("the end of the stream never came"),
                 Err(why) => {
-                    assert_eq!(why, "the other host closed the link");
+                    assert_eq!(why.to_string(), "the other host closed the link");
                     break;
                 }
             }
