@@ -21,7 +21,8 @@ use crate::charge::Exceeded;
 use crate::connections::{Carrier, ConnectionRecord};
 use crate::daemon::Daemon;
 use crate::decide::{decide, decide_incoming, Claim, ConnectRequest, Decision, Fabric as Reach};
-use crate::fabric::{Fabric, NewConn, OpenOutcome, OpenRequest};
+use crate::fabric::local::SegmentEnd;
+use crate::fabric::{Fabric, NewConn, OpenOutcome, OpenRequest, Unreachable};
 use crate::flowlog::{FlowEvent, FlowRecord, FlowVerdict};
 use crate::guest::GuestSlot;
 use crate::ids::{ChannelId, ConnectionId, Pair};
@@ -151,7 +152,7 @@ pub fn connect(
         Decision::Remote { host, server, verdict } => {
             // Present: the decision is Remote only with a running fabric.
             let Some(fabric) = daemon.fabric.get() else {
-                return attempt.reply(&server, Err(Failed::Unreachable("no fabric".into())), String::new).into();
+                return attempt.reply(&server, Err(Failed::Unreachable(Unreachable::NoFabric)), String::new).into();
             };
             let end = ServerEnd::Host { name: &host, server: &server, fabric };
             let made = establish(&attempt, &policy, client, end);
@@ -273,7 +274,7 @@ enum Failed {
     /// The server's host refused it.
     Refused(Refusal),
     /// The server's host could not be asked.
-    Unreachable(String),
+    Unreachable(Unreachable),
 }
 
 /// A connection made: what goes back to its client.
@@ -466,7 +467,7 @@ fn relayed_memory(daemon: &Daemon, ring_size: u32, mine: Endpoint) -> io::Result
     segment.set_connection_id(id.0);
     let meter = Arc::new(Meter::default());
     let [guest_own, guest_peer] = files.clone_for(mine.peer())?;
-    let relay = NewConn { segment: relay_view, mine, bell, holds, meter: meter.clone() };
+    let relay = NewConn { end: Box::new(SegmentEnd::new(relay_view, mine, bell, holds)), meter: meter.clone() };
     let (client, server, lifelines) = match mine {
         Endpoint::Server => {
             let guest = EndFiles { own_half: guest_own, bell: guest_bell, holds: guest_holds, peer_half: guest_peer };

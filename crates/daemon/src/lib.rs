@@ -68,14 +68,16 @@ pub enum StartError {
     /// The config file is invalid (the error names file, field and problem).
     Config(vsocket_policy::ConfigError),
     /// The fabric's key file in config `file` cannot be used.
-    FabricKey { file: PathBuf, error: String },
+    FabricKey { file: PathBuf, error: vsocket_policy::KeyError },
     /// Config `file` asks for a fabric this build does not have.
     FabricNotBuilt { file: PathBuf, kind: vsocket_policy::FabricKind },
     /// The flow log cannot be opened.
     FlowLog { path: PathBuf, error: std::io::Error },
     /// The metrics endpoint cannot listen.
     Metrics { address: SocketAddr, error: std::io::Error },
-    /// A guest's attachment, the admin socket or the fabric cannot start.
+    /// The fabric cannot start.
+    Fabric(fabric::FabricError),
+    /// A guest's attachment or the admin socket cannot start.
     Serve(std::io::Error),
 }
 
@@ -102,6 +104,7 @@ impl fmt::Display for StartError {
             ),
             StartError::FlowLog { path, error } => write!(f, "flow log {}: {error}", path.display()),
             StartError::Metrics { address, error } => write!(f, "metrics on {address}: {error}"),
+            StartError::Fabric(e) => write!(f, "{e}"),
             StartError::Serve(e) => write!(f, "{e}"),
         }
     }
@@ -139,11 +142,13 @@ fn check_fabric_built(
 pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
     let (document, config) = vsocket_policy::load_document(path).map_err(StartError::Config)?;
     check_fabric_built(&config, path, FABRICS_BUILT)?;
-    // A bad fabric key stops the daemon before it serves anyone (the relay
-    // reads it again when it starts).
-    if let Some(Err(e)) = config.fabric().map(|f| f.load_key()) {
-        return Err(StartError::FabricKey { file: path.to_owned(), error: e.to_string() });
-    }
+    // A bad fabric key stops the daemon before it serves anyone; the relay
+    // gets the key read here.
+    let key = match config.fabric().map(|f| f.load_key()) {
+        Some(Err(error)) => return Err(StartError::FabricKey { file: path.to_owned(), error }),
+        Some(Ok(key)) => key,
+        None => None,
+    };
     if let Err(e) = vsocket_sys::raise_nofile_limit() {
         tracing::warn!(error = %e, "cannot raise the descriptor limit");
     }
@@ -160,7 +165,11 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
     }
     attach::serve_guests(&daemon).and_then(|()| admin::serve(&daemon)).map_err(StartError::Serve)?;
     let opens: Arc<dyn fabric::RemoteOpens> = daemon.clone();
-    if let Some(fabric) = fabric::Fabric::start(&daemon.policy().config, path, opens).map_err(StartError::Serve)? {
+    let started = fabric::Fabric::start(&daemon.policy().config, key, opens).map_err(|e| match e {
+        fabric::FabricError::NotBuilt(kind) => StartError::FabricNotBuilt { file: path.to_owned(), kind },
+        e => StartError::Fabric(e),
+    })?;
+    if let Some(fabric) = started {
         let _ = daemon.fabric.set(fabric);
     }
     let refiller = daemon.clone();

@@ -234,23 +234,22 @@ impl FabricConfig {
     /// return, vertical tab), at least [`FabricKey::MIN_LEN`] of them.
     /// The error says what is wrong with the file, for
     /// `fabric.key_file: {error}`.
-    pub fn load_key(&self) -> Result<Option<FabricKey>, String> {
+    pub fn load_key(&self) -> Result<Option<FabricKey>, KeyError> {
         use std::io::Read;
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let Some(path) = &self.key_file else { return Ok(None) };
-        let shown = path.display();
-        let cannot = |e: std::io::Error| format!("cannot read {shown}: {e}");
+        let cannot = |error: std::io::Error| KeyError::Unreadable { path: path.clone(), error };
         // Non-blocking, so that a FIFO there cannot hold the daemon up;
         // the checks are on the file opened, not on the path again.
         let mut file =
             std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(cannot)?;
         let meta = file.metadata().map_err(cannot)?;
         if !meta.is_file() {
-            return Err(format!("{shown} is not a regular file"));
+            return Err(KeyError::NotAFile(path.clone()));
         }
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(format!("{shown} may be read or written by others (mode {mode:03o}); make it 0600 or 0400"));
+            return Err(KeyError::Exposed { path: path.clone(), mode });
         }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(cannot)?;
@@ -258,13 +257,66 @@ impl FabricConfig {
             bytes.pop();
         }
         if bytes.len() < FabricKey::MIN_LEN {
-            return Err(format!(
-                "{shown} holds {} bytes of key; at least {} are needed (for example: head -c 32 /dev/urandom | base64)",
-                bytes.len(),
-                FabricKey::MIN_LEN
-            ));
+            return Err(KeyError::TooShort { path: path.clone(), len: bytes.len() });
         }
         Ok(Some(FabricKey(bytes)))
+    }
+}
+
+/// What is wrong with a fabric key file.
+#[derive(Debug)]
+pub enum KeyError {
+    /// The file cannot be opened or read.
+    Unreadable {
+        /// The key file.
+        path: PathBuf,
+        /// What the system said.
+        error: std::io::Error,
+    },
+    /// The path is not a regular file (a directory, a FIFO, a device).
+    NotAFile(PathBuf),
+    /// Others than its owner may read or write it.
+    Exposed {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// It holds fewer than [`FabricKey::MIN_LEN`] bytes of key.
+    TooShort {
+        /// The key file.
+        path: PathBuf,
+        /// Bytes of key it holds.
+        len: usize,
+    },
+}
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyError::Unreadable { path, error } => write!(f, "cannot read {}: {error}", path.display()),
+            KeyError::NotAFile(path) => write!(f, "{} is not a regular file", path.display()),
+            KeyError::Exposed { path, mode } => write!(
+                f,
+                "{} may be read or written by others (mode {mode:03o}); make it 0600 or 0400",
+                path.display()
+            ),
+            KeyError::TooShort { path, len } => write!(
+                f,
+                "{} holds {len} bytes of key; at least {} are needed (for example: head -c 32 /dev/urandom | base64)",
+                path.display(),
+                FabricKey::MIN_LEN
+            ),
+        }
+    }
+}
+
+impl std::error::Error for KeyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            KeyError::Unreadable { error, .. } => Some(error),
+            _ => None,
+        }
     }
 }
 

@@ -825,19 +825,19 @@ fn a_fabric_key_file_is_absolute_private_and_long_enough() {
     let key = load("0123456789abcdef-secret\n", 0o600).unwrap().unwrap();
     assert_eq!(key.bytes(), b"0123456789abcdef-secret", "the trailing newline is not part of the key");
     assert_eq!(format!("{key:?}"), "FabricKey(..)", "the key never shows in logs");
-    let err = load("0123456789abcdef-secret\n", 0o644).unwrap_err();
+    let err = load("0123456789abcdef-secret\n", 0o644).unwrap_err().to_string();
     assert!(err.contains("may be read or written by others (mode 644)"), "{err}");
-    let err = load("short\n", 0o600).unwrap_err();
+    let err = load("short\n", 0o600).unwrap_err().to_string();
     assert!(err.contains("holds 5 bytes of key; at least 16 are needed"), "{err}");
     std::fs::remove_file(&file).unwrap();
     let config = parse_text(&config_text("", &keyed(file.to_str().unwrap()))).unwrap();
-    let err = config.fabric().unwrap().load_key().unwrap_err();
+    let err = config.fabric().unwrap().load_key().unwrap_err().to_string();
     assert!(err.starts_with(&format!("cannot read {}: ", file.display())), "{err}");
     let config = parse_text(&config_text("", &keyed(dir.to_str().unwrap()))).unwrap();
-    let err = config.fabric().unwrap().load_key().unwrap_err();
+    let err = config.fabric().unwrap().load_key().unwrap_err().to_string();
     assert_eq!(err, format!("{} is not a regular file", dir.display()));
     // Without key_file, links are not authenticated.
-    assert_eq!(parse_text(&config_text("", &fabric_table("tcp"))).unwrap().fabric().unwrap().load_key(), Ok(None));
+    assert!(matches!(parse_text(&config_text("", &fabric_table("tcp"))).unwrap().fabric().unwrap().load_key(), Ok(None)));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -15,22 +15,21 @@
 
 pub mod auth;
 pub mod link;
+pub mod local;
 pub mod relay;
 pub mod stream;
+pub mod table;
 pub mod tcp;
 #[cfg(feature = "ucx")]
 pub mod ucx;
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 use vsocket_abi::fabric::{Frame, Origin, Refusal};
-use vsocket_abi::layout::Endpoint;
 pub use vsocket_admin::PeerStatus;
 use vsocket_policy::{Config, FabricKind};
-use vsocket_ring::Segment;
 use vsocket_sys::Epoll;
 
 /// How long a connect waits for the server's host to answer.
@@ -48,7 +47,7 @@ pub enum LinkEvent<'a> {
     /// A new link, dialed by this host (to `peer`) or accepted (from it).
     Up { link: LinkId, peer: SocketAddr, dialed: bool },
     /// A dial to `peer` failed.
-    DialFailed { peer: SocketAddr, error: String },
+    DialFailed { peer: SocketAddr, error: std::io::Error },
     /// A frame arrived on `link`, in order. A transport may report a
     /// `Data` frame before all of its payload is in: the rest follows as
     /// `Payload` and `Received` events before anything else from `link`.
@@ -60,7 +59,7 @@ pub enum LinkEvent<'a> {
     /// woken.
     Received { link: LinkId, origin: Origin, id: u64, len: usize, wake: bool },
     /// The link is gone (closed, failed, or sent something malformed).
-    Down { link: LinkId, why: String },
+    Down { link: LinkId, why: LinkFailure },
 }
 
 /// The relay, as a transport sees it while it reports what happened.
@@ -134,19 +133,77 @@ pub struct OpenRequest {
 pub enum OpenOutcome {
     Accepted,
     Refused(Refusal),
-    /// No link to that host, or it failed meanwhile.
-    Unreachable(String),
+    /// The server's host could not be asked, or went away meanwhile.
+    Unreachable(Unreachable),
 }
 
-/// The daemon's end of a relayed connection's segment.
+/// Why a link ended or could not be made: what the relay logs and
+/// `vsocketctl peers` shows as the peer's last error.
+#[derive(Debug)]
+pub enum LinkFailure {
+    /// Dialing the peer failed.
+    Dial(std::io::Error),
+    /// The tcp transport lost the link.
+    Tcp(tcp::LinkError),
+    /// The UCX transport lost the link.
+    #[cfg(feature = "ucx")]
+    Ucx(ucx::LinkError),
+    /// Nothing was heard on the link for [`relay::LINK_TIMEOUT`].
+    Silent,
+    /// The peer came back on a new link before the old one was found dead.
+    Replaced,
+    /// The peer sent an `Open` that breaks the protocol.
+    BadOpen,
+}
+
+impl std::fmt::Display for LinkFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkFailure::Dial(e) => write!(f, "{e}"),
+            LinkFailure::Tcp(e) => write!(f, "{e}"),
+            #[cfg(feature = "ucx")]
+            LinkFailure::Ucx(e) => write!(f, "{e}"),
+            LinkFailure::Silent => write!(f, "nothing heard for {} s", relay::LINK_TIMEOUT.as_secs()),
+            LinkFailure::Replaced => f.write_str("replaced by a new link"),
+            LinkFailure::BadOpen => f.write_str("peer broke the protocol: bad Open"),
+        }
+    }
+}
+
+/// Why the server's host of a connection could not be asked.
+#[derive(Debug, Clone)]
+pub enum Unreachable {
+    /// This host runs no fabric.
+    NoFabric,
+    /// The host named is not one of the fabric's.
+    NotAHost(String),
+    /// No link to the host is up; why the last one failed, if one did.
+    NoLink(Option<Arc<LinkFailure>>),
+    /// The link went down while the connection was opening.
+    LinkDown(Arc<LinkFailure>),
+    /// The host did not answer within [`OPEN_TIMEOUT`].
+    NoAnswer(String),
+    /// The connect stopped waiting for the answer.
+    GaveUp,
+}
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unreachable::NoFabric => f.write_str("no fabric"),
+            Unreachable::NotAHost(host) => write!(f, "{host} is not a fabric host"),
+            Unreachable::NoLink(Some(why)) | Unreachable::LinkDown(why) => write!(f, "{why}"),
+            Unreachable::NoLink(None) => f.write_str("link down"),
+            Unreachable::NoAnswer(host) => write!(f, "no answer from {host} in {} s", OPEN_TIMEOUT.as_secs()),
+            Unreachable::GaveUp => f.write_str("timed out"),
+        }
+    }
+}
+
+/// The relay's end of a connection it carries, and its meter.
 pub struct NewConn {
-    pub segment: Segment,
-    /// The daemon's endpoint: the one its guest is not.
-    pub mine: Endpoint,
-    /// The daemon's end of the doorbell.
-    pub bell: OwnedFd,
-    /// Write end of the daemon's lifeline pipe (the record holds the read end).
-    pub holds: OwnedFd,
+    /// The guest's rings and wake-ups, as the relay sees them.
+    pub end: Box<dyn local::LocalEnd>,
     /// Shared with the connection's record.
     pub meter: Arc<crate::meter::Meter>,
 }
@@ -179,6 +236,30 @@ impl Commands {
     }
 }
 
+/// Why the fabric could not start.
+#[derive(Debug)]
+pub enum FabricError {
+    /// The transport cannot listen on this host's fabric address.
+    Listen { kind: FabricKind, address: SocketAddr, error: std::io::Error },
+    /// The config asks for a transport this build does not have.
+    NotBuilt(FabricKind),
+    /// The relay's epoll set, command bell or thread cannot be made.
+    Relay(std::io::Error),
+}
+
+impl std::fmt::Display for FabricError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FabricError::Listen { kind: FabricKind::Tcp, address, error } => {
+                write!(f, "fabric listen on {address}: {error}")
+            }
+            FabricError::Listen { kind, address, error } => write!(f, "fabric ({kind}) listen on {address}: {error}"),
+            FabricError::NotBuilt(kind) => write!(f, "fabric.kind \"{kind}\" is not built into this vsocketd"),
+            FabricError::Relay(error) => write!(f, "fabric relay: {error}"),
+        }
+    }
+}
+
 /// The daemon's handle on its relay.
 pub struct Fabric {
     commands: Arc<Commands>,
@@ -193,9 +274,14 @@ impl std::fmt::Debug for Fabric {
 }
 
 impl Fabric {
-    /// Starts the relay for `config`'s `[fabric]` (read from `origin`), if
-    /// it has one with other hosts; `Open`s from peers are put to `opens`.
-    pub fn start(config: &Config, origin: &Path, opens: Arc<dyn RemoteOpens>) -> std::io::Result<Option<Fabric>> {
+    /// Starts the relay for `config`'s `[fabric]`, if it has one with
+    /// other hosts, with the fabric key read from its `key_file`; `Open`s
+    /// from peers are put to `opens`.
+    pub fn start(
+        config: &Config,
+        key: Option<vsocket_policy::FabricKey>,
+        opens: Arc<dyn RemoteOpens>,
+    ) -> Result<Option<Fabric>, FabricError> {
         let Some(fabric) = config.fabric() else { return Ok(None) };
         let this = config.host().name.clone();
         let Some(me) = fabric.host(&this) else { return Ok(None) };
@@ -204,36 +290,20 @@ impl Fabric {
         if peers.is_empty() {
             return Ok(None);
         }
-        let key = fabric.load_key().map_err(|e| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{}: fabric.key_file: {e}", origin.display()))
-        })?;
         let keyed = key.is_some();
-        let epoll = Epoll::new()?;
-        let transport: Box<dyn Transport> =
-            match fabric.kind {
-                FabricKind::Tcp => Box::new(
-                    tcp::TcpTransport::new(me.address, &epoll)
-                        .map_err(|e| std::io::Error::new(e.kind(), format!("fabric listen on {}: {e}", me.address)))?,
-                ),
-                #[cfg(feature = "ucx")]
-                FabricKind::Ucx => Box::new(ucx::UcxTransport::new(me.address, &epoll).map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("fabric (ucx) listen on {}: {e}", me.address))
-                })?),
-                #[cfg(not(feature = "ucx"))]
-                FabricKind::Ucx => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::Unsupported,
-                        format!(
-                        "{}: fabric.kind: \"ucx\" needs a vsocketd built with the ucx feature (this one has tcp only)",
-                        origin.display()
-                    ),
-                    ))
-                }
-            };
+        let epoll = Epoll::new().map_err(FabricError::Relay)?;
+        let listen = |error| FabricError::Listen { kind: fabric.kind, address: me.address, error };
+        let transport: Box<dyn Transport> = match fabric.kind {
+            FabricKind::Tcp => Box::new(tcp::TcpTransport::new(me.address, &epoll).map_err(listen)?),
+            #[cfg(feature = "ucx")]
+            FabricKind::Ucx => Box::new(ucx::UcxTransport::new(me.address, &epoll).map_err(listen)?),
+            #[cfg(not(feature = "ucx"))]
+            FabricKind::Ucx => return Err(FabricError::NotBuilt(fabric.kind)),
+        };
         let (tx, rx) = mpsc::channel();
-        let bell = vsocket_sys::eventfd()?;
+        let bell = vsocket_sys::eventfd().map_err(FabricError::Relay)?;
         let status = Arc::new(Mutex::new(Vec::new()));
-        let commands = Arc::new(Commands { queue: Mutex::new(tx), bell: bell.try_clone()? });
+        let commands = Arc::new(Commands { queue: Mutex::new(tx), bell: bell.try_clone().map_err(FabricError::Relay)? });
         let relay = relay::Relay::new(
             opens,
             commands.clone(),
@@ -244,10 +314,14 @@ impl Fabric {
             std::time::Duration::from_micros(fabric.busy_poll_us.into()),
             peers,
             rx,
-            bell.try_clone()?,
+            bell,
             status.clone(),
-        )?;
-        std::thread::Builder::new().name("fabric-relay".into()).spawn(move || relay.run())?;
+        )
+        .map_err(FabricError::Relay)?;
+        std::thread::Builder::new()
+            .name("fabric-relay".into())
+            .spawn(move || relay.run())
+            .map_err(FabricError::Relay)?;
         tracing::info!(kind = %fabric.kind, listen = %me.address, keyed, "fabric started");
         Ok(Some(Fabric { commands, status, kind: fabric.kind }))
     }
@@ -265,7 +339,7 @@ impl Fabric {
             Ok(outcome) => outcome,
             Err(_) => {
                 self.command(Command::Cancel { peer: peer.into(), id });
-                OpenOutcome::Unreachable(format!("no answer from {peer} in {} s", OPEN_TIMEOUT.as_secs()))
+                OpenOutcome::Unreachable(Unreachable::NoAnswer(peer.into()))
             }
         }
     }

@@ -16,8 +16,13 @@
 //! may be due, when they read (the relay arms the producer side).
 
 use super::link::{Due, Handshake, Hosts, Link, Refused};
+use super::local::{Heard, LocalEnd};
 use super::stream::{CreditDue, Ends, Flow};
-use super::{Command, Events, LinkEvent, LinkId, NewConn, OpenOutcome, OpenRequest, PeerStatus, Transport};
+use super::table::{Slot, Table};
+use super::{
+    Command, Events, LinkEvent, LinkFailure, LinkId, NewConn, OpenOutcome, OpenRequest, PeerStatus, Transport,
+    Unreachable,
+};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -32,7 +37,7 @@ use vsocket_policy::FabricKind;
 pub use super::link::LINK_TIMEOUT;
 use super::link::PING_EVERY;
 use vsocket_ring::spin::Spinner;
-use vsocket_ring::{RxState, Segment};
+use vsocket_ring::RxState;
 use vsocket_sys::Epoll;
 
 /// How often a host dials a peer that is down.
@@ -70,16 +75,20 @@ fn side_of(origin: Origin) -> Side {
     }
 }
 
+/// When an aborted connection leaves the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    /// At once: its guest will not look at it again.
+    Now,
+    /// Once its guest lets go of it (it must first read the reset).
+    WhenLetGo,
+}
+
 /// One relayed connection.
 struct Conn {
     key: Key,
-    segment: Segment,
-    /// The daemon's end of the segment (the other end from its guest's).
-    mine: vsocket_abi::layout::Endpoint,
-    bell: OwnedFd,
-    /// Write end of the daemon's lifeline: dropping it tells the reaper
-    /// the daemon's end is done.
-    _holds: OwnedFd,
+    /// The guest's rings and wake-ups.
+    end: Box<dyn LocalEnd>,
     /// Flow control: credit, windows, credit owed back.
     flow: Flow,
     /// Bytes taken from and written into the guest's rings (`given` is
@@ -102,6 +111,8 @@ struct Peer {
     last_dial: Option<Instant>,
     /// A dial has started and not yet ended (up or failed).
     dialing: bool,
+    /// Why its link last failed (shown as `status.last_error`).
+    failure: Option<Arc<LinkFailure>>,
     status: PeerStatus,
 }
 
@@ -122,21 +133,24 @@ pub struct Relay {
     peers: Vec<Peer>,
     /// Every open link's protocol state: handshake, then its peer.
     links: HashMap<LinkId, Link>,
-    conns: Vec<Option<Conn>>,
-    free: Vec<usize>,
-    keys: HashMap<Key, usize>,
+    conns: Table<Key, Conn>,
     commands: mpsc::Receiver<Command>,
     command_bell: OwnedFd,
-    dirty: Vec<usize>,
-    blocked: Vec<usize>,
+    dirty: Vec<Slot>,
+    blocked: Vec<Slot>,
     /// Connections whose guest was just handed bytes: it may answer soon.
-    answered: Vec<usize>,
+    answered: Vec<Slot>,
     /// How long to watch for a guest's answer (see `await_answers`).
     spin: Spinner,
     status: Arc<Mutex<Vec<PeerStatus>>>,
-    /// When the relay last moved stream bytes (either way), and how long
-    /// after that it polls rather than sleeps (`[fabric] busy_poll_us`):
-    /// pings and other link chatter do not count.
+    /// The time the relay last read the clock: when it woke, and after
+    /// each round of work. Link liveness is judged by it.
+    now: Instant,
+    /// Stream bytes moved (either way) since the last round of work
+    /// ended; pings and other link chatter do not count.
+    moved: bool,
+    /// When the relay last moved stream bytes, and how long after that it
+    /// polls rather than sleeps (`[fabric] busy_poll_us`).
     active: Instant,
     poll_for: Duration,
 }
@@ -169,6 +183,7 @@ impl Relay {
                 link: None,
                 last_dial: None,
                 dialing: false,
+                failure: None,
             })
             .collect();
         Ok(Relay {
@@ -182,9 +197,7 @@ impl Relay {
             hosts,
             peers,
             links: HashMap::new(),
-            conns: Vec::new(),
-            free: Vec::new(),
-            keys: HashMap::new(),
+            conns: Table::default(),
             commands,
             command_bell,
             dirty: Vec::new(),
@@ -192,19 +205,31 @@ impl Relay {
             answered: Vec::new(),
             spin: Spinner::with_budget(ANSWER_SPIN_NS),
             status,
+            now: Instant::now(),
+            moved: false,
             active: Instant::now(),
             poll_for,
         })
     }
 
+    /// Reads the clock, after a round of work or a sleep. A round that
+    /// moved stream bytes keeps the relay polling for a while.
+    fn clock(&mut self) {
+        self.now = Instant::now();
+        if std::mem::take(&mut self.moved) {
+            self.active = self.now;
+        }
+    }
+
     /// Runs the relay forever.
     pub fn run(mut self) {
         let mut events = Vec::with_capacity(64);
-        let mut last_tick = Instant::now() - DIAL_EVERY;
+        let mut last_tick = self.now - DIAL_EVERY;
         loop {
-            if last_tick.elapsed() >= PING_EVERY / 2 {
+            self.clock();
+            if self.now.duration_since(last_tick) >= PING_EVERY / 2 {
                 self.tick();
-                last_tick = Instant::now();
+                last_tick = self.now;
             }
             // A transport that must be polled first (UCX with work pending)
             // is polled a few times here, without a trip through epoll.
@@ -223,9 +248,12 @@ impl Relay {
             // request) usually comes within tens of microseconds, and a
             // relay asleep would first have to be woken, on each host and
             // each way. Yielding lets a guest woken on this core run.
-            let polling = sleep && self.active.elapsed() < self.poll_for;
+            self.clock();
+            let polling = sleep && self.now.duration_since(self.active) < self.poll_for;
             let timeout = if sleep && !polling { (PING_EVERY / 2).as_millis() as i32 } else { 0 };
-            if let Err(e) = self.epoll.wait(timeout, &mut events) {
+            let waited = self.epoll.wait(timeout, &mut events);
+            self.clock();
+            if let Err(e) = waited {
                 tracing::error!(error = %e, "fabric relay: epoll_wait");
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
@@ -240,7 +268,7 @@ impl Relay {
                         self.command(command);
                     }
                 } else if token >= TOKEN_CONNS {
-                    self.doorbell((token - TOKEN_CONNS) as usize);
+                    self.doorbell(Slot::from_token(token, TOKEN_CONNS));
                 } else {
                     self.with_transport(|t, epoll, on| t.ready(token, ev, epoll, on));
                 }
@@ -259,19 +287,19 @@ impl Relay {
         let mut watched = std::mem::take(&mut self.answered);
         watched.sort_unstable();
         watched.dedup();
-        watched.retain(|&i| self.conns.get(i).and_then(Option::as_ref).is_some_and(|c| !c.ends.sent()));
+        watched.retain(|&i| self.conns.get(i).is_some_and(|c| !c.ends.sent()));
         if watched.is_empty() {
             self.answered = watched;
             return;
         }
-        let rx_has = |conn: &Conn| !matches!(conn.segment.consumer(conn.mine.rx_ring()).state(), Ok(RxState::Empty));
+        let rx_has = |conn: &Conn| !matches!(conn.end.outbound().state(), Ok(RxState::Empty));
         for &i in &watched {
-            if let Some(conn) = self.conns[i].as_ref() {
-                conn.segment.consumer(conn.mine.rx_ring()).disarm();
+            if let Some(conn) = self.conns.get(i) {
+                conn.end.outbound().disarm();
             }
         }
         let conns = &self.conns;
-        if let Some(missed) = self.spin.spin(|| watched.iter().any(|&i| conns[i].as_ref().is_some_and(rx_has))) {
+        if let Some(missed) = self.spin.spin(|| watched.iter().any(|&i| conns.get(i).is_some_and(rx_has))) {
             // The relay does not wait here for the answer: it goes back to
             // its epoll set, where the guest's doorbell will find it.
             missed.give_up();
@@ -289,17 +317,17 @@ impl Relay {
             let mut dirty = std::mem::take(&mut self.dirty);
             dirty.sort_unstable();
             dirty.dedup();
-            for index in dirty {
-                self.pump(index);
+            for slot in dirty {
+                self.pump(slot);
             }
             self.with_transport(|t, epoll, on| t.flush(epoll, on));
             // Connections held back by a full link go again once it drains.
             let blocked = std::mem::take(&mut self.blocked);
-            for index in blocked {
-                let link = self.conns.get(index).and_then(Option::as_ref).and_then(|c| self.peers[c.key.0].link);
+            for slot in blocked {
+                let link = self.conns.get(slot).and_then(|c| self.peers[c.key.0].link);
                 match link {
-                    Some(link) if self.backlog(link) < HIGH_WATER / 2 => self.dirty.push(index),
-                    Some(_) => self.blocked.push(index),
+                    Some(link) if self.backlog(link) < HIGH_WATER / 2 => self.dirty.push(slot),
+                    Some(_) => self.blocked.push(slot),
                     None => {}
                 }
             }
@@ -310,13 +338,11 @@ impl Relay {
     }
 
     fn tick(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         for i in 0..self.peers.len() {
             match self.peers[i].link {
                 Some(link) => match self.links.get(&link).map(|l| l.due(now)) {
-                    Some(Due::Dead) => {
-                        self.link_down(link, format!("nothing heard for {} s", LINK_TIMEOUT.as_secs()));
-                    }
+                    Some(Due::Dead) => self.link_down(link, LinkFailure::Silent),
                     Some(Due::Ping) => self.send(link, &Frame::Ping),
                     _ => {}
                 },
@@ -347,8 +373,8 @@ impl Relay {
 
     fn publish_status(&mut self) {
         let mut live = vec![0u64; self.peers.len()];
-        for conn in self.conns.iter().flatten() {
-            live[conn.key.0] += 1;
+        for ((p, _, _), _) in self.conns.iter() {
+            live[p] += 1;
         }
         let statuses = self
             .peers
@@ -406,7 +432,7 @@ impl Relay {
     /// Counts a frame sent on `link` carrying `data` stream bytes.
     fn note_sent(&mut self, link: LinkId, data: usize) {
         let Some(state) = self.links.get_mut(&link) else { return };
-        state.sent(Instant::now());
+        state.sent(self.now);
         if let Some(p) = state.peer() {
             let s = &mut self.peers[p].status;
             s.frames_sent += 1;
@@ -436,13 +462,14 @@ impl Relay {
                         return;
                     }
                 };
-                self.links.insert(link, Link::new(Instant::now(), peer, dialed_peer, nonce));
+                self.links.insert(link, Link::new(self.now, peer, dialed_peer, nonce));
                 let this = self.hosts.this.clone();
                 self.send(link, &Frame::Hello { version: VERSION, host: &this, nonce });
             }
             LinkEvent::DialFailed { peer, error } => {
                 if let Some(p) = self.peers.iter_mut().find(|p| p.address == peer) {
                     p.dialing = false;
+                    let error = error.to_string();
                     if p.status.last_error.as_deref() != Some(error.as_str()) {
                         tracing::debug!(peer = %p.name, %error, "fabric dial failed");
                     }
@@ -454,30 +481,30 @@ impl Relay {
             LinkEvent::Payload { link, origin, id, bytes } => {
                 // The rest of a Data frame already reported (and answered
                 // with Reset if its stream is unknown).
-                if let Some((p, index)) = self.stream_of(link, origin, id) {
+                if let Some((p, slot)) = self.stream_of(link, origin, id) {
                     self.peers[p].status.bytes_received += bytes.len() as u64;
-                    self.deliver(index, bytes);
+                    self.deliver(slot, bytes);
                 }
             }
             LinkEvent::Received { link, origin, id, len, wake } => {
-                if let Some((p, index)) = self.stream_of(link, origin, id) {
+                if let Some((p, slot)) = self.stream_of(link, origin, id) {
                     self.peers[p].status.bytes_received += len as u64;
-                    self.delivered(index, len, wake);
+                    self.delivered(slot, len, wake);
                 }
             }
         }
     }
 
     /// The peer behind `link`, and the stream `(origin, id)` on it.
-    fn stream_of(&mut self, link: LinkId, origin: Origin, id: u64) -> Option<(usize, usize)> {
+    fn stream_of(&mut self, link: LinkId, origin: Origin, id: u64) -> Option<(usize, Slot)> {
         let state = self.links.get_mut(&link)?;
         let p = state.peer()?;
-        state.received(Instant::now());
-        Some((p, *self.keys.get(&(p, side_of(origin), id))?))
+        state.received(self.now);
+        Some((p, self.conns.find(&(p, side_of(origin), id))?))
     }
 
     /// A link is gone: every connection on it is reset.
-    fn link_down(&mut self, link: LinkId, why: String) {
+    fn link_down(&mut self, link: LinkId, why: LinkFailure) {
         let peer = self.links.get(&link).and_then(Link::peer);
         self.close_link(link);
         let Some(p) = peer else {
@@ -487,15 +514,17 @@ impl Relay {
         if self.peers[p].link != Some(link) {
             return;
         }
-        self.peers[p].link = None;
-        let status = &mut self.peers[p].status;
-        status.state = LinkState::Down;
-        status.since = Some(std::time::SystemTime::now());
-        status.last_error = Some(why.clone());
-        let indices: Vec<usize> = self.keys.iter().filter(|(k, _)| k.0 == p).map(|(_, i)| *i).collect();
-        tracing::warn!(peer = %self.peers[p].name, %why, connections = indices.len(), "fabric link down");
-        for index in indices {
-            self.abort(index, false, OpenOutcome::Unreachable(why.clone()));
+        let why = Arc::new(why);
+        let peer = &mut self.peers[p];
+        peer.link = None;
+        peer.failure = Some(why.clone());
+        peer.status.state = LinkState::Down;
+        peer.status.since = Some(std::time::SystemTime::now());
+        peer.status.last_error = Some(why.to_string());
+        let slots = self.conns.slots_where(|k| k.0 == p);
+        tracing::warn!(peer = %self.peers[p].name, %why, connections = slots.len(), "fabric link down");
+        for slot in slots {
+            self.abort(slot, Removal::WhenLetGo, OpenOutcome::Unreachable(Unreachable::LinkDown(why.clone())));
         }
     }
 
@@ -504,7 +533,7 @@ impl Relay {
             // The rest of what a link sent before this side closed it.
             return;
         };
-        state.received(Instant::now());
+        state.received(self.now);
         let Some(p) = state.peer() else {
             // Only Hello (and, with a key, Proof) is expected on a link
             // not yet identified.
@@ -525,8 +554,8 @@ impl Relay {
             }
             Frame::Hello { .. } | Frame::Proof { .. } | Frame::Ping => {}
             Frame::Open { origin, id, vpc, guest, client, server, window } => {
-                if origin != Origin::Sender || self.keys.contains_key(&(p, Side::Remote, id)) {
-                    self.link_down(link, "peer broke the protocol: bad Open".into());
+                if origin != Origin::Sender || self.conns.contains(&(p, Side::Remote, id)) {
+                    self.link_down(link, LinkFailure::BadOpen);
                     return;
                 }
                 let request = OpenRequest { vpc: vpc.into(), guest: guest.into(), client, server, window };
@@ -534,55 +563,52 @@ impl Relay {
             }
             Frame::Accept { origin, id, window } => {
                 let key = (p, side_of(origin), id);
-                match self.keys.get(&key).copied() {
-                    Some(index) => {
-                        let conn = self.conns[index].as_mut().expect("keyed connection exists");
-                        if let Some(reply) = conn.opening.take() {
-                            conn.flow.accepted(window);
-                            let _ = reply.send(OpenOutcome::Accepted);
-                            self.dirty.push(index);
+                match self.conns.find(&key) {
+                    Some(slot) => {
+                        if let Some(conn) = self.conns.get_mut(slot) {
+                            if let Some(reply) = conn.opening.take() {
+                                conn.flow.accepted(window);
+                                let _ = reply.send(OpenOutcome::Accepted);
+                                self.dirty.push(slot);
+                            }
                         }
                     }
                     None => self.send(link, &Frame::Reset { origin: wire(key.1), id }),
                 }
             }
             Frame::Refuse { origin, id, refusal } => {
-                if let Some(index) = self.keys.get(&(p, side_of(origin), id)).copied() {
-                    if self.conns[index].as_ref().is_some_and(|c| c.opening.is_some()) {
-                        self.abort(index, true, OpenOutcome::Refused(refusal));
+                if let Some(slot) = self.conns.find(&(p, side_of(origin), id)) {
+                    if self.conns.get(slot).is_some_and(|c| c.opening.is_some()) {
+                        self.abort(slot, Removal::Now, OpenOutcome::Refused(refusal));
                     }
                 }
             }
             Frame::Data { origin, id, bytes } => {
                 let key = (p, side_of(origin), id);
                 self.peers[p].status.bytes_received += bytes.len() as u64;
-                match self.keys.get(&key).copied() {
-                    Some(index) => self.deliver(index, bytes),
+                match self.conns.find(&key) {
+                    Some(slot) => self.deliver(slot, bytes),
                     None => self.send(link, &Frame::Reset { origin: wire(key.1), id }),
                 }
             }
             Frame::Credit { origin, id, bytes } => {
-                if let Some(index) = self.keys.get(&(p, side_of(origin), id)).copied() {
-                    if let Some(conn) = self.conns[index].as_mut() {
+                if let Some(slot) = self.conns.find(&(p, side_of(origin), id)) {
+                    if let Some(conn) = self.conns.get_mut(slot) {
                         conn.flow.credit(bytes);
-                        self.dirty.push(index);
+                        self.dirty.push(slot);
                     }
                 }
             }
             Frame::Fin { origin, id } => {
-                if let Some(index) = self.keys.get(&(p, side_of(origin), id)).copied() {
-                    if let Some(conn) = self.conns[index].as_mut() {
-                        conn.ends = conn.ends.got_end();
-                        let wake = conn.segment.producer(conn.mine.tx_ring()).finish();
-                        if wake {
-                            vsocket_sys::ring(conn.bell.as_fd());
-                        }
-                    }
+                if let Some(conn) = self.conns.find(&(p, side_of(origin), id)).and_then(|s| self.conns.get_mut(s)) {
+                    conn.ends = conn.ends.got_end();
+                    conn.end.wake_if(conn.end.inbound().finish());
                 }
             }
             Frame::Reset { origin, id } => {
-                if let Some(index) = self.keys.get(&(p, side_of(origin), id)).copied() {
-                    self.abort(index, false, OpenOutcome::Refused(Refusal::Errno(libc::ECONNREFUSED)));
+                if let Some(slot) = self.conns.find(&(p, side_of(origin), id)) {
+                    let refused = OpenOutcome::Refused(Refusal::Errno(libc::ECONNREFUSED));
+                    self.abort(slot, Removal::WhenLetGo, refused);
                 }
             }
         }
@@ -613,7 +639,7 @@ impl Relay {
         if let Some(old) = self.peers[p].link {
             // The peer came back (restarted) before its old link was found
             // dead: the new link replaces it.
-            self.link_down(old, "replaced by a new link".into());
+            self.link_down(old, LinkFailure::Replaced);
         }
         let peer = &mut self.peers[p];
         peer.link = Some(link);
@@ -628,16 +654,17 @@ impl Relay {
         match command {
             Command::Open { peer, id, request, conn, reply } => {
                 let Some(p) = self.peers.iter().position(|x| x.name == peer) else {
-                    let _ = reply.send(OpenOutcome::Unreachable(format!("{peer} is not a fabric host")));
+                    let _ = reply.send(OpenOutcome::Unreachable(Unreachable::NotAHost(peer)));
                     return;
                 };
                 let Some(link) = self.peers[p].link else {
-                    let why = self.peers[p].status.last_error.clone().unwrap_or_else(|| "link down".into());
-                    let _ = reply.send(OpenOutcome::Unreachable(why));
+                    let why = self.peers[p].failure.clone();
+                    let _ = reply.send(OpenOutcome::Unreachable(Unreachable::NoLink(why)));
                     return;
                 };
-                let window = conn.segment.ring_size();
-                self.insert((p, Side::Local, id), conn, 0, Some(reply));
+                let window = conn.end.window();
+                // This host's connection ids are unique, so the key is free.
+                let Ok(_) = self.insert((p, Side::Local, id), conn, 0, Some(reply)) else { return };
                 self.peers[p].status.opened += 1;
                 let frame = Frame::Open {
                     origin: Origin::Sender,
@@ -652,9 +679,9 @@ impl Relay {
             }
             Command::Cancel { peer, id } => {
                 if let Some(p) = self.peers.iter().position(|x| x.name == peer) {
-                    if let Some(index) = self.keys.get(&(p, Side::Local, id)).copied() {
+                    if let Some(slot) = self.conns.find(&(p, Side::Local, id)) {
                         self.send_to(p, &Frame::Reset { origin: Origin::Sender, id });
-                        self.abort(index, true, OpenOutcome::Unreachable("timed out".into()));
+                        self.abort(slot, Removal::Now, OpenOutcome::Unreachable(Unreachable::GaveUp));
                     }
                 }
             }
@@ -662,18 +689,24 @@ impl Relay {
                 if self.peers[peer].link.is_none() {
                     // The link went while the listener was being reached:
                     // the guest gets a connection that is reset at once.
-                    let (segment, mine, bell) = (&conn.segment, conn.mine, &conn.bell);
-                    let w = segment.producer(mine.tx_ring()).reset() | segment.consumer(mine.rx_ring()).close();
-                    if w {
-                        vsocket_sys::ring(bell.as_fd());
-                    }
+                    reset_unrelayed(&conn);
                     return;
                 }
-                let mine_window = conn.segment.ring_size();
-                let index = self.insert((peer, Side::Remote, id), conn, window, None);
+                let mine_window = conn.end.window();
+                let slot = match self.insert((peer, Side::Remote, id), conn, window, None) {
+                    Ok(slot) => slot,
+                    Err(conn) => {
+                        // The peer opened two streams with one id before
+                        // this side answered the first: the second is reset
+                        // here, and the first goes on.
+                        tracing::warn!(peer = %self.peers[peer].name, id, "fabric peer reused a stream id; reset");
+                        reset_unrelayed(&conn);
+                        return;
+                    }
+                };
                 self.peers[peer].status.accepted += 1;
                 self.send_to(peer, &Frame::Accept { origin: Origin::Receiver, id, window: mine_window });
-                self.dirty.push(index);
+                self.dirty.push(slot);
             }
             Command::Refused { peer, id, refusal } => {
                 self.send_to(peer, &Frame::Refuse { origin: Origin::Receiver, id, refusal });
@@ -682,116 +715,111 @@ impl Relay {
         self.pump_dirty();
     }
 
+    /// Enters a connection the relay carries from now on, and watches its
+    /// bell; a key already in use hands the connection back.
     fn insert(
         &mut self,
         key: Key,
         conn: NewConn,
         peer_window: u32,
         opening: Option<mpsc::Sender<OpenOutcome>>,
-    ) -> usize {
-        let index = self.free.pop().unwrap_or_else(|| {
-            self.conns.push(None);
-            self.conns.len() - 1
-        });
-        let NewConn { segment, mine, bell, holds, meter } = conn;
-        if let Err(e) = self.epoll.add(bell.as_fd(), libc::EPOLLIN as u32, TOKEN_CONNS + index as u64) {
-            tracing::error!(error = %e, "fabric relay: cannot watch a doorbell");
+    ) -> Result<Slot, NewConn> {
+        if self.conns.contains(&key) {
+            return Err(conn);
         }
-        let flow = Flow::new(segment.ring_size(), peer_window);
-        self.conns[index] = Some(Conn {
-            key,
-            segment,
-            mine,
-            bell,
-            _holds: holds,
-            flow,
-            meter,
-            opening,
-            ends: Ends::Open,
-            guest_gone: false,
-        });
-        self.keys.insert(key, index);
-        index
+        let NewConn { end, meter } = conn;
+        let flow = Flow::new(end.window(), peer_window);
+        let conn = Conn { key, end, flow, meter, opening, ends: Ends::Open, guest_gone: false };
+        let Some(slot) = self.conns.insert(key, conn) else {
+            unreachable!("the key was just found free");
+        };
+        if let Some(conn) = self.conns.get(slot) {
+            if let Err(e) = self.epoll.add(conn.end.bell(), libc::EPOLLIN as u32, slot.token(TOKEN_CONNS)) {
+                tracing::error!(error = %e, "fabric relay: cannot watch a doorbell");
+            }
+        }
+        Ok(slot)
     }
 
-    fn remove(&mut self, index: usize) {
-        if let Some(conn) = self.conns[index].take() {
-            let _ = self.epoll.delete(conn.bell.as_fd());
-            self.keys.remove(&conn.key);
-            self.free.push(index);
+    fn remove(&mut self, slot: Slot) {
+        if let Some(conn) = self.conns.remove(slot) {
+            if !conn.guest_gone {
+                let _ = self.epoll.delete(conn.end.bell());
+            }
         }
     }
 
-    /// Resets connection `index` on the guest's side (it reads ECONNRESET)
-    /// and stops relaying it; one still opening gets `outcome` (and is
-    /// dropped, its guest never had it). `remove_now` drops it at once.
-    fn abort(&mut self, index: usize, remove_now: bool, outcome: OpenOutcome) {
-        let Some(conn) = self.conns[index].as_mut() else { return };
-        conn.ends = Ends::Closed;
+    /// Ends connection `slot`: one still opening gets `outcome` and is
+    /// dropped (its guest never had it); an established one is reset.
+    fn abort(&mut self, slot: Slot, removal: Removal, outcome: OpenOutcome) {
+        let Some(conn) = self.conns.get_mut(slot) else { return };
         if let Some(reply) = conn.opening.take() {
+            conn.ends = Ends::Closed;
             let _ = reply.send(outcome);
-            self.remove(index);
+            self.remove(slot);
             return;
         }
-        let wake =
-            conn.segment.producer(conn.mine.tx_ring()).reset() | conn.segment.consumer(conn.mine.rx_ring()).close();
-        if wake {
-            vsocket_sys::ring(conn.bell.as_fd());
-        }
-        if remove_now || conn.guest_gone {
-            self.remove(index);
+        self.reset(slot, removal);
+    }
+
+    /// Resets connection `slot` on the guest's side (it reads ECONNRESET)
+    /// and stops relaying it.
+    fn reset(&mut self, slot: Slot, removal: Removal) {
+        let Some(conn) = self.conns.get_mut(slot) else { return };
+        conn.ends = Ends::Closed;
+        conn.end.wake_if(conn.end.inbound().reset() | conn.end.outbound().close());
+        if removal == Removal::Now || conn.guest_gone {
+            self.remove(slot);
         }
     }
 
-    /// The guest rang (or hung up) connection `index`'s doorbell.
-    fn doorbell(&mut self, index: usize) {
-        let Some(conn) = self.conns.get_mut(index).and_then(Option::as_mut) else { return };
-        if vsocket_sys::drain(conn.bell.as_fd()) && !conn.guest_gone {
+    /// The guest rang (or let go of) connection `slot`'s bell.
+    fn doorbell(&mut self, slot: Slot) {
+        let Some(conn) = self.conns.get_mut(slot) else { return };
+        if conn.end.hear() == Heard::LetGo && !conn.guest_gone {
             conn.guest_gone = true;
-            let _ = self.epoll.delete(conn.bell.as_fd());
+            let _ = self.epoll.delete(conn.end.bell());
         }
-        self.dirty.push(index);
+        self.dirty.push(slot);
     }
 
     /// Writes a `Data` frame's bytes into the guest's ring.
-    fn deliver(&mut self, index: usize, bytes: &[u8]) {
-        let Some(conn) = self.conns[index].as_mut() else { return };
+    fn deliver(&mut self, slot: Slot, bytes: &[u8]) {
+        let Some(conn) = self.conns.get_mut(slot) else { return };
         if conn.ends.got() || conn.opening.is_some() {
             return;
         }
-        let tx = conn.segment.producer(conn.mine.tx_ring());
-        let written = if conn.flow.admits(conn.delivered(), bytes.len()) { tx.write(&[bytes]).ok() } else { None };
+        let admitted = conn.flow.admits(conn.delivered(), bytes.len());
+        let written = if admitted { conn.end.inbound().write(&[bytes]).ok() } else { None };
         match written {
-            Some((n, wake)) if n == bytes.len() => self.delivered(index, n, wake),
+            Some((n, wake)) if n == bytes.len() => self.delivered(slot, n, wake),
             // More than the window allowed (or a guest that forged its
             // ring's indices), or a guest that closed its reading side:
             // this connection is reset, nothing else.
             _ => {
                 let (p, side, id) = conn.key;
                 self.send_to(p, &Frame::Reset { origin: wire(side), id });
-                self.abort(index, false, OpenOutcome::Unreachable("reset".into()));
+                self.reset(slot, Removal::WhenLetGo);
             }
         }
     }
 
-    /// `n` more bytes are in connection `index`'s receive ring.
-    fn delivered(&mut self, index: usize, n: usize, wake: bool) {
-        let Some(conn) = self.conns[index].as_mut() else { return };
+    /// `n` more bytes are in connection `slot`'s receive ring.
+    fn delivered(&mut self, slot: Slot, n: usize, wake: bool) {
+        let Some(conn) = self.conns.get_mut(slot) else { return };
         conn.meter.given.fetch_add(n as u64, Ordering::Relaxed);
-        self.active = Instant::now();
-        if wake {
-            vsocket_sys::ring(conn.bell.as_fd());
-        }
-        self.dirty.push(index);
-        self.answered.push(index);
+        self.moved = true;
+        conn.end.wake_if(wake);
+        self.dirty.push(slot);
+        self.answered.push(slot);
     }
 
-    /// Moves what can move for connection `index`: the guest's bytes out
+    /// Moves what can move for connection `slot`: the guest's bytes out
     /// (within credit and link room), credit back for what it read, its
     /// end of stream; and drops it once both the guest and the relay are
     /// done with it.
-    fn pump(&mut self, index: usize) {
-        let Some(conn) = self.conns.get(index).and_then(Option::as_ref) else { return };
+    fn pump(&mut self, slot: Slot) {
+        let Some(conn) = self.conns.get(slot) else { return };
         if conn.opening.is_some() {
             return;
         }
@@ -799,7 +827,7 @@ impl Relay {
         let Some(link) = self.peers[p].link else {
             // Reset with its link; gone once its guest lets go.
             if conn.guest_gone {
-                self.remove(index);
+                self.remove(slot);
             }
             return;
         };
@@ -807,14 +835,14 @@ impl Relay {
         // Guest to peer.
         loop {
             if self.backlog(link) >= HIGH_WATER {
-                self.blocked.push(index);
+                self.blocked.push(slot);
                 break;
             }
-            let conn = self.conns[index].as_mut().expect("pumped connection exists");
+            let Some(conn) = self.conns.get_mut(slot) else { return };
             if conn.ends.sent() {
                 break;
             }
-            let rx = conn.segment.consumer(conn.mine.rx_ring());
+            let rx = conn.end.outbound();
             match rx.state() {
                 Ok(RxState::Data(n)) => {
                     let take = conn.flow.sendable(n as usize, MAX_PAYLOAD);
@@ -823,16 +851,14 @@ impl Relay {
                     }
                     let Some(transport) = self.transport.as_mut() else { break };
                     let Ok(wake) = transport.send_ring(link, origin, id, &rx, take) else {
-                        self.corrupt(index);
+                        self.corrupt(slot);
                         return;
                     };
-                    if wake {
-                        vsocket_sys::ring(conn.bell.as_fd());
-                    }
+                    conn.end.wake_if(wake);
                     conn.flow.sent(take);
                     conn.meter.taken.fetch_add(take as u64, Ordering::Relaxed);
                     self.note_sent(link, take);
-                    self.active = Instant::now();
+                    self.moved = true;
                 }
                 Ok(RxState::Empty) => {
                     if conn.guest_gone {
@@ -856,34 +882,30 @@ impl Relay {
                 }
                 Ok(RxState::Reset) => {
                     conn.ends = conn.ends.send_end();
-                    let wake = conn.segment.producer(conn.mine.tx_ring()).reset();
-                    if wake {
-                        vsocket_sys::ring(conn.bell.as_fd());
-                    }
+                    conn.end.wake_if(conn.end.inbound().reset());
                     self.send(link, &Frame::Reset { origin, id });
                     break;
                 }
                 Err(_) => {
-                    self.corrupt(index);
+                    self.corrupt(slot);
                     return;
                 }
             }
         }
         // Credit back what the guest read.
-        if let Some(bytes) = self.credit_due(index) {
+        if let Some(bytes) = self.credit_due(slot) {
             self.send(link, &Frame::Credit { origin, id, bytes });
         }
-        let conn = self.conns[index].as_ref().expect("pumped connection exists");
-        if conn.guest_gone && conn.ends.sent() {
-            self.remove(index);
+        if self.conns.get(slot).is_some_and(|c| c.guest_gone && c.ends.sent()) {
+            self.remove(slot);
         }
     }
 
-    /// The credit connection `index` owes its peer now (in sixteenths of
+    /// The credit connection `slot` owes its peer now (in sixteenths of
     /// the window, so the sender rarely runs dry), if any. Otherwise arms
     /// the guest's ring to hear of reads when they could make one due.
-    fn credit_due(&mut self, index: usize) -> Option<u32> {
-        let conn = self.conns[index].as_mut()?;
+    fn credit_due(&mut self, slot: Slot) -> Option<u32> {
+        let conn = self.conns.get_mut(slot)?;
         if conn.ends.got() {
             return None;
         }
@@ -893,7 +915,7 @@ impl Relay {
                 CreditDue::Send(bytes) => return Some(bytes),
                 CreditDue::Nothing => return None,
                 CreditDue::Watch => {
-                    conn.segment.producer(conn.mine.tx_ring()).arm();
+                    conn.end.inbound().arm();
                     if conn.consumed() == consumed {
                         return None;
                     }
@@ -903,16 +925,21 @@ impl Relay {
     }
 
     /// The guest's ring holds values no ring can: reset its connection.
-    fn corrupt(&mut self, index: usize) {
-        let Some(conn) = self.conns[index].as_ref() else { return };
+    fn corrupt(&mut self, slot: Slot) {
+        let Some(conn) = self.conns.get(slot) else { return };
         let (p, side, id) = conn.key;
-        let already = conn.ends.sent();
-        if !already {
+        if !conn.ends.sent() {
             self.send_to(p, &Frame::Reset { origin: wire(side), id });
         }
-        self.abort(index, false, OpenOutcome::Unreachable("corrupt ring".into()));
+        self.reset(slot, Removal::WhenLetGo);
         self.peers[p].status.corrupt += 1;
     }
+}
+
+/// Resets a connection the relay never took on: its guest reads
+/// ECONNRESET at once.
+fn reset_unrelayed(conn: &NewConn) {
+    conn.end.wake_if(conn.end.inbound().reset() | conn.end.outbound().close());
 }
 
 impl Events for Relay {
@@ -921,13 +948,13 @@ impl Events for Relay {
     }
 
     fn data_ring(&mut self, link: LinkId, origin: Origin, id: u64) -> Option<vsocket_ring::Producer<'_>> {
-        let (_, index) = self.stream_of(link, origin, id)?;
-        let conn = self.conns[index].as_ref()?;
+        let (_, slot) = self.stream_of(link, origin, id)?;
+        let conn = self.conns.get(slot)?;
         // As `deliver` checks: bytes are taken only while the stream is open.
         if conn.ends.got() || conn.opening.is_some() {
             return None;
         }
-        Some(conn.segment.producer(conn.mine.tx_ring()))
+        Some(conn.end.inbound())
     }
 }
 
@@ -940,10 +967,9 @@ impl Conn {
     /// Bytes of `delivered` the guest has read (its ring's head, as far as
     /// the daemon can tell: a guest that forges it fools only itself).
     fn consumed(&self) -> u64 {
-        let tx = self.segment.producer(self.mine.tx_ring());
-        match tx.space() {
+        match self.end.inbound().space() {
             Ok(space) => {
-                let unread = u64::from(self.segment.ring_size()).saturating_sub(u64::from(space));
+                let unread = u64::from(self.end.window()).saturating_sub(u64::from(space));
                 self.delivered().saturating_sub(unread)
             }
             // Closed by the guest: everything counts as read.

@@ -12,7 +12,7 @@
 //! Dialing blocks, so it happens on a short-lived thread that hands the
 //! connected socket over.
 
-use super::{Events, LinkEvent, LinkId, Transport};
+use super::{Events, LinkEvent, LinkFailure, LinkId, Transport};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -25,7 +25,7 @@ use vsocket_sys::Epoll;
 
 /// Why a tcp link ended.
 #[derive(Debug)]
-enum LinkError {
+pub enum LinkError {
     /// The other host closed the link.
     Closed,
     /// Reading the link failed.
@@ -329,7 +329,7 @@ impl Transport for TcpTransport {
                 while let Ok((address, result)) = self.dialed_rx.try_recv() {
                     match result.and_then(|stream| self.adopt(stream, address, epoll)) {
                         Ok(id) => on.event(LinkEvent::Up { link: id, peer: address, dialed: true }),
-                        Err(e) => on.event(LinkEvent::DialFailed { peer: address, error: e.to_string() }),
+                        Err(e) => on.event(LinkEvent::DialFailed { peer: address, error: e }),
                     }
                 }
             }
@@ -344,7 +344,7 @@ impl Transport for TcpTransport {
                 }
                 if let Err(why) = result {
                     self.close(id, epoll);
-                    on.event(LinkEvent::Down { link: id, why: why.to_string() });
+                    on.event(LinkEvent::Down { link: id, why: LinkFailure::Tcp(why) });
                 }
             }
         }
@@ -415,7 +415,7 @@ impl Transport for TcpTransport {
         }
         for (id, why) in failed {
             self.close(id, epoll);
-            on.event(LinkEvent::Down { link: id, why: why.to_string() });
+            on.event(LinkEvent::Down { link: id, why: LinkFailure::Tcp(why) });
         }
     }
 

@@ -9,7 +9,7 @@
 //! UCX still has work (or has events queued) the relay polls again instead
 //! (`before_sleep`).
 
-use super::{Events, LinkEvent, LinkId, Transport, TOKEN_POLL};
+use super::{Events, LinkEvent, LinkFailure, LinkId, Transport, TOKEN_POLL};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use vsocket_abi::fabric::{Frame, Origin, HEADER};
@@ -49,8 +49,29 @@ pub struct UcxTransport {
 
 enum Later {
     Up { link: LinkId, peer: SocketAddr },
-    DialFailed { peer: SocketAddr, error: String },
-    Down { link: LinkId, why: String },
+    DialFailed { peer: SocketAddr, error: std::io::Error },
+    Down { link: LinkId, why: LinkError },
+}
+
+/// Why a UCX link ended.
+#[derive(Debug)]
+pub enum LinkError {
+    /// The other host sent a frame that does not decode whole.
+    Malformed,
+    /// UCX reported the endpoint failed.
+    Endpoint(std::io::Error),
+    /// A send on the endpoint failed.
+    Send(std::io::Error),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Malformed => f.write_str("malformed frame"),
+            LinkError::Endpoint(e) => write!(f, "UCX endpoint failed: {e}"),
+            LinkError::Send(e) => write!(f, "UCX send: {e}"),
+        }
+    }
 }
 
 impl UcxTransport {
@@ -108,7 +129,7 @@ impl UcxTransport {
             match event {
                 Later::Up { link, peer } => on.event(LinkEvent::Up { link, peer, dialed: true }),
                 Later::DialFailed { peer, error } => on.event(LinkEvent::DialFailed { peer, error }),
-                Later::Down { link, why } => on.event(LinkEvent::Down { link, why }),
+                Later::Down { link, why } => on.event(LinkEvent::Down { link, why: LinkFailure::Ucx(why) }),
             }
         }
     }
@@ -149,14 +170,14 @@ impl UcxTransport {
                         Ok(Some((f, used))) if used == frame.len() => on.event(LinkEvent::Frame(link, f)),
                         _ => {
                             self.close_link(link, epoll);
-                            on.event(LinkEvent::Down { link, why: "malformed frame".into() });
+                            on.event(LinkEvent::Down { link, why: LinkFailure::Ucx(LinkError::Malformed) });
                         }
                     }
                 }
                 Event::Failed { ep, error } => {
                     let Some(link) = self.by_ep.get(&(key, ep)).copied() else { continue };
                     self.close_link(link, epoll);
-                    on.event(LinkEvent::Down { link, why: format!("UCX endpoint failed: {error}") });
+                    on.event(LinkEvent::Down { link, why: LinkFailure::Ucx(LinkError::Endpoint(error)) });
                 }
             }
         }
@@ -192,7 +213,7 @@ impl UcxTransport {
             // A send may leave the worker work to progress.
             self.armed.remove(&key);
             if let Err(e) = worker.send_buffer(ep, frame) {
-                self.later.push(Later::Down { link, why: format!("UCX send: {e}") });
+                self.later.push(Later::Down { link, why: LinkError::Send(e) });
             }
         }
         Some(built)
@@ -219,7 +240,7 @@ impl Transport for UcxTransport {
                 let link = self.link_of(key, ep);
                 self.later.push(Later::Up { link, peer: address });
             }
-            Err(e) => self.later.push(Later::DialFailed { peer: address, error: e.to_string() }),
+            Err(e) => self.later.push(Later::DialFailed { peer: address, error: e }),
         }
     }
 

@@ -1,0 +1,102 @@
+//! The local end of a relayed connection: the guest's rings as the relay
+//! sees them, and how the two wake each other.
+//!
+//! The relay copies between a guest's rings and a transport; it does not
+//! care how those rings reach the guest. [`LocalEnd`] is that seam. A
+//! namespace guest's connection ([`SegmentEnd`]) is a sealed memfd
+//! segment mapped by the daemon and the guest, with a doorbell socket pair
+//! and a lifeline pipe; a VM guest's connection would carve its rings out
+//! of the VM's memory region and carry its wake-ups over the VM's
+//! attachment, behind the same trait.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use vsocket_abi::layout::Endpoint;
+use vsocket_ring::{Consumer, Producer, Segment};
+
+/// What the relay heard from the guest when its bell went off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heard {
+    /// The guest wrote or read: look at its rings.
+    Rang,
+    /// Every process holding the guest's end has let go of it (closed it,
+    /// or died): nothing more will come from that side.
+    LetGo,
+}
+
+/// The relay's end of one guest connection on this host.
+///
+/// Everything behind the rings is the guest's memory: every index read
+/// from them is hostile input, checked by the ring crate.
+pub trait LocalEnd: Send {
+    /// The ring the guest writes and the relay reads.
+    fn outbound(&self) -> Consumer<'_>;
+    /// The ring the relay writes and the guest reads.
+    fn inbound(&self) -> Producer<'_>;
+    /// The size of each ring: the window this side offers its peer.
+    fn window(&self) -> u32;
+    /// Wakes the guest (waiting on either ring, or to learn of an end).
+    fn wake(&self);
+    /// Wakes the guest if a ring operation said it must.
+    fn wake_if(&self, needed: bool) {
+        if needed {
+            self.wake();
+        }
+    }
+    /// What the relay watches in its epoll set (for reading) to hear the
+    /// guest.
+    fn bell(&self) -> BorrowedFd<'_>;
+    /// Takes what the guest signalled since the last call.
+    fn hear(&self) -> Heard;
+}
+
+/// A namespace guest's connection: a segment both map, a doorbell (one
+/// end of a socket pair each) and the daemon's lifeline.
+pub struct SegmentEnd {
+    segment: Segment,
+    /// The relay's endpoint of the segment: the one its guest is not.
+    mine: Endpoint,
+    /// The relay's end of the doorbell; it reads as closed once every
+    /// process holding the guest's end is gone.
+    bell: OwnedFd,
+    /// Write end of the daemon's lifeline: dropping it (with this end)
+    /// tells the reaper the daemon's end is done.
+    _holds: OwnedFd,
+}
+
+impl SegmentEnd {
+    /// The relay's end `mine` of `segment`, with its doorbell end `bell`
+    /// and lifeline write end `holds`.
+    pub fn new(segment: Segment, mine: Endpoint, bell: OwnedFd, holds: OwnedFd) -> SegmentEnd {
+        SegmentEnd { segment, mine, bell, _holds: holds }
+    }
+}
+
+impl LocalEnd for SegmentEnd {
+    fn outbound(&self) -> Consumer<'_> {
+        self.segment.consumer(self.mine.rx_ring())
+    }
+
+    fn inbound(&self) -> Producer<'_> {
+        self.segment.producer(self.mine.tx_ring())
+    }
+
+    fn window(&self) -> u32 {
+        self.segment.ring_size()
+    }
+
+    fn wake(&self) {
+        vsocket_sys::ring(self.bell.as_fd());
+    }
+
+    fn bell(&self) -> BorrowedFd<'_> {
+        self.bell.as_fd()
+    }
+
+    fn hear(&self) -> Heard {
+        if vsocket_sys::drain(self.bell.as_fd()) {
+            Heard::LetGo
+        } else {
+            Heard::Rang
+        }
+    }
+}
