@@ -33,7 +33,7 @@ pub use config::{load, load_document, parse, parse_document, ConfigError, Docume
 pub use edit::{Change, ChangeError, GuestSpec, RuleSpec};
 pub use evaluate::{evaluate, Decider, Flow, Verdict};
 pub use model::{
-    Config, DenyAction, Direction, FabricConfig, FabricHost, FabricKey, FabricKind, FlowLogConfig, GroupId, Guest, KeyError,
-    GuestId, HostConfig, Peer, PolicyChangeAction, PortRange, Protocol, ProtocolFilter, Quotas, Rule, SecurityGroup,
-    Vpc, VpcId,
+    Config, DenyAction, Direction, FabricConfig, FabricHost, FabricKey, FabricKind, FlowLogConfig, GroupId, Guest,
+    GuestId, HostConfig, KeyError, Peer, PolicyChangeAction, PortRange, Protocol, ProtocolFilter, Quotas, Rule,
+    SecurityGroup, Vpc, VpcId,
 };

@@ -296,11 +296,9 @@ impl std::fmt::Display for KeyError {
         match self {
             KeyError::Unreadable { path, error } => write!(f, "cannot read {}: {error}", path.display()),
             KeyError::NotAFile(path) => write!(f, "{} is not a regular file", path.display()),
-            KeyError::Exposed { path, mode } => write!(
-                f,
-                "{} may be read or written by others (mode {mode:03o}); make it 0600 or 0400",
-                path.display()
-            ),
+            KeyError::Exposed { path, mode } => {
+                write!(f, "{} may be read or written by others (mode {mode:03o}); make it 0600 or 0400", path.display())
+            }
             KeyError::TooShort { path, len } => write!(
                 f,
                 "{} holds {len} bytes of key; at least {} are needed (for example: head -c 32 /dev/urandom | base64)",

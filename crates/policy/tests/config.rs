@@ -837,7 +837,10 @@ fn a_fabric_key_file_is_absolute_private_and_long_enough() {
     let err = config.fabric().unwrap().load_key().unwrap_err().to_string();
     assert_eq!(err, format!("{} is not a regular file", dir.display()));
     // Without key_file, links are not authenticated.
-    assert!(matches!(parse_text(&config_text("", &fabric_table("tcp"))).unwrap().fabric().unwrap().load_key(), Ok(None)));
+    assert!(matches!(
+        parse_text(&config_text("", &fabric_table("tcp"))).unwrap().fabric().unwrap().load_key(),
+        Ok(None)
+    ));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

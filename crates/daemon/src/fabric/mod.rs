@@ -303,7 +303,8 @@ impl Fabric {
         let (tx, rx) = mpsc::channel();
         let bell = vsocket_sys::eventfd().map_err(FabricError::Relay)?;
         let status = Arc::new(Mutex::new(Vec::new()));
-        let commands = Arc::new(Commands { queue: Mutex::new(tx), bell: bell.try_clone().map_err(FabricError::Relay)? });
+        let commands =
+            Arc::new(Commands { queue: Mutex::new(tx), bell: bell.try_clone().map_err(FabricError::Relay)? });
         let relay = relay::Relay::new(
             opens,
             commands.clone(),
