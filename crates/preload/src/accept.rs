@@ -2,7 +2,7 @@
 //! kernel ones.
 
 use crate::attach::ControlChannel;
-use crate::conn::Blocking;
+use crate::conn::{Blocking, MAX_SLEEP_MS};
 use crate::listener::Listener;
 use crate::signals::SocketTimeout;
 use crate::sys::{self, Errno, SysResult};
@@ -58,17 +58,22 @@ pub fn accept(
         if !blocking {
             return kernel_accept().map(Client::Kernel);
         }
+        // The channel is held for the wait, even if another thread finds
+        // it broken meanwhile.
+        let channel = listener.channel();
         let mut pfds = [
             libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: listener.channel.fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: channel.as_ref().map_or(-1, |c| c.fd()), events: libc::POLLIN, revents: 0 },
         ];
-        let watched = if listener.attached() { 2 } else { 1 };
+        let watched = if channel.is_some() { 2 } else { 1 };
+        // A detached listener wakes to try to attach again.
+        let sleep_ms = if channel.is_some() { -1 } else { MAX_SLEEP_MS };
         // Connections tend to come in bursts: look again for a while
         // before sleeping.
         if let Some(_sleeping) = listener.spinner.spin(|| sys::poll(&mut pfds[..watched], 0).is_ok_and(|n| n > 0)) {
             loop {
                 signals::before_sleep();
-                match sys::poll(&mut pfds[..watched], -1) {
+                match sys::poll(&mut pfds[..watched], sleep_ms) {
                     // A handler with SA_RESTART ran: accept goes on waiting.
                     Err(Errno(libc::EINTR)) if signals::restart_after_interrupt(SocketTimeout::None) => continue,
                     r => {

@@ -13,9 +13,8 @@
 //! socket registered before it connects (or listens) is moved to the right
 //! representation when it becomes a vSocket.
 
-use crate::attach::ControlChannel;
 use crate::conn::{Connection, Dropped, EdgeSnapshot, MAX_SLEEP_MS};
-use crate::listener::Listener;
+use crate::listener::{self, Listener};
 use crate::readiness::{Interest, Readiness};
 use crate::sys::{self, Errno, SysResult};
 use std::collections::HashMap;
@@ -104,8 +103,10 @@ enum Kind<M> {
     Kernel,
     /// A vSocket connection or a dropped connect, judged from shared memory.
     Managed { entry: Arc<M>, last: Option<Snapshot> },
-    /// A listener: its socket and its channel are in the kernel set.
-    Listener { entry: Arc<M> },
+    /// A listener: its socket and its channel are in the kernel set
+    /// (`channel`: the channel descriptor registered, if any; it changes
+    /// when the listener is detached and attached again).
+    Listener { entry: Arc<M>, channel: Option<RawFd> },
     /// Another tracked epoll set: its kernel fd is in the kernel set (so its
     /// kernel descriptors and doorbells wake this one), and whether it has
     /// events is judged by asking it (see `EpollSet::has_events`).
@@ -137,6 +138,9 @@ pub struct EpollSet<M> {
     owner: i32,
     /// How long waits on the set spin before sleeping.
     spinner: Spinner,
+    /// `listener::channels_changed()` when the set last brought its
+    /// listeners' channel registrations up to date.
+    listeners_seen: AtomicU64,
 }
 
 /// See `EpollSet::add_kernel_ready`.
@@ -158,6 +162,38 @@ impl<M: Member> EpollSet<M> {
             rotor: AtomicUsize::new(0),
             owner: sys::getpid(),
             spinner: Spinner::new(),
+            listeners_seen: AtomicU64::new(listener::channels_changed()),
+        }
+    }
+
+    /// Brings the listener registrations up to date when a listener of
+    /// the process changed channel or waits to attach again: a detached
+    /// listener is attached again when a try is due, and a set that
+    /// watches no channel (or an old one) of a listener watches its
+    /// current one.
+    fn sync_listeners(&self, regs: &mut HashMap<RawFd, Registration<M>>) {
+        let changed = listener::channels_changed();
+        if !listener::any_detached() && self.listeners_seen.load(Ordering::Relaxed) == changed {
+            return;
+        }
+        self.listeners_seen.store(changed, Ordering::Relaxed);
+        for (&fd, reg) in regs.iter_mut() {
+            let Kind::Listener { entry, channel } = &mut reg.kind else { continue };
+            let Waitable::Listener(l) = entry.waitable() else { continue };
+            l.reattach_if_due();
+            let current = l.channel_fd();
+            if current == *channel {
+                continue;
+            }
+            if let Some(old) = channel.take() {
+                let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, old, 0, 0);
+            }
+            if let Some(new) = current {
+                let ev = channel_events(kernel_events(reg.events));
+                if sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, new, ev, token(fd)).is_ok() {
+                    *channel = Some(new);
+                }
+            }
         }
     }
 
@@ -227,13 +263,15 @@ impl<M: Member> EpollSet<M> {
             Waitable::Listener(l) => {
                 let ev = kernel_events(events);
                 sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, ev, token(fd))?;
-                if let Err(e) =
-                    sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, l.channel.fd(), channel_events(ev), token(fd))
-                {
-                    let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
-                    return Err(e);
+                let channel = l.channel_fd();
+                if let Some(channel) = channel {
+                    if let Err(e) = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, channel, channel_events(ev), token(fd))
+                    {
+                        let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
+                        return Err(e);
+                    }
                 }
-                Ok(Kind::Listener { entry: entry.clone() })
+                Ok(Kind::Listener { entry: entry.clone(), channel })
             }
             Waitable::Set(_) => {
                 // The kernel refuses loops (ELOOP), too deep nesting and a set
@@ -256,10 +294,10 @@ impl<M: Member> EpollSet<M> {
                     self.parked.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Kind::Listener { entry } => {
+            Kind::Listener { channel, .. } => {
                 let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
-                if let Waitable::Listener(l) = entry.waitable() {
-                    let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, l.channel.fd(), 0, 0);
+                if let Some(channel) = *channel {
+                    let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, channel, 0, 0);
                 }
             }
             Kind::Nested { .. } => {
@@ -320,11 +358,11 @@ impl<M: Member> EpollSet<M> {
                     Kind::Kernel => sys::epoll_ctl(self.epfd, op, fd, events, data)?,
                     Kind::Managed { last, .. } => *last = None,
                     Kind::Nested { .. } => sys::epoll_ctl(self.epfd, op, fd, events, token(fd))?,
-                    Kind::Listener { entry } => {
+                    Kind::Listener { channel, .. } => {
                         let ev = kernel_events(events);
                         sys::epoll_ctl(self.epfd, op, fd, ev, token(fd))?;
-                        if let Waitable::Listener(l) = entry.waitable() {
-                            sys::epoll_ctl(self.epfd, op, l.channel.fd(), channel_events(ev), token(fd))?;
+                        if let Some(channel) = *channel {
+                            sys::epoll_ctl(self.epfd, op, channel, channel_events(ev), token(fd))?;
                         }
                     }
                 }
@@ -533,17 +571,21 @@ impl<M: Member> EpollSet<M> {
                 self.remove_parked_doorbell(fd);
                 continue;
             };
-            match &reg.kind {
+            match &mut reg.kind {
                 Kind::Managed { entry, .. } => {
                     if let Waitable::Conn(conn) = entry.waitable() {
                         conn.drain_doorbell();
                     }
                 }
-                Kind::Listener { entry } => {
+                Kind::Listener { entry, channel } => {
                     if let Waitable::Listener(l) = entry.waitable() {
-                        if !l.attached() {
-                            // Its channel only reports end of stream now.
-                            let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, l.channel.fd(), 0, 0);
+                        if channel.is_some() && *channel != l.channel_fd() {
+                            // The channel broke: it only reports end of
+                            // stream now (a new one is added by
+                            // `sync_listeners` once the listener has it).
+                            if let Some(old) = channel.take() {
+                                let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, old, 0, 0);
+                            }
                         }
                     }
                     if reg.disabled || n == out.len() {
@@ -615,6 +657,7 @@ impl<M: Member> EpollSet<M> {
         loop {
             {
                 let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+                self.sync_listeners(&mut regs);
                 let n = self.collect(&mut regs, out, 0, self.vsocket_room(out));
                 if n > 0 {
                     drop(regs);

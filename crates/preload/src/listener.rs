@@ -4,26 +4,59 @@
 //! the library still connect to it); beside it, a listener channel to the
 //! daemon delivers vSocket connections, each a message carrying the
 //! segment and the doorbell. `accept` takes from whichever is ready.
+//!
+//! When the channel breaks (vsocketd restarted, crashed or was upgraded)
+//! the listener is detached: a plain kernel listener for the moment. Every
+//! wait that involves it (accept, poll, select, epoll) tries to register it
+//! again with the daemon when a try is due (after 100 ms, then backing off
+//! to [`RETRY_MAX_MS`]), so a running server is back on vSocket soon after
+//! a new daemon is up, without its help. A channel that broke stays open
+//! (retired) until the listener is closed: epoll sets that still hold it
+//! must be able to remove it by its number.
 
 use crate::addr::Family;
 use crate::attach::{Channel, ControlChannel, Receive};
 use crate::conn::{Blocking, Connection, Direction};
 use crate::sys::{self, Errno, SysResult};
+use arc_swap::ArcSwapOption;
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use vsocket_abi::control::Message;
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::spin::Spinner;
 
+/// The longest a detached listener waits between tries to attach again.
+pub const RETRY_MAX_MS: i64 = 500;
+/// The first wait after a listener is detached.
+const RETRY_FIRST_MS: i64 = 100;
+
+/// Listeners of this process that are detached and may attach again: while
+/// there are any, waits on them stay short and try.
+static DETACHED: AtomicUsize = AtomicUsize::new(0);
+/// Counts every change of any listener's channel (detached, attached
+/// again): an epoll set whose count differs looks at its listeners.
+static CHANNELS_CHANGED: AtomicU64 = AtomicU64::new(0);
+
+/// Are any of this process's listeners detached and waiting to attach?
+pub fn any_detached() -> bool {
+    DETACHED.load(Ordering::Relaxed) > 0
+}
+
+/// The count of listener channel changes, for [`any_detached`]'s users
+/// that must also notice a change made by another thread.
+pub fn channels_changed() -> u64 {
+    CHANNELS_CHANGED.load(Ordering::Acquire)
+}
+
 pub struct Listener {
     /// The listener channel (library-internal; closing it, when the
-    /// listener goes, unregisters the listener at the daemon).
-    pub channel: Channel,
-    /// The channel broke (vsocketd restarted or went away): from then on
-    /// this is a plain kernel listener.
-    detached: AtomicBool,
+    /// listener goes, unregisters the listener at the daemon); none while
+    /// detached.
+    channel: ArcSwapOption<Channel>,
+    /// What registering again needs, and when to try.
+    retry: Mutex<Retry>,
     /// The listening socket's family: accepted sockets have it too.
     pub family: Family,
     /// How long a blocking accept spins before sleeping.
@@ -32,6 +65,20 @@ pub struct Listener {
     /// from the kernel at the first accept after they may have changed
     /// (`None`: not read yet, or a `setsockopt` on the listener since).
     inherited: Mutex<Option<Inherited>>,
+}
+
+/// A detached listener's way back to the daemon.
+struct Retry {
+    /// The address and backlog the listener registered with.
+    local: SocketAddrV4,
+    backlog: i32,
+    /// When the next try is due (`sys::now_ms`), and the wait after it.
+    due_ms: i64,
+    wait_ms: i64,
+    /// The daemon refused the listener: it stays a kernel listener.
+    refused: bool,
+    /// Channels that broke, kept open until the listener goes.
+    retired: Vec<Arc<Channel>>,
 }
 
 /// A vSocket connection taken from the listener channel.
@@ -98,21 +145,87 @@ impl Inherited {
 impl Listener {
     /// Registers the kernel listening socket's address with the daemon.
     pub fn register(local: SocketAddrV4, family: Family, backlog: i32) -> SysResult<Listener> {
-        // Dropping the channel on failure closes it.
-        let channel = Channel::open()?;
-        match channel.exchange(&Message::Listen { local, backlog: backlog.max(0) as u32 }) {
-            Ok(reply) if reply.message == Message::ListenOk => Ok(Listener {
-                channel,
-                detached: AtomicBool::new(false),
-                family,
-                spinner: Spinner::new(),
-                inherited: Mutex::new(None),
+        let backlog = backlog.max(0);
+        let channel = open_channel(local, backlog).map_err(|e| match e {
+            NotTaken::Refused(errno) | NotTaken::NoDaemon(errno) => errno,
+        })?;
+        Ok(Listener {
+            channel: ArcSwapOption::from_pointee(channel),
+            retry: Mutex::new(Retry {
+                local,
+                backlog,
+                due_ms: 0,
+                wait_ms: RETRY_FIRST_MS,
+                refused: false,
+                retired: Vec::new(),
             }),
-            Ok(reply) => Err(match reply.message {
-                Message::Refused { errno } => Errno(errno),
-                _ => Errno(libc::EPROTO),
-            }),
-            Err(e) => Err(e),
+            family,
+            spinner: Spinner::new(),
+            inherited: Mutex::new(None),
+        })
+    }
+
+    /// The listener channel, unless the listener is detached.
+    pub fn channel(&self) -> Option<Arc<Channel>> {
+        self.channel.load_full()
+    }
+
+    /// The listener channel's descriptor, unless the listener is detached.
+    pub fn channel_fd(&self) -> Option<RawFd> {
+        self.channel.load().as_ref().map(|c| c.fd())
+    }
+
+    /// The listener channel `broken` broke: the listener is detached (if
+    /// that is still its channel) and tries to attach again soon.
+    fn detach(&self, broken: &Arc<Channel>) {
+        let mut retry = self.retry.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.channel.load();
+        if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, broken)) {
+            return;
+        }
+        drop(current);
+        self.channel.store(None);
+        retry.retired.push(broken.clone());
+        retry.wait_ms = RETRY_FIRST_MS;
+        retry.due_ms = sys::now_ms() + RETRY_FIRST_MS;
+        DETACHED.fetch_add(1, Ordering::Relaxed);
+        CHANNELS_CHANGED.fetch_add(1, Ordering::Release);
+    }
+
+    /// A detached listener registers again with the daemon if a try is
+    /// due. Returns whether it is attached now (by this call or before).
+    pub fn reattach_if_due(&self) -> bool {
+        if self.attached() {
+            return true;
+        }
+        let mut retry = self.retry.lock().unwrap_or_else(|e| e.into_inner());
+        if self.attached() {
+            return true;
+        }
+        let now = sys::now_ms();
+        if retry.refused || now < retry.due_ms {
+            return false;
+        }
+        match open_channel(retry.local, retry.backlog) {
+            Ok(channel) => {
+                self.channel.store(Some(Arc::new(channel)));
+                DETACHED.fetch_sub(1, Ordering::Relaxed);
+                CHANNELS_CHANGED.fetch_add(1, Ordering::Release);
+                true
+            }
+            Err(NotTaken::Refused(_)) => {
+                // The daemon answered, and said no (the address is no
+                // longer the guest's, or it is at a quota).
+                retry.refused = true;
+                DETACHED.fetch_sub(1, Ordering::Relaxed);
+                false
+            }
+            Err(NotTaken::NoDaemon(_)) => {
+                // No daemon yet: try again later.
+                retry.due_ms = now + retry.wait_ms;
+                retry.wait_ms = (retry.wait_ms * 2).min(RETRY_MAX_MS);
+                false
+            }
         }
     }
 
@@ -123,12 +236,13 @@ impl Listener {
     /// `listening` is the program's listening socket, whose options the
     /// accepted socket inherits (as Linux copies them).
     pub fn take_pending(&self, listening: RawFd, flags: i32) -> SysResult<Option<Accepted>> {
-        if !self.attached() {
+        self.reattach_if_due();
+        let Some(channel) = self.channel() else {
             return Ok(None);
-        }
+        };
         // The program's socket comes first: if it cannot be had (EMFILE),
         // the connection stays queued for a later accept, as in a backlog.
-        let mut pending = [libc::pollfd { fd: self.channel.fd(), events: libc::POLLIN, revents: 0 }];
+        let mut pending = [libc::pollfd { fd: channel.fd(), events: libc::POLLIN, revents: 0 }];
         if sys::poll(&mut pending, 0).unwrap_or(0) == 0 {
             return Ok(None);
         }
@@ -137,13 +251,14 @@ impl Listener {
             libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)),
             0,
         )?;
-        let mut reply = match self.channel.receive(Receive::DontWait) {
+        let mut reply = match channel.receive(Receive::DontWait) {
             Ok(r) => r,
             Err(e) => {
                 let _ = sys::close(fd);
                 if e != Errno(libc::EAGAIN) {
-                    // The daemon is gone; kernel clients must still be accepted.
-                    self.detached.store(true, Ordering::Relaxed);
+                    // The daemon is gone; kernel clients must still be
+                    // accepted, and the next daemon will take it again.
+                    self.detach(&channel);
                 }
                 return Ok(None);
             }
@@ -178,8 +293,38 @@ impl Listener {
         *self.inherited.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// Does the daemon still deliver connections on the channel?
+    /// Does the daemon deliver connections on a channel now?
     pub fn attached(&self) -> bool {
-        !self.detached.load(Ordering::Relaxed)
+        self.channel.load().is_some()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let retry = self.retry.get_mut().unwrap_or_else(|e| e.into_inner());
+        if !self.channel.load().is_some() && !retry.refused {
+            DETACHED.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Why a listener could not be registered.
+enum NotTaken {
+    /// The daemon refused it, with this errno.
+    Refused(Errno),
+    /// No daemon answered (none runs, it went away, it answered nonsense),
+    /// or the channel could not be made here.
+    NoDaemon(Errno),
+}
+
+/// A new listener channel with `local` registered on it.
+fn open_channel(local: SocketAddrV4, backlog: i32) -> Result<Channel, NotTaken> {
+    // Dropping the channel on failure closes it.
+    let channel = Channel::open().map_err(NotTaken::NoDaemon)?;
+    let reply = channel.exchange(&Message::Listen { local, backlog: backlog as u32 }).map_err(NotTaken::NoDaemon)?;
+    match reply.message {
+        Message::ListenOk => Ok(channel),
+        Message::Refused { errno } => Err(NotTaken::Refused(Errno(errno))),
+        _ => Err(NotTaken::NoDaemon(Errno(libc::EPROTO))),
     }
 }

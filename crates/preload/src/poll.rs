@@ -7,9 +7,9 @@
 //! (connections) or by their socket plus listener channel (listeners), so
 //! the thread sleeps in one real system call that signals interrupt.
 
-use crate::attach::ControlChannel;
 use crate::conn::MAX_SLEEP_MS;
 use crate::epoll::Waitable;
+use crate::listener;
 use crate::readiness::{Interest, Readiness};
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
@@ -86,32 +86,14 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
         }
         count
     };
-    let mut kernel: Vec<libc::pollfd> = Vec::with_capacity(fds.len() + 2);
-    let mut slots: Vec<Slot> = Vec::with_capacity(fds.len() + 2);
-    for (i, (p, e)) in fds.iter().zip(&entries).enumerate() {
-        match e.as_deref().map(Entry::waitable) {
-            None => {
-                kernel.push(*p);
-                slots.push(Slot::Plain(i));
-            }
-            Some(Waitable::Conn(c)) => {
-                kernel.push(libc::pollfd { fd: c.doorbell, events: libc::POLLIN, revents: 0 });
-                slots.push(Slot::Doorbell(i));
-            }
-            Some(Waitable::Listener(l)) => {
-                kernel.push(libc::pollfd { fd: p.fd, events: p.events, revents: 0 });
-                slots.push(Slot::Listener(i));
-                if l.attached() {
-                    kernel.push(libc::pollfd { fd: l.channel.fd(), events: libc::POLLIN, revents: 0 });
-                    slots.push(Slot::Listener(i));
-                }
-            }
-            Some(_) => {}
-        }
-    }
+    let (mut kernel, mut slots) = kernel_fds(fds, &entries);
     let mut spun = false;
     let mut _sleeping = None;
     loop {
+        if listener::any_detached() && reattach(&entries) {
+            // A listener has a channel again: watch it too.
+            (kernel, slots) = kernel_fds(fds, &entries);
+        }
         let ready_now = managed_ready(fds) > 0;
         let mut sleep = 0;
         if !ready_now {
@@ -176,6 +158,50 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
             return Ok(count);
         }
     }
+}
+
+/// The kernel's pollfd array for `fds`: kernel descriptors as they are,
+/// each connection's doorbell, each listener's socket and channel; and
+/// which of the program's entries each stands for.
+fn kernel_fds(fds: &[libc::pollfd], entries: &[Option<Arc<Entry>>]) -> (Vec<libc::pollfd>, Vec<Slot>) {
+    let mut kernel: Vec<libc::pollfd> = Vec::with_capacity(fds.len() + 2);
+    let mut slots: Vec<Slot> = Vec::with_capacity(fds.len() + 2);
+    for (i, (p, e)) in fds.iter().zip(entries).enumerate() {
+        match e.as_deref().map(Entry::waitable) {
+            None => {
+                kernel.push(*p);
+                slots.push(Slot::Plain(i));
+            }
+            Some(Waitable::Conn(c)) => {
+                kernel.push(libc::pollfd { fd: c.doorbell, events: libc::POLLIN, revents: 0 });
+                slots.push(Slot::Doorbell(i));
+            }
+            Some(Waitable::Listener(l)) => {
+                kernel.push(libc::pollfd { fd: p.fd, events: p.events, revents: 0 });
+                slots.push(Slot::Listener(i));
+                if let Some(channel) = l.channel_fd() {
+                    kernel.push(libc::pollfd { fd: channel, events: libc::POLLIN, revents: 0 });
+                    slots.push(Slot::Listener(i));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    (kernel, slots)
+}
+
+/// Tries to attach the detached listeners among `entries` again (when a
+/// try is due); whether any now has a channel.
+fn reattach(entries: &[Option<Arc<Entry>>]) -> bool {
+    let mut any = false;
+    for e in entries.iter().flatten() {
+        if let Waitable::Listener(l) = e.waitable() {
+            if !l.attached() && l.reattach_if_due() {
+                any = true;
+            }
+        }
+    }
+    any
 }
 
 /// select/pselect: the three sets become a pollfd array and back.

@@ -85,7 +85,10 @@ static REQUESTS: Mutex<Option<RequestChannel>> = Mutex::new(None);
 
 /// Sends a request on the process's request channel and returns the reply.
 /// The channel is opened on first use and re-opened after fork (a shared
-/// one would interleave two processes' replies).
+/// one would interleave two processes' replies). A channel that broke
+/// since its last use (vsocketd restarted) is opened again and the request
+/// sent once more, so the first connect after a restart is not lost to
+/// the kernel path.
 pub fn request(msg: &Message) -> SysResult<Reply> {
     let mut guard = REQUESTS.lock().unwrap_or_else(|e| e.into_inner());
     let pid = crate::sys::getpid();
@@ -94,15 +97,31 @@ pub fn request(msg: &Message) -> SysResult<Reply> {
         // copy of the descriptor is closed; the parent keeps its own.
         drop(guard.take());
     }
-    if guard.is_none() {
-        *guard = Some(RequestChannel { channel: Channel::open()?, pid });
+    let reused = guard.is_some();
+    for attempt in 0..2 {
+        if guard.is_none() {
+            *guard = Some(RequestChannel { channel: Channel::open()?, pid });
+        }
+        let Some(requests) = guard.as_ref() else {
+            return Err(Errno(libc::EBADF));
+        };
+        let result = requests.channel.exchange(msg);
+        match result {
+            Ok(reply) => return Ok(reply),
+            Err(e) => {
+                *guard = None;
+                // Only a channel opened before this call can have been
+                // broken by a restart; a fresh one failing is the answer.
+                if !(reused && attempt == 0 && channel_broke(e)) {
+                    return Err(e);
+                }
+            }
+        }
     }
-    let Some(requests) = guard.as_ref() else {
-        return Err(Errno(libc::EBADF));
-    };
-    let result = requests.channel.exchange(msg);
-    if result.is_err() {
-        *guard = None;
-    }
-    result
+    Err(Errno(libc::ECONNABORTED))
+}
+
+/// Does `e` say the channel's daemon went away (rather than refusing)?
+fn channel_broke(e: Errno) -> bool {
+    matches!(e, Errno(libc::ECONNABORTED | libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN))
 }
