@@ -20,7 +20,7 @@ use crate::channel::{Channel, EndFiles, Handover};
 use crate::charge::Exceeded;
 use crate::connections::{Carrier, ConnectionRecord};
 use crate::daemon::Daemon;
-use crate::decide::{decide, decide_incoming, Claim, ConnectRequest, Decision, Fabric as Reach};
+use crate::decide::{decide, decide_incoming, Claim, ConnectRequest, Decision, Fabric as Reach, Fallback};
 use crate::fabric::local::SegmentEnd;
 use crate::fabric::{Fabric, NewConn, OpenOutcome, OpenRequest, Unreachable};
 use crate::flowlog::{FlowEvent, FlowRecord, FlowVerdict};
@@ -34,7 +34,7 @@ use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use vsocket_abi::control::{ConnectionInfo, Message};
 use vsocket_abi::fabric::Refusal;
 use vsocket_abi::layout::Endpoint;
@@ -118,7 +118,21 @@ pub fn connect(
     let policy = daemon.policy();
     let reach = if daemon.fabric.get().is_some() { Reach::Running } else { Reach::Absent };
     let request = ConnectRequest { client: guest.clone(), local, remote };
-    let decided = decide(&policy, reach, &request, |g, a| daemon.find_listener(g, a));
+    let mut decided = decide(&policy, reach, &request, |g, a| daemon.find_listener(g, a));
+    if matches!(decided.decision, Decision::Fallback(Fallback::NoListener)) {
+        if let Some(until) = daemon.awaited_listener(remote) {
+            // A predecessor daemon had a listener there, and its process
+            // registers it again within moments: the connect waits for it
+            // rather than take the kernel path.
+            while Instant::now() < until {
+                std::thread::sleep(AWAIT_LISTENER_EVERY);
+                decided = decide(&policy, reach, &request, |g, a| daemon.find_listener(g, a));
+                if !matches!(decided.decision, Decision::Fallback(Fallback::NoListener)) {
+                    break;
+                }
+            }
+        }
+    }
     let attempt = Attempt { daemon, guest, client_addr: decided.client_addr, remote };
     let client = ClientEnd::Process(channel);
     match decided.decision {
@@ -231,9 +245,13 @@ pub fn accept_remote(daemon: &Daemon, peer: &str, request: &OpenRequest) -> Resu
 
 impl crate::fabric::RemoteOpens for Daemon {
     fn accept_remote(&self, peer: &str, request: &OpenRequest) -> Result<NewConn, Refusal> {
+        let _serving = self.serving();
         accept_remote(self, peer, request)
     }
 }
+
+/// How often a connect waiting for an expected listener looks again.
+const AWAIT_LISTENER_EVERY: Duration = Duration::from_millis(5);
 
 /// Who holds the client's end.
 #[derive(Debug, Clone, Copy)]

@@ -7,15 +7,15 @@ use crate::connections::{Carrier, ConnectionRecord, Connections};
 use crate::flowlog::{FlowEvent, FlowLog, FlowRecord, FlowVerdict};
 use crate::guest::GuestSlot;
 use crate::ids::{Ids, Pair};
-use crate::listeners::{ListenerRecord, Listeners};
+use crate::listeners::{Expected, ListenerRecord, Listeners};
 use crate::policy::{Policy, PolicySource};
 use crate::pool::SegmentPool;
 use crate::quota::Quota;
 use arc_swap::ArcSwap;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant, SystemTime};
 use vsocket_policy::Config;
 use vsocket_ring::{Segment, SegmentFiles};
 
@@ -38,6 +38,12 @@ pub struct Daemon {
     pub policy_resets: AtomicU64,
     /// Policy changes applied (vsocketctl edits and reloads).
     pub policy_changes: AtomicU64,
+    /// Held (shared) while a request is served; taken for good when the
+    /// daemon hands over to its successor (see [`Daemon::stop_serving`]).
+    serving: RwLock<()>,
+    /// Listeners a predecessor had, which their processes are expected to
+    /// register again (see [`Daemon::awaited_listener`]).
+    expected: Mutex<Vec<Expected>>,
 }
 
 impl Daemon {
@@ -57,7 +63,45 @@ impl Daemon {
             fabric: OnceLock::new(),
             policy_resets: AtomicU64::new(0),
             policy_changes: AtomicU64::new(0),
+            serving: RwLock::new(()),
+            expected: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Held while a request (a connect, a listen, a peer host's open) is
+    /// served: the daemon stops serving only between requests.
+    pub fn serving(&self) -> RwLockReadGuard<'_, ()> {
+        self.serving.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for the requests being served and serves none after them (a
+    /// request read later waits until the process exits): what the daemon
+    /// has is now fixed, to be handed over.
+    pub fn stop_serving(&self) {
+        let held = self.serving.write().unwrap_or_else(|e| e.into_inner());
+        std::mem::forget(held);
+    }
+
+    /// Expects `listeners` (a predecessor's) back until `until`.
+    pub fn expect_listeners(&self, listeners: Vec<Expected>) {
+        *crate::sync::lock(&self.expected) = listeners;
+    }
+
+    /// Until when a connect to `remote` may wait for a listener a
+    /// predecessor had there to be registered again, if one is expected.
+    pub fn awaited_listener(&self, remote: SocketAddrV4) -> Option<Instant> {
+        let now = Instant::now();
+        let mut expected = crate::sync::lock(&self.expected);
+        expected.retain(|e| e.until > now);
+        expected.iter().filter(|e| e.takes(remote)).map(|e| e.until).max()
+    }
+
+    /// Does any process hold a channel, or any connection live here?
+    pub fn anything_attached(&self) -> bool {
+        let any_channel = self.policy().slots().iter().any(|s| s.counters.quota.channels() > 0);
+        let mut any_connection = false;
+        self.connections.each(|_| any_connection = true);
+        any_channel || any_connection
     }
 
     /// The daemon, recording connection attempts and closes in `log`.

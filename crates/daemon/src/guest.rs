@@ -119,6 +119,11 @@ impl GuestSlot {
         true
     }
 
+    /// A copy of the socket kept as `handle`, if it is kept.
+    pub fn handle(&self, handle: Handle) -> Option<OwnedFd> {
+        lock(&self.handles).get(&handle).and_then(|fd| fd.try_clone().ok())
+    }
+
     /// Forgets the socket kept as `handle` (its channel ended).
     pub fn release(&self, handle: Handle) {
         lock(&self.handles).remove(&handle);

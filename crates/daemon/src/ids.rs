@@ -81,6 +81,12 @@ impl Ids {
     }
     /// A number that moves on with every id drawn: listeners sharing an
     /// address take turns by it.
+    /// Continues the ids another daemon handed out before `next` (a
+    /// hand-over), so that none is handed out twice.
+    pub fn resume_from(&self, next: u64) {
+        self.next.fetch_max(next, Ordering::Relaxed);
+    }
+
     pub fn turn(&self) -> u64 {
         self.next.load(Ordering::Relaxed)
     }

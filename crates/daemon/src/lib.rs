@@ -42,6 +42,7 @@ pub mod decide;
 pub mod fabric;
 pub mod flowlog;
 pub mod guest;
+pub mod handover;
 pub mod ids;
 pub mod listeners;
 pub mod live;
@@ -153,17 +154,49 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
         tracing::warn!(error = %e, "cannot raise the descriptor limit");
     }
     let host = config.host().clone();
+    // A predecessor stopping for an upgrade hands over what it has.
+    let mut inherited = match handover::take(&host.run_dir) {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            tracing::warn!(error = %e, "hand-over from the previous vsocketd failed; starting afresh");
+            None
+        }
+    };
     let mut daemon = Daemon::new(config, Box::new(policy::FileSource::new(path.to_owned(), document)));
     if let Some(flow_log) = &host.flow_log {
         let log = flowlog::FlowLog::open(flow_log)
             .map_err(|error| StartError::FlowLog { path: flow_log.path.clone(), error })?;
         daemon = daemon.with_flow_log(log);
     }
+    let mut guests = std::collections::HashMap::new();
+    if let Some(inherited) = &mut inherited {
+        daemon.ids.resume_from(inherited.next_id);
+        guests = std::mem::take(&mut inherited.guests);
+        let (mut adopted, connections) = (0, std::mem::take(&mut inherited.connections));
+        for connection in connections {
+            let id = connection.part.id;
+            match handover::adopt(&daemon, connection) {
+                Ok(()) => adopted += 1,
+                Err(why) => tracing::warn!(id, %why, "handed-over connection not adopted (it goes on unmetered)"),
+            }
+        }
+        let until = std::time::Instant::now() + handover::LISTENERS_EXPECTED_FOR;
+        let listeners = std::mem::take(&mut inherited.listeners);
+        tracing::info!(
+            connections = adopted,
+            listeners = listeners.len(),
+            guests = guests.len(),
+            "taken over from the previous vsocketd"
+        );
+        daemon.expect_listeners(
+            listeners.into_iter().map(|(guest, local)| listeners::Expected { guest, local, until }).collect(),
+        );
+    }
     let daemon = Arc::new(daemon);
     if let Some(address) = host.metrics {
         metrics::serve(&daemon, address).map_err(|error| StartError::Metrics { address, error })?;
     }
-    attach::serve_guests(&daemon).and_then(|()| admin::serve(&daemon)).map_err(StartError::Serve)?;
+    attach::serve_guests(&daemon, guests).and_then(|()| admin::serve(&daemon)).map_err(StartError::Serve)?;
     let opens: Arc<dyn fabric::RemoteOpens> = daemon.clone();
     let started = fabric::Fabric::start(&daemon.policy().config, key, opens).map_err(|e| match e {
         fabric::FabricError::NotBuilt(kind) => StartError::FabricNotBuilt { file: path.to_owned(), kind },
@@ -177,7 +210,13 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
         .name("segments".into())
         .spawn(move || refiller.segments.refill())
         .map_err(StartError::Serve)?;
+    if let Err(e) = handover::write_pid(&host.run_dir) {
+        tracing::warn!(error = %e, "cannot record the daemon's pid (a successor will not wait for a hand-over)");
+    }
     tracing::info!(host = %host.name, guests = daemon.policy().config.guests().len(), "vsocketd ready");
+    if let Some(inherited) = inherited {
+        inherited.done();
+    }
     Ok(daemon)
 }
 

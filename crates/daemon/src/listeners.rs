@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// A listening socket registered by a guest.
 #[derive(Debug)]
@@ -82,6 +83,17 @@ impl Listeners {
         }
     }
 
+    /// Calls `f` with every listener, once each.
+    pub fn each(&self, mut f: impl FnMut(&ListenerRecord)) {
+        let map = lock(&self.map);
+        let mut seen = std::collections::HashSet::new();
+        for listener in map.values().flatten() {
+            if seen.insert(listener.id) {
+                f(listener);
+            }
+        }
+    }
+
     /// The listener a connect from `client` to `addr` reaches, if any:
     /// loopback addresses reach the client's own guest only; other
     /// addresses are looked up in its VPC. Listeners sharing the address
@@ -109,8 +121,36 @@ impl Listeners {
     }
 }
 
+/// A listener a predecessor daemon had (a hand-over), expected to be
+/// registered again by its process until `until`.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    pub guest: String,
+    pub local: SocketAddrV4,
+    pub until: Instant,
+}
+
+impl Expected {
+    /// Would this listener take a connect to `remote`?
+    pub fn takes(&self, remote: SocketAddrV4) -> bool {
+        self.local.port() == remote.port() && (self.local.ip().is_unspecified() || self.local.ip() == remote.ip())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_expected_listener_takes_connects_to_its_port_on_its_address_or_any() {
+        let until = Instant::now();
+        let any = Expected { guest: "b".into(), local: "0.0.0.0:80".parse().unwrap(), until };
+        let one = Expected { guest: "b".into(), local: "10.0.0.3:80".parse().unwrap(), until };
+        assert!(any.takes("10.0.0.3:80".parse().unwrap()));
+        assert!(any.takes("10.0.0.9:80".parse().unwrap()));
+        assert!(!any.takes("10.0.0.3:81".parse().unwrap()));
+        assert!(one.takes("10.0.0.3:80".parse().unwrap()));
+        assert!(!one.takes("10.0.0.4:80".parse().unwrap()));
+    }
+
     use super::*;
     use crate::channel::Handover;
     use std::path::Path;

@@ -36,6 +36,13 @@ fn main() {
             std::env::set_var(name, value);
         }
     }
+    // SIGTERM and SIGINT are taken by the main loop below, not by their
+    // default action: blocked here, before any thread starts, they stay
+    // blocked in every thread.
+    if let Err(e) = vsocket_sys::block_signals(&[libc::SIGTERM, libc::SIGINT]) {
+        eprintln!("vsocketd: cannot block SIGTERM and SIGINT: {e}");
+        std::process::exit(1);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VSOCKET_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -48,7 +55,38 @@ fn main() {
         }
     };
     loop {
-        std::thread::sleep(vsocketd::REAP_EVERY);
-        daemon.reap();
+        match vsocket_sys::wait_signal(&[libc::SIGTERM, libc::SIGINT], vsocketd::REAP_EVERY) {
+            Ok(None) => {
+                daemon.reap();
+            }
+            Ok(Some(libc::SIGTERM)) => stop(&daemon),
+            Ok(Some(_)) => {
+                tracing::info!("vsocketd stopped (SIGINT)");
+                std::process::exit(0);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "waiting for signals");
+                std::thread::sleep(vsocketd::REAP_EVERY);
+            }
+        }
     }
+}
+
+/// SIGTERM: hands over to a successor if anything is attached (for up to
+/// `OFFER_FOR`), then exits.
+fn stop(daemon: &vsocketd::daemon::Daemon) -> ! {
+    if daemon.anything_attached() {
+        let run_dir = daemon.policy().config.host().run_dir.clone();
+        tracing::info!(
+            wait_s = vsocketd::handover::OFFER_FOR.as_secs(),
+            "stopping: offering a hand-over to the next vsocketd"
+        );
+        match vsocketd::handover::offer(daemon, &run_dir, vsocketd::handover::OFFER_FOR) {
+            Ok(vsocketd::handover::Offered::Taken) => tracing::info!("handed over to the next vsocketd"),
+            Ok(vsocketd::handover::Offered::NoTaker) => tracing::info!("no vsocketd took over"),
+            Err(e) => tracing::error!(error = %e, "hand-over failed"),
+        }
+    }
+    tracing::info!("vsocketd stopped (SIGTERM)");
+    std::process::exit(0)
 }

@@ -51,6 +51,8 @@ pub struct Lab {
     pub config: PathBuf,
     pub run_dir: PathBuf,
     daemon: Option<Child>,
+    /// Daemons told to stop (SIGTERM) that may still be handing over.
+    stopping: Vec<Child>,
     /// The namespace the daemon runs in (a fabric host's switch), if not
     /// the machine's own.
     daemon_netns: Option<String>,
@@ -250,6 +252,7 @@ impl Lab {
             config: path,
             run_dir,
             daemon: None,
+            stopping: Vec::new(),
             daemon_netns: daemon_netns.map(str::to_string),
             netns_prefix: netns_prefix.to_string(),
             background: Vec::new(),
@@ -284,6 +287,27 @@ impl Lab {
             return Err(io::Error::other(format!("vsocketd did not start; log: {}", self.daemon_log())));
         }
         Ok(())
+    }
+
+    /// Upgrades the daemon as an operator would: SIGTERM to the running
+    /// one, then a new one started at once, which takes over from it.
+    /// Returns when the old one has exited and the new one serves.
+    pub fn upgrade_daemon(&mut self) -> io::Result<()> {
+        let Some(old) = self.daemon.take() else {
+            return Err(io::Error::other("no daemon running"));
+        };
+        let _ = Command::new("kill").arg("-TERM").arg(old.id().to_string()).status();
+        self.stopping.push(old);
+        self.start_daemon()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.stopping.iter_mut().all(|d| d.try_wait().is_ok_and(|s| s.is_some())) {
+                self.stopping.clear();
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(io::Error::other(format!("the old vsocketd did not exit; log: {}", self.daemon_log())))
     }
 
     /// Kills the daemon at once (SIGKILL), as a crash would.
@@ -491,7 +515,13 @@ fn last_table(text: &str) -> Option<&str> {
 
 fn stop(child: &mut Child) {
     // SIGTERM first so servers exit cleanly, then SIGKILL.
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    stop_with(child, "-TERM");
+}
+
+/// Sends `signal` (as kill(1) spells it), then SIGKILL if the child has not
+/// exited within 3 s.
+fn stop_with(child: &mut Child, signal: &str) {
+    let _ = Command::new("kill").arg(signal).arg(child.id().to_string()).status();
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
@@ -506,8 +536,13 @@ fn stop(child: &mut Child) {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.stop_background();
+        // SIGINT: a daemon stops at once (SIGTERM would offer a hand-over
+        // while any process is still attached).
         if let Some(mut d) = self.daemon.take() {
-            stop(&mut d);
+            stop_with(&mut d, "-INT");
+        }
+        for mut d in self.stopping.drain(..) {
+            stop_with(&mut d, "-INT");
         }
         let _ = Command::new(bin("vsocket")).args(["lab", "down", "--config"]).arg(&self.config).output();
         if std::env::var_os("VSOCKET_KEEP_LAB").is_none() && !std::thread::panicking() {

@@ -59,3 +59,79 @@ fn a_server_takes_vsocket_connections_again_after_a_daemon_crash() {
     assert!(brokered(&lab) >= 10, "the benchmark's clients were brokered: {}", lab.guest("b").unwrap());
     assert_eq!(lab.counter("a", "fallbacks"), fallbacks_before, "no client fell back to the kernel");
 }
+
+/// Every flow record written so far (by every daemon of the lab).
+fn flow_records(lab: &Lab) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(lab.dir.join("flow.log")).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).expect(l)).collect()
+}
+
+/// redis-server's count of the connections it accepted (this query's own
+/// included).
+fn accepted_by_redis(lab: &Lab) -> u64 {
+    let info = cli(lab, &["info", "stats"]);
+    let line = info.lines().find(|l| l.starts_with("total_connections_received:")).unwrap();
+    line.trim().split(':').nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn an_upgrade_costs_no_connect_and_no_connection() {
+    let mut lab = Lab::start_host("tupgrade", TWO_GUESTS, "flow_log = \"{dir}/flow.log\"").unwrap();
+    lab.spawn("b", Via::Vsocket, "redis-server", SERVER, "redis.log").unwrap();
+    lab.wait_listening("b", 6379).unwrap();
+    assert_eq!(cli(&lab, &["ping"]), "PONG");
+
+    // One connection made before the upgrade and used across it...
+    let mut steady = lab
+        .command("a", Via::Vsocket, "redis-cli", &["-h", "10.10.0.3", "-r", "60", "-i", "0.05", "incr", "steady"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // ...and a new connection for every request, made all through it.
+    let churn = lab
+        .command(
+            "a",
+            Via::Vsocket,
+            "redis-benchmark",
+            &["-h", "10.10.0.3", "-t", "ping", "-n", "3000", "-c", "2", "-k", "0", "-q"],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    lab.upgrade_daemon().unwrap();
+
+    let churned = churn.wait_with_output().unwrap();
+    assert!(churned.status.success(), "{churned:?}");
+    assert!(steady.wait().unwrap().success(), "the established connection broke");
+    assert_eq!(cli(&lab, &["get", "steady"]), "60", "every INCR on the established connection landed once");
+    let log = lab.daemon_log();
+    assert!(log.contains("handed over to the next vsocketd"), "{log}");
+    assert!(log.contains("taken over from the previous vsocketd"), "{log}");
+
+    // Every connection redis-server ever accepted was brokered by one
+    // daemon or the other (none took the kernel path), and none fell back.
+    let accepted = accepted_by_redis(&lab);
+    let attempts = |records: &[serde_json::Value], verdict: &str| {
+        records
+            .iter()
+            .filter(|r| r["event"] == "attempt" && r["server"] == "10.10.0.3:6379" && r["verdict"] == verdict)
+            .count() as u64
+    };
+    // (The flow log is written a moment after each connect.)
+    wait_until(Duration::from_secs(5), || attempts(&flow_records(&lab), "accepted") >= accepted);
+    let records = flow_records(&lab);
+    assert_eq!(attempts(&records, "fallback"), 0, "connects fell back to the kernel path");
+    assert!(accepted > 1000, "the benchmark's connections: {accepted}");
+    assert_eq!(attempts(&records, "accepted"), accepted, "every connection redis-server accepted was brokered");
+
+    // The established connection is metered whole, once: 60 INCRs of 26
+    // bytes, and 60 replies (":1\r\n" to ":9\r\n", then two digits).
+    let steady = |records: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        records.iter().filter(|r| r["event"] == "close" && r["bytes_client_to_server"] == 60 * 26).cloned().collect()
+    };
+    wait_until(Duration::from_secs(5), || !steady(&flow_records(&lab)).is_empty());
+    let steady_closes = steady(&flow_records(&lab));
+    assert_eq!(steady_closes.len(), 1, "{steady_closes:#?}");
+    assert_eq!(steady_closes[0]["bytes_server_to_client"], 9 * 4 + 51 * 5, "{:#?}", steady_closes[0]);
+}

@@ -144,17 +144,26 @@ impl Inherited {
 
 impl Listener {
     /// Registers the kernel listening socket's address with the daemon.
+    /// With no daemon to answer (it is restarting) the listener starts
+    /// detached and registers when one answers; the daemon's refusal is
+    /// the error.
     pub fn register(local: SocketAddrV4, family: Family, backlog: i32) -> SysResult<Listener> {
         let backlog = backlog.max(0);
-        let channel = open_channel(local, backlog).map_err(|e| match e {
-            NotTaken::Refused(errno) | NotTaken::NoDaemon(errno) => errno,
-        })?;
+        let channel = match open_channel(local, backlog) {
+            Ok(channel) => Some(Arc::new(channel)),
+            Err(NotTaken::Refused(errno)) => return Err(errno),
+            Err(NotTaken::NoDaemon) => {
+                DETACHED.fetch_add(1, Ordering::Relaxed);
+                CHANNELS_CHANGED.fetch_add(1, Ordering::Release);
+                None
+            }
+        };
         Ok(Listener {
-            channel: ArcSwapOption::from_pointee(channel),
+            channel: ArcSwapOption::new(channel),
             retry: Mutex::new(Retry {
                 local,
                 backlog,
-                due_ms: 0,
+                due_ms: sys::now_ms() + RETRY_FIRST_MS,
                 wait_ms: RETRY_FIRST_MS,
                 refused: false,
                 retired: Vec::new(),
@@ -220,7 +229,7 @@ impl Listener {
                 DETACHED.fetch_sub(1, Ordering::Relaxed);
                 false
             }
-            Err(NotTaken::NoDaemon(_)) => {
+            Err(NotTaken::NoDaemon) => {
                 // No daemon yet: try again later.
                 retry.due_ms = now + retry.wait_ms;
                 retry.wait_ms = (retry.wait_ms * 2).min(RETRY_MAX_MS);
@@ -314,17 +323,18 @@ enum NotTaken {
     Refused(Errno),
     /// No daemon answered (none runs, it went away, it answered nonsense),
     /// or the channel could not be made here.
-    NoDaemon(Errno),
+    NoDaemon,
 }
 
 /// A new listener channel with `local` registered on it.
 fn open_channel(local: SocketAddrV4, backlog: i32) -> Result<Channel, NotTaken> {
     // Dropping the channel on failure closes it.
-    let channel = Channel::open().map_err(NotTaken::NoDaemon)?;
-    let reply = channel.exchange(&Message::Listen { local, backlog: backlog as u32 }).map_err(NotTaken::NoDaemon)?;
+    let channel = Channel::open().map_err(|_| NotTaken::NoDaemon)?;
+    let reply =
+        channel.exchange(&Message::Listen { local, backlog: backlog as u32 }).map_err(|_| NotTaken::NoDaemon)?;
     match reply.message {
         Message::ListenOk => Ok(channel),
         Message::Refused { errno } => Err(NotTaken::Refused(Errno(errno))),
-        _ => Err(NotTaken::NoDaemon(Errno(libc::EPROTO))),
+        _ => Err(NotTaken::NoDaemon),
     }
 }

@@ -220,6 +220,17 @@ impl Segment {
         Ok((Segment { halves: [client, server], ring_size }, SegmentFiles { rw: [client_fd, server_fd], ro }))
     }
 
+    /// The daemon's view again, from the files another daemon made (a
+    /// hand-over): both halves writable, after the checks `map` makes.
+    pub fn adopt(files: &SegmentFiles, ring_size: u32) -> io::Result<Segment> {
+        if !layout::ring_size_valid(ring_size) {
+            return Err(bad("invalid ring size"));
+        }
+        let client = map_half(files.rw[0].as_fd(), ring_size, 0, true)?;
+        let server = map_half(files.rw[1].as_fd(), ring_size, 1, true)?;
+        Ok(Segment { halves: [client, server], ring_size })
+    }
+
     /// Maps the halves the daemon sent to end `end`: `own` (its half)
     /// writable, `peer` (the other end's) read-only, after checking that
     /// each is a sealed memfd of the size `ring_size` implies whose header

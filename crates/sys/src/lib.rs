@@ -152,7 +152,7 @@ pub fn peer_pid(sock: BorrowedFd<'_>) -> io::Result<libc::pid_t> {
 
 /// Sends one datagram with descriptors attached (SCM_RIGHTS).
 pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    const MAX_FDS: usize = 4;
+    const MAX_FDS: usize = 8;
     assert!(fds.len() <= MAX_FDS);
     let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
     // u64 storage keeps the control buffer aligned for cmsghdr.
@@ -251,6 +251,16 @@ pub fn shutdown(sock: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Bounds how long a blocking send on `sock` may wait (SO_SNDTIMEO).
 pub fn set_send_timeout(sock: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<()> {
+    set_timeout(sock, libc::SO_SNDTIMEO, timeout)
+}
+
+/// Bounds how long a receive (or an accept) on `sock` waits (`WouldBlock`
+/// after `timeout`).
+pub fn set_recv_timeout(sock: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<()> {
+    set_timeout(sock, libc::SO_RCVTIMEO, timeout)
+}
+
+fn set_timeout(sock: BorrowedFd<'_>, option: libc::c_int, timeout: std::time::Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: timeout.subsec_micros() as libc::suseconds_t,
@@ -260,7 +270,7 @@ pub fn set_send_timeout(sock: BorrowedFd<'_>, timeout: std::time::Duration) -> i
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
+            option,
             &tv as *const libc::timeval as *const libc::c_void,
             std::mem::size_of::<libc::timeval>() as libc::socklen_t,
         )
@@ -495,6 +505,53 @@ pub fn drain(fd: BorrowedFd<'_>) -> bool {
 pub fn ring(fd: BorrowedFd<'_>) {
     // SAFETY: sends one byte from a live buffer.
     let _ = unsafe { libc::send(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+}
+
+/// A signal set of `signals`.
+fn sigset(signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live sigset_t; the signal numbers are checked by
+    // sigaddset (an invalid one is skipped with EINVAL).
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for &signal in signals {
+            libc::sigaddset(&mut set, signal);
+        }
+    }
+    set
+}
+
+/// Blocks `signals` in the calling thread and in the threads it starts
+/// from now on, so that they wait for [`wait_signal`] instead of running
+/// their default action.
+pub fn block_signals(signals: &[i32]) -> io::Result<()> {
+    let set = sigset(signals);
+    // SAFETY: `set` is a live sigset_t; the old mask is not asked for.
+    match unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Waits at most `timeout` for one of `signals` (blocked beforehand with
+/// [`block_signals`]) and takes it; `None` when the time passed first.
+pub fn wait_signal(signals: &[i32], timeout: std::time::Duration) -> io::Result<Option<i32>> {
+    let set = sigset(signals);
+    let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as _ };
+    loop {
+        // SAFETY: `set` and `ts` are live; no siginfo is asked for.
+        let got = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+        if got >= 0 {
+            return Ok(Some(got));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => return Ok(None),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use crate::daemon::Daemon;
 use crate::guest::{GuestSlot, Handle};
 use crate::ids::ChannelId;
 use crate::quota::Quota;
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -124,6 +125,9 @@ pub fn serve<A: Attachment>(daemon: &Arc<Daemon>, slot: &Arc<GuestSlot>, attachm
 
 fn accept_loop<A: Attachment>(daemon: &Arc<Daemon>, guest: &Arc<GuestSlot>, attachment: A) {
     loop {
+        // A daemon that handed over takes no more processes: they are the
+        // successor's, which serves the same control socket.
+        drop(daemon.serving());
         let accepted = attachment.accept();
         if guest.removed() {
             return;
@@ -229,6 +233,7 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
         };
         match message {
             Message::Connect { local, remote } => {
+                let _serving = daemon.serving();
                 let reply = connect::connect(daemon, guest, id, local, remote);
                 let handover = reply.handover.as_ref().map(|files| files.handover());
                 if let Err(e) = channel.send(&reply.message, handover) {
@@ -258,6 +263,7 @@ fn serve_listener<C: ProcessChannel>(
 ) {
     let name = &guest.name;
     let Ok(watcher) = channel.try_clone() else { return };
+    let serving = daemon.serving();
     // A listener that stops accepting must not hold a connecting client
     // (and its channel thread) forever: its backlog is full, the connect
     // is refused.
@@ -279,6 +285,7 @@ fn serve_listener<C: ProcessChannel>(
         return;
     }
     tracing::info!(guest = %name, address = %local, "listener registered");
+    drop(serving);
     let mut buf = [0u8; MAX_MESSAGE];
     // Nothing more is expected from the program on this channel: its end of
     // stream (or anything else) ends the listener.
@@ -288,13 +295,20 @@ fn serve_listener<C: ProcessChannel>(
     tracing::info!(guest = %name, address = %local, "listener closed");
 }
 
-/// Makes every local guest's attachment and serves each on its own thread.
-pub fn serve_guests(daemon: &Arc<Daemon>) -> io::Result<()> {
+/// Makes every local guest's attachment and serves each on its own
+/// thread. A guest whose control socket a predecessor handed over (in
+/// `inherited`, by guest name) is served on that socket, with whatever
+/// processes wait in its backlog.
+pub fn serve_guests(daemon: &Arc<Daemon>, mut inherited: HashMap<String, OwnedFd>) -> io::Result<()> {
     let policy = daemon.policy();
     let run_dir = &policy.config.host().run_dir;
     // Guests placed on other hosts attach to their own hosts' daemons.
     for slot in policy.slots().iter().filter(|slot| slot.local) {
-        serve(daemon, slot, namespace::NamespaceAttachment::open(run_dir, slot)?)?;
+        let attachment = match inherited.remove(&slot.name) {
+            Some(socket) => namespace::NamespaceAttachment::inherit(socket),
+            None => namespace::NamespaceAttachment::open(run_dir, slot)?,
+        };
+        serve(daemon, slot, attachment)?;
     }
     Ok(())
 }

@@ -36,6 +36,13 @@ impl NamespaceAttachment {
     }
 }
 
+impl NamespaceAttachment {
+    /// Serves a control socket a predecessor daemon made (a hand-over).
+    pub fn inherit(listener: OwnedFd) -> NamespaceAttachment {
+        NamespaceAttachment { listener }
+    }
+}
+
 impl Attachment for NamespaceAttachment {
     type Channel = SeqpacketChannel;
 

@@ -85,10 +85,12 @@ static REQUESTS: Mutex<Option<RequestChannel>> = Mutex::new(None);
 
 /// Sends a request on the process's request channel and returns the reply.
 /// The channel is opened on first use and re-opened after fork (a shared
-/// one would interleave two processes' replies). A channel that broke
-/// since its last use (vsocketd restarted) is opened again and the request
-/// sent once more, so the first connect after a restart is not lost to
-/// the kernel path.
+/// one would interleave two processes' replies). A channel that served
+/// requests before and broke since (vsocketd restarted, or handed over to
+/// its successor while the request waited) is opened again and the
+/// request sent once more, so a connect made across a restart is not lost
+/// to the kernel path. A new channel that breaks is an answer (the daemon
+/// refused the attachment): the request is not sent again.
 pub fn request(msg: &Message) -> SysResult<Reply> {
     let mut guard = REQUESTS.lock().unwrap_or_else(|e| e.into_inner());
     let pid = crate::sys::getpid();
@@ -110,8 +112,6 @@ pub fn request(msg: &Message) -> SysResult<Reply> {
             Ok(reply) => return Ok(reply),
             Err(e) => {
                 *guard = None;
-                // Only a channel opened before this call can have been
-                // broken by a restart; a fresh one failing is the answer.
                 if !(reused && attempt == 0 && channel_broke(e)) {
                     return Err(e);
                 }
