@@ -265,7 +265,8 @@ impl<M: Member> EpollSet<M> {
                 sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, ev, token(fd))?;
                 let channel = l.channel_fd();
                 if let Some(channel) = channel {
-                    if let Err(e) = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, channel, channel_events(ev), token(fd))
+                    if let Err(e) =
+                        sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, channel, channel_events(ev), token(fd))
                     {
                         let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
                         return Err(e);

@@ -24,6 +24,7 @@ pub fn watch() {
 
 extern "C" fn prepare() {
     segcache::before_fork();
+    sys::limit_before_fork();
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
     table::for_each(|entry| {
         if let Entry::Conn(conn) = entry {
@@ -33,10 +34,12 @@ extern "C" fn prepare() {
 }
 
 extern "C" fn parent() {
+    sys::limit_after_fork();
     segcache::after_fork_parent();
 }
 
 extern "C" fn child() {
+    sys::limit_after_fork();
     sys::forget_pid();
     segcache::after_fork_child();
 }

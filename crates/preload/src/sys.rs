@@ -300,6 +300,74 @@ pub fn raise_sigpipe() {
     let _ = raw!(libc::SYS_tgkill, getpid(), tid, libc::SIGPIPE);
 }
 
+/// Held while the library moves one of its descriptors above the
+/// program's limit (see [`relocate_internal`]), and across fork, so that
+/// a child never starts with it held.
+static LIMIT_HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn hold_limit() {
+    use std::sync::atomic::Ordering;
+    while LIMIT_HELD.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        std::thread::yield_now();
+    }
+}
+
+fn release_limit() {
+    LIMIT_HELD.store(false, std::sync::atomic::Ordering::Release);
+}
+
+/// Before fork: no relocation is half done in the child.
+pub fn limit_before_fork() {
+    hold_limit();
+}
+
+/// After fork, in the parent and in the child.
+pub fn limit_after_fork() {
+    release_limit();
+}
+
+fn nofile() -> SysResult<libc::rlimit> {
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    raw!(libc::SYS_prlimit64, 0, libc::RLIMIT_NOFILE, 0usize, &mut rl as *mut libc::rlimit)?;
+    Ok(rl)
+}
+
+fn set_nofile(rl: &libc::rlimit) -> SysResult<()> {
+    raw!(libc::SYS_prlimit64, 0, libc::RLIMIT_NOFILE, rl as *const libc::rlimit, 0usize).map(drop)
+}
+
+/// Moves the library's own descriptor `fd` out of the program's way, to a
+/// number at or above the program's soft `RLIMIT_NOFILE`, where none of
+/// the program's descriptors can be: the program runs out of descriptors
+/// (`EMFILE`) exactly where it would without the library. The kernel
+/// checks the limit only when it hands out a number, so the soft limit is
+/// raised to the hard one for the one `fcntl` and put back. With no room
+/// above it (soft and hard equal), `fd` goes as high as it can below it
+/// (`fallback_floor` and up), as before.
+pub fn relocate_internal(fd: RawFd, fallback_floor: RawFd) -> SysResult<RawFd> {
+    hold_limit();
+    let moved = (|| {
+        let rl = nofile().ok()?;
+        if rl.rlim_cur >= rl.rlim_max || rl.rlim_cur >= (1 << 30) {
+            return None;
+        }
+        set_nofile(&libc::rlimit { rlim_cur: rl.rlim_max, rlim_max: rl.rlim_max }).ok()?;
+        let high = fcntl(fd, libc::F_DUPFD_CLOEXEC, rl.rlim_cur as libc::c_long);
+        // Put back before anything else can see it (a failure here would
+        // leave the program a higher limit than it set; nothing to do).
+        let _ = set_nofile(&rl);
+        high.ok()
+    })();
+    release_limit();
+    match moved {
+        Some(high) => {
+            let _ = close(fd);
+            Ok(high as RawFd)
+        }
+        None => relocate(fd, fallback_floor),
+    }
+}
+
 pub fn getrlimit_nofile() -> u64 {
     // SAFETY: rlimit is plain data.
     let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };

@@ -29,7 +29,8 @@ pub fn enabled() -> bool {
     control_path().is_some()
 }
 
-/// Lowest descriptor number for the library's own descriptors.
+/// Lowest descriptor number for the library's own descriptors where there
+/// is no room above the program's limit (see `sys::relocate_internal`).
 fn internal_fd_floor() -> RawFd {
     static FLOOR: OnceLock<RawFd> = OnceLock::new();
     *FLOOR.get_or_init(|| (sys::getrlimit_nofile() / 2).clamp(64, 1 << 19) as RawFd)
@@ -81,7 +82,7 @@ impl ControlChannel for SeqpacketChannel {
     fn open() -> SysResult<SeqpacketChannel> {
         let path = control_path().ok_or(Errno(libc::ENOENT))?;
         let fd = sys::connect_unix_seqpacket(path)?;
-        sys::relocate(fd, internal_fd_floor()).map(SeqpacketChannel)
+        sys::relocate_internal(fd, internal_fd_floor()).map(SeqpacketChannel)
     }
 
     fn exchange(&self, msg: &Message) -> SysResult<Reply> {
@@ -144,8 +145,8 @@ fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
     // doorbell and the lifeline live on, out of the program's range of
     // descriptors.
     if count == CONNECTION_FDS {
-        reply.fds[FD_DOORBELL] = sys::relocate(reply.fds[FD_DOORBELL], internal_fd_floor())?;
-        reply.fds[FD_LIFELINE] = sys::relocate(reply.fds[FD_LIFELINE], internal_fd_floor())?;
+        reply.fds[FD_DOORBELL] = sys::relocate_internal(reply.fds[FD_DOORBELL], internal_fd_floor())?;
+        reply.fds[FD_LIFELINE] = sys::relocate_internal(reply.fds[FD_LIFELINE], internal_fd_floor())?;
     }
     Ok(reply)
 }
