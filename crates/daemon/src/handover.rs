@@ -98,6 +98,8 @@ pub struct Inherited {
     pub connections: Vec<InheritedConnection>,
     /// The hand-over socket, to say it is done.
     giver: OwnedFd,
+    /// The old daemon's process, if its pid file named it.
+    predecessor: Option<u32>,
 }
 
 /// Why a hand-over failed.
@@ -166,6 +168,8 @@ pub fn offer(daemon: &Daemon, run_dir: &Path, wait: Duration) -> Result<Offered,
     if &buf[..n] != TAKEN {
         return Err(HandoverError::Malformed("the successor did not say it took everything".into()));
     }
+    // Closed only with the process: the successor waits for that.
+    std::mem::forget(taker);
     Ok(Offered::Taken)
 }
 
@@ -259,11 +263,12 @@ const AWAIT_OFFER: Duration = Duration::from_secs(3);
 /// predecessor is told to stop).
 pub fn take(run_dir: &Path) -> Result<Option<Inherited>, HandoverError> {
     let deadline = std::time::Instant::now() + AWAIT_OFFER;
+    let predecessor = predecessor(run_dir);
     let giver = loop {
         match vsocket_sys::seqpacket_connect(&socket_path(run_dir)) {
             Ok(giver) => break giver,
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ECONNREFUSED)) => {
-                if predecessor(run_dir).is_none() || std::time::Instant::now() >= deadline {
+                if self::predecessor(run_dir).is_none() || std::time::Instant::now() >= deadline {
                     return Ok(None);
                 }
                 std::thread::sleep(Duration::from_millis(10));
@@ -272,8 +277,14 @@ pub fn take(run_dir: &Path) -> Result<Option<Inherited>, HandoverError> {
         }
     };
     vsocket_sys::set_recv_timeout(giver.as_fd(), STEP_TIMEOUT)?;
-    let mut inherited =
-        Inherited { next_id: 0, guests: HashMap::new(), listeners: Vec::new(), connections: Vec::new(), giver };
+    let mut inherited = Inherited {
+        next_id: 0,
+        guests: HashMap::new(),
+        listeners: Vec::new(),
+        connections: Vec::new(),
+        giver,
+        predecessor,
+    };
     let mut buf = vec![0u8; MAX_PART];
     let mut first = true;
     loop {
@@ -318,11 +329,38 @@ pub fn take(run_dir: &Path) -> Result<Option<Inherited>, HandoverError> {
 }
 
 impl Inherited {
-    /// Tells the old daemon that everything was taken (it exits).
+    /// Tells the old daemon that everything was taken, and waits (at most
+    /// [`STEP_TIMEOUT`]) until it has exited: its descriptors, the ports it
+    /// listens on among them, are closed then.
     pub fn done(self) {
         if let Err(e) = vsocket_sys::send_with_fds(self.giver.as_fd(), TAKEN, &[]) {
             tracing::warn!(error = %e, "could not tell the old daemon the hand-over is done");
+            return;
         }
+        let mut buf = [0u8; 16];
+        match vsocket_sys::recv_with_fds(self.giver.as_fd(), &mut buf) {
+            Ok((0, _)) => {}
+            Ok(_) => tracing::warn!("the old daemon said more after the hand-over"),
+            Err(e) => tracing::warn!(error = %e, "the old daemon did not exit after the hand-over"),
+        }
+        // The socket closes while the exiting process closes its
+        // descriptors, in number order: wait until they are all closed
+        // (the process is gone, or a zombie).
+        if let Some(pid) = self.predecessor {
+            let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+            while running(pid) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+/// Is process `pid` alive, and not yet a zombie?
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
     }
 }
 

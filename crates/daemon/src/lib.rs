@@ -193,10 +193,15 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
         );
     }
     let daemon = Arc::new(daemon);
+    attach::serve_guests(&daemon, guests).and_then(|()| admin::serve(&daemon)).map_err(StartError::Serve)?;
+    if let Some(inherited) = inherited {
+        // Serving now: the predecessor may go, and with it the ports it
+        // holds (metrics, fabric), which this daemon takes next.
+        inherited.done();
+    }
     if let Some(address) = host.metrics {
         metrics::serve(&daemon, address).map_err(|error| StartError::Metrics { address, error })?;
     }
-    attach::serve_guests(&daemon, guests).and_then(|()| admin::serve(&daemon)).map_err(StartError::Serve)?;
     let opens: Arc<dyn fabric::RemoteOpens> = daemon.clone();
     let started = fabric::Fabric::start(&daemon.policy().config, key, opens).map_err(|e| match e {
         fabric::FabricError::NotBuilt(kind) => StartError::FabricNotBuilt { file: path.to_owned(), kind },
@@ -214,9 +219,6 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
         tracing::warn!(error = %e, "cannot record the daemon's pid (a successor will not wait for a hand-over)");
     }
     tracing::info!(host = %host.name, guests = daemon.policy().config.guests().len(), "vsocketd ready");
-    if let Some(inherited) = inherited {
-        inherited.done();
-    }
     Ok(daemon)
 }
 

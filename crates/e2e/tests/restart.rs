@@ -76,7 +76,10 @@ fn accepted_by_redis(lab: &Lab) -> u64 {
 
 #[test]
 fn an_upgrade_costs_no_connect_and_no_connection() {
-    let mut lab = Lab::start_host("tupgrade", TWO_GUESTS, "flow_log = \"{dir}/flow.log\"").unwrap();
+    // (The metrics port is one the successor can only bind once the old
+    // daemon is gone.)
+    let host = "flow_log = \"{dir}/flow.log\"\nmetrics = \"127.0.0.1:19477\"";
+    let mut lab = Lab::start_host("tupgrade", TWO_GUESTS, host).unwrap();
     lab.spawn("b", Via::Vsocket, "redis-server", SERVER, "redis.log").unwrap();
     lab.wait_listening("b", 6379).unwrap();
     assert_eq!(cli(&lab, &["ping"]), "PONG");
@@ -108,6 +111,8 @@ fn an_upgrade_costs_no_connect_and_no_connection() {
     let log = lab.daemon_log();
     assert!(log.contains("handed over to the next vsocketd"), "{log}");
     assert!(log.contains("taken over from the previous vsocketd"), "{log}");
+    let metrics = std::process::Command::new("curl").args(["-sSf", "http://127.0.0.1:19477/metrics"]).output().unwrap();
+    assert!(metrics.status.success(), "the new daemon serves metrics: {log}");
 
     // Every connection redis-server ever accepted was brokered by one
     // daemon or the other (none took the kernel path), and none fell back.
