@@ -19,7 +19,8 @@
 //!  │        produces (tail, flags, waiting, woken) │                  │
 //!  │  0x100 consumer line of the ring this end     │                  │
 //!  │        consumes (head, flags, waiting, woken) │                  │
-//!  │  0x180 endpoint line (holders, released)      │                  │
+//!  │  0x180 endpoint line (holders, released,      │                  │
+//!  │        sleepers)                              │                  │
 //!  └───────────────────────────────────────────────┴──────────────────┘
 //! ```
 //!
@@ -51,6 +52,13 @@ pub const ENDPOINT_LINE: usize = 3 * LINE;
 /// connection's memory any more and the daemon may reset it for another
 /// connection between the same two processes.
 pub const RELEASED: usize = 4;
+/// Offset, within the endpoint line, of the "sleepers" word: threads of
+/// the processes holding this end that are asleep on its doorbell (or
+/// about to be). A waiter that wakes leaves the doorbell rung, and the
+/// rings armed, while others still sleep: it is theirs too. Only the
+/// processes holding this end use it; old libraries that do not are
+/// unaffected by it.
+pub const SLEEPERS: usize = 8;
 /// Offset of the data area within a half.
 pub const DATA: usize = PAGE;
 

@@ -471,6 +471,31 @@ impl Lab {
         if !listening {
             return Err(io::Error::other(format!("nothing listens on port {port} in {guest}")));
         }
+        // A program with the library registers its listener with the daemon
+        // just after the kernel's listen returns: wait for that too, or a
+        // client started at once may find no vSocket listener yet. (Some
+        // never register: an IPv6-only socket, an address the daemon
+        // refuses; those are given 2 s.)
+        let out =
+            Command::new("ip").args(["netns", "exec", &netns, "ss", "-Hltnp", &format!("sport = :{port}")]).output()?;
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let preloaded = listing.split("pid=").skip(1).filter_map(|p| p.split(',').next()).any(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| String::from_utf8_lossy(&env).contains("libvsocket"))
+        });
+        if preloaded {
+            let suffix = format!(":{port}");
+            let guest = guest.to_string();
+            wait_until(Duration::from_secs(2), || {
+                self.ctl("listeners").is_ok_and(|l| {
+                    l.as_array().is_some_and(|l| {
+                        l.iter().any(|l| {
+                            l["guest"] == guest.as_str() && l["address"].as_str().is_some_and(|a| a.ends_with(&suffix))
+                        })
+                    })
+                })
+            });
+        }
         Ok(())
     }
 

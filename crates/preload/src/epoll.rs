@@ -493,6 +493,47 @@ impl<M: Member> EpollSet<M> {
         }
     }
 
+    /// Counts this waiter among the sleepers of every connection in the set
+    /// it is about to sleep on, arming each (see
+    /// `Connection::fall_asleep`), and arms nested sets. Returns what
+    /// [`EpollSet::wake`] must be given after the sleep.
+    fn fall_asleep(&self, regs: &HashMap<RawFd, Registration<M>>) -> Vec<(RawFd, Arc<M>, Interest)> {
+        let mut asleep = Vec::new();
+        for (&fd, reg) in regs {
+            match (reg.disabled, &reg.kind) {
+                (false, Kind::Managed { entry, .. }) => {
+                    if let Waitable::Conn(conn) = entry.waitable() {
+                        let interest = Interest::from_epoll(reg.events);
+                        conn.fall_asleep(interest);
+                        asleep.push((fd, entry.clone(), interest));
+                    }
+                }
+                (false, Kind::Nested { entry }) => {
+                    if let Waitable::Set(inner) = entry.waitable() {
+                        inner.arm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        asleep
+    }
+
+    /// The waiter woke: each connection it slept on learns whether its
+    /// doorbell fired (a token among `got`); the last sleeper on a
+    /// connection drains its doorbell and withdraws the arming (one
+    /// doorbell woke the waiter, and the other armed connections need not
+    /// ring theirs).
+    fn wake(asleep: Vec<(RawFd, Arc<M>, Interest)>, got: &[libc::epoll_event]) {
+        let mut fired: Vec<u64> = got.iter().map(|e| e.u64).collect();
+        fired.sort_unstable();
+        for (fd, entry, interest) in asleep {
+            if let Waitable::Conn(conn) = entry.waitable() {
+                conn.wake(interest, fired.binary_search(&token(fd)).is_ok());
+            }
+        }
+    }
+
     /// Withdraws `arm` after a wake-up: one doorbell woke the waiter, and the
     /// other armed connections need not ring theirs (a server answering a
     /// batch of clients would otherwise ring once per client).
@@ -514,6 +555,19 @@ impl<M: Member> EpollSet<M> {
         }
     }
 
+    /// Withdraws the arming of nested sets after a wake-up (connections are
+    /// handled by [`EpollSet::wake`]).
+    fn disarm_nested(&self) {
+        let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        for reg in regs.values() {
+            if let (false, Kind::Nested { entry }) = (reg.disabled, &reg.kind) {
+                if let Waitable::Set(inner) = entry.waitable() {
+                    inner.disarm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
+                }
+            }
+        }
+    }
+
     /// Would a wait on this set report something now? This is what the
     /// kernel answers when the set's own descriptor is polled (or nested in
     /// another set): vSocket readiness from shared memory, kernel readiness
@@ -528,7 +582,7 @@ impl<M: Member> EpollSet<M> {
             for reg in regs.values() {
                 if let Kind::Managed { entry, .. } = &reg.kind {
                     if let Waitable::Conn(conn) = entry.waitable() {
-                        conn.drain_doorbell();
+                        conn.drain_unless_watched();
                     }
                 }
             }
@@ -575,7 +629,7 @@ impl<M: Member> EpollSet<M> {
             match &mut reg.kind {
                 Kind::Managed { entry, .. } => {
                     if let Waitable::Conn(conn) = entry.waitable() {
-                        conn.drain_doorbell();
+                        conn.drain_unless_watched();
                     }
                 }
                 Kind::Listener { entry, channel } => {
@@ -672,23 +726,36 @@ impl<M: Member> EpollSet<M> {
                     continue;
                 }
             }
-            {
+            let asleep = {
                 let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
-                self.arm(&regs);
+                let asleep = self.fall_asleep(&regs);
                 let n = self.collect(&mut regs, out, 0, self.vsocket_room(out));
                 if n > 0 {
                     drop(regs);
+                    Self::wake(asleep, &[]);
+                    self.disarm_nested();
                     return self.add_kernel_ready(out, n, got);
                 }
-            }
+                asleep
+            };
             let sleep = match deadline {
                 None => MAX_SLEEP_MS,
                 Some(d) => (d - sys::now_ms()).clamp(0, MAX_SLEEP_MS as i64) as i32,
             };
-            let k = sys::epoll_pwait(self.epfd, got, sleep, sigmask)?;
+            let k = match sys::epoll_pwait(self.epfd, got, sleep, sigmask) {
+                Ok(k) => k,
+                Err(e) => {
+                    Self::wake(asleep, &[]);
+                    self.disarm_nested();
+                    return Err(e);
+                }
+            };
+            self.disarm_nested();
             let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
-            self.disarm(&regs);
+            // Doorbells of connections slept on are left to `wake`, which
+            // comes after: `translate` drains only those nobody sleeps on.
             let n = self.translate(&mut regs, &got[..k], out, 0);
+            Self::wake(asleep, &got[..k]);
             let n = self.collect(&mut regs, out, n, out.len());
             if n > 0 || deadline.is_some_and(|d| sys::now_ms() >= d) {
                 return Ok(n);

@@ -96,6 +96,9 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
         }
         let ready_now = managed_ready(fds) > 0;
         let mut sleep = 0;
+        // The connections this call counts itself asleep on (see
+        // `Connection::fall_asleep`), by index into `fds`.
+        let mut asleep: Vec<usize> = Vec::new();
         if !ready_now {
             if !spun && timeout_ms != 0 {
                 spun = true;
@@ -110,9 +113,14 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
                     continue;
                 }
             }
-            for (p, e) in fds.iter().zip(&entries) {
-                if let Some(e) = e {
-                    e.waitable().arm_for(interest(p.events));
+            for (i, (p, e)) in fds.iter().zip(&entries).enumerate() {
+                match e.as_deref().map(Entry::waitable) {
+                    Some(Waitable::Conn(c)) => {
+                        c.fall_asleep(interest(p.events));
+                        asleep.push(i);
+                    }
+                    Some(w) => w.arm_for(interest(p.events)),
+                    None => {}
                 }
             }
             if managed_ready(fds) == 0 {
@@ -126,6 +134,19 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
             k.revents = 0;
         }
         let r = if sleep == 0 { sys::poll(&mut kernel, 0) } else { sys::ppoll(&mut kernel, sleep, sigmask) };
+        if !asleep.is_empty() {
+            let mut rang = vec![false; fds.len()];
+            for (k, slot) in kernel.iter().zip(&slots) {
+                if let Slot::Doorbell(i) = *slot {
+                    rang[i] |= k.revents != 0;
+                }
+            }
+            for &i in &asleep {
+                if let Some(Waitable::Conn(c)) = entries[i].as_deref().map(Entry::waitable) {
+                    c.wake(interest(fds[i].events), rang[i]);
+                }
+            }
+        }
         match r {
             Ok(_) => {}
             Err(Errno(libc::EINTR)) if sleep == 0 => {}
@@ -138,9 +159,10 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
             match *slot {
                 Slot::Plain(i) => fds[i].revents = k.revents,
                 Slot::Doorbell(i) => {
-                    if k.revents != 0 {
+                    // (A doorbell this call slept on was handled by `wake`.)
+                    if k.revents != 0 && asleep.binary_search(&i).is_err() {
                         if let Some(Waitable::Conn(c)) = entries[i].as_deref().map(Entry::waitable) {
-                            c.drain_doorbell();
+                            c.drain_unless_watched();
                         }
                     }
                 }

@@ -283,6 +283,11 @@ impl Segment {
         self.halves[end].word(layout::ENDPOINT_LINE)
     }
 
+    /// Endpoint `end`'s "sleepers" word (see `layout::SLEEPERS`).
+    pub fn sleepers(&self, end: usize) -> &AtomicU32 {
+        self.halves[end].word(layout::ENDPOINT_LINE + layout::SLEEPERS)
+    }
+
     /// Endpoint `end`'s "released" word (see `layout::RELEASED`).
     pub fn released(&self, end: usize) -> &AtomicU32 {
         self.halves[end].word(layout::ENDPOINT_LINE + layout::RELEASED)
@@ -322,6 +327,7 @@ impl Segment {
         for end in 0..2 {
             self.holders(end).store(0, Ordering::Relaxed);
             self.released(end).store(0, Ordering::Relaxed);
+            self.sleepers(end).store(0, Ordering::Relaxed);
         }
         std::sync::atomic::fence(Ordering::Release);
     }

@@ -1,11 +1,13 @@
 //! Blocking on a connection: spin briefly (see `spin`), then sleep in the
 //! kernel.
 //!
-//! After the spin the waiter arms the ring's `waiting` flag, checks once
-//! more, and sleeps in `poll` on the doorbell, so an idle program uses no
-//! CPU and signals interrupt it as they would a kernel socket. Sleeps are
-//! capped so that a wake-up lost to another waiter of the same connection
-//! in this process (two threads on one socket) costs latency, never a hang.
+//! After the spin the waiter counts itself among the connection's sleepers,
+//! arms the ring's `waiting` flag, checks once more, and sleeps in `poll` on
+//! the doorbell, so an idle program uses no CPU and signals interrupt it as
+//! they would a kernel socket. Other waiters on the same connection (threads,
+//! an epoll or poll elsewhere, a forked child) leave the doorbell and the
+//! arming to it while it is counted (see `Connection::fall_asleep`). Sleeps
+//! are still capped, as a bound should a wake-up be lost anyway.
 
 use super::{Connection, Direction};
 use crate::readiness::Interest;
@@ -38,8 +40,9 @@ fn sleep(conn: &Connection, interest: Interest, mut ready: impl FnMut() -> bool)
     let deadline = (timeout_ms > 0).then(|| sys::now_ms() + timeout_ms);
     let timeout = if deadline.is_some() { SocketTimeout::Set } else { SocketTimeout::None };
     loop {
-        conn.arm(interest);
+        conn.fall_asleep(interest);
         if ready() {
+            conn.wake(interest, false);
             return Ok(());
         }
         let sleep = match deadline {
@@ -47,6 +50,7 @@ fn sleep(conn: &Connection, interest: Interest, mut ready: impl FnMut() -> bool)
             Some(d) => {
                 let left = d - sys::now_ms();
                 if left <= 0 {
+                    conn.wake(interest, false);
                     return Err(Errno(libc::EAGAIN));
                 }
                 left.min(MAX_SLEEP_MS as i64) as i32
@@ -54,15 +58,14 @@ fn sleep(conn: &Connection, interest: Interest, mut ready: impl FnMut() -> bool)
         };
         let mut pfd = [libc::pollfd { fd: conn.doorbell, events: libc::POLLIN, revents: 0 }];
         signals::before_sleep();
-        match sys::poll(&mut pfd, sleep) {
+        let slept = sys::poll(&mut pfd, sleep);
+        conn.wake(interest, pfd[0].revents != 0);
+        match slept {
             Ok(_) => {}
             // The kernel restarts a socket call whose signal handler asked
             // for it (SA_RESTART), unless the socket has a timeout.
             Err(Errno(libc::EINTR)) if signals::restart_after_interrupt(timeout) => {}
             Err(e) => return Err(e),
-        }
-        if pfd[0].revents != 0 {
-            conn.drain_doorbell();
         }
         if ready() {
             return Ok(());

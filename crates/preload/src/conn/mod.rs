@@ -18,11 +18,15 @@ pub use state::Blocking;
 use state::{Flags, State};
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use vsocket_abi::control::ConnectionInfo;
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::{Consumer, Producer, RingError, RxState};
+
+/// Wake-ups in a row, for sleepers that never wake, after which a waiter
+/// takes the doorbell anyway (see [`Connection::wake`]).
+const STALE_SLEEPERS: u32 = 8;
 
 pub struct Connection {
     segment: Memory,
@@ -44,6 +48,10 @@ pub struct Connection {
     /// up): the stream reads as finished and writes fail, as if the peer
     /// had closed. Kept here, since this end cannot write the peer's half.
     peer_gone: AtomicBool,
+    /// Wake-ups this process took while other sleepers were counted, one
+    /// after another, leaving the doorbell rung (see `wake`): a count that
+    /// keeps growing means a sleeper died asleep.
+    rung_for_others: AtomicU32,
     /// Pending SO_ERROR.
     so_error: AtomicI32,
     /// SO_RCVTIMEO and SO_SNDTIMEO in milliseconds (0: none), kept in step
@@ -112,6 +120,7 @@ impl Connection {
             info,
             family,
             fork_generation: AtomicU64::new(0),
+            rung_for_others: AtomicU32::new(0),
             state: State::new(blocking),
             peer_gone: AtomicBool::new(false),
             so_error: AtomicI32::new(0),
@@ -189,6 +198,60 @@ impl Connection {
             self.kick(self.rx().close());
         }
         Errno(libc::ECONNRESET)
+    }
+
+    /// Counts the caller among this end's sleepers, then arms for
+    /// `interest`: call it before the last look at the rings, and
+    /// [`Connection::wake`] once after the sleep (every path).
+    ///
+    /// Several waiters (threads, or processes sharing the connection after
+    /// fork) share one doorbell and one arming. The count, kept in this
+    /// end's half so that every process holding the end sees it, lets a
+    /// waiter that wakes leave the doorbell rung and the arming in place
+    /// while others still sleep on them: taking either would leave those
+    /// asleep until their sleep's cap.
+    pub fn fall_asleep(&self, interest: Interest) {
+        self.sleepers().fetch_add(1, Ordering::AcqRel);
+        self.arm(interest);
+    }
+
+    /// The caller, counted by [`Connection::fall_asleep`], woke (`rang`:
+    /// its doorbell had fired). The last sleeper to wake drains the
+    /// doorbell and withdraws the arming for `interest`; one that is not
+    /// the last leaves both to the others. Returns whether it was the last.
+    pub fn wake(&self, interest: Interest, rang: bool) -> bool {
+        let before = self.sleepers().fetch_sub(1, Ordering::AcqRel);
+        let last = before <= 1;
+        if before == 0 {
+            // Not counted (a count another process reset): undo.
+            self.sleepers().fetch_add(1, Ordering::AcqRel);
+        }
+        if last {
+            self.rung_for_others.store(0, Ordering::Relaxed);
+            self.disarm(interest);
+            if rang {
+                self.drain_doorbell();
+            }
+        } else if rang && self.rung_for_others.fetch_add(1, Ordering::Relaxed) >= STALE_SLEEPERS {
+            // Woken again and again for sleepers that never wake: one died
+            // asleep and its count stays. Take the doorbell, or every wait
+            // on it would spin.
+            self.rung_for_others.store(0, Ordering::Relaxed);
+            self.drain_doorbell();
+        }
+        last
+    }
+
+    /// Drains the doorbell unless a sleeper is counted (its wake-up is
+    /// left to it): for a doorbell that fired where nobody here slept on it.
+    pub fn drain_unless_watched(&self) {
+        if self.sleepers().load(Ordering::Acquire) == 0 {
+            self.drain_doorbell();
+        }
+    }
+
+    fn sleepers(&self) -> &AtomicU32 {
+        self.segment.sleepers(self.endpoint.index())
     }
 
     /// Drains the doorbell; if every holder of the peer's end is gone (the
@@ -679,6 +742,51 @@ mod tests {
             assert_eq!(rest, whole[skip..].to_vec());
         }
         assert!(advance_const(&many, 200, |rest| rest.is_empty()));
+    }
+
+    /// Whether `c`'s doorbell has a ring waiting.
+    fn rung(c: &Connection) -> bool {
+        let mut pfd = [libc::pollfd { fd: c.doorbell, events: libc::POLLIN, revents: 0 }];
+        sys::poll(&mut pfd, 0).unwrap() > 0
+    }
+
+    #[test]
+    fn a_waiter_that_wakes_leaves_the_ring_to_those_still_asleep() {
+        let (c, s) = pair(4096);
+        // Two waiters on the client's reads: the first to wake must leave
+        // the doorbell rung and the arming in place for the second.
+        c.fall_asleep(Interest::READABLE);
+        c.fall_asleep(Interest::READABLE);
+        assert_eq!(s.send(&[b"x"], 0), Ok(1));
+        assert!(rung(&c), "the armed reader was rung");
+        assert!(!c.wake(Interest::READABLE, true), "one sleeper is left");
+        assert!(rung(&c), "the ring is left to the other sleeper");
+        assert_eq!(recv_all(&c, 1), b"x");
+        // The second waiter's arming still stands: the next write rings.
+        assert!(c.wake(Interest::READABLE, true), "the last sleeper");
+        assert!(!rung(&c), "the last sleeper takes the ring");
+        c.fall_asleep(Interest::READABLE);
+        assert_eq!(s.send(&[b"y"], 0), Ok(1));
+        assert!(rung(&c));
+        assert!(c.wake(Interest::READABLE, true));
+        assert!(!rung(&c));
+    }
+
+    #[test]
+    fn a_sleeper_that_never_wakes_does_not_keep_the_doorbell_rung_for_ever() {
+        let (c, s) = pair(4096);
+        // A sleeper that died asleep: counted, never woken.
+        c.fall_asleep(Interest::READABLE);
+        for i in 0..=STALE_SLEEPERS {
+            c.fall_asleep(Interest::READABLE);
+            assert_eq!(s.send(&[b"z"], 0), Ok(1));
+            assert_eq!(recv_all(&c, 1), b"z");
+            assert!(!c.wake(Interest::READABLE, true));
+            if i < STALE_SLEEPERS {
+                assert!(rung(&c), "left for the other sleeper ({i})");
+            }
+        }
+        assert!(!rung(&c), "taken after {STALE_SLEEPERS} wake-ups for a sleeper that never wakes");
     }
 
     fn recv_all(c: &Connection, n: usize) -> Vec<u8> {
