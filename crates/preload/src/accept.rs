@@ -49,6 +49,11 @@ pub fn accept(
     mut kernel_accept: impl FnMut() -> SysResult<RawFd>,
 ) -> SysResult<Client> {
     let blocking = socket::blocking(fd)? == Blocking::Blocking;
+    // SO_RCVTIMEO on the listening socket bounds a blocking accept (EAGAIN
+    // when it runs out), as in Linux.
+    let timeout_ms = if blocking { sys::getsockopt_timeout_ms(fd, libc::SO_RCVTIMEO).unwrap_or(0) } else { 0 };
+    let deadline = (timeout_ms > 0).then(|| sys::now_ms() + timeout_ms);
+    let timeout = if deadline.is_some() { SocketTimeout::Set } else { SocketTimeout::None };
     loop {
         fork::watch();
         if let Some(accepted) = listener.take_pending(fd, flags)? {
@@ -65,17 +70,39 @@ pub fn accept(
             libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: channel.as_ref().map_or(-1, |c| c.fd()), events: libc::POLLIN, revents: 0 },
         ];
+        // The sleep watches every source that can end it: the kernel socket
+        // and, while the daemon serves it, the channel (whose end, too,
+        // wakes it); a signal interrupts it. Only the channel's end detaches
+        // the listener (see `Listener::take_pending`), and a detached
+        // listener wakes to try to attach again.
         let watched = if channel.is_some() { 2 } else { 1 };
-        // A detached listener wakes to try to attach again.
-        let sleep_ms = if channel.is_some() { -1 } else { MAX_SLEEP_MS };
+        let retry_ms = if channel.is_some() { None } else { Some(MAX_SLEEP_MS) };
         // Connections tend to come in bursts: look again for a while
         // before sleeping.
         if let Some(_sleeping) = listener.spinner.spin(|| sys::poll(&mut pfds[..watched], 0).is_ok_and(|n| n > 0)) {
             loop {
+                let left_ms = match deadline {
+                    None => None,
+                    Some(d) => {
+                        let left = d - sys::now_ms();
+                        if left <= 0 {
+                            return Err(Errno(libc::EAGAIN));
+                        }
+                        Some(left.min(i32::MAX as i64) as i32)
+                    }
+                };
+                // A sleep that ends with nothing ready goes round again: the
+                // deadline is checked, a detached listener tries to attach.
+                let wait_ms = match (left_ms, retry_ms) {
+                    (Some(a), Some(b)) => a.min(b),
+                    (Some(t), None) | (None, Some(t)) => t,
+                    (None, None) => -1,
+                };
                 signals::before_sleep();
-                match sys::poll(&mut pfds[..watched], sleep_ms) {
-                    // A handler with SA_RESTART ran: accept goes on waiting.
-                    Err(Errno(libc::EINTR)) if signals::restart_after_interrupt(SocketTimeout::None) => continue,
+                match sys::poll(&mut pfds[..watched], wait_ms) {
+                    // A handler with SA_RESTART ran: accept goes on waiting
+                    // (unless the socket has a timeout: EINTR, as in Linux).
+                    Err(Errno(libc::EINTR)) if signals::restart_after_interrupt(timeout) => continue,
                     r => {
                         r?;
                         break;

@@ -23,7 +23,7 @@ use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use vsocket_abi::control::Message;
+use vsocket_abi::control::{Message, CONNECTION_FDS};
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::spin::Spinner;
 
@@ -138,6 +138,34 @@ impl Inherited {
         if let Some(seconds) = self.linger {
             let _ = sys::setsockopt_linger(fd, true, seconds);
             conn.set_linger(true, seconds);
+        }
+    }
+}
+
+/// What a receive on the listener channel that brought no connection means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Miss {
+    /// Nothing was queued after all: another process sharing the listening
+    /// socket (a forked worker) took it. Wait again.
+    Empty,
+    /// The daemon closed its end (it exited or restarted), or the
+    /// descriptor no longer names the channel: only kernel clients remain.
+    ChannelGone,
+    /// This one delivery was unusable and is lost (its descriptors cut
+    /// short, or malformed); the channel still serves. accept fails with
+    /// the error, as Linux's may with EMFILE, ENOMEM or EPROTO, and the
+    /// program's next accept goes on.
+    DeliveryLost(Errno),
+}
+
+impl Miss {
+    fn of(e: Errno) -> Miss {
+        match e.0 {
+            libc::EAGAIN => Miss::Empty,
+            libc::ECONNABORTED | libc::ECONNRESET | libc::ENOTCONN | libc::EPIPE | libc::EBADF | libc::ENOTSOCK => {
+                Miss::ChannelGone
+            }
+            _ => Miss::DeliveryLost(e),
         }
     }
 }
@@ -260,16 +288,37 @@ impl Listener {
             libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)),
             0,
         )?;
+        // recvmsg installs the connection's descriptors as it takes the
+        // message: without room for all of them the kernel cuts them short
+        // and the connection is lost. Short of room, accept fails with
+        // EMFILE and the connection stays queued, as in a backlog.
+        if let Err(e) = sys::probe_free_descriptors(fd, CONNECTION_FDS) {
+            let _ = sys::close(fd);
+            return Err(e);
+        }
         let mut reply = match channel.receive(Receive::DontWait) {
             Ok(r) => r,
             Err(e) => {
                 let _ = sys::close(fd);
-                if e != Errno(libc::EAGAIN) {
-                    // The daemon is gone; kernel clients must still be
-                    // accepted, and the next daemon will take it again.
-                    self.detach(&channel);
-                }
-                return Ok(None);
+                // Only the channel's end detaches the listener. Detaching on
+                // any error (a delivery cut short at the descriptor limit
+                // was one) left a blocking accept asleep on its kernel
+                // socket alone while the daemon, which had not seen the
+                // channel end, went on queueing clients on it: PostgreSQL's
+                // postmaster, which accepts with its signals blocked, stopped
+                // accepting that way. (A channel detached while still open
+                // is kept open, retired, so even attaching again would
+                // leave the daemon taking turns between it and the new one.)
+                return match Miss::of(e) {
+                    Miss::Empty => Ok(None),
+                    Miss::ChannelGone => {
+                        // Kernel clients must still be accepted, and the
+                        // next daemon will take it again.
+                        self.detach(&channel);
+                        Ok(None)
+                    }
+                    Miss::DeliveryLost(e) => Err(e),
+                };
             }
         };
         let Message::Incoming(info) = reply.message else {
@@ -336,5 +385,157 @@ fn open_channel(local: SocketAddrV4, backlog: i32) -> Result<Channel, NotTaken> 
         Message::ListenOk => Ok(channel),
         Message::Refused { errno } => Err(NotTaken::Refused(Errno(errno))),
         _ => Err(NotTaken::NoDaemon),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A listener whose channel's far end plays the daemon, in one process.
+    use super::*;
+    use crate::accept::{self, Client};
+    use crate::table;
+    use std::net::TcpListener;
+    use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd};
+    use std::sync::mpsc;
+    use std::time::Duration;
+    use vsocket_abi::control::{ConnectionInfo, MAX_MESSAGE};
+    use vsocket_ring::Segment;
+
+    /// A registered listener (as `Listener::register` makes it) and the
+    /// daemon's end of its channel.
+    fn listener() -> (Listener, OwnedFd) {
+        let (ours, daemon) = sys::seqpacket_pair().unwrap();
+        let listener = Listener {
+            channel: ArcSwapOption::new(Some(Arc::new(Channel::from_connected(ours)))),
+            retry: Mutex::new(Retry {
+                local: "10.0.0.3:5432".parse().unwrap(),
+                backlog: 8,
+                due_ms: 0,
+                wait_ms: RETRY_FIRST_MS,
+                refused: false,
+                retired: Vec::new(),
+            }),
+            family: Family::V4,
+            spinner: Spinner::new(),
+            inherited: Mutex::new(None),
+        };
+        (listener, daemon)
+    }
+
+    /// What the daemon sends a listener for one connection: `Incoming` and
+    /// its descriptors, of which the first `count` are sent.
+    fn send_incoming(daemon: BorrowedFd<'_>, id: u64, count: usize) {
+        let ring_size = 4096;
+        let (daemon_view, files) = Segment::create(ring_size).unwrap();
+        drop(daemon_view);
+        let [own, peer] = files.clone_for(Endpoint::Server).unwrap();
+        let (bell, far_bell) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (holds, _held) = std::os::unix::net::UnixStream::pair().unwrap();
+        let info = ConnectionInfo {
+            id,
+            local: "10.0.0.3:5432".parse().unwrap(),
+            peer: "10.0.0.2:40000".parse().unwrap(),
+            ring_size,
+        };
+        let mut buf = [0u8; MAX_MESSAGE];
+        let bytes = Message::Incoming(info).encode(&mut buf);
+        // In the order of FD_SEGMENT, FD_DOORBELL, FD_LIFELINE, FD_PEER_SEGMENT.
+        let fds = [own.as_fd(), bell.as_fd(), holds.as_fd(), peer.as_fd()];
+        vsocket_sys::send_with_fds(daemon, bytes, &fds[..count]).unwrap();
+        drop(far_bell);
+    }
+
+    /// The kernel's listening socket beside the channel (blocking).
+    fn kernel_listener() -> TcpListener {
+        TcpListener::bind("127.0.0.1:0").unwrap()
+    }
+
+    fn forget(accepted: Accepted) {
+        let _ = sys::close(accepted.fd);
+    }
+
+    #[test]
+    fn a_delivery_cut_short_loses_one_connection_not_the_listener() {
+        // The kernel cuts SCM_RIGHTS short (MSG_CTRUNC) when the receiving
+        // process has no free descriptor for them. That connection is lost,
+        // but the channel still works: the listener must keep taking
+        // vSocket connections rather than become a kernel listener for
+        // good, with the daemon still queueing clients on a channel no one
+        // reads.
+        let (listener, daemon) = listener();
+        let kernel = kernel_listener();
+        send_incoming(daemon.as_fd(), 1, 3);
+        assert_eq!(listener.take_pending(kernel.as_raw_fd(), 0).err(), Some(Errno(libc::EMFILE)));
+        assert!(listener.attached(), "one unusable delivery detached the listener");
+        send_incoming(daemon.as_fd(), 2, CONNECTION_FDS);
+        let accepted = listener.take_pending(kernel.as_raw_fd(), 0).unwrap().expect("the next connection");
+        assert_eq!(accepted.peer, "10.0.0.2:40000".parse().unwrap());
+        forget(accepted);
+    }
+
+    #[test]
+    fn only_the_channel_s_end_detaches() {
+        for (errno, miss) in [
+            (libc::EAGAIN, Miss::Empty),
+            (libc::ECONNABORTED, Miss::ChannelGone),
+            (libc::ECONNRESET, Miss::ChannelGone),
+            (libc::EBADF, Miss::ChannelGone),
+            (libc::EMFILE, Miss::DeliveryLost(Errno(libc::EMFILE))),
+            (libc::EPROTO, Miss::DeliveryLost(Errno(libc::EPROTO))),
+            (libc::ENOMEM, Miss::DeliveryLost(Errno(libc::ENOMEM))),
+        ] {
+            assert_eq!(Miss::of(Errno(errno)), miss, "errno {errno}");
+        }
+    }
+
+    #[test]
+    fn the_channel_s_end_makes_a_kernel_listener() {
+        let (listener, daemon) = listener();
+        let kernel = kernel_listener();
+        drop(daemon);
+        assert!(listener.take_pending(kernel.as_raw_fd(), 0).unwrap().is_none());
+        assert!(!listener.attached(), "vsocketd is gone: only kernel clients remain");
+    }
+
+    /// Runs a blocking accept on `listener` and `kernel` in a thread; its
+    /// result comes on the returned channel (a hung accept never sends).
+    fn accept_in_thread(listener: Arc<Listener>, kernel: Arc<TcpListener>) -> mpsc::Receiver<SysResult<Client>> {
+        let (done, result) = mpsc::channel();
+        std::thread::spawn(move || {
+            let fd = kernel.as_raw_fd();
+            let kernel_accept = || {
+                kernel.accept().map(|(s, _)| s.into_raw_fd()).map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))
+            };
+            let _ = done.send(accept::accept(fd, &listener, 0, kernel_accept));
+        });
+        result
+    }
+
+    #[test]
+    fn a_sleeping_blocking_accept_wakes_for_a_vsocket_client() {
+        let (listener, daemon) = listener();
+        let kernel = Arc::new(kernel_listener());
+        let result = accept_in_thread(Arc::new(listener), kernel);
+        std::thread::sleep(Duration::from_millis(300));
+        send_incoming(daemon.as_fd(), 3, CONNECTION_FDS);
+        match result.recv_timeout(Duration::from_secs(10)).expect("accept still asleep") {
+            Ok(Client::Vsocket { fd, .. }) => {
+                table::release(fd);
+                let _ = sys::close(fd);
+            }
+            Ok(Client::Kernel(_)) => panic!("a kernel client, none connected"),
+            Err(e) => panic!("accept failed: {e:?}"),
+        }
+    }
+
+    #[test]
+    fn a_blocking_accept_ends_at_the_listening_socket_s_receive_timeout() {
+        // Linux's accept honours SO_RCVTIMEO on the listening socket: EAGAIN.
+        let (listener, _daemon) = listener();
+        let kernel = Arc::new(kernel_listener());
+        sys::setsockopt_timeout_ms(kernel.as_raw_fd(), libc::SO_RCVTIMEO, 200).unwrap();
+        let result = accept_in_thread(Arc::new(listener), kernel);
+        let outcome = result.recv_timeout(Duration::from_secs(10)).expect("accept slept past its timeout");
+        assert!(matches!(outcome, Err(Errno(libc::EAGAIN))), "{:?}", outcome.err());
     }
 }

@@ -68,6 +68,26 @@ pub fn relocate(fd: RawFd, min: RawFd) -> SysResult<RawFd> {
     }
 }
 
+/// Fails with EMFILE (or ENFILE) unless `count` more descriptors can be had
+/// now, probing with copies of `fd` that it closes again.
+pub fn probe_free_descriptors(fd: RawFd, count: usize) -> SysResult<()> {
+    let mut copies: [RawFd; 8] = [-1; 8];
+    let mut result = Ok(());
+    for copy in copies.iter_mut().take(count) {
+        match fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) {
+            Ok(c) => *copy = c as RawFd,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    for copy in copies.into_iter().filter(|&c| c >= 0) {
+        let _ = close(copy);
+    }
+    result
+}
+
 pub fn getsockopt_int(fd: RawFd, level: i32, name: i32) -> SysResult<i32> {
     let mut v: i32 = 0;
     let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
@@ -459,6 +479,19 @@ pub fn stream_pair() -> SysResult<(RawFd, RawFd)> {
     let mut fds = [0 as RawFd; 2];
     raw!(libc::SYS_socketpair, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())?;
     Ok((fds[0], fds[1]))
+}
+
+/// A connected pair of Unix SOCK_SEQPACKET sockets, close-on-exec: the
+/// first for the library's side of a channel, the second, owned, for the
+/// daemon's (tests).
+#[cfg(test)]
+pub fn seqpacket_pair() -> SysResult<(RawFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0 as RawFd; 2];
+    raw!(libc::SYS_socketpair, libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())?;
+    // SAFETY: socketpair just made fds[1], and nothing else owns it.
+    let daemon = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[1]) };
+    Ok((fds[0], daemon))
 }
 
 /// pread(2) into `buf` from `offset`.

@@ -78,6 +78,14 @@ impl Drop for SeqpacketChannel {
     }
 }
 
+impl SeqpacketChannel {
+    /// A channel over `fd`, already connected to a daemon (tests).
+    #[cfg(test)]
+    pub fn from_connected(fd: RawFd) -> SeqpacketChannel {
+        SeqpacketChannel(fd)
+    }
+}
+
 impl ControlChannel for SeqpacketChannel {
     fn open() -> SysResult<SeqpacketChannel> {
         let path = control_path().ok_or(Errno(libc::ENOENT))?;
@@ -138,6 +146,12 @@ fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
         return Err(Errno(libc::ECONNABORTED));
     }
     reply.message = Message::decode(&buf[..n]).map_err(|_| Errno(libc::EPROTO))?;
+    if count < reply.message.fd_count() {
+        // The kernel cuts the descriptors short (MSG_CTRUNC) when this
+        // process has no free descriptor for them: that is what the
+        // program's accept or connect should hear.
+        return Err(Errno(libc::EMFILE));
+    }
     if count != reply.message.fd_count() {
         return Err(Errno(libc::EPROTO));
     }
