@@ -34,6 +34,7 @@ const PACKAGES: &[&str] = &[
     "libucx-dev",
     "libmemcached-tools",
     "wrk",
+    "postgresql",
 ];
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
