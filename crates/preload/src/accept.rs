@@ -54,6 +54,7 @@ pub fn accept(
     let timeout_ms = if blocking { sys::getsockopt_timeout_ms(fd, libc::SO_RCVTIMEO).unwrap_or(0) } else { 0 };
     let deadline = (timeout_ms > 0).then(|| sys::now_ms() + timeout_ms);
     let timeout = if deadline.is_some() { SocketTimeout::Set } else { SocketTimeout::None };
+    signals::wait_begins();
     loop {
         fork::watch();
         if let Some(accepted) = listener.take_pending(fd, flags)? {
@@ -98,7 +99,12 @@ pub fn accept(
                     (Some(t), None) | (None, Some(t)) => t,
                     (None, None) => -1,
                 };
-                signals::before_sleep();
+                // A handler that ran since accept began (in the spin, or
+                // while it took a delivery) ends it as one that interrupted
+                // the sleep would: the kernel's accept would have slept.
+                if signals::interrupts(timeout) {
+                    return Err(Errno(libc::EINTR));
+                }
                 match sys::poll(&mut pfds[..watched], wait_ms) {
                     // A handler with SA_RESTART ran: accept goes on waiting
                     // (unless the socket has a timeout: EINTR, as in Linux).

@@ -5,6 +5,7 @@
 use crate::addr::{self, Family};
 use crate::attach;
 use crate::conn::{Blocking, Connection, Direction, Dropped};
+use crate::signals::{self, SocketTimeout};
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
 use crate::{fork, socket};
@@ -74,22 +75,58 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
             if blocking == Blocking::NonBlocking {
                 return Some(Err(Errno(libc::EINPROGRESS)));
             }
-            Some(wait_dropped(deadline_ms))
+            Some(wait_dropped(fd, deadline_ms))
         }
         _ => Some(Err(Errno(libc::EPROTO))),
     }
 }
 
-/// Waits as a blocked connect whose SYNs are dropped would: ETIMEDOUT at
-/// the deadline, EINTR when a signal interrupts.
-fn wait_dropped(deadline_ms: i64) -> SysResult<()> {
+/// Waits as a blocked connect on `fd` whose SYNs are dropped would:
+/// ETIMEDOUT at the deadline; EINPROGRESS when the socket's SO_SNDTIMEO
+/// runs out first (the connect goes on); EINTR when a handler without
+/// SA_RESTART runs (with SA_RESTART, Linux restarts the connect, which goes
+/// on waiting, unless the socket has that timeout).
+fn wait_dropped(fd: RawFd, deadline_ms: i64) -> SysResult<()> {
+    let send_timeout_ms = sys::getsockopt_timeout_ms(fd, libc::SO_SNDTIMEO).unwrap_or(0);
+    let give_up_ms = (send_timeout_ms > 0).then(|| sys::now_ms() + send_timeout_ms);
+    let timeout = if give_up_ms.is_some() { SocketTimeout::Set } else { SocketTimeout::None };
+    signals::wait_begins();
     loop {
-        let left = deadline_ms - sys::now_ms();
-        if left <= 0 {
+        let now = sys::now_ms();
+        if now >= deadline_ms {
             return Err(Errno(libc::ETIMEDOUT));
         }
-        if let Err(Errno(libc::EINTR)) = sys::poll(&mut [], left.min(i32::MAX as i64) as i32) {
+        if give_up_ms.is_some_and(|g| now >= g) {
+            return Err(Errno(libc::EINPROGRESS));
+        }
+        if signals::interrupts(timeout) {
             return Err(Errno(libc::EINTR));
         }
+        let until = give_up_ms.map_or(deadline_ms, |g| g.min(deadline_ms));
+        match sys::poll(&mut [], (until - now).min(i32::MAX as i64) as i32) {
+            Ok(_) => {}
+            Err(Errno(libc::EINTR)) if signals::restart_after_interrupt(timeout) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_dropped_blocking_connect_ends_at_its_deadline_or_the_send_timeout() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let fd = socket.as_raw_fd();
+        let started = sys::now_ms();
+        assert_eq!(wait_dropped(fd, started + 100), Err(Errno(libc::ETIMEDOUT)));
+        assert!(sys::now_ms() - started >= 100);
+        // SO_SNDTIMEO before the deadline: EINPROGRESS, as Linux's connect.
+        sys::setsockopt_timeout_ms(fd, libc::SO_SNDTIMEO, 100).unwrap();
+        let started = sys::now_ms();
+        assert_eq!(wait_dropped(fd, started + 60_000), Err(Errno(libc::EINPROGRESS)));
+        assert!(sys::now_ms() - started < 5_000);
     }
 }

@@ -16,6 +16,7 @@
 use crate::conn::{Connection, Dropped, EdgeSnapshot, MAX_SLEEP_MS};
 use crate::listener::{self, Listener};
 use crate::readiness::{Interest, Readiness};
+use crate::signals;
 use crate::sys::{self, Errno, SysResult};
 use std::collections::HashMap;
 use std::os::fd::RawFd;
@@ -709,6 +710,7 @@ impl<M: Member> EpollSet<M> {
     ) -> SysResult<usize> {
         let mut spun = false;
         let mut _sleeping = None;
+        signals::wait_begins();
         loop {
             {
                 let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
@@ -742,7 +744,14 @@ impl<M: Member> EpollSet<M> {
                 None => MAX_SLEEP_MS,
                 Some(d) => (d - sys::now_ms()).clamp(0, MAX_SLEEP_MS as i64) as i32,
             };
-            let k = match sys::epoll_pwait(self.epfd, got, sleep, sigmask) {
+            // A handler that ran since the call began (in the spin, or
+            // between two sleeps, where the kernel's epoll_wait would have
+            // been asleep) ends it with EINTR, once the kernel's members
+            // are seen not ready.
+            let interrupted = signals::handler_ran();
+            let sleep = if interrupted { 0 } else { sleep };
+            let mask = if interrupted { std::ptr::null() } else { sigmask };
+            let k = match sys::epoll_pwait(self.epfd, got, sleep, mask) {
                 Ok(k) => k,
                 Err(e) => {
                     Self::wake(asleep, &[]);
@@ -759,6 +768,9 @@ impl<M: Member> EpollSet<M> {
             let n = self.collect(&mut regs, out, n, out.len());
             if n > 0 || deadline.is_some_and(|d| sys::now_ms() >= d) {
                 return Ok(n);
+            }
+            if interrupted {
+                return Err(Errno(libc::EINTR));
             }
         }
     }

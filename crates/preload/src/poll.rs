@@ -11,6 +11,7 @@ use crate::conn::MAX_SLEEP_MS;
 use crate::epoll::Waitable;
 use crate::listener;
 use crate::readiness::{Interest, Readiness};
+use crate::signals;
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
 use std::sync::Arc;
@@ -87,6 +88,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
         count
     };
     let (mut kernel, mut slots) = kernel_fds(fds, &entries);
+    signals::wait_begins();
     let mut spun = false;
     let mut _sleeping = None;
     loop {
@@ -133,7 +135,12 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
         for k in kernel.iter_mut() {
             k.revents = 0;
         }
-        let r = if sleep == 0 { sys::poll(&mut kernel, 0) } else { sys::ppoll(&mut kernel, sleep, sigmask) };
+        // A handler that ran since the call began (in the spin, or between
+        // two sleeps, where the kernel's poll would have been asleep) ends
+        // it with EINTR, once the kernel descriptors are seen not ready.
+        let interrupted = sleep > 0 && signals::handler_ran();
+        let r =
+            if sleep == 0 || interrupted { sys::poll(&mut kernel, 0) } else { sys::ppoll(&mut kernel, sleep, sigmask) };
         if !asleep.is_empty() {
             let mut rang = vec![false; fds.len()];
             for (k, slot) in kernel.iter().zip(&slots) {
@@ -178,6 +185,9 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
         let count = fds.iter().filter(|p| p.revents != 0).count();
         if count > 0 || deadline.is_some_and(|d| sys::now_ms() >= d) || timeout_ms == 0 {
             return Ok(count);
+        }
+        if interrupted {
+            return Err(Errno(libc::EINTR));
         }
     }
 }

@@ -36,7 +36,7 @@ struct Disposition {
 const NONE: Disposition = Disposition { handler: AtomicUsize::new(0), flags: AtomicI32::new(0) };
 static DISPOSITIONS: [Disposition; NSIG] = [NONE; NSIG];
 
-/// What ran on this thread since `before_sleep`.
+/// What ran on this thread since `wait_begins`.
 const QUIET: u8 = 0;
 /// Handlers that asked for `SA_RESTART`, only.
 const RESTART: u8 = 1;
@@ -84,9 +84,25 @@ pub fn delivered(sig: i32, flags: i32) {
     }
 }
 
-/// Called before a blocking call sleeps.
-pub fn before_sleep() {
+/// Called when a blocking call begins to wait, before it spins: from then
+/// on every handler that runs on this thread counts, whether it ran while
+/// the thread slept in the kernel or between two of its sleeps (spinning,
+/// or looking at shared memory), where the kernel's call would have been
+/// asleep all along and ended by the signal.
+pub fn wait_begins() {
     SEEN.set(QUIET);
+}
+
+/// Has any handler run since the wait began? poll, select and epoll_wait
+/// then fail with EINTR, whatever the handler's flags.
+pub fn handler_ran() -> bool {
+    SEEN.get() != QUIET
+}
+
+/// Has a handler run since the wait began that ends a blocking socket
+/// call with EINTR (see [`restart_after_interrupt`])?
+pub fn interrupts(timeout: SocketTimeout) -> bool {
+    handler_ran() && !restart_after_interrupt(timeout)
 }
 
 /// After a sleep ended with EINTR: would the kernel have restarted the
@@ -122,17 +138,31 @@ mod tests {
 
     #[test]
     fn restart_follows_the_interrupting_handlers_flags() {
-        before_sleep();
+        wait_begins();
         assert!(!restart_after_interrupt(SocketTimeout::None), "no handler ran: EINTR");
         delivered(libc::SIGUSR2, libc::SA_RESTART);
         assert!(restart_after_interrupt(SocketTimeout::None));
         assert!(!restart_after_interrupt(SocketTimeout::Set), "a socket timeout means EINTR");
         delivered(libc::SIGALRM, 0);
         assert!(!restart_after_interrupt(SocketTimeout::None), "one handler without SA_RESTART: EINTR");
-        before_sleep();
+        wait_begins();
         delivered(libc::SIGALRM, 0);
         delivered(libc::SIGUSR2, libc::SA_RESTART);
         assert!(!restart_after_interrupt(SocketTimeout::None));
+    }
+
+    #[test]
+    fn a_handler_that_ran_between_sleeps_ends_the_wait() {
+        wait_begins();
+        assert!(!handler_ran() && !interrupts(SocketTimeout::None));
+        delivered(libc::SIGUSR2, libc::SA_RESTART);
+        assert!(handler_ran(), "poll, select and epoll_wait end");
+        assert!(!interrupts(SocketTimeout::None), "a socket call goes on under SA_RESTART");
+        assert!(interrupts(SocketTimeout::Set), "unless the socket has a timeout");
+        delivered(libc::SIGALRM, 0);
+        assert!(interrupts(SocketTimeout::None));
+        wait_begins();
+        assert!(!handler_ran(), "a new wait forgets what ran before it");
     }
 
     #[test]

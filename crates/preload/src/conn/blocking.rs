@@ -27,6 +27,7 @@ pub fn block(conn: &Connection, interest: Interest) -> SysResult<()> {
 /// Blocks until `ready` holds, sleeping on `conn`'s doorbell armed for
 /// `interest` (the events that can change `ready`), or a signal interrupts.
 pub fn block_until(conn: &Connection, interest: Interest, mut ready: impl FnMut() -> bool) -> SysResult<()> {
+    signals::wait_begins();
     let Some(_sleeping) = spin_thread(&mut ready) else {
         return Ok(());
     };
@@ -45,6 +46,13 @@ fn sleep(conn: &Connection, interest: Interest, mut ready: impl FnMut() -> bool)
             conn.wake(interest, false);
             return Ok(());
         }
+        // A handler that ran since the wait began (in the spin, or between
+        // two sleeps, where the kernel's call would have been asleep) ends
+        // it as one that interrupted a sleep would.
+        if signals::interrupts(timeout) {
+            conn.wake(interest, false);
+            return Err(Errno(libc::EINTR));
+        }
         let sleep = match deadline {
             None => MAX_SLEEP_MS,
             Some(d) => {
@@ -57,7 +65,6 @@ fn sleep(conn: &Connection, interest: Interest, mut ready: impl FnMut() -> bool)
             }
         };
         let mut pfd = [libc::pollfd { fd: conn.doorbell, events: libc::POLLIN, revents: 0 }];
-        signals::before_sleep();
         let slept = sys::poll(&mut pfd, sleep);
         conn.wake(interest, pfd[0].revents != 0);
         match slept {

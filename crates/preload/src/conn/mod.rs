@@ -893,6 +893,28 @@ mod tests {
     }
 
     #[test]
+    fn a_handler_that_ran_between_sleeps_ends_a_blocked_read() {
+        // The handler runs while the reader looks at shared memory, not
+        // while it sleeps in poll: the kernel's read, asleep all along,
+        // would have failed with EINTR, so the next sleep must not happen.
+        let (c, _s) = pair(4096);
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ran = false;
+            let outcome = blocking::block_until(&c, Interest::READABLE, || {
+                if !ran {
+                    ran = true;
+                    crate::signals::delivered(libc::SIGALRM, 0);
+                }
+                false
+            });
+            let _ = done.send(outcome);
+        });
+        let outcome = result.recv_timeout(std::time::Duration::from_secs(5)).expect("the read slept on");
+        assert_eq!(outcome, Err(Errno(libc::EINTR)));
+    }
+
+    #[test]
     fn blocking_reader_wakes_when_bytes_arrive() {
         let (c, s) = pair(4096);
         let reader = std::thread::spawn(move || recv_all(&s, 5));
