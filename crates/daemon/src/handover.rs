@@ -355,13 +355,14 @@ impl Inherited {
     }
 }
 
-/// Is process `pid` alive, and not yet a zombie?
+/// Does process `pid` still hold its descriptors? It does until it is gone
+/// or a zombie whose other threads have all exited too (the last thread to
+/// exit closes them; a zombie leader may still have threads exiting).
 fn running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => false,
-    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the command name, which is in parentheses.
+    let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']));
+    !zombie || std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|threads| threads.count() > 1)
 }
 
 /// Why an inherited connection was not adopted.

@@ -194,16 +194,26 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
     }
     let daemon = Arc::new(daemon);
     attach::serve_guests(&daemon, guests).and_then(|()| admin::serve(&daemon)).map_err(StartError::Serve)?;
+    // Serving now: a predecessor may go, and with it the ports it holds
+    // (metrics, fabric), which this daemon takes next; should one still be
+    // closing, binding it is tried again for a moment.
+    let mut ports_free_by = std::time::Instant::now();
     if let Some(inherited) = inherited {
-        // Serving now: the predecessor may go, and with it the ports it
-        // holds (metrics, fabric), which this daemon takes next.
         inherited.done();
+        ports_free_by += PORTS_FREED_WITHIN;
     }
     if let Some(address) = host.metrics {
-        metrics::serve(&daemon, address).map_err(|error| StartError::Metrics { address, error })?;
+        retry_in_use(ports_free_by, || metrics::serve(&daemon, address), |e| e.kind() == std::io::ErrorKind::AddrInUse)
+            .map_err(|error| StartError::Metrics { address, error })?;
     }
     let opens: Arc<dyn fabric::RemoteOpens> = daemon.clone();
-    let started = fabric::Fabric::start(&daemon.policy().config, key, opens).map_err(|e| match e {
+    let in_use = |e: &fabric::FabricError| matches!(e, fabric::FabricError::Listen { error, .. } if error.kind() == std::io::ErrorKind::AddrInUse);
+    let started = retry_in_use(
+        ports_free_by,
+        || fabric::Fabric::start(&daemon.policy().config, key.clone(), opens.clone()),
+        in_use,
+    )
+    .map_err(|e| match e {
         fabric::FabricError::NotBuilt(kind) => StartError::FabricNotBuilt { file: path.to_owned(), kind },
         e => StartError::Fabric(e),
     })?;
@@ -220,6 +230,26 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
     }
     tracing::info!(host = %host.name, guests = daemon.policy().config.guests().len(), "vsocketd ready");
     Ok(daemon)
+}
+
+/// How long a predecessor's ports may take to close after it exits.
+const PORTS_FREED_WITHIN: Duration = Duration::from_secs(3);
+
+/// Calls `bind` until it succeeds, fails otherwise than `in_use` says, or
+/// `until` passes.
+fn retry_in_use<T, E>(
+    until: std::time::Instant,
+    mut bind: impl FnMut() -> Result<T, E>,
+    in_use: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    loop {
+        match bind() {
+            Err(e) if in_use(&e) && std::time::Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// How often the daemon retires finished connections.

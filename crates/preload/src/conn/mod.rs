@@ -24,6 +24,14 @@ use vsocket_abi::control::ConnectionInfo;
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::{Consumer, Producer, RingError, RxState};
 
+/// What one step of a read came to (see `Connection::recv_step`).
+enum Step {
+    /// The read is over, with this result.
+    Done(SysResult<usize>),
+    /// The read must wait for bytes, having taken this many so far.
+    Wait(usize),
+}
+
 /// Wake-ups in a row, for sleepers that never wake, after which a waiter
 /// takes the doorbell anyway (see [`Connection::wake`]).
 const STALE_SLEEPERS: u32 = 8;
@@ -370,8 +378,36 @@ impl Connection {
         if wanted == 0 {
             return Ok(0);
         }
-        let _guard = self.rx_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.recv_locked(bufs, flags)
+        let peek = flags & libc::MSG_PEEK != 0;
+        if peek && flags & libc::MSG_WAITALL != 0 && !self.dontwait(flags) {
+            self.wait_to_peek(wanted)?;
+        }
+        // The receive lock is held while bytes are taken, never while the
+        // reader sleeps: another thread's read (a MSG_DONTWAIT one, or one
+        // woken by a signal) is never held up behind a sleeper, as Linux
+        // lets go of the socket while a reader waits for data.
+        let mut total = 0;
+        loop {
+            let step = {
+                let _guard = self.rx_lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.recv_step(bufs, flags, total)
+            };
+            match step {
+                Step::Done(result) => return result,
+                Step::Wait(so_far) => {
+                    total = so_far;
+                    if let Err(e) = blocking::block(self, Interest::READABLE) {
+                        return self.finish_read(total, Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Does a read with `flags` on this connection return at once rather
+    /// than wait?
+    fn dontwait(&self, flags: i32) -> bool {
+        flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking()
     }
 
     /// Offers up to `max` received bytes to `sink` (waiting for them as a
@@ -383,8 +419,16 @@ impl Connection {
             return Ok(0);
         }
         let mut buf = vec![0u8; max];
-        let _guard = self.rx_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let n = self.recv_locked(&mut [&mut buf[..]], libc::MSG_PEEK)?;
+        let (_guard, n) = loop {
+            let guard = self.rx_lock.lock().unwrap_or_else(|e| e.into_inner());
+            match self.recv_step(&mut [&mut buf[..]], libc::MSG_PEEK, 0) {
+                Step::Done(result) => break (guard, result?),
+                Step::Wait(_) => {
+                    drop(guard);
+                    blocking::block(self, Interest::READABLE)?;
+                }
+            }
+        };
         if n == 0 {
             return Ok(0);
         }
@@ -392,69 +436,66 @@ impl Connection {
         // With the lock held, nobody else consumed the peeked bytes.
         let mut left = taken;
         while left > 0 {
-            match self.recv_locked(&mut [&mut buf[..left]], libc::MSG_DONTWAIT) {
-                Ok(0) => break,
-                Ok(k) => left -= k,
-                Err(_) => break,
+            match self.recv_step(&mut [&mut buf[..left]], libc::MSG_DONTWAIT, 0) {
+                Step::Done(Ok(0)) => break,
+                Step::Done(Ok(k)) => left -= k,
+                Step::Done(Err(_)) | Step::Wait(_) => break,
             }
         }
         Ok(taken - left)
     }
 
-    fn recv_locked(&self, bufs: &mut [&mut [u8]], flags: i32) -> SysResult<usize> {
+    /// Takes what a read with `flags` can take now, `total` bytes already
+    /// taken by earlier steps of the same read (`MSG_WAITALL`); the caller
+    /// holds the receive lock. Never sleeps: a read that must wait says so.
+    fn recv_step(&self, bufs: &mut [&mut [u8]], flags: i32, mut total: usize) -> Step {
         let wanted: usize = bufs.iter().map(|b| b.len()).sum();
         let peek = flags & libc::MSG_PEEK != 0;
         let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
-        let dontwait = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();
-        if peek && flags & libc::MSG_WAITALL != 0 && !dontwait {
-            self.wait_to_peek(wanted)?;
-        }
-        let mut total = 0usize;
-        loop {
+        let dontwait = self.dontwait(flags);
+        Step::Done(loop {
             if self.state.has(Flags::BROKEN) {
-                return self.finish_read(total, Err(Errno(libc::ECONNRESET)));
+                break self.finish_read(total, Err(Errno(libc::ECONNRESET)));
             }
             // Another thread's shutdown(SHUT_RD) ends a blocked read.
             if self.state.has(Flags::READ_SHUT) {
-                return Ok(total);
+                break Ok(total);
             }
             let rx = self.rx();
             match rx.state() {
-                Err(_) => return self.finish_read(total, Err(self.break_connection())),
+                Err(_) => break self.finish_read(total, Err(self.break_connection())),
                 Ok(RxState::Data(_)) => {
                     let (n, wake) = match advance(bufs, total, |rest| rx.read(rest, peek)) {
                         Ok(r) => r,
-                        Err(_) => return self.finish_read(total, Err(self.break_connection())),
+                        Err(_) => break self.finish_read(total, Err(self.break_connection())),
                     };
                     self.kick(wake);
                     total += n;
                     if !waitall || total == wanted {
-                        return Ok(total);
+                        break Ok(total);
                     }
                 }
-                Ok(RxState::Fin) => return Ok(total),
+                Ok(RxState::Fin) => break Ok(total),
                 Ok(RxState::Reset) => {
                     if total > 0 {
-                        return Ok(total);
+                        break Ok(total);
                     }
                     if !self.state.report_reset() {
-                        return Ok(0);
+                        break Ok(0);
                     }
-                    return Err(Errno(libc::ECONNRESET));
+                    break Err(Errno(libc::ECONNRESET));
                 }
                 Ok(RxState::Empty) => {
                     if total > 0 && !waitall {
-                        return Ok(total);
+                        break Ok(total);
                     }
                     if dontwait {
-                        return self.finish_read(total, Err(Errno(libc::EAGAIN)));
+                        break self.finish_read(total, Err(Errno(libc::EAGAIN)));
                     }
-                    if let Err(e) = blocking::block(self, Interest::READABLE) {
-                        return self.finish_read(total, Err(e));
-                    }
+                    return Step::Wait(total);
                 }
             }
-        }
+        })
     }
 
     /// MSG_PEEK with MSG_WAITALL waits, as Linux does, until `wanted` bytes
@@ -748,6 +789,31 @@ mod tests {
     fn rung(c: &Connection) -> bool {
         let mut pfd = [libc::pollfd { fd: c.doorbell, events: libc::POLLIN, revents: 0 }];
         sys::poll(&mut pfd, 0).unwrap() > 0
+    }
+
+    #[test]
+    fn a_reader_asleep_does_not_hold_up_another_thread_s_read() {
+        let (c, s) = pair(4096);
+        let sleeper = {
+            let c = c.clone();
+            std::thread::spawn(move || recv_all(&c, 1))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // The sleeper is in its wait: a non-blocking read by another
+        // thread answers at once instead of queueing behind it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let other = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                let _ = tx.send(c.recv(&mut [&mut b[..]], libc::MSG_DONTWAIT));
+            })
+        };
+        let answer = rx.recv_timeout(std::time::Duration::from_secs(5));
+        assert_eq!(answer, Ok(Err(Errno(libc::EAGAIN))), "the MSG_DONTWAIT read waited behind the sleeper");
+        other.join().unwrap();
+        assert_eq!(s.send(&[b"w"], 0), Ok(1));
+        assert_eq!(sleeper.join().unwrap(), b"w");
     }
 
     #[test]
