@@ -3,7 +3,9 @@
 //! The library interposes libc's socket functions, so it must never call
 //! them for its own work (that would re-enter the hooks): everything here
 //! goes straight to the kernel with `syscall(2)`. Each wrapper returns
-//! `Result<_, Errno>`; none allocates.
+//! `Result<_, Errno>`; none allocates. The helpers the daemon needs too
+//! (pipes, doorbells, receiving descriptors) are `vsocket_sys::raw`'s,
+//! made the same way, and only wrapped here.
 
 use std::os::fd::RawFd;
 
@@ -193,59 +195,27 @@ pub fn send(fd: RawFd, bytes: &[u8], flags: i32) -> SysResult<usize> {
     raw!(libc::SYS_sendto, fd, bytes.as_ptr(), bytes.len(), flags | libc::MSG_NOSIGNAL, 0usize, 0usize)
 }
 
-/// Receives one datagram with up to `fds.len()` descriptors; returns the
-/// length and how many descriptors arrived (close-on-exec).
+/// Receives one datagram with up to `fds.len()` descriptors (close-on-exec;
+/// any beyond are closed); returns the length and how many descriptors
+/// arrived.
 pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd], flags: i32) -> SysResult<(usize, usize)> {
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
-    let mut control = [0u64; 8];
-    // SAFETY: msghdr is plain data.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = std::mem::size_of_val(&control);
-    let n = raw!(libc::SYS_recvmsg, fd, &mut msg as *mut libc::msghdr, flags | libc::MSG_CMSG_CLOEXEC)?;
     let mut count = 0;
-    // SAFETY: the kernel filled msg_control with well-formed cmsgs within
-    // msg_controllen; CMSG_* only walk those.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg) as *const RawFd;
-                let k = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
-                for i in 0..k {
-                    let got = data.add(i).read_unaligned();
-                    if count < fds.len() {
-                        fds[count] = got;
-                        count += 1;
-                    } else {
-                        let _ = close(got);
-                    }
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+    let received = vsocket_sys::raw::recv_with_fds(fd, buf, flags, |got| {
+        if count < fds.len() {
+            fds[count] = got;
+            count += 1;
+        } else {
+            vsocket_sys::raw::close(got);
         }
-    }
-    Ok((n, count))
+    })
+    .map_err(errno)?;
+    Ok((received.len, count))
 }
 
-/// Reads and discards what is queued on a doorbell (a bounded amount: a
-/// peer that floods its doorbell must not keep the caller here). Returns
-/// `true` if the other end is gone (end of stream).
+/// Empties a doorbell; true if its other end is gone (see
+/// `vsocket_sys::raw::drain`).
 pub fn drain(fd: RawFd) -> bool {
-    let mut buf = [0u8; 1024];
-    for _ in 0..4 {
-        match raw!(libc::SYS_recvfrom, fd, buf.as_mut_ptr(), buf.len(), libc::MSG_DONTWAIT, 0usize, 0usize) {
-            Ok(0) => return true,
-            Ok(n) if n < buf.len() => return false,
-            Ok(_) => continue,
-            Err(Errno(libc::EINTR)) => continue,
-            Err(Errno(libc::ECONNRESET)) => return true,
-            Err(_) => return false,
-        }
-    }
-    false
+    vsocket_sys::raw::drain(fd)
 }
 
 /// poll(2), as ppoll without a signal mask.
@@ -447,11 +417,9 @@ pub fn write(fd: RawFd, buf: &[u8]) -> SysResult<usize> {
     raw!(libc::SYS_write, fd, buf.as_ptr(), buf.len())
 }
 
-/// A private, close-on-exec pipe: (read end, write end).
+/// A close-on-exec pipe: (read end, write end).
 pub fn pipe() -> SysResult<(RawFd, RawFd)> {
-    let mut fds = [0 as RawFd; 2];
-    raw!(libc::SYS_pipe2, fds.as_mut_ptr(), libc::O_CLOEXEC)?;
-    Ok((fds[0], fds[1]))
+    vsocket_sys::raw::pipe().map_err(errno)
 }
 
 /// Is `fd` a pipe (or FIFO)?
@@ -473,12 +441,9 @@ pub fn splice(from: RawFd, to: RawFd, len: usize, flags: u32) -> SysResult<usize
     raw!(libc::SYS_splice, from, 0usize, to, 0usize, len, flags)
 }
 
-/// A connected pair of Unix stream sockets, close-on-exec (tests).
-#[cfg(test)]
-pub fn stream_pair() -> SysResult<(RawFd, RawFd)> {
-    let mut fds = [0 as RawFd; 2];
-    raw!(libc::SYS_socketpair, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())?;
-    Ok((fds[0], fds[1]))
+/// The errno of a `vsocket_sys` error.
+fn errno(e: std::io::Error) -> Errno {
+    Errno(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// A connected pair of Unix SOCK_SEQPACKET sockets, close-on-exec: the

@@ -1,8 +1,12 @@
 //! The syscall edge of the daemon and the CLIs: every libc call they make
 //! that std does not wrap, each turned into `io::Result` in one place.
 //!
-//! (The preload library has its own raw-syscall layer: it must never call
-//! the very functions it interposes.)
+//! The helpers the preload library needs too (pipes, doorbells, receiving
+//! descriptors) live in [`raw`], made by direct system calls, since the
+//! library must never call the very functions it interposes; the versions
+//! here wrap them.
+
+pub mod raw;
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -88,21 +92,17 @@ pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 
 /// A connected pair of Unix stream sockets (a connection's doorbell).
 pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: socketpair writes two descriptors into `fds`.
-    syscall!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr(),) })?;
+    let (a, b) = raw::stream_pair()?;
     // SAFETY: both descriptors are new and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(unsafe { (OwnedFd::from_raw_fd(a), OwnedFd::from_raw_fd(b)) })
 }
 
 /// A pipe, both ends close-on-exec: (read end, write end). A connection's
 /// lifeline: the daemon keeps the read end, a guest the write end.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe2 writes two descriptors into `fds`.
-    syscall!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    let (read, write) = raw::pipe()?;
     // SAFETY: both descriptors are new and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(unsafe { (OwnedFd::from_raw_fd(read), OwnedFd::from_raw_fd(write)) })
 }
 
 /// Has every holder of the other end of this pipe or socket closed it
@@ -201,42 +201,21 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize,
 
 /// As [`recv_with_fds`], with extra recvmsg flags (MSG_DONTWAIT).
 pub fn recv_with_fds_flags(sock: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
-    let mut control = [0u64; 16];
-    // SAFETY: msghdr is plain data.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = std::mem::size_of_val(&control);
-    let n = loop {
-        // SAFETY: `msg` points to live buffers set up above.
-        match syscall!(unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) }) {
-            Ok(n) => break n as usize,
+    loop {
+        let mut fds = Vec::new();
+        // SAFETY: each descriptor received is new and handed to us alone.
+        let received =
+            raw::recv_with_fds(sock.as_raw_fd(), buf, flags, |fd| fds.push(unsafe { OwnedFd::from_raw_fd(fd) }));
+        match received {
+            // (Dropping `fds` closes what came.)
+            Ok(r) if r.truncated => {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "too many descriptors in one message"))
+            }
+            Ok(r) => return Ok((r.len, fds)),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
-    };
-    let mut fds = Vec::new();
-    // SAFETY: the kernel filled msg_control with well-formed cmsgs of at most
-    // msg_controllen bytes; CMSG_* walk only those.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg) as *const RawFd;
-                let count = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
-                for i in 0..count {
-                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "too many descriptors in one message"));
-    }
-    Ok((n, fds))
 }
 
 /// Shuts a socket down both ways (`shutdown(SHUT_RDWR)`): a thread blocked
@@ -466,38 +445,12 @@ pub fn interface_running(ip: std::net::IpAddr) -> io::Result<Option<bool>> {
     Ok(found)
 }
 
-/// Reads a doorbell, eventfd or pipe until it is empty, without blocking.
-/// Returns true if its other end has hung up (end of file); a hang-up
-/// right behind a short read shows at the next call (epoll reports it
-/// again).
+/// Reads a doorbell, eventfd or pipe until it is empty (at most 4 KiB),
+/// without blocking. Returns true if its other end has hung up (end of
+/// file, or a reset); a hang-up right behind a short read shows at the
+/// next call (epoll reports it again). See [`raw::drain`].
 pub fn drain(fd: BorrowedFd<'_>) -> bool {
-    let mut buf = [0u8; 256];
-    loop {
-        // SAFETY: reads into a live buffer of its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        match n {
-            0 => return true,
-            // A short read emptied it (for now): spare the call that
-            // would say so.
-            n if n > 0 && (n as usize) < buf.len() => return false,
-            n if n > 0 => continue,
-            _ => {
-                let err = io::Error::last_os_error().raw_os_error();
-                if err == Some(libc::ENOTSOCK) {
-                    // An eventfd or a pipe.
-                    // SAFETY: reads into a live buffer of its length.
-                    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-                    if n == 0 {
-                        return true;
-                    }
-                    if n > 0 {
-                        continue;
-                    }
-                }
-                return false;
-            }
-        }
-    }
+    raw::drain(fd.as_raw_fd())
 }
 
 /// Rings a doorbell (one byte on a stream socket), never blocking: a full

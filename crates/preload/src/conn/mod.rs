@@ -743,7 +743,7 @@ mod tests {
         drop(daemon_view);
         let [client_own, client_peer] = files.clone_for(Endpoint::Client).unwrap();
         let [server_own, server_peer] = files.clone_for(Endpoint::Server).unwrap();
-        let (a, b) = sys::stream_pair().unwrap();
+        let (a, b) = vsocket_sys::raw::stream_pair().unwrap();
         let info = ConnectionInfo {
             id: 1,
             local: "10.0.0.2:1000".parse().unwrap(),
