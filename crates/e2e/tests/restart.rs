@@ -140,3 +140,30 @@ fn an_upgrade_costs_no_connect_and_no_connection() {
     assert_eq!(steady_closes.len(), 1, "{steady_closes:#?}");
     assert_eq!(steady_closes[0]["bytes_server_to_client"], 9 * 4 + 51 * 5, "{:#?}", steady_closes[0]);
 }
+
+#[test]
+fn a_stopped_daemon_costs_a_connect_its_reply_timeout_not_a_hang() {
+    let mut lab = Lab::start("tstopped", TWO_GUESTS).unwrap();
+    lab.spawn("b", Via::Vsocket, "redis-server", SERVER, "redis.log").unwrap();
+    lab.wait_listening("b", 6379).unwrap();
+    assert_eq!(cli(&lab, &["ping"]), "PONG");
+    assert_eq!(brokered(&lab), 1);
+
+    // A daemon that stops answering (SIGSTOP: as if wedged).
+    let pid = lab.daemon_pid().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let probe = "import socket,sys\ns=socket.create_connection(('10.10.0.3', 6379), timeout=60)\ns.sendall(b'PING\\r\\n')\nprint(s.recv(16).decode().strip())\n";
+    let started = Instant::now();
+    let out = lab.run("a", Via::Vsocket, "python3", &["-c", probe]);
+    let took = started.elapsed();
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    let out = out.unwrap();
+    // The connect waited for the reply its timeout (15 s), then took the
+    // kernel path, and the program did not notice but for the wait.
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "+PONG", "{out:?}");
+    assert!(took >= Duration::from_secs(14) && took < Duration::from_secs(40), "the connect took {took:?}");
+
+    // The daemon, going again, brokers the next connect.
+    assert_eq!(cli(&lab, &["ping"]), "PONG");
+    assert_eq!(brokered(&lab), 2);
+}

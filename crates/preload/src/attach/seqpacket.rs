@@ -29,6 +29,11 @@ pub fn enabled() -> bool {
     control_path().is_some()
 }
 
+/// The longest a request waits for the daemon's reply. Longer than any
+/// wait the daemon itself may make for a connect (a full listener backlog,
+/// 5 s; another host's answer, 10 s).
+const REPLY_TIMEOUT_MS: i64 = 15_000;
+
 /// Lowest descriptor number for the library's own descriptors where there
 /// is no room above the program's limit (see `sys::relocate_internal`).
 fn internal_fd_floor() -> RawFd {
@@ -90,7 +95,11 @@ impl ControlChannel for SeqpacketChannel {
     fn open() -> SysResult<SeqpacketChannel> {
         let path = control_path().ok_or(Errno(libc::ENOENT))?;
         let fd = sys::connect_unix_seqpacket(path)?;
-        sys::relocate_internal(fd, internal_fd_floor()).map(SeqpacketChannel)
+        let channel = sys::relocate_internal(fd, internal_fd_floor()).map(SeqpacketChannel)?;
+        // A daemon that stops answering (stopped, wedged) costs a request
+        // this long, then the kernel path: never a hang.
+        sys::setsockopt_timeout_ms(channel.0, libc::SO_RCVTIMEO, REPLY_TIMEOUT_MS)?;
+        Ok(channel)
     }
 
     fn exchange(&self, msg: &Message) -> SysResult<Reply> {
