@@ -48,10 +48,9 @@ macro_rules! hook {
             };
             #[allow(unused_variables)]
             let $forward = move || -> $ret {
-                // SAFETY: the function the program meant to call, with the
-                // arguments it passed, unchanged: whatever the caller
-                // promised of them (valid pointers, sizes), it promised to
-                // that function.
+                // SAFETY: the function the program meant to call, its arguments
+                // unchanged: what the caller promised of them (valid pointers,
+                // sizes), it promised to that function.
                 unsafe { next()($($arg),*) }
             };
             $(let $next = next();)?

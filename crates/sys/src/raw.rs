@@ -92,11 +92,9 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], flags: i32, mut each: impl FnMut
     msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
     msg.msg_controllen = std::mem::size_of_val(&control);
     let len = raw!(libc::SYS_recvmsg, fd, &mut msg as *mut libc::msghdr, flags | libc::MSG_CMSG_CLOEXEC)?;
-    // SAFETY: the kernel filled msg_control with well-formed control
-    // messages within msg_controllen bytes of `control`, which is alive;
-    // CMSG_FIRSTHDR/CMSG_NXTHDR/CMSG_DATA walk only those, and each
-    // SCM_RIGHTS payload holds (cmsg_len - CMSG_LEN(0)) / 4 descriptors,
-    // read unaligned.
+    // SAFETY: the kernel filled the live `control` with well-formed messages
+    // within msg_controllen; CMSG_* walk only those, and each SCM_RIGHTS
+    // payload holds (cmsg_len - CMSG_LEN(0)) / 4 descriptors, read unaligned.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
