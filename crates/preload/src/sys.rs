@@ -59,14 +59,14 @@ pub fn fcntl(fd: RawFd, cmd: i32, arg: libc::c_long) -> SysResult<usize> {
 /// Moves `fd` to the lowest free number at or above `min`, close-on-exec,
 /// and closes the original: the library's own descriptors stay out of the
 /// range programs use and expect to be dense.
-pub fn relocate(fd: RawFd, min: RawFd) -> SysResult<RawFd> {
+fn relocate(fd: RawFd, min: RawFd) -> RawFd {
     match fcntl(fd, libc::F_DUPFD_CLOEXEC, min as libc::c_long) {
         Ok(high) => {
             let _ = close(fd);
-            Ok(high as RawFd)
+            high as RawFd
         }
         // No room up there (a low RLIMIT_NOFILE): keep it where it is.
-        Err(_) => Ok(fd),
+        Err(_) => fd,
     }
 }
 
@@ -326,36 +326,32 @@ fn set_nofile(rl: &libc::rlimit) -> SysResult<()> {
     raw!(libc::SYS_prlimit64, 0, libc::RLIMIT_NOFILE, rl as *const libc::rlimit, 0usize).map(drop)
 }
 
-/// Moves the library's own descriptor `fd` out of the program's way, to a
-/// number at or above the program's soft `RLIMIT_NOFILE`, where none of
+/// Moves the library's own descriptors `fds` out of the program's way, to
+/// numbers at or above the program's soft `RLIMIT_NOFILE`, where none of
 /// the program's descriptors can be: the program runs out of descriptors
 /// (`EMFILE`) exactly where it would without the library. The kernel
 /// checks the limit only when it hands out a number, so the soft limit is
-/// raised to the hard one for the one `fcntl` and put back. With no room
-/// above it (soft and hard equal), `fd` goes as high as it can below it
-/// (`fallback_floor` and up), as before.
-pub fn relocate_internal(fd: RawFd, fallback_floor: RawFd) -> SysResult<RawFd> {
+/// raised to the hard one for the `fcntl`s (once for all of `fds`) and put
+/// back. With no room above it (soft and hard equal), each goes as high as
+/// it can below it (`fallback_floor` and up), as before; one that cannot
+/// move stays where it is.
+pub fn relocate_internal(fds: &mut [RawFd], fallback_floor: RawFd) {
     hold_limit();
-    let moved = (|| {
-        let rl = nofile().ok()?;
-        if rl.rlim_cur >= rl.rlim_max || rl.rlim_cur >= (1 << 30) {
-            return None;
-        }
-        set_nofile(&libc::rlimit { rlim_cur: rl.rlim_max, rlim_max: rl.rlim_max }).ok()?;
-        let high = fcntl(fd, libc::F_DUPFD_CLOEXEC, rl.rlim_cur as libc::c_long);
-        // Put back before anything else can see it (a failure here would
-        // leave the program a higher limit than it set; nothing to do).
-        let _ = set_nofile(&rl);
-        high.ok()
-    })();
-    release_limit();
-    match moved {
-        Some(high) => {
-            let _ = close(fd);
-            Ok(high as RawFd)
-        }
-        None => relocate(fd, fallback_floor),
+    let raised = nofile().ok().filter(|rl| {
+        rl.rlim_cur < rl.rlim_max
+            && rl.rlim_cur < (1 << 30)
+            && set_nofile(&libc::rlimit { rlim_cur: rl.rlim_max, rlim_max: rl.rlim_max }).is_ok()
+    });
+    let floor = raised.map_or(fallback_floor, |rl| rl.rlim_cur as RawFd);
+    for fd in fds.iter_mut() {
+        *fd = relocate(*fd, floor);
     }
+    if let Some(rl) = raised {
+        // Put back at once (a failure here would leave the program a higher
+        // limit than it set; nothing to do).
+        let _ = set_nofile(&rl);
+    }
+    release_limit();
 }
 
 pub fn getrlimit_nofile() -> u64 {

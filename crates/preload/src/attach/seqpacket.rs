@@ -95,7 +95,9 @@ impl ControlChannel for SeqpacketChannel {
     fn open() -> SysResult<SeqpacketChannel> {
         let path = control_path().ok_or(Errno(libc::ENOENT))?;
         let fd = sys::connect_unix_seqpacket(path)?;
-        let channel = sys::relocate_internal(fd, internal_fd_floor()).map(SeqpacketChannel)?;
+        let mut fd = [fd];
+        sys::relocate_internal(&mut fd, internal_fd_floor());
+        let channel = SeqpacketChannel(fd[0]);
         // A daemon that stops answering (stopped, wedged) costs a request
         // this long, then the kernel path: never a hang.
         sys::setsockopt_timeout_ms(channel.0, libc::SO_RCVTIMEO, REPLY_TIMEOUT_MS)?;
@@ -168,8 +170,9 @@ fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
     // doorbell and the lifeline live on, out of the program's range of
     // descriptors.
     if count == CONNECTION_FDS {
-        reply.fds[FD_DOORBELL] = sys::relocate_internal(reply.fds[FD_DOORBELL], internal_fd_floor())?;
-        reply.fds[FD_LIFELINE] = sys::relocate_internal(reply.fds[FD_LIFELINE], internal_fd_floor())?;
+        let mut wakeups = [reply.fds[FD_DOORBELL], reply.fds[FD_LIFELINE]];
+        sys::relocate_internal(&mut wakeups, internal_fd_floor());
+        [reply.fds[FD_DOORBELL], reply.fds[FD_LIFELINE]] = wakeups;
     }
     Ok(reply)
 }
