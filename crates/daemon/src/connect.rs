@@ -120,7 +120,7 @@ pub fn connect(
     let request = ConnectRequest { client: guest.clone(), local, remote };
     let mut decided = decide(&policy, reach, &request, |g, a| daemon.find_listener(g, a));
     if matches!(decided.decision, Decision::Fallback(Fallback::NoListener)) {
-        if let Some(until) = daemon.awaited_listener(remote) {
+        if let Some(until) = daemon.listeners.awaited(guest, remote) {
             // A predecessor daemon had a listener there, and its process
             // registers it again within moments: the connect waits for it
             // rather than take the kernel path.

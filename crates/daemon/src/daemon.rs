@@ -7,7 +7,7 @@ use crate::connections::{Carrier, ConnectionRecord, Connections};
 use crate::flowlog::{FlowEvent, FlowLog, FlowRecord, FlowVerdict};
 use crate::guest::GuestSlot;
 use crate::ids::{Ids, Pair};
-use crate::listeners::{Expected, ListenerRecord, Listeners};
+use crate::listeners::{ListenerRecord, Listeners};
 use crate::policy::{Policy, PolicySource};
 use crate::pool::SegmentPool;
 use crate::quota::Quota;
@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 use vsocket_policy::Config;
 use vsocket_ring::{Segment, SegmentFiles};
 
@@ -41,9 +41,6 @@ pub struct Daemon {
     /// Held (shared) while a request is served; taken for good when the
     /// daemon hands over to its successor (see [`Daemon::stop_serving`]).
     serving: RwLock<()>,
-    /// Listeners a predecessor had, which their processes are expected to
-    /// register again (see [`Daemon::awaited_listener`]).
-    expected: Mutex<Vec<Expected>>,
 }
 
 impl Daemon {
@@ -64,7 +61,6 @@ impl Daemon {
             policy_resets: AtomicU64::new(0),
             policy_changes: AtomicU64::new(0),
             serving: RwLock::new(()),
-            expected: Mutex::new(Vec::new()),
         }
     }
 
@@ -80,20 +76,6 @@ impl Daemon {
     pub fn stop_serving(&self) {
         let held = self.serving.write().unwrap_or_else(|e| e.into_inner());
         std::mem::forget(held);
-    }
-
-    /// Expects `listeners` (a predecessor's) back until `until`.
-    pub fn expect_listeners(&self, listeners: Vec<Expected>) {
-        *crate::sync::lock(&self.expected) = listeners;
-    }
-
-    /// Until when a connect to `remote` may wait for a listener a
-    /// predecessor had there to be registered again, if one is expected.
-    pub fn awaited_listener(&self, remote: SocketAddrV4) -> Option<Instant> {
-        let now = Instant::now();
-        let mut expected = crate::sync::lock(&self.expected);
-        expected.retain(|e| e.until > now);
-        expected.iter().filter(|e| e.takes(remote)).map(|e| e.until).max()
     }
 
     /// Does any process hold a channel, or any connection live here?

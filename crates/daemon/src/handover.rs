@@ -182,10 +182,8 @@ fn give(daemon: &Daemon, to: BorrowedFd<'_>) -> Result<(), HandoverError> {
             send(to, &Part::Guest { name: slot.name.clone() }, &[socket.as_fd()])?;
         }
     }
-    let mut listeners = Vec::new();
-    daemon.listeners.each(|l| listeners.push(Part::Listener { guest: l.guest.name.clone(), local: l.local }));
-    for part in &listeners {
-        send(to, part, &[])?;
+    for l in daemon.listeners.all() {
+        send(to, &Part::Listener { guest: l.guest.name.clone(), local: l.local }, &[])?;
     }
     let mut failed = None;
     daemon.connections.each(|c| {
@@ -329,6 +327,36 @@ pub fn take(run_dir: &Path) -> Result<Option<Inherited>, HandoverError> {
 }
 
 impl Inherited {
+    /// Makes what was handed over `daemon`'s: the ids go on from where the
+    /// predecessor's stopped, every connection is adopted (see [`adopt`]),
+    /// every listener is expected back for [`LISTENERS_EXPECTED_FOR`].
+    /// Returns the guests' control sockets, for their attachments.
+    pub fn apply(&mut self, daemon: &Daemon) -> HashMap<String, OwnedFd> {
+        daemon.ids.resume_from(self.next_id);
+        let mut adopted = 0;
+        for connection in std::mem::take(&mut self.connections) {
+            let id = connection.part.id;
+            match adopt(daemon, connection) {
+                Ok(()) => adopted += 1,
+                Err(why) => tracing::warn!(id, %why, "handed-over connection not adopted (it goes on unmetered)"),
+            }
+        }
+        let until = std::time::Instant::now() + LISTENERS_EXPECTED_FOR;
+        let policy = daemon.policy();
+        for (guest, local) in &self.listeners {
+            if let Some(slot) = policy.slot_by_name(guest) {
+                daemon.listeners.expect(slot, *local, until);
+            }
+        }
+        tracing::info!(
+            connections = adopted,
+            listeners = self.listeners.len(),
+            guests = self.guests.len(),
+            "taken over from the previous vsocketd"
+        );
+        std::mem::take(&mut self.guests)
+    }
+
     /// Tells the old daemon that everything was taken, and waits (at most
     /// [`STEP_TIMEOUT`]) until it has exited: its descriptors, the ports it
     /// listens on among them, are closed then.

@@ -168,30 +168,7 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
             .map_err(|error| StartError::FlowLog { path: flow_log.path.clone(), error })?;
         daemon = daemon.with_flow_log(log);
     }
-    let mut guests = std::collections::HashMap::new();
-    if let Some(inherited) = &mut inherited {
-        daemon.ids.resume_from(inherited.next_id);
-        guests = std::mem::take(&mut inherited.guests);
-        let (mut adopted, connections) = (0, std::mem::take(&mut inherited.connections));
-        for connection in connections {
-            let id = connection.part.id;
-            match handover::adopt(&daemon, connection) {
-                Ok(()) => adopted += 1,
-                Err(why) => tracing::warn!(id, %why, "handed-over connection not adopted (it goes on unmetered)"),
-            }
-        }
-        let until = std::time::Instant::now() + handover::LISTENERS_EXPECTED_FOR;
-        let listeners = std::mem::take(&mut inherited.listeners);
-        tracing::info!(
-            connections = adopted,
-            listeners = listeners.len(),
-            guests = guests.len(),
-            "taken over from the previous vsocketd"
-        );
-        daemon.expect_listeners(
-            listeners.into_iter().map(|(guest, local)| listeners::Expected { guest, local, until }).collect(),
-        );
-    }
+    let guests = inherited.as_mut().map(|i| i.apply(&daemon)).unwrap_or_default();
     let daemon = Arc::new(daemon);
     attach::serve_guests(&daemon, guests).and_then(|()| admin::serve(&daemon)).map_err(StartError::Serve)?;
     // Serving now: a predecessor may go, and with it the ports it holds

@@ -44,6 +44,10 @@ type Key = (Scope, Ipv4Addr, u16);
 #[derive(Debug, Default)]
 pub struct Listeners {
     map: Mutex<HashMap<Key, Vec<Arc<ListenerRecord>>>>,
+    /// Listeners a predecessor daemon had (a hand-over), under the same
+    /// keys, with the time until which their processes are expected to
+    /// register them again.
+    expected: Mutex<HashMap<Key, Instant>>,
 }
 
 impl Listeners {
@@ -83,31 +87,42 @@ impl Listeners {
         }
     }
 
-    /// Calls `f` with every listener, once each.
-    pub fn each(&self, mut f: impl FnMut(&ListenerRecord)) {
-        let map = lock(&self.map);
-        let mut seen = std::collections::HashSet::new();
-        for listener in map.values().flatten() {
-            if seen.insert(listener.id) {
-                f(listener);
-            }
+    /// The keys, in order, under which a connect from `client` to `addr`
+    /// looks: loopback addresses in the client's own guest only (the
+    /// address, then the guest's wildcard); other addresses in its VPC.
+    fn lookup(client: &GuestSlot, addr: SocketAddrV4) -> Vec<Key> {
+        if addr.ip().is_loopback() {
+            let scope = Scope::Guest(client.id);
+            vec![(scope.clone(), *addr.ip(), addr.port()), (scope, Ipv4Addr::UNSPECIFIED, addr.port())]
+        } else {
+            vec![(Scope::Vpc(client.vpc.clone()), *addr.ip(), addr.port())]
         }
     }
 
-    /// The listener a connect from `client` to `addr` reaches, if any:
-    /// loopback addresses reach the client's own guest only; other
-    /// addresses are looked up in its VPC. Listeners sharing the address
-    /// take turns by `turn`.
+    /// The listener a connect from `client` to `addr` reaches, if any (see
+    /// `lookup`). Listeners sharing the address take turns by `turn`.
     pub fn find(&self, client: &GuestSlot, addr: SocketAddrV4, turn: u64) -> Option<Arc<ListenerRecord>> {
         let map = lock(&self.map);
-        let list = if addr.ip().is_loopback() {
-            let scope = Scope::Guest(client.id);
-            map.get(&(scope.clone(), *addr.ip(), addr.port()))
-                .or_else(|| map.get(&(scope, Ipv4Addr::UNSPECIFIED, addr.port())))?
-        } else {
-            map.get(&(Scope::Vpc(client.vpc.clone()), *addr.ip(), addr.port()))?
-        };
+        let list = Self::lookup(client, addr).into_iter().find_map(|key| map.get(&key))?;
         Some(list[turn as usize % list.len()].clone())
+    }
+
+    /// Expects a listener a predecessor daemon had, bound to `local` in
+    /// `guest`, to be registered again before `until`.
+    pub fn expect(&self, guest: &GuestSlot, local: SocketAddrV4, until: Instant) {
+        let mut expected = lock(&self.expected);
+        for key in Self::keys(guest, local) {
+            expected.insert(key, until);
+        }
+    }
+
+    /// Until when a connect from `client` to `addr` that finds no listener
+    /// may wait for an expected one there (found as `find` would find it).
+    pub fn awaited(&self, client: &GuestSlot, addr: SocketAddrV4) -> Option<Instant> {
+        let now = Instant::now();
+        let mut expected = lock(&self.expected);
+        expected.retain(|_, until| *until > now);
+        Self::lookup(client, addr).iter().find_map(|key| expected.get(key).copied())
     }
 
     /// Every listener once, by id.
@@ -121,36 +136,8 @@ impl Listeners {
     }
 }
 
-/// A listener a predecessor daemon had (a hand-over), expected to be
-/// registered again by its process until `until`.
-#[derive(Debug, Clone)]
-pub struct Expected {
-    pub guest: String,
-    pub local: SocketAddrV4,
-    pub until: Instant,
-}
-
-impl Expected {
-    /// Would this listener take a connect to `remote`?
-    pub fn takes(&self, remote: SocketAddrV4) -> bool {
-        self.local.port() == remote.port() && (self.local.ip().is_unspecified() || self.local.ip() == remote.ip())
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn an_expected_listener_takes_connects_to_its_port_on_its_address_or_any() {
-        let until = Instant::now();
-        let any = Expected { guest: "b".into(), local: "0.0.0.0:80".parse().unwrap(), until };
-        let one = Expected { guest: "b".into(), local: "10.0.0.3:80".parse().unwrap(), until };
-        assert!(any.takes("10.0.0.3:80".parse().unwrap()));
-        assert!(any.takes("10.0.0.9:80".parse().unwrap()));
-        assert!(!any.takes("10.0.0.3:81".parse().unwrap()));
-        assert!(one.takes("10.0.0.3:80".parse().unwrap()));
-        assert!(!one.takes("10.0.0.4:80".parse().unwrap()));
-    }
-
     use super::*;
     use crate::channel::Handover;
     use std::path::Path;
@@ -251,5 +238,24 @@ mod tests {
         assert_eq!(found(&listeners, &a, "10.0.0.13:80"), None, "the wildcard's other keys went with it");
         listeners.remove(&second);
         assert!(listeners.all().is_empty());
+    }
+
+    #[test]
+    fn an_expected_listener_is_awaited_where_it_will_be_found_until_its_time() {
+        let [a, b, c] = guests();
+        let listeners = Listeners::default();
+        let until = Instant::now() + std::time::Duration::from_secs(60);
+        listeners.expect(&b, "0.0.0.0:80".parse().unwrap(), until);
+        listeners.expect(&b, "127.0.0.1:22".parse().unwrap(), until);
+        let awaited = |from: &GuestSlot, to: &str| listeners.awaited(from, to.parse().unwrap());
+        assert_eq!(awaited(&a, "10.0.0.3:80"), Some(until));
+        assert_eq!(awaited(&a, "10.0.0.13:80"), Some(until));
+        assert_eq!(awaited(&b, "127.0.0.9:80"), Some(until), "the wildcard, from inside its guest");
+        assert_eq!(awaited(&a, "10.0.0.3:81"), None, "another port");
+        assert_eq!(awaited(&c, "10.0.0.3:80"), None, "another VPC, the same address");
+        assert_eq!(awaited(&a, "127.0.0.1:22"), None, "a's loopback is a's own");
+        let past = Instant::now();
+        listeners.expect(&b, "10.0.0.3:443".parse().unwrap(), past);
+        assert_eq!(awaited(&a, "10.0.0.3:443"), None, "no longer expected");
     }
 }
