@@ -141,16 +141,13 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
         let interrupted = sleep > 0 && signals::handler_ran();
         let r =
             if sleep == 0 || interrupted { sys::poll(&mut kernel, 0) } else { sys::ppoll(&mut kernel, sleep, sigmask) };
-        if !asleep.is_empty() {
-            let mut rang = vec![false; fds.len()];
-            for (k, slot) in kernel.iter().zip(&slots) {
-                if let Slot::Doorbell(i) = *slot {
-                    rang[i] |= k.revents != 0;
-                }
-            }
-            for &i in &asleep {
-                if let Some(Waitable::Conn(c)) = entries[i].as_deref().map(Entry::waitable) {
-                    c.wake(interest(fds[i].events), rang[i]);
+        // Each connection slept on has one doorbell slot: it wakes there.
+        for (k, slot) in kernel.iter().zip(&slots) {
+            if let Slot::Doorbell(i) = *slot {
+                if asleep.binary_search(&i).is_ok() {
+                    if let Some(Waitable::Conn(c)) = entries[i].as_deref().map(Entry::waitable) {
+                        c.wake(interest(fds[i].events), k.revents != 0);
+                    }
                 }
             }
         }
