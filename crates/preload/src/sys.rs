@@ -212,10 +212,11 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd], flags: i32) -
     Ok((received.len, count))
 }
 
-/// Empties a doorbell; true if its other end is gone (see
-/// `vsocket_sys::raw::drain`).
+/// Reads and discards what is queued on a doorbell (a bounded amount: a
+/// peer that floods its doorbell must not keep the caller here). Returns
+/// `true` if the other end is gone (see `vsocket_sys::raw::drain_bounded`).
 pub fn drain(fd: RawFd) -> bool {
-    vsocket_sys::raw::drain(fd)
+    vsocket_sys::raw::drain_bounded(fd)
 }
 
 /// poll(2), as ppoll without a signal mask.

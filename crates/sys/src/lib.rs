@@ -445,12 +445,12 @@ pub fn interface_running(ip: std::net::IpAddr) -> io::Result<Option<bool>> {
     Ok(found)
 }
 
-/// Reads a doorbell, eventfd or pipe until it is empty (at most 4 KiB),
-/// without blocking. Returns true if its other end has hung up (end of
-/// file, or a reset); a hang-up right behind a short read shows at the
-/// next call (epoll reports it again). See [`raw::drain`].
+/// Reads a doorbell, eventfd or pipe until it is empty, without blocking.
+/// Returns true if its other end has hung up (end of file); a hang-up
+/// right behind a short read shows at the next call (epoll reports it
+/// again). See [`raw::drain_until_empty`].
 pub fn drain(fd: BorrowedFd<'_>) -> bool {
-    raw::drain(fd.as_raw_fd())
+    raw::drain_until_empty(fd.as_raw_fd())
 }
 
 /// Rings a doorbell (one byte on a stream socket), never blocking: a full

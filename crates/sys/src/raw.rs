@@ -40,22 +40,43 @@ pub fn close(fd: RawFd) {
     let _ = raw!(libc::SYS_close, fd);
 }
 
-/// Empties a doorbell (a socket, a pipe or an eventfd) without waiting.
-/// Returns whether its other end is gone (end of stream, or a reset):
-/// every holder of the peer's end let go. Reads at most 4 KiB: a doorbell
-/// still readable after that reports again.
-pub fn drain(fd: RawFd) -> bool {
-    let mut buf = [0u8; 1024];
-    for _ in 0..4 {
-        let got = match raw!(libc::SYS_recvfrom, fd, buf.as_mut_ptr(), buf.len(), libc::MSG_DONTWAIT, 0usize, 0usize) {
-            // An eventfd or a pipe.
-            Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => raw!(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len()),
-            other => other,
-        };
-        match got {
+/// Reads a doorbell, eventfd or pipe until it is empty, without blocking:
+/// for a thread whose own event loop watches it (the daemon's). Returns
+/// true if its other end has hung up (end of file); a hang-up right behind
+/// a short read, or a reset, shows at the next call (epoll reports it
+/// again).
+pub fn drain_until_empty(fd: RawFd) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match raw!(libc::SYS_recvfrom, fd, buf.as_mut_ptr(), buf.len(), libc::MSG_DONTWAIT, 0usize, 0usize) {
             Ok(0) => return true,
             // A short read emptied it (for now): spare the call that would
             // say so.
+            Ok(n) if n < buf.len() => return false,
+            Ok(_) => continue,
+            // An eventfd or a pipe.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
+                match raw!(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len()) {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(_) => return false,
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Reads and discards what is queued on a doorbell socket, without
+/// blocking and at most 4 KiB: the preloaded library drains on an
+/// application's thread, and a peer that floods its doorbell must not keep
+/// that thread here (a doorbell still readable after this reports again).
+/// Returns true if the other end is gone (end of stream, or a reset).
+pub fn drain_bounded(fd: RawFd) -> bool {
+    let mut buf = [0u8; 1024];
+    for _ in 0..4 {
+        match raw!(libc::SYS_recvfrom, fd, buf.as_mut_ptr(), buf.len(), libc::MSG_DONTWAIT, 0usize, 0usize) {
+            Ok(0) => return true,
             Ok(n) if n < buf.len() => return false,
             Ok(_) => continue,
             Err(e) => match e.raw_os_error() {
@@ -80,7 +101,8 @@ pub struct Received {
 
 /// Receives one message on `fd` with `flags` (`MSG_CMSG_CLOEXEC` added),
 /// handing each descriptor that came with it (SCM_RIGHTS) to `each`, which
-/// owns it from then on. Room for up to 16 descriptors.
+/// owns it from then on. The control buffer (128 bytes) has room for 28
+/// descriptors; the kernel closes any beyond and sets `MSG_CTRUNC`.
 pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], flags: i32, mut each: impl FnMut(RawFd)) -> io::Result<Received> {
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
     // u64 storage keeps the control buffer aligned for cmsghdr.
@@ -109,4 +131,72 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], flags: i32, mut each: impl FnMut
         }
     }
     Ok(Received { len, truncated: msg.msg_flags & libc::MSG_CTRUNC != 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The two drains differ on purpose; these pin where.
+    use super::*;
+
+    fn write_all(fd: RawFd, bytes: &[u8]) {
+        let mut at = 0;
+        while at < bytes.len() {
+            at += raw!(libc::SYS_write, fd, bytes[at..].as_ptr(), bytes.len() - at).unwrap();
+        }
+    }
+
+    fn queued(fd: RawFd) -> usize {
+        let mut n: libc::c_int = 0;
+        raw!(libc::SYS_ioctl, fd, libc::FIONREAD, &mut n as *mut libc::c_int).unwrap();
+        n as usize
+    }
+
+    #[test]
+    fn a_flooded_doorbell_is_emptied_by_the_daemon_and_read_4_kib_at_a_time_by_the_library() {
+        let (bell, peer) = stream_pair().unwrap();
+        write_all(peer, &[1; 10_000]);
+        assert!(!drain_bounded(bell));
+        assert_eq!(queued(bell), 10_000 - 4096);
+        assert!(!drain_until_empty(bell));
+        assert_eq!(queued(bell), 0);
+        close(peer);
+        assert!(drain_bounded(bell));
+        assert!(drain_until_empty(bell));
+        close(bell);
+    }
+
+    /// A doorbell whose peer closed with a byte it never read: the next
+    /// read of it reports a reset, the one after end of stream.
+    fn reset_bell() -> RawFd {
+        let (bell, peer) = stream_pair().unwrap();
+        write_all(bell, b"x");
+        close(peer);
+        bell
+    }
+
+    #[test]
+    fn a_reset_is_the_end_to_the_library_at_once_and_to_the_daemon_at_the_next_call() {
+        let bell = reset_bell();
+        assert!(drain_bounded(bell));
+        close(bell);
+        let bell = reset_bell();
+        assert!(!drain_until_empty(bell));
+        assert!(drain_until_empty(bell));
+        close(bell);
+    }
+
+    #[test]
+    fn the_daemon_drains_pipes_and_eventfds_too() {
+        let (read, write) = pipe().unwrap();
+        write_all(write, &[2; 1000]);
+        close(write);
+        assert!(drain_until_empty(read));
+        close(read);
+        let event = raw!(libc::SYS_eventfd2, 0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap() as RawFd;
+        write_all(event, &1u64.to_ne_bytes());
+        assert!(!drain_until_empty(event));
+        let mut count = [0u8; 8];
+        assert!(raw!(libc::SYS_read, event, count.as_mut_ptr(), count.len()).is_err(), "the eventfd was emptied");
+        close(event);
+    }
 }
