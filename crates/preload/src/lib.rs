@@ -20,7 +20,8 @@
 //! - leaves: [`readiness`] (readiness and interest), [`signals`] (`SA_RESTART`
 //!   for blocking calls, through the program's handlers), [`sys`] (raw
 //!   system calls, so the library never re-enters its own hooks), [`addr`]
-//!   (socket addresses of both families); adaptive spinning before a sleep
+//!   (socket addresses of both families), [`scratch`] (a buffer per thread
+//!   for the bytes sendfile and splice pass through); adaptive spinning before a sleep
 //!   is `vsocket_ring::spin`, shared with the daemon's fabric relay.
 //!
 //! The library is inside the tenant's trust domain: it enforces nothing for
@@ -41,6 +42,7 @@ mod listener;
 mod mmsg;
 mod poll;
 mod readiness;
+mod scratch;
 mod sendfile;
 mod signals;
 mod socket;

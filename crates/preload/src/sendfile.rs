@@ -1,19 +1,31 @@
 //! sendfile(2) into a vSocket connection: the file's bytes are read here
-//! and written to the ring (the kernel cannot splice into shared memory).
+//! and written to the ring (the kernel cannot splice into shared memory),
+//! through the thread's scratch buffer.
 
 use crate::conn::Connection;
+use crate::scratch;
 use crate::sys::{self, SysResult};
 use std::os::fd::RawFd;
 
 /// Largest read from the file per round.
-const CHUNK: usize = 1 << 16;
+const CHUNK: usize = scratch::LEN;
 
 /// Sends up to `count` bytes of `in_fd` on `conn`: from `offset` (which
 /// then moves past what was sent) when given, else from the file's own
 /// offset (which is given back what the connection did not take). The
 /// bytes sent; an error only if none were.
 pub fn sendfile(conn: &Connection, in_fd: RawFd, offset: Option<&mut i64>, count: usize) -> SysResult<usize> {
-    let mut buf = vec![0u8; count.min(CHUNK)];
+    scratch::with_scratch(count.min(CHUNK), |buf| send_through(buf, conn, in_fd, offset, count))
+}
+
+/// [`sendfile`], the bytes passing through `buf`.
+fn send_through(
+    buf: &mut [u8],
+    conn: &Connection,
+    in_fd: RawFd,
+    offset: Option<&mut i64>,
+    count: usize,
+) -> SysResult<usize> {
     let mut total = 0usize;
     let mut pos = offset.as_deref().copied();
     while total < count {

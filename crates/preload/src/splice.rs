@@ -1,19 +1,22 @@
 //! splice(2) between a pipe and a vSocket connection.
 //!
 //! The kernel cannot move pages into or out of a ring in shared memory, so
-//! the bytes pass through a buffer here. Neither side may lose any: bytes
-//! are copied out of the source without consuming them (`tee` for a pipe,
-//! a peek for a connection), offered to the destination, and only as many
-//! as it took are then consumed from the source. A private pipe lets the
+//! the bytes pass through the thread's scratch buffer. Neither side may
+//! lose any: bytes are copied out of the source without consuming them
+//! (`tee` for a pipe, a peek for a connection), offered to the
+//! destination, and only as many as it took are then consumed from the
+//! source. A private pipe lets the
 //! kernel apply the caller's pipe semantics (SPLICE_F_NONBLOCK, a full or
 //! widowed pipe) to the caller's pipe exactly.
 
 use crate::conn::Connection;
+use crate::scratch;
 use crate::sys::{self, Errno, SysResult};
 use std::os::fd::RawFd;
 
-/// The most one call moves.
-const CHUNK: usize = 1 << 16;
+/// The most one call moves (all of it passes through the scratch buffer at
+/// once).
+const CHUNK: usize = scratch::LEN;
 
 /// A private pipe, closed when dropped. It is blocking, so that the kernel
 /// judges blocking by the caller's pipe and flags alone (it treats a
@@ -103,10 +106,15 @@ pub fn pipe_to_conn(pipe: RawFd, conn: &Connection, len: usize, flags: u32) -> S
     if copied == 0 {
         return Ok(0);
     }
-    let mut buf = vec![0u8; copied];
-    private.take(&mut buf)?;
+    scratch::with_scratch(copied, |buf| send_staged(&private, buf, pipe, conn, flags))
+}
+
+/// Sends the `buf.len()` bytes staged in `private` (a copy of the head of
+/// `pipe`) on `conn`, then consumes from `pipe` as many as it took.
+fn send_staged(private: &PrivatePipe, buf: &mut [u8], pipe: RawFd, conn: &Connection, flags: u32) -> SysResult<usize> {
+    private.take(buf)?;
     let more = if flags & libc::SPLICE_F_MORE != 0 { libc::MSG_MORE } else { 0 };
-    let sent = conn.send(&[&buf], more)?;
+    let sent = conn.send(&[&*buf], more)?;
     // Consume exactly what the connection took.
     let mut left = sent;
     while left > 0 {

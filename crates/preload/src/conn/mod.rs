@@ -12,6 +12,7 @@ mod state;
 
 use crate::attach::{ConnectionMemory, Delivery, Memory, Wakeups};
 use crate::readiness::{Interest, Readiness};
+use crate::scratch;
 use crate::sys::{self, Errno, SysResult};
 pub use blocking::MAX_SLEEP_MS;
 pub use state::Blocking;
@@ -410,18 +411,23 @@ impl Connection {
         flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking()
     }
 
-    /// Offers up to `max` received bytes to `sink` (waiting for them as a
-    /// read would) and consumes only as many as it reports taking, so a
-    /// sink that takes part of them (a full pipe, for splice) loses none.
-    /// Returns what was taken; 0 at end of stream.
+    /// Offers up to `max` received bytes (at most [`scratch::LEN`]) to
+    /// `sink` (waiting for them as a read would) and consumes only as many
+    /// as it reports taking, so a sink that takes part of them (a full
+    /// pipe, for splice) loses none. Returns what was taken; 0 at end of
+    /// stream.
     pub fn recv_into(&self, max: usize, sink: impl FnOnce(&[u8]) -> SysResult<usize>) -> SysResult<usize> {
         if self.state.has(Flags::READ_SHUT) || max == 0 {
             return Ok(0);
         }
-        let mut buf = vec![0u8; max];
+        scratch::with_scratch(max, |buf| self.recv_through(buf, sink))
+    }
+
+    /// [`Connection::recv_into`], peeking into `buf`.
+    fn recv_through(&self, buf: &mut [u8], sink: impl FnOnce(&[u8]) -> SysResult<usize>) -> SysResult<usize> {
         let (_guard, n) = loop {
             let guard = self.rx_lock.lock().unwrap_or_else(|e| e.into_inner());
-            match self.recv_step(&mut [&mut buf[..]], libc::MSG_PEEK, 0) {
+            match self.recv_step(&mut [&mut *buf], libc::MSG_PEEK, 0) {
                 Step::Done(result) => break (guard, result?),
                 Step::Wait(_) => {
                     drop(guard);
@@ -872,6 +878,24 @@ mod tests {
         assert_eq!(c.recv(&mut [&mut buf[..]], libc::MSG_PEEK), Ok(2));
         assert_eq!(c.readable_bytes(), 4);
         assert_eq!(recv_all(&c, 4), b"pong");
+    }
+
+    #[test]
+    fn a_sink_that_takes_part_of_what_it_is_offered_loses_none_of_the_rest() {
+        let (c, s) = pair(4096);
+        assert_eq!(c.send(&[b"0123456789"], 0), Ok(10));
+        let taken = s.recv_into(8, |offered| {
+            assert_eq!(offered, b"01234567");
+            Ok(3)
+        });
+        assert_eq!(taken, Ok(3));
+        let rest = s.recv_into(100, |offered| {
+            assert_eq!(offered, b"3456789");
+            Ok(offered.len())
+        });
+        assert_eq!(rest, Ok(7));
+        c.close();
+        assert_eq!(s.recv_into(100, |_| panic!("nothing is left to offer")), Ok(0));
     }
 
     #[test]
