@@ -1,25 +1,72 @@
 //! A soak under faults: vsocketd killed (and now and then upgraded) at
 //! random moments under a mixed load, again and again. No byte of a
 //! connection that reports success is lost, duplicated or reordered; no
-//! program hangs; the daemon's descriptors and memory come back to their
-//! baseline.
+//! program hangs; once the load stops, the daemon's descriptors and memory
+//! come back to a baseline taken after its last restart with the same
+//! programs idle.
 //!
-//! `VSOCKET_SOAK_RESTARTS` (default 20) and `VSOCKET_SOAK_SEED` (default:
-//! from the clock, printed) set the run; a longer one is
+//! The run is set by the environment: `VSOCKET_SOAK_RESTARTS` (default 20)
+//! restarts at random moments within `VSOCKET_SOAK_SECONDS` (default 0.4 s
+//! per restart); `VSOCKET_SOAK_SEED` replays a run (by default the seed
+//! comes from the clock and is printed). A longer run:
 //! `VSOCKET_SOAK_RESTARTS=100 cargo xtask test soak_`.
 
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vsocket_e2e::{asset, redis_server_args, wait_until, Lab, Via, TWO_GUESTS};
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+/// Guest b, where the servers run.
+const SERVER: &str = "10.10.0.3";
+const REDIS_PORT: u16 = 6379;
+const ECHO_PORT: u16 = 7401;
+const FORK_PORT: u16 = 7402;
+/// The longest any one call in `soak.py` may block (its `TIMEOUT`).
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a program may take to finish what it is doing when told to
+/// pause or stop: a benchmark run is bounded by three call timeouts, a
+/// connection by a few.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(75);
+/// How long the load runs against the last daemon, after the baseline.
+const TAIL: Duration = Duration::from_secs(5);
+/// Requests in each redis-benchmark run (of SET, GET and INCR each).
+const BENCH_REQUESTS: u64 = 2000;
+/// What the daemon may hold above its baseline once the load has stopped:
+/// a descriptor or two of timing (a channel closing), and the memory of
+/// code paths and allocator arenas a fresh daemon has not touched yet.
+const FD_MARGIN: usize = 2;
+const RSS_MARGIN_KIB: u64 = 8 * 1024;
+
+/// The run's parameters, from the environment.
+struct Settings {
+    restarts: u64,
+    seconds: f64,
+    seed: u64,
 }
 
-/// A small deterministic generator (xorshift), so a seed replays a run.
+impl Settings {
+    fn from_env() -> Settings {
+        fn var<T: std::str::FromStr>(name: &str) -> Option<T> {
+            let value = std::env::var(name).ok()?;
+            Some(value.parse().unwrap_or_else(|_| panic!("{name}={value} is not a number")))
+        }
+        let restarts = var("VSOCKET_SOAK_RESTARTS").unwrap_or(20);
+        let seconds = var("VSOCKET_SOAK_SECONDS").unwrap_or(restarts as f64 * 0.4);
+        let clock = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let seed = var("VSOCKET_SOAK_SEED").unwrap_or(clock);
+        Settings { restarts, seconds, seed }
+    }
+}
+
+/// A small deterministic generator (xorshift64), so that a seed replays
+/// the test's choices (the programs' own timing still varies).
 struct Rng(u64);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -29,6 +76,108 @@ impl Rng {
 
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The file the load programs read between connections: `run`, `pause` or
+/// `stop` (see `soak.py`).
+struct Control {
+    path: PathBuf,
+}
+
+impl Control {
+    fn set(&self, state: &str) {
+        std::fs::write(&self.path, state).unwrap();
+    }
+
+    /// Where program `mode` says it has paused.
+    fn paused_marker(&self, mode: &str) -> PathBuf {
+        let mut name = self.path.file_name().unwrap().to_os_string();
+        name.push(format!(".{mode}"));
+        self.path.with_file_name(name)
+    }
+
+    /// Pauses the load and waits until every program is between
+    /// connections, or fails naming those that are not.
+    fn pause(&self, programs: &mut [LoadProgram]) {
+        for program in programs.iter() {
+            let _ = std::fs::remove_file(self.paused_marker(program.mode));
+        }
+        self.set("pause");
+        let paused = |mode| std::fs::read_to_string(self.paused_marker(mode)).is_ok_and(|s| s == "paused");
+        wait_until(SETTLE_DEADLINE, || programs.iter().all(|p| paused(p.mode)));
+        let busy: Vec<&str> = programs.iter().filter(|p| !paused(p.mode)).map(|p| p.what).collect();
+        if !busy.is_empty() {
+            for program in programs.iter_mut() {
+                let _ = program.child.kill();
+            }
+            panic!("hung: {busy:?} did not pause within {SETTLE_DEADLINE:?}");
+        }
+    }
+}
+
+/// One program of the load, run from guest a through the library.
+struct LoadProgram {
+    what: &'static str,
+    mode: &'static str,
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+/// What a load program reports when it stops.
+struct Outcome {
+    line: String,
+    stderr: String,
+}
+
+impl Outcome {
+    fn count(&self, what: &str, name: &str) -> u64 {
+        let prefix = format!("{name}=");
+        let field = self.line.split_whitespace().find_map(|f| f.strip_prefix(&prefix));
+        let field =
+            field.unwrap_or_else(|| panic!("{what} reported no {name}: {:?}; stderr: {}", self.line, self.stderr));
+        field.parse().unwrap()
+    }
+}
+
+impl LoadProgram {
+    fn start(lab: &Lab, what: &'static str, mode: &'static str, args: &[&str]) -> LoadProgram {
+        let stdout = lab.dir.join(format!("soak-{mode}.out"));
+        let stderr = lab.dir.join(format!("soak-{mode}.err"));
+        let script = asset("soak.py");
+        let mut all = vec![script.to_str().unwrap(), mode];
+        all.extend_from_slice(args);
+        let child = lab
+            .command("a", Via::Vsocket, "python3", &all)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        LoadProgram { what, mode, child, stdout, stderr }
+    }
+
+    /// Waits for the program to exit by `deadline`, or fails naming it.
+    fn finish(mut self, deadline: Instant) -> Outcome {
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let outcome = Outcome {
+                    line: std::fs::read_to_string(&self.stdout).unwrap().trim().to_string(),
+                    stderr: std::fs::read_to_string(&self.stderr).unwrap(),
+                };
+                assert!(status.success(), "{} exited with {status}; stderr: {}", self.what, outcome.stderr);
+                return outcome;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!("hung: {} still runs {SETTLE_DEADLINE:?} after it was told to stop", self.what);
     }
 }
 
@@ -40,115 +189,176 @@ fn daemon_rss_kib(lab: &Lab) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// Waits for `child` at most until `deadline`; its stdout, or a panic
-/// naming `what` if it is still running then.
-fn finish(mut child: Child, what: &str, deadline: Instant) -> String {
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            let out = child.wait_with_output().unwrap();
-            return String::from_utf8_lossy(&out.stdout).into_owned();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    panic!("{what} hung: still running at its deadline");
+/// Waits until the daemon has every server's listener registered again;
+/// how long that took.
+fn listeners_back(lab: &Lab) -> Duration {
+    let started = Instant::now();
+    let all_back = wait_until(Duration::from_secs(5), || {
+        let Ok(listeners) = lab.ctl("listeners") else { return false };
+        let ports: Vec<String> = listeners
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["guest"] == "b")
+            .filter_map(|l| l["address"].as_str().map(str::to_string))
+            .collect();
+        [REDIS_PORT, ECHO_PORT, FORK_PORT].iter().all(|p| ports.iter().any(|a| a.ends_with(&format!(":{p}"))))
+    });
+    assert!(all_back, "the servers' listeners did not register again: {:?}", lab.ctl("listeners"));
+    started.elapsed()
 }
 
-#[test]
-fn soak_daemon_killed_and_upgraded_under_load() {
-    let restarts = env_u64("VSOCKET_SOAK_RESTARTS", 20);
-    let seed = env_u64(
-        "VSOCKET_SOAK_SEED",
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1,
-    );
-    eprintln!("soak: {restarts} restarts, VSOCKET_SOAK_SEED={seed}");
-    let mut rng = Rng(seed);
-    let mut lab = Lab::start("tsoak", TWO_GUESTS).unwrap();
-    let script = asset("soak.py");
-    let script = script.to_str().unwrap();
-    let redis = redis_server_args(6379, &[]);
-    let redis: Vec<&str> = redis.iter().map(String::as_str).collect();
-    lab.spawn("b", Via::Vsocket, "redis-server", &redis, "redis.log").unwrap();
-    lab.spawn("b", Via::Vsocket, "python3", &[script, "serve", "7401"], "echo.log").unwrap();
-    lab.spawn("b", Via::Vsocket, "python3", &[script, "forkserve", "7402"], "fork.log").unwrap();
-    for port in [6379, 7401, 7402] {
-        lab.wait_listening("b", port).unwrap();
-    }
-    let baseline_fds = lab.daemon_fds().unwrap();
-    let baseline_rss = daemon_rss_kib(&lab);
+fn read_log(lab: &Lab, name: &str) -> String {
+    std::fs::read_to_string(lab.dir.join(name)).unwrap_or_default()
+}
 
-    // The load runs through every restart, and a while after the last.
-    let seconds = (restarts as f64 * 0.6 + 5.0).to_string();
-    let client = |lab: &Lab, port: &str, seed: u64, max: &str| -> Child {
-        lab.command(
-            "a",
-            Via::Vsocket,
-            "python3",
-            &[script, "client", "10.10.0.3", port, &seconds, &seed.to_string(), max],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap()
-    };
-    let clients = [
-        ("bulk transfers", client(&lab, "7401", rng.next(), "2000000")),
-        ("connect/close loop", client(&lab, "7401", rng.next(), "64")),
-        ("fork-per-connection server", client(&lab, "7402", rng.next(), "100000")),
-    ];
-    let benchmark = lab
-        .command("a", Via::Vsocket, "redis-benchmark", &["-h", "10.10.0.3", "-n", "100000000", "-c", "4", "-q"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-
+/// Kills (or, now and then, upgrades) the daemon at `restarts` random
+/// moments within `seconds`.
+fn faults(lab: &mut Lab, rng: &mut Rng, restarts: u64, seconds: f64) {
+    let mut moments: Vec<f64> = (0..restarts).map(|_| rng.unit() * seconds).collect();
+    moments.sort_by(f64::total_cmp);
     let started = Instant::now();
-    for i in 0..restarts {
-        std::thread::sleep(Duration::from_millis(100 + rng.below(500)));
-        if i % 5 == 4 {
+    let mut upgrades = 0;
+    for (i, moment) in moments.iter().enumerate() {
+        let at = started + Duration::from_secs_f64(*moment);
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        let last = i + 1 == moments.len();
+        if rng.below(5) == 0 || (last && upgrades == 0 && restarts >= 5) {
+            upgrades += 1;
             lab.upgrade_daemon().unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
         } else {
             lab.kill_daemon();
-            std::thread::sleep(Duration::from_millis(rng.below(200)));
+            // Connects made while no daemon runs take the kernel path.
+            std::thread::sleep(Duration::from_millis(rng.below(300)));
             lab.start_daemon().unwrap_or_else(|e| panic!("restart {i}: {e}"));
         }
     }
-    eprintln!("soak: {restarts} restarts in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!("soak: {restarts} restarts ({upgrades} of them upgrades) in {:.1} s", started.elapsed().as_secs_f64());
+}
 
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds.parse::<f64>().unwrap() + 40.0);
-    let mut ok = 0;
-    for (what, child) in clients {
-        let out = finish(child, what, deadline);
-        eprintln!("soak: {what}: {}", out.trim());
-        let count = |name: &str| -> u64 {
-            let field = out
-                .split_whitespace()
-                .find(|f| f.starts_with(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("{what}: {out}"));
-            field[name.len() + 1..].parse().unwrap()
-        };
-        assert_eq!(count("corrupt"), 0, "{what}: bytes lost, duplicated or reordered: {out}");
-        assert_eq!(count("hung"), 0, "{what}: a call outlasted its timeout: {out}");
-        ok += count("ok");
+#[test]
+fn soak_daemon_killed_and_upgraded_under_mixed_load() {
+    let settings = Settings::from_env();
+    eprintln!(
+        "soak: {} restarts within {} s, VSOCKET_SOAK_SEED={}",
+        settings.restarts, settings.seconds, settings.seed
+    );
+    let mut rng = Rng::new(settings.seed);
+    let mut lab = Lab::start("tsoak", TWO_GUESTS).unwrap();
+    let script = asset("soak.py");
+    let script = script.to_str().unwrap();
+    let redis = redis_server_args(REDIS_PORT, &[]);
+    let redis: Vec<&str> = redis.iter().map(String::as_str).collect();
+    lab.spawn("b", Via::Vsocket, "redis-server", &redis, "redis.log").unwrap();
+    lab.spawn("b", Via::Vsocket, "python3", &[script, "serve", &ECHO_PORT.to_string()], "echo.log").unwrap();
+    lab.spawn("b", Via::Vsocket, "python3", &[script, "forkserve", &FORK_PORT.to_string()], "fork.log").unwrap();
+    for port in [REDIS_PORT, ECHO_PORT, FORK_PORT] {
+        lab.wait_listening("b", port).unwrap();
     }
-    assert!(ok > 50, "too little got through: {ok} connections");
-    let mut benchmark = benchmark;
-    assert!(benchmark.try_wait().unwrap().is_none(), "redis-benchmark ended early");
-    let _ = benchmark.kill();
-    let _ = benchmark.wait();
-    let pong = lab.run_ok("a", Via::Vsocket, "redis-cli", &["-h", "10.10.0.3", "ping"]).unwrap();
-    assert_eq!(pong.trim(), "PONG");
 
-    // With the load gone, the daemon's descriptors and memory come back.
+    let control = Control { path: lab.dir.join("soak-control") };
+    control.set("run");
+    let control_path = control.path.to_str().unwrap();
+    // Transfers and the connect/close loop each go to either echo server,
+    // the threaded or the forking one, at random.
+    let echo_ports = format!("{ECHO_PORT},{FORK_PORT}");
+    let redis = REDIS_PORT.to_string();
+    let bench_requests = BENCH_REQUESTS.to_string();
+    let (seed_transfer, seed_churn) = (rng.next().to_string(), rng.next().to_string());
+    let mut programs = vec![
+        LoadProgram::start(
+            &lab,
+            "checksummed transfers",
+            "transfer",
+            &[SERVER, &echo_ports, control_path, &seed_transfer, "2000000"],
+        ),
+        LoadProgram::start(&lab, "connect/close loop", "churn", &[SERVER, &echo_ports, control_path, &seed_churn]),
+        LoadProgram::start(&lab, "redis-benchmark", "bench", &[SERVER, &redis, control_path, &bench_requests]),
+    ];
+    let started = Instant::now();
+    faults(&mut lab, &mut rng, settings.restarts, settings.seconds);
+
+    // The baseline: the daemon after its last restart, the same programs
+    // running but idle.
+    control.pause(&mut programs);
+    lab.kill_daemon();
+    lab.start_daemon().unwrap();
+    let back = listeners_back(&lab);
+    eprintln!("soak: listeners back {} ms after the last restart", back.as_millis());
+    // Channels of the paused programs' last connections close lazily.
+    std::thread::sleep(Duration::from_millis(500));
+    let baseline_fds = lab.daemon_fds().unwrap();
+    let baseline_rss = daemon_rss_kib(&lab);
+
+    // The load again, against the last daemon alone, then its end.
+    control.set("run");
+    std::thread::sleep(TAIL);
+    control.set("stop");
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    let outcomes: Vec<(&str, Outcome)> = programs.into_iter().map(|p| (p.what, p.finish(deadline))).collect();
+    eprintln!("soak: load ran {:.1} s", started.elapsed().as_secs_f64());
+
+    let mut incr_made = 0;
+    for (what, outcome) in &outcomes {
+        eprintln!("soak: {what}: {}", outcome.line);
+        if !outcome.stderr.is_empty() {
+            eprintln!("soak: {what} said: {}", outcome.stderr.trim());
+        }
+        assert_eq!(
+            outcome.count(what, "corrupt"),
+            0,
+            "{what}: bytes lost, duplicated or reordered on a connection that reported success: {}",
+            outcome.stderr
+        );
+        assert_eq!(outcome.count(what, "hung"), 0, "{what}: a call outlasted {CALL_TIMEOUT:?}: {}", outcome.stderr);
+        assert!(outcome.count(what, "ok") > 0, "{what}: nothing got through: {}", outcome.stderr);
+        assert!(!outcome.stderr.contains("panicked"), "{what}: {}", outcome.stderr);
+        if outcome.line.contains("incr=") {
+            incr_made = outcome.count(what, "incr");
+            let failed_runs = outcome.count(what, "failed");
+            // Every INCR of a run that succeeded landed once; a failed run
+            // landed some of its INCRs.
+            let counter = lab.run_ok("a", Via::Vsocket, "redis-cli", &["-h", SERVER, "get", "counter:__rand_int__"]);
+            let counter: u64 = counter.unwrap().trim().parse().unwrap();
+            assert!(
+                (incr_made..=incr_made + failed_runs * BENCH_REQUESTS).contains(&counter),
+                "redis counts {counter} INCRs; the successful benchmark runs made {incr_made}, \
+                 the {failed_runs} failed ones at most {BENCH_REQUESTS} each"
+            );
+        }
+    }
+    assert!(incr_made > 0, "no redis-benchmark run succeeded");
+
+    // After all those restarts, the last daemon carried the load over vSocket.
+    let client = lab.guest("a").unwrap();
+    assert!(client["connections_out"].as_u64().unwrap() > 0, "no connection over vSocket after the restarts: {client}");
+    assert_eq!(client["fallbacks"].as_u64(), Some(0), "a connect fell back to the kernel after the restarts: {client}");
+
+    // With the load gone, the daemon's descriptors, memory and quota
+    // charges come back to the baseline.
     let settled = wait_until(Duration::from_secs(15), || {
-        lab.daemon_fds().is_ok_and(|fds| fds <= baseline_fds + 8) && daemon_rss_kib(&lab) <= baseline_rss + 32 * 1024
+        lab.daemon_fds().is_ok_and(|fds| fds <= baseline_fds + FD_MARGIN)
+            && daemon_rss_kib(&lab) <= baseline_rss + RSS_MARGIN_KIB
+            && ["a", "b"].iter().all(|g| lab.counter(g, "connections_live") == 0)
     });
-    let log = lab.daemon_log();
+    let (fds, rss) = (lab.daemon_fds().unwrap(), daemon_rss_kib(&lab));
+    eprintln!(
+        "soak: the daemon holds {fds} descriptors (baseline {baseline_fds}), {rss} KiB (baseline {baseline_rss} KiB)"
+    );
     assert!(
         settled,
-        "the daemon holds {} descriptors (baseline {baseline_fds}) and {} KiB (baseline {baseline_rss} KiB)",
-        lab.daemon_fds().unwrap_or(0),
-        daemon_rss_kib(&lab)
+        "the daemon holds {fds} descriptors (baseline {baseline_fds}) and {rss} KiB (baseline {baseline_rss} KiB); \
+         live connections: a {}, b {}",
+        lab.counter("a", "connections_live"),
+        lab.counter("b", "connections_live")
     );
+    let pong = lab.run_ok("a", Via::Vsocket, "redis-cli", &["-h", SERVER, "ping"]).unwrap();
+    assert_eq!(pong.trim(), "PONG");
+
+    for log in ["redis.log", "echo.log", "fork.log"] {
+        let text = read_log(&lab, log);
+        assert!(!text.contains("panicked") && !text.contains("Traceback"), "{log}: {text}");
+    }
+    let log = lab.daemon_log();
     assert!(!log.contains("panicked"), "{log}");
 }
