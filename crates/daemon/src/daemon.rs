@@ -231,12 +231,6 @@ impl Daemon {
         retired
     }
 
-    /// One of a pair's processes is gone (its request channel or its
-    /// listener closed): nothing of that pair can be reused.
-    pub fn forget_pairs(&self, gone: impl Fn(Pair) -> bool) {
-        self.segments.forget(&gone);
-    }
-
     /// Folds a closed connection's bytes into the counters, gives back its
     /// quota, logs it, and returns its close record if there is a flow log.
     /// Called exactly once per connection: by whoever took its record out

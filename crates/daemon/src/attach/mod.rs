@@ -189,10 +189,11 @@ impl Drop for ChannelSlot {
 }
 
 fn serve_channel<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id: ChannelId, channel: C) {
+    daemon.segments.channel_opened(id);
     serve_requests(daemon, guest, id, channel);
     // The process is gone (or its channel became a listener's): segments
     // kept for its connections will not be asked for again.
-    daemon.forget_pairs(|pair| pair.channel == id);
+    daemon.segments.channel_closed(id);
 }
 
 /// How long a reply may wait for room in a request channel before the
@@ -279,9 +280,11 @@ fn serve_listener<C: ProcessChannel>(
             return;
         }
     };
+    daemon.segments.listener_opened(record.id);
     daemon.listeners.add(record.clone());
     if watcher.send(&Message::ListenOk, None).is_err() {
         daemon.listeners.remove(&record);
+        daemon.segments.listener_closed(record.id);
         return;
     }
     tracing::info!(guest = %name, address = %local, "listener registered");
@@ -291,7 +294,7 @@ fn serve_listener<C: ProcessChannel>(
     // stream (or anything else) ends the listener.
     let _ = watcher.recv(&mut buf);
     daemon.listeners.remove(&record);
-    daemon.forget_pairs(|pair| pair.listener == record.id);
+    daemon.segments.listener_closed(record.id);
     tracing::info!(guest = %name, address = %local, "listener closed");
 }
 
