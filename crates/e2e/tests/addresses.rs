@@ -2,7 +2,8 @@
 //! flows, and connections inside one guest (to 127.0.0.1 or to the
 //! guest's own address), all over vSocket.
 
-use vsocket_e2e::{asset, redis_server_args, Lab, Via, TWO_GUESTS};
+use std::time::Duration;
+use vsocket_e2e::{asset, redis_server_args, wait_until, Lab, Via, TWO_GUESTS};
 
 fn addrs() -> String {
     asset("addrs.py").to_str().unwrap().to_string()
@@ -116,4 +117,36 @@ fn redis_benchmark_against_a_local_redis() {
     assert_eq!(dbsize.trim(), "1", "redis-benchmark's SETs use one key");
     assert!(lab.counter("a", "connections_out") >= 21, "{}", lab.counter("a", "connections_out"));
     assert_eq!(lab.counter("a", "fallbacks"), 0);
+}
+
+/// With every ephemeral port of a guest in TIME_WAIT (a busy client's
+/// recent connections), the kernel's connect still finds a port for
+/// another destination, as it needs only a unique address pair; a connect
+/// through the library must too, not fail because the port it reserves
+/// with bind(0) must be free of every other use.
+#[test]
+fn a_connect_finds_a_port_where_the_kernels_would_with_the_ports_in_time_wait() {
+    let mut lab = Lab::start("ttimewait", TWO_GUESTS).unwrap();
+    let soak = asset("soak.py");
+    let soak = soak.to_str().unwrap();
+    for port in ["7600", "7601"] {
+        lab.spawn("b", Via::Vsocket, "python3", &[soak, "serve", port], &format!("echo{port}.log")).unwrap();
+        lab.wait_listening("b", port.parse().unwrap()).unwrap();
+    }
+    lab.run_ok("a", Via::Kernel, "sysctl", &["-w", "net.ipv4.ip_local_port_range=40000 40003"]).unwrap();
+    // Four connections that the client closes first: each of the four
+    // ports stays in TIME_WAIT, paired with port 7600.
+    let fill = "import socket\nfor _ in range(4): socket.create_connection(('10.10.0.3', 7600)).close()";
+    lab.run_ok("a", Via::Kernel, "python3", &["-c", fill]).unwrap();
+    let in_time_wait = || {
+        let out = lab.run_ok("a", Via::Kernel, "ss", &["-Htan", "state", "time-wait"]).unwrap();
+        out.lines().count()
+    };
+    assert!(wait_until(Duration::from_secs(5), || in_time_wait() == 4), "TIME_WAIT: {}", in_time_wait());
+    let probe = "import socket\ntry:\n  c = socket.create_connection(('10.10.0.3', 7601), timeout=5)\n  \
+                 print('connected', c.getsockname()[1])\nexcept OSError as e:\n  print('failed:', e)";
+    let kernel = lab.run_ok("a", Via::Kernel, "python3", &["-c", probe]).unwrap();
+    assert!(kernel.starts_with("connected 4000"), "the kernel's own connect: {kernel}");
+    let library = lab.run_ok("a", Via::Vsocket, "python3", &["-c", probe]).unwrap();
+    assert!(library.starts_with("connected 4000"), "through the library: {library}");
 }
