@@ -39,10 +39,14 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
     // A real local port, from the kernel, so getsockname tells the truth and
     // two connections never share one.
     // Binding first costs one call less than asking first; EINVAL means the
-    // program bound the socket itself.
+    // program bound the socket itself. EADDRINUSE: no port is free of every
+    // other use (TIME_WAIT holds them all); the kernel's own connect needs
+    // only a unique address pair and may still find one, or fails as it
+    // would without the library.
     let (any, len) = addr::render(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), family);
     match sys::bind(fd, &any[..len]) {
         Ok(()) | Err(Errno(libc::EINVAL)) => {}
+        Err(Errno(libc::EADDRINUSE)) => return None,
         Err(e) => return Some(Err(e)),
     }
     let local = socket::local_v4(fd)?;
