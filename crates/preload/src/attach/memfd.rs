@@ -1,7 +1,9 @@
 //! Connection memory as sealed memfds: the daemon sends each end the
 //! segment's two halves (its own read-write, the peer's read-only), mapped
-//! here and closed at once; the mapping is kept for reuse when the
-//! connection goes (see `segcache`).
+//! here; the mapping is kept for reuse when the connection goes (see
+//! `segcache`). The halves' descriptors stay open beside the mapping (out
+//! of the program's range, close-on-exec): they are what lets a
+//! connection cross exec, where the mapping does not (see `exec`).
 
 use super::{segcache, ConnectionMemory, Wakeups};
 use crate::sys::{self, SysResult};
@@ -47,10 +49,20 @@ pub struct MemfdSegment {
     segment: Option<Segment>,
     /// The segment's files: this end's half and the peer's.
     files: segcache::Files,
+    /// The halves' descriptors (this end's, the peer's), library-internal.
+    halves: [RawFd; 2],
     /// The process that mapped it: a forked child, which inherits the
     /// mapping of a connection its parent goes on using, must not keep it
     /// (the parent's later connections may get the segment).
     owner: i32,
+}
+
+impl MemfdSegment {
+    /// The descriptors of this end's half and the peer's, which a new
+    /// program image maps again after exec.
+    pub fn halves(&self) -> [RawFd; 2] {
+        self.halves
+    }
 }
 
 impl std::ops::Deref for MemfdSegment {
@@ -62,6 +74,9 @@ impl std::ops::Deref for MemfdSegment {
 
 impl Drop for MemfdSegment {
     fn drop(&mut self) {
+        for fd in self.halves {
+            let _ = sys::close(fd);
+        }
         if let Some(segment) = self.segment.take() {
             if sys::getpid() == self.owner {
                 segcache::put(self.files, segment);
@@ -76,10 +91,16 @@ impl ConnectionMemory for MemfdSegment {
         let peer_fd = std::mem::replace(&mut delivery.peer_segment, -1);
         let mapped =
             sys::with_borrowed(own_fd, |own| sys::with_borrowed(peer_fd, |peer| map_halves(own, peer, info, end)));
-        // The mappings keep the memory; the descriptors are no longer needed.
-        let _ = sys::close(own_fd);
-        let _ = sys::close(peer_fd);
-        mapped.map_err(|_| sys::Errno(libc::EPROTO))
+        match mapped {
+            Ok((segment, files)) => {
+                Ok(MemfdSegment { segment: Some(segment), files, halves: [own_fd, peer_fd], owner: sys::getpid() })
+            }
+            Err(_) => {
+                let _ = sys::close(own_fd);
+                let _ = sys::close(peer_fd);
+                Err(sys::Errno(libc::EPROTO))
+            }
+        }
     }
 }
 
@@ -91,11 +112,11 @@ fn map_halves(
     peer: std::os::fd::BorrowedFd<'_>,
     info: &ConnectionInfo,
     end: Endpoint,
-) -> std::io::Result<MemfdSegment> {
+) -> std::io::Result<(Segment, segcache::Files)> {
     let files = (Segment::identity(own)?, Segment::identity(peer)?);
     let segment = match segcache::take(own, peer, files, info, end) {
         Some(kept) => kept,
         None => Segment::map(own, peer, info.ring_size, end)?,
     };
-    Ok(MemfdSegment { segment: Some(segment), files, owner: sys::getpid() })
+    Ok((segment, files))
 }

@@ -166,13 +166,9 @@ fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
     if count != reply.message.fd_count() {
         return Err(Errno(libc::EPROTO));
     }
-    // The segment's memfds are closed as soon as they are mapped; only the
-    // doorbell and the lifeline live on, out of the program's range of
-    // descriptors.
+    // A connection's descriptors live on, out of the program's range.
     if count == CONNECTION_FDS {
-        let mut wakeups = [reply.fds[FD_DOORBELL], reply.fds[FD_LIFELINE]];
-        sys::relocate_internal(&mut wakeups, internal_fd_floor());
-        [reply.fds[FD_DOORBELL], reply.fds[FD_LIFELINE]] = wakeups;
+        sys::relocate_internal(&mut reply.fds, internal_fd_floor());
     }
     Ok(reply)
 }
