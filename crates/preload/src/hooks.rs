@@ -653,14 +653,54 @@ hook! {
 hook! {
     fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_int;
     |forward| {
+        if !attach::enabled() {
+            return forward();
+        }
         // CLOSE_RANGE_CLOEXEC only marks descriptors; otherwise the managed
         // ones in the range are closed as close() would.
         if flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
             let clamp = |fd: libc::c_uint| fd.min(RawFd::MAX as libc::c_uint) as RawFd;
             table::release_range(clamp(first), clamp(last));
         }
-        forward()
+        ret_int(close_sparing_ours(first, last, flags as u32))
     }
+}
+
+hook! {
+    /// glibc's closefrom closes through an internal close_range.
+    fn closefrom(lowfd: c_int) -> ();
+    |forward| {
+        if !attach::enabled() || lowfd < 0 {
+            return forward();
+        }
+        table::release_range(lowfd, RawFd::MAX);
+        if close_sparing_ours(lowfd as u32, u32::MAX, 0).is_err() {
+            forward();
+        }
+    }
+}
+
+/// The most library descriptors a close_range spares.
+const MAX_SPARED: usize = 4096;
+
+/// Closes (or marks, per `flags`) `first..=last` but for the library's own
+/// descriptors: a program that closes everything from 3 up (before exec,
+/// or to daemonise) closes its own descriptors, and keeps the connections
+/// it still names working. Allocates nothing (vfork children call it).
+fn close_sparing_ours(first: u32, last: u32, flags: u32) -> SysResult<()> {
+    let mut spared = [0u32; MAX_SPARED];
+    let mut count = 0;
+    table::internal_fds(|fd| {
+        let fd = fd as u32;
+        if count < MAX_SPARED && (first..=last).contains(&fd) {
+            spared[count] = fd;
+            count += 1;
+        }
+    });
+    let spared = &mut spared[..count];
+    spared.sort_unstable();
+    let result = table::ranges_around(first, last, spared).try_for_each(|(from, to)| sys::close_range(from, to, flags));
+    result
 }
 
 hook! {
@@ -1031,7 +1071,9 @@ extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_voi
 hook! {
     fn sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int;
     |forward, unsafe real| {
-        if !attach::enabled() || sig <= 0 || sig as usize >= signals::NSIG {
+        // A vfork child's dispositions are its own; the record of the
+        // program's handlers is its parent's.
+        if !attach::enabled() || sig <= 0 || sig as usize >= signals::NSIG || !sys::memory_is_ours() {
             return forward();
         }
         let before = signals::program_action(sig);
@@ -1120,5 +1162,152 @@ hook! {
             return forward();
         }
         install_handler(sig, handler, libc::SA_RESETHAND | libc::SA_NODEFER)
+    }
+}
+
+// exec: connections whose descriptors cross it keep working in the new
+// image (see `exec`). Each hook runs the same exec with the environment
+// `exec_carrying` gives it.
+
+extern "C" {
+    /// The process's environment (glibc's `environ`).
+    static environ: *const *const libc::c_char;
+}
+
+/// The most environment entries an exec may have for connections to cross
+/// it (the new list lives on the stack: vfork children run these hooks).
+const MAX_ENV: usize = 4096;
+
+/// Runs `exec` with the environment `envp`, plus the description of the
+/// connections that cross it, if any do and the new image loads the
+/// library. If the exec returns (it failed), the connections are as
+/// before, and errno is the exec's.
+///
+/// # Safety
+/// `envp` is NULL or a NULL-terminated array of NUL-terminated strings,
+/// as exec requires.
+unsafe fn exec_carrying(
+    envp: *const *const libc::c_char,
+    exec: impl FnOnce(*const *const libc::c_char) -> c_int,
+) -> c_int {
+    if !attach::enabled() || envp.is_null() {
+        return exec(envp);
+    }
+    let mut count = 0;
+    // SAFETY: `envp` is NULL-terminated (the caller's promise); reading
+    // stops at its NULL or at MAX_ENV.
+    while count < MAX_ENV && !unsafe { *envp.add(count) }.is_null() {
+        count += 1;
+    }
+    // SAFETY: each of the first `count` entries is a NUL-terminated string.
+    let entry = |i: usize| unsafe { std::ffi::CStr::from_ptr(*envp.add(i)) }.to_bytes();
+    if count + 2 > MAX_ENV || !crate::exec::image_loads_library((0..count).map(entry)) {
+        return exec(envp);
+    }
+    let Some(carry) = crate::exec::prepare() else {
+        return exec(envp);
+    };
+    let mut list = [std::ptr::null::<libc::c_char>(); MAX_ENV];
+    let mut n = 0;
+    for i in (0..count).filter(|&i| !crate::exec::is_carry_entry(entry(i))) {
+        // SAFETY: `i < count`, an entry of the caller's array.
+        list[n] = unsafe { *envp.add(i) };
+        n += 1;
+    }
+    list[n] = carry.entry().as_ptr() as *const libc::c_char;
+    let r = exec(list.as_ptr());
+    let errno = sys::last_errno();
+    carry.undo();
+    sys::set_errno(errno);
+    r
+}
+
+/// The process's environment now.
+fn environment() -> *const *const libc::c_char {
+    // SAFETY: reads the pointer glibc keeps; exec reads the array it names,
+    // as execv itself would.
+    unsafe { environ }
+}
+
+hook! {
+    fn execve(path: *const libc::c_char, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> c_int;
+    |forward, unsafe next| {
+        // SAFETY: `envp` is what the program gave exec; the same call runs.
+        unsafe { exec_carrying(envp, |envp| next(path, argv, envp)) }
+    }
+}
+
+hook! {
+    fn execv(path: *const libc::c_char, argv: *const *const libc::c_char) -> c_int;
+    |forward| {
+        static EXECVE: AtomicUsize = AtomicUsize::new(0);
+        let addr = resolve(b"execve\0", &EXECVE);
+        // SAFETY: libc's execve, the call execv makes with the process's
+        // environment.
+        let execve = unsafe {
+            std::mem::transmute::<usize, unsafe extern "C" fn(*const libc::c_char, *const *const libc::c_char, *const *const libc::c_char) -> c_int>(addr)
+        };
+        // SAFETY: glibc's `environ` is NULL-terminated; the same exec runs.
+        unsafe { exec_carrying(environment(), |envp| execve(path, argv, envp)) }
+    }
+}
+
+hook! {
+    fn execvpe(file: *const libc::c_char, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> c_int;
+    |forward, unsafe next| {
+        // SAFETY: `envp` is what the program gave exec; the same call runs.
+        unsafe { exec_carrying(envp, |envp| next(file, argv, envp)) }
+    }
+}
+
+hook! {
+    fn execvp(file: *const libc::c_char, argv: *const *const libc::c_char) -> c_int;
+    |forward| {
+        static EXECVPE: AtomicUsize = AtomicUsize::new(0);
+        let addr = resolve(b"execvpe\0", &EXECVPE);
+        // SAFETY: libc's execvpe, the call execvp makes with the process's
+        // environment.
+        let execvpe = unsafe {
+            std::mem::transmute::<usize, unsafe extern "C" fn(*const libc::c_char, *const *const libc::c_char, *const *const libc::c_char) -> c_int>(addr)
+        };
+        // SAFETY: glibc's `environ` is NULL-terminated; the same exec runs.
+        unsafe { exec_carrying(environment(), |envp| execvpe(file, argv, envp)) }
+    }
+}
+
+hook! {
+    fn fexecve(fd: c_int, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> c_int;
+    |forward, unsafe next| {
+        // SAFETY: `envp` is what the program gave exec; the same call runs.
+        unsafe { exec_carrying(envp, |envp| next(fd, argv, envp)) }
+    }
+}
+
+hook! {
+    fn execveat(
+        dirfd: c_int,
+        path: *const libc::c_char,
+        argv: *const *const libc::c_char,
+        envp: *const *const libc::c_char,
+        flags: c_int,
+    ) -> c_int;
+    |forward, unsafe next| {
+        // SAFETY: `envp` is what the program gave exec; the same call runs.
+        unsafe { exec_carrying(envp, |envp| next(dirfd, path, argv, envp, flags)) }
+    }
+}
+
+/// Run by the dynamic loader when the library is loaded, before the
+/// program's `main`: notes whose memory this is, and takes up the
+/// connections that crossed an exec.
+#[used]
+#[link_section = ".init_array"]
+static AFTER_EXEC: extern "C" fn() = after_exec;
+
+extern "C" fn after_exec() {
+    if attach::enabled() {
+        sys::claim_memory();
+        crate::fork::watch();
+        crate::exec::adopt();
     }
 }

@@ -9,6 +9,7 @@
 //!   [`splice`]: what the calls do for managed descriptors, in safe code;
 //! - [`poll`]: poll and select over any mix of kernel and vSocket
 //!   descriptors;
+//! - [`exec`]: connections that cross exec into a new program image;
 //! - [`fork`]: connections shared with children;
 //! - [`table`]: which descriptors are managed, looked up without locks;
 //! - [`epoll`]: epoll sets, which see their members through one seam
@@ -35,6 +36,7 @@ mod attach;
 mod conn;
 mod connect;
 mod epoll;
+mod exec;
 mod fork;
 #[allow(unsafe_code)]
 mod hooks;

@@ -272,9 +272,34 @@ pub fn getpid() -> i32 {
     pid
 }
 
-/// Forgets the cached process id (in a fork child).
+/// The calling process's id from the kernel, never cached: right in a
+/// vfork child too, where the cache still holds its parent's.
+pub fn process_id() -> i32 {
+    raw!(libc::SYS_getpid).unwrap_or(0) as i32
+}
+
+/// The process whose memory this is (0: not known yet).
+static OWNER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Notes that this memory is the calling process's own (at load, and in a
+/// fork child).
+pub fn claim_memory() {
+    OWNER.store(process_id(), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Is this memory the calling process's own? Not in a vfork child, which
+/// runs on its parent's memory (its side table, its epoll sets, its
+/// signal dispositions) until it execs or exits, with descriptors and
+/// signal handlers of its own: it must leave the library's state alone.
+pub fn memory_is_ours() -> bool {
+    let owner = OWNER.load(std::sync::atomic::Ordering::Relaxed);
+    owner == 0 || owner == process_id()
+}
+
+/// Forgets the cached process id, and claims the memory (in a fork child).
 pub fn forget_pid() {
     PID.store(0, std::sync::atomic::Ordering::Relaxed);
+    claim_memory();
 }
 
 /// Runs `prepare` in the parent before every fork(3), and `child` in the
@@ -464,4 +489,120 @@ pub fn pread(fd: RawFd, buf: &mut [u8], offset: i64) -> SysResult<usize> {
 /// lseek(2): moves the file offset; returns the new one.
 pub fn lseek(fd: RawFd, offset: i64, whence: i32) -> SysResult<usize> {
     raw!(libc::SYS_lseek, fd, offset, whence)
+}
+
+/// close_range(2).
+pub fn close_range(first: u32, last: u32, flags: u32) -> SysResult<()> {
+    raw!(libc::SYS_close_range, first, last, flags).map(drop)
+}
+
+/// Which socket a descriptor or path names: its device and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketIdentity {
+    dev: u64,
+    ino: u64,
+}
+
+fn socket_identity(st: &libc::stat) -> Option<SocketIdentity> {
+    (st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then_some(SocketIdentity { dev: st.st_dev, ino: st.st_ino })
+}
+
+/// The socket `fd` names (None: not a socket).
+pub fn socket_of_fd(fd: RawFd) -> Option<SocketIdentity> {
+    // SAFETY: struct stat is plain data.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    raw!(libc::SYS_fstat, fd, &mut st as *mut libc::stat).ok()?;
+    socket_identity(&st)
+}
+
+/// The socket `path` (NUL-terminated; a `/proc/PID/fd/N` link is
+/// followed) names.
+pub fn socket_at(path: &[u8]) -> Option<SocketIdentity> {
+    if path.last() != Some(&0) {
+        return None;
+    }
+    // SAFETY: struct stat is plain data.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    raw!(libc::SYS_newfstatat, libc::AT_FDCWD, path.as_ptr(), &mut st as *mut libc::stat, 0).ok()?;
+    socket_identity(&st)
+}
+
+/// The process whose memory this is, if known (see `memory_is_ours`).
+pub fn memory_owner() -> i32 {
+    OWNER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Calls `f` with each descriptor open in the calling process (from
+/// `/proc/self/fd`), allocating nothing.
+pub fn each_open_fd(mut f: impl FnMut(RawFd)) -> SysResult<()> {
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    let dir = raw!(libc::SYS_openat, libc::AT_FDCWD, c"/proc/self/fd".as_ptr(), flags)? as RawFd;
+    let mut buf = [0u8; 4096];
+    let result = loop {
+        let n = match raw!(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len()) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) => break Err(e),
+        };
+        for name in dirent_names(&buf[..n]) {
+            match std::str::from_utf8(name).ok().and_then(|s| s.parse::<RawFd>().ok()) {
+                Some(fd) if fd != dir => f(fd),
+                _ => {}
+            }
+        }
+    };
+    let _ = close(dir);
+    result
+}
+
+/// The names in a buffer of `linux_dirent64` records (inode, offset,
+/// record length, type, NUL-terminated name).
+fn dirent_names(records: &[u8]) -> impl Iterator<Item = &[u8]> {
+    const NAME: usize = 8 + 8 + 2 + 1;
+    let mut rest = records;
+    std::iter::from_fn(move || {
+        let len = usize::from(u16::from_ne_bytes([*rest.get(16)?, *rest.get(17)?]));
+        if len < NAME || len > rest.len() {
+            return None;
+        }
+        let (record, after) = rest.split_at(len);
+        rest = after;
+        let name = &record[NAME..];
+        Some(&name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_descriptors_and_their_sockets_are_listed() {
+        let (ours, daemon) = seqpacket_pair().unwrap();
+        let mut seen = Vec::new();
+        each_open_fd(|fd| seen.push(fd)).unwrap();
+        assert!(seen.contains(&ours), "{seen:?}");
+        let socket = socket_of_fd(ours).unwrap();
+        let path = format!("/proc/{}/fd/{ours}\0", process_id());
+        assert_eq!(socket_at(path.as_bytes()), Some(socket));
+        assert_ne!(socket_of_fd(std::os::fd::AsRawFd::as_raw_fd(&daemon)), Some(socket));
+        let (r, w) = pipe().unwrap();
+        assert_eq!(socket_of_fd(r), None);
+        for fd in [ours, r, w] {
+            close(fd).unwrap();
+        }
+    }
+
+    #[test]
+    fn damaged_directory_records_end_the_listing() {
+        let mut record = vec![0u8; 24];
+        record[16..18].copy_from_slice(&24u16.to_ne_bytes());
+        record[19..21].copy_from_slice(b"17");
+        let mut two = record.clone();
+        two.extend_from_slice(&record);
+        assert_eq!(dirent_names(&two).collect::<Vec<_>>(), vec![b"17", b"17"]);
+        two[16..18].copy_from_slice(&200u16.to_ne_bytes());
+        assert_eq!(dirent_names(&two).count(), 0);
+        assert_eq!(dirent_names(&record[..10]).count(), 0);
+    }
 }

@@ -8,11 +8,17 @@
 //! The table also knows every epoll set the program created, so that a
 //! descriptor that becomes a vSocket (or is closed) is moved (or forgotten)
 //! in each; the sets find their members through [`epoll::Member`].
+//!
+//! The table lives in the process's memory: a vfork child, which shares it
+//! with its parent until it execs, changes nothing in it (see
+//! `sys::memory_is_ours`); the descriptors it closes or duplicates are its
+//! own.
 
 use crate::conn::Connection;
 pub use crate::conn::Dropped;
 use crate::epoll::{self, Waitable};
 use crate::listener::Listener;
+use crate::sys;
 use arc_swap::ArcSwapOption;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -147,6 +153,9 @@ pub fn adopt(fd: RawFd, entry: Entry) {
 /// descriptors (dup) and calls in progress in other threads hold it open,
 /// as their files hold a kernel socket open.
 pub fn release(fd: RawFd) {
+    if !sys::memory_is_ours() {
+        return;
+    }
     // Forget the epoll registrations first, while the entry still tells
     // which doorbell belongs to the descriptor.
     each_set(|s| s.forget(fd));
@@ -155,6 +164,9 @@ pub fn release(fd: RawFd) {
 
 /// Every managed descriptor in `first..=last` is being closed.
 pub fn release_range(first: RawFd, last: RawFd) {
+    if !sys::memory_is_ours() {
+        return;
+    }
     let mut managed = Vec::new();
     managed_in(first, last, |fd, _| managed.push(fd));
     for fd in managed {
@@ -162,9 +174,42 @@ pub fn release_range(first: RawFd, last: RawFd) {
     }
 }
 
+/// Calls `f` with each of the library's own descriptors that the table's
+/// entries hold (connections' doorbells, lifelines and segment halves;
+/// listeners' channels). Takes no lock and allocates nothing.
+pub fn internal_fds(mut f: impl FnMut(RawFd)) {
+    managed_in(0, RawFd::MAX, |_, entry| match entry {
+        Entry::Conn(conn) => conn.for_exec().1.open_fds().for_each(&mut f),
+        Entry::Listener(listener) => listener.channel_fd().into_iter().for_each(&mut f),
+        Entry::Dropped(_) | Entry::Epoll(_) => {}
+    });
+}
+
+/// The ranges of `first..=last` left once the descriptors in `spared`
+/// (sorted) are taken out of it.
+pub fn ranges_around(first: u32, last: u32, spared: &[u32]) -> impl Iterator<Item = (u32, u32)> + '_ {
+    let mut next = Some(first);
+    let mut spared = spared.iter().copied().filter(move |&fd| (first..=last).contains(&fd));
+    std::iter::from_fn(move || loop {
+        let from = next?;
+        match spared.next() {
+            Some(fd) if fd == from => next = fd.checked_add(1).filter(|&n| n <= last),
+            Some(fd) if fd < from => continue,
+            Some(fd) => {
+                next = fd.checked_add(1).filter(|&n| n <= last);
+                return Some((from, fd - 1));
+            }
+            None => {
+                next = None;
+                return Some((from, last));
+            }
+        }
+    })
+}
+
 /// `newfd` now names what `oldfd` names (dup and its kin).
 pub fn share(oldfd: RawFd, newfd: RawFd) {
-    if let Some(entry) = get(oldfd) {
+    if let Some(entry) = get(oldfd).filter(|_| sys::memory_is_ours()) {
         if !matches!(*entry, Entry::Epoll(_)) {
             set(newfd, entry);
         }
@@ -246,5 +291,21 @@ mod tests {
         }
         assert!(get((CHUNK * CHUNKS) as RawFd).is_none());
         assert!(get(-1).is_none());
+    }
+
+    fn around(first: u32, last: u32, spared: &[u32]) -> Vec<(u32, u32)> {
+        ranges_around(first, last, spared).collect()
+    }
+
+    #[test]
+    fn ranges_around_the_spared_descriptors() {
+        assert_eq!(around(3, 100, &[]), vec![(3, 100)]);
+        assert_eq!(around(3, 100, &[50]), vec![(3, 49), (51, 100)]);
+        assert_eq!(around(3, 100, &[3, 4, 100]), vec![(5, 99)]);
+        assert_eq!(around(3, 100, &[1, 2, 60, 61, 200]), vec![(3, 59), (62, 100)]);
+        assert_eq!(around(3, 3, &[3]), vec![]);
+        assert_eq!(around(0, u32::MAX, &[u32::MAX]), vec![(0, u32::MAX - 1)]);
+        assert_eq!(around(0, u32::MAX, &[0, 1024]), vec![(1, 1023), (1025, u32::MAX)]);
+        assert_eq!(around(10, 20, &[5, 10, 10, 15, 15]), vec![(11, 14), (16, 20)]);
     }
 }

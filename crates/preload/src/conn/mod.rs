@@ -107,6 +107,36 @@ pub struct EdgeSnapshot {
     pub readiness: Readiness,
 }
 
+/// What a new program image needs, besides the descriptors, to go on
+/// with a connection after exec (see `exec`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resumed {
+    pub info: ConnectionInfo,
+    pub endpoint: Endpoint,
+    pub family: crate::addr::Family,
+    /// The state's flags ([`state::Flags::bits`]).
+    pub flags: u32,
+    pub recv_timeout_ms: i64,
+    pub send_timeout_ms: i64,
+}
+
+/// A connection's library-internal descriptors, as they cross exec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Internal {
+    pub doorbell: RawFd,
+    /// -1 where no daemon watches (unit tests).
+    pub lifeline: RawFd,
+    /// This end's half of the segment and the peer's.
+    pub halves: [RawFd; 2],
+}
+
+impl Internal {
+    /// The descriptors that are open (the lifeline may not be).
+    pub fn open_fds(&self) -> impl Iterator<Item = RawFd> {
+        [self.doorbell, self.lifeline, self.halves[0], self.halves[1]].into_iter().filter(|&fd| fd >= 0)
+    }
+}
+
 impl Connection {
     /// Maps the segment the daemon sent, and takes its wake-ups (see
     /// `attach`).
@@ -138,6 +168,56 @@ impl Connection {
             rx_lock: Mutex::new(()),
             tx_lock: Mutex::new(()),
         })
+    }
+
+    /// Takes up again, in a new program image, the connection this process
+    /// held before exec: it is already counted among the end's holders.
+    pub fn resume(resumed: Resumed, mut delivery: Delivery) -> SysResult<Connection> {
+        let segment = Memory::map(&mut delivery, &resumed.info, resumed.endpoint)?;
+        let Wakeups { doorbell, lifeline } = delivery.take_wakeups();
+        Ok(Connection {
+            segment,
+            endpoint: resumed.endpoint,
+            doorbell,
+            lifeline,
+            info: resumed.info,
+            family: resumed.family,
+            fork_generation: AtomicU64::new(0),
+            rung_for_others: AtomicU32::new(0),
+            state: State::resumed(resumed.flags),
+            peer_gone: AtomicBool::new(false),
+            so_error: AtomicI32::new(0),
+            recv_timeout_ms: AtomicI64::new(resumed.recv_timeout_ms),
+            send_timeout_ms: AtomicI64::new(resumed.send_timeout_ms),
+            rx_lock: Mutex::new(()),
+            tx_lock: Mutex::new(()),
+        })
+    }
+
+    /// What crosses exec with this connection: its state and its
+    /// descriptors.
+    pub fn for_exec(&self) -> (Resumed, Internal) {
+        let resumed = Resumed {
+            info: self.info,
+            endpoint: self.endpoint,
+            family: self.family,
+            flags: self.state.get().bits(),
+            recv_timeout_ms: self.recv_timeout_ms.load(Ordering::Relaxed),
+            send_timeout_ms: self.send_timeout_ms.load(Ordering::Relaxed),
+        };
+        let internal = Internal { doorbell: self.doorbell, lifeline: self.lifeline, halves: self.segment.halves() };
+        (resumed, internal)
+    }
+
+    /// Counts one more process holding this end (one that will hold it
+    /// without having been counted: a vfork child about to exec).
+    pub fn add_holder(&self) {
+        self.segment.holders(self.endpoint.index()).fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Takes back [`add_holder`](Self::add_holder) (the exec failed).
+    pub fn remove_holder(&self) {
+        self.segment.holders(self.endpoint.index()).fetch_sub(1, Ordering::AcqRel);
     }
 
     fn tx(&self) -> Producer<'_> {

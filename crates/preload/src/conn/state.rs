@@ -49,6 +49,11 @@ impl Flags {
     /// This process's end was closed.
     pub const CLOSED: Flags = Flags(1 << 7);
 
+    /// The flags as one word (carried across exec, see `exec`).
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+
     /// Are all of `flags` set?
     pub fn contains(self, flags: Flags) -> bool {
         self.0 & flags.0 == flags.0
@@ -65,6 +70,12 @@ impl State {
             Blocking::NonBlocking => Flags::NONBLOCKING.0,
         };
         State(AtomicU32::new(initial))
+    }
+
+    /// The flags a connection had in the program image before exec
+    /// (`Flags::bits`); only the known ones, and never `CLOSED`.
+    pub fn resumed(bits: u32) -> State {
+        State(AtomicU32::new(bits & (Flags::CLOSED.0 - 1)))
     }
 
     /// The flags now.
