@@ -6,6 +6,7 @@ inetd-style servers do, and a client that checks the echo.
     execserve.py check ADDR PORT BYTES SEED
     execserve.py give ADDR PORT BYTES SEED
     execserve.py digest BYTES SEED
+    execserve.py failexec ADDR PORT
 
 `serve` accepts connections for ever; each runs PROGRAM with the
 connection as its stdin and stdout, started by MODE:
@@ -21,7 +22,9 @@ connection as its stdin and stdout, started by MODE:
 sizes, half-closes, reads until end of stream and prints
 "sent=N received=M match=yes|no".
 `give` sends each connection BYTES of pseudo-random data (from SEED) and
-closes it; `digest` prints the sha256 of those bytes.
+closes it; `digest` prints the sha256 of those bytes. `failexec`
+connects to an echo server, lets the socket cross exec, execs a program
+that does not exist, then checks an echo on the connection it still has.
 """
 import hashlib
 import os
@@ -108,12 +111,31 @@ def give(addr, port, size, seed):
         conn.close()
 
 
+def failexec(addr, port):
+    s = socket.create_connection((addr, port), timeout=30)
+    os.set_inheritable(s.fileno(), True)
+    try:
+        os.execv("/nonexistent/program", ["program"])
+    except OSError as e:
+        failed = e.errno
+    s.sendall(b"still here")
+    got = b""
+    while len(got) < 10:
+        chunk = s.recv(10 - len(got))
+        if not chunk:
+            break
+        got += chunk
+    print(f"exec failed with errno {failed}; echo {got.decode()}")
+
+
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "serve":
         serve(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5:])
     elif command == "check":
         check(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    elif command == "failexec":
+        failexec(sys.argv[2], int(sys.argv[3]))
     elif command == "give":
         give(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:

@@ -245,9 +245,8 @@ static int client(const char *ip, int port, const char *self) {
     CHECK("jdk_dup2_wakes_a_blocked_reader", b.first == -1 && b.first_errno == EINTR && b.second == 0 && strcmp(buf, "eof") == 0, "reads %zd (%s) then %zd; the peer saw %s", b.first, strerror(b.first_errno), b.second, buf);
     close(s);
 
-    /* exec: the connection does not survive, and nothing is corrupted: the
-     * new program's descriptor is an unconnected socket, and the peer sees
-     * the end of the stream. The exec'd program reports both. */
+    /* exec: the connection survives it; the exec'd program reports what
+     * it and the peer see. */
     s = connect_to(&sa, 'X');
     if (read(s, buf, 1) != 1) { perror("read"); return 2; }
     char fd[16], portstr[16];
@@ -259,9 +258,9 @@ static int client(const char *ip, int port, const char *self) {
     return 2;
 }
 
-/* The program exec'd with a connected socket on `fd`. On Linux TCP the
- * connection survives exec; over vSocket it does not (documented), and
- * the descriptor must then fail cleanly while the peer sees the end of the
+/* The program exec'd with a connected socket on `fd`. The connection
+ * survives exec, on Linux TCP and over vSocket; were it lost, the
+ * descriptor would have to fail cleanly while the peer sees the end of the
  * stream. Prints exec_state=works or exec_state=unconnected. */
 static int after_exec(const char *ip, int port, int fd) {
     char buf[16];

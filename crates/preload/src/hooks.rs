@@ -1311,3 +1311,36 @@ extern "C" fn after_exec() {
         crate::exec::adopt();
     }
 }
+
+// execl, execlp and execle: their variadic arguments are gathered in C
+// (src/execl.c), which then calls the hooks above. The exported symbols
+// jump there with every register and the stack as the caller left them,
+// which is what a variadic callee reads its arguments from.
+
+extern "C" {
+    fn vsocket_execl();
+    fn vsocket_execlp();
+    fn vsocket_execle();
+}
+
+/// `int execl(const char *path, const char *arg, ... /*, NULL */)`
+#[unsafe(naked)]
+#[no_mangle]
+pub extern "C" fn execl() {
+    // A tail jump: the C function returns to our caller.
+    core::arch::naked_asm!("jmp {}", sym vsocket_execl)
+}
+
+/// `int execlp(const char *file, const char *arg, ... /*, NULL */)`
+#[unsafe(naked)]
+#[no_mangle]
+pub extern "C" fn execlp() {
+    core::arch::naked_asm!("jmp {}", sym vsocket_execlp)
+}
+
+/// `int execle(const char *path, const char *arg, ... /*, NULL, char *const envp[] */)`
+#[unsafe(naked)]
+#[no_mangle]
+pub extern "C" fn execle() {
+    core::arch::naked_asm!("jmp {}", sym vsocket_execle)
+}
