@@ -8,55 +8,52 @@
 #include <stddef.h>
 #include <unistd.h>
 
-/* The number of arguments up to the NULL that ends them. */
-#define COUNT_ARGS(first, argc)                                              \
-    do {                                                                     \
-        va_list count_ap;                                                    \
-        argc = 0;                                                            \
-        if (first != NULL) {                                                 \
-            argc = 1;                                                        \
-            va_start(count_ap, first);                                       \
-            while (va_arg(count_ap, const char *) != NULL)                   \
-                argc++;                                                      \
-            va_end(count_ap);                                                \
-        }                                                                    \
-    } while (0)
+/* How many arguments there are, `first` included, before the NULL that
+ * ends them (`ap` holds those after `first`). */
+static size_t count_args(const char *first, va_list ap) {
+    size_t argc = 0;
+    if (first != NULL) {
+        argc = 1;
+        while (va_arg(ap, const char *) != NULL)
+            argc++;
+    }
+    return argc;
+}
+
+/* Fills argv[0..=argc] with `first`, the `argc - 1` arguments after it and
+ * the NULL, leaving `ap` after the NULL. */
+static void fill_args(const char **argv, const char *first, size_t argc, va_list *ap) {
+    argv[0] = first;
+    for (size_t i = 1; i <= argc; i++)
+        argv[i] = va_arg(*ap, const char *);
+}
+
+/* Declares `argv`, holding `first` and the arguments after it in `ap`. */
+#define GATHER(argv, first, ap)                                              \
+    va_start(ap, first);                                                     \
+    size_t argc = count_args(first, ap);                                     \
+    va_end(ap);                                                              \
+    const char *argv[argc + 1];                                              \
+    va_start(ap, first);                                                     \
+    fill_args(argv, first, argc, &ap)
 
 __attribute__((visibility("hidden"))) int vsocket_execl(const char *path, const char *arg, ...) {
-    size_t argc;
-    COUNT_ARGS(arg, argc);
-    const char *argv[argc + 1];
-    argv[0] = arg;
     va_list ap;
-    va_start(ap, arg);
-    for (size_t i = 1; i <= argc; i++)
-        argv[i] = va_arg(ap, const char *);
+    GATHER(argv, arg, ap);
     va_end(ap);
     return execv(path, (char *const *)argv);
 }
 
 __attribute__((visibility("hidden"))) int vsocket_execlp(const char *file, const char *arg, ...) {
-    size_t argc;
-    COUNT_ARGS(arg, argc);
-    const char *argv[argc + 1];
-    argv[0] = arg;
     va_list ap;
-    va_start(ap, arg);
-    for (size_t i = 1; i <= argc; i++)
-        argv[i] = va_arg(ap, const char *);
+    GATHER(argv, arg, ap);
     va_end(ap);
     return execvp(file, (char *const *)argv);
 }
 
 __attribute__((visibility("hidden"))) int vsocket_execle(const char *path, const char *arg, ...) {
-    size_t argc;
-    COUNT_ARGS(arg, argc);
-    const char *argv[argc + 1];
-    argv[0] = arg;
     va_list ap;
-    va_start(ap, arg);
-    for (size_t i = 1; i <= argc; i++)
-        argv[i] = va_arg(ap, const char *);
+    GATHER(argv, arg, ap);
     /* The environment follows the NULL that ends the arguments (`arg`
      * itself when there are none). */
     char *const *envp = va_arg(ap, char *const *);

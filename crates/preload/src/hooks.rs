@@ -1222,6 +1222,19 @@ unsafe fn exec_carrying(
     r
 }
 
+/// An exec of libc's that takes a name, arguments and an environment.
+type ExecWithEnvironment =
+    unsafe extern "C" fn(*const libc::c_char, *const *const libc::c_char, *const *const libc::c_char) -> c_int;
+
+/// libc's `name` (execve or execvpe, NUL-terminated): execv and execvp are
+/// these with the process's environment.
+fn libc_exec(name: &[u8], cache: &AtomicUsize) -> ExecWithEnvironment {
+    let addr = resolve(name, cache);
+    // SAFETY: dlsym found libc's definition of `name`, one of the two
+    // execs whose C type this is.
+    unsafe { std::mem::transmute::<usize, ExecWithEnvironment>(addr) }
+}
+
 /// The process's environment now.
 fn environment() -> *const *const libc::c_char {
     // SAFETY: reads the pointer glibc keeps; exec reads the array it names,
@@ -1241,12 +1254,7 @@ hook! {
     fn execv(path: *const libc::c_char, argv: *const *const libc::c_char) -> c_int;
     |forward| {
         static EXECVE: AtomicUsize = AtomicUsize::new(0);
-        let addr = resolve(b"execve\0", &EXECVE);
-        // SAFETY: libc's execve, the call execv makes with the process's
-        // environment.
-        let execve = unsafe {
-            std::mem::transmute::<usize, unsafe extern "C" fn(*const libc::c_char, *const *const libc::c_char, *const *const libc::c_char) -> c_int>(addr)
-        };
+        let execve = libc_exec(b"execve\0", &EXECVE);
         // SAFETY: glibc's `environ` is NULL-terminated; the same exec runs.
         unsafe { exec_carrying(environment(), |envp| execve(path, argv, envp)) }
     }
@@ -1264,12 +1272,7 @@ hook! {
     fn execvp(file: *const libc::c_char, argv: *const *const libc::c_char) -> c_int;
     |forward| {
         static EXECVPE: AtomicUsize = AtomicUsize::new(0);
-        let addr = resolve(b"execvpe\0", &EXECVPE);
-        // SAFETY: libc's execvpe, the call execvp makes with the process's
-        // environment.
-        let execvpe = unsafe {
-            std::mem::transmute::<usize, unsafe extern "C" fn(*const libc::c_char, *const *const libc::c_char, *const *const libc::c_char) -> c_int>(addr)
-        };
+        let execvpe = libc_exec(b"execvpe\0", &EXECVPE);
         // SAFETY: glibc's `environ` is NULL-terminated; the same exec runs.
         unsafe { exec_carrying(environment(), |envp| execvpe(file, argv, envp)) }
     }
