@@ -817,14 +817,16 @@ fn advance_const<R>(bufs: &[&[u8]], skip: usize, op: impl FnOnce(&[&[u8]]) -> R)
 }
 
 #[cfg(test)]
-mod tests {
-    //! The connection state machine, both ends in one process.
+pub mod testing {
+    //! Both ends of a connection in one process, for unit tests.
     use super::*;
     use std::os::fd::IntoRawFd;
     use std::sync::Arc;
     use vsocket_ring::Segment;
 
-    fn pair(ring_size: u32) -> (Arc<Connection>, Arc<Connection>) {
+    /// A connection's two ends over a segment of rings of `ring_size`
+    /// bytes, blocking, with no daemon watching.
+    pub fn pair(ring_size: u32) -> (Arc<Connection>, Arc<Connection>) {
         let (daemon_view, files) = Segment::create(ring_size).unwrap();
         drop(daemon_view);
         let [client_own, client_peer] = files.clone_for(Endpoint::Client).unwrap();
@@ -852,6 +854,14 @@ mod tests {
         let server = Connection::new(info, Endpoint::Server, crate::addr::Family::V4, fds, Blocking::Blocking).unwrap();
         (Arc::new(client), Arc::new(server))
     }
+
+}
+
+#[cfg(test)]
+mod tests {
+    //! The connection state machine, both ends in one process.
+    use super::testing::pair;
+    use super::*;
 
     #[test]
     fn resuming_inside_the_buffers_skips_what_was_moved() {
@@ -1148,5 +1158,51 @@ mod tests {
         assert_eq!(s.readiness() & Readiness::IN, Readiness::IN);
         recv_all(&s, 100);
         assert_eq!(c.readiness() & Readiness::OUT, Readiness::OUT);
+    }
+
+    #[test]
+    fn a_connection_taken_up_after_exec_goes_on_where_it_was() {
+        let (c, s) = pair(4096);
+        c.send(&[b"before"], 0).unwrap();
+        s.set_timeout(Direction::Receive, 1500);
+        s.state.shut_read();
+        let holders = s.segment.holders(Endpoint::Server.index()).load(Ordering::Relaxed);
+        let (resumed, internal) = s.for_exec();
+        assert_eq!(resumed.recv_timeout_ms, 1500);
+        // What the new image receives: the same descriptors, duplicated as
+        // exec would keep them.
+        let dup = |fd: RawFd| sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0).unwrap() as RawFd;
+        let delivery = Delivery {
+            segment: dup(internal.halves[0]),
+            peer_segment: dup(internal.halves[1]),
+            doorbell: dup(internal.doorbell),
+            lifeline: -1,
+        };
+        let again = Connection::resume(resumed, delivery).unwrap();
+        assert_eq!(again.segment.holders(Endpoint::Server.index()).load(Ordering::Relaxed), holders);
+        assert_eq!(again.timeout_ms(Direction::Receive), 1500);
+        assert!(again.state.has(Flags::READ_SHUT));
+        assert_eq!(again.peer(), s.peer());
+        // The stream goes on: the client's next bytes reach the new end.
+        again.state.set_blocking(Blocking::NonBlocking);
+        let resumed = Resumed { flags: 0, ..resumed };
+        let fresh = Delivery {
+            segment: dup(internal.halves[0]),
+            peer_segment: dup(internal.halves[1]),
+            doorbell: dup(internal.doorbell),
+            lifeline: -1,
+        };
+        let reader = Connection::resume(resumed, fresh).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(reader.recv(&mut [&mut buf[..]], 0), Ok(6));
+        assert_eq!(&buf[..6], b"before");
+        // A closed state never crosses.
+        assert!(!State::resumed(Flags::CLOSED.bits() | Flags::WRITE_SHUT.bits()).has(Flags::CLOSED));
+        // Each stands for a process already counted: dropping them must not
+        // take the count below the two real ends'.
+        again.add_holder();
+        reader.add_holder();
+        drop((again, reader));
+        assert_eq!(s.segment.holders(Endpoint::Server.index()).load(Ordering::Relaxed), holders);
     }
 }
