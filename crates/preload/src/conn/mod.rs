@@ -20,7 +20,7 @@ use state::{Flags, State};
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 use vsocket_abi::control::ConnectionInfo;
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::{Consumer, Producer, RingError, RxState};
@@ -629,7 +629,7 @@ impl Connection {
             return Ok(0);
         }
         let dontwait = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();
-        let _guard = self.tx_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = self.lock_sending(dontwait)?;
         let mut total = 0usize;
         loop {
             if self.state.has(Flags::BROKEN) {
@@ -673,6 +673,39 @@ impl Connection {
             }
             if let Err(e) = blocking::block(self, Interest::WRITABLE) {
                 return self.finish_write(total, e);
+            }
+        }
+    }
+
+    /// Takes this process's send lock, which keeps one send's bytes
+    /// together. Another writer may hold it while it sleeps for room: then
+    /// a non-blocking send fails with EAGAIN (the ring is full, as it would
+    /// find), and a blocking one waits as a send waits for room (woken as
+    /// the peer consumes, in sleeps of bounded length), so that a signal
+    /// interrupts it and SO_SNDTIMEO bounds it, as in Linux, where a
+    /// writer waiting for room lets go of the socket.
+    fn lock_sending(&self, dontwait: bool) -> SysResult<MutexGuard<'_, ()>> {
+        loop {
+            match self.tx_lock.try_lock() {
+                Ok(guard) => return Ok(guard),
+                Err(TryLockError::Poisoned(poisoned)) => return Ok(poisoned.into_inner()),
+                Err(TryLockError::WouldBlock) => {}
+            }
+            if dontwait {
+                if !self.satisfies(Interest::WRITABLE) {
+                    return Err(Errno(libc::EAGAIN));
+                }
+                // The holder is copying, not waiting: a moment's turn.
+                std::thread::yield_now();
+                continue;
+            }
+            let mut taken = None;
+            blocking::block_until(self, Interest::WRITABLE, || {
+                taken = self.tx_lock.try_lock().ok();
+                taken.is_some()
+            })?;
+            if let Some(guard) = taken {
+                return Ok(guard);
             }
         }
     }
@@ -1204,5 +1237,23 @@ mod tests {
         reader.add_holder();
         drop((again, reader));
         assert_eq!(s.segment.holders(Endpoint::Server.index()).load(Ordering::Relaxed), holders);
+    }
+
+    #[test]
+    fn a_writer_behind_one_waiting_for_room_keeps_its_timeout_and_mode() {
+        let (c, _s) = pair(4096);
+        let c2 = c.clone();
+        // One writer fills the ring and waits for room, holding the lock.
+        let first = std::thread::spawn(move || c2.send(&[&[1u8; 8192][..]], 0));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // A non-blocking writer is told the ring is full.
+        assert_eq!(c.send(&[b"x"], libc::MSG_DONTWAIT), Err(Errno(libc::EAGAIN)));
+        // A blocking one with SO_SNDTIMEO gives up when it runs out.
+        c.set_timeout(Direction::Send, 150);
+        let began = std::time::Instant::now();
+        assert_eq!(c.send(&[b"x"], 0), Err(Errno(libc::EAGAIN)));
+        assert!(began.elapsed() >= std::time::Duration::from_millis(140), "{:?}", began.elapsed());
+        c.break_connection();
+        let _ = first.join().unwrap();
     }
 }
