@@ -543,6 +543,20 @@ static int client(const char *ip, int port) {
     CHECK("so_rcvtimeo", r == -1 && errno == EAGAIN && waited > 0.15 && waited < 2.0, "read %d after %.3f s", r, waited);
     struct timeval none = {0, 0};
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
+    /* SO_RCVTIMEO bounds a blocking accept too. */
+    int idle = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in any_port = {0};
+    any_port.sin_family = AF_INET;
+    any_port.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(idle, (struct sockaddr *)&any_port, sizeof any_port);
+    listen(idle, 4);
+    setsockopt(idle, SOL_SOCKET, SO_RCVTIMEO, &rto, sizeof rto);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    r = accept(idle, NULL, NULL);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    waited = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
+    CHECK("so_rcvtimeo_accept", r == -1 && errno == EAGAIN && waited > 0.15 && waited < 2.0, "accept %d after %.3f s", r, waited);
+    close(idle);
 
     /* Readiness: select, pselect, poll, epoll (level, edge, oneshot). */
     fd_set rs;
