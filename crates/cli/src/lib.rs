@@ -12,12 +12,16 @@
 //!   flows.
 //! - [`rates`]: `vsocketctl rates`, bytes per second from two samples of
 //!   the daemon's counters.
+//! - [`vm`]: what virtual-machine guests boot (QEMU under TCG, a guest
+//!   kernel and an initramfs that runs the host's programs), fetched into
+//!   a cache of its own.
 
 #![forbid(unsafe_code)]
 
 pub mod lab;
 pub mod rates;
 pub mod run;
+pub mod vm;
 
 use std::path::PathBuf;
 
