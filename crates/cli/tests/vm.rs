@@ -2,11 +2,13 @@
 //! initramfs `vsocket_cli::vm` makes, and runs the host's own programs
 //! over the host's root, read-only over 9p.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use vsocket_cli::vm::{exit_status, Boot, Image};
+use vsocket_cli::vm::{exit_status, vsock_backend, Boot, Image};
 
 /// The cache the tests share (the workspace's target directory).
 fn cache() -> PathBuf {
@@ -16,12 +18,10 @@ fn cache() -> PathBuf {
 /// How long a boot may take under TCG before the test gives up on it.
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
 
-#[test]
-fn a_vm_guest_boots_and_runs_the_hosts_programs() {
-    let image = Image::ensure(&cache()).unwrap_or_else(|e| panic!("{e}"));
-    let script = "python3 -c 'print(6 * 7)'; echo guest-kernel=$(uname -r); echo cpus=$(nproc); exit 3";
+/// Boots a guest for `boot` and waits for it to power off: its output.
+fn boot(image: &Image, boot: &Boot<'_>) -> Output {
     let mut child = image
-        .command(&Boot { memory_mib: 512, script })
+        .command(boot)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -35,7 +35,25 @@ fn a_vm_guest_boots_and_runs_the_hosts_programs() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let output = child.wait_with_output().unwrap();
+    eprintln!("booted, ran and powered off in {:?}", began.elapsed());
+    child.wait_with_output().unwrap()
+}
+
+/// Kills the process when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_vm_guest_boots_and_runs_the_hosts_programs() {
+    let image = Image::ensure(&cache()).unwrap_or_else(|e| panic!("{e}"));
+    let script = "python3 -c 'print(6 * 7)'; echo guest-kernel=$(uname -r); echo cpus=$(nproc); exit 3";
+    let output = boot(&image, &Boot { memory_mib: 512, script, vsock: None });
     let console = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(console.lines().any(|l| l.trim() == "42"), "console:\n{console}\nstderr:\n{stderr}");
@@ -45,5 +63,52 @@ fn a_vm_guest_boots_and_runs_the_hosts_programs() {
     assert_ne!(guest_kernel, host_kernel.trim());
     assert!(console.lines().any(|l| l.trim() == "cpus=1"), "{console}");
     assert_eq!(exit_status(&console), Some(3), "{console}");
-    eprintln!("booted, ran and powered off in {:?}", began.elapsed());
+}
+
+#[test]
+fn a_vm_guest_reaches_the_host_over_vsock() {
+    let cache = cache();
+    let image = Image::ensure(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let backend = vsock_backend(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let dir = std::env::temp_dir().join(format!("vsocket-vm-vsock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (vhost, uds) = (dir.join("vhost.sock"), dir.join("vsock.sock"));
+    // A guest's connect to the host's port 5000 arrives at UDS_5000.
+    let listener = UnixListener::bind(dir.join("vsock.sock_5000")).unwrap();
+    let _backend = Killed(
+        Command::new(&backend)
+            .args(["--guest-cid", "3", "--socket"])
+            .arg(&vhost)
+            .arg("--uds-path")
+            .arg(&uds)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let host = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut greeting = [0u8; 20];
+        stream.read_exact(&mut greeting).unwrap();
+        stream.write_all(b"hello from the host").unwrap();
+        greeting
+    });
+    let began = Instant::now();
+    while !vhost.exists() {
+        assert!(began.elapsed() < Duration::from_secs(10), "{backend:?} made no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let script = "python3 -c '
+import socket
+s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+s.connect((socket.VMADDR_CID_HOST, 5000))
+s.sendall(b\"hello from the guest\")
+print(\"guest got\", s.recv(100).decode())
+'";
+    let output = boot(&image, &Boot { memory_mib: 512, script, vsock: Some(&vhost) });
+    let console = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(exit_status(&console), Some(0), "{console}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(console.contains("guest got hello from the host"), "{console}");
+    assert_eq!(&host.join().unwrap(), b"hello from the guest");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -14,7 +14,9 @@
 //! runs the host's own binaries (the built workspace, redis, python3), with
 //! writable `/tmp` and `/run` of its own. [`Image::command`] runs one
 //! script that way and powers off; [`exit_status`] reads its status from
-//! the console.
+//! the console. A guest may have a vsock device, served by rust-vmm's
+//! vhost-device-vsock ([`vsock_backend`], built into the cache): a
+//! guest's connect to the host (CID 2) reaches a unix socket on the host.
 
 mod cpio;
 mod modules;
@@ -116,6 +118,46 @@ pub struct Boot<'a> {
     pub memory_mib: u32,
     /// Run by `/bin/sh -c` in the guest, over the host's root.
     pub script: &'a str,
+    /// The vhost-user socket of the guest's vsock device's backend (see
+    /// [`vsock_backend`]), if it has one. The guest's memory is then a
+    /// shared memfd, which vhost-user needs.
+    pub vsock: Option<&'a Path>,
+}
+
+/// The vsock device's backend, rust-vmm's vhost-device-vsock: a guest's
+/// connect to CID 2, port P reaches the host's unix socket `UDS_P`.
+const VSOCK_BACKEND: &str = "vhost-device-vsock";
+/// The version built (with its own lock file, `--locked`).
+const VSOCK_BACKEND_VERSION: &str = "0.3.0";
+
+/// The vsock backend's program in `cache`, built there first if it is
+/// not (with `cargo install`, from crates.io; about 40 s on two cores).
+pub fn vsock_backend(cache: &Path) -> Result<PathBuf, VmError> {
+    let tools = cache.join("tools");
+    std::fs::create_dir_all(&tools).map_err(io_error(&tools))?;
+    let lock_path = tools.join("lock");
+    let lock = File::create(&lock_path).map_err(io_error(&lock_path))?;
+    lock.lock().map_err(io_error(&lock_path))?;
+    let program = tools.join("bin").join(VSOCK_BACKEND);
+    if !program.exists() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        // Built in the cache, whatever target directory the caller's
+        // environment names, and the build removed after.
+        let build = tools.join("build");
+        run(
+            &format!("cargo install {VSOCK_BACKEND} {VSOCK_BACKEND_VERSION}"),
+            Command::new(cargo)
+                .env_remove("CARGO_TARGET_DIR")
+                .env_remove("CARGO_BUILD_TARGET_DIR")
+                .args(["install", "--locked", "--quiet", "--version", VSOCK_BACKEND_VERSION, VSOCK_BACKEND])
+                .arg("--root")
+                .arg(&tools)
+                .arg("--target-dir")
+                .arg(&build),
+        )?;
+        let _ = std::fs::remove_dir_all(&build);
+    }
+    Ok(program)
 }
 
 impl Image {
@@ -170,6 +212,12 @@ impl Image {
         command.arg("-append").arg(format!("console=ttyS0 quiet panic=-1 vsocket.run={}", base64(boot.script.as_bytes())));
         command.args(["-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap"]);
         command.args(["-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"]);
+        if let Some(socket) = boot.vsock {
+            let memory = format!("memory-backend-memfd,id=ram,size={}M,share=on", boot.memory_mib);
+            command.args(["-object", &memory, "-numa", "node,memdev=ram"]);
+            command.arg("-chardev").arg(format!("socket,id=vsock,path={}", socket.display()));
+            command.args(["-device", "vhost-user-vsock-pci,chardev=vsock"]);
+        }
         command
     }
 }
