@@ -124,7 +124,7 @@ impl Client {
 
     /// Applies a live edit; a refusal leaves the policy in force untouched.
     pub fn change(&self, change: vsocket_policy::Change) -> Result<Applied, ClientError> {
-        self.call(&Request::Change { change })
+        self.call(&Request::Change { change: Box::new(change) })
     }
 
     /// Has the daemon read its config file again.

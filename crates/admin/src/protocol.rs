@@ -28,7 +28,7 @@ pub enum Request {
     /// [`Applied`] or a refusal.
     Change {
         /// The edit.
-        change: vsocket_policy::Change,
+        change: Box<vsocket_policy::Change>,
     },
     /// Read the config file again and apply what differs; [`Applied`] or a
     /// refusal.

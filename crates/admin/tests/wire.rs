@@ -46,7 +46,7 @@ fn queries_are_their_command_alone() {
 }
 
 fn change(change: Change) -> Request {
-    Request::Change { change }
+    Request::Change { change: Box::new(change) }
 }
 
 #[test]

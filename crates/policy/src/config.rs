@@ -104,6 +104,12 @@
 //! max_channels = 64              # control channels open at once (one per process,
 //!                                # one per listening socket); at least 1;
 //!                                # default host.default_max_channels
+//! [guest.vm]                     # only for a guest that is a virtual machine
+//!                                # (its QEMU runs in its netns)
+//! cid = 3                        # its vsock context id: 3 or more, unique
+//! region = "16MiB"               # its memory region for connections: at least one
+//!                                # segment, at most max_shared_memory, whole pages
+//! memory = "512MiB"              # its RAM: at least 128MiB, whole MiB; default 512MiB
 //!
 //! [[guest]]
 //! name = "b"
@@ -150,7 +156,7 @@ use serde::{Deserialize, Serialize};
 use crate::cidr::{CidrError, Ipv4Cidr};
 use crate::model::{
     Config, DenyAction, FabricConfig, FabricHost, FabricKind, FlowLogConfig, GroupId, Guest, HostConfig, Peer,
-    PolicyChangeAction, PortRange, Protocol, ProtocolFilter, Quotas, Rule, SecurityGroup, Vpc, VpcId,
+    PolicyChangeAction, PortRange, Protocol, ProtocolFilter, Quotas, Rule, SecurityGroup, VmGuest, Vpc, VpcId,
 };
 
 /// The longest guest name: it becomes a Linux interface name (IFNAMSIZ - 1).
@@ -344,6 +350,20 @@ pub enum Problem {
         /// The fabric's ring size, which decides the segment's.
         ring_size: u32,
     },
+    /// A VM guest's vsock context id is outside 3..=4294967294.
+    BadCid(i64),
+    /// A VM guest's region is smaller than one segment, larger than its
+    /// shared-memory quota, or not whole pages.
+    BadRegion {
+        /// The region as given, in bytes.
+        size: u64,
+        /// One segment's size.
+        segment: u64,
+        /// The guest's `max_shared_memory`.
+        quota: u64,
+    },
+    /// A VM guest's RAM is under 128 MiB or not whole MiB.
+    BadVmMemory(u64),
     /// `"{0}" is not an IP address and port like "127.0.0.1:9464"`
     BadListenAddress(String),
     /// The CIDR's own message.
@@ -443,6 +463,15 @@ impl fmt::Display for Problem {
                 "{size} bytes do not hold one cross-host connection's segment ({segment} bytes with \
                  fabric.ring_size = {ring_size}): raise it or lower fabric.ring_size"
             ),
+            Self::BadCid(cid) => {
+                write!(f, "{cid} is not a guest's vsock context id (3 to 4294967294; 0-2 are reserved)")
+            }
+            Self::BadRegion { size, segment, quota } => write!(
+                f,
+                "a region of {size} bytes must hold one segment ({segment} bytes), fit the guest's \
+                 max_shared_memory ({quota} bytes) and be whole 4096-byte pages"
+            ),
+            Self::BadVmMemory(bytes) => write!(f, "{bytes} bytes of RAM: a VM needs at least 128MiB, in whole MiB"),
             Self::BadListenAddress(text) => {
                 write!(f, "\"{text}\" is not an IP address and port like \"127.0.0.1:9464\"")
             }
@@ -661,6 +690,18 @@ pub(crate) struct RawGuest {
     max_shared_memory: Option<RawSize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) max_channels: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vm: Option<Box<RawVm>>,
+}
+
+/// `[guest.vm]`: the guest is a virtual machine.
+#[derive(Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawVm {
+    cid: i64,
+    region: RawSize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory: Option<RawSize>,
 }
 
 impl RawGuest {
@@ -676,6 +717,7 @@ impl RawGuest {
             max_connections: None,
             max_shared_memory: None,
             max_channels: None,
+            vm: None,
         }
     }
 
@@ -688,6 +730,9 @@ impl RawGuest {
         });
     }
 }
+
+/// The page size a VM's region is made of.
+const PAGE: u64 = 4096;
 
 /// A size as written: bytes as an integer, or a string like `"64MiB"`.
 #[derive(Serialize, Clone)]
@@ -1001,6 +1046,7 @@ impl Validator<'_> {
     ) -> Result<Vec<Guest>, ConfigError> {
         let mut first_by_name = HashMap::new();
         let mut first_by_netns = HashMap::new();
+        let mut first_by_cid = HashMap::new();
         let mut first_by_address: HashMap<(VpcId, Ipv4Addr), String> = HashMap::new();
         let mut guests = Vec::with_capacity(raw.len());
 
@@ -1088,9 +1134,44 @@ impl Validator<'_> {
                 }
             };
 
-            guests.push(Guest { name: guest.name, vpc: vpc_id, addresses, groups, netns, host: placed_on, quotas });
+            let vm = match guest.vm {
+                None => None,
+                Some(raw) => Some(self.vm(&at("vm."), *raw, &quotas, host.segment_size(), &mut first_by_cid)?),
+            };
+
+            guests.push(Guest { name: guest.name, vpc: vpc_id, addresses, groups, netns, host: placed_on, quotas, vm });
         }
         Ok(guests)
+    }
+
+    /// A guest's `[guest.vm]`, its fields under `prefix`.
+    fn vm(
+        &self,
+        prefix: &str,
+        raw: RawVm,
+        quotas: &Quotas,
+        segment: u64,
+        first_by_cid: &mut HashMap<String, String>,
+    ) -> Result<VmGuest, ConfigError> {
+        let field = |name: &str| format!("{prefix}{name}");
+        let cid = u32::try_from(raw.cid)
+            .ok()
+            .filter(|cid| (VmGuest::MIN_CID..u32::MAX).contains(cid))
+            .ok_or_else(|| self.invalid(field("cid"), Problem::BadCid(raw.cid)))?;
+        self.check_unique(first_by_cid, &cid.to_string(), field("cid"))?;
+        let region = parse_size(&raw.region).map_err(|p| self.invalid(field("region"), p))?;
+        if region < segment || region > quotas.max_shared_memory || region % PAGE != 0 {
+            let problem = Problem::BadRegion { size: region, segment, quota: quotas.max_shared_memory };
+            return Err(self.invalid(field("region"), problem));
+        }
+        let memory = match raw.memory {
+            None => VmGuest::DEFAULT_MEMORY,
+            Some(raw) => parse_size(&raw).map_err(|p| self.invalid(field("memory"), p))?,
+        };
+        if memory < VmGuest::MIN_MEMORY || memory % (1 << 20) != 0 {
+            return Err(self.invalid(field("memory"), Problem::BadVmMemory(memory)));
+        }
+        Ok(VmGuest { cid, region, memory })
     }
 
     /// Records that `field` holds `value`, or fails if an earlier field did.

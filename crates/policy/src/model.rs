@@ -486,6 +486,33 @@ pub struct Guest {
     pub host: String,
     /// Its limits: its own `max_*` fields, or the host's defaults.
     pub quotas: Quotas,
+    /// Set if the guest is a virtual machine (its QEMU then runs in
+    /// `netns`); a network namespace's processes otherwise.
+    pub vm: Option<VmGuest>,
+}
+
+/// What makes a guest a virtual machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmGuest {
+    /// Its vsock context id (3 or more, unique among guests): its
+    /// attachment, which the hypervisor stamps on every packet.
+    pub cid: u32,
+    /// Bytes of its memory region, out of which its connections' memory is
+    /// carved: at least one segment, at most its `max_shared_memory`, whole
+    /// pages.
+    pub region: u64,
+    /// Its RAM, bytes (whole MiB, at least 128 MiB).
+    pub memory: u64,
+}
+
+impl VmGuest {
+    /// The lowest context id a guest may have (0 to 2 are the hypervisor's,
+    /// the local loopback's and the host's).
+    pub const MIN_CID: u32 = 3;
+    /// The least RAM a guest boots with.
+    pub const MIN_MEMORY: u64 = 128 << 20;
+    /// RAM when the config names none.
+    pub const DEFAULT_MEMORY: u64 = 512 << 20;
 }
 
 impl Guest {

@@ -859,3 +859,62 @@ fn the_relay_polls_for_a_bounded_while() {
         );
     }
 }
+
+/// Guest "b" as a VM with `vm` as its `[guest.vm]` table.
+fn vm_guest_b(vm: &str) -> String {
+    guest_b(&format!("vpc = \"blue\"\naddresses = [\"10.10.0.3\"]\nmax_shared_memory = \"32MiB\"\n[guest.vm]\n{vm}"))
+}
+
+#[test]
+fn a_guest_may_be_a_vm_with_its_cid_region_and_memory() {
+    let config = parse_text(&config_text("", &vm_guest_b("cid = 7\nregion = \"16MiB\"\nmemory = \"1GiB\""))).unwrap();
+    let a = config.guest(config.guest_by_name("a").unwrap());
+    assert_eq!(a.vm, None);
+    let b = config.guest(config.guest_by_name("b").unwrap());
+    assert_eq!(b.vm, Some(vsocket_policy::VmGuest { cid: 7, region: 16 << 20, memory: 1 << 30 }));
+    // RAM has a default.
+    let config = parse_text(&config_text("", &vm_guest_b("cid = 3\nregion = 1048576"))).unwrap();
+    let b = config.guest(config.guest_by_name("b").unwrap());
+    assert_eq!(b.vm.map(|vm| vm.memory), Some(vsocket_policy::VmGuest::DEFAULT_MEMORY));
+}
+
+#[test]
+fn a_vm_guest_s_errors_name_the_field() {
+    let segment = parse_text(&config_text("", "")).unwrap().host().segment_size();
+    let bad_region = |size: u64| Problem::BadRegion { size, segment, quota: 32 << 20 };
+    let cases: Vec<(String, &str, Problem)> = vec![
+        (vm_guest_b("cid = 2\nregion = \"16MiB\""), "guest[1].vm.cid", Problem::BadCid(2)),
+        (vm_guest_b("cid = -1\nregion = \"16MiB\""), "guest[1].vm.cid", Problem::BadCid(-1)),
+        (vm_guest_b("cid = 4294967295\nregion = \"16MiB\""), "guest[1].vm.cid", Problem::BadCid(4294967295)),
+        (vm_guest_b("cid = 3\nregion = \"64MiB\""), "guest[1].vm.region", bad_region(64 << 20)),
+        (vm_guest_b("cid = 3\nregion = 4096"), "guest[1].vm.region", bad_region(4096)),
+        (vm_guest_b("cid = 3\nregion = 2000001"), "guest[1].vm.region", bad_region(2000001)),
+        (vm_guest_b("cid = 3\nregion = \"lots\""), "guest[1].vm.region", Problem::BadSize("lots".into())),
+        (vm_guest_b("cid = 3\nregion = \"16MiB\"\nmemory = \"64MiB\""), "guest[1].vm.memory", Problem::BadVmMemory(64 << 20)),
+        (
+            vm_guest_b("cid = 3\nregion = \"16MiB\"\nmemory = 200000000"),
+            "guest[1].vm.memory",
+            Problem::BadVmMemory(200000000),
+        ),
+        (
+            format!(
+                "{}[[guest]]\nname = \"c\"\nvpc = \"blue\"\naddresses = [\"10.10.0.4\"]\n[guest.vm]\ncid = 3\nregion = \"1MiB\"\n",
+                vm_guest_b("cid = 3\nregion = \"16MiB\"")
+            ),
+            "guest[2].vm.cid",
+            Problem::Duplicate { value: "3".into(), first: "guest[1].vm.cid".into() },
+        ),
+    ];
+    for (rest, field, problem) in cases {
+        match parse_text(&config_text("", &rest)) {
+            Err(ConfigError::Invalid { file, field: f, problem: p }) => {
+                assert_eq!((file.as_path(), f.as_str(), &p), (Path::new(ORIGIN), field, &problem), "{rest}");
+                assert!(!p.to_string().is_empty());
+            }
+            other => panic!("{rest}: expected {field}: {problem:?}, got {other:?}"),
+        }
+    }
+    // An unknown key in [guest.vm] is an error that names it.
+    let err = parse_text(&config_text("", &vm_guest_b("cid = 3\nregion = \"16MiB\"\nram = 1"))).unwrap_err();
+    assert!(err.to_string().contains("ram"), "{err}");
+}
