@@ -53,7 +53,7 @@ impl Drop for Killed {
 fn a_vm_guest_boots_and_runs_the_hosts_programs() {
     let image = Image::ensure(&cache()).unwrap_or_else(|e| panic!("{e}"));
     let script = "python3 -c 'print(6 * 7)'; echo guest-kernel=$(uname -r); echo cpus=$(nproc); exit 3";
-    let output = boot(&image, &Boot { memory_mib: 512, script, vsock: None });
+    let output = boot(&image, &Boot { memory_mib: 512, script, vsock: None, region: None });
     let console = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(console.lines().any(|l| l.trim() == "42"), "console:\n{console}\nstderr:\n{stderr}");
@@ -105,10 +105,43 @@ s.connect((socket.VMADDR_CID_HOST, 5000))
 s.sendall(b\"hello from the guest\")
 print(\"guest got\", s.recv(100).decode())
 '";
-    let output = boot(&image, &Boot { memory_mib: 512, script, vsock: Some(&vhost) });
+    let output = boot(&image, &Boot { memory_mib: 512, script, vsock: Some(&vhost), region: None });
     let console = String::from_utf8_lossy(&output.stdout);
     assert_eq!(exit_status(&console), Some(0), "{console}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(console.contains("guest got hello from the host"), "{console}");
     assert_eq!(&host.join().unwrap(), b"hello from the guest");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_vm_guest_program_shares_a_region_with_the_host() {
+    let image = Image::ensure(&cache()).unwrap_or_else(|e| panic!("{e}"));
+    const BYTES: u64 = 4 << 20;
+    let path = PathBuf::from(format!("/dev/shm/vsocket-vm-region-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    file.set_len(BYTES).unwrap();
+    // The host's words at the start; the guest answers at the end.
+    std::os::unix::fs::FileExt::write_all_at(&file, b"from the host", 0).unwrap();
+    let script = "python3 -c '
+import glob, mmap, os
+for dev in glob.glob(\"/sys/bus/pci/devices/*\"):
+    ids = [open(os.path.join(dev, f)).read().strip() for f in (\"vendor\", \"device\")]
+    if ids == [\"0x1af4\", \"0x1110\"]:
+        break
+fd = os.open(os.path.join(dev, \"resource2\"), os.O_RDWR | os.O_SYNC)
+region = mmap.mmap(fd, 0)
+print(\"region bytes\", len(region))
+print(\"guest read\", region[:13].decode())
+region[len(region) - 14:] = b\"from the guest\"
+region.flush()
+'";
+    let output = boot(&image, &Boot { memory_mib: 512, script, vsock: None, region: Some((&path, BYTES)) });
+    let console = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(exit_status(&console), Some(0), "{console}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(console.contains(&format!("region bytes {BYTES}")), "{console}");
+    assert!(console.contains("guest read from the host"), "{console}");
+    let mut answer = [0u8; 14];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut answer, BYTES - 14).unwrap();
+    assert_eq!(&answer, b"from the guest");
+    std::fs::remove_file(&path).unwrap();
 }

@@ -122,6 +122,11 @@ pub struct Boot<'a> {
     /// [`vsock_backend`]), if it has one. The guest's memory is then a
     /// shared memfd, which vhost-user needs.
     pub vsock: Option<&'a Path>,
+    /// A shared-memory file (on a tmpfs), of `region_bytes`, given to the
+    /// guest as an ivshmem-plain PCI device (vendor 0x1af4, device
+    /// 0x1110): its BAR 2, which guest programs map through
+    /// `/sys/bus/pci/devices/*/resource2`.
+    pub region: Option<(&'a Path, u64)>,
 }
 
 /// The vsock device's backend, rust-vmm's vhost-device-vsock: a guest's
@@ -217,6 +222,12 @@ impl Image {
             command.args(["-object", &memory, "-numa", "node,memdev=ram"]);
             command.arg("-chardev").arg(format!("socket,id=vsock,path={}", socket.display()));
             command.args(["-device", "vhost-user-vsock-pci,chardev=vsock"]);
+        }
+        if let Some((path, bytes)) = boot.region {
+            // master=on: the one peer of this memory, so the VM stays
+            // migratable as far as the device goes.
+            let memory = format!("memory-backend-file,id=region,mem-path={},size={bytes},share=on", path.display());
+            command.args(["-object", &memory, "-device", "ivshmem-plain,memdev=region,master=on"]);
         }
         command
     }
