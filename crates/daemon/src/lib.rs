@@ -12,6 +12,8 @@
 //! - [`ids`], [`sync`], [`meter`]: identifiers, locking, and the relay's
 //!   count of a relayed connection's bytes;
 //! - [`quota`]: per-guest limits and what each guest holds;
+//! - [`region`]: a VM guest's memory region, carved into its connections'
+//!   pieces (arithmetic only, not yet used by the broker);
 //! - [`guest`]: guests as tracked across policy changes, with counters;
 //! - [`charge`]: what a connection holds of its guests' quotas;
 //! - [`policy`]: the policy snapshot in force, and the policy-source seam
@@ -51,6 +53,7 @@ pub mod metrics;
 pub mod policy;
 pub mod pool;
 pub mod quota;
+pub mod region;
 pub mod reports;
 pub mod sync;
 
