@@ -4,7 +4,8 @@
 //! Two things cross that boundary:
 //! - [`layout`]: the shape of a connection's shared-memory segment, which
 //!   both ends of a connection and the daemon map;
-//! - [`control`]: the messages on a guest's control socket.
+//! - [`control`]: the messages on a guest's control socket, and
+//!   [`stream`]: the same messages framed on a byte stream (a VM's vsock).
 //!
 //! [`fabric`] holds the frames between two hosts' daemons.
 //!
@@ -16,3 +17,4 @@
 pub mod control;
 pub mod fabric;
 pub mod layout;
+pub mod stream;
