@@ -3,5 +3,9 @@
 
 fn main() {
     println!("cargo:rerun-if-changed=src/execl.c");
-    cc::Build::new().file("src/execl.c").flag("-fvisibility=hidden").warnings_into_errors(true).compile("vsocket_execl");
+    cc::Build::new()
+        .file("src/execl.c")
+        .flag("-fvisibility=hidden")
+        .warnings_into_errors(true)
+        .compile("vsocket_execl");
 }

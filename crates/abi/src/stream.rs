@@ -9,6 +9,10 @@
 use crate::control::{DecodeError, Message, MAX_MESSAGE};
 use std::fmt;
 
+/// The vsock port a VM guest's processes open their control streams to,
+/// on the host (CID 2).
+pub const CONTROL_PORT: u32 = 7471;
+
 /// The longest frame: the length byte and the longest message.
 pub const MAX_FRAME: usize = 1 + MAX_MESSAGE;
 
@@ -150,7 +154,10 @@ mod tests {
     #[test]
     fn bad_frames_are_errors() {
         assert_eq!(Deframer::new().messages(&[0]), Err(FrameError::BadLength(0)));
-        assert_eq!(Deframer::new().messages(&[MAX_MESSAGE as u8 + 1, 1, 2]), Err(FrameError::BadLength(MAX_MESSAGE + 1)));
+        assert_eq!(
+            Deframer::new().messages(&[MAX_MESSAGE as u8 + 1, 1, 2]),
+            Err(FrameError::BadLength(MAX_MESSAGE + 1))
+        );
         assert_eq!(Deframer::new().messages(&[1, 200]), Err(FrameError::Message(DecodeError::UnknownKind(200))));
         // Arbitrary bytes never panic.
         let mut state = 0x9e37_79b9_7f4a_7c15u64;

@@ -20,13 +20,8 @@ const BOOT_LIMIT: Duration = Duration::from_secs(180);
 
 /// Boots a guest for `boot` and waits for it to power off: its output.
 fn boot(image: &Image, boot: &Boot<'_>) -> Output {
-    let mut child = image
-        .command(boot)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        image.command(boot).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let began = Instant::now();
     while child.try_wait().unwrap().is_none() {
         if began.elapsed() > BOOT_LIMIT {
@@ -59,7 +54,8 @@ fn a_vm_guest_boots_and_runs_the_hosts_programs() {
     assert!(console.lines().any(|l| l.trim() == "42"), "console:\n{console}\nstderr:\n{stderr}");
     // Its own kernel (Debian's guest kernel), not the host's, on one CPU.
     let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let guest_kernel = console.lines().find_map(|l| l.trim().strip_prefix("guest-kernel=")).expect("the guest's kernel");
+    let guest_kernel =
+        console.lines().find_map(|l| l.trim().strip_prefix("guest-kernel=")).expect("the guest's kernel");
     assert_ne!(guest_kernel, host_kernel.trim());
     assert!(console.lines().any(|l| l.trim() == "cpus=1"), "{console}");
     assert_eq!(exit_status(&console), Some(3), "{console}");

@@ -20,7 +20,7 @@ use crate::channel::{Channel, EndFiles, Handover};
 use crate::charge::Exceeded;
 use crate::connections::{Carrier, ConnectionRecord};
 use crate::daemon::Daemon;
-use crate::decide::{decide, decide_incoming, Claim, ConnectRequest, Decision, Fabric as Reach, Fallback};
+use crate::decide::{decide, decide_incoming, Claim, ConnectRequest, Decided, Decision, Fabric as Reach, Fallback};
 use crate::fabric::local::SegmentEnd;
 use crate::fabric::{Fabric, NewConn, OpenOutcome, OpenRequest, Unreachable};
 use crate::flowlog::{FlowEvent, FlowRecord, FlowVerdict};
@@ -105,6 +105,41 @@ pub fn listen(
     }))
 }
 
+/// The decision on `request` under `policy`, with this daemon's listeners
+/// and fabric as they stand.
+fn decide_here(daemon: &Daemon, policy: &Policy, request: &ConnectRequest) -> Decided<Arc<ListenerRecord>> {
+    let reach = if daemon.fabric.get().is_some() { Reach::Running } else { Reach::Absent };
+    decide(policy, reach, request, |g, a| daemon.find_listener(g, a))
+}
+
+/// A connect from a guest whose attachment cannot carry a connection's
+/// memory yet (a VM's): policy decides it as any guest's connect (a denial
+/// is a denial, counted and logged), and what it allows takes the kernel
+/// path.
+pub fn connect_without_memory(
+    daemon: &Daemon,
+    guest: &Arc<GuestSlot>,
+    local: SocketAddrV4,
+    remote: SocketAddrV4,
+) -> Message {
+    let policy = daemon.policy();
+    let request = ConnectRequest { client: guest.clone(), local, remote };
+    let decided = decide_here(daemon, &policy, &request);
+    let attempt = Attempt { daemon, guest, client_addr: decided.client_addr, remote };
+    let why = match decided.decision {
+        Decision::Deny { server, verdict, action } => {
+            return deny(&attempt, &server, &policy, &verdict, action).message
+        }
+        Decision::Fallback(why) => why.describe().to_string(),
+        Decision::WithinGuest { .. } | Decision::Local { .. } | Decision::Remote { .. } => {
+            "allowed; this guest's attachment has no data path yet: kernel path".into()
+        }
+    };
+    guest.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+    attempt.log(None, &Message::Fallback, || why);
+    Message::Fallback
+}
+
 /// Decides a `Connect` request from a process of `guest` (its request
 /// channel `channel`), carries the decision out, and records it in the
 /// flow log.
@@ -116,9 +151,8 @@ pub fn connect(
     remote: SocketAddrV4,
 ) -> Reply {
     let policy = daemon.policy();
-    let reach = if daemon.fabric.get().is_some() { Reach::Running } else { Reach::Absent };
     let request = ConnectRequest { client: guest.clone(), local, remote };
-    let mut decided = decide(&policy, reach, &request, |g, a| daemon.find_listener(g, a));
+    let mut decided = decide_here(daemon, &policy, &request);
     if matches!(decided.decision, Decision::Fallback(Fallback::NoListener)) {
         if let Some(until) = daemon.listeners.awaited(guest, remote) {
             // A predecessor daemon had a listener there, and its process
@@ -126,7 +160,7 @@ pub fn connect(
             // rather than take the kernel path.
             while Instant::now() < until {
                 std::thread::sleep(AWAIT_LISTENER_EVERY);
-                decided = decide(&policy, reach, &request, |g, a| daemon.find_listener(g, a));
+                decided = decide_here(daemon, &policy, &request);
                 if !matches!(decided.decision, Decision::Fallback(Fallback::NoListener)) {
                     break;
                 }

@@ -144,6 +144,14 @@ fn apply(daemon: &Arc<Daemon>, config: Config) -> Result<Applied, ChangeError> {
     if old.config.fabric() != config.fabric() {
         restart.push("fabric");
     }
+    // A VM guest's attachment (its vsock backend and region) is made at
+    // start only.
+    let vms = |config: &vsocket_policy::Config| -> Vec<(String, vsocket_policy::VmGuest)> {
+        config.guests().filter_map(|(_, g)| g.vm.map(|vm| (g.name.clone(), vm))).collect()
+    };
+    if vms(&old.config) != vms(&config) {
+        restart.push("guest.vm");
+    }
     if !restart.is_empty() {
         return Err(ChangeError::RestartOnly(restart));
     }

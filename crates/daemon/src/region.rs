@@ -137,10 +137,14 @@ mod tests {
         let a = region.carve(1).unwrap();
         let b = region.carve(2 * PAGE).unwrap();
         let c = region.carve(PAGE + 1).unwrap();
-        assert_eq!((a, b, c), (Piece { offset: 0, len: PAGE }, Piece { offset: PAGE, len: 2 * PAGE }, Piece {
-            offset: 3 * PAGE,
-            len: 2 * PAGE
-        }));
+        assert_eq!(
+            (a, b, c),
+            (
+                Piece { offset: 0, len: PAGE },
+                Piece { offset: PAGE, len: 2 * PAGE },
+                Piece { offset: 3 * PAGE, len: 2 * PAGE }
+            )
+        );
         assert_eq!(region.free_bytes(), 5 * PAGE);
         assert_eq!(region.carve(6 * PAGE), Err(CarveError::Full(6 * PAGE)));
         assert_eq!(region.carve(0), Err(CarveError::Empty));

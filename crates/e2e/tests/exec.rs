@@ -26,7 +26,8 @@ fn socat_exec_serves_each_connection_from_the_program_it_runs() {
     }
     // An exec that fails leaves the caller its connection as it was.
     let script = asset("execserve.py");
-    let out = lab.run_ok("a", Via::Vsocket, "python3", &[script.to_str().unwrap(), "failexec", "10.10.0.3", "7501"]).unwrap();
+    let out =
+        lab.run_ok("a", Via::Vsocket, "python3", &[script.to_str().unwrap(), "failexec", "10.10.0.3", "7501"]).unwrap();
     assert_eq!(out.trim(), "exec failed with errno 2; echo still here");
     assert_eq!(lab.counter("b", "connections_in"), 3);
     assert_eq!(lab.counter("a", "fallbacks"), 0);

@@ -25,6 +25,8 @@
 //! on_policy_change = "keep"      # what a live policy change does to established
 //!                                # connections it no longer allows: "keep" them
 //!                                # (default, as cloud security groups do) or "reset"
+//! vsock_backend = "vhost-device-vsock"  # what serves VM guests' vsock devices:
+//!                                # a path, or a name looked up in PATH (the default)
 //! ring_size = 262144             # bytes per direction, a power of two,
 //!                                # 4096..=67108864 (64 MiB); default 262144
 //! flow_log = "/var/log/vsocket/flow.log"  # absolute; one JSON line per connection
@@ -534,6 +536,7 @@ pub(crate) struct RawHost {
     default_max_connections: Option<i64>,
     default_max_shared_memory: Option<RawSize>,
     default_max_channels: Option<i64>,
+    vsock_backend: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -879,6 +882,7 @@ impl Validator<'_> {
             flow_log,
             metrics,
             default_quotas: Quotas::DEFAULT,
+            vsock_backend: raw.vsock_backend.unwrap_or_else(|| HostConfig::DEFAULT_VSOCK_BACKEND.into()),
         };
         host.default_quotas = self.quotas(
             "host.default_max_",

@@ -165,6 +165,9 @@ pub struct HostConfig {
     /// `default_max_connections`, `default_max_shared_memory` and
     /// `default_max_channels`.
     pub default_quotas: Quotas,
+    /// The program that serves each VM guest's vsock device
+    /// (vhost-device-vsock): a path, or a name looked up in PATH.
+    pub vsock_backend: PathBuf,
 }
 
 /// The hosts of a fabric and how this one reaches them.
@@ -399,6 +402,9 @@ impl FlowLogConfig {
 }
 
 impl HostConfig {
+    /// `vsock_backend` when the config names none.
+    pub const DEFAULT_VSOCK_BACKEND: &'static str = "vhost-device-vsock";
+
     /// `run_dir` when the file does not set it.
     pub const DEFAULT_RUN_DIR: &'static str = "/run/vsocket";
     /// `ring_size` when the file does not set it: 256 KiB.

@@ -459,6 +459,7 @@ fn defaults_fill_in_optional_fields() {
             flow_log: None,
             metrics: None,
             default_quotas: Quotas::DEFAULT,
+            vsock_backend: HostConfig::DEFAULT_VSOCK_BACKEND.into(),
         }
     );
     assert_eq!(Quotas::DEFAULT.max_connections, 4096);

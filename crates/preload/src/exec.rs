@@ -530,7 +530,8 @@ mod tests {
 
     #[test]
     fn the_new_image_must_preload_the_library_and_attach() {
-        let yes: [&[u8]; 3] = [b"PATH=/bin", b"LD_PRELOAD=/opt/x/libvsocket.so", b"VSOCKET_CONTROL=/run/vsocket/a.sock"];
+        let yes: [&[u8]; 3] =
+            [b"PATH=/bin", b"LD_PRELOAD=/opt/x/libvsocket.so", b"VSOCKET_CONTROL=/run/vsocket/a.sock"];
         assert!(image_loads_library(yes));
         let no_preload: [&[u8]; 2] = [b"LD_PRELOAD=/lib/other.so", b"VSOCKET_CONTROL=/run/a"];
         assert!(!image_loads_library(no_preload));

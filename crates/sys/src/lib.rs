@@ -298,6 +298,24 @@ pub fn enter_netns(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes the program `command` starts get SIGKILL when the thread that
+/// starts it ends (the daemon exits), so that a helper the daemon runs
+/// (a VM's vsock backend) never outlives it.
+pub fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec, and
+    // calls only prctl, which is async-signal-safe and touches no memory
+    // of ours.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Changes the file mode of `path`.
 pub fn chmod(path: &Path, mode: u32) -> io::Result<()> {
     let c = cstring(path)?;

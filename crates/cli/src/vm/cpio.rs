@@ -69,7 +69,9 @@ mod tests {
         let mut offset = 0;
         loop {
             assert_eq!(&bytes[..6], b"070701", "magic at {offset}");
-            let field = |i: usize| u32::from_str_radix(std::str::from_utf8(&bytes[6 + 8 * i..14 + 8 * i]).unwrap(), 16).unwrap();
+            let field = |i: usize| {
+                u32::from_str_radix(std::str::from_utf8(&bytes[6 + 8 * i..14 + 8 * i]).unwrap(), 16).unwrap()
+            };
             let (mode, size, name_len) = (field(1), field(6) as usize, field(11) as usize);
             let name = std::str::from_utf8(&bytes[110..110 + name_len - 1]).unwrap().to_string();
             assert_eq!(bytes[110 + name_len - 1], 0);

@@ -214,7 +214,9 @@ impl Image {
         command.arg("-m").arg(boot.memory_mib.to_string());
         command.args(["-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nic", "none"]);
         command.arg("-kernel").arg(&self.kernel).arg("-initrd").arg(&self.initrd);
-        command.arg("-append").arg(format!("console=ttyS0 quiet panic=-1 vsocket.run={}", base64(boot.script.as_bytes())));
+        command
+            .arg("-append")
+            .arg(format!("console=ttyS0 quiet panic=-1 vsocket.run={}", base64(boot.script.as_bytes())));
         command.args(["-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap"]);
         command.args(["-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"]);
         if let Some(socket) = boot.vsock {
@@ -340,9 +342,15 @@ mod tests {
 
     #[test]
     fn base64_as_rfc_4648_gives_it() {
-        for (plain, coded) in
-            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")]
-        {
+        for (plain, coded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(base64(plain.as_bytes()), coded);
         }
         assert_eq!(base64(&[0xff, 0xfe, 0x00]), "//4A");

@@ -118,8 +118,12 @@ mod tests {
         ] {
             std::fs::write(tree.join(path), module(depends)).unwrap();
         }
-        let names = |wanted: &[&str]| -> Vec<String> { gather(&tree, wanted).unwrap().into_iter().map(|(n, _)| n).collect() };
-        assert_eq!(names(&["9pnet_virtio", "9p"]), vec!["virtio_ring", "virtio", "9pnet", "9pnet_virtio", "netfs", "9p"]);
+        let names =
+            |wanted: &[&str]| -> Vec<String> { gather(&tree, wanted).unwrap().into_iter().map(|(n, _)| n).collect() };
+        assert_eq!(
+            names(&["9pnet_virtio", "9p"]),
+            vec!["virtio_ring", "virtio", "9pnet", "9pnet_virtio", "netfs", "9p"]
+        );
         assert!(matches!(gather(&tree, &["vsock"]), Err(ModuleError::Missing(name)) if name == "vsock"));
         std::fs::remove_dir_all(&tree).unwrap();
     }

@@ -23,6 +23,7 @@
 //! Other guests are not touched.
 
 pub mod namespace;
+pub mod vm;
 
 use crate::channel::Channel;
 use crate::connect::{self, LISTENER_SEND_TIMEOUT};
@@ -61,6 +62,13 @@ pub trait ProcessChannel: Channel + Sized + 'static {
     fn set_send_timeout(&self, timeout: Duration) -> io::Result<()>;
     /// Another handle on the same channel.
     fn try_clone(&self) -> io::Result<Self>;
+    /// Whether a connection's memory and wake-ups can be handed over on
+    /// this channel. A channel that cannot (a VM's, until its region is
+    /// carved into connections) has its connects decided by policy and
+    /// what is allowed sent to the kernel path, and its listens refused.
+    fn carries_connections(&self) -> bool {
+        true
+    }
 }
 
 /// Why a request could not be read.
@@ -70,6 +78,8 @@ pub enum RecvError {
     Io(io::Error),
     /// Descriptors came with a request (processes send none).
     Descriptors,
+    /// A stream's frame is not a message.
+    Framing(vsocket_abi::stream::FrameError),
 }
 
 impl fmt::Display for RecvError {
@@ -77,6 +87,7 @@ impl fmt::Display for RecvError {
         match self {
             RecvError::Io(e) => write!(f, "the channel failed: {e}"),
             RecvError::Descriptors => f.write_str("descriptors on a request"),
+            RecvError::Framing(e) => write!(f, "a malformed frame: {e}"),
         }
     }
 }
@@ -220,7 +231,7 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
                 tracing::debug!(guest = %name, error = %e, "channel closed");
                 return;
             }
-            Err(e @ RecvError::Descriptors) => {
+            Err(e @ (RecvError::Descriptors | RecvError::Framing(_))) => {
                 tracing::warn!(guest = %name, "{e}; closing the channel");
                 return;
             }
@@ -233,6 +244,19 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
             }
         };
         match message {
+            Message::Connect { local, remote } if !channel.carries_connections() => {
+                let _serving = daemon.serving();
+                let reply = connect::connect_without_memory(daemon, guest, local, remote);
+                if let Err(e) = channel.send(&reply, None) {
+                    tracing::warn!(guest = %name, error = %e, "reply not taken; closing the channel");
+                    return;
+                }
+            }
+            Message::Listen { local, .. } if !channel.carries_connections() => {
+                tracing::info!(guest = %name, address = %local, "listener stays on the kernel path (no data path for this guest's attachment)");
+                let _ = channel.send(&Message::Refused { errno: libc::EOPNOTSUPP }, None);
+                return;
+            }
             Message::Connect { local, remote } => {
                 let _serving = daemon.serving();
                 let reply = connect::connect(daemon, guest, id, local, remote);
@@ -307,6 +331,12 @@ pub fn serve_guests(daemon: &Arc<Daemon>, mut inherited: HashMap<String, OwnedFd
     let run_dir = &policy.config.host().run_dir;
     // Guests placed on other hosts attach to their own hosts' daemons.
     for slot in policy.slots().iter().filter(|slot| slot.local) {
+        let vm = policy.guest_id(slot).and_then(|id| policy.config.guest(id).vm);
+        if let Some(vm) = vm {
+            let program = &policy.config.host().vsock_backend;
+            serve(daemon, slot, vm::VmAttachment::open(run_dir, slot, &vm, program)?)?;
+            continue;
+        }
         let attachment = match inherited.remove(&slot.name) {
             Some(socket) => namespace::NamespaceAttachment::inherit(socket),
             None => namespace::NamespaceAttachment::open(run_dir, slot)?,

@@ -887,7 +887,6 @@ pub mod testing {
         let server = Connection::new(info, Endpoint::Server, crate::addr::Family::V4, fds, Blocking::Blocking).unwrap();
         (Arc::new(client), Arc::new(server))
     }
-
 }
 
 #[cfg(test)]

@@ -1,0 +1,195 @@
+//! The VM attachment: a guest that is a virtual machine.
+//!
+//! Each VM guest has a vsock device whose backend, vhost-device-vsock,
+//! this daemon runs for it alone (with the guest's context id, so packets
+//! with another source are dropped, and on a path of that VM's own, so no
+//! other VM reaches it). A stream a process in the VM opens to the host's
+//! [`CONTROL_PORT`] arrives on the unix socket `<uds>_<port>` that this
+//! attachment listens on: the VM is known by the socket the stream came
+//! to, never by what it says. Control messages are framed on the stream
+//! (`vsocket_abi::stream`); no descriptors travel.
+//!
+//! The attachment also makes the VM's memory region (a file of the
+//! guest's `region` size, which QEMU maps as the VM's ivshmem device).
+//! Until connections' memory is carved out of it and relayed, a VM's
+//! channel carries no connection ([`ProcessChannel::carries_connections`]
+//! is false): policy decides its connects as any guest's, and what it
+//! allows takes the kernel path.
+
+use super::{Attachment, ProcessChannel, RecvError, Refused};
+use crate::channel::{Channel, Handover};
+use crate::guest::GuestSlot;
+use crate::sync::lock;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+use vsocket_abi::control::{Message, MAX_MESSAGE};
+use vsocket_abi::stream::{frame, Deframer, CONTROL_PORT, MAX_FRAME};
+use vsocket_admin::paths::{vm_paths, vm_port_path};
+use vsocket_policy::VmGuest;
+
+/// A VM guest's door: its vsock backend and the socket its streams to the
+/// control port arrive on.
+#[derive(Debug)]
+pub struct VmAttachment {
+    listener: UnixListener,
+    backend: Mutex<Backend>,
+}
+
+/// The VM's vsock backend. It is started by the attachment's own thread
+/// (its first accept), with `PR_SET_PDEATHSIG`, which is tied to the
+/// thread that starts a process: it ends with that thread (the guest is
+/// removed) or with the daemon, and never outlives them.
+#[derive(Debug)]
+enum Backend {
+    NotStarted(Command),
+    Running(Child),
+    Failed,
+}
+
+impl VmAttachment {
+    /// Makes VM guest `slot`'s files under `run_dir` (its region of
+    /// `vm.region` bytes) and listens for its control streams; its vsock
+    /// backend (`program`) starts when the attachment is served.
+    pub fn open(run_dir: &Path, slot: &GuestSlot, vm: &VmGuest, program: &Path) -> io::Result<VmAttachment> {
+        let paths = vm_paths(run_dir, &slot.name);
+        std::fs::create_dir_all(&paths.dir)?;
+        // Only the daemon (and QEMU, as root) opens what is in here: a
+        // process that could connect to the control port's socket directly
+        // would speak as the VM.
+        vsocket_sys::chmod(&paths.dir, 0o700)?;
+        for stale in [&paths.vhost, &vm_port_path(&paths.uds, CONTROL_PORT)] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let region =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&paths.region)?;
+        region.set_len(vm.region)?;
+        let listener = UnixListener::bind(vm_port_path(&paths.uds, CONTROL_PORT))?;
+        let mut command = Command::new(program);
+        vsocket_sys::die_with_parent(&mut command);
+        command
+            .arg("--guest-cid")
+            .arg(vm.cid.to_string())
+            .arg("--socket")
+            .arg(&paths.vhost)
+            .arg("--uds-path")
+            .arg(&paths.uds)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        Ok(VmAttachment { listener, backend: Mutex::new(Backend::NotStarted(command)) })
+    }
+
+    /// Starts the backend, once.
+    fn start_backend(&self) -> io::Result<()> {
+        let mut backend = lock(&self.backend);
+        if let Backend::NotStarted(command) = &mut *backend {
+            match command.spawn() {
+                Ok(child) => *backend = Backend::Running(child),
+                Err(e) => {
+                    let program = command.get_program().to_string_lossy().into_owned();
+                    *backend = Backend::Failed;
+                    return Err(io::Error::new(e.kind(), format!("vsock backend {program}: {e}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for VmAttachment {
+    fn drop(&mut self) {
+        if let Backend::Running(child) = &mut *lock(&self.backend) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Attachment for VmAttachment {
+    type Channel = VmChannel;
+
+    fn accept(&self) -> io::Result<VmChannel> {
+        self.start_backend()?;
+        let (stream, _) = self.listener.accept()?;
+        Ok(VmChannel { reading: std::sync::Arc::new(Mutex::new(Reading::default())), stream })
+    }
+
+    /// The backend delivered the stream from this VM: nothing to check.
+    fn verify(&self, _guest: &GuestSlot, _channel: &VmChannel) -> Result<(), Refused> {
+        Ok(())
+    }
+
+    fn handle(&self) -> io::Result<OwnedFd> {
+        self.listener.as_fd().try_clone_to_owned()
+    }
+}
+
+/// Bytes of a VM's stream read and not yet taken as a message.
+#[derive(Debug, Default)]
+struct Reading {
+    deframer: Deframer,
+    pending: Vec<u8>,
+}
+
+/// One process's control stream from a VM.
+#[derive(Debug)]
+pub struct VmChannel {
+    stream: UnixStream,
+    /// Shared with the channel's clones: one reader at a time.
+    reading: std::sync::Arc<Mutex<Reading>>,
+}
+
+impl Channel for VmChannel {
+    fn send(&self, message: &Message, handover: Option<Handover<'_>>) -> io::Result<()> {
+        if handover.is_some() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "a VM's control stream carries no descriptors"));
+        }
+        let mut buf = [0u8; MAX_FRAME];
+        (&self.stream).write_all(frame(message, &mut buf))
+    }
+}
+
+impl ProcessChannel for VmChannel {
+    fn recv(&self, buf: &mut [u8]) -> Result<usize, RecvError> {
+        let mut reading = lock(&self.reading);
+        let Reading { deframer, pending } = &mut *reading;
+        loop {
+            while !pending.is_empty() {
+                let took = deframer.extend(pending);
+                pending.drain(..took);
+                if let Some(message) = deframer.next_message().map_err(RecvError::Framing)? {
+                    let mut encoded = [0u8; MAX_MESSAGE];
+                    let bytes = message.encode(&mut encoded);
+                    buf[..bytes.len()].copy_from_slice(bytes);
+                    return Ok(bytes.len());
+                }
+            }
+            let mut chunk = [0u8; 256];
+            let n = (&self.stream).read(&mut chunk).map_err(RecvError::Io)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            pending.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn handle(&self) -> io::Result<OwnedFd> {
+        self.stream.as_fd().try_clone_to_owned()
+    }
+
+    fn set_send_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.stream.set_write_timeout(Some(timeout))
+    }
+
+    fn try_clone(&self) -> io::Result<VmChannel> {
+        Ok(VmChannel { stream: self.stream.try_clone()?, reading: self.reading.clone() })
+    }
+
+    fn carries_connections(&self) -> bool {
+        false
+    }
+}

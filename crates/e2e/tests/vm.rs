@@ -1,0 +1,126 @@
+//! VM guests attach to vsocketd: a process in a QEMU guest (TCG) opens a
+//! control stream over its vsock device, whose backend vsocketd runs for
+//! that VM alone, and is known as that guest by the daemon. Until a VM's
+//! connections are carved out of its region and relayed, policy decides
+//! its connects (a denial is a denial) and what it allows takes the
+//! kernel path.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use vsocket_admin::paths::vm_paths;
+use vsocket_cli::vm::{exit_status, vsock_backend, Boot, Image};
+use vsocket_e2e::{asset, Lab, Via};
+
+const BODY: &str = r#"
+[[vpc]]
+name = "blue"
+cidr = "10.10.0.0/24"
+
+[[security_group]]
+name = "web"
+[[security_group.ingress]]
+protocol = "tcp"
+ports = "7600"
+cidr = "10.10.0.0/24"
+
+[[guest]]
+name = "b"
+vpc = "blue"
+addresses = ["10.10.0.3"]
+security_groups = ["web"]
+
+[[guest]]
+name = "v"
+vpc = "blue"
+addresses = ["10.10.0.4"]
+max_shared_memory = "64MiB"
+[guest.vm]
+cid = 5
+region = "4MiB"
+"#;
+
+/// The program in the VM: asks the daemon, over the control stream, to
+/// connect to b's listeners on ports 7600 (allowed) and 7601 (no rule
+/// allows it), and
+/// reports the replies; and reports the size of its ivshmem region.
+const SCRIPT: &str = r#"python3 -c '
+import glob, os, socket, struct
+def addr(ip, port):
+    return socket.inet_aton(ip) + struct.pack("<H", port)
+def ask(port):
+    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    s.connect((socket.VMADDR_CID_HOST, 7471))
+    msg = bytes([1]) + addr("0.0.0.0", 0) + addr("10.10.0.3", port)
+    s.sendall(bytes([len(msg)]) + msg)
+    n = s.recv(1)[0]
+    body = b""
+    while len(body) < n:
+        body += s.recv(n - len(body))
+    return body.hex()
+print("allowed", ask(7600))
+print("denied", ask(7601))
+for dev in glob.glob("/sys/bus/pci/devices/*"):
+    if open(dev + "/device").read().strip() == "0x1110":
+        print("region", os.path.getsize(dev + "/resource2"))
+'"#;
+
+fn cache() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/vm-cache")
+}
+
+#[test]
+fn a_vm_guest_attaches_and_its_connects_follow_policy() {
+    let cache = cache();
+    let image = Image::ensure(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let backend = vsock_backend(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let host = format!("deny_action = \"reject\"\nvsock_backend = \"{}\"", backend.display());
+    let mut lab = Lab::start_host("tvm", BODY, &host).unwrap();
+    let echo = asset("kernel_echo.py");
+    // Listeners on both ports: with none, a connect takes the kernel path
+    // before policy is asked (the kernel's network is the judge there).
+    for port in ["7600", "7601"] {
+        lab.spawn("b", Via::Vsocket, "python3", &[echo.to_str().unwrap(), "10.10.0.3", port], "echo.log").unwrap();
+        lab.wait_listening("b", port.parse().unwrap()).unwrap();
+    }
+
+    let paths = vm_paths(&lab.run_dir, "v");
+    let began = Instant::now();
+    while !paths.vhost.exists() {
+        assert!(began.elapsed() < Duration::from_secs(10), "no vsock backend:\n{}", lab.daemon_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut qemu = image
+        .command(&Boot {
+            memory_mib: 512,
+            script: SCRIPT,
+            vsock: Some(&paths.vhost),
+            region: Some((&paths.region, 4 << 20)),
+        })
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while qemu.try_wait().unwrap().is_none() {
+        if began.elapsed() > Duration::from_secs(180) {
+            let _ = qemu.kill();
+            panic!("the guest ran over 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = qemu.wait_with_output().unwrap();
+    let console = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(exit_status(&console), Some(0), "{console}\n{}", String::from_utf8_lossy(&output.stderr));
+    // FALLBACK (kind 3): allowed, to the kernel path; REFUSED (kind 4) with
+    // ECONNREFUSED (111): denied, as deny_action = "reject" says.
+    assert!(console.lines().any(|l| l.trim() == "allowed 03"), "{console}");
+    assert!(console.lines().any(|l| l.trim() == "denied 046f000000"), "{console}");
+    // The daemon made the region the config gives, and QEMU mapped it.
+    assert!(console.lines().any(|l| l.trim() == format!("region {}", 4 << 20)), "{console}");
+    // Both attempts are the VM guest's, as the backend it came through says.
+    assert_eq!(lab.counter("v", "fallbacks"), 1);
+    assert_eq!(lab.counter("v", "denied"), 1);
+    assert_eq!(lab.counter("b", "connections_in"), 0);
+}
