@@ -370,10 +370,10 @@ fn parse_record(text: &str) -> Result<Record, ParseError> {
         "s" => Endpoint::Server,
         _ => return Err(ParseError::Field("end")),
     };
-    let id = number(next("id")?, "id")?;
-    let local = address(next("local")?, "local")?;
-    let peer = address(next("peer")?, "peer")?;
-    let ring_size = number(next("ring size")?, "ring size")?;
+    let id = field(next("id")?, "id")?;
+    let local: SocketAddrV4 = field(next("local")?, "local")?;
+    let peer: SocketAddrV4 = field(next("peer")?, "peer")?;
+    let ring_size = field(next("ring size")?, "ring size")?;
     if !vsocket_abi::layout::ring_size_valid(ring_size) {
         return Err(ParseError::Field("ring size"));
     }
@@ -382,9 +382,9 @@ fn parse_record(text: &str) -> Result<Record, ParseError> {
         "6" => Family::V6,
         _ => return Err(ParseError::Field("family")),
     };
-    let flags = number(next("flags")?, "flags")?;
-    let recv_timeout_ms = number(next("receive timeout")?, "receive timeout")?;
-    let send_timeout_ms = number(next("send timeout")?, "send timeout")?;
+    let flags = field(next("flags")?, "flags")?;
+    let recv_timeout_ms = field(next("receive timeout")?, "receive timeout")?;
+    let send_timeout_ms = field(next("send timeout")?, "send timeout")?;
     if fields.next().is_some() {
         return Err(ParseError::Field("record"));
     }
@@ -402,11 +402,8 @@ fn parse_record(text: &str) -> Result<Record, ParseError> {
     })
 }
 
-fn number<T: std::str::FromStr>(text: &str, name: &'static str) -> Result<T, ParseError> {
-    text.parse().map_err(|_| ParseError::Field(name))
-}
-
-fn address(text: &str, name: &'static str) -> Result<SocketAddrV4, ParseError> {
+/// Field `name`, parsed (a number, an address: anything `FromStr` reads).
+fn field<T: std::str::FromStr>(text: &str, name: &'static str) -> Result<T, ParseError> {
     text.parse().map_err(|_| ParseError::Field(name))
 }
 

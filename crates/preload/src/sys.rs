@@ -267,7 +267,7 @@ pub fn getpid() -> i32 {
     if cached != 0 {
         return cached;
     }
-    let pid = raw!(libc::SYS_getpid).unwrap_or(0) as i32;
+    let pid = process_id();
     PID.store(pid, Ordering::Relaxed);
     pid
 }

@@ -21,6 +21,7 @@ use crate::listener::Listener;
 use crate::sys;
 use arc_swap::ArcSwapOption;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// What the library knows about a managed descriptor.
@@ -119,12 +120,16 @@ pub fn managed_in(first: RawFd, last: RawFd, mut f: impl FnMut(RawFd, &Entry)) {
 }
 
 static SETS: Mutex<Vec<Weak<Entry>>> = Mutex::new(Vec::new());
+/// Whether the program ever made an epoll set (the sets need telling of
+/// every close only then).
+static SETS_MADE: AtomicBool = AtomicBool::new(false);
 
 /// Starts tracking a new epoll instance.
 pub fn track_epoll(epfd: RawFd) {
     let entry = Arc::new(Entry::Epoll(EpollSet::new(epfd)));
     let weak = Arc::downgrade(&entry);
     set(epfd, entry);
+    SETS_MADE.store(true, Ordering::Relaxed);
     let mut sets = SETS.lock().unwrap_or_else(|e| e.into_inner());
     sets.retain(|w| w.strong_count() > 0);
     sets.push(weak);
@@ -153,13 +158,15 @@ pub fn adopt(fd: RawFd, entry: Entry) {
 /// descriptors (dup) and calls in progress in other threads hold it open,
 /// as their files hold a kernel socket open.
 pub fn release(fd: RawFd) {
-    if !sys::memory_is_ours() {
+    // Nothing to forget (the common close): no system call, no lock. Else
+    // the memory must be ours (not a vfork child's), a system call that
+    // only closes that change something pay.
+    if get(fd).is_none() && !SETS_MADE.load(Ordering::Relaxed) {
         return;
     }
-    // Forget the epoll registrations first, while the entry still tells
-    // which doorbell belongs to the descriptor.
-    each_set(|s| s.forget(fd));
-    drop(remove(fd));
+    if sys::memory_is_ours() {
+        forget(fd);
+    }
 }
 
 /// Every managed descriptor in `first..=last` is being closed.
@@ -170,8 +177,16 @@ pub fn release_range(first: RawFd, last: RawFd) {
     let mut managed = Vec::new();
     managed_in(first, last, |fd, _| managed.push(fd));
     for fd in managed {
-        release(fd);
+        forget(fd);
     }
+}
+
+/// Forgets `fd` in every epoll set, then in the table.
+fn forget(fd: RawFd) {
+    // The epoll registrations first, while the entry still tells which
+    // doorbell belongs to the descriptor.
+    each_set(|s| s.forget(fd));
+    drop(remove(fd));
 }
 
 /// Calls `f` with each of the library's own descriptors that the table's
