@@ -38,7 +38,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use vsocket_abi::control::{Message, MAX_MESSAGE};
+use vsocket_abi::control::Message;
 
 /// One guest's door to the daemon.
 pub trait Attachment: Send + 'static {
@@ -54,8 +54,8 @@ pub trait Attachment: Send + 'static {
 
 /// One attached process's channel.
 pub trait ProcessChannel: Channel + Sized + 'static {
-    /// The next request into `buf`; `Ok(0)` at end of stream.
-    fn recv(&self, buf: &mut [u8]) -> Result<usize, RecvError>;
+    /// The next request; `None` at end of stream.
+    fn next_message(&self) -> Result<Option<Message>, RecvError>;
     /// A handle whose shutdown ends the channel (see [`GuestSlot::remove`]).
     fn handle(&self) -> io::Result<OwnedFd>;
     /// Bounds how long a send may wait for the process to make room.
@@ -80,6 +80,8 @@ pub enum RecvError {
     Descriptors,
     /// A stream's frame is not a message.
     Framing(vsocket_abi::stream::FrameError),
+    /// A request is not a valid message.
+    Malformed(vsocket_abi::control::DecodeError),
 }
 
 impl fmt::Display for RecvError {
@@ -88,6 +90,7 @@ impl fmt::Display for RecvError {
             RecvError::Io(e) => write!(f, "the channel failed: {e}"),
             RecvError::Descriptors => f.write_str("descriptors on a request"),
             RecvError::Framing(e) => write!(f, "a malformed frame: {e}"),
+            RecvError::Malformed(e) => write!(f, "malformed control message: {e}"),
         }
     }
 }
@@ -218,28 +221,20 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
     if channel.set_send_timeout(REPLY_TIMEOUT).is_err() {
         return;
     }
-    let mut buf = [0u8; MAX_MESSAGE];
     loop {
         // The thread sleeps in the kernel: a program waiting for the reply
         // sleeps too, so the scheduler hands this core to the channel
         // thread directly (spinning here would only take a core from the
         // programs).
-        let n = match channel.recv(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
+        let message = match channel.next_message() {
+            Ok(None) => return,
+            Ok(Some(message)) => message,
             Err(RecvError::Io(e)) => {
                 tracing::debug!(guest = %name, error = %e, "channel closed");
                 return;
             }
-            Err(e @ (RecvError::Descriptors | RecvError::Framing(_))) => {
-                tracing::warn!(guest = %name, "{e}; closing the channel");
-                return;
-            }
-        };
-        let message = match Message::decode(&buf[..n]) {
-            Ok(m) => m,
             Err(e) => {
-                tracing::warn!(guest = %name, error = %e, "malformed control message; closing the channel");
+                tracing::warn!(guest = %name, "{e}; closing the channel");
                 return;
             }
         };
@@ -313,10 +308,9 @@ fn serve_listener<C: ProcessChannel>(
     }
     tracing::info!(guest = %name, address = %local, "listener registered");
     drop(serving);
-    let mut buf = [0u8; MAX_MESSAGE];
     // Nothing more is expected from the program on this channel: its end of
     // stream (or anything else) ends the listener.
-    let _ = watcher.recv(&mut buf);
+    let _ = watcher.next_message();
     daemon.listeners.remove(&record);
     daemon.segments.listener_closed(record.id);
     tracing::info!(guest = %name, address = %local, "listener closed");

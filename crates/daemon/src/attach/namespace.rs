@@ -84,12 +84,16 @@ impl Channel for SeqpacketChannel {
 }
 
 impl ProcessChannel for SeqpacketChannel {
-    fn recv(&self, buf: &mut [u8]) -> Result<usize, RecvError> {
-        let (n, fds) = vsocket_sys::recv_with_fds(self.0.as_fd(), buf).map_err(RecvError::Io)?;
+    fn next_message(&self) -> Result<Option<Message>, RecvError> {
+        let mut buf = [0u8; MAX_MESSAGE];
+        let (n, fds) = vsocket_sys::recv_with_fds(self.0.as_fd(), &mut buf).map_err(RecvError::Io)?;
         if !fds.is_empty() {
             return Err(RecvError::Descriptors);
         }
-        Ok(n)
+        if n == 0 {
+            return Ok(None);
+        }
+        Message::decode(&buf[..n]).map(Some).map_err(RecvError::Malformed)
     }
 
     fn handle(&self) -> io::Result<OwnedFd> {

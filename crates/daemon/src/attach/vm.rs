@@ -27,7 +27,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
-use vsocket_abi::control::{Message, MAX_MESSAGE};
+use vsocket_abi::control::Message;
 use vsocket_abi::stream::{frame, Deframer, CONTROL_PORT, MAX_FRAME};
 use vsocket_admin::paths::{vm_paths, vm_port_path};
 use vsocket_policy::VmGuest;
@@ -154,7 +154,7 @@ impl Channel for VmChannel {
 }
 
 impl ProcessChannel for VmChannel {
-    fn recv(&self, buf: &mut [u8]) -> Result<usize, RecvError> {
+    fn next_message(&self) -> Result<Option<Message>, RecvError> {
         let mut reading = lock(&self.reading);
         let Reading { deframer, pending } = &mut *reading;
         loop {
@@ -162,16 +162,13 @@ impl ProcessChannel for VmChannel {
                 let took = deframer.extend(pending);
                 pending.drain(..took);
                 if let Some(message) = deframer.next_message().map_err(RecvError::Framing)? {
-                    let mut encoded = [0u8; MAX_MESSAGE];
-                    let bytes = message.encode(&mut encoded);
-                    buf[..bytes.len()].copy_from_slice(bytes);
-                    return Ok(bytes.len());
+                    return Ok(Some(message));
                 }
             }
             let mut chunk = [0u8; 256];
             let n = (&self.stream).read(&mut chunk).map_err(RecvError::Io)?;
             if n == 0 {
-                return Ok(0);
+                return Ok(None);
             }
             pending.extend_from_slice(&chunk[..n]);
         }
