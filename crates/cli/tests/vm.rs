@@ -20,18 +20,10 @@ const BOOT_LIMIT: Duration = Duration::from_secs(180);
 
 /// Boots a guest for `boot` and waits for it to power off: its output.
 fn boot(image: &Image, boot: &Boot<'_>) -> Output {
-    let mut child =
-        image.command(boot).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let began = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if began.elapsed() > BOOT_LIMIT {
-            let _ = child.kill();
-            panic!("the guest ran over {BOOT_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let output = image.run(boot, BOOT_LIMIT).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("booted, ran and powered off in {:?}", began.elapsed());
-    child.wait_with_output().unwrap()
+    output
 }
 
 /// Kills the process when dropped.
@@ -140,4 +132,14 @@ region.flush()
     std::os::unix::fs::FileExt::read_exact_at(&file, &mut answer, BYTES - 14).unwrap();
     assert_eq!(&answer, b"from the guest");
     std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn a_guest_that_runs_over_its_time_is_killed() {
+    let image = Image::ensure(&cache()).unwrap_or_else(|e| panic!("{e}"));
+    let began = Instant::now();
+    let ran =
+        image.run(&Boot { memory_mib: 256, script: "sleep 600", vsock: None, region: None }, Duration::from_secs(3));
+    assert!(matches!(ran, Err(vsocket_cli::vm::VmError::RanOver(_))), "{ran:?}");
+    assert!(began.elapsed() < Duration::from_secs(30), "{:?}", began.elapsed());
 }

@@ -6,7 +6,6 @@
 //! kernel path.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use vsocket_admin::paths::vm_paths;
@@ -91,26 +90,9 @@ fn a_vm_guest_attaches_and_its_connects_follow_policy() {
         assert!(began.elapsed() < Duration::from_secs(10), "no vsock backend:\n{}", lab.daemon_log());
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut qemu = image
-        .command(&Boot {
-            memory_mib: 512,
-            script: SCRIPT,
-            vsock: Some(&paths.vhost),
-            region: Some((&paths.region, 4 << 20)),
-        })
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    while qemu.try_wait().unwrap().is_none() {
-        if began.elapsed() > Duration::from_secs(180) {
-            let _ = qemu.kill();
-            panic!("the guest ran over 180 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let output = qemu.wait_with_output().unwrap();
+    let boot =
+        Boot { memory_mib: 512, script: SCRIPT, vsock: Some(&paths.vhost), region: Some((&paths.region, 4 << 20)) };
+    let output = image.run(&boot, Duration::from_secs(180)).unwrap_or_else(|e| panic!("{e}"));
     let console = String::from_utf8_lossy(&output.stdout);
     assert_eq!(exit_status(&console), Some(0), "{console}\n{}", String::from_utf8_lossy(&output.stderr));
     // FALLBACK (kind 3): allowed, to the kernel path; REFUSED (kind 4) with

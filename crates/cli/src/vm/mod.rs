@@ -25,7 +25,9 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 /// The Debian packages the cache holds, besides the guest kernel
 /// (`linux-image-amd64`'s current version): QEMU and what it loads.
@@ -61,6 +63,8 @@ pub enum VmError {
     Kernel(String),
     /// The guest's kernel modules could not be gathered.
     Modules(modules::ModuleError),
+    /// A guest ran longer than it was given, and was killed.
+    RanOver(Duration),
 }
 
 impl fmt::Display for VmError {
@@ -70,6 +74,7 @@ impl fmt::Display for VmError {
             VmError::Io { path, error } => write!(f, "{}: {error}", path.display()),
             VmError::Kernel(why) => write!(f, "guest kernel: {why}"),
             VmError::Modules(e) => write!(f, "guest kernel modules: {e}"),
+            VmError::RanOver(limit) => write!(f, "the guest ran over {limit:?} and was killed"),
         }
     }
 }
@@ -204,6 +209,37 @@ impl Image {
     /// QEMU runs (every library it needs is in the cache).
     fn check(&self) -> Result<(), VmError> {
         run("qemu-system-x86_64 --version", self.qemu().arg("--version")).map(drop)
+    }
+
+    /// Boots a guest for `boot` and waits for it to power off, at most
+    /// `limit` (then it is killed): its console (stdout) and QEMU's stderr.
+    pub fn run(&self, boot: &Boot<'_>, limit: Duration) -> Result<Output, VmError> {
+        let qemu = |e: io::Error| VmError::Command { what: "qemu-system-x86_64".into(), output: e.to_string() };
+        let child = self
+            .command(boot)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(qemu)?;
+        let pid = child.id().to_string();
+        let (done, finished) = mpsc::channel();
+        // Read both pipes to the end while waiting, so a chatty guest never
+        // blocks on a full pipe.
+        let waiter = std::thread::spawn(move || {
+            let output = child.wait_with_output();
+            let _ = done.send(());
+            output
+        });
+        let ran_over = finished.recv_timeout(limit).is_err();
+        if ran_over {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
+        let output = waiter.join().map_err(|_| qemu(io::Error::other("waiter panicked")))?.map_err(qemu)?;
+        if ran_over {
+            return Err(VmError::RanOver(limit));
+        }
+        Ok(output)
     }
 
     /// The command that boots a guest for `boot` and powers it off when
