@@ -95,8 +95,7 @@ impl Carry {
     pub fn undo(self) {
         for entry in self.carried.iter().flatten() {
             if let Entry::Conn(conn) = &**entry {
-                let (_, internal) = conn.for_exec();
-                for fd in internal.open_fds() {
+                for fd in conn.internal().open_fds() {
                     let _ = sys::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC as libc::c_long);
                 }
                 if !self.counted {

@@ -205,8 +205,12 @@ impl Connection {
             recv_timeout_ms: self.recv_timeout_ms.load(Ordering::Relaxed),
             send_timeout_ms: self.send_timeout_ms.load(Ordering::Relaxed),
         };
-        let internal = Internal { doorbell: self.doorbell, lifeline: self.lifeline, halves: self.segment.halves() };
-        (resumed, internal)
+        (resumed, self.internal())
+    }
+
+    /// This end's library-internal descriptors.
+    pub fn internal(&self) -> Internal {
+        Internal { doorbell: self.doorbell, lifeline: self.lifeline, halves: self.segment.halves() }
     }
 
     /// Counts one more process holding this end (one that will hold it
