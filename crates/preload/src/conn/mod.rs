@@ -144,30 +144,16 @@ impl Connection {
         info: ConnectionInfo,
         endpoint: Endpoint,
         family: crate::addr::Family,
-        mut delivery: Delivery,
+        delivery: Delivery,
         blocking: Blocking,
     ) -> SysResult<Connection> {
-        // On failure the wake-ups go with `delivery`.
-        let segment = Memory::map(&mut delivery, &info, endpoint)?;
-        let Wakeups { doorbell, lifeline } = delivery.take_wakeups();
-        segment.holders(endpoint.index()).fetch_add(1, Ordering::AcqRel);
-        Ok(Connection {
-            segment,
-            endpoint,
-            doorbell,
-            lifeline,
-            info,
-            family,
-            fork_generation: AtomicU64::new(0),
-            rung_for_others: AtomicU32::new(0),
-            state: State::new(blocking),
-            peer_gone: AtomicBool::new(false),
-            so_error: AtomicI32::new(0),
-            recv_timeout_ms: AtomicI64::new(0),
-            send_timeout_ms: AtomicI64::new(0),
-            rx_lock: Mutex::new(()),
-            tx_lock: Mutex::new(()),
-        })
+        let flags = State::new(blocking).get().bits();
+        let fresh = Resumed { info, endpoint, family, flags, recv_timeout_ms: 0, send_timeout_ms: 0 };
+        // Made as a taken-up end is, which this process already counts;
+        // a new one counts this process now.
+        let conn = Connection::resume(fresh, delivery)?;
+        conn.add_holder();
+        Ok(conn)
     }
 
     /// Takes up again, in a new program image, the connection this process
