@@ -135,9 +135,7 @@ pub fn connect_without_memory(
             "allowed; this guest's attachment has no data path yet: kernel path".into()
         }
     };
-    guest.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
-    attempt.log(None, &Message::Fallback, || why);
-    Message::Fallback
+    attempt.fall_back(why)
 }
 
 /// Decides a `Connect` request from a process of `guest` (its request
@@ -170,12 +168,7 @@ pub fn connect(
     let attempt = Attempt { daemon, guest, client_addr: decided.client_addr, remote };
     let client = ClientEnd::Process(channel);
     match decided.decision {
-        Decision::Fallback(why) => {
-            guest.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
-            let reply = Reply::plain(Message::Fallback);
-            attempt.log(None, &reply.message, || why.describe().into());
-            reply
-        }
+        Decision::Fallback(why) => Reply::plain(attempt.fall_back(why.describe().into())),
         Decision::Deny { server, verdict, action } => deny(&attempt, &server, &policy, &verdict, action),
         Decision::WithinGuest { listener } => {
             let end = ServerEnd::Listener(&listener);
@@ -634,6 +627,13 @@ impl Attempt<'_> {
     /// Records the attempt as `message` (the client's reply) ends it;
     /// `server` is the guest whose listener was found, `decided_by` says why
     /// (made only if logged).
+    /// The connect takes the kernel path, `why`: counted and logged.
+    fn fall_back(&self, why: String) -> Message {
+        self.guest.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+        self.log(None, &Message::Fallback, || why);
+        Message::Fallback
+    }
+
     fn log(&self, server: Option<&GuestSlot>, message: &Message, decided_by: impl FnOnce() -> String) {
         self.daemon.log_flow(|| {
             let (verdict, id) = match message {
