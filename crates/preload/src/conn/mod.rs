@@ -1194,13 +1194,13 @@ mod tests {
         // What the new image receives: the same descriptors, duplicated as
         // exec would keep them.
         let dup = |fd: RawFd| sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0).unwrap() as RawFd;
-        let delivery = Delivery {
+        let delivery = || Delivery {
             segment: dup(internal.halves[0]),
             peer_segment: dup(internal.halves[1]),
             doorbell: dup(internal.doorbell),
             lifeline: -1,
         };
-        let again = Connection::resume(resumed, delivery).unwrap();
+        let again = Connection::resume(resumed, delivery()).unwrap();
         assert_eq!(again.segment.holders(Endpoint::Server.index()).load(Ordering::Relaxed), holders);
         assert_eq!(again.timeout_ms(Direction::Receive), 1500);
         assert!(again.state.has(Flags::READ_SHUT));
@@ -1208,13 +1208,7 @@ mod tests {
         // The stream goes on: the client's next bytes reach the new end.
         again.state.set_blocking(Blocking::NonBlocking);
         let resumed = Resumed { flags: 0, ..resumed };
-        let fresh = Delivery {
-            segment: dup(internal.halves[0]),
-            peer_segment: dup(internal.halves[1]),
-            doorbell: dup(internal.doorbell),
-            lifeline: -1,
-        };
-        let reader = Connection::resume(resumed, fresh).unwrap();
+        let reader = Connection::resume(resumed, delivery()).unwrap();
         let mut buf = [0u8; 16];
         assert_eq!(reader.recv(&mut [&mut buf[..]], 0), Ok(6));
         assert_eq!(&buf[..6], b"before");
