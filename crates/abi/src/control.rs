@@ -59,6 +59,13 @@ pub enum Message {
     ListenOk,
     /// Daemon → library on a listener channel: a new connection to accept.
     Incoming(ConnectionInfo),
+    /// Daemon → a VM guest's library: the connection is established; its
+    /// memory is the piece of the VM's region at byte `offset` (see
+    /// `layout`, "Placed in a region"). No descriptors travel.
+    ConnectedAt { info: ConnectionInfo, offset: u64 },
+    /// Daemon → a VM guest's library, on a listener stream: a new
+    /// connection to accept, placed at `offset` of the VM's region.
+    IncomingAt { info: ConnectionInfo, offset: u64 },
 }
 
 /// What each end learns about a new connection.
@@ -111,6 +118,8 @@ mod kind {
     pub const LISTEN: u8 = 6;
     pub const LISTEN_OK: u8 = 7;
     pub const INCOMING: u8 = 8;
+    pub const CONNECTED_AT: u8 = 9;
+    pub const INCOMING_AT: u8 = 10;
 }
 
 const ADDR_LEN: usize = 6;
@@ -146,6 +155,16 @@ impl Message {
                 w.u8(kind::INCOMING);
                 w.info(info);
             }
+            Message::ConnectedAt { info, offset } => {
+                w.u8(kind::CONNECTED_AT);
+                w.info(info);
+                w.bytes(&offset.to_le_bytes());
+            }
+            Message::IncomingAt { info, offset } => {
+                w.u8(kind::INCOMING_AT);
+                w.info(info);
+                w.bytes(&offset.to_le_bytes());
+            }
         }
         let len = w.len;
         &w.buf[..len]
@@ -157,6 +176,7 @@ impl Message {
         let expected = match k {
             kind::CONNECT => 2 * ADDR_LEN,
             kind::CONNECTED | kind::INCOMING => INFO_LEN,
+            kind::CONNECTED_AT | kind::INCOMING_AT => INFO_LEN + 8,
             kind::FALLBACK | kind::DROPPED | kind::LISTEN_OK => 0,
             kind::REFUSED => 4,
             kind::LISTEN => ADDR_LEN + 4,
@@ -170,6 +190,8 @@ impl Message {
             kind::CONNECT => Message::Connect { local: r.addr(), remote: r.addr() },
             kind::CONNECTED => Message::Connected(r.info()?),
             kind::INCOMING => Message::Incoming(r.info()?),
+            kind::CONNECTED_AT => Message::ConnectedAt { info: r.info()?, offset: r.offset()? },
+            kind::INCOMING_AT => Message::IncomingAt { info: r.info()?, offset: r.offset()? },
             kind::FALLBACK => Message::Fallback,
             kind::DROPPED => Message::Dropped,
             kind::LISTEN_OK => Message::ListenOk,
@@ -240,6 +262,14 @@ impl Reader<'_> {
         let ip = Ipv4Addr::from(self.take::<4>());
         SocketAddrV4::new(ip, u16::from_le_bytes(self.take()))
     }
+    /// A piece's offset in a region: whole pages.
+    fn offset(&mut self) -> Result<u64, DecodeError> {
+        let offset = u64::from_le_bytes(self.take());
+        if !offset.is_multiple_of(crate::layout::PAGE as u64) {
+            return Err(DecodeError::BadField("offset"));
+        }
+        Ok(offset)
+    }
     fn info(&mut self) -> Result<ConnectionInfo, DecodeError> {
         let id = u64::from_le_bytes(self.take());
         let local = self.addr();
@@ -271,6 +301,8 @@ mod tests {
             Message::Listen { local: a("0.0.0.0:80"), backlog: 511 },
             Message::ListenOk,
             Message::Incoming(info),
+            Message::ConnectedAt { info, offset: 1 << 20 },
+            Message::IncomingAt { info, offset: 0 },
         ]
     }
 
@@ -311,6 +343,10 @@ mod tests {
         let n = bytes.len();
         bytes[n - 4..].copy_from_slice(&1000u32.to_le_bytes());
         assert_eq!(Message::decode(&bytes), Err(DecodeError::BadField("ring_size")));
+        let mut placed = Message::ConnectedAt { info, offset: 4096 }.encode(&mut buf).to_vec();
+        let n = placed.len();
+        placed[n - 8..].copy_from_slice(&4097u64.to_le_bytes());
+        assert_eq!(Message::decode(&placed), Err(DecodeError::BadField("offset")));
     }
 
     #[test]

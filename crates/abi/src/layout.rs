@@ -30,6 +30,14 @@
 //! ring 0. So ring `r`'s producer line and data live in half `r` and its
 //! consumer line in half `1 - r`.
 //!
+//! **Placed in a region.** A VM guest's connection is not two memfds: the
+//! daemon places both halves in a piece of the VM's region (one shared
+//! file, the VM's ivshmem device), the client's half at the piece's
+//! offset and the server's right after it, each laid out as above. The VM
+//! maps the whole region, so it can write both halves; the daemon, the
+//! VM's only peer on such a connection, reads every word as hostile input
+//! and never shares a piece with another guest.
+//!
 //! Each control line is 128 bytes (two cache lines, so the adjacent-line
 //! prefetcher cannot make producer and consumer share one). An end may
 //! scribble anywhere in its own half: every value read from shared memory

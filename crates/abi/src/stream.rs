@@ -13,6 +13,14 @@ use std::fmt;
 /// on the host (CID 2).
 pub const CONTROL_PORT: u32 = 7471;
 
+/// The vsock port a VM guest's library opens one *bell stream* to for
+/// each of its connections: its first 8 bytes name the connection (its
+/// id, little-endian, as `ConnectedAt` or `IncomingAt` gave it); after
+/// them, each byte either side writes is a wake-up, as on a namespace
+/// guest's doorbell, and the end of the stream says every process holding
+/// that side let go.
+pub const BELL_PORT: u32 = 7472;
+
 /// The longest frame: the length byte and the longest message.
 pub const MAX_FRAME: usize = 1 + MAX_MESSAGE;
 

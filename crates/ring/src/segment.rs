@@ -83,12 +83,15 @@ fn bad(what: &str) -> io::Error {
 }
 
 impl Half {
-    /// Maps `len` bytes of `fd`, writable or read-only.
-    fn map(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Half> {
+    /// Maps `len` bytes of `fd` from byte `offset` (a page multiple),
+    /// writable or read-only.
+    fn map(fd: BorrowedFd<'_>, offset: u64, len: usize, writable: bool) -> io::Result<Half> {
         let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        let offset = libc::off_t::try_from(offset).map_err(|_| bad("offset out of range"))?;
         // SAFETY: a fresh shared mapping of a descriptor whose size is at
-        // least `len` (checked or set by the callers, and sealed).
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        // least `offset + len` (checked or set by the callers: sealed for a
+        // memfd, fixed for a region).
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd.as_raw_fd(), offset) };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -158,7 +161,7 @@ fn create_half(ring_size: u32, end: usize) -> io::Result<(Half, OwnedFd)> {
         check(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS))?;
         check(libc::fchmod(fd.as_raw_fd(), 0o400))?;
     }
-    let half = Half::map(fd.as_fd(), len, true)?;
+    let half = Half::map(fd.as_fd(), 0, len, true)?;
     let mut nonce = [0u8; 16];
     // SAFETY: getrandom fills at most 16 bytes of `nonce`.
     if unsafe { libc::getrandom(nonce.as_mut_ptr() as *mut libc::c_void, 16, 0) } != 16 {
@@ -194,16 +197,63 @@ fn map_half(fd: BorrowedFd<'_>, ring_size: u32, end: usize, writable: bool) -> i
     if seals & REQUIRED_SEALS != REQUIRED_SEALS {
         return Err(bad("not sealed"));
     }
-    let half = Half::map(fd, len, writable)?;
-    let magic = half.word::<AtomicU64>(0).load(Ordering::Relaxed);
-    let version = half.word::<AtomicU32>(8).load(Ordering::Relaxed);
-    if magic != SEGMENT_MAGIC || version != SEGMENT_VERSION {
-        return Err(bad("bad magic or version"));
+    let half = Half::map(fd, 0, len, writable)?;
+    half.check_header(ring_size, end)?;
+    Ok(half)
+}
+
+/// Checks that `file` holds the two halves of a connection with rings of
+/// `ring_size` bytes from byte `offset` (page aligned), and returns the
+/// size of one half.
+fn check_placement(file: BorrowedFd<'_>, offset: u64, ring_size: u32) -> io::Result<usize> {
+    if !layout::ring_size_valid(ring_size) {
+        return Err(bad("invalid ring size"));
     }
-    if half.word::<AtomicU32>(layout::HEADER_END).load(Ordering::Relaxed) != end as u32 {
-        return Err(bad("a half of the wrong end"));
+    if !offset.is_multiple_of(layout::PAGE as u64) {
+        return Err(bad("a piece off a page boundary"));
+    }
+    let half = layout::half_size(ring_size);
+    // SAFETY: fstat writes into the zeroed struct we pass.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and a pointer to a stat buffer.
+    check(unsafe { libc::fstat(file.as_raw_fd(), &mut st) })?;
+    // A mapping past the end of the file would fault when touched.
+    let end = offset.checked_add(2 * half as u64).ok_or_else(|| bad("a piece past the region"))?;
+    if end > st.st_size as u64 {
+        return Err(bad("a piece past the region"));
     }
     Ok(half)
+}
+
+impl Half {
+    /// Writes a fresh header for end `end` of a connection with rings of
+    /// `ring_size` bytes (the nonce left zero: such a half is never kept
+    /// for reuse by file identity).
+    fn write_header(&self, ring_size: u32, end: usize) {
+        self.word::<AtomicU64>(0).store(SEGMENT_MAGIC, Ordering::Relaxed);
+        self.word::<AtomicU32>(8).store(SEGMENT_VERSION, Ordering::Relaxed);
+        self.word::<AtomicU32>(12).store(ring_size, Ordering::Relaxed);
+        self.word::<AtomicU64>(layout::HEADER_CONNECTION_ID).store(0, Ordering::Relaxed);
+        self.word::<AtomicU64>(layout::HEADER_NONCE).store(0, Ordering::Relaxed);
+        self.word::<AtomicU64>(layout::HEADER_NONCE + 8).store(0, Ordering::Relaxed);
+        self.word::<AtomicU32>(layout::HEADER_END).store(end as u32, Ordering::Release);
+    }
+
+    /// Checks the header of end `end`'s half.
+    fn check_header(&self, ring_size: u32, end: usize) -> io::Result<()> {
+        let magic = self.word::<AtomicU64>(0).load(Ordering::Relaxed);
+        let version = self.word::<AtomicU32>(8).load(Ordering::Relaxed);
+        if magic != SEGMENT_MAGIC || version != SEGMENT_VERSION {
+            return Err(bad("bad magic or version"));
+        }
+        if self.word::<AtomicU32>(12).load(Ordering::Relaxed) != ring_size {
+            return Err(bad("a half of another ring size"));
+        }
+        if self.word::<AtomicU32>(layout::HEADER_END).load(Ordering::Acquire) != end as u32 {
+            return Err(bad("a half of the wrong end"));
+        }
+        Ok(())
+    }
 }
 
 impl Segment {
@@ -241,6 +291,41 @@ impl Segment {
         }
         let mine = map_half(own, ring_size, end.index(), true)?;
         let theirs = map_half(peer, ring_size, end.peer().index(), false)?;
+        let halves = match end {
+            Endpoint::Client => [mine, theirs],
+            Endpoint::Server => [theirs, mine],
+        };
+        Ok(Segment { halves, ring_size })
+    }
+
+    /// The daemon's view of a connection whose memory is a piece of a VM's
+    /// region `file` (see `layout`, "Placed in a region"): the client's
+    /// half at `offset`, the server's right after it, both mapped
+    /// writable, with fresh headers and every control word zero. What the
+    /// VM wrote there before is overwritten; what it writes after is
+    /// hostile input, as any end's is.
+    pub fn place(file: BorrowedFd<'_>, offset: u64, ring_size: u32) -> io::Result<Segment> {
+        let half = check_placement(file, offset, ring_size)?;
+        let client = Half::map(file, offset, half, true)?;
+        let server = Half::map(file, offset + half as u64, half, true)?;
+        client.write_header(ring_size, Endpoint::Client.index());
+        server.write_header(ring_size, Endpoint::Server.index());
+        let segment = Segment { halves: [client, server], ring_size };
+        segment.reset();
+        Ok(segment)
+    }
+
+    /// End `end`'s view of a connection placed at `offset` of a region
+    /// `file` this process maps (a VM's library, through its device): its
+    /// own half writable, its peer's read-only, after checking both
+    /// headers.
+    pub fn map_placed(file: BorrowedFd<'_>, offset: u64, ring_size: u32, end: Endpoint) -> io::Result<Segment> {
+        let half = check_placement(file, offset, ring_size)?;
+        let at = |e: Endpoint| offset + (e.index() * half) as u64;
+        let mine = Half::map(file, at(end), half, true)?;
+        let theirs = Half::map(file, at(end.peer()), half, false)?;
+        mine.check_header(ring_size, end.index())?;
+        theirs.check_header(ring_size, end.peer().index())?;
         let halves = match end {
             Endpoint::Client => [mine, theirs],
             Endpoint::Server => [theirs, mine],
@@ -394,6 +479,47 @@ mod tests {
         let [own, peer] = files.for_end(Endpoint::Server);
         let server = Segment::map(own, peer, ring_size, Endpoint::Server).unwrap();
         (daemon, files, client, server)
+    }
+
+    /// A region file of `len` bytes (a plain memfd, as a VM's region is a
+    /// plain shared file).
+    fn region(len: usize) -> OwnedFd {
+        // SAFETY: a NUL-terminated literal name and valid flags.
+        let raw = unsafe { libc::memfd_create(c"region".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: memfd_create just returned it.
+        let file = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: a descriptor we own.
+        assert_eq!(unsafe { libc::ftruncate(file.as_raw_fd(), len as libc::off_t) }, 0);
+        file
+    }
+
+    #[test]
+    fn a_connection_placed_in_a_region_is_seen_by_its_end() {
+        let ring_size = 4096;
+        let file = region(1 << 20);
+        let offset = 8 * layout::PAGE as u64;
+        // Old bytes in the piece (a connection before, or the VM's
+        // scribbles) are overwritten.
+        let scribble = vec![0xa5u8; 4 * layout::PAGE];
+        // SAFETY: a descriptor we own and a buffer of that length.
+        unsafe { libc::pwrite(file.as_raw_fd(), scribble.as_ptr().cast(), scribble.len(), offset as libc::off_t) };
+        let daemon = Segment::place(file.as_fd(), offset, ring_size).unwrap();
+        let guest = Segment::map_placed(file.as_fd(), offset, ring_size, Endpoint::Server).unwrap();
+        assert_eq!(daemon.producer(0).space().unwrap(), ring_size);
+        daemon.producer(0).write(&[b"hello"]).unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(guest.consumer(0).read(&mut [&mut buf[..]], false).unwrap().0, 5);
+        assert_eq!(&buf[..5], b"hello");
+        guest.producer(1).write(&[b"back"]).unwrap();
+        assert_eq!(daemon.consumer(1).state().unwrap(), RxState::Data(4));
+        // The other end's view checks that end's header.
+        assert!(Segment::map_placed(file.as_fd(), offset + 1, ring_size, Endpoint::Client).is_err());
+        assert!(Segment::map_placed(file.as_fd(), offset, 8192, Endpoint::Client).is_err());
+        assert!(Segment::map_placed(file.as_fd(), 0, ring_size, Endpoint::Client).is_err(), "no header there");
+        // A piece past the region's end is refused, not mapped.
+        assert!(Segment::place(file.as_fd(), (1 << 20) - layout::PAGE as u64, ring_size).is_err());
+        assert!(Segment::place(file.as_fd(), u64::MAX - 4095, ring_size).is_err());
     }
 
     #[test]
