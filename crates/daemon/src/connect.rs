@@ -28,6 +28,7 @@ use crate::guest::GuestSlot;
 use crate::ids::{ChannelId, ConnectionId, Pair};
 use crate::listeners::ListenerRecord;
 use crate::meter::Meter;
+use crate::placed::VmMemory;
 use crate::policy::Policy;
 use std::io;
 use std::net::SocketAddrV4;
@@ -112,13 +113,15 @@ fn decide_here(daemon: &Daemon, policy: &Policy, request: &ConnectRequest) -> De
     decide(policy, reach, request, |g, a| daemon.find_listener(g, a))
 }
 
-/// A connect from a guest whose attachment cannot carry a connection's
-/// memory yet (a VM's): policy decides it as any guest's connect (a denial
-/// is a denial, counted and logged), and what it allows takes the kernel
-/// path.
-pub fn connect_without_memory(
+/// A connect from a process of VM guest `guest`, whose connections are
+/// placed in its region `vm`: decided as any guest's connect; one to a
+/// listener here is made with the bridge as its client's far end, the VM's
+/// end placed in a piece of `vm` (the reply says where). A connect to
+/// another host takes the kernel path for now.
+pub fn connect_vm(
     daemon: &Daemon,
     guest: &Arc<GuestSlot>,
+    vm: &Arc<VmMemory>,
     local: SocketAddrV4,
     remote: SocketAddrV4,
 ) -> Message {
@@ -126,16 +129,38 @@ pub fn connect_without_memory(
     let request = ConnectRequest { client: guest.clone(), local, remote };
     let decided = decide_here(daemon, &policy, &request);
     let attempt = Attempt { daemon, guest, client_addr: decided.client_addr, remote };
-    let why = match decided.decision {
+    let (listener, why) = match decided.decision {
         Decision::Deny { server, verdict, action } => {
             return deny(&attempt, &server, &policy, &verdict, action).message
         }
-        Decision::Fallback(why) => why.describe().to_string(),
-        Decision::WithinGuest { .. } | Decision::Local { .. } | Decision::Remote { .. } => {
-            "allowed; this guest's attachment has no data path yet: kernel path".into()
+        Decision::Fallback(why) => return attempt.fall_back(why.describe().to_string()),
+        Decision::Remote { .. } => {
+            return attempt.fall_back("a VM guest's connect to another host: kernel path".into());
+        }
+        Decision::WithinGuest { listener } => (listener, "within one guest: security groups do not apply".into()),
+        Decision::Local { listener, verdict } => (listener, verdict.describe(&policy.config)),
+    };
+    let Some(bridge) = daemon.bridge.get() else {
+        return attempt.fall_back("no bridge for a VM's connections: kernel path".into());
+    };
+    let ring_size = policy.config.host().ring_size;
+    let placed = match vm.place(ring_size) {
+        Ok(placed) => placed,
+        Err(e) => {
+            tracing::warn!(guest = %guest.name, to = %remote, error = %e, "connect refused");
+            return attempt.reply(&listener.guest, Err(Failed::NoMemory), || e.to_string()).message;
         }
     };
-    attempt.fall_back(why)
+    let made = establish(&attempt, &policy, ClientEnd::Bridge, ServerEnd::Listener(&listener));
+    let outcome = attempt.reply(&listener.guest, made, || why);
+    match (outcome.message, outcome.relay) {
+        (Message::Connected(info), Some(other)) => {
+            let offset = placed.offset();
+            bridge.carry(info.id, vm.clone(), placed, Endpoint::Server, other);
+            Message::ConnectedAt { info, offset }
+        }
+        (message, _) => message,
+    }
 }
 
 /// Decides a `Connect` request from a process of `guest` (its request
@@ -287,6 +312,9 @@ enum ClientEnd {
     Process(ChannelId),
     /// This daemon's relay, for a client on another host.
     Relay,
+    /// This daemon's bridge, for a client in a VM here (whose own end is a
+    /// piece of its region, charged to it as a segment).
+    Bridge,
 }
 
 /// Who holds the server's end.
@@ -381,17 +409,25 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
             let guest = if let ClientEnd::Relay = client { server_guest } else { client_guest };
             (None, rings.ring_size, rings.segment_size(), (guest, guest))
         }
-        (ClientEnd::Relay, ServerEnd::Host { .. }) => unreachable!("a relay never connects to another host"),
+        (ClientEnd::Bridge, ServerEnd::Listener(_)) => {
+            (None, host.ring_size, host.segment_size(), (client_guest, server_guest))
+        }
+        (ClientEnd::Relay | ClientEnd::Bridge, ServerEnd::Host { .. }) => {
+            unreachable!("a relay or bridge never connects to another host")
+        }
     };
     let charge = daemon.charge(policy, charged.0, charged.1, bytes).map_err(|exceeded| match client {
         // The server's host: whichever guest is over, it is the server's.
         ClientEnd::Relay => Failed::Quota(Exceeded { side: Endpoint::Server, ..exceeded }),
-        ClientEnd::Process(_) => Failed::Quota(exceeded),
+        ClientEnd::Process(_) | ClientEnd::Bridge => Failed::Quota(exceeded),
     })?;
     let memory = match pair {
         Some(pair) => shared_memory(daemon, pair, ring_size).map_err(Failed::Undelivered)?,
         None => {
-            let mine = if let ClientEnd::Relay = client { Endpoint::Client } else { Endpoint::Server };
+            let mine = match client {
+                ClientEnd::Relay | ClientEnd::Bridge => Endpoint::Client,
+                ClientEnd::Process(_) => Endpoint::Server,
+            };
             relayed_memory(daemon, ring_size, mine).map_err(|e| {
                 tracing::warn!(error = %e, "cannot make a segment for a cross-host connection");
                 Failed::NoMemory
@@ -439,7 +475,7 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
         }
         _ => unreachable!("memory is made for the server end it is given to"),
     }
-    if let ClientEnd::Process(_) = client {
+    if let ClientEnd::Process(_) | ClientEnd::Bridge = client {
         client_guest.counters.connections_out.fetch_add(1, Ordering::Relaxed);
     }
     daemon.connections.add(ConnectionRecord {

@@ -34,6 +34,9 @@ pub struct Daemon {
     flow_log: Option<FlowLog>,
     /// The relay to other hosts, once started (none without a `[fabric]`).
     pub fabric: OnceLock<crate::fabric::Fabric>,
+    /// What carries VM guests' connections, once started (none without
+    /// a VM guest).
+    pub bridge: OnceLock<Arc<crate::bridge::Bridge>>,
     /// Connections reset because a policy change denied them.
     pub policy_resets: AtomicU64,
     /// Policy changes applied (vsocketctl edits and reloads).
@@ -58,6 +61,7 @@ impl Daemon {
             segments: SegmentPool::new(ring_size),
             flow_log: None,
             fabric: OnceLock::new(),
+            bridge: OnceLock::new(),
             policy_resets: AtomicU64::new(0),
             policy_changes: AtomicU64::new(0),
             serving: RwLock::new(()),

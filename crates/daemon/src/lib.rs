@@ -35,6 +35,7 @@
 
 pub mod admin;
 pub mod attach;
+pub mod bridge;
 pub mod channel;
 pub mod charge;
 pub mod connect;
@@ -50,6 +51,7 @@ pub mod listeners;
 pub mod live;
 pub mod meter;
 pub mod metrics;
+pub mod placed;
 pub mod policy;
 pub mod pool;
 pub mod quota;

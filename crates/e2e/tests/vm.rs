@@ -1,9 +1,7 @@
 //! VM guests attach to vsocketd: a process in a QEMU guest (TCG) opens a
 //! control stream over its vsock device, whose backend vsocketd runs for
-//! that VM alone, and is known as that guest by the daemon. Until a VM's
-//! connections are carved out of its region and relayed, policy decides
-//! its connects (a denial is a denial) and what it allows takes the
-//! kernel path.
+//! that VM alone, and is known as that guest by the daemon. Policy decides
+//! its connects; one it allows is placed in the VM's region.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -95,14 +93,16 @@ fn a_vm_guest_attaches_and_its_connects_follow_policy() {
     let output = image.run(&boot, Duration::from_secs(180)).unwrap_or_else(|e| panic!("{e}"));
     let console = String::from_utf8_lossy(&output.stdout);
     assert_eq!(exit_status(&console), Some(0), "{console}\n{}", String::from_utf8_lossy(&output.stderr));
-    // FALLBACK (kind 3): allowed, to the kernel path; REFUSED (kind 4) with
-    // ECONNREFUSED (111): denied, as deny_action = "reject" says.
-    assert!(console.lines().any(|l| l.trim() == "allowed 03"), "{console}");
+    // CONNECTED_AT (kind 9): allowed, placed in the VM's region; REFUSED
+    // (kind 4) with ECONNREFUSED (111): denied, as deny_action = "reject"
+    // says.
+    assert!(console.lines().any(|l| l.trim().starts_with("allowed 09")), "{console}");
     assert!(console.lines().any(|l| l.trim() == "denied 046f000000"), "{console}");
     // The daemon made the region the config gives, and QEMU mapped it.
     assert!(console.lines().any(|l| l.trim() == format!("region {}", 4 << 20)), "{console}");
     // Both attempts are the VM guest's, as the backend it came through says.
-    assert_eq!(lab.counter("v", "fallbacks"), 1);
+    assert_eq!(lab.counter("v", "fallbacks"), 0);
     assert_eq!(lab.counter("v", "denied"), 1);
-    assert_eq!(lab.counter("b", "connections_in"), 0);
+    assert_eq!(lab.counter("v", "connections_out"), 1);
+    assert_eq!(lab.counter("b", "connections_in"), 1);
 }

@@ -62,13 +62,22 @@ pub trait ProcessChannel: Channel + Sized + 'static {
     fn set_send_timeout(&self, timeout: Duration) -> io::Result<()>;
     /// Another handle on the same channel.
     fn try_clone(&self) -> io::Result<Self>;
-    /// Whether a connection's memory and wake-ups can be handed over on
-    /// this channel. A channel that cannot (a VM's, until its region is
-    /// carved into connections) has its connects decided by policy and
-    /// what is allowed sent to the kernel path, and its listens refused.
-    fn carries_connections(&self) -> bool {
-        true
+    /// How a connection's memory reaches this channel's process.
+    fn memory(&self) -> ConnectionMemory {
+        ConnectionMemory::Descriptors
     }
+}
+
+/// How a connection's memory reaches a process.
+#[derive(Debug, Clone)]
+pub enum ConnectionMemory {
+    /// Its segment's descriptors travel with the message (a namespace
+    /// guest's process).
+    Descriptors,
+    /// It is placed in the VM's region, and the message says where (a VM
+    /// guest's process). Such a guest's listens stay on the kernel path
+    /// for now.
+    Region(Arc<crate::placed::VmMemory>),
 }
 
 /// Why a request could not be read.
@@ -239,16 +248,17 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
             }
         };
         match message {
-            Message::Connect { local, remote } if !channel.carries_connections() => {
+            Message::Connect { local, remote } if matches!(channel.memory(), ConnectionMemory::Region(_)) => {
+                let ConnectionMemory::Region(vm) = channel.memory() else { unreachable!("matched above") };
                 let _serving = daemon.serving();
-                let reply = connect::connect_without_memory(daemon, guest, local, remote);
+                let reply = connect::connect_vm(daemon, guest, &vm, local, remote);
                 if let Err(e) = channel.send(&reply, None) {
                     tracing::warn!(guest = %name, error = %e, "reply not taken; closing the channel");
                     return;
                 }
             }
-            Message::Listen { local, .. } if !channel.carries_connections() => {
-                tracing::info!(guest = %name, address = %local, "listener stays on the kernel path (no data path for this guest's attachment)");
+            Message::Listen { local, .. } if matches!(channel.memory(), ConnectionMemory::Region(_)) => {
+                tracing::info!(guest = %name, address = %local, "listener stays on the kernel path (a VM guest's listens are not carried yet)");
                 let _ = channel.send(&Message::Refused { errno: libc::EOPNOTSUPP }, None);
                 return;
             }
@@ -328,7 +338,12 @@ pub fn serve_guests(daemon: &Arc<Daemon>, mut inherited: HashMap<String, OwnedFd
         let vm = policy.guest_id(slot).and_then(|id| policy.config.guest(id).vm);
         if let Some(vm) = vm {
             let program = &policy.config.host().vsock_backend;
-            serve(daemon, slot, vm::VmAttachment::open(run_dir, slot, &vm, program)?)?;
+            if daemon.bridge.get().is_none() {
+                // Only this thread starts it; a second set cannot happen.
+                let _ = daemon.bridge.set(Arc::new(crate::bridge::Bridge::start()?));
+            }
+            let bridge = daemon.bridge.get().cloned().ok_or_else(|| io::Error::other("no bridge"))?;
+            serve(daemon, slot, vm::VmAttachment::open(run_dir, slot, &vm, program, bridge)?)?;
             continue;
         }
         let attachment = match inherited.remove(&slot.name) {

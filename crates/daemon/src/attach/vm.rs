@@ -10,25 +10,32 @@
 //! (`vsocket_abi::stream`); no descriptors travel.
 //!
 //! The attachment also makes the VM's memory region (a file of the
-//! guest's `region` size, which QEMU maps as the VM's ivshmem device).
-//! Until connections' memory is carved out of it and relayed, a VM's
-//! channel carries no connection ([`ProcessChannel::carries_connections`]
-//! is false): policy decides its connects as any guest's, and what it
-//! allows takes the kernel path.
+//! guest's `region` size, which QEMU maps as the VM's ivshmem device):
+//! each of the VM's connections is placed in a piece of it
+//! ([`ConnectionMemory::Region`]), and `ConnectedAt` tells the process
+//! where. For each connection the process then opens a bell stream to
+//! [`BELL_PORT`], which arrives on `<uds>_<BELL_PORT>`: its first 8 bytes
+//! name the connection, and the bridge takes it from there (a VM can
+//! name only its own connections: the bridge looks the id up among that
+//! VM's). That listener's thread reads each stream's id in turn, for at
+//! most [`BELL_ID_TIMEOUT`]: a VM that opens streams and says nothing
+//! delays only its own connections.
 
-use super::{Attachment, ProcessChannel, RecvError, Refused};
+use super::{Attachment, ConnectionMemory, ProcessChannel, RecvError, Refused};
+use crate::bridge::Bridge;
 use crate::channel::{Channel, Handover};
 use crate::guest::GuestSlot;
+use crate::placed::VmMemory;
 use crate::sync::lock;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vsocket_abi::control::Message;
-use vsocket_abi::stream::{frame, Deframer, CONTROL_PORT, MAX_FRAME};
+use vsocket_abi::stream::{frame, Deframer, BELL_PORT, CONTROL_PORT, MAX_FRAME};
 use vsocket_admin::paths::{vm_paths, vm_port_path};
 use vsocket_policy::VmGuest;
 
@@ -37,8 +44,12 @@ use vsocket_policy::VmGuest;
 #[derive(Debug)]
 pub struct VmAttachment {
     listener: UnixListener,
+    memory: Arc<VmMemory>,
     backend: Mutex<Backend>,
 }
+
+/// How long a bell stream may take to name its connection.
+pub const BELL_ID_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The VM's vsock backend. It is started by the attachment's own thread
 /// (its first accept), with `PR_SET_PDEATHSIG`, which is tied to the
@@ -55,20 +66,33 @@ impl VmAttachment {
     /// Makes VM guest `slot`'s files under `run_dir` (its region of
     /// `vm.region` bytes) and listens for its control streams; its vsock
     /// backend (`program`) starts when the attachment is served.
-    pub fn open(run_dir: &Path, slot: &GuestSlot, vm: &VmGuest, program: &Path) -> io::Result<VmAttachment> {
+    pub fn open(
+        run_dir: &Path,
+        slot: &GuestSlot,
+        vm: &VmGuest,
+        program: &Path,
+        bridge: Arc<Bridge>,
+    ) -> io::Result<VmAttachment> {
         let paths = vm_paths(run_dir, &slot.name);
         std::fs::create_dir_all(&paths.dir)?;
         // Only the daemon (and QEMU, as root) opens what is in here: a
         // process that could connect to the control port's socket directly
         // would speak as the VM.
         vsocket_sys::chmod(&paths.dir, 0o700)?;
-        for stale in [&paths.vhost, &vm_port_path(&paths.uds, CONTROL_PORT)] {
+        let bells_path = vm_port_path(&paths.uds, BELL_PORT);
+        for stale in [&paths.vhost, &vm_port_path(&paths.uds, CONTROL_PORT), &bells_path] {
             let _ = std::fs::remove_file(stale);
         }
-        let region =
-            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&paths.region)?;
-        region.set_len(vm.region)?;
+        let memory = Arc::new(VmMemory::create(&paths.region, vm.region)?);
         let listener = UnixListener::bind(vm_port_path(&paths.uds, CONTROL_PORT))?;
+        let bells = UnixListener::bind(&bells_path)?;
+        let name = slot.name.clone();
+        let vm_memory = memory.clone();
+        // VM guests are not removed live, so this thread lives as long as
+        // the daemon.
+        std::thread::Builder::new()
+            .name(format!("bells-{name}"))
+            .spawn(move || take_bells(&name, &bells, &vm_memory, &bridge))?;
         let mut command = Command::new(program);
         vsocket_sys::die_with_parent(&mut command);
         command
@@ -80,7 +104,7 @@ impl VmAttachment {
             .arg(&paths.uds)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        Ok(VmAttachment { listener, backend: Mutex::new(Backend::NotStarted(command)) })
+        Ok(VmAttachment { listener, memory, backend: Mutex::new(Backend::NotStarted(command)) })
     }
 
     /// Starts the backend, once.
@@ -115,7 +139,7 @@ impl Attachment for VmAttachment {
     fn accept(&self) -> io::Result<VmChannel> {
         self.start_backend()?;
         let (stream, _) = self.listener.accept()?;
-        Ok(VmChannel { reading: std::sync::Arc::new(Mutex::new(Reading::default())), stream })
+        Ok(VmChannel { reading: Arc::new(Mutex::new(Reading::default())), stream, memory: self.memory.clone() })
     }
 
     /// The backend delivered the stream from this VM: nothing to check.
@@ -140,7 +164,8 @@ struct Reading {
 pub struct VmChannel {
     stream: UnixStream,
     /// Shared with the channel's clones: one reader at a time.
-    reading: std::sync::Arc<Mutex<Reading>>,
+    reading: Arc<Mutex<Reading>>,
+    memory: Arc<VmMemory>,
 }
 
 impl Channel for VmChannel {
@@ -183,10 +208,35 @@ impl ProcessChannel for VmChannel {
     }
 
     fn try_clone(&self) -> io::Result<VmChannel> {
-        Ok(VmChannel { stream: self.stream.try_clone()?, reading: self.reading.clone() })
+        Ok(VmChannel { stream: self.stream.try_clone()?, reading: self.reading.clone(), memory: self.memory.clone() })
     }
 
-    fn carries_connections(&self) -> bool {
-        false
+    fn memory(&self) -> ConnectionMemory {
+        ConnectionMemory::Region(self.memory.clone())
+    }
+}
+
+/// Takes VM `name`'s bell streams: reads the connection id each starts
+/// with and hands the stream to the bridge.
+fn take_bells(name: &str, bells: &UnixListener, memory: &Arc<VmMemory>, bridge: &Bridge) {
+    loop {
+        let mut stream = match bells.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::error!(guest = %name, error = %e, "accept on a VM's bell socket failed");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let mut id = [0u8; 8];
+        let named = stream.set_read_timeout(Some(BELL_ID_TIMEOUT)).and_then(|()| stream.read_exact(&mut id));
+        if let Err(e) = named {
+            tracing::warn!(guest = %name, error = %e, "a bell stream named no connection; closed");
+            continue;
+        }
+        if stream.set_read_timeout(None).and_then(|()| stream.set_nonblocking(true)).is_err() {
+            continue;
+        }
+        bridge.bell(u64::from_le_bytes(id), memory.clone(), stream.into());
     }
 }

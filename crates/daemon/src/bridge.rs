@@ -1,0 +1,420 @@
+//! The bridge: one thread that carries VM guests' connections on this
+//! host, ring to ring.
+//!
+//! A VM's end of a connection is a piece of its region, which the VM can
+//! write whole, so it is never shared with another guest: the daemon holds
+//! the far end of the VM's piece and of the other guest's segment, and the
+//! bridge copies between the two, as the fabric relay copies between a
+//! ring and a link. What it copies is the connection's metering (the
+//! other end's [`Meter`]). Every index it reads from either end goes
+//! through the ring crate's checks: an end whose rings hold impossible
+//! values has its connection reset, both ways, and nothing else is
+//! touched.
+//!
+//! A connection reaches the bridge twice: when it is made (its VM end
+//! waits for the VM's bell stream, at most [`BELL_TIMEOUT`], then the
+//! connection is reset), and when the VM's library opens that bell
+//! stream. The thread sleeps in one epoll set holding every bell and a
+//! command eventfd.
+
+use crate::fabric::local::{Heard, LocalEnd};
+use crate::fabric::NewConn;
+use crate::meter::Meter;
+use crate::placed::{Placed, RegionEnd, VmMemory};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use vsocket_abi::layout::Endpoint;
+use vsocket_ring::RxState;
+use vsocket_sys::Epoll;
+
+/// How long a new connection waits for its VM's bell stream.
+pub const BELL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes copied at a time.
+const CHUNK: usize = 256 << 10;
+
+const TOKEN_COMMANDS: u64 = u64::MAX;
+
+/// The bridge's command queue, and the eventfd that wakes it.
+pub struct Bridge {
+    commands: Mutex<mpsc::Sender<Command>>,
+    bell: OwnedFd,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bridge")
+    }
+}
+
+enum Command {
+    /// Connection `id` is made; its VM end (`vm_end`, the daemon's end
+    /// `mine` of a piece of `vm`) waits for its bell stream.
+    Await { id: u64, vm: Arc<VmMemory>, vm_end: Placed, mine: Endpoint, other: NewConn },
+    /// VM `vm`'s bell stream for connection `id`.
+    Bell { id: u64, vm: Arc<VmMemory>, stream: OwnedFd },
+}
+
+impl Bridge {
+    /// Starts the bridge's thread.
+    pub fn start() -> io::Result<Bridge> {
+        let epoll = Epoll::new()?;
+        let bell = vsocket_sys::eventfd()?;
+        epoll.add(bell.as_fd(), libc::EPOLLIN as u32, TOKEN_COMMANDS)?;
+        let (commands, queue) = mpsc::channel();
+        let thread_bell = bell.try_clone()?;
+        std::thread::Builder::new().name("bridge".into()).spawn(move || {
+            Pump { epoll, bell: thread_bell, queue, waiting: HashMap::new(), pairs: HashMap::new() }.run()
+        })?;
+        Ok(Bridge { commands: Mutex::new(commands), bell })
+    }
+
+    fn send(&self, command: Command) {
+        // The thread lives as long as the daemon: a send cannot fail.
+        let _ = crate::sync::lock(&self.commands).send(command);
+        vsocket_sys::eventfd_signal(self.bell.as_fd());
+    }
+
+    /// Connection `id` is made between a VM (its piece `vm_end` of `vm`,
+    /// where the daemon is end `mine`) and `other`, whose far end is the
+    /// daemon. The bridge carries it once the VM's bell stream arrives.
+    pub fn carry(&self, id: u64, vm: Arc<VmMemory>, vm_end: Placed, mine: Endpoint, other: NewConn) {
+        self.send(Command::Await { id, vm, vm_end, mine, other });
+    }
+
+    /// A bell stream from VM `vm`, for its connection `id` (as the VM says:
+    /// a connection of another VM, or none, is not found and the stream
+    /// is closed).
+    pub fn bell(&self, id: u64, vm: Arc<VmMemory>, stream: OwnedFd) {
+        self.send(Command::Bell { id, vm, stream });
+    }
+}
+
+/// A connection waiting for its VM's bell stream.
+struct Waiting {
+    vm: Arc<VmMemory>,
+    vm_end: Placed,
+    mine: Endpoint,
+    other: NewConn,
+    since: Instant,
+}
+
+/// One carried connection: end 0 is the VM's, end 1 the other.
+struct Pair {
+    ends: [Box<dyn LocalEnd>; 2],
+    /// The other end's metering: `taken` from its ring, `given` into it.
+    meter: Arc<Meter>,
+    /// Every process holding end `i` let go of it.
+    gone: [bool; 2],
+    /// Nothing more goes from end `i` to the other (FIN or RST passed).
+    ended: [bool; 2],
+}
+
+/// What pumping one direction found.
+enum Pumped {
+    /// Moved what it could; the rings are armed to hear of more.
+    Idle,
+    /// A ring holds impossible values: the connection is reset.
+    Corrupt,
+}
+
+struct Pump {
+    epoll: Epoll,
+    bell: OwnedFd,
+    queue: mpsc::Receiver<Command>,
+    waiting: HashMap<u64, Waiting>,
+    pairs: HashMap<u64, Pair>,
+}
+
+impl Pump {
+    fn run(mut self) {
+        let mut events = Vec::new();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let timeout = if self.waiting.is_empty() { -1 } else { 100 };
+            if let Err(e) = self.epoll.wait(timeout, &mut events) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "bridge: epoll failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            let mut dirty = Vec::new();
+            for &(token, _) in &events {
+                if token == TOKEN_COMMANDS {
+                    vsocket_sys::drain(self.bell.as_fd());
+                    while let Ok(command) = self.queue.try_recv() {
+                        if let Some(id) = self.command(command) {
+                            dirty.push(id);
+                        }
+                    }
+                    continue;
+                }
+                let (id, end) = (token >> 1, (token & 1) as usize);
+                let Some(pair) = self.pairs.get_mut(&id) else { continue };
+                if !pair.gone[end] && pair.ends[end].hear() == Heard::LetGo {
+                    pair.gone[end] = true;
+                    let _ = self.epoll.delete(pair.ends[end].bell());
+                }
+                dirty.push(id);
+            }
+            dirty.sort_unstable();
+            dirty.dedup();
+            for id in dirty {
+                self.pump(id, &mut buf);
+            }
+            self.expire();
+        }
+    }
+
+    /// Takes a command; returns a connection to pump.
+    fn command(&mut self, command: Command) -> Option<u64> {
+        match command {
+            Command::Await { id, vm, vm_end, mine, other } => {
+                self.waiting.insert(id, Waiting { vm, vm_end, mine, other, since: Instant::now() });
+                None
+            }
+            Command::Bell { id, vm, stream } => {
+                let found = self.waiting.get(&id).is_some_and(|w| Arc::ptr_eq(&w.vm, &vm) && w.vm_end.is_of(&vm));
+                if !found {
+                    tracing::warn!(connection = id, "bridge: a bell stream for no connection of that VM; closed");
+                    return None;
+                }
+                let Waiting { vm_end, mine, other, .. } = self.waiting.remove(&id)?;
+                let vm_end: Box<dyn LocalEnd> = Box::new(RegionEnd::new(vm_end, mine, stream));
+                let NewConn { end, meter } = other;
+                let pair = Pair { ends: [vm_end, end], meter, gone: [false; 2], ended: [false; 2] };
+                for (i, end) in pair.ends.iter().enumerate() {
+                    if let Err(e) = self.epoll.add(end.bell(), libc::EPOLLIN as u32, id << 1 | i as u64) {
+                        tracing::error!(error = %e, "bridge: cannot watch a bell");
+                    }
+                }
+                self.pairs.insert(id, pair);
+                Some(id)
+            }
+        }
+    }
+
+    /// Resets connections whose VM never opened their bell stream.
+    fn expire(&mut self) {
+        let late: Vec<u64> =
+            self.waiting.iter().filter(|(_, w)| w.since.elapsed() >= BELL_TIMEOUT).map(|(&id, _)| id).collect();
+        for id in late {
+            if let Some(w) = self.waiting.remove(&id) {
+                tracing::warn!(connection = id, "bridge: the VM opened no bell stream; connection reset");
+                reset(w.other.end.as_ref());
+            }
+        }
+    }
+
+    /// Moves what can move on connection `id`, both ways, and drops it
+    /// once both ends let go.
+    fn pump(&mut self, id: u64, buf: &mut [u8]) {
+        let Some(pair) = self.pairs.get_mut(&id) else { return };
+        for from in 0..2 {
+            if pair.ended[from] {
+                continue;
+            }
+            if let Pumped::Corrupt = pair.pump(from, buf) {
+                tracing::warn!(connection = id, end = from, "bridge: a ring holds impossible values; connection reset");
+                for end in &pair.ends {
+                    reset(end.as_ref());
+                }
+                pair.ended = [true; 2];
+                break;
+            }
+        }
+        if pair.gone == [true; 2] {
+            self.pairs.remove(&id);
+        }
+    }
+}
+
+/// Resets `end`: its guest reads ECONNRESET, and its writes fail.
+fn reset(end: &dyn LocalEnd) {
+    end.wake_if(end.inbound().reset() | end.outbound().close());
+}
+
+impl Pair {
+    /// Copies from end `from`'s outbound ring into the other's inbound one,
+    /// and passes on its end of stream.
+    fn pump(&mut self, from: usize, buf: &mut [u8]) -> Pumped {
+        let to = 1 - from;
+        let Pair { ends, meter, gone, ended } = self;
+        let (source, sink) = (ends[from].as_ref(), ends[to].as_ref());
+        loop {
+            let rx = source.outbound();
+            match rx.state() {
+                Ok(RxState::Data(n)) => {
+                    let tx = sink.inbound();
+                    let space = match tx.space() {
+                        // Nobody holds the other end to read it.
+                        _ if gone[to] => {
+                            ended[from] = true;
+                            source.wake_if(source.inbound().reset() | rx.close());
+                            return Pumped::Idle;
+                        }
+                        Ok(0) => {
+                            // Hear of the other guest's reads.
+                            tx.arm();
+                            match tx.space() {
+                                Ok(0) => return Pumped::Idle,
+                                Ok(_) => continue,
+                                Err(_) => return Pumped::Corrupt,
+                            }
+                        }
+                        Ok(space) => space as usize,
+                        // The other guest closed its reading side: what
+                        // comes is for nobody, as a kernel socket's RST.
+                        Err(vsocket_ring::RingError::PeerClosed) => {
+                            ended[from] = true;
+                            source.wake_if(source.inbound().reset() | rx.close());
+                            return Pumped::Idle;
+                        }
+                        Err(_) => return Pumped::Corrupt,
+                    };
+                    let take = (n as usize).min(space).min(buf.len());
+                    let Ok((got, wake_source)) = rx.read(&mut [&mut buf[..take]], false) else {
+                        return Pumped::Corrupt;
+                    };
+                    source.wake_if(wake_source);
+                    match tx.write(&[&buf[..got]]) {
+                        Ok((put, wake_sink)) if put == got => sink.wake_if(wake_sink),
+                        _ => return Pumped::Corrupt,
+                    }
+                    let counter = if to == 1 { &meter.given } else { &meter.taken };
+                    counter.fetch_add(got as u64, Ordering::Relaxed);
+                }
+                Ok(RxState::Empty) => {
+                    if gone[from] {
+                        // Its processes died without closing: as the
+                        // kernel does at exit, FIN, or RST with bytes
+                        // they never read.
+                        ended[from] = true;
+                        let unread = source.inbound().space().is_ok_and(|s| s < source.window());
+                        sink.wake_if(if unread { sink.inbound().reset() } else { sink.inbound().finish() });
+                        return Pumped::Idle;
+                    }
+                    rx.arm();
+                    if matches!(rx.state(), Ok(RxState::Empty)) {
+                        return Pumped::Idle;
+                    }
+                }
+                Ok(RxState::Fin) => {
+                    ended[from] = true;
+                    sink.wake_if(sink.inbound().finish());
+                    return Pumped::Idle;
+                }
+                Ok(RxState::Reset) => {
+                    *ended = [true; 2];
+                    sink.wake_if(sink.inbound().reset() | sink.outbound().close());
+                    source.wake_if(source.inbound().reset());
+                    return Pumped::Idle;
+                }
+                Err(_) => return Pumped::Corrupt,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fabric::local::SegmentEnd;
+    use vsocket_ring::Segment;
+
+    /// A pair as the bridge holds it, and each guest's own view: the VM's
+    /// (the client, in a piece of a region) and the other guest's (the
+    /// server, a segment whose client end is the daemon).
+    struct Rig {
+        pair: Pair,
+        vm: Segment,
+        other: Segment,
+        _vm_memory: Arc<VmMemory>,
+        _bells: [OwnedFd; 2],
+        _dir: std::path::PathBuf,
+    }
+
+    fn rig(name: &str) -> Rig {
+        let ring = 4096;
+        let dir = std::env::temp_dir().join(format!("vsocket-bridge-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("region");
+        let vm_memory = Arc::new(VmMemory::create(&path, 1 << 20).unwrap());
+        let placed = vm_memory.place(ring).unwrap();
+        let region = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let vm = Segment::map_placed(region.as_fd(), placed.offset(), ring, Endpoint::Client).unwrap();
+        let (vm_bell, vm_guest_bell) = vsocket_sys::stream_pair().unwrap();
+        let vm_end = RegionEnd::new(placed, Endpoint::Server, vm_bell);
+        let (daemon_view, files) = Segment::create(ring).unwrap();
+        let [own, peer] = files.for_end(Endpoint::Client);
+        let relay_view = Segment::map(own, peer, ring, Endpoint::Client).unwrap();
+        let [own, peer] = files.for_end(Endpoint::Server);
+        let other = Segment::map(own, peer, ring, Endpoint::Server).unwrap();
+        drop(daemon_view);
+        let (bell, other_guest_bell) = vsocket_sys::stream_pair().unwrap();
+        let (_lifeline, holds) = vsocket_sys::pipe().unwrap();
+        let other_end = SegmentEnd::new(relay_view, Endpoint::Client, bell, holds);
+        let pair = Pair {
+            ends: [Box::new(vm_end), Box::new(other_end)],
+            meter: Arc::new(Meter::default()),
+            gone: [false; 2],
+            ended: [false; 2],
+        };
+        Rig { pair, vm, other, _vm_memory: vm_memory, _bells: [vm_guest_bell, other_guest_bell], _dir: dir }
+    }
+
+    fn read_all(segment: &Segment, ring: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; 1 << 16];
+        let (n, _) = segment.consumer(ring).read(&mut [&mut buf[..]], false).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    fn pump(rig: &mut Rig) {
+        let mut buf = vec![0u8; 1000];
+        for from in 0..2 {
+            assert!(matches!(rig.pair.pump(from, &mut buf), Pumped::Idle));
+        }
+    }
+
+    #[test]
+    fn bytes_cross_both_ways_in_order_and_are_metered() {
+        let mut rig = rig("bytes");
+        // More than a ring holds, in pieces smaller than the copy buffer.
+        let sent: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let mut got = Vec::new();
+        let mut at = 0;
+        while got.len() < sent.len() {
+            let (n, _) = rig.vm.producer(0).write(&[&sent[at..]]).unwrap();
+            at += n;
+            pump(&mut rig);
+            got.extend(read_all(&rig.other, 0));
+        }
+        assert_eq!(got, sent);
+        rig.other.producer(1).write(&[b"reply"]).unwrap();
+        pump(&mut rig);
+        assert_eq!(read_all(&rig.vm, 1), b"reply");
+        assert_eq!(rig.pair.meter.given.load(Ordering::Relaxed), 10_000);
+        assert_eq!(rig.pair.meter.taken.load(Ordering::Relaxed), 5);
+        // A FIN passes too, and only after the bytes before it.
+        rig.vm.producer(0).write(&[b"last"]).unwrap();
+        rig.vm.producer(0).finish();
+        pump(&mut rig);
+        assert_eq!(read_all(&rig.other, 0), b"last");
+        assert_eq!(rig.other.consumer(0).state().unwrap(), RxState::Fin);
+        assert!(rig.pair.ended[0] && !rig.pair.ended[1]);
+    }
+
+    #[test]
+    fn a_vm_that_forges_its_indices_breaks_its_own_connection_only() {
+        let mut rig = rig("forged");
+        rig.vm.forge_for_tests(0, 1 << 40);
+        let mut buf = vec![0u8; 1000];
+        assert!(matches!(rig.pair.pump(0, &mut buf), Pumped::Corrupt));
+    }
+}
