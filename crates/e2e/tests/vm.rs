@@ -106,3 +106,58 @@ fn a_vm_guest_attaches_and_its_connects_follow_policy() {
     assert_eq!(lab.counter("v", "connections_out"), 1);
     assert_eq!(lab.counter("b", "connections_in"), 1);
 }
+
+/// Unmodified programs in a VM guest reach a namespace guest over
+/// vSocket: their connections are placed in the VM's region and carried
+/// by the daemon's bridge, which meters them.
+#[test]
+fn programs_in_a_vm_reach_a_namespace_guest_over_vsocket() {
+    const BYTES: u64 = 64 << 20;
+    let cache = cache();
+    let image = Image::ensure(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let backend = vsock_backend(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let host = format!("vsock_backend = \"{}\"", backend.display());
+    let body = BODY.replace("ports = \"7600\"", "ports = \"7600-7601\"");
+    let mut lab = Lab::start_host("tvmdata", &body, &host).unwrap();
+    let redis_args = vsocket_e2e::redis_server_args(7600, &[]);
+    let redis_args: Vec<&str> = redis_args.iter().map(String::as_str).collect();
+    lab.spawn("b", Via::Vsocket, "redis-server", &redis_args, "redis.log").unwrap();
+    lab.wait_listening("b", 7600).unwrap();
+    let transfer = asset("transfer.py");
+    let transfer = transfer.to_str().unwrap();
+    lab.spawn("b", Via::Vsocket, "python3", &[transfer, "serve", "10.10.0.3", "7601"], "server.log").unwrap();
+    lab.wait_listening("b", 7601).unwrap();
+
+    let paths = vm_paths(&lab.run_dir, "v");
+    let began = Instant::now();
+    while !paths.vhost.exists() {
+        assert!(began.elapsed() < Duration::from_secs(10), "no vsock backend:\n{}", lab.daemon_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let library = vsocket_e2e::bin("libvsocket.so");
+    let script = format!(
+        "export LD_PRELOAD={} VSOCKET_CONTROL=vsock\n\
+         redis-cli -h 10.10.0.3 -p 7600 set greeting hello-from-a-vm\n\
+         echo \"got $(redis-cli -h 10.10.0.3 -p 7600 get greeting)\"\n\
+         echo \"sent $(python3 {transfer} send 10.10.0.3 7601 {BYTES} 4242)\"\n",
+        library.display()
+    );
+    let boot =
+        Boot { memory_mib: 512, script: &script, vsock: Some(&paths.vhost), region: Some((&paths.region, 4 << 20)) };
+    let output = image.run(&boot, Duration::from_secs(400)).unwrap_or_else(|e| panic!("{e}"));
+    let console = String::from_utf8_lossy(&output.stdout);
+    let context = || format!("{console}\n{}\n{}", String::from_utf8_lossy(&output.stderr), lab.daemon_log());
+    assert_eq!(exit_status(&console), Some(0), "{}", context());
+    assert!(console.lines().any(|l| l.trim() == "got hello-from-a-vm"), "{}", context());
+    let sent = console.lines().find_map(|l| l.trim().strip_prefix("sent ")).unwrap_or_else(|| panic!("{}", context()));
+    assert!(sent.starts_with(&format!("bytes={BYTES} sha256=")), "{}", context());
+    lab.stop_background();
+    let received = std::fs::read_to_string(lab.dir.join("server.log")).unwrap();
+    assert_eq!(received.trim(), sent, "the namespace guest got something else");
+    // Over vSocket, not the kernel (the VM has no network device at all),
+    // and metered by the bridge.
+    assert_eq!(lab.counter("v", "fallbacks"), 0);
+    assert_eq!(lab.counter("v", "connections_out"), 3);
+    assert_eq!(lab.counter("b", "connections_in"), 3);
+    assert!(lab.counter("b", "bytes_received") >= BYTES, "{}", lab.daemon_log());
+}

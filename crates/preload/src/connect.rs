@@ -53,9 +53,18 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
     let blocking = socket::blocking(fd).ok()?;
     // The daemon unreachable: the kernel path still works.
     let mut reply = attach::request(&Message::Connect { local, remote }).ok()?;
+    let connected = match reply.message {
+        Message::Connected(info) => Some((info, reply.take_delivery())),
+        // A VM guest's: placed in its region; its bell stream opened here.
+        Message::ConnectedAt { info, offset } => match attach::region::delivery(info.id, offset) {
+            Ok(delivery) => Some((info, delivery)),
+            Err(e) => return Some(Err(e)),
+        },
+        _ => None,
+    };
     match reply.message {
-        Message::Connected(info) => {
-            let delivery = reply.take_delivery();
+        Message::Connected(_) | Message::ConnectedAt { .. } => {
+            let Some((info, delivery)) = connected else { return Some(Err(Errno(libc::EPROTO))) };
             fork::watch();
             let conn = match Connection::new(info, Endpoint::Client, family, delivery, blocking) {
                 Ok(c) => c,

@@ -225,6 +225,11 @@ pub fn prepare() -> Option<Carry> {
     for c in &mut crossing[..found] {
         let Some(Entry::Conn(conn)) = c.entry.as_deref() else { continue };
         let (resumed, internal) = conn.for_exec();
+        if internal.halves[0] < 0 {
+            // A VM guest's connection is a piece of the region, with no
+            // descriptor to carry it: it ends at the exec.
+            continue;
+        }
         let mark = carry.entry.len;
         if write_record(&mut carry.entry, &c.fds[..c.count], &internal, &resumed).is_err() {
             // No room: this one ends at the exec, as without the library.
@@ -270,6 +275,7 @@ fn resume(record: Record) {
         peer_segment: internal.halves[1],
         doorbell: internal.doorbell,
         lifeline: internal.lifeline,
+        placed: None,
     };
     // On failure the descriptors go with `delivery`: the program's socket
     // is left unconnected, as where nothing crosses.

@@ -190,6 +190,38 @@ pub fn connect_unix_seqpacket(path: &[u8]) -> SysResult<RawFd> {
     Ok(fd)
 }
 
+/// A stream socket connected to vsock `port` of context `cid` (the host is
+/// 2), close-on-exec.
+pub fn connect_vsock(cid: u32, port: u32) -> SysResult<RawFd> {
+    // SAFETY: sockaddr_vm is plain data.
+    let mut sa: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    sa.svm_cid = cid;
+    sa.svm_port = port;
+    let fd = socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)?;
+    let len = std::mem::size_of::<libc::sockaddr_vm>();
+    loop {
+        match raw!(libc::SYS_connect, fd, &sa as *const libc::sockaddr_vm, len) {
+            Ok(_) => return Ok(fd),
+            Err(Errno(libc::EINTR)) => continue,
+            Err(e) => {
+                let _ = close(fd);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Opens `path` (NUL-terminated) read-write, close-on-exec.
+pub fn open_rw(path: &std::ffi::CStr) -> SysResult<RawFd> {
+    raw!(libc::SYS_openat, libc::AT_FDCWD, path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC).map(|fd| fd as RawFd)
+}
+
+/// recv(2) into `buf`.
+pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> SysResult<usize> {
+    raw!(libc::SYS_recvfrom, fd, buf.as_mut_ptr(), buf.len(), flags, 0usize, 0usize)
+}
+
 /// Sends one datagram (no descriptors).
 pub fn send(fd: RawFd, bytes: &[u8], flags: i32) -> SysResult<usize> {
     raw!(libc::SYS_sendto, fd, bytes.as_ptr(), bytes.len(), flags | libc::MSG_NOSIGNAL, 0usize, 0usize)

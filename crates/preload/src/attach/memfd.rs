@@ -4,6 +4,11 @@
 //! `segcache`). The halves' descriptors stay open beside the mapping (out
 //! of the program's range, close-on-exec): they are what lets a
 //! connection cross exec, where the mapping does not (see `exec`).
+//!
+//! In a VM guest the memory is instead a piece of the VM's region, placed
+//! by the daemon at the offset its message gives ([`Delivery::placed`]),
+//! mapped from the region's device file (see `attach::region`); such a
+//! mapping has no descriptors and is not kept.
 
 use super::{segcache, ConnectionMemory, Wakeups};
 use crate::sys::{self, SysResult};
@@ -21,6 +26,9 @@ pub struct Delivery {
     pub peer_segment: RawFd,
     pub doorbell: RawFd,
     pub lifeline: RawFd,
+    /// In a VM guest: the offset of the connection's piece of the region
+    /// (the halves are then -1).
+    pub placed: Option<u64>,
 }
 
 impl Delivery {
@@ -53,7 +61,8 @@ pub struct MemfdSegment {
     halves: [RawFd; 2],
     /// The process that mapped it: a forked child, which inherits the
     /// mapping of a connection its parent goes on using, must not keep it
-    /// (the parent's later connections may get the segment).
+    /// (the parent's later connections may get the segment). 0 for a piece
+    /// of a VM's region, which is never kept.
     owner: i32,
 }
 
@@ -87,6 +96,11 @@ impl Drop for MemfdSegment {
 
 impl ConnectionMemory for MemfdSegment {
     fn map(delivery: &mut Delivery, info: &ConnectionInfo, end: Endpoint) -> SysResult<MemfdSegment> {
+        if let Some(offset) = delivery.placed {
+            let segment = super::region::map(offset, info, end)?;
+            let nothing = vsocket_ring::FileIdentity { dev: 0, ino: 0 };
+            return Ok(MemfdSegment { segment: Some(segment), files: (nothing, nothing), halves: [-1, -1], owner: 0 });
+        }
         let own_fd = std::mem::replace(&mut delivery.segment, -1);
         let peer_fd = std::mem::replace(&mut delivery.peer_segment, -1);
         let mapped =

@@ -20,6 +20,7 @@
 //! another implementation of each seam, not a branch in their users.
 
 mod memfd;
+pub mod region;
 pub mod segcache;
 mod seqpacket;
 
@@ -31,10 +32,10 @@ use vsocket_abi::layout::Endpoint;
 use vsocket_ring::Segment;
 
 pub use memfd::{Delivery, MemfdSegment};
-pub use seqpacket::{enabled, Reply, SeqpacketChannel};
+pub use seqpacket::{control, enabled, Control, ControlSocket, Reply};
 
 /// The control channel of this attachment.
-pub type Channel = SeqpacketChannel;
+pub type Channel = ControlSocket;
 /// The connection memory of this attachment.
 pub type Memory = MemfdSegment;
 

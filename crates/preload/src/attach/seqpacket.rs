@@ -1,10 +1,14 @@
-//! The namespace guest's control socket: a unix SOCK_SEQPACKET socket per
-//! guest, one message per packet, descriptors by SCM_RIGHTS.
+//! The control socket. A namespace guest's is a unix SOCK_SEQPACKET socket
+//! per guest, one message per packet, descriptors by SCM_RIGHTS. A VM
+//! guest's is a vsock stream to the host, messages framed on it
+//! (`vsocket_abi::stream`), no descriptors: its connections are placed in
+//! the VM's region, at offsets the messages carry.
 //!
-//! `VSOCKET_CONTROL` names the socket (set by `vsocket run`). Without it the
-//! library stays out of the way: every call goes to the kernel. The process
-//! keeps one request channel (see `attach::request`); each listening
-//! socket opens its own listener channel.
+//! `VSOCKET_CONTROL` names the socket (set by `vsocket run`): a path, or
+//! `vsock` (the host's control port) or `vsock:CID:PORT`. Without it the
+//! library stays out of the way: every call goes to the kernel. The
+//! process keeps one request channel (see `attach::request`); each
+//! listening socket opens its own listener channel.
 
 use super::{ControlChannel, Delivery, Receive};
 use crate::sys::{self, Errno, SysResult};
@@ -13,20 +17,51 @@ use std::sync::OnceLock;
 use vsocket_abi::control::{
     Message, CONNECTION_FDS, FD_DOORBELL, FD_LIFELINE, FD_PEER_SEGMENT, FD_SEGMENT, MAX_MESSAGE,
 };
+use vsocket_abi::stream::{CONTROL_PORT, MAX_FRAME};
+
+/// Where the guest's vsocketd is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// A namespace guest's control socket, by path.
+    Unix(Vec<u8>),
+    /// A VM guest's: vsock `port` of context `cid` (the host, 2).
+    Vsock { cid: u32, port: u32 },
+}
+
+impl Control {
+    /// Reads `VSOCKET_CONTROL`'s value: `vsock`, `vsock:CID:PORT`, or a
+    /// path. `None` for an empty or malformed value (the library then stays
+    /// out of the way).
+    pub fn parse(value: &[u8]) -> Option<Control> {
+        if value.is_empty() {
+            return None;
+        }
+        if value == b"vsock" {
+            return Some(Control::Vsock { cid: libc::VMADDR_CID_HOST, port: CONTROL_PORT });
+        }
+        let Some(rest) = value.strip_prefix(b"vsock:") else {
+            return Some(Control::Unix(value.to_vec()));
+        };
+        let rest = std::str::from_utf8(rest).ok()?;
+        let (cid, port) = rest.split_once(':')?;
+        Some(Control::Vsock { cid: cid.parse().ok()?, port: port.parse().ok()? })
+    }
+}
 
 /// Where the guest's control socket is, if the program runs in a guest.
-fn control_path() -> Option<&'static [u8]> {
-    static PATH: OnceLock<Option<Vec<u8>>> = OnceLock::new();
-    PATH.get_or_init(|| {
-        use std::os::unix::ffi::OsStringExt;
-        std::env::var_os("VSOCKET_CONTROL").map(|p| p.into_vec()).filter(|p| !p.is_empty())
-    })
-    .as_deref()
+pub fn control() -> Option<&'static Control> {
+    static CONTROL: OnceLock<Option<Control>> = OnceLock::new();
+    CONTROL
+        .get_or_init(|| {
+            use std::os::unix::ffi::OsStrExt;
+            Control::parse(std::env::var_os("VSOCKET_CONTROL")?.as_bytes())
+        })
+        .as_ref()
 }
 
 /// Is the library attached to a guest at all?
 pub fn enabled() -> bool {
-    control_path().is_some()
+    control().is_some()
 }
 
 /// The longest a request waits for the daemon's reply. Longer than any
@@ -36,7 +71,7 @@ const REPLY_TIMEOUT_MS: i64 = 15_000;
 
 /// Lowest descriptor number for the library's own descriptors where there
 /// is no room above the program's limit (see `sys::relocate_internal`).
-fn internal_fd_floor() -> RawFd {
+pub(super) fn internal_fd_floor() -> RawFd {
     static FLOOR: OnceLock<RawFd> = OnceLock::new();
     *FLOOR.get_or_init(|| (sys::getrlimit_nofile() / 2).clamp(64, 1 << 19) as RawFd)
 }
@@ -70,42 +105,53 @@ impl Reply {
             peer_segment: self.take_fd(FD_PEER_SEGMENT),
             doorbell: self.take_fd(FD_DOORBELL),
             lifeline: self.take_fd(FD_LIFELINE),
+            placed: None,
         }
     }
 }
 
 /// A channel to the guest's control socket (closed when dropped).
-pub struct SeqpacketChannel(RawFd);
+pub struct ControlSocket {
+    fd: RawFd,
+    /// A VM's stream: messages are framed, no descriptors travel.
+    framed: bool,
+}
 
-impl Drop for SeqpacketChannel {
+impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = sys::close(self.0);
+        let _ = sys::close(self.fd);
     }
 }
 
-impl SeqpacketChannel {
+impl ControlSocket {
     /// A channel over `fd`, already connected to a daemon (tests).
     #[cfg(test)]
-    pub fn from_connected(fd: RawFd) -> SeqpacketChannel {
-        SeqpacketChannel(fd)
+    pub fn from_connected(fd: RawFd) -> ControlSocket {
+        ControlSocket { fd, framed: false }
     }
 }
 
-impl ControlChannel for SeqpacketChannel {
-    fn open() -> SysResult<SeqpacketChannel> {
-        let path = control_path().ok_or(Errno(libc::ENOENT))?;
-        let fd = sys::connect_unix_seqpacket(path)?;
+impl ControlChannel for ControlSocket {
+    fn open() -> SysResult<ControlSocket> {
+        let (fd, framed) = match control().ok_or(Errno(libc::ENOENT))? {
+            Control::Unix(path) => (sys::connect_unix_seqpacket(path)?, false),
+            Control::Vsock { cid, port } => (sys::connect_vsock(*cid, *port)?, true),
+        };
         let mut fd = [fd];
         sys::relocate_internal(&mut fd, internal_fd_floor());
-        let channel = SeqpacketChannel(fd[0]);
+        let channel = ControlSocket { fd: fd[0], framed };
         // A daemon that stops answering (stopped, wedged) costs a request
         // this long, then the kernel path: never a hang.
-        sys::setsockopt_timeout_ms(channel.0, libc::SO_RCVTIMEO, REPLY_TIMEOUT_MS)?;
+        sys::setsockopt_timeout_ms(channel.fd, libc::SO_RCVTIMEO, REPLY_TIMEOUT_MS)?;
         Ok(channel)
     }
 
     fn exchange(&self, msg: &Message) -> SysResult<Reply> {
-        send(self.0, msg)?;
+        if self.framed {
+            send_frame(self.fd, msg)?;
+        } else {
+            send(self.fd, msg)?;
+        }
         // Sleeping at once, rather than spinning, is what makes this fast:
         // the wake-up is a synchronous one, so the scheduler runs the
         // daemon's channel thread on this core, as soon as this thread
@@ -121,12 +167,64 @@ impl ControlChannel for SeqpacketChannel {
             Receive::Wait => 0,
             Receive::DontWait => libc::MSG_DONTWAIT,
         };
-        self::receive(self.0, flags)
+        if self.framed {
+            receive_frame(self.fd, flags)
+        } else {
+            self::receive(self.fd, flags)
+        }
     }
 
     fn fd(&self) -> RawFd {
-        self.0
+        self.fd
     }
+}
+
+/// Sends `msg` as one frame on the stream `channel`.
+fn send_frame(channel: RawFd, msg: &Message) -> SysResult<()> {
+    let mut buf = [0u8; MAX_FRAME];
+    let mut bytes = vsocket_abi::stream::frame(msg, &mut buf);
+    while !bytes.is_empty() {
+        match sys::send(channel, bytes, 0) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(Errno(libc::EINTR)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Fills `buf` from the stream `channel`; end of stream is the daemon gone.
+fn receive_exact(channel: RawFd, buf: &mut [u8], mut flags: i32) -> SysResult<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        match sys::recv(channel, &mut buf[at..], flags) {
+            Ok(0) => return Err(Errno(libc::ECONNABORTED)),
+            Ok(n) => at += n,
+            Err(Errno(libc::EINTR)) => {}
+            Err(e) => return Err(e),
+        }
+        // A frame begun is read whole.
+        flags &= !libc::MSG_DONTWAIT;
+    }
+    Ok(())
+}
+
+/// Receives one framed message from the stream `channel`.
+fn receive_frame(channel: RawFd, flags: i32) -> SysResult<Reply> {
+    let mut len = [0u8; 1];
+    receive_exact(channel, &mut len, flags)?;
+    let len = usize::from(len[0]);
+    if len == 0 || len > MAX_MESSAGE {
+        return Err(Errno(libc::EPROTO));
+    }
+    let mut buf = [0u8; MAX_MESSAGE];
+    receive_exact(channel, &mut buf[..len], 0)?;
+    let message = Message::decode(&buf[..len]).map_err(|_| Errno(libc::EPROTO))?;
+    if message.fd_count() != 0 {
+        // Descriptors cannot come over a stream.
+        return Err(Errno(libc::EPROTO));
+    }
+    Ok(Reply { message, fds: [-1; CONNECTION_FDS] })
 }
 
 /// Sends `msg` on `channel`.

@@ -866,6 +866,7 @@ pub mod testing {
             peer_segment: client_peer.into_raw_fd(),
             doorbell: a,
             lifeline: -1,
+            placed: None,
         };
         let client = Connection::new(info, Endpoint::Client, crate::addr::Family::V4, fds, Blocking::Blocking).unwrap();
         let fds = Delivery {
@@ -873,6 +874,7 @@ pub mod testing {
             peer_segment: server_peer.into_raw_fd(),
             doorbell: b,
             lifeline: -1,
+            placed: None,
         };
         let server = Connection::new(info, Endpoint::Server, crate::addr::Family::V4, fds, Blocking::Blocking).unwrap();
         (Arc::new(client), Arc::new(server))
@@ -1199,6 +1201,7 @@ mod tests {
             peer_segment: dup(internal.halves[1]),
             doorbell: dup(internal.doorbell),
             lifeline: -1,
+            placed: None,
         };
         let again = Connection::resume(resumed, delivery()).unwrap();
         assert_eq!(again.segment.holders(Endpoint::Server.index()).load(Ordering::Relaxed), holders);
