@@ -161,3 +161,59 @@ fn programs_in_a_vm_reach_a_namespace_guest_over_vsocket() {
     assert_eq!(lab.counter("b", "connections_in"), 3);
     assert!(lab.counter("b", "bytes_received") >= BYTES, "{}", lab.daemon_log());
 }
+
+/// QEMU killed in the middle of a transfer: the namespace guest's end of
+/// the connection ends (EOF or ECONNRESET) within the documented bound,
+/// and the daemon's descriptors come back to what they were.
+#[test]
+fn a_vm_killed_mid_transfer_ends_its_peers_connection() {
+    let cache = cache();
+    let image = Image::ensure(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let backend = vsock_backend(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let host = format!("vsock_backend = \"{}\"", backend.display());
+    let mut lab = Lab::start_host("tvmkill", BODY, &host).unwrap();
+    let transfer = asset("transfer.py");
+    let transfer = transfer.to_str().unwrap();
+    lab.spawn("b", Via::Vsocket, "python3", &[transfer, "serve", "10.10.0.3", "7600"], "server.log").unwrap();
+    lab.wait_listening("b", 7600).unwrap();
+    let paths = vm_paths(&lab.run_dir, "v");
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || paths.vhost.exists()), "{}", lab.daemon_log());
+    let before = lab.daemon_fds().unwrap();
+
+    let script = format!(
+        "export LD_PRELOAD={} VSOCKET_CONTROL=vsock\npython3 {transfer} send 10.10.0.3 7600 {} 99\n",
+        vsocket_e2e::bin("libvsocket.so").display(),
+        1u64 << 40
+    );
+    let boot =
+        Boot { memory_mib: 512, script: &script, vsock: Some(&paths.vhost), region: Some((&paths.region, 4 << 20)) };
+    let console = lab.dir.join("console.log");
+    let mut qemu = image
+        .command(&boot)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&console).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let flowing = vsocket_e2e::wait_until(Duration::from_secs(120), || lab.counter("b", "bytes_received") > 8 << 20);
+    if !flowing {
+        let _ = qemu.kill();
+        panic!("no transfer:\n{}\n{}", std::fs::read_to_string(&console).unwrap_or_default(), lab.daemon_log());
+    }
+    qemu.kill().unwrap();
+    qemu.wait().unwrap();
+    let killed = Instant::now();
+    let server_log = lab.dir.join("server.log");
+    let ended = vsocket_e2e::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&server_log).is_ok_and(|log| log.contains("bytes=") || log.contains("Error"))
+    });
+    assert!(ended, "the namespace guest's end never ended:\n{}", lab.daemon_log());
+    eprintln!("peer saw the end {:?} after QEMU was killed", killed.elapsed());
+    // The VM's streams, pieces and the connection's record are gone.
+    assert!(
+        vsocket_e2e::wait_until(Duration::from_secs(10), || lab.daemon_fds().is_ok_and(|n| n <= before)),
+        "daemon descriptors: {} before the VM, {:?} after",
+        before,
+        lab.daemon_fds()
+    );
+}
