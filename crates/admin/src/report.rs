@@ -72,6 +72,12 @@ pub struct GuestReport {
     pub fallbacks: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// A VM guest's region: its size and the bytes its connections use
+    /// (both 0 for a namespace guest).
+    #[serde(default)]
+    pub region_size: u64,
+    #[serde(default)]
+    pub region_used: u64,
 }
 
 /// One vSocket listener, for `vsocketctl listeners`.

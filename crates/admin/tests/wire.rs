@@ -187,6 +187,8 @@ fn guests_reply() {
         fallbacks: 15,
         bytes_sent: 16,
         bytes_received: 17,
+        region_size: 0,
+        region_used: 0,
     };
     round_trip(
         &vec![guest.clone()],
@@ -194,8 +196,8 @@ fn guests_reply() {
          \"connections_in\":13,\"connections_live\":2,\"connections_open\":11,\"connections_out\":12,\
          \"denied\":14,\"exceeded_channels\":9,\"exceeded_connections\":7,\"exceeded_shared_memory\":8,\
          \"fallbacks\":15,\"max_channels\":6,\"max_connections\":4,\"max_shared_memory\":5,\"name\":\"a\",\
-         \"netns\":\"vs-a\",\"refused_attachments\":10,\"security_groups\":[\"web\"],\"shared_memory\":3,\
-         \"vpc\":\"blue\"}]",
+         \"netns\":\"vs-a\",\"refused_attachments\":10,\"region_size\":0,\"region_used\":0,\
+         \"security_groups\":[\"web\"],\"shared_memory\":3,\"vpc\":\"blue\"}]",
     );
     round_trip(&Vec::<GuestReport>::new(), "[]");
     assert_eq!(encode(&Reply::Guests(vec![guest.clone()])).unwrap(), encode(&vec![guest]).unwrap());

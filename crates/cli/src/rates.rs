@@ -139,6 +139,8 @@ mod tests {
             fallbacks: 0,
             bytes_sent: sent,
             bytes_received: received,
+            region_size: 0,
+            region_used: 0,
         };
         let rates = guest_rates(&[guest(1000, 10)], &[guest(4000, 10)], 0.5);
         assert_eq!(rates[0].name, "a");

@@ -67,6 +67,8 @@ pub struct GuestSlot {
     /// Whether it runs on this host (has a control socket here).
     pub local: bool,
     pub counters: GuestCounters,
+    /// A VM guest's region, once its attachment made it.
+    pub vm_memory: std::sync::OnceLock<Arc<crate::placed::VmMemory>>,
     removed: AtomicBool,
     /// Duplicates of the guest's control socket and open channels.
     handles: Mutex<HashMap<Handle, OwnedFd>>,
@@ -85,6 +87,7 @@ impl GuestSlot {
             host: g.host.clone(),
             local: config.is_local(guest),
             counters: GuestCounters::default(),
+            vm_memory: std::sync::OnceLock::new(),
             removed: AtomicBool::new(false),
             handles: Mutex::default(),
         }

@@ -291,6 +291,8 @@ mod tests {
             fallbacks: 6,
             bytes_sent: 1 << 40,
             bytes_received: 12_345,
+            region_size: 0,
+            region_used: 0,
         }
     }
 

@@ -60,6 +60,8 @@ impl Daemon {
                     fallbacks: c.fallbacks.load(Ordering::Relaxed),
                     bytes_sent: c.closed_bytes_sent.load(Ordering::Relaxed) + live_sent,
                     bytes_received: c.closed_bytes_received.load(Ordering::Relaxed) + live_received,
+                    region_size: slot.vm_memory.get().map_or(0, |vm| vm.usage().1),
+                    region_used: slot.vm_memory.get().map_or(0, |vm| vm.usage().0),
                 }
             })
             .collect()

@@ -160,6 +160,10 @@ fn programs_in_a_vm_reach_a_namespace_guest_over_vsocket() {
     assert_eq!(lab.counter("v", "connections_out"), 3);
     assert_eq!(lab.counter("b", "connections_in"), 3);
     assert!(lab.counter("b", "bytes_received") >= BYTES, "{}", lab.daemon_log());
+    // `vsocketctl guests` shows the VM's region; its pieces all came back.
+    assert_eq!(lab.counter("v", "region_size"), 4 << 20);
+    assert_eq!(lab.counter("b", "region_size"), 0);
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || lab.counter("v", "region_used") == 0));
 }
 
 /// QEMU killed in the middle of a transfer: the namespace guest's end of
@@ -216,4 +220,5 @@ fn a_vm_killed_mid_transfer_ends_its_peers_connection() {
         before,
         lab.daemon_fds()
     );
+    assert_eq!(lab.counter("v", "region_used"), 0, "the VM's pieces were not given back");
 }

@@ -311,6 +311,8 @@ const GUEST_COLUMNS: &[&str] = &[
     "exceeded_channels",
     "bytes_sent",
     "bytes_received",
+    "region_used",
+    "region_size",
 ];
 
 const LISTENER_COLUMNS: &[&str] = &["id", "guest", "vpc", "address", "accepted"];

@@ -84,6 +84,8 @@ impl VmAttachment {
             let _ = std::fs::remove_file(stale);
         }
         let memory = Arc::new(VmMemory::create(&paths.region, vm.region)?);
+        // Made once per slot (VM guests are not changed live).
+        let _ = slot.vm_memory.set(memory.clone());
         let listener = UnixListener::bind(vm_port_path(&paths.uds, CONTROL_PORT))?;
         let bells = UnixListener::bind(&bells_path)?;
         let name = slot.name.clone();
