@@ -14,8 +14,9 @@ use std::fmt;
 pub const CONTROL_PORT: u32 = 7471;
 
 /// The vsock port a VM guest's library opens one *bell stream* to for
-/// each of its connections: its first 8 bytes name the connection (its
-/// id, little-endian, as `ConnectedAt` or `IncomingAt` gave it); after
+/// each of its connections: its first 9 bytes name the connection (its
+/// id, little-endian, as `ConnectedAt` or `IncomingAt` gave it) and the
+/// library's end of it (0 client, 1 server); after
 /// them, each byte either side writes is a wake-up, as on a namespace
 /// guest's doorbell, and the end of the stream says every process holding
 /// that side let go.

@@ -55,8 +55,10 @@ enum Command {
     /// Connection `id` is made; its VM end (`vm_end`, the daemon's end
     /// `mine` of a piece of `vm`) waits for its bell stream.
     Await { id: u64, vm: Arc<VmMemory>, vm_end: Placed, mine: Endpoint, other: NewConn },
-    /// VM `vm`'s bell stream for connection `id`.
-    Bell { id: u64, vm: Arc<VmMemory>, stream: OwnedFd },
+    /// VM `vm`'s bell stream for end `end` of connection `id`.
+    Bell { id: u64, end: Endpoint, vm: Arc<VmMemory>, stream: OwnedFd },
+    /// Connection `id` was not made after all: forget it.
+    Cancel { id: u64 },
 }
 
 impl Bridge {
@@ -86,11 +88,17 @@ impl Bridge {
         self.send(Command::Await { id, vm, vm_end, mine, other });
     }
 
-    /// A bell stream from VM `vm`, for its connection `id` (as the VM says:
-    /// a connection of another VM, or none, is not found and the stream
-    /// is closed).
-    pub fn bell(&self, id: u64, vm: Arc<VmMemory>, stream: OwnedFd) {
-        self.send(Command::Bell { id, vm, stream });
+    /// A bell stream from VM `vm`, for end `end` of its connection `id`
+    /// (as the VM says: an end of another VM's connection, or of none, is
+    /// not found and the stream is closed).
+    pub fn bell(&self, id: u64, end: Endpoint, vm: Arc<VmMemory>, stream: OwnedFd) {
+        self.send(Command::Bell { id, end, vm, stream });
+    }
+
+    /// Forgets connection `id`, given to [`carry`](Self::carry) but not
+    /// made after all (its VM end is never told of it).
+    pub fn cancel(&self, id: u64) {
+        self.send(Command::Cancel { id });
     }
 }
 
@@ -178,8 +186,16 @@ impl Pump {
                 self.waiting.insert(id, Waiting { vm, vm_end, mine, other, since: Instant::now() });
                 None
             }
-            Command::Bell { id, vm, stream } => {
-                let found = self.waiting.get(&id).is_some_and(|w| Arc::ptr_eq(&w.vm, &vm) && w.vm_end.is_of(&vm));
+            Command::Cancel { id } => {
+                self.waiting.remove(&id);
+                None
+            }
+            Command::Bell { id, end, vm, stream } => {
+                // The VM's process holds the end the daemon is not.
+                let found = self
+                    .waiting
+                    .get(&id)
+                    .is_some_and(|w| Arc::ptr_eq(&w.vm, &vm) && w.vm_end.is_of(&vm) && w.mine == end.peer());
                 if !found {
                     tracing::warn!(connection = id, "bridge: a bell stream for no connection of that VM; closed");
                     return None;

@@ -88,6 +88,7 @@ pub fn listen(
     guest: &Arc<GuestSlot>,
     local: SocketAddrV4,
     channel: Box<dyn Channel>,
+    vm: Option<Arc<VmMemory>>,
 ) -> Result<Arc<ListenerRecord>, ListenError> {
     if local.port() == 0 {
         return Err(ListenError::NoPort);
@@ -102,6 +103,7 @@ pub fn listen(
         guest: guest.clone(),
         local,
         channel,
+        vm,
         accepted: Default::default(),
     }))
 }
@@ -140,6 +142,9 @@ pub fn connect_vm(
         Decision::WithinGuest { listener } => (listener, "within one guest: security groups do not apply".into()),
         Decision::Local { listener, verdict } => (listener, verdict.describe(&policy.config)),
     };
+    if listener.vm.is_some() {
+        return attempt.fall_back("from a VM to a VM's listener: kernel path (not carried yet)".into());
+    }
     let Some(bridge) = daemon.bridge.get() else {
         return attempt.fall_back("no bridge for a VM's connections: kernel path".into());
     };
@@ -398,6 +403,14 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
     let host = policy.config.host();
     // Each guest with a process at an end is charged; the relay is no guest.
     let (pair, ring_size, bytes, charged) = match (client, server) {
+        // A VM's listener: the bridge is the client's far end.
+        (ClientEnd::Process(_), ServerEnd::Listener(l)) if l.vm.is_some() => {
+            (None, host.ring_size, host.segment_size(), (client_guest, server_guest))
+        }
+        (ClientEnd::Relay | ClientEnd::Bridge, ServerEnd::Listener(l)) if l.vm.is_some() => {
+            // Not carried yet: from another host, or from another VM.
+            return Err(Failed::Refused(Refusal::Fallback));
+        }
         (ClientEnd::Process(channel), ServerEnd::Listener(l)) => {
             let pair = Pair { channel, listener: l.id };
             (Some(pair), host.ring_size, host.segment_size(), (client_guest, server_guest))
@@ -452,6 +465,29 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
             if let Err(e) = listener.channel.send(&incoming, Some(handover)) {
                 if e.kind() != io::ErrorKind::WouldBlock {
                     // The listener is gone (its process exited): forget it.
+                    daemon.listeners.remove(listener);
+                }
+                return Err(Failed::Undelivered(e));
+            }
+            listener.accepted.fetch_add(1, Ordering::Relaxed);
+            listener.guest.counters.connections_in.fetch_add(1, Ordering::Relaxed);
+        }
+        (ServerEnd::Listener(listener), ServerKit::Relay(conn)) => {
+            // A VM's listener (see above): its end is placed in its region.
+            let (Some(vm), Some(bridge)) = (&listener.vm, daemon.bridge.get()) else {
+                return Err(Failed::NoMemory);
+            };
+            let placed = vm.place(ring_size).map_err(|e| {
+                tracing::warn!(guest = %listener.guest.name, error = %e, "no room for a connection");
+                Failed::NoMemory
+            })?;
+            let info = ConnectionInfo { id: id.0, local: server_addr, peer: attempt.client_addr, ring_size };
+            let incoming = Message::IncomingAt { info, offset: placed.offset() };
+            // The bridge knows the connection before the VM can name it.
+            bridge.carry(id.0, vm.clone(), placed, Endpoint::Client, conn);
+            if let Err(e) = listener.channel.send(&incoming, None) {
+                bridge.cancel(id.0);
+                if e.kind() != io::ErrorKind::WouldBlock {
                     daemon.listeners.remove(listener);
                 }
                 return Err(Failed::Undelivered(e));

@@ -25,6 +25,9 @@ pub struct ListenerRecord {
     pub local: SocketAddrV4,
     /// The listener channel: `Incoming` messages go here.
     pub channel: Box<dyn Channel>,
+    /// A VM guest's listener: its connections are placed in this region
+    /// (and announced with `IncomingAt`).
+    pub vm: Option<Arc<crate::placed::VmMemory>>,
     pub accepted: AtomicU64,
 }
 
@@ -190,6 +193,7 @@ mod tests {
             guest: guest.clone(),
             local: local.parse().unwrap(),
             channel: Box::new(Nowhere),
+            vm: None,
             accepted: AtomicU64::new(0),
         })
     }

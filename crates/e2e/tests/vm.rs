@@ -222,3 +222,77 @@ fn a_vm_killed_mid_transfer_ends_its_peers_connection() {
     );
     assert_eq!(lab.counter("v", "region_used"), 0, "the VM's pieces were not given back");
 }
+
+/// redis-server in a VM guest serves redis-cli and redis-benchmark in a
+/// namespace guest over vSocket: the VM's listener gets each connection
+/// placed in its region, and the bridge meters it exactly.
+#[test]
+fn a_redis_server_in_a_vm_serves_a_namespace_guest_over_vsocket() {
+    let cache = cache();
+    let image = Image::ensure(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let backend = vsock_backend(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let host = format!("vsock_backend = \"{}\"", backend.display());
+    let body = BODY.replace("addresses = [\"10.10.0.4\"]", "addresses = [\"10.10.0.4\"]\nsecurity_groups = [\"web\"]");
+    let lab = Lab::start_host("tvmredis", &body, &host).unwrap();
+    let paths = vm_paths(&lab.run_dir, "v");
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || paths.vhost.exists()), "{}", lab.daemon_log());
+    // The VM has its VPC address (on its loopback: it has no network
+    // device at all), as a cloud VM has it on its NIC.
+    let script = format!(
+        "ip link set lo up && ip addr add 10.10.0.4/32 dev lo || exit 1\n\
+         export LD_PRELOAD={} VSOCKET_CONTROL=vsock\n\
+         exec redis-server --port 7600 --bind 10.10.0.4 --save '' --appendonly no --protected-mode no\n",
+        vsocket_e2e::bin("libvsocket.so").display()
+    );
+    let boot =
+        Boot { memory_mib: 512, script: &script, vsock: Some(&paths.vhost), region: Some((&paths.region, 4 << 20)) };
+    let console = lab.dir.join("console.log");
+    let mut qemu = image
+        .command(&boot)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&console).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let registered = vsocket_e2e::wait_until(Duration::from_secs(120), || {
+            lab.ctl("listeners").is_ok_and(|l| l.as_array().is_some_and(|l| l.iter().any(|l| l["guest"] == "v")))
+        });
+        assert!(registered, "no listener in the VM:\n{}", std::fs::read_to_string(&console).unwrap_or_default());
+        let cli = |args: &[&str]| {
+            let mut all = vec!["-h", "10.10.0.4", "-p", "7600"];
+            all.extend_from_slice(args);
+            lab.run_ok("b", Via::Vsocket, "redis-cli", &all).unwrap().trim().to_string()
+        };
+        assert_eq!(cli(&["set", "greeting", "hello-vm"]), "OK");
+        assert_eq!(cli(&["get", "greeting"]), "hello-vm");
+        let out = lab
+            .run_ok(
+                "b",
+                Via::Vsocket,
+                "redis-benchmark",
+                &["-h", "10.10.0.4", "-p", "7600", "-t", "set,get", "-n", "2000", "-c", "4", "-r", "100", "-q"],
+            )
+            .unwrap();
+        let rates = vsocket_e2e::redis_benchmark_rates(&out);
+        assert_eq!(rates.len(), 2, "benchmark output: {out}");
+        let keys: u64 = cli(&["dbsize"]).parse().unwrap();
+        assert!(keys > 50, "dbsize {keys}");
+        // Every connection was brokered to the VM, none took the kernel.
+        let b = lab.guest("b").unwrap();
+        let v = lab.guest("v").unwrap();
+        assert_eq!(b["fallbacks"], 0, "{b}");
+        assert!(b["connections_out"].as_u64().unwrap() >= 3 + 4, "{b}");
+        assert_eq!(b["connections_out"], v["connections_in"]);
+        assert!(v["bytes_received"].as_u64().unwrap() > 2000 * 20, "{v}");
+        assert_eq!(b["bytes_sent"], v["bytes_received"], "the bridge's count is the connection's metering");
+        assert_eq!(b["bytes_received"], v["bytes_sent"]);
+    }));
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    if let Err(panic) = checked {
+        eprintln!("{}", std::fs::read_to_string(&console).unwrap_or_default());
+        eprintln!("{}", lab.daemon_log());
+        std::panic::resume_unwind(panic);
+    }
+}

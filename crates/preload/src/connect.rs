@@ -56,7 +56,7 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
     let connected = match reply.message {
         Message::Connected(info) => Some((info, reply.take_delivery())),
         // A VM guest's: placed in its region; its bell stream opened here.
-        Message::ConnectedAt { info, offset } => match attach::region::delivery(info.id, offset) {
+        Message::ConnectedAt { info, offset } => match attach::region::delivery(info.id, Endpoint::Client, offset) {
             Ok(delivery) => Some((info, delivery)),
             Err(e) => return Some(Err(e)),
         },

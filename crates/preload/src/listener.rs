@@ -321,11 +321,23 @@ impl Listener {
                 };
             }
         };
-        let Message::Incoming(info) = reply.message else {
-            let _ = sys::close(fd);
-            return Err(Errno(libc::EPROTO));
+        let (info, delivery) = match reply.message {
+            Message::Incoming(info) => (info, reply.take_delivery()),
+            // A VM guest's: placed in its region; its bell stream opened here.
+            Message::IncomingAt { info, offset } => {
+                match crate::attach::region::delivery(info.id, Endpoint::Server, offset) {
+                    Ok(delivery) => (info, delivery),
+                    Err(e) => {
+                        let _ = sys::close(fd);
+                        return Err(e);
+                    }
+                }
+            }
+            _ => {
+                let _ = sys::close(fd);
+                return Err(Errno(libc::EPROTO));
+            }
         };
-        let delivery = reply.take_delivery();
         match Connection::new(info, Endpoint::Server, self.family, delivery, Blocking::from_flags(flags)) {
             Ok(conn) => {
                 let inherited = *self

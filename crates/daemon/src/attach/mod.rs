@@ -75,8 +75,7 @@ pub enum ConnectionMemory {
     /// guest's process).
     Descriptors,
     /// It is placed in the VM's region, and the message says where (a VM
-    /// guest's process). Such a guest's listens stay on the kernel path
-    /// for now.
+    /// guest's process).
     Region(Arc<crate::placed::VmMemory>),
 }
 
@@ -257,11 +256,6 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
                     return;
                 }
             }
-            Message::Listen { local, .. } if matches!(channel.memory(), ConnectionMemory::Region(_)) => {
-                tracing::info!(guest = %name, address = %local, "listener stays on the kernel path (a VM guest's listens are not carried yet)");
-                let _ = channel.send(&Message::Refused { errno: libc::EOPNOTSUPP }, None);
-                return;
-            }
             Message::Connect { local, remote } => {
                 let _serving = daemon.serving();
                 let reply = connect::connect(daemon, guest, id, local, remote);
@@ -298,8 +292,12 @@ fn serve_listener<C: ProcessChannel>(
     // (and its channel thread) forever: its backlog is full, the connect
     // is refused.
     let timed = channel.set_send_timeout(LISTENER_SEND_TIMEOUT);
+    let vm = match channel.memory() {
+        ConnectionMemory::Region(vm) => Some(vm),
+        ConnectionMemory::Descriptors => None,
+    };
     let registered = match timed {
-        Ok(()) => connect::listen(daemon, guest, local, Box::new(channel)),
+        Ok(()) => connect::listen(daemon, guest, local, Box::new(channel), vm),
         Err(_) => Err(connect::ListenError::Channel),
     };
     let record = match registered {

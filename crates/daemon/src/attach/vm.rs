@@ -14,8 +14,9 @@
 //! each of the VM's connections is placed in a piece of it
 //! ([`ConnectionMemory::Region`]), and `ConnectedAt` tells the process
 //! where. For each connection the process then opens a bell stream to
-//! [`BELL_PORT`], which arrives on `<uds>_<BELL_PORT>`: its first 8 bytes
-//! name the connection, and the bridge takes it from there (a VM can
+//! [`BELL_PORT`], which arrives on `<uds>_<BELL_PORT>`: its first bytes
+//! name the connection and the end (a ninth byte: 0 client, 1 server), and
+//! the bridge takes it from there (a VM can
 //! name only its own connections: the bridge looks the id up among that
 //! VM's). That listener's thread reads each stream's id in turn, for at
 //! most [`BELL_ID_TIMEOUT`]: a VM that opens streams and says nothing
@@ -35,6 +36,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vsocket_abi::control::Message;
+use vsocket_abi::layout::Endpoint;
 use vsocket_abi::stream::{frame, Deframer, BELL_PORT, CONTROL_PORT, MAX_FRAME};
 use vsocket_admin::paths::{vm_paths, vm_port_path};
 use vsocket_policy::VmGuest;
@@ -230,15 +232,26 @@ fn take_bells(name: &str, bells: &UnixListener, memory: &Arc<VmMemory>, bridge: 
                 continue;
             }
         };
-        let mut id = [0u8; 8];
-        let named = stream.set_read_timeout(Some(BELL_ID_TIMEOUT)).and_then(|()| stream.read_exact(&mut id));
-        if let Err(e) = named {
-            tracing::warn!(guest = %name, error = %e, "a bell stream named no connection; closed");
-            continue;
-        }
+        let mut named = [0u8; 9];
+        let read = stream.set_read_timeout(Some(BELL_ID_TIMEOUT)).and_then(|()| stream.read_exact(&mut named));
+        let end = match (read, named[8]) {
+            (Ok(()), 0) => Endpoint::Client,
+            (Ok(()), 1) => Endpoint::Server,
+            (Ok(()), other) => {
+                tracing::warn!(guest = %name, end = other, "a bell stream named no end of a connection; closed");
+                continue;
+            }
+            (Err(e), _) => {
+                tracing::warn!(guest = %name, error = %e, "a bell stream named no connection; closed");
+                continue;
+            }
+        };
         if stream.set_read_timeout(None).and_then(|()| stream.set_nonblocking(true)).is_err() {
             continue;
         }
-        bridge.bell(u64::from_le_bytes(id), memory.clone(), stream.into());
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&named[..8]);
+        let id = u64::from_le_bytes(id);
+        bridge.bell(id, end, memory.clone(), stream.into());
     }
 }

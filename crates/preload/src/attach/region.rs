@@ -6,7 +6,8 @@
 //! `/sys/bus/pci/devices/<address>/resource2`: mapping it needs no guest
 //! kernel module. `VSOCKET_REGION` names the file where the VM has more
 //! than one such device. Each connection's bell stream goes to the host's
-//! [`BELL_PORT`] and names the connection in its first 8 bytes; after that
+//! [`BELL_PORT`] and names the connection and this end of it in its first
+//! 9 bytes; after that
 //! it is the connection's doorbell, as a namespace guest's socket pair is
 //! (a byte a wake-up, its end the peer gone).
 
@@ -57,14 +58,17 @@ pub fn map(offset: u64, info: &ConnectionInfo, end: Endpoint) -> SysResult<Segme
     mapped.map_err(|_| Errno(libc::EPROTO))
 }
 
-/// What comes with a `ConnectedAt` or `IncomingAt` for connection `id`,
-/// placed at `offset`: opens its bell stream.
-pub fn delivery(id: u64, offset: u64) -> SysResult<Delivery> {
+/// What comes with a `ConnectedAt` or `IncomingAt` for end `end` of
+/// connection `id`, placed at `offset`: opens its bell stream.
+pub fn delivery(id: u64, end: Endpoint, offset: u64) -> SysResult<Delivery> {
     let Some(Control::Vsock { cid, .. }) = super::control() else {
         return Err(Errno(libc::EPROTO));
     };
     let bell = sys::connect_vsock(*cid, BELL_PORT)?;
-    let named = send_all(bell, &id.to_le_bytes())
+    let mut name = [0u8; 9];
+    name[..8].copy_from_slice(&id.to_le_bytes());
+    name[8] = end.index() as u8;
+    let named = send_all(bell, &name)
         .and_then(|()| sys::fcntl(bell, libc::F_SETFL, libc::O_NONBLOCK as libc::c_long).map(drop));
     if let Err(e) = named {
         let _ = sys::close(bell);
