@@ -18,7 +18,6 @@
 //! command eventfd.
 
 use crate::fabric::local::{Heard, LocalEnd};
-use crate::fabric::NewConn;
 use crate::meter::Meter;
 use crate::placed::{Placed, RegionEnd, VmMemory};
 use std::collections::HashMap;
@@ -51,10 +50,35 @@ impl std::fmt::Debug for Bridge {
     }
 }
 
+/// One end of a connection the bridge is given.
+pub enum BridgeEnd {
+    /// The daemon's end of a segment, ready now.
+    Ready(Box<dyn LocalEnd>),
+    /// The daemon's end `mine` of a piece of VM `vm`'s region, waiting
+    /// for that VM's bell stream; `holds` is the write end of the
+    /// record's lifeline for it, if the record has one.
+    Awaiting { vm: Arc<VmMemory>, placed: Arc<Placed>, mine: Endpoint, holds: Option<OwnedFd> },
+}
+
+impl BridgeEnd {
+    /// Resets this end: its guest reads ECONNRESET, and its writes fail.
+    fn reset(&self) {
+        match self {
+            BridgeEnd::Ready(end) => reset(end.as_ref()),
+            // Its VM has no bell to be woken by: the flags are what it
+            // finds when it looks.
+            BridgeEnd::Awaiting { placed, mine, .. } => {
+                placed.segment().producer(mine.tx_ring()).reset();
+                placed.segment().consumer(mine.rx_ring()).close();
+            }
+        }
+    }
+}
+
 enum Command {
-    /// Connection `id` is made; its VM end (`vm_end`, the daemon's end
-    /// `mine` of a piece of `vm`) waits for its bell stream.
-    Await { id: u64, vm: Arc<VmMemory>, vm_end: Placed, mine: Endpoint, other: NewConn },
+    /// Connection `id` is made; its VM ends wait for their bell streams.
+    /// `meter` counts what goes into and out of end 1.
+    Await { id: u64, ends: [BridgeEnd; 2], meter: Arc<Meter> },
     /// VM `vm`'s bell stream for end `end` of connection `id`.
     Bell { id: u64, end: Endpoint, vm: Arc<VmMemory>, stream: OwnedFd },
     /// Connection `id` was not made after all: forget it.
@@ -81,11 +105,12 @@ impl Bridge {
         vsocket_sys::eventfd_signal(self.bell.as_fd());
     }
 
-    /// Connection `id` is made between a VM (its piece `vm_end` of `vm`,
-    /// where the daemon is end `mine`) and `other`, whose far end is the
-    /// daemon. The bridge carries it once the VM's bell stream arrives.
-    pub fn carry(&self, id: u64, vm: Arc<VmMemory>, vm_end: Placed, mine: Endpoint, other: NewConn) {
-        self.send(Command::Await { id, vm, vm_end, mine, other });
+    /// Connection `id` is made between `ends` (at least one a VM's
+    /// piece); the bridge carries it once every VM end's bell stream has
+    /// arrived, and counts in `meter` what it moves into (`given`) and out
+    /// of (`taken`) end 1.
+    pub fn carry(&self, id: u64, ends: [BridgeEnd; 2], meter: Arc<Meter>) {
+        self.send(Command::Await { id, ends, meter });
     }
 
     /// A bell stream from VM `vm`, for end `end` of its connection `id`
@@ -102,19 +127,18 @@ impl Bridge {
     }
 }
 
-/// A connection waiting for its VM's bell stream.
+/// A connection waiting for its VMs' bell streams.
 struct Waiting {
-    vm: Arc<VmMemory>,
-    vm_end: Placed,
-    mine: Endpoint,
-    other: NewConn,
+    ends: [BridgeEnd; 2],
+    meter: Arc<Meter>,
     since: Instant,
 }
 
-/// One carried connection: end 0 is the VM's, end 1 the other.
+/// One carried connection.
 struct Pair {
     ends: [Box<dyn LocalEnd>; 2],
-    /// The other end's metering: `taken` from its ring, `given` into it.
+    /// The connection's metering: `taken` from end 1's ring, `given`
+    /// into it.
     meter: Arc<Meter>,
     /// Every process holding end `i` let go of it.
     gone: [bool; 2],
@@ -182,8 +206,8 @@ impl Pump {
     /// Takes a command; returns a connection to pump.
     fn command(&mut self, command: Command) -> Option<u64> {
         match command {
-            Command::Await { id, vm, vm_end, mine, other } => {
-                self.waiting.insert(id, Waiting { vm, vm_end, mine, other, since: Instant::now() });
+            Command::Await { id, ends, meter } => {
+                self.waiting.insert(id, Waiting { ends, meter, since: Instant::now() });
                 None
             }
             Command::Cancel { id } => {
@@ -192,18 +216,33 @@ impl Pump {
             }
             Command::Bell { id, end, vm, stream } => {
                 // The VM's process holds the end the daemon is not.
-                let found = self
-                    .waiting
-                    .get(&id)
-                    .is_some_and(|w| Arc::ptr_eq(&w.vm, &vm) && w.vm_end.is_of(&vm) && w.mine == end.peer());
-                if !found {
+                let awaited = |e: &BridgeEnd| {
+                    matches!(e, BridgeEnd::Awaiting { vm: v, placed, mine, .. }
+                        if Arc::ptr_eq(v, &vm) && placed.is_of(&vm) && *mine == end.peer())
+                };
+                if !self.waiting.get(&id).is_some_and(|w| w.ends.iter().any(awaited)) {
                     tracing::warn!(connection = id, "bridge: a bell stream for no connection of that VM; closed");
                     return None;
                 }
-                let Waiting { vm_end, mine, other, .. } = self.waiting.remove(&id)?;
-                let vm_end: Box<dyn LocalEnd> = Box::new(RegionEnd::new(vm_end, mine, stream));
-                let NewConn { end, meter } = other;
-                let pair = Pair { ends: [vm_end, end], meter, gone: [false; 2], ended: [false; 2] };
+                let Waiting { ends, meter, since } = self.waiting.remove(&id)?;
+                let mut stream = Some(stream);
+                let ends = ends.map(|e| {
+                    if !awaited(&e) {
+                        return e;
+                    }
+                    match (e, stream.take()) {
+                        (BridgeEnd::Awaiting { placed, mine, holds, .. }, Some(bell)) => {
+                            BridgeEnd::Ready(Box::new(RegionEnd::new(placed, mine, bell, holds)))
+                        }
+                        (e, _) => e,
+                    }
+                });
+                let [BridgeEnd::Ready(first), BridgeEnd::Ready(second)] = ends else {
+                    // Another VM end still waits for its bell.
+                    self.waiting.insert(id, Waiting { ends, meter, since });
+                    return None;
+                };
+                let pair = Pair { ends: [first, second], meter, gone: [false; 2], ended: [false; 2] };
                 for (i, end) in pair.ends.iter().enumerate() {
                     if let Err(e) = self.epoll.add(end.bell(), libc::EPOLLIN as u32, id << 1 | i as u64) {
                         tracing::error!(error = %e, "bridge: cannot watch a bell");
@@ -221,8 +260,10 @@ impl Pump {
             self.waiting.iter().filter(|(_, w)| w.since.elapsed() >= BELL_TIMEOUT).map(|(&id, _)| id).collect();
         for id in late {
             if let Some(w) = self.waiting.remove(&id) {
-                tracing::warn!(connection = id, "bridge: the VM opened no bell stream; connection reset");
-                reset(w.other.end.as_ref());
+                tracing::warn!(connection = id, "bridge: a VM opened no bell stream; connection reset");
+                for end in &w.ends {
+                    end.reset();
+                }
             }
         }
     }
@@ -365,7 +406,7 @@ mod tests {
         let region = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
         let vm = Segment::map_placed(region.as_fd(), placed.offset(), ring, Endpoint::Client).unwrap();
         let (vm_bell, vm_guest_bell) = vsocket_sys::stream_pair().unwrap();
-        let vm_end = RegionEnd::new(placed, Endpoint::Server, vm_bell);
+        let vm_end = RegionEnd::new(Arc::new(placed), Endpoint::Server, vm_bell, None);
         let (daemon_view, files) = Segment::create(ring).unwrap();
         let [own, peer] = files.for_end(Endpoint::Client);
         let relay_view = Segment::map(own, peer, ring, Endpoint::Client).unwrap();

@@ -16,9 +16,10 @@
 //! connects (until its channels close) fall back to the kernel, and a
 //! listener of a removed guest is not found.
 
+use crate::bridge::BridgeEnd;
 use crate::channel::{Channel, EndFiles, Handover};
 use crate::charge::Exceeded;
-use crate::connections::{Carrier, ConnectionRecord};
+use crate::connections::{Carrier, ConnectionRecord, Memory as RecordMemory};
 use crate::daemon::Daemon;
 use crate::decide::{decide, decide_incoming, Claim, ConnectRequest, Decided, Decision, Fabric as Reach, Fallback};
 use crate::fabric::local::SegmentEnd;
@@ -28,7 +29,7 @@ use crate::guest::GuestSlot;
 use crate::ids::{ChannelId, ConnectionId, Pair};
 use crate::listeners::ListenerRecord;
 use crate::meter::Meter;
-use crate::placed::VmMemory;
+use crate::placed::{Placed, VmMemory};
 use crate::policy::Policy;
 use std::io;
 use std::net::SocketAddrV4;
@@ -40,7 +41,7 @@ use vsocket_abi::control::{ConnectionInfo, Message};
 use vsocket_abi::fabric::Refusal;
 use vsocket_abi::layout::Endpoint;
 use vsocket_policy::{DenyAction, Verdict};
-use vsocket_ring::{Segment, SegmentFiles};
+use vsocket_ring::Segment;
 
 /// How long a connection may wait for room in a listener's channel.
 pub const LISTENER_SEND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -142,30 +143,8 @@ pub fn connect_vm(
         Decision::WithinGuest { listener } => (listener, "within one guest: security groups do not apply".into()),
         Decision::Local { listener, verdict } => (listener, verdict.describe(&policy.config)),
     };
-    if listener.vm.is_some() {
-        return attempt.fall_back("from a VM to a VM's listener: kernel path (not carried yet)".into());
-    }
-    let Some(bridge) = daemon.bridge.get() else {
-        return attempt.fall_back("no bridge for a VM's connections: kernel path".into());
-    };
-    let ring_size = policy.config.host().ring_size;
-    let placed = match vm.place(ring_size) {
-        Ok(placed) => placed,
-        Err(e) => {
-            tracing::warn!(guest = %guest.name, to = %remote, error = %e, "connect refused");
-            return attempt.reply(&listener.guest, Err(Failed::NoMemory), || e.to_string()).message;
-        }
-    };
-    let made = establish(&attempt, &policy, ClientEnd::Bridge, ServerEnd::Listener(&listener));
-    let outcome = attempt.reply(&listener.guest, made, || why);
-    match (outcome.message, outcome.relay) {
-        (Message::Connected(info), Some(other)) => {
-            let offset = placed.offset();
-            bridge.carry(info.id, vm.clone(), placed, Endpoint::Server, other);
-            Message::ConnectedAt { info, offset }
-        }
-        (message, _) => message,
-    }
+    let made = establish(&attempt, &policy, ClientEnd::Vm(vm), ServerEnd::Listener(&listener));
+    attempt.reply(&listener.guest, made, || why).message
 }
 
 /// Decides a `Connect` request from a process of `guest` (its request
@@ -312,20 +291,20 @@ const AWAIT_LISTENER_EVERY: Duration = Duration::from_millis(5);
 
 /// Who holds the client's end.
 #[derive(Debug, Clone, Copy)]
-enum ClientEnd {
+enum ClientEnd<'a> {
     /// A process here, by its request channel.
     Process(ChannelId),
     /// This daemon's relay, for a client on another host.
     Relay,
-    /// This daemon's bridge, for a client in a VM here (whose own end is a
-    /// piece of its region, charged to it as a segment).
-    Bridge,
+    /// A process in a VM here, whose end is placed in its region `vm` (the
+    /// bridge carries the connection).
+    Vm(&'a Arc<VmMemory>),
 }
 
 /// Who holds the server's end.
 #[derive(Clone, Copy)]
 enum ServerEnd<'a> {
-    /// A listener of a guest here.
+    /// A listener of a guest here (a VM's, if it has a `vm`).
     Listener(&'a Arc<ListenerRecord>),
     /// Host `name`, where guest `server` is placed, over the fabric.
     Host { name: &'a str, server: &'a Arc<GuestSlot>, fabric: &'a Fabric },
@@ -336,6 +315,14 @@ impl ServerEnd<'_> {
         match self {
             ServerEnd::Listener(l) => &l.guest,
             ServerEnd::Host { server, .. } => server,
+        }
+    }
+
+    /// The server's VM region, if its end is placed in one.
+    fn vm(&self) -> Option<&Arc<VmMemory>> {
+        match self {
+            ServerEnd::Listener(l) => l.vm.as_ref(),
+            ServerEnd::Host { .. } => None,
         }
     }
 }
@@ -365,17 +352,21 @@ struct Made {
 enum ClientKit {
     Process(EndFiles),
     Relay(NewConn),
+    /// A VM's process: where its piece of the region is.
+    Placed(u64),
 }
 
-/// A new connection's memory and wake-ups: the segment (the daemon's
-/// metering view and its files), each end's lifeline read end, and what
-/// each end's holder gets.
+/// A new connection's memory and wake-ups: what its record keeps (the
+/// daemon's view, and the files where there are some), each end's
+/// lifeline read end, and what each end's holder gets.
 struct Memory {
     id: ConnectionId,
     ring_size: u32,
-    segment: Segment,
-    files: SegmentFiles,
+    kept: RecordMemory,
     lifelines: [OwnedFd; 2],
+    /// The write ends of the lifelines of ends the bridge holds as pieces
+    /// of VM regions (client, server), where both are.
+    holds: [Option<OwnedFd>; 2],
     client: ClientKit,
     server: ServerKit,
     carrier: Carrier,
@@ -392,6 +383,16 @@ enum ServerKit {
         holds: OwnedFd,
     },
     Relay(NewConn),
+    /// A VM's listener: where its piece of the region is.
+    Placed(u64),
+}
+
+/// Places a connection with rings of `ring_size` in `vm`'s region.
+fn place(vm: &Arc<VmMemory>, ring_size: u32) -> Result<Arc<Placed>, Failed> {
+    vm.place(ring_size).map(Arc::new).map_err(|e| {
+        tracing::warn!(error = %e, "no room for a VM's connection");
+        Failed::NoMemory
+    })
 }
 
 /// Carries out a connect between `client` and `server`: charge, memory,
@@ -403,17 +404,17 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
     let host = policy.config.host();
     // Each guest with a process at an end is charged; the relay is no guest.
     let (pair, ring_size, bytes, charged) = match (client, server) {
-        // A VM's listener: the bridge is the client's far end.
-        (ClientEnd::Process(_), ServerEnd::Listener(l)) if l.vm.is_some() => {
-            (None, host.ring_size, host.segment_size(), (client_guest, server_guest))
-        }
-        (ClientEnd::Relay | ClientEnd::Bridge, ServerEnd::Listener(l)) if l.vm.is_some() => {
-            // Not carried yet: from another host, or from another VM.
+        (ClientEnd::Relay, ServerEnd::Listener(l)) if l.vm.is_some() => {
+            // Not carried yet: from another host to a VM.
             return Err(Failed::Refused(Refusal::Fallback));
         }
-        (ClientEnd::Process(channel), ServerEnd::Listener(l)) => {
+        (ClientEnd::Process(channel), ServerEnd::Listener(l)) if l.vm.is_none() => {
             let pair = Pair { channel, listener: l.id };
             (Some(pair), host.ring_size, host.segment_size(), (client_guest, server_guest))
+        }
+        // A VM at either end: the bridge is the other's far end.
+        (ClientEnd::Process(_) | ClientEnd::Vm(_), ServerEnd::Listener(_)) => {
+            (None, host.ring_size, host.segment_size(), (client_guest, server_guest))
         }
         (ClientEnd::Process(_), ServerEnd::Host { .. }) | (ClientEnd::Relay, ServerEnd::Listener(_)) => {
             let Some(rings) = policy.config.fabric() else {
@@ -422,72 +423,83 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
             let guest = if let ClientEnd::Relay = client { server_guest } else { client_guest };
             (None, rings.ring_size, rings.segment_size(), (guest, guest))
         }
-        (ClientEnd::Bridge, ServerEnd::Listener(_)) => {
-            (None, host.ring_size, host.segment_size(), (client_guest, server_guest))
+        (ClientEnd::Vm(_), ServerEnd::Host { .. }) => {
+            // Not carried yet: from a VM to another host.
+            return Err(Failed::Refused(Refusal::Fallback));
         }
-        (ClientEnd::Relay | ClientEnd::Bridge, ServerEnd::Host { .. }) => {
-            unreachable!("a relay or bridge never connects to another host")
-        }
+        (ClientEnd::Relay, ServerEnd::Host { .. }) => unreachable!("a relay never connects to another host"),
     };
     let charge = daemon.charge(policy, charged.0, charged.1, bytes).map_err(|exceeded| match client {
         // The server's host: whichever guest is over, it is the server's.
         ClientEnd::Relay => Failed::Quota(Exceeded { side: Endpoint::Server, ..exceeded }),
-        ClientEnd::Process(_) | ClientEnd::Bridge => Failed::Quota(exceeded),
+        ClientEnd::Process(_) | ClientEnd::Vm(_) => Failed::Quota(exceeded),
     })?;
-    let memory = match pair {
-        Some(pair) => shared_memory(daemon, pair, ring_size).map_err(Failed::Undelivered)?,
-        None => {
+    // A VM's end is a piece of its region, placed before anything is
+    // handed over (a full region refuses the connect).
+    let client_piece = match client {
+        ClientEnd::Vm(vm) => Some((vm, place(vm, ring_size)?)),
+        _ => None,
+    };
+    let server_piece = match server.vm() {
+        Some(vm) => Some((vm, place(vm, ring_size)?)),
+        None => None,
+    };
+    let no_memory = |e: io::Error| {
+        tracing::warn!(error = %e, "cannot make a connection's memory");
+        Failed::NoMemory
+    };
+    let memory = match (pair, &client_piece, &server_piece) {
+        (Some(pair), _, _) => shared_memory(daemon, pair, ring_size).map_err(Failed::Undelivered)?,
+        (None, Some((_, client)), Some((_, server))) => placed_memory(daemon, client, server).map_err(no_memory)?,
+        (None, Some(_), None) => relayed_memory(daemon, ring_size, Endpoint::Client).map_err(no_memory)?,
+        (None, None, _) => {
             let mine = match client {
-                ClientEnd::Relay | ClientEnd::Bridge => Endpoint::Client,
-                ClientEnd::Process(_) => Endpoint::Server,
+                ClientEnd::Relay => Endpoint::Client,
+                ClientEnd::Process(_) | ClientEnd::Vm(_) => Endpoint::Server,
             };
-            relayed_memory(daemon, ring_size, mine).map_err(|e| {
-                tracing::warn!(error = %e, "cannot make a segment for a cross-host connection");
-                Failed::NoMemory
-            })?
+            relayed_memory(daemon, ring_size, mine).map_err(no_memory)?
         }
     };
-    let Memory { id, ring_size, segment, files, lifelines, client: client_kit, server: server_kit, carrier } = memory;
+    let Memory { id, ring_size, kept, lifelines, holds, client: mut client_kit, server: mut server_kit, carrier } =
+        memory;
     let server_addr = attempt.remote;
+    // The bridge learns of a VM's connection before the VM can name it
+    // (before its `IncomingAt` or `ConnectedAt` goes out).
+    let bridged = bridge_ends(client_piece, server_piece, holds, &mut client_kit, &mut server_kit, &carrier);
+    let bridge = daemon.bridge.get();
+    if let Some((ends, meter)) = bridged {
+        let Some(bridge) = bridge else { return Err(Failed::NoMemory) };
+        bridge.carry(id.0, ends, meter);
+    }
+    let cancel = || {
+        if let Some(bridge) = bridge {
+            bridge.cancel(id.0);
+        }
+    };
     match (server, server_kit) {
-        (ServerEnd::Listener(listener), ServerKit::Process { halves, bell, holds }) => {
-            let incoming = Message::Incoming(ConnectionInfo {
-                id: id.0,
-                local: server_addr,
-                peer: attempt.client_addr,
-                ring_size,
-            });
-            let [own_half, peer_half] = match &halves {
-                Some([own, peer]) => [own.as_fd(), peer.as_fd()],
-                None => files.for_end(Endpoint::Server),
+        (ServerEnd::Listener(listener), kit @ (ServerKit::Process { .. } | ServerKit::Placed(_))) => {
+            let info = ConnectionInfo { id: id.0, local: server_addr, peer: attempt.client_addr, ring_size };
+            let sent = match &kit {
+                ServerKit::Process { halves, bell, holds } => {
+                    let [own_half, peer_half] = match halves {
+                        Some([own, peer]) => [own.as_fd(), peer.as_fd()],
+                        None => match &kept {
+                            RecordMemory::Files { files, .. } => files.for_end(Endpoint::Server),
+                            RecordMemory::Placed(_) => unreachable!("a listener's segment has files"),
+                        },
+                    };
+                    let handover = Handover { own_half, bell: bell.as_fd(), holds: holds.as_fd(), peer_half };
+                    listener.channel.send(&Message::Incoming(info), Some(handover))
+                }
+                ServerKit::Placed(offset) => {
+                    listener.channel.send(&Message::IncomingAt { info, offset: *offset }, None)
+                }
+                ServerKit::Relay(_) => unreachable!("matched above"),
             };
-            let handover = Handover { own_half, bell: bell.as_fd(), holds: holds.as_fd(), peer_half };
-            if let Err(e) = listener.channel.send(&incoming, Some(handover)) {
+            if let Err(e) = sent {
+                cancel();
                 if e.kind() != io::ErrorKind::WouldBlock {
                     // The listener is gone (its process exited): forget it.
-                    daemon.listeners.remove(listener);
-                }
-                return Err(Failed::Undelivered(e));
-            }
-            listener.accepted.fetch_add(1, Ordering::Relaxed);
-            listener.guest.counters.connections_in.fetch_add(1, Ordering::Relaxed);
-        }
-        (ServerEnd::Listener(listener), ServerKit::Relay(conn)) => {
-            // A VM's listener (see above): its end is placed in its region.
-            let (Some(vm), Some(bridge)) = (&listener.vm, daemon.bridge.get()) else {
-                return Err(Failed::NoMemory);
-            };
-            let placed = vm.place(ring_size).map_err(|e| {
-                tracing::warn!(guest = %listener.guest.name, error = %e, "no room for a connection");
-                Failed::NoMemory
-            })?;
-            let info = ConnectionInfo { id: id.0, local: server_addr, peer: attempt.client_addr, ring_size };
-            let incoming = Message::IncomingAt { info, offset: placed.offset() };
-            // The bridge knows the connection before the VM can name it.
-            bridge.carry(id.0, vm.clone(), placed, Endpoint::Client, conn);
-            if let Err(e) = listener.channel.send(&incoming, None) {
-                bridge.cancel(id.0);
-                if e.kind() != io::ErrorKind::WouldBlock {
                     daemon.listeners.remove(listener);
                 }
                 return Err(Failed::Undelivered(e));
@@ -511,7 +523,7 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
         }
         _ => unreachable!("memory is made for the server end it is given to"),
     }
-    if let ClientEnd::Process(_) | ClientEnd::Bridge = client {
+    if let ClientEnd::Process(_) | ClientEnd::Vm(_) = client {
         client_guest.counters.connections_out.fetch_add(1, Ordering::Relaxed);
     }
     daemon.connections.add(ConnectionRecord {
@@ -521,8 +533,7 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
         server: server_guest.clone(),
         server_addr,
         opened: SystemTime::now(),
-        segment,
-        files,
+        memory: kept,
         carrier,
         lifelines,
         reset: Default::default(),
@@ -530,6 +541,52 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
     });
     let info = ConnectionInfo { id: id.0, local: attempt.client_addr, peer: server_addr, ring_size };
     Ok(Made { info, client: client_kit })
+}
+
+/// What the bridge carries for a connection with a VM at one end or both:
+/// the VMs' pieces, waiting for their bells, and the daemon's end of the
+/// other's segment (taken out of its kit, which then names the piece), with
+/// the connection's meter. End 1 is the one metered: the client where the
+/// record's carrier says the daemon is the server, and so on.
+fn bridge_ends(
+    client_piece: Option<(&Arc<VmMemory>, Arc<Placed>)>,
+    server_piece: Option<(&Arc<VmMemory>, Arc<Placed>)>,
+    holds: [Option<OwnedFd>; 2],
+    client_kit: &mut ClientKit,
+    server_kit: &mut ServerKit,
+    carrier: &Carrier,
+) -> Option<([BridgeEnd; 2], Arc<Meter>)> {
+    let Carrier::Relayed { meter, .. } = carrier else { return None };
+    let awaiting = |(vm, placed): (&Arc<VmMemory>, Arc<Placed>), mine, holds| BridgeEnd::Awaiting {
+        vm: vm.clone(),
+        placed,
+        mine,
+        holds,
+    };
+    let [client_holds, server_holds] = holds;
+    let ends = match (client_piece, server_piece) {
+        // Between two VMs: the record's carrier has the daemon as the
+        // server, so the client's piece is end 1.
+        (Some(client), Some(server)) => {
+            [awaiting(server, Endpoint::Client, server_holds), awaiting(client, Endpoint::Server, client_holds)]
+        }
+        (Some(client), None) => {
+            let offset = client.1.offset();
+            let ClientKit::Relay(conn) = std::mem::replace(client_kit, ClientKit::Placed(offset)) else {
+                return None;
+            };
+            [awaiting(client, Endpoint::Server, None), BridgeEnd::Ready(conn.end)]
+        }
+        (None, Some(server)) => {
+            let offset = server.1.offset();
+            let ServerKit::Relay(conn) = std::mem::replace(server_kit, ServerKit::Placed(offset)) else {
+                return None;
+            };
+            [awaiting(server, Endpoint::Client, None), BridgeEnd::Ready(conn.end)]
+        }
+        (None, None) => return None,
+    };
+    Some((ends, meter.clone()))
 }
 
 /// Memory for a connection between two processes here: a segment this
@@ -555,9 +612,9 @@ fn shared_memory(daemon: &Daemon, pair: Pair, ring_size: u32) -> io::Result<Memo
     Ok(Memory {
         id,
         ring_size,
-        segment,
-        files,
+        kept: RecordMemory::Files { segment, files },
         lifelines: [client_lifeline, server_lifeline],
+        holds: [None, None],
         client: ClientKit::Process(EndFiles {
             own_half: client_own,
             bell: client_bell,
@@ -596,7 +653,36 @@ fn relayed_memory(daemon: &Daemon, ring_size: u32, mine: Endpoint) -> io::Result
             (ClientKit::Relay(relay), guest, [my_lifeline, guest_lifeline])
         }
     };
-    Ok(Memory { id, ring_size, segment, files, lifelines, client, server, carrier: Carrier::Relayed { meter, mine } })
+    Ok(Memory {
+        id,
+        ring_size,
+        kept: RecordMemory::Files { segment, files },
+        lifelines,
+        holds: [None, None],
+        client,
+        server,
+        carrier: Carrier::Relayed { meter, mine },
+    })
+}
+
+/// Memory for a connection between two VMs' processes here: their pieces
+/// (`client`'s and `server`'s), which the bridge carries between, with a
+/// lifeline for each that the bridge's end holds. The record keeps the
+/// client's piece (to reset it), and the bridge's count is its metering.
+fn placed_memory(daemon: &Daemon, client: &Arc<Placed>, server: &Arc<Placed>) -> io::Result<Memory> {
+    let (client_lifeline, client_holds) = vsocket_sys::pipe()?;
+    let (server_lifeline, server_holds) = vsocket_sys::pipe()?;
+    let id = daemon.ids.connection();
+    Ok(Memory {
+        id,
+        ring_size: client.segment().ring_size(),
+        kept: RecordMemory::Placed(client.clone()),
+        lifelines: [client_lifeline, server_lifeline],
+        holds: [Some(client_holds), Some(server_holds)],
+        client: ClientKit::Placed(client.offset()),
+        server: ServerKit::Placed(server.offset()),
+        carrier: Carrier::Relayed { meter: Arc::new(Meter::default()), mine: Endpoint::Server },
+    })
 }
 
 /// The reply to a connect that `verdict` denies, counted and logged.
@@ -646,6 +732,7 @@ impl Attempt<'_> {
                 match client {
                     ClientKit::Process(handover) => Outcome { message, handover: Some(handover), relay: None },
                     ClientKit::Relay(conn) => Outcome { message, handover: None, relay: Some(conn) },
+                    ClientKit::Placed(offset) => plain(Message::ConnectedAt { info, offset }),
                 }
             }
             Err(Failed::Quota(exceeded)) => return self.over_quota(server, exceeded),
@@ -709,7 +796,7 @@ impl Attempt<'_> {
     fn log(&self, server: Option<&GuestSlot>, message: &Message, decided_by: impl FnOnce() -> String) {
         self.daemon.log_flow(|| {
             let (verdict, id) = match message {
-                Message::Connected(info) => (FlowVerdict::Accepted, Some(info.id)),
+                Message::Connected(info) | Message::ConnectedAt { info, .. } => (FlowVerdict::Accepted, Some(info.id)),
                 Message::Dropped => (FlowVerdict::Dropped, None),
                 Message::Refused { .. } => (FlowVerdict::Rejected, None),
                 _ => (FlowVerdict::Fallback, None),

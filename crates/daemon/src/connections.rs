@@ -31,6 +31,28 @@ pub enum Carrier {
     Relayed { meter: Arc<crate::meter::Meter>, mine: Endpoint },
 }
 
+/// A connection's memory, as its record holds it.
+#[derive(Debug)]
+pub enum Memory {
+    /// Two sealed memfds: the daemon's mapping (metering, resets) and the
+    /// files (to hand the segment over again, or reuse it).
+    Files { segment: Segment, files: SegmentFiles },
+    /// A piece of a VM's region: where both ends are VMs, the client's
+    /// (the other is the server VM's, in the bridge). Held until the record
+    /// is retired, so a reset never reaches a later connection's piece.
+    Placed(Arc<crate::placed::Placed>),
+}
+
+impl Memory {
+    /// The daemon's view of the connection's rings.
+    pub fn segment(&self) -> &Segment {
+        match self {
+            Memory::Files { segment, .. } => segment,
+            Memory::Placed(placed) => placed.segment(),
+        }
+    }
+}
+
 /// A live connection brokered by this daemon.
 #[derive(Debug)]
 pub struct ConnectionRecord {
@@ -40,10 +62,8 @@ pub struct ConnectionRecord {
     pub server: Arc<GuestSlot>,
     pub server_addr: SocketAddrV4,
     pub opened: SystemTime,
-    /// The daemon's mapping of the segment, for metering.
-    pub segment: Segment,
-    /// The segment's files, kept to hand the segment over again.
-    pub files: SegmentFiles,
+    /// The connection's memory, as the daemon holds it.
+    pub memory: Memory,
     pub carrier: Carrier,
     /// Read ends of the client's and the server's lifelines: each hangs up
     /// when no process holds that end of the connection any more.
@@ -97,7 +117,8 @@ impl ConnectionRecord {
             // peer counted; raising it raises the liar's own bill alike.
             Carrier::Shared(_) => {
                 let ring = end.tx_ring();
-                self.segment.producer(ring).total().max(self.segment.consumer(ring).total())
+                let segment = self.memory.segment();
+                segment.producer(ring).total().max(segment.consumer(ring).total())
             }
         }
     }
@@ -106,7 +127,7 @@ impl ConnectionRecord {
     /// could set the daemon's end's flag on a relayed connection and stop
     /// its metering early, so those end with their lifelines alone.
     fn closed_by_flags(&self) -> bool {
-        matches!(self.carrier, Carrier::Shared(_)) && self.segment.fully_closed()
+        matches!(self.carrier, Carrier::Shared(_)) && self.memory.segment().fully_closed()
     }
 
     /// Is the connection over? Either both ends closed it as the protocol
@@ -151,8 +172,8 @@ impl ConnectionRecord {
     /// `ECONNRESET`.
     pub fn reset(&self) {
         for ring in 0..2 {
-            self.segment.producer(ring).reset();
-            self.segment.consumer(ring).close();
+            self.memory.segment().producer(ring).reset();
+            self.memory.segment().consumer(ring).close();
         }
         self.reset.store(true, Ordering::Relaxed);
     }
@@ -192,7 +213,7 @@ impl Connections {
                 None => {
                     queue.remove(i);
                 }
-                Some(c) if c.segment.reusable() => {
+                Some(c) if c.memory.segment().reusable() => {
                     let id = queue.remove(i).expect("index checked");
                     found = conns.remove(&id);
                     break;
@@ -286,8 +307,7 @@ mod tests {
             server: b,
             server_addr: "10.0.0.3:80".parse().unwrap(),
             opened: SystemTime::now(),
-            segment,
-            files,
+            memory: Memory::Files { segment, files },
             carrier,
             lifelines: [client_lifeline, server_lifeline],
             reset: AtomicBool::new(false),
@@ -318,7 +338,7 @@ mod tests {
         let (gone, gone_holds) = record(3, Carrier::Shared(pair(1)));
         let (half, half_holds) = record(1, Carrier::Shared(pair(1)));
         let (closed, _closed_holds) = record(2, Carrier::Shared(pair(2)));
-        close_by_flags(&closed.segment);
+        close_by_flags(closed.memory.segment());
         table.add(gone);
         table.add(half);
         table.add(closed);
@@ -342,7 +362,7 @@ mod tests {
         let (relayed, holds) = record(7, Carrier::Relayed { meter: meter.clone(), mine: Endpoint::Server });
         // A guest can set every flag of the segment, the daemon's end's
         // included: that must not end the relay's metering.
-        close_by_flags(&relayed.segment);
+        close_by_flags(relayed.memory.segment());
         table.add(relayed);
         assert!(table.take_finished().is_empty());
         drop(holds);
@@ -353,20 +373,20 @@ mod tests {
     fn metering_reads_the_larger_index_or_the_relays_count() {
         let (shared, _holds) = record(1, Carrier::Shared(pair(1)));
         let client_ring = Endpoint::Client.tx_ring();
-        shared.segment.producer(client_ring).write(&[b"hello"]).unwrap();
+        shared.memory.segment().producer(client_ring).write(&[b"hello"]).unwrap();
         assert_eq!((shared.bytes_client_to_server(), shared.bytes_server_to_client()), (5, 0));
         // A client rewinding its own tail cannot go below what the server
         // has taken.
         let mut buf = [0u8; 5];
-        shared.segment.consumer(client_ring).read(&mut [&mut buf[..]], false).unwrap();
-        shared.segment.forge_for_tests(client_ring, 0);
+        shared.memory.segment().consumer(client_ring).read(&mut [&mut buf[..]], false).unwrap();
+        shared.memory.segment().forge_for_tests(client_ring, 0);
         assert_eq!(shared.bytes_client_to_server(), 5);
 
         let meter = Arc::new(crate::meter::Meter::default());
         let (relayed, _holds) = record(2, Carrier::Relayed { meter: meter.clone(), mine: Endpoint::Server });
         meter.taken.store(11, Ordering::Relaxed);
         meter.given.store(22, Ordering::Relaxed);
-        relayed.segment.producer(client_ring).write(&[b"ignored"]).unwrap();
+        relayed.memory.segment().producer(client_ring).write(&[b"ignored"]).unwrap();
         assert_eq!((relayed.bytes_client_to_server(), relayed.bytes_server_to_client()), (11, 22));
     }
 
@@ -374,9 +394,9 @@ mod tests {
     fn a_released_segment_is_reclaimed_by_its_own_pair_only() {
         let table = Connections::default();
         let (done, _holds) = record(1, Carrier::Shared(pair(1)));
-        close_by_flags(&done.segment);
+        close_by_flags(done.memory.segment());
         for end in 0..2 {
-            done.segment.released(end).store(1, Ordering::Release);
+            done.memory.segment().released(end).store(1, Ordering::Release);
         }
         let (busy, _busy_holds) = record(2, Carrier::Shared(pair(1)));
         table.add(busy);

@@ -3,7 +3,7 @@
 //! and enforcing a policy change on established connections.
 
 use crate::charge::{Charge, Exceeded};
-use crate::connections::{Carrier, ConnectionRecord, Connections};
+use crate::connections::{Carrier, ConnectionRecord, Connections, Memory};
 use crate::flowlog::{FlowEvent, FlowLog, FlowRecord, FlowVerdict};
 use crate::guest::GuestSlot;
 use crate::ids::{Ids, Pair};
@@ -198,7 +198,11 @@ impl Daemon {
             // On the connect path: never wait for the log.
             log.record(close);
         }
-        Some((c.segment, c.files))
+        match c.memory {
+            Memory::Files { segment, files } => Some((segment, files)),
+            // Only memfd segments are shared by a pair of processes.
+            Memory::Placed(_) => None,
+        }
     }
 
     /// Retires connections whose both ends have closed, folding their bytes
@@ -221,9 +225,9 @@ impl Daemon {
         let mut closes = Vec::new();
         for mut c in finished {
             closes.extend(self.retire(&mut c));
-            if let Carrier::Shared(pair) = c.carrier {
-                if c.segment.reusable() {
-                    self.segments.recycle(pair, c.segment, c.files);
+            if let (Carrier::Shared(pair), Memory::Files { segment, files }) = (&c.carrier, c.memory) {
+                if segment.reusable() {
+                    self.segments.recycle(*pair, segment, files);
                 }
             }
         }

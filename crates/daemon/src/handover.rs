@@ -21,7 +21,7 @@
 //! Connections the fabric relay carries are not handed over: the relay is
 //! their far end, and they are reset with the old daemon's links.
 
-use crate::connections::{Carrier, ConnectionRecord};
+use crate::connections::{Carrier, ConnectionRecord, Memory as RecordMemory};
 use crate::daemon::Daemon;
 use crate::ids::{ChannelId, ConnectionId, ListenerId, Pair};
 use serde::{Deserialize, Serialize};
@@ -191,11 +191,12 @@ fn give(daemon: &Daemon, to: BorrowedFd<'_>) -> Result<(), HandoverError> {
             return;
         }
         let Some(part) = connection_part(c) else { return };
+        let RecordMemory::Files { files, .. } = &c.memory else { return };
         let fds = [
-            c.files.rw[0].as_fd(),
-            c.files.rw[1].as_fd(),
-            c.files.ro[0].as_fd(),
-            c.files.ro[1].as_fd(),
+            files.rw[0].as_fd(),
+            files.rw[1].as_fd(),
+            files.ro[0].as_fd(),
+            files.ro[1].as_fd(),
             c.lifelines[0].as_fd(),
             c.lifelines[1].as_fd(),
         ];
@@ -219,7 +220,7 @@ fn connection_part(c: &ConnectionRecord) -> Option<ConnectionPart> {
         server: c.server.name.clone(),
         server_addr: c.server_addr,
         opened_ms: c.opened.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-        ring_size: c.segment.ring_size(),
+        ring_size: c.memory.segment().ring_size(),
         channel: pair.channel.0,
         listener: pair.listener.0,
         reset: !c.open(),
@@ -433,8 +434,7 @@ pub fn adopt(daemon: &Daemon, c: InheritedConnection) -> Result<(), NotAdopted> 
         server,
         server_addr: part.server_addr,
         opened: UNIX_EPOCH + Duration::from_millis(part.opened_ms),
-        segment,
-        files: c.files,
+        memory: RecordMemory::Files { segment, files: c.files },
         carrier: Carrier::Shared(Pair { channel: ChannelId(part.channel), listener: ListenerId(part.listener) }),
         lifelines: c.lifelines,
         reset: AtomicBool::new(part.reset),

@@ -110,14 +110,17 @@ impl Drop for Placed {
 /// connection's bell stream from the VM (each byte a wake-up; its end
 /// says every process in the VM holding the connection let go).
 pub struct RegionEnd {
-    placed: Placed,
+    placed: Arc<Placed>,
     mine: Endpoint,
     bell: OwnedFd,
+    /// The write end of the daemon's lifeline for this end, where the
+    /// connection's record has one for it: dropped with this end.
+    _holds: Option<OwnedFd>,
 }
 
 impl RegionEnd {
-    pub fn new(placed: Placed, mine: Endpoint, bell: OwnedFd) -> RegionEnd {
-        RegionEnd { placed, mine, bell }
+    pub fn new(placed: Arc<Placed>, mine: Endpoint, bell: OwnedFd, holds: Option<OwnedFd>) -> RegionEnd {
+        RegionEnd { placed, mine, bell, _holds: holds }
     }
 }
 

@@ -296,3 +296,93 @@ fn a_redis_server_in_a_vm_serves_a_namespace_guest_over_vsocket() {
         std::panic::resume_unwind(panic);
     }
 }
+
+/// Two VMs on one host talk over vSocket, as their security groups say:
+/// redis-cli and redis-benchmark in one VM reach redis-server in the
+/// other on an allowed port (both ends pieces of their own VMs' regions,
+/// the bridge between them), and a port no rule allows is refused.
+#[test]
+fn two_vms_talk_over_vsocket_as_their_security_groups_allow() {
+    let cache = cache();
+    let image = Image::ensure(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let backend = vsock_backend(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let host = format!("deny_action = \"reject\"\nvsock_backend = \"{}\"", backend.display());
+    let body = format!(
+        "{BODY}\n[[guest]]\nname = \"w\"\nvpc = \"blue\"\naddresses = [\"10.10.0.5\"]\nsecurity_groups = [\"web\"]\n\
+         max_shared_memory = \"64MiB\"\n[guest.vm]\ncid = 6\nregion = \"4MiB\"\n"
+    );
+    let lab = Lab::start_host("tvmvm", &body, &host).unwrap();
+    let library = vsocket_e2e::bin("libvsocket.so");
+    let (server_paths, client_paths) = (vm_paths(&lab.run_dir, "w"), vm_paths(&lab.run_dir, "v"));
+    let backends_up = || server_paths.vhost.exists() && client_paths.vhost.exists();
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), backends_up), "{}", lab.daemon_log());
+    let redis = "--save '' --appendonly no --protected-mode no --bind 10.10.0.5";
+    let server_script = format!(
+        "ip link set lo up && ip addr add 10.10.0.5/32 dev lo || exit 1\n\
+         export LD_PRELOAD={} VSOCKET_CONTROL=vsock\n\
+         redis-server --port 7601 {redis} --daemonize yes\n\
+         exec redis-server --port 7600 {redis}\n",
+        library.display()
+    );
+    let server_boot = Boot {
+        memory_mib: 512,
+        script: &server_script,
+        vsock: Some(&server_paths.vhost),
+        region: Some((&server_paths.region, 4 << 20)),
+    };
+    let console = lab.dir.join("server-console.log");
+    let mut server = image
+        .command(&server_boot)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&console).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let listening = vsocket_e2e::wait_until(Duration::from_secs(120), || {
+            lab.ctl("listeners")
+                .is_ok_and(|l| l.as_array().is_some_and(|l| l.iter().filter(|l| l["guest"] == "w").count() == 2))
+        });
+        assert!(listening, "no listeners in the server VM:\n{}", std::fs::read_to_string(&console).unwrap_or_default());
+        let client_script = format!(
+            "export LD_PRELOAD={} VSOCKET_CONTROL=vsock\n\
+             echo \"set $(redis-cli -h 10.10.0.5 -p 7600 set greeting from-another-vm)\"\n\
+             echo \"get $(redis-cli -h 10.10.0.5 -p 7600 get greeting)\"\n\
+             redis-benchmark -h 10.10.0.5 -p 7600 -t set,get -n 500 -c 2 -q\n\
+             echo \"denied $(redis-cli -h 10.10.0.5 -p 7601 ping 2>&1)\"\n",
+            library.display()
+        );
+        let client_boot = Boot {
+            memory_mib: 512,
+            script: &client_script,
+            vsock: Some(&client_paths.vhost),
+            region: Some((&client_paths.region, 4 << 20)),
+        };
+        let output = image.run(&client_boot, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"));
+        let out = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(exit_status(&out), Some(0), "{out}");
+        assert!(out.lines().any(|l| l.trim() == "set OK"), "{out}");
+        assert!(out.lines().any(|l| l.trim() == "get from-another-vm"), "{out}");
+        assert_eq!(vsocket_e2e::redis_benchmark_rates(&out).len(), 2, "{out}");
+        let denied = out.lines().find(|l| l.trim().starts_with("denied")).unwrap_or_else(|| panic!("{out}"));
+        assert!(denied.contains("refused"), "{denied}");
+        let (v, w) = (lab.guest("v").unwrap(), lab.guest("w").unwrap());
+        assert_eq!(v["fallbacks"], 0, "{v}");
+        // redis-cli tries its connect again before it gives up.
+        assert!(v["denied"].as_u64().unwrap() >= 1, "{v}");
+        assert!(v["connections_out"].as_u64().unwrap() >= 2 + 2, "{v}");
+        assert_eq!(v["connections_out"], w["connections_in"]);
+        assert!(w["bytes_received"].as_u64().unwrap() > 500 * 20, "{w}");
+        assert_eq!(v["bytes_sent"], w["bytes_received"], "the bridge's count is the connection's metering");
+        assert_eq!(v["bytes_received"], w["bytes_sent"]);
+        let pieces_back = || lab.guest("v").is_ok_and(|v| v["region_used"] == 0);
+        assert!(vsocket_e2e::wait_until(Duration::from_secs(10), pieces_back), "{}", lab.daemon_log());
+    }));
+    let _ = server.kill();
+    let _ = server.wait();
+    if let Err(panic) = checked {
+        eprintln!("{}", std::fs::read_to_string(&console).unwrap_or_default());
+        eprintln!("{}", lab.daemon_log());
+        std::panic::resume_unwind(panic);
+    }
+}
