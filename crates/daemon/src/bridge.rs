@@ -132,6 +132,8 @@ struct Waiting {
     ends: [BridgeEnd; 2],
     meter: Arc<Meter>,
     since: Instant,
+    /// Which ends are VMs' pieces (see [`Pair::pinned`]).
+    pinned: [bool; 2],
 }
 
 /// One carried connection.
@@ -144,6 +146,13 @@ struct Pair {
     gone: [bool; 2],
     /// Nothing more goes from end `i` to the other (FIN or RST passed).
     ended: [bool; 2],
+    /// End `i` is a piece of a VM's region: it is kept until that VM lets
+    /// go of it, so the piece is never placed again while the VM may still
+    /// write it.
+    pinned: [bool; 2],
+    /// One end is done (let go, all it sent passed on): the other's writes
+    /// have no reader.
+    finished: bool,
 }
 
 /// What pumping one direction found.
@@ -207,7 +216,8 @@ impl Pump {
     fn command(&mut self, command: Command) -> Option<u64> {
         match command {
             Command::Await { id, ends, meter } => {
-                self.waiting.insert(id, Waiting { ends, meter, since: Instant::now() });
+                let pinned = [0, 1].map(|i| matches!(ends[i], BridgeEnd::Awaiting { .. }));
+                self.waiting.insert(id, Waiting { ends, meter, since: Instant::now(), pinned });
                 None
             }
             Command::Cancel { id } => {
@@ -224,7 +234,7 @@ impl Pump {
                     tracing::warn!(connection = id, "bridge: a bell stream for no connection of that VM; closed");
                     return None;
                 }
-                let Waiting { ends, meter, since } = self.waiting.remove(&id)?;
+                let Waiting { ends, meter, since, pinned } = self.waiting.remove(&id)?;
                 let mut stream = Some(stream);
                 let ends = ends.map(|e| {
                     if !awaited(&e) {
@@ -239,15 +249,17 @@ impl Pump {
                 });
                 let [BridgeEnd::Ready(first), BridgeEnd::Ready(second)] = ends else {
                     // Another VM end still waits for its bell.
-                    self.waiting.insert(id, Waiting { ends, meter, since });
+                    self.waiting.insert(id, Waiting { ends, meter, since, pinned });
                     return None;
                 };
-                let pair = Pair { ends: [first, second], meter, gone: [false; 2], ended: [false; 2] };
+                let pair =
+                    Pair { ends: [first, second], meter, gone: [false; 2], ended: [false; 2], pinned, finished: false };
                 for (i, end) in pair.ends.iter().enumerate() {
                     if let Err(e) = self.epoll.add(end.bell(), libc::EPOLLIN as u32, id << 1 | i as u64) {
                         tracing::error!(error = %e, "bridge: cannot watch a bell");
                     }
                 }
+                tracing::debug!(connection = id, "bridge: carrying");
                 self.pairs.insert(id, pair);
                 Some(id)
             }
@@ -285,7 +297,21 @@ impl Pump {
                 break;
             }
         }
-        if pair.gone == [true; 2] {
+        // An end whose holders let go, once all it sent has passed on, is
+        // done: the other end's further writes have no reader (they fail,
+        // as to a socket whose peer closed). The pair then goes as soon as
+        // every VM's piece in it is let go of by its VM, letting go of a
+        // segment's end too (which is how the relay, holding a segment
+        // whose other end is the bridge's, learns the stream is over).
+        if !pair.finished {
+            if let Some(done) = (0..2).find(|&i| pair.gone[i] && pair.ended[i]) {
+                pair.finished = true;
+                let other = pair.ends[1 - done].as_ref();
+                other.wake_if(other.outbound().close());
+            }
+        }
+        if pair.finished && (0..2).all(|i| pair.gone[i] || !pair.pinned[i]) {
+            tracing::debug!(connection = id, gone = ?pair.gone, ended = ?pair.ended, "bridge: connection over");
             self.pairs.remove(&id);
         }
     }
@@ -301,7 +327,7 @@ impl Pair {
     /// and passes on its end of stream.
     fn pump(&mut self, from: usize, buf: &mut [u8]) -> Pumped {
         let to = 1 - from;
-        let Pair { ends, meter, gone, ended } = self;
+        let Pair { ends, meter, gone, ended, .. } = self;
         let (source, sink) = (ends[from].as_ref(), ends[to].as_ref());
         loop {
             let rx = source.outbound();
@@ -421,6 +447,8 @@ mod tests {
             meter: Arc::new(Meter::default()),
             gone: [false; 2],
             ended: [false; 2],
+            pinned: [true, false],
+            finished: false,
         };
         Rig { pair, vm, other, _vm_memory: vm_memory, _bells: [vm_guest_bell, other_guest_bell], _dir: dir }
     }
@@ -465,6 +493,37 @@ mod tests {
         assert_eq!(read_all(&rig.other, 0), b"last");
         assert_eq!(rig.other.consumer(0).state().unwrap(), RxState::Fin);
         assert!(rig.pair.ended[0] && !rig.pair.ended[1]);
+    }
+
+    #[test]
+    fn a_piece_is_kept_until_its_vm_lets_go() {
+        let rig = rig("kept");
+        let Rig { pair, vm, other, _vm_memory: vm_memory, _bells: bells, _dir } = rig;
+        let (_queue_in, queue) = mpsc::channel();
+        let mut pump = Pump {
+            epoll: Epoll::new().unwrap(),
+            bell: vsocket_sys::eventfd().unwrap(),
+            queue,
+            waiting: HashMap::new(),
+            pairs: HashMap::new(),
+        };
+        pump.pairs.insert(7, pair);
+        let mut buf = vec![0u8; 1000];
+        // The other guest closes and lets go: its FIN reaches the VM, and
+        // the VM's further writes have no reader.
+        other.producer(1).finish();
+        pump.pairs.get_mut(&7).unwrap().gone[1] = true;
+        pump.pump(7, &mut buf);
+        assert_eq!(vm.consumer(1).state().unwrap(), RxState::Fin);
+        assert!(vm.producer(0).space().is_err(), "the VM's writes must fail");
+        // The VM has not let go: its piece is still its own.
+        assert!(pump.pairs.contains_key(&7));
+        assert_ne!(vm_memory.usage().0, 0);
+        pump.pairs.get_mut(&7).unwrap().gone[0] = true;
+        pump.pump(7, &mut buf);
+        assert!(!pump.pairs.contains_key(&7));
+        assert_eq!(vm_memory.usage().0, 0, "the piece goes back once the VM let go");
+        drop(bells);
     }
 
     #[test]

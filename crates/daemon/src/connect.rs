@@ -116,44 +116,13 @@ fn decide_here(daemon: &Daemon, policy: &Policy, request: &ConnectRequest) -> De
     decide(policy, reach, request, |g, a| daemon.find_listener(g, a))
 }
 
-/// A connect from a process of VM guest `guest`, whose connections are
-/// placed in its region `vm`: decided as any guest's connect; one to a
-/// listener here is made with the bridge as its client's far end, the VM's
-/// end placed in a piece of `vm` (the reply says where). A connect to
-/// another host takes the kernel path for now.
-pub fn connect_vm(
-    daemon: &Daemon,
-    guest: &Arc<GuestSlot>,
-    vm: &Arc<VmMemory>,
-    local: SocketAddrV4,
-    remote: SocketAddrV4,
-) -> Message {
-    let policy = daemon.policy();
-    let request = ConnectRequest { client: guest.clone(), local, remote };
-    let decided = decide_here(daemon, &policy, &request);
-    let attempt = Attempt { daemon, guest, client_addr: decided.client_addr, remote };
-    let (listener, why) = match decided.decision {
-        Decision::Deny { server, verdict, action } => {
-            return deny(&attempt, &server, &policy, &verdict, action).message
-        }
-        Decision::Fallback(why) => return attempt.fall_back(why.describe().to_string()),
-        Decision::Remote { .. } => {
-            return attempt.fall_back("a VM guest's connect to another host: kernel path".into());
-        }
-        Decision::WithinGuest { listener } => (listener, "within one guest: security groups do not apply".into()),
-        Decision::Local { listener, verdict } => (listener, verdict.describe(&policy.config)),
-    };
-    let made = establish(&attempt, &policy, ClientEnd::Vm(vm), ServerEnd::Listener(&listener));
-    attempt.reply(&listener.guest, made, || why).message
-}
-
-/// Decides a `Connect` request from a process of `guest` (its request
-/// channel `channel`), carries the decision out, and records it in the
-/// flow log.
+/// Decides a `Connect` request from a process of `guest` (`client`: its
+/// request channel, or its VM's region), carries the decision out, and
+/// records it in the flow log.
 pub fn connect(
     daemon: &Daemon,
     guest: &Arc<GuestSlot>,
-    channel: ChannelId,
+    client: ClientEnd<'_>,
     local: SocketAddrV4,
     remote: SocketAddrV4,
 ) -> Reply {
@@ -175,7 +144,6 @@ pub fn connect(
         }
     }
     let attempt = Attempt { daemon, guest, client_addr: decided.client_addr, remote };
-    let client = ClientEnd::Process(channel);
     match decided.decision {
         Decision::Fallback(why) => Reply::plain(attempt.fall_back(why.describe().into())),
         Decision::Deny { server, verdict, action } => deny(&attempt, &server, &policy, &verdict, action),
@@ -291,7 +259,7 @@ const AWAIT_LISTENER_EVERY: Duration = Duration::from_millis(5);
 
 /// Who holds the client's end.
 #[derive(Debug, Clone, Copy)]
-enum ClientEnd<'a> {
+pub enum ClientEnd<'a> {
     /// A process here, by its request channel.
     Process(ChannelId),
     /// This daemon's relay, for a client on another host.
@@ -416,16 +384,13 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
         (ClientEnd::Process(_) | ClientEnd::Vm(_), ServerEnd::Listener(_)) => {
             (None, host.ring_size, host.segment_size(), (client_guest, server_guest))
         }
-        (ClientEnd::Process(_), ServerEnd::Host { .. }) | (ClientEnd::Relay, ServerEnd::Listener(_)) => {
+        (ClientEnd::Process(_) | ClientEnd::Vm(_), ServerEnd::Host { .. })
+        | (ClientEnd::Relay, ServerEnd::Listener(_)) => {
             let Some(rings) = policy.config.fabric() else {
                 return Err(Failed::Refused(Refusal::Errno(libc::ECONNREFUSED)));
             };
             let guest = if let ClientEnd::Relay = client { server_guest } else { client_guest };
             (None, rings.ring_size, rings.segment_size(), (guest, guest))
-        }
-        (ClientEnd::Vm(_), ServerEnd::Host { .. }) => {
-            // Not carried yet: from a VM to another host.
-            return Err(Failed::Refused(Refusal::Fallback));
         }
         (ClientEnd::Relay, ServerEnd::Host { .. }) => unreachable!("a relay never connects to another host"),
     };
@@ -451,6 +416,11 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
     let memory = match (pair, &client_piece, &server_piece) {
         (Some(pair), _, _) => shared_memory(daemon, pair, ring_size).map_err(Failed::Undelivered)?,
         (None, Some((_, client)), Some((_, server))) => placed_memory(daemon, client, server).map_err(no_memory)?,
+        // From a VM to another host: the relay is the server's end of a
+        // segment whose client's end the bridge holds, beside the VM's piece.
+        (None, Some(_), None) if matches!(server, ServerEnd::Host { .. }) => {
+            relayed_memory(daemon, ring_size, Endpoint::Server).map_err(no_memory)?
+        }
         (None, Some(_), None) => relayed_memory(daemon, ring_size, Endpoint::Client).map_err(no_memory)?,
         (None, None, _) => {
             let mine = match client {
@@ -465,11 +435,13 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
     let server_addr = attempt.remote;
     // The bridge learns of a VM's connection before the VM can name it
     // (before its `IncomingAt` or `ConnectedAt` goes out).
-    let bridged = bridge_ends(client_piece, server_piece, holds, &mut client_kit, &mut server_kit, &carrier);
+    let vm_ends = client_piece.is_some() || server_piece.is_some();
+    let bridged = bridge_ends(client_piece, server_piece, holds, &mut client_kit, &mut server_kit, &carrier, ring_size);
     let bridge = daemon.bridge.get();
-    if let Some((ends, meter)) = bridged {
-        let Some(bridge) = bridge else { return Err(Failed::NoMemory) };
-        bridge.carry(id.0, ends, meter);
+    match (bridged, bridge) {
+        (Some((ends, meter)), Some(bridge)) => bridge.carry(id.0, ends, meter),
+        (None, _) if !vm_ends => {}
+        _ => return Err(Failed::NoMemory),
     }
     let cancel = || {
         if let Some(bridge) = bridge {
@@ -517,8 +489,14 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
             };
             match fabric.open(name, id.0, request, conn) {
                 OpenOutcome::Accepted => {}
-                OpenOutcome::Refused(refusal) => return Err(Failed::Refused(refusal)),
-                OpenOutcome::Unreachable(why) => return Err(Failed::Unreachable(why)),
+                OpenOutcome::Refused(refusal) => {
+                    cancel();
+                    return Err(Failed::Refused(refusal));
+                }
+                OpenOutcome::Unreachable(why) => {
+                    cancel();
+                    return Err(Failed::Unreachable(why));
+                }
             }
         }
         _ => unreachable!("memory is made for the server end it is given to"),
@@ -555,6 +533,7 @@ fn bridge_ends(
     client_kit: &mut ClientKit,
     server_kit: &mut ServerKit,
     carrier: &Carrier,
+    ring_size: u32,
 ) -> Option<([BridgeEnd; 2], Arc<Meter>)> {
     let Carrier::Relayed { meter, .. } = carrier else { return None };
     let awaiting = |(vm, placed): (&Arc<VmMemory>, Arc<Placed>), mine, holds| BridgeEnd::Awaiting {
@@ -572,10 +551,22 @@ fn bridge_ends(
         }
         (Some(client), None) => {
             let offset = client.1.offset();
-            let ClientKit::Relay(conn) = std::mem::replace(client_kit, ClientKit::Placed(offset)) else {
-                return None;
-            };
-            [awaiting(client, Endpoint::Server, None), BridgeEnd::Ready(conn.end)]
+            match std::mem::replace(client_kit, ClientKit::Placed(offset)) {
+                ClientKit::Relay(conn) => [awaiting(client, Endpoint::Server, None), BridgeEnd::Ready(conn.end)],
+                // To another host: the bridge holds the client's end of the
+                // segment whose server's end is the relay, which meters it;
+                // what the bridge counts of it is not the record's.
+                ClientKit::Process(files) => {
+                    let segment =
+                        Segment::map(files.own_half.as_fd(), files.peer_half.as_fd(), ring_size, Endpoint::Client)
+                            .map_err(|e| tracing::warn!(error = %e, "cannot map a VM's segment to another host"))
+                            .ok()?;
+                    let end = SegmentEnd::new(segment, Endpoint::Client, files.bell, files.holds);
+                    let ends = [awaiting(client, Endpoint::Server, None), BridgeEnd::Ready(Box::new(end))];
+                    return Some((ends, Arc::new(Meter::default())));
+                }
+                ClientKit::Placed(_) => return None,
+            }
         }
         (None, Some(server)) => {
             let offset = server.1.offset();

@@ -35,7 +35,7 @@ addresses = ["10.10.0.4"]
 max_shared_memory = "64MiB"
 [guest.vm]
 cid = 5
-region = "4MiB"
+region = "16MiB"
 "#;
 
 /// The program in the VM: asks the daemon, over the control stream, to
@@ -63,6 +63,14 @@ for dev in glob.glob("/sys/bus/pci/devices/*"):
         print("region", os.path.getsize(dev + "/resource2"))
 '"#;
 
+/// Each VM guest's region, as the configs here give it.
+const REGION: u64 = 16 << 20;
+
+/// A boot of a VM guest with its daemon's vsock backend and region.
+fn vm_boot<'a>(script: &'a str, paths: &'a vsocket_admin::paths::VmPaths) -> Boot<'a> {
+    Boot { memory_mib: 512, script, vsock: Some(&paths.vhost), region: Some((&paths.region, REGION)) }
+}
+
 fn cache() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/vm-cache")
 }
@@ -88,8 +96,7 @@ fn a_vm_guest_attaches_and_its_connects_follow_policy() {
         assert!(began.elapsed() < Duration::from_secs(10), "no vsock backend:\n{}", lab.daemon_log());
         std::thread::sleep(Duration::from_millis(20));
     }
-    let boot =
-        Boot { memory_mib: 512, script: SCRIPT, vsock: Some(&paths.vhost), region: Some((&paths.region, 4 << 20)) };
+    let boot = vm_boot(SCRIPT, &paths);
     let output = image.run(&boot, Duration::from_secs(180)).unwrap_or_else(|e| panic!("{e}"));
     let console = String::from_utf8_lossy(&output.stdout);
     assert_eq!(exit_status(&console), Some(0), "{console}\n{}", String::from_utf8_lossy(&output.stderr));
@@ -99,7 +106,7 @@ fn a_vm_guest_attaches_and_its_connects_follow_policy() {
     assert!(console.lines().any(|l| l.trim().starts_with("allowed 09")), "{console}");
     assert!(console.lines().any(|l| l.trim() == "denied 046f000000"), "{console}");
     // The daemon made the region the config gives, and QEMU mapped it.
-    assert!(console.lines().any(|l| l.trim() == format!("region {}", 4 << 20)), "{console}");
+    assert!(console.lines().any(|l| l.trim() == format!("region {REGION}")), "{console}");
     // Both attempts are the VM guest's, as the backend it came through says.
     assert_eq!(lab.counter("v", "fallbacks"), 0);
     assert_eq!(lab.counter("v", "denied"), 1);
@@ -142,8 +149,7 @@ fn programs_in_a_vm_reach_a_namespace_guest_over_vsocket() {
          echo \"sent $(python3 {transfer} send 10.10.0.3 7601 {BYTES} 4242)\"\n",
         library.display()
     );
-    let boot =
-        Boot { memory_mib: 512, script: &script, vsock: Some(&paths.vhost), region: Some((&paths.region, 4 << 20)) };
+    let boot = vm_boot(&script, &paths);
     let output = image.run(&boot, Duration::from_secs(400)).unwrap_or_else(|e| panic!("{e}"));
     let console = String::from_utf8_lossy(&output.stdout);
     let context = || format!("{console}\n{}\n{}", String::from_utf8_lossy(&output.stderr), lab.daemon_log());
@@ -161,7 +167,7 @@ fn programs_in_a_vm_reach_a_namespace_guest_over_vsocket() {
     assert_eq!(lab.counter("b", "connections_in"), 3);
     assert!(lab.counter("b", "bytes_received") >= BYTES, "{}", lab.daemon_log());
     // `vsocketctl guests` shows the VM's region; its pieces all came back.
-    assert_eq!(lab.counter("v", "region_size"), 4 << 20);
+    assert_eq!(lab.counter("v", "region_size"), REGION);
     assert_eq!(lab.counter("b", "region_size"), 0);
     assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || lab.counter("v", "region_used") == 0));
 }
@@ -189,14 +195,13 @@ fn a_vm_killed_mid_transfer_ends_its_peers_connection() {
         vsocket_e2e::bin("libvsocket.so").display(),
         1u64 << 40
     );
-    let boot =
-        Boot { memory_mib: 512, script: &script, vsock: Some(&paths.vhost), region: Some((&paths.region, 4 << 20)) };
+    let boot = vm_boot(&script, &paths);
     let console = lab.dir.join("console.log");
     let mut qemu = image
         .command(&boot)
         .stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(&console).unwrap())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(console.with_extension("err")).unwrap())
         .spawn()
         .unwrap();
     let flowing = vsocket_e2e::wait_until(Duration::from_secs(120), || lab.counter("b", "bytes_received") > 8 << 20);
@@ -244,21 +249,22 @@ fn a_redis_server_in_a_vm_serves_a_namespace_guest_over_vsocket() {
          exec redis-server --port 7600 --bind 10.10.0.4 --save '' --appendonly no --protected-mode no\n",
         vsocket_e2e::bin("libvsocket.so").display()
     );
-    let boot =
-        Boot { memory_mib: 512, script: &script, vsock: Some(&paths.vhost), region: Some((&paths.region, 4 << 20)) };
+    let boot = vm_boot(&script, &paths);
     let console = lab.dir.join("console.log");
     let mut qemu = image
         .command(&boot)
         .stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(&console).unwrap())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(console.with_extension("err")).unwrap())
         .spawn()
         .unwrap();
     let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let registered = vsocket_e2e::wait_until(Duration::from_secs(120), || {
             lab.ctl("listeners").is_ok_and(|l| l.as_array().is_some_and(|l| l.iter().any(|l| l["guest"] == "v")))
         });
-        assert!(registered, "no listener in the VM:\n{}", std::fs::read_to_string(&console).unwrap_or_default());
+        let qemu_said = std::fs::read_to_string(console.with_extension("err")).unwrap_or_default();
+        let console = std::fs::read_to_string(&console).unwrap_or_default();
+        assert!(registered, "no listener in the VM:\n{console}\n{qemu_said}");
         let cli = |args: &[&str]| {
             let mut all = vec!["-h", "10.10.0.4", "-p", "7600"];
             all.extend_from_slice(args);
@@ -309,7 +315,7 @@ fn two_vms_talk_over_vsocket_as_their_security_groups_allow() {
     let host = format!("deny_action = \"reject\"\nvsock_backend = \"{}\"", backend.display());
     let body = format!(
         "{BODY}\n[[guest]]\nname = \"w\"\nvpc = \"blue\"\naddresses = [\"10.10.0.5\"]\nsecurity_groups = [\"web\"]\n\
-         max_shared_memory = \"64MiB\"\n[guest.vm]\ncid = 6\nregion = \"4MiB\"\n"
+         max_shared_memory = \"64MiB\"\n[guest.vm]\ncid = 6\nregion = \"16MiB\"\n"
     );
     let lab = Lab::start_host("tvmvm", &body, &host).unwrap();
     let library = vsocket_e2e::bin("libvsocket.so");
@@ -324,18 +330,13 @@ fn two_vms_talk_over_vsocket_as_their_security_groups_allow() {
          exec redis-server --port 7600 {redis}\n",
         library.display()
     );
-    let server_boot = Boot {
-        memory_mib: 512,
-        script: &server_script,
-        vsock: Some(&server_paths.vhost),
-        region: Some((&server_paths.region, 4 << 20)),
-    };
+    let server_boot = vm_boot(&server_script, &server_paths);
     let console = lab.dir.join("server-console.log");
     let mut server = image
         .command(&server_boot)
         .stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(&console).unwrap())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(console.with_extension("err")).unwrap())
         .spawn()
         .unwrap();
     let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -343,7 +344,9 @@ fn two_vms_talk_over_vsocket_as_their_security_groups_allow() {
             lab.ctl("listeners")
                 .is_ok_and(|l| l.as_array().is_some_and(|l| l.iter().filter(|l| l["guest"] == "w").count() == 2))
         });
-        assert!(listening, "no listeners in the server VM:\n{}", std::fs::read_to_string(&console).unwrap_or_default());
+        let qemu_said = std::fs::read_to_string(console.with_extension("err")).unwrap_or_default();
+        let console = std::fs::read_to_string(&console).unwrap_or_default();
+        assert!(listening, "no listeners in the server VM:\n{console}\n{qemu_said}");
         let client_script = format!(
             "export LD_PRELOAD={} VSOCKET_CONTROL=vsock\n\
              echo \"set $(redis-cli -h 10.10.0.5 -p 7600 set greeting from-another-vm)\"\n\
@@ -352,12 +355,7 @@ fn two_vms_talk_over_vsocket_as_their_security_groups_allow() {
              echo \"denied $(redis-cli -h 10.10.0.5 -p 7601 ping 2>&1)\"\n",
             library.display()
         );
-        let client_boot = Boot {
-            memory_mib: 512,
-            script: &client_script,
-            vsock: Some(&client_paths.vhost),
-            region: Some((&client_paths.region, 4 << 20)),
-        };
+        let client_boot = vm_boot(&client_script, &client_paths);
         let output = image.run(&client_boot, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"));
         let out = String::from_utf8_lossy(&output.stdout);
         assert_eq!(exit_status(&out), Some(0), "{out}");
@@ -385,4 +383,53 @@ fn two_vms_talk_over_vsocket_as_their_security_groups_allow() {
         eprintln!("{}", lab.daemon_log());
         std::panic::resume_unwind(panic);
     }
+}
+
+/// A VM guest on one host reaches a namespace guest on another over the
+/// fabric: the VM's piece, the bridge, a segment whose far end is the
+/// relay, the link, and the other host's relay and guest.
+#[test]
+fn a_vm_on_one_host_reaches_a_guest_on_another_over_the_fabric() {
+    const BYTES: u64 = 16 << 20;
+    let cache = cache();
+    let image = Image::ensure(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let backend = vsock_backend(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let host = format!("vsock_backend = \"{}\"", backend.display());
+    let body = BODY.replace("ports = \"7600\"", "ports = \"7600-7601\"");
+    let (first, mut second) = Lab::start_pair("tvmfab", [&body, &body], [&host, ""], "tcp", &["b"]).unwrap();
+    let redis_args = vsocket_e2e::redis_server_args(7600, &[]);
+    let redis_args: Vec<&str> = redis_args.iter().map(String::as_str).collect();
+    second.spawn("b", Via::Vsocket, "redis-server", &redis_args, "redis.log").unwrap();
+    second.wait_listening("b", 7600).unwrap();
+    let transfer = asset("transfer.py");
+    let transfer = transfer.to_str().unwrap();
+    second.spawn("b", Via::Vsocket, "python3", &[transfer, "serve", "10.10.0.3", "7601"], "server.log").unwrap();
+    second.wait_listening("b", 7601).unwrap();
+
+    let paths = vm_paths(&first.run_dir, "v");
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || paths.vhost.exists()), "{}", first.daemon_log());
+    let script = format!(
+        "export LD_PRELOAD={} VSOCKET_CONTROL=vsock\n\
+         redis-cli -h 10.10.0.3 -p 7600 set greeting across-hosts\n\
+         echo \"got $(redis-cli -h 10.10.0.3 -p 7600 get greeting)\"\n\
+         echo \"sent $(python3 {transfer} send 10.10.0.3 7601 {BYTES} 77)\"\n",
+        vsocket_e2e::bin("libvsocket.so").display()
+    );
+    let boot = vm_boot(&script, &paths);
+    let output = image.run(&boot, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"));
+    let console = String::from_utf8_lossy(&output.stdout);
+    let context = || format!("{console}\n{}\n{}", first.daemon_log(), second.daemon_log());
+    assert_eq!(exit_status(&console), Some(0), "{}", context());
+    assert!(console.lines().any(|l| l.trim() == "got across-hosts"), "{}", context());
+    let sent = console.lines().find_map(|l| l.trim().strip_prefix("sent ")).unwrap_or_else(|| panic!("{}", context()));
+    assert!(sent.starts_with(&format!("bytes={BYTES} sha256=")), "{}", context());
+    assert_eq!(first.counter("v", "fallbacks"), 0, "{}", context());
+    let sent = sent.to_string();
+    second.stop_background();
+    let received = std::fs::read_to_string(second.dir.join("server.log")).unwrap();
+    assert_eq!(received.trim(), sent, "the other host's guest got something else");
+    assert_eq!(first.counter("v", "connections_out"), 3);
+    assert_eq!(second.counter("b", "connections_in"), 3);
+    assert!(first.counter("v", "bytes_sent") >= BYTES, "{}", first.daemon_log());
+    assert!(second.counter("b", "bytes_received") >= BYTES);
 }

@@ -247,18 +247,14 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
             }
         };
         match message {
-            Message::Connect { local, remote } if matches!(channel.memory(), ConnectionMemory::Region(_)) => {
-                let ConnectionMemory::Region(vm) = channel.memory() else { unreachable!("matched above") };
-                let _serving = daemon.serving();
-                let reply = connect::connect_vm(daemon, guest, &vm, local, remote);
-                if let Err(e) = channel.send(&reply, None) {
-                    tracing::warn!(guest = %name, error = %e, "reply not taken; closing the channel");
-                    return;
-                }
-            }
             Message::Connect { local, remote } => {
                 let _serving = daemon.serving();
-                let reply = connect::connect(daemon, guest, id, local, remote);
+                let memory = channel.memory();
+                let client = match &memory {
+                    ConnectionMemory::Descriptors => connect::ClientEnd::Process(id),
+                    ConnectionMemory::Region(vm) => connect::ClientEnd::Vm(vm),
+                };
+                let reply = connect::connect(daemon, guest, client, local, remote);
                 let handover = reply.handover.as_ref().map(|files| files.handover());
                 if let Err(e) = channel.send(&reply.message, handover) {
                     tracing::warn!(guest = %name, error = %e, "reply not taken; closing the channel");
