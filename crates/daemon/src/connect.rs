@@ -372,10 +372,6 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
     let host = policy.config.host();
     // Each guest with a process at an end is charged; the relay is no guest.
     let (pair, ring_size, bytes, charged) = match (client, server) {
-        (ClientEnd::Relay, ServerEnd::Listener(l)) if l.vm.is_some() => {
-            // Not carried yet: from another host to a VM.
-            return Err(Failed::Refused(Refusal::Fallback));
-        }
         (ClientEnd::Process(channel), ServerEnd::Listener(l)) if l.vm.is_none() => {
             let pair = Pair { channel, listener: l.id };
             (Some(pair), host.ring_size, host.segment_size(), (client_guest, server_guest))
@@ -570,10 +566,21 @@ fn bridge_ends(
         }
         (None, Some(server)) => {
             let offset = server.1.offset();
-            let ServerKit::Relay(conn) = std::mem::replace(server_kit, ServerKit::Placed(offset)) else {
-                return None;
-            };
-            [awaiting(server, Endpoint::Client, None), BridgeEnd::Ready(conn.end)]
+            match std::mem::replace(server_kit, ServerKit::Placed(offset)) {
+                ServerKit::Relay(conn) => [awaiting(server, Endpoint::Client, None), BridgeEnd::Ready(conn.end)],
+                // From another host: the bridge holds the server's end of
+                // the segment whose client's end is the relay, which meters
+                // it.
+                ServerKit::Process { halves: Some([own, peer]), bell, holds } => {
+                    let segment = Segment::map(own.as_fd(), peer.as_fd(), ring_size, Endpoint::Server)
+                        .map_err(|e| tracing::warn!(error = %e, "cannot map a VM's segment from another host"))
+                        .ok()?;
+                    let end = SegmentEnd::new(segment, Endpoint::Server, bell, holds);
+                    let ends = [awaiting(server, Endpoint::Client, None), BridgeEnd::Ready(Box::new(end))];
+                    return Some((ends, Arc::new(Meter::default())));
+                }
+                ServerKit::Process { halves: None, .. } | ServerKit::Placed(_) => return None,
+            }
         }
         (None, None) => return None,
     };

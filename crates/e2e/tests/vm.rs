@@ -386,8 +386,9 @@ fn two_vms_talk_over_vsocket_as_their_security_groups_allow() {
 }
 
 /// A VM guest on one host reaches a namespace guest on another over the
-/// fabric: the VM's piece, the bridge, a segment whose far end is the
-/// relay, the link, and the other host's relay and guest.
+/// fabric, and is reached from it: the VM's piece, the bridge, a segment
+/// whose far end is the relay, the link, and the other host's relay and
+/// guest.
 #[test]
 fn a_vm_on_one_host_reaches_a_guest_on_another_over_the_fabric() {
     const BYTES: u64 = 16 << 20;
@@ -395,7 +396,9 @@ fn a_vm_on_one_host_reaches_a_guest_on_another_over_the_fabric() {
     let image = Image::ensure(&cache).unwrap_or_else(|e| panic!("{e}"));
     let backend = vsock_backend(&cache).unwrap_or_else(|e| panic!("{e}"));
     let host = format!("vsock_backend = \"{}\"", backend.display());
-    let body = BODY.replace("ports = \"7600\"", "ports = \"7600-7601\"");
+    let body = BODY
+        .replace("ports = \"7600\"", "ports = \"7600-7602\"")
+        .replace("addresses = [\"10.10.0.4\"]", "addresses = [\"10.10.0.4\"]\nsecurity_groups = [\"web\"]");
     let (first, mut second) = Lab::start_pair("tvmfab", [&body, &body], [&host, ""], "tcp", &["b"]).unwrap();
     let redis_args = vsocket_e2e::redis_server_args(7600, &[]);
     let redis_args: Vec<&str> = redis_args.iter().map(String::as_str).collect();
@@ -408,15 +411,43 @@ fn a_vm_on_one_host_reaches_a_guest_on_another_over_the_fabric() {
 
     let paths = vm_paths(&first.run_dir, "v");
     assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || paths.vhost.exists()), "{}", first.daemon_log());
+    // The VM also serves: a redis-server the other host's guest reaches,
+    // and the VM stays up until that guest says it is done (a list it
+    // pushes to on its own redis, which the VM waits on).
     let script = format!(
-        "export LD_PRELOAD={} VSOCKET_CONTROL=vsock\n\
+        "ip link set lo up && ip addr add 10.10.0.4/32 dev lo || exit 1\n\
+         export LD_PRELOAD={} VSOCKET_CONTROL=vsock\n\
+         redis-server --port 7602 --bind 10.10.0.4 --save '' --appendonly no --protected-mode no --daemonize yes\n\
          redis-cli -h 10.10.0.3 -p 7600 set greeting across-hosts\n\
          echo \"got $(redis-cli -h 10.10.0.3 -p 7600 get greeting)\"\n\
-         echo \"sent $(python3 {transfer} send 10.10.0.3 7601 {BYTES} 77)\"\n",
+         echo \"sent $(python3 {transfer} send 10.10.0.3 7601 {BYTES} 77)\"\n\
+         echo \"released $(redis-cli -h 10.10.0.3 -p 7600 blpop served 120)\"\n",
         vsocket_e2e::bin("libvsocket.so").display()
     );
     let boot = vm_boot(&script, &paths);
-    let output = image.run(&boot, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"));
+    let output = std::thread::scope(|scope| {
+        let served = scope.spawn(|| {
+            let registered = vsocket_e2e::wait_until(Duration::from_secs(120), || {
+                first.ctl("listeners").is_ok_and(|l| l.as_array().is_some_and(|l| l.iter().any(|l| l["guest"] == "v")))
+            });
+            let cli = |host: &str, port: &str, args: &[&str]| {
+                let mut all = vec!["-h", host, "-p", port];
+                all.extend_from_slice(args);
+                second.run_ok("b", Via::Vsocket, "redis-cli", &all).map(|out| out.trim().to_string())
+            };
+            let answers = registered.then(|| {
+                [cli("10.10.0.4", "7602", &["set", "k", "from-another-host"]), cli("10.10.0.4", "7602", &["get", "k"])]
+            });
+            // Whatever happened, let the VM go.
+            let _ = cli("10.10.0.3", "7600", &["rpush", "served", "1"]);
+            answers
+        });
+        let output = image.run(&boot, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"));
+        let answers = served.join().unwrap().expect("no listener in the VM");
+        assert_eq!(answers[0].as_deref().ok(), Some("OK"), "{answers:?}");
+        assert_eq!(answers[1].as_deref().ok(), Some("from-another-host"), "{answers:?}");
+        output
+    });
     let console = String::from_utf8_lossy(&output.stdout);
     let context = || format!("{console}\n{}\n{}", first.daemon_log(), second.daemon_log());
     assert_eq!(exit_status(&console), Some(0), "{}", context());
@@ -428,8 +459,9 @@ fn a_vm_on_one_host_reaches_a_guest_on_another_over_the_fabric() {
     second.stop_background();
     let received = std::fs::read_to_string(second.dir.join("server.log")).unwrap();
     assert_eq!(received.trim(), sent, "the other host's guest got something else");
-    assert_eq!(first.counter("v", "connections_out"), 3);
-    assert_eq!(second.counter("b", "connections_in"), 3);
+    assert_eq!(first.counter("v", "connections_out"), 4);
+    assert_eq!(first.counter("v", "connections_in"), 2, "from the other host, over vSocket");
+    assert_eq!(second.counter("b", "fallbacks"), 0);
     assert!(first.counter("v", "bytes_sent") >= BYTES, "{}", first.daemon_log());
     assert!(second.counter("b", "bytes_received") >= BYTES);
 }
