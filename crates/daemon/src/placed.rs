@@ -44,10 +44,16 @@ impl std::fmt::Display for PlaceError {
 }
 
 impl VmMemory {
-    /// Makes the region file at `path`, `size` bytes of zeros (a file made
-    /// before is made again: nothing in it is kept).
+    /// Makes the region file at `path`, `size` bytes of zeros. A file made
+    /// before is unlinked, not truncated: a QEMU that still maps it (its
+    /// VM started against an earlier daemon) keeps its pages rather than
+    /// faulting on a shrunk file.
     pub fn create(path: &Path, size: u64) -> io::Result<VmMemory> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
         file.set_len(size)?;
         Ok(VmMemory { file, region: Mutex::new(Region::new(size)) })
     }
