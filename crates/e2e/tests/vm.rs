@@ -465,3 +465,81 @@ fn a_vm_on_one_host_reaches_a_guest_on_another_over_the_fabric() {
     assert!(first.counter("v", "bytes_sent") >= BYTES, "{}", first.daemon_log());
     assert!(second.counter("b", "bytes_received") >= BYTES);
 }
+
+/// A VM that scribbles over its whole region (headers, indices, flags,
+/// random bytes) while it holds connections breaks only its own
+/// connections: the daemon goes on, a transfer between two other guests
+/// arrives intact meanwhile, the VM's next connection works, and the
+/// daemon's descriptors and the VM's pieces come back.
+#[test]
+fn a_vm_scribbling_on_its_region_breaks_only_its_own_connections() {
+    const BYTES: u64 = 256 << 20;
+    let cache = cache();
+    let image = Image::ensure(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let backend = vsock_backend(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let host = format!("vsock_backend = \"{}\"", backend.display());
+    let body = format!(
+        "{}\n[[guest]]\nname = \"a\"\nvpc = \"blue\"\naddresses = [\"10.10.0.2\"]\n",
+        BODY.replace("ports = \"7600\"", "ports = \"7600-7601\"")
+    );
+    let mut lab = Lab::start_host("tvmhost", &body, &host).unwrap();
+    let redis_args = vsocket_e2e::redis_server_args(7600, &[]);
+    let redis_args: Vec<&str> = redis_args.iter().map(String::as_str).collect();
+    lab.spawn("b", Via::Vsocket, "redis-server", &redis_args, "redis.log").unwrap();
+    lab.wait_listening("b", 7600).unwrap();
+    let transfer = asset("transfer.py");
+    let transfer = transfer.to_str().unwrap();
+    lab.spawn("b", Via::Vsocket, "python3", &[transfer, "serve", "10.10.0.3", "7601"], "server.log").unwrap();
+    lab.wait_listening("b", 7601).unwrap();
+    let paths = vm_paths(&lab.run_dir, "v");
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || paths.vhost.exists()), "{}", lab.daemon_log());
+    let before = lab.daemon_fds().unwrap();
+
+    let script = format!(
+        "export LD_PRELOAD={} VSOCKET_CONTROL=vsock\npython3 {} hold 10.10.0.3 7600\n",
+        vsocket_e2e::bin("libvsocket.so").display(),
+        asset("vm_hostile.py").display()
+    );
+    let console = lab.dir.join("console.log");
+    let mut qemu = image
+        .command(&vm_boot(&script, &paths))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&console).unwrap())
+        .stderr(std::fs::File::create(console.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let read_console = || std::fs::read_to_string(&console).unwrap_or_default();
+    let held = vsocket_e2e::wait_until(Duration::from_secs(120), || read_console().contains("held 4"));
+    // Two other guests move a quarter gibibyte while the VM scribbles.
+    let sent = held.then(|| {
+        let args = [transfer, "send", "10.10.0.3", "7601", &BYTES.to_string(), "5"];
+        lab.run_ok("a", Via::Vsocket, "python3", &args)
+    });
+    let exited = vsocket_e2e::wait_until(Duration::from_secs(180), || exit_status(&read_console()).is_some());
+    if !exited {
+        let _ = qemu.kill();
+    }
+    let _ = qemu.wait();
+    let out = read_console();
+    let context = || format!("{out}\n{}", lab.daemon_log());
+    assert!(held, "{}", context());
+    assert_eq!(exit_status(&out), Some(0), "{}", context());
+    assert!(out.contains("scribbled"), "{}", context());
+    assert!(out.lines().any(|l| l.trim() == "fresh PONG"), "a new connection after the scribbling: {}", context());
+    // The daemon serves on; the other guests' redis too.
+    let pong = lab.run_ok("a", Via::Vsocket, "redis-cli", &["-h", "10.10.0.3", "-p", "7600", "ping"]).unwrap();
+    assert_eq!(pong.trim(), "PONG");
+    let sent = sent.unwrap().unwrap();
+    lab.stop_background();
+    let received = std::fs::read_to_string(lab.dir.join("server.log")).unwrap();
+    assert_eq!(received.trim(), sent.trim(), "the other guests' transfer was touched");
+    assert_eq!(lab.counter("a", "fallbacks"), 0);
+    let pieces_back = || lab.guest("v").is_ok_and(|v| v["region_used"] == 0);
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), pieces_back), "{}", lab.daemon_log());
+    assert!(
+        vsocket_e2e::wait_until(Duration::from_secs(10), || lab.daemon_fds().is_ok_and(|n| n <= before)),
+        "daemon descriptors: {} before the VM, {:?} after",
+        before,
+        lab.daemon_fds()
+    );
+}
