@@ -543,3 +543,75 @@ fn a_vm_scribbling_on_its_region_breaks_only_its_own_connections() {
         lab.daemon_fds()
     );
 }
+
+/// A VM guest's connections count against its quotas, its region's room
+/// is a limit of its own, and what it sends is metered to the byte.
+#[test]
+fn vm_guests_are_metered_exactly_and_held_to_their_quotas() {
+    const BYTES: u64 = 3_000_017;
+    let cache = cache();
+    let image = Image::ensure(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let backend = vsock_backend(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let host = format!("vsock_backend = \"{}\"", backend.display());
+    // v may hold 3 connections; w's region has room for one.
+    let body = format!(
+        "{}\n[[guest]]\nname = \"w\"\nvpc = \"blue\"\naddresses = [\"10.10.0.5\"]\n[guest.vm]\ncid = 6\nregion = \"1MiB\"\n",
+        BODY.replace("ports = \"7600\"", "ports = \"7600-7601\"")
+            .replace("max_shared_memory = \"64MiB\"", "max_shared_memory = \"64MiB\"\nmax_connections = 3")
+    );
+    let mut lab = Lab::start_host("tvmquota", &body, &host).unwrap();
+    lab.spawn(
+        "b",
+        Via::Vsocket,
+        "python3",
+        &[&asset("kernel_echo.py").to_string_lossy(), "10.10.0.3", "7600"],
+        "echo.log",
+    )
+    .unwrap();
+    lab.wait_listening("b", 7600).unwrap();
+    let transfer = asset("transfer.py");
+    let transfer = transfer.to_str().unwrap();
+    lab.spawn("b", Via::Vsocket, "python3", &[transfer, "serve", "10.10.0.3", "7601"], "server.log").unwrap();
+    lab.wait_listening("b", 7601).unwrap();
+    let library = vsocket_e2e::bin("libvsocket.so");
+    // Connections until one is refused; then the transfer, metered.
+    let hold = "python3 -c '\n\
+        import errno, socket\n\
+        held = []\n\
+        try:\n    \
+            while len(held) < 10:\n        \
+                held.append(socket.create_connection((\"10.10.0.3\", 7600), timeout=5))\n\
+        except OSError as e:\n    \
+            print(\"refused after\", len(held), errno.errorcode[e.errno])\n'\n";
+    for (guest, then) in [("v", format!("python3 {transfer} send 10.10.0.3 7601 {BYTES} 3\n")), ("w", String::new())] {
+        let paths = vm_paths(&lab.run_dir, guest);
+        assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || paths.vhost.exists()), "{}", lab.daemon_log());
+        let script = format!("export LD_PRELOAD={} VSOCKET_CONTROL=vsock\n{hold}{then}", library.display());
+        let boot = Boot {
+            region: Some((&paths.region, if guest == "w" { 1 << 20 } else { REGION })),
+            ..vm_boot(&script, &paths)
+        };
+        let output = image.run(&boot, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"));
+        let console = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(exit_status(&console), Some(0), "{console}\n{}", lab.daemon_log());
+        let expected = if guest == "v" { "refused after 3 EADDRNOTAVAIL" } else { "refused after 1 ENOBUFS" };
+        assert!(console.lines().any(|l| l.trim() == expected), "{guest}: {console}\n{}", lab.daemon_log());
+    }
+    let (v, w) = (lab.guest("v").unwrap(), lab.guest("w").unwrap());
+    assert!(v["exceeded_connections"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["fallbacks"], 0, "{v}");
+    assert_eq!(w["fallbacks"], 0, "{w}");
+    // Exact: the transfer's bytes, and nothing else (the held connections
+    // sent nothing), however the bytes were cut up on the way.
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || lab
+        .guest("v")
+        .is_ok_and(|v| v["bytes_sent"] == BYTES)));
+    assert_eq!(lab.counter("v", "bytes_received"), 0);
+    assert_eq!(lab.counter("b", "bytes_received"), BYTES);
+    assert_eq!(lab.counter("w", "bytes_sent"), 0);
+    for guest in ["v", "w"] {
+        let pieces_back = || lab.guest(guest).is_ok_and(|g| g["region_used"] == 0 && g["connections_live"] == 0);
+        assert!(vsocket_e2e::wait_until(Duration::from_secs(10), pieces_back), "{}", lab.daemon_log());
+    }
+    lab.stop_background();
+}
