@@ -615,3 +615,90 @@ fn vm_guests_are_metered_exactly_and_held_to_their_quotas() {
     }
     lab.stop_background();
 }
+
+/// Two VPCs with the same addresses, a VM in each: each VM's connect to
+/// 10.10.0.3 reaches its own VPC's server; a process in one VM sees only
+/// its own region, cannot open the other VM's control port, and a bell
+/// stream it forges for any connection id is closed, while the other VM's
+/// connection carries on.
+#[test]
+fn vms_in_two_vpcs_with_the_same_addresses_stay_apart() {
+    let cache = cache();
+    let image = Image::ensure(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let backend = vsock_backend(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let host = format!("vsock_backend = \"{}\"", backend.display());
+    let body = format!(
+        "{BODY}\n[[vpc]]\nname = \"red\"\ncidr = \"10.10.0.0/24\"\n\n\
+         [[guest]]\nname = \"r\"\nvpc = \"red\"\naddresses = [\"10.10.0.3\"]\nsecurity_groups = [\"web\"]\n\n\
+         [[guest]]\nname = \"x\"\nvpc = \"red\"\naddresses = [\"10.10.0.4\"]\n[guest.vm]\ncid = 6\nregion = \"8MiB\"\n"
+    );
+    let mut lab = Lab::start_host("tvmvpc", &body, &host).unwrap();
+    for (guest, tenant) in [("b", "blue"), ("r", "red")] {
+        let args = vsocket_e2e::redis_server_args(7600, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.spawn(guest, Via::Vsocket, "redis-server", &args, &format!("{guest}.log")).unwrap();
+        lab.wait_listening(guest, 7600).unwrap();
+        let set =
+            lab.run_ok(guest, Via::Vsocket, "redis-cli", &["-h", "10.10.0.3", "-p", "7600", "set", "tenant", tenant]);
+        assert_eq!(set.unwrap().trim(), "OK");
+    }
+    let library = vsocket_e2e::bin("libvsocket.so");
+    let (v_paths, x_paths) = (vm_paths(&lab.run_dir, "v"), vm_paths(&lab.run_dir, "x"));
+    let backends_up = || v_paths.vhost.exists() && x_paths.vhost.exists();
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), backends_up), "{}", lab.daemon_log());
+    // x keeps one connection to its VPC's server busy meanwhile.
+    let x_script = format!(
+        "export LD_PRELOAD={} VSOCKET_CONTROL=vsock\npython3 -c '\n\
+         import socket, time\n\
+         s = socket.create_connection((\"10.10.0.3\", 7600), timeout=10)\n\
+         ok = 0\n\
+         for _ in range(60):\n    \
+             s.sendall(b\"GET tenant\\r\\n\")\n    \
+             ok += s.recv(64) == b\"$3\\r\\nred\\r\\n\"\n    \
+             time.sleep(0.1)\n\
+         print(\"x rounds ok\", ok)\n'\n",
+        library.display()
+    );
+    let x_boot = Boot { region: Some((&x_paths.region, 8 << 20)), ..vm_boot(&x_script, &x_paths) };
+    let x_console = lab.dir.join("x-console.log");
+    let mut x = image
+        .command(&x_boot)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&x_console).unwrap())
+        .stderr(std::fs::File::create(x_console.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let x_connected = vsocket_e2e::wait_until(Duration::from_secs(120), || lab.counter("x", "connections_out") == 1);
+    let v_script = format!(
+        "export LD_PRELOAD={} VSOCKET_CONTROL=vsock\n\
+         echo \"tenant $(redis-cli -h 10.10.0.3 -p 7600 get tenant)\"\n\
+         env -u LD_PRELOAD python3 {} 6\n",
+        library.display(),
+        asset("vm_neighbour.py").display()
+    );
+    let v_output = x_connected.then(|| image.run(&vm_boot(&v_script, &v_paths), Duration::from_secs(300)));
+    let x_done = vsocket_e2e::wait_until(Duration::from_secs(120), || {
+        exit_status(&std::fs::read_to_string(&x_console).unwrap_or_default()).is_some()
+    });
+    if !x_done {
+        let _ = x.kill();
+    }
+    let _ = x.wait();
+    let x_out = std::fs::read_to_string(&x_console).unwrap_or_default();
+    assert!(x_connected, "x never connected:\n{x_out}\n{}", lab.daemon_log());
+    let v_output = v_output.unwrap().unwrap_or_else(|e| panic!("{e}"));
+    let v_out = String::from_utf8_lossy(&v_output.stdout);
+    let context = || format!("{v_out}\n{x_out}\n{}", lab.daemon_log());
+    assert_eq!(exit_status(&v_out), Some(0), "{}", context());
+    assert!(v_out.lines().any(|l| l.trim() == "tenant blue"), "{}", context());
+    assert!(v_out.lines().any(|l| l.trim() == format!("devices 1 {REGION}")), "{}", context());
+    assert!(v_out.lines().any(|l| l.trim().starts_with("neighbour control: refused")), "{}", context());
+    assert!(v_out.lines().any(|l| l.trim() == "forged bells closed 128 of 128"), "{}", context());
+    assert!(x_out.lines().any(|l| l.trim() == "x rounds ok 60"), "{}", context());
+    for guest in ["v", "x"] {
+        assert_eq!(lab.counter(guest, "fallbacks"), 0, "{}", context());
+    }
+    assert_eq!(lab.counter("b", "connections_in"), 1 + 1, "one redis-cli of b's own, one of v's");
+    assert_eq!(lab.counter("r", "connections_in"), 1 + 1, "one redis-cli of r's own, one of x's");
+    lab.stop_background();
+}
