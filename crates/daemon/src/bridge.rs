@@ -200,6 +200,15 @@ impl Pump {
                 if !pair.gone[end] && pair.ends[end].hear() == Heard::LetGo {
                     pair.gone[end] = true;
                     let _ = self.epoll.delete(pair.ends[end].bell());
+                    if pair.pinned[end] {
+                        // A VM's bell stream also ends when its attachment
+                        // does (its vsock backend gone) while its programs
+                        // live on: they find the reset at their next look
+                        // (every wait is bounded), rather than wait for a
+                        // wake-up that cannot come. A VM that let go never
+                        // looks again.
+                        reset(pair.ends[end].as_ref());
+                    }
                 }
                 dirty.push(id);
             }

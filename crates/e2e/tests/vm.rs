@@ -702,3 +702,63 @@ fn vms_in_two_vpcs_with_the_same_addresses_stay_apart() {
     assert_eq!(lab.counter("r", "connections_in"), 1 + 1, "one redis-cli of r's own, one of x's");
     lab.stop_background();
 }
+
+/// The VM's attachment goes away under it (its vsock backend killed, as a
+/// reset or a migration would take it) in the middle of a transfer: the
+/// program in the VM gets an error rather than hanging, and the peer in a
+/// namespace guest sees the end.
+#[test]
+fn a_vms_attachment_gone_ends_its_connections_on_both_sides() {
+    let cache = cache();
+    let image = Image::ensure(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let backend = vsock_backend(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let host = format!("vsock_backend = \"{}\"", backend.display());
+    let mut lab = Lab::start_host("tvmreset", BODY, &host).unwrap();
+    let transfer = asset("transfer.py");
+    let transfer = transfer.to_str().unwrap();
+    lab.spawn("b", Via::Vsocket, "python3", &[transfer, "serve", "10.10.0.3", "7600"], "server.log").unwrap();
+    lab.wait_listening("b", 7600).unwrap();
+    let paths = vm_paths(&lab.run_dir, "v");
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || paths.vhost.exists()), "{}", lab.daemon_log());
+    let script = format!(
+        "export LD_PRELOAD={} VSOCKET_CONTROL=vsock\n\
+         python3 {transfer} send 10.10.0.3 7600 {} 8 2>/dev/null\necho \"sender exit $?\"\n",
+        vsocket_e2e::bin("libvsocket.so").display(),
+        1u64 << 40
+    );
+    let console = lab.dir.join("console.log");
+    let mut qemu = image
+        .command(&vm_boot(&script, &paths))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&console).unwrap())
+        .stderr(std::fs::File::create(console.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let flowing = vsocket_e2e::wait_until(Duration::from_secs(120), || lab.counter("b", "bytes_received") > 8 << 20);
+    // The backend is the process serving this VM's vhost-user socket.
+    let uds = paths.uds.to_string_lossy().into_owned();
+    let killed = flowing
+        && std::process::Command::new("pkill")
+            .args(["-KILL", "-f", &format!("vhost-device-vsock.*{uds}")])
+            .status()
+            .is_ok_and(|s| s.success());
+    let read_console = || std::fs::read_to_string(&console).unwrap_or_default();
+    let began = Instant::now();
+    let vm_saw_it =
+        killed && vsocket_e2e::wait_until(Duration::from_secs(30), || read_console().contains("sender exit"));
+    let vm_took = began.elapsed();
+    let server_log = lab.dir.join("server.log");
+    let peer_saw_it = vsocket_e2e::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&server_log).is_ok_and(|log| log.contains("bytes=") || log.contains("Error"))
+    });
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    let context = || format!("{}\n{}", read_console(), lab.daemon_log());
+    assert!(flowing && killed, "no transfer, or no backend to kill:\n{}", context());
+    assert!(vm_saw_it, "the program in the VM hung:\n{}", context());
+    assert!(!read_console().contains("sender exit 0"), "{}", context());
+    assert!(peer_saw_it, "the peer never saw the end:\n{}", context());
+    eprintln!("the VM's program saw the end {vm_took:?} after its backend was killed");
+    let pieces_back = || lab.guest("v").is_ok_and(|v| v["region_used"] == 0);
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), pieces_back), "{}", lab.daemon_log());
+}
