@@ -152,11 +152,7 @@ impl LocalEnd for RegionEnd {
     }
 
     fn hear(&self) -> Heard {
-        if vsocket_sys::drain(self.bell.as_fd()) {
-            Heard::LetGo
-        } else {
-            Heard::Rang
-        }
+        Heard::from_bell(self.bell.as_fd())
     }
 }
 

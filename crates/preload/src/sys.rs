@@ -222,6 +222,19 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> SysResult<usize> {
     raw!(libc::SYS_recvfrom, fd, buf.as_mut_ptr(), buf.len(), flags, 0usize, 0usize)
 }
 
+/// Sends all of `bytes` on the stream socket `fd`, resuming after a
+/// signal.
+pub fn send_all(fd: RawFd, mut bytes: &[u8]) -> SysResult<()> {
+    while !bytes.is_empty() {
+        match send(fd, bytes, 0) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(Errno(libc::EINTR)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Sends one datagram (no descriptors).
 pub fn send(fd: RawFd, bytes: &[u8], flags: i32) -> SysResult<usize> {
     raw!(libc::SYS_sendto, fd, bytes.as_ptr(), bytes.len(), flags | libc::MSG_NOSIGNAL, 0usize, 0usize)

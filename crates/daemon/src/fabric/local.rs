@@ -23,6 +23,18 @@ pub enum Heard {
     LetGo,
 }
 
+impl Heard {
+    /// Takes what came on a doorbell socket `bell`: wake-up bytes, or its
+    /// end (every holder of the other end gone).
+    pub fn from_bell(bell: BorrowedFd<'_>) -> Heard {
+        if vsocket_sys::drain(bell) {
+            Heard::LetGo
+        } else {
+            Heard::Rang
+        }
+    }
+}
+
 /// The relay's end of one guest connection on this host.
 ///
 /// Everything behind the rings is the guest's memory: every index read
@@ -93,10 +105,6 @@ impl LocalEnd for SegmentEnd {
     }
 
     fn hear(&self) -> Heard {
-        if vsocket_sys::drain(self.bell.as_fd()) {
-            Heard::LetGo
-        } else {
-            Heard::Rang
-        }
+        Heard::from_bell(self.bell.as_fd())
     }
 }

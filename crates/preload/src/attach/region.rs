@@ -14,7 +14,6 @@
 use super::{Control, Delivery};
 use crate::sys::{self, Errno, SysResult};
 use std::ffi::CString;
-use std::os::fd::RawFd;
 use std::sync::OnceLock;
 use vsocket_abi::control::ConnectionInfo;
 use vsocket_abi::layout::Endpoint;
@@ -68,7 +67,7 @@ pub fn delivery(id: u64, end: Endpoint, offset: u64) -> SysResult<Delivery> {
     let mut name = [0u8; 9];
     name[..8].copy_from_slice(&id.to_le_bytes());
     name[8] = end.index() as u8;
-    let named = send_all(bell, &name)
+    let named = sys::send_all(bell, &name)
         .and_then(|()| sys::fcntl(bell, libc::F_SETFL, libc::O_NONBLOCK as libc::c_long).map(drop));
     if let Err(e) = named {
         let _ = sys::close(bell);
@@ -77,15 +76,4 @@ pub fn delivery(id: u64, end: Endpoint, offset: u64) -> SysResult<Delivery> {
     let mut fds = [bell];
     sys::relocate_internal(&mut fds, super::seqpacket::internal_fd_floor());
     Ok(Delivery { segment: -1, peer_segment: -1, doorbell: fds[0], lifeline: -1, placed: Some(offset) })
-}
-
-fn send_all(fd: RawFd, mut bytes: &[u8]) -> SysResult<()> {
-    while !bytes.is_empty() {
-        match sys::send(fd, bytes, 0) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(Errno(libc::EINTR)) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

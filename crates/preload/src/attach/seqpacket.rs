@@ -182,15 +182,7 @@ impl ControlChannel for ControlSocket {
 /// Sends `msg` as one frame on the stream `channel`.
 fn send_frame(channel: RawFd, msg: &Message) -> SysResult<()> {
     let mut buf = [0u8; MAX_FRAME];
-    let mut bytes = vsocket_abi::stream::frame(msg, &mut buf);
-    while !bytes.is_empty() {
-        match sys::send(channel, bytes, 0) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(Errno(libc::EINTR)) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    sys::send_all(channel, vsocket_abi::stream::frame(msg, &mut buf))
 }
 
 /// Fills `buf` from the stream `channel`; end of stream is the daemon gone.
