@@ -251,7 +251,7 @@ impl Pump {
                     }
                     match (e, stream.take()) {
                         (BridgeEnd::Awaiting { placed, mine, holds, .. }, Some(bell)) => {
-                            BridgeEnd::Ready(Box::new(RegionEnd::new(placed, mine, bell, holds)))
+                            BridgeEnd::Ready(Box::new(RegionEnd::with(placed, mine, bell, holds)))
                         }
                         (e, _) => e,
                     }
@@ -441,7 +441,7 @@ mod tests {
         let region = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
         let vm = Segment::map_placed(region.as_fd(), placed.offset(), ring, Endpoint::Client).unwrap();
         let (vm_bell, vm_guest_bell) = vsocket_sys::stream_pair().unwrap();
-        let vm_end = RegionEnd::new(Arc::new(placed), Endpoint::Server, vm_bell, None);
+        let vm_end = RegionEnd::with(Arc::new(placed), Endpoint::Server, vm_bell, None);
         let (daemon_view, files) = Segment::create(ring).unwrap();
         let [own, peer] = files.for_end(Endpoint::Client);
         let relay_view = Segment::map(own, peer, ring, Endpoint::Client).unwrap();

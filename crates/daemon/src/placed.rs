@@ -7,16 +7,16 @@
 //! bridge (or the fabric relay) copies between it and the other end. A
 //! piece goes back to the region when the daemon's end is dropped.
 
-use crate::fabric::local::{Heard, LocalEnd};
+use crate::fabric::local::{Rings, SegmentEnd};
 use crate::region::{CarveError, Piece, Region};
 use crate::sync::lock;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use vsocket_abi::layout::{segment_size, Endpoint};
-use vsocket_ring::{Consumer, Producer, Segment};
+use vsocket_abi::layout::segment_size;
+use vsocket_ring::Segment;
 
 /// One VM's region: its file and which pieces are in use.
 #[derive(Debug)]
@@ -112,49 +112,17 @@ impl Drop for Placed {
     }
 }
 
-/// The daemon's end `mine` of a VM's connection: the piece, and the
-/// connection's bell stream from the VM (each byte a wake-up; its end
-/// says every process in the VM holding the connection let go).
-pub struct RegionEnd {
-    placed: Arc<Placed>,
-    mine: Endpoint,
-    bell: OwnedFd,
-    /// The write end of the daemon's lifeline for this end, where the
-    /// connection's record has one for it: dropped with this end.
-    _holds: Option<OwnedFd>,
-}
-
-impl RegionEnd {
-    pub fn new(placed: Arc<Placed>, mine: Endpoint, bell: OwnedFd, holds: Option<OwnedFd>) -> RegionEnd {
-        RegionEnd { placed, mine, bell, _holds: holds }
+impl Rings for Arc<Placed> {
+    fn segment(&self) -> &Segment {
+        &self.segment
     }
 }
 
-impl LocalEnd for RegionEnd {
-    fn outbound(&self) -> Consumer<'_> {
-        self.placed.segment.consumer(self.mine.rx_ring())
-    }
-
-    fn inbound(&self) -> Producer<'_> {
-        self.placed.segment.producer(self.mine.tx_ring())
-    }
-
-    fn window(&self) -> u32 {
-        self.placed.segment.ring_size()
-    }
-
-    fn wake(&self) {
-        vsocket_sys::ring(self.bell.as_fd());
-    }
-
-    fn bell(&self) -> BorrowedFd<'_> {
-        self.bell.as_fd()
-    }
-
-    fn hear(&self) -> Heard {
-        Heard::from_bell(self.bell.as_fd())
-    }
-}
+/// The daemon's end of a VM's connection: the piece, and the connection's
+/// bell stream from the VM (each byte a wake-up; its end says every
+/// process in the VM holding the connection let go, or the VM's
+/// attachment went away).
+pub type RegionEnd = SegmentEnd<Arc<Placed>>;
 
 #[cfg(test)]
 mod tests {

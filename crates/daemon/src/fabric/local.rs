@@ -61,39 +61,61 @@ pub trait LocalEnd: Send {
     fn hear(&self) -> Heard;
 }
 
-/// A namespace guest's connection: a segment both map, a doorbell (one
-/// end of a socket pair each) and the daemon's lifeline.
-pub struct SegmentEnd {
-    segment: Segment,
+/// What holds a connection's rings for the daemon: a segment of its own,
+/// or (a VM's) a piece of a region.
+pub trait Rings: Send {
+    fn segment(&self) -> &Segment;
+}
+
+impl Rings for Segment {
+    fn segment(&self) -> &Segment {
+        self
+    }
+}
+
+/// The daemon's end of a guest's connection: its rings (`S`: a namespace
+/// guest's segment both map, or a piece of a VM's region), a doorbell (a
+/// socket pair's end, or a VM's bell stream) and the daemon's lifeline.
+pub struct SegmentEnd<S = Segment> {
+    rings: S,
     /// The relay's endpoint of the segment: the one its guest is not.
     mine: Endpoint,
     /// The relay's end of the doorbell; it reads as closed once every
     /// process holding the guest's end is gone.
     bell: OwnedFd,
-    /// Write end of the daemon's lifeline: dropping it (with this end)
-    /// tells the reaper the daemon's end is done.
-    _holds: OwnedFd,
+    /// Write end of the daemon's lifeline, where the connection's record
+    /// has one for this end: dropping it (with this end) tells the reaper
+    /// the daemon's end is done.
+    _holds: Option<OwnedFd>,
 }
 
 impl SegmentEnd {
     /// The relay's end `mine` of `segment`, with its doorbell end `bell`
     /// and lifeline write end `holds`.
     pub fn new(segment: Segment, mine: Endpoint, bell: OwnedFd, holds: OwnedFd) -> SegmentEnd {
-        SegmentEnd { segment, mine, bell, _holds: holds }
+        SegmentEnd::with(segment, mine, bell, Some(holds))
     }
 }
 
-impl LocalEnd for SegmentEnd {
+impl<S: Rings> SegmentEnd<S> {
+    /// The daemon's end `mine` of `rings`, with its doorbell `bell` and
+    /// lifeline write end `holds`, if any.
+    pub fn with(rings: S, mine: Endpoint, bell: OwnedFd, holds: Option<OwnedFd>) -> SegmentEnd<S> {
+        SegmentEnd { rings, mine, bell, _holds: holds }
+    }
+}
+
+impl<S: Rings> LocalEnd for SegmentEnd<S> {
     fn outbound(&self) -> Consumer<'_> {
-        self.segment.consumer(self.mine.rx_ring())
+        self.rings.segment().consumer(self.mine.rx_ring())
     }
 
     fn inbound(&self) -> Producer<'_> {
-        self.segment.producer(self.mine.tx_ring())
+        self.rings.segment().producer(self.mine.tx_ring())
     }
 
     fn window(&self) -> u32 {
-        self.segment.ring_size()
+        self.rings.segment().ring_size()
     }
 
     fn wake(&self) {
