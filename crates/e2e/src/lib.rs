@@ -257,8 +257,25 @@ impl Lab {
             netns_prefix: netns_prefix.to_string(),
             background: Vec::new(),
         };
-        lab.vsocket(&["lab", "up", "--config"])?;
+        // VM guests boot only when a test asks (`boot_vms`): most tests
+        // that have them boot their own with a script.
+        lab.vsocket(&["lab", "up", "--no-vms", "--config"])?;
         Ok(lab)
+    }
+
+    /// Boots the lab's VM guests, as `vsocket lab up` does (each once the
+    /// daemon serves it, with the guest agent; `Lab::run` and `Lab::spawn`
+    /// then work in them). The VM machinery is cached in `target/vm-cache`.
+    pub fn boot_vms(&self) -> io::Result<String> {
+        let out = Command::new(bin("vsocket"))
+            .args(["lab", "vms", "--config"])
+            .arg(&self.config)
+            .env("VSOCKET_VM_CACHE", vm_cache())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!("vsocket lab vms: {}", String::from_utf8_lossy(&out.stderr))));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Starts the daemon (again, after [`Lab::kill_daemon`]) and waits for
@@ -574,6 +591,12 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Where the VM machinery (QEMU, the guest kernel, the vsock backend) is
+/// cached for the tests: the workspace's `target/vm-cache`.
+pub fn vm_cache() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/vm-cache")
 }
 
 /// Writes a fabric key file (mode 0600, as `fabric.key_file` requires).

@@ -74,7 +74,7 @@ fn vm_boot<'a>(script: &'a str, paths: &'a VmPaths) -> Boot<'a> {
 }
 
 fn cache() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/vm-cache")
+    vsocket_e2e::vm_cache()
 }
 
 /// The image VMs boot, and the `[host]` lines (`extra`, then the vsock
@@ -641,4 +641,60 @@ fn a_vms_attachment_gone_ends_its_connections_on_both_sides() {
     eprintln!("the VM's program saw the end {vm_took:?} after its backend was killed");
     let pieces_back = || lab.guest("v").is_ok_and(|v| v["region_used"] == 0);
     assert!(wait_until(Duration::from_secs(10), pieces_back), "{}", lab.daemon_log());
+}
+
+/// The lab boots a config's VM guests (QEMU with the guest agent, once
+/// vsocketd serves each), `vsocket run --guest VM` runs programs in them
+/// with the library loaded and gives back their output and exit status,
+/// and `vsocket lab down` stops them.
+#[test]
+fn the_lab_boots_vm_guests_and_runs_programs_in_them() {
+    let (_image, host) = vm_host("");
+    let body = BODY.replace("addresses = [\"10.10.0.4\"]", "addresses = [\"10.10.0.4\"]\nsecurity_groups = [\"web\"]");
+    let mut lab = Lab::start_host("tvmagent", &body, &host).unwrap();
+    serve_redis(&mut lab, 7600);
+    let said = lab.boot_vms().unwrap();
+    assert!(said.contains("vm v: booting"), "{said}");
+    // Output, error output and the exit status come back.
+    let out = lab.run("v", Via::Vsocket, "sh", &["-c", "echo out; echo err >&2; exit 7"]).unwrap();
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    // The program runs with the library loaded and attached to its VM.
+    let seen = lab
+        .run_ok("v", Via::Vsocket, "sh", &["-c", "grep -c libvsocket /proc/self/maps; echo $VSOCKET_CONTROL"])
+        .unwrap();
+    let lines: Vec<&str> = seen.lines().collect();
+    assert!(lines.len() == 2 && lines[0].parse::<u32>().is_ok_and(|n| n > 0) && lines[1] == "vsock", "{seen}");
+    let kernel = lab.run_ok("v", Via::Kernel, "sh", &["-c", "grep -c libvsocket /proc/self/maps"]);
+    assert!(kernel.is_err(), "--no-preload loads no library (grep finds nothing: {kernel:?})");
+    // A real program reaches a namespace guest over vSocket.
+    let set =
+        lab.run_ok("v", Via::Vsocket, "redis-cli", &["-h", "10.10.0.3", "-p", "7600", "set", "k", "from-the-lab"]);
+    assert_eq!(set.unwrap().trim(), "OK");
+    assert_eq!(lab.counter("v", "connections_out"), 1);
+    assert_eq!(lab.counter("v", "fallbacks"), 0);
+    // A program that cannot be started is said so, with its own code.
+    let missing = lab.run("v", Via::Vsocket, "no-such-program", &[]).unwrap();
+    assert_eq!(missing.status.code(), Some(127), "{missing:?}");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no-such-program"), "{missing:?}");
+    // The lab shows the VM running, and stops it.
+    let status = std::process::Command::new(vsocket_e2e::bin("vsocket"))
+        .args(["lab", "status", "--config"])
+        .arg(&lab.config)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let pid: u32 = line_after(&status, "vm v: running (pid ")
+        .and_then(|rest| rest.trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("{status}"));
+    let down = std::process::Command::new(vsocket_e2e::bin("vsocket"))
+        .args(["lab", "down", "--config"])
+        .arg(&lab.config)
+        .status()
+        .unwrap();
+    assert!(down.success());
+    // Gone, or a zombie its new parent has yet to reap.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(stat.is_empty() || stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')), "{stat}");
 }

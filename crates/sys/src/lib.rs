@@ -90,6 +90,26 @@ pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     }
 }
 
+/// Binds and listens on vsock `port` of any context id (in a VM: the
+/// guest's own), for streams from the host.
+pub fn vsock_listen(port: u32, backlog: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2).
+    let raw = syscall!(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: socket returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_vm is plain data; all zeros is a valid start.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    addr.svm_port = port;
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes.
+    syscall!(unsafe { libc::bind(fd.as_raw_fd(), &addr as *const _ as *const libc::sockaddr, len) })?;
+    // SAFETY: plain listen(2) on our socket.
+    syscall!(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+    Ok(fd)
+}
+
 /// A connected pair of Unix stream sockets (a connection's doorbell).
 pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let (a, b) = raw::stream_pair()?;

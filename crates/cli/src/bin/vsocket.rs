@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use vsocket_cli::lab::{self, LabError};
 use vsocket_cli::run::{self, Launch, RunError};
+use vsocket_cli::vm::{agent, guests};
 use vsocket_policy::Config;
 
 #[derive(Parser)]
@@ -30,6 +31,9 @@ enum Command {
         #[command(subcommand)]
         action: LabAction,
     },
+    /// Inside a VM guest: serve `vsocket run` requests from the host.
+    #[command(hide = true)]
+    Agent,
 }
 
 #[derive(Args)]
@@ -49,10 +53,27 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum LabAction {
-    /// Create the namespaces, bridges and veths (replacing leftovers).
-    Up(ConfigArg),
-    /// Delete them; does nothing if they are absent.
+    /// Create the namespaces, bridges and veths (replacing leftovers), and
+    /// boot the VM guests (each as soon as vsocketd serves it).
+    Up {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Leave the VM guests alone.
+        #[arg(long)]
+        no_vms: bool,
+    },
+    /// Boot the VM guests only (stopping any left from before).
+    Vms(ConfigArg),
+    /// Stop the VM guests and delete the network; does nothing if absent.
     Down(ConfigArg),
+    /// Become VM guest GUEST's QEMU once vsocketd serves it.
+    #[command(hide = true)]
+    Vm {
+        #[arg(long)]
+        guest: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Show which namespaces exist and each guest's addresses.
     Status(ConfigArg),
 }
@@ -83,8 +104,14 @@ const CANNOT_EXECUTE: u8 = 127;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => Err(run(args)),
+        Command::Run(args) => match run_in_vm(&args) {
+            // The program's own exit code.
+            Some(Ok(code)) => return ExitCode::from(code),
+            Some(Err(failure)) => Err(failure),
+            None => Err(run(args)),
+        },
         Command::Lab { action } => lab(action),
+        Command::Agent => vsocket_cli::vm::agent::serve().map_err(|e| Failure { error: Box::new(e), code: RUNTIME }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,6 +121,40 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Runs the program in the guest's VM through its agent, if the guest is a
+/// VM; `None` for a namespace guest (and for a config that does not load:
+/// `run` reports that).
+fn run_in_vm(args: &RunArgs) -> Option<Result<u8, Failure>> {
+    let config = vsocket_policy::load(&args.config.path()).ok()?;
+    let guest = config.guest_by_name(&args.guest)?;
+    config.guest(guest).vm?;
+    let runtime = |error: Box<dyn Error>| Failure { error, code: RUNTIME };
+    let mut env = Vec::new();
+    if !args.no_preload {
+        let library = match run::library_path() {
+            Ok(library) => library,
+            Err(e) => return Some(Err(runtime(Box::new(RunError::Library(e))))),
+        };
+        env.push(("LD_PRELOAD".to_owned(), library.to_string_lossy().into_owned()));
+        env.push((run::CONTROL_ENV.to_owned(), "vsock".to_owned()));
+        env.push((run::GUEST_ENV.to_owned(), args.guest.clone()));
+    }
+    let text = |s: &OsString| s.to_string_lossy().into_owned();
+    let request =
+        agent::Request { program: text(&args.command[0]), args: args.command[1..].iter().map(text).collect(), env };
+    let uds = vsocket_admin::paths::vm_paths(&config.host().run_dir, &args.guest).uds;
+    let ran = agent::connect(&uds, AGENT_WAIT)
+        .and_then(|stream| agent::run(stream, &request, &mut std::io::stdout().lock(), &mut std::io::stderr().lock()));
+    Some(match ran {
+        Ok(code) => Ok(u8::try_from(code).unwrap_or(1)),
+        Err(e) => Err(runtime(Box::new(e))),
+    })
+}
+
+/// How long `vsocket run` waits for a VM guest's agent (the VM may be
+/// booting, or its image being made).
+const AGENT_WAIT: std::time::Duration = std::time::Duration::from_secs(180);
 
 /// Execs the program; returns only on failure.
 fn run(args: RunArgs) -> Failure {
@@ -120,15 +181,59 @@ fn run(args: RunArgs) -> Failure {
 
 fn lab(action: LabAction) -> Result<(), Failure> {
     match action {
-        LabAction::Up(config) => lab::up(&load(&config)?).map_err(lab_failure),
-        LabAction::Down(config) => lab::down(&load(&config)?).map_err(lab_failure),
+        LabAction::Up { config, no_vms } => {
+            let loaded = load(&config)?;
+            lab::up(&loaded).map_err(lab_failure)?;
+            if no_vms {
+                return Ok(());
+            }
+            start_vms(&loaded, &config)
+        }
+        LabAction::Vms(config) => start_vms(&load(&config)?, &config),
+        LabAction::Down(config) => {
+            let loaded = load(&config)?;
+            guests::stop(&loaded);
+            lab::down(&loaded).map_err(lab_failure)
+        }
+        LabAction::Vm { guest, config } => {
+            Err(Failure { error: Box::new(guests::keep(&load(&config)?, &guest)), code: RUNTIME })
+        }
         LabAction::Status(config) => {
-            for namespace in lab::status(&load(&config)?).map_err(lab_failure)? {
+            let loaded = load(&config)?;
+            for namespace in lab::status(&loaded).map_err(lab_failure)? {
                 println!("{namespace}");
+            }
+            for (name, pid) in guests::status(&loaded) {
+                match pid {
+                    Some(pid) => println!("vm {name}: running (pid {pid})"),
+                    None => println!("vm {name}: not running"),
+                }
             }
             Ok(())
         }
     }
+}
+
+/// Boots `config`'s VM guests, if it has any.
+fn start_vms(config: &Config, arg: &ConfigArg) -> Result<(), Failure> {
+    if guests::vm_guests(config).is_empty() {
+        return Ok(());
+    }
+    let backend = guests::start(config, &arg.path()).map_err(|e| Failure { error: Box::new(e), code: RUNTIME })?;
+    if config.host().vsock_backend != backend {
+        eprintln!(
+            "vsocket: note: VM guests need vsocketd's host.vsock_backend = \"{}\" (the config names {})",
+            backend.display(),
+            config.host().vsock_backend.display()
+        );
+    }
+    for (name, _, _) in guests::vm_guests(config) {
+        println!(
+            "vm {name}: booting once vsocketd serves it; console {}",
+            guests::console_file(config, &name).display()
+        );
+    }
+    Ok(())
 }
 
 fn load(config: &ConfigArg) -> Result<Config, Failure> {

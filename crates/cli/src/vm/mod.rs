@@ -18,7 +18,9 @@
 //! vhost-device-vsock ([`vsock_backend`], built into the cache): a
 //! guest's connect to the host (CID 2) reaches a unix socket on the host.
 
+pub mod agent;
 mod cpio;
+pub mod guests;
 mod modules;
 
 use std::fmt;
