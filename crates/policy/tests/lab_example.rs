@@ -1,4 +1,4 @@
-//! The shipped example config, examples/lab.toml, loads and means what it says.
+//! The shipped example configs, examples/lab.toml and examples/vm.toml, load and mean what they say.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -73,4 +73,16 @@ fn lab_guests_reach_each_other_over_tcp_only() {
             Verdict::Deny { side: Direction::Ingress, reason: Decider::DefaultIngressDeny }
         );
     }
+}
+
+/// examples/vm.toml, the README's VM lab, loads with its VM guest.
+#[test]
+fn vm_example_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/vm.toml");
+    let config = load(&path).unwrap_or_else(|err| panic!("{err}"));
+    let v = config.guest(config.guest_by_name("v").expect("guest v"));
+    let vm = v.vm.expect("v is a VM");
+    assert_eq!((vm.cid, vm.region, vm.memory), (5, 16 << 20, 512 << 20));
+    assert!(config.guest(config.guest_by_name("b").expect("guest b")).vm.is_none());
+    assert_eq!(config.host().vsock_backend, Path::new("/var/cache/vsocket/vm/tools/bin/vhost-device-vsock"));
 }
