@@ -22,6 +22,12 @@ pub const CONTROL_PORT: u32 = 7471;
 /// that side let go.
 pub const BELL_PORT: u32 = 7472;
 
+/// The file in a VM guest that names its attachment (`vsock`, as
+/// `VSOCKET_CONTROL` would), for programs started without that variable:
+/// the guest's agent writes it at boot in the VM's own `/run`. Absent on
+/// hosts and in namespace guests.
+pub const ATTACHMENT_FILE: &str = "/run/vsocket-guest";
+
 /// The longest frame: the length byte and the longest message.
 pub const MAX_FRAME: usize = 1 + MAX_MESSAGE;
 

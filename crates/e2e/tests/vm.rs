@@ -673,6 +673,15 @@ fn the_lab_boots_vm_guests_and_runs_programs_in_them() {
         lab.run_ok("v", Via::Vsocket, "redis-cli", &["-h", "10.10.0.3", "-p", "7600", "set", "k", "from-the-lab"]);
     assert_eq!(set.unwrap().trim(), "OK");
     assert_eq!(lab.counter("v", "connections_out"), 1);
+    // A program given the library but not VSOCKET_CONTROL finds its VM's
+    // attachment in the file the agent wrote.
+    let script = format!(
+        "[ -z \"$VSOCKET_CONTROL\" ] && LD_PRELOAD={} redis-cli -h 10.10.0.3 -p 7600 get k",
+        vsocket_e2e::bin("libvsocket.so").display()
+    );
+    let got = lab.run_ok("v", Via::Kernel, "sh", &["-c", &script]).unwrap();
+    assert_eq!(got.trim(), "from-the-lab");
+    assert_eq!(lab.counter("v", "connections_out"), 2);
     assert_eq!(lab.counter("v", "fallbacks"), 0);
     // A program that cannot be started is said so, with its own code.
     let missing = lab.run("v", Via::Vsocket, "no-such-program", &[]).unwrap();

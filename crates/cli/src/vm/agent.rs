@@ -152,9 +152,12 @@ pub fn read_frame(from: &mut impl Read) -> io::Result<Option<Frame>> {
     }))
 }
 
-/// The agent: serves run requests on vsock [`AGENT_PORT`] until killed
-/// (the VM powers off with it).
+/// The agent: says where the VM's attachment is (for programs started
+/// without `VSOCKET_CONTROL`), then serves run requests on vsock
+/// [`AGENT_PORT`] until killed (the VM powers off with it).
 pub fn serve() -> io::Result<()> {
+    let attachment = vsocket_abi::stream::ATTACHMENT_FILE;
+    std::fs::write(attachment, "vsock\n").map_err(|e| io::Error::new(e.kind(), format!("{attachment}: {e}")))?;
     let listener = vsocket_sys::vsock_listen(AGENT_PORT, 64)?;
     loop {
         let stream = match vsocket_sys::accept(std::os::fd::AsFd::as_fd(&listener)) {

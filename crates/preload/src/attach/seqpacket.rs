@@ -5,8 +5,11 @@
 //! the VM's region, at offsets the messages carry.
 //!
 //! `VSOCKET_CONTROL` names the socket (set by `vsocket run`): a path, or
-//! `vsock` (the host's control port) or `vsock:CID:PORT`. Without it the
-//! library stays out of the way: every call goes to the kernel. The
+//! `vsock` (the host's control port) or `vsock:CID:PORT`. Without it, the
+//! file [`ATTACHMENT_FILE`] may name it the same way: a VM guest's agent
+//! writes it at boot in the VM's own `/run`, so every program there that
+//! loads the library attaches. Without either the library stays out of the
+//! way: every call goes to the kernel. The
 //! process keeps one request channel (see `attach::request`); each
 //! listening socket opens its own listener channel.
 
@@ -17,7 +20,7 @@ use std::sync::OnceLock;
 use vsocket_abi::control::{
     Message, CONNECTION_FDS, FD_DOORBELL, FD_LIFELINE, FD_PEER_SEGMENT, FD_SEGMENT, MAX_MESSAGE,
 };
-use vsocket_abi::stream::{CONTROL_PORT, MAX_FRAME};
+use vsocket_abi::stream::{ATTACHMENT_FILE, CONTROL_PORT, MAX_FRAME};
 
 /// Where the guest's vsocketd is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +57,10 @@ pub fn control() -> Option<&'static Control> {
     CONTROL
         .get_or_init(|| {
             use std::os::unix::ffi::OsStrExt;
-            Control::parse(std::env::var_os("VSOCKET_CONTROL")?.as_bytes())
+            match std::env::var_os("VSOCKET_CONTROL") {
+                Some(value) => Control::parse(value.as_bytes()),
+                None => Control::parse(std::fs::read(ATTACHMENT_FILE).ok()?.trim_ascii()),
+            }
         })
         .as_ref()
 }
@@ -261,4 +267,22 @@ fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
         sys::relocate_internal(&mut reply.fds, internal_fd_floor());
     }
     Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attachment_is_a_path_or_a_vsock_port() {
+        assert_eq!(
+            Control::parse(b"/run/vsocket/guests/a.sock"),
+            Some(Control::Unix(b"/run/vsocket/guests/a.sock".to_vec()))
+        );
+        assert_eq!(Control::parse(b"vsock"), Some(Control::Vsock { cid: 2, port: CONTROL_PORT }));
+        assert_eq!(Control::parse(b"vsock:3:9000"), Some(Control::Vsock { cid: 3, port: 9000 }));
+        for bad in [&b""[..], b"vsock:", b"vsock:2", b"vsock:x:1", b"vsock:2:99999999999"] {
+            assert_eq!(Control::parse(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
 }
