@@ -21,6 +21,7 @@
 pub mod lab;
 pub mod rates;
 pub mod run;
+pub mod table;
 pub mod vm;
 
 use std::path::PathBuf;

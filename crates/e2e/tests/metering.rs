@@ -267,14 +267,23 @@ fn rates_show_bytes_per_second_of_a_live_connection() {
     assert!(near(&guest("a")["sent_bytes_per_second"]), "{rates}");
     assert!(near(&guest("b")["received_bytes_per_second"]), "{rates}");
 
-    let table = Command::new(bin("vsocketctl"))
-        .arg("--config")
-        .arg(&lab.config)
-        .args(["rates", "--interval", "0.2"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8(table.stdout).unwrap();
-    assert!(text.contains("SENT_BYTES_PER_SECOND") && text.contains("CLIENT_TO_SERVER_BYTES_PER_SECOND"), "{text}");
+    let table = |extra: &[&str]| {
+        let out = Command::new(bin("vsocketctl"))
+            .arg("--config")
+            .arg(&lab.config)
+            .args(["rates", "--interval", "0.2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Narrow by default (readable rates, under 100 columns); every field
+    // as reported with -o wide.
+    let text = table(&[]);
+    assert!(text.contains("SENT/S") && text.contains("UP/S") && text.contains("b/10.10.0.3:7200"), "{text}");
+    assert!(text.lines().all(|l| l.len() <= 100), "{text}");
+    let wide = table(&["-o", "wide"]);
+    assert!(wide.contains("SENT_BYTES_PER_SECOND") && wide.contains("CLIENT_TO_SERVER_BYTES_PER_SECOND"), "{wide}");
     let bad = Command::new(bin("vsocketctl"))
         .arg("--config")
         .arg(&lab.config)

@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use vsocket_admin::{Applied, Client, ClientError};
-use vsocket_cli::rates;
+use vsocket_cli::{rates, table};
 use vsocket_policy::{Change, Direction, GuestSpec, Protocol, ProtocolFilter, RulePeerSpec, RuleSpec};
 
 /// Shows what vsocketd knows (guests, listeners and connections with their
@@ -23,11 +23,22 @@ struct Args {
     /// The daemon's run directory, instead of --config.
     #[arg(long, global = true)]
     run_dir: Option<PathBuf>,
-    /// Print the daemon's JSON reply instead of a table.
+    /// Print the daemon's JSON reply instead of a table (`-o json`).
     #[arg(long, global = true)]
     json: bool,
+    /// How to print lists: a table that fits 100 columns, a wide table
+    /// with every field, or the daemon's JSON reply.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Wide,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -289,83 +300,31 @@ fn run_dir(args: &Args) -> Result<PathBuf, CtlError> {
     })
 }
 
-const GUEST_COLUMNS: &[&str] = &[
-    "name",
-    "vpc",
-    "addresses",
-    "netns",
-    "channels",
-    "connections_open",
-    "connections_out",
-    "connections_in",
-    "denied",
-    "fallbacks",
-    "refused_attachments",
-    "connections_live",
-    "max_connections",
-    "shared_memory",
-    "max_shared_memory",
-    "max_channels",
-    "exceeded_connections",
-    "exceeded_shared_memory",
-    "exceeded_channels",
-    "bytes_sent",
-    "bytes_received",
-    "region_used",
-    "region_size",
-];
-
-const LISTENER_COLUMNS: &[&str] = &["id", "guest", "vpc", "address", "accepted"];
-
-const PEER_COLUMNS: &[&str] = &[
-    "name",
-    "address",
-    "transport",
-    "state",
-    "links_up",
-    "connections",
-    "opened",
-    "accepted",
-    "bytes_sent",
-    "bytes_received",
-    "last_error",
-];
-
-const CONNECTION_COLUMNS: &[&str] = &[
-    "id",
-    "vpc",
-    "client_guest",
-    "client",
-    "server_guest",
-    "server",
-    "bytes_client_to_server",
-    "bytes_server_to_client",
-    "age_seconds",
-];
-
 fn run(args: Args) -> Result<(), CtlError> {
     let client = Client::new(vsocket_admin::admin_socket_path(&run_dir(&args)?));
+    let output = if args.json { Output::Json } else { args.output };
+    let json = output == Output::Json;
     if let Some(change) = change_request(&args.command) {
-        return show_applied(&client.change(change)?, args.json);
+        return show_applied(&client.change(change)?, json);
     }
     match args.command {
         Command::Status => {
             let status = value(&client.status()?)?;
-            if args.json {
+            if json {
                 println!("{status}");
             } else {
                 for (k, v) in status.as_object().into_iter().flatten() {
-                    println!("{k}: {}", plain(v));
+                    println!("{k}: {}", table::plain(v));
                 }
             }
             Ok(())
         }
-        Command::Guests => show_rows(&client.guests()?, GUEST_COLUMNS, args.json),
-        Command::Listeners => show_rows(&client.listeners()?, LISTENER_COLUMNS, args.json),
-        Command::Connections => show_rows(&client.connections()?, CONNECTION_COLUMNS, args.json),
-        Command::Peers => show_rows(&client.peers()?, PEER_COLUMNS, args.json),
-        Command::Rates { interval } => show_rates(&client, interval, args.json),
-        Command::Reload => show_applied(&client.reload()?, args.json),
+        Command::Guests => show_rows(&client.guests()?, &table::GUESTS, output),
+        Command::Listeners => show_rows(&client.listeners()?, &table::LISTENERS, output),
+        Command::Connections => show_rows(&client.connections()?, &table::CONNECTIONS, output),
+        Command::Peers => show_rows(&client.peers()?, &table::PEERS, output),
+        Command::Rates { interval } => show_rates(&client, interval, output),
+        Command::Reload => show_applied(&client.reload()?, json),
         Command::Rule { .. } | Command::Member { .. } | Command::Guest { .. } => {
             unreachable!("live changes are handled above")
         }
@@ -378,19 +337,19 @@ fn value<T: Serialize>(reply: &T) -> Result<Value, CtlError> {
     serde_json::to_value(reply).map_err(CtlError::Print)
 }
 
-/// A list reply: as JSON, or as a table of `columns`.
-fn show_rows<T: Serialize>(rows: &[T], columns: &[&str], json: bool) -> Result<(), CtlError> {
+/// A list reply as `output` says: JSON, or `view`'s table.
+fn show_rows<T: Serialize>(rows: &[T], view: &table::View, output: Output) -> Result<(), CtlError> {
     let rows = value(&rows)?;
-    if json {
-        println!("{rows}");
-    } else {
-        table(&rows, columns);
+    match output {
+        Output::Json => println!("{rows}"),
+        Output::Table => print!("{}", table::render(&rows, view, table::Width::Narrow)),
+        Output::Wide => print!("{}", table::render(&rows, view, table::Width::Wide)),
     }
     Ok(())
 }
 
 /// `vsocketctl rates`: samples connections and guests twice.
-fn show_rates(client: &Client, interval: f64, json: bool) -> Result<(), CtlError> {
+fn show_rates(client: &Client, interval: f64, output: Output) -> Result<(), CtlError> {
     if !(interval.is_finite() && interval > 0.0 && interval <= 3600.0) {
         return Err(CtlError::Interval(interval));
     }
@@ -406,29 +365,20 @@ fn show_rates(client: &Client, interval: f64, json: bool) -> Result<(), CtlError
     let seconds = second.duration_since(first).as_secs_f64();
     let connections = value(&rates::connection_rates(&connections_before, &connections_after, seconds))?;
     let guests = value(&rates::guest_rates(&guests_before, &guests_after, seconds))?;
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({ "interval_seconds": seconds, "connections": connections, "guests": guests })
-        );
-        return Ok(());
-    }
-    println!("over {seconds:.2} s, bytes per second:");
-    table(&guests, &["name", "vpc", "connections_open", "sent_bytes_per_second", "received_bytes_per_second"]);
+    let width = match output {
+        Output::Json => {
+            let reply =
+                serde_json::json!({ "interval_seconds": seconds, "connections": connections, "guests": guests });
+            println!("{reply}");
+            return Ok(());
+        }
+        Output::Table => table::Width::Narrow,
+        Output::Wide => table::Width::Wide,
+    };
+    println!("over {seconds:.2} s:");
+    print!("{}", table::render(&guests, &table::GUEST_RATES, width));
     println!();
-    table(
-        &connections,
-        &[
-            "id",
-            "vpc",
-            "client_guest",
-            "client",
-            "server_guest",
-            "server",
-            "client_to_server_bytes_per_second",
-            "server_to_client_bytes_per_second",
-        ],
-    );
+    print!("{}", table::render(&connections, &table::CONNECTION_RATES, width));
     Ok(())
 }
 
@@ -451,34 +401,4 @@ fn show_applied(applied: &Applied, json: bool) -> Result<(), CtlError> {
         eprintln!("vsocketctl: {error}");
     }
     Ok(())
-}
-
-fn plain(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        Value::Array(a) => a.iter().map(plain).collect::<Vec<_>>().join(","),
-        Value::Number(n) if n.is_f64() => format!("{:.1}", n.as_f64().unwrap_or(0.0)),
-        other => other.to_string(),
-    }
-}
-
-fn table(rows: &Value, columns: &[&str]) {
-    let rows: Vec<Vec<String>> = rows
-        .as_array()
-        .map(|a| a.iter().map(|r| columns.iter().map(|c| plain(&r[*c])).collect()).collect())
-        .unwrap_or_default();
-    let widths: Vec<usize> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(c.len()))
-        .collect();
-    let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", padded.join("  ").trim_end());
-    };
-    line(columns.iter().map(|c| c.to_uppercase()).collect());
-    for r in rows {
-        line(r);
-    }
 }
