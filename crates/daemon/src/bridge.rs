@@ -36,6 +36,12 @@ pub const BELL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes copied at a time.
 const CHUNK: usize = 256 << 10;
 
+/// Steps (a copy of at most [`CHUNK`], or a look after arming) one
+/// direction of a connection may take per round: a guest that keeps its
+/// ring full, or rewrites its indices so it seems to, has its turn end
+/// there, and the bridge serves every other connection before its next.
+const STEPS_PER_ROUND: u32 = 16;
+
 const TOKEN_COMMANDS: u64 = u64::MAX;
 
 /// The bridge's command queue, and the eventfd that wakes it.
@@ -159,6 +165,8 @@ struct Pair {
 enum Pumped {
     /// Moved what it could; the rings are armed to hear of more.
     Idle,
+    /// Its turn ended with more to move: it goes again next round.
+    More,
     /// A ring holds impossible values: the connection is reset.
     Corrupt,
 }
@@ -175,8 +183,14 @@ impl Pump {
     fn run(mut self) {
         let mut events = Vec::new();
         let mut buf = vec![0u8; CHUNK];
+        // Connections whose turn ended with more to move.
+        let mut again: Vec<u64> = Vec::new();
         loop {
-            let timeout = if self.waiting.is_empty() { -1 } else { 100 };
+            let timeout = match (again.is_empty(), self.waiting.is_empty()) {
+                (false, _) => 0,
+                (true, true) => -1,
+                (true, false) => 100,
+            };
             if let Err(e) = self.epoll.wait(timeout, &mut events) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!(error = %e, "bridge: epoll failed");
@@ -184,7 +198,7 @@ impl Pump {
                 }
                 continue;
             }
-            let mut dirty = Vec::new();
+            let mut dirty = std::mem::take(&mut again);
             for &(token, _) in &events {
                 if token == TOKEN_COMMANDS {
                     vsocket_sys::drain(self.bell.as_fd());
@@ -215,7 +229,9 @@ impl Pump {
             dirty.sort_unstable();
             dirty.dedup();
             for id in dirty {
-                self.pump(id, &mut buf);
+                if self.pump(id, &mut buf) {
+                    again.push(id);
+                }
             }
             self.expire();
         }
@@ -289,21 +305,32 @@ impl Pump {
         }
     }
 
-    /// Moves what can move on connection `id`, both ways, and drops it
-    /// once both ends let go.
-    fn pump(&mut self, id: u64, buf: &mut [u8]) {
-        let Some(pair) = self.pairs.get_mut(&id) else { return };
+    /// Moves what can move on connection `id`, both ways, within a
+    /// round's steps, and drops it once both ends let go. Returns whether
+    /// it has more to move.
+    fn pump(&mut self, id: u64, buf: &mut [u8]) -> bool {
+        let Some(pair) = self.pairs.get_mut(&id) else { return false };
+        let mut more = false;
         for from in 0..2 {
             if pair.ended[from] {
                 continue;
             }
-            if let Pumped::Corrupt = pair.pump(from, buf) {
-                tracing::warn!(connection = id, end = from, "bridge: a ring holds impossible values; connection reset");
-                for end in &pair.ends {
-                    reset(end.as_ref());
+            match pair.pump(from, buf) {
+                Pumped::Idle => {}
+                Pumped::More => more = true,
+                Pumped::Corrupt => {
+                    tracing::warn!(
+                        connection = id,
+                        end = from,
+                        "bridge: a ring holds impossible values; connection reset"
+                    );
+                    for end in &pair.ends {
+                        reset(end.as_ref());
+                    }
+                    pair.ended = [true; 2];
+                    more = false;
+                    break;
                 }
-                pair.ended = [true; 2];
-                break;
             }
         }
         // An end whose holders let go, once all it sent has passed on, is
@@ -322,7 +349,9 @@ impl Pump {
         if pair.finished && (0..2).all(|i| pair.gone[i] || !pair.pinned[i]) {
             tracing::debug!(connection = id, gone = ?pair.gone, ended = ?pair.ended, "bridge: connection over");
             self.pairs.remove(&id);
+            return false;
         }
+        more
     }
 }
 
@@ -338,7 +367,7 @@ impl Pair {
         let to = 1 - from;
         let Pair { ends, meter, gone, ended, .. } = self;
         let (source, sink) = (ends[from].as_ref(), ends[to].as_ref());
-        loop {
+        for _ in 0..STEPS_PER_ROUND {
             let rx = source.outbound();
             match rx.state() {
                 Ok(RxState::Data(n)) => {
@@ -410,6 +439,7 @@ impl Pair {
                 Err(_) => return Pumped::Corrupt,
             }
         }
+        Pumped::More
     }
 }
 
@@ -533,6 +563,35 @@ mod tests {
         assert!(!pump.pairs.contains_key(&7));
         assert_eq!(vm_memory.usage().0, 0, "the piece goes back once the VM let go");
         drop(bells);
+    }
+
+    #[test]
+    fn a_connection_that_never_runs_dry_yields_its_turn() {
+        let mut rig = rig("turn");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            // The VM keeps its ring full and its peer keeps reading: a turn
+            // without a bound would never end.
+            scope.spawn(|| {
+                let mut buf = [0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = rig.vm.producer(0).write(&[&buf[..]]);
+                    let _ = rig.other.consumer(0).read(&mut [&mut buf[..]], false);
+                }
+            });
+            let mut buf = vec![0u8; 1000];
+            // Every pump returns (a round is bounded); while the flow keeps
+            // up, a round ends with more to move.
+            let began = Instant::now();
+            let mut more = 0;
+            while more < 10 && began.elapsed() < Duration::from_secs(10) {
+                if let Pumped::More = rig.pair.pump(0, &mut buf) {
+                    more += 1;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert_eq!(more, 10, "the busy direction never had more than a round's worth");
+        });
     }
 
     #[test]

@@ -491,6 +491,14 @@ pub fn drain(fd: BorrowedFd<'_>) -> bool {
     raw::drain_until_empty(fd.as_raw_fd())
 }
 
+/// Takes what a guest's doorbell holds, at most 4 KiB: a guest that floods
+/// its doorbell must not keep the daemon's thread reading it (a doorbell
+/// still readable after this is reported again by the thread's epoll set).
+/// Returns true if its other end is gone.
+pub fn drain_bell(fd: BorrowedFd<'_>) -> bool {
+    raw::drain_bounded(fd.as_raw_fd())
+}
+
 /// Rings a doorbell (one byte on a stream socket), never blocking: a full
 /// doorbell already means a wake-up is pending.
 pub fn ring(fd: BorrowedFd<'_>) {

@@ -24,10 +24,11 @@ pub enum Heard {
 }
 
 impl Heard {
-    /// Takes what came on a doorbell socket `bell`: wake-up bytes, or its
-    /// end (every holder of the other end gone).
+    /// Takes what came on a doorbell socket `bell`: wake-up bytes (a
+    /// bounded amount: a guest cannot keep the caller here), or its end
+    /// (every holder of the other end gone).
     pub fn from_bell(bell: BorrowedFd<'_>) -> Heard {
-        if vsocket_sys::drain(bell) {
+        if vsocket_sys::drain_bell(bell) {
             Heard::LetGo
         } else {
             Heard::Rang
