@@ -53,33 +53,26 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
     let blocking = socket::blocking(fd).ok()?;
     // The daemon unreachable: the kernel path still works.
     let mut reply = attach::request(&Message::Connect { local, remote }).ok()?;
-    let connected = match reply.message {
-        Message::Connected(info) => Some((info, reply.take_delivery())),
-        // A VM guest's: placed in its region; its bell stream opened here.
-        Message::ConnectedAt { info, offset } => match attach::region::delivery(info.id, Endpoint::Client, offset) {
-            Ok(delivery) => Some((info, delivery)),
-            Err(e) => return Some(Err(e)),
-        },
-        _ => None,
-    };
-    match reply.message {
-        Message::Connected(_) | Message::ConnectedAt { .. } => {
-            let Some((info, delivery)) = connected else { return Some(Err(Errno(libc::EPROTO))) };
+    if let Some(delivered) = attach::delivered(&mut reply, Endpoint::Client) {
+        let conn = delivered.and_then(|(info, delivery)| {
             fork::watch();
-            let conn = match Connection::new(info, Endpoint::Client, family, delivery, blocking) {
-                Ok(c) => c,
-                Err(e) => return Some(Err(e)),
-            };
-            // Timeouts set before connect apply to the connection.
-            socket::follow_timeout(fd, &conn, Direction::Receive);
-            socket::follow_timeout(fd, &conn, Direction::Send);
-            socket::follow_linger(fd, &conn);
-            table::adopt(fd, Entry::Conn(conn));
-            Some(match blocking {
-                Blocking::NonBlocking => Err(Errno(libc::EINPROGRESS)),
-                Blocking::Blocking => Ok(()),
-            })
-        }
+            Connection::new(info, Endpoint::Client, family, delivery, blocking)
+        });
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
+        };
+        // Timeouts set before connect apply to the connection.
+        socket::follow_timeout(fd, &conn, Direction::Receive);
+        socket::follow_timeout(fd, &conn, Direction::Send);
+        socket::follow_linger(fd, &conn);
+        table::adopt(fd, Entry::Conn(conn));
+        return Some(match blocking {
+            Blocking::NonBlocking => Err(Errno(libc::EINPROGRESS)),
+            Blocking::Blocking => Ok(()),
+        });
+    }
+    match reply.message {
         Message::Fallback => None,
         Message::Refused { errno } => Some(Err(Errno(errno))),
         Message::Dropped => {

@@ -321,21 +321,12 @@ impl Listener {
                 };
             }
         };
-        let (info, delivery) = match reply.message {
-            Message::Incoming(info) => (info, reply.take_delivery()),
-            // A VM guest's: placed in its region; its bell stream opened here.
-            Message::IncomingAt { info, offset } => {
-                match crate::attach::region::delivery(info.id, Endpoint::Server, offset) {
-                    Ok(delivery) => (info, delivery),
-                    Err(e) => {
-                        let _ = sys::close(fd);
-                        return Err(e);
-                    }
-                }
-            }
-            _ => {
+        let delivered = crate::attach::delivered(&mut reply, Endpoint::Server).unwrap_or(Err(Errno(libc::EPROTO)));
+        let (info, delivery) = match delivered {
+            Ok(delivered) => delivered,
+            Err(e) => {
                 let _ = sys::close(fd);
-                return Err(Errno(libc::EPROTO));
+                return Err(e);
             }
         };
         match Connection::new(info, Endpoint::Server, self.family, delivery, Blocking::from_flags(flags)) {

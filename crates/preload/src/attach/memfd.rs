@@ -83,7 +83,8 @@ impl std::ops::Deref for MemfdSegment {
 
 impl Drop for MemfdSegment {
     fn drop(&mut self) {
-        for fd in self.halves {
+        // A piece of a VM's region has no descriptors (-1).
+        for fd in self.halves.into_iter().filter(|&fd| fd >= 0) {
             let _ = sys::close(fd);
         }
         if let Some(segment) = self.segment.take() {

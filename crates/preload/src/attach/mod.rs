@@ -122,6 +122,23 @@ pub fn request(msg: &Message) -> SysResult<Reply> {
     Err(Errno(libc::ECONNABORTED))
 }
 
+/// The connection `reply` brings for end `end` (`Connected` for a client,
+/// `Incoming` for a server, with its descriptors; or a VM guest's
+/// `ConnectedAt`/`IncomingAt`, placed in its region, whose bell stream is
+/// opened here). `None` for any other message.
+pub fn delivered(reply: &mut Reply, end: Endpoint) -> Option<SysResult<(ConnectionInfo, Delivery)>> {
+    match (reply.message, end) {
+        (Message::Connected(info), Endpoint::Client) | (Message::Incoming(info), Endpoint::Server) => {
+            Some(Ok((info, reply.take_delivery())))
+        }
+        (Message::ConnectedAt { info, offset }, Endpoint::Client)
+        | (Message::IncomingAt { info, offset }, Endpoint::Server) => {
+            Some(region::delivery(info.id, end, offset).map(|delivery| (info, delivery)))
+        }
+        _ => None,
+    }
+}
+
 /// Does `e` say the channel's daemon went away (rather than refusing)?
 fn channel_broke(e: Errno) -> bool {
     matches!(e, Errno(libc::ECONNABORTED | libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN))
