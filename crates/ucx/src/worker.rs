@@ -844,13 +844,38 @@ impl Drop for Worker {
     }
 }
 
+/// UCX 1.13's TCP transport aborts the whole process (a failed assertion,
+/// not an error) when a peer goes away while a zero-copy or rendezvous
+/// send to it is under way: `tcp_ep.c` "PUT_TX_WAITING_ACK" for a
+/// rendezvous PUT, `uct_iface.h` "comp->count > 0" for a zero-copy active
+/// message. A daemon must outlive its peers, so where TCP is the only
+/// network transport (no RDMA device on the machine) every frame is sent
+/// by copy: `ZCOPY_THRESH` and `RNDV_THRESH` become `inf`, unless the
+/// environment names them itself. With an RDMA device the defaults stay,
+/// zero copy being the point of RDMA.
+fn copying_defaults(rdma: bool, in_environment: impl Fn(&str) -> bool) -> Vec<(&'static str, &'static str)> {
+    if rdma {
+        return Vec::new();
+    }
+    ["ZCOPY_THRESH", "RNDV_THRESH"].into_iter().filter(|name| !in_environment(name)).map(|name| (name, "inf")).collect()
+}
+
+/// Whether the kernel knows an RDMA device (InfiniBand, RoCE, iWARP).
+fn rdma_devices_present() -> bool {
+    std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut d| d.next().is_some())
+}
+
 fn create_context(config: &Config) -> io::Result<ucp_context_h> {
     let mut ucp_config = ptr::null_mut();
     // SAFETY: NULL prefix and file mean "UCX_" and no file; the out-pointer
     // is valid.
     check(unsafe { ucp_config_read(ptr::null(), ptr::null(), &mut ucp_config) })?;
     let mut result = Ok(());
-    for (name, value) in &config.settings {
+    let rdma = rdma_devices_present();
+    let defaults = copying_defaults(rdma, |name| std::env::var_os(format!("UCX_{name}")).is_some());
+    let defaults: Vec<(CString, CString)> =
+        defaults.iter().map(|(n, v)| (CString::new(*n).expect("no NUL"), CString::new(*v).expect("no NUL"))).collect();
+    for (name, value) in defaults.iter().chain(&config.settings) {
         // SAFETY: `ucp_config` is live; both strings are NUL-terminated and
         // outlive the call (UCX copies the value).
         let status = unsafe { ucp_config_modify(ucp_config, name.as_ptr(), value.as_ptr()) };
@@ -1165,5 +1190,13 @@ mod tests {
         let e = ucx_error(UCS_ERR_CONNECTION_RESET);
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
         assert!(e.to_string().contains("-25"), "{e}");
+    }
+
+    #[test]
+    fn without_rdma_frames_are_copied_unless_the_environment_says_otherwise() {
+        let none = |_: &str| false;
+        assert_eq!(copying_defaults(false, none), [("ZCOPY_THRESH", "inf"), ("RNDV_THRESH", "inf")]);
+        assert_eq!(copying_defaults(false, |n: &str| n == "RNDV_THRESH"), [("ZCOPY_THRESH", "inf")]);
+        assert!(copying_defaults(true, none).is_empty());
     }
 }
