@@ -198,10 +198,11 @@ impl Connections {
 
     /// Takes out, for a new connection, a connection between the same
     /// `pair` that both ends have closed and whose segment they released
-    /// (the caller retires it and reuses the segment). Only the oldest few
+    /// (the caller retires it and reuses the segment), with what `fold`
+    /// returned for it, called as it leaves the table. Only the oldest few
     /// are looked at: a client that opens connection after connection
     /// finds its previous ones there.
-    pub fn reclaim(&self, pair: Pair) -> Option<ConnectionRecord> {
+    pub fn reclaim<T>(&self, pair: Pair, fold: impl FnOnce(&ConnectionRecord) -> T) -> Option<(ConnectionRecord, T)> {
         const LOOK: usize = 8;
         let mut conns = lock(&self.connections);
         let mut pairs = lock(&self.by_pair);
@@ -224,13 +225,18 @@ impl Connections {
         if queue.is_empty() {
             pairs.remove(&pair);
         }
-        found
+        found.map(|c| {
+            let folded = fold(&c);
+            (c, folded)
+        })
     }
 
-    /// Takes out every connection that is over, in id order, asking the
-    /// kernel about every live connection's lifelines in one `poll`
-    /// rather than one per connection.
-    pub fn take_finished(&self) -> Vec<ConnectionRecord> {
+    /// Takes out every connection that is over, in id order, with what
+    /// `fold` returned for each, called as it leaves the table (so that
+    /// [`snapshot`](Self::snapshot) sees it either in the table or folded,
+    /// never both or neither). The kernel is asked about every live
+    /// connection's lifelines in one `poll` rather than one per connection.
+    pub fn take_finished<T>(&self, mut fold: impl FnMut(&ConnectionRecord) -> T) -> Vec<(ConnectionRecord, T)> {
         let mut conns = lock(&self.connections);
         let mut done = Vec::new();
         let mut live = Vec::new();
@@ -249,7 +255,14 @@ impl Connections {
             }
         }
         done.sort_unstable();
-        let taken: Vec<ConnectionRecord> = done.iter().filter_map(|id| conns.remove(id)).collect();
+        let taken: Vec<(ConnectionRecord, T)> = done
+            .iter()
+            .filter_map(|id| conns.remove(id))
+            .map(|c| {
+                let folded = fold(&c);
+                (c, folded)
+            })
+            .collect();
         if !taken.is_empty() {
             let mut pairs = lock(&self.by_pair);
             pairs.retain(|_, queue| {
@@ -261,13 +274,21 @@ impl Connections {
     }
 
     /// Calls `f` on every live connection, in id order, holding the table.
-    pub fn each(&self, mut f: impl FnMut(&ConnectionRecord)) {
+    pub fn each(&self, f: impl FnMut(&ConnectionRecord)) {
+        self.snapshot(f, || ());
+    }
+
+    /// As [`each`](Self::each), then `then`, still holding the table: what
+    /// `then` reads of the connections folded as they left it agrees with
+    /// what `f` saw.
+    pub fn snapshot<R>(&self, mut f: impl FnMut(&ConnectionRecord), then: impl FnOnce() -> R) -> R {
         let conns = lock(&self.connections);
         let mut ids: Vec<ConnectionId> = conns.keys().copied().collect();
         ids.sort_unstable();
         for c in ids.iter().filter_map(|id| conns.get(id)) {
             f(c);
         }
+        then()
     }
 }
 
@@ -328,8 +349,8 @@ mod tests {
         }
     }
 
-    fn ids(records: &[ConnectionRecord]) -> Vec<u64> {
-        records.iter().map(|c| c.id.0).collect()
+    fn ids(records: &[(ConnectionRecord, ())]) -> Vec<u64> {
+        records.iter().map(|(c, ())| c.id.0).collect()
     }
 
     #[test]
@@ -342,11 +363,11 @@ mod tests {
         table.add(gone);
         table.add(half);
         table.add(closed);
-        assert!(table.take_finished().iter().map(|c| c.id.0).eq([2]), "closed by both ends' flags");
+        assert!(table.take_finished(|_| ()).iter().map(|(c, ())| c.id.0).eq([2]), "closed by both ends' flags");
         drop(gone_holds);
         let [client_holds, _server_holds] = half_holds;
         drop(client_holds);
-        assert_eq!(ids(&table.take_finished()), [3], "no process holds either end");
+        assert_eq!(ids(&table.take_finished(|_| ())), [3], "no process holds either end");
         let mut open = 0;
         table.each(|c| {
             assert_eq!(c.id.0, 1, "one end still held");
@@ -364,9 +385,9 @@ mod tests {
         // included: that must not end the relay's metering.
         close_by_flags(relayed.memory.segment());
         table.add(relayed);
-        assert!(table.take_finished().is_empty());
+        assert!(table.take_finished(|_| ()).is_empty());
         drop(holds);
-        assert_eq!(ids(&table.take_finished()), [7]);
+        assert_eq!(ids(&table.take_finished(|_| ())), [7]);
     }
 
     #[test]
@@ -401,8 +422,8 @@ mod tests {
         let (busy, _busy_holds) = record(2, Carrier::Shared(pair(1)));
         table.add(busy);
         table.add(done);
-        assert!(table.reclaim(pair(2)).is_none(), "another pair");
-        assert_eq!(table.reclaim(pair(1)).map(|c| c.id.0), Some(1));
-        assert!(table.reclaim(pair(1)).is_none(), "taken once; the other is still in use");
+        assert!(table.reclaim(pair(2), |_| ()).is_none(), "another pair");
+        assert_eq!(table.reclaim(pair(1), |_| ()).map(|(c, ())| c.id.0), Some(1));
+        assert!(table.reclaim(pair(1), |_| ()).is_none(), "taken once; the other is still in use");
     }
 }

@@ -193,8 +193,8 @@ impl Daemon {
     /// between the same `pair` that both ends have closed and released,
     /// retiring that connection.
     pub fn reclaim(&self, pair: Pair) -> Option<(Segment, SegmentFiles)> {
-        let mut c = self.connections.reclaim(pair)?;
-        if let (Some(close), Some(log)) = (self.retire(&mut c), &self.flow_log) {
+        let (mut c, bytes) = self.connections.reclaim(pair, fold)?;
+        if let (Some(close), Some(log)) = (self.retire(&mut c, bytes), &self.flow_log) {
             // On the connect path: never wait for the log.
             log.record(close);
         }
@@ -220,11 +220,11 @@ impl Daemon {
     }
 
     fn reap_within(&self, patience: Duration) -> usize {
-        let finished = self.connections.take_finished();
+        let finished = self.connections.take_finished(fold);
         let retired = finished.len();
         let mut closes = Vec::new();
-        for mut c in finished {
-            closes.extend(self.retire(&mut c));
+        for (mut c, bytes) in finished {
+            closes.extend(self.retire(&mut c, bytes));
             if let (Carrier::Shared(pair), Memory::Files { segment, files }) = (&c.carrier, c.memory) {
                 if segment.reusable() {
                     self.segments.recycle(*pair, segment, files);
@@ -239,18 +239,12 @@ impl Daemon {
         retired
     }
 
-    /// Folds a closed connection's bytes into the counters, gives back its
-    /// quota, logs it, and returns its close record if there is a flow log.
-    /// Called exactly once per connection: by whoever took its record out
-    /// of the table. The totals are read once: the counters and the flow
-    /// log must agree to the byte.
-    fn retire(&self, c: &mut ConnectionRecord) -> Option<FlowRecord> {
-        let (up, down) = (c.bytes_client_to_server(), c.bytes_server_to_client());
-        let (client, server) = (&c.client.counters, &c.server.counters);
-        client.closed_bytes_sent.fetch_add(up, Ordering::Relaxed);
-        client.closed_bytes_received.fetch_add(down, Ordering::Relaxed);
-        server.closed_bytes_sent.fetch_add(down, Ordering::Relaxed);
-        server.closed_bytes_received.fetch_add(up, Ordering::Relaxed);
+    /// Gives back a closed connection's quota, logs it, and returns its
+    /// close record if there is a flow log. Called exactly once per
+    /// connection, by whoever took its record out of the table, with the
+    /// bytes [`fold`] counted for it (`up` from the client, `down` to
+    /// it): the counters and the flow log agree to the byte.
+    fn retire(&self, c: &mut ConnectionRecord, (up, down): (u64, u64)) -> Option<FlowRecord> {
         c.charge.give_back();
         tracing::debug!(id = %c.id, client = %c.client_addr, server = %c.server_addr,
             sent = up, received = down, "connection closed");
@@ -276,4 +270,17 @@ fn close_record(c: &ConnectionRecord, up: u64, down: u64) -> FlowRecord {
         bytes_server_to_client: Some(down),
         duration_ms: Some(now.duration_since(c.opened).map_or(0, |d| d.as_millis() as u64)),
     }
+}
+
+/// Folds connection `c`'s bytes into its guests' counters as it leaves the
+/// table (which is held meanwhile: a report sees it live or folded, never
+/// both or neither). Returns them, client to server first: read once.
+fn fold(c: &ConnectionRecord) -> (u64, u64) {
+    let (up, down) = (c.bytes_client_to_server(), c.bytes_server_to_client());
+    let (client, server) = (&c.client.counters, &c.server.counters);
+    client.closed_bytes_sent.fetch_add(up, Ordering::Relaxed);
+    client.closed_bytes_received.fetch_add(down, Ordering::Relaxed);
+    server.closed_bytes_sent.fetch_add(down, Ordering::Relaxed);
+    server.closed_bytes_received.fetch_add(up, Ordering::Relaxed);
+    (up, down)
 }

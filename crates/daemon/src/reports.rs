@@ -16,27 +16,42 @@ impl Daemon {
         // Bytes and counts of live connections, by guest (slot order).
         let slots = policy.slots();
         let mut live = vec![(0u64, 0u64, 0u64); slots.len()];
-        self.connections.each(|conn| {
-            let (up, down) = (conn.bytes_client_to_server(), conn.bytes_server_to_client());
-            for (slot, (sent, received, open)) in slots.iter().zip(live.iter_mut()) {
-                if Arc::ptr_eq(&conn.client, slot) {
-                    *sent += up;
-                    *received += down;
-                    *open += 1;
+        // The bytes of connections that closed, read with the table still
+        // held: each connection is counted once, live or closed.
+        let read_closed = || -> Vec<(u64, u64)> {
+            slots
+                .iter()
+                .map(|s| {
+                    let c = &s.counters;
+                    (c.closed_bytes_sent.load(Ordering::Relaxed), c.closed_bytes_received.load(Ordering::Relaxed))
+                })
+                .collect()
+        };
+        let closed = self.connections.snapshot(
+            |conn| {
+                let (up, down) = (conn.bytes_client_to_server(), conn.bytes_server_to_client());
+                for (slot, (sent, received, open)) in slots.iter().zip(live.iter_mut()) {
+                    if Arc::ptr_eq(&conn.client, slot) {
+                        *sent += up;
+                        *received += down;
+                        *open += 1;
+                    }
+                    if Arc::ptr_eq(&conn.server, slot) {
+                        *sent += down;
+                        *received += up;
+                        *open += 1;
+                    }
                 }
-                if Arc::ptr_eq(&conn.server, slot) {
-                    *sent += down;
-                    *received += up;
-                    *open += 1;
-                }
-            }
-        });
+            },
+            read_closed,
+        );
         config
             .guests()
             .map(|(id, g)| {
                 let slot = policy.slot(id);
                 let c = &slot.counters;
                 let (live_sent, live_received, open) = live[id.index()];
+                let (closed_sent, closed_received) = closed[id.index()];
                 GuestReport {
                     name: g.name.clone(),
                     vpc: config.vpc(g.vpc).name.clone(),
@@ -58,8 +73,8 @@ impl Daemon {
                     connections_in: c.connections_in.load(Ordering::Relaxed),
                     denied: c.denied.load(Ordering::Relaxed),
                     fallbacks: c.fallbacks.load(Ordering::Relaxed),
-                    bytes_sent: c.closed_bytes_sent.load(Ordering::Relaxed) + live_sent,
-                    bytes_received: c.closed_bytes_received.load(Ordering::Relaxed) + live_received,
+                    bytes_sent: closed_sent + live_sent,
+                    bytes_received: closed_received + live_received,
                     region_size: slot.vm_memory.get().map_or(0, |vm| vm.usage().1),
                     region_used: slot.vm_memory.get().map_or(0, |vm| vm.usage().0),
                 }
