@@ -222,6 +222,26 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> SysResult<usize> {
     raw!(libc::SYS_recvfrom, fd, buf.as_mut_ptr(), buf.len(), flags, 0usize, 0usize)
 }
 
+/// Takes (`exclusive`) or gives back this process's POSIX record lock
+/// over all of `fd`'s file, waiting while another process holds it (a
+/// process's locks go when it exits). Threads of one process do not
+/// exclude each other with it.
+pub fn record_lock(fd: RawFd, exclusive: bool) -> SysResult<()> {
+    let lock = libc::flock {
+        l_type: if exclusive { libc::F_WRLCK } else { libc::F_UNLCK } as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    loop {
+        match raw!(libc::SYS_fcntl, fd, libc::F_SETLKW, &lock as *const libc::flock) {
+            Err(Errno(libc::EINTR)) => {}
+            r => return r.map(drop),
+        }
+    }
+}
+
 /// Sends all of `bytes` on the stream socket `fd`, resuming after a
 /// signal.
 pub fn send_all(fd: RawFd, mut bytes: &[u8]) -> SysResult<()> {

@@ -16,7 +16,7 @@
 use super::{ControlChannel, Delivery, Receive};
 use crate::sys::{self, Errno, SysResult};
 use std::os::fd::RawFd;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use vsocket_abi::control::{
     Message, CONNECTION_FDS, FD_DOORBELL, FD_LIFELINE, FD_PEER_SEGMENT, FD_SEGMENT, MAX_MESSAGE,
 };
@@ -121,6 +121,8 @@ pub struct ControlSocket {
     fd: RawFd,
     /// A VM's stream: messages are framed, no descriptors travel.
     framed: bool,
+    /// Held by the thread reading a frame (see [`ControlSocket::receive`]).
+    reading: Mutex<()>,
 }
 
 impl Drop for ControlSocket {
@@ -133,7 +135,7 @@ impl ControlSocket {
     /// A channel over `fd`, already connected to a daemon (tests).
     #[cfg(test)]
     pub fn from_connected(fd: RawFd) -> ControlSocket {
-        ControlSocket { fd, framed: false }
+        ControlSocket { fd, framed: false, reading: Mutex::new(()) }
     }
 }
 
@@ -145,7 +147,7 @@ impl ControlChannel for ControlSocket {
         };
         let mut fd = [fd];
         sys::relocate_internal(&mut fd, internal_fd_floor());
-        let channel = ControlSocket { fd: fd[0], framed };
+        let channel = ControlSocket { fd: fd[0], framed, reading: Mutex::new(()) };
         // A daemon that stops answering (stopped, wedged) costs a request
         // this long, then the kernel path: never a hang.
         sys::setsockopt_timeout_ms(channel.fd, libc::SO_RCVTIMEO, REPLY_TIMEOUT_MS)?;
@@ -174,7 +176,20 @@ impl ControlChannel for ControlSocket {
             Receive::DontWait => libc::MSG_DONTWAIT,
         };
         if self.framed {
-            receive_frame(self.fd, flags)
+            // A listener's stream is shared by the threads that accept on
+            // it and by the processes forked with it (prefork servers,
+            // nginx's workers): a frame is read whole by one of them, or
+            // two would each take part of it and both lose their place.
+            // The mutex orders this process's threads, the record lock on
+            // the socket the processes. An accept reads without waiting,
+            // so they are held only while a frame that has begun to arrive
+            // is read (bounded by the channel's receive timeout); a process
+            // that dies holding the lock gives it back.
+            let _thread = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+            sys::record_lock(self.fd, true)?;
+            let frame = receive_frame(self.fd, flags);
+            let _ = sys::record_lock(self.fd, false);
+            frame
         } else {
             self::receive(self.fd, flags)
         }
