@@ -12,12 +12,17 @@
 //! touched.
 //!
 //! A connection reaches the bridge twice: when it is made (its VM end
-//! waits for the VM's bell stream, at most [`BELL_TIMEOUT`], then the
-//! connection is reset), and when the VM's library opens that bell
-//! stream. The thread sleeps in one epoll set holding every bell and a
-//! command eventfd.
+//! waits for the VM's bell stream), and when the VM's library opens that
+//! bell stream. A client's library opens it as its connect returns, so a
+//! client end waits at most [`BELL_TIMEOUT`]; a listener's end waits in
+//! its backlog, as long as a kernel connection would, until a program
+//! accepts it (the library opens the bell then) or the listener closes
+//! (then [`BELL_TIMEOUT`] more, for an accept that raced the close). A
+//! connection whose bell does not come is reset. The thread sleeps in one
+//! epoll set holding every bell and a command eventfd.
 
 use crate::fabric::local::{Heard, LocalEnd};
+use crate::ids::ListenerId;
 use crate::meter::Meter;
 use crate::placed::{Placed, RegionEnd, VmMemory};
 use std::collections::HashMap;
@@ -30,7 +35,8 @@ use vsocket_abi::layout::Endpoint;
 use vsocket_ring::RxState;
 use vsocket_sys::Epoll;
 
-/// How long a new connection waits for its VM's bell stream.
+/// How long a client's connection, or a connection left in a closed
+/// listener's backlog, waits for its VM's bell stream.
 pub const BELL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bytes copied at a time.
@@ -62,8 +68,15 @@ pub enum BridgeEnd {
     Ready(Box<dyn LocalEnd>),
     /// The daemon's end `mine` of a piece of VM `vm`'s region, waiting
     /// for that VM's bell stream; `holds` is the write end of the
-    /// record's lifeline for it, if the record has one.
-    Awaiting { vm: Arc<VmMemory>, placed: Arc<Placed>, mine: Endpoint, holds: Option<OwnedFd> },
+    /// record's lifeline for it, if the record has one; `backlog` the
+    /// listener whose backlog it waits in, if it is a server's end.
+    Awaiting {
+        vm: Arc<VmMemory>,
+        placed: Arc<Placed>,
+        mine: Endpoint,
+        holds: Option<OwnedFd>,
+        backlog: Option<ListenerId>,
+    },
 }
 
 impl BridgeEnd {
@@ -89,6 +102,11 @@ enum Command {
     Bell { id: u64, end: Endpoint, vm: Arc<VmMemory>, stream: OwnedFd },
     /// Connection `id` was not made after all: forget it.
     Cancel { id: u64 },
+    /// A VM's listener closed: what waits in its backlog waits
+    /// [`BELL_TIMEOUT`] more.
+    ListenerClosed { listener: ListenerId },
+    /// Connection `id` is reset (a policy change): both ends hear it now.
+    Reset { id: u64 },
 }
 
 impl Bridge {
@@ -131,15 +149,58 @@ impl Bridge {
     pub fn cancel(&self, id: u64) {
         self.send(Command::Cancel { id });
     }
+
+    /// VM listener `listener` closed: connections still in its backlog
+    /// are reset unless accepted within [`BELL_TIMEOUT`].
+    pub fn listener_closed(&self, listener: ListenerId) {
+        self.send(Command::ListenerClosed { listener });
+    }
+
+    /// Resets connection `id` at both ends and wakes them (a connection
+    /// the bridge does not carry is ignored).
+    pub fn reset(&self, id: u64) {
+        self.send(Command::Reset { id });
+    }
 }
 
 /// A connection waiting for its VMs' bell streams.
 struct Waiting {
     ends: [BridgeEnd; 2],
     meter: Arc<Meter>,
-    since: Instant,
+    /// When end `i`, if it still waits, has waited too long (none while
+    /// it is in an open listener's backlog).
+    deadlines: [Option<Instant>; 2],
     /// Which ends are VMs' pieces (see [`Pair::pinned`]).
     pinned: [bool; 2],
+}
+
+impl Waiting {
+    fn new(ends: [BridgeEnd; 2], meter: Arc<Meter>, now: Instant) -> Waiting {
+        let pinned = [0, 1].map(|i| matches!(ends[i], BridgeEnd::Awaiting { .. }));
+        let deadlines = [0, 1].map(|i| match &ends[i] {
+            BridgeEnd::Awaiting { backlog: None, .. } => Some(now + BELL_TIMEOUT),
+            BridgeEnd::Awaiting { backlog: Some(_), .. } | BridgeEnd::Ready(_) => None,
+        });
+        Waiting { ends, meter, deadlines, pinned }
+    }
+
+    /// Has an end that still waits for its bell waited too long?
+    fn expired(&self, now: Instant) -> bool {
+        (0..2)
+            .any(|i| matches!(self.ends[i], BridgeEnd::Awaiting { .. }) && self.deadlines[i].is_some_and(|d| now >= d))
+    }
+
+    /// Listener `listener` closed: an end in its backlog waits at most
+    /// [`BELL_TIMEOUT`] from `now`.
+    fn listener_closed(&mut self, listener: ListenerId, now: Instant) {
+        for i in 0..2 {
+            if let BridgeEnd::Awaiting { backlog: Some(l), .. } = &self.ends[i] {
+                if *l == listener && self.deadlines[i].is_none() {
+                    self.deadlines[i] = Some(now + BELL_TIMEOUT);
+                }
+            }
+        }
+    }
 }
 
 /// One carried connection.
@@ -186,10 +247,11 @@ impl Pump {
         // Connections whose turn ended with more to move.
         let mut again: Vec<u64> = Vec::new();
         loop {
-            let timeout = match (again.is_empty(), self.waiting.is_empty()) {
+            let timed = self.waiting.values().any(|w| w.deadlines.iter().any(Option::is_some));
+            let timeout = match (again.is_empty(), timed) {
                 (false, _) => 0,
-                (true, true) => -1,
-                (true, false) => 100,
+                (true, false) => -1,
+                (true, true) => 100,
             };
             if let Err(e) = self.epoll.wait(timeout, &mut events) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -241,13 +303,32 @@ impl Pump {
     fn command(&mut self, command: Command) -> Option<u64> {
         match command {
             Command::Await { id, ends, meter } => {
-                let pinned = [0, 1].map(|i| matches!(ends[i], BridgeEnd::Awaiting { .. }));
-                self.waiting.insert(id, Waiting { ends, meter, since: Instant::now(), pinned });
+                self.waiting.insert(id, Waiting::new(ends, meter, Instant::now()));
                 None
             }
             Command::Cancel { id } => {
                 self.waiting.remove(&id);
                 None
+            }
+            Command::ListenerClosed { listener } => {
+                let now = Instant::now();
+                for waiting in self.waiting.values_mut() {
+                    waiting.listener_closed(listener, now);
+                }
+                None
+            }
+            Command::Reset { id } => {
+                if let Some(w) = self.waiting.remove(&id) {
+                    for end in &w.ends {
+                        end.reset();
+                    }
+                }
+                let pair = self.pairs.get_mut(&id)?;
+                for end in &pair.ends {
+                    reset(end.as_ref());
+                }
+                pair.ended = [true; 2];
+                Some(id)
             }
             Command::Bell { id, end, vm, stream } => {
                 // The VM's process holds the end the daemon is not.
@@ -259,7 +340,7 @@ impl Pump {
                     tracing::warn!(connection = id, "bridge: a bell stream for no connection of that VM; closed");
                     return None;
                 }
-                let Waiting { ends, meter, since, pinned } = self.waiting.remove(&id)?;
+                let Waiting { ends, meter, deadlines, pinned } = self.waiting.remove(&id)?;
                 let mut stream = Some(stream);
                 let ends = ends.map(|e| {
                     if !awaited(&e) {
@@ -274,7 +355,7 @@ impl Pump {
                 });
                 let [BridgeEnd::Ready(first), BridgeEnd::Ready(second)] = ends else {
                     // Another VM end still waits for its bell.
-                    self.waiting.insert(id, Waiting { ends, meter, since, pinned });
+                    self.waiting.insert(id, Waiting { ends, meter, deadlines, pinned });
                     return None;
                 };
                 let pair =
@@ -293,8 +374,8 @@ impl Pump {
 
     /// Resets connections whose VM never opened their bell stream.
     fn expire(&mut self) {
-        let late: Vec<u64> =
-            self.waiting.iter().filter(|(_, w)| w.since.elapsed() >= BELL_TIMEOUT).map(|(&id, _)| id).collect();
+        let now = Instant::now();
+        let late: Vec<u64> = self.waiting.iter().filter(|(_, w)| w.expired(now)).map(|(&id, _)| id).collect();
         for id in late {
             if let Some(w) = self.waiting.remove(&id) {
                 tracing::warn!(connection = id, "bridge: a VM opened no bell stream; connection reset");
@@ -504,6 +585,48 @@ mod tests {
         for from in 0..2 {
             assert!(matches!(rig.pair.pump(from, &mut buf), Pumped::Idle));
         }
+    }
+
+    #[test]
+    fn a_client_waits_for_its_bell_briefly_and_a_backlog_while_its_listener_lives() {
+        let dir = std::env::temp_dir().join(format!("vsocket-bridge-waits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vm = Arc::new(VmMemory::create(&dir.join("region"), 1 << 20).unwrap());
+        let awaiting = |mine, backlog| BridgeEnd::Awaiting {
+            vm: vm.clone(),
+            placed: Arc::new(vm.place(4096).unwrap()),
+            mine,
+            holds: None,
+            backlog,
+        };
+        let (listener, other) = (ListenerId(3), ListenerId(4));
+        let start = Instant::now();
+        let meter = Arc::new(Meter::default());
+        // VM to VM: the client's end has BELL_TIMEOUT, the server's is in
+        // listener 3's backlog.
+        let mut waiting =
+            Waiting::new([awaiting(Endpoint::Client, Some(listener)), awaiting(Endpoint::Server, None)], meter, start);
+        assert!(!waiting.expired(start + BELL_TIMEOUT - Duration::from_millis(1)));
+        assert!(waiting.expired(start + BELL_TIMEOUT));
+        // Once the client's bell came, the server's waits on, however long.
+        let BridgeEnd::Awaiting { placed, .. } = &waiting.ends[1] else { unreachable!() };
+        let (bell, _guest) = vsocket_sys::stream_pair().unwrap();
+        waiting.ends[1] = BridgeEnd::Ready(Box::new(RegionEnd::with(placed.clone(), Endpoint::Server, bell, None)));
+        let late = start + Duration::from_secs(3600);
+        assert!(!waiting.expired(late));
+        // Another listener's close changes nothing; its own gives an
+        // accept that raced it BELL_TIMEOUT more.
+        waiting.listener_closed(other, late);
+        assert!(!waiting.expired(late + Duration::from_secs(3600)));
+        waiting.listener_closed(listener, late);
+        assert!(!waiting.expired(late + BELL_TIMEOUT - Duration::from_millis(1)));
+        assert!(waiting.expired(late + BELL_TIMEOUT));
+        // A second close does not put the deadline off.
+        waiting.listener_closed(listener, late + Duration::from_secs(4));
+        assert!(waiting.expired(late + BELL_TIMEOUT));
+        drop(waiting);
+        assert_eq!(vm.usage().0, 0, "the pieces are given back once the bridge lets go");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -432,7 +432,17 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
     // The bridge learns of a VM's connection before the VM can name it
     // (before its `IncomingAt` or `ConnectedAt` goes out).
     let vm_ends = client_piece.is_some() || server_piece.is_some();
-    let bridged = bridge_ends(client_piece, server_piece, holds, &mut client_kit, &mut server_kit, &carrier, ring_size);
+    // A piece names its connection, so that a VM's library that maps a
+    // piece it was told of too late (placed again since) knows it.
+    for (_, placed) in client_piece.iter().chain(&server_piece) {
+        placed.segment().set_connection_id(id.0);
+    }
+    let backlog = match server {
+        ServerEnd::Listener(listener) => Some(listener.id),
+        ServerEnd::Host { .. } => None,
+    };
+    let pieces = Pieces { client: client_piece, server: server_piece, backlog };
+    let bridged = bridge_ends(pieces, holds, &mut client_kit, &mut server_kit, &carrier, ring_size);
     let bridge = daemon.bridge.get();
     match (bridged, bridge) {
         (Some((ends, meter)), Some(bridge)) => bridge.carry(id.0, ends, meter),
@@ -517,14 +527,21 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
     Ok(Made { info, client: client_kit })
 }
 
+/// The VMs' pieces of a connection, and the listener (if the server is
+/// one) whose backlog the server's waits in.
+struct Pieces<'a> {
+    client: Option<(&'a Arc<VmMemory>, Arc<Placed>)>,
+    server: Option<(&'a Arc<VmMemory>, Arc<Placed>)>,
+    backlog: Option<crate::ids::ListenerId>,
+}
+
 /// What the bridge carries for a connection with a VM at one end or both:
 /// the VMs' pieces, waiting for their bells, and the daemon's end of the
 /// other's segment (taken out of its kit, which then names the piece), with
 /// the connection's meter. End 1 is the one metered: the client where the
 /// record's carrier says the daemon is the server, and so on.
 fn bridge_ends(
-    client_piece: Option<(&Arc<VmMemory>, Arc<Placed>)>,
-    server_piece: Option<(&Arc<VmMemory>, Arc<Placed>)>,
+    pieces: Pieces<'_>,
     holds: [Option<OwnedFd>; 2],
     client_kit: &mut ClientKit,
     server_kit: &mut ServerKit,
@@ -532,11 +549,15 @@ fn bridge_ends(
     ring_size: u32,
 ) -> Option<([BridgeEnd; 2], Arc<Meter>)> {
     let Carrier::Relayed { meter, .. } = carrier else { return None };
-    let awaiting = |(vm, placed): (&Arc<VmMemory>, Arc<Placed>), mine, holds| BridgeEnd::Awaiting {
+    let Pieces { client: client_piece, server: server_piece, backlog } = pieces;
+    // The daemon's end is the peer of the VM's: a server's piece (the
+    // daemon its client) waits in its listener's backlog.
+    let awaiting = |(vm, placed): (&Arc<VmMemory>, Arc<Placed>), mine: Endpoint, holds| BridgeEnd::Awaiting {
         vm: vm.clone(),
         placed,
         mine,
         holds,
+        backlog: if mine == Endpoint::Client { backlog } else { None },
     };
     let [client_holds, server_holds] = holds;
     let ends = match (client_piece, server_piece) {

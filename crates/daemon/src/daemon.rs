@@ -136,6 +136,12 @@ impl Daemon {
             }
             let Err(why) = c.allowed_by(policy) else { return };
             c.reset();
+            // A VM's end is the bridge's to reset (the record holds only
+            // one side of it), and the bridge wakes both ends; it ignores
+            // a relayed connection it does not carry (another host's).
+            if let (Carrier::Relayed { .. }, Some(bridge)) = (&c.carrier, self.bridge.get()) {
+                bridge.reset(c.id.0);
+            }
             count += 1;
             tracing::info!(id = %c.id, client = %c.client_addr, server = %c.server_addr, decided_by = %why,
                 "connection reset by a policy change");

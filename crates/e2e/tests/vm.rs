@@ -643,6 +643,68 @@ fn a_vms_attachment_gone_ends_its_connections_on_both_sides() {
     assert!(wait_until(Duration::from_secs(10), pieces_back), "{}", lab.daemon_log());
 }
 
+/// Servers in a VM accept as real servers do, with real clients in a
+/// namespace guest: four prefork workers share one listening socket
+/// (every answer whole and right, whichever worker reads the
+/// announcement), a listener that accepts only after its clients waited
+/// in its backlog longer than a client's bell may take still gets them,
+/// and a policy change that denies a connection resets it at both ends
+/// at once, the VM's end (behind the bridge) included.
+#[test]
+fn servers_in_a_vm_accept_as_they_would_from_the_kernel() {
+    let (image, host) = vm_host("on_policy_change = \"reset\"");
+    let body = BODY
+        .replace("addresses = [\"10.10.0.4\"]", "addresses = [\"10.10.0.4\"]\nsecurity_groups = [\"web\"]")
+        .replace("ports = \"7600\"", "ports = \"7600-7603\"");
+    let mut lab = Lab::start_host("tvmaccept", &body, &host).unwrap();
+    let paths = backend_of(&lab, "v");
+    let acceptors = asset("vm_acceptors.py").to_string_lossy().into_owned();
+    // The late listener accepts this long after listening: its clients
+    // wait three times as long as a client's bell may take (the bridge's
+    // BELL_TIMEOUT, 5 s).
+    let delay = 15;
+    let script = format!(
+        "ip link set lo up && ip addr add 10.10.0.4/32 dev lo || exit 1\n\
+         python3 {acceptors} serve 10.10.0.4 {delay}\nsleep 600\n"
+    );
+    let vm = Background::start(&image, &vm_boot(&attached(&script), &paths), lab.dir.join("console.log"));
+    let served = wait_until(Duration::from_secs(120), || listening(&lab, "v", 3));
+    assert!(served, "no listeners:\n{}", vm.console());
+    let client = |what: &[&str], log: &str, lab: &mut Lab| {
+        let mut args = vec![acceptors.as_str(), what[0], "10.10.0.4"];
+        args.extend_from_slice(&what[1..]);
+        lab.spawn("b", Via::Vsocket, "python3", &args, log).unwrap();
+    };
+    client(&["late"], "late.log", &mut lab);
+    let log = |lab: &Lab, name: &str| std::fs::read_to_string(lab.dir.join(name)).unwrap_or_default();
+    let burst = lab.run_ok("b", Via::Vsocket, "python3", &[&acceptors, "burst", "10.10.0.4", "160"]).unwrap();
+    let context = |lab: &Lab| format!("{}\n{}", vm.console(), lab.daemon_log());
+    let workers: u32 = line_after(&burst, "burst ok 160 workers ")
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("{burst}\n{}", context(&lab)));
+    assert!(workers >= 2, "one worker took every connection: the test shows nothing\n{burst}");
+    let late = wait_until(Duration::from_secs(120), || log(&lab, "late.log").contains("late ok"));
+    assert!(late, "late.log: {}\n{}", log(&lab, "late.log"), context(&lab));
+    assert!(!lab.daemon_log().contains("opened no bell stream"), "{}", context(&lab));
+    // A held connection, then a policy change that denies it. The client
+    // in b does not read for a while: the VM must hear of the reset from
+    // the daemon, not from b's program closing its end.
+    client(&["hold", "20"], "hold.log", &mut lab);
+    let held = wait_until(Duration::from_secs(60), || {
+        vm.console().contains("held: accepted") && log(&lab, "hold.log").contains("hold: connected")
+    });
+    assert!(held, "hold.log: {}\n{}", log(&lab, "hold.log"), context(&lab));
+    let removed = lab.ctl_output(&["member", "remove", "v", "web"]).unwrap();
+    assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+    let vm_reset = wait_until(Duration::from_secs(10), || vm.console().contains("held: reset"));
+    assert!(vm_reset, "hold.log: {}\n{}", log(&lab, "hold.log"), context(&lab));
+    assert!(!log(&lab, "hold.log").contains("hold: reset"), "b's client read too early to show anything");
+    let b_reset = wait_until(Duration::from_secs(60), || log(&lab, "hold.log").contains("hold: reset"));
+    assert!(b_reset, "hold.log: {}\n{}", log(&lab, "hold.log"), context(&lab));
+    assert_eq!(lab.ctl("status").unwrap()["policy_resets"], 1);
+    assert_eq!(lab.counter("b", "fallbacks"), 0);
+}
+
 /// The lab boots a config's VM guests (QEMU with the guest agent, once
 /// vsocketd serves each), `vsocket run --guest VM` runs programs in them
 /// with the library loaded and gives back their output and exit status,

@@ -317,6 +317,9 @@ fn serve_listener<C: ProcessChannel>(
     let _ = watcher.next_message();
     daemon.listeners.remove(&record);
     daemon.segments.listener_closed(record.id);
+    if let (Some(_), Some(bridge)) = (&record.vm, daemon.bridge.get()) {
+        bridge.listener_closed(record.id);
+    }
     tracing::info!(guest = %name, address = %local, "listener closed");
 }
 

@@ -54,7 +54,14 @@ pub fn map(offset: u64, info: &ConnectionInfo, end: Endpoint) -> SysResult<Segme
     // The mapping outlives the descriptor: no descriptor is kept.
     let mapped = sys::with_borrowed(fd, |region| Segment::map_placed(region, offset, info.ring_size, end));
     let _ = sys::close(fd);
-    mapped.map_err(|_| Errno(libc::EPROTO))
+    let segment = mapped.map_err(|_| Errno(libc::EPROTO))?;
+    // A piece names its connection: one that names another was given back
+    // and placed again before this end came to map it (its connection was
+    // reset meanwhile). A daemon older than the naming leaves it 0.
+    if (0..2).any(|half| ![info.id, 0].contains(&segment.connection_id(half))) {
+        return Err(Errno(libc::ECONNRESET));
+    }
+    Ok(segment)
 }
 
 /// What comes with a `ConnectedAt` or `IncomingAt` for end `end` of
