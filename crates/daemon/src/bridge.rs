@@ -358,11 +358,20 @@ impl Pump {
                     self.waiting.insert(id, Waiting { ends, meter, deadlines, pinned });
                     return None;
                 };
-                let pair =
+                let mut pair =
                     Pair { ends: [first, second], meter, gone: [false; 2], ended: [false; 2], pinned, finished: false };
                 for (i, end) in pair.ends.iter().enumerate() {
                     if let Err(e) = self.epoll.add(end.bell(), libc::EPOLLIN as u32, id << 1 | i as u64) {
-                        tracing::error!(error = %e, "bridge: cannot watch a bell");
+                        // Unwatched, it would never move: reset it now. Its
+                        // pieces stay pinned (kept until the daemon ends),
+                        // as nothing can tell when its VM lets go of them.
+                        tracing::error!(connection = id, error = %e, "bridge: cannot watch a bell; connection reset");
+                        for end in &pair.ends {
+                            reset(end.as_ref());
+                        }
+                        pair.ended = [true; 2];
+                        pair.pinned = [true; 2];
+                        break;
                     }
                 }
                 tracing::debug!(connection = id, "bridge: carrying");
@@ -466,6 +475,8 @@ impl Pair {
                             match tx.space() {
                                 Ok(0) => return Pumped::Idle,
                                 Ok(_) => continue,
+                                // Closed meanwhile: the next step says so.
+                                Err(vsocket_ring::RingError::PeerClosed) => continue,
                                 Err(_) => return Pumped::Corrupt,
                             }
                         }
