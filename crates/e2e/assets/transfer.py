@@ -2,12 +2,14 @@
 """Checksummed bulk transfer over TCP, both ends driven by epoll.
 
     transfer.py serve ADDR PORT
+    transfer.py rounds ADDR PORT STOPFILE
     transfer.py send ADDR PORT BYTES SEED
 
 The sender streams BYTES of pseudo-random data (from SEED) in random chunk
 sizes, non-blocking, waiting with epoll; the server reads with epoll in
 random chunk sizes. Each prints "bytes=N sha256=HEX", so a test can check
-that what arrived is exactly what was sent.
+that what arrived is exactly what was sent. `rounds` serves one sender
+after another, each as `serve` does, until the file STOPFILE exists.
 """
 import hashlib
 import random
@@ -78,5 +80,9 @@ def send(addr, port, nbytes, seed):
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1] == "rounds":
+        import os
+        while not os.path.exists(sys.argv[4]):
+            serve(sys.argv[2], int(sys.argv[3]))
     else:
         send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

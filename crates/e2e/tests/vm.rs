@@ -439,21 +439,41 @@ fn a_vm_on_one_host_reaches_a_guest_on_another_over_the_fabric() {
 /// A VM that scribbles over its whole region (headers, indices, flags,
 /// random bytes) while it holds connections breaks only its own
 /// connections: the daemon goes on, a transfer between two other guests
-/// arrives intact meanwhile, the VM's next connection works, and the
-/// daemon's descriptors and the VM's pieces come back.
+/// arrives intact meanwhile, and so do the rounds of a transfer a second
+/// VM makes through the bridge the whole time; the VM's next connection
+/// works, and the daemon's descriptors and the VM's pieces come back.
 #[test]
 fn a_vm_scribbling_on_its_region_breaks_only_its_own_connections() {
     const BYTES: u64 = 256 << 20;
     let (image, host) = vm_host("");
     let body = format!(
-        "{}\n[[guest]]\nname = \"a\"\nvpc = \"blue\"\naddresses = [\"10.10.0.2\"]\n",
-        BODY.replace("ports = \"7600\"", "ports = \"7600-7601\"")
+        "{}\n[[guest]]\nname = \"a\"\nvpc = \"blue\"\naddresses = [\"10.10.0.2\"]\n{}",
+        BODY.replace("ports = \"7600\"", "ports = \"7600-7602\""),
+        second_vm("w", "blue", "10.10.0.5", 6, "")
     );
     let mut lab = Lab::start_host("tvmhost", &body, &host).unwrap();
     serve_redis(&mut lab, 7600);
     let transfer = serve_transfer(&mut lab, 7601);
+    // The second VM sends 32 MiB rounds to b, one after another, until b
+    // stops serving them (told by a file here) and its next is refused.
+    let rounds_log = lab.dir.join("rounds.log");
+    let stop = lab.dir.join("stop-rounds");
+    let stop_s = stop.to_string_lossy().into_owned();
+    let serve_rounds = [transfer.as_str(), "rounds", "10.10.0.3", "7602", &stop_s];
+    lab.spawn("b", Via::Vsocket, "python3", &serve_rounds, "rounds.log").unwrap();
+    lab.wait_listening("b", 7602).unwrap();
+    let w_script = attached(&format!(
+        "i=0; while python3 {transfer} send 10.10.0.3 7602 {} $i 2>/dev/null; do i=$((i+1)); done\n",
+        32 << 20
+    ));
+    let w_paths = backend_of(&lab, "w");
+    let w = Background::start(&image, &vm_boot(&w_script, &w_paths), lab.dir.join("w-console.log"));
+    let rounds = || std::fs::read_to_string(&rounds_log).unwrap_or_default().lines().count();
+    let flowing = wait_until(Duration::from_secs(120), || rounds() >= 1);
+    assert!(flowing, "the second VM's rounds: {}\n{}", w.console(), lab.daemon_log());
     let paths = backend_of(&lab, "v");
     let before = lab.daemon_fds().unwrap();
+    let rounds_before = rounds();
     let script = attached(&format!("python3 {} hold 10.10.0.3 7600\n", asset("vm_hostile.py").display()));
     let vm = Background::start(&image, &vm_boot(&script, &paths), lab.dir.join("console.log"));
     let held = wait_until(Duration::from_secs(120), || vm.console().contains("held 4"));
@@ -473,6 +493,19 @@ fn a_vm_scribbling_on_its_region_breaks_only_its_own_connections() {
     let pong = lab.run_ok("a", Via::Vsocket, "redis-cli", &["-h", "10.10.0.3", "-p", "7600", "ping"]).unwrap();
     assert_eq!(pong.trim(), "PONG");
     let sent = sent.unwrap().unwrap();
+    // The second VM's rounds went on through the bridge meanwhile, each
+    // arriving as sent.
+    let rounds_during = rounds() - rounds_before;
+    std::fs::write(&stop, "").unwrap();
+    let w_status = w.wait_exit(Duration::from_secs(120));
+    let w_out = w.console();
+    assert!(w_status.is_some(), "the second VM's rounds did not stop: {w_out}\n{}", lab.daemon_log());
+    let w_sent: Vec<&str> = w_out.lines().map(str::trim).filter(|l| l.starts_with("bytes=")).collect();
+    let served = std::fs::read_to_string(&rounds_log).unwrap();
+    let w_received: Vec<&str> = served.lines().map(str::trim).collect();
+    assert_eq!(w_sent, w_received, "the second VM's rounds were touched");
+    assert!(rounds_during >= 1, "no round of the second VM ended while the first VM ran");
+    eprintln!("the second VM sent {} rounds, {rounds_during} while the first ran", w_sent.len());
     lab.stop_background();
     let received = std::fs::read_to_string(lab.dir.join("server.log")).unwrap();
     assert_eq!(received.trim(), sent.trim(), "the other guests' transfer was touched");
@@ -715,6 +748,10 @@ fn the_lab_boots_vm_guests_and_runs_programs_in_them() {
     let body = BODY.replace("addresses = [\"10.10.0.4\"]", "addresses = [\"10.10.0.4\"]\nsecurity_groups = [\"web\"]");
     let mut lab = Lab::start_host("tvmagent", &body, &host).unwrap();
     serve_redis(&mut lab, 7600);
+    // Before the VM boots, vsocket run says so at once.
+    let early = lab.run("v", Via::Vsocket, "true", &[]).unwrap();
+    assert_eq!(early.status.code(), Some(1), "{early:?}");
+    assert!(String::from_utf8_lossy(&early.stderr).contains("VM guest v is not running"), "{early:?}");
     let said = lab.boot_vms().unwrap();
     assert!(said.contains("vm v: booting"), "{said}");
     // Output, error output and the exit status come back.
@@ -745,6 +782,39 @@ fn the_lab_boots_vm_guests_and_runs_programs_in_them() {
     assert_eq!(got.trim(), "from-the-lab");
     assert_eq!(lab.counter("v", "connections_out"), 2);
     assert_eq!(lab.counter("v", "fallbacks"), 0);
+    // The program's input is vsocket run's: a mebibyte piped in comes
+    // out whole.
+    let input: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let mut piped = lab.command("v", Via::Vsocket, "sha256sum", &[]);
+    let mut child = piped
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input).map(|()| input));
+    let out = child.wait_with_output().unwrap();
+    let input = feeder.join().unwrap().unwrap();
+    let mut local =
+        std::process::Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut local.stdin.take().unwrap(), &input).unwrap();
+    let expected = local.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&expected.stdout));
+    // vsocket run killed: the program in the VM, and what it started, die
+    // with it rather than run on unseen.
+    let mut held = lab.command("v", Via::Vsocket, "sh", &["-c", "sleep 997 & echo started; exec sleep 998"]);
+    let mut held = held.stdin(Stdio::null()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut started = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(held.stdout.take().unwrap()), &mut started).unwrap();
+    assert_eq!(started, "started\n");
+    let count = || lab.run("v", Via::Kernel, "pgrep", &["-c", "-f", "sleep 99[78]"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&count().stdout).trim(), "2");
+    held.kill().unwrap();
+    let _ = held.wait();
+    let gone = wait_until(Duration::from_secs(20), || String::from_utf8_lossy(&count().stdout).trim() == "0");
+    assert!(gone, "the programs outlived vsocket run: {}", String::from_utf8_lossy(&count().stdout));
     // A program that cannot be started is said so, with its own code.
     let missing = lab.run("v", Via::Vsocket, "no-such-program", &[]).unwrap();
     assert_eq!(missing.status.code(), Some(127), "{missing:?}");

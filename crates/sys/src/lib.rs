@@ -110,6 +110,19 @@ pub fn vsock_listen(port: u32, backlog: i32) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The context id of the peer of the vsock stream `fd` (2: the host).
+pub fn vsock_peer_cid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: sockaddr_vm is plain data; all zeros is a valid start.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: `addr` has room for `len` bytes, which getpeername updates.
+    syscall!(unsafe { libc::getpeername(fd.as_raw_fd(), &mut addr as *mut _ as *mut libc::sockaddr, &mut len) })?;
+    if i32::from(addr.svm_family) != libc::AF_VSOCK {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a vsock stream"));
+    }
+    Ok(addr.svm_cid)
+}
+
 /// A connected pair of Unix stream sockets (a connection's doorbell).
 pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let (a, b) = raw::stream_pair()?;
@@ -334,6 +347,20 @@ pub fn die_with_parent(command: &mut std::process::Command) {
             Ok(())
         });
     }
+}
+
+/// Sends `signal` to every process of process group `group` (a child
+/// started with `process_group(0)`, which leads it). The caller must not
+/// have reaped the leader: until then the group's id cannot be reused.
+pub fn signal_group(group: u32, signal: i32) -> io::Result<()> {
+    // Group 0 (or 1, -1 once negated) would be the caller's own or all.
+    let group = libc::pid_t::try_from(group)
+        .ok()
+        .filter(|&g| g > 1)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill takes no pointers; a negative pid names a group.
+    syscall!(unsafe { libc::kill(-group, signal) })?;
+    Ok(())
 }
 
 /// Changes the file mode of `path`.

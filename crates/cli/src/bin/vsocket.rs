@@ -130,6 +130,18 @@ fn run_in_vm(args: &RunArgs) -> Option<Result<u8, Failure>> {
     let guest = config.guest_by_name(&args.guest)?;
     config.guest(guest).vm?;
     let runtime = |error: Box<dyn Error>| Failure { error, code: RUNTIME };
+    // Said at once, rather than after waiting for an agent that is not
+    // coming.
+    if !config.is_local(guest) {
+        let why = format!("VM guest {} runs on another host: run it there", args.guest);
+        return Some(Err(runtime(why.into())));
+    }
+    let booted =
+        vsocket_cli::vm::guests::status(&config).into_iter().any(|(name, pid)| name == args.guest && pid.is_some());
+    if !booted {
+        let why = format!("VM guest {} is not running (vsocket lab up, or vsocket lab vms, boots it)", args.guest);
+        return Some(Err(runtime(why.into())));
+    }
     let mut env = Vec::new();
     if !args.no_preload {
         let library = match run::library_path() {
@@ -144,8 +156,9 @@ fn run_in_vm(args: &RunArgs) -> Option<Result<u8, Failure>> {
     let request =
         agent::Request { program: text(&args.command[0]), args: args.command[1..].iter().map(text).collect(), env };
     let uds = vsocket_admin::paths::vm_paths(&config.host().run_dir, &args.guest).uds;
-    let ran = agent::connect(&uds, AGENT_WAIT)
-        .and_then(|stream| agent::run(stream, &request, &mut std::io::stdout().lock(), &mut std::io::stderr().lock()));
+    let ran = agent::connect(&uds, AGENT_WAIT).and_then(|stream| {
+        agent::run(stream, &request, std::io::stdin(), &mut std::io::stdout().lock(), &mut std::io::stderr().lock())
+    });
     Some(match ran {
         Ok(code) => Ok(u8::try_from(code).unwrap_or(1)),
         Err(e) => Err(runtime(Box::new(e))),

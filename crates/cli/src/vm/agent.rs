@@ -8,8 +8,11 @@
 //! backend's protocol for connections from the host). On that stream the
 //! host sends one [`Request`] (a length, then JSON) and the agent runs it,
 //! sending back the program's output and end as frames: a kind byte, a
-//! length, the bytes. Every length is bounded; anything malformed ends
-//! that stream only.
+//! length, the bytes. The host's own input goes the other way as
+//! [`Frame::Stdin`] frames, an empty one for its end. The stream ending
+//! before the program (`vsocket run` killed, its host gone) kills the
+//! program's process group, as a terminal's hang-up would. Every length is
+//! bounded; anything malformed ends that stream only.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -19,11 +22,15 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The vsock port the agent listens on in the VM.
 pub const AGENT_PORT: u32 = 5000;
+
+/// The host's vsock context id, the only peer the agent serves.
+const HOST_CID: u32 = 2;
 
 /// The longest request, and the longest frame.
 const MAX_LEN: usize = 1 << 20;
@@ -46,12 +53,15 @@ pub enum Frame {
     Exit(i32),
     /// The program could not be started: why.
     Failed(String),
+    /// Input for the program, from the host; empty: the end of it.
+    Stdin(Vec<u8>),
 }
 
 const STDOUT: u8 = 1;
 const STDERR: u8 = 2;
 const EXIT: u8 = 3;
 const FAILED: u8 = 4;
+const STDIN: u8 = 5;
 
 /// Why talking to the agent failed.
 #[derive(Debug)]
@@ -119,6 +129,7 @@ pub fn write_frame(to: &mut impl Write, frame: &Frame) -> io::Result<()> {
             (EXIT, &code)
         }
         Frame::Failed(why) => (FAILED, why.as_bytes()),
+        Frame::Stdin(bytes) => (STDIN, bytes),
     };
     let mut head = [kind, 0, 0, 0, 0];
     head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -148,6 +159,7 @@ pub fn read_frame(from: &mut impl Read) -> io::Result<Option<Frame>> {
             Frame::Exit(i32::from_le_bytes(code))
         }
         FAILED => Frame::Failed(String::from_utf8_lossy(&payload).into_owned()),
+        STDIN => Frame::Stdin(payload),
         other => return Err(invalid(format!("a frame of unknown kind {other}"))),
     }))
 }
@@ -161,7 +173,19 @@ pub fn serve() -> io::Result<()> {
     let listener = vsocket_sys::vsock_listen(AGENT_PORT, 64)?;
     loop {
         let stream = match vsocket_sys::accept(std::os::fd::AsFd::as_fd(&listener)) {
-            Ok(fd) => File::from(fd),
+            // Only the host runs programs here: a process in the VM that
+            // reached the port would run them as the agent (root).
+            Ok(fd) => match vsocket_sys::vsock_peer_cid(std::os::fd::AsFd::as_fd(&fd)) {
+                Ok(HOST_CID) => File::from(fd),
+                Ok(cid) => {
+                    eprintln!("vsocket agent: refused a stream from context {cid}, not the host");
+                    continue;
+                }
+                Err(e) => {
+                    eprintln!("vsocket agent: a stream with no peer: {e}");
+                    continue;
+                }
+            },
             Err(e) => {
                 eprintln!("vsocket agent: accept: {e}");
                 std::thread::sleep(Duration::from_millis(100));
@@ -179,8 +203,14 @@ pub fn serve() -> io::Result<()> {
 /// Runs one request from `stream` and sends its output and end back.
 fn run_one(mut stream: File) -> io::Result<()> {
     let request = read_request(&mut stream)?;
+    if let Some((name, _)) = request.env.iter().find(|(name, _)| name.is_empty() || name.contains(['=', '\0'])) {
+        return write_frame(&mut stream, &Frame::Failed(format!("{name:?} is no environment variable's name")));
+    }
     let mut command = Command::new(&request.program);
-    command.args(&request.args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command.args(&request.args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // Its own group, which leads nothing else: the host's going kills the
+    // program and whatever it started.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
     if std::env::var_os("PATH").is_none() {
         command.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     }
@@ -211,13 +241,51 @@ fn run_one(mut stream: File) -> io::Result<()> {
             .into_iter()
             .flatten()
             .collect();
-    let status = child.wait()?;
+    let host_gone = Arc::new(AtomicBool::new(false));
+    let (input, gone) = (stream.try_clone()?, host_gone.clone());
+    let stdin = child.stdin.take();
+    std::thread::spawn(move || take_input(input, stdin, &gone));
+    // Polled rather than waited for, so that the program is killed while
+    // it is still unreaped: its group's id cannot have been reused.
+    let mut killed = false;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if !killed && host_gone.load(Ordering::Relaxed) {
+            killed = true;
+            let _ = vsocket_sys::signal_group(child.id(), libc::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     for reader in readers {
         let _ = reader.join();
     }
     let code = status.code().or(status.signal().map(|signal| 128 + signal)).unwrap_or(1);
     let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
     write_frame(&mut *out, &Frame::Exit(code))
+}
+
+/// Passes the host's input frames from `stream` to the program's `stdin`
+/// (closed at the empty frame); sets `gone` when the stream ends, or
+/// carries anything else: the host is gone.
+fn take_input(mut stream: File, mut stdin: Option<std::process::ChildStdin>, gone: &AtomicBool) {
+    loop {
+        match read_frame(&mut stream) {
+            Ok(Some(Frame::Stdin(bytes))) if bytes.is_empty() => stdin = None,
+            Ok(Some(Frame::Stdin(bytes))) => {
+                // A program that closed its input, or exited, takes no
+                // more: the rest is dropped, as a pipe's reader gone.
+                if stdin.as_mut().is_some_and(|s| s.write_all(&bytes).is_err()) {
+                    stdin = None;
+                }
+            }
+            _ => {
+                gone.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
 }
 
 /// Opens a stream to the agent of the VM whose vsock backend listens on
@@ -251,15 +319,19 @@ fn try_connect(uds: &Path) -> io::Result<UnixStream> {
     Ok(stream)
 }
 
-/// Runs `request` through the agent on `stream`, writing the program's
-/// output to `stdout` and `stderr` as it comes; returns its exit code.
+/// Runs `request` through the agent on `stream`, passing it what comes on
+/// `stdin` (from a thread of its own) and writing the program's output to
+/// `stdout` and `stderr` as it comes; returns its exit code.
 pub fn run(
     mut stream: UnixStream,
     request: &Request,
+    stdin: impl Read + Send + 'static,
     stdout: &mut impl Write,
     stderr: &mut impl Write,
 ) -> Result<i32, AgentError> {
     write_request(&mut stream, request)?;
+    let input = stream.try_clone()?;
+    std::thread::spawn(move || give_input(stdin, input));
     loop {
         match read_frame(&mut stream).map_err(|e| AgentError::Malformed(e.to_string()))? {
             Some(Frame::Stdout(bytes)) => {
@@ -276,8 +348,29 @@ pub fn run(
                 return Ok(127);
             }
             None => return Err(AgentError::Malformed("the end of the stream before the program's".into())),
+            Some(Frame::Stdin(_)) => return Err(AgentError::Malformed("input frames".into())),
         }
     }
+}
+
+/// Sends what `from` holds to the agent on `to` as input frames, then the
+/// empty frame that ends it. The stream stays open: its end would tell the
+/// agent that this side is gone.
+fn give_input(mut from: impl Read, mut to: UnixStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if write_frame(&mut to, &Frame::Stdin(buf[..n].to_vec())).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let _ = write_frame(&mut to, &Frame::Stdin(Vec::new()));
 }
 
 #[cfg(test)]
@@ -299,6 +392,8 @@ mod tests {
             Frame::Stderr(vec![]),
             Frame::Exit(-3),
             Frame::Failed("no such file".into()),
+            Frame::Stdin(b"in".to_vec()),
+            Frame::Stdin(vec![]),
         ];
         let mut bytes = Vec::new();
         for frame in &frames {

@@ -77,8 +77,11 @@ pub fn start(config: &Config, config_path: &Path) -> Result<PathBuf, VmError> {
             .process_group(0)
             .spawn()
             .map_err(io_error(&me))?;
+        // The pid with its start time: a later process given the same pid
+        // (the VM long gone) is not taken for it.
         let pid = pid_file(config, &name);
-        std::fs::write(&pid, keeper.id().to_string()).map_err(io_error(&pid))?;
+        let started = start_time(keeper.id()).unwrap_or_default();
+        std::fs::write(&pid, format!("{} {started}", keeper.id())).map_err(io_error(&pid))?;
     }
     Ok(backend)
 }
@@ -147,14 +150,52 @@ pub fn status(config: &Config) -> Vec<(String, Option<u32>)> {
     vm_guests(config).into_iter().map(|(name, _, _)| (name.clone(), running(&pid_file(config, &name)))).collect()
 }
 
-/// The pid in `pid_path`, if that process is alive.
+/// The pid in `pid_path`, if that process is alive and is the one the
+/// file names (started when it says).
 fn running(pid_path: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_path).ok()?.trim().parse().ok()?;
-    process_alive(pid).then_some(pid)
+    let text = std::fs::read_to_string(pid_path).ok()?;
+    let mut words = text.split_whitespace();
+    let pid: u32 = words.next()?.parse().ok()?;
+    let started: Option<u64> = words.next().and_then(|w| w.parse().ok());
+    let same = started.is_none_or(|s| start_time(pid) == Some(s));
+    (same && process_alive(pid)).then_some(pid)
+}
+
+/// The fields of `/proc/PID/stat` after the command's name (which may
+/// hold spaces and parentheses), from the state on.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(')')?.1.split_whitespace().map(str::to_owned).collect())
+}
+
+/// When process `pid` started, in clock ticks after boot.
+fn start_time(pid: u32) -> Option<u64> {
+    // Field 22 of the stat line; the state is field 3.
+    stat_fields(pid)?.get(22 - 3)?.parse().ok()
 }
 
 fn process_alive(pid: u32) -> bool {
     // A zombie (exited, not yet reaped) counts as gone.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    stat_fields(pid).is_some_and(|fields| fields.first().is_some_and(|state| state != "Z"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_file_names_its_process_by_pid_and_start_time() {
+        let me = std::process::id();
+        let started = start_time(me).expect("this process has a start time");
+        let file = std::env::temp_dir().join(format!("vsocket-pidfile-{me}"));
+        let says = |text: String| {
+            std::fs::write(&file, text).unwrap();
+            running(&file)
+        };
+        assert_eq!(says(format!("{me} {started}")), Some(me));
+        assert_eq!(says(format!("{me} {}", started + 1)), None, "another process given the same pid");
+        assert_eq!(says(format!("{me}")), Some(me), "a file without a start time");
+        assert_eq!(says("not a pid".into()), None);
+        let _ = std::fs::remove_file(&file);
+    }
 }
