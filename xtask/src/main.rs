@@ -35,6 +35,8 @@ const PACKAGES: &[&str] = &[
     "libmemcached-tools",
     "wrk",
     "postgresql",
+    "etcd-server",
+    "etcd-client",
 ];
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
