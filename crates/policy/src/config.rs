@@ -417,12 +417,16 @@ pub enum Problem {
     UnknownHost(String),
     /// `no entry for this host "{0}" (host.name)`
     FabricWithoutThisHost(String),
+    /// `{0}`: an object of the store (see [`crate::store`]) that does not
+    /// read, or does not fit the host's own file.
+    Store(String),
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Empty => f.write_str("must not be empty"),
+            Self::Store(what) => f.write_str(what),
             Self::BadName(name) => write!(f, "\"{name}\" may use only a-z, 0-9 and '-', and may not start with '-'"),
             Self::NameTooLong { name, max } => {
                 write!(f, "\"{name}\" is longer than {max} characters")
@@ -510,9 +514,9 @@ impl fmt::Display for Problem {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
     host: RawHost,
-    fabric: Option<RawFabric>,
+    pub(crate) fabric: Option<RawFabric>,
     #[serde(default)]
-    vpc: Vec<RawVpc>,
+    pub(crate) vpc: Vec<RawVpc>,
     #[serde(default)]
     pub(crate) security_group: Vec<RawSecurityGroup>,
     #[serde(default)]
@@ -564,7 +568,7 @@ pub(crate) struct RawFabric {
     key_file: Option<PathBuf>,
     busy_poll_us: Option<i64>,
     #[serde(default)]
-    host: Vec<RawFabricHost>,
+    pub(crate) host: Vec<RawFabricHost>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -575,21 +579,21 @@ enum RawFabricKind {
     Ucx,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawFabricHost {
-    name: String,
+    pub(crate) name: String,
     address: String,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawVpc {
-    name: String,
+    pub(crate) name: String,
     cidr: String,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSecurityGroup {
     pub(crate) name: String,

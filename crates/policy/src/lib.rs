@@ -15,6 +15,8 @@
 //! - [`edit`]: a [`Document`], the config's content as written, and the
 //!   live [`Change`]s `vsocketctl` makes to it; each edited document is
 //!   validated as a whole, exactly as a file would be.
+//! - [`store`]: the tenant model as keys of a store (etcd), and a host's
+//!   file put together with what the store holds.
 //! - [`evaluate`](mod@evaluate): the evaluator, [`evaluate()`], which
 //!   applies the cloud defaults (ingress denied unless allowed, egress allowed
 //!   unless restricted) to a [`Flow`] and says which rule decided.
@@ -27,6 +29,7 @@ pub mod config;
 pub mod edit;
 pub mod evaluate;
 pub mod model;
+pub mod store;
 
 pub use cidr::Ipv4Cidr;
 pub use config::{load, load_document, parse, parse_document, ConfigError, Document, RulePeerSpec};
