@@ -21,6 +21,7 @@
 pub mod lab;
 pub mod rates;
 pub mod run;
+pub mod store;
 pub mod table;
 pub mod vm;
 

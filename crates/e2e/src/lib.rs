@@ -6,6 +6,10 @@
 //! Everything a lab creates (namespaces, daemon, servers) is removed when
 //! the [`Lab`] is dropped, also when a test fails.
 
+mod etcd;
+
+pub use etcd::Etcd;
+
 use serde_json::Value;
 use std::io;
 use std::path::{Path, PathBuf};

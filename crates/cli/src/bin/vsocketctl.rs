@@ -78,6 +78,19 @@ enum Command {
     /// Read the config file again and apply what changed (live edits made
     /// since are replaced by the file's content).
     Reload,
+    /// Write a config file's tenant model (VPCs, security groups, guests,
+    /// fabric hosts) into an etcd store, as one change: the hosts reading
+    /// the store apply it. Needs no daemon.
+    Import {
+        /// The config file whose model is written (validated first).
+        file: PathBuf,
+        /// The store's members, `http://HOST:PORT`, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+        /// The prefix the model's keys live under.
+        #[arg(long, default_value = vsocket_policy::store::DEFAULT_PREFIX)]
+        prefix: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -244,6 +257,9 @@ enum CtlError {
     Daemon(ClientError),
     /// `cannot print the daemon's reply: {0}`
     Print(serde_json::Error),
+    /// `{0}`: the store could not be used (bad endpoints, a conflict, etcd
+    /// unreachable).
+    Store(String),
 }
 
 impl fmt::Display for CtlError {
@@ -255,6 +271,7 @@ impl fmt::Display for CtlError {
             }
             Self::Daemon(e) => e.fmt(f),
             Self::Print(e) => write!(f, "cannot print the daemon's reply: {e}"),
+            Self::Store(e) => f.write_str(e),
         }
     }
 }
@@ -270,7 +287,7 @@ impl CtlError {
     fn exit_status(&self) -> i32 {
         match self {
             Self::Config(_) | Self::Interval(_) => 2,
-            Self::Daemon(_) | Self::Print(_) => 1,
+            Self::Daemon(_) | Self::Print(_) | Self::Store(_) => 1,
         }
     }
 }
@@ -301,6 +318,9 @@ fn run_dir(args: &Args) -> Result<PathBuf, CtlError> {
 }
 
 fn run(args: Args) -> Result<(), CtlError> {
+    if let Command::Import { file, etcd, prefix } = &args.command {
+        return import(file, etcd, prefix);
+    }
     let client = Client::new(vsocket_admin::admin_socket_path(&run_dir(&args)?));
     let output = if args.json { Output::Json } else { args.output };
     let json = output == Output::Json;
@@ -325,8 +345,8 @@ fn run(args: Args) -> Result<(), CtlError> {
         Command::Peers => show_rows(&client.peers()?, &table::PEERS, output),
         Command::Rates { interval } => show_rates(&client, interval, output),
         Command::Reload => show_applied(&client.reload()?, json),
-        Command::Rule { .. } | Command::Member { .. } | Command::Guest { .. } => {
-            unreachable!("live changes are handled above")
+        Command::Rule { .. } | Command::Member { .. } | Command::Guest { .. } | Command::Import { .. } => {
+            unreachable!("live changes and imports are handled above")
         }
     }
 }
@@ -400,5 +420,23 @@ fn show_applied(applied: &Applied, json: bool) -> Result<(), CtlError> {
     for error in &applied.errors {
         eprintln!("vsocketctl: {error}");
     }
+    Ok(())
+}
+
+/// `vsocketctl import`: writes `file`'s tenant model into the store.
+fn import(file: &std::path::Path, etcd: &[String], prefix: &str) -> Result<(), CtlError> {
+    let (document, _) = vsocket_policy::load_document(file).map_err(CtlError::Config)?;
+    let store =
+        vsocket_etcd::Client::new(etcd, Duration::from_secs(5)).map_err(|e| CtlError::Store(format!("--etcd: {e}")))?;
+    let layout = vsocket_policy::store::Layout::new(prefix);
+    let written = vsocket_cli::store::write_model(&store, &layout, &document)
+        .map_err(|e| CtlError::Store(format!("{}: {e}", store.endpoints()[0])))?;
+    println!(
+        "imported {}: generation {} ({} objects written, {} removed)",
+        file.display(),
+        written.generation,
+        written.put,
+        written.deleted
+    );
     Ok(())
 }

@@ -1,0 +1,135 @@
+//! Real etcd members (Debian's etcd-server) on loopback for tests: one, or
+//! a cluster, each member in a directory of its own, killed when dropped.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// An etcd cluster of one or more members on loopback.
+pub struct Etcd {
+    members: Vec<Option<Child>>,
+    commands: Vec<Command>,
+    dir: PathBuf,
+    /// Each member's client URL, `http://127.0.0.1:PORT`.
+    pub urls: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Etcd {
+    /// A cluster of `size` members named `NAME-0`.., started and healthy.
+    pub fn start(name: &str, size: usize) -> Etcd {
+        let dir = std::env::temp_dir().join(format!("vsocket-etcd-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let peers: Vec<String> =
+            ports.iter().enumerate().map(|(i, (_, peer))| format!("{name}-{i}=http://127.0.0.1:{peer}")).collect();
+        let urls: Vec<String> = ports.iter().map(|(client, _)| format!("http://127.0.0.1:{client}")).collect();
+        let mut commands = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let mut command = Command::new("etcd");
+            command
+                .arg("--name")
+                .arg(format!("{name}-{i}"))
+                .arg("--data-dir")
+                .arg(dir.join(format!("member-{i}")))
+                .arg("--listen-client-urls")
+                .arg(format!("http://127.0.0.1:{client}"))
+                .arg("--advertise-client-urls")
+                .arg(format!("http://127.0.0.1:{client}"))
+                .arg("--listen-peer-urls")
+                .arg(format!("http://127.0.0.1:{peer}"))
+                .arg("--initial-advertise-peer-urls")
+                .arg(format!("http://127.0.0.1:{peer}"))
+                .arg("--initial-cluster")
+                .arg(peers.join(","))
+                .arg("--initial-cluster-token")
+                .arg(name)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null());
+            commands.push(command);
+        }
+        let mut etcd = Etcd { members: Vec::new(), commands, dir, urls };
+        for i in 0..size {
+            let child = etcd.spawn(i);
+            etcd.members.push(Some(child));
+        }
+        etcd.wait_healthy();
+        etcd
+    }
+
+    fn spawn(&mut self, member: usize) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("member-{member}.log")))
+            .unwrap();
+        self.commands[member].stderr(log).spawn().expect("etcd (Debian's etcd-server) runs")
+    }
+
+    /// Every member's client URL, comma-separated (as `--etcd` takes them).
+    pub fn endpoints(&self) -> String {
+        self.urls.join(",")
+    }
+
+    /// Runs `etcdctl ARGS` against the cluster; its output, or its error.
+    pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("etcdctl")
+            .arg("--endpoints")
+            .arg(self.endpoints())
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .map_err(|e| format!("etcdctl: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Waits until the cluster answers a write.
+    pub fn wait_healthy(&self) {
+        let began = Instant::now();
+        while self.ctl(&["put", "/vsocket-test/ready", "1"]).is_err() {
+            assert!(began.elapsed() < Duration::from_secs(30), "etcd did not become healthy:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops member `member` (SIGKILL, as a crash).
+    pub fn kill(&mut self, member: usize) {
+        if let Some(mut child) = self.members[member].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `member` again, on its data.
+    pub fn restart(&mut self, member: usize) {
+        self.kill(member);
+        let child = self.spawn(member);
+        self.members[member] = Some(child);
+    }
+
+    /// What the members logged.
+    pub fn logs(&self) -> String {
+        (0..self.commands.len())
+            .map(|i| std::fs::read_to_string(self.dir.join(format!("member-{i}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for member in 0..self.members.len() {
+            self.kill(member);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,238 @@
+//! The tenant model in a real etcd (Debian's etcd-server, on loopback):
+//! the client (ranges at a revision, transactions that lose, watches
+//! across changes and compaction, leases) and `vsocketctl import`.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+use vsocket_e2e::Etcd;
+use vsocket_etcd::{Client, Compare, Event, Op, Watched};
+
+fn etcd(name: &str) -> Etcd {
+    Etcd::start(name, 1)
+}
+
+#[test]
+fn ranges_transactions_and_watches_against_a_real_etcd() {
+    let etcd = etcd("kv");
+    let client = Client::new(&["http://127.0.0.1:1".into(), etcd.urls[0].clone()], Duration::from_secs(2)).unwrap();
+    // The first endpoint answers nothing: the second is used.
+    let first = client.put(b"/t/a", b"1", 0).unwrap();
+    client.put(b"/t/b", b"2", 0).unwrap();
+    client.put(b"/u/c", b"3", 0).unwrap();
+    let (header, kvs) = client.range_prefix(b"/t/", 0).unwrap();
+    assert_eq!(
+        kvs.iter().map(|kv| (kv.key.as_slice(), kv.value.as_slice())).collect::<Vec<_>>(),
+        [(&b"/t/a"[..], &b"1"[..]), (&b"/t/b"[..], &b"2"[..])]
+    );
+    assert_eq!(header.cluster_id, first.cluster_id);
+    // As of the first put's revision, only that key was there.
+    let (_, then) = client.range_prefix(b"/t/", first.revision).unwrap();
+    assert_eq!(then.len(), 1);
+
+    // A transaction on a stale revision loses and changes nothing; on the
+    // current one it wins, whole.
+    let (_, a) = client.get(b"/t/a").unwrap();
+    let a = a.unwrap();
+    let ops = [
+        Op::Delete { key: b"/t/a".to_vec() },
+        Op::Delete { key: b"/t/b".to_vec() },
+        Op::Put { key: b"/t/z".to_vec(), value: b"9".to_vec(), lease: 0 },
+    ];
+    let stale = [Compare::ModRevision { key: b"/t/a".to_vec(), revision: a.mod_revision - 1 }];
+    assert!(!client.txn(&stale, &ops).unwrap().1);
+    assert_eq!(client.range_prefix(b"/t/", 0).unwrap().1.len(), 2);
+    let watch_from = client.status().unwrap().revision + 1;
+    let current = [Compare::ModRevision { key: b"/t/a".to_vec(), revision: a.mod_revision }];
+    let (done, won) = client.txn(&current, &ops).unwrap();
+    assert!(won);
+    let (_, now) = client.range_prefix(b"/t/", 0).unwrap();
+    assert_eq!(now.iter().map(|kv| kv.key.as_slice()).collect::<Vec<_>>(), [&b"/t/z"[..]]);
+
+    // A watch from before the transaction sees it as one revision.
+    let mut watch = client.watch_prefix(b"/t/", watch_from).unwrap();
+    let Watched::Events { header, events } = watch.next_message().unwrap() else { panic!("no events") };
+    assert_eq!(header.revision, done.revision);
+    let deleted = events.iter().filter(|e| matches!(e, Event::Delete(_))).count();
+    assert_eq!((deleted, events.len()), (2, 3), "{events:?}");
+    // And what comes after, as it comes.
+    client.put(b"/t/y", b"8", 0).unwrap();
+    let Watched::Events { events, .. } = watch.next_message().unwrap() else { panic!("no events") };
+    assert!(matches!(&events[..], [Event::Put(kv)] if kv.key == b"/t/y"));
+    // A prefix's deletion is one operation too.
+    client.txn(&[], &[Op::DeletePrefix { prefix: b"/t/".to_vec() }]).unwrap();
+    assert!(client.range_prefix(b"/t/", 0).unwrap().1.is_empty());
+    assert_eq!(client.range_prefix(b"/u/", 0).unwrap().1.len(), 1, "other prefixes stay");
+}
+
+#[test]
+fn a_watch_from_a_compacted_revision_says_so() {
+    let etcd = etcd("compact");
+    let client = Client::new(std::slice::from_ref(&etcd.urls[0]), Duration::from_secs(2)).unwrap();
+    let old = client.put(b"/t/a", b"1", 0).unwrap();
+    client.put(b"/t/a", b"2", 0).unwrap();
+    let latest = client.put(b"/t/a", b"3", 0).unwrap();
+    let out = Command::new("etcdctl")
+        .args(["--endpoints", &etcd.urls[0], "compact", &latest.revision.to_string()])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut watch = client.watch_prefix(b"/t/", old.revision).unwrap();
+    assert!(
+        matches!(watch.next_message().unwrap(), Watched::Compacted { compact_revision } if compact_revision == latest.revision)
+    );
+    assert!(matches!(client.range_prefix(b"/t/", old.revision), Err(vsocket_etcd::Error::Compacted { .. })));
+}
+
+#[test]
+fn a_key_on_a_lease_goes_when_the_lease_is_not_kept() {
+    let etcd = etcd("lease");
+    let client = Client::new(std::slice::from_ref(&etcd.urls[0]), Duration::from_secs(2)).unwrap();
+    let lease = client.lease_grant(2).unwrap();
+    client.put(b"/s/h1", b"up", lease).unwrap();
+    assert!(client.lease_keep_alive(lease).unwrap() > 0);
+    assert_eq!(client.get(b"/s/h1").unwrap().1.unwrap().lease, lease);
+    let began = Instant::now();
+    while client.get(b"/s/h1").unwrap().1.is_some() {
+        assert!(began.elapsed() < Duration::from_secs(10), "the key outlived its lease");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(client.lease_keep_alive(lease).unwrap(), 0, "an expired lease is not kept");
+    drop(etcd);
+    // No member: the error says which were tried.
+    let error = client.status().unwrap_err().to_string();
+    assert!(
+        error.starts_with("no etcd member answered") && error.contains(&client.endpoints()[0].to_string()),
+        "{error}"
+    );
+}
+
+/// A fleet's tenant model, as an operator writes it.
+const FLEET: &str = r#"
+[host]
+name = "h1"
+
+[[vpc]]
+name = "blue"
+cidr = "10.10.0.0/24"
+
+[[security_group]]
+name = "web"
+[[security_group.ingress]]
+protocol = "tcp"
+ports = "80"
+cidr = "10.10.0.0/24"
+
+[[guest]]
+name = "a"
+vpc = "blue"
+addresses = ["10.10.0.2"]
+
+[[guest]]
+name = "b"
+vpc = "blue"
+addresses = ["10.10.0.3"]
+security_groups = ["web"]
+"#;
+
+/// `vsocketctl ARGS`: its exit code, stdout and stderr.
+fn vsocketctl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(vsocket_e2e::bin("vsocketctl")).args(args).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+/// The model's keys and values in the store, and its generation.
+fn stored(client: &Client) -> (Vec<(String, Vec<u8>)>, String) {
+    let layout = vsocket_policy::store::Layout::new(vsocket_policy::store::DEFAULT_PREFIX);
+    let (_, kvs) = client.range_prefix(layout.prefix().as_bytes(), 0).unwrap();
+    let mut model = Vec::new();
+    let mut generation = String::new();
+    for kv in kvs {
+        let key = String::from_utf8(kv.key).unwrap();
+        if key == layout.generation() {
+            generation = String::from_utf8(kv.value).unwrap();
+        } else if layout.is_model(&key) {
+            model.push((key, kv.value));
+        }
+    }
+    (model, generation)
+}
+
+#[test]
+fn vsocketctl_import_writes_a_file_s_model_as_one_change() {
+    let etcd = etcd("import");
+    let client = Client::new(&etcd.urls, Duration::from_secs(2)).unwrap();
+    let dir = std::env::temp_dir().join("vsocket-import-test");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("fleet.toml");
+    let file_s = file.to_string_lossy().into_owned();
+    std::fs::write(&file, FLEET).unwrap();
+    let endpoints = etcd.endpoints();
+    let import = || vsocketctl(&["import", &file_s, "--etcd", &endpoints]);
+
+    let (code, out, err) = import();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("imported {file_s}: generation 1 (4 objects written, 0 removed)"));
+    let (model, generation) = stored(&client);
+    let document = vsocket_policy::load_document(&file).unwrap().0;
+    let layout = vsocket_policy::store::Layout::new(vsocket_policy::store::DEFAULT_PREFIX);
+    assert_eq!(model, vsocket_policy::store::entries(&document, &layout));
+    assert_eq!(generation, "1");
+
+    // A second import writes what differs only, in one revision.
+    let edited = FLEET.replace("ports = \"80\"", "ports = \"8080\"");
+    let edited = &edited[..edited.find("[[guest]]\nname = \"b\"").unwrap()];
+    std::fs::write(&file, edited).unwrap();
+    let from = client.status().unwrap().revision + 1;
+    let (code, out, err) = import();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("imported {file_s}: generation 2 (1 objects written, 1 removed)"));
+    let mut watch = client.watch_prefix(b"/vsocket/", from).unwrap();
+    let Watched::Events { events, .. } = watch.next_message().unwrap() else { panic!("no events") };
+    let keys: Vec<String> = events
+        .iter()
+        .map(|e| match e {
+            Event::Put(kv) => format!("put {}", String::from_utf8_lossy(&kv.key)),
+            Event::Delete(kv) => format!("delete {}", String::from_utf8_lossy(&kv.key)),
+        })
+        .collect();
+    assert_eq!(keys, ["delete /vsocket/guest/b", "put /vsocket/security_group/web", "put /vsocket/generation"]);
+
+    // A file that does not validate is refused before the store is touched.
+    std::fs::write(&file, FLEET.replace("10.10.0.3", "10.20.0.3")).unwrap();
+    let (code, _, err) = import();
+    assert_eq!(code, 2);
+    assert!(err.starts_with(&format!("vsocketctl: {file_s}: guest[1].addresses[0]")), "{err}");
+    assert_eq!(stored(&client).1, "2");
+    // No store: said, nothing else.
+    let (code, _, err) = vsocketctl(&["import", &file_s, "--etcd", "http://127.0.0.1:1"]);
+    std::fs::write(&file, FLEET).unwrap();
+    let (code2, _, err2) = vsocketctl(&["import", &file_s, "--etcd", "http://127.0.0.1:1"]);
+    assert_eq!((code, code2), (2, 1), "{err}\n{err2}");
+    assert!(err2.contains("no etcd member answered"), "{err2}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn two_writers_at_once_one_wins_and_the_other_writes_nothing() {
+    let etcd = etcd("conflict");
+    let client = Client::new(&etcd.urls, Duration::from_secs(2)).unwrap();
+    let layout = vsocket_policy::store::Layout::new(vsocket_policy::store::DEFAULT_PREFIX);
+    let parse = |text: &str| vsocket_policy::parse_document(text, std::path::Path::new("fleet.toml")).unwrap().0;
+    vsocket_cli::store::write_model(&client, &layout, &parse(FLEET)).unwrap();
+    // Both read generation 1; the first to write wins.
+    let first = parse(&FLEET.replace("ports = \"80\"", "ports = \"81\""));
+    let second = parse(&FLEET.replace("10.10.0.3", "10.10.0.9"));
+    let prepared_first = vsocket_cli::store::prepare(&client, &layout, &first).unwrap();
+    let prepared_second = vsocket_cli::store::prepare(&client, &layout, &second).unwrap();
+    let won = vsocket_cli::store::commit(&client, &layout, prepared_first).unwrap();
+    assert_eq!(won.generation, 2);
+    let lost = vsocket_cli::store::commit(&client, &layout, prepared_second).unwrap_err().to_string();
+    assert_eq!(
+        lost,
+        "another change came first (generation 1 was read, the store has 2); nothing written: read it again and retry"
+    );
+    let (model, generation) = stored(&client);
+    assert_eq!((model, generation), (vsocket_policy::store::entries(&first, &layout), "2".to_owned()));
+}
