@@ -158,7 +158,8 @@ use serde::{Deserialize, Serialize};
 use crate::cidr::{CidrError, Ipv4Cidr};
 use crate::model::{
     Config, DenyAction, FabricConfig, FabricHost, FabricKind, FlowLogConfig, GroupId, Guest, HostConfig, Peer,
-    PolicyChangeAction, PortRange, Protocol, ProtocolFilter, Quotas, Rule, SecurityGroup, VmGuest, Vpc, VpcId,
+    PolicyChangeAction, PortRange, Protocol, ProtocolFilter, Quotas, Rule, SecurityGroup, StoreConfig, VmGuest, Vpc,
+    VpcId,
 };
 
 /// The longest guest name: it becomes a Linux interface name (IFNAMSIZ - 1).
@@ -420,6 +421,8 @@ pub enum Problem {
     /// `{0}`: an object of the store (see [`crate::store`]) that does not
     /// read, or does not fit the host's own file.
     Store(String),
+    /// `"{0}" is not http://HOST:PORT`
+    BadStoreEndpoint(String),
 }
 
 impl fmt::Display for Problem {
@@ -427,6 +430,7 @@ impl fmt::Display for Problem {
         match self {
             Self::Empty => f.write_str("must not be empty"),
             Self::Store(what) => f.write_str(what),
+            Self::BadStoreEndpoint(url) => write!(f, "\"{url}\" is not http://HOST:PORT"),
             Self::BadName(name) => write!(f, "\"{name}\" may use only a-z, 0-9 and '-', and may not start with '-'"),
             Self::NameTooLong { name, max } => {
                 write!(f, "\"{name}\" is longer than {max} characters")
@@ -541,6 +545,15 @@ pub(crate) struct RawHost {
     default_max_shared_memory: Option<RawSize>,
     default_max_channels: Option<i64>,
     vsock_backend: Option<PathBuf>,
+    store: Option<RawStore>,
+}
+
+/// `[host.store]`.
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    etcd: Vec<String>,
+    prefix: Option<String>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -887,6 +900,7 @@ impl Validator<'_> {
             metrics,
             default_quotas: Quotas::DEFAULT,
             vsock_backend: raw.vsock_backend.unwrap_or_else(|| HostConfig::DEFAULT_VSOCK_BACKEND.into()),
+            store: raw.store.map(|store| self.store(store)).transpose()?,
         };
         host.default_quotas = self.quotas(
             "host.default_max_",
@@ -895,6 +909,25 @@ impl Validator<'_> {
             (host.segment_size(), ring_size),
         )?;
         Ok(host)
+    }
+
+    fn store(&self, raw: RawStore) -> Result<StoreConfig, ConfigError> {
+        if raw.etcd.is_empty() {
+            return Err(self.invalid("host.store.etcd", Problem::Empty));
+        }
+        for (i, url) in raw.etcd.iter().enumerate() {
+            let port = url.strip_prefix("http://").and_then(|rest| rest.trim_end_matches('/').rsplit_once(':'));
+            if !port.is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)) {
+                return Err(self.invalid(format!("host.store.etcd[{i}]"), Problem::BadStoreEndpoint(url.clone())));
+            }
+        }
+        let prefix = raw.prefix.unwrap_or_else(|| crate::store::DEFAULT_PREFIX.to_owned());
+        if !prefix.starts_with('/') {
+            return Err(
+                self.invalid("host.store.prefix", Problem::Store(format!("{prefix:?} does not start with '/'")))
+            );
+        }
+        Ok(StoreConfig { endpoints: raw.etcd, prefix: crate::store::Layout::new(&prefix).prefix().to_owned() })
     }
 
     /// Quotas from the fields `{prefix}connections`, `{prefix}shared_memory`

@@ -38,5 +38,5 @@ pub use evaluate::{evaluate, Decider, Flow, Verdict};
 pub use model::{
     Config, DenyAction, Direction, FabricConfig, FabricHost, FabricKey, FabricKind, FlowLogConfig, GroupId, Guest,
     GuestId, HostConfig, KeyError, Peer, PolicyChangeAction, PortRange, Protocol, ProtocolFilter, Quotas, Rule,
-    SecurityGroup, VmGuest, Vpc, VpcId,
+    SecurityGroup, StoreConfig, VmGuest, Vpc, VpcId,
 };

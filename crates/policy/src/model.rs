@@ -168,6 +168,18 @@ pub struct HostConfig {
     /// The program that serves each VM guest's vsock device
     /// (vhost-device-vsock): a path, or a name looked up in PATH.
     pub vsock_backend: PathBuf,
+    /// Where the tenant model comes from: `None`, this file (one host);
+    /// an etcd store (`[host.store]`, a fleet).
+    pub store: Option<StoreConfig>,
+}
+
+/// `[host.store]`: the fleet's tenant model lives in etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The store's members, `http://HOST:PORT` each.
+    pub endpoints: Vec<String>,
+    /// The prefix the model's keys live under (see [`crate::store`]).
+    pub prefix: String,
 }
 
 /// The hosts of a fabric and how this one reaches them.

@@ -460,6 +460,7 @@ fn defaults_fill_in_optional_fields() {
             metrics: None,
             default_quotas: Quotas::DEFAULT,
             vsock_backend: HostConfig::DEFAULT_VSOCK_BACKEND.into(),
+            store: None,
         }
     );
     assert_eq!(Quotas::DEFAULT.max_connections, 4096);
@@ -918,4 +919,23 @@ fn a_vm_guest_s_errors_name_the_field() {
     // An unknown key in [guest.vm] is an error that names it.
     let err = parse_text(&config_text("", &vm_guest_b("cid = 3\nregion = \"16MiB\"\nram = 1"))).unwrap_err();
     assert!(err.to_string().contains("ram"), "{err}");
+}
+
+#[test]
+fn a_store_is_etcd_endpoints_and_a_prefix() {
+    let with = |store: &str| parse_text(&config_text(store, ""));
+    let config = with("[host.store]\netcd = [\"http://127.0.0.1:2379\", \"http://10.0.0.2:2379/\"]\n").unwrap();
+    let store = config.host().store.clone().unwrap();
+    assert_eq!(store.endpoints, ["http://127.0.0.1:2379", "http://10.0.0.2:2379/"]);
+    assert_eq!(store.prefix, "/vsocket/");
+    let config = with("[host.store]\netcd = [\"http://a:1\"]\nprefix = \"/fleet-1\"\n").unwrap();
+    assert_eq!(config.host().store.as_ref().unwrap().prefix, "/fleet-1/");
+    for (store, message) in [
+        ("etcd = []", "host.store.etcd: must not be empty"),
+        ("etcd = [\"127.0.0.1:2379\"]", "host.store.etcd[0]: \"127.0.0.1:2379\" is not http://HOST:PORT"),
+        ("etcd = [\"http://a:1\"]\nprefix = \"v\"", "host.store.prefix: \"v\" does not start with '/'"),
+    ] {
+        let e = with(&format!("[host.store]\n{store}\n")).unwrap_err().to_string();
+        assert!(e.ends_with(message), "{e}");
+    }
 }
