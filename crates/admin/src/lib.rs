@@ -18,4 +18,6 @@ pub mod report;
 pub use client::{Client, ClientError};
 pub use paths::{admin_socket_path, guest_socket_path, netns_path};
 pub use protocol::{decode_reply, encode, Refusal, Reply, Request};
-pub use report::{Applied, ConnectionReport, GuestReport, LinkState, ListenerReport, PeerStatus, StatusReport};
+pub use report::{
+    Applied, ConnectionReport, GuestReport, LinkState, ListenerReport, PeerStatus, StatusReport, StoreStatus,
+};

@@ -42,6 +42,20 @@ pub struct StatusReport {
     pub fabric: Option<FabricKind>,
     /// Peers whose link is up, if this host is linked to others.
     pub fabric_peers_up: Option<usize>,
+    /// The etcd store the policy comes from, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreStatus>,
+}
+
+/// How the etcd store looks from one host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// A watch on the store is established.
+    pub connected: bool,
+    /// The generation of the policy in force.
+    pub generation: u64,
+    /// Seconds since the watch last heard from the store.
+    pub last_heard_s: u64,
 }
 
 /// One guest, for `vsocketctl guests`.

@@ -10,7 +10,7 @@ use std::net::SocketAddrV4;
 use std::time::{Duration, SystemTime};
 use vsocket_admin::{
     encode, Applied, ConnectionReport, GuestReport, LinkState, ListenerReport, PeerStatus, Refusal, Reply, Request,
-    StatusReport,
+    StatusReport, StoreStatus,
 };
 use vsocket_policy::{
     Change, DenyAction, Direction, FabricKind, GuestSpec, PolicyChangeAction, Protocol, ProtocolFilter, RulePeerSpec,
@@ -138,6 +138,7 @@ fn status(fabric: bool) -> StatusReport {
         quota_exceeded_channels: 12,
         fabric: fabric.then_some(FabricKind::Ucx),
         fabric_peers_up: fabric.then_some(1),
+        store: fabric.then_some(StoreStatus { connected: true, generation: 13, last_heard_s: 14 }),
     }
 }
 
@@ -149,7 +150,8 @@ fn status_reply() {
          \"flow_log\":\"/run/vsocket/flow.log\",\"flow_log_dropped\":4,\"guests\":2,\"host\":\"h1\",\
          \"listeners\":1,\"metrics\":\"127.0.0.1:9100\",\"on_policy_change\":\"reset\",\"policy_changes\":8,\
          \"policy_resets\":9,\"quota_exceeded_channels\":12,\"quota_exceeded_connections\":10,\
-         \"quota_exceeded_shared_memory\":11,\"segments_created\":5,\"segments_kept\":7,\"segments_reused\":6}",
+         \"quota_exceeded_shared_memory\":11,\"segments_created\":5,\"segments_kept\":7,\"segments_reused\":6,\
+         \"store\":{\"connected\":true,\"generation\":13,\"last_heard_s\":14}}",
     );
     round_trip(
         &status(false),

@@ -79,6 +79,7 @@ fn answer(daemon: &Arc<Daemon>, request: Request) -> Reply {
                 quota_exceeded_channels: exceeded(|g| g.exceeded_channels),
                 fabric: fabric.map(|f| f.kind),
                 fabric_peers_up: fabric.map(|f| f.status().iter().filter(|p| p.state == LinkState::Up).count()),
+                store: daemon.store.get().map(|health| health.status()),
             })
         }
         Request::Change { change } => {

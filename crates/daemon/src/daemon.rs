@@ -37,6 +37,8 @@ pub struct Daemon {
     /// What carries VM guests' connections, once started (none without
     /// a VM guest).
     pub bridge: OnceLock<Arc<crate::bridge::Bridge>>,
+    /// How the etcd store looks from here, if the policy comes from one.
+    pub store: OnceLock<Arc<crate::health::StoreHealth>>,
     /// Connections reset because a policy change denied them.
     pub policy_resets: AtomicU64,
     /// Policy changes applied (vsocketctl edits and reloads).
@@ -62,6 +64,7 @@ impl Daemon {
             flow_log: None,
             fabric: OnceLock::new(),
             bridge: OnceLock::new(),
+            store: OnceLock::new(),
             policy_resets: AtomicU64::new(0),
             policy_changes: AtomicU64::new(0),
             serving: RwLock::new(()),

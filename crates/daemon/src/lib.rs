@@ -46,6 +46,7 @@ pub mod fabric;
 pub mod flowlog;
 pub mod guest;
 pub mod handover;
+pub mod health;
 pub mod ids;
 pub mod listeners;
 pub mod live;
@@ -57,6 +58,7 @@ pub mod pool;
 pub mod quota;
 pub mod region;
 pub mod reports;
+pub mod store;
 pub mod sync;
 
 pub use daemon::Daemon;
@@ -85,13 +87,18 @@ pub enum StartError {
     Fabric(fabric::FabricError),
     /// A guest's attachment or the admin socket cannot start.
     Serve(std::io::Error),
+    /// The etcd store gave no policy.
+    Store(store::OpenError),
 }
 
 impl StartError {
     /// The exit status: 2 for a config the operator must fix, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StartError::Config(_) | StartError::FabricKey { .. } | StartError::FabricNotBuilt { .. } => 2,
+            StartError::Config(_)
+            | StartError::FabricKey { .. }
+            | StartError::FabricNotBuilt { .. }
+            | StartError::Store(store::OpenError::Config(_)) => 2,
             _ => 1,
         }
     }
@@ -111,6 +118,7 @@ impl fmt::Display for StartError {
             StartError::FlowLog { path, error } => write!(f, "flow log {}: {error}", path.display()),
             StartError::Metrics { address, error } => write!(f, "metrics on {address}: {error}"),
             StartError::Fabric(e) => write!(f, "{e}"),
+            StartError::Store(e) => write!(f, "{e}"),
             StartError::Serve(e) => write!(f, "{e}"),
         }
     }
@@ -147,6 +155,18 @@ fn check_fabric_built(
 /// retires finished connections with [`Daemon::reap`].
 pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
     let (document, config) = vsocket_policy::load_document(path).map_err(StartError::Config)?;
+    // The tenant model comes from this file, or from the store it names.
+    let store = config.host().store.clone();
+    let (source, config, health): (Box<dyn policy::PolicySource>, _, _) = match &store {
+        None => (Box::new(policy::FileSource::new(path.to_owned(), document)), config, None),
+        Some(settings) => {
+            let run_dir = config.host().run_dir.clone();
+            let (source, config) =
+                store::StoreSource::open(path, document, settings, &run_dir).map_err(StartError::Store)?;
+            let health = source.health.clone();
+            (Box::new(source), config, Some(health))
+        }
+    };
     check_fabric_built(&config, path, FABRICS_BUILT)?;
     // A bad fabric key stops the daemon before it serves anyone; the relay
     // gets the key read here.
@@ -167,7 +187,7 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
             None
         }
     };
-    let mut daemon = Daemon::new(config, Box::new(policy::FileSource::new(path.to_owned(), document)));
+    let mut daemon = Daemon::new(config, source);
     if let Some(flow_log) = &host.flow_log {
         let log = flowlog::FlowLog::open(flow_log)
             .map_err(|error| StartError::FlowLog { path: flow_log.path.clone(), error })?;
@@ -201,6 +221,14 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
     })?;
     if let Some(fabric) = started {
         let _ = daemon.fabric.set(fabric);
+    }
+    if let (Some(settings), Some(health)) = (store, health) {
+        let _ = daemon.store.set(health.clone());
+        let watcher = daemon.clone();
+        std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || store::watch(watcher, &settings, health))
+            .map_err(StartError::Serve)?;
     }
     let refiller = daemon.clone();
     std::thread::Builder::new()

@@ -236,3 +236,103 @@ fn two_writers_at_once_one_wins_and_the_other_writes_nothing() {
     let (model, generation) = stored(&client);
     assert_eq!((model, generation), (vsocket_policy::store::entries(&first, &layout), "2".to_owned()));
 }
+
+/// The fleet's model for a lab host (netns names given, so the file the
+/// lab writes and the model in the store agree).
+const LAB_MODEL: &str = r#"
+[[vpc]]
+name = "blue"
+cidr = "10.10.0.0/24"
+
+[[security_group]]
+name = "svc"
+[[security_group.ingress]]
+protocol = "tcp"
+ports = "7000"
+cidr = "10.10.0.0/24"
+
+[[guest]]
+name = "a"
+vpc = "blue"
+addresses = ["10.10.0.2"]
+netns = "tst-a"
+
+[[guest]]
+name = "b"
+vpc = "blue"
+addresses = ["10.10.0.3"]
+security_groups = ["svc"]
+netns = "tst-b"
+"#;
+
+/// A connect from guest a to b's port 7000: "connected", or the error.
+fn probe(lab: &vsocket_e2e::Lab) -> String {
+    const PROBE: &str = "import socket\ns = socket.socket()\ns.settimeout(3)\ntry:\n    \
+                         s.connect(('10.10.0.3', 7000))\n    print('connected')\nexcept OSError as e:\n    \
+                         print(type(e).__name__)\n";
+    lab.run_ok("a", vsocket_e2e::Via::Vsocket, "python3", &["-c", PROBE]).unwrap().trim().to_owned()
+}
+
+#[test]
+fn a_host_on_etcd_follows_the_store_and_keeps_its_policy_while_etcd_is_down() {
+    let mut etcd = etcd("fleet");
+    let dir = std::env::temp_dir().join("vsocket-fleet-test");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("model.toml");
+    let model_s = model.to_string_lossy().into_owned();
+    let endpoints = etcd.endpoints();
+    let import = |text: &str| {
+        std::fs::write(&model, format!("[host]\nname = \"operator\"\n{text}")).unwrap();
+        let (code, out, err) = vsocketctl(&["import", &model_s, "--etcd", &endpoints]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    import(LAB_MODEL);
+    // The host's file names the store; the daemon takes the model from it.
+    let host = format!(
+        "deny_action = \"reject\"\non_policy_change = \"reset\"\n[host.store]\netcd = [\"{}\"]\n",
+        etcd.urls[0]
+    );
+    let mut lab = vsocket_e2e::Lab::start_host("tst", LAB_MODEL, &host).unwrap();
+    let store = |lab: &vsocket_e2e::Lab| lab.ctl("status").unwrap()["store"].clone();
+    let connected = |lab: &vsocket_e2e::Lab, generation: u64| {
+        let s = store(lab);
+        s["connected"] == true && s["generation"] == generation
+    };
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || connected(&lab, 1)), "{}", store(&lab));
+    let echo = "import socket\nl = socket.socket()\nl.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                l.bind(('10.10.0.3', 7000))\nl.listen(64)\nwhile True:\n    c, _ = l.accept()\n    c.close()\n";
+    lab.spawn("b", vsocket_e2e::Via::Vsocket, "python3", &["-c", echo], "echo.log").unwrap();
+    lab.wait_listening("b", 7000).unwrap();
+    assert_eq!(probe(&lab), "connected");
+
+    // A change in the store is enforced here, whole.
+    let closed = LAB_MODEL.replace("ports = \"7000\"", "ports = \"7001\"");
+    assert!(import(&closed).contains("generation 2"));
+    let denied = vsocket_e2e::wait_until(Duration::from_secs(10), || probe(&lab) == "ConnectionRefusedError");
+    assert!(denied, "{}\n{}", probe(&lab), lab.daemon_log());
+    assert!(connected(&lab, 2), "{}", store(&lab));
+
+    // etcd down: the host says so and keeps the last policy, also across
+    // a restart of its daemon.
+    etcd.kill(0);
+    let down = vsocket_e2e::wait_until(Duration::from_secs(10), || store(&lab)["connected"] == false);
+    assert!(down, "{}", store(&lab));
+    assert_eq!(probe(&lab), "ConnectionRefusedError");
+    lab.kill_daemon();
+    lab.start_daemon().unwrap();
+    assert_eq!(store(&lab)["generation"], 2, "{}", lab.daemon_log());
+    // (b's server attaches again on its own, within its back-off.)
+    let listening = || lab.ctl("listeners").is_ok_and(|l| l.as_array().is_some_and(|l| l.len() == 1));
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), listening), "{}", lab.daemon_log());
+    assert_eq!(probe(&lab), "ConnectionRefusedError");
+
+    // etcd back: changes flow again.
+    etcd.restart(0);
+    etcd.wait_healthy();
+    assert!(import(LAB_MODEL).contains("generation 3"));
+    let allowed = vsocket_e2e::wait_until(Duration::from_secs(15), || probe(&lab) == "connected");
+    assert!(allowed, "{}\n{}", store(&lab), lab.daemon_log());
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || connected(&lab, 3)), "{}", store(&lab));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -418,7 +418,7 @@ pub enum Problem {
     UnknownHost(String),
     /// `no entry for this host "{0}" (host.name)`
     FabricWithoutThisHost(String),
-    /// `{0}`: an object of the store (see [`crate::store`]) that does not
+    /// `{0}`: an object of the store (`PREFIX/KIND/NAME`) that does not
     /// read, or does not fit the host's own file.
     Store(String),
     /// `"{0}" is not http://HOST:PORT`
@@ -921,13 +921,16 @@ impl Validator<'_> {
                 return Err(self.invalid(format!("host.store.etcd[{i}]"), Problem::BadStoreEndpoint(url.clone())));
             }
         }
-        let prefix = raw.prefix.unwrap_or_else(|| crate::store::DEFAULT_PREFIX.to_owned());
+        let mut prefix = raw.prefix.unwrap_or_else(|| StoreConfig::DEFAULT_PREFIX.to_owned());
         if !prefix.starts_with('/') {
             return Err(
                 self.invalid("host.store.prefix", Problem::Store(format!("{prefix:?} does not start with '/'")))
             );
         }
-        Ok(StoreConfig { endpoints: raw.etcd, prefix: crate::store::Layout::new(&prefix).prefix().to_owned() })
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Ok(StoreConfig { endpoints: raw.etcd, prefix })
     }
 
     /// Quotas from the fields `{prefix}connections`, `{prefix}shared_memory`

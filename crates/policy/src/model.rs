@@ -178,8 +178,14 @@ pub struct HostConfig {
 pub struct StoreConfig {
     /// The store's members, `http://HOST:PORT` each.
     pub endpoints: Vec<String>,
-    /// The prefix the model's keys live under (see [`crate::store`]).
+    /// The prefix the model's keys live under (see [`crate::store`]),
+    /// ending with `/`.
     pub prefix: String,
+}
+
+impl StoreConfig {
+    /// Where the tenant model lives unless the config names another prefix.
+    pub const DEFAULT_PREFIX: &'static str = "/vsocket/";
 }
 
 /// The hosts of a fabric and how this one reaches them.

@@ -27,7 +27,7 @@ use serde::Serialize;
 use std::path::Path;
 
 /// Where the tenant model lives unless the config names another prefix.
-pub const DEFAULT_PREFIX: &str = "/vsocket/";
+pub const DEFAULT_PREFIX: &str = crate::StoreConfig::DEFAULT_PREFIX;
 
 /// The keys of one tenant model in a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
