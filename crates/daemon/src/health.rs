@@ -10,6 +10,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub struct StoreHealth {
     /// A watch is established.
     pub connected: AtomicBool,
+    /// The last call that needs the cluster's quorum (a lease keep-alive)
+    /// succeeded: a watch can stay open on a member cut off from the rest.
+    pub reachable: AtomicBool,
     /// The generation of the policy in force (0: none from the store yet).
     pub generation: AtomicU64,
     /// When the watch last heard from the store (ms since the epoch).
@@ -25,7 +28,7 @@ impl StoreHealth {
     pub fn status(&self) -> vsocket_admin::StoreStatus {
         let heard = self.last_heard_ms.load(Ordering::Relaxed);
         vsocket_admin::StoreStatus {
-            connected: self.connected.load(Ordering::Relaxed),
+            connected: self.connected.load(Ordering::Relaxed) && self.reachable.load(Ordering::Relaxed),
             generation: self.generation.load(Ordering::Relaxed),
             last_heard_s: now_ms().saturating_sub(heard) / 1000,
         }

@@ -225,9 +225,14 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
     if let (Some(settings), Some(health)) = (store, health) {
         let _ = daemon.store.set(health.clone());
         let watcher = daemon.clone();
+        let (status_settings, status_health, name) = (settings.clone(), health.clone(), host.name.clone());
         std::thread::Builder::new()
             .name("store".into())
             .spawn(move || store::watch(watcher, &settings, health))
+            .map_err(StartError::Serve)?;
+        std::thread::Builder::new()
+            .name("store-status".into())
+            .spawn(move || store::publish_status(&status_settings, &name, status_health))
             .map_err(StartError::Serve)?;
     }
     let refiller = daemon.clone();

@@ -100,6 +100,8 @@ pub enum ChangeError {
     RestartOnly(Vec<&'static str>),
     /// A new guest's attachment could not be made.
     Attachment { guest: String, error: std::io::Error },
+    /// The policy is the fleet's, kept in this store: change it there.
+    KeptElsewhere(String),
 }
 
 impl fmt::Display for ChangeError {
@@ -111,6 +113,9 @@ impl fmt::Display for ChangeError {
                 write!(f, "{} cannot change while vsocketd runs (restart it)", fields.join(", "))
             }
             ChangeError::Attachment { guest, error } => write!(f, "guest \"{guest}\": {error}"),
+            ChangeError::KeptElsewhere(origin) => {
+                write!(f, "this host's policy comes from {origin}: change it there (vsocketctl import)")
+            }
         }?;
         f.write_str("; nothing changed")
     }
@@ -121,6 +126,9 @@ impl std::error::Error for ChangeError {}
 /// Makes `change` to the policy in force.
 pub fn change(daemon: &Arc<Daemon>, change: &Change) -> Result<Applied, ChangeError> {
     let mut source = lock(&daemon.source);
+    if !source.editable() {
+        return Err(ChangeError::KeptElsewhere(source.origin().display().to_string()));
+    }
     let (document, config) =
         source.document().with_change(change, Path::new(LIVE_ORIGIN)).map_err(ChangeError::Edit)?;
     let applied = apply(daemon, config)?;

@@ -48,8 +48,13 @@ fn respond(daemon: &Daemon, mut stream: TcpStream) -> io::Result<()> {
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let head = read_head(&mut stream)?;
-    let response =
-        route(&head, || render(&daemon.guest_reports(), &daemon.listener_reports(), daemon.flow_log_dropped()));
+    let response = route(&head, || {
+        let mut text = render(&daemon.guest_reports(), &daemon.listener_reports(), daemon.flow_log_dropped());
+        if let Some(health) = daemon.store.get() {
+            text.push_str(&render_store(&health.status()));
+        }
+        text
+    });
     stream.write_all(&response.to_bytes())?;
     stream.flush()
 }
@@ -248,6 +253,23 @@ pub fn render(guests: &[GuestReport], listeners: &[ListenerReport], flow_log_dro
     out
 }
 
+/// The etcd store's health, for a host whose policy comes from one.
+pub fn render_store(store: &vsocket_admin::StoreStatus) -> String {
+    let mut out = String::new();
+    for (name, help, value) in [
+        (
+            "vsocket_store_connected",
+            "1 while the host watches its etcd store and the store has quorum, else 0.",
+            u64::from(store.connected),
+        ),
+        ("vsocket_store_generation", "The generation of the store's policy in force here.", store.generation),
+        ("vsocket_store_last_heard_seconds", "Seconds since the store's watch last said anything.", store.last_heard_s),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+    }
+    out
+}
+
 /// A label value escaped as the format requires: backslash, double quote
 /// and line feed.
 pub fn escape(value: &str) -> String {
@@ -266,6 +288,17 @@ pub fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_s_health_is_three_gauges() {
+        let text = render_store(&vsocket_admin::StoreStatus { connected: true, generation: 7, last_heard_s: 2 });
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples,
+            ["vsocket_store_connected 1", "vsocket_store_generation 7", "vsocket_store_last_heard_seconds 2"]
+        );
+        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE") && l.ends_with(" gauge")).count(), 3);
+    }
 
     fn guest(name: &str, vpc: &str) -> GuestReport {
         GuestReport {

@@ -76,6 +76,12 @@ pub trait PolicySource: Send + fmt::Debug {
     fn read(&self) -> Result<(Document, Config), ConfigError>;
     /// Records that `document` is now in force.
     fn set_document(&mut self, document: Document);
+    /// May the policy be edited here (`vsocketctl rule`, ...)? Not when
+    /// it is a fleet's, kept elsewhere: an edit here would be this host's
+    /// alone, and undone by the next change there.
+    fn editable(&self) -> bool {
+        true
+    }
 }
 
 /// The config file: read at start and by `vsocketctl reload`; live edits

@@ -193,6 +193,10 @@ impl PolicySource for StoreSource {
         &self.origin
     }
 
+    fn editable(&self) -> bool {
+        false
+    }
+
     fn document(&self) -> &Document {
         &self.document
     }
@@ -291,5 +295,68 @@ pub fn watch(daemon: Arc<Daemon>, store: &StoreConfig, health: Arc<StoreHealth>)
             }
         }
         health.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+/// How long a host's status key outlives its last keep-alive: a host whose
+/// daemon is gone shows as down after this.
+pub const STATUS_TTL_S: i64 = 6;
+
+/// Publishes this host's status (`PREFIX/status/HOST`: the generation it
+/// applied and its version) on a lease it keeps alive, and again whenever
+/// the generation moves; runs for ever. A lease lost (etcd unreachable
+/// past its time) is granted anew.
+pub fn publish_status(store: &StoreConfig, host: &str, health: Arc<StoreHealth>) {
+    let Ok(client) = Client::new(&store.endpoints, CALL_TIMEOUT) else { return };
+    let layout = Layout::new(&store.prefix);
+    let key = layout.status(host);
+    let mut member = false;
+    let keep_alive_every = Duration::from_secs((STATUS_TTL_S / 3) as u64);
+    let mut lease = 0;
+    let mut published: Option<u64> = None;
+    let mut kept = std::time::Instant::now();
+    loop {
+        if lease == 0 {
+            match client.lease_grant(STATUS_TTL_S) {
+                Ok(id) => {
+                    lease = id;
+                    published = None;
+                    kept = std::time::Instant::now();
+                    health.reachable.store(true, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    health.reachable.store(false, Ordering::Relaxed);
+                    std::thread::sleep(RETRY);
+                    continue;
+                }
+            }
+        }
+        if !member {
+            member = client.put(layout.member(host).as_bytes(), b"{}", 0).is_ok();
+        }
+        let generation = health.generation.load(Ordering::Relaxed);
+        if published != Some(generation) {
+            let value = serde_json::json!({
+                "host": host,
+                "generation": generation,
+                "version": env!("CARGO_PKG_VERSION"),
+            });
+            match client.put(key.as_bytes(), value.to_string().as_bytes(), lease) {
+                Ok(_) => published = Some(generation),
+                // Most likely the lease is gone: take a new one.
+                Err(vsocket_etcd::Error::Refused { .. }) => lease = 0,
+                Err(_) => {}
+            }
+        }
+        if kept.elapsed() >= keep_alive_every {
+            let answer = client.lease_keep_alive(lease);
+            health.reachable.store(answer.is_ok(), Ordering::Relaxed);
+            match answer {
+                Ok(0) => lease = 0,
+                Ok(_) => kept = std::time::Instant::now(),
+                Err(_) => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

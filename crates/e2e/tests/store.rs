@@ -255,15 +255,63 @@ cidr = "10.10.0.0/24"
 name = "a"
 vpc = "blue"
 addresses = ["10.10.0.2"]
-netns = "tst-a"
+netns = "LAB-a"
 
 [[guest]]
 name = "b"
 vpc = "blue"
 addresses = ["10.10.0.3"]
 security_groups = ["svc"]
-netns = "tst-b"
+netns = "LAB-b"
 "#;
+
+/// The fleet's model for lab `lab` (its namespaces are `LAB-GUEST`).
+fn lab_model(lab: &str) -> String {
+    LAB_MODEL.replace("LAB-", &format!("{lab}-"))
+}
+
+/// `vsocketctl import` of `model` (under a `[host]` of its own) into
+/// `etcd`, through the file `file`; its output.
+fn import_model(file: &std::path::Path, etcd: &Etcd, model: &str, wait: bool) -> String {
+    std::fs::write(file, format!("[host]\nname = \"operator\"\n{model}")).unwrap();
+    let file = file.to_string_lossy().into_owned();
+    let endpoints = etcd.endpoints();
+    let mut args = vec!["import", file.as_str(), "--etcd", endpoints.as_str()];
+    if wait {
+        args.push("--wait");
+    }
+    let (code, out, err) = vsocketctl(&args);
+    assert_eq!(code, 0, "{err}");
+    out
+}
+
+/// A lab host `name` whose policy comes from `etcd` (deny_action reject,
+/// on_policy_change reset), with an accepting server on b's port 7000,
+/// once its daemon reports generation 1 from the store.
+fn host_on_etcd(name: &str, etcd: &Etcd) -> vsocket_e2e::Lab {
+    let urls: Vec<String> = etcd.urls.iter().map(|u| format!("\"{u}\"")).collect();
+    let host =
+        format!("deny_action = \"reject\"\non_policy_change = \"reset\"\n[host.store]\netcd = [{}]\n", urls.join(", "));
+    let mut lab = vsocket_e2e::Lab::start_host(name, &lab_model(name), &host).unwrap();
+    let ready = vsocket_e2e::wait_until(Duration::from_secs(10), || store_at(&lab, 1));
+    assert!(ready, "{}\n{}", store_of(&lab), lab.daemon_log());
+    let echo = "import socket\nl = socket.socket()\nl.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                l.bind(('10.10.0.3', 7000))\nl.listen(64)\nwhile True:\n    c, _ = l.accept()\n    c.close()\n";
+    lab.spawn("b", vsocket_e2e::Via::Vsocket, "python3", &["-c", echo], "echo.log").unwrap();
+    lab.wait_listening("b", 7000).unwrap();
+    lab
+}
+
+/// What `vsocketctl status` says of the store.
+fn store_of(lab: &vsocket_e2e::Lab) -> serde_json::Value {
+    lab.ctl("status").unwrap()["store"].clone()
+}
+
+/// Is the lab's daemon watching the store, at `generation`?
+fn store_at(lab: &vsocket_e2e::Lab, generation: u64) -> bool {
+    let s = store_of(lab);
+    s["connected"] == true && s["generation"] == generation
+}
 
 /// A connect from guest a to b's port 7000: "connected", or the error.
 fn probe(lab: &vsocket_e2e::Lab) -> String {
@@ -279,49 +327,61 @@ fn a_host_on_etcd_follows_the_store_and_keeps_its_policy_while_etcd_is_down() {
     let dir = std::env::temp_dir().join("vsocket-fleet-test");
     std::fs::create_dir_all(&dir).unwrap();
     let model = dir.join("model.toml");
-    let model_s = model.to_string_lossy().into_owned();
     let endpoints = etcd.endpoints();
-    let import = |text: &str| {
-        std::fs::write(&model, format!("[host]\nname = \"operator\"\n{text}")).unwrap();
-        let (code, out, err) = vsocketctl(&["import", &model_s, "--etcd", &endpoints]);
-        assert_eq!(code, 0, "{err}");
-        out
-    };
-    import(LAB_MODEL);
+    import_model(&model, &etcd, &lab_model("tst"), false);
     // The host's file names the store; the daemon takes the model from it.
-    let host = format!(
-        "deny_action = \"reject\"\non_policy_change = \"reset\"\n[host.store]\netcd = [\"{}\"]\n",
-        etcd.urls[0]
-    );
-    let mut lab = vsocket_e2e::Lab::start_host("tst", LAB_MODEL, &host).unwrap();
-    let store = |lab: &vsocket_e2e::Lab| lab.ctl("status").unwrap()["store"].clone();
-    let connected = |lab: &vsocket_e2e::Lab, generation: u64| {
-        let s = store(lab);
-        s["connected"] == true && s["generation"] == generation
-    };
-    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || connected(&lab, 1)), "{}", store(&lab));
-    let echo = "import socket\nl = socket.socket()\nl.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-                l.bind(('10.10.0.3', 7000))\nl.listen(64)\nwhile True:\n    c, _ = l.accept()\n    c.close()\n";
-    lab.spawn("b", vsocket_e2e::Via::Vsocket, "python3", &["-c", echo], "echo.log").unwrap();
-    lab.wait_listening("b", 7000).unwrap();
+    let mut lab = host_on_etcd("tst", &etcd);
     assert_eq!(probe(&lab), "connected");
 
-    // A change in the store is enforced here, whole.
-    let closed = LAB_MODEL.replace("ports = \"7000\"", "ports = \"7001\"");
-    assert!(import(&closed).contains("generation 2"));
-    let denied = vsocket_e2e::wait_until(Duration::from_secs(10), || probe(&lab) == "ConnectionRefusedError");
-    assert!(denied, "{}\n{}", probe(&lab), lab.daemon_log());
-    assert!(connected(&lab, 2), "{}", store(&lab));
+    // The host shows in the store, up, with what it applied.
+    let hosts = || {
+        let (code, out, err) = vsocketctl(&["--json", "hosts", "--etcd", &endpoints]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let up_at = |generation: u64| {
+        let h = hosts();
+        h["hosts"][0]["host"] == "tst" && h["hosts"][0]["state"] == "up" && h["hosts"][0]["generation"] == generation
+    };
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || up_at(1)), "{}", hosts());
+
+    // A live edit on a host of the fleet is made in the store, and --wait
+    // returns once every host applied it.
+    let edit = |args: &[&str]| {
+        let out = lab.ctl_output(args).unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{stderr}");
+        stdout.into_owned()
+    };
+    let out = edit(&["--wait", "member", "remove", "b", "svc"]);
+    assert_eq!(out, "changed in the store: generation 2\napplied by every host that is up\n");
+    assert_eq!(probe(&lab), "ConnectionRefusedError", "{}", lab.daemon_log());
+    assert!(edit(&["member", "add", "b", "svc", "--wait"]).starts_with("changed in the store: generation 3"));
+    assert_eq!(probe(&lab), "connected");
+    // Through the daemon alone (nothing names the store) it would be this
+    // host's edit only: refused.
+    let run_dir = lab.run_dir.to_string_lossy().into_owned();
+    let (code, _, said) = vsocketctl(&["--run-dir", &run_dir, "member", "remove", "b", "svc"]);
+    assert!(code != 0 && said.contains("this host's policy comes from etcd http://"), "{said}");
+
+    // A change in the store with --wait returns once this host applied
+    // it: enforced at once, whole.
+    let closed = lab_model("tst").replace("ports = \"7000\"", "ports = \"7001\"");
+    let out = import_model(&model, &etcd, &closed, true);
+    assert!(out.contains("generation 4") && out.ends_with("applied by every host that is up"), "{out}");
+    assert_eq!(probe(&lab), "ConnectionRefusedError", "{}", lab.daemon_log());
+    assert!(store_at(&lab, 4), "{}", store_of(&lab));
+    assert!(up_at(4), "{}", hosts());
 
     // etcd down: the host says so and keeps the last policy, also across
     // a restart of its daemon.
     etcd.kill(0);
-    let down = vsocket_e2e::wait_until(Duration::from_secs(10), || store(&lab)["connected"] == false);
-    assert!(down, "{}", store(&lab));
+    let down = vsocket_e2e::wait_until(Duration::from_secs(10), || store_of(&lab)["connected"] == false);
+    assert!(down, "{}", store_of(&lab));
     assert_eq!(probe(&lab), "ConnectionRefusedError");
     lab.kill_daemon();
     lab.start_daemon().unwrap();
-    assert_eq!(store(&lab)["generation"], 2, "{}", lab.daemon_log());
+    assert_eq!(store_of(&lab)["generation"], 4, "{}", lab.daemon_log());
     // (b's server attaches again on its own, within its back-off.)
     let listening = || lab.ctl("listeners").is_ok_and(|l| l.as_array().is_some_and(|l| l.len() == 1));
     assert!(vsocket_e2e::wait_until(Duration::from_secs(10), listening), "{}", lab.daemon_log());
@@ -330,9 +390,42 @@ fn a_host_on_etcd_follows_the_store_and_keeps_its_policy_while_etcd_is_down() {
     // etcd back: changes flow again.
     etcd.restart(0);
     etcd.wait_healthy();
-    assert!(import(LAB_MODEL).contains("generation 3"));
+    assert!(import_model(&model, &etcd, &lab_model("tst"), false).contains("generation 5"));
     let allowed = vsocket_e2e::wait_until(Duration::from_secs(15), || probe(&lab) == "connected");
-    assert!(allowed, "{}\n{}", store(&lab), lab.daemon_log());
-    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || connected(&lab, 3)), "{}", store(&lab));
+    assert!(allowed, "{}\n{}", store_of(&lab), lab.daemon_log());
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || store_at(&lab, 5)), "{}", store_of(&lab));
+    // A host whose daemon is gone shows as down once its lease runs out.
+    lab.kill_daemon();
+    let down = vsocket_e2e::wait_until(Duration::from_secs(20), || hosts()["hosts"][0]["state"] == "down");
+    assert!(down, "{}", hosts());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_three_member_store_losing_quorum_leaves_the_policy_in_force() {
+    let mut etcd = Etcd::start("quorum", 3);
+    let dir = std::env::temp_dir().join("vsocket-quorum-test");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("model.toml");
+    import_model(&model, &etcd, &lab_model("tq"), false);
+    let lab = host_on_etcd("tq", &etcd);
+    assert_eq!(probe(&lab), "connected");
+    // Two of three members gone: no quorum. The member left still holds
+    // the watch open; the host sees the store down all the same, and its
+    // guests' connects follow the policy in force.
+    etcd.kill(1);
+    etcd.kill(2);
+    let down = vsocket_e2e::wait_until(Duration::from_secs(20), || store_of(&lab)["connected"] == false);
+    assert!(down, "{}\n{}", store_of(&lab), lab.daemon_log());
+    assert_eq!(probe(&lab), "connected");
+    // Quorum back: changes flow again, --wait included.
+    etcd.restart(1);
+    etcd.restart(2);
+    etcd.wait_healthy();
+    let closed = lab_model("tq").replace("ports = \"7000\"", "ports = \"7001\"");
+    let out = import_model(&model, &etcd, &closed, true);
+    assert!(out.ends_with("applied by every host that is up"), "{out}");
+    assert_eq!(probe(&lab), "ConnectionRefusedError", "{}", lab.daemon_log());
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || store_at(&lab, 2)), "{}", store_of(&lab));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -12,6 +12,7 @@
 //! | `PREFIX/host/NAME` | a fabric host: `{"name", "address"}` |
 //! | `PREFIX/generation` | the change's number, written last in every change |
 //! | `PREFIX/status/HOST` | what host HOST applied (its own key, on a lease) |
+//! | `PREFIX/member/HOST` | that host HOST has served from this store (kept) |
 //!
 //! A change is one etcd transaction that rewrites what differs and
 //! increments the generation, guarded by the generation's revision (two
@@ -66,6 +67,17 @@ impl Layout {
     /// The prefix of every host's status key.
     pub fn statuses(&self) -> String {
         format!("{}status/", self.prefix)
+    }
+
+    /// Host `host`'s membership key: written once, kept when the host goes,
+    /// so that a host gone shows as down.
+    pub fn member(&self, host: &str) -> String {
+        format!("{}member/{host}", self.prefix)
+    }
+
+    /// The prefix of every membership key.
+    pub fn members(&self) -> String {
+        format!("{}member/", self.prefix)
     }
 
     /// The key of object `name` of `kind`.

@@ -30,6 +30,11 @@ struct Args {
     /// with every field, or the daemon's JSON reply.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// For a change made in an etcd store (`import`, or a live edit on a
+    /// host whose config names a store): return once every host that is
+    /// up reports it applied (at most 30 s).
+    #[arg(long, global = true)]
+    wait: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -84,6 +89,16 @@ enum Command {
     Import {
         /// The config file whose model is written (validated first).
         file: PathBuf,
+        /// The store's members, `http://HOST:PORT`, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+        /// The prefix the model's keys live under.
+        #[arg(long, default_value = vsocket_policy::store::DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// The fleet's hosts as an etcd store shows them: up (its daemon keeps
+    /// its status alive) or down, and the generation each applied.
+    Hosts {
         /// The store's members, `http://HOST:PORT`, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         etcd: Vec<String>,
@@ -318,13 +333,22 @@ fn run_dir(args: &Args) -> Result<PathBuf, CtlError> {
 }
 
 fn run(args: Args) -> Result<(), CtlError> {
-    if let Command::Import { file, etcd, prefix } = &args.command {
-        return import(file, etcd, prefix);
+    let output = if args.json { Output::Json } else { args.output };
+    match &args.command {
+        Command::Import { file, etcd, prefix } => return import(file, etcd, prefix, args.wait),
+        Command::Hosts { etcd, prefix } => return show_hosts(etcd, prefix, output),
+        _ => {}
     }
     let client = Client::new(vsocket_admin::admin_socket_path(&run_dir(&args)?));
-    let output = if args.json { Output::Json } else { args.output };
     let json = output == Output::Json;
     if let Some(change) = change_request(&args.command) {
+        // A host whose policy is the fleet's: the change is the store's.
+        if let Some(file) = &args.config {
+            let (local, config) = vsocket_policy::load_document(file).map_err(CtlError::Config)?;
+            if let Some(settings) = &config.host().store {
+                return store_edit(&local, settings, &change, args.wait);
+            }
+        }
         return show_applied(&client.change(change)?, json);
     }
     match args.command {
@@ -345,7 +369,11 @@ fn run(args: Args) -> Result<(), CtlError> {
         Command::Peers => show_rows(&client.peers()?, &table::PEERS, output),
         Command::Rates { interval } => show_rates(&client, interval, output),
         Command::Reload => show_applied(&client.reload()?, json),
-        Command::Rule { .. } | Command::Member { .. } | Command::Guest { .. } | Command::Import { .. } => {
+        Command::Rule { .. }
+        | Command::Member { .. }
+        | Command::Guest { .. }
+        | Command::Import { .. }
+        | Command::Hosts { .. } => {
             unreachable!("live changes and imports are handled above")
         }
     }
@@ -423,12 +451,68 @@ fn show_applied(applied: &Applied, json: bool) -> Result<(), CtlError> {
     Ok(())
 }
 
-/// `vsocketctl import`: writes `file`'s tenant model into the store.
-fn import(file: &std::path::Path, etcd: &[String], prefix: &str) -> Result<(), CtlError> {
-    let (document, _) = vsocket_policy::load_document(file).map_err(CtlError::Config)?;
-    let store =
+/// The store `etcd` names, and its layout under `prefix`.
+fn store(etcd: &[String], prefix: &str) -> Result<(vsocket_etcd::Client, vsocket_policy::store::Layout), CtlError> {
+    let client =
         vsocket_etcd::Client::new(etcd, Duration::from_secs(5)).map_err(|e| CtlError::Store(format!("--etcd: {e}")))?;
-    let layout = vsocket_policy::store::Layout::new(prefix);
+    Ok((client, vsocket_policy::store::Layout::new(prefix)))
+}
+
+/// `vsocketctl hosts`.
+fn show_hosts(etcd: &[String], prefix: &str, output: Output) -> Result<(), CtlError> {
+    let (client, layout) = store(etcd, prefix)?;
+    let (generation, hosts) =
+        vsocket_cli::store::hosts(&client, &layout).map_err(|e| CtlError::Store(e.to_string()))?;
+    if output == Output::Json {
+        println!("{}", serde_json::json!({ "generation": generation, "hosts": hosts }));
+        return Ok(());
+    }
+    println!("{:<24} {:<6} {:>10}  VERSION", "HOST", "STATE", "GENERATION");
+    for h in &hosts {
+        let applied = h.generation.map_or("-".to_owned(), |g| g.to_string());
+        println!("{:<24} {:<6} {:>10}  {}", h.host, h.state, applied, h.version.as_deref().unwrap_or("-"));
+    }
+    println!("store generation {generation}");
+    Ok(())
+}
+
+/// A live edit made in the store `settings` names, from a host whose file
+/// is `local`.
+fn store_edit(
+    local: &vsocket_policy::Document,
+    settings: &vsocket_policy::StoreConfig,
+    change: &Change,
+    wait: bool,
+) -> Result<(), CtlError> {
+    let (client, layout) = store(&settings.endpoints, &settings.prefix)?;
+    let written = vsocket_cli::store::edit_model(&client, &layout, local, change)
+        .map_err(|e| CtlError::Store(format!("{}: {e}", client.endpoints()[0])))?;
+    println!("changed in the store: generation {}", written.generation);
+    if wait {
+        wait_everywhere(&client, &layout, written.generation)?;
+    }
+    Ok(())
+}
+
+/// Waits for every host that is up to report `generation` applied.
+fn wait_everywhere(
+    client: &vsocket_etcd::Client,
+    layout: &vsocket_policy::store::Layout,
+    generation: u64,
+) -> Result<(), CtlError> {
+    let behind = vsocket_cli::store::wait_applied(client, layout, generation, Duration::from_secs(30))
+        .map_err(|e| CtlError::Store(e.to_string()))?;
+    if !behind.is_empty() {
+        return Err(CtlError::Store(format!("written, but not applied within 30 s by: {}", behind.join(", "))));
+    }
+    println!("applied by every host that is up");
+    Ok(())
+}
+
+/// `vsocketctl import`: writes `file`'s tenant model into the store.
+fn import(file: &std::path::Path, etcd: &[String], prefix: &str, wait: bool) -> Result<(), CtlError> {
+    let (document, _) = vsocket_policy::load_document(file).map_err(CtlError::Config)?;
+    let (store, layout) = store(etcd, prefix)?;
     let written = vsocket_cli::store::write_model(&store, &layout, &document)
         .map_err(|e| CtlError::Store(format!("{}: {e}", store.endpoints()[0])))?;
     println!(
@@ -438,5 +522,8 @@ fn import(file: &std::path::Path, etcd: &[String], prefix: &str) -> Result<(), C
         written.put,
         written.deleted
     );
+    if wait {
+        wait_everywhere(&store, &layout, written.generation)?;
+    }
     Ok(())
 }
