@@ -12,6 +12,7 @@
 
 mod bench;
 mod modgraph;
+mod package;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -47,9 +48,18 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("package") => ensure_packages().and_then(|()| build()).and_then(|()| package::build()).and_then(|deb| {
+            println!("{}", deb.display());
+            match args.get(1).map(String::as_str) {
+                Some("--check") => package::check(&deb),
+                _ => Ok(()),
+            }
+        }),
         Some("modules") => modgraph::run(),
         _ => {
-            eprintln!("usage: cargo xtask demo | test [TEST FILTER...] | bench [--json FILE] [--repeats N] | modules");
+            eprintln!(
+                "usage: cargo xtask demo | test [TEST FILTER...] | bench [--json FILE] [--repeats N] | package [--check] | modules"
+            );
             return ExitCode::from(2);
         }
     };
@@ -74,7 +84,7 @@ fn cargo() -> Command {
     cmd
 }
 
-fn run(cmd: &mut Command) -> Result {
+pub(crate) fn run(cmd: &mut Command) -> Result {
     let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
     if !status.success() {
         return Err(format!("{cmd:?} failed: {status}"));
@@ -127,6 +137,8 @@ fn test(filter: &[String]) -> Result {
             .args(["test", "-p", "vsocket-ring", "--test", "loom", "--release"])
             .env("RUSTFLAGS", "--cfg loom")
             .env("CARGO_TARGET_DIR", root().join("target/loom")))?;
+        // The Debian package: built, installed, started from, purged.
+        package::check(&package::build()?)?;
     }
     Ok(())
 }

@@ -179,6 +179,11 @@ pub fn start(path: &Path) -> Result<Arc<Daemon>, StartError> {
         tracing::warn!(error = %e, "cannot raise the descriptor limit");
     }
     let host = config.host().clone();
+    // Its run directory is its own to make (systemd's RuntimeDirectory
+    // makes it too; a daemon started by hand must not need it).
+    std::fs::create_dir_all(&host.run_dir).map_err(|e| {
+        StartError::Serve(std::io::Error::new(e.kind(), format!("run_dir {}: {e}", host.run_dir.display())))
+    })?;
     // A predecessor stopping for an upgrade hands over what it has.
     let mut inherited = match handover::take(&host.run_dir) {
         Ok(inherited) => inherited,
