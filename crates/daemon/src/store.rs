@@ -225,12 +225,21 @@ fn generation_now(client: &Client, layout: &Layout) -> Option<(u64, i64, u64)> {
     Some((generation, header.revision, header.cluster_id))
 }
 
-/// Reloads the policy from the store; logs what came of it.
-fn reload(daemon: &Arc<Daemon>) {
+/// Reloads the policy from the store; logs what came of it. Returns
+/// false if the store could not be read (worth trying again soon); a
+/// policy that does not validate, or cannot change live, waits for the
+/// next change.
+fn reload(daemon: &Arc<Daemon>) -> bool {
     match crate::live::reload(daemon) {
-        Ok(applied) => tracing::info!(added = ?applied.guests_added, removed = ?applied.guests_removed,
-            reset = applied.connections_reset, "policy from the store applied"),
-        Err(e) => tracing::warn!(error = %e, "the store's policy was not applied"),
+        Ok(applied) => {
+            tracing::info!(added = ?applied.guests_added, removed = ?applied.guests_removed,
+                reset = applied.connections_reset, "policy from the store applied");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the store's policy was not applied");
+            !matches!(e, crate::live::ChangeError::Source(ConfigError::Read { .. }))
+        }
     }
 }
 
@@ -248,8 +257,11 @@ pub fn watch(daemon: Arc<Daemon>, store: &StoreConfig, health: Arc<StoreHealth>)
             continue;
         };
         let known_cluster = health.cluster_id.load(Ordering::Relaxed);
-        if generation != health.generation.load(Ordering::Relaxed) || (known_cluster != 0 && cluster != known_cluster) {
-            reload(&daemon);
+        let behind =
+            generation != health.generation.load(Ordering::Relaxed) || (known_cluster != 0 && cluster != known_cluster);
+        if behind && !reload(&daemon) {
+            std::thread::sleep(RETRY);
+            continue;
         }
         let from = health.revision.load(Ordering::Relaxed).max(revision) + 1;
         let mut stream = match client.watch_prefix(layout.prefix().as_bytes(), from) {
@@ -274,8 +286,10 @@ pub fn watch(daemon: Arc<Daemon>, store: &StoreConfig, health: Arc<StoreHealth>)
                     let moved = events.iter().any(|e| match e {
                         vsocket_etcd::Event::Put(kv) | vsocket_etcd::Event::Delete(kv) => kv.key == generation_key,
                     });
-                    if moved {
-                        reload(&daemon);
+                    if moved && !reload(&daemon) {
+                        // Read again from the top, after a pause.
+                        std::thread::sleep(RETRY);
+                        break;
                     }
                     health.revision.fetch_max(header.revision, Ordering::Relaxed);
                 }
