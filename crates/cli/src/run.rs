@@ -165,7 +165,7 @@ impl std::error::Error for RunError {
 /// changes the calling thread only, so call this from a single-threaded
 /// process (or at least from the thread that will exec).
 pub fn exec(launch: &Launch) -> RunError {
-    let config = match vsocket_policy::load(&launch.config) {
+    let config = match crate::store::load_config(&launch.config) {
         Ok(config) => config,
         Err(err) => return RunError::Config(err),
     };

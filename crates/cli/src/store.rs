@@ -265,3 +265,50 @@ pub fn wait_applied(
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// The config at `path`, with the tenant model the store it names holds
+/// (as vsocketd reads it), or the file alone if it names none: what
+/// `vsocket lab` and `vsocket run` act on. With the store unreachable, the
+/// model the host's daemon last applied from it (its snapshot in
+/// run_dir), else the file's own, each said on stderr: tearing a lab down
+/// must not need etcd.
+pub fn load_config(path: &std::path::Path) -> Result<vsocket_policy::Config, vsocket_policy::ConfigError> {
+    let (local, config) = vsocket_policy::load_document(path)?;
+    let Some(settings) = config.host().store.clone() else { return Ok(config) };
+    let origin = std::path::PathBuf::from(format!("etcd {}{}", settings.endpoints.join(","), settings.prefix));
+    let layout = Layout::new(&settings.prefix);
+    let read = Client::new(&settings.endpoints, std::time::Duration::from_secs(5))
+        .map_err(|e| e.to_string())
+        .and_then(|client| read_model(&client, &layout).map_err(|e| e.to_string()));
+    let entries: Vec<(String, Vec<u8>)> = match read {
+        Ok(seen) => seen.entries.into_iter().collect(),
+        Err(error) => {
+            let snapshot = config.host().run_dir.join("store-snapshot.json");
+            let kept = std::fs::read(&snapshot)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .and_then(|v| {
+                    v["entries"].as_array().map(|list| {
+                        list.iter()
+                            .filter_map(|e| Some((e[0].as_str()?.to_owned(), e[1].as_str()?.as_bytes().to_vec())))
+                            .collect::<Vec<_>>()
+                    })
+                });
+            match kept {
+                Some(kept) => {
+                    eprintln!(
+                        "{}: {error}; using the model last applied from it ({})",
+                        origin.display(),
+                        snapshot.display()
+                    );
+                    kept
+                }
+                None => {
+                    eprintln!("{}: {error}; using {}'s own model", origin.display(), path.display());
+                    return Ok(config);
+                }
+            }
+        }
+    };
+    Ok(vsocket_policy::store::assemble(&local, &entries, &layout, &origin)?.1)
+}

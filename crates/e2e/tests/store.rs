@@ -287,12 +287,14 @@ fn import_model(file: &std::path::Path, etcd: &Etcd, model: &str, wait: bool) ->
 
 /// A lab host `name` whose policy comes from `etcd` (deny_action reject,
 /// on_policy_change reset), with an accepting server on b's port 7000,
-/// once its daemon reports generation 1 from the store.
-fn host_on_etcd(name: &str, etcd: &Etcd) -> vsocket_e2e::Lab {
+/// once its daemon reports generation 1 from the store. Its file holds
+/// the model too if `file_model`, else only `[host]` and the store.
+fn host_on_etcd(name: &str, etcd: &Etcd, file_model: bool) -> vsocket_e2e::Lab {
     let urls: Vec<String> = etcd.urls.iter().map(|u| format!("\"{u}\"")).collect();
     let host =
         format!("deny_action = \"reject\"\non_policy_change = \"reset\"\n[host.store]\netcd = [{}]\n", urls.join(", "));
-    let mut lab = vsocket_e2e::Lab::start_host(name, &lab_model(name), &host).unwrap();
+    let body = if file_model { lab_model(name) } else { String::new() };
+    let mut lab = vsocket_e2e::Lab::start_host(name, &body, &host).unwrap();
     let ready = vsocket_e2e::wait_until(Duration::from_secs(10), || store_at(&lab, 1));
     assert!(ready, "{}\n{}", store_of(&lab), lab.daemon_log());
     let echo = "import socket\nl = socket.socket()\nl.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
@@ -330,7 +332,7 @@ fn a_host_on_etcd_follows_the_store_and_keeps_its_policy_while_etcd_is_down() {
     let endpoints = etcd.endpoints();
     import_model(&model, &etcd, &lab_model("tst"), false);
     // The host's file names the store; the daemon takes the model from it.
-    let mut lab = host_on_etcd("tst", &etcd);
+    let mut lab = host_on_etcd("tst", &etcd, true);
     assert_eq!(probe(&lab), "connected");
 
     // The host shows in the store, up, with what it applied.
@@ -408,7 +410,7 @@ fn a_three_member_store_losing_quorum_leaves_the_policy_in_force() {
     std::fs::create_dir_all(&dir).unwrap();
     let model = dir.join("model.toml");
     import_model(&model, &etcd, &lab_model("tq"), false);
-    let lab = host_on_etcd("tq", &etcd);
+    let lab = host_on_etcd("tq", &etcd, true);
     assert_eq!(probe(&lab), "connected");
     // Two of three members gone: no quorum. The member left still holds
     // the watch open; the host sees the store down all the same, and its
@@ -427,5 +429,20 @@ fn a_three_member_store_losing_quorum_leaves_the_policy_in_force() {
     assert!(out.ends_with("applied by every host that is up"), "{out}");
     assert_eq!(probe(&lab), "ConnectionRefusedError", "{}", lab.daemon_log());
     assert!(vsocket_e2e::wait_until(Duration::from_secs(10), || store_at(&lab, 2)), "{}", store_of(&lab));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_lab_host_whose_file_names_only_the_store_gets_its_guests_from_it() {
+    let etcd = etcd("modelless");
+    let dir = std::env::temp_dir().join("vsocket-modelless-test");
+    std::fs::create_dir_all(&dir).unwrap();
+    import_model(&dir.join("model.toml"), &etcd, &lab_model("tsm"), false);
+    // vsocket lab up makes the store's guests' namespaces, vsocket run finds
+    // them, and vsocketd serves them: the file has no guest at all.
+    let lab = host_on_etcd("tsm", &etcd, false);
+    assert!(!std::fs::read_to_string(&lab.config).unwrap().contains("[[guest]]"));
+    assert_eq!(probe(&lab), "connected");
+    assert_eq!(lab.counter("a", "connections_out"), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }

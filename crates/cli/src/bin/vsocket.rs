@@ -126,7 +126,7 @@ fn main() -> ExitCode {
 /// VM; `None` for a namespace guest (and for a config that does not load:
 /// `run` reports that).
 fn run_in_vm(args: &RunArgs) -> Option<Result<u8, Failure>> {
-    let config = vsocket_policy::load(&args.config.path()).ok()?;
+    let config = vsocket_cli::store::load_config(&args.config.path()).ok()?;
     let guest = config.guest_by_name(&args.guest)?;
     config.guest(guest).vm?;
     let runtime = |error: Box<dyn Error>| Failure { error, code: RUNTIME };
@@ -249,8 +249,9 @@ fn start_vms(config: &Config, arg: &ConfigArg) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The config, with the model of the store it names, if it names one.
 fn load(config: &ConfigArg) -> Result<Config, Failure> {
-    vsocket_policy::load(&config.path()).map_err(|error| Failure { error: Box::new(error), code: USAGE })
+    vsocket_cli::store::load_config(&config.path()).map_err(|error| Failure { error: Box::new(error), code: USAGE })
 }
 
 fn lab_failure(error: LabError) -> Failure {
