@@ -296,7 +296,7 @@ impl Listener {
             let _ = sys::close(fd);
             return Err(e);
         }
-        let mut reply = match channel.receive(Receive::DontWait) {
+        let mut reply = match channel.receive(Receive::Shared) {
             Ok(r) => r,
             Err(e) => {
                 let _ = sys::close(fd);

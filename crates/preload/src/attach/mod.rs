@@ -39,11 +39,15 @@ pub type Channel = ControlSocket;
 /// The connection memory of this attachment.
 pub type Memory = MemfdSegment;
 
-/// Whether a receive waits for a message.
+/// How a channel is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Receive {
+    /// Waiting for the one reply to this thread's request (its channel is
+    /// this process's own, and requests take turns).
     Wait,
-    DontWait,
+    /// Without waiting, a channel other threads and forked processes read
+    /// too: a listener's, which each accept reads.
+    Shared,
 }
 
 /// A channel to vsocketd.

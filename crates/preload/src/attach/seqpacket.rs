@@ -121,7 +121,8 @@ pub struct ControlSocket {
     fd: RawFd,
     /// A VM's stream: messages are framed, no descriptors travel.
     framed: bool,
-    /// Held by the thread reading a frame (see [`ControlSocket::receive`]).
+    /// Held by the thread reading a shared channel's frame (see
+    /// [`ControlSocket::receive`]).
     reading: Mutex<()>,
 }
 
@@ -171,27 +172,29 @@ impl ControlChannel for ControlSocket {
     }
 
     fn receive(&self, receive: Receive) -> SysResult<Reply> {
-        let flags = match receive {
-            Receive::Wait => 0,
-            Receive::DontWait => libc::MSG_DONTWAIT,
-        };
-        if self.framed {
+        match (self.framed, receive) {
+            // A reply on this process's own request channel (requests take
+            // turns): nobody else reads it.
+            (true, Receive::Wait) => receive_frame(self.fd, 0),
             // A listener's stream is shared by the threads that accept on
             // it and by the processes forked with it (prefork servers,
             // nginx's workers): a frame is read whole by one of them, or
             // two would each take part of it and both lose their place.
             // The mutex orders this process's threads, the record lock on
-            // the socket the processes. An accept reads without waiting,
-            // so they are held only while a frame that has begun to arrive
-            // is read (bounded by the channel's receive timeout); a process
-            // that dies holding the lock gives it back.
-            let _thread = self.reading.lock().unwrap_or_else(|e| e.into_inner());
-            sys::record_lock(self.fd, true)?;
-            let frame = receive_frame(self.fd, flags);
-            let _ = sys::record_lock(self.fd, false);
-            frame
-        } else {
-            self::receive(self.fd, flags)
+            // the socket the processes. The read does not wait, so they
+            // are held only while a frame that has begun to arrive is read
+            // (bounded by the channel's receive timeout); a process that
+            // dies holding the lock gives it back.
+            (true, Receive::Shared) => {
+                let _thread = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+                sys::record_lock(self.fd, true)?;
+                let frame = receive_frame(self.fd, libc::MSG_DONTWAIT);
+                let _ = sys::record_lock(self.fd, false);
+                frame
+            }
+            // Datagrams come whole to whoever reads them.
+            (false, Receive::Wait) => self::receive(self.fd, 0),
+            (false, Receive::Shared) => self::receive(self.fd, libc::MSG_DONTWAIT),
         }
     }
 
