@@ -1,8 +1,8 @@
 //! How the etcd store the policy comes from looks from this host
 //! (`crate::store` keeps it up to date; `vsocketctl status` shows it).
 
+use crate::quota::now_ms;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// What the store looks like from here, for `vsocketctl status` and the
 /// metrics.
@@ -15,7 +15,8 @@ pub struct StoreHealth {
     pub reachable: AtomicBool,
     /// The generation of the policy in force (0: none from the store yet).
     pub generation: AtomicU64,
-    /// When the watch last heard from the store (ms since the epoch).
+    /// When the watch last heard from the store (`quota::now_ms`, the
+    /// daemon's monotonic clock).
     pub last_heard_ms: AtomicU64,
     /// The store revision the policy in force was read at.
     pub(crate) revision: AtomicI64,
@@ -37,8 +38,4 @@ impl StoreHealth {
     pub(crate) fn heard(&self) {
         self.last_heard_ms.store(now_ms(), Ordering::Relaxed);
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
