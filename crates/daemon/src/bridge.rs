@@ -175,6 +175,13 @@ struct Waiting {
 }
 
 impl Waiting {
+    /// Resets both ends (the VM's finds the flags when it looks).
+    fn reset(&self) {
+        for end in &self.ends {
+            end.reset();
+        }
+    }
+
     fn new(ends: [BridgeEnd; 2], meter: Arc<Meter>, now: Instant) -> Waiting {
         let pinned = [0, 1].map(|i| matches!(ends[i], BridgeEnd::Awaiting { .. }));
         let deadlines = [0, 1].map(|i| match &ends[i] {
@@ -319,15 +326,9 @@ impl Pump {
             }
             Command::Reset { id } => {
                 if let Some(w) = self.waiting.remove(&id) {
-                    for end in &w.ends {
-                        end.reset();
-                    }
+                    w.reset();
                 }
-                let pair = self.pairs.get_mut(&id)?;
-                for end in &pair.ends {
-                    reset(end.as_ref());
-                }
-                pair.ended = [true; 2];
+                self.pairs.get_mut(&id)?.reset();
                 Some(id)
             }
             Command::Bell { id, end, vm, stream } => {
@@ -366,10 +367,7 @@ impl Pump {
                         // pieces stay pinned (kept until the daemon ends),
                         // as nothing can tell when its VM lets go of them.
                         tracing::error!(connection = id, error = %e, "bridge: cannot watch a bell; connection reset");
-                        for end in &pair.ends {
-                            reset(end.as_ref());
-                        }
-                        pair.ended = [true; 2];
+                        pair.reset();
                         pair.pinned = [true; 2];
                         break;
                     }
@@ -388,9 +386,7 @@ impl Pump {
         for id in late {
             if let Some(w) = self.waiting.remove(&id) {
                 tracing::warn!(connection = id, "bridge: a VM opened no bell stream; connection reset");
-                for end in &w.ends {
-                    end.reset();
-                }
+                w.reset();
             }
         }
     }
@@ -414,10 +410,7 @@ impl Pump {
                         end = from,
                         "bridge: a ring holds impossible values; connection reset"
                     );
-                    for end in &pair.ends {
-                        reset(end.as_ref());
-                    }
-                    pair.ended = [true; 2];
+                    pair.reset();
                     more = false;
                     break;
                 }
@@ -451,6 +444,14 @@ fn reset(end: &dyn LocalEnd) {
 }
 
 impl Pair {
+    /// Resets both ends and wakes them; nothing more passes either way.
+    fn reset(&mut self) {
+        for end in &self.ends {
+            reset(end.as_ref());
+        }
+        self.ended = [true; 2];
+    }
+
     /// Copies from end `from`'s outbound ring into the other's inbound one,
     /// and passes on its end of stream.
     fn pump(&mut self, from: usize, buf: &mut [u8]) -> Pumped {
