@@ -180,6 +180,16 @@ pub const CONNECTION_RATES: View = View {
     ],
 };
 
+pub const HOSTS: View = View {
+    narrow: &[
+        col("HOST", Field("host")),
+        col("STATE", Field("state")),
+        col("GENERATION", Field("generation")),
+        col("VERSION", Field("version")),
+    ],
+    wide: &["host", "state", "generation", "version"],
+};
+
 /// A value as a table cell: strings bare, lists joined by commas, null as
 /// `-`, fractions to one place.
 pub fn plain(v: &Value) -> String {
@@ -289,7 +299,7 @@ mod tests {
 
     /// Rows with the widest values a busy host shows: long names, several
     /// addresses, counts in the millions, terabytes moved.
-    fn busy() -> [(View, Value); 6] {
+    fn busy() -> [(View, Value); 7] {
         let guest = json!({
             "name": "tenant-db-01", "vpc": "tenant-blue", "addresses": ["10.110.200.201", "10.110.200.202"],
             "connections_open": 40960, "connections_out": 12345678, "connections_in": 12345678,
@@ -320,6 +330,11 @@ mod tests {
             (LISTENERS, json!([listener])),
             (GUEST_RATES, json!([guest_rate])),
             (CONNECTION_RATES, json!([connection_rate])),
+            (
+                HOSTS,
+                json!([{ "host": "host-rack12-07.example", "state": "down", "generation": 12345678,
+                "version": "0.1.0" }]),
+            ),
         ]
     }
 

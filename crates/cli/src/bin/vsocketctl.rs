@@ -467,11 +467,7 @@ fn show_hosts(etcd: &[String], prefix: &str, output: Output) -> Result<(), CtlEr
         println!("{}", serde_json::json!({ "generation": generation, "hosts": hosts }));
         return Ok(());
     }
-    println!("{:<24} {:<6} {:>10}  VERSION", "HOST", "STATE", "GENERATION");
-    for h in &hosts {
-        let applied = h.generation.map_or("-".to_owned(), |g| g.to_string());
-        println!("{:<24} {:<6} {:>10}  {}", h.host, h.state, applied, h.version.as_deref().unwrap_or("-"));
-    }
+    show_rows(&hosts, &table::HOSTS, output)?;
     println!("store generation {generation}");
     Ok(())
 }
