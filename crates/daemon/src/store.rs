@@ -18,11 +18,11 @@
 use crate::daemon::Daemon;
 pub use crate::health::StoreHealth;
 use crate::policy::PolicySource;
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vsocket_etcd::fleet::{read_generation, read_model, Seen, SNAPSHOT_FILE};
 use vsocket_etcd::{Client, Watched};
 use vsocket_policy::store::{assemble, Layout};
 use vsocket_policy::{Config, ConfigError, Document, StoreConfig};
@@ -31,22 +31,6 @@ use vsocket_policy::{Config, ConfigError, Document, StoreConfig};
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the watcher waits before trying an unreachable store again.
 const RETRY: Duration = Duration::from_secs(1);
-
-/// What was read from the store: the model's entries as of one revision.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Snapshot {
-    generation: u64,
-    revision: i64,
-    cluster_id: u64,
-    /// Keys and values (JSON text) of the model.
-    entries: Vec<(String, String)>,
-}
-
-impl Snapshot {
-    fn entries(&self) -> Vec<(String, Vec<u8>)> {
-        self.entries.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect()
-    }
-}
 
 /// The tenant model from etcd, with this host's own file.
 pub struct StoreSource {
@@ -57,7 +41,7 @@ pub struct StoreSource {
     document: Document,
     snapshot_path: PathBuf,
     /// Read by the last `read`, persisted once it is in force.
-    pending: Mutex<Option<Snapshot>>,
+    pending: Mutex<Option<Seen>>,
     pub health: Arc<StoreHealth>,
 }
 
@@ -100,7 +84,7 @@ impl StoreSource {
     ) -> Result<(StoreSource, Config), OpenError> {
         let client =
             Client::new(&store.endpoints, CALL_TIMEOUT).map_err(|e| OpenError::Config(read_error(file, &e)))?;
-        let origin = PathBuf::from(format!("etcd {}{}", store.endpoints.join(","), store.prefix));
+        let origin = store.origin();
         if let Err(e) = std::fs::create_dir_all(run_dir) {
             tracing::warn!(run_dir = %run_dir.display(), error = %e, "cannot make run_dir");
         }
@@ -110,25 +94,20 @@ impl StoreSource {
             layout: Layout::new(&store.prefix),
             client,
             document: local,
-            snapshot_path: run_dir.join("store-snapshot.json"),
+            snapshot_path: run_dir.join(SNAPSHOT_FILE),
             pending: Mutex::new(None),
             health: Arc::new(StoreHealth::default()),
         };
         let snapshot = match source.read_store() {
             Ok(snapshot) => snapshot,
-            Err(error) => {
-                let kept = std::fs::read(&source.snapshot_path)
-                    .ok()
-                    .and_then(|bytes| serde_json::from_slice::<Snapshot>(&bytes).ok());
-                match kept {
-                    Some(kept) => {
-                        tracing::warn!(store = %source.origin.display(), %error, generation = kept.generation,
+            Err(error) => match Seen::load(&source.snapshot_path) {
+                Some(kept) => {
+                    tracing::warn!(store = %source.origin.display(), %error, generation = kept.generation,
                             "the store is unreachable: starting with the policy last applied from it");
-                        kept
-                    }
-                    None => return Err(OpenError::Unreachable { origin: source.origin.clone(), error }),
+                    kept
                 }
-            }
+                None => return Err(OpenError::Unreachable { origin: source.origin.clone(), error }),
+            },
         };
         let (document, config) = assemble(&source.document, &snapshot.entries(), &source.layout, &source.origin)
             .map_err(OpenError::Config)?;
@@ -139,46 +118,23 @@ impl StoreSource {
     }
 
     /// The model as of the generation marker's last revision.
-    fn read_store(&self) -> Result<Snapshot, String> {
-        let (header, marker) = self.client.get(self.layout.generation().as_bytes()).map_err(|e| e.to_string())?;
-        let (generation, revision) = match marker {
-            Some(kv) => {
-                let text = String::from_utf8_lossy(&kv.value).into_owned();
-                let generation = text.trim().parse::<u64>().map_err(|_| format!("a generation marker of {text:?}"))?;
-                (generation, kv.mod_revision)
-            }
-            None => return Err("the store holds no tenant model (vsocketctl import writes one)".into()),
-        };
-        let (_, kvs) = match self.client.range_prefix(self.layout.prefix().as_bytes(), revision) {
-            // The marker's revision is compacted away: nothing has changed
-            // since if the marker is still at it, so read the latest.
-            Err(vsocket_etcd::Error::Compacted { .. }) => {
-                self.client.range_prefix(self.layout.prefix().as_bytes(), 0).map_err(|e| e.to_string())?
-            }
-            other => other.map_err(|e| e.to_string())?,
-        };
-        let entries = kvs
-            .into_iter()
-            .filter_map(|kv| Some((String::from_utf8(kv.key).ok()?, String::from_utf8(kv.value).ok()?)))
-            .filter(|(key, _)| self.layout.is_model(key))
-            .collect();
-        Ok(Snapshot { generation, revision: header.revision, cluster_id: header.cluster_id, entries })
+    fn read_store(&self) -> Result<Seen, String> {
+        let seen = read_model(&self.client, &self.layout).map_err(|e| e.to_string())?;
+        if seen.generation == 0 {
+            return Err("the store holds no tenant model (vsocketctl import writes one)".into());
+        }
+        Ok(seen)
     }
 
-    fn note_applied(&self, snapshot: &Snapshot) {
+    fn note_applied(&self, snapshot: &Seen) {
         self.health.generation.store(snapshot.generation, Ordering::Relaxed);
         self.health.revision.store(snapshot.revision, Ordering::Relaxed);
         self.health.cluster_id.store(snapshot.cluster_id, Ordering::Relaxed);
     }
 
-    /// Keeps `snapshot` in run_dir (atomically: written aside, renamed).
-    fn persist(&self, snapshot: &Snapshot) {
-        let aside = self.snapshot_path.with_extension("json.new");
-        let written = serde_json::to_vec(snapshot)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&aside, bytes))
-            .and_then(|()| std::fs::rename(&aside, &self.snapshot_path));
-        if let Err(e) = written {
+    /// Keeps `snapshot` in run_dir.
+    fn persist(&self, snapshot: &Seen) {
+        if let Err(e) = snapshot.save(&self.snapshot_path) {
             tracing::warn!(path = %self.snapshot_path.display(), error = %e, "cannot keep the store's policy");
         }
     }
@@ -218,13 +174,6 @@ impl PolicySource for StoreSource {
     }
 }
 
-/// The store's generation and revision now, if it answers.
-fn generation_now(client: &Client, layout: &Layout) -> Option<(u64, i64, u64)> {
-    let (header, marker) = client.get(layout.generation().as_bytes()).ok()?;
-    let generation = marker.and_then(|kv| String::from_utf8_lossy(&kv.value).trim().parse().ok()).unwrap_or(0);
-    Some((generation, header.revision, header.cluster_id))
-}
-
 /// Reloads the policy from the store; logs what came of it. Returns
 /// false if the store could not be read (worth trying again soon); a
 /// policy that does not validate, or cannot change live, waits for the
@@ -251,19 +200,19 @@ pub fn watch(daemon: Arc<Daemon>, store: &StoreConfig, health: Arc<StoreHealth>)
     loop {
         // Catch up first: a change missed while unwatched (or made before
         // this daemon read the store) is applied whole.
-        let Some((generation, revision, cluster)) = generation_now(&client, &layout) else {
+        let Ok((header, generation, _)) = read_generation(&client, &layout) else {
             health.connected.store(false, Ordering::Relaxed);
             std::thread::sleep(RETRY);
             continue;
         };
         let known_cluster = health.cluster_id.load(Ordering::Relaxed);
-        let behind =
-            generation != health.generation.load(Ordering::Relaxed) || (known_cluster != 0 && cluster != known_cluster);
+        let behind = generation != health.generation.load(Ordering::Relaxed)
+            || (known_cluster != 0 && header.cluster_id != known_cluster);
         if behind && !reload(&daemon) {
             std::thread::sleep(RETRY);
             continue;
         }
-        let from = health.revision.load(Ordering::Relaxed).max(revision) + 1;
+        let from = health.revision.load(Ordering::Relaxed).max(header.revision) + 1;
         let mut stream = match client.watch_prefix(layout.prefix().as_bytes(), from) {
             Ok(stream) => stream,
             Err(e) => {

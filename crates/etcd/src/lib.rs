@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod base64;
+pub mod fleet;
 mod http;
 
 pub use http::Endpoint;

@@ -186,6 +186,11 @@ pub struct StoreConfig {
 impl StoreConfig {
     /// Where the tenant model lives unless the config names another prefix.
     pub const DEFAULT_PREFIX: &'static str = "/vsocket/";
+
+    /// The store as errors and logs name it: `etcd ENDPOINTS PREFIX`.
+    pub fn origin(&self) -> std::path::PathBuf {
+        format!("etcd {}{}", self.endpoints.join(","), self.prefix).into()
+    }
 }
 
 /// The hosts of a fabric and how this one reaches them.
