@@ -118,7 +118,8 @@ impl Bridge {
         let (commands, queue) = mpsc::channel();
         let thread_bell = bell.try_clone()?;
         std::thread::Builder::new().name("bridge".into()).spawn(move || {
-            Pump { epoll, bell: thread_bell, queue, waiting: HashMap::new(), pairs: HashMap::new() }.run()
+            Pump { epoll, bell: thread_bell, queue, waiting: HashMap::new(), next_expiry: None, pairs: HashMap::new() }
+                .run()
         })?;
         Ok(Bridge { commands: Mutex::new(commands), bell })
     }
@@ -191,6 +192,12 @@ impl Waiting {
         Waiting { ends, meter, deadlines, pinned }
     }
 
+    /// When the first end that still waits for its bell will have waited
+    /// too long, if any has a deadline.
+    fn earliest(&self) -> Option<Instant> {
+        (0..2).filter(|&i| matches!(self.ends[i], BridgeEnd::Awaiting { .. })).filter_map(|i| self.deadlines[i]).min()
+    }
+
     /// Has an end that still waits for its bell waited too long?
     fn expired(&self, now: Instant) -> bool {
         (0..2)
@@ -244,6 +251,9 @@ struct Pump {
     bell: OwnedFd,
     queue: mpsc::Receiver<Command>,
     waiting: HashMap<u64, Waiting>,
+    /// No waiting connection expires before this (none: none has a
+    /// deadline), so a round looks at them only when one may be due.
+    next_expiry: Option<Instant>,
     pairs: HashMap<u64, Pair>,
 }
 
@@ -254,11 +264,14 @@ impl Pump {
         // Connections whose turn ended with more to move.
         let mut again: Vec<u64> = Vec::new();
         loop {
-            let timed = self.waiting.values().any(|w| w.deadlines.iter().any(Option::is_some));
-            let timeout = match (again.is_empty(), timed) {
+            let timeout = match (again.is_empty(), self.next_expiry) {
                 (false, _) => 0,
-                (true, false) => -1,
-                (true, true) => 100,
+                (true, None) => -1,
+                (true, Some(due)) => {
+                    let left = due.saturating_duration_since(Instant::now()).as_millis();
+                    // Rounded up: waking a millisecond early would spin.
+                    i32::try_from(left + 1).unwrap_or(i32::MAX)
+                }
             };
             if let Err(e) = self.epoll.wait(timeout, &mut events) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -310,7 +323,9 @@ impl Pump {
     fn command(&mut self, command: Command) -> Option<u64> {
         match command {
             Command::Await { id, ends, meter } => {
-                self.waiting.insert(id, Waiting::new(ends, meter, Instant::now()));
+                let waiting = Waiting::new(ends, meter, Instant::now());
+                self.expect(waiting.earliest());
+                self.waiting.insert(id, waiting);
                 None
             }
             Command::Cancel { id } => {
@@ -322,6 +337,8 @@ impl Pump {
                 for waiting in self.waiting.values_mut() {
                     waiting.listener_closed(listener, now);
                 }
+                let earliest = self.waiting.values().filter_map(Waiting::earliest).min();
+                self.expect(earliest);
                 None
             }
             Command::Reset { id } => {
@@ -380,14 +397,27 @@ impl Pump {
     }
 
     /// Resets connections whose VM never opened their bell stream.
+    /// Only when one may be due: a round does not look at every waiting
+    /// connection (a VM listener's backlog may hold many).
     fn expire(&mut self) {
         let now = Instant::now();
+        if !matches!(self.next_expiry, Some(due) if now >= due) {
+            return;
+        }
         let late: Vec<u64> = self.waiting.iter().filter(|(_, w)| w.expired(now)).map(|(&id, _)| id).collect();
         for id in late {
             if let Some(w) = self.waiting.remove(&id) {
                 tracing::warn!(connection = id, "bridge: a VM opened no bell stream; connection reset");
                 w.reset();
             }
+        }
+        self.next_expiry = self.waiting.values().filter_map(Waiting::earliest).min();
+    }
+
+    /// A waiting connection may expire at `due`.
+    fn expect(&mut self, due: Option<Instant>) {
+        if let Some(due) = due {
+            self.next_expiry = Some(self.next_expiry.map_or(due, |next| next.min(due)));
         }
     }
 
@@ -620,17 +650,20 @@ mod tests {
             Waiting::new([awaiting(Endpoint::Client, Some(listener)), awaiting(Endpoint::Server, None)], meter, start);
         assert!(!waiting.expired(start + BELL_TIMEOUT - Duration::from_millis(1)));
         assert!(waiting.expired(start + BELL_TIMEOUT));
+        assert_eq!(waiting.earliest(), Some(start + BELL_TIMEOUT));
         // Once the client's bell came, the server's waits on, however long.
         let BridgeEnd::Awaiting { placed, .. } = &waiting.ends[1] else { unreachable!() };
         let (bell, _guest) = vsocket_sys::stream_pair().unwrap();
         waiting.ends[1] = BridgeEnd::Ready(Box::new(RegionEnd::with(placed.clone(), Endpoint::Server, bell, None)));
         let late = start + Duration::from_secs(3600);
         assert!(!waiting.expired(late));
+        assert_eq!(waiting.earliest(), None, "nothing for the bridge to look at");
         // Another listener's close changes nothing; its own gives an
         // accept that raced it BELL_TIMEOUT more.
         waiting.listener_closed(other, late);
         assert!(!waiting.expired(late + Duration::from_secs(3600)));
         waiting.listener_closed(listener, late);
+        assert_eq!(waiting.earliest(), Some(late + BELL_TIMEOUT));
         assert!(!waiting.expired(late + BELL_TIMEOUT - Duration::from_millis(1)));
         assert!(waiting.expired(late + BELL_TIMEOUT));
         // A second close does not put the deadline off.
@@ -679,6 +712,7 @@ mod tests {
             bell: vsocket_sys::eventfd().unwrap(),
             queue,
             waiting: HashMap::new(),
+            next_expiry: None,
             pairs: HashMap::new(),
         };
         pump.pairs.insert(7, pair);
