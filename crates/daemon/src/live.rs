@@ -136,6 +136,31 @@ pub fn change(daemon: &Arc<Daemon>, change: &Change) -> Result<Applied, ChangeEr
     Ok(applied)
 }
 
+/// How the fabric of a new policy differs from the one in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FabricChange {
+    None,
+    /// Only other hosts joined, left or moved: the relay follows live.
+    Hosts,
+    /// A fabric came or went, or a setting or this host's own address
+    /// changed: only a restart applies it.
+    Restart,
+}
+
+/// How fabric `new` differs from `old` for host `this`.
+pub fn fabric_change(
+    old: Option<&vsocket_policy::FabricConfig>,
+    new: Option<&vsocket_policy::FabricConfig>,
+    this: &str,
+) -> FabricChange {
+    match (old, new) {
+        (None, None) => FabricChange::None,
+        (Some(old), Some(new)) if old == new => FabricChange::None,
+        (Some(old), Some(new)) if old.same_but_peers(new, this) => FabricChange::Hosts,
+        _ => FabricChange::Restart,
+    }
+}
+
 /// Reads the policy's source again and applies what differs.
 pub fn reload(daemon: &Arc<Daemon>) -> Result<Applied, ChangeError> {
     let mut source = lock(&daemon.source);
@@ -149,7 +174,8 @@ pub fn reload(daemon: &Arc<Daemon>) -> Result<Applied, ChangeError> {
 fn apply(daemon: &Arc<Daemon>, config: Config) -> Result<Applied, ChangeError> {
     let old = daemon.policy();
     let mut restart = restart_only_changes(old.config.host(), config.host());
-    if old.config.fabric() != config.fabric() {
+    let fabric_change = fabric_change(old.config.fabric(), config.fabric(), &config.host().name);
+    if fabric_change == FabricChange::Restart {
         restart.push("fabric");
     }
     // A VM guest's attachment (its vsock backend and region) is made at
@@ -192,6 +218,11 @@ fn apply(daemon: &Arc<Daemon>, config: Config) -> Result<Applied, ChangeError> {
         };
         sockets.push((slot.clone(), socket));
         slots.push(slot);
+    }
+    // Hosts that joined are known to the relay before a connect can
+    // decide to reach them.
+    if let (FabricChange::Hosts, Some(fabric), Some(relay)) = (fabric_change, config.fabric(), daemon.fabric.get()) {
+        relay.set_hosts(fabric, &config.host().name);
     }
     let policy = Policy::new(config, slots);
     let action = policy.config.host().on_policy_change;
@@ -327,6 +358,33 @@ security_groups = ["web"]
         assert!(restart_only_changes(old.host(), live.host()).is_empty());
         let restart = config(&BASE.replace("name = \"h\"", "name = \"h\"\nring_size = 4096\nrun_dir = \"/tmp/x\""));
         assert_eq!(restart_only_changes(old.host(), restart.host()), ["host.run_dir", "host.ring_size"]);
+    }
+
+    #[test]
+    fn other_hosts_joining_leaving_or_moving_change_the_fabric_live() {
+        let with = |hosts: &[(&str, &str)], extra: &str| {
+            let mut text = format!("[host]\nname = \"h1\"\n[fabric]\nkind = \"tcp\"\n{extra}");
+            for (name, address) in hosts {
+                text.push_str(&format!("[[fabric.host]]\nname = \"{name}\"\naddress = \"{address}\"\n"));
+            }
+            config(&text)
+        };
+        let change = |old: &Config, new: &Config| fabric_change(old.fabric(), new.fabric(), "h1");
+        let two = with(&[("h1", "10.99.0.1:7470"), ("h2", "10.99.0.2:7470")], "");
+        let three = with(&[("h1", "10.99.0.1:7470"), ("h2", "10.99.0.2:7470"), ("h3", "10.99.0.3:7470")], "");
+        let alone = with(&[("h1", "10.99.0.1:7470")], "");
+        let h2_moved = with(&[("h1", "10.99.0.1:7470"), ("h2", "10.99.0.9:7470")], "");
+        assert_eq!(change(&two, &two), FabricChange::None);
+        assert_eq!(change(&two, &three), FabricChange::Hosts, "h3 joins");
+        assert_eq!(change(&three, &alone), FabricChange::Hosts, "h2 and h3 leave");
+        assert_eq!(change(&two, &h2_moved), FabricChange::Hosts, "h2 moves");
+        let me_moved = with(&[("h1", "10.99.0.7:7470"), ("h2", "10.99.0.2:7470")], "");
+        assert_eq!(change(&two, &me_moved), FabricChange::Restart, "this host's own address");
+        let no_polling = with(&[("h1", "10.99.0.1:7470"), ("h2", "10.99.0.2:7470")], "busy_poll_us = 0\n");
+        assert_eq!(change(&two, &no_polling), FabricChange::Restart, "a setting");
+        assert_eq!(fabric_change(None, two.fabric(), "h1"), FabricChange::Restart, "a fabric comes");
+        assert_eq!(fabric_change(two.fabric(), None, "h1"), FabricChange::Restart, "the fabric goes");
+        assert_eq!(fabric_change(None, None, "h1"), FabricChange::None);
     }
 
     #[test]

@@ -596,7 +596,7 @@ enum RawFabricKind {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawFabricHost {
     pub(crate) name: String,
-    address: String,
+    pub(crate) address: String,
 }
 
 #[derive(Deserialize, Serialize, Clone)]

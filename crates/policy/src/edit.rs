@@ -17,7 +17,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, Document, RawGuest, RawRule, RawSecurityGroup, RulePeerSpec, Validator};
+use crate::config::{
+    ConfigError, Document, RawFabricHost, RawGuest, RawRule, RawSecurityGroup, RulePeerSpec, Validator,
+};
 use crate::model::{Config, Direction, ProtocolFilter};
 
 /// A security-group rule as the file writes it (`protocol`, `ports`, and one
@@ -132,6 +134,20 @@ pub enum Change {
         /// The guest's name.
         name: String,
     },
+    /// Adds a host to the fabric (listed last): the other hosts link with
+    /// it without restarting.
+    AddHost {
+        /// Its `host.name`.
+        name: String,
+        /// Where its daemon takes fabric links, `IP:PORT`.
+        address: String,
+    },
+    /// Removes a host from the fabric: its links and the connections over
+    /// them end. Guests placed on it must go first.
+    RemoveHost {
+        /// Its `host.name`.
+        name: String,
+    },
 }
 
 /// Why a change was not made.
@@ -151,6 +167,10 @@ pub enum ChangeError {
         /// Its rules searched.
         direction: Direction,
     },
+    /// `no fabric: the config has no [fabric] table`
+    NoFabric,
+    /// `no fabric host "{0}"`
+    UnknownHost(String),
     /// `guest "{guest}" is not a member of security group "{group}"`
     NotMember {
         /// The guest.
@@ -166,6 +186,8 @@ impl fmt::Display for ChangeError {
             Self::Invalid(err) => err.fmt(f),
             Self::UnknownGroup(name) => write!(f, "no security group \"{name}\""),
             Self::UnknownGuest(name) => write!(f, "no guest \"{name}\""),
+            Self::NoFabric => f.write_str("no fabric: the config has no [fabric] table"),
+            Self::UnknownHost(name) => write!(f, "no fabric host \"{name}\""),
             Self::NoSuchRule { group, direction } => {
                 write!(f, "security group \"{group}\" has no such {direction} rule")
             }
@@ -229,6 +251,18 @@ impl Document {
                 self.raw.guest.retain(|g| g.name != *name);
                 if self.raw.guest.len() == before {
                     return Err(ChangeError::UnknownGuest(name.clone()));
+                }
+            }
+            Change::AddHost { name, address } => {
+                let fabric = self.raw.fabric.as_mut().ok_or(ChangeError::NoFabric)?;
+                fabric.host.push(RawFabricHost { name: name.clone(), address: address.clone() });
+            }
+            Change::RemoveHost { name } => {
+                let fabric = self.raw.fabric.as_mut().ok_or(ChangeError::NoFabric)?;
+                let before = fabric.host.len();
+                fabric.host.retain(|h| h.name != *name);
+                if fabric.host.len() == before {
+                    return Err(ChangeError::UnknownHost(name.clone()));
                 }
             }
         }

@@ -213,6 +213,21 @@ pub struct FabricConfig {
     pub busy_poll_us: u32,
 }
 
+impl FabricConfig {
+    /// The hosts of the fabric other than `this`, with their addresses.
+    pub fn peers(&self, this: &str) -> Vec<(String, SocketAddr)> {
+        self.hosts.iter().filter(|h| h.name != this).map(|h| (h.name.clone(), h.address)).collect()
+    }
+
+    /// Does `self` differ from `other` only in the hosts other than
+    /// `this` (this host's own entry and every setting the same)?
+    pub fn same_but_peers(&self, other: &FabricConfig, this: &str) -> bool {
+        let own = |f: &FabricConfig| f.hosts.iter().find(|h| h.name == this).cloned();
+        let settings = |f: &FabricConfig| (f.kind, f.ring_size, f.key_file.clone(), f.busy_poll_us);
+        own(self) == own(other) && settings(self) == settings(other)
+    }
+}
+
 /// A fabric key, read from `fabric.key_file`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct FabricKey(Vec<u8>);

@@ -182,3 +182,37 @@ fn guests_added_live_get_their_quotas_or_the_host_defaults() {
     let err = apply(&doc, &format!("{add}\nmax_connections = 0")).unwrap_err().to_string();
     assert!(err.contains("guest[2].max_connections: 0 is below the minimum of 1"), "{err}");
 }
+
+#[test]
+fn fabric_hosts_join_and_leave_as_the_file_would_have_them() {
+    let fabric = "[fabric]\nkind = \"tcp\"\n[[fabric.host]]\nname = \"h\"\naddress = \"10.99.0.1:7470\"\n";
+    let text = BASE.replacen("[[vpc]]", &format!("{fabric}[[vpc]]"), 1);
+    let (doc, _) = parse_document(&text, Path::new("base.toml")).unwrap();
+    let join = "op = \"add_host\"\nname = \"h2\"\naddress = \"10.99.0.2:7470\"";
+    let (joined, config) = doc.with_change(&change(join), Path::new(ORIGIN)).unwrap();
+    let hosts = |c: &Config| c.fabric().unwrap().hosts.iter().map(|h| h.name.clone()).collect::<Vec<_>>();
+    assert_eq!(hosts(&config), ["h", "h2"]);
+    let with_h2 = text.replacen("[[vpc]]", "[[fabric.host]]\nname = \"h2\"\naddress = \"10.99.0.2:7470\"\n[[vpc]]", 1);
+    assert_eq!(config, parse_document(&with_h2, Path::new(ORIGIN)).unwrap().1);
+    // A guest placed on h2 keeps it in the fabric until the guest goes.
+    let placed =
+        "op = \"add_guest\"\n[guest]\nname = \"c\"\nvpc = \"blue\"\naddresses = [\"10.10.0.9\"]\nhost = \"h2\"";
+    let (placed, _) = joined.with_change(&change(placed), Path::new(ORIGIN)).unwrap();
+    let leave = change("op = \"remove_host\"\nname = \"h2\"");
+    let refused = placed.with_change(&leave, Path::new(ORIGIN)).unwrap_err().to_string();
+    assert!(refused.contains("unknown host \"h2\""), "{refused}");
+    let (_, config) = joined.with_change(&leave, Path::new(ORIGIN)).unwrap();
+    assert_eq!(hosts(&config), ["h"]);
+    // Errors name what is wrong; the document is left as it was.
+    let twice = doc.with_change(&change(&join.replace("h2", "h")), Path::new(ORIGIN)).unwrap_err().to_string();
+    assert!(twice.contains("fabric.host[1].name"), "{twice}");
+    let bad = join.replace("10.99.0.2:7470", "10.99.0.2");
+    let bad = doc.with_change(&change(&bad), Path::new(ORIGIN)).unwrap_err().to_string();
+    assert!(bad.contains("fabric.host[1].address"), "{bad}");
+    let unknown = doc.with_change(&change("op = \"remove_host\"\nname = \"h9\""), Path::new(ORIGIN)).unwrap_err();
+    assert_eq!(unknown.to_string(), "no fabric host \"h9\"");
+    let (plain, _) = base();
+    let no_fabric = plain.with_change(&change(join), Path::new(ORIGIN)).unwrap_err();
+    assert_eq!(no_fabric.to_string(), "no fabric: the config has no [fabric] table");
+    assert_eq!(hosts(&doc.validate(Path::new(ORIGIN)).unwrap()), ["h"]);
+}

@@ -80,6 +80,12 @@ enum Command {
         #[command(subcommand)]
         action: GuestAction,
     },
+    /// Add a host to the fabric, or remove one, live: the other hosts link
+    /// with it (or drop their link to it) without restarting.
+    Host {
+        #[command(subcommand)]
+        action: HostAction,
+    },
     /// Read the config file again and apply what changed (live edits made
     /// since are replaced by the file's content).
     Reload,
@@ -193,6 +199,15 @@ enum GuestAction {
     Remove { name: String },
 }
 
+#[derive(Debug, Subcommand)]
+enum HostAction {
+    /// Add host NAME, whose daemon takes fabric links at ADDRESS (IP:PORT).
+    Add { name: String, address: String },
+    /// Remove host NAME (guests placed on it must go first): links to it
+    /// and the connections over them end.
+    Remove { name: String },
+}
+
 /// The live change a command asks for, if it asks for one.
 fn change_request(command: &Command) -> Option<Change> {
     let rule = |r: &RuleArgs| {
@@ -257,6 +272,10 @@ fn change_request(command: &Command) -> Option<Change> {
             Change::AddGuest { guest }
         }
         Command::Guest { action: GuestAction::Remove { name } } => Change::RemoveGuest { name: name.clone() },
+        Command::Host { action: HostAction::Add { name, address } } => {
+            Change::AddHost { name: name.clone(), address: address.clone() }
+        }
+        Command::Host { action: HostAction::Remove { name } } => Change::RemoveHost { name: name.clone() },
         _ => return None,
     })
 }
@@ -372,6 +391,7 @@ fn run(args: Args) -> Result<(), CtlError> {
         Command::Rule { .. }
         | Command::Member { .. }
         | Command::Guest { .. }
+        | Command::Host { .. }
         | Command::Import { .. }
         | Command::Hosts { .. } => {
             unreachable!("live changes and imports are handled above")

@@ -30,19 +30,72 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// This host and the hosts it may link with (by index, as the relay
 /// numbers its peers), and the fabric key links must prove.
+///
+/// A peer keeps its index for as long as the relay runs: one that leaves
+/// the fabric keeps its place (no link can become its while it is out) and
+/// has it again if it joins again, so an index held anywhere never comes
+/// to name another host.
 #[derive(Debug)]
 pub struct Hosts {
     pub this: String,
-    pub peers: Vec<(String, SocketAddr)>,
+    peers: Vec<Member>,
     pub key: Option<FabricKey>,
 }
 
+/// One peer's place in [`Hosts`].
+#[derive(Debug)]
+struct Member {
+    name: String,
+    address: SocketAddr,
+    /// A host of the fabric now (not left).
+    present: bool,
+}
+
 impl Hosts {
-    fn find(&self, name: &str) -> Option<usize> {
-        self.peers.iter().position(|(n, _)| n == name)
+    /// `this` host, its `peers` (numbered in this order) and the key.
+    pub fn new(this: String, peers: Vec<(String, SocketAddr)>, key: Option<FabricKey>) -> Hosts {
+        let peers = peers.into_iter().map(|(name, address)| Member { name, address, present: true }).collect();
+        Hosts { this, peers, key }
     }
-    fn name(&self, peer: usize) -> &str {
-        &self.peers[peer].0
+
+    /// The index of peer `name`, if it is a host of the fabric now.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.peers.iter().position(|m| m.present && m.name == name)
+    }
+
+    /// The index of the peer that takes fabric links at `address`, if it
+    /// is a host of the fabric now.
+    pub fn at(&self, address: SocketAddr) -> Option<usize> {
+        self.peers.iter().position(|m| m.present && m.address == address)
+    }
+
+    /// The name and address of peer `peer`, if it is a host of the fabric.
+    pub fn get(&self, peer: usize) -> Option<(&str, SocketAddr)> {
+        self.peers.get(peer).filter(|m| m.present).map(|m| (m.name.as_str(), m.address))
+    }
+
+    /// How many places there are (present peers and those that left).
+    pub fn places(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Host `name` is a peer at `address` from now on: its index (its old
+    /// one if it was a peer before).
+    pub fn join(&mut self, name: &str, address: SocketAddr) -> usize {
+        if let Some(p) = self.peers.iter().position(|m| m.name == name) {
+            self.peers[p].address = address;
+            self.peers[p].present = true;
+            return p;
+        }
+        self.peers.push(Member { name: name.to_owned(), address, present: true });
+        self.peers.len() - 1
+    }
+
+    /// Peer `peer` is no longer a host of the fabric.
+    pub fn leave(&mut self, peer: usize) {
+        if let Some(m) = self.peers.get_mut(peer) {
+            m.present = false;
+        }
     }
 }
 
@@ -199,7 +252,7 @@ impl Link {
             return Err(Refused::Version(version));
         }
         let peer = hosts.find(host).ok_or(Refused::NotConfigured)?;
-        let expected = hosts.peers[peer].1.ip();
+        let expected = hosts.peers[peer].address.ip();
         match dialed {
             // An accepted link must come from the host's own address.
             None if self.address.ip() != expected => {
@@ -228,7 +281,9 @@ impl Link {
             (State::AwaitHello { .. }, Some(_)) => Err(Refused::ProofBeforeHello),
             (State::AwaitHello { .. } | State::AwaitProof { .. }, None) => Err(Refused::KeylessHost),
             (&State::AwaitProof { peer, nonce, theirs }, Some(key)) => {
-                if !auth::check(key, mac, hosts.name(peer), &hosts.this, &theirs, &nonce) {
+                // A host that left the fabric meanwhile is refused.
+                let (name, _) = hosts.get(peer).ok_or(Refused::NotConfigured)?;
+                if !auth::check(key, mac, name, &hosts.this, &theirs, &nonce) {
                     return Err(Refused::WrongKey);
                 }
                 self.state = State::Up { peer };
@@ -288,7 +343,7 @@ mod tests {
     /// peer 0.
     fn hosts(this: &str, key: Option<FabricKey>) -> Hosts {
         let other = if this == "host1" { ("host2", ADDRESS_2) } else { ("host1", ADDRESS_1) };
-        Hosts { this: this.into(), peers: vec![(other.0.into(), other.1.parse().unwrap())], key }
+        Hosts::new(this.into(), vec![(other.0.into(), other.1.parse().unwrap())], key)
     }
 
     /// What one side sends the other during the handshake.
@@ -397,9 +452,36 @@ mod tests {
         let mut dialed = Link::new(now, "10.99.0.9:5000".parse().unwrap(), Some(0), [0; NONCE]);
         assert_eq!(dialed.hello(&h, VERSION, "host1", [9; NONCE]), Ok(Handshake::Up(0)));
         let mut two = hosts("host2", None);
-        two.peers.push(("host3".into(), "10.99.0.3:7470".parse().unwrap()));
+        two.join("host3", "10.99.0.3:7470".parse().unwrap());
         let mut dialed_three = Link::new(now, "10.99.0.3:7470".parse().unwrap(), Some(1), [0; NONCE]);
         assert_eq!(dialed_three.hello(&two, VERSION, "host1", [9; NONCE]), Err(Refused::DialedAnother));
+    }
+
+    #[test]
+    fn a_host_that_left_is_refused_and_has_its_place_again_when_it_joins() {
+        let now = Instant::now();
+        let mut h = hosts("host2", Some(key("the-shared-fabric-key")));
+        let three: SocketAddr = "10.99.0.3:7470".parse().unwrap();
+        assert_eq!(h.join("host3", three), 1);
+        assert_eq!((h.find("host3"), h.at(three), h.places()), (Some(1), Some(1), 2));
+        // host1 passes its hello, then leaves before its proof comes.
+        let mut link = Link::new(now, ADDRESS_1.parse().unwrap(), None, [0; NONCE]);
+        assert!(matches!(link.hello(&h, VERSION, "host1", [9; NONCE]), Ok(Handshake::Prove(_))));
+        h.leave(0);
+        assert_eq!(link.proof(&h, &[0; PROOF]), Err(Refused::NotConfigured));
+        assert_eq!((h.find("host1"), h.get(0), h.at(ADDRESS_1.parse().unwrap())), (None, None, None));
+        let mut again = Link::new(now, ADDRESS_1.parse().unwrap(), None, [0; NONCE]);
+        assert_eq!(again.hello(&h, VERSION, "host1", [9; NONCE]), Err(Refused::NotConfigured));
+        // Back, at another address: the same index, no new place.
+        let moved: SocketAddr = "10.99.0.11:7470".parse().unwrap();
+        assert_eq!(h.join("host1", moved), 0);
+        assert_eq!((h.get(0), h.places()), (Some(("host1", moved)), 2));
+        let mut old_address = Link::new(now, ADDRESS_1.parse().unwrap(), None, [0; NONCE]);
+        let from = ADDRESS_1.parse::<SocketAddr>().unwrap().ip();
+        assert_eq!(
+            old_address.hello(&h, VERSION, "host1", [9; NONCE]),
+            Err(Refused::WrongAddress { from, expected: moved.ip() })
+        );
     }
 
     #[test]

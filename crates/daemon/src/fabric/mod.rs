@@ -29,7 +29,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 use vsocket_abi::fabric::{Frame, Origin, Refusal};
 pub use vsocket_admin::PeerStatus;
-use vsocket_policy::{Config, FabricKind};
+use vsocket_policy::{Config, FabricConfig, FabricKind};
 use vsocket_sys::Epoll;
 
 /// How long a connect waits for the server's host to answer.
@@ -154,6 +154,10 @@ pub enum LinkFailure {
     Replaced,
     /// The peer sent an `Open` that breaks the protocol.
     BadOpen,
+    /// The host left the fabric (the policy no longer names it).
+    Left,
+    /// The host's fabric address changed.
+    Moved,
 }
 
 impl std::fmt::Display for LinkFailure {
@@ -166,6 +170,8 @@ impl std::fmt::Display for LinkFailure {
             LinkFailure::Silent => write!(f, "nothing heard for {} s", relay::LINK_TIMEOUT.as_secs()),
             LinkFailure::Replaced => f.write_str("replaced by a new link"),
             LinkFailure::BadOpen => f.write_str("peer broke the protocol: bad Open"),
+            LinkFailure::Left => f.write_str("the host left the fabric"),
+            LinkFailure::Moved => f.write_str("the host's fabric address changed"),
         }
     }
 }
@@ -209,10 +215,30 @@ pub struct NewConn {
 }
 
 pub(crate) enum Command {
-    Open { peer: String, id: u64, request: OpenRequest, conn: NewConn, reply: mpsc::Sender<OpenOutcome> },
-    Cancel { peer: String, id: u64 },
-    Accepted { peer: usize, id: u64, conn: NewConn, window: u32 },
-    Refused { peer: usize, id: u64, refusal: Refusal },
+    Open {
+        peer: String,
+        id: u64,
+        request: OpenRequest,
+        conn: NewConn,
+        reply: mpsc::Sender<OpenOutcome>,
+    },
+    Cancel {
+        peer: String,
+        id: u64,
+    },
+    Accepted {
+        peer: usize,
+        id: u64,
+        conn: NewConn,
+        window: u32,
+    },
+    Refused {
+        peer: usize,
+        id: u64,
+        refusal: Refusal,
+    },
+    /// The fabric's hosts are now these (this host's peers).
+    Hosts(Vec<(String, SocketAddr)>),
 }
 
 /// What the fabric asks of the daemon: whether to take a connection that
@@ -285,11 +311,9 @@ impl Fabric {
         let Some(fabric) = config.fabric() else { return Ok(None) };
         let this = config.host().name.clone();
         let Some(me) = fabric.host(&this) else { return Ok(None) };
-        let peers: Vec<(String, SocketAddr)> =
-            fabric.hosts.iter().filter(|h| h.name != this).map(|h| (h.name.clone(), h.address)).collect();
-        if peers.is_empty() {
-            return Ok(None);
-        }
+        // A fabric of this host alone still starts: hosts may join it
+        // later (see `set_hosts`).
+        let peers = fabric.peers(&this);
         let keyed = key.is_some();
         let epoll = Epoll::new().map_err(FabricError::Relay)?;
         let listen = |error| FabricError::Listen { kind: fabric.kind, address: me.address, error };
@@ -343,6 +367,14 @@ impl Fabric {
                 OpenOutcome::Unreachable(Unreachable::NoAnswer(peer.into()))
             }
         }
+    }
+
+    /// The fabric's hosts are now those of `fabric` (which differs from
+    /// the one in force only in hosts other than this one, `this`): hosts
+    /// that left lose their links and connections, hosts that joined are
+    /// linked with.
+    pub fn set_hosts(&self, fabric: &FabricConfig, this: &str) {
+        self.command(Command::Hosts(fabric.peers(this)));
     }
 
     /// Every peer's state and traffic.

@@ -103,8 +103,8 @@ struct Conn {
 }
 
 struct Peer {
+    /// Its host name (its address is in [`Hosts`], and may change).
     name: String,
-    address: SocketAddr,
     /// This host dials it (the host with the smaller name dials).
     dials: bool,
     link: Option<LinkId>,
@@ -114,6 +114,21 @@ struct Peer {
     /// Why its link last failed (shown as `status.last_error`).
     failure: Option<Arc<LinkFailure>>,
     status: PeerStatus,
+}
+
+impl Peer {
+    /// Peer `name` at `address`, as host `this` sees it: no link yet.
+    fn new(this: &str, name: String, address: SocketAddr, kind: FabricKind) -> Peer {
+        Peer {
+            dials: this < name.as_str(),
+            status: PeerStatus::new(&name, address, kind),
+            name,
+            link: None,
+            last_dial: None,
+            dialing: false,
+            failure: None,
+        }
+    }
 }
 
 /// The relay's state, owned by its thread.
@@ -172,20 +187,8 @@ impl Relay {
     ) -> std::io::Result<Relay> {
         epoll.add(command_bell.as_fd(), libc::EPOLLIN as u32, TOKEN_COMMANDS)?;
         let kind = transport.describe();
-        let hosts = Hosts { this: this.clone(), peers: peers.clone(), key };
-        let peers = peers
-            .into_iter()
-            .map(|(name, address)| Peer {
-                dials: this < name,
-                status: PeerStatus::new(&name, address, kind),
-                name,
-                address,
-                link: None,
-                last_dial: None,
-                dialing: false,
-                failure: None,
-            })
-            .collect();
+        let hosts = Hosts::new(this.clone(), peers.clone(), key);
+        let peers = peers.into_iter().map(|(name, address)| Peer::new(&this, name, address, kind)).collect();
         Ok(Relay {
             opens,
             answers,
@@ -340,6 +343,7 @@ impl Relay {
     fn tick(&mut self) {
         let now = self.now;
         for i in 0..self.peers.len() {
+            let Some((_, address)) = self.hosts.get(i) else { continue };
             match self.peers[i].link {
                 Some(link) => match self.links.get(&link).map(|l| l.due(now)) {
                     Some(Due::Dead) => self.link_down(link, LinkFailure::Silent),
@@ -353,7 +357,6 @@ impl Relay {
                     if peer.dials && due && !dialing {
                         peer.last_dial = Some(now);
                         peer.dialing = true;
-                        let address = peer.address;
                         tracing::debug!(peer = %peer.name, %address, "fabric dial");
                         self.with_transport(|t, epoll, _| t.dial(address, epoll));
                     }
@@ -376,11 +379,10 @@ impl Relay {
         for ((p, _, _), _) in self.conns.iter() {
             live[p] += 1;
         }
-        let statuses = self
-            .peers
-            .iter_mut()
-            .zip(live)
-            .map(|(p, live)| {
+        let hosts = &self.hosts;
+        let statuses = (self.peers.iter_mut().enumerate().zip(live))
+            .filter(|((i, _), _)| hosts.get(*i).is_some())
+            .map(|((_, p), live)| {
                 p.status.connections = live;
                 p.status.clone()
             })
@@ -450,7 +452,7 @@ impl Relay {
     fn link_event(&mut self, event: LinkEvent<'_>) {
         match event {
             LinkEvent::Up { link, peer, dialed } => {
-                let dialed_peer = if dialed { self.peers.iter().position(|p| p.address == peer) } else { None };
+                let dialed_peer = if dialed { self.hosts.at(peer) } else { None };
                 if let Some(p) = dialed_peer {
                     self.peers[p].dialing = false;
                 }
@@ -467,7 +469,7 @@ impl Relay {
                 self.send(link, &Frame::Hello { version: VERSION, host: &this, nonce });
             }
             LinkEvent::DialFailed { peer, error } => {
-                if let Some(p) = self.peers.iter_mut().find(|p| p.address == peer) {
+                if let Some(p) = self.hosts.at(peer).map(|p| &mut self.peers[p]) {
                     p.dialing = false;
                     let error = error.to_string();
                     if p.status.last_error.as_deref() != Some(error.as_str()) {
@@ -650,10 +652,77 @@ impl Relay {
         tracing::info!(peer = %peer.name, transport = %self.kind, "fabric link up");
     }
 
+    /// The fabric's hosts are now `hosts` (this host's peers, with their
+    /// addresses): a host that left, or moved to another address, loses its
+    /// link and every connection on it is reset; a host that joined is
+    /// dialed (or awaited) like any other. Nothing else changes.
+    fn set_hosts(&mut self, hosts: Vec<(String, SocketAddr)>) {
+        for p in 0..self.peers.len() {
+            let Some((name, address)) = self.hosts.get(p) else { continue };
+            let now_at = hosts.iter().find(|(n, _)| n == name).map(|(_, a)| *a);
+            if now_at == Some(address) {
+                continue;
+            }
+            self.unlink(p, if now_at.is_some() { LinkFailure::Moved } else { LinkFailure::Left });
+            match now_at {
+                Some(address) => {
+                    tracing::info!(peer = %self.peers[p].name, %address, "fabric host moved");
+                    self.hosts.join(&self.peers[p].name.clone(), address);
+                    let peer = &mut self.peers[p];
+                    peer.status.address = address;
+                    // A dial to the old address may still end; the new
+                    // address is dialed without waiting for it.
+                    peer.dialing = false;
+                    peer.last_dial = None;
+                }
+                None => {
+                    tracing::info!(peer = %self.peers[p].name, "fabric host left");
+                    self.hosts.leave(p);
+                }
+            }
+        }
+        for (name, address) in hosts {
+            if self.hosts.find(&name).is_some() || name == self.hosts.this {
+                continue;
+            }
+            let p = self.hosts.join(&name, address);
+            tracing::info!(peer = %name, %address, "fabric host joined");
+            let peer = Peer::new(&self.hosts.this, name, address, self.kind);
+            if p == self.peers.len() {
+                self.peers.push(peer);
+            } else {
+                // It was a peer before: its place (and its counts) start
+                // afresh.
+                self.peers[p] = peer;
+            }
+        }
+        self.publish_status();
+    }
+
+    /// Ends every link of peer `p`, up or still in its handshake, for `why`.
+    fn unlink(&mut self, p: usize, why: LinkFailure) {
+        let mut why = Some(why);
+        if let Some(link) = self.peers[p].link {
+            self.link_down(link, why.take().expect("taken once"));
+        }
+        let pending: Vec<LinkId> = (self.links.iter())
+            .filter(|(_, l)| l.claimed() == Some(p) || l.dialed() == Some(p))
+            .map(|(id, _)| *id)
+            .collect();
+        for link in pending {
+            self.close_link(link);
+        }
+        if let Some(why) = why {
+            let peer = &mut self.peers[p];
+            peer.status.state = LinkState::Down;
+            peer.status.last_error = Some(why.to_string());
+        }
+    }
+
     fn command(&mut self, command: Command) {
         match command {
             Command::Open { peer, id, request, conn, reply } => {
-                let Some(p) = self.peers.iter().position(|x| x.name == peer) else {
+                let Some(p) = self.hosts.find(&peer) else {
                     let _ = reply.send(OpenOutcome::Unreachable(Unreachable::NotAHost(peer)));
                     return;
                 };
@@ -678,7 +747,7 @@ impl Relay {
                 self.send(link, &frame);
             }
             Command::Cancel { peer, id } => {
-                if let Some(p) = self.peers.iter().position(|x| x.name == peer) {
+                if let Some(p) = self.hosts.find(&peer) {
                     if let Some(slot) = self.conns.find(&(p, Side::Local, id)) {
                         self.send_to(p, &Frame::Reset { origin: Origin::Sender, id });
                         self.abort(slot, Removal::Now, OpenOutcome::Unreachable(Unreachable::GaveUp));
@@ -711,6 +780,7 @@ impl Relay {
             Command::Refused { peer, id, refusal } => {
                 self.send_to(peer, &Frame::Refuse { origin: Origin::Receiver, id, refusal });
             }
+            Command::Hosts(hosts) => self.set_hosts(hosts),
         }
         self.pump_dirty();
     }
