@@ -332,16 +332,26 @@ pub fn down(config: &Config) -> Result<(), LabError> {
             }
         }
     }
-    // The network between hosts goes with the last host's switch.
+    // The network between hosts goes with the last host's switch, unless
+    // it carries more than the lab made (see `holds_more_than_the_lab`).
     if let (Some(fabric_ns), Some(fabric)) = (fabric_netns(config), config.fabric()) {
         let others_up = fabric.hosts.iter().any(|h| netns_exists(&format!("vsw-{}", h.name)));
-        if !others_up && netns_exists(&fabric_ns) {
+        if !others_up && netns_exists(&fabric_ns) && !holds_more_than_the_lab(&fabric_ns) {
             if let Err(err) = ip(&format!("netns delete {fabric_ns}")) {
                 first_error.get_or_insert(err);
             }
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Does the fabric's namespace `fabric_ns` carry something the lab did
+/// not make? The lab gives its bridge `fbr` no address; one that has an
+/// address serves the hosts' management network (a fleet's store, put
+/// there before the hosts came up), which outlives the lab's hosts.
+fn holds_more_than_the_lab(fabric_ns: &str) -> bool {
+    let Ok(links) = json("ip", &format!("-j -n {fabric_ns} -4 addr show dev fbr")) else { return false };
+    links.as_array().into_iter().flatten().any(|link| link["addr_info"].as_array().is_some_and(|a| !a.is_empty()))
 }
 
 /// One namespace of the lab as it is now.

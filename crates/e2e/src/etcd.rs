@@ -6,13 +6,28 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// An etcd cluster of one or more members on loopback.
+/// An etcd cluster of one or more members, on loopback or in a network
+/// namespace.
 pub struct Etcd {
     members: Vec<Option<Child>>,
     commands: Vec<Command>,
     dir: PathBuf,
-    /// Each member's client URL, `http://127.0.0.1:PORT`.
+    /// The namespace the members run in, if not the machine's own.
+    netns: Option<String>,
+    /// Each member's client URL, `http://IP:PORT`.
     pub urls: Vec<String>,
+}
+
+/// `program`, run in namespace `netns` if there is one.
+fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(netns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", netns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 fn free_port() -> u16 {
@@ -20,31 +35,45 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
-    /// A cluster of `size` members named `NAME-0`.., started and healthy.
+    /// A cluster of `size` members named `NAME-0`.., on loopback, started
+    /// and healthy.
     pub fn start(name: &str, size: usize) -> Etcd {
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        Self::start_at(name, None, "127.0.0.1", &ports)
+    }
+
+    /// As [`Etcd::start`], in namespace `netns` (which exists), listening
+    /// on `ip` there (an address of one of its interfaces): hosts whose
+    /// daemons run in other namespaces reach it over the lab's network.
+    pub fn start_in(name: &str, size: usize, netns: &str, ip: &str) -> Etcd {
+        // The namespace is the cluster's own: any ports do.
+        let ports: Vec<(u16, u16)> = (0..size as u16).map(|i| (2379 + 2 * i, 2380 + 2 * i)).collect();
+        Self::start_at(name, Some(netns), ip, &ports)
+    }
+
+    fn start_at(name: &str, netns: Option<&str>, ip: &str, ports: &[(u16, u16)]) -> Etcd {
         let dir = std::env::temp_dir().join(format!("vsocket-etcd-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let peers: Vec<String> =
-            ports.iter().enumerate().map(|(i, (_, peer))| format!("{name}-{i}=http://127.0.0.1:{peer}")).collect();
-        let urls: Vec<String> = ports.iter().map(|(client, _)| format!("http://127.0.0.1:{client}")).collect();
+            ports.iter().enumerate().map(|(i, (_, peer))| format!("{name}-{i}=http://{ip}:{peer}")).collect();
+        let urls: Vec<String> = ports.iter().map(|(client, _)| format!("http://{ip}:{client}")).collect();
         let mut commands = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
-            let mut command = Command::new("etcd");
+            let mut command = in_netns(netns, "etcd");
             command
                 .arg("--name")
                 .arg(format!("{name}-{i}"))
                 .arg("--data-dir")
                 .arg(dir.join(format!("member-{i}")))
                 .arg("--listen-client-urls")
-                .arg(format!("http://127.0.0.1:{client}"))
+                .arg(format!("http://{ip}:{client}"))
                 .arg("--advertise-client-urls")
-                .arg(format!("http://127.0.0.1:{client}"))
+                .arg(format!("http://{ip}:{client}"))
                 .arg("--listen-peer-urls")
-                .arg(format!("http://127.0.0.1:{peer}"))
+                .arg(format!("http://{ip}:{peer}"))
                 .arg("--initial-advertise-peer-urls")
-                .arg(format!("http://127.0.0.1:{peer}"))
+                .arg(format!("http://{ip}:{peer}"))
                 .arg("--initial-cluster")
                 .arg(peers.join(","))
                 .arg("--initial-cluster-token")
@@ -53,8 +82,8 @@ impl Etcd {
                 .stdout(Stdio::null());
             commands.push(command);
         }
-        let mut etcd = Etcd { members: Vec::new(), commands, dir, urls };
-        for i in 0..size {
+        let mut etcd = Etcd { members: Vec::new(), commands, dir, netns: netns.map(str::to_owned), urls };
+        for i in 0..ports.len() {
             let child = etcd.spawn(i);
             etcd.members.push(Some(child));
         }
@@ -78,7 +107,8 @@ impl Etcd {
 
     /// Runs `etcdctl ARGS` against the cluster; its output, or its error.
     pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("etcdctl")
+        let out = self
+            .command("etcdctl")
             .arg("--endpoints")
             .arg(self.endpoints())
             .args(args)
@@ -90,6 +120,11 @@ impl Etcd {
         } else {
             Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }
+    }
+
+    /// `program`, to run where the cluster is reachable (in its namespace).
+    pub fn command(&self, program: &str) -> Command {
+        in_netns(self.netns.as_deref(), program)
     }
 
     /// Waits until the cluster answers a write.

@@ -60,9 +60,21 @@ pub struct Lab {
     /// The namespace the daemon runs in (a fabric host's switch), if not
     /// the machine's own.
     daemon_netns: Option<String>,
+    /// The namespace `vsocket lab` and `vsocket run` run in (with the
+    /// machine's own mounts), if not the machine's own.
+    tools_netns: Option<String>,
     /// Guests' namespaces are `<netns_prefix>-<guest>`.
     netns_prefix: String,
     background: Vec<Child>,
+}
+
+/// Where a lab's programs run, when not in the machine's own namespace.
+#[derive(Default, Clone, Copy)]
+struct Namespaces<'a> {
+    /// The daemon, and vsocketctl beside it.
+    daemon: Option<&'a str>,
+    /// `vsocket lab` and `vsocket run`.
+    tools: Option<&'a str>,
 }
 
 /// The fabric addresses of [`Lab::start_pair`]'s two hosts.
@@ -139,7 +151,7 @@ impl Lab {
     /// `name` and `run_dir`); `{dir}` in them stands for the lab's directory
     /// ([`Lab::dir_of`]).
     pub fn start_host(name: &str, body: &str, host_lines: &str) -> io::Result<Lab> {
-        let mut lab = Self::launch(name, name, body, host_lines, &|_| None, None)?;
+        let mut lab = Self::launch(name, name, body, host_lines, &|_| None, Namespaces::default())?;
         lab.start_daemon()?;
         Ok(lab)
     }
@@ -181,7 +193,7 @@ impl Lab {
                 bodies[k],
                 &format!("{}\n{fabric}", host_lines[k]),
                 &place,
-                Some(&switch),
+                Namespaces { daemon: Some(&switch), tools: None },
             )?);
         }
         // Both hosts' networks exist before either daemon starts, as on
@@ -204,6 +216,22 @@ impl Lab {
         Ok((first_lab, second_lab))
     }
 
+    /// Host `host` of fleet `fleet`, whose tenant model and fabric hosts
+    /// come from a store: its file holds only `[host]`, with `host_lines`
+    /// (which name the store and may end with a `[fabric]` table of
+    /// settings, without hosts). Its lab is built from the store's model;
+    /// guests' namespaces are `<fleet>-<guest>`, and its daemon runs in its
+    /// switch namespace, as [`Lab::start_pair`]'s do. The store is reached
+    /// from namespace `management` (the daemon reaches it from its own):
+    /// `vsocket lab` and `vsocket run` run there.
+    pub fn start_fleet_host(fleet: &str, host: &str, host_lines: &str, management: &str) -> io::Result<Lab> {
+        let switch = format!("vsw-{host}");
+        let netns = Namespaces { daemon: Some(&switch), tools: Some(management) };
+        let mut lab = Self::launch(host, fleet, "", host_lines, &|_| None, netns)?;
+        lab.start_daemon()?;
+        Ok(lab)
+    }
+
     /// Writes the config of host `host` (guests' namespaces named after
     /// `netns_prefix`, guests placed by `place`) and brings its lab up; its
     /// daemon will run in namespace `daemon_netns`, if given
@@ -214,7 +242,7 @@ impl Lab {
         body: &str,
         host_lines: &str,
         place: &dyn Fn(&str) -> Option<String>,
-        daemon_netns: Option<&str>,
+        netns: Namespaces,
     ) -> io::Result<Lab> {
         let dir = Self::dir_of(host);
         let _ = std::fs::remove_dir_all(&dir);
@@ -257,7 +285,8 @@ impl Lab {
             run_dir,
             daemon: None,
             stopping: Vec::new(),
-            daemon_netns: daemon_netns.map(str::to_string),
+            daemon_netns: netns.daemon.map(str::to_string),
+            tools_netns: netns.tools.map(str::to_string),
             netns_prefix: netns_prefix.to_string(),
             background: Vec::new(),
         };
@@ -288,15 +317,8 @@ impl Lab {
         let admin = self.run_dir.join("vsocketd.sock");
         let _ = std::fs::remove_file(&admin);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("vsocketd.log"))?;
-        let mut command = match &self.daemon_netns {
-            Some(netns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", netns]).arg(bin("vsocketd"));
-                c
-            }
-            None => Command::new(bin("vsocketd")),
-        };
-        let daemon = command
+        let daemon = self
+            .where_the_daemon_runs("vsocketd")
             .arg("--config")
             .arg(&self.config)
             .env("VSOCKET_LOG", std::env::var("VSOCKET_LOG").unwrap_or_else(|_| "info".into()))
@@ -351,7 +373,7 @@ impl Lab {
     }
 
     fn vsocket(&self, args: &[&str]) -> io::Result<()> {
-        let out = Command::new(bin("vsocket")).args(args).arg(&self.config).output()?;
+        let out = self.tool("vsocket").args(args).arg(&self.config).output()?;
         if !out.status.success() {
             return Err(io::Error::other(format!(
                 "vsocket {}: {}",
@@ -380,7 +402,7 @@ impl Lab {
 
     /// A command that runs `program` in `guest` over the given path.
     pub fn command(&self, guest: &str, via: Via, program: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bin("vsocket"));
+        let mut cmd = self.tool("vsocket");
         cmd.arg("run").arg("--guest").arg(guest).arg("--config").arg(&self.config);
         if via == Via::Kernel {
             cmd.arg("--no-preload");
@@ -520,9 +542,44 @@ impl Lab {
         Ok(())
     }
 
+    /// The project's program `program`, to run where the lab's tools run.
+    /// `nsenter --net` changes the network namespace only: `vsocket lab`
+    /// makes namespaces, which must be seen outside it (`ip netns exec`
+    /// would give it mounts of its own).
+    fn tool(&self, program: &str) -> Command {
+        match &self.tools_netns {
+            Some(netns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{netns}")).arg(bin(program));
+                c
+            }
+            None => Command::new(bin(program)),
+        }
+    }
+
+    /// The project's program `program`, to run in the daemon's namespace.
+    fn where_the_daemon_runs(&self, program: &str) -> Command {
+        match &self.daemon_netns {
+            Some(netns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns]).arg(bin(program));
+                c
+            }
+            None => Command::new(bin(program)),
+        }
+    }
+
+    /// `vsocketctl --config <lab config>`, run where the daemon runs (its
+    /// namespace), as an operator on that host would.
+    fn vsocketctl(&self) -> Command {
+        let mut command = self.where_the_daemon_runs("vsocketctl");
+        command.arg("--config").arg(&self.config);
+        command
+    }
+
     /// `vsocketctl --json <what>`.
     pub fn ctl(&self, what: &str) -> io::Result<Value> {
-        let out = Command::new(bin("vsocketctl")).args(["--json", "--config"]).arg(&self.config).arg(what).output()?;
+        let out = self.vsocketctl().arg("--json").arg(what).output()?;
         if !out.status.success() {
             return Err(io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()));
         }
@@ -531,7 +588,7 @@ impl Lab {
 
     /// `vsocketctl --config <lab config> ARGS...`, whatever its outcome.
     pub fn ctl_output(&self, args: &[&str]) -> io::Result<Output> {
-        Command::new(bin("vsocketctl")).arg("--config").arg(&self.config).args(args).output()
+        self.vsocketctl().args(args).output()
     }
 
     /// One guest's counters from the daemon.
@@ -590,7 +647,7 @@ impl Drop for Lab {
         for mut d in self.stopping.drain(..) {
             stop_with(&mut d, "-INT");
         }
-        let _ = Command::new(bin("vsocket")).args(["lab", "down", "--config"]).arg(&self.config).output();
+        let _ = self.tool("vsocket").args(["lab", "down", "--config"]).arg(&self.config).output();
         if std::env::var_os("VSOCKET_KEEP_LAB").is_none() && !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

@@ -446,3 +446,288 @@ fn a_lab_host_whose_file_names_only_the_store_gets_its_guests_from_it() {
     assert_eq!(lab.counter("a", "connections_out"), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The fleet of [`three_hosts_follow_one_policy_and_hosts_join_and_leave_without_restarts`]:
+/// hosts `tf-1` to `tf-3`, guest `a` on the first, `b` on the second, `c`
+/// (once it joins) on the third; their namespaces `tf-GUEST`.
+const FLEET_NAME: &str = "tf";
+/// The namespace joining the fleet's hosts (the lab's fabric network,
+/// `vsf-` and the first host's name), where the store runs.
+const MANAGEMENT: &str = "vsf-tf-1";
+/// The store's address on that network.
+const STORE_IP: &str = "10.99.0.250";
+
+/// What the operator imports: two hosts, each with one guest serving on
+/// port 7000 to the VPC.
+const FLEET_MODEL: &str = r#"
+[host]
+name = "tf-1"
+[fabric]
+kind = "tcp"
+[[fabric.host]]
+name = "tf-1"
+address = "10.99.0.1:7470"
+[[fabric.host]]
+name = "tf-2"
+address = "10.99.0.2:7470"
+
+[[vpc]]
+name = "blue"
+cidr = "10.10.0.0/24"
+
+[[security_group]]
+name = "svc"
+[[security_group.ingress]]
+protocol = "tcp"
+ports = "7000"
+cidr = "10.10.0.0/24"
+
+[[guest]]
+name = "a"
+vpc = "blue"
+addresses = ["10.10.0.2"]
+security_groups = ["svc"]
+netns = "tf-a"
+host = "tf-1"
+
+[[guest]]
+name = "b"
+vpc = "blue"
+addresses = ["10.10.0.3"]
+security_groups = ["svc"]
+netns = "tf-b"
+host = "tf-2"
+"#;
+
+/// `ip ARGS`, which must succeed.
+fn ip(args: &str) {
+    let status = Command::new("ip").args(args.split_whitespace()).status().unwrap();
+    assert!(status.success(), "ip {args}");
+}
+
+/// The fleet's management network: a namespace with a bridge `fbr`
+/// carrying the store's address, which the lab wires each host's fabric
+/// address into (and leaves in place when its hosts go, since it carries
+/// an address the lab did not give). Removed when dropped.
+struct Management;
+
+impl Management {
+    fn new() -> Management {
+        // What a killed run left behind.
+        let _ = Command::new("ip").args(["netns", "delete", MANAGEMENT]).stderr(std::process::Stdio::null()).status();
+        ip(&format!("netns add {MANAGEMENT}"));
+        ip(&format!("-n {MANAGEMENT} link set lo up"));
+        ip(&format!("-n {MANAGEMENT} link add fbr type bridge"));
+        ip(&format!("-n {MANAGEMENT} addr add {STORE_IP}/24 dev fbr"));
+        ip(&format!("-n {MANAGEMENT} link set fbr up"));
+        Management
+    }
+}
+
+impl Drop for Management {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", MANAGEMENT]).status();
+    }
+}
+
+/// vsocketctl run on the management network (where the store is).
+fn fleet_ctl(etcd: &Etcd, args: &[&str]) -> (i32, String, String) {
+    let out = etcd.command(&vsocket_e2e::bin("vsocketctl").to_string_lossy()).args(args).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+/// Host `tf-K` (K = `k`), fabric address 10.99.0.K, on `etcd`; returns
+/// once its daemon serves the store's generation `generation`.
+fn fleet_host(k: usize, etcd: &Etcd, key: &std::path::Path, generation: u64) -> vsocket_e2e::Lab {
+    let urls: Vec<String> = etcd.urls.iter().map(|u| format!("\"{u}\"")).collect();
+    let host = format!("{FLEET_NAME}-{k}");
+    // The host's own file: its store, its fabric settings and its own
+    // fabric address; the other hosts come from the store.
+    let lines = format!(
+        "deny_action = \"reject\"\non_policy_change = \"reset\"\n[host.store]\netcd = [{}]\n\
+         [fabric]\nkind = \"tcp\"\nkey_file = \"{}\"\n[[fabric.host]]\nname = \"{host}\"\naddress = \"10.99.0.{k}:7470\"\n",
+        urls.join(", "),
+        key.display()
+    );
+    let lab = vsocket_e2e::Lab::start_fleet_host(FLEET_NAME, &host, &lines, MANAGEMENT).unwrap();
+    let ready = vsocket_e2e::wait_until(Duration::from_secs(10), || store_at(&lab, generation));
+    assert!(ready, "{}\n{}", store_of(&lab), lab.daemon_log());
+    lab
+}
+
+/// Starts guest `guest`'s server: accepts on port 7000 and closes.
+fn serve(lab: &mut vsocket_e2e::Lab, guest: &str, address: &str) {
+    let echo = format!(
+        "import socket\nl = socket.socket()\nl.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         l.bind(('{address}', 7000))\nl.listen(64)\nwhile True:\n    c, _ = l.accept()\n    c.close()\n"
+    );
+    lab.spawn(guest, vsocket_e2e::Via::Vsocket, "python3", &["-c", &echo], &format!("{guest}.log")).unwrap();
+    lab.wait_listening(guest, 7000).unwrap();
+}
+
+/// A connect from `guest` (on `lab`) to `to` port 7000: "connected", or
+/// the error's name.
+fn connect(lab: &vsocket_e2e::Lab, guest: &str, to: &str) -> String {
+    let probe = format!(
+        "import socket\ns = socket.socket()\ns.settimeout(5)\ntry:\n    s.connect(('{to}', 7000))\n    \
+         print('connected')\nexcept OSError as e:\n    print(type(e).__name__)\n"
+    );
+    lab.run_ok(guest, vsocket_e2e::Via::Vsocket, "python3", &["-c", &probe]).unwrap().trim().to_owned()
+}
+
+/// The names of the peers `lab`'s daemon links with that are up, sorted.
+fn peers_up(lab: &vsocket_e2e::Lab) -> Vec<String> {
+    let peers = lab.ctl("peers").unwrap_or_default();
+    let mut up: Vec<String> = (peers.as_array().into_iter().flatten())
+        .filter(|p| p["state"] == "up")
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect();
+    up.sort();
+    up
+}
+
+/// A live edit on `lab`'s host, made in the store; its output.
+fn edit(lab: &vsocket_e2e::Lab, args: &[&str]) -> String {
+    let out = lab.ctl_output(args).unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// How many times `lab`'s daemon has started (its log says so each time).
+fn starts(lab: &vsocket_e2e::Lab) -> usize {
+    lab.daemon_log().matches("fabric started").count()
+}
+
+#[test]
+fn three_hosts_follow_one_policy_and_hosts_join_and_leave_without_restarts() {
+    // The management network, made first to hold the store (dropped last).
+    let _management = Management::new();
+    let etcd = Etcd::start_in("fleet3", 3, MANAGEMENT, STORE_IP);
+    let endpoints = etcd.endpoints();
+    let dir = std::env::temp_dir().join("vsocket-fleet3-test");
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = vsocket_e2e::Lab::fabric_key_file(FLEET_NAME);
+    vsocket_e2e::write_key(&key, "tf-fabric-key-0123456789abcdef").unwrap();
+    let model = dir.join("model.toml");
+    std::fs::write(&model, FLEET_MODEL).unwrap();
+    let (code, _, err) = fleet_ctl(&etcd, &["import", &model.to_string_lossy(), "--etcd", &endpoints]);
+    assert_eq!(code, 0, "{err}");
+
+    let mut one = fleet_host(1, &etcd, &key, 1);
+    let mut two = fleet_host(2, &etcd, &key, 1);
+    let linked = |lab: &vsocket_e2e::Lab, peers: &[&str]| peers_up(lab) == peers;
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(20), || linked(&one, &["tf-2"]) && linked(&two, &["tf-1"])));
+    serve(&mut one, "a", "10.10.0.2");
+    serve(&mut two, "b", "10.10.0.3");
+    assert_eq!(connect(&one, "a", "10.10.0.3"), "connected");
+    assert_eq!(connect(&two, "b", "10.10.0.2"), "connected");
+
+    // A third host joins: added to the store with a guest placed on it,
+    // then brought up. The first two link with it without restarting.
+    let out = edit(&one, &["host", "add", "tf-3", "10.99.0.3:7470"]);
+    assert!(out.starts_with("changed in the store: generation 2"), "{out}");
+    let add_c = [
+        "guest",
+        "add",
+        "c",
+        "--vpc",
+        "blue",
+        "--address",
+        "10.10.0.4",
+        "--security-group",
+        "svc",
+        "--netns",
+        "tf-c",
+        "--host",
+        "tf-3",
+        "--wait",
+    ];
+    assert!(edit(&two, &add_c).contains("generation 3"));
+    let mut three = fleet_host(3, &etcd, &key, 3);
+    let all_linked = |one: &vsocket_e2e::Lab, two: &vsocket_e2e::Lab, three: &vsocket_e2e::Lab| {
+        linked(one, &["tf-2", "tf-3"]) && linked(two, &["tf-1", "tf-3"]) && linked(three, &["tf-1", "tf-2"])
+    };
+    assert!(
+        vsocket_e2e::wait_until(Duration::from_secs(20), || all_linked(&one, &two, &three)),
+        "{:?} {:?} {:?}\n{}",
+        peers_up(&one),
+        peers_up(&two),
+        peers_up(&three),
+        one.daemon_log()
+    );
+    serve(&mut three, "c", "10.10.0.4");
+    for (lab, guest, to) in [(&one, "a", "10.10.0.4"), (&two, "b", "10.10.0.4"), (&three, "c", "10.10.0.2")] {
+        assert_eq!(connect(lab, guest, to), "connected", "{guest} to {to}");
+    }
+
+    // A rule changed on one host with --wait is enforced on all three at
+    // once: ingress is decided on each server's host.
+    let rule = ["rule", "remove", "svc", "ingress", "tcp", "7000", "--cidr", "10.10.0.0/24", "--wait"];
+    let out = edit(&two, &rule);
+    assert!(out.contains("generation 4") && out.contains("applied by every host that is up"), "{out}");
+    for (lab, guest, to) in [(&one, "a", "10.10.0.3"), (&two, "b", "10.10.0.4"), (&three, "c", "10.10.0.2")] {
+        assert_eq!(connect(lab, guest, to), "ConnectionRefusedError", "{guest} to {to}");
+    }
+    let mut back = rule;
+    back[1] = "add";
+    assert!(edit(&three, &back).contains("generation 5"));
+    for (lab, guest, to) in [(&one, "a", "10.10.0.3"), (&two, "b", "10.10.0.4"), (&three, "c", "10.10.0.2")] {
+        assert_eq!(connect(lab, guest, to), "connected", "{guest} to {to}");
+    }
+
+    // The third host cut off from the store (and the fabric) while two
+    // changes are made and the store is compacted past them: back on the
+    // network, it ends with the last policy. Only a may reach c's port
+    // now, and c's host decides that.
+    ip("-n vsw-tf-3 link set fab0 down");
+    edit(&one, &["rule", "remove", "svc", "ingress", "tcp", "7000", "--cidr", "10.10.0.0/24"]);
+    edit(&one, &["rule", "add", "svc", "ingress", "tcp", "7000", "--cidr", "10.10.0.2/32"]);
+    let header: serde_json::Value =
+        serde_json::from_str(&etcd.ctl(&["get", "/vsocket/generation", "-w", "json"]).unwrap()).unwrap();
+    let revision = header["header"]["revision"].as_u64().unwrap().to_string();
+    etcd.ctl(&["compact", &revision]).unwrap();
+    assert_eq!(store_of(&three)["generation"], 5, "cut off, it keeps what it had");
+    ip("-n vsw-tf-3 link set fab0 up");
+    let caught_up = vsocket_e2e::wait_until(Duration::from_secs(30), || store_at(&three, 7));
+    assert!(caught_up, "{}\n{}", store_of(&three), three.daemon_log());
+    assert!(vsocket_e2e::wait_until(Duration::from_secs(20), || all_linked(&one, &two, &three)));
+    assert_eq!(connect(&one, "a", "10.10.0.4"), "connected");
+    assert_eq!(connect(&two, "b", "10.10.0.4"), "ConnectionRefusedError");
+
+    // The third host leaves: its daemon dies, it shows down, and once its
+    // guest and its entry are removed the others drop it, still linked
+    // with each other, never restarted.
+    three.kill_daemon();
+    let hosts = || {
+        let (code, out, err) = fleet_ctl(&etcd, &["--json", "hosts", "--etcd", &endpoints]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let state_of = |h: &serde_json::Value, name: &str| {
+        h["hosts"].as_array().unwrap().iter().find(|x| x["host"] == name).map(|x| x["state"].clone())
+    };
+    let down = vsocket_e2e::wait_until(Duration::from_secs(20), || state_of(&hosts(), "tf-3") == Some("down".into()));
+    assert!(down, "{}", hosts());
+    assert_eq!(state_of(&hosts(), "tf-1"), Some("up".into()));
+    let refused = one.ctl_output(&["host", "remove", "tf-3"]).unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("unknown host \"tf-3\""), "{said}");
+    edit(&one, &["guest", "remove", "c"]);
+    assert!(edit(&one, &["host", "remove", "tf-3", "--wait"]).contains("generation 9"));
+    let dropped = |lab: &vsocket_e2e::Lab, other: &str| {
+        lab.ctl("peers").is_ok_and(|p| p.as_array().is_some_and(|p| p.len() == 1 && p[0]["name"] == other))
+    };
+    assert!(dropped(&one, "tf-2") && dropped(&two, "tf-1"), "{:?} {:?}", one.ctl("peers"), two.ctl("peers"));
+    // Still linked, still following the policy: only a may reach port 7000.
+    assert_eq!(connect(&one, "a", "10.10.0.3"), "connected");
+    assert_eq!(connect(&two, "b", "10.10.0.2"), "ConnectionRefusedError");
+    assert_eq!((starts(&one), starts(&two)), (1, 1), "no daemon restarted");
+    // A host that left the fleet still tears its lab down (from the model
+    // its daemon last applied).
+    drop(three);
+    for netns in ["vsw-tf-3", "tf-c"] {
+        assert!(!std::path::Path::new("/run/netns").join(netns).exists(), "{netns} is left");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -703,7 +703,7 @@ pub(crate) struct RawGuest {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) netns: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    host: Option<String>,
+    pub(crate) host: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) max_connections: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -55,6 +55,12 @@ impl GuestSpec {
         self
     }
 
+    /// The host it runs on (default: this host), one of the fabric's.
+    pub fn with_host(mut self, host: String) -> GuestSpec {
+        self.0.host = Some(host);
+        self
+    }
+
     /// Its quota of live connections.
     pub fn with_max_connections(mut self, connections: i64) -> GuestSpec {
         self.0.max_connections = Some(connections);

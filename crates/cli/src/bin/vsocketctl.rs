@@ -181,6 +181,10 @@ enum GuestAction {
         /// Its network namespace (default vs-NAME).
         #[arg(long)]
         netns: Option<String>,
+        /// The fabric host it runs on (default: the host whose config
+        /// names it).
+        #[arg(long)]
+        host: Option<String>,
         /// Its quota of live connections (default: `[host]
         /// default_max_connections`).
         #[arg(long)]
@@ -251,6 +255,7 @@ fn change_request(command: &Command) -> Option<Change> {
                     addresses,
                     security_groups,
                     netns,
+                    host,
                     max_connections,
                     max_shared_memory,
                     max_channels,
@@ -259,6 +264,9 @@ fn change_request(command: &Command) -> Option<Change> {
             let mut guest = GuestSpec::new(name.clone(), vpc.clone(), addresses.clone(), security_groups.clone());
             if let Some(netns) = netns {
                 guest = guest.with_netns(netns.clone());
+            }
+            if let Some(host) = host {
+                guest = guest.with_host(host.clone());
             }
             if let Some(n) = max_connections {
                 guest = guest.with_max_connections(*n);
