@@ -345,13 +345,21 @@ pub fn down(config: &Config) -> Result<(), LabError> {
     first_error.map_or(Ok(()), Err)
 }
 
-/// Does the fabric's namespace `fabric_ns` carry something the lab did
-/// not make? The lab gives its bridge `fbr` no address; one that has an
-/// address serves the hosts' management network (a fleet's store, put
-/// there before the hosts came up), which outlives the lab's hosts.
+/// Does the fabric's namespace `fabric_ns` hold an interface the lab did
+/// not make (it makes `lo`, the bridges `fbr` and `fv<i>`, and the hosts'
+/// ends `h<k>` and `h<k>v<i>`)? Such a namespace serves more than the lab
+/// (the hosts' management network, with a fleet's store on it, made
+/// before the hosts came up) and outlives the lab's hosts.
 fn holds_more_than_the_lab(fabric_ns: &str) -> bool {
-    let Ok(links) = json("ip", &format!("-j -n {fabric_ns} -4 addr show dev fbr")) else { return false };
-    links.as_array().into_iter().flatten().any(|link| link["addr_info"].as_array().is_some_and(|a| !a.is_empty()))
+    let Ok(links) = json("ip", &format!("-j -n {fabric_ns} link show")) else { return false };
+    let made_by_the_lab = |name: &str| {
+        let digits_then = |rest: &str| rest.chars().next().is_some_and(|c| c.is_ascii_digit());
+        name == "lo"
+            || name == "fbr"
+            || name.strip_prefix("fv").is_some_and(digits_then)
+            || name.strip_prefix('h').is_some_and(digits_then)
+    };
+    links.as_array().into_iter().flatten().any(|link| link["ifname"].as_str().is_some_and(|n| !made_by_the_lab(n)))
 }
 
 /// One namespace of the lab as it is now.

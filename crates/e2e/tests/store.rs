@@ -505,10 +505,10 @@ fn ip(args: &str) {
     assert!(status.success(), "ip {args}");
 }
 
-/// The fleet's management network: a namespace with a bridge `fbr`
-/// carrying the store's address, which the lab wires each host's fabric
-/// address into (and leaves in place when its hosts go, since it carries
-/// an address the lab did not give). Removed when dropped.
+/// The fleet's management network: a namespace with a bridge `fbr`, which
+/// the lab wires each host's fabric address into, and the store's
+/// interface `store0` on it (the lab leaves a namespace with an interface
+/// it did not make in place when its hosts go). Removed when dropped.
 struct Management;
 
 impl Management {
@@ -518,8 +518,11 @@ impl Management {
         ip(&format!("netns add {MANAGEMENT}"));
         ip(&format!("-n {MANAGEMENT} link set lo up"));
         ip(&format!("-n {MANAGEMENT} link add fbr type bridge"));
-        ip(&format!("-n {MANAGEMENT} addr add {STORE_IP}/24 dev fbr"));
         ip(&format!("-n {MANAGEMENT} link set fbr up"));
+        ip(&format!("-n {MANAGEMENT} link add store0 type veth peer name store1"));
+        ip(&format!("-n {MANAGEMENT} link set store1 master fbr up"));
+        ip(&format!("-n {MANAGEMENT} addr add {STORE_IP}/24 dev store0"));
+        ip(&format!("-n {MANAGEMENT} link set store0 up"));
         Management
     }
 }
