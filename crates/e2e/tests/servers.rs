@@ -242,3 +242,18 @@ fn python_selectors_echo_server_with_several_clients() {
     assert!(lab.counter("a", "bytes_sent") >= 4_594_024);
     assert!(lab.counter("a", "bytes_received") >= 4_594_024);
 }
+
+#[test]
+fn many_idle_connections_and_a_few_busy_on_one_epoll_set_lose_nothing() {
+    // Most of the 400 connections idle at any time (cold in both ends'
+    // epoll sets); the few that speak must be found, each time, on both.
+    let mut lab = Lab::start("tidle", TWO_GUESTS).unwrap();
+    let server = script("selectors_echo.py");
+    lab.spawn("b", Via::Vsocket, "python3", &[&server, "serve", "10.10.0.3", "8310"], "server.log").unwrap();
+    lab.wait_listening("b", 8310).unwrap();
+    let client = script("idle_busy.py");
+    let out = lab.run_ok("a", Via::Vsocket, "python3", &[&client, "10.10.0.3", "8310", "400", "600"]).unwrap();
+    assert_eq!(out.trim(), "idle_busy ok 400 600");
+    assert_over_vsocket(&lab, "a");
+    assert_eq!(lab.counter("a", "connections_out"), 400);
+}

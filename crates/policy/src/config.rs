@@ -37,8 +37,8 @@
 //!                                # 1..=1000; default 5
 //! metrics = "127.0.0.1:9464"     # Prometheus endpoint (GET /metrics), an
 //!                                # IP address and a port; default: none
-//! default_max_connections = 4096 # per-guest quotas for guests that set none
-//! default_max_shared_memory = "4GiB"  # (see [[guest]] below); these are the
+//! default_max_connections = 16384 # per-guest quotas for guests that set none
+//! default_max_shared_memory = "9GiB"  # (see [[guest]] below); these are the
 //! default_max_channels = 1024    # defaults; with deny_action and
 //!                                # on_policy_change, the only [host] settings a
 //!                                # `vsocketctl reload` may change

@@ -406,12 +406,13 @@ pub struct Quotas {
 
 impl Quotas {
     /// The limits when neither the guest nor `[host]` sets them: room for
-    /// thousands of connections (with the default ring size, 4096
-    /// connections take 2 GiB of segments) and a thousand processes and
-    /// listeners, while a runaway guest still stops well short of the host's
-    /// memory and thread limits.
+    /// ten thousand connections and more (with the default ring size,
+    /// 16384 connections take about 8 GiB of segments, most of which no
+    /// idle connection ever touches) and a thousand processes and
+    /// listeners, while a runaway guest still stops well short of the
+    /// host's memory and thread limits.
     pub const DEFAULT: Quotas =
-        Quotas { max_connections: 4096, max_shared_memory: 4 * 1024 * 1024 * 1024, max_channels: 1024 };
+        Quotas { max_connections: 16384, max_shared_memory: 9 * 1024 * 1024 * 1024, max_channels: 1024 };
 }
 
 /// The flow log's file and rotation, from `[host]` `flow_log`,

@@ -463,8 +463,10 @@ fn defaults_fill_in_optional_fields() {
             store: None,
         }
     );
-    assert_eq!(Quotas::DEFAULT.max_connections, 4096);
-    assert_eq!(Quotas::DEFAULT.max_shared_memory, 4 << 30);
+    // Ten thousand connections per guest fit, at the default ring size.
+    assert_eq!(Quotas::DEFAULT.max_connections, 16384);
+    assert_eq!(Quotas::DEFAULT.max_shared_memory, 9 << 30);
+    assert!(Quotas::DEFAULT.max_shared_memory >= 16384 * 2 * (4096 + HostConfig::DEFAULT_RING_SIZE as u64));
     assert_eq!(Quotas::DEFAULT.max_channels, 1024);
     let b = config.guest(config.guest_by_name("b").unwrap());
     assert_eq!(b.netns, "vs-b");

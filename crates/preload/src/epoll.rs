@@ -12,6 +12,23 @@
 //! Every set the program creates is tracked, with what it holds, so that a
 //! socket registered before it connects (or listens) is moved to the right
 //! representation when it becomes a vSocket.
+//!
+//! **Hot and cold.** A wait judges only the set's *hot* registrations
+//! (their readiness read from shared memory), so that its cost follows the
+//! connections that are busy, not every connection the set holds. A
+//! connection judged not ready for [`COLD_AFTER_NS`] goes *cold*: the set
+//! arms it (counted as one of its sleepers, as a waiter about to sleep
+//! would, see `Connection::fall_asleep`) and stops judging it; the peer's
+//! next write (or read that frees room) then rings its doorbell, which is
+//! in the kernel set, and the event makes it hot again. A busy connection
+//! stays hot and is found by looking, without a doorbell; an idle one costs
+//! nothing until it has something to say. Everything cold is judged again
+//! every [`SWEEP_NS`] all the same, which bounds what a wake-up lost
+//! elsewhere (a doorbell drained by another waiter, a readiness this
+//! process made itself, like `shutdown(SHUT_RD)`) can delay, as the sleep
+//! cap bounds it for a waiter. Only the process that created the set cools
+//! connections; one that inherited it over fork judges everything, as the
+//! set's registrations there are its creator's too.
 
 use crate::conn::{Connection, Dropped, EdgeSnapshot, MAX_SLEEP_MS};
 use crate::listener::{self, Listener};
@@ -103,7 +120,9 @@ enum Kind<M> {
     /// A kernel descriptor, registered in the kernel with the program's data.
     Kernel,
     /// A vSocket connection or a dropped connect, judged from shared memory.
-    Managed { entry: Arc<M>, last: Option<Snapshot> },
+    /// `cold`: armed by the set and not judged (see the module docs);
+    /// `active_ns`: when it was last found ready, or became hot.
+    Managed { entry: Arc<M>, last: Option<Snapshot>, cold: bool, active_ns: u64 },
     /// A listener: its socket and its channel are in the kernel set
     /// (`channel`: the channel descriptor registered, if any; it changes
     /// when the listener is detached and attached again).
@@ -120,11 +139,81 @@ struct Registration<M> {
     kind: Kind<M>,
     /// EPOLLONESHOT fired; silent until EPOLL_CTL_MOD.
     disabled: bool,
+    /// In [`Regs::hot`].
+    listed: bool,
+}
+
+impl<M: Member> Registration<M> {
+    /// A registration `collect` may judge: a managed one that is not cold,
+    /// or a nested set, while not disabled.
+    fn judged(&self) -> bool {
+        !self.disabled && matches!(self.kind, Kind::Managed { cold: false, .. } | Kind::Nested { .. })
+    }
+
+    /// Ends the set's arming of a cold connection: it is hot again (and
+    /// must be listed by the caller). `inherited`: this process did not
+    /// make the arming (its creator did, before a fork), so only the mark
+    /// goes.
+    fn warm(&mut self, now: u64, inherited: bool) {
+        let Kind::Managed { entry, cold, active_ns, .. } = &mut self.kind else { return };
+        if std::mem::take(cold) && !inherited {
+            if let Waitable::Conn(conn) = entry.waitable() {
+                conn.wake(Interest::from_epoll(self.events), false);
+            }
+        }
+        *active_ns = now;
+    }
+}
+
+/// A set's registrations, and which of them a wait judges.
+struct Regs<M> {
+    map: HashMap<RawFd, Registration<M>>,
+    /// The registrations waits judge (see [`Registration::judged`]), each
+    /// at most once (`listed`); one that stops being judged leaves at the
+    /// next `collect`.
+    hot: Vec<RawFd>,
+    /// When every cold connection was last judged (see `EpollSet::sweep`).
+    swept_ns: u64,
+}
+
+impl<M: Member> Regs<M> {
+    /// Lists `fd` among the hot, if a wait should judge it.
+    fn list(&mut self, fd: RawFd) {
+        if let Some(reg) = self.map.get_mut(&fd) {
+            if reg.judged() && !reg.listed {
+                reg.listed = true;
+                self.hot.push(fd);
+            }
+        }
+    }
+
+    /// The registrations a wait of process `inherited` or not judges: the
+    /// hot ones, or (in a process that inherited the set) all of them.
+    fn candidates(&self, inherited: bool) -> Vec<RawFd> {
+        if inherited {
+            self.map.keys().copied().collect()
+        } else {
+            self.hot.clone()
+        }
+    }
+
+    /// Drops from `hot` what is no longer judged.
+    fn prune(&mut self) {
+        let map = &mut self.map;
+        self.hot.retain(|fd| match map.get_mut(fd) {
+            Some(reg) if reg.listed && reg.judged() => true,
+            Some(reg) => {
+                reg.listed = false;
+                false
+            }
+            None => false,
+        });
+    }
 }
 
 pub struct EpollSet<M> {
     epfd: RawFd,
-    regs: Mutex<HashMap<RawFd, Registration<M>>>,
+    regs: Mutex<Regs<M>>,
     /// Registrations that are not plain kernel ones (fast path when 0).
     special: AtomicUsize,
     /// When the kernel set was last polled while vSocket events were ready.
@@ -147,6 +236,14 @@ pub struct EpollSet<M> {
 /// See `EpollSet::add_kernel_ready`.
 const KERNEL_CHECK_NS: u64 = 50_000;
 
+/// A connection judged not ready for this long goes cold (see the module
+/// docs): long enough that a connection in steady request-and-answer
+/// traffic stays hot, short enough that idle ones leave the scan at once.
+pub const COLD_AFTER_NS: u64 = 1_000_000;
+
+/// How often cold connections are all judged again (see the module docs).
+pub const SWEEP_NS: u64 = 200_000_000;
+
 thread_local! {
     static KERNEL_EVENTS: std::cell::RefCell<Vec<libc::epoll_event>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -156,7 +253,7 @@ impl<M: Member> EpollSet<M> {
     pub fn new(epfd: RawFd) -> EpollSet<M> {
         EpollSet {
             epfd,
-            regs: Mutex::new(HashMap::new()),
+            regs: Mutex::new(Regs { map: HashMap::new(), hot: Vec::new(), swept_ns: sys::now_ns() }),
             special: AtomicUsize::new(0),
             kernel_checked: AtomicU64::new(0),
             parked: AtomicUsize::new(0),
@@ -172,13 +269,13 @@ impl<M: Member> EpollSet<M> {
     /// listener is attached again when a try is due, and a set that
     /// watches no channel (or an old one) of a listener watches its
     /// current one.
-    fn sync_listeners(&self, regs: &mut HashMap<RawFd, Registration<M>>) {
+    fn sync_listeners(&self, regs: &mut Regs<M>) {
         let changed = listener::channels_changed();
         if !listener::any_detached() && self.listeners_seen.load(Ordering::Relaxed) == changed {
             return;
         }
         self.listeners_seen.store(changed, Ordering::Relaxed);
-        for (&fd, reg) in regs.iter_mut() {
+        for (&fd, reg) in regs.map.iter_mut() {
             let Kind::Listener { entry, channel } = &mut reg.kind else { continue };
             let Waitable::Listener(l) = entry.waitable() else { continue };
             l.reattach_if_due();
@@ -201,7 +298,7 @@ impl<M: Member> EpollSet<M> {
     /// `fd` became a vSocket (connect, listen): move its registration here.
     pub fn adopt(&self, fd: RawFd, entry: &Arc<M>) {
         let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(reg) = regs.get_mut(&fd) {
+        if let Some(reg) = regs.map.get_mut(&fd) {
             if matches!(reg.kind, Kind::Kernel) {
                 let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
                 if let Ok(kind) = self.register_special(fd, entry, reg.events) {
@@ -210,6 +307,7 @@ impl<M: Member> EpollSet<M> {
                 }
             }
         }
+        regs.list(fd);
     }
 
     /// `fd` was closed: forget it here.
@@ -220,11 +318,12 @@ impl<M: Member> EpollSet<M> {
     /// the creating process edits the kernel set on close.
     pub fn forget(&self, fd: RawFd) {
         let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
-        let removed = regs.remove(&fd);
-        if self.owner != sys::getpid() {
+        let removed = regs.map.remove(&fd);
+        if self.inherited() {
             return;
         }
-        if let Some(reg) = removed {
+        if let Some(mut reg) = removed {
+            reg.warm(0, false);
             self.unregister_special(fd, &reg);
         }
         // A parked doorbell could not be found by its number once the
@@ -258,9 +357,11 @@ impl<M: Member> EpollSet<M> {
                     }
                     Err(e) => return Err(e),
                 }
-                Ok(Kind::Managed { entry: entry.clone(), last: None })
+                Ok(Kind::Managed { entry: entry.clone(), last: None, cold: false, active_ns: sys::now_ns() })
             }
-            Waitable::Dropped(_) => Ok(Kind::Managed { entry: entry.clone(), last: None }),
+            Waitable::Dropped(_) => {
+                Ok(Kind::Managed { entry: entry.clone(), last: None, cold: false, active_ns: sys::now_ns() })
+            }
             Waitable::Listener(l) => {
                 let ev = kernel_events(events);
                 sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, ev, token(fd))?;
@@ -331,7 +432,7 @@ impl<M: Member> EpollSet<M> {
         let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
         match op {
             libc::EPOLL_CTL_ADD => {
-                if regs.contains_key(&fd) {
+                if regs.map.contains_key(&fd) {
                     return Err(Errno(libc::EEXIST));
                 }
                 let kind = match &target {
@@ -345,17 +446,20 @@ impl<M: Member> EpollSet<M> {
                         kind
                     }
                 };
-                regs.insert(fd, Registration { events, data, kind, disabled: false });
+                regs.map.insert(fd, Registration { events, data, kind, disabled: false, listed: false });
+                regs.list(fd);
                 Ok(())
             }
             libc::EPOLL_CTL_MOD => {
-                let Some(reg) = regs.get_mut(&fd) else {
+                let Some(reg) = regs.map.get_mut(&fd) else {
                     // Not one we know (registered before tracking): let the kernel judge.
                     return sys::epoll_ctl(self.epfd, op, fd, events, data);
                 };
                 if reg.events & EXCLUSIVE != 0 && !matches!(reg.kind, Kind::Kernel) {
                     return Err(Errno(libc::EINVAL));
                 }
+                // A cold connection was armed for the old interest.
+                reg.warm(sys::now_ns(), self.inherited());
                 match &mut reg.kind {
                     Kind::Kernel => sys::epoll_ctl(self.epfd, op, fd, events, data)?,
                     Kind::Managed { last, .. } => *last = None,
@@ -371,10 +475,12 @@ impl<M: Member> EpollSet<M> {
                 reg.events = events;
                 reg.data = data;
                 reg.disabled = false;
+                regs.list(fd);
                 Ok(())
             }
-            libc::EPOLL_CTL_DEL => match regs.remove(&fd) {
-                Some(reg) => {
+            libc::EPOLL_CTL_DEL => match regs.map.remove(&fd) {
+                Some(mut reg) => {
+                    reg.warm(0, self.inherited());
                     if matches!(reg.kind, Kind::Kernel) {
                         sys::epoll_ctl(self.epfd, op, fd, 0, 0)?;
                     } else {
@@ -416,53 +522,135 @@ impl<M: Member> EpollSet<M> {
         }
     }
 
-    /// Adds ready managed registrations to `out` (from index `n`, up to
-    /// `limit`). Returns the new count. Each scan starts one registration
-    /// further on, so that when more are ready than fit, none starves.
-    fn collect(
-        &self,
-        regs: &mut HashMap<RawFd, Registration<M>>,
-        out: &mut [libc::epoll_event],
-        mut n: usize,
-        limit: usize,
-    ) -> usize {
+    /// Does this process wait on a set it inherited over fork (see the
+    /// module docs)?
+    fn inherited(&self) -> bool {
+        self.owner != sys::getpid()
+    }
+
+    /// What registration `reg` owes the program now, if anything: its
+    /// mask, with its edge taken (edge-triggered) and EPOLLONESHOT
+    /// applied.
+    fn owed(reg: &mut Registration<M>) -> Option<u32> {
+        if reg.disabled || matches!(reg.kind, Kind::Kernel | Kind::Listener { .. }) {
+            return None;
+        }
+        let (mask, snapshot) = Self::judge(reg);
+        if let Kind::Managed { last, .. } = &mut reg.kind {
+            if mask == 0 {
+                *last = snapshot;
+                return None;
+            }
+            if snapshot.is_some() {
+                if *last == snapshot {
+                    return None;
+                }
+                *last = snapshot;
+            }
+        } else if mask == 0 {
+            return None;
+        }
+        if reg.events & libc::EPOLLONESHOT as u32 != 0 {
+            reg.disabled = true;
+        }
+        Some(mask)
+    }
+
+    /// Would `reg` report something now (without taking its edge)?
+    fn would_report(reg: &Registration<M>) -> bool {
+        if reg.disabled || !matches!(reg.kind, Kind::Managed { .. } | Kind::Nested { .. }) {
+            return false;
+        }
+        let (mask, snapshot) = Self::judge(reg);
+        let Kind::Managed { last, .. } = &reg.kind else {
+            return mask != 0;
+        };
+        mask != 0 && (snapshot.is_none() || *last != snapshot)
+    }
+
+    /// Makes connection `reg` cold if it has had nothing to report for
+    /// [`COLD_AFTER_NS`] at `now`: the set arms it, then looks once more
+    /// (the peer may have written before the arming), and it stays hot
+    /// with what it owes if there is something. Returns that.
+    fn cool(reg: &mut Registration<M>, now: u64) -> Option<u32> {
+        let Kind::Managed { entry, cold, active_ns, .. } = &mut reg.kind else { return None };
+        let Waitable::Conn(conn) = entry.waitable() else { return None };
+        if *cold || now.saturating_sub(*active_ns) < COLD_AFTER_NS {
+            return None;
+        }
+        conn.fall_asleep(Interest::from_epoll(reg.events));
+        *cold = true;
+        let owed = Self::owed(reg);
+        if owed.is_some() {
+            reg.warm(now, false);
+        }
+        owed
+    }
+
+    /// Adds what the judged registrations owe to `out` (from index `n`, up
+    /// to `limit`). Returns the new count. Each scan starts one
+    /// registration further on, so that when more are ready than fit, none
+    /// starves. A connection with nothing to say for long goes cold.
+    fn collect(&self, regs: &mut Regs<M>, out: &mut [libc::epoll_event], mut n: usize, limit: usize) -> usize {
         let limit = limit.min(out.len());
-        let len = regs.len().max(1);
-        let start = self.rotor.fetch_add(1, Ordering::Relaxed) % len;
-        for pass in 0..2 {
-            for (i, reg) in regs.values_mut().enumerate() {
+        if self.inherited() {
+            for fd in regs.candidates(true) {
                 if n == limit {
-                    return n;
+                    break;
                 }
-                if (pass == 0) != (i >= start) {
-                    continue;
-                }
-                if reg.disabled || matches!(reg.kind, Kind::Kernel | Kind::Listener { .. }) {
-                    continue;
-                }
-                let (mask, snapshot) = Self::judge(reg);
-                if let Kind::Managed { last, .. } = &mut reg.kind {
-                    if mask == 0 {
-                        *last = snapshot;
-                        continue;
-                    }
-                    if snapshot.is_some() {
-                        if *last == snapshot {
-                            continue;
-                        }
-                        *last = snapshot;
-                    }
-                } else if mask == 0 {
-                    continue;
-                }
-                out[n] = libc::epoll_event { events: mask, u64: reg.data };
-                n += 1;
-                if reg.events & libc::EPOLLONESHOT as u32 != 0 {
-                    reg.disabled = true;
+                let Some(reg) = regs.map.get_mut(&fd) else { continue };
+                if let Some(mask) = Self::owed(reg) {
+                    out[n] = libc::epoll_event { events: mask, u64: reg.data };
+                    n += 1;
                 }
             }
+            return n;
         }
+        let now = sys::now_ns();
+        let len = regs.hot.len();
+        let start = if len == 0 { 0 } else { self.rotor.fetch_add(1, Ordering::Relaxed) % len };
+        for k in (start..len).chain(0..start) {
+            if n == limit {
+                break;
+            }
+            let fd = regs.hot[k];
+            let Some(reg) = regs.map.get_mut(&fd).filter(|r| r.listed && r.judged()) else { continue };
+            let owed = match Self::owed(reg) {
+                Some(mask) => {
+                    if let Kind::Managed { active_ns, .. } = &mut reg.kind {
+                        *active_ns = now;
+                    }
+                    Some(mask)
+                }
+                None => Self::cool(reg, now),
+            };
+            if let Some(mask) = owed {
+                out[n] = libc::epoll_event { events: mask, u64: reg.data };
+                n += 1;
+            }
+        }
+        regs.prune();
         n
+    }
+
+    /// Judges every cold connection if the last time was [`SWEEP_NS`] ago:
+    /// one with something to report is hot again.
+    fn sweep(&self, regs: &mut Regs<M>) {
+        let now = sys::now_ns();
+        if self.inherited() || now.saturating_sub(regs.swept_ns) < SWEEP_NS {
+            return;
+        }
+        regs.swept_ns = now;
+        let mut warmed = Vec::new();
+        for (&fd, reg) in regs.map.iter_mut() {
+            if matches!(reg.kind, Kind::Managed { cold: true, .. }) && Self::would_report(reg) {
+                reg.warm(now, false);
+                warmed.push(fd);
+            }
+        }
+        for fd in warmed {
+            regs.list(fd);
+        }
     }
 
     /// How many of `out` vSocket events may take: one slot stays free when
@@ -476,47 +664,60 @@ impl<M: Member> EpollSet<M> {
         }
     }
 
-    fn arm(&self, regs: &HashMap<RawFd, Registration<M>>) {
-        for reg in regs.values() {
-            match (reg.disabled, &reg.kind) {
-                (false, Kind::Managed { entry, .. }) => {
-                    if let Waitable::Conn(conn) = entry.waitable() {
-                        conn.arm(Interest::from_epoll(reg.events));
-                    }
-                }
-                (false, Kind::Nested { entry }) => {
-                    if let Waitable::Set(inner) = entry.waitable() {
-                        inner.arm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
-                    }
-                }
-                _ => {}
+    /// Calls `f` on each registration a wait judges (see `collect`).
+    fn each_judged(&self, regs: &Regs<M>, mut f: impl FnMut(RawFd, &Registration<M>)) {
+        if self.inherited() {
+            // The creator's cold marks mean nothing here: all are judged.
+            for (&fd, reg) in regs.map.iter().filter(|(_, r)| !r.disabled) {
+                f(fd, reg);
+            }
+            return;
+        }
+        for &fd in &regs.hot {
+            if let Some(reg) = regs.map.get(&fd).filter(|r| r.listed && r.judged()) {
+                f(fd, reg);
             }
         }
     }
 
-    /// Counts this waiter among the sleepers of every connection in the set
-    /// it is about to sleep on, arming each (see
-    /// `Connection::fall_asleep`), and arms nested sets. Returns what
-    /// [`EpollSet::wake`] must be given after the sleep.
-    fn fall_asleep(&self, regs: &HashMap<RawFd, Registration<M>>) -> Vec<(RawFd, Arc<M>, Interest)> {
-        let mut asleep = Vec::new();
-        for (&fd, reg) in regs {
-            match (reg.disabled, &reg.kind) {
-                (false, Kind::Managed { entry, .. }) => {
-                    if let Waitable::Conn(conn) = entry.waitable() {
-                        let interest = Interest::from_epoll(reg.events);
-                        conn.fall_asleep(interest);
-                        asleep.push((fd, entry.clone(), interest));
-                    }
+    fn arm(&self, regs: &Regs<M>) {
+        self.each_judged(regs, |_, reg| match &reg.kind {
+            Kind::Managed { entry, .. } => {
+                if let Waitable::Conn(conn) = entry.waitable() {
+                    conn.arm(Interest::from_epoll(reg.events));
                 }
-                (false, Kind::Nested { entry }) => {
-                    if let Waitable::Set(inner) = entry.waitable() {
-                        inner.arm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
-                    }
-                }
-                _ => {}
             }
-        }
+            Kind::Nested { entry } => {
+                if let Waitable::Set(inner) = entry.waitable() {
+                    inner.arm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
+                }
+            }
+            _ => {}
+        });
+    }
+
+    /// Counts this waiter among the sleepers of every hot connection in the
+    /// set it is about to sleep on, arming each (see
+    /// `Connection::fall_asleep`; cold ones the set armed already), and
+    /// arms nested sets. Returns what [`EpollSet::wake`] must be given
+    /// after the sleep.
+    fn fall_asleep(&self, regs: &Regs<M>) -> Vec<(RawFd, Arc<M>, Interest)> {
+        let mut asleep = Vec::new();
+        self.each_judged(regs, |fd, reg| match &reg.kind {
+            Kind::Managed { entry, .. } => {
+                if let Waitable::Conn(conn) = entry.waitable() {
+                    let interest = Interest::from_epoll(reg.events);
+                    conn.fall_asleep(interest);
+                    asleep.push((fd, entry.clone(), interest));
+                }
+            }
+            Kind::Nested { entry } => {
+                if let Waitable::Set(inner) = entry.waitable() {
+                    inner.arm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
+                }
+            }
+            _ => {}
+        });
         asleep
     }
 
@@ -538,55 +739,54 @@ impl<M: Member> EpollSet<M> {
     /// Withdraws `arm` after a wake-up: one doorbell woke the waiter, and the
     /// other armed connections need not ring theirs (a server answering a
     /// batch of clients would otherwise ring once per client).
-    fn disarm(&self, regs: &HashMap<RawFd, Registration<M>>) {
-        for reg in regs.values() {
-            match (reg.disabled, &reg.kind) {
-                (false, Kind::Managed { entry, .. }) => {
-                    if let Waitable::Conn(conn) = entry.waitable() {
-                        conn.disarm(Interest::from_epoll(reg.events));
-                    }
+    fn disarm(&self, regs: &Regs<M>) {
+        self.each_judged(regs, |_, reg| match &reg.kind {
+            Kind::Managed { entry, .. } => {
+                if let Waitable::Conn(conn) = entry.waitable() {
+                    conn.disarm(Interest::from_epoll(reg.events));
                 }
-                (false, Kind::Nested { entry }) => {
-                    if let Waitable::Set(inner) = entry.waitable() {
-                        inner.disarm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
-                    }
-                }
-                _ => {}
             }
-        }
+            Kind::Nested { entry } => {
+                if let Waitable::Set(inner) = entry.waitable() {
+                    inner.disarm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
+                }
+            }
+            _ => {}
+        });
     }
 
     /// Withdraws the arming of nested sets after a wake-up (connections are
     /// handled by [`EpollSet::wake`]).
     fn disarm_nested(&self) {
         let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
-        for reg in regs.values() {
-            if let (false, Kind::Nested { entry }) = (reg.disabled, &reg.kind) {
+        self.each_judged(&regs, |_, reg| {
+            if let Kind::Nested { entry } = &reg.kind {
                 if let Waitable::Set(inner) = entry.waitable() {
                     inner.disarm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
                 }
             }
-        }
+        });
     }
 
     /// Would a wait on this set report something now? This is what the
     /// kernel answers when the set's own descriptor is polled (or nested in
     /// another set): vSocket readiness from shared memory, kernel readiness
     /// from the kernel set once the doorbells, which are not events of
-    /// their own, are drained.
+    /// their own, are drained (a cold connection's is left: its ring is
+    /// this set's event).
     fn has_events(&self) -> bool {
         if self.any_ready() {
             return true;
         }
         {
             let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
-            for reg in regs.values() {
+            self.each_judged(&regs, |_, reg| {
                 if let Kind::Managed { entry, .. } = &reg.kind {
                     if let Waitable::Conn(conn) = entry.waitable() {
                         conn.drain_unless_watched();
                     }
                 }
-            }
+            });
         }
         let mut pfd = [libc::pollfd { fd: self.epfd, events: libc::POLLIN, revents: 0 }];
         sys::poll(&mut pfd, 0).is_ok_and(|n| n > 0) || self.any_ready()
@@ -594,27 +794,22 @@ impl<M: Member> EpollSet<M> {
 
     fn any_ready(&self) -> bool {
         let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
-        regs.values().any(|reg| {
-            if reg.disabled || !matches!(reg.kind, Kind::Managed { .. } | Kind::Nested { .. }) {
-                return false;
-            }
-            let (mask, snapshot) = Self::judge(reg);
-            let Kind::Managed { last, .. } = &reg.kind else {
-                return mask != 0;
-            };
-            mask != 0 && (snapshot.is_none() || *last != snapshot)
-        })
+        let mut ready = false;
+        self.each_judged(&regs, |_, reg| ready = ready || Self::would_report(reg));
+        ready
     }
 
     /// Turns kernel events into the program's events: kernel descriptors
     /// pass through, tokens are resolved. Returns the count written to `out`.
     fn translate(
         &self,
-        regs: &mut HashMap<RawFd, Registration<M>>,
+        regs: &mut Regs<M>,
         got: &[libc::epoll_event],
         out: &mut [libc::epoll_event],
         mut n: usize,
     ) -> usize {
+        let (inherited, now) = (self.inherited(), sys::now_ns());
+        let mut warmed = Vec::new();
         for ev in got {
             let Some(fd) = token_fd(ev.u64) else {
                 if n < out.len() {
@@ -623,11 +818,22 @@ impl<M: Member> EpollSet<M> {
                 }
                 continue;
             };
-            let Some(reg) = regs.get_mut(&fd).filter(|r| !matches!(r.kind, Kind::Kernel)) else {
+            let Some(reg) = regs.map.get_mut(&fd).filter(|r| !matches!(r.kind, Kind::Kernel)) else {
                 self.remove_parked_doorbell(fd);
                 continue;
             };
             match &mut reg.kind {
+                // A cold connection's peer rang for the set's arming: it
+                // is hot again (`collect`, next, judges it), and the set,
+                // as its last sleeper, takes the doorbell.
+                Kind::Managed { entry, cold: cold @ true, active_ns, .. } if !inherited => {
+                    *cold = false;
+                    *active_ns = now;
+                    if let Waitable::Conn(conn) = entry.waitable() {
+                        conn.wake(Interest::from_epoll(reg.events), true);
+                    }
+                    warmed.push(fd);
+                }
                 Kind::Managed { entry, .. } => {
                     if let Waitable::Conn(conn) = entry.waitable() {
                         conn.drain_unless_watched();
@@ -662,6 +868,9 @@ impl<M: Member> EpollSet<M> {
                 // Judged by `collect`, which runs next.
                 Kind::Nested { .. } | Kind::Kernel => {}
             }
+        }
+        for fd in warmed {
+            regs.list(fd);
         }
         n
     }
@@ -715,6 +924,7 @@ impl<M: Member> EpollSet<M> {
             {
                 let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
                 self.sync_listeners(&mut regs);
+                self.sweep(&mut regs);
                 let n = self.collect(&mut regs, out, 0, self.vsocket_room(out));
                 if n > 0 {
                     drop(regs);
