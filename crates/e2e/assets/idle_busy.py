@@ -4,11 +4,13 @@
     idle_busy.py ADDR PORT CONNECTIONS ROUNDS
 
 Opens CONNECTIONS connections to an echo server (selectors_echo.py serve),
-then for ROUNDS rounds sends a numbered message on a few of them, chosen
+then for ROUNDS rounds takes a few of them out of the selector and back
+in, as event loops do, and sends a numbered message on each, chosen
 at random so that most have been idle a while (long enough to leave the
 server's and this client's epoll scans), and waits in one selector for
-every echo. Between rounds it pauses a few milliseconds now and then, and
-twice for longer than the library's 200 ms sweep. Every echo is checked
+every echo (no wait may report one connection twice). Between rounds it
+pauses a few milliseconds now and then, and twice for longer than the
+library's 200 ms sweep. Every echo is checked
 byte for byte. Prints "idle_busy ok CONNECTIONS ROUNDS", or exits 1 naming
 the first wrong or missing echo (each round has 10 s)."""
 import random
@@ -32,6 +34,10 @@ for r in range(rounds):
     busy = rng.sample(range(count), rng.randint(1, 8))
     expected = {}
     for i in busy:
+        # As event loops do (libuv): out of the set and back in around a
+        # request, under the same number.
+        sel.unregister(conns[i])
+        sel.register(conns[i], selectors.EVENT_READ, i)
         message = f"round {r} connection {i} {'x' * rng.randint(0, 3000)}\n".encode()
         conns[i].sendall(message)
         expected[i] = message
@@ -43,7 +49,12 @@ for r in range(rounds):
             missing = [i for i in busy if len(got[i]) < len(expected[i])]
             print(f"round {r}: no full echo on {missing} in 10 s", flush=True)
             sys.exit(1)
-        for key, _ in sel.select(timeout=left):
+        events = sel.select(timeout=left)
+        fds = [key.fd for key, _ in events]
+        if len(set(fds)) != len(fds):
+            print(f"round {r}: one wait reported a connection twice: {sorted(fds)}", flush=True)
+            sys.exit(1)
+        for key, _ in events:
             i = key.data
             data = key.fileobj.recv(65536)
             if i not in got or not data:

@@ -14,28 +14,30 @@
 //! representation when it becomes a vSocket.
 //!
 //! **Hot and cold.** A wait judges only the set's *hot* registrations
-//! (their readiness read from shared memory), so that its cost follows the
-//! connections that are busy, not every connection the set holds. A
-//! connection judged not ready for [`COLD_AFTER_NS`] goes *cold*: the set
-//! arms it (counted as one of its sleepers, as a waiter about to sleep
-//! would, see `Connection::fall_asleep`) and stops judging it; the peer's
-//! next write (or read that frees room) then rings its doorbell, which is
-//! in the kernel set, and the event makes it hot again. A busy connection
-//! stays hot and is found by looking, without a doorbell; an idle one costs
-//! nothing until it has something to say. Everything cold is judged again
-//! every [`SWEEP_NS`] all the same, which bounds what a wake-up lost
-//! elsewhere (a doorbell drained by another waiter, a readiness this
-//! process made itself, like `shutdown(SHUT_RD)`) can delay, as the sleep
-//! cap bounds it for a waiter. Only the process that created the set cools
-//! connections; one that inherited it over fork judges everything, as the
-//! set's registrations there are its creator's too.
+//! (their readiness read from shared memory), so that idle connections
+//! cost it nothing, however many the set holds. A connection judged not
+//! ready for [`COLD_AFTER_NS`] goes *cold*: the set arms it (counted as
+//! one of its sleepers, as a waiter about to sleep would, see
+//! `Connection::fall_asleep`) and stops judging it; the peer's next write
+//! (or read that frees room) then rings its doorbell, which is in the
+//! kernel set, and the event makes it hot again. A busy connection stays
+//! hot and is found by looking, without a doorbell; an idle one costs
+//! nothing until it has something to say. A wait follows the list of hot
+//! registrations when few are hot, and goes through all of them otherwise.
+//! Everything cold is judged again every [`SWEEP_NS`] all the same, which
+//! bounds what a wake-up lost elsewhere (a doorbell drained by another
+//! waiter, a readiness this process made itself, like `shutdown(SHUT_RD)`)
+//! can delay, as the sleep cap bounds it for a waiter. Only the process
+//! that created the set cools connections; one that inherited it over fork
+//! judges everything, as the set's registrations there are its creator's
+//! too.
 
 use crate::conn::{Connection, Dropped, EdgeSnapshot, MAX_SLEEP_MS};
 use crate::listener::{self, Listener};
 use crate::readiness::{Interest, Readiness};
 use crate::signals;
 use crate::sys::{self, Errno, SysResult};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -139,8 +141,6 @@ struct Registration<M> {
     kind: Kind<M>,
     /// EPOLLONESHOT fired; silent until EPOLL_CTL_MOD.
     disabled: bool,
-    /// In [`Regs::hot`].
-    listed: bool,
 }
 
 impl<M: Member> Registration<M> {
@@ -168,10 +168,13 @@ impl<M: Member> Registration<M> {
 /// A set's registrations, and which of them a wait judges.
 struct Regs<M> {
     map: HashMap<RawFd, Registration<M>>,
-    /// The registrations waits judge (see [`Registration::judged`]), each
-    /// at most once (`listed`); one that stops being judged leaves at the
-    /// next `collect`.
+    /// The descriptors whose registrations waits judge (see
+    /// [`Registration::judged`]), each once (`listed` holds the same). A
+    /// number stays listed when its registration goes (event loops delete
+    /// and add a descriptor around every request): it is dropped at the
+    /// next `prune` unless registered again, and then it is listed once.
     hot: Vec<RawFd>,
+    listed: HashSet<RawFd>,
     /// When every cold connection was last judged (see `EpollSet::sweep`).
     swept_ns: u64,
 }
@@ -179,34 +182,20 @@ struct Regs<M> {
 impl<M: Member> Regs<M> {
     /// Lists `fd` among the hot, if a wait should judge it.
     fn list(&mut self, fd: RawFd) {
-        if let Some(reg) = self.map.get_mut(&fd) {
-            if reg.judged() && !reg.listed {
-                reg.listed = true;
-                self.hot.push(fd);
-            }
-        }
-    }
-
-    /// The registrations a wait of process `inherited` or not judges: the
-    /// hot ones, or (in a process that inherited the set) all of them.
-    fn candidates(&self, inherited: bool) -> Vec<RawFd> {
-        if inherited {
-            self.map.keys().copied().collect()
-        } else {
-            self.hot.clone()
+        if self.map.get(&fd).is_some_and(Registration::judged) && self.listed.insert(fd) {
+            self.hot.push(fd);
         }
     }
 
     /// Drops from `hot` what is no longer judged.
     fn prune(&mut self) {
-        let map = &mut self.map;
-        self.hot.retain(|fd| match map.get_mut(fd) {
-            Some(reg) if reg.listed && reg.judged() => true,
-            Some(reg) => {
-                reg.listed = false;
-                false
+        let (map, listed) = (&self.map, &mut self.listed);
+        self.hot.retain(|fd| {
+            let keep = map.get(fd).is_some_and(Registration::judged);
+            if !keep {
+                listed.remove(fd);
             }
-            None => false,
+            keep
         });
     }
 }
@@ -237,9 +226,11 @@ pub struct EpollSet<M> {
 const KERNEL_CHECK_NS: u64 = 50_000;
 
 /// A connection judged not ready for this long goes cold (see the module
-/// docs): long enough that a connection in steady request-and-answer
-/// traffic stays hot, short enough that idle ones leave the scan at once.
-pub const COLD_AFTER_NS: u64 = 1_000_000;
+/// docs). A doorbell and its draining cost more than looking at a
+/// connection on each wait for a while: a connection that speaks every
+/// few milliseconds (a client among thousands) must stay hot; one that
+/// says nothing for this long is idle.
+pub const COLD_AFTER_NS: u64 = 50_000_000;
 
 /// How often cold connections are all judged again (see the module docs).
 pub const SWEEP_NS: u64 = 200_000_000;
@@ -253,7 +244,12 @@ impl<M: Member> EpollSet<M> {
     pub fn new(epfd: RawFd) -> EpollSet<M> {
         EpollSet {
             epfd,
-            regs: Mutex::new(Regs { map: HashMap::new(), hot: Vec::new(), swept_ns: sys::now_ns() }),
+            regs: Mutex::new(Regs {
+                map: HashMap::new(),
+                hot: Vec::new(),
+                listed: HashSet::new(),
+                swept_ns: sys::now_ns(),
+            }),
             special: AtomicUsize::new(0),
             kernel_checked: AtomicU64::new(0),
             parked: AtomicUsize::new(0),
@@ -446,7 +442,7 @@ impl<M: Member> EpollSet<M> {
                         kind
                     }
                 };
-                regs.map.insert(fd, Registration { events, data, kind, disabled: false, listed: false });
+                regs.map.insert(fd, Registration { events, data, kind, disabled: false });
                 regs.list(fd);
                 Ok(())
             }
@@ -574,10 +570,10 @@ impl<M: Member> EpollSet<M> {
     /// with what it owes if there is something. Returns that.
     fn cool(reg: &mut Registration<M>, now: u64) -> Option<u32> {
         let Kind::Managed { entry, cold, active_ns, .. } = &mut reg.kind else { return None };
-        let Waitable::Conn(conn) = entry.waitable() else { return None };
         if *cold || now.saturating_sub(*active_ns) < COLD_AFTER_NS {
             return None;
         }
+        let Waitable::Conn(conn) = entry.waitable() else { return None };
         conn.fall_asleep(Interest::from_epoll(reg.events));
         *cold = true;
         let owed = Self::owed(reg);
@@ -593,28 +589,10 @@ impl<M: Member> EpollSet<M> {
     /// starves. A connection with nothing to say for long goes cold.
     fn collect(&self, regs: &mut Regs<M>, out: &mut [libc::epoll_event], mut n: usize, limit: usize) -> usize {
         let limit = limit.min(out.len());
-        if self.inherited() {
-            for fd in regs.candidates(true) {
-                if n == limit {
-                    break;
-                }
-                let Some(reg) = regs.map.get_mut(&fd) else { continue };
-                if let Some(mask) = Self::owed(reg) {
-                    out[n] = libc::epoll_event { events: mask, u64: reg.data };
-                    n += 1;
-                }
-            }
-            return n;
-        }
+        let inherited = self.inherited();
         let now = sys::now_ns();
-        let len = regs.hot.len();
-        let start = if len == 0 { 0 } else { self.rotor.fetch_add(1, Ordering::Relaxed) % len };
-        for k in (start..len).chain(0..start) {
-            if n == limit {
-                break;
-            }
-            let fd = regs.hot[k];
-            let Some(reg) = regs.map.get_mut(&fd).filter(|r| r.listed && r.judged()) else { continue };
+        let mut left = false;
+        let mut visit = |reg: &mut Registration<M>, n: &mut usize| {
             let owed = match Self::owed(reg) {
                 Some(mask) => {
                     if let Kind::Managed { active_ns, .. } = &mut reg.kind {
@@ -622,15 +600,61 @@ impl<M: Member> EpollSet<M> {
                     }
                     Some(mask)
                 }
-                None => Self::cool(reg, now),
+                None if !inherited => Self::cool(reg, now),
+                None => None,
             };
+            left |= !reg.judged();
             if let Some(mask) = owed {
-                out[n] = libc::epoll_event { events: mask, u64: reg.data };
-                n += 1;
+                out[*n] = libc::epoll_event { events: mask, u64: reg.data };
+                *n += 1;
+            }
+        };
+        if Self::by_list(regs, inherited) {
+            let len = regs.hot.len();
+            let start = if len == 0 { 0 } else { self.rotor.fetch_add(1, Ordering::Relaxed) % len };
+            for k in (start..len).chain(0..start) {
+                if n == limit {
+                    break;
+                }
+                if let Some(reg) = regs.map.get_mut(&regs.hot[k]).filter(|r| r.judged()) {
+                    visit(reg, &mut n);
+                }
+            }
+        } else {
+            let len = regs.map.len().max(1);
+            let start = self.rotor.fetch_add(1, Ordering::Relaxed) % len;
+            for pass in 0..2 {
+                for (i, reg) in regs.map.values_mut().enumerate() {
+                    if n == limit {
+                        break;
+                    }
+                    if (pass == 0) != (i >= start) || !Self::judged_here(reg, inherited) {
+                        continue;
+                    }
+                    visit(reg, &mut n);
+                }
             }
         }
-        regs.prune();
+        if left && !inherited {
+            regs.prune();
+        }
         n
+    }
+
+    /// Does a wait follow the hot list (few are hot), or go through every
+    /// registration (most are: the list would only add a lookup to each)?
+    fn by_list(regs: &Regs<M>, inherited: bool) -> bool {
+        !inherited && regs.hot.len() * 4 < regs.map.len()
+    }
+
+    /// Is `reg` judged by a wait of this process (`inherited`: one that
+    /// inherited the set, where the creator's cold marks mean nothing)?
+    fn judged_here(reg: &Registration<M>, inherited: bool) -> bool {
+        if inherited {
+            !reg.disabled && matches!(reg.kind, Kind::Managed { .. } | Kind::Nested { .. })
+        } else {
+            reg.judged()
+        }
     }
 
     /// Judges every cold connection if the last time was [`SWEEP_NS`] ago:
@@ -666,17 +690,17 @@ impl<M: Member> EpollSet<M> {
 
     /// Calls `f` on each registration a wait judges (see `collect`).
     fn each_judged(&self, regs: &Regs<M>, mut f: impl FnMut(RawFd, &Registration<M>)) {
-        if self.inherited() {
-            // The creator's cold marks mean nothing here: all are judged.
-            for (&fd, reg) in regs.map.iter().filter(|(_, r)| !r.disabled) {
-                f(fd, reg);
+        let inherited = self.inherited();
+        if Self::by_list(regs, inherited) {
+            for &fd in &regs.hot {
+                if let Some(reg) = regs.map.get(&fd).filter(|r| r.judged()) {
+                    f(fd, reg);
+                }
             }
             return;
         }
-        for &fd in &regs.hot {
-            if let Some(reg) = regs.map.get(&fd).filter(|r| r.listed && r.judged()) {
-                f(fd, reg);
-            }
+        for (&fd, reg) in regs.map.iter().filter(|(_, r)| Self::judged_here(r, inherited)) {
+            f(fd, reg);
         }
     }
 
