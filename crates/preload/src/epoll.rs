@@ -211,6 +211,11 @@ pub struct EpollSet<M> {
     /// `unregister_special`): while there are any, kernel events must be
     /// translated, so the pass-through fast path is off.
     parked: AtomicUsize,
+    /// Which doorbell each parked one is, by the descriptor it was
+    /// registered for: registering that descriptor again for the same
+    /// connection finds it in the kernel set already, without asking the
+    /// kernel (locked after `regs`).
+    parked_doorbells: Mutex<HashMap<RawFd, RawFd>>,
     /// Where the next scan of managed registrations starts.
     rotor: AtomicUsize,
     /// The process that created the set (see `forget`).
@@ -220,6 +225,11 @@ pub struct EpollSet<M> {
     /// `listener::channels_changed()` when the set last brought its
     /// listeners' channel registrations up to date.
     listeners_seen: AtomicU64,
+}
+
+/// `mutex`'s guard, also after a panic elsewhere poisoned it.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// See `EpollSet::add_kernel_ready`.
@@ -253,6 +263,7 @@ impl<M: Member> EpollSet<M> {
             special: AtomicUsize::new(0),
             kernel_checked: AtomicU64::new(0),
             parked: AtomicUsize::new(0),
+            parked_doorbells: Mutex::new(HashMap::new()),
             rotor: AtomicUsize::new(0),
             owner: sys::getpid(),
             spinner: Spinner::new(),
@@ -345,13 +356,21 @@ impl<M: Member> EpollSet<M> {
         match entry.waitable() {
             Waitable::Conn(conn) => {
                 // The doorbell may still be registered from an earlier
-                // registration of this descriptor (see unregister_special).
-                match sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, conn.doorbell, libc::EPOLLIN as u32, token(fd)) {
-                    Ok(()) => {}
-                    Err(Errno(libc::EEXIST)) => {
-                        self.parked.fetch_sub(1, Ordering::Relaxed);
+                // registration of this descriptor (see unregister_special):
+                // event loops delete and add a descriptor around every
+                // request, and the add then costs no system call.
+                let parked = lock(&self.parked_doorbells).remove(&fd);
+                if parked == Some(conn.doorbell) {
+                    self.parked.fetch_sub(1, Ordering::Relaxed);
+                } else {
+                    match sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, conn.doorbell, libc::EPOLLIN as u32, token(fd))
+                    {
+                        Ok(()) => {}
+                        Err(Errno(libc::EEXIST)) => {
+                            self.parked.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
                 }
                 Ok(Kind::Managed { entry: entry.clone(), last: None, cold: false, active_ns: sys::now_ns() })
             }
@@ -389,8 +408,9 @@ impl<M: Member> EpollSet<M> {
             // epoll_ctl calls per request would cost more than the request.
             // An event for a doorbell nobody registered removes it then.
             Kind::Managed { entry, .. } => {
-                if matches!(entry.waitable(), Waitable::Conn(_)) {
+                if let Waitable::Conn(conn) = entry.waitable() {
                     self.parked.fetch_add(1, Ordering::Relaxed);
+                    lock(&self.parked_doorbells).insert(fd, conn.doorbell);
                 }
             }
             Kind::Listener { channel, .. } => {
@@ -902,6 +922,7 @@ impl<M: Member> EpollSet<M> {
     /// A doorbell left registered after its descriptor was deleted from
     /// the set (or closed) fired: remove it from the kernel set now.
     fn remove_parked_doorbell(&self, fd: RawFd) {
+        lock(&self.parked_doorbells).remove(&fd);
         if let Some(entry) = M::lookup(fd) {
             if let Waitable::Conn(conn) = entry.waitable() {
                 if sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, conn.doorbell, 0, 0).is_ok() {
