@@ -200,7 +200,7 @@ impl<M: Member> Regs<M> {
     }
 }
 
-pub struct EpollSet<M> {
+pub struct EpollSet<M: Member> {
     epfd: RawFd,
     regs: Mutex<Regs<M>>,
     /// Registrations that are not plain kernel ones (fast path when 0).
@@ -339,6 +339,21 @@ impl<M: Member> EpollSet<M> {
     }
 }
 
+impl<M: Member> Drop for EpollSet<M> {
+    /// The set's last descriptor is closed: the connections it armed as
+    /// cold are no longer its to count among their sleepers (in the
+    /// creating process; one that inherited the set never counted them).
+    fn drop(&mut self) {
+        if self.inherited() {
+            return;
+        }
+        let regs = self.regs.get_mut().unwrap_or_else(|e| e.into_inner());
+        for reg in regs.map.values_mut() {
+            reg.warm(0, false);
+        }
+    }
+}
+
 /// What a listener's kernel registrations ask for: the program's flags
 /// (EPOLLONESHOT included, so a disabled listener does not keep waking the
 /// set), without EPOLLEXCLUSIVE, which the kernel refuses on MOD.
@@ -359,7 +374,7 @@ impl<M: Member> EpollSet<M> {
                 // registration of this descriptor (see unregister_special):
                 // event loops delete and add a descriptor around every
                 // request, and the add then costs no system call.
-                let parked = lock(&self.parked_doorbells).remove(&fd);
+                let parked = if self.inherited() { None } else { lock(&self.parked_doorbells).remove(&fd) };
                 if parked == Some(conn.doorbell) {
                     self.parked.fetch_sub(1, Ordering::Relaxed);
                 } else {
@@ -410,7 +425,11 @@ impl<M: Member> EpollSet<M> {
             Kind::Managed { entry, .. } => {
                 if let Waitable::Conn(conn) = entry.waitable() {
                     self.parked.fetch_add(1, Ordering::Relaxed);
-                    lock(&self.parked_doorbells).insert(fd, conn.doorbell);
+                    // A process that inherited the set does not know what its
+                    // creator does with the kernel set: it always asks.
+                    if !self.inherited() {
+                        lock(&self.parked_doorbells).insert(fd, conn.doorbell);
+                    }
                 }
             }
             Kind::Listener { channel, .. } => {
@@ -474,8 +493,18 @@ impl<M: Member> EpollSet<M> {
                 if reg.events & EXCLUSIVE != 0 && !matches!(reg.kind, Kind::Kernel) {
                     return Err(Errno(libc::EINVAL));
                 }
-                // A cold connection was armed for the old interest.
-                reg.warm(sys::now_ns(), self.inherited());
+                // A cold connection stays armed by the set, now for the new
+                // interest (armed first, so that a waiter asleep on the set
+                // meanwhile is still woken), and is judged below.
+                let was_cold = matches!(reg.kind, Kind::Managed { cold: true, .. }) && !self.inherited();
+                if let (true, Kind::Managed { entry, .. }) = (was_cold, &reg.kind) {
+                    if let Waitable::Conn(conn) = entry.waitable() {
+                        conn.fall_asleep(Interest::from_epoll(events));
+                        conn.wake(Interest::from_epoll(reg.events), false);
+                    }
+                } else {
+                    reg.warm(sys::now_ns(), self.inherited());
+                }
                 match &mut reg.kind {
                     Kind::Kernel => sys::epoll_ctl(self.epfd, op, fd, events, data)?,
                     Kind::Managed { last, .. } => *last = None,
@@ -491,6 +520,9 @@ impl<M: Member> EpollSet<M> {
                 reg.events = events;
                 reg.data = data;
                 reg.disabled = false;
+                if was_cold && Self::would_report(reg) {
+                    reg.warm(sys::now_ns(), false);
+                }
                 regs.list(fd);
                 Ok(())
             }
@@ -819,6 +851,9 @@ impl<M: Member> EpollSet<M> {
     /// their own, are drained (a cold connection's is left: its ring is
     /// this set's event).
     fn has_events(&self) -> bool {
+        // A nested set is waited on through its outer set only: its cold
+        // connections are judged again here, on the same schedule.
+        self.sweep(&mut self.regs.lock().unwrap_or_else(|e| e.into_inner()));
         if self.any_ready() {
             return true;
         }
@@ -922,11 +957,16 @@ impl<M: Member> EpollSet<M> {
     /// A doorbell left registered after its descriptor was deleted from
     /// the set (or closed) fired: remove it from the kernel set now.
     fn remove_parked_doorbell(&self, fd: RawFd) {
-        lock(&self.parked_doorbells).remove(&fd);
+        let mut parked = lock(&self.parked_doorbells);
+        parked.remove(&fd);
         if let Some(entry) = M::lookup(fd) {
             if let Waitable::Conn(conn) = entry.waitable() {
                 if sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, conn.doorbell, 0, 0).is_ok() {
                     self.parked.fetch_sub(1, Ordering::Relaxed);
+                    // The doorbell may have been parked under another
+                    // descriptor of the same connection (a dup): that one
+                    // must ask the kernel again when it is added.
+                    parked.retain(|_, doorbell| *doorbell != conn.doorbell);
                 }
             }
         }
