@@ -238,12 +238,17 @@ impl<'a> Producer<'a> {
     /// Free space, or why writing is impossible.
     pub fn space(&self) -> Result<u32, RingError> {
         let s = &self.0;
-        if s.cons.flags.load(Ordering::Acquire) & CONSUMER_CLOSED != 0 || s.other_side_gone() {
-            return Err(RingError::PeerClosed);
-        }
+        let closed = s.cons.flags.load(Ordering::Acquire) & CONSUMER_CLOSED != 0 || s.other_side_gone();
         let tail = s.prod.tail.load(Ordering::Relaxed);
         let head = s.cons.head.load(Ordering::Acquire);
-        Ok(index::writable(tail, head, s.size)?)
+        // Indices that make no sense are reported first, closed or not:
+        // whether the peer has closed by then must not decide whether this
+        // side learns that its stream is corrupt.
+        let space = index::writable(tail, head, s.size)?;
+        if closed {
+            return Err(RingError::PeerClosed);
+        }
+        Ok(space)
     }
 
     /// Copies as much of `bufs` as fits and publishes it. Returns the bytes
@@ -681,6 +686,19 @@ mod tests {
         let (p, c) = ring.views();
         c.close();
         assert_eq!(p.write(&[b"a"]), Err(RingError::PeerClosed));
+    }
+
+    #[test]
+    fn a_corrupt_stream_is_reported_as_corrupt_even_once_the_peer_closed() {
+        let ring = TestRing::new(8);
+        let (p, c) = ring.views();
+        // This side's own tail scribbled far ahead of the peer's head,
+        // then the peer (which noticed) closes: the writer learns that its
+        // stream is corrupt, not that the peer closed, whichever came first.
+        ring.ctl.producer.tail.store(1 << 40, Ordering::Relaxed);
+        c.close();
+        assert_eq!(p.write(&[b"a"]), Err(RingError::Corrupt));
+        assert_eq!(p.space(), Err(RingError::Corrupt));
     }
 
     #[test]
