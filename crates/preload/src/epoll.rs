@@ -177,6 +177,11 @@ struct Regs<M> {
     listed: HashSet<RawFd>,
     /// When every cold connection was last judged (see `EpollSet::sweep`).
     swept_ns: u64,
+    /// Which doorbell each parked one is (see `unregister_special`), by
+    /// the descriptor it was registered for: registering that descriptor
+    /// again for the same connection finds it in the kernel set already,
+    /// without asking the kernel.
+    parked: HashMap<RawFd, RawFd>,
 }
 
 impl<M: Member> Regs<M> {
@@ -211,11 +216,6 @@ pub struct EpollSet<M: Member> {
     /// `unregister_special`): while there are any, kernel events must be
     /// translated, so the pass-through fast path is off.
     parked: AtomicUsize,
-    /// Which doorbell each parked one is, by the descriptor it was
-    /// registered for: registering that descriptor again for the same
-    /// connection finds it in the kernel set already, without asking the
-    /// kernel (locked after `regs`).
-    parked_doorbells: Mutex<HashMap<RawFd, RawFd>>,
     /// Where the next scan of managed registrations starts.
     rotor: AtomicUsize,
     /// The process that created the set (see `forget`).
@@ -225,11 +225,6 @@ pub struct EpollSet<M: Member> {
     /// `listener::channels_changed()` when the set last brought its
     /// listeners' channel registrations up to date.
     listeners_seen: AtomicU64,
-}
-
-/// `mutex`'s guard, also after a panic elsewhere poisoned it.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// See `EpollSet::add_kernel_ready`.
@@ -259,11 +254,11 @@ impl<M: Member> EpollSet<M> {
                 hot: Vec::new(),
                 listed: HashSet::new(),
                 swept_ns: sys::now_ns(),
+                parked: HashMap::new(),
             }),
             special: AtomicUsize::new(0),
             kernel_checked: AtomicU64::new(0),
             parked: AtomicUsize::new(0),
-            parked_doorbells: Mutex::new(HashMap::new()),
             rotor: AtomicUsize::new(0),
             owner: sys::getpid(),
             spinner: Spinner::new(),
@@ -304,11 +299,12 @@ impl<M: Member> EpollSet<M> {
 
     /// `fd` became a vSocket (connect, listen): move its registration here.
     pub fn adopt(&self, fd: RawFd, entry: &Arc<M>) {
-        let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let regs = &mut *guard;
         if let Some(reg) = regs.map.get_mut(&fd) {
             if matches!(reg.kind, Kind::Kernel) {
                 let _ = sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0, 0);
-                if let Ok(kind) = self.register_special(fd, entry, reg.events) {
+                if let Ok(kind) = self.register_special(&mut regs.parked, fd, entry, reg.events) {
                     reg.kind = kind;
                     self.special.fetch_add(1, Ordering::Relaxed);
                 }
@@ -331,11 +327,11 @@ impl<M: Member> EpollSet<M> {
         }
         if let Some(mut reg) = removed {
             reg.warm(0, false);
-            self.unregister_special(fd, &reg);
+            self.unregister_special(&mut regs.parked, fd, &reg);
         }
         // A parked doorbell could not be found by its number once the
         // descriptor is gone: remove it now.
-        self.remove_parked_doorbell(fd);
+        self.remove_parked_doorbell(&mut regs.parked, fd);
     }
 }
 
@@ -367,15 +363,21 @@ fn channel_events(ev: u32) -> u32 {
 }
 
 impl<M: Member> EpollSet<M> {
-    fn register_special(&self, fd: RawFd, entry: &Arc<M>, events: u32) -> SysResult<Kind<M>> {
+    fn register_special(
+        &self,
+        parked: &mut HashMap<RawFd, RawFd>,
+        fd: RawFd,
+        entry: &Arc<M>,
+        events: u32,
+    ) -> SysResult<Kind<M>> {
         match entry.waitable() {
             Waitable::Conn(conn) => {
                 // The doorbell may still be registered from an earlier
                 // registration of this descriptor (see unregister_special):
                 // event loops delete and add a descriptor around every
                 // request, and the add then costs no system call.
-                let parked = if self.inherited() { None } else { lock(&self.parked_doorbells).remove(&fd) };
-                if parked == Some(conn.doorbell) {
+                let known = if self.inherited() { None } else { parked.remove(&fd) };
+                if known == Some(conn.doorbell) {
                     self.parked.fetch_sub(1, Ordering::Relaxed);
                 } else {
                     match sys::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, conn.doorbell, libc::EPOLLIN as u32, token(fd))
@@ -415,7 +417,7 @@ impl<M: Member> EpollSet<M> {
         }
     }
 
-    fn unregister_special(&self, fd: RawFd, reg: &Registration<M>) {
+    fn unregister_special(&self, parked: &mut HashMap<RawFd, RawFd>, fd: RawFd, reg: &Registration<M>) {
         match &reg.kind {
             Kind::Kernel => return,
             // The doorbell stays in the kernel set: programs (ae, libuv)
@@ -428,7 +430,7 @@ impl<M: Member> EpollSet<M> {
                     // A process that inherited the set does not know what its
                     // creator does with the kernel set: it always asks.
                     if !self.inherited() {
-                        lock(&self.parked_doorbells).insert(fd, conn.doorbell);
+                        parked.insert(fd, conn.doorbell);
                     }
                 }
             }
@@ -464,7 +466,8 @@ impl<M: Member> EpollSet<M> {
         {
             return Err(Errno(libc::EINVAL));
         }
-        let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let regs = &mut *guard;
         match op {
             libc::EPOLL_CTL_ADD => {
                 if regs.map.contains_key(&fd) {
@@ -476,7 +479,7 @@ impl<M: Member> EpollSet<M> {
                         Kind::Kernel
                     }
                     Some(entry) => {
-                        let kind = self.register_special(fd, entry, events)?;
+                        let kind = self.register_special(&mut regs.parked, fd, entry, events)?;
                         self.special.fetch_add(1, Ordering::Relaxed);
                         kind
                     }
@@ -532,7 +535,7 @@ impl<M: Member> EpollSet<M> {
                     if matches!(reg.kind, Kind::Kernel) {
                         sys::epoll_ctl(self.epfd, op, fd, 0, 0)?;
                     } else {
-                        self.unregister_special(fd, &reg);
+                        self.unregister_special(&mut regs.parked, fd, &reg);
                     }
                     Ok(())
                 }
@@ -740,20 +743,26 @@ impl<M: Member> EpollSet<M> {
         }
     }
 
-    /// Calls `f` on each registration a wait judges (see `collect`).
-    fn each_judged(&self, regs: &Regs<M>, mut f: impl FnMut(RawFd, &Registration<M>)) {
+    /// The registrations a wait judges (see `collect`): the hot list's,
+    /// or every judged one when most are hot.
+    fn judged<'a>(&self, regs: &'a Regs<M>) -> impl Iterator<Item = (RawFd, &'a Registration<M>)> + 'a {
         let inherited = self.inherited();
-        if Self::by_list(regs, inherited) {
-            for &fd in &regs.hot {
-                if let Some(reg) = regs.map.get(&fd).filter(|r| r.judged()) {
-                    f(fd, reg);
-                }
+        let by_list = Self::by_list(regs, inherited);
+        let listed = by_list.then(|| regs.hot.iter().filter_map(|fd| Some((*fd, regs.map.get(fd)?))));
+        let all = (!by_list).then(|| regs.map.iter().map(|(fd, reg)| (*fd, reg)));
+        let keep = move |(_, reg): &(RawFd, &Registration<M>)| {
+            if by_list {
+                reg.judged()
+            } else {
+                Self::judged_here(reg, inherited)
             }
-            return;
-        }
-        for (&fd, reg) in regs.map.iter().filter(|(_, r)| Self::judged_here(r, inherited)) {
-            f(fd, reg);
-        }
+        };
+        listed.into_iter().flatten().chain(all.into_iter().flatten()).filter(keep)
+    }
+
+    /// Calls `f` on each registration a wait judges.
+    fn each_judged(&self, regs: &Regs<M>, mut f: impl FnMut(RawFd, &Registration<M>)) {
+        self.judged(regs).for_each(|(fd, reg)| f(fd, reg));
     }
 
     fn arm(&self, regs: &Regs<M>) {
@@ -873,8 +882,7 @@ impl<M: Member> EpollSet<M> {
 
     fn any_ready(&self) -> bool {
         let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
-        let mut ready = false;
-        self.each_judged(&regs, |_, reg| ready = ready || Self::would_report(reg));
+        let ready = self.judged(&regs).any(|(_, reg)| Self::would_report(reg));
         ready
     }
 
@@ -898,7 +906,7 @@ impl<M: Member> EpollSet<M> {
                 continue;
             };
             let Some(reg) = regs.map.get_mut(&fd).filter(|r| !matches!(r.kind, Kind::Kernel)) else {
-                self.remove_parked_doorbell(fd);
+                self.remove_parked_doorbell(&mut regs.parked, fd);
                 continue;
             };
             match &mut reg.kind {
@@ -956,8 +964,7 @@ impl<M: Member> EpollSet<M> {
 
     /// A doorbell left registered after its descriptor was deleted from
     /// the set (or closed) fired: remove it from the kernel set now.
-    fn remove_parked_doorbell(&self, fd: RawFd) {
-        let mut parked = lock(&self.parked_doorbells);
+    fn remove_parked_doorbell(&self, parked: &mut HashMap<RawFd, RawFd>, fd: RawFd) {
         parked.remove(&fd);
         if let Some(entry) = M::lookup(fd) {
             if let Waitable::Conn(conn) = entry.waitable() {
