@@ -1,6 +1,7 @@
 //! Real etcd members (Debian's etcd-server) on loopback for tests: one, or
 //! a cluster, each member in a directory of its own, killed when dropped.
 
+use crate::in_netns;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -16,18 +17,6 @@ pub struct Etcd {
     netns: Option<String>,
     /// Each member's client URL, `http://IP:PORT`.
     pub urls: Vec<String>,
-}
-
-/// `program`, run in namespace `netns` if there is one.
-fn in_netns(netns: Option<&str>, program: &str) -> Command {
-    match netns {
-        Some(netns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", netns, program]);
-            c
-        }
-        None => Command::new(program),
-    }
 }
 
 fn free_port() -> u16 {
@@ -123,7 +112,7 @@ impl Etcd {
     }
 
     /// `program`, to run where the cluster is reachable (in its namespace).
-    pub fn command(&self, program: &str) -> Command {
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         in_netns(self.netns.as_deref(), program)
     }
 

@@ -559,14 +559,7 @@ impl Lab {
 
     /// The project's program `program`, to run in the daemon's namespace.
     fn where_the_daemon_runs(&self, program: &str) -> Command {
-        match &self.daemon_netns {
-            Some(netns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", netns]).arg(bin(program));
-                c
-            }
-            None => Command::new(bin(program)),
-        }
+        in_netns(self.daemon_netns.as_deref(), bin(program))
     }
 
     /// `vsocketctl --config <lab config>`, run where the daemon runs (its
@@ -651,6 +644,19 @@ impl Drop for Lab {
         if std::env::var_os("VSOCKET_KEEP_LAB").is_none() && !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// `program`, to run in network namespace `netns` (`ip netns exec`) if
+/// there is one, else here.
+pub fn in_netns(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        Some(netns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", netns]).arg(program);
+            c
+        }
+        None => Command::new(program),
     }
 }
 

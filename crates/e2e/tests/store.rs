@@ -137,7 +137,12 @@ security_groups = ["web"]
 
 /// `vsocketctl ARGS`: its exit code, stdout and stderr.
 fn vsocketctl(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(vsocket_e2e::bin("vsocketctl")).args(args).output().unwrap();
+    outcome(Command::new(vsocket_e2e::bin("vsocketctl")).args(args))
+}
+
+/// What `command` came to: its exit code, and its output and error, trimmed.
+fn outcome(command: &mut Command) -> (i32, String, String) {
+    let out = command.output().unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
     (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
 }
@@ -535,9 +540,7 @@ impl Drop for Management {
 
 /// vsocketctl run on the management network (where the store is).
 fn fleet_ctl(etcd: &Etcd, args: &[&str]) -> (i32, String, String) {
-    let out = etcd.command(&vsocket_e2e::bin("vsocketctl").to_string_lossy()).args(args).output().unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
-    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    outcome(etcd.command(vsocket_e2e::bin("vsocketctl")).args(args))
 }
 
 /// Host `tf-K` (K = `k`), fabric address 10.99.0.K, on `etcd`; returns
