@@ -14,7 +14,13 @@
 //!   `Listen` → `ListenOk` or `Refused`; afterwards the daemon pushes one
 //!   `Incoming` (with memfd and doorbell) per connection brokered to it.
 //!   Closing the channel unregisters the listener.
+//! - on a request channel, after exec: `Reattach` (with the end's lifeline,
+//!   which proves the process holds that end) → `Reattached` (with the
+//!   end's two segment halves) or `Refused`. A process keeps no segment
+//!   descriptor once it has mapped the halves; a new program image, which
+//!   has the connection's descriptors but not its mapping, asks for them.
 
+use crate::layout::Endpoint;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// Largest encoded message; receivers use a buffer of this size.
@@ -35,6 +41,10 @@ pub const FD_LIFELINE: usize = 2;
 /// Index of the peer's half of the segment: a read-only descriptor of the
 /// peer's memfd.
 pub const FD_PEER_SEGMENT: usize = 3;
+
+/// Descriptors that travel with `Reattached`: this end's half of the
+/// segment (read-write), then the peer's (read-only).
+pub const HALVES_FDS: usize = 2;
 
 /// One control message, in either direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +76,11 @@ pub enum Message {
     /// Daemon → a VM guest's library, on a listener stream: a new
     /// connection to accept, placed at `offset` of the VM's region.
     IncomingAt { info: ConnectionInfo, offset: u64 },
+    /// Library → daemon, with the write end of end `end`'s lifeline: send
+    /// this end's segment halves again (a new program image after exec).
+    Reattach { id: u64, end: Endpoint },
+    /// Daemon → library: the halves, as [`HALVES_FDS`] says.
+    Reattached,
 }
 
 /// What each end learns about a new connection.
@@ -120,6 +135,8 @@ mod kind {
     pub const INCOMING: u8 = 8;
     pub const CONNECTED_AT: u8 = 9;
     pub const INCOMING_AT: u8 = 10;
+    pub const REATTACH: u8 = 11;
+    pub const REATTACHED: u8 = 12;
 }
 
 const ADDR_LEN: usize = 6;
@@ -165,6 +182,12 @@ impl Message {
                 w.info(info);
                 w.bytes(&offset.to_le_bytes());
             }
+            Message::Reattach { id, end } => {
+                w.u8(kind::REATTACH);
+                w.bytes(&id.to_le_bytes());
+                w.u8(end.index() as u8);
+            }
+            Message::Reattached => w.u8(kind::REATTACHED),
         }
         let len = w.len;
         &w.buf[..len]
@@ -177,7 +200,8 @@ impl Message {
             kind::CONNECT => 2 * ADDR_LEN,
             kind::CONNECTED | kind::INCOMING => INFO_LEN,
             kind::CONNECTED_AT | kind::INCOMING_AT => INFO_LEN + 8,
-            kind::FALLBACK | kind::DROPPED | kind::LISTEN_OK => 0,
+            kind::FALLBACK | kind::DROPPED | kind::LISTEN_OK | kind::REATTACHED => 0,
+            kind::REATTACH => 9,
             kind::REFUSED => 4,
             kind::LISTEN => ADDR_LEN + 4,
             other => return Err(DecodeError::UnknownKind(other)),
@@ -195,6 +219,16 @@ impl Message {
             kind::FALLBACK => Message::Fallback,
             kind::DROPPED => Message::Dropped,
             kind::LISTEN_OK => Message::ListenOk,
+            kind::REATTACHED => Message::Reattached,
+            kind::REATTACH => {
+                let id = u64::from_le_bytes(r.take());
+                let end = match r.take::<1>()[0] {
+                    0 => Endpoint::Client,
+                    1 => Endpoint::Server,
+                    _ => return Err(DecodeError::BadField("end")),
+                };
+                Message::Reattach { id, end }
+            }
             kind::REFUSED => {
                 let errno = r.i32();
                 if errno <= 0 || errno > 4095 {
@@ -211,6 +245,8 @@ impl Message {
     pub fn fd_count(&self) -> usize {
         match self {
             Message::Connected(_) | Message::Incoming(_) => CONNECTION_FDS,
+            Message::Reattach { .. } => 1,
+            Message::Reattached => HALVES_FDS,
             _ => 0,
         }
     }
@@ -303,6 +339,8 @@ mod tests {
             Message::Incoming(info),
             Message::ConnectedAt { info, offset: 1 << 20 },
             Message::IncomingAt { info, offset: 0 },
+            Message::Reattach { id: 7, end: Endpoint::Server },
+            Message::Reattached,
         ]
     }
 

@@ -188,6 +188,11 @@ pub struct Connections {
 }
 
 impl Connections {
+    /// What `f` makes of connection `id`'s record, if it is in the table.
+    pub fn with<T>(&self, id: ConnectionId, f: impl FnOnce(&ConnectionRecord) -> T) -> Option<T> {
+        lock(&self.connections).get(&id).map(f)
+    }
+
     pub fn add(&self, record: ConnectionRecord) {
         let mut conns = lock(&self.connections);
         if let Carrier::Shared(pair) = record.carrier {

@@ -30,6 +30,8 @@
 //! - [`attach`]: how a guest's processes reach the daemon and prove who
 //!   they are (one control socket per guest, checked by network namespace);
 //! - [`live`]: policy changes while the daemon runs;
+//! - [`reattach`]: an end's memory sent again to a new program image that
+//!   proves it holds that end (after exec);
 //! - [`reports`], [`admin`], [`metrics`]: what the operator sees.
 #![forbid(unsafe_code)]
 
@@ -56,6 +58,7 @@ pub mod placed;
 pub mod policy;
 pub mod pool;
 pub mod quota;
+pub mod reattach;
 pub mod region;
 pub mod reports;
 pub mod store;

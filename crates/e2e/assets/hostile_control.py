@@ -5,6 +5,7 @@
     hostile_control.py flood SOCK IP PORT COUNT
     hostile_control.py deaf-listener SOCK IP PORT STOPFILE
     hostile_control.py connect-until-refused SOCK IP PORT LIMIT
+    hostile_control.py reattach SOCK ID...
 
 malformed: one channel per case; prints a JSON line per case with what the
 daemon did: "closed" (end of stream), "reply <hex>" then "closed", or
@@ -17,6 +18,10 @@ again, until STOPFILE exists.
 connect-until-refused: sends Connect requests one at a time, dropping the
 descriptors of each Connected, until a Refused (or LIMIT); prints the count
 of Connected and the seconds the last request took.
+reattach: asks for both ends' segment halves of each connection ID, each
+time with a pipe of its own as the lifeline that should prove it holds the
+end, and once without any descriptor; prints a JSON line per request with
+what the daemon did (as for malformed).
 """
 import array
 import json
@@ -26,7 +31,7 @@ import struct
 import sys
 import time
 
-CONNECT, CONNECTED, LISTEN, LISTEN_OK, REFUSED = 1, 2, 6, 7, 4
+CONNECT, CONNECTED, LISTEN, LISTEN_OK, REFUSED, REATTACH = 1, 2, 6, 7, 4, 11
 
 
 def addr(ip, port):
@@ -147,6 +152,25 @@ def connect_until_refused(path, ip, port, limit):
     print(json.dumps({"connected": connected, "last": last, "seconds": round(took, 2)}), flush=True)
 
 
+def reattach(path, ids):
+    s = channel(path)
+    s.settimeout(1)
+    _, forged = os.pipe()
+    for conn in ids:
+        for end in (0, 1):
+            msg = bytes([REATTACH]) + struct.pack("<QB", conn, end)
+            socket.send_fds(s, [msg], [forged])
+            reply, fds, _, _ = socket.recv_fds(s, 64, 8)
+            print(json.dumps({"id": conn, "end": end, "reply": reply.hex(), "fds": len(fds)}), flush=True)
+            for fd in fds:
+                os.close(fd)
+    s.close()
+    s = channel(path)
+    s.send(bytes([REATTACH]) + struct.pack("<QB", ids[0], 0))
+    print(json.dumps({"case": "reattach_without_lifeline", "result": outcome(s)}), flush=True)
+    s.close()
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "malformed":
@@ -157,5 +181,7 @@ if __name__ == "__main__":
         deaf_listener(args[0], args[1], int(args[2]), args[3])
     elif cmd == "connect-until-refused":
         connect_until_refused(args[0], args[1], int(args[2]), int(args[3]))
+    elif cmd == "reattach":
+        reattach(args[0], [int(a) for a in args[1:]])
     else:
         sys.exit(__doc__)

@@ -360,6 +360,27 @@ fn hostile_control_messages_close_only_their_channel() {
     // Fallback to a good request, then closed for the garbage.
     assert_eq!(control_case(&out, "garbage_after_a_good_request"), ["reply 03", "closed"]);
 
+    // Asking for the memory of connections (another guest's, this guest's
+    // own, one that does not exist) with a pipe of its own in place of the
+    // end's lifeline gets nothing; without a descriptor, the channel closes.
+    let conns = lab.ctl("connections").unwrap();
+    let mut ids: Vec<String> = conns.as_array().unwrap().iter().map(|c| c["id"].to_string()).collect();
+    assert_eq!(ids.len(), 2, "{conns}");
+    ids.push("999999".into());
+    let mut args = vec![hostile, "reattach", &sock_a];
+    args.extend(ids.iter().map(String::as_str));
+    let out = lab.run_ok("a", Via::Kernel, "python3", &args).unwrap();
+    let replies: Vec<Value> =
+        out.lines().filter_map(|l| serde_json::from_str(l).ok()).filter(|v: &Value| v["id"].is_u64()).collect();
+    assert_eq!(replies.len(), 6, "{out}");
+    for reply in &replies {
+        assert_eq!(reply["fds"], 0, "{reply}");
+        // Refused{EPERM}, or Refused{ENOENT} for the connection that is not.
+        let expected = if reply["id"] == 999999 { "0402000000" } else { "0401000000" };
+        assert_eq!(reply["reply"], expected, "{reply}");
+    }
+    assert_eq!(control_case(&out, "reattach_without_lifeline"), ["closed"]);
+
     // A flood of connects whose replies are never read.
     let out =
         lab.run_ok("a", Via::Kernel, "python3", &[hostile, "flood", &sock_a, "10.10.0.3", "7000", "2000"]).unwrap();

@@ -6,11 +6,13 @@
 //! exec keeps descriptors and drops memory: the program's socket survives,
 //! the mapping and the side table do not. Just before the exec
 //! ([`prepare`], called by the exec hooks) the library makes each such
-//! connection's own descriptors (doorbell, lifeline, the segment's two
-//! halves) inheritable, and describes the connection in one environment
-//! entry, `VSOCKET_INHERIT`, added to the new image's environment. The new
-//! image's library ([`adopt`], run by its constructor before the program's
-//! `main`) removes the entry from its environment, maps the segment again,
+//! connection's own descriptors (doorbell, lifeline) inheritable, and
+//! describes the connection in one environment entry, `VSOCKET_INHERIT`,
+//! added to the new image's environment. The new image's library
+//! ([`adopt`], run by its constructor before the program's `main`) removes
+//! the entry from its environment, has the daemon send the segment's
+//! halves again (the process keeps no descriptor of them once mapped; the
+//! lifeline proves it holds the end, see `attach::reattach`), maps them,
 //! puts the connection back in the side table under every descriptor that
 //! crossed, and makes its own descriptors close-on-exec again. If the exec
 //! fails, [`Carry::undo`] puts everything back as it was.
@@ -29,7 +31,7 @@
 //! system calls, and writes into buffers of fixed size.
 
 use crate::addr::Family;
-use crate::attach::Delivery;
+use crate::attach::{self, Delivery, Remap};
 use crate::conn::{Connection, Internal, Resumed};
 use crate::fork;
 use crate::sys;
@@ -45,7 +47,7 @@ use vsocket_abi::layout::Endpoint;
 /// exec.
 pub const VAR: &str = "VSOCKET_INHERIT";
 /// Its version: the first field of its value.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 /// At most this many connections cross one exec (the rest end there, as
 /// without the library)...
 const MAX_CONNECTIONS: usize = 64;
@@ -225,7 +227,7 @@ pub fn prepare() -> Option<Carry> {
     for c in &mut crossing[..found] {
         let Some(Entry::Conn(conn)) = c.entry.as_deref() else { continue };
         let (resumed, internal) = conn.for_exec();
-        if internal.halves[0] < 0 {
+        if internal.remap == Remap::Never {
             // A VM guest's connection is a piece of the region, with no
             // descriptor to carry it: it ends at the exec.
             continue;
@@ -270,9 +272,12 @@ fn resume(record: Record) {
     for fd in internal.open_fds() {
         let _ = sys::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC as libc::c_long);
     }
+    // Without the daemon's halves the connection cannot be mapped: the
+    // resume below fails and the program's socket is left unconnected.
+    let [own, peer] = attach::reattach(resumed.info.id, resumed.endpoint, internal.lifeline).unwrap_or([-1, -1]);
     let delivery = Delivery {
-        segment: internal.halves[0],
-        peer_segment: internal.halves[1],
+        segment: own,
+        peer_segment: peer,
         doorbell: internal.doorbell,
         lifeline: internal.lifeline,
         placed: None,
@@ -330,14 +335,8 @@ fn write_record(w: &mut impl Write, fds: &[RawFd], internal: &Internal, r: &Resu
     let ConnectionInfo { id, local, peer, ring_size } = r.info;
     write!(
         w,
-        ",{},{},{},{},{end},{id},{local},{peer},{ring_size},{family},{},{},{}",
-        internal.doorbell,
-        internal.lifeline,
-        internal.halves[0],
-        internal.halves[1],
-        r.flags,
-        r.recv_timeout_ms,
-        r.send_timeout_ms
+        ",{},{},{end},{id},{local},{peer},{ring_size},{family},{},{},{}",
+        internal.doorbell, internal.lifeline, r.flags, r.recv_timeout_ms, r.send_timeout_ms
     )
 }
 
@@ -369,7 +368,6 @@ fn parse_record(text: &str) -> Result<Record, ParseError> {
         "-1" => -1,
         other => descriptor("lifeline", other)?,
     };
-    let halves = [descriptor("own half", next("own half")?)?, descriptor("peer half", next("peer half")?)?];
     let endpoint = match next("end")? {
         "c" => Endpoint::Client,
         "s" => Endpoint::Server,
@@ -395,7 +393,7 @@ fn parse_record(text: &str) -> Result<Record, ParseError> {
     }
     Ok(Record {
         fds,
-        internal: Internal { doorbell, lifeline, halves },
+        internal: Internal { doorbell, lifeline, remap: Remap::FromDaemon },
         resumed: Resumed {
             info: ConnectionInfo { id, local, peer, ring_size },
             endpoint,
@@ -458,7 +456,7 @@ mod tests {
     }
 
     fn internal() -> Internal {
-        Internal { doorbell: 1030, lifeline: 1031, halves: [1032, 1033] }
+        Internal { doorbell: 1030, lifeline: 1031, remap: Remap::FromDaemon }
     }
 
     fn entry(records: &[(&[RawFd], Internal, Resumed)], pid: i32) -> String {
@@ -494,9 +492,9 @@ mod tests {
     fn another_process_s_entry_is_ignored() {
         let text = entry(&[(&[3], internal(), resumed())], 77);
         assert_eq!(parse(value(&text), 78), Err(ParseError::OtherProcess));
-        assert_eq!(parse("2;77", 77), Err(ParseError::Format));
+        assert_eq!(parse("1;77", 77), Err(ParseError::Format));
         assert_eq!(parse("", 77), Err(ParseError::Format));
-        assert_eq!(parse("1;x", 77), Err(ParseError::Field("pid")));
+        assert_eq!(parse("2;x", 77), Err(ParseError::Field("pid")));
     }
 
     #[test]

@@ -207,7 +207,7 @@ fn forget(fd: RawFd) {
 }
 
 /// Calls `f` with each of the library's own descriptors that the table's
-/// entries hold (connections' doorbells, lifelines and segment halves;
+/// entries hold (connections' doorbells and lifelines;
 /// listeners' channels). Takes no lock and allocates nothing.
 pub fn internal_fds(mut f: impl FnMut(RawFd)) {
     managed_in(0, RawFd::MAX, |_, entry| match entry {

@@ -29,12 +29,12 @@ use crate::channel::Channel;
 use crate::connect::{self, LISTENER_SEND_TIMEOUT};
 use crate::daemon::Daemon;
 use crate::guest::{GuestSlot, Handle};
-use crate::ids::ChannelId;
+use crate::ids::{ChannelId, ConnectionId};
 use crate::quota::Quota;
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,7 +55,12 @@ pub trait Attachment: Send + 'static {
 /// One attached process's channel.
 pub trait ProcessChannel: Channel + Sized + 'static {
     /// The next request; `None` at end of stream.
-    fn next_message(&self) -> Result<Option<Message>, RecvError>;
+    fn next_message(&self) -> Result<Option<Request>, RecvError>;
+    /// Sends `Reattached` with an end's two segment halves (see
+    /// [`crate::reattach`]); a channel that carries no descriptors cannot.
+    fn send_halves(&self, _halves: [BorrowedFd<'_>; 2]) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this channel carries no descriptors"))
+    }
     /// A handle whose shutdown ends the channel (see [`GuestSlot::remove`]).
     fn handle(&self) -> io::Result<OwnedFd>;
     /// Bounds how long a send may wait for the process to make room.
@@ -66,6 +71,14 @@ pub trait ProcessChannel: Channel + Sized + 'static {
     fn memory(&self) -> ConnectionMemory {
         ConnectionMemory::Descriptors
     }
+}
+
+/// A request, with the descriptor that came with it (a `Reattach`'s
+/// lifeline, the only request that takes one).
+#[derive(Debug)]
+pub struct Request {
+    pub message: Message,
+    pub proof: Option<OwnedFd>,
 }
 
 /// How a connection's memory reaches a process.
@@ -84,7 +97,7 @@ pub enum ConnectionMemory {
 pub enum RecvError {
     /// The channel failed: {0}
     Io(io::Error),
-    /// Descriptors came with a request (processes send none).
+    /// Descriptors came with a request that takes none (or too many).
     Descriptors,
     /// A stream's frame is not a message.
     Framing(vsocket_abi::stream::FrameError),
@@ -236,7 +249,7 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
         // programs).
         let message = match channel.next_message() {
             Ok(None) => return,
-            Ok(Some(message)) => message,
+            Ok(Some(request)) => request,
             Err(RecvError::Io(e)) => {
                 tracing::debug!(guest = %name, error = %e, "channel closed");
                 return;
@@ -246,7 +259,22 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
                 return;
             }
         };
+        let Request { message, proof } = message;
         match message {
+            Message::Reattach { id, end } => {
+                let _serving = daemon.serving();
+                let sent = match crate::reattach::halves(daemon, guest, ConnectionId(id), end, proof) {
+                    Ok(files) => channel.send_halves(files.each_ref().map(|f| f.as_fd())),
+                    Err(refusal) => {
+                        tracing::info!(guest = %name, connection = id, "halves not sent again: {refusal}");
+                        channel.send(&Message::Refused { errno: refusal.errno() }, None)
+                    }
+                };
+                if let Err(e) = sent {
+                    tracing::warn!(guest = %name, error = %e, "reply not taken; closing the channel");
+                    return;
+                }
+            }
             Message::Connect { local, remote } => {
                 let _serving = daemon.serving();
                 let memory = channel.memory();

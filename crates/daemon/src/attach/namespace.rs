@@ -7,11 +7,11 @@
 //! namespace of /proc/PID/ns/net). A connection's memory and wake-ups
 //! travel as descriptors (SCM_RIGHTS) with the control messages.
 
-use super::{Attachment, ProcessChannel, RecvError, Refused};
+use super::{Attachment, ProcessChannel, RecvError, Refused, Request};
 use crate::channel::{Channel, Handover};
 use crate::guest::GuestSlot;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 use vsocket_abi::control::{Message, MAX_MESSAGE};
@@ -84,16 +84,22 @@ impl Channel for SeqpacketChannel {
 }
 
 impl ProcessChannel for SeqpacketChannel {
-    fn next_message(&self) -> Result<Option<Message>, RecvError> {
+    fn next_message(&self) -> Result<Option<Request>, RecvError> {
         let mut buf = [0u8; MAX_MESSAGE];
-        let (n, fds) = vsocket_sys::recv_with_fds(self.0.as_fd(), &mut buf).map_err(RecvError::Io)?;
-        if !fds.is_empty() {
-            return Err(RecvError::Descriptors);
-        }
+        let (n, mut fds) = vsocket_sys::recv_with_fds(self.0.as_fd(), &mut buf).map_err(RecvError::Io)?;
         if n == 0 {
             return Ok(None);
         }
-        Message::decode(&buf[..n]).map(Some).map_err(RecvError::Malformed)
+        let message = Message::decode(&buf[..n]).map_err(RecvError::Malformed)?;
+        if fds.len() != message.fd_count() || fds.len() > 1 {
+            return Err(RecvError::Descriptors);
+        }
+        Ok(Some(Request { message, proof: fds.pop() }))
+    }
+
+    fn send_halves(&self, halves: [BorrowedFd<'_>; 2]) -> io::Result<()> {
+        let mut buf = [0u8; MAX_MESSAGE];
+        vsocket_sys::send_with_fds(self.0.as_fd(), Message::Reattached.encode(&mut buf), &halves)
     }
 
     fn handle(&self) -> io::Result<OwnedFd> {

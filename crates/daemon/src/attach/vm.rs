@@ -22,7 +22,7 @@
 //! most [`BELL_ID_TIMEOUT`]: a VM that opens streams and says nothing
 //! delays only its own connections.
 
-use super::{Attachment, ConnectionMemory, ProcessChannel, RecvError, Refused};
+use super::{Attachment, ConnectionMemory, ProcessChannel, RecvError, Refused, Request};
 use crate::bridge::Bridge;
 use crate::channel::{Channel, Handover};
 use crate::guest::GuestSlot;
@@ -183,7 +183,7 @@ impl Channel for VmChannel {
 }
 
 impl ProcessChannel for VmChannel {
-    fn next_message(&self) -> Result<Option<Message>, RecvError> {
+    fn next_message(&self) -> Result<Option<Request>, RecvError> {
         let mut reading = lock(&self.reading);
         let Reading { deframer, pending } = &mut *reading;
         loop {
@@ -191,7 +191,7 @@ impl ProcessChannel for VmChannel {
                 let took = deframer.extend(pending);
                 pending.drain(..took);
                 if let Some(message) = deframer.next_message().map_err(RecvError::Framing)? {
-                    return Ok(Some(message));
+                    return Ok(Some(Request { message, proof: None }));
                 }
             }
             let mut chunk = [0u8; 256];

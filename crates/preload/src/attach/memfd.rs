@@ -1,9 +1,12 @@
 //! Connection memory as sealed memfds: the daemon sends each end the
 //! segment's two halves (its own read-write, the peer's read-only), mapped
 //! here; the mapping is kept for reuse when the connection goes (see
-//! `segcache`). The halves' descriptors stay open beside the mapping (out
-//! of the program's range, close-on-exec): they are what lets a
-//! connection cross exec, where the mapping does not (see `exec`).
+//! `segcache`). The halves' descriptors are closed once mapped: a
+//! connection costs the process three descriptors (the program's socket,
+//! the doorbell, the lifeline), so ten thousand connections fit in a
+//! process's limit. A new program image after exec, which inherits the
+//! connection's descriptors but not its mapping, asks the daemon for the
+//! halves again (`attach::reattach`, see `exec`).
 //!
 //! In a VM guest the memory is instead a piece of the VM's region, placed
 //! by the daemon at the offset its message gives ([`Delivery::placed`]),
@@ -57,8 +60,6 @@ pub struct MemfdSegment {
     segment: Option<Segment>,
     /// The segment's files: this end's half and the peer's.
     files: segcache::Files,
-    /// The halves' descriptors (this end's, the peer's), library-internal.
-    halves: [RawFd; 2],
     /// The process that mapped it: a forked child, which inherits the
     /// mapping of a connection its parent goes on using, must not keep it
     /// (the parent's later connections may get the segment). 0 for a piece
@@ -67,11 +68,24 @@ pub struct MemfdSegment {
 }
 
 impl MemfdSegment {
-    /// The descriptors of this end's half and the peer's, which a new
-    /// program image maps again after exec.
-    pub fn halves(&self) -> [RawFd; 2] {
-        self.halves
+    /// Can a new program image map this memory again after exec?
+    pub fn remap(&self) -> Remap {
+        if self.owner == 0 {
+            Remap::Never
+        } else {
+            Remap::FromDaemon
+        }
     }
+}
+
+/// Whether a new program image can map a connection's memory again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Remap {
+    /// The daemon sends its halves again (see `attach::reattach`).
+    FromDaemon,
+    /// A piece of a VM's region, which no descriptor carries: the
+    /// connection ends at the exec.
+    Never,
 }
 
 impl std::ops::Deref for MemfdSegment {
@@ -83,10 +97,6 @@ impl std::ops::Deref for MemfdSegment {
 
 impl Drop for MemfdSegment {
     fn drop(&mut self) {
-        // A piece of a VM's region has no descriptors (-1).
-        for fd in self.halves.into_iter().filter(|&fd| fd >= 0) {
-            let _ = sys::close(fd);
-        }
         if let Some(segment) = self.segment.take() {
             if sys::getpid() == self.owner {
                 segcache::put(self.files, segment);
@@ -100,21 +110,17 @@ impl ConnectionMemory for MemfdSegment {
         if let Some(offset) = delivery.placed {
             let segment = super::region::map(offset, info, end)?;
             let nothing = vsocket_ring::FileIdentity { dev: 0, ino: 0 };
-            return Ok(MemfdSegment { segment: Some(segment), files: (nothing, nothing), halves: [-1, -1], owner: 0 });
+            return Ok(MemfdSegment { segment: Some(segment), files: (nothing, nothing), owner: 0 });
         }
         let own_fd = std::mem::replace(&mut delivery.segment, -1);
         let peer_fd = std::mem::replace(&mut delivery.peer_segment, -1);
         let mapped =
             sys::with_borrowed(own_fd, |own| sys::with_borrowed(peer_fd, |peer| map_halves(own, peer, info, end)));
+        let _ = sys::close(own_fd);
+        let _ = sys::close(peer_fd);
         match mapped {
-            Ok((segment, files)) => {
-                Ok(MemfdSegment { segment: Some(segment), files, halves: [own_fd, peer_fd], owner: sys::getpid() })
-            }
-            Err(_) => {
-                let _ = sys::close(own_fd);
-                let _ = sys::close(peer_fd);
-                Err(sys::Errno(libc::EPROTO))
-            }
+            Ok((segment, files)) => Ok(MemfdSegment { segment: Some(segment), files, owner: sys::getpid() }),
+            Err(_) => Err(sys::Errno(libc::EPROTO)),
         }
     }
 }

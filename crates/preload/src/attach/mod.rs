@@ -31,7 +31,7 @@ use vsocket_abi::control::{ConnectionInfo, Message};
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::Segment;
 
-pub use memfd::{Delivery, MemfdSegment};
+pub use memfd::{Delivery, MemfdSegment, Remap};
 pub use seqpacket::{control, enabled, Control, ControlSocket, Reply};
 
 /// The control channel of this attachment.
@@ -56,6 +56,9 @@ pub trait ControlChannel: Sized {
     fn open() -> SysResult<Self>;
     /// Sends `msg` and waits for the one reply.
     fn exchange(&self, msg: &Message) -> SysResult<Reply>;
+    /// Sends `msg` with the descriptor `proof` (a `Reattach`'s lifeline)
+    /// and waits for the one reply.
+    fn exchange_proving(&self, msg: &Message, proof: RawFd) -> SysResult<Reply>;
     /// Receives one message (an `Incoming`, on a listener channel).
     fn receive(&self, receive: Receive) -> SysResult<Reply>;
     /// A descriptor that polls readable when a message (or the end of the
@@ -97,6 +100,26 @@ static REQUESTS: Mutex<Option<RequestChannel>> = Mutex::new(None);
 /// to the kernel path. A new channel that breaks is an answer (the daemon
 /// refused the attachment): the request is not sent again.
 pub fn request(msg: &Message) -> SysResult<Reply> {
+    request_proving(msg, None)
+}
+
+/// End `end` of connection `id`'s segment halves (this end's, the peer's),
+/// sent again by the daemon to a process that shows it holds the end by
+/// sending the end's `lifeline` (a new program image after exec, see
+/// `exec`).
+pub fn reattach(id: u64, end: Endpoint, lifeline: RawFd) -> SysResult<[RawFd; 2]> {
+    if lifeline < 0 {
+        return Err(Errno(libc::EBADF));
+    }
+    let mut reply = request_proving(&Message::Reattach { id, end }, Some(lifeline))?;
+    match reply.message {
+        Message::Reattached => Ok(reply.take_halves()),
+        Message::Refused { errno } => Err(Errno(errno)),
+        _ => Err(Errno(libc::EPROTO)),
+    }
+}
+
+fn request_proving(msg: &Message, proof: Option<RawFd>) -> SysResult<Reply> {
     let mut guard = REQUESTS.lock().unwrap_or_else(|e| e.into_inner());
     let pid = crate::sys::getpid();
     if guard.as_ref().is_some_and(|c| c.pid != pid) {
@@ -112,7 +135,10 @@ pub fn request(msg: &Message) -> SysResult<Reply> {
         let Some(requests) = guard.as_ref() else {
             return Err(Errno(libc::EBADF));
         };
-        let result = requests.channel.exchange(msg);
+        let result = match proof {
+            Some(fd) => requests.channel.exchange_proving(msg, fd),
+            None => requests.channel.exchange(msg),
+        };
         match result {
             Ok(reply) => return Ok(reply),
             Err(e) => {

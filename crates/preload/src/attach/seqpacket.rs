@@ -104,6 +104,11 @@ impl Reply {
         std::mem::replace(&mut self.fds[i], -1)
     }
 
+    /// Takes what came with a `Reattached`: this end's half, the peer's.
+    pub fn take_halves(&mut self) -> [RawFd; 2] {
+        [self.take_fd(0), self.take_fd(1)]
+    }
+
     /// Takes what came with a `Connected` or `Incoming`.
     pub fn take_delivery(&mut self) -> Delivery {
         Delivery {
@@ -168,6 +173,18 @@ impl ControlChannel for ControlSocket {
         // caller would instead have the daemon woken on the other core
         // (often idle, and leaving the idle state costs more than the whole
         // request).
+        self.receive(Receive::Wait)
+    }
+
+    fn exchange_proving(&self, msg: &Message, proof: RawFd) -> SysResult<Reply> {
+        if self.framed {
+            // A VM's stream carries no descriptors (nor has any to ask for).
+            return Err(Errno(libc::EOPNOTSUPP));
+        }
+        let mut buf = [0u8; MAX_MESSAGE];
+        let bytes = msg.encode(&mut buf);
+        vsocket_sys::raw::send_with_fds(self.fd, bytes, &[proof])
+            .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
         self.receive(Receive::Wait)
     }
 

@@ -10,7 +10,7 @@
 mod blocking;
 mod state;
 
-use crate::attach::{ConnectionMemory, Delivery, Memory, Wakeups};
+use crate::attach::{ConnectionMemory, Delivery, Memory, Remap, Wakeups};
 use crate::readiness::{Interest, Readiness};
 use crate::scratch;
 use crate::sys::{self, Errno, SysResult};
@@ -126,14 +126,14 @@ pub struct Internal {
     pub doorbell: RawFd,
     /// -1 where no daemon watches (unit tests).
     pub lifeline: RawFd,
-    /// This end's half of the segment and the peer's.
-    pub halves: [RawFd; 2],
+    /// Whether a new image can have the memory again (with the lifeline).
+    pub remap: Remap,
 }
 
 impl Internal {
     /// The descriptors that are open (the lifeline may not be).
     pub fn open_fds(&self) -> impl Iterator<Item = RawFd> {
-        [self.doorbell, self.lifeline, self.halves[0], self.halves[1]].into_iter().filter(|&fd| fd >= 0)
+        [self.doorbell, self.lifeline].into_iter().filter(|&fd| fd >= 0)
     }
 }
 
@@ -196,7 +196,7 @@ impl Connection {
 
     /// This end's library-internal descriptors.
     pub fn internal(&self) -> Internal {
-        Internal { doorbell: self.doorbell, lifeline: self.lifeline, halves: self.segment.halves() }
+        Internal { doorbell: self.doorbell, lifeline: self.lifeline, remap: self.segment.remap() }
     }
 
     /// Counts one more process holding this end (one that will hold it
@@ -845,11 +845,17 @@ pub mod testing {
     use super::*;
     use std::os::fd::IntoRawFd;
     use std::sync::Arc;
-    use vsocket_ring::Segment;
+    use vsocket_ring::{Segment, SegmentFiles};
 
     /// A connection's two ends over a segment of rings of `ring_size`
     /// bytes, blocking, with no daemon watching.
     pub fn pair(ring_size: u32) -> (Arc<Connection>, Arc<Connection>) {
+        let (client, server, _files) = pair_with_files(ring_size);
+        (client, server)
+    }
+
+    /// [`pair`], and the segment's files (what the daemon keeps).
+    pub fn pair_with_files(ring_size: u32) -> (Arc<Connection>, Arc<Connection>, SegmentFiles) {
         let (daemon_view, files) = Segment::create(ring_size).unwrap();
         drop(daemon_view);
         let [client_own, client_peer] = files.clone_for(Endpoint::Client).unwrap();
@@ -877,14 +883,14 @@ pub mod testing {
             placed: None,
         };
         let server = Connection::new(info, Endpoint::Server, crate::addr::Family::V4, fds, Blocking::Blocking).unwrap();
-        (Arc::new(client), Arc::new(server))
+        (Arc::new(client), Arc::new(server), files)
     }
 }
 
 #[cfg(test)]
 mod tests {
     //! The connection state machine, both ends in one process.
-    use super::testing::pair;
+    use super::testing::{pair, pair_with_files};
     use super::*;
 
     #[test]
@@ -1186,22 +1192,27 @@ mod tests {
 
     #[test]
     fn a_connection_taken_up_after_exec_goes_on_where_it_was() {
-        let (c, s) = pair(4096);
+        use std::os::fd::IntoRawFd;
+        let (c, s, files) = pair_with_files(4096);
         c.send(&[b"before"], 0).unwrap();
         s.set_timeout(Direction::Receive, 1500);
         s.state.shut_read();
         let holders = s.segment.holders(Endpoint::Server.index()).load(Ordering::Relaxed);
         let (resumed, internal) = s.for_exec();
         assert_eq!(resumed.recv_timeout_ms, 1500);
-        // What the new image receives: the same descriptors, duplicated as
-        // exec would keep them.
+        assert_eq!(internal.remap, Remap::FromDaemon);
+        // What the new image has: the same descriptors, duplicated as exec
+        // would keep them, and the halves the daemon sends it again.
         let dup = |fd: RawFd| sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0).unwrap() as RawFd;
-        let delivery = || Delivery {
-            segment: dup(internal.halves[0]),
-            peer_segment: dup(internal.halves[1]),
-            doorbell: dup(internal.doorbell),
-            lifeline: -1,
-            placed: None,
+        let delivery = || {
+            let [own, peer] = files.clone_for(Endpoint::Server).unwrap();
+            Delivery {
+                segment: own.into_raw_fd(),
+                peer_segment: peer.into_raw_fd(),
+                doorbell: dup(internal.doorbell),
+                lifeline: -1,
+                placed: None,
+            }
         };
         let again = Connection::resume(resumed, delivery()).unwrap();
         assert_eq!(again.segment.holders(Endpoint::Server.index()).load(Ordering::Relaxed), holders);

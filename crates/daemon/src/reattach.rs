@@ -1,0 +1,102 @@
+//! An end's segment halves, sent again to a process that proves it holds
+//! that end.
+//!
+//! A process keeps no descriptor of a connection's memory once it has
+//! mapped it (the library closes both halves: a connection costs the
+//! program's process its socket, its doorbell and its lifeline, no more).
+//! exec keeps descriptors and drops mappings, so a new program image that
+//! inherits a connection has the doorbell and lifeline but not the memory:
+//! it sends `Reattach{id, end}` with the write end of that end's lifeline,
+//! and gets the halves back.
+//!
+//! The lifeline is the proof. The daemon made it for this end of this
+//! connection and gave its write end only to the process at that end; a
+//! process holds it only if it (or an ancestor that passed it on) was
+//! given it, and it is the same pipe as the read end the record keeps
+//! (same file). Its halves let a process do no more than it could with
+//! the mapping it had. A guest that asks for another connection's halves,
+//! or for the other end's, or without a lifeline, or with another pipe,
+//! is refused and gets nothing.
+
+use crate::daemon::Daemon;
+use crate::guest::GuestSlot;
+use crate::ids::ConnectionId;
+use std::fmt;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use vsocket_abi::layout::Endpoint;
+use vsocket_ring::Segment;
+
+/// Why the halves are not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// no such connection
+    Unknown,
+    /// the request came without the end's lifeline, or with another file
+    NoProof,
+    /// the end belongs to another guest
+    OtherGuest,
+    /// the connection's memory is a piece of a VM's region, which has no descriptors
+    Placed,
+    /// the halves cannot be duplicated: {0}
+    Io(i32),
+}
+
+impl Refusal {
+    /// What the library's request fails with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Refusal::Unknown => libc::ENOENT,
+            Refusal::NoProof | Refusal::OtherGuest => libc::EPERM,
+            Refusal::Placed => libc::EOPNOTSUPP,
+            Refusal::Io(errno) => *errno,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Unknown => f.write_str("no such connection"),
+            Refusal::NoProof => f.write_str("the request came without the end's lifeline, or with another file"),
+            Refusal::OtherGuest => f.write_str("the end belongs to another guest"),
+            Refusal::Placed => f.write_str("the connection's memory is a piece of a VM's region"),
+            Refusal::Io(errno) => write!(f, "the halves cannot be duplicated: errno {errno}"),
+        }
+    }
+}
+
+/// End `end` of connection `id`'s halves (its own, then its peer's), for a
+/// process of `guest` that sent `proof` with its request.
+pub fn halves(
+    daemon: &Daemon,
+    guest: &Arc<GuestSlot>,
+    id: ConnectionId,
+    end: Endpoint,
+    proof: Option<OwnedFd>,
+) -> Result<[OwnedFd; 2], Refusal> {
+    let proof = proof.ok_or(Refusal::NoProof)?;
+    let shown = Segment::identity(proof.as_fd()).map_err(|_| Refusal::NoProof)?;
+    daemon
+        .connections
+        .with(id, |record| {
+            let owner = match end {
+                Endpoint::Client => &record.client,
+                Endpoint::Server => &record.server,
+            };
+            if !Arc::ptr_eq(owner, guest) {
+                return Err(Refusal::OtherGuest);
+            }
+            let held = Segment::identity(record.lifelines[end.index()].as_fd()).map_err(|_| Refusal::NoProof)?;
+            if held != shown {
+                return Err(Refusal::NoProof);
+            }
+            match &record.memory {
+                crate::connections::Memory::Files { files, .. } => {
+                    files.clone_for(end).map_err(|e| Refusal::Io(e.raw_os_error().unwrap_or(libc::EIO)))
+                }
+                crate::connections::Memory::Placed(_) => Err(Refusal::Placed),
+            }
+        })
+        .unwrap_or(Err(Refusal::Unknown))
+}
