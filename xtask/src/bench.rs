@@ -67,6 +67,8 @@ const TARGETS: &[(&str, &str, Better, f64)] = &[
     ("iperf3 single stream", "bandwidth", Better::Higher, 2.6),
     ("sockperf throughput 64 KiB", "bandwidth", Better::Higher, 2.6),
     ("connection setup", "rate", Better::Higher, 1.0),
+    // At most twice the kernel's for a connection that says nothing.
+    ("memory per idle connection", "host memory", Better::Lower, 2.0),
     // Between hosts over UCX's or the kernel's TCP: overhead, not speed-up.
     ("cross-host tcp: sockperf ping-pong 64 B", "latency p50", Better::Lower, 1.5),
     ("cross-host tcp: iperf3 single stream", "bandwidth", Better::Higher, 0.8),
@@ -387,6 +389,28 @@ pub fn run(args: &[String]) -> Result {
         lab.stop_background();
     }
 
+    // Host memory per connection, idle and busy: each path's own account
+    // (the kernel's socket buffers; vSocket's shared memory touched and
+    // the daemon's own memory), over MEMORY_CONNECTIONS connections.
+    if wanted("memory") {
+        let holder = vsocket_e2e::asset("memhold.py").to_string_lossy().into_owned();
+        for (mode, bytes, base) in [("idle", 64, 7400u16), ("busy", 32 * 1024, 7410)] {
+            Bench::servers(
+                &mut lab,
+                "python3",
+                |p| vec![holder.clone(), "server".into(), "10.10.0.3".into(), p.to_string(), mode.into()],
+                base,
+            )?;
+            let saved = b.repeats;
+            b.repeats = 1;
+            b.interleaved(&lab, &format!("memory per {mode} connection"), |lab, via| {
+                memory_per_connection(lab, via, &holder, Bench::port(via, base), mode, bytes)
+            })?;
+            b.repeats = saved;
+            lab.stop_background();
+        }
+    }
+
     // Idle cost is a property of one run, not noisy: once per path.
     if wanted("idle") {
         let idle_s = idle.to_string_lossy().into_owned();
@@ -444,6 +468,77 @@ pub fn run(args: &[String]) -> Result {
     std::fs::write(&svg, plot(&rows)).map_err(|e| format!("{}: {e}", svg.display()))?;
     eprintln!("wrote {}", svg.display());
     Ok(())
+}
+
+/// Connections each memory row holds.
+const MEMORY_CONNECTIONS: u32 = 1000;
+
+/// What the host holds for connections, in bytes, as the path `via`
+/// accounts for it: the kernel's TCP socket buffers (`/proc/net/sockstat`,
+/// pages; one count for all namespaces), or vSocket's shared memory
+/// (`Shmem` in `/proc/meminfo`: the segments' pages that were touched) and
+/// the daemon's own memory (`RssAnon`); on both, the kernel's objects
+/// (`Slab`: sockets, files, pipes), which an idle kernel socket is made of.
+fn host_memory(lab: &Lab, via: Via) -> Result<f64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(err)?;
+    let slab = meminfo_kib(&meminfo, "Slab:")? * 1024.0;
+    Ok(slab + path_memory(lab, via, &meminfo)?)
+}
+
+/// A `/proc/meminfo` field, in KiB.
+fn meminfo_kib(meminfo: &str, name: &str) -> Result<f64> {
+    let line = meminfo.lines().find(|l| l.starts_with(name)).ok_or(format!("no {name} in /proc/meminfo"))?;
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).ok_or(format!("no value in {line}"))
+}
+
+/// The part of [`host_memory`] that is the path's own.
+fn path_memory(lab: &Lab, via: Via, meminfo: &str) -> Result<f64> {
+    let field = |text: &str, line_start: &str, key: &str| -> Result<f64> {
+        let line = text.lines().find(|l| l.starts_with(line_start)).ok_or(format!("no {line_start} in {text}"))?;
+        let mut words = line.split_whitespace();
+        while let Some(w) = words.next() {
+            if w == key {
+                return words.next().and_then(|v| v.parse().ok()).ok_or(format!("no {key} in {line}"));
+            }
+        }
+        Err(format!("no {key} in {line}"))
+    };
+    match via {
+        Via::Kernel => {
+            let sockstat = std::fs::read_to_string("/proc/net/sockstat").map_err(err)?;
+            Ok(field(&sockstat, "TCP:", "mem")? * 4096.0)
+        }
+        Via::Vsocket => {
+            let shmem = meminfo_kib(meminfo, "Shmem:")? * 1024.0;
+            let pid = lab.daemon_pid().ok_or("no daemon")?;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(err)?;
+            let daemon = field(&status, "RssAnon:", "RssAnon:")? * 1024.0;
+            Ok(shmem + daemon)
+        }
+    }
+}
+
+/// Opens [`MEMORY_CONNECTIONS`] connections in `mode` (see `memhold.py`)
+/// and measures what the host holds for each, in KiB.
+fn memory_per_connection(lab: &Lab, via: Via, holder: &str, port: u16, mode: &str, bytes: u32) -> Result<Vec<Sample>> {
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = host_memory(lab, via)?;
+    let args =
+        [holder, "client", "10.10.0.3", &port.to_string(), &MEMORY_CONNECTIONS.to_string(), &bytes.to_string(), mode];
+    let mut client =
+        lab.command("a", via, "python3", &args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().map_err(err)?;
+    let mut said = String::new();
+    let stdout = client.stdout.take().ok_or("no stdout")?;
+    BufReader::new(stdout).read_line(&mut said).map_err(err)?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let after = host_memory(lab, via);
+    drop(client.stdin.take());
+    let _ = client.wait();
+    if !said.starts_with("held") {
+        return Err(format!("holding {MEMORY_CONNECTIONS} {mode} connections: {said}"));
+    }
+    let per = (after? - before).max(0.0) / f64::from(MEMORY_CONNECTIONS) / 1024.0;
+    Ok(vec![sample(&format!("memory per {mode} connection"), "host memory", "KiB", Better::Lower, per)])
 }
 
 /// Idle connections held beside the busy ones in the idle-mix row. Each
