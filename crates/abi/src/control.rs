@@ -14,7 +14,7 @@
 //!   `Listen` → `ListenOk` or `Refused`; afterwards the daemon pushes one
 //!   `Incoming` (with memfd and doorbell) per connection brokered to it.
 //!   Closing the channel unregisters the listener.
-//! - on a request channel, after exec: `Reattach` (with the end's lifeline,
+//! - on a request channel, after exec: `Reattach` (with the lifeline,
 //!   which proves the process holds that end) → `Reattached` (with the
 //!   end's two segment halves) or `Refused`. A process keeps no segment
 //!   descriptor once it has mapped the halves; a new program image, which
@@ -33,10 +33,11 @@ pub const CONNECTION_FDS: usize = 4;
 pub const FD_SEGMENT: usize = 0;
 /// Index of the doorbell (this end of a Unix stream pair) among them.
 pub const FD_DOORBELL: usize = 1;
-/// Index of the lifeline: the write end of a pipe whose read end the daemon
-/// keeps. Each process holding this end of the connection keeps it open and
-/// writes nothing; when the last one closes it (or exits), the daemon sees
-/// the pipe hang up and knows this end is gone, whatever the segment says.
+/// Index of the lifeline: a write end of a pipe whose read end the daemon
+/// keeps (both ends of a connection get one of the same pipe). Each process
+/// holding an end of the connection keeps it open and writes nothing; when
+/// the last one closes it (or exits), the daemon sees the pipe hang up and
+/// knows the connection is gone, whatever the segment says.
 pub const FD_LIFELINE: usize = 2;
 /// Index of the peer's half of the segment: a read-only descriptor of the
 /// peer's memfd.

@@ -325,14 +325,16 @@ enum ClientKit {
 }
 
 /// A new connection's memory and wake-ups: what its record keeps (the
-/// daemon's view, and the files where there are some), each end's
-/// lifeline read end, and what each end's holder gets.
+/// daemon's view, and the files where there are some), its lifeline's read
+/// end, and what each end's holder gets.
 struct Memory {
     id: ConnectionId,
     ring_size: u32,
     kept: RecordMemory,
-    lifelines: [OwnedFd; 2],
-    /// The write ends of the lifelines of ends the bridge holds as pieces
+    /// One pipe for both ends: the daemon needs to know only when no
+    /// process holds either (each end's holders hold a write end).
+    lifeline: OwnedFd,
+    /// The write ends of the lifeline for ends the bridge holds as pieces
     /// of VM regions (client, server), where both are.
     holds: [Option<OwnedFd>; 2],
     client: ClientKit,
@@ -426,7 +428,7 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
             relayed_memory(daemon, ring_size, mine).map_err(no_memory)?
         }
     };
-    let Memory { id, ring_size, kept, lifelines, holds, client: mut client_kit, server: mut server_kit, carrier } =
+    let Memory { id, ring_size, kept, lifeline, holds, client: mut client_kit, server: mut server_kit, carrier } =
         memory;
     let server_addr = attempt.remote;
     // The bridge learns of a VM's connection before the VM can name it
@@ -519,7 +521,7 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
         opened: SystemTime::now(),
         memory: kept,
         carrier,
-        lifelines,
+        lifelines: vec![lifeline],
         reset: Default::default(),
         charge,
     });
@@ -621,8 +623,8 @@ fn shared_memory(daemon: &Daemon, pair: Pair, ring_size: u32) -> io::Result<Memo
         None => daemon.segments.take_for(pair)?,
     };
     let (client_bell, server_bell) = vsocket_sys::stream_pair()?;
-    let (client_lifeline, client_holds) = vsocket_sys::pipe()?;
-    let (server_lifeline, server_holds) = vsocket_sys::pipe()?;
+    let (lifeline, client_holds) = vsocket_sys::pipe()?;
+    let server_holds = client_holds.try_clone()?;
     let id = daemon.ids.connection();
     // Names the connection in the segment, so that a process holding an
     // old mapping of it knows it is this connection's (see `segcache`).
@@ -632,7 +634,7 @@ fn shared_memory(daemon: &Daemon, pair: Pair, ring_size: u32) -> io::Result<Memo
         id,
         ring_size,
         kept: RecordMemory::Files { segment, files },
-        lifelines: [client_lifeline, server_lifeline],
+        lifeline,
         holds: [None, None],
         client: ClientKit::Process(EndFiles {
             own_half: client_own,
@@ -654,29 +656,29 @@ fn relayed_memory(daemon: &Daemon, ring_size: u32, mine: Endpoint) -> io::Result
     let [own, peer] = files.for_end(mine);
     let relay_view = Segment::map(own, peer, ring_size, mine)?;
     let (guest_bell, bell) = vsocket_sys::stream_pair()?;
-    let (guest_lifeline, guest_holds) = vsocket_sys::pipe()?;
-    let (my_lifeline, holds) = vsocket_sys::pipe()?;
+    let (lifeline, guest_holds) = vsocket_sys::pipe()?;
+    let holds = guest_holds.try_clone()?;
     let id = daemon.ids.connection();
     segment.set_connection_id(id.0);
     let meter = Arc::new(Meter::default());
     let [guest_own, guest_peer] = files.clone_for(mine.peer())?;
     let relay = NewConn { end: Box::new(SegmentEnd::new(relay_view, mine, bell, holds)), meter: meter.clone() };
-    let (client, server, lifelines) = match mine {
+    let (client, server) = match mine {
         Endpoint::Server => {
             let guest = EndFiles { own_half: guest_own, bell: guest_bell, holds: guest_holds, peer_half: guest_peer };
-            (ClientKit::Process(guest), ServerKit::Relay(relay), [guest_lifeline, my_lifeline])
+            (ClientKit::Process(guest), ServerKit::Relay(relay))
         }
         Endpoint::Client => {
             let guest =
                 ServerKit::Process { halves: Some([guest_own, guest_peer]), bell: guest_bell, holds: guest_holds };
-            (ClientKit::Relay(relay), guest, [my_lifeline, guest_lifeline])
+            (ClientKit::Relay(relay), guest)
         }
     };
     Ok(Memory {
         id,
         ring_size,
         kept: RecordMemory::Files { segment, files },
-        lifelines,
+        lifeline,
         holds: [None, None],
         client,
         server,
@@ -689,14 +691,14 @@ fn relayed_memory(daemon: &Daemon, ring_size: u32, mine: Endpoint) -> io::Result
 /// lifeline for each that the bridge's end holds. The record keeps the
 /// client's piece (to reset it), and the bridge's count is its metering.
 fn placed_memory(daemon: &Daemon, client: &Arc<Placed>, server: &Arc<Placed>) -> io::Result<Memory> {
-    let (client_lifeline, client_holds) = vsocket_sys::pipe()?;
-    let (server_lifeline, server_holds) = vsocket_sys::pipe()?;
+    let (lifeline, client_holds) = vsocket_sys::pipe()?;
+    let server_holds = client_holds.try_clone()?;
     let id = daemon.ids.connection();
     Ok(Memory {
         id,
         ring_size: client.segment().ring_size(),
         kept: RecordMemory::Placed(client.clone()),
-        lifelines: [client_lifeline, server_lifeline],
+        lifeline,
         holds: [Some(client_holds), Some(server_holds)],
         client: ClientKit::Placed(client.offset()),
         server: ServerKit::Placed(server.offset()),

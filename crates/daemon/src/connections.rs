@@ -65,9 +65,12 @@ pub struct ConnectionRecord {
     /// The connection's memory, as the daemon holds it.
     pub memory: Memory,
     pub carrier: Carrier,
-    /// Read ends of the client's and the server's lifelines: each hangs up
-    /// when no process holds that end of the connection any more.
-    pub lifelines: [OwnedFd; 2],
+    /// Read end of the connection's lifeline, whose write end every process
+    /// holding either end of the connection holds: it hangs up when no
+    /// process holds the connection any more. (A connection handed over by
+    /// a daemon that made one lifeline per end has both: over when all
+    /// have hung up.)
+    pub lifelines: Vec<OwnedFd>,
     /// Reset by a policy change (`on_policy_change = "reset"`).
     pub reset: AtomicBool,
     /// What the connection holds of its guests' quotas (their slots), given
@@ -254,7 +257,10 @@ impl Connections {
         }
         let fds: Vec<_> = live.iter().flat_map(|c| c.lifelines.iter().map(|l| l.as_fd())).collect();
         let hung = vsocket_sys::hung_up_all(&fds);
-        for (c, ends) in live.iter().zip(hung.chunks(2)) {
+        let mut at = 0;
+        for c in live {
+            let ends = &hung[at..at + c.lifelines.len()];
+            at += c.lifelines.len();
             if ends.iter().all(|&h| h) {
                 done.push(c.id);
             }
@@ -318,12 +324,13 @@ mod tests {
     }
 
     /// A connection as the broker records it, with the write ends of its
-    /// two lifelines (dropping both is "no process holds it any more").
+    /// lifeline that its two ends hold (dropping both is "no process holds
+    /// it any more").
     fn record(id: u64, carrier: Carrier) -> (ConnectionRecord, [OwnedFd; 2]) {
         let (a, b) = guests();
         let (segment, files) = Segment::create(RING).unwrap();
-        let (client_lifeline, client_holds) = vsocket_sys::pipe().unwrap();
-        let (server_lifeline, server_holds) = vsocket_sys::pipe().unwrap();
+        let (lifeline, client_holds) = vsocket_sys::pipe().unwrap();
+        let server_holds = client_holds.try_clone().unwrap();
         let quotas = vsocket_policy::Quotas { max_connections: 10, max_shared_memory: 1 << 30, max_channels: 10 };
         let charge = crate::charge::charge(|_| quotas, &a, &b, 1).unwrap();
         let record = ConnectionRecord {
@@ -335,7 +342,7 @@ mod tests {
             opened: SystemTime::now(),
             memory: Memory::Files { segment, files },
             carrier,
-            lifelines: [client_lifeline, server_lifeline],
+            lifelines: vec![lifeline],
             reset: AtomicBool::new(false),
             charge,
         };

@@ -36,7 +36,10 @@ use std::time::{Duration, UNIX_EPOCH};
 use vsocket_ring::{Segment, SegmentFiles};
 
 /// The hand-over's wire version: a daemon takes only its own.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// The oldest wire version a daemon still takes: version 1 sent two
+/// lifelines with each connection (one per end), and no count.
+const OLDEST_VERSION: u32 = 1;
 /// How long a stopping daemon waits for a successor.
 pub const OFFER_FOR: Duration = Duration::from_secs(5);
 /// How long each side waits for the other's next message.
@@ -58,16 +61,16 @@ enum Part {
     Guest { name: String },
     /// A listener registered by a process of `guest`.
     Listener { guest: String, local: SocketAddrV4 },
-    /// An established connection between guests of this host. Six
+    /// An established connection between guests of this host. Its
     /// descriptors: both halves read-write (client's, server's), both
-    /// read-only, both lifelines' read ends (client's, server's).
+    /// read-only, then its `lifelines` read ends.
     Connection(ConnectionPart),
     /// Last.
     End,
 }
 
 /// What a connection record is, without its descriptors.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnectionPart {
     pub id: u64,
     pub client: String,
@@ -79,13 +82,21 @@ pub struct ConnectionPart {
     pub channel: u64,
     pub listener: u64,
     pub reset: bool,
+    /// How many lifelines follow the halves (version 1: always two).
+    #[serde(default = "per_end")]
+    pub lifelines: usize,
+}
+
+/// Version 1's lifelines: one per end.
+fn per_end() -> usize {
+    2
 }
 
 /// A connection handed over, with its descriptors.
 pub struct InheritedConnection {
     pub part: ConnectionPart,
     pub files: SegmentFiles,
-    pub lifelines: [OwnedFd; 2],
+    pub lifelines: Vec<OwnedFd>,
 }
 
 /// Everything a successor was handed.
@@ -192,14 +203,8 @@ fn give(daemon: &Daemon, to: BorrowedFd<'_>) -> Result<(), HandoverError> {
         }
         let Some(part) = connection_part(c) else { return };
         let RecordMemory::Files { files, .. } = &c.memory else { return };
-        let fds = [
-            files.rw[0].as_fd(),
-            files.rw[1].as_fd(),
-            files.ro[0].as_fd(),
-            files.ro[1].as_fd(),
-            c.lifelines[0].as_fd(),
-            c.lifelines[1].as_fd(),
-        ];
+        let mut fds = vec![files.rw[0].as_fd(), files.rw[1].as_fd(), files.ro[0].as_fd(), files.ro[1].as_fd()];
+        fds.extend(c.lifelines.iter().map(|l| l.as_fd()));
         if let Err(e) = send(to, &Part::Connection(part), &fds) {
             failed = Some(e);
         }
@@ -224,6 +229,7 @@ fn connection_part(c: &ConnectionRecord) -> Option<ConnectionPart> {
         channel: pair.channel.0,
         listener: pair.listener.0,
         reset: !c.open(),
+        lifelines: c.lifelines.len(),
     })
 }
 
@@ -294,7 +300,8 @@ pub fn take(run_dir: &Path) -> Result<Option<Inherited>, HandoverError> {
         let part: Part = serde_json::from_slice(&buf[..n]).map_err(|e| HandoverError::Malformed(e.to_string()))?;
         let expected = match &part {
             Part::Guest { .. } => 1,
-            Part::Connection(_) => 6,
+            Part::Connection(c) if (1..=2).contains(&c.lifelines) => 4 + c.lifelines,
+            Part::Connection(c) => return Err(HandoverError::Malformed(format!("{} lifelines", c.lifelines))),
             _ => 0,
         };
         if fds.len() != expected {
@@ -308,7 +315,7 @@ pub fn take(run_dir: &Path) -> Result<Option<Inherited>, HandoverError> {
         let mut fd = || fds.next().ok_or_else(|| HandoverError::Malformed("descriptors missing".into()));
         match part {
             Part::Hello { version, next_id } => {
-                if version != VERSION {
+                if !(OLDEST_VERSION..=VERSION).contains(&version) {
                     return Err(HandoverError::Version(version));
                 }
                 inherited.next_id = next_id;
@@ -319,7 +326,7 @@ pub fn take(run_dir: &Path) -> Result<Option<Inherited>, HandoverError> {
             Part::Listener { guest, local } => inherited.listeners.push((guest, local)),
             Part::Connection(part) => {
                 let files = SegmentFiles { rw: [fd()?, fd()?], ro: [fd()?, fd()?] };
-                let lifelines = [fd()?, fd()?];
+                let lifelines = (0..part.lifelines).map(|_| fd()).collect::<Result<Vec<_>, _>>()?;
                 inherited.connections.push(InheritedConnection { part, files, lifelines });
             }
             Part::End => return Ok(Some(inherited)),
@@ -505,14 +512,20 @@ mod tests {
             channel: 7,
             listener: 8,
             reset: false,
+            lifelines: 1,
         };
+        // A connection from a version-1 daemon: no count, a lifeline per end.
+        let older = json(&Part::Connection(ConnectionPart { id: 40, lifelines: 2, ..connection.clone() }))
+            .replace(",\"lifelines\":2", "");
+        assert!(!older.contains("lifelines"), "{older}");
         let giver = fake_giver(
             &dir,
             vec![
                 (json(&Part::Hello { version: VERSION, next_id: 42 }), 0),
                 (json(&Part::Guest { name: "a".into() }), 1),
                 (json(&Part::Listener { guest: "b".into(), local: "0.0.0.0:80".parse().unwrap() }), 0),
-                (json(&Part::Connection(connection)), 6),
+                (json(&Part::Connection(connection)), 5),
+                (older, 6),
                 (json(&Part::End), 0),
             ],
         );
@@ -520,8 +533,11 @@ mod tests {
         assert_eq!(inherited.next_id, 42);
         assert!(inherited.guests.contains_key("a"));
         assert_eq!(inherited.listeners, vec![("b".to_string(), "0.0.0.0:80".parse().unwrap())]);
-        assert_eq!(inherited.connections.len(), 1);
+        assert_eq!(inherited.connections.len(), 2);
         assert_eq!(inherited.connections[0].part.id, 41);
+        assert_eq!(inherited.connections[0].lifelines.len(), 1);
+        assert_eq!(inherited.connections[1].part.id, 40);
+        assert_eq!(inherited.connections[1].lifelines.len(), 2);
         inherited.done();
         assert_eq!(giver.join().unwrap(), TAKEN);
     }

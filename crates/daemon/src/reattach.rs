@@ -9,14 +9,15 @@
 //! it sends `Reattach{id, end}` with the write end of that end's lifeline,
 //! and gets the halves back.
 //!
-//! The lifeline is the proof. The daemon made it for this end of this
-//! connection and gave its write end only to the process at that end; a
-//! process holds it only if it (or an ancestor that passed it on) was
-//! given it, and it is the same pipe as the read end the record keeps
-//! (same file). Its halves let a process do no more than it could with
-//! the mapping it had. A guest that asks for another connection's halves,
-//! or for the other end's, or without a lifeline, or with another pipe,
-//! is refused and gets nothing.
+//! The lifeline is the proof. The daemon made it for this connection and
+//! gave its write end only to the processes at its two ends; a process
+//! holds it only if it (or an ancestor that passed it on) was given it,
+//! and it is the same pipe as the read end the record keeps (same file).
+//! The end asked for must be the requesting guest's, so between two
+//! guests each gets only its own end's halves, which let it do no more
+//! than the mapping it had. A guest that asks for another connection's
+//! halves, or for another guest's end, or without a lifeline, or with
+//! another pipe, is refused and gets nothing.
 
 use crate::daemon::Daemon;
 use crate::guest::GuestSlot;
@@ -87,8 +88,13 @@ pub fn halves(
             if !Arc::ptr_eq(owner, guest) {
                 return Err(Refusal::OtherGuest);
             }
-            let held = Segment::identity(record.lifelines[end.index()].as_fd()).map_err(|_| Refusal::NoProof)?;
-            if held != shown {
+            // One lifeline serves both ends (a record handed over by an
+            // older daemon has one per end): a process that holds one end
+            // may be sent the other's halves only where both ends are the
+            // same guest's (checked above), whose processes vSocket does
+            // not keep from each other.
+            let held = record.lifelines.iter().any(|l| Segment::identity(l.as_fd()).is_ok_and(|id| id == shown));
+            if !held {
                 return Err(Refusal::NoProof);
             }
             match &record.memory {
