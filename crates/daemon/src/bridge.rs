@@ -596,10 +596,10 @@ mod tests {
         let (vm_bell, vm_guest_bell) = vsocket_sys::stream_pair().unwrap();
         let vm_end = RegionEnd::with(Arc::new(placed), Endpoint::Server, vm_bell, None);
         let (daemon_view, files) = Segment::create(ring).unwrap();
-        let [own, peer] = files.for_end(Endpoint::Client);
-        let relay_view = Segment::map(own, peer, ring, Endpoint::Client).unwrap();
-        let [own, peer] = files.for_end(Endpoint::Server);
-        let other = Segment::map(own, peer, ring, Endpoint::Server).unwrap();
+        let [own, peer] = files.clone_for(Endpoint::Client).unwrap();
+        let relay_view = Segment::map(own.as_fd(), peer.as_fd(), ring, Endpoint::Client).unwrap();
+        let [own, peer] = files.clone_for(Endpoint::Server).unwrap();
+        let other = Segment::map(own.as_fd(), peer.as_fd(), ring, Endpoint::Server).unwrap();
         drop(daemon_view);
         let (bell, other_guest_bell) = vsocket_sys::stream_pair().unwrap();
         let (_lifeline, holds) = vsocket_sys::pipe().unwrap();

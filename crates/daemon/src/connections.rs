@@ -196,6 +196,11 @@ impl Connections {
         lock(&self.connections).get(&id).map(f)
     }
 
+    /// How many connections are on record.
+    pub fn count(&self) -> usize {
+        lock(&self.connections).len()
+    }
+
     pub fn add(&self, record: ConnectionRecord) {
         let mut conns = lock(&self.connections);
         if let Carrier::Shared(pair) = record.carrier {

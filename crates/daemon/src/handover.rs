@@ -33,6 +33,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, UNIX_EPOCH};
+use vsocket_abi::layout::Endpoint;
 use vsocket_ring::{Segment, SegmentFiles};
 
 /// The hand-over's wire version: a daemon takes only its own.
@@ -203,7 +204,14 @@ fn give(daemon: &Daemon, to: BorrowedFd<'_>) -> Result<(), HandoverError> {
         }
         let Some(part) = connection_part(c) else { return };
         let RecordMemory::Files { files, .. } = &c.memory else { return };
-        let mut fds = vec![files.rw[0].as_fd(), files.rw[1].as_fd(), files.ro[0].as_fd(), files.ro[1].as_fd()];
+        let read_only = match [Endpoint::Client, Endpoint::Server].map(|end| files.read_only(end)) {
+            [Ok(client), Ok(server)] => [client, server],
+            [Err(e), _] | [_, Err(e)] => {
+                failed = Some(HandoverError::Io(e));
+                return;
+            }
+        };
+        let mut fds = vec![files.rw[0].as_fd(), files.rw[1].as_fd(), read_only[0].as_fd(), read_only[1].as_fd()];
         fds.extend(c.lifelines.iter().map(|l| l.as_fd()));
         if let Err(e) = send(to, &Part::Connection(part), &fds) {
             failed = Some(e);
@@ -237,6 +245,13 @@ fn send(to: BorrowedFd<'_>, part: &Part, fds: &[BorrowedFd<'_>]) -> Result<(), H
     let bytes = serde_json::to_vec(part).map_err(|e| HandoverError::Malformed(e.to_string()))?;
     vsocket_sys::send_with_fds(to, &bytes, fds)?;
     Ok(())
+}
+
+/// A handed-over segment's files, keeping only what the daemon keeps of a
+/// connection whose ends have their descriptors.
+fn without_read_only(mut files: SegmentFiles) -> SegmentFiles {
+    files.let_go_of_read_only();
+    files
 }
 
 /// Where a daemon writes its process id.
@@ -325,7 +340,7 @@ pub fn take(run_dir: &Path) -> Result<Option<Inherited>, HandoverError> {
             }
             Part::Listener { guest, local } => inherited.listeners.push((guest, local)),
             Part::Connection(part) => {
-                let files = SegmentFiles { rw: [fd()?, fd()?], ro: [fd()?, fd()?] };
+                let files = SegmentFiles::new([fd()?, fd()?], [fd()?, fd()?]);
                 let lifelines = (0..part.lifelines).map(|_| fd()).collect::<Result<Vec<_>, _>>()?;
                 inherited.connections.push(InheritedConnection { part, files, lifelines });
             }
@@ -441,7 +456,7 @@ pub fn adopt(daemon: &Daemon, c: InheritedConnection) -> Result<(), NotAdopted> 
         server,
         server_addr: part.server_addr,
         opened: UNIX_EPOCH + Duration::from_millis(part.opened_ms),
-        memory: RecordMemory::Files { segment, files: c.files },
+        memory: RecordMemory::Files { segment, files: without_read_only(c.files) },
         carrier: Carrier::Shared(Pair { channel: ChannelId(part.channel), listener: ListenerId(part.listener) }),
         lifelines: c.lifelines,
         reset: AtomicBool::new(part.reset),

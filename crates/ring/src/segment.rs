@@ -31,21 +31,37 @@ pub struct FileIdentity {
 pub struct SegmentFiles {
     /// Each end's half, read-write.
     pub rw: [OwnedFd; 2],
-    /// The same files opened read-only: what each end's peer gets.
-    pub ro: [OwnedFd; 2],
+    /// The same files opened read-only (what each end's peer gets), while
+    /// kept: the daemon lets them go once both ends have theirs (two
+    /// descriptors fewer for each connection it holds), and they are
+    /// opened again when the segment is handed over again.
+    ro: Option<[OwnedFd; 2]>,
 }
 
 impl SegmentFiles {
-    /// What end `end` is handed: its own half read-write, then its peer's
-    /// half read-only.
-    pub fn for_end(&self, end: Endpoint) -> [BorrowedFd<'_>; 2] {
-        [self.rw[end.index()].as_fd(), self.ro[end.peer().index()].as_fd()]
+    /// The files of a segment: both halves read-write, and read-only.
+    pub fn new(rw: [OwnedFd; 2], ro: [OwnedFd; 2]) -> SegmentFiles {
+        SegmentFiles { rw, ro: Some(ro) }
     }
 
-    /// Owned copies of [`SegmentFiles::for_end`].
+    /// What end `end` is handed: its own half read-write, then its peer's
+    /// half read-only (copies).
     pub fn clone_for(&self, end: Endpoint) -> io::Result<[OwnedFd; 2]> {
-        let [own, peer] = self.for_end(end);
-        Ok([own.try_clone_to_owned()?, peer.try_clone_to_owned()?])
+        Ok([self.rw[end.index()].try_clone()?, self.read_only(end.peer())?])
+    }
+
+    /// A read-only descriptor of end `end`'s half: a copy of the kept one,
+    /// or the file opened again.
+    pub fn read_only(&self, end: Endpoint) -> io::Result<OwnedFd> {
+        match &self.ro {
+            Some(ro) => ro[end.index()].try_clone(),
+            None => reopen_read_only(self.rw[end.index()].as_fd()),
+        }
+    }
+
+    /// Lets the read-only descriptors go (both ends have theirs).
+    pub fn let_go_of_read_only(&mut self) {
+        self.ro = None;
     }
 }
 
@@ -267,7 +283,7 @@ impl Segment {
         let (client, client_fd) = create_half(ring_size, 0)?;
         let (server, server_fd) = create_half(ring_size, 1)?;
         let ro = [reopen_read_only(client_fd.as_fd())?, reopen_read_only(server_fd.as_fd())?];
-        Ok((Segment { halves: [client, server], ring_size }, SegmentFiles { rw: [client_fd, server_fd], ro }))
+        Ok((Segment { halves: [client, server], ring_size }, SegmentFiles::new([client_fd, server_fd], ro)))
     }
 
     /// The daemon's view again, from the files another daemon made (a
@@ -474,10 +490,10 @@ mod tests {
     /// The daemon's view and both ends' mappings of a fresh segment.
     fn three_views(ring_size: u32) -> (Segment, SegmentFiles, Segment, Segment) {
         let (daemon, files) = Segment::create(ring_size).unwrap();
-        let [own, peer] = files.for_end(Endpoint::Client);
-        let client = Segment::map(own, peer, ring_size, Endpoint::Client).unwrap();
-        let [own, peer] = files.for_end(Endpoint::Server);
-        let server = Segment::map(own, peer, ring_size, Endpoint::Server).unwrap();
+        let [own, peer] = files.clone_for(Endpoint::Client).unwrap();
+        let client = Segment::map(own.as_fd(), peer.as_fd(), ring_size, Endpoint::Client).unwrap();
+        let [own, peer] = files.clone_for(Endpoint::Server).unwrap();
+        let server = Segment::map(own.as_fd(), peer.as_fd(), ring_size, Endpoint::Server).unwrap();
         (daemon, files, client, server)
     }
 
@@ -546,7 +562,8 @@ mod tests {
         let (_daemon, files, _client, _server) = three_views(4096);
         // The descriptor of the peer's half refuses a writable mapping, a
         // write, and a later mprotect of a read-only mapping.
-        let peer = files.for_end(Endpoint::Client)[1];
+        let peer = files.read_only(Endpoint::Server).unwrap();
+        let peer = peer.as_fd();
         let len = layout::half_size(4096);
         // SAFETY: a mapping attempt that must fail; nothing is touched.
         let ptr = unsafe {
@@ -656,8 +673,19 @@ mod tests {
         daemon.set_connection_id(77);
         assert_eq!((client.connection_id(0), client.connection_id(1)), (77, 77));
         let fd = files.rw[0].as_fd();
-        assert_eq!(Segment::identity(fd).unwrap(), Segment::identity(files.ro[0].as_fd()).unwrap());
+        assert_eq!(
+            Segment::identity(fd).unwrap(),
+            Segment::identity(files.read_only(Endpoint::Client).unwrap().as_fd()).unwrap()
+        );
         assert_eq!(Segment::read_nonce(fd).unwrap(), client.nonce(0));
+        let identity = Segment::identity(fd).unwrap();
+        let mut files = files;
+        files.let_go_of_read_only();
+        let again = files.read_only(Endpoint::Client).unwrap();
+        assert_eq!(identity, Segment::identity(again.as_fd()).unwrap());
+        // SAFETY: F_GETFL on a descriptor we own.
+        let mode = unsafe { libc::fcntl(again.as_raw_fd(), libc::F_GETFL) } & libc::O_ACCMODE;
+        assert_eq!(mode, libc::O_RDONLY, "opened again read-only");
         assert_ne!(client.nonce(0), 0);
         assert_ne!(client.nonce(0), client.nonce(1));
         let (_other, other) = Segment::create(4096).unwrap();
@@ -667,7 +695,8 @@ mod tests {
     #[test]
     fn halves_of_the_wrong_size_end_or_unsealed_are_refused() {
         let (_daemon, files) = Segment::create(4096).unwrap();
-        let [own, peer] = files.for_end(Endpoint::Client);
+        let copies = files.clone_for(Endpoint::Client).unwrap();
+        let [own, peer] = [copies[0].as_fd(), copies[1].as_fd()];
         assert!(Segment::map(own, peer, 8192, Endpoint::Client).is_err());
         // Halves swapped: each header names the other end.
         assert!(Segment::map(peer, own, 4096, Endpoint::Client).is_err());

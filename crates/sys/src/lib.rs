@@ -290,6 +290,15 @@ fn set_timeout(sock: BorrowedFd<'_>, option: libc::c_int, timeout: std::time::Du
     Ok(())
 }
 
+/// The process's soft `RLIMIT_NOFILE`: how many descriptors it may hold.
+pub fn nofile_limit() -> io::Result<u64> {
+    // SAFETY: rlimit is plain data.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit writes into `rl`.
+    syscall!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) })?;
+    Ok(rl.rlim_cur)
+}
+
 /// Raises the soft limit on open descriptors to the hard limit (the daemon
 /// holds a few per guest process and per connection). Returns the new limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {

@@ -120,12 +120,15 @@ mod tests {
 
     #[test]
     fn a_kept_mapping_is_given_back_only_for_its_files_and_connection() {
+        use std::os::fd::AsFd;
         let end = Endpoint::Client;
         let (daemon, files) = Segment::create(4096).unwrap();
-        let [own, peer] = files.for_end(end);
+        let copies = files.clone_for(end).unwrap();
+        let [own, peer] = [copies[0].as_fd(), copies[1].as_fd()];
         let id = (Segment::identity(own).unwrap(), Segment::identity(peer).unwrap());
         let (_other, other_files) = Segment::create(4096).unwrap();
-        let [other_own, other_peer] = other_files.for_end(end);
+        let other_copies = other_files.clone_for(end).unwrap();
+        let [other_own, other_peer] = [other_copies[0].as_fd(), other_copies[1].as_fd()];
         let other_id = (Segment::identity(other_own).unwrap(), Segment::identity(other_peer).unwrap());
         assert_ne!(id, other_id);
         let map = || Segment::map(own, peer, 4096, end).unwrap();
