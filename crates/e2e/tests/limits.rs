@@ -32,3 +32,64 @@ fn a_client_runs_out_of_descriptors_where_the_kernel_path_does() {
     let brokered = lab.counter("a", "connections_out");
     assert!(brokered + 3 >= u64::from(vsocket), "{brokered} brokered: {}", lab.guest("a").unwrap());
 }
+
+/// The daemon's descriptor limit in the next test: low enough that the
+/// connections below would not fit with five descriptors each.
+const DAEMON_LIMIT: u32 = 6000;
+/// Connections held at once: five descriptors each would take 6000, more
+/// than the daemon has room for beside its own.
+const HELD: u32 = 1200;
+
+#[test]
+fn a_daemon_near_its_descriptor_limit_holds_more_connections_and_reuses_segments() {
+    let mut lab = Lab::start("tfdmany", TWO_GUESTS).unwrap();
+    // Lowered before any connect (the daemon reads its limit at the first).
+    let pid = lab.daemon_pid().unwrap().to_string();
+    let limit = format!("--nofile={DAEMON_LIMIT}:{DAEMON_LIMIT}");
+    let status = std::process::Command::new("prlimit").args(["--pid", &pid, &limit]).status().unwrap();
+    assert!(status.success(), "prlimit");
+    let holder = asset("memhold.py");
+    let holder = holder.to_str().unwrap();
+    lab.spawn("b", Via::Vsocket, "python3", &[holder, "server", "10.10.0.3", "7010", "idle"], "memhold.log").unwrap();
+    lab.wait_listening("b", 7010).unwrap();
+    let churn = asset("churn.py");
+    let churn = churn.to_str().unwrap();
+    lab.spawn("b", Via::Vsocket, "python3", &[churn, "serve", "10.10.0.3", "7011"], "churn.log").unwrap();
+    lab.wait_listening("b", 7011).unwrap();
+
+    let mut held = lab
+        .command(
+            "a",
+            Via::Vsocket,
+            "python3",
+            &[holder, "client", "10.10.0.3", "7010", &HELD.to_string(), "64", "idle"],
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(held.stdout.take().unwrap()), &mut said).unwrap();
+    assert_eq!(said.trim(), format!("held {HELD}"));
+    // Every one of them is a vSocket connection: none was refused for want
+    // of the daemon's descriptors and sent to the kernel path.
+    assert_eq!(lab.counter("a", "connections_out"), u64::from(HELD), "{}", lab.guest("a").unwrap());
+    let log = lab.daemon_log();
+    assert!(!log.contains("Too many open files"), "{log}");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u32;
+    eprintln!("{HELD} connections held; the daemon has {fds} descriptors open (limit {DAEMON_LIMIT})");
+    assert!(fds < DAEMON_LIMIT, "{fds}");
+
+    // Beside them, connections come and go between one client and the echo
+    // server: each after the first reuses a segment whose read-only
+    // descriptors the daemon let go, and every byte comes back.
+    let out = lab.run_ok("a", Via::Vsocket, "python3", &[churn, "run", "10.10.0.3", "7011", "300", "5"]).unwrap();
+    assert!(out.starts_with("churn ok 300"), "{out}");
+    assert!(lab.counter("a", "connections_out") >= u64::from(HELD) + 300);
+    let reused = lab.ctl("status").unwrap()["segments_reused"].as_u64().unwrap_or(0);
+    assert!(reused > 0, "{}", lab.ctl("status").unwrap());
+
+    drop(held.stdin.take());
+    let _ = held.wait();
+    lab.stop_background();
+}
