@@ -297,9 +297,13 @@ fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
     if count != reply.message.fd_count() {
         return Err(Errno(libc::EPROTO));
     }
-    // A connection's descriptors live on, out of the program's range.
+    // A connection's doorbell and lifeline live on, out of the program's
+    // range; its halves are closed as soon as they are mapped (a moment
+    // later, in this call's caller), so they are not moved.
     if count == CONNECTION_FDS {
-        sys::relocate_internal(&mut reply.fds, internal_fd_floor());
+        let mut kept = [reply.fds[FD_DOORBELL], reply.fds[FD_LIFELINE]];
+        sys::relocate_internal(&mut kept, internal_fd_floor());
+        [reply.fds[FD_DOORBELL], reply.fds[FD_LIFELINE]] = kept;
     }
     Ok(reply)
 }
