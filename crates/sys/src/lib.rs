@@ -183,46 +183,10 @@ pub fn peer_pid(sock: BorrowedFd<'_>) -> io::Result<libc::pid_t> {
     Ok(cred.pid)
 }
 
-/// Sends one datagram with descriptors attached (SCM_RIGHTS).
+/// Sends one datagram with up to 8 descriptors attached (SCM_RIGHTS).
 pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    const MAX_FDS: usize = 8;
-    assert!(fds.len() <= MAX_FDS);
-    let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
-    // u64 storage keeps the control buffer aligned for cmsghdr.
-    let mut control = [0u64; 8];
-    // SAFETY: msghdr is plain data.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        let data_len = (fds.len() * std::mem::size_of::<RawFd>()) as u32;
-        // SAFETY: CMSG_SPACE is a pure size computation.
-        let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-        assert!(space <= std::mem::size_of_val(&control));
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space;
-        // SAFETY: msg_control points to `space` aligned bytes, enough for
-        // one header and the descriptors; CMSG_FIRSTHDR/CMSG_DATA stay inside.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(data_len) as usize;
-            let data = libc::CMSG_DATA(cmsg) as *mut RawFd;
-            for (i, fd) in fds.iter().enumerate() {
-                data.add(i).write_unaligned(fd.as_raw_fd());
-            }
-        }
-    }
-    loop {
-        // SAFETY: `msg` points to live buffers set up above.
-        match syscall!(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) }) {
-            Ok(n) if n as usize == bytes.len() => return Ok(()),
-            Ok(_) => return Err(io::Error::new(io::ErrorKind::WriteZero, "short datagram send")),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    raw::send_with_fds(sock.as_raw_fd(), bytes, &raw)
 }
 
 /// Receives one datagram and any descriptors that came with it. Returns the
