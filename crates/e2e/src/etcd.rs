@@ -3,7 +3,7 @@
 
 use crate::in_netns;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,7 +41,14 @@ impl Etcd {
     }
 
     fn start_at(name: &str, netns: Option<&str>, ip: &str, ports: &[(u16, u16)]) -> Etcd {
-        let dir = std::env::temp_dir().join(format!("vsocket-etcd-{name}"));
+        // On tmpfs where there is one: every write a member makes waits for
+        // its fsync, and on this shared machine's disk one can stall for
+        // seconds, long enough for the cluster to lose its leader and a
+        // test's request to time out on every member. A test's store need
+        // not outlive the machine.
+        let base = Path::new("/dev/shm");
+        let base = if base.is_dir() { base.to_path_buf() } else { std::env::temp_dir() };
+        let dir = base.join(format!("vsocket-etcd-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let peers: Vec<String> =
