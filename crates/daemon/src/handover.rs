@@ -207,7 +207,9 @@ fn give(daemon: &Daemon, to: BorrowedFd<'_>) -> Result<(), HandoverError> {
         let read_only = match [Endpoint::Client, Endpoint::Server].map(|end| files.read_only(end)) {
             [Ok(client), Ok(server)] => [client, server],
             [Err(e), _] | [_, Err(e)] => {
-                failed = Some(HandoverError::Io(e));
+                // This one stays behind (its ends keep their memory; the
+                // successor never hears of it): the rest go on.
+                tracing::warn!(connection = c.id.0, error = %e, "connection not handed over: its files cannot be opened");
                 return;
             }
         };
@@ -340,7 +342,11 @@ pub fn take(run_dir: &Path) -> Result<Option<Inherited>, HandoverError> {
             }
             Part::Listener { guest, local } => inherited.listeners.push((guest, local)),
             Part::Connection(part) => {
-                let files = SegmentFiles::new([fd()?, fd()?], [fd()?, fd()?]);
+                // The read-only pair is the connection's ends' (they have
+                // theirs): it goes at once, so that taking thousands of
+                // connections needs three descriptors each, as holding them
+                // does.
+                let files = without_read_only(SegmentFiles::new([fd()?, fd()?], [fd()?, fd()?]));
                 let lifelines = (0..part.lifelines).map(|_| fd()).collect::<Result<Vec<_>, _>>()?;
                 inherited.connections.push(InheritedConnection { part, files, lifelines });
             }

@@ -46,8 +46,11 @@ use vsocket_abi::layout::Endpoint;
 /// The environment variable that describes the connections crossing an
 /// exec.
 pub const VAR: &str = "VSOCKET_INHERIT";
-/// Its version: the first field of its value.
+/// Its version: the first field of its value. Version 1 (written by an
+/// older library, whose image may exec one with this one) carried the
+/// segment's halves too, after the lifeline; it is still taken.
 const FORMAT: u32 = 2;
+const FORMAT_WITH_HALVES: u32 = 1;
 /// At most this many connections cross one exec (the rest end there, as
 /// without the library)...
 const MAX_CONNECTIONS: usize = 64;
@@ -268,13 +271,23 @@ pub fn adopt() {
 }
 
 fn resume(record: Record) {
-    let Record { fds, internal, resumed } = record;
-    for fd in internal.open_fds() {
+    let Record { fds, internal, resumed, halves } = record;
+    for fd in internal.open_fds().chain(halves.into_iter().flatten()) {
         let _ = sys::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC as libc::c_long);
     }
-    // Without the daemon's halves the connection cannot be mapped: the
-    // resume below fails and the program's socket is left unconnected.
-    let [own, peer] = attach::reattach(resumed.info.id, resumed.endpoint, internal.lifeline).unwrap_or([-1, -1]);
+    // Without the halves (the daemon refused, or is not there) the
+    // connection cannot be mapped: its descriptors are closed and the
+    // program's socket is left unconnected, as where nothing crosses.
+    let halves = match halves {
+        Some(halves) => Ok(halves),
+        None => attach::reattach(resumed.info.id, resumed.endpoint, internal.lifeline).map_err(drop),
+    };
+    let Ok([own, peer]) = halves else {
+        for fd in internal.open_fds() {
+            let _ = sys::close(fd);
+        }
+        return;
+    };
     let delivery = Delivery {
         segment: own,
         peer_segment: peer,
@@ -301,6 +314,9 @@ pub struct Record {
     pub fds: Vec<RawFd>,
     pub internal: Internal,
     pub resumed: Resumed,
+    /// The segment's halves (own, peer), in a version-1 entry only; a
+    /// version-2 entry's new image asks the daemon for them.
+    pub halves: Option<[RawFd; 2]>,
 }
 
 /// Why `VSOCKET_INHERIT` was not taken up.
@@ -343,17 +359,18 @@ fn write_record(w: &mut impl Write, fds: &[RawFd], internal: &Internal, r: &Resu
 /// Parses `VSOCKET_INHERIT`'s value, written for process `pid`.
 pub fn parse(value: &str, pid: i32) -> Result<Vec<Record>, ParseError> {
     let mut parts = value.split(';');
-    if parts.next() != Some(FORMAT.to_string().as_str()) {
-        return Err(ParseError::Format);
-    }
+    let format = match parts.next().and_then(|f| f.parse::<u32>().ok()) {
+        Some(f @ (FORMAT | FORMAT_WITH_HALVES)) => f,
+        _ => return Err(ParseError::Format),
+    };
     let writer: i32 = parts.next().and_then(|p| p.parse().ok()).ok_or(ParseError::Field("pid"))?;
     if writer != pid {
         return Err(ParseError::OtherProcess);
     }
-    parts.map(parse_record).collect()
+    parts.map(|record| parse_record(record, format)).collect()
 }
 
-fn parse_record(text: &str) -> Result<Record, ParseError> {
+fn parse_record(text: &str, format: u32) -> Result<Record, ParseError> {
     let mut fields = text.split(',');
     let mut next = |name: &'static str| fields.next().ok_or(ParseError::Field(name));
     let descriptor = |name: &'static str, text: &str| -> Result<RawFd, ParseError> {
@@ -367,6 +384,11 @@ fn parse_record(text: &str) -> Result<Record, ParseError> {
     let lifeline = match next("lifeline")? {
         "-1" => -1,
         other => descriptor("lifeline", other)?,
+    };
+    let halves = if format == FORMAT_WITH_HALVES {
+        Some([descriptor("own half", next("own half")?)?, descriptor("peer half", next("peer half")?)?])
+    } else {
+        None
     };
     let endpoint = match next("end")? {
         "c" => Endpoint::Client,
@@ -394,6 +416,7 @@ fn parse_record(text: &str) -> Result<Record, ParseError> {
     Ok(Record {
         fds,
         internal: Internal { doorbell, lifeline, remap: Remap::FromDaemon },
+        halves,
         resumed: Resumed {
             info: ConnectionInfo { id, local, peer, ring_size },
             endpoint,
@@ -482,17 +505,30 @@ mod tests {
         assert_eq!(
             records,
             vec![
-                Record { fds: vec![0, 1, 5], internal: internal(), resumed: resumed() },
-                Record { fds: vec![7], internal: no_lifeline, resumed: second },
+                Record { fds: vec![0, 1, 5], internal: internal(), resumed: resumed(), halves: None },
+                Record { fds: vec![7], internal: no_lifeline, resumed: second, halves: None },
             ]
         );
+    }
+
+    #[test]
+    fn an_older_library_s_entry_brings_the_halves() {
+        // Version 1: the halves follow the lifeline.
+        let text = "1;77;3,1030,1031,1032,1033,s,42,10.10.0.2:40000,10.10.0.3:7013,65536,6,5,1500,0";
+        let records = parse(text, 77).unwrap();
+        assert_eq!(
+            records,
+            vec![Record { fds: vec![3], internal: internal(), resumed: resumed(), halves: Some([1032, 1033]) }]
+        );
+        // Version 2 has no halves: the same fields would be one too many.
+        assert_eq!(parse(&text.replacen("1;", "2;", 1), 77), Err(ParseError::Field("end")));
     }
 
     #[test]
     fn another_process_s_entry_is_ignored() {
         let text = entry(&[(&[3], internal(), resumed())], 77);
         assert_eq!(parse(value(&text), 78), Err(ParseError::OtherProcess));
-        assert_eq!(parse("1;77", 77), Err(ParseError::Format));
+        assert_eq!(parse("3;77", 77), Err(ParseError::Format));
         assert_eq!(parse("", 77), Err(ParseError::Format));
         assert_eq!(parse("2;x", 77), Err(ParseError::Field("pid")));
     }

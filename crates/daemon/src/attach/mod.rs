@@ -261,8 +261,9 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
         };
         let Request { message, proof } = message;
         match message {
+            // Not under `serving`: it only reads the table, and the proof it
+            // examines (and drops) is the guest's, whatever that file is.
             Message::Reattach { id, end } => {
-                let _serving = daemon.serving();
                 let sent = match crate::reattach::halves(daemon, guest, ConnectionId(id), end, proof) {
                     Ok(files) => channel.send_halves(files.each_ref().map(|f| f.as_fd())),
                     Err(refusal) => {

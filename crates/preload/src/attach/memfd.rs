@@ -114,6 +114,12 @@ impl ConnectionMemory for MemfdSegment {
         }
         let own_fd = std::mem::replace(&mut delivery.segment, -1);
         let peer_fd = std::mem::replace(&mut delivery.peer_segment, -1);
+        if own_fd < 0 || peer_fd < 0 {
+            for fd in [own_fd, peer_fd].into_iter().filter(|&fd| fd >= 0) {
+                let _ = sys::close(fd);
+            }
+            return Err(sys::Errno(libc::EBADF));
+        }
         let mapped =
             sys::with_borrowed(own_fd, |own| sys::with_borrowed(peer_fd, |peer| map_halves(own, peer, info, end)));
         let _ = sys::close(own_fd);

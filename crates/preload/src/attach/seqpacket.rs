@@ -297,13 +297,13 @@ fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
     if count != reply.message.fd_count() {
         return Err(Errno(libc::EPROTO));
     }
-    // A connection's doorbell and lifeline live on, out of the program's
-    // range; its halves are closed as soon as they are mapped (a moment
-    // later, in this call's caller), so they are not moved.
+    // A connection's descriptors go out of the program's range: the
+    // doorbell and lifeline live there, and the halves, though closed as
+    // soon as they are mapped, must not hold a number of the program's
+    // meanwhile (a thread's dup2 onto it would have its descriptor closed
+    // by us).
     if count == CONNECTION_FDS {
-        let mut kept = [reply.fds[FD_DOORBELL], reply.fds[FD_LIFELINE]];
-        sys::relocate_internal(&mut kept, internal_fd_floor());
-        [reply.fds[FD_DOORBELL], reply.fds[FD_LIFELINE]] = kept;
+        sys::relocate_internal(&mut reply.fds, internal_fd_floor());
     }
     Ok(reply)
 }

@@ -1191,6 +1191,18 @@ mod tests {
     }
 
     #[test]
+    fn a_new_image_without_its_halves_takes_nothing_up() {
+        // The daemon refused (or was not there): no halves, an error, and
+        // no abort in the program's constructor.
+        let (_c, s) = pair(4096);
+        let (resumed, internal) = s.for_exec();
+        let dup = |fd: RawFd| sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0).unwrap() as RawFd;
+        let delivery =
+            Delivery { segment: -1, peer_segment: -1, doorbell: dup(internal.doorbell), lifeline: -1, placed: None };
+        assert!(matches!(Connection::resume(resumed, delivery), Err(Errno(libc::EBADF))));
+    }
+
+    #[test]
     fn a_connection_taken_up_after_exec_goes_on_where_it_was() {
         use std::os::fd::IntoRawFd;
         let (c, s, files) = pair_with_files(4096);
