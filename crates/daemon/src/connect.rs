@@ -35,7 +35,7 @@ use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use vsocket_abi::control::{ConnectionInfo, Message};
 use vsocket_abi::fabric::Refusal;
@@ -461,21 +461,21 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
             let info = ConnectionInfo { id: id.0, local: server_addr, peer: attempt.client_addr, ring_size };
             let sent = match &kit {
                 ServerKit::Process { halves, bell, holds } => {
-                    let peer_copy;
+                    let peer_read_only;
                     let [own_half, peer_half] = match halves {
                         Some([own, peer]) => [own.as_fd(), peer.as_fd()],
                         None => {
                             let RecordMemory::Files { files, .. } = &kept else {
                                 unreachable!("a listener's segment has files")
                             };
-                            peer_copy = match files.read_only(Endpoint::Client) {
+                            peer_read_only = match files.read_only(Endpoint::Client) {
                                 Ok(fd) => fd,
                                 Err(e) => {
                                     cancel();
                                     return Err(Failed::Undelivered(e));
                                 }
                             };
-                            [files.rw[Endpoint::Server.index()].as_fd(), peer_copy.as_fd()]
+                            [files.rw[Endpoint::Server.index()].as_fd(), peer_read_only.as_fd()]
                         }
                     };
                     let handover = Handover { own_half, bell: bell.as_fd(), holds: holds.as_fd(), peer_half };
@@ -522,12 +522,6 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
     if let ClientEnd::Process(_) | ClientEnd::Vm(_) = client {
         client_guest.counters.connections_out.fetch_add(1, Ordering::Relaxed);
     }
-    let mut kept = kept;
-    if let RecordMemory::Files { files, .. } = &mut kept {
-        if !keeps_read_only(daemon) {
-            files.let_go_of_read_only();
-        }
-    }
     daemon.connections.add(ConnectionRecord {
         id,
         client: client_guest.clone(),
@@ -543,21 +537,6 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
     });
     let info = ConnectionInfo { id: id.0, local: attempt.client_addr, peer: server_addr, ring_size };
     Ok(Made { info, client: client_kit })
-}
-
-/// Whether a new record keeps its segment's read-only descriptors once
-/// both ends have theirs. Kept, handing the segment over again (to the
-/// same pair, which reuses it connection after connection) costs a copy;
-/// let go, it costs opening the file again (two `open`s of
-/// `/proc/self/fd`, a tenth of a fast connect) and each connection holds
-/// three of the daemon's descriptors instead of five. They are kept while
-/// the connections on record would take at most a third of the daemon's
-/// descriptor limit with them, so that a host with many connections fits
-/// two thirds more.
-fn keeps_read_only(daemon: &Daemon) -> bool {
-    static LIMIT: OnceLock<usize> = OnceLock::new();
-    let limit = *LIMIT.get_or_init(|| vsocket_sys::nofile_limit().map_or(1024, |l| l as usize));
-    daemon.connections.count() * 5 < limit / 3
 }
 
 /// The VMs' pieces of a connection, and the listener (if the server is

@@ -14,7 +14,7 @@ use std::fmt;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 use vsocket_abi::layout::Endpoint;
 use vsocket_policy::{evaluate, Flow, Protocol, Verdict};
@@ -76,6 +76,26 @@ pub struct ConnectionRecord {
     /// What the connection holds of its guests' quotas (their slots), given
     /// back once when it is retired, whatever changed meanwhile.
     pub charge: Charge,
+}
+
+/// Whether a connection recorded beside `held` others keeps its segment's
+/// read-only descriptors, under a descriptor limit of `limit`. Kept,
+/// handing the segment over again (to the same pair, which reuses it
+/// connection after connection) costs a copy; let go, it costs opening the
+/// file again (two `open`s of `/proc/self/fd`, a tenth of a fast connect)
+/// and each connection holds three of the daemon's descriptors instead of
+/// five. They are kept while the connections on record would take at most
+/// a third of the limit with them, so that a host with many connections
+/// fits two thirds more.
+pub fn keeps_read_only(held: usize, limit: usize) -> bool {
+    (held + 1) * 5 <= limit / 3
+}
+
+/// The daemon's descriptor limit, as it stands at the first connection
+/// (after the daemon raised it at start).
+fn descriptor_limit() -> usize {
+    static LIMIT: OnceLock<usize> = OnceLock::new();
+    *LIMIT.get_or_init(|| vsocket_sys::nofile_limit().map_or(1024, |l| l as usize))
 }
 
 /// Why a policy no longer allows an open connection.
@@ -196,13 +216,16 @@ impl Connections {
         lock(&self.connections).get(&id).map(f)
     }
 
-    /// How many connections are on record.
-    pub fn count(&self) -> usize {
-        lock(&self.connections).len()
-    }
-
-    pub fn add(&self, record: ConnectionRecord) {
+    /// Records a connection whose ends have their descriptors. Near the
+    /// daemon's descriptor limit its segment's read-only ones go (see
+    /// [`keeps_read_only`]).
+    pub fn add(&self, mut record: ConnectionRecord) {
         let mut conns = lock(&self.connections);
+        if let Memory::Files { files, .. } = &mut record.memory {
+            if !keeps_read_only(conns.len(), descriptor_limit()) {
+                files.let_go_of_read_only();
+            }
+        }
         if let Carrier::Shared(pair) = record.carrier {
             lock(&self.by_pair).entry(pair).or_default().push_back(record.id);
         }
@@ -391,6 +414,18 @@ mod tests {
             open += 1;
         });
         assert_eq!(open, 1);
+    }
+
+    #[test]
+    fn read_only_descriptors_go_once_connections_would_take_a_third_of_the_limit() {
+        // 20000 descriptors: a third is 6666, room for 1333 connections at
+        // five each; the 1334th and later keep three.
+        assert!(keeps_read_only(0, 20_000));
+        assert!(keeps_read_only(1332, 20_000));
+        assert!(!keeps_read_only(1333, 20_000));
+        assert!(!keeps_read_only(5000, 20_000));
+        // A tiny limit keeps none.
+        assert!(!keeps_read_only(0, 12));
     }
 
     #[test]

@@ -462,7 +462,7 @@ pub fn adopt(daemon: &Daemon, c: InheritedConnection) -> Result<(), NotAdopted> 
         server,
         server_addr: part.server_addr,
         opened: UNIX_EPOCH + Duration::from_millis(part.opened_ms),
-        memory: RecordMemory::Files { segment, files: without_read_only(c.files) },
+        memory: RecordMemory::Files { segment, files: c.files },
         carrier: Carrier::Shared(Pair { channel: ChannelId(part.channel), listener: ListenerId(part.listener) }),
         lifelines: c.lifelines,
         reset: AtomicBool::new(part.reset),

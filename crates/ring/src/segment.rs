@@ -47,21 +47,43 @@ impl SegmentFiles {
     /// What end `end` is handed: its own half read-write, then its peer's
     /// half read-only (copies).
     pub fn clone_for(&self, end: Endpoint) -> io::Result<[OwnedFd; 2]> {
-        Ok([self.rw[end.index()].try_clone()?, self.read_only(end.peer())?])
+        let peer = match self.read_only(end.peer())? {
+            ReadOnly::Kept(fd) => fd.try_clone_to_owned()?,
+            ReadOnly::Opened(fd) => fd,
+        };
+        Ok([self.rw[end.index()].try_clone()?, peer])
     }
 
-    /// A read-only descriptor of end `end`'s half: a copy of the kept one,
-    /// or the file opened again.
-    pub fn read_only(&self, end: Endpoint) -> io::Result<OwnedFd> {
+    /// A read-only descriptor of end `end`'s half: the kept one, or the
+    /// file opened again.
+    pub fn read_only(&self, end: Endpoint) -> io::Result<ReadOnly<'_>> {
         match &self.ro {
-            Some(ro) => ro[end.index()].try_clone(),
-            None => reopen_read_only(self.rw[end.index()].as_fd()),
+            Some(ro) => Ok(ReadOnly::Kept(ro[end.index()].as_fd())),
+            None => reopen_read_only(self.rw[end.index()].as_fd()).map(ReadOnly::Opened),
         }
     }
 
     /// Lets the read-only descriptors go (both ends have theirs).
     pub fn let_go_of_read_only(&mut self) {
         self.ro = None;
+    }
+}
+
+/// A half's read-only descriptor, as [`SegmentFiles::read_only`] has it.
+#[derive(Debug)]
+pub enum ReadOnly<'a> {
+    /// The one the files keep.
+    Kept(BorrowedFd<'a>),
+    /// Opened again (the files let theirs go).
+    Opened(OwnedFd),
+}
+
+impl AsFd for ReadOnly<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            ReadOnly::Kept(fd) => *fd,
+            ReadOnly::Opened(fd) => fd.as_fd(),
+        }
     }
 }
 
@@ -682,9 +704,10 @@ mod tests {
         let mut files = files;
         files.let_go_of_read_only();
         let again = files.read_only(Endpoint::Client).unwrap();
+        assert!(matches!(again, ReadOnly::Opened(_)), "opened again, not kept");
         assert_eq!(identity, Segment::identity(again.as_fd()).unwrap());
         // SAFETY: F_GETFL on a descriptor we own.
-        let mode = unsafe { libc::fcntl(again.as_raw_fd(), libc::F_GETFL) } & libc::O_ACCMODE;
+        let mode = unsafe { libc::fcntl(again.as_fd().as_raw_fd(), libc::F_GETFL) } & libc::O_ACCMODE;
         assert_eq!(mode, libc::O_RDONLY, "opened again read-only");
         assert_ne!(client.nonce(0), 0);
         assert_ne!(client.nonce(0), client.nonce(1));
