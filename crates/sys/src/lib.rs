@@ -185,8 +185,12 @@ pub fn peer_pid(sock: BorrowedFd<'_>) -> io::Result<libc::pid_t> {
 
 /// Sends one datagram with up to 8 descriptors attached (SCM_RIGHTS).
 pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    raw::send_with_fds(sock.as_raw_fd(), bytes, &raw)
+    let mut raw = [0 as RawFd; raw::MAX_SEND_FDS];
+    let raw = raw.get_mut(..fds.len()).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    for (to, fd) in raw.iter_mut().zip(fds) {
+        *to = fd.as_raw_fd();
+    }
+    raw::send_with_fds(sock.as_raw_fd(), bytes, raw)
 }
 
 /// Receives one datagram and any descriptors that came with it. Returns the

@@ -133,11 +133,13 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], flags: i32, mut each: impl FnMut
     Ok(Received { len, truncated: msg.msg_flags & libc::MSG_CTRUNC != 0 })
 }
 
-/// Sends one datagram with up to 8 descriptors (SCM_RIGHTS) on `fd`,
-/// whole or not at all.
+/// The most descriptors one [`send_with_fds`] carries.
+pub const MAX_SEND_FDS: usize = 8;
+
+/// Sends one datagram with up to [`MAX_SEND_FDS`] descriptors (SCM_RIGHTS)
+/// on `fd`, whole or not at all.
 pub fn send_with_fds(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    const MAX_FDS: usize = 8;
-    if fds.len() > MAX_FDS {
+    if fds.len() > MAX_SEND_FDS {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
