@@ -383,7 +383,7 @@ fn open_channel(local: SocketAddrV4, backlog: i32) -> Result<Channel, NotTaken> 
     // Dropping the channel on failure closes it.
     let channel = Channel::open().map_err(|_| NotTaken::NoDaemon)?;
     let reply =
-        channel.exchange(&Message::Listen { local, backlog: backlog as u32 }).map_err(|_| NotTaken::NoDaemon)?;
+        channel.exchange(&Message::Listen { local, backlog: backlog as u32 }, None).map_err(|_| NotTaken::NoDaemon)?;
     match reply.message {
         Message::ListenOk => Ok(channel),
         Message::Refused { errno } => Err(NotTaken::Refused(Errno(errno))),

@@ -54,11 +54,9 @@ pub enum Receive {
 pub trait ControlChannel: Sized {
     /// Opens a new channel to the guest's vsocketd.
     fn open() -> SysResult<Self>;
-    /// Sends `msg` and waits for the one reply.
-    fn exchange(&self, msg: &Message) -> SysResult<Reply>;
-    /// Sends `msg` with the descriptor `proof` (a `Reattach`'s lifeline)
-    /// and waits for the one reply.
-    fn exchange_proving(&self, msg: &Message, proof: RawFd) -> SysResult<Reply>;
+    /// Sends `msg`, with the descriptor `proof` if it takes one (a
+    /// `Reattach`'s lifeline), and waits for the one reply.
+    fn exchange(&self, msg: &Message, proof: Option<RawFd>) -> SysResult<Reply>;
     /// Receives one message (an `Incoming`, on a listener channel).
     fn receive(&self, receive: Receive) -> SysResult<Reply>;
     /// A descriptor that polls readable when a message (or the end of the
@@ -135,10 +133,7 @@ fn request_proving(msg: &Message, proof: Option<RawFd>) -> SysResult<Reply> {
         let Some(requests) = guard.as_ref() else {
             return Err(Errno(libc::EBADF));
         };
-        let result = match proof {
-            Some(fd) => requests.channel.exchange_proving(msg, fd),
-            None => requests.channel.exchange(msg),
-        };
+        let result = requests.channel.exchange(msg, proof);
         match result {
             Ok(reply) => return Ok(reply),
             Err(e) => {

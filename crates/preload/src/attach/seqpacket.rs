@@ -160,11 +160,12 @@ impl ControlChannel for ControlSocket {
         Ok(channel)
     }
 
-    fn exchange(&self, msg: &Message) -> SysResult<Reply> {
-        if self.framed {
-            send_frame(self.fd, msg)?;
-        } else {
-            send(self.fd, msg)?;
+    fn exchange(&self, msg: &Message, proof: Option<RawFd>) -> SysResult<Reply> {
+        match (self.framed, proof) {
+            (true, None) => send_frame(self.fd, msg)?,
+            // A VM's stream carries no descriptors (nor has any to ask for).
+            (true, Some(_)) => return Err(Errno(libc::EOPNOTSUPP)),
+            (false, proof) => send(self.fd, msg, proof)?,
         }
         // Sleeping at once, rather than spinning, is what makes this fast:
         // the wake-up is a synchronous one, so the scheduler runs the
@@ -173,18 +174,6 @@ impl ControlChannel for ControlSocket {
         // caller would instead have the daemon woken on the other core
         // (often idle, and leaving the idle state costs more than the whole
         // request).
-        self.receive(Receive::Wait)
-    }
-
-    fn exchange_proving(&self, msg: &Message, proof: RawFd) -> SysResult<Reply> {
-        if self.framed {
-            // A VM's stream carries no descriptors (nor has any to ask for).
-            return Err(Errno(libc::EOPNOTSUPP));
-        }
-        let mut buf = [0u8; MAX_MESSAGE];
-        let bytes = msg.encode(&mut buf);
-        vsocket_sys::raw::send_with_fds(self.fd, bytes, &[proof])
-            .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
         self.receive(Receive::Wait)
     }
 
@@ -260,10 +249,14 @@ fn receive_frame(channel: RawFd, flags: i32) -> SysResult<Reply> {
     Ok(Reply { message, fds: [-1; CONNECTION_FDS] })
 }
 
-/// Sends `msg` on `channel`.
-fn send(channel: RawFd, msg: &Message) -> SysResult<()> {
+/// Sends `msg` on `channel`, with `proof` attached if there is one.
+fn send(channel: RawFd, msg: &Message, proof: Option<RawFd>) -> SysResult<()> {
     let mut buf = [0u8; MAX_MESSAGE];
     let bytes = msg.encode(&mut buf);
+    if let Some(fd) = proof {
+        return vsocket_sys::raw::send_with_fds(channel, bytes, &[fd])
+            .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)));
+    }
     loop {
         match sys::send(channel, bytes, 0) {
             Err(Errno(libc::EINTR)) => continue,
