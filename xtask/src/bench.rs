@@ -340,34 +340,17 @@ pub fn run(args: &[String]) -> Result {
         }
         // The cost of connections that say nothing: the busy 50 again, with
         // IDLE more connections held open to the same server.
-        let holder = vsocket_e2e::asset("idle_clients.py").to_string_lossy().into_owned();
         b.interleaved(&lab, &format!("redis-benchmark -c 50 with {IDLE} idle"), |lab, via| {
-            let port = Bench::port(via, 6379).to_string();
-            let mut idle = lab
-                .command("a", via, "python3", &[&holder, "10.10.0.3", &port, &IDLE.to_string()])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .map_err(err)?;
-            let mut said = String::new();
-            let stdout = idle.stdout.take().ok_or("no stdout")?;
-            BufReader::new(stdout).read_line(&mut said).map_err(err)?;
-            let result = if said.starts_with("held") {
-                redis(lab, via, 50, 1, 200_000).map(|samples| {
-                    samples
-                        .into_iter()
-                        .map(|mut s| {
-                            s.scenario = format!("{} with {IDLE} idle", s.scenario);
-                            s
-                        })
-                        .collect()
+            // Silent: they send nothing at all.
+            let _idle = Held::open(lab, via, Bench::port(via, 6379), IDLE, 0, "busy")?;
+            let samples = redis(lab, via, 50, 1, 200_000)?;
+            Ok(samples
+                .into_iter()
+                .map(|mut s| {
+                    s.scenario = format!("{} with {IDLE} idle", s.scenario);
+                    s
                 })
-            } else {
-                Err(format!("holding {IDLE} idle connections: {said}"))
-            };
-            drop(idle.stdin.take());
-            let _ = idle.wait();
-            result
+                .collect())
         })?;
         lab.stop_background();
     }
@@ -393,7 +376,7 @@ pub fn run(args: &[String]) -> Result {
     // (the kernel's socket buffers; vSocket's shared memory touched and
     // the daemon's own memory), over MEMORY_CONNECTIONS connections.
     if wanted("memory") {
-        let holder = vsocket_e2e::asset("memhold.py").to_string_lossy().into_owned();
+        let holder = Held::script();
         for (mode, bytes, base) in [("idle", 64, 7400u16), ("busy", 32 * 1024, 7410)] {
             Bench::servers(
                 &mut lab,
@@ -404,7 +387,7 @@ pub fn run(args: &[String]) -> Result {
             let saved = b.repeats;
             b.repeats = 1;
             b.interleaved(&lab, &format!("memory per {mode} connection"), |lab, via| {
-                memory_per_connection(lab, via, &holder, Bench::port(via, base), mode, bytes)
+                memory_per_connection(lab, via, Bench::port(via, base), mode, bytes)
             })?;
             b.repeats = saved;
             lab.stop_background();
@@ -480,72 +463,86 @@ const MEMORY_CONNECTIONS: u32 = 1000;
 /// the daemon's own memory (`RssAnon`); on both, the kernel's objects
 /// (`Slab`: sockets, files, pipes), which an idle kernel socket is made of.
 fn host_memory(lab: &Lab, via: Via) -> Result<f64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(err)?;
-    let slab = meminfo_kib(&meminfo, "Slab:")? * 1024.0;
-    Ok(slab + path_memory(lab, via, &meminfo)?)
-}
-
-/// A `/proc/meminfo` field, in KiB.
-fn meminfo_kib(meminfo: &str, name: &str) -> Result<f64> {
-    let line = meminfo.lines().find(|l| l.starts_with(name)).ok_or(format!("no {name} in /proc/meminfo"))?;
-    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).ok_or(format!("no value in {line}"))
-}
-
-/// The part of [`host_memory`] that is the path's own.
-fn path_memory(lab: &Lab, via: Via, meminfo: &str) -> Result<f64> {
-    let field = |text: &str, line_start: &str, key: &str| -> Result<f64> {
-        let line = text.lines().find(|l| l.starts_with(line_start)).ok_or(format!("no {line_start} in {text}"))?;
-        let mut words = line.split_whitespace();
-        while let Some(w) = words.next() {
-            if w == key {
-                return words.next().and_then(|v| v.parse().ok()).ok_or(format!("no {key} in {line}"));
-            }
-        }
-        Err(format!("no {key} in {line}"))
-    };
-    match via {
-        Via::Kernel => {
-            let sockstat = std::fs::read_to_string("/proc/net/sockstat").map_err(err)?;
-            Ok(field(&sockstat, "TCP:", "mem")? * 4096.0)
-        }
+    let read = |path: &str| std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"));
+    let meminfo = read("/proc/meminfo")?;
+    let slab = figure(&meminfo, "Slab:", "Slab:")? * 1024.0;
+    let own = match via {
+        Via::Kernel => figure(&read("/proc/net/sockstat")?, "TCP:", "mem")? * 4096.0,
         Via::Vsocket => {
-            let shmem = meminfo_kib(meminfo, "Shmem:")? * 1024.0;
             let pid = lab.daemon_pid().ok_or("no daemon")?;
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(err)?;
-            let daemon = field(&status, "RssAnon:", "RssAnon:")? * 1024.0;
-            Ok(shmem + daemon)
+            let status = read(&format!("/proc/{pid}/status"))?;
+            (figure(&meminfo, "Shmem:", "Shmem:")? + figure(&status, "RssAnon:", "RssAnon:")?) * 1024.0
         }
+    };
+    Ok(slab + own)
+}
+
+/// The number after the word `key` on the line of `text` that starts with
+/// `line` (`/proc` files' "Slab: 123 kB", "TCP: inuse 3 ... mem 7").
+fn figure(text: &str, line: &str, key: &str) -> Result<f64> {
+    let found = text.lines().find(|l| l.starts_with(line)).ok_or(format!("no {line} in {text}"))?;
+    let mut words = found.split_whitespace().skip_while(|w| *w != key).skip(1);
+    words.next().and_then(|v| v.parse().ok()).ok_or(format!("no {key} in {found}"))
+}
+
+/// Connections `memhold.py client` holds from guest `a` to `b`, until
+/// dropped.
+struct Held(std::process::Child);
+
+impl Held {
+    fn script() -> String {
+        vsocket_e2e::asset("memhold.py").to_string_lossy().into_owned()
+    }
+
+    /// Opens `count` connections to port `port` over `via`, each sending
+    /// `bytes` in `mode` (see `memhold.py`), and returns once all are in
+    /// their state.
+    fn open(lab: &Lab, via: Via, port: u16, count: u32, bytes: u32, mode: &str) -> Result<Held> {
+        let args =
+            [&Self::script(), "client", "10.10.0.3", &port.to_string(), &count.to_string(), &bytes.to_string(), mode];
+        let mut held = Held(
+            lab.command("a", via, "python3", &args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .map_err(err)?,
+        );
+        let mut said = String::new();
+        let stdout = held.0.stdout.take().ok_or("no stdout")?;
+        BufReader::new(stdout).read_line(&mut said).map_err(err)?;
+        if !said.starts_with("held") {
+            return Err(format!("holding {count} {mode} connections: {said}"));
+        }
+        Ok(held)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // The end of its input lets it go.
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
     }
 }
 
 /// Opens [`MEMORY_CONNECTIONS`] connections in `mode` (see `memhold.py`)
 /// and measures what the host holds for each, in KiB.
-fn memory_per_connection(lab: &Lab, via: Via, holder: &str, port: u16, mode: &str, bytes: u32) -> Result<Vec<Sample>> {
+fn memory_per_connection(lab: &Lab, via: Via, port: u16, mode: &str, bytes: u32) -> Result<Vec<Sample>> {
     std::thread::sleep(std::time::Duration::from_millis(500));
     let before = host_memory(lab, via)?;
-    let args =
-        [holder, "client", "10.10.0.3", &port.to_string(), &MEMORY_CONNECTIONS.to_string(), &bytes.to_string(), mode];
-    let mut client =
-        lab.command("a", via, "python3", &args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().map_err(err)?;
-    let mut said = String::new();
-    let stdout = client.stdout.take().ok_or("no stdout")?;
-    BufReader::new(stdout).read_line(&mut said).map_err(err)?;
+    let held = Held::open(lab, via, port, MEMORY_CONNECTIONS, bytes, mode)?;
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let after = host_memory(lab, via);
-    drop(client.stdin.take());
-    let _ = client.wait();
-    if !said.starts_with("held") {
-        return Err(format!("holding {MEMORY_CONNECTIONS} {mode} connections: {said}"));
-    }
-    let per = (after? - before).max(0.0) / f64::from(MEMORY_CONNECTIONS) / 1024.0;
+    let after = host_memory(lab, via)?;
+    drop(held);
+    let per = (after - before).max(0.0) / f64::from(MEMORY_CONNECTIONS) / 1024.0;
     Ok(vec![sample(&format!("memory per {mode} connection"), "host memory", "KiB", Better::Lower, per)])
 }
 
 /// Idle connections held beside the busy ones in the idle-mix row. Each
-/// vSocket connection costs a process five descriptors (its socket, the
-/// doorbell, the lifeline and the segment's two halves), and the server
-/// holds them all: at the 20000-descriptor limit of the machines the bench
-/// runs on (whose programs cannot raise their hard limit), about 3800 fit.
+/// vSocket connection costs a process three descriptors (its socket, the
+/// doorbell, the lifeline), and the server holds them all: at the
+/// 20000-descriptor limit of the machines the bench runs on (whose programs
+/// cannot raise their hard limit), about 6600 fit.
 const IDLE: u32 = 3_000;
 
 /// What each path keeps of its throughput with [`IDLE`] idle connections

@@ -8,7 +8,8 @@ Usage:
 MODE idle: each client sends BYTES, the server echoes them, the client reads
 them back; then the connection says nothing more (an idle connection that
 has been used). MODE busy: each client sends BYTES, which the server never
-reads (a connection with data in flight).
+reads (a connection with data in flight); with BYTES 0, a connection that
+has said nothing at all (the benchmark's idle-mix row holds such).
 
 The server prints "listening" once it listens and runs until killed. The
 client prints "held N" once all N connections are in their state (or
@@ -67,7 +68,8 @@ def client(addr, port, n, size, mode):
         s = socket.socket()
         try:
             s.connect((addr, port))
-            s.sendall(payload)
+            if payload:
+                s.sendall(payload)
             if mode == "idle":
                 got = 0
                 while got < size:
