@@ -63,8 +63,10 @@ pub const RELEASED: usize = 4;
 /// Offset, within the endpoint line, of the "sleepers" word: threads of
 /// the processes holding this end that are asleep on its doorbell (or
 /// about to be). A waiter that wakes leaves the doorbell rung, and the
-/// rings armed, while others still sleep: it is theirs too. Only the
-/// processes holding this end use it; old libraries that do not are
+/// rings armed, while others still sleep: it is theirs too. Its top bit
+/// marks the last sleeper to wake while it takes the doorbell and the
+/// arming; a waiter counting itself meanwhile arms only after that. Only
+/// the processes holding this end use it; old libraries that do not are
 /// unaffected by it.
 pub const SLEEPERS: usize = 8;
 /// Offset of the data area within a half.

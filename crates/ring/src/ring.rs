@@ -355,6 +355,12 @@ impl<'a> Producer<'a> {
         Shared::disarm(&self.0.prod.waiting);
     }
 
+    /// The latest of this side's armings the consumer has answered with a
+    /// wake-up: a new value means a new ring (the consumer may forge it).
+    pub fn answered(&self) -> u64 {
+        self.0.cons.woken.load(Ordering::Relaxed)
+    }
+
     /// Bytes written so far (for metering; the peer may forge it).
     pub fn total(&self) -> u64 {
         self.0.prod.tail.load(Ordering::Relaxed)
@@ -515,6 +521,12 @@ impl<'a> Consumer<'a> {
     /// again) before it next sleeps.
     pub fn disarm(&self) {
         Shared::disarm(&self.0.cons.waiting);
+    }
+
+    /// The latest of this side's armings the producer has answered with a
+    /// wake-up: a new value means a new ring (the producer may forge it).
+    pub fn answered(&self) -> u64 {
+        self.0.prod.woken.load(Ordering::Relaxed)
     }
 
     /// Has the producer ended the stream (FIN or RST), whether or not

@@ -8,6 +8,7 @@
 //! stream also tells us that every process holding the peer's end is gone.
 
 mod blocking;
+mod rung;
 mod state;
 
 use crate::attach::{ConnectionMemory, Delivery, Memory, Remap, Wakeups};
@@ -15,6 +16,7 @@ use crate::readiness::{Interest, Readiness};
 use crate::scratch;
 use crate::sys::{self, Errno, SysResult};
 pub use blocking::MAX_SLEEP_MS;
+use rung::LeftRung;
 pub use state::Blocking;
 use state::{Flags, State};
 use std::net::SocketAddrV4;
@@ -33,9 +35,15 @@ enum Step {
     Wait(usize),
 }
 
-/// Wake-ups in a row, for sleepers that never wake, after which a waiter
-/// takes the doorbell anyway (see [`Connection::wake`]).
-const STALE_SLEEPERS: u32 = 8;
+/// The mark, in an end's sleepers word (beside the count), of the last
+/// sleeper to wake taking the doorbell and the arming (see
+/// [`Connection::wake`]).
+const LAST_WAKING: u32 = 1 << 31;
+
+/// How long a waiter waits for the last sleeper to wake to finish before it
+/// takes the mark to be stale (see `Connection::wait_for_last_waking`): far
+/// longer than a drain and a disarm take, even on a busy machine.
+const LAST_WAKING_WAIT_NS: u64 = 100_000_000;
 
 pub struct Connection {
     segment: Memory,
@@ -57,10 +65,9 @@ pub struct Connection {
     /// up): the stream reads as finished and writes fail, as if the peer
     /// had closed. Kept here, since this end cannot write the peer's half.
     peer_gone: AtomicBool,
-    /// Wake-ups this process took while other sleepers were counted, one
-    /// after another, leaving the doorbell rung (see `wake`): a count that
-    /// keeps growing means a sleeper died asleep.
-    rung_for_others: AtomicU32,
+    /// The ring this process's waiters last left for other sleepers (see
+    /// `wake`): one left too long means a sleeper died asleep.
+    left_rung: LeftRung,
     /// Pending SO_ERROR.
     so_error: AtomicI32,
     /// SO_RCVTIMEO and SO_SNDTIMEO in milliseconds (0: none), kept in step
@@ -169,7 +176,7 @@ impl Connection {
             info: resumed.info,
             family: resumed.family,
             fork_generation: AtomicU64::new(0),
-            rung_for_others: AtomicU32::new(0),
+            left_rung: LeftRung::default(),
             state: State::resumed(resumed.flags),
             peer_gone: AtomicBool::new(false),
             so_error: AtomicI32::new(0),
@@ -289,43 +296,84 @@ impl Connection {
     /// waiter that wakes leave the doorbell rung and the arming in place
     /// while others still sleep on them: taking either would leave those
     /// asleep until their sleep's cap.
+    ///
+    /// A waiter that counts itself while the last one to wake is still
+    /// taking the doorbell and the arming waits for it to finish (see
+    /// [`Connection::wake`]): its own arming, and the ring that answers it,
+    /// must come after them.
     pub fn fall_asleep(&self, interest: Interest) {
-        self.sleepers().fetch_add(1, Ordering::AcqRel);
+        let before = self.sleepers().fetch_add(1, Ordering::AcqRel);
+        if before & LAST_WAKING != 0 {
+            self.wait_for_last_waking();
+        }
         self.arm(interest);
+    }
+
+    /// Waits, briefly, until the last sleeper to wake has taken the doorbell
+    /// and the arming. One that never finishes (its process was killed in
+    /// between) has its mark cleared here after [`LAST_WAKING_WAIT_NS`]: a
+    /// wake-up lost then is bounded by the sleep cap, as any other.
+    fn wait_for_last_waking(&self) {
+        let began = sys::now_ns();
+        while self.sleepers().load(Ordering::Acquire) & LAST_WAKING != 0 {
+            if sys::now_ns().saturating_sub(began) > LAST_WAKING_WAIT_NS {
+                self.sleepers().fetch_and(!LAST_WAKING, Ordering::AcqRel);
+                return;
+            }
+            std::thread::yield_now();
+        }
     }
 
     /// The caller, counted by [`Connection::fall_asleep`], woke (`rang`:
     /// its doorbell had fired). The last sleeper to wake drains the
     /// doorbell and withdraws the arming for `interest`; one that is not
     /// the last leaves both to the others. Returns whether it was the last.
+    ///
+    /// The last one marks the count while it takes them ([`LAST_WAKING`]),
+    /// so that a waiter counting itself meanwhile arms only afterwards:
+    /// otherwise the arming it made could be withdrawn, or the ring that
+    /// answered it drained, by the sleeper that had just left, and it
+    /// would sleep through the wake-up meant for it.
     pub fn wake(&self, interest: Interest, rang: bool) -> bool {
-        let before = self.sleepers().fetch_sub(1, Ordering::AcqRel);
-        let last = before <= 1;
-        if before == 0 {
-            // Not counted (a count another process reset): undo.
-            self.sleepers().fetch_add(1, Ordering::AcqRel);
-        }
+        let mut last = false;
+        let _ = self.sleepers().fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+            // Not counted (a count another process reset) counts as last.
+            last = (word & !LAST_WAKING) <= 1;
+            Some(if last { LAST_WAKING } else { word - 1 })
+        });
         if last {
-            self.rung_for_others.store(0, Ordering::Relaxed);
+            self.left_rung.taken();
             self.disarm(interest);
             if rang {
                 self.drain_doorbell();
             }
-        } else if rang && self.rung_for_others.fetch_add(1, Ordering::Relaxed) >= STALE_SLEEPERS {
-            // Woken again and again for sleepers that never wake: one died
-            // asleep and its count stays. Take the doorbell, or every wait
-            // on it would spin.
-            self.rung_for_others.store(0, Ordering::Relaxed);
-            self.drain_doorbell();
+            self.sleepers().fetch_and(!LAST_WAKING, Ordering::AcqRel);
+        } else if rang {
+            let ring = self.rx().answered() ^ self.tx().answered().rotate_left(32);
+            if self.left_rung.too_long(ring, sys::now_ns()) {
+                // A sleeper never woke for this ring: it died asleep and its
+                // count stays. Take the doorbell, or every wait on it would
+                // spin.
+                self.drain_doorbell();
+            } else {
+                // The ring is the others': let them run to take it.
+                std::thread::yield_now();
+            }
         }
         last
     }
 
     /// Drains the doorbell unless a sleeper is counted (its wake-up is
     /// left to it): for a doorbell that fired where nobody here slept on it.
+    ///
+    /// It drains under the last-waking mark, as the last sleeper does: a
+    /// waiter counting itself meanwhile arms after the drain, so the drain
+    /// cannot take the ring that answers it.
     pub fn drain_unless_watched(&self) {
-        if self.sleepers().load(Ordering::Acquire) == 0 {
+        if self.sleepers().compare_exchange(0, LAST_WAKING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.left_rung.taken();
             self.drain_doorbell();
+            self.sleepers().fetch_and(!LAST_WAKING, Ordering::AcqRel);
         }
     }
 
@@ -965,20 +1013,90 @@ mod tests {
     }
 
     #[test]
+    fn a_waiter_falling_asleep_while_the_last_one_wakes_keeps_its_arming() {
+        let (c, s) = pair(4096);
+        // The last sleeper to wake is between leaving the count and taking
+        // the doorbell and the arming, as `wake` leaves it then.
+        c.fall_asleep(Interest::READABLE);
+        c.sleepers().store(LAST_WAKING, Ordering::Release);
+        let (armed_tx, armed) = std::sync::mpsc::channel();
+        let other = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                c.fall_asleep(Interest::READABLE);
+                armed_tx.send(()).unwrap();
+            })
+        };
+        let early = armed.recv_timeout(std::time::Duration::from_millis(20));
+        assert!(early.is_err(), "the new waiter armed before the last one had finished");
+        // The last one finishes: its disarming and draining come first.
+        c.disarm(Interest::READABLE);
+        c.drain_doorbell();
+        c.sleepers().fetch_and(!LAST_WAKING, Ordering::AcqRel);
+        armed.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        other.join().unwrap();
+        assert_eq!(s.send(&[b"x"], 0), Ok(1));
+        assert!(rung(&c), "the new waiter's arming stood, and its ring came");
+        assert!(c.wake(Interest::READABLE, true));
+        assert_eq!(c.sleepers().load(Ordering::Acquire), 0, "the mark is gone with the last one");
+    }
+
+    #[test]
+    fn a_mark_left_by_a_killed_waker_is_cleared() {
+        let (c, s) = pair(4096);
+        c.sleepers().store(LAST_WAKING, Ordering::Release);
+        let began = std::time::Instant::now();
+        c.fall_asleep(Interest::READABLE);
+        assert!(began.elapsed() >= std::time::Duration::from_nanos(LAST_WAKING_WAIT_NS));
+        assert_eq!(c.sleepers().load(Ordering::Acquire), 1);
+        assert_eq!(s.send(&[b"x"], 0), Ok(1));
+        assert!(rung(&c));
+        assert!(c.wake(Interest::READABLE, true));
+    }
+
+    #[test]
     fn a_sleeper_that_never_wakes_does_not_keep_the_doorbell_rung_for_ever() {
         let (c, s) = pair(4096);
         // A sleeper that died asleep: counted, never woken.
         c.fall_asleep(Interest::READABLE);
-        for i in 0..=STALE_SLEEPERS {
-            c.fall_asleep(Interest::READABLE);
-            assert_eq!(s.send(&[b"z"], 0), Ok(1));
-            assert_eq!(recv_all(&c, 1), b"z");
-            assert!(!c.wake(Interest::READABLE, true));
-            if i < STALE_SLEEPERS {
-                assert!(rung(&c), "left for the other sleeper ({i})");
+        c.fall_asleep(Interest::READABLE);
+        assert_eq!(s.send(&[b"z"], 0), Ok(1));
+        assert_eq!(recv_all(&c, 1), b"z");
+        // Another waiter wakes on the ring again and again, as one whose
+        // sleeps end at once on a doorbell left rung.
+        let began = std::time::Instant::now();
+        let mut wakes = 0;
+        while rung(&c) {
+            assert!(began.elapsed() < std::time::Duration::from_secs(5), "the ring was never taken");
+            if wakes > 0 {
+                c.fall_asleep(Interest::READABLE);
             }
+            assert!(!c.wake(Interest::READABLE, true));
+            wakes += 1;
         }
-        assert!(!rung(&c), "taken after {STALE_SLEEPERS} wake-ups for a sleeper that never wakes");
+        let left = began.elapsed();
+        assert!(
+            left >= std::time::Duration::from_nanos(rung::STALE_AFTER_NS),
+            "taken after {left:?} ({wakes} wake-ups)"
+        );
+    }
+
+    #[test]
+    fn a_slow_sleeper_keeps_its_ring_however_often_another_wakes_on_it() {
+        let (c, s) = pair(4096);
+        c.fall_asleep(Interest::READABLE);
+        c.fall_asleep(Interest::READABLE);
+        assert_eq!(s.send(&[b"z"], 0), Ok(1));
+        assert_eq!(recv_all(&c, 1), b"z");
+        // More than the eight in a row that once counted as a dead sleeper.
+        for _ in 0..12 {
+            assert!(!c.wake(Interest::READABLE, true));
+            c.fall_asleep(Interest::READABLE);
+        }
+        assert!(rung(&c), "quick wake-ups on one ring did not take the other sleeper's ring");
+        assert!(!c.wake(Interest::READABLE, true));
+        assert!(c.wake(Interest::READABLE, true), "the slow one wakes last");
+        assert!(!rung(&c));
     }
 
     fn recv_all(c: &Connection, n: usize) -> Vec<u8> {
