@@ -9,7 +9,7 @@
  * stream. Each waiter notes when it woke for the end. Prints the largest and
  * the median delay over all waiters and rounds:
  *
- *   waiters PORT ROUNDS     prints "max_us=N median_us=M"
+ *   waiters PORT ROUNDS     prints "worst=WAITER@roundR max_us=N median_us=M"
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -140,7 +140,12 @@ int main(int argc, char **argv) {
         close(s);
         close(conn_fd);
     }
-    int n = rounds * 4;
+    static const char *names[4] = {"recv", "recv", "epoll", "poll-in-child"};
+    int n = rounds * 4, worst = 0;
+    for (int i = 1; i < n; i++)
+        if (delays[i] > delays[worst])
+            worst = i;
+    printf("worst=%s@round%d ", names[worst % 4], worst / 4);
     qsort(delays, (size_t)n, sizeof *delays, cmp);
     printf("max_us=%lld median_us=%lld\n", (long long)delays[n - 1], (long long)delays[n / 2]);
     return 0;

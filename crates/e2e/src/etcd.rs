@@ -158,6 +158,21 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed test's store: how its members ended and what its
+            // namespace's sockets and addresses were, for the test's output.
+            eprintln!("--- the store when the test failed ({}):", self.dir.display());
+            for i in 0..self.commands.len() {
+                let log = std::fs::read_to_string(self.dir.join(format!("member-{i}.log"))).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("member {i}, last lines of its log:\n{}", lines[lines.len().saturating_sub(25)..].join("\n"));
+            }
+            for what in [&["ss", "-ltn"][..], &["ss", "-tn", "state", "syn-sent"], &["ip", "-br", "addr"]] {
+                if let Ok(out) = self.command(what[0]).args(&what[1..]).output() {
+                    eprintln!("{}:\n{}", what.join(" "), String::from_utf8_lossy(&out.stdout));
+                }
+            }
+        }
         for member in 0..self.members.len() {
             self.kill(member);
         }

@@ -596,8 +596,29 @@ fn peers_up(lab: &vsocket_e2e::Lab) -> Vec<String> {
 /// A live edit on `lab`'s host, made in the store; its output.
 fn edit(lab: &vsocket_e2e::Lab, args: &[&str]) -> String {
     let out = lab.ctl_output(args).unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{args:?}: {}\n{}", String::from_utf8_lossy(&out.stderr), path_to_store(lab));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// How `lab`'s host sees the way to the store: its neighbours, its
+/// connections still being made, and whether the store's address answers
+/// a connect now (for a failed edit's message).
+fn path_to_store(lab: &vsocket_e2e::Lab) -> String {
+    let switch = format!("vsw-{}", lab.name);
+    let probe = format!("echo > /dev/tcp/{STORE_IP}/2379 && echo the first member takes a connect");
+    let runs: [&[&str]; 4] = [
+        &["ip", "neigh", "show"],
+        &["ss", "-tn", "state", "syn-sent"],
+        &["ip", "-s", "-br", "link"],
+        &["timeout", "3", "bash", "-c", &probe],
+    ];
+    let mut report = format!("the way to the store from {switch}:\n");
+    for run in runs {
+        let out = Command::new("ip").args(["netns", "exec", &switch]).args(run).output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr));
+        report.push_str(&format!("$ {}\n{}\n", run.join(" "), text.unwrap_or_else(|e| e.to_string())));
+    }
+    report
 }
 
 /// How many times `lab`'s daemon has started (its log says so each time).
