@@ -462,10 +462,15 @@ const MEMORY_CONNECTIONS: u32 = 1000;
 /// (`Shmem` in `/proc/meminfo`: the segments' pages that were touched) and
 /// the daemon's own memory (`RssAnon`); on both, the kernel's objects
 /// (`Slab`: sockets, files, pipes), which an idle kernel socket is made of.
+///
+/// Less what listing `/proc/PID/fd` leaves in the slab (see
+/// [`proc_fd_entries`]): a monitor that lists every process's descriptors
+/// (these machines run one) makes them for every descriptor of every
+/// process, and a host without one has none.
 fn host_memory(lab: &Lab, via: Via) -> Result<f64> {
     let read = |path: &str| std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"));
     let meminfo = read("/proc/meminfo")?;
-    let slab = figure(&meminfo, "Slab:", "Slab:")? * 1024.0;
+    let slab = figure(&meminfo, "Slab:", "Slab:")? * 1024.0 - proc_fd_entries(&read("/proc/slabinfo")?)?;
     let own = match via {
         Via::Kernel => figure(&read("/proc/net/sockstat")?, "TCP:", "mem")? * 4096.0,
         Via::Vsocket => {
@@ -475,6 +480,28 @@ fn host_memory(lab: &Lab, via: Via) -> Result<f64> {
         }
     };
     Ok(slab + own)
+}
+
+/// Bytes of the slab that entries of `/proc/PID/fd` directories take, from
+/// `slabinfo`: one `/proc` inode each, and the dentry that names it.
+fn proc_fd_entries(slabinfo: &str) -> Result<f64> {
+    let cache = |name: &str| -> Result<(f64, f64)> {
+        let line = slabinfo.lines().find(|l| l.split_whitespace().next() == Some(name));
+        let fields: Vec<f64> = line
+            .ok_or(format!("no {name} in slabinfo"))?
+            .split_whitespace()
+            .skip(1)
+            .take(3)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        match fields[..] {
+            [active, _, size] => Ok((active, size)),
+            _ => Err(format!("slabinfo's {name} line does not read")),
+        }
+    };
+    let (inodes, inode_size) = cache("proc_inode_cache")?;
+    let (_, dentry_size) = cache("dentry")?;
+    Ok(inodes * (inode_size + dentry_size))
 }
 
 /// The number after the word `key` on the line of `text` that starts with
@@ -660,4 +687,21 @@ fn plot(rows: &[Row]) -> String {
 
 fn xml(t: &str) -> String {
     t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_fd_entries_are_counted_from_slabinfo() {
+        let slabinfo = "slabinfo - version: 2.1\n\
+             # name            <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab> : tunables\n\
+             proc_inode_cache    1000   1100    696   23    4 : tunables    0    0    0\n\
+             dentry             20000  21000    192   21    1 : tunables    0    0    0\n\
+             TCP                  300    320   2368   13    8 : tunables    0    0    0\n";
+        assert_eq!(proc_fd_entries(slabinfo), Ok(1000.0 * (696.0 + 192.0)));
+        assert!(proc_fd_entries("slabinfo - version: 2.1\n").unwrap_err().contains("proc_inode_cache"));
+        assert!(proc_fd_entries("proc_inode_cache 1 x\ndentry 1 1 1\n").unwrap_err().contains("does not read"));
+    }
 }
