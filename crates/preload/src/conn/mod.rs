@@ -68,6 +68,9 @@ pub struct Connection {
     /// The ring this process's waiters last left for other sleepers (see
     /// `wake`): one left too long means a sleeper died asleep.
     left_rung: LeftRung,
+    /// This process's waiters among the end's sleepers (see
+    /// `forget_stale_sleepers`).
+    own_sleepers: AtomicU32,
     /// Pending SO_ERROR.
     so_error: AtomicI32,
     /// SO_RCVTIMEO and SO_SNDTIMEO in milliseconds (0: none), kept in step
@@ -177,6 +180,7 @@ impl Connection {
             family: resumed.family,
             fork_generation: AtomicU64::new(0),
             left_rung: LeftRung::default(),
+            own_sleepers: AtomicU32::new(0),
             state: State::resumed(resumed.flags),
             peer_gone: AtomicBool::new(false),
             so_error: AtomicI32::new(0),
@@ -302,6 +306,9 @@ impl Connection {
     /// [`Connection::wake`]): its own arming, and the ring that answers it,
     /// must come after them.
     pub fn fall_asleep(&self, interest: Interest) {
+        // Ours first, so that ours are never fewer than those of ours in
+        // the shared count (see `forget_stale_sleepers`).
+        self.own_sleepers.fetch_add(1, Ordering::AcqRel);
         let before = self.sleepers().fetch_add(1, Ordering::AcqRel);
         if before & LAST_WAKING != 0 {
             self.wait_for_last_waking();
@@ -341,16 +348,18 @@ impl Connection {
             last = (word & !LAST_WAKING) <= 1;
             Some(if last { LAST_WAKING } else { word - 1 })
         });
+        let _ = self.own_sleepers.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         if last {
-            self.left_rung.taken();
-            self.disarm(interest);
-            if rang {
-                self.drain_doorbell();
-            }
-            self.sleepers().fetch_and(!LAST_WAKING, Ordering::AcqRel);
+            self.take_ring(interest, rang);
         } else if rang {
             let ring = self.rx().answered() ^ self.tx().answered().rotate_left(32);
-            if self.left_rung.too_long(ring, sys::now_ns()) {
+            if self.forget_stale_sleepers() {
+                // Nobody else was really asleep: the ring is this waiter's.
+                if self.sleepers().compare_exchange(0, LAST_WAKING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    self.take_ring(interest, true);
+                    return true;
+                }
+            } else if self.left_rung.too_long(ring, sys::now_ns()) {
                 // A sleeper never woke for this ring: it died asleep and its
                 // count stays. Take the doorbell, or every wait on it would
                 // spin.
@@ -361,6 +370,37 @@ impl Connection {
             }
         }
         last
+    }
+
+    /// As the last sleeper to wake, marked ([`LAST_WAKING`]): withdraws the
+    /// arming for `interest`, drains the doorbell if it `rang`, and lifts
+    /// the mark.
+    fn take_ring(&self, interest: Interest, rang: bool) {
+        self.left_rung.taken();
+        self.disarm(interest);
+        if rang {
+            self.drain_doorbell();
+        }
+        self.sleepers().fetch_and(!LAST_WAKING, Ordering::AcqRel);
+    }
+
+    /// Where this process is the end's only holder, every sleeper counted
+    /// is one of its own, so counts beyond its own are stale: armings of
+    /// an epoll set of the image this process had before exec, which went
+    /// without waking. Brings the count back to this process's own (never
+    /// below what it has counted) and returns whether that left nobody.
+    /// Elsewhere (the end shared after fork) it cannot tell, and returns
+    /// false: a ring left too long is taken instead (`LeftRung`).
+    fn forget_stale_sleepers(&self) -> bool {
+        if self.segment.holders(self.endpoint.index()).load(Ordering::Acquire) != 1 {
+            return false;
+        }
+        let counted = self.sleepers().load(Ordering::Acquire);
+        let own = self.own_sleepers.load(Ordering::Acquire);
+        if counted & LAST_WAKING != 0 || counted <= own {
+            return false;
+        }
+        self.sleepers().compare_exchange(counted, own, Ordering::AcqRel, Ordering::Acquire).is_ok() && own == 0
     }
 
     /// Drains the doorbell unless a sleeper is counted (its wake-up is
@@ -1079,6 +1119,36 @@ mod tests {
             left >= std::time::Duration::from_nanos(rung::STALE_AFTER_NS),
             "taken after {left:?} ({wakes} wake-ups)"
         );
+    }
+
+    #[test]
+    fn sleepers_an_earlier_program_image_left_counted_are_forgotten_at_once() {
+        let (c, s) = pair(4096);
+        // An epoll set of the image before exec counted itself and went:
+        // its count stays in the shared word, and this image has none.
+        c.sleepers().fetch_add(1, Ordering::AcqRel);
+        c.fall_asleep(Interest::READABLE);
+        assert_eq!(s.send(&[b"z"], 0), Ok(1));
+        assert!(rung(&c));
+        assert!(c.wake(Interest::READABLE, true), "the only sleeper left alive wakes last");
+        assert!(!rung(&c), "the ring was taken at once");
+        assert_eq!(c.sleepers().load(Ordering::Acquire), 0, "the stale count is gone");
+        // The arming went with it: the next write rings nobody.
+        assert_eq!(s.send(&[b"y"], 0), Ok(1));
+        assert!(!rung(&c));
+    }
+
+    #[test]
+    fn a_shared_end_s_other_sleepers_are_not_taken_for_stale() {
+        let (c, s) = pair(4096);
+        // After fork, the other sleeper may be the child's, alive.
+        c.add_holder();
+        c.sleepers().fetch_add(1, Ordering::AcqRel);
+        c.fall_asleep(Interest::READABLE);
+        assert_eq!(s.send(&[b"z"], 0), Ok(1));
+        assert!(!c.wake(Interest::READABLE, true));
+        assert!(rung(&c), "left for the other process's sleeper");
+        assert_eq!(c.sleepers().load(Ordering::Acquire), 1);
     }
 
     #[test]
