@@ -765,29 +765,20 @@ impl<M: Member> EpollSet<M> {
         self.judged(regs).for_each(|(fd, reg)| f(fd, reg));
     }
 
-    fn arm(&self, regs: &Regs<M>) {
-        self.each_judged(regs, |_, reg| match &reg.kind {
-            Kind::Managed { entry, .. } => {
-                if let Waitable::Conn(conn) = entry.waitable() {
-                    conn.arm(Interest::from_epoll(reg.events));
-                }
-            }
-            Kind::Nested { entry } => {
-                if let Waitable::Set(inner) = entry.waitable() {
-                    inner.arm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
-                }
-            }
-            _ => {}
-        });
-    }
-
     /// Counts this waiter among the sleepers of every hot connection in the
     /// set it is about to sleep on, arming each (see
     /// `Connection::fall_asleep`; cold ones the set armed already), and
-    /// arms nested sets. Returns what [`EpollSet::wake`] must be given
-    /// after the sleep.
+    /// among those of nested sets' hot connections, counted the same way
+    /// (an arming made uncounted could be withdrawn under another waiter,
+    /// or withdraw another's). Returns what [`EpollSet::wake`] must be
+    /// given after the sleep.
     fn fall_asleep(&self, regs: &Regs<M>) -> Vec<(RawFd, Arc<M>, Interest)> {
         let mut asleep = Vec::new();
+        self.count_asleep(regs, &mut asleep);
+        asleep
+    }
+
+    fn count_asleep(&self, regs: &Regs<M>, asleep: &mut Vec<(RawFd, Arc<M>, Interest)>) {
         self.each_judged(regs, |fd, reg| match &reg.kind {
             Kind::Managed { entry, .. } => {
                 if let Waitable::Conn(conn) = entry.waitable() {
@@ -798,12 +789,11 @@ impl<M: Member> EpollSet<M> {
             }
             Kind::Nested { entry } => {
                 if let Waitable::Set(inner) = entry.waitable() {
-                    inner.arm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
+                    inner.count_asleep(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()), asleep);
                 }
             }
             _ => {}
         });
-        asleep
     }
 
     /// The waiter woke: each connection it slept on learns whether its
@@ -819,38 +809,6 @@ impl<M: Member> EpollSet<M> {
                 conn.wake(interest, fired.binary_search(&token(fd)).is_ok());
             }
         }
-    }
-
-    /// Withdraws `arm` after a wake-up: one doorbell woke the waiter, and the
-    /// other armed connections need not ring theirs (a server answering a
-    /// batch of clients would otherwise ring once per client).
-    fn disarm(&self, regs: &Regs<M>) {
-        self.each_judged(regs, |_, reg| match &reg.kind {
-            Kind::Managed { entry, .. } => {
-                if let Waitable::Conn(conn) = entry.waitable() {
-                    conn.disarm(Interest::from_epoll(reg.events));
-                }
-            }
-            Kind::Nested { entry } => {
-                if let Waitable::Set(inner) = entry.waitable() {
-                    inner.disarm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
-                }
-            }
-            _ => {}
-        });
-    }
-
-    /// Withdraws the arming of nested sets after a wake-up (connections are
-    /// handled by [`EpollSet::wake`]).
-    fn disarm_nested(&self) {
-        let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
-        self.each_judged(&regs, |_, reg| {
-            if let Kind::Nested { entry } = &reg.kind {
-                if let Waitable::Set(inner) = entry.waitable() {
-                    inner.disarm(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()));
-                }
-            }
-        });
     }
 
     /// Would a wait on this set report something now? This is what the
@@ -1037,7 +995,6 @@ impl<M: Member> EpollSet<M> {
                 if n > 0 {
                     drop(regs);
                     Self::wake(asleep, &[]);
-                    self.disarm_nested();
                     return self.add_kernel_ready(out, n, got);
                 }
                 asleep
@@ -1057,11 +1014,9 @@ impl<M: Member> EpollSet<M> {
                 Ok(k) => k,
                 Err(e) => {
                     Self::wake(asleep, &[]);
-                    self.disarm_nested();
                     return Err(e);
                 }
             };
-            self.disarm_nested();
             let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
             // Doorbells of connections slept on are left to `wake`, which
             // comes after: `translate` drains only those nobody sleeps on.
