@@ -249,6 +249,7 @@ fn wire_fabric(config: &Config, switch: &str, fabric_ns: &str) -> Result<(), Lab
     for bridge in bridge_names {
         if find_interface(&bridges, &bridge).is_none() {
             ip(&format!("-n {fabric_ns} link add {bridge} type bridge"))?;
+            keep_address(fabric_ns, &bridge)?;
             ip(&format!("-n {fabric_ns} link set {bridge} up"))?;
         }
     }
@@ -265,6 +266,20 @@ fn wire_fabric(config: &Config, switch: &str, fabric_ns: &str) -> Result<(), Lab
         ip(&format!("-n {fabric_ns} link set h{k}v{i} master fv{i} up"))?;
     }
     Ok(())
+}
+
+/// Fixes bridge `bridge`'s MAC address (in namespace `netns`) at the one
+/// it was made with. Left to itself a bridge takes the lowest of its
+/// ports' addresses, so each host that joins may change it, and a
+/// neighbour that cached the old one (an address on the bridge, or one it
+/// answered ARP for) then sends frames the bridge no longer takes as its
+/// own: IP drops them until that cache entry fails.
+fn keep_address(netns: &str, bridge: &str) -> Result<(), LabError> {
+    let links = json("ip", &format!("-j -n {netns} link show {bridge}"))?;
+    match find_interface(&links, bridge).and_then(|link| link["address"].as_str()) {
+        Some(address) => ip(&format!("-n {netns} link set {bridge} address {address}")).map(drop),
+        None => Ok(()),
+    }
 }
 
 /// Waits until each guest's bridge port forwards and its `eth0` is up with

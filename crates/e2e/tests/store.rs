@@ -523,6 +523,19 @@ impl Management {
         ip(&format!("netns add {MANAGEMENT}"));
         ip(&format!("-n {MANAGEMENT} link set lo up"));
         ip(&format!("-n {MANAGEMENT} link add fbr type bridge"));
+        // The bridge keeps the address it was made with (left to itself it
+        // takes its lowest port's, which changes as hosts join; a host that
+        // cached the old one, from the bridge answering ARP for the store's
+        // address, had its SYNs dropped as not the bridge's), and only the
+        // store's interface answers ARP for the store's address.
+        let links = Command::new("ip").args(["-j", "-n", MANAGEMENT, "link", "show", "fbr"]).output().unwrap();
+        let links: serde_json::Value = serde_json::from_slice(&links.stdout).unwrap();
+        ip(&format!("-n {MANAGEMENT} link set fbr address {}", links[0]["address"].as_str().unwrap()));
+        let arp = Command::new("ip")
+            .args(["netns", "exec", MANAGEMENT, "sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"])
+            .status()
+            .unwrap();
+        assert!(arp.success());
         ip(&format!("-n {MANAGEMENT} link set fbr up"));
         ip(&format!("-n {MANAGEMENT} link add store0 type veth peer name store1"));
         ip(&format!("-n {MANAGEMENT} link set store1 master fbr up"));
