@@ -364,9 +364,8 @@ pub fn run(args: &[String]) -> Result {
         // between about 13k and 26k conn/s, the kernel's not at all). Both
         // paths run them on cores of their own, where there are two.
         let [server_core, client_core] = own_cores();
-        let (server, _) = on_core(server_core, &connrate_s, &[]);
-        let server_args = |p: u16| on_core(server_core, &connrate_s, &["server", "10.10.0.3", &p.to_string()]).1;
-        Bench::servers(&mut lab, &server, server_args, 7100)?;
+        let server = |p: u16| on_core(server_core, &connrate_s, &["server", "10.10.0.3", &p.to_string()]);
+        Bench::servers(&mut lab, &server(0).0, |p| server(p).1, 7100)?;
         b.interleaved(&lab, "connection setup", |lab, via| {
             let port = Bench::port(via, 7100).to_string();
             let (client, args) = on_core(client_core, &connrate_s, &["client", "10.10.0.3", &port, "3"]);

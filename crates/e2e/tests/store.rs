@@ -461,6 +461,8 @@ const FLEET_NAME: &str = "tf";
 const MANAGEMENT: &str = "vsf-tf-1";
 /// The store's address on that network.
 const STORE_IP: &str = "10.99.0.250";
+/// The management bridge's MAC (locally administered).
+const MANAGEMENT_BRIDGE_MAC: &str = "02:00:0a:63:00:fe";
 
 /// What the operator imports: two hosts, each with one guest serving on
 /// port 7000 to the VPC.
@@ -522,15 +524,12 @@ impl Management {
         let _ = Command::new("ip").args(["netns", "delete", MANAGEMENT]).stderr(std::process::Stdio::null()).status();
         ip(&format!("netns add {MANAGEMENT}"));
         ip(&format!("-n {MANAGEMENT} link set lo up"));
-        ip(&format!("-n {MANAGEMENT} link add fbr type bridge"));
-        // The bridge keeps the address it was made with (left to itself it
-        // takes its lowest port's, which changes as hosts join; a host that
-        // cached the old one, from the bridge answering ARP for the store's
+        // The bridge has an address of its own (left to itself it takes its
+        // lowest port's, which changes as hosts join; a host that cached
+        // the old one, from the bridge answering ARP for the store's
         // address, had its SYNs dropped as not the bridge's), and only the
         // store's interface answers ARP for the store's address.
-        let links = Command::new("ip").args(["-j", "-n", MANAGEMENT, "link", "show", "fbr"]).output().unwrap();
-        let links: serde_json::Value = serde_json::from_slice(&links.stdout).unwrap();
-        ip(&format!("-n {MANAGEMENT} link set fbr address {}", links[0]["address"].as_str().unwrap()));
+        ip(&format!("-n {MANAGEMENT} link add fbr address {MANAGEMENT_BRIDGE_MAC} type bridge"));
         let arp = Command::new("ip")
             .args(["netns", "exec", MANAGEMENT, "sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"])
             .status()

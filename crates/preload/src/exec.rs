@@ -298,7 +298,6 @@ fn resume(record: Record) {
     // On failure the descriptors go with `delivery`: the program's socket
     // is left unconnected, as where nothing crosses.
     let Ok(conn) = Connection::resume(resumed, delivery) else { return };
-    conn.forget_earlier_sleepers();
     let entry = Arc::new(Entry::Conn(conn));
     for fd in fds {
         let stream = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Ok(libc::SOCK_STREAM);

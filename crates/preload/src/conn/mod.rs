@@ -169,7 +169,7 @@ impl Connection {
     pub fn resume(resumed: Resumed, mut delivery: Delivery) -> SysResult<Connection> {
         let segment = Memory::map(&mut delivery, &resumed.info, resumed.endpoint)?;
         let Wakeups { doorbell, lifeline } = delivery.take_wakeups();
-        Ok(Connection {
+        let conn = Connection {
             segment,
             endpoint: resumed.endpoint,
             doorbell,
@@ -185,7 +185,9 @@ impl Connection {
             send_timeout_ms: AtomicI64::new(resumed.send_timeout_ms),
             rx_lock: Mutex::new(()),
             tx_lock: Mutex::new(()),
-        })
+        };
+        conn.forget_earlier_sleepers();
+        Ok(conn)
     }
 
     /// What crosses exec with this connection: its state and its
@@ -371,12 +373,13 @@ impl Connection {
         self.sleepers().fetch_and(!LAST_WAKING, Ordering::AcqRel);
     }
 
-    /// In a new program image that took this end up after exec: if this
+    /// As this end is taken up (by a new program image after exec): if this
     /// process is the end's only holder, nobody can be asleep on it yet,
     /// and any sleeper still counted was the earlier image's (a thread
     /// exec ended, an epoll set's arming that went with the image). Such
     /// counts would leave every later wake-up to sleepers that never wake.
-    pub fn forget_earlier_sleepers(&self) {
+    /// (A new connection's end has no holder yet: nothing is touched.)
+    fn forget_earlier_sleepers(&self) {
         if self.segment.holders(self.endpoint.index()).load(Ordering::Acquire) == 1 {
             self.sleepers().store(0, Ordering::Release);
         }
@@ -390,9 +393,8 @@ impl Connection {
     /// cannot take the ring that answers it.
     pub fn drain_unless_watched(&self) {
         if self.sleepers().compare_exchange(0, LAST_WAKING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            self.left_rung.taken();
-            self.drain_doorbell();
-            self.sleepers().fetch_and(!LAST_WAKING, Ordering::AcqRel);
+            // Nobody armed: nothing to withdraw.
+            self.take_ring(Interest::default(), true);
         }
     }
 
