@@ -19,6 +19,13 @@
 //!   end's two segment halves) or `Refused`. A process keeps no segment
 //!   descriptor once it has mapped the halves; a new program image, which
 //!   has the connection's descriptors but not its mapping, asks for them.
+//! - kits (`grant`, ARCHITECTURE §3b): a library that takes them asks with
+//!   `ListenKits` (→ `ListenOkKits`, with the listener's bell) and
+//!   `ConnectKits` (→ `ConnectedKits`, with the connection, the grant's
+//!   queue page and bell, and a batch of kits; or any reply `Connect`
+//!   gets). The daemon pushes the server's kits on the listener channel
+//!   (`Kits`, before the client gets its own) and `Revoke` when a grant
+//!   ends. A daemon that does not know these kinds closes the channel.
 
 use crate::layout::Endpoint;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -82,7 +89,43 @@ pub enum Message {
     Reattach { id: u64, end: Endpoint },
     /// Daemon → library: the halves, as [`HALVES_FDS`] says.
     Reattached,
+    /// Library → daemon: as `Connect`, from a library that takes kits.
+    ConnectKits { local: SocketAddrV4, remote: SocketAddrV4 },
+    /// Library → daemon: as `Listen`, from a library that takes kits.
+    ListenKits { local: SocketAddrV4, backlog: u32 },
+    /// Daemon → library: the listener is registered; its bell's read end
+    /// comes with it (one descriptor).
+    ListenOkKits,
+    /// Daemon → library: the connection is established, as `Connected`
+    /// (its [`CONNECTION_FDS`] descriptors first), and `grant` comes with
+    /// it: the queue page (read-write), a write end of the listener's bell,
+    /// then [`KIT_FDS`] per kit (see [`Message::fd_count`]).
+    ConnectedKits { info: ConnectionInfo, grant: Grant },
+    /// Daemon → library on a listener channel: the server's ends of a
+    /// batch of kits of `grant`, whose clients are at `client` (any port)
+    /// and dial `server`: the queue page (read-only), then [`KIT_FDS`] per
+    /// kit.
+    Kits { grant: Grant, client: std::net::Ipv4Addr, server: SocketAddrV4 },
+    /// Daemon → library on a listener channel: grant `grant` is over; its
+    /// kits not yet accepted are let go.
+    Revoke { grant: u64 },
 }
+
+/// A batch of kits of one grant: kits `first .. first + count` of grant
+/// `id` (sequence numbers in the grant's queue, see `grant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub id: u64,
+    pub first: u32,
+    pub count: u8,
+}
+
+/// Descriptors per kit, in the order of a connection's ([`FD_SEGMENT`]
+/// and the rest): a kit is a connection made ahead.
+pub const KIT_FDS: usize = CONNECTION_FDS;
+/// Most kits in one batch (4 descriptors each, with 6 more, under the 253
+/// one message may carry).
+pub const MAX_KITS: u8 = 32;
 
 /// What each end learns about a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,10 +181,17 @@ mod kind {
     pub const INCOMING_AT: u8 = 10;
     pub const REATTACH: u8 = 11;
     pub const REATTACHED: u8 = 12;
+    pub const CONNECT_KITS: u8 = 13;
+    pub const LISTEN_KITS: u8 = 14;
+    pub const LISTEN_OK_KITS: u8 = 15;
+    pub const CONNECTED_KITS: u8 = 16;
+    pub const KITS: u8 = 17;
+    pub const REVOKE: u8 = 18;
 }
 
 const ADDR_LEN: usize = 6;
 const INFO_LEN: usize = 8 + 2 * ADDR_LEN + 4;
+const GRANT_LEN: usize = 8 + 4 + 1;
 
 impl Message {
     /// Encodes into `buf` and returns the used prefix.
@@ -189,6 +239,32 @@ impl Message {
                 w.u8(end.index() as u8);
             }
             Message::Reattached => w.u8(kind::REATTACHED),
+            Message::ConnectKits { local, remote } => {
+                w.u8(kind::CONNECT_KITS);
+                w.addr(local);
+                w.addr(remote);
+            }
+            Message::ListenKits { local, backlog } => {
+                w.u8(kind::LISTEN_KITS);
+                w.addr(local);
+                w.bytes(&backlog.to_le_bytes());
+            }
+            Message::ListenOkKits => w.u8(kind::LISTEN_OK_KITS),
+            Message::ConnectedKits { info, grant } => {
+                w.u8(kind::CONNECTED_KITS);
+                w.info(info);
+                w.grant(grant);
+            }
+            Message::Kits { grant, client, server } => {
+                w.u8(kind::KITS);
+                w.grant(grant);
+                w.bytes(&client.octets());
+                w.addr(server);
+            }
+            Message::Revoke { grant } => {
+                w.u8(kind::REVOKE);
+                w.bytes(&grant.to_le_bytes());
+            }
         }
         let len = w.len;
         &w.buf[..len]
@@ -201,10 +277,15 @@ impl Message {
             kind::CONNECT => 2 * ADDR_LEN,
             kind::CONNECTED | kind::INCOMING => INFO_LEN,
             kind::CONNECTED_AT | kind::INCOMING_AT => INFO_LEN + 8,
-            kind::FALLBACK | kind::DROPPED | kind::LISTEN_OK | kind::REATTACHED => 0,
+            kind::FALLBACK | kind::DROPPED | kind::LISTEN_OK | kind::REATTACHED | kind::LISTEN_OK_KITS => 0,
             kind::REATTACH => 9,
             kind::REFUSED => 4,
             kind::LISTEN => ADDR_LEN + 4,
+            kind::CONNECT_KITS => 2 * ADDR_LEN,
+            kind::LISTEN_KITS => ADDR_LEN + 4,
+            kind::CONNECTED_KITS => INFO_LEN + GRANT_LEN,
+            kind::KITS => GRANT_LEN + 4 + ADDR_LEN,
+            kind::REVOKE => 8,
             other => return Err(DecodeError::UnknownKind(other)),
         };
         if body.len() != expected {
@@ -238,6 +319,15 @@ impl Message {
                 Message::Refused { errno }
             }
             kind::LISTEN => Message::Listen { local: r.addr(), backlog: r.u32() },
+            kind::CONNECT_KITS => Message::ConnectKits { local: r.addr(), remote: r.addr() },
+            kind::LISTEN_KITS => Message::ListenKits { local: r.addr(), backlog: r.u32() },
+            kind::LISTEN_OK_KITS => Message::ListenOkKits,
+            kind::CONNECTED_KITS => Message::ConnectedKits { info: r.info()?, grant: r.grant()? },
+            kind::KITS => {
+                let grant = r.grant()?;
+                Message::Kits { grant, client: Ipv4Addr::from(r.take::<4>()), server: r.addr() }
+            }
+            kind::REVOKE => Message::Revoke { grant: u64::from_le_bytes(r.take()) },
             _ => unreachable!("kinds were matched above"),
         })
     }
@@ -248,6 +338,9 @@ impl Message {
             Message::Connected(_) | Message::Incoming(_) => CONNECTION_FDS,
             Message::Reattach { .. } => 1,
             Message::Reattached => HALVES_FDS,
+            Message::ListenOkKits => 1,
+            Message::ConnectedKits { grant, .. } => CONNECTION_FDS + 2 + KIT_FDS * grant.count as usize,
+            Message::Kits { grant, .. } => 1 + KIT_FDS * grant.count as usize,
             _ => 0,
         }
     }
@@ -275,6 +368,11 @@ impl Writer<'_> {
         self.addr(i.local);
         self.addr(i.peer);
         self.bytes(&i.ring_size.to_le_bytes());
+    }
+    fn grant(&mut self, g: Grant) {
+        self.bytes(&g.id.to_le_bytes());
+        self.bytes(&g.first.to_le_bytes());
+        self.u8(g.count);
     }
 }
 
@@ -317,6 +415,16 @@ impl Reader<'_> {
         }
         Ok(ConnectionInfo { id, local, peer, ring_size })
     }
+    /// A batch of 1 to [`MAX_KITS`] kits.
+    fn grant(&mut self) -> Result<Grant, DecodeError> {
+        let id = u64::from_le_bytes(self.take());
+        let first = self.u32();
+        let count = self.take::<1>()[0];
+        if count == 0 || count > MAX_KITS {
+            return Err(DecodeError::BadField("count"));
+        }
+        Ok(Grant { id, first, count })
+    }
 }
 
 #[cfg(test)]
@@ -342,6 +450,16 @@ mod tests {
             Message::IncomingAt { info, offset: 0 },
             Message::Reattach { id: 7, end: Endpoint::Server },
             Message::Reattached,
+            Message::ConnectKits { local: a("0.0.0.0:40000"), remote: a("10.0.0.2:6379") },
+            Message::ListenKits { local: a("0.0.0.0:80"), backlog: 4096 },
+            Message::ListenOkKits,
+            Message::ConnectedKits { info, grant: Grant { id: 3, first: 64, count: MAX_KITS } },
+            Message::Kits {
+                grant: Grant { id: 3, first: 64, count: 1 },
+                client: "10.0.0.3".parse().unwrap(),
+                server: a("10.0.0.2:6379"),
+            },
+            Message::Revoke { grant: u64::MAX },
         ]
     }
 
@@ -386,6 +504,30 @@ mod tests {
         let n = placed.len();
         placed[n - 8..].copy_from_slice(&4097u64.to_le_bytes());
         assert_eq!(Message::decode(&placed), Err(DecodeError::BadField("offset")));
+        // A batch of no kits, or of more than one message can carry.
+        for count in [0, MAX_KITS + 1, u8::MAX] {
+            let mut kits = Message::Revoke { grant: 0 }.encode(&mut buf).to_vec();
+            kits[0] = kind::KITS;
+            kits.truncate(1);
+            kits.extend_from_slice(&5u64.to_le_bytes());
+            kits.extend_from_slice(&0u32.to_le_bytes());
+            kits.push(count);
+            kits.extend_from_slice(&[10, 0, 0, 3, 10, 0, 0, 2, 0x50, 0]);
+            assert_eq!(Message::decode(&kits), Err(DecodeError::BadField("count")), "{count}");
+        }
+    }
+
+    #[test]
+    fn a_batch_carries_its_kits_descriptors_within_one_message() {
+        let grant = Grant { id: 1, first: 0, count: MAX_KITS };
+        let info = ConnectionInfo { id: 1, local: a("1.2.3.4:5"), peer: a("1.2.3.4:6"), ring_size: 1 << 16 };
+        let most = Message::ConnectedKits { info, grant }.fd_count();
+        assert_eq!(most, 4 + 2 + 4 * 32);
+        // SCM_MAX_FD in Linux.
+        assert!(most <= 253);
+        let server = Message::Kits { grant, client: Ipv4Addr::LOCALHOST, server: a("1.2.3.4:5") };
+        assert_eq!(server.fd_count(), 1 + 4 * 32);
+        assert_eq!(Message::ListenOkKits.fd_count(), 1);
     }
 
     #[test]

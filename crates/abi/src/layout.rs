@@ -69,6 +69,21 @@ pub const RELEASED: usize = 4;
 /// the processes holding this end use it; old libraries that do not are
 /// unaffected by it.
 pub const SLEEPERS: usize = 8;
+/// Offset, within the endpoint line of the server's half, of a kit's
+/// claim word (ARCHITECTURE §3b): [`KIT_WAITING`] until the server's
+/// library accepts the kit ([`KIT_ACCEPTED`]) or the daemon delivers it
+/// ([`KIT_DELIVERED`]) or revokes it ([`KIT_REVOKED`]), each by one
+/// compare-and-swap from waiting. Zero, and unused, in a connection that
+/// was never a kit.
+pub const CLAIM: usize = 12;
+/// A kit's claim word: no one has taken it yet.
+pub const KIT_WAITING: u32 = 0;
+/// A kit's claim word: the server's library accepted it.
+pub const KIT_ACCEPTED: u32 = 1;
+/// A kit's claim word: the daemon sent it to the listener as `Incoming`.
+pub const KIT_DELIVERED: u32 = 2;
+/// A kit's claim word: the daemon revoked it; no end may take it.
+pub const KIT_REVOKED: u32 = 3;
 /// Offset of the data area within a half.
 pub const DATA: usize = PAGE;
 

@@ -7,6 +7,8 @@
 //! - [`control`]: the messages on a guest's control socket, and
 //!   [`stream`]: the same messages framed on a byte stream (a VM's vsock).
 //!
+//! [`grant`] is the page of a grant's connect queue (ARCHITECTURE §3b).
+//!
 //! [`fabric`] holds the frames between two hosts' daemons.
 //!
 //! Everything here is plain data with explicit validation: whoever receives a
@@ -16,5 +18,6 @@
 
 pub mod control;
 pub mod fabric;
+pub mod grant;
 pub mod layout;
 pub mod stream;

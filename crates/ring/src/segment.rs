@@ -14,6 +14,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use vsocket_abi::grant;
 use vsocket_abi::layout::{self, Endpoint, SEGMENT_MAGIC, SEGMENT_VERSION};
 
 const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
@@ -181,14 +182,13 @@ fn reopen_read_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// Creates end `end`'s half, zeroed, sealed and mapped, with its header.
-fn create_half(ring_size: u32, end: usize) -> io::Result<(Half, OwnedFd)> {
-    // SAFETY: the name is a NUL-terminated literal; flags are valid.
-    let fd =
-        check(unsafe { libc::memfd_create(c"vsocket-conn".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) })?;
+/// Creates a memfd of `len` zero bytes, sealed at that size, readable and
+/// writable only by the daemon's user, and maps it writable.
+fn create_sealed(name: &std::ffi::CStr, len: usize) -> io::Result<(Half, OwnedFd)> {
+    // SAFETY: the name is NUL-terminated; flags are valid.
+    let fd = check(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) })?;
     // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = layout::half_size(ring_size);
     // A memfd is made with mode 0777: anyone holding a read-only
     // descriptor could open it again read-write through /proc/self/fd.
     // Mode 0400 leaves that to the file's owner (the daemon's user) alone;
@@ -199,7 +199,29 @@ fn create_half(ring_size: u32, end: usize) -> io::Result<(Half, OwnedFd)> {
         check(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS))?;
         check(libc::fchmod(fd.as_raw_fd(), 0o400))?;
     }
-    let half = Half::map(fd.as_fd(), 0, len, true)?;
+    Ok((Half::map(fd.as_fd(), 0, len, true)?, fd))
+}
+
+/// Checks that `fd` is a sealed memfd of `len` bytes.
+fn check_sealed(fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
+    // SAFETY: fstat writes into the zeroed struct we pass.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and a pointer to a stat buffer.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    if st.st_size as usize != len {
+        return Err(bad("wrong size"));
+    }
+    // SAFETY: F_GET_SEALS takes no argument.
+    let seals = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS {
+        return Err(bad("not sealed"));
+    }
+    Ok(())
+}
+
+/// Creates end `end`'s half, zeroed, sealed and mapped, with its header.
+fn create_half(ring_size: u32, end: usize) -> io::Result<(Half, OwnedFd)> {
+    let (half, fd) = create_sealed(c"vsocket-conn", layout::half_size(ring_size))?;
     let mut nonce = [0u8; 16];
     // SAFETY: getrandom fills at most 16 bytes of `nonce`.
     if unsafe { libc::getrandom(nonce.as_mut_ptr() as *mut libc::c_void, 16, 0) } != 16 {
@@ -223,18 +245,7 @@ fn create_half(ring_size: u32, end: usize) -> io::Result<(Half, OwnedFd)> {
 /// end `end`, and maps it (writable or not).
 fn map_half(fd: BorrowedFd<'_>, ring_size: u32, end: usize, writable: bool) -> io::Result<Half> {
     let len = layout::half_size(ring_size);
-    // SAFETY: fstat writes into the zeroed struct we pass.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid descriptor and a pointer to a stat buffer.
-    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    if st.st_size as usize != len {
-        return Err(bad("wrong size"));
-    }
-    // SAFETY: F_GET_SEALS takes no argument.
-    let seals = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
-    if seals & REQUIRED_SEALS != REQUIRED_SEALS {
-        return Err(bad("not sealed"));
-    }
+    check_sealed(fd, len)?;
     let half = Half::map(fd, 0, len, writable)?;
     half.check_header(ring_size, end)?;
     Ok(half)
@@ -261,6 +272,64 @@ fn check_placement(file: BorrowedFd<'_>, offset: u64, ring_size: u32) -> io::Res
         return Err(bad("a piece past the region"));
     }
     Ok(half)
+}
+
+/// One process's mapping of a grant's connect queue (layout in
+/// `vsocket_abi::grant`): the daemon creates it, the client writes it,
+/// the server and the daemon read it.
+#[derive(Debug)]
+pub struct ConnectQueue {
+    page: Half,
+}
+
+impl ConnectQueue {
+    /// Creates grant `grant`'s queue, empty and sealed, mapped writable
+    /// (the daemon's view); returns it with a read-write and a read-only
+    /// descriptor of it (for the client and the server).
+    pub fn create(grant: u64) -> io::Result<(ConnectQueue, OwnedFd, OwnedFd)> {
+        let (page, fd) = create_sealed(c"vsocket-grant", grant::QUEUE_SIZE)?;
+        page.word::<AtomicU64>(grant::HEADER_GRANT).store(grant, Ordering::Relaxed);
+        page.word::<AtomicU32>(grant::HEADER_VERSION).store(grant::QUEUE_VERSION, Ordering::Relaxed);
+        page.word::<AtomicU64>(grant::HEADER).store(grant::QUEUE_MAGIC, Ordering::Release);
+        let read_only = reopen_read_only(fd.as_fd())?;
+        Ok((ConnectQueue { page }, fd, read_only))
+    }
+
+    /// Maps the queue of grant `grant` that came as `fd` (writable for the
+    /// client), after checking that it is one.
+    pub fn map(fd: BorrowedFd<'_>, grant: u64, writable: bool) -> io::Result<ConnectQueue> {
+        check_sealed(fd, grant::QUEUE_SIZE)?;
+        let page = Half::map(fd, 0, grant::QUEUE_SIZE, writable)?;
+        let magic = page.word::<AtomicU64>(grant::HEADER).load(Ordering::Acquire);
+        let version = page.word::<AtomicU32>(grant::HEADER_VERSION).load(Ordering::Relaxed);
+        if magic != grant::QUEUE_MAGIC || version != grant::QUEUE_VERSION {
+            return Err(bad("not a connect queue"));
+        }
+        if page.word::<AtomicU64>(grant::HEADER_GRANT).load(Ordering::Relaxed) != grant {
+            return Err(bad("another grant's connect queue"));
+        }
+        Ok(ConnectQueue { page })
+    }
+
+    /// Slots written so far, as the client says.
+    pub fn produced(&self) -> u64 {
+        self.page.word::<AtomicU64>(grant::PRODUCED).load(Ordering::Acquire)
+    }
+
+    /// Slot number `n` (counting every slot written), as it reads now.
+    pub fn slot(&self, n: u64) -> Option<grant::Slot> {
+        grant::Slot::decode(self.page.word::<AtomicU64>(grant::slot_offset(n)).load(Ordering::Relaxed))
+    }
+
+    /// Writes `slot` and publishes it (the client, one writer at a time:
+    /// its grant's lock). A read-only mapping faults here: only the
+    /// client's is writable.
+    pub fn publish(&self, slot: grant::Slot) {
+        let produced = self.page.word::<AtomicU64>(grant::PRODUCED);
+        let n = produced.load(Ordering::Relaxed);
+        self.page.word::<AtomicU64>(grant::slot_offset(n)).store(slot.encode(), Ordering::Relaxed);
+        produced.store(n.wrapping_add(1), Ordering::Release);
+    }
 }
 
 impl Half {
@@ -411,6 +480,12 @@ impl Segment {
         self.halves[end].word(layout::ENDPOINT_LINE + layout::SLEEPERS)
     }
 
+    /// The kit's claim word, in the server's half (see `layout::CLAIM`):
+    /// the server's library and the daemon write it, the client reads it.
+    pub fn claim(&self) -> &AtomicU32 {
+        self.halves[Endpoint::Server.index()].word(layout::ENDPOINT_LINE + layout::CLAIM)
+    }
+
     /// Endpoint `end`'s "released" word (see `layout::RELEASED`).
     pub fn released(&self, end: usize) -> &AtomicU32 {
         self.halves[end].word(layout::ENDPOINT_LINE + layout::RELEASED)
@@ -452,6 +527,7 @@ impl Segment {
             self.released(end).store(0, Ordering::Relaxed);
             self.sleepers(end).store(0, Ordering::Relaxed);
         }
+        self.claim().store(layout::KIT_WAITING, Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::Release);
     }
 
@@ -558,6 +634,43 @@ mod tests {
         // A piece past the region's end is refused, not mapped.
         assert!(Segment::place(file.as_fd(), (1 << 20) - layout::PAGE as u64, ring_size).is_err());
         assert!(Segment::place(file.as_fd(), u64::MAX - 4095, ring_size).is_err());
+    }
+
+    #[test]
+    fn a_connect_queue_carries_the_clients_slots_to_its_readers() {
+        let (daemon, rw, ro) = ConnectQueue::create(7).unwrap();
+        let client = ConnectQueue::map(rw.as_fd(), 7, true).unwrap();
+        let server = ConnectQueue::map(ro.as_fd(), 7, false).unwrap();
+        assert_eq!((server.produced(), server.slot(0)), (0, None));
+        client.publish(grant::Slot { sequence: 3, port: 40000 });
+        client.publish(grant::Slot { sequence: 4, port: 40001 });
+        for reader in [&server, &daemon] {
+            assert_eq!(reader.produced(), 2);
+            assert_eq!(reader.slot(1), Some(grant::Slot { sequence: 4, port: 40001 }));
+        }
+        // Another grant's page, or a page of another kind, is refused.
+        assert!(ConnectQueue::map(ro.as_fd(), 8, false).is_err());
+        let (_segment, files) = Segment::create(4096).unwrap();
+        assert!(ConnectQueue::map(files.rw[0].as_fd(), 7, false).is_err());
+        // The server's descriptor cannot be mapped writable.
+        assert!(ConnectQueue::map(ro.as_fd(), 7, true).is_err());
+    }
+
+    #[test]
+    fn a_kits_claim_word_is_the_servers_and_reset_clears_it() {
+        let (daemon, _files, client, server) = three_views(4096);
+        assert_eq!(client.claim().load(Ordering::Relaxed), layout::KIT_WAITING);
+        assert!(server
+            .claim()
+            .compare_exchange(layout::KIT_WAITING, layout::KIT_ACCEPTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok());
+        assert!(daemon
+            .claim()
+            .compare_exchange(layout::KIT_WAITING, layout::KIT_REVOKED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err());
+        assert_eq!(client.claim().load(Ordering::Relaxed), layout::KIT_ACCEPTED);
+        daemon.reset();
+        assert_eq!(server.claim().load(Ordering::Relaxed), layout::KIT_WAITING);
     }
 
     #[test]
