@@ -41,6 +41,11 @@ pub struct EndFiles {
 }
 
 impl EndFiles {
+    /// The descriptors in the order they travel.
+    pub fn fds(&self) -> [BorrowedFd<'_>; 4] {
+        [self.own_half.as_fd(), self.bell.as_fd(), self.holds.as_fd(), self.peer_half.as_fd()]
+    }
+
     pub fn handover(&self) -> Handover<'_> {
         Handover {
             own_half: self.own_half.as_fd(),
@@ -56,4 +61,11 @@ pub trait Channel: Send + Sync + std::fmt::Debug {
     /// Sends `message`, with `handover` if it carries a connection. Waits
     /// at most the channel's send timeout for room (`WouldBlock` then).
     fn send(&self, message: &Message, handover: Option<Handover<'_>>) -> io::Result<()>;
+
+    /// Sends `message` with the descriptors `fds` (a batch of kits, or a
+    /// bell), as [`send`](Self::send) waits. Only a channel that carries
+    /// descriptors can.
+    fn send_fds(&self, _message: &Message, _fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this channel carries no descriptors"))
+    }
 }

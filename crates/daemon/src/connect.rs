@@ -51,11 +51,14 @@ pub const LISTENER_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Reply {
     pub message: Message,
     pub handover: Option<EndFiles>,
+    /// The listener a connection between two processes here was made
+    /// with (for the grant a later connect of the pair may get).
+    pub listener: Option<Arc<ListenerRecord>>,
 }
 
 impl Reply {
     fn plain(message: Message) -> Reply {
-        Reply { message, handover: None }
+        Reply { message, handover: None, listener: None }
     }
 }
 
@@ -90,6 +93,7 @@ pub fn listen(
     local: SocketAddrV4,
     channel: Box<dyn Channel>,
     vm: Option<Arc<VmMemory>>,
+    bell: Option<OwnedFd>,
 ) -> Result<Arc<ListenerRecord>, ListenError> {
     if local.port() == 0 {
         return Err(ListenError::NoPort);
@@ -106,6 +110,7 @@ pub fn listen(
         channel,
         vm,
         accepted: Default::default(),
+        bell,
     }))
 }
 
@@ -150,7 +155,9 @@ pub fn connect(
         Decision::WithinGuest { listener } => {
             let end = ServerEnd::Listener(&listener);
             let made = establish(&attempt, &policy, client, end);
-            attempt.reply(&listener.guest, made, || "within one guest: security groups do not apply".into()).into()
+            let reply: Reply =
+                attempt.reply(&listener.guest, made, || "within one guest: security groups do not apply".into()).into();
+            reply.with_listener(listener)
         }
         Decision::Local { listener, verdict } => {
             let made = establish(&attempt, &policy, client, ServerEnd::Listener(&listener));
@@ -165,7 +172,8 @@ pub fn connect(
                 Err(Failed::Undelivered(_)) => "listener gone: kernel path".into(),
                 Err(_) => String::new(),
             };
-            attempt.reply(&listener.guest, made, || why).into()
+            let reply: Reply = attempt.reply(&listener.guest, made, || why).into();
+            reply.with_listener(listener)
         }
         Decision::Remote { host, server, verdict } => {
             // Present: the decision is Remote only with a running fabric.
@@ -534,6 +542,7 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
         lifelines: vec![lifeline],
         reset: Default::default(),
         charge,
+        kit: None,
     });
     let info = ConnectionInfo { id: id.0, local: attempt.client_addr, peer: server_addr, ring_size };
     Ok(Made { info, client: client_kit })
@@ -657,6 +666,53 @@ fn shared_memory(daemon: &Daemon, pair: Pair, ring_size: u32) -> io::Result<Memo
     })
 }
 
+/// A kit made: its connection's id and each end's descriptors.
+pub struct Kit {
+    pub id: ConnectionId,
+    pub client: EndFiles,
+    pub server: EndFiles,
+}
+
+/// Makes kit `sequence` of `grant` under `policy`: a connection between
+/// the grant's two processes, charged to both guests and recorded as a
+/// kit not yet taken. `None` when a quota or the host refuses one more.
+pub fn make_kit(daemon: &Daemon, policy: &Policy, grant: &crate::grants::GrantRecord, sequence: u32) -> Option<Kit> {
+    let host = policy.config.host();
+    let listener = &grant.listener;
+    let charge = daemon.charge(policy, &grant.client, &listener.guest, host.segment_size()).ok()?;
+    let pair = Pair { channel: grant.key.channel, listener: listener.id };
+    let memory = shared_memory(daemon, pair, host.ring_size).ok()?;
+    let Memory {
+        id,
+        kept,
+        lifeline,
+        client: ClientKit::Process(client),
+        server: ServerKit::Process { bell, holds, .. },
+        carrier,
+        ..
+    } = memory
+    else {
+        unreachable!("a pair's memory is two processes'")
+    };
+    let RecordMemory::Files { files, .. } = &kept else { unreachable!("a pair's segment has files") };
+    let [own_half, peer_half] = files.clone_for(Endpoint::Server).ok()?;
+    daemon.connections.add(ConnectionRecord {
+        id,
+        client: grant.client.clone(),
+        client_addr: SocketAddrV4::new(grant.key.client, 0),
+        server: listener.guest.clone(),
+        server_addr: grant.key.server,
+        opened: SystemTime::now(),
+        memory: kept,
+        carrier,
+        lifelines: vec![lifeline],
+        reset: Default::default(),
+        charge,
+        kit: Some(crate::connections::KitMark { grant: grant.id, sequence, announced: false }),
+    });
+    Some(Kit { id, client, server: EndFiles { own_half, bell, holds, peer_half } })
+}
+
 /// Memory for a connection the relay carries as end `mine`: a fresh
 /// segment (rings of `ring_size`, the fabric's), not pooled (a cross-host
 /// connect waits for the other host anyway).
@@ -741,7 +797,18 @@ struct Outcome {
 
 impl From<Outcome> for Reply {
     fn from(outcome: Outcome) -> Reply {
-        Reply { message: outcome.message, handover: outcome.handover }
+        Reply { message: outcome.message, handover: outcome.handover, listener: None }
+    }
+}
+
+impl Reply {
+    /// Notes `listener` as the one a connection between two processes was
+    /// made with (nothing for any other reply).
+    fn with_listener(mut self, listener: Arc<ListenerRecord>) -> Reply {
+        if matches!(self.message, Message::Connected(_)) && self.handover.is_some() && listener.vm.is_none() {
+            self.listener = Some(listener);
+        }
+        self
     }
 }
 

@@ -53,6 +53,37 @@ impl Memory {
     }
 }
 
+/// Whether `policy` allows a flow from `client` (a guest, at address
+/// `client_addr`) to `server` (a guest) at `server_addr`.
+pub fn flow_allowed(
+    policy: &Policy,
+    client: &GuestSlot,
+    client_addr: std::net::Ipv4Addr,
+    server: &GuestSlot,
+    server_addr: SocketAddrV4,
+) -> Result<(), Disallowed> {
+    let (Some(client), Some(server)) = (policy.guest_id(client), policy.guest_id(server)) else {
+        return Err(Disallowed::GuestRemoved);
+    };
+    if client == server {
+        return Ok(());
+    }
+    let config = &policy.config;
+    let flow = Flow {
+        protocol: Protocol::Tcp,
+        vpc: config.guest(client).vpc,
+        client,
+        client_addr,
+        server,
+        server_addr: *server_addr.ip(),
+        port: server_addr.port(),
+    };
+    match evaluate(config, &flow) {
+        verdict @ Verdict::Deny { .. } => Err(Disallowed::Denied(verdict.describe(config))),
+        Verdict::Allow { .. } => Ok(()),
+    }
+}
+
 /// A live connection brokered by this daemon.
 #[derive(Debug)]
 pub struct ConnectionRecord {
@@ -76,6 +107,27 @@ pub struct ConnectionRecord {
     /// What the connection holds of its guests' quotas (their slots), given
     /// back once when it is retired, whatever changed meanwhile.
     pub charge: Charge,
+    /// A connection made ahead, as a kit of a grant (ARCHITECTURE §3b).
+    pub kit: Option<KitMark>,
+}
+
+/// What a kit's record knows of it.
+#[derive(Debug)]
+pub struct KitMark {
+    pub grant: u64,
+    pub sequence: u32,
+    /// The client took it (its slot in the grant's queue was read): from
+    /// then on it is a connection like any other. Until then it is not one
+    /// ([`Connections::each`] passes it by, and it is retired without a
+    /// flow log record); the table's lock guards the change.
+    pub announced: bool,
+}
+
+impl ConnectionRecord {
+    /// A kit no client has taken yet: not a connection.
+    pub fn unused_kit(&self) -> bool {
+        self.kit.as_ref().is_some_and(|k| !k.announced)
+    }
 }
 
 /// Whether a connection recorded beside `held` others keeps its segment's
@@ -164,26 +216,7 @@ impl ConnectionRecord {
 
     /// Whether `policy` allows this connection, which is still open.
     pub fn allowed_by(&self, policy: &Policy) -> Result<(), Disallowed> {
-        let (Some(client), Some(server)) = (policy.guest_id(&self.client), policy.guest_id(&self.server)) else {
-            return Err(Disallowed::GuestRemoved);
-        };
-        if client == server {
-            return Ok(());
-        }
-        let config = &policy.config;
-        let flow = Flow {
-            protocol: Protocol::Tcp,
-            vpc: config.guest(client).vpc,
-            client,
-            client_addr: *self.client_addr.ip(),
-            server,
-            server_addr: *self.server_addr.ip(),
-            port: self.server_addr.port(),
-        };
-        match evaluate(config, &flow) {
-            verdict @ Verdict::Deny { .. } => Err(Disallowed::Denied(verdict.describe(config))),
-            Verdict::Allow { .. } => Ok(()),
-        }
+        flow_allowed(policy, &self.client, *self.client_addr.ip(), &self.server, self.server_addr)
     }
 
     /// Neither reset by a policy change nor over.
@@ -214,6 +247,19 @@ impl Connections {
     /// What `f` makes of connection `id`'s record, if it is in the table.
     pub fn with<T>(&self, id: ConnectionId, f: impl FnOnce(&ConnectionRecord) -> T) -> Option<T> {
         lock(&self.connections).get(&id).map(f)
+    }
+
+    /// Announces kit `id`: its client took it for a socket bound to
+    /// `port`. Returns the record's copy for the flow log, or `None` if
+    /// there is no such kit or it was announced already.
+    pub fn announce<T>(&self, id: ConnectionId, port: u16, f: impl FnOnce(&ConnectionRecord) -> T) -> Option<T> {
+        let mut conns = lock(&self.connections);
+        let c = conns.get_mut(&id)?;
+        let kit = c.kit.as_mut().filter(|k| !k.announced)?;
+        kit.announced = true;
+        c.client_addr.set_port(port);
+        c.opened = SystemTime::now();
+        Some(f(c))
     }
 
     /// Records a connection whose ends have their descriptors. Near the
@@ -312,7 +358,8 @@ impl Connections {
         taken
     }
 
-    /// Calls `f` on every live connection, in id order, holding the table.
+    /// Calls `f` on every live connection, in id order, holding the table
+    /// (kits no client has taken are not connections: they are passed by).
     pub fn each(&self, f: impl FnMut(&ConnectionRecord)) {
         self.snapshot(f, || ());
     }
@@ -324,7 +371,7 @@ impl Connections {
         let conns = lock(&self.connections);
         let mut ids: Vec<ConnectionId> = conns.keys().copied().collect();
         ids.sort_unstable();
-        for c in ids.iter().filter_map(|id| conns.get(id)) {
+        for c in ids.iter().filter_map(|id| conns.get(id)).filter(|c| !c.unused_kit()) {
             f(c);
         }
         then()
@@ -373,6 +420,7 @@ mod tests {
             lifelines: vec![lifeline],
             reset: AtomicBool::new(false),
             charge,
+            kit: None,
         };
         (record, [client_holds, server_holds])
     }

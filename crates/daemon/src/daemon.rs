@@ -5,12 +5,14 @@
 use crate::charge::{Charge, Exceeded};
 use crate::connections::{Carrier, ConnectionRecord, Connections, Memory};
 use crate::flowlog::{FlowEvent, FlowLog, FlowRecord, FlowVerdict};
+use crate::grants::{GrantRecord, State as GrantState};
 use crate::guest::GuestSlot;
-use crate::ids::{Ids, Pair};
+use crate::ids::{ConnectionId, Ids, Pair};
 use crate::listeners::{ListenerRecord, Listeners};
 use crate::policy::{Policy, PolicySource};
 use crate::pool::SegmentPool;
 use crate::quota::Quota;
+use crate::sync::lock;
 use arc_swap::ArcSwap;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +31,8 @@ pub struct Daemon {
     pub ids: Ids,
     pub listeners: Listeners,
     pub connections: Connections,
+    /// Grants: connections made ahead for pairs that connect again.
+    pub grants: crate::grants::Grants,
     /// Segments made ahead of the connects that need them.
     pub segments: SegmentPool,
     flow_log: Option<FlowLog>,
@@ -60,6 +64,7 @@ impl Daemon {
             ids,
             listeners: Listeners::default(),
             connections: Connections::default(),
+            grants: Default::default(),
             segments: SegmentPool::new(ring_size),
             flow_log: None,
             fabric: OnceLock::new(),
@@ -229,6 +234,7 @@ impl Daemon {
     }
 
     fn reap_within(&self, patience: Duration) -> usize {
+        self.announce_kits();
         let finished = self.connections.take_finished(fold);
         let retired = finished.len();
         let mut closes = Vec::new();
@@ -248,6 +254,50 @@ impl Daemon {
         retired
     }
 
+    /// Reads every grant's queue and announces the kits taken since
+    /// (ARCHITECTURE §3b): from then on they are connections.
+    pub fn announce_kits(&self) {
+        for grant in self.grants.all() {
+            self.announce_taken(&grant, &mut lock(&grant.state));
+        }
+    }
+
+    /// Reads `grant`'s queue (its `state` held) and announces the kits
+    /// taken since.
+    pub(crate) fn announce_taken(&self, grant: &GrantRecord, state: &mut GrantState) {
+        let due = state.cursor.next_slots(grant.queue.produced());
+        for n in due.first..due.end {
+            let Some(slot) = grant.queue.slot(n) else { continue };
+            let Some(id) = state.waiting.remove(&slot.sequence) else { continue };
+            self.announce(grant, id, slot.port);
+        }
+    }
+
+    /// Kit `id` of `grant` is a connection from now on.
+    fn announce(&self, grant: &GrantRecord, id: ConnectionId, port: u16) {
+        let record = self.connections.announce(id, port, |c| (c.client_addr, c.server_addr));
+        let Some((client, server)) = record else { return };
+        grant.client.counters.connections_out.fetch_add(1, Ordering::Relaxed);
+        grant.listener.guest.counters.connections_in.fetch_add(1, Ordering::Relaxed);
+        grant.listener.accepted.fetch_add(1, Ordering::Relaxed);
+        self.log_flow(|| FlowRecord {
+            time: SystemTime::now(),
+            event: FlowEvent::Attempt,
+            id: Some(id.0),
+            vpc: grant.client.vpc.to_string(),
+            client_guest: grant.client.name.clone(),
+            server_guest: Some(grant.listener.guest.name.clone()),
+            protocol: "tcp",
+            client,
+            server,
+            verdict: FlowVerdict::Accepted,
+            decided_by: Some(format!("kit of grant {}", grant.id)),
+            bytes_client_to_server: None,
+            bytes_server_to_client: None,
+            duration_ms: None,
+        });
+    }
+
     /// Gives back a closed connection's quota, logs it, and returns its
     /// close record if there is a flow log. Called exactly once per
     /// connection, by whoever took its record out of the table, with the
@@ -255,6 +305,25 @@ impl Daemon {
     /// it): the counters and the flow log agree to the byte.
     fn retire(&self, c: &mut ConnectionRecord, (up, down): (u64, u64)) -> Option<FlowRecord> {
         c.charge.give_back();
+        if c.unused_kit() {
+            let segment = c.memory.segment();
+            let claim = segment.claim().load(Ordering::Acquire);
+            let used = claim == vsocket_abi::layout::KIT_ACCEPTED
+                || (0..2).any(|ring| {
+                    segment.producer(ring).total() > 0 || segment.holders(ring).load(Ordering::Relaxed) > 0
+                });
+            if !used {
+                // Made ahead and never taken: it was never a connection.
+                return None;
+            }
+            // Taken without a slot in its grant's queue (a client that
+            // wrote none): a connection all the same, announced now.
+            let mut attempt = close_record(c, 0, 0);
+            attempt.event = FlowEvent::Attempt;
+            attempt.decided_by = Some("kit taken without a slot".into());
+            (attempt.bytes_client_to_server, attempt.bytes_server_to_client, attempt.duration_ms) = (None, None, None);
+            self.log_flow(|| attempt);
+        }
         tracing::debug!(id = %c.id, client = %c.client_addr, server = %c.server_addr,
             sent = up, received = down, "connection closed");
         self.flow_log.is_some().then(|| close_record(c, up, down))

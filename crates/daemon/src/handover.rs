@@ -172,6 +172,9 @@ pub fn offer(daemon: &Daemon, run_dir: &Path, wait: Duration) -> Result<Offered,
     };
     let _ = std::fs::remove_file(&path);
     daemon.stop_serving();
+    // The successor knows no grant: every kit not yet taken is revoked,
+    // and those taken are announced, so they go over as connections.
+    crate::kits::end_all(daemon);
     let given = give(daemon, taker.as_fd());
     given?;
     vsocket_sys::set_recv_timeout(taker.as_fd(), STEP_TIMEOUT)?;
@@ -467,6 +470,7 @@ pub fn adopt(daemon: &Daemon, c: InheritedConnection) -> Result<(), NotAdopted> 
         lifelines: c.lifelines,
         reset: AtomicBool::new(part.reset),
         charge,
+        kit: None,
     });
     Ok(())
 }

@@ -79,6 +79,9 @@ impl Ids {
     pub fn slot(&self) -> SlotId {
         SlotId(self.next())
     }
+    pub fn grant(&self) -> u64 {
+        self.next()
+    }
     /// A number that moves on with every id drawn: listeners sharing an
     /// address take turns by it.
     /// Continues the ids another daemon handed out before `next` (a

@@ -29,6 +29,9 @@ pub struct ListenerRecord {
     /// (and announced with `IncomingAt`).
     pub vm: Option<Arc<crate::placed::VmMemory>>,
     pub accepted: AtomicU64,
+    /// The write end of the listener's bell, for the clients of its
+    /// grants (ARCHITECTURE §3b); none where the library takes no kits.
+    pub bell: Option<std::os::fd::OwnedFd>,
 }
 
 /// Where a listener's address is reachable from.
@@ -195,6 +198,7 @@ mod tests {
             channel: Box::new(Nowhere),
             vm: None,
             accepted: AtomicU64::new(0),
+            bell: None,
         })
     }
 

@@ -231,6 +231,10 @@ fn apply(daemon: &Arc<Daemon>, config: Config) -> Result<Applied, ChangeError> {
     drop(old);
     daemon.publish(policy);
     daemon.policy_changes.fetch_add(1, Ordering::Relaxed);
+    // Connections made ahead for a flow the new policy denies are never
+    // taken (ARCHITECTURE §3b), whatever `on_policy_change` does to those
+    // already taken.
+    crate::kits::enforce(daemon, &daemon.policy());
 
     for slot in &removed {
         slot.remove();

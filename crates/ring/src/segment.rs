@@ -282,6 +282,11 @@ pub struct ConnectQueue {
     page: Half,
 }
 
+// SAFETY: the page is plain shared memory, reached only through atomics.
+unsafe impl Send for ConnectQueue {}
+// SAFETY: as above; `&ConnectQueue` reads and writes only through atomics.
+unsafe impl Sync for ConnectQueue {}
+
 impl ConnectQueue {
     /// Creates grant `grant`'s queue, empty and sealed, mapped writable
     /// (the daemon's view); returns it with a read-write and a read-only

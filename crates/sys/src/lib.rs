@@ -138,6 +138,13 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(read), OwnedFd::from_raw_fd(write)) })
 }
 
+/// As [`pipe`], with both ends non-blocking (a listener's bell).
+pub fn pipe_nonblocking() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (read, write) = raw::pipe_nonblocking()?;
+    // SAFETY: both descriptors are new and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(read), OwnedFd::from_raw_fd(write)) })
+}
+
 /// Has every holder of the other end of this pipe or socket closed it
 /// (POLLHUP, or POLLERR/POLLNVAL)? Does not wait.
 pub fn hung_up(fd: BorrowedFd<'_>) -> bool {

@@ -28,6 +28,13 @@ pub fn pipe() -> io::Result<(RawFd, RawFd)> {
     Ok((fds[0], fds[1]))
 }
 
+/// A close-on-exec pipe whose ends never block: (read end, write end).
+pub fn pipe_nonblocking() -> io::Result<(RawFd, RawFd)> {
+    let mut fds = [0 as RawFd; 2];
+    raw!(libc::SYS_pipe2, fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK)?;
+    Ok((fds[0], fds[1]))
+}
+
 /// A close-on-exec connected pair of unix stream sockets.
 pub fn stream_pair() -> io::Result<(RawFd, RawFd)> {
     let mut fds = [0 as RawFd; 2];
@@ -101,12 +108,13 @@ pub struct Received {
 
 /// Receives one message on `fd` with `flags` (`MSG_CMSG_CLOEXEC` added),
 /// handing each descriptor that came with it (SCM_RIGHTS) to `each`, which
-/// owns it from then on. The control buffer (128 bytes) has room for 28
-/// descriptors; the kernel closes any beyond and sets `MSG_CTRUNC`.
+/// owns it from then on. The control buffer has room for
+/// [`MAX_SEND_FDS`] descriptors, as many as one message can carry; the
+/// kernel closes any beyond and sets `MSG_CTRUNC`.
 pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], flags: i32, mut each: impl FnMut(RawFd)) -> io::Result<Received> {
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
     // u64 storage keeps the control buffer aligned for cmsghdr.
-    let mut control = [0u64; 16];
+    let mut control = [0u64; CONTROL_WORDS];
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -133,8 +141,12 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], flags: i32, mut each: impl FnMut
     Ok(Received { len, truncated: msg.msg_flags & libc::MSG_CTRUNC != 0 })
 }
 
-/// The most descriptors one [`send_with_fds`] carries.
-pub const MAX_SEND_FDS: usize = 8;
+/// The most descriptors one [`send_with_fds`] carries: Linux's
+/// `SCM_MAX_FD` (a batch of kits takes up to 134).
+pub const MAX_SEND_FDS: usize = 253;
+/// A control buffer for one SCM_RIGHTS header (16 bytes) and
+/// [`MAX_SEND_FDS`] descriptors, in u64 words.
+const CONTROL_WORDS: usize = (16 + 4 * MAX_SEND_FDS).div_ceil(8);
 
 /// Sends one datagram with up to [`MAX_SEND_FDS`] descriptors (SCM_RIGHTS)
 /// on `fd`, whole or not at all.
@@ -144,7 +156,7 @@ pub fn send_with_fds(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
     }
     let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
     // u64 storage keeps the control buffer aligned for cmsghdr.
-    let mut control = [0u64; 8];
+    let mut control = [0u64; CONTROL_WORDS];
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -155,9 +167,10 @@ pub fn send_with_fds(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
         let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
         msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
         msg.msg_controllen = space;
-        // SAFETY: `control` (64 bytes) holds one header and up to 8
-        // descriptors (CMSG_SPACE(32) is 48); CMSG_FIRSTHDR and CMSG_DATA
-        // stay inside it.
+        // SAFETY: `control` holds one header and up to MAX_SEND_FDS
+        // descriptors (CMSG_SPACE rounds the 16-byte header and the data
+        // up to 8 bytes, which CONTROL_WORDS does too); CMSG_FIRSTHDR and
+        // CMSG_DATA stay inside it.
         unsafe {
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;

@@ -227,8 +227,10 @@ fn serve_channel<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id:
     daemon.segments.channel_opened(id);
     serve_requests(daemon, guest, id, channel);
     // The process is gone (or its channel became a listener's): segments
-    // kept for its connections will not be asked for again.
+    // kept for its connections will not be asked for again, and its
+    // grants end.
     daemon.segments.channel_closed(id);
+    crate::kits::channel_closed(daemon, id);
 }
 
 /// How long a reply may wait for room in a request channel before the
@@ -276,7 +278,7 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
                     return;
                 }
             }
-            Message::Connect { local, remote } => {
+            Message::Connect { local, remote } | Message::ConnectKits { local, remote } => {
                 let _serving = daemon.serving();
                 let memory = channel.memory();
                 let client = match &memory {
@@ -284,14 +286,41 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
                     ConnectionMemory::Region(vm) => connect::ClientEnd::Vm(vm),
                 };
                 let reply = connect::connect(daemon, guest, client, local, remote);
+                let batch = match (&message, &reply.message, &reply.listener) {
+                    (Message::ConnectKits { .. }, Message::Connected(info), Some(listener)) => {
+                        crate::kits::for_connect(
+                            daemon,
+                            &daemon.policy(),
+                            guest,
+                            id,
+                            listener,
+                            *info.local.ip(),
+                            remote,
+                        )
+                        .map(|batch| (*info, batch))
+                    }
+                    _ => None,
+                };
                 let handover = reply.handover.as_ref().map(|files| files.handover());
-                if let Err(e) = channel.send(&reply.message, handover) {
+                let sent = match (batch, handover) {
+                    (Some((info, batch)), Some(handover)) => {
+                        let mut fds = handover.fds().to_vec();
+                        fds.extend(batch.fds());
+                        channel.send_fds(&Message::ConnectedKits { info, grant: batch.grant }, &fds)
+                    }
+                    (_, handover) => channel.send(&reply.message, handover),
+                };
+                if let Err(e) = sent {
                     tracing::warn!(guest = %name, error = %e, "reply not taken; closing the channel");
                     return;
                 }
             }
             Message::Listen { local, backlog: _ } => {
-                serve_listener(daemon, guest, channel, local);
+                serve_listener(daemon, guest, channel, local, false);
+                return;
+            }
+            Message::ListenKits { local, backlog: _ } => {
+                serve_listener(daemon, guest, channel, local, true);
                 return;
             }
             other => {
@@ -309,6 +338,7 @@ fn serve_listener<C: ProcessChannel>(
     guest: &Arc<GuestSlot>,
     channel: C,
     local: std::net::SocketAddrV4,
+    kits: bool,
 ) {
     let name = &guest.name;
     let Ok(watcher) = channel.try_clone() else { return };
@@ -321,8 +351,15 @@ fn serve_listener<C: ProcessChannel>(
         ConnectionMemory::Region(vm) => Some(vm),
         ConnectionMemory::Descriptors => None,
     };
+    // A library that takes kits gets the listener's bell, where its
+    // channel carries descriptors.
+    let bell = match (kits, &vm) {
+        (true, None) => vsocket_sys::pipe_nonblocking().ok(),
+        _ => None,
+    };
+    let (bell_read, bell_write) = bell.unzip();
     let registered = match timed {
-        Ok(()) => connect::listen(daemon, guest, local, Box::new(channel), vm),
+        Ok(()) => connect::listen(daemon, guest, local, Box::new(channel), vm, bell_write),
         Err(_) => Err(connect::ListenError::Channel),
     };
     let record = match registered {
@@ -334,7 +371,12 @@ fn serve_listener<C: ProcessChannel>(
     };
     daemon.segments.listener_opened(record.id);
     daemon.listeners.add(record.clone());
-    if watcher.send(&Message::ListenOk, None).is_err() {
+    let ok = match &bell_read {
+        Some(bell) => watcher.send_fds(&Message::ListenOkKits, &[bell.as_fd()]),
+        None => watcher.send(&Message::ListenOk, None),
+    };
+    drop(bell_read);
+    if ok.is_err() {
         daemon.listeners.remove(&record);
         daemon.segments.listener_closed(record.id);
         return;
@@ -346,6 +388,7 @@ fn serve_listener<C: ProcessChannel>(
     let _ = watcher.next_message();
     daemon.listeners.remove(&record);
     daemon.segments.listener_closed(record.id);
+    crate::kits::listener_closed(daemon, record.id);
     if let (Some(_), Some(bridge)) = (&record.vm, daemon.bridge.get()) {
         bridge.listener_closed(record.id);
     }

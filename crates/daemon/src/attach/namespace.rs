@@ -81,6 +81,11 @@ impl Channel for SeqpacketChannel {
             None => vsocket_sys::send_with_fds(self.0.as_fd(), bytes, &[]),
         }
     }
+
+    fn send_fds(&self, message: &Message, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let mut buf = [0u8; MAX_MESSAGE];
+        vsocket_sys::send_with_fds(self.0.as_fd(), message.encode(&mut buf), fds)
+    }
 }
 
 impl ProcessChannel for SeqpacketChannel {

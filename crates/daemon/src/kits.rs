@@ -1,0 +1,175 @@
+//! Kits: connection setup off the daemon's path (ARCHITECTURE §3b).
+//!
+//! When a process connects again to a listener it connected to before,
+//! the daemon makes a batch of connections ahead (*kits*) for the pair,
+//! charges and records each, sends the server's ends to the listener
+//! channel and the client's with the reply. The client then connects by
+//! taking a kit and writing its sequence number and port to the grant's
+//! connect queue; the server accepts by reading that queue. No daemon
+//! thread runs and no descriptor moves per connection.
+//!
+//! The daemon stays the authority: it reads each queue at every reap and
+//! *announces* the kits taken (from then on they are connections: counted,
+//! listed, flow-logged); a kit never taken is retired without a trace
+//! but its quota charge going back; and a grant whose flow a policy change
+//! no longer allows, or whose client or listener is gone, ends: every
+//! kit not yet accepted is revoked through its claim word, which the
+//! server's library must move from waiting to accept it.
+
+use crate::daemon::Daemon;
+use crate::grants::{Batch, GrantKey, GrantRecord, State};
+use crate::guest::GuestSlot;
+use crate::ids::{ChannelId, ConnectionId, ListenerId};
+use crate::listeners::ListenerRecord;
+use crate::policy::Policy;
+use crate::sync::lock;
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use vsocket_abi::control::{Grant, Message, MAX_KITS};
+use vsocket_abi::layout::{KIT_REVOKED, KIT_WAITING};
+use vsocket_ring::ConnectQueue;
+
+/// Kits for the client of a connect just made from `channel` to
+/// `listener`, under `policy`: a batch if the pair has a grant (made now
+/// on its second connect) and the listener takes kits. The server's ends
+/// are on the listener channel before this returns.
+pub fn for_connect(
+    daemon: &Daemon,
+    policy: &Policy,
+    client: &Arc<GuestSlot>,
+    channel: ChannelId,
+    listener: &Arc<ListenerRecord>,
+    client_addr: Ipv4Addr,
+    server: SocketAddrV4,
+) -> Option<Batch> {
+    let bell = listener.bell.as_ref()?;
+    let key = GrantKey { channel, listener: listener.id, client: client_addr, server };
+    let grant = daemon.grants.get_or_make(key, || {
+        let id = daemon.ids.grant();
+        let (queue, client_page, server_page) = ConnectQueue::create(id)?;
+        Ok(GrantRecord {
+            id,
+            key,
+            listener: listener.clone(),
+            client: client.clone(),
+            queue,
+            client_page,
+            server_page,
+            state: Mutex::new(State::default()),
+        })
+    })?;
+    let mut state = lock(&grant.state);
+    if state.over {
+        return None;
+    }
+    let first = state.next;
+    let mut made = Vec::new();
+    for sequence in first..first.saturating_add(MAX_KITS as u32) {
+        match crate::connect::make_kit(daemon, policy, &grant, sequence) {
+            Some(kit) => made.push((sequence, kit)),
+            None => break,
+        }
+    }
+    if made.is_empty() {
+        return None;
+    }
+    let batch = Grant { id: grant.id, first, count: made.len() as u8 };
+    let mut fds = vec![grant.server_page.as_fd()];
+    for (_, kit) in &made {
+        fds.extend(kit.server.fds());
+    }
+    let kits = Message::Kits { grant: batch, client: client_addr, server };
+    if let Err(e) = listener.channel.send_fds(&kits, &fds) {
+        // Nobody holds these kits: once `made` is dropped, their lifelines
+        // hang up and the reaper retires them without a trace.
+        tracing::debug!(grant = grant.id, error = %e, "kits not taken by the listener");
+        return None;
+    }
+    state.next = first + made.len() as u32;
+    let mut client_ends = Vec::with_capacity(made.len());
+    for (sequence, kit) in made {
+        state.waiting.insert(sequence, kit.id);
+        client_ends.push(kit.client);
+    }
+    drop(state);
+    Some(Batch {
+        grant: batch,
+        page: grant.client_page.try_clone().ok()?,
+        bell: bell.try_clone().ok()?,
+        kits: client_ends,
+    })
+}
+
+/// Ends `grant`: the kits taken so far are announced, every other kit is
+/// revoked (its claim word set, so no server accepts it and its client
+/// sees it), and the listener is told to let the grant's kits go.
+fn end(daemon: &Daemon, grant: &GrantRecord, why: &str) {
+    let mut state = lock(&grant.state);
+    state.over = true;
+    daemon.announce_taken(grant, &mut state);
+    let waiting: Vec<(u32, ConnectionId)> = state.waiting.iter().map(|(s, id)| (*s, *id)).collect();
+    for (sequence, id) in waiting {
+        let revoked = daemon.connections.with(id, |c| {
+            c.memory.segment().claim().compare_exchange(KIT_WAITING, KIT_REVOKED, Ordering::AcqRel, Ordering::Acquire)
+        });
+        if let Some(Ok(_)) | None = revoked {
+            state.waiting.remove(&sequence);
+        }
+    }
+    // A kit the server took while it was being revoked has its slot
+    // written by now (the client writes it before the server can read
+    // it).
+    daemon.announce_taken(grant, &mut state);
+    drop(state);
+    let _ = grant.listener.channel.send(&Message::Revoke { grant: grant.id }, None);
+    tracing::debug!(grant = grant.id, %why, "grant ended");
+}
+
+/// The client process of `channel` is gone (or exec'd): its grants end.
+pub fn channel_closed(daemon: &Daemon, channel: ChannelId) {
+    for grant in daemon.grants.take(|k| k.channel == channel) {
+        end(daemon, &grant, "client process gone");
+    }
+}
+
+/// Listener `listener` is gone: its grants end.
+pub fn listener_closed(daemon: &Daemon, listener: ListenerId) {
+    for grant in daemon.grants.take(|k| k.listener == listener) {
+        end(daemon, &grant, "listener gone");
+    }
+}
+
+/// Every grant ends (the daemon hands over to a successor, which knows
+/// none).
+pub fn end_all(daemon: &Daemon) {
+    for grant in daemon.grants.take(|_| true) {
+        end(daemon, &grant, "daemon handing over");
+    }
+}
+
+/// Applies a policy change to the grants, before it is reported applied:
+/// a grant whose flow `policy` no longer allows ends (its connections
+/// already made are the connection table's, which `Daemon::enforce`
+/// treats as any other). Returns how many ended.
+pub fn enforce(daemon: &Daemon, policy: &Policy) -> usize {
+    let denied: HashSet<u64> = daemon
+        .grants
+        .all()
+        .iter()
+        .filter(|g| {
+            crate::connections::flow_allowed(policy, &g.client, g.key.client, &g.listener.guest, g.key.server).is_err()
+        })
+        .map(|g| g.id)
+        .collect();
+    if denied.is_empty() {
+        return 0;
+    }
+    let ended = daemon.grants.take_ids(&denied);
+    for grant in &ended {
+        end(daemon, grant, "denied by a policy change");
+    }
+    ended.len()
+}

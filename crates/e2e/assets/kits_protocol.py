@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Both ends of a grant, spoken on the control socket without the library
+(raw SOCK_SEQPACKET), to check what vsocketd does with kits
+(ARCHITECTURE §3b).
+
+    kits_protocol.py listen SOCK IP PORT OUT STOPFILE
+    kits_protocol.py connect SOCK IP PORT STEPS
+
+listen: registers a listener that takes kits (ListenKits) and writes one
+JSON line to OUT for each message the daemon sends on its channel; it
+keeps every descriptor, so the kits stay held; on Revoke it adds the
+claim words of the kits it holds. Ends when STOPFILE exists.
+connect: connects twice on one request channel (ConnectKits); the second
+reply brings a grant's kits. It takes the batch's first kit as a client
+library would (a slot in the connect queue, a byte on the bell), prints a
+JSON line, then waits for STEPS/check, prints the claim words of its
+kits, and waits for STEPS/exit.
+"""
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+CONNECTED, INCOMING, REFUSED = 2, 8, 4
+CONNECT_KITS, LISTEN_KITS, LISTEN_OK_KITS, CONNECTED_KITS, KITS, REVOKE = 13, 14, 15, 16, 17, 18
+# Offsets (vsocket_abi::layout, ::grant).
+CLAIM = 3 * 128 + 12
+PRODUCED, SLOTS_AT, SLOTS = 128, 256, 64
+
+
+def addr(ip, port):
+    return socket.inet_aton(ip) + struct.pack("<H", port)
+
+
+def channel(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    return s
+
+
+def grant_of(body):
+    gid, first, count = struct.unpack("<QIB", body[:13])
+    return gid, first, count
+
+
+def claim(fd):
+    return struct.unpack("<I", os.pread(fd, 4, CLAIM))[0]
+
+
+def listen(path, ip, port, out, stop):
+    s = channel(path)
+    s.send(bytes([LISTEN_KITS]) + addr(ip, port) + struct.pack("<I", 64))
+    msg, fds, _, _ = socket.recv_fds(s, 64, 8)
+    held = []
+    with open(out, "a") as log:
+        def note(**kv):
+            log.write(json.dumps(kv) + "\n")
+            log.flush()
+        note(kind="registered", reply=msg[0] if msg else None, fds=len(fds))
+        s.settimeout(0.2)
+        while not os.path.exists(stop):
+            try:
+                msg, fds, _, _ = socket.recv_fds(s, 64, 253)
+            except socket.timeout:
+                continue
+            if not msg:
+                note(kind="closed")
+                return
+            kind = msg[0]
+            if kind == KITS:
+                gid, first, count = grant_of(msg[1:])
+                # Each kit: own half (read-write), bell, lifeline, peer half.
+                kits = [fds[1 + 4 * i] for i in range(count)]
+                held.append((gid, kits))
+                note(kind="kits", grant=gid, first=first, count=count, fds=len(fds),
+                     client=socket.inet_ntoa(msg[14:18]), claims=[claim(fd) for fd in kits])
+            elif kind == INCOMING:
+                note(kind="incoming", fds=len(fds))
+            elif kind == REVOKE:
+                (gid,) = struct.unpack("<Q", msg[1:9])
+                claims = [claim(fd) for g, kits in held if g == gid for fd in kits]
+                note(kind="revoke", grant=gid, claims=claims)
+            else:
+                note(kind="other", code=kind, fds=len(fds))
+
+
+def connect(path, ip, port, steps):
+    s = channel(path)
+    s.settimeout(10)
+    replies = []
+    kits = None
+    for local_port in (0, 0):
+        s.send(bytes([CONNECT_KITS]) + addr("0.0.0.0", local_port) + addr(ip, port))
+        msg, fds, _, _ = socket.recv_fds(s, 64, 253)
+        replies.append({"kind": msg[0], "fds": len(fds)})
+        if msg[0] == CONNECTED_KITS:
+            gid, first, count = grant_of(msg[1 + 24:])
+            kits = (gid, first, count, fds)
+    if kits is None:
+        print(json.dumps({"replies": replies}), flush=True)
+        return
+    gid, first, count, fds = kits
+    page, bell = fds[4], fds[5]
+    # The server's half of each kit (read-only here): its claim word.
+    server_halves = [fds[6 + 4 * i + 3] for i in range(count)]
+    produced = struct.unpack("<Q", os.pread(page, 8, PRODUCED))[0]
+    slot = (1 << 63) | (41000 << 32) | first
+    os.pwrite(page, struct.pack("<Q", slot), SLOTS_AT + 8 * (produced % SLOTS))
+    os.pwrite(page, struct.pack("<Q", produced + 1), PRODUCED)
+    os.write(bell, b"k")
+    print(json.dumps({"replies": replies, "grant": gid, "first": first, "count": count,
+                      "claims": [claim(fd) for fd in server_halves]}), flush=True)
+    while not os.path.exists(os.path.join(steps, "check")):
+        time.sleep(0.05)
+    print(json.dumps({"claims": [claim(fd) for fd in server_halves]}), flush=True)
+    while not os.path.exists(os.path.join(steps, "exit")):
+        time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    what = sys.argv[1]
+    if what == "listen":
+        listen(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6])
+    elif what == "connect":
+        connect(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])

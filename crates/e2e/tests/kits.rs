@@ -1,0 +1,136 @@
+//! Grants and kits (ARCHITECTURE §3b), as vsocketd hands them out: both
+//! ends are spoken raw on the control socket (`kits_protocol.py`), so
+//! what is checked is the daemon's side of the protocol.
+
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+use vsocket_e2e::{asset, wait_until, Lab, Via};
+
+/// `a` may reach `b` on port 7000 only.
+const TWO: &str = r#"
+[[vpc]]
+name = "blue"
+cidr = "10.10.0.0/24"
+
+[[security_group]]
+name = "svc"
+[[security_group.ingress]]
+protocol = "tcp"
+ports = "7000"
+cidr = "10.10.0.0/24"
+
+[[guest]]
+name = "a"
+vpc = "blue"
+addresses = ["10.10.0.2"]
+
+[[guest]]
+name = "b"
+vpc = "blue"
+addresses = ["10.10.0.3"]
+security_groups = ["svc"]
+"#;
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+fn connections(lab: &Lab) -> usize {
+    lab.ctl("connections").unwrap().as_array().unwrap().len()
+}
+
+#[test]
+fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
+    let mut lab = Lab::start_host("tkits", TWO, "flow_log = \"{dir}/flow.log\"").unwrap();
+    let script = asset("kits_protocol.py");
+    let script = script.to_str().unwrap();
+    let sock = |guest: &str| lab.run_dir.join("guests").join(format!("{guest}.sock")).to_str().unwrap().to_string();
+    let (sock_a, sock_b) = (sock("a"), sock("b"));
+    let (server_out, stop, steps) = (lab.dir.join("server.jsonl"), lab.dir.join("stop"), lab.dir.join("steps"));
+    std::fs::create_dir_all(&steps).unwrap();
+    let server_args =
+        [script, "listen", &sock_b, "10.10.0.3", "7000", server_out.to_str().unwrap(), stop.to_str().unwrap()];
+    lab.spawn("b", Via::Kernel, "python3", &server_args, "server.log").unwrap();
+    assert!(wait_until(Duration::from_secs(10), || !lines(&server_out).is_empty()), "listener registered");
+    // ListenOkKits, with the listener's bell.
+    assert_eq!(lines(&server_out)[0], serde_json::json!({"kind": "registered", "reply": 15, "fds": 1}));
+
+    let client_args = [script, "connect", &sock_a, "10.10.0.3", "7000", steps.to_str().unwrap()];
+    lab.spawn("a", Via::Kernel, "python3", &client_args, "client.log").unwrap();
+    let client_log = lab.dir.join("client.log");
+    assert!(wait_until(Duration::from_secs(10), || !lines(&client_log).is_empty()), "client connected");
+    let taken = &lines(&client_log)[0];
+    // The first connect is an ordinary one; the second brings a grant's
+    // batch: the connection, the queue and the bell, four per kit.
+    assert_eq!(taken["replies"][0], serde_json::json!({"kind": 2, "fds": 4}), "{taken}");
+    let count = taken["count"].as_u64().unwrap();
+    assert_eq!(taken["replies"][1]["kind"], 16, "{taken}");
+    assert_eq!(taken["replies"][1]["fds"].as_u64().unwrap(), 6 + 4 * count, "{taken}");
+    assert_eq!(count, 32);
+    assert!(taken["claims"].as_array().unwrap().iter().all(|c| c == 0), "{taken}");
+    // The server's ends went to the listener first, all waiting.
+    let server = lines(&server_out);
+    let kits = server.iter().find(|l| l["kind"] == "kits").unwrap_or_else(|| panic!("{server:?}"));
+    assert_eq!((&kits["grant"], &kits["first"], &kits["count"]), (&taken["grant"], &taken["first"], &taken["count"]));
+    assert_eq!(kits["fds"].as_u64().unwrap(), 1 + 4 * count);
+    assert_eq!(kits["client"], "10.10.0.2");
+    assert_eq!(server.iter().filter(|l| l["kind"] == "incoming").count(), 2, "{server:?}");
+
+    // The kit the client took is announced at the next reap: two
+    // connections and the kit, not the 31 kits left.
+    assert!(wait_until(Duration::from_secs(5), || connections(&lab) == 3), "{:?}", lab.ctl("connections"));
+    let conns = lab.ctl("connections").unwrap();
+    assert!(conns.as_array().unwrap().iter().any(|c| c["client"] == "10.10.0.2:41000"), "{conns}");
+    let log = lab.dir.join("flow.log");
+    let kit_attempt = |records: &[Value]| {
+        records
+            .iter()
+            .any(|r| r["event"] == "attempt" && r["client"] == "10.10.0.2:41000" && r["verdict"] == "accepted")
+    };
+    assert!(wait_until(Duration::from_secs(5), || kit_attempt(&lines(&log))), "{:?}", lines(&log));
+    let attempts = lines(&log).iter().filter(|r| r["event"] == "attempt").count();
+    assert_eq!(attempts, 3, "two connects and one kit taken: {:?}", lines(&log));
+    // Every kit is charged to both guests' quotas when it is made; only
+    // the one taken counts as a connection made.
+    let guests = lab.ctl("guests").unwrap();
+    let guest = |name: &str| guests.as_array().unwrap().iter().find(|g| g["name"] == name).unwrap().clone();
+    assert_eq!(guest("a")["connections_live"], 2 + count, "{guests}");
+    assert_eq!(guest("b")["connections_live"], 2 + count, "{guests}");
+    assert_eq!(guest("a")["connections_out"], 3, "{guests}");
+    assert_eq!(guest("b")["connections_in"], 3, "{guests}");
+
+    // Port 7000 no longer allowed: the grant ends before the change is
+    // reported applied; every kit not taken is revoked, and the listener
+    // is told.
+    let out = lab.ctl_output(&["rule", "remove", "svc", "ingress", "tcp", "7000", "--cidr", "10.10.0.0/24"]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(steps.join("check"), "").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || lines(&client_log).len() == 2), "client checked");
+    let claims = lines(&client_log)[1]["claims"].clone();
+    let claims: Vec<u64> = claims.as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).collect();
+    // The first kit was taken (and never accepted: its claim word is
+    // still waiting, so it is a connection announced, not revoked); the
+    // rest are revoked (3).
+    assert_eq!(claims[0], 0, "{claims:?}");
+    assert!(claims[1..].iter().all(|&c| c == 3), "{claims:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || lines(&server_out).iter().any(|l| l["kind"] == "revoke")),
+        "{:?}",
+        lines(&server_out)
+    );
+
+    // The client exits: its kits are retired, and only what was taken was
+    // ever a connection (no flow log record for the 31 others).
+    std::fs::write(steps.join("exit"), "").unwrap();
+    std::fs::write(&stop, "").unwrap();
+    assert!(wait_until(Duration::from_secs(10), || connections(&lab) == 0), "{:?}", lab.ctl("connections"));
+    let settled = wait_until(Duration::from_secs(5), || {
+        let guests = lab.ctl("guests").unwrap();
+        guests.as_array().unwrap().iter().all(|g| g["connections_live"] == 0 && g["shared_memory"] == 0)
+    });
+    assert!(settled, "every kit's charge is back: {:?}", lab.ctl("guests"));
+    let closes = || lines(&log).iter().filter(|r| r["event"] == "close").count();
+    assert!(wait_until(Duration::from_secs(5), || closes() == 3), "{:?}", lines(&log));
+    assert_eq!(lines(&log).iter().filter(|r| r["event"] == "attempt").count(), 3);
+}
