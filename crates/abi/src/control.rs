@@ -23,9 +23,11 @@
 //!   `ListenKits` (→ `ListenOkKits`, with the listener's bell) and
 //!   `ConnectKits` (→ `ConnectedKits`, with the connection, the grant's
 //!   queue page and bell, and a batch of kits; or any reply `Connect`
-//!   gets). The daemon pushes the server's kits on the listener channel
-//!   (`Kits`, before the client gets its own) and `Revoke` when a grant
-//!   ends. A daemon that does not know these kinds closes the channel.
+//!   gets). The daemon pushes the server's kits on the listener's kit
+//!   channel (`Kits`, before the client gets its own) and `Revoke` when a
+//!   grant ends; the library sends `NoKits` there when its listener can take no
+//!   more (it forked). A daemon that does not know these kinds closes the
+//!   channel.
 
 use crate::layout::Endpoint;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -94,21 +96,26 @@ pub enum Message {
     /// Library → daemon: as `Listen`, from a library that takes kits.
     ListenKits { local: SocketAddrV4, backlog: u32 },
     /// Daemon → library: the listener is registered; its bell's read end
-    /// comes with it (one descriptor).
+    /// and its kit channel (the library's end) come with it.
     ListenOkKits,
     /// Daemon → library: the connection is established, as `Connected`
     /// (its [`CONNECTION_FDS`] descriptors first), and `grant` comes with
     /// it: the queue page (read-write), a write end of the listener's bell,
     /// then [`KIT_FDS`] per kit (see [`Message::fd_count`]).
     ConnectedKits { info: ConnectionInfo, grant: Grant },
-    /// Daemon → library on a listener channel: the server's ends of a
-    /// batch of kits of `grant`, whose clients are at `client` (any port)
+    /// Daemon → library on a listener's kit channel (which no wait
+    /// watches: kits never make a listener look readable): the server's
+    /// ends of a batch of kits of `grant`, whose clients are at `client` (any port)
     /// and dial `server`: the queue page (read-only), then [`KIT_FDS`] per
     /// kit.
     Kits { grant: Grant, client: std::net::Ipv4Addr, server: SocketAddrV4 },
-    /// Daemon → library on a listener channel: grant `grant` is over; its
-    /// kits not yet accepted are let go.
+    /// Daemon → library on a listener's kit channel: grant `grant` is
+    /// over; its kits not yet accepted are let go.
     Revoke { grant: u64 },
+    /// Library → daemon on a listener channel: no more kits for this
+    /// listener (its process forked, so more than one process may read the
+    /// channel; or a batch could not be taken). The grants end.
+    NoKits,
 }
 
 /// A batch of kits of one grant: kits `first .. first + count` of grant
@@ -187,6 +194,7 @@ mod kind {
     pub const CONNECTED_KITS: u8 = 16;
     pub const KITS: u8 = 17;
     pub const REVOKE: u8 = 18;
+    pub const NO_KITS: u8 = 19;
 }
 
 const ADDR_LEN: usize = 6;
@@ -265,6 +273,7 @@ impl Message {
                 w.u8(kind::REVOKE);
                 w.bytes(&grant.to_le_bytes());
             }
+            Message::NoKits => w.u8(kind::NO_KITS),
         }
         let len = w.len;
         &w.buf[..len]
@@ -277,7 +286,12 @@ impl Message {
             kind::CONNECT => 2 * ADDR_LEN,
             kind::CONNECTED | kind::INCOMING => INFO_LEN,
             kind::CONNECTED_AT | kind::INCOMING_AT => INFO_LEN + 8,
-            kind::FALLBACK | kind::DROPPED | kind::LISTEN_OK | kind::REATTACHED | kind::LISTEN_OK_KITS => 0,
+            kind::FALLBACK
+            | kind::DROPPED
+            | kind::LISTEN_OK
+            | kind::REATTACHED
+            | kind::LISTEN_OK_KITS
+            | kind::NO_KITS => 0,
             kind::REATTACH => 9,
             kind::REFUSED => 4,
             kind::LISTEN => ADDR_LEN + 4,
@@ -328,6 +342,7 @@ impl Message {
                 Message::Kits { grant, client: Ipv4Addr::from(r.take::<4>()), server: r.addr() }
             }
             kind::REVOKE => Message::Revoke { grant: u64::from_le_bytes(r.take()) },
+            kind::NO_KITS => Message::NoKits,
             _ => unreachable!("kinds were matched above"),
         })
     }
@@ -338,7 +353,7 @@ impl Message {
             Message::Connected(_) | Message::Incoming(_) => CONNECTION_FDS,
             Message::Reattach { .. } => 1,
             Message::Reattached => HALVES_FDS,
-            Message::ListenOkKits => 1,
+            Message::ListenOkKits => 2,
             Message::ConnectedKits { grant, .. } => CONNECTION_FDS + 2 + KIT_FDS * grant.count as usize,
             Message::Kits { grant, .. } => 1 + KIT_FDS * grant.count as usize,
             _ => 0,
@@ -460,6 +475,7 @@ mod tests {
                 server: a("10.0.0.2:6379"),
             },
             Message::Revoke { grant: u64::MAX },
+            Message::NoKits,
         ]
     }
 
@@ -527,7 +543,7 @@ mod tests {
         assert!(most <= 253);
         let server = Message::Kits { grant, client: Ipv4Addr::LOCALHOST, server: a("1.2.3.4:5") };
         assert_eq!(server.fd_count(), 1 + 4 * 32);
-        assert_eq!(Message::ListenOkKits.fd_count(), 1);
+        assert_eq!(Message::ListenOkKits.fd_count(), 2);
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub fn listen(
     local: SocketAddrV4,
     channel: Box<dyn Channel>,
     vm: Option<Arc<VmMemory>>,
-    bell: Option<OwnedFd>,
+    kits: Option<(OwnedFd, OwnedFd)>,
 ) -> Result<Arc<ListenerRecord>, ListenError> {
     if local.port() == 0 {
         return Err(ListenError::NoPort);
@@ -110,7 +110,9 @@ pub fn listen(
         channel,
         vm,
         accepted: Default::default(),
-        bell,
+        bell: kits.as_ref().map(|(bell, _)| bell.try_clone()).transpose().ok().flatten(),
+        kit_channel: kits.map(|(_, channel)| channel),
+        kits_off: Default::default(),
     }))
 }
 

@@ -283,7 +283,8 @@ impl Connections {
     /// (the caller retires it and reuses the segment), with what `fold`
     /// returned for it, called as it leaves the table. Only the oldest few
     /// are looked at: a client that opens connection after connection
-    /// finds its previous ones there.
+    /// finds its previous ones there. A kit no one announced yet is not
+    /// taken (the reaper announces, then retires it).
     pub fn reclaim<T>(&self, pair: Pair, fold: impl FnOnce(&ConnectionRecord) -> T) -> Option<(ConnectionRecord, T)> {
         const LOOK: usize = 8;
         let mut conns = lock(&self.connections);
@@ -296,7 +297,9 @@ impl Connections {
                 None => {
                     queue.remove(i);
                 }
-                Some(c) if c.memory.segment().reusable() => {
+                // A kit not yet announced waits for the reaper, which
+                // announces it first (its port is in its grant's queue).
+                Some(c) if c.memory.segment().reusable() && !c.unused_kit() => {
                     let id = queue.remove(i).expect("index checked");
                     found = conns.remove(&id);
                     break;

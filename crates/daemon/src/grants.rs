@@ -68,6 +68,9 @@ pub(crate) struct State {
     pub(crate) next: u32,
     /// Kits made and not yet announced, by sequence number.
     pub(crate) waiting: HashMap<u32, ConnectionId>,
+    /// Kits made that no server had accepted when last looked at (taken
+    /// or not): what ending the grant revokes.
+    pub(crate) unaccepted: Vec<ConnectionId>,
     /// The grant has ended: no more kits.
     pub(crate) over: bool,
 }

@@ -19,7 +19,7 @@
 use crate::daemon::Daemon;
 use crate::grants::{Batch, GrantKey, GrantRecord, State};
 use crate::guest::GuestSlot;
-use crate::ids::{ChannelId, ConnectionId, ListenerId};
+use crate::ids::{ChannelId, ListenerId};
 use crate::listeners::ListenerRecord;
 use crate::policy::Policy;
 use crate::sync::lock;
@@ -29,6 +29,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use vsocket_abi::control::{Grant, Message, MAX_KITS};
+use vsocket_abi::grant::SLOTS;
 use vsocket_abi::layout::{KIT_REVOKED, KIT_WAITING};
 use vsocket_ring::ConnectQueue;
 
@@ -46,6 +47,10 @@ pub fn for_connect(
     server: SocketAddrV4,
 ) -> Option<Batch> {
     let bell = listener.bell.as_ref()?;
+    let kit_channel = listener.kit_channel.as_ref()?;
+    if listener.kits_off.load(Ordering::Acquire) {
+        return None;
+    }
     let key = GrantKey { channel, listener: listener.id, client: client_addr, server };
     let grant = daemon.grants.get_or_make(key, || {
         let id = daemon.ids.grant();
@@ -65,9 +70,23 @@ pub fn for_connect(
     if state.over {
         return None;
     }
+    // The kits taken since the last batch are announced before the queue
+    // can wrap (a batch is half its slots). Kits accepted (or retired)
+    // since are no longer the grant's to revoke.
+    daemon.announce_taken(&grant, &mut state);
+    state.unaccepted.retain(|&id| {
+        daemon.connections.with(id, |c| c.memory.segment().claim().load(Ordering::Acquire) == KIT_WAITING) == Some(true)
+    });
+    // A server that falls behind its clients by more than the queue
+    // holds would miss their slots: no more kits until it catches up
+    // (connects go through the daemon meanwhile).
+    let taken_waiting = state.unaccepted.len().saturating_sub(state.waiting.len());
+    if taken_waiting + MAX_KITS as usize > SLOTS {
+        return None;
+    }
     let first = state.next;
     let mut made = Vec::new();
-    for sequence in first..first.saturating_add(MAX_KITS as u32) {
+    for sequence in first..first.saturating_add(batch_size(policy, client, &listener.guest)) {
         match crate::connect::make_kit(daemon, policy, &grant, sequence) {
             Some(kit) => made.push((sequence, kit)),
             None => break,
@@ -82,7 +101,8 @@ pub fn for_connect(
         fds.extend(kit.server.fds());
     }
     let kits = Message::Kits { grant: batch, client: client_addr, server };
-    if let Err(e) = listener.channel.send_fds(&kits, &fds) {
+    let mut buf = [0u8; vsocket_abi::control::MAX_MESSAGE];
+    if let Err(e) = vsocket_sys::send_with_fds(kit_channel.as_fd(), kits.encode(&mut buf), &fds) {
         // Nobody holds these kits: once `made` is dropped, their lifelines
         // hang up and the reaper retires them without a trace.
         tracing::debug!(grant = grant.id, error = %e, "kits not taken by the listener");
@@ -92,6 +112,7 @@ pub fn for_connect(
     let mut client_ends = Vec::with_capacity(made.len());
     for (sequence, kit) in made {
         state.waiting.insert(sequence, kit.id);
+        state.unaccepted.push(kit.id);
         client_ends.push(kit.client);
     }
     drop(state);
@@ -103,6 +124,22 @@ pub fn for_connect(
     })
 }
 
+/// How many kits a batch for a pair of guests has: at most [`MAX_KITS`],
+/// and at most a quarter of what either guest's quotas still allow, so
+/// that kits one process holds never take a guest's last connections
+/// from its other processes.
+fn batch_size(policy: &Policy, client: &GuestSlot, server: &GuestSlot) -> u32 {
+    let segment = policy.config.host().segment_size().max(1);
+    let room = |slot: &GuestSlot| {
+        let quotas = policy.quotas(slot);
+        let usage = &slot.counters.quota;
+        let connections = quotas.max_connections.saturating_sub(usage.connections());
+        let memory = quotas.max_shared_memory.saturating_sub(usage.shared_memory()) / segment;
+        connections.min(memory) / 4
+    };
+    (MAX_KITS as u64).min(room(client)).min(room(server)) as u32
+}
+
 /// Ends `grant`: the kits taken so far are announced, every other kit is
 /// revoked (its claim word set, so no server accepts it and its client
 /// sees it), and the listener is told to let the grant's kits go.
@@ -110,21 +147,32 @@ fn end(daemon: &Daemon, grant: &GrantRecord, why: &str) {
     let mut state = lock(&grant.state);
     state.over = true;
     daemon.announce_taken(grant, &mut state);
-    let waiting: Vec<(u32, ConnectionId)> = state.waiting.iter().map(|(s, id)| (*s, *id)).collect();
-    for (sequence, id) in waiting {
-        let revoked = daemon.connections.with(id, |c| {
-            c.memory.segment().claim().compare_exchange(KIT_WAITING, KIT_REVOKED, Ordering::AcqRel, Ordering::Acquire)
+    // Every kit no server accepted is revoked, and reset: a client that
+    // took one (announced, or taking it at this moment), and may wait for
+    // an accept that will not come, sees ECONNRESET, as for a connection
+    // the change denies; one that reads the claim word first takes the
+    // daemon's path.
+    let unaccepted = std::mem::take(&mut state.unaccepted);
+    let mut reset = 0;
+    for id in unaccepted {
+        daemon.connections.with(id, |c| {
+            let claim = c.memory.segment().claim();
+            if claim.compare_exchange(KIT_WAITING, KIT_REVOKED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                c.reset();
+                reset += usize::from(!c.unused_kit());
+            }
         });
-        if let Some(Ok(_)) | None = revoked {
-            state.waiting.remove(&sequence);
-        }
     }
-    // A kit the server took while it was being revoked has its slot
-    // written by now (the client writes it before the server can read
-    // it).
-    daemon.announce_taken(grant, &mut state);
+    state.waiting.clear();
     drop(state);
-    let _ = grant.listener.channel.send(&Message::Revoke { grant: grant.id }, None);
+    if reset > 0 {
+        tracing::info!(grant = grant.id, reset, %why, "connections made ahead and not yet accepted reset");
+    }
+    if let Some(kit_channel) = &grant.listener.kit_channel {
+        let mut buf = [0u8; vsocket_abi::control::MAX_MESSAGE];
+        let _ =
+            vsocket_sys::send_with_fds(kit_channel.as_fd(), Message::Revoke { grant: grant.id }.encode(&mut buf), &[]);
+    }
     tracing::debug!(grant = grant.id, %why, "grant ended");
 }
 
@@ -133,6 +181,13 @@ pub fn channel_closed(daemon: &Daemon, channel: ChannelId) {
     for grant in daemon.grants.take(|k| k.channel == channel) {
         end(daemon, &grant, "client process gone");
     }
+}
+
+/// The library of listener `listener` takes no more kits: its grants end
+/// and it gets no more.
+pub fn listener_takes_no_kits(daemon: &Daemon, listener: &ListenerRecord) {
+    listener.kits_off.store(true, Ordering::Release);
+    listener_closed(daemon, listener.id);
 }
 
 /// Listener `listener` is gone: its grants end.

@@ -32,6 +32,12 @@ pub struct ListenerRecord {
     /// The write end of the listener's bell, for the clients of its
     /// grants (ARCHITECTURE §3b); none where the library takes no kits.
     pub bell: Option<std::os::fd::OwnedFd>,
+    /// The daemon's end of the listener's kit channel (non-blocking): its
+    /// `Kits` and `Revoke` go there, not on the listener channel, so that
+    /// they never make the listener look readable.
+    pub kit_channel: Option<std::os::fd::OwnedFd>,
+    /// The library said `NoKits`: no more grants for this listener.
+    pub kits_off: std::sync::atomic::AtomicBool,
 }
 
 /// Where a listener's address is reachable from.
@@ -199,6 +205,8 @@ mod tests {
             vm: None,
             accepted: AtomicU64::new(0),
             bell: None,
+            kit_channel: None,
+            kits_off: Default::default(),
         })
     }
 

@@ -26,7 +26,7 @@ use std::sync::{Condvar, Mutex};
 use vsocket_ring::{Segment, SegmentFiles};
 
 /// Released segments kept per pair, and in all.
-const KEEP_PER_PAIR: usize = 8;
+const KEEP_PER_PAIR: usize = 40;
 const KEEP: usize = 1024;
 
 /// Segments kept ready.

@@ -7,7 +7,8 @@
     kits_protocol.py connect SOCK IP PORT STEPS
 
 listen: registers a listener that takes kits (ListenKits) and writes one
-JSON line to OUT for each message the daemon sends on its channel; it
+JSON line to OUT for each message the daemon sends on its channel or its
+kit channel; it
 keeps every descriptor, so the kits stay held; on Revoke it adds the
 claim words of the kits it holds. Ends when STOPFILE exists.
 connect: connects twice on one request channel (ConnectKits); the second
@@ -18,6 +19,7 @@ kits, and waits for STEPS/exit.
 """
 import json
 import os
+import select
 import socket
 import struct
 import sys
@@ -53,18 +55,20 @@ def listen(path, ip, port, out, stop):
     s = channel(path)
     s.send(bytes([LISTEN_KITS]) + addr(ip, port) + struct.pack("<I", 64))
     msg, fds, _, _ = socket.recv_fds(s, 64, 8)
+    # The bell, then the kit channel.
+    kit_channel = socket.socket(fileno=fds[1]) if len(fds) == 2 else None
     held = []
     with open(out, "a") as log:
         def note(**kv):
             log.write(json.dumps(kv) + "\n")
             log.flush()
         note(kind="registered", reply=msg[0] if msg else None, fds=len(fds))
-        s.settimeout(0.2)
+        channels = [s] + ([kit_channel] if kit_channel else [])
         while not os.path.exists(stop):
-            try:
-                msg, fds, _, _ = socket.recv_fds(s, 64, 253)
-            except socket.timeout:
+            ready, _, _ = select.select(channels, [], [], 0.2)
+            if not ready:
                 continue
+            msg, fds, _, _ = socket.recv_fds(ready[0], 64, 253)
             if not msg:
                 note(kind="closed")
                 return

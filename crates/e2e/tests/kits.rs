@@ -53,8 +53,8 @@ fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
         [script, "listen", &sock_b, "10.10.0.3", "7000", server_out.to_str().unwrap(), stop.to_str().unwrap()];
     lab.spawn("b", Via::Kernel, "python3", &server_args, "server.log").unwrap();
     assert!(wait_until(Duration::from_secs(10), || !lines(&server_out).is_empty()), "listener registered");
-    // ListenOkKits, with the listener's bell.
-    assert_eq!(lines(&server_out)[0], serde_json::json!({"kind": "registered", "reply": 15, "fds": 1}));
+    // ListenOkKits, with the listener's bell and kit channel.
+    assert_eq!(lines(&server_out)[0], serde_json::json!({"kind": "registered", "reply": 15, "fds": 2}));
 
     let client_args = [script, "connect", &sock_a, "10.10.0.3", "7000", steps.to_str().unwrap()];
     lab.spawn("a", Via::Kernel, "python3", &client_args, "client.log").unwrap();
@@ -109,11 +109,9 @@ fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
     assert!(wait_until(Duration::from_secs(5), || lines(&client_log).len() == 2), "client checked");
     let claims = lines(&client_log)[1]["claims"].clone();
     let claims: Vec<u64> = claims.as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).collect();
-    // The first kit was taken (and never accepted: its claim word is
-    // still waiting, so it is a connection announced, not revoked); the
-    // rest are revoked (3).
-    assert_eq!(claims[0], 0, "{claims:?}");
-    assert!(claims[1..].iter().all(|&c| c == 3), "{claims:?}");
+    // Every kit no server accepted is revoked (3): the one the client
+    // took too (it is reset: no server will accept it now).
+    assert!(claims.iter().all(|&c| c == 3), "{claims:?}");
     assert!(
         wait_until(Duration::from_secs(5), || lines(&server_out).iter().any(|l| l["kind"] == "revoke")),
         "{:?}",
@@ -133,4 +131,52 @@ fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
     let closes = || lines(&log).iter().filter(|r| r["event"] == "close").count();
     assert!(wait_until(Duration::from_secs(5), || closes() == 3), "{:?}", lines(&log));
     assert_eq!(lines(&log).iter().filter(|r| r["event"] == "attempt").count(), 3);
+}
+
+#[test]
+fn a_program_that_connects_again_and_again_takes_kits_and_every_connection_is_metered() {
+    let host = "flow_log = \"{dir}/flow.log\"\ndeny_action = \"reject\"";
+    let mut lab = Lab::start_host("tkitloop", TWO, host).unwrap();
+    let connrate = vsocket_e2e::compile("connrate.c", &lab.dir).unwrap();
+    let connrate = connrate.to_str().unwrap();
+    lab.spawn("b", Via::Vsocket, connrate, &["server", "10.10.0.3", "7000"], "server.log").unwrap();
+    lab.wait_listening("b", 7000).unwrap();
+    let script = asset("connect_loop.py");
+    let step = lab.dir.join("step");
+    let args = [script.to_str().unwrap(), "10.10.0.3", "7000", "300", step.to_str().unwrap(), "40"];
+    lab.spawn("a", Via::Vsocket, "python3", &args, "client.log").unwrap();
+    let client_log = lab.dir.join("client.log");
+    assert!(wait_until(Duration::from_secs(60), || !lines(&client_log).is_empty()), "first phase done");
+    assert_eq!(lines(&client_log)[0], serde_json::json!({"ok": 300}));
+
+    // Every connection was announced (most as kits taken: a grant's first
+    // connect and each refill go through the daemon), flow-logged once
+    // and counted once.
+    let log = lab.dir.join("flow.log");
+    let attempts = || lines(&log).into_iter().filter(|r| r["event"] == "attempt").collect::<Vec<_>>();
+    assert!(wait_until(Duration::from_secs(5), || attempts().len() == 300), "{} attempts", attempts().len());
+    let from_kits =
+        attempts().iter().filter(|r| r["decided_by"].as_str().is_some_and(|d| d.starts_with("kit"))).count();
+    assert!(from_kits >= 250, "{from_kits} of 300 connections took kits");
+    let mut ids: Vec<u64> = attempts().iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 300, "each connection is logged once");
+    assert!(attempts().iter().all(|r| !r["client"].as_str().unwrap().ends_with(":0")), "every port is known");
+    let guests = lab.ctl("guests").unwrap();
+    let guest = |name: &str| guests.as_array().unwrap().iter().find(|g| g["name"] == name).unwrap().clone();
+    assert_eq!(guest("a")["connections_out"], 300, "{guests}");
+    assert_eq!(guest("b")["connections_in"], 300, "{guests}");
+    let closes = || lines(&log).iter().filter(|r| r["event"] == "close").count();
+    assert!(wait_until(Duration::from_secs(5), || closes() == 300), "{} closes", closes());
+
+    // The policy no longer allows the flow: the same process, which still
+    // holds kits of its grant, is refused from its next connect on.
+    let out = lab.ctl_output(&["rule", "remove", "svc", "ingress", "tcp", "7000", "--cidr", "10.10.0.0/24"]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&step, "").unwrap();
+    assert!(wait_until(Duration::from_secs(60), || lines(&client_log).len() == 2), "second phase done");
+    assert_eq!(lines(&client_log)[1], serde_json::json!({"errno111": 40}));
+    assert_eq!(attempts().len(), 340);
+    assert_eq!(attempts().iter().filter(|r| r["verdict"] == "rejected").count(), 40);
 }

@@ -1,7 +1,6 @@
 //! listen(2) and accept(2) on a socket that takes vSocket clients beside
 //! kernel ones.
 
-use crate::attach::ControlChannel;
 use crate::conn::{Blocking, MAX_SLEEP_MS};
 use crate::listener::Listener;
 use crate::signals::SocketTimeout;
@@ -26,6 +25,9 @@ pub fn listen(fd: RawFd, backlog: i32) {
     let Some(local) = socket::local_v4(fd) else {
         return;
     };
+    // A fork must be seen from now on: a listener's kits are for one
+    // process (see `Listener::no_more_kits`).
+    fork::watch();
     if let Ok(listener) = Listener::register(local, family, backlog) {
         table::adopt(fd, Entry::Listener(listener));
     }
@@ -69,7 +71,7 @@ pub fn accept(
         let channel = listener.channel();
         let mut pfds = [
             libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: channel.as_ref().map_or(-1, |c| c.fd()), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: channel.as_ref().map_or(-1, |c| c.wake_fd()), events: libc::POLLIN, revents: 0 },
         ];
         // The sleep watches every source that can end it: the kernel socket
         // and, while the daemon serves it, the channel (whose end, too,

@@ -8,10 +8,10 @@ use crate::conn::{Blocking, Connection, Direction, Dropped};
 use crate::signals::{self, SocketTimeout};
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
-use crate::{fork, socket};
+use crate::{fork, kits, socket};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
-use vsocket_abi::control::Message;
+use vsocket_abi::control::{ConnectionInfo, Message};
 use vsocket_abi::layout::Endpoint;
 
 /// How long the kernel would retry a dropped SYN before ETIMEDOUT
@@ -51,8 +51,26 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
     }
     let local = socket::local_v4(fd)?;
     let blocking = socket::blocking(fd).ok()?;
-    // The daemon unreachable: the kernel path still works.
-    let mut reply = attach::request(&Message::Connect { local, remote }).ok()?;
+    if let Some(done) = connect_with_kit(fd, local, remote, family, blocking) {
+        return Some(done);
+    }
+    // The daemon unreachable: the kernel path still works. A daemon older
+    // than kits closes the channel on a request for them (as one that
+    // refuses the attachment does): this connect takes the kernel path,
+    // and the process asks as before from then on.
+    let request = match kits::wanted() {
+        true => Message::ConnectKits { local, remote },
+        false => Message::Connect { local, remote },
+    };
+    let mut reply = match attach::request(&request) {
+        Ok(reply) => reply,
+        Err(e) => {
+            if matches!(request, Message::ConnectKits { .. }) && e == Errno(libc::ECONNABORTED) {
+                kits::daemon_is_old();
+            }
+            return None;
+        }
+    };
     if let Some(delivered) = attach::delivered(&mut reply, Endpoint::Client) {
         let conn = delivered.and_then(|(info, delivery)| {
             fork::watch();
@@ -62,15 +80,10 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
             Ok(c) => c,
             Err(e) => return Some(Err(e)),
         };
-        // Timeouts set before connect apply to the connection.
-        socket::follow_timeout(fd, &conn, Direction::Receive);
-        socket::follow_timeout(fd, &conn, Direction::Send);
-        socket::follow_linger(fd, &conn);
-        table::adopt(fd, Entry::Conn(conn));
-        return Some(match blocking {
-            Blocking::NonBlocking => Err(Errno(libc::EINPROGRESS)),
-            Blocking::Blocking => Ok(()),
-        });
+        if let Message::ConnectedKits { info, grant } = reply.message {
+            kits::keep_client(grant, *local.ip(), remote, *info.local.ip(), reply.take_extra());
+        }
+        return Some(adopt(fd, conn, blocking));
     }
     match reply.message {
         Message::Fallback => None,
@@ -85,6 +98,50 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
         }
         _ => Some(Err(Errno(libc::EPROTO))),
     }
+}
+
+/// Makes `conn` the connection of the program's socket `fd`: what connect
+/// returns.
+fn adopt(fd: RawFd, conn: Connection, blocking: Blocking) -> SysResult<()> {
+    // Timeouts set before connect apply to the connection.
+    socket::follow_timeout(fd, &conn, Direction::Receive);
+    socket::follow_timeout(fd, &conn, Direction::Send);
+    socket::follow_linger(fd, &conn);
+    table::adopt(fd, Entry::Conn(conn));
+    match blocking {
+        Blocking::NonBlocking => Err(Errno(libc::EINPROGRESS)),
+        Blocking::Blocking => Ok(()),
+    }
+}
+
+/// Connects `fd` (bound to `local`) to `remote` with a kit of a grant this
+/// process holds, without asking the daemon (ARCHITECTURE §3b). `None`:
+/// no kit (or a revoked one: the grant is let go), ask the daemon.
+fn connect_with_kit(
+    fd: RawFd,
+    local: SocketAddrV4,
+    remote: SocketAddrV4,
+    family: Family,
+    blocking: Blocking,
+) -> Option<SysResult<()>> {
+    let kits::Taken { grant, client, kit } = kits::take(*local.ip(), remote)?;
+    fork::watch();
+    let sequence = kit.sequence;
+    let info = ConnectionInfo {
+        id: kit.id,
+        local: SocketAddrV4::new(client, local.port()),
+        peer: remote,
+        ring_size: kit.ring_size,
+    };
+    let conn = match Connection::new(info, Endpoint::Client, family, kit.delivery, blocking) {
+        Ok(conn) if !conn.kit_revoked() => conn,
+        _ => {
+            kits::forget(grant);
+            return None;
+        }
+    };
+    kits::publish(grant, sequence, local.port());
+    Some(adopt(fd, conn, blocking))
 }
 
 /// Waits as a blocked connect on `fd` whose SYNs are dropped would:

@@ -36,10 +36,22 @@ extern "C" fn prepare() {
 extern "C" fn parent() {
     sys::limit_after_fork();
     segcache::after_fork_parent();
+    // Both processes may now read a listener's channel: kits sent on it
+    // would be split between them (see `Listener::no_more_kits`).
+    table::for_each(|entry| {
+        if let Entry::Listener(listener) = entry {
+            listener.no_more_kits(true);
+        }
+    });
 }
 
 extern "C" fn child() {
     sys::limit_after_fork();
     sys::forget_pid();
     segcache::after_fork_child();
+    table::for_each(|entry| {
+        if let Entry::Listener(listener) = entry {
+            listener.no_more_kits(false);
+        }
+    });
 }

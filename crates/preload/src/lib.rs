@@ -40,6 +40,7 @@ mod exec;
 mod fork;
 #[allow(unsafe_code)]
 mod hooks;
+mod kits;
 mod listener;
 mod mmsg;
 mod poll;

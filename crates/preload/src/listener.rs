@@ -17,13 +17,14 @@
 use crate::addr::Family;
 use crate::attach::{Channel, ControlChannel, Receive};
 use crate::conn::{Blocking, Connection, Direction};
+use crate::kits::{self, ServerKits};
 use crate::sys::{self, Errno, SysResult};
 use arc_swap::ArcSwapOption;
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use vsocket_abi::control::{Message, CONNECTION_FDS};
+use vsocket_abi::control::{ConnectionInfo, Message, CONNECTION_FDS};
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::spin::Spinner;
 
@@ -52,9 +53,9 @@ pub fn channels_changed() -> u64 {
 
 pub struct Listener {
     /// The listener channel (library-internal; closing it, when the
-    /// listener goes, unregisters the listener at the daemon); none while
-    /// detached.
-    channel: ArcSwapOption<Channel>,
+    /// listener goes, unregisters the listener at the daemon), with the
+    /// kits that came on it; none while detached.
+    channel: ArcSwapOption<Attached>,
     /// What registering again needs, and when to try.
     retry: Mutex<Retry>,
     /// The listening socket's family: accepted sockets have it too.
@@ -78,7 +79,29 @@ struct Retry {
     /// The daemon refused the listener: it stays a kernel listener.
     refused: bool,
     /// Channels that broke, kept open until the listener goes.
-    retired: Vec<Arc<Channel>>,
+    retired: Vec<Arc<Attached>>,
+}
+
+/// A listener channel, and the kits that come on it (ARCHITECTURE §3b)
+/// where the daemon gives the listener some.
+pub struct Attached {
+    channel: Channel,
+    pub kits: Option<ServerKits>,
+}
+
+impl std::ops::Deref for Attached {
+    type Target = Channel;
+    fn deref(&self) -> &Channel {
+        &self.channel
+    }
+}
+
+impl Attached {
+    /// What a wait on the listener sleeps on: the channel, or the
+    /// descriptor that watches it and the kits' bell.
+    pub fn wake_fd(&self) -> RawFd {
+        self.kits.as_ref().map_or(self.channel.fd(), ServerKits::wake_fd)
+    }
 }
 
 /// A vSocket connection taken from the listener channel.
@@ -203,18 +226,44 @@ impl Listener {
     }
 
     /// The listener channel, unless the listener is detached.
-    pub fn channel(&self) -> Option<Arc<Channel>> {
+    pub fn channel(&self) -> Option<Arc<Attached>> {
         self.channel.load_full()
     }
 
-    /// The listener channel's descriptor, unless the listener is detached.
+    /// What a wait on the listener sleeps on beside its kernel socket: the
+    /// channel's descriptor, or the one that watches the channel and the
+    /// kits' bell (see [`Attached::wake_fd`]); none while detached.
     pub fn channel_fd(&self) -> Option<RawFd> {
-        self.channel.load().as_ref().map(|c| c.fd())
+        self.channel.load().as_ref().map(|c| c.wake_fd())
+    }
+
+    /// The library's own descriptors this listener holds: the channel's
+    /// and, with kits, the bell's and the watch's.
+    pub fn internal_fds(&self, mut f: impl FnMut(RawFd)) {
+        if let Some(attached) = self.channel.load().as_ref() {
+            f(attached.channel.fd());
+            for fd in attached.kits.iter().flat_map(ServerKits::fds) {
+                f(fd);
+            }
+        }
+    }
+
+    /// The listener's process forked: its channel may now be read by more
+    /// than one process, which would split the kits between them. It takes
+    /// no more, and (in the process that keeps asking, `tell`) says so.
+    pub fn no_more_kits(&self, tell: bool) {
+        if let Some(attached) = self.channel.load().as_ref() {
+            if let Some(kits) = &attached.kits {
+                if kits.turn_off() && tell {
+                    let _ = attached.channel.send_only(&Message::NoKits);
+                }
+            }
+        }
     }
 
     /// The listener channel `broken` broke: the listener is detached (if
     /// that is still its channel) and tries to attach again soon.
-    fn detach(&self, broken: &Arc<Channel>) {
+    fn detach(&self, broken: &Arc<Attached>) {
         let mut retry = self.retry.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.channel.load();
         if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, broken)) {
@@ -277,6 +326,71 @@ impl Listener {
         let Some(channel) = self.channel() else {
             return Ok(None);
         };
+        if let Some(accepted) = self.take_delivered(&channel, listening, flags)? {
+            return Ok(Some(accepted));
+        }
+        match &channel.kits {
+            Some(kits) => self.take_kit(kits, &channel, listening, flags),
+            None => Ok(None),
+        }
+    }
+
+    /// Takes a kit one of the grants' clients took, if any, as
+    /// [`take_pending`](Self::take_pending) takes a delivered connection.
+    fn take_kit(
+        &self,
+        kits: &ServerKits,
+        channel: &Attached,
+        listening: RawFd,
+        flags: i32,
+    ) -> SysResult<Option<Accepted>> {
+        while let Some(incoming) = kits.next() {
+            let fd = sys::socket(
+                self.family.domain(),
+                libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)),
+                0,
+            )?;
+            let kits::Incoming { kit, peer, local } = incoming;
+            let info = ConnectionInfo { id: kit.id, local, peer, ring_size: kit.ring_size };
+            match Connection::new(info, Endpoint::Server, self.family, kit.delivery, Blocking::from_flags(flags)) {
+                // Revoked or delivered by the daemon first: not this one.
+                Ok(conn) if !conn.claim_kit() => {
+                    let _ = sys::close(fd);
+                }
+                Ok(conn) => {
+                    self.inherit(listening, fd, &conn);
+                    return Ok(Some(Accepted { fd, peer, conn }));
+                }
+                Err(e) => {
+                    // A kit its client took and this process cannot map is
+                    // one the daemon must end (its client would wait): no
+                    // more kits here.
+                    let _ = sys::close(fd);
+                    self.no_more_kits_on(channel);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// This listener takes no more kits on `channel`, and says so.
+    fn no_more_kits_on(&self, channel: &Attached) {
+        if channel.kits.as_ref().is_some_and(ServerKits::turn_off) {
+            let _ = channel.channel.send_only(&Message::NoKits);
+        }
+    }
+
+    /// The options `listening` gives the accepted socket `fd`.
+    fn inherit(&self, listening: RawFd, fd: RawFd, conn: &Connection) {
+        let inherited =
+            *self.inherited.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| Inherited::read(listening));
+        inherited.apply(fd, conn);
+    }
+
+    /// Takes the connection the daemon delivered on the listener channel,
+    /// if one waits.
+    fn take_delivered(&self, channel: &Arc<Attached>, listening: RawFd, flags: i32) -> SysResult<Option<Accepted>> {
         // The program's socket comes first: if it cannot be had (EMFILE),
         // the connection stays queued for a later accept, as in a backlog.
         let mut pending = [libc::pollfd { fd: channel.fd(), events: libc::POLLIN, revents: 0 }];
@@ -300,6 +414,12 @@ impl Listener {
             Ok(r) => r,
             Err(e) => {
                 let _ = sys::close(fd);
+                if matches!(Miss::of(e), Miss::DeliveryLost(_)) {
+                    // It may have been a batch of kits, whose clients
+                    // would wait on this listener in vain: the daemon ends
+                    // its grants when told.
+                    self.no_more_kits_on(channel);
+                }
                 // Only the channel's end detaches the listener. Detaching on
                 // any error (a delivery cut short at the descriptor limit
                 // was one) left a blocking accept asleep on its kernel
@@ -314,13 +434,14 @@ impl Listener {
                     Miss::ChannelGone => {
                         // Kernel clients must still be accepted, and the
                         // next daemon will take it again.
-                        self.detach(&channel);
+                        self.detach(channel);
                         Ok(None)
                     }
                     Miss::DeliveryLost(e) => Err(e),
                 };
             }
         };
+
         let delivered = crate::attach::delivered(&mut reply, Endpoint::Server).unwrap_or(Err(Errno(libc::EPROTO)));
         let (info, delivery) = match delivered {
             Ok(delivered) => delivered,
@@ -331,12 +452,7 @@ impl Listener {
         };
         match Connection::new(info, Endpoint::Server, self.family, delivery, Blocking::from_flags(flags)) {
             Ok(conn) => {
-                let inherited = *self
-                    .inherited
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert_with(|| Inherited::read(listening));
-                inherited.apply(fd, &conn);
+                self.inherit(listening, fd, &conn);
                 Ok(Some(Accepted { fd, peer: info.peer, conn }))
             }
             Err(e) => {
@@ -378,14 +494,42 @@ enum NotTaken {
     NoDaemon,
 }
 
-/// A new listener channel with `local` registered on it.
-fn open_channel(local: SocketAddrV4, backlog: i32) -> Result<Channel, NotTaken> {
-    // Dropping the channel on failure closes it.
+/// A new listener channel with `local` registered on it, taking kits
+/// where the daemon gives them.
+fn open_channel(local: SocketAddrV4, backlog: i32) -> Result<Attached, NotTaken> {
+    let backlog = backlog as u32;
+    if kits::wanted() {
+        // Dropping the channel on failure closes it.
+        let channel = Channel::open().map_err(|_| NotTaken::NoDaemon)?;
+        match channel.exchange(&Message::ListenKits { local, backlog }, None) {
+            Ok(mut reply) => {
+                return match reply.message {
+                    Message::ListenOkKits => {
+                        let bell = std::mem::replace(&mut reply.fds[0], -1);
+                        let kit_channel = std::mem::replace(&mut reply.fds[1], -1);
+                        let kits = ServerKits::new(channel.fd(), bell, kit_channel).ok();
+                        Ok(Attached { channel, kits })
+                    }
+                    Message::ListenOk => Ok(Attached { channel, kits: None }),
+                    Message::Refused { errno } => Err(NotTaken::Refused(Errno(errno))),
+                    _ => Err(NotTaken::NoDaemon),
+                };
+            }
+            // A daemon older than kits closes the channel on `ListenKits`
+            // (as one that refuses the attachment does): the listener
+            // tries again later, asking as before.
+            Err(e) => {
+                if e == Errno(libc::ECONNABORTED) {
+                    kits::daemon_is_old();
+                }
+                return Err(NotTaken::NoDaemon);
+            }
+        }
+    }
     let channel = Channel::open().map_err(|_| NotTaken::NoDaemon)?;
-    let reply =
-        channel.exchange(&Message::Listen { local, backlog: backlog as u32 }, None).map_err(|_| NotTaken::NoDaemon)?;
+    let reply = channel.exchange(&Message::Listen { local, backlog }, None).map_err(|_| NotTaken::NoDaemon)?;
     match reply.message {
-        Message::ListenOk => Ok(channel),
+        Message::ListenOk => Ok(Attached { channel, kits: None }),
         Message::Refused { errno } => Err(NotTaken::Refused(Errno(errno))),
         _ => Err(NotTaken::NoDaemon),
     }
@@ -409,7 +553,10 @@ mod tests {
     fn listener() -> (Listener, OwnedFd) {
         let (ours, daemon) = sys::seqpacket_pair().unwrap();
         let listener = Listener {
-            channel: ArcSwapOption::new(Some(Arc::new(Channel::from_connected(ours)))),
+            channel: ArcSwapOption::new(Some(Arc::new(Attached {
+                channel: Channel::from_connected(ours),
+                kits: None,
+            }))),
             retry: Mutex::new(Retry {
                 local: "10.0.0.3:5432".parse().unwrap(),
                 backlog: 8,

@@ -300,6 +300,11 @@ pub fn ppoll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::si
     raw!(libc::SYS_ppoll, fds.as_mut_ptr(), fds.len(), tsp, sigmask, 8usize)
 }
 
+/// A new close-on-exec epoll instance.
+pub fn epoll_create() -> SysResult<RawFd> {
+    raw!(libc::SYS_epoll_create1, libc::EPOLL_CLOEXEC).map(|fd| fd as RawFd)
+}
+
 pub fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, data: u64) -> SysResult<()> {
     let mut ev = libc::epoll_event { events, u64: data };
     raw!(libc::SYS_epoll_ctl, epfd, op, fd, &mut ev as *mut libc::epoll_event).map(drop)
@@ -407,7 +412,7 @@ pub fn limit_after_fork() {
     release_limit();
 }
 
-fn nofile() -> SysResult<libc::rlimit> {
+pub fn nofile() -> SysResult<libc::rlimit> {
     let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     raw!(libc::SYS_prlimit64, 0, libc::RLIMIT_NOFILE, 0usize, &mut rl as *mut libc::rlimit)?;
     Ok(rl)

@@ -212,7 +212,7 @@ fn forget(fd: RawFd) {
 pub fn internal_fds(mut f: impl FnMut(RawFd)) {
     managed_in(0, RawFd::MAX, |_, entry| match entry {
         Entry::Conn(conn) => conn.internal().open_fds().for_each(&mut f),
-        Entry::Listener(listener) => listener.channel_fd().into_iter().for_each(&mut f),
+        Entry::Listener(listener) => listener.internal_fds(&mut f),
         Entry::Dropped(_) | Entry::Epoll(_) => {}
     });
 }

@@ -145,6 +145,14 @@ pub fn pipe_nonblocking() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(read), OwnedFd::from_raw_fd(write)) })
 }
 
+/// A connected pair of unix seqpacket sockets (a listener's kit channel):
+/// the first, the daemon's, never blocks a send.
+pub fn seqpacket_pair_nonblocking_first() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (a, b) = raw::seqpacket_pair_nonblocking_first()?;
+    // SAFETY: both descriptors are new and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(a), OwnedFd::from_raw_fd(b)) })
+}
+
 /// Has every holder of the other end of this pipe or socket closed it
 /// (POLLHUP, or POLLERR/POLLNVAL)? Does not wait.
 pub fn hung_up(fd: BorrowedFd<'_>) -> bool {

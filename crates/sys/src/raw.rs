@@ -35,6 +35,19 @@ pub fn pipe_nonblocking() -> io::Result<(RawFd, RawFd)> {
     Ok((fds[0], fds[1]))
 }
 
+/// A close-on-exec connected pair of unix seqpacket sockets, the first
+/// non-blocking.
+pub fn seqpacket_pair_nonblocking_first() -> io::Result<(RawFd, RawFd)> {
+    let mut fds = [0 as RawFd; 2];
+    raw!(libc::SYS_socketpair, libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())?;
+    if let Err(e) = raw!(libc::SYS_fcntl, fds[0], libc::F_SETFL, libc::O_NONBLOCK | libc::O_RDWR) {
+        close(fds[0]);
+        close(fds[1]);
+        return Err(e);
+    }
+    Ok((fds[0], fds[1]))
+}
+
 /// A close-on-exec connected pair of unix stream sockets.
 pub fn stream_pair() -> io::Result<(RawFd, RawFd)> {
     let mut fds = [0 as RawFd; 2];

@@ -351,15 +351,18 @@ fn serve_listener<C: ProcessChannel>(
         ConnectionMemory::Region(vm) => Some(vm),
         ConnectionMemory::Descriptors => None,
     };
-    // A library that takes kits gets the listener's bell, where its
-    // channel carries descriptors.
-    let bell = match (kits, &vm) {
-        (true, None) => vsocket_sys::pipe_nonblocking().ok(),
+    // A library that takes kits gets the listener's bell and kit channel,
+    // where its channel carries descriptors.
+    let kit_ends = match (kits, &vm) {
+        (true, None) => vsocket_sys::pipe_nonblocking().ok().zip(vsocket_sys::seqpacket_pair_nonblocking_first().ok()),
         _ => None,
     };
-    let (bell_read, bell_write) = bell.unzip();
+    let (library_ends, daemon_ends) = match kit_ends {
+        Some(((bell_read, bell_write), (ours, theirs))) => (Some((bell_read, theirs)), Some((bell_write, ours))),
+        None => (None, None),
+    };
     let registered = match timed {
-        Ok(()) => connect::listen(daemon, guest, local, Box::new(channel), vm, bell_write),
+        Ok(()) => connect::listen(daemon, guest, local, Box::new(channel), vm, daemon_ends),
         Err(_) => Err(connect::ListenError::Channel),
     };
     let record = match registered {
@@ -371,11 +374,11 @@ fn serve_listener<C: ProcessChannel>(
     };
     daemon.segments.listener_opened(record.id);
     daemon.listeners.add(record.clone());
-    let ok = match &bell_read {
-        Some(bell) => watcher.send_fds(&Message::ListenOkKits, &[bell.as_fd()]),
+    let ok = match &library_ends {
+        Some((bell, kit_channel)) => watcher.send_fds(&Message::ListenOkKits, &[bell.as_fd(), kit_channel.as_fd()]),
         None => watcher.send(&Message::ListenOk, None),
     };
-    drop(bell_read);
+    drop(library_ends);
     if ok.is_err() {
         daemon.listeners.remove(&record);
         daemon.segments.listener_closed(record.id);
@@ -383,9 +386,11 @@ fn serve_listener<C: ProcessChannel>(
     }
     tracing::info!(guest = %name, address = %local, "listener registered");
     drop(serving);
-    // Nothing more is expected from the program on this channel: its end of
-    // stream (or anything else) ends the listener.
-    let _ = watcher.next_message();
+    // Nothing more is expected from the program on this channel but
+    // `NoKits`: its end of stream (or anything else) ends the listener.
+    while let Ok(Some(Request { message: Message::NoKits, .. })) = watcher.next_message() {
+        crate::kits::listener_takes_no_kits(daemon, &record);
+    }
     daemon.listeners.remove(&record);
     daemon.segments.listener_closed(record.id);
     crate::kits::listener_closed(daemon, record.id);

@@ -33,6 +33,7 @@ use vsocket_ring::Segment;
 
 pub use memfd::{Delivery, MemfdSegment, Remap};
 pub use seqpacket::{control, enabled, Control, ControlSocket, Reply};
+pub(crate) use seqpacket::{internal_fd_floor, receive as receive_on};
 
 /// The control channel of this attachment.
 pub type Channel = ControlSocket;
@@ -57,6 +58,9 @@ pub trait ControlChannel: Sized {
     /// Sends `msg`, with the descriptor `proof` if it takes one (a
     /// `Reattach`'s lifeline), and waits for the one reply.
     fn exchange(&self, msg: &Message, proof: Option<RawFd>) -> SysResult<Reply>;
+    /// Sends `msg` without waiting for room or for a reply (a listener's
+    /// `NoKits`).
+    fn send_only(&self, msg: &Message) -> SysResult<()>;
     /// Receives one message (an `Incoming`, on a listener channel).
     fn receive(&self, receive: Receive) -> SysResult<Reply>;
     /// A descriptor that polls readable when a message (or the end of the
@@ -153,9 +157,8 @@ fn request_proving(msg: &Message, proof: Option<RawFd>) -> SysResult<Reply> {
 /// opened here). `None` for any other message.
 pub fn delivered(reply: &mut Reply, end: Endpoint) -> Option<SysResult<(ConnectionInfo, Delivery)>> {
     match (reply.message, end) {
-        (Message::Connected(info), Endpoint::Client) | (Message::Incoming(info), Endpoint::Server) => {
-            Some(Ok((info, reply.take_delivery())))
-        }
+        (Message::Connected(info) | Message::ConnectedKits { info, .. }, Endpoint::Client)
+        | (Message::Incoming(info), Endpoint::Server) => Some(Ok((info, reply.take_delivery()))),
         (Message::ConnectedAt { info, offset }, Endpoint::Client)
         | (Message::IncomingAt { info, offset }, Endpoint::Server) => {
             Some(region::delivery(info.id, end, offset).map(|delivery| (info, delivery)))

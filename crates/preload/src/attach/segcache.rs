@@ -24,7 +24,7 @@ use vsocket_abi::layout::Endpoint;
 use vsocket_ring::{FileIdentity, Segment};
 
 /// Mappings kept at most.
-const KEEP: usize = 16;
+const KEEP: usize = 64;
 
 /// A segment's files: the process's own half and its peer's.
 pub type Files = (FileIdentity, FileIdentity);

@@ -77,7 +77,7 @@ const REPLY_TIMEOUT_MS: i64 = 15_000;
 
 /// Lowest descriptor number for the library's own descriptors where there
 /// is no room above the program's limit (see `sys::relocate_internal`).
-pub(super) fn internal_fd_floor() -> RawFd {
+pub(crate) fn internal_fd_floor() -> RawFd {
     static FLOOR: OnceLock<RawFd> = OnceLock::new();
     *FLOOR.get_or_init(|| (sys::getrlimit_nofile() / 2).clamp(64, 1 << 19) as RawFd)
 }
@@ -86,11 +86,13 @@ pub(super) fn internal_fd_floor() -> RawFd {
 pub struct Reply {
     pub message: Message,
     pub fds: [RawFd; CONNECTION_FDS],
+    /// Those after the first [`CONNECTION_FDS`] (a batch of kits).
+    pub extra: Vec<RawFd>,
 }
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        for fd in self.fds {
+        for &fd in self.fds.iter().chain(&self.extra) {
             if fd >= 0 {
                 let _ = sys::close(fd);
             }
@@ -99,6 +101,20 @@ impl Drop for Reply {
 }
 
 impl Reply {
+    /// Takes every descriptor that came, in order.
+    pub fn take_all(&mut self) -> Vec<RawFd> {
+        let mut all: Vec<RawFd> =
+            self.fds.iter_mut().map(|fd| std::mem::replace(fd, -1)).filter(|&fd| fd >= 0).collect();
+        all.append(&mut self.extra);
+        all
+    }
+
+    /// Takes the descriptors after a connection's (a batch of kits after
+    /// the connection of a `ConnectedKits`).
+    pub fn take_extra(&mut self) -> Vec<RawFd> {
+        std::mem::take(&mut self.extra)
+    }
+
     /// Takes ownership of descriptor `i` out of the reply.
     fn take_fd(&mut self, i: usize) -> RawFd {
         std::mem::replace(&mut self.fds[i], -1)
@@ -177,6 +193,14 @@ impl ControlChannel for ControlSocket {
         self.receive(Receive::Wait)
     }
 
+    fn send_only(&self, msg: &Message) -> SysResult<()> {
+        if self.framed {
+            return send_frame(self.fd, msg);
+        }
+        let mut buf = [0u8; MAX_MESSAGE];
+        sys::send(self.fd, msg.encode(&mut buf), libc::MSG_DONTWAIT).map(drop)
+    }
+
     fn receive(&self, receive: Receive) -> SysResult<Reply> {
         match (self.framed, receive) {
             // A reply on this process's own request channel (requests take
@@ -246,7 +270,7 @@ fn receive_frame(channel: RawFd, flags: i32) -> SysResult<Reply> {
         // Descriptors cannot come over a stream.
         return Err(Errno(libc::EPROTO));
     }
-    Ok(Reply { message, fds: [-1; CONNECTION_FDS] })
+    Ok(Reply { message, fds: [-1; CONNECTION_FDS], extra: Vec::new() })
 }
 
 /// Sends `msg` on `channel`, with `proof` attached if there is one.
@@ -266,16 +290,19 @@ fn send(channel: RawFd, msg: &Message, proof: Option<RawFd>) -> SysResult<()> {
 }
 
 /// Receives one message (with its descriptors) from `channel`.
-fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
+pub(crate) fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
     let mut buf = [0u8; MAX_MESSAGE];
-    let mut fds = [-1; CONNECTION_FDS];
+    let mut all = [-1; vsocket_sys::raw::MAX_SEND_FDS];
     let (n, count) = loop {
-        match sys::recv_with_fds(channel, &mut buf, &mut fds, flags) {
+        match sys::recv_with_fds(channel, &mut buf, &mut all, flags) {
             Err(Errno(libc::EINTR)) => continue,
             r => break r?,
         }
     };
-    let mut reply = Reply { message: Message::Fallback, fds };
+    let mut fds = [-1; CONNECTION_FDS];
+    fds.copy_from_slice(&all[..CONNECTION_FDS]);
+    let extra = all[CONNECTION_FDS..count.max(CONNECTION_FDS)].to_vec();
+    let mut reply = Reply { message: Message::Fallback, fds, extra };
     if n == 0 {
         // The daemon went away.
         return Err(Errno(libc::ECONNABORTED));
@@ -297,6 +324,10 @@ fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
     // by us).
     if count == CONNECTION_FDS {
         sys::relocate_internal(&mut reply.fds, internal_fd_floor());
+    } else if count > CONNECTION_FDS || matches!(reply.message, Message::ListenOkKits) {
+        // A batch of kits (or a listener's bell): the library's own too.
+        sys::relocate_internal(&mut reply.fds, internal_fd_floor());
+        sys::relocate_internal(&mut reply.extra, internal_fd_floor());
     }
     Ok(reply)
 }

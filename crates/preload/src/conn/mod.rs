@@ -215,6 +215,26 @@ impl Connection {
         self.segment.holders(self.endpoint.index()).fetch_add(1, Ordering::AcqRel);
     }
 
+    /// A kit this server accepts (ARCHITECTURE §3b): its claim word goes
+    /// from waiting to accepted, unless the daemon delivered or revoked it
+    /// first (false: it is not this accept's).
+    pub fn claim_kit(&self) -> bool {
+        let claim = self.segment.claim();
+        claim
+            .compare_exchange(
+                vsocket_abi::layout::KIT_WAITING,
+                vsocket_abi::layout::KIT_ACCEPTED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// Has the daemon revoked this kit (a client does not take it)?
+    pub fn kit_revoked(&self) -> bool {
+        self.segment.claim().load(Ordering::Acquire) == vsocket_abi::layout::KIT_REVOKED
+    }
+
     /// Takes back [`add_holder`](Self::add_holder) (the exec failed).
     pub fn remove_holder(&self) {
         self.segment.holders(self.endpoint.index()).fetch_sub(1, Ordering::AcqRel);

@@ -1,0 +1,379 @@
+//! Kits: connections vsocketd made ahead for a pair of processes that
+//! connect again and again (ARCHITECTURE §3b).
+//!
+//! A client process keeps, per grant (a destination it connects to, bound
+//! the same way), the client's ends of a batch of kits and the grant's
+//! connect queue. A connect takes the next kit, writes its sequence number
+//! and the socket's port to the queue and a byte to the listener's bell:
+//! no message to the daemon, no descriptor received.
+//!
+//! A listener keeps the server's ends of the kits of its grants, which come
+//! on its channel (`Kits`), and reads each grant's queue for the kits its
+//! clients took; it accepts one by moving its claim word from waiting to
+//! accepted, which the daemon's revocation also races for. The channel and
+//! the bell are watched through one epoll descriptor (`wake_fd`), so every
+//! wait on a listener (accept, poll, select, epoll) sleeps on both.
+
+use crate::attach::Delivery;
+use crate::sys::{self, SysResult};
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use vsocket_abi::control::{Grant, Message, KIT_FDS};
+use vsocket_abi::grant::{Cursor, Slot};
+use vsocket_ring::ConnectQueue;
+
+/// Most grants a client process keeps (the daemon gives at most 64).
+const CLIENT_GRANTS: usize = 64;
+
+/// Set once a daemon closed a channel on a request for kits: it is older
+/// than kits, and the process asks as before from then on.
+static OLD_DAEMON: AtomicBool = AtomicBool::new(false);
+
+/// Descriptors the library must have to itself for a process to take
+/// kits (four per kit until it is taken): above the soft `RLIMIT_NOFILE`,
+/// or, where the soft limit is the hard one, in the upper half of the
+/// range (see `sys::relocate_internal`). A process with less (a soft and
+/// hard limit of 1024) connects through the daemon, so that it runs out of
+/// descriptors where it would without the library.
+const ROOM_FOR_KITS: u64 = 8192;
+
+/// Should requests ask for kits?
+pub fn wanted() -> bool {
+    let room = |rl: libc::rlimit| match rl.rlim_max.saturating_sub(rl.rlim_cur) {
+        0 => rl.rlim_cur / 2,
+        above => above,
+    };
+    !OLD_DAEMON.load(Ordering::Relaxed) && sys::nofile().is_ok_and(|rl| room(rl) >= ROOM_FOR_KITS)
+}
+
+/// The daemon does not know the kit requests.
+pub fn daemon_is_old() {
+    OLD_DAEMON.store(true, Ordering::Relaxed);
+}
+
+/// A connection made ahead, not yet taken.
+pub struct Kit {
+    pub sequence: u32,
+    /// The connection's id and ring size, from the header the daemon wrote
+    /// in this end's half.
+    pub id: u64,
+    pub ring_size: u32,
+    pub delivery: Delivery,
+}
+
+/// The kits of batch `grant` from their descriptors (four each, in a
+/// connection's order); a kit whose header cannot be read is let go.
+fn kits_of(grant: Grant, fds: &[RawFd]) -> Vec<Kit> {
+    let mut kits = Vec::with_capacity(grant.count as usize);
+    for (i, four) in fds.chunks_exact(KIT_FDS).enumerate().take(grant.count as usize) {
+        let delivery =
+            Delivery { segment: four[0], doorbell: four[1], lifeline: four[2], peer_segment: four[3], placed: None };
+        // Version (u32), ring size (u32), connection id (u64), from byte 8.
+        let mut header = [0u8; 16];
+        if sys::pread(delivery.segment, &mut header, 8) != Ok(16) {
+            continue;
+        }
+        let ring_size = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+        let id = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        kits.push(Kit { sequence: grant.first.wrapping_add(i as u32), id, ring_size, delivery });
+    }
+    kits
+}
+
+/// Closes every descriptor in `fds`.
+fn close_all(fds: &[RawFd]) {
+    for &fd in fds.iter().filter(|&&fd| fd >= 0) {
+        let _ = sys::close(fd);
+    }
+}
+
+/// One grant, as its client process holds it.
+struct ClientGrant {
+    id: u64,
+    /// The address the program's socket was bound to when it connected
+    /// (0.0.0.0 if it was not), and where: what the grant is for.
+    bound: Ipv4Addr,
+    remote: SocketAddrV4,
+    /// The client's address, as the daemon decided it.
+    client: Ipv4Addr,
+    queue: ConnectQueue,
+    bell: RawFd,
+    kits: VecDeque<Kit>,
+}
+
+impl Drop for ClientGrant {
+    fn drop(&mut self) {
+        let _ = sys::close(self.bell);
+    }
+}
+
+/// The process's grants, and the process they belong to (a forked child
+/// holds copies of its parent's descriptors, not its grants).
+struct Clients {
+    pid: i32,
+    grants: Vec<ClientGrant>,
+}
+
+static CLIENTS: Mutex<Clients> = Mutex::new(Clients { pid: 0, grants: Vec::new() });
+
+fn clients() -> std::sync::MutexGuard<'static, Clients> {
+    let mut clients = CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
+    let pid = sys::getpid();
+    if clients.pid != pid {
+        // Inherited: the parent's kits are the parent's.
+        clients.grants.clear();
+        clients.pid = pid;
+    }
+    clients
+}
+
+/// Keeps the batch of kits `grant` that came with a connect from a socket
+/// bound to `bound` to `remote` (the client's address `client`), from its
+/// descriptors `fds`: the queue, the bell, then four per kit.
+pub fn keep_client(grant: Grant, bound: Ipv4Addr, remote: SocketAddrV4, client: Ipv4Addr, fds: Vec<RawFd>) {
+    if fds.len() != 2 + KIT_FDS * grant.count as usize {
+        close_all(&fds);
+        return;
+    }
+    let (page, bell) = (fds[0], fds[1]);
+    let queue = sys::with_borrowed(page, |page| ConnectQueue::map(page, grant.id, true));
+    let _ = sys::close(page);
+    let kits = kits_of(grant, &fds[2..]);
+    let Ok(queue) = queue else {
+        let _ = sys::close(bell);
+        return;
+    };
+    let mut clients = clients();
+    if let Some(known) = clients.grants.iter_mut().find(|g| g.id == grant.id) {
+        let _ = sys::close(bell);
+        known.kits.extend(kits);
+        return;
+    }
+    // A new grant for the same destination: the daemon ended the one
+    // before.
+    clients.grants.retain(|g| !(g.bound == bound && g.remote == remote));
+    if clients.grants.len() >= CLIENT_GRANTS {
+        clients.grants.remove(0);
+    }
+    clients.grants.push(ClientGrant { id: grant.id, bound, remote, client, queue, bell, kits: kits.into() });
+}
+
+/// A kit taken for a connect.
+pub struct Taken {
+    pub grant: u64,
+    /// The client's address, as the daemon decided it for the grant.
+    pub client: Ipv4Addr,
+    pub kit: Kit,
+}
+
+/// The next kit for a connect from a socket bound to `bound` to `remote`.
+pub fn take(bound: Ipv4Addr, remote: SocketAddrV4) -> Option<Taken> {
+    let mut clients = clients();
+    let grant = clients.grants.iter_mut().find(|g| g.bound == bound && g.remote == remote)?;
+    let kit = grant.kits.pop_front()?;
+    Some(Taken { grant: grant.id, client: grant.client, kit })
+}
+
+/// The kit `sequence` of grant `grant` is taken, for a socket bound to
+/// `port`: tells the server (the queue, then the bell).
+pub fn publish(grant: u64, sequence: u32, port: u16) {
+    let clients = clients();
+    if let Some(grant) = clients.grants.iter().find(|g| g.id == grant) {
+        grant.queue.publish(Slot { sequence, port });
+        // A full pipe already wakes the server.
+        let _ = sys::write(grant.bell, &[1]);
+    }
+}
+
+/// Lets grant `grant` go (revoked): its kits are not to be taken.
+pub fn forget(grant: u64) {
+    clients().grants.retain(|g| g.id != grant);
+}
+
+/// A listener's kits.
+pub struct ServerKits {
+    /// The listener's bell (read end), and the epoll descriptor that
+    /// watches it and the channel.
+    bell: RawFd,
+    /// Where the daemon sends `Kits` and `Revoke` (no wait watches it:
+    /// they never make the listener look readable). A client takes a kit
+    /// only after its batch is here, so it is read before the queues.
+    kit_channel: RawFd,
+    watch: RawFd,
+    state: Mutex<ServerState>,
+    /// The listener takes no more kits (its process forked).
+    off: AtomicBool,
+}
+
+#[derive(Default)]
+struct ServerState {
+    grants: HashMap<u64, ServerGrant>,
+    /// Slots read from the queues and not yet looked at.
+    pending: VecDeque<(u64, Slot)>,
+}
+
+struct ServerGrant {
+    queue: ConnectQueue,
+    cursor: Cursor,
+    client: Ipv4Addr,
+    server: SocketAddrV4,
+    kits: HashMap<u32, Kit>,
+}
+
+/// A kit a client took, for the server to accept.
+pub struct Incoming {
+    pub kit: Kit,
+    /// The client's address (with the port it wrote) and the one it dialed.
+    pub peer: SocketAddrV4,
+    pub local: SocketAddrV4,
+}
+
+impl ServerKits {
+    /// Kits for a listener whose channel is `channel`, with the bell's read
+    /// end `bell` and the kit channel `kit_channel` (taken: closed on
+    /// failure).
+    pub fn new(channel: RawFd, bell: RawFd, kit_channel: RawFd) -> SysResult<ServerKits> {
+        let mut watch = match sys::epoll_create() {
+            Ok(watch) => [watch],
+            Err(e) => {
+                close_all(&[bell, kit_channel]);
+                return Err(e);
+            }
+        };
+        sys::relocate_internal(&mut watch, crate::attach::internal_fd_floor());
+        let kits = ServerKits {
+            bell,
+            kit_channel,
+            watch: watch[0],
+            state: Mutex::new(ServerState::default()),
+            off: AtomicBool::new(false),
+        };
+        for fd in [channel, bell] {
+            sys::epoll_ctl(kits.watch, libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, fd as u64)?;
+        }
+        Ok(kits)
+    }
+
+    /// What a wait on the listener sleeps on: readable when the channel
+    /// or the bell is.
+    pub fn wake_fd(&self) -> RawFd {
+        self.watch
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ServerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps the server's ends of batch `grant` (clients at `client`,
+    /// dialing `server`) from `fds`: the queue, then four per kit.
+    fn keep(&self, state: &mut ServerState, grant: Grant, client: Ipv4Addr, server: SocketAddrV4, fds: Vec<RawFd>) {
+        if self.off.load(Ordering::Acquire) || fds.len() != 1 + KIT_FDS * grant.count as usize {
+            close_all(&fds);
+            return;
+        }
+        let kits = kits_of(grant, &fds[1..]);
+        if let Some(known) = state.grants.get_mut(&grant.id) {
+            let _ = sys::close(fds[0]);
+            known.kits.extend(kits.into_iter().map(|k| (k.sequence, k)));
+            return;
+        }
+        let queue = sys::with_borrowed(fds[0], |page| ConnectQueue::map(page, grant.id, false));
+        let _ = sys::close(fds[0]);
+        let Ok(queue) = queue else { return };
+        let kits = kits.into_iter().map(|k| (k.sequence, k)).collect();
+        state.grants.insert(grant.id, ServerGrant { queue, cursor: Cursor::default(), client, server, kits });
+    }
+
+    /// Takes what waits on the kit channel: batches to keep, grants to let
+    /// go (whose kits not yet taken go).
+    fn take_batches(&self, state: &mut ServerState) {
+        while let Ok(mut reply) = crate::attach::receive_on(self.kit_channel, libc::MSG_DONTWAIT) {
+            match reply.message {
+                Message::Kits { grant, client, server } => self.keep(state, grant, client, server, reply.take_all()),
+                Message::Revoke { grant } => {
+                    state.grants.remove(&grant);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// No more kits for this listener; whether it took them until now.
+    pub fn turn_off(&self) -> bool {
+        let was_on = !self.off.swap(true, Ordering::AcqRel);
+        let mut state = self.state();
+        state.grants.clear();
+        state.pending.clear();
+        was_on
+    }
+
+    /// The next kit a client took, if any.
+    ///
+    /// The bell holds one byte per slot not yet looked at: a client writes
+    /// its slot, then its byte, and each slot looked at here takes one. So
+    /// the bell stays readable (and a program's poll or epoll wakes) while
+    /// slots wait, and a byte read is never one whose slot is not yet
+    /// visible. Finding no slot, one byte is taken all the same (a stray
+    /// one a client wrote would keep the bell readable for ever), and the
+    /// queues are read again: a slot published meanwhile, whose byte that
+    /// was, is taken with it. The kit channel is read only when a slot
+    /// names a kit not known yet, or no slot is found (a new grant's queue
+    /// is known only from its first batch): a client takes a kit only after
+    /// its batch was sent there. A slot that names no kit of this
+    /// process's is passed by.
+    pub fn next(&self) -> Option<Incoming> {
+        let mut state = self.state();
+        let mut byte = [0u8; 1];
+        // A byte taken ahead of its slot; the kit channel read.
+        let mut credit = false;
+        let mut batches_read = false;
+        loop {
+            if state.pending.is_empty() {
+                let ServerState { grants, pending } = &mut *state;
+                for (&id, grant) in grants.iter_mut() {
+                    let due = grant.cursor.next_slots(grant.queue.produced());
+                    pending.extend((due.first..due.end).filter_map(|n| grant.queue.slot(n)).map(|slot| (id, slot)));
+                }
+            }
+            while let Some(&(id, slot)) = state.pending.front() {
+                let known = state.grants.get(&id).is_some_and(|g| g.kits.contains_key(&slot.sequence));
+                if !known && !batches_read {
+                    self.take_batches(&mut state);
+                    batches_read = true;
+                    continue;
+                }
+                state.pending.pop_front();
+                if !std::mem::take(&mut credit) {
+                    let _ = sys::read(self.bell, &mut byte);
+                }
+                let Some(grant) = state.grants.get_mut(&id) else { continue };
+                let Some(kit) = grant.kits.remove(&slot.sequence) else { continue };
+                return Some(Incoming { kit, peer: SocketAddrV4::new(grant.client, slot.port), local: grant.server });
+            }
+            if !batches_read {
+                self.take_batches(&mut state);
+                batches_read = true;
+                continue;
+            }
+            if credit || sys::read(self.bell, &mut byte) != Ok(1) {
+                return None;
+            }
+            credit = true;
+        }
+    }
+
+    /// The library's own descriptors here: the bell, the kit channel and
+    /// the watch.
+    pub fn fds(&self) -> [RawFd; 3] {
+        [self.bell, self.kit_channel, self.watch]
+    }
+}
+
+impl Drop for ServerKits {
+    fn drop(&mut self) {
+        close_all(&[self.watch, self.bell, self.kit_channel]);
+    }
+}
