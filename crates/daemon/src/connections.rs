@@ -62,11 +62,22 @@ pub fn flow_allowed(
     server: &GuestSlot,
     server_addr: SocketAddrV4,
 ) -> Result<(), Disallowed> {
+    flow_decided(policy, client, client_addr, server, server_addr).map(drop)
+}
+
+/// As [`flow_allowed`], saying why it is allowed (as the flow log does).
+pub fn flow_decided(
+    policy: &Policy,
+    client: &GuestSlot,
+    client_addr: std::net::Ipv4Addr,
+    server: &GuestSlot,
+    server_addr: SocketAddrV4,
+) -> Result<String, Disallowed> {
     let (Some(client), Some(server)) = (policy.guest_id(client), policy.guest_id(server)) else {
         return Err(Disallowed::GuestRemoved);
     };
     if client == server {
-        return Ok(());
+        return Ok("within one guest: security groups do not apply".into());
     }
     let config = &policy.config;
     let flow = Flow {
@@ -80,7 +91,7 @@ pub fn flow_allowed(
     };
     match evaluate(config, &flow) {
         verdict @ Verdict::Deny { .. } => Err(Disallowed::Denied(verdict.describe(config))),
-        Verdict::Allow { .. } => Ok(()),
+        verdict @ Verdict::Allow { .. } => Ok(verdict.describe(config)),
     }
 }
 

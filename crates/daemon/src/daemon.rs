@@ -269,12 +269,12 @@ impl Daemon {
         for n in due.first..due.end {
             let Some(slot) = grant.queue.slot(n) else { continue };
             let Some(id) = state.waiting.remove(&slot.sequence) else { continue };
-            self.announce(grant, id, slot.port);
+            self.announce(grant, id, slot.port, &state.decided_by);
         }
     }
 
     /// Kit `id` of `grant` is a connection from now on.
-    fn announce(&self, grant: &GrantRecord, id: ConnectionId, port: u16) {
+    fn announce(&self, grant: &GrantRecord, id: ConnectionId, port: u16, decided_by: &str) {
         let record = self.connections.announce(id, port, |c| (c.client_addr, c.server_addr));
         let Some((client, server)) = record else { return };
         grant.client.counters.connections_out.fetch_add(1, Ordering::Relaxed);
@@ -291,7 +291,7 @@ impl Daemon {
             client,
             server,
             verdict: FlowVerdict::Accepted,
-            decided_by: Some(format!("kit of grant {}", grant.id)),
+            decided_by: Some(format!("{decided_by}; kit of grant {}", grant.id)),
             bytes_client_to_server: None,
             bytes_server_to_client: None,
             duration_ms: None,

@@ -73,6 +73,9 @@ pub(crate) struct State {
     pub(crate) unaccepted: Vec<ConnectionId>,
     /// The grant has ended: no more kits.
     pub(crate) over: bool,
+    /// Why the policy allows the grant's flow, as the flow log says it
+    /// (decided again at each batch).
+    pub(crate) decided_by: String,
 }
 
 /// Every grant, and the pairs that have connected once (the second

@@ -70,6 +70,9 @@ pub fn for_connect(
     if state.over {
         return None;
     }
+    // The connect just made was allowed: the flow is, under this policy.
+    let decided = crate::connections::flow_decided(policy, client, client_addr, &listener.guest, server);
+    state.decided_by = decided.ok()?;
     // The kits taken since the last batch are announced before the queue
     // can wrap (a batch is half its slots). Kits accepted (or retired)
     // since are no longer the grant's to revoke.

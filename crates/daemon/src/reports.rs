@@ -11,6 +11,9 @@ pub use vsocket_admin::{ConnectionReport, GuestReport, ListenerReport};
 impl Daemon {
     /// A snapshot of every guest, for `vsocketctl guests`.
     pub fn guest_reports(&self) -> Vec<GuestReport> {
+        // Kits taken since the last reap are connections already: what the
+        // operator reads counts them (see `Daemon::announce_kits`).
+        self.announce_kits();
         let policy = self.policy();
         let config = &policy.config;
         // Bytes and counts of live connections, by guest (slot order).
@@ -83,6 +86,7 @@ impl Daemon {
     }
 
     pub fn listener_reports(&self) -> Vec<ListenerReport> {
+        self.announce_kits();
         self.listeners
             .all()
             .iter()
@@ -97,6 +101,7 @@ impl Daemon {
     }
 
     pub fn connection_reports(&self) -> Vec<ConnectionReport> {
+        self.announce_kits();
         let mut out = Vec::new();
         self.connections.each(|c| {
             out.push(ConnectionReport {

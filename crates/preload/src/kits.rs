@@ -172,6 +172,15 @@ pub struct Taken {
 /// The next kit for a connect from a socket bound to `bound` to `remote`.
 pub fn take(bound: Ipv4Addr, remote: SocketAddrV4) -> Option<Taken> {
     let mut clients = clients();
+    if clients.grants.is_empty() {
+        return None;
+    }
+    // A daemon that crashed took its grants with it: the listener that
+    // would have read this queue reads its successor's now.
+    if !crate::attach::daemon_still_there() {
+        clients.grants.clear();
+        return None;
+    }
     let grant = clients.grants.iter_mut().find(|g| g.bound == bound && g.remote == remote)?;
     let kit = grant.kits.pop_front()?;
     Some(Taken { grant: grant.id, client: grant.client, kit })

@@ -22,7 +22,7 @@ use crate::sys::{self, Errno, SysResult};
 use arc_swap::ArcSwapOption;
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use vsocket_abi::control::{ConnectionInfo, Message, CONNECTION_FDS};
 use vsocket_abi::layout::Endpoint;
@@ -62,6 +62,8 @@ pub struct Listener {
     pub family: Family,
     /// How long a blocking accept spins before sleeping.
     pub spinner: Spinner,
+    /// A channel that broke had kits: accepts look at them too.
+    retired_kits: AtomicBool,
     /// The listening socket's options that accepted sockets inherit, read
     /// from the kernel at the first accept after they may have changed
     /// (`None`: not read yet, or a `setsockopt` on the listener since).
@@ -221,6 +223,7 @@ impl Listener {
             }),
             family,
             spinner: Spinner::new(),
+            retired_kits: AtomicBool::new(false),
             inherited: Mutex::new(None),
         })
     }
@@ -272,6 +275,9 @@ impl Listener {
         drop(current);
         self.channel.store(None);
         retry.retired.push(broken.clone());
+        if broken.kits.is_some() {
+            self.retired_kits.store(true, Ordering::Release);
+        }
         retry.wait_ms = RETRY_FIRST_MS;
         retry.due_ms = sys::now_ms() + RETRY_FIRST_MS;
         DETACHED.fetch_add(1, Ordering::Relaxed);
@@ -323,6 +329,11 @@ impl Listener {
     /// accepted socket inherits (as Linux copies them).
     pub fn take_pending(&self, listening: RawFd, flags: i32) -> SysResult<Option<Accepted>> {
         self.reattach_if_due();
+        if self.retired_kits.load(Ordering::Acquire) {
+            if let Some(accepted) = self.take_retired_kit(listening, flags)? {
+                return Ok(Some(accepted));
+            }
+        }
         let Some(channel) = self.channel() else {
             return Ok(None);
         };
@@ -333,6 +344,25 @@ impl Listener {
             Some(kits) => self.take_kit(kits, &channel, listening, flags),
             None => Ok(None),
         }
+    }
+
+    /// A kit a client took before the daemon that granted it went away
+    /// (its successor knows no grant, and the client takes no more once
+    /// it sees its request channel end): the queues of the channels that
+    /// broke are read until they are empty.
+    fn take_retired_kit(&self, listening: RawFd, flags: i32) -> SysResult<Option<Accepted>> {
+        let retired: Vec<Arc<Attached>> = {
+            let retry = self.retry.lock().unwrap_or_else(|e| e.into_inner());
+            retry.retired.iter().filter(|a| a.kits.is_some()).cloned().collect()
+        };
+        for attached in &retired {
+            if let Some(kits) = &attached.kits {
+                if let Some(accepted) = self.take_kit(kits, attached, listening, flags)? {
+                    return Ok(Some(accepted));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Takes a kit one of the grants' clients took, if any, as
@@ -567,6 +597,7 @@ mod tests {
             }),
             family: Family::V4,
             spinner: Spinner::new(),
+            retired_kits: AtomicBool::new(false),
             inherited: Mutex::new(None),
         };
         (listener, daemon)

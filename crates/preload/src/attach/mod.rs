@@ -93,6 +93,19 @@ struct RequestChannel {
 
 static REQUESTS: Mutex<Option<RequestChannel>> = Mutex::new(None);
 
+/// Is the daemon that answered this process's last request still there?
+/// Its request channel shows nothing readable between requests unless the
+/// daemon went away (end of stream). A grant's kits are that daemon's: a
+/// successor after a crash knows none of them (see `kits::take`).
+pub fn daemon_still_there() -> bool {
+    let guard = REQUESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(requests) = guard.as_ref().filter(|r| r.pid == crate::sys::getpid()) else {
+        return false;
+    };
+    let mut pfd = [libc::pollfd { fd: requests.channel.fd(), events: libc::POLLIN, revents: 0 }];
+    crate::sys::poll(&mut pfd, 0) == Ok(0)
+}
+
 /// Sends a request on the process's request channel and returns the reply.
 /// The channel is opened on first use and re-opened after fork (a shared
 /// one would interleave two processes' replies). A channel that served
