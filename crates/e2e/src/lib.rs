@@ -106,6 +106,33 @@ pub fn four_guests() -> String {
     open_vpc(&[("a", "10.10.0.2", ""), ("b", "10.10.0.3", ""), ("c", "10.10.0.4", ""), ("d", "10.10.0.5", "")])
 }
 
+/// Two guests `a` (10.10.0.2) and `b` (10.10.0.3) in VPC `blue`; `b`
+/// accepts TCP from the VPC on port 7000 only (security group `svc`, whose
+/// rule a test may remove: `svc ingress tcp 7000 --cidr 10.10.0.0/24`).
+pub const ONE_PORT: &str = r#"
+[[vpc]]
+name = "blue"
+cidr = "10.10.0.0/24"
+
+[[security_group]]
+name = "svc"
+[[security_group.ingress]]
+protocol = "tcp"
+ports = "7000"
+cidr = "10.10.0.0/24"
+
+[[guest]]
+name = "a"
+vpc = "blue"
+addresses = ["10.10.0.2"]
+
+[[guest]]
+name = "b"
+vpc = "blue"
+addresses = ["10.10.0.3"]
+security_groups = ["svc"]
+"#;
+
 /// Two guests `a` (10.10.0.2) and `b` (10.10.0.3) in VPC `blue`, each
 /// accepting TCP on every port from the VPC (the body [`open_vpc`] makes
 /// for them).

@@ -5,32 +5,7 @@
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
-use vsocket_e2e::{asset, wait_until, Lab, Via};
-
-/// `a` may reach `b` on port 7000 only.
-const TWO: &str = r#"
-[[vpc]]
-name = "blue"
-cidr = "10.10.0.0/24"
-
-[[security_group]]
-name = "svc"
-[[security_group.ingress]]
-protocol = "tcp"
-ports = "7000"
-cidr = "10.10.0.0/24"
-
-[[guest]]
-name = "a"
-vpc = "blue"
-addresses = ["10.10.0.2"]
-
-[[guest]]
-name = "b"
-vpc = "blue"
-addresses = ["10.10.0.3"]
-security_groups = ["svc"]
-"#;
+use vsocket_e2e::{asset, wait_until, Lab, Via, ONE_PORT};
 
 fn lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
@@ -42,7 +17,7 @@ fn connections(lab: &Lab) -> usize {
 
 #[test]
 fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
-    let mut lab = Lab::start_host("tkits", TWO, "flow_log = \"{dir}/flow.log\"").unwrap();
+    let mut lab = Lab::start_host("tkits", ONE_PORT, "flow_log = \"{dir}/flow.log\"").unwrap();
     let script = asset("kits_protocol.py");
     let script = script.to_str().unwrap();
     let sock = |guest: &str| lab.run_dir.join("guests").join(format!("{guest}.sock")).to_str().unwrap().to_string();
@@ -136,7 +111,7 @@ fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
 #[test]
 fn a_program_that_connects_again_and_again_takes_kits_and_every_connection_is_metered() {
     let host = "flow_log = \"{dir}/flow.log\"\ndeny_action = \"reject\"";
-    let mut lab = Lab::start_host("tkitloop", TWO, host).unwrap();
+    let mut lab = Lab::start_host("tkitloop", ONE_PORT, host).unwrap();
     let connrate = vsocket_e2e::compile("connrate.c", &lab.dir).unwrap();
     let connrate = connrate.to_str().unwrap();
     lab.spawn("b", Via::Vsocket, connrate, &["server", "10.10.0.3", "7000"], "server.log").unwrap();

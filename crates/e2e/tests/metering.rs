@@ -6,32 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use vsocket_e2e::{asset, bin, wait_until, Lab, Via};
-
-/// `a` may reach `b` on port 7000 only; `b` also listens on 7001.
-const METERED: &str = r#"
-[[vpc]]
-name = "blue"
-cidr = "10.10.0.0/24"
-
-[[security_group]]
-name = "svc"
-[[security_group.ingress]]
-protocol = "tcp"
-ports = "7000"
-cidr = "10.10.0.0/24"
-
-[[guest]]
-name = "a"
-vpc = "blue"
-addresses = ["10.10.0.2"]
-
-[[guest]]
-name = "b"
-vpc = "blue"
-addresses = ["10.10.0.3"]
-security_groups = ["svc"]
-"#;
+use vsocket_e2e::{asset, bin, wait_until, Lab, Via, ONE_PORT};
 
 /// Every record of the flow log at `path` and its rotated files, oldest first.
 fn flow_records(path: &Path, keep: u32) -> Vec<Value> {
@@ -80,7 +55,7 @@ fn wait_reaped(lab: &Lab) {
 #[test]
 fn flow_log_and_metrics_match_the_bytes_programs_moved() {
     let host = "deny_action = \"reject\"\nflow_log = \"{dir}/flow.log\"\nmetrics = \"127.0.0.1:19464\"";
-    let mut lab = Lab::start_host("tflow", METERED, host).unwrap();
+    let mut lab = Lab::start_host("tflow", ONE_PORT, host).unwrap();
     let script = asset("metering.py");
     let s = script.to_str().unwrap();
     lab.spawn("b", Via::Vsocket, "python3", &[s, "serve", "10.10.0.3", "7000"], "allowed.log").unwrap();
