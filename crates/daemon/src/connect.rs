@@ -681,7 +681,10 @@ pub struct Kit {
 pub fn make_kit(daemon: &Daemon, policy: &Policy, grant: &crate::grants::GrantRecord, sequence: u32) -> Option<Kit> {
     let host = policy.config.host();
     let listener = &grant.listener;
-    let charge = daemon.charge(policy, &grant.client, &listener.guest, host.segment_size()).ok()?;
+    // Without the reap `Daemon::charge` may make at a limit: the grant's
+    // lock is held here, and a reap announces kits under it.
+    let charge =
+        crate::charge::charge(|slot| policy.quotas(slot), &grant.client, &listener.guest, host.segment_size()).ok()?;
     let pair = Pair { channel: grant.key.channel, listener: listener.id };
     let memory = shared_memory(daemon, pair, host.ring_size).ok()?;
     let Memory {

@@ -135,9 +135,12 @@ pub struct KitMark {
 }
 
 impl ConnectionRecord {
-    /// A kit no client has taken yet: not a connection.
+    /// A kit no client has taken yet: not a connection. One a server
+    /// accepted is one, announced or not (its client may have written no
+    /// slot, or another one over it).
     pub fn unused_kit(&self) -> bool {
         self.kit.as_ref().is_some_and(|k| !k.announced)
+            && self.memory.segment().claim().load(Ordering::Acquire) != vsocket_abi::layout::KIT_ACCEPTED
     }
 }
 

@@ -39,7 +39,6 @@ use vsocket_ring::ConnectQueue;
 /// are on the listener channel before this returns.
 pub fn for_connect(
     daemon: &Daemon,
-    policy: &Policy,
     client: &Arc<GuestSlot>,
     channel: ChannelId,
     listener: &Arc<ListenerRecord>,
@@ -70,7 +69,10 @@ pub fn for_connect(
     if state.over {
         return None;
     }
-    // The connect just made was allowed: the flow is, under this policy.
+    // The policy in force now, not the one the connect was decided with:
+    // a change published since then has its `enforce` see this grant (it
+    // is in the table), or is the policy read here.
+    let policy = &daemon.policy();
     let decided = crate::connections::flow_decided(policy, client, client_addr, &listener.guest, server);
     state.decided_by = decided.ok()?;
     // The kits taken since the last batch are announced before the queue
@@ -83,8 +85,17 @@ pub fn for_connect(
     // A server that falls behind its clients by more than the queue
     // holds would miss their slots: no more kits until it catches up
     // (connects go through the daemon meanwhile).
+    // Kits retired without being announced (their processes went) wait
+    // for nothing.
+    state.waiting.retain(|_, id| daemon.connections.with(*id, |_| ()).is_some());
     let taken_waiting = state.unaccepted.len().saturating_sub(state.waiting.len());
     if taken_waiting + MAX_KITS as usize > SLOTS {
+        return None;
+    }
+    // A client asks again only when its kits are used up: one that asks
+    // while it holds a batch (a hostile one, charging the server's guest
+    // for kits it never takes) gets no more.
+    if state.waiting.len() >= MAX_KITS as usize {
         return None;
     }
     let first = state.next;
@@ -107,8 +118,12 @@ pub fn for_connect(
     let mut buf = [0u8; vsocket_abi::control::MAX_MESSAGE];
     if let Err(e) = vsocket_sys::send_with_fds(kit_channel.as_fd(), kits.encode(&mut buf), &fds) {
         // Nobody holds these kits: once `made` is dropped, their lifelines
-        // hang up and the reaper retires them without a trace.
+        // hang up and the reaper retires them without a trace. A listener
+        // whose kit channel is gone takes none any more.
         tracing::debug!(grant = grant.id, error = %e, "kits not taken by the listener");
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            listener.kits_off.store(true, Ordering::Release);
+        }
         return None;
     }
     state.next = first + made.len() as u32;
@@ -166,6 +181,9 @@ fn end(daemon: &Daemon, grant: &GrantRecord, why: &str) {
             }
         });
     }
+    // A kit a server accepted as the revocations ran had its slot written
+    // before (the server read it): it is announced now.
+    daemon.announce_taken(grant, &mut state);
     state.waiting.clear();
     drop(state);
     if reset > 0 {

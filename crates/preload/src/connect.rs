@@ -124,7 +124,7 @@ fn connect_with_kit(
     family: Family,
     blocking: Blocking,
 ) -> Option<SysResult<()>> {
-    let kits::Taken { grant, client, kit } = kits::take(*local.ip(), remote)?;
+    let kits::Taken { grant, ends, client, kit } = kits::take(*local.ip(), remote)?;
     fork::watch();
     let sequence = kit.sequence;
     let info = ConnectionInfo {
@@ -140,7 +140,7 @@ fn connect_with_kit(
             return None;
         }
     };
-    kits::publish(grant, sequence, local.port());
+    ends.publish(sequence, local.port());
     Some(adopt(fd, conn, blocking))
 }
 

@@ -24,6 +24,7 @@ pub fn watch() {
 
 extern "C" fn prepare() {
     segcache::before_fork();
+    crate::kits::before_fork();
     sys::limit_before_fork();
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
     table::for_each(|entry| {
@@ -36,6 +37,7 @@ extern "C" fn prepare() {
 extern "C" fn parent() {
     sys::limit_after_fork();
     segcache::after_fork_parent();
+    crate::kits::after_fork();
     // Both processes may now read a listener's channel: kits sent on it
     // would be split between them (see `Listener::no_more_kits`).
     table::for_each(|entry| {
@@ -49,6 +51,7 @@ extern "C" fn child() {
     sys::limit_after_fork();
     sys::forget_pid();
     segcache::after_fork_child();
+    crate::kits::after_fork();
     table::for_each(|entry| {
         if let Entry::Listener(listener) = entry {
             listener.no_more_kits(false);

@@ -20,7 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use vsocket_abi::control::{Grant, Message, KIT_FDS};
 use vsocket_abi::grant::{Cursor, Slot};
 use vsocket_ring::ConnectQueue;
@@ -99,14 +99,33 @@ struct ClientGrant {
     remote: SocketAddrV4,
     /// The client's address, as the daemon decided it.
     client: Ipv4Addr,
-    queue: ConnectQueue,
-    bell: RawFd,
+    ends: Arc<GrantEnds>,
     kits: VecDeque<Kit>,
 }
 
-impl Drop for ClientGrant {
+/// What a client writes to tell the server it took a kit: the queue, and
+/// a write end of the listener's bell (a Unix stream socket: a send to a
+/// server that is gone fails, it raises no SIGPIPE).
+pub struct GrantEnds {
+    queue: ConnectQueue,
+    bell: RawFd,
+}
+
+impl Drop for GrantEnds {
     fn drop(&mut self) {
         let _ = sys::close(self.bell);
+    }
+}
+
+impl GrantEnds {
+    /// Kit `sequence` is taken, for a socket bound to `port`: the slot,
+    /// then the byte. One writer at a time (the lock inside).
+    pub fn publish(&self, sequence: u32, port: u16) {
+        static WRITING: Mutex<()> = Mutex::new(());
+        let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
+        self.queue.publish(Slot { sequence, port });
+        // A full socket already wakes the server.
+        let _ = sys::send(self.bell, &[1], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
     }
 }
 
@@ -118,6 +137,25 @@ struct Clients {
 }
 
 static CLIENTS: Mutex<Clients> = Mutex::new(Clients { pid: 0, grants: Vec::new() });
+
+thread_local! {
+    /// The process's grants, held by the thread that forks from before
+    /// the fork until after it (in both processes), so that a child never
+    /// finds them locked by a thread it does not have.
+    static HELD_ACROSS_FORK: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Clients>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Fork handlers (see `fork.rs`): the grants' lock is taken before the
+/// fork and let go after it.
+pub fn before_fork() {
+    let guard = CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
+    HELD_ACROSS_FORK.with(|held| *held.borrow_mut() = Some(guard));
+}
+
+pub fn after_fork() {
+    HELD_ACROSS_FORK.with(|held| drop(held.borrow_mut().take()));
+}
 
 fn clients() -> std::sync::MutexGuard<'static, Clients> {
     let mut clients = CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,9 +184,9 @@ pub fn keep_client(grant: Grant, bound: Ipv4Addr, remote: SocketAddrV4, client: 
         let _ = sys::close(bell);
         return;
     };
+    let ends = Arc::new(GrantEnds { queue, bell });
     let mut clients = clients();
     if let Some(known) = clients.grants.iter_mut().find(|g| g.id == grant.id) {
-        let _ = sys::close(bell);
         known.kits.extend(kits);
         return;
     }
@@ -158,12 +196,14 @@ pub fn keep_client(grant: Grant, bound: Ipv4Addr, remote: SocketAddrV4, client: 
     if clients.grants.len() >= CLIENT_GRANTS {
         clients.grants.remove(0);
     }
-    clients.grants.push(ClientGrant { id: grant.id, bound, remote, client, queue, bell, kits: kits.into() });
+    clients.grants.push(ClientGrant { id: grant.id, bound, remote, client, ends, kits: kits.into() });
 }
 
 /// A kit taken for a connect.
 pub struct Taken {
     pub grant: u64,
+    /// Where to say it is taken (see [`GrantEnds::publish`]).
+    pub ends: Arc<GrantEnds>,
     /// The client's address, as the daemon decided it for the grant.
     pub client: Ipv4Addr,
     pub kit: Kit,
@@ -183,18 +223,7 @@ pub fn take(bound: Ipv4Addr, remote: SocketAddrV4) -> Option<Taken> {
     }
     let grant = clients.grants.iter_mut().find(|g| g.bound == bound && g.remote == remote)?;
     let kit = grant.kits.pop_front()?;
-    Some(Taken { grant: grant.id, client: grant.client, kit })
-}
-
-/// The kit `sequence` of grant `grant` is taken, for a socket bound to
-/// `port`: tells the server (the queue, then the bell).
-pub fn publish(grant: u64, sequence: u32, port: u16) {
-    let clients = clients();
-    if let Some(grant) = clients.grants.iter().find(|g| g.id == grant) {
-        grant.queue.publish(Slot { sequence, port });
-        // A full pipe already wakes the server.
-        let _ = sys::write(grant.bell, &[1]);
-    }
+    Some(Taken { grant: grant.id, ends: grant.ends.clone(), client: grant.client, kit })
 }
 
 /// Lets grant `grant` go (revoked): its kits are not to be taken.
@@ -311,12 +340,10 @@ impl ServerKits {
     }
 
     /// No more kits for this listener; whether it took them until now.
+    /// Takes no lock (a fork handler calls it): the kits go at the next
+    /// accept.
     pub fn turn_off(&self) -> bool {
-        let was_on = !self.off.swap(true, Ordering::AcqRel);
-        let mut state = self.state();
-        state.grants.clear();
-        state.pending.clear();
-        was_on
+        !self.off.swap(true, Ordering::AcqRel)
     }
 
     /// The next kit a client took, if any.
@@ -334,6 +361,15 @@ impl ServerKits {
     /// its batch was sent there. A slot that names no kit of this
     /// process's is passed by.
     pub fn next(&self) -> Option<Incoming> {
+        if self.off.load(Ordering::Acquire) {
+            // (A forked child's kits are let go here, not in its fork
+            // handler, where another thread of the parent may have held
+            // this lock.)
+            let mut state = self.state();
+            state.grants.clear();
+            state.pending.clear();
+            return None;
+        }
         let mut state = self.state();
         let mut byte = [0u8; 1];
         // A byte taken ahead of its slot; the kit channel read.
@@ -348,15 +384,17 @@ impl ServerKits {
                 }
             }
             while let Some(&(id, slot)) = state.pending.front() {
-                let known = state.grants.get(&id).is_some_and(|g| g.kits.contains_key(&slot.sequence));
-                if !known && !batches_read {
+                let known =
+                    |state: &ServerState| state.grants.get(&id).is_some_and(|g| g.kits.contains_key(&slot.sequence));
+                if !known(&state) {
+                    // Its batch may have come since the kit channel was
+                    // last read.
                     self.take_batches(&mut state);
                     batches_read = true;
-                    continue;
                 }
                 state.pending.pop_front();
                 if !std::mem::take(&mut credit) {
-                    let _ = sys::read(self.bell, &mut byte);
+                    let _ = sys::recv(self.bell, &mut byte, libc::MSG_DONTWAIT);
                 }
                 let Some(grant) = state.grants.get_mut(&id) else { continue };
                 let Some(kit) = grant.kits.remove(&slot.sequence) else { continue };
@@ -367,7 +405,7 @@ impl ServerKits {
                 batches_read = true;
                 continue;
             }
-            if credit || sys::read(self.bell, &mut byte) != Ok(1) {
+            if credit || sys::recv(self.bell, &mut byte, libc::MSG_DONTWAIT) != Ok(1) {
                 return None;
             }
             credit = true;

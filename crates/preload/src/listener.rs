@@ -538,6 +538,9 @@ fn open_channel(local: SocketAddrV4, backlog: i32) -> Result<Attached, NotTaken>
                         let bell = std::mem::replace(&mut reply.fds[0], -1);
                         let kit_channel = std::mem::replace(&mut reply.fds[1], -1);
                         let kits = ServerKits::new(channel.fd(), bell, kit_channel).ok();
+                        if kits.is_none() {
+                            let _ = channel.send_only(&Message::NoKits);
+                        }
                         Ok(Attached { channel, kits })
                     }
                     Message::ListenOk => Ok(Attached { channel, kits: None }),

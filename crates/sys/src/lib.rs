@@ -138,13 +138,6 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(read), OwnedFd::from_raw_fd(write)) })
 }
 
-/// As [`pipe`], with both ends non-blocking (a listener's bell).
-pub fn pipe_nonblocking() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (read, write) = raw::pipe_nonblocking()?;
-    // SAFETY: both descriptors are new and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(read), OwnedFd::from_raw_fd(write)) })
-}
-
 /// A connected pair of unix seqpacket sockets (a listener's kit channel):
 /// the first, the daemon's, never blocks a send.
 pub fn seqpacket_pair_nonblocking_first() -> io::Result<(OwnedFd, OwnedFd)> {

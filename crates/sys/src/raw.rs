@@ -28,13 +28,6 @@ pub fn pipe() -> io::Result<(RawFd, RawFd)> {
     Ok((fds[0], fds[1]))
 }
 
-/// A close-on-exec pipe whose ends never block: (read end, write end).
-pub fn pipe_nonblocking() -> io::Result<(RawFd, RawFd)> {
-    let mut fds = [0 as RawFd; 2];
-    raw!(libc::SYS_pipe2, fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK)?;
-    Ok((fds[0], fds[1]))
-}
-
 /// A close-on-exec connected pair of unix seqpacket sockets, the first
 /// non-blocking.
 pub fn seqpacket_pair_nonblocking_first() -> io::Result<(RawFd, RawFd)> {

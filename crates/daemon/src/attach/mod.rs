@@ -288,16 +288,8 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
                 let reply = connect::connect(daemon, guest, client, local, remote);
                 let batch = match (&message, &reply.message, &reply.listener) {
                     (Message::ConnectKits { .. }, Message::Connected(info), Some(listener)) => {
-                        crate::kits::for_connect(
-                            daemon,
-                            &daemon.policy(),
-                            guest,
-                            id,
-                            listener,
-                            *info.local.ip(),
-                            remote,
-                        )
-                        .map(|batch| (*info, batch))
+                        crate::kits::for_connect(daemon, guest, id, listener, *info.local.ip(), remote)
+                            .map(|batch| (*info, batch))
                     }
                     _ => None,
                 };
@@ -354,7 +346,7 @@ fn serve_listener<C: ProcessChannel>(
     // A library that takes kits gets the listener's bell and kit channel,
     // where its channel carries descriptors.
     let kit_ends = match (kits, &vm) {
-        (true, None) => vsocket_sys::pipe_nonblocking().ok().zip(vsocket_sys::seqpacket_pair_nonblocking_first().ok()),
+        (true, None) => vsocket_sys::stream_pair().ok().zip(vsocket_sys::seqpacket_pair_nonblocking_first().ok()),
         _ => None,
     };
     let (library_ends, daemon_ends) = match kit_ends {

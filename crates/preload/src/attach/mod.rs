@@ -98,7 +98,12 @@ static REQUESTS: Mutex<Option<RequestChannel>> = Mutex::new(None);
 /// daemon went away (end of stream). A grant's kits are that daemon's: a
 /// successor after a crash knows none of them (see `kits::take`).
 pub fn daemon_still_there() -> bool {
-    let guard = REQUESTS.lock().unwrap_or_else(|e| e.into_inner());
+    // Another thread's request holds the channel: it will find out.
+    let guard = match REQUESTS.try_lock() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return true,
+    };
     let Some(requests) = guard.as_ref().filter(|r| r.pid == crate::sys::getpid()) else {
         return false;
     };
