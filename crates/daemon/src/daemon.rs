@@ -269,7 +269,7 @@ impl Daemon {
         for n in due.first..due.end {
             let Some(slot) = grant.queue.slot(n) else { continue };
             let Some(id) = state.waiting.remove(&slot.sequence) else { continue };
-            self.announce(grant, id, slot.port, &state.decided_by);
+            self.announce(grant, id, slot.port, &lock(&grant.decided_by));
         }
     }
 
@@ -305,7 +305,7 @@ impl Daemon {
     /// it): the counters and the flow log agree to the byte.
     fn retire(&self, c: &mut ConnectionRecord, (up, down): (u64, u64)) -> Option<FlowRecord> {
         c.charge.give_back();
-        if c.unused_kit() {
+        if c.kit.as_ref().is_some_and(|k| !k.announced) {
             let segment = c.memory.segment();
             let claim = segment.claim().load(Ordering::Acquire);
             let used = claim == vsocket_abi::layout::KIT_ACCEPTED
@@ -316,11 +316,18 @@ impl Daemon {
                 // Made ahead and never taken: it was never a connection.
                 return None;
             }
-            // Taken without a slot in its grant's queue (a client that
-            // wrote none): a connection all the same, announced now.
+            // Taken (or accepted) and over before a reap read its slot, or
+            // with no slot at all (a client that wrote none, or another
+            // over it): a connection all the same, announced now, with
+            // the port its slot gives if its grant's queue still has it.
+            let kit = c.kit.as_ref().expect("checked above");
+            let (port, decided_by) = self.grants.slot_of(kit.grant, kit.sequence).unwrap_or_default();
+            c.client_addr.set_port(port);
+            c.client.counters.connections_out.fetch_add(1, Ordering::Relaxed);
+            c.server.counters.connections_in.fetch_add(1, Ordering::Relaxed);
             let mut attempt = close_record(c, 0, 0);
             attempt.event = FlowEvent::Attempt;
-            attempt.decided_by = Some("kit taken without a slot".into());
+            attempt.decided_by = Some(format!("{decided_by}; kit of grant {}, announced as it closed", kit.grant));
             (attempt.bytes_client_to_server, attempt.bytes_server_to_client, attempt.duration_ms) = (None, None, None);
             self.log_flow(|| attempt);
         }

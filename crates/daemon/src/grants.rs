@@ -58,6 +58,10 @@ pub struct GrantRecord {
     pub(crate) client_page: OwnedFd,
     pub(crate) server_page: OwnedFd,
     pub(crate) state: Mutex<State>,
+    /// Why the policy allows the grant's flow, as the flow log says it
+    /// (decided again at each batch). Its own lock, held for nothing
+    /// else: it is read where the grant's state may be locked.
+    pub(crate) decided_by: Mutex<String>,
 }
 
 #[derive(Debug, Default)]
@@ -73,9 +77,6 @@ pub(crate) struct State {
     pub(crate) unaccepted: Vec<ConnectionId>,
     /// The grant has ended: no more kits.
     pub(crate) over: bool,
-    /// Why the policy allows the grant's flow, as the flow log says it
-    /// (decided again at each batch).
-    pub(crate) decided_by: String,
 }
 
 /// Every grant, and the pairs that have connected once (the second
@@ -152,6 +153,27 @@ impl Grants {
 }
 
 impl Grants {
+    /// Grant `id`, while it lasts.
+    pub(crate) fn by_id(&self, id: u64) -> Option<Arc<GrantRecord>> {
+        lock(&self.inner).by_key.values().find(|g| g.id == id).cloned()
+    }
+
+    /// The port in the latest slot of grant `id`'s queue that names kit
+    /// `sequence` (0 if there is none), and why the grant's flow is
+    /// allowed, while the grant lasts.
+    pub(crate) fn slot_of(&self, id: u64, sequence: u32) -> Option<(u16, String)> {
+        let grant = self.by_id(id)?;
+        let produced = grant.queue.produced();
+        let first = produced.saturating_sub(vsocket_abi::grant::SLOTS as u64);
+        let port = (first..produced)
+            .rev()
+            .filter_map(|n| grant.queue.slot(n))
+            .find(|s| s.sequence == sequence)
+            .map(|s| s.port);
+        let decided_by = lock(&grant.decided_by).clone();
+        Some((port.unwrap_or(0), decided_by))
+    }
+
     pub(crate) fn take_ids(&self, ids: &HashSet<u64>) -> Vec<Arc<GrantRecord>> {
         let mut inner = lock(&self.inner);
         let keys: Vec<GrantKey> = inner.by_key.iter().filter(|(_, g)| ids.contains(&g.id)).map(|(k, _)| *k).collect();

@@ -63,6 +63,7 @@ pub fn for_connect(
             client_page,
             server_page,
             state: Mutex::new(State::default()),
+            decided_by: Mutex::new(String::new()),
         })
     })?;
     let mut state = lock(&grant.state);
@@ -74,7 +75,7 @@ pub fn for_connect(
     // is in the table), or is the policy read here.
     let policy = &daemon.policy();
     let decided = crate::connections::flow_decided(policy, client, client_addr, &listener.guest, server);
-    state.decided_by = decided.ok()?;
+    *lock(&grant.decided_by) = decided.ok()?;
     // The kits taken since the last batch are announced before the queue
     // can wrap (a batch is half its slots). Kits accepted (or retired)
     // since are no longer the grant's to revoke.
