@@ -173,10 +173,9 @@ pub fn send_with_fds(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
         let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
         msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
         msg.msg_controllen = space;
-        // SAFETY: `control` holds one header and up to MAX_SEND_FDS
-        // descriptors (CMSG_SPACE rounds the 16-byte header and the data
-        // up to 8 bytes, which CONTROL_WORDS does too); CMSG_FIRSTHDR and
-        // CMSG_DATA stay inside it.
+        // SAFETY: `control` (CONTROL_WORDS) fits one header and MAX_SEND_FDS
+        // descriptors, which CMSG_SPACE rounds as CONTROL_WORDS does;
+        // CMSG_FIRSTHDR and CMSG_DATA stay inside it.
         unsafe {
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
