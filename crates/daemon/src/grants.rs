@@ -173,13 +173,4 @@ impl Grants {
         let decided_by = lock(&grant.decided_by).clone();
         Some((port.unwrap_or(0), decided_by))
     }
-
-    pub(crate) fn take_ids(&self, ids: &HashSet<u64>) -> Vec<Arc<GrantRecord>> {
-        let mut inner = lock(&self.inner);
-        let keys: Vec<GrantKey> = inner.by_key.iter().filter(|(_, g)| ids.contains(&g.id)).map(|(k, _)| *k).collect();
-        for k in &keys {
-            inner.seen.remove(k);
-        }
-        keys.iter().filter_map(|k| inner.by_key.remove(k)).collect()
-    }
 }

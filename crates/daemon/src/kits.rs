@@ -198,11 +198,18 @@ fn end(daemon: &Daemon, grant: &GrantRecord, why: &str) {
     tracing::debug!(grant = grant.id, %why, "grant ended");
 }
 
+/// Ends the grants `which` picks, for `why`; returns how many.
+fn end_where(daemon: &Daemon, which: impl Fn(&GrantKey) -> bool, why: &str) -> usize {
+    let ended = daemon.grants.take(which);
+    for grant in &ended {
+        end(daemon, grant, why);
+    }
+    ended.len()
+}
+
 /// The client process of `channel` is gone (or exec'd): its grants end.
 pub fn channel_closed(daemon: &Daemon, channel: ChannelId) {
-    for grant in daemon.grants.take(|k| k.channel == channel) {
-        end(daemon, &grant, "client process gone");
-    }
+    end_where(daemon, |k| k.channel == channel, "client process gone");
 }
 
 /// The library of listener `listener` takes no more kits: its grants end
@@ -214,17 +221,13 @@ pub fn listener_takes_no_kits(daemon: &Daemon, listener: &ListenerRecord) {
 
 /// Listener `listener` is gone: its grants end.
 pub fn listener_closed(daemon: &Daemon, listener: ListenerId) {
-    for grant in daemon.grants.take(|k| k.listener == listener) {
-        end(daemon, &grant, "listener gone");
-    }
+    end_where(daemon, |k| k.listener == listener, "listener gone");
 }
 
 /// Every grant ends (the daemon hands over to a successor, which knows
 /// none).
 pub fn end_all(daemon: &Daemon) {
-    for grant in daemon.grants.take(|_| true) {
-        end(daemon, &grant, "daemon handing over");
-    }
+    end_where(daemon, |_| true, "daemon handing over");
 }
 
 /// Applies a policy change to the grants, before it is reported applied:
@@ -232,21 +235,17 @@ pub fn end_all(daemon: &Daemon) {
 /// already made are the connection table's, which `Daemon::enforce`
 /// treats as any other). Returns how many ended.
 pub fn enforce(daemon: &Daemon, policy: &Policy) -> usize {
-    let denied: HashSet<u64> = daemon
+    let denied: HashSet<GrantKey> = daemon
         .grants
         .all()
         .iter()
         .filter(|g| {
             crate::connections::flow_allowed(policy, &g.client, g.key.client, &g.listener.guest, g.key.server).is_err()
         })
-        .map(|g| g.id)
+        .map(|g| g.key)
         .collect();
     if denied.is_empty() {
         return 0;
     }
-    let ended = daemon.grants.take_ids(&denied);
-    for grant in &ended {
-        end(daemon, grant, "denied by a policy change");
-    }
-    ended.len()
+    end_where(daemon, |k| denied.contains(k), "denied by a policy change")
 }

@@ -109,6 +109,8 @@ struct ClientGrant {
 pub struct GrantEnds {
     queue: ConnectQueue,
     bell: RawFd,
+    /// The queue's one writer at a time (the process's threads).
+    writing: Mutex<()>,
 }
 
 impl Drop for GrantEnds {
@@ -121,8 +123,7 @@ impl GrantEnds {
     /// Kit `sequence` is taken, for a socket bound to `port`: the slot,
     /// then the byte. One writer at a time (the lock inside).
     pub fn publish(&self, sequence: u32, port: u16) {
-        static WRITING: Mutex<()> = Mutex::new(());
-        let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         self.queue.publish(Slot { sequence, port });
         // A full socket already wakes the server.
         let _ = sys::send(self.bell, &[1], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
@@ -184,7 +185,7 @@ pub fn keep_client(grant: Grant, bound: Ipv4Addr, remote: SocketAddrV4, client: 
         let _ = sys::close(bell);
         return;
     };
-    let ends = Arc::new(GrantEnds { queue, bell });
+    let ends = Arc::new(GrantEnds { queue, bell, writing: Mutex::new(()) });
     let mut clients = clients();
     if let Some(known) = clients.grants.iter_mut().find(|g| g.id == grant.id) {
         known.kits.extend(kits);

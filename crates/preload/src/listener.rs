@@ -99,6 +99,13 @@ impl std::ops::Deref for Attached {
 }
 
 impl Attached {
+    /// Takes no more kits on this channel and, if `tell`, says so.
+    fn no_more_kits(&self, tell: bool) {
+        if self.kits.as_ref().is_some_and(ServerKits::turn_off) && tell {
+            let _ = self.channel.send_only(&Message::NoKits);
+        }
+    }
+
     /// What a wait on the listener sleeps on: the channel, or the
     /// descriptor that watches it and the kits' bell.
     pub fn wake_fd(&self) -> RawFd {
@@ -256,11 +263,7 @@ impl Listener {
     /// no more, and (in the process that keeps asking, `tell`) says so.
     pub fn no_more_kits(&self, tell: bool) {
         if let Some(attached) = self.channel.load().as_ref() {
-            if let Some(kits) = &attached.kits {
-                if kits.turn_off() && tell {
-                    let _ = attached.channel.send_only(&Message::NoKits);
-                }
-            }
+            attached.no_more_kits(tell);
         }
     }
 
@@ -396,19 +399,12 @@ impl Listener {
                     // one the daemon must end (its client would wait): no
                     // more kits here.
                     let _ = sys::close(fd);
-                    self.no_more_kits_on(channel);
+                    channel.no_more_kits(true);
                     return Err(e);
                 }
             }
         }
         Ok(None)
-    }
-
-    /// This listener takes no more kits on `channel`, and says so.
-    fn no_more_kits_on(&self, channel: &Attached) {
-        if channel.kits.as_ref().is_some_and(ServerKits::turn_off) {
-            let _ = channel.channel.send_only(&Message::NoKits);
-        }
     }
 
     /// The options `listening` gives the accepted socket `fd`.
@@ -448,7 +444,7 @@ impl Listener {
                     // It may have been a batch of kits, whose clients
                     // would wait on this listener in vain: the daemon ends
                     // its grants when told.
-                    self.no_more_kits_on(channel);
+                    channel.no_more_kits(true);
                 }
                 // Only the channel's end detaches the listener. Detaching on
                 // any error (a delivery cut short at the descriptor limit
