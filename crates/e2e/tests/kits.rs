@@ -114,12 +114,23 @@ fn a_program_that_connects_again_and_again_takes_kits_and_every_connection_is_me
     let mut lab = Lab::start_host("tkitloop", ONE_PORT, host).unwrap();
     let connrate = vsocket_e2e::compile("connrate.c", &lab.dir).unwrap();
     let connrate = connrate.to_str().unwrap();
-    lab.spawn("b", Via::Vsocket, connrate, &["server", "10.10.0.3", "7000"], "server.log").unwrap();
+    // Kits are asked for only with VSOCKET_KITS=1 (see the library's `kits`).
+    lab.spawn("b", Via::Vsocket, "env", &["VSOCKET_KITS=1", connrate, "server", "10.10.0.3", "7000"], "server.log")
+        .unwrap();
     lab.wait_listening("b", 7000).unwrap();
     let script = asset("connect_loop.py");
     let step = lab.dir.join("step");
-    let args = [script.to_str().unwrap(), "10.10.0.3", "7000", "300", step.to_str().unwrap(), "40"];
-    lab.spawn("a", Via::Vsocket, "python3", &args, "client.log").unwrap();
+    let args = [
+        "VSOCKET_KITS=1",
+        "python3",
+        script.to_str().unwrap(),
+        "10.10.0.3",
+        "7000",
+        "300",
+        step.to_str().unwrap(),
+        "40",
+    ];
+    lab.spawn("a", Via::Vsocket, "env", &args, "client.log").unwrap();
     let client_log = lab.dir.join("client.log");
     assert!(wait_until(Duration::from_secs(60), || !lines(&client_log).is_empty()), "first phase done");
     assert_eq!(lines(&client_log)[0], serde_json::json!({"ok": 300}));
