@@ -84,6 +84,27 @@ pub const KIT_ACCEPTED: u32 = 1;
 pub const KIT_DELIVERED: u32 = 2;
 /// A kit's claim word: the daemon revoked it; no end may take it.
 pub const KIT_REVOKED: u32 = 3;
+/// Offset, within the endpoint line of the client's half, of a kit's
+/// take word (ARCHITECTURE §3b): [`KIT_FREE`] until the client's library
+/// takes the kit (to [`KIT_TAKEN`] with its port) or the daemon ends it
+/// ([`KIT_GONE`]), each by one compare-and-swap from free. It decides,
+/// once, whether a kit became a connection: a server accepts only a
+/// taken kit, and the daemon revokes only a free one. Zero, and unused,
+/// in a connection that was never a kit.
+pub const TAKE: usize = 12;
+/// A kit's take word: no client has taken it.
+pub const KIT_FREE: u32 = 0;
+/// A kit's take word: the daemon ended it before any client took it.
+pub const KIT_GONE: u32 = 1;
+/// A kit's take word, taken: this bit with the client's port below it.
+pub const KIT_TAKEN: u32 = 1 << 16;
+
+/// The port a take word names, if a client took its kit: what the word
+/// holds, unless it is free or gone (a client may write anything in its
+/// own half: then its low 16 bits).
+pub fn taken_port(take: u32) -> Option<u16> {
+    (take != KIT_FREE && take != KIT_GONE).then_some(take as u16)
+}
 /// Offset of the data area within a half.
 pub const DATA: usize = PAGE;
 
@@ -191,6 +212,15 @@ mod tests {
         assert!(!ring_size_valid(4095));
         assert!(!ring_size_valid(6000));
         assert!(!ring_size_valid(128 << 20));
+    }
+
+    #[test]
+    fn a_take_word_names_a_port_only_once_taken() {
+        assert_eq!(taken_port(KIT_FREE), None);
+        assert_eq!(taken_port(KIT_GONE), None);
+        assert_eq!(taken_port(KIT_TAKEN | 40_000), Some(40_000));
+        // A client writes what it likes in its own half: still taken.
+        assert_eq!(taken_port(0xdead_beef), Some(0xbeef));
     }
 
     #[test]

@@ -102,6 +102,11 @@ pub struct ListenerReport {
     pub vpc: String,
     pub address: SocketAddrV4,
     pub accepted: u64,
+    /// Grants in force for it: client processes that connect without the
+    /// daemon, taking connections made ahead (ARCHITECTURE §3b). (Absent
+    /// from an older daemon's report.)
+    #[serde(default)]
+    pub grants: u64,
 }
 
 /// One open connection, for `vsocketctl connections`.

@@ -213,11 +213,18 @@ fn listeners_reply() {
         vpc: "blue".into(),
         address: "10.10.0.3:6379".parse().unwrap(),
         accepted: 2,
+        grants: 1,
     };
     round_trip(
-        &vec![listener],
-        "[{\"accepted\":2,\"address\":\"10.10.0.3:6379\",\"guest\":\"b\",\"id\":3,\"vpc\":\"blue\"}]",
+        &vec![listener.clone()],
+        "[{\"accepted\":2,\"address\":\"10.10.0.3:6379\",\"grants\":1,\"guest\":\"b\",\"id\":3,\"vpc\":\"blue\"}]",
     );
+    // An older daemon's report has no grants.
+    let old: Vec<ListenerReport> = serde_json::from_str(
+        "[{\"accepted\":2,\"address\":\"10.10.0.3:6379\",\"guest\":\"b\",\"id\":3,\"vpc\":\"blue\"}]",
+    )
+    .unwrap();
+    assert_eq!(old, vec![ListenerReport { grants: 0, ..listener }]);
 }
 
 #[test]

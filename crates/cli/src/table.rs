@@ -99,7 +99,7 @@ pub const LISTENERS: View = View {
         col("ADDRESS", Field("address")),
         col("ACCEPTED", Field("accepted")),
     ],
-    wide: &["id", "guest", "vpc", "address", "accepted"],
+    wide: &["id", "guest", "vpc", "address", "accepted", "grants"],
 };
 
 pub const CONNECTIONS: View = View {

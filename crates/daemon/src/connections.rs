@@ -127,20 +127,27 @@ pub struct ConnectionRecord {
 pub struct KitMark {
     pub grant: u64,
     pub sequence: u32,
-    /// The client took it (its slot in the grant's queue was read): from
-    /// then on it is a connection like any other. Until then it is not one
+    /// The daemon knows the client took it (its slot in the grant's queue
+    /// was read, or its take word was, see `unused_kit`): from then on it
+    /// is a connection like any other. Until then it is not one
     /// ([`Connections::each`] passes it by, and it is retired without a
     /// flow log record); the table's lock guards the change.
     pub announced: bool,
 }
 
 impl ConnectionRecord {
-    /// A kit no client has taken yet: not a connection. One a server
-    /// accepted is one, announced or not (its client may have written no
-    /// slot, or another one over it).
+    /// A kit no client has taken yet: not a connection. One its client
+    /// took (its take word says so) is one, announced or not (its slot may
+    /// not be read yet, or not written).
     pub fn unused_kit(&self) -> bool {
-        self.kit.as_ref().is_some_and(|k| !k.announced)
-            && self.memory.segment().claim().load(Ordering::Acquire) != vsocket_abi::layout::KIT_ACCEPTED
+        self.kit.as_ref().is_some_and(|k| !k.announced) && self.kit_taken_port().is_none()
+    }
+
+    /// The port a kit's client took it with, if one did (see
+    /// `layout::TAKE`).
+    pub fn kit_taken_port(&self) -> Option<u16> {
+        self.kit.as_ref()?;
+        vsocket_abi::layout::taken_port(self.memory.segment().take().load(Ordering::Acquire))
     }
 }
 

@@ -274,7 +274,7 @@ impl Daemon {
     }
 
     /// Kit `id` of `grant` is a connection from now on.
-    fn announce(&self, grant: &GrantRecord, id: ConnectionId, port: u16, decided_by: &str) {
+    pub(crate) fn announce(&self, grant: &GrantRecord, id: ConnectionId, port: u16, decided_by: &str) {
         let record = self.connections.announce(id, port, |c| (c.client_addr, c.server_addr));
         let Some((client, server)) = record else { return };
         grant.client.counters.connections_out.fetch_add(1, Ordering::Relaxed);
@@ -306,22 +306,16 @@ impl Daemon {
     fn retire(&self, c: &mut ConnectionRecord, (up, down): (u64, u64)) -> Option<FlowRecord> {
         c.charge.give_back();
         if c.kit.as_ref().is_some_and(|k| !k.announced) {
-            let segment = c.memory.segment();
-            let claim = segment.claim().load(Ordering::Acquire);
-            let used = claim == vsocket_abi::layout::KIT_ACCEPTED
-                || (0..2).any(|ring| {
-                    segment.producer(ring).total() > 0 || segment.holders(ring).load(Ordering::Relaxed) > 0
-                });
-            if !used {
+            let Some(port) = c.kit_taken_port() else {
                 // Made ahead and never taken: it was never a connection.
                 return None;
-            }
-            // Taken (or accepted) and over before a reap read its slot, or
-            // with no slot at all (a client that wrote none, or another
-            // over it): a connection all the same, announced now, with
-            // the port its slot gives if its grant's queue still has it.
+            };
+            // Taken and over before a reap read its slot, or with no slot
+            // at all (a client that wrote none, or another over it): a
+            // connection all the same, announced now, with the port its
+            // client took it with.
             let kit = c.kit.as_ref().expect("checked above");
-            let (port, decided_by) = self.grants.slot_of(kit.grant, kit.sequence).unwrap_or_default();
+            let decided_by = self.grants.by_id(kit.grant).map(|g| lock(&g.decided_by).clone()).unwrap_or_default();
             c.client_addr.set_port(port);
             c.client.counters.connections_out.fetch_add(1, Ordering::Relaxed);
             c.server.counters.connections_in.fetch_add(1, Ordering::Relaxed);

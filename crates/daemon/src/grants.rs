@@ -157,20 +157,4 @@ impl Grants {
     pub(crate) fn by_id(&self, id: u64) -> Option<Arc<GrantRecord>> {
         lock(&self.inner).by_key.values().find(|g| g.id == id).cloned()
     }
-
-    /// The port in the latest slot of grant `id`'s queue that names kit
-    /// `sequence` (0 if there is none), and why the grant's flow is
-    /// allowed, while the grant lasts.
-    pub(crate) fn slot_of(&self, id: u64, sequence: u32) -> Option<(u16, String)> {
-        let grant = self.by_id(id)?;
-        let produced = grant.queue.produced();
-        let first = produced.saturating_sub(vsocket_abi::grant::SLOTS as u64);
-        let port = (first..produced)
-            .rev()
-            .filter_map(|n| grant.queue.slot(n))
-            .find(|s| s.sequence == sequence)
-            .map(|s| s.port);
-        let decided_by = lock(&grant.decided_by).clone();
-        Some((port.unwrap_or(0), decided_by))
-    }
 }

@@ -19,7 +19,7 @@
 use crate::daemon::Daemon;
 use crate::grants::{Batch, GrantKey, GrantRecord, State};
 use crate::guest::GuestSlot;
-use crate::ids::{ChannelId, ListenerId};
+use crate::ids::{ChannelId, ConnectionId, ListenerId};
 use crate::listeners::ListenerRecord;
 use crate::policy::Policy;
 use crate::sync::lock;
@@ -28,9 +28,10 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use vsocket_abi::control::{Grant, Message, MAX_KITS};
 use vsocket_abi::grant::SLOTS;
-use vsocket_abi::layout::{KIT_REVOKED, KIT_WAITING};
+use vsocket_abi::layout::{taken_port, KIT_ACCEPTED, KIT_FREE, KIT_GONE, KIT_REVOKED, KIT_WAITING};
 use vsocket_ring::ConnectQueue;
 
 /// Kits for the client of a connect just made from `channel` to
@@ -159,32 +160,86 @@ fn batch_size(policy: &Policy, client: &GuestSlot, server: &GuestSlot) -> u32 {
     (MAX_KITS as u64).min(room(client)).min(room(server)) as u32
 }
 
-/// Ends `grant`: the kits taken so far are announced, every other kit is
-/// revoked (its claim word set, so no server accepts it and its client
-/// sees it), and the listener is told to let the grant's kits go.
-fn end(daemon: &Daemon, grant: &GrantRecord, why: &str) {
+/// What ending a grant does with the kits its clients took and no server
+/// accepted yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// They are connections made: the server accepts them from the queue
+    /// as before. (The client process went, as a kernel client may go
+    /// with its connection still in the backlog; the daemon hands over.)
+    /// One whose slot is not in the queue yet is waited for up to `wait`,
+    /// and reset if it does not come.
+    Keep { wait: Duration },
+    /// They are reset (the listener went, or the flow is denied).
+    Reset,
+}
+
+/// How long a hand-over waits for the slots of kits taken as it began:
+/// a client writes its slot right after it takes its kit.
+const SLOTS_AT_HANDOVER: Duration = Duration::from_millis(200);
+
+/// Ends `grant`. Every kit no client took is ended through its take
+/// word, so none can be taken from now on; those taken are announced
+/// (they are connections), and kept or reset as `taken` says. The
+/// listener is then told to let the grant go (`Revoke`): it keeps only
+/// the kits whose slots it finds in the queue, which by then are all the
+/// kept ones.
+fn end(daemon: &Daemon, grant: &GrantRecord, why: &str, taken: Taken) {
     let mut state = lock(&grant.state);
     state.over = true;
     daemon.announce_taken(grant, &mut state);
-    // Every kit no server accepted is revoked, and reset: a client that
-    // took one (announced, or taking it at this moment), and may wait for
-    // an accept that will not come, sees ECONNRESET, as for a connection
-    // the change denies; one that reads the claim word first takes the
-    // daemon's path.
-    let unaccepted = std::mem::take(&mut state.unaccepted);
-    let mut reset = 0;
-    for id in unaccepted {
+    // Each kit no server accepted: ended if no client took it (the take
+    // word decides, once, between a client and the daemon), else taken.
+    let mut took: Vec<(ConnectionId, u32, u16)> = Vec::new();
+    for id in std::mem::take(&mut state.unaccepted) {
         daemon.connections.with(id, |c| {
-            let claim = c.memory.segment().claim();
-            if claim.compare_exchange(KIT_WAITING, KIT_REVOKED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                c.reset();
-                reset += usize::from(!c.unused_kit());
+            let segment = c.memory.segment();
+            if segment.claim().load(Ordering::Acquire) == KIT_ACCEPTED {
+                // Accepted since last looked at: a connection like any.
+                return;
+            }
+            match segment.take().compare_exchange(KIT_FREE, KIT_GONE, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    let _ =
+                        segment.claim().compare_exchange(KIT_WAITING, KIT_REVOKED, Ordering::AcqRel, Ordering::Acquire);
+                    c.reset();
+                }
+                Err(word) => {
+                    let sequence = c.kit.as_ref().map_or(0, |k| k.sequence);
+                    took.push((id, sequence, taken_port(word).unwrap_or(0)));
+                }
             }
         });
     }
-    // A kit a server accepted as the revocations ran had its slot written
-    // before (the server read it): it is announced now.
+    // A kit taken has its slot written right after: it is waited for
+    // where the kit is to be kept.
+    if let Taken::Keep { wait } = taken {
+        let deadline = Instant::now() + wait;
+        loop {
+            daemon.announce_taken(grant, &mut state);
+            if Instant::now() >= deadline || !took.iter().any(|(_, sequence, _)| state.waiting.contains_key(sequence)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     daemon.announce_taken(grant, &mut state);
+    let decided_by = lock(&grant.decided_by).clone();
+    let mut reset = 0;
+    for &(id, sequence, port) in &took {
+        // Taken with no slot read: a connection all the same.
+        let unpublished = state.waiting.remove(&sequence).is_some();
+        daemon.announce(grant, id, port, &decided_by);
+        if taken == Taken::Reset || unpublished {
+            daemon.connections.with(id, |c| {
+                let claim = c.memory.segment().claim();
+                if claim.compare_exchange(KIT_WAITING, KIT_REVOKED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    c.reset();
+                    reset += 1;
+                }
+            });
+        }
+    }
     state.waiting.clear();
     drop(state);
     if reset > 0 {
@@ -195,21 +250,21 @@ fn end(daemon: &Daemon, grant: &GrantRecord, why: &str) {
         let _ =
             vsocket_sys::send_with_fds(kit_channel.as_fd(), Message::Revoke { grant: grant.id }.encode(&mut buf), &[]);
     }
-    tracing::debug!(grant = grant.id, %why, "grant ended");
+    tracing::debug!(grant = grant.id, %why, kept = took.len() - reset, "grant ended");
 }
 
 /// Ends the grants `which` picks, for `why`; returns how many.
-fn end_where(daemon: &Daemon, which: impl Fn(&GrantKey) -> bool, why: &str) -> usize {
+fn end_where(daemon: &Daemon, which: impl Fn(&GrantKey) -> bool, why: &str, taken: Taken) -> usize {
     let ended = daemon.grants.take(which);
     for grant in &ended {
-        end(daemon, grant, why);
+        end(daemon, grant, why, taken);
     }
     ended.len()
 }
 
 /// The client process of `channel` is gone (or exec'd): its grants end.
 pub fn channel_closed(daemon: &Daemon, channel: ChannelId) {
-    end_where(daemon, |k| k.channel == channel, "client process gone");
+    end_where(daemon, |k| k.channel == channel, "client process gone", Taken::Keep { wait: Duration::ZERO });
 }
 
 /// The library of listener `listener` takes no more kits: its grants end
@@ -221,13 +276,14 @@ pub fn listener_takes_no_kits(daemon: &Daemon, listener: &ListenerRecord) {
 
 /// Listener `listener` is gone: its grants end.
 pub fn listener_closed(daemon: &Daemon, listener: ListenerId) {
-    end_where(daemon, |k| k.listener == listener, "listener gone");
+    end_where(daemon, |k| k.listener == listener, "listener gone", Taken::Reset);
 }
 
 /// Every grant ends (the daemon hands over to a successor, which knows
-/// none).
+/// none). The kits taken go over as connections, for their servers to
+/// accept.
 pub fn end_all(daemon: &Daemon) {
-    end_where(daemon, |_| true, "daemon handing over");
+    end_where(daemon, |_| true, "daemon handing over", Taken::Keep { wait: SLOTS_AT_HANDOVER });
 }
 
 /// Applies a policy change to the grants, before it is reported applied:
@@ -247,5 +303,5 @@ pub fn enforce(daemon: &Daemon, policy: &Policy) -> usize {
     if denied.is_empty() {
         return 0;
     }
-    end_where(daemon, |k| denied.contains(k), "denied by a policy change")
+    end_where(daemon, |k| denied.contains(k), "denied by a policy change", Taken::Reset)
 }

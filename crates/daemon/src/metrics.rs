@@ -336,6 +336,7 @@ mod tests {
             vpc: vpc.into(),
             address: "0.0.0.0:80".parse().unwrap(),
             accepted: 0,
+            grants: 0,
         }
     }
 

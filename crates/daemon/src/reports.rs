@@ -87,10 +87,12 @@ impl Daemon {
 
     pub fn listener_reports(&self) -> Vec<ListenerReport> {
         self.announce_kits();
+        let grants = self.grants.all();
         self.listeners
             .all()
             .iter()
             .map(|l| ListenerReport {
+                grants: grants.iter().filter(|g| g.key.listener == l.id).count() as u64,
                 id: l.id.0,
                 guest: l.guest.name.clone(),
                 vpc: l.guest.vpc.to_string(),

@@ -114,23 +114,12 @@ fn a_program_that_connects_again_and_again_takes_kits_and_every_connection_is_me
     let mut lab = Lab::start_host("tkitloop", ONE_PORT, host).unwrap();
     let connrate = vsocket_e2e::compile("connrate.c", &lab.dir).unwrap();
     let connrate = connrate.to_str().unwrap();
-    // Kits are asked for only with VSOCKET_KITS=1 (see the library's `kits`).
-    lab.spawn("b", Via::Vsocket, "env", &["VSOCKET_KITS=1", connrate, "server", "10.10.0.3", "7000"], "server.log")
-        .unwrap();
+    lab.spawn("b", Via::Vsocket, connrate, &["server", "10.10.0.3", "7000"], "server.log").unwrap();
     lab.wait_listening("b", 7000).unwrap();
     let script = asset("connect_loop.py");
     let step = lab.dir.join("step");
-    let args = [
-        "VSOCKET_KITS=1",
-        "python3",
-        script.to_str().unwrap(),
-        "10.10.0.3",
-        "7000",
-        "300",
-        step.to_str().unwrap(),
-        "40",
-    ];
-    lab.spawn("a", Via::Vsocket, "env", &args, "client.log").unwrap();
+    let args = [script.to_str().unwrap(), "10.10.0.3", "7000", "300", step.to_str().unwrap(), "40"];
+    lab.spawn("a", Via::Vsocket, "python3", &args, "client.log").unwrap();
     let client_log = lab.dir.join("client.log");
     assert!(wait_until(Duration::from_secs(60), || !lines(&client_log).is_empty()), "first phase done");
     assert_eq!(lines(&client_log)[0], serde_json::json!({"ok": 300}));
@@ -165,4 +154,75 @@ fn a_program_that_connects_again_and_again_takes_kits_and_every_connection_is_me
     assert_eq!(lines(&client_log)[1], serde_json::json!({"errno111": 40}));
     assert_eq!(attempts().len(), 340);
     assert_eq!(attempts().iter().filter(|r| r["verdict"] == "rejected").count(), 40);
+}
+
+/// A server that accepts only once a file exists, then reads every
+/// connection to its end and prints what each brought, sorted.
+const LATE_SERVER: &str = "import os, socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('10.10.0.3', 7000))
+s.listen(64)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.02)
+s.settimeout(10)
+got = []
+for _ in range(int(sys.argv[2])):
+    c, _ = s.accept()
+    data = b''
+    while True:
+        b = c.recv(4096)
+        if not b:
+            break
+        data += b
+    got.append(data.decode())
+print(' '.join(sorted(got)), flush=True)
+";
+
+/// A client that connects `n` times, writes to each connection and closes
+/// it, then exits: all before its server accepts any.
+const WRITE_AND_GO: &str = "import socket, sys
+for i in range(int(sys.argv[1])):
+    c = socket.create_connection(('10.10.0.3', 7000))
+    c.sendall(b'm%02d' % i)
+    c.close()
+print('sent', flush=True)
+";
+
+#[test]
+fn a_client_that_writes_and_exits_before_the_server_accepts_loses_nothing() {
+    // As on the kernel path, where its connections wait in the backlog:
+    // the kits the client took are connections made, not revoked when
+    // its process (and its request channel) goes.
+    for via in [Via::Kernel, Via::Vsocket] {
+        let name = if via == Via::Kernel { "tkitgonek" } else { "tkitgone" };
+        let mut lab = Lab::start_host(name, ONE_PORT, "flow_log = \"{dir}/flow.log\"").unwrap();
+        let go = lab.dir.join("go");
+        let go = go.to_str().unwrap();
+        lab.spawn("b", via, "python3", &["-c", LATE_SERVER, go, "12"], "server.log").unwrap();
+        lab.wait_listening("b", 7000).unwrap();
+        let out = lab.run("a", via, "python3", &["-c", WRITE_AND_GO, "12"]).unwrap();
+        assert!(out.status.success(), "{out:?}");
+        if via == Via::Vsocket {
+            // The client's grant ended with its process, before any accept.
+            let grants = || lab.ctl("listeners").unwrap()[0]["grants"].as_u64();
+            assert!(wait_until(Duration::from_secs(5), || grants() == Some(0)), "{:?}", lab.ctl("listeners"));
+            let log = lab.dir.join("flow.log");
+            let kits = || {
+                lines(&log)
+                    .iter()
+                    .filter(|r| {
+                        r["event"] == "attempt"
+                            && r["decided_by"].as_str().is_some_and(|d| d.contains("; kit of grant "))
+                    })
+                    .count()
+            };
+            assert!(wait_until(Duration::from_secs(5), || kits() >= 8), "{} of 12 took kits", kits());
+        }
+        std::fs::write(go, "").unwrap();
+        let server_log = lab.dir.join("server.log");
+        let read = || std::fs::read_to_string(&server_log).unwrap_or_default();
+        let all: Vec<String> = (0..12).map(|i| format!("m{i:02}")).collect();
+        assert!(wait_until(Duration::from_secs(20), || read().trim() == all.join(" ")), "{via:?}: {}", read());
+    }
 }

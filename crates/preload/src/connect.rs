@@ -134,7 +134,7 @@ fn connect_with_kit(
         ring_size: kit.ring_size,
     };
     let conn = match Connection::new(info, Endpoint::Client, family, kit.delivery, blocking) {
-        Ok(conn) if !conn.kit_revoked() => conn,
+        Ok(conn) if conn.take_kit(local.port()) => conn,
         _ => {
             kits::forget(grant);
             return None;

@@ -16,7 +16,7 @@
 
 use crate::attach::Delivery;
 use crate::sys::{self, SysResult};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,13 +40,11 @@ static OLD_DAEMON: AtomicBool = AtomicBool::new(false);
 /// descriptors where it would without the library.
 const ROOM_FOR_KITS: u64 = 8192;
 
-/// Are kits asked for at all? Only with `VSOCKET_KITS=1` for now: an
-/// upgrade of the daemon under a client that opens a connection per
-/// request (`restart::an_upgrade_costs_no_connect_and_no_connection`)
-/// still fails some runs with them.
+/// Are kits asked for at all? Yes, unless the program runs with
+/// `VSOCKET_KITS=0` (every connect then goes through the daemon).
 fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var_os("VSOCKET_KITS").is_some_and(|v| v == "1"))
+    *ENABLED.get_or_init(|| !matches!(std::env::var_os("VSOCKET_KITS"), Some(v) if v == "0"))
 }
 
 /// Should requests ask for kits?
@@ -272,6 +270,35 @@ struct ServerGrant {
     client: Ipv4Addr,
     server: SocketAddrV4,
     kits: HashMap<u32, Kit>,
+    /// The daemon ended the grant: only the kits its slots named then
+    /// are left, to accept; no slot is read from it any more.
+    ended: bool,
+}
+
+impl ServerState {
+    /// Grant `id` ended (`Revoke`). The daemon decided every kit of it
+    /// first: a kit no client took is gone, and one a client took has its
+    /// slot in the queue by now (the daemon waits for it before a
+    /// hand-over, and resets it otherwise). Those slots are read now and
+    /// their kits kept to accept; the rest go.
+    fn revoke(&mut self, id: u64) {
+        let Some(grant) = self.grants.get_mut(&id) else { return };
+        let due = grant.cursor.next_slots(grant.queue.produced());
+        let slots: Vec<Slot> = (due.first..due.end).filter_map(|n| grant.queue.slot(n)).collect();
+        let named: HashSet<u32> = self
+            .pending
+            .iter()
+            .filter(|(g, _)| *g == id)
+            .map(|(_, slot)| slot.sequence)
+            .chain(slots.iter().map(|slot| slot.sequence))
+            .collect();
+        grant.kits.retain(|sequence, _| named.contains(sequence));
+        grant.ended = true;
+        if grant.kits.is_empty() {
+            self.grants.remove(&id);
+        }
+        self.pending.extend(slots.into_iter().map(|slot| (id, slot)));
+    }
 }
 
 /// A kit a client took, for the server to accept.
@@ -335,7 +362,9 @@ impl ServerKits {
         let _ = sys::close(fds[0]);
         let Ok(queue) = queue else { return };
         let kits = kits.into_iter().map(|k| (k.sequence, k)).collect();
-        state.grants.insert(grant.id, ServerGrant { queue, cursor: Cursor::default(), client, server, kits });
+        state
+            .grants
+            .insert(grant.id, ServerGrant { queue, cursor: Cursor::default(), client, server, kits, ended: false });
     }
 
     /// Takes what waits on the kit channel: batches to keep, grants to let
@@ -344,9 +373,7 @@ impl ServerKits {
         while let Ok(mut reply) = crate::attach::receive_on(self.kit_channel, libc::MSG_DONTWAIT) {
             match reply.message {
                 Message::Kits { grant, client, server } => self.keep(state, grant, client, server, reply.take_all()),
-                Message::Revoke { grant } => {
-                    state.grants.remove(&grant);
-                }
+                Message::Revoke { grant } => state.revoke(grant),
                 _ => {}
             }
         }
@@ -391,7 +418,7 @@ impl ServerKits {
         loop {
             if state.pending.is_empty() {
                 let ServerState { grants, pending } = &mut *state;
-                for (&id, grant) in grants.iter_mut() {
+                for (&id, grant) in grants.iter_mut().filter(|(_, g)| !g.ended) {
                     let due = grant.cursor.next_slots(grant.queue.produced());
                     pending.extend((due.first..due.end).filter_map(|n| grant.queue.slot(n)).map(|slot| (id, slot)));
                 }
@@ -411,7 +438,11 @@ impl ServerKits {
                 }
                 let Some(grant) = state.grants.get_mut(&id) else { continue };
                 let Some(kit) = grant.kits.remove(&slot.sequence) else { continue };
-                return Some(Incoming { kit, peer: SocketAddrV4::new(grant.client, slot.port), local: grant.server });
+                let incoming = Incoming { kit, peer: SocketAddrV4::new(grant.client, slot.port), local: grant.server };
+                if grant.ended && grant.kits.is_empty() {
+                    state.grants.remove(&id);
+                }
+                return Some(incoming);
             }
             if !batches_read {
                 self.take_batches(&mut state);

@@ -491,6 +491,12 @@ impl Segment {
         self.halves[Endpoint::Server.index()].word(layout::ENDPOINT_LINE + layout::CLAIM)
     }
 
+    /// The kit's take word, in the client's half (see `layout::TAKE`): the
+    /// client's library and the daemon write it, the server reads it.
+    pub fn take(&self) -> &AtomicU32 {
+        self.halves[Endpoint::Client.index()].word(layout::ENDPOINT_LINE + layout::TAKE)
+    }
+
     /// Endpoint `end`'s "released" word (see `layout::RELEASED`).
     pub fn released(&self, end: usize) -> &AtomicU32 {
         self.halves[end].word(layout::ENDPOINT_LINE + layout::RELEASED)
@@ -533,6 +539,7 @@ impl Segment {
             self.sleepers(end).store(0, Ordering::Relaxed);
         }
         self.claim().store(layout::KIT_WAITING, Ordering::Relaxed);
+        self.take().store(layout::KIT_FREE, Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::Release);
     }
 
@@ -676,6 +683,23 @@ mod tests {
         assert_eq!(client.claim().load(Ordering::Relaxed), layout::KIT_ACCEPTED);
         daemon.reset();
         assert_eq!(server.claim().load(Ordering::Relaxed), layout::KIT_WAITING);
+    }
+
+    #[test]
+    fn a_kits_take_word_is_the_clients_decided_once_and_reset_clears_it() {
+        let (daemon, _files, client, server) = three_views(4096);
+        let taken = layout::KIT_TAKEN | 41_000;
+        assert!(client.take().compare_exchange(layout::KIT_FREE, taken, Ordering::AcqRel, Ordering::Acquire).is_ok());
+        // The daemon ends only a kit no client took.
+        assert_eq!(
+            daemon.take().compare_exchange(layout::KIT_FREE, layout::KIT_GONE, Ordering::AcqRel, Ordering::Acquire),
+            Err(taken)
+        );
+        assert_eq!(layout::taken_port(server.take().load(Ordering::Acquire)), Some(41_000));
+        // It does not share the claim word's place.
+        assert_eq!(server.claim().load(Ordering::Relaxed), layout::KIT_WAITING);
+        daemon.reset();
+        assert_eq!(client.take().load(Ordering::Relaxed), layout::KIT_FREE);
     }
 
     #[test]

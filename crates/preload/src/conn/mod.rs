@@ -215,10 +215,23 @@ impl Connection {
         self.segment.holders(self.endpoint.index()).fetch_add(1, Ordering::AcqRel);
     }
 
-    /// A kit this server accepts (ARCHITECTURE §3b): its claim word goes
-    /// from waiting to accepted, unless the daemon delivered or revoked it
-    /// first (false: it is not this accept's).
+    /// A kit this client takes, bound to `port` (ARCHITECTURE §3b): its
+    /// take word goes from free to taken, unless the daemon ended the kit
+    /// first (false: the connect goes another way).
+    pub fn take_kit(&self, port: u16) -> bool {
+        let take = self.segment.take();
+        let taken = vsocket_abi::layout::KIT_TAKEN | u32::from(port);
+        take.compare_exchange(vsocket_abi::layout::KIT_FREE, taken, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// A kit this server accepts (ARCHITECTURE §3b): one its client took,
+    /// whose claim word goes from waiting to accepted, unless the daemon
+    /// delivered or revoked it first (false: it is not this accept's).
     pub fn claim_kit(&self) -> bool {
+        let taken = vsocket_abi::layout::taken_port(self.segment.take().load(Ordering::Acquire)).is_some();
+        if !taken {
+            return false;
+        }
         let claim = self.segment.claim();
         claim
             .compare_exchange(
@@ -228,11 +241,6 @@ impl Connection {
                 Ordering::Acquire,
             )
             .is_ok()
-    }
-
-    /// Has the daemon revoked this kit (a client does not take it)?
-    pub fn kit_revoked(&self) -> bool {
-        self.segment.claim().load(Ordering::Acquire) == vsocket_abi::layout::KIT_REVOKED
     }
 
     /// Takes back [`add_holder`](Self::add_holder) (the exec failed).
