@@ -226,3 +226,83 @@ fn a_client_that_writes_and_exits_before_the_server_accepts_loses_nothing() {
         assert!(wait_until(Duration::from_secs(20), || read().trim() == all.join(" ")), "{via:?}: {}", read());
     }
 }
+
+/// A server that runs out of descriptors twice: after it has accepted
+/// two connections (the daemon's, before it has read the batch of kits
+/// that came with the second), and after a third (a kit: the batch is
+/// read). Each time its accept must fail with EMFILE and lose nothing.
+/// Prints "emfile" for each, then what each connection brought, sorted.
+const CRAMPED_SERVER: &str = "import errno, os, resource, socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('10.10.0.3', 7000))
+s.listen(64)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.02)
+s.settimeout(10)
+got = []
+def take():
+    c, _ = s.accept()
+    c.settimeout(10)
+    data = b''
+    while True:
+        b = c.recv(4096)
+        if not b:
+            break
+        data += b
+    got.append(data.decode())
+    c.close()
+def cramped():
+    fillers = []
+    try:
+        while True:
+            fillers.append(os.open('/dev/null', os.O_RDONLY))
+    except OSError as e:
+        assert e.errno == errno.EMFILE, e
+    try:
+        s.accept()
+        print('accepted with no descriptor free', flush=True)
+        sys.exit(1)
+    except OSError as e:
+        print(errno.errorcode[e.errno].lower(), flush=True)
+    for f in fillers:
+        os.close(f)
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+take()
+take()
+cramped()
+take()
+cramped()
+for _ in range(int(sys.argv[2]) - 3):
+    take()
+print(' '.join(sorted(got)), flush=True)
+";
+
+#[test]
+fn an_accept_short_of_descriptors_leaves_the_kit_for_the_next() {
+    let mut lab = Lab::start_host("tkitemfile", ONE_PORT, "flow_log = \"{dir}/flow.log\"").unwrap();
+    let go = lab.dir.join("go");
+    let go = go.to_str().unwrap();
+    lab.spawn("b", Via::Vsocket, "python3", &["-c", CRAMPED_SERVER, go, "8"], "server.log").unwrap();
+    lab.wait_listening("b", 7000).unwrap();
+    let out = lab.run("a", Via::Vsocket, "python3", &["-c", WRITE_AND_GO, "8"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // The third connect on took kits.
+    let log = lab.dir.join("flow.log");
+    let kits = || {
+        lines(&log)
+            .iter()
+            .filter(|r| {
+                r["event"] == "attempt" && r["decided_by"].as_str().is_some_and(|d| d.contains("; kit of grant "))
+            })
+            .count()
+    };
+    assert!(wait_until(Duration::from_secs(5), || kits() >= 5), "{} of 8 took kits", kits());
+    std::fs::write(go, "").unwrap();
+    let server_log = lab.dir.join("server.log");
+    let read = || std::fs::read_to_string(&server_log).unwrap_or_default();
+    let all: Vec<String> = (0..8).map(|i| format!("m{i:02}")).collect();
+    let expected = format!("emfile\nemfile\n{}\n", all.join(" "));
+    assert!(wait_until(Duration::from_secs(20), || read() == expected), "{}", read());
+}

@@ -40,6 +40,10 @@ static OLD_DAEMON: AtomicBool = AtomicBool::new(false);
 /// descriptors where it would without the library.
 const ROOM_FOR_KITS: u64 = 8192;
 
+/// How many free descriptors a listener makes sure of before it reads
+/// its kit channel: enough to tell a process at its limit, cheaply.
+const ROOM_PROBED: usize = 8;
+
 /// Are kits asked for at all? Yes, unless the program runs with
 /// `VSOCKET_KITS=0` (every connect then goes through the daemon).
 fn enabled() -> bool {
@@ -255,6 +259,8 @@ pub struct ServerKits {
     state: Mutex<ServerState>,
     /// The listener takes no more kits (its process forked).
     off: AtomicBool,
+    /// A batch was lost (see [`ServerKits::lost_batch`]).
+    lost: AtomicBool,
 }
 
 #[derive(Default)]
@@ -262,6 +268,9 @@ struct ServerState {
     grants: HashMap<u64, ServerGrant>,
     /// Slots read from the queues and not yet looked at.
     pending: VecDeque<(u64, Slot)>,
+    /// Kits taken from the queues that an accept could not take (no
+    /// descriptor for the program's socket): the next accept's first.
+    held: VecDeque<Incoming>,
 }
 
 struct ServerGrant {
@@ -307,6 +316,8 @@ pub struct Incoming {
     /// The client's address (with the port it wrote) and the one it dialed.
     pub peer: SocketAddrV4,
     pub local: SocketAddrV4,
+    /// Its slot's byte is still in the bell (see [`ServerKits::next`]).
+    byte_owed: bool,
 }
 
 impl ServerKits {
@@ -328,6 +339,7 @@ impl ServerKits {
             watch: watch[0],
             state: Mutex::new(ServerState::default()),
             off: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
         };
         for fd in [channel, bell] {
             sys::epoll_ctl(kits.watch, libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, fd as u64)?;
@@ -369,14 +381,41 @@ impl ServerKits {
 
     /// Takes what waits on the kit channel: batches to keep, grants to let
     /// go (whose kits not yet taken go).
-    fn take_batches(&self, state: &mut ServerState) {
-        while let Ok(mut reply) = crate::attach::receive_on(self.kit_channel, libc::MSG_DONTWAIT) {
-            match reply.message {
-                Message::Kits { grant, client, server } => self.keep(state, grant, client, server, reply.take_all()),
-                Message::Revoke { grant } => state.revoke(grant),
-                _ => {}
+    ///
+    /// The kernel drops the descriptors of a message it cannot install: a
+    /// process short of them (EMFILE) leaves the next message where it is,
+    /// as an accept leaves a delivered connection, and a batch cut short
+    /// anyway (fewer free than it carries) is lost: then
+    /// [`lost_batch`](Self::lost_batch) says so, for the daemon to end the
+    /// grants (the clients that took its kits see them reset).
+    fn take_batches(&self, state: &mut ServerState) -> SysResult<()> {
+        loop {
+            let mut waiting = [libc::pollfd { fd: self.kit_channel, events: libc::POLLIN, revents: 0 }];
+            if sys::poll(&mut waiting, 0).unwrap_or(0) == 0 {
+                return Ok(());
+            }
+            sys::probe_free_descriptors(self.kit_channel, ROOM_PROBED)?;
+            match crate::attach::receive_on(self.kit_channel, libc::MSG_DONTWAIT) {
+                Ok(mut reply) => match reply.message {
+                    Message::Kits { grant, client, server } => {
+                        self.keep(state, grant, client, server, reply.take_all())
+                    }
+                    Message::Revoke { grant } => state.revoke(grant),
+                    _ => {}
+                },
+                Err(e) if e.0 == libc::EMFILE => {
+                    self.lost.store(true, Ordering::Release);
+                    return Err(e);
+                }
+                // Nothing after all, or the daemon is gone.
+                Err(_) => return Ok(()),
             }
         }
+    }
+
+    /// Was a batch lost since last asked (its descriptors cut short)?
+    pub fn lost_batch(&self) -> bool {
+        self.lost.swap(false, Ordering::AcqRel)
     }
 
     /// No more kits for this listener; whether it took them until now.
@@ -400,7 +439,9 @@ impl ServerKits {
     /// is known only from its first batch): a client takes a kit only after
     /// its batch was sent there. A slot that names no kit of this
     /// process's is passed by.
-    pub fn next(&self) -> Option<Incoming> {
+    /// Fails (EMFILE) when a batch waits that this process has no room
+    /// for: the accept fails so, and a later one takes it.
+    pub fn next(&self) -> SysResult<Option<Incoming>> {
         if self.off.load(Ordering::Acquire) {
             // (A forked child's kits are let go here, not in its fork
             // handler, where another thread of the parent may have held
@@ -408,16 +449,20 @@ impl ServerKits {
             let mut state = self.state();
             state.grants.clear();
             state.pending.clear();
-            return None;
+            state.held.clear();
+            return Ok(None);
         }
         let mut state = self.state();
+        if let Some(held) = state.held.pop_front() {
+            return Ok(Some(held));
+        }
         let mut byte = [0u8; 1];
         // A byte taken ahead of its slot; the kit channel read.
         let mut credit = false;
         let mut batches_read = false;
         loop {
             if state.pending.is_empty() {
-                let ServerState { grants, pending } = &mut *state;
+                let ServerState { grants, pending, .. } = &mut *state;
                 for (&id, grant) in grants.iter_mut().filter(|(_, g)| !g.ended) {
                     let due = grant.cursor.next_slots(grant.queue.produced());
                     pending.extend((due.first..due.end).filter_map(|n| grant.queue.slot(n)).map(|slot| (id, slot)));
@@ -429,31 +474,51 @@ impl ServerKits {
                 if !known(&state) {
                     // Its batch may have come since the kit channel was
                     // last read.
-                    self.take_batches(&mut state);
+                    self.take_batches(&mut state)?;
                     batches_read = true;
                 }
                 state.pending.pop_front();
-                if !std::mem::take(&mut credit) {
-                    let _ = sys::recv(self.bell, &mut byte, libc::MSG_DONTWAIT);
-                }
-                let Some(grant) = state.grants.get_mut(&id) else { continue };
-                let Some(kit) = grant.kits.remove(&slot.sequence) else { continue };
-                let incoming = Incoming { kit, peer: SocketAddrV4::new(grant.client, slot.port), local: grant.server };
+                let byte_owed = !std::mem::take(&mut credit);
+                let kit = state.grants.get_mut(&id).and_then(|g| Some((g.kits.remove(&slot.sequence)?, g)));
+                let Some((kit, grant)) = kit else {
+                    if byte_owed {
+                        let _ = sys::recv(self.bell, &mut byte, libc::MSG_DONTWAIT);
+                    }
+                    continue;
+                };
+                let peer = SocketAddrV4::new(grant.client, slot.port);
+                let incoming = Incoming { kit, peer, local: grant.server, byte_owed };
                 if grant.ended && grant.kits.is_empty() {
                     state.grants.remove(&id);
                 }
-                return Some(incoming);
+                return Ok(Some(incoming));
             }
             if !batches_read {
-                self.take_batches(&mut state);
+                self.take_batches(&mut state)?;
                 batches_read = true;
                 continue;
             }
             if credit || sys::recv(self.bell, &mut byte, libc::MSG_DONTWAIT) != Ok(1) {
-                return None;
+                return Ok(None);
             }
             credit = true;
         }
+    }
+
+    /// `incoming`, from [`next`](Self::next), is being accepted: its slot's
+    /// byte leaves the bell.
+    pub fn looked_at(&self, incoming: &mut Incoming) {
+        if std::mem::take(&mut incoming.byte_owed) {
+            let _ = sys::recv(self.bell, &mut [0u8; 1], libc::MSG_DONTWAIT);
+        }
+    }
+
+    /// `incoming`, from [`next`](Self::next), could not be accepted now (no
+    /// descriptor for the program's socket): the next accept takes it, as
+    /// a kernel backlog keeps a connection an accept failed to take. Its
+    /// byte stays in the bell, so the listener still looks readable.
+    pub fn put_back(&self, incoming: Incoming) {
+        self.state().held.push_front(incoming);
     }
 
     /// The library's own descriptors here: the bell, the kit channel and
