@@ -15,7 +15,7 @@
 //! wait on a listener (accept, poll, select, epoll) sleeps on both.
 
 use crate::attach::Delivery;
-use crate::sys::{self, SysResult};
+use crate::sys::{self, Errno, SysResult};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
@@ -291,7 +291,7 @@ impl ServerState {
     /// hand-over, and resets it otherwise). Those slots are read now and
     /// their kits kept to accept; the rest go.
     fn revoke(&mut self, id: u64) {
-        let Some(grant) = self.grants.get_mut(&id) else { return };
+        let Some(grant) = self.grants.get_mut(&id).filter(|g| !g.ended) else { return };
         let due = grant.cursor.next_slots(grant.queue.produced());
         let slots: Vec<Slot> = (due.first..due.end).filter_map(|n| grant.queue.slot(n)).collect();
         let named: HashSet<u32> = self
@@ -307,6 +307,21 @@ impl ServerState {
             self.grants.remove(&id);
         }
         self.pending.extend(slots.into_iter().map(|slot| (id, slot)));
+    }
+
+    /// The daemon that granted these kits is gone (its kit channel ended):
+    /// its clients take no more (they drop their grants when they see
+    /// their request channel end), so every grant ends as at a `Revoke`.
+    fn daemon_gone(&mut self) {
+        let ids: Vec<u64> = self.grants.iter().filter(|(_, g)| !g.ended).map(|(&id, _)| id).collect();
+        for id in ids {
+            self.revoke(id);
+        }
+    }
+
+    /// Nothing is left to accept: no grant, nothing held or pending.
+    fn spent(&self) -> bool {
+        self.grants.is_empty() && self.held.is_empty() && self.pending.is_empty()
     }
 }
 
@@ -407,10 +422,25 @@ impl ServerKits {
                     self.lost.store(true, Ordering::Release);
                     return Err(e);
                 }
-                // Nothing after all, or the daemon is gone.
-                Err(_) => return Ok(()),
+                Err(Errno(libc::EAGAIN | libc::EINTR)) => return Ok(()),
+                Err(_) => {
+                    state.daemon_gone();
+                    return Ok(());
+                }
             }
         }
+    }
+
+    /// Is every kit this listener channel had accepted or gone, with its
+    /// daemon gone (or done with all its grants)? A channel that broke is
+    /// then no longer read at each accept.
+    pub fn spent(&self) -> bool {
+        let mut state = self.state();
+        if !state.spent() {
+            // A `Revoke`, or the channel's end, may wait unread.
+            let _ = self.take_batches(&mut state);
+        }
+        state.spent()
     }
 
     /// Was a batch lost since last asked (its descriptors cut short)?
@@ -531,5 +561,78 @@ impl ServerKits {
 impl Drop for ServerKits {
     fn drop(&mut self) {
         close_all(&[self.watch, self.bell, self.kit_channel]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn kit(sequence: u32) -> Kit {
+        let delivery = Delivery { segment: -1, peer_segment: -1, doorbell: -1, lifeline: -1, placed: None };
+        Kit { sequence, id: u64::from(sequence), ring_size: 4096, delivery }
+    }
+
+    /// A server's state holding grant 7, kits 0 to 4, and the client's
+    /// (here the daemon's, writable) view of its queue.
+    fn holding_five() -> (ServerState, ConnectQueue) {
+        let (client_view, _rw, read_only) = ConnectQueue::create(7).unwrap();
+        let queue = ConnectQueue::map(read_only.as_fd(), 7, false).unwrap();
+        let mut state = ServerState::default();
+        let grant = ServerGrant {
+            queue,
+            cursor: Cursor::default(),
+            client: Ipv4Addr::new(10, 10, 0, 2),
+            server: SocketAddrV4::new(Ipv4Addr::new(10, 10, 0, 3), 7000),
+            kits: (0..5).map(|s| (s, kit(s))).collect(),
+            ended: false,
+        };
+        state.grants.insert(7, grant);
+        (state, client_view)
+    }
+
+    #[test]
+    fn a_revoked_grant_keeps_only_the_kits_its_slots_name_until_they_are_accepted() {
+        let (mut state, client) = holding_five();
+        // Kit 1 was looked at before (pending), kit 3 is in the queue only.
+        client.publish(Slot { sequence: 1, port: 40_001 });
+        let grant = state.grants.get_mut(&7).unwrap();
+        let due = grant.cursor.next_slots(grant.queue.produced());
+        state.pending.extend((due.first..due.end).filter_map(|n| grant.queue.slot(n)).map(|s| (7, s)));
+        client.publish(Slot { sequence: 3, port: 40_003 });
+        state.revoke(7);
+        let grant = &state.grants[&7];
+        assert!(grant.ended);
+        let mut left: Vec<u32> = grant.kits.keys().copied().collect();
+        left.sort_unstable();
+        assert_eq!(left, [1, 3]);
+        assert_eq!(state.pending.iter().map(|(_, s)| s.sequence).collect::<Vec<_>>(), [1, 3]);
+        assert!(!state.spent());
+        // Slots written after the end are not read.
+        client.publish(Slot { sequence: 4, port: 40_004 });
+        state.revoke(7);
+        assert_eq!(state.grants[&7].kits.len(), 2);
+        assert_eq!(state.pending.len(), 2);
+    }
+
+    #[test]
+    fn a_revoked_grant_whose_kits_no_client_took_goes_at_once() {
+        let (mut state, _client) = holding_five();
+        state.revoke(7);
+        assert!(state.grants.is_empty());
+        assert!(state.spent());
+        // A `Revoke` for a grant not known is nothing.
+        state.revoke(8);
+        assert!(state.spent());
+    }
+
+    #[test]
+    fn the_daemon_gone_ends_every_grant_as_a_revoke() {
+        let (mut state, client) = holding_five();
+        client.publish(Slot { sequence: 0, port: 40_000 });
+        state.daemon_gone();
+        assert_eq!(state.grants[&7].kits.keys().copied().collect::<Vec<_>>(), [0]);
+        assert!(state.grants[&7].ended);
     }
 }

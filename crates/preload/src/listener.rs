@@ -365,6 +365,15 @@ impl Listener {
                 }
             }
         }
+        // Once every kit of the channels that broke is accepted or gone,
+        // accepts stop looking at them.
+        if retired.iter().filter_map(|a| a.kits.as_ref()).all(ServerKits::spent) {
+            let retry = self.retry.lock().unwrap_or_else(|e| e.into_inner());
+            // (Unless a channel with kits broke meanwhile.)
+            if retry.retired.iter().filter(|a| a.kits.is_some()).count() == retired.len() {
+                self.retired_kits.store(false, Ordering::Release);
+            }
+        }
         Ok(None)
     }
 
