@@ -270,6 +270,29 @@ fn redis(lab: &Lab, via: Via, clients: u32, pipeline: u32, requests: u32) -> Res
         .collect())
 }
 
+/// Waits until the redis-server of `via` has at least `clients` clients
+/// (its `INFO clients`; the one asking counts).
+fn redis_holds(lab: &Lab, via: Via, clients: u32) -> Result<()> {
+    let port = Bench::port(via, 6379).to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out =
+            lab.run_ok("a", via, "redis-cli", &["-h", "10.10.0.3", "-p", &port, "info", "clients"]).map_err(err)?;
+        let held: u32 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| format!("no connected_clients in: {out}"))?;
+        if held >= clients {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("redis-server holds {held} clients, not {clients}"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 fn value_of(out: &str, key: &str) -> Result<f64> {
     out.lines()
         .find_map(|l| l.strip_prefix(&format!("{key}=")))
@@ -344,6 +367,9 @@ pub fn run(args: &[String]) -> Result {
         b.interleaved(&lab, &format!("redis-benchmark -c 50 with {IDLE} idle"), |lab, via| {
             // Silent: they send nothing at all.
             let _idle = Held::open(lab, via, Bench::port(via, 6379), IDLE, 0, "busy")?;
+            // Measured once the server holds them all, not while it is
+            // still accepting them.
+            redis_holds(lab, via, IDLE + 1)?;
             let samples = redis(lab, via, 50, 1, 200_000)?;
             Ok(samples
                 .into_iter()

@@ -167,9 +167,10 @@ enum Taken {
     /// They are connections made: the server accepts them from the queue
     /// as before. (The client process went, as a kernel client may go
     /// with its connection still in the backlog; the daemon hands over.)
-    /// One whose slot is not in the queue yet is waited for up to `wait`,
-    /// and reset if it does not come.
-    Keep { wait: Duration },
+    /// One whose slot is not in the queue yet is waited for until `until`
+    /// (one deadline for every grant ended together), and reset if it
+    /// does not come.
+    Keep { until: Instant },
     /// They are reset (the listener went, or the flow is denied).
     Reset,
 }
@@ -213,11 +214,10 @@ fn end(daemon: &Daemon, grant: &GrantRecord, why: &str, taken: Taken) {
     }
     // A kit taken has its slot written right after: it is waited for
     // where the kit is to be kept.
-    if let Taken::Keep { wait } = taken {
-        let deadline = Instant::now() + wait;
+    if let Taken::Keep { until } = taken {
         loop {
             daemon.announce_taken(grant, &mut state);
-            if Instant::now() >= deadline || !took.iter().any(|(_, sequence, _)| state.waiting.contains_key(sequence)) {
+            if Instant::now() >= until || !took.iter().any(|(_, sequence, _)| state.waiting.contains_key(sequence)) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -264,7 +264,7 @@ fn end_where(daemon: &Daemon, which: impl Fn(&GrantKey) -> bool, why: &str, take
 
 /// The client process of `channel` is gone (or exec'd): its grants end.
 pub fn channel_closed(daemon: &Daemon, channel: ChannelId) {
-    end_where(daemon, |k| k.channel == channel, "client process gone", Taken::Keep { wait: Duration::ZERO });
+    end_where(daemon, |k| k.channel == channel, "client process gone", Taken::Keep { until: Instant::now() });
 }
 
 /// The library of listener `listener` takes no more kits: its grants end
@@ -283,7 +283,7 @@ pub fn listener_closed(daemon: &Daemon, listener: ListenerId) {
 /// none). The kits taken go over as connections, for their servers to
 /// accept.
 pub fn end_all(daemon: &Daemon) {
-    end_where(daemon, |_| true, "daemon handing over", Taken::Keep { wait: SLOTS_AT_HANDOVER });
+    end_where(daemon, |_| true, "daemon handing over", Taken::Keep { until: Instant::now() + SLOTS_AT_HANDOVER });
 }
 
 /// Applies a policy change to the grants, before it is reported applied:
