@@ -88,9 +88,10 @@ pub const KIT_REVOKED: u32 = 3;
 /// take word (ARCHITECTURE §3b): [`KIT_FREE`] until the client's library
 /// takes the kit (to [`KIT_TAKEN`] with its port) or the daemon ends it
 /// ([`KIT_GONE`]), each by one compare-and-swap from free. It decides,
-/// once, whether a kit became a connection: a server accepts only a
-/// taken kit, and the daemon revokes only a free one. Zero, and unused,
-/// in a connection that was never a kit.
+/// once, whether a client took a kit: a server accepts only a taken
+/// kit, and no client takes one the daemon ended. (A kit taken may still
+/// be revoked through its claim word, and reset, as any connection may
+/// be.) Zero, and unused, in a connection that was never a kit.
 pub const TAKE: usize = 12;
 /// A kit's take word: no client has taken it.
 pub const KIT_FREE: u32 = 0;
@@ -197,6 +198,13 @@ mod tests {
         assert_eq!(CONSUMER_LINE - PRODUCER_LINE, LINE);
         assert_eq!(ENDPOINT_LINE - CONSUMER_LINE, LINE);
         const { assert!(ENDPOINT_LINE + LINE <= DATA) };
+        // The endpoint line's words, four bytes each, apart (the claim
+        // word is in the server's half, the take word in the client's, at
+        // the same place).
+        let words = [0, RELEASED, SLEEPERS, CLAIM];
+        assert!(words.windows(2).all(|w| w[0] + 4 <= w[1]));
+        assert_eq!(TAKE, CLAIM);
+        const { assert!(CLAIM + 4 <= LINE) };
     }
 
     #[test]

@@ -137,10 +137,19 @@ pub struct KitMark {
 
 impl ConnectionRecord {
     /// A kit no client has taken yet: not a connection. One its client
-    /// took (its take word says so) is one, announced or not (its slot may
-    /// not be read yet, or not written).
+    /// took (its take word says so), or a server accepted (its claim word:
+    /// a client may set its own take word back), is one, announced or not
+    /// (its slot may not be read yet, or not written).
     pub fn unused_kit(&self) -> bool {
-        self.kit.as_ref().is_some_and(|k| !k.announced) && self.kit_taken_port().is_none()
+        self.kit.as_ref().is_some_and(|k| !k.announced) && !self.kit_used()
+    }
+
+    /// Was this kit taken by its client or accepted by its server?
+    pub fn kit_used(&self) -> bool {
+        let claim = self.memory.segment().claim().load(Ordering::Acquire);
+        self.kit_taken_port().is_some()
+            || claim == vsocket_abi::layout::KIT_ACCEPTED
+            || claim == vsocket_abi::layout::KIT_DELIVERED
     }
 
     /// The port a kit's client took it with, if one did (see

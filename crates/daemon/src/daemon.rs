@@ -306,14 +306,16 @@ impl Daemon {
     fn retire(&self, c: &mut ConnectionRecord, (up, down): (u64, u64)) -> Option<FlowRecord> {
         c.charge.give_back();
         if c.kit.as_ref().is_some_and(|k| !k.announced) {
-            let Some(port) = c.kit_taken_port() else {
+            if !c.kit_used() {
                 // Made ahead and never taken: it was never a connection.
                 return None;
-            };
-            // Taken and over before a reap read its slot, or with no slot
-            // at all (a client that wrote none, or another over it): a
-            // connection all the same, announced now, with the port its
-            // client took it with.
+            }
+            // Taken (or accepted) and over before a reap read its slot, or
+            // with no slot at all (a client that wrote none, or another
+            // over it): a connection all the same, announced now, with the
+            // port its client took it with (0 if its client wrote its take
+            // word back).
+            let port = c.kit_taken_port().unwrap_or(0);
             let kit = c.kit.as_ref().expect("checked above");
             let decided_by = self.grants.by_id(kit.grant).map(|g| lock(&g.decided_by).clone()).unwrap_or_default();
             c.client_addr.set_port(port);

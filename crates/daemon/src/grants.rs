@@ -13,9 +13,8 @@
 //! *announces* the kits taken (from then on they are connections: counted,
 //! listed, flow-logged); a kit never taken is retired without a trace
 //! but its quota charge going back; and a grant whose flow a policy change
-//! no longer allows, or whose client or listener is gone, ends: every
-//! kit not yet accepted is revoked through its claim word, which the
-//! server's library must move from waiting to accept it.
+//! no longer allows, or whose client or listener is gone, ends (see
+//! `kits::end_where`).
 
 use crate::channel::EndFiles;
 use crate::guest::GuestSlot;

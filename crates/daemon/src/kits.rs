@@ -12,9 +12,12 @@
 //! *announces* the kits taken (from then on they are connections: counted,
 //! listed, flow-logged); a kit never taken is retired without a trace
 //! but its quota charge going back; and a grant whose flow a policy change
-//! no longer allows, or whose client or listener is gone, ends: every
-//! kit not yet accepted is revoked through its claim word, which the
-//! server's library must move from waiting to accept it.
+//! no longer allows, or whose client or listener is gone, or which the
+//! daemon hands over, ends: every kit no client took is ended through its
+//! take word (which a client must move from free to take it), and every
+//! kit a client took and no server accepted is kept for its server (the
+//! client went, or a hand-over) or revoked through its claim word (which
+//! the server's library must move from waiting to accept it) and reset.
 
 use crate::daemon::Daemon;
 use crate::grants::{Batch, GrantKey, GrantRecord, State};
@@ -179,19 +182,43 @@ enum Taken {
 /// a client writes its slot right after it takes its kit.
 const SLOTS_AT_HANDOVER: Duration = Duration::from_millis(200);
 
-/// Ends `grant`. Every kit no client took is ended through its take
-/// word, so none can be taken from now on; those taken are announced
-/// (they are connections), and kept or reset as `taken` says. The
-/// listener is then told to let the grant go (`Revoke`): it keeps only
-/// the kits whose slots it finds in the queue, which by then are all the
-/// kept ones.
-fn end(daemon: &Daemon, grant: &GrantRecord, why: &str, taken: Taken) {
+/// A kit a client took that no server had accepted when its grant ended:
+/// its record, sequence number and the port its client took it with.
+type Took = (ConnectionId, u32, u16);
+
+/// Ends the grants `which` picks, for `why`; returns how many.
+///
+/// Every kit no client took is ended through its take word, in every
+/// grant first, so that none can be taken from then on; those taken are
+/// announced (they are connections), and kept or reset as `taken` says.
+/// Where they are kept, one wait serves every grant. Each listener is
+/// then told to let its grant go (`Revoke`): it keeps only the kits whose
+/// slots it finds in the queue, which by then are all the kept ones.
+fn end_where(daemon: &Daemon, which: impl Fn(&GrantKey) -> bool, why: &str, taken: Taken) -> usize {
+    let ended = daemon.grants.take(which);
+    let endings: Vec<(&GrantRecord, Vec<Took>)> = ended.iter().map(|g| (&**g, end_free_kits(daemon, g))).collect();
+    // A kit taken has its slot written right after: it is waited for
+    // where the kit is to be kept.
+    if let Taken::Keep { until } = taken {
+        while Instant::now() < until && endings.iter().any(|(g, took)| slot_unread(daemon, g, took)) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    for (grant, took) in &endings {
+        finish(daemon, grant, took, why, taken);
+    }
+    ended.len()
+}
+
+/// Ends `grant`'s kits no client took; returns those taken and not yet
+/// accepted.
+fn end_free_kits(daemon: &Daemon, grant: &GrantRecord) -> Vec<Took> {
     let mut state = lock(&grant.state);
     state.over = true;
     daemon.announce_taken(grant, &mut state);
     // Each kit no server accepted: ended if no client took it (the take
     // word decides, once, between a client and the daemon), else taken.
-    let mut took: Vec<(ConnectionId, u32, u16)> = Vec::new();
+    let mut took = Vec::new();
     for id in std::mem::take(&mut state.unaccepted) {
         daemon.connections.with(id, |c| {
             let segment = c.memory.segment();
@@ -212,22 +239,26 @@ fn end(daemon: &Daemon, grant: &GrantRecord, why: &str, taken: Taken) {
             }
         });
     }
-    // A kit taken has its slot written right after: it is waited for
-    // where the kit is to be kept.
-    if let Taken::Keep { until } = taken {
-        loop {
-            daemon.announce_taken(grant, &mut state);
-            if Instant::now() >= until || !took.iter().any(|(_, sequence, _)| state.waiting.contains_key(sequence)) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
+    took
+}
+
+/// Is the slot of one of `took`, kits of `grant`, not in its queue yet?
+fn slot_unread(daemon: &Daemon, grant: &GrantRecord, took: &[Took]) -> bool {
+    let mut state = lock(&grant.state);
+    daemon.announce_taken(grant, &mut state);
+    took.iter().any(|(_, sequence, _)| state.waiting.contains_key(sequence))
+}
+
+/// Ends `grant`, whose free kits [`end_free_kits`] ended: the kits taken
+/// (`took`) are announced, and kept or reset; the listener is told.
+fn finish(daemon: &Daemon, grant: &GrantRecord, took: &[Took], why: &str, taken: Taken) {
+    let mut state = lock(&grant.state);
     daemon.announce_taken(grant, &mut state);
     let decided_by = lock(&grant.decided_by).clone();
     let mut reset = 0;
-    for &(id, sequence, port) in &took {
-        // Taken with no slot read: a connection all the same.
+    for &(id, sequence, port) in took {
+        // Taken with no slot read: a connection all the same, which no
+        // server will find.
         let unpublished = state.waiting.remove(&sequence).is_some();
         daemon.announce(grant, id, port, &decided_by);
         if taken == Taken::Reset || unpublished {
@@ -251,15 +282,6 @@ fn end(daemon: &Daemon, grant: &GrantRecord, why: &str, taken: Taken) {
             vsocket_sys::send_with_fds(kit_channel.as_fd(), Message::Revoke { grant: grant.id }.encode(&mut buf), &[]);
     }
     tracing::debug!(grant = grant.id, %why, kept = took.len() - reset, "grant ended");
-}
-
-/// Ends the grants `which` picks, for `why`; returns how many.
-fn end_where(daemon: &Daemon, which: impl Fn(&GrantKey) -> bool, why: &str, taken: Taken) -> usize {
-    let ended = daemon.grants.take(which);
-    for grant in &ended {
-        end(daemon, grant, why, taken);
-    }
-    ended.len()
 }
 
 /// The client process of `channel` is gone (or exec'd): its grants end.

@@ -268,9 +268,6 @@ struct ServerState {
     grants: HashMap<u64, ServerGrant>,
     /// Slots read from the queues and not yet looked at.
     pending: VecDeque<(u64, Slot)>,
-    /// Kits taken from the queues that an accept could not take (no
-    /// descriptor for the program's socket): the next accept's first.
-    held: VecDeque<Incoming>,
 }
 
 struct ServerGrant {
@@ -319,9 +316,15 @@ impl ServerState {
         }
     }
 
-    /// Nothing is left to accept: no grant, nothing held or pending.
+    /// Nothing is left to accept: no grant, nothing pending.
     fn spent(&self) -> bool {
-        self.grants.is_empty() && self.held.is_empty() && self.pending.is_empty()
+        self.grants.is_empty() && self.pending.is_empty()
+    }
+
+    /// Does a slot wait in memory: one read and not yet looked at, or one
+    /// a client published since?
+    fn slot_waits(&self) -> bool {
+        !self.pending.is_empty() || self.grants.values().any(|g| !g.ended && g.queue.produced() != g.cursor.read)
     }
 }
 
@@ -331,8 +334,6 @@ pub struct Incoming {
     /// The client's address (with the port it wrote) and the one it dialed.
     pub peer: SocketAddrV4,
     pub local: SocketAddrV4,
-    /// Its slot's byte is still in the bell (see [`ServerKits::next`]).
-    byte_owed: bool,
 }
 
 impl ServerKits {
@@ -379,6 +380,11 @@ impl ServerKits {
             close_all(&fds);
             return;
         }
+        if state.grants.get(&grant.id).is_some_and(|g| g.ended) {
+            // (The daemon sends none after a grant's `Revoke`.)
+            close_all(&fds);
+            return;
+        }
         let kits = kits_of(grant, &fds[1..]);
         if let Some(known) = state.grants.get_mut(&grant.id) {
             let _ = sys::close(fds[0]);
@@ -422,13 +428,31 @@ impl ServerKits {
                     self.lost.store(true, Ordering::Release);
                     return Err(e);
                 }
-                Err(Errno(libc::EAGAIN | libc::EINTR)) => return Ok(()),
-                Err(_) => {
+                // The daemon's end closed: it is gone.
+                Err(Errno(libc::ECONNABORTED | libc::ECONNRESET | libc::ENOTCONN | libc::EPIPE | libc::EBADF)) => {
                     state.daemon_gone();
                     return Ok(());
                 }
+                // Nothing after all; or one message unusable (passed by:
+                // the channel still serves), looked at again next time.
+                Err(_) => return Ok(()),
             }
         }
+    }
+
+    /// Might [`next`](Self::next) return a kit? A slot waits in memory, or
+    /// the bell rings (a new grant's first slot, or a stray byte), or the
+    /// listener has just been turned off (`next` then lets its kits go).
+    /// An accept asks first, so that only then does it make the program's
+    /// socket ahead of taking a kit: a kit is taken only once its socket
+    /// is had (short of descriptors, the accept fails with EMFILE and the
+    /// kit waits, with its byte in the bell).
+    pub fn may_have_one(&self) -> bool {
+        if self.off.load(Ordering::Acquire) || self.state().slot_waits() {
+            return true;
+        }
+        let mut ringing = [libc::pollfd { fd: self.bell, events: libc::POLLIN, revents: 0 }];
+        sys::poll(&mut ringing, 0).unwrap_or(0) > 0
     }
 
     /// Is every kit this listener channel had accepted or gone, with its
@@ -471,6 +495,10 @@ impl ServerKits {
     /// process's is passed by.
     /// Fails (EMFILE) when a batch waits that this process has no room
     /// for: the accept fails so, and a later one takes it.
+    ///
+    /// An accept makes the program's socket first (see
+    /// [`may_have_one`](Self::may_have_one)): a kit once returned here is
+    /// the caller's.
     pub fn next(&self) -> SysResult<Option<Incoming>> {
         if self.off.load(Ordering::Acquire) {
             // (A forked child's kits are let go here, not in its fork
@@ -479,13 +507,9 @@ impl ServerKits {
             let mut state = self.state();
             state.grants.clear();
             state.pending.clear();
-            state.held.clear();
             return Ok(None);
         }
         let mut state = self.state();
-        if let Some(held) = state.held.pop_front() {
-            return Ok(Some(held));
-        }
         let mut byte = [0u8; 1];
         // A byte taken ahead of its slot; the kit channel read.
         let mut credit = false;
@@ -508,16 +532,12 @@ impl ServerKits {
                     batches_read = true;
                 }
                 state.pending.pop_front();
-                let byte_owed = !std::mem::take(&mut credit);
-                let kit = state.grants.get_mut(&id).and_then(|g| Some((g.kits.remove(&slot.sequence)?, g)));
-                let Some((kit, grant)) = kit else {
-                    if byte_owed {
-                        let _ = sys::recv(self.bell, &mut byte, libc::MSG_DONTWAIT);
-                    }
-                    continue;
-                };
-                let peer = SocketAddrV4::new(grant.client, slot.port);
-                let incoming = Incoming { kit, peer, local: grant.server, byte_owed };
+                if !std::mem::take(&mut credit) {
+                    let _ = sys::recv(self.bell, &mut byte, libc::MSG_DONTWAIT);
+                }
+                let Some(grant) = state.grants.get_mut(&id) else { continue };
+                let Some(kit) = grant.kits.remove(&slot.sequence) else { continue };
+                let incoming = Incoming { kit, peer: SocketAddrV4::new(grant.client, slot.port), local: grant.server };
                 if grant.ended && grant.kits.is_empty() {
                     state.grants.remove(&id);
                 }
@@ -533,22 +553,6 @@ impl ServerKits {
             }
             credit = true;
         }
-    }
-
-    /// `incoming`, from [`next`](Self::next), is being accepted: its slot's
-    /// byte leaves the bell.
-    pub fn looked_at(&self, incoming: &mut Incoming) {
-        if std::mem::take(&mut incoming.byte_owed) {
-            let _ = sys::recv(self.bell, &mut [0u8; 1], libc::MSG_DONTWAIT);
-        }
-    }
-
-    /// `incoming`, from [`next`](Self::next), could not be accepted now (no
-    /// descriptor for the program's socket): the next accept takes it, as
-    /// a kernel backlog keeps a connection an accept failed to take. Its
-    /// byte stays in the bell, so the listener still looks readable.
-    pub fn put_back(&self, incoming: Incoming) {
-        self.state().held.push_front(incoming);
     }
 
     /// The library's own descriptors here: the bell, the kit channel and
@@ -567,7 +571,7 @@ impl Drop for ServerKits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, AsRawFd, IntoRawFd};
 
     fn kit(sequence: u32) -> Kit {
         let delivery = Delivery { segment: -1, peer_segment: -1, doorbell: -1, lifeline: -1, placed: None };
@@ -625,6 +629,57 @@ mod tests {
         // A `Revoke` for a grant not known is nothing.
         state.revoke(8);
         assert!(state.spent());
+    }
+
+    /// A listener's kits with grant 7 (kits 0 to 4), the client's view of
+    /// the queue, the bell's client end and the daemon's end of the kit
+    /// channel.
+    fn listener_with_five() -> (ServerKits, ConnectQueue, std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+        let (channel, _daemon_channel) = vsocket_sys::seqpacket_pair_nonblocking_first().unwrap();
+        let (bell, ringer) = vsocket_sys::stream_pair().unwrap();
+        let (kit_channel, daemon_kits) = vsocket_sys::seqpacket_pair_nonblocking_first().unwrap();
+        let kits = ServerKits::new(channel.into_raw_fd(), bell.into_raw_fd(), kit_channel.into_raw_fd()).unwrap();
+        let (mut state, client) = holding_five();
+        std::mem::swap(&mut *kits.state(), &mut state);
+        (kits, client, ringer, daemon_kits)
+    }
+
+    /// What a client does to connect with kit `sequence`: its slot, then
+    /// its byte.
+    fn ring(client: &ConnectQueue, ringer: &std::os::fd::OwnedFd, sequence: u32) {
+        client.publish(Slot { sequence, port: 40_000 + sequence as u16 });
+        assert_eq!(sys::send(ringer.as_raw_fd(), &[1], libc::MSG_DONTWAIT), Ok(1));
+    }
+
+    #[test]
+    fn the_bell_holds_a_byte_for_each_slot_not_yet_looked_at() {
+        let (kits, client, ringer, _daemon) = listener_with_five();
+        assert!(!kits.may_have_one(), "nothing written, nothing rung");
+        ring(&client, &ringer, 2);
+        ring(&client, &ringer, 0);
+        assert!(kits.may_have_one());
+        let first = kits.next().unwrap().unwrap();
+        assert_eq!((first.kit.sequence, first.peer.port()), (2, 40_002));
+        // One slot left, and its byte.
+        assert!(kits.may_have_one());
+        let mut ringing = [libc::pollfd { fd: kits.bell, events: libc::POLLIN, revents: 0 }];
+        assert_eq!(sys::poll(&mut ringing, 0), Ok(1));
+        assert_eq!(kits.next().unwrap().unwrap().kit.sequence, 0);
+        assert_eq!(sys::poll(&mut ringing, 0), Ok(0), "every byte taken with its slot");
+        assert!(!kits.may_have_one());
+        assert!(kits.next().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_stray_byte_is_taken_once_and_a_slot_naming_no_kit_is_passed_by() {
+        let (kits, client, ringer, _daemon) = listener_with_five();
+        assert_eq!(sys::send(ringer.as_raw_fd(), &[1], libc::MSG_DONTWAIT), Ok(1));
+        assert!(kits.may_have_one(), "the bell rings");
+        assert!(kits.next().unwrap().is_none());
+        assert!(!kits.may_have_one(), "the stray byte is gone");
+        ring(&client, &ringer, 9);
+        assert!(kits.next().unwrap().is_none(), "no kit 9 here");
+        assert!(!kits.may_have_one());
     }
 
     #[test]

@@ -386,31 +386,30 @@ impl Listener {
         listening: RawFd,
         flags: i32,
     ) -> SysResult<Option<Accepted>> {
-        loop {
-            let mut incoming = match kits.next() {
+        while kits.may_have_one() {
+            // The program's socket first: short of descriptors (EMFILE),
+            // no kit is taken and it waits for a later accept, as in a
+            // kernel backlog.
+            let fd = sys::socket(
+                self.family.domain(),
+                libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)),
+                0,
+            )?;
+            let incoming = match kits.next() {
                 Ok(Some(incoming)) => incoming,
-                Ok(None) => break,
+                Ok(None) => {
+                    let _ = sys::close(fd);
+                    break;
+                }
                 Err(e) => {
+                    let _ = sys::close(fd);
                     if kits.lost_batch() {
                         channel.no_more_kits(true);
                     }
                     return Err(e);
                 }
             };
-            let fd = match sys::socket(
-                self.family.domain(),
-                libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)),
-                0,
-            ) {
-                Ok(fd) => fd,
-                Err(e) => {
-                    // EMFILE: the kit waits for a later accept.
-                    kits.put_back(incoming);
-                    return Err(e);
-                }
-            };
-            kits.looked_at(&mut incoming);
-            let kits::Incoming { kit, peer, local, .. } = incoming;
+            let kits::Incoming { kit, peer, local } = incoming;
             let info = ConnectionInfo { id: kit.id, local, peer, ring_size: kit.ring_size };
             match Connection::new(info, Endpoint::Server, self.family, kit.delivery, Blocking::from_flags(flags)) {
                 // Revoked or delivered by the daemon first: not this one.
