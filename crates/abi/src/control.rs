@@ -27,7 +27,9 @@
 //!   channel (`Kits`, before the client gets its own) and `Revoke` when a
 //!   grant ends; the library sends `NoKits` there when its listener can take no
 //!   more (it forked). A daemon that does not know these kinds closes the
-//!   channel.
+//!   channel. (`ConnectKitsV1` and `ListenKitsV1` are those of a library
+//!   that does not set a kit's take word: the daemon answers them as
+//!   `Connect` and `Listen`, so such a library gets no kits.)
 
 use crate::layout::Endpoint;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -95,6 +97,14 @@ pub enum Message {
     ConnectKits { local: SocketAddrV4, remote: SocketAddrV4 },
     /// Library → daemon: as `Listen`, from a library that takes kits.
     ListenKits { local: SocketAddrV4, backlog: u32 },
+    /// Library → daemon: `ConnectKits` of a library that does not set a
+    /// kit's take word (`layout::TAKE`; before it, kinds 13 and 14 were
+    /// `ConnectKits` and `ListenKits`). The daemon takes it as `Connect`:
+    /// a listener of today would never accept such a library's kits.
+    ConnectKitsV1 { local: SocketAddrV4, remote: SocketAddrV4 },
+    /// Library → daemon: `ListenKits` of a library that does not keep a
+    /// kit taken across a `Revoke`. The daemon takes it as `Listen`.
+    ListenKitsV1 { local: SocketAddrV4, backlog: u32 },
     /// Daemon → library: the listener is registered; its bell's read end
     /// and its kit channel (the library's end) come with it.
     ListenOkKits,
@@ -188,13 +198,15 @@ mod kind {
     pub const INCOMING_AT: u8 = 10;
     pub const REATTACH: u8 = 11;
     pub const REATTACHED: u8 = 12;
-    pub const CONNECT_KITS: u8 = 13;
-    pub const LISTEN_KITS: u8 = 14;
+    pub const CONNECT_KITS_V1: u8 = 13;
+    pub const LISTEN_KITS_V1: u8 = 14;
     pub const LISTEN_OK_KITS: u8 = 15;
     pub const CONNECTED_KITS: u8 = 16;
     pub const KITS: u8 = 17;
     pub const REVOKE: u8 = 18;
     pub const NO_KITS: u8 = 19;
+    pub const CONNECT_KITS: u8 = 20;
+    pub const LISTEN_KITS: u8 = 21;
 }
 
 const ADDR_LEN: usize = 6;
@@ -257,6 +269,16 @@ impl Message {
                 w.addr(local);
                 w.bytes(&backlog.to_le_bytes());
             }
+            Message::ConnectKitsV1 { local, remote } => {
+                w.u8(kind::CONNECT_KITS_V1);
+                w.addr(local);
+                w.addr(remote);
+            }
+            Message::ListenKitsV1 { local, backlog } => {
+                w.u8(kind::LISTEN_KITS_V1);
+                w.addr(local);
+                w.bytes(&backlog.to_le_bytes());
+            }
             Message::ListenOkKits => w.u8(kind::LISTEN_OK_KITS),
             Message::ConnectedKits { info, grant } => {
                 w.u8(kind::CONNECTED_KITS);
@@ -295,8 +317,8 @@ impl Message {
             kind::REATTACH => 9,
             kind::REFUSED => 4,
             kind::LISTEN => ADDR_LEN + 4,
-            kind::CONNECT_KITS => 2 * ADDR_LEN,
-            kind::LISTEN_KITS => ADDR_LEN + 4,
+            kind::CONNECT_KITS | kind::CONNECT_KITS_V1 => 2 * ADDR_LEN,
+            kind::LISTEN_KITS | kind::LISTEN_KITS_V1 => ADDR_LEN + 4,
             kind::CONNECTED_KITS => INFO_LEN + GRANT_LEN,
             kind::KITS => GRANT_LEN + 4 + ADDR_LEN,
             kind::REVOKE => 8,
@@ -333,6 +355,8 @@ impl Message {
                 Message::Refused { errno }
             }
             kind::LISTEN => Message::Listen { local: r.addr(), backlog: r.u32() },
+            kind::CONNECT_KITS_V1 => Message::ConnectKitsV1 { local: r.addr(), remote: r.addr() },
+            kind::LISTEN_KITS_V1 => Message::ListenKitsV1 { local: r.addr(), backlog: r.u32() },
             kind::CONNECT_KITS => Message::ConnectKits { local: r.addr(), remote: r.addr() },
             kind::LISTEN_KITS => Message::ListenKits { local: r.addr(), backlog: r.u32() },
             kind::LISTEN_OK_KITS => Message::ListenOkKits,
@@ -467,6 +491,8 @@ mod tests {
             Message::Reattached,
             Message::ConnectKits { local: a("0.0.0.0:40000"), remote: a("10.0.0.2:6379") },
             Message::ListenKits { local: a("0.0.0.0:80"), backlog: 4096 },
+            Message::ConnectKitsV1 { local: a("0.0.0.0:40000"), remote: a("10.0.0.2:6379") },
+            Message::ListenKitsV1 { local: a("0.0.0.0:80"), backlog: 4096 },
             Message::ListenOkKits,
             Message::ConnectedKits { info, grant: Grant { id: 3, first: 64, count: MAX_KITS } },
             Message::Kits {
@@ -477,6 +503,22 @@ mod tests {
             Message::Revoke { grant: u64::MAX },
             Message::NoKits,
         ]
+    }
+
+    #[test]
+    fn a_library_from_before_the_take_word_is_told_apart() {
+        // What it sent for `ConnectKits` and `ListenKits`.
+        // (the same fields as today's, under kinds 13 and 14).
+        let (local, remote) = (a("0.0.0.0:40000"), a("10.0.0.2:6379"));
+        let mut buf = [0; MAX_MESSAGE];
+        let mut connect = Message::ConnectKits { local, remote }.encode(&mut buf).to_vec();
+        assert_ne!(connect[0], 13);
+        connect[0] = 13;
+        assert_eq!(Message::decode(&connect), Ok(Message::ConnectKitsV1 { local, remote }));
+        let mut listen = Message::ListenKits { local, backlog: 511 }.encode(&mut buf).to_vec();
+        assert_ne!(listen[0], 14);
+        listen[0] = 14;
+        assert_eq!(Message::decode(&listen), Ok(Message::ListenKitsV1 { local, backlog: 511 }));
     }
 
     #[test]

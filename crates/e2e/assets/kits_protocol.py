@@ -5,6 +5,7 @@
 
     kits_protocol.py listen SOCK IP PORT OUT STOPFILE
     kits_protocol.py connect SOCK IP PORT STEPS
+    kits_protocol.py connect-v1 SOCK IP PORT
 
 listen: registers a listener that takes kits (ListenKits) and writes one
 JSON line to OUT for each message the daemon sends on its channel or its
@@ -16,6 +17,8 @@ reply brings a grant's kits. It takes the batch's first kit as a client
 library would (a slot in the connect queue, a byte on the bell), prints a
 JSON line, then waits for STEPS/check, prints the claim words of its
 kits, and waits for STEPS/exit.
+connect-v1: connects twice as a library from before the take word asked
+for kits, and prints the replies' kinds and descriptor counts.
 """
 import json
 import os
@@ -26,9 +29,13 @@ import sys
 import time
 
 CONNECTED, INCOMING, REFUSED = 2, 8, 4
-CONNECT_KITS, LISTEN_KITS, LISTEN_OK_KITS, CONNECTED_KITS, KITS, REVOKE = 13, 14, 15, 16, 17, 18
-# Offsets (vsocket_abi::layout, ::grant).
-CLAIM = 3 * 128 + 12
+CONNECT_KITS, LISTEN_KITS, LISTEN_OK_KITS, CONNECTED_KITS, KITS, REVOKE = 20, 21, 15, 16, 17, 18
+# What a library that did not set a kit's take word sent for ConnectKits.
+CONNECT_KITS_V1 = 13
+# Offsets (vsocket_abi::layout, ::grant). The claim word is in the
+# server's half, the take word at the same place in the client's.
+CLAIM = TAKE = 3 * 128 + 12
+KIT_TAKEN = 1 << 16
 PRODUCED, SLOTS_AT, SLOTS = 128, 256, 64
 
 
@@ -90,13 +97,13 @@ def listen(path, ip, port, out, stop):
                 note(kind="other", code=kind, fds=len(fds))
 
 
-def connect(path, ip, port, steps):
+def connect(path, ip, port, steps, kind=CONNECT_KITS):
     s = channel(path)
     s.settimeout(10)
     replies = []
     kits = None
     for local_port in (0, 0):
-        s.send(bytes([CONNECT_KITS]) + addr("0.0.0.0", local_port) + addr(ip, port))
+        s.send(bytes([kind]) + addr("0.0.0.0", local_port) + addr(ip, port))
         msg, fds, _, _ = socket.recv_fds(s, 64, 253)
         replies.append({"kind": msg[0], "fds": len(fds)})
         if msg[0] == CONNECTED_KITS:
@@ -107,6 +114,8 @@ def connect(path, ip, port, steps):
         return
     gid, first, count, fds = kits
     page, bell = fds[4], fds[5]
+    # Taken: the take word in the client's half of the kit.
+    os.pwrite(fds[6], struct.pack("<I", KIT_TAKEN | 41000), TAKE)
     # The server's half of each kit (read-only here): its claim word.
     server_halves = [fds[6 + 4 * i + 3] for i in range(count)]
     produced = struct.unpack("<Q", os.pread(page, 8, PRODUCED))[0]
@@ -129,3 +138,5 @@ if __name__ == "__main__":
         listen(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6])
     elif what == "connect":
         connect(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    elif what == "connect-v1":
+        connect(sys.argv[2], sys.argv[3], int(sys.argv[4]), None, CONNECT_KITS_V1)

@@ -109,6 +109,32 @@ fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
 }
 
 #[test]
+fn a_library_from_before_the_take_word_gets_no_kits() {
+    // Its server would never accept them (it never sets the take word),
+    // so it connects through the daemon, as a library without kits does.
+    let mut lab = Lab::start_host("tkitsv1", ONE_PORT, "").unwrap();
+    let script = asset("kits_protocol.py");
+    let script = script.to_str().unwrap();
+    let sock = |guest: &str| lab.run_dir.join("guests").join(format!("{guest}.sock")).to_str().unwrap().to_string();
+    let (sock_a, sock_b) = (sock("a"), sock("b"));
+    let (server_out, stop) = (lab.dir.join("server.jsonl"), lab.dir.join("stop"));
+    let server_args =
+        [script, "listen", &sock_b, "10.10.0.3", "7000", server_out.to_str().unwrap(), stop.to_str().unwrap()];
+    lab.spawn("b", Via::Kernel, "python3", &server_args, "server.log").unwrap();
+    assert!(wait_until(Duration::from_secs(10), || !lines(&server_out).is_empty()), "listener registered");
+    let out = lab.run("a", Via::Kernel, "python3", &[script, "connect-v1", &sock_a, "10.10.0.3", "7000"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let said: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plain = serde_json::json!({"kind": 2, "fds": 4});
+    assert_eq!(said["replies"], serde_json::json!([plain, plain]), "{said}");
+    assert!(wait_until(Duration::from_secs(5), || {
+        lines(&server_out).iter().filter(|l| l["kind"] == "incoming").count() == 2
+    }));
+    assert!(!lines(&server_out).iter().any(|l| l["kind"] == "kits"), "{:?}", lines(&server_out));
+    std::fs::write(&stop, "").unwrap();
+}
+
+#[test]
 fn a_program_that_connects_again_and_again_takes_kits_and_every_connection_is_metered() {
     let host = "flow_log = \"{dir}/flow.log\"\ndeny_action = \"reject\"";
     let mut lab = Lab::start_host("tkitloop", ONE_PORT, host).unwrap();

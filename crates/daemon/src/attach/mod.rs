@@ -278,7 +278,9 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
                     return;
                 }
             }
-            Message::Connect { local, remote } | Message::ConnectKits { local, remote } => {
+            Message::Connect { local, remote }
+            | Message::ConnectKits { local, remote }
+            | Message::ConnectKitsV1 { local, remote } => {
                 let _serving = daemon.serving();
                 let memory = channel.memory();
                 let client = match &memory {
@@ -307,7 +309,7 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
                     return;
                 }
             }
-            Message::Listen { local, backlog: _ } => {
+            Message::Listen { local, backlog: _ } | Message::ListenKitsV1 { local, backlog: _ } => {
                 serve_listener(daemon, guest, channel, local, false);
                 return;
             }
