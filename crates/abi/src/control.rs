@@ -259,23 +259,15 @@ impl Message {
                 w.u8(end.index() as u8);
             }
             Message::Reattached => w.u8(kind::REATTACHED),
-            Message::ConnectKits { local, remote } => {
-                w.u8(kind::CONNECT_KITS);
+            Message::ConnectKits { local, remote } | Message::ConnectKitsV1 { local, remote } => {
+                let v1 = matches!(self, Message::ConnectKitsV1 { .. });
+                w.u8(if v1 { kind::CONNECT_KITS_V1 } else { kind::CONNECT_KITS });
                 w.addr(local);
                 w.addr(remote);
             }
-            Message::ListenKits { local, backlog } => {
-                w.u8(kind::LISTEN_KITS);
-                w.addr(local);
-                w.bytes(&backlog.to_le_bytes());
-            }
-            Message::ConnectKitsV1 { local, remote } => {
-                w.u8(kind::CONNECT_KITS_V1);
-                w.addr(local);
-                w.addr(remote);
-            }
-            Message::ListenKitsV1 { local, backlog } => {
-                w.u8(kind::LISTEN_KITS_V1);
+            Message::ListenKits { local, backlog } | Message::ListenKitsV1 { local, backlog } => {
+                let v1 = matches!(self, Message::ListenKitsV1 { .. });
+                w.u8(if v1 { kind::LISTEN_KITS_V1 } else { kind::LISTEN_KITS });
                 w.addr(local);
                 w.bytes(&backlog.to_le_bytes());
             }

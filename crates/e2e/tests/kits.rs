@@ -15,19 +15,46 @@ fn connections(lab: &Lab) -> usize {
     lab.ctl("connections").unwrap().as_array().unwrap().len()
 }
 
+/// A listener in guest `b` on 10.10.0.3:7000 that takes kits, spoken raw
+/// (`kits_protocol.py listen`), registered.
+struct RawListener {
+    script: std::path::PathBuf,
+    /// Guest `a`'s control socket, for a raw client.
+    sock_a: String,
+    /// Where the listener writes what the daemon sends it.
+    server_out: std::path::PathBuf,
+    /// Made to stop it.
+    stop: std::path::PathBuf,
+}
+
+impl RawListener {
+    fn start(lab: &mut Lab) -> RawListener {
+        let script = asset("kits_protocol.py");
+        let sock = |guest: &str| lab.run_dir.join("guests").join(format!("{guest}.sock")).to_str().unwrap().to_string();
+        let (sock_a, sock_b) = (sock("a"), sock("b"));
+        let (server_out, stop) = (lab.dir.join("server.jsonl"), lab.dir.join("stop"));
+        let args = [
+            script.to_str().unwrap(),
+            "listen",
+            &sock_b,
+            "10.10.0.3",
+            "7000",
+            server_out.to_str().unwrap(),
+            stop.to_str().unwrap(),
+        ];
+        lab.spawn("b", Via::Kernel, "python3", &args, "server.log").unwrap();
+        assert!(wait_until(Duration::from_secs(10), || !lines(&server_out).is_empty()), "listener registered");
+        RawListener { script, sock_a, server_out, stop }
+    }
+}
+
 #[test]
 fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
     let mut lab = Lab::start_host("tkits", ONE_PORT, "flow_log = \"{dir}/flow.log\"").unwrap();
-    let script = asset("kits_protocol.py");
+    let RawListener { script, sock_a, server_out, stop } = RawListener::start(&mut lab);
     let script = script.to_str().unwrap();
-    let sock = |guest: &str| lab.run_dir.join("guests").join(format!("{guest}.sock")).to_str().unwrap().to_string();
-    let (sock_a, sock_b) = (sock("a"), sock("b"));
-    let (server_out, stop, steps) = (lab.dir.join("server.jsonl"), lab.dir.join("stop"), lab.dir.join("steps"));
+    let steps = lab.dir.join("steps");
     std::fs::create_dir_all(&steps).unwrap();
-    let server_args =
-        [script, "listen", &sock_b, "10.10.0.3", "7000", server_out.to_str().unwrap(), stop.to_str().unwrap()];
-    lab.spawn("b", Via::Kernel, "python3", &server_args, "server.log").unwrap();
-    assert!(wait_until(Duration::from_secs(10), || !lines(&server_out).is_empty()), "listener registered");
     // ListenOkKits, with the listener's bell and kit channel.
     assert_eq!(lines(&server_out)[0], serde_json::json!({"kind": "registered", "reply": 15, "fds": 2}));
 
@@ -113,15 +140,8 @@ fn a_library_from_before_the_take_word_gets_no_kits() {
     // Its server would never accept them (it never sets the take word),
     // so it connects through the daemon, as a library without kits does.
     let mut lab = Lab::start_host("tkitsv1", ONE_PORT, "").unwrap();
-    let script = asset("kits_protocol.py");
+    let RawListener { script, sock_a, server_out, stop } = RawListener::start(&mut lab);
     let script = script.to_str().unwrap();
-    let sock = |guest: &str| lab.run_dir.join("guests").join(format!("{guest}.sock")).to_str().unwrap().to_string();
-    let (sock_a, sock_b) = (sock("a"), sock("b"));
-    let (server_out, stop) = (lab.dir.join("server.jsonl"), lab.dir.join("stop"));
-    let server_args =
-        [script, "listen", &sock_b, "10.10.0.3", "7000", server_out.to_str().unwrap(), stop.to_str().unwrap()];
-    lab.spawn("b", Via::Kernel, "python3", &server_args, "server.log").unwrap();
-    assert!(wait_until(Duration::from_secs(10), || !lines(&server_out).is_empty()), "listener registered");
     let out = lab.run("a", Via::Kernel, "python3", &[script, "connect-v1", &sock_a, "10.10.0.3", "7000"]).unwrap();
     assert!(out.status.success(), "{out:?}");
     let said: Value = serde_json::from_slice(&out.stdout).unwrap();
