@@ -202,29 +202,6 @@ fn a_program_that_connects_again_and_again_takes_kits_and_every_connection_is_me
     assert_eq!(attempts().iter().filter(|r| r["verdict"] == "rejected").count(), 40);
 }
 
-/// A server that accepts only once a file exists, then reads every
-/// connection to its end and prints what each brought, sorted.
-const LATE_SERVER: &str = "import os, socket, sys, time
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(('10.10.0.3', 7000))
-s.listen(64)
-while not os.path.exists(sys.argv[1]):
-    time.sleep(0.02)
-s.settimeout(10)
-got = []
-for _ in range(int(sys.argv[2])):
-    c, _ = s.accept()
-    data = b''
-    while True:
-        b = c.recv(4096)
-        if not b:
-            break
-        data += b
-    got.append(data.decode())
-print(' '.join(sorted(got)), flush=True)
-";
-
 /// A client that connects `n` times, writes to each connection and closes
 /// it, then exits: all before its server accepts any.
 const WRITE_AND_GO: &str = "import socket, sys
@@ -245,7 +222,8 @@ fn a_client_that_writes_and_exits_before_the_server_accepts_loses_nothing() {
         let mut lab = Lab::start_host(name, ONE_PORT, "flow_log = \"{dir}/flow.log\"").unwrap();
         let go = lab.dir.join("go");
         let go = go.to_str().unwrap();
-        lab.spawn("b", via, "python3", &["-c", LATE_SERVER, go, "12"], "server.log").unwrap();
+        let late = asset("late_accept.py");
+        lab.spawn("b", via, "python3", &[late.to_str().unwrap(), go, "12"], "server.log").unwrap();
         lab.wait_listening("b", 7000).unwrap();
         let out = lab.run("a", via, "python3", &["-c", WRITE_AND_GO, "12"]).unwrap();
         assert!(out.status.success(), "{out:?}");
@@ -273,64 +251,13 @@ fn a_client_that_writes_and_exits_before_the_server_accepts_loses_nothing() {
     }
 }
 
-/// A server that runs out of descriptors twice: after it has accepted
-/// two connections (the daemon's, before it has read the batch of kits
-/// that came with the second), and after a third (a kit: the batch is
-/// read). Each time its accept must fail with EMFILE and lose nothing.
-/// Prints "emfile" for each, then what each connection brought, sorted.
-const CRAMPED_SERVER: &str = "import errno, os, resource, socket, sys, time
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(('10.10.0.3', 7000))
-s.listen(64)
-while not os.path.exists(sys.argv[1]):
-    time.sleep(0.02)
-s.settimeout(10)
-got = []
-def take():
-    c, _ = s.accept()
-    c.settimeout(10)
-    data = b''
-    while True:
-        b = c.recv(4096)
-        if not b:
-            break
-        data += b
-    got.append(data.decode())
-    c.close()
-def cramped():
-    fillers = []
-    try:
-        while True:
-            fillers.append(os.open('/dev/null', os.O_RDONLY))
-    except OSError as e:
-        assert e.errno == errno.EMFILE, e
-    try:
-        s.accept()
-        print('accepted with no descriptor free', flush=True)
-        sys.exit(1)
-    except OSError as e:
-        print(errno.errorcode[e.errno].lower(), flush=True)
-    for f in fillers:
-        os.close(f)
-_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
-take()
-take()
-cramped()
-take()
-cramped()
-for _ in range(int(sys.argv[2]) - 3):
-    take()
-print(' '.join(sorted(got)), flush=True)
-";
-
 #[test]
 fn an_accept_short_of_descriptors_leaves_the_kit_for_the_next() {
     let mut lab = Lab::start_host("tkitemfile", ONE_PORT, "flow_log = \"{dir}/flow.log\"").unwrap();
     let go = lab.dir.join("go");
     let go = go.to_str().unwrap();
-    lab.spawn("b", Via::Vsocket, "python3", &["-c", CRAMPED_SERVER, go, "8"], "server.log").unwrap();
+    let late = asset("late_accept.py");
+    lab.spawn("b", Via::Vsocket, "python3", &[late.to_str().unwrap(), go, "8", "cramped"], "server.log").unwrap();
     lab.wait_listening("b", 7000).unwrap();
     let out = lab.run("a", Via::Vsocket, "python3", &["-c", WRITE_AND_GO, "8"]).unwrap();
     assert!(out.status.success(), "{out:?}");
