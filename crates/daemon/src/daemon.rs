@@ -265,9 +265,8 @@ impl Daemon {
     /// Reads `grant`'s queue (its `state` held) and announces the kits
     /// taken since.
     pub(crate) fn announce_taken(&self, grant: &GrantRecord, state: &mut GrantState) {
-        let due = state.cursor.next_slots(grant.queue.produced());
-        for n in due.first..due.end {
-            let Some(slot) = grant.queue.slot(n) else { continue };
+        let slots: Vec<_> = grant.queue.read_new(&mut state.cursor).collect();
+        for slot in slots {
             let Some(id) = state.waiting.remove(&slot.sequence) else { continue };
             self.announce(grant, id, slot.port, &lock(&grant.decided_by));
         }

@@ -289,8 +289,7 @@ impl ServerState {
     /// their kits kept to accept; the rest go.
     fn revoke(&mut self, id: u64) {
         let Some(grant) = self.grants.get_mut(&id).filter(|g| !g.ended) else { return };
-        let due = grant.cursor.next_slots(grant.queue.produced());
-        let slots: Vec<Slot> = (due.first..due.end).filter_map(|n| grant.queue.slot(n)).collect();
+        let slots: Vec<Slot> = grant.queue.read_new(&mut grant.cursor).collect();
         let named: HashSet<u32> = self
             .pending
             .iter()
@@ -518,8 +517,7 @@ impl ServerKits {
             if state.pending.is_empty() {
                 let ServerState { grants, pending, .. } = &mut *state;
                 for (&id, grant) in grants.iter_mut().filter(|(_, g)| !g.ended) {
-                    let due = grant.cursor.next_slots(grant.queue.produced());
-                    pending.extend((due.first..due.end).filter_map(|n| grant.queue.slot(n)).map(|slot| (id, slot)));
+                    pending.extend(grant.queue.read_new(&mut grant.cursor).map(|slot| (id, slot)));
                 }
             }
             while let Some(&(id, slot)) = state.pending.front() {
@@ -602,8 +600,7 @@ mod tests {
         // Kit 1 was looked at before (pending), kit 3 is in the queue only.
         client.publish(Slot { sequence: 1, port: 40_001 });
         let grant = state.grants.get_mut(&7).unwrap();
-        let due = grant.cursor.next_slots(grant.queue.produced());
-        state.pending.extend((due.first..due.end).filter_map(|n| grant.queue.slot(n)).map(|s| (7, s)));
+        state.pending.extend(grant.queue.read_new(&mut grant.cursor).map(|s| (7, s)));
         client.publish(Slot { sequence: 3, port: 40_003 });
         state.revoke(7);
         let grant = &state.grants[&7];

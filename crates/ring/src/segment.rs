@@ -321,6 +321,14 @@ impl ConnectQueue {
         self.page.word::<AtomicU64>(grant::PRODUCED).load(Ordering::Acquire)
     }
 
+    /// The slots written since `cursor` last read, as they read now, at
+    /// most the queue's [`grant::SLOTS`] whatever the client says (see
+    /// [`grant::Cursor`]); `cursor` moves past them.
+    pub fn read_new(&self, cursor: &mut grant::Cursor) -> impl Iterator<Item = grant::Slot> + '_ {
+        let due = cursor.next_slots(self.produced());
+        (due.first..due.end).filter_map(|n| self.slot(n))
+    }
+
     /// Slot number `n` (counting every slot written), as it reads now.
     pub fn slot(&self, n: u64) -> Option<grant::Slot> {
         grant::Slot::decode(self.page.word::<AtomicU64>(grant::slot_offset(n)).load(Ordering::Relaxed))
