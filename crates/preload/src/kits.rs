@@ -14,7 +14,7 @@
 //! the bell are watched through one epoll descriptor (`wake_fd`), so every
 //! wait on a listener (accept, poll, select, epoll) sleeps on both.
 
-use crate::attach::Delivery;
+use crate::attach::{Delivery, Room};
 use crate::sys::{self, Errno, SysResult};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -39,10 +39,6 @@ static OLD_DAEMON: AtomicBool = AtomicBool::new(false);
 /// hard limit of 1024) connects through the daemon, so that it runs out of
 /// descriptors where it would without the library.
 const ROOM_FOR_KITS: u64 = 8192;
-
-/// How many free descriptors a listener makes sure of before it reads
-/// its kit channel: enough to tell a process at its limit, cheaply.
-const ROOM_PROBED: usize = 8;
 
 /// Are kits asked for at all? Yes, unless the program runs with
 /// `VSOCKET_KITS=0` (every connect then goes through the daemon).
@@ -402,10 +398,11 @@ impl ServerKits {
     /// Takes what waits on the kit channel: batches to keep, grants to let
     /// go (whose kits not yet taken go).
     ///
-    /// The kernel drops the descriptors of a message it cannot install: a
-    /// process short of them (EMFILE) leaves the next message where it is,
-    /// as an accept leaves a delivered connection, and a batch cut short
-    /// anyway (fewer free than it carries) is lost: then
+    /// A batch's descriptors are the library's: they are read with the
+    /// soft limit raised (`Room::Library`), and land above the program's
+    /// limit however full its own range is. The kernel drops those of a
+    /// message it cannot install, so a batch that comes at the hard limit
+    /// (or at a limit that cannot be raised) is lost: then
     /// [`lost_batch`](Self::lost_batch) says so, for the daemon to end the
     /// grants (the clients that took its kits see them reset).
     fn take_batches(&self, state: &mut ServerState) -> SysResult<()> {
@@ -414,8 +411,7 @@ impl ServerKits {
             if sys::poll(&mut waiting, 0).unwrap_or(0) == 0 {
                 return Ok(());
             }
-            sys::probe_free_descriptors(self.kit_channel, ROOM_PROBED)?;
-            match crate::attach::receive_on(self.kit_channel, libc::MSG_DONTWAIT) {
+            match crate::attach::receive_on(self.kit_channel, libc::MSG_DONTWAIT, Room::Library) {
                 Ok(mut reply) => match reply.message {
                     Message::Kits { grant, client, server } => {
                         self.keep(state, grant, client, server, reply.take_all())

@@ -284,6 +284,13 @@ pub fn drain(fd: RawFd) -> bool {
     vsocket_sys::raw::drain_bounded(fd)
 }
 
+/// Waits until `fd` is readable (or hung up, or in error: the read that
+/// follows says which).
+pub fn wait_readable(fd: RawFd) -> SysResult<()> {
+    let mut waiting = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+    poll(&mut waiting, -1).map(drop)
+}
+
 /// poll(2), as ppoll without a signal mask.
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> SysResult<usize> {
     ppoll(fds, timeout_ms, std::ptr::null())
@@ -432,22 +439,36 @@ fn set_nofile(rl: &libc::rlimit) -> SysResult<()> {
 /// it can below it (`fallback_floor` and up), as before; one that cannot
 /// move stays where it is.
 pub fn relocate_internal(fds: &mut [RawFd], fallback_floor: RawFd) {
+    with_limit_raised(|raised| {
+        let floor = raised.map_or(fallback_floor, |soft| soft as RawFd);
+        for fd in fds.iter_mut() {
+            *fd = relocate(*fd, floor);
+        }
+    })
+}
+
+/// Runs `f` with the soft `RLIMIT_NOFILE` raised to the hard one, and puts
+/// it back: descriptors the kernel hands out meanwhile (a message's, or
+/// copies) may go above the program's limit, where the library's own
+/// belong. `f` is told the soft limit it raised (`None`: it could not,
+/// soft and hard being equal). `f` must not block: another thread of the
+/// program that opens a descriptor meanwhile may get a number above its
+/// limit. One thread at a time, and never across fork.
+pub fn with_limit_raised<T>(f: impl FnOnce(Option<u64>) -> T) -> T {
     hold_limit();
     let raised = nofile().ok().filter(|rl| {
         rl.rlim_cur < rl.rlim_max
             && rl.rlim_cur < (1 << 30)
             && set_nofile(&libc::rlimit { rlim_cur: rl.rlim_max, rlim_max: rl.rlim_max }).is_ok()
     });
-    let floor = raised.map_or(fallback_floor, |rl| rl.rlim_cur as RawFd);
-    for fd in fds.iter_mut() {
-        *fd = relocate(*fd, floor);
-    }
+    let result = f(raised.map(|rl| rl.rlim_cur));
     if let Some(rl) = raised {
         // Put back at once (a failure here would leave the program a higher
         // limit than it set; nothing to do).
         let _ = set_nofile(&rl);
     }
     release_limit();
+    result
 }
 
 pub fn getrlimit_nofile() -> u64 {
