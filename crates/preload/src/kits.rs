@@ -14,7 +14,7 @@
 //! the bell are watched through one epoll descriptor (`wake_fd`), so every
 //! wait on a listener (accept, poll, select, epoll) sleeps on both.
 
-use crate::attach::{Delivery, Room};
+use crate::attach::Delivery;
 use crate::sys::{self, Errno, SysResult};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -399,7 +399,7 @@ impl ServerKits {
     /// go (whose kits not yet taken go).
     ///
     /// A batch's descriptors are the library's: they are read with the
-    /// soft limit raised (`Room::Library`), and land above the program's
+    /// soft limit raised (`attach::receive_on`), and land above the program's
     /// limit however full its own range is. The kernel drops those of a
     /// message it cannot install, so a batch that comes at the hard limit
     /// (or at a limit that cannot be raised) is lost: then
@@ -411,7 +411,7 @@ impl ServerKits {
             if sys::poll(&mut waiting, 0).unwrap_or(0) == 0 {
                 return Ok(());
             }
-            match crate::attach::receive_on(self.kit_channel, libc::MSG_DONTWAIT, Room::Library) {
+            match crate::attach::receive_on(self.kit_channel, libc::MSG_DONTWAIT) {
                 Ok(mut reply) => match reply.message {
                     Message::Kits { grant, client, server } => {
                         self.keep(state, grant, client, server, reply.take_all())

@@ -454,13 +454,18 @@ impl Listener {
             libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)),
             0,
         )?;
-        // recvmsg installs the connection's descriptors as it takes the
-        // message: without room for all of them the kernel cuts them short
-        // and the connection is lost. Short of room, accept fails with
-        // EMFILE and the connection stays queued, as in a backlog.
-        if let Err(e) = sys::probe_free_descriptors(fd, CONNECTION_FDS) {
-            let _ = sys::close(fd);
-            return Err(e);
+        // The connection's own descriptors are read with the soft limit
+        // raised, above the program's (see `attach::receive_on`). Where it
+        // cannot be raised (soft and hard equal), they land in the
+        // program's room: without room for all of them the kernel would
+        // cut them short and the connection would be lost. Short of room
+        // there, accept fails with EMFILE and the connection stays queued,
+        // as in a backlog.
+        if !sys::limit_rises() {
+            if let Err(e) = sys::probe_free_descriptors(fd, CONNECTION_FDS) {
+                let _ = sys::close(fd);
+                return Err(e);
+            }
         }
         let mut reply = match channel.receive(Receive::Shared) {
             Ok(r) => r,

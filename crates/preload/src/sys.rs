@@ -447,6 +447,11 @@ pub fn relocate_internal(fds: &mut [RawFd], fallback_floor: RawFd) {
     })
 }
 
+/// Can the soft `RLIMIT_NOFILE` be raised (is it below the hard one)?
+pub fn limit_rises() -> bool {
+    nofile().is_ok_and(|rl| rl.rlim_cur < rl.rlim_max && rl.rlim_cur < (1 << 30))
+}
+
 /// Runs `f` with the soft `RLIMIT_NOFILE` raised to the hard one, and puts
 /// it back: descriptors the kernel hands out meanwhile (a message's, or
 /// copies) may go above the program's limit, where the library's own

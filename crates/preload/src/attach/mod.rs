@@ -33,7 +33,7 @@ use vsocket_ring::Segment;
 
 pub use memfd::{Delivery, MemfdSegment, Remap};
 pub use seqpacket::{control, enabled, Control, ControlSocket, Reply};
-pub(crate) use seqpacket::{internal_fd_floor, receive as receive_on, Room};
+pub(crate) use seqpacket::{internal_fd_floor, receive as receive_on};
 
 /// The control channel of this attachment.
 pub type Channel = ControlSocket;

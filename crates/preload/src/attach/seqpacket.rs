@@ -223,11 +223,8 @@ impl ControlChannel for ControlSocket {
                 frame
             }
             // Datagrams come whole to whoever reads them.
-            // A reply: whatever descriptors it brings are the library's.
-            (false, Receive::Wait) => self::receive(self.fd, 0, Room::Library),
-            // A connection delivered to a listener: its accept probed the
-            // program's room for it.
-            (false, Receive::Shared) => self::receive(self.fd, libc::MSG_DONTWAIT, Room::Program),
+            (false, Receive::Wait) => self::receive(self.fd, 0),
+            (false, Receive::Shared) => self::receive(self.fd, libc::MSG_DONTWAIT),
         }
     }
 
@@ -292,35 +289,27 @@ fn send(channel: RawFd, msg: &Message, proof: Option<RawFd>) -> SysResult<()> {
     }
 }
 
-/// Where the descriptors of a message received may land.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Room {
-    /// Anywhere up to the hard `RLIMIT_NOFILE`: they are the library's own
-    /// (a reply's, a batch of kits), which live above the program's limit.
-    /// The program's own range may be full: the message is read with the
-    /// soft limit raised (`sys::with_limit_raised`; a wait for one comes
-    /// first), so that the kernel cuts none short. (It used to cut them
-    /// short near the program's limit: the connection the daemon had made,
-    /// and told the server of, was lost to the client, which connected
-    /// again over the kernel, and the server accepted both.)
-    Library,
-    /// Within the program's soft limit, which the caller made sure of.
-    Program,
-}
-
 /// Receives one message (with its descriptors) from `channel`, waiting for
 /// one unless `flags` has `MSG_DONTWAIT`.
-pub(crate) fn receive(channel: RawFd, flags: i32, room: Room) -> SysResult<Reply> {
+///
+/// The descriptors a message brings (a connection's, a batch of kits, a
+/// listener's bell) are the library's own, which live above the program's
+/// limit; the program's own range may be full. So the message is read
+/// with the soft limit raised (`sys::with_limit_raised`; a wait for one
+/// comes first), and the kernel cuts none short unless the hard limit is
+/// reached. (Read within the program's limit, it cut them short near it:
+/// the connection the daemon had made, and told the server of, was lost
+/// to the client, which connected again over the kernel, and the server
+/// accepted both; a listener lost a batch, and with it the kits its
+/// clients had taken.)
+pub(crate) fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
     let mut buf = [0u8; MAX_MESSAGE];
     let mut all = [-1; vsocket_sys::raw::MAX_SEND_FDS];
     let wait = flags & libc::MSG_DONTWAIT == 0;
     let (n, count) = loop {
-        let got = match room {
-            Room::Program => sys::recv_with_fds(channel, &mut buf, &mut all, flags),
-            Room::Library => (if wait { sys::wait_readable(channel) } else { Ok(()) }).and_then(|()| {
-                sys::with_limit_raised(|_| sys::recv_with_fds(channel, &mut buf, &mut all, flags | libc::MSG_DONTWAIT))
-            }),
-        };
+        let got = (if wait { sys::wait_readable(channel) } else { Ok(()) }).and_then(|()| {
+            sys::with_limit_raised(|_| sys::recv_with_fds(channel, &mut buf, &mut all, flags | libc::MSG_DONTWAIT))
+        });
         match got {
             Err(Errno(libc::EINTR)) => continue,
             // Taken by another thread between the wait and the read.
@@ -339,8 +328,8 @@ pub(crate) fn receive(channel: RawFd, flags: i32, room: Room) -> SysResult<Reply
     reply.message = Message::decode(&buf[..n]).map_err(|_| Errno(libc::EPROTO))?;
     if count < reply.message.fd_count() {
         // The kernel cuts the descriptors short (MSG_CTRUNC) when this
-        // process has no free descriptor for them (in `Room::Library`,
-        // none up to its hard limit): that is what the program's accept
+        // process has no free descriptor for them (read as it is, none
+        // below its hard limit): that is what the program's accept
         // or connect should hear.
         return Err(Errno(libc::EMFILE));
     }
