@@ -284,13 +284,6 @@ pub fn drain(fd: RawFd) -> bool {
     vsocket_sys::raw::drain_bounded(fd)
 }
 
-/// Waits until `fd` is readable (or hung up, or in error: the read that
-/// follows says which).
-pub fn wait_readable(fd: RawFd) -> SysResult<()> {
-    let mut waiting = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
-    poll(&mut waiting, -1).map(drop)
-}
-
 /// poll(2), as ppoll without a signal mask.
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> SysResult<usize> {
     ppoll(fds, timeout_ms, std::ptr::null())

@@ -295,8 +295,8 @@ fn send(channel: RawFd, msg: &Message, proof: Option<RawFd>) -> SysResult<()> {
 /// The descriptors a message brings (a connection's, a batch of kits, a
 /// listener's bell) are the library's own, which live above the program's
 /// limit; the program's own range may be full. So the message is read
-/// with the soft limit raised (`sys::with_limit_raised`; a wait for one
-/// comes first), and the kernel cuts none short unless the hard limit is
+/// with the soft limit raised (`sys::with_limit_raised`; a wait for one,
+/// peeking, comes first), and the kernel cuts none short unless the hard limit is
 /// reached. (Read within the program's limit, it cut them short near it:
 /// the connection the daemon had made, and told the server of, was lost
 /// to the client, which connected again over the kernel, and the server
@@ -307,9 +307,18 @@ pub(crate) fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
     let mut all = [-1; vsocket_sys::raw::MAX_SEND_FDS];
     let wait = flags & libc::MSG_DONTWAIT == 0;
     let (n, count) = loop {
-        let got = (if wait { sys::wait_readable(channel) } else { Ok(()) }).and_then(|()| {
-            sys::with_limit_raised(|_| sys::recv_with_fds(channel, &mut buf, &mut all, flags | libc::MSG_DONTWAIT))
-        });
+        if wait {
+            // The wait is a peek at the message, without its descriptors:
+            // it keeps the channel's receive timeout (a wedged daemon costs
+            // a request that long, and no more).
+            match sys::recv(channel, &mut [0u8; 1], libc::MSG_PEEK) {
+                Err(Errno(libc::EINTR)) => continue,
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+        }
+        let got =
+            sys::with_limit_raised(|_| sys::recv_with_fds(channel, &mut buf, &mut all, flags | libc::MSG_DONTWAIT));
         match got {
             Err(Errno(libc::EINTR)) => continue,
             // Taken by another thread between the wait and the read.
