@@ -176,3 +176,51 @@ fn a_consumer_that_arms_again_is_woken_again() {
         writer.join().unwrap();
     });
 }
+
+/// One waiter asleep on two rings at once (an epoll set): it arms both for
+/// one sleep, and the writer rings a doorbell for that sleep only once.
+/// Either doorbell wakes the waiter (one kernel wait holds both), and it
+/// must never sleep through the data of the ring whose doorbell was not
+/// rung.
+#[test]
+fn a_sleep_on_two_rings_is_rung_once_and_never_sleeps_through_either() {
+    loom::model(|| {
+        let x = Model::new();
+        let y = Model::new();
+        // The waiter's one wait: both doorbells ring it.
+        let bell = Model::new();
+        let (px, py, pb) = (x.clone(), y.clone(), bell.clone());
+        let writer = thread::spawn(move || {
+            // The writing process's record of the sleeps it has rung.
+            let mut rung: Vec<u64> = Vec::new();
+            for p in [px.producer(), py.producer()] {
+                let (_, wake) = p.write(&[b"hi"]).unwrap();
+                if !wake {
+                    continue;
+                }
+                match p.answered_sleep() {
+                    Some(sleep) if rung.contains(&sleep) => {}
+                    sleep => {
+                        pb.ring_doorbell();
+                        rung.extend(sleep);
+                    }
+                }
+            }
+        });
+        let (cx, cy) = (x.consumer(), y.consumer());
+        let has_data = |c: &Consumer<'_>| matches!(c.state().unwrap(), RxState::Data(_));
+        let mut seen = 0;
+        let mut sleep = 1;
+        while !(has_data(&cx) && has_data(&cy)) {
+            cx.arm_in_sleep(sleep);
+            cy.arm_in_sleep(sleep);
+            if !(has_data(&cx) && has_data(&cy)) {
+                bell.sleep(&mut seen);
+            }
+            cx.disarm();
+            cy.disarm();
+            sleep += 1;
+        }
+        writer.join().unwrap();
+    });
+}
