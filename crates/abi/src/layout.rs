@@ -18,7 +18,8 @@
 //!  │  0x080 producer line of the ring this end     │                  │
 //!  │        produces (tail, flags, waiting, woken) │                  │
 //!  │  0x100 consumer line of the ring this end     │                  │
-//!  │        consumes (head, flags, waiting, woken) │                  │
+//!  │        consumes (head, flags, waiting, woken, │                  │
+//!  │        sleep)                                 │                  │
 //!  │  0x180 endpoint line (holders, released,      │                  │
 //!  │        sleepers)                              │                  │
 //!  └───────────────────────────────────────────────┴──────────────────┘
