@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""selectors echo: `selectors_echo.py serve ADDR PORT` or `selectors_echo.py client ADDR PORT`.
+"""selectors echo: `selectors_echo.py serve ADDR PORT [KIND]` or
+`selectors_echo.py client ADDR PORT [KIND]`, KIND the selector: `epoll`
+(the default), `poll` or `select`.
 
 The server is one thread with a `selectors.DefaultSelector` (epoll on
 Linux) and non-blocking sockets: it echoes every connection until the
@@ -31,7 +33,7 @@ class Echo:
 
 
 def serve(addr, port):
-    sel = selectors.DefaultSelector()
+    sel = SELECTOR()
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((addr, port))
@@ -96,7 +98,7 @@ def client(addr, port):
     for sock, greeting in reversed(list(zip(conns, greetings))):
         assert recv_exactly(sock, len(greeting)) == greeting, "greeting came back different"
 
-    sel = selectors.DefaultSelector()
+    sel = SELECTOR()
     outgoing = {}
     for i, (sock, size) in enumerate(zip(conns, SIZES)):
         sock.setblocking(False)
@@ -138,5 +140,10 @@ def client(addr, port):
 
 
 if __name__ == "__main__":
+    SELECTOR = {
+        "epoll": selectors.DefaultSelector,
+        "poll": selectors.PollSelector,
+        "select": selectors.SelectSelector,
+    }[sys.argv[4] if len(sys.argv) > 4 else "epoll"]
     run = serve if sys.argv[1] == "serve" else client
     run(sys.argv[2], int(sys.argv[3]))

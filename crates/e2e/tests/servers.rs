@@ -243,6 +243,30 @@ fn python_selectors_echo_server_with_several_clients() {
     assert!(lab.counter("a", "bytes_received") >= 4_594_024);
 }
 
+/// The same echo with poll on one side and select on the other: each
+/// names its sleeps over all its connections (ARCHITECTURE §4), and a
+/// peer that rings one doorbell for a sleep must still have every echo
+/// found.
+#[test]
+fn python_poll_and_select_echo_with_several_clients() {
+    let mut lab = Lab::start("tpoll", TWO_GUESTS).unwrap();
+    let s = script("selectors_echo.py");
+    for (port, server, client) in [("8320", "poll", "select"), ("8321", "select", "poll")] {
+        let log = format!("server-{server}.log");
+        lab.spawn("b", Via::Vsocket, "python3", &[&s, "serve", "10.10.0.3", port, server], &log).unwrap();
+        lab.wait_listening("b", port.parse().unwrap()).unwrap();
+        let out = lab.run_ok("a", Via::Vsocket, "python3", &[&s, "client", "10.10.0.3", port, client]).unwrap();
+        assert_eq!(out.trim(), "selectors ok 8 4594024", "{server} server, {client} client");
+        let log = lab.dir.join(log);
+        let served = wait_until(Duration::from_secs(5), || {
+            std::fs::read_to_string(&log).unwrap_or_default().contains("served 8 connections, at most 8 at once")
+        });
+        assert!(served, "server log: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+    assert_over_vsocket(&lab, "a");
+    assert_eq!(lab.counter("a", "connections_out"), 16);
+}
+
 #[test]
 fn many_idle_connections_and_a_few_busy_on_one_epoll_set_lose_nothing() {
     // Most of the 400 connections idle at any time (cold in both ends'
