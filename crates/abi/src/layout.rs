@@ -18,8 +18,7 @@
 //!  │  0x080 producer line of the ring this end     │                  │
 //!  │        produces (tail, flags, waiting, woken) │                  │
 //!  │  0x100 consumer line of the ring this end     │                  │
-//!  │        consumes (head, flags, waiting, woken, │                  │
-//!  │        sleep)                                 │                  │
+//!  │        consumes (head, flags, waiting, woken) │                  │
 //!  │  0x180 endpoint line (holders, released,      │                  │
 //!  │        sleepers)                              │                  │
 //!  └───────────────────────────────────────────────┴──────────────────┘

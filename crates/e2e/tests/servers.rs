@@ -244,9 +244,7 @@ fn python_selectors_echo_server_with_several_clients() {
 }
 
 /// The same echo with poll on one side and select on the other: each
-/// names its sleeps over all its connections (ARCHITECTURE §4), and a
-/// peer that rings one doorbell for a sleep must still have every echo
-/// found.
+/// waits on all its connections at once, and must find every echo.
 #[test]
 fn python_poll_and_select_echo_with_several_clients() {
     let mut lab = Lab::start("tpoll", TWO_GUESTS).unwrap();

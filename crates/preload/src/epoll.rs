@@ -772,33 +772,24 @@ impl<M: Member> EpollSet<M> {
     /// (an arming made uncounted could be withdrawn under another waiter,
     /// or withdraw another's). Returns what [`EpollSet::wake`] must be
     /// given after the sleep.
-    ///
-    /// The armings are made for one named sleep (`conn::sleeps`): every
-    /// connection's doorbell is in this set's kernel set (a nested set's
-    /// in its own, which this one holds), so any one rung wakes the one
-    /// `epoll_pwait` the waiter sleeps in, and a peer need ring only one
-    /// of them. A set that inherited its registrations over fork arms as
-    /// before: the doorbells in its kernel set are its creator's doing.
     fn fall_asleep(&self, regs: &Regs<M>) -> Vec<(RawFd, Arc<M>, Interest)> {
         let mut asleep = Vec::new();
-        let sleep = (!self.inherited()).then(crate::conn::sleeps::name);
-        self.count_asleep(regs, &mut asleep, sleep);
+        self.count_asleep(regs, &mut asleep);
         asleep
     }
 
-    fn count_asleep(&self, regs: &Regs<M>, asleep: &mut Vec<(RawFd, Arc<M>, Interest)>, sleep: Option<u64>) {
+    fn count_asleep(&self, regs: &Regs<M>, asleep: &mut Vec<(RawFd, Arc<M>, Interest)>) {
         self.each_judged(regs, |fd, reg| match &reg.kind {
             Kind::Managed { entry, .. } => {
                 if let Waitable::Conn(conn) = entry.waitable() {
                     let interest = Interest::from_epoll(reg.events);
-                    conn.fall_asleep_in(interest, sleep);
+                    conn.fall_asleep(interest);
                     asleep.push((fd, entry.clone(), interest));
                 }
             }
             Kind::Nested { entry } => {
                 if let Waitable::Set(inner) = entry.waitable() {
-                    let sleep = sleep.filter(|_| !inner.inherited());
-                    inner.count_asleep(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()), asleep, sleep);
+                    inner.count_asleep(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()), asleep);
                 }
             }
             _ => {}

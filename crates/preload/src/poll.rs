@@ -115,14 +115,10 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32, sigmask: *const libc::sig
                     continue;
                 }
             }
-            // One sleep, named: every connection's doorbell is in the one
-            // ppoll below, so a peer need ring only one of them (see
-            // `conn::sleeps`).
-            let name = crate::conn::sleeps::name();
             for (i, (p, e)) in fds.iter().zip(&entries).enumerate() {
                 match e.as_deref().map(Entry::waitable) {
                     Some(Waitable::Conn(c)) => {
-                        c.fall_asleep_in(interest(p.events), Some(name));
+                        c.fall_asleep(interest(p.events));
                         asleep.push(i);
                     }
                     Some(w) => w.arm_for(interest(p.events)),

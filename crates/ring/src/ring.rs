@@ -13,15 +13,6 @@
 //! not sleep, or the writer sees the arming and wakes it. Nobody is woken
 //! who is not asleep, and each arming is woken at most once.
 //!
-//! **Armings of one sleep.** A waiter that sleeps on many connections at
-//! once (an epoll set) may arm a ring for that sleep ([`Consumer::arm_in_sleep`]):
-//! the arming carries [`IN_SLEEP`], and the line's `sleep` word names the
-//! sleep. A writer that answers it learns the sleep's name
-//! ([`Producer::answered_sleep`]) and need not ring a second doorbell for
-//! a sleep it has already rung one for: that one wakes the waiter, which
-//! then looks at every ring it armed. Which doorbells to ring is the
-//! caller's to decide; this module only carries the name.
-//!
 //! Every load of the peer's words is validated (see [`crate::index`]);
 //! the ring size is held privately and never read from shared memory.
 
@@ -51,21 +42,11 @@ pub struct ConsumerLine {
     pub head: AtomicU64,
     /// `CONSUMER_CLOSED`.
     pub flags: AtomicU32,
-    /// Odd while the consumer waits for bytes (a fresh value per arming),
-    /// with [`IN_SLEEP`] when the arming is one of a sleep's.
+    /// Odd while the consumer waits for bytes (a fresh value per arming).
     pub waiting: AtomicU64,
     /// The producer's arming this consumer last answered with a wake-up.
     pub woken: AtomicU64,
-    /// The name of the sleep the consumer's last arming with [`IN_SLEEP`]
-    /// was made for (written before that arming).
-    pub sleep: AtomicU64,
 }
-
-/// The bit of a `waiting` word that marks an arming made for a sleep on
-/// many rings, named by the consumer line's `sleep` word. The counter is
-/// the other 63 bits: it still moves on at every arming, so an arming is
-/// never one already answered.
-pub const IN_SLEEP: u64 = 1 << 63;
 
 impl ProducerLine {
     /// Back to a fresh connection's values.
@@ -84,7 +65,6 @@ impl ConsumerLine {
         self.flags.store(0, Ordering::Relaxed);
         self.waiting.store(0, Ordering::Relaxed);
         self.woken.store(0, Ordering::Relaxed);
-        self.sleep.store(0, Ordering::Relaxed);
     }
 }
 
@@ -208,29 +188,9 @@ impl<'a> Shared<'a> {
     /// any the other side answered; the counter is 64 bits wide so that it
     /// never comes round to one.
     fn arm(waiting: &AtomicU64) {
-        let _ = waiting.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| Some(Self::next_arming(w)));
-        fence(Ordering::SeqCst);
-    }
-
-    /// The plain arming that follows `w`: the counter (all but
-    /// [`IN_SLEEP`]) moves to its next odd value.
-    fn next_arming(w: u64) -> u64 {
-        let counter = w & !IN_SLEEP;
-        (if counter & 1 == 1 { counter.wrapping_add(2) } else { counter.wrapping_add(1) }) & !IN_SLEEP
-    }
-
-    /// As `arm`, for the sleep named `sleep` (see [`IN_SLEEP`]), if the
-    /// ring is not armed already: an arming another waiter made is left to
-    /// it, moved on as a plain one (a writer must answer it with its own
-    /// doorbell). The name is stored before the arming that carries it.
-    fn arm_in_sleep(waiting: &AtomicU64, sleep_word: &AtomicU64, sleep: u64) {
-        sleep_word.store(sleep, Ordering::Relaxed);
-        let marked = waiting.fetch_update(Ordering::Release, Ordering::Relaxed, |w| {
-            (w & 1 == 0).then(|| ((w & !IN_SLEEP).wrapping_add(1) & !IN_SLEEP) | IN_SLEEP)
+        let _ = waiting.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+            Some(if w & 1 == 1 { w.wrapping_add(2) } else { w.wrapping_add(1) })
         });
-        if marked.is_err() {
-            return Self::arm(waiting);
-        }
         fence(Ordering::SeqCst);
     }
 
@@ -238,9 +198,7 @@ impl<'a> Shared<'a> {
     /// ring before it sleeps again (re-arming first): the other side need
     /// not ring the doorbell any more.
     fn disarm(waiting: &AtomicU64) {
-        let _ = waiting.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
-            (w & 1 == 1).then(|| (w & !IN_SLEEP).wrapping_add(1) & !IN_SLEEP)
-        });
+        let _ = waiting.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| (w & 1 == 1).then(|| w.wrapping_add(1)));
     }
 }
 
@@ -403,23 +361,6 @@ impl<'a> Producer<'a> {
         self.0.cons.woken.load(Ordering::Relaxed)
     }
 
-    /// The sleep the consumer's arming this side last answered was made
-    /// for, if it was one of a sleep's (see [`IN_SLEEP`]): call it after a
-    /// write that said the consumer must be woken. The consumer writes the
-    /// name, and may forge it: a forged one can only keep its own ring
-    /// from being rung.
-    pub fn answered_sleep(&self) -> Option<u64> {
-        let answered = self.0.prod.woken.load(Ordering::Relaxed);
-        if answered & 1 == 0 || answered & IN_SLEEP == 0 {
-            return None;
-        }
-        // Pairs with the release of the arming read when it was answered:
-        // the name stored before it is seen (or a later one, of a sleep
-        // that came after: see the caller).
-        fence(Ordering::Acquire);
-        Some(self.0.cons.sleep.load(Ordering::Relaxed))
-    }
-
     /// Bytes written so far (for metering; the peer may forge it).
     pub fn total(&self) -> u64 {
         self.0.prod.tail.load(Ordering::Relaxed)
@@ -576,15 +517,6 @@ impl<'a> Consumer<'a> {
         Shared::arm(&self.0.cons.waiting);
     }
 
-    /// As [`Consumer::arm`], for a sleep on many rings named `sleep` (see
-    /// [`IN_SLEEP`]); only a waiter that is this end's only one may, and
-    /// only if the one kernel wait it sleeps in wakes for this ring's
-    /// doorbell and for every other ring armed with the same name. An
-    /// arming already there is moved on as a plain one.
-    pub fn arm_in_sleep(&self, sleep: u64) {
-        Shared::arm_in_sleep(&self.0.cons.waiting, &self.0.cons.sleep, sleep);
-    }
-
     /// Withdraws an `arm`; the caller checks [`Consumer::state`] (and arms
     /// again) before it next sleeps.
     pub fn disarm(&self) {
@@ -647,53 +579,6 @@ mod tests {
             // SAFETY: `data` came from Box::into_raw in `new` and is freed once.
             drop(unsafe { Box::from_raw(self.data) });
         }
-    }
-
-    #[test]
-    fn an_arming_of_a_sleep_is_answered_once_and_names_its_sleep() {
-        let ring = TestRing::new(16);
-        let (p, c) = ring.views();
-        c.arm_in_sleep(0xabc);
-        let armed = ring.ctl.consumer.waiting.load(Ordering::Relaxed);
-        assert_eq!(armed, 1 | IN_SLEEP);
-        let (_, wake) = p.write(&[b"x"]).unwrap();
-        assert!(wake);
-        assert_eq!(p.answered_sleep(), Some(0xabc));
-        // Answered once: the next write does not wake it again.
-        assert!(!p.write(&[b"y"]).unwrap().1);
-        // Disarmed, the counter moves on and the mark goes.
-        c.disarm();
-        assert_eq!(ring.ctl.consumer.waiting.load(Ordering::Relaxed), 2);
-        // A plain arming is answered with no sleep named.
-        c.arm();
-        assert!(p.write(&[b"z"]).unwrap().1);
-        assert_eq!(p.answered_sleep(), None);
-    }
-
-    #[test]
-    fn an_arming_already_there_stays_plain_and_every_arming_is_new() {
-        let ring = TestRing::new(16);
-        let (p, c) = ring.views();
-        // Another waiter armed first: arming for a sleep over it moves it
-        // on as a plain arming, which the writer answers with no name.
-        c.arm();
-        c.arm_in_sleep(7);
-        let armed = ring.ctl.consumer.waiting.load(Ordering::Relaxed);
-        assert_eq!(armed, 3, "a plain arming, moved on");
-        assert!(p.write(&[b"x"]).unwrap().1);
-        assert_eq!(p.answered_sleep(), None);
-        // A plain arming over one of a sleep's takes the mark off, and the
-        // counter never comes back to a value already answered.
-        c.disarm();
-        c.arm_in_sleep(8);
-        assert!(p.write(&[b"y"]).unwrap().1);
-        let answered = ring.ctl.producer.woken.load(Ordering::Relaxed);
-        assert_eq!(answered, 5 | IN_SLEEP);
-        c.arm();
-        let plain = ring.ctl.consumer.waiting.load(Ordering::Relaxed);
-        assert_eq!(plain, 7);
-        assert_ne!(plain, answered);
-        assert!(p.write(&[b"z"]).unwrap().1, "a new arming is answered");
     }
 
     #[test]

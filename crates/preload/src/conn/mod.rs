@@ -9,7 +9,6 @@
 
 mod blocking;
 mod rung;
-pub mod sleeps;
 mod state;
 
 use crate::attach::{ConnectionMemory, Delivery, Memory, Remap, Wakeups};
@@ -309,24 +308,6 @@ impl Connection {
         }
     }
 
-    /// As `kick`, after bytes were written to the peer: where the arming
-    /// answered was made for a sleep this process has already rung a
-    /// doorbell for, the peer is awake or waking, and will look at this
-    /// connection too (see [`sleeps`]).
-    fn kick_reader(&self, wake: bool) {
-        if !wake {
-            return;
-        }
-        let sleep = self.tx().answered_sleep();
-        if sleep.is_some_and(sleeps::rung) {
-            return;
-        }
-        self.kick(true);
-        if let Some(name) = sleep {
-            sleeps::record(name);
-        }
-    }
-
     /// The peer broke the protocol: reset both directions.
     fn break_connection(&self) -> Errno {
         if self.state.break_down() {
@@ -352,28 +333,11 @@ impl Connection {
     /// [`Connection::wake`]): its own arming, and the ring that answers it,
     /// must come after them.
     pub fn fall_asleep(&self, interest: Interest) {
-        self.fall_asleep_in(interest, None);
-    }
-
-    /// As [`Connection::fall_asleep`], for the sleep named `sleep` (see
-    /// [`sleeps`]) when there is one: a sleep on many connections in one
-    /// kernel wait, whose doorbells (this one's among them) all wake it.
-    /// Only the end's only waiter arms for reading with the name: where
-    /// others sleep on the end too, a peer must ring for them as before.
-    pub fn fall_asleep_in(&self, interest: Interest, sleep: Option<u64>) {
         let before = self.sleepers().fetch_add(1, Ordering::AcqRel);
         if before & LAST_WAKING != 0 {
             self.wait_for_last_waking();
         }
-        match sleep {
-            Some(name) if before & !LAST_WAKING == 0 && interest.reads() => {
-                self.rx().arm_in_sleep(name);
-                if interest.writes() {
-                    self.tx().arm();
-                }
-            }
-            _ => self.arm(interest),
-        }
+        self.arm(interest);
     }
 
     /// Waits, briefly, until the last sleeper to wake has taken the doorbell
@@ -767,7 +731,7 @@ impl Connection {
             let tx = self.tx();
             match advance_const(bufs, total, |rest| tx.write(rest)) {
                 Ok((n, wake)) => {
-                    self.kick_reader(wake);
+                    self.kick(wake);
                     total += n;
                     if total == wanted {
                         return Ok(total);
@@ -1048,47 +1012,6 @@ mod tests {
     fn rung(c: &Connection) -> bool {
         let mut pfd = [libc::pollfd { fd: c.doorbell, events: libc::POLLIN, revents: 0 }];
         sys::poll(&mut pfd, 0).unwrap() > 0
-    }
-
-    #[test]
-    fn a_sleep_on_two_connections_is_rung_once_unless_another_waiter_sleeps_on_one() {
-        let (c1, s1) = pair(4096);
-        let (c2, s2) = pair(4096);
-        // One waiter (an epoll set) asleep on both, for one named sleep: the
-        // writer rings the first doorbell only; the waiter, woken by it,
-        // looks at both.
-        let sleep = sleeps::name();
-        c1.fall_asleep_in(Interest::READABLE, Some(sleep));
-        c2.fall_asleep_in(Interest::READABLE, Some(sleep));
-        assert_eq!(s1.send(&[b"a"], 0), Ok(1));
-        assert_eq!(s2.send(&[b"b"], 0), Ok(1));
-        assert!(rung(&c1));
-        assert!(!rung(&c2), "a second doorbell for a sleep already rung");
-        assert!(c1.wake(Interest::READABLE, true));
-        assert!(c2.wake(Interest::READABLE, false));
-        assert!(!rung(&c1));
-        assert_eq!(c2.readiness() & Readiness::IN, Readiness::IN);
-        assert_eq!(recv_all(&c2, 1), b"b");
-        assert_eq!(recv_all(&c1, 1), b"a");
-
-        // Its next sleep has a new name: rung again.
-        let next = sleeps::name();
-        c2.fall_asleep_in(Interest::READABLE, Some(next));
-        assert_eq!(s2.send(&[b"c"], 0), Ok(1));
-        assert!(rung(&c2));
-        assert!(c2.wake(Interest::READABLE, true));
-        assert_eq!(recv_all(&c2, 1), b"c");
-
-        // Another waiter sleeps on c2 (a thread in recv): the set's arming
-        // is a plain one there, and c2's doorbell rings for its own sake.
-        let sleep = sleeps::name();
-        c2.fall_asleep(Interest::READABLE);
-        c1.fall_asleep_in(Interest::READABLE, Some(sleep));
-        c2.fall_asleep_in(Interest::READABLE, Some(sleep));
-        assert_eq!(s1.send(&[b"d"], 0), Ok(1));
-        assert_eq!(s2.send(&[b"e"], 0), Ok(1));
-        assert!(rung(&c1));
-        assert!(rung(&c2), "the other waiter on c2 must be woken");
     }
 
     #[test]
