@@ -390,11 +390,7 @@ impl Listener {
             // The program's socket first: short of descriptors (EMFILE),
             // no kit is taken and it waits for a later accept, as in a
             // kernel backlog.
-            let fd = sys::socket(
-                self.family.domain(),
-                libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)),
-                0,
-            )?;
+            let fd = self.program_socket(flags)?;
             let incoming = match kits.next() {
                 Ok(Some(incoming)) => incoming,
                 Ok(None) => {
@@ -440,6 +436,14 @@ impl Listener {
         inherited.apply(fd, conn);
     }
 
+    /// A fresh kernel socket for an accepted connection (accept4's
+    /// `SOCK_NONBLOCK`/`SOCK_CLOEXEC` from `flags`): the program's
+    /// descriptor, made before a connection is taken, so that short of
+    /// descriptors (EMFILE) none is taken, as in a kernel backlog.
+    fn program_socket(&self, flags: i32) -> SysResult<RawFd> {
+        sys::socket(self.family.domain(), libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)), 0)
+    }
+
     /// Takes the connection the daemon delivered on the listener channel,
     /// if one waits.
     fn take_delivered(&self, channel: &Arc<Attached>, listening: RawFd, flags: i32) -> SysResult<Option<Accepted>> {
@@ -449,11 +453,7 @@ impl Listener {
         if sys::poll(&mut pending, 0).unwrap_or(0) == 0 {
             return Ok(None);
         }
-        let fd = sys::socket(
-            self.family.domain(),
-            libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)),
-            0,
-        )?;
+        let fd = self.program_socket(flags)?;
         // The connection's own descriptors are read with the soft limit
         // raised, above the program's (see `attach::receive_on`). Where it
         // cannot be raised (soft and hard equal), they land in the

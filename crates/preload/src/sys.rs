@@ -432,17 +432,26 @@ fn set_nofile(rl: &libc::rlimit) -> SysResult<()> {
 /// it can below it (`fallback_floor` and up), as before; one that cannot
 /// move stays where it is.
 pub fn relocate_internal(fds: &mut [RawFd], fallback_floor: RawFd) {
-    with_limit_raised(|raised| {
-        let floor = raised.map_or(fallback_floor, |soft| soft as RawFd);
-        for fd in fds.iter_mut() {
-            *fd = relocate(*fd, floor);
-        }
-    })
+    with_limit_raised(|raised| relocate_raised(fds, raised, fallback_floor))
+}
+
+/// [`relocate_internal`]'s moves, inside [`with_limit_raised`] (`raised`
+/// is what it was told).
+pub fn relocate_raised(fds: &mut [RawFd], raised: Option<u64>, fallback_floor: RawFd) {
+    let floor = raised.map_or(fallback_floor, |soft| soft as RawFd);
+    for fd in fds.iter_mut() {
+        *fd = relocate(*fd, floor);
+    }
+}
+
+/// Can this soft `RLIMIT_NOFILE` be raised to the hard one?
+fn rises(rl: &libc::rlimit) -> bool {
+    rl.rlim_cur < rl.rlim_max && rl.rlim_cur < (1 << 30)
 }
 
 /// Can the soft `RLIMIT_NOFILE` be raised (is it below the hard one)?
 pub fn limit_rises() -> bool {
-    nofile().is_ok_and(|rl| rl.rlim_cur < rl.rlim_max && rl.rlim_cur < (1 << 30))
+    nofile().is_ok_and(|rl| rises(&rl))
 }
 
 /// Runs `f` with the soft `RLIMIT_NOFILE` raised to the hard one, and puts
@@ -454,11 +463,9 @@ pub fn limit_rises() -> bool {
 /// limit. One thread at a time, and never across fork.
 pub fn with_limit_raised<T>(f: impl FnOnce(Option<u64>) -> T) -> T {
     hold_limit();
-    let raised = nofile().ok().filter(|rl| {
-        rl.rlim_cur < rl.rlim_max
-            && rl.rlim_cur < (1 << 30)
-            && set_nofile(&libc::rlimit { rlim_cur: rl.rlim_max, rlim_max: rl.rlim_max }).is_ok()
-    });
+    let raised = nofile()
+        .ok()
+        .filter(|rl| rises(rl) && set_nofile(&libc::rlimit { rlim_cur: rl.rlim_max, rlim_max: rl.rlim_max }).is_ok());
     let result = f(raised.map(|rl| rl.rlim_cur));
     if let Some(rl) = raised {
         // Put back at once (a failure here would leave the program a higher

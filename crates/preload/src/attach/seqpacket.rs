@@ -317,8 +317,18 @@ pub(crate) fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
                 Ok(_) => {}
             }
         }
-        let got =
-            sys::with_limit_raised(|_| sys::recv_with_fds(channel, &mut buf, &mut all, flags | libc::MSG_DONTWAIT));
+        // Whatever descriptors it brings are moved out of the program's
+        // range in the same window: the doorbell and lifeline live there,
+        // and the halves, though closed as soon as they are mapped, must
+        // not hold a number of the program's meanwhile (a thread's dup2
+        // onto it would have its descriptor closed by us).
+        let got = sys::with_limit_raised(|raised| {
+            let got = sys::recv_with_fds(channel, &mut buf, &mut all, flags | libc::MSG_DONTWAIT);
+            if let Ok((_, count)) = got {
+                sys::relocate_raised(&mut all[..count], raised, internal_fd_floor());
+            }
+            got
+        });
         match got {
             Err(Errno(libc::EINTR)) => continue,
             // Taken by another thread between the wait and the read.
@@ -344,18 +354,6 @@ pub(crate) fn receive(channel: RawFd, flags: i32) -> SysResult<Reply> {
     }
     if count != reply.message.fd_count() {
         return Err(Errno(libc::EPROTO));
-    }
-    // A connection's descriptors go out of the program's range: the
-    // doorbell and lifeline live there, and the halves, though closed as
-    // soon as they are mapped, must not hold a number of the program's
-    // meanwhile (a thread's dup2 onto it would have its descriptor closed
-    // by us).
-    if count == CONNECTION_FDS {
-        sys::relocate_internal(&mut reply.fds, internal_fd_floor());
-    } else if count > CONNECTION_FDS || matches!(reply.message, Message::ListenOkKits) {
-        // A batch of kits (or a listener's bell): the library's own too.
-        sys::relocate_internal(&mut reply.fds, internal_fd_floor());
-        sys::relocate_internal(&mut reply.extra, internal_fd_floor());
     }
     Ok(reply)
 }
