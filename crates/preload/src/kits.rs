@@ -488,8 +488,9 @@ impl ServerKits {
     /// is known only from its first batch): a client takes a kit only after
     /// its batch was sent there. A slot that names no kit of this
     /// process's is passed by.
-    /// Fails (EMFILE) when a batch waits that this process has no room
-    /// for: the accept fails so, and a later one takes it.
+    /// Fails (EMFILE) when a batch came that not even the hard limit had
+    /// room for: the accept fails so, and the batch is lost (see
+    /// [`lost_batch`](Self::lost_batch)).
     ///
     /// An accept makes the program's socket first (see
     /// [`may_have_one`](Self::may_have_one)): a kit once returned here is
