@@ -25,6 +25,7 @@ pub fn watch() {
 extern "C" fn prepare() {
     segcache::before_fork();
     crate::kits::before_fork();
+    crate::attach::before_fork();
     sys::limit_before_fork();
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
     table::for_each(|entry| {
@@ -37,6 +38,7 @@ extern "C" fn prepare() {
 extern "C" fn parent() {
     sys::limit_after_fork();
     segcache::after_fork_parent();
+    crate::attach::after_fork();
     crate::kits::after_fork();
     // Both processes may now read a listener's channel: kits sent on it
     // would be split between them (see `Listener::no_more_kits`).
@@ -51,6 +53,7 @@ extern "C" fn child() {
     sys::limit_after_fork();
     sys::forget_pid();
     segcache::after_fork_child();
+    crate::attach::after_fork();
     crate::kits::after_fork();
     table::for_each(|entry| {
         if let Entry::Listener(listener) = entry {

@@ -93,6 +93,28 @@ struct RequestChannel {
 
 static REQUESTS: Mutex<Option<RequestChannel>> = Mutex::new(None);
 
+thread_local! {
+    /// The request channel, held by the thread that forks from before the
+    /// fork until after it (in both processes). A child never finds it
+    /// locked by a thread it does not have: its first request would wait
+    /// for ever (a thread of the parent was waiting for a reply as another
+    /// forked). A fork waits for a request under way (at most the reply
+    /// timeout).
+    static HELD_ACROSS_FORK: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Option<RequestChannel>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Fork handlers (see `fork.rs`): the request channel is locked before the
+/// fork and let go after it.
+pub fn before_fork() {
+    let guard = REQUESTS.lock().unwrap_or_else(|e| e.into_inner());
+    HELD_ACROSS_FORK.with(|held| *held.borrow_mut() = Some(guard));
+}
+
+pub fn after_fork() {
+    HELD_ACROSS_FORK.with(|held| drop(held.borrow_mut().take()));
+}
+
 /// Is the daemon that answered this process's last request still there?
 /// Its request channel shows nothing readable between requests unless the
 /// daemon went away (end of stream). A grant's kits are that daemon's: a
@@ -140,6 +162,8 @@ pub fn reattach(id: u64, end: Endpoint, lifeline: RawFd) -> SysResult<[RawFd; 2]
 }
 
 fn request_proving(msg: &Message, proof: Option<RawFd>) -> SysResult<Reply> {
+    // A fork from now on holds the channel across it (above).
+    crate::fork::watch();
     let mut guard = REQUESTS.lock().unwrap_or_else(|e| e.into_inner());
     let pid = crate::sys::getpid();
     if guard.as_ref().is_some_and(|c| c.pid != pid) {
