@@ -62,6 +62,9 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
         true => Message::ConnectKits { local, remote },
         false => Message::Connect { local, remote },
     };
+    // A fork from now on holds the request channel across it (a child
+    // forked during this request would find it locked for ever).
+    fork::watch();
     let mut reply = match attach::request(&request) {
         Ok(reply) => reply,
         Err(e) => {

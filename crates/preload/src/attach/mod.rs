@@ -162,8 +162,6 @@ pub fn reattach(id: u64, end: Endpoint, lifeline: RawFd) -> SysResult<[RawFd; 2]
 }
 
 fn request_proving(msg: &Message, proof: Option<RawFd>) -> SysResult<Reply> {
-    // A fork from now on holds the channel across it (above).
-    crate::fork::watch();
     let mut guard = REQUESTS.lock().unwrap_or_else(|e| e.into_inner());
     let pid = crate::sys::getpid();
     if guard.as_ref().is_some_and(|c| c.pid != pid) {
