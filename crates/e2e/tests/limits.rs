@@ -78,7 +78,6 @@ fn a_server_near_its_descriptor_limit_loses_no_connection() {
     // Most: a client whose kits run out while its server has not yet
     // accepted them connects through the daemon (800 to 920 of 1000 took
     // kits in runs here; the old library lost about 90 connections).
-    eprintln!("{from_kits} of 1000 connections took kits");
     assert!(from_kits >= 500, "{from_kits} of 1000 connections took kits");
 }
 

@@ -62,8 +62,9 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
         true => Message::ConnectKits { local, remote },
         false => Message::Connect { local, remote },
     };
-    // A fork from now on holds the request channel across it (a child
-    // forked during this request would find it locked for ever).
+    // From now on a fork accounts for the connection this may make, and
+    // holds the request channel across it (a child forked during this
+    // request would find it locked for ever).
     fork::watch();
     let mut reply = match attach::request(&request) {
         Ok(reply) => reply,
@@ -75,10 +76,8 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
         }
     };
     if let Some(delivered) = attach::delivered(&mut reply, Endpoint::Client) {
-        let conn = delivered.and_then(|(info, delivery)| {
-            fork::watch();
-            Connection::new(info, Endpoint::Client, family, delivery, blocking)
-        });
+        let conn =
+            delivered.and_then(|(info, delivery)| Connection::new(info, Endpoint::Client, family, delivery, blocking));
         let conn = match conn {
             Ok(c) => c,
             Err(e) => return Some(Err(e)),

@@ -10,11 +10,26 @@
 use crate::attach::segcache;
 use crate::sys;
 use crate::table::{self, Entry};
+use std::any::Any;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 static WATCH: Once = Once::new();
+
+thread_local! {
+    /// The locks a child's first call may take, held by the thread that
+    /// forks from the prepare handler until after the fork, in both
+    /// processes: a child never finds one locked by a thread it does not
+    /// have (a parent's thread waiting for the daemon's reply as another
+    /// forked left the child's first connect waiting for ever).
+    static HELD: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn let_go() {
+    HELD.with(|held| held.borrow_mut().clear());
+}
 
 /// Installs the fork handlers (once; called before a connection is made,
 /// the first thing a fork would need to account for).
@@ -24,8 +39,11 @@ pub fn watch() {
 
 extern "C" fn prepare() {
     segcache::before_fork();
-    crate::kits::before_fork();
-    crate::attach::before_fork();
+    // In the order every other path takes them: the grants, then the
+    // request channel, then the descriptor limit's.
+    let held: Vec<Box<dyn Any>> =
+        vec![Box::new(crate::kits::lock_for_fork()), Box::new(crate::attach::lock_for_fork())];
+    HELD.with(|slot| *slot.borrow_mut() = held);
     sys::limit_before_fork();
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
     table::for_each(|entry| {
@@ -38,8 +56,7 @@ extern "C" fn prepare() {
 extern "C" fn parent() {
     sys::limit_after_fork();
     segcache::after_fork_parent();
-    crate::attach::after_fork();
-    crate::kits::after_fork();
+    let_go();
     // Both processes may now read a listener's channel: kits sent on it
     // would be split between them (see `Listener::no_more_kits`).
     table::for_each(|entry| {
@@ -53,8 +70,7 @@ extern "C" fn child() {
     sys::limit_after_fork();
     sys::forget_pid();
     segcache::after_fork_child();
-    crate::attach::after_fork();
-    crate::kits::after_fork();
+    let_go();
     table::for_each(|entry| {
         if let Entry::Listener(listener) = entry {
             listener.no_more_kits(false);

@@ -149,23 +149,10 @@ struct Clients {
 
 static CLIENTS: Mutex<Clients> = Mutex::new(Clients { pid: 0, grants: Vec::new() });
 
-thread_local! {
-    /// The process's grants, held by the thread that forks from before
-    /// the fork until after it (in both processes), so that a child never
-    /// finds them locked by a thread it does not have.
-    static HELD_ACROSS_FORK: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Clients>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Fork handlers (see `fork.rs`): the grants' lock is taken before the
-/// fork and let go after it.
-pub fn before_fork() {
-    let guard = CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
-    HELD_ACROSS_FORK.with(|held| *held.borrow_mut() = Some(guard));
-}
-
-pub fn after_fork() {
-    HELD_ACROSS_FORK.with(|held| drop(held.borrow_mut().take()));
+/// The grants, locked: fork's prepare handler holds them across the fork
+/// (see `fork.rs`).
+pub fn lock_for_fork() -> impl std::any::Any {
+    CLIENTS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn clients() -> std::sync::MutexGuard<'static, Clients> {

@@ -93,26 +93,11 @@ struct RequestChannel {
 
 static REQUESTS: Mutex<Option<RequestChannel>> = Mutex::new(None);
 
-thread_local! {
-    /// The request channel, held by the thread that forks from before the
-    /// fork until after it (in both processes). A child never finds it
-    /// locked by a thread it does not have: its first request would wait
-    /// for ever (a thread of the parent was waiting for a reply as another
-    /// forked). A fork waits for a request under way (at most the reply
-    /// timeout).
-    static HELD_ACROSS_FORK: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Option<RequestChannel>>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Fork handlers (see `fork.rs`): the request channel is locked before the
-/// fork and let go after it.
-pub fn before_fork() {
-    let guard = REQUESTS.lock().unwrap_or_else(|e| e.into_inner());
-    HELD_ACROSS_FORK.with(|held| *held.borrow_mut() = Some(guard));
-}
-
-pub fn after_fork() {
-    HELD_ACROSS_FORK.with(|held| drop(held.borrow_mut().take()));
+/// The request channel, locked: fork's prepare handler holds it across
+/// the fork (see `fork.rs`). A fork so waits for a request under way (at
+/// most the reply timeout).
+pub fn lock_for_fork() -> impl std::any::Any {
+    REQUESTS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Is the daemon that answered this process's last request still there?
