@@ -8,6 +8,7 @@
 //! holding an end is gone, the peer sees end of stream.
 
 use crate::attach::segcache;
+use crate::forksafe;
 use crate::sys;
 use crate::table::{self, Entry};
 use std::any::Any;
@@ -38,6 +39,8 @@ pub fn watch() {
 }
 
 extern "C" fn prepare() {
+    // First: a listener's lock holder may take any of those below.
+    forksafe::close_before_fork();
     segcache::before_fork();
     // In the order every other path takes them: the grants, then the
     // request channel, then the descriptor limit's.
@@ -57,6 +60,7 @@ extern "C" fn parent() {
     sys::limit_after_fork();
     segcache::after_fork_parent();
     let_go();
+    forksafe::open_after_fork();
     // Both processes may now read a listener's channel: kits sent on it
     // would be split between them (see `Listener::no_more_kits`).
     table::for_each(|entry| {
@@ -71,9 +75,49 @@ extern "C" fn child() {
     sys::forget_pid();
     segcache::after_fork_child();
     let_go();
+    forksafe::open_after_fork();
     table::for_each(|entry| {
         if let Entry::Listener(listener) = entry {
             listener.no_more_kits(false);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn a_child_forked_while_another_thread_holds_a_listeners_lock_can_take_it() {
+        // A listener's locks (its kit state, its retry state, its channel's
+        // reader) are held for moments by the thread accepting on it; a
+        // child forked in such a moment must not find one held for ever.
+        watch();
+        let lock = Arc::new(forksafe::Mutex::new(0u32));
+        let (held, holding) = std::sync::mpsc::channel();
+        let holder = {
+            let lock = lock.clone();
+            std::thread::spawn(move || {
+                let mut state = lock.lock();
+                held.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+                *state += 1;
+            })
+        };
+        holding.recv().unwrap();
+        let child = sys::fork_running(|| {
+            let state = lock.lock();
+            // The fork waited for the holder: the child has its write.
+            if *state == 1 {
+                0
+            } else {
+                2
+            }
+        })
+        .unwrap();
+        assert_eq!(sys::wait_exit(child, 5_000), Some(0), "the child took the lock (None: it hung)");
+        holder.join().unwrap();
+    }
 }

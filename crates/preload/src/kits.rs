@@ -15,6 +15,7 @@
 //! wait on a listener (accept, poll, select, epoll) sleeps on both.
 
 use crate::attach::Delivery;
+use crate::forksafe;
 use crate::sys::{self, Errno, SysResult};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -239,7 +240,7 @@ pub struct ServerKits {
     /// only after its batch is here, so it is read before the queues.
     kit_channel: RawFd,
     watch: RawFd,
-    state: Mutex<ServerState>,
+    state: forksafe::Mutex<ServerState>,
     /// The listener takes no more kits (its process forked).
     off: AtomicBool,
     /// A batch was lost (see [`ServerKits::lost_batch`]).
@@ -335,7 +336,7 @@ impl ServerKits {
             bell,
             kit_channel,
             watch: watch[0],
-            state: Mutex::new(ServerState::default()),
+            state: forksafe::Mutex::new(ServerState::default()),
             off: AtomicBool::new(false),
             lost: AtomicBool::new(false),
         };
@@ -351,8 +352,8 @@ impl ServerKits {
         self.watch
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, ServerState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn state(&self) -> forksafe::Guard<'_, ServerState> {
+        self.state.lock()
     }
 
     /// Keeps the server's ends of batch `grant` (clients at `client`,

@@ -21,7 +21,8 @@
 //! - leaves: [`readiness`] (readiness and interest), [`signals`] (`SA_RESTART`
 //!   for blocking calls, through the program's handlers), [`sys`] (raw
 //!   system calls, so the library never re-enters its own hooks), [`addr`]
-//!   (socket addresses of both families), [`scratch`] (a buffer per thread
+//!   (socket addresses of both families), [`forksafe`] (mutexes fork waits
+//!   for, so a child never finds one held), [`scratch`] (a buffer per thread
 //!   for the bytes sendfile and splice pass through); adaptive spinning before a sleep
 //!   is `vsocket_ring::spin`, shared with the daemon's fabric relay.
 //!
@@ -38,6 +39,7 @@ mod connect;
 mod epoll;
 mod exec;
 mod fork;
+mod forksafe;
 #[allow(unsafe_code)]
 mod hooks;
 mod kits;

@@ -17,13 +17,14 @@
 use crate::addr::Family;
 use crate::attach::{Channel, ControlChannel, Receive};
 use crate::conn::{Blocking, Connection, Direction};
+use crate::forksafe;
 use crate::kits::{self, ServerKits};
 use crate::sys::{self, Errno, SysResult};
 use arc_swap::ArcSwapOption;
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use vsocket_abi::control::{ConnectionInfo, Message, CONNECTION_FDS};
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::spin::Spinner;
@@ -57,7 +58,7 @@ pub struct Listener {
     /// kits that came on it; none while detached.
     channel: ArcSwapOption<Attached>,
     /// What registering again needs, and when to try.
-    retry: Mutex<Retry>,
+    retry: forksafe::Mutex<Retry>,
     /// The listening socket's family: accepted sockets have it too.
     pub family: Family,
     /// How long a blocking accept spins before sleeping.
@@ -67,7 +68,7 @@ pub struct Listener {
     /// The listening socket's options that accepted sockets inherit, read
     /// from the kernel at the first accept after they may have changed
     /// (`None`: not read yet, or a `setsockopt` on the listener since).
-    inherited: Mutex<Option<Inherited>>,
+    inherited: forksafe::Mutex<Option<Inherited>>,
 }
 
 /// A detached listener's way back to the daemon.
@@ -220,7 +221,7 @@ impl Listener {
         };
         Ok(Listener {
             channel: ArcSwapOption::new(channel),
-            retry: Mutex::new(Retry {
+            retry: forksafe::Mutex::new(Retry {
                 local,
                 backlog,
                 due_ms: sys::now_ms() + RETRY_FIRST_MS,
@@ -231,7 +232,7 @@ impl Listener {
             family,
             spinner: Spinner::new(),
             retired_kits: AtomicBool::new(false),
-            inherited: Mutex::new(None),
+            inherited: forksafe::Mutex::new(None),
         })
     }
 
@@ -270,7 +271,7 @@ impl Listener {
     /// The listener channel `broken` broke: the listener is detached (if
     /// that is still its channel) and tries to attach again soon.
     fn detach(&self, broken: &Arc<Attached>) {
-        let mut retry = self.retry.lock().unwrap_or_else(|e| e.into_inner());
+        let mut retry = self.retry.lock();
         let current = self.channel.load();
         if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, broken)) {
             return;
@@ -293,7 +294,7 @@ impl Listener {
         if self.attached() {
             return true;
         }
-        let mut retry = self.retry.lock().unwrap_or_else(|e| e.into_inner());
+        let mut retry = self.retry.lock();
         if self.attached() {
             return true;
         }
@@ -355,7 +356,7 @@ impl Listener {
     /// broke are read until they are empty.
     fn take_retired_kit(&self, listening: RawFd, flags: i32) -> SysResult<Option<Accepted>> {
         let retired: Vec<Arc<Attached>> = {
-            let retry = self.retry.lock().unwrap_or_else(|e| e.into_inner());
+            let retry = self.retry.lock();
             retry.retired.iter().filter(|a| a.kits.is_some()).cloned().collect()
         };
         for attached in &retired {
@@ -368,7 +369,7 @@ impl Listener {
         // Once every kit of the channels that broke is accepted or gone,
         // accepts stop looking at them.
         if retired.iter().filter_map(|a| a.kits.as_ref()).all(ServerKits::spent) {
-            let retry = self.retry.lock().unwrap_or_else(|e| e.into_inner());
+            let retry = self.retry.lock();
             // (Unless a channel with kits broke meanwhile.)
             if retry.retired.iter().filter(|a| a.kits.is_some()).count() == retired.len() {
                 self.retired_kits.store(false, Ordering::Release);
@@ -431,8 +432,7 @@ impl Listener {
 
     /// The options `listening` gives the accepted socket `fd`.
     fn inherit(&self, listening: RawFd, fd: RawFd, conn: &Connection) {
-        let inherited =
-            *self.inherited.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| Inherited::read(listening));
+        let inherited = *self.inherited.lock().get_or_insert_with(|| Inherited::read(listening));
         inherited.apply(fd, conn);
     }
 
@@ -524,7 +524,7 @@ impl Listener {
     /// The program set an option on the listening socket: read them again
     /// at the next accept.
     pub fn options_changed(&self) {
-        *self.inherited.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.inherited.lock() = None;
     }
 
     /// Does the daemon deliver connections on a channel now?
@@ -535,7 +535,7 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        let retry = self.retry.get_mut().unwrap_or_else(|e| e.into_inner());
+        let retry = self.retry.get_mut();
         if !self.channel.load().is_some() && !retry.refused {
             DETACHED.fetch_sub(1, Ordering::Relaxed);
         }
@@ -617,7 +617,7 @@ mod tests {
                 channel: Channel::from_connected(ours),
                 kits: None,
             }))),
-            retry: Mutex::new(Retry {
+            retry: forksafe::Mutex::new(Retry {
                 local: "10.0.0.3:5432".parse().unwrap(),
                 backlog: 8,
                 due_ms: 0,
@@ -628,7 +628,7 @@ mod tests {
             family: Family::V4,
             spinner: Spinner::new(),
             retired_kits: AtomicBool::new(false),
-            inherited: Mutex::new(None),
+            inherited: forksafe::Mutex::new(None),
         };
         (listener, daemon)
     }

@@ -577,6 +577,47 @@ pub fn seqpacket_pair() -> SysResult<(RawFd, std::os::fd::OwnedFd)> {
     Ok((fds[0], daemon))
 }
 
+/// Forks through libc, so that the fork handlers run (tests): the child
+/// runs `child` and exits with what it returns; the parent gets its pid,
+/// and [`wait_exit`] its status.
+#[cfg(test)]
+pub fn fork_running(child: impl FnOnce() -> i32) -> SysResult<i32> {
+    // SAFETY: fork has no memory effects on the parent; the child has only
+    // this thread, runs `child` (which takes only the library's own locks,
+    // made safe across fork by the handlers under test) and leaves below.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let code = child();
+        // SAFETY: ends the child at once, running no destructor or atexit
+        // handler of its copy of the test harness.
+        unsafe { libc::_exit(code) }
+    }
+    if pid < 0 {
+        return Err(last_errno());
+    }
+    Ok(pid)
+}
+
+/// The exit status of child `pid` (tests): `None` if it is still running
+/// after `timeout_ms` (it is killed then).
+#[cfg(test)]
+pub fn wait_exit(pid: i32, timeout_ms: i64) -> Option<i32> {
+    let deadline = now_ms() + timeout_ms;
+    loop {
+        let mut status = 0i32;
+        let done = raw!(libc::SYS_wait4, pid, &mut status as *mut i32, libc::WNOHANG, 0usize).unwrap_or(0);
+        if done == pid as usize {
+            return Some(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 });
+        }
+        if now_ms() > deadline {
+            let _ = raw!(libc::SYS_kill, pid, libc::SIGKILL);
+            let _ = raw!(libc::SYS_wait4, pid, &mut status as *mut i32, 0, 0usize);
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// pread(2) into `buf` from `offset`.
 pub fn pread(fd: RawFd, buf: &mut [u8], offset: i64) -> SysResult<usize> {
     raw!(libc::SYS_pread64, fd, buf.as_mut_ptr(), buf.len(), offset)

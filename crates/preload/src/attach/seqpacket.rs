@@ -14,9 +14,10 @@
 //! listening socket opens its own listener channel.
 
 use super::{ControlChannel, Delivery, Receive};
+use crate::forksafe;
 use crate::sys::{self, Errno, SysResult};
 use std::os::fd::RawFd;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use vsocket_abi::control::{
     Message, CONNECTION_FDS, FD_DOORBELL, FD_LIFELINE, FD_PEER_SEGMENT, FD_SEGMENT, MAX_MESSAGE,
 };
@@ -144,7 +145,7 @@ pub struct ControlSocket {
     framed: bool,
     /// Held by the thread reading a shared channel's frame (see
     /// [`ControlSocket::receive`]).
-    reading: Mutex<()>,
+    reading: forksafe::Mutex<()>,
 }
 
 impl Drop for ControlSocket {
@@ -157,7 +158,7 @@ impl ControlSocket {
     /// A channel over `fd`, already connected to a daemon (tests).
     #[cfg(test)]
     pub fn from_connected(fd: RawFd) -> ControlSocket {
-        ControlSocket { fd, framed: false, reading: Mutex::new(()) }
+        ControlSocket { fd, framed: false, reading: forksafe::Mutex::new(()) }
     }
 }
 
@@ -169,7 +170,7 @@ impl ControlChannel for ControlSocket {
         };
         let mut fd = [fd];
         sys::relocate_internal(&mut fd, internal_fd_floor());
-        let channel = ControlSocket { fd: fd[0], framed, reading: Mutex::new(()) };
+        let channel = ControlSocket { fd: fd[0], framed, reading: forksafe::Mutex::new(()) };
         // A daemon that stops answering (stopped, wedged) costs a request
         // this long, then the kernel path: never a hang.
         sys::setsockopt_timeout_ms(channel.fd, libc::SO_RCVTIMEO, REPLY_TIMEOUT_MS)?;
@@ -216,7 +217,7 @@ impl ControlChannel for ControlSocket {
             // (bounded by the channel's receive timeout); a process that
             // dies holding the lock gives it back.
             (true, Receive::Shared) => {
-                let _thread = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+                let _thread = self.reading.lock();
                 sys::record_lock(self.fd, true)?;
                 let frame = receive_frame(self.fd, libc::MSG_DONTWAIT);
                 let _ = sys::record_lock(self.fd, false);

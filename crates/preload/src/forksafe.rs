@@ -1,0 +1,190 @@
+//! Mutexes a forked child never finds held by a thread it does not have.
+//!
+//! fork copies memory, locks included, but only the thread that forks: a
+//! lock another thread held at that moment stays locked in the child with
+//! no owner, and the child's first call that takes it waits for ever. The
+//! process-wide locks are held by fork's prepare handler one by one (see
+//! `fork.rs`); a listener's locks, one set per listener, go through the
+//! gate here instead. Taking one of these mutexes passes the gate (an
+//! atomic count); fork's prepare handler closes the gate and waits until
+//! no thread holds one, and both processes open it again after the fork.
+//!
+//! Only locks held for a bounded time belong here (none is held across a
+//! wait for the program's peer): the prepare handler waits for them.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+/// Set from the prepare handler until after the fork.
+static CLOSED: AtomicBool = AtomicBool::new(false);
+/// Threads inside (holding at least one of these mutexes).
+static INSIDE: AtomicU32 = AtomicU32::new(0);
+
+thread_local! {
+    /// How many of these mutexes this thread holds: only its first one
+    /// passes the gate (a thread holding one may take another while the
+    /// gate closes, and must not wait for itself).
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// A mutex whose holders fork waits for.
+#[derive(Default)]
+pub struct Mutex<T> {
+    inner: std::sync::Mutex<T>,
+}
+
+/// A held [`Mutex`]; the gate is left when the last one a thread holds is
+/// let go.
+pub struct Guard<'a, T> {
+    // Dropped first: the mutex, then the pass.
+    inner: std::sync::MutexGuard<'a, T>,
+    _pass: Pass,
+}
+
+struct Pass;
+
+impl<T> Mutex<T> {
+    pub const fn new(value: T) -> Mutex<T> {
+        Mutex { inner: std::sync::Mutex::new(value) }
+    }
+
+    /// The value, held alone (no lock, no gate).
+    pub fn get_mut(&mut self) -> &mut T {
+        self.inner.get_mut().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Locks, after the gate (a poisoned lock is taken as it is: the state
+    /// inside is kept consistent by each holder's own code).
+    pub fn lock(&self) -> Guard<'_, T> {
+        let pass = enter();
+        Guard { inner: self.inner.lock().unwrap_or_else(|e| e.into_inner()), _pass: pass }
+    }
+}
+
+impl<T> std::ops::Deref for Guard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T> std::ops::DerefMut for Guard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}
+
+fn enter() -> Pass {
+    if DEPTH.with(|d| d.replace(d.get() + 1)) > 0 {
+        return Pass;
+    }
+    let mut tries = 0u32;
+    loop {
+        if !CLOSED.load(Ordering::SeqCst) {
+            INSIDE.fetch_add(1, Ordering::SeqCst);
+            // Either the forking thread sees this thread inside, or this
+            // thread sees the gate closed (both sides are SeqCst).
+            if !CLOSED.load(Ordering::SeqCst) {
+                return Pass;
+            }
+            INSIDE.fetch_sub(1, Ordering::SeqCst);
+        }
+        // A fork is under way: it waits at most for the request channel's
+        // reply timeout.
+        tries += 1;
+        if tries < 64 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        if DEPTH.with(|d| d.replace(d.get() - 1)) == 1 {
+            INSIDE.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// fork's prepare handler: closes the gate and waits until no other
+/// thread holds one of these mutexes. A thread that forks while holding
+/// one itself (a handler that forks) cannot wait for itself; the child
+/// then finds that one held.
+pub fn close_before_fork() {
+    CLOSED.store(true, Ordering::SeqCst);
+    let mine = u32::from(DEPTH.with(Cell::get) > 0);
+    let mut tries = 0u32;
+    while INSIDE.load(Ordering::SeqCst) > mine {
+        tries += 1;
+        if tries < 64 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+}
+
+/// fork's parent and child handlers.
+pub fn open_after_fork() {
+    CLOSED.store(false, Ordering::SeqCst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    // One test: the gate is process-wide.
+    #[test]
+    fn a_closing_gate_waits_for_holders_and_keeps_new_ones_out_until_opened() {
+        let lock = Arc::new(Mutex::new(0u32));
+        // Nested locks on one thread pass the gate once.
+        {
+            let other = Mutex::new(());
+            let _a = lock.lock();
+            let _b = other.lock();
+            assert_eq!(DEPTH.with(Cell::get), 2);
+        }
+        assert_eq!(DEPTH.with(Cell::get), 0);
+        // A holder on another thread: closing waits for it to let go.
+        let released = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let holder = {
+            let (lock, released) = (lock.clone(), released.clone());
+            std::thread::spawn(move || {
+                let mut g = lock.lock();
+                *g += 1;
+                tx.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                released.store(true, Ordering::SeqCst);
+                drop(g);
+            })
+        };
+        rx.recv().unwrap();
+        close_before_fork();
+        assert!(released.load(Ordering::SeqCst), "waited for the holder");
+        holder.join().unwrap();
+        // Closed: a new holder waits until the gate opens.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let lock = lock.clone();
+            std::thread::spawn(move || {
+                let mut g = lock.lock();
+                *g += 1;
+                tx.send(()).unwrap();
+            })
+        };
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "kept out while closed");
+        open_after_fork();
+        rx.recv_timeout(Duration::from_secs(5)).expect("let in once open");
+        waiter.join().unwrap();
+        assert_eq!(*lock.lock(), 2);
+        // The forking thread holding one itself does not wait for itself.
+        let _mine = lock.lock();
+        close_before_fork();
+        open_after_fork();
+    }
+}
