@@ -33,6 +33,7 @@
 //! too.
 
 use crate::conn::{Connection, Dropped, EdgeSnapshot, MAX_SLEEP_MS};
+use crate::forksafe;
 use crate::listener::{self, Listener};
 use crate::readiness::{Interest, Readiness};
 use crate::signals;
@@ -40,7 +41,7 @@ use crate::sys::{self, Errno, SysResult};
 use std::collections::{HashMap, HashSet};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use vsocket_ring::spin::Spinner;
 
 /// The high bits of tokens: never a user-space pointer (non-canonical on
@@ -207,7 +208,7 @@ impl<M: Member> Regs<M> {
 
 pub struct EpollSet<M: Member> {
     epfd: RawFd,
-    regs: Mutex<Regs<M>>,
+    regs: forksafe::Mutex<Regs<M>>,
     /// Registrations that are not plain kernel ones (fast path when 0).
     special: AtomicUsize,
     /// When the kernel set was last polled while vSocket events were ready.
@@ -249,7 +250,7 @@ impl<M: Member> EpollSet<M> {
     pub fn new(epfd: RawFd) -> EpollSet<M> {
         EpollSet {
             epfd,
-            regs: Mutex::new(Regs {
+            regs: forksafe::Mutex::new(Regs {
                 map: HashMap::new(),
                 hot: Vec::new(),
                 listed: HashSet::new(),
@@ -299,7 +300,7 @@ impl<M: Member> EpollSet<M> {
 
     /// `fd` became a vSocket (connect, listen): move its registration here.
     pub fn adopt(&self, fd: RawFd, entry: &Arc<M>) {
-        let mut guard = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.regs.lock();
         let regs = &mut *guard;
         if let Some(reg) = regs.map.get_mut(&fd) {
             if matches!(reg.kind, Kind::Kernel) {
@@ -320,7 +321,7 @@ impl<M: Member> EpollSet<M> {
     /// (the kernel keeps them while the creator holds the descriptor), so only
     /// the creating process edits the kernel set on close.
     pub fn forget(&self, fd: RawFd) {
-        let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut regs = self.regs.lock();
         let removed = regs.map.remove(&fd);
         if self.inherited() {
             return;
@@ -343,7 +344,7 @@ impl<M: Member> Drop for EpollSet<M> {
         if self.inherited() {
             return;
         }
-        let regs = self.regs.get_mut().unwrap_or_else(|e| e.into_inner());
+        let regs = self.regs.get_mut();
         for reg in regs.map.values_mut() {
             reg.warm(0, false);
         }
@@ -466,7 +467,7 @@ impl<M: Member> EpollSet<M> {
         {
             return Err(Errno(libc::EINVAL));
         }
-        let mut guard = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.regs.lock();
         let regs = &mut *guard;
         match op {
             libc::EPOLL_CTL_ADD => {
@@ -789,7 +790,7 @@ impl<M: Member> EpollSet<M> {
             }
             Kind::Nested { entry } => {
                 if let Waitable::Set(inner) = entry.waitable() {
-                    inner.count_asleep(&inner.regs.lock().unwrap_or_else(|e| e.into_inner()), asleep);
+                    inner.count_asleep(&inner.regs.lock(), asleep);
                 }
             }
             _ => {}
@@ -820,12 +821,12 @@ impl<M: Member> EpollSet<M> {
     fn has_events(&self) -> bool {
         // A nested set is waited on through its outer set only: its cold
         // connections are judged again here, on the same schedule.
-        self.sweep(&mut self.regs.lock().unwrap_or_else(|e| e.into_inner()));
+        self.sweep(&mut self.regs.lock());
         if self.any_ready() {
             return true;
         }
         {
-            let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+            let regs = self.regs.lock();
             self.each_judged(&regs, |_, reg| {
                 if let Kind::Managed { entry, .. } = &reg.kind {
                     if let Waitable::Conn(conn) = entry.waitable() {
@@ -839,7 +840,7 @@ impl<M: Member> EpollSet<M> {
     }
 
     fn any_ready(&self) -> bool {
-        let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let regs = self.regs.lock();
         let ready = self.judged(&regs).any(|(_, reg)| Self::would_report(reg));
         ready
     }
@@ -972,7 +973,7 @@ impl<M: Member> EpollSet<M> {
         signals::wait_begins();
         loop {
             {
-                let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+                let mut regs = self.regs.lock();
                 self.sync_listeners(&mut regs);
                 self.sweep(&mut regs);
                 let n = self.collect(&mut regs, out, 0, self.vsocket_room(out));
@@ -989,7 +990,7 @@ impl<M: Member> EpollSet<M> {
                 }
             }
             let asleep = {
-                let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+                let mut regs = self.regs.lock();
                 let asleep = self.fall_asleep(&regs);
                 let n = self.collect(&mut regs, out, 0, self.vsocket_room(out));
                 if n > 0 {
@@ -1017,7 +1018,7 @@ impl<M: Member> EpollSet<M> {
                     return Err(e);
                 }
             };
-            let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+            let mut regs = self.regs.lock();
             // Doorbells of connections slept on are left to `wake`, which
             // comes after: `translate` drains only those nobody sleeps on.
             let n = self.translate(&mut regs, &got[..k], out, 0);
@@ -1049,7 +1050,7 @@ impl<M: Member> EpollSet<M> {
         self.kernel_checked.store(now, Ordering::Relaxed);
         let room = out.len() - n;
         let k = sys::epoll_pwait(self.epfd, &mut got[..room], 0, std::ptr::null()).unwrap_or(0);
-        let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut regs = self.regs.lock();
         Ok(self.translate(&mut regs, &got[..k], out, n))
     }
 }

@@ -17,12 +17,13 @@
 use crate::conn::Connection;
 pub use crate::conn::Dropped;
 use crate::epoll::{self, Waitable};
+use crate::forksafe;
 use crate::listener::Listener;
 use crate::sys;
 use arc_swap::ArcSwapOption;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 /// What the library knows about a managed descriptor.
 pub enum Entry {
@@ -119,7 +120,7 @@ pub fn managed_in(first: RawFd, last: RawFd, mut f: impl FnMut(RawFd, &Entry)) {
     }
 }
 
-static SETS: Mutex<Vec<Weak<Entry>>> = Mutex::new(Vec::new());
+static SETS: forksafe::Mutex<Vec<Weak<Entry>>> = forksafe::Mutex::new(Vec::new());
 /// Whether the program ever made an epoll set (the sets need telling of
 /// every close only then).
 static SETS_MADE: AtomicBool = AtomicBool::new(false);
@@ -130,7 +131,7 @@ pub fn track_epoll(epfd: RawFd) {
     let weak = Arc::downgrade(&entry);
     set(epfd, entry);
     SETS_MADE.store(true, Ordering::Relaxed);
-    let mut sets = SETS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut sets = SETS.lock();
     sets.retain(|w| w.strong_count() > 0);
     sets.push(weak);
 }
@@ -145,7 +146,7 @@ fn each_set(mut f: impl FnMut(&EpollSet)) {
     let mut few: [Option<Arc<Entry>>; FEW_SETS] = Default::default();
     let mut many = Vec::new();
     {
-        let sets = SETS.lock().unwrap_or_else(|e| e.into_inner());
+        let sets = SETS.lock();
         let live = sets.iter().filter_map(Weak::upgrade);
         if sets.len() <= FEW_SETS {
             for (slot, set) in few.iter_mut().zip(live) {
