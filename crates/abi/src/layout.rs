@@ -119,6 +119,16 @@ pub const fn segment_size(ring_size: u32) -> usize {
     2 * half_size(ring_size)
 }
 
+/// Kits' connections in one *chunk* (ARCHITECTURE §3c, stage 1): a chunk
+/// is two files, one per end, each holding this many halves back to back,
+/// piece `i` at `i * half_size`.
+pub const CHUNK_PIECES: usize = 32;
+
+/// Size of one end's file of a chunk whose rings hold `ring_size` bytes.
+pub const fn chunk_size(ring_size: u32) -> usize {
+    CHUNK_PIECES * half_size(ring_size)
+}
+
 /// `b"vSockSeg"` as a little-endian u64.
 pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"vSockSeg");
 /// Offset of the header's connection id (`u64`): the daemon writes the id

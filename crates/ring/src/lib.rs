@@ -37,4 +37,4 @@ pub use ring::{
     Consumer, ConsumerLine, Producer, ProducerLine, Received, RingControl, RingError, RxState, SocketError,
 };
 #[cfg(not(loom))]
-pub use segment::{ConnectQueue, FileIdentity, ReadOnly, Segment, SegmentFiles};
+pub use segment::{Chunk, ConnectQueue, FileIdentity, ReadOnly, Segment, SegmentFiles};

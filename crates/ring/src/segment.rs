@@ -14,6 +14,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use vsocket_abi::grant;
 use vsocket_abi::layout::{self, Endpoint, SEGMENT_MAGIC, SEGMENT_VERSION};
 
@@ -88,11 +89,14 @@ impl AsFd for ReadOnly<'_> {
     }
 }
 
-/// One mapped half.
+/// One mapped half (or a whole chunk file, or a view of a piece of one).
 #[derive(Debug)]
 struct Half {
     base: NonNull<u8>,
     len: usize,
+    /// For a view of a piece of a larger mapping: that mapping, kept
+    /// mapped while the view lives (the view unmaps nothing itself).
+    whole: Option<Arc<Half>>,
 }
 
 /// One process's mapping of a connection's two halves.
@@ -135,7 +139,16 @@ impl Half {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(ptr as *mut u8).expect("mmap does not return NULL on success");
-        Ok(Half { base, len })
+        Ok(Half { base, len, whole: None })
+    }
+
+    /// A view of `len` bytes of `whole` from byte `offset` (a page
+    /// multiple inside it), which stays mapped while the view lives.
+    fn view(whole: &Arc<Half>, offset: usize, len: usize) -> Half {
+        assert!(offset.is_multiple_of(layout::PAGE) && offset.checked_add(len).is_some_and(|end| end <= whole.len));
+        // SAFETY: inside `whole`'s mapping (asserted), which the view keeps.
+        let base = unsafe { NonNull::new_unchecked(whole.base.as_ptr().add(offset)) };
+        Half { base, len, whole: Some(whole.clone()) }
     }
 
     /// The word of type `T` at `offset` of the header page.
@@ -166,8 +179,13 @@ impl Half {
 
 impl Drop for Half {
     fn drop(&mut self) {
+        if self.whole.is_some() {
+            // A view: the mapping is the whole's, unmapped with it.
+            return;
+        }
         // SAFETY: unmaps exactly the region mapped in `Half::map`; no view
-        // can outlive the `&Segment` it came from.
+        // can outlive the `&Segment` it came from, and a piece's view holds
+        // its whole mapping (an `Arc`), so this runs after every view.
         unsafe { libc::munmap(self.base.as_ptr() as *mut libc::c_void, self.len) };
     }
 }
@@ -202,6 +220,27 @@ fn create_sealed(name: &std::ffi::CStr, len: usize) -> io::Result<(Half, OwnedFd
     Ok((Half::map(fd.as_fd(), 0, len, true)?, fd))
 }
 
+/// Checks that `fd` is a sealed memfd with `len` bytes from byte `offset`
+/// (a page multiple) inside it.
+fn check_sealed_holding(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
+    if !offset.is_multiple_of(layout::PAGE as u64) {
+        return Err(bad("a piece off a page boundary"));
+    }
+    // SAFETY: fstat writes into the zeroed struct we pass.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and a pointer to a stat buffer.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    if offset.checked_add(len as u64).is_none_or(|end| end > st.st_size as u64) {
+        return Err(bad("a piece past the file"));
+    }
+    // SAFETY: F_GET_SEALS takes no argument.
+    let seals = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS {
+        return Err(bad("not sealed"));
+    }
+    Ok(())
+}
+
 /// Checks that `fd` is a sealed memfd of `len` bytes.
 fn check_sealed(fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
     // SAFETY: fstat writes into the zeroed struct we pass.
@@ -222,23 +261,19 @@ fn check_sealed(fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
 /// Creates end `end`'s half, zeroed, sealed and mapped, with its header.
 fn create_half(ring_size: u32, end: usize) -> io::Result<(Half, OwnedFd)> {
     let (half, fd) = create_sealed(c"vsocket-conn", layout::half_size(ring_size))?;
+    half.write_new_header(ring_size, end, &random_nonce()?);
+    Ok((half, fd))
+}
+
+/// 16 random bytes: a file's nonce, which a later file with the same
+/// inode number does not share.
+fn random_nonce() -> io::Result<[u8; 16]> {
     let mut nonce = [0u8; 16];
     // SAFETY: getrandom fills at most 16 bytes of `nonce`.
     if unsafe { libc::getrandom(nonce.as_mut_ptr() as *mut libc::c_void, 16, 0) } != 16 {
         return Err(io::Error::last_os_error());
     }
-    let header = half.base.as_ptr();
-    // SAFETY: the header page is 4096 bytes, freshly zeroed, writable, and
-    // no other process has the memfd yet; every write is inside it and
-    // aligned for its type.
-    unsafe {
-        (header as *mut u64).write(SEGMENT_MAGIC);
-        (header.add(8) as *mut u32).write(SEGMENT_VERSION);
-        (header.add(12) as *mut u32).write(ring_size);
-        std::ptr::copy_nonoverlapping(nonce.as_ptr(), header.add(layout::HEADER_NONCE), 16);
-        (header.add(layout::HEADER_END) as *mut u32).write(end as u32);
-    }
-    Ok((half, fd))
+    Ok(nonce)
 }
 
 /// Checks that `fd` is a sealed memfd of a half's size whose header names
@@ -346,6 +381,22 @@ impl ConnectQueue {
 }
 
 impl Half {
+    /// Writes the header of a freshly made (zeroed) half for end `end`,
+    /// with `nonce`, before any other process has the file.
+    fn write_new_header(&self, ring_size: u32, end: usize, nonce: &[u8; 16]) {
+        let header = self.base.as_ptr();
+        // SAFETY: the header page is 4096 bytes of this writable mapping,
+        // freshly zeroed, and no other process has the memfd yet; every
+        // write is inside it and aligned for its type.
+        unsafe {
+            (header as *mut u64).write(SEGMENT_MAGIC);
+            (header.add(8) as *mut u32).write(SEGMENT_VERSION);
+            (header.add(12) as *mut u32).write(ring_size);
+            std::ptr::copy_nonoverlapping(nonce.as_ptr(), header.add(layout::HEADER_NONCE), 16);
+            (header.add(layout::HEADER_END) as *mut u32).write(end as u32);
+        }
+    }
+
     /// Writes a fresh header for end `end` of a connection with rings of
     /// `ring_size` bytes (the nonce left zero: such a half is never kept
     /// for reuse by file identity).
@@ -451,6 +502,50 @@ impl Segment {
             Endpoint::Server => [theirs, mine],
         };
         Ok(Segment { halves, ring_size })
+    }
+
+    /// End `end`'s view of the kit connection whose halves are at `offset`
+    /// of the chunk files `own` (writable) and `peer` (read-only): a new
+    /// program image after exec, which the daemon gives the chunk's files
+    /// again (see [`Chunk`]). Checks as [`map`](Self::map) does.
+    pub fn map_piece(
+        own: BorrowedFd<'_>,
+        peer: BorrowedFd<'_>,
+        offset: u64,
+        ring_size: u32,
+        end: Endpoint,
+    ) -> io::Result<Segment> {
+        if !layout::ring_size_valid(ring_size) {
+            return Err(bad("invalid ring size"));
+        }
+        let half = layout::half_size(ring_size);
+        check_sealed_holding(own, offset, half)?;
+        check_sealed_holding(peer, offset, half)?;
+        let mine = Half::map(own, offset, half, true)?;
+        let theirs = Half::map(peer, offset, half, false)?;
+        mine.check_header(ring_size, end.index())?;
+        theirs.check_header(ring_size, end.peer().index())?;
+        let halves = match end {
+            Endpoint::Client => [mine, theirs],
+            Endpoint::Server => [theirs, mine],
+        };
+        Ok(Segment { halves, ring_size })
+    }
+
+    /// The daemon's view again of a kit connection at `offset` of the chunk
+    /// `files` another daemon made (a hand-over): both halves writable.
+    pub fn adopt_piece(files: &SegmentFiles, offset: u64, ring_size: u32) -> io::Result<Segment> {
+        if !layout::ring_size_valid(ring_size) {
+            return Err(bad("invalid ring size"));
+        }
+        let half = layout::half_size(ring_size);
+        let map = |end: usize| -> io::Result<Half> {
+            check_sealed_holding(files.rw[end].as_fd(), offset, half)?;
+            let h = Half::map(files.rw[end].as_fd(), offset, half, true)?;
+            h.check_header(ring_size, end)?;
+            Ok(h)
+        };
+        Ok(Segment { halves: [map(0)?, map(1)?], ring_size })
     }
 
     /// Bytes per ring.
@@ -600,6 +695,103 @@ impl Segment {
     }
 }
 
+/// A kits' *chunk* (ARCHITECTURE §3c, stage 1): the halves of
+/// [`layout::CHUNK_PIECES`] connections in two sealed memfds, one per end,
+/// piece `i` of each at `i * half_size`, each piece with its own header.
+/// The daemon makes a chunk and maps both files writable; each end maps
+/// the chunk once, its own file writable and its peer's read-only (as it
+/// maps a segment's halves), and every kit of the chunk it is sent is a
+/// [`Segment`] viewing one piece, which keeps the mappings alive. Both
+/// files of a chunk go only to the two processes whose kits it holds.
+#[derive(Debug)]
+pub struct Chunk {
+    /// Indexed by [`Endpoint::index`], as a segment's halves.
+    files: [Arc<Half>; 2],
+    ring_size: u32,
+}
+
+// SAFETY: as for `Segment`: plain shared memory, reached only through
+// atomics and the ring protocol.
+unsafe impl Send for Chunk {}
+// SAFETY: as above.
+unsafe impl Sync for Chunk {}
+
+impl Chunk {
+    /// Makes a chunk of pieces with rings of `ring_size` bytes, every
+    /// piece's header written for its end, and maps both files writable
+    /// (the daemon's view); returns it with its files (read-write and
+    /// read-only).
+    pub fn create(ring_size: u32) -> io::Result<(Chunk, SegmentFiles)> {
+        if !layout::ring_size_valid(ring_size) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "invalid ring size"));
+        }
+        let half = layout::half_size(ring_size);
+        let mut made = Vec::with_capacity(2);
+        for end in 0..2 {
+            let (whole, fd) = create_sealed(c"vsocket-chunk", layout::chunk_size(ring_size))?;
+            let whole = Arc::new(whole);
+            let nonce = random_nonce()?;
+            for piece in 0..layout::CHUNK_PIECES {
+                Half::view(&whole, piece * half, half).write_new_header(ring_size, end, &nonce);
+            }
+            made.push((whole, fd));
+        }
+        let [(client, client_fd), (server, server_fd)]: [(Arc<Half>, OwnedFd); 2] = made.try_into().expect("two ends");
+        let ro = [reopen_read_only(client_fd.as_fd())?, reopen_read_only(server_fd.as_fd())?];
+        Ok((Chunk { files: [client, server], ring_size }, SegmentFiles::new([client_fd, server_fd], ro)))
+    }
+
+    /// End `end`'s mapping of the chunk whose files the daemon sent: `own`
+    /// writable, `peer` read-only, after checking that each is a sealed
+    /// memfd of a chunk's size (each piece's header is checked when it is
+    /// viewed).
+    pub fn map(own: BorrowedFd<'_>, peer: BorrowedFd<'_>, ring_size: u32, end: Endpoint) -> io::Result<Chunk> {
+        if !layout::ring_size_valid(ring_size) {
+            return Err(bad("invalid ring size"));
+        }
+        let len = layout::chunk_size(ring_size);
+        check_sealed(own, len)?;
+        check_sealed(peer, len)?;
+        let mine = Arc::new(Half::map(own, 0, len, true)?);
+        let theirs = Arc::new(Half::map(peer, 0, len, false)?);
+        let files = match end {
+            Endpoint::Client => [mine, theirs],
+            Endpoint::Server => [theirs, mine],
+        };
+        Ok(Chunk { files, ring_size })
+    }
+
+    /// Bytes per ring of the chunk's connections.
+    pub fn ring_size(&self) -> u32 {
+        self.ring_size
+    }
+
+    /// Piece `piece`'s connection, after checking both halves' headers
+    /// (a peer may have written anything in its own file).
+    pub fn piece(&self, piece: usize) -> io::Result<Segment> {
+        if piece >= layout::CHUNK_PIECES {
+            return Err(bad("a piece past the chunk"));
+        }
+        let half = layout::half_size(self.ring_size);
+        let halves = [0, 1].map(|end| Half::view(&self.files[end], piece * half, half));
+        for (end, h) in halves.iter().enumerate() {
+            h.check_header(self.ring_size, end)?;
+        }
+        Ok(Segment { halves, ring_size: self.ring_size })
+    }
+
+    /// Where piece `piece` starts in each file.
+    pub fn offset(&self, piece: usize) -> u64 {
+        (piece * layout::half_size(self.ring_size)) as u64
+    }
+
+    /// The nonce in end `end`'s file (every piece's header has it): a
+    /// descriptor whose [`Segment::read_nonce`] differs names another file.
+    pub fn nonce(&self, end: usize) -> u128 {
+        self.files[end].nonce()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,6 +846,53 @@ mod tests {
         // A piece past the region's end is refused, not mapped.
         assert!(Segment::place(file.as_fd(), (1 << 20) - layout::PAGE as u64, ring_size).is_err());
         assert!(Segment::place(file.as_fd(), u64::MAX - 4095, ring_size).is_err());
+    }
+
+    #[test]
+    fn a_chunks_pieces_are_connections_each_end_sees_and_outlive_the_chunk() {
+        let ring_size = 4096;
+        let (daemon, files) = Chunk::create(ring_size).unwrap();
+        let [own, peer] = files.clone_for(Endpoint::Client).unwrap();
+        let client = Chunk::map(own.as_fd(), peer.as_fd(), ring_size, Endpoint::Client).unwrap();
+        assert_eq!(Segment::read_nonce(own.as_fd()).unwrap(), client.nonce(0));
+        assert_ne!(client.nonce(0), client.nonce(1), "each file has its own");
+        let [s_own, s_peer] = files.clone_for(Endpoint::Server).unwrap();
+        let server = Chunk::map(s_own.as_fd(), s_peer.as_fd(), ring_size, Endpoint::Server).unwrap();
+        // Piece 3 is one connection in all three views, and no other piece.
+        let (d3, c3, s3) = (daemon.piece(3).unwrap(), client.piece(3).unwrap(), server.piece(3).unwrap());
+        d3.set_connection_id(77);
+        assert_eq!((c3.connection_id(0), s3.connection_id(1)), (77, 77));
+        assert_eq!(client.piece(4).unwrap().connection_id(0), 0);
+        c3.producer(0).write(&[b"to the server"]).unwrap();
+        let mut buf = [0u8; 32];
+        assert_eq!(s3.consumer(0).read(&mut [&mut buf[..]], false).unwrap().0, 13);
+        assert_eq!(&buf[..13], b"to the server");
+        assert_eq!(client.piece(4).unwrap().producer(0).total(), 0);
+        // A piece's view keeps the mappings when the chunk goes.
+        drop((client, d3));
+        s3.producer(1).write(&[b"back"]).unwrap();
+        assert_eq!(c3.consumer(1).state().unwrap(), RxState::Data(4));
+        // The last piece fits; past it, none.
+        assert!(server.piece(layout::CHUNK_PIECES - 1).is_ok());
+        assert!(server.piece(layout::CHUNK_PIECES).is_err());
+        // A new program image maps one piece from the files; a successor
+        // daemon adopts one.
+        let offset = daemon.offset(3);
+        let again = Segment::map_piece(own.as_fd(), peer.as_fd(), offset, ring_size, Endpoint::Client).unwrap();
+        assert_eq!(again.connection_id(0), 77);
+        assert_eq!(again.consumer(1).state().unwrap(), RxState::Data(4));
+        assert!(Segment::map_piece(own.as_fd(), peer.as_fd(), offset, ring_size, Endpoint::Server).is_err());
+        assert!(Segment::map_piece(own.as_fd(), peer.as_fd(), offset + 1, ring_size, Endpoint::Client).is_err());
+        let past = layout::chunk_size(ring_size) as u64;
+        assert!(Segment::map_piece(own.as_fd(), peer.as_fd(), past, ring_size, Endpoint::Client).is_err());
+        let adopted = Segment::adopt_piece(&files, offset, ring_size).unwrap();
+        assert_eq!(adopted.producer(0).total(), 13);
+        // Files of another kind or size are refused; the peer's file cannot
+        // be mapped writable.
+        let (_segment, plain) = Segment::create(ring_size).unwrap();
+        assert!(Chunk::map(plain.rw[0].as_fd(), plain.rw[1].as_fd(), ring_size, Endpoint::Client).is_err());
+        assert!(Chunk::map(own.as_fd(), peer.as_fd(), 8192, Endpoint::Client).is_err());
+        assert!(Chunk::map(peer.as_fd(), own.as_fd(), ring_size, Endpoint::Server).is_err());
     }
 
     #[test]
