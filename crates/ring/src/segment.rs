@@ -99,6 +99,13 @@ struct Half {
     whole: Option<Arc<Half>>,
 }
 
+// SAFETY: a mapping of shared memory; every type that reaches into it
+// (segments, chunks, queues) does so only through atomics or the ring
+// protocol, as their own Send and Sync arguments say.
+unsafe impl Send for Half {}
+// SAFETY: as above.
+unsafe impl Sync for Half {}
+
 /// One process's mapping of a connection's two halves.
 #[derive(Debug)]
 pub struct Segment {
