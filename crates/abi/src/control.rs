@@ -28,14 +28,21 @@
 //!   grant ends; the library sends `NoKits` there when its listener can take no
 //!   more (it forked). A daemon that does not know these kinds closes the
 //!   channel. (`ConnectKitsV1` and `ListenKitsV1` are those of a library
-//!   that does not set a kit's take word: the daemon answers them as
+//!   that does not set a kit's take word, `ConnectKitsV2` and
+//!   `ListenKitsV2` those of one that takes a kit's memory as two memfds
+//!   of its own rather than a piece of a chunk: the daemon answers them as
 //!   `Connect` and `Listen`, so such a library gets no kits.)
+//! - a kit's memory is a piece of a *chunk* (`layout::CHUNK_PIECES`
+//!   connections' halves in two files, ARCHITECTURE §3c): a batch brings
+//!   the files of each chunk its kits are in (this end's read-write, the
+//!   peer's read-only) and names each kit's place; after exec, a kit's end
+//!   gets `ReattachedAt` (the chunk's files, and the piece's offset).
 
 use crate::layout::Endpoint;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// Largest encoded message; receivers use a buffer of this size.
-pub const MAX_MESSAGE: usize = 64;
+pub const MAX_MESSAGE: usize = 128;
 
 /// File descriptors that travel with `Connected` and `Incoming`, in order.
 pub const CONNECTION_FDS: usize = 4;
@@ -93,6 +100,9 @@ pub enum Message {
     Reattach { id: u64, end: Endpoint },
     /// Daemon → library: the halves, as [`HALVES_FDS`] says.
     Reattached,
+    /// Daemon → library: a kit's end, whose halves are at `offset` of the
+    /// chunk files that come with it (this end's, then the peer's).
+    ReattachedAt { offset: u64 },
     /// Library → daemon: as `Connect`, from a library that takes kits.
     ConnectKits { local: SocketAddrV4, remote: SocketAddrV4 },
     /// Library → daemon: as `Listen`, from a library that takes kits.
@@ -105,19 +115,28 @@ pub enum Message {
     /// Library → daemon: `ListenKits` of a library that does not keep a
     /// kit taken across a `Revoke`. The daemon takes it as `Listen`.
     ListenKitsV1 { local: SocketAddrV4, backlog: u32 },
+    /// Library → daemon: `ConnectKits` of a library whose kits each came
+    /// with their own two memfds (kind 20, before chunks). The daemon takes
+    /// it as `Connect`.
+    ConnectKitsV2 { local: SocketAddrV4, remote: SocketAddrV4 },
+    /// Library → daemon: `ListenKits` of such a library (kind 21). The
+    /// daemon takes it as `Listen`.
+    ListenKitsV2 { local: SocketAddrV4, backlog: u32 },
     /// Daemon → library: the listener is registered; its bell's read end
     /// and its kit channel (the library's end) come with it.
     ListenOkKits,
     /// Daemon → library: the connection is established, as `Connected`
     /// (its [`CONNECTION_FDS`] descriptors first), and `grant` comes with
     /// it: the queue page (read-write), a write end of the listener's bell,
-    /// then [`KIT_FDS`] per kit (see [`Message::fd_count`]).
+    /// the files of each chunk the batch's kits are in (this end's
+    /// read-write, then the peer's read-only), then [`KIT_FDS`] per kit
+    /// (see [`Message::fd_count`]).
     ConnectedKits { info: ConnectionInfo, grant: Grant },
     /// Daemon → library on a listener's kit channel (which no wait
     /// watches: kits never make a listener look readable): the server's
     /// ends of a batch of kits of `grant`, whose clients are at `client` (any port)
-    /// and dial `server`: the queue page (read-only), then [`KIT_FDS`] per
-    /// kit.
+    /// and dial `server`: the queue page (read-only), the files of each
+    /// chunk (as in `ConnectedKits`), then [`KIT_FDS`] per kit.
     Kits { grant: Grant, client: std::net::Ipv4Addr, server: SocketAddrV4 },
     /// Daemon → library on a listener's kit channel: grant `grant` is
     /// over; its kits not yet accepted are let go.
@@ -129,20 +148,57 @@ pub enum Message {
 }
 
 /// A batch of kits of one grant: kits `first .. first + count` of grant
-/// `id` (sequence numbers in the grant's queue, see `grant`).
+/// `id` (sequence numbers in the grant's queue, see `grant`), in `chunks`
+/// chunks whose files come with it; kit `first + i` is at `places[i]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
     pub id: u64,
     pub first: u32,
     pub count: u8,
+    pub chunks: u8,
+    pub places: [Place; MAX_KITS as usize],
 }
 
-/// Descriptors per kit, in the order of a connection's ([`FD_SEGMENT`]
-/// and the rest): a kit is a connection made ahead.
-pub const KIT_FDS: usize = CONNECTION_FDS;
-/// Most kits in one batch (4 descriptors each, with 6 more, under the 253
-/// one message may carry).
+impl Grant {
+    /// A batch of `count` kits from `first`, all in one chunk at pieces
+    /// `0 .. count` (what a test, or a fresh chunk, makes).
+    pub fn in_one_chunk(id: u64, first: u32, count: u8) -> Grant {
+        let mut places = [Place::default(); MAX_KITS as usize];
+        for (i, p) in places.iter_mut().enumerate().take(count as usize) {
+            *p = Place { chunk: 0, piece: i as u8 };
+        }
+        Grant { id, first, count, chunks: 1, places }
+    }
+
+    /// The descriptors of the batch itself: each chunk's two files, then
+    /// [`KIT_FDS`] per kit.
+    pub fn fds(&self) -> usize {
+        2 * self.chunks as usize + KIT_FDS * self.count as usize
+    }
+
+    /// The places of the batch's kits, in order.
+    pub fn kit_places(&self) -> &[Place] {
+        &self.places[..self.count as usize]
+    }
+}
+
+/// Where a kit's memory is: piece `piece` of the batch's chunk number
+/// `chunk` (counting the chunks whose files came with the batch).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Place {
+    pub chunk: u8,
+    pub piece: u8,
+}
+
+/// Descriptors per kit: its doorbell and its lifeline, in a connection's
+/// order ([`FD_DOORBELL`], [`FD_LIFELINE`]); its memory is a piece of a
+/// chunk whose files come once per batch.
+pub const KIT_FDS: usize = 2;
+/// Most kits in one batch.
 pub const MAX_KITS: u8 = 32;
+/// Most chunks one batch's kits are in (a place names its chunk in three
+/// bits).
+pub const MAX_CHUNKS: u8 = 8;
 
 /// What each end learns about a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,13 +261,16 @@ mod kind {
     pub const KITS: u8 = 17;
     pub const REVOKE: u8 = 18;
     pub const NO_KITS: u8 = 19;
-    pub const CONNECT_KITS: u8 = 20;
-    pub const LISTEN_KITS: u8 = 21;
+    pub const CONNECT_KITS_V2: u8 = 20;
+    pub const LISTEN_KITS_V2: u8 = 21;
+    pub const CONNECT_KITS: u8 = 22;
+    pub const LISTEN_KITS: u8 = 23;
+    pub const REATTACHED_AT: u8 = 24;
 }
 
 const ADDR_LEN: usize = 6;
 const INFO_LEN: usize = 8 + 2 * ADDR_LEN + 4;
-const GRANT_LEN: usize = 8 + 4 + 1;
+const GRANT_LEN: usize = 8 + 4 + 1 + 1 + MAX_KITS as usize;
 
 impl Message {
     /// Encodes into `buf` and returns the used prefix.
@@ -259,15 +318,29 @@ impl Message {
                 w.u8(end.index() as u8);
             }
             Message::Reattached => w.u8(kind::REATTACHED),
-            Message::ConnectKits { local, remote } | Message::ConnectKitsV1 { local, remote } => {
-                let v1 = matches!(self, Message::ConnectKitsV1 { .. });
-                w.u8(if v1 { kind::CONNECT_KITS_V1 } else { kind::CONNECT_KITS });
+            Message::ReattachedAt { offset } => {
+                w.u8(kind::REATTACHED_AT);
+                w.bytes(&offset.to_le_bytes());
+            }
+            Message::ConnectKits { local, remote }
+            | Message::ConnectKitsV1 { local, remote }
+            | Message::ConnectKitsV2 { local, remote } => {
+                w.u8(match self {
+                    Message::ConnectKitsV1 { .. } => kind::CONNECT_KITS_V1,
+                    Message::ConnectKitsV2 { .. } => kind::CONNECT_KITS_V2,
+                    _ => kind::CONNECT_KITS,
+                });
                 w.addr(local);
                 w.addr(remote);
             }
-            Message::ListenKits { local, backlog } | Message::ListenKitsV1 { local, backlog } => {
-                let v1 = matches!(self, Message::ListenKitsV1 { .. });
-                w.u8(if v1 { kind::LISTEN_KITS_V1 } else { kind::LISTEN_KITS });
+            Message::ListenKits { local, backlog }
+            | Message::ListenKitsV1 { local, backlog }
+            | Message::ListenKitsV2 { local, backlog } => {
+                w.u8(match self {
+                    Message::ListenKitsV1 { .. } => kind::LISTEN_KITS_V1,
+                    Message::ListenKitsV2 { .. } => kind::LISTEN_KITS_V2,
+                    _ => kind::LISTEN_KITS,
+                });
                 w.addr(local);
                 w.bytes(&backlog.to_le_bytes());
             }
@@ -307,10 +380,11 @@ impl Message {
             | kind::LISTEN_OK_KITS
             | kind::NO_KITS => 0,
             kind::REATTACH => 9,
+            kind::REATTACHED_AT => 8,
             kind::REFUSED => 4,
             kind::LISTEN => ADDR_LEN + 4,
-            kind::CONNECT_KITS | kind::CONNECT_KITS_V1 => 2 * ADDR_LEN,
-            kind::LISTEN_KITS | kind::LISTEN_KITS_V1 => ADDR_LEN + 4,
+            kind::CONNECT_KITS | kind::CONNECT_KITS_V1 | kind::CONNECT_KITS_V2 => 2 * ADDR_LEN,
+            kind::LISTEN_KITS | kind::LISTEN_KITS_V1 | kind::LISTEN_KITS_V2 => ADDR_LEN + 4,
             kind::CONNECTED_KITS => INFO_LEN + GRANT_LEN,
             kind::KITS => GRANT_LEN + 4 + ADDR_LEN,
             kind::REVOKE => 8,
@@ -330,6 +404,7 @@ impl Message {
             kind::DROPPED => Message::Dropped,
             kind::LISTEN_OK => Message::ListenOk,
             kind::REATTACHED => Message::Reattached,
+            kind::REATTACHED_AT => Message::ReattachedAt { offset: r.offset()? },
             kind::REATTACH => {
                 let id = u64::from_le_bytes(r.take());
                 let end = match r.take::<1>()[0] {
@@ -349,6 +424,8 @@ impl Message {
             kind::LISTEN => Message::Listen { local: r.addr(), backlog: r.u32() },
             kind::CONNECT_KITS_V1 => Message::ConnectKitsV1 { local: r.addr(), remote: r.addr() },
             kind::LISTEN_KITS_V1 => Message::ListenKitsV1 { local: r.addr(), backlog: r.u32() },
+            kind::CONNECT_KITS_V2 => Message::ConnectKitsV2 { local: r.addr(), remote: r.addr() },
+            kind::LISTEN_KITS_V2 => Message::ListenKitsV2 { local: r.addr(), backlog: r.u32() },
             kind::CONNECT_KITS => Message::ConnectKits { local: r.addr(), remote: r.addr() },
             kind::LISTEN_KITS => Message::ListenKits { local: r.addr(), backlog: r.u32() },
             kind::LISTEN_OK_KITS => Message::ListenOkKits,
@@ -368,10 +445,10 @@ impl Message {
         match self {
             Message::Connected(_) | Message::Incoming(_) => CONNECTION_FDS,
             Message::Reattach { .. } => 1,
-            Message::Reattached => HALVES_FDS,
+            Message::Reattached | Message::ReattachedAt { .. } => HALVES_FDS,
             Message::ListenOkKits => 2,
-            Message::ConnectedKits { grant, .. } => CONNECTION_FDS + 2 + KIT_FDS * grant.count as usize,
-            Message::Kits { grant, .. } => 1 + KIT_FDS * grant.count as usize,
+            Message::ConnectedKits { grant, .. } => CONNECTION_FDS + 2 + grant.fds(),
+            Message::Kits { grant, .. } => 1 + grant.fds(),
             _ => 0,
         }
     }
@@ -404,6 +481,10 @@ impl Writer<'_> {
         self.bytes(&g.id.to_le_bytes());
         self.bytes(&g.first.to_le_bytes());
         self.u8(g.count);
+        self.u8(g.chunks);
+        for p in g.places {
+            self.u8(p.chunk << 5 | p.piece);
+        }
     }
 }
 
@@ -446,7 +527,8 @@ impl Reader<'_> {
         }
         Ok(ConnectionInfo { id, local, peer, ring_size })
     }
-    /// A batch of 1 to [`MAX_KITS`] kits.
+    /// A batch of 1 to [`MAX_KITS`] kits in 1 to [`MAX_CHUNKS`] chunks,
+    /// each kit's place in one of them.
     fn grant(&mut self) -> Result<Grant, DecodeError> {
         let id = u64::from_le_bytes(self.take());
         let first = self.u32();
@@ -454,7 +536,16 @@ impl Reader<'_> {
         if count == 0 || count > MAX_KITS {
             return Err(DecodeError::BadField("count"));
         }
-        Ok(Grant { id, first, count })
+        let chunks = self.take::<1>()[0];
+        if chunks == 0 || chunks > MAX_CHUNKS {
+            return Err(DecodeError::BadField("chunks"));
+        }
+        let bytes = self.take::<{ MAX_KITS as usize }>();
+        let places = bytes.map(|b| Place { chunk: b >> 5, piece: b & 31 });
+        if places[..count as usize].iter().any(|p| p.chunk >= chunks) {
+            return Err(DecodeError::BadField("places"));
+        }
+        Ok(Grant { id, first, count, chunks, places })
     }
 }
 
@@ -464,6 +555,16 @@ mod tests {
 
     fn a(s: &str) -> SocketAddrV4 {
         s.parse().unwrap()
+    }
+
+    /// A batch of 32 kits in all eight chunks a batch may use.
+    fn spread() -> Grant {
+        let mut grant = Grant::in_one_chunk(3, 64, MAX_KITS);
+        grant.chunks = MAX_CHUNKS;
+        for (i, p) in grant.places.iter_mut().enumerate() {
+            *p = Place { chunk: (i % 8) as u8, piece: 31 - i as u8 };
+        }
+        grant
     }
 
     fn all_kinds() -> Vec<Message> {
@@ -481,14 +582,18 @@ mod tests {
             Message::IncomingAt { info, offset: 0 },
             Message::Reattach { id: 7, end: Endpoint::Server },
             Message::Reattached,
+            Message::ReattachedAt { offset: 3 * 4096 },
             Message::ConnectKits { local: a("0.0.0.0:40000"), remote: a("10.0.0.2:6379") },
             Message::ListenKits { local: a("0.0.0.0:80"), backlog: 4096 },
             Message::ConnectKitsV1 { local: a("0.0.0.0:40000"), remote: a("10.0.0.2:6379") },
             Message::ListenKitsV1 { local: a("0.0.0.0:80"), backlog: 4096 },
+            Message::ConnectKitsV2 { local: a("0.0.0.0:40000"), remote: a("10.0.0.2:6379") },
+            Message::ListenKitsV2 { local: a("0.0.0.0:80"), backlog: 4096 },
             Message::ListenOkKits,
-            Message::ConnectedKits { info, grant: Grant { id: 3, first: 64, count: MAX_KITS } },
+            Message::ConnectedKits { info, grant: Grant::in_one_chunk(3, 64, MAX_KITS) },
+            Message::ConnectedKits { info, grant: spread() },
             Message::Kits {
-                grant: Grant { id: 3, first: 64, count: 1 },
+                grant: Grant::in_one_chunk(3, 64, 1),
                 client: "10.0.0.3".parse().unwrap(),
                 server: a("10.0.0.2:6379"),
             },
@@ -511,6 +616,11 @@ mod tests {
         assert_ne!(listen[0], 14);
         listen[0] = 14;
         assert_eq!(Message::decode(&listen), Ok(Message::ListenKitsV1 { local, backlog: 511 }));
+        // And one from before chunks, under kinds 20 and 21.
+        connect[0] = 20;
+        assert_eq!(Message::decode(&connect), Ok(Message::ConnectKitsV2 { local, remote }));
+        listen[0] = 21;
+        assert_eq!(Message::decode(&listen), Ok(Message::ListenKitsV2 { local, backlog: 511 }));
     }
 
     #[test]
@@ -554,30 +664,43 @@ mod tests {
         let n = placed.len();
         placed[n - 8..].copy_from_slice(&4097u64.to_le_bytes());
         assert_eq!(Message::decode(&placed), Err(DecodeError::BadField("offset")));
-        // A batch of no kits, or of more than one message can carry.
-        for count in [0, MAX_KITS + 1, u8::MAX] {
-            let mut kits = Message::Revoke { grant: 0 }.encode(&mut buf).to_vec();
-            kits[0] = kind::KITS;
-            kits.truncate(1);
+        // A batch of no kits, or of more than one message can carry; in no
+        // chunk or too many; with a kit in a chunk that did not come.
+        let batch = |count: u8, chunks: u8, place: u8| {
+            let mut kits = vec![kind::KITS];
             kits.extend_from_slice(&5u64.to_le_bytes());
             kits.extend_from_slice(&0u32.to_le_bytes());
             kits.push(count);
+            kits.push(chunks);
+            kits.extend_from_slice(&[place; MAX_KITS as usize]);
             kits.extend_from_slice(&[10, 0, 0, 3, 10, 0, 0, 2, 0x50, 0]);
-            assert_eq!(Message::decode(&kits), Err(DecodeError::BadField("count")), "{count}");
+            Message::decode(&kits)
+        };
+        for count in [0, MAX_KITS + 1, u8::MAX] {
+            assert_eq!(batch(count, 1, 0), Err(DecodeError::BadField("count")), "{count}");
         }
+        for chunks in [0, MAX_CHUNKS + 1] {
+            assert_eq!(batch(1, chunks, 0), Err(DecodeError::BadField("chunks")), "{chunks}");
+        }
+        assert_eq!(batch(1, 2, 2 << 5), Err(DecodeError::BadField("places")));
+        assert!(batch(1, 3, 2 << 5 | 31).is_ok());
+        let mut at = Message::ReattachedAt { offset: 4096 }.encode(&mut buf).to_vec();
+        at[1] = 1;
+        assert_eq!(Message::decode(&at), Err(DecodeError::BadField("offset")));
     }
 
     #[test]
     fn a_batch_carries_its_kits_descriptors_within_one_message() {
-        let grant = Grant { id: 1, first: 0, count: MAX_KITS };
+        let grant = spread();
         let info = ConnectionInfo { id: 1, local: a("1.2.3.4:5"), peer: a("1.2.3.4:6"), ring_size: 1 << 16 };
         let most = Message::ConnectedKits { info, grant }.fd_count();
-        assert_eq!(most, 4 + 2 + 4 * 32);
+        assert_eq!(most, 4 + 2 + 2 * 8 + 2 * 32);
         // SCM_MAX_FD in Linux.
         assert!(most <= 253);
         let server = Message::Kits { grant, client: Ipv4Addr::LOCALHOST, server: a("1.2.3.4:5") };
-        assert_eq!(server.fd_count(), 1 + 4 * 32);
+        assert_eq!(server.fd_count(), 1 + 2 * 8 + 2 * 32);
         assert_eq!(Message::ListenOkKits.fd_count(), 2);
+        assert_eq!(Grant::in_one_chunk(1, 0, 3).fds(), 2 + 2 * 3);
     }
 
     #[test]

@@ -29,6 +29,12 @@ pub struct StatusReport {
     pub segments_created: u64,
     pub segments_reused: u64,
     pub segments_kept: usize,
+    /// Kits' chunks made, and their pieces free for the pairs' next kits
+    /// (ARCHITECTURE §3c).
+    #[serde(default)]
+    pub kit_chunks: u64,
+    #[serde(default)]
+    pub kit_pieces_kept: usize,
     pub deny_action: DenyAction,
     pub on_policy_change: PolicyChangeAction,
     /// Live changes applied, and connections they reset.

@@ -129,6 +129,8 @@ fn status(fabric: bool) -> StatusReport {
         segments_created: 5,
         segments_reused: 6,
         segments_kept: 7,
+        kit_chunks: 15,
+        kit_pieces_kept: 16,
         deny_action: if fabric { DenyAction::Reject } else { DenyAction::Drop },
         on_policy_change: if fabric { PolicyChangeAction::Reset } else { PolicyChangeAction::Keep },
         policy_changes: 8,
@@ -148,6 +150,7 @@ fn status_reply() {
         &status(true),
         "{\"connections\":3,\"deny_action\":\"reject\",\"fabric\":\"ucx\",\"fabric_peers_up\":1,\
          \"flow_log\":\"/run/vsocket/flow.log\",\"flow_log_dropped\":4,\"guests\":2,\"host\":\"h1\",\
+         \"kit_chunks\":15,\"kit_pieces_kept\":16,\
          \"listeners\":1,\"metrics\":\"127.0.0.1:9100\",\"on_policy_change\":\"reset\",\"policy_changes\":8,\
          \"policy_resets\":9,\"quota_exceeded_channels\":12,\"quota_exceeded_connections\":10,\
          \"quota_exceeded_shared_memory\":11,\"segments_created\":5,\"segments_kept\":7,\"segments_reused\":6,\
@@ -157,6 +160,7 @@ fn status_reply() {
         &status(false),
         "{\"connections\":3,\"deny_action\":\"drop\",\"fabric\":null,\"fabric_peers_up\":null,\
          \"flow_log\":null,\"flow_log_dropped\":4,\"guests\":2,\"host\":\"h1\",\
+         \"kit_chunks\":15,\"kit_pieces_kept\":16,\
          \"listeners\":1,\"metrics\":null,\"on_policy_change\":\"keep\",\"policy_changes\":8,\
          \"policy_resets\":9,\"quota_exceeded_channels\":12,\"quota_exceeded_connections\":10,\
          \"quota_exceeded_shared_memory\":11,\"segments_created\":5,\"segments_kept\":7,\"segments_reused\":6}",

@@ -70,6 +70,8 @@ fn answer(daemon: &Arc<Daemon>, request: Request) -> Reply {
                 segments_created: daemon.segments.created.load(Relaxed),
                 segments_reused: daemon.segments.reused.load(Relaxed),
                 segments_kept: daemon.segments.kept(),
+                kit_chunks: daemon.segments.chunks.load(Relaxed),
+                kit_pieces_kept: daemon.segments.kept_pieces(),
                 deny_action: host.deny_action,
                 on_policy_change: host.on_policy_change,
                 policy_changes: daemon.policy_changes.load(Relaxed),

@@ -56,6 +56,19 @@ impl EndFiles {
     }
 }
 
+/// One end's descriptors of a kit: its doorbell and its lifeline's write
+/// end, in the order they travel (its memory is its chunk's).
+pub struct KitEnds {
+    pub bell: OwnedFd,
+    pub holds: OwnedFd,
+}
+
+impl KitEnds {
+    pub fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 2] {
+        [self.bell.as_fd(), self.holds.as_fd()]
+    }
+}
+
 /// A channel to one process of a guest.
 pub trait Channel: Send + Sync + std::fmt::Debug {
     /// Sends `message`, with `handover` if it carries a connection. Waits

@@ -17,7 +17,7 @@
 //! listener of a removed guest is not found.
 
 use crate::bridge::BridgeEnd;
-use crate::channel::{Channel, EndFiles, Handover};
+use crate::channel::{Channel, EndFiles, Handover, KitEnds};
 use crate::charge::Exceeded;
 use crate::connections::{Carrier, ConnectionRecord, Memory as RecordMemory};
 use crate::daemon::Daemon;
@@ -668,16 +668,20 @@ fn shared_memory(daemon: &Daemon, pair: Pair, ring_size: u32) -> io::Result<Memo
     })
 }
 
-/// A kit made: its connection's id and each end's descriptors.
+/// A kit made: its connection's id, its piece of a chunk, and each end's
+/// descriptors.
 pub struct Kit {
     pub id: ConnectionId,
-    pub client: EndFiles,
-    pub server: EndFiles,
+    pub piece: crate::pool::Piece,
+    pub client: KitEnds,
+    pub server: KitEnds,
 }
 
 /// Makes kit `sequence` of `grant` under `policy`: a connection between
 /// the grant's two processes, charged to both guests and recorded as a
-/// kit not yet taken. `None` when a quota or the host refuses one more.
+/// kit not yet taken, in a piece of one of the pair's chunks (one of a
+/// kit retired since, or a free one). `None` when a quota or the host
+/// refuses one more.
 pub fn make_kit(daemon: &Daemon, policy: &Policy, grant: &crate::grants::GrantRecord, sequence: u32) -> Option<Kit> {
     let host = policy.config.host();
     let listener = &grant.listener;
@@ -686,21 +690,18 @@ pub fn make_kit(daemon: &Daemon, policy: &Policy, grant: &crate::grants::GrantRe
     let charge =
         crate::charge::charge(|slot| policy.quotas(slot), &grant.client, &listener.guest, host.segment_size()).ok()?;
     let pair = Pair { channel: grant.key.channel, listener: listener.id };
-    let memory = shared_memory(daemon, pair, host.ring_size).ok()?;
-    let Memory {
-        id,
-        kept,
-        lifeline,
-        client: ClientKit::Process(client),
-        server: ServerKit::Process { bell, holds, .. },
-        carrier,
-        ..
-    } = memory
-    else {
-        unreachable!("a pair's memory is two processes'")
+    let piece = match daemon.reclaim_piece(pair) {
+        Some(piece) => piece,
+        None => daemon.segments.take_piece(pair).ok()?,
     };
-    let RecordMemory::Files { files, .. } = &kept else { unreachable!("a pair's segment has files") };
-    let [own_half, peer_half] = files.clone_for(Endpoint::Server).ok()?;
+    let segment = piece.segment().ok()?;
+    let (client_bell, server_bell) = vsocket_sys::stream_pair().ok()?;
+    let (lifeline, client_holds) = vsocket_sys::pipe().ok()?;
+    let server_holds = client_holds.try_clone().ok()?;
+    let id = daemon.ids.connection();
+    // Names the connection in the piece's headers: a library reads a kit's
+    // id there.
+    segment.set_connection_id(id.0);
     daemon.connections.add(ConnectionRecord {
         id,
         client: grant.client.clone(),
@@ -708,14 +709,19 @@ pub fn make_kit(daemon: &Daemon, policy: &Policy, grant: &crate::grants::GrantRe
         server: listener.guest.clone(),
         server_addr: grant.key.server,
         opened: SystemTime::now(),
-        memory: kept,
-        carrier,
+        memory: RecordMemory::Piece { segment, piece: piece.clone() },
+        carrier: Carrier::Shared(pair),
         lifelines: vec![lifeline],
         reset: Default::default(),
         charge,
         kit: Some(crate::connections::KitMark { grant: grant.id, sequence, announced: false }),
     });
-    Some(Kit { id, client, server: EndFiles { own_half, bell, holds, peer_half } })
+    Some(Kit {
+        id,
+        piece,
+        client: KitEnds { bell: client_bell, holds: client_holds },
+        server: KitEnds { bell: server_bell, holds: server_holds },
+    })
 }
 
 /// Memory for a connection the relay carries as end `mine`: a fresh

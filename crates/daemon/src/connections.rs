@@ -41,13 +41,17 @@ pub enum Memory {
     /// (the other is the server VM's, in the bridge). Held until the record
     /// is retired, so a reset never reaches a later connection's piece.
     Placed(Arc<crate::placed::Placed>),
+    /// A kit's piece of a chunk (ARCHITECTURE §3c): the daemon's view of
+    /// it, and the piece (its chunk's files are sent again after exec and
+    /// at a hand-over; the piece goes back to the pair when retired).
+    Piece { segment: Segment, piece: crate::pool::Piece },
 }
 
 impl Memory {
     /// The daemon's view of the connection's rings.
     pub fn segment(&self) -> &Segment {
         match self {
-            Memory::Files { segment, .. } => segment,
+            Memory::Files { segment, .. } | Memory::Piece { segment, .. } => segment,
             Memory::Placed(placed) => placed.segment(),
         }
     }
@@ -298,6 +302,7 @@ impl Connections {
     pub fn add(&self, mut record: ConnectionRecord) {
         let mut conns = lock(&self.connections);
         if let Memory::Files { files, .. } = &mut record.memory {
+            // (A chunk's read-only files are shared by its pieces: kept.)
             if !keeps_read_only(conns.len(), descriptor_limit()) {
                 files.let_go_of_read_only();
             }
@@ -315,7 +320,14 @@ impl Connections {
     /// are looked at: a client that opens connection after connection
     /// finds its previous ones there. A kit no one announced yet is not
     /// taken (the reaper announces, then retires it).
-    pub fn reclaim<T>(&self, pair: Pair, fold: impl FnOnce(&ConnectionRecord) -> T) -> Option<(ConnectionRecord, T)> {
+    /// `pieces` says which memory the caller reuses: a kit's piece (true)
+    /// or a segment's files (false).
+    pub fn reclaim<T>(
+        &self,
+        pair: Pair,
+        pieces: bool,
+        fold: impl FnOnce(&ConnectionRecord) -> T,
+    ) -> Option<(ConnectionRecord, T)> {
         const LOOK: usize = 8;
         let mut conns = lock(&self.connections);
         let mut pairs = lock(&self.by_pair);
@@ -329,7 +341,11 @@ impl Connections {
                 }
                 // A kit not yet announced waits for the reaper, which
                 // announces it first (its port is in its grant's queue).
-                Some(c) if c.memory.segment().reusable() && !c.unused_kit() => {
+                Some(c)
+                    if matches!(c.memory, Memory::Piece { .. }) == pieces
+                        && c.memory.segment().reusable()
+                        && !c.unused_kit() =>
+                {
                     let id = queue.remove(i).expect("index checked");
                     found = conns.remove(&id);
                     break;
@@ -555,8 +571,8 @@ mod tests {
         let (busy, _busy_holds) = record(2, Carrier::Shared(pair(1)));
         table.add(busy);
         table.add(done);
-        assert!(table.reclaim(pair(2), |_| ()).is_none(), "another pair");
-        assert_eq!(table.reclaim(pair(1), |_| ()).map(|(c, ())| c.id.0), Some(1));
-        assert!(table.reclaim(pair(1), |_| ()).is_none(), "taken once; the other is still in use");
+        assert!(table.reclaim(pair(2), false, |_| ()).is_none(), "another pair");
+        assert_eq!(table.reclaim(pair(1), false, |_| ()).map(|(c, ())| c.id.0), Some(1));
+        assert!(table.reclaim(pair(1), false, |_| ()).is_none(), "taken once; the other is still in use");
     }
 }

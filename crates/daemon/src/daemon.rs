@@ -207,7 +207,7 @@ impl Daemon {
     /// between the same `pair` that both ends have closed and released,
     /// retiring that connection.
     pub fn reclaim(&self, pair: Pair) -> Option<(Segment, SegmentFiles)> {
-        let (mut c, bytes) = self.connections.reclaim(pair, fold)?;
+        let (mut c, bytes) = self.connections.reclaim(pair, false, fold)?;
         if let (Some(close), Some(log)) = (self.retire(&mut c, bytes), &self.flow_log) {
             // On the connect path: never wait for the log.
             log.record(close);
@@ -215,7 +215,25 @@ impl Daemon {
         match c.memory {
             Memory::Files { segment, files } => Some((segment, files)),
             // Only memfd segments are shared by a pair of processes.
-            Memory::Placed(_) => None,
+            Memory::Placed(_) | Memory::Piece { .. } => None,
+        }
+    }
+
+    /// Takes back, for a new kit, the piece of a kit connection between the
+    /// same `pair` that both ends have closed and released, retiring that
+    /// connection; the piece is reset.
+    pub fn reclaim_piece(&self, pair: Pair) -> Option<crate::pool::Piece> {
+        let (mut c, bytes) = self.connections.reclaim(pair, true, fold)?;
+        if let (Some(close), Some(log)) = (self.retire(&mut c, bytes), &self.flow_log) {
+            log.record(close);
+        }
+        match c.memory {
+            Memory::Piece { segment, piece } => {
+                segment.reset();
+                self.segments.reused.fetch_add(1, Ordering::Relaxed);
+                Some(piece)
+            }
+            Memory::Files { .. } | Memory::Placed(_) => None,
         }
     }
 
@@ -240,10 +258,14 @@ impl Daemon {
         let mut closes = Vec::new();
         for (mut c, bytes) in finished {
             closes.extend(self.retire(&mut c, bytes));
-            if let (Carrier::Shared(pair), Memory::Files { segment, files }) = (&c.carrier, c.memory) {
-                if segment.reusable() {
+            match (&c.carrier, c.memory) {
+                (Carrier::Shared(pair), Memory::Files { segment, files }) if segment.reusable() => {
                     self.segments.recycle(*pair, segment, files);
                 }
+                (Carrier::Shared(pair), Memory::Piece { segment, piece }) if segment.reusable() => {
+                    self.segments.recycle_piece(*pair, segment, piece);
+                }
+                _ => {}
             }
         }
         // Waiting for room must not hold up connects: the table is not

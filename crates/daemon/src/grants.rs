@@ -16,17 +16,19 @@
 //! no longer allows, or whose client or listener is gone, ends (see
 //! `kits::end_where`).
 
-use crate::channel::EndFiles;
+use crate::channel::KitEnds;
 use crate::guest::GuestSlot;
 use crate::ids::{ChannelId, ConnectionId, ListenerId};
 use crate::listeners::ListenerRecord;
+use crate::pool::KitChunk;
 use crate::sync::lock;
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use vsocket_abi::control::Grant;
 use vsocket_abi::grant::Cursor;
+use vsocket_abi::layout::Endpoint;
 use vsocket_ring::ConnectQueue;
 
 /// Most grants one listener, and one client process, has at once.
@@ -96,18 +98,26 @@ pub struct Batch {
     pub grant: Grant,
     pub page: OwnedFd,
     pub bell: OwnedFd,
-    pub kits: Vec<EndFiles>,
+    /// The chunks the batch's kits are in, in the order the grant's places
+    /// count them.
+    pub chunks: Vec<Arc<KitChunk>>,
+    pub kits: Vec<KitEnds>,
 }
 
 impl Batch {
     /// The descriptors after the connection's own, in the order the
-    /// message says.
-    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
-        let mut fds = vec![self.page.as_fd(), self.bell.as_fd()];
-        for kit in &self.kits {
-            fds.extend(kit.fds());
+    /// message says: the queue page, the bell, each chunk's files (the
+    /// client's read-write, the server's read-only), each kit's.
+    pub fn fds(&self) -> std::io::Result<Vec<crate::pool::BorrowedFdOrOwned<'_>>> {
+        use crate::pool::BorrowedFdOrOwned::Borrowed;
+        let mut fds = vec![Borrowed(self.page.as_fd()), Borrowed(self.bell.as_fd())];
+        for chunk in &self.chunks {
+            fds.extend(chunk.files_for(Endpoint::Client)?);
         }
-        fds
+        for kit in &self.kits {
+            fds.extend(kit.fds().map(Borrowed));
+        }
+        Ok(fds)
     }
 }
 

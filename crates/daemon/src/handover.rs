@@ -32,12 +32,14 @@ use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::{Segment, SegmentFiles};
 
-/// The hand-over's wire version: a daemon takes only its own.
-const VERSION: u32 = 2;
+/// The hand-over's wire version: a daemon takes its own and older ones
+/// (version 3 added kits' pieces of chunks, `piece_offset`).
+const VERSION: u32 = 3;
 /// The oldest wire version a daemon still takes: version 1 sent two
 /// lifelines with each connection (one per end), and no count.
 const OLDEST_VERSION: u32 = 1;
@@ -86,6 +88,10 @@ pub struct ConnectionPart {
     /// How many lifelines follow the halves (version 1: always two).
     #[serde(default = "per_end")]
     pub lifelines: usize,
+    /// A kit's connection: its halves are at this offset of the files that
+    /// come (a chunk's, ARCHITECTURE §3c); none for a segment's own files.
+    #[serde(default)]
+    pub piece_offset: Option<u64>,
 }
 
 /// Version 1's lifelines: one per end.
@@ -205,8 +211,15 @@ fn give(daemon: &Daemon, to: BorrowedFd<'_>) -> Result<(), HandoverError> {
         if failed.is_some() {
             return;
         }
-        let Some(part) = connection_part(c) else { return };
-        let RecordMemory::Files { files, .. } = &c.memory else { return };
+        let Some(mut part) = connection_part(c) else { return };
+        let files = match &c.memory {
+            RecordMemory::Files { files, .. } => files,
+            RecordMemory::Piece { piece, .. } => {
+                part.piece_offset = Some(piece.offset());
+                piece.chunk.files()
+            }
+            RecordMemory::Placed(_) => return,
+        };
         let read_only = match [Endpoint::Client, Endpoint::Server].map(|end| files.read_only(end)) {
             [Ok(client), Ok(server)] => [client, server],
             [Err(e), _] | [_, Err(e)] => {
@@ -243,6 +256,7 @@ fn connection_part(c: &ConnectionRecord) -> Option<ConnectionPart> {
         listener: pair.listener.0,
         reset: !c.open(),
         lifelines: c.lifelines.len(),
+        piece_offset: None,
     })
 }
 
@@ -455,7 +469,22 @@ pub fn adopt(daemon: &Daemon, c: InheritedConnection) -> Result<(), NotAdopted> 
     let part = &c.part;
     let slot = |name: &str| policy.slot_by_name(name).cloned().ok_or_else(|| NotAdopted::GuestGone(name.into()));
     let (client, server) = (slot(&part.client)?, slot(&part.server)?);
-    let segment = Segment::adopt(&c.files, part.ring_size).map_err(NotAdopted::Segment)?;
+    let memory = match part.piece_offset {
+        None => {
+            let segment = Segment::adopt(&c.files, part.ring_size).map_err(NotAdopted::Segment)?;
+            RecordMemory::Files { segment, files: c.files }
+        }
+        Some(offset) => {
+            let half = vsocket_abi::layout::half_size(part.ring_size) as u64;
+            let index = offset / half;
+            if offset % half != 0 || index >= vsocket_abi::layout::CHUNK_PIECES as u64 {
+                return Err(NotAdopted::Segment(io::Error::new(io::ErrorKind::InvalidData, "a piece off its place")));
+            }
+            let segment = Segment::adopt_piece(&c.files, offset, part.ring_size).map_err(NotAdopted::Segment)?;
+            let chunk = Arc::new(crate::pool::KitChunk::handed(c.files, part.ring_size));
+            RecordMemory::Piece { segment, piece: crate::pool::Piece { chunk, index: index as u8 } }
+        }
+    };
     let bytes = vsocket_abi::layout::segment_size(part.ring_size) as u64;
     let charge = daemon.charge(&policy, &client, &server, bytes).map_err(NotAdopted::Quota)?;
     daemon.connections.add(ConnectionRecord {
@@ -465,7 +494,7 @@ pub fn adopt(daemon: &Daemon, c: InheritedConnection) -> Result<(), NotAdopted> 
         server,
         server_addr: part.server_addr,
         opened: UNIX_EPOCH + Duration::from_millis(part.opened_ms),
-        memory: RecordMemory::Files { segment, files: c.files },
+        memory,
         carrier: Carrier::Shared(Pair { channel: ChannelId(part.channel), listener: ListenerId(part.listener) }),
         lifelines: c.lifelines,
         reset: AtomicBool::new(part.reset),
@@ -538,6 +567,7 @@ mod tests {
             listener: 8,
             reset: false,
             lifelines: 1,
+            piece_offset: None,
         };
         // A connection from a version-1 daemon: no count, a lifeline per end.
         let older = json(&Part::Connection(ConnectionPart { id: 40, lifelines: 2, ..connection.clone() }))

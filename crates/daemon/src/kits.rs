@@ -25,6 +25,7 @@ use crate::guest::GuestSlot;
 use crate::ids::{ChannelId, ConnectionId, ListenerId};
 use crate::listeners::ListenerRecord;
 use crate::policy::Policy;
+use crate::pool::{BorrowedFdOrOwned, KitChunk};
 use crate::sync::lock;
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -32,8 +33,9 @@ use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vsocket_abi::control::{Grant, Message, MAX_KITS};
+use vsocket_abi::control::{Grant, Message, Place, MAX_CHUNKS, MAX_KITS};
 use vsocket_abi::grant::SLOTS;
+use vsocket_abi::layout::Endpoint;
 use vsocket_abi::layout::{taken_port, KIT_ACCEPTED, KIT_FREE, KIT_GONE, KIT_REVOKED, KIT_WAITING};
 use vsocket_ring::ConnectQueue;
 
@@ -105,20 +107,36 @@ pub fn for_connect(
     }
     let first = state.next;
     let mut made = Vec::new();
+    let mut batch = Grant::in_one_chunk(grant.id, first, 1);
+    let mut chunks: Vec<Arc<KitChunk>> = Vec::new();
     for sequence in first..first.saturating_add(batch_size(policy, client, &listener.guest)) {
-        match crate::connect::make_kit(daemon, policy, &grant, sequence) {
-            Some(kit) => made.push((sequence, kit)),
-            None => break,
-        }
+        let Some(kit) = crate::connect::make_kit(daemon, policy, &grant, sequence) else { break };
+        let chunk = match chunks.iter().position(|c| Arc::ptr_eq(c, &kit.piece.chunk)) {
+            Some(at) => at,
+            // A kit in one chunk too many waits for the next batch: this
+            // one, which nobody holds, is retired by the reaper.
+            None if chunks.len() == MAX_CHUNKS as usize => break,
+            None => {
+                chunks.push(kit.piece.chunk.clone());
+                chunks.len() - 1
+            }
+        };
+        batch.places[made.len()] = Place { chunk: chunk as u8, piece: kit.piece.index };
+        made.push((sequence, kit));
     }
     if made.is_empty() {
         return None;
     }
-    let batch = Grant { id: grant.id, first, count: made.len() as u8 };
-    let mut fds = vec![grant.server_page.as_fd()];
-    for (_, kit) in &made {
-        fds.extend(kit.server.fds());
+    batch.count = made.len() as u8;
+    batch.chunks = chunks.len() as u8;
+    let mut fds = vec![BorrowedFdOrOwned::Borrowed(grant.server_page.as_fd())];
+    for chunk in &chunks {
+        fds.extend(chunk.files_for(Endpoint::Server).ok()?);
     }
+    for (_, kit) in &made {
+        fds.extend(kit.server.fds().map(BorrowedFdOrOwned::Borrowed));
+    }
+    let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
     let kits = Message::Kits { grant: batch, client: client_addr, server };
     let mut buf = [0u8; vsocket_abi::control::MAX_MESSAGE];
     if let Err(e) = vsocket_sys::send_with_fds(kit_channel.as_fd(), kits.encode(&mut buf), &fds) {
@@ -143,6 +161,7 @@ pub fn for_connect(
         grant: batch,
         page: grant.client_page.try_clone().ok()?,
         bell: bell.try_clone().ok()?,
+        chunks,
         kits: client_ends,
     })
 }

@@ -17,17 +17,104 @@
 //! kept once either end of its pair is gone (the request channel or the
 //! listener closed): the pool knows which are still there, because a
 //! connection is often retired only after its process has exited.
+//!
+//! Kits (ARCHITECTURE §3b) take their memory from *chunks* instead (§3c):
+//! the halves of 32 connections in one file per end, which each of the
+//! pair's processes maps once. A chunk is made for a pair when it has no
+//! free piece, and each kit connection's piece comes back to the pair
+//! when it is retired, reset, for the pair's next kit; a chunk goes when
+//! its last piece does (every record and free entry holds it).
 
 use crate::ids::{ChannelId, ListenerId, Pair};
 use crate::sync::lock;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
-use vsocket_ring::{Segment, SegmentFiles};
+use std::sync::{Arc, Condvar, Mutex};
+use vsocket_abi::layout::{half_size, Endpoint, CHUNK_PIECES};
+use vsocket_ring::{Chunk, ReadOnly, Segment, SegmentFiles};
 
 /// Released segments kept per pair, and in all.
 const KEEP_PER_PAIR: usize = 40;
 const KEEP: usize = 1024;
+/// Free kit pieces kept per pair (two chunks' worth); a piece past them is
+/// let go (its chunk goes with its last piece).
+const KEEP_PIECES_PER_PAIR: usize = 2 * CHUNK_PIECES;
+
+/// A chunk's files, and the daemon's mapping of it (none for a chunk
+/// handed over by another daemon, whose pieces are mapped one by one and
+/// never given out again).
+#[derive(Debug)]
+pub struct KitChunk {
+    map: Option<Chunk>,
+    files: SegmentFiles,
+    ring_size: u32,
+}
+
+impl KitChunk {
+    /// The chunk's files as end `end` is sent them: its own read-write,
+    /// its peer's read-only.
+    pub fn files_for(&self, end: Endpoint) -> std::io::Result<[BorrowedFdOrOwned<'_>; 2]> {
+        let peer = match self.files.read_only(end.peer())? {
+            ReadOnly::Kept(fd) => BorrowedFdOrOwned::Borrowed(fd),
+            ReadOnly::Opened(fd) => BorrowedFdOrOwned::Owned(fd),
+        };
+        Ok([BorrowedFdOrOwned::Borrowed(std::os::fd::AsFd::as_fd(&self.files.rw[end.index()])), peer])
+    }
+
+    /// The files (a hand-over sends them).
+    pub fn files(&self) -> &SegmentFiles {
+        &self.files
+    }
+
+    /// A chunk another daemon made, whose pieces this one maps one by one.
+    pub fn handed(files: SegmentFiles, ring_size: u32) -> KitChunk {
+        KitChunk { map: None, files, ring_size }
+    }
+}
+
+/// A descriptor a message borrows, or one opened for it.
+#[derive(Debug)]
+pub enum BorrowedFdOrOwned<'a> {
+    Borrowed(std::os::fd::BorrowedFd<'a>),
+    Owned(std::os::fd::OwnedFd),
+}
+
+impl std::os::fd::AsFd for BorrowedFdOrOwned<'_> {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            BorrowedFdOrOwned::Borrowed(fd) => *fd,
+            BorrowedFdOrOwned::Owned(fd) => fd.as_fd(),
+        }
+    }
+}
+
+/// One kit connection's memory: piece `index` of `chunk`.
+#[derive(Debug, Clone)]
+pub struct Piece {
+    pub chunk: Arc<KitChunk>,
+    pub index: u8,
+}
+
+impl Piece {
+    /// The daemon's view of the piece: the chunk's, or (a chunk handed
+    /// over) the piece mapped alone.
+    pub fn segment(&self) -> std::io::Result<Segment> {
+        match &self.chunk.map {
+            Some(map) => map.piece(self.index as usize),
+            None => Segment::adopt_piece(&self.chunk.files, self.offset(), self.chunk.ring_size),
+        }
+    }
+
+    /// Where the piece starts in each of its chunk's files.
+    pub fn offset(&self) -> u64 {
+        self.index as u64 * half_size(self.chunk.ring_size) as u64
+    }
+
+    /// Is this the same chunk as `other`'s?
+    pub fn same_chunk(&self, other: &Piece) -> bool {
+        Arc::ptr_eq(&self.chunk, &other.chunk)
+    }
+}
 
 /// Segments kept ready.
 const TARGET: usize = 32;
@@ -40,10 +127,16 @@ pub struct SegmentPool {
     ready: Mutex<Vec<(Segment, SegmentFiles)>>,
     taken: Condvar,
     released: Mutex<Released>,
-    /// Segments made, and connections that got a segment used before.
+    /// Segments made, and connections (or kits) that got a segment (or a
+    /// piece) used before.
     pub created: AtomicU64,
     pub reused: AtomicU64,
+    /// Kits' chunks made.
+    pub chunks: AtomicU64,
 }
+
+/// A released segment, reset, and its files.
+type Kept = (Segment, SegmentFiles);
 
 /// Released segments, reset, per pair, and the request channels and
 /// listeners a pair may still be made of.
@@ -52,6 +145,8 @@ struct Released {
     by_pair: HashMap<Pair, Vec<(Segment, SegmentFiles)>>,
     channels: HashSet<ChannelId>,
     listeners: HashSet<ListenerId>,
+    /// Free kit pieces, per pair.
+    pieces: HashMap<Pair, Vec<Piece>>,
 }
 
 impl Released {
@@ -59,9 +154,12 @@ impl Released {
         self.channels.contains(&pair.channel) && self.listeners.contains(&pair.listener)
     }
 
-    fn take_pairs(&mut self, gone: impl Fn(&Pair) -> bool) -> Vec<Vec<(Segment, SegmentFiles)>> {
+    fn take_pairs(&mut self, gone: impl Fn(&Pair) -> bool) -> (Vec<Vec<Kept>>, Vec<Vec<Piece>>) {
         let keys: Vec<Pair> = self.by_pair.keys().copied().filter(|k| gone(k)).collect();
-        keys.into_iter().filter_map(|k| self.by_pair.remove(&k)).collect()
+        let segments = keys.into_iter().filter_map(|k| self.by_pair.remove(&k)).collect();
+        let keys: Vec<Pair> = self.pieces.keys().copied().filter(|k| gone(k)).collect();
+        let pieces = keys.into_iter().filter_map(|k| self.pieces.remove(&k)).collect();
+        (segments, pieces)
     }
 }
 
@@ -80,6 +178,7 @@ impl SegmentPool {
             released: Mutex::default(),
             created: AtomicU64::new(0),
             reused: AtomicU64::new(0),
+            chunks: AtomicU64::new(0),
         }
     }
 
@@ -120,6 +219,48 @@ impl SegmentPool {
     /// Released segments kept for their pairs.
     pub fn kept(&self) -> usize {
         lock(&self.released).by_pair.values().map(Vec::len).sum()
+    }
+
+    /// A free kit piece for `pair`: one of its chunks', or the first of a
+    /// new chunk (whose others are kept for the pair's next kits).
+    pub fn take_piece(&self, pair: Pair) -> std::io::Result<Piece> {
+        if let Some(piece) = lock(&self.released).pieces.get_mut(&pair).and_then(Vec::pop) {
+            self.reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(piece);
+        }
+        let (map, files) = Chunk::create(self.ring_size)?;
+        self.chunks.fetch_add(1, Ordering::Relaxed);
+        let chunk = Arc::new(KitChunk { map: Some(map), files, ring_size: self.ring_size });
+        let mut released = lock(&self.released);
+        if released.pair_is_there(pair) {
+            // Taken from the end, lowest first.
+            let rest = (1..CHUNK_PIECES as u8).rev().map(|index| Piece { chunk: chunk.clone(), index });
+            released.pieces.entry(pair).or_default().extend(rest);
+        }
+        Ok(Piece { chunk, index: 0 })
+    }
+
+    /// Keeps a retired kit connection's piece for `pair`'s next kit (reset
+    /// here), if both ends of the pair are still there and it is one of
+    /// this daemon's chunks.
+    pub fn recycle_piece(&self, pair: Pair, segment: Segment, piece: Piece) {
+        if piece.chunk.map.is_none() {
+            return;
+        }
+        segment.reset();
+        let mut released = lock(&self.released);
+        if !released.pair_is_there(pair) {
+            return;
+        }
+        let list = released.pieces.entry(pair).or_default();
+        if list.len() < KEEP_PIECES_PER_PAIR {
+            list.push(piece);
+        }
+    }
+
+    /// Free kit pieces kept for their pairs.
+    pub fn kept_pieces(&self) -> usize {
+        lock(&self.released).pieces.values().map(Vec::len).sum()
     }
 
     /// A request channel is served: segments of its pairs may be kept.
@@ -223,6 +364,38 @@ mod tests {
         assert_eq!(pool.kept(), 0, "the channel's segments go with it");
         release(&pool, pair(1, 10));
         assert_eq!(pool.kept(), 0, "a connection retired after its process exited keeps nothing");
+    }
+
+    #[test]
+    fn a_pairs_kits_take_the_pieces_of_its_chunks_and_give_them_back() {
+        let pool = SegmentPool::new(RING);
+        pool.channel_opened(ChannelId(1));
+        pool.listener_opened(ListenerId(10));
+        let p = pair(1, 10);
+        // A chunk's 32 pieces, in order, before another chunk is made.
+        let pieces: Vec<Piece> = (0..CHUNK_PIECES).map(|_| pool.take_piece(p).unwrap()).collect();
+        assert_eq!(pool.chunks.load(Ordering::Relaxed), 1);
+        assert!(pieces.iter().enumerate().all(|(i, piece)| piece.index as usize == i && piece.same_chunk(&pieces[0])));
+        assert_eq!(pieces[3].offset(), 3 * half_size(RING) as u64);
+        let next = pool.take_piece(p).unwrap();
+        assert!(!next.same_chunk(&pieces[0]));
+        assert_eq!(pool.chunks.load(Ordering::Relaxed), 2);
+        assert_eq!(pool.kept_pieces(), CHUNK_PIECES - 1);
+        // A piece given back is reset and is the next one taken.
+        let segment = pieces[5].segment().unwrap();
+        segment.producer(0).write(&[b"old"]).unwrap();
+        pool.recycle_piece(p, segment, pieces[5].clone());
+        let again = pool.take_piece(p).unwrap();
+        assert!(again.same_chunk(&pieces[0]) && again.index == 5);
+        assert_eq!(again.segment().unwrap().producer(0).total(), 0, "reset");
+        // Another pair never gets them; a pair gone keeps none.
+        pool.channel_opened(ChannelId(2));
+        assert!(!pool.take_piece(pair(2, 10)).unwrap().same_chunk(&pieces[0]));
+        pool.channel_closed(ChannelId(1));
+        assert_eq!(pool.kept_pieces(), CHUNK_PIECES - 1, "only pair (2, 10)'s");
+        let segment = pieces[6].segment().unwrap();
+        pool.recycle_piece(p, segment, pieces[6].clone());
+        assert_eq!(pool.kept_pieces(), CHUNK_PIECES - 1);
     }
 
     #[test]

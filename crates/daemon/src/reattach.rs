@@ -68,14 +68,15 @@ impl fmt::Display for Refusal {
 }
 
 /// End `end` of connection `id`'s halves (its own, then its peer's), for a
-/// process of `guest` that sent `proof` with its request.
+/// process of `guest` that sent `proof` with its request; for a kit's
+/// piece of a chunk, the chunk's files and the piece's offset in them.
 pub fn halves(
     daemon: &Daemon,
     guest: &Arc<GuestSlot>,
     id: ConnectionId,
     end: Endpoint,
     proof: Option<OwnedFd>,
-) -> Result<[OwnedFd; 2], Refusal> {
+) -> Result<([OwnedFd; 2], Option<u64>), Refusal> {
     let proof = proof.ok_or(Refusal::NoProof)?;
     let shown = Segment::identity(proof.as_fd()).map_err(|_| Refusal::NoProof)?;
     daemon
@@ -97,9 +98,11 @@ pub fn halves(
             if !held {
                 return Err(Refusal::NoProof);
             }
+            let io = |e: std::io::Error| Refusal::Io(e.raw_os_error().unwrap_or(libc::EIO));
             match &record.memory {
-                crate::connections::Memory::Files { files, .. } => {
-                    files.clone_for(end).map_err(|e| Refusal::Io(e.raw_os_error().unwrap_or(libc::EIO)))
+                crate::connections::Memory::Files { files, .. } => Ok((files.clone_for(end).map_err(io)?, None)),
+                crate::connections::Memory::Piece { piece, .. } => {
+                    Ok((piece.chunk.files().clone_for(end).map_err(io)?, Some(piece.offset())))
                 }
                 crate::connections::Memory::Placed(_) => Err(Refusal::Placed),
             }

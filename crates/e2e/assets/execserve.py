@@ -7,6 +7,7 @@ inetd-style servers do, and a client that checks the echo.
     execserve.py give ADDR PORT BYTES SEED
     execserve.py digest BYTES SEED
     execserve.py failexec ADDR PORT
+    execserve.py kitexec ADDR PORT BYTES SEED
 
 `serve` accepts connections for ever; each runs PROGRAM with the
 connection as its stdin and stdout, started by MODE:
@@ -25,6 +26,10 @@ sizes, half-closes, reads until end of stream and prints
 closes it; `digest` prints the sha256 of those bytes. `failexec`
 connects to an echo server, lets the socket cross exec, execs a program
 that does not exist, then checks an echo on the connection it still has.
+`kitexec` connects to an echo server three times in one process (the
+second connect brings the grant's kits, the third takes one: a
+connection whose memory is a piece of a chunk), closing the first two,
+and execs itself to `check` the echo over the third from the new image.
 """
 import hashlib
 import os
@@ -71,9 +76,12 @@ def echo(conn):
 
 
 def check(addr, port, size, seed):
+    check_on(socket.create_connection((addr, port), timeout=30), size, seed)
+
+
+def check_on(s, size, seed):
     rng = random.Random(seed)
     data = rng.randbytes(size)
-    s = socket.create_connection((addr, port), timeout=30)
     received = hashlib.sha256()
     count = [0]
 
@@ -136,6 +144,17 @@ if __name__ == "__main__":
         check(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     elif command == "failexec":
         failexec(sys.argv[2], int(sys.argv[3]))
+    elif command == "kitexec":
+        for _ in range(2):
+            socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=30).close()
+        kit = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=30)
+        os.set_inheritable(kit.fileno(), True)
+        os.execv(sys.executable, [sys.executable, __file__, "check-fd", str(kit.fileno()), sys.argv[4], sys.argv[5]])
+    elif command == "check-fd":
+        s = socket.socket(fileno=int(sys.argv[2]))
+        # (Left non-blocking by the timeout the first image set.)
+        s.settimeout(30)
+        check_on(s, int(sys.argv[3]), int(sys.argv[4]))
     elif command == "give":
         give(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:

@@ -6,6 +6,7 @@
     kits_protocol.py listen SOCK IP PORT OUT STOPFILE
     kits_protocol.py connect SOCK IP PORT STEPS
     kits_protocol.py connect-v1 SOCK IP PORT
+    kits_protocol.py connect-v2 SOCK IP PORT
 
 listen: registers a listener that takes kits (ListenKits) and writes one
 JSON line to OUT for each message the daemon sends on its channel or its
@@ -19,6 +20,12 @@ JSON line, then waits for STEPS/check, prints the claim words of its
 kits, and waits for STEPS/exit.
 connect-v1: connects twice as a library from before the take word asked
 for kits, and prints the replies' kinds and descriptor counts.
+connect-v2: the same, as a library from before chunks (whose kits each
+came with their own two memfds) asked.
+
+A kit's memory is a piece of a chunk: a batch brings each chunk's files
+(this end's read-write, the peer's read-only), then a doorbell and a
+lifeline per kit, and names each kit's (chunk, piece).
 """
 import json
 import os
@@ -29,9 +36,11 @@ import sys
 import time
 
 CONNECTED, INCOMING, REFUSED = 2, 8, 4
-CONNECT_KITS, LISTEN_KITS, LISTEN_OK_KITS, CONNECTED_KITS, KITS, REVOKE = 20, 21, 15, 16, 17, 18
-# What a library that did not set a kit's take word sent for ConnectKits.
-CONNECT_KITS_V1 = 13
+CONNECT_KITS, LISTEN_KITS, LISTEN_OK_KITS, CONNECTED_KITS, KITS, REVOKE = 22, 23, 15, 16, 17, 18
+# What a library that did not set a kit's take word sent for ConnectKits,
+# and one from before chunks.
+CONNECT_KITS_V1, CONNECT_KITS_V2 = 13, 20
+GRANT_LEN = 8 + 4 + 1 + 1 + 32
 # Offsets (vsocket_abi::layout, ::grant). The claim word is in the
 # server's half, the take word at the same place in the client's.
 CLAIM = TAKE = 3 * 128 + 12
@@ -50,12 +59,27 @@ def channel(path):
 
 
 def grant_of(body):
-    gid, first, count = struct.unpack("<QIB", body[:13])
-    return gid, first, count
+    gid, first, count, chunks = struct.unpack("<QIBB", body[:14])
+    places = [(b >> 5, b & 31) for b in body[14:14 + count]]
+    return gid, first, count, chunks, places
 
 
-def claim(fd):
-    return struct.unpack("<I", os.pread(fd, 4, CLAIM))[0]
+def half_size(chunk_fd):
+    # The ring size, in the first piece's header.
+    ring = struct.unpack("<I", os.pread(chunk_fd, 4, 12))[0]
+    return 4096 + ring
+
+
+def pieces(fds, chunks, places, mine):
+    """(file, offset) of each kit's half: this end's (mine) or the
+    peer's, from the chunk files that open `fds`."""
+    files = [fds[2 * c + (0 if mine else 1)] for c in range(chunks)]
+    return [(files[c], p * half_size(files[c])) for c, p in places]
+
+
+def claim(at):
+    fd, offset = at
+    return struct.unpack("<I", os.pread(fd, 4, offset + CLAIM))[0]
 
 
 def listen(path, ip, port, out, stop):
@@ -81,17 +105,20 @@ def listen(path, ip, port, out, stop):
                 return
             kind = msg[0]
             if kind == KITS:
-                gid, first, count = grant_of(msg[1:])
-                # Each kit: own half (read-write), bell, lifeline, peer half.
-                kits = [fds[1 + 4 * i] for i in range(count)]
+                gid, first, count, chunks, places = grant_of(msg[1:])
+                # The queue page, the chunks' files, then each kit's bell
+                # and lifeline; its claim word is in its piece of the
+                # server's file.
+                kits = pieces(fds[1:], chunks, places, True)
                 held.append((gid, kits))
-                note(kind="kits", grant=gid, first=first, count=count, fds=len(fds),
-                     client=socket.inet_ntoa(msg[14:18]), claims=[claim(fd) for fd in kits])
+                client = msg[1 + GRANT_LEN:1 + GRANT_LEN + 4]
+                note(kind="kits", grant=gid, first=first, count=count, chunks=chunks, fds=len(fds),
+                     client=socket.inet_ntoa(client), claims=[claim(at) for at in kits])
             elif kind == INCOMING:
                 note(kind="incoming", fds=len(fds))
             elif kind == REVOKE:
                 (gid,) = struct.unpack("<Q", msg[1:9])
-                claims = [claim(fd) for g, kits in held if g == gid for fd in kits]
+                claims = [claim(at) for g, kits in held if g == gid for at in kits]
                 note(kind="revoke", grant=gid, claims=claims)
             else:
                 note(kind="other", code=kind, fds=len(fds))
@@ -107,27 +134,27 @@ def connect(path, ip, port, steps, kind=CONNECT_KITS):
         msg, fds, _, _ = socket.recv_fds(s, 64, 253)
         replies.append({"kind": msg[0], "fds": len(fds)})
         if msg[0] == CONNECTED_KITS:
-            gid, first, count = grant_of(msg[1 + 24:])
-            kits = (gid, first, count, fds)
+            kits = grant_of(msg[1 + 24:]) + (fds,)
     if kits is None:
         print(json.dumps({"replies": replies}), flush=True)
         return
-    gid, first, count, fds = kits
+    gid, first, count, chunks, places, fds = kits
     page, bell = fds[4], fds[5]
-    # Taken: the take word in the client's half of the kit.
-    os.pwrite(fds[6], struct.pack("<I", KIT_TAKEN | 41000), TAKE)
+    # Taken: the take word in the client's half of the first kit.
+    own, offset = pieces(fds[6:], chunks, places, True)[0]
+    os.pwrite(own, struct.pack("<I", KIT_TAKEN | 41000), offset + TAKE)
     # The server's half of each kit (read-only here): its claim word.
-    server_halves = [fds[6 + 4 * i + 3] for i in range(count)]
+    server_halves = pieces(fds[6:], chunks, places, False)
     produced = struct.unpack("<Q", os.pread(page, 8, PRODUCED))[0]
     slot = (1 << 63) | (41000 << 32) | first
     os.pwrite(page, struct.pack("<Q", slot), SLOTS_AT + 8 * (produced % SLOTS))
     os.pwrite(page, struct.pack("<Q", produced + 1), PRODUCED)
     os.write(bell, b"k")
-    print(json.dumps({"replies": replies, "grant": gid, "first": first, "count": count,
-                      "claims": [claim(fd) for fd in server_halves]}), flush=True)
+    print(json.dumps({"replies": replies, "grant": gid, "first": first, "count": count, "chunks": chunks,
+                      "claims": [claim(at) for at in server_halves]}), flush=True)
     while not os.path.exists(os.path.join(steps, "check")):
         time.sleep(0.05)
-    print(json.dumps({"claims": [claim(fd) for fd in server_halves]}), flush=True)
+    print(json.dumps({"claims": [claim(at) for at in server_halves]}), flush=True)
     while not os.path.exists(os.path.join(steps, "exit")):
         time.sleep(0.05)
 
@@ -140,3 +167,5 @@ if __name__ == "__main__":
         connect(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
     elif what == "connect-v1":
         connect(sys.argv[2], sys.argv[3], int(sys.argv[4]), None, CONNECT_KITS_V1)
+    elif what == "connect-v2":
+        connect(sys.argv[2], sys.argv[3], int(sys.argv[4]), None, CONNECT_KITS_V2)

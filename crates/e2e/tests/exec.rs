@@ -54,6 +54,25 @@ fn an_inetd_style_server_hands_connections_to_programs_it_execs() {
 }
 
 #[test]
+fn a_connection_made_ahead_crosses_exec_with_its_piece_of_a_chunk() {
+    // The third connect of a process takes a kit, whose memory is a piece
+    // of a chunk: the new program image gets the chunk's files and the
+    // piece's offset from the daemon (`ReattachedAt`) and maps that piece.
+    let mut lab = Lab::start("texeckit", TWO_GUESTS).unwrap();
+    let echo = asset("selectors_echo.py");
+    lab.spawn("b", Via::Vsocket, "python3", &[echo.to_str().unwrap(), "serve", "10.10.0.3", "7531"], "echo.log")
+        .unwrap();
+    lab.wait_listening("b", 7531).unwrap();
+    let script = asset("execserve.py");
+    let args = [script.to_str().unwrap(), "kitexec", "10.10.0.3", "7531", BYTES, "6"];
+    let out = lab.run_ok("a", Via::Vsocket, "python3", &args).unwrap();
+    assert_eq!(out.trim(), format!("sent={BYTES} received={BYTES} match=yes"));
+    assert!(lab.ctl("status").unwrap()["kit_chunks"].as_u64().unwrap() >= 1, "kits were made");
+    assert_eq!(lab.counter("a", "connections_out"), 3);
+    assert_eq!(lab.counter("a", "fallbacks"), 0);
+}
+
+#[test]
 fn a_shell_gives_a_program_it_execs_its_connection_on_stdin() {
     let mut lab = Lab::start("texecsh", TWO_GUESTS).unwrap();
     let script = asset("execserve.py");

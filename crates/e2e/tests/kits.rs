@@ -64,18 +64,20 @@ fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
     assert!(wait_until(Duration::from_secs(10), || !lines(&client_log).is_empty()), "client connected");
     let taken = &lines(&client_log)[0];
     // The first connect is an ordinary one; the second brings a grant's
-    // batch: the connection, the queue and the bell, four per kit.
+    // batch: the connection, the queue and the bell, one chunk's two
+    // files, and a doorbell and a lifeline per kit.
     assert_eq!(taken["replies"][0], serde_json::json!({"kind": 2, "fds": 4}), "{taken}");
     let count = taken["count"].as_u64().unwrap();
     assert_eq!(taken["replies"][1]["kind"], 16, "{taken}");
-    assert_eq!(taken["replies"][1]["fds"].as_u64().unwrap(), 6 + 4 * count, "{taken}");
+    assert_eq!(taken["chunks"], 1, "{taken}");
+    assert_eq!(taken["replies"][1]["fds"].as_u64().unwrap(), 6 + 2 + 2 * count, "{taken}");
     assert_eq!(count, 32);
     assert!(taken["claims"].as_array().unwrap().iter().all(|c| c == 0), "{taken}");
     // The server's ends went to the listener first, all waiting.
     let server = lines(&server_out);
     let kits = server.iter().find(|l| l["kind"] == "kits").unwrap_or_else(|| panic!("{server:?}"));
     assert_eq!((&kits["grant"], &kits["first"], &kits["count"]), (&taken["grant"], &taken["first"], &taken["count"]));
-    assert_eq!(kits["fds"].as_u64().unwrap(), 1 + 4 * count);
+    assert_eq!(kits["fds"].as_u64().unwrap(), 1 + 2 + 2 * count);
     assert_eq!(kits["client"], "10.10.0.2");
     assert_eq!(server.iter().filter(|l| l["kind"] == "incoming").count(), 2, "{server:?}");
 
@@ -136,20 +138,24 @@ fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
 }
 
 #[test]
-fn a_library_from_before_the_take_word_gets_no_kits() {
-    // Its server would never accept them (it never sets the take word),
-    // so it connects through the daemon, as a library without kits does.
+fn a_library_from_before_the_take_word_or_before_chunks_gets_no_kits() {
+    // A server from before the take word would never accept them (it
+    // never sets the take word), and one from before chunks would take a
+    // kit's memory as two memfds of its own: such a library connects
+    // through the daemon, as a library without kits does.
     let mut lab = Lab::start_host("tkitsv1", ONE_PORT, "").unwrap();
     let RawListener { script, sock_a, server_out, stop } = RawListener::start(&mut lab);
     let script = script.to_str().unwrap();
-    let out = lab.run("a", Via::Kernel, "python3", &[script, "connect-v1", &sock_a, "10.10.0.3", "7000"]).unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let said: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let plain = serde_json::json!({"kind": 2, "fds": 4});
-    assert_eq!(said["replies"], serde_json::json!([plain, plain]), "{said}");
-    assert!(wait_until(Duration::from_secs(5), || {
-        lines(&server_out).iter().filter(|l| l["kind"] == "incoming").count() == 2
-    }));
+    for (how, incoming) in [("connect-v1", 2), ("connect-v2", 4)] {
+        let out = lab.run("a", Via::Kernel, "python3", &[script, how, &sock_a, "10.10.0.3", "7000"]).unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let said: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let plain = serde_json::json!({"kind": 2, "fds": 4});
+        assert_eq!(said["replies"], serde_json::json!([plain, plain]), "{how}: {said}");
+        assert!(wait_until(Duration::from_secs(5), || {
+            lines(&server_out).iter().filter(|l| l["kind"] == "incoming").count() == incoming
+        }));
+    }
     assert!(!lines(&server_out).iter().any(|l| l["kind"] == "kits"), "{:?}", lines(&server_out));
     std::fs::write(&stop, "").unwrap();
 }

@@ -279,22 +279,17 @@ fn resume(record: Record) {
     // connection cannot be mapped: its descriptors are closed and the
     // program's socket is left unconnected, as where nothing crosses.
     let halves = match halves {
-        Some(halves) => Ok(halves),
+        Some(halves) => Ok((halves, None)),
         None => attach::reattach(resumed.info.id, resumed.endpoint, internal.lifeline).map_err(drop),
     };
-    let Ok([own, peer]) = halves else {
+    let Ok(([own, peer], at)) = halves else {
         for fd in internal.open_fds() {
             let _ = sys::close(fd);
         }
         return;
     };
-    let delivery = Delivery {
-        segment: own,
-        peer_segment: peer,
-        doorbell: internal.doorbell,
-        lifeline: internal.lifeline,
-        placed: None,
-    };
+    let mut delivery = Delivery::of_segment(own, peer, internal.doorbell, internal.lifeline);
+    delivery.at = at;
     // On failure the descriptors go with `delivery`: the program's socket
     // is left unconnected, as where nothing crosses.
     let Ok(conn) = Connection::resume(resumed, delivery) else { return };

@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use vsocket_abi::control::{Grant, Message, KIT_FDS};
 use vsocket_abi::grant::{Cursor, Slot};
-use vsocket_ring::ConnectQueue;
+use vsocket_abi::layout::Endpoint;
+use vsocket_ring::{Chunk, ConnectQueue};
 
 /// Most grants a client process keeps (the daemon gives at most 64).
 const CLIENT_GRANTS: usize = 64;
@@ -75,20 +76,31 @@ pub struct Kit {
     pub delivery: Delivery,
 }
 
-/// The kits of batch `grant` from their descriptors (four each, in a
-/// connection's order); a kit whose header cannot be read is let go.
-fn kits_of(grant: Grant, fds: &[RawFd]) -> Vec<Kit> {
+/// The kits of batch `grant` for end `end`, from the descriptors that
+/// came with it: each chunk's files (this end's, then the peer's), then
+/// [`KIT_FDS`] per kit (its doorbell and lifeline). Each kit's memory is
+/// its piece of a chunk, viewed now (its headers checked, its connection
+/// id read); a kit whose chunk cannot be mapped, or whose piece's headers
+/// do not check, is let go (its descriptors closed).
+fn kits_of(grant: &Grant, fds: &[RawFd], end: Endpoint) -> Vec<Kit> {
+    let (files, ends) = fds.split_at(2 * grant.chunks as usize);
+    let chunks: Vec<Option<Arc<Chunk>>> = files
+        .chunks_exact(2)
+        .map(|two| {
+            let chunk = sys::with_borrowed(two[0], |own| {
+                sys::with_borrowed(two[1], |peer| crate::attach::segcache::chunk(own, peer, end))
+            });
+            close_all(two);
+            chunk.ok()
+        })
+        .collect();
     let mut kits = Vec::with_capacity(grant.count as usize);
-    for (i, four) in fds.chunks_exact(KIT_FDS).enumerate().take(grant.count as usize) {
-        let delivery =
-            Delivery { segment: four[0], doorbell: four[1], lifeline: four[2], peer_segment: four[3], placed: None };
-        // Version (u32), ring size (u32), connection id (u64), from byte 8.
-        let mut header = [0u8; 16];
-        if sys::pread(delivery.segment, &mut header, 8) != Ok(16) {
-            continue;
-        }
-        let ring_size = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
-        let id = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    for (i, (two, place)) in ends.chunks_exact(KIT_FDS).zip(grant.kit_places()).enumerate() {
+        let mut delivery = Delivery::of_segment(-1, -1, two[0], two[1]);
+        let chunk = chunks.get(place.chunk as usize).and_then(Option::as_ref);
+        let Some(segment) = chunk.and_then(|c| c.piece(place.piece as usize).ok()) else { continue };
+        let (id, ring_size) = (segment.connection_id(end.index()), segment.ring_size());
+        delivery.piece = Some(segment);
         kits.push(Kit { sequence: grant.first.wrapping_add(i as u32), id, ring_size, delivery });
     }
     kits
@@ -169,16 +181,17 @@ fn clients() -> std::sync::MutexGuard<'static, Clients> {
 
 /// Keeps the batch of kits `grant` that came with a connect from a socket
 /// bound to `bound` to `remote` (the client's address `client`), from its
-/// descriptors `fds`: the queue, the bell, then four per kit.
+/// descriptors `fds`: the queue, the bell, then the batch's own (see
+/// [`kits_of`]).
 pub fn keep_client(grant: Grant, bound: Ipv4Addr, remote: SocketAddrV4, client: Ipv4Addr, fds: Vec<RawFd>) {
-    if fds.len() != 2 + KIT_FDS * grant.count as usize {
+    if fds.len() != 2 + grant.fds() {
         close_all(&fds);
         return;
     }
     let (page, bell) = (fds[0], fds[1]);
     let queue = sys::with_borrowed(page, |page| ConnectQueue::map(page, grant.id, true));
     let _ = sys::close(page);
-    let kits = kits_of(grant, &fds[2..]);
+    let kits = kits_of(&grant, &fds[2..], Endpoint::Client);
     let Ok(queue) = queue else {
         let _ = sys::close(bell);
         return;
@@ -357,9 +370,10 @@ impl ServerKits {
     }
 
     /// Keeps the server's ends of batch `grant` (clients at `client`,
-    /// dialing `server`) from `fds`: the queue, then four per kit.
+    /// dialing `server`) from `fds`: the queue, then the batch's own (see
+    /// [`kits_of`]).
     fn keep(&self, state: &mut ServerState, grant: Grant, client: Ipv4Addr, server: SocketAddrV4, fds: Vec<RawFd>) {
-        if self.off.load(Ordering::Acquire) || fds.len() != 1 + KIT_FDS * grant.count as usize {
+        if self.off.load(Ordering::Acquire) || fds.len() != 1 + grant.fds() {
             close_all(&fds);
             return;
         }
@@ -368,7 +382,7 @@ impl ServerKits {
             close_all(&fds);
             return;
         }
-        let kits = kits_of(grant, &fds[1..]);
+        let kits = kits_of(&grant, &fds[1..], Endpoint::Server);
         if let Some(known) = state.grants.get_mut(&grant.id) {
             let _ = sys::close(fds[0]);
             known.kits.extend(kits.into_iter().map(|k| (k.sequence, k)));
@@ -557,7 +571,7 @@ mod tests {
     use std::os::fd::{AsFd, AsRawFd, IntoRawFd};
 
     fn kit(sequence: u32) -> Kit {
-        let delivery = Delivery { segment: -1, peer_segment: -1, doorbell: -1, lifeline: -1, placed: None };
+        let delivery = Delivery::of_segment(-1, -1, -1, -1);
         Kit { sequence, id: u64::from(sequence), ring_size: 4096, delivery }
     }
 

@@ -56,9 +56,11 @@ pub trait Attachment: Send + 'static {
 pub trait ProcessChannel: Channel + Sized + 'static {
     /// The next request; `None` at end of stream.
     fn next_message(&self) -> Result<Option<Request>, RecvError>;
-    /// Sends `Reattached` with an end's two segment halves (see
-    /// [`crate::reattach`]); a channel that carries no descriptors cannot.
-    fn send_halves(&self, _halves: [BorrowedFd<'_>; 2]) -> io::Result<()> {
+    /// Sends `Reattached` with an end's two segment halves, or
+    /// `ReattachedAt` with a kit's chunk files and its piece's `offset`
+    /// (see [`crate::reattach`]); a channel that carries no descriptors
+    /// cannot.
+    fn send_halves(&self, _halves: [BorrowedFd<'_>; 2], _offset: Option<u64>) -> io::Result<()> {
         Err(io::Error::new(io::ErrorKind::Unsupported, "this channel carries no descriptors"))
     }
     /// A handle whose shutdown ends the channel (see [`GuestSlot::remove`]).
@@ -267,7 +269,7 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
             // examines (and drops) is the guest's, whatever that file is.
             Message::Reattach { id, end } => {
                 let sent = match crate::reattach::halves(daemon, guest, ConnectionId(id), end, proof) {
-                    Ok(files) => channel.send_halves(files.each_ref().map(|f| f.as_fd())),
+                    Ok((files, offset)) => channel.send_halves(files.each_ref().map(|f| f.as_fd()), offset),
                     Err(refusal) => {
                         tracing::info!(guest = %name, connection = id, "halves not sent again: {refusal}");
                         channel.send(&Message::Refused { errno: refusal.errno() }, None)
@@ -280,7 +282,8 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
             }
             Message::Connect { local, remote }
             | Message::ConnectKits { local, remote }
-            | Message::ConnectKitsV1 { local, remote } => {
+            | Message::ConnectKitsV1 { local, remote }
+            | Message::ConnectKitsV2 { local, remote } => {
                 let _serving = daemon.serving();
                 let memory = channel.memory();
                 let client = match &memory {
@@ -297,11 +300,16 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
                 };
                 let handover = reply.handover.as_ref().map(|files| files.handover());
                 let sent = match (batch, handover) {
-                    (Some((info, batch)), Some(handover)) => {
-                        let mut fds = handover.fds().to_vec();
-                        fds.extend(batch.fds());
-                        channel.send_fds(&Message::ConnectedKits { info, grant: batch.grant }, &fds)
-                    }
+                    (Some((info, batch)), Some(handover)) => match batch.fds() {
+                        Ok(batch_fds) => {
+                            let mut fds = handover.fds().to_vec();
+                            fds.extend(batch_fds.iter().map(|f| f.as_fd()));
+                            channel.send_fds(&Message::ConnectedKits { info, grant: batch.grant }, &fds)
+                        }
+                        // The kits, which nobody holds, are retired by the
+                        // reaper; the connection goes as `Connected`.
+                        Err(_) => channel.send(&reply.message, Some(handover)),
+                    },
                     (_, handover) => channel.send(&reply.message, handover),
                 };
                 if let Err(e) = sent {
@@ -309,7 +317,9 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
                     return;
                 }
             }
-            Message::Listen { local, backlog: _ } | Message::ListenKitsV1 { local, backlog: _ } => {
+            Message::Listen { local, backlog: _ }
+            | Message::ListenKitsV1 { local, backlog: _ }
+            | Message::ListenKitsV2 { local, backlog: _ } => {
                 serve_listener(daemon, guest, channel, local, false);
                 return;
             }

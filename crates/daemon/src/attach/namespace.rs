@@ -102,9 +102,13 @@ impl ProcessChannel for SeqpacketChannel {
         Ok(Some(Request { message, proof: fds.pop() }))
     }
 
-    fn send_halves(&self, halves: [BorrowedFd<'_>; 2]) -> io::Result<()> {
+    fn send_halves(&self, halves: [BorrowedFd<'_>; 2], offset: Option<u64>) -> io::Result<()> {
         let mut buf = [0u8; MAX_MESSAGE];
-        vsocket_sys::send_with_fds(self.0.as_fd(), Message::Reattached.encode(&mut buf), &halves)
+        let reply = match offset {
+            None => Message::Reattached,
+            Some(offset) => Message::ReattachedAt { offset },
+        };
+        vsocket_sys::send_with_fds(self.0.as_fd(), reply.encode(&mut buf), &halves)
     }
 
     fn handle(&self) -> io::Result<OwnedFd> {

@@ -32,6 +32,20 @@ pub struct Delivery {
     /// In a VM guest: the offset of the connection's piece of the region
     /// (the halves are then -1).
     pub placed: Option<u64>,
+    /// A kit's memory, a piece of a chunk this process maps (the halves
+    /// are then -1; see `kits`).
+    pub piece: Option<Segment>,
+    /// A kit's end after exec: the halves are its chunk's files, and its
+    /// piece is at this offset of them.
+    pub at: Option<u64>,
+}
+
+impl Delivery {
+    /// What came with a `Connected` or `Incoming` (or after exec): the
+    /// segment's halves, the doorbell and the lifeline.
+    pub fn of_segment(segment: RawFd, peer_segment: RawFd, doorbell: RawFd, lifeline: RawFd) -> Delivery {
+        Delivery { segment, peer_segment, doorbell, lifeline, placed: None, piece: None, at: None }
+    }
 }
 
 impl Delivery {
@@ -58,12 +72,14 @@ impl Drop for Delivery {
 /// connection goes (see `segcache`).
 pub struct MemfdSegment {
     segment: Option<Segment>,
-    /// The segment's files: this end's half and the peer's.
-    files: segcache::Files,
+    /// The segment's files (this end's half and the peer's), if the
+    /// mapping is kept for reuse when the connection goes: not a kit's
+    /// piece of a chunk (the chunk's mapping is shared by its kits).
+    files: Option<segcache::Files>,
     /// The process that mapped it: a forked child, which inherits the
     /// mapping of a connection its parent goes on using, must not keep it
     /// (the parent's later connections may get the segment). 0 for a piece
-    /// of a VM's region, which is never kept.
+    /// of a VM's region, which the daemon cannot send again after exec.
     owner: i32,
 }
 
@@ -97,9 +113,9 @@ impl std::ops::Deref for MemfdSegment {
 
 impl Drop for MemfdSegment {
     fn drop(&mut self) {
-        if let Some(segment) = self.segment.take() {
+        if let (Some(segment), Some(files)) = (self.segment.take(), self.files) {
             if sys::getpid() == self.owner {
-                segcache::put(self.files, segment);
+                segcache::put(files, segment);
             }
         }
     }
@@ -109,8 +125,15 @@ impl ConnectionMemory for MemfdSegment {
     fn map(delivery: &mut Delivery, info: &ConnectionInfo, end: Endpoint) -> SysResult<MemfdSegment> {
         if let Some(offset) = delivery.placed {
             let segment = super::region::map(offset, info, end)?;
-            let nothing = vsocket_ring::FileIdentity { dev: 0, ino: 0 };
-            return Ok(MemfdSegment { segment: Some(segment), files: (nothing, nothing), owner: 0 });
+            return Ok(MemfdSegment { segment: Some(segment), files: None, owner: 0 });
+        }
+        if let Some(segment) = delivery.piece.take() {
+            // A kit: its piece was viewed (and its headers checked) when
+            // its batch came; the header names the connection.
+            if segment.ring_size() != info.ring_size || segment.connection_id(end.index()) != info.id {
+                return Err(sys::Errno(libc::EPROTO));
+            }
+            return Ok(MemfdSegment { segment: Some(segment), files: None, owner: sys::getpid() });
         }
         let own_fd = std::mem::replace(&mut delivery.segment, -1);
         let peer_fd = std::mem::replace(&mut delivery.peer_segment, -1);
@@ -120,8 +143,14 @@ impl ConnectionMemory for MemfdSegment {
             }
             return Err(sys::Errno(libc::EBADF));
         }
-        let mapped =
-            sys::with_borrowed(own_fd, |own| sys::with_borrowed(peer_fd, |peer| map_halves(own, peer, info, end)));
+        let at = delivery.at;
+        let mapped = sys::with_borrowed(own_fd, |own| {
+            sys::with_borrowed(peer_fd, |peer| match at {
+                // A kit's end after exec: its piece alone, not kept.
+                Some(offset) => Segment::map_piece(own, peer, offset, info.ring_size, end).map(|s| (s, None)),
+                None => map_halves(own, peer, info, end).map(|(s, files)| (s, Some(files))),
+            })
+        });
         let _ = sys::close(own_fd);
         let _ = sys::close(peer_fd);
         match mapped {

@@ -82,5 +82,7 @@ pub fn delivery(id: u64, end: Endpoint, offset: u64) -> SysResult<Delivery> {
     }
     let mut fds = [bell];
     sys::relocate_internal(&mut fds, super::seqpacket::internal_fd_floor());
-    Ok(Delivery { segment: -1, peer_segment: -1, doorbell: fds[0], lifeline: -1, placed: Some(offset) })
+    let mut delivery = Delivery::of_segment(-1, -1, fds[0], -1);
+    delivery.placed = Some(offset);
+    Ok(delivery)
 }

@@ -10,21 +10,30 @@
 //! daemon writes it before handing the segment over) takes it back instead
 //! of mapping anew.
 //!
+//! Kits' chunks (ARCHITECTURE §3c) are kept the same way: a batch names
+//! the chunks its kits are in, and the daemon gives a pair's next kits the
+//! pieces its last ones freed, so the chunk a batch comes in is usually
+//! one this process maps already (still used by kits and connections, or
+//! one of the last few, kept). [`chunk`] finds it by its files.
+//!
 //! A forked child drops every kept mapping (see `fork.rs`), and does not
 //! keep the mappings of connections it inherited when it closes them
 //! (`conn::Mapped`): its parent's next connections may get those segments,
 //! and a child may not be trusted as much as its parent (it may drop
 //! privileges).
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use vsocket_abi::control::ConnectionInfo;
 use vsocket_abi::layout::Endpoint;
-use vsocket_ring::{FileIdentity, Segment};
+use vsocket_ring::{Chunk, FileIdentity, Segment};
 
 /// Mappings kept at most.
 const KEEP: usize = 64;
+/// Chunks kept mapped at most, beside those the process's kits and
+/// connections hold.
+const KEEP_CHUNKS: usize = 4;
 
 /// A segment's files: the process's own half and its peer's.
 pub type Files = (FileIdentity, FileIdentity);
@@ -33,6 +42,8 @@ pub type Files = (FileIdentity, FileIdentity);
 type Kept = (Files, Segment);
 
 static CACHE: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
+/// Chunks mapped lately, the last used last.
+static CHUNKS: Mutex<Vec<(Files, Arc<Chunk>)>> = Mutex::new(Vec::new());
 /// Held by whoever uses the cache, and by fork (from prepare to the child
 /// and parent handlers), so that a child never inherits the cache half
 /// changed; the mutex inside is then never contended.
@@ -82,6 +93,49 @@ pub fn take(
     }
 }
 
+/// The chunk whose files the daemon sent as `own` (this end's) and `peer`,
+/// for end `end`: the mapping this process has of it, or a new one.
+pub fn chunk(own: BorrowedFd<'_>, peer: BorrowedFd<'_>, end: Endpoint) -> std::io::Result<Arc<Chunk>> {
+    let id = (Segment::identity(own)?, Segment::identity(peer)?);
+    enter();
+    let found = {
+        let mut kept = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
+        kept.iter().position(|(k, _)| *k == id).map(|at| {
+            let hit = kept.remove(at);
+            let chunk = hit.1.clone();
+            kept.push(hit);
+            chunk
+        })
+    };
+    leave();
+    // Inode numbers come back: the nonces tell the files apart.
+    let same = |c: &Chunk| {
+        Segment::read_nonce(own).ok() == Some(c.nonce(end.index()))
+            && Segment::read_nonce(peer).ok() == Some(c.nonce(end.peer().index()))
+    };
+    if let Some(chunk) = found.filter(|c| same(c)) {
+        return Ok(chunk);
+    }
+    // The ring size, from the first piece's header (after the magic and
+    // the version).
+    let mut word = [0u8; 4];
+    if crate::sys::pread(own.as_raw_fd(), &mut word, 12) != Ok(4) {
+        return Err(std::io::Error::from_raw_os_error(libc::EPROTO));
+    }
+    let chunk = Arc::new(Chunk::map(own, peer, u32::from_le_bytes(word), end)?);
+    enter();
+    let evicted = {
+        let mut kept = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|(k, _)| *k != id);
+        kept.push((id, chunk.clone()));
+        (kept.len() > KEEP_CHUNKS).then(|| kept.remove(0))
+    };
+    leave();
+    // Unmapped (if no kit holds it) outside the gate.
+    drop(evicted);
+    Ok(chunk)
+}
+
 /// Keeps the mapping of a closed connection's segment.
 pub fn put(id: Files, segment: Segment) {
     let evicted = with_cache(|kept| {
@@ -106,8 +160,9 @@ pub fn after_fork_parent() {
 /// fork's child handler: the child keeps none of its parent's mappings.
 pub fn after_fork_child() {
     let all = std::mem::take(&mut *CACHE.lock().unwrap_or_else(|e| e.into_inner()));
+    let chunks = std::mem::take(&mut *CHUNKS.lock().unwrap_or_else(|e| e.into_inner()));
     leave();
-    drop(all);
+    drop((all, chunks));
 }
 
 #[cfg(test)]

@@ -128,13 +128,12 @@ impl Reply {
 
     /// Takes what came with a `Connected` or `Incoming`.
     pub fn take_delivery(&mut self) -> Delivery {
-        Delivery {
-            segment: self.take_fd(FD_SEGMENT),
-            peer_segment: self.take_fd(FD_PEER_SEGMENT),
-            doorbell: self.take_fd(FD_DOORBELL),
-            lifeline: self.take_fd(FD_LIFELINE),
-            placed: None,
-        }
+        Delivery::of_segment(
+            self.take_fd(FD_SEGMENT),
+            self.take_fd(FD_PEER_SEGMENT),
+            self.take_fd(FD_DOORBELL),
+            self.take_fd(FD_LIFELINE),
+        )
     }
 }
 

@@ -964,21 +964,9 @@ pub mod testing {
             peer: "10.0.0.3:80".parse().unwrap(),
             ring_size,
         };
-        let fds = Delivery {
-            segment: client_own.into_raw_fd(),
-            peer_segment: client_peer.into_raw_fd(),
-            doorbell: a,
-            lifeline: -1,
-            placed: None,
-        };
+        let fds = Delivery::of_segment(client_own.into_raw_fd(), client_peer.into_raw_fd(), a, -1);
         let client = Connection::new(info, Endpoint::Client, crate::addr::Family::V4, fds, Blocking::Blocking).unwrap();
-        let fds = Delivery {
-            segment: server_own.into_raw_fd(),
-            peer_segment: server_peer.into_raw_fd(),
-            doorbell: b,
-            lifeline: -1,
-            placed: None,
-        };
+        let fds = Delivery::of_segment(server_own.into_raw_fd(), server_peer.into_raw_fd(), b, -1);
         let server = Connection::new(info, Endpoint::Server, crate::addr::Family::V4, fds, Blocking::Blocking).unwrap();
         (Arc::new(client), Arc::new(server), files)
     }
@@ -1393,8 +1381,7 @@ mod tests {
         let (_c, s) = pair(4096);
         let (resumed, internal) = s.for_exec();
         let dup = |fd: RawFd| sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0).unwrap() as RawFd;
-        let delivery =
-            Delivery { segment: -1, peer_segment: -1, doorbell: dup(internal.doorbell), lifeline: -1, placed: None };
+        let delivery = Delivery::of_segment(-1, -1, dup(internal.doorbell), -1);
         assert!(matches!(Connection::resume(resumed, delivery), Err(Errno(libc::EBADF))));
     }
 
@@ -1414,13 +1401,7 @@ mod tests {
         let dup = |fd: RawFd| sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0).unwrap() as RawFd;
         let delivery = || {
             let [own, peer] = files.clone_for(Endpoint::Server).unwrap();
-            Delivery {
-                segment: own.into_raw_fd(),
-                peer_segment: peer.into_raw_fd(),
-                doorbell: dup(internal.doorbell),
-                lifeline: -1,
-                placed: None,
-            }
+            Delivery::of_segment(own.into_raw_fd(), peer.into_raw_fd(), dup(internal.doorbell), -1)
         };
         let again = Connection::resume(resumed, delivery()).unwrap();
         assert_eq!(again.segment.holders(Endpoint::Server.index()).load(Ordering::Relaxed), holders);
