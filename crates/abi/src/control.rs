@@ -128,15 +128,16 @@ pub enum Message {
     /// Daemon → library: the connection is established, as `Connected`
     /// (its [`CONNECTION_FDS`] descriptors first), and `grant` comes with
     /// it: the queue page (read-write), a write end of the listener's bell,
-    /// the files of each chunk the batch's kits are in (this end's
-    /// read-write, then the peer's read-only), then [`KIT_FDS`] per kit
-    /// (see [`Message::fd_count`]).
+    /// then the batch's own ([`Grant::fds`]): the batch's lifeline (a
+    /// write end of the pipe whose read end the daemon keeps for all its
+    /// kits), the files of each chunk the batch's kits are in (this end's
+    /// read-write, then the peer's read-only), then [`KIT_FDS`] per kit.
     ConnectedKits { info: ConnectionInfo, grant: Grant },
     /// Daemon → library on a listener's kit channel (which no wait
     /// watches: kits never make a listener look readable): the server's
     /// ends of a batch of kits of `grant`, whose clients are at `client` (any port)
-    /// and dial `server`: the queue page (read-only), the files of each
-    /// chunk (as in `ConnectedKits`), then [`KIT_FDS`] per kit.
+    /// and dial `server`: the queue page (read-only), then the batch's own
+    /// (as in `ConnectedKits`).
     Kits { grant: Grant, client: std::net::Ipv4Addr, server: SocketAddrV4 },
     /// Daemon → library on a listener's kit channel: grant `grant` is
     /// over; its kits not yet accepted are let go.
@@ -170,10 +171,10 @@ impl Grant {
         Grant { id, first, count, chunks: 1, places }
     }
 
-    /// The descriptors of the batch itself: each chunk's two files, then
-    /// [`KIT_FDS`] per kit.
+    /// The descriptors of the batch itself: its lifeline, each chunk's two
+    /// files, then [`KIT_FDS`] per kit.
     pub fn fds(&self) -> usize {
-        2 * self.chunks as usize + KIT_FDS * self.count as usize
+        1 + 2 * self.chunks as usize + KIT_FDS * self.count as usize
     }
 
     /// The places of the batch's kits, in order.
@@ -190,10 +191,10 @@ pub struct Place {
     pub piece: u8,
 }
 
-/// Descriptors per kit: its doorbell and its lifeline, in a connection's
-/// order ([`FD_DOORBELL`], [`FD_LIFELINE`]); its memory is a piece of a
-/// chunk whose files come once per batch.
-pub const KIT_FDS: usize = 2;
+/// Descriptors per kit: its doorbell; its memory is a piece of a chunk
+/// whose files come once per batch, and its lifeline is the batch's
+/// (ARCHITECTURE §3c).
+pub const KIT_FDS: usize = 1;
 /// Most kits in one batch.
 pub const MAX_KITS: u8 = 32;
 /// Most chunks one batch's kits are in (a place names its chunk in three
@@ -694,13 +695,13 @@ mod tests {
         let grant = spread();
         let info = ConnectionInfo { id: 1, local: a("1.2.3.4:5"), peer: a("1.2.3.4:6"), ring_size: 1 << 16 };
         let most = Message::ConnectedKits { info, grant }.fd_count();
-        assert_eq!(most, 4 + 2 + 2 * 8 + 2 * 32);
+        assert_eq!(most, 4 + 2 + 1 + 2 * 8 + 32);
         // SCM_MAX_FD in Linux.
         assert!(most <= 253);
         let server = Message::Kits { grant, client: Ipv4Addr::LOCALHOST, server: a("1.2.3.4:5") };
-        assert_eq!(server.fd_count(), 1 + 2 * 8 + 2 * 32);
+        assert_eq!(server.fd_count(), 1 + 1 + 2 * 8 + 32);
         assert_eq!(Message::ListenOkKits.fd_count(), 2);
-        assert_eq!(Grant::in_one_chunk(1, 0, 3).fds(), 2 + 2 * 3);
+        assert_eq!(Grant::in_one_chunk(1, 0, 3).fds(), 1 + 2 + 3);
     }
 
     #[test]

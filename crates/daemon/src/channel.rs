@@ -56,16 +56,15 @@ impl EndFiles {
     }
 }
 
-/// One end's descriptors of a kit: its doorbell and its lifeline's write
-/// end, in the order they travel (its memory is its chunk's).
+/// One end's descriptors of a kit: its doorbell (its memory is its
+/// chunk's, its lifeline its batch's).
 pub struct KitEnds {
     pub bell: OwnedFd,
-    pub holds: OwnedFd,
 }
 
 impl KitEnds {
-    pub fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 2] {
-        [self.bell.as_fd(), self.holds.as_fd()]
+    pub fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 1] {
+        [self.bell.as_fd()]
     }
 }
 

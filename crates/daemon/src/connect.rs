@@ -541,7 +541,7 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
         opened: SystemTime::now(),
         memory: kept,
         carrier,
-        lifelines: vec![lifeline],
+        lifelines: vec![Arc::new(lifeline)],
         reset: Default::default(),
         charge,
         kit: None,
@@ -682,7 +682,14 @@ pub struct Kit {
 /// kit not yet taken, in a piece of one of the pair's chunks (one of a
 /// kit retired since, or a free one). `None` when a quota or the host
 /// refuses one more.
-pub fn make_kit(daemon: &Daemon, policy: &Policy, grant: &crate::grants::GrantRecord, sequence: u32) -> Option<Kit> {
+/// `lifeline` is the read end of its batch's lifeline.
+pub fn make_kit(
+    daemon: &Daemon,
+    policy: &Policy,
+    grant: &crate::grants::GrantRecord,
+    sequence: u32,
+    lifeline: &Arc<OwnedFd>,
+) -> Option<Kit> {
     let host = policy.config.host();
     let listener = &grant.listener;
     // Without the reap `Daemon::charge` may make at a limit: the grant's
@@ -696,8 +703,6 @@ pub fn make_kit(daemon: &Daemon, policy: &Policy, grant: &crate::grants::GrantRe
     };
     let segment = piece.segment().ok()?;
     let (client_bell, server_bell) = vsocket_sys::stream_pair().ok()?;
-    let (lifeline, client_holds) = vsocket_sys::pipe().ok()?;
-    let server_holds = client_holds.try_clone().ok()?;
     let id = daemon.ids.connection();
     // Names the connection in the piece's headers: a library reads a kit's
     // id there.
@@ -711,17 +716,12 @@ pub fn make_kit(daemon: &Daemon, policy: &Policy, grant: &crate::grants::GrantRe
         opened: SystemTime::now(),
         memory: RecordMemory::Piece { segment, piece: piece.clone() },
         carrier: Carrier::Shared(pair),
-        lifelines: vec![lifeline],
+        lifelines: vec![lifeline.clone()],
         reset: Default::default(),
         charge,
         kit: Some(crate::connections::KitMark { grant: grant.id, sequence, announced: false }),
     });
-    Some(Kit {
-        id,
-        piece,
-        client: KitEnds { bell: client_bell, holds: client_holds },
-        server: KitEnds { bell: server_bell, holds: server_holds },
-    })
+    Some(Kit { id, piece, client: KitEnds { bell: client_bell }, server: KitEnds { bell: server_bell } })
 }
 
 /// Memory for a connection the relay carries as end `mine`: a fresh

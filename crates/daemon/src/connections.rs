@@ -115,8 +115,10 @@ pub struct ConnectionRecord {
     /// holding either end of the connection holds: it hangs up when no
     /// process holds the connection any more. (A connection handed over by
     /// a daemon that made one lifeline per end has both: over when all
-    /// have hung up.)
-    pub lifelines: Vec<OwnedFd>,
+    /// have hung up. A kit's is its batch's, which every kit of the batch
+    /// and every connection made from one holds, ARCHITECTURE §3c: its
+    /// connection is over by its flags, or when its processes are gone.)
+    pub lifelines: Vec<Arc<OwnedFd>>,
     /// Reset by a policy change (`on_policy_change = "reset"`).
     pub reset: AtomicBool,
     /// What the connection holds of its guests' quotas (their slots), given
@@ -466,7 +468,7 @@ mod tests {
             opened: SystemTime::now(),
             memory: Memory::Files { segment, files },
             carrier,
-            lifelines: vec![lifeline],
+            lifelines: vec![Arc::new(lifeline)],
             reset: AtomicBool::new(false),
             charge,
             kit: None,

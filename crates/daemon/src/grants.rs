@@ -98,6 +98,9 @@ pub struct Batch {
     pub grant: Grant,
     pub page: OwnedFd,
     pub bell: OwnedFd,
+    /// The write end of the batch's lifeline (the daemon keeps none once
+    /// the batch is sent).
+    pub holds: OwnedFd,
     /// The chunks the batch's kits are in, in the order the grant's places
     /// count them.
     pub chunks: Vec<Arc<KitChunk>>,
@@ -106,11 +109,12 @@ pub struct Batch {
 
 impl Batch {
     /// The descriptors after the connection's own, in the order the
-    /// message says: the queue page, the bell, each chunk's files (the
-    /// client's read-write, the server's read-only), each kit's.
+    /// message says: the queue page, the bell, the batch's lifeline, each
+    /// chunk's files (the client's read-write, the server's read-only),
+    /// each kit's.
     pub fn fds(&self) -> std::io::Result<Vec<crate::pool::BorrowedFdOrOwned<'_>>> {
         use crate::pool::BorrowedFdOrOwned::Borrowed;
-        let mut fds = vec![Borrowed(self.page.as_fd()), Borrowed(self.bell.as_fd())];
+        let mut fds = vec![Borrowed(self.page.as_fd()), Borrowed(self.bell.as_fd()), Borrowed(self.holds.as_fd())];
         for chunk in &self.chunks {
             fds.extend(chunk.files_for(Endpoint::Client)?);
         }

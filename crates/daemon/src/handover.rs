@@ -496,7 +496,7 @@ pub fn adopt(daemon: &Daemon, c: InheritedConnection) -> Result<(), NotAdopted> 
         opened: UNIX_EPOCH + Duration::from_millis(part.opened_ms),
         memory,
         carrier: Carrier::Shared(Pair { channel: ChannelId(part.channel), listener: ListenerId(part.listener) }),
-        lifelines: c.lifelines,
+        lifelines: c.lifelines.into_iter().map(Arc::new).collect(),
         reset: AtomicBool::new(part.reset),
         charge,
         kit: None,

@@ -109,13 +109,24 @@ pub fn for_connect(
     let mut made = Vec::new();
     let mut batch = Grant::in_one_chunk(grant.id, first, 1);
     let mut chunks: Vec<Arc<KitChunk>> = Vec::new();
+    // One lifeline for the batch: both processes hold its write end while
+    // they hold any of its kits or the connections made from them.
+    let (lifeline, holds) = vsocket_sys::pipe().ok()?;
+    let lifeline = Arc::new(lifeline);
     for sequence in first..first.saturating_add(batch_size(policy, client, &listener.guest)) {
-        let Some(kit) = crate::connect::make_kit(daemon, policy, &grant, sequence) else { break };
+        let Some(kit) = crate::connect::make_kit(daemon, policy, &grant, sequence, &lifeline) else { break };
         let chunk = match chunks.iter().position(|c| Arc::ptr_eq(c, &kit.piece.chunk)) {
             Some(at) => at,
             // A kit in one chunk too many waits for the next batch: this
-            // one, which nobody holds, is retired by the reaper.
-            None if chunks.len() == MAX_CHUNKS as usize => break,
+            // one is ended (its lifeline is the batch's, which the batch's
+            // processes will hold), and the reaper retires it.
+            None if chunks.len() == MAX_CHUNKS as usize => {
+                daemon.connections.with(kit.id, |c| {
+                    c.memory.segment().take().store(KIT_GONE, Ordering::Release);
+                    c.reset();
+                });
+                break;
+            }
             None => {
                 chunks.push(kit.piece.chunk.clone());
                 chunks.len() - 1
@@ -129,7 +140,8 @@ pub fn for_connect(
     }
     batch.count = made.len() as u8;
     batch.chunks = chunks.len() as u8;
-    let mut fds = vec![BorrowedFdOrOwned::Borrowed(grant.server_page.as_fd())];
+    let mut fds =
+        vec![BorrowedFdOrOwned::Borrowed(grant.server_page.as_fd()), BorrowedFdOrOwned::Borrowed(holds.as_fd())];
     for chunk in &chunks {
         fds.extend(chunk.files_for(Endpoint::Server).ok()?);
     }
@@ -140,8 +152,9 @@ pub fn for_connect(
     let kits = Message::Kits { grant: batch, client: client_addr, server };
     let mut buf = [0u8; vsocket_abi::control::MAX_MESSAGE];
     if let Err(e) = vsocket_sys::send_with_fds(kit_channel.as_fd(), kits.encode(&mut buf), &fds) {
-        // Nobody holds these kits: once `made` is dropped, their lifelines
-        // hang up and the reaper retires them without a trace. A listener
+        // Nobody holds these kits: once `made` and `holds` are dropped,
+        // their lifeline hangs up and the reaper retires them without a
+        // trace. A listener
         // whose kit channel is gone takes none any more.
         tracing::debug!(grant = grant.id, error = %e, "kits not taken by the listener");
         if e.kind() != std::io::ErrorKind::WouldBlock {
@@ -161,6 +174,7 @@ pub fn for_connect(
         grant: batch,
         page: grant.client_page.try_clone().ok()?,
         bell: bell.try_clone().ok()?,
+        holds,
         chunks,
         kits: client_ends,
     })

@@ -23,9 +23,10 @@ for kits, and prints the replies' kinds and descriptor counts.
 connect-v2: the same, as a library from before chunks (whose kits each
 came with their own two memfds) asked.
 
-A kit's memory is a piece of a chunk: a batch brings each chunk's files
-(this end's read-write, the peer's read-only), then a doorbell and a
-lifeline per kit, and names each kit's (chunk, piece).
+A kit's memory is a piece of a chunk: a batch brings its lifeline (one
+for all its kits), each chunk's files (this end's read-write, the peer's
+read-only), then a doorbell per kit, and names each kit's (chunk,
+piece).
 """
 import json
 import os
@@ -106,10 +107,10 @@ def listen(path, ip, port, out, stop):
             kind = msg[0]
             if kind == KITS:
                 gid, first, count, chunks, places = grant_of(msg[1:])
-                # The queue page, the chunks' files, then each kit's bell
-                # and lifeline; its claim word is in its piece of the
-                # server's file.
-                kits = pieces(fds[1:], chunks, places, True)
+                # The queue page, the batch's lifeline, the chunks' files,
+                # then each kit's bell; its claim word is in its piece of
+                # the server's file.
+                kits = pieces(fds[2:], chunks, places, True)
                 held.append((gid, kits))
                 client = msg[1 + GRANT_LEN:1 + GRANT_LEN + 4]
                 note(kind="kits", grant=gid, first=first, count=count, chunks=chunks, fds=len(fds),
@@ -141,10 +142,10 @@ def connect(path, ip, port, steps, kind=CONNECT_KITS):
     gid, first, count, chunks, places, fds = kits
     page, bell = fds[4], fds[5]
     # Taken: the take word in the client's half of the first kit.
-    own, offset = pieces(fds[6:], chunks, places, True)[0]
+    own, offset = pieces(fds[7:], chunks, places, True)[0]
     os.pwrite(own, struct.pack("<I", KIT_TAKEN | 41000), offset + TAKE)
     # The server's half of each kit (read-only here): its claim word.
-    server_halves = pieces(fds[6:], chunks, places, False)
+    server_halves = pieces(fds[7:], chunks, places, False)
     produced = struct.unpack("<Q", os.pread(page, 8, PRODUCED))[0]
     slot = (1 << 63) | (41000 << 32) | first
     os.pwrite(page, struct.pack("<Q", slot), SLOTS_AT + 8 * (produced % SLOTS))

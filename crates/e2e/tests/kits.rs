@@ -64,20 +64,20 @@ fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
     assert!(wait_until(Duration::from_secs(10), || !lines(&client_log).is_empty()), "client connected");
     let taken = &lines(&client_log)[0];
     // The first connect is an ordinary one; the second brings a grant's
-    // batch: the connection, the queue and the bell, one chunk's two
-    // files, and a doorbell and a lifeline per kit.
+    // batch: the connection, the queue and the bell, the batch's lifeline,
+    // one chunk's two files, and a doorbell per kit.
     assert_eq!(taken["replies"][0], serde_json::json!({"kind": 2, "fds": 4}), "{taken}");
     let count = taken["count"].as_u64().unwrap();
     assert_eq!(taken["replies"][1]["kind"], 16, "{taken}");
     assert_eq!(taken["chunks"], 1, "{taken}");
-    assert_eq!(taken["replies"][1]["fds"].as_u64().unwrap(), 6 + 2 + 2 * count, "{taken}");
+    assert_eq!(taken["replies"][1]["fds"].as_u64().unwrap(), 6 + 1 + 2 + count, "{taken}");
     assert_eq!(count, 32);
     assert!(taken["claims"].as_array().unwrap().iter().all(|c| c == 0), "{taken}");
     // The server's ends went to the listener first, all waiting.
     let server = lines(&server_out);
     let kits = server.iter().find(|l| l["kind"] == "kits").unwrap_or_else(|| panic!("{server:?}"));
     assert_eq!((&kits["grant"], &kits["first"], &kits["count"]), (&taken["grant"], &taken["first"], &taken["count"]));
-    assert_eq!(kits["fds"].as_u64().unwrap(), 1 + 2 + 2 * count);
+    assert_eq!(kits["fds"].as_u64().unwrap(), 1 + 1 + 2 + count);
     assert_eq!(kits["client"], "10.10.0.2");
     assert_eq!(server.iter().filter(|l| l["kind"] == "incoming").count(), 2, "{server:?}");
 

@@ -265,30 +265,38 @@ pub fn adopt() {
     std::env::remove_var(VAR);
     let Some(records) = value.to_str().and_then(|v| parse(v, sys::process_id()).ok()) else { return };
     fork::watch();
+    // A lifeline may serve several connections (a kits' batch's): each
+    // that crossed takes a share of it, and one no connection took up is
+    // closed when these go.
+    let mut lifelines: std::collections::HashMap<RawFd, Arc<attach::Lifeline>> = std::collections::HashMap::new();
     for record in records {
-        resume(record);
+        let lifeline = match record.internal.lifeline {
+            fd if fd >= 0 => lifelines.entry(fd).or_insert_with(|| Arc::new(attach::Lifeline::of(fd))).clone().into(),
+            _ => None,
+        };
+        resume(record, lifeline);
     }
 }
 
-fn resume(record: Record) {
+fn resume(record: Record, lifeline: Option<Arc<attach::Lifeline>>) {
     let Record { fds, internal, resumed, halves } = record;
     for fd in internal.open_fds().chain(halves.into_iter().flatten()) {
         let _ = sys::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC as libc::c_long);
     }
     // Without the halves (the daemon refused, or is not there) the
-    // connection cannot be mapped: its descriptors are closed and the
-    // program's socket is left unconnected, as where nothing crosses.
+    // connection cannot be mapped: its doorbell is closed (its lifeline
+    // with its last share) and the program's socket is left unconnected,
+    // as where nothing crosses.
     let halves = match halves {
         Some(halves) => Ok((halves, None)),
         None => attach::reattach(resumed.info.id, resumed.endpoint, internal.lifeline).map_err(drop),
     };
     let Ok(([own, peer], at)) = halves else {
-        for fd in internal.open_fds() {
-            let _ = sys::close(fd);
-        }
+        let _ = sys::close(internal.doorbell);
         return;
     };
-    let mut delivery = Delivery::of_segment(own, peer, internal.doorbell, internal.lifeline);
+    let mut delivery = Delivery::of_segment(own, peer, internal.doorbell, -1);
+    delivery.shared_lifeline = lifeline;
     delivery.at = at;
     // On failure the descriptors go with `delivery`: the program's socket
     // is left unconnected, as where nothing crosses.

@@ -77,12 +77,16 @@ pub struct Kit {
 }
 
 /// The kits of batch `grant` for end `end`, from the descriptors that
-/// came with it: each chunk's files (this end's, then the peer's), then
-/// [`KIT_FDS`] per kit (its doorbell and lifeline). Each kit's memory is
-/// its piece of a chunk, viewed now (its headers checked, its connection
-/// id read); a kit whose chunk cannot be mapped, or whose piece's headers
-/// do not check, is let go (its descriptors closed).
+/// came with it: the batch's lifeline, each chunk's files (this end's,
+/// then the peer's), then [`KIT_FDS`] per kit (its doorbell). Each kit's
+/// memory is its piece of a chunk, viewed now (its headers checked, its
+/// connection id read), and its lifeline the batch's, which it shares
+/// with its batch's other kits and the connections made from them; a kit
+/// whose chunk cannot be mapped, or whose piece's headers do not check,
+/// is let go (its descriptors closed).
 fn kits_of(grant: &Grant, fds: &[RawFd], end: Endpoint) -> Vec<Kit> {
+    let (lifeline, fds) = fds.split_at(1);
+    let lifeline = crate::attach::Lifeline::take(lifeline[0]);
     let (files, ends) = fds.split_at(2 * grant.chunks as usize);
     let chunks: Vec<Option<Arc<Chunk>>> = files
         .chunks_exact(2)
@@ -95,8 +99,9 @@ fn kits_of(grant: &Grant, fds: &[RawFd], end: Endpoint) -> Vec<Kit> {
         })
         .collect();
     let mut kits = Vec::with_capacity(grant.count as usize);
-    for (i, (two, place)) in ends.chunks_exact(KIT_FDS).zip(grant.kit_places()).enumerate() {
-        let mut delivery = Delivery::of_segment(-1, -1, two[0], two[1]);
+    for (i, (one, place)) in ends.chunks_exact(KIT_FDS).zip(grant.kit_places()).enumerate() {
+        let mut delivery = Delivery::of_segment(-1, -1, one[0], -1);
+        delivery.shared_lifeline = lifeline.clone();
         let chunk = chunks.get(place.chunk as usize).and_then(Option::as_ref);
         let Some(segment) = chunk.and_then(|c| c.piece(place.piece as usize).ok()) else { continue };
         let (id, ring_size) = (segment.connection_id(end.index()), segment.ring_size());

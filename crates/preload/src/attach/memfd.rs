@@ -38,13 +38,25 @@ pub struct Delivery {
     /// A kit's end after exec: the halves are its chunk's files, and its
     /// piece is at this offset of them.
     pub at: Option<u64>,
+    /// A lifeline shared with other connections (a kit's batch's, or one
+    /// that crossed exec with several): `lifeline` is then -1.
+    pub shared_lifeline: Option<std::sync::Arc<super::Lifeline>>,
 }
 
 impl Delivery {
     /// What came with a `Connected` or `Incoming` (or after exec): the
     /// segment's halves, the doorbell and the lifeline.
     pub fn of_segment(segment: RawFd, peer_segment: RawFd, doorbell: RawFd, lifeline: RawFd) -> Delivery {
-        Delivery { segment, peer_segment, doorbell, lifeline, placed: None, piece: None, at: None }
+        Delivery {
+            segment,
+            peer_segment,
+            doorbell,
+            lifeline,
+            placed: None,
+            piece: None,
+            at: None,
+            shared_lifeline: None,
+        }
     }
 }
 
@@ -53,7 +65,8 @@ impl Delivery {
     pub fn take_wakeups(&mut self) -> Wakeups {
         Wakeups {
             doorbell: std::mem::replace(&mut self.doorbell, -1),
-            lifeline: std::mem::replace(&mut self.lifeline, -1),
+            lifeline: super::Lifeline::take(std::mem::replace(&mut self.lifeline, -1))
+                .or_else(|| self.shared_lifeline.take()),
         }
     }
 }

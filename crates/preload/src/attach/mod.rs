@@ -26,7 +26,7 @@ mod seqpacket;
 
 use crate::sys::{Errno, SysResult};
 use std::os::fd::RawFd;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use vsocket_abi::control::{ConnectionInfo, Message};
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::Segment;
@@ -80,9 +80,37 @@ pub struct Wakeups {
     /// Our end of the doorbell pair: readable when the peer rang, end of
     /// stream when every process holding the peer's end is gone.
     pub doorbell: RawFd,
-    /// Held while this process holds the connection (-1 where no daemon
-    /// watches, in tests).
-    pub lifeline: RawFd,
+    /// Held while this process holds the connection (none where no daemon
+    /// watches, in tests). A kit's connections share their batch's.
+    pub lifeline: Option<Arc<Lifeline>>,
+}
+
+/// A write end of a lifeline pipe (never written), closed when the last
+/// holder in this process lets it go: a connection's own, or a kits'
+/// batch's, shared by its kits and the connections made from them.
+#[derive(Debug)]
+pub struct Lifeline(RawFd);
+
+impl Lifeline {
+    /// Takes `fd` (-1: none).
+    pub fn take(fd: RawFd) -> Option<Arc<Lifeline>> {
+        (fd >= 0).then(|| Arc::new(Lifeline(fd)))
+    }
+
+    /// Takes `fd`, which is open.
+    pub fn of(fd: RawFd) -> Lifeline {
+        Lifeline(fd)
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl Drop for Lifeline {
+    fn drop(&mut self) {
+        let _ = crate::sys::close(self.0);
+    }
 }
 
 /// The process's request channel, and the process that opened it.

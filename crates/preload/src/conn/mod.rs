@@ -52,8 +52,9 @@ pub struct Connection {
     /// Our end of the doorbell pair (a library-internal descriptor).
     pub doorbell: RawFd,
     /// Our lifeline to the daemon (write end of its pipe; never written):
-    /// held while this process holds the connection.
-    lifeline: RawFd,
+    /// held while this process holds the connection (a kit's is its
+    /// batch's, shared).
+    lifeline: Option<std::sync::Arc<crate::attach::Lifeline>>,
     pub info: ConnectionInfo,
     /// The family of the program's socket (addresses are shown in it).
     pub family: crate::addr::Family,
@@ -206,7 +207,8 @@ impl Connection {
 
     /// This end's library-internal descriptors.
     pub fn internal(&self) -> Internal {
-        Internal { doorbell: self.doorbell, lifeline: self.lifeline, remap: self.segment.remap() }
+        let lifeline = self.lifeline.as_ref().map_or(-1, |l| l.fd());
+        Internal { doorbell: self.doorbell, lifeline, remap: self.segment.remap() }
     }
 
     /// Counts one more process holding this end (one that will hold it
@@ -868,12 +870,10 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.close();
-        // The mapping goes with `segment`. Closing our lifeline tells the
-        // daemon this process no longer holds the connection.
+        // The mapping goes with `segment`. Closing our lifeline (the last
+        // holder of a shared one closes it) tells the daemon this process
+        // no longer holds the connection.
         let _ = sys::close(self.doorbell);
-        if self.lifeline >= 0 {
-            let _ = sys::close(self.lifeline);
-        }
     }
 }
 
