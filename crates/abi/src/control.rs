@@ -36,7 +36,7 @@
 //!   connections' halves in two files, ARCHITECTURE §3c): a batch brings
 //!   the files of each chunk its kits are in (this end's read-write, the
 //!   peer's read-only) and names each kit's place; after exec, a kit's end
-//!   gets `ReattachedAt` (the chunk's files, and the piece's offset).
+//!   gets `ReattachedAt` (the chunk's files, and which piece).
 
 use crate::layout::Endpoint;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -100,9 +100,9 @@ pub enum Message {
     Reattach { id: u64, end: Endpoint },
     /// Daemon → library: the halves, as [`HALVES_FDS`] says.
     Reattached,
-    /// Daemon → library: a kit's end, whose halves are at `offset` of the
-    /// chunk files that come with it (this end's, then the peer's).
-    ReattachedAt { offset: u64 },
+    /// Daemon → library: a kit's end, whose halves are piece `piece` of
+    /// the chunk whose files come with it (this end's, then the peer's).
+    ReattachedAt { piece: u8 },
     /// Library → daemon: as `Connect`, from a library that takes kits.
     ConnectKits { local: SocketAddrV4, remote: SocketAddrV4 },
     /// Library → daemon: as `Listen`, from a library that takes kits.
@@ -319,9 +319,9 @@ impl Message {
                 w.u8(end.index() as u8);
             }
             Message::Reattached => w.u8(kind::REATTACHED),
-            Message::ReattachedAt { offset } => {
+            Message::ReattachedAt { piece } => {
                 w.u8(kind::REATTACHED_AT);
-                w.bytes(&offset.to_le_bytes());
+                w.u8(piece);
             }
             Message::ConnectKits { local, remote }
             | Message::ConnectKitsV1 { local, remote }
@@ -381,7 +381,7 @@ impl Message {
             | kind::LISTEN_OK_KITS
             | kind::NO_KITS => 0,
             kind::REATTACH => 9,
-            kind::REATTACHED_AT => 8,
+            kind::REATTACHED_AT => 1,
             kind::REFUSED => 4,
             kind::LISTEN => ADDR_LEN + 4,
             kind::CONNECT_KITS | kind::CONNECT_KITS_V1 | kind::CONNECT_KITS_V2 => 2 * ADDR_LEN,
@@ -405,7 +405,13 @@ impl Message {
             kind::DROPPED => Message::Dropped,
             kind::LISTEN_OK => Message::ListenOk,
             kind::REATTACHED => Message::Reattached,
-            kind::REATTACHED_AT => Message::ReattachedAt { offset: r.offset()? },
+            kind::REATTACHED_AT => {
+                let piece = r.take::<1>()[0];
+                if piece as usize >= crate::layout::CHUNK_PIECES {
+                    return Err(DecodeError::BadField("piece"));
+                }
+                Message::ReattachedAt { piece }
+            }
             kind::REATTACH => {
                 let id = u64::from_le_bytes(r.take());
                 let end = match r.take::<1>()[0] {
@@ -583,7 +589,7 @@ mod tests {
             Message::IncomingAt { info, offset: 0 },
             Message::Reattach { id: 7, end: Endpoint::Server },
             Message::Reattached,
-            Message::ReattachedAt { offset: 3 * 4096 },
+            Message::ReattachedAt { piece: 3 },
             Message::ConnectKits { local: a("0.0.0.0:40000"), remote: a("10.0.0.2:6379") },
             Message::ListenKits { local: a("0.0.0.0:80"), backlog: 4096 },
             Message::ConnectKitsV1 { local: a("0.0.0.0:40000"), remote: a("10.0.0.2:6379") },
@@ -685,9 +691,9 @@ mod tests {
         }
         assert_eq!(batch(1, 2, 2 << 5), Err(DecodeError::BadField("places")));
         assert!(batch(1, 3, 2 << 5 | 31).is_ok());
-        let mut at = Message::ReattachedAt { offset: 4096 }.encode(&mut buf).to_vec();
-        at[1] = 1;
-        assert_eq!(Message::decode(&at), Err(DecodeError::BadField("offset")));
+        let mut at = Message::ReattachedAt { piece: 31 }.encode(&mut buf).to_vec();
+        at[1] = 32;
+        assert_eq!(Message::decode(&at), Err(DecodeError::BadField("piece")));
     }
 
     #[test]

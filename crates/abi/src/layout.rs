@@ -119,14 +119,31 @@ pub const fn segment_size(ring_size: u32) -> usize {
     2 * half_size(ring_size)
 }
 
-/// Kits' connections in one *chunk* (ARCHITECTURE §3c, stage 1): a chunk
-/// is two files, one per end, each holding this many halves back to back,
-/// piece `i` at `i * half_size`.
+/// Kits' connections in one *chunk* (ARCHITECTURE §3c, stages 1 and 2): a
+/// chunk is two files, one per end, each holding this many pieces' halves:
+/// first every piece's control lines ([`PIECE_LINES`] bytes each, eight
+/// pieces to a page), then every piece's ring data (`ring_size` bytes each,
+/// page aligned).
 pub const CHUNK_PIECES: usize = 32;
+/// A piece's control lines in a chunk: the header and the three lines a
+/// half's header page holds (everything before byte 0x200).
+pub const PIECE_LINES: usize = 4 * LINE;
+/// The lines of every piece of a chunk file, before the data.
+pub const CHUNK_LINES: usize = CHUNK_PIECES * PIECE_LINES;
 
 /// Size of one end's file of a chunk whose rings hold `ring_size` bytes.
 pub const fn chunk_size(ring_size: u32) -> usize {
-    CHUNK_PIECES * half_size(ring_size)
+    CHUNK_LINES + CHUNK_PIECES * ring_size as usize
+}
+
+/// Where piece `piece`'s lines are in a chunk file.
+pub const fn piece_lines(piece: usize) -> usize {
+    piece * PIECE_LINES
+}
+
+/// Where piece `piece`'s ring data is in a chunk file.
+pub const fn piece_data(ring_size: u32, piece: usize) -> usize {
+    CHUNK_LINES + piece * ring_size as usize
 }
 
 /// `b"vSockSeg"` as a little-endian u64.
@@ -208,6 +225,8 @@ mod tests {
         assert_eq!(CONSUMER_LINE - PRODUCER_LINE, LINE);
         assert_eq!(ENDPOINT_LINE - CONSUMER_LINE, LINE);
         const { assert!(ENDPOINT_LINE + LINE <= DATA) };
+        const { assert!(ENDPOINT_LINE + LINE <= PIECE_LINES) };
+        const { assert!(CHUNK_LINES.is_multiple_of(PAGE)) };
         // The endpoint line's words, four bytes each, apart (the claim
         // word is in the server's half, the take word in the client's, at
         // the same place).

@@ -38,7 +38,7 @@ use vsocket_abi::layout::Endpoint;
 use vsocket_ring::{Segment, SegmentFiles};
 
 /// The hand-over's wire version: a daemon takes its own and older ones
-/// (version 3 added kits' pieces of chunks, `piece_offset`).
+/// (version 3 added kits' pieces of chunks, `piece`).
 const VERSION: u32 = 3;
 /// The oldest wire version a daemon still takes: version 1 sent two
 /// lifelines with each connection (one per end), and no count.
@@ -88,10 +88,10 @@ pub struct ConnectionPart {
     /// How many lifelines follow the halves (version 1: always two).
     #[serde(default = "per_end")]
     pub lifelines: usize,
-    /// A kit's connection: its halves are at this offset of the files that
+    /// A kit's connection: its halves are this piece of the files that
     /// come (a chunk's, ARCHITECTURE §3c); none for a segment's own files.
     #[serde(default)]
-    pub piece_offset: Option<u64>,
+    pub piece: Option<u8>,
 }
 
 /// Version 1's lifelines: one per end.
@@ -215,7 +215,7 @@ fn give(daemon: &Daemon, to: BorrowedFd<'_>) -> Result<(), HandoverError> {
         let files = match &c.memory {
             RecordMemory::Files { files, .. } => files,
             RecordMemory::Piece { piece, .. } => {
-                part.piece_offset = Some(piece.offset());
+                part.piece = Some(piece.index);
                 piece.chunk.files()
             }
             RecordMemory::Placed(_) => return,
@@ -256,7 +256,7 @@ fn connection_part(c: &ConnectionRecord) -> Option<ConnectionPart> {
         listener: pair.listener.0,
         reset: !c.open(),
         lifelines: c.lifelines.len(),
-        piece_offset: None,
+        piece: None,
     })
 }
 
@@ -469,20 +469,16 @@ pub fn adopt(daemon: &Daemon, c: InheritedConnection) -> Result<(), NotAdopted> 
     let part = &c.part;
     let slot = |name: &str| policy.slot_by_name(name).cloned().ok_or_else(|| NotAdopted::GuestGone(name.into()));
     let (client, server) = (slot(&part.client)?, slot(&part.server)?);
-    let memory = match part.piece_offset {
+    let memory = match part.piece {
         None => {
             let segment = Segment::adopt(&c.files, part.ring_size).map_err(NotAdopted::Segment)?;
             RecordMemory::Files { segment, files: c.files }
         }
-        Some(offset) => {
-            let half = vsocket_abi::layout::half_size(part.ring_size) as u64;
-            let index = offset / half;
-            if offset % half != 0 || index >= vsocket_abi::layout::CHUNK_PIECES as u64 {
-                return Err(NotAdopted::Segment(io::Error::new(io::ErrorKind::InvalidData, "a piece off its place")));
-            }
-            let segment = Segment::adopt_piece(&c.files, offset, part.ring_size).map_err(NotAdopted::Segment)?;
+        Some(index) => {
+            let segment =
+                Segment::adopt_piece(&c.files, index as usize, part.ring_size).map_err(NotAdopted::Segment)?;
             let chunk = Arc::new(crate::pool::KitChunk::handed(c.files, part.ring_size));
-            RecordMemory::Piece { segment, piece: crate::pool::Piece { chunk, index: index as u8 } }
+            RecordMemory::Piece { segment, piece: crate::pool::Piece { chunk, index } }
         }
     };
     let bytes = vsocket_abi::layout::segment_size(part.ring_size) as u64;
@@ -567,7 +563,7 @@ mod tests {
             listener: 8,
             reset: false,
             lifelines: 1,
-            piece_offset: None,
+            piece: None,
         };
         // A connection from a version-1 daemon: no count, a lifeline per end.
         let older = json(&Part::Connection(ConnectionPart { id: 40, lifelines: 2, ..connection.clone() }))

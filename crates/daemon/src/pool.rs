@@ -30,7 +30,7 @@ use crate::sync::lock;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use vsocket_abi::layout::{half_size, Endpoint, CHUNK_PIECES};
+use vsocket_abi::layout::{Endpoint, CHUNK_PIECES};
 use vsocket_ring::{Chunk, ReadOnly, Segment, SegmentFiles};
 
 /// Released segments kept per pair, and in all.
@@ -97,17 +97,12 @@ pub struct Piece {
 
 impl Piece {
     /// The daemon's view of the piece: the chunk's, or (a chunk handed
-    /// over) the piece mapped alone.
+    /// over) the chunk mapped for this piece alone.
     pub fn segment(&self) -> std::io::Result<Segment> {
         match &self.chunk.map {
             Some(map) => map.piece(self.index as usize),
-            None => Segment::adopt_piece(&self.chunk.files, self.offset(), self.chunk.ring_size),
+            None => Segment::adopt_piece(&self.chunk.files, self.index as usize, self.chunk.ring_size),
         }
-    }
-
-    /// Where the piece starts in each of its chunk's files.
-    pub fn offset(&self) -> u64 {
-        self.index as u64 * half_size(self.chunk.ring_size) as u64
     }
 
     /// Is this the same chunk as `other`'s?
@@ -376,7 +371,6 @@ mod tests {
         let pieces: Vec<Piece> = (0..CHUNK_PIECES).map(|_| pool.take_piece(p).unwrap()).collect();
         assert_eq!(pool.chunks.load(Ordering::Relaxed), 1);
         assert!(pieces.iter().enumerate().all(|(i, piece)| piece.index as usize == i && piece.same_chunk(&pieces[0])));
-        assert_eq!(pieces[3].offset(), 3 * half_size(RING) as u64);
         let next = pool.take_piece(p).unwrap();
         assert!(!next.same_chunk(&pieces[0]));
         assert_eq!(pool.chunks.load(Ordering::Relaxed), 2);

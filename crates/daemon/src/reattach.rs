@@ -69,14 +69,14 @@ impl fmt::Display for Refusal {
 
 /// End `end` of connection `id`'s halves (its own, then its peer's), for a
 /// process of `guest` that sent `proof` with its request; for a kit's
-/// piece of a chunk, the chunk's files and the piece's offset in them.
+/// piece of a chunk, the chunk's files and which piece.
 pub fn halves(
     daemon: &Daemon,
     guest: &Arc<GuestSlot>,
     id: ConnectionId,
     end: Endpoint,
     proof: Option<OwnedFd>,
-) -> Result<([OwnedFd; 2], Option<u64>), Refusal> {
+) -> Result<([OwnedFd; 2], Option<u8>), Refusal> {
     let proof = proof.ok_or(Refusal::NoProof)?;
     let shown = Segment::identity(proof.as_fd()).map_err(|_| Refusal::NoProof)?;
     daemon
@@ -102,7 +102,7 @@ pub fn halves(
             match &record.memory {
                 crate::connections::Memory::Files { files, .. } => Ok((files.clone_for(end).map_err(io)?, None)),
                 crate::connections::Memory::Piece { piece, .. } => {
-                    Ok((piece.chunk.files().clone_for(end).map_err(io)?, Some(piece.offset())))
+                    Ok((piece.chunk.files().clone_for(end).map_err(io)?, Some(piece.index)))
                 }
                 crate::connections::Memory::Placed(_) => Err(Refusal::Placed),
             }

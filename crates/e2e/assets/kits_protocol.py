@@ -65,17 +65,15 @@ def grant_of(body):
     return gid, first, count, chunks, places
 
 
-def half_size(chunk_fd):
-    # The ring size, in the first piece's header.
-    ring = struct.unpack("<I", os.pread(chunk_fd, 4, 12))[0]
-    return 4096 + ring
+# A chunk file starts with every piece's lines, 512 bytes each.
+PIECE_LINES = 512
 
 
 def pieces(fds, chunks, places, mine):
-    """(file, offset) of each kit's half: this end's (mine) or the
-    peer's, from the chunk files that open `fds`."""
+    """(file, offset of its lines) of each kit's half: this end's (mine)
+    or the peer's, from the chunk files that open `fds`."""
     files = [fds[2 * c + (0 if mine else 1)] for c in range(chunks)]
-    return [(files[c], p * half_size(files[c])) for c, p in places]
+    return [(files[c], p * PIECE_LINES) for c, p in places]
 
 
 def claim(at):

@@ -92,8 +92,16 @@ impl AsFd for ReadOnly<'_> {
 /// One mapped half (or a whole chunk file, or a view of a piece of one).
 #[derive(Debug)]
 struct Half {
+    /// Where the mapping starts; for a view, where its piece's lines do.
     base: NonNull<u8>,
+    /// The mapping's length (for a view, its lines').
     len: usize,
+    /// How many bytes from `base` [`word`](Half::word) may reach: a page
+    /// for a mapping, a piece's lines for a view.
+    words: usize,
+    /// Where the ring data starts: [`layout::DATA`] into a mapped half; a
+    /// view's piece's data, elsewhere in the chunk.
+    data: NonNull<u8>,
     /// For a view of a piece of a larger mapping: that mapping, kept
     /// mapped while the view lives (the view unmaps nothing itself).
     whole: Option<Arc<Half>>,
@@ -146,32 +154,49 @@ impl Half {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(ptr as *mut u8).expect("mmap does not return NULL on success");
-        Ok(Half { base, len, whole: None })
+        // A half's data starts after its header page (a queue page, or a
+        // chunk's whole file, has none: its `data` is never used).
+        let data = if len > layout::DATA {
+            // SAFETY: inside the mapping just made (len > DATA).
+            unsafe { NonNull::new_unchecked(base.as_ptr().add(layout::DATA)) }
+        } else {
+            base
+        };
+        Ok(Half { base, len, words: len.min(layout::PAGE), data, whole: None })
     }
 
-    /// A view of `len` bytes of `whole` from byte `offset` (a page
-    /// multiple inside it), which stays mapped while the view lives.
-    fn view(whole: &Arc<Half>, offset: usize, len: usize) -> Half {
-        assert!(offset.is_multiple_of(layout::PAGE) && offset.checked_add(len).is_some_and(|end| end <= whole.len));
-        // SAFETY: inside `whole`'s mapping (asserted), which the view keeps.
-        let base = unsafe { NonNull::new_unchecked(whole.base.as_ptr().add(offset)) };
-        Half { base, len, whole: Some(whole.clone()) }
+    /// A view of one piece of a chunk mapped `whole`: its lines at byte
+    /// `lines` (a line multiple) and its ring data of `ring_size` bytes at
+    /// byte `data` (a page multiple), both inside `whole`, which stays
+    /// mapped while the view lives.
+    fn view(whole: &Arc<Half>, lines: usize, data: usize, ring_size: u32) -> Half {
+        let inside = |at: usize, len: usize| at.checked_add(len).is_some_and(|end| end <= whole.len);
+        assert!(lines.is_multiple_of(layout::LINE) && inside(lines, layout::PIECE_LINES));
+        assert!(data.is_multiple_of(layout::PAGE) && inside(data, ring_size as usize));
+        // SAFETY: both inside `whole`'s mapping (asserted), which the view
+        // keeps.
+        let (base, data) = unsafe {
+            (
+                NonNull::new_unchecked(whole.base.as_ptr().add(lines)),
+                NonNull::new_unchecked(whole.base.as_ptr().add(data)),
+            )
+        };
+        Half { base, len: layout::PIECE_LINES, words: layout::PIECE_LINES, data, whole: Some(whole.clone()) }
     }
 
-    /// The word of type `T` at `offset` of the header page.
+    /// The word of type `T` at `offset` of the lines.
     fn word<T>(&self, offset: usize) -> &T {
-        assert!(offset.is_multiple_of(std::mem::align_of::<T>()) && offset + std::mem::size_of::<T>() <= layout::PAGE);
+        assert!(offset.is_multiple_of(std::mem::align_of::<T>()) && offset + std::mem::size_of::<T>() <= self.words);
         // Callers place only atomics and control lines here: any bit pattern
         // is a valid value of them.
-        // SAFETY: inside this mapping's header page and aligned (asserted; the
-        // mapping is page aligned); it lives as long as `&self`.
+        // SAFETY: inside the first `words` bytes from `base`, which this
+        // mapping (or the whole a view keeps) holds, and aligned (asserted;
+        // `base` is page or line aligned); it lives as long as `&self`.
         unsafe { &*(self.base.as_ptr().add(offset) as *const T) }
     }
 
     fn data(&self) -> *mut u8 {
-        // SAFETY: the data area starts at DATA, inside the mapping of
-        // PAGE + ring_size bytes.
-        unsafe { self.base.as_ptr().add(layout::DATA) }
+        self.data.as_ptr()
     }
 
     fn nonce(&self) -> u128 {
@@ -225,27 +250,6 @@ fn create_sealed(name: &std::ffi::CStr, len: usize) -> io::Result<(Half, OwnedFd
         check(libc::fchmod(fd.as_raw_fd(), 0o400))?;
     }
     Ok((Half::map(fd.as_fd(), 0, len, true)?, fd))
-}
-
-/// Checks that `fd` is a sealed memfd with `len` bytes from byte `offset`
-/// (a page multiple) inside it.
-fn check_sealed_holding(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
-    if !offset.is_multiple_of(layout::PAGE as u64) {
-        return Err(bad("a piece off a page boundary"));
-    }
-    // SAFETY: fstat writes into the zeroed struct we pass.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid descriptor and a pointer to a stat buffer.
-    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    if offset.checked_add(len as u64).is_none_or(|end| end > st.st_size as u64) {
-        return Err(bad("a piece past the file"));
-    }
-    // SAFETY: F_GET_SEALS takes no argument.
-    let seals = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
-    if seals & REQUIRED_SEALS != REQUIRED_SEALS {
-        return Err(bad("not sealed"));
-    }
-    Ok(())
 }
 
 /// Checks that `fd` is a sealed memfd of `len` bytes.
@@ -392,9 +396,10 @@ impl Half {
     /// with `nonce`, before any other process has the file.
     fn write_new_header(&self, ring_size: u32, end: usize, nonce: &[u8; 16]) {
         let header = self.base.as_ptr();
-        // SAFETY: the header page is 4096 bytes of this writable mapping,
-        // freshly zeroed, and no other process has the memfd yet; every
-        // write is inside it and aligned for its type.
+        assert!(layout::HEADER_END + 4 <= self.words);
+        // SAFETY: the lines (at least the header's bytes, asserted) of this
+        // writable mapping, freshly zeroed, and no other process has the
+        // memfd yet; every write is inside them and aligned for its type.
         unsafe {
             (header as *mut u64).write(SEGMENT_MAGIC);
             (header.add(8) as *mut u32).write(SEGMENT_VERSION);
@@ -511,48 +516,26 @@ impl Segment {
         Ok(Segment { halves, ring_size })
     }
 
-    /// End `end`'s view of the kit connection whose halves are at `offset`
-    /// of the chunk files `own` (writable) and `peer` (read-only): a new
-    /// program image after exec, which the daemon gives the chunk's files
-    /// again (see [`Chunk`]). Checks as [`map`](Self::map) does.
+    /// End `end`'s view of the kit connection in piece `piece` of the chunk
+    /// files `own` (writable) and `peer` (read-only): a new program image
+    /// after exec, which the daemon gives the chunk's files again (see
+    /// [`Chunk`]). The chunk is mapped whole, for this piece's view, which
+    /// keeps it.
     pub fn map_piece(
         own: BorrowedFd<'_>,
         peer: BorrowedFd<'_>,
-        offset: u64,
+        piece: usize,
         ring_size: u32,
         end: Endpoint,
     ) -> io::Result<Segment> {
-        if !layout::ring_size_valid(ring_size) {
-            return Err(bad("invalid ring size"));
-        }
-        let half = layout::half_size(ring_size);
-        check_sealed_holding(own, offset, half)?;
-        check_sealed_holding(peer, offset, half)?;
-        let mine = Half::map(own, offset, half, true)?;
-        let theirs = Half::map(peer, offset, half, false)?;
-        mine.check_header(ring_size, end.index())?;
-        theirs.check_header(ring_size, end.peer().index())?;
-        let halves = match end {
-            Endpoint::Client => [mine, theirs],
-            Endpoint::Server => [theirs, mine],
-        };
-        Ok(Segment { halves, ring_size })
+        Chunk::map(own, peer, ring_size, end)?.piece(piece)
     }
 
-    /// The daemon's view again of a kit connection at `offset` of the chunk
-    /// `files` another daemon made (a hand-over): both halves writable.
-    pub fn adopt_piece(files: &SegmentFiles, offset: u64, ring_size: u32) -> io::Result<Segment> {
-        if !layout::ring_size_valid(ring_size) {
-            return Err(bad("invalid ring size"));
-        }
-        let half = layout::half_size(ring_size);
-        let map = |end: usize| -> io::Result<Half> {
-            check_sealed_holding(files.rw[end].as_fd(), offset, half)?;
-            let h = Half::map(files.rw[end].as_fd(), offset, half, true)?;
-            h.check_header(ring_size, end)?;
-            Ok(h)
-        };
-        Ok(Segment { halves: [map(0)?, map(1)?], ring_size })
+    /// The daemon's view again of a kit connection in piece `piece` of the
+    /// chunk `files` another daemon made (a hand-over): both halves
+    /// writable.
+    pub fn adopt_piece(files: &SegmentFiles, piece: usize, ring_size: u32) -> io::Result<Segment> {
+        Chunk::adopt(files, ring_size)?.piece(piece)
     }
 
     /// Bytes per ring.
@@ -702,9 +685,17 @@ impl Segment {
     }
 }
 
-/// A kits' *chunk* (ARCHITECTURE §3c, stage 1): the halves of
+/// Piece `piece`'s half in a chunk file mapped `whole` (see
+/// [`layout::chunk_size`]): its lines, then its data elsewhere.
+fn piece_view(whole: &Arc<Half>, piece: usize, ring_size: u32) -> Half {
+    Half::view(whole, layout::piece_lines(piece), layout::piece_data(ring_size, piece), ring_size)
+}
+
+/// A kits' *chunk* (ARCHITECTURE §3c, stages 1 and 2): the halves of
 /// [`layout::CHUNK_PIECES`] connections in two sealed memfds, one per end,
-/// piece `i` of each at `i * half_size`, each piece with its own header.
+/// each piece's control lines packed eight to a page at the start of the
+/// file and its ring data after them (see [`layout::chunk_size`]), each
+/// piece with its own header.
 /// The daemon makes a chunk and maps both files writable; each end maps
 /// the chunk once, its own file writable and its peer's read-only (as it
 /// maps a segment's halves), and every kit of the chunk it is sent is a
@@ -732,14 +723,13 @@ impl Chunk {
         if !layout::ring_size_valid(ring_size) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "invalid ring size"));
         }
-        let half = layout::half_size(ring_size);
         let mut made = Vec::with_capacity(2);
         for end in 0..2 {
             let (whole, fd) = create_sealed(c"vsocket-chunk", layout::chunk_size(ring_size))?;
             let whole = Arc::new(whole);
             let nonce = random_nonce()?;
             for piece in 0..layout::CHUNK_PIECES {
-                Half::view(&whole, piece * half, half).write_new_header(ring_size, end, &nonce);
+                piece_view(&whole, piece, ring_size).write_new_header(ring_size, end, &nonce);
             }
             made.push((whole, fd));
         }
@@ -768,6 +758,21 @@ impl Chunk {
         Ok(Chunk { files, ring_size })
     }
 
+    /// The daemon's view again of the chunk whose `files` another daemon
+    /// made (a hand-over): both files writable, after the checks `map`
+    /// makes.
+    pub fn adopt(files: &SegmentFiles, ring_size: u32) -> io::Result<Chunk> {
+        if !layout::ring_size_valid(ring_size) {
+            return Err(bad("invalid ring size"));
+        }
+        let len = layout::chunk_size(ring_size);
+        let map = |end: usize| -> io::Result<Arc<Half>> {
+            check_sealed(files.rw[end].as_fd(), len)?;
+            Ok(Arc::new(Half::map(files.rw[end].as_fd(), 0, len, true)?))
+        };
+        Ok(Chunk { files: [map(0)?, map(1)?], ring_size })
+    }
+
     /// Bytes per ring of the chunk's connections.
     pub fn ring_size(&self) -> u32 {
         self.ring_size
@@ -779,17 +784,11 @@ impl Chunk {
         if piece >= layout::CHUNK_PIECES {
             return Err(bad("a piece past the chunk"));
         }
-        let half = layout::half_size(self.ring_size);
-        let halves = [0, 1].map(|end| Half::view(&self.files[end], piece * half, half));
+        let halves = [0, 1].map(|end| piece_view(&self.files[end], piece, self.ring_size));
         for (end, h) in halves.iter().enumerate() {
             h.check_header(self.ring_size, end)?;
         }
         Ok(Segment { halves, ring_size: self.ring_size })
-    }
-
-    /// Where piece `piece` starts in each file.
-    pub fn offset(&self, piece: usize) -> u64 {
-        (piece * layout::half_size(self.ring_size)) as u64
     }
 
     /// The nonce in end `end`'s file (every piece's header has it): a
@@ -882,17 +881,28 @@ mod tests {
         // The last piece fits; past it, none.
         assert!(server.piece(layout::CHUNK_PIECES - 1).is_ok());
         assert!(server.piece(layout::CHUNK_PIECES).is_err());
+        // The file's layout: piece 3's lines among the others' at the
+        // start (eight to a page), its data after all of them.
+        let read = |at: usize, len: usize| {
+            let mut buf = vec![0u8; len];
+            // SAFETY: reads at most `len` bytes into `buf`.
+            let n = unsafe { libc::pread(own.as_raw_fd(), buf.as_mut_ptr().cast(), len, at as libc::off_t) };
+            assert_eq!(n, len as isize);
+            buf
+        };
+        let id = read(layout::piece_lines(3) + layout::HEADER_CONNECTION_ID, 8);
+        assert_eq!(u64::from_le_bytes(id.try_into().unwrap()), 77);
+        assert_eq!(read(layout::piece_data(ring_size, 3), 13), b"to the server");
+        assert_eq!(layout::piece_lines(8), layout::PAGE);
         // A new program image maps one piece from the files; a successor
         // daemon adopts one.
-        let offset = daemon.offset(3);
-        let again = Segment::map_piece(own.as_fd(), peer.as_fd(), offset, ring_size, Endpoint::Client).unwrap();
+        let again = Segment::map_piece(own.as_fd(), peer.as_fd(), 3, ring_size, Endpoint::Client).unwrap();
         assert_eq!(again.connection_id(0), 77);
         assert_eq!(again.consumer(1).state().unwrap(), RxState::Data(4));
-        assert!(Segment::map_piece(own.as_fd(), peer.as_fd(), offset, ring_size, Endpoint::Server).is_err());
-        assert!(Segment::map_piece(own.as_fd(), peer.as_fd(), offset + 1, ring_size, Endpoint::Client).is_err());
-        let past = layout::chunk_size(ring_size) as u64;
+        assert!(Segment::map_piece(own.as_fd(), peer.as_fd(), 3, ring_size, Endpoint::Server).is_err());
+        let past = layout::CHUNK_PIECES;
         assert!(Segment::map_piece(own.as_fd(), peer.as_fd(), past, ring_size, Endpoint::Client).is_err());
-        let adopted = Segment::adopt_piece(&files, offset, ring_size).unwrap();
+        let adopted = Segment::adopt_piece(&files, 3, ring_size).unwrap();
         assert_eq!(adopted.producer(0).total(), 13);
         // Files of another kind or size are refused; the peer's file cannot
         // be mapped writable.

@@ -57,10 +57,10 @@ pub trait ProcessChannel: Channel + Sized + 'static {
     /// The next request; `None` at end of stream.
     fn next_message(&self) -> Result<Option<Request>, RecvError>;
     /// Sends `Reattached` with an end's two segment halves, or
-    /// `ReattachedAt` with a kit's chunk files and its piece's `offset`
+    /// `ReattachedAt` with a kit's chunk files and which `piece`
     /// (see [`crate::reattach`]); a channel that carries no descriptors
     /// cannot.
-    fn send_halves(&self, _halves: [BorrowedFd<'_>; 2], _offset: Option<u64>) -> io::Result<()> {
+    fn send_halves(&self, _halves: [BorrowedFd<'_>; 2], _piece: Option<u8>) -> io::Result<()> {
         Err(io::Error::new(io::ErrorKind::Unsupported, "this channel carries no descriptors"))
     }
     /// A handle whose shutdown ends the channel (see [`GuestSlot::remove`]).
@@ -269,7 +269,7 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
             // examines (and drops) is the guest's, whatever that file is.
             Message::Reattach { id, end } => {
                 let sent = match crate::reattach::halves(daemon, guest, ConnectionId(id), end, proof) {
-                    Ok((files, offset)) => channel.send_halves(files.each_ref().map(|f| f.as_fd()), offset),
+                    Ok((files, piece)) => channel.send_halves(files.each_ref().map(|f| f.as_fd()), piece),
                     Err(refusal) => {
                         tracing::info!(guest = %name, connection = id, "halves not sent again: {refusal}");
                         channel.send(&Message::Refused { errno: refusal.errno() }, None)

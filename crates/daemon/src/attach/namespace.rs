@@ -102,11 +102,11 @@ impl ProcessChannel for SeqpacketChannel {
         Ok(Some(Request { message, proof: fds.pop() }))
     }
 
-    fn send_halves(&self, halves: [BorrowedFd<'_>; 2], offset: Option<u64>) -> io::Result<()> {
+    fn send_halves(&self, halves: [BorrowedFd<'_>; 2], piece: Option<u8>) -> io::Result<()> {
         let mut buf = [0u8; MAX_MESSAGE];
-        let reply = match offset {
+        let reply = match piece {
             None => Message::Reattached,
-            Some(offset) => Message::ReattachedAt { offset },
+            Some(piece) => Message::ReattachedAt { piece },
         };
         vsocket_sys::send_with_fds(self.0.as_fd(), reply.encode(&mut buf), &halves)
     }

@@ -36,8 +36,8 @@ pub struct Delivery {
     /// are then -1; see `kits`).
     pub piece: Option<Segment>,
     /// A kit's end after exec: the halves are its chunk's files, and its
-    /// piece is at this offset of them.
-    pub at: Option<u64>,
+    /// memory this piece of them.
+    pub at: Option<u8>,
     /// A lifeline shared with other connections (a kit's batch's, or one
     /// that crossed exec with several): `lifeline` is then -1.
     pub shared_lifeline: Option<std::sync::Arc<super::Lifeline>>,
@@ -160,7 +160,7 @@ impl ConnectionMemory for MemfdSegment {
         let mapped = sys::with_borrowed(own_fd, |own| {
             sys::with_borrowed(peer_fd, |peer| match at {
                 // A kit's end after exec: its piece alone, not kept.
-                Some(offset) => Segment::map_piece(own, peer, offset, info.ring_size, end).map(|s| (s, None)),
+                Some(piece) => Segment::map_piece(own, peer, piece as usize, info.ring_size, end).map(|s| (s, None)),
                 None => map_halves(own, peer, info, end).map(|(s, files)| (s, Some(files))),
             })
         });

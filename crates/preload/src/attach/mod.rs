@@ -161,15 +161,15 @@ pub fn request(msg: &Message) -> SysResult<Reply> {
 /// End `end` of connection `id`'s segment halves (this end's, the peer's),
 /// sent again by the daemon to a process that shows it holds the end by
 /// sending the end's `lifeline` (a new program image after exec, see
-/// `exec`); for a kit's end, its chunk's files and its piece's offset.
-pub fn reattach(id: u64, end: Endpoint, lifeline: RawFd) -> SysResult<([RawFd; 2], Option<u64>)> {
+/// `exec`); for a kit's end, its chunk's files and which piece.
+pub fn reattach(id: u64, end: Endpoint, lifeline: RawFd) -> SysResult<([RawFd; 2], Option<u8>)> {
     if lifeline < 0 {
         return Err(Errno(libc::EBADF));
     }
     let mut reply = request_proving(&Message::Reattach { id, end }, Some(lifeline))?;
     match reply.message {
         Message::Reattached => Ok((reply.take_halves(), None)),
-        Message::ReattachedAt { offset } => Ok((reply.take_halves(), Some(offset))),
+        Message::ReattachedAt { piece } => Ok((reply.take_halves(), Some(piece))),
         Message::Refused { errno } => Err(Errno(errno)),
         _ => Err(Errno(libc::EPROTO)),
     }
