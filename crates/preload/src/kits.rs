@@ -194,9 +194,16 @@ pub fn keep_client(grant: Grant, bound: Ipv4Addr, remote: SocketAddrV4, client: 
         return;
     }
     let (page, bell) = (fds[0], fds[1]);
+    let kits = kits_of(&grant, &fds[2..], Endpoint::Client);
+    // A grant this process holds already has its queue mapped and its
+    // bell: the batch's copies are not needed.
+    if let Some(known) = clients().grants.iter_mut().find(|g| g.id == grant.id) {
+        known.kits.extend(kits);
+        close_all(&[page, bell]);
+        return;
+    }
     let queue = sys::with_borrowed(page, |page| ConnectQueue::map(page, grant.id, true));
     let _ = sys::close(page);
-    let kits = kits_of(&grant, &fds[2..], Endpoint::Client);
     let Ok(queue) = queue else {
         let _ = sys::close(bell);
         return;
@@ -204,6 +211,7 @@ pub fn keep_client(grant: Grant, bound: Ipv4Addr, remote: SocketAddrV4, client: 
     let ends = Arc::new(GrantEnds { queue, bell, writing: Mutex::new(()) });
     let mut clients = clients();
     if let Some(known) = clients.grants.iter_mut().find(|g| g.id == grant.id) {
+        // (Kept by another thread meanwhile.)
         known.kits.extend(kits);
         return;
     }
