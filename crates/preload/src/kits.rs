@@ -640,6 +640,69 @@ mod tests {
         assert!(state.spent());
     }
 
+    /// A batch of `count` kits from 10 for grant 9 in one chunk, as the
+    /// daemon sends it to end `end` (its lifeline, the chunk's two files,
+    /// a doorbell per kit), with the daemon's view of the chunk and the
+    /// lifeline's read end.
+    fn batch(
+        count: u8,
+        end: Endpoint,
+    ) -> (Grant, Vec<RawFd>, vsocket_ring::Chunk, std::os::fd::OwnedFd, Vec<std::os::fd::OwnedFd>) {
+        let (daemon, files) = Chunk::create(4096).unwrap();
+        let mut grant = Grant::in_one_chunk(9, 10, count);
+        // Pieces out of order, as a pair's free pieces come back.
+        for (i, place) in grant.places.iter_mut().take(count as usize).enumerate() {
+            place.piece = 31 - i as u8;
+            daemon.piece(place.piece as usize).unwrap().set_connection_id(100 + i as u64);
+        }
+        let (read, holds) = vsocket_sys::pipe().unwrap();
+        let [own, peer] = files.clone_for(end).unwrap();
+        let mut fds = vec![holds.into_raw_fd(), own.into_raw_fd(), peer.into_raw_fd()];
+        let mut peers = Vec::new();
+        for _ in 0..count {
+            let (mine, theirs) = vsocket_sys::stream_pair().unwrap();
+            fds.push(mine.into_raw_fd());
+            peers.push(theirs);
+        }
+        (grant, fds, daemon, read, peers)
+    }
+
+    #[test]
+    fn a_batchs_kits_are_pieces_of_its_chunk_and_share_its_lifeline() {
+        let (grant, fds, daemon, lifeline, _bells) = batch(3, Endpoint::Server);
+        let kits = kits_of(&grant, &fds, Endpoint::Server);
+        assert_eq!(kits.iter().map(|k| (k.sequence, k.id)).collect::<Vec<_>>(), [(10, 100), (11, 101), (12, 102)]);
+        // The kit's memory is its piece: what the daemon's view of piece
+        // 30 holds, kit 11 sees.
+        daemon.piece(30).unwrap().producer(0).write(&[b"hi"]).unwrap();
+        let piece = kits[1].delivery.piece.as_ref().unwrap();
+        assert_eq!(piece.producer(0).total(), 2);
+        // The lifeline is held while any kit (or connection made from one)
+        // is.
+        let mut kits = kits;
+        let last = kits.pop().unwrap();
+        drop(kits);
+        assert!(!vsocket_sys::hung_up(lifeline.as_fd()), "a kit still holds it");
+        drop(last);
+        assert!(vsocket_sys::hung_up(lifeline.as_fd()), "the last share closed it");
+    }
+
+    #[test]
+    fn a_kit_whose_piece_does_not_check_is_let_go_with_its_doorbell() {
+        // The client's file given where the server's is due: each piece's
+        // header names the other end.
+        let (grant, fds, _daemon, _lifeline, bells) = batch(2, Endpoint::Client);
+        assert!(kits_of(&grant, &fds, Endpoint::Server).is_empty());
+        for bell in &bells {
+            assert!(vsocket_sys::hung_up(bell.as_fd()), "its doorbell was closed");
+        }
+        // A place past the chunks that came: that kit alone is let go.
+        let (mut grant, fds, _daemon, _lifeline, _bells) = batch(2, Endpoint::Client);
+        grant.places[0].chunk = 5;
+        let kits = kits_of(&grant, &fds, Endpoint::Client);
+        assert_eq!(kits.iter().map(|k| k.sequence).collect::<Vec<_>>(), [11]);
+    }
+
     /// A listener's kits with grant 7 (kits 0 to 4), the client's view of
     /// the queue, the bell's client end and the daemon's end of the kit
     /// channel.
