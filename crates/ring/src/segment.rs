@@ -107,9 +107,11 @@ struct Half {
     whole: Option<Arc<Half>>,
 }
 
-// SAFETY: a mapping of shared memory; every type that reaches into it
-// (segments, chunks, queues) does so only through atomics or the ring
-// protocol, as their own Send and Sync arguments say.
+// SAFETY: a mapping of shared memory; every type built on halves
+// (segments, chunks, queues) reaches into it only through atomics (control
+// lines, queue slots) or the ring protocol (data areas), and `&Segment`
+// only hands out views that are safe to share; so they are Send and Sync
+// through their halves.
 unsafe impl Send for Half {}
 // SAFETY: as above.
 unsafe impl Sync for Half {}
@@ -121,12 +123,6 @@ pub struct Segment {
     halves: [Half; 2],
     ring_size: u32,
 }
-
-// SAFETY: the mappings are plain shared memory; all concurrent access goes
-// through atomics (control lines) or the ring protocol (data areas).
-unsafe impl Send for Segment {}
-// SAFETY: as above; `&Segment` only hands out views that are safe to share.
-unsafe impl Sync for Segment {}
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -272,7 +268,7 @@ fn check_sealed(fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
 /// Creates end `end`'s half, zeroed, sealed and mapped, with its header.
 fn create_half(ring_size: u32, end: usize) -> io::Result<(Half, OwnedFd)> {
     let (half, fd) = create_sealed(c"vsocket-conn", layout::half_size(ring_size))?;
-    half.write_new_header(ring_size, end, &random_nonce()?);
+    half.write_header(ring_size, end, random_nonce()?);
     Ok((half, fd))
 }
 
@@ -327,11 +323,6 @@ fn check_placement(file: BorrowedFd<'_>, offset: u64, ring_size: u32) -> io::Res
 pub struct ConnectQueue {
     page: Half,
 }
-
-// SAFETY: the page is plain shared memory, reached only through atomics.
-unsafe impl Send for ConnectQueue {}
-// SAFETY: as above; `&ConnectQueue` reads and writes only through atomics.
-unsafe impl Sync for ConnectQueue {}
 
 impl ConnectQueue {
     /// Creates grant `grant`'s queue, empty and sealed, mapped writable
@@ -392,33 +383,19 @@ impl ConnectQueue {
 }
 
 impl Half {
-    /// Writes the header of a freshly made (zeroed) half for end `end`,
-    /// with `nonce`, before any other process has the file.
-    fn write_new_header(&self, ring_size: u32, end: usize, nonce: &[u8; 16]) {
-        let header = self.base.as_ptr();
-        assert!(layout::HEADER_END + 4 <= self.words);
-        // SAFETY: the lines (at least the header's bytes, asserted) of this
-        // writable mapping, freshly zeroed, and no other process has the
-        // memfd yet; every write is inside them and aligned for its type.
-        unsafe {
-            (header as *mut u64).write(SEGMENT_MAGIC);
-            (header.add(8) as *mut u32).write(SEGMENT_VERSION);
-            (header.add(12) as *mut u32).write(ring_size);
-            std::ptr::copy_nonoverlapping(nonce.as_ptr(), header.add(layout::HEADER_NONCE), 16);
-            (header.add(layout::HEADER_END) as *mut u32).write(end as u32);
-        }
-    }
-
     /// Writes a fresh header for end `end` of a connection with rings of
-    /// `ring_size` bytes (the nonce left zero: such a half is never kept
-    /// for reuse by file identity).
-    fn write_header(&self, ring_size: u32, end: usize) {
+    /// `ring_size` bytes, with `nonce` (its bytes as they are; zero for a
+    /// piece of a VM's region, which is never kept for reuse by file
+    /// identity).
+    fn write_header(&self, ring_size: u32, end: usize, nonce: [u8; 16]) {
+        let (low, high) = nonce.split_at(8);
+        let word = |bytes: &[u8]| u64::from_ne_bytes(bytes.try_into().expect("8 bytes"));
         self.word::<AtomicU64>(0).store(SEGMENT_MAGIC, Ordering::Relaxed);
         self.word::<AtomicU32>(8).store(SEGMENT_VERSION, Ordering::Relaxed);
         self.word::<AtomicU32>(12).store(ring_size, Ordering::Relaxed);
         self.word::<AtomicU64>(layout::HEADER_CONNECTION_ID).store(0, Ordering::Relaxed);
-        self.word::<AtomicU64>(layout::HEADER_NONCE).store(0, Ordering::Relaxed);
-        self.word::<AtomicU64>(layout::HEADER_NONCE + 8).store(0, Ordering::Relaxed);
+        self.word::<AtomicU64>(layout::HEADER_NONCE).store(word(low), Ordering::Relaxed);
+        self.word::<AtomicU64>(layout::HEADER_NONCE + 8).store(word(high), Ordering::Relaxed);
         self.word::<AtomicU32>(layout::HEADER_END).store(end as u32, Ordering::Release);
     }
 
@@ -491,8 +468,8 @@ impl Segment {
         let half = check_placement(file, offset, ring_size)?;
         let client = Half::map(file, offset, half, true)?;
         let server = Half::map(file, offset + half as u64, half, true)?;
-        client.write_header(ring_size, Endpoint::Client.index());
-        server.write_header(ring_size, Endpoint::Server.index());
+        client.write_header(ring_size, Endpoint::Client.index(), [0; 16]);
+        server.write_header(ring_size, Endpoint::Server.index(), [0; 16]);
         let segment = Segment { halves: [client, server], ring_size };
         segment.reset();
         Ok(segment)
@@ -708,12 +685,6 @@ pub struct Chunk {
     ring_size: u32,
 }
 
-// SAFETY: as for `Segment`: plain shared memory, reached only through
-// atomics and the ring protocol.
-unsafe impl Send for Chunk {}
-// SAFETY: as above.
-unsafe impl Sync for Chunk {}
-
 impl Chunk {
     /// Makes a chunk of pieces with rings of `ring_size` bytes, every
     /// piece's header written for its end, and maps both files writable
@@ -723,17 +694,16 @@ impl Chunk {
         if !layout::ring_size_valid(ring_size) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "invalid ring size"));
         }
-        let mut made = Vec::with_capacity(2);
-        for end in 0..2 {
+        let file = |end: usize| -> io::Result<(Arc<Half>, OwnedFd)> {
             let (whole, fd) = create_sealed(c"vsocket-chunk", layout::chunk_size(ring_size))?;
             let whole = Arc::new(whole);
             let nonce = random_nonce()?;
             for piece in 0..layout::CHUNK_PIECES {
-                piece_view(&whole, piece, ring_size).write_new_header(ring_size, end, &nonce);
+                piece_view(&whole, piece, ring_size).write_header(ring_size, end, nonce);
             }
-            made.push((whole, fd));
-        }
-        let [(client, client_fd), (server, server_fd)]: [(Arc<Half>, OwnedFd); 2] = made.try_into().expect("two ends");
+            Ok((whole, fd))
+        };
+        let ((client, client_fd), (server, server_fd)) = (file(0)?, file(1)?);
         let ro = [reopen_read_only(client_fd.as_fd())?, reopen_read_only(server_fd.as_fd())?];
         Ok((Chunk { files: [client, server], ring_size }, SegmentFiles::new([client_fd, server_fd], ro)))
     }
@@ -743,34 +713,32 @@ impl Chunk {
     /// memfd of a chunk's size (each piece's header is checked when it is
     /// viewed).
     pub fn map(own: BorrowedFd<'_>, peer: BorrowedFd<'_>, ring_size: u32, end: Endpoint) -> io::Result<Chunk> {
-        if !layout::ring_size_valid(ring_size) {
-            return Err(bad("invalid ring size"));
-        }
-        let len = layout::chunk_size(ring_size);
-        check_sealed(own, len)?;
-        check_sealed(peer, len)?;
-        let mine = Arc::new(Half::map(own, 0, len, true)?);
-        let theirs = Arc::new(Half::map(peer, 0, len, false)?);
         let files = match end {
-            Endpoint::Client => [mine, theirs],
-            Endpoint::Server => [theirs, mine],
+            Endpoint::Client => [(own, true), (peer, false)],
+            Endpoint::Server => [(peer, false), (own, true)],
         };
-        Ok(Chunk { files, ring_size })
+        Chunk::of_files(files, ring_size)
     }
 
     /// The daemon's view again of the chunk whose `files` another daemon
     /// made (a hand-over): both files writable, after the checks `map`
     /// makes.
     pub fn adopt(files: &SegmentFiles, ring_size: u32) -> io::Result<Chunk> {
+        Chunk::of_files([(files.rw[0].as_fd(), true), (files.rw[1].as_fd(), true)], ring_size)
+    }
+
+    /// Maps each end's file (indexed by [`Endpoint::index`]), writable or
+    /// not, after checking that it is a sealed memfd of a chunk's size.
+    fn of_files(files: [(BorrowedFd<'_>, bool); 2], ring_size: u32) -> io::Result<Chunk> {
         if !layout::ring_size_valid(ring_size) {
             return Err(bad("invalid ring size"));
         }
         let len = layout::chunk_size(ring_size);
-        let map = |end: usize| -> io::Result<Arc<Half>> {
-            check_sealed(files.rw[end].as_fd(), len)?;
-            Ok(Arc::new(Half::map(files.rw[end].as_fd(), 0, len, true)?))
+        let map = |(fd, writable): (BorrowedFd<'_>, bool)| -> io::Result<Arc<Half>> {
+            check_sealed(fd, len)?;
+            Ok(Arc::new(Half::map(fd, 0, len, writable)?))
         };
-        Ok(Chunk { files: [map(0)?, map(1)?], ring_size })
+        Ok(Chunk { files: [map(files[0])?, map(files[1])?], ring_size })
     }
 
     /// Bytes per ring of the chunk's connections.
