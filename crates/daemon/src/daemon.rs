@@ -207,12 +207,7 @@ impl Daemon {
     /// between the same `pair` that both ends have closed and released,
     /// retiring that connection.
     pub fn reclaim(&self, pair: Pair) -> Option<(Segment, SegmentFiles)> {
-        let (mut c, bytes) = self.connections.reclaim(pair, false, fold)?;
-        if let (Some(close), Some(log)) = (self.retire(&mut c, bytes), &self.flow_log) {
-            // On the connect path: never wait for the log.
-            log.record(close);
-        }
-        match c.memory {
+        match self.reclaim_memory(pair, false)? {
             Memory::Files { segment, files } => Some((segment, files)),
             // Only memfd segments are shared by a pair of processes.
             Memory::Placed(_) | Memory::Piece { .. } => None,
@@ -223,11 +218,7 @@ impl Daemon {
     /// same `pair` that both ends have closed and released, retiring that
     /// connection; the piece is reset.
     pub fn reclaim_piece(&self, pair: Pair) -> Option<crate::pool::Piece> {
-        let (mut c, bytes) = self.connections.reclaim(pair, true, fold)?;
-        if let (Some(close), Some(log)) = (self.retire(&mut c, bytes), &self.flow_log) {
-            log.record(close);
-        }
-        match c.memory {
+        match self.reclaim_memory(pair, true)? {
             Memory::Piece { segment, piece } => {
                 segment.reset();
                 self.segments.reused.fetch_add(1, Ordering::Relaxed);
@@ -235,6 +226,18 @@ impl Daemon {
             }
             Memory::Files { .. } | Memory::Placed(_) => None,
         }
+    }
+
+    /// Retires a connection between `pair` that both ends closed and
+    /// released (one whose memory is a kit's piece, if `pieces`), and
+    /// returns its memory.
+    fn reclaim_memory(&self, pair: Pair, pieces: bool) -> Option<Memory> {
+        let (mut c, bytes) = self.connections.reclaim(pair, pieces, fold)?;
+        if let (Some(close), Some(log)) = (self.retire(&mut c, bytes), &self.flow_log) {
+            // On the connect path: never wait for the log.
+            log.record(close);
+        }
+        Some(c.memory)
     }
 
     /// Retires connections whose both ends have closed, folding their bytes

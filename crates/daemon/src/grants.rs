@@ -24,7 +24,7 @@ use crate::pool::KitChunk;
 use crate::sync::lock;
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use vsocket_abi::control::Grant;
 use vsocket_abi::grant::Cursor;
@@ -109,20 +109,30 @@ pub struct Batch {
 
 impl Batch {
     /// The descriptors after the connection's own, in the order the
-    /// message says: the queue page, the bell, the batch's lifeline, each
-    /// chunk's files (the client's read-write, the server's read-only),
-    /// each kit's.
-    pub fn fds(&self) -> std::io::Result<Vec<crate::pool::BorrowedFdOrOwned<'_>>> {
-        use crate::pool::BorrowedFdOrOwned::Borrowed;
-        let mut fds = vec![Borrowed(self.page.as_fd()), Borrowed(self.bell.as_fd()), Borrowed(self.holds.as_fd())];
-        for chunk in &self.chunks {
-            fds.extend(chunk.files_for(Endpoint::Client)?);
-        }
-        for kit in &self.kits {
-            fds.extend(kit.fds().map(Borrowed));
-        }
+    /// message says: the queue page, the bell, then the batch's own
+    /// ([`batch_fds`]).
+    pub fn fds(&self) -> std::io::Result<Vec<BorrowedFd<'_>>> {
+        let mut fds = vec![self.page.as_fd(), self.bell.as_fd()];
+        fds.extend(batch_fds(&self.holds, &self.chunks, &self.kits, Endpoint::Client)?);
         Ok(fds)
     }
+}
+
+/// A batch's own descriptors for end `end`, in the order `Grant::fds`
+/// counts them: its lifeline (`holds`), each chunk's files, each kit's
+/// (`kits`, that end's).
+pub fn batch_fds<'a>(
+    holds: &'a OwnedFd,
+    chunks: &'a [Arc<KitChunk>],
+    kits: impl IntoIterator<Item = &'a KitEnds>,
+    end: Endpoint,
+) -> std::io::Result<Vec<BorrowedFd<'a>>> {
+    let mut fds = vec![holds.as_fd()];
+    for chunk in chunks {
+        fds.extend(chunk.files_for(end)?);
+    }
+    fds.extend(kits.into_iter().flat_map(KitEnds::fds));
+    Ok(fds)
 }
 
 impl Grants {

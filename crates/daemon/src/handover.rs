@@ -475,10 +475,9 @@ pub fn adopt(daemon: &Daemon, c: InheritedConnection) -> Result<(), NotAdopted> 
             RecordMemory::Files { segment, files: c.files }
         }
         Some(index) => {
-            let segment =
-                Segment::adopt_piece(&c.files, index as usize, part.ring_size).map_err(NotAdopted::Segment)?;
             let chunk = Arc::new(crate::pool::KitChunk::handed(c.files, part.ring_size));
-            RecordMemory::Piece { segment, piece: crate::pool::Piece { chunk, index } }
+            let piece = crate::pool::Piece { chunk, index };
+            RecordMemory::Piece { segment: piece.segment().map_err(NotAdopted::Segment)?, piece }
         }
     };
     let bytes = vsocket_abi::layout::segment_size(part.ring_size) as u64;

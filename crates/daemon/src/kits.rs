@@ -20,12 +20,12 @@
 //! the server's library must move from waiting to accept it) and reset.
 
 use crate::daemon::Daemon;
-use crate::grants::{Batch, GrantKey, GrantRecord, State};
+use crate::grants::{batch_fds, Batch, GrantKey, GrantRecord, State};
 use crate::guest::GuestSlot;
 use crate::ids::{ChannelId, ConnectionId, ListenerId};
 use crate::listeners::ListenerRecord;
 use crate::policy::Policy;
-use crate::pool::{BorrowedFdOrOwned, KitChunk};
+use crate::pool::KitChunk;
 use crate::sync::lock;
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -140,22 +140,14 @@ pub fn for_connect(
     }
     batch.count = made.len() as u8;
     batch.chunks = chunks.len() as u8;
-    let mut fds =
-        vec![BorrowedFdOrOwned::Borrowed(grant.server_page.as_fd()), BorrowedFdOrOwned::Borrowed(holds.as_fd())];
-    for chunk in &chunks {
-        fds.extend(chunk.files_for(Endpoint::Server).ok()?);
-    }
-    for (_, kit) in &made {
-        fds.extend(kit.server.fds().map(BorrowedFdOrOwned::Borrowed));
-    }
-    let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    let mut fds = vec![grant.server_page.as_fd()];
+    fds.extend(batch_fds(&holds, &chunks, made.iter().map(|(_, kit)| &kit.server), Endpoint::Server).ok()?);
     let kits = Message::Kits { grant: batch, client: client_addr, server };
     let mut buf = [0u8; vsocket_abi::control::MAX_MESSAGE];
     if let Err(e) = vsocket_sys::send_with_fds(kit_channel.as_fd(), kits.encode(&mut buf), &fds) {
         // Nobody holds these kits: once `made` and `holds` are dropped,
         // their lifeline hangs up and the reaper retires them without a
-        // trace. A listener
-        // whose kit channel is gone takes none any more.
+        // trace. A listener whose kit channel is gone takes none any more.
         tracing::debug!(grant = grant.id, error = %e, "kits not taken by the listener");
         if e.kind() != std::io::ErrorKind::WouldBlock {
             listener.kits_off.store(true, Ordering::Release);

@@ -28,6 +28,7 @@
 use crate::ids::{ChannelId, ListenerId, Pair};
 use crate::sync::lock;
 use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use vsocket_abi::layout::{Endpoint, CHUNK_PIECES};
@@ -52,13 +53,13 @@ pub struct KitChunk {
 
 impl KitChunk {
     /// The chunk's files as end `end` is sent them: its own read-write,
-    /// its peer's read-only.
-    pub fn files_for(&self, end: Endpoint) -> std::io::Result<[BorrowedFdOrOwned<'_>; 2]> {
-        let peer = match self.files.read_only(end.peer())? {
-            ReadOnly::Kept(fd) => BorrowedFdOrOwned::Borrowed(fd),
-            ReadOnly::Opened(fd) => BorrowedFdOrOwned::Owned(fd),
-        };
-        Ok([BorrowedFdOrOwned::Borrowed(std::os::fd::AsFd::as_fd(&self.files.rw[end.index()])), peer])
+    /// its peer's read-only (a chunk this daemon made keeps both files'
+    /// read-only descriptors for as long as it lives).
+    pub fn files_for(&self, end: Endpoint) -> std::io::Result<[BorrowedFd<'_>; 2]> {
+        match self.files.read_only(end.peer())? {
+            ReadOnly::Kept(peer) => Ok([self.files.rw[end.index()].as_fd(), peer]),
+            ReadOnly::Opened(_) => Err(std::io::Error::other("a chunk without its read-only files")),
+        }
     }
 
     /// The files (a hand-over sends them).
@@ -69,22 +70,6 @@ impl KitChunk {
     /// A chunk another daemon made, whose pieces this one maps one by one.
     pub fn handed(files: SegmentFiles, ring_size: u32) -> KitChunk {
         KitChunk { map: None, files, ring_size }
-    }
-}
-
-/// A descriptor a message borrows, or one opened for it.
-#[derive(Debug)]
-pub enum BorrowedFdOrOwned<'a> {
-    Borrowed(std::os::fd::BorrowedFd<'a>),
-    Owned(std::os::fd::OwnedFd),
-}
-
-impl std::os::fd::AsFd for BorrowedFdOrOwned<'_> {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        match self {
-            BorrowedFdOrOwned::Borrowed(fd) => *fd,
-            BorrowedFdOrOwned::Owned(fd) => fd.as_fd(),
-        }
     }
 }
 

@@ -303,7 +303,7 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
                     (Some((info, batch)), Some(handover)) => match batch.fds() {
                         Ok(batch_fds) => {
                             let mut fds = handover.fds().to_vec();
-                            fds.extend(batch_fds.iter().map(|f| f.as_fd()));
+                            fds.extend(batch_fds);
                             channel.send_fds(&Message::ConnectedKits { info, grant: batch.grant }, &fds)
                         }
                         // The kits, which nobody holds, are retired by the
