@@ -268,12 +268,10 @@ pub fn adopt() {
     // A lifeline may serve several connections (a kits' batch's): each
     // that crossed takes a share of it, and one no connection took up is
     // closed when these go.
-    let mut lifelines: std::collections::HashMap<RawFd, Arc<attach::Lifeline>> = std::collections::HashMap::new();
+    let mut lifelines = std::collections::HashMap::new();
     for record in records {
-        let lifeline = match record.internal.lifeline {
-            fd if fd >= 0 => lifelines.entry(fd).or_insert_with(|| Arc::new(attach::Lifeline::of(fd))).clone().into(),
-            _ => None,
-        };
+        let lifeline = lifelines.entry(record.internal.lifeline).or_insert_with_key(|&fd| attach::Lifeline::take(fd));
+        let lifeline = lifeline.clone();
         resume(record, lifeline);
     }
 }
@@ -296,7 +294,7 @@ fn resume(record: Record, lifeline: Option<Arc<attach::Lifeline>>) {
         return;
     };
     let mut delivery = Delivery::of_segment(own, peer, internal.doorbell, -1);
-    delivery.shared_lifeline = lifeline;
+    delivery.lifeline = lifeline;
     delivery.at = at;
     // On failure the descriptors go with `delivery`: the program's socket
     // is left unconnected, as where nothing crosses.

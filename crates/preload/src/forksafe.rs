@@ -91,12 +91,17 @@ fn enter() -> Pass {
         }
         // A fork is under way: it waits at most for the request channel's
         // reply timeout.
-        tries += 1;
-        if tries < 64 {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        }
+        pause(&mut tries);
+    }
+}
+
+/// Waits a little for another thread: yields at first, then sleeps.
+fn pause(tries: &mut u32) {
+    *tries += 1;
+    if *tries < 64 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(std::time::Duration::from_micros(100));
     }
 }
 
@@ -117,12 +122,7 @@ pub fn close_before_fork() {
     let mine = u32::from(DEPTH.with(Cell::get) > 0);
     let mut tries = 0u32;
     while INSIDE.load(Ordering::SeqCst) > mine {
-        tries += 1;
-        if tries < 64 {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        }
+        pause(&mut tries);
     }
 }
 

@@ -101,7 +101,7 @@ fn kits_of(grant: &Grant, fds: &[RawFd], end: Endpoint) -> Vec<Kit> {
     let mut kits = Vec::with_capacity(grant.count as usize);
     for (i, (one, place)) in ends.chunks_exact(KIT_FDS).zip(grant.kit_places()).enumerate() {
         let mut delivery = Delivery::of_segment(-1, -1, one[0], -1);
-        delivery.shared_lifeline = lifeline.clone();
+        delivery.lifeline = lifeline.clone();
         let chunk = chunks.get(place.chunk as usize).and_then(Option::as_ref);
         let Some(segment) = chunk.and_then(|c| c.piece(place.piece as usize).ok()) else { continue };
         let (id, ring_size) = (segment.connection_id(end.index()), segment.ring_size());

@@ -28,7 +28,9 @@ pub struct Delivery {
     /// The peer's half (read-only).
     pub peer_segment: RawFd,
     pub doorbell: RawFd,
-    pub lifeline: RawFd,
+    /// The connection's own lifeline, or a share of one (a kit's batch's,
+    /// or one that crossed exec with several connections).
+    pub lifeline: Option<std::sync::Arc<super::Lifeline>>,
     /// In a VM guest: the offset of the connection's piece of the region
     /// (the halves are then -1).
     pub placed: Option<u64>,
@@ -38,9 +40,6 @@ pub struct Delivery {
     /// A kit's end after exec: the halves are its chunk's files, and its
     /// memory this piece of them.
     pub at: Option<u8>,
-    /// A lifeline shared with other connections (a kit's batch's, or one
-    /// that crossed exec with several): `lifeline` is then -1.
-    pub shared_lifeline: Option<std::sync::Arc<super::Lifeline>>,
 }
 
 impl Delivery {
@@ -51,11 +50,10 @@ impl Delivery {
             segment,
             peer_segment,
             doorbell,
-            lifeline,
+            lifeline: super::Lifeline::take(lifeline),
             placed: None,
             piece: None,
             at: None,
-            shared_lifeline: None,
         }
     }
 }
@@ -63,17 +61,14 @@ impl Delivery {
 impl Delivery {
     /// Takes the wake-up descriptors.
     pub fn take_wakeups(&mut self) -> Wakeups {
-        Wakeups {
-            doorbell: std::mem::replace(&mut self.doorbell, -1),
-            lifeline: super::Lifeline::take(std::mem::replace(&mut self.lifeline, -1))
-                .or_else(|| self.shared_lifeline.take()),
-        }
+        Wakeups { doorbell: std::mem::replace(&mut self.doorbell, -1), lifeline: self.lifeline.take() }
     }
 }
 
 impl Drop for Delivery {
     fn drop(&mut self) {
-        for fd in [self.segment, self.peer_segment, self.doorbell, self.lifeline] {
+        // (The lifeline goes with its last share.)
+        for fd in [self.segment, self.peer_segment, self.doorbell] {
             if fd >= 0 {
                 let _ = sys::close(fd);
             }

@@ -97,11 +97,6 @@ impl Lifeline {
         (fd >= 0).then(|| Arc::new(Lifeline(fd)))
     }
 
-    /// Takes `fd`, which is open.
-    pub fn of(fd: RawFd) -> Lifeline {
-        Lifeline(fd)
-    }
-
     pub fn fd(&self) -> RawFd {
         self.0
     }

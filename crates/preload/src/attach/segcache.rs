@@ -59,11 +59,16 @@ fn leave() {
     GATE.store(false, Ordering::Release);
 }
 
-fn with_cache<R>(f: impl FnOnce(&mut Vec<Kept>) -> R) -> R {
+/// Runs `f` on one of the caches, inside the gate.
+fn with<T, R>(cache: &Mutex<T>, f: impl FnOnce(&mut T) -> R) -> R {
     enter();
-    let r = f(&mut CACHE.lock().unwrap_or_else(|e| e.into_inner()));
+    let r = f(&mut cache.lock().unwrap_or_else(|e| e.into_inner()));
     leave();
     r
+}
+
+fn with_cache<R>(f: impl FnOnce(&mut Vec<Kept>) -> R) -> R {
+    with(&CACHE, f)
 }
 
 /// The kept mapping of the segment whose halves are `own` and `peer`
@@ -97,17 +102,14 @@ pub fn take(
 /// for end `end`: the mapping this process has of it, or a new one.
 pub fn chunk(own: BorrowedFd<'_>, peer: BorrowedFd<'_>, end: Endpoint) -> std::io::Result<Arc<Chunk>> {
     let id = (Segment::identity(own)?, Segment::identity(peer)?);
-    enter();
-    let found = {
-        let mut kept = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
+    let found = with(&CHUNKS, |kept| {
         kept.iter().position(|(k, _)| *k == id).map(|at| {
             let hit = kept.remove(at);
             let chunk = hit.1.clone();
             kept.push(hit);
             chunk
         })
-    };
-    leave();
+    });
     // Inode numbers come back: the nonces tell the files apart.
     let same = |c: &Chunk| {
         Segment::read_nonce(own).ok() == Some(c.nonce(end.index()))
@@ -123,14 +125,11 @@ pub fn chunk(own: BorrowedFd<'_>, peer: BorrowedFd<'_>, end: Endpoint) -> std::i
         return Err(std::io::Error::from_raw_os_error(libc::EPROTO));
     }
     let chunk = Arc::new(Chunk::map(own, peer, u32::from_le_bytes(word), end)?);
-    enter();
-    let evicted = {
-        let mut kept = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
+    let evicted = with(&CHUNKS, |kept| {
         kept.retain(|(k, _)| *k != id);
         kept.push((id, chunk.clone()));
         (kept.len() > KEEP_CHUNKS).then(|| kept.remove(0))
-    };
-    leave();
+    });
     // Unmapped (if no kit holds it) outside the gate.
     drop(evicted);
     Ok(chunk)
