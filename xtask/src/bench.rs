@@ -511,6 +511,13 @@ fn on_core(core: Option<&str>, program: &str, args: &[&str]) -> (String, Vec<Str
 /// Connections each memory row holds.
 const MEMORY_CONNECTIONS: u32 = 1000;
 
+/// How long the memory rows' connections are held before the host's memory
+/// is read, on both paths: long enough for vsocketd to give the data pages
+/// of rings that fell quiet back to the host (it does after a quarter to
+/// half a second, ARCHITECTURE §3c stage 5); the kernel's idle sockets
+/// hold the same memory from the start.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// What the host holds for connections, in bytes, as the path `via`
 /// accounts for it: the kernel's TCP socket buffers (`/proc/net/sockstat`,
 /// pages; one count for all namespaces), or vSocket's shared memory
@@ -608,12 +615,13 @@ impl Drop for Held {
 }
 
 /// Opens [`MEMORY_CONNECTIONS`] connections in `mode` (see `memhold.py`)
-/// and measures what the host holds for each, in KiB.
+/// and measures what the host holds for each, in KiB, once they have been
+/// held [`SETTLE`].
 fn memory_per_connection(lab: &Lab, via: Via, port: u16, mode: &str, bytes: u32) -> Result<Vec<Sample>> {
     std::thread::sleep(std::time::Duration::from_millis(500));
     let before = host_memory(lab, via)?;
     let held = Held::open(lab, via, port, MEMORY_CONNECTIONS, bytes, mode)?;
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::thread::sleep(SETTLE);
     let after = host_memory(lab, via)?;
     drop(held);
     let per = (after - before).max(0.0) / f64::from(MEMORY_CONNECTIONS) / 1024.0;

@@ -179,6 +179,14 @@ pub const PRODUCER_RST: u32 = 1 << 1;
 /// Consumer flag: the consumer is gone (closed); writes fail with EPIPE.
 pub const CONSUMER_CLOSED: u32 = 1 << 0;
 
+/// A producer line's `writing` word (ARCHITECTURE §3c, stage 5): a writer
+/// that keeps the trim protocol sets this bit before its first write and
+/// keeps it; the daemon returns the data pages only of rings whose writer
+/// does (a library from before the protocol leaves the word zero).
+pub const WRITER_AWARE: u32 = 1 << 1;
+/// A producer line's `writing` word: set while a write is under way.
+pub const WRITER_BUSY: u32 = 1 << 0;
+
 /// Which end of a connection a process holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {

@@ -35,6 +35,10 @@ pub struct StatusReport {
     pub kit_chunks: u64,
     #[serde(default)]
     pub kit_pieces_kept: usize,
+    /// Idle rings whose data pages went back to the host (ARCHITECTURE
+    /// §3c, stage 5).
+    #[serde(default)]
+    pub rings_trimmed: u64,
     pub deny_action: DenyAction,
     pub on_policy_change: PolicyChangeAction,
     /// Live changes applied, and connections they reset.

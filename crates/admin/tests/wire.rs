@@ -131,6 +131,7 @@ fn status(fabric: bool) -> StatusReport {
         segments_kept: 7,
         kit_chunks: 15,
         kit_pieces_kept: 16,
+        rings_trimmed: 17,
         deny_action: if fabric { DenyAction::Reject } else { DenyAction::Drop },
         on_policy_change: if fabric { PolicyChangeAction::Reset } else { PolicyChangeAction::Keep },
         policy_changes: 8,
@@ -153,7 +154,7 @@ fn status_reply() {
          \"kit_chunks\":15,\"kit_pieces_kept\":16,\
          \"listeners\":1,\"metrics\":\"127.0.0.1:9100\",\"on_policy_change\":\"reset\",\"policy_changes\":8,\
          \"policy_resets\":9,\"quota_exceeded_channels\":12,\"quota_exceeded_connections\":10,\
-         \"quota_exceeded_shared_memory\":11,\"segments_created\":5,\"segments_kept\":7,\"segments_reused\":6,\
+         \"quota_exceeded_shared_memory\":11,\"rings_trimmed\":17,\"segments_created\":5,\"segments_kept\":7,\"segments_reused\":6,\
          \"store\":{\"connected\":true,\"generation\":13,\"last_heard_s\":14}}",
     );
     round_trip(
@@ -163,7 +164,7 @@ fn status_reply() {
          \"kit_chunks\":15,\"kit_pieces_kept\":16,\
          \"listeners\":1,\"metrics\":null,\"on_policy_change\":\"keep\",\"policy_changes\":8,\
          \"policy_resets\":9,\"quota_exceeded_channels\":12,\"quota_exceeded_connections\":10,\
-         \"quota_exceeded_shared_memory\":11,\"segments_created\":5,\"segments_kept\":7,\"segments_reused\":6}",
+         \"quota_exceeded_shared_memory\":11,\"rings_trimmed\":17,\"segments_created\":5,\"segments_kept\":7,\"segments_reused\":6}",
     );
     assert_eq!(encode(&Reply::Status(status(false))).unwrap(), encode(&status(false)).unwrap());
 }

@@ -543,6 +543,7 @@ fn establish(attempt: &Attempt<'_>, policy: &Policy, client: ClientEnd, server: 
         carrier,
         lifelines: vec![Arc::new(lifeline)],
         reset: Default::default(),
+        quiet: Default::default(),
         charge,
         kit: None,
     });
@@ -718,6 +719,7 @@ pub fn make_kit(
         carrier: Carrier::Shared(pair),
         lifelines: vec![lifeline.clone()],
         reset: Default::default(),
+        quiet: Default::default(),
         charge,
         kit: Some(crate::connections::KitMark { grant: grant.id, sequence, announced: false }),
     });

@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 use vsocket_abi::layout::Endpoint;
@@ -126,6 +126,38 @@ pub struct ConnectionRecord {
     pub charge: Charge,
     /// A connection made ahead, as a kit of a grant (ARCHITECTURE §3b).
     pub kit: Option<KitMark>,
+    /// What the daemon last saw of each ring, to give its data pages back
+    /// once it stays empty (indexed by ring).
+    pub quiet: [Quiet; 2],
+}
+
+/// What the daemon saw of one ring at its last pass over idle rings
+/// (ARCHITECTURE §3c, stage 5; only the main thread's passes touch it).
+#[derive(Debug, Default)]
+pub struct Quiet {
+    /// The ring's tail then.
+    tail: AtomicU64,
+    /// Its data pages were given back at that tail.
+    trimmed: AtomicBool,
+}
+
+impl Quiet {
+    /// Should the pages of a ring whose tail is now `tail` be given back?
+    /// Only once the tail stayed where it was at the last pass (a ring in
+    /// use keeps its pages), and once for each time it comes to rest.
+    pub fn due(&self, tail: u64) -> bool {
+        if self.tail.swap(tail, Ordering::Relaxed) != tail {
+            self.trimmed.store(false, Ordering::Relaxed);
+            return false;
+        }
+        tail != 0 && !self.trimmed.load(Ordering::Relaxed)
+    }
+
+    /// The pages were given back (or cannot be: not tried again until the
+    /// ring moves).
+    pub fn done(&self) {
+        self.trimmed.store(true, Ordering::Relaxed);
+    }
 }
 
 /// What a kit's record knows of it.
@@ -470,6 +502,7 @@ mod tests {
             carrier,
             lifelines: vec![Arc::new(lifeline)],
             reset: AtomicBool::new(false),
+            quiet: Default::default(),
             charge,
             kit: None,
         };
@@ -490,6 +523,19 @@ mod tests {
 
     fn ids(records: &[(ConnectionRecord, ())]) -> Vec<u64> {
         records.iter().map(|(c, ())| c.id.0).collect()
+    }
+
+    #[test]
+    fn a_rings_pages_are_due_once_each_time_it_comes_to_rest() {
+        let q = Quiet::default();
+        assert!(!q.due(0) && !q.due(0), "never written: nothing to give back");
+        assert!(!q.due(100), "moved since the last pass");
+        assert!(q.due(100), "at rest a whole pass");
+        assert!(q.due(100), "not given back yet (the ring was not empty): due again");
+        q.done();
+        assert!(!q.due(100), "given back at this tail");
+        assert!(!q.due(228));
+        assert!(q.due(228), "at rest again");
     }
 
     #[test]

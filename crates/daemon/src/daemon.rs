@@ -47,10 +47,18 @@ pub struct Daemon {
     pub policy_resets: AtomicU64,
     /// Policy changes applied (vsocketctl edits and reloads).
     pub policy_changes: AtomicU64,
+    /// Rings whose data pages went back to the host while they were idle
+    /// (ARCHITECTURE §3c, stage 5).
+    pub rings_trimmed: AtomicU64,
     /// Held (shared) while a request is served; taken for good when the
     /// daemon hands over to its successor (see [`Daemon::stop_serving`]).
     serving: RwLock<()>,
 }
+
+/// Idle rings a pass gives back at most (each a system call made holding
+/// the connection table), so that a host whose connections all fall
+/// quiet at once spreads the work over a few reaps.
+pub const TRIM_PER_PASS: usize = 1024;
 
 impl Daemon {
     /// The daemon for `config`, read from `source`.
@@ -72,6 +80,7 @@ impl Daemon {
             store: OnceLock::new(),
             policy_resets: AtomicU64::new(0),
             policy_changes: AtomicU64::new(0),
+            rings_trimmed: AtomicU64::new(0),
             serving: RwLock::new(()),
         }
     }
@@ -277,6 +286,39 @@ impl Daemon {
             log.record_waiting(closes, patience);
         }
         retired
+    }
+
+    /// Gives back the data pages of rings between two guests of this host
+    /// that stayed empty since the last pass (ARCHITECTURE §3c, stage 5),
+    /// at most [`TRIM_PER_PASS`] of them; returns how many. Called by the
+    /// main thread alone, after each reap: the table's lock keeps a ring's
+    /// memory from being reset for another connection meanwhile.
+    pub fn trim_idle(&self) -> usize {
+        let mut trimmed = 0;
+        self.connections.each(|c| {
+            let segment = match (&c.carrier, &c.memory) {
+                (Carrier::Shared(_), Memory::Files { segment, .. } | Memory::Piece { segment, .. }) => segment,
+                _ => return,
+            };
+            for (ring, quiet) in c.quiet.iter().enumerate() {
+                if trimmed >= TRIM_PER_PASS || !quiet.due(segment.producer(ring).total()) {
+                    continue;
+                }
+                match segment.trim(ring) {
+                    Ok(true) => {
+                        quiet.done();
+                        trimmed += 1;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        quiet.done();
+                        tracing::warn!(connection = c.id.0, ring, error = %e, "cannot give back an idle ring's pages");
+                    }
+                }
+            }
+        });
+        self.rings_trimmed.fetch_add(trimmed as u64, Ordering::Relaxed);
+        trimmed
     }
 
     /// Reads every grant's queue and announces the kits taken since

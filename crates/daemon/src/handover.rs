@@ -493,6 +493,7 @@ pub fn adopt(daemon: &Daemon, c: InheritedConnection) -> Result<(), NotAdopted> 
         carrier: Carrier::Shared(Pair { channel: ChannelId(part.channel), listener: ListenerId(part.listener) }),
         lifelines: c.lifelines.into_iter().map(Arc::new).collect(),
         reset: AtomicBool::new(part.reset),
+        quiet: Default::default(),
         charge,
         kit: None,
     });

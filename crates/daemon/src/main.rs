@@ -58,6 +58,7 @@ fn main() {
         match vsocket_sys::wait_signal(&[libc::SIGTERM, libc::SIGINT], vsocketd::REAP_EVERY) {
             Ok(None) => {
                 daemon.reap();
+                daemon.trim_idle();
             }
             Ok(Some(libc::SIGTERM)) => stop(&daemon),
             Ok(Some(_)) => {

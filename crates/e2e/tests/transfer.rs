@@ -24,3 +24,29 @@ fn one_gibibyte_arrives_intact() {
 fn digest_of(line: &str) -> &str {
     line.trim().rsplit("sha256=").next().unwrap()
 }
+
+/// Connections that fall quiet have their rings' data pages given back
+/// (ARCHITECTURE §3c, stage 5), and talk again without losing a byte:
+/// twenty connections (all but the first made ahead, as kits), four
+/// rounds of echoes up to 200 KB each (across the rings' wrap), a second
+/// of quiet after each.
+#[test]
+fn quiet_connections_give_their_pages_back_and_lose_no_byte() {
+    const CONNECTIONS: u64 = 20;
+    let mut lab = Lab::start("tquiet", TWO_GUESTS).unwrap();
+    let holder = asset("memhold.py");
+    let holder = holder.to_str().unwrap();
+    lab.spawn("b", Via::Vsocket, "python3", &[holder, "server", "10.10.0.3", "7000", "idle"], "server.log").unwrap();
+    lab.wait_listening("b", 7000).unwrap();
+    let script = asset("idle_rounds.py");
+    let out = lab
+        .run_ok("a", Via::Vsocket, "python3", &[script.to_str().unwrap(), "10.10.0.3", "7000", "20", "4", "1.0"])
+        .unwrap();
+    assert!(out.trim_end().ends_with("{\"ok\": 4}"), "{out}");
+    let trimmed = lab.ctl("status").unwrap()["rings_trimmed"].as_u64().unwrap();
+    // Each ring at rest at least once in four quiet seconds (a pass every
+    // quarter second gives a ring's pages back once it stayed empty a
+    // whole pass).
+    assert!(trimmed >= 2 * CONNECTIONS, "{trimmed} rings given back");
+    assert_eq!(lab.counter("a", "fallbacks"), 0);
+}

@@ -34,7 +34,7 @@ pub mod spin;
 mod sync;
 
 pub use ring::{
-    Consumer, ConsumerLine, Producer, ProducerLine, Received, RingControl, RingError, RxState, SocketError,
+    trim_idle, Consumer, ConsumerLine, Producer, ProducerLine, Received, RingControl, RingError, RxState, SocketError,
 };
 #[cfg(not(loom))]
 pub use segment::{Chunk, ConnectQueue, FileIdentity, ReadOnly, Segment, SegmentFiles};

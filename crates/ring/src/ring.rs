@@ -18,7 +18,7 @@
 
 use crate::index::{self, Corrupt};
 use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
-use vsocket_abi::layout::{CONSUMER_CLOSED, PRODUCER_FIN, PRODUCER_RST};
+use vsocket_abi::layout::{CONSUMER_CLOSED, PRODUCER_FIN, PRODUCER_RST, WRITER_AWARE, WRITER_BUSY};
 
 /// Words written by the producer (one 128-byte line in its half).
 #[repr(C, align(128))]
@@ -32,6 +32,12 @@ pub struct ProducerLine {
     pub waiting: AtomicU64,
     /// The consumer's arming this producer last answered with a wake-up.
     pub woken: AtomicU64,
+    /// `WRITER_AWARE`, with `WRITER_BUSY` while a write is under way (see
+    /// [`trim_idle`]).
+    pub writing: AtomicU32,
+    /// Non-zero while the daemon returns the data pages of an empty ring
+    /// (see [`trim_idle`]): the only word of the line the daemon writes.
+    pub trim: AtomicU32,
 }
 
 /// Words written by the consumer (one 128-byte line in its half).
@@ -55,6 +61,8 @@ impl ProducerLine {
         self.flags.store(0, Ordering::Relaxed);
         self.waiting.store(0, Ordering::Relaxed);
         self.woken.store(0, Ordering::Relaxed);
+        self.writing.store(0, Ordering::Relaxed);
+        self.trim.store(0, Ordering::Relaxed);
     }
 }
 
@@ -171,6 +179,18 @@ impl<'a> Shared<'a> {
         true
     }
 
+    /// Announces a write before the data area is touched (store, fence,
+    /// load: the writer's half of [`trim_idle`]'s Dekker protocol), and
+    /// waits if the daemon is returning the ring's pages right now.
+    fn begin_write(&self) -> Writing<'a> {
+        self.prod.writing.store(WRITER_AWARE | WRITER_BUSY, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if self.prod.trim.load(Ordering::Acquire) != 0 {
+            wait_untrimmed(&self.prod.trim);
+        }
+        Writing(&self.prod.writing)
+    }
+
     /// The producer, after publishing: must the consumer be woken?
     fn wake_consumer(&self) -> bool {
         Self::take_waiter(&self.cons.waiting, &self.prod.woken)
@@ -200,6 +220,84 @@ impl<'a> Shared<'a> {
     fn disarm(waiting: &AtomicU64) {
         let _ = waiting.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| (w & 1 == 1).then(|| w.wrapping_add(1)));
     }
+}
+
+/// How long a writer waits for the daemon to finish returning its ring's
+/// pages before it clears the daemon's word and writes anyway (see
+/// [`trim_idle`]): the daemon takes microseconds; only one stopped between
+/// its two stores (or killed there) keeps a writer waiting this long.
+#[cfg(not(loom))]
+const TRIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A write under way: `WRITER_BUSY` in the producer's `writing` word from
+/// [`Shared::begin_write`] until this is dropped.
+struct Writing<'a>(&'a AtomicU32);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        // Release: whoever reads the writer idle sees the index it published.
+        self.0.store(WRITER_AWARE, Ordering::Release);
+    }
+}
+
+/// Waits until the daemon has returned the ring's pages (its `trim` word
+/// back to zero), at most [`TRIM_PATIENCE`].
+fn wait_untrimmed(trim: &AtomicU32) {
+    #[cfg(not(loom))]
+    let start = std::time::Instant::now();
+    let mut looks = 0u32;
+    while trim.load(Ordering::Acquire) != 0 {
+        looks = looks.saturating_add(1);
+        #[cfg(loom)]
+        loom::thread::yield_now();
+        #[cfg(not(loom))]
+        {
+            let waited = start.elapsed();
+            if looks < 64 {
+                std::hint::spin_loop();
+            } else if waited < std::time::Duration::from_millis(1) {
+                std::thread::yield_now();
+            } else if waited < TRIM_PATIENCE {
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            } else {
+                trim.store(0, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+/// The daemon's side of returning an empty ring's data pages to the host
+/// (ARCHITECTURE §3c, stage 5): calls `punch` (which discards the data
+/// area's pages) only if the ring is empty (the consumer took every byte
+/// the producer published) and no write is under way, and keeps any write
+/// from starting until `punch` returns. Returns what `punch` returned, or
+/// `None` if the ring was not found empty and quiet, or its writer does not
+/// keep the protocol (`WRITER_AWARE` unset: a library from before it).
+///
+/// Dekker's protocol, as the wake-up's: the daemon stores `trim`, fences,
+/// then reads `writing`; a writer stores `writing`, fences, then reads
+/// `trim` (`begin_write`). At least one sees the other: either the daemon
+/// sees the write under way and punches nothing, or the writer sees
+/// `trim` and waits until it is clear again, then writes into fresh zero
+/// pages. The consumer reads only bytes before the tail and publishes its
+/// head (Release) after copying them, so an empty ring's pages hold no
+/// byte anyone will read. (A hostile end can only hurt its own stream: a
+/// consumer that publishes a head it did not reach loses bytes sent to it,
+/// a producer that writes without `WRITER_BUSY` loses its own.)
+pub fn trim_idle<R>(prod: &ProducerLine, cons: &ConsumerLine, punch: impl FnOnce() -> R) -> Option<R> {
+    let quiet = || {
+        prod.writing.load(Ordering::Acquire) == WRITER_AWARE
+            && cons.head.load(Ordering::Acquire) == prod.tail.load(Ordering::Acquire)
+    };
+    if !quiet() {
+        return None;
+    }
+    prod.trim.store(1, Ordering::Relaxed);
+    fence(Ordering::SeqCst);
+    let punched = quiet().then(punch);
+    prod.trim.store(0, Ordering::Release);
+    punched
 }
 
 /// A message header over `iov` (no address, no control data).
@@ -256,6 +354,10 @@ impl<'a> Producer<'a> {
     pub fn write(&self, bufs: &[&[u8]]) -> Result<(usize, bool), RingError> {
         let s = &self.0;
         let space = self.space()?;
+        if space == 0 || bufs.iter().all(|b| b.is_empty()) {
+            return Ok((0, false));
+        }
+        let _writing = s.begin_write();
         let tail = s.prod.tail.load(Ordering::Relaxed);
         let mut pos = tail;
         let mut left = space;
@@ -297,6 +399,7 @@ impl<'a> Producer<'a> {
         use std::os::fd::AsRawFd;
         let s = &self.0;
         let space = self.space().map_err(SocketError::Ring)?;
+        let _writing = s.begin_write();
         let tail = s.prod.tail.load(Ordering::Relaxed);
         let n = (len as u64).min(u64::from(space)) as u32;
         let (offset, first, second) = index::split(tail, n, s.size);
@@ -574,11 +677,72 @@ mod tests {
         }
     }
 
+    // SAFETY: the data area is only reached through ring views, which the
+    // protocol keeps off each other's bytes (what the tests check).
+    unsafe impl Sync for TestRing {}
+
     impl Drop for TestRing {
         fn drop(&mut self) {
             // SAFETY: `data` came from Box::into_raw in `new` and is freed once.
             drop(unsafe { Box::from_raw(self.data) });
         }
+    }
+
+    /// A punch that zeroes the test ring's data area, as returning its
+    /// pages does.
+    fn trim(ring: &TestRing) -> Option<()> {
+        trim_idle(&ring.ctl.producer, &ring.ctl.consumer, || {
+            // SAFETY: `data` lives until drop; no view is copying now.
+            unsafe { (*ring.data).fill(0) }
+        })
+    }
+
+    #[test]
+    fn only_an_empty_ring_whose_writer_keeps_the_protocol_is_trimmed() {
+        let ring = TestRing::new(16);
+        let (p, c) = ring.views();
+        assert_eq!(trim(&ring), None, "no write yet: the writer may be a library from before");
+        p.write(&[b"abc"]).unwrap();
+        assert_eq!(trim(&ring), None, "bytes not read yet");
+        let mut buf = [0u8; 16];
+        c.read(&mut [&mut buf[..]], true).unwrap();
+        assert_eq!(trim(&ring), None, "a peek takes nothing");
+        c.read(&mut [&mut buf[..]], false).unwrap();
+        ring.ctl.producer.writing.store(WRITER_AWARE | WRITER_BUSY, Ordering::Relaxed);
+        assert_eq!(trim(&ring), None, "a write under way");
+        ring.ctl.producer.writing.store(WRITER_AWARE, Ordering::Relaxed);
+        assert_eq!(trim(&ring), Some(()), "empty and quiet");
+        assert_eq!(ring.ctl.producer.trim.load(Ordering::Relaxed), 0, "the daemon's word is clear again");
+        // The stream goes on across the returned pages, across the wrap.
+        for round in 0..8u8 {
+            let bytes = [round; 7];
+            assert_eq!(p.write(&[&bytes]).unwrap().0, 7);
+            let (n, _) = c.read(&mut [&mut buf[..]], false).unwrap();
+            assert_eq!(&buf[..n], &bytes);
+            assert_eq!(trim(&ring), Some(()));
+        }
+    }
+
+    #[test]
+    fn a_writer_waits_while_the_daemon_returns_the_pages() {
+        let ring = TestRing::new(16);
+        ring.ctl.producer.trim.store(1, Ordering::Relaxed);
+        let wrote = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                ring.views().0.write(&[b"x"]).unwrap();
+                wrote.store(true, Ordering::Release);
+            });
+            // The writer announced its write, and waits.
+            while ring.ctl.producer.writing.load(Ordering::Acquire) != WRITER_AWARE | WRITER_BUSY {
+                std::thread::yield_now();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert!(!wrote.load(Ordering::Acquire), "wrote while the pages were being returned");
+            ring.ctl.producer.trim.store(0, Ordering::Release);
+        });
+        assert!(wrote.load(Ordering::Acquire));
+        assert_eq!(ring.ctl.producer.writing.load(Ordering::Relaxed), WRITER_AWARE);
     }
 
     #[test]

@@ -195,6 +195,18 @@ impl Half {
         self.data.as_ptr()
     }
 
+    /// Gives the pages of the data area (`len` bytes from `data`) back to
+    /// the host: a hole punched in the file (`MADV_REMOVE`), which reads
+    /// as zeros in every process that maps it, and takes pages again when
+    /// written. Only through a writable mapping (the daemon's).
+    fn discard_data(&self, len: usize) -> io::Result<()> {
+        // SAFETY: the data area is `len` bytes inside this mapping (or the
+        // whole a view keeps), page aligned (`map` and `view`); the call
+        // changes only the bytes there, which no Rust reference points
+        // into (they are reached through raw pointers by the ring views).
+        check(unsafe { libc::madvise(self.data().cast(), len, libc::MADV_REMOVE) }).map(drop)
+    }
+
     fn nonce(&self) -> u128 {
         let mut bytes = [0u8; 16];
         for (i, b) in bytes.iter_mut().enumerate() {
@@ -544,6 +556,19 @@ impl Segment {
         unsafe { Consumer::new(p, c, self.halves[ring].data(), self.ring_size) }
     }
 
+    /// Returns ring `ring`'s data pages to the host if the ring is empty
+    /// and no write is under way, holding writes off meanwhile (the
+    /// daemon's view, whose halves are mapped writable; see
+    /// [`trim_idle`](crate::ring::trim_idle)). `Ok(false)`: not now.
+    pub fn trim(&self, ring: usize) -> io::Result<bool> {
+        let (p, c) = self.lines(ring);
+        let half = &self.halves[ring];
+        match crate::ring::trim_idle(p, c, || half.discard_data(self.ring_size as usize)) {
+            None => Ok(false),
+            Some(punched) => punched.map(|()| true),
+        }
+    }
+
     /// The count of processes holding endpoint `end` (0 client, 1 server).
     /// Maintained by the holders themselves, in their own half.
     pub fn holders(&self, end: usize) -> &AtomicU32 {
@@ -792,6 +817,65 @@ mod tests {
         // SAFETY: a descriptor we own.
         assert_eq!(unsafe { libc::ftruncate(file.as_raw_fd(), len as libc::off_t) }, 0);
         file
+    }
+
+    /// Bytes of `fd`'s file the host holds pages for.
+    fn held(fd: BorrowedFd<'_>) -> u64 {
+        // SAFETY: fstat writes into the zeroed struct we pass.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and a pointer to a stat buffer.
+        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+        st.st_blocks as u64 * 512
+    }
+
+    /// One exchange each way on `ends` (client, server), read to the end.
+    fn exchange(ends: [&Segment; 2], bytes: &[u8]) {
+        for (end, seg) in ends.iter().enumerate() {
+            assert_eq!(seg.producer(end).write(&[bytes]).unwrap().0, bytes.len());
+            let mut buf = vec![0u8; bytes.len() + 1];
+            let (n, _) = ends[1 - end].consumer(end).read(&mut [&mut buf[..]], false).unwrap();
+            assert_eq!(&buf[..n], bytes);
+        }
+    }
+
+    #[test]
+    fn an_idle_rings_pages_go_back_to_the_host_and_the_stream_goes_on() {
+        let ring_size = 1 << 16;
+        let (daemon, files, client, server) = three_views(ring_size);
+        let before = files.rw.each_ref().map(|f| held(f.as_fd()));
+        exchange([&client, &server], &[7; 5000]);
+        let touched = files.rw.each_ref().map(|f| held(f.as_fd()));
+        for end in 0..2 {
+            assert_eq!(touched[end], before[end] + 2 * layout::PAGE as u64, "two data pages written");
+            assert!(daemon.trim(end).unwrap(), "ring {end} is empty and quiet");
+        }
+        assert_eq!(files.rw.each_ref().map(|f| held(f.as_fd())), before, "the data pages are back");
+        // Not empty: nothing happens.
+        client.producer(0).write(&[b"left"]).unwrap();
+        assert!(!daemon.trim(0).unwrap());
+        let mut buf = [0u8; 4];
+        server.consumer(0).read(&mut [&mut buf[..]], false).unwrap();
+        assert_eq!(&buf, b"left");
+        exchange([&client, &server], b"after the pages went");
+    }
+
+    #[test]
+    fn an_idle_pieces_pages_go_back_and_its_neighbours_keep_theirs() {
+        let ring_size = 1 << 16;
+        let (daemon, files) = Chunk::create(ring_size).unwrap();
+        let [own, peer] = files.clone_for(Endpoint::Client).unwrap();
+        let client = Chunk::map(own.as_fd(), peer.as_fd(), ring_size, Endpoint::Client).unwrap();
+        let [own, peer] = files.clone_for(Endpoint::Server).unwrap();
+        let server = Chunk::map(own.as_fd(), peer.as_fd(), ring_size, Endpoint::Server).unwrap();
+        let pieces = |c: &Chunk| [c.piece(3).unwrap(), c.piece(4).unwrap()];
+        let (d, c, s) = (pieces(&daemon), pieces(&client), pieces(&server));
+        exchange([&c[0], &s[0]], b"three");
+        exchange([&c[1], &s[1]], b"four");
+        let touched = held(files.rw[0].as_fd());
+        assert!(d[0].trim(0).unwrap());
+        assert_eq!(held(files.rw[0].as_fd()), touched - layout::PAGE as u64, "piece 3's page only");
+        exchange([&c[1], &s[1]], b"four again");
+        exchange([&c[0], &s[0]], b"three again");
     }
 
     #[test]

@@ -176,3 +176,30 @@ fn a_consumer_that_arms_again_is_woken_again() {
         writer.join().unwrap();
     });
 }
+
+/// The daemon returns an empty ring's pages (here: zeroes its data area)
+/// while the producer writes: no interleaving may let the punch land on
+/// bytes being written, so the consumer reads exactly what was written.
+#[test]
+fn trimming_never_discards_a_byte_being_written() {
+    loom::model(|| {
+        let m = Model::new();
+        // A first exchange: the writer keeps the protocol, the ring is empty.
+        assert_eq!(m.producer().write(&[b"ab"]).unwrap().0, 2);
+        let mut buf = [0u8; 2];
+        assert_eq!(m.consumer().read(&mut [&mut buf[..]], false).unwrap().0, 2);
+        let d = m.clone();
+        let daemon = thread::spawn(move || {
+            vsocket_ring::trim_idle(&d.ctl.producer, &d.ctl.consumer, || {
+                // SAFETY: the protocol gives the daemon the data area while
+                // it punches (what this test checks).
+                unsafe { *d.data.get() = [0; 8] };
+            })
+        });
+        assert_eq!(m.producer().write(&[b"hi"]).unwrap().0, 2);
+        daemon.join().unwrap();
+        let mut buf = [0u8; 8];
+        let (n, _) = m.consumer().read(&mut [&mut buf[..]], false).unwrap();
+        assert_eq!(&buf[..n], b"hi");
+    });
+}
