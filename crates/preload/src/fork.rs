@@ -71,6 +71,7 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
+    forksafe::forked_child();
     sys::limit_after_fork();
     sys::forget_pid();
     segcache::after_fork_child();
@@ -88,6 +89,46 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::Duration;
+
+    #[test]
+    fn a_child_forked_while_another_thread_waits_to_send_can_send_and_shut_down() {
+        // A writer asleep on a full ring holds its connection's send lock
+        // for as long as the peer takes; a child forked then must not find
+        // it held for ever (a send or a shutdown of its own would wait for
+        // a thread it does not have).
+        watch();
+        let (client, server) = crate::conn::testing::pair(4096);
+        assert_eq!(client.send(&[&[1u8; 4096]], 0), Ok(4096));
+        let writer = {
+            let client = client.clone();
+            std::thread::spawn(move || client.send(&[b"after"], 0))
+        };
+        // Asleep for room, holding the lock.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!writer.is_finished());
+        let child = sys::fork_running(|| {
+            // The peer, in this process too, makes room.
+            let mut buf = [0u8; 4096];
+            if server.recv(&mut [&mut buf[..]], libc::MSG_DONTWAIT) != Ok(4096) {
+                return 2;
+            }
+            if client.send(&[b"x"], 0) != Ok(1) || client.shutdown(libc::SHUT_WR).is_err() {
+                return 3;
+            }
+            0
+        })
+        .unwrap();
+        assert_eq!(sys::wait_exit(child, 5_000), Some(0), "the child sent and shut down (None: it hung)");
+        // The parent's writer goes on once there is room (the child's
+        // bytes and end of stream went to the shared rings before its own).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut buf = [0u8; 64];
+        while !writer.is_finished() && std::time::Instant::now() < deadline {
+            let _ = server.recv(&mut [&mut buf[..]], libc::MSG_DONTWAIT);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(writer.join().unwrap().is_ok());
+    }
 
     #[test]
     fn a_child_forked_while_another_thread_holds_a_listeners_lock_can_take_it() {

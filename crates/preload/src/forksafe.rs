@@ -9,8 +9,11 @@
 //! atomic count); fork's prepare handler closes the gate and waits until
 //! no thread holds one, and both processes open it again after the fork.
 //!
-//! Only locks held for a bounded time belong here (none is held across a
-//! wait for the program's peer): the prepare handler waits for them.
+//! Only locks held for a bounded time pass the gate (the prepare handler
+//! waits for them). A lock that may be held across a wait for the
+//! program's peer (a writer asleep until its peer makes room) is a
+//! [`Lock`] instead: fork does not wait for it, and a child takes over one
+//! a thread of its parent held.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -113,6 +116,76 @@ impl Drop for Pass {
     }
 }
 
+/// This process's generation: 1 in a process that was not forked with
+/// the library's handlers, one more in each forked child than in its
+/// parent (never 0, which is a free [`Lock`]).
+static GENERATION: AtomicU32 = AtomicU32::new(1);
+
+/// A lock (of a connection's sending or receiving side) that a forked
+/// child never finds held for ever, without fork waiting for its holder:
+/// its word is 0 while free, else the generation of the process whose
+/// thread holds it. A child's generation is its parent's plus one, so in
+/// the child a word held by a parent's thread (which the child does not
+/// have, and which will never let it go there) reads as stale, and the
+/// next taker takes it over. What the lock kept together is then the
+/// parent's business: in the child, the parent's thread never runs again.
+#[derive(Debug, Default)]
+pub struct Lock {
+    word: AtomicU32,
+}
+
+/// A held [`Lock`], let go when dropped.
+pub struct LockGuard<'a>(&'a AtomicU32);
+
+impl Lock {
+    pub const fn new() -> Lock {
+        Lock { word: AtomicU32::new(0) }
+    }
+
+    /// Takes the lock if it is free, or held by a thread of a process this
+    /// one was forked from.
+    pub fn try_lock(&self) -> Option<LockGuard<'_>> {
+        self.try_lock_in(GENERATION.load(Ordering::Relaxed))
+    }
+
+    /// [`try_lock`](Self::try_lock) by a process of generation `mine`.
+    fn try_lock_in(&self, mine: u32) -> Option<LockGuard<'_>> {
+        let held = match self.word.compare_exchange(0, mine, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => return Some(LockGuard(&self.word)),
+            Err(held) => held,
+        };
+        if held == mine {
+            return None;
+        }
+        // Stale: taken over (another taker in this process may win it).
+        self.word.compare_exchange(held, mine, Ordering::Acquire, Ordering::Relaxed).ok().map(|_| LockGuard(&self.word))
+    }
+
+    /// Takes the lock, waiting for a holder of this process; only for
+    /// holds of a bounded length (copies), since it waits by yielding.
+    pub fn lock(&self) -> LockGuard<'_> {
+        let mut tries = 0u32;
+        loop {
+            if let Some(guard) = self.try_lock() {
+                return guard;
+            }
+            pause(&mut tries);
+        }
+    }
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+/// fork's child handler: the child's generation, one past its parent's.
+pub fn forked_child() {
+    let next = GENERATION.load(Ordering::Relaxed).wrapping_add(1).max(1);
+    GENERATION.store(next, Ordering::Relaxed);
+}
+
 /// fork's prepare handler: closes the gate and waits until no other
 /// thread holds one of these mutexes. A thread that forks while holding
 /// one itself (a handler that forks) cannot wait for itself; the child
@@ -136,6 +209,21 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::Duration;
+
+    #[test]
+    fn a_lock_held_in_the_parent_is_taken_over_in_a_child_and_only_there() {
+        let lock = Lock::new();
+        let parent = GENERATION.load(Ordering::Relaxed);
+        let held = lock.try_lock_in(parent).expect("free");
+        assert!(lock.try_lock_in(parent).is_none(), "held by this process");
+        // In a child forked meanwhile, the parent's holder is not there.
+        let child = parent + 1;
+        let taken = lock.try_lock_in(child).expect("held by the parent's thread: taken over");
+        assert!(lock.try_lock_in(child).is_none(), "held by the child now");
+        drop(taken);
+        assert!(lock.try_lock_in(child).is_some(), "free again");
+        std::mem::forget(held);
+    }
 
     // One test: the gate is process-wide.
     #[test]

@@ -12,6 +12,7 @@ mod rung;
 mod state;
 
 use crate::attach::{ConnectionMemory, Delivery, Memory, Remap, Wakeups};
+use crate::forksafe;
 use crate::readiness::{Interest, Readiness};
 use crate::scratch;
 use crate::sys::{self, Errno, SysResult};
@@ -22,7 +23,6 @@ use state::{Flags, State};
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
 use vsocket_abi::control::ConnectionInfo;
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::{Consumer, Producer, RingError, RxState};
@@ -77,8 +77,10 @@ pub struct Connection {
     recv_timeout_ms: AtomicI64,
     send_timeout_ms: AtomicI64,
     /// Serialise this process's readers and writers of the stream.
-    rx_lock: Mutex<()>,
-    tx_lock: Mutex<()>,
+    /// Held while bytes are taken from the receive ring.
+    rx_lock: forksafe::Lock,
+    /// Held for a whole send, across waits for room (see `lock_sending`).
+    tx_lock: forksafe::Lock,
 }
 
 /// Which way bytes move: what a timeout applies to.
@@ -184,8 +186,8 @@ impl Connection {
             so_error: AtomicI32::new(0),
             recv_timeout_ms: AtomicI64::new(resumed.recv_timeout_ms),
             send_timeout_ms: AtomicI64::new(resumed.send_timeout_ms),
-            rx_lock: Mutex::new(()),
-            tx_lock: Mutex::new(()),
+            rx_lock: forksafe::Lock::new(),
+            tx_lock: forksafe::Lock::new(),
         };
         conn.forget_earlier_sleepers();
         Ok(conn)
@@ -559,7 +561,7 @@ impl Connection {
         let mut total = 0;
         loop {
             let step = {
-                let _guard = self.rx_lock.lock().unwrap_or_else(|e| e.into_inner());
+                let _guard = self.rx_lock.lock();
                 self.recv_step(bufs, flags, total)
             };
             match step {
@@ -595,7 +597,7 @@ impl Connection {
     /// [`Connection::recv_into`], peeking into `buf`.
     fn recv_through(&self, buf: &mut [u8], sink: impl FnOnce(&[u8]) -> SysResult<usize>) -> SysResult<usize> {
         let (_guard, n) = loop {
-            let guard = self.rx_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let guard = self.rx_lock.lock();
             match self.recv_step(&mut [&mut *buf], libc::MSG_PEEK, 0) {
                 Step::Done(result) => break (guard, result?),
                 Step::Wait(_) => {
@@ -773,12 +775,12 @@ impl Connection {
     /// the peer consumes, in sleeps of bounded length), so that a signal
     /// interrupts it and SO_SNDTIMEO bounds it, as in Linux, where a
     /// writer waiting for room lets go of the socket.
-    fn lock_sending(&self, dontwait: bool) -> SysResult<MutexGuard<'_, ()>> {
+    /// A child forked while a thread of its parent held it takes it over
+    /// (`forksafe::Lock`): that thread never runs in the child.
+    fn lock_sending(&self, dontwait: bool) -> SysResult<forksafe::LockGuard<'_>> {
         loop {
-            match self.tx_lock.try_lock() {
-                Ok(guard) => return Ok(guard),
-                Err(TryLockError::Poisoned(poisoned)) => return Ok(poisoned.into_inner()),
-                Err(TryLockError::WouldBlock) => {}
+            if let Some(guard) = self.tx_lock.try_lock() {
+                return Ok(guard);
             }
             if dontwait {
                 if !self.satisfies(Interest::WRITABLE) {
@@ -790,7 +792,7 @@ impl Connection {
             }
             let mut taken = None;
             blocking::block_until(self, Interest::WRITABLE, || {
-                taken = self.tx_lock.try_lock().ok();
+                taken = self.tx_lock.try_lock();
                 taken.is_some()
             })?;
             if let Some(guard) = taken {
@@ -825,7 +827,7 @@ impl Connection {
         if how != libc::SHUT_RD && self.state.shut_write() {
             // A writer blocked on a full ring holds the lock; it sees
             // `WRITE_SHUT` when it wakes and publishes the FIN itself.
-            if let Ok(_guard) = self.tx_lock.try_lock() {
+            if let Some(_guard) = self.tx_lock.try_lock() {
                 self.kick(self.tx().finish());
             }
         }
