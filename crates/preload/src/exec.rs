@@ -31,7 +31,7 @@
 //! system calls, and writes into buffers of fixed size.
 
 use crate::addr::Family;
-use crate::attach::{self, Delivery, Remap};
+use crate::attach::{self, Delivery, Given, Remap};
 use crate::conn::{Connection, Internal, Resumed};
 use crate::fork;
 use crate::sys;
@@ -293,9 +293,11 @@ fn resume(record: Record, lifeline: Option<Arc<attach::Lifeline>>) {
         let _ = sys::close(internal.doorbell);
         return;
     };
-    let mut delivery = Delivery::of_segment(own, peer, internal.doorbell, -1);
-    delivery.lifeline = lifeline;
-    delivery.at = at;
+    let memory = match at {
+        Some(piece) => Given::ChunkFiles { own, peer, piece },
+        None => Given::Halves { own, peer },
+    };
+    let delivery = Delivery::of(memory, internal.doorbell, lifeline);
     // On failure the descriptors go with `delivery`: the program's socket
     // is left unconnected, as where nothing crosses.
     let Ok(conn) = Connection::resume(resumed, delivery) else { return };

@@ -14,7 +14,7 @@
 //! the bell are watched through one epoll descriptor (`wake_fd`), so every
 //! wait on a listener (accept, poll, select, epoll) sleeps on both.
 
-use crate::attach::Delivery;
+use crate::attach::{Delivery, Given};
 use crate::forksafe;
 use crate::sys::{self, Errno, SysResult};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -100,12 +100,13 @@ fn kits_of(grant: &Grant, fds: &[RawFd], end: Endpoint) -> Vec<Kit> {
         .collect();
     let mut kits = Vec::with_capacity(grant.count as usize);
     for (i, (one, place)) in ends.chunks_exact(KIT_FDS).zip(grant.kit_places()).enumerate() {
-        let mut delivery = Delivery::of_segment(-1, -1, one[0], -1);
-        delivery.lifeline = lifeline.clone();
         let chunk = chunks.get(place.chunk as usize).and_then(Option::as_ref);
-        let Some(segment) = chunk.and_then(|c| c.piece(place.piece as usize).ok()) else { continue };
+        let Some(segment) = chunk.and_then(|c| c.piece(place.piece as usize).ok()) else {
+            let _ = sys::close(one[0]);
+            continue;
+        };
         let (id, ring_size) = (segment.connection_id(end.index()), segment.ring_size());
-        delivery.piece = Some(segment);
+        let delivery = Delivery::of(Given::Piece(segment), one[0], lifeline.clone());
         kits.push(Kit { sequence: grant.first.wrapping_add(i as u32), id, ring_size, delivery });
     }
     kits
@@ -584,7 +585,7 @@ mod tests {
     use std::os::fd::{AsFd, AsRawFd, IntoRawFd};
 
     fn kit(sequence: u32) -> Kit {
-        let delivery = Delivery::of_segment(-1, -1, -1, -1);
+        let delivery = Delivery::of(Given::Taken, -1, None);
         Kit { sequence, id: u64::from(sequence), ring_size: 4096, delivery }
     }
 
@@ -675,7 +676,7 @@ mod tests {
         // The kit's memory is its piece: what the daemon's view of piece
         // 30 holds, kit 11 sees.
         daemon.piece(30).unwrap().producer(0).write(&[b"hi"]).unwrap();
-        let piece = kits[1].delivery.piece.as_ref().unwrap();
+        let Given::Piece(piece) = &kits[1].delivery.memory else { panic!("a kit's memory is its piece") };
         assert_eq!(piece.producer(0).total(), 2);
         // The lifeline is held while any kit (or connection made from one)
         // is.

@@ -9,7 +9,7 @@
 //! halves again (`attach::reattach`, see `exec`).
 //!
 //! In a VM guest the memory is instead a piece of the VM's region, placed
-//! by the daemon at the offset its message gives ([`Delivery::placed`]),
+//! by the daemon at the offset its message gives ([`Given::Placed`]),
 //! mapped from the region's device file (see `attach::region`); such a
 //! mapping has no descriptors and is not kept.
 
@@ -20,45 +20,46 @@ use vsocket_abi::control::ConnectionInfo;
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::Segment;
 
-/// The descriptors that come with `Connected` or `Incoming`; those not
-/// taken are closed when it goes.
+/// Where a delivered connection's memory is, before it is mapped.
+pub enum Given {
+    /// The segment's halves: this end's (read-write) and the peer's
+    /// (read-only), closed once mapped.
+    Halves { own: RawFd, peer: RawFd },
+    /// A kit's end after exec: its chunk's files (this end's, the
+    /// peer's), of which its memory is piece `piece`.
+    ChunkFiles { own: RawFd, peer: RawFd, piece: u8 },
+    /// A kit: its piece of a chunk this process maps (see `kits`).
+    Piece(Segment),
+    /// In a VM guest: the offset of the connection's piece of the region.
+    Placed(u64),
+    /// Mapped already (or nothing).
+    Taken,
+}
+
+/// What comes with `Connected` or `Incoming` (or a kit, or after exec):
+/// the connection's memory and wake-up descriptors; those not taken are
+/// closed when it goes.
 pub struct Delivery {
-    /// This end's half of the segment (read-write).
-    pub segment: RawFd,
-    /// The peer's half (read-only).
-    pub peer_segment: RawFd,
+    pub memory: Given,
     pub doorbell: RawFd,
     /// The connection's own lifeline, or a share of one (a kit's batch's,
     /// or one that crossed exec with several connections).
     pub lifeline: Option<std::sync::Arc<super::Lifeline>>,
-    /// In a VM guest: the offset of the connection's piece of the region
-    /// (the halves are then -1).
-    pub placed: Option<u64>,
-    /// A kit's memory, a piece of a chunk this process maps (the halves
-    /// are then -1; see `kits`).
-    pub piece: Option<Segment>,
-    /// A kit's end after exec: the halves are its chunk's files, and its
-    /// memory this piece of them.
-    pub at: Option<u8>,
 }
 
 impl Delivery {
-    /// What came with a `Connected` or `Incoming` (or after exec): the
-    /// segment's halves, the doorbell and the lifeline.
-    pub fn of_segment(segment: RawFd, peer_segment: RawFd, doorbell: RawFd, lifeline: RawFd) -> Delivery {
-        Delivery {
-            segment,
-            peer_segment,
-            doorbell,
-            lifeline: super::Lifeline::take(lifeline),
-            placed: None,
-            piece: None,
-            at: None,
-        }
+    /// What came with a `Connected` or `Incoming`: the segment's halves,
+    /// the doorbell and the lifeline.
+    pub fn of_segment(own: RawFd, peer: RawFd, doorbell: RawFd, lifeline: RawFd) -> Delivery {
+        Delivery { memory: Given::Halves { own, peer }, doorbell, lifeline: super::Lifeline::take(lifeline) }
     }
-}
 
-impl Delivery {
+    /// A connection whose memory is `memory`, with its doorbell and a
+    /// share of a lifeline.
+    pub fn of(memory: Given, doorbell: RawFd, lifeline: Option<std::sync::Arc<super::Lifeline>>) -> Delivery {
+        Delivery { memory, doorbell, lifeline }
+    }
+
     /// Takes the wake-up descriptors.
     pub fn take_wakeups(&mut self) -> Wakeups {
         Wakeups { doorbell: std::mem::replace(&mut self.doorbell, -1), lifeline: self.lifeline.take() }
@@ -68,7 +69,11 @@ impl Delivery {
 impl Drop for Delivery {
     fn drop(&mut self) {
         // (The lifeline goes with its last share.)
-        for fd in [self.segment, self.peer_segment, self.doorbell] {
+        let halves = match self.memory {
+            Given::Halves { own, peer } | Given::ChunkFiles { own, peer, .. } => [own, peer],
+            Given::Piece(_) | Given::Placed(_) | Given::Taken => [-1, -1],
+        };
+        for fd in halves.into_iter().chain([self.doorbell]) {
             if fd >= 0 {
                 let _ = sys::close(fd);
             }
@@ -131,29 +136,31 @@ impl Drop for MemfdSegment {
 
 impl ConnectionMemory for MemfdSegment {
     fn map(delivery: &mut Delivery, info: &ConnectionInfo, end: Endpoint) -> SysResult<MemfdSegment> {
-        if let Some(offset) = delivery.placed {
-            let segment = super::region::map(offset, info, end)?;
-            return Ok(MemfdSegment { segment: Some(segment), files: None, owner: 0 });
-        }
-        if let Some(segment) = delivery.piece.take() {
-            // A kit: its piece was viewed (and its headers checked) when
-            // its batch came; the header names the connection.
-            if segment.ring_size() != info.ring_size || segment.connection_id(end.index()) != info.id {
-                return Err(sys::Errno(libc::EPROTO));
+        let (own_fd, peer_fd, piece) = match std::mem::replace(&mut delivery.memory, Given::Taken) {
+            Given::Placed(offset) => {
+                let segment = super::region::map(offset, info, end)?;
+                return Ok(MemfdSegment { segment: Some(segment), files: None, owner: 0 });
             }
-            return Ok(MemfdSegment { segment: Some(segment), files: None, owner: sys::getpid() });
-        }
-        let own_fd = std::mem::replace(&mut delivery.segment, -1);
-        let peer_fd = std::mem::replace(&mut delivery.peer_segment, -1);
+            Given::Piece(segment) => {
+                // A kit: its piece was viewed (and its headers checked)
+                // when its batch came; the header names the connection.
+                if segment.ring_size() != info.ring_size || segment.connection_id(end.index()) != info.id {
+                    return Err(sys::Errno(libc::EPROTO));
+                }
+                return Ok(MemfdSegment { segment: Some(segment), files: None, owner: sys::getpid() });
+            }
+            Given::Halves { own, peer } => (own, peer, None),
+            Given::ChunkFiles { own, peer, piece } => (own, peer, Some(piece)),
+            Given::Taken => (-1, -1, None),
+        };
         if own_fd < 0 || peer_fd < 0 {
             for fd in [own_fd, peer_fd].into_iter().filter(|&fd| fd >= 0) {
                 let _ = sys::close(fd);
             }
             return Err(sys::Errno(libc::EBADF));
         }
-        let at = delivery.at;
         let mapped = sys::with_borrowed(own_fd, |own| {
-            sys::with_borrowed(peer_fd, |peer| match at {
+            sys::with_borrowed(peer_fd, |peer| match piece {
                 // A kit's end after exec: its piece alone, not kept.
                 Some(piece) => Segment::map_piece(own, peer, piece as usize, info.ring_size, end).map(|s| (s, None)),
                 None => map_halves(own, peer, info, end).map(|(s, files)| (s, Some(files))),

@@ -31,7 +31,7 @@ use vsocket_abi::control::{ConnectionInfo, Message};
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::Segment;
 
-pub use memfd::{Delivery, MemfdSegment, Remap};
+pub use memfd::{Delivery, Given, MemfdSegment, Remap};
 pub use seqpacket::{control, enabled, Control, ControlSocket, Reply};
 pub(crate) use seqpacket::{internal_fd_floor, receive as receive_on};
 

@@ -11,7 +11,7 @@
 //! it is the connection's doorbell, as a namespace guest's socket pair is
 //! (a byte a wake-up, its end the peer gone).
 
-use super::{Control, Delivery};
+use super::{Control, Delivery, Given};
 use crate::sys::{self, Errno, SysResult};
 use std::ffi::CString;
 use std::sync::OnceLock;
@@ -82,7 +82,5 @@ pub fn delivery(id: u64, end: Endpoint, offset: u64) -> SysResult<Delivery> {
     }
     let mut fds = [bell];
     sys::relocate_internal(&mut fds, super::seqpacket::internal_fd_floor());
-    let mut delivery = Delivery::of_segment(-1, -1, fds[0], -1);
-    delivery.placed = Some(offset);
-    Ok(delivery)
+    Ok(Delivery::of(Given::Placed(offset), fds[0], None))
 }
