@@ -183,9 +183,11 @@ pub const CONSUMER_CLOSED: u32 = 1 << 0;
 /// that keeps the trim protocol sets this bit before its first write and
 /// keeps it; the daemon returns the data pages only of rings whose writer
 /// does (a library from before the protocol leaves the word zero).
-pub const WRITER_AWARE: u32 = 1 << 1;
-/// A producer line's `writing` word: set while a write is under way.
-pub const WRITER_BUSY: u32 = 1 << 0;
+pub const WRITER_AWARE: u32 = 1 << 0;
+/// A producer line's `writing` word: the rest of it counts the writes
+/// under way, in these units (two processes holding one end after fork
+/// may write at once).
+pub const WRITER_BUSY: u32 = 1 << 1;
 
 /// Which end of a connection a process holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

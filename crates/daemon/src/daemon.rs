@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use vsocket_policy::Config;
 use vsocket_ring::{Segment, SegmentFiles};
 
@@ -55,10 +55,11 @@ pub struct Daemon {
     serving: RwLock<()>,
 }
 
-/// Idle rings a pass gives back at most (each a system call made holding
-/// the connection table), so that a host whose connections all fall
-/// quiet at once spreads the work over a few reaps.
-pub const TRIM_PER_PASS: usize = 1024;
+/// How long a pass gives idle rings back for at most (each a system call
+/// made holding the connection table, whose cost grows with the pages it
+/// frees), so that connects never wait long behind it and a host whose
+/// connections all fall quiet at once spreads the work over a few reaps.
+pub const TRIM_FOR: Duration = Duration::from_millis(2);
 
 impl Daemon {
     /// The daemon for `config`, read from `source`.
@@ -289,19 +290,23 @@ impl Daemon {
     }
 
     /// Gives back the data pages of rings between two guests of this host
-    /// that stayed empty since the last pass (ARCHITECTURE §3c, stage 5),
-    /// at most [`TRIM_PER_PASS`] of them; returns how many. Called by the
-    /// main thread alone, after each reap: the table's lock keeps a ring's
-    /// memory from being reset for another connection meanwhile.
+    /// whose tail has not moved since the last pass (ARCHITECTURE §3c,
+    /// stage 5), for at most [`TRIM_FOR`] of punching; returns how many.
+    /// Called by the main thread alone, after each reap: the table's lock
+    /// keeps a ring's memory from being reset for another connection
+    /// meanwhile (and is held no longer than that).
     pub fn trim_idle(&self) -> usize {
         let mut trimmed = 0;
+        let started = Instant::now();
         self.connections.each(|c| {
             let segment = match (&c.carrier, &c.memory) {
                 (Carrier::Shared(_), Memory::Files { segment, .. } | Memory::Piece { segment, .. }) => segment,
                 _ => return,
             };
             for (ring, quiet) in c.quiet.iter().enumerate() {
-                if trimmed >= TRIM_PER_PASS || !quiet.due(segment.producer(ring).total()) {
+                // (Past the budget, the tails are still noted: a ring left
+                // for the next pass is due there.)
+                if !quiet.due(segment.producer(ring).total()) || started.elapsed() > TRIM_FOR {
                     continue;
                 }
                 match segment.trim(ring) {

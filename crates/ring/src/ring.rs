@@ -32,11 +32,11 @@ pub struct ProducerLine {
     pub waiting: AtomicU64,
     /// The consumer's arming this producer last answered with a wake-up.
     pub woken: AtomicU64,
-    /// `WRITER_AWARE`, with `WRITER_BUSY` while a write is under way (see
+    /// `WRITER_AWARE`, plus `WRITER_BUSY` for each write under way (see
     /// [`trim_idle`]).
     pub writing: AtomicU32,
     /// Non-zero while the daemon returns the data pages of an empty ring
-    /// (see [`trim_idle`]): the only word of the line the daemon writes.
+    /// (see [`trim_idle`]).
     pub trim: AtomicU32,
 }
 
@@ -179,16 +179,23 @@ impl<'a> Shared<'a> {
         true
     }
 
-    /// Announces a write before the data area is touched (store, fence,
+    /// Announces a write before the data area is touched (count, fence,
     /// load: the writer's half of [`trim_idle`]'s Dekker protocol), and
-    /// waits if the daemon is returning the ring's pages right now.
-    fn begin_write(&self) -> Writing<'a> {
-        self.prod.writing.store(WRITER_AWARE | WRITER_BUSY, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        if self.prod.trim.load(Ordering::Acquire) != 0 {
-            wait_untrimmed(&self.prod.trim);
+    /// waits if the daemon is returning the ring's pages right now. A
+    /// daemon that takes longer than [`TRIM_PATIENCE`] gets the write
+    /// refused as a corrupt ring (the connection is reset): a write then
+    /// might yet be punched, and a reset says so where lost bytes would
+    /// not.
+    fn begin_write(&self) -> Result<Writing<'a>, RingError> {
+        if self.prod.writing.fetch_add(WRITER_BUSY, Ordering::Relaxed) & WRITER_AWARE == 0 {
+            self.prod.writing.fetch_or(WRITER_AWARE, Ordering::Relaxed);
         }
-        Writing(&self.prod.writing)
+        let writing = Writing(&self.prod.writing);
+        fence(Ordering::SeqCst);
+        if self.prod.trim.load(Ordering::Acquire) != 0 && !wait_untrimmed(&self.prod.trim) {
+            return Err(RingError::Corrupt);
+        }
+        Ok(writing)
     }
 
     /// The producer, after publishing: must the consumer be woken?
@@ -223,26 +230,26 @@ impl<'a> Shared<'a> {
 }
 
 /// How long a writer waits for the daemon to finish returning its ring's
-/// pages before it clears the daemon's word and writes anyway (see
-/// [`trim_idle`]): the daemon takes microseconds; only one stopped between
-/// its two stores (or killed there) keeps a writer waiting this long.
+/// pages before it gives up (see [`Shared::begin_write`]): the daemon
+/// takes microseconds; only one stopped between its two stores (or killed
+/// there) keeps a writer waiting this long.
 #[cfg(not(loom))]
 const TRIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A write under way: `WRITER_BUSY` in the producer's `writing` word from
-/// [`Shared::begin_write`] until this is dropped.
+/// A write under way: one `WRITER_BUSY` in the producer's `writing` word
+/// from [`Shared::begin_write`] until this is dropped.
 struct Writing<'a>(&'a AtomicU32);
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
-        // Release: whoever reads the writer idle sees the index it published.
-        self.0.store(WRITER_AWARE, Ordering::Release);
+        // Release: whoever reads the writers idle sees the index published.
+        self.0.fetch_sub(WRITER_BUSY, Ordering::Release);
     }
 }
 
 /// Waits until the daemon has returned the ring's pages (its `trim` word
-/// back to zero), at most [`TRIM_PATIENCE`].
-fn wait_untrimmed(trim: &AtomicU32) {
+/// back to zero), at most [`TRIM_PATIENCE`]; false if it did not.
+fn wait_untrimmed(trim: &AtomicU32) -> bool {
     #[cfg(not(loom))]
     let start = std::time::Instant::now();
     let mut looks = 0u32;
@@ -260,11 +267,11 @@ fn wait_untrimmed(trim: &AtomicU32) {
             } else if waited < TRIM_PATIENCE {
                 std::thread::sleep(std::time::Duration::from_micros(50));
             } else {
-                trim.store(0, Ordering::Relaxed);
-                return;
+                return false;
             }
         }
     }
+    true
 }
 
 /// The daemon's side of returning an empty ring's data pages to the host
@@ -274,17 +281,19 @@ fn wait_untrimmed(trim: &AtomicU32) {
 /// from starting until `punch` returns. Returns what `punch` returned, or
 /// `None` if the ring was not found empty and quiet, or its writer does not
 /// keep the protocol (`WRITER_AWARE` unset: a library from before it).
+/// (Only the daemon writes `trim`, and only here.)
 ///
 /// Dekker's protocol, as the wake-up's: the daemon stores `trim`, fences,
-/// then reads `writing`; a writer stores `writing`, fences, then reads
-/// `trim` (`begin_write`). At least one sees the other: either the daemon
+/// then reads `writing`; a writer counts itself in `writing`, fences, then
+/// reads `trim` (`begin_write`), and counts itself out when its tail is
+/// published (two processes holding one end may write at once). At least one sees the other: either the daemon
 /// sees the write under way and punches nothing, or the writer sees
 /// `trim` and waits until it is clear again, then writes into fresh zero
 /// pages. The consumer reads only bytes before the tail and publishes its
 /// head (Release) after copying them, so an empty ring's pages hold no
 /// byte anyone will read. (A hostile end can only hurt its own stream: a
 /// consumer that publishes a head it did not reach loses bytes sent to it,
-/// a producer that writes without `WRITER_BUSY` loses its own.)
+/// a producer that writes without counting itself loses its own.)
 pub fn trim_idle<R>(prod: &ProducerLine, cons: &ConsumerLine, punch: impl FnOnce() -> R) -> Option<R> {
     let quiet = || {
         prod.writing.load(Ordering::Acquire) == WRITER_AWARE
@@ -357,7 +366,7 @@ impl<'a> Producer<'a> {
         if space == 0 || bufs.iter().all(|b| b.is_empty()) {
             return Ok((0, false));
         }
-        let _writing = s.begin_write();
+        let _writing = s.begin_write()?;
         let tail = s.prod.tail.load(Ordering::Relaxed);
         let mut pos = tail;
         let mut left = space;
@@ -399,7 +408,7 @@ impl<'a> Producer<'a> {
         use std::os::fd::AsRawFd;
         let s = &self.0;
         let space = self.space().map_err(SocketError::Ring)?;
-        let _writing = s.begin_write();
+        let _writing = s.begin_write().map_err(SocketError::Ring)?;
         let tail = s.prod.tail.load(Ordering::Relaxed);
         let n = (len as u64).min(u64::from(space)) as u32;
         let (offset, first, second) = index::split(tail, n, s.size);
@@ -708,8 +717,10 @@ mod tests {
         c.read(&mut [&mut buf[..]], true).unwrap();
         assert_eq!(trim(&ring), None, "a peek takes nothing");
         c.read(&mut [&mut buf[..]], false).unwrap();
+        ring.ctl.producer.writing.store(WRITER_AWARE | (2 * WRITER_BUSY), Ordering::Relaxed);
+        assert_eq!(trim(&ring), None, "two writes under way");
         ring.ctl.producer.writing.store(WRITER_AWARE | WRITER_BUSY, Ordering::Relaxed);
-        assert_eq!(trim(&ring), None, "a write under way");
+        assert_eq!(trim(&ring), None, "one of them still");
         ring.ctl.producer.writing.store(WRITER_AWARE, Ordering::Relaxed);
         assert_eq!(trim(&ring), Some(()), "empty and quiet");
         assert_eq!(ring.ctl.producer.trim.load(Ordering::Relaxed), 0, "the daemon's word is clear again");
@@ -733,7 +744,7 @@ mod tests {
                 ring.views().0.write(&[b"x"]).unwrap();
                 wrote.store(true, Ordering::Release);
             });
-            // The writer announced its write, and waits.
+            // The writer counted itself in, and waits.
             while ring.ctl.producer.writing.load(Ordering::Acquire) != WRITER_AWARE | WRITER_BUSY {
                 std::thread::yield_now();
             }
