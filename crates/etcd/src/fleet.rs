@@ -304,7 +304,7 @@ pub fn wait_applied(
         let (_, hosts) = hosts(client, layout)?;
         let behind: Vec<String> = hosts
             .iter()
-            .filter(|h| h.state == "up" && !h.generation.is_some_and(|g| g >= generation))
+            .filter(|h| h.state == "up" && h.generation.is_none_or(|g| g < generation))
             .map(|h| h.host.clone())
             .collect();
         if behind.is_empty() || began.elapsed() >= limit {

@@ -124,15 +124,21 @@ static GENERATION: AtomicU32 = AtomicU32::new(1);
 /// A lock (of a connection's sending or receiving side) that a forked
 /// child never finds held for ever, without fork waiting for its holder:
 /// its word is 0 while free, else the generation of the process whose
-/// thread holds it. A child's generation is its parent's plus one, so in
-/// the child a word held by a parent's thread (which the child does not
-/// have, and which will never let it go there) reads as stale, and the
-/// next taker takes it over. What the lock kept together is then the
-/// parent's business: in the child, the parent's thread never runs again.
+/// thread holds it (with [`CONTENDED`] while others sleep for it). A
+/// child's generation is its parent's plus one, so in the child a word
+/// held by a parent's thread (which the child does not have, and which
+/// will never let it go there) reads as stale, and the next taker takes it
+/// over. What the lock kept together is then the parent's business: in the
+/// child, the parent's thread never runs again.
 #[derive(Debug, Default)]
 pub struct Lock {
     word: AtomicU32,
 }
+
+/// Set in a held [`Lock`]'s word while a thread may sleep for it: the
+/// holder wakes one when it lets go (as a futex mutex does). Generations
+/// stay below it.
+const CONTENDED: u32 = 1 << 31;
 
 /// A held [`Lock`], let go when dropped.
 pub struct LockGuard<'a>(&'a AtomicU32);
@@ -154,35 +160,56 @@ impl Lock {
             Ok(_) => return Some(LockGuard(&self.word)),
             Err(held) => held,
         };
-        if held == mine {
+        if held & !CONTENDED == mine {
             return None;
         }
         // Stale: taken over (another taker in this process may win it).
         self.word.compare_exchange(held, mine, Ordering::Acquire, Ordering::Relaxed).ok().map(|_| LockGuard(&self.word))
     }
 
-    /// Takes the lock, waiting for a holder of this process; only for
-    /// holds of a bounded length (copies), since it waits by yielding.
+    /// Takes the lock, waiting for a holder of this process: a few turns
+    /// of yielding, then asleep on the word (a holder may take long: a
+    /// read into a full pipe holds the receiving side's).
     pub fn lock(&self) -> LockGuard<'_> {
-        let mut tries = 0u32;
-        loop {
-            if let Some(guard) = self.try_lock() {
+        let mine = GENERATION.load(Ordering::Relaxed);
+        for _ in 0..16 {
+            if let Some(guard) = self.try_lock_in(mine) {
                 return guard;
             }
-            pause(&mut tries);
+            std::thread::yield_now();
+        }
+        // From now on this thread takes it marked contended: another may
+        // sleep for it too, and must be woken when it is let go.
+        let claim = mine | CONTENDED;
+        loop {
+            let held = self.word.load(Ordering::Relaxed);
+            if held == 0 || held & !CONTENDED != mine {
+                // Free, or held by a thread of a parent: taken.
+                if self.word.compare_exchange(held, claim, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                    return LockGuard(&self.word);
+                }
+                continue;
+            }
+            if held != claim && self.word.compare_exchange(held, claim, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+                continue;
+            }
+            // Woken when it is let go; the timeout is only a backstop.
+            crate::sys::futex_wait(&self.word, claim, 100);
         }
     }
 }
 
 impl Drop for LockGuard<'_> {
     fn drop(&mut self) {
-        self.0.store(0, Ordering::Release);
+        if self.0.swap(0, Ordering::Release) & CONTENDED != 0 {
+            crate::sys::futex_wake(self.0, 1);
+        }
     }
 }
 
 /// fork's child handler: the child's generation, one past its parent's.
 pub fn forked_child() {
-    let next = GENERATION.load(Ordering::Relaxed).wrapping_add(1).max(1);
+    let next = (GENERATION.load(Ordering::Relaxed).wrapping_add(1) & !CONTENDED).max(1);
     GENERATION.store(next, Ordering::Relaxed);
 }
 
@@ -223,6 +250,32 @@ mod tests {
         drop(taken);
         assert!(lock.try_lock_in(child).is_some(), "free again");
         std::mem::forget(held);
+    }
+
+    #[test]
+    fn a_thread_waiting_for_a_long_hold_sleeps_until_it_is_let_go() {
+        let lock = Arc::new(Lock::new());
+        let held = lock.lock();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let lock = lock.clone();
+            std::thread::spawn(move || {
+                let _mine = lock.lock();
+                tx.send(()).unwrap();
+            })
+        };
+        // Asleep on the word (marked contended), not taking it.
+        let marked = || lock.word.load(Ordering::Relaxed) & CONTENDED != 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !marked() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(marked(), "the waiter marked the lock");
+        assert!(rx.try_recv().is_err());
+        drop(held);
+        rx.recv_timeout(Duration::from_secs(5)).expect("woken when let go");
+        waiter.join().unwrap();
+        assert_eq!(lock.word.load(Ordering::Relaxed), 0, "let go again");
     }
 
     // One test: the gate is process-wide.

@@ -44,6 +44,20 @@ macro_rules! raw {
     };
 }
 
+/// Sleeps while `word` (this process's memory: a private futex) holds
+/// `expected`, at most `timeout_ms`, or until a [`futex_wake`].
+pub fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, timeout_ms: i64) {
+    let ts = libc::timespec { tv_sec: timeout_ms / 1000, tv_nsec: (timeout_ms % 1000) * 1_000_000 };
+    let op = libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG;
+    let _ = raw!(libc::SYS_futex, word.as_ptr(), op, expected, &ts as *const libc::timespec);
+}
+
+/// Wakes up to `n` threads of this process sleeping in [`futex_wait`] on
+/// `word`.
+pub fn futex_wake(word: &std::sync::atomic::AtomicU32, n: i32) {
+    let _ = raw!(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, n);
+}
+
 pub fn close(fd: RawFd) -> SysResult<()> {
     raw!(libc::SYS_close, fd).map(drop)
 }
