@@ -455,6 +455,13 @@ impl<'a> Producer<'a> {
         self.0.prod.flags.load(Ordering::Relaxed) & PRODUCER_FIN != 0
     }
 
+    /// Has a writer of this side ended the stream without aborting it (a
+    /// shutdown, here or in another process holding the same end)? An
+    /// abort is the daemon's reset or a last close that lost bytes.
+    pub fn shut(&self) -> bool {
+        self.0.prod.flags.load(Ordering::Relaxed) & (PRODUCER_FIN | PRODUCER_RST) == PRODUCER_FIN
+    }
+
     /// Announces that this side is about to sleep until space frees up.
     /// The caller must re-check [`Producer::space`] before sleeping.
     pub fn arm(&self) {

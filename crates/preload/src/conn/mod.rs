@@ -733,10 +733,10 @@ impl Connection {
                 return self.finish_write(total, Errno(libc::EPIPE));
             }
             let tx = self.tx();
-            // Another process holding this end (after fork) ended the
-            // stream: as on Linux, where the socket they share is shut,
-            // nothing more is written after its end.
-            if tx.finished() {
+            // Another process holding this end (after fork) shut it: as on
+            // Linux, where the socket they share is shut, nothing more is
+            // written after its end. (A reset goes by the peer's close.)
+            if tx.shut() {
                 return self.finish_write(total, Errno(libc::EPIPE));
             }
             match advance_const(bufs, total, |rest| tx.write(rest)) {
