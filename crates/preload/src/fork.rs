@@ -133,6 +133,49 @@ mod tests {
     }
 
     #[test]
+    fn two_processes_writing_one_connection_at_once_overwrite_and_lose_nothing() {
+        // A parent and its child write the same end at the same moments,
+        // as the kernel lets them on a socket they share: each byte must
+        // arrive once (their records may interleave).
+        watch();
+        const RECORDS: usize = 3000;
+        const LEN: usize = 97;
+        let (client, server) = crate::conn::testing::pair(4096);
+        let child = sys::fork_running(|| {
+            let record = [b'c'; LEN];
+            let sent = (0..RECORDS).all(|_| client.send(&[&record], 0) == Ok(LEN));
+            if sent {
+                0
+            } else {
+                2
+            }
+        })
+        .unwrap();
+        let writer = {
+            let client = client.clone();
+            std::thread::spawn(move || (0..RECORDS).all(|_| client.send(&[&[b'p'; LEN]], 0) == Ok(LEN)))
+        };
+        let mut counts = [0usize; 256];
+        let mut total = 0;
+        let mut buf = [0u8; 4096];
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while total < 2 * RECORDS * LEN && std::time::Instant::now() < deadline {
+            match server.recv(&mut [&mut buf[..]], libc::MSG_DONTWAIT) {
+                Ok(n) => {
+                    buf[..n].iter().for_each(|&b| counts[b as usize] += 1);
+                    total += n;
+                }
+                Err(sys::Errno(libc::EAGAIN)) => std::thread::yield_now(),
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert!(writer.join().unwrap(), "the parent's writes");
+        assert_eq!(sys::wait_exit(child, 10_000), Some(0), "the child's writes");
+        assert_eq!((counts[b'p' as usize], counts[b'c' as usize]), (RECORDS * LEN, RECORDS * LEN));
+        assert_eq!(total, 2 * RECORDS * LEN, "nothing else arrived");
+    }
+
+    #[test]
     fn a_child_forked_while_another_thread_holds_a_listeners_lock_can_take_it() {
         // A listener's locks (its kit state, its retry state, its channel's
         // reader) are held for moments by the thread accepting on it; a

@@ -38,6 +38,9 @@ pub struct ProducerLine {
     /// Non-zero while the daemon returns the data pages of an empty ring
     /// (see [`trim_idle`]).
     pub trim: AtomicU32,
+    /// The process copying into the ring now, if any (see
+    /// [`Producer::try_claim`]): 0 when none.
+    pub claim: AtomicU32,
 }
 
 /// Words written by the consumer (one 128-byte line in its half).
@@ -63,6 +66,7 @@ impl ProducerLine {
         self.woken.store(0, Ordering::Relaxed);
         self.writing.store(0, Ordering::Relaxed);
         self.trim.store(0, Ordering::Relaxed);
+        self.claim.store(0, Ordering::Relaxed);
     }
 }
 
@@ -453,6 +457,30 @@ impl<'a> Producer<'a> {
     /// Has this side already ended the stream?
     pub fn finished(&self) -> bool {
         self.0.prod.flags.load(Ordering::Relaxed) & PRODUCER_FIN != 0
+    }
+
+    /// Claims the ring for one write by process `me` (non-zero): the
+    /// processes holding one end (after fork) take turns this way, so that
+    /// two never copy at the tail they both read. `Err` names the holder.
+    /// The claim is held while bytes are copied and published, never while
+    /// waiting for room, and its Acquire pairs with the previous holder's
+    /// Release (`release_claim`): this writer sees the tail it published.
+    pub fn try_claim(&self, me: u32) -> Result<(), u32> {
+        match self.0.prod.claim.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => Ok(()),
+            Err(holder) => Err(holder),
+        }
+    }
+
+    /// Takes the claim from `holder`, a process that is gone (it died
+    /// while it held the claim): true if it was still its.
+    pub fn take_claim(&self, holder: u32, me: u32) -> bool {
+        self.0.prod.claim.compare_exchange(holder, me, Ordering::Acquire, Ordering::Relaxed).is_ok()
+    }
+
+    /// Lets go of `me`'s claim (if it is still its).
+    pub fn release_claim(&self, me: u32) {
+        let _ = self.0.prod.claim.compare_exchange(me, 0, Ordering::Release, Ordering::Relaxed);
     }
 
     /// Has a writer of this side ended the stream without aborting it (a

@@ -739,7 +739,11 @@ impl Connection {
             if tx.shut() {
                 return self.finish_write(total, Errno(libc::EPIPE));
             }
-            match advance_const(bufs, total, |rest| tx.write(rest)) {
+            let written = {
+                let _turn = self.claim_tx();
+                advance_const(bufs, total, |rest| tx.write(rest))
+            };
+            match written {
                 Ok((n, wake)) => {
                     self.kick(wake);
                     total += n;
@@ -772,6 +776,42 @@ impl Connection {
                 return self.finish_write(total, e);
             }
         }
+    }
+
+    /// Takes the ring's write claim for this process (see
+    /// `Producer::try_claim`) for one copy: another process holding this
+    /// end (after fork) and writing at the same moment waits its turn, as
+    /// the kernel takes a shared socket's lock for each, instead of both
+    /// copying at the same tail. A holder copies for microseconds; one that
+    /// died holding it is found gone and passed over.
+    fn claim_tx(&self) -> TxClaim<'_> {
+        let me = sys::getpid() as u32;
+        let tx = self.tx();
+        let mut tries = 0u32;
+        loop {
+            let holder = match tx.try_claim(me) {
+                Ok(()) => break,
+                Err(holder) => holder,
+            };
+            // A claim naming this process is one a thread of it left
+            // (never while another thread of it copies: the send lock is
+            // held), or a dead process's whose id came back: taken.
+            if holder == me || (tries % 64 == 63 && sys::process_gone(holder as i32)) {
+                if tx.take_claim(holder, me) {
+                    break;
+                }
+                continue;
+            }
+            tries = tries.wrapping_add(1);
+            if tries < 64 {
+                std::hint::spin_loop();
+            } else if tries < 1024 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+        }
+        TxClaim { conn: self, me }
     }
 
     /// Takes this process's send lock, which keeps one send's bytes
@@ -942,6 +982,19 @@ fn advance_const<R>(bufs: &[&[u8]], skip: usize, op: impl FnOnce(&[&[u8]]) -> R)
     chunk.push(&rest[0][skip..]);
     chunk.extend_from_slice(&rest[1..]);
     op(&chunk)
+}
+
+/// A connection's write claim, held by this process for one copy (see
+/// `Connection::claim_tx`).
+struct TxClaim<'a> {
+    conn: &'a Connection,
+    me: u32,
+}
+
+impl Drop for TxClaim<'_> {
+    fn drop(&mut self) {
+        self.conn.tx().release_claim(self.me);
+    }
 }
 
 #[cfg(test)]
