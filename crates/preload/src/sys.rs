@@ -58,9 +58,10 @@ pub fn futex_wake(word: &std::sync::atomic::AtomicU32, n: i32) {
     let _ = raw!(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, n);
 }
 
-/// Is there no process `pid` any more (as far as this process can see)?
+/// Is there no process `pid` (as far as this process can see)? A
+/// number no process can have (0 or below) says none.
 pub fn process_gone(pid: i32) -> bool {
-    pid > 0 && raw!(libc::SYS_kill, pid, 0) == Err(Errno(libc::ESRCH))
+    pid <= 0 || raw!(libc::SYS_kill, pid, 0) == Err(Errno(libc::ESRCH))
 }
 
 pub fn close(fd: RawFd) -> SysResult<()> {

@@ -740,7 +740,10 @@ impl Connection {
                 return self.finish_write(total, Errno(libc::EPIPE));
             }
             let written = {
-                let _turn = self.claim_tx();
+                let Some(_turn) = self.claim_tx() else {
+                    let e = self.break_connection();
+                    return self.finish_write(total, e);
+                };
                 advance_const(bufs, total, |rest| tx.write(rest))
             };
             match written {
@@ -783,22 +786,30 @@ impl Connection {
     /// end (after fork) and writing at the same moment waits its turn, as
     /// the kernel takes a shared socket's lock for each, instead of both
     /// copying at the same tail. A holder copies for microseconds; one that
-    /// died holding it is found gone and passed over.
-    fn claim_tx(&self) -> TxClaim<'_> {
+    /// died holding it is found gone and passed over. A claim held past
+    /// [`CLAIM_PATIENCE`] is a scribbled word (or a holder stopped in the
+    /// middle of a copy): `None`, and the caller breaks the connection
+    /// rather than wait for ever or copy beside it.
+    fn claim_tx(&self) -> Option<TxClaim<'_>> {
         let me = sys::getpid() as u32;
         let tx = self.tx();
         let mut tries = 0u32;
+        let mut since: Option<std::time::Instant> = None;
         loop {
             let holder = match tx.try_claim(me) {
-                Ok(()) => break,
+                Ok(()) => return Some(TxClaim { conn: self, me }),
                 Err(holder) => holder,
             };
             // A claim naming this process is one a thread of it left
             // (never while another thread of it copies: the send lock is
-            // held), or a dead process's whose id came back: taken.
-            if holder == me || (tries % 64 == 63 && sys::process_gone(holder as i32)) {
+            // held), or a dead process's whose id came back: taken. So is
+            // one naming no process there could be, or one that is gone.
+            let stale = holder == me
+                || i32::try_from(holder).is_err()
+                || (tries % 64 == 63 && sys::process_gone(holder as i32));
+            if stale {
                 if tx.take_claim(holder, me) {
-                    break;
+                    return Some(TxClaim { conn: self, me });
                 }
                 continue;
             }
@@ -808,10 +819,12 @@ impl Connection {
             } else if tries < 1024 {
                 std::thread::yield_now();
             } else {
+                if since.get_or_insert_with(std::time::Instant::now).elapsed() > CLAIM_PATIENCE {
+                    return None;
+                }
                 std::thread::sleep(std::time::Duration::from_micros(50));
             }
         }
-        TxClaim { conn: self, me }
     }
 
     /// Takes this process's send lock, which keeps one send's bytes
@@ -984,6 +997,10 @@ fn advance_const<R>(bufs: &[&[u8]], skip: usize, op: impl FnOnce(&[&[u8]]) -> R)
     op(&chunk)
 }
 
+/// How long a writer waits for another process's write claim on its
+/// connection: a copy takes microseconds.
+const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A connection's write claim, held by this process for one copy (see
 /// `Connection::claim_tx`).
 struct TxClaim<'a> {
@@ -1061,6 +1078,23 @@ mod tests {
     fn rung(c: &Connection) -> bool {
         let mut pfd = [libc::pollfd { fd: c.doorbell, events: libc::POLLIN, revents: 0 }];
         sys::poll(&mut pfd, 0).unwrap() > 0
+    }
+
+    #[test]
+    fn a_scribbled_write_claim_is_taken_or_breaks_the_connection_never_hangs() {
+        // A claim naming no process there could be is taken at once.
+        let (c, s) = pair(4096);
+        assert_eq!(c.tx().try_claim(u32::MAX), Ok(()));
+        assert_eq!(c.send(&[b"ok"], 0), Ok(2));
+        let mut buf = [0u8; 8];
+        assert_eq!(s.recv(&mut [&mut buf[..]], 0), Ok(2));
+        // One naming a live process (init) that never lets go: after the
+        // patience, the connection breaks instead of the send waiting.
+        assert_eq!(c.tx().try_claim(1), Ok(()));
+        let started = std::time::Instant::now();
+        assert_eq!(c.send(&[b"x"], 0), Err(Errno(libc::ECONNRESET)));
+        assert!(started.elapsed() < CLAIM_PATIENCE * 3, "{:?}", started.elapsed());
+        assert_eq!(s.recv(&mut [&mut buf[..]], 0), Err(Errno(libc::ECONNRESET)));
     }
 
     #[test]
