@@ -200,10 +200,9 @@ impl Half {
     /// as zeros in every process that maps it, and takes pages again when
     /// written. Only through a writable mapping (the daemon's).
     fn discard_data(&self, len: usize) -> io::Result<()> {
-        // SAFETY: the data area is `len` bytes inside this mapping (or the
-        // whole a view keeps), page aligned (`map` and `view`); the call
-        // changes only the bytes there, which no Rust reference points
-        // into (they are reached through raw pointers by the ring views).
+        // The data area is reached only through raw pointers (ring views),
+        // never a Rust reference, so changing its bytes breaks no borrow.
+        // SAFETY: `len` page-aligned bytes inside this mapping (or its whole).
         check(unsafe { libc::madvise(self.data().cast(), len, libc::MADV_REMOVE) }).map(drop)
     }
 
