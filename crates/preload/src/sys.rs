@@ -602,6 +602,9 @@ pub fn seqpacket_pair() -> SysResult<(RawFd, std::os::fd::OwnedFd)> {
 /// and [`wait_exit`] its status.
 #[cfg(test)]
 pub fn fork_running(child: impl FnOnce() -> i32) -> SysResult<i32> {
+    // The fork handlers open the process-wide fork gate: not while the
+    // gate's own test has it closed.
+    let _gate = crate::forksafe::GATE_TEST.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: fork has no memory effects on the parent; the child has only
     // this thread, runs `child` (which takes only the library's own locks,
     // made safe across fork by the handlers under test) and leaves below.
