@@ -179,15 +179,12 @@ pub const PRODUCER_RST: u32 = 1 << 1;
 /// Consumer flag: the consumer is gone (closed); writes fail with EPIPE.
 pub const CONSUMER_CLOSED: u32 = 1 << 0;
 
-/// A producer line's `writing` word (ARCHITECTURE §3c, stage 5): a writer
-/// that keeps the trim protocol sets this bit before its first write and
-/// keeps it; the daemon returns the data pages only of rings whose writer
-/// does (a library from before the protocol leaves the word zero).
+/// A producer line's `writing` word (ARCHITECTURE §3c, stage 5): set by a
+/// writer that takes the ring's write claim (the producer line's `claim`
+/// word, held for each copy); the daemon returns the data pages only of
+/// rings whose writers do, and only while the claim is free (a library
+/// from before the claim leaves the word zero).
 pub const WRITER_AWARE: u32 = 1 << 0;
-/// A producer line's `writing` word: the rest of it counts the writes
-/// under way, in these units (two processes holding one end after fork
-/// may write at once).
-pub const WRITER_BUSY: u32 = 1 << 1;
 
 /// Which end of a connection a process holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,7 +18,7 @@
 
 use crate::index::{self, Corrupt};
 use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
-use vsocket_abi::layout::{CONSUMER_CLOSED, PRODUCER_FIN, PRODUCER_RST, WRITER_AWARE, WRITER_BUSY};
+use vsocket_abi::layout::{CONSUMER_CLOSED, PRODUCER_FIN, PRODUCER_RST, WRITER_AWARE};
 
 /// Words written by the producer (one 128-byte line in its half).
 #[repr(C, align(128))]
@@ -32,14 +32,15 @@ pub struct ProducerLine {
     pub waiting: AtomicU64,
     /// The consumer's arming this producer last answered with a wake-up.
     pub woken: AtomicU64,
-    /// `WRITER_AWARE`, plus `WRITER_BUSY` for each write under way (see
-    /// [`trim_idle`]).
+    /// `WRITER_AWARE` once a writer of this end has taken the write claim
+    /// (see [`trim_idle`]).
     pub writing: AtomicU32,
     /// Non-zero while the daemon returns the data pages of an empty ring
     /// (see [`trim_idle`]).
     pub trim: AtomicU32,
     /// The process copying into the ring now, if any (see
-    /// [`Producer::try_claim`]): 0 when none.
+    /// [`Producer::try_claim`]): 0 when none. The daemon returns the ring's
+    /// pages only while it is 0 (see [`trim_idle`]).
     pub claim: AtomicU32,
 }
 
@@ -183,23 +184,19 @@ impl<'a> Shared<'a> {
         true
     }
 
-    /// Announces a write before the data area is touched (count, fence,
-    /// load: the writer's half of [`trim_idle`]'s Dekker protocol), and
-    /// waits if the daemon is returning the ring's pages right now. A
-    /// daemon that takes longer than [`TRIM_PATIENCE`] gets the write
-    /// refused as a corrupt ring (the connection is reset): a write then
-    /// might yet be punched, and a reset says so where lost bytes would
-    /// not.
-    fn begin_write(&self) -> Result<Writing<'a>, RingError> {
-        if self.prod.writing.fetch_add(WRITER_BUSY, Ordering::Relaxed) & WRITER_AWARE == 0 {
-            self.prod.writing.fetch_or(WRITER_AWARE, Ordering::Relaxed);
-        }
-        let writing = Writing(&self.prod.writing);
+    /// Before the data area is touched, after the writer took the write
+    /// claim (fence, load: the writer's half of [`trim_idle`]'s Dekker
+    /// protocol, whose store is the claim): waits if the daemon is
+    /// returning the ring's pages right now. A daemon that takes longer
+    /// than [`TRIM_PATIENCE`] gets the write refused as a corrupt ring (the
+    /// connection is reset): a write then might yet be punched, and a reset
+    /// says so where lost bytes would not.
+    fn begin_write(&self) -> Result<(), RingError> {
         fence(Ordering::SeqCst);
         if self.prod.trim.load(Ordering::Acquire) != 0 && !wait_untrimmed(&self.prod.trim) {
             return Err(RingError::Corrupt);
         }
-        Ok(writing)
+        Ok(())
     }
 
     /// The producer, after publishing: must the consumer be woken?
@@ -240,17 +237,6 @@ impl<'a> Shared<'a> {
 #[cfg(not(loom))]
 const TRIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A write under way: one `WRITER_BUSY` in the producer's `writing` word
-/// from [`Shared::begin_write`] until this is dropped.
-struct Writing<'a>(&'a AtomicU32);
-
-impl Drop for Writing<'_> {
-    fn drop(&mut self) {
-        // Release: whoever reads the writers idle sees the index published.
-        self.0.fetch_sub(WRITER_BUSY, Ordering::Release);
-    }
-}
-
 /// Waits until the daemon has returned the ring's pages (its `trim` word
 /// back to zero), at most [`TRIM_PATIENCE`]; false if it did not.
 fn wait_untrimmed(trim: &AtomicU32) -> bool {
@@ -288,19 +274,21 @@ fn wait_untrimmed(trim: &AtomicU32) -> bool {
 /// (Only the daemon writes `trim`, and only here.)
 ///
 /// Dekker's protocol, as the wake-up's: the daemon stores `trim`, fences,
-/// then reads `writing`; a writer counts itself in `writing`, fences, then
-/// reads `trim` (`begin_write`), and counts itself out when its tail is
-/// published (two processes holding one end may write at once). At least one sees the other: either the daemon
+/// then reads the write claim; a writer takes the claim
+/// ([`Producer::try_claim`]), fences, then reads `trim` (`begin_write`),
+/// and lets the claim go (Release) once its tail is published. At least
+/// one sees the other: either the daemon
 /// sees the write under way and punches nothing, or the writer sees
 /// `trim` and waits until it is clear again, then writes into fresh zero
 /// pages. The consumer reads only bytes before the tail and publishes its
 /// head (Release) after copying them, so an empty ring's pages hold no
 /// byte anyone will read. (A hostile end can only hurt its own stream: a
 /// consumer that publishes a head it did not reach loses bytes sent to it,
-/// a producer that writes without counting itself loses its own.)
+/// a producer that writes without the claim loses its own.)
 pub fn trim_idle<R>(prod: &ProducerLine, cons: &ConsumerLine, punch: impl FnOnce() -> R) -> Option<R> {
     let quiet = || {
-        prod.writing.load(Ordering::Acquire) == WRITER_AWARE
+        prod.writing.load(Ordering::Relaxed) & WRITER_AWARE != 0
+            && prod.claim.load(Ordering::Acquire) == 0
             && cons.head.load(Ordering::Acquire) == prod.tail.load(Ordering::Acquire)
     };
     if !quiet() {
@@ -370,7 +358,7 @@ impl<'a> Producer<'a> {
         if space == 0 || bufs.iter().all(|b| b.is_empty()) {
             return Ok((0, false));
         }
-        let _writing = s.begin_write()?;
+        s.begin_write()?;
         let tail = s.prod.tail.load(Ordering::Relaxed);
         let mut pos = tail;
         let mut left = space;
@@ -412,7 +400,7 @@ impl<'a> Producer<'a> {
         use std::os::fd::AsRawFd;
         let s = &self.0;
         let space = self.space().map_err(SocketError::Ring)?;
-        let _writing = s.begin_write().map_err(SocketError::Ring)?;
+        s.begin_write().map_err(SocketError::Ring)?;
         let tail = s.prod.tail.load(Ordering::Relaxed);
         let n = (len as u64).min(u64::from(space)) as u32;
         let (offset, first, second) = index::split(tail, n, s.size);
@@ -465,17 +453,23 @@ impl<'a> Producer<'a> {
     /// The claim is held while bytes are copied and published, never while
     /// waiting for room, and its Acquire pairs with the previous holder's
     /// Release (`release_claim`): this writer sees the tail it published.
+    /// While it is held the daemon returns none of the ring's pages (see
+    /// [`trim_idle`]), and a writer that takes it marks its end as one
+    /// whose writers claim (`WRITER_AWARE`).
     pub fn try_claim(&self, me: u32) -> Result<(), u32> {
-        match self.0.prod.claim.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
-            Ok(_) => Ok(()),
-            Err(holder) => Err(holder),
-        }
+        self.take_claim(0, me)
     }
 
-    /// Takes the claim from `holder`, a process that is gone (it died
-    /// while it held the claim): true if it was still its.
-    pub fn take_claim(&self, holder: u32, me: u32) -> bool {
-        self.0.prod.claim.compare_exchange(holder, me, Ordering::Acquire, Ordering::Relaxed).is_ok()
+    /// Takes the claim from `holder` (0: nobody; else a process that is
+    /// gone, which died while it held the claim); `Err` names the holder
+    /// found instead.
+    pub fn take_claim(&self, holder: u32, me: u32) -> Result<(), u32> {
+        let prod = self.0.prod;
+        prod.claim.compare_exchange(holder, me, Ordering::Acquire, Ordering::Relaxed)?;
+        if prod.writing.load(Ordering::Relaxed) & WRITER_AWARE == 0 {
+            prod.writing.fetch_or(WRITER_AWARE, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Lets go of `me`'s claim (if it is still its).
@@ -741,28 +735,38 @@ mod tests {
         })
     }
 
+    /// A write as a library makes it: under the write claim of process
+    /// `me`.
+    fn claimed_write(p: &Producer<'_>, me: u32, bytes: &[u8]) -> usize {
+        p.try_claim(me).unwrap();
+        let (n, _) = p.write(&[bytes]).unwrap();
+        p.release_claim(me);
+        n
+    }
+
     #[test]
     fn only_an_empty_ring_whose_writer_keeps_the_protocol_is_trimmed() {
         let ring = TestRing::new(16);
         let (p, c) = ring.views();
-        assert_eq!(trim(&ring), None, "no write yet: the writer may be a library from before");
-        p.write(&[b"abc"]).unwrap();
-        assert_eq!(trim(&ring), None, "bytes not read yet");
         let mut buf = [0u8; 16];
+        assert_eq!(trim(&ring), None, "no write yet: the writer may be a library from before");
+        p.write(&[b"old"]).unwrap();
+        c.read(&mut [&mut buf[..]], false).unwrap();
+        assert_eq!(trim(&ring), None, "written without the claim: a library from before");
+        claimed_write(&p, 7, b"abc");
+        assert_eq!(trim(&ring), None, "bytes not read yet");
         c.read(&mut [&mut buf[..]], true).unwrap();
         assert_eq!(trim(&ring), None, "a peek takes nothing");
         c.read(&mut [&mut buf[..]], false).unwrap();
-        ring.ctl.producer.writing.store(WRITER_AWARE | (2 * WRITER_BUSY), Ordering::Relaxed);
-        assert_eq!(trim(&ring), None, "two writes under way");
-        ring.ctl.producer.writing.store(WRITER_AWARE | WRITER_BUSY, Ordering::Relaxed);
-        assert_eq!(trim(&ring), None, "one of them still");
-        ring.ctl.producer.writing.store(WRITER_AWARE, Ordering::Relaxed);
+        p.try_claim(8).unwrap();
+        assert_eq!(trim(&ring), None, "a write under way (another process's)");
+        p.release_claim(8);
         assert_eq!(trim(&ring), Some(()), "empty and quiet");
         assert_eq!(ring.ctl.producer.trim.load(Ordering::Relaxed), 0, "the daemon's word is clear again");
         // The stream goes on across the returned pages, across the wrap.
         for round in 0..8u8 {
             let bytes = [round; 7];
-            assert_eq!(p.write(&[&bytes]).unwrap().0, 7);
+            assert_eq!(claimed_write(&p, 7, &bytes), 7);
             let (n, _) = c.read(&mut [&mut buf[..]], false).unwrap();
             assert_eq!(&buf[..n], &bytes);
             assert_eq!(trim(&ring), Some(()));
@@ -776,11 +780,11 @@ mod tests {
         let wrote = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
-                ring.views().0.write(&[b"x"]).unwrap();
+                claimed_write(&ring.views().0, 7, b"x");
                 wrote.store(true, Ordering::Release);
             });
-            // The writer counted itself in, and waits.
-            while ring.ctl.producer.writing.load(Ordering::Acquire) != WRITER_AWARE | WRITER_BUSY {
+            // The writer took the claim, and waits.
+            while ring.ctl.producer.claim.load(Ordering::Acquire) != 7 {
                 std::thread::yield_now();
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -789,6 +793,7 @@ mod tests {
         });
         assert!(wrote.load(Ordering::Acquire));
         assert_eq!(ring.ctl.producer.writing.load(Ordering::Relaxed), WRITER_AWARE);
+        assert_eq!(ring.ctl.producer.claim.load(Ordering::Relaxed), 0, "let go");
     }
 
     #[test]

@@ -830,7 +830,11 @@ mod tests {
     /// One exchange each way on `ends` (client, server), read to the end.
     fn exchange(ends: [&Segment; 2], bytes: &[u8]) {
         for (end, seg) in ends.iter().enumerate() {
-            assert_eq!(seg.producer(end).write(&[bytes]).unwrap().0, bytes.len());
+            // As a library writes: under the write claim.
+            let p = seg.producer(end);
+            p.try_claim(7).unwrap();
+            assert_eq!(p.write(&[bytes]).unwrap().0, bytes.len());
+            p.release_claim(7);
             let mut buf = vec![0u8; bytes.len() + 1];
             let (n, _) = ends[1 - end].consumer(end).read(&mut [&mut buf[..]], false).unwrap();
             assert_eq!(&buf[..n], bytes);

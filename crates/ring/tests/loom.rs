@@ -184,8 +184,11 @@ fn a_consumer_that_arms_again_is_woken_again() {
 fn trimming_never_discards_a_byte_being_written() {
     loom::model(|| {
         let m = Model::new();
-        // A first exchange: the writer keeps the protocol, the ring is empty.
+        // A first exchange: the writer keeps the protocol (takes the write
+        // claim), the ring is empty.
+        m.producer().try_claim(1).unwrap();
         assert_eq!(m.producer().write(&[b"ab"]).unwrap().0, 2);
+        m.producer().release_claim(1);
         let mut buf = [0u8; 2];
         assert_eq!(m.consumer().read(&mut [&mut buf[..]], false).unwrap().0, 2);
         let d = m.clone();
@@ -196,7 +199,9 @@ fn trimming_never_discards_a_byte_being_written() {
                 unsafe { *d.data.get() = [0; 8] };
             })
         });
+        m.producer().try_claim(1).unwrap();
         assert_eq!(m.producer().write(&[b"hi"]).unwrap().0, 2);
+        m.producer().release_claim(1);
         daemon.join().unwrap();
         let mut buf = [0u8; 8];
         let (n, _) = m.consumer().read(&mut [&mut buf[..]], false).unwrap();

@@ -808,7 +808,7 @@ impl Connection {
                 || i32::try_from(holder).is_err()
                 || (tries % 64 == 63 && sys::process_gone(holder as i32));
             if stale {
-                if tx.take_claim(holder, me) {
+                if tx.take_claim(holder, me).is_ok() {
                     return Some(TxClaim { conn: self, me });
                 }
                 continue;
