@@ -213,11 +213,6 @@ pub fn forked_child() {
     GENERATION.store(next, Ordering::Relaxed);
 }
 
-/// Held by the gate's test, and by tests' forks (whose handlers close and
-/// open the process-wide gate), so that one never opens it under the other.
-#[cfg(test)]
-pub static GATE_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// fork's prepare handler: closes the gate and waits until no other
 /// thread holds one of these mutexes. A thread that forks while holding
 /// one itself (a handler that forks) cannot wait for itself; the child
@@ -286,7 +281,7 @@ mod tests {
     // One test: the gate is process-wide.
     #[test]
     fn a_closing_gate_waits_for_holders_and_keeps_new_ones_out_until_opened() {
-        let _alone = GATE_TEST.lock().unwrap_or_else(|e| e.into_inner());
+        let _alone = crate::sys::FORK_GATE_TEST.lock().unwrap_or_else(|e| e.into_inner());
         let lock = Arc::new(Mutex::new(0u32));
         // Nested locks on one thread pass the gate once.
         {

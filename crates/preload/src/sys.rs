@@ -597,6 +597,12 @@ pub fn seqpacket_pair() -> SysResult<(RawFd, std::os::fd::OwnedFd)> {
     Ok((fds[0], daemon))
 }
 
+/// Held by the fork gate's test (`forksafe`), and by tests' forks (whose
+/// handlers close and open the process-wide gate), so that one never
+/// opens it under the other.
+#[cfg(test)]
+pub static FORK_GATE_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Forks through libc, so that the fork handlers run (tests): the child
 /// runs `child` and exits with what it returns; the parent gets its pid,
 /// and [`wait_exit`] its status.
@@ -604,7 +610,7 @@ pub fn seqpacket_pair() -> SysResult<(RawFd, std::os::fd::OwnedFd)> {
 pub fn fork_running(child: impl FnOnce() -> i32) -> SysResult<i32> {
     // The fork handlers open the process-wide fork gate: not while the
     // gate's own test has it closed.
-    let _gate = crate::forksafe::GATE_TEST.lock().unwrap_or_else(|e| e.into_inner());
+    let _gate = FORK_GATE_TEST.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: fork has no memory effects on the parent; the child has only
     // this thread, runs `child` (which takes only the library's own locks,
     // made safe across fork by the handlers under test) and leaves below.
