@@ -71,7 +71,6 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
-    forksafe::forked_child();
     sys::limit_after_fork();
     sys::forget_pid();
     segcache::after_fork_child();

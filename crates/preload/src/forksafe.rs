@@ -116,18 +116,13 @@ impl Drop for Pass {
     }
 }
 
-/// This process's generation: 1 in a process that was not forked with
-/// the library's handlers, one more in each forked child than in its
-/// parent (never 0, which is a free [`Lock`]).
-static GENERATION: AtomicU32 = AtomicU32::new(1);
-
 /// A lock (of a connection's sending or receiving side) that a forked
 /// child never finds held for ever, without fork waiting for its holder:
-/// its word is 0 while free, else the generation of the process whose
-/// thread holds it (with [`CONTENDED`] while others sleep for it). A
-/// child's generation is its parent's plus one, so in the child a word
-/// held by a parent's thread (which the child does not have, and which
-/// will never let it go there) reads as stale, and the next taker takes it
+/// its word is 0 while free, else the id of the process whose thread
+/// holds it (`sys::getpid`, which a forked child learns afresh; with
+/// [`CONTENDED`] while others sleep for it). In a child, a word held by a
+/// parent's thread (which the child does not have, and which will never
+/// let it go there) names another process, and the next taker takes it
 /// over. What the lock kept together is then the parent's business: in the
 /// child, the parent's thread never runs again.
 #[derive(Debug, Default)]
@@ -136,8 +131,8 @@ pub struct Lock {
 }
 
 /// Set in a held [`Lock`]'s word while a thread may sleep for it: the
-/// holder wakes one when it lets go (as a futex mutex does). Generations
-/// stay below it.
+/// holder wakes one when it lets go (as a futex mutex does). Process ids
+/// stay below it (Linux's `pid_max` is at most 2^22).
 const CONTENDED: u32 = 1 << 31;
 
 /// A held [`Lock`], let go when dropped.
@@ -151,10 +146,10 @@ impl Lock {
     /// Takes the lock if it is free, or held by a thread of a process this
     /// one was forked from.
     pub fn try_lock(&self) -> Option<LockGuard<'_>> {
-        self.try_lock_in(GENERATION.load(Ordering::Relaxed))
+        self.try_lock_in(me())
     }
 
-    /// [`try_lock`](Self::try_lock) by a process of generation `mine`.
+    /// [`try_lock`](Self::try_lock) by process `mine`.
     fn try_lock_in(&self, mine: u32) -> Option<LockGuard<'_>> {
         let held = match self.word.compare_exchange(0, mine, Ordering::Acquire, Ordering::Relaxed) {
             Ok(_) => return Some(LockGuard(&self.word)),
@@ -171,7 +166,7 @@ impl Lock {
     /// of yielding, then asleep on the word (a holder may take long: a
     /// read into a full pipe holds the receiving side's).
     pub fn lock(&self) -> LockGuard<'_> {
-        let mine = GENERATION.load(Ordering::Relaxed);
+        let mine = me();
         for _ in 0..16 {
             if let Some(guard) = self.try_lock_in(mine) {
                 return guard;
@@ -207,10 +202,9 @@ impl Drop for LockGuard<'_> {
     }
 }
 
-/// fork's child handler: the child's generation, one past its parent's.
-pub fn forked_child() {
-    let next = (GENERATION.load(Ordering::Relaxed).wrapping_add(1) & !CONTENDED).max(1);
-    GENERATION.store(next, Ordering::Relaxed);
+/// This process, as a [`Lock`]'s word names it.
+fn me() -> u32 {
+    crate::sys::getpid() as u32 & !CONTENDED
 }
 
 /// fork's prepare handler: closes the gate and waits until no other
@@ -240,7 +234,7 @@ mod tests {
     #[test]
     fn a_lock_held_in_the_parent_is_taken_over_in_a_child_and_only_there() {
         let lock = Lock::new();
-        let parent = GENERATION.load(Ordering::Relaxed);
+        let parent = me();
         let held = lock.try_lock_in(parent).expect("free");
         assert!(lock.try_lock_in(parent).is_none(), "held by this process");
         // In a child forked meanwhile, the parent's holder is not there.
