@@ -221,6 +221,62 @@ static void check_mmsg(int s) {
     CHECK("recvmmsg_empty", r == -1 && errno == EAGAIN, "recvmmsg %d", r);
 }
 
+struct drainer {
+    int fd;
+    ssize_t len;
+    ssize_t got;
+};
+
+/* Empties a pipe a moment later. */
+static void *drain_later(void *arg) {
+    struct drainer *d = arg;
+    usleep(100 * 1000);
+    char buf[4096];
+    d->got = 0;
+    while (d->got < d->len) {
+        ssize_t r = read(d->fd, buf, d->len - d->got < (ssize_t)sizeof buf ? d->len - d->got : (ssize_t)sizeof buf);
+        if (r <= 0) break;
+        d->got += r;
+    }
+    return NULL;
+}
+
+/* socket -> a full pipe: EAGAIN when the call may not wait (the flag, or a
+ * non-blocking pipe), else a wait until the pipe has room; nothing lost. */
+static void check_splice_into_full_pipe(int s, const char *content) {
+    int q[2];
+    pipe(q);
+    fcntl(q[1], F_SETPIPE_SZ, 4096);
+    fcntl(q[1], F_SETFL, O_NONBLOCK);
+    char fill[4096];
+    memset(fill, 'z', sizeof fill);
+    ssize_t filled = 0, r;
+    while ((r = write(q[1], fill, sizeof fill)) > 0) filled += r;
+    write(s, content, 100);
+    char peeked[100];
+    int there = recv(s, peeked, 100, MSG_PEEK | MSG_WAITALL) == 100;
+    ssize_t flagged = splice(s, NULL, q[1], NULL, 100, SPLICE_F_NONBLOCK);
+    int flagged_errno = errno;
+    ssize_t nonblocking = splice(s, NULL, q[1], NULL, 100, 0);
+    int nonblocking_errno = errno;
+    fcntl(q[1], F_SETFL, 0);
+    struct drainer d = {.fd = q[0], .len = filled};
+    pthread_t t;
+    pthread_create(&t, NULL, drain_later, &d);
+    ssize_t waited = 0;
+    while (waited < 100 && (r = splice(s, NULL, q[1], NULL, 100 - waited, 0)) > 0) waited += r;
+    pthread_join(t, NULL);
+    char back[100];
+    CHECK("splice_socket_to_full_pipe",
+          there && filled > 0 && flagged == -1 && flagged_errno == EAGAIN && nonblocking == -1 &&
+              nonblocking_errno == EAGAIN && d.got == filled && waited == 100 && read_full(q[0], back, 100) == 100 &&
+              memcmp(back, content, 100) == 0,
+          "filled %zd, flagged %zd (%d), non-blocking pipe %zd (%d), drained %zd, then %zd", filled, flagged,
+          flagged_errno, nonblocking, nonblocking_errno, d.got, waited);
+    close(q[0]);
+    close(q[1]);
+}
+
 /* splice: file -> pipe (kernel) -> socket, and socket -> pipe. */
 static void check_splice(int s) {
     char path[] = "/tmp/calls-splice-XXXXXX";
@@ -243,6 +299,7 @@ static void check_splice(int s) {
     while (moved < 3000 && (r = splice(s, NULL, p[1], NULL, 3000 - moved, 0)) > 0) moved += r;
     char back[3000];
     CHECK("splice_socket_to_pipe", moved == 3000 && read_full(p[0], back, 3000) == 3000 && memcmp(back, content, 3000) == 0, "moved %zd", moved);
+    check_splice_into_full_pipe(s, content);
     loff_t off = 0;
     r = splice(p[0], NULL, s, &off, 1, 0);
     CHECK("splice_offset_on_socket", r == -1 && errno == EINVAL, "splice %zd", r);

@@ -61,6 +61,7 @@ pub const CHECKS: &[&str] = &[
     "splice_pipe_to_socket",
     "splice_empty_pipe_nonblock",
     "splice_socket_to_pipe",
+    "splice_socket_to_full_pipe",
     "splice_offset_on_socket",
     "epoll_two_sets",
     "epoll_nested",

@@ -175,6 +175,82 @@ mod tests {
     }
 
     #[test]
+    fn two_processes_reading_one_connection_at_once_each_take_different_bytes() {
+        // A parent and its child read the same end at the same moments, as
+        // the kernel lets them on a socket they share: each byte must go to
+        // exactly one of them. The child reads as splice does (peek, offer,
+        // consume what was taken), the parent as recv does.
+        watch();
+        const TOTAL: usize = 1 << 21;
+        let byte = |i: usize| (i % 251) as u8;
+        let (client, server) = crate::conn::testing::pair(4096);
+        server.set_blocking(crate::conn::Blocking::NonBlocking);
+        let (reported, report) = sys::pipe().unwrap();
+        let child = sys::fork_running(|| {
+            let (mut count, mut sum) = (0u64, 0u64);
+            loop {
+                let mut offered = 0;
+                let taken = server.recv_into(61, |bytes| {
+                    // Takes part of what is offered now and then: the rest
+                    // stays in the connection.
+                    offered = bytes.len().min(if count % 3 == 0 { 17 } else { 61 });
+                    sum += bytes[..offered].iter().map(|&b| u64::from(b)).sum::<u64>();
+                    Ok(offered)
+                });
+                match taken {
+                    Ok(0) => break,
+                    Ok(n) if n == offered => count += n as u64,
+                    Ok(_) => return 2,
+                    Err(sys::Errno(libc::EAGAIN)) => std::thread::yield_now(),
+                    Err(_) => return 3,
+                }
+            }
+            let mut line = [0u8; 16];
+            line[..8].copy_from_slice(&count.to_le_bytes());
+            line[8..].copy_from_slice(&sum.to_le_bytes());
+            if sys::write(report, &line) == Ok(16) {
+                0
+            } else {
+                4
+            }
+        })
+        .unwrap();
+        let _ = sys::close(report);
+        let writer = std::thread::spawn(move || {
+            let stream: Vec<u8> = (0..TOTAL).map(byte).collect();
+            let sent = stream.chunks(1000).all(|chunk| client.send(&[chunk], 0) == Ok(chunk.len()));
+            client.shutdown(libc::SHUT_WR).unwrap();
+            sent
+        });
+        let (mut count, mut sum) = (0u64, 0u64);
+        let mut buf = [0u8; 64];
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match server.recv(&mut [&mut buf[..]], 0) {
+                Ok(0) => break,
+                Ok(n) => {
+                    count += n as u64;
+                    sum += buf[..n].iter().map(|&b| u64::from(b)).sum::<u64>();
+                }
+                Err(sys::Errno(libc::EAGAIN)) => std::thread::yield_now(),
+                Err(e) => panic!("{e:?}"),
+            }
+            assert!(std::time::Instant::now() < deadline, "the stream did not end");
+        }
+        assert!(writer.join().unwrap(), "every byte sent");
+        assert_eq!(sys::wait_exit(child, 30_000), Some(0), "the child's reads");
+        let mut line = [0u8; 16];
+        assert_eq!(sys::read(reported, &mut line), Ok(16));
+        let _ = sys::close(reported);
+        let child_count = u64::from_le_bytes(line[..8].try_into().unwrap());
+        let child_sum = u64::from_le_bytes(line[8..].try_into().unwrap());
+        assert!(count > 0 && child_count > 0, "both read: {count} and {child_count}");
+        assert_eq!(count + child_count, TOTAL as u64, "every byte once (parent {count}, child {child_count})");
+        let expected: u64 = (0..TOTAL).map(|i| u64::from(byte(i))).sum();
+        assert_eq!(sum + child_sum, expected, "the bytes themselves");
+    }
+
+    #[test]
     fn a_child_forked_while_another_thread_holds_a_listeners_lock_can_take_it() {
         // A listener's locks (its kit state, its retry state, its channel's
         // reader) are held for moments by the thread accepting on it; a

@@ -129,14 +129,42 @@ fn send_staged(private: &PrivatePipe, buf: &mut [u8], pipe: RawFd, conn: &Connec
     Ok(sent)
 }
 
-/// splice(connection → pipe).
+/// splice(connection → pipe). Bytes are taken only as the caller's pipe
+/// has room for them; when it has none, the call waits for room (unless
+/// SPLICE_F_NONBLOCK or a non-blocking pipe says not to, as the kernel
+/// judges) without holding the connection's read claim, so another process
+/// of the same end reading meanwhile is not held up behind a full pipe.
 pub fn conn_to_pipe(conn: &Connection, pipe: RawFd, len: usize, flags: u32) -> SysResult<usize> {
-    let private = PrivatePipe::new()?;
-    conn.recv_into(len.min(private.capacity), |bytes| {
-        let staged = sys::write(private.write, bytes)?;
-        // The kernel moves what the caller's pipe takes (waiting for room
-        // unless SPLICE_F_NONBLOCK); the rest stays in the connection.
-        // What it did not take is discarded with the private pipe.
-        sys::splice(private.read, pipe, staged, flags & (libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MORE))
-    })
+    loop {
+        let private = PrivatePipe::new()?;
+        let mut full = false;
+        let moved = conn.recv_into(len.min(private.capacity), |bytes| {
+            let staged = sys::write(private.write, bytes)?;
+            // The caller's pipe takes what it has room for; the rest stays
+            // in the connection (what it did not take is discarded with
+            // the private pipe).
+            let more = flags & libc::SPLICE_F_MORE;
+            match sys::splice(private.read, pipe, staged, libc::SPLICE_F_NONBLOCK | more) {
+                Err(Errno(libc::EAGAIN)) => {
+                    full = true;
+                    Ok(0)
+                }
+                other => other,
+            }
+        });
+        if !(full && moved == Ok(0)) {
+            return moved;
+        }
+        let pipe_nonblocking = sys::fcntl(pipe, libc::F_GETFL, 0)? & libc::O_NONBLOCK as usize != 0;
+        if flags & libc::SPLICE_F_NONBLOCK != 0 || pipe_nonblocking {
+            return Err(Errno(libc::EAGAIN));
+        }
+        wait_for_room(pipe)?;
+    }
+}
+
+/// Waits until `pipe` has room (or no reader: the splice then says so).
+fn wait_for_room(pipe: RawFd) -> SysResult<()> {
+    let mut pfd = [libc::pollfd { fd: pipe, events: libc::POLLOUT, revents: 0 }];
+    sys::poll(&mut pfd, -1).map(drop)
 }

@@ -56,6 +56,9 @@ pub struct ConsumerLine {
     pub waiting: AtomicU64,
     /// The producer's arming this consumer last answered with a wake-up.
     pub woken: AtomicU64,
+    /// The process taking bytes from the ring now, if any (see
+    /// [`Consumer::try_claim`]): 0 when none.
+    pub claim: AtomicU32,
 }
 
 impl ProducerLine {
@@ -78,6 +81,7 @@ impl ConsumerLine {
         self.flags.store(0, Ordering::Relaxed);
         self.waiting.store(0, Ordering::Relaxed);
         self.woken.store(0, Ordering::Relaxed);
+        self.claim.store(0, Ordering::Relaxed);
     }
 }
 
@@ -465,7 +469,7 @@ impl<'a> Producer<'a> {
     /// found instead.
     pub fn take_claim(&self, holder: u32, me: u32) -> Result<(), u32> {
         let prod = self.0.prod;
-        prod.claim.compare_exchange(holder, me, Ordering::Acquire, Ordering::Relaxed)?;
+        take_claim(&prod.claim, holder, me)?;
         if prod.writing.load(Ordering::Relaxed) & WRITER_AWARE == 0 {
             prod.writing.fetch_or(WRITER_AWARE, Ordering::Relaxed);
         }
@@ -474,7 +478,7 @@ impl<'a> Producer<'a> {
 
     /// Lets go of `me`'s claim (if it is still its).
     pub fn release_claim(&self, me: u32) {
-        let _ = self.0.prod.claim.compare_exchange(me, 0, Ordering::Release, Ordering::Relaxed);
+        release_claim(&self.0.prod.claim, me);
     }
 
     /// Has a writer of this side ended the stream without aborting it (a
@@ -547,6 +551,29 @@ impl<'a> Consumer<'a> {
         } else {
             RxState::Empty
         })
+    }
+
+    /// Claims the ring for one read by process `me` (non-zero), as
+    /// [`Producer::try_claim`] does for a write: the processes holding one
+    /// end (after fork) take bytes in turns, so that two never copy from
+    /// the head they both read and each byte goes to one of them. Held
+    /// while bytes are copied and the head published (and, for a read that
+    /// peeks and then consumes what it used, across both), never while
+    /// waiting for bytes; its Acquire pairs with the previous holder's
+    /// Release (`release_claim`): this reader sees the head it published.
+    pub fn try_claim(&self, me: u32) -> Result<(), u32> {
+        self.take_claim(0, me)
+    }
+
+    /// Takes the read claim from `holder` (0: nobody; else a process that
+    /// is gone); `Err` names the holder found instead.
+    pub fn take_claim(&self, holder: u32, me: u32) -> Result<(), u32> {
+        take_claim(&self.0.cons.claim, holder, me)
+    }
+
+    /// Lets go of `me`'s read claim (if it is still its).
+    pub fn release_claim(&self, me: u32) {
+        release_claim(&self.0.cons.claim, me);
     }
 
     /// Copies up to the readable bytes into `bufs`; unless `peek`, consumes
@@ -685,6 +712,18 @@ impl<'a> Consumer<'a> {
     pub fn total(&self) -> u64 {
         self.0.cons.head.load(Ordering::Relaxed)
     }
+}
+
+/// Moves a claim word (a producer's or a consumer's) from `holder` to
+/// `me`; `Err` names the holder found instead. Acquire: the new holder
+/// sees what the last one published before it let go.
+fn take_claim(word: &AtomicU32, holder: u32, me: u32) -> Result<(), u32> {
+    word.compare_exchange(holder, me, Ordering::Acquire, Ordering::Relaxed).map(drop)
+}
+
+/// Lets go of `me`'s claim in `word`, if it is still its (Release).
+fn release_claim(word: &AtomicU32, me: u32) {
+    let _ = word.compare_exchange(me, 0, Ordering::Release, Ordering::Relaxed);
 }
 
 #[cfg(all(test, not(loom)))]

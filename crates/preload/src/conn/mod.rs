@@ -562,6 +562,10 @@ impl Connection {
         loop {
             let step = {
                 let _guard = self.rx_lock.lock();
+                let Some(_turn) = self.claim(Side::Rx) else {
+                    let e = self.break_connection();
+                    return self.finish_read(total, Err(e));
+                };
                 self.recv_step(bufs, flags, total)
             };
             match step {
@@ -586,7 +590,9 @@ impl Connection {
     /// `sink` (waiting for them as a read would) and consumes only as many
     /// as it reports taking, so a sink that takes part of them (a full
     /// pipe, for splice) loses none. Returns what was taken; 0 at end of
-    /// stream.
+    /// stream (or when the sink took nothing). The sink runs holding the
+    /// connection's read claim, so it must not wait: another process of
+    /// this end reading meanwhile waits for it.
     pub fn recv_into(&self, max: usize, sink: impl FnOnce(&[u8]) -> SysResult<usize>) -> SysResult<usize> {
         if self.state.has(Flags::READ_SHUT) || max == 0 {
             return Ok(0);
@@ -596,11 +602,15 @@ impl Connection {
 
     /// [`Connection::recv_into`], peeking into `buf`.
     fn recv_through(&self, buf: &mut [u8], sink: impl FnOnce(&[u8]) -> SysResult<usize>) -> SysResult<usize> {
-        let (_guard, n) = loop {
+        let (_guard, _turn, n) = loop {
             let guard = self.rx_lock.lock();
+            let Some(turn) = self.claim(Side::Rx) else {
+                return Err(self.break_connection());
+            };
             match self.recv_step(&mut [&mut *buf], libc::MSG_PEEK, 0) {
-                Step::Done(result) => break (guard, result?),
+                Step::Done(result) => break (guard, turn, result?),
                 Step::Wait(_) => {
+                    drop(turn);
                     drop(guard);
                     blocking::block(self, Interest::READABLE)?;
                 }
@@ -610,7 +620,9 @@ impl Connection {
             return Ok(0);
         }
         let taken = sink(&buf[..n])?.min(n);
-        // With the lock held, nobody else consumed the peeked bytes.
+        // With the lock and the read claim held, nobody else (no thread of
+        // this process, no other process of this end) consumed the peeked
+        // bytes.
         let mut left = taken;
         while left > 0 {
             match self.recv_step(&mut [&mut buf[..left]], libc::MSG_DONTWAIT, 0) {
@@ -740,7 +752,7 @@ impl Connection {
                 return self.finish_write(total, Errno(libc::EPIPE));
             }
             let written = {
-                let Some(_turn) = self.claim_tx() else {
+                let Some(_turn) = self.claim(Side::Tx) else {
                     let e = self.break_connection();
                     return self.finish_write(total, e);
                 };
@@ -781,35 +793,36 @@ impl Connection {
         }
     }
 
-    /// Takes the ring's write claim for this process (see
-    /// `Producer::try_claim`) for one copy: another process holding this
-    /// end (after fork) and writing at the same moment waits its turn, as
-    /// the kernel takes a shared socket's lock for each, instead of both
-    /// copying at the same tail. A holder copies for microseconds; one that
-    /// died holding it is found gone and passed over. A claim held past
-    /// [`CLAIM_PATIENCE`] is a scribbled word (or a holder stopped in the
-    /// middle of a copy): `None`, and the caller breaks the connection
+    /// Takes `side`'s ring claim for this process (see
+    /// `Producer::try_claim`, `Consumer::try_claim`) for one copy: another
+    /// process holding this end (after fork) and writing (or reading) at
+    /// the same moment waits its turn, as the kernel takes a shared
+    /// socket's lock for each call, instead of both copying at the same
+    /// tail (or from the same head). A holder copies for microseconds; one
+    /// that died holding it is found gone and passed over. A claim held
+    /// past [`CLAIM_PATIENCE`] is a scribbled word (or a holder stopped in
+    /// the middle of a copy): `None`, and the caller breaks the connection
     /// rather than wait for ever or copy beside it.
-    fn claim_tx(&self) -> Option<TxClaim<'_>> {
+    fn claim(&self, side: Side) -> Option<Claim<'_>> {
         let me = sys::getpid() as u32;
-        let tx = self.tx();
         let mut tries = 0u32;
         let mut since: Option<std::time::Instant> = None;
         loop {
-            let holder = match tx.try_claim(me) {
-                Ok(()) => return Some(TxClaim { conn: self, me }),
+            let holder = match self.take_claim(side, 0, me) {
+                Ok(()) => return Some(Claim { conn: self, side, me }),
                 Err(holder) => holder,
             };
             // A claim naming this process is one a thread of it left
-            // (never while another thread of it copies: the send lock is
-            // held), or a dead process's whose id came back: taken. So is
-            // one naming no process there could be, or one that is gone.
+            // (never while another thread of it copies: the send or receive
+            // lock is held), or a dead process's whose id came back: taken.
+            // So is one naming no process there could be, or one that is
+            // gone.
             let stale = holder == me
                 || i32::try_from(holder).is_err()
                 || (tries % 64 == 63 && sys::process_gone(holder as i32));
             if stale {
-                if tx.take_claim(holder, me).is_ok() {
-                    return Some(TxClaim { conn: self, me });
+                if self.take_claim(side, holder, me).is_ok() {
+                    return Some(Claim { conn: self, side, me });
                 }
                 continue;
             }
@@ -824,6 +837,13 @@ impl Connection {
                 }
                 std::thread::sleep(std::time::Duration::from_micros(50));
             }
+        }
+    }
+
+    fn take_claim(&self, side: Side, holder: u32, me: u32) -> Result<(), u32> {
+        match side {
+            Side::Tx => self.tx().take_claim(holder, me),
+            Side::Rx => self.rx().take_claim(holder, me),
         }
     }
 
@@ -1001,16 +1021,28 @@ fn advance_const<R>(bufs: &[&[u8]], skip: usize, op: impl FnOnce(&[&[u8]]) -> R)
 /// connection: a copy takes microseconds.
 const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A connection's write claim, held by this process for one copy (see
-/// `Connection::claim_tx`).
-struct TxClaim<'a> {
+/// Which of a connection's rings a claim is on: the one this end writes,
+/// or the one it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Tx,
+    Rx,
+}
+
+/// A connection's write or read claim, held by this process for one copy
+/// (see `Connection::claim`).
+struct Claim<'a> {
     conn: &'a Connection,
+    side: Side,
     me: u32,
 }
 
-impl Drop for TxClaim<'_> {
+impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        self.conn.tx().release_claim(self.me);
+        match self.side {
+            Side::Tx => self.conn.tx().release_claim(self.me),
+            Side::Rx => self.conn.rx().release_claim(self.me),
+        }
     }
 }
 
@@ -1081,7 +1113,7 @@ mod tests {
     }
 
     #[test]
-    fn a_scribbled_write_claim_is_taken_or_breaks_the_connection_never_hangs() {
+    fn a_scribbled_write_or_read_claim_is_taken_or_breaks_the_connection_never_hangs() {
         // A claim naming no process there could be is taken at once.
         let (c, s) = pair(4096);
         assert_eq!(c.tx().try_claim(u32::MAX), Ok(()));
@@ -1095,6 +1127,17 @@ mod tests {
         assert_eq!(c.send(&[b"x"], 0), Err(Errno(libc::ECONNRESET)));
         assert!(started.elapsed() < CLAIM_PATIENCE * 3, "{:?}", started.elapsed());
         assert_eq!(s.recv(&mut [&mut buf[..]], 0), Err(Errno(libc::ECONNRESET)));
+
+        // The same for a read claim.
+        let (c, s) = pair(4096);
+        assert_eq!(s.rx().try_claim(u32::MAX), Ok(()));
+        assert_eq!(c.send(&[b"ok"], 0), Ok(2));
+        assert_eq!(s.recv(&mut [&mut buf[..]], 0), Ok(2));
+        assert_eq!(c.send(&[b"x"], 0), Ok(1));
+        assert_eq!(s.rx().try_claim(1), Ok(()));
+        let started = std::time::Instant::now();
+        assert_eq!(s.recv(&mut [&mut buf[..]], 0), Err(Errno(libc::ECONNRESET)));
+        assert!(started.elapsed() < CLAIM_PATIENCE * 3, "{:?}", started.elapsed());
     }
 
     #[test]
