@@ -164,7 +164,7 @@ impl Lock {
 
     /// Takes the lock, waiting for a holder of this process: a few turns
     /// of yielding, then asleep on the word (a holder may take long: a
-    /// read into a full pipe holds the receiving side's).
+    /// writer waiting for room holds the sending side's).
     pub fn lock(&self) -> LockGuard<'_> {
         let mine = me();
         for _ in 0..16 {

@@ -216,7 +216,37 @@ impl Connection {
     /// Counts one more process holding this end (one that will hold it
     /// without having been counted: a vfork child about to exec).
     pub fn add_holder(&self) {
+        self.count_holder();
+    }
+
+    /// Counts one more process holding this end (see `layout::ENDPOINT_LINE`).
+    /// A read of this process that found it the end's only holder, and so
+    /// took no read claim (see [`Connection::only_holder`]), finishes
+    /// first: the count is raised holding the receive lock, under which
+    /// every read looks at it, so every read after it claims. (Waited for a
+    /// bounded time: a fork from a signal handler that interrupted this
+    /// thread's own read must not hang.)
+    fn count_holder(&self) {
+        let mut reads_done = None;
+        for _ in 0..1024 {
+            reads_done = self.rx_lock.try_lock();
+            if reads_done.is_some() {
+                break;
+            }
+            std::thread::yield_now();
+        }
         self.segment.holders(self.endpoint.index()).fetch_add(1, Ordering::AcqRel);
+        drop(reads_done);
+    }
+
+    /// Is this process the only one holding this end? Then no other
+    /// process can read it, and a read needs no read claim. Looked at
+    /// under the receive lock: another process is counted (fork, a vfork
+    /// child's exec) under it too, before that process exists
+    /// (`count_holder`); one that lets go counts itself out after its last
+    /// read (Release, here Acquire).
+    fn only_holder(&self) -> bool {
+        self.segment.holders(self.endpoint.index()).load(Ordering::Acquire) == 1
     }
 
     /// A kit this client takes, bound to `port` (ARCHITECTURE §3b): its
@@ -562,11 +592,7 @@ impl Connection {
         loop {
             let step = {
                 let _guard = self.rx_lock.lock();
-                let Some(_turn) = self.claim(Side::Rx) else {
-                    let e = self.break_connection();
-                    return self.finish_read(total, Err(e));
-                };
-                self.recv_step(bufs, flags, total)
+                self.recv_step(bufs, flags, total, false)
             };
             match step {
                 Step::Done(result) => return result,
@@ -604,10 +630,12 @@ impl Connection {
     fn recv_through(&self, buf: &mut [u8], sink: impl FnOnce(&[u8]) -> SysResult<usize>) -> SysResult<usize> {
         let (_guard, _turn, n) = loop {
             let guard = self.rx_lock.lock();
-            let Some(turn) = self.claim(Side::Rx) else {
+            let alone = self.only_holder();
+            let turn = if alone { None } else { self.claim(Side::Rx) };
+            if !alone && turn.is_none() {
                 return Err(self.break_connection());
-            };
-            match self.recv_step(&mut [&mut *buf], libc::MSG_PEEK, 0) {
+            }
+            match self.recv_step(&mut [&mut *buf], libc::MSG_PEEK, 0, true) {
                 Step::Done(result) => break (guard, turn, result?),
                 Step::Wait(_) => {
                     drop(turn);
@@ -625,7 +653,7 @@ impl Connection {
         // bytes.
         let mut left = taken;
         while left > 0 {
-            match self.recv_step(&mut [&mut buf[..left]], libc::MSG_DONTWAIT, 0) {
+            match self.recv_step(&mut [&mut buf[..left]], libc::MSG_DONTWAIT, 0, true) {
                 Step::Done(Ok(0)) => break,
                 Step::Done(Ok(k)) => left -= k,
                 Step::Done(Err(_)) | Step::Wait(_) => break,
@@ -636,8 +664,9 @@ impl Connection {
 
     /// Takes what a read with `flags` can take now, `total` bytes already
     /// taken by earlier steps of the same read (`MSG_WAITALL`); the caller
-    /// holds the receive lock. Never sleeps: a read that must wait says so.
-    fn recv_step(&self, bufs: &mut [&mut [u8]], flags: i32, mut total: usize) -> Step {
+    /// holds the receive lock, and the read claim if `claimed` (else each
+    /// copy takes it). Never sleeps: a read that must wait says so.
+    fn recv_step(&self, bufs: &mut [&mut [u8]], flags: i32, mut total: usize, claimed: bool) -> Step {
         let wanted: usize = bufs.iter().map(|b| b.len()).sum();
         let peek = flags & libc::MSG_PEEK != 0;
         let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
@@ -654,11 +683,27 @@ impl Connection {
             match rx.state() {
                 Err(_) => break self.finish_read(total, Err(self.break_connection())),
                 Ok(RxState::Data(_)) => {
-                    let (n, wake) = match advance(bufs, total, |rest| rx.read(rest, peek)) {
+                    let read = {
+                        // Only a read that finds bytes takes the claim (a
+                        // poll of an empty ring writes nothing), and only
+                        // when another process holds this end too.
+                        let alone = claimed || self.only_holder();
+                        let turn = if alone { None } else { self.claim(Side::Rx) };
+                        if !alone && turn.is_none() {
+                            break self.finish_read(total, Err(self.break_connection()));
+                        }
+                        advance(bufs, total, |rest| rx.read(rest, peek))
+                    };
+                    let (n, wake) = match read {
                         Ok(r) => r,
                         Err(_) => break self.finish_read(total, Err(self.break_connection())),
                     };
                     self.kick(wake);
+                    if n == 0 {
+                        // Another process of this end took the bytes
+                        // first: look again.
+                        continue;
+                    }
                     total += n;
                     if !waitall || total == wanted {
                         break Ok(total);
@@ -943,7 +988,7 @@ impl Connection {
     /// end too.
     pub fn note_fork(&self, generation: u64) {
         if self.fork_generation.swap(generation, Ordering::Relaxed) != generation {
-            self.segment.holders(self.endpoint.index()).fetch_add(1, Ordering::AcqRel);
+            self.count_holder();
         }
     }
 }
@@ -1128,8 +1173,10 @@ mod tests {
         assert!(started.elapsed() < CLAIM_PATIENCE * 3, "{:?}", started.elapsed());
         assert_eq!(s.recv(&mut [&mut buf[..]], 0), Err(Errno(libc::ECONNRESET)));
 
-        // The same for a read claim.
+        // The same for a read claim, which a read takes when another
+        // process holds its end too (as if forked).
         let (c, s) = pair(4096);
+        s.add_holder();
         assert_eq!(s.rx().try_claim(u32::MAX), Ok(()));
         assert_eq!(c.send(&[b"ok"], 0), Ok(2));
         assert_eq!(s.recv(&mut [&mut buf[..]], 0), Ok(2));
