@@ -17,6 +17,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use vsocket_ring::spin::Backoff;
 
 /// Set from the prepare handler until after the fork.
 static CLOSED: AtomicBool = AtomicBool::new(false);
@@ -81,7 +82,7 @@ fn enter() -> Pass {
     if DEPTH.with(|d| d.replace(d.get() + 1)) > 0 {
         return Pass;
     }
-    let mut tries = 0u32;
+    let mut backoff = Backoff::new();
     loop {
         if !CLOSED.load(Ordering::SeqCst) {
             INSIDE.fetch_add(1, Ordering::SeqCst);
@@ -94,17 +95,7 @@ fn enter() -> Pass {
         }
         // A fork is under way: it waits at most for the request channel's
         // reply timeout.
-        pause(&mut tries);
-    }
-}
-
-/// Waits a little for another thread: yields at first, then sleeps.
-fn pause(tries: &mut u32) {
-    *tries += 1;
-    if *tries < 64 {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(std::time::Duration::from_micros(100));
+        backoff.wait(std::time::Duration::MAX);
     }
 }
 
@@ -214,9 +205,9 @@ fn me() -> u32 {
 pub fn close_before_fork() {
     CLOSED.store(true, Ordering::SeqCst);
     let mine = u32::from(DEPTH.with(Cell::get) > 0);
-    let mut tries = 0u32;
+    let mut backoff = Backoff::new();
     while INSIDE.load(Ordering::SeqCst) > mine {
-        pause(&mut tries);
+        backoff.wait(std::time::Duration::MAX);
     }
 }
 

@@ -245,24 +245,13 @@ const TRIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 /// back to zero), at most [`TRIM_PATIENCE`]; false if it did not.
 fn wait_untrimmed(trim: &AtomicU32) -> bool {
     #[cfg(not(loom))]
-    let start = std::time::Instant::now();
-    let mut looks = 0u32;
+    let mut backoff = crate::spin::Backoff::new();
     while trim.load(Ordering::Acquire) != 0 {
-        looks = looks.saturating_add(1);
         #[cfg(loom)]
         loom::thread::yield_now();
         #[cfg(not(loom))]
-        {
-            let waited = start.elapsed();
-            if looks < 64 {
-                std::hint::spin_loop();
-            } else if waited < std::time::Duration::from_millis(1) {
-                std::thread::yield_now();
-            } else if waited < TRIM_PATIENCE {
-                std::thread::sleep(std::time::Duration::from_micros(50));
-            } else {
-                return false;
-            }
+        if !backoff.wait(TRIM_PATIENCE) {
+            return false;
         }
     }
     true

@@ -173,6 +173,52 @@ fn spin_for(budget_ns: u64, start: Instant, mut ready: impl FnMut() -> bool) -> 
     }
 }
 
+/// Waits a little, longer each time, for a holder that takes microseconds
+/// (a process copying into a ring, the daemon returning a ring's pages, a
+/// thread leaving a lock a fork waits for), where a futex or a doorbell
+/// would cost more than the wait: a few spins, then yields (for a holder
+/// that shares this core), then sleeps of [`BACKOFF_SLEEP`] (for one that
+/// was descheduled or stopped).
+#[derive(Debug, Default)]
+pub struct Backoff {
+    looks: u32,
+    since: Option<Instant>,
+}
+
+/// How long a [`Backoff`] sleeps once spinning and yielding did not do.
+pub const BACKOFF_SLEEP: std::time::Duration = std::time::Duration::from_micros(50);
+/// Looks a [`Backoff`] spins for, then yields for.
+const BACKOFF_SPINS: u32 = 64;
+const BACKOFF_YIELDS: u32 = 1024;
+
+impl Backoff {
+    pub const fn new() -> Backoff {
+        Backoff { looks: 0, since: None }
+    }
+
+    /// Waits once more; false (without waiting) once `patience` has passed
+    /// since the first wait that slept.
+    pub fn wait(&mut self, patience: std::time::Duration) -> bool {
+        self.looks = self.looks.saturating_add(1);
+        if self.looks < BACKOFF_SPINS {
+            std::hint::spin_loop();
+        } else if self.looks < BACKOFF_YIELDS {
+            std::thread::yield_now();
+        } else {
+            if self.since.get_or_insert_with(Instant::now).elapsed() > patience {
+                return false;
+            }
+            std::thread::sleep(BACKOFF_SLEEP);
+        }
+        true
+    }
+
+    /// How many times it waited.
+    pub fn looks(&self) -> u32 {
+        self.looks
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +246,22 @@ mod tests {
             })
             .is_none());
         assert_eq!(budget(&s), 8_000, "the probe caught it: full budget again");
+    }
+
+    #[test]
+    fn a_backoff_spins_then_yields_then_sleeps_until_its_patience_runs_out() {
+        let mut b = Backoff::new();
+        for _ in 1..BACKOFF_YIELDS {
+            assert!(b.wait(std::time::Duration::ZERO), "no sleep yet: patience not looked at");
+        }
+        let patience = std::time::Duration::from_millis(20);
+        let sleeping = Instant::now();
+        let mut sleeps = 0;
+        while b.wait(patience) {
+            sleeps += 1;
+        }
+        assert!(sleeping.elapsed() >= patience, "{:?}", sleeping.elapsed());
+        assert!((1..=20_000 / 50).contains(&sleeps), "{sleeps} sleeps of at least 50 us in 20 ms");
+        assert!(!b.wait(patience), "and stays out of patience");
     }
 }

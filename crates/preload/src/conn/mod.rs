@@ -850,8 +850,7 @@ impl Connection {
     /// rather than wait for ever or copy beside it.
     fn claim(&self, side: Side) -> Option<Claim<'_>> {
         let me = sys::getpid() as u32;
-        let mut tries = 0u32;
-        let mut since: Option<std::time::Instant> = None;
+        let mut backoff = vsocket_ring::spin::Backoff::new();
         loop {
             let holder = match self.take_claim(side, 0, me) {
                 Ok(()) => return Some(Claim { conn: self, side, me }),
@@ -864,23 +863,15 @@ impl Connection {
             // gone.
             let stale = holder == me
                 || i32::try_from(holder).is_err()
-                || (tries % 64 == 63 && sys::process_gone(holder as i32));
+                || (backoff.looks() % 64 == 63 && sys::process_gone(holder as i32));
             if stale {
                 if self.take_claim(side, holder, me).is_ok() {
                     return Some(Claim { conn: self, side, me });
                 }
                 continue;
             }
-            tries = tries.wrapping_add(1);
-            if tries < 64 {
-                std::hint::spin_loop();
-            } else if tries < 1024 {
-                std::thread::yield_now();
-            } else {
-                if since.get_or_insert_with(std::time::Instant::now).elapsed() > CLAIM_PATIENCE {
-                    return None;
-                }
-                std::thread::sleep(std::time::Duration::from_micros(50));
+            if !backoff.wait(CLAIM_PATIENCE) {
+                return None;
             }
         }
     }
