@@ -252,6 +252,9 @@ static void check_splice_into_full_pipe(int s, const char *content) {
     memset(fill, 'z', sizeof fill);
     ssize_t filled = 0, r;
     while ((r = write(q[1], fill, sizeof fill)) > 0) filled += r;
+    /* Nothing to read yet, and the call may not wait: EAGAIN at once. */
+    ssize_t empty = splice(s, NULL, q[1], NULL, 100, SPLICE_F_NONBLOCK);
+    int empty_errno = errno;
     write(s, content, 100);
     char peeked[100];
     int there = recv(s, peeked, 100, MSG_PEEK | MSG_WAITALL) == 100;
@@ -268,11 +271,12 @@ static void check_splice_into_full_pipe(int s, const char *content) {
     pthread_join(t, NULL);
     char back[100];
     CHECK("splice_socket_to_full_pipe",
-          there && filled > 0 && flagged == -1 && flagged_errno == EAGAIN && nonblocking == -1 &&
+          there && filled > 0 && empty == -1 && empty_errno == EAGAIN && flagged == -1 && flagged_errno == EAGAIN &&
+              nonblocking == -1 &&
               nonblocking_errno == EAGAIN && d.got == filled && waited == 100 && read_full(q[0], back, 100) == 100 &&
               memcmp(back, content, 100) == 0,
-          "filled %zd, flagged %zd (%d), non-blocking pipe %zd (%d), drained %zd, then %zd", filled, flagged,
-          flagged_errno, nonblocking, nonblocking_errno, d.got, waited);
+          "filled %zd, empty socket %zd (%d), flagged %zd (%d), non-blocking pipe %zd (%d), drained %zd, then %zd",
+          filled, empty, empty_errno, flagged, flagged_errno, nonblocking, nonblocking_errno, d.got, waited);
     close(q[0]);
     close(q[1]);
 }

@@ -27,8 +27,11 @@
 //! stream once the last holder is gone.
 //!
 //! [`prepare`] runs in vfork children too, on their parent's memory: it
-//! takes no lock and allocates nothing, only reads the side table and makes
-//! system calls, and writes into buffers of fixed size.
+//! allocates nothing, only reads the side table and makes system calls,
+//! and writes into buffers of fixed size. The one lock it takes is a
+//! connection's receive lock as it counts a vfork child among the end's
+//! holders, taken as the parent (whose threads hold it only while they
+//! copy): a read the parent made alone finishes first.
 
 use crate::addr::Family;
 use crate::attach::{self, Delivery, Given, Remap};

@@ -157,7 +157,14 @@ impl Lock {
     /// of yielding, then asleep on the word (a holder may take long: a
     /// writer waiting for room holds the sending side's).
     pub fn lock(&self) -> LockGuard<'_> {
-        let mine = me();
+        self.lock_as(me())
+    }
+
+    /// [`lock`](Self::lock) by process `mine` (a vfork child takes it as
+    /// its parent, whose memory it runs on, without learning its own id
+    /// into that memory's cache).
+    pub fn lock_as(&self, mine: u32) -> LockGuard<'_> {
+        let mine = mine & !CONTENDED;
         for _ in 0..16 {
             if let Some(guard) = self.try_lock_in(mine) {
                 return guard;

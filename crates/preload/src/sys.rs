@@ -58,10 +58,28 @@ pub fn futex_wake(word: &std::sync::atomic::AtomicU32, n: i32) {
     let _ = raw!(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, n);
 }
 
-/// Is there no process `pid` (as far as this process can see)? A
-/// number no process can have (0 or below) says none.
+/// Is there no process `pid` (as far as this process can see), or only
+/// what is left of one that died (a zombie its parent has not reaped yet,
+/// which `kill` still finds)? A number no process can have (0 or below)
+/// says none.
 pub fn process_gone(pid: i32) -> bool {
-    pid <= 0 || raw!(libc::SYS_kill, pid, 0) == Err(Errno(libc::ESRCH))
+    if pid <= 0 || raw!(libc::SYS_kill, pid, 0) == Err(Errno(libc::ESRCH)) {
+        return true;
+    }
+    matches!(process_state(pid), Some(b'Z' | b'X'))
+}
+
+/// The state letter of process `pid` (`/proc/PID/stat`), if it can be read.
+fn process_state(pid: i32) -> Option<u8> {
+    let path = std::ffi::CString::new(format!("/proc/{pid}/stat")).ok()?;
+    let fd = raw!(libc::SYS_openat, libc::AT_FDCWD, path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC).ok()? as RawFd;
+    let mut stat = [0u8; 512];
+    let n = read(fd, &mut stat);
+    let _ = close(fd);
+    let stat = &stat[..n.ok()?];
+    // "PID (COMMAND) STATE ...": the command may hold anything, ')' too.
+    let end = stat.iter().rposition(|&b| b == b')')?;
+    stat.get(end + 2).copied()
 }
 
 pub fn close(fd: RawFd) -> SysResult<()> {
@@ -358,7 +376,12 @@ pub fn getpid() -> i32 {
         return cached;
     }
     let pid = process_id();
-    PID.store(pid, Ordering::Relaxed);
+    // Not in a vfork child, which runs on its parent's memory: the cache
+    // is its parent's.
+    let owner = OWNER.load(Ordering::Relaxed);
+    if owner == 0 || owner == pid {
+        PID.store(pid, Ordering::Relaxed);
+    }
     pid
 }
 
@@ -757,6 +780,22 @@ mod tests {
         for fd in [ours, r, w] {
             close(fd).unwrap();
         }
+    }
+
+    #[test]
+    fn a_process_that_died_is_gone_before_and_after_it_is_reaped() {
+        assert!(!process_gone(process_id()), "this process");
+        assert!(process_gone(0) && process_gone(-5), "no process has these");
+        let child = fork_running(|| 0).unwrap();
+        // Dead and not reaped (a zombie, which kill still finds).
+        let deadline = now_ms() + 5_000;
+        while process_state(child) != Some(b'Z') && now_ms() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(process_state(child), Some(b'Z'));
+        assert!(process_gone(child));
+        assert_eq!(wait_exit(child, 5_000), Some(0));
+        assert!(process_gone(child), "reaped");
     }
 
     #[test]

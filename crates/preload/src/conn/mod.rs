@@ -20,6 +20,7 @@ pub use blocking::MAX_SLEEP_MS;
 use rung::LeftRung;
 pub use state::Blocking;
 use state::{Flags, State};
+use std::cell::Cell;
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -190,6 +191,11 @@ impl Connection {
             tx_lock: forksafe::Lock::new(),
         };
         conn.forget_earlier_sleepers();
+        // A claim naming this process was left by a thread of the image
+        // before exec, which ended in the middle of a copy.
+        let me = sys::getpid() as u32;
+        conn.rx().release_claim(me);
+        conn.tx().release_claim(me);
         Ok(conn)
     }
 
@@ -223,20 +229,28 @@ impl Connection {
     /// A read of this process that found it the end's only holder, and so
     /// took no read claim (see [`Connection::only_holder`]), finishes
     /// first: the count is raised holding the receive lock, under which
-    /// every read looks at it, so every read after it claims. (Waited for a
-    /// bounded time: a fork from a signal handler that interrupted this
-    /// thread's own read must not hang.)
+    /// every read looks at it, so every read after it claims. A vfork child
+    /// (counted before its exec) takes the lock as its parent, whose memory
+    /// it runs on. Not when this thread is itself inside a read (a fork
+    /// from a signal handler that interrupted it): it cannot wait for
+    /// itself, and that read is not finished first.
     fn count_holder(&self) {
-        let mut reads_done = None;
-        for _ in 0..1024 {
-            reads_done = self.rx_lock.try_lock();
-            if reads_done.is_some() {
-                break;
-            }
-            std::thread::yield_now();
-        }
+        let _reads_done = if READING.with(Cell::get) > 0 {
+            None
+        } else if sys::memory_is_ours() {
+            Some(self.rx_lock.lock())
+        } else {
+            Some(self.rx_lock.lock_as(sys::memory_owner() as u32))
+        };
         self.segment.holders(self.endpoint.index()).fetch_add(1, Ordering::AcqRel);
-        drop(reads_done);
+    }
+
+    /// Takes the receive lock, marking this thread as inside a read (see
+    /// [`Connection::count_holder`]).
+    fn lock_receiving(&self) -> Receiving<'_> {
+        let guard = self.rx_lock.lock();
+        READING.with(|r| r.set(r.get() + 1));
+        Receiving { _guard: guard }
     }
 
     /// Is this process the only one holding this end? Then no other
@@ -591,7 +605,7 @@ impl Connection {
         let mut total = 0;
         loop {
             let step = {
-                let _guard = self.rx_lock.lock();
+                let _receiving = self.lock_receiving();
                 self.recv_step(bufs, flags, total, false)
             };
             match step {
@@ -629,7 +643,7 @@ impl Connection {
     /// [`Connection::recv_into`], peeking into `buf`.
     fn recv_through(&self, buf: &mut [u8], sink: impl FnOnce(&[u8]) -> SysResult<usize>) -> SysResult<usize> {
         let (_guard, _turn, n) = loop {
-            let guard = self.rx_lock.lock();
+            let guard = self.lock_receiving();
             let alone = self.only_holder();
             let turn = if alone { None } else { self.claim(Side::Rx) };
             if !alone && turn.is_none() {
@@ -1056,6 +1070,23 @@ fn advance_const<R>(bufs: &[&[u8]], skip: usize, op: impl FnOnce(&[&[u8]]) -> R)
 /// How long a writer waits for another process's write claim on its
 /// connection: a copy takes microseconds.
 const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+thread_local! {
+    /// How many receive locks this thread holds (0 or 1, more only in a
+    /// signal handler that reads while the thread it interrupted does).
+    static READING: Cell<u32> = const { Cell::new(0) };
+}
+
+/// A held receive lock (see `Connection::lock_receiving`).
+struct Receiving<'a> {
+    _guard: forksafe::LockGuard<'a>,
+}
+
+impl Drop for Receiving<'_> {
+    fn drop(&mut self) {
+        READING.with(|r| r.set(r.get().saturating_sub(1)));
+    }
+}
 
 /// Which of a connection's rings a claim is on: the one this end writes,
 /// or the one it reads.
@@ -1569,6 +1600,11 @@ mod tests {
         s.set_timeout(Direction::Receive, 1500);
         s.state.shut_read();
         let holders = s.segment.holders(Endpoint::Server.index()).load(Ordering::Relaxed);
+        // Threads of the image before exec were in the middle of copies:
+        // their claims name this process, which goes on in the new image.
+        let me = sys::getpid() as u32;
+        assert_eq!(s.rx().try_claim(me), Ok(()));
+        assert_eq!(s.tx().try_claim(me), Ok(()));
         let (resumed, internal) = s.for_exec();
         assert_eq!(resumed.recv_timeout_ms, 1500);
         assert_eq!(internal.remap, Remap::FromDaemon);
@@ -1581,6 +1617,10 @@ mod tests {
         };
         let again = Connection::resume(resumed, delivery()).unwrap();
         assert_eq!(again.segment.holders(Endpoint::Server.index()).load(Ordering::Relaxed), holders);
+        assert_eq!(again.rx().try_claim(7), Ok(()), "the read claim was let go");
+        again.rx().release_claim(7);
+        assert_eq!(again.tx().try_claim(7), Ok(()), "the write claim was let go");
+        again.tx().release_claim(7);
         assert_eq!(again.timeout_ms(Direction::Receive), 1500);
         assert!(again.state.has(Flags::READ_SHUT));
         assert_eq!(again.peer(), s.peer());
