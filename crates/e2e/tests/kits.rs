@@ -285,3 +285,86 @@ fn an_accept_short_of_descriptors_leaves_the_kit_for_the_next() {
     let expected = format!("emfile\nemfile\n{}\n", all.join(" "));
     assert!(wait_until(Duration::from_secs(20), || read() == expected), "{}", read());
 }
+
+/// Echoes each connection's first message and says which connection
+/// ended when it ends.
+const ECHO_AND_TELL: &str = "import select, socket
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(('10.10.0.3', 7000))
+l.listen(64)
+names = {}
+while True:
+    ready, _, _ = select.select([l] + list(names), [], [])
+    for s in ready:
+        if s is l:
+            names[l.accept()[0]] = None
+            continue
+        data = s.recv(100)
+        if data:
+            names[s] = data.decode()
+            s.sendall(data)
+        else:
+            print('eof', names.pop(s), flush=True)
+            s.close()
+";
+
+/// Connects `argv[1]` times and keeps every connection; a forked child
+/// holds the last one and exits without closing it, after the parent
+/// closed its own copy; the parent then holds the others `argv[2]`
+/// seconds more.
+const LAST_HOLDER_DIES: &str = "import os, socket, sys, time
+kept = []
+for i in range(int(sys.argv[1])):
+    c = socket.create_connection(('10.10.0.3', 7000))
+    c.sendall(b'c%02d' % i)
+    assert c.recv(100) == b'c%02d' % i
+    kept.append(c)
+child = os.fork()
+if child == 0:
+    time.sleep(0.3)
+    os._exit(0)
+kept[-1].close()
+os.waitpid(child, 0)
+print('child gone', flush=True)
+time.sleep(float(sys.argv[2]))
+";
+
+#[test]
+fn a_kit_connection_whose_last_holder_dies_without_closing_it_ends_for_its_peer() {
+    // As on the kernel path, where the socket's last descriptor closes
+    // with the child: the server sees that one connection end while the
+    // client's parent still holds the others, made ahead in the same
+    // batches (one end of stream per connection, not per batch).
+    for via in [Via::Kernel, Via::Vsocket] {
+        let name = if via == Via::Kernel { "tkitdiek" } else { "tkitdie" };
+        let mut lab = Lab::start_host(name, ONE_PORT, "flow_log = \"{dir}/flow.log\"").unwrap();
+        lab.spawn("b", via, "python3", &["-c", ECHO_AND_TELL], "server.log").unwrap();
+        lab.wait_listening("b", 7000).unwrap();
+        lab.spawn("a", via, "python3", &["-c", LAST_HOLDER_DIES, "12", "6"], "client.log").unwrap();
+        let read = |log: &str| std::fs::read_to_string(lab.dir.join(log)).unwrap_or_default();
+        assert!(wait_until(Duration::from_secs(20), || read("client.log").contains("child gone")), "{via:?}");
+        assert!(
+            wait_until(Duration::from_secs(3), || read("server.log").contains("eof c11")),
+            "{via:?}: the server did not see the end of the connection whose last holder died: {}",
+            read("server.log")
+        );
+        assert_eq!(read("server.log").lines().count(), 1, "{via:?}: only that one ended: {}", read("server.log"));
+        if via == Via::Vsocket {
+            let log = lab.dir.join("flow.log");
+            let kits = lines(&log)
+                .iter()
+                .filter(|r| {
+                    r["event"] == "attempt" && r["decided_by"].as_str().is_some_and(|d| d.contains("; kit of grant "))
+                })
+                .count();
+            assert!(kits >= 8, "{kits} of 12 connections took kits");
+        }
+        // The parent's exit ends the others.
+        assert!(
+            wait_until(Duration::from_secs(15), || read("server.log").lines().count() == 12),
+            "{via:?}: {}",
+            read("server.log")
+        );
+    }
+}
