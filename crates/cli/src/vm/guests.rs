@@ -63,6 +63,16 @@ pub fn start(config: &Config, config_path: &Path) -> Result<PathBuf, VmError> {
     let dir = lab_dir(config);
     std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
     let me = std::env::current_exe().map_err(io_error(Path::new("/proc/self/exe")))?;
+    if !vm_guests(config).is_empty() && !visible_in_guest(&me) {
+        return Err(VmError::Command {
+            what: "VM guests".into(),
+            output: format!(
+                "{} is not visible in a VM guest, which has a /tmp and a /run of its own over the host's \
+                 root: build and run the workspace from another directory",
+                me.display()
+            ),
+        });
+    }
     for (name, _, _) in vm_guests(config) {
         let console = console_file(config, &name);
         let out = std::fs::File::create(&console).map_err(io_error(&console))?;
@@ -84,6 +94,13 @@ pub fn start(config: &Config, config_path: &Path) -> Result<PathBuf, VmError> {
         std::fs::write(&pid, format!("{} {started}", keeper.id())).map_err(io_error(&pid))?;
     }
     Ok(backend)
+}
+
+/// Does a VM guest see the host's file at `path`? It sees the host's root
+/// read-only, except for its own `/tmp` and `/run` (see `super::Image`),
+/// where the lab's binaries (the agent, the library) must not be.
+fn visible_in_guest(path: &Path) -> bool {
+    !(path.starts_with("/tmp") || path.starts_with("/run"))
 }
 
 /// The keeper of VM guest `guest`: waits for vsocketd to serve it, then
@@ -182,6 +199,14 @@ fn process_alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binaries_under_the_guests_own_tmp_or_run_are_not_visible_there() {
+        assert!(visible_in_guest(Path::new("/work/main/target/release/vsocket")));
+        assert!(visible_in_guest(Path::new("/tmpfiles/vsocket")), "only the directory itself");
+        assert!(!visible_in_guest(Path::new("/tmp/tree/target/release/vsocket")));
+        assert!(!visible_in_guest(Path::new("/run/build/vsocket")));
+    }
 
     #[test]
     fn a_pid_file_names_its_process_by_pid_and_start_time() {
