@@ -63,23 +63,9 @@ pub fn futex_wake(word: &std::sync::atomic::AtomicU32, n: i32) {
 /// which `kill` still finds)? A number no process can have (0 or below)
 /// says none.
 pub fn process_gone(pid: i32) -> bool {
-    if pid <= 0 || raw!(libc::SYS_kill, pid, 0) == Err(Errno(libc::ESRCH)) {
-        return true;
-    }
-    matches!(process_state(pid), Some(b'Z' | b'X'))
-}
-
-/// The state letter of process `pid` (`/proc/PID/stat`), if it can be read.
-fn process_state(pid: i32) -> Option<u8> {
-    let path = std::ffi::CString::new(format!("/proc/{pid}/stat")).ok()?;
-    let fd = raw!(libc::SYS_openat, libc::AT_FDCWD, path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC).ok()? as RawFd;
-    let mut stat = [0u8; 512];
-    let n = read(fd, &mut stat);
-    let _ = close(fd);
-    let stat = &stat[..n.ok()?];
-    // "PID (COMMAND) STATE ...": the command may hold anything, ')' too.
-    let end = stat.iter().rposition(|&b| b == b')')?;
-    stat.get(end + 2).copied()
+    pid <= 0
+        || raw!(libc::SYS_kill, pid, 0) == Err(Errno(libc::ESRCH))
+        || vsocket_sys::process_running(pid as u32) == Some(false)
 }
 
 pub fn close(fd: RawFd) -> SysResult<()> {
@@ -378,8 +364,7 @@ pub fn getpid() -> i32 {
     let pid = process_id();
     // Not in a vfork child, which runs on its parent's memory: the cache
     // is its parent's.
-    let owner = OWNER.load(Ordering::Relaxed);
-    if owner == 0 || owner == pid {
+    if memory_is_of(pid) {
         PID.store(pid, Ordering::Relaxed);
     }
     pid
@@ -405,8 +390,13 @@ pub fn claim_memory() {
 /// signal dispositions) until it execs or exits, with descriptors and
 /// signal handlers of its own: it must leave the library's state alone.
 pub fn memory_is_ours() -> bool {
+    memory_is_of(process_id())
+}
+
+/// Is this memory process `pid`'s own (or not known to be another's)?
+fn memory_is_of(pid: i32) -> bool {
     let owner = OWNER.load(std::sync::atomic::Ordering::Relaxed);
-    owner == 0 || owner == process_id()
+    owner == 0 || owner == pid
 }
 
 /// Forgets the cached process id, and claims the memory (in a fork child).
@@ -789,10 +779,10 @@ mod tests {
         let child = fork_running(|| 0).unwrap();
         // Dead and not reaped (a zombie, which kill still finds).
         let deadline = now_ms() + 5_000;
-        while process_state(child) != Some(b'Z') && now_ms() < deadline {
+        while vsocket_sys::process_running(child as u32) != Some(false) && now_ms() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        assert_eq!(process_state(child), Some(b'Z'));
+        assert_eq!(vsocket_sys::process_running(child as u32), Some(false), "a zombie");
         assert!(process_gone(child));
         assert_eq!(wait_exit(child, 5_000), Some(0));
         assert!(process_gone(child), "reaped");

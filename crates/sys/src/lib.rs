@@ -308,6 +308,22 @@ pub fn process_netns(pid: libc::pid_t) -> io::Result<NetnsId> {
     netns_id(Path::new(&format!("/proc/{pid}/ns/net")))
 }
 
+/// The fields of `/proc/PID/stat` after the command's name (which may
+/// hold spaces and parentheses), from the state on; `None` if there is no
+/// such process (or no `/proc`).
+pub fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(')')?.1.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Is process `pid` running: `Some(false)` once it exited, even before its
+/// parent reaps it (a zombie, which `kill(pid, 0)` still finds); `None`
+/// when no such process can be seen (or there is no `/proc`).
+pub fn process_running(pid: u32) -> Option<bool> {
+    let fields = stat_fields(pid)?;
+    Some(!matches!(fields.first().map(String::as_str), Some("Z" | "X")))
+}
+
 /// Moves the calling thread into the network namespace at `path`.
 pub fn enter_netns(path: &Path) -> io::Result<()> {
     let file = std::fs::File::open(path)?;

@@ -178,22 +178,15 @@ fn running(pid_path: &Path) -> Option<u32> {
     (same && process_alive(pid)).then_some(pid)
 }
 
-/// The fields of `/proc/PID/stat` after the command's name (which may
-/// hold spaces and parentheses), from the state on.
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    Some(stat.rsplit_once(')')?.1.split_whitespace().map(str::to_owned).collect())
-}
-
 /// When process `pid` started, in clock ticks after boot.
 fn start_time(pid: u32) -> Option<u64> {
     // Field 22 of the stat line; the state is field 3.
-    stat_fields(pid)?.get(22 - 3)?.parse().ok()
+    vsocket_sys::stat_fields(pid)?.get(22 - 3)?.parse().ok()
 }
 
 fn process_alive(pid: u32) -> bool {
     // A zombie (exited, not yet reaped) counts as gone.
-    stat_fields(pid).is_some_and(|fields| fields.first().is_some_and(|state| state != "Z"))
+    vsocket_sys::process_running(pid) == Some(true)
 }
 
 #[cfg(test)]
