@@ -219,13 +219,8 @@ impl Connection {
         Internal { doorbell: self.doorbell, lifeline, remap: self.segment.remap() }
     }
 
-    /// Counts one more process holding this end (one that will hold it
-    /// without having been counted: a vfork child about to exec).
-    pub fn add_holder(&self) {
-        self.count_holder();
-    }
-
-    /// Counts one more process holding this end (see `layout::ENDPOINT_LINE`).
+    /// Counts one more process holding this end: this one for a new
+    /// connection, a child about to be forked, a vfork child about to exec.
     /// A read of this process that found it the end's only holder, and so
     /// took no read claim (see [`Connection::only_holder`]), finishes
     /// first: the count is raised holding the receive lock, under which
@@ -234,7 +229,7 @@ impl Connection {
     /// it runs on. Not when this thread is itself inside a read (a fork
     /// from a signal handler that interrupted it): it cannot wait for
     /// itself, and that read is not finished first.
-    fn count_holder(&self) {
+    pub fn add_holder(&self) {
         let _reads_done = if READING.with(Cell::get) > 0 {
             None
         } else if sys::memory_is_ours() {
@@ -246,18 +241,29 @@ impl Connection {
     }
 
     /// Takes the receive lock, marking this thread as inside a read (see
-    /// [`Connection::count_holder`]).
+    /// [`Connection::add_holder`]).
     fn lock_receiving(&self) -> Receiving<'_> {
         let guard = self.rx_lock.lock();
         READING.with(|r| r.set(r.get() + 1));
         Receiving { _guard: guard }
     }
 
+    /// This process's turn to take bytes from the ring: none needed while
+    /// it alone holds the end (see [`Connection::only_holder`]), else the
+    /// read claim; `Err` once the connection had to be broken for it (see
+    /// [`Connection::claim`]).
+    fn read_turn(&self) -> Result<Option<Claim<'_>>, Errno> {
+        if self.only_holder() {
+            return Ok(None);
+        }
+        self.claim(Side::Rx).map(Some).ok_or_else(|| self.break_connection())
+    }
+
     /// Is this process the only one holding this end? Then no other
     /// process can read it, and a read needs no read claim. Looked at
     /// under the receive lock: another process is counted (fork, a vfork
     /// child's exec) under it too, before that process exists
-    /// (`count_holder`); one that lets go counts itself out after its last
+    /// (`add_holder`); one that lets go counts itself out after its last
     /// read (Release, here Acquire).
     fn only_holder(&self) -> bool {
         self.segment.holders(self.endpoint.index()).load(Ordering::Acquire) == 1
@@ -644,11 +650,7 @@ impl Connection {
     fn recv_through(&self, buf: &mut [u8], sink: impl FnOnce(&[u8]) -> SysResult<usize>) -> SysResult<usize> {
         let (_guard, _turn, n) = loop {
             let guard = self.lock_receiving();
-            let alone = self.only_holder();
-            let turn = if alone { None } else { self.claim(Side::Rx) };
-            if !alone && turn.is_none() {
-                return Err(self.break_connection());
-            }
+            let turn = self.read_turn()?;
             match self.recv_step(&mut [&mut *buf], libc::MSG_PEEK, 0, true) {
                 Step::Done(result) => break (guard, turn, result?),
                 Step::Wait(_) => {
@@ -698,14 +700,16 @@ impl Connection {
                 Err(_) => break self.finish_read(total, Err(self.break_connection())),
                 Ok(RxState::Data(_)) => {
                     let read = {
-                        // Only a read that finds bytes takes the claim (a
-                        // poll of an empty ring writes nothing), and only
-                        // when another process holds this end too.
-                        let alone = claimed || self.only_holder();
-                        let turn = if alone { None } else { self.claim(Side::Rx) };
-                        if !alone && turn.is_none() {
-                            break self.finish_read(total, Err(self.break_connection()));
-                        }
+                        // Only a read that finds bytes takes its turn (a
+                        // poll of an empty ring writes nothing).
+                        let _turn = if claimed {
+                            None
+                        } else {
+                            match self.read_turn() {
+                                Ok(turn) => turn,
+                                Err(e) => break self.finish_read(total, Err(e)),
+                            }
+                        };
                         advance(bufs, total, |rest| rx.read(rest, peek))
                     };
                     let (n, wake) = match read {
@@ -993,7 +997,7 @@ impl Connection {
     /// end too.
     pub fn note_fork(&self, generation: u64) {
         if self.fork_generation.swap(generation, Ordering::Relaxed) != generation {
-            self.count_holder();
+            self.add_holder();
         }
     }
 }
