@@ -130,17 +130,21 @@ fn send_staged(private: &PrivatePipe, buf: &mut [u8], pipe: RawFd, conn: &Connec
 }
 
 /// splice(connection → pipe). Bytes are taken only as the caller's pipe
-/// has room for them. As the kernel does, a call that may not wait for
-/// room (SPLICE_F_NONBLOCK, or a non-blocking pipe) fails with EAGAIN on a
-/// full pipe before it looks at the connection; one that may waits for
-/// room, never holding the connection's read claim meanwhile, so another
-/// process of the same end reading is not held up behind a full pipe.
+/// has room for them. As the kernel does, a call finds the pipe full
+/// before it looks at the connection: one that may not wait for room
+/// (SPLICE_F_NONBLOCK, or a non-blocking pipe) fails with EAGAIN, one
+/// that may waits, never holding the connection's read claim meanwhile,
+/// so another process of the same end reading is not held up behind a
+/// full pipe.
 pub fn conn_to_pipe(conn: &Connection, pipe: RawFd, len: usize, flags: u32) -> SysResult<usize> {
-    let may_wait =
-        flags & libc::SPLICE_F_NONBLOCK == 0 && sys::fcntl(pipe, libc::F_GETFL, 0)? & libc::O_NONBLOCK as usize == 0;
     loop {
-        if !may_wait && !has_room(pipe)? {
-            return Err(Errno(libc::EAGAIN));
+        if !wait_for_room(pipe, 0)? {
+            let nonblocking = sys::fcntl(pipe, libc::F_GETFL, 0)? & libc::O_NONBLOCK as usize != 0;
+            if flags & libc::SPLICE_F_NONBLOCK != 0 || nonblocking {
+                return Err(Errno(libc::EAGAIN));
+            }
+            wait_for_room(pipe, -1)?;
+            continue;
         }
         let private = PrivatePipe::new()?;
         let mut full = false;
@@ -158,24 +162,17 @@ pub fn conn_to_pipe(conn: &Connection, pipe: RawFd, len: usize, flags: u32) -> S
                 other => other,
             }
         });
+        // Not when another writer of the caller's pipe filled it meanwhile:
+        // that is found above.
         if !(full && moved == Ok(0)) {
             return moved;
         }
-        // Another writer of the caller's pipe filled it meanwhile.
-        if !may_wait {
-            return Err(Errno(libc::EAGAIN));
-        }
-        wait_for_room(pipe, -1)?;
     }
 }
 
-/// Has `pipe` room (or no reader: the splice then says so)?
-fn has_room(pipe: RawFd) -> SysResult<bool> {
-    wait_for_room(pipe, 0)
-}
-
-/// Waits until `pipe` has room (or no reader), at most `timeout_ms`
-/// (negative: for as long as it takes); whether it has.
+/// Waits until `pipe` has room (or no reader: the splice then says so),
+/// at most `timeout_ms` (negative: for as long as it takes); whether it
+/// has.
 fn wait_for_room(pipe: RawFd, timeout_ms: i32) -> SysResult<bool> {
     let mut pfd = [libc::pollfd { fd: pipe, events: libc::POLLOUT, revents: 0 }];
     sys::poll(&mut pfd, timeout_ms).map(|n| n > 0)
