@@ -11,6 +11,14 @@ fn lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
+/// Connections the flow log at `log` records as made from kits.
+fn kit_attempts(log: &Path) -> usize {
+    lines(log)
+        .iter()
+        .filter(|r| r["event"] == "attempt" && r["decided_by"].as_str().is_some_and(|d| d.contains("; kit of grant ")))
+        .count()
+}
+
 fn connections(lab: &Lab) -> usize {
     lab.ctl("connections").unwrap().as_array().unwrap().len()
 }
@@ -238,15 +246,7 @@ fn a_client_that_writes_and_exits_before_the_server_accepts_loses_nothing() {
             let grants = || lab.ctl("listeners").unwrap()[0]["grants"].as_u64();
             assert!(wait_until(Duration::from_secs(5), || grants() == Some(0)), "{:?}", lab.ctl("listeners"));
             let log = lab.dir.join("flow.log");
-            let kits = || {
-                lines(&log)
-                    .iter()
-                    .filter(|r| {
-                        r["event"] == "attempt"
-                            && r["decided_by"].as_str().is_some_and(|d| d.contains("; kit of grant "))
-                    })
-                    .count()
-            };
+            let kits = || kit_attempts(&log);
             assert!(wait_until(Duration::from_secs(5), || kits() >= 8), "{} of 12 took kits", kits());
         }
         std::fs::write(go, "").unwrap();
@@ -269,14 +269,7 @@ fn an_accept_short_of_descriptors_leaves_the_kit_for_the_next() {
     assert!(out.status.success(), "{out:?}");
     // The third connect on took kits.
     let log = lab.dir.join("flow.log");
-    let kits = || {
-        lines(&log)
-            .iter()
-            .filter(|r| {
-                r["event"] == "attempt" && r["decided_by"].as_str().is_some_and(|d| d.contains("; kit of grant "))
-            })
-            .count()
-    };
+    let kits = || kit_attempts(&log);
     assert!(wait_until(Duration::from_secs(5), || kits() >= 5), "{} of 8 took kits", kits());
     std::fs::write(go, "").unwrap();
     let server_log = lab.dir.join("server.log");
@@ -351,13 +344,7 @@ fn a_kit_connection_whose_last_holder_dies_without_closing_it_ends_for_its_peer(
         );
         assert_eq!(read("server.log").lines().count(), 1, "{via:?}: only that one ended: {}", read("server.log"));
         if via == Via::Vsocket {
-            let log = lab.dir.join("flow.log");
-            let kits = lines(&log)
-                .iter()
-                .filter(|r| {
-                    r["event"] == "attempt" && r["decided_by"].as_str().is_some_and(|d| d.contains("; kit of grant "))
-                })
-                .count();
+            let kits = kit_attempts(&lab.dir.join("flow.log"));
             assert!(kits >= 8, "{kits} of 12 connections took kits");
         }
         // The parent's exit ends the others.
