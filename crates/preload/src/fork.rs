@@ -191,9 +191,9 @@ mod tests {
         let (reported, report) = sys::pipe().unwrap();
         let child = sys::fork_running(|| {
             let (mut count, mut sum) = (0u64, 0u64);
-            // Half the stream at most: the parent reads too, however the
-            // two are scheduled.
-            while count < TOTAL as u64 / 2 {
+            // A quarter of the stream, then it exits: the parent reads the
+            // rest, however the two are scheduled.
+            while count < TOTAL as u64 / 4 {
                 let mut offered = 0;
                 let taken = server.recv_into(61, |bytes| {
                     // Takes part of what is offered now and then: the rest
@@ -230,7 +230,14 @@ mod tests {
         let (mut count, mut sum) = (0u64, 0u64);
         let mut buf = [0u8; 64];
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut child_done = None;
         loop {
+            // Half the stream at most while the child reads: what is left
+            // is more than the child's quarter, so both read, however the
+            // two are scheduled.
+            if count >= TOTAL as u64 / 2 && child_done.is_none() {
+                child_done = Some(sys::wait_exit(child, 30_000));
+            }
             match server.recv(&mut [&mut buf[..]], 0) {
                 Ok(0) => break,
                 Ok(n) => {
@@ -249,7 +256,8 @@ mod tests {
         }
         assert!(writer.is_finished(), "the stream ended for the parent before the writer finished");
         assert!(writer.join().unwrap(), "every byte sent");
-        assert_eq!(sys::wait_exit(child, 30_000), Some(0), "the child's reads");
+        let child_done = child_done.unwrap_or_else(|| sys::wait_exit(child, 30_000));
+        assert_eq!(child_done, Some(0), "the child's reads");
         let mut line = [0u8; 16];
         assert_eq!(sys::read(reported, &mut line), Ok(16));
         let _ = sys::close(reported);
