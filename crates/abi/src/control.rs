@@ -30,8 +30,10 @@
 //!   channel. (`ConnectKitsV1` and `ListenKitsV1` are those of a library
 //!   that does not set a kit's take word, `ConnectKitsV2` and
 //!   `ListenKitsV2` those of one that takes a kit's memory as two memfds
-//!   of its own rather than a piece of a chunk: the daemon answers them as
-//!   `Connect` and `Listen`, so such a library gets no kits.)
+//!   of its own rather than a piece of a chunk, `ConnectKitsV3` and
+//!   `ListenKitsV3` those of one that does not keep a kit's doorbell for
+//!   the next kit in its piece: the daemon answers them as `Connect` and
+//!   `Listen`, so such a library gets no kits.)
 //! - a kit's memory is a piece of a *chunk* (`layout::CHUNK_PIECES`
 //!   connections' halves in two files, ARCHITECTURE §3c): a batch brings
 //!   the files of each chunk its kits are in (this end's read-write, the
@@ -122,6 +124,13 @@ pub enum Message {
     /// Library → daemon: `ListenKits` of such a library (kind 21). The
     /// daemon takes it as `Listen`.
     ListenKitsV2 { local: SocketAddrV4, backlog: u32 },
+    /// Library → daemon: `ConnectKits` of a library whose every kit came
+    /// with a doorbell of its own (kind 22, before [`Grant::kept`]). The
+    /// daemon takes it as `Connect`.
+    ConnectKitsV3 { local: SocketAddrV4, remote: SocketAddrV4 },
+    /// Library → daemon: `ListenKits` of such a library (kind 23). The
+    /// daemon takes it as `Listen`.
+    ListenKitsV3 { local: SocketAddrV4, backlog: u32 },
     /// Daemon → library: the listener is registered; its bell's read end
     /// and its kit channel (the library's end) come with it.
     ListenOkKits,
@@ -131,7 +140,8 @@ pub enum Message {
     /// then the batch's own ([`Grant::fds`]): the batch's lifeline (a
     /// write end of the pipe whose read end the daemon keeps for all its
     /// kits), the files of each chunk the batch's kits are in (this end's
-    /// read-write, then the peer's read-only), then [`KIT_FDS`] per kit.
+    /// read-write, then the peer's read-only), then [`KIT_FDS`] per kit
+    /// not in [`Grant::kept`].
     ConnectedKits { info: ConnectionInfo, grant: Grant },
     /// Daemon → library on a listener's kit channel (which no wait
     /// watches: kits never make a listener look readable): the server's
@@ -157,6 +167,11 @@ pub struct Grant {
     pub first: u32,
     pub count: u8,
     pub chunks: u8,
+    /// Bit `i` set: kit `first + i` comes without a doorbell; its
+    /// connection uses the one each end kept from the connection before
+    /// it in the same piece (`layout::BELL_KEPT`, ARCHITECTURE §3c
+    /// stage 6).
+    pub kept: u32,
     pub places: [Place; MAX_KITS as usize],
 }
 
@@ -168,13 +183,18 @@ impl Grant {
         for (i, p) in places.iter_mut().enumerate().take(count as usize) {
             *p = Place { chunk: 0, piece: i as u8 };
         }
-        Grant { id, first, count, chunks: 1, places }
+        Grant { id, first, count, chunks: 1, kept: 0, places }
     }
 
     /// The descriptors of the batch itself: its lifeline, each chunk's two
-    /// files, then [`KIT_FDS`] per kit.
+    /// files, then [`KIT_FDS`] per kit that does not use a kept doorbell.
     pub fn fds(&self) -> usize {
-        1 + 2 * self.chunks as usize + KIT_FDS * self.count as usize
+        1 + 2 * self.chunks as usize + KIT_FDS * (self.count as usize - self.kept.count_ones() as usize)
+    }
+
+    /// Does kit `first + i` use the doorbell its piece's ends kept?
+    pub fn uses_kept_bell(&self, i: usize) -> bool {
+        i < 32 && self.kept & (1 << i) != 0
     }
 
     /// The places of the batch's kits, in order.
@@ -264,14 +284,16 @@ mod kind {
     pub const NO_KITS: u8 = 19;
     pub const CONNECT_KITS_V2: u8 = 20;
     pub const LISTEN_KITS_V2: u8 = 21;
-    pub const CONNECT_KITS: u8 = 22;
-    pub const LISTEN_KITS: u8 = 23;
+    pub const CONNECT_KITS_V3: u8 = 22;
+    pub const LISTEN_KITS_V3: u8 = 23;
     pub const REATTACHED_AT: u8 = 24;
+    pub const CONNECT_KITS: u8 = 25;
+    pub const LISTEN_KITS: u8 = 26;
 }
 
 const ADDR_LEN: usize = 6;
 const INFO_LEN: usize = 8 + 2 * ADDR_LEN + 4;
-const GRANT_LEN: usize = 8 + 4 + 1 + 1 + MAX_KITS as usize;
+const GRANT_LEN: usize = 8 + 4 + 1 + 1 + 4 + MAX_KITS as usize;
 
 impl Message {
     /// Encodes into `buf` and returns the used prefix.
@@ -325,10 +347,12 @@ impl Message {
             }
             Message::ConnectKits { local, remote }
             | Message::ConnectKitsV1 { local, remote }
-            | Message::ConnectKitsV2 { local, remote } => {
+            | Message::ConnectKitsV2 { local, remote }
+            | Message::ConnectKitsV3 { local, remote } => {
                 w.u8(match self {
                     Message::ConnectKitsV1 { .. } => kind::CONNECT_KITS_V1,
                     Message::ConnectKitsV2 { .. } => kind::CONNECT_KITS_V2,
+                    Message::ConnectKitsV3 { .. } => kind::CONNECT_KITS_V3,
                     _ => kind::CONNECT_KITS,
                 });
                 w.addr(local);
@@ -336,10 +360,12 @@ impl Message {
             }
             Message::ListenKits { local, backlog }
             | Message::ListenKitsV1 { local, backlog }
-            | Message::ListenKitsV2 { local, backlog } => {
+            | Message::ListenKitsV2 { local, backlog }
+            | Message::ListenKitsV3 { local, backlog } => {
                 w.u8(match self {
                     Message::ListenKitsV1 { .. } => kind::LISTEN_KITS_V1,
                     Message::ListenKitsV2 { .. } => kind::LISTEN_KITS_V2,
+                    Message::ListenKitsV3 { .. } => kind::LISTEN_KITS_V3,
                     _ => kind::LISTEN_KITS,
                 });
                 w.addr(local);
@@ -384,8 +410,8 @@ impl Message {
             kind::REATTACHED_AT => 1,
             kind::REFUSED => 4,
             kind::LISTEN => ADDR_LEN + 4,
-            kind::CONNECT_KITS | kind::CONNECT_KITS_V1 | kind::CONNECT_KITS_V2 => 2 * ADDR_LEN,
-            kind::LISTEN_KITS | kind::LISTEN_KITS_V1 | kind::LISTEN_KITS_V2 => ADDR_LEN + 4,
+            kind::CONNECT_KITS | kind::CONNECT_KITS_V1 | kind::CONNECT_KITS_V2 | kind::CONNECT_KITS_V3 => 2 * ADDR_LEN,
+            kind::LISTEN_KITS | kind::LISTEN_KITS_V1 | kind::LISTEN_KITS_V2 | kind::LISTEN_KITS_V3 => ADDR_LEN + 4,
             kind::CONNECTED_KITS => INFO_LEN + GRANT_LEN,
             kind::KITS => GRANT_LEN + 4 + ADDR_LEN,
             kind::REVOKE => 8,
@@ -433,6 +459,8 @@ impl Message {
             kind::LISTEN_KITS_V1 => Message::ListenKitsV1 { local: r.addr(), backlog: r.u32() },
             kind::CONNECT_KITS_V2 => Message::ConnectKitsV2 { local: r.addr(), remote: r.addr() },
             kind::LISTEN_KITS_V2 => Message::ListenKitsV2 { local: r.addr(), backlog: r.u32() },
+            kind::CONNECT_KITS_V3 => Message::ConnectKitsV3 { local: r.addr(), remote: r.addr() },
+            kind::LISTEN_KITS_V3 => Message::ListenKitsV3 { local: r.addr(), backlog: r.u32() },
             kind::CONNECT_KITS => Message::ConnectKits { local: r.addr(), remote: r.addr() },
             kind::LISTEN_KITS => Message::ListenKits { local: r.addr(), backlog: r.u32() },
             kind::LISTEN_OK_KITS => Message::ListenOkKits,
@@ -489,6 +517,7 @@ impl Writer<'_> {
         self.bytes(&g.first.to_le_bytes());
         self.u8(g.count);
         self.u8(g.chunks);
+        self.bytes(&g.kept.to_le_bytes());
         for p in g.places {
             self.u8(p.chunk << 5 | p.piece);
         }
@@ -535,7 +564,7 @@ impl Reader<'_> {
         Ok(ConnectionInfo { id, local, peer, ring_size })
     }
     /// A batch of 1 to [`MAX_KITS`] kits in 1 to [`MAX_CHUNKS`] chunks,
-    /// each kit's place in one of them.
+    /// each kit's place in one of them, kept doorbells only for its kits.
     fn grant(&mut self) -> Result<Grant, DecodeError> {
         let id = u64::from_le_bytes(self.take());
         let first = self.u32();
@@ -547,12 +576,16 @@ impl Reader<'_> {
         if chunks == 0 || chunks > MAX_CHUNKS {
             return Err(DecodeError::BadField("chunks"));
         }
+        let kept = self.u32();
+        if count < 32 && kept >> count != 0 {
+            return Err(DecodeError::BadField("kept"));
+        }
         let bytes = self.take::<{ MAX_KITS as usize }>();
         let places = bytes.map(|b| Place { chunk: b >> 5, piece: b & 31 });
         if places[..count as usize].iter().any(|p| p.chunk >= chunks) {
             return Err(DecodeError::BadField("places"));
         }
-        Ok(Grant { id, first, count, chunks, places })
+        Ok(Grant { id, first, count, chunks, kept, places })
     }
 }
 
@@ -571,6 +604,8 @@ mod tests {
         for (i, p) in grant.places.iter_mut().enumerate() {
             *p = Place { chunk: (i % 8) as u8, piece: 31 - i as u8 };
         }
+        // Every third kit's doorbell kept.
+        grant.kept = 0x4924_9249;
         grant
     }
 
@@ -596,6 +631,8 @@ mod tests {
             Message::ListenKitsV1 { local: a("0.0.0.0:80"), backlog: 4096 },
             Message::ConnectKitsV2 { local: a("0.0.0.0:40000"), remote: a("10.0.0.2:6379") },
             Message::ListenKitsV2 { local: a("0.0.0.0:80"), backlog: 4096 },
+            Message::ConnectKitsV3 { local: a("0.0.0.0:40000"), remote: a("10.0.0.2:6379") },
+            Message::ListenKitsV3 { local: a("0.0.0.0:80"), backlog: 4096 },
             Message::ListenOkKits,
             Message::ConnectedKits { info, grant: Grant::in_one_chunk(3, 64, MAX_KITS) },
             Message::ConnectedKits { info, grant: spread() },
@@ -628,6 +665,11 @@ mod tests {
         assert_eq!(Message::decode(&connect), Ok(Message::ConnectKitsV2 { local, remote }));
         listen[0] = 21;
         assert_eq!(Message::decode(&listen), Ok(Message::ListenKitsV2 { local, backlog: 511 }));
+        // And one from before kept doorbells, under kinds 22 and 23.
+        connect[0] = 22;
+        assert_eq!(Message::decode(&connect), Ok(Message::ConnectKitsV3 { local, remote }));
+        listen[0] = 23;
+        assert_eq!(Message::decode(&listen), Ok(Message::ListenKitsV3 { local, backlog: 511 }));
     }
 
     #[test]
@@ -679,6 +721,7 @@ mod tests {
             kits.extend_from_slice(&0u32.to_le_bytes());
             kits.push(count);
             kits.push(chunks);
+            kits.extend_from_slice(&0u32.to_le_bytes());
             kits.extend_from_slice(&[place; MAX_KITS as usize]);
             kits.extend_from_slice(&[10, 0, 0, 3, 10, 0, 0, 2, 0x50, 0]);
             Message::decode(&kits)
@@ -691,6 +734,15 @@ mod tests {
         }
         assert_eq!(batch(1, 2, 2 << 5), Err(DecodeError::BadField("places")));
         assert!(batch(1, 3, 2 << 5 | 31).is_ok());
+        // A kept doorbell named for a kit past the batch.
+        let kits = |kept: u32| {
+            let grant = Grant { kept, ..Grant::in_one_chunk(5, 0, 3) };
+            let message = Message::Kits { grant, client: Ipv4Addr::LOCALHOST, server: a("10.0.0.2:80") };
+            Message::decode(message.encode(&mut [0; MAX_MESSAGE]))
+        };
+        assert!(kits(0b111).is_ok());
+        assert_eq!(kits(0b1000), Err(DecodeError::BadField("kept")));
+        assert!(Grant { kept: u32::MAX, ..Grant::in_one_chunk(5, 0, MAX_KITS) }.uses_kept_bell(31));
         let mut at = Message::ReattachedAt { piece: 31 }.encode(&mut buf).to_vec();
         at[1] = 32;
         assert_eq!(Message::decode(&at), Err(DecodeError::BadField("piece")));
@@ -701,11 +753,13 @@ mod tests {
         let grant = spread();
         let info = ConnectionInfo { id: 1, local: a("1.2.3.4:5"), peer: a("1.2.3.4:6"), ring_size: 1 << 16 };
         let most = Message::ConnectedKits { info, grant }.fd_count();
-        assert_eq!(most, 4 + 2 + 1 + 2 * 8 + 32);
+        assert_eq!(most, 4 + 2 + 1 + 2 * 8 + 32 - 11);
+        let fresh = Message::ConnectedKits { info, grant: Grant { kept: 0, ..grant } };
+        assert_eq!(fresh.fd_count(), 4 + 2 + 1 + 2 * 8 + 32);
         // SCM_MAX_FD in Linux.
         assert!(most <= 253);
         let server = Message::Kits { grant, client: Ipv4Addr::LOCALHOST, server: a("1.2.3.4:5") };
-        assert_eq!(server.fd_count(), 1 + 1 + 2 * 8 + 32);
+        assert_eq!(server.fd_count(), 1 + 1 + 2 * 8 + 32 - 11);
         assert_eq!(Message::ListenOkKits.fd_count(), 2);
         assert_eq!(Grant::in_one_chunk(1, 0, 3).fds(), 1 + 2 + 3);
     }

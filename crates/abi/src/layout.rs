@@ -106,6 +106,16 @@ pub const KIT_TAKEN: u32 = 1 << 16;
 pub fn taken_port(take: u32) -> Option<u16> {
     (take != KIT_FREE && take != KIT_GONE).then_some(take as u16)
 }
+/// Offset, within an endpoint line, of the `bell_kept` word (a `u64`,
+/// ARCHITECTURE §3c stage 6): the id of the kit connection whose doorbell
+/// this end's process kept (parked) when it closed it alone, for the next
+/// connection in the same piece; 0 when it kept none. Written by the
+/// library before its `released` word, read by the daemon before it
+/// resets the piece: when both ends' words name the connection it
+/// retires, the next kit there comes without a doorbell and each end
+/// takes the one it kept. Zero, and unused, outside kits' pieces.
+pub const BELL_KEPT: usize = 16;
+
 /// Offset of the data area within a half.
 pub const DATA: usize = PAGE;
 

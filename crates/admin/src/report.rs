@@ -35,6 +35,11 @@ pub struct StatusReport {
     pub kit_chunks: u64,
     #[serde(default)]
     pub kit_pieces_kept: usize,
+    /// Kits made without a doorbell pair: their piece's two processes
+    /// kept the one of the connection retired there (ARCHITECTURE §3c,
+    /// stage 6).
+    #[serde(default)]
+    pub doorbells_reused: u64,
     /// Idle rings whose data pages went back to the host (ARCHITECTURE
     /// §3c, stage 5).
     #[serde(default)]

@@ -131,6 +131,7 @@ fn status(fabric: bool) -> StatusReport {
         segments_kept: 7,
         kit_chunks: 15,
         kit_pieces_kept: 16,
+        doorbells_reused: 18,
         rings_trimmed: 17,
         deny_action: if fabric { DenyAction::Reject } else { DenyAction::Drop },
         on_policy_change: if fabric { PolicyChangeAction::Reset } else { PolicyChangeAction::Keep },
@@ -149,7 +150,7 @@ fn status(fabric: bool) -> StatusReport {
 fn status_reply() {
     round_trip(
         &status(true),
-        "{\"connections\":3,\"deny_action\":\"reject\",\"fabric\":\"ucx\",\"fabric_peers_up\":1,\
+        "{\"connections\":3,\"deny_action\":\"reject\",\"doorbells_reused\":18,\"fabric\":\"ucx\",\"fabric_peers_up\":1,\
          \"flow_log\":\"/run/vsocket/flow.log\",\"flow_log_dropped\":4,\"guests\":2,\"host\":\"h1\",\
          \"kit_chunks\":15,\"kit_pieces_kept\":16,\
          \"listeners\":1,\"metrics\":\"127.0.0.1:9100\",\"on_policy_change\":\"reset\",\"policy_changes\":8,\
@@ -159,7 +160,7 @@ fn status_reply() {
     );
     round_trip(
         &status(false),
-        "{\"connections\":3,\"deny_action\":\"drop\",\"fabric\":null,\"fabric_peers_up\":null,\
+        "{\"connections\":3,\"deny_action\":\"drop\",\"doorbells_reused\":18,\"fabric\":null,\"fabric_peers_up\":null,\
          \"flow_log\":null,\"flow_log_dropped\":4,\"guests\":2,\"host\":\"h1\",\
          \"kit_chunks\":15,\"kit_pieces_kept\":16,\
          \"listeners\":1,\"metrics\":null,\"on_policy_change\":\"keep\",\"policy_changes\":8,\

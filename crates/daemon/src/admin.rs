@@ -72,6 +72,7 @@ fn answer(daemon: &Arc<Daemon>, request: Request) -> Reply {
                 segments_kept: daemon.segments.kept(),
                 kit_chunks: daemon.segments.chunks.load(Relaxed),
                 kit_pieces_kept: daemon.segments.kept_pieces(),
+                doorbells_reused: daemon.segments.bells_reused.load(Relaxed),
                 rings_trimmed: daemon.rings_trimmed.load(Relaxed),
                 deny_action: host.deny_action,
                 on_policy_change: host.on_policy_change,

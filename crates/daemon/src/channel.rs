@@ -57,14 +57,15 @@ impl EndFiles {
 }
 
 /// One end's descriptors of a kit: its doorbell (its memory is its
-/// chunk's, its lifeline its batch's).
+/// chunk's, its lifeline its batch's), none when the kit uses the one its
+/// piece's ends kept (ARCHITECTURE §3c, stage 6).
 pub struct KitEnds {
-    pub bell: OwnedFd,
+    pub bell: Option<OwnedFd>,
 }
 
 impl KitEnds {
-    pub fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 1] {
-        [self.bell.as_fd()]
+    pub fn fds(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.bell.as_ref().map(AsFd::as_fd)
     }
 }
 

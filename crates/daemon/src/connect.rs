@@ -698,12 +698,19 @@ pub fn make_kit(
     let charge =
         crate::charge::charge(|slot| policy.quotas(slot), &grant.client, &listener.guest, host.segment_size()).ok()?;
     let pair = Pair { channel: grant.key.channel, listener: listener.id };
-    let piece = match daemon.reclaim_piece(pair) {
-        Some(piece) => piece,
+    let free = match daemon.reclaim_piece(pair) {
+        Some(free) => free,
         None => daemon.segments.take_piece(pair).ok()?,
     };
+    let piece = free.piece;
     let segment = piece.segment().ok()?;
-    let (client_bell, server_bell) = vsocket_sys::stream_pair().ok()?;
+    let (client_bell, server_bell) = if free.bells_kept {
+        daemon.segments.bells_reused.fetch_add(1, Ordering::Relaxed);
+        (None, None)
+    } else {
+        let (client, server) = vsocket_sys::stream_pair().ok()?;
+        (Some(client), Some(server))
+    };
     let id = daemon.ids.connection();
     // Names the connection in the piece's headers: a library reads a kit's
     // id there.

@@ -217,7 +217,7 @@ impl Daemon {
     /// between the same `pair` that both ends have closed and released,
     /// retiring that connection.
     pub fn reclaim(&self, pair: Pair) -> Option<(Segment, SegmentFiles)> {
-        match self.reclaim_memory(pair, false)? {
+        match self.reclaim_memory(pair, false)?.1 {
             Memory::Files { segment, files } => Some((segment, files)),
             // Only memfd segments are shared by a pair of processes.
             Memory::Placed(_) | Memory::Piece { .. } => None,
@@ -226,28 +226,28 @@ impl Daemon {
 
     /// Takes back, for a new kit, the piece of a kit connection between the
     /// same `pair` that both ends have closed and released, retiring that
-    /// connection; the piece is reset.
-    pub fn reclaim_piece(&self, pair: Pair) -> Option<crate::pool::Piece> {
+    /// connection; the piece is reset (see `pool::reset_piece`).
+    pub fn reclaim_piece(&self, pair: Pair) -> Option<crate::pool::FreePiece> {
         match self.reclaim_memory(pair, true)? {
-            Memory::Piece { segment, piece } => {
-                segment.reset();
+            (retired, Memory::Piece { segment, piece }) => {
+                let bells_kept = crate::pool::reset_piece(&segment, retired);
                 self.segments.reused.fetch_add(1, Ordering::Relaxed);
-                Some(piece)
+                Some(crate::pool::FreePiece { piece, bells_kept })
             }
-            Memory::Files { .. } | Memory::Placed(_) => None,
+            (_, Memory::Files { .. } | Memory::Placed(_)) => None,
         }
     }
 
     /// Retires a connection between `pair` that both ends closed and
     /// released (one whose memory is a kit's piece, if `pieces`), and
-    /// returns its memory.
-    fn reclaim_memory(&self, pair: Pair, pieces: bool) -> Option<Memory> {
+    /// returns its id and memory.
+    fn reclaim_memory(&self, pair: Pair, pieces: bool) -> Option<(ConnectionId, Memory)> {
         let (mut c, bytes) = self.connections.reclaim(pair, pieces, fold)?;
         if let (Some(close), Some(log)) = (self.retire(&mut c, bytes), &self.flow_log) {
             // On the connect path: never wait for the log.
             log.record(close);
         }
-        Some(c.memory)
+        Some((c.id, c.memory))
     }
 
     /// Retires connections whose both ends have closed, folding their bytes
@@ -276,7 +276,7 @@ impl Daemon {
                     self.segments.recycle(*pair, segment, files);
                 }
                 (Carrier::Shared(pair), Memory::Piece { segment, piece }) if segment.reusable() => {
-                    self.segments.recycle_piece(*pair, segment, piece);
+                    self.segments.recycle_piece(*pair, c.id, segment, piece);
                 }
                 _ => {}
             }

@@ -133,6 +133,9 @@ pub fn for_connect(
             }
         };
         batch.places[made.len()] = Place { chunk: chunk as u8, piece: kit.piece.index };
+        if kit.client.bell.is_none() {
+            batch.kept |= 1 << made.len();
+        }
         made.push((sequence, kit));
     }
     if made.is_empty() {

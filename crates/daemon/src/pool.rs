@@ -23,9 +23,11 @@
 //! pair's processes maps once. A chunk is made for a pair when it has no
 //! free piece, and each kit connection's piece comes back to the pair
 //! when it is retired, reset, for the pair's next kit; a chunk goes when
-//! its last piece does (every record and free entry holds it).
+//! its last piece does (every record and free entry holds it). A piece
+//! whose two ends both kept the retired connection's doorbell (stage 6)
+//! is marked so: the pair's next kit there is made without one.
 
-use crate::ids::{ChannelId, ListenerId, Pair};
+use crate::ids::{ChannelId, ConnectionId, ListenerId, Pair};
 use crate::sync::lock;
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -80,6 +82,27 @@ pub struct Piece {
     pub index: u8,
 }
 
+/// A kit piece free for its pair's next kit.
+#[derive(Debug)]
+pub struct FreePiece {
+    pub piece: Piece,
+    /// Both ends kept the doorbell of the connection retired there
+    /// (ARCHITECTURE §3c, stage 6): the next kit in it needs none.
+    pub bells_kept: bool,
+}
+
+/// Resets a retired kit connection's piece for its pair's next kit, and
+/// says whether both of its ends kept that connection's doorbell for it:
+/// both `bell_kept` words name `retired` (read before the reset clears
+/// them). A library can write anything in its own word: a lie costs only
+/// its own next kit in the piece, which it then cannot use (ARCHITECTURE
+/// §3c, stage 6).
+pub fn reset_piece(segment: &Segment, retired: ConnectionId) -> bool {
+    let kept = retired.0 != 0 && (0..2).all(|end| segment.bell_kept(end).load(Ordering::Acquire) == retired.0);
+    segment.reset();
+    kept
+}
+
 impl Piece {
     /// The daemon's view of the piece: the chunk's, or (a chunk handed
     /// over) the chunk mapped for this piece alone.
@@ -113,6 +136,8 @@ pub struct SegmentPool {
     pub reused: AtomicU64,
     /// Kits' chunks made.
     pub chunks: AtomicU64,
+    /// Kits made with the doorbell their piece's ends kept.
+    pub bells_reused: AtomicU64,
 }
 
 /// A released segment, reset, and its files.
@@ -126,7 +151,7 @@ struct Released {
     channels: HashSet<ChannelId>,
     listeners: HashSet<ListenerId>,
     /// Free kit pieces, per pair.
-    pieces: HashMap<Pair, Vec<Piece>>,
+    pieces: HashMap<Pair, Vec<FreePiece>>,
 }
 
 impl Released {
@@ -134,7 +159,7 @@ impl Released {
         self.channels.contains(&pair.channel) && self.listeners.contains(&pair.listener)
     }
 
-    fn take_pairs(&mut self, gone: impl Fn(&Pair) -> bool) -> (Vec<Vec<Kept>>, Vec<Vec<Piece>>) {
+    fn take_pairs(&mut self, gone: impl Fn(&Pair) -> bool) -> (Vec<Vec<Kept>>, Vec<Vec<FreePiece>>) {
         let keys: Vec<Pair> = self.by_pair.keys().copied().filter(|k| gone(k)).collect();
         let segments = keys.into_iter().filter_map(|k| self.by_pair.remove(&k)).collect();
         let keys: Vec<Pair> = self.pieces.keys().copied().filter(|k| gone(k)).collect();
@@ -159,6 +184,7 @@ impl SegmentPool {
             created: AtomicU64::new(0),
             reused: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
+            bells_reused: AtomicU64::new(0),
         }
     }
 
@@ -203,10 +229,10 @@ impl SegmentPool {
 
     /// A free kit piece for `pair`: one of its chunks', or the first of a
     /// new chunk (whose others are kept for the pair's next kits).
-    pub fn take_piece(&self, pair: Pair) -> std::io::Result<Piece> {
-        if let Some(piece) = lock(&self.released).pieces.get_mut(&pair).and_then(Vec::pop) {
+    pub fn take_piece(&self, pair: Pair) -> std::io::Result<FreePiece> {
+        if let Some(free) = lock(&self.released).pieces.get_mut(&pair).and_then(Vec::pop) {
             self.reused.fetch_add(1, Ordering::Relaxed);
-            return Ok(piece);
+            return Ok(free);
         }
         let (map, files) = Chunk::create(self.ring_size)?;
         self.chunks.fetch_add(1, Ordering::Relaxed);
@@ -214,27 +240,29 @@ impl SegmentPool {
         let mut released = lock(&self.released);
         if released.pair_is_there(pair) {
             // Taken from the end, lowest first.
-            let rest = (1..CHUNK_PIECES as u8).rev().map(|index| Piece { chunk: chunk.clone(), index });
+            let rest = (1..CHUNK_PIECES as u8)
+                .rev()
+                .map(|index| FreePiece { piece: Piece { chunk: chunk.clone(), index }, bells_kept: false });
             released.pieces.entry(pair).or_default().extend(rest);
         }
-        Ok(Piece { chunk, index: 0 })
+        Ok(FreePiece { piece: Piece { chunk, index: 0 }, bells_kept: false })
     }
 
-    /// Keeps a retired kit connection's piece for `pair`'s next kit (reset
-    /// here), if both ends of the pair are still there and it is one of
-    /// this daemon's chunks.
-    pub fn recycle_piece(&self, pair: Pair, segment: Segment, piece: Piece) {
+    /// Keeps the piece of `retired`, a kit connection between `pair`, for
+    /// the pair's next kit (reset here, see [`reset_piece`]), if both ends
+    /// of the pair are still there and it is one of this daemon's chunks.
+    pub fn recycle_piece(&self, pair: Pair, retired: ConnectionId, segment: Segment, piece: Piece) {
         if piece.chunk.map.is_none() {
             return;
         }
-        segment.reset();
+        let bells_kept = reset_piece(&segment, retired);
         let mut released = lock(&self.released);
         if !released.pair_is_there(pair) {
             return;
         }
         let list = released.pieces.entry(pair).or_default();
         if list.len() < KEEP_PIECES_PER_PAIR {
-            list.push(piece);
+            list.push(FreePiece { piece, bells_kept });
         }
     }
 
@@ -352,29 +380,56 @@ mod tests {
         pool.channel_opened(ChannelId(1));
         pool.listener_opened(ListenerId(10));
         let p = pair(1, 10);
+        let take = |p| pool.take_piece(p).unwrap().piece;
         // A chunk's 32 pieces, in order, before another chunk is made.
-        let pieces: Vec<Piece> = (0..CHUNK_PIECES).map(|_| pool.take_piece(p).unwrap()).collect();
+        let pieces: Vec<Piece> = (0..CHUNK_PIECES).map(|_| take(p)).collect();
         assert_eq!(pool.chunks.load(Ordering::Relaxed), 1);
         assert!(pieces.iter().enumerate().all(|(i, piece)| piece.index as usize == i && piece.same_chunk(&pieces[0])));
-        let next = pool.take_piece(p).unwrap();
+        let next = take(p);
         assert!(!next.same_chunk(&pieces[0]));
         assert_eq!(pool.chunks.load(Ordering::Relaxed), 2);
         assert_eq!(pool.kept_pieces(), CHUNK_PIECES - 1);
         // A piece given back is reset and is the next one taken.
         let segment = pieces[5].segment().unwrap();
         segment.producer(0).write(&[b"old"]).unwrap();
-        pool.recycle_piece(p, segment, pieces[5].clone());
-        let again = pool.take_piece(p).unwrap();
+        pool.recycle_piece(p, ConnectionId(9), segment, pieces[5].clone());
+        let again = take(p);
         assert!(again.same_chunk(&pieces[0]) && again.index == 5);
         assert_eq!(again.segment().unwrap().producer(0).total(), 0, "reset");
         // Another pair never gets them; a pair gone keeps none.
         pool.channel_opened(ChannelId(2));
-        assert!(!pool.take_piece(pair(2, 10)).unwrap().same_chunk(&pieces[0]));
+        assert!(!take(pair(2, 10)).same_chunk(&pieces[0]));
         pool.channel_closed(ChannelId(1));
         assert_eq!(pool.kept_pieces(), CHUNK_PIECES - 1, "only pair (2, 10)'s");
         let segment = pieces[6].segment().unwrap();
-        pool.recycle_piece(p, segment, pieces[6].clone());
+        pool.recycle_piece(p, ConnectionId(9), segment, pieces[6].clone());
         assert_eq!(pool.kept_pieces(), CHUNK_PIECES - 1);
+    }
+
+    #[test]
+    fn a_piece_comes_back_with_its_doorbells_only_when_both_ends_kept_the_retired_ones() {
+        let pool = SegmentPool::new(RING);
+        pool.channel_opened(ChannelId(1));
+        pool.listener_opened(ListenerId(10));
+        let p = pair(1, 10);
+        let piece = pool.take_piece(p).unwrap();
+        assert!(!piece.bells_kept, "a fresh chunk's piece has none");
+        let piece = piece.piece;
+        // Both words, one word, a word naming another connection, none.
+        for (words, kept) in [([9, 9], true), ([9, 0], false), ([0, 9], false), ([9, 8], false), ([0, 0], false)] {
+            let segment = piece.segment().unwrap();
+            for (end, word) in words.into_iter().enumerate() {
+                segment.bell_kept(end).store(word, Ordering::Release);
+            }
+            pool.recycle_piece(p, ConnectionId(9), segment, piece.clone());
+            let again = pool.take_piece(p).unwrap();
+            assert_eq!((again.piece.index, again.bells_kept), (piece.index, kept), "{words:?}");
+            let segment = again.piece.segment().unwrap();
+            assert_eq!([0, 1].map(|end| segment.bell_kept(end).load(Ordering::Acquire)), [0, 0], "reset");
+        }
+        // A connection id 0 is no connection's.
+        let segment = piece.segment().unwrap();
+        assert!(!reset_piece(&segment, ConnectionId(0)));
     }
 
     #[test]

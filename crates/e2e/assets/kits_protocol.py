@@ -7,6 +7,7 @@
     kits_protocol.py connect SOCK IP PORT STEPS
     kits_protocol.py connect-v1 SOCK IP PORT
     kits_protocol.py connect-v2 SOCK IP PORT
+    kits_protocol.py connect-v3 SOCK IP PORT
 
 listen: registers a listener that takes kits (ListenKits) and writes one
 JSON line to OUT for each message the daemon sends on its channel or its
@@ -21,12 +22,14 @@ kits, and waits for STEPS/exit.
 connect-v1: connects twice as a library from before the take word asked
 for kits, and prints the replies' kinds and descriptor counts.
 connect-v2: the same, as a library from before chunks (whose kits each
-came with their own two memfds) asked.
+came with their own two memfds) asked; connect-v3, as a library from
+before kept doorbells (every kit of whose batches came with its own).
 
 A kit's memory is a piece of a chunk: a batch brings its lifeline (one
 for all its kits), each chunk's files (this end's read-write, the peer's
-read-only), then a doorbell per kit, and names each kit's (chunk,
-piece).
+read-only), then a doorbell per kit but those whose bit is set in the
+batch's `kept` mask (which use the doorbell the connection before them
+in their piece had), and names each kit's (chunk, piece).
 """
 import json
 import os
@@ -37,11 +40,11 @@ import sys
 import time
 
 CONNECTED, INCOMING, REFUSED = 2, 8, 4
-CONNECT_KITS, LISTEN_KITS, LISTEN_OK_KITS, CONNECTED_KITS, KITS, REVOKE = 22, 23, 15, 16, 17, 18
+CONNECT_KITS, LISTEN_KITS, LISTEN_OK_KITS, CONNECTED_KITS, KITS, REVOKE = 25, 26, 15, 16, 17, 18
 # What a library that did not set a kit's take word sent for ConnectKits,
-# and one from before chunks.
-CONNECT_KITS_V1, CONNECT_KITS_V2 = 13, 20
-GRANT_LEN = 8 + 4 + 1 + 1 + 32
+# one from before chunks, and one from before kept doorbells.
+CONNECT_KITS_V1, CONNECT_KITS_V2, CONNECT_KITS_V3 = 13, 20, 22
+GRANT_LEN = 8 + 4 + 1 + 1 + 4 + 32
 # Offsets (vsocket_abi::layout, ::grant). The claim word is in the
 # server's half, the take word at the same place in the client's.
 CLAIM = TAKE = 3 * 128 + 12
@@ -60,8 +63,8 @@ def channel(path):
 
 
 def grant_of(body):
-    gid, first, count, chunks = struct.unpack("<QIBB", body[:14])
-    places = [(b >> 5, b & 31) for b in body[14:14 + count]]
+    gid, first, count, chunks, _kept = struct.unpack("<QIBBI", body[:18])
+    places = [(b >> 5, b & 31) for b in body[18:18 + count]]
     return gid, first, count, chunks, places
 
 
@@ -168,3 +171,5 @@ if __name__ == "__main__":
         connect(sys.argv[2], sys.argv[3], int(sys.argv[4]), None, CONNECT_KITS_V1)
     elif what == "connect-v2":
         connect(sys.argv[2], sys.argv[3], int(sys.argv[4]), None, CONNECT_KITS_V2)
+    elif what == "connect-v3":
+        connect(sys.argv[2], sys.argv[3], int(sys.argv[4]), None, CONNECT_KITS_V3)

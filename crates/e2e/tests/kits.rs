@@ -146,15 +146,16 @@ fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
 }
 
 #[test]
-fn a_library_from_before_the_take_word_or_before_chunks_gets_no_kits() {
+fn a_library_from_before_the_take_word_chunks_or_kept_doorbells_gets_no_kits() {
     // A server from before the take word would never accept them (it
-    // never sets the take word), and one from before chunks would take a
-    // kit's memory as two memfds of its own: such a library connects
-    // through the daemon, as a library without kits does.
+    // never sets the take word), one from before chunks would take a
+    // kit's memory as two memfds of its own, and one from before kept
+    // doorbells would read a batch's descriptors wrong: such a library
+    // connects through the daemon, as a library without kits does.
     let mut lab = Lab::start_host("tkitsv1", ONE_PORT, "").unwrap();
     let RawListener { script, sock_a, server_out, stop } = RawListener::start(&mut lab);
     let script = script.to_str().unwrap();
-    for (how, incoming) in [("connect-v1", 2), ("connect-v2", 4)] {
+    for (how, incoming) in [("connect-v1", 2), ("connect-v2", 4), ("connect-v3", 6)] {
         let out = lab.run("a", Via::Kernel, "python3", &[script, how, &sock_a, "10.10.0.3", "7000"]).unwrap();
         assert!(out.status.success(), "{out:?}");
         let said: Value = serde_json::from_slice(&out.stdout).unwrap();

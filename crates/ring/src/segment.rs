@@ -596,6 +596,11 @@ impl Segment {
         self.halves[end].word(layout::ENDPOINT_LINE + layout::RELEASED)
     }
 
+    /// Endpoint `end`'s `bell_kept` word (see `layout::BELL_KEPT`).
+    pub fn bell_kept(&self, end: usize) -> &AtomicU64 {
+        self.halves[end].word(layout::ENDPOINT_LINE + layout::BELL_KEPT)
+    }
+
     /// The connection the daemon last handed half `end` to (its header).
     pub fn connection_id(&self, end: usize) -> u64 {
         self.halves[end].word::<AtomicU64>(layout::HEADER_CONNECTION_ID).load(Ordering::Acquire)
@@ -631,6 +636,7 @@ impl Segment {
             self.holders(end).store(0, Ordering::Relaxed);
             self.released(end).store(0, Ordering::Relaxed);
             self.sleepers(end).store(0, Ordering::Relaxed);
+            self.bell_kept(end).store(0, Ordering::Relaxed);
         }
         self.claim().store(layout::KIT_WAITING, Ordering::Relaxed);
         self.take().store(layout::KIT_FREE, Ordering::Relaxed);

@@ -283,7 +283,8 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
             Message::Connect { local, remote }
             | Message::ConnectKits { local, remote }
             | Message::ConnectKitsV1 { local, remote }
-            | Message::ConnectKitsV2 { local, remote } => {
+            | Message::ConnectKitsV2 { local, remote }
+            | Message::ConnectKitsV3 { local, remote } => {
                 let _serving = daemon.serving();
                 let memory = channel.memory();
                 let client = match &memory {
@@ -319,7 +320,8 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
             }
             Message::Listen { local, backlog: _ }
             | Message::ListenKitsV1 { local, backlog: _ }
-            | Message::ListenKitsV2 { local, backlog: _ } => {
+            | Message::ListenKitsV2 { local, backlog: _ }
+            | Message::ListenKitsV3 { local, backlog: _ } => {
                 serve_listener(daemon, guest, channel, local, false);
                 return;
             }
