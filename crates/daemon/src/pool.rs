@@ -93,14 +93,16 @@ pub struct FreePiece {
 
 /// Resets a retired kit connection's piece for its pair's next kit, and
 /// says whether both of its ends kept that connection's doorbell for it:
-/// both `bell_kept` words name `retired` (read before the reset clears
-/// them). A library can write anything in its own word: a lie costs only
-/// its own next kit in the piece, which it then cannot use (ARCHITECTURE
-/// §3c, stage 6).
+/// both `bell_kept` words named `retired` when taken (each swapped for 0,
+/// before the reset: a library that lets a parked doorbell go clears its
+/// word by compare-and-swap, so either it sees the daemon took the word
+/// and keeps the doorbell, or the daemon sees 0). A library can write
+/// anything in its own word: a lie costs only its own next kit in the
+/// piece, which it then cannot use (ARCHITECTURE §3c, stage 6).
 pub fn reset_piece(segment: &Segment, retired: ConnectionId) -> bool {
-    let kept = retired.0 != 0 && (0..2).all(|end| segment.bell_kept(end).load(Ordering::Acquire) == retired.0);
+    let words = [0, 1].map(|end| segment.bell_kept(end).swap(0, Ordering::AcqRel));
     segment.reset();
-    kept
+    retired.0 != 0 && words == [retired.0; 2]
 }
 
 impl Piece {

@@ -205,6 +205,11 @@ fn a_program_that_connects_again_and_again_takes_kits_and_every_connection_is_me
     assert_eq!(guest("b")["connections_in"], 300, "{guests}");
     let closes = || lines(&log).iter().filter(|r| r["event"] == "close").count();
     assert!(wait_until(Duration::from_secs(5), || closes() == 300), "{} closes", closes());
+    // Most kits after the first batches came in pieces whose two ends
+    // kept the doorbell of the connection before (ARCHITECTURE §3c,
+    // stage 6), and every connection made from them worked as any other.
+    let reused = lab.ctl("status").unwrap()["doorbells_reused"].as_u64().unwrap();
+    assert!(reused >= 100, "{reused} of 300 connections reused a kept doorbell");
 
     // The policy no longer allows the flow: the same process, which still
     // holds kits of its grant, is refused from its next connect on.

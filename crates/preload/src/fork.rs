@@ -43,9 +43,13 @@ extern "C" fn prepare() {
     forksafe::close_before_fork();
     segcache::before_fork();
     // In the order every other path takes them: the grants, then the
-    // request channel, then the descriptor limit's.
-    let held: Vec<Box<dyn Any>> =
-        vec![Box::new(crate::kits::lock_for_fork()), Box::new(crate::attach::lock_for_fork())];
+    // request channel, then the parked doorbells, then the descriptor
+    // limit's.
+    let held: Vec<Box<dyn Any>> = vec![
+        Box::new(crate::kits::lock_for_fork()),
+        Box::new(crate::attach::lock_for_fork()),
+        Box::new(crate::bells::lock_for_fork()),
+    ];
     HELD.with(|slot| *slot.borrow_mut() = held);
     sys::limit_before_fork();
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
@@ -75,6 +79,7 @@ extern "C" fn child() {
     sys::forget_pid();
     segcache::after_fork_child();
     let_go();
+    crate::bells::in_child();
     forksafe::open_after_fork();
     table::for_each(|entry| {
         if let Entry::Listener(listener) = entry {

@@ -1190,6 +1190,8 @@ unsafe fn exec_carrying(
     envp: *const *const libc::c_char,
     exec: impl FnOnce(*const *const libc::c_char) -> c_int,
 ) -> c_int {
+    // Whatever image comes, it will not know them.
+    crate::bells::before_exec();
     if !attach::enabled() || envp.is_null() {
         return exec(envp);
     }

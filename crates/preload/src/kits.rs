@@ -15,6 +15,7 @@
 //! wait on a listener (accept, poll, select, epoll) sleeps on both.
 
 use crate::attach::{Delivery, Given};
+use crate::bells;
 use crate::forksafe;
 use crate::sys::{self, Errno, SysResult};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -78,16 +79,19 @@ pub struct Kit {
 
 /// The kits of batch `grant` for end `end`, from the descriptors that
 /// came with it: the batch's lifeline, each chunk's files (this end's,
-/// then the peer's), then [`KIT_FDS`] per kit (its doorbell). Each kit's
-/// memory is its piece of a chunk, viewed now (its headers checked, its
-/// connection id read), and its lifeline the batch's, which it shares
-/// with its batch's other kits and the connections made from them; a kit
-/// whose chunk cannot be mapped, or whose piece's headers do not check,
-/// is let go (its descriptors closed).
+/// then the peer's), then [`KIT_FDS`] per kit (its doorbell) but for the
+/// kits in `grant.kept`, whose doorbell is the one this process parked
+/// for their piece (see `bells`). Each kit's memory is its piece of a
+/// chunk, viewed now (its headers checked, its connection id read), and
+/// its lifeline the batch's, which it shares with its batch's other kits
+/// and the connections made from them; a kit whose chunk cannot be
+/// mapped, or whose piece's headers do not check, is let go (its
+/// descriptors closed), and so is one whose kept doorbell this process
+/// does not have (see [`without_doorbell`]).
 fn kits_of(grant: &Grant, fds: &[RawFd], end: Endpoint) -> Vec<Kit> {
     let (lifeline, fds) = fds.split_at(1);
     let lifeline = crate::attach::Lifeline::take(lifeline[0]);
-    let (files, ends) = fds.split_at(2 * grant.chunks as usize);
+    let (files, doorbells) = fds.split_at(2 * grant.chunks as usize);
     let chunks: Vec<Option<Arc<Chunk>>> = files
         .chunks_exact(2)
         .map(|two| {
@@ -98,18 +102,48 @@ fn kits_of(grant: &Grant, fds: &[RawFd], end: Endpoint) -> Vec<Kit> {
             chunk.ok()
         })
         .collect();
+    let mut doorbells = doorbells.chunks_exact(KIT_FDS).map(|one| one[0]);
     let mut kits = Vec::with_capacity(grant.count as usize);
-    for (i, (one, place)) in ends.chunks_exact(KIT_FDS).zip(grant.kit_places()).enumerate() {
+    for (i, place) in grant.kit_places().iter().enumerate() {
         let chunk = chunks.get(place.chunk as usize).and_then(Option::as_ref);
-        let Some(segment) = chunk.and_then(|c| c.piece(place.piece as usize).ok()) else {
-            let _ = sys::close(one[0]);
+        let key = chunk.map(|c| bells::key(c, place.piece, end));
+        let doorbell = if grant.uses_kept_bell(i) {
+            key.and_then(bells::take)
+        } else {
+            // One parked for the piece will not serve: the daemon reset
+            // its word.
+            if let Some(key) = key {
+                bells::discard(key);
+            }
+            doorbells.next()
+        };
+        let Some((chunk, segment)) = chunk.and_then(|c| Some((c, c.piece(place.piece as usize).ok()?))) else {
+            close_all(&[doorbell.unwrap_or(-1)]);
+            continue;
+        };
+        let Some(doorbell) = doorbell else {
+            without_doorbell(&segment, end);
             continue;
         };
         let (id, ring_size) = (segment.connection_id(end.index()), segment.ring_size());
-        let delivery = Delivery::of(Given::Piece(segment), one[0], lifeline.clone());
+        let park = bells::ParkAt::new(chunk.clone(), place.piece, end);
+        let delivery = Delivery::of(Given::Piece(segment), doorbell, lifeline.clone()).parked_at(park);
         kits.push(Kit { sequence: grant.first.wrapping_add(i as u32), id, ring_size, delivery });
     }
     kits
+}
+
+/// A kit marked for a doorbell this process did not park (its word was
+/// forged, or the doorbell was let go meanwhile: ARCHITECTURE §3c, stage
+/// 6) is not used. A client leaves it (its connects go through the
+/// daemon, and the kit ends with its grant); a server resets its side,
+/// so that a client that takes it sees `ECONNRESET` at its first call
+/// rather than wait for an accept that never comes.
+fn without_doorbell(piece: &vsocket_ring::Segment, end: Endpoint) {
+    if end == Endpoint::Server {
+        piece.producer(end.index()).reset();
+        piece.consumer(end.peer().index()).close();
+    }
 }
 
 /// Closes every descriptor in `fds`.
@@ -583,6 +617,7 @@ impl Drop for ServerKits {
 mod tests {
     use super::*;
     use std::os::fd::{AsFd, AsRawFd, IntoRawFd};
+    use vsocket_ring::RxState;
 
     fn kit(sequence: u32) -> Kit {
         let delivery = Delivery::of(Given::Taken, -1, None);
@@ -656,16 +691,29 @@ mod tests {
             place.piece = 31 - i as u8;
             daemon.piece(place.piece as usize).unwrap().set_connection_id(100 + i as u64);
         }
+        let (fds, lifeline, peers) = batch_fds(&grant, &files, end);
+        (grant, fds, daemon, lifeline, peers)
+    }
+
+    /// The descriptors of batch `grant` in the chunk of `files` for end
+    /// `end`: its lifeline, the chunk's files, a doorbell for each kit not
+    /// in `grant.kept`; with the lifeline's read end and the doorbells'
+    /// other ends.
+    fn batch_fds(
+        grant: &Grant,
+        files: &vsocket_ring::SegmentFiles,
+        end: Endpoint,
+    ) -> (Vec<RawFd>, std::os::fd::OwnedFd, Vec<std::os::fd::OwnedFd>) {
         let (read, holds) = vsocket_sys::pipe().unwrap();
         let [own, peer] = files.clone_for(end).unwrap();
         let mut fds = vec![holds.into_raw_fd(), own.into_raw_fd(), peer.into_raw_fd()];
         let mut peers = Vec::new();
-        for _ in 0..count {
+        for _ in 0..grant.count - grant.kept.count_ones() as u8 {
             let (mine, theirs) = vsocket_sys::stream_pair().unwrap();
             fds.push(mine.into_raw_fd());
             peers.push(theirs);
         }
-        (grant, fds, daemon, read, peers)
+        (fds, read, peers)
     }
 
     #[test]
@@ -702,6 +750,63 @@ mod tests {
         grant.places[0].chunk = 5;
         let kits = kits_of(&grant, &fds, Endpoint::Client);
         assert_eq!(kits.iter().map(|k| k.sequence).collect::<Vec<_>>(), [11]);
+    }
+
+    #[test]
+    fn a_kit_whose_doorbell_was_kept_takes_the_one_parked_for_its_piece_and_without_it_is_not_used() {
+        for end in [Endpoint::Client, Endpoint::Server] {
+            let (daemon, files) = Chunk::create(4096).unwrap();
+            let mut grant = Grant::in_one_chunk(9, 10, 2);
+            grant.places[1].piece = 7;
+            for (i, piece) in [0, 7].into_iter().enumerate() {
+                daemon.piece(piece).unwrap().set_connection_id(100 + i as u64);
+            }
+            let (fds, _lifeline, peers) = batch_fds(&grant, &files, end);
+            let mut kits = kits_of(&grant, &fds, end);
+            // Kit 10's connection closed here, alone: its doorbell parked.
+            let mut first = kits.remove(0);
+            let at = first.delivery.park.clone().expect("a kit's doorbell may be parked");
+            let parked = first.delivery.take_wakeups().doorbell;
+            drop(bells::park(&at, first.id, parked).expect("parked"));
+            assert_eq!(daemon.piece(0).unwrap().bell_kept(end.index()).load(Ordering::Acquire), 100);
+            // The daemon retired it, and gives the next kits in pieces 0
+            // (its doorbell kept) and 7 (kit 11's piece: never used, so
+            // with a doorbell of its own).
+            for (piece, id) in [(0, 200), (7, 201)] {
+                let segment = daemon.piece(piece).unwrap();
+                segment.reset();
+                segment.set_connection_id(id);
+            }
+            let mut next = Grant::in_one_chunk(9, 12, 2);
+            next.places[1].piece = 7;
+            next.kept = 0b01;
+            let (fds, _lifeline, new_peers) = batch_fds(&next, &files, end);
+            assert_eq!(fds.len(), next.fds());
+            let kits = kits_of(&next, &fds, end);
+            assert_eq!(kits.iter().map(|k| (k.sequence, k.id)).collect::<Vec<_>>(), [(12, 200), (13, 201)]);
+            assert_eq!(kits[0].delivery.doorbell, parked, "{end:?}: the parked doorbell");
+            assert_eq!(sys::send(peers[0].as_raw_fd(), &[1], 0), Ok(1));
+            let mut ringing = [libc::pollfd { fd: parked, events: libc::POLLIN, revents: 0 }];
+            assert_eq!(sys::poll(&mut ringing, 0), Ok(1), "rung by the same peer");
+            assert_eq!(kits[1].delivery.doorbell, fds[3]);
+            drop(kits);
+            assert!(vsocket_sys::hung_up(peers[0].as_fd()) && vsocket_sys::hung_up(new_peers[0].as_fd()));
+            // A kit marked kept in a piece where nothing is parked.
+            let segment = daemon.piece(0).unwrap();
+            segment.reset();
+            segment.set_connection_id(300);
+            let mut forged = Grant::in_one_chunk(9, 14, 1);
+            forged.kept = 1;
+            let (fds, _lifeline, _) = batch_fds(&forged, &files, end);
+            assert!(kits_of(&forged, &fds, end).is_empty(), "{end:?}: not used");
+            let client_reads = segment.consumer(Endpoint::Server.index()).state();
+            if end == Endpoint::Server {
+                // A client that takes it is reset at once.
+                assert_eq!(client_reads, Ok(RxState::Reset));
+            } else {
+                assert_eq!(client_reads, Ok(RxState::Empty));
+            }
+        }
     }
 
     /// A listener's kits with grant 7 (kits 0 to 4), the client's view of

@@ -18,7 +18,8 @@
 //! - [`conn`]: one end of a connection, with TCP's semantics;
 //! - [`attach`]: how the process reaches `vsocketd` and how a connection's
 //!   memory and wake-ups reach it;
-//! - leaves: [`readiness`] (readiness and interest), [`signals`] (`SA_RESTART`
+//! - leaves: [`bells`] (kits' doorbells kept for the next connection in
+//!   their piece), [`readiness`] (readiness and interest), [`signals`] (`SA_RESTART`
 //!   for blocking calls, through the program's handlers), [`sys`] (raw
 //!   system calls, so the library never re-enters its own hooks), [`addr`]
 //!   (socket addresses of both families), [`forksafe`] (mutexes fork waits
@@ -34,6 +35,7 @@
 mod accept;
 mod addr;
 mod attach;
+mod bells;
 mod conn;
 mod connect;
 mod epoll;

@@ -45,19 +45,33 @@ pub struct Delivery {
     /// The connection's own lifeline, or a share of one (a kit's batch's,
     /// or one that crossed exec with several connections).
     pub lifeline: Option<std::sync::Arc<super::Lifeline>>,
+    /// A kit's: where its doorbell may be parked when the connection made
+    /// from it closes (see `bells`).
+    pub park: Option<crate::bells::ParkAt>,
 }
 
 impl Delivery {
     /// What came with a `Connected` or `Incoming`: the segment's halves,
     /// the doorbell and the lifeline.
     pub fn of_segment(own: RawFd, peer: RawFd, doorbell: RawFd, lifeline: RawFd) -> Delivery {
-        Delivery { memory: Given::Halves { own, peer }, doorbell, lifeline: super::Lifeline::take(lifeline) }
+        Delivery {
+            memory: Given::Halves { own, peer },
+            doorbell,
+            lifeline: super::Lifeline::take(lifeline),
+            park: None,
+        }
     }
 
     /// A connection whose memory is `memory`, with its doorbell and a
     /// share of a lifeline.
     pub fn of(memory: Given, doorbell: RawFd, lifeline: Option<std::sync::Arc<super::Lifeline>>) -> Delivery {
-        Delivery { memory, doorbell, lifeline }
+        Delivery { memory, doorbell, lifeline, park: None }
+    }
+
+    /// A kit's, whose doorbell may be parked in piece `at` (see `bells`).
+    pub fn parked_at(mut self, at: crate::bells::ParkAt) -> Delivery {
+        self.park = Some(at);
+        self
     }
 
     /// Takes the wake-up descriptors.

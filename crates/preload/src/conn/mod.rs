@@ -56,6 +56,11 @@ pub struct Connection {
     /// held while this process holds the connection (a kit's is its
     /// batch's, shared).
     lifeline: Option<std::sync::Arc<crate::attach::Lifeline>>,
+    /// A kit's: where its doorbell is parked when this process, its last
+    /// holder, closes it (see `bells`); then `bell_parked` is set and the
+    /// doorbell is not closed.
+    park: Option<crate::bells::ParkAt>,
+    bell_parked: AtomicBool,
     pub info: ConnectionInfo,
     /// The family of the program's socket (addresses are shown in it).
     pub family: crate::addr::Family,
@@ -178,6 +183,8 @@ impl Connection {
             endpoint: resumed.endpoint,
             doorbell,
             lifeline,
+            park: delivery.park.take(),
+            bell_parked: AtomicBool::new(false),
             info: resumed.info,
             family: resumed.family,
             fork_generation: AtomicU64::new(0),
@@ -987,10 +994,20 @@ impl Connection {
         let tx = self.tx();
         let wake_tx = if abort { tx.reset() } else { tx.finish() };
         let wake_rx = rx.close();
+        // A kit's doorbell is kept for the next connection in its piece
+        // (`bells`), unless this end was ever shared with a child or the
+        // peer is gone: parked before the release, rung while parked.
+        let parked = self
+            .park
+            .as_ref()
+            .filter(|_| self.fork_generation.load(Ordering::Relaxed) == 0 && !self.peer_gone.load(Ordering::Acquire))
+            .and_then(|at| crate::bells::park(at, self.info.id, self.doorbell));
+        self.bell_parked.store(parked.is_some(), Ordering::Relaxed);
         // The last write to the segment: from now on the daemon may reset
         // it for another connection (layout::RELEASED).
         self.segment.released(self.endpoint.index()).store(1, Ordering::Release);
         self.kick(wake_tx || wake_rx);
+        drop(parked);
     }
 
     /// Called before fork, once per generation: the child will hold this
@@ -1007,8 +1024,11 @@ impl Drop for Connection {
         self.close();
         // The mapping goes with `segment`. Closing our lifeline (the last
         // holder of a shared one closes it) tells the daemon this process
-        // no longer holds the connection.
-        let _ = sys::close(self.doorbell);
+        // no longer holds the connection. A parked doorbell is the
+        // table's.
+        if !self.bell_parked.load(Ordering::Relaxed) {
+            let _ = sys::close(self.doorbell);
+        }
     }
 }
 

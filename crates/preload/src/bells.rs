@@ -1,0 +1,366 @@
+//! Doorbells kept with their pieces (ARCHITECTURE §3c, stage 6).
+//!
+//! A kit connection's memory is a piece of a chunk, and a piece serves
+//! only connections between the same two processes, one after another.
+//! So when a process closes a kit connection it alone holds, it keeps
+//! (*parks*) the connection's doorbell here, keyed by the piece, and says
+//! so in its `bell_kept` word (`layout::BELL_KEPT`); when the daemon finds
+//! both ends' words naming the connection it retires there, the next kit
+//! in the piece comes without a doorbell, and each end takes the one it
+//! parked. Neither the daemon's socketpair nor the two closes are paid.
+//!
+//! What keeps a doorbell's meaning (its end of stream says every process
+//! holding the peer's end is gone): only the process the kit was given
+//! to parks, only when it is the end's last holder and never forked while
+//! holding it; a forked child closes its copies of the parked doorbells
+//! (see [`in_child`]); an exec closes them and clears their words (see
+//! [`before_exec`]). Parked doorbells are close-on-exec, as every
+//! library descriptor.
+
+use crate::sys;
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use vsocket_abi::layout::Endpoint;
+use vsocket_ring::Chunk;
+
+/// Most doorbells one process keeps parked: the pieces of sixteen chunks.
+/// One more lets the oldest go that the daemon has not taken the word of
+/// (see [`Parked::clear_word`]).
+const MOST: usize = 512;
+
+/// A piece, as this process names it: the nonce of its chunk's file for
+/// this end (unique to the file), and the piece's index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key {
+    nonce: u128,
+    piece: u8,
+}
+
+/// Where a kit connection's doorbell may be parked when it closes: its
+/// piece of `chunk`, and the process the kit was given to.
+#[derive(Debug, Clone)]
+pub struct ParkAt {
+    chunk: Arc<Chunk>,
+    piece: u8,
+    end: Endpoint,
+    owner: i32,
+}
+
+impl ParkAt {
+    /// Kit piece `piece` of `chunk`, given to this process as end `end`.
+    pub fn new(chunk: Arc<Chunk>, piece: u8, end: Endpoint) -> ParkAt {
+        ParkAt { chunk, piece, end, owner: sys::getpid() }
+    }
+
+    fn key(&self) -> Key {
+        key(&self.chunk, self.piece, self.end)
+    }
+}
+
+/// The key of piece `piece` of `chunk` for end `end`.
+pub fn key(chunk: &Chunk, piece: u8, end: Endpoint) -> Key {
+    Key { nonce: chunk.nonce(end.index()), piece }
+}
+
+/// One parked doorbell: the descriptor, where its word is, the
+/// connection it served, and when it was parked (the oldest goes first).
+struct Parked {
+    fd: RawFd,
+    at: ParkAt,
+    id: u64,
+    order: u64,
+}
+
+impl Parked {
+    /// Clears its word if it still names the connection, and says
+    /// whether it did. The daemon takes both ends' words the same way
+    /// (each swapped for 0) before it resets the piece, so once this
+    /// fails, the next kit in the piece may come marked for this doorbell
+    /// and it must stay; once this succeeds, no kit will.
+    fn clear_word(&self) -> bool {
+        let Ok(piece) = self.at.chunk.piece(self.at.piece as usize) else { return true };
+        let word = piece.bell_kept(self.at.end.index());
+        word.compare_exchange(self.id, 0, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+}
+
+/// The parked doorbells of this process.
+#[derive(Default)]
+pub struct Table {
+    parked: HashMap<Key, Parked>,
+    next: u64,
+}
+
+impl Table {
+    /// Parks `fd`, the doorbell of connection `id`, for piece `at`, and
+    /// writes `id` in the piece's word; the oldest goes past [`MOST`].
+    /// `false` (the caller closes `fd`): not kept, its peer's end being
+    /// gone or the piece not checking.
+    fn park(&mut self, at: &ParkAt, id: u64, fd: RawFd) -> bool {
+        let Ok(piece) = at.chunk.piece(at.piece as usize) else { return false };
+        // A late ring of the connection is not the next one's.
+        if sys::drain(fd) {
+            return false;
+        }
+        let order = self.next;
+        self.next += 1;
+        if let Some(old) = self.parked.insert(at.key(), Parked { fd, at: at.clone(), id, order }) {
+            let _ = sys::close(old.fd);
+        }
+        if self.parked.len() > MOST {
+            self.let_go_oldest();
+        }
+        piece.bell_kept(at.end.index()).store(id, Ordering::Release);
+        true
+    }
+
+    /// Lets the oldest doorbell go whose word it can still clear (a few
+    /// tried, oldest first; those whose word the daemon took wait for
+    /// their kit). If none can be, the oldest goes all the same: a kit
+    /// marked for it is then not used (see `kits::without_doorbell`).
+    fn let_go_oldest(&mut self) {
+        let mut tried = Vec::new();
+        let gone = loop {
+            let oldest = self.parked.iter().filter(|(k, _)| !tried.contains(*k)).min_by_key(|(_, p)| p.order);
+            let Some((&key, parked)) = oldest else { break tried.first().copied() };
+            if parked.clear_word() || tried.len() == 3 {
+                break Some(key);
+            }
+            tried.push(key);
+        };
+        if let Some(old) = gone.and_then(|k| self.parked.remove(&k)) {
+            let _ = sys::close(old.fd);
+        }
+    }
+
+    /// The doorbell parked for piece `key` (`None`: none is, or its
+    /// peer's end is gone).
+    fn take(&mut self, key: Key) -> Option<RawFd> {
+        let parked = self.parked.remove(&key)?;
+        if sys::drain(parked.fd) {
+            let _ = sys::close(parked.fd);
+            return None;
+        }
+        Some(parked.fd)
+    }
+
+    /// Closes the doorbell parked for piece `key`, if any.
+    fn discard(&mut self, key: Key) {
+        if let Some(parked) = self.parked.remove(&key) {
+            let _ = sys::close(parked.fd);
+        }
+    }
+
+    /// Closes every parked doorbell, clearing its word if `words`.
+    fn let_go(self, words: bool) {
+        for parked in self.parked.into_values() {
+            if words {
+                let _ = parked.clear_word();
+            }
+            let _ = sys::close(parked.fd);
+        }
+    }
+}
+
+static TABLE: Mutex<Option<Table>> = Mutex::new(None);
+
+fn table() -> MutexGuard<'static, Option<Table>> {
+    TABLE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Holds the table across a fork (see `fork.rs`), so that the child never
+/// finds it locked by a thread it does not have.
+pub fn lock_for_fork() -> impl std::any::Any {
+    table()
+}
+
+/// Parks `fd`, the doorbell of connection `id` whose last holder here is
+/// closing it, for the next connection in its piece `at`, and writes `id`
+/// in the piece's word; not in a process the kit was not given to (a
+/// forked child's copy, a vfork child). Returns the table, locked: the
+/// caller releases the connection (its last write to it) and rings the
+/// doorbell with it held, so that neither a new kit in the piece looks
+/// for the doorbell before it is here nor another thread takes it before
+/// that ring. `None`: not parked (the caller closes `fd`).
+pub fn park(at: &ParkAt, id: u64, fd: RawFd) -> Option<MutexGuard<'static, Option<Table>>> {
+    if id == 0 || sys::getpid() != at.owner || !sys::memory_is_ours() {
+        return None;
+    }
+    let mut guard = table();
+    guard.get_or_insert_with(Table::default).park(at, id, fd).then_some(guard)
+}
+
+/// The doorbell parked for piece `key`, for the kit that came without one
+/// (`None`: none is, or its peer's end is gone; the kit cannot be used).
+pub fn take(key: Key) -> Option<RawFd> {
+    table().as_mut()?.take(key)
+}
+
+/// A kit came with a doorbell of its own in piece `key`: the one parked
+/// there, if any, will never serve (the daemon reset its word).
+pub fn discard(key: Key) {
+    if let Some(table) = table().as_mut() {
+        table.discard(key);
+    }
+}
+
+/// In a forked child (the table held since the prepare handler, now let
+/// go): its copies of the parent's parked doorbells are closed, so that a
+/// later connection's peer still sees the parent's death. The words are
+/// the parent's, and stay.
+pub fn in_child() {
+    if let Some(table) = table().take() {
+        table.let_go(false);
+    }
+}
+
+/// Before exec: the new image will not know the parked doorbells, so
+/// they are closed and their words cleared. Not in a vfork child, whose
+/// memory is its parent's (its copies close at the exec).
+pub fn before_exec() {
+    if !sys::memory_is_ours() {
+        return;
+    }
+    if let Some(table) = table().take() {
+        table.let_go(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
+
+    /// A chunk (the daemon's view, both files writable) and piece `piece`
+    /// of it, as the client's end parks there.
+    fn piece(piece: u8) -> (Arc<Chunk>, ParkAt) {
+        let (chunk, _files) = Chunk::create(4096).unwrap();
+        let chunk = Arc::new(chunk);
+        let at = ParkAt::new(chunk.clone(), piece, Endpoint::Client);
+        (chunk, at)
+    }
+
+    fn word(chunk: &Chunk, piece: u8, end: Endpoint) -> u64 {
+        chunk.piece(piece as usize).unwrap().bell_kept(end.index()).load(Ordering::Acquire)
+    }
+
+    /// A doorbell pair: this end's descriptor (to park) and the peer's.
+    fn doorbell() -> (RawFd, OwnedFd) {
+        let (mine, theirs) = vsocket_sys::stream_pair().unwrap();
+        (mine.into_raw_fd(), theirs)
+    }
+
+    fn readable(fd: RawFd) -> bool {
+        let mut pfd = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+        sys::poll(&mut pfd, 0) == Ok(1)
+    }
+
+    #[test]
+    fn a_doorbell_parked_serves_the_next_connection_in_its_piece_without_its_late_rings() {
+        let (chunk, at) = piece(3);
+        let mut table = Table::default();
+        let (mine, theirs) = doorbell();
+        assert!(table.park(&at, 42, mine));
+        assert_eq!(word(&chunk, 3, Endpoint::Client), 42, "the word names the connection");
+        assert_eq!(word(&chunk, 3, Endpoint::Server), 0, "the peer's is the peer's");
+        // The peer's last ring for the old connection comes late.
+        assert_eq!(sys::send(theirs.as_raw_fd(), &[1], 0), Ok(1));
+        assert_eq!(table.take(key(&chunk, 3, Endpoint::Server)), None, "another end's piece");
+        assert_eq!(table.take(key(&chunk, 4, Endpoint::Client)), None, "another piece");
+        let fd = table.take(at.key()).expect("parked");
+        assert_eq!(fd, mine);
+        assert!(!readable(fd), "the late ring is gone");
+        assert_eq!(sys::send(theirs.as_raw_fd(), &[1], 0), Ok(1));
+        assert!(readable(fd), "the same pair rings");
+        assert_eq!(table.take(at.key()), None, "taken once");
+        sys::close(fd).unwrap();
+    }
+
+    #[test]
+    fn a_doorbell_whose_peer_is_gone_is_neither_parked_nor_taken() {
+        let (_chunk, at) = piece(0);
+        let mut table = Table::default();
+        let (mine, theirs) = doorbell();
+        drop(theirs);
+        assert!(!table.park(&at, 7, mine), "nothing to keep it for");
+        sys::close(mine).unwrap();
+        let (mine, theirs) = doorbell();
+        assert!(table.park(&at, 7, mine));
+        drop(theirs);
+        assert_eq!(table.take(at.key()), None);
+        assert_eq!(sys::fcntl(mine, libc::F_GETFD, 0), Err(sys::Errno(libc::EBADF)), "closed");
+    }
+
+    #[test]
+    fn past_the_most_the_oldest_goes_whose_word_the_daemon_has_not_taken() {
+        let (chunk, _) = piece(0);
+        let mut table = Table::default();
+        let mut peers = Vec::new();
+        // Sixteen chunks' pieces and one more.
+        let chunks: Vec<Arc<Chunk>> =
+            std::iter::once(chunk).chain((0..MOST / 32).map(|_| Arc::new(Chunk::create(4096).unwrap().0))).collect();
+        let mut park = |n: usize| {
+            let at = ParkAt::new(chunks[n / 32].clone(), (n % 32) as u8, Endpoint::Client);
+            let (mine, theirs) = doorbell();
+            assert!(table.park(&at, 100 + n as u64, mine));
+            peers.push(theirs);
+        };
+        (0..MOST).for_each(&mut park);
+        // The daemon took the oldest's word (its next kit may come marked
+        // for the doorbell): that one stays, the next oldest goes.
+        chunks[0].piece(0).unwrap().bell_kept(0).store(0, Ordering::Release);
+        park(MOST);
+        assert_eq!(table.parked.len(), MOST);
+        assert!(!vsocket_sys::hung_up(peers[0].as_fd()), "the doorbell of a word taken stays");
+        assert!(table.parked.contains_key(&key(&chunks[0], 0, Endpoint::Client)));
+        assert_eq!(word(&chunks[0], 1, Endpoint::Client), 0, "the next oldest's word is cleared");
+        assert!(vsocket_sys::hung_up(peers[1].as_fd()), "and its doorbell closed");
+        assert_eq!(word(&chunks[0], 2, Endpoint::Client), 102);
+        assert!(!vsocket_sys::hung_up(peers[2].as_fd()));
+        table.let_go(true);
+    }
+
+    #[test]
+    fn letting_go_closes_every_doorbell_and_clears_only_the_words_that_still_name_their_connection() {
+        let (chunk, _) = piece(0);
+        let mut table = Table::default();
+        let mut peers = Vec::new();
+        for p in 0..3u8 {
+            let (mine, theirs) = doorbell();
+            assert!(table.park(&ParkAt::new(chunk.clone(), p, Endpoint::Client), 10 + u64::from(p), mine));
+            peers.push(theirs);
+        }
+        // Piece 2 was reset and serves another connection by now.
+        chunk.piece(2).unwrap().bell_kept(0).store(99, Ordering::Release);
+        // A discarded one: closed, its word left to the daemon.
+        table.discard(key(&chunk, 0, Endpoint::Client));
+        assert!(vsocket_sys::hung_up(peers[0].as_fd()));
+        // A fork child's let go keeps the words (its parent's).
+        let mut child = Table::default();
+        let (mine, theirs) = doorbell();
+        assert!(child.park(&ParkAt::new(chunk.clone(), 5, Endpoint::Client), 15, mine));
+        child.let_go(false);
+        assert!(vsocket_sys::hung_up(theirs.as_fd()));
+        assert_eq!(word(&chunk, 5, Endpoint::Client), 15);
+        // Before exec, the words go too.
+        table.let_go(true);
+        assert!(peers.iter().all(|p| vsocket_sys::hung_up(p.as_fd())));
+        assert_eq!([1, 2].map(|p| word(&chunk, p, Endpoint::Client)), [0, 99]);
+    }
+
+    #[test]
+    fn only_the_process_the_kit_was_given_to_parks() {
+        let (chunk, at) = piece(9);
+        let (mine, _theirs) = doorbell();
+        let other = ParkAt { owner: at.owner + 1, ..at.clone() };
+        assert!(park(&other, 5, mine).is_none());
+        assert!(park(&at, 0, mine).is_none(), "no connection 0");
+        assert_eq!(word(&chunk, 9, Endpoint::Client), 0);
+        drop(park(&at, 5, mine).expect("parked"));
+        assert_eq!(word(&chunk, 9, Endpoint::Client), 5);
+        assert_eq!(take(at.key()), Some(mine));
+        sys::close(mine).unwrap();
+    }
+}
