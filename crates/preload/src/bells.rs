@@ -363,4 +363,27 @@ mod tests {
         assert_eq!(take(at.key()), Some(mine));
         sys::close(mine).unwrap();
     }
+
+    #[test]
+    fn a_forked_child_holds_no_copy_of_its_parents_parked_doorbells() {
+        crate::fork::watch();
+        let (chunk, at) = piece(4);
+        let (mine, theirs) = doorbell();
+        drop(park(&at, 8, mine).expect("parked"));
+        let child = sys::fork_running(|| {
+            let closed = sys::fcntl(mine, libc::F_GETFD, 0) == Err(sys::Errno(libc::EBADF));
+            // The words are the parent's.
+            let word_kept = word(&chunk, 4, Endpoint::Client) == 8;
+            if closed && word_kept && take(at.key()).is_none() {
+                0
+            } else {
+                1
+            }
+        })
+        .unwrap();
+        assert_eq!(sys::wait_exit(child, 5_000), Some(0));
+        assert!(!vsocket_sys::hung_up(theirs.as_fd()), "the parent's is open");
+        assert_eq!(take(at.key()), Some(mine));
+        sys::close(mine).unwrap();
+    }
 }
