@@ -704,7 +704,9 @@ pub fn make_kit(
     };
     let piece = free.piece;
     let segment = piece.segment().ok()?;
-    let (client_bell, server_bell) = if free.bells_kept {
+    // The last step that can fail is behind: the words are taken only
+    // for a kit that will be made.
+    let (client_bell, server_bell) = if crate::pool::take_bells(&segment, free.retired) {
         daemon.segments.bells_reused.fetch_add(1, Ordering::Relaxed);
         (None, None)
     } else {

@@ -226,13 +226,14 @@ impl Daemon {
 
     /// Takes back, for a new kit, the piece of a kit connection between the
     /// same `pair` that both ends have closed and released, retiring that
-    /// connection; the piece is reset (see `pool::reset_piece`).
+    /// connection; the piece is reset (but for its `bell_kept` words, see
+    /// `pool::take_bells`).
     pub fn reclaim_piece(&self, pair: Pair) -> Option<crate::pool::FreePiece> {
         match self.reclaim_memory(pair, true)? {
             (retired, Memory::Piece { segment, piece }) => {
-                let bells_kept = crate::pool::reset_piece(&segment, retired);
+                segment.reset();
                 self.segments.reused.fetch_add(1, Ordering::Relaxed);
-                Some(crate::pool::FreePiece { piece, bells_kept })
+                Some(crate::pool::FreePiece { piece, retired: Some(retired) })
             }
             (_, Memory::Files { .. } | Memory::Placed(_)) => None,
         }

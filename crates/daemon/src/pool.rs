@@ -23,9 +23,11 @@
 //! pair's processes maps once. A chunk is made for a pair when it has no
 //! free piece, and each kit connection's piece comes back to the pair
 //! when it is retired, reset, for the pair's next kit; a chunk goes when
-//! its last piece does (every record and free entry holds it). A piece
-//! whose two ends both kept the retired connection's doorbell (stage 6)
-//! is marked so: the pair's next kit there is made without one.
+//! its last piece does (every record and free entry holds it). A free
+//! piece remembers the connection retired there: when the pair's next kit
+//! is made in it, both ends' `bell_kept` words are taken, and if both
+//! name that connection the kit is made without a doorbell (stage 6, see
+//! [`take_bells`]).
 
 use crate::ids::{ChannelId, ConnectionId, ListenerId, Pair};
 use crate::sync::lock;
@@ -82,27 +84,27 @@ pub struct Piece {
     pub index: u8,
 }
 
-/// A kit piece free for its pair's next kit.
+/// A kit piece free for its pair's next kit, reset, and the connection
+/// retired there (none in a fresh chunk).
 #[derive(Debug)]
 pub struct FreePiece {
     pub piece: Piece,
-    /// Both ends kept the doorbell of the connection retired there
-    /// (ARCHITECTURE §3c, stage 6): the next kit in it needs none.
-    pub bells_kept: bool,
+    pub retired: Option<ConnectionId>,
 }
 
-/// Resets a retired kit connection's piece for its pair's next kit, and
-/// says whether both of its ends kept that connection's doorbell for it:
-/// both `bell_kept` words named `retired` when taken (each swapped for 0,
-/// before the reset: a library that lets a parked doorbell go clears its
-/// word by compare-and-swap, so either it sees the daemon took the word
-/// and keeps the doorbell, or the daemon sees 0). A library can write
-/// anything in its own word: a lie costs only its own next kit in the
-/// piece, which it then cannot use (ARCHITECTURE §3c, stage 6).
-pub fn reset_piece(segment: &Segment, retired: ConnectionId) -> bool {
+/// Takes both ends' `bell_kept` words of a piece (each swapped for 0), for
+/// the kit about to be made in it, and says whether both named `retired`,
+/// the connection retired there: then both ends kept its doorbell for
+/// this kit, which is made without one (ARCHITECTURE §3c, stage 6). Done
+/// only when the kit is made (a free piece keeps its words, which each
+/// library may clear to let its doorbell go): a library clears its word by
+/// compare-and-swap, so either it sees the word taken and keeps the
+/// doorbell for the kit, or this sees 0. A library can write anything in
+/// its own word: a lie costs only its own kit in the piece, which it then
+/// cannot use.
+pub fn take_bells(segment: &Segment, retired: Option<ConnectionId>) -> bool {
     let words = [0, 1].map(|end| segment.bell_kept(end).swap(0, Ordering::AcqRel));
-    segment.reset();
-    retired.0 != 0 && words == [retired.0; 2]
+    retired.is_some_and(|id| id.0 != 0 && words == [id.0; 2])
 }
 
 impl Piece {
@@ -244,27 +246,28 @@ impl SegmentPool {
             // Taken from the end, lowest first.
             let rest = (1..CHUNK_PIECES as u8)
                 .rev()
-                .map(|index| FreePiece { piece: Piece { chunk: chunk.clone(), index }, bells_kept: false });
+                .map(|index| FreePiece { piece: Piece { chunk: chunk.clone(), index }, retired: None });
             released.pieces.entry(pair).or_default().extend(rest);
         }
-        Ok(FreePiece { piece: Piece { chunk, index: 0 }, bells_kept: false })
+        Ok(FreePiece { piece: Piece { chunk, index: 0 }, retired: None })
     }
 
     /// Keeps the piece of `retired`, a kit connection between `pair`, for
-    /// the pair's next kit (reset here, see [`reset_piece`]), if both ends
-    /// of the pair are still there and it is one of this daemon's chunks.
+    /// the pair's next kit (reset here, its `bell_kept` words left for
+    /// [`take_bells`]), if both ends of the pair are still there and it is
+    /// one of this daemon's chunks.
     pub fn recycle_piece(&self, pair: Pair, retired: ConnectionId, segment: Segment, piece: Piece) {
         if piece.chunk.map.is_none() {
             return;
         }
-        let bells_kept = reset_piece(&segment, retired);
+        segment.reset();
         let mut released = lock(&self.released);
         if !released.pair_is_there(pair) {
             return;
         }
         let list = released.pieces.entry(pair).or_default();
         if list.len() < KEEP_PIECES_PER_PAIR {
-            list.push(FreePiece { piece, bells_kept });
+            list.push(FreePiece { piece, retired: Some(retired) });
         }
     }
 
@@ -414,9 +417,10 @@ mod tests {
         pool.channel_opened(ChannelId(1));
         pool.listener_opened(ListenerId(10));
         let p = pair(1, 10);
-        let piece = pool.take_piece(p).unwrap();
-        assert!(!piece.bells_kept, "a fresh chunk's piece has none");
-        let piece = piece.piece;
+        let fresh = pool.take_piece(p).unwrap();
+        assert_eq!(fresh.retired, None, "a fresh chunk's piece had no connection");
+        assert!(!take_bells(&fresh.piece.segment().unwrap(), fresh.retired));
+        let piece = fresh.piece;
         // Both words, one word, a word naming another connection, none.
         for (words, kept) in [([9, 9], true), ([9, 0], false), ([0, 9], false), ([9, 8], false), ([0, 0], false)] {
             let segment = piece.segment().unwrap();
@@ -425,13 +429,15 @@ mod tests {
             }
             pool.recycle_piece(p, ConnectionId(9), segment, piece.clone());
             let again = pool.take_piece(p).unwrap();
-            assert_eq!((again.piece.index, again.bells_kept), (piece.index, kept), "{words:?}");
+            assert_eq!((again.piece.index, again.retired), (piece.index, Some(ConnectionId(9))));
             let segment = again.piece.segment().unwrap();
-            assert_eq!([0, 1].map(|end| segment.bell_kept(end).load(Ordering::Acquire)), [0, 0], "reset");
+            // A free piece keeps its words: a library may still clear its own.
+            assert_eq!([0, 1].map(|end| segment.bell_kept(end).load(Ordering::Acquire)), words);
+            assert_eq!(take_bells(&segment, again.retired), kept, "{words:?}");
+            assert_eq!([0, 1].map(|end| segment.bell_kept(end).load(Ordering::Acquire)), [0, 0], "taken");
         }
         // A connection id 0 is no connection's.
-        let segment = piece.segment().unwrap();
-        assert!(!reset_piece(&segment, ConnectionId(0)));
+        assert!(!take_bells(&piece.segment().unwrap(), Some(ConnectionId(0))));
     }
 
     #[test]

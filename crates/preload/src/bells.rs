@@ -20,15 +20,27 @@
 use crate::sys;
 use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::Chunk;
 
 /// Most doorbells one process keeps parked: the pieces of sixteen chunks.
-/// One more lets the oldest go that the daemon has not taken the word of
-/// (see [`Parked::clear_word`]).
+/// One more lets an old one go (see [`Table::let_go_one`]).
 const MOST: usize = 512;
+/// How many of the oldest are looked at to make room.
+const LOOK: usize = 8;
+
+/// Forks this process made (counted by fork's prepare handler, holding
+/// the table). A doorbell this process had before a fork has a copy in
+/// the child: it is never parked (see [`ParkAt`]).
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+/// A fork is about to be made (fork's prepare handler, holding the table
+/// through [`lock_for_fork`]).
+pub fn forking() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
+}
 
 /// A piece, as this process names it: the nonce of its chunk's file for
 /// this end (unique to the file), and the piece's index.
@@ -39,19 +51,23 @@ pub struct Key {
 }
 
 /// Where a kit connection's doorbell may be parked when it closes: its
-/// piece of `chunk`, and the process the kit was given to.
+/// piece of `chunk`, the process the kit was given to, and how many forks
+/// that process had made then (a doorbell that was there at a fork is
+/// never parked: the child has a copy).
 #[derive(Debug, Clone)]
 pub struct ParkAt {
     chunk: Arc<Chunk>,
     piece: u8,
     end: Endpoint,
     owner: i32,
+    forks: u64,
 }
 
 impl ParkAt {
-    /// Kit piece `piece` of `chunk`, given to this process as end `end`.
+    /// Kit piece `piece` of `chunk`, given to this process as end `end`
+    /// now (its doorbell just received).
     pub fn new(chunk: Arc<Chunk>, piece: u8, end: Endpoint) -> ParkAt {
-        ParkAt { chunk, piece, end, owner: sys::getpid() }
+        ParkAt { chunk, piece, end, owner: sys::getpid(), forks: FORKS.load(Ordering::Relaxed) }
     }
 
     fn key(&self) -> Key {
@@ -95,43 +111,51 @@ pub struct Table {
 
 impl Table {
     /// Parks `fd`, the doorbell of connection `id`, for piece `at`, and
-    /// writes `id` in the piece's word; the oldest goes past [`MOST`].
-    /// `false` (the caller closes `fd`): not kept, its peer's end being
-    /// gone or the piece not checking.
+    /// writes `id` in the piece's word. `false` (the caller closes `fd`):
+    /// not kept, its peer's end being gone, the piece not checking, or no
+    /// room (see [`Table::let_go_one`]).
     fn park(&mut self, at: &ParkAt, id: u64, fd: RawFd) -> bool {
         let Ok(piece) = at.chunk.piece(at.piece as usize) else { return false };
         // A late ring of the connection is not the next one's.
         if sys::drain(fd) {
             return false;
         }
-        let order = self.next;
-        self.next += 1;
-        if let Some(old) = self.parked.insert(at.key(), Parked { fd, at: at.clone(), id, order }) {
+        let key = at.key();
+        if let Some(old) = self.parked.remove(&key) {
             let _ = sys::close(old.fd);
         }
-        if self.parked.len() > MOST {
-            self.let_go_oldest();
+        if self.parked.len() >= MOST && !self.let_go_one() {
+            return false;
         }
+        let order = self.next;
+        self.next += 1;
+        self.parked.insert(key, Parked { fd, at: at.clone(), id, order });
         piece.bell_kept(at.end.index()).store(id, Ordering::Release);
         true
     }
 
-    /// Lets the oldest doorbell go whose word it can still clear (a few
-    /// tried, oldest first; those whose word the daemon took wait for
-    /// their kit). If none can be, the oldest goes all the same: a kit
-    /// marked for it is then not used (see `kits::without_doorbell`).
-    fn let_go_oldest(&mut self) {
-        let mut tried = Vec::new();
-        let gone = loop {
-            let oldest = self.parked.iter().filter(|(k, _)| !tried.contains(*k)).min_by_key(|(_, p)| p.order);
-            let Some((&key, parked)) = oldest else { break tried.first().copied() };
-            if parked.clear_word() || tried.len() == 3 {
-                break Some(key);
+    /// Makes room for one: lets the oldest doorbell go (of the [`LOOK`]
+    /// oldest) whose peer's end is gone or whose word it can still clear.
+    /// One whose word the daemon took stays for the kit on its way, which
+    /// would otherwise come marked for a doorbell this process no longer
+    /// has. `false`: none could go.
+    fn let_go_one(&mut self) -> bool {
+        let mut oldest: Vec<(u64, Key)> = self.parked.iter().map(|(k, p)| (p.order, *k)).collect();
+        if oldest.len() > LOOK {
+            oldest.select_nth_unstable_by_key(LOOK - 1, |&(order, _)| order);
+            oldest.truncate(LOOK);
+        }
+        oldest.sort_unstable_by_key(|&(order, _)| order);
+        let gone = oldest.iter().map(|&(_, key)| key).find(|key| {
+            let parked = &self.parked[key];
+            sys::drain(parked.fd) || parked.clear_word()
+        });
+        match gone.and_then(|key| self.parked.remove(&key)) {
+            Some(old) => {
+                let _ = sys::close(old.fd);
+                true
             }
-            tried.push(key);
-        };
-        if let Some(old) = gone.and_then(|k| self.parked.remove(&k)) {
-            let _ = sys::close(old.fd);
+            None => false,
         }
     }
 
@@ -179,7 +203,8 @@ pub fn lock_for_fork() -> impl std::any::Any {
 /// Parks `fd`, the doorbell of connection `id` whose last holder here is
 /// closing it, for the next connection in its piece `at`, and writes `id`
 /// in the piece's word; not in a process the kit was not given to (a
-/// forked child's copy, a vfork child). Returns the table, locked: the
+/// forked child's copy, a vfork child), nor after a fork since the kit
+/// came. Returns the table, locked: the
 /// caller releases the connection (its last write to it) and rings the
 /// doorbell with it held, so that neither a new kit in the piece looks
 /// for the doorbell before it is here nor another thread takes it before
@@ -189,6 +214,12 @@ pub fn park(at: &ParkAt, id: u64, fd: RawFd) -> Option<MutexGuard<'static, Optio
         return None;
     }
     let mut guard = table();
+    // Under the table's lock, which fork's prepare handler takes before it
+    // counts the fork: a fork is either counted here, or made after this
+    // doorbell is in the table (and its child closes its copy).
+    if FORKS.load(Ordering::Relaxed) != at.forks {
+        return None;
+    }
     guard.get_or_insert_with(Table::default).park(at, id, fd).then_some(guard)
 }
 
@@ -203,6 +234,18 @@ pub fn take(key: Key) -> Option<RawFd> {
 pub fn discard(key: Key) {
     if let Some(table) = table().as_mut() {
         table.discard(key);
+    }
+}
+
+/// Calls `f` with each parked doorbell (a `close_range` spares them).
+/// Allocates nothing; only in the process whose memory this is (a vfork
+/// child's closes do not touch its parent's descriptors).
+pub fn each_fd(mut f: impl FnMut(RawFd)) {
+    if !sys::memory_is_ours() {
+        return;
+    }
+    if let Some(table) = table().as_ref() {
+        table.parked.values().for_each(|parked| f(parked.fd));
     }
 }
 
@@ -294,31 +337,49 @@ mod tests {
     }
 
     #[test]
-    fn past_the_most_the_oldest_goes_whose_word_the_daemon_has_not_taken() {
+    fn past_the_most_an_old_one_goes_but_never_one_whose_word_the_daemon_took() {
         let (chunk, _) = piece(0);
         let mut table = Table::default();
         let mut peers = Vec::new();
-        // Sixteen chunks' pieces and one more.
+        // Sixteen chunks' pieces, and more.
         let chunks: Vec<Arc<Chunk>> =
             std::iter::once(chunk).chain((0..MOST / 32).map(|_| Arc::new(Chunk::create(4096).unwrap().0))).collect();
-        let mut park = |n: usize| {
+        // Parks a doorbell for piece `n` (counting through the chunks).
+        let park = |table: &mut Table, peers: &mut Vec<OwnedFd>, n: usize| {
             let at = ParkAt::new(chunks[n / 32].clone(), (n % 32) as u8, Endpoint::Client);
             let (mine, theirs) = doorbell();
-            assert!(table.park(&at, 100 + n as u64, mine));
+            let parked = table.park(&at, 100 + n as u64, mine);
+            if !parked {
+                sys::close(mine).unwrap();
+            }
             peers.push(theirs);
+            parked
         };
-        (0..MOST).for_each(&mut park);
-        // The daemon took the oldest's word (its next kit may come marked
-        // for the doorbell): that one stays, the next oldest goes.
-        chunks[0].piece(0).unwrap().bell_kept(0).store(0, Ordering::Release);
-        park(MOST);
+        for n in 0..MOST {
+            assert!(park(&mut table, &mut peers, n));
+        }
+        let taken = |n: usize| chunks[n / 32].piece(n % 32).unwrap().bell_kept(0).store(0, Ordering::Release);
+        // The daemon took the oldest's word (its kit may come marked for
+        // the doorbell): that one stays, the next oldest goes.
+        taken(0);
+        assert!(park(&mut table, &mut peers, MOST));
         assert_eq!(table.parked.len(), MOST);
-        assert!(!vsocket_sys::hung_up(peers[0].as_fd()), "the doorbell of a word taken stays");
-        assert!(table.parked.contains_key(&key(&chunks[0], 0, Endpoint::Client)));
+        assert!(table.parked.contains_key(&key(&chunks[0], 0, Endpoint::Client)), "a word taken stays");
+        assert!(!vsocket_sys::hung_up(peers[0].as_fd()));
         assert_eq!(word(&chunks[0], 1, Endpoint::Client), 0, "the next oldest's word is cleared");
         assert!(vsocket_sys::hung_up(peers[1].as_fd()), "and its doorbell closed");
         assert_eq!(word(&chunks[0], 2, Endpoint::Client), 102);
-        assert!(!vsocket_sys::hung_up(peers[2].as_fd()));
+        // The eight oldest all taken: no room, the new one is not parked
+        // (its word is not written).
+        (2..LOOK + 1).for_each(taken);
+        assert!(!park(&mut table, &mut peers, MOST + 1));
+        assert_eq!(word(&chunks[(MOST + 1) / 32], ((MOST + 1) % 32) as u8, Endpoint::Client), 0);
+        assert!((2..LOOK + 1).all(|n| !vsocket_sys::hung_up(peers[n].as_fd())));
+        // One whose peer is gone goes first, its word taken or not.
+        drop(std::mem::replace(&mut peers[5], doorbell().1));
+        assert!(park(&mut table, &mut peers, MOST + 2));
+        assert!(!table.parked.contains_key(&key(&chunks[0], 5, Endpoint::Client)));
+        assert!(table.parked.contains_key(&key(&chunks[0], 0, Endpoint::Client)));
         table.let_go(true);
     }
 
@@ -384,6 +445,12 @@ mod tests {
         assert_eq!(sys::wait_exit(child, 5_000), Some(0));
         assert!(!vsocket_sys::hung_up(theirs.as_fd()), "the parent's is open");
         assert_eq!(take(at.key()), Some(mine));
+        // A doorbell this process had at the fork (the child has a copy
+        // of it) is never parked; one that came after may be.
+        assert!(park(&at, 9, mine).is_none(), "there at the fork");
+        let after = ParkAt::new(chunk.clone(), 5, Endpoint::Client);
+        drop(park(&after, 9, mine).expect("came after the fork"));
+        assert_eq!(take(after.key()), Some(mine));
         sys::close(mine).unwrap();
     }
 }

@@ -377,7 +377,12 @@ impl<M: Member> EpollSet<M> {
                 // registration of this descriptor (see unregister_special):
                 // event loops delete and add a descriptor around every
                 // request, and the add then costs no system call.
-                let known = if self.inherited() { None } else { parked.remove(&fd) };
+                let known = if self.inherited() {
+                    conn.note_bell_in_inherited_set();
+                    None
+                } else {
+                    parked.remove(&fd)
+                };
                 if known == Some(conn.doorbell) {
                     self.parked.fetch_sub(1, Ordering::Relaxed);
                 } else {

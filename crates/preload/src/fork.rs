@@ -50,6 +50,7 @@ extern "C" fn prepare() {
         Box::new(crate::attach::lock_for_fork()),
         Box::new(crate::bells::lock_for_fork()),
     ];
+    crate::bells::forking();
     HELD.with(|slot| *slot.borrow_mut() = held);
     sys::limit_before_fork();
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;

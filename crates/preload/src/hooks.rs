@@ -690,13 +690,15 @@ const MAX_SPARED: usize = 4096;
 fn close_sparing_ours(first: u32, last: u32, flags: u32) -> SysResult<()> {
     let mut spared = [0u32; MAX_SPARED];
     let mut count = 0;
-    table::internal_fds(|fd| {
+    let mut spare = |fd: RawFd| {
         let fd = fd as u32;
         if count < MAX_SPARED && (first..=last).contains(&fd) {
             spared[count] = fd;
             count += 1;
         }
-    });
+    };
+    table::internal_fds(&mut spare);
+    crate::bells::each_fd(&mut spare);
     let spared = &mut spared[..count];
     spared.sort_unstable();
     let result = table::ranges_around(first, last, spared).try_for_each(|(from, to)| sys::close_range(from, to, flags));

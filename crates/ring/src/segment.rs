@@ -623,9 +623,10 @@ impl Segment {
     }
 
     /// Puts every control word back to zero, as in a fresh segment, for a
-    /// new connection. Only for a segment nobody else uses (`reusable`);
-    /// the data areas keep old bytes, which the new connection's indices
-    /// never expose.
+    /// new connection, but the `bell_kept` words (which the daemon takes
+    /// when it makes the next kit in a piece, ARCHITECTURE §3c stage 6).
+    /// Only for a segment nobody else uses (`reusable`); the data areas
+    /// keep old bytes, which the new connection's indices never expose.
     pub fn reset(&self) {
         for r in 0..2 {
             let (p, c) = self.lines(r);
@@ -636,7 +637,6 @@ impl Segment {
             self.holders(end).store(0, Ordering::Relaxed);
             self.released(end).store(0, Ordering::Relaxed);
             self.sleepers(end).store(0, Ordering::Relaxed);
-            self.bell_kept(end).store(0, Ordering::Relaxed);
         }
         self.claim().store(layout::KIT_WAITING, Ordering::Relaxed);
         self.take().store(layout::KIT_FREE, Ordering::Relaxed);

@@ -61,6 +61,11 @@ pub struct Connection {
     /// doorbell is not closed.
     park: Option<crate::bells::ParkAt>,
     bell_parked: AtomicBool,
+    /// The doorbell was registered in an epoll set another process made
+    /// (inherited over fork), which never deletes it (see
+    /// `EpollSet::forget`): it is not parked, or the set would go on
+    /// watching it for the next connection.
+    bell_in_inherited_set: AtomicBool,
     pub info: ConnectionInfo,
     /// The family of the program's socket (addresses are shown in it).
     pub family: crate::addr::Family,
@@ -185,6 +190,7 @@ impl Connection {
             lifeline,
             park: delivery.park.take(),
             bell_parked: AtomicBool::new(false),
+            bell_in_inherited_set: AtomicBool::new(false),
             info: resumed.info,
             family: resumed.family,
             fork_generation: AtomicU64::new(0),
@@ -1000,7 +1006,11 @@ impl Connection {
         let parked = self
             .park
             .as_ref()
-            .filter(|_| self.fork_generation.load(Ordering::Relaxed) == 0 && !self.peer_gone.load(Ordering::Acquire))
+            .filter(|_| {
+                self.fork_generation.load(Ordering::Relaxed) == 0
+                    && !self.peer_gone.load(Ordering::Acquire)
+                    && !self.bell_in_inherited_set.load(Ordering::Relaxed)
+            })
             .and_then(|at| crate::bells::park(at, self.info.id, self.doorbell));
         self.bell_parked.store(parked.is_some(), Ordering::Relaxed);
         // The last write to the segment: from now on the daemon may reset
@@ -1008,6 +1018,11 @@ impl Connection {
         self.segment.released(self.endpoint.index()).store(1, Ordering::Release);
         self.kick(wake_tx || wake_rx);
         drop(parked);
+    }
+
+    /// The doorbell is registered in an epoll set another process made.
+    pub fn note_bell_in_inherited_set(&self) {
+        self.bell_in_inherited_set.store(true, Ordering::Relaxed);
     }
 
     /// Called before fork, once per generation: the child will hold this
