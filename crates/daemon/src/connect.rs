@@ -674,8 +674,21 @@ fn shared_memory(daemon: &Daemon, pair: Pair, ring_size: u32) -> io::Result<Memo
 pub struct Kit {
     pub id: ConnectionId,
     pub piece: crate::pool::Piece,
+    /// The words its piece's ends left for it (given back if the kit is
+    /// not sent).
+    pub bells: crate::pool::TakenBells,
     pub client: KitEnds,
     pub server: KitEnds,
+}
+
+impl Kit {
+    /// The kit will not be sent: its piece's ends may let their doorbells
+    /// go again (see `pool::give_back`).
+    pub fn give_back_bells(&self) {
+        if let Ok(segment) = self.piece.segment() {
+            crate::pool::give_back(&segment, self.bells);
+        }
+    }
 }
 
 /// Makes kit `sequence` of `grant` under `policy`: a connection between
@@ -704,14 +717,18 @@ pub fn make_kit(
     };
     let piece = free.piece;
     let segment = piece.segment().ok()?;
-    // The last step that can fail is behind: the words are taken only
-    // for a kit that will be made.
-    let (client_bell, server_bell) = if crate::pool::take_bells(&segment, free.retired) {
+    let bells = crate::pool::take_bells(&segment, free.retired);
+    let (client_bell, server_bell) = if bells.kept {
         daemon.segments.bells_reused.fetch_add(1, Ordering::Relaxed);
         (None, None)
     } else {
-        let (client, server) = vsocket_sys::stream_pair().ok()?;
-        (Some(client), Some(server))
+        match vsocket_sys::stream_pair() {
+            Ok((client, server)) => (Some(client), Some(server)),
+            Err(_) => {
+                crate::pool::give_back(&segment, bells);
+                return None;
+            }
+        }
     };
     let id = daemon.ids.connection();
     // Names the connection in the piece's headers: a library reads a kit's
@@ -732,7 +749,7 @@ pub fn make_kit(
         charge,
         kit: Some(crate::connections::KitMark { grant: grant.id, sequence, announced: false }),
     });
-    Some(Kit { id, piece, client: KitEnds { bell: client_bell }, server: KitEnds { bell: server_bell } })
+    Some(Kit { id, piece, bells, client: KitEnds { bell: client_bell }, server: KitEnds { bell: server_bell } })
 }
 
 /// Memory for a connection the relay carries as end `mine`: a fresh

@@ -125,6 +125,7 @@ pub fn for_connect(
                     c.memory.segment().take().store(KIT_GONE, Ordering::Release);
                     c.reset();
                 });
+                kit.give_back_bells();
                 break;
             }
             None => {
@@ -155,6 +156,7 @@ pub fn for_connect(
         if e.kind() != std::io::ErrorKind::WouldBlock {
             listener.kits_off.store(true, Ordering::Release);
         }
+        made.iter().for_each(|(_, kit)| kit.give_back_bells());
         return None;
     }
     state.next = first + made.len() as u32;

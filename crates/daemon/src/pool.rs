@@ -92,6 +92,14 @@ pub struct FreePiece {
     pub retired: Option<ConnectionId>,
 }
 
+/// Both ends' `bell_kept` words of a piece, as [`take_bells`] took them.
+#[derive(Debug, Clone, Copy)]
+pub struct TakenBells {
+    words: [u64; 2],
+    /// Both named the connection retired there.
+    pub kept: bool,
+}
+
 /// Takes both ends' `bell_kept` words of a piece (each swapped for 0), for
 /// the kit about to be made in it, and says whether both named `retired`,
 /// the connection retired there: then both ends kept its doorbell for
@@ -102,9 +110,19 @@ pub struct FreePiece {
 /// doorbell for the kit, or this sees 0. A library can write anything in
 /// its own word: a lie costs only its own kit in the piece, which it then
 /// cannot use.
-pub fn take_bells(segment: &Segment, retired: Option<ConnectionId>) -> bool {
+pub fn take_bells(segment: &Segment, retired: Option<ConnectionId>) -> TakenBells {
     let words = [0, 1].map(|end| segment.bell_kept(end).swap(0, Ordering::AcqRel));
-    retired.is_some_and(|id| id.0 != 0 && words == [id.0; 2])
+    TakenBells { words, kept: retired.is_some_and(|id| id.0 != 0 && words == [id.0; 2]) }
+}
+
+/// Puts back the words [`take_bells`] took for a kit that is not made, or
+/// not sent: each library may then let its doorbell go again (and the
+/// next kit in the piece, naming another connection, takes them for
+/// nothing). A word written since is left alone.
+pub fn give_back(segment: &Segment, taken: TakenBells) {
+    for (end, word) in taken.words.into_iter().enumerate() {
+        let _ = segment.bell_kept(end).compare_exchange(0, word, Ordering::AcqRel, Ordering::Relaxed);
+    }
 }
 
 impl Piece {
@@ -419,7 +437,7 @@ mod tests {
         let p = pair(1, 10);
         let fresh = pool.take_piece(p).unwrap();
         assert_eq!(fresh.retired, None, "a fresh chunk's piece had no connection");
-        assert!(!take_bells(&fresh.piece.segment().unwrap(), fresh.retired));
+        assert!(!take_bells(&fresh.piece.segment().unwrap(), fresh.retired).kept);
         let piece = fresh.piece;
         // Both words, one word, a word naming another connection, none.
         for (words, kept) in [([9, 9], true), ([9, 0], false), ([0, 9], false), ([9, 8], false), ([0, 0], false)] {
@@ -432,12 +450,18 @@ mod tests {
             assert_eq!((again.piece.index, again.retired), (piece.index, Some(ConnectionId(9))));
             let segment = again.piece.segment().unwrap();
             // A free piece keeps its words: a library may still clear its own.
-            assert_eq!([0, 1].map(|end| segment.bell_kept(end).load(Ordering::Acquire)), words);
-            assert_eq!(take_bells(&segment, again.retired), kept, "{words:?}");
-            assert_eq!([0, 1].map(|end| segment.bell_kept(end).load(Ordering::Acquire)), [0, 0], "taken");
+            let read = |segment: &Segment| [0, 1].map(|end| segment.bell_kept(end).load(Ordering::Acquire));
+            assert_eq!(read(&segment), words);
+            let taken = take_bells(&segment, again.retired);
+            assert_eq!(taken.kept, kept, "{words:?}");
+            assert_eq!(read(&segment), [0, 0], "taken");
+            // A kit not made, or not sent, gives them back.
+            give_back(&segment, taken);
+            assert_eq!(read(&segment), words);
+            take_bells(&segment, again.retired);
         }
         // A connection id 0 is no connection's.
-        assert!(!take_bells(&piece.segment().unwrap(), Some(ConnectionId(0))));
+        assert!(!take_bells(&piece.segment().unwrap(), Some(ConnectionId(0))).kept);
     }
 
     #[test]

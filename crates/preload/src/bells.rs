@@ -18,9 +18,10 @@
 //! library descriptor.
 
 use crate::sys;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vsocket_abi::layout::Endpoint;
 use vsocket_ring::Chunk;
@@ -64,10 +65,10 @@ pub struct ParkAt {
 }
 
 impl ParkAt {
-    /// Kit piece `piece` of `chunk`, given to this process as end `end`
-    /// now (its doorbell just received).
-    pub fn new(chunk: Arc<Chunk>, piece: u8, end: Endpoint) -> ParkAt {
-        ParkAt { chunk, piece, end, owner: sys::getpid(), forks: FORKS.load(Ordering::Relaxed) }
+    /// Kit piece `piece` of `chunk`, given to this process as end `end`,
+    /// whose doorbell was received after [`forks`] said `forks`.
+    pub fn new(chunk: Arc<Chunk>, piece: u8, end: Endpoint, forks: u64) -> ParkAt {
+        ParkAt { chunk, piece, end, owner: sys::getpid(), forks }
     }
 
     fn key(&self) -> Key {
@@ -77,7 +78,13 @@ impl ParkAt {
 
 /// The key of piece `piece` of `chunk` for end `end`.
 pub fn key(chunk: &Chunk, piece: u8, end: Endpoint) -> Key {
-    Key { nonce: chunk.nonce(end.index()), piece }
+    key_in(chunk.nonce(end.index()), piece)
+}
+
+/// The key of piece `piece` of the chunk whose file for this end has
+/// nonce `nonce`.
+pub fn key_in(nonce: u128, piece: u8) -> Key {
+    Key { nonce, piece }
 }
 
 /// One parked doorbell: the descriptor, where its word is, the
@@ -87,6 +94,9 @@ struct Parked {
     at: ParkAt,
     id: u64,
     order: u64,
+    /// Its word was found taken by the daemon: it waits for its kit (only
+    /// this library would write the word again).
+    taken: bool,
 }
 
 impl Parked {
@@ -129,27 +139,25 @@ impl Table {
         }
         let order = self.next;
         self.next += 1;
-        self.parked.insert(key, Parked { fd, at: at.clone(), id, order });
+        self.parked.insert(key, Parked { fd, at: at.clone(), id, order, taken: false });
         piece.bell_kept(at.end.index()).store(id, Ordering::Release);
         true
     }
 
     /// Makes room for one: lets the oldest doorbell go (of the [`LOOK`]
-    /// oldest) whose peer's end is gone or whose word it can still clear.
-    /// One whose word the daemon took stays for the kit on its way, which
-    /// would otherwise come marked for a doorbell this process no longer
-    /// has. `false`: none could go.
+    /// oldest whose word was not found taken) whose peer's end is gone or
+    /// whose word it can still clear; else the oldest of those found taken
+    /// whose peer's end is gone. One whose word the daemon took stays for
+    /// the kit on its way, which would otherwise come marked for a
+    /// doorbell this process no longer has. `false`: none could go.
     fn let_go_one(&mut self) -> bool {
-        let mut oldest: Vec<(u64, Key)> = self.parked.iter().map(|(k, p)| (p.order, *k)).collect();
-        if oldest.len() > LOOK {
-            oldest.select_nth_unstable_by_key(LOOK - 1, |&(order, _)| order);
-            oldest.truncate(LOOK);
-        }
-        oldest.sort_unstable_by_key(|&(order, _)| order);
-        let gone = oldest.iter().map(|&(_, key)| key).find(|key| {
-            let parked = &self.parked[key];
-            sys::drain(parked.fd) || parked.clear_word()
+        let gone = self.oldest(false).into_iter().find(|key| {
+            let parked = self.parked.get_mut(key).expect("listed");
+            let gone = sys::drain(parked.fd) || parked.clear_word();
+            parked.taken = !gone;
+            gone
         });
+        let gone = gone.or_else(|| self.oldest(true).into_iter().find(|key| sys::drain(self.parked[key].fd)));
         match gone.and_then(|key| self.parked.remove(&key)) {
             Some(old) => {
                 let _ = sys::close(old.fd);
@@ -157,6 +165,19 @@ impl Table {
             }
             None => false,
         }
+    }
+
+    /// The keys of the [`LOOK`] oldest doorbells whose word was found
+    /// taken (`taken`) or not, oldest first.
+    fn oldest(&self, taken: bool) -> Vec<Key> {
+        let mut oldest: Vec<(u64, Key)> =
+            self.parked.iter().filter(|(_, p)| p.taken == taken).map(|(k, p)| (p.order, *k)).collect();
+        if oldest.len() > LOOK {
+            oldest.select_nth_unstable_by_key(LOOK - 1, |&(order, _)| order);
+            oldest.truncate(LOOK);
+        }
+        oldest.sort_unstable_by_key(|&(order, _)| order);
+        oldest.into_iter().map(|(_, key)| key).collect()
     }
 
     /// The doorbell parked for piece `key` (`None`: none is, or its
@@ -190,62 +211,115 @@ impl Table {
 
 static TABLE: Mutex<Option<Table>> = Mutex::new(None);
 
-fn table() -> MutexGuard<'static, Option<Table>> {
-    TABLE.lock().unwrap_or_else(|e| e.into_inner())
+thread_local! {
+    /// This thread holds the table, or waits for it: a signal handler
+    /// that interrupts it must not wait for the table (see [`held`]).
+    static HOLDING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A `close_range` from a signal handler, which interrupted this thread
+/// while it held the table, may have closed parked doorbells it could not
+/// spare (see [`each_fd`]): the table forgets them all at its next use.
+static LOST: AtomicBool = AtomicBool::new(false);
+
+/// The table, locked by this thread.
+pub struct Held(Option<MutexGuard<'static, Option<Table>>>);
+
+impl Held {
+    fn table(&mut self) -> &mut Option<Table> {
+        self.0.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.0.take());
+        HOLDING.with(|h| h.set(false));
+    }
+}
+
+/// The table, locked; `None` in a signal handler that interrupted this
+/// thread while it held the table (it would wait for itself).
+fn held() -> Option<Held> {
+    if HOLDING.with(|h| h.replace(true)) {
+        return None;
+    }
+    let mut held = Held(Some(TABLE.lock().unwrap_or_else(|e| e.into_inner())));
+    if LOST.swap(false, Ordering::AcqRel) {
+        // Their numbers may be closed, or another file's by now: forgotten
+        // without a close (those that were spared leak), words cleared.
+        for parked in held.table().take().into_iter().flat_map(|t| t.parked.into_values()) {
+            let _ = parked.clear_word();
+        }
+    }
+    Some(held)
 }
 
 /// Holds the table across a fork (see `fork.rs`), so that the child never
 /// finds it locked by a thread it does not have.
 pub fn lock_for_fork() -> impl std::any::Any {
-    table()
+    held()
+}
+
+/// How many forks this process has made: what a kit's [`ParkAt`] records,
+/// read before its doorbell is received.
+pub fn forks() -> u64 {
+    FORKS.load(Ordering::Relaxed)
 }
 
 /// Parks `fd`, the doorbell of connection `id` whose last holder here is
 /// closing it, for the next connection in its piece `at`, and writes `id`
 /// in the piece's word; not in a process the kit was not given to (a
 /// forked child's copy, a vfork child), nor after a fork since the kit
-/// came. Returns the table, locked: the
-/// caller releases the connection (its last write to it) and rings the
-/// doorbell with it held, so that neither a new kit in the piece looks
-/// for the doorbell before it is here nor another thread takes it before
-/// that ring. `None`: not parked (the caller closes `fd`).
-pub fn park(at: &ParkAt, id: u64, fd: RawFd) -> Option<MutexGuard<'static, Option<Table>>> {
+/// came. Returns the table, locked: the caller releases the connection
+/// (its last write to it) and rings the doorbell with it held, so that
+/// neither a new kit in the piece looks for the doorbell before it is here
+/// nor another thread takes it before that ring. `None`: not parked (the
+/// caller closes `fd`).
+pub fn park(at: &ParkAt, id: u64, fd: RawFd) -> Option<Held> {
     if id == 0 || sys::getpid() != at.owner || !sys::memory_is_ours() {
         return None;
     }
-    let mut guard = table();
+    let mut held = held()?;
     // Under the table's lock, which fork's prepare handler takes before it
     // counts the fork: a fork is either counted here, or made after this
     // doorbell is in the table (and its child closes its copy).
     if FORKS.load(Ordering::Relaxed) != at.forks {
         return None;
     }
-    guard.get_or_insert_with(Table::default).park(at, id, fd).then_some(guard)
+    held.table().get_or_insert_with(Table::default).park(at, id, fd).then_some(held)
 }
 
 /// The doorbell parked for piece `key`, for the kit that came without one
 /// (`None`: none is, or its peer's end is gone; the kit cannot be used).
 pub fn take(key: Key) -> Option<RawFd> {
-    table().as_mut()?.take(key)
+    held()?.table().as_mut()?.take(key)
 }
 
 /// A kit came with a doorbell of its own in piece `key`: the one parked
-/// there, if any, will never serve (the daemon reset its word).
+/// there, if any, will never serve (the daemon took its word).
 pub fn discard(key: Key) {
-    if let Some(table) = table().as_mut() {
+    if let Some(table) = held().as_mut().and_then(|h| h.table().as_mut()) {
         table.discard(key);
     }
 }
 
 /// Calls `f` with each parked doorbell (a `close_range` spares them).
 /// Allocates nothing; only in the process whose memory this is (a vfork
-/// child's closes do not touch its parent's descriptors).
+/// child's closes do not touch its parent's descriptors). In a signal
+/// handler that interrupted this thread while it held the table, none can
+/// be read: the table forgets them all afterwards (see [`LOST`]).
 pub fn each_fd(mut f: impl FnMut(RawFd)) {
     if !sys::memory_is_ours() {
         return;
     }
-    if let Some(table) = table().as_ref() {
-        table.parked.values().for_each(|parked| f(parked.fd));
+    match held() {
+        Some(mut held) => {
+            if let Some(table) = held.table().as_ref() {
+                table.parked.values().for_each(|parked| f(parked.fd));
+            }
+        }
+        None => LOST.store(true, Ordering::Release),
     }
 }
 
@@ -254,7 +328,7 @@ pub fn each_fd(mut f: impl FnMut(RawFd)) {
 /// later connection's peer still sees the parent's death. The words are
 /// the parent's, and stay.
 pub fn in_child() {
-    if let Some(table) = table().take() {
+    if let Some(table) = held().and_then(|mut h| h.table().take()) {
         table.let_go(false);
     }
 }
@@ -266,7 +340,7 @@ pub fn before_exec() {
     if !sys::memory_is_ours() {
         return;
     }
-    if let Some(table) = table().take() {
+    if let Some(table) = held().and_then(|mut h| h.table().take()) {
         table.let_go(true);
     }
 }
@@ -281,7 +355,7 @@ mod tests {
     fn piece(piece: u8) -> (Arc<Chunk>, ParkAt) {
         let (chunk, _files) = Chunk::create(4096).unwrap();
         let chunk = Arc::new(chunk);
-        let at = ParkAt::new(chunk.clone(), piece, Endpoint::Client);
+        let at = ParkAt::new(chunk.clone(), piece, Endpoint::Client, forks());
         (chunk, at)
     }
 
@@ -346,7 +420,7 @@ mod tests {
             std::iter::once(chunk).chain((0..MOST / 32).map(|_| Arc::new(Chunk::create(4096).unwrap().0))).collect();
         // Parks a doorbell for piece `n` (counting through the chunks).
         let park = |table: &mut Table, peers: &mut Vec<OwnedFd>, n: usize| {
-            let at = ParkAt::new(chunks[n / 32].clone(), (n % 32) as u8, Endpoint::Client);
+            let at = ParkAt::new(chunks[n / 32].clone(), (n % 32) as u8, Endpoint::Client, forks());
             let (mine, theirs) = doorbell();
             let parked = table.park(&at, 100 + n as u64, mine);
             if !parked {
@@ -369,17 +443,23 @@ mod tests {
         assert_eq!(word(&chunks[0], 1, Endpoint::Client), 0, "the next oldest's word is cleared");
         assert!(vsocket_sys::hung_up(peers[1].as_fd()), "and its doorbell closed");
         assert_eq!(word(&chunks[0], 2, Endpoint::Client), 102);
-        // The eight oldest all taken: no room, the new one is not parked
-        // (its word is not written).
-        (2..LOOK + 1).for_each(taken);
+        // The eight oldest not yet found taken are all taken: no room, the
+        // new one is not parked (its word is not written).
+        (2..LOOK + 2).for_each(taken);
         assert!(!park(&mut table, &mut peers, MOST + 1));
         assert_eq!(word(&chunks[(MOST + 1) / 32], ((MOST + 1) % 32) as u8, Endpoint::Client), 0);
-        assert!((2..LOOK + 1).all(|n| !vsocket_sys::hung_up(peers[n].as_fd())));
-        // One whose peer is gone goes first, its word taken or not.
-        drop(std::mem::replace(&mut peers[5], doorbell().1));
+        assert!((2..LOOK + 2).all(|n| !vsocket_sys::hung_up(peers[n].as_fd())));
+        // The next looks past those found taken.
         assert!(park(&mut table, &mut peers, MOST + 2));
+        assert!(vsocket_sys::hung_up(peers[LOOK + 2].as_fd()));
+        // When none can go but one found taken whose peer's end is gone,
+        // that one goes.
+        drop(std::mem::replace(&mut peers[5], doorbell().1));
+        (LOOK + 3..2 * LOOK + 3).for_each(taken);
+        assert!(park(&mut table, &mut peers, MOST + 3));
         assert!(!table.parked.contains_key(&key(&chunks[0], 5, Endpoint::Client)));
         assert!(table.parked.contains_key(&key(&chunks[0], 0, Endpoint::Client)));
+        assert_eq!(table.parked.len(), MOST);
         table.let_go(true);
     }
 
@@ -390,7 +470,7 @@ mod tests {
         let mut peers = Vec::new();
         for p in 0..3u8 {
             let (mine, theirs) = doorbell();
-            assert!(table.park(&ParkAt::new(chunk.clone(), p, Endpoint::Client), 10 + u64::from(p), mine));
+            assert!(table.park(&ParkAt::new(chunk.clone(), p, Endpoint::Client, forks()), 10 + u64::from(p), mine));
             peers.push(theirs);
         }
         // Piece 2 was reset and serves another connection by now.
@@ -401,7 +481,7 @@ mod tests {
         // A fork child's let go keeps the words (its parent's).
         let mut child = Table::default();
         let (mine, theirs) = doorbell();
-        assert!(child.park(&ParkAt::new(chunk.clone(), 5, Endpoint::Client), 15, mine));
+        assert!(child.park(&ParkAt::new(chunk.clone(), 5, Endpoint::Client, forks()), 15, mine));
         child.let_go(false);
         assert!(vsocket_sys::hung_up(theirs.as_fd()));
         assert_eq!(word(&chunk, 5, Endpoint::Client), 15);
@@ -448,7 +528,7 @@ mod tests {
         // A doorbell this process had at the fork (the child has a copy
         // of it) is never parked; one that came after may be.
         assert!(park(&at, 9, mine).is_none(), "there at the fork");
-        let after = ParkAt::new(chunk.clone(), 5, Endpoint::Client);
+        let after = ParkAt::new(chunk.clone(), 5, Endpoint::Client, forks());
         drop(park(&after, 9, mine).expect("came after the fork"));
         assert_eq!(take(after.key()), Some(mine));
         sys::close(mine).unwrap();

@@ -66,6 +66,8 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
     // holds the request channel across it (a child forked during this
     // request would find it locked for ever).
     fork::watch();
+    // A fork from here on has copies of the kits' doorbells this brings.
+    let forks = crate::bells::forks();
     let mut reply = match attach::request(&request) {
         Ok(reply) => reply,
         Err(e) => {
@@ -83,7 +85,7 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
             Err(e) => return Some(Err(e)),
         };
         if let Message::ConnectedKits { info, grant } = reply.message {
-            kits::keep_client(grant, *local.ip(), remote, *info.local.ip(), reply.take_extra());
+            kits::keep_client(grant, *local.ip(), remote, *info.local.ip(), reply.take_extra(), forks);
         }
         return Some(adopt(fd, conn, blocking));
     }

@@ -340,6 +340,11 @@ impl<M: Member> Drop for EpollSet<M> {
     /// The set's last descriptor is closed: the connections it armed as
     /// cold are no longer its to count among their sleepers (in the
     /// creating process; one that inherited the set never counted them).
+    ///
+    /// The kernel set may outlive it (a child's copy, a `dup` of its
+    /// descriptor), with the doorbells registered in it, which no one here
+    /// will delete any more: their connections do not keep them for the
+    /// next connection in their pieces (see `Connection::close`).
     fn drop(&mut self) {
         if self.inherited() {
             return;
@@ -347,6 +352,18 @@ impl<M: Member> Drop for EpollSet<M> {
         let regs = self.regs.get_mut();
         for reg in regs.map.values_mut() {
             reg.warm(0, false);
+            if let Kind::Managed { entry, .. } = &reg.kind {
+                if let Waitable::Conn(conn) = entry.waitable() {
+                    conn.note_bell_in_inherited_set();
+                }
+            }
+        }
+        for &fd in regs.parked.keys() {
+            if let Some(entry) = M::lookup(fd) {
+                if let Waitable::Conn(conn) = entry.waitable() {
+                    conn.note_bell_in_inherited_set();
+                }
+            }
         }
     }
 }

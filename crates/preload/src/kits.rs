@@ -87,8 +87,9 @@ pub struct Kit {
 /// and the connections made from them; a kit whose chunk cannot be
 /// mapped, or whose piece's headers do not check, is let go (its
 /// descriptors closed), and so is one whose kept doorbell this process
-/// does not have (see [`without_doorbell`]).
-fn kits_of(grant: &Grant, fds: &[RawFd], end: Endpoint) -> Vec<Kit> {
+/// does not have (see [`without_doorbell`]). `forks` is what
+/// `bells::forks` said before the descriptors were received.
+fn kits_of(grant: &Grant, fds: &[RawFd], end: Endpoint, forks: u64) -> Vec<Kit> {
     let (lifeline, fds) = fds.split_at(1);
     let lifeline = crate::attach::Lifeline::take(lifeline[0]);
     let (files, doorbells) = fds.split_at(2 * grant.chunks as usize);
@@ -126,7 +127,7 @@ fn kits_of(grant: &Grant, fds: &[RawFd], end: Endpoint) -> Vec<Kit> {
             continue;
         };
         let (id, ring_size) = (segment.connection_id(end.index()), segment.ring_size());
-        let park = bells::ParkAt::new(chunk.clone(), place.piece, end);
+        let park = bells::ParkAt::new(chunk.clone(), place.piece, end, forks);
         let delivery = Delivery::of(Given::Piece(segment), doorbell, lifeline.clone()).parked_at(park);
         kits.push(Kit { sequence: grant.first.wrapping_add(i as u32), id, ring_size, delivery });
     }
@@ -143,6 +144,22 @@ fn without_doorbell(piece: &vsocket_ring::Segment, end: Endpoint) {
     if end == Endpoint::Server {
         piece.producer(end.index()).reset();
         piece.consumer(end.peer().index()).close();
+    }
+}
+
+/// A batch not taken (its listener takes no more kits): the doorbells
+/// parked for its kits' pieces will serve no kit (the daemon took their
+/// words for these), so they go. `fds` as [`kits_of`] takes them (a
+/// piece's key names this end's file, the first of each chunk's two);
+/// the caller closes them.
+fn let_go_batch(grant: &Grant, fds: &[RawFd]) {
+    let files = &fds[1..1 + 2 * grant.chunks as usize];
+    let nonces: Vec<Option<u128>> =
+        files.chunks_exact(2).map(|two| sys::with_borrowed(two[0], vsocket_ring::Segment::read_nonce).ok()).collect();
+    for place in grant.kit_places() {
+        if let Some(&Some(nonce)) = nonces.get(place.chunk as usize) {
+            bells::discard(bells::key_in(nonce, place.piece));
+        }
     }
 }
 
@@ -222,14 +239,14 @@ fn clients() -> std::sync::MutexGuard<'static, Clients> {
 /// Keeps the batch of kits `grant` that came with a connect from a socket
 /// bound to `bound` to `remote` (the client's address `client`), from its
 /// descriptors `fds`: the queue, the bell, then the batch's own (see
-/// [`kits_of`]).
-pub fn keep_client(grant: Grant, bound: Ipv4Addr, remote: SocketAddrV4, client: Ipv4Addr, fds: Vec<RawFd>) {
+/// [`kits_of`]), received after `bells::forks` said `forks`.
+pub fn keep_client(grant: Grant, bound: Ipv4Addr, remote: SocketAddrV4, client: Ipv4Addr, fds: Vec<RawFd>, forks: u64) {
     if fds.len() != 2 + grant.fds() {
         close_all(&fds);
         return;
     }
     let (page, bell) = (fds[0], fds[1]);
-    let kits = kits_of(&grant, &fds[2..], Endpoint::Client);
+    let kits = kits_of(&grant, &fds[2..], Endpoint::Client, forks);
     // A grant this process holds already has its queue mapped and its
     // bell: the batch's copies are not needed.
     if let Some(known) = clients().grants.iter_mut().find(|g| g.id == grant.id) {
@@ -420,17 +437,26 @@ impl ServerKits {
     /// Keeps the server's ends of batch `grant` (clients at `client`,
     /// dialing `server`) from `fds`: the queue, then the batch's own (see
     /// [`kits_of`]).
-    fn keep(&self, state: &mut ServerState, grant: Grant, client: Ipv4Addr, server: SocketAddrV4, fds: Vec<RawFd>) {
-        if self.off.load(Ordering::Acquire) || fds.len() != 1 + grant.fds() {
+    fn keep(
+        &self,
+        state: &mut ServerState,
+        grant: Grant,
+        client: Ipv4Addr,
+        server: SocketAddrV4,
+        fds: Vec<RawFd>,
+        forks: u64,
+    ) {
+        if fds.len() != 1 + grant.fds() {
             close_all(&fds);
             return;
         }
-        if state.grants.get(&grant.id).is_some_and(|g| g.ended) {
-            // (The daemon sends none after a grant's `Revoke`.)
+        // (The daemon sends none after a grant's `Revoke`.)
+        if self.off.load(Ordering::Acquire) || state.grants.get(&grant.id).is_some_and(|g| g.ended) {
+            let_go_batch(&grant, &fds[1..]);
             close_all(&fds);
             return;
         }
-        let kits = kits_of(&grant, &fds[1..], Endpoint::Server);
+        let kits = kits_of(&grant, &fds[1..], Endpoint::Server, forks);
         if let Some(known) = state.grants.get_mut(&grant.id) {
             let _ = sys::close(fds[0]);
             known.kits.extend(kits.into_iter().map(|k| (k.sequence, k)));
@@ -461,10 +487,11 @@ impl ServerKits {
             if sys::poll(&mut waiting, 0).unwrap_or(0) == 0 {
                 return Ok(());
             }
+            let forks = bells::forks();
             match crate::attach::receive_on(self.kit_channel, libc::MSG_DONTWAIT) {
                 Ok(mut reply) => match reply.message {
                     Message::Kits { grant, client, server } => {
-                        self.keep(state, grant, client, server, reply.take_all())
+                        self.keep(state, grant, client, server, reply.take_all(), forks)
                     }
                     Message::Revoke { grant } => state.revoke(grant),
                     _ => {}
@@ -719,7 +746,7 @@ mod tests {
     #[test]
     fn a_batchs_kits_are_pieces_of_its_chunk_and_share_its_lifeline() {
         let (grant, fds, daemon, lifeline, _bells) = batch(3, Endpoint::Server);
-        let kits = kits_of(&grant, &fds, Endpoint::Server);
+        let kits = kits_of(&grant, &fds, Endpoint::Server, bells::forks());
         assert_eq!(kits.iter().map(|k| (k.sequence, k.id)).collect::<Vec<_>>(), [(10, 100), (11, 101), (12, 102)]);
         // The kit's memory is its piece: what the daemon's view of piece
         // 30 holds, kit 11 sees.
@@ -741,14 +768,14 @@ mod tests {
         // The client's file given where the server's is due: each piece's
         // header names the other end.
         let (grant, fds, _daemon, _lifeline, bells) = batch(2, Endpoint::Client);
-        assert!(kits_of(&grant, &fds, Endpoint::Server).is_empty());
+        assert!(kits_of(&grant, &fds, Endpoint::Server, bells::forks()).is_empty());
         for bell in &bells {
             assert!(vsocket_sys::hung_up(bell.as_fd()), "its doorbell was closed");
         }
         // A place past the chunks that came: that kit alone is let go.
         let (mut grant, fds, _daemon, _lifeline, _bells) = batch(2, Endpoint::Client);
         grant.places[0].chunk = 5;
-        let kits = kits_of(&grant, &fds, Endpoint::Client);
+        let kits = kits_of(&grant, &fds, Endpoint::Client, bells::forks());
         assert_eq!(kits.iter().map(|k| k.sequence).collect::<Vec<_>>(), [11]);
     }
 
@@ -762,7 +789,7 @@ mod tests {
                 daemon.piece(piece).unwrap().set_connection_id(100 + i as u64);
             }
             let (fds, _lifeline, peers) = batch_fds(&grant, &files, end);
-            let mut kits = kits_of(&grant, &fds, end);
+            let mut kits = kits_of(&grant, &fds, end, bells::forks());
             // Kit 10's connection closed here, alone: its doorbell parked.
             let mut first = kits.remove(0);
             let at = first.delivery.park.clone().expect("a kit's doorbell may be parked");
@@ -782,7 +809,7 @@ mod tests {
             next.kept = 0b01;
             let (fds, _lifeline, new_peers) = batch_fds(&next, &files, end);
             assert_eq!(fds.len(), next.fds());
-            let kits = kits_of(&next, &fds, end);
+            let kits = kits_of(&next, &fds, end, bells::forks());
             assert_eq!(kits.iter().map(|k| (k.sequence, k.id)).collect::<Vec<_>>(), [(12, 200), (13, 201)]);
             assert_eq!(kits[0].delivery.doorbell, parked, "{end:?}: the parked doorbell");
             assert_eq!(sys::send(peers[0].as_raw_fd(), &[1], 0), Ok(1));
@@ -798,7 +825,7 @@ mod tests {
             let mut forged = Grant::in_one_chunk(9, 14, 1);
             forged.kept = 1;
             let (fds, _lifeline, _) = batch_fds(&forged, &files, end);
-            assert!(kits_of(&forged, &fds, end).is_empty(), "{end:?}: not used");
+            assert!(kits_of(&forged, &fds, end, bells::forks()).is_empty(), "{end:?}: not used");
             let client_reads = segment.consumer(Endpoint::Server.index()).state();
             if end == Endpoint::Server {
                 // A client that takes it is reset at once.

@@ -63,8 +63,9 @@ pub struct Connection {
     bell_parked: AtomicBool,
     /// The doorbell was registered in an epoll set another process made
     /// (inherited over fork), which never deletes it (see
-    /// `EpollSet::forget`): it is not parked, or the set would go on
-    /// watching it for the next connection.
+    /// `EpollSet::forget`), or in a set of this process's that was closed
+    /// while the kernel's may live on: it is not parked, or the set would
+    /// go on watching it for the next connection.
     bell_in_inherited_set: AtomicBool,
     pub info: ConnectionInfo,
     /// The family of the program's socket (addresses are shown in it).
@@ -1020,7 +1021,8 @@ impl Connection {
         drop(parked);
     }
 
-    /// The doorbell is registered in an epoll set another process made.
+    /// The doorbell is registered in an epoll set no one here deletes it
+    /// from.
     pub fn note_bell_in_inherited_set(&self) {
         self.bell_in_inherited_set.store(true, Ordering::Relaxed);
     }
