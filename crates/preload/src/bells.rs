@@ -533,4 +533,35 @@ mod tests {
         assert_eq!(take(after.key()), Some(mine));
         sys::close(mine).unwrap();
     }
+
+    #[test]
+    fn a_signal_handler_interrupting_the_tables_holder_neither_waits_nor_trusts_it() {
+        crate::fork::watch();
+        // In a child, whose table is its own: what a handler on the
+        // holding thread would call, called while this thread holds it.
+        let child = sys::fork_running(|| {
+            let (chunk, at) = piece(6);
+            let (mine, theirs) = doorbell();
+            drop(park(&at, 3, mine).expect("parked"));
+            let held = held().expect("not held yet");
+            let (other, _theirs) = doorbell();
+            let waits = park(&ParkAt::new(chunk.clone(), 7, Endpoint::Client, forks()), 4, other).is_some()
+                || take(at.key()).is_some();
+            // A close_range here could not spare what it cannot read.
+            let mut seen = 0;
+            each_fd(|_| seen += 1);
+            drop(held);
+            // Afterwards the table has forgotten them, the doorbells
+            // unclosed (their numbers may be another file's by now), the
+            // words cleared.
+            let forgotten = take(at.key()).is_none() && !vsocket_sys::hung_up(theirs.as_fd());
+            let cleared = word(&chunk, 6, Endpoint::Client) == 0;
+            match (waits, seen, forgotten, cleared) {
+                (false, 0, true, true) => 0,
+                _ => 1,
+            }
+        })
+        .unwrap();
+        assert_eq!(sys::wait_exit(child, 5_000), Some(0), "Some(1): a check failed; None: it waited for itself");
+    }
 }

@@ -849,6 +849,34 @@ mod tests {
         (kits, client, ringer, daemon_kits)
     }
 
+    #[test]
+    fn a_batch_a_listener_no_longer_takes_lets_go_the_doorbells_parked_for_its_pieces() {
+        let (kits, _client, _ringer, _daemon) = listener_with_five();
+        let (daemon, files) = Chunk::create(4096).unwrap();
+        let grant = Grant::in_one_chunk(9, 10, 2);
+        for piece in 0..2 {
+            daemon.piece(piece).unwrap().set_connection_id(100 + piece as u64);
+        }
+        let (fds, _lifeline, _peers) = batch_fds(&grant, &files, Endpoint::Server);
+        let mut first = kits_of(&grant, &fds, Endpoint::Server, bells::forks()).remove(0);
+        // Kit 10's connection closed here: its doorbell parked, its word
+        // then taken by the daemon for the next kit in piece 0.
+        let at = first.delivery.park.clone().unwrap();
+        let parked = first.delivery.take_wakeups().doorbell;
+        drop(bells::park(&at, first.id, parked).expect("parked"));
+        daemon.piece(0).unwrap().bell_kept(Endpoint::Server.index()).store(0, Ordering::Release);
+        // That kit comes in a batch the listener no longer takes (it forked).
+        kits.turn_off();
+        let mut next = Grant::in_one_chunk(9, 12, 1);
+        next.kept = 1;
+        let (fds, _lifeline, _) = batch_fds(&next, &files, Endpoint::Server);
+        let mut all = vec![-1];
+        all.extend(fds);
+        kits.keep(&mut *kits.state(), next, Ipv4Addr::LOCALHOST, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7000), all, 0);
+        assert_eq!(sys::fcntl(parked, libc::F_GETFD, 0), Err(sys::Errno(libc::EBADF)), "let go");
+        assert_eq!(bells::take(bells::key(&daemon, 0, Endpoint::Server)), None);
+    }
+
     /// What a client does to connect with kit `sequence`: its slot, then
     /// its byte.
     fn ring(client: &ConnectQueue, ringer: &std::os::fd::OwnedFd, sequence: u32) {
