@@ -872,7 +872,7 @@ mod tests {
         let (fds, _lifeline, _) = batch_fds(&next, &files, Endpoint::Server);
         let mut all = vec![-1];
         all.extend(fds);
-        kits.keep(&mut *kits.state(), next, Ipv4Addr::LOCALHOST, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7000), all, 0);
+        kits.keep(&mut kits.state(), next, Ipv4Addr::LOCALHOST, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7000), all, 0);
         assert_eq!(sys::fcntl(parked, libc::F_GETFD, 0), Err(sys::Errno(libc::EBADF)), "let go");
         assert_eq!(bells::take(bells::key(&daemon, 0, Endpoint::Server)), None);
     }
