@@ -80,6 +80,7 @@ extern "C" fn child() {
     sys::forget_pid();
     segcache::after_fork_child();
     let_go();
+    crate::kits::in_child();
     crate::bells::in_child();
     forksafe::open_after_fork();
     table::for_each(|entry| {

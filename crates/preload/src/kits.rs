@@ -225,6 +225,15 @@ pub fn lock_for_fork() -> impl std::any::Any {
     CLIENTS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// In a forked child (the grants held since the prepare handler, now let
+/// go): the parent's kits are the parent's, and the child's copies of
+/// their doorbells go now, not at its first connect. A child that never
+/// connects would hold them for ever, and a connection its parent makes
+/// from one of them would not end for its peer when the parent dies.
+pub fn in_child() {
+    drop(clients());
+}
+
 fn clients() -> std::sync::MutexGuard<'static, Clients> {
     let mut clients = CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
     let pid = sys::getpid();
@@ -875,6 +884,34 @@ mod tests {
         kits.keep(&mut kits.state(), next, Ipv4Addr::LOCALHOST, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7000), all, 0);
         assert_eq!(sys::fcntl(parked, libc::F_GETFD, 0), Err(sys::Errno(libc::EBADF)), "let go");
         assert_eq!(bells::take(bells::key(&daemon, 0, Endpoint::Server)), None);
+    }
+
+    #[test]
+    fn a_forked_child_holds_no_copy_of_its_parents_unused_kits_doorbells() {
+        crate::fork::watch();
+        let (daemon, files) = Chunk::create(4096).unwrap();
+        let grant = Grant::in_one_chunk(77, 0, 1);
+        daemon.piece(0).unwrap().set_connection_id(500);
+        let (_queue, page, _read_only) = ConnectQueue::create(77).unwrap();
+        let (bell, _ringer) = vsocket_sys::stream_pair().unwrap();
+        let (batch, _lifeline, peers) = batch_fds(&grant, &files, Endpoint::Client);
+        let doorbell = batch[3];
+        let mut fds = vec![page.into_raw_fd(), bell.into_raw_fd()];
+        fds.extend(batch);
+        let remote = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 3), 7000);
+        keep_client(grant, Ipv4Addr::UNSPECIFIED, remote, Ipv4Addr::new(10, 77, 0, 2), fds, bells::forks());
+        let child = sys::fork_running(|| {
+            if sys::fcntl(doorbell, libc::F_GETFD, 0) == Err(sys::Errno(libc::EBADF)) {
+                0
+            } else {
+                1
+            }
+        })
+        .unwrap();
+        assert_eq!(sys::wait_exit(child, 5_000), Some(0), "the child closed its copy at once");
+        assert!(!vsocket_sys::hung_up(peers[0].as_fd()), "the parent's kit keeps its doorbell");
+        forget(77);
+        assert!(vsocket_sys::hung_up(peers[0].as_fd()));
     }
 
     /// What a client does to connect with kit `sequence`: its slot, then
