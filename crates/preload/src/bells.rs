@@ -151,11 +151,14 @@ impl Table {
     /// kit and closed it already): without it, the kit would come marked
     /// for a doorbell this process no longer has. `false`: none could go.
     fn let_go_one(&mut self) -> bool {
-        let gone = self.oldest().into_iter().find(|key| {
+        let gone = self.oldest(false).into_iter().find(|key| {
             let parked = self.parked.get_mut(key).expect("listed");
             parked.taken = !parked.clear_word();
             !parked.taken
         });
+        // Those found taken before may have had their word given back (a
+        // kit not sent, `pool::give_back`).
+        let gone = gone.or_else(|| self.oldest(true).into_iter().find(|key| self.parked[key].clear_word()));
         match gone.and_then(|key| self.parked.remove(&key)) {
             Some(old) => {
                 let _ = sys::close(old.fd);
@@ -165,11 +168,11 @@ impl Table {
         }
     }
 
-    /// The keys of the [`LOOK`] oldest doorbells whose word was not found
-    /// taken, oldest first.
-    fn oldest(&self) -> Vec<Key> {
+    /// The keys of the [`LOOK`] oldest doorbells whose word was found
+    /// taken before (`taken`) or not, oldest first.
+    fn oldest(&self, taken: bool) -> Vec<Key> {
         let mut oldest: Vec<(u64, Key)> =
-            self.parked.iter().filter(|(_, p)| !p.taken).map(|(k, p)| (p.order, *k)).collect();
+            self.parked.iter().filter(|(_, p)| p.taken == taken).map(|(k, p)| (p.order, *k)).collect();
         if oldest.len() > LOOK {
             oldest.select_nth_unstable_by_key(LOOK - 1, |&(order, _)| order);
             oldest.truncate(LOOK);
@@ -196,14 +199,26 @@ impl Table {
         }
     }
 
-    /// Closes every parked doorbell, clearing its word if `words`.
-    fn let_go(self, words: bool) {
+    /// Closes every parked doorbell (a forked child's copies: the words
+    /// are the parent's).
+    fn let_go(self) {
         for parked in self.parked.into_values() {
-            if words {
-                let _ = parked.clear_word();
-            }
             let _ = sys::close(parked.fd);
         }
+    }
+
+    /// Before exec: closes every parked doorbell whose word it clears.
+    /// One whose word the daemon took stays: if the exec fails, its kit
+    /// may still come marked for it (if it succeeds, close-on-exec closes
+    /// it).
+    fn let_go_before_exec(&mut self) {
+        self.parked.retain(|_, parked| {
+            let cleared = parked.clear_word();
+            if cleared {
+                let _ = sys::close(parked.fd);
+            }
+            !cleared
+        });
     }
 }
 
@@ -327,19 +342,20 @@ pub fn each_fd(mut f: impl FnMut(RawFd)) {
 /// the parent's, and stay.
 pub fn in_child() {
     if let Some(table) = held().and_then(|mut h| h.table().take()) {
-        table.let_go(false);
+        table.let_go();
     }
 }
 
 /// Before exec: the new image will not know the parked doorbells, so
-/// they are closed and their words cleared. Not in a vfork child, whose
-/// memory is its parent's (its copies close at the exec).
+/// their words are cleared and they are closed, but those whose word the
+/// daemon took (see [`Table::let_go_before_exec`]). Not in a vfork child,
+/// whose memory is its parent's (its copies close at the exec).
 pub fn before_exec() {
     if !sys::memory_is_ours() {
         return;
     }
-    if let Some(table) = held().and_then(|mut h| h.table().take()) {
-        table.let_go(true);
+    if let Some(table) = held().as_mut().and_then(|h| h.table().as_mut()) {
+        table.let_go_before_exec();
     }
 }
 
@@ -461,11 +477,17 @@ mod tests {
         assert!(!park(&mut table, &mut peers, MOST + 3));
         assert!(table.parked.contains_key(&key(&chunks[0], 5, Endpoint::Client)));
         assert_eq!(table.parked.len(), MOST);
-        table.let_go(true);
+        // A word given back (a kit not sent) is found again once no other
+        // can go.
+        chunks[0].piece(5).unwrap().bell_kept(0).store(105, Ordering::Release);
+        (2 * LOOK + 3..3 * LOOK + 3).for_each(taken);
+        assert!(park(&mut table, &mut peers, MOST + 4));
+        assert!(!table.parked.contains_key(&key(&chunks[0], 5, Endpoint::Client)));
+        table.let_go();
     }
 
     #[test]
-    fn letting_go_closes_every_doorbell_and_clears_only_the_words_that_still_name_their_connection() {
+    fn letting_go_before_exec_keeps_only_the_doorbells_whose_word_the_daemon_took() {
         let (chunk, _) = piece(0);
         let mut table = Table::default();
         let mut peers = Vec::new();
@@ -474,22 +496,28 @@ mod tests {
             assert!(table.park(&ParkAt::new(chunk.clone(), p, Endpoint::Client, forks()), 10 + u64::from(p), mine));
             peers.push(theirs);
         }
-        // Piece 2 was reset and serves another connection by now.
-        chunk.piece(2).unwrap().bell_kept(0).store(99, Ordering::Release);
+        // The daemon took piece 2's word for a kit on its way.
+        chunk.piece(2).unwrap().bell_kept(0).store(0, Ordering::Release);
         // A discarded one: closed, its word left to the daemon.
         table.discard(key(&chunk, 0, Endpoint::Client));
         assert!(vsocket_sys::hung_up(peers[0].as_fd()));
+        assert_eq!(word(&chunk, 0, Endpoint::Client), 10);
         // A fork child's let go keeps the words (its parent's).
         let mut child = Table::default();
         let (mine, theirs) = doorbell();
         assert!(child.park(&ParkAt::new(chunk.clone(), 5, Endpoint::Client, forks()), 15, mine));
-        child.let_go(false);
+        child.let_go();
         assert!(vsocket_sys::hung_up(theirs.as_fd()));
         assert_eq!(word(&chunk, 5, Endpoint::Client), 15);
-        // Before exec, the words go too.
-        table.let_go(true);
-        assert!(peers.iter().all(|p| vsocket_sys::hung_up(p.as_fd())));
-        assert_eq!([1, 2].map(|p| word(&chunk, p, Endpoint::Client)), [0, 99]);
+        // Before exec: words cleared and doorbells closed, but the one the
+        // daemon's kit is owed (if the exec fails, the kit may still come;
+        // if it succeeds, close-on-exec closes it).
+        table.let_go_before_exec();
+        assert!(vsocket_sys::hung_up(peers[1].as_fd()));
+        assert_eq!(word(&chunk, 1, Endpoint::Client), 0);
+        assert!(!vsocket_sys::hung_up(peers[2].as_fd()));
+        assert_eq!(table.parked.len(), 1);
+        table.let_go();
     }
 
     #[test]

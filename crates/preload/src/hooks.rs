@@ -697,8 +697,11 @@ fn close_sparing_ours(first: u32, last: u32, flags: u32) -> SysResult<()> {
             count += 1;
         }
     };
-    table::internal_fds(&mut spare);
+    // The parked doorbells first (at most 512): past MAX_SPARED the rest
+    // close, and a parked one closed would leave the table a number
+    // another file may take.
     crate::bells::each_fd(&mut spare);
+    table::internal_fds(&mut spare);
     let spared = &mut spared[..count];
     spared.sort_unstable();
     let result = table::ranges_around(first, last, spared).try_for_each(|(from, to)| sys::close_range(from, to, flags));
