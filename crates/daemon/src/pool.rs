@@ -397,12 +397,17 @@ mod tests {
         assert_eq!(pool.kept(), 0, "a connection retired after its process exited keeps nothing");
     }
 
-    #[test]
-    fn a_pairs_kits_take_the_pieces_of_its_chunks_and_give_them_back() {
+    /// A pool whose pair (channel 1, listener 10) is there.
+    fn pool_with_pair() -> (SegmentPool, Pair) {
         let pool = SegmentPool::new(RING);
         pool.channel_opened(ChannelId(1));
         pool.listener_opened(ListenerId(10));
-        let p = pair(1, 10);
+        (pool, pair(1, 10))
+    }
+
+    #[test]
+    fn a_pairs_kits_take_the_pieces_of_its_chunks_and_give_them_back() {
+        let (pool, p) = pool_with_pair();
         let take = |p| pool.take_piece(p).unwrap().piece;
         // A chunk's 32 pieces, in order, before another chunk is made.
         let pieces: Vec<Piece> = (0..CHUNK_PIECES).map(|_| take(p)).collect();
@@ -431,10 +436,7 @@ mod tests {
 
     #[test]
     fn a_piece_comes_back_with_its_doorbells_only_when_both_ends_kept_the_retired_ones() {
-        let pool = SegmentPool::new(RING);
-        pool.channel_opened(ChannelId(1));
-        pool.listener_opened(ListenerId(10));
-        let p = pair(1, 10);
+        let (pool, p) = pool_with_pair();
         let fresh = pool.take_piece(p).unwrap();
         assert_eq!(fresh.retired, None, "a fresh chunk's piece had no connection");
         assert!(!take_bells(&fresh.piece.segment().unwrap(), fresh.retired).kept);

@@ -1001,17 +1001,14 @@ impl Connection {
         let tx = self.tx();
         let wake_tx = if abort { tx.reset() } else { tx.finish() };
         let wake_rx = rx.close();
-        // A kit's doorbell is kept for the next connection in its piece
-        // (`bells`), unless this end was ever shared with a child or the
-        // peer is gone: parked before the release, rung while parked.
+        // A kit's doorbell is kept for the next connection in its piece,
+        // parked before the release and rung while parked. `bells::park`
+        // refuses one that was in the process at a fork (which a child
+        // shared) or whose peer is gone.
         let parked = self
             .park
             .as_ref()
-            .filter(|_| {
-                self.fork_generation.load(Ordering::Relaxed) == 0
-                    && !self.peer_gone.load(Ordering::Acquire)
-                    && !self.bell_in_inherited_set.load(Ordering::Relaxed)
-            })
+            .filter(|_| !self.bell_in_inherited_set.load(Ordering::Relaxed))
             .and_then(|at| crate::bells::park(at, self.info.id, self.doorbell));
         self.bell_parked.store(parked.is_some(), Ordering::Relaxed);
         // The last write to the segment: from now on the daemon may reset
