@@ -303,6 +303,14 @@ pub fn park(at: &ParkAt, id: u64, fd: RawFd) -> Option<Held> {
     held.table().get_or_insert_with(Table::default).park(at, id, fd).then_some(held)
 }
 
+/// Tests: [`park`], for a kit whose batch came just now. Other tests of
+/// the process fork at any moment, and a fork since `at` was made would
+/// rightly refuse it.
+#[cfg(test)]
+pub fn park_now(at: &ParkAt, id: u64, fd: RawFd) -> Option<Held> {
+    (0..1000).find_map(|_| park(&ParkAt { forks: forks(), ..at.clone() }, id, fd))
+}
+
 /// The doorbell parked for piece `key`, for the kit that came without one
 /// (`None`: none is; the kit cannot be used).
 pub fn take(key: Key) -> Option<RawFd> {
@@ -528,7 +536,7 @@ mod tests {
         assert!(park(&other, 5, mine).is_none());
         assert!(park(&at, 0, mine).is_none(), "no connection 0");
         assert_eq!(word(&chunk, 9, Endpoint::Client), 0);
-        drop(park(&at, 5, mine).expect("parked"));
+        drop(park_now(&at, 5, mine).expect("parked"));
         assert_eq!(word(&chunk, 9, Endpoint::Client), 5);
         assert_eq!(take(at.key()), Some(mine));
         sys::close(mine).unwrap();
@@ -539,7 +547,7 @@ mod tests {
         crate::fork::watch();
         let (chunk, at) = piece(4);
         let (mine, theirs) = doorbell();
-        drop(park(&at, 8, mine).expect("parked"));
+        drop(park_now(&at, 8, mine).expect("parked"));
         let child = sys::fork_running(|| {
             let closed = sys::fcntl(mine, libc::F_GETFD, 0) == Err(sys::Errno(libc::EBADF));
             // The words are the parent's.
@@ -558,7 +566,7 @@ mod tests {
         // of it) is never parked; one that came after may be.
         assert!(park(&at, 9, mine).is_none(), "there at the fork");
         let after = ParkAt::new(chunk.clone(), 5, Endpoint::Client, forks());
-        drop(park(&after, 9, mine).expect("came after the fork"));
+        drop(park_now(&after, 9, mine).expect("came after the fork"));
         assert_eq!(take(after.key()), Some(mine));
         sys::close(mine).unwrap();
     }

@@ -803,7 +803,7 @@ mod tests {
             let mut first = kits.remove(0);
             let at = first.delivery.park.clone().expect("a kit's doorbell may be parked");
             let parked = first.delivery.take_wakeups().doorbell;
-            drop(bells::park(&at, first.id, parked).expect("parked"));
+            drop(bells::park_now(&at, first.id, parked).expect("parked"));
             assert_eq!(daemon.piece(0).unwrap().bell_kept(end.index()).load(Ordering::Acquire), 100);
             // The daemon retired it, and gives the next kits in pieces 0
             // (its doorbell kept) and 7 (kit 11's piece: never used, so
@@ -872,7 +872,7 @@ mod tests {
         // then taken by the daemon for the next kit in piece 0.
         let at = first.delivery.park.clone().unwrap();
         let parked = first.delivery.take_wakeups().doorbell;
-        drop(bells::park(&at, first.id, parked).expect("parked"));
+        drop(bells::park_now(&at, first.id, parked).expect("parked"));
         daemon.piece(0).unwrap().bell_kept(Endpoint::Server.index()).store(0, Ordering::Release);
         // That kit comes in a batch the listener no longer takes (it forked).
         kits.turn_off();
