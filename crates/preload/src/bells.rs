@@ -122,14 +122,20 @@ pub struct Table {
 impl Table {
     /// Parks `fd`, the doorbell of connection `id`, for piece `at`, and
     /// writes `id` in the piece's word. `false` (the caller closes `fd`):
-    /// not kept, its peer's end being gone, the piece not checking, or no
-    /// room (see [`Table::let_go_one`]).
+    /// not kept, the piece not checking, or no room (see
+    /// [`Table::let_go_one`]).
+    ///
+    /// Neither here nor at [`Table::take`] is the doorbell drained: a late
+    /// ring of the old connection wakes one waiter of the next, who finds
+    /// nothing and sleeps again, as a ring that crosses a waiter's own
+    /// wake-up does. Nor is its peer's end looked at: one whose peer is
+    /// gone serves no other connection (its peer's word is 0 or names
+    /// this connection in a process that is gone, so no kit of the pair
+    /// comes marked again), and the daemon takes its word, and the next
+    /// kit in the piece closes it (see `kits::kits_of`), or a full table
+    /// lets it go.
     fn park(&mut self, at: &ParkAt, id: u64, fd: RawFd) -> bool {
         let Ok(piece) = at.chunk.piece(at.piece as usize) else { return false };
-        // A late ring of the connection is not the next one's.
-        if sys::drain(fd) {
-            return false;
-        }
         let key = at.key();
         if let Some(old) = self.parked.remove(&key) {
             let _ = sys::close(old.fd);
@@ -181,15 +187,12 @@ impl Table {
         oldest.into_iter().map(|(_, key)| key).collect()
     }
 
-    /// The doorbell parked for piece `key`, drained of late rings. Its
-    /// peer's end may be gone already: the peer took the kit, connected
-    /// and closed before this process read its batch (the connection then
-    /// reads as closed by its peer, as it would with a doorbell of its
-    /// own).
+    /// The doorbell parked for piece `key`. Its peer's end may be gone
+    /// already: the peer took the kit, connected and closed before this
+    /// process read its batch (the connection then reads as closed by its
+    /// peer, as it would with a doorbell of its own).
     fn take(&mut self, key: Key) -> Option<RawFd> {
-        let parked = self.parked.remove(&key)?;
-        let _ = sys::drain(parked.fd);
-        Some(parked.fd)
+        self.parked.remove(&key).map(|parked| parked.fd)
     }
 
     /// Closes the doorbell parked for piece `key`, if any.
@@ -290,7 +293,10 @@ pub fn forks() -> u64 {
 /// nor another thread takes it before that ring. `None`: not parked (the
 /// caller closes `fd`).
 pub fn park(at: &ParkAt, id: u64, fd: RawFd) -> Option<Held> {
-    if id == 0 || sys::getpid() != at.owner || !sys::memory_is_ours() {
+    // A vfork child never gets here: it drops no connection (closing one
+    // there leaves the table alone, `table::release`). The cached process
+    // id is a forked child's own.
+    if id == 0 || sys::getpid() != at.owner {
         return None;
     }
     let mut held = held()?;
@@ -397,7 +403,7 @@ mod tests {
     }
 
     #[test]
-    fn a_doorbell_parked_serves_the_next_connection_in_its_piece_without_its_late_rings() {
+    fn a_doorbell_parked_serves_the_next_connection_in_its_piece() {
         let (chunk, at) = piece(3);
         let mut table = Table::default();
         let (mine, theirs) = doorbell();
@@ -410,7 +416,10 @@ mod tests {
         assert_eq!(table.take(key(&chunk, 4, Endpoint::Client)), None, "another piece");
         let fd = table.take(at.key()).expect("parked");
         assert_eq!(fd, mine);
-        assert!(!readable(fd), "the late ring is gone");
+        // The late ring wakes the next connection's first waiter once
+        // (who drains it, finds nothing and sleeps again).
+        assert!(readable(fd), "the same pair");
+        assert!(!sys::drain(fd));
         assert_eq!(sys::send(theirs.as_raw_fd(), &[1], 0), Ok(1));
         assert!(readable(fd), "the same pair rings");
         assert_eq!(table.take(at.key()), None, "taken once");
@@ -418,13 +427,9 @@ mod tests {
     }
 
     #[test]
-    fn a_doorbell_whose_peer_is_gone_is_not_parked_but_one_parked_is_taken_even_then() {
+    fn a_doorbell_parked_whose_peer_is_gone_is_taken_for_its_kit_even_then() {
         let (_chunk, at) = piece(0);
         let mut table = Table::default();
-        let (mine, theirs) = doorbell();
-        drop(theirs);
-        assert!(!table.park(&at, 7, mine), "nothing to keep it for");
-        sys::close(mine).unwrap();
         // The peer took the next kit in the piece, connected and closed
         // before this process read its batch: the kit is still this
         // process's to accept, closed by its peer.

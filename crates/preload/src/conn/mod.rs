@@ -173,9 +173,10 @@ impl Connection {
         let flags = State::new(blocking).get().bits();
         let fresh = Resumed { info, endpoint, family, flags, recv_timeout_ms: 0, send_timeout_ms: 0 };
         // Made as a taken-up end is, which this process already counts;
-        // a new one counts this process now.
+        // a new one counts this process now. No read of it can be under
+        // way yet (see `add_holder`): nothing else here holds it.
         let conn = Connection::resume(fresh, delivery)?;
-        conn.add_holder();
+        conn.segment.holders(conn.endpoint.index()).fetch_add(1, Ordering::AcqRel);
         Ok(conn)
     }
 
