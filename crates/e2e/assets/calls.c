@@ -517,6 +517,82 @@ static void check_threads(int s) {
 
 static void on_sigpipe(int sig) { (void)sig; sigpipes++; }
 
+static void on_alarm(int sig) { (void)sig; }
+
+/* Connects `s`, made and set up by the caller, in `cmd` mode, and reads the
+ * status byte an 'E' server sends (waiting for the connect if it is a
+ * non-blocking one). */
+static int connected(int s, struct sockaddr_in *sa) {
+    int r = connect(s, (struct sockaddr *)sa, sizeof *sa);
+    if (r != 0 && errno != EINPROGRESS) return 0;
+    struct pollfd p = {s, POLLOUT, 0};
+    if (poll(&p, 1, 5000) != 1) return 0;
+    char status;
+    write(s, "E", 1);
+    p.events = POLLIN;
+    return poll(&p, 1, 5000) == 1 && read(s, &status, 1) == 1;
+}
+
+/* A read where nothing comes: EAGAIN at once on a non-blocking socket. A
+ * socket taken for a blocking one would wait: an alarm (a handler without
+ * SA_RESTART) ends the wait with EINTR instead of hanging the check. */
+static int read_would_block(int s) {
+    struct sigaction sa = {0}, old;
+    sa.sa_handler = on_alarm;
+    sigaction(SIGALRM, &sa, &old);
+    alarm(3);
+    char c;
+    ssize_t r = read(s, &c, 1);
+    int e = errno;
+    alarm(0);
+    sigaction(SIGALRM, &old, NULL);
+    return r == -1 && (e == EAGAIN || e == EWOULDBLOCK);
+}
+
+/* Options and modes set on a socket before its connect (through the
+ * socket, a copy of it, or ioctl) are the connection's. */
+static void check_options_before_connect(struct sockaddr_in *sa) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct timeval rto = {0, 200000};
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &rto, sizeof rto);
+    int up = connected(s, sa);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    char c;
+    ssize_t r = read(s, &c, 1);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double waited = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
+    CHECK("so_rcvtimeo_before_connect", up && r == -1 && errno == EAGAIN && waited > 0.15 && waited < 2.0, "up %d read %zd after %.3f s", up, r, waited);
+    close(s);
+
+    s = socket(AF_INET, SOCK_STREAM, 0);
+    fcntl(s, F_SETFL, fcntl(s, F_GETFL) | O_NONBLOCK);
+    up = connected(s, sa);
+    CHECK("fcntl_nonblock_before_connect", up && read_would_block(s), "up %d", up);
+    close(s);
+
+    s = socket(AF_INET, SOCK_STREAM, 0);
+    int on = 1;
+    ioctl(s, FIONBIO, &on);
+    up = connected(s, sa);
+    CHECK("fionbio_before_connect", up && read_would_block(s), "up %d", up);
+    close(s);
+
+    /* O_NONBLOCK set through a copy is the socket's (one open file). */
+    s = socket(AF_INET, SOCK_STREAM, 0);
+    int copy = dup(s);
+    fcntl(copy, F_SETFL, O_NONBLOCK);
+    close(copy);
+    up = connected(s, sa);
+    CHECK("nonblock_through_dup_before_connect", up && read_would_block(s), "up %d", up);
+    close(s);
+
+    s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    up = connected(s, sa);
+    CHECK("sock_nonblock_connect", up && read_would_block(s), "up %d", up);
+    close(s);
+}
+
 static int client(const char *ip, int port) {
     struct sockaddr_in sa = addr_of(ip, port);
     signal(SIGPIPE, on_sigpipe);
@@ -784,6 +860,8 @@ static int client(const char *ip, int port) {
         CHECK("accept_inherits_listener_options", strcmp(report, "k=1 n=1 t=30 l=1/3") == 0, "accepted socket: %s", report);
         close(q);
     }
+
+    check_options_before_connect(&sa);
 
     printf("%d failed\n", failures);
     return failures ? 1 : 0;

@@ -33,7 +33,15 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
     if !attach::enabled() || remote.ip().is_unspecified() {
         return None;
     }
-    if socket::tcp_family(fd)? != family {
+    // A socket made here and not shared since is an IPv4 TCP one with
+    // its blocking mode known and its options at their defaults: nothing
+    // to ask the kernel (see `fresh`).
+    let fresh = crate::fresh::known(fd);
+    let socket_family = match fresh {
+        Some(_) => Family::V4,
+        None => socket::tcp_family(fd)?,
+    };
+    if socket_family != family {
         return None;
     }
     // A real local port, from the kernel, so getsockname tells the truth and
@@ -50,8 +58,13 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
         Err(e) => return Some(Err(e)),
     }
     let local = socket::local_v4(fd)?;
-    let blocking = socket::blocking(fd).ok()?;
-    if let Some(done) = connect_with_kit(fd, local, remote, family, blocking) {
+    let blocking = match fresh {
+        Some(f) if f.nonblocking => Blocking::NonBlocking,
+        Some(_) => Blocking::Blocking,
+        None => socket::blocking(fd).ok()?,
+    };
+    let options = if fresh.is_some() { Options::Defaults } else { Options::OfTheSocket };
+    if let Some(done) = connect_with_kit(fd, local, remote, family, blocking, options) {
         return Some(done);
     }
     // The daemon unreachable: the kernel path still works. A daemon older
@@ -87,7 +100,7 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
         if let Message::ConnectedKits { info, grant } = reply.message {
             kits::keep_client(grant, *local.ip(), remote, *info.local.ip(), reply.take_extra(), forks);
         }
-        return Some(adopt(fd, conn, blocking));
+        return Some(adopt(fd, conn, blocking, options));
     }
     match reply.message {
         Message::Fallback => None,
@@ -104,13 +117,24 @@ pub fn connect(fd: RawFd, remote: SocketAddrV4, family: Family) -> Option<SysRes
     }
 }
 
+/// Where a new connection's timeouts and linger come from.
+#[derive(Clone, Copy)]
+enum Options {
+    /// A fresh socket's: the defaults, which a connection starts with.
+    Defaults,
+    /// Whatever the program set on the socket before connect.
+    OfTheSocket,
+}
+
 /// Makes `conn` the connection of the program's socket `fd`: what connect
 /// returns.
-fn adopt(fd: RawFd, conn: Connection, blocking: Blocking) -> SysResult<()> {
+fn adopt(fd: RawFd, conn: Connection, blocking: Blocking, options: Options) -> SysResult<()> {
     // Timeouts set before connect apply to the connection.
-    socket::follow_timeout(fd, &conn, Direction::Receive);
-    socket::follow_timeout(fd, &conn, Direction::Send);
-    socket::follow_linger(fd, &conn);
+    if let Options::OfTheSocket = options {
+        socket::follow_timeout(fd, &conn, Direction::Receive);
+        socket::follow_timeout(fd, &conn, Direction::Send);
+        socket::follow_linger(fd, &conn);
+    }
     table::adopt(fd, Entry::Conn(conn));
     match blocking {
         Blocking::NonBlocking => Err(Errno(libc::EINPROGRESS)),
@@ -127,6 +151,7 @@ fn connect_with_kit(
     remote: SocketAddrV4,
     family: Family,
     blocking: Blocking,
+    options: Options,
 ) -> Option<SysResult<()>> {
     let kits::Taken { grant, ends, client, kit } = kits::take(*local.ip(), remote)?;
     fork::watch();
@@ -145,7 +170,7 @@ fn connect_with_kit(
         }
     };
     ends.publish(sequence, local.port());
-    Some(adopt(fd, conn, blocking))
+    Some(adopt(fd, conn, blocking, options))
 }
 
 /// Waits as a blocked connect on `fd` whose SYNs are dropped would:

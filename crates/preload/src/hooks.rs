@@ -16,7 +16,7 @@ use crate::mmsg::{self, Deadline, Sent};
 use crate::splice::{self, Offsets, OtherSide};
 use crate::sys::{self, Errno, SysResult};
 use crate::table::{self, Entry};
-use crate::{attach, connect, poll, sendfile, signals, socket};
+use crate::{attach, connect, fresh, poll, sendfile, signals, socket};
 use libc::{c_int, c_ulong, c_void, size_t, sockaddr, socklen_t, ssize_t};
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
@@ -439,7 +439,14 @@ hook! {
             // SAFETY: the caller passes a valid msghdr with valid iovecs.
             return ret(unsafe { recv_msg(&e, msg, flags) });
         }
-        forward()
+        let r = forward();
+        // Descriptors may have come in, at numbers a vfork child of this
+        // process may have marked (see `fresh`).
+        // SAFETY: the kernel accepted `msg` as a valid msghdr.
+        if r >= 0 && unsafe { (*msg).msg_controllen } > 0 {
+            fresh::forget_all();
+        }
+        r
     }
 }
 
@@ -449,6 +456,12 @@ hook! {
         if let Some(e) = conn_of(fd) {
             // SAFETY: the caller passes a valid msghdr with valid iovecs.
             return ret(unsafe { send_msg(&e, msg, flags) });
+        }
+        // Descriptors sent to another process may be changed there.
+        // SAFETY: the caller passes a valid msghdr (or NULL, which the
+        // kernel refuses).
+        if !msg.is_null() && unsafe { (*msg).msg_controllen } > 0 {
+            fresh::forget_all();
         }
         forward()
     }
@@ -489,6 +502,8 @@ hook! {
             });
             return ret(sent) as c_int;
         }
+        // (Descriptors sent to another process: see sendmsg.)
+        fresh::forget_all();
         forward()
     }
 }
@@ -530,6 +545,8 @@ hook! {
             );
             return ret(got) as c_int;
         }
+        // (Descriptors may have come in: see recvmsg.)
+        fresh::forget_all();
         forward()
     }
 }
@@ -593,6 +610,15 @@ pub unsafe extern "C" fn sendfile64(out_fd: c_int, in_fd: c_int, offset: *mut li
 // ---- connection set-up --------------------------------------------------
 
 hook! {
+    fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int;
+    |forward| {
+        let fd = forward();
+        fresh::made(fd, domain, ty, protocol);
+        fd
+    }
+}
+
+hook! {
     fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int;
     |forward| {
         if let Some(e) = connect::already(fd) {
@@ -627,10 +653,15 @@ hook! {
                     Client::Vsocket { fd, peer } => write_sockaddr(peer, l.family, addr, alen).map(|()| fd),
                     Client::Kernel(fd) => Ok(fd),
                 });
+                if let Ok(fd) = client {
+                    fresh::forget(fd);
+                }
                 return ret_fd(client);
             }
         }
-        forward()
+        let fd = forward();
+        fresh::forget(fd);
+        fd
     }
 }
 
@@ -645,6 +676,7 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, alen: *mut sockl
 hook! {
     fn close(fd: c_int) -> c_int;
     |forward| {
+        fresh::forget(fd);
         table::release(fd);
         forward()
     }
@@ -659,6 +691,7 @@ hook! {
         // CLOSE_RANGE_CLOEXEC only marks descriptors; otherwise the managed
         // ones in the range are closed as close() would.
         if flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
+            fresh::forget_all();
             let clamp = |fd: libc::c_uint| fd.min(RawFd::MAX as libc::c_uint) as RawFd;
             table::release_range(clamp(first), clamp(last));
         }
@@ -673,6 +706,7 @@ hook! {
         if !attach::enabled() || lowfd < 0 {
             return forward();
         }
+        fresh::forget_all();
         table::release_range(lowfd, RawFd::MAX);
         if close_sparing_ours(lowfd as u32, u32::MAX, 0).is_err() {
             forward();
@@ -711,7 +745,9 @@ fn close_sparing_ours(first: u32, last: u32, flags: u32) -> SysResult<()> {
 hook! {
     fn dup(oldfd: c_int) -> c_int;
     |forward| {
+        fresh::forget(oldfd);
         let r = forward();
+        fresh::forget(r);
         if r >= 0 {
             table::share(oldfd, r);
         }
@@ -722,6 +758,8 @@ hook! {
 hook! {
     fn dup2(oldfd: c_int, newfd: c_int) -> c_int;
     |forward| {
+        fresh::forget(oldfd);
+        fresh::forget(newfd);
         if oldfd != newfd {
             table::release(newfd);
         }
@@ -736,6 +774,8 @@ hook! {
 hook! {
     fn dup3(oldfd: c_int, newfd: c_int, flags: c_int) -> c_int;
     |forward| {
+        fresh::forget(oldfd);
+        fresh::forget(newfd);
         if oldfd != newfd {
             table::release(newfd);
         }
@@ -810,6 +850,7 @@ hook! {
         // truthfully; the library follows the ones it acts on.
         let r = forward();
         if r == 0 {
+            fresh::option_set(fd, level, name);
             socket::option_set(fd, level, name);
         }
         r
@@ -838,6 +879,9 @@ hook! {
 hook! {
     fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) -> c_int as unsafe extern "C" fn(c_int, c_ulong, ...) -> c_int;
     |forward| {
+        if request == libc::FIONBIO {
+            fresh::forget(fd);
+        }
         if let Some(e) = table::get(fd) {
             if let Entry::Conn(c) = &*e {
                 if request == libc::FIONREAD {

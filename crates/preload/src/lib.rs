@@ -42,6 +42,7 @@ mod epoll;
 mod exec;
 mod fork;
 mod forksafe;
+mod fresh;
 #[allow(unsafe_code)]
 mod hooks;
 mod kits;

@@ -74,6 +74,9 @@ pub fn option_set(fd: RawFd, level: i32, name: i32) {
 
 /// An `fcntl(cmd, arg)` on `fd` is about to run: O_NONBLOCK follows.
 pub fn before_fcntl(fd: RawFd, cmd: i32, arg: u64) {
+    if matches!(cmd, libc::F_SETFL | libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) {
+        crate::fresh::forget(fd);
+    }
     if cmd == libc::F_SETFL {
         if let Some(e) = table::get(fd) {
             if let Entry::Conn(c) = &*e {
@@ -87,6 +90,7 @@ pub fn before_fcntl(fd: RawFd, cmd: i32, arg: u64) {
 /// made a new descriptor for the same socket.
 pub fn after_fcntl(fd: RawFd, cmd: i32, result: i32) -> i32 {
     if result >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
+        crate::fresh::forget(result);
         table::share(fd, result);
     }
     result

@@ -1,0 +1,159 @@
+//! Sockets this process made with socket(2) and has not shared since: what
+//! connect would ask the kernel about them (their family and type, their
+//! blocking mode, timeouts and linger) is known without asking.
+//!
+//! `socket` marks an IPv4 TCP socket it made here; a mark stays only while
+//! every change to what it records goes through the library's hooks on that
+//! one descriptor. Anything that could change it elsewhere takes the mark
+//! away: a close of the number (hooked, as the side table's are), a `dup`
+//! of it or onto it (the copy's changes are the socket's), a `setsockopt`
+//! of a timeout or of `SO_LINGER`, an `fcntl` that sets flags, `FIONBIO`,
+//! sending or receiving descriptors, and a fork (the child holds the same
+//! sockets: every mark goes, by a new epoch). A connect on a socket
+//! without a mark asks the kernel, as before.
+//!
+//! A number stays marked only while it names that socket: the library
+//! sees every close made through the C library, as its side table of
+//! descriptors relies on (a raw close system call defeats both).
+
+use crate::sys;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Once;
+
+/// Descriptors below this are tracked; others always ask the kernel.
+const TRACKED: usize = 1 << 16;
+
+/// The epoch in the high bits (a mark of an older epoch is no mark), then
+/// what the mark says.
+const MADE: u64 = 1;
+const NONBLOCK: u64 = 2;
+const EPOCH_SHIFT: u32 = 8;
+
+static MARKS: [AtomicU64; TRACKED] = [const { AtomicU64::new(0) }; TRACKED];
+/// Starts at 1: a zero slot is never a mark.
+static EPOCH: AtomicU64 = AtomicU64::new(1);
+
+/// What a mark says about a socket made here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fresh {
+    /// O_NONBLOCK, from `SOCK_NONBLOCK` at creation.
+    pub nonblocking: bool,
+}
+
+fn slot(fd: i32) -> Option<&'static AtomicU64> {
+    usize::try_from(fd).ok().and_then(|i| MARKS.get(i))
+}
+
+/// `socket(domain, ty, protocol)` returned `fd` (or failed: `fd` < 0).
+pub fn made(fd: i32, domain: i32, ty: i32, protocol: i32) {
+    let Some(slot) = slot(fd) else { return };
+    let tcp = domain == libc::AF_INET
+        && ty & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) == libc::SOCK_STREAM
+        && (protocol == 0 || protocol == libc::IPPROTO_TCP);
+    // (A vfork child marks a number free in its parent, whose memory this
+    // is: only descriptors made without a hook can take it there, and
+    // those that could be a socket come in messages, which take every
+    // mark away.)
+    if !tcp {
+        slot.store(0, Ordering::Relaxed);
+        return;
+    }
+    static FORGET_AT_FORK: Once = Once::new();
+    FORGET_AT_FORK.call_once(|| sys::on_fork(forget_all, nothing, nothing));
+    let nonblocking = if ty & libc::SOCK_NONBLOCK != 0 { NONBLOCK } else { 0 };
+    slot.store(EPOCH.load(Ordering::Relaxed) << EPOCH_SHIFT | MADE | nonblocking, Ordering::Relaxed);
+}
+
+/// What the mark of `fd` says, if it has one.
+pub fn known(fd: i32) -> Option<Fresh> {
+    let mark = slot(fd)?.load(Ordering::Relaxed);
+    let current = mark >> EPOCH_SHIFT == EPOCH.load(Ordering::Relaxed) && mark & MADE != 0;
+    current.then_some(Fresh { nonblocking: mark & NONBLOCK != 0 })
+}
+
+/// `fd` may no longer be what its mark says (closed, copied, changed).
+pub fn forget(fd: i32) {
+    if let Some(slot) = slot(fd) {
+        slot.store(0, Ordering::Relaxed);
+    }
+}
+
+/// `setsockopt(level, name)` on `fd`: a timeout or a linger takes the
+/// mark away (connect reads those from the kernel again).
+pub fn option_set(fd: i32, level: i32, name: i32) {
+    if level == libc::SOL_SOCKET
+        && matches!(
+            name,
+            libc::SO_RCVTIMEO | libc::SO_RCVTIMEO_NEW | libc::SO_SNDTIMEO | libc::SO_SNDTIMEO_NEW | libc::SO_LINGER
+        )
+    {
+        forget(fd);
+    }
+}
+
+/// Every mark goes: a fork is about to be made (the child holds the same
+/// sockets), or descriptors are sent to another process.
+pub extern "C" fn forget_all() {
+    EPOCH.fetch_add(1, Ordering::Relaxed);
+}
+
+extern "C" fn nothing() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// A real socket number, so that no other test's mark is on it.
+    fn number() -> std::net::UdpSocket {
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap()
+    }
+
+    #[test]
+    fn only_an_ipv4_tcp_socket_made_here_is_marked_with_its_blocking_mode() {
+        let held = number();
+        let fd = held.as_raw_fd();
+        made(fd, libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert_eq!(known(fd), Some(Fresh { nonblocking: false }));
+        made(fd, libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, libc::IPPROTO_TCP);
+        assert_eq!(known(fd), Some(Fresh { nonblocking: true }));
+        for (domain, ty, protocol) in [
+            (libc::AF_INET6, libc::SOCK_STREAM, 0),
+            (libc::AF_INET, libc::SOCK_DGRAM, 0),
+            (libc::AF_INET, libc::SOCK_STREAM, 262), // MPTCP
+            (libc::AF_UNIX, libc::SOCK_STREAM, 0),
+        ] {
+            made(fd, libc::AF_INET, libc::SOCK_STREAM, 0);
+            made(fd, domain, ty, protocol);
+            assert_eq!(known(fd), None, "{domain} {ty} {protocol}");
+        }
+        made(-1, libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert_eq!(known(-1), None);
+    }
+
+    #[test]
+    fn a_timeout_a_linger_a_forget_or_a_new_epoch_takes_the_mark_away() {
+        let held = number();
+        let fd = held.as_raw_fd();
+        let marked = || {
+            made(fd, libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(known(fd).is_some());
+        };
+        marked();
+        option_set(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY);
+        option_set(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR);
+        assert!(known(fd).is_some(), "options connect does not read leave it");
+        for name in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO_NEW, libc::SO_LINGER] {
+            marked();
+            option_set(fd, libc::SOL_SOCKET, name);
+            assert_eq!(known(fd), None, "{name}");
+        }
+        marked();
+        forget(fd);
+        assert_eq!(known(fd), None);
+        marked();
+        forget_all();
+        assert_eq!(known(fd), None, "an older epoch's mark is none");
+        marked();
+    }
+}
