@@ -50,12 +50,11 @@ pub fn accept(
     flags: i32,
     mut kernel_accept: impl FnMut() -> SysResult<RawFd>,
 ) -> SysResult<Client> {
-    let blocking = socket::blocking(fd)? == Blocking::Blocking;
-    // SO_RCVTIMEO on the listening socket bounds a blocking accept (EAGAIN
-    // when it runs out), as in Linux.
-    let timeout_ms = if blocking { sys::getsockopt_timeout_ms(fd, libc::SO_RCVTIMEO).unwrap_or(0) } else { 0 };
-    let deadline = (timeout_ms > 0).then(|| sys::now_ms() + timeout_ms);
-    let timeout = if deadline.is_some() { SocketTimeout::Set } else { SocketTimeout::None };
+    let started_ms = sys::now_ms();
+    // Asked of the kernel only once nothing was pending: whether the
+    // socket blocks, and when SO_RCVTIMEO on it ends a blocking accept
+    // (EAGAIN), as in Linux.
+    let mut wait: Option<(Option<i64>, SocketTimeout)> = None;
     signals::wait_begins();
     loop {
         fork::watch();
@@ -63,9 +62,18 @@ pub fn accept(
             table::set(accepted.fd, Arc::new(Entry::Conn(accepted.conn)));
             return Ok(Client::Vsocket { fd: accepted.fd, peer: accepted.peer });
         }
-        if !blocking {
-            return kernel_accept().map(Client::Kernel);
-        }
+        let (deadline, timeout) = match wait {
+            Some(w) => w,
+            None => {
+                if socket::blocking(fd)? == Blocking::NonBlocking {
+                    return kernel_accept().map(Client::Kernel);
+                }
+                let timeout_ms = sys::getsockopt_timeout_ms(fd, libc::SO_RCVTIMEO).unwrap_or(0);
+                let deadline = (timeout_ms > 0).then(|| started_ms + timeout_ms);
+                let w = (deadline, if deadline.is_some() { SocketTimeout::Set } else { SocketTimeout::None });
+                *wait.insert(w)
+            }
+        };
         // The channel is held for the wait, even if another thread finds
         // it broken meanwhile.
         let channel = listener.channel();

@@ -536,6 +536,12 @@ impl ServerKits {
         sys::poll(&mut ringing, 0).unwrap_or(0) > 0
     }
 
+    /// Does a slot wait in memory? No system call (see
+    /// [`may_have_one`](Self::may_have_one)).
+    pub fn slot_waits(&self) -> bool {
+        !self.off.load(Ordering::Acquire) && self.state().slot_waits()
+    }
+
     /// Is every kit this listener channel had accepted or gone, with its
     /// daemon gone (or done with all its grants)? A channel that broke is
     /// then no longer read at each accept.

@@ -65,6 +65,8 @@ pub struct Listener {
     pub spinner: Spinner,
     /// A channel that broke had kits: accepts look at them too.
     retired_kits: AtomicBool,
+    /// Accepts that found a kit waiting in memory (see `take_pending`).
+    kits_first: AtomicU64,
     /// The listening socket's options that accepted sockets inherit, read
     /// from the kernel at the first accept after they may have changed
     /// (`None`: not read yet, or a `setsockopt` on the listener since).
@@ -232,6 +234,7 @@ impl Listener {
             family,
             spinner: Spinner::new(),
             retired_kits: AtomicBool::new(false),
+            kits_first: AtomicU64::new(0),
             inherited: forksafe::Mutex::new(None),
         })
     }
@@ -341,6 +344,17 @@ impl Listener {
         let Some(channel) = self.channel() else {
             return Ok(None);
         };
+        // A kit whose slot waits in memory is found without a system call,
+        // and taken first; but at every eighth in a row the channel is
+        // looked at first, so that connections the daemon delivers are not
+        // kept waiting by a stream of kits.
+        if let Some(kits) = &channel.kits {
+            if kits.slot_waits() && self.kits_first.fetch_add(1, Ordering::Relaxed) % 8 != 7 {
+                if let Some(accepted) = self.take_kit(kits, &channel, listening, flags)? {
+                    return Ok(Some(accepted));
+                }
+            }
+        }
         if let Some(accepted) = self.take_delivered(&channel, listening, flags)? {
             return Ok(Some(accepted));
         }
@@ -628,6 +642,7 @@ mod tests {
             family: Family::V4,
             spinner: Spinner::new(),
             retired_kits: AtomicBool::new(false),
+            kits_first: AtomicU64::new(0),
             inherited: forksafe::Mutex::new(None),
         };
         (listener, daemon)
