@@ -519,9 +519,9 @@ static void on_sigpipe(int sig) { (void)sig; sigpipes++; }
 
 static void on_alarm(int sig) { (void)sig; }
 
-/* Connects `s`, made and set up by the caller, in `cmd` mode, and reads the
- * status byte an 'E' server sends (waiting for the connect if it is a
- * non-blocking one). */
+/* Connects `s`, made and set up by the caller, to an 'E' server and reads
+ * the status byte it sends (waiting for the connect if it is a non-blocking
+ * one). */
 static int connected(int s, struct sockaddr_in *sa) {
     int r = connect(s, (struct sockaddr *)sa, sizeof *sa);
     if (r != 0 && errno != EINPROGRESS) return 0;
@@ -556,13 +556,21 @@ static void check_options_before_connect(struct sockaddr_in *sa) {
     struct timeval rto = {0, 200000};
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &rto, sizeof rto);
     int up = connected(s, sa);
+    /* A timeout not followed would wait: the alarm ends it (EINTR). */
+    struct sigaction quiet = {0}, old;
+    quiet.sa_handler = on_alarm;
+    sigaction(SIGALRM, &quiet, &old);
+    alarm(3);
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     char c;
     ssize_t r = read(s, &c, 1);
+    int e = errno;
     clock_gettime(CLOCK_MONOTONIC, &t1);
+    alarm(0);
+    sigaction(SIGALRM, &old, NULL);
     double waited = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
-    CHECK("so_rcvtimeo_before_connect", up && r == -1 && errno == EAGAIN && waited > 0.15 && waited < 2.0, "up %d read %zd after %.3f s", up, r, waited);
+    CHECK("so_rcvtimeo_before_connect", up && r == -1 && e == EAGAIN && waited > 0.15 && waited < 2.0, "up %d read %zd after %.3f s", up, r, waited);
     close(s);
 
     s = socket(AF_INET, SOCK_STREAM, 0);
@@ -817,6 +825,19 @@ static int client(const char *ip, int port) {
     s = connect_to(&sa, 'R');
     write(s, out, 100);
     CHECK("econnreset", read(s, in, 1) == -1 && errno == ECONNRESET, "expected ECONNRESET");
+    close(s);
+
+    /* A reset is reported once, to whichever call comes first: a write
+     * gives ECONNRESET, the next one EPIPE, and a read then end of stream. */
+    s = connect_to(&sa, 'R');
+    write(s, out, 100);
+    usleep(500000);
+    ssize_t w1 = send(s, out, 10, MSG_NOSIGNAL);
+    int e1 = errno;
+    ssize_t w2 = send(s, out, 10, MSG_NOSIGNAL);
+    int e2 = errno;
+    ssize_t r3 = read(s, in, 1);
+    CHECK("write_after_reset", w1 == -1 && e1 == ECONNRESET && w2 == -1 && e2 == EPIPE && r3 == 0, "writes %zd (%d) %zd (%d), read %zd", w1, e1, w2, e2, r3);
     close(s);
 
     /* MSG_WAITALL across paced writes; shutdown(SHUT_RD). */

@@ -30,6 +30,7 @@ pub const CHECKS: &[&str] = &[
     "recvmsg",
     "recv_dontwait_empty",
     "fcntl_nonblock",
+    "write_after_reset",
     "so_rcvtimeo_before_connect",
     "fcntl_nonblock_before_connect",
     "fionbio_before_connect",
@@ -118,6 +119,6 @@ fn every_intercepted_call_behaves_as_linux_tcp() {
         assert!(out.status.success() && stdout.contains("0 failed"), "{via:?}:\n{stdout}");
     }
     // The vSocket run used vSocket for all its connections.
-    assert_eq!(lab.counter("a", "connections_out"), 14);
+    assert_eq!(lab.counter("a", "connections_out"), 15);
     assert_eq!(lab.counter("a", "fallbacks"), 0);
 }

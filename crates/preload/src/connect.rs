@@ -22,7 +22,7 @@ const SYN_TIMEOUT_MS: i64 = 127_000;
 /// once connected, EALREADY while a dropped connect is pending.
 pub fn already(fd: RawFd) -> Option<Errno> {
     match table::get(fd).as_deref() {
-        Some(Entry::Conn(_)) => Some(Errno(libc::EISCONN)),
+        Some(Entry::Conn(_) | Entry::Listener(_)) => Some(Errno(libc::EISCONN)),
         Some(Entry::Dropped(_)) => Some(Errno(libc::EALREADY)),
         _ => None,
     }

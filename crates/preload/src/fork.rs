@@ -51,6 +51,7 @@ extern "C" fn prepare() {
         Box::new(crate::bells::lock_for_fork()),
     ];
     crate::bells::forking();
+    crate::fresh::forget_all();
     HELD.with(|slot| *slot.borrow_mut() = held);
     sys::limit_before_fork();
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
@@ -62,6 +63,7 @@ extern "C" fn prepare() {
 }
 
 extern "C" fn parent() {
+    crate::fresh::forget_all();
     sys::limit_after_fork();
     segcache::after_fork_parent();
     let_go();
@@ -76,6 +78,7 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
+    crate::fresh::forget_all();
     sys::limit_after_fork();
     sys::forget_pid();
     segcache::after_fork_child();

@@ -8,17 +8,17 @@
 //! away: a close of the number (hooked, as the side table's are), a `dup`
 //! of it or onto it (the copy's changes are the socket's), a `setsockopt`
 //! of a timeout or of `SO_LINGER`, an `fcntl` that sets flags, `FIONBIO`,
-//! sending or receiving descriptors, and a fork (the child holds the same
-//! sockets: every mark goes, by a new epoch). A connect on a socket
-//! without a mark asks the kernel, as before.
+//! sending or receiving descriptors, and a fork, a spawn or an exec (the
+//! child holds the same sockets: every note goes, by a new epoch). A
+//! connect on a socket without a note asks the kernel, as before. Not
+//! seen: a child made by a raw `clone` or `_Fork`, which runs no fork
+//! handler, changing a socket it shares before its parent connects it.
 //!
 //! A number stays marked only while it names that socket: the library
 //! sees every close made through the C library, as its side table of
 //! descriptors relies on (a raw close system call defeats both).
 
-use crate::sys;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Once;
 
 /// Descriptors below this are tracked; others always ask the kernel.
 const TRACKED: usize = 1 << 16;
@@ -44,24 +44,28 @@ fn slot(fd: i32) -> Option<&'static AtomicU64> {
     usize::try_from(fd).ok().and_then(|i| MARKS.get(i))
 }
 
-/// `socket(domain, ty, protocol)` returned `fd` (or failed: `fd` < 0).
-pub fn made(fd: i32, domain: i32, ty: i32, protocol: i32) {
+/// The epoch a socket about to be made is noted in (read before the
+/// system call: a fork between the two, in another thread, moves the epoch
+/// on in both processes, see `fork.rs`, and the note is none).
+pub fn epoch() -> u64 {
+    EPOCH.load(Ordering::Relaxed)
+}
+
+/// `socket(domain, ty, protocol)`, called in `epoch`, returned `fd` (or
+/// failed: `fd` < 0).
+pub fn made(epoch: u64, fd: i32, domain: i32, ty: i32, protocol: i32) {
     let Some(slot) = slot(fd) else { return };
     let tcp = domain == libc::AF_INET
         && ty & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) == libc::SOCK_STREAM
         && (protocol == 0 || protocol == libc::IPPROTO_TCP);
-    // (A vfork child marks a number free in its parent, whose memory this
-    // is: only descriptors made without a hook can take it there, and
-    // those that could be a socket come in messages, which take every
-    // mark away.)
+    // (A vfork child notes in its parent's memory: its exec, or a spawn,
+    // takes every note away.)
     if !tcp {
         slot.store(0, Ordering::Relaxed);
         return;
     }
-    static FORGET_AT_FORK: Once = Once::new();
-    FORGET_AT_FORK.call_once(|| sys::on_fork(forget_all, nothing, nothing));
     let nonblocking = if ty & libc::SOCK_NONBLOCK != 0 { NONBLOCK } else { 0 };
-    slot.store(EPOCH.load(Ordering::Relaxed) << EPOCH_SHIFT | MADE | nonblocking, Ordering::Relaxed);
+    slot.store(epoch << EPOCH_SHIFT | MADE | nonblocking, Ordering::Relaxed);
 }
 
 /// What the mark of `fd` says, if it has one.
@@ -91,13 +95,14 @@ pub fn option_set(fd: i32, level: i32, name: i32) {
     }
 }
 
-/// Every mark goes: a fork is about to be made (the child holds the same
-/// sockets), or descriptors are sent to another process.
-pub extern "C" fn forget_all() {
+/// Every note goes: a fork is being made (the child holds the same
+/// sockets; the fork handlers call it before and after, in both
+/// processes), a program is spawned or exec'd (a vfork child's notes are
+/// its parent's memory; a new program may change the sockets it
+/// inherits), or descriptors are sent or received.
+pub fn forget_all() {
     EPOCH.fetch_add(1, Ordering::Relaxed);
 }
-
-extern "C" fn nothing() {}
 
 #[cfg(test)]
 mod tests {
@@ -113,9 +118,9 @@ mod tests {
     fn only_an_ipv4_tcp_socket_made_here_is_marked_with_its_blocking_mode() {
         let held = number();
         let fd = held.as_raw_fd();
-        made(fd, libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        made(epoch(), fd, libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert_eq!(known(fd), Some(Fresh { nonblocking: false }));
-        made(fd, libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, libc::IPPROTO_TCP);
+        made(epoch(), fd, libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, libc::IPPROTO_TCP);
         assert_eq!(known(fd), Some(Fresh { nonblocking: true }));
         for (domain, ty, protocol) in [
             (libc::AF_INET6, libc::SOCK_STREAM, 0),
@@ -123,11 +128,11 @@ mod tests {
             (libc::AF_INET, libc::SOCK_STREAM, 262), // MPTCP
             (libc::AF_UNIX, libc::SOCK_STREAM, 0),
         ] {
-            made(fd, libc::AF_INET, libc::SOCK_STREAM, 0);
-            made(fd, domain, ty, protocol);
+            made(epoch(), fd, libc::AF_INET, libc::SOCK_STREAM, 0);
+            made(epoch(), fd, domain, ty, protocol);
             assert_eq!(known(fd), None, "{domain} {ty} {protocol}");
         }
-        made(-1, libc::AF_INET, libc::SOCK_STREAM, 0);
+        made(epoch(), -1, libc::AF_INET, libc::SOCK_STREAM, 0);
         assert_eq!(known(-1), None);
     }
 
@@ -136,7 +141,7 @@ mod tests {
         let held = number();
         let fd = held.as_raw_fd();
         let marked = || {
-            made(fd, libc::AF_INET, libc::SOCK_STREAM, 0);
+            made(epoch(), fd, libc::AF_INET, libc::SOCK_STREAM, 0);
             assert!(known(fd).is_some());
         };
         marked();

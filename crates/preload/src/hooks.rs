@@ -440,10 +440,10 @@ hook! {
             return ret(unsafe { recv_msg(&e, msg, flags) });
         }
         let r = forward();
-        // Descriptors may have come in, at numbers a vfork child of this
-        // process may have marked (see `fresh`).
-        // SAFETY: the kernel accepted `msg` as a valid msghdr.
-        if r >= 0 && unsafe { (*msg).msg_controllen } > 0 {
+        // Descriptors came in, at numbers a note may name (see `fresh`).
+        // SAFETY: the kernel accepted `msg` as a valid msghdr and wrote its
+        // control messages.
+        if r >= 0 && unsafe { carries_descriptors(msg) } {
             fresh::forget_all();
         }
         r
@@ -458,13 +458,45 @@ hook! {
             return ret(unsafe { send_msg(&e, msg, flags) });
         }
         // Descriptors sent to another process may be changed there.
-        // SAFETY: the caller passes a valid msghdr (or NULL, which the
-        // kernel refuses).
-        if !msg.is_null() && unsafe { (*msg).msg_controllen } > 0 {
+        // SAFETY: the caller passes a valid msghdr (or NULL).
+        if unsafe { carries_descriptors(msg) } {
             fresh::forget_all();
         }
         forward()
     }
+}
+
+/// Does the message carry descriptors (`SCM_RIGHTS`)?
+///
+/// # Safety
+/// `msg` must be NULL or point to a valid msghdr whose control buffer, if
+/// any, holds `msg_controllen` bytes.
+unsafe fn carries_descriptors(msg: *const libc::msghdr) -> bool {
+    if msg.is_null() {
+        return false;
+    }
+    // SAFETY: per this function's contract; CMSG_FIRSTHDR and CMSG_NXTHDR
+    // stay inside `msg_control[..msg_controllen]` (NULL past its end).
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                return true;
+            }
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+        }
+    }
+    false
+}
+
+/// Does any of the first `n` messages carry descriptors?
+///
+/// # Safety
+/// `msgs` must be NULL or point to at least `n` valid mmsghdrs (see
+/// [`carries_descriptors`]).
+unsafe fn any_carries_descriptors(msgs: *const libc::mmsghdr, n: usize) -> bool {
+    // SAFETY: per this function's contract.
+    !msgs.is_null() && (0..n).any(|i| unsafe { carries_descriptors(&(*msgs.add(i)).msg_hdr) })
 }
 
 /// The bytes a message's iovecs describe.
@@ -503,7 +535,10 @@ hook! {
             return ret(sent) as c_int;
         }
         // (Descriptors sent to another process: see sendmsg.)
-        fresh::forget_all();
+        // SAFETY: the caller passes `vlen` valid mmsghdrs (or NULL).
+        if unsafe { any_carries_descriptors(msgs, vlen as usize) } {
+            fresh::forget_all();
+        }
         forward()
     }
 }
@@ -545,9 +580,13 @@ hook! {
             );
             return ret(got) as c_int;
         }
-        // (Descriptors may have come in: see recvmsg.)
-        fresh::forget_all();
-        forward()
+        let r = forward();
+        // (Descriptors came in: see recvmsg.)
+        // SAFETY: the kernel filled the first `r` of the caller's mmsghdrs.
+        if r > 0 && unsafe { any_carries_descriptors(msgs, r as usize) } {
+            fresh::forget_all();
+        }
+        r
     }
 }
 
@@ -612,8 +651,9 @@ pub unsafe extern "C" fn sendfile64(out_fd: c_int, in_fd: c_int, offset: *mut li
 hook! {
     fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int;
     |forward| {
+        let epoch = fresh::epoch();
         let fd = forward();
-        fresh::made(fd, domain, ty, protocol);
+        fresh::made(epoch, fd, domain, ty, protocol);
         fd
     }
 }
@@ -636,6 +676,8 @@ hook! {
 hook! {
     fn listen(fd: c_int, backlog: c_int) -> c_int;
     |forward| {
+        // A listening socket is not one to connect.
+        fresh::forget(fd);
         let r = forward();
         if r == 0 {
             accept::listen(fd, backlog);
@@ -764,6 +806,8 @@ hook! {
             table::release(newfd);
         }
         let r = forward();
+        // (Another thread's socket may have taken the number meanwhile.)
+        fresh::forget(newfd);
         if r >= 0 && oldfd != newfd {
             table::share(oldfd, r);
         }
@@ -780,6 +824,7 @@ hook! {
             table::release(newfd);
         }
         let r = forward();
+        fresh::forget(newfd);
         if r >= 0 {
             table::share(oldfd, r);
         }
@@ -1241,6 +1286,9 @@ unsafe fn exec_carrying(
 ) -> c_int {
     // Whatever image comes, it will not know them.
     crate::bells::before_exec();
+    // The new program may change the sockets it inherits (and a vfork
+    // child's notes are its parent's memory).
+    fresh::forget_all();
     if !attach::enabled() || envp.is_null() {
         return exec(envp);
     }
@@ -1348,6 +1396,55 @@ hook! {
     |forward, unsafe next| {
         // SAFETY: `envp` is what the program gave exec; the same call runs.
         unsafe { exec_carrying(envp, |envp| next(dirfd, path, argv, envp, flags)) }
+    }
+}
+
+// posix_spawn, system and popen run a new program in a child made without
+// the fork handlers: it may change the sockets it inherits (see `fresh`).
+
+hook! {
+    fn posix_spawn(
+        pid: *mut libc::pid_t,
+        path: *const libc::c_char,
+        actions: *const libc::posix_spawn_file_actions_t,
+        attr: *const libc::posix_spawnattr_t,
+        argv: *const *mut libc::c_char,
+        envp: *const *mut libc::c_char,
+    ) -> c_int;
+    |forward| {
+        fresh::forget_all();
+        forward()
+    }
+}
+
+hook! {
+    fn posix_spawnp(
+        pid: *mut libc::pid_t,
+        file: *const libc::c_char,
+        actions: *const libc::posix_spawn_file_actions_t,
+        attr: *const libc::posix_spawnattr_t,
+        argv: *const *mut libc::c_char,
+        envp: *const *mut libc::c_char,
+    ) -> c_int;
+    |forward| {
+        fresh::forget_all();
+        forward()
+    }
+}
+
+hook! {
+    fn system(command: *const libc::c_char) -> c_int;
+    |forward| {
+        fresh::forget_all();
+        forward()
+    }
+}
+
+hook! {
+    fn popen(command: *const libc::c_char, mode: *const libc::c_char) -> *mut libc::FILE;
+    |forward| {
+        fresh::forget_all();
+        forward()
     }
 }
 

@@ -536,6 +536,11 @@ impl ServerKits {
         sys::poll(&mut ringing, 0).unwrap_or(0) > 0
     }
 
+    /// Does this listener take no more kits (its process forked)?
+    pub fn is_off(&self) -> bool {
+        self.off.load(Ordering::Acquire)
+    }
+
     /// Does a slot wait in memory? No system call (see
     /// [`may_have_one`](Self::may_have_one)).
     pub fn slot_waits(&self) -> bool {

@@ -345,9 +345,9 @@ impl Listener {
             return Ok(None);
         };
         // A kit whose slot waits in memory is found without a system call,
-        // and taken first; but at every eighth in a row the channel is
-        // looked at first, so that connections the daemon delivers are not
-        // kept waiting by a stream of kits.
+        // and taken first; but every eighth accept that finds one looks at
+        // the channel first, so that connections the daemon delivers are
+        // not kept waiting by a stream of kits.
         if let Some(kits) = &channel.kits {
             if kits.slot_waits() && self.kits_first.fetch_add(1, Ordering::Relaxed) % 8 != 7 {
                 if let Some(accepted) = self.take_kit(kits, &channel, listening, flags)? {
@@ -401,6 +401,11 @@ impl Listener {
         listening: RawFd,
         flags: i32,
     ) -> SysResult<Option<Accepted>> {
+        if kits.is_off() {
+            // Its kits are let go; no program socket is made for them.
+            let _ = kits.next();
+            return Ok(None);
+        }
         while kits.may_have_one() {
             // The program's socket first: short of descriptors (EMFILE),
             // no kit is taken and it waits for a later accept, as in a

@@ -848,6 +848,13 @@ impl Connection {
                     }
                 }
                 Err(RingError::PeerClosed) => {
+                    // A reset from the peer is reported once, to whichever
+                    // call comes first, as Linux does: a write gives
+                    // ECONNRESET, and EPIPE after.
+                    if total == 0 && matches!(self.rx().state(), Ok(RxState::Reset)) {
+                        let e = if self.state.report_reset() { libc::ECONNRESET } else { libc::EPIPE };
+                        return self.finish_write(total, Errno(e));
+                    }
                     // As with TCP: the first write after the peer closed is
                     // accepted (the peer answers it with a reset); later
                     // ones fail with EPIPE.
@@ -1005,7 +1012,7 @@ impl Connection {
         // A kit's doorbell is kept for the next connection in its piece,
         // parked before the release and rung while parked. `bells::park`
         // refuses one that was in the process at a fork (which a child
-        // shared) or whose peer is gone.
+        // shared).
         let parked = self
             .park
             .as_ref()
