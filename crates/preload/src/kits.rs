@@ -800,6 +800,59 @@ mod tests {
     }
 
     #[test]
+    fn a_doorbell_left_in_an_epoll_set_whose_owner_closed_it_is_not_parked() {
+        use crate::conn::{Blocking, Connection};
+        use crate::table::{self, Entry};
+        use vsocket_abi::control::ConnectionInfo;
+        let (grant, fds, daemon, _lifeline, _peers) = batch(2, Endpoint::Client);
+        let kits = kits_of(&grant, &fds, Endpoint::Client, bells::forks());
+        // Each kit connection at a descriptor number of its own.
+        let numbers =
+            [std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), std::net::UdpSocket::bind("127.0.0.1:0").unwrap()];
+        let mut pieces = Vec::new();
+        for ((kit, number), place) in kits.into_iter().zip(&numbers).zip(&grant.places) {
+            assert!(kit.delivery.park.is_some(), "a kit's doorbell may be parked");
+            pieces.push((kit.id, place.piece, daemon.piece(place.piece as usize).unwrap()));
+            let info = ConnectionInfo {
+                id: kit.id,
+                local: "10.0.0.2:4000".parse().unwrap(),
+                peer: "10.0.0.3:80".parse().unwrap(),
+                ring_size: kit.ring_size,
+            };
+            let conn =
+                Connection::new(info, Endpoint::Client, crate::addr::Family::V4, kit.delivery, Blocking::Blocking);
+            table::set(number.as_raw_fd(), Arc::new(Entry::Conn(conn.unwrap())));
+        }
+        let word = |i: usize| pieces[i].2.bell_kept(Endpoint::Client.index()).load(Ordering::Acquire);
+        // Both connections in a set of this process's.
+        let epfd = sys::epoll_create().unwrap();
+        table::track_epoll(epfd);
+        {
+            let entry = table::get(epfd).unwrap();
+            let Entry::Epoll(set) = &*entry else { panic!("a set") };
+            for number in &numbers {
+                let fd = number.as_raw_fd();
+                let event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+                set.ctl(libc::EPOLL_CTL_ADD, fd, Some(event)).unwrap();
+            }
+        }
+        // The first closes while its set is open: the set deletes its
+        // doorbell, which is parked.
+        table::release(numbers[0].as_raw_fd());
+        assert_eq!(word(0), pieces[0].0, "parked");
+        // The set's owner closes it while a copy keeps the kernel's set,
+        // with the second's doorbell in it, alive: nothing here will
+        // delete it, so it is not kept for another connection.
+        let copy = sys::fcntl(epfd, libc::F_DUPFD_CLOEXEC, 0).unwrap() as RawFd;
+        table::release(epfd);
+        let _ = sys::close(epfd);
+        table::release(numbers[1].as_raw_fd());
+        assert_eq!(word(1), 0, "not parked");
+        let _ = sys::close(copy);
+        bells::discard(bells::key(&daemon, pieces[0].1, Endpoint::Client));
+    }
+
+    #[test]
     fn a_kit_whose_doorbell_was_kept_takes_the_one_parked_for_its_piece_and_without_it_is_not_used() {
         for end in [Endpoint::Client, Endpoint::Server] {
             let (daemon, files) = Chunk::create(4096).unwrap();
