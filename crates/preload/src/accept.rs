@@ -71,6 +71,8 @@ pub fn accept(
                 let timeout_ms = sys::getsockopt_timeout_ms(fd, libc::SO_RCVTIMEO).unwrap_or(0);
                 let deadline = (timeout_ms > 0).then(|| started_ms + timeout_ms);
                 let w = (deadline, if deadline.is_some() { SocketTimeout::Set } else { SocketTimeout::None });
+                // The next connection's program socket, made while waiting.
+                listener.make_spare(flags);
                 *wait.insert(w)
             }
         };

@@ -89,6 +89,7 @@ extern "C" fn child() {
     table::for_each(|entry| {
         if let Entry::Listener(listener) = entry {
             listener.no_more_kits(false);
+            listener.forget_spare_in_child();
         }
     });
 }

@@ -23,7 +23,7 @@ use crate::sys::{self, Errno, SysResult};
 use arc_swap::ArcSwapOption;
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use vsocket_abi::control::{ConnectionInfo, Message, CONNECTION_FDS};
 use vsocket_abi::layout::Endpoint;
@@ -67,10 +67,21 @@ pub struct Listener {
     retired_kits: AtomicBool,
     /// Accepts that found a kit waiting in memory (see `take_pending`).
     kits_first: AtomicU64,
+    /// A program socket made while a blocking accept waited, at a number
+    /// of the library's (see [`Listener::make_spare`]); [`NO_SPARE`]: none.
+    spare: AtomicI64,
     /// The listening socket's options that accepted sockets inherit, read
     /// from the kernel at the first accept after they may have changed
     /// (`None`: not read yet, or a `setsockopt` on the listener since).
     inherited: forksafe::Mutex<Option<Inherited>>,
+}
+
+/// No spare program socket (see [`Listener::make_spare`]).
+const NO_SPARE: i64 = -1;
+
+/// A spare program socket: its descriptor, and whether it is non-blocking.
+fn spare_of(fd: RawFd, nonblocking: bool) -> i64 {
+    i64::from(fd) | i64::from(nonblocking) << 32
 }
 
 /// A detached listener's way back to the daemon.
@@ -235,6 +246,7 @@ impl Listener {
             spinner: Spinner::new(),
             retired_kits: AtomicBool::new(false),
             kits_first: AtomicU64::new(0),
+            spare: AtomicI64::new(NO_SPARE),
             inherited: forksafe::Mutex::new(None),
         })
     }
@@ -254,6 +266,10 @@ impl Listener {
     /// The library's own descriptors this listener holds: the channel's
     /// and, with kits, the bell's and the watch's.
     pub fn internal_fds(&self, mut f: impl FnMut(RawFd)) {
+        let spare = self.spare.load(Ordering::Acquire);
+        if spare != NO_SPARE {
+            f(spare as i32 as RawFd);
+        }
         if let Some(attached) = self.channel.load().as_ref() {
             f(attached.channel.fd());
             for fd in attached.kits.iter().flat_map(ServerKits::fds) {
@@ -458,9 +474,66 @@ impl Listener {
     /// A fresh kernel socket for an accepted connection (accept4's
     /// `SOCK_NONBLOCK`/`SOCK_CLOEXEC` from `flags`): the program's
     /// descriptor, made before a connection is taken, so that short of
-    /// descriptors (EMFILE) none is taken, as in a kernel backlog.
+    /// descriptors (EMFILE) none is taken, as in a kernel backlog. The
+    /// spare one a waiting accept made is moved to the lowest free number
+    /// (where `socket` would have put it; EMFILE just the same), which
+    /// costs two calls where `socket` costs the kernel a new socket.
     fn program_socket(&self, flags: i32) -> SysResult<RawFd> {
+        let spare = self.spare.swap(NO_SPARE, Ordering::AcqRel);
+        if spare != NO_SPARE {
+            let (fd, nonblocking) = (spare as i32 as RawFd, spare >> 32 != 0);
+            let copy = if flags & libc::SOCK_CLOEXEC != 0 { libc::F_DUPFD_CLOEXEC } else { libc::F_DUPFD };
+            match sys::fcntl(fd, copy, 0) {
+                Ok(program) => {
+                    let _ = sys::close(fd);
+                    let program = program as RawFd;
+                    let wanted = flags & libc::SOCK_NONBLOCK != 0;
+                    if wanted != nonblocking {
+                        let status = if wanted { libc::O_RDWR | libc::O_NONBLOCK } else { libc::O_RDWR };
+                        let _ = sys::fcntl(program, libc::F_SETFL, status as libc::c_long);
+                    }
+                    return Ok(program);
+                }
+                Err(e) => {
+                    if self.spare.compare_exchange(NO_SPARE, spare, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                        let _ = sys::close(fd);
+                    }
+                    return Err(e);
+                }
+            }
+        }
         sys::socket(self.family.domain(), libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)), 0)
+    }
+
+    /// A blocking accept (flags `flags`) found nothing pending and is about
+    /// to wait: the program socket for the connection it waits for is
+    /// made now, off the path from a client's connect to its accept. It
+    /// waits at a number of the library's (close-on-exec, spared by
+    /// `close_range`, closed in a forked child, see
+    /// [`Listener::forget_spare_in_child`]).
+    pub fn make_spare(&self, flags: i32) {
+        if self.spare.load(Ordering::Acquire) != NO_SPARE || !self.attached() {
+            return;
+        }
+        let nonblocking = flags & libc::SOCK_NONBLOCK;
+        let Ok(fd) = sys::socket(self.family.domain(), libc::SOCK_STREAM | libc::SOCK_CLOEXEC | nonblocking, 0) else {
+            return;
+        };
+        let mut moved = [fd];
+        sys::relocate_internal(&mut moved, crate::attach::internal_fd_floor());
+        let spare = spare_of(moved[0], nonblocking != 0);
+        if self.spare.compare_exchange(NO_SPARE, spare, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            let _ = sys::close(moved[0]);
+        }
+    }
+
+    /// In a forked child: the spare program socket is the parent's (a
+    /// copy here would hand one socket to two processes' programs).
+    pub fn forget_spare_in_child(&self) {
+        let spare = self.spare.swap(NO_SPARE, Ordering::AcqRel);
+        if spare != NO_SPARE {
+            let _ = sys::close(spare as i32 as RawFd);
+        }
     }
 
     /// Takes the connection the daemon delivered on the listener channel,
@@ -554,6 +627,10 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
+        let spare = *self.spare.get_mut();
+        if spare != NO_SPARE {
+            let _ = sys::close(spare as i32 as RawFd);
+        }
         let retry = self.retry.get_mut();
         if !self.channel.load().is_some() && !retry.refused {
             DETACHED.fetch_sub(1, Ordering::Relaxed);
@@ -648,6 +725,7 @@ mod tests {
             spinner: Spinner::new(),
             retired_kits: AtomicBool::new(false),
             kits_first: AtomicU64::new(0),
+            spare: AtomicI64::new(NO_SPARE),
             inherited: forksafe::Mutex::new(None),
         };
         (listener, daemon)
@@ -726,6 +804,54 @@ mod tests {
         drop(daemon);
         assert!(listener.take_pending(kernel.as_raw_fd(), 0).unwrap().is_none());
         assert!(!listener.attached(), "vsocketd is gone: only kernel clients remain");
+    }
+
+    #[test]
+    fn a_spare_program_socket_becomes_the_lowest_free_descriptor_with_the_accepts_flags() {
+        let (listener, _daemon) = listener();
+        let flags_of = |fd: RawFd| {
+            let status = sys::fcntl(fd, libc::F_GETFL, 0).unwrap() as i32 & libc::O_NONBLOCK != 0;
+            let cloexec = sys::fcntl(fd, libc::F_GETFD, 0).unwrap() as i32 & libc::FD_CLOEXEC != 0;
+            (status, cloexec)
+        };
+        for (made_for, taken_with) in [
+            (0, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC),
+            (libc::SOCK_NONBLOCK, 0),
+            (libc::SOCK_NONBLOCK, libc::SOCK_NONBLOCK),
+        ] {
+            listener.make_spare(made_for);
+            let spare = listener.spare.load(Ordering::Acquire);
+            assert_ne!(spare, NO_SPARE);
+            let spare_fd = spare as i32 as RawFd;
+            // Where `socket` would put the program's socket now.
+            let lowest = sys::fcntl(0, libc::F_DUPFD, 0).unwrap() as RawFd;
+            sys::close(lowest).unwrap();
+            assert!(spare_fd > lowest, "the spare waits out of the program's way");
+            let fd = listener.program_socket(taken_with).unwrap();
+            assert_eq!(fd, lowest);
+            assert_eq!(listener.spare.load(Ordering::Acquire), NO_SPARE, "taken");
+            assert_eq!(
+                flags_of(fd),
+                (taken_with & libc::SOCK_NONBLOCK != 0, taken_with & libc::SOCK_CLOEXEC != 0),
+                "made for {made_for:#x}, taken with {taken_with:#x}"
+            );
+            assert_eq!(sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE), Ok(libc::SOCK_STREAM));
+            assert!(sys::fcntl(spare_fd, libc::F_GETFD, 0).is_err(), "the spare's own number is closed");
+            sys::close(fd).unwrap();
+        }
+        // Without one, a socket is made as before; a forked child closes
+        // its copy of the parent's.
+        let fd = listener.program_socket(0).unwrap();
+        assert_eq!(sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE), Ok(libc::SOCK_STREAM));
+        sys::close(fd).unwrap();
+        listener.make_spare(0);
+        let spare_fd = listener.spare.load(Ordering::Acquire) as i32 as RawFd;
+        let mut spared = Vec::new();
+        listener.internal_fds(|fd| spared.push(fd));
+        assert!(spared.contains(&spare_fd), "close_range spares it");
+        listener.forget_spare_in_child();
+        assert_eq!(listener.spare.load(Ordering::Acquire), NO_SPARE);
+        assert!(sys::fcntl(spare_fd, libc::F_GETFD, 0).is_err());
     }
 
     /// Runs a blocking accept on `listener` and `kernel` in a thread; its
