@@ -263,8 +263,9 @@ impl Listener {
         self.channel.load().as_ref().map(|c| c.wake_fd())
     }
 
-    /// The library's own descriptors this listener holds: the channel's
-    /// and, with kits, the bell's and the watch's.
+    /// The library's own descriptors this listener holds: its spare
+    /// program socket, the channel's and, with kits, the bell's, the kit
+    /// channel's and the watch's.
     pub fn internal_fds(&self, mut f: impl FnMut(RawFd)) {
         let spare = self.spare.load(Ordering::Acquire);
         if spare != NO_SPARE {
@@ -479,8 +480,14 @@ impl Listener {
     /// (where `socket` would have put it; EMFILE just the same), which
     /// costs two calls where `socket` costs the kernel a new socket.
     fn program_socket(&self, flags: i32) -> SysResult<RawFd> {
-        let spare = self.spare.swap(NO_SPARE, Ordering::AcqRel);
-        if spare != NO_SPARE {
+        // No fork between taking the spare and closing its number (the
+        // child would keep a copy no one closes), and the program's own
+        // limit for the copy (no other thread's raised one).
+        let moved = sys::with_fork_held(|| {
+            let spare = self.spare.swap(NO_SPARE, Ordering::AcqRel);
+            if spare == NO_SPARE {
+                return None;
+            }
             let (fd, nonblocking) = (spare as i32 as RawFd, spare >> 32 != 0);
             let copy = if flags & libc::SOCK_CLOEXEC != 0 { libc::F_DUPFD_CLOEXEC } else { libc::F_DUPFD };
             match sys::fcntl(fd, copy, 0) {
@@ -489,18 +496,26 @@ impl Listener {
                     let program = program as RawFd;
                     let wanted = flags & libc::SOCK_NONBLOCK != 0;
                     if wanted != nonblocking {
-                        let status = if wanted { libc::O_RDWR | libc::O_NONBLOCK } else { libc::O_RDWR };
+                        let status = if wanted { libc::O_NONBLOCK } else { 0 };
                         let _ = sys::fcntl(program, libc::F_SETFL, status as libc::c_long);
                     }
-                    return Ok(program);
+                    Some(Ok(program))
                 }
-                Err(e) => {
+                // Short of descriptors: the spare waits for a later accept,
+                // as the connection does.
+                Err(Errno(libc::EMFILE)) => {
                     if self.spare.compare_exchange(NO_SPARE, spare, Ordering::AcqRel, Ordering::Acquire).is_err() {
                         let _ = sys::close(fd);
                     }
-                    return Err(e);
+                    Some(Err(Errno(libc::EMFILE)))
                 }
+                // Its number is not the spare any more (closed by the
+                // program some way): forgotten, not closed.
+                Err(_) => None,
             }
+        });
+        if let Some(result) = moved {
+            return result;
         }
         sys::socket(self.family.domain(), libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)), 0)
     }
@@ -516,15 +531,24 @@ impl Listener {
             return;
         }
         let nonblocking = flags & libc::SOCK_NONBLOCK;
-        let Ok(fd) = sys::socket(self.family.domain(), libc::SOCK_STREAM | libc::SOCK_CLOEXEC | nonblocking, 0) else {
-            return;
-        };
-        let mut moved = [fd];
-        sys::relocate_internal(&mut moved, crate::attach::internal_fd_floor());
-        let spare = spare_of(moved[0], nonblocking != 0);
-        if self.spare.compare_exchange(NO_SPARE, spare, Ordering::AcqRel, Ordering::Acquire).is_err() {
-            let _ = sys::close(moved[0]);
-        }
+        let floor = crate::attach::internal_fd_floor();
+        // Made, moved and kept with no fork between (see `program_socket`).
+        sys::with_limit_raised(|raised| {
+            let ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | nonblocking;
+            let Ok(fd) = sys::socket(self.family.domain(), ty, 0) else { return };
+            let mut moved = [fd];
+            sys::relocate_raised(&mut moved, raised, floor);
+            // Kept only where the library's own descriptors go: above the
+            // program's limit, or where soft and hard are one, in the upper
+            // part of its range, as the listener's channel is.
+            let above = raised.map_or(floor, |soft| soft.min(RawFd::MAX as u64) as RawFd);
+            let spare = spare_of(moved[0], nonblocking != 0);
+            if moved[0] < above
+                || self.spare.compare_exchange(NO_SPARE, spare, Ordering::AcqRel, Ordering::Acquire).is_err()
+            {
+                let _ = sys::close(moved[0]);
+            }
+        });
     }
 
     /// In a forked child: the spare program socket is the parent's (a
@@ -814,6 +838,8 @@ mod tests {
             let cloexec = sys::fcntl(fd, libc::F_GETFD, 0).unwrap() as i32 & libc::FD_CLOEXEC != 0;
             (status, cloexec)
         };
+        // A descriptor of the test's own, copied the way the spare is.
+        let mine = kernel_listener();
         for (made_for, taken_with) in [
             (0, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC),
             (libc::SOCK_NONBLOCK, 0),
@@ -824,7 +850,7 @@ mod tests {
             assert_ne!(spare, NO_SPARE);
             let spare_fd = spare as i32 as RawFd;
             // Where `socket` would put the program's socket now.
-            let lowest = sys::fcntl(0, libc::F_DUPFD, 0).unwrap() as RawFd;
+            let lowest = sys::fcntl(mine.as_raw_fd(), libc::F_DUPFD, 0).unwrap() as RawFd;
             sys::close(lowest).unwrap();
             assert!(spare_fd > lowest, "the spare waits out of the program's way");
             let fd = listener.program_socket(taken_with).unwrap();
@@ -848,7 +874,7 @@ mod tests {
         let spare_fd = listener.spare.load(Ordering::Acquire) as i32 as RawFd;
         let mut spared = Vec::new();
         listener.internal_fds(|fd| spared.push(fd));
-        assert!(spared.contains(&spare_fd), "close_range spares it");
+        assert!(spared.contains(&spare_fd), "listed among the library's own (close_range spares them)");
         listener.forget_spare_in_child();
         assert_eq!(listener.spare.load(Ordering::Acquire), NO_SPARE);
         assert!(sys::fcntl(spare_fd, libc::F_GETFD, 0).is_err());

@@ -435,6 +435,16 @@ fn release_limit() {
     LIMIT_HELD.store(false, std::sync::atomic::Ordering::Release);
 }
 
+/// Runs `f` with no fork and no relocation of another thread under way
+/// (the lock `with_limit_raised` holds, without raising the limit): the
+/// program's limit is its own for `f`'s calls.
+pub fn with_fork_held<T>(f: impl FnOnce() -> T) -> T {
+    hold_limit();
+    let result = f();
+    release_limit();
+    result
+}
+
 /// Before fork: no relocation is half done in the child.
 pub fn limit_before_fork() {
     hold_limit();
