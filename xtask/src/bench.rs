@@ -553,6 +553,28 @@ const MEMORY_CONNECTIONS: u32 = 1000;
 /// hold the same memory from the start.
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(1500);
 
+/// At most this long more while vsocketd is still giving quiet rings'
+/// pages back: it spends at most 2 ms a quarter second on it, which on a
+/// machine whose system calls are slow takes several seconds for the
+/// memory rows' 2000 rings.
+const SETTLE_MORE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits, after [`SETTLE`], until vsocketd's count of rings given back
+/// (`rings_trimmed`) stops rising for a second, or [`SETTLE_MORE`] passes.
+fn settle_trimming(lab: &Lab) {
+    let trimmed = || lab.ctl("status").ok().and_then(|s| s["rings_trimmed"].as_u64());
+    let until = Instant::now() + SETTLE_MORE;
+    let mut last = trimmed();
+    while Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let now = trimmed();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// What the host holds for connections, in bytes, as the path `via`
 /// accounts for it: the kernel's TCP socket buffers (`/proc/net/sockstat`,
 /// pages; one count for all namespaces), or vSocket's shared memory
@@ -657,6 +679,9 @@ fn memory_per_connection(lab: &Lab, via: Via, port: u16, mode: &str, bytes: u32)
     let before = host_memory(lab, via)?;
     let held = Held::open(lab, via, port, MEMORY_CONNECTIONS, bytes, mode)?;
     std::thread::sleep(SETTLE);
+    if via == Via::Vsocket {
+        settle_trimming(lab);
+    }
     let after = host_memory(lab, via)?;
     drop(held);
     let per = (after - before).max(0.0) / f64::from(MEMORY_CONNECTIONS) / 1024.0;
