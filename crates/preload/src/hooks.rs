@@ -801,7 +801,6 @@ hook! {
     fn dup2(oldfd: c_int, newfd: c_int) -> c_int;
     |forward| {
         fresh::forget(oldfd);
-        fresh::forget(newfd);
         if oldfd != newfd {
             table::release(newfd);
         }
@@ -819,7 +818,6 @@ hook! {
     fn dup3(oldfd: c_int, newfd: c_int, flags: c_int) -> c_int;
     |forward| {
         fresh::forget(oldfd);
-        fresh::forget(newfd);
         if oldfd != newfd {
             table::release(newfd);
         }
@@ -1402,35 +1400,29 @@ hook! {
 // posix_spawn, system and popen run a new program in a child made without
 // the fork handlers: it may change the sockets it inherits (see `fresh`).
 
-hook! {
-    fn posix_spawn(
-        pid: *mut libc::pid_t,
-        path: *const libc::c_char,
-        actions: *const libc::posix_spawn_file_actions_t,
-        attr: *const libc::posix_spawnattr_t,
-        argv: *const *mut libc::c_char,
-        envp: *const *mut libc::c_char,
-    ) -> c_int;
-    |forward| {
-        fresh::forget_all();
-        forward()
-    }
+/// A spawn of libc's (`posix_spawn`, or `posix_spawnp`, which takes a file
+/// to look up in `PATH` where the other takes a path).
+macro_rules! spawn_hook {
+    ($name:ident, $program:ident) => {
+        hook! {
+            fn $name(
+                pid: *mut libc::pid_t,
+                $program: *const libc::c_char,
+                actions: *const libc::posix_spawn_file_actions_t,
+                attr: *const libc::posix_spawnattr_t,
+                argv: *const *mut libc::c_char,
+                envp: *const *mut libc::c_char,
+            ) -> c_int;
+            |forward| {
+                fresh::forget_all();
+                forward()
+            }
+        }
+    };
 }
 
-hook! {
-    fn posix_spawnp(
-        pid: *mut libc::pid_t,
-        file: *const libc::c_char,
-        actions: *const libc::posix_spawn_file_actions_t,
-        attr: *const libc::posix_spawnattr_t,
-        argv: *const *mut libc::c_char,
-        envp: *const *mut libc::c_char,
-    ) -> c_int;
-    |forward| {
-        fresh::forget_all();
-        forward()
-    }
-}
+spawn_hook!(posix_spawn, path);
+spawn_hook!(posix_spawnp, file);
 
 hook! {
     fn system(command: *const libc::c_char) -> c_int;
