@@ -840,6 +840,24 @@ static int client(const char *ip, int port) {
     CHECK("write_after_reset", w1 == -1 && e1 == ECONNRESET && w2 == -1 && e2 == EPIPE && r3 == 0, "writes %zd (%d) %zd (%d), read %zd", w1, e1, w2, e2, r3);
     close(s);
 
+    /* A readiness the program makes itself (SHUT_RD) is reported by the
+       same wait as another connection's, even once the set judges the
+       connection only when its peer changes something. */
+    int ended = connect_to(&sa, 'C');
+    int shut = connect_to(&sa, 'E');
+    char st;
+    int eps = epoll_create1(0);
+    struct epoll_event eev = {.events = EPOLLIN, .data.u64 = 1}, sev = {.events = EPOLLIN, .data.u64 = 2}, sgot[4];
+    int added = read(shut, &st, 1) == 1 && epoll_ctl(eps, EPOLL_CTL_ADD, ended, &eev) == 0 && epoll_ctl(eps, EPOLL_CTL_ADD, shut, &sev) == 0;
+    int first_ready = epoll_wait(eps, sgot, 4, 2000);
+    first_ready = first_ready == 1 && sgot[0].data.u64 == 1 && epoll_wait(eps, sgot, 4, 0) == 1;
+    shutdown(shut, SHUT_RD);
+    int both = epoll_wait(eps, sgot, 4, 0);
+    CHECK("epoll_shutdown_rd_with_others", added && first_ready && both == 2 && sgot[0].data.u64 + sgot[1].data.u64 == 3, "added %d, one ready %d, then %d events", added, first_ready, both);
+    close(eps);
+    close(shut);
+    close(ended);
+
     /* MSG_WAITALL across paced writes; shutdown(SHUT_RD). */
     s = connect_to(&sa, 'W');
     char big[10000];
@@ -847,7 +865,6 @@ static int client(const char *ip, int port) {
     ssize_t peeked = recv(s, big, 3000, MSG_PEEK | MSG_WAITALL);
     CHECK("peek_waitall_paced", peeked == 3000, "peeked %zd", peeked);
     CHECK("waitall_paced", recv(s, big, sizeof big, MSG_WAITALL) == (ssize_t)sizeof big, "short read");
-    shutdown(s, SHUT_RD);
     CHECK("shutdown_rd", read(s, in, 1) == 0, "read after SHUT_RD");
     write(s, "k", 1);
     close(s);
