@@ -18,8 +18,13 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
-/// Longest spin before sleeping, unless a spinner is given its own.
-const SPIN_NS: u32 = 30_000;
+/// Longest spin before sleeping, unless a spinner is given its own. It
+/// must outlast a wait that includes the peer's own wake-up: on a machine
+/// whose system calls and wake-ups are slow, a round trip through a
+/// sleeping peer takes 30 to 50 µs, and a budget shorter than that makes
+/// every wait look long, so both ends sleep for good (BENCHMARKS.md, "The
+/// spin budget").
+const SPIN_NS: u32 = 100_000;
 /// Below this a spin is not worth starting.
 const MIN_SPIN_NS: u32 = 1_000;
 /// While a place has stopped spinning, every this many waits spin with the
@@ -78,7 +83,7 @@ impl Default for Spinner {
 }
 
 impl Spinner {
-    /// A spinner with the library's budget (30 us).
+    /// A spinner with the library's budget (100 us).
     pub const fn new() -> Spinner {
         Spinner::with_budget(SPIN_NS)
     }
@@ -124,8 +129,8 @@ impl Spinner {
             // wake-up, so this errs towards sleeping).
             self.full_ns
         } else {
-            // Spinning here is wasted: quarter the budget (30 us to nothing
-            // in three waits).
+            // Spinning here is wasted: quarter the budget (100 us to
+            // nothing in four waits).
             budget / 4
         };
         self.budget_ns.store(next, Ordering::Relaxed);
