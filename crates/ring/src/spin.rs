@@ -21,7 +21,7 @@ use std::time::Instant;
 /// Longest spin before sleeping, unless a spinner is given its own. It
 /// must outlast a wait that includes the peer's own wake-up: on a machine
 /// whose system calls and wake-ups are slow, a round trip through a
-/// sleeping peer takes 30 to 50 µs, and a budget shorter than that makes
+/// sleeping peer took 38 to 47 µs, and a budget shorter than that makes
 /// every wait look long, so both ends sleep for good (BENCHMARKS.md, "The
 /// spin budget").
 const SPIN_NS: u32 = 100_000;
