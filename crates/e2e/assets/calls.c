@@ -865,6 +865,7 @@ static int client(const char *ip, int port) {
     ssize_t peeked = recv(s, big, 3000, MSG_PEEK | MSG_WAITALL);
     CHECK("peek_waitall_paced", peeked == 3000, "peeked %zd", peeked);
     CHECK("waitall_paced", recv(s, big, sizeof big, MSG_WAITALL) == (ssize_t)sizeof big, "short read");
+    shutdown(s, SHUT_RD);
     CHECK("shutdown_rd", read(s, in, 1) == 0, "read after SHUT_RD");
     write(s, "k", 1);
     close(s);
