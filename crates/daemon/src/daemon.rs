@@ -7,7 +7,7 @@ use crate::connections::{Carrier, ConnectionRecord, Connections, Memory};
 use crate::flowlog::{FlowEvent, FlowLog, FlowRecord, FlowVerdict};
 use crate::grants::{GrantRecord, State as GrantState};
 use crate::guest::GuestSlot;
-use crate::ids::{ConnectionId, Ids, Pair};
+use crate::ids::{ChannelId, ConnectionId, Ids, Pair};
 use crate::listeners::{ListenerRecord, Listeners};
 use crate::policy::{Policy, PolicySource};
 use crate::pool::SegmentPool;
@@ -331,6 +331,17 @@ impl Daemon {
     /// (ARCHITECTURE §3b): from then on they are connections.
     pub fn announce_kits(&self) {
         for grant in self.grants.all() {
+            self.announce_taken(&grant, &mut lock(&grant.state));
+        }
+    }
+
+    /// Announces the kits the client process whose request channel is
+    /// `channel` took so far: before a connect it sends through the daemon
+    /// is decided, so that the flow log's attempts follow the order of a
+    /// client's connects (the kits it took, then this one), as they would
+    /// if every connect came here.
+    pub fn announce_kits_of(&self, channel: ChannelId) {
+        for grant in self.grants.of_channel(channel) {
             self.announce_taken(&grant, &mut lock(&grant.state));
         }
     }

@@ -165,6 +165,12 @@ impl Grants {
         lock(&self.inner).by_key.values().cloned().collect()
     }
 
+    /// The grants of the client process whose request channel is
+    /// `channel`.
+    pub(crate) fn of_channel(&self, channel: ChannelId) -> Vec<Arc<GrantRecord>> {
+        lock(&self.inner).by_key.iter().filter(|(k, _)| k.channel == channel).map(|(_, g)| g.clone()).collect()
+    }
+
     /// Takes out the grants `which` picks (and forgets the pairs it picks
     /// that connected once).
     pub(crate) fn take(&self, which: impl Fn(&GrantKey) -> bool) -> Vec<Arc<GrantRecord>> {

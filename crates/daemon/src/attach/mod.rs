@@ -286,6 +286,7 @@ fn serve_requests<C: ProcessChannel>(daemon: &Daemon, guest: &Arc<GuestSlot>, id
             | Message::ConnectKitsV2 { local, remote }
             | Message::ConnectKitsV3 { local, remote } => {
                 let _serving = daemon.serving();
+                daemon.announce_kits_of(id);
                 let memory = channel.memory();
                 let client = match &memory {
                     ConnectionMemory::Descriptors => connect::ClientEnd::Process(id),
