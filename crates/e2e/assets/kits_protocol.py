@@ -8,6 +8,7 @@
     kits_protocol.py connect-v1 SOCK IP PORT
     kits_protocol.py connect-v2 SOCK IP PORT
     kits_protocol.py connect-v3 SOCK IP PORT
+    kits_protocol.py connect-again SOCK IP PORT
 
 listen: registers a listener that takes kits (ListenKits) and writes one
 JSON line to OUT for each message the daemon sends on its channel or its
@@ -19,6 +20,9 @@ reply brings a grant's kits. It takes the batch's first kit as a client
 library would (a slot in the connect queue, a byte on the bell), prints a
 JSON line, then waits for STEPS/check, prints the claim words of its
 kits, and waits for STEPS/exit.
+connect-again: as connect, but once the kit is taken, connects a third
+time through the daemon at once (as a library does whose kits ran out),
+prints that reply's kind, and exits.
 connect-v1: connects twice as a library from before the take word asked
 for kits, and prints the replies' kinds and descriptor counts.
 connect-v2: the same, as a library from before chunks (whose kits each
@@ -126,7 +130,7 @@ def listen(path, ip, port, out, stop):
                 note(kind="other", code=kind, fds=len(fds))
 
 
-def connect(path, ip, port, steps, kind=CONNECT_KITS):
+def connect(path, ip, port, steps, kind=CONNECT_KITS, again=False):
     s = channel(path)
     s.settimeout(10)
     replies = []
@@ -154,6 +158,11 @@ def connect(path, ip, port, steps, kind=CONNECT_KITS):
     os.write(bell, b"k")
     print(json.dumps({"replies": replies, "grant": gid, "first": first, "count": count, "chunks": chunks,
                       "claims": [claim(at) for at in server_halves]}), flush=True)
+    if again:
+        s.send(bytes([kind]) + addr("0.0.0.0", 0) + addr(ip, port))
+        msg, fds, _, _ = socket.recv_fds(s, 64, 253)
+        print(json.dumps({"again": msg[0], "fds": len(fds)}), flush=True)
+        return
     while not os.path.exists(os.path.join(steps, "check")):
         time.sleep(0.05)
     print(json.dumps({"claims": [claim(at) for at in server_halves]}), flush=True)
@@ -167,6 +176,8 @@ if __name__ == "__main__":
         listen(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6])
     elif what == "connect":
         connect(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    elif what == "connect-again":
+        connect(sys.argv[2], sys.argv[3], int(sys.argv[4]), None, again=True)
     elif what == "connect-v1":
         connect(sys.argv[2], sys.argv[3], int(sys.argv[4]), None, CONNECT_KITS_V1)
     elif what == "connect-v2":

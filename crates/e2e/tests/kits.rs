@@ -146,6 +146,26 @@ fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
 }
 
 #[test]
+fn a_connect_through_the_daemon_is_logged_after_the_kits_its_process_took_before_it() {
+    let mut lab = Lab::start_host("tkitsorder", ONE_PORT, "flow_log = \"{dir}/flow.log\"").unwrap();
+    let RawListener { script, sock_a, stop, .. } = RawListener::start(&mut lab);
+    let script = script.to_str().unwrap();
+    // Two connects (the second brings the batch), the batch's first kit
+    // taken, and at once a third connect through the daemon: long before
+    // a reap would read the kit's slot.
+    let out = lab.run("a", Via::Kernel, "python3", &[script, "connect-again", &sock_a, "10.10.0.3", "7000"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = lab.dir.join("flow.log");
+    let attempts = || lines(&log).into_iter().filter(|r| r["event"] == "attempt").collect::<Vec<Value>>();
+    assert!(wait_until(Duration::from_secs(5), || attempts().len() == 4), "{:?}", lines(&log));
+    // The flow log follows the client's connects: the kit (its port,
+    // 41000) before the connect that came after it.
+    let kit: Vec<bool> = attempts().iter().map(|r| r["client"] == "10.10.0.2:41000").collect();
+    assert_eq!(kit, [false, false, true, false], "{:?}", attempts());
+    std::fs::write(&stop, "").unwrap();
+}
+
+#[test]
 fn a_library_from_before_the_take_word_chunks_or_kept_doorbells_gets_no_kits() {
     // A server from before the take word would never accept them (it
     // never sets the take word), one from before chunks would take a
