@@ -383,7 +383,7 @@ pub fn run(args: &[String]) -> Result {
         // -c 50 row (against that row, recorded runs put vSocket's ratio
         // anywhere from 61% to 161%, and the kernel path's from 73% to
         // 112%).
-        b.interleaved(&lab, &format!("redis-benchmark -c 50 with {IDLE} idle"), |lab, via| {
+        b.interleaved(&lab, &format!("redis-benchmark -c 50{}", with_idle()), |lab, via| {
             // Alone: once the server has let go of the last run's idle
             // ones (the one asking counts).
             redis_let_go(lab, via, 1)?;
@@ -394,18 +394,12 @@ pub fn run(args: &[String]) -> Result {
             // still accepting them.
             redis_holds(lab, via, IDLE + 1)?;
             let mixed = redis(lab, via, 50, 1, 200_000)?;
-            let named = |samples: Vec<Sample>, suffix: String| -> Vec<Sample> {
+            let with_idle = with_idle();
+            let named = |mut samples: Vec<Sample>, suffix: &str| {
+                samples.iter_mut().for_each(|s| s.scenario.push_str(suffix));
                 samples
-                    .into_iter()
-                    .map(|mut s| {
-                        s.scenario = format!("{}{suffix}", s.scenario);
-                        s
-                    })
-                    .collect()
             };
-            let mut samples = named(alone, IDLE_ALONE.to_owned());
-            samples.extend(named(mixed, format!(" with {IDLE} idle")));
-            Ok(samples)
+            Ok([named(alone, IDLE_ALONE), named(mixed, &with_idle)].into_iter().flatten().collect())
         })?;
         lab.stop_background();
     }
@@ -730,12 +724,17 @@ const IDLE_MIX_KEPT: f64 = 0.9;
 /// just before the idle ones are opened.
 const IDLE_ALONE: &str = " alone";
 
+/// What names the idle-mix row: the busy workload's name, then this.
+fn with_idle() -> String {
+    format!(" with {IDLE} idle")
+}
+
 /// For an idle-mix row, the share of its throughput each path (kernel,
 /// vSocket) keeps against the same workload without the idle connections
 /// (its reference row, or, in the rows of a run from before the reference
 /// was measured, the row of the same workload).
 fn idle_mix(rows: &[Row], mixed: &Row) -> Option<(f64, f64)> {
-    let busy = mixed.scenario.strip_suffix(&format!(" with {IDLE} idle"))?;
+    let busy = mixed.scenario.strip_suffix(&with_idle())?;
     let find = |scenario: &str| rows.iter().find(|r| r.scenario == scenario && r.metric == mixed.metric);
     let alone = find(&format!("{busy}{IDLE_ALONE}")).or_else(|| find(busy))?;
     Some((mixed.kernel / alone.kernel, mixed.vsocket / alone.vsocket))
