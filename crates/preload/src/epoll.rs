@@ -33,12 +33,12 @@
 //! too.
 
 use crate::conn::{Connection, Dropped, EdgeSnapshot, MAX_SLEEP_MS};
+use crate::fdhash::{FdMap, FdSet};
 use crate::forksafe;
 use crate::listener::{self, Listener};
 use crate::readiness::{Interest, Readiness};
 use crate::signals;
 use crate::sys::{self, Errno, SysResult};
-use std::collections::{HashMap, HashSet};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -168,21 +168,21 @@ impl<M: Member> Registration<M> {
 
 /// A set's registrations, and which of them a wait judges.
 struct Regs<M> {
-    map: HashMap<RawFd, Registration<M>>,
+    map: FdMap<Registration<M>>,
     /// The descriptors whose registrations waits judge (see
     /// [`Registration::judged`]), each once (`listed` holds the same). A
     /// number stays listed when its registration goes (event loops delete
     /// and add a descriptor around every request): it is dropped at the
     /// next `prune` unless registered again, and then it is listed once.
     hot: Vec<RawFd>,
-    listed: HashSet<RawFd>,
+    listed: FdSet,
     /// When every cold connection was last judged (see `EpollSet::sweep`).
     swept_ns: u64,
     /// Which doorbell each parked one is (see `unregister_special`), by
     /// the descriptor it was registered for: registering that descriptor
     /// again for the same connection finds it in the kernel set already,
     /// without asking the kernel.
-    parked: HashMap<RawFd, RawFd>,
+    parked: FdMap<RawFd>,
 }
 
 impl<M: Member> Regs<M> {
@@ -251,11 +251,11 @@ impl<M: Member> EpollSet<M> {
         EpollSet {
             epfd,
             regs: forksafe::Mutex::new(Regs {
-                map: HashMap::new(),
+                map: FdMap::default(),
                 hot: Vec::new(),
-                listed: HashSet::new(),
+                listed: FdSet::default(),
                 swept_ns: sys::now_ns(),
-                parked: HashMap::new(),
+                parked: FdMap::default(),
             }),
             special: AtomicUsize::new(0),
             kernel_checked: AtomicU64::new(0),
@@ -383,7 +383,7 @@ fn channel_events(ev: u32) -> u32 {
 impl<M: Member> EpollSet<M> {
     fn register_special(
         &self,
-        parked: &mut HashMap<RawFd, RawFd>,
+        parked: &mut FdMap<RawFd>,
         fd: RawFd,
         entry: &Arc<M>,
         events: u32,
@@ -440,7 +440,7 @@ impl<M: Member> EpollSet<M> {
         }
     }
 
-    fn unregister_special(&self, parked: &mut HashMap<RawFd, RawFd>, fd: RawFd, reg: &Registration<M>) {
+    fn unregister_special(&self, parked: &mut FdMap<RawFd>, fd: RawFd, reg: &Registration<M>) {
         match &reg.kind {
             Kind::Kernel => return,
             // The doorbell stays in the kernel set: programs (ae, libuv)
@@ -472,7 +472,6 @@ impl<M: Member> EpollSet<M> {
 
     /// epoll_ctl on this set.
     pub fn ctl(&self, op: i32, fd: RawFd, event: Option<libc::epoll_event>) -> SysResult<()> {
-        let target = M::lookup(fd).filter(|e| !matches!(e.waitable(), Waitable::Set(_)) || fd != self.epfd);
         let (events, data) = event.map(|e| (e.events, e.u64)).unwrap_or((0, 0));
         // EPOLLEXCLUSIVE: only on ADD, with only the flags that make sense
         // for it, and a registration made with it cannot be modified.
@@ -496,6 +495,9 @@ impl<M: Member> EpollSet<M> {
                 if regs.map.contains_key(&fd) {
                     return Err(Errno(libc::EEXIST));
                 }
+                // Only an ADD asks what `fd` is: a MOD or DEL finds its
+                // registration, which knows.
+                let target = M::lookup(fd).filter(|e| !matches!(e.waitable(), Waitable::Set(_)) || fd != self.epfd);
                 let kind = match &target {
                     None => {
                         sys::epoll_ctl(self.epfd, op, fd, events, data)?;
@@ -945,7 +947,7 @@ impl<M: Member> EpollSet<M> {
 
     /// A doorbell left registered after its descriptor was deleted from
     /// the set (or closed) fired: remove it from the kernel set now.
-    fn remove_parked_doorbell(&self, parked: &mut HashMap<RawFd, RawFd>, fd: RawFd) {
+    fn remove_parked_doorbell(&self, parked: &mut FdMap<RawFd>, fd: RawFd) {
         parked.remove(&fd);
         if let Some(entry) = M::lookup(fd) {
             if let Waitable::Conn(conn) = entry.waitable() {

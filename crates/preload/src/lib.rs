@@ -40,6 +40,7 @@ mod conn;
 mod connect;
 mod epoll;
 mod exec;
+mod fdhash;
 mod fork;
 mod forksafe;
 mod fresh;
