@@ -238,6 +238,10 @@ const KERNEL_CHECK_NS: u64 = 50_000;
 /// says nothing for this long is idle.
 pub const COLD_AFTER_NS: u64 = 50_000_000;
 
+/// How many registrations a wait asks the shared lines of before it judges
+/// them (see `EpollSet::each_prefetched`).
+const PREFETCHED: usize = 8;
+
 /// How often cold connections are all judged again (see the module docs).
 pub const SWEEP_NS: u64 = 200_000_000;
 
@@ -692,26 +696,33 @@ impl<M: Member> EpollSet<M> {
         if Self::by_list(regs, inherited) {
             let len = regs.hot.len();
             let start = if len == 0 { 0 } else { self.rotor.fetch_add(1, Ordering::Relaxed) % len };
-            for k in (start..len).chain(0..start) {
-                if n == limit {
-                    break;
-                }
-                if let Some(reg) = regs.map.get_mut(&regs.hot[k]).filter(|r| r.judged()) {
-                    visit(reg, &mut n);
+            'list: for first in (0..len).step_by(PREFETCHED) {
+                let block = (first..len.min(first + PREFETCHED)).map(|k| regs.hot[(start + k) % len]);
+                block.clone().filter_map(|fd| regs.map.get(&fd)).for_each(Self::prefetch);
+                for fd in block {
+                    if n == limit {
+                        break 'list;
+                    }
+                    if let Some(reg) = regs.map.get_mut(&fd).filter(|r| r.judged()) {
+                        visit(reg, &mut n);
+                    }
                 }
             }
         } else {
             let len = regs.map.len().max(1);
             let start = self.rotor.fetch_add(1, Ordering::Relaxed) % len;
             for pass in 0..2 {
-                for (i, reg) in regs.map.values_mut().enumerate() {
+                let regs = regs.map.values_mut().enumerate();
+                let judged = regs.filter(|(i, reg)| (pass == 0) == (*i >= start) && Self::judged_here(reg, inherited));
+                let finished = Self::each_prefetched(judged.map(|(_, reg)| reg), |reg| {
                     if n == limit {
-                        break;
-                    }
-                    if (pass == 0) != (i >= start) || !Self::judged_here(reg, inherited) {
-                        continue;
+                        return false;
                     }
                     visit(reg, &mut n);
+                    true
+                });
+                if !finished {
+                    break;
                 }
             }
         }
@@ -719,6 +730,60 @@ impl<M: Member> EpollSet<M> {
             regs.prune();
         }
         n
+    }
+
+    /// Asks for the shared lines judging `reg` will read (see
+    /// `Connection::prefetch_readiness`).
+    fn prefetch(reg: &Registration<M>) {
+        if let Kind::Managed { entry, .. } = &reg.kind {
+            if let Waitable::Conn(conn) = entry.waitable() {
+                conn.prefetch_readiness();
+            }
+        }
+    }
+
+    /// Calls `visit` on each of `regs` while it returns true, asking for
+    /// the lines of the next [`PREFETCHED`] before judging them: a wait
+    /// over thousands of busy connections takes a cache miss on each one
+    /// whose peer wrote, and misses asked for together overlap. Returns
+    /// whether every one was visited.
+    fn each_prefetched<'r>(
+        regs: impl Iterator<Item = &'r mut Registration<M>>,
+        mut visit: impl FnMut(&mut Registration<M>) -> bool,
+    ) -> bool
+    where
+        M: 'r,
+    {
+        let mut regs = regs.into_iter();
+        // The next batch's entries are asked for one batch ahead, since
+        // where a connection's lines are is read from its entry.
+        let mut fill = |batch: &mut [Option<&'r mut Registration<M>>; PREFETCHED]| {
+            let mut got = 0;
+            for (slot, reg) in batch.iter_mut().zip(regs.by_ref()) {
+                if let Kind::Managed { entry, .. } = &reg.kind {
+                    vsocket_ring::ring::prefetch_object(&**entry);
+                }
+                *slot = Some(reg);
+                got += 1;
+            }
+            got
+        };
+        let mut ahead: [Option<&'r mut Registration<M>>; PREFETCHED] = [const { None }; PREFETCHED];
+        let mut ahead_count = fill(&mut ahead);
+        loop {
+            let mut batch = std::mem::replace(&mut ahead, [const { None }; PREFETCHED]);
+            let got = ahead_count;
+            if got == 0 {
+                return true;
+            }
+            ahead_count = fill(&mut ahead);
+            batch[..got].iter().flatten().for_each(|reg| Self::prefetch(reg));
+            for reg in batch[..got].iter_mut().filter_map(Option::take) {
+                if !visit(reg) {
+                    return false;
+                }
+            }
+        }
     }
 
     /// Does a wait follow the hot list (few are hot), or go through every

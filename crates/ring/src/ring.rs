@@ -523,6 +523,15 @@ impl<'a> Consumer<'a> {
         self.0.size
     }
 
+    /// Asks the processor for the two lines [`Consumer::state`] and
+    /// [`Consumer::fin_received`] read, without waiting for them: a caller
+    /// about to judge many rings asks for the next few first, so that
+    /// their cache misses overlap instead of coming one after another.
+    pub fn prefetch(&self) {
+        prefetch(self.0.prod);
+        prefetch(self.0.cons);
+    }
+
     /// What a read would find now.
     pub fn state(&self) -> Result<RxState, RingError> {
         let s = &self.0;
@@ -701,6 +710,42 @@ impl<'a> Consumer<'a> {
     pub fn total(&self) -> u64 {
         self.0.cons.head.load(Ordering::Relaxed)
     }
+}
+
+/// Asks the processor to bring the line holding `what` into its caches.
+/// Only a hint: nothing waits for it, and what is read later is read
+/// afresh, so it cannot change what any load sees.
+#[inline(always)]
+fn prefetch<T>(what: &T) {
+    prefetch_at((what as *const T).cast());
+}
+
+/// Asks for every line of `what` (see [`prefetch`]), for a caller about to
+/// read fields of many objects in turn.
+#[inline(always)]
+pub fn prefetch_object<T>(what: &T) {
+    let start = (what as *const T).cast::<u8>();
+    for offset in (0..std::mem::size_of::<T>()).step_by(LINE) {
+        prefetch_at(start.wrapping_add(offset));
+    }
+}
+
+/// A cache line's size, as far as prefetching is concerned.
+const LINE: usize = 64;
+
+#[inline(always)]
+fn prefetch_at(address: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch neither faults nor changes memory or what any
+    // later load returns, whatever the address (and this one is within a
+    // live reference's object); SSE, which it needs, is part of the x86-64
+    // baseline.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(address.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = address;
 }
 
 /// Moves a claim word (a producer's or a consumer's) from `holder` to

@@ -513,6 +513,12 @@ impl Connection {
         self.readiness_for(Interest::ANY)
     }
 
+    /// Asks for the shared lines [`Connection::readiness_for`] reads for a
+    /// reader's interest (see `Consumer::prefetch`).
+    pub fn prefetch_readiness(&self) {
+        self.rx().prefetch();
+    }
+
     /// Readiness as far as `interest` needs it: only the rings' lines that
     /// the interest depends on are read (epoll scans many connections, and
     /// every line the peer writes is a cache miss). Errors and hang-ups that
