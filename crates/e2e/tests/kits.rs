@@ -81,13 +81,20 @@ fn a_grant_is_announced_when_taken_and_revoked_when_its_flow_is_denied() {
     assert_eq!(taken["replies"][1]["fds"].as_u64().unwrap(), 6 + 1 + 2 + count, "{taken}");
     assert_eq!(count, 32);
     assert!(taken["claims"].as_array().unwrap().iter().all(|c| c == 0), "{taken}");
-    // The server's ends went to the listener first, all waiting.
+    // The server's ends went to the listener first, all waiting (the raw
+    // listener may write its lines after the client wrote its own).
+    let incoming = |lines: &[Value]| lines.iter().filter(|l| l["kind"] == "incoming").count();
+    let announced = || {
+        let server = lines(&server_out);
+        server.iter().any(|l| l["kind"] == "kits") && incoming(&server) >= 2
+    };
+    assert!(wait_until(Duration::from_secs(5), announced), "{:?}", lines(&server_out));
     let server = lines(&server_out);
     let kits = server.iter().find(|l| l["kind"] == "kits").unwrap_or_else(|| panic!("{server:?}"));
     assert_eq!((&kits["grant"], &kits["first"], &kits["count"]), (&taken["grant"], &taken["first"], &taken["count"]));
     assert_eq!(kits["fds"].as_u64().unwrap(), 1 + 1 + 2 + count);
     assert_eq!(kits["client"], "10.10.0.2");
-    assert_eq!(server.iter().filter(|l| l["kind"] == "incoming").count(), 2, "{server:?}");
+    assert_eq!(incoming(&server), 2, "{server:?}");
 
     // The kit the client took is announced at the next reap: two
     // connections and the kit, not the 31 kits left.

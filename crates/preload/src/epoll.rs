@@ -151,6 +151,15 @@ impl<M: Member> Registration<M> {
         !self.disabled && matches!(self.kind, Kind::Managed { cold: false, .. } | Kind::Nested { .. })
     }
 
+    /// The entry of a managed registration (a connection or a dropped
+    /// connect).
+    fn managed(&self) -> Option<&Arc<M>> {
+        match &self.kind {
+            Kind::Managed { entry, .. } => Some(entry),
+            _ => None,
+        }
+    }
+
     /// Ends the set's arming of a cold connection: it is hot again (and
     /// must be listed by the caller). `inherited`: this process did not
     /// make the arming (its creator did, before a fork), so only the mark
@@ -696,6 +705,9 @@ impl<M: Member> EpollSet<M> {
         if Self::by_list(regs, inherited) {
             let len = regs.hot.len();
             let start = if len == 0 { 0 } else { self.rotor.fetch_add(1, Ordering::Relaxed) % len };
+            // The ring lines of each block are asked for before it is
+            // judged (see `each_prefetched`); the entries are not asked
+            // for ahead, as the list is short when it is followed.
             'list: for first in (0..len).step_by(PREFETCHED) {
                 let block = (first..len.min(first + PREFETCHED)).map(|k| regs.hot[(start + k) % len]);
                 block.clone().filter_map(|fd| regs.map.get(&fd)).for_each(Self::prefetch);
@@ -712,8 +724,8 @@ impl<M: Member> EpollSet<M> {
             let len = regs.map.len().max(1);
             let start = self.rotor.fetch_add(1, Ordering::Relaxed) % len;
             for pass in 0..2 {
-                let regs = regs.map.values_mut().enumerate();
-                let judged = regs.filter(|(i, reg)| (pass == 0) == (*i >= start) && Self::judged_here(reg, inherited));
+                let all = regs.map.values_mut().enumerate();
+                let judged = all.filter(|(i, reg)| (pass == 0) == (*i >= start) && Self::judged_here(reg, inherited));
                 let finished = Self::each_prefetched(judged.map(|(_, reg)| reg), |reg| {
                     if n == limit {
                         return false;
@@ -735,10 +747,8 @@ impl<M: Member> EpollSet<M> {
     /// Asks for the shared lines judging `reg` will read (see
     /// `Connection::prefetch_readiness`).
     fn prefetch(reg: &Registration<M>) {
-        if let Kind::Managed { entry, .. } = &reg.kind {
-            if let Waitable::Conn(conn) = entry.waitable() {
-                conn.prefetch_readiness();
-            }
+        if let Some(Waitable::Conn(conn)) = reg.managed().map(|entry| entry.waitable()) {
+            conn.prefetch_readiness();
         }
     }
 
@@ -754,13 +764,13 @@ impl<M: Member> EpollSet<M> {
     where
         M: 'r,
     {
-        let mut regs = regs.into_iter();
+        let mut regs = regs;
         // The next batch's entries are asked for one batch ahead, since
         // where a connection's lines are is read from its entry.
         let mut fill = |batch: &mut [Option<&'r mut Registration<M>>; PREFETCHED]| {
             let mut got = 0;
             for (slot, reg) in batch.iter_mut().zip(regs.by_ref()) {
-                if let Kind::Managed { entry, .. } = &reg.kind {
+                if let Some(entry) = reg.managed() {
                     vsocket_ring::ring::prefetch_object(&**entry);
                 }
                 *slot = Some(reg);

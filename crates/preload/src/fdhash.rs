@@ -7,7 +7,9 @@
 //! keys chosen to collide; descriptor numbers are not chosen by anyone who
 //! could want that (the kernel hands out the lowest free number, in the
 //! program's own process, and no peer names them), so one multiplication
-//! does.
+//! does. Numbers that differ only above a table's mask (1024 apart in a
+//! table of 1024 buckets) start at the same bucket; their high bits,
+//! which hashbrown compares first, still tell them apart.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -52,6 +54,12 @@ mod tests {
 
     fn hash(fd: RawFd) -> u64 {
         BuildHasherDefault::<FdHasher>::default().hash_one(fd)
+    }
+
+    #[test]
+    fn a_descriptor_is_hashed_by_one_multiplication() {
+        assert_eq!(hash(7), 7u64.wrapping_mul(MULTIPLIER));
+        assert_eq!(hash(-1), u64::from(u32::MAX).wrapping_mul(MULTIPLIER));
     }
 
     #[test]

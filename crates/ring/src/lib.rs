@@ -17,7 +17,8 @@
 //! outside the segment.
 //!
 //! Unsafe code lives only in `ring` (copying bytes in and out of the shared
-//! data area) and `segment` (mmap, munmap and placing the control lines).
+//! data area, and the prefetch hint a wait over many rings asks with) and
+//! `segment` (mmap, munmap and placing the control lines).
 #![deny(unsafe_code)]
 
 #[doc(hidden)]

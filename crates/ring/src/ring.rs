@@ -523,8 +523,10 @@ impl<'a> Consumer<'a> {
         self.0.size
     }
 
-    /// Asks the processor for the two lines [`Consumer::state`] and
-    /// [`Consumer::fin_received`] read, without waiting for them: a caller
+    /// Asks the processor for what [`Consumer::state`] and
+    /// [`Consumer::fin_received`] read (the first cache line of each
+    /// control line, where `tail`, `flags` and `head` are), without
+    /// waiting for it: a caller
     /// about to judge many rings asks for the next few first, so that
     /// their cache misses overlap instead of coming one after another.
     pub fn prefetch(&self) {
@@ -725,13 +727,14 @@ fn prefetch<T>(what: &T) {
 #[inline(always)]
 pub fn prefetch_object<T>(what: &T) {
     let start = (what as *const T).cast::<u8>();
-    for offset in (0..std::mem::size_of::<T>()).step_by(LINE) {
+    for offset in (0..std::mem::size_of::<T>()).step_by(PREFETCH_STRIDE) {
         prefetch_at(start.wrapping_add(offset));
     }
 }
 
-/// A cache line's size, as far as prefetching is concerned.
-const LINE: usize = 64;
+/// A cache line's size, as far as prefetching is concerned (the control
+/// lines of `layout::LINE` are two of them).
+const PREFETCH_STRIDE: usize = 64;
 
 #[inline(always)]
 fn prefetch_at(address: *const u8) {
