@@ -4,8 +4,10 @@ One thread connects to HOST:PORT again and again while the main thread
 forks FORKS times; each child connects once, sends a byte, reads the
 server's and exits. Prints {"forks": N, "hung": H, "failed": F}: H children
 still running 3 s after they were forked (killed then), F that exited
-with an error.
+with an error; when F is not 0, also "errors": what they failed with
+(an errno's name, or "reply" for a wrong or missing byte), counted.
 """
+import errno
 import json
 import os
 import socket
@@ -26,6 +28,7 @@ def churn():
 threading.Thread(target=churn, daemon=True).start()
 time.sleep(0.2)
 hung = failed = 0
+errors = {}
 for _ in range(forks):
     pid = os.fork()
     if pid == 0:
@@ -35,13 +38,18 @@ for _ in range(forks):
             ok = c.recv(1) == b"x"
             c.close()
             os._exit(0 if ok else 1)
-        except OSError:
-            os._exit(1)
+        except OSError as e:
+            # The errno, told by the exit status (2 and up).
+            os._exit(2 + min(e.errno or 0, 200))
     deadline = time.monotonic() + 3
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            failed += status != 0
+            if status != 0:
+                failed += 1
+                code = os.waitstatus_to_exitcode(status)
+                name = "reply" if code == 1 else errno.errorcode.get(code - 2, f"status {code}")
+                errors[name] = errors.get(name, 0) + 1
             break
         if time.monotonic() > deadline:
             hung += 1
@@ -50,4 +58,7 @@ for _ in range(forks):
             break
         time.sleep(0.0005)
 stop.set()
-print(json.dumps({"forks": forks, "hung": hung, "failed": failed}), flush=True)
+result = {"forks": forks, "hung": hung, "failed": failed}
+if errors:
+    result["errors"] = errors
+print(json.dumps(result), flush=True)
