@@ -758,13 +758,12 @@ impl<M: Member> EpollSet<M> {
     /// whose peer wrote, and misses asked for together overlap. Returns
     /// whether every one was visited.
     fn each_prefetched<'r>(
-        regs: impl Iterator<Item = &'r mut Registration<M>>,
+        mut regs: impl Iterator<Item = &'r mut Registration<M>>,
         mut visit: impl FnMut(&mut Registration<M>) -> bool,
     ) -> bool
     where
         M: 'r,
     {
-        let mut regs = regs;
         // The next batch's entries are asked for one batch ahead, since
         // where a connection's lines are is read from its entry.
         let mut fill = |batch: &mut [Option<&'r mut Registration<M>>; PREFETCHED]| {
