@@ -526,9 +526,10 @@ impl<'a> Consumer<'a> {
     /// Asks the processor for what [`Consumer::state`] and
     /// [`Consumer::fin_received`] read (the first cache line of each
     /// control line, where `tail`, `flags` and `head` are), without
-    /// waiting for it: a caller
-    /// about to judge many rings asks for the next few first, so that
-    /// their cache misses overlap instead of coming one after another.
+    /// waiting for it: a caller about to judge many rings asks for the
+    /// next few first, so that their cache misses overlap instead of
+    /// coming one after another.
+    #[inline]
     pub fn prefetch(&self) {
         prefetch(self.0.prod);
         prefetch(self.0.cons);
