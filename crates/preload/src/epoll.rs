@@ -160,6 +160,15 @@ impl<M: Member> Registration<M> {
         }
     }
 
+    /// The connection of a managed registration (none for a dropped
+    /// connect).
+    fn conn(&self) -> Option<&Connection> {
+        match self.managed()?.waitable() {
+            Waitable::Conn(conn) => Some(conn),
+            _ => None,
+        }
+    }
+
     /// Ends the set's arming of a cold connection: it is hot again (and
     /// must be listed by the caller). `inherited`: this process did not
     /// make the arming (its creator did, before a fork), so only the mark
@@ -365,10 +374,8 @@ impl<M: Member> Drop for EpollSet<M> {
         let regs = self.regs.get_mut();
         for reg in regs.map.values_mut() {
             reg.warm(0, false);
-            if let Kind::Managed { entry, .. } = &reg.kind {
-                if let Waitable::Conn(conn) = entry.waitable() {
-                    conn.note_bell_in_inherited_set();
-                }
+            if let Some(conn) = reg.conn() {
+                conn.note_bell_in_inherited_set();
             }
         }
         for &fd in regs.parked.keys() {
@@ -747,7 +754,7 @@ impl<M: Member> EpollSet<M> {
     /// Asks for the shared lines judging `reg` will read (see
     /// `Connection::prefetch_readiness`).
     fn prefetch(reg: &Registration<M>) {
-        if let Some(Waitable::Conn(conn)) = reg.managed().map(|entry| entry.waitable()) {
+        if let Some(conn) = reg.conn() {
             conn.prefetch_readiness();
         }
     }
@@ -926,10 +933,8 @@ impl<M: Member> EpollSet<M> {
         {
             let regs = self.regs.lock();
             self.each_judged(&regs, |_, reg| {
-                if let Kind::Managed { entry, .. } = &reg.kind {
-                    if let Waitable::Conn(conn) = entry.waitable() {
-                        conn.drain_unless_watched();
-                    }
+                if let Some(conn) = reg.conn() {
+                    conn.drain_unless_watched();
                 }
             });
         }

@@ -737,20 +737,21 @@ pub fn prefetch_object<T>(what: &T) {
 /// lines of `layout::LINE` are two of them).
 const PREFETCH_STRIDE: usize = 64;
 
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_at(address: *const u8) {
-    #[cfg(target_arch = "x86_64")]
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     // SAFETY: a prefetch neither faults nor changes memory or what any
     // later load returns, whatever the address (and this one is within a
     // live reference's object); SSE, which it needs, is part of the x86-64
     // baseline.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(address.cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = address;
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(address.cast()) }
 }
+
+/// Elsewhere the hint is not given: judging reads the same lines either way.
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+fn prefetch_at(_address: *const u8) {}
 
 /// Moves a claim word (a producer's or a consumer's) from `holder` to
 /// `me`; `Err` names the holder found instead. Acquire: the new holder
