@@ -230,8 +230,9 @@ impl Lab {
         }
         let second_lab = labs.pop().expect("two labs");
         let first_lab = labs.pop().expect("two labs");
+        // Up: the one peer is listed, and its link is up.
         let up = |lab: &Lab| {
-            lab.ctl("peers").is_ok_and(|p| p.as_array().is_some_and(|a| a.iter().all(|p| p["state"] == "up")))
+            lab.ctl("peers").is_ok_and(|p| p.as_array().is_some_and(|a| a.len() == 1 && a[0]["state"] == "up"))
         };
         if !wait_until(Duration::from_secs(30), || up(&first_lab) && up(&second_lab)) {
             return Err(io::Error::other(format!(

@@ -20,7 +20,7 @@ fn peer(lab: &Lab, field: &str) -> u64 {
 /// `ok` holds of the peer's counter `field` on `lab`'s host.
 fn peer_reaches(lab: &Lab, field: &str, ok: impl Fn(u64) -> bool) {
     if !wait_until(Duration::from_secs(5), || ok(peer(lab, field))) {
-        panic!("{field} on {}: {}", lab.name, lab.ctl("peers").unwrap());
+        panic!("{field} on {}: {}\n{}", lab.name, lab.ctl("peers").unwrap(), lab.daemon_log());
     }
 }
 
@@ -134,7 +134,8 @@ fn the_other_daemon_dying_resets_its_connections(kind: &str, name: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || peer(&b, "bytes_received") > 50 << 20), "no traffic");
+    let traffic = wait_until(Duration::from_secs(10), || peer(&b, "bytes_received") > 50 << 20);
+    assert!(traffic, "no traffic:\n{}\n{}", a.daemon_log(), b.daemon_log());
     b.kill_daemon();
     let killed = Instant::now();
     let ended = wait_until(Duration::from_secs(15), || matches!(sender.try_wait(), Ok(Some(_))));
@@ -192,7 +193,8 @@ fn a_cut_link_resets_its_connections_within_the_bound(kind: &str, name: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || peer(&b, "bytes_received") > 50 << 20), "no traffic");
+    let traffic = wait_until(Duration::from_secs(10), || peer(&b, "bytes_received") > 50 << 20);
+    assert!(traffic, "no traffic:\n{}\n{}", a.daemon_log(), b.daemon_log());
     // Cut the link: no FIN, no RST, just silence.
     let link = |state: &str| second_hosts_fabric_link(name, state);
     link("down");

@@ -405,3 +405,37 @@ pub(crate) fn remote_open(
         tracing::error!(error = %e, "cannot start a thread for a fabric open");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vsocket_admin::LinkState;
+
+    /// A host that accepts nothing from its peers.
+    struct RefuseAll;
+
+    impl RemoteOpens for RefuseAll {
+        fn accept_remote(&self, _: &str, _: &OpenRequest) -> Result<NewConn, Refusal> {
+            Err(Refusal::Errno(libc::ECONNREFUSED))
+        }
+    }
+
+    #[test]
+    fn a_started_fabric_shows_every_configured_peer_before_any_link_is_made() {
+        // A free port of loopback to listen on; the peer's address answers
+        // nothing, so its link cannot come up.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let text = format!(
+            "[host]\nname = \"h1\"\n[fabric]\nkind = \"tcp\"\n[[fabric.host]]\nname = \"h1\"\n\
+             address = \"127.0.0.1:{port}\"\n[[fabric.host]]\nname = \"h2\"\naddress = \"127.0.0.1:1\"\n"
+        );
+        let config = vsocket_policy::parse(&text, std::path::Path::new("h1.toml")).unwrap();
+        let fabric = Fabric::start(&config, None, Arc::new(RefuseAll)).unwrap().expect("a fabric with a peer");
+        // At once, without waiting for the relay's thread.
+        let status = fabric.status();
+        assert_eq!(status.len(), 1, "{status:?}");
+        assert_eq!(status[0].name, "h2");
+        assert_eq!(status[0].state, LinkState::Down);
+        assert_eq!(status[0].links_up, 0);
+    }
+}

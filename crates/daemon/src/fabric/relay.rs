@@ -189,7 +189,7 @@ impl Relay {
         let kind = transport.describe();
         let hosts = Hosts::new(this.clone(), peers.clone(), key);
         let peers = peers.into_iter().map(|(name, address)| Peer::new(&this, name, address, kind)).collect();
-        Ok(Relay {
+        let mut relay = Relay {
             opens,
             answers,
             epoll: Arc::new(epoll),
@@ -212,7 +212,12 @@ impl Relay {
             moved: false,
             active: Instant::now(),
             poll_for,
-        })
+        };
+        // Every configured peer is shown (down) from the start, before the
+        // relay's thread runs: a daemon that says it is ready never shows
+        // an empty fabric that anyone could take for "every link up".
+        relay.publish_status();
+        Ok(relay)
     }
 
     /// Reads the clock, after a round of work or a sleep. A round that
