@@ -24,6 +24,13 @@ fn peer_reaches(lab: &Lab, field: &str, ok: impl Fn(u64) -> bool) {
     }
 }
 
+/// Waits until 50 MiB sent from the first host (`a`) reached the second
+/// (`b`) over the fabric, within 10 s.
+fn crossed_50_mib(a: &Lab, b: &Lab) {
+    let traffic = wait_until(Duration::from_secs(10), || peer(b, "bytes_received") > 50 << 20);
+    assert!(traffic, "no traffic:\n{}\n{}", a.daemon_log(), b.daemon_log());
+}
+
 /// Sets the second host's fabric interface `state` ("up" or "down").
 fn second_hosts_fabric_link(name: &str, state: &str) {
     let ok = std::process::Command::new("ip")
@@ -134,8 +141,7 @@ fn the_other_daemon_dying_resets_its_connections(kind: &str, name: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let traffic = wait_until(Duration::from_secs(10), || peer(&b, "bytes_received") > 50 << 20);
-    assert!(traffic, "no traffic:\n{}\n{}", a.daemon_log(), b.daemon_log());
+    crossed_50_mib(&a, &b);
     b.kill_daemon();
     let killed = Instant::now();
     let ended = wait_until(Duration::from_secs(15), || matches!(sender.try_wait(), Ok(Some(_))));
@@ -193,8 +199,7 @@ fn a_cut_link_resets_its_connections_within_the_bound(kind: &str, name: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let traffic = wait_until(Duration::from_secs(10), || peer(&b, "bytes_received") > 50 << 20);
-    assert!(traffic, "no traffic:\n{}\n{}", a.daemon_log(), b.daemon_log());
+    crossed_50_mib(&a, &b);
     // Cut the link: no FIN, no RST, just silence.
     let link = |state: &str| second_hosts_fabric_link(name, state);
     link("down");

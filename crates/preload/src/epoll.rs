@@ -545,8 +545,8 @@ impl<M: Member> EpollSet<M> {
                 // interest (armed first, so that a waiter asleep on the set
                 // meanwhile is still woken), and is judged below.
                 let was_cold = matches!(reg.kind, Kind::Managed { cold: true, .. }) && !self.inherited();
-                if let (true, Kind::Managed { entry, .. }) = (was_cold, &reg.kind) {
-                    if let Waitable::Conn(conn) = entry.waitable() {
+                if was_cold {
+                    if let Some(conn) = reg.conn() {
                         conn.fall_asleep(Interest::from_epoll(events));
                         conn.wake(Interest::from_epoll(reg.events), false);
                     }

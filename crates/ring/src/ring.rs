@@ -737,14 +737,14 @@ pub fn prefetch_object<T>(what: &T) {
 /// lines of `layout::LINE` are two of them).
 const PREFETCH_STRIDE: usize = 64;
 
+/// SSE, which the prefetch instruction needs, is part of the x86-64
+/// baseline.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_at(address: *const u8) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    // SAFETY: a prefetch neither faults nor changes memory or what any
-    // later load returns, whatever the address (and this one is within a
-    // live reference's object); SSE, which it needs, is part of the x86-64
-    // baseline.
+    // SAFETY: a prefetch never faults nor changes memory or what a later
+    // load returns, whatever the address (this one is in a live object).
     unsafe { _mm_prefetch::<_MM_HINT_T0>(address.cast()) }
 }
 
