@@ -208,3 +208,140 @@ fn trimming_never_discards_a_byte_being_written() {
         assert_eq!(&buf[..n], b"hi");
     });
 }
+
+/// Two doorbells, as a set of two connections has: each side of the
+/// model sleeps until the ones it watches ring.
+struct Bells {
+    rung: Mutex<[usize; 2]>,
+    changed: Condvar,
+}
+
+impl Bells {
+    fn new() -> Arc<Bells> {
+        Arc::new(Bells { rung: Mutex::new([0; 2]), changed: Condvar::new() })
+    }
+    fn ring(&self, bell: usize) {
+        self.rung.lock().unwrap()[bell] += 1;
+        self.changed.notify_all();
+    }
+    /// Sleeps until one of `watched` rings again (loom reports a deadlock
+    /// if no interleaving would ring it).
+    fn sleep(&self, watched: &[usize], seen: &mut [usize; 2]) {
+        let mut rung = self.rung.lock().unwrap();
+        while watched.iter().all(|&b| rung[b] == seen[b]) {
+            rung = self.changed.wait(rung).unwrap();
+        }
+        *seen = *rung;
+    }
+}
+
+/// The writer's side of one wake-up per sleep, as the library keeps it: a
+/// wake-up due on a ring whose reader's arming names the sleep last
+/// woken is not rung again, if that reader is the ring's only sleeper.
+struct Kicker {
+    last: u64,
+}
+
+impl Kicker {
+    fn write(
+        &mut self,
+        p: Producer<'_>,
+        byte: u8,
+        sleepers: &loom::sync::atomic::AtomicU32,
+        bells: &Bells,
+        bell: usize,
+    ) {
+        let (_, wake) = p.write(&[&[byte]]).unwrap();
+        if !wake {
+            return;
+        }
+        let sleep = p.reader_sleep();
+        if sleep != 0 && sleep == self.last && sleepers.load(loom::sync::atomic::Ordering::Acquire) == 1 {
+            return;
+        }
+        bells.ring(bell);
+        self.last = sleep;
+    }
+}
+
+/// A set sleeping on two rings arms both with one sleep; the writer,
+/// writing both, rings only the first: the set, woken by it, looks at
+/// both rings again, so no interleaving leaves it asleep with a byte
+/// waiting.
+#[test]
+fn a_set_woken_once_for_two_rings_misses_neither() {
+    loom::model(|| {
+        let rings = [Model::new(), Model::new()];
+        let bells = Bells::new();
+        let sleepers = Arc::new([loom::sync::atomic::AtomicU32::new(1), loom::sync::atomic::AtomicU32::new(1)]);
+        let (w, b, s) = (rings.clone(), bells.clone(), sleepers.clone());
+        let writer = thread::spawn(move || {
+            let mut kicker = Kicker { last: 0 };
+            for i in 0..2 {
+                kicker.write(w[i].producer(), i as u8, &s[i], &b, i);
+            }
+        });
+        let mut seen = [0; 2];
+        let mut sleep = 1u64;
+        loop {
+            let has = |i: usize| matches!(rings[i].consumer().state().unwrap(), RxState::Data(_));
+            if has(0) && has(1) {
+                break;
+            }
+            sleep += 2;
+            rings.iter().for_each(|r| r.consumer().arm_for(sleep));
+            if has(0) && has(1) {
+                continue;
+            }
+            bells.sleep(&[0, 1], &mut seen);
+            rings.iter().for_each(|r| r.consumer().disarm());
+        }
+        writer.join().unwrap();
+    });
+}
+
+/// A second sleeper on the second ring (a thread blocked reading it, whose
+/// arming names no sleep) is counted there: the writer rings its bell even
+/// when the ring's latest arming is the set's, already woken.
+#[test]
+fn a_second_sleeper_on_a_ring_is_woken_though_the_set_was() {
+    // Four threads: every interleaving with up to three preemptions (all
+    // of them takes hours).
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(3);
+    model.check(|| {
+        let rings = [Model::new(), Model::new()];
+        let bells = Bells::new();
+        // The set counts itself on both rings; the reader counts itself on
+        // the second before it arms.
+        let sleepers = Arc::new([loom::sync::atomic::AtomicU32::new(1), loom::sync::atomic::AtomicU32::new(1)]);
+        let (w, b, s) = (rings.clone(), bells.clone(), sleepers.clone());
+        let (r, rb, rs) = (rings.clone(), bells.clone(), sleepers.clone());
+        let reader = thread::spawn(move || {
+            let mut seen = [0; 2];
+            rs[1].fetch_add(1, loom::sync::atomic::Ordering::AcqRel);
+            loop {
+                if matches!(r[1].consumer().state().unwrap(), RxState::Data(_)) {
+                    break;
+                }
+                r[1].consumer().arm();
+                if matches!(r[1].consumer().state().unwrap(), RxState::Data(_)) {
+                    break;
+                }
+                rb.sleep(&[1], &mut seen);
+            }
+        });
+        // The set armed both rings with sleep 3 before the writer wrote.
+        rings.iter().for_each(|r| r.consumer().arm_for(3));
+        let writer = thread::spawn(move || {
+            let mut kicker = Kicker { last: 0 };
+            for i in 0..2 {
+                kicker.write(w[i].producer(), i as u8, &s[i], &b, i);
+            }
+        });
+        let mut seen = [0; 2];
+        bells.sleep(&[0, 1], &mut seen);
+        writer.join().unwrap();
+        reader.join().unwrap();
+    });
+}
