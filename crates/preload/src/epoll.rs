@@ -878,30 +878,24 @@ impl<M: Member> EpollSet<M> {
     /// (an arming made uncounted could be withdrawn under another waiter,
     /// or withdraw another's). Returns what [`EpollSet::wake`] must be
     /// given after the sleep.
-    ///
-    /// The set's own connections are armed as one sleep (see
-    /// `conn::fresh_sleep`): every doorbell of theirs wakes this wait, and
-    /// `collect` then looks at each of them, so a peer writing to several
-    /// need ring only one. A nested set's are armed naming no sleep: the
-    /// wait looks at them only through the nested set's readiness.
     fn fall_asleep(&self, regs: &Regs<M>) -> Vec<(RawFd, Arc<M>, Interest)> {
         let mut asleep = Vec::new();
-        self.count_asleep(regs, &mut asleep, crate::conn::fresh_sleep());
+        self.count_asleep(regs, &mut asleep);
         asleep
     }
 
-    fn count_asleep(&self, regs: &Regs<M>, asleep: &mut Vec<(RawFd, Arc<M>, Interest)>, sleep: u64) {
+    fn count_asleep(&self, regs: &Regs<M>, asleep: &mut Vec<(RawFd, Arc<M>, Interest)>) {
         self.each_judged(regs, |fd, reg| match &reg.kind {
             Kind::Managed { entry, .. } => {
                 if let Waitable::Conn(conn) = entry.waitable() {
                     let interest = Interest::from_epoll(reg.events);
-                    conn.fall_asleep_for(interest, sleep);
+                    conn.fall_asleep(interest);
                     asleep.push((fd, entry.clone(), interest));
                 }
             }
             Kind::Nested { entry } => {
                 if let Waitable::Set(inner) = entry.waitable() {
-                    inner.count_asleep(&inner.regs.lock(), asleep, 0);
+                    inner.count_asleep(&inner.regs.lock(), asleep);
                 }
             }
             _ => {}

@@ -42,8 +42,6 @@ pub struct ProducerLine {
     /// [`Producer::try_claim`]): 0 when none. The daemon returns the ring's
     /// pages only while it is 0 (see [`trim_idle`]).
     pub claim: AtomicU32,
-    /// The sleep the latest arming belongs to (see [`Shared::arm`]).
-    pub sleep: AtomicU64,
 }
 
 /// Words written by the consumer (one 128-byte line in its half).
@@ -61,8 +59,6 @@ pub struct ConsumerLine {
     /// The process taking bytes from the ring now, if any (see
     /// [`Consumer::try_claim`]): 0 when none.
     pub claim: AtomicU32,
-    /// The sleep the latest arming belongs to (see [`Shared::arm`]).
-    pub sleep: AtomicU64,
 }
 
 impl ProducerLine {
@@ -75,7 +71,6 @@ impl ProducerLine {
         self.writing.store(0, Ordering::Relaxed);
         self.trim.store(0, Ordering::Relaxed);
         self.claim.store(0, Ordering::Relaxed);
-        self.sleep.store(0, Ordering::Relaxed);
     }
 }
 
@@ -87,7 +82,6 @@ impl ConsumerLine {
         self.waiting.store(0, Ordering::Relaxed);
         self.woken.store(0, Ordering::Relaxed);
         self.claim.store(0, Ordering::Relaxed);
-        self.sleep.store(0, Ordering::Relaxed);
     }
 }
 
@@ -186,9 +180,7 @@ impl<'a> Shared<'a> {
     /// protocol), so one side always sees the other's store.
     fn take_waiter(waiting: &AtomicU64, woken: &AtomicU64) -> bool {
         fence(Ordering::SeqCst);
-        // Acquire: the arming's `sleep` word, stored before it, is seen with
-        // it (see `arm`).
-        let armed = waiting.load(Ordering::Acquire);
+        let armed = waiting.load(Ordering::Relaxed);
         if armed & 1 == 0 || woken.load(Ordering::Relaxed) == armed {
             return false;
         }
@@ -227,17 +219,8 @@ impl<'a> Shared<'a> {
     /// processes) of one side arming at once each leave a value newer than
     /// any the other side answered; the counter is 64 bits wide so that it
     /// never comes round to one.
-    ///
-    /// `sleep` names the sleep the arming belongs to (0: none named): a
-    /// waiter that sleeps on many rings at once (an epoll set) arms them
-    /// all with one value, unique to that sleep among the processes
-    /// holding this side. It is stored before the arming, which is a
-    /// Release, so a side that sees the arming (Acquire, `take_waiter`)
-    /// reads that sleep or a later one's. The library uses it to wake one
-    /// sleep once, however many of its rings are written.
-    fn arm(waiting: &AtomicU64, sleep_word: &AtomicU64, sleep: u64) {
-        sleep_word.store(sleep, Ordering::Relaxed);
-        let _ = waiting.fetch_update(Ordering::Release, Ordering::Relaxed, |w| {
+    fn arm(waiting: &AtomicU64) {
+        let _ = waiting.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
             Some(if w & 1 == 1 { w.wrapping_add(2) } else { w.wrapping_add(1) })
         });
         fence(Ordering::SeqCst);
@@ -497,19 +480,7 @@ impl<'a> Producer<'a> {
     /// Announces that this side is about to sleep until space frees up.
     /// The caller must re-check [`Producer::space`] before sleeping.
     pub fn arm(&self) {
-        self.arm_for(0);
-    }
-
-    /// [`Producer::arm`] for the sleep named `sleep` (see `Shared::arm`).
-    pub fn arm_for(&self, sleep: u64) {
-        Shared::arm(&self.0.prod.waiting, &self.0.prod.sleep, sleep);
-    }
-
-    /// The sleep the consumer's latest arming named (0: none). Read it
-    /// after a write said the consumer must be woken: it is that arming's
-    /// sleep or a later one's. The consumer may forge it.
-    pub fn reader_sleep(&self) -> u64 {
-        self.0.cons.sleep.load(Ordering::Relaxed)
+        Shared::arm(&self.0.prod.waiting);
     }
 
     /// Withdraws an `arm`; the caller checks [`Producer::space`] (and arms
@@ -712,19 +683,7 @@ impl<'a> Consumer<'a> {
     /// Announces that this side is about to sleep until bytes arrive.
     /// The caller must re-check [`Consumer::state`] before sleeping.
     pub fn arm(&self) {
-        self.arm_for(0);
-    }
-
-    /// [`Consumer::arm`] for the sleep named `sleep` (see `Shared::arm`).
-    pub fn arm_for(&self, sleep: u64) {
-        Shared::arm(&self.0.cons.waiting, &self.0.cons.sleep, sleep);
-    }
-
-    /// The sleep the producer's latest arming named (0: none). Read it
-    /// after a read said the producer must be woken (see
-    /// [`Producer::reader_sleep`]). The producer may forge it.
-    pub fn writer_sleep(&self) -> u64 {
-        self.0.prod.sleep.load(Ordering::Relaxed)
+        Shared::arm(&self.0.cons.waiting);
     }
 
     /// Withdraws an `arm`; the caller checks [`Consumer::state`] (and arms

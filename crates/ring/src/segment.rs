@@ -574,15 +574,6 @@ impl Segment {
         self.halves[end].word(layout::ENDPOINT_LINE)
     }
 
-    /// Which mapping holds endpoint `end`'s half here: a chunk's (the
-    /// same for every piece of it, so for every kit connection between
-    /// the same two processes in that chunk), else the half's own. An
-    /// identity to compare, never to dereference.
-    pub fn mapping_of(&self, end: usize) -> usize {
-        let half = &self.halves[end];
-        half.whole.as_ref().map_or(half.base, |whole| whole.base).as_ptr() as usize
-    }
-
     /// Endpoint `end`'s "sleepers" word (see `layout::SLEEPERS`).
     pub fn sleepers(&self, end: usize) -> &AtomicU32 {
         self.halves[end].word(layout::ENDPOINT_LINE + layout::SLEEPERS)

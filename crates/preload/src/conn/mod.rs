@@ -9,7 +9,6 @@
 
 mod blocking;
 mod rung;
-mod sleeps;
 mod state;
 
 use crate::attach::{ConnectionMemory, Delivery, Memory, Remap, Wakeups};
@@ -19,7 +18,6 @@ use crate::scratch;
 use crate::sys::{self, Errno, SysResult};
 pub use blocking::MAX_SLEEP_MS;
 use rung::LeftRung;
-pub use sleeps::fresh as fresh_sleep;
 pub use state::Blocking;
 use state::{Flags, State};
 use std::cell::Cell;
@@ -379,34 +377,6 @@ impl Connection {
         }
     }
 
-    /// After a write: wakes the reader if `wake`, unless the sleep its
-    /// arming names was woken already (see `sleeps`).
-    fn kick_reader(&self, wake: bool) {
-        if wake {
-            self.kick_for(self.tx().reader_sleep());
-        }
-    }
-
-    /// After a read: wakes the writer if `wake` (see `kick_reader`).
-    fn kick_writer(&self, wake: bool) {
-        if wake {
-            self.kick_for(self.rx().writer_sleep());
-        }
-    }
-
-    /// Rings the doorbell for an arming that names `sleep`, unless this
-    /// thread rang one for that sleep of the same peer already and the
-    /// sleep is the only one counted on the peer's end (see `sleeps`).
-    fn kick_for(&self, sleep: u64) {
-        let peer = self.endpoint.peer().index();
-        let mapping = self.segment.mapping_of(peer);
-        if sleeps::covered(mapping, sleep) && self.segment.sleepers(peer).load(Ordering::Acquire) == 1 {
-            return;
-        }
-        self.kick(true);
-        sleeps::note(mapping, sleep);
-    }
-
     /// The peer broke the protocol: reset both directions.
     fn break_connection(&self) -> Errno {
         if self.state.break_down() {
@@ -432,18 +402,11 @@ impl Connection {
     /// [`Connection::wake`]): its own arming, and the ring that answers it,
     /// must come after them.
     pub fn fall_asleep(&self, interest: Interest) {
-        self.fall_asleep_for(interest, 0);
-    }
-
-    /// [`Connection::fall_asleep`] as part of the sleep named `sleep`
-    /// (see `sleeps`; 0 names none): the caller, woken by any doorbell
-    /// of that sleep, looks at this connection again before it sleeps.
-    pub fn fall_asleep_for(&self, interest: Interest, sleep: u64) {
         let before = self.sleepers().fetch_add(1, Ordering::AcqRel);
         if before & LAST_WAKING != 0 {
             self.wait_for_last_waking();
         }
-        self.arm_for(interest, sleep);
+        self.arm(interest);
     }
 
     /// Waits, briefly, until the last sleeper to wake has taken the doorbell
@@ -613,15 +576,11 @@ impl Connection {
 
     /// Arms the wake-up flags for the given interest.
     pub fn arm(&self, interest: Interest) {
-        self.arm_for(interest, 0);
-    }
-
-    fn arm_for(&self, interest: Interest, sleep: u64) {
         if interest.reads() {
-            self.rx().arm_for(sleep);
+            self.rx().arm();
         }
         if interest.writes() {
-            self.tx().arm_for(sleep);
+            self.tx().arm();
         }
     }
 
@@ -778,7 +737,7 @@ impl Connection {
                         Ok(r) => r,
                         Err(_) => break self.finish_read(total, Err(self.break_connection())),
                     };
-                    self.kick_writer(wake);
+                    self.kick(wake);
                     if n == 0 {
                         // Another process of this end took the bytes
                         // first: look again.
@@ -885,7 +844,7 @@ impl Connection {
             };
             match written {
                 Ok((n, wake)) => {
-                    self.kick_reader(wake);
+                    self.kick(wake);
                     total += n;
                     if total == wanted {
                         return Ok(total);
