@@ -404,6 +404,7 @@ mod tests {
 
     #[test]
     fn a_doorbell_parked_serves_the_next_connection_in_its_piece() {
+        let _no_fork = sys::no_fork_meanwhile();
         let (chunk, at) = piece(3);
         let mut table = Table::default();
         let (mine, theirs) = doorbell();
@@ -428,6 +429,7 @@ mod tests {
 
     #[test]
     fn a_doorbell_parked_whose_peer_is_gone_is_taken_for_its_kit_even_then() {
+        let _no_fork = sys::no_fork_meanwhile();
         let (_chunk, at) = piece(0);
         let mut table = Table::default();
         // The peer took the next kit in the piece, connected and closed
@@ -443,6 +445,7 @@ mod tests {
 
     #[test]
     fn past_the_most_an_old_one_goes_but_never_one_whose_word_the_daemon_took() {
+        let _no_fork = sys::no_fork_meanwhile();
         let (chunk, _) = piece(0);
         let mut table = Table::default();
         let mut peers = Vec::new();
@@ -501,6 +504,7 @@ mod tests {
 
     #[test]
     fn letting_go_before_exec_keeps_only_the_doorbells_whose_word_the_daemon_took() {
+        let _no_fork = sys::no_fork_meanwhile();
         let (chunk, _) = piece(0);
         let mut table = Table::default();
         let mut peers = Vec::new();
@@ -535,6 +539,7 @@ mod tests {
 
     #[test]
     fn only_the_process_the_kit_was_given_to_parks() {
+        let _no_fork = sys::no_fork_meanwhile();
         let (chunk, at) = piece(9);
         let (mine, _theirs) = doorbell();
         let other = ParkAt { owner: at.owner + 1, ..at.clone() };

@@ -801,6 +801,7 @@ mod tests {
 
     #[test]
     fn a_doorbell_left_in_an_epoll_set_whose_owner_closed_it_is_not_parked() {
+        let _no_fork = sys::no_fork_meanwhile();
         use crate::conn::{Blocking, Connection};
         use crate::table::{self, Entry};
         use vsocket_abi::control::ConnectionInfo;
@@ -854,6 +855,7 @@ mod tests {
 
     #[test]
     fn a_kit_whose_doorbell_was_kept_takes_the_one_parked_for_its_piece_and_without_it_is_not_used() {
+        let _no_fork = sys::no_fork_meanwhile();
         for end in [Endpoint::Client, Endpoint::Server] {
             let (daemon, files) = Chunk::create(4096).unwrap();
             let mut grant = Grant::in_one_chunk(9, 10, 2);
@@ -924,6 +926,7 @@ mod tests {
 
     #[test]
     fn a_batch_a_listener_no_longer_takes_lets_go_the_doorbells_parked_for_its_pieces() {
+        let _no_fork = sys::no_fork_meanwhile();
         let (kits, _client, _ringer, _daemon) = listener_with_five();
         let (daemon, files) = Chunk::create(4096).unwrap();
         let grant = Grant::in_one_chunk(9, 10, 2);

@@ -626,6 +626,15 @@ pub fn seqpacket_pair() -> SysResult<(RawFd, std::os::fd::OwnedFd)> {
 #[cfg(test)]
 pub static FORK_GATE_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Held by a test for as long as a fork by another test (running at the
+/// same time in this process) would change what it checks: a kit's
+/// doorbell is parked only if the process has not forked since the kit
+/// came (`bells::forks`).
+#[cfg(test)]
+pub fn no_fork_meanwhile() -> std::sync::MutexGuard<'static, ()> {
+    FORK_GATE_TEST.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Forks through libc, so that the fork handlers run (tests): the child
 /// runs `child` and exits with what it returns; the parent gets its pid,
 /// and [`wait_exit`] its status.
