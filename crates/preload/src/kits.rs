@@ -801,10 +801,10 @@ mod tests {
 
     #[test]
     fn a_doorbell_left_in_an_epoll_set_whose_owner_closed_it_is_not_parked() {
-        let _no_fork = sys::no_fork_meanwhile();
         use crate::conn::{Blocking, Connection};
         use crate::table::{self, Entry};
         use vsocket_abi::control::ConnectionInfo;
+        let _no_fork = sys::no_fork_meanwhile();
         let (grant, fds, daemon, _lifeline, _peers) = batch(2, Endpoint::Client);
         let kits = kits_of(&grant, &fds, Endpoint::Client, bells::forks());
         // Each kit connection at a descriptor number of its own.
