@@ -273,7 +273,7 @@ mod tests {
     // One test: the gate is process-wide.
     #[test]
     fn a_closing_gate_waits_for_holders_and_keeps_new_ones_out_until_opened() {
-        let _alone = crate::sys::FORK_GATE_TEST.lock().unwrap_or_else(|e| e.into_inner());
+        let _alone = crate::sys::no_fork_meanwhile();
         let lock = Arc::new(Mutex::new(0u32));
         // Nested locks on one thread pass the gate once.
         {

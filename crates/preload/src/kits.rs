@@ -765,6 +765,7 @@ mod tests {
 
     #[test]
     fn a_batchs_kits_are_pieces_of_its_chunk_and_share_its_lifeline() {
+        let _no_fork = sys::no_fork_meanwhile();
         let (grant, fds, daemon, lifeline, _bells) = batch(3, Endpoint::Server);
         let kits = kits_of(&grant, &fds, Endpoint::Server, bells::forks());
         assert_eq!(kits.iter().map(|k| (k.sequence, k.id)).collect::<Vec<_>>(), [(10, 100), (11, 101), (12, 102)]);
@@ -785,6 +786,7 @@ mod tests {
 
     #[test]
     fn a_kit_whose_piece_does_not_check_is_let_go_with_its_doorbell() {
+        let _no_fork = sys::no_fork_meanwhile();
         // The client's file given where the server's is due: each piece's
         // header names the other end.
         let (grant, fds, _daemon, _lifeline, bells) = batch(2, Endpoint::Client);

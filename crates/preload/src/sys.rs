@@ -620,19 +620,17 @@ pub fn seqpacket_pair() -> SysResult<(RawFd, std::os::fd::OwnedFd)> {
     Ok((fds[0], daemon))
 }
 
-/// Held by the fork gate's test (`forksafe`), and by tests' forks (whose
-/// handlers close and open the process-wide gate), so that one never
-/// opens it under the other.
-#[cfg(test)]
-pub static FORK_GATE_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Held by a test for as long as a fork by another test (running at the
-/// same time in this process) would change what it checks: a kit's
-/// doorbell is parked only if the process has not forked since the kit
-/// came (`bells::forks`).
+/// Held by every fork a test makes ([`fork_running`]), so that a test
+/// holding it sees no fork by another test running at the same time in
+/// this process: the fork gate's test (`forksafe`, whose gate the fork
+/// handlers open), and tests of what a fork changes (a kit's doorbell is
+/// parked only if the process has not forked since the kit came,
+/// `bells::forks`; a child holds a copy of every descriptor until it
+/// exits, so a peer sees no hang-up meanwhile).
 #[cfg(test)]
 pub fn no_fork_meanwhile() -> std::sync::MutexGuard<'static, ()> {
-    FORK_GATE_TEST.lock().unwrap_or_else(|e| e.into_inner())
+    static FORKS_OF_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    FORKS_OF_TESTS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Forks through libc, so that the fork handlers run (tests): the child
@@ -642,7 +640,7 @@ pub fn no_fork_meanwhile() -> std::sync::MutexGuard<'static, ()> {
 pub fn fork_running(child: impl FnOnce() -> i32) -> SysResult<i32> {
     // The fork handlers open the process-wide fork gate: not while the
     // gate's own test has it closed.
-    let _gate = FORK_GATE_TEST.lock().unwrap_or_else(|e| e.into_inner());
+    let _gate = no_fork_meanwhile();
     // SAFETY: fork has no memory effects on the parent; the child has only
     // this thread, runs `child` (which takes only the library's own locks,
     // made safe across fork by the handlers under test) and leaves below.
