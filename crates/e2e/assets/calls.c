@@ -25,6 +25,7 @@
 #include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/select.h>
+#include <sys/time.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -549,6 +550,23 @@ static int read_would_block(int s) {
     return r == -1 && (e == EAGAIN || e == EWOULDBLOCK);
 }
 
+/* A read where nothing comes, on a blocking socket: it waits until a
+ * timer's signal (a handler without SA_RESTART) ends it with EINTR, 0.3 s
+ * later. */
+static int read_blocks(int s) {
+    struct sigaction sa = {0}, old;
+    sa.sa_handler = on_alarm;
+    sigaction(SIGALRM, &sa, &old);
+    struct itimerval soon = {{0, 0}, {0, 300000}}, off = {{0, 0}, {0, 0}};
+    setitimer(ITIMER_REAL, &soon, NULL);
+    char c;
+    ssize_t r = read(s, &c, 1);
+    int e = errno;
+    setitimer(ITIMER_REAL, &off, NULL);
+    sigaction(SIGALRM, &old, NULL);
+    return r == -1 && e == EINTR;
+}
+
 /* Options and modes set on a socket before its connect (through the
  * socket, a copy of it, or ioctl) are the connection's. */
 static void check_options_before_connect(struct sockaddr_in *sa) {
@@ -584,6 +602,24 @@ static void check_options_before_connect(struct sockaddr_in *sa) {
     ioctl(s, FIONBIO, &on);
     up = connected(s, sa);
     CHECK("fionbio_before_connect", up && read_would_block(s), "up %d", up);
+    close(s);
+
+    /* Set, then cleared again: the socket blocks. */
+    s = socket(AF_INET, SOCK_STREAM, 0);
+    int flags = fcntl(s, F_GETFL);
+    fcntl(s, F_SETFL, flags | O_NONBLOCK);
+    fcntl(s, F_SETFL, flags & ~O_NONBLOCK);
+    up = connected(s, sa);
+    CHECK("fcntl_nonblock_cleared_before_connect", up && read_blocks(s), "up %d", up);
+    close(s);
+
+    s = socket(AF_INET, SOCK_STREAM, 0);
+    on = 1;
+    ioctl(s, FIONBIO, &on);
+    on = 0;
+    ioctl(s, FIONBIO, &on);
+    up = connected(s, sa);
+    CHECK("fionbio_cleared_before_connect", up && read_blocks(s), "up %d", up);
     close(s);
 
     /* O_NONBLOCK set through a copy is the socket's (one open file). */

@@ -34,6 +34,8 @@ pub const CHECKS: &[&str] = &[
     "so_rcvtimeo_before_connect",
     "fcntl_nonblock_before_connect",
     "fionbio_before_connect",
+    "fcntl_nonblock_cleared_before_connect",
+    "fionbio_cleared_before_connect",
     "nonblock_through_dup_before_connect",
     "sock_nonblock_connect",
     "select_timeout",
@@ -120,6 +122,6 @@ fn every_intercepted_call_behaves_as_linux_tcp() {
         assert!(out.status.success() && stdout.contains("0 failed"), "{via:?}:\n{stdout}");
     }
     // The vSocket run used vSocket for all its connections.
-    assert_eq!(lab.counter("a", "connections_out"), 17);
+    assert_eq!(lab.counter("a", "connections_out"), 19);
     assert_eq!(lab.counter("a", "fallbacks"), 0);
 }

@@ -7,10 +7,12 @@
 //! one descriptor. Anything that could change it elsewhere takes the mark
 //! away: a close of the number (hooked, as the side table's are), a `dup`
 //! of it or onto it (the copy's changes are the socket's), a `setsockopt`
-//! of a timeout or of `SO_LINGER`, an `fcntl` that sets flags, `FIONBIO`,
-//! sending or receiving descriptors, and a fork, a spawn or an exec (the
-//! child holds the same sockets: every note goes, by a new epoch). A
-//! connect on a socket without a note asks the kernel, as before. Not
+//! of a timeout or of `SO_LINGER`, sending or receiving descriptors, and a
+//! fork, a spawn or an exec (the child holds the same sockets: every note
+//! goes, by a new epoch). A change of the blocking mode through the hooks
+//! (`fcntl(F_SETFL)`, `FIONBIO`: how event loops make their sockets
+//! non-blocking) is noted instead, once the kernel made it. A connect on a
+//! socket without a note asks the kernel, as before. Not
 //! seen: a child made by a raw `clone` or `_Fork`, which runs no fork
 //! handler, changing a socket it shares before its parent connects it.
 //!
@@ -82,6 +84,25 @@ pub fn forget(fd: i32) {
     }
 }
 
+/// The mark of `fd` as it is now (0: none), read before a change of its
+/// blocking mode and given to [`blocking_set`] once the change is made.
+pub fn mark(fd: i32) -> u64 {
+    slot(fd).map_or(0, |slot| slot.load(Ordering::Relaxed))
+}
+
+/// The kernel made `fd` non-blocking (or blocking) as asked, and its mark
+/// was `before` when the change was asked for: if the mark is still that
+/// one, it now says the new mode. If it changed meanwhile (the number was
+/// closed and made again in another thread, or forgotten), which socket
+/// the change reached is not known, and the mark goes.
+pub fn blocking_set(fd: i32, before: u64, nonblocking: bool) {
+    let Some(slot) = slot(fd) else { return };
+    let after = if before & MADE != 0 { before & !NONBLOCK | if nonblocking { NONBLOCK } else { 0 } } else { before };
+    if slot.compare_exchange(before, after, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+        slot.store(0, Ordering::Relaxed);
+    }
+}
+
 /// `setsockopt(level, name)` on `fd`: a timeout or a linger takes the
 /// mark away (connect reads those from the kernel again).
 pub fn option_set(fd: i32, level: i32, name: i32) {
@@ -116,6 +137,8 @@ mod tests {
 
     #[test]
     fn only_an_ipv4_tcp_socket_made_here_is_marked_with_its_blocking_mode() {
+        // A fork moves the epoch on, and so do these tests.
+        let _epoch = crate::sys::no_fork_meanwhile();
         let held = number();
         let fd = held.as_raw_fd();
         made(epoch(), fd, libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
@@ -138,6 +161,8 @@ mod tests {
 
     #[test]
     fn a_timeout_a_linger_a_forget_or_a_new_epoch_takes_the_mark_away() {
+        // A fork moves the epoch on, and so do these tests.
+        let _epoch = crate::sys::no_fork_meanwhile();
         let held = number();
         let fd = held.as_raw_fd();
         let marked = || {
@@ -160,5 +185,41 @@ mod tests {
         forget_all();
         assert_eq!(known(fd), None, "an older epoch's mark is none");
         marked();
+    }
+
+    #[test]
+    fn a_blocking_mode_set_through_the_hooks_is_noted_and_a_mark_changed_meanwhile_goes() {
+        // A fork moves the epoch on, and so do these tests.
+        let _epoch = crate::sys::no_fork_meanwhile();
+        let held = number();
+        let fd = held.as_raw_fd();
+        made(epoch(), fd, libc::AF_INET, libc::SOCK_STREAM, 0);
+        let before = mark(fd);
+        blocking_set(fd, before, true);
+        assert_eq!(known(fd), Some(Fresh { nonblocking: true }));
+        blocking_set(fd, mark(fd), false);
+        assert_eq!(known(fd), Some(Fresh { nonblocking: false }), "and back");
+
+        // The number was closed and made again between the read and the
+        // change: the change may have reached either socket.
+        let before = mark(fd);
+        forget(fd);
+        made(epoch(), fd, libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        blocking_set(fd, before, false);
+        assert_eq!(known(fd), None);
+
+        // No mark before: none after.
+        forget(fd);
+        blocking_set(fd, mark(fd), true);
+        assert_eq!(known(fd), None);
+        assert_eq!(mark(fd), 0);
+
+        // A fork between the read and the change: the mark is of an older
+        // epoch, and stays none.
+        made(epoch(), fd, libc::AF_INET, libc::SOCK_STREAM, 0);
+        let before = mark(fd);
+        forget_all();
+        blocking_set(fd, before, true);
+        assert_eq!(known(fd), None);
     }
 }

@@ -906,25 +906,29 @@ hook! {
     /// as a word and passed on unchanged.
     fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int as unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
     |forward| {
-        socket::before_fcntl(fd, cmd, arg);
-        socket::after_fcntl(fd, cmd, forward())
+        let note = socket::before_fcntl(fd, cmd, arg);
+        socket::after_fcntl(fd, cmd, arg, note, forward())
     }
 }
 
 hook! {
     fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int as unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
     |forward| {
-        socket::before_fcntl(fd, cmd, arg);
-        socket::after_fcntl(fd, cmd, forward())
+        let note = socket::before_fcntl(fd, cmd, arg);
+        socket::after_fcntl(fd, cmd, arg, note, forward())
     }
 }
 
 hook! {
     fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) -> c_int as unsafe extern "C" fn(c_int, c_ulong, ...) -> c_int;
     |forward| {
-        if request == libc::FIONBIO {
-            fresh::forget(fd);
-        }
+        // FIONBIO: the mode asked for, and a fresh socket's note (see
+        // `fresh`) as it was before.
+        let nonblocking = (request == libc::FIONBIO && !arg.is_null()).then(|| {
+            // SAFETY: FIONBIO's argument is a pointer to an int.
+            let on = unsafe { *(arg as *const c_int) } != 0;
+            (on, fresh::mark(fd))
+        });
         if let Some(e) = table::get(fd) {
             if let Entry::Conn(c) = &*e {
                 if request == libc::FIONREAD {
@@ -935,14 +939,16 @@ hook! {
                     unsafe { *(arg as *mut c_int) = c.readable_bytes().min(c_int::MAX as usize) as c_int };
                     return 0;
                 }
-                if request == libc::FIONBIO && !arg.is_null() {
-                    // SAFETY: FIONBIO's argument is a pointer to an int.
-                    let on = unsafe { *(arg as *const c_int) } != 0;
+                if let Some((on, _)) = nonblocking {
                     c.set_blocking(if on { Blocking::NonBlocking } else { Blocking::Blocking });
                 }
             }
         }
-        forward()
+        let r = forward();
+        if let Some((on, note)) = nonblocking.filter(|_| r == 0) {
+            fresh::blocking_set(fd, note, on);
+        }
+        r
     }
 }
 

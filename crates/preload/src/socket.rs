@@ -73,22 +73,30 @@ pub fn option_set(fd: RawFd, level: i32, name: i32) {
 }
 
 /// An `fcntl(cmd, arg)` on `fd` is about to run: O_NONBLOCK follows.
-pub fn before_fcntl(fd: RawFd, cmd: i32, arg: u64) {
-    if matches!(cmd, libc::F_SETFL | libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) {
+/// Returns the socket's note (see `fresh`) for [`after_fcntl`].
+pub fn before_fcntl(fd: RawFd, cmd: i32, arg: u64) -> u64 {
+    if matches!(cmd, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) {
         crate::fresh::forget(fd);
     }
-    if cmd == libc::F_SETFL {
-        if let Some(e) = table::get(fd) {
-            if let Entry::Conn(c) = &*e {
-                c.set_blocking(Blocking::from_flags(arg as i32));
-            }
+    if cmd != libc::F_SETFL {
+        return 0;
+    }
+    if let Some(e) = table::get(fd) {
+        if let Entry::Conn(c) = &*e {
+            c.set_blocking(Blocking::from_flags(arg as i32));
         }
     }
+    crate::fresh::mark(fd)
 }
 
-/// An `fcntl(cmd)` on `fd` returned `result`: F_DUPFD and F_DUPFD_CLOEXEC
-/// made a new descriptor for the same socket.
-pub fn after_fcntl(fd: RawFd, cmd: i32, result: i32) -> i32 {
+/// An `fcntl(cmd, arg)` on `fd` returned `result` (`note`: what
+/// [`before_fcntl`] returned): F_SETFL set the blocking mode a fresh
+/// socket's note records; F_DUPFD and F_DUPFD_CLOEXEC made a new
+/// descriptor for the same socket.
+pub fn after_fcntl(fd: RawFd, cmd: i32, arg: u64, note: u64, result: i32) -> i32 {
+    if result >= 0 && cmd == libc::F_SETFL {
+        crate::fresh::blocking_set(fd, note, arg as i32 & libc::O_NONBLOCK != 0);
+    }
     if result >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
         crate::fresh::forget(result);
         table::share(fd, result);

@@ -626,7 +626,8 @@ pub fn seqpacket_pair() -> SysResult<(RawFd, std::os::fd::OwnedFd)> {
 /// handlers open), and tests of what a fork changes (a kit's doorbell is
 /// parked only if the process has not forked since the kit came,
 /// `bells::forks`; a child holds a copy of every descriptor until it
-/// exits, so a peer sees no hang-up meanwhile).
+/// exits, so a peer sees no hang-up meanwhile; a fork ends every socket's
+/// note, `fresh`, as those tests' `forget_all` does).
 #[cfg(test)]
 pub fn no_fork_meanwhile() -> std::sync::MutexGuard<'static, ()> {
     static FORKS_OF_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
