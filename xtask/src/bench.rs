@@ -711,12 +711,16 @@ fn memory_per_connection(lab: &Lab, via: Via, port: u16, mode: &str, bytes: u32)
     Ok(vec![sample(&format!("memory per {mode} connection"), "host memory", "KiB", Better::Lower, per)])
 }
 
-/// Idle connections held beside the busy ones in the idle-mix row. Each
-/// vSocket connection costs a process three descriptors (its socket, the
-/// doorbell, the lifeline), and the server holds them all: at the
-/// 20000-descriptor limit of the machines the bench runs on (whose programs
-/// cannot raise their hard limit), about 6600 fit.
-const IDLE: u32 = 3_000;
+/// Idle connections held beside the busy ones in the idle-mix row, not the
+/// 10,000 of the performance target (which the kernel path would hold).
+/// The machines the bench runs on give every process 20000 descriptors,
+/// soft and hard alike, and redis-server holds them all: on the vSocket
+/// path the library keeps its own descriptors in the upper half of that
+/// range (a doorbell per connection, a lifeline per batch of kits, up to
+/// 512 doorbells parked from closed connections). Held by hand, 8000 took
+/// 9164 of those 10000; 7000 leave room for the doorbells earlier rows
+/// parked.
+const IDLE: u32 = 7_000;
 
 /// What each path keeps of its throughput with [`IDLE`] idle connections
 /// beside the busy ones, at least.
