@@ -33,7 +33,7 @@
 //! too.
 
 use crate::conn::{Connection, Dropped, EdgeSnapshot, MAX_SLEEP_MS};
-use crate::fdhash::{FdMap, FdSet};
+use crate::fdhash::FdMap;
 use crate::forksafe;
 use crate::listener::{self, Listener};
 use crate::readiness::{Interest, Readiness};
@@ -184,16 +184,107 @@ impl<M: Member> Registration<M> {
     }
 }
 
+/// A set's registrations, each in a slot that stays where it is while the
+/// registration lives, found by descriptor number through `index`. A wait
+/// reaches the slots the hot list names directly: with thousands of idle
+/// registrations beside a few busy ones, two hash lookups per busy one
+/// and wait (each a miss in a large table) cost the busy ones more than
+/// judging them. A freed slot is taken again first (event loops delete
+/// and add a descriptor around every request).
+struct Slots<M> {
+    slots: Vec<Slot<M>>,
+    index: FdMap<u32>,
+    free: Vec<u32>,
+}
+
+struct Slot<M> {
+    fd: RawFd,
+    reg: Option<Registration<M>>,
+    /// The slot is in the hot list (see [`Regs`]); kept while the slot is
+    /// free, so that a registration taking it again is listed once.
+    listed: bool,
+}
+
+impl<M> Slots<M> {
+    fn new() -> Slots<M> {
+        Slots { slots: Vec::new(), index: FdMap::default(), free: Vec::new() }
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn contains_key(&self, fd: &RawFd) -> bool {
+        self.index.contains_key(fd)
+    }
+
+    /// The slot of `fd`'s registration.
+    fn slot_of(&self, fd: RawFd) -> Option<u32> {
+        self.index.get(&fd).copied()
+    }
+
+    fn get_mut(&mut self, fd: &RawFd) -> Option<&mut Registration<M>> {
+        self.at_mut(self.slot_of(*fd)?)
+    }
+
+    /// The registration in slot `slot`, if one is.
+    fn at(&self, slot: u32) -> Option<&Registration<M>> {
+        self.slots.get(slot as usize)?.reg.as_ref()
+    }
+
+    fn at_mut(&mut self, slot: u32) -> Option<&mut Registration<M>> {
+        self.slots.get_mut(slot as usize)?.reg.as_mut()
+    }
+
+    /// Registers `fd` (which has no registration: callers check).
+    fn insert(&mut self, fd: RawFd, reg: Registration<M>) {
+        if let Some(slot) = self.slot_of(fd) {
+            self.slots[slot as usize].reg = Some(reg);
+            return;
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                let taken = &mut self.slots[slot as usize];
+                (taken.fd, taken.reg) = (fd, Some(reg));
+                slot
+            }
+            None => {
+                self.slots.push(Slot { fd, reg: Some(reg), listed: false });
+                u32::try_from(self.slots.len() - 1).expect("fewer registrations than descriptors")
+            }
+        };
+        self.index.insert(fd, slot);
+    }
+
+    fn remove(&mut self, fd: &RawFd) -> Option<Registration<M>> {
+        let slot = self.index.remove(fd)?;
+        self.free.push(slot);
+        self.slots[slot as usize].reg.take()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&RawFd, &Registration<M>)> {
+        self.slots.iter().filter_map(|s| Some((&s.fd, s.reg.as_ref()?)))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (&RawFd, &mut Registration<M>)> {
+        self.slots.iter_mut().filter_map(|s| Some((&s.fd, s.reg.as_mut()?)))
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Registration<M>> {
+        self.slots.iter_mut().filter_map(|s| s.reg.as_mut())
+    }
+}
+
 /// A set's registrations, and which of them a wait judges.
 struct Regs<M> {
-    map: FdMap<Registration<M>>,
-    /// The descriptors whose registrations waits judge (see
-    /// [`Registration::judged`]), each once (`listed` holds the same). A
-    /// number stays listed when its registration goes (event loops delete
-    /// and add a descriptor around every request): it is dropped at the
-    /// next `prune` unless registered again, and then it is listed once.
-    hot: Vec<RawFd>,
-    listed: FdSet,
+    map: Slots<M>,
+    /// The slots whose registrations waits judge (see
+    /// [`Registration::judged`]), each once (its `listed` says so). A slot
+    /// stays listed when its registration goes (event loops delete and add
+    /// a descriptor around every request, and the descriptor takes its
+    /// slot again): it is dropped at the next `prune` unless taken again,
+    /// and then it is listed once.
+    hot: Vec<u32>,
     /// When every cold connection was last judged (see `EpollSet::sweep`).
     swept_ns: u64,
     /// Which doorbell each parked one is (see `unregister_special`), by
@@ -206,19 +297,21 @@ struct Regs<M> {
 impl<M: Member> Regs<M> {
     /// Lists `fd` among the hot, if a wait should judge it.
     fn list(&mut self, fd: RawFd) {
-        if self.map.get(&fd).is_some_and(Registration::judged) && self.listed.insert(fd) {
-            self.hot.push(fd);
+        let Some(slot) = self.map.slot_of(fd) else { return };
+        let at = &mut self.map.slots[slot as usize];
+        if at.reg.as_ref().is_some_and(Registration::judged) && !at.listed {
+            at.listed = true;
+            self.hot.push(slot);
         }
     }
 
     /// Drops from `hot` what is no longer judged.
     fn prune(&mut self) {
-        let (map, listed) = (&self.map, &mut self.listed);
-        self.hot.retain(|fd| {
-            let keep = map.get(fd).is_some_and(Registration::judged);
-            if !keep {
-                listed.remove(fd);
-            }
+        let slots = &mut self.map.slots;
+        self.hot.retain(|&slot| {
+            let at = &mut slots[slot as usize];
+            let keep = at.reg.as_ref().is_some_and(Registration::judged);
+            at.listed = keep;
             keep
         });
     }
@@ -273,9 +366,8 @@ impl<M: Member> EpollSet<M> {
         EpollSet {
             epfd,
             regs: forksafe::Mutex::new(Regs {
-                map: FdMap::default(),
+                map: Slots::new(),
                 hot: Vec::new(),
-                listed: FdSet::default(),
                 swept_ns: sys::now_ns(),
                 parked: FdMap::default(),
             }),
@@ -712,17 +804,19 @@ impl<M: Member> EpollSet<M> {
         if Self::by_list(regs, inherited) {
             let len = regs.hot.len();
             let start = if len == 0 { 0 } else { self.rotor.fetch_add(1, Ordering::Relaxed) % len };
+            // The list from `start` round to it again (`start` < `len`).
+            let nth = |k: usize| regs.hot[if start + k < len { start + k } else { start + k - len }];
             // The ring lines of each block are asked for before it is
             // judged (see `each_prefetched`); the entries are not asked
             // for ahead, as the list is short when it is followed.
             'list: for first in (0..len).step_by(PREFETCHED) {
-                let block = (first..len.min(first + PREFETCHED)).map(|k| regs.hot[(start + k) % len]);
-                block.clone().filter_map(|fd| regs.map.get(&fd)).for_each(Self::prefetch);
-                for fd in block {
+                let block = first..len.min(first + PREFETCHED);
+                block.clone().filter_map(|k| regs.map.at(nth(k))).for_each(Self::prefetch);
+                for k in block {
                     if n == limit {
                         break 'list;
                     }
-                    if let Some(reg) = regs.map.get_mut(&fd).filter(|r| r.judged()) {
+                    if let Some(reg) = regs.map.at_mut(nth(k)).filter(|r| r.judged()) {
                         visit(reg, &mut n);
                     }
                 }
@@ -854,7 +948,8 @@ impl<M: Member> EpollSet<M> {
     fn judged<'a>(&self, regs: &'a Regs<M>) -> impl Iterator<Item = (RawFd, &'a Registration<M>)> + 'a {
         let inherited = self.inherited();
         let by_list = Self::by_list(regs, inherited);
-        let listed = by_list.then(|| regs.hot.iter().filter_map(|fd| Some((*fd, regs.map.get(fd)?))));
+        let listed = by_list
+            .then(|| regs.hot.iter().filter_map(|&slot| Some((regs.map.slots[slot as usize].fd, regs.map.at(slot)?))));
         let all = (!by_list).then(|| regs.map.iter().map(|(fd, reg)| (*fd, reg)));
         let keep = move |(_, reg): &(RawFd, &Registration<M>)| {
             if by_list {
@@ -1155,5 +1250,95 @@ impl<M: Member> EpollSet<M> {
         let k = sys::epoll_pwait(self.epfd, &mut got[..room], 0, std::ptr::null()).unwrap_or(0);
         let mut regs = self.regs.lock();
         Ok(self.translate(&mut regs, &got[..k], out, n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member these tests never ask anything of: they look at where
+    /// registrations are kept, not at what they report.
+    struct Quiet;
+
+    impl Member for Quiet {
+        fn lookup(_: RawFd) -> Option<Arc<Quiet>> {
+            None
+        }
+
+        fn waitable(&self) -> Waitable<'_, Quiet> {
+            unreachable!("not judged here")
+        }
+    }
+
+    fn kernel() -> Registration<Quiet> {
+        Registration { events: libc::EPOLLIN as u32, data: 0, kind: Kind::Kernel, disabled: false }
+    }
+
+    /// A registration a wait judges.
+    fn hot() -> Registration<Quiet> {
+        let kind = Kind::Managed { entry: Arc::new(Quiet), last: None, cold: false, active_ns: 0 };
+        Registration { events: libc::EPOLLIN as u32, data: 0, kind, disabled: false }
+    }
+
+    fn regs() -> Regs<Quiet> {
+        Regs { map: Slots::new(), hot: Vec::new(), swept_ns: 0, parked: FdMap::default() }
+    }
+
+    #[test]
+    fn a_freed_slot_is_taken_again_first_and_each_descriptor_finds_its_own() {
+        let mut slots = Slots::new();
+        for (fd, data) in [(10, 1), (11, 2), (12, 3)] {
+            slots.insert(fd, Registration { data, ..kernel() });
+        }
+        let eleven = slots.slot_of(11).unwrap();
+        assert_eq!(slots.remove(&11).map(|r| r.data), Some(2));
+        assert!(slots.remove(&11).is_none() && slots.get_mut(&11).is_none() && !slots.contains_key(&11));
+        slots.insert(20, Registration { data: 4, ..kernel() });
+        assert_eq!(slots.slot_of(20), Some(eleven), "the freed slot");
+        assert_eq!(slots.len(), 3);
+        assert_eq!(slots.get_mut(&20).map(|r| r.data), Some(4));
+        assert_eq!(slots.at(slots.slot_of(12).unwrap()).map(|r| r.data), Some(3));
+        let mut held: Vec<(RawFd, u64)> = slots.iter().map(|(fd, r)| (*fd, r.data)).collect();
+        held.sort();
+        assert_eq!(held, [(10, 1), (12, 3), (20, 4)]);
+        assert_eq!(slots.values_mut().count(), 3);
+        assert_eq!(slots.iter_mut().count(), 3);
+        // A fresh slot once none is free.
+        slots.insert(21, kernel());
+        assert_eq!(slots.slots.len(), 4);
+    }
+
+    #[test]
+    fn a_slot_is_listed_once_while_registrations_leave_and_take_it() {
+        let mut regs = regs();
+        regs.map.insert(5, kernel());
+        regs.list(5);
+        assert!(regs.hot.is_empty(), "a kernel registration is not judged");
+        regs.map.insert(7, hot());
+        regs.list(7);
+        regs.list(7);
+        let seven = regs.map.slot_of(7).unwrap();
+        assert_eq!(regs.hot, [seven]);
+        // Deleted and added again around a request: the same slot, listed
+        // once.
+        regs.map.remove(&7);
+        regs.map.insert(7, hot());
+        regs.list(7);
+        assert_eq!(regs.hot, [seven]);
+        // Another descriptor taking the slot is listed through it.
+        regs.map.remove(&7);
+        regs.map.insert(8, hot());
+        regs.list(8);
+        assert_eq!((regs.hot.as_slice(), regs.map.slot_of(8)), ([seven].as_slice(), Some(seven)));
+        regs.prune();
+        assert_eq!(regs.hot, [seven], "still judged");
+        // Gone and not taken again: pruned, and listed anew when it is.
+        regs.map.remove(&8);
+        regs.prune();
+        assert!(regs.hot.is_empty() && !regs.map.slots[seven as usize].listed);
+        regs.map.insert(9, hot());
+        regs.list(9);
+        assert_eq!(regs.hot, [seven]);
     }
 }
