@@ -188,8 +188,8 @@ impl<M: Member> Registration<M> {
 /// registration lives, found by descriptor number through `index`. A wait
 /// reaches the slots the hot list names directly: with thousands of idle
 /// registrations beside a few busy ones, two hash lookups per busy one
-/// and wait (each a miss in a large table) cost the busy ones more than
-/// judging them. A freed slot is taken again first (event loops delete
+/// and wait (each a miss in a large table) cost as much as judging them.
+/// A freed slot is taken again first (event loops delete
 /// and add a descriptor around every request).
 struct Slots<M> {
     slots: Vec<Slot<M>>,

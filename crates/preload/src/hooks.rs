@@ -922,13 +922,8 @@ hook! {
 hook! {
     fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) -> c_int as unsafe extern "C" fn(c_int, c_ulong, ...) -> c_int;
     |forward| {
-        // FIONBIO: the mode asked for, and a fresh socket's note (see
-        // `fresh`) as it was before.
-        let nonblocking = (request == libc::FIONBIO && !arg.is_null()).then(|| {
-            // SAFETY: FIONBIO's argument is a pointer to an int.
-            let on = unsafe { *(arg as *const c_int) } != 0;
-            (on, fresh::mark(fd))
-        });
+        // FIONBIO: a fresh socket's note (see `fresh`) as it was before.
+        let note = (request == libc::FIONBIO).then(|| fresh::mark(fd));
         if let Some(e) = table::get(fd) {
             if let Entry::Conn(c) = &*e {
                 if request == libc::FIONREAD {
@@ -939,13 +934,18 @@ hook! {
                     unsafe { *(arg as *mut c_int) = c.readable_bytes().min(c_int::MAX as usize) as c_int };
                     return 0;
                 }
-                if let Some((on, _)) = nonblocking {
+                if request == libc::FIONBIO && !arg.is_null() {
+                    // SAFETY: FIONBIO's argument is a pointer to an int.
+                    let on = unsafe { *(arg as *const c_int) } != 0;
                     c.set_blocking(if on { Blocking::NonBlocking } else { Blocking::Blocking });
                 }
             }
         }
         let r = forward();
-        if let Some((on, note)) = nonblocking.filter(|_| r == 0) {
+        if let Some(note) = note.filter(|_| r == 0) {
+            // SAFETY: FIONBIO's argument is a pointer to an int, which the
+            // kernel has just read (the call succeeded).
+            let on = unsafe { *(arg as *const c_int) } != 0;
             fresh::blocking_set(fd, note, on);
         }
         r
