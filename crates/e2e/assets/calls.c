@@ -534,37 +534,34 @@ static int connected(int s, struct sockaddr_in *sa) {
     return poll(&p, 1, 5000) == 1 && read(s, &status, 1) == 1;
 }
 
-/* A read where nothing comes: EAGAIN at once on a non-blocking socket. A
- * socket taken for a blocking one would wait: an alarm (a handler without
- * SA_RESTART) ends the wait with EINTR instead of hanging the check. */
-static int read_would_block(int s) {
+/* Reads one byte from `s`, where nothing comes, for at most `usec`: a
+ * timer's signal (a handler without SA_RESTART) ends a wait with EINTR
+ * instead of hanging the check. Returns the read's errno (0 if it read). */
+static int read_nothing_within(int s, long usec) {
     struct sigaction sa = {0}, old;
     sa.sa_handler = on_alarm;
     sigaction(SIGALRM, &sa, &old);
-    alarm(3);
-    char c;
-    ssize_t r = read(s, &c, 1);
-    int e = errno;
-    alarm(0);
-    sigaction(SIGALRM, &old, NULL);
-    return r == -1 && (e == EAGAIN || e == EWOULDBLOCK);
-}
-
-/* A read where nothing comes, on a blocking socket: it waits until a
- * timer's signal (a handler without SA_RESTART) ends it with EINTR, 0.3 s
- * later. */
-static int read_blocks(int s) {
-    struct sigaction sa = {0}, old;
-    sa.sa_handler = on_alarm;
-    sigaction(SIGALRM, &sa, &old);
-    struct itimerval soon = {{0, 0}, {0, 300000}}, off = {{0, 0}, {0, 0}};
+    struct itimerval soon = {{0, 0}, {usec / 1000000, usec % 1000000}}, off = {{0, 0}, {0, 0}};
     setitimer(ITIMER_REAL, &soon, NULL);
     char c;
     ssize_t r = read(s, &c, 1);
-    int e = errno;
+    int e = r == -1 ? errno : 0;
     setitimer(ITIMER_REAL, &off, NULL);
     sigaction(SIGALRM, &old, NULL);
-    return r == -1 && e == EINTR;
+    return e;
+}
+
+/* A read where nothing comes: EAGAIN at once on a non-blocking socket (one
+ * taken for a blocking socket would wait, until the timer 3 s later). */
+static int read_would_block(int s) {
+    int e = read_nothing_within(s, 3000000);
+    return e == EAGAIN || e == EWOULDBLOCK;
+}
+
+/* A read where nothing comes, on a blocking socket: it waits, until the
+ * timer 0.3 s later. */
+static int read_blocks(int s) {
+    return read_nothing_within(s, 300000) == EINTR;
 }
 
 /* Options and modes set on a socket before its connect (through the

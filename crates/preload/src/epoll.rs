@@ -229,14 +229,21 @@ impl<M> Slots<M> {
 
     /// The registration in slot `slot`, if one is.
     fn at(&self, slot: u32) -> Option<&Registration<M>> {
-        self.slots.get(slot as usize)?.reg.as_ref()
+        self.held(slot).map(|(_, reg)| reg)
+    }
+
+    /// The registration in slot `slot` and its descriptor, if one is.
+    fn held(&self, slot: u32) -> Option<(RawFd, &Registration<M>)> {
+        let at = self.slots.get(slot as usize)?;
+        Some((at.fd, at.reg.as_ref()?))
     }
 
     fn at_mut(&mut self, slot: u32) -> Option<&mut Registration<M>> {
         self.slots.get_mut(slot as usize)?.reg.as_mut()
     }
 
-    /// Registers `fd` (which has no registration: callers check).
+    /// Registers `fd`; one already registered has its registration
+    /// replaced in its slot (`EPOLL_CTL_ADD` checks for it first).
     fn insert(&mut self, fd: RawFd, reg: Registration<M>) {
         if let Some(slot) = self.slot_of(fd) {
             self.slots[slot as usize].reg = Some(reg);
@@ -948,8 +955,7 @@ impl<M: Member> EpollSet<M> {
     fn judged<'a>(&self, regs: &'a Regs<M>) -> impl Iterator<Item = (RawFd, &'a Registration<M>)> + 'a {
         let inherited = self.inherited();
         let by_list = Self::by_list(regs, inherited);
-        let listed = by_list
-            .then(|| regs.hot.iter().filter_map(|&slot| Some((regs.map.slots[slot as usize].fd, regs.map.at(slot)?))));
+        let listed = by_list.then(|| regs.hot.iter().filter_map(|&slot| regs.map.held(slot)));
         let all = (!by_list).then(|| regs.map.iter().map(|(fd, reg)| (*fd, reg)));
         let keep = move |(_, reg): &(RawFd, &Registration<M>)| {
             if by_list {
