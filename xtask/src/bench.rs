@@ -276,8 +276,9 @@ fn redis(lab: &Lab, via: Via, clients: u32, pipeline: u32, requests: u32) -> Res
 /// count lasts ten times longer on one path than on the other, and where
 /// vSocket answers a million requests a second, 200,000 of them take a
 /// fifth of a second, too short to tell a tenth of the rate from the
-/// machine's noise (two runs of that length, a second apart, gave the
-/// same workload 934k and 803k a second).
+/// machine's noise (in a run of the idle mix that missed, SET and GET
+/// came out at the very same rates: 200,000 requests in 214 whole
+/// milliseconds alone, in 249 beside the idle connections).
 fn lasting(lab: &Lab, via: Via, clients: u32, seconds: f64) -> Result<u32> {
     let first = redis(lab, via, clients, 1, 100_000)?;
     let slowest = first.iter().map(|s| s.value).fold(f64::INFINITY, f64::min);
