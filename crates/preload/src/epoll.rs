@@ -184,11 +184,14 @@ impl<M: Member> Registration<M> {
     }
 }
 
-/// Slots a set has before it lets free ones go (see [`Regs::compact`]).
+/// Slots a set has before it lets free ones go (see [`Slots::compact`]).
 const COMPACT_FROM: usize = 64;
 
+/// Where [`Slots::compact`] says a free slot went.
+const FREED: u32 = u32::MAX;
+
 /// A set's registrations, each in a slot that stays where it is while the
-/// registration lives (but for a compaction, see [`Regs::compact`]), found
+/// registration lives (but for a compaction, see [`Slots::compact`]), found
 /// by descriptor number through `index`. A wait
 /// reaches the slots the hot list names directly: with thousands of idle
 /// registrations beside a few busy ones, two hash lookups per busy one
@@ -273,6 +276,42 @@ impl<M> Slots<M> {
         self.slots[slot as usize].reg.take()
     }
 
+    /// Slots a wait that goes through all of them goes through.
+    fn spread(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Once more than three quarters of the slots (and at least
+    /// [`COMPACT_FROM`]) are free, moves the registrations into the first
+    /// slots in their order and lets the rest go, and returns where each
+    /// old slot went ([`FREED`] for a free one; every slot is left
+    /// unlisted for the caller to list again): a wait that goes through
+    /// every slot (most registrations hot) and the sweep of cold ones
+    /// cost what the set holds now, not the most it ever held (a server
+    /// that once held 7000 connections and now serves 50 went through 7000
+    /// slots at every wait). Each compaction is paid for by the removals
+    /// before it.
+    fn compact(&mut self) -> Option<Vec<u32>> {
+        let spread = self.slots.len();
+        if spread < COMPACT_FROM || self.free.len() * 4 <= spread * 3 {
+            return None;
+        }
+        let mut moved = vec![FREED; spread];
+        let mut slots = Vec::with_capacity(self.index.len());
+        for (at, slot) in std::mem::take(&mut self.slots).into_iter().enumerate() {
+            if slot.reg.is_some() {
+                moved[at] = u32::try_from(slots.len()).expect("fewer registrations than descriptors");
+                slots.push(Slot { listed: false, ..slot });
+            }
+        }
+        for slot in self.index.values_mut() {
+            *slot = moved[*slot as usize];
+        }
+        self.free.clear();
+        self.slots = slots;
+        Some(moved)
+    }
+
     fn iter(&self) -> impl Iterator<Item = (&RawFd, &Registration<M>)> {
         self.slots.iter().filter_map(|s| Some((&s.fd, s.reg.as_ref()?)))
     }
@@ -316,50 +355,24 @@ impl<M: Member> Regs<M> {
         }
     }
 
-    /// Takes `fd`'s registration out, and the slots in with it once most
-    /// of them are free (see [`Regs::compact`]).
+    /// Takes `fd`'s registration out; once most slots are free, the
+    /// registrations move into the first ones (see [`Slots::compact`]) and
+    /// the hot list follows them, its freed slots dropped as a prune drops
+    /// them.
     fn remove(&mut self, fd: &RawFd) -> Option<Registration<M>> {
         let removed = self.map.remove(fd)?;
-        let slots = self.map.slots.len();
-        if slots >= COMPACT_FROM && self.map.free.len() * 4 > slots * 3 {
-            self.compact();
+        if let Some(moved) = self.map.compact() {
+            let slots = &mut self.map.slots;
+            self.hot.retain_mut(|slot| match moved[*slot as usize] {
+                FREED => false,
+                to => {
+                    *slot = to;
+                    slots[to as usize].listed = true;
+                    true
+                }
+            });
         }
         Some(removed)
-    }
-
-    /// Moves the registrations into the first slots, in their order, and
-    /// lets the free slots go: a wait that goes through every slot (most
-    /// registrations hot) and the sweep of cold ones cost what the set
-    /// holds now, not the most it ever held (a server that once held
-    /// 7000 connections and now serves 50 went through 7000 slots at every
-    /// wait). The hot list names the moved slots, freed ones dropped as a
-    /// prune drops them. Done once more than three quarters are free, so
-    /// each compaction is paid for by the removals before it.
-    fn compact(&mut self) {
-        let old = std::mem::take(&mut self.map.slots);
-        let mut moved = vec![u32::MAX; old.len()];
-        let mut slots = Vec::with_capacity(self.map.index.len());
-        for (at, slot) in old.into_iter().enumerate() {
-            if slot.reg.is_some() {
-                moved[at] = u32::try_from(slots.len()).expect("fewer registrations than descriptors");
-                slots.push(Slot { listed: false, ..slot });
-            }
-        }
-        self.hot.retain_mut(|slot| match moved[*slot as usize] {
-            u32::MAX => false,
-            to => {
-                *slot = to;
-                true
-            }
-        });
-        for &slot in &self.hot {
-            slots[slot as usize].listed = true;
-        }
-        for slot in self.map.index.values_mut() {
-            *slot = moved[*slot as usize];
-        }
-        self.map.free.clear();
-        self.map.slots = slots;
     }
 
     /// Drops from `hot` what is no longer judged.
@@ -957,7 +970,7 @@ impl<M: Member> EpollSet<M> {
     /// slot (most registrations are hot, and few slots free: the list
     /// would only add a lookup to each)?
     fn by_list(regs: &Regs<M>, inherited: bool) -> bool {
-        !inherited && regs.hot.len() * 4 < regs.map.slots.len()
+        !inherited && regs.hot.len() * 4 < regs.map.spread()
     }
 
     /// Is `reg` judged by a wait of this process (`inherited`: one that
